@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Build innernet.pyz: one executable file with innernet.py and pyroute2.
+
+    python3 build_zipapp.py [-o innernet.pyz] [--no-vendor]
+
+The archive holds innernet.py, a __main__.py that passes main()'s exit code
+on (zipapp's generated one drops it), and pyroute2 (pure Python) copied from
+the interpreter that runs this script. Every module is stored as source and
+as bytecode beside it (zipimport never writes .pyc, so without it each start
+recompiles); the bytecode is hash-based, so a Python of another version just
+falls back to the source. PyNaCl is not vendored: it is a C extension, which
+cannot load from a zip; innernet.py uses the system's PyNaCl when there is one
+and its own pure-Python X25519 otherwise.
+
+The build is reproducible: the same sources give the same bytes (sorted
+entries, fixed timestamps and permissions, unchecked-hash bytecode).
+"""
+
+import argparse
+import importlib.util
+import io
+import os
+import py_compile
+import sys
+import tempfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHEBANG = b"#!/usr/bin/env python3\n"
+EPOCH = (1980, 1, 1, 0, 0, 0)
+MAIN = b"""import sys
+
+import innernet
+
+sys.exit(innernet.main())
+"""
+
+
+def vendored_files(package):
+    """(archive name, path) for every .py of an installed package, plus licence."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"build_zipapp: error: {package} is not installed for {sys.executable}\n"
+                 f"hint: pip install {package}, or build with --no-vendor")
+    root = list(spec.submodule_search_locations)[0]
+    base = os.path.dirname(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                out.append((os.path.relpath(path, base).replace(os.sep, "/"), path))
+    for entry in sorted(os.listdir(base)):
+        if entry.lower().startswith(package + "-") and entry.endswith(".dist-info"):
+            for f in ("METADATA", "LICENSE", "LICENSE.txt", "licenses/LICENSE"):
+                path = os.path.join(base, entry, f)
+                if os.path.isfile(path):
+                    out.append((f"{entry}/{f}", path))
+    return out
+
+
+def compile_bytes(source_path, arcname, tmpdir):
+    """Hash-based (unchecked) bytecode: deterministic, valid for this Python only."""
+    cfile = os.path.join(tmpdir, "out.pyc")
+    py_compile.compile(source_path, cfile=cfile, dfile=arcname, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    with open(cfile, "rb") as f:
+        return f.read()
+
+
+def build(output, vendor=True):
+    entries = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        main_path = os.path.join(tmp, "__main__.py")
+        with open(main_path, "wb") as f:
+            f.write(MAIN)
+        sources = [("innernet.py", os.path.join(HERE, "innernet.py")),
+                   ("__main__.py", main_path)]
+        if vendor:
+            sources += vendored_files("pyroute2")
+        for arcname, path in sources:
+            with open(path, "rb") as f:
+                entries[arcname] = f.read()
+            if arcname.endswith(".py") and arcname != "__main__.py":
+                entries[arcname[:-3] + ".pyc"] = compile_bytes(path, arcname, tmp)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            z.writestr(info, entries[name], compresslevel=9)
+    tmp_out = output + ".tmp"
+    with open(tmp_out, "wb") as f:
+        f.write(SHEBANG + buf.getvalue())
+    os.chmod(tmp_out, 0o755)
+    os.replace(tmp_out, output)
+    return os.path.getsize(output), len(entries)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Build innernet.pyz.")
+    p.add_argument("-o", "--output", default=os.path.join(HERE, "innernet.pyz"))
+    p.add_argument("--no-vendor", action="store_true",
+                   help="leave pyroute2 out (the target host must provide it)")
+    args = p.parse_args()
+    size, count = build(args.output, vendor=not args.no_vendor)
+    print(f"{args.output}: {size} bytes ({size / 1024:.0f} KiB), {count} entries")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3810 @@
+#!/usr/bin/env python3
+"""innernet.py -- a WireGuard mesh-network manager, compatible with innernet.
+
+One module, three roles:
+
+  server   keeps the network (CIDR tree, peers, associations) in SQLite and
+           serves it over HTTP inside the WireGuard tunnel:
+               innernet.pyz server new ...; innernet.pyz server serve NET
+           (or invoke the program as ``innernet-server``)
+  client   joins with an invitation and keeps its WireGuard device in sync:
+               innernet.pyz join invite.toml; innernet.pyz up NET --daemon
+  admin    manages the network remotely through the API, over the tunnel:
+               innernet.pyz add-peer NET --name bob --cidr humans ...
+
+Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
+
+   1 Imports and optional dependencies     7 Network backends
+   2 Constants                             8 Store
+   3 Errors and output                     9 API server
+   4 Utilities                            10 API client
+   5 Keys                                 11 Roles
+   6 Model                                12 Command line
+
+Licence: MIT.
+"""
+
+__version__ = "0.1.0"
+
+###############################################################################
+# Imports and optional dependencies ###########################################
+###############################################################################
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Dict, List, Optional, Tuple
+
+# PyNaCl and pyroute2 are imported where they are used (sections 5 and 7), so
+# that --help, admin verbs and the unit tests start fast and work without them.
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+PROG = "innernet"
+SERVER_PROG = "innernet-server"
+
+CLIENT_CONFIG_DIR = "/etc/innernet"
+CLIENT_DATA_DIR = "/var/lib/innernet"
+SERVER_CONFIG_DIR = "/etc/innernet-server"
+SERVER_DATA_DIR = "/var/lib/innernet-server"
+DEFAULT_HOSTS_PATH = "/etc/hosts"
+WG_RUN_DIRS = ("/var/run/wireguard", "/run/wireguard")
+
+DEFAULT_MTU = 1280
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
+DEFAULT_INVITE_EXPIRY = "14d"
+PERSISTENT_KEEPALIVE = 25
+RECENT_HANDSHAKE = 180          # seconds; WireGuard's REJECT_AFTER_TIME
+FETCH_INTERVAL = 60
+HTTP_TIMEOUT = 10
+MAX_BODY = 16 * 1024
+MAX_CANDIDATES = 10
+SWEEP_INTERVAL = 10
+API_WORKERS = 16
+
+SERVER_KEY_HEADER = "X-Innernet-Server-Key"
+DB_VERSION = 2
+INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
+SERVER_PEER_NAME = "innernet-server"
+
+HOSTNAME_RE = re.compile(r"^([a-z0-9]-?)*[a-z0-9]$")
+IFNAME_MAX = 15
+TIMESTRING_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATION")
+ENV_BACKEND = "INNERNET_BACKEND"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+###############################################################################
+# Errors and output ###########################################################
+###############################################################################
+
+
+class InnernetError(Exception):
+    """The one error type: a sentence for the user, a hint, an HTTP status.
+
+    ``status`` is used only by the API server and ``exit_code`` only by
+    ``main()``; ``unreachable`` marks transport failures, which ``fetch``
+    treats differently from answers it did not like.
+    """
+
+    def __init__(self, message, *, hint=None, status=400, exit_code=EXIT_ERROR,
+                 unreachable=False):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.status = status
+        self.exit_code = exit_code
+        self.unreachable = unreachable
+
+
+_verbosity = 0
+_log_prefix = ""
+
+
+def set_verbosity(level):
+    """Set how much ``debug()`` prints (0 = nothing)."""
+    global _verbosity
+    _verbosity = level
+
+
+def _emit(text):
+    try:
+        print(_log_prefix + text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed (daemon under a dead pipe)
+        pass
+
+
+def log(msg):
+    """Progress for people: ``[*] msg`` on stderr."""
+    _emit("[*] " + msg)
+
+
+def warn(msg):
+    """Something went wrong but we carry on: ``[!] msg`` on stderr."""
+    _emit("[!] " + msg)
+
+
+def debug(msg, level=1):
+    """Detail shown with -v (level 1) or -vv (level 2)."""
+    if _verbosity >= level:
+        _emit("[.] " + msg)
+
+
+def echo_cmd(text):
+    """Show a system change in copy-pasteable form, at -v (wg-quick's cmd)."""
+    debug("[#] " + text)
+
+###############################################################################
+# Utilities ###################################################################
+###############################################################################
+
+
+def run(argv, *, timeout=30, check=True, env=None):
+    """Run a program: the only subprocess seam. Returns CompletedProcess."""
+    echo_cmd(" ".join(argv))
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except FileNotFoundError:
+        raise InnernetError(f"program '{argv[0]}' not found") from None
+    except subprocess.TimeoutExpired:
+        raise InnernetError(f"'{argv[0]}' did not finish within {timeout} s") from None
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise InnernetError(f"'{' '.join(argv)}' failed with status {proc.returncode}"
+                            + (f": {detail[-1]}" if detail else ""))
+    return proc
+
+
+def ensure_dir(path, mode=0o700):
+    """Create a directory (and parents) with ``mode`` if it does not exist."""
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except PermissionError:
+        raise InnernetError(f"cannot create directory {path}: permission denied",
+                            hint="are you running as root?") from None
+    except OSError as e:
+        raise InnernetError(f"cannot create directory {path}: {e.strerror}") from None
+
+
+def _temp_beside(path):
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_temp(path, data, mode):
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = _temp_beside(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _fsync_dir(path):
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path, data, mode=0o600, *, exclusive=False):
+    """Replace ``path`` with ``data`` so a crash leaves the old or new file.
+
+    The temporary file is made beside the target (same filesystem). With
+    ``exclusive`` the target must not exist yet (create-new semantics, done
+    with link(2) so it is still atomic).
+    """
+    try:
+        tmp = _write_temp(path, data, mode)
+        try:
+            if exclusive:
+                os.link(tmp, path)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except FileExistsError:
+        raise InnernetError(f"{path} already exists",
+                            hint="choose another path or remove the file") from None
+    except PermissionError:
+        raise InnernetError(f"cannot write {path}: permission denied",
+                            hint="are you running as root?") from None
+    except OSError as e:
+        raise InnernetError(f"cannot write {path}: {e.strerror}") from None
+    _fsync_dir(path)
+
+
+def read_text(path, what="file"):
+    """Read a UTF-8 text file, with errors the user can act on."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read((1 << 20) + 1)
+    except FileNotFoundError:
+        raise InnernetError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InnernetError(f"{what} {path} is a directory") from None
+    except PermissionError:
+        raise InnernetError(f"cannot read {what} {path}: permission denied",
+                            hint="are you running as root?") from None
+    if len(data) > 1 << 20:
+        raise InnernetError(f"{what} {path} is larger than 1 MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InnernetError(f"{what} {path} is not UTF-8 text") from None
+
+
+def warn_if_world_accessible(path):
+    """innernet warns when a file holding keys is readable by others."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_mode & 0o007:
+            warn(f"{path} is accessible by other users; run 'chmod 600 {path}'")
+
+
+# -- TOML, the subset innernet's files use -----------------------------------
+# Tables, bare or quoted keys, strings, integers, booleans, one-line arrays.
+# tomllib only exists from Python 3.11, and we also need to write.
+
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_INT = re.compile(r"[+-]?(0|[1-9](_?[0-9])*)")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r",
+                 '"': '"', "\\": "\\"}
+
+
+class _TomlError(ValueError):
+    pass
+
+
+def _toml_string(s, i):
+    """Parse a basic or literal string starting at s[i]; return (value, end)."""
+    quote = s[i]
+    i += 1
+    out = []
+    while i < len(s):
+        c = s[i]
+        if c == quote:
+            return "".join(out), i + 1
+        if quote == '"' and c == "\\":
+            e = s[i + 1:i + 2]
+            if e in _TOML_ESCAPES:
+                out.append(_TOML_ESCAPES[e])
+                i += 2
+                continue
+            if e in ("u", "U"):
+                n = 4 if e == "u" else 8
+                digits = s[i + 2:i + 2 + n]
+                if not re.fullmatch(r"[0-9A-Fa-f]{%d}" % n, digits):
+                    raise _TomlError("bad unicode escape")
+                out.append(chr(int(digits, 16)))
+                i += 2 + n
+                continue
+            raise _TomlError(f"bad escape '\\{e}'")
+        if ord(c) < 0x20 and c != "\t":
+            raise _TomlError("control character in string")
+        out.append(c)
+        i += 1
+    raise _TomlError("unterminated string")
+
+
+def _toml_value(s, i):
+    if i >= len(s):
+        raise _TomlError("missing value")
+    c = s[i]
+    if c in "\"'":
+        if s.startswith(c * 3, i):
+            raise _TomlError("multi-line strings are not supported")
+        return _toml_string(s, i)
+    if c == "[":
+        items, i = [], i + 1
+        while True:
+            while i < len(s) and s[i] in " \t":
+                i += 1
+            if i < len(s) and s[i] == "]":
+                return items, i + 1
+            v, i = _toml_value(s, i)
+            items.append(v)
+            while i < len(s) and s[i] in " \t":
+                i += 1
+            if i < len(s) and s[i] == ",":
+                i += 1
+            elif i >= len(s) or s[i] != "]":
+                raise _TomlError("bad array")
+    for word, val in (("true", True), ("false", False)):
+        if s.startswith(word, i):
+            return val, i + len(word)
+    m = _TOML_INT.match(s, i)
+    if m:
+        return int(m.group().replace("_", "")), m.end()
+    raise _TomlError(f"unsupported value starting with {s[i:i + 10]!r}")
+
+
+def _toml_key(s, i):
+    if i < len(s) and s[i] in "\"'":
+        return _toml_string(s, i)
+    m = _TOML_BARE_KEY.match(s, i)
+    if not m:
+        raise _TomlError("bad key")
+    return m.group(), m.end()
+
+
+def _skip_ws(s, i):
+    while i < len(s) and s[i] in " \t":
+        i += 1
+    return i
+
+
+def _toml_rest_empty(s, i):
+    i = _skip_ws(s, i)
+    if i < len(s) and s[i] != "#":
+        raise _TomlError(f"unexpected text {s[i:i + 10]!r}")
+
+
+def toml_loads(text, source="file"):
+    """Parse the TOML subset; errors name the source and the line."""
+    data, table, seen = {}, None, set()
+    table = data
+    for lineno, line in enumerate(text.split("\n"), 1):
+        try:
+            line = line.rstrip("\r")
+            i = _skip_ws(line, 0)
+            if i >= len(line) or line[i] == "#":
+                continue
+            if line[i] == "[":
+                if line.startswith("[[", i):
+                    raise _TomlError("arrays of tables are not supported")
+                name, j = _toml_key(line, _skip_ws(line, i + 1))
+                j = _skip_ws(line, j)
+                if j >= len(line) or line[j] != "]":
+                    raise _TomlError("bad table header")
+                _toml_rest_empty(line, j + 1)
+                if name in seen or name in data:
+                    raise _TomlError(f"table [{name}] defined twice")
+                seen.add(name)
+                table = data[name] = {}
+                continue
+            key, j = _toml_key(line, i)
+            j = _skip_ws(line, j)
+            if j >= len(line) or line[j] != "=":
+                raise _TomlError("expected '=' after key")
+            value, j = _toml_value(line, _skip_ws(line, j + 1))
+            _toml_rest_empty(line, j)
+            if key in table:
+                raise _TomlError(f"key '{key}' defined twice")
+            table[key] = value
+        except _TomlError as e:
+            raise InnernetError(f"{source}, line {lineno}: {e}",
+                                hint="the file is not valid TOML") from None
+    return data
+
+
+def _toml_quote(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_quote(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _toml_key_text(k):
+    return k if _TOML_BARE_KEY.fullmatch(k) else json.dumps(k)
+
+
+def toml_dumps(data):
+    """Write top-level keys, then one table per dict value; None is omitted."""
+    lines = [f"{_toml_key_text(k)} = {_toml_quote(v)}" for k, v in data.items()
+             if v is not None and not isinstance(v, dict)]
+    for name, table in data.items():
+        if isinstance(table, dict):
+            if lines:
+                lines.append("")
+            lines.append(f"[{_toml_key_text(name)}]")
+            lines.extend(f"{_toml_key_text(k)} = {_toml_quote(v)}"
+                         for k, v in table.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+# -- names, durations, endpoints ---------------------------------------------
+
+def is_hostname(name):
+    """innernet's hostname rule for peer, CIDR and network names."""
+    return isinstance(name, str) and len(name) < 64 and bool(HOSTNAME_RE.match(name))
+
+
+def parse_hostname(name, what="name"):
+    if not is_hostname(name):
+        raise InnernetError(
+            f"invalid {what} {name!r}",
+            hint="use lower-case letters, digits and single dashes, "
+                 "not starting or ending with a dash, under 64 characters")
+    return name
+
+
+def parse_interface(name):
+    """A network/interface name: a hostname that also fits IFNAMSIZ."""
+    if not isinstance(name, str) or not name or len(name.encode()) > IFNAME_MAX \
+            or not is_hostname(name):
+        raise InnernetError(
+            f"invalid interface name {name!r}",
+            hint=f"use at most {IFNAME_MAX} lower-case letters, digits and dashes")
+    return name
+
+
+def parse_timestring(text):
+    """'30d', '2h', '1000s' -> seconds (innernet's --invite-expires)."""
+    m = re.fullmatch(r"([0-9]{1,12})([smhdw])", text or "")
+    if not m:
+        raise InnernetError(f"invalid duration {text!r}",
+                            hint="use a number and one of s, m, h, d, w, e.g. 30d")
+    return int(m.group(1)) * TIMESTRING_UNITS[m.group(2)]
+
+
+def parse_endpoint(text):
+    """'host:port' (split at the last colon; IPv6 in brackets) -> (host, port)."""
+    if not isinstance(text, str) or ":" not in text or len(text) > 300:
+        raise InnernetError(f"invalid endpoint {text!r}", hint="use HOST:PORT")
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise InnernetError(f"invalid endpoint {text!r}",
+                            hint="the port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise InnernetError(f"invalid endpoint {text!r}") from None
+    else:
+        try:
+            ip = ipaddress.ip_address(host)
+            if ip.version == 6:
+                raise InnernetError(f"invalid endpoint {text!r}",
+                                    hint="write IPv6 addresses in brackets: [fd00::1]:51820")
+            host = str(ip)
+        except ValueError:
+            host = host.lower()
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host):
+                raise InnernetError(f"invalid endpoint {text!r}",
+                                    hint="the host must be an IP address or a DNS name") from None
+    return host, int(port)
+
+
+def format_endpoint(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalize_endpoint(text):
+    return format_endpoint(*parse_endpoint(text))
+
+
+def endpoint_is_unspecified(text):
+    host, _ = parse_endpoint(text)
+    return host in ("0.0.0.0", "::")
+
+
+_resolve_cache: Dict[str, Tuple[float, Optional[str]]] = {}
+
+
+def resolve_endpoint(text):
+    """An endpoint string -> 'ip:port' for WireGuard, or None if it won't resolve."""
+    try:
+        host, port = parse_endpoint(text)
+    except InnernetError:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return format_endpoint(host, port)
+    except ValueError:
+        pass
+    hit = _resolve_cache.get(text)
+    if hit and time.monotonic() - hit[0] < 60:
+        return hit[1]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)   # prefer IPv4
+        result = format_endpoint(infos[0][4][0], port)
+    except (OSError, IndexError, UnicodeError):
+        result = None
+    _resolve_cache[text] = (time.monotonic(), result)
+    return result
+
+
+def parse_ip(text, what="IP address"):
+    try:
+        return ipaddress.ip_address(text)
+    except (ValueError, TypeError):
+        raise InnernetError(f"invalid {what} {text!r}") from None
+
+
+def parse_network(text, what="CIDR"):
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except (ValueError, TypeError):
+        raise InnernetError(f"invalid {what} {text!r}",
+                            hint="write it like 10.66.1.0/24") from None
+
+
+def host_prefix(ip):
+    """The /32 or /128 allowed-IP string for an address."""
+    ip = ipaddress.ip_address(ip)
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def human_duration(seconds):
+    seconds = int(seconds)
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= n:
+            v = seconds // n
+            return f"{v} {unit}{'s' if v != 1 else ''} ago"
+    return f"{seconds} second{'s' if seconds != 1 else ''} ago"
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def local_addresses(exclude=()):
+    """Addresses of this host's up, non-loopback links: NAT candidates (§6.3).
+
+    Read with ioctls and /proc (stdlib only), so fetch needs no pyroute2.
+    """
+    SIOCGIFFLAGS, SIOCGIFADDR = 0x8913, 0x8915
+    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    found = []
+    up = set()
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            packed = struct.pack("256s", name.encode()[:15])
+            try:
+                flags = struct.unpack("H", fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18])[0]
+            except OSError:
+                continue
+            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+                continue
+            up.add(name)
+            try:
+                addr = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24])
+                found.append(ipaddress.ip_address(addr))
+            except OSError:
+                pass
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] in up:
+                found.append(ipaddress.IPv6Address(int(parts[0], 16)))
+    result = []
+    for ip in found:
+        if ip.version == 6 and (not ip.is_global or ip in ipaddress.ip_network("2001:db8::/32")):
+            continue
+        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+            continue
+        if any(ip in net for net in exclude if net.version == ip.version):
+            continue
+        if ip not in result:
+            result.append(ip)
+    return result[:MAX_CANDIDATES]
+
+###############################################################################
+# Keys ########################################################################
+###############################################################################
+# Curve25519 keys as WireGuard uses them: 32 bytes, standard base64 outside
+# this section, lower-case hex only inside the UAPI backend. PyNaCl computes
+# public keys when it can be imported; otherwise a pure-Python X25519 (RFC
+# 7748 Montgomery ladder) does. The fallback is not constant time, which is
+# acceptable for deriving our own public keys, the only thing it is used for.
+
+_P25519 = 2 ** 255 - 19
+_A24 = 121665
+_nacl_bindings = None
+
+
+def x25519(k, u):
+    """RFC 7748 X25519(k, u) on 32-byte strings, in pure Python."""
+    k = bytearray(k)
+    k[0] &= 248
+    k[31] &= 127
+    k[31] |= 64
+    k = int.from_bytes(k, "little")
+    u = bytearray(u)
+    u[31] &= 127
+    x1 = int.from_bytes(u, "little") % _P25519
+    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
+    P = _P25519
+    for t in range(254, -1, -1):
+        kt = (k >> t) & 1
+        swap ^= kt
+        if swap:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = kt
+        a = (x2 + z2) % P
+        aa = a * a % P
+        b = (x2 - z2) % P
+        bb = b * b % P
+        e = (aa - bb) % P
+        c = (x3 + z3) % P
+        d = (x3 - z3) % P
+        da = d * a % P
+        cb = c * b % P
+        x3 = (da + cb) ** 2 % P
+        z3 = x1 * ((da - cb) ** 2 % P) % P
+        x2 = aa * bb % P
+        z2 = e * (aa + _A24 * e) % P
+    if swap:
+        x2, x3, z2, z3 = x3, x2, z3, z2
+    return (x2 * pow(z2, P - 2, P) % P).to_bytes(32, "little")
+
+
+def key_backend():
+    """'pynacl' or 'python': which implementation derives public keys."""
+    global _nacl_bindings
+    if _nacl_bindings is None:
+        try:
+            import nacl.bindings
+            _nacl_bindings = nacl.bindings
+        except ImportError:
+            _nacl_bindings = False
+    return "pynacl" if _nacl_bindings else "python"
+
+
+def _scalarmult_base(raw):
+    if key_backend() == "pynacl":
+        return _nacl_bindings.crypto_scalarmult_base(bytes(raw))
+    return x25519(raw, (9).to_bytes(32, "little"))
+
+
+def parse_key(text, what="key"):
+    """A base64 WireGuard key -> 32 bytes, or InnernetError."""
+    if not isinstance(text, str) or len(text) != 44 or not text.endswith("="):
+        raise InnernetError(f"invalid {what}: expected 44 characters of base64")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise InnernetError(f"invalid {what}: not base64") from None
+    if len(raw) != 32:
+        raise InnernetError(f"invalid {what}: not 32 bytes")
+    return raw
+
+
+def is_key(text):
+    try:
+        parse_key(text)
+        return True
+    except InnernetError:
+        return False
+
+
+def clamp(raw):
+    b = bytearray(raw)
+    b[0] &= 248
+    b[31] &= 127
+    b[31] |= 64
+    return bytes(b)
+
+
+def generate_private_key():
+    """A fresh clamped private key (as ``wg genkey`` makes), base64."""
+    return base64.b64encode(clamp(os.urandom(32))).decode()
+
+
+def public_key(private_b64):
+    """The base64 public key of a base64 private key."""
+    return base64.b64encode(_scalarmult_base(parse_key(private_b64, "private key"))).decode()
+
+
+def key_to_hex(b64):
+    return parse_key(b64).hex()
+
+
+def key_from_hex(text):
+    raw = bytes.fromhex(text)
+    if len(raw) != 32:
+        raise InnernetError("invalid hex key")
+    return base64.b64encode(raw).decode()
+
+
+def short_key(b64):
+    return b64[:10] + "…"
+
+###############################################################################
+# Model #######################################################################
+###############################################################################
+# Plain data and the pure rules of innernet: JSON shapes, the CIDR tree, who
+# sees whom, IP allocation, the device diff, pinning, hosts-file text, config
+# files. No I/O here.
+
+
+def _bad(message, status=400):
+    return InnernetError(message, status=status)
+
+
+def _get(d, key, kind, *, required=True, nullable=False, default=None):
+    """Fetch and type-check one field of a JSON object from the wire."""
+    if key not in d or (d[key] is None and nullable):
+        if required and key not in d and not nullable:
+            raise _bad(f"missing field '{key}'")
+        return default
+    v = d[key]
+    if kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
+    elif kind is bool:
+        ok = isinstance(v, bool)
+    else:
+        ok = isinstance(v, kind)
+    if not ok:
+        raise _bad(f"field '{key}' must be {kind.__name__}"
+                   + (" or null" if nullable else ""))
+    return v
+
+
+def _require_object(data, what):
+    if not isinstance(data, dict):
+        raise _bad(f"{what} must be a JSON object")
+    return data
+
+
+@dataclasses.dataclass
+class Cidr:
+    id: Optional[int]
+    name: str
+    cidr: str                      # as submitted, e.g. "10.66.1.0/24"
+    parent: Optional[int]
+
+    @property
+    def network(self):
+        return ipaddress.ip_network(self.cidr, strict=False)
+
+    def to_json(self, with_id=True):
+        d = {"id": self.id} if with_id else {}
+        d.update(name=self.name, cidr=self.cidr, parent=self.parent)
+        return d
+
+    @classmethod
+    def from_json(cls, data, with_id=True):
+        data = _require_object(data, "CIDR")
+        cid = _get(data, "id", int) if with_id else None
+        name = _get(data, "name", str)
+        text = _get(data, "cidr", str)
+        try:
+            ipaddress.ip_interface(text)
+            if "/" not in text:
+                raise ValueError
+        except ValueError:
+            raise _bad(f"invalid CIDR {text!r}") from None
+        return cls(cid, name, text, _get(data, "parent", int, nullable=True))
+
+
+@dataclasses.dataclass
+class Association:
+    id: Optional[int]
+    cidr_id_1: int
+    cidr_id_2: int
+
+    def to_json(self, with_id=True):
+        d = {"id": self.id} if with_id else {}
+        d.update(cidr_id_1=self.cidr_id_1, cidr_id_2=self.cidr_id_2)
+        return d
+
+    @classmethod
+    def from_json(cls, data, with_id=True):
+        data = _require_object(data, "association")
+        return cls(_get(data, "id", int) if with_id else None,
+                   _get(data, "cidr_id_1", int), _get(data, "cidr_id_2", int))
+
+
+def _expires_to_json(secs):
+    return None if secs is None else {"secs_since_epoch": secs, "nanos_since_epoch": 0}
+
+
+def _expires_from_json(v):
+    """Rust SystemTime: {"secs_since_epoch", "nanos_since_epoch"} or [s, n]."""
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        secs, nanos = v.get("secs_since_epoch"), v.get("nanos_since_epoch", 0)
+    elif isinstance(v, list) and len(v) == 2:
+        secs, nanos = v
+    else:
+        raise _bad("field 'invite_expires' must be a time object or null")
+    for n in (secs, nanos):
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 2 ** 63:
+            raise _bad("field 'invite_expires' holds an invalid time")
+    return secs
+
+
+@dataclasses.dataclass
+class Peer:
+    id: Optional[int]
+    name: str
+    ip: str
+    cidr_id: int
+    public_key: str
+    endpoint: Optional[str] = None
+    persistent_keepalive_interval: Optional[int] = PERSISTENT_KEEPALIVE
+    is_admin: bool = False
+    is_disabled: bool = False
+    is_redeemed: bool = False
+    invite_expires: Optional[int] = None     # unix seconds
+    candidates: List[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self, with_id=True):
+        d = {"id": self.id} if with_id else {}
+        d.update(name=self.name, ip=self.ip, cidr_id=self.cidr_id,
+                 public_key=self.public_key, endpoint=self.endpoint,
+                 persistent_keepalive_interval=self.persistent_keepalive_interval,
+                 is_admin=self.is_admin, is_disabled=self.is_disabled,
+                 is_redeemed=self.is_redeemed,
+                 invite_expires=_expires_to_json(self.invite_expires),
+                 candidates=list(self.candidates))
+        return d
+
+    @classmethod
+    def from_json(cls, data, with_id=True):
+        data = _require_object(data, "peer")
+        pid = _get(data, "id", int) if with_id else None
+        ip = _get(data, "ip", str)
+        parse_ip(ip)
+        endpoint = _get(data, "endpoint", str, nullable=True)
+        if endpoint is not None:
+            try:
+                endpoint = normalize_endpoint(endpoint)
+            except InnernetError as e:
+                raise _bad(e.message) from None
+        keepalive = _get(data, "persistent_keepalive_interval", int, nullable=True)
+        if keepalive is not None and not 0 <= keepalive < 65536:
+            raise _bad("field 'persistent_keepalive_interval' is out of range")
+        candidates = _get(data, "candidates", list, required=False, nullable=True,
+                          default=[])
+        return cls(pid, _get(data, "name", str), str(ipaddress.ip_address(ip)),
+                   _get(data, "cidr_id", int), _get(data, "public_key", str),
+                   endpoint, keepalive, _get(data, "is_admin", bool),
+                   _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
+                   _expires_from_json(data.get("invite_expires")),
+                   parse_candidates(candidates, limit=None))
+
+
+def parse_candidates(items, limit=MAX_CANDIDATES):
+    """A JSON list of endpoint strings; more than ``limit`` is a 413."""
+    if not isinstance(items, list):
+        raise _bad("candidates must be a list of endpoints")
+    if limit is not None and len(items) > limit:
+        raise _bad(f"at most {limit} candidates are allowed", status=413)
+    out = []
+    for c in items:
+        if not isinstance(c, str):
+            raise _bad("candidates must be endpoint strings")
+        try:
+            out.append(normalize_endpoint(c))
+        except InnernetError as e:
+            raise _bad(e.message) from None
+    return out
+
+
+def parse_endpoint_contents(data):
+    """{"option": "Set", "content": "ip:port"} or {"option": "Unset"} -> str|None."""
+    data = _require_object(data, "endpoint")
+    option = data.get("option")
+    if option == "Unset":
+        return None
+    if option == "Set":
+        content = _get(data, "content", str)
+        try:
+            return normalize_endpoint(content)
+        except InnernetError as e:
+            raise _bad(e.message) from None
+    raise _bad("field 'option' must be \"Set\" or \"Unset\"")
+
+
+# -- the CIDR tree -----------------------------------------------------------
+
+def cidr_children(cidrs):
+    children: Dict[Optional[int], List[Cidr]] = {}
+    for c in cidrs:
+        children.setdefault(c.parent, []).append(c)
+    for v in children.values():
+        v.sort(key=lambda c: (c.network.version, c.network))
+    return children
+
+
+def cidr_ancestors(cidrs, cidr_id):
+    """cidr_id and every ancestor up to the root (cycle-safe)."""
+    by_id = {c.id: c for c in cidrs}
+    out, cur = [], cidr_id
+    while cur is not None and cur in by_id and cur not in out:
+        out.append(cur)
+        cur = by_id[cur].parent
+    return out
+
+
+def cidr_descendants(cidrs, roots):
+    children = cidr_children(cidrs)
+    seen, stack = set(), list(roots)
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        stack.extend(c.id for c in children.get(cid, ()))
+    return seen
+
+
+def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
+    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
+
+    Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
+    or any ancestor of it -- each with all descendants.
+    """
+    lineage = set(cidr_ancestors(cidrs, cidr_id))
+    start = {cidr_id, infra_id}
+    for a in associations:
+        if a.cidr_id_1 in lineage:
+            start.add(a.cidr_id_2)
+        if a.cidr_id_2 in lineage:
+            start.add(a.cidr_id_1)
+    return cidr_descendants(cidrs, start)
+
+
+def visible_peers(peers, cidrs, associations, me):
+    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
+    ids = visible_cidr_ids(cidrs, associations, me.cidr_id)
+    return [p for p in peers if p.cidr_id in ids and p.is_redeemed and not p.is_disabled]
+
+
+def may_see(cidrs, associations, a_cidr, b_cidr):
+    return b_cidr in visible_cidr_ids(cidrs, associations, a_cidr)
+
+
+def root_cidr(cidrs):
+    """The CIDR with the smallest prefix (the network)."""
+    if not cidrs:
+        raise InnernetError("the network has no CIDRs")
+    return min(cidrs, key=lambda c: c.network.prefixlen)
+
+
+def leaf_cidrs(cidrs):
+    parents = {c.parent for c in cidrs}
+    return [c for c in cidrs if c.id not in parents]
+
+
+def check_new_cidr(cidrs, peers, contents):
+    """Validate a CIDR to be created under its parent (spec §5.4)."""
+    if not is_hostname(contents.name):
+        raise _bad(f"invalid CIDR name {contents.name!r}")
+    net = parse_network(contents.cidr)
+    if contents.parent is None:
+        if cidrs:
+            raise _bad("a CIDR needs a parent; the network already has its root")
+        return
+    by_id = {c.id: c for c in cidrs}
+    parent = by_id.get(contents.parent)
+    if parent is None:
+        raise _bad(f"parent CIDR {contents.parent} does not exist")
+    if any(p.cidr_id == parent.id for p in peers):
+        raise _bad(f"parent CIDR '{parent.name}' has peers; a CIDR with peers "
+                   "cannot have children")
+    containing = [c for c in cidrs if c.network.version == net.version
+                  and net.subnet_of(c.network)]
+    if not containing:
+        raise _bad(f"{contents.cidr} is outside the network's range")
+    closest = max(containing, key=lambda c: c.network.prefixlen)
+    if closest.id != parent.id:
+        raise _bad(f"{contents.cidr} belongs under '{closest.name}' "
+                   f"({closest.cidr}), not under '{parent.name}'")
+    if net == parent.network:
+        raise _bad(f"{contents.cidr} is the same range as its parent")
+    for c in cidrs:
+        if c.parent == parent.id and c.network.version == net.version \
+                and c.network.overlaps(net):
+            raise _bad(f"{contents.cidr} overlaps sibling '{c.name}' ({c.cidr})")
+    if any(c.name == contents.name for c in cidrs):
+        raise _bad(f"a CIDR named '{contents.name}' already exists")
+
+
+def is_assignable(ip, net):
+    """May a peer have this address in this CIDR? (spec §5.5)"""
+    ip = ipaddress.ip_address(ip)
+    if ip.version != net.version or ip not in net:
+        return False
+    if ip.version == 4 and net.prefixlen < 31:
+        return ip not in (net.network_address, net.broadcast_address)
+    if ip.version == 6 and net.prefixlen < 127:
+        return ip != net.network_address
+    return True
+
+
+def check_new_peer(cidrs, peers, contents):
+    """Validate a peer to be created (spec §5.5). Constraints back this up."""
+    parse_hostname(contents.name, "peer name")
+    cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
+    if cidr is None:
+        raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
+    if not is_assignable(contents.ip, cidr.network):
+        raise _bad(f"{contents.ip} is not an assignable address of "
+                   f"'{cidr.name}' ({cidr.cidr})")
+    if not is_key(contents.public_key):
+        raise _bad("invalid public key")
+    for p in peers:
+        if p.name == contents.name:
+            raise _bad(f"a peer named '{contents.name}' already exists")
+        if ipaddress.ip_address(p.ip) == ipaddress.ip_address(contents.ip):
+            raise _bad(f"{contents.ip} is already used by peer '{p.name}'")
+        if p.public_key == contents.public_key:
+            raise _bad("that public key is already in use")
+
+
+def next_free_ip(net, used):
+    """The first assignable address of ``net`` that no peer uses, or error."""
+    used = {ipaddress.ip_address(u) for u in used}
+    first = int(net.network_address)
+    last = int(net.broadcast_address)
+    cls = type(net.network_address)
+    n = first
+    # Only the used addresses (plus network/broadcast) can be skipped, so the
+    # loop is bounded by len(used) + 2 steps past the first candidate.
+    while n <= last:
+        ip = cls(n)
+        if is_assignable(ip, net) and ip not in used:
+            return ip
+        n += 1
+    raise InnernetError(f"CIDR {net} has no free address",
+                        hint="add a new CIDR for more peers")
+
+
+def cidr_tree_lines(cidrs, peers_by_cidr=None, indent="  "):
+    """The CIDR tree as text lines, peers (pre-rendered) under their CIDR."""
+    children = cidr_children(cidrs)
+    lines = []
+
+    def walk(c, depth):
+        lines.append(f"{indent * depth}{c.cidr} {c.name}")
+        for text in (peers_by_cidr or {}).get(c.id, ()):
+            lines.append(f"{indent * (depth + 1)}{text}")
+        for child in children.get(c.id, ()):
+            walk(child, depth + 1)
+
+    ids = {c.id for c in cidrs}
+    for top in sorted((c for c in cidrs if c.parent not in ids),
+                      key=lambda c: c.network.prefixlen):
+        walk(top, 0)
+    return lines
+
+
+# -- the WireGuard device and how to change it --------------------------------
+
+@dataclasses.dataclass
+class DevicePeer:
+    public_key: str
+    endpoint: Optional[str] = None
+    allowed_ips: List[str] = dataclasses.field(default_factory=list)
+    persistent_keepalive: int = 0
+    last_handshake: float = 0.0          # unix time; 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclasses.dataclass
+class Device:
+    name: str
+    public_key: Optional[str] = None
+    listen_port: int = 0
+    peers: List[DevicePeer] = dataclasses.field(default_factory=list)
+
+    def peer(self, key):
+        return next((p for p in self.peers if p.public_key == key), None)
+
+
+@dataclasses.dataclass
+class PeerUpdate:
+    """One change to one peer on a device; None fields are left alone."""
+    public_key: str
+    remove: bool = False
+    endpoint: Optional[str] = None           # resolved "ip:port"
+    keepalive: Optional[int] = None          # 0 turns it off
+    allowed_ips: Optional[List[str]] = None  # replaces the list
+    name: str = ""
+    action: str = "modified"                 # added | modified | removed
+    nat_reattempt: bool = False
+
+    @property
+    def touches_device(self):
+        return self.remove or self.endpoint is not None or self.keepalive is not None \
+            or self.allowed_ips is not None
+
+
+def recently_connected(dp, now):
+    return bool(dp.last_handshake) and now - dp.last_handshake <= RECENT_HANDSHAKE
+
+
+def _norm_ep(ep):
+    try:
+        return normalize_endpoint(ep) if ep else None
+    except InnernetError:
+        return ep
+
+
+def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
+    """The updates that turn the device's peers into ``desired`` (spec §8.2).
+
+    Disabled peers and our own key are not wanted; device peers not wanted
+    are removed. Endpoints are only changed for peers without a recent
+    handshake, so a working path is never replaced.
+    """
+    resolve = resolve or resolve_endpoint
+    current = {p.public_key: p for p in device_peers}
+    wanted = {}
+    for p in desired:
+        if not p.is_disabled and p.public_key != own_public_key:
+            wanted[p.public_key] = p
+    updates = []
+    for key, p in wanted.items():
+        allowed = [host_prefix(p.ip)]
+        keepalive = p.persistent_keepalive_interval or 0
+        d = current.get(key)
+        if d is None:
+            updates.append(PeerUpdate(key, endpoint=resolve(p.endpoint) if p.endpoint else None,
+                                      keepalive=keepalive, allowed_ips=allowed,
+                                      name=p.name, action="added"))
+            continue
+        u = PeerUpdate(key, name=p.name)
+        if sorted(d.allowed_ips) != allowed:
+            u.allowed_ips = allowed
+        if d.persistent_keepalive != keepalive:
+            u.keepalive = keepalive
+        if not recently_connected(d, now):
+            ep = resolve(p.endpoint) if p.endpoint else None
+            if ep and _norm_ep(ep) != _norm_ep(d.endpoint):
+                u.endpoint = ep
+            elif p.candidates:
+                u.nat_reattempt = True
+        if u.touches_device or u.nat_reattempt:
+            updates.append(u)
+    for key in current:
+        if key not in wanted:
+            updates.append(PeerUpdate(key, remove=True, action="removed"))
+    return updates
+
+
+def merge_pinned(stored, received):
+    """Update the client's cached peers with the server's list (spec §8.2).
+
+    A known IP arriving with a different key is refused (pinning); peers the
+    server no longer sends are kept, marked disabled.
+    """
+    by_ip = {ipaddress.ip_address(p.ip): p for p in stored}
+    for p in received:
+        old = by_ip.get(ipaddress.ip_address(p.ip))
+        if old is not None and old.public_key != p.public_key:
+            raise InnernetError(
+                f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
+                "another public key",
+                hint="the server may be compromised; if this is expected, delete "
+                     "the data store file and fetch again")
+    keys = {p.public_key for p in received}
+    result = [p for p in received]
+    result_ips = {ipaddress.ip_address(p.ip) for p in received}
+    for p in stored:
+        if p.public_key not in keys and ipaddress.ip_address(p.ip) not in result_ips:
+            result.append(dataclasses.replace(p, is_disabled=True))
+    result.sort(key=lambda p: ipaddress.ip_address(p.ip))
+    return result
+
+
+# -- hosts file ---------------------------------------------------------------
+
+def hosts_lines(peers, iface, suffix=None):
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3)."""
+    suffix = f"{iface}.wg" if suffix is None else suffix
+    by_ip: Dict[object, List[str]] = {}
+    for p in peers:
+        if p.is_disabled or not p.is_redeemed:
+            continue
+        name = f"{p.name}.{suffix}" if suffix else p.name
+        by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
+    return [f"{ip} {' '.join(names)}"
+            for ip, names in sorted(by_ip.items(), key=lambda kv: (kv[0].version, kv[0]))]
+
+
+def update_hosts_text(text, tag, lines):
+    """The hosts file with our tagged section replaced; None if unchanged."""
+    begin, end = f"# DO NOT EDIT {tag} BEGIN", f"# DO NOT EDIT {tag} END"
+    old = text.split("\n")
+    if old and old[-1] == "":
+        old = old[:-1]
+    block = [begin] + lines + [end] if lines else []
+    has_b, has_e = begin in old, end in old
+    if has_b != has_e or (has_b and old.index(begin) > old.index(end)):
+        raise InnernetError(f"the hosts file has a damaged '{tag}' section",
+                            hint="remove the section's BEGIN/END lines by hand")
+    if has_b:
+        i, j = old.index(begin), old.index(end)
+        new = old[:i] + block + old[j + 1:]
+        if not block and i > 0 and old[i - 1] == "" and (j + 1 == len(old)):
+            new = old[:i - 1]
+    elif block:
+        new = old + ([""] if old and old[-1] != "" else []) + block
+    else:
+        new = old
+    if new == old:
+        return None
+    return "\n".join(new) + "\n" if new else ""
+
+
+# -- config files ------------------------------------------------------------
+
+INVITATION_HEADER = """\
+# This is an innernet invitation. It holds a one-time private key: keep it
+# secret, and redeem it on the machine that is to join:
+#
+#     innernet install <this file>      (or: innernet.pyz join <this file>)
+#
+# The key stops working once redeemed or expired. Do not edit below.
+
+"""
+
+
+def _check_fields(table, allowed, where):
+    extra = set(table) - set(allowed)
+    if extra:
+        raise InnernetError(f"{where}: unknown key '{sorted(extra)[0]}'")
+
+
+def _toml_field(table, key, kind, where, required=True):
+    if key not in table:
+        if required:
+            raise InnernetError(f"{where}: missing '{key}'")
+        return None
+    v = table[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise InnernetError(f"{where}: '{key}' must be a {kind.__name__}")
+    return v
+
+
+def parse_socket_address(text, where):
+    try:
+        host, port = parse_endpoint(text)
+        ipaddress.ip_address(host)
+    except (InnernetError, ValueError):
+        raise InnernetError(f"{where}: {text!r} is not an IP:PORT address") from None
+    return format_endpoint(host, port)
+
+
+@dataclasses.dataclass
+class InterfaceConfig:
+    """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
+    network_name: str
+    address: object                      # ipaddress.IPv4Interface / IPv6Interface
+    private_key: str
+    listen_port: Optional[int]
+    server_public_key: str
+    server_external_endpoint: str
+    server_internal_endpoint: str        # "ip:port" of the API
+    peer_endpoint_overrides: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def server_ip(self):
+        return ipaddress.ip_address(parse_endpoint(self.server_internal_endpoint)[0])
+
+    def to_toml(self, header=""):
+        data = {
+            "interface": {"network-name": self.network_name, "address": str(self.address),
+                          "private-key": self.private_key, "listen-port": self.listen_port},
+            "server": {"public-key": self.server_public_key,
+                       "external-endpoint": self.server_external_endpoint,
+                       "internal-endpoint": self.server_internal_endpoint},
+        }
+        if self.peer_endpoint_overrides:
+            data["peer-endpoint-overrides"] = dict(self.peer_endpoint_overrides)
+        return header + toml_dumps(data)
+
+    @classmethod
+    def from_toml(cls, text, source):
+        data = toml_loads(text, source)
+        _check_fields(data, ("interface", "server", "peer-endpoint-overrides"), source)
+        iface = data.get("interface")
+        server = data.get("server")
+        if not isinstance(iface, dict) or not isinstance(server, dict):
+            raise InnernetError(f"{source}: needs an [interface] and a [server] table",
+                                hint="is this an innernet invitation or config file?")
+        w = f"{source} [interface]"
+        _check_fields(iface, ("network-name", "address", "private-key", "listen-port"), w)
+        name = _toml_field(iface, "network-name", str, w)
+        try:
+            address = ipaddress.ip_interface(_toml_field(iface, "address", str, w))
+        except ValueError:
+            raise InnernetError(f"{w}: 'address' must be like 10.66.1.1/16") from None
+        private = _toml_field(iface, "private-key", str, w)
+        if not is_key(private):
+            raise InnernetError(f"{w}: 'private-key' is not a WireGuard key")
+        port = _toml_field(iface, "listen-port", int, w, required=False)
+        if port is not None and not 0 <= port < 65536:
+            raise InnernetError(f"{w}: 'listen-port' must be 0-65535")
+        w = f"{source} [server]"
+        _check_fields(server, ("public-key", "external-endpoint", "internal-endpoint"), w)
+        server_key = _toml_field(server, "public-key", str, w)
+        if not is_key(server_key):
+            raise InnernetError(f"{w}: 'public-key' is not a WireGuard key")
+        try:
+            external = normalize_endpoint(_toml_field(server, "external-endpoint", str, w))
+        except InnernetError as e:
+            raise InnernetError(f"{w}: {e.message}") from None
+        internal = parse_socket_address(_toml_field(server, "internal-endpoint", str, w), w)
+        overrides = data.get("peer-endpoint-overrides", {})
+        if not isinstance(overrides, dict):
+            raise InnernetError(f"{source}: [peer-endpoint-overrides] must be a table")
+        clean = {}
+        for ip, ep in overrides.items():
+            where = f"{source} [peer-endpoint-overrides]"
+            try:
+                clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
+            except (ValueError, InnernetError, TypeError):
+                raise InnernetError(f"{where}: bad entry {ip!r}") from None
+        return cls(name, address, private, port, server_key, external, internal, clean)
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """/etc/innernet-server/<iface>.conf."""
+    private_key: str
+    listen_port: int
+    address: str
+    network_cidr_prefix: int
+
+    def to_toml(self):
+        return toml_dumps({"private-key": self.private_key, "listen-port": self.listen_port,
+                           "address": self.address,
+                           "network-cidr-prefix": self.network_cidr_prefix})
+
+    @classmethod
+    def from_toml(cls, text, source):
+        data = toml_loads(text, source)
+        _check_fields(data, ("private-key", "listen-port", "address", "network-cidr-prefix"),
+                      source)
+        private = _toml_field(data, "private-key", str, source)
+        if not is_key(private):
+            raise InnernetError(f"{source}: 'private-key' is not a WireGuard key")
+        port = _toml_field(data, "listen-port", int, source)
+        if not 0 < port < 65536:
+            raise InnernetError(f"{source}: 'listen-port' must be 1-65535")
+        address = str(parse_ip(_toml_field(data, "address", str, source)))
+        prefix = _toml_field(data, "network-cidr-prefix", int, source)
+        if not 0 < prefix <= ipaddress.ip_address(address).max_prefixlen:
+            raise InnernetError(f"{source}: 'network-cidr-prefix' is out of range")
+        return cls(private, port, address, prefix)
+
+    @property
+    def interface(self):
+        return ipaddress.ip_interface(f"{self.address}/{self.network_cidr_prefix}")
+
+
+def data_store_json(peers, cidrs):
+    return json.dumps({"version": "1", "peers": [p.to_json() for p in peers],
+                       "cidrs": [c.to_json() for c in cidrs]}, indent=2) + "\n"
+
+
+def parse_data_store(text, source):
+    """The client's <iface>.json; errors say what is wrong and where."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InnernetError(f"{source}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or data.get("version") != "1":
+        raise InnernetError(f"{source}: not an innernet data store (version \"1\")")
+    try:
+        peers = [Peer.from_json(p) for p in data.get("peers", [])]
+        cidrs = [Cidr.from_json(c) for c in data.get("cidrs", [])]
+    except (InnernetError, TypeError, AttributeError) as e:
+        raise InnernetError(f"{source}: {getattr(e, 'message', e)}") from None
+    return peers, cidrs
+
+###############################################################################
+# Network backends ############################################################
+###############################################################################
+# Three seams to the kernel, one small interface for the two WireGuard
+# backends: exists(), create(), delete(), get(), apply(). pyroute2 is imported
+# inside the methods that need it; all its version quirks live here:
+#  * import from submodules: Debian's 0.7.2 builds the package's exports from
+#    entry points, which a zipapp without dist-info does not have;
+#  * read attributes with get_attr(), since 0.7.2's msg.get('x') iterates the
+#    string's characters;
+#  * 0.7.2 sends WGPEER_F_REPLACE_ALLOWEDIPS with every peer it sets, so every
+#    kernel peer update carries its full allowed-IP list.
+
+def _import_pyroute2():
+    try:
+        from pyroute2.iproute import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError:
+        raise InnernetError("pyroute2 is not installed",
+                            hint="apt install python3-pyroute2, or pip install pyroute2") from None
+    return IPRoute, NetlinkError
+
+
+class Netlink:
+    """Links, addresses, MTU and routes over rtnetlink (pyroute2)."""
+
+    def __init__(self):
+        IPRoute, self.NetlinkError = _import_pyroute2()
+        self.ipr = IPRoute()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.ipr.close()
+
+    def index(self, ifname):
+        found = self.ipr.link_lookup(ifname=ifname)
+        return found[0] if found else None
+
+    def _index(self, ifname):
+        idx = self.index(ifname)
+        if idx is None:
+            raise InnernetError(f"interface {ifname} does not exist")
+        return idx
+
+    def add_wireguard_link(self, ifname):
+        """Create a kernel WireGuard link; False when the module is missing."""
+        echo_cmd(f"ip link add {ifname} type wireguard")
+        try:
+            self.ipr.link("add", ifname=ifname, kind="wireguard")
+        except self.NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return True
+            if e.code in (errno.EOPNOTSUPP, errno.ENOENT):
+                return False
+            raise InnernetError(f"cannot create interface {ifname}: {e}") from None
+        return True
+
+    def delete_link(self, ifname):
+        idx = self.index(ifname)
+        if idx is None:
+            return
+        echo_cmd(f"ip link del {ifname}")
+        try:
+            self.ipr.link("del", index=idx)
+        except self.NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise InnernetError(f"cannot delete interface {ifname}: {e}") from None
+
+    def add_address(self, ifname, iface):
+        echo_cmd(f"ip address add {iface} dev {ifname}")
+        try:
+            self.ipr.addr("add", index=self._index(ifname), address=str(iface.ip),
+                          prefixlen=iface.network.prefixlen)
+        except self.NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise InnernetError(f"cannot add {iface} to {ifname}: {e}") from None
+
+    def set_mtu_up(self, ifname, mtu):
+        echo_cmd(f"ip link set {ifname} mtu {mtu} up")
+        try:
+            self.ipr.link("set", index=self._index(ifname), mtu=mtu, state="up")
+        except self.NetlinkError as e:
+            raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {e}") from None
+
+    def add_route(self, ifname, network):
+        echo_cmd(f"ip route add {network} dev {ifname}")
+        try:
+            self.ipr.route("add", dst=str(network), oif=self._index(ifname),
+                           family=socket.AF_INET6 if network.version == 6 else socket.AF_INET)
+        except self.NetlinkError as e:
+            if e.code != errno.EEXIST:     # the prefix route often exists already
+                raise InnernetError(f"cannot add route {network} to {ifname}: {e}") from None
+
+
+def _sysfs_devtype(ifname):
+    with contextlib.suppress(OSError):
+        with open(f"/sys/class/net/{ifname}/uevent") as f:
+            for line in f:
+                if line.startswith("DEVTYPE="):
+                    return line.strip().split("=", 1)[1]
+    return None
+
+
+class UserspaceBackend:
+    """wireguard-go (or compatible) over its UAPI socket, in the stdlib.
+
+    The socket directory is shared by every network namespace on the host,
+    so an interface name is unique per host, not per namespace.
+    """
+    name = "userspace"
+
+    @staticmethod
+    def run_dir():
+        return next((d for d in WG_RUN_DIRS if os.path.isdir(d)), WG_RUN_DIRS[0])
+
+    def socket_path(self, ifname):
+        return os.path.join(self.run_dir(), f"{ifname}.sock")
+
+    def _connect(self, ifname):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(HTTP_TIMEOUT)
+        try:
+            s.connect(self.socket_path(ifname))
+        except OSError:
+            s.close()
+            return None
+        return s
+
+    def exists(self, ifname):
+        s = self._connect(ifname)
+        if s is None:
+            return False
+        s.close()
+        return True
+
+    def _exchange(self, ifname, request):
+        s = self._connect(ifname)
+        if s is None:
+            raise InnernetError(f"interface {ifname} is not up",
+                                hint=f"run 'innernet up {ifname}'")
+        try:
+            s.sendall(request.encode())
+            buf = bytearray()
+            while not buf.endswith(b"\n\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+        except OSError as e:
+            raise InnernetError(f"WireGuard UAPI of {ifname} failed: {e}") from None
+        finally:
+            s.close()
+        lines = buf.decode(errors="replace").rstrip("\n").split("\n")
+        if not lines or not lines[-1].startswith("errno="):
+            raise InnernetError(f"WireGuard UAPI of {ifname} gave no answer")
+        code = int(lines[-1].split("=", 1)[1] or 0)
+        if code != 0:
+            raise InnernetError(f"WireGuard UAPI of {ifname} refused the change "
+                                f"(errno {code})")
+        return lines[:-1]
+
+    def create(self, ifname):
+        if self.exists(ifname):
+            return
+        prog = next((os.environ[v] for v in ENV_USERSPACE if os.environ.get(v)),
+                    "wireguard-go")
+        if shutil.which(prog) is None:
+            raise InnernetError(
+                f"userspace WireGuard implementation '{prog}' not found",
+                hint="apt install wireguard-go, or set WG_USERSPACE_IMPLEMENTATION")
+        ensure_dir(self.run_dir(), 0o755)
+        # wireguard-go forks its daemon and exits once the TUN device and the
+        # UAPI socket exist; its banner about kernel support is noise here.
+        # WG_PROCESS_FOREGROUND must be absent, not empty: Go keeps the first
+        # of duplicated variables, and the daemon it forks would fork again.
+        env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
+        run([prog, ifname], timeout=15, env=env)
+        deadline = time.monotonic() + 3
+        while not self.exists(ifname):
+            if time.monotonic() > deadline:
+                raise InnernetError(f"{prog} started but {self.socket_path(ifname)} "
+                                    "does not answer")
+            time.sleep(0.01)
+
+    def daemon_pid(self, ifname):
+        s = self._connect(ifname)
+        if s is None:
+            return None
+        with s:
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+
+    def delete(self, ifname):
+        """Stop the daemon (by the PID on its socket); it removes the TUN."""
+        pid = self.daemon_pid(ifname)
+        if pid:
+            echo_cmd(f"kill {pid}  # wireguard-go {ifname}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while self.exists(ifname) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path(ifname))
+
+    def get(self, ifname):
+        dev = Device(ifname)
+        cur = None
+        for line in self._exchange(ifname, "get=1\n\n"):
+            k, _, v = line.partition("=")
+            if k == "public_key":
+                cur = DevicePeer(key_from_hex(v))
+                dev.peers.append(cur)
+            elif cur is None:
+                if k == "private_key":
+                    dev.public_key = public_key(key_from_hex(v))
+                elif k == "listen_port":
+                    dev.listen_port = int(v)
+            elif k == "endpoint":
+                cur.endpoint = v
+            elif k == "allowed_ip":
+                cur.allowed_ips.append(v)
+            elif k == "persistent_keepalive_interval":
+                cur.persistent_keepalive = int(v)
+            elif k == "last_handshake_time_sec":
+                cur.last_handshake += int(v)
+            elif k == "last_handshake_time_nsec":
+                cur.last_handshake += int(v) / 1e9
+            elif k == "rx_bytes":
+                cur.rx_bytes = int(v)
+            elif k == "tx_bytes":
+                cur.tx_bytes = int(v)
+        for p in dev.peers:
+            if p.last_handshake < 1:       # sec == 0 means never
+                p.last_handshake = 0.0
+        return dev
+
+    def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
+              replace_peers=False):
+        lines = ["set=1"]
+        if private_key is not None:
+            lines.append(f"private_key={key_to_hex(private_key)}")
+        if listen_port is not None:
+            lines.append(f"listen_port={listen_port}")
+        if replace_peers:
+            lines.append("replace_peers=true")
+        for u in updates:
+            if not u.touches_device and not replace_peers:
+                continue
+            lines.append(f"public_key={key_to_hex(u.public_key)}")
+            if u.remove:
+                lines.append("remove=true")
+                continue
+            if u.endpoint is not None:
+                lines.append(f"endpoint={u.endpoint}")
+            if u.keepalive is not None:
+                lines.append(f"persistent_keepalive_interval={u.keepalive}")
+            if u.allowed_ips is not None:
+                lines.append("replace_allowed_ips=true")
+                lines.extend(f"allowed_ip={a}" for a in u.allowed_ips)
+        if len(lines) > 1:
+            debug(f"UAPI set on {ifname}: {len(lines) - 1} lines", 2)
+            self._exchange(ifname, "\n".join(lines) + "\n\n")
+
+
+class KernelBackend:
+    """The Linux WireGuard module over generic netlink (pyroute2)."""
+    name = "kernel"
+
+    def _wireguard(self):
+        _import_pyroute2()
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.generic.wireguard import WireGuard
+        try:
+            return WireGuard()
+        except NetlinkError:
+            raise InnernetError("the WireGuard kernel module is not available",
+                                hint="use --backend userspace (wireguard-go)") from None
+
+    def exists(self, ifname):
+        return _sysfs_devtype(ifname) == "wireguard"
+
+    def create(self, ifname):
+        with Netlink() as nl:
+            if not nl.add_wireguard_link(ifname):
+                raise InnernetError("the WireGuard kernel module is not available",
+                                    hint="use --backend userspace (wireguard-go)")
+
+    def delete(self, ifname):
+        with Netlink() as nl:
+            nl.delete_link(ifname)
+
+    def get(self, ifname):
+        wg = self._wireguard()
+        try:
+            msgs = wg.info(ifname)
+        finally:
+            wg.close()
+        dev = Device(ifname)
+        for msg in msgs:
+            priv = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
+            if priv:
+                dev.public_key = public_key(priv.decode() if isinstance(priv, bytes) else priv)
+            port = msg.get_attr("WGDEVICE_A_LISTEN_PORT")
+            if port is not None:
+                dev.listen_port = port
+            for p in msg.get_attr("WGDEVICE_A_PEERS") or ():
+                key = p.get_attr("WGPEER_A_PUBLIC_KEY")
+                key = key.decode() if isinstance(key, bytes) else key
+                dp = DevicePeer(key)
+                ep = p.get_attr("WGPEER_A_ENDPOINT")
+                if ep and ep.get("port"):
+                    dp.endpoint = format_endpoint(ep["addr"], ep["port"])
+                for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+                    addr = a.get("addr") if isinstance(a, dict) else a.get_attr("addr")
+                    if addr:
+                        dp.allowed_ips.append(addr)
+                dp.persistent_keepalive = p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0
+                hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
+                secs = hs.get("tv_sec", 0) if hasattr(hs, "get") else 0
+                dp.last_handshake = float(secs) if secs else 0.0
+                dp.rx_bytes = p.get_attr("WGPEER_A_RX_BYTES") or 0
+                dp.tx_bytes = p.get_attr("WGPEER_A_TX_BYTES") or 0
+                dev.peers.append(dp)
+        return dev
+
+    def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
+              replace_peers=False):
+        current = self.get(ifname) if (replace_peers or updates) else None
+        wg = self._wireguard()
+        try:
+            if private_key is not None or listen_port is not None:
+                wg.set(ifname, private_key=private_key, listen_port=listen_port)
+            keep = {u.public_key for u in updates if not u.remove}
+            if replace_peers and current:
+                for p in current.peers:
+                    if p.public_key not in keep:
+                        wg.set(ifname, peer={"public_key": p.public_key, "remove": True})
+            for u in updates:
+                if u.remove:
+                    wg.set(ifname, peer={"public_key": u.public_key, "remove": True})
+                    continue
+                if not u.touches_device:
+                    continue
+                allowed = u.allowed_ips
+                if allowed is None:
+                    old = current.peer(u.public_key) if current else None
+                    allowed = old.allowed_ips if old else []
+                peer = {"public_key": u.public_key, "allowed_ips": allowed,
+                        "replace_allowed_ips": True}
+                if u.keepalive is not None:
+                    peer["persistent_keepalive"] = u.keepalive
+                if u.endpoint is not None:
+                    host, port = parse_endpoint(u.endpoint)
+                    peer["endpoint_addr"], peer["endpoint_port"] = host, port
+                wg.set(ifname, peer=peer)
+        except InnernetError:
+            raise
+        except Exception as e:
+            raise InnernetError(f"cannot configure {ifname}: {e}") from None
+        finally:
+            wg.close()
+
+
+BACKENDS = {"kernel": KernelBackend, "userspace": UserspaceBackend}
+
+
+def existing_backend(choice, ifname):
+    """The backend that runs ``ifname`` now, or None when it is down."""
+    for name in (("userspace", "kernel") if choice == "auto" else (choice,)):
+        backend = BACKENDS[name]()
+        if backend.exists(ifname):
+            return backend
+    return None
+
+
+def create_device(choice, ifname):
+    """Create the WireGuard device: kernel first, userspace fallback, said out loud."""
+    if choice in ("auto", "kernel"):
+        with Netlink() as nl:
+            if nl.add_wireguard_link(ifname):   # the probe is the real step
+                return KernelBackend()
+        if choice == "kernel":
+            raise InnernetError("the WireGuard kernel module is not available",
+                                hint="use --backend userspace (wireguard-go)")
+        warn("WireGuard kernel module not available; using userspace wireguard-go")
+    backend = UserspaceBackend()
+    backend.create(ifname)
+    return backend
+
+
+def bring_up(choice, ifname, *, private_key, address, listen_port, updates, mtu,
+             routing):
+    """wg-quick's order: link, keys/port/peers, address, MTU + up, route.
+
+    On failure everything done so far is undone, so no half-configured
+    interface is left behind.
+    """
+    backend = create_device(choice, ifname)
+    try:
+        backend.apply(ifname, private_key=private_key, listen_port=listen_port or 0,
+                      updates=updates, replace_peers=True)
+        with Netlink() as nl:
+            nl.add_address(ifname, address)
+            nl.set_mtu_up(ifname, mtu)
+            if routing:
+                nl.add_route(ifname, address.network)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            backend.delete(ifname)
+        raise
+    return backend
+
+
+def bring_down(choice, ifname):
+    backend = existing_backend(choice, ifname)
+    if backend is None:
+        with contextlib.suppress(InnernetError), Netlink() as nl:
+            if nl.index(ifname) is not None:
+                nl.delete_link(ifname)
+                return True
+        return False
+    backend.delete(ifname)
+    return True
+
+
+def trigger_packet(ip, port=9):
+    """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
+    with contextlib.suppress(OSError):
+        fam = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\0", (str(ip), port))
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+# The server's SQLite database, with innernet's schema so that a database made
+# by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
+# transaction: the checks and the change see the same rows.
+
+SCHEMA = """
+CREATE TABLE peers (
+  id              INTEGER PRIMARY KEY,
+  name            TEXT NOT NULL UNIQUE,
+  ip              TEXT NOT NULL UNIQUE,
+  public_key      TEXT NOT NULL UNIQUE,
+  endpoint        TEXT,
+  cidr_id         INTEGER NOT NULL,
+  is_admin        INTEGER DEFAULT 0 NOT NULL,
+  is_disabled     INTEGER DEFAULT 0 NOT NULL,
+  is_redeemed     INTEGER DEFAULT 0 NOT NULL,
+  invite_expires  INTEGER,
+  candidates      TEXT,
+  FOREIGN KEY (cidr_id) REFERENCES cidrs (id) ON UPDATE RESTRICT ON DELETE RESTRICT
+);
+CREATE TABLE associations (
+  id         INTEGER PRIMARY KEY,
+  cidr_id_1  INTEGER NOT NULL,
+  cidr_id_2  INTEGER NOT NULL,
+  UNIQUE(cidr_id_1, cidr_id_2),
+  FOREIGN KEY (cidr_id_1) REFERENCES cidrs (id) ON UPDATE RESTRICT ON DELETE RESTRICT,
+  FOREIGN KEY (cidr_id_2) REFERENCES cidrs (id) ON UPDATE RESTRICT ON DELETE RESTRICT
+);
+CREATE TABLE cidrs (
+  id      INTEGER PRIMARY KEY,
+  name    TEXT NOT NULL UNIQUE,
+  ip      TEXT NOT NULL,
+  prefix  INTEGER NOT NULL,
+  parent  INTEGER REFERENCES cidrs,
+  UNIQUE(ip, prefix),
+  FOREIGN KEY (parent) REFERENCES cidrs (id) ON UPDATE RESTRICT ON DELETE RESTRICT
+);
+"""
+
+MIGRATIONS = {   # user_version below the key -> SQL that brings it there
+    1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
+    2: "ALTER TABLE peers ADD COLUMN candidates TEXT",
+}
+
+_PEER_COLUMNS = ("id, name, ip, cidr_id, public_key, endpoint, is_admin, is_disabled, "
+                 "is_redeemed, invite_expires, candidates")
+
+
+def _integrity_error(e):
+    text = str(e)
+    m = re.search(r"UNIQUE constraint failed: (\w+)\.(\w+)", text)
+    if m:
+        what = {"peers": "peer", "cidrs": "CIDR", "associations": "association"}.get(
+            m.group(1), m.group(1))
+        return _bad(f"a {what} with that {m.group(2).replace('_', ' ')} already exists")
+    if "FOREIGN KEY" in text:
+        return _bad("it is still in use (by peers, child CIDRs or associations), "
+                    "or refers to something that does not exist")
+    return _bad(f"the database refused the change: {text}")
+
+
+class Store:
+    """The network in SQLite: CIDRs, peers, associations."""
+
+    def __init__(self, path, *, create=False):
+        self.path = path
+        if not create and not os.path.exists(path):
+            raise InnernetError(f"no database file found at {path}",
+                                hint="create the network with 'innernet-server new'")
+        if create:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                raise InnernetError(f"database {path} already exists") from None
+            except OSError as e:
+                raise InnernetError(f"cannot create {path}: {e.strerror}",
+                                    hint="are you running as root?") from None
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                        timeout=15)
+            self.conn.execute("PRAGMA foreign_keys = 1")
+        except sqlite3.Error as e:
+            raise InnernetError(f"cannot open database {path}: {e}") from None
+        self.lock = threading.RLock()
+        self.revision = 0          # bumped by every write made through this object
+        if create:
+            with self.write() as c:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {DB_VERSION}")
+        else:
+            self.migrate()
+
+    def close(self):
+        with self.lock:
+            self.conn.close()
+
+    @contextlib.contextmanager
+    def write(self):
+        """One transaction; constraint violations become 400 errors."""
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise InnernetError(f"database is busy: {e}", status=503) from None
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+                self.revision += 1
+            except sqlite3.IntegrityError as e:
+                self.conn.execute("ROLLBACK")
+                raise _integrity_error(e) from None
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql, args=()):
+        with self.lock:
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise InnernetError(f"database error: {e}", status=500) from None
+
+    def migrate(self):
+        version = self._query("PRAGMA user_version")[0][0]
+        if version > DB_VERSION:
+            raise InnernetError(f"database {self.path} has version {version}, newer than "
+                                f"this program knows ({DB_VERSION})",
+                                hint="upgrade innernet.py")
+        if version == DB_VERSION:
+            return
+        with self.write() as c:
+            for target in sorted(MIGRATIONS):
+                if version < target:
+                    c.execute(MIGRATIONS[target])
+            c.execute(f"PRAGMA user_version = {DB_VERSION}")
+        log(f"migrated database version from {version} to {DB_VERSION}")
+
+    def data_version(self):
+        """Changes when another connection (e.g. a CLI command) commits."""
+        return self._query("PRAGMA data_version")[0][0]
+
+    # -- reads ---------------------------------------------------------------
+
+    @staticmethod
+    def _peer(row):
+        endpoint = row[5]
+        if endpoint is not None:
+            try:
+                endpoint = normalize_endpoint(endpoint)
+            except InnernetError:
+                endpoint = None
+        try:
+            candidates = json.loads(row[10]) if row[10] else []
+            if not isinstance(candidates, list):
+                candidates = []
+        except ValueError:
+            candidates = []
+        return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
+                    bool(row[6]), bool(row[7]), bool(row[8]), row[9],
+                    [c for c in candidates if isinstance(c, str)])
+
+    def peers(self):
+        return [self._peer(r) for r in self._query(f"SELECT {_PEER_COLUMNS} FROM peers ORDER BY id")]
+
+    def peer(self, peer_id):
+        rows = self._query(f"SELECT {_PEER_COLUMNS} FROM peers WHERE id = ?", (peer_id,))
+        if not rows:
+            raise InnernetError(f"peer {peer_id} not found", status=404)
+        return self._peer(rows[0])
+
+    def peer_by_ip(self, ip):
+        rows = self._query(f"SELECT {_PEER_COLUMNS} FROM peers WHERE ip = ?", (str(ip),))
+        return self._peer(rows[0]) if rows else None
+
+    def peer_by_name(self, name):
+        rows = self._query(f"SELECT {_PEER_COLUMNS} FROM peers WHERE name = ?", (name,))
+        return self._peer(rows[0]) if rows else None
+
+    def cidrs(self):
+        return [Cidr(r[0], r[1], f"{r[2]}/{r[3]}", r[4])
+                for r in self._query("SELECT id, name, ip, prefix, parent FROM cidrs ORDER BY id")]
+
+    def cidr_by_name(self, name):
+        return next((c for c in self.cidrs() if c.name == name), None)
+
+    def associations(self):
+        return [Association(*r) for r in
+                self._query("SELECT id, cidr_id_1, cidr_id_2 FROM associations ORDER BY id")]
+
+    # -- writes --------------------------------------------------------------
+
+    def _insert_cidr(self, c, contents):
+        ip, _, prefix = contents.cidr.partition("/")
+        cur = c.execute("INSERT INTO cidrs (name, ip, prefix, parent) VALUES (?, ?, ?, ?)",
+                        (contents.name, ip, int(prefix), contents.parent))
+        return dataclasses.replace(contents, id=cur.lastrowid)
+
+    def _insert_peer(self, c, p):
+        cur = c.execute(
+            "INSERT INTO peers (name, ip, cidr_id, public_key, endpoint, is_admin, "
+            "is_disabled, is_redeemed, invite_expires, candidates) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (p.name, p.ip, p.cidr_id, p.public_key, p.endpoint, int(p.is_admin),
+             int(p.is_disabled), int(p.is_redeemed), p.invite_expires,
+             json.dumps(p.candidates)))
+        return dataclasses.replace(p, id=cur.lastrowid,
+                                   persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+
+    def create_network(self, name, network, server_ip, server_public_key, endpoint):
+        """Root CIDR (id 1), the server's CIDR (id 2) and its peer (id 1)."""
+        with self.write() as c:
+            root = self._insert_cidr(c, Cidr(None, name, str(network), None))
+            infra = self._insert_cidr(
+                c, Cidr(None, SERVER_PEER_NAME, host_prefix(server_ip), root.id))
+            self._insert_peer(c, Peer(None, SERVER_PEER_NAME, str(server_ip), infra.id,
+                                      server_public_key, endpoint, None, True, False, True))
+
+    def add_cidr(self, contents):
+        with self.write() as c:
+            check_new_cidr(self.cidrs(), self.peers(), contents)
+            return self._insert_cidr(c, contents)
+
+    def rename_cidr(self, cidr_id, name):
+        parse_hostname(name, "CIDR name")
+        with self.write() as c:
+            if c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (name, cidr_id)).rowcount == 0:
+                raise InnernetError(f"CIDR {cidr_id} not found", status=404)
+
+    def delete_cidr(self, cidr_id):
+        with self.write() as c:
+            if cidr_id in (1, INFRA_CIDR_ID) and c.execute(
+                    "SELECT 1 FROM cidrs WHERE id = ?", (cidr_id,)).fetchone():
+                raise _bad("the network's root CIDR and the server's CIDR cannot be deleted")
+            c.execute("DELETE FROM cidrs WHERE id = ?", (cidr_id,))
+
+    def add_peer(self, contents):
+        with self.write() as c:
+            check_new_peer(self.cidrs(), self.peers(), contents)
+            return self._insert_peer(c, contents)
+
+    def update_peer(self, peer_id, contents):
+        """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
+        parse_hostname(contents.name, "peer name")
+        with self.write() as c:
+            old = self.peer(peer_id)
+            if old.name == SERVER_PEER_NAME and (contents.is_disabled or
+                                                 contents.name != old.name):
+                raise _bad("the server's own peer cannot be renamed or disabled")
+            c.execute("UPDATE peers SET name = ?, endpoint = ?, is_admin = ?, is_disabled = ?, "
+                      "candidates = ? WHERE id = ?",
+                      (contents.name, contents.endpoint, int(contents.is_admin),
+                       int(contents.is_disabled), json.dumps(contents.candidates), peer_id))
+            return old
+
+    def set_disabled(self, peer_id, disabled):
+        with self.write() as c:
+            old = self.peer(peer_id)
+            if old.name == SERVER_PEER_NAME and disabled:
+                raise _bad("the server's own peer cannot be disabled")
+            c.execute("UPDATE peers SET is_disabled = ? WHERE id = ?", (int(disabled), peer_id))
+            return old
+
+    def rename_peer(self, peer_id, name):
+        parse_hostname(name, "peer name")
+        with self.write() as c:
+            if c.execute("UPDATE peers SET name = ? WHERE id = ?", (name, peer_id)).rowcount == 0:
+                raise InnernetError(f"peer {peer_id} not found", status=404)
+
+    def redeem(self, peer_id, new_public_key):
+        with self.write() as c:
+            cur = c.execute("UPDATE peers SET is_redeemed = 1, public_key = ? "
+                            "WHERE id = ? AND is_redeemed = 0", (new_public_key, peer_id))
+            if cur.rowcount == 0:
+                raise InnernetError("the invitation was already redeemed", status=410)
+
+    def set_endpoint(self, peer_id, endpoint):
+        with self.write() as c:
+            c.execute("UPDATE peers SET endpoint = ? WHERE id = ?", (endpoint, peer_id))
+
+    def set_candidates(self, peer_id, candidates):
+        with self.write() as c:
+            c.execute("UPDATE peers SET candidates = ? WHERE id = ?",
+                      (json.dumps(candidates), peer_id))
+
+    def add_association(self, a, b):
+        with self.write() as c:
+            ids = {x.id for x in self.cidrs()}
+            if a == b:
+                raise _bad("a CIDR cannot be associated with itself")
+            for cid in (a, b):
+                if cid not in ids:
+                    raise _bad(f"CIDR {cid} does not exist")
+            if c.execute("SELECT 1 FROM associations WHERE (cidr_id_1 = ? AND cidr_id_2 = ?) "
+                         "OR (cidr_id_1 = ? AND cidr_id_2 = ?)", (a, b, b, a)).fetchone():
+                raise _bad("those CIDRs are already associated")
+            cur = c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)",
+                            (a, b))
+            return Association(cur.lastrowid, a, b)
+
+    def delete_association(self, assoc_id):
+        with self.write() as c:
+            c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
+
+    def sweep_expired(self, now):
+        """Delete unredeemed invitations past their expiry; return them."""
+        with self.lock:
+            gone = [p for p in self.peers() if not p.is_redeemed and
+                    p.invite_expires is not None and p.invite_expires < now]
+            if gone:
+                with self.write() as c:
+                    c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?",
+                              (now,))
+            return gone
+
+
+# -- client-side files: data store and hosts -----------------------------------
+
+def load_data_store(path):
+    """Cached peers and CIDRs; a missing file is empty, a damaged one is set aside."""
+    if not os.path.exists(path):
+        return [], []
+    warn_if_world_accessible(path)
+    try:
+        return parse_data_store(read_text(path, "data store"), path)
+    except InnernetError as e:
+        warn(f"{e.message}; starting with an empty cache")
+        return [], []
+
+
+def save_data_store(path, peers, cidrs):
+    """Write the cache atomically; unchanged content is not rewritten."""
+    text = data_store_json(peers, cidrs)
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+    return True
+
+
+def write_hosts_file(path, tag, lines):
+    """Replace our section of the hosts file; returns True if it changed.
+
+    The temporary file is made beside the hosts file and renamed over it; where
+    rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
+    """
+    try:
+        text = read_text(path, "hosts file") if os.path.exists(path) else ""
+        new = update_hosts_text(text, tag, lines)
+        if new is None:
+            return False
+        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+        try:
+            atomic_write(path, new, mode)
+        except InnernetError:
+            with open(path, "w") as f:
+                f.write(new)
+        return True
+    except (InnernetError, OSError) as e:
+        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
+        return False
+
+###############################################################################
+# API server ##################################################################
+###############################################################################
+# The HTTP API of innernet-server, served only on the server's WireGuard
+# address and bound to its device: WireGuard's cryptokey routing means a
+# packet from IP X came from the key that owns X, so the source address
+# identifies the caller. One route table, one dispatch, one place where
+# InnernetError becomes an HTTP status.
+
+_ROUTES = {}
+
+
+def api(method, path, role, body=False):
+    """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
+    def register(fn):
+        _ROUTES[(method, path)] = (role, body, fn)
+        return fn
+    return register
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    body: object = None                  # JSON-able, or None for no body
+    headers: Dict[str, str] = dataclasses.field(default_factory=dict)
+    raw: Optional[bytes] = None          # pre-encoded JSON body
+    after: Optional[object] = None       # callable(sock) run once it is sent
+
+
+@dataclasses.dataclass
+class Request:
+    caller: Peer
+    body: object
+    id: Optional[int]
+    headers: object
+
+
+def inject_endpoint(peer, observed):
+    """What others are told about a peer's endpoint (spec §6.2)."""
+    ep = peer.endpoint
+    if ep is None:
+        ep = observed
+    elif endpoint_is_unspecified(ep):
+        ep = format_endpoint(parse_endpoint(observed)[0], parse_endpoint(ep)[1]) \
+            if observed else None
+    candidates = list(peer.candidates)
+    if observed and observed != ep and observed not in candidates:
+        candidates.append(observed)
+    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
+                               persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+
+
+def wait_acked(sock, timeout):
+    """Wait until the peer has ACKed everything we sent (SIOCOUTQ == 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), 0x5411, b"\0" * 4))[0]
+        except OSError:
+            return
+        if left == 0:
+            return
+        time.sleep(0.002)
+
+
+class Coordinator:
+    """The running server: its store, its WireGuard device and the API logic."""
+
+    def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
+                 host_suffix=None):
+        self.store = store
+        self.config = config
+        self.ifname = ifname
+        self.backend = backend
+        self.public_key = public_key(config.private_key)
+        self.hosts_path = hosts_path
+        self.host_suffix = host_suffix
+        self.observed: Dict[str, str] = {}   # public key -> endpoint seen by WireGuard
+        self.observed_version = 0
+        self._observed_at = 0.0
+        self.pending: Dict[int, str] = {}    # peer id -> invitation key, until swapped
+        self.device_lock = threading.RLock()
+        self._state_cache: Dict[int, Tuple[tuple, bytes, str]] = {}
+        self._cache_lock = threading.Lock()
+        self._data_version = None
+        self.stop = threading.Event()
+
+    # -- the server's device ---------------------------------------------------
+
+    def refresh_observed(self, max_age=1.0):
+        """Read the endpoints WireGuard observes for each peer (cached)."""
+        if self.backend is None or time.monotonic() - self._observed_at < max_age:
+            return
+        with self.device_lock:
+            if time.monotonic() - self._observed_at < max_age:
+                return
+            try:
+                dev = self.backend.get(self.ifname)
+            except InnernetError as e:
+                debug(f"cannot read {self.ifname}: {e.message}")
+                return
+            self._observed_at = time.monotonic()
+            changed = False
+            for p in dev.peers:
+                if p.endpoint and self.observed.get(p.public_key) != p.endpoint:
+                    self.observed[p.public_key] = p.endpoint
+                    changed = True
+            if changed:
+                self.observed_version += 1
+
+    def desired_device_peers(self, now=None):
+        now = time.time() if now is None else now
+        out = []
+        for p in self.store.peers():
+            if p.is_disabled or (not p.is_redeemed and p.invite_expires is not None
+                                 and p.invite_expires < now):
+                continue
+            if p.id in self.pending:
+                p = dataclasses.replace(p, public_key=self.pending[p.id])
+            ep = p.endpoint if p.endpoint and not endpoint_is_unspecified(p.endpoint) else None
+            out.append(dataclasses.replace(p, endpoint=ep, candidates=[],
+                                           persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
+        return out
+
+    def sync_device(self):
+        """Make the device hold exactly the enabled peers (a diff, not a reload)."""
+        if self.backend is None:
+            return []
+        with self.device_lock:
+            dev = self.backend.get(self.ifname)
+            updates = [u for u in diff_peers(dev.peers, self.desired_device_peers(),
+                                             self.public_key, time.time())
+                       if u.touches_device]
+            if updates:
+                self.backend.apply(self.ifname, updates=updates)
+                for u in updates:
+                    debug(f"server device: peer {u.name or short_key(u.public_key)} {u.action}")
+            return updates
+
+    def _finish_redeem(self, peer_id, sock):
+        # The 204 went out through the invitation key's tunnel; once the client
+        # has ACKed it, move the address to the new key. innernet waits a fixed
+        # 5 s here; this takes one round trip.
+        wait_acked(sock, 3.0)
+        with self.device_lock:
+            self.pending.pop(peer_id, None)
+            self.sync_device()
+
+    def tick(self, now=None):
+        """Periodic work: notice CLI edits, sweep invitations, write hosts."""
+        now = time.time() if now is None else now
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.sync_device()
+        gone = self.store.sweep_expired(int(now))
+        if gone:
+            log("deleted expired invitations: " + ", ".join(p.name for p in gone))
+            self.sync_device()
+        if self.hosts_path:
+            peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
+            write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
+                             hosts_lines(peers, self.ifname, self.host_suffix))
+
+    def run_background(self, interval=1.0):
+        slow = 0.0
+        while not self.stop.wait(interval):
+            try:
+                version = self.store.data_version()
+                if version != self._data_version:
+                    self._data_version = version
+                    self.sync_device()
+                if time.monotonic() - slow >= SWEEP_INTERVAL:
+                    slow = time.monotonic()
+                    self.tick()
+                    self.refresh_observed(0)
+            except Exception as e:        # keep serving; say what failed
+                warn(f"background task failed: {e}")
+
+    # -- requests ------------------------------------------------------------
+
+    def authenticate(self, headers, remote_ip):
+        import hmac
+        key = headers.get(SERVER_KEY_HEADER) if headers is not None else None
+        if not key or not is_key(key) or not hmac.compare_digest(key, self.public_key):
+            raise InnernetError(f"missing or wrong {SERVER_KEY_HEADER} header", status=401)
+        try:
+            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+            if ip.version == 6 and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+        except ValueError:
+            raise InnernetError("unknown peer", status=401) from None
+        peer = self.store.peer_by_ip(ip)
+        if peer is None or peer.is_disabled:
+            raise InnernetError("unknown or disabled peer", status=401)
+        return peer
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        """Answer one request; every error becomes a status here and only here."""
+        try:
+            return self._dispatch(method, path, headers, remote_ip, body, body_error)
+        except InnernetError as e:
+            return Response(e.status if 400 <= e.status < 600 else 400, {"error": e.message})
+        except Exception as e:       # a bug: log it, answer 500, keep serving
+            import traceback
+            warn(f"internal error on {method} {path}: {e!r}")
+            debug(traceback.format_exc())
+            return Response(500, {"error": "internal server error"})
+
+    def _dispatch(self, method, path, headers, remote_ip, body, body_error):
+        segs = path.split("?", 1)[0].lstrip("/").split("/")
+        if segs[0] != "v1":
+            raise InnernetError("not found", status=404)
+        caller = self.authenticate(headers, remote_ip)
+        if len(segs) < 3 or segs[1] not in ("user", "admin"):
+            raise InnernetError("not found", status=404)
+        if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
+            raise InnernetError("admin rights required", status=401)
+        base = f"{segs[1]}/{segs[2]}"
+        route, rid = _ROUTES.get((method, base)), None
+        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
+            route = _ROUTES[(method, base + "/{id}")]
+            if not re.fullmatch(r"[0-9]{1,18}", segs[3]):
+                raise InnernetError("not found", status=404)
+            rid = int(segs[3])
+        if route is None:
+            raise InnernetError("not found", status=404)
+        role, wants_body, fn = route
+        if role == "unredeemed" and caller.is_redeemed:
+            raise InnernetError("the invitation was already redeemed", status=401)
+        if role == "user" and not caller.is_redeemed:
+            raise InnernetError("redeem the invitation first", status=401)
+        data = None
+        if wants_body:
+            if body_error:
+                raise InnernetError(body_error, status=400)
+            try:
+                data = json.loads(body.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+                raise InnernetError("request body is not valid JSON", status=400) from None
+        return fn(self, Request(caller, data, rid, headers))
+
+    def state_for(self, caller):
+        """The /v1/user/state body and its ETag, cached per revision."""
+        self.refresh_observed()
+        rev = (self.store.revision, self.store.data_version(), self.observed_version)
+        with self._cache_lock:
+            hit = self._state_cache.get(caller.id)
+            if hit and hit[0] == rev:
+                return hit[1], hit[2]
+        peers, cidrs = self.store.peers(), self.store.cidrs()
+        visible = visible_peers(peers, cidrs, self.store.associations(), caller)
+        body = json.dumps({
+            "peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
+                      for p in visible],
+            "cidrs": [c.to_json() for c in cidrs]}).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        with self._cache_lock:
+            if len(self._state_cache) > 50000:
+                self._state_cache.clear()
+            self._state_cache[caller.id] = (rev, body, etag)
+        return body, etag
+
+
+# -- user routes --------------------------------------------------------------
+
+@api("GET", "user/state", "user")
+def user_get_state(co, req):
+    body, etag = co.state_for(req.caller)
+    if req.headers is not None and req.headers.get("If-None-Match") == etag:
+        return Response(304, headers={"ETag": etag})
+    return Response(200, raw=body, headers={"ETag": etag})
+
+
+@api("GET", "user/capabilities", "any")
+def user_get_capabilities(co, req):
+    return Response(200, {"unspecified_ip_in_override_endpoint": True})
+
+
+@api("POST", "user/redeem", "unredeemed", body=True)
+def user_redeem(co, req):
+    data = _require_object(req.body, "redeem request")
+    new_key = _get(data, "public_key", str)
+    if not is_key(new_key):
+        raise _bad("invalid public key")
+    caller = req.caller
+    if caller.invite_expires is not None and caller.invite_expires < time.time():
+        raise InnernetError("the invitation has expired", status=401)
+    with co.device_lock:
+        co.store.redeem(caller.id, new_key)
+        co.pending[caller.id] = caller.public_key
+    log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
+    return Response(204, after=lambda sock: co._finish_redeem(caller.id, sock))
+
+
+@api("PUT", "user/endpoint", "user", body=True)
+def user_set_endpoint(co, req):
+    co.store.set_endpoint(req.caller.id, parse_endpoint_contents(req.body))
+    return Response(204)
+
+
+@api("PUT", "user/candidates", "user", body=True)
+def user_set_candidates(co, req):
+    co.store.set_candidates(req.caller.id, parse_candidates(req.body))
+    return Response(204)
+
+
+# -- admin routes -------------------------------------------------------------
+
+@api("GET", "admin/peers", "admin")
+def admin_list_peers(co, req):
+    co.refresh_observed()
+    return Response(200, [inject_endpoint(p, co.observed.get(p.public_key)).to_json()
+                          for p in co.store.peers()])
+
+
+@api("POST", "admin/peers", "admin", body=True)
+def admin_add_peer(co, req):
+    contents = Peer.from_json(req.body, with_id=False)
+    peer = co.store.add_peer(contents)
+    co.sync_device()
+    log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
+    return Response(201, peer.to_json())
+
+
+@api("PUT", "admin/peers/{id}", "admin", body=True)
+def admin_update_peer(co, req):
+    contents = Peer.from_json(req.body, with_id=False)
+    co.store.update_peer(req.id, contents)
+    co.sync_device()       # innernet leaves a disabled peer on the device
+    return Response(204)
+
+
+@api("DELETE", "admin/peers/{id}", "admin")
+def admin_disable_peer(co, req):
+    co.store.set_disabled(req.id, True)
+    co.sync_device()
+    return Response(204)
+
+
+@api("GET", "admin/cidrs", "admin")
+def admin_list_cidrs(co, req):
+    return Response(200, [c.to_json() for c in co.store.cidrs()])
+
+
+@api("POST", "admin/cidrs", "admin", body=True)
+def admin_add_cidr(co, req):
+    cidr = co.store.add_cidr(Cidr.from_json(req.body, with_id=False))
+    return Response(201, cidr.to_json())
+
+
+@api("PUT", "admin/cidrs/{id}", "admin", body=True)
+def admin_update_cidr(co, req):
+    co.store.rename_cidr(req.id, Cidr.from_json(req.body, with_id=False).name)
+    return Response(204)
+
+
+@api("DELETE", "admin/cidrs/{id}", "admin")
+def admin_delete_cidr(co, req):
+    co.store.delete_cidr(req.id)
+    return Response(204)
+
+
+@api("GET", "admin/associations", "admin")
+def admin_list_associations(co, req):
+    return Response(200, [a.to_json() for a in co.store.associations()])
+
+
+@api("POST", "admin/associations", "admin", body=True)
+def admin_add_association(co, req):
+    a = Association.from_json(req.body, with_id=False)
+    co.store.add_association(a.cidr_id_1, a.cidr_id_2)
+    return Response(201)
+
+
+@api("DELETE", "admin/associations/{id}", "admin")
+def admin_delete_association(co, req):
+    co.store.delete_association(req.id)
+    return Response(204)
+
+
+# -- HTTP ----------------------------------------------------------------------
+
+class _ApiHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"innernet.py/{__version__}"
+    sys_version = ""
+    disable_nagle_algorithm = True     # else keep-alive stalls 40 ms per request
+    timeout = HTTP_TIMEOUT
+
+    def _serve(self):
+        body, body_error = None, None
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            body_error, self.close_connection = "chunked bodies are not supported", True
+        elif length is None:
+            body_error = "missing Content-Length header"
+        elif not length.strip().isdigit():
+            body_error, self.close_connection = "invalid Content-Length header", True
+        elif int(length) > MAX_BODY:
+            body_error = f"request body is larger than {MAX_BODY} bytes"
+            self.close_connection = True
+        else:
+            body = self.rfile.read(int(length))
+            if len(body) < int(length):
+                self.close_connection = True
+                return
+        resp = self.server.coordinator.handle(self.command, self.path, self.headers,
+                                              self.client_address[0], body, body_error)
+        data = resp.raw
+        if data is None and resp.body is not None:
+            data = json.dumps(resp.body).encode()
+        self.send_response(resp.status)
+        for k, v in resp.headers.items():
+            self.send_header(k, v)
+        if data is not None:
+            self.send_header("Content-Type", "application/json")
+        if resp.status != 304:
+            self.send_header("Content-Length", str(len(data or b"")))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if data and self.command != "HEAD":
+            self.wfile.write(data)
+        self.wfile.flush()
+        if resp.after:
+            resp.after(self.connection)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    def log_message(self, fmt, *args):
+        debug(f"http {self.client_address[0]} " + fmt % args, 2)
+
+
+class ApiServer(HTTPServer):
+    """HTTP on the WireGuard address, a thread per connection, bounded."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, coordinator, address, port, *, bind_device=None,
+                 max_connections=256):
+        self.coordinator = coordinator
+        self.bind_device = bind_device
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__((address, port), _ApiHandler)
+
+    def server_bind(self):
+        s = self.socket
+        if self.bind_device:       # unreachable from other interfaces
+            s.setsockopt(socket.SOL_SOCKET, 25, self.bind_device.encode())  # SO_BINDTODEVICE
+        with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
+            s.setsockopt(socket.SOL_IP, 15, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(self.server_address)
+        self.server_address = s.getsockname()[:2]
+        self.server_name, self.server_port = self.server_address
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)      # over the bound: refuse, don't queue
+            return
+        threading.Thread(target=self._work, args=(request, client_address),
+                         daemon=True).start()
+
+    def _work(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception as e:
+            debug(f"connection from {client_address[0]} ended: {e!r}")
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+###############################################################################
+# API client ##################################################################
+###############################################################################
+
+
+class ApiClient:
+    """JSON over HTTP to the server's API, inside the tunnel (keep-alive)."""
+
+    def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT):
+        self.host, self.port = parse_endpoint(internal_endpoint)
+        self.endpoint = internal_endpoint
+        self.server_key = server_public_key
+        self.timeout = timeout
+        self.conn = None
+
+    def close(self):
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def request(self, method, path, body=None, headers=None):
+        """-> (status, headers, raw body). Transport errors are 'unreachable'."""
+        data = None if body is None else json.dumps(body).encode()
+        hdrs = {SERVER_KEY_HEADER: self.server_key, "Accept": "application/json"}
+        if data is not None:
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port,
+                                                       timeout=self.timeout)
+            try:
+                self.conn.request(method, "/v1" + path, body=data, headers=hdrs)
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    self.close()
+                return resp.status, resp, raw
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                if attempt == 0 and reused:      # a stale keep-alive connection
+                    continue
+                reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                raise InnernetError(
+                    f"cannot reach the innernet server at {self.endpoint}: {reason}",
+                    hint="is the server running, and is this host's WireGuard "
+                         "interface up?", unreachable=True) from None
+
+    def call(self, method, path, body=None):
+        """The decoded JSON answer, or InnernetError for a non-2xx status."""
+        status, _, raw = self.request(method, path, body)
+        if not 200 <= status < 300:
+            raise self.status_error(method, path, status, raw)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InnernetError(f"the server sent invalid JSON for {method} {path}") from None
+
+    @staticmethod
+    def status_error(method, path, status, raw):
+        reason = ""
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            reason = json.loads(raw).get("error", "")
+        text = http.client.responses.get(status, "error")
+        hint = None
+        if status == 401:
+            hint = ("this peer is unknown to the server, disabled, or not an admin"
+                    if "admin" in path or not reason else None)
+        return InnernetError(f"the server answered {status} {text} to {method} {path}"
+                             + (f": {reason}" if reason else ""), hint=hint, status=status)
+
+###############################################################################
+# Roles #######################################################################
+###############################################################################
+# The verbs. Each cmd_<verb>(args) glues the layers above and returns an exit
+# code. Values missing from the command line are asked for when stdin is a
+# terminal; otherwise the error names the flag to pass.
+
+
+def _interactive():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def ask(value, flag, prompt, *, default=None, parse=None):
+    """A value from its flag, else the terminal, else an error naming the flag."""
+    if value is None:
+        if not _interactive():
+            if default is not None:
+                raise InnernetError(f"missing {flag}",
+                                    hint=f"pass {flag} (the interactive default "
+                                         f"would be {default})")
+            raise InnernetError(f"missing {flag}", hint=f"pass {flag}, or run in a terminal")
+        while True:
+            suffix = f" [{default}]" if default is not None else ""
+            try:
+                value = input(f"{prompt}{suffix}: ").strip() or default
+            except EOFError:
+                raise InnernetError(f"missing {flag}") from None
+            if value is None:
+                continue
+            if parse is None:
+                return value
+            try:
+                return parse(value)
+            except InnernetError as e:
+                print(f"  {e.message}", file=sys.stderr)
+                value = None
+    return parse(value) if parse else value
+
+
+def confirm(args, question, default=False):
+    """--yes, or a y/n answer at the terminal."""
+    if getattr(args, "yes", False):
+        return True
+    if not _interactive():
+        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
+    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+    ok = default if not answer else answer in ("y", "yes")
+    if not ok:
+        raise InnernetError("cancelled")
+    return True
+
+
+def choose(value, flag, prompt, options):
+    """Pick by name from ``options`` (name -> object)."""
+    if value is not None:
+        if value not in options:
+            raise InnernetError(f"{flag} {value!r} does not exist",
+                                hint="choose one of: " + ", ".join(options) if options
+                                else "there is nothing to choose from")
+        return options[value]
+    if not options:
+        raise InnernetError(f"nothing to choose for {flag}")
+    if not _interactive():
+        raise InnernetError(f"missing {flag}", hint="choose one of: " + ", ".join(options))
+    names = list(options)
+    for i, n in enumerate(names, 1):
+        print(f"  {i}) {n}", file=sys.stderr)
+    while True:
+        got = input(f"{prompt} [1-{len(names)}]: ").strip()
+        if got.isdigit() and 1 <= int(got) <= len(names):
+            return options[names[int(got) - 1]]
+        if got in options:
+            return options[got]
+
+
+def parse_bool(text):
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in ("true", "yes", "y", "1"):
+        return True
+    if low in ("false", "no", "n", "0"):
+        return False
+    raise InnernetError(f"expected true or false, not {text!r}")
+
+
+def parse_port(text):
+    if not str(text).isdigit() or not 0 < int(text) < 65536:
+        raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
+    return int(text)
+
+
+def print_json(obj):
+    print(json.dumps(obj, indent=2))
+
+
+# -- paths and files -----------------------------------------------------------
+
+def _dirs(args, server):
+    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
+    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
+    return cdir, ddir
+
+
+def installed_interfaces(args):
+    cdir, _ = _dirs(args, server=False)
+    with contextlib.suppress(OSError):
+        return sorted(f[:-5] for f in os.listdir(cdir)
+                      if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+    return []
+
+
+def client_config_path(args, iface):
+    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
+
+
+def data_store_path(args, iface):
+    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
+
+
+def load_client_config(args, iface):
+    path = client_config_path(args, iface)
+    if not os.path.exists(path):
+        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+                            hint="join one with 'innernet install INVITATION'")
+    warn_if_world_accessible(path)
+    return InterfaceConfig.from_toml(read_text(path, "config file"), path)
+
+
+def save_client_config(args, iface, cfg):
+    path = client_config_path(args, iface)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o600
+    atomic_write(path, cfg.to_toml(), mode)
+
+
+def server_paths(args, iface):
+    cdir, ddir = _dirs(args, server=True)
+    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
+
+
+def load_server_config(args, iface):
+    conf, _ = server_paths(args, iface)
+    if not os.path.exists(conf):
+        raise InnernetError(f"no network named {iface} ({conf} is missing)",
+                            hint="create it with 'innernet-server new'")
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.stat(conf).st_mode) != 0o600:
+            os.chmod(conf, 0o600)
+            warn(f"updated permissions for {conf} to 0600")
+    return ServerConfig.from_toml(read_text(conf, "server config"), conf)
+
+
+def hosts_options(args):
+    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
+    if getattr(args, "no_write_hosts", False):
+        return None, None
+    return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
+        getattr(args, "host_suffix", None)
+
+
+def opt(args, name, default=None):
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+# -- a network, seen from the server's database or through the admin API -------
+
+class LocalNetwork:
+    """The server CLI's view: the database directly."""
+
+    def __init__(self, args, iface):
+        self.iface = iface
+        self.config = load_server_config(args, iface)
+        self.store = Store(server_paths(args, iface)[1])
+
+    def cidrs(self):
+        return self.store.cidrs()
+
+    def peers(self):
+        return self.store.peers()
+
+    def associations(self):
+        return self.store.associations()
+
+    def add_cidr(self, contents):
+        return self.store.add_cidr(contents)
+
+    def rename_cidr(self, cidr, name):
+        self.store.rename_cidr(cidr.id, name)
+
+    def delete_cidr(self, cidr):
+        self.store.delete_cidr(cidr.id)
+
+    def add_peer(self, contents):
+        return self.store.add_peer(contents)
+
+    def update_peer(self, peer):
+        self.store.update_peer(peer.id, peer)
+
+    def add_association(self, a, b):
+        self.store.add_association(a.id, b.id)
+
+    def delete_association(self, assoc):
+        self.store.delete_association(assoc.id)
+
+    def invitation_server(self):
+        server = next(p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
+        return (public_key(self.config.private_key), server.endpoint,
+                format_endpoint(self.config.address, self.config.listen_port))
+
+
+class RemoteNetwork:
+    """An admin peer's view: the server's admin API over the tunnel."""
+
+    def __init__(self, args, iface):
+        self.iface = iface
+        self.config = load_client_config(args, iface)
+        self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key)
+
+    def cidrs(self):
+        return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
+
+    def peers(self):
+        return [Peer.from_json(p) for p in self.api.call("GET", "/admin/peers")]
+
+    def associations(self):
+        return [Association.from_json(a) for a in self.api.call("GET", "/admin/associations")]
+
+    def add_cidr(self, contents):
+        return Cidr.from_json(self.api.call("POST", "/admin/cidrs", contents.to_json(False)))
+
+    def rename_cidr(self, cidr, name):
+        self.api.call("PUT", f"/admin/cidrs/{cidr.id}",
+                      dataclasses.replace(cidr, name=name).to_json(False))
+
+    def delete_cidr(self, cidr):
+        self.api.call("DELETE", f"/admin/cidrs/{cidr.id}")
+
+    def add_peer(self, contents):
+        return Peer.from_json(self.api.call("POST", "/admin/peers", contents.to_json(False)))
+
+    def update_peer(self, peer):
+        self.api.call("PUT", f"/admin/peers/{peer.id}", peer.to_json(False))
+
+    def add_association(self, a, b):
+        self.api.call("POST", "/admin/associations",
+                      Association(None, a.id, b.id).to_json(False))
+
+    def delete_association(self, assoc):
+        self.api.call("DELETE", f"/admin/associations/{assoc.id}")
+
+    def invitation_server(self):
+        server = next((p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME), None)
+        endpoint = server.endpoint if server and server.endpoint else \
+            self.config.server_external_endpoint
+        return self.config.server_public_key, endpoint, self.config.server_internal_endpoint
+
+
+def open_network(args):
+    iface = parse_interface(args.interface)
+    return LocalNetwork(args, iface) if args.role == "server" else RemoteNetwork(args, iface)
+
+
+def _user_cidrs(cidrs):
+    return {c.name: c for c in cidrs if c.name != SERVER_PEER_NAME}
+
+
+# -- shared verbs: CIDRs, peers, associations ----------------------------------
+
+def cmd_add_cidr(args):
+    net = open_network(args)
+    cidrs = net.cidrs()
+    name = ask(args.name, "--name", "CIDR name",
+               parse=lambda v: parse_hostname(v, "CIDR name"))
+    cidr_text = ask(args.cidr, "--cidr", "CIDR", parse=lambda v: str(parse_network(v)))
+    parent = choose(args.parent, "--parent", "parent CIDR", _user_cidrs(cidrs))
+    contents = Cidr(None, name, cidr_text, parent.id)
+    confirm(args, f"Create CIDR '{name}' ({cidr_text}) under '{parent.name}'?", True)
+    created = net.add_cidr(contents)
+    log(f"CIDR '{created.name}' ({created.cidr}) created")
+    print(f"note: peers in '{created.name}' only see themselves and the server until you "
+          f"associate it with other CIDRs (add-association)", file=sys.stderr)
+    return 0
+
+
+def cmd_list_cidrs(args):
+    iface = parse_interface(args.interface)
+    if args.role == "server":
+        cidrs = LocalNetwork(args, iface).cidrs()
+    else:
+        load_client_config(args, iface)
+        _, cidrs = load_data_store(data_store_path(args, iface))
+    if getattr(args, "json", False):
+        print_json([c.to_json() for c in cidrs])
+    elif args.tree:
+        print("\n".join(cidr_tree_lines(cidrs)))
+    else:
+        for c in sorted(cidrs, key=lambda c: (c.network.version, c.network)):
+            print(f"{c.cidr} {c.name}")
+    return 0
+
+
+def cmd_add_peer(args):
+    net = open_network(args)
+    cidrs, peers = net.cidrs(), net.peers()
+    leaves = {c.name: c for c in leaf_cidrs(cidrs) if c.name != SERVER_PEER_NAME}
+    cidr = choose(args.cidr, "--cidr", "CIDR for the new peer", leaves)
+    used = [p.ip for p in peers]
+    if args.ip is not None:
+        ip = parse_ip(args.ip)
+        if not is_assignable(ip, cidr.network):
+            raise InnernetError(f"{ip} is not an assignable address of '{cidr.name}' "
+                                f"({cidr.cidr})")
+    else:
+        suggestion = next_free_ip(cidr.network, used)
+        ip = suggestion if args.auto_ip else ask(
+            None, "--ip or --auto-ip", "IP address", default=str(suggestion), parse=parse_ip)
+    name = ask(args.name, "--name", "peer name", parse=lambda v: parse_hostname(v, "peer name"))
+    if any(p.name == name for p in peers):
+        raise InnernetError(f"a peer named '{name}' already exists")
+    is_admin = ask(args.admin, "--admin", "make this peer an admin? (true/false)",
+                   default="false", parse=parse_bool)
+    expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
+                  default=DEFAULT_INVITE_EXPIRY, parse=parse_timestring)
+    save_path = ask(args.save_config, "--save-config", "save the invitation as",
+                    default=f"{name}.toml")
+    if os.path.exists(save_path):
+        raise InnernetError(f"{save_path} already exists", hint="choose another --save-config")
+    confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'?", True)
+
+    invite_key = generate_private_key()
+    contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
+                    PERSISTENT_KEEPALIVE, is_admin, False, False,
+                    int(time.time()) + expires, [])
+    server_key, external, internal = net.invitation_server()
+    root = root_cidr(cidrs)
+    invitation = InterfaceConfig(
+        net.iface, ipaddress.ip_interface(f"{ip}/{root.network.prefixlen}"), invite_key, None,
+        server_key, external, internal)
+    # Write the file first (to a temporary name), create the peer, then link
+    # the file into place: no peer without its invitation, no stray secrets.
+    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700)
+    tmp = _write_temp(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
+    try:
+        peer = net.add_peer(contents)
+        os.link(tmp, save_path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    log(f"peer '{peer.name}' ({peer.ip}) added")
+    print(f"invitation saved to {save_path} (expires in {args.invite_expires or expires}); "
+          "send it securely, e.g. with magic-wormhole", file=sys.stderr)
+    return 0
+
+
+def cmd_add_association(args):
+    net = open_network(args)
+    cidrs = _user_cidrs(net.cidrs())
+    both = args.cidr1 is not None and args.cidr2 is not None
+    a = choose(args.cidr1, "CIDR1", "first CIDR", cidrs)
+    b = choose(args.cidr2, "CIDR2", "second CIDR", {k: v for k, v in cidrs.items() if v.id != a.id})
+    if not both:
+        confirm(args, f"Associate '{a.name}' and '{b.name}'?", True)
+    net.add_association(a, b)
+    log(f"associated '{a.name}' and '{b.name}'")
+    return 0
+
+
+def cmd_list_associations(args):
+    net = open_network(args)
+    names = {c.id: c.name for c in net.cidrs()}
+    assocs = net.associations()
+    if getattr(args, "json", False):
+        print_json([a.to_json() for a in assocs])
+        return 0
+    for a in assocs:
+        print(f"{a.id}: {names.get(a.cidr_id_1, a.cidr_id_1)} <=> "
+              f"{names.get(a.cidr_id_2, a.cidr_id_2)}")
+    return 0
+
+
+# -- server verbs ----------------------------------------------------------------
+
+def discover_public_ip():
+    """A public address of this host, from its own interfaces (no network query)."""
+    for ip in local_addresses():
+        if ip.is_global:
+            return ip
+    return None
+
+
+def cmd_server_new(args):
+    name = ask(args.network_name, "--network-name", "network name", parse=parse_interface)
+    network = ask(args.network_cidr, "--network-cidr", "network CIDR",
+                  default=DEFAULT_NETWORK_CIDR, parse=parse_network)
+    port = ask(args.listen_port, "--listen-port", "listen port",
+               default=str(DEFAULT_LISTEN_PORT), parse=parse_port)
+    if args.auto_external_endpoint:
+        ip = discover_public_ip()
+        if ip is None:
+            raise InnernetError("could not find a public IP address on this host's interfaces",
+                                hint="pass --external-endpoint HOST:PORT")
+        endpoint = format_endpoint(str(ip), port)
+    else:
+        endpoint = ask(args.external_endpoint, "--external-endpoint",
+                       "external endpoint (host:port)", parse=normalize_endpoint)
+    conf, db = server_paths(args, name)
+    for path in (conf, db):
+        if os.path.exists(path):
+            raise InnernetError(f"network {name} already exists ({path})",
+                                hint=f"remove it with 'innernet-server uninstall {name}'")
+    server_ip = next_free_ip(network, [])
+    for d in _dirs(args, server=True):
+        ensure_dir(d)
+    key = generate_private_key()
+    config = ServerConfig(key, port, str(server_ip), network.prefixlen)
+    atomic_write(conf, config.to_toml(), 0o600, exclusive=True)
+    try:
+        store = Store(db, create=True)
+        store.create_network(name, network, server_ip, public_key(key), endpoint)
+        store.close()
+    except BaseException:
+        for path in (conf, db):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    log(f"network '{name}' created: {network}, server {server_ip}, endpoint {endpoint}")
+    print(f"""next steps:
+  innernet-server add-cidr {name}      create a CIDR for your peers
+  innernet-server add-peer {name}      invite a peer into it
+  innernet-server serve {name}         run the server (or: systemctl enable --now innernet-server@{name})""",
+          file=sys.stderr)
+    return 0
+
+
+def _ensure_server_device(args, iface, config):
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    if backend is None:
+        return bring_up(opt(args, "backend", "auto"), iface, private_key=config.private_key,
+                        address=config.interface, listen_port=config.listen_port, updates=[],
+                        mtu=opt(args, "mtu", DEFAULT_MTU),
+                        routing=routing(args))
+    backend.apply(iface, private_key=config.private_key, listen_port=config.listen_port)
+    with Netlink() as nl:
+        nl.add_address(iface, config.interface)
+        nl.set_mtu_up(iface, opt(args, "mtu", DEFAULT_MTU))
+        if routing(args):
+            nl.add_route(iface, config.interface.network)
+    return backend
+
+
+def cmd_server_serve(args):
+    iface = parse_interface(args.interface)
+    config = load_server_config(args, iface)
+    store = Store(server_paths(args, iface)[1])
+    backend = _ensure_server_device(args, iface, config)
+    hosts_path, suffix = hosts_options(args)
+    co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
+                     host_suffix=suffix)
+    co.sync_device()
+    server_peer = store.peer_by_ip(config.address)
+    if server_peer is not None:
+        store.set_candidates(server_peer.id, [format_endpoint(str(ip), config.listen_port)
+                                              for ip in local_addresses()])
+    co.tick()
+    httpd = ApiServer(co, config.address, config.listen_port, bind_device=iface)
+    threading.Thread(target=co.run_background, daemon=True).start()
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, stop)
+    log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
+    try:
+        httpd.serve_forever(poll_interval=0.5)
+    finally:
+        co.stop.set()
+        httpd.server_close()
+    return 0
+
+
+# -- client verbs ----------------------------------------------------------------
+
+def server_peer_update(cfg):
+    """The one peer a freshly brought-up client needs: the server."""
+    ep = resolve_endpoint(cfg.server_external_endpoint)
+    if ep is None:
+        raise InnernetError(f"cannot resolve the server's endpoint {cfg.server_external_endpoint}")
+    return PeerUpdate(cfg.server_public_key, endpoint=ep, keepalive=PERSISTENT_KEEPALIVE,
+                      allowed_ips=[host_prefix(cfg.server_ip)], name=SERVER_PEER_NAME,
+                      action="added")
+
+
+def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
+    """Poll until ``peer`` has a handshake newer than ``since``; True if it did.
+
+    WireGuard retries a lost handshake only every 5 s, so when none arrives the
+    peer is re-added (a fresh handshake state) and poked again, at growing
+    intervals: 0.1, 0.2, 0.4 ... s.
+    """
+    start = time.monotonic()
+    next_kick, step = start, 0.1
+    first = True
+    while time.monotonic() - start < timeout:
+        dp = backend.get(iface).peer(peer_update.public_key)
+        if dp is not None and dp.last_handshake > since:
+            return True
+        if time.monotonic() >= next_kick:
+            if not first:
+                backend.apply(iface, updates=[PeerUpdate(peer_update.public_key, remove=True),
+                                              peer_update])
+            first = False
+            trigger_packet(peer_ip)
+            next_kick, step = time.monotonic() + step, min(step * 2, 1.6)
+        time.sleep(0.005)
+    return False
+
+
+def cmd_install(args):
+    invite_path = args.invite
+    invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
+    if args.name:
+        iface = args.name
+    elif args.default_name or not _interactive():
+        iface = invite.network_name
+    else:
+        iface = ask(None, "--name", "interface name", default=invite.network_name)
+    iface = parse_interface(iface)
+    cfg_path = client_config_path(args, iface)
+    if os.path.exists(cfg_path):
+        raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
+                            hint="choose another --name, or 'innernet uninstall' it first")
+    backend_choice = opt(args, "backend", "auto")
+    if existing_backend(backend_choice, iface) is not None:
+        raise InnernetError(f"a WireGuard interface named {iface} already exists",
+                            hint="choose another --name")
+    ensure_dir(_dirs(args, False)[0])
+    ensure_dir(_dirs(args, False)[1])
+    started = time.monotonic()
+    server = server_peer_update(invite)
+    backend = bring_up(backend_choice, iface, private_key=invite.private_key,
+                       address=invite.address, listen_port=invite.listen_port, updates=[server],
+                       mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+    try:
+        if not wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
+            raise InnernetError(
+                f"no WireGuard handshake with the server at {invite.server_external_endpoint}",
+                hint="the invitation may be expired or already used, or the server is "
+                     "unreachable or not running")
+        new_key = generate_private_key()
+        api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
+        try:
+            api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
+        except InnernetError as e:
+            if e.status == 401:
+                raise InnernetError("the server refused the invitation",
+                                    hint="it has expired or was already redeemed; "
+                                         "ask for a new one") from None
+            raise
+        finally:
+            api.close()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            backend.delete(iface)
+        raise
+    cfg = dataclasses.replace(invite, private_key=new_key)
+    atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
+    since = time.time()
+    backend.apply(iface, private_key=new_key)
+    if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
+                              timeout=15):
+        warn("the new key has no handshake with the server yet; "
+             f"run 'innernet up {iface}' later")
+    else:
+        log(f"redeemed the invitation; handshake with the server after "
+            f"{time.monotonic() - started:.2f} s")
+        for attempt in range(3):
+            try:
+                fetch_interface(args, iface, allow_bring_up=True)
+                break
+            except InnernetError as e:
+                if attempt == 2:
+                    warn(f"first fetch failed: {e.message}; run 'innernet up {iface}'")
+                time.sleep(0.5)
+    if args.delete_invite:
+        with contextlib.suppress(OSError):
+            os.unlink(invite_path)
+    log(f"joined network {iface} as {invite.address.ip}")
+    print(f"to stay in sync: systemctl enable --now innernet@{iface}\n"
+          f"  (or: innernet up {iface} --daemon --interval {FETCH_INTERVAL})", file=sys.stderr)
+    return 0
+
+
+def report_candidates(args, api, cfg, own, listen_port):
+    """Tell the server our local addresses, when they differ from what it has."""
+    if getattr(args, "no_nat_candidates", False):
+        local = []
+    else:
+        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
+        local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
+                 for ip in local_addresses(exclude)]
+    have = set(own.candidates) if own else set()
+    if set(local) <= have and len(have) <= len(local) + 1:
+        return
+    try:
+        api.call("PUT", "/user/candidates", local)
+    except InnernetError as e:
+        if e.status == 404:
+            warn("the server is too old to accept NAT candidates")
+        else:
+            raise
+
+
+def fetch_interface(args, iface, *, allow_bring_up=False):
+    """One sync of a client interface with its server (spec §8.1)."""
+    cfg = load_client_config(args, iface)
+    choice = opt(args, "backend", "auto")
+    backend = existing_backend(choice, iface)
+    brought_up = False
+    if backend is None:
+        if not allow_bring_up:
+            raise InnernetError(f"interface {iface} is not up",
+                                hint=f"run 'innernet up {iface}' instead")
+        backend = bring_up(
+            choice, iface, private_key=cfg.private_key, address=cfg.address,
+            listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
+            mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+        brought_up = True
+    store_path = data_store_path(args, iface)
+    stored_peers, stored_cidrs = load_data_store(store_path)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        try:
+            state = api.call("GET", "/user/state")
+            if not isinstance(state, dict):
+                raise InnernetError("the server sent a malformed state")
+            peers = [Peer.from_json(p) for p in state.get("peers", [])]
+            cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
+            reachable = True
+        except InnernetError as e:
+            if not e.unreachable:
+                raise
+            if not stored_peers:
+                raise InnernetError(f"{e.message}, and there are no cached peers",
+                                    hint=e.hint) from None
+            warn(f"{e.message}; using {len(stored_peers)} cached peers")
+            peers, cidrs, reachable = stored_peers, stored_cidrs, False
+        if reachable:
+            merged = merge_pinned(stored_peers, peers)
+        else:
+            merged = stored_peers
+        for p in peers:
+            if p.ip in cfg.peer_endpoint_overrides:
+                p.endpoint = cfg.peer_endpoint_overrides[p.ip]
+        dev = backend.get(iface)
+        own_key = public_key(cfg.private_key)
+        updates = diff_peers(dev.peers, peers, own_key, time.time())
+        changes = [u for u in updates if u.touches_device]
+        if changes:
+            backend.apply(iface, updates=changes)
+            for u in changes:
+                log(f"peer {u.name or short_key(u.public_key)} was {u.action}")
+        else:
+            debug(f"{iface}: peers are already up to date")
+        hosts_path, suffix = hosts_options(args)
+        if hosts_path:
+            write_hosts_file(hosts_path, f"innernet {iface}",
+                             hosts_lines(peers, iface, suffix))
+        save_data_store(store_path, merged, cidrs)
+        if reachable:
+            own = next((p for p in peers if p.public_key == own_key), None)
+            report_candidates(args, api, cfg, own, dev.listen_port)
+    finally:
+        api.close()
+    return changes, brought_up
+
+
+def cmd_fetch(args):
+    ifaces = [parse_interface(args.interface)] if args.interface else installed_interfaces(args)
+    if not ifaces:
+        raise InnernetError("no networks are installed",
+                            hint="join one with 'innernet install INVITATION'")
+    failed = 0
+    for iface in ifaces:
+        try:
+            fetch_interface(args, iface)
+        except InnernetError as e:
+            if len(ifaces) == 1:
+                raise
+            failed += 1
+            _emit(f"{PROG}: error: {iface}: {e.message}")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_up(args):
+    ifaces = [parse_interface(args.interface)] if args.interface else installed_interfaces(args)
+    if not ifaces:
+        raise InnernetError("no networks are installed",
+                            hint="join one with 'innernet install INVITATION'")
+    while True:
+        for iface in ifaces:
+            try:
+                fetch_interface(args, iface, allow_bring_up=True)
+            except InnernetError as e:
+                if not args.daemon:
+                    raise
+                warn(f"{iface}: {e.message}")
+        if not args.daemon:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_down(args):
+    iface = parse_interface(args.interface)
+    if not bring_down(opt(args, "backend", "auto"), iface):
+        raise InnernetError(f"interface {iface} is not up")
+    log(f"interface {iface} is down")
+    return 0
+
+
+def _show_peer_lines(p, dp, me, now, verbose, override):
+    key = p.public_key if verbose else short_key(p.public_key)
+    lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
+    if dp is not None:
+        if dp.endpoint:
+            lines.append(f"    endpoint: {dp.endpoint}"
+                         + (" (endpoint overridden locally)" if override else ""))
+        if dp.last_handshake:
+            lines.append(f"    last handshake: {human_duration(now - dp.last_handshake)}")
+        if dp.rx_bytes or dp.tx_bytes:
+            lines.append(f"    transfer: {human_bytes(dp.rx_bytes)} received, "
+                         f"{human_bytes(dp.tx_bytes)} sent")
+    return lines
+
+
+def _short_peer(p, dp, me, now):
+    live = me or (dp is not None and recently_connected(dp, now))
+    return f"| {'◉' if live else '◯'} {p.ip}: {p.name}" + (" (you)" if me else "")
+
+
+def cmd_show(args):
+    choice = opt(args, "backend", "auto")
+    ifaces = [parse_interface(args.interface)] if getattr(args, "interface", None) \
+        else installed_interfaces(args)
+    now = time.time()
+    out, shown = [], 0
+    for iface in ifaces:
+        backend = existing_backend(choice, iface)
+        if backend is None:
+            if getattr(args, "interface", None):
+                raise InnernetError(f"interface {iface} is not up",
+                                    hint=f"run 'innernet up {iface}'")
+            continue
+        cfg = load_client_config(args, iface)
+        dev = backend.get(iface)
+        peers, cidrs = load_data_store(data_store_path(args, iface))
+        own_key = public_key(cfg.private_key)
+        by_key = {dp.public_key: dp for dp in dev.peers}
+        live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
+        live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
+        shown += 1
+        if getattr(args, "json", False):
+            out.append({"network": iface, "listen_port": dev.listen_port, "peers": [
+                dict(p.to_json(), you=p.public_key == own_key,
+                     device=dataclasses.asdict(by_key[p.public_key])
+                     if p.public_key in by_key else None) for p in live]})
+            continue
+        if args.tree:
+            by_cidr: Dict[int, List[str]] = {}
+            for p in live:
+                by_cidr.setdefault(p.cidr_id, []).append(
+                    _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
+            print(f"network: {iface} (:{dev.listen_port})")
+            print("\n".join("  " + line for line in cidr_tree_lines(cidrs, by_cidr)))
+        elif args.short:
+            print(f"{iface} (:{dev.listen_port})")
+            for p in live:
+                print("  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
+        else:
+            print(f"network: {iface}\n  listening port: {dev.listen_port}")
+            for p in live:
+                print()
+                print("\n".join(_show_peer_lines(
+                    p, by_key.get(p.public_key), p.public_key == own_key, now,
+                    _verbosity > 0, p.ip in cfg.peer_endpoint_overrides)))
+    if getattr(args, "json", False):
+        print_json(out)
+    elif not shown:
+        print("No innernet networks currently running.")
+    return 0
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+CLIENT_EPILOG = """examples:
+  innernet join invite.toml               redeem an invitation (alias of install)
+  innernet up evilcorp --daemon           bring up and keep in sync
+  innernet fetch                          sync every installed network (for cron)
+  innernet show --tree                    the CIDR tree with peers
+  innernet server new --network-name evilcorp --network-cidr 10.66.0.0/16 \\
+      --external-endpoint 198.51.100.1:51820 --listen-port 51820
+"""
+
+SERVER_EPILOG = """examples:
+  innernet-server new --network-name evilcorp --network-cidr 10.66.0.0/16 \\
+      --external-endpoint 198.51.100.1:51820 --listen-port 51820
+  innernet-server add-cidr evilcorp --name humans --cidr 10.66.1.0/24 --parent evilcorp --yes
+  innernet-server add-peer evilcorp --name alice --cidr humans --admin true --auto-ip \\
+      --save-config alice.toml --invite-expires 7d --yes
+  innernet-server serve evilcorp
+"""
+
+
+def _global_options(p, short):
+    """Options accepted before the verb and (long forms) after it too."""
+    S = argparse.SUPPRESS
+    p.add_argument(*(["-v"] if short else []), "--verbose", action="count", default=S,
+                   help="say more (repeat for more)")
+    p.add_argument(*(["-c"] if short else []), "--config-dir", metavar="DIR", default=S,
+                   help="configuration directory (default /etc/innernet, "
+                        "/etc/innernet-server for the server)")
+    p.add_argument(*(["-d"] if short else []), "--data-dir", metavar="DIR", default=S,
+                   help="data directory (default /var/lib/innernet, "
+                        "/var/lib/innernet-server for the server)")
+    p.add_argument("--backend", choices=("auto", "kernel", "userspace"), default=S,
+                   help="WireGuard backend: the kernel module, wireguard-go, or auto "
+                        "(kernel when it works; the default)")
+    p.add_argument("--mtu", type=int, metavar="N", default=S,
+                   help=f"interface MTU (default {DEFAULT_MTU})")
+    p.add_argument("--no-routing", action="store_true", default=S,
+                   help="do not add a route for the network to the interface")
+
+
+def _hosts_options(p, suffix=True):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--hosts-path", metavar="PATH",
+                   help=f"hosts file to keep peer names in (default {DEFAULT_HOSTS_PATH})")
+    g.add_argument("--no-write-hosts", action="store_true", help="do not touch the hosts file")
+    if suffix:
+        p.add_argument("--host-suffix", metavar="SUFFIX",
+                       help="name peers NAME.SUFFIX (default NAME.<interface>.wg; "
+                            "empty for bare names)")
+
+
+def _nat_options(p):
+    p.add_argument("--no-nat-traversal", action="store_true",
+                   help="do not try peers' NAT candidates")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exclude-nat-candidates", metavar="CIDR", action="append",
+                   help="do not report local addresses inside CIDR (repeatable)")
+    g.add_argument("--no-nat-candidates", action="store_true",
+                   help="report no local addresses to the server")
+
+
+def _verb(sub, name, func, role, help_text, aliases=()):
+    p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
+    _global_options(p, short=False)
+    p.set_defaults(func=func, role=role)
+    return p
+
+
+def _add_peer_options(p):
+    p.add_argument("interface", metavar="INTERFACE", help="the network")
+    p.add_argument("--name", help="the new peer's name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ip", help="the new peer's address")
+    g.add_argument("--auto-ip", action="store_true", help="use the first free address")
+    p.add_argument("--cidr", metavar="CIDR_NAME", help="the CIDR the peer belongs to")
+    p.add_argument("--admin", metavar="true|false", help="whether the peer is an admin")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--save-config", metavar="PATH",
+                   help="where to write the invitation (default NAME.toml)")
+    p.add_argument("--invite-expires", metavar="DURATION",
+                   help=f"invitation lifetime, e.g. 30m, 12h, 7d (default {DEFAULT_INVITE_EXPIRY})")
+
+
+def _add_shared_verbs(sub, role):
+    p = _verb(sub, "add-peer", cmd_add_peer, role, "Invite a new peer.")
+    _add_peer_options(p)
+    p = _verb(sub, "add-cidr", cmd_add_cidr, role, "Add a CIDR to the network's tree.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the CIDR's name")
+    p.add_argument("--cidr", help="the range, e.g. 10.66.1.0/24")
+    p.add_argument("--parent", metavar="NAME", help="the parent CIDR's name")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "add-association", cmd_add_association, role,
+              "Let the peers of two CIDRs see each other.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("cidr1", metavar="CIDR1", nargs="?")
+    p.add_argument("cidr2", metavar="CIDR2", nargs="?")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "list-associations", cmd_list_associations, role, "List associations.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _verb(sub, "list-cidrs", cmd_list_cidrs, role, "List the network's CIDRs.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("-t", "--tree", action="store_true", help="show the tree")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_server_verbs(sub):
+    p = _verb(sub, "new", cmd_server_new, "server", "Create a new network.", aliases=("init",))
+    p.add_argument("--network-name", metavar="NAME", help="name of the network (and interface)")
+    p.add_argument("--network-cidr", metavar="CIDR",
+                   help=f"the network's range (default {DEFAULT_NETWORK_CIDR})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--external-endpoint", metavar="HOST:PORT",
+                   help="where peers reach the server")
+    g.add_argument("--auto-external-endpoint", action="store_true",
+                   help="use this host's public address")
+    p.add_argument("--listen-port", metavar="PORT",
+                   help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+    p = _verb(sub, "serve", cmd_server_serve, "server", "Run the coordination server.")
+    p.add_argument("interface", metavar="INTERFACE")
+    _hosts_options(p)
+    _add_shared_verbs(sub, "server")
+
+
+def build_parser(server_mode=False):
+    prog = SERVER_PROG if server_mode else PROG
+    top = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("innernet.py coordination server." if server_mode else
+                     "innernet.py: a WireGuard mesh network you run yourself."),
+        epilog=SERVER_EPILOG if server_mode else CLIENT_EPILOG)
+    top.add_argument("-V", "--version", action="version",
+                     version=f"innernet.py {__version__}")
+    _global_options(top, short=True)
+    sub = top.add_subparsers(dest="verb", metavar="COMMAND")
+    if server_mode:
+        top.set_defaults(func=None, role="server")
+        _add_server_verbs(sub)
+        return top
+    top.set_defaults(func=cmd_show, role="client", interface=None, short=False, tree=False)
+    p = _verb(sub, "install", cmd_install, "client", "Join a network with an invitation.",
+              aliases=("join", "redeem"))
+    p.add_argument("invite", metavar="INVITATION", help="the invitation file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--name", help="interface name (default: ask, or the network's name)")
+    g.add_argument("--default-name", action="store_true",
+                   help="use the network's name from the invitation")
+    p.add_argument("-d", "--delete-invite", action="store_true",
+                   help="delete the invitation once redeemed")
+    _hosts_options(p)
+    _nat_options(p)
+    p = _verb(sub, "show", cmd_show, "client", "Show networks and peers.", aliases=("list",))
+    p.add_argument("interface", metavar="INTERFACE", nargs="?")
+    p.add_argument("-s", "--short", action="store_true", help="one line per peer")
+    p.add_argument("-t", "--tree", action="store_true", help="peers in the CIDR tree")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _verb(sub, "up", cmd_up, "client", "Bring networks up and sync them.")
+    p.add_argument("interface", metavar="INTERFACE", nargs="?",
+                   help="the network (default: every installed one)")
+    p.add_argument("-d", "--daemon", action="store_true", help="keep running, syncing")
+    p.add_argument("--interval", type=int, default=FETCH_INTERVAL, metavar="SECS",
+                   help=f"seconds between syncs with --daemon (default {FETCH_INTERVAL})")
+    _hosts_options(p)
+    _nat_options(p)
+    p = _verb(sub, "fetch", cmd_fetch, "client", "Sync networks that are up, once.")
+    p.add_argument("interface", metavar="INTERFACE", nargs="?",
+                   help="the network (default: every installed one)")
+    _hosts_options(p)
+    _nat_options(p)
+    p = _verb(sub, "down", cmd_down, "client", "Delete a network's WireGuard interface.")
+    p.add_argument("interface", metavar="INTERFACE")
+    _add_shared_verbs(sub, "client")
+    p = sub.add_parser("server", help="Server verbs (as innernet-server).",
+                       description="Server verbs; the same as running innernet-server.",
+                       epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_options(p, short=False)
+    p.set_defaults(func=None, role="server")
+    _add_server_verbs(p.add_subparsers(dest="server_verb", metavar="COMMAND"))
+    return top
+
+
+def main(argv=None):
+    """Parse, run one verb, turn InnernetError into a message and an exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
+    parser = build_parser(server_mode)
+    prog = SERVER_PROG if server_mode else PROG
+    args = parser.parse_args(argv)
+    set_verbosity(getattr(args, "verbose", 0) or 0)
+    if args.func is None:
+        parser.parse_args(argv + ["--help"])
+    try:
+        return args.func(args) or 0
+    except InnernetError as e:
+        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    except PermissionError as e:
+        print(f"{prog}: error: permission denied: {e.filename or e}", file=sys.stderr)
+        print("hint: are you running as root?", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

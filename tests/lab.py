@@ -1,0 +1,248 @@
+"""A small lab of hosts in network namespaces, for end-to-end tests and the demo.
+
+Every host is a namespace named ``<prefix>-<name>`` joined to a bridge in a
+``<prefix>-hub`` namespace over a veth pair, with an underlay address from
+198.18.0.0/15. Nothing is configured in the root namespace. The lab records
+every namespace and process it makes and removes exactly those on close():
+processes by PID, namespaces by name.
+
+WireGuard's userspace sockets live in /var/run/wireguard, which all
+namespaces share, so interface names carry the lab's random prefix.
+"""
+
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def have_lab_tools():
+    """(ok, reason): root, ip and wireguard-go are what the lab needs."""
+    if os.geteuid() != 0:
+        return False, "needs root (network namespaces)"
+    for tool in ("ip", "wireguard-go"):
+        if not any(os.access(os.path.join(d, tool), os.X_OK)
+                   for d in os.environ.get("PATH", "").split(":") + ["/usr/sbin", "/sbin"]):
+            return False, f"needs {tool}"
+    return True, ""
+
+
+class Host:
+    def __init__(self, lab, name, ns, underlay):
+        self.lab, self.name, self.ns, self.underlay = lab, name, ns, underlay
+        self.dir = os.path.join(lab.tmp, name)
+        os.makedirs(self.dir, mode=0o700)
+        self.hosts_path = os.path.join(self.dir, "hosts")
+        self.procs = []
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def exec(self, argv, *, check=True, timeout=60, input=None):
+        """Run argv inside this host's namespace; CompletedProcess with text."""
+        proc = subprocess.run(["ip", "netns", "exec", self.ns] + list(argv),
+                              capture_output=True, text=True, timeout=timeout, input=input)
+        self.lab.record(self.name, argv, proc)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"[{self.name}] {shlex.join(argv)} exited {proc.returncode}\n"
+                                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def innernet_argv(self, *args, server=False):
+        """Global options first (innernet's rule), then the verb."""
+        base, verb = self.lab.innernet_cmd(server)
+        d = "server" if server else "client"
+        return base + ["-c", self.path(d, "etc"), "-d", self.path(d, "lib")] + verb + list(args)
+
+    def innernet(self, *args, check=True, timeout=60, server=False):
+        return self.exec(self.innernet_argv(*args, server=server), check=check, timeout=timeout)
+
+    def server(self, *args, **kw):
+        return self.innernet(*args, server=True, **kw)
+
+    def spawn_innernet(self, log_name, *args, server=False):
+        return self.spawn(self.innernet_argv(*args, server=server), log_name)
+
+    def spawn(self, argv, log_name):
+        """Start a background process in the namespace; its PID is recorded."""
+        log = open(self.path(log_name), "wb")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns] + list(argv),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.lab.procs.append(proc)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, log_name):
+        with open(self.path(log_name), errors="replace") as f:
+            return f.read()
+
+    def python(self, code, *args, timeout=30, check=True):
+        return self.exec([sys.executable, "-c", code] + [str(a) for a in args],
+                         timeout=timeout, check=check)
+
+
+class Lab:
+    """Namespaces on a bridge, cleaned up by exact name and PID."""
+
+    def __init__(self, innernet_cmd=None, server_cmd=None):
+        self.prefix = "i" + secrets.token_hex(2)        # short: names <= 15 chars
+        self.tmp = tempfile.mkdtemp(prefix=f"innernet-lab-{self.prefix}-")
+        self.namespaces = []
+        self.procs = []
+        self.hosts = {}
+        self.history = []
+        # (program, words before the verb): `innernet.pyz server new` or
+        # `innernet-server new`.
+        self._innernet = innernet_cmd or [sys.executable, os.path.join(ROOT, "innernet.py")]
+        self._server = (server_cmd, []) if server_cmd else (self._innernet, ["server"])
+        self.hub = f"{self.prefix}-hub"
+        self._netns_add(self.hub)
+        self._ip(self.hub, "link", "add", "br0", "type", "bridge")
+        self._ip(self.hub, "link", "set", "br0", "up")
+        self._count = 0
+
+    def innernet_cmd(self, server):
+        prog, verb = self._server if server else (self._innernet, [])
+        return list(prog), list(verb)
+
+    def ifname(self, tag):
+        name = f"{self.prefix}{tag}"
+        assert len(name) <= 15, name
+        return name
+
+    def record(self, host, argv, proc):
+        self.history.append((host, argv, proc.returncode))
+
+    def _netns_add(self, ns):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.namespaces.append(ns)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+
+    def _ip(self, ns, *args):
+        subprocess.run(["ip", "-n", ns] + list(args), check=True, capture_output=True)
+
+    def add_host(self, name, underlay=None, *, bridge_ns=None, bridge="br0"):
+        """A host on the lab's bridge (or on ``bridge`` in ``bridge_ns``)."""
+        self._count += 1
+        ns = f"{self.prefix}-{name}"
+        self._netns_add(ns)
+        bridge_ns = bridge_ns or self.hub
+        veth = f"v{self.prefix[1:]}{self._count}"
+        self._ip(bridge_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                 "netns", ns)
+        self._ip(bridge_ns, "link", "set", veth, "master", bridge, "up")
+        if underlay is None:
+            underlay = f"198.18.0.{self._count}/24"
+        self._ip(ns, "addr", "add", underlay, "dev", "eth0")
+        self._ip(ns, "link", "set", "eth0", "up")
+        host = Host(self, name, ns, underlay.split("/")[0])
+        self.hosts[name] = host
+        return host
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        # What is left in our namespaces (wireguard-go daemons, by PID), then
+        # the namespaces themselves, by name.
+        for ns in reversed(self.namespaces):
+            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in out.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        deadline = time.monotonic() + 5
+        for ns in reversed(self.namespaces):
+            while time.monotonic() < deadline:
+                out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+                if not out.stdout.split():
+                    break
+                time.sleep(0.05)
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces = []
+        subprocess.run(["rm", "-rf", self.tmp])
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:       # e.g. a command that fails until ready
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+TCP_PROBE = r"""
+import socket, sys
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.sendall(b"ping\n")
+    s.settimeout(timeout)
+    print(s.recv(100).decode().strip())
+except OSError as e:
+    print("FAIL", e)
+    sys.exit(1)
+"""
+
+TCP_ECHO = r"""
+import socket, sys, threading
+addr, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port)); srv.listen(16)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        data = b""
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if data.endswith(b"\n"):
+                break
+        c.sendall(b"pong %d from %s\n" % (len(data), addr.encode()))
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def tcp_reach(host, ip, port=7000, timeout=2.0):
+    """True if ``host`` gets an answer from the echo server at ip:port."""
+    proc = host.python(TCP_PROBE, ip, port, timeout, timeout=timeout + 10, check=False)
+    return proc.returncode == 0 and proc.stdout.startswith("pong")
+
+
+def start_echo(host, ip, port=7000):
+    proc = host.spawn([sys.executable, "-c", TCP_ECHO, ip, str(port)], f"echo-{port}.log")
+    wait_for(lambda: "listening" in host.log(f"echo-{port}.log"), 10, f"echo on {host.name}")
+    return proc
