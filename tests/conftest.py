@@ -1,0 +1,22 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "netns: needs root, network namespaces and wireguard-go")
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory):
+    """innernet.pyz built from this checkout, as a user builds it."""
+    out = tmp_path_factory.mktemp("build") / "innernet.pyz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", str(out)],
+                   check=True, capture_output=True)
+    return str(out)

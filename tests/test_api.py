@@ -1,0 +1,332 @@
+"""The HTTP API, against innernet's server test fixture (spec §10.1, §10.2).
+
+The Coordinator is driven without a WireGuard device (backend=None): these
+tests cover routing, roles, validation and JSON shapes. The end-to-end tests
+drive the same API over real tunnels.
+"""
+import http.client
+import json
+import threading
+import time
+
+import pytest
+
+import innernet
+from innernet import ApiServer, Cidr, Coordinator, Peer, ServerConfig, Store
+
+ENDPOINTS = {"developer1": "169.10.26.8:14720", "developer2": "169.55.140.9:5833"}
+IPS = {"innernet-server": "10.80.0.1", "admin": "10.80.1.1", "developer1": "10.80.64.2",
+       "developer2": "10.80.64.3", "user1": "10.80.128.2", "user2": "10.80.129.2"}
+
+
+def key():
+    return innernet.public_key(innernet.generate_private_key())
+
+
+@pytest.fixture
+def co(tmp_path):
+    server_key = innernet.generate_private_key()
+    store = Store(str(tmp_path / "test.db"), create=True)
+    store.create_network("test", innernet.parse_network("10.80.0.0/15"),
+                         innernet.parse_ip("10.80.0.1"), innernet.public_key(server_key),
+                         "155.155.155.155:54321")
+    for name, cidr in (("admin", "10.80.1.0/24"), ("developer", "10.80.64.0/24"),
+                       ("user", "10.80.128.0/17")):
+        store.add_cidr(Cidr(None, name, cidr, 1))
+    for name, cidr_id in (("admin", 3), ("developer1", 4), ("developer2", 4), ("user1", 5),
+                          ("user2", 5)):
+        store.add_peer(Peer(None, name, IPS[name], cidr_id, key(), is_admin=name == "admin",
+                            is_redeemed=True))
+    c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
+    for p in store.peers():
+        if p.name in ENDPOINTS:
+            c.observed[p.public_key] = ENDPOINTS[p.name]
+    return c
+
+
+def call(co, method, path, who="admin", body=None, *, ip=None, headers=None, raw=None):
+    hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
+    hdrs.update(headers or {})
+    hdrs = {k: v for k, v in hdrs.items() if v is not None}
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    err = None if data is not None else "missing Content-Length header"
+    resp = co.handle(method, path, hdrs, ip or IPS[who], data, err)
+    payload = resp.raw if resp.raw is not None else (
+        None if resp.body is None else json.dumps(resp.body).encode())
+    return resp.status, (json.loads(payload) if payload else None)
+
+
+def peer_contents(name, ip, cidr_id, **kw):
+    """A PeerContents body as innernet's client sends it."""
+    d = {"name": name, "ip": ip, "cidr_id": cidr_id, "public_key": key(), "endpoint": None,
+         "persistent_keepalive_interval": None, "is_admin": False, "is_disabled": False,
+         "is_redeemed": False, "invite_expires": None, "candidates": []}
+    d.update(kw)
+    return d
+
+
+# -- authentication (tests 2-4, 29) -------------------------------------------
+
+def test_proxy_headers_never_grant_identity(co):
+    for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
+        assert call(co, "GET", "/v1/admin/peers", ip="10.99.9.9",
+                    headers={h: IPS["admin"]})[0] == 401
+
+
+@pytest.mark.parametrize("value", [None, "!!!", "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8="])
+def test_missing_or_wrong_server_key(co, value):
+    status, body = call(co, "GET", "/v1/user/state", "developer1",
+                        headers={innernet.SERVER_KEY_HEADER: value})
+    assert status == 401 and "error" in body
+
+
+def test_unknown_ip_gets_401_and_bad_paths_404(co):
+    assert call(co, "GET", "/v1/user/state", ip="10.80.64.99")[0] == 401
+    assert call(co, "GET", "/v2/user/state", ip="10.80.64.99")[0] == 404
+    assert call(co, "GET", "/v1/nope/state")[0] == 404
+    assert call(co, "GET", "/v1/user/nothing")[0] == 404
+    assert call(co, "DELETE", "/v1/admin/peers/abc")[0] == 404
+    assert call(co, "PATCH", "/v1/admin/peers/3")[0] == 404
+
+
+# -- associations and CIDRs (tests 5-13) ---------------------------------------
+
+def test_associations(co):
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 1, "cidr_id_2": 2}) \
+        == (201, None)
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 1, "cidr_id_2": 2})[0] == 400
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 2, "cidr_id_2": 1})[0] == 400
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 3, "cidr_id_2": 6})[0] == 400
+    assert call(co, "POST", "/v1/admin/cidrs",
+                body={"name": "experimental", "cidr": "10.81.0.0/16", "parent": 1})[0] == 201
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 3, "cidr_id_2": 6})[0] == 201
+    status, assocs = call(co, "GET", "/v1/admin/associations")
+    assert status == 200 and assocs == [{"id": 1, "cidr_id_1": 1, "cidr_id_2": 2},
+                                        {"id": 2, "cidr_id_1": 3, "cidr_id_2": 6}]
+    assert call(co, "DELETE", "/v1/admin/associations/2")[0] == 204
+    assert call(co, "DELETE", "/v1/admin/associations/99")[0] == 204
+
+
+def test_create_cidr(co):
+    body = {"name": "experimental", "cidr": "10.81.0.0/16", "parent": 1}
+    status, created = call(co, "POST", "/v1/admin/cidrs", body=body)
+    assert status == 201 and {k: created[k] for k in body} == body and created["id"] == 6
+    assert len(call(co, "GET", "/v1/admin/cidrs")[1]) == 6
+    assert call(co, "POST", "/v1/admin/cidrs",
+                body={"name": "experimental", "cidr": "10.81.0.0/17", "parent": 6})[0] == 400
+    assert call(co, "POST", "/v1/admin/cidrs", "user1",
+                body={"name": "x", "cidr": "10.82.0.0/16", "parent": 1})[0] == 401
+    assert call(co, "POST", "/v1/admin/cidrs",
+                body={"name": "sub", "cidr": "10.81.0.0/17", "parent": 1})[0] == 400
+    assert call(co, "POST", "/v1/admin/cidrs",
+                body={"name": "overlap", "cidr": "10.80.1.0/21", "parent": 1})[0] == 400
+    assert len(call(co, "GET", "/v1/admin/cidrs")[1]) == 6
+
+
+def test_delete_cidrs(co):
+    call(co, "POST", "/v1/admin/cidrs", body={"name": "e", "cidr": "10.81.0.0/16", "parent": 1})
+    call(co, "POST", "/v1/admin/cidrs", body={"name": "es", "cidr": "10.81.0.0/17", "parent": 6})
+    assert call(co, "DELETE", "/v1/admin/cidrs/6")[0] == 400
+    assert call(co, "DELETE", "/v1/admin/cidrs/7")[0] == 204
+    assert call(co, "DELETE", "/v1/admin/cidrs/6")[0] == 204
+    assert call(co, "DELETE", "/v1/admin/cidrs/4")[0] == 400      # holds peers
+    assert call(co, "DELETE", "/v1/admin/cidrs/99")[0] == 204
+
+
+def test_rename_cidr(co):
+    assert call(co, "PUT", "/v1/admin/cidrs/4",
+                body={"name": "devs", "cidr": "10.80.64.0/24", "parent": 1})[0] == 204
+    assert co.store.cidrs()[3].name == "devs"
+    assert call(co, "PUT", "/v1/admin/cidrs/4",
+                body={"name": "user", "cidr": "10.80.64.0/24", "parent": 1})[0] == 400
+    assert call(co, "PUT", "/v1/admin/cidrs/99",
+                body={"name": "zz", "cidr": "10.80.64.0/24", "parent": 1})[0] == 404
+
+
+# -- peers (tests 14-26) ---------------------------------------------------------
+
+def test_admin_adds_peer(co):
+    body = peer_contents("developer3", "10.80.64.4", 4)
+    status, created = call(co, "POST", "/v1/admin/peers", body=body)
+    assert status == 201
+    assert {k: created[k] for k in body if k != "persistent_keepalive_interval"} == \
+        {k: v for k, v in body.items() if k != "persistent_keepalive_interval"}
+    assert created["id"] == 7 and len(co.store.peers()) == 7
+
+
+@pytest.mark.parametrize("name,ip", [("has space", "10.80.64.4"), ("developer1", "10.80.64.4"),
+                                     ("developer3", "10.80.64.2"), ("developer3", "10.80.65.4"),
+                                     ("developer3", "10.80.64.0"), ("developer3", "10.80.64.255")])
+def test_bad_peers_are_refused(co, name, ip):
+    assert call(co, "POST", "/v1/admin/peers", body=peer_contents(name, ip, 4))[0] == 400
+    assert len(co.store.peers()) == 6
+
+
+def test_non_admin_cannot_use_admin_routes(co):
+    for method, path, body in (("POST", "/v1/admin/peers", peer_contents("x", "10.80.64.9", 4)),
+                               ("PUT", "/v1/admin/peers/3", peer_contents("x", "10.80.64.2", 4)),
+                               ("GET", "/v1/admin/peers", None),
+                               ("DELETE", "/v1/admin/peers/5", None)):
+        assert call(co, method, path, "developer1", body=body)[0] == 401
+    assert [p.name for p in co.store.peers() if not p.is_disabled] == list(IPS)
+
+
+def test_admin_renames_lists_and_disables(co):
+    assert call(co, "PUT", "/v1/admin/peers/3",
+                body=peer_contents("dev-one", "10.80.64.2", 4, is_redeemed=True))[0] == 204
+    assert co.store.peer(3).name == "dev-one"
+    status, peers = call(co, "GET", "/v1/admin/peers")
+    assert status == 200 and [p["name"] for p in peers] == \
+        ["innernet-server", "admin", "dev-one", "developer2", "user1", "user2"]
+    assert peers[2]["endpoint"] == "169.10.26.8:14720" and peers[2]["persistent_keepalive_interval"] == 25
+    assert call(co, "DELETE", "/v1/admin/peers/5")[0] == 204
+    assert co.store.peer(5).is_disabled and len(co.store.peers()) == 6
+    assert call(co, "DELETE", "/v1/admin/peers/99")[0] == 404
+    assert call(co, "GET", "/v1/user/state", "user1")[0] == 401       # disabled peer
+
+
+# -- user routes (tests 27-34) ---------------------------------------------------
+
+def test_state_is_visibility_plus_all_cidrs(co):
+    status, state = call(co, "GET", "/v1/user/state", "developer1")
+    assert status == 200
+    assert {p["name"] for p in state["peers"]} == {"developer1", "developer2", "innernet-server"}
+    assert len(state["cidrs"]) == 5
+    p = next(p for p in state["peers"] if p["name"] == "developer2")
+    assert list(p) == ["id", "name", "ip", "cidr_id", "public_key", "endpoint",
+                       "persistent_keepalive_interval", "is_admin", "is_disabled",
+                       "is_redeemed", "invite_expires", "candidates"]
+    assert p["endpoint"] == "169.55.140.9:5833" and p["invite_expires"] is None
+
+
+def test_state_etag_and_304(co):
+    hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
+    first = co.handle("GET", "/v1/user/state", hdrs, IPS["developer1"])
+    etag = first.headers["ETag"]
+    again = co.handle("GET", "/v1/user/state", dict(hdrs, **{"If-None-Match": etag}),
+                      IPS["developer1"])
+    assert again.status == 304 and again.raw is None and again.body is None
+    call(co, "POST", "/v1/admin/peers", body=peer_contents("developer3", "10.80.64.4", 4,
+                                                           is_redeemed=True))
+    changed = co.handle("GET", "/v1/user/state", dict(hdrs, **{"If-None-Match": etag}),
+                        IPS["developer1"])
+    assert changed.status == 200 and changed.headers["ETag"] != etag
+
+
+def test_endpoint_override(co):
+    set_ = {"option": "Set", "content": "1.2.3.4:51820"}
+    assert call(co, "PUT", "/v1/user/endpoint", "developer1", body=set_)[0] == 204
+    assert co.store.peer(3).endpoint == "1.2.3.4:51820"
+    assert call(co, "PUT", "/v1/user/endpoint", "developer1", body={"option": "Unset"})[0] == 204
+    assert co.store.peer(3).endpoint is None
+    assert call(co, "PUT", "/v1/user/endpoint", "developer1", body="endpoint=blah")[0] == 400
+    assert call(co, "GET", "/v1/user/capabilities", "developer1") == \
+        (200, {"unspecified_ip_in_override_endpoint": True})
+
+
+def test_candidates_and_injection(co):
+    assert call(co, "PUT", "/v1/user/candidates", "developer1", body=["1.1.1.1:51820"])[0] == 204
+    assert co.store.peer(3).candidates == ["1.1.1.1:51820"]
+    dev1 = lambda: next(p for p in call(co, "GET", "/v1/user/state", "developer2")[1]["peers"]
+                        if p["name"] == "developer1")
+    assert dev1()["endpoint"] == "169.10.26.8:14720" and dev1()["candidates"] == ["1.1.1.1:51820"]
+    call(co, "PUT", "/v1/user/endpoint", "developer1",
+         body={"option": "Set", "content": "1.2.3.4:51820"})
+    assert dev1()["endpoint"] == "1.2.3.4:51820"
+    assert sorted(dev1()["candidates"]) == ["1.1.1.1:51820", "169.10.26.8:14720"]
+    call(co, "PUT", "/v1/user/endpoint", "developer1",
+         body={"option": "Set", "content": "0.0.0.0:40000"})
+    assert dev1()["endpoint"] == "169.10.26.8:40000"
+    assert call(co, "PUT", "/v1/user/candidates", "developer1",
+                body=[f"1.1.1.{i}:1" for i in range(11)])[0] == 413
+    assert call(co, "PUT", "/v1/user/candidates", "developer1", body=["nonsense"])[0] == 400
+
+
+def test_redeem_flow(co):
+    invite = innernet.generate_private_key()
+    body = peer_contents("newbie", "10.80.64.9", 4, public_key=innernet.public_key(invite),
+                         invite_expires={"secs_since_epoch": int(time.time()) + 100,
+                                         "nanos_since_epoch": 0})
+    assert call(co, "POST", "/v1/admin/peers", body=body)[0] == 201
+    assert call(co, "GET", "/v1/user/state", ip="10.80.64.9")[0] == 401
+    assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9",
+                body={"public_key": "not-a-key"})[0] == 400
+    assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body={"public_key": key()})[0] == 204
+    assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body={"public_key": key()})[0] == 401
+    assert call(co, "GET", "/v1/user/state", ip="10.80.64.9")[0] == 200
+
+
+def test_expired_invitation(co):
+    body = peer_contents("late", "10.80.64.9", 4,
+                         invite_expires={"secs_since_epoch": int(time.time()) - 1,
+                                         "nanos_since_epoch": 0})
+    assert call(co, "POST", "/v1/admin/peers", body=body)[0] == 201
+    assert call(co, "GET", "/v1/user/state", ip="10.80.64.9")[0] == 401
+    assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body={"public_key": key()})[0] == 401
+
+
+# -- bodies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"{", b"\xff\xfe", b"[" * 100000, b'{"name": 5}', b"null",
+                                 b'{"name":"x","cidr":"10.81.0.0/16","parent":1e999}'])
+def test_bad_bodies_are_400(co, raw):
+    status, body = call(co, "POST", "/v1/admin/cidrs", raw=raw)
+    assert status == 400 and body["error"]
+
+
+def test_body_errors_from_the_transport_are_400(co):
+    hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
+    resp = co.handle("POST", "/v1/admin/cidrs", hdrs, IPS["admin"], None,
+                     "request body is larger than 16384 bytes")
+    assert resp.status == 400 and "16384" in resp.body["error"]
+
+
+# -- real HTTP on loopback ---------------------------------------------------------
+
+def test_http_round_trip_on_loopback(tmp_path):
+    server_key = innernet.generate_private_key()
+    store = Store(str(tmp_path / "lo.db"), create=True)
+    store.create_network("lo", innernet.parse_network("127.0.0.0/8"),
+                         innernet.parse_ip("127.0.0.1"), innernet.public_key(server_key), "127.0.0.1:1")
+    store.add_cidr(Cidr(None, "humans", "127.1.0.0/16", 1))
+    store.add_peer(Peer(None, "me", "127.1.0.1", 3, key(), is_admin=True, is_redeemed=True))
+    co = Coordinator(store, ServerConfig(server_key, 0, "127.0.0.1", 8), "lo")
+    httpd = ApiServer(co, "127.0.0.1", 0)
+    port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=("127.1.0.1", 0))
+        hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
+        for _ in range(3):                               # keep-alive: one connection
+            conn.request("GET", "/v1/user/state", headers=hdrs)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == 200 and r.getheader("Content-Type") == "application/json"
+            assert {p["name"] for p in body["peers"]} == {"me", "innernet-server"}
+        conn.request("POST", "/v1/admin/cidrs", body=b"x" * 20000, headers=hdrs)
+        r = conn.getresponse()
+        assert r.status == 400 and b"16384" in r.read()
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=("127.1.0.1", 0))
+        conn.putrequest("POST", "/v1/admin/cidrs")
+        conn.putheader(innernet.SERVER_KEY_HEADER, co.public_key)
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 400 and b"Content-Length" in r.read()
+        conn.close()
+        # The real client against the real server: 401 for the wrong server key.
+        assert innernet.ApiClient(f"127.0.0.1:{port}", co.public_key).call(
+            "GET", "/user/capabilities") == {"unspecified_ip_in_override_endpoint": True}
+        api = innernet.ApiClient(f"127.0.0.1:{port}", key())
+        with pytest.raises(innernet.InnernetError) as e:
+            api.call("GET", "/user/state")
+        assert e.value.status == 401 and not e.value.unreachable
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=2)
+    with pytest.raises(innernet.InnernetError) as e:
+        api.call("GET", "/user/state")
+    assert e.value.unreachable

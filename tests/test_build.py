@@ -1,0 +1,78 @@
+"""The artifact: innernet.pyz as users run it, with a bare Python."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
+    else [sys.executable, "-S", "-I"]
+
+
+def run(pyz, *args, **kw):
+    return subprocess.run(BARE + [pyz] + list(args), capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def test_help_and_version_with_bare_python(pyz):
+    r = run(pyz, "--help")
+    assert r.returncode == 0 and "install (join, redeem)" in r.stdout
+    r = run(pyz, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("innernet.py ")
+    r = run(pyz, "server", "--help")
+    assert r.returncode == 0 and "serve" in r.stdout
+
+
+def test_exit_code_of_failing_command_propagates(pyz, tmp_path):
+    r = run(pyz, "-c", str(tmp_path), "fetch")
+    assert r.returncode == 1 and r.stderr.startswith("innernet: error: no networks")
+    r = run(pyz, "--no-such-flag")
+    assert r.returncode == 2
+
+
+def test_server_verbs_without_pynacl_or_pyroute2_installed(pyz, tmp_path):
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert run(pyz, *base, "new", "--network-name", "n", "--network-cidr", "10.7.0.0/16",
+               "--external-endpoint", "198.18.0.1:51820", "--listen-port", "51820").returncode == 0
+    assert run(pyz, *base, "add-cidr", "n", "--name", "c", "--cidr", "10.7.1.0/24",
+               "--parent", "n", "--yes").returncode == 0
+    r = run(pyz, *base, "add-peer", "n", "--name", "p", "--cidr", "c", "--auto-ip", "--admin",
+            "false", "--invite-expires", "1d", "--save-config", str(tmp_path / "p.toml"), "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.toml").exists()
+
+
+def test_invoked_through_a_symlink_named_innernet_server(pyz, tmp_path):
+    link = tmp_path / "innernet-server"
+    link.symlink_to(pyz)
+    r = subprocess.run(BARE + [str(link), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("usage: innernet-server")
+
+
+def test_archive_contents(pyz):
+    with zipfile.ZipFile(pyz) as z:
+        names = set(z.namelist())
+    assert {"__main__.py", "innernet.py", "innernet.pyc", "pyroute2/__init__.py",
+            "pyroute2/iproute/linux.py"} <= names
+    assert not any(n.endswith((".so", ".pyd")) for n in names)
+    assert not any("__pycache__" in n for n in names)
+    with open(pyz, "rb") as f:
+        assert f.readline() == b"#!/usr/bin/env python3\n"
+    assert os.access(pyz, os.X_OK)
+
+
+def test_build_is_reproducible(pyz, tmp_path):
+    other = tmp_path / "again.pyz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", str(other)],
+                   check=True, capture_output=True)
+    with open(pyz, "rb") as a, open(other, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_vendored_pyroute2_imports_from_the_archive(pyz):
+    code = ("import sys; sys.path.insert(0, %r); from pyroute2.iproute import IPRoute; "
+            "import pyroute2; print(pyroute2.__file__)" % pyz)
+    r = subprocess.run(BARE + ["-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and pyz in r.stdout, r.stderr

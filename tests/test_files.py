@@ -1,0 +1,179 @@
+"""File formats: TOML subset, invitation/config/server config, data store, hosts."""
+import ipaddress
+import os
+import re
+
+import pytest
+
+import innernet
+from innernet import (InnernetError, InterfaceConfig, Peer, Cidr, ServerConfig,
+                      atomic_write, toml_dumps, toml_loads, update_hosts_text, hosts_lines)
+
+INVITE = """# comment header
+[interface]
+network-name = "evilcorp"
+address = "10.66.2.1/16"
+private-key = "SGb+ojrRNDuMePufwtIYhXzA//k6wF3R21tEBgKlzlM="
+
+[server]
+public-key = "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8="
+external-endpoint = "vpn.Example.com:51820"
+internal-endpoint = "10.66.0.1:51820"
+"""
+
+
+def test_invitation_parses_as_innernet_writes_it():
+    cfg = InterfaceConfig.from_toml(INVITE, "invite.toml")
+    assert cfg.network_name == "evilcorp"
+    assert cfg.address == ipaddress.ip_interface("10.66.2.1/16")
+    assert cfg.listen_port is None
+    assert cfg.server_external_endpoint == "vpn.example.com:51820"
+    assert str(cfg.server_ip) == "10.66.0.1"
+
+
+def test_config_round_trip_with_overrides():
+    cfg = InterfaceConfig.from_toml(INVITE, "x")
+    cfg.listen_port = 51821
+    cfg.peer_endpoint_overrides = {"10.66.2.7": "198.51.100.9:40000"}
+    text = cfg.to_toml(innernet.INVITATION_HEADER)
+    assert text.startswith("# This is an innernet invitation")
+    assert '"10.66.2.7" = "198.51.100.9:40000"' in text
+    assert InterfaceConfig.from_toml(text, "x") == cfg
+
+
+def test_server_config_round_trip():
+    sc = ServerConfig(innernet.generate_private_key(), 51820, "10.66.0.1", 16)
+    assert ServerConfig.from_toml(sc.to_toml(), "s") == sc
+    assert str(sc.interface) == "10.66.0.1/16"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[interface]\n", "needs an [interface] and a [server]"),
+    (INVITE.replace('address = "10.66.2.1/16"', 'address = "nope"'), "address"),
+    (INVITE.replace("SGb+oj", "SGb"), "private-key"),
+    (INVITE.replace("[server]", "listen-port = 99999\n[server]"), "listen-port"),
+    (INVITE.replace('internal-endpoint = "10.66.0.1:51820"', 'internal-endpoint = "h:1"'),
+     "IP:PORT"),
+    (INVITE + "bogus = 1\n", "unknown key"),
+    (INVITE.replace("[server]", "[server]\n[server]"), "defined twice"),
+    ('[interface]\nnetwork-name = "unterminated\n', "unterminated"),
+    ("[interface\n", "bad table header"),
+    ("x = 1979-05-27\n", "unexpected text"),
+    ("\x00\x01garbage", "bad key"),
+])
+def test_bad_config_files_give_one_clear_error(text, message):
+    with pytest.raises(InnernetError, match=re.escape(message)):
+        InterfaceConfig.from_toml(text, "f.toml")
+
+
+def test_toml_values():
+    data = toml_loads('a = "x\\ty\\u00e9"\nb = -12\nc = true\n"d e" = [1, "two"]  # c\n'
+                      "f = 'lit\\eral'\n[t]\ng = 1_000\n", "t")
+    assert data == {"a": "x\tyé", "b": -12, "c": True, "d e": [1, "two"], "f": "lit\\eral",
+                    "t": {"g": 1000}}
+    assert toml_loads(toml_dumps(data), "t") == data
+
+
+def test_data_store_round_trip(tmp_path):
+    peers = [Peer(1, "innernet-server", "10.66.0.1", 2, innernet.public_key(
+        innernet.generate_private_key()), "172.18.1.1:51820", 25, True, False, True, None,
+        ["172.18.1.1:51820"]),
+        Peer(2, "a", "10.66.1.1", 3, innernet.public_key(innernet.generate_private_key()),
+             invite_expires=1700000000)]
+    cidrs = [Cidr(1, "evilcorp", "10.66.0.0/16", None), Cidr(3, "humans", "10.66.1.0/24", 1)]
+    path = str(tmp_path / "evilcorp.json")
+    assert innernet.save_data_store(path, peers, cidrs)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert innernet.load_data_store(path) == (peers, cidrs)
+    assert not innernet.save_data_store(path, peers, cidrs)      # unchanged: no write
+    text = open(path).read()
+    assert '"version": "1"' in text and '"secs_since_epoch": 1700000000' in text
+
+
+def test_damaged_data_store_is_treated_as_empty(tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text('{"version": "1", "peers": [{"id": "x"}]}')
+    assert innernet.load_data_store(str(path)) == ([], [])
+    assert "empty cache" in capsys.readouterr().err
+
+
+def test_atomic_write_modes_and_exclusive(tmp_path):
+    p = str(tmp_path / "secret")
+    atomic_write(p, "a", 0o600)
+    assert open(p).read() == "a" and os.stat(p).st_mode & 0o777 == 0o600
+    atomic_write(p, "b", 0o600)
+    assert open(p).read() == "b"
+    with pytest.raises(InnernetError, match="already exists"):
+        atomic_write(p, "c", 0o600, exclusive=True)
+    assert open(p).read() == "b"
+    assert os.listdir(tmp_path) == ["secret"]            # no temporary left behind
+
+
+# -- hosts (spec §8.3, innernet tests 41-42) --------------------------------------
+
+def test_hosts_section_added_replaced_and_unchanged(tmp_path):
+    path = str(tmp_path / "hosts")
+    with open(path, "w") as f:
+        f.write("preexisting\ncontent")
+    assert innernet.write_hosts_file(path, "foo", ["1.1.1.1 whatever"])
+    text = open(path).read()
+    assert text.startswith("preexisting\ncontent\n")
+    assert "# DO NOT EDIT foo BEGIN\n1.1.1.1 whatever\n# DO NOT EDIT foo END\n" in text
+    assert not innernet.write_hosts_file(path, "foo", ["1.1.1.1 whatever"])
+    assert innernet.write_hosts_file(path, "foo", ["2.2.2.2 other"])
+    assert "whatever" not in open(path).read() and open(path).read().count("BEGIN") == 1
+    assert innernet.write_hosts_file(path, "foo", [])
+    assert open(path).read() == "preexisting\ncontent\n"
+    assert sorted(os.listdir(tmp_path)) == ["hosts"]
+
+
+def test_hosts_damaged_section_is_an_error():
+    with pytest.raises(InnernetError, match="damaged"):
+        update_hosts_text("# DO NOT EDIT foo BEGIN\nx\n", "foo", ["1.1.1.1 a"])
+
+
+def test_hosts_lines_format():
+    k = innernet.public_key(innernet.generate_private_key())
+    peers = [Peer(2, "b", "10.66.1.10", 1, k), Peer(1, "a", "10.66.1.9", 1, k),
+             Peer(3, "c", "10.66.1.11", 1, k, is_disabled=True)]
+    for p in peers:
+        p.is_redeemed = True
+    assert hosts_lines(peers, "evil") == ["10.66.1.9 a.evil.wg", "10.66.1.10 b.evil.wg"]
+    assert hosts_lines(peers, "evil", "") == ["10.66.1.9 a", "10.66.1.10 b"]
+    assert hosts_lines(peers, "evil", "corp") == ["10.66.1.9 a.corp", "10.66.1.10 b.corp"]
+
+
+@pytest.mark.parametrize("text,ok", [("30d", 2592000), ("2h", 7200), ("1000s", 1000),
+                                     ("7w", 4233600), ("d", None), ("", None), ("5y", None),
+                                     ("-1d", None)])
+def test_timestring(text, ok):
+    if ok is None:
+        with pytest.raises(InnernetError):
+            innernet.parse_timestring(text)
+    else:
+        assert innernet.parse_timestring(text) == ok
+
+
+@pytest.mark.parametrize("text,norm", [("1.2.3.4:51820", "1.2.3.4:51820"),
+                                       ("[fd00::1]:51820", "[fd00::1]:51820"),
+                                       ("VPN.example.com:1", "vpn.example.com:1")])
+def test_endpoints(text, norm):
+    assert innernet.normalize_endpoint(text) == norm
+
+
+@pytest.mark.parametrize("bad", ["1.2.3.4", "1.2.3.4:0", "1.2.3.4:70000", "fd00::1:5",
+                                 ":51820", "a b:1", "x" * 400 + ":1"])
+def test_bad_endpoints(bad):
+    with pytest.raises(InnernetError):
+        innernet.parse_endpoint(bad)
+
+
+@pytest.mark.parametrize("name,ok", [("wg-01", True), ("", False), ("\0", False),
+                                     ("a\0b", False), ("a b", False), ("a/b", False),
+                                     ("abcdefghijklmnop", False), ("Upper", False)])
+def test_interface_names(name, ok):
+    if ok:
+        assert innernet.parse_interface(name) == name
+    else:
+        with pytest.raises(InnernetError):
+            innernet.parse_interface(name)
