@@ -2400,10 +2400,7 @@ class Coordinator:
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""
         now = time.time() if now is None else now
-        version = self.store.data_version()
-        if version != self._data_version:
-            self._data_version = version
-            self.sync_device()
+        self.notice_edits()
         gone = self.store.sweep_expired(int(now))
         if gone:
             log("deleted expired invitations: " + ", ".join(p.name for p in gone))
@@ -2413,18 +2410,24 @@ class Coordinator:
             write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
                              hosts_lines(peers, self.ifname, self.host_suffix))
 
+    def notice_edits(self):
+        """Apply changes another process (a CLI command) made to the database."""
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.sync_device()
+
     def run_background(self, interval=1.0):
+        """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
         slow = 0.0
         while not self.stop.wait(interval):
             try:
-                version = self.store.data_version()
-                if version != self._data_version:
-                    self._data_version = version
-                    self.sync_device()
+                self.notice_edits()
+                # Reading the device costs ~7 ms per 1000 peers; scale the pace.
+                self.refresh_observed(max(1.0, len(self.observed) / 1000))
                 if time.monotonic() - slow >= SWEEP_INTERVAL:
                     slow = time.monotonic()
                     self.tick()
-                    self.refresh_observed(0)
             except Exception as e:        # keep serving; say what failed
                 warn(f"background task failed: {e}")
 
@@ -2501,6 +2504,9 @@ class Coordinator:
                 return hit[1], hit[2]
         peers, cidrs = self.store.peers(), self.store.cidrs()
         visible = visible_peers(peers, cidrs, self.store.associations(), caller)
+        if any(p.endpoint is None and p.public_key not in self.observed for p in visible):
+            # A peer that just joined: its endpoint may be on the device already.
+            self.refresh_observed(0.1)
         body = json.dumps({
             "peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
                       for p in visible],
@@ -3778,10 +3784,11 @@ def build_parser(server_mode=False):
     return top
 
 
-def main(argv=None):
+def main(argv=None, server_mode=None):
     """Parse, run one verb, turn InnernetError into a message and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
+    if server_mode is None:     # a symlink or command named innernet-server
+        server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
     parser = build_parser(server_mode)
     prog = SERVER_PROG if server_mode else PROG
     args = parser.parse_args(argv)
@@ -3804,6 +3811,11 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+
+
+def server_main(argv=None):
+    """Entry point of the innernet-server command."""
+    return main(argv, server_mode=True)
 
 
 if __name__ == "__main__":

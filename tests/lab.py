@@ -34,8 +34,9 @@ def have_lab_tools():
 
 
 class Host:
-    def __init__(self, lab, name, ns, underlay):
+    def __init__(self, lab, name, ns, underlay, innernet_cmd=None):
         self.lab, self.name, self.ns, self.underlay = lab, name, ns, underlay
+        self.innernet_cmd = innernet_cmd
         self.dir = os.path.join(lab.tmp, name)
         os.makedirs(self.dir, mode=0o700)
         self.hosts_path = os.path.join(self.dir, "hosts")
@@ -57,6 +58,8 @@ class Host:
     def innernet_argv(self, *args, server=False):
         """Global options first (innernet's rule), then the verb."""
         base, verb = self.lab.innernet_cmd(server)
+        if self.innernet_cmd and not server:
+            base = list(self.innernet_cmd)
         d = "server" if server else "client"
         return base + ["-c", self.path(d, "etc"), "-d", self.path(d, "lib")] + verb + list(args)
 
@@ -128,7 +131,7 @@ class Lab:
     def _ip(self, ns, *args):
         subprocess.run(["ip", "-n", ns] + list(args), check=True, capture_output=True)
 
-    def add_host(self, name, underlay=None, *, bridge_ns=None, bridge="br0"):
+    def add_host(self, name, underlay=None, *, bridge_ns=None, bridge="br0", innernet_cmd=None):
         """A host on the lab's bridge (or on ``bridge`` in ``bridge_ns``)."""
         self._count += 1
         ns = f"{self.prefix}-{name}"
@@ -142,7 +145,7 @@ class Lab:
             underlay = f"198.18.0.{self._count}/24"
         self._ip(ns, "addr", "add", underlay, "dev", "eth0")
         self._ip(ns, "link", "set", "eth0", "up")
-        host = Host(self, name, ns, underlay.split("/")[0])
+        host = Host(self, name, ns, underlay.split("/")[0], innernet_cmd)
         self.hosts[name] = host
         return host
 
@@ -182,6 +185,13 @@ class Lab:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces = []
         subprocess.run(["rm", "-rf", self.tmp])
+
+
+def link_bytes(host, ifname="eth0"):
+    """(rx, tx) byte counters of a link inside a host's namespace."""
+    out = host.exec(["cat", f"/sys/class/net/{ifname}/statistics/rx_bytes",
+                     f"/sys/class/net/{ifname}/statistics/tx_bytes"]).stdout.split()
+    return int(out[0]), int(out[1])
 
 
 def wait_for(predicate, timeout, what, interval=0.05):
