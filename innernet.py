@@ -3190,6 +3190,107 @@ def cmd_list_associations(args):
     return 0
 
 
+def _user_peers(peers):
+    return {p.name: p for p in peers if p.name != SERVER_PEER_NAME}
+
+
+def cmd_rename_peer(args):
+    net = open_network(args)
+    peer = choose(args.name, "--name", "peer to rename", _user_peers(net.peers()))
+    new = ask(args.new_name, "--new-name", "new name",
+              parse=lambda v: parse_hostname(v, "peer name"))
+    confirm(args, f"Rename peer '{peer.name}' to '{new}'?", True)
+    net.update_peer(dataclasses.replace(peer, name=new))
+    log(f"peer '{peer.name}' is now '{new}'")
+    return 0
+
+
+def _set_disabled(args, disabled):
+    if args.yes and args.name is None:
+        raise InnernetError("--yes needs --name")
+    net = open_network(args)
+    verb = "disable" if disabled else "enable"
+    options = {p.name: p for p in _user_peers(net.peers()).values()
+               if p.is_disabled != disabled}
+    if args.name is not None and args.name not in options:
+        known = _user_peers(net.peers())
+        if args.name in known:
+            raise InnernetError(f"peer '{args.name}' is already {verb}d")
+    peer = choose(args.name, "--name", f"peer to {verb}", options)
+    confirm(args, f"{verb.capitalize()} peer '{peer.name}' ({peer.ip})?", True)
+    net.update_peer(dataclasses.replace(peer, is_disabled=disabled))
+    log(f"peer '{peer.name}' ({peer.ip}) {verb}d")
+    return 0
+
+
+def cmd_disable_peer(args):
+    return _set_disabled(args, True)
+
+
+def cmd_enable_peer(args):
+    return _set_disabled(args, False)
+
+
+def cmd_rename_cidr(args):
+    net = open_network(args)
+    cidr = choose(args.name, "--name", "CIDR to rename", _user_cidrs(net.cidrs()))
+    new = ask(args.new_name, "--new-name", "new name",
+              parse=lambda v: parse_hostname(v, "CIDR name"))
+    confirm(args, f"Rename CIDR '{cidr.name}' to '{new}'?", True)
+    net.rename_cidr(cidr, new)
+    log(f"CIDR '{cidr.name}' is now '{new}'")
+    return 0
+
+
+def cmd_delete_cidr(args):
+    net = open_network(args)
+    cidrs, peers, assocs = net.cidrs(), net.peers(), net.associations()
+    named = _user_cidrs(cidrs)
+    if args.name is None:       # offer only what can be deleted
+        named = {n: c for n, c in named.items()
+                 if not any(p.cidr_id == c.id for p in peers)
+                 and not any(x.parent == c.id for x in cidrs)
+                 and not any(c.id in (a.cidr_id_1, a.cidr_id_2) for a in assocs)}
+    cidr = choose(args.name, "--name", "CIDR to delete", named)
+    if any(p.cidr_id == cidr.id for p in peers):
+        raise InnernetError(f"CIDR '{cidr.name}' still has peers (disabled and unredeemed "
+                            "ones count)", hint="peers are never deleted; use another CIDR")
+    if any(x.parent == cidr.id for x in cidrs):
+        raise InnernetError(f"CIDR '{cidr.name}' has child CIDRs",
+                            hint="delete the children first")
+    if any(cidr.id in (a.cidr_id_1, a.cidr_id_2) for a in assocs):
+        raise InnernetError(f"CIDR '{cidr.name}' has associations",
+                            hint=f"remove them first with delete-association")
+    confirm(args, f"Delete CIDR '{cidr.name}' ({cidr.cidr})?", False)
+    net.delete_cidr(cidr)
+    log(f"CIDR '{cidr.name}' deleted")
+    return 0
+
+
+def cmd_delete_association(args):
+    net = open_network(args)
+    names = {c.id: c.name for c in net.cidrs()}
+    ids = {v: k for k, v in names.items()}
+    assocs = net.associations()
+    if args.cidr1 is not None and args.cidr2 is not None:
+        for n in (args.cidr1, args.cidr2):
+            if n not in ids:
+                raise InnernetError(f"CIDR '{n}' does not exist")
+        pair = {ids[args.cidr1], ids[args.cidr2]}
+        assoc = next((a for a in assocs if {a.cidr_id_1, a.cidr_id_2} == pair), None)
+        if assoc is None:
+            raise InnernetError(f"'{args.cidr1}' and '{args.cidr2}' are not associated")
+    else:
+        options = {f"{a.id}: {names.get(a.cidr_id_1)} <=> {names.get(a.cidr_id_2)}": a
+                   for a in assocs if args.cidr1 is None or args.cidr1 in
+                   (names.get(a.cidr_id_1), names.get(a.cidr_id_2))}
+        assoc = choose(None, "CIDR1 and CIDR2", "association to delete", options)
+    confirm(args, f"Delete association #{assoc.id}?", False)
+    net.delete_association(assoc)
+    log(f"association #{assoc.id} deleted")
+    return 0
+
+
 # -- server verbs ----------------------------------------------------------------
 
 def discover_public_ip():
@@ -3241,6 +3342,25 @@ def cmd_server_new(args):
   innernet-server add-peer {name}      invite a peer into it
   innernet-server serve {name}         run the server (or: systemctl enable --now innernet-server@{name})""",
           file=sys.stderr)
+    return 0
+
+
+def cmd_server_uninstall(args):
+    iface = parse_interface(args.interface)
+    conf, db = server_paths(args, iface)
+    if not os.path.exists(conf) and not os.path.exists(db):
+        raise InnernetError(f"no network named {iface} exists")
+    confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
+    with contextlib.suppress(InnernetError):
+        bring_down(opt(args, "backend", "auto"), iface)
+    for path in (conf, db):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            warn(f"could not delete {path}: {e.strerror}")
+    log(f"network {iface} uninstalled")
     return 0
 
 
@@ -3401,6 +3521,106 @@ def cmd_install(args):
     return 0
 
 
+def cmd_set_listen_port(args):
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    if args.unset:
+        port = None
+    else:
+        port = ask(args.listen_port, "--listen-port", "listen port",
+                   default=str(cfg.listen_port or DEFAULT_LISTEN_PORT), parse=parse_port)
+    if port == cfg.listen_port:
+        log("No change necessary")
+        return 0
+    confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    if backend is not None:
+        backend.apply(iface, listen_port=port or 0)
+    save_client_config(args, iface, dataclasses.replace(cfg, listen_port=port))
+    log(f"listen port of {iface} is now {port or 'random'}")
+    return 0
+
+
+def cmd_override_endpoint(args):
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    if args.unset:
+        confirm(args, "Stop overriding this peer's endpoint on the server?", True)
+        api.call("PUT", "/user/endpoint", {"option": "Unset"})
+        log("endpoint override removed")
+        return 0
+    if not cfg.listen_port:
+        raise InnernetError("you need to set a listen port before overriding the endpoint",
+                            hint=f"run 'innernet set-listen-port {iface}' first")
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.status != 404:
+            raise
+        caps = {}
+    unspecified_ok = bool(caps.get("unspecified_ip_in_override_endpoint"))
+    default = f"0.0.0.0:{cfg.listen_port}" if unspecified_ok else None
+    endpoint = ask(args.endpoint, "--endpoint", "endpoint to advertise (0.0.0.0:PORT = the "
+                   "address the server sees)", default=default, parse=normalize_endpoint)
+    if endpoint_is_unspecified(endpoint) and not unspecified_ok:
+        raise InnernetError("the server does not support an unspecified IP in the endpoint",
+                            hint="give the public address explicitly")
+    confirm(args, f"Advertise {endpoint} as this peer's endpoint?", True)
+    api.call("PUT", "/user/endpoint", {"option": "Set", "content": endpoint})
+    log(f"the server now advertises {endpoint} for this peer")
+    return 0
+
+
+def cmd_override_peer_endpoint(args):
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    peers, _ = load_data_store(data_store_path(args, iface))
+    own = public_key(cfg.private_key)
+    options = {p.name: p for p in peers if p.public_key != own and not p.is_disabled}
+    peer = choose(args.name, "--name", "peer", options)
+    overrides = dict(cfg.peer_endpoint_overrides)
+    if args.unset:
+        if peer.ip not in overrides:
+            log(f"peer '{peer.name}' has no endpoint override")
+            return 0
+        confirm(args, f"Remove the endpoint override of '{peer.name}'?", True)
+        del overrides[peer.ip]
+        endpoint = None
+    else:
+        endpoint = ask(args.endpoint, "--endpoint", f"endpoint for {peer.name}",
+                       parse=normalize_endpoint)
+        confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
+        overrides[peer.ip] = endpoint
+    save_client_config(args, iface, dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    if backend is not None and endpoint is not None:
+        resolved = resolve_endpoint(endpoint)
+        if resolved:
+            backend.apply(iface, updates=[PeerUpdate(peer.public_key, endpoint=resolved)])
+    log(f"peer '{peer.name}': " + (f"endpoint overridden with {endpoint}" if endpoint
+                                   else "endpoint override removed (applies at the next fetch)"))
+    return 0
+
+
+def cmd_uninstall(args):
+    iface = parse_interface(args.interface)
+    cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
+    if not os.path.exists(cfg_path) and not os.path.exists(store_path):
+        raise InnernetError(f"no network named {iface} exists")
+    confirm(args, f"Permanently delete network {iface} from this machine?", False)
+    with contextlib.suppress(InnernetError):
+        bring_down(opt(args, "backend", "auto"), iface)
+    for path in (cfg_path, store_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    hosts_path, _ = hosts_options(args)
+    if hosts_path and os.path.exists(hosts_path):
+        write_hosts_file(hosts_path, f"innernet {iface}", [])
+    log(f"network {iface} uninstalled")
+    return 0
+
+
 def report_candidates(args, api, cfg, own, listen_port):
     """Tell the server our local addresses, when they differ from what it has."""
     if getattr(args, "no_nat_candidates", False):
@@ -3439,6 +3659,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
     store_path = data_store_path(args, iface)
     stored_peers, stored_cidrs = load_data_store(store_path)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    unreachable = None
     try:
         try:
             state = api.call("GET", "/user/state")
@@ -3453,8 +3674,9 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
             if not stored_peers:
                 raise InnernetError(f"{e.message}, and there are no cached peers",
                                     hint=e.hint) from None
-            warn(f"{e.message}; using {len(stored_peers)} cached peers")
+            warn(f"{e.message}; keeping the interface with {len(stored_peers)} cached peers")
             peers, cidrs, reachable = stored_peers, stored_cidrs, False
+            unreachable = e
         if reachable:
             merged = merge_pinned(stored_peers, peers)
         else:
@@ -3482,6 +3704,10 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
             report_candidates(args, api, cfg, own, dev.listen_port)
     finally:
         api.close()
+    if unreachable is not None:
+        # The cached state is applied (a disabled peer stays out); still say so.
+        raise InnernetError(unreachable.message + " (the interface keeps its cached peers)",
+                            hint=unreachable.hint, unreachable=True)
     return changes, brought_up
 
 
@@ -3707,6 +3933,29 @@ def _add_shared_verbs(sub, role):
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("-t", "--tree", action="store_true", help="show the tree")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = _verb(sub, "delete-association", cmd_delete_association, role,
+              "Remove the association of two CIDRs.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("cidr1", metavar="CIDR1", nargs="?")
+    p.add_argument("cidr2", metavar="CIDR2", nargs="?")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for name, func, what in (("rename-peer", cmd_rename_peer, "Rename a peer."),
+                             ("rename-cidr", cmd_rename_cidr, "Rename a CIDR.")):
+        p = _verb(sub, name, func, role, what)
+        p.add_argument("interface", metavar="INTERFACE")
+        p.add_argument("--name", help="its current name")
+        p.add_argument("--new-name", help="its new name")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for name, func, what in (
+            ("disable-peer", cmd_disable_peer, "Disable a peer: it loses access at once."),
+            ("enable-peer", cmd_enable_peer, "Enable a disabled peer again."),
+            ("delete-cidr", cmd_delete_cidr, "Delete a CIDR without peers or children.")):
+        p = _verb(sub, name, func, role, what)
+        p.add_argument("interface", metavar="INTERFACE")
+        p.add_argument("--name", help="which one")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "completions", cmd_completions, role, "Print a shell completion script.")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
 
 
 def _add_server_verbs(sub):
@@ -3724,6 +3973,10 @@ def _add_server_verbs(sub):
     p = _verb(sub, "serve", cmd_server_serve, "server", "Run the coordination server.")
     p.add_argument("interface", metavar="INTERFACE")
     _hosts_options(p)
+    p = _verb(sub, "uninstall", cmd_server_uninstall, "server",
+              "Delete a network: its interface, config and database.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _add_shared_verbs(sub, "server")
 
 
@@ -3774,6 +4027,34 @@ def build_parser(server_mode=False):
     _nat_options(p)
     p = _verb(sub, "down", cmd_down, "client", "Delete a network's WireGuard interface.")
     p.add_argument("interface", metavar="INTERFACE")
+    p = _verb(sub, "uninstall", cmd_uninstall, "client",
+              "Leave a network: delete its interface, config and cached peers.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _hosts_options(p, suffix=False)
+    p = _verb(sub, "set-listen-port", cmd_set_listen_port, "client",
+              "Set or unset this peer's WireGuard listen port.")
+    p.add_argument("interface", metavar="INTERFACE")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-l", "--listen-port", metavar="PORT", help="the port")
+    g.add_argument("-u", "--unset", action="store_true", help="use a random port")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "override-endpoint", cmd_override_endpoint, "client",
+              "Set the endpoint the server advertises for this peer.")
+    p.add_argument("interface", metavar="INTERFACE")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-e", "--endpoint", metavar="HOST:PORT",
+                   help="the endpoint (0.0.0.0:PORT: the address the server sees)")
+    g.add_argument("-u", "--unset", action="store_true", help="stop overriding")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "override-peer-endpoint", cmd_override_peer_endpoint, "client",
+              "Reach one peer at an endpoint of your choice (local only).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the peer")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-e", "--endpoint", metavar="HOST:PORT", help="the endpoint")
+    g.add_argument("-u", "--unset", action="store_true", help="remove the override")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _add_shared_verbs(sub, "client")
     p = sub.add_parser("server", help="Server verbs (as innernet-server).",
                        description="Server verbs; the same as running innernet-server.",
@@ -3782,6 +4063,76 @@ def build_parser(server_mode=False):
     p.set_defaults(func=None, role="server")
     _add_server_verbs(p.add_subparsers(dest="server_verb", metavar="COMMAND"))
     return top
+
+
+def _command_tree(parser):
+    """{verb: (help, [options], {subverb: ...})} from an argparse parser."""
+    tree = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                opts = sorted(o for a in sub._actions for o in a.option_strings
+                              if o.startswith("--") and a.help != argparse.SUPPRESS)
+                tree[name] = (helps.get(name) or "", opts, _command_tree(sub))
+    return tree
+
+
+def completion_script(shell, server_mode):
+    """A completion script generated from the parser itself, so it never lags."""
+    prog = SERVER_PROG if server_mode else PROG
+    tree = _command_tree(build_parser(server_mode))
+    top = sorted(o for a in build_parser(server_mode)._actions for o in a.option_strings
+                 if o.startswith("--"))
+    fn = "_" + prog.replace("-", "_")
+    if shell == "fish":
+        lines = [f"# fish completion for {prog}", f"complete -c {prog} -f"]
+        lines += [f"complete -c {prog} -l {o[2:]}" for o in top]
+        for verb, (text, opts, subs) in sorted(tree.items()):
+            lines.append(f"complete -c {prog} -n __fish_use_subcommand -a {verb} "
+                         f"-d {json.dumps(text)}")
+            for o in opts:
+                lines.append(f"complete -c {prog} -n '__fish_seen_subcommand_from {verb}' "
+                             f"-l {o[2:]}")
+            for sv, (stext, sopts, _) in sorted(subs.items()):
+                lines.append(f"complete -c {prog} -n '__fish_seen_subcommand_from {verb}' "
+                             f"-a {sv} -d {json.dumps(stext)}")
+                for o in sopts:
+                    lines.append(f"complete -c {prog} -n '__fish_seen_subcommand_from {sv}' "
+                                 f"-l {o[2:]}")
+        return "\n".join(lines) + "\n"
+    cases = []
+    for verb, (text, opts, subs) in sorted(tree.items()):
+        if subs:
+            inner = "".join(f"        {sv}) words=\"{' '.join(so)}\" ;;\n"
+                            for sv, (_, so, _) in sorted(subs.items()))
+            inner += f"        *) words=\"{' '.join(sorted(subs))}\" ;;\n"
+            cases.append(f"    {verb})\n      case \"${{verbs[1]}}\" in\n{inner}      esac ;;")
+        else:
+            cases.append(f"    {verb}) words=\"{' '.join(opts)}\" ;;")
+    body = f"""{fn}() {{
+  local cur=${{COMP_WORDS[COMP_CWORD]}} words w
+  local -a verbs=()
+  for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+    case "$w" in -*) ;; *) verbs+=("$w") ;; esac
+  done
+  case "${{verbs[0]}}" in
+{chr(10).join(cases)}
+    *) words="{' '.join(sorted(tree))} {' '.join(top)}" ;;
+  esac
+  COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+"""
+    if shell == "bash":
+        return f"# bash completion for {prog}\n{body}complete -o default -F {fn} {prog}\n"
+    return (f"#compdef {prog}\n# zsh completion for {prog} (bash-compatible function)\n"
+            f"autoload -U +X bashcompinit && bashcompinit\n{body}"
+            f"complete -o default -F {fn} {prog}\n")
+
+
+def cmd_completions(args):
+    print(completion_script(args.shell, args.role == "server"), end="")
+    return 0
 
 
 def main(argv=None, server_mode=None):

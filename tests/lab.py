@@ -187,6 +187,31 @@ class Lab:
         subprocess.run(["rm", "-rf", self.tmp])
 
 
+DEVICE = r"""
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+import innernet
+dev = innernet.UserspaceBackend().get(sys.argv[2])
+print(json.dumps(dataclasses.asdict(dev)))
+"""
+
+
+def device(host, ifname):
+    """A host's WireGuard device as a dict (innernet.Device), read over UAPI."""
+    import json
+    return json.loads(host.python(DEVICE, ROOT, ifname).stdout)
+
+
+def device_peer_ips(host, ifname):
+    """{allowed ip without /32: peer dict} of a host's device."""
+    return {a.split("/")[0]: p for p in device(host, ifname)["peers"] for a in p["allowed_ips"]}
+
+
+def link_mtu(host, ifname):
+    out = host.exec(["cat", f"/sys/class/net/{ifname}/mtu"]).stdout
+    return int(out.strip())
+
+
 def link_bytes(host, ifname="eth0"):
     """(rx, tx) byte counters of a link inside a host's namespace."""
     out = host.exec(["cat", f"/sys/class/net/{ifname}/statistics/rx_bytes",
