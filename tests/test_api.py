@@ -5,6 +5,7 @@ tests cover routing, roles, validation and JSON shapes. The end-to-end tests
 drive the same API over real tunnels.
 """
 import http.client
+import sqlite3
 import json
 import threading
 import time
@@ -25,6 +26,11 @@ def key():
 
 @pytest.fixture
 def co(tmp_path):
+    return make_coordinator(tmp_path)
+
+
+def make_coordinator(tmp_path):
+    """innernet's server test fixture (spec §10.1) on a real SQLite file."""
     server_key = innernet.generate_private_key()
     store = Store(str(tmp_path / "test.db"), create=True)
     store.create_network("test", innernet.parse_network("10.80.0.0/15"),
@@ -330,3 +336,109 @@ def test_http_round_trip_on_loopback(tmp_path):
     with pytest.raises(innernet.InnernetError) as e:
         api.call("GET", "/user/state")
     assert e.value.unreachable
+
+
+# -- the role table of §3.2 and the statuses of §3.4 -------------------------------
+
+def add_special_peers(co):
+    """An unredeemed peer, a disabled user, a disabled admin and an unredeemed admin."""
+    future = {"secs_since_epoch": int(time.time()) + 600, "nanos_since_epoch": 0}
+    for name, ip, extra in (("unredeemed", "10.80.64.20", {"invite_expires": future}),
+                            ("disabled", "10.80.64.21", {"is_redeemed": True, "is_disabled": True}),
+                            ("dis-admin", "10.80.1.21", {"is_redeemed": True, "is_disabled": True,
+                                                         "is_admin": True}),
+                            ("new-admin", "10.80.1.22", {"is_admin": True,
+                                                         "invite_expires": future})):
+        cidr = 3 if "admin" in name else 4
+        assert call(co, "POST", "/v1/admin/peers", body=peer_contents(name, ip, cidr, **extra))[0] == 201
+    return {"unredeemed": "10.80.64.20", "disabled": "10.80.64.21", "dis-admin": "10.80.1.21",
+            "new-admin": "10.80.1.22", "user": IPS["developer1"], "admin": IPS["admin"]}
+
+
+ROUTES = [  # method, path, body, minimum role
+    ("GET", "/v1/user/capabilities", None, "any"),
+    ("POST", "/v1/user/redeem", {"public_key": None}, "unredeemed"),
+    ("GET", "/v1/user/state", None, "user"),
+    ("PUT", "/v1/user/endpoint", {"option": "Unset"}, "user"),
+    ("PUT", "/v1/user/candidates", [], "user"),
+    ("GET", "/v1/admin/peers", None, "admin"),
+    ("POST", "/v1/admin/peers", "peer", "admin"),
+    ("PUT", "/v1/admin/peers/6", "peer6", "admin"),
+    ("DELETE", "/v1/admin/peers/6", None, "admin"),
+    ("GET", "/v1/admin/cidrs", None, "admin"),
+    ("POST", "/v1/admin/cidrs", {"name": "exp", "cidr": "10.81.0.0/16", "parent": 1}, "admin"),
+    ("PUT", "/v1/admin/cidrs/5", {"name": "user", "cidr": "10.80.128.0/17", "parent": 1}, "admin"),
+    ("DELETE", "/v1/admin/cidrs/99", None, "admin"),
+    ("GET", "/v1/admin/associations", None, "admin"),
+    ("POST", "/v1/admin/associations", {"cidr_id_1": 4, "cidr_id_2": 5}, "admin"),
+    ("DELETE", "/v1/admin/associations/99", None, "admin"),
+]
+
+ALLOWED = {  # role of the route -> callers that may use it (spec §3.2)
+    "any": {"unredeemed", "user", "admin", "new-admin"},
+    "unredeemed": {"unredeemed", "new-admin"},
+    "user": {"user", "admin"},
+    "admin": {"admin"},
+}
+
+
+@pytest.mark.parametrize("method,path,body,role", ROUTES)
+def test_role_table(tmp_path, method, path, body, role):
+    for caller in ("unredeemed", "disabled", "dis-admin", "new-admin", "user", "admin"):
+        (tmp_path / caller).mkdir()
+        fresh = make_coordinator(tmp_path / caller)
+        ips = add_special_peers(fresh)
+        b = body
+        if b == "peer":
+            b = peer_contents("zz", "10.80.64.77", 4)
+        elif b == "peer6":
+            b = peer_contents("user2", "10.80.129.2", 5, is_redeemed=True)
+        elif isinstance(b, dict) and "public_key" in b:
+            b = {"public_key": key()}
+        status, _ = call(fresh, method, path, body=b, ip=ips[caller])
+        if caller in ALLOWED[role]:
+            assert 200 <= status < 300, (caller, method, path, status)
+        else:
+            assert status == 401, (caller, method, path, status)
+
+
+def test_error_statuses_of_section_3_4(co, tmp_path):
+    # 401 unauthorized, and expired invitation on redeem
+    assert call(co, "GET", "/v1/user/state", ip="10.9.9.9")[0] == 401
+    # 404: bad path, non-numeric id, no such row
+    assert call(co, "GET", "/nope")[0] == 404
+    assert call(co, "PUT", "/v1/admin/peers/x", body={})[0] == 404
+    assert call(co, "PUT", "/v1/admin/peers/999",
+                body=peer_contents("ghost", "10.80.64.99", 4))[0] == 404
+    # 410: redeem of a row already redeemed (a race only; 401 normally comes first)
+    with pytest.raises(innernet.InnernetError) as e:
+        co.store.redeem(3, key())
+    assert e.value.status == 410
+    # 400: validation, JSON, constraint
+    assert call(co, "POST", "/v1/admin/cidrs", raw=b"{}")[0] == 400
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 3, "cidr_id_2": 3})[0] == 400
+    # 413: more than 10 candidates
+    assert call(co, "PUT", "/v1/user/candidates", "developer1",
+                body=[f"1.1.1.{i}:1" for i in range(11)])[0] == 413
+    # 500: a failure that is not the caller's fault, with a JSON reason
+    co.store.conn.close()
+    status, body = call(co, "GET", "/v1/admin/cidrs")
+    assert status == 500 and "error" in body
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_innernet_databases_are_served_after_migration(tmp_path, version):
+    from test_store import old_database
+    path = tmp_path / "old.db"
+    old_database(path, version)
+    rows_before = sqlite3.connect(str(path)).execute("SELECT id, name, ip FROM peers").fetchall()
+    store = Store(str(path))
+    served = Coordinator(store, ServerConfig(innernet.generate_private_key(), 51820,
+                                             "10.80.0.1", 15), "old")
+    status, peers = call(served, "GET", "/v1/admin/peers", ip="10.80.1.1")
+    assert status == 200
+    assert [(p["id"], p["name"], p["ip"]) for p in peers] == rows_before
+    assert all(p["candidates"] == [] and p["invite_expires"] is None for p in peers)
+    status, state = call(served, "GET", "/v1/user/state", ip="10.80.1.1")
+    assert status == 200 and {p["name"] for p in state["peers"]} == {"admin", "innernet-server"}
+    assert sqlite3.connect(str(path)).execute("PRAGMA user_version").fetchall() == [(2,)]

@@ -295,3 +295,12 @@ def test_server_uninstall(net):
     net.srv.server("uninstall", net.name, "--yes")
     assert not os.path.exists(net.db)
     assert not os.path.exists(f"/var/run/wireguard/{net.name}.sock")
+
+
+def test_auto_external_endpoint_without_a_public_address(net):
+    # The lab's hosts only have 198.18.0.0/15 (a benchmarking range, not global).
+    r = net.srv.server("new", "--network-name", net.lab.ifname("x"), "--network-cidr",
+                       "10.67.0.0/16", "--auto-external-endpoint", "--listen-port", "51821",
+                       check=False)
+    assert r.returncode == 1
+    assert "could not find a public IP address" in r.stderr and "--external-endpoint" in r.stderr
