@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import gzip
 import hashlib
 import http.client
 import ipaddress
@@ -85,7 +86,10 @@ HTTP_TIMEOUT = 10
 MAX_BODY = 16 * 1024
 MAX_CANDIDATES = 10
 SWEEP_INTERVAL = 10
-API_WORKERS = 16
+MAX_CONNECTIONS = 512           # concurrent API connections; more are refused
+LONG_POLL_MAX_WAIT = 60         # seconds a client may ask GET /v1/user/state to wait
+LONG_POLL_MAX_WAITERS = 256     # waiting clients at once; beyond, answers come at once
+GZIP_MIN = 1024                 # bodies at least this large are gzipped when asked
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 DB_VERSION = 2
@@ -1422,9 +1426,12 @@ class ServerConfig:
         return ipaddress.ip_interface(f"{self.address}/{self.network_cidr_prefix}")
 
 
-def data_store_json(peers, cidrs):
-    return json.dumps({"version": "1", "peers": [p.to_json() for p in peers],
-                       "cidrs": [c.to_json() for c in cidrs]}, indent=2) + "\n"
+def data_store_json(peers, cidrs, etag=None):
+    data = {"version": "1", "peers": [p.to_json() for p in peers],
+            "cidrs": [c.to_json() for c in cidrs]}
+    if etag:                 # ours: lets the next fetch ask "changed since?"
+        data["etag"] = etag
+    return json.dumps(data, indent=2) + "\n"
 
 
 def parse_data_store(text, source):
@@ -1440,7 +1447,8 @@ def parse_data_store(text, source):
         cidrs = [Cidr.from_json(c) for c in data.get("cidrs", [])]
     except (InnernetError, TypeError, AttributeError) as e:
         raise InnernetError(f"{source}: {getattr(e, 'message', e)}") from None
-    return peers, cidrs
+    etag = data.get("etag")
+    return peers, cidrs, etag if isinstance(etag, str) else None
 
 ###############################################################################
 # Network backends ############################################################
@@ -1968,6 +1976,7 @@ class Store:
             raise InnernetError(f"cannot open database {path}: {e}") from None
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
+        self.listeners = []        # called after each commit
         if create:
             with self.write() as c:
                 for stmt in SCHEMA.split(";"):
@@ -1993,6 +2002,8 @@ class Store:
                 yield self.conn
                 self.conn.execute("COMMIT")
                 self.revision += 1
+                for listener in self.listeners:
+                    listener()
             except sqlite3.IntegrityError as e:
                 self.conn.execute("ROLLBACK")
                 raise _integrity_error(e) from None
@@ -2204,20 +2215,20 @@ class Store:
 # -- client-side files: data store and hosts -----------------------------------
 
 def load_data_store(path):
-    """Cached peers and CIDRs; a missing file is empty, a damaged one is set aside."""
+    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
     if not os.path.exists(path):
-        return [], []
+        return [], [], None
     warn_if_world_accessible(path)
     try:
         return parse_data_store(read_text(path, "data store"), path)
     except InnernetError as e:
         warn(f"{e.message}; starting with an empty cache")
-        return [], []
+        return [], [], None
 
 
-def save_data_store(path, peers, cidrs):
+def save_data_store(path, peers, cidrs, etag=None):
     """Write the cache atomically; unchanged content is not rewritten."""
-    text = data_store_json(peers, cidrs)
+    text = data_store_json(peers, cidrs, etag)
     with contextlib.suppress(OSError):
         with open(path) as f:
             if f.read() == text:
@@ -2284,6 +2295,7 @@ class Request:
     body: object
     id: Optional[int]
     headers: object
+    query: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def inject_endpoint(peer, observed):
@@ -2335,6 +2347,17 @@ class Coordinator:
         self._cache_lock = threading.Lock()
         self._data_version = None
         self.stop = threading.Event()
+        # Long polls wait on this; it is notified whenever what a peer may see
+        # can have changed: a commit, a CLI edit, a newly observed endpoint.
+        self.changed = threading.Condition()
+        self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
+        self.cache_enabled = True
+        self._gzip_cache: Dict[str, bytes] = {}
+        store.listeners.append(self.signal)
+
+    def signal(self):
+        with self.changed:
+            self.changed.notify_all()
 
     # -- the server's device ---------------------------------------------------
 
@@ -2358,6 +2381,8 @@ class Coordinator:
                     changed = True
             if changed:
                 self.observed_version += 1
+        if changed:
+            self.signal()
 
     def desired_device_peers(self, now=None):
         now = time.time() if now is None else now
@@ -2396,6 +2421,12 @@ class Coordinator:
         with self.device_lock:
             self.pending.pop(peer_id, None)
             self.sync_device()
+        # Others learn the new peer's endpoint as soon as its handshake lands.
+        key = self.store.peer(peer_id).public_key
+        deadline = time.monotonic() + 5
+        while key not in self.observed and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.refresh_observed(0.02)
 
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""
@@ -2416,6 +2447,7 @@ class Coordinator:
         if version != self._data_version:
             self._data_version = version
             self.sync_device()
+            self.signal()
 
     def run_background(self, interval=1.0):
         """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
@@ -2462,7 +2494,9 @@ class Coordinator:
             return Response(500, {"error": "internal server error"})
 
     def _dispatch(self, method, path, headers, remote_ip, body, body_error):
-        segs = path.split("?", 1)[0].lstrip("/").split("/")
+        path, _, query_text = path.partition("?")
+        query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
+        segs = path.lstrip("/").split("/")
         if segs[0] != "v1":
             raise InnernetError("not found", status=404)
         caller = self.authenticate(headers, remote_ip)
@@ -2492,14 +2526,14 @@ class Coordinator:
                 data = json.loads(body.decode("utf-8"))
             except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
                 raise InnernetError("request body is not valid JSON", status=400) from None
-        return fn(self, Request(caller, data, rid, headers))
+        return fn(self, Request(caller, data, rid, headers, query))
 
     def state_for(self, caller):
         """The /v1/user/state body and its ETag, cached per revision."""
         self.refresh_observed()
         rev = (self.store.revision, self.store.data_version(), self.observed_version)
         with self._cache_lock:
-            hit = self._state_cache.get(caller.id)
+            hit = self._state_cache.get(caller.id) if self.cache_enabled else None
             if hit and hit[0] == rev:
                 return hit[1], hit[2]
         peers, cidrs = self.store.peers(), self.store.cidrs()
@@ -2518,20 +2552,72 @@ class Coordinator:
             self._state_cache[caller.id] = (rev, body, etag)
         return body, etag
 
+    def gzipped(self, body, etag):
+        """The gzip form of a state body, cached by its ETag."""
+        gz = self._gzip_cache.get(etag)
+        if gz is None:
+            gz = gzip.compress(body, 6, mtime=0)
+            with self._cache_lock:
+                if len(self._gzip_cache) > 4096:
+                    self._gzip_cache.clear()
+                self._gzip_cache[etag] = gz
+        return gz
+
+    def wait_for_change(self, caller, etag, seconds):
+        """Hold a long poll until the caller's state differs from ``etag``.
+
+        Returns (body, etag, waited). Only LONG_POLL_MAX_WAITERS requests wait
+        at once; past that the answer comes at once with waited=False.
+        """
+        body, current = self.state_for(caller)
+        if current != etag or seconds <= 0:
+            return body, current, False
+        if not self.waiters.acquire(blocking=False):
+            return body, current, False
+        try:
+            deadline = time.monotonic() + seconds
+            while current == etag and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with self.changed:
+                    self.changed.wait(min(left, 5.0))
+                caller = self.store.peer(caller.id)
+                if caller.is_disabled:
+                    raise InnernetError("peer is disabled", status=401)
+                body, current = self.state_for(caller)
+            return body, current, True
+        finally:
+            self.waiters.release()
+
 
 # -- user routes --------------------------------------------------------------
 
 @api("GET", "user/state", "user")
 def user_get_state(co, req):
-    body, etag = co.state_for(req.caller)
-    if req.headers is not None and req.headers.get("If-None-Match") == etag:
-        return Response(304, headers={"ETag": etag})
-    return Response(200, raw=body, headers={"ETag": etag})
+    """The peers the caller may see. With If-None-Match: 304 when unchanged;
+    with ?wait=N as well (our clients), held up to N s until it changes."""
+    headers = req.headers if req.headers is not None else {}
+    sent = headers.get("If-None-Match")
+    wait = req.query.get("wait", "0")
+    wait = min(int(wait), LONG_POLL_MAX_WAIT) if wait.isdigit() and len(wait) < 6 else 0
+    body, etag, waited = co.wait_for_change(req.caller, sent, wait if sent else 0)
+    extra = {"ETag": etag}
+    if wait:
+        extra["X-Innernet-Waited"] = "1" if waited else "0"
+    if sent == etag:
+        return Response(304, headers=extra)
+    if len(body) >= GZIP_MIN and "gzip" in (headers.get("Accept-Encoding") or ""):
+        extra["Content-Encoding"] = "gzip"
+        return Response(200, raw=co.gzipped(body, etag), headers=extra)
+    return Response(200, raw=body, headers=extra)
 
 
 @api("GET", "user/capabilities", "any")
 def user_get_capabilities(co, req):
-    return Response(200, {"unspecified_ip_in_override_endpoint": True})
+    # innernet clients ignore the extra field; ours long-poll when they see it.
+    return Response(200, {"unspecified_ip_in_override_endpoint": True,
+                          "long_poll_seconds": LONG_POLL_MAX_WAIT})
 
 
 @api("POST", "user/redeem", "unredeemed", body=True)
@@ -2696,7 +2782,7 @@ class ApiServer(HTTPServer):
     request_queue_size = 128
 
     def __init__(self, coordinator, address, port, *, bind_device=None,
-                 max_connections=256):
+                 max_connections=MAX_CONNECTIONS):
         self.coordinator = coordinator
         self.bind_device = bind_device
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -2735,6 +2821,18 @@ class ApiServer(HTTPServer):
 ###############################################################################
 
 
+def _gunzip(data, limit=64 << 20):
+    import zlib
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error:
+        raise InnernetError("the server sent a corrupt gzip body") from None
+    if d.unconsumed_tail:
+        raise InnernetError("the server's answer is larger than 64 MiB")
+    return out
+
+
 class ApiClient:
     """JSON over HTTP to the server's API, inside the tunnel (keep-alive)."""
 
@@ -2754,7 +2852,8 @@ class ApiClient:
     def request(self, method, path, body=None, headers=None):
         """-> (status, headers, raw body). Transport errors are 'unreachable'."""
         data = None if body is None else json.dumps(body).encode()
-        hdrs = {SERVER_KEY_HEADER: self.server_key, "Accept": "application/json"}
+        hdrs = {SERVER_KEY_HEADER: self.server_key, "Accept": "application/json",
+                "Accept-Encoding": "gzip"}
         if data is not None:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
@@ -2769,6 +2868,8 @@ class ApiClient:
                 raw = resp.read()
                 if resp.getheader("Connection", "").lower() == "close":
                     self.close()
+                if resp.getheader("Content-Encoding") == "gzip":
+                    raw = _gunzip(raw)
                 return resp.status, resp, raw
             except (OSError, http.client.HTTPException) as e:
                 self.close()
@@ -3100,7 +3201,7 @@ def cmd_list_cidrs(args):
         cidrs = LocalNetwork(args, iface).cidrs()
     else:
         load_client_config(args, iface)
-        _, cidrs = load_data_store(data_store_path(args, iface))
+        _, cidrs, _ = load_data_store(data_store_path(args, iface))
     if getattr(args, "json", False):
         print_json([c.to_json() for c in cidrs])
     elif args.tree:
@@ -3575,7 +3676,7 @@ def cmd_override_endpoint(args):
 def cmd_override_peer_endpoint(args):
     iface = parse_interface(args.interface)
     cfg = load_client_config(args, iface)
-    peers, _ = load_data_store(data_store_path(args, iface))
+    peers, _, _ = load_data_store(data_store_path(args, iface))
     own = public_key(cfg.private_key)
     options = {p.name: p for p in peers if p.public_key != own and not p.is_disabled}
     peer = choose(args.name, "--name", "peer", options)
@@ -3641,8 +3742,40 @@ def report_candidates(args, api, cfg, own, listen_port):
             raise
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False):
-    """One sync of a client interface with its server (spec §8.1)."""
+@dataclasses.dataclass
+class FetchResult:
+    changes: List[PeerUpdate]
+    brought_up: bool
+    changed: bool            # the server sent a new state (not 304)
+    waited: bool             # the server held the request (long poll)
+
+
+def fetch_state(api, etag, wait):
+    """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
+    path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
+    status, resp, raw = api.request("GET", path,
+                                    headers={"If-None-Match": etag} if etag else None)
+    waited = resp.getheader("X-Innernet-Waited") == "1"
+    if status == 304 and etag:
+        return None, etag, waited
+    if status != 200:
+        raise api.status_error("GET", path, status, raw)
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        raise InnernetError("the server sent a malformed state")
+    return state, resp.getheader("ETag"), waited
+
+
+def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
+    """One sync of a client interface with its server (spec §8.1).
+
+    With a cached ETag the server answers 304 when nothing changed; then no
+    device, data store or hosts-file write happens. ``wait`` > 0 asks the
+    server to hold the request until something changes (long poll).
+    """
     cfg = load_client_config(args, iface)
     choice = opt(args, "backend", "auto")
     backend = existing_backend(choice, iface)
@@ -3657,17 +3790,21 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
             mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
         brought_up = True
     store_path = data_store_path(args, iface)
-    stored_peers, stored_cidrs = load_data_store(store_path)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    stored_peers, stored_cidrs, stored_etag = load_data_store(store_path)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    timeout=HTTP_TIMEOUT + wait)
     unreachable = None
+    changed = waited = False
     try:
         try:
-            state = api.call("GET", "/user/state")
-            if not isinstance(state, dict):
-                raise InnernetError("the server sent a malformed state")
-            peers = [Peer.from_json(p) for p in state.get("peers", [])]
-            cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-            reachable = True
+            state, etag, waited = fetch_state(api, stored_etag if stored_peers else None, wait)
+            if state is None:
+                peers, cidrs = stored_peers, stored_cidrs
+            else:
+                received = [Peer.from_json(p) for p in state.get("peers", [])]
+                cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
+                peers = merge_pinned(stored_peers, received)      # pinning first
+                changed = True
         except InnernetError as e:
             if not e.unreachable:
                 raise
@@ -3675,18 +3812,13 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
                 raise InnernetError(f"{e.message}, and there are no cached peers",
                                     hint=e.hint) from None
             warn(f"{e.message}; keeping the interface with {len(stored_peers)} cached peers")
-            peers, cidrs, reachable = stored_peers, stored_cidrs, False
-            unreachable = e
-        if reachable:
-            merged = merge_pinned(stored_peers, peers)
-        else:
-            merged = stored_peers
-        for p in peers:
-            if p.ip in cfg.peer_endpoint_overrides:
-                p.endpoint = cfg.peer_endpoint_overrides[p.ip]
+            peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
+        overrides = cfg.peer_endpoint_overrides
+        desired = [dataclasses.replace(p, endpoint=overrides[p.ip]) if p.ip in overrides else p
+                   for p in peers]
         dev = backend.get(iface)
         own_key = public_key(cfg.private_key)
-        updates = diff_peers(dev.peers, peers, own_key, time.time())
+        updates = diff_peers(dev.peers, desired, own_key, time.time())
         changes = [u for u in updates if u.touches_device]
         if changes:
             backend.apply(iface, updates=changes)
@@ -3696,10 +3828,10 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
             debug(f"{iface}: peers are already up to date")
         hosts_path, suffix = hosts_options(args)
         if hosts_path:
-            write_hosts_file(hosts_path, f"innernet {iface}",
-                             hosts_lines(peers, iface, suffix))
-        save_data_store(store_path, merged, cidrs)
-        if reachable:
+            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
+        if changed:
+            save_data_store(store_path, peers, cidrs, etag)
+        if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
             report_candidates(args, api, cfg, own, dev.listen_port)
     finally:
@@ -3708,7 +3840,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False):
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(unreachable.message + " (the interface keeps its cached peers)",
                             hint=unreachable.hint, unreachable=True)
-    return changes, brought_up
+    return FetchResult(changes, brought_up, changed, waited)
 
 
 def cmd_fetch(args):
@@ -3728,22 +3860,62 @@ def cmd_fetch(args):
     return EXIT_ERROR if failed else 0
 
 
+def server_long_poll(args, iface):
+    """Seconds the server lets a state request wait (0: it does not)."""
+    if getattr(args, "no_long_poll", False):
+        return 0
+    cfg = load_client_config(args, iface)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.unreachable or e.status in (404, 401):
+            return 0
+        raise
+    finally:
+        api.close()
+    value = caps.get("long_poll_seconds", 0) if isinstance(caps, dict) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _daemon(args, iface):
+    """Keep one interface in sync: long polls when offered, else the interval."""
+    long_poll = None
+    while True:
+        sleep = args.interval
+        try:
+            if long_poll is None:
+                long_poll = server_long_poll(args, iface)
+                if long_poll:
+                    debug(f"{iface}: the server offers long polls; changes apply at once")
+            wait = min(args.interval, long_poll) if long_poll else 0
+            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait)
+            if wait and (result.changed or result.waited):
+                sleep = 0                   # the wait happened on the server
+        except InnernetError as e:
+            warn(f"{iface}: {e.message}")
+            long_poll = None
+        if sleep:
+            time.sleep(sleep)
+
+
 def cmd_up(args):
     ifaces = [parse_interface(args.interface)] if args.interface else installed_interfaces(args)
     if not ifaces:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
-    while True:
+    if not args.daemon:
         for iface in ifaces:
-            try:
-                fetch_interface(args, iface, allow_bring_up=True)
-            except InnernetError as e:
-                if not args.daemon:
-                    raise
-                warn(f"{iface}: {e.message}")
-        if not args.daemon:
-            return 0
-        time.sleep(args.interval)
+            fetch_interface(args, iface, allow_bring_up=True)
+        return 0
+    if args.interval < 1:
+        raise InnernetError("--interval must be at least 1 second")
+    threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
+               for iface in ifaces[1:]]
+    for t in threads:
+        t.start()
+    _daemon(args, ifaces[0])
+    return 0
 
 
 def cmd_down(args):
@@ -3789,7 +3961,7 @@ def cmd_show(args):
             continue
         cfg = load_client_config(args, iface)
         dev = backend.get(iface)
-        peers, cidrs = load_data_store(data_store_path(args, iface))
+        peers, cidrs, _ = load_data_store(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
@@ -4017,7 +4189,11 @@ def build_parser(server_mode=False):
                    help="the network (default: every installed one)")
     p.add_argument("-d", "--daemon", action="store_true", help="keep running, syncing")
     p.add_argument("--interval", type=int, default=FETCH_INTERVAL, metavar="SECS",
-                   help=f"seconds between syncs with --daemon (default {FETCH_INTERVAL})")
+                   help=f"seconds between syncs with --daemon (default {FETCH_INTERVAL}); "
+                        "with a server that offers long polls, changes apply at once")
+    p.add_argument("--no-long-poll", action="store_true",
+                   help="sync only every --interval seconds, even if the server "
+                        "offers long polls")
     _hosts_options(p)
     _nat_options(p)
     p = _verb(sub, "fetch", cmd_fetch, "client", "Sync networks that are up, once.")

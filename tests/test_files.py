@@ -84,7 +84,7 @@ def test_data_store_round_trip(tmp_path):
     path = str(tmp_path / "evilcorp.json")
     assert innernet.save_data_store(path, peers, cidrs)
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    assert innernet.load_data_store(path) == (peers, cidrs)
+    assert innernet.load_data_store(path) == (peers, cidrs, None)
     assert not innernet.save_data_store(path, peers, cidrs)      # unchanged: no write
     text = open(path).read()
     assert '"version": "1"' in text and '"secs_since_epoch": 1700000000' in text
@@ -93,7 +93,7 @@ def test_data_store_round_trip(tmp_path):
 def test_damaged_data_store_is_treated_as_empty(tmp_path, capsys):
     path = tmp_path / "x.json"
     path.write_text('{"version": "1", "peers": [{"id": "x"}]}')
-    assert innernet.load_data_store(str(path)) == ([], [])
+    assert innernet.load_data_store(str(path)) == ([], [], None)
     assert "empty cache" in capsys.readouterr().err
 
 

@@ -236,21 +236,38 @@ def test_simultaneous_redemption(net):
         assert "10.66.0.1" in peers and "10.66.1.1" in peers       # server and admin
 
 
-def test_up_daemon_picks_up_new_peers(net):
+def test_up_daemon_long_polls_new_and_disabled_peers(net):
+    # --interval 60, yet changes arrive within seconds: the long poll.
     p1 = h(net, "p1")
-    daemon = p1.spawn(p1.innernet_argv("up", iface(net, "p1"), "--daemon", "--interval", "1",
+    fetch(net, "p1")
+    daemon = p1.spawn(p1.innernet_argv("up", iface(net, "p1"), "--daemon", "--interval", "60",
                                        "--no-write-hosts"), "up.log")
     try:
+        time.sleep(1)
         invite(net, "p6", "humans")
         join(net, "p6")
-        wait_for(lambda: "10.66.1.7" in device_peer_ips(p1, iface(net, "p1")) or
-                 any(x in device_peer_ips(p1, iface(net, "p1")) for x in
-                     [ip for (ip,) in db(net, "SELECT ip FROM peers WHERE name = 'p6'")]),
-                 15, "the daemon to add p6")
+        (p6_ip,) = db(net, "SELECT ip FROM peers WHERE name = 'p6'")[0]
+        wait_for(lambda: p6_ip in device_peer_ips(p1, iface(net, "p1")), 10,
+                 "the daemon to add p6")
+        net.srv.server("disable-peer", net.name, "--name", "p6", "--yes")
+        wait_for(lambda: p6_ip not in device_peer_ips(p1, iface(net, "p1")), 10,
+                 "the daemon to remove p6")
+        net.srv.server("enable-peer", net.name, "--name", "p6", "--yes")
         assert daemon.poll() is None
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=10)
+
+
+def test_unchanged_fetch_writes_nothing(net):
+    p1 = h(net, "p1")
+    fetch(net, "p1")
+    store = p1.path("client", "lib", f"{iface(net, 'p1')}.json")
+    assert '"etag"' in open(store).read()
+    before = (os.stat(store).st_mtime_ns, os.stat(p1.hosts_path).st_mtime_ns)
+    r = p1.innernet("-vv", "fetch", iface(net, "p1"), "--hosts-path", p1.hosts_path)
+    assert "UAPI set" not in r.stderr and "was added" not in r.stderr
+    assert (os.stat(store).st_mtime_ns, os.stat(p1.hosts_path).st_mtime_ns) == before
 
 
 def test_disabled_peer_stays_out_of_the_cache_while_the_server_is_down(net):
