@@ -24,6 +24,8 @@ Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 Licence: MIT.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 ###############################################################################
@@ -36,30 +38,23 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import gzip
-import hashlib
-import http.client
 import ipaddress
 import json
 import os
-import queue
 import re
-import secrets
-import shutil
 import signal
 import socket
-import sqlite3
 import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Dict, List, Optional, Tuple
 
 # PyNaCl and pyroute2 are imported where they are used (sections 5 and 7), so
 # that --help, admin verbs and the unit tests start fast and work without them.
+# So are the stdlib modules only one role needs (sqlite3 and http.server for
+# the server, subprocess for starting wireguard-go): `fetch` from cron pays
+# for what it uses, no more.
 
 ###############################################################################
 # Constants ###################################################################
@@ -172,6 +167,7 @@ def echo_cmd(text):
 
 def run(argv, *, timeout=30, check=True, env=None):
     """Run a program: the only subprocess seam. Returns CompletedProcess."""
+    import subprocess
     echo_cmd(" ".join(argv))
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -200,7 +196,7 @@ def ensure_dir(path, mode=0o700):
 
 def _temp_beside(path):
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(d, f".{base}.tmp{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def _write_temp(path, data, mode):
@@ -529,7 +525,7 @@ def endpoint_is_unspecified(text):
     return host in ("0.0.0.0", "::")
 
 
-_resolve_cache: Dict[str, Tuple[float, Optional[str]]] = {}
+_resolve_cache: dict[str, tuple[float, str | None]] = {}
 
 
 def resolve_endpoint(text):
@@ -795,10 +791,10 @@ def _require_object(data, what):
 
 @dataclasses.dataclass
 class Cidr:
-    id: Optional[int]
+    id: int | None
     name: str
     cidr: str                      # as submitted, e.g. "10.66.1.0/24"
-    parent: Optional[int]
+    parent: int | None
 
     @property
     def network(self):
@@ -826,7 +822,7 @@ class Cidr:
 
 @dataclasses.dataclass
 class Association:
-    id: Optional[int]
+    id: int | None
     cidr_id_1: int
     cidr_id_2: int
 
@@ -864,18 +860,18 @@ def _expires_from_json(v):
 
 @dataclasses.dataclass
 class Peer:
-    id: Optional[int]
+    id: int | None
     name: str
     ip: str
     cidr_id: int
     public_key: str
-    endpoint: Optional[str] = None
-    persistent_keepalive_interval: Optional[int] = PERSISTENT_KEEPALIVE
+    endpoint: str | None = None
+    persistent_keepalive_interval: int | None = PERSISTENT_KEEPALIVE
     is_admin: bool = False
     is_disabled: bool = False
     is_redeemed: bool = False
-    invite_expires: Optional[int] = None     # unix seconds
-    candidates: List[str] = dataclasses.field(default_factory=list)
+    invite_expires: int | None = None     # unix seconds
+    candidates: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self, with_id=True):
         d = {"id": self.id} if with_id else {}
@@ -948,7 +944,7 @@ def parse_endpoint_contents(data):
 # -- the CIDR tree -----------------------------------------------------------
 
 def cidr_children(cidrs):
-    children: Dict[Optional[int], List[Cidr]] = {}
+    children: dict[int | None, list[Cidr]] = {}
     for c in cidrs:
         children.setdefault(c.parent, []).append(c)
     for v in children.values():
@@ -1124,8 +1120,8 @@ def cidr_tree_lines(cidrs, peers_by_cidr=None, indent="  "):
 @dataclasses.dataclass
 class DevicePeer:
     public_key: str
-    endpoint: Optional[str] = None
-    allowed_ips: List[str] = dataclasses.field(default_factory=list)
+    endpoint: str | None = None
+    allowed_ips: list[str] = dataclasses.field(default_factory=list)
     persistent_keepalive: int = 0
     last_handshake: float = 0.0          # unix time; 0 = never
     rx_bytes: int = 0
@@ -1135,9 +1131,9 @@ class DevicePeer:
 @dataclasses.dataclass
 class Device:
     name: str
-    public_key: Optional[str] = None
+    public_key: str | None = None
     listen_port: int = 0
-    peers: List[DevicePeer] = dataclasses.field(default_factory=list)
+    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
 
     def peer(self, key):
         return next((p for p in self.peers if p.public_key == key), None)
@@ -1148,9 +1144,9 @@ class PeerUpdate:
     """One change to one peer on a device; None fields are left alone."""
     public_key: str
     remove: bool = False
-    endpoint: Optional[str] = None           # resolved "ip:port"
-    keepalive: Optional[int] = None          # 0 turns it off
-    allowed_ips: Optional[List[str]] = None  # replaces the list
+    endpoint: str | None = None           # resolved "ip:port"
+    keepalive: int | None = None          # 0 turns it off
+    allowed_ips: list[str | None] = None  # replaces the list
     name: str = ""
     action: str = "modified"                 # added | modified | removed
     nat_reattempt: bool = False
@@ -1244,7 +1240,7 @@ def merge_pinned(stored, received):
 def hosts_lines(peers, iface, suffix=None):
     """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3)."""
     suffix = f"{iface}.wg" if suffix is None else suffix
-    by_ip: Dict[object, List[str]] = {}
+    by_ip: dict[object, list[str]] = {}
     for p in peers:
         if p.is_disabled or not p.is_redeemed:
             continue
@@ -1324,11 +1320,11 @@ class InterfaceConfig:
     network_name: str
     address: object                      # ipaddress.IPv4Interface / IPv6Interface
     private_key: str
-    listen_port: Optional[int]
+    listen_port: int | None
     server_public_key: str
     server_external_endpoint: str
     server_internal_endpoint: str        # "ip:port" of the API
-    peer_endpoint_overrides: Dict[str, str] = dataclasses.field(default_factory=dict)
+    peer_endpoint_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def server_ip(self):
@@ -1622,6 +1618,7 @@ class UserspaceBackend:
             return
         prog = next((os.environ[v] for v in ENV_USERSPACE if os.environ.get(v)),
                     "wireguard-go")
+        import shutil
         if shutil.which(prog) is None:
             raise InnernetError(
                 f"userspace WireGuard implementation '{prog}' not found",
@@ -1968,11 +1965,13 @@ class Store:
             except OSError as e:
                 raise InnernetError(f"cannot create {path}: {e.strerror}",
                                     hint="are you running as root?") from None
+        import sqlite3                    # the server role only
+        self.sql = sqlite3
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                         timeout=15)
             self.conn.execute("PRAGMA foreign_keys = 1")
-        except sqlite3.Error as e:
+        except self.sql.Error as e:
             raise InnernetError(f"cannot open database {path}: {e}") from None
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
@@ -1996,7 +1995,7 @@ class Store:
         with self.lock:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
+            except self.sql.Error as e:
                 raise InnernetError(f"database is busy: {e}", status=503) from None
             try:
                 yield self.conn
@@ -2004,11 +2003,11 @@ class Store:
                 self.revision += 1
                 for listener in self.listeners:
                     listener()
-            except sqlite3.IntegrityError as e:
+            except self.sql.IntegrityError as e:
                 self.conn.execute("ROLLBACK")
                 raise _integrity_error(e) from None
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(self.sql.Error):
                     self.conn.execute("ROLLBACK")
                 raise
 
@@ -2016,7 +2015,7 @@ class Store:
         with self.lock:
             try:
                 return self.conn.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as e:
+            except self.sql.DatabaseError as e:
                 raise InnernetError(f"database error: {e}", status=500) from None
 
     def migrate(self):
@@ -2284,18 +2283,18 @@ def api(method, path, role, body=False):
 class Response:
     status: int
     body: object = None                  # JSON-able, or None for no body
-    headers: Dict[str, str] = dataclasses.field(default_factory=dict)
-    raw: Optional[bytes] = None          # pre-encoded JSON body
-    after: Optional[object] = None       # callable(sock) run once it is sent
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    raw: bytes | None = None          # pre-encoded JSON body
+    after: object | None = None       # callable(sock) run once it is sent
 
 
 @dataclasses.dataclass
 class Request:
     caller: Peer
     body: object
-    id: Optional[int]
+    id: int | None
     headers: object
-    query: Dict[str, str] = dataclasses.field(default_factory=dict)
+    query: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def inject_endpoint(peer, observed):
@@ -2338,12 +2337,13 @@ class Coordinator:
         self.public_key = public_key(config.private_key)
         self.hosts_path = hosts_path
         self.host_suffix = host_suffix
-        self.observed: Dict[str, str] = {}   # public key -> endpoint seen by WireGuard
+        self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
         self.observed_version = 0
         self._observed_at = 0.0
-        self.pending: Dict[int, str] = {}    # peer id -> invitation key, until swapped
+        self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
         self.device_lock = threading.RLock()
-        self._state_cache: Dict[int, Tuple[tuple, bytes, str]] = {}
+        self._state_cache: dict[frozenset, tuple[tuple, bytes, str]] = {}
+        self._tree_cache = None
         self._cache_lock = threading.Lock()
         self._data_version = None
         self.stop = threading.Event()
@@ -2352,7 +2352,7 @@ class Coordinator:
         self.changed = threading.Condition()
         self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
         self.cache_enabled = True
-        self._gzip_cache: Dict[str, bytes] = {}
+        self._gzip_cache: dict[str, bytes] = {}
         store.listeners.append(self.signal)
 
     def signal(self):
@@ -2528,16 +2528,37 @@ class Coordinator:
                 raise InnernetError("request body is not valid JSON", status=400) from None
         return fn(self, Request(caller, data, rid, headers, query))
 
+    def _tree(self, rev):
+        """CIDRs, associations and peers of one revision, read once."""
+        with self._cache_lock:
+            if self._tree_cache and self._tree_cache[0] == rev:
+                return self._tree_cache[1]
+        tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {})
+        with self._cache_lock:
+            self._tree_cache = (rev, tree)
+        return tree
+
     def state_for(self, caller):
-        """The /v1/user/state body and its ETag, cached per revision."""
+        """The /v1/user/state body and its ETag, cached per revision.
+
+        A state depends only on which CIDRs the caller sees, so callers with
+        the same view share one cached body (10,000 peers in one CIDR: one
+        body, not 10,000).
+        """
         self.refresh_observed()
         rev = (self.store.revision, self.store.data_version(), self.observed_version)
+        if not self.cache_enabled:
+            self._tree_cache = None
+        peers, cidrs, assocs, views = self._tree(rev)
+        view = views.get(caller.cidr_id)
+        if view is None:
+            view = views[caller.cidr_id] = frozenset(
+                visible_cidr_ids(cidrs, assocs, caller.cidr_id))
         with self._cache_lock:
-            hit = self._state_cache.get(caller.id) if self.cache_enabled else None
+            hit = self._state_cache.get(view) if self.cache_enabled else None
             if hit and hit[0] == rev:
                 return hit[1], hit[2]
-        peers, cidrs = self.store.peers(), self.store.cidrs()
-        visible = visible_peers(peers, cidrs, self.store.associations(), caller)
+        visible = [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
         if any(p.endpoint is None and p.public_key not in self.observed for p in visible):
             # A peer that just joined: its endpoint may be on the device already.
             self.refresh_observed(0.1)
@@ -2545,17 +2566,19 @@ class Coordinator:
             "peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
                       for p in visible],
             "cidrs": [c.to_json() for c in cidrs]}).encode()
+        import hashlib
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         with self._cache_lock:
-            if len(self._state_cache) > 50000:
+            if len(self._state_cache) > 256:
                 self._state_cache.clear()
-            self._state_cache[caller.id] = (rev, body, etag)
+            self._state_cache[view] = (rev, body, etag)
         return body, etag
 
     def gzipped(self, body, etag):
         """The gzip form of a state body, cached by its ETag."""
         gz = self._gzip_cache.get(etag)
         if gz is None:
+            import gzip
             gz = gzip.compress(body, 6, mtime=0)
             with self._cache_lock:
                 if len(self._gzip_cache) > 4096:
@@ -2724,97 +2747,117 @@ def admin_delete_association(co, req):
 
 # -- HTTP ----------------------------------------------------------------------
 
-class _ApiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"innernet.py/{__version__}"
-    sys_version = ""
-    disable_nagle_algorithm = True     # else keep-alive stalls 40 ms per request
-    timeout = HTTP_TIMEOUT
+def _api_server_class():
+    """The HTTP server class, built on first use: only the server role needs
+    http.server, and a cron `fetch` should not pay for importing it."""
+    global _API_SERVER
+    if _API_SERVER is not None:
+        return _API_SERVER
+    from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    def _serve(self):
-        body, body_error = None, None
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            body_error, self.close_connection = "chunked bodies are not supported", True
-        elif length is None:
-            body_error = "missing Content-Length header"
-        elif not length.strip().isdigit():
-            body_error, self.close_connection = "invalid Content-Length header", True
-        elif int(length) > MAX_BODY:
-            body_error = f"request body is larger than {MAX_BODY} bytes"
-            self.close_connection = True
-        else:
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
+    class _ApiHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = f"innernet.py/{__version__}"
+        sys_version = ""
+        disable_nagle_algorithm = True     # else keep-alive stalls 40 ms per request
+        timeout = HTTP_TIMEOUT
+
+        def _serve(self):
+            body, body_error = None, None
+            length = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                body_error, self.close_connection = "chunked bodies are not supported", True
+            elif length is None:
+                body_error = "missing Content-Length header"
+            elif not length.strip().isdigit():
+                body_error, self.close_connection = "invalid Content-Length header", True
+            elif int(length) > MAX_BODY:
+                body_error = f"request body is larger than {MAX_BODY} bytes"
                 self.close_connection = True
+            else:
+                body = self.rfile.read(int(length))
+                if len(body) < int(length):
+                    self.close_connection = True
+                    return
+            resp = self.server.coordinator.handle(self.command, self.path, self.headers,
+                                                  self.client_address[0], body, body_error)
+            data = resp.raw
+            if data is None and resp.body is not None:
+                data = json.dumps(resp.body).encode()
+            self.send_response(resp.status)
+            for k, v in resp.headers.items():
+                self.send_header(k, v)
+            if data is not None:
+                self.send_header("Content-Type", "application/json")
+            if resp.status != 304:
+                self.send_header("Content-Length", str(len(data or b"")))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if data and self.command != "HEAD":
+                self.wfile.write(data)
+            self.wfile.flush()
+            if resp.after:
+                resp.after(self.connection)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        def log_message(self, fmt, *args):
+            debug(f"http {self.client_address[0]} " + fmt % args, 2)
+
+
+    class ApiServer(HTTPServer):
+        """HTTP on the WireGuard address, a thread per connection, bounded."""
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 128
+
+        def __init__(self, coordinator, address, port, *, bind_device=None,
+                     max_connections=MAX_CONNECTIONS):
+            self.coordinator = coordinator
+            self.bind_device = bind_device
+            self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            self._slots = threading.BoundedSemaphore(max_connections)
+            super().__init__((address, port), _ApiHandler)
+
+        def server_bind(self):
+            s = self.socket
+            if self.bind_device:       # unreachable from other interfaces
+                s.setsockopt(socket.SOL_SOCKET, 25, self.bind_device.encode())  # SO_BINDTODEVICE
+            with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
+                s.setsockopt(socket.SOL_IP, 15, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(self.server_address)
+            self.server_address = s.getsockname()[:2]
+            self.server_name, self.server_port = self.server_address
+
+        def process_request(self, request, client_address):
+            if not self._slots.acquire(blocking=False):
+                self.shutdown_request(request)      # over the bound: refuse, don't queue
                 return
-        resp = self.server.coordinator.handle(self.command, self.path, self.headers,
-                                              self.client_address[0], body, body_error)
-        data = resp.raw
-        if data is None and resp.body is not None:
-            data = json.dumps(resp.body).encode()
-        self.send_response(resp.status)
-        for k, v in resp.headers.items():
-            self.send_header(k, v)
-        if data is not None:
-            self.send_header("Content-Type", "application/json")
-        if resp.status != 304:
-            self.send_header("Content-Length", str(len(data or b"")))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if data and self.command != "HEAD":
-            self.wfile.write(data)
-        self.wfile.flush()
-        if resp.after:
-            resp.after(self.connection)
+            threading.Thread(target=self._work, args=(request, client_address),
+                             daemon=True).start()
 
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
+        def _work(self, request, client_address):
+            try:
+                self.finish_request(request, client_address)
+            except Exception as e:
+                debug(f"connection from {client_address[0]} ended: {e!r}")
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
 
-    def log_message(self, fmt, *args):
-        debug(f"http {self.client_address[0]} " + fmt % args, 2)
+    _API_SERVER = ApiServer
+    return ApiServer
 
 
-class ApiServer(HTTPServer):
-    """HTTP on the WireGuard address, a thread per connection, bounded."""
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+_API_SERVER = None
 
-    def __init__(self, coordinator, address, port, *, bind_device=None,
-                 max_connections=MAX_CONNECTIONS):
-        self.coordinator = coordinator
-        self.bind_device = bind_device
-        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__((address, port), _ApiHandler)
 
-    def server_bind(self):
-        s = self.socket
-        if self.bind_device:       # unreachable from other interfaces
-            s.setsockopt(socket.SOL_SOCKET, 25, self.bind_device.encode())  # SO_BINDTODEVICE
-        with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
-            s.setsockopt(socket.SOL_IP, 15, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(self.server_address)
-        self.server_address = s.getsockname()[:2]
-        self.server_name, self.server_port = self.server_address
+def make_api_server(coordinator, address, port, **kw):
+    """An HTTP server for ``coordinator`` on address:port (port 0: any)."""
+    return _api_server_class()(coordinator, address, port, **kw)
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)      # over the bound: refuse, don't queue
-            return
-        threading.Thread(target=self._work, args=(request, client_address),
-                         daemon=True).start()
-
-    def _work(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception as e:
-            debug(f"connection from {client_address[0]} ended: {e!r}")
-        finally:
-            self.shutdown_request(request)
-            self._slots.release()
 
 ###############################################################################
 # API client ##################################################################
@@ -2833,53 +2876,140 @@ def _gunzip(data, limit=64 << 20):
     return out
 
 
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
+            400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 410: "Gone",
+            413: "Payload Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
 class ApiClient:
-    """JSON over HTTP to the server's API, inside the tunnel (keep-alive)."""
+    """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
+
+    A small client of our own on a socket: http.client pulls in email and ssl,
+    which would double the start-up time and memory of a cron `fetch`.
+    """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT):
         self.host, self.port = parse_endpoint(internal_endpoint)
         self.endpoint = internal_endpoint
         self.server_key = server_public_key
         self.timeout = timeout
-        self.conn = None
+        self.sock = None
+        self.buf = b""
 
     def close(self):
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+            self.buf = b""
+
+    def _read_more(self):
+        chunk = self.sock.recv(1 << 18)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        self.buf += chunk
+
+    def _read_exactly(self, n):
+        while len(self.buf) < n:
+            self._read_more()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _read_line(self, limit=1 << 16):
+        while b"\r\n" not in self.buf:
+            if len(self.buf) > limit:
+                raise ValueError("header line too long")
+            self._read_more()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _read_response(self, method):
+        status_line = self._read_line().decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ValueError(f"bad status line {status_line[:40]!r}")
+        status = int(parts[1])
+        headers = {}
+        while True:
+            line = self._read_line().decode("latin-1")
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+            if len(headers) > 100:
+                raise ValueError("too many headers")
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            while True:
+                size = int(self._read_line().split(b";")[0], 16)
+                if size == 0:
+                    while self._read_line():
+                        pass
+                    break
+                body += self._read_exactly(size)
+                self._read_exactly(2)
+                if len(body) > 64 << 20:
+                    raise ValueError("answer larger than 64 MiB")
+            body = bytes(body)
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if not 0 <= length <= 64 << 20:
+                raise ValueError("bad Content-Length")
+            body = self._read_exactly(length)
+        else:
+            while True:
+                try:
+                    self._read_more()
+                except ConnectionError:
+                    break
+            body, self.buf = self.buf, b""
+            headers["connection"] = "close"
+        return status, headers, body
 
     def request(self, method, path, body=None, headers=None):
-        """-> (status, headers, raw body). Transport errors are 'unreachable'."""
-        data = None if body is None else json.dumps(body).encode()
-        hdrs = {SERVER_KEY_HEADER: self.server_key, "Accept": "application/json",
-                "Accept-Encoding": "gzip"}
-        if data is not None:
+        """-> (status, headers with lower-case names, raw body).
+
+        Transport errors are InnernetError(unreachable=True); a stale
+        keep-alive connection is retried once on a fresh one.
+        """
+        data = b"" if body is None else json.dumps(body).encode()
+        hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
+                "Accept": "application/json", "Accept-Encoding": "gzip"}
+        if body is not None or method in ("POST", "PUT"):
             hdrs["Content-Type"] = "application/json"
+            hdrs["Content-Length"] = str(len(data))
         hdrs.update(headers or {})
+        req = (f"{method} /v1{path} HTTP/1.1\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + data
         for attempt in (0, 1):
-            reused = self.conn is not None
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port,
-                                                       timeout=self.timeout)
+            reused = self.sock is not None
             try:
-                self.conn.request(method, "/v1" + path, body=data, headers=hdrs)
-                resp = self.conn.getresponse()
-                raw = resp.read()
-                if resp.getheader("Connection", "").lower() == "close":
-                    self.close()
-                if resp.getheader("Content-Encoding") == "gzip":
-                    raw = _gunzip(raw)
-                return resp.status, resp, raw
-            except (OSError, http.client.HTTPException) as e:
+                if self.sock is None:
+                    self.sock = socket.create_connection((self.host, self.port),
+                                                         timeout=self.timeout)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sock.sendall(req)
+                status, rhdrs, raw = self._read_response(method)
+            except (OSError, ValueError) as e:
                 self.close()
-                if attempt == 0 and reused:      # a stale keep-alive connection
+                if attempt == 0 and reused and not isinstance(e, socket.timeout):
                     continue
+                if isinstance(e, ValueError):
+                    raise InnernetError(f"the server at {self.endpoint} sent a malformed "
+                                        f"answer: {e}") from None
                 reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
                 raise InnernetError(
                     f"cannot reach the innernet server at {self.endpoint}: {reason}",
                     hint="is the server running, and is this host's WireGuard "
                          "interface up?", unreachable=True) from None
+            if rhdrs.get("connection", "").lower() == "close":
+                self.close()
+            if rhdrs.get("content-encoding") == "gzip":
+                raw = _gunzip(raw)
+            return status, rhdrs, raw
 
     def call(self, method, path, body=None):
         """The decoded JSON answer, or InnernetError for a non-2xx status."""
@@ -2898,7 +3028,7 @@ class ApiClient:
         reason = ""
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             reason = json.loads(raw).get("error", "")
-        text = http.client.responses.get(status, "error")
+        text = _REASONS.get(status, "error")
         hint = None
         if status == 401:
             hint = ("this peer is unknown to the server, disabled, or not an admin"
@@ -3495,7 +3625,7 @@ def cmd_server_serve(args):
         store.set_candidates(server_peer.id, [format_endpoint(str(ip), config.listen_port)
                                               for ip in local_addresses()])
     co.tick()
-    httpd = ApiServer(co, config.address, config.listen_port, bind_device=iface)
+    httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     threading.Thread(target=co.run_background, daemon=True).start()
 
     def stop(signum, frame):
@@ -3744,7 +3874,7 @@ def report_candidates(args, api, cfg, own, listen_port):
 
 @dataclasses.dataclass
 class FetchResult:
-    changes: List[PeerUpdate]
+    changes: list[PeerUpdate]
     brought_up: bool
     changed: bool            # the server sent a new state (not 304)
     waited: bool             # the server held the request (long poll)
@@ -3755,7 +3885,7 @@ def fetch_state(api, etag, wait):
     path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
     status, resp, raw = api.request("GET", path,
                                     headers={"If-None-Match": etag} if etag else None)
-    waited = resp.getheader("X-Innernet-Waited") == "1"
+    waited = resp.get("x-innernet-waited") == "1"
     if status == 304 and etag:
         return None, etag, waited
     if status != 200:
@@ -3766,7 +3896,7 @@ def fetch_state(api, etag, wait):
         state = None
     if not isinstance(state, dict):
         raise InnernetError("the server sent a malformed state")
-    return state, resp.getheader("ETag"), waited
+    return state, resp.get("etag"), waited
 
 
 def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
@@ -3974,7 +4104,7 @@ def cmd_show(args):
                      if p.public_key in by_key else None) for p in live]})
             continue
         if args.tree:
-            by_cidr: Dict[int, List[str]] = {}
+            by_cidr: dict[int, list[str]] = {}
             for p in live:
                 by_cidr.setdefault(p.cidr_id, []).append(
                     _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))

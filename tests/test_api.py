@@ -13,7 +13,7 @@ import time
 import pytest
 
 import innernet
-from innernet import ApiServer, Cidr, Coordinator, Peer, ServerConfig, Store
+from innernet import Cidr, Coordinator, Peer, ServerConfig, Store
 
 ENDPOINTS = {"developer1": "169.10.26.8:14720", "developer2": "169.55.140.9:5833"}
 IPS = {"innernet-server": "10.80.0.1", "admin": "10.80.1.1", "developer1": "10.80.64.2",
@@ -297,7 +297,7 @@ def test_http_round_trip_on_loopback(tmp_path):
     store.add_cidr(Cidr(None, "humans", "127.1.0.0/16", 1))
     store.add_peer(Peer(None, "me", "127.1.0.1", 3, key(), is_admin=True, is_redeemed=True))
     co = Coordinator(store, ServerConfig(server_key, 0, "127.0.0.1", 8), "lo")
-    httpd = ApiServer(co, "127.0.0.1", 0)
+    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
     port = httpd.server_address[1]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:

@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmarks: a synthetic network, a server process, probes.
+
+Loopback benchmarks put every peer at 127.1.x.y, so a client that binds that
+source address is that peer (the server identifies callers by source IP).
+"""
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import innernet  # noqa: E402
+
+
+def synthetic_network(path, n, *, root="127.0.0.0/8", cidr="127.1.0.0/16", server_ip="127.0.0.1",
+                      endpoint=None):
+    """A database with ``n`` redeemed peers in one CIDR; returns (server key, peer IPs)."""
+    key = innernet.generate_private_key()
+    store = innernet.Store(path, create=True)
+    store.create_network("bench", innernet.parse_network(root), innernet.parse_ip(server_ip),
+                         innernet.public_key(key), endpoint or f"{server_ip}:51820")
+    c = store.add_cidr(innernet.Cidr(None, "peers", cidr, 1))
+    net = innernet.parse_network(cidr)
+    ips = [str(net.network_address + 2 + i) for i in range(n)]
+    rows = [(f"peer{i}", ip, c.id, base64.b64encode(os.urandom(32)).decode(),
+             f"198.18.{(i >> 8) & 255}.{i & 255}:51820", 0, 0, 1, None,
+             json.dumps([f"192.168.{(i >> 8) & 255}.{i & 255}:51820"]))
+            for i, ip in enumerate(ips)]
+    with store.write() as conn:
+        conn.executemany("INSERT INTO peers (name, ip, cidr_id, public_key, endpoint, is_admin, "
+                         "is_disabled, is_redeemed, invite_expires, candidates) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    store.close()
+    return key, ips
+
+
+SERVER = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import innernet
+db, key, cache = sys.argv[2], sys.argv[3], sys.argv[4] == "cache"
+cfg = innernet.ServerConfig(key, 51820, "127.0.0.1", 8)
+co = innernet.Coordinator(innernet.Store(db), cfg, "bench")
+co.cache_enabled = cache
+httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+print(httpd.server_address[1], flush=True)
+httpd.serve_forever()
+"""
+
+
+class ServerProcess:
+    """innernet.py's API server in a child process, on loopback."""
+
+    def __init__(self, db, key, cache=True):
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, ROOT, db, key,
+                                      "cache" if cache else "nocache"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.public_key = innernet.public_key(key)
+
+    def cpu(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self, field="VmRSS"):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RawClient:
+    """Keep-alive HTTP/1.1 over one socket, counting bytes on the wire."""
+
+    def __init__(self, port, source_ip, server_key):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                             source_address=(source_ip, 0))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.key = server_key
+        self.buf = b""
+        self.sent = self.received = 0
+
+    def get(self, path, headers=()):
+        req = (f"GET {path} HTTP/1.1\r\nHost: x\r\n{innernet.SERVER_KEY_HEADER}: {self.key}\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode()
+        self.sock.sendall(req)
+        self.sent += len(req)
+        while b"\r\n\r\n" not in self.buf:
+            self._recv()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.received += len(head) + 4
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        hdrs = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(hdrs.get("Content-Length", 0))
+        while len(self.buf) < length:
+            self._recv()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        self.received += length
+        return status, hdrs, body
+
+    def _recv(self):
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def close(self):
+        self.sock.close()
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def quick():
+    return "--quick" in sys.argv
+
+
+def table(title, header, rows):
+    """Print a Markdown table (the format bench/README.md quotes)."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    sys.stdout.flush()

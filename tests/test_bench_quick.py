@@ -1,0 +1,20 @@
+"""The loopback benchmarks, in their short form, so that none of them rots.
+
+They print figures; nothing here asserts a time.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("bench", ["unchanged_fetch.py", "throughput.py", "server_rss.py"])
+def test_loopback_benchmark_runs(bench):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", bench), "--quick"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| peers |" in r.stdout
+    print(r.stdout)
