@@ -82,6 +82,7 @@ MAX_BODY = 16 * 1024
 MAX_CANDIDATES = 10
 SWEEP_INTERVAL = 10
 MAX_CONNECTIONS = 512           # concurrent API connections; more are refused
+MAX_CONNECTIONS_PER_PEER = 32   # from one source address: a noisy peer can't starve others
 LONG_POLL_MAX_WAIT = 60         # seconds a client may ask GET /v1/user/state to wait
 LONG_POLL_MAX_WAITERS = 256     # waiting clients at once; beyond, answers come at once
 GZIP_MIN = 1024                 # bodies at least this large are gzipped when asked
@@ -526,17 +527,24 @@ def endpoint_is_unspecified(text):
 
 
 _resolve_cache: dict[str, tuple[float, str | None]] = {}
+_literal_cache: dict[str, str | None] = {}     # IP-literal endpoints never change
 
 
 def resolve_endpoint(text):
     """An endpoint string -> 'ip:port' for WireGuard, or None if it won't resolve."""
+    hit = _literal_cache.get(text)
+    if hit is not None:
+        return hit
     try:
         host, port = parse_endpoint(text)
     except InnernetError:
         return None
     try:
         ipaddress.ip_address(host)
-        return format_endpoint(host, port)
+        result = format_endpoint(host, port)
+        if len(_literal_cache) < 100000:
+            _literal_cache[text] = result
+        return result
     except ValueError:
         pass
     hit = _resolve_cache.get(text)
@@ -568,9 +576,9 @@ def parse_network(text, what="CIDR"):
 
 
 def host_prefix(ip):
-    """The /32 or /128 allowed-IP string for an address."""
-    ip = ipaddress.ip_address(ip)
-    return f"{ip}/{ip.max_prefixlen}"
+    """The /32 or /128 allowed-IP string for an address (normalised text)."""
+    text = str(ip)
+    return f"{text}/128" if ":" in text else f"{text}/32"
 
 
 def human_duration(seconds):
@@ -1162,10 +1170,9 @@ def recently_connected(dp, now):
 
 
 def _norm_ep(ep):
-    try:
-        return normalize_endpoint(ep) if ep else None
-    except InnernetError:
-        return ep
+    if not ep:
+        return None
+    return resolve_endpoint(ep) or ep
 
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
@@ -2424,7 +2431,7 @@ class Coordinator:
         # Others learn the new peer's endpoint as soon as its handshake lands.
         key = self.store.peer(peer_id).public_key
         deadline = time.monotonic() + 5
-        while key not in self.observed and time.monotonic() < deadline:
+        while self.backend and key not in self.observed and time.monotonic() < deadline:
             time.sleep(0.02)
             self.refresh_observed(0.02)
 
@@ -2818,6 +2825,8 @@ def _api_server_class():
             self.bind_device = bind_device
             self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
             self._slots = threading.BoundedSemaphore(max_connections)
+            self._per_source = {}
+            self._per_source_lock = threading.Lock()
             super().__init__((address, port), _ApiHandler)
 
         def server_bind(self):
@@ -2832,9 +2841,13 @@ def _api_server_class():
             self.server_name, self.server_port = self.server_address
 
         def process_request(self, request, client_address):
-            if not self._slots.acquire(blocking=False):
-                self.shutdown_request(request)      # over the bound: refuse, don't queue
-                return
+            source = client_address[0]
+            with self._per_source_lock:
+                mine = self._per_source.get(source, 0)
+                if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # over a bound: refuse, don't queue
+                    return
+                self._per_source[source] = mine + 1
             threading.Thread(target=self._work, args=(request, client_address),
                              daemon=True).start()
 
@@ -2846,6 +2859,12 @@ def _api_server_class():
             finally:
                 self.shutdown_request(request)
                 self._slots.release()
+                with self._per_source_lock:
+                    left = self._per_source.get(client_address[0], 1) - 1
+                    if left:
+                        self._per_source[client_address[0]] = left
+                    else:
+                        self._per_source.pop(client_address[0], None)
 
     _API_SERVER = ApiServer
     return ApiServer
@@ -3342,6 +3361,12 @@ def cmd_list_cidrs(args):
     return 0
 
 
+def _address_taken(error):
+    """Is this the refusal of an address some peer already has?"""
+    return "is already used by peer" in error.message or \
+        "with that ip already exists" in error.message
+
+
 def cmd_add_peer(args):
     net = open_network(args)
     cidrs, peers = net.cidrs(), net.peers()
@@ -3384,7 +3409,21 @@ def cmd_add_peer(args):
     ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700)
     tmp = _write_temp(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
     try:
-        peer = net.add_peer(contents)
+        for attempt in range(5):
+            try:
+                peer = net.add_peer(contents)
+                break
+            except InnernetError as e:
+                # Another admin took the address meanwhile: with --auto-ip, take the next.
+                if args.ip is not None or not _address_taken(e) or attempt == 4:
+                    raise
+                used = [p.ip for p in net.peers()]
+                ip = next_free_ip(cidr.network, used)
+                contents = dataclasses.replace(contents, ip=str(ip))
+                invitation = dataclasses.replace(invitation, address=ipaddress.ip_interface(
+                    f"{ip}/{root.network.prefixlen}"))
+                os.unlink(tmp)
+                tmp = _write_temp(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
         os.link(tmp, save_path)
     finally:
         with contextlib.suppress(OSError):
@@ -3952,8 +3991,10 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
         changes = [u for u in updates if u.touches_device]
         if changes:
             backend.apply(iface, updates=changes)
+            names = {p.public_key: p.name for p in stored_peers + peers}
             for u in changes:
-                log(f"peer {u.name or short_key(u.public_key)} was {u.action}")
+                log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
+                    f"was {u.action}")
         else:
             debug(f"{iface}: peers are already up to date")
         hosts_path, suffix = hosts_options(args)
@@ -4009,8 +4050,12 @@ def server_long_poll(args, iface):
 
 
 def _daemon(args, iface):
-    """Keep one interface in sync: long polls when offered, else the interval."""
-    long_poll = None
+    """Keep one interface in sync: long polls when offered, else the interval.
+
+    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
+    is back in sync soon after a server outage ends.
+    """
+    long_poll, backoff = None, 1
     while True:
         sleep = args.interval
         try:
@@ -4020,11 +4065,13 @@ def _daemon(args, iface):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
             wait = min(args.interval, long_poll) if long_poll else 0
             result = fetch_interface(args, iface, allow_bring_up=True, wait=wait)
+            backoff = 1
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
         except InnernetError as e:
             warn(f"{iface}: {e.message}")
             long_poll = None
+            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
         if sleep:
             time.sleep(sleep)
 

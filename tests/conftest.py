@@ -20,3 +20,21 @@ def pyz(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", str(out)],
                    check=True, capture_output=True)
     return str(out)
+
+
+# Counts that reliability and security tests report (requests fuzzed, faults
+# injected, writes verified, ...); printed at the end of every run and quoted
+# in README.md.
+COUNTS = {}
+
+
+@pytest.fixture(scope="session")
+def counts():
+    return COUNTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COUNTS:
+        terminalreporter.section("reliability and security counts")
+        for name in sorted(COUNTS):
+            terminalreporter.write_line(f"{name}: {COUNTS[name]}")

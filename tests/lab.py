@@ -121,7 +121,17 @@ class Lab:
         return name
 
     def record(self, host, argv, proc):
-        self.history.append((host, argv, proc.returncode))
+        self.history.append((host, argv, proc.returncode, proc.stdout, proc.stderr))
+
+    def all_output(self):
+        """Everything the lab's commands printed and every log file: for secret scans."""
+        text = [f"{o or ''}\n{e or ''}" for _, _, _, o, e in self.history]
+        for dirpath, _, files in os.walk(self.tmp):
+            for f in files:
+                if f.endswith(".log"):
+                    with open(os.path.join(dirpath, f), errors="replace") as fh:
+                        text.append(fh.read())
+        return "\n".join(text)
 
     def _netns_add(self, ns):
         subprocess.run(["ip", "netns", "add", ns], check=True)

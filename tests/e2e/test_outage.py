@@ -1,0 +1,116 @@
+"""Server outage: tunnels keep passing traffic, fetch says so, the daemon recovers.
+
+Issue 7. The server is stopped entirely -- its API process and its WireGuard
+device -- while p2 streams to p1 over their direct tunnel.
+"""
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from lab import ROOT, Lab, device_peer_ips, wait_for
+
+from .conftest import BARE
+
+pytestmark = pytest.mark.netns
+
+RECEIVER = r"""
+import socket, sys, time, json
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 7100)); srv.listen(1)
+print("listening", flush=True)
+c, _ = srv.accept()
+marks = []
+while True:
+    data = c.recv(65536)
+    if not data:
+        break
+    marks.append((time.time(), len(data)))
+with open(sys.argv[2], "w") as f:
+    json.dump(marks, f)
+"""
+
+SENDER = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 7100), timeout=10)
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    s.sendall(b"x" * 1000)
+    time.sleep(0.02)
+s.close()
+"""
+
+STOP_DEVICE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import innernet
+innernet.UserspaceBackend().delete(sys.argv[2])
+"""
+
+
+def test_outage(pyz, counts):
+    lab = Lab(innernet_cmd=BARE + [pyz])
+    try:
+        srv = lab.add_host("srv")
+        net = lab.ifname("n")
+        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
+                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
+        srv.server("add-cidr", net, "--name", "c", "--cidr", "10.66.1.0/24", "--parent", net,
+                   "--yes")
+
+        def serve():
+            p = srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
+            wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+            return p
+
+        def join(name):
+            srv.server("add-peer", net, "--name", name, "--cidr", "c", "--admin", "false",
+                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
+                       "--invite-expires", "1h", "--yes")
+            host = lab.add_host(name)
+            host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
+                          srv.path(f"{name}.toml"))
+            return host
+        server = serve()
+        p1, p2 = join("p1"), join("p2")
+        for h, n in ((p1, "p1"), (p2, "p2")):
+            h.innernet("fetch", lab.ifname(n), "--no-write-hosts")
+        daemon = p1.spawn(p1.innernet_argv("up", lab.ifname("p1"), "--daemon", "--interval",
+                                           "60", "--no-write-hosts"), "up.log")
+        p1.spawn([sys.executable, "-c", RECEIVER, "10.66.1.1", p1.path("marks.json")], "rx.log")
+        wait_for(lambda: "listening" in p1.log("rx.log"), 10, "receiver")
+        sender = p2.spawn([sys.executable, "-c", SENDER, "10.66.1.1", "9"], "tx.log")
+        time.sleep(2)
+        # The outage: stop the API server and take its WireGuard device away.
+        outage_start = time.time()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+        srv.python(STOP_DEVICE, ROOT, net)
+        r = p2.innernet("fetch", lab.ifname("p2"), "--no-write-hosts", check=False, timeout=60)
+        assert r.returncode == 1
+        errors = [line for line in r.stderr.splitlines() if line.startswith("innernet: error:")]
+        assert len(errors) == 1 and "10.66.0.1:51820" in errors[0], r.stderr
+        assert "10.66.1.1" in device_peer_ips(p2, lab.ifname("p2"))    # interface and cache kept
+        time.sleep(max(0, outage_start + 5 - time.time()))
+        outage_end = time.time()
+        assert daemon.poll() is None, p1.log("up.log")
+        sender.wait(timeout=30)
+        wait_for(lambda: p1.exec(["test", "-s", p1.path("marks.json")], check=False)
+                 .returncode == 0, 10, "receiver to finish")
+        marks = json.load(open(p1.path("marks.json")))
+        during = [(t, n) for t, n in marks if outage_start <= t <= outage_end]
+        delivered = sum(n for _, n in during)
+        gaps = [b[0] - a[0] for a, b in zip(during, during[1:])]
+        assert delivered > 50_000 and max(gaps) < 1.0, (delivered, max(gaps or [0]))
+        counts["bytes delivered peer-to-peer during a 5 s server outage"] = delivered
+        # The server returns; the daemon, still running, picks up a change at once.
+        serve()
+        p3 = join("p3")
+        wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 30,
+                 "the daemon to recover and add p3")
+        assert daemon.poll() is None
+        counts["daemon recoveries after the server returned"] = 1
+    finally:
+        lab.close()

@@ -1,0 +1,189 @@
+"""Hostile input: every API body and every file parser, fuzzed (hypothesis).
+
+The server answers a 4xx and changes no row; the parsers raise InnernetError
+(a one-line CLI error) and nothing else; slow and idle connections do not
+block a legitimate fetch.
+"""
+import json
+import socket
+import string
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import innernet
+from test_api import IPS, call, make_coordinator
+
+BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endpoint", "developer1"),
+               ("PUT", "/v1/user/candidates", "developer1"), ("POST", "/v1/admin/peers", "admin"),
+               ("PUT", "/v1/admin/peers/3", "admin"), ("POST", "/v1/admin/cidrs", "admin"),
+               ("PUT", "/v1/admin/cidrs/4", "admin"), ("POST", "/v1/admin/associations", "admin")]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
+    | st.floats(allow_nan=True) | st.text(max_size=30)
+    | st.sampled_from(["10.80.64.9", "10.81.0.0/16", "1.2.3.4:51820", "Set", "Unset",
+                       "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8=", "developer1", ""]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "ip", "cidr", "parent", "cidr_id", "public_key", "endpoint",
+                         "option", "content", "is_admin", "is_disabled", "is_redeemed",
+                         "invite_expires", "candidates", "cidr_id_1", "cidr_id_2",
+                         "persistent_keepalive_interval", "secs_since_epoch", "x"]),
+        children, max_size=12), max_leaves=20)
+
+raw_bodies = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200).map(str.encode),
+    st.integers(min_value=1, max_value=20000).map(lambda n: b"[" * n),
+    st.integers(min_value=1, max_value=400).map(lambda n: b'{"name": 1' + b"0" * n + b"}"),
+    st.sampled_from([b"", b"{", b'{"a":', b"\xff\xfe\x00", b'"\\ud800"', b"1e99999",
+                     b'{"name":"x","cidr":"10.81.0.0/16","parent":1e999}',
+                     b'{"name":"x","cidr":"10.81.0.0/16","parent":' + b"9" * 5000 + b"}"]))
+
+
+def snapshot(co):
+    c = co.store.conn
+    return [c.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
+            for t in ("peers", "cidrs", "associations")]
+
+
+@pytest.fixture(scope="module")
+def fuzz_co(tmp_path_factory):
+    co = make_coordinator(tmp_path_factory.mktemp("fuzz"))
+    future = {"secs_since_epoch": int(time.time()) + 3600, "nanos_since_epoch": 0}
+    body = {"name": "invitee", "ip": "10.80.64.50", "cidr_id": 4, "endpoint": None,
+            "public_key": innernet.public_key(innernet.generate_private_key()),
+            "persistent_keepalive_interval": None, "is_admin": False, "is_disabled": False,
+            "is_redeemed": False, "invite_expires": future, "candidates": []}
+    assert call(co, "POST", "/v1/admin/peers", body=body)[0] == 201
+    IPS["unredeemed"] = "10.80.64.50"
+    return co
+
+
+def check(co, counts, method, path, who, raw):
+    before = snapshot(co)
+    status, body = call(co, method, path, who, raw=raw)
+    counts["api requests fuzzed"] = counts.get("api requests fuzzed", 0) + 1
+    assert status < 500, (method, path, raw[:100], body)
+    if status >= 400:
+        assert isinstance(body, dict) and body.get("error")
+        assert snapshot(co) == before, "a rejected request changed the database"
+    else:
+        counts["fuzzed requests accepted as valid"] = \
+            counts.get("fuzzed requests accepted as valid", 0) + 1
+
+
+@pytest.mark.parametrize("method,path,who", BODY_ROUTES)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(value=json_values)
+def test_json_bodies(fuzz_co, counts, method, path, who, value):
+    check(fuzz_co, counts, method, path, who, json.dumps(value).encode())
+
+
+@pytest.mark.parametrize("method,path,who", BODY_ROUTES)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=raw_bodies)
+def test_raw_bodies(fuzz_co, counts, method, path, who, raw):
+    check(fuzz_co, counts, method, path, who, raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.text(alphabet=string.printable, max_size=60),
+       method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
+def test_paths_and_methods(fuzz_co, counts, path, method):
+    before = snapshot(fuzz_co)
+    status, _ = call(fuzz_co, method, "/v1/" + path, "user1", raw=b"{}")
+    counts["api requests fuzzed"] = counts.get("api requests fuzzed", 0) + 1
+    assert status < 500 and (status < 300 or snapshot(fuzz_co) == before)
+
+
+# -- file parsers -------------------------------------------------------------------
+
+def parsers():
+    return [lambda t: innernet.InterfaceConfig.from_toml(t, "f"),
+            lambda t: innernet.ServerConfig.from_toml(t, "f"),
+            lambda t: innernet.parse_data_store(t, "f"),
+            lambda t: innernet.update_hosts_text(t, "innernet x", ["1.1.1.1 a"]),
+            lambda t: innernet.toml_loads(t, "f")]
+
+
+toml_like = st.lists(st.one_of(
+    st.sampled_from(["[interface]", "[server]", "[peer-endpoint-overrides]", "[[x]]",
+                     'network-name = "evilcorp"', 'address = "10.66.2.1/16"',
+                     'private-key = "SGb+ojrRNDuMePufwtIYhXzA//k6wF3R21tEBgKlzlM="',
+                     'public-key = "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8="',
+                     'external-endpoint = "1.2.3.4:51820"', 'internal-endpoint = "10.66.0.1:1"',
+                     "listen-port = 99999999999999999999", 'listen-port = "x"', "a = [1, [2]]",
+                     '"10.66.2.7" = "1.2.3.4:5"', "key = 'lit", 'k = "\\u12"', "# DO NOT EDIT innernet x BEGIN",
+                     "# DO NOT EDIT innernet x END", '{"version": "1", "peers": [{}]}']),
+    st.text(max_size=40)), max_size=12).map("\n".join)
+
+
+@pytest.mark.parametrize("index", range(5))
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(toml_like, st.text(max_size=300),
+                      st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+def test_file_parsers_raise_only_innernet_errors(counts, index, text):
+    counts["file contents fuzzed"] = counts.get("file contents fuzzed", 0) + 1
+    try:
+        parsers()[index](text)
+    except innernet.InnernetError as e:
+        assert e.message and "\n" not in e.message
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=300))
+def test_install_with_garbage_invitation_is_one_clear_error(tmp_path_factory, capsys, counts,
+                                                          data):
+    d = tmp_path_factory.mktemp("inv")
+    path = d / "invite.toml"
+    path.write_bytes(data)
+    assert innernet.main(["-c", str(d / "etc"), "-d", str(d / "lib"), "install",
+                          str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("innernet: error:") and "Traceback" not in err
+    counts["CLI runs with garbage files"] = counts.get("CLI runs with garbage files", 0) + 1
+
+
+# -- slow and idle clients ------------------------------------------------------------
+
+def test_idle_and_slow_connections_do_not_block_a_fetch(tmp_path, counts):
+    co = make_coordinator(tmp_path)
+    # The loopback server needs its peers at 127.x addresses.
+    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+    port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    socks = []
+    try:
+        for i in range(600):                   # idle: more than any bound, from one peer
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2,
+                                                      source_address=("127.1.0.4", 0)))
+            except OSError:
+                pass
+        for i in range(50):                                    # slow: one byte at a time
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=2,
+                                             source_address=("127.1.0.5", 0))
+                s.sendall(b"GET /v1/user/st")
+                socks.append(s)
+            except OSError:
+                pass
+        start = time.monotonic()
+        api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=5)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                        source_address=("127.1.0.3", 0))
+        api.sock = sock
+        state = api.call("GET", "/user/state")
+        assert {p["name"] for p in state["peers"]} >= {"developer1"}
+        counts["idle/slow connections held open during a successful fetch"] = len(socks)
+        print(f"fetch succeeded in {time.monotonic() - start:.3f} s with {len(socks)} "
+              "idle/slow connections open")
+    finally:
+        for s in socks:
+            s.close()
+        httpd.shutdown()
+        httpd.server_close()
