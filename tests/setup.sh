@@ -7,7 +7,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip wireguard-go wireguard-tools iproute2 nftables \
-    python3-nacl python3-pyroute2 time util-linux >/dev/null
+    python3-nacl python3-pyroute2 time util-linux \
+    debootstrap dpkg-dev debhelper dh-python lintian fakeroot build-essential man-db >/dev/null
 fi
 VENV=${INNERNET_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"

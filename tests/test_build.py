@@ -76,3 +76,23 @@ def test_vendored_pyroute2_imports_from_the_archive(pyz):
             "import pyroute2; print(pyroute2.__file__)" % pyz)
     r = subprocess.run(BARE + ["-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and pyz in r.stdout, r.stderr
+
+
+def test_pip_install_gives_both_commands(tmp_path):
+    """`pip install .` (from PyPI: setuptools, PyNaCl, pyroute2) makes innernet and
+    innernet-server commands that work."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", ROOT], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(venv / "bin" / "innernet"), "--version"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.startswith("innernet.py ")
+    r = subprocess.run([str(venv / "bin" / "innernet-server"), "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage: innernet-server")
+    r = subprocess.run([str(venv / "bin" / "python"), "-c",
+                        "import nacl.bindings, pyroute2.iproute, innernet; "
+                        "print(innernet.key_backend())"], capture_output=True, text=True)
+    assert r.stdout.strip() == "pynacl", r.stderr

@@ -23,13 +23,23 @@ class Mesh:
     pass
 
 
+def commands(pyz):
+    """The .pyz by default; INNERNET_E2E_CMD/INNERNET_E2E_SERVER_CMD run the
+    same test with installed commands (tests/e2e/test_package.py: the .deb)."""
+    if os.environ.get("INNERNET_E2E_CMD"):
+        return (os.environ["INNERNET_E2E_CMD"].split(),
+                os.environ.get("INNERNET_E2E_SERVER_CMD", "").split() or None)
+    return BARE + [pyz], None
+
+
 @pytest.fixture(scope="module")
 def mesh(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
+    client_cmd, server_cmd = commands(pyz)
+    lab = Lab(innernet_cmd=client_cmd, server_cmd=server_cmd)
     m = Mesh()
     m.lab = lab
     try:
-        debian = debian_python_with_deps()
+        debian = debian_python_with_deps() if server_cmd is None else None
         m.srv = lab.add_host("srv")
         m.admin = lab.add_host("admin")
         m.p1 = lab.add_host("p1")
