@@ -76,6 +76,7 @@ DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
 DEFAULT_INVITE_EXPIRY = "14d"
 PERSISTENT_KEEPALIVE = 25
 RECENT_HANDSHAKE = 180          # seconds; WireGuard's REJECT_AFTER_TIME
+RELAY_AFTER = 15                # seconds without any direct path before relaying
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
 MAX_BODY = 16 * 1024
@@ -166,13 +167,14 @@ def echo_cmd(text):
 ###############################################################################
 
 
-def run(argv, *, timeout=30, check=True, env=None):
+def run(argv, *, timeout=30, check=True, env=None, input=None):
     """Run a program: the only subprocess seam. Returns CompletedProcess."""
     import subprocess
     echo_cmd(" ".join(argv))
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                              timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL if input is None else None)
     except FileNotFoundError:
         raise InnernetError(f"program '{argv[0]}' not found") from None
     except subprocess.TimeoutExpired:
@@ -598,12 +600,12 @@ def human_bytes(n):
     return f"{n:.2f} TiB"
 
 
-def local_addresses(exclude=()):
-    """Addresses of this host's up, non-loopback links: NAT candidates (§6.3).
+def local_networks():
+    """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
     Read with ioctls and /proc (stdlib only), so fetch needs no pyroute2.
     """
-    SIOCGIFFLAGS, SIOCGIFADDR = 0x8913, 0x8915
+    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
     IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
     found = []
     up = set()
@@ -619,14 +621,22 @@ def local_addresses(exclude=()):
             up.add(name)
             try:
                 addr = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24])
-                found.append(ipaddress.ip_address(addr))
-            except OSError:
+                mask = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24])
+                found.append(ipaddress.ip_interface(f"{addr}/{mask}"))
+            except (OSError, ValueError):
                 pass
     with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 6 and parts[5] in up:
-                found.append(ipaddress.IPv6Address(int(parts[0], 16)))
+                found.append(ipaddress.ip_interface(
+                    (ipaddress.IPv6Address(int(parts[0], 16)), int(parts[2], 16))))
+    return found
+
+
+def local_addresses(exclude=()):
+    """Addresses worth reporting as NAT candidates (spec §6.3), at most 10."""
+    found = [n.ip for n in local_networks()]
     result = []
     for ip in found:
         if ip.version == 6 and (not ip.is_global or ip in ipaddress.ip_network("2001:db8::/32")):
@@ -1175,12 +1185,15 @@ def _norm_ep(ep):
     return resolve_endpoint(ep) or ep
 
 
-def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
+def diff_peers(device_peers, desired, own_public_key, now, resolve=None, relayed=(),
+               relay_via=None):
     """The updates that turn the device's peers into ``desired`` (spec §8.2).
 
     Disabled peers and our own key are not wanted; device peers not wanted
     are removed. Endpoints are only changed for peers without a recent
-    handshake, so a working path is never replaced.
+    handshake, so a working path is never replaced. Addresses in ``relayed``
+    (allowed-IP strings) are routed through the peer ``relay_via`` (the
+    server) instead of their own peer entry.
     """
     resolve = resolve or resolve_endpoint
     current = {p.public_key: p for p in device_peers}
@@ -1191,6 +1204,10 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
     updates = []
     for key, p in wanted.items():
         allowed = [host_prefix(p.ip)]
+        if allowed[0] in relayed:
+            allowed = []
+        if key == relay_via:
+            allowed += sorted(relayed)
         keepalive = p.persistent_keepalive_interval or 0
         d = current.get(key)
         if d is None:
@@ -1199,7 +1216,7 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
                                       name=p.name, action="added"))
             continue
         u = PeerUpdate(key, name=p.name)
-        if sorted(d.allowed_ips) != allowed:
+        if sorted(d.allowed_ips) != sorted(allowed):
             u.allowed_ips = allowed
         if d.persistent_keepalive != keepalive:
             u.keepalive = keepalive
@@ -1215,6 +1232,49 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=None):
         if key not in wanted:
             updates.append(PeerUpdate(key, remove=True, action="removed"))
     return updates
+
+
+def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
+    """The endpoints to try for a peer, best first (our NAT traversal).
+
+    Addresses inside a network this host is directly on come first -- two
+    peers behind the same NAT reach each other over their LAN even when the
+    NAT does not hairpin -- then the endpoint the server sees, then the rest.
+    """
+    ordered, seen = [], set()
+    for c in peer.candidates[:limit]:
+        with contextlib.suppress(InnernetError, ValueError):
+            ip = ipaddress.ip_address(parse_endpoint(c)[0])
+            if any(ip in n.network for n in local_nets if n.version == ip.version):
+                ordered.append(c)
+    if peer.endpoint:
+        ordered.append(peer.endpoint)
+    ordered.extend(peer.candidates[:limit])
+    out = []
+    for c in ordered:
+        ep = resolve_endpoint(c)
+        if ep and ep not in seen:
+            seen.add(ep)
+            out.append(ep)
+    return out
+
+
+def relay_rules(peers, cidrs, associations):
+    """What the server may forward: (peer addresses, CIDR pairs a -> b).
+
+    Only enabled, redeemed peers, and only from a CIDR to a CIDR its peers may
+    see -- a relayed packet obeys the same rules as a direct one.
+    """
+    addrs = sorted({p.ip for p in peers if p.is_redeemed and not p.is_disabled},
+                   key=ipaddress.ip_address)
+    used = {p.cidr_id for p in peers if p.is_redeemed and not p.is_disabled}
+    by_id = {c.id: c for c in cidrs}
+    pairs = set()
+    for cid in used:
+        for vid in visible_cidr_ids(cidrs, associations, cid):
+            if cid in by_id and vid in by_id:
+                pairs.add((str(by_id[cid].network), str(by_id[vid].network)))
+    return addrs, sorted(pairs)
 
 
 def merge_pinned(stored, received):
@@ -1886,6 +1946,69 @@ def bring_down(choice, ifname):
     return True
 
 
+class RelayFirewall:
+    """The server's relay: forwarding between peers, limited by nftables.
+
+    Forwarding is switched on for the WireGuard interface only, and one
+    nftables table lets through just the packets from a peer to a peer it may
+    see (relay_rules); everything else entering or leaving the interface
+    through the forward hook is dropped. IPv4 only.
+    """
+
+    def __init__(self, ifname):
+        self.ifname = ifname
+        self.table = "innernet_" + ifname.replace("-", "_")
+        self._last = None
+
+    @staticmethod
+    def available():
+        import shutil
+        return shutil.which("nft") is not None
+
+    def _forwarding(self, on):
+        path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
+        echo_cmd(f"sysctl -w net.ipv4.conf.{self.ifname}.forwarding={int(on)}")
+        try:
+            with open(path, "w") as f:
+                f.write("1\n" if on else "0\n")
+        except OSError as e:
+            raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
+
+    def apply(self, addrs, pairs):
+        """Replace the table atomically (one `nft -f` transaction) when it changed."""
+        v4 = [a for a in addrs if ":" not in a]
+        pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
+        peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
+        allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
+        wg = json.dumps(self.ifname)
+        text = f"""table inet {self.table}
+delete table inet {self.table}
+table inet {self.table} {{
+  set peers {{ type ipv4_addr; {peers} }}
+  set pairs {{ type ipv4_addr . ipv4_addr; flags interval; {allowed} }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname {wg} oifname {wg} ip saddr @peers ip daddr @peers ip saddr . ip daddr @pairs counter accept
+    iifname {wg} counter drop
+    oifname {wg} counter drop
+  }}
+}}
+"""
+        if text == self._last:
+            return
+        if self._last is None:
+            self._forwarding(True)
+        run(["nft", "-f", "-"], input=text)
+        self._last = text
+
+    def remove(self):
+        with contextlib.suppress(InnernetError):
+            run(["nft", "delete", "table", "inet", self.table])
+        with contextlib.suppress(InnernetError):
+            self._forwarding(False)
+        self._last = None
+
+
 def trigger_packet(ip, port=9):
     """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
     with contextlib.suppress(OSError):
@@ -2336,7 +2459,7 @@ class Coordinator:
     """The running server: its store, its WireGuard device and the API logic."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None):
+                 host_suffix=None, relay=None):
         self.store = store
         self.config = config
         self.ifname = ifname
@@ -2344,6 +2467,7 @@ class Coordinator:
         self.public_key = public_key(config.private_key)
         self.hosts_path = hosts_path
         self.host_suffix = host_suffix
+        self.relay = relay                   # RelayFirewall, or None: no relaying
         self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
         self.observed_version = 0
         self._observed_at = 0.0
@@ -2418,6 +2542,9 @@ class Coordinator:
                 self.backend.apply(self.ifname, updates=updates)
                 for u in updates:
                     debug(f"server device: peer {u.name or short_key(u.public_key)} {u.action}")
+            if self.relay is not None:
+                self.relay.apply(*relay_rules(self.store.peers(), self.store.cidrs(),
+                                              self.store.associations()))
             return updates
 
     def _finish_redeem(self, peer_id, sock):
@@ -2647,7 +2774,8 @@ def user_get_state(co, req):
 def user_get_capabilities(co, req):
     # innernet clients ignore the extra field; ours long-poll when they see it.
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
-                          "long_poll_seconds": LONG_POLL_MAX_WAIT})
+                          "long_poll_seconds": LONG_POLL_MAX_WAIT,
+                          "relay": co.relay is not None})
 
 
 @api("POST", "user/redeem", "unredeemed", body=True)
@@ -2743,12 +2871,14 @@ def admin_list_associations(co, req):
 def admin_add_association(co, req):
     a = Association.from_json(req.body, with_id=False)
     co.store.add_association(a.cidr_id_1, a.cidr_id_2)
+    co.sync_device()
     return Response(201)
 
 
 @api("DELETE", "admin/associations/{id}", "admin")
 def admin_delete_association(co, req):
     co.store.delete_association(req.id)
+    co.sync_device()
     return Response(204)
 
 
@@ -3623,6 +3753,8 @@ def cmd_server_uninstall(args):
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
+    if RelayFirewall.available():
+        RelayFirewall(iface).remove()
     for path in (conf, db):
         try:
             os.unlink(path)
@@ -3656,8 +3788,14 @@ def cmd_server_serve(args):
     store = Store(server_paths(args, iface)[1])
     backend = _ensure_server_device(args, iface, config)
     hosts_path, suffix = hosts_options(args)
+    relay = None
+    if not getattr(args, "no_relay", False):
+        if RelayFirewall.available():
+            relay = RelayFirewall(iface)
+        else:
+            warn("nft (nftables) not found: relaying between peers is off")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix)
+                     host_suffix=suffix, relay=relay)
     co.sync_device()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -3917,6 +4055,76 @@ class FetchResult:
     brought_up: bool
     changed: bool            # the server sent a new state (not 304)
     waited: bool             # the server held the request (long poll)
+    unreachable: set = dataclasses.field(default_factory=set)   # keys NAT traversal missed
+
+
+def relayed_addresses(dev, cfg, peers):
+    """Allowed IPs currently routed through the server for peers still wanted."""
+    server = dev.peer(cfg.server_public_key)
+    if server is None:
+        return set()
+    wanted = {host_prefix(p.ip) for p in peers if not p.is_disabled}
+    return {a for a in server.allowed_ips if a != host_prefix(cfg.server_ip) and a in wanted}
+
+
+def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
+    """Try the candidates of every peer without a recent handshake, together.
+
+    innernet tries one candidate per peer every 5 s. Here every pending peer
+    gets its next candidate at once, each step lasting until a handshake or
+    ``step`` seconds; re-adding the peer makes WireGuard send a fresh
+    initiation at once (it otherwise waits 5 s between attempts). Returns the
+    keys still unreachable; they are left at their best endpoint.
+    """
+    dev = backend.get(iface)
+    now = time.time()
+    own = public_key(cfg.private_key)
+    on_device = {p.public_key: p for p in dev.peers}
+    nets = local_networks()
+    todo = {}
+    for p in peers:
+        dp = on_device.get(p.public_key)
+        if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
+                or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
+            continue
+        candidates = traversal_candidates(p, nets)
+        if candidates:
+            todo[p.public_key] = (p, dp, candidates)
+    if not todo:
+        return set()
+    start, best = time.monotonic(), {k: c[0] for k, (_, _, c) in todo.items()}
+    for i in range(max(len(c) for _, _, c in todo.values())):
+        batch = {k: c[i] for k, (_, _, c) in todo.items() if i < len(c)}
+        if not batch or time.monotonic() - start > budget:
+            break
+        since = time.time()
+        ups = []
+        for k, ep in batch.items():
+            p, dp, _ = todo[k]
+            ups += [PeerUpdate(k, remove=True),
+                    PeerUpdate(k, endpoint=ep, keepalive=p.persistent_keepalive_interval or
+                               PERSISTENT_KEEPALIVE, allowed_ips=list(dp.allowed_ips), name=p.name)]
+        backend.apply(iface, updates=ups)
+        debug(f"{iface}: NAT traversal step {i + 1}: trying " +
+              ", ".join(f"{todo[k][0].name}@{ep}" for k, ep in batch.items()))
+        began = time.monotonic()
+        kicks = [0.25, 0.6]         # both sides' first packets may cross and be dropped
+        while time.monotonic() - began < step and batch:
+            time.sleep(0.02)
+            if kicks and time.monotonic() - began >= kicks[0]:
+                kicks.pop(0)
+                backend.apply(iface, updates=[u for u in ups if u.public_key in batch])
+            for q in backend.get(iface).peers:
+                if q.public_key in batch and q.last_handshake > since:
+                    log(f"peer {todo[q.public_key][0].name} reached directly at "
+                        f"{batch[q.public_key]}")
+                    del batch[q.public_key]
+                    del todo[q.public_key]
+        if not todo:
+            break
+    if todo:                    # leave each at its best guess; WireGuard keeps trying
+        backend.apply(iface, updates=[PeerUpdate(k, endpoint=best[k]) for k in todo])
+    return set(todo)
 
 
 def fetch_state(api, etag, wait):
@@ -3987,7 +4195,9 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
                    for p in peers]
         dev = backend.get(iface)
         own_key = public_key(cfg.private_key)
-        updates = diff_peers(dev.peers, desired, own_key, time.time())
+        relayed = relayed_addresses(dev, cfg, desired)
+        updates = diff_peers(dev.peers, desired, own_key, time.time(), relayed=relayed,
+                             relay_via=cfg.server_public_key)
         changes = [u for u in updates if u.touches_device]
         if changes:
             backend.apply(iface, updates=changes)
@@ -4005,13 +4215,15 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
         if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
             report_candidates(args, api, cfg, own, dev.listen_port)
+        missed = set() if getattr(args, "no_nat_traversal", False) else \
+            traverse_nat(backend, iface, cfg, desired)
     finally:
         api.close()
     if unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(unreachable.message + " (the interface keeps its cached peers)",
                             hint=unreachable.hint, unreachable=True)
-    return FetchResult(changes, brought_up, changed, waited)
+    return FetchResult(changes, brought_up, changed, waited, missed)
 
 
 def cmd_fetch(args):
@@ -4031,46 +4243,108 @@ def cmd_fetch(args):
     return EXIT_ERROR if failed else 0
 
 
-def server_long_poll(args, iface):
-    """Seconds the server lets a state request wait (0: it does not)."""
-    if getattr(args, "no_long_poll", False):
-        return 0
+def server_capabilities(args, iface):
+    """The server's capabilities ({} for an old or unreachable server)."""
     cfg = load_client_config(args, iface)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
         caps = api.call("GET", "/user/capabilities") or {}
     except InnernetError as e:
         if e.unreachable or e.status in (404, 401):
-            return 0
+            return {}
         raise
     finally:
         api.close()
-    value = caps.get("long_poll_seconds", 0) if isinstance(caps, dict) else 0
+    return caps if isinstance(caps, dict) else {}
+
+
+def _positive_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class RelayState:
+    """What the daemon remembers between rounds about peers it cannot reach."""
+
+    def __init__(self):
+        self.failing_since = {}      # public key -> monotonic time of the first miss
+        self.relayed_at = {}         # public key -> wall time it was moved to the relay
+
+
+def update_relays(backend, iface, cfg, peers, missed, state, allowed):
+    """Route peers unreachable for RELAY_AFTER s through the server; route them
+    back directly as soon as a direct handshake works again."""
+    now_m, now = time.monotonic(), time.time()
+    for k in list(state.failing_since):
+        if k not in missed:
+            del state.failing_since[k]
+    for k in missed:
+        state.failing_since.setdefault(k, now_m)
+    dev = backend.get(iface)
+    server = dev.peer(cfg.server_public_key)
+    if server is None:
+        return
+    by_key = {p.public_key: p for p in peers if not p.is_disabled}
+    relayed = relayed_addresses(dev, cfg, peers)
+    moves = []
+    for dp in dev.peers:
+        p = by_key.get(dp.public_key)
+        if p is None or dp.public_key == cfg.server_public_key:
+            continue
+        prefix = host_prefix(p.ip)
+        if prefix in relayed and dp.last_handshake > state.relayed_at.get(dp.public_key, now) \
+                and recently_connected(dp, now):
+            relayed.discard(prefix)
+            moves.append(PeerUpdate(dp.public_key, allowed_ips=[prefix], name=p.name))
+            state.relayed_at.pop(dp.public_key, None)
+            log(f"peer {p.name}: direct path works again; no longer relayed")
+        elif prefix not in relayed and allowed and dp.public_key in missed \
+                and now_m - state.failing_since[dp.public_key] >= RELAY_AFTER:
+            relayed.add(prefix)
+            moves.append(PeerUpdate(dp.public_key, allowed_ips=[], name=p.name))
+            state.relayed_at[dp.public_key] = now
+            log(f"peer {p.name}: no direct path after {RELAY_AFTER} s; relayed through the server")
+    if moves:
+        server_ips = [host_prefix(cfg.server_ip)] + sorted(relayed)
+        backend.apply(iface, updates=moves + [PeerUpdate(cfg.server_public_key,
+                                                         allowed_ips=server_ips)])
 
 
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
-    is back in sync soon after a server outage ends.
+    is back in sync soon after a server outage ends. Peers that stay
+    unreachable are relayed through the server when it offers that.
     """
-    long_poll, backoff = None, 1
+    caps, backoff, relays = None, 1, RelayState()
     while True:
         sleep = args.interval
         try:
-            if long_poll is None:
-                long_poll = server_long_poll(args, iface)
-                if long_poll:
+            if caps is None:
+                caps = server_capabilities(args, iface)
+                if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
+            long_poll = 0 if getattr(args, "no_long_poll", False) else \
+                _positive_int(caps.get("long_poll_seconds"))
             wait = min(args.interval, long_poll) if long_poll else 0
+            if wait and (relays.failing_since or relays.relayed_at):
+                wait = min(wait, 10)        # look again soon at paths being worked on
             result = fetch_interface(args, iface, allow_bring_up=True, wait=wait)
             backoff = 1
+            if not getattr(args, "no_nat_traversal", False):
+                cfg = load_client_config(args, iface)
+                peers, _, _ = load_data_store(data_store_path(args, iface))
+                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                if backend is not None:
+                    update_relays(backend, iface, cfg, peers, result.unreachable, relays,
+                                  bool(caps.get("relay")))
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
+            elif relays.failing_since:
+                sleep = min(sleep, 5)
         except InnernetError as e:
             warn(f"{iface}: {e.message}")
-            long_poll = None
+            caps = None
             sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
         if sleep:
             time.sleep(sleep)
@@ -4103,10 +4377,11 @@ def cmd_down(args):
     return 0
 
 
-def _show_peer_lines(p, dp, me, now, verbose, override):
+def _show_peer_lines(p, dp, me, now, verbose, override, relayed=False):
     key = p.public_key if verbose else short_key(p.public_key)
     lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
-    if dp is not None:
+    if dp is not None and not me:
+        lines.append("    path: relayed through the server" if relayed else "    path: direct")
         if dp.endpoint:
             lines.append(f"    endpoint: {dp.endpoint}"
                          + (" (endpoint overridden locally)" if override else ""))
@@ -4141,12 +4416,14 @@ def cmd_show(args):
         peers, cidrs, _ = load_data_store(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
         by_key = {dp.public_key: dp for dp in dev.peers}
+        relayed = relayed_addresses(dev, cfg, peers)
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
         shown += 1
         if getattr(args, "json", False):
             out.append({"network": iface, "listen_port": dev.listen_port, "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
+                     path="relayed" if host_prefix(p.ip) in relayed else "direct",
                      device=dataclasses.asdict(by_key[p.public_key])
                      if p.public_key in by_key else None) for p in live]})
             continue
@@ -4167,7 +4444,8 @@ def cmd_show(args):
                 print()
                 print("\n".join(_show_peer_lines(
                     p, by_key.get(p.public_key), p.public_key == own_key, now,
-                    _verbosity > 0, p.ip in cfg.peer_endpoint_overrides)))
+                    _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
+                    host_prefix(p.ip) in relayed)))
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
@@ -4322,6 +4600,9 @@ def _add_server_verbs(sub):
     p = _verb(sub, "serve", cmd_server_serve, "server", "Run the coordination server.")
     p.add_argument("interface", metavar="INTERFACE")
     _hosts_options(p)
+    p.add_argument("--no-relay", action="store_true",
+                   help="never forward traffic between peers that cannot reach each other "
+                        "directly (by default the server relays, within the access rules)")
     p = _verb(sub, "uninstall", cmd_server_uninstall, "server",
               "Delete a network: its interface, config and database.")
     p.add_argument("interface", metavar="INTERFACE")

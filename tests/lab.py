@@ -159,6 +159,54 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def add_nat(self, name, wan, lan_prefix, *, symmetric=False):
+        """A NAT router on the lab's bridge: WAN ``wan``, LAN ``lan_prefix``.0/24.
+
+        Masquerade (port-preserving, or random ports when ``symmetric``) and
+        unsolicited new packets on the WAN dropped, as home routers do; no
+        hairpinning.
+        """
+        host = self.add_host(name, f"{wan}/24")
+        ns = host.ns
+        self._ip(ns, "link", "add", "lan", "type", "bridge")
+        self._ip(ns, "addr", "add", f"{lan_prefix}.1/24", "dev", "lan")
+        self._ip(ns, "link", "set", "lan", "up")
+        host.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # Where br_netfilter is loaded, bridged LAN traffic would cross the
+        # forward chain below; a home router's switch does not filter it.
+        host.exec(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"], check=False)
+        mode = " random,fully-random" if symmetric else ""
+        host.exec(["nft", "-f", "-"], input=f"""
+table ip nat {{
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname "eth0" masquerade{mode}
+  }}
+}}
+table inet filter {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "eth0" ct state new drop
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname "lan" oifname "lan" accept
+    iifname "lan" oifname "eth0" accept
+  }}
+}}
+""")
+        host.lan_prefix, host.lan_count = lan_prefix, 1
+        return host
+
+    def add_behind(self, nat, name):
+        """A host on a NAT router's LAN, with the router as its default route."""
+        nat.lan_count += 1
+        host = self.add_host(name, f"{nat.lan_prefix}.{nat.lan_count}/24", bridge_ns=nat.ns,
+                             bridge="lan")
+        self._ip(host.ns, "route", "add", "default", "via", f"{nat.lan_prefix}.1")
+        return host
+
     def close(self):
         for proc in self.procs:
             if proc.poll() is None:

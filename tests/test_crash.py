@@ -48,7 +48,7 @@ def start(db, key):
 
 
 def client(port, key, ip):
-    api = innernet.ApiClient(f"127.0.0.1:{port}", innernet.public_key(key), timeout=5)
+    api = innernet.ApiClient(f"127.0.0.1:{port}", innernet.public_key(key), timeout=15)
     api.sock = __import__("socket").create_connection(("127.0.0.1", port), timeout=5,
                                                       source_address=(ip, 0))
     return api

@@ -1,0 +1,153 @@
+"""NAT traversal and the relay (issue 4), with NAT routers made with nftables.
+
+Topology (underlay 198.18.0.0/15): the server on the lab bridge; NAT routers
+with WAN addresses on the bridge and LANs 198.19.N.0/24 behind them. Every
+peer runs `up --daemon` (long polls), as a deployed peer would.
+"""
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from lab import ROOT, Lab, device, device_peer_ips, wait_for, start_echo, tcp_reach
+
+from .conftest import BARE
+
+pytestmark = pytest.mark.netns
+
+FORCE_RELAY = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import innernet as I
+ifname, server_key, target = sys.argv[2], sys.argv[3], sys.argv[4]
+I.UserspaceBackend().apply(ifname, updates=[I.PeerUpdate(
+    server_key, allowed_ips=["10.66.0.1/32", target + "/32"])])
+"""
+
+
+def counter(host, table):
+    out = json.loads(host.exec(["nft", "-j", "list", "table", "inet", table]).stdout)
+    return sum(e["counter"]["packets"] for item in out["nftables"] if "rule" in item
+               for e in item["rule"]["expr"] if "counter" in e)
+
+
+class Net:
+    pass
+
+
+@pytest.fixture(scope="module")
+def net(pyz):
+    lab = Lab(innernet_cmd=BARE + [pyz])
+    n = Net()
+    n.lab = lab
+    try:
+        n.srv = srv = lab.add_host("srv", "198.18.0.1/24")
+        n.name = lab.ifname("n")
+        srv.server("new", "--network-name", n.name, "--network-cidr", "10.66.0.0/16",
+                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
+        for cidr, rng in (("humans", "10.66.1.0/24"), ("robots", "10.66.2.0/24")):
+            srv.server("add-cidr", n.name, "--name", cidr, "--cidr", rng, "--parent", n.name,
+                       "--yes")
+        n.serve = srv.spawn_innernet("serve.log", "serve", n.name, "--no-write-hosts",
+                                     server=True)
+        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+        n.nats = {
+            "nat1": lab.add_nat("nat1", "198.18.0.21", "198.19.1"),
+            "nat2": lab.add_nat("nat2", "198.18.0.22", "198.19.2"),
+            "nat3": lab.add_nat("nat3", "198.18.0.23", "198.19.3"),
+            "nat4": lab.add_nat("nat4", "198.18.0.24", "198.19.4", symmetric=True),
+            "nat5": lab.add_nat("nat5", "198.18.0.25", "198.19.5", symmetric=True),
+        }
+        n.hosts, n.ips = {}, {}
+        # a, b: behind two port-preserving NATs; c, d: behind one NAT; e, f: symmetric NATs;
+        # g: in CIDR robots, not associated with humans.
+        for name, nat, cidr in (("a", "nat1", "humans"), ("b", "nat2", "humans"),
+                                ("c", "nat3", "humans"), ("d", "nat3", "humans"),
+                                ("e", "nat4", "humans"), ("f", "nat5", "humans"),
+                                ("g", "nat1", "robots")):
+            srv.server("add-peer", n.name, "--name", name, "--cidr", cidr, "--admin", "false",
+                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
+                       "--invite-expires", "1h", "--yes")
+            host = lab.add_behind(n.nats[nat], name)
+            host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
+                          srv.path(f"{name}.toml"))
+            conf = open(host.path("client", "etc", f"{lab.ifname(name)}.conf")).read()
+            n.ips[name] = conf.split('address = "')[1].split("/")[0]
+            n.hosts[name] = host
+        for name, host in n.hosts.items():
+            host.spawn(host.innernet_argv("-v", "up", lab.ifname(name), "--daemon", "--interval",
+                                          "60", "--no-write-hosts"), "up.log")
+            start_echo(host, n.ips[name])
+        yield n
+    finally:
+        lab.close()
+
+
+def h(n, name):
+    return n.hosts[name]
+
+
+def test_port_preserving_nats_connect_directly(net):
+    a, b = h(net, "a"), h(net, "b")
+    a_nat = net.nats["nat1"]
+    a_nat.exec(["nft", "-f", "-"], input="table inet count {\n chain c {\n"
+               "  type filter hook forward priority -5;\n  ip daddr 198.18.0.22 counter\n }\n}\n")
+    wait_for(lambda: tcp_reach(a, net.ips["b"], timeout=1), 60, "a -> b")
+    before = counter(a_nat, "count")
+    out = a.python("import socket,sys; s=socket.create_connection((sys.argv[1],7000),timeout=20);"
+                   "s.sendall(b'x'*300000+b'\\n'); print(s.recv(100).decode())",
+                   net.ips["b"], timeout=60).stdout
+    assert out.startswith("pong 300001")
+    direct = counter(a_nat, "count") - before
+    print(f"packets from NAT 1 straight to NAT 2's address during 300 kB: {direct}")
+    assert direct > 100                      # the path bypasses the server
+    peer_b = device_peer_ips(a, net.lab.ifname("a"))[net.ips["b"]]
+    assert peer_b["endpoint"].startswith("198.18.0.22:")
+    show = json.loads(a.innernet("show", net.lab.ifname("a"), "--json").stdout)
+    assert {p["name"]: p["path"] for p in show[0]["peers"]}["b"] == "direct"
+
+
+def test_same_nat_without_hairpin_uses_the_lan(net):
+    c, d = h(net, "c"), h(net, "d")
+    wait_for(lambda: tcp_reach(c, net.ips["d"], timeout=1), 60, "c -> d")
+    assert tcp_reach(d, net.ips["c"])
+    endpoint = device_peer_ips(c, net.lab.ifname("c"))[net.ips["d"]]["endpoint"]
+    assert endpoint.startswith("198.19.3."), (endpoint, c.log("up.log"), d.log("up.log"))
+
+
+def test_symmetric_nats_go_through_the_relay_within_the_rules(net):
+    e, f, g = h(net, "e"), h(net, "f"), h(net, "g")
+    wait_for(lambda: tcp_reach(e, net.ips["f"], timeout=1), 90, "e -> f (relayed)")
+    assert tcp_reach(f, net.ips["e"])
+    show = json.loads(e.innernet("show", net.lab.ifname("e"), "--json").stdout)
+    assert {p["name"]: p["path"] for p in show[0]["peers"]}["f"] == "relayed"
+    assert "path: relayed through the server" in e.innernet("show").stdout
+    # g (robots) sees neither: no direct peer, and the relay refuses to forward for it,
+    # even when g routes their addresses to the server itself.
+    assert net.ips["e"] not in device_peer_ips(g, net.lab.ifname("g"))
+    for target in ("e", "f"):
+        assert not tcp_reach(g, net.ips[target], timeout=2)
+        g.python(FORCE_RELAY, ROOT, net.lab.ifname("g"),
+                 device(net.srv, net.name)["public_key"], net.ips[target])
+        assert not tcp_reach(g, net.ips[target], timeout=2)
+        assert tcp_reach(e, net.ips["f"]) if target == "e" else True
+    table = "innernet_" + net.name
+    rules = json.loads(net.srv.exec(["nft", "-j", "list", "table", "inet", table]).stdout)
+    drops = [e2["counter"]["packets"] for item in rules["nftables"] if "rule" in item
+             for e2 in item["rule"]["expr"] if "counter" in e2]
+    assert drops[0] > 0 and sum(drops[1:]) > 0      # e<->f forwarded; g's packets dropped
+
+
+def test_direct_paths_survive_the_server_stopping(net):
+    a = h(net, "a")
+    wait_for(lambda: tcp_reach(a, net.ips["b"], timeout=1), 30, "a -> b")
+    net.serve.send_signal(signal.SIGTERM)
+    net.serve.wait(timeout=10)
+    net.srv.python("import sys; sys.path.insert(0, sys.argv[1]); import innernet; "
+                   "innernet.UserspaceBackend().delete(sys.argv[2])", ROOT, net.name)
+    for _ in range(5):
+        assert tcp_reach(a, net.ips["b"], timeout=2)
+        assert tcp_reach(h(net, "c"), net.ips["d"], timeout=2)
+        time.sleep(1)
