@@ -3660,7 +3660,7 @@ def cmd_delete_cidr(args):
                             hint="delete the children first")
     if any(cidr.id in (a.cidr_id_1, a.cidr_id_2) for a in assocs):
         raise InnernetError(f"CIDR '{cidr.name}' has associations",
-                            hint=f"remove them first with delete-association")
+                            hint="remove them first with delete-association")
     confirm(args, f"Delete CIDR '{cidr.name}' ({cidr.cidr})?", False)
     net.delete_cidr(cidr)
     log(f"CIDR '{cidr.name}' deleted")

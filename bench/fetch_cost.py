@@ -18,7 +18,7 @@ import subprocess
 import time
 
 from common import ROOT, quick, synthetic_network, table
-from lab import Lab, wait_for
+from lab import Lab, start_serve
 
 import innernet
 
@@ -57,8 +57,7 @@ def main():
         srv.server("add-peer", net, "--name", "client", "--cidr", "peers", "--admin", "false",
                    "--auto-ip", "--save-config", srv.path("c.toml"), "--invite-expires", "1h",
                    "--yes")
-        srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 30, "the server")
+        start_serve(srv, net)
         cl = lab.add_host("client")
         ifname = lab.ifname("c")
         cl.innernet("install", "--name", ifname, "--no-write-hosts", srv.path("c.toml"))

@@ -15,7 +15,7 @@ import sys
 import time
 
 from common import ROOT, quick, table
-from lab import Lab, tcp_reach, wait_for
+from lab import Lab, invite, start_network, tcp_reach, wait_for
 
 INNERNET_STYLE = r"""
 import sys, time, types
@@ -54,18 +54,9 @@ def main():
         sys.exit(f"bench: build {pyz} first (python3 build_zipapp.py)")
     lab = Lab(innernet_cmd=bare + [pyz])
     try:
-        srv = lab.add_host("srv")
-        net = lab.ifname("n")
-        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", net, "--name", "c", "--cidr", "10.66.1.0/24", "--parent", net,
-                   "--yes")
+        srv, net, _ = start_network(lab, {"c": "10.66.1.0/24"})
         for i in range(2 * runs):
-            srv.server("add-peer", net, "--name", f"p{i}", "--cidr", "c", "--admin", "false",
-                       "--auto-ip", "--save-config", srv.path(f"p{i}.toml"),
-                       "--invite-expires", "1h", "--yes")
-        srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+            invite(srv, net, f"p{i}", "c")
         ours, theirs = [], []
         for i in range(2 * runs):
             host = lab.add_host(f"p{i}")

@@ -13,11 +13,10 @@ in --quick, so CI stays short).
 import os
 import signal
 import statistics
-import sys
 import time
 
 from common import ROOT, quick, table
-from lab import Lab, wait_for
+from lab import Lab, invite, start_network
 
 import innernet
 
@@ -41,25 +40,15 @@ def main():
     lab = Lab(innernet_cmd=["/usr/bin/python3", "-S", "-I", pyz])
     results = {}
     try:
-        srv = lab.add_host("srv")
-        net = lab.ifname("n")
-        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", net, "--name", "c", "--cidr", "10.66.1.0/24", "--parent", net,
-                   "--yes")
-        srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+        srv, net, _ = start_network(lab, {"c": "10.66.1.0/24"})
         count = [0]
 
         def invite_and_join():
             count[0] += 1
             name = f"n{count[0]}"
-            srv.server("add-peer", net, "--name", name, "--cidr", "c", "--admin", "false",
-                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
-                       "--invite-expires", "1h", "--yes")
             host = lab.add_host(name)
             host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
-                          srv.path(f"{name}.toml"))
+                          invite(srv, net, name, "c"))
             return name, host
         _, obs = invite_and_join()
         obs_if = lab.ifname("n1")

@@ -18,7 +18,7 @@ import sys
 import time
 
 from common import ROOT, quick, table
-from lab import Lab, wait_for
+from lab import Lab, invite, start_network
 
 TRIAL = r"""
 import sys, time
@@ -64,23 +64,13 @@ def main():
     lab = Lab(innernet_cmd=["/usr/bin/python3", "-S", "-I", pyz])
     results = {"ours": [], "innernet": []}
     try:
-        srv = lab.add_host("srv", "198.18.0.1/24")
-        net = lab.ifname("n")
-        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", net, "--name", "c", "--cidr", "10.66.1.0/24", "--parent", net,
-                   "--yes")
-        srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+        srv, net, _ = start_network(lab, {"c": "10.66.1.0/24"}, underlay="198.18.0.1/24")
         hosts = {}
         for name, wan, lan in (("a", "198.18.0.21", "198.19.1"), ("b", "198.18.0.22", "198.19.2")):
             nat = lab.add_nat(f"nat{name}", wan, lan)
-            srv.server("add-peer", net, "--name", name, "--cidr", "c", "--admin", "false",
-                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
-                       "--invite-expires", "1h", "--yes")
             hosts[name] = lab.add_behind(nat, name)
             hosts[name].innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
-                                 "--no-nat-traversal", srv.path(f"{name}.toml"))
+                                 "--no-nat-traversal", invite(srv, net, name, "c"))
         for name, h in hosts.items():                 # both know the other's candidates
             h.innernet("fetch", lab.ifname(name), "--no-write-hosts", "--no-nat-traversal")
         ips = {"a": "10.66.1.1", "b": "10.66.1.2"}

@@ -13,7 +13,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import ROOT, Lab, have_lab_tools, link_bytes, start_echo, tcp_reach, wait_for  # noqa
+from lab import (ROOT, Lab, have_lab_tools, invite, link_bytes, start_echo,  # noqa: E402
+                 start_network, tcp_reach, wait_for)
 
 BARE = ["/usr/bin/python3", "-S", "-I"]
 
@@ -30,20 +31,12 @@ def main():
     subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", pyz], check=True)
     lab = Lab(innernet_cmd=BARE + [pyz])
     try:
-        srv = lab.add_host("server")
+        say("server: a network (10.77.0.0/16) with CIDRs humans and robots")
+        srv, net, _ = start_network(lab, {"humans": "10.77.1.0/24", "robots": "10.77.2.0/24"},
+                                    network="10.77.0.0/16")
         peers = {n: lab.add_host(n) for n in ("alice", "bob", "robo")}
-        net = lab.ifname("demo")[:15]
-        say(f"server: a network {net} (10.77.0.0/16) with CIDRs humans and robots")
-        srv.server("new", "--network-name", net, "--network-cidr", "10.77.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        for name, cidr in (("humans", "10.77.1.0/24"), ("robots", "10.77.2.0/24")):
-            srv.server("add-cidr", net, "--name", name, "--cidr", cidr, "--parent", net, "--yes")
         for name, cidr in (("alice", "humans"), ("bob", "humans"), ("robo", "robots")):
-            srv.server("add-peer", net, "--name", name, "--cidr", cidr,
-                       "--admin", "true" if name == "alice" else "false", "--auto-ip",
-                       "--save-config", srv.path(f"{name}.toml"), "--invite-expires", "1h", "--yes")
-        srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+            invite(srv, net, name, cidr, admin="true" if name == "alice" else "false")
         for name, host in peers.items():
             start = time.monotonic()
             host.innernet("install", "--name", lab.ifname(name[:4]), "--hosts-path",
@@ -54,7 +47,7 @@ def main():
         peers["alice"].innernet("add-association", iface["alice"], "humans", "robots")
         for name, host in peers.items():
             host.innernet("fetch", iface[name], "--hosts-path", host.hosts_path)
-        say(f"innernet list --tree, on alice")
+        say("innernet list --tree, on alice")
         print(peers["alice"].innernet("list", "--tree").stdout)
         ips = {"alice": "10.77.1.1", "bob": "10.77.1.2", "robo": "10.77.2.1"}
         for name, host in peers.items():

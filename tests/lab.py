@@ -55,13 +55,14 @@ class Host:
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
 
-    def innernet_argv(self, *args, server=False):
+    def innernet_argv(self, *args, server=False, globals=()):
         """Global options first (innernet's rule), then the verb."""
         base, verb = self.lab.innernet_cmd(server)
         if self.innernet_cmd and not server:
             base = list(self.innernet_cmd)
         d = "server" if server else "client"
-        return base + ["-c", self.path(d, "etc"), "-d", self.path(d, "lib")] + verb + list(args)
+        return base + ["-c", self.path(d, "etc"), "-d", self.path(d, "lib"), *globals] + verb \
+            + list(args)
 
     def innernet(self, *args, check=True, timeout=60, server=False):
         return self.exec(self.innernet_argv(*args, server=server), check=check, timeout=timeout)
@@ -268,6 +269,39 @@ def device_peer_ips(host, ifname):
 def link_mtu(host, ifname):
     out = host.exec(["cat", f"/sys/class/net/{ifname}/mtu"]).stdout
     return int(out.strip())
+
+
+def start_serve(srv, net, *args, globals=()):
+    """`serve NET` in the background on ``srv``; returns once it listens."""
+    log = f"serve-{len(srv.procs)}.log"
+    hosts = [] if "--hosts-path" in args else ["--no-write-hosts"]
+    proc = srv.spawn(srv.innernet_argv("serve", net, *hosts, *args, server=True,
+                                       globals=globals), log)
+    wait_for(lambda: "serving network" in srv.log(log), 30, "the server to start")
+    return proc
+
+
+def start_network(lab, cidrs, *, network="10.66.0.0/16", underlay=None, serve=True,
+                  serve_globals=()):
+    """A server host 'srv' with a network, its CIDRs (name -> range) and `serve`.
+
+    Returns (server host, network name, serve process or None)."""
+    srv = lab.add_host("srv", underlay)
+    net = lab.ifname("n")
+    srv.server("new", "--network-name", net, "--network-cidr", network,
+               "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
+    for name, rng in cidrs.items():
+        srv.server("add-cidr", net, "--name", name, "--cidr", rng, "--parent", net, "--yes")
+    return srv, net, (start_serve(srv, net, globals=serve_globals) if serve else None)
+
+
+def invite(srv, net, name, cidr, *, admin="false", expires="1h", ip=None):
+    """`add-peer` on the server; returns the invitation's path."""
+    path = srv.path(f"{name}.toml")
+    srv.server("add-peer", net, "--name", name, "--cidr", cidr, "--admin", admin,
+               *(["--ip", ip] if ip else ["--auto-ip"]), "--save-config", path,
+               "--invite-expires", expires, "--yes")
+    return path
 
 
 def link_bytes(host, ifname="eth0"):

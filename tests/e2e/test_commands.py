@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from lab import Lab, device, device_peer_ips, link_mtu, tcp_reach, wait_for
+from lab import (Lab, device, device_peer_ips, link_mtu, start_network, start_serve, tcp_reach,
+                 wait_for)
 
 from .conftest import BARE
 
@@ -31,13 +32,9 @@ def net(pyz):
     n = Net()
     n.lab = lab
     try:
-        n.srv = srv = lab.add_host("srv")
-        n.name = lab.ifname("n")
-        srv.server("new", "--network-name", n.name, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        for cidr, rng in (("humans", "10.66.1.0/24"), ("robots", "10.66.2.0/24")):
-            srv.server("add-cidr", n.name, "--name", cidr, "--cidr", rng, "--parent", n.name,
-                       "--yes")
+        n.srv, n.name, _ = start_network(lab, {"humans": "10.66.1.0/24",
+                                                "robots": "10.66.2.0/24"}, serve=False)
+        srv = n.srv
         n.db = srv.path("server", "lib", f"{n.name}.db")
         start_server(n)
         n.hosts = {}
@@ -52,12 +49,8 @@ def net(pyz):
 
 def start_server(n):
     # Global flags before the verb: innernet's serve ignores them, ours honours them.
-    argv = n.srv.innernet_argv(server=True)
-    i = argv.index("server")
-    argv = argv[:i] + ["--mtu", "1380"] + argv[i:] + ["serve", n.name, "--hosts-path",
-                                                      n.srv.hosts_path]
-    n.serve = n.srv.spawn(argv, "serve.log")
-    wait_for(lambda: "serving network" in n.srv.log("serve.log"), 20, "the server")
+    n.serve = start_serve(n.srv, n.name, "--hosts-path", n.srv.hosts_path,
+                          globals=["--mtu", "1380"])
 
 
 def invite(n, name, cidr, admin="false", expires="30d", via=None, ip=None):

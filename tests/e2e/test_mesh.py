@@ -7,12 +7,12 @@ others run the built .pyz with a bare Python (pure-Python keys, vendored
 pyroute2 0.9). Issue 2, acceptance item 2.
 """
 import os
-import shutil
 import time
 
 import pytest
 
-from lab import ROOT, Lab, link_bytes, start_echo, tcp_reach, wait_for
+from lab import (ROOT, Lab, invite, link_bytes, start_echo, start_network, start_serve, tcp_reach,
+                 wait_for)
 
 from .conftest import BARE, debian_python_with_deps
 
@@ -40,25 +40,16 @@ def mesh(pyz):
     m.lab = lab
     try:
         debian = debian_python_with_deps() if server_cmd is None else None
-        m.srv = lab.add_host("srv")
+        m.srv, m.net, _ = start_network(lab, {"humans": "10.66.1.0/24"}, serve=False)
         m.admin = lab.add_host("admin")
         m.p1 = lab.add_host("p1")
         m.p2 = lab.add_host("p2", innernet_cmd=[debian, os.path.join(ROOT, "innernet.py")]
                             if debian else None)
         m.p3 = lab.add_host("p3")
-        m.net = net = lab.ifname("n")
-        srv = m.srv
-        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", net, "--name", "humans", "--cidr", "10.66.1.0/24",
-                   "--parent", net, "--yes")
+        srv, net = m.srv, m.net
         for name, admin in (("admin", "true"), ("p1", "false"), ("p2", "false")):
-            srv.server("add-peer", net, "--name", name, "--cidr", "humans", "--admin", admin,
-                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
-                       "--invite-expires", "30d", "--yes")
-        m.serve = srv.spawn_innernet("serve.log", "serve", net, "--hosts-path", srv.hosts_path,
-                                     server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server to start")
+            invite(srv, net, name, "humans", admin=admin, expires="30d")
+        m.serve = start_serve(srv, net, "--hosts-path", srv.hosts_path)
         m.join_seconds = {}
         for host in (m.admin, m.p1, m.p2):
             m.join_seconds[host.name] = join(m, host, srv.path(f"{host.name}.toml"))

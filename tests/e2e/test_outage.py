@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lab import ROOT, Lab, device_peer_ips, wait_for
+from lab import ROOT, Lab, device_peer_ips, invite, start_network, start_serve, wait_for
 
 from .conftest import BARE
 
@@ -53,27 +53,13 @@ innernet.UserspaceBackend().delete(sys.argv[2])
 def test_outage(pyz, counts):
     lab = Lab(innernet_cmd=BARE + [pyz])
     try:
-        srv = lab.add_host("srv")
-        net = lab.ifname("n")
-        srv.server("new", "--network-name", net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", net, "--name", "c", "--cidr", "10.66.1.0/24", "--parent", net,
-                   "--yes")
-
-        def serve():
-            p = srv.spawn_innernet("serve.log", "serve", net, "--no-write-hosts", server=True)
-            wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
-            return p
+        srv, net, server = start_network(lab, {"c": "10.66.1.0/24"})
 
         def join(name):
-            srv.server("add-peer", net, "--name", name, "--cidr", "c", "--admin", "false",
-                       "--auto-ip", "--save-config", srv.path(f"{name}.toml"),
-                       "--invite-expires", "1h", "--yes")
             host = lab.add_host(name)
             host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
-                          srv.path(f"{name}.toml"))
+                          invite(srv, net, name, "c"))
             return host
-        server = serve()
         p1, p2 = join("p1"), join("p2")
         for h, n in ((p1, "p1"), (p2, "p2")):
             h.innernet("fetch", lab.ifname(n), "--no-write-hosts")
@@ -106,8 +92,8 @@ def test_outage(pyz, counts):
         assert delivered > 50_000 and max(gaps) < 1.0, (delivered, max(gaps or [0]))
         counts["bytes delivered peer-to-peer during a 5 s server outage"] = delivered
         # The server returns; the daemon, still running, picks up a change at once.
-        serve()
-        p3 = join("p3")
+        start_serve(srv, net)
+        join("p3")
         wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 30,
                  "the daemon to recover and add p3")
         assert daemon.poll() is None

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from lab import ROOT, Lab, wait_for
+from lab import ROOT, Lab, start_network, wait_for
+from lab import invite as lab_invite
 
 from .conftest import BARE
 
@@ -94,10 +95,7 @@ class World:
 
 
 def invite(w, name, cidr, admin="false"):
-    w.srv.server("add-peer", w.net, "--name", name, "--cidr", cidr, "--admin", admin,
-                 "--auto-ip", "--save-config", w.srv.path(f"{name}.toml"), "--invite-expires",
-                 "1h", "--yes")
-    return w.srv.path(f"{name}.toml")
+    return lab_invite(w.srv, w.net, name, cidr, admin=admin)
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +104,9 @@ def world(pyz):
     w = World()
     w.lab = lab
     try:
-        w.srv = srv = lab.add_host("srv")
-        w.net = lab.ifname("n")
-        srv.server("new", "--network-name", w.net, "--network-cidr", "10.66.0.0/16",
-                   "--external-endpoint", f"{srv.underlay}:51820", "--listen-port", "51820")
-        srv.server("add-cidr", w.net, "--name", "humans", "--cidr", "10.66.1.0/24",
-                   "--parent", w.net, "--yes")
-        srv.server("add-cidr", w.net, "--name", "others", "--cidr", "10.66.2.0/24",
-                   "--parent", w.net, "--yes")
-        w.serve = srv.spawn_innernet("serve.log", "serve", w.net, "--no-write-hosts", server=True)
-        wait_for(lambda: "serving network" in srv.log("serve.log"), 20, "the server")
+        w.srv, w.net, w.serve = start_network(lab, {"humans": "10.66.1.0/24",
+                                                    "others": "10.66.2.0/24"})
+        srv = w.srv
         w.hosts = {}
         for name, admin in (("admin", "true"), ("user", "false"), ("disuser", "false"),
                             ("disadmin", "true")):
