@@ -1014,10 +1014,6 @@ def visible_peers(peers, cidrs, associations, me):
     return [p for p in peers if p.cidr_id in ids and p.is_redeemed and not p.is_disabled]
 
 
-def may_see(cidrs, associations, a_cidr, b_cidr):
-    return b_cidr in visible_cidr_ids(cidrs, associations, a_cidr)
-
-
 def root_cidr(cidrs):
     """The CIDR with the smallest prefix (the network)."""
     if not cidrs:
@@ -3914,7 +3910,9 @@ def cmd_install(args):
             f"{time.monotonic() - started:.2f} s")
         for attempt in range(3):
             try:
-                fetch_interface(args, iface, allow_bring_up=True)
+                # Peers are tried later (the daemon, the next fetch, or their own
+                # side, which learns of us now): joining ends at the handshake.
+                fetch_interface(args, iface, allow_bring_up=True, traverse=None)
                 break
             except InnernetError as e:
                 if attempt == 2:
@@ -4146,12 +4144,16 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
+def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
+                    retry=()):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
     device, data store or hosts-file write happens. ``wait`` > 0 asks the
     server to hold the request until something changes (long poll).
+    NAT traversal (``traverse``): "changed" tries the peers this sync added
+    or changed (and ``retry``), "all" every peer without a recent
+    handshake, None nobody.
     """
     cfg = load_client_config(args, iface)
     choice = opt(args, "backend", "auto")
@@ -4215,8 +4217,12 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0):
         if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
             report_candidates(args, api, cfg, own, dev.listen_port)
-        missed = set() if getattr(args, "no_nat_traversal", False) else \
-            traverse_nat(backend, iface, cfg, desired)
+        missed = set()
+        if traverse and not getattr(args, "no_nat_traversal", False):
+            keys = {u.public_key for u in changes if not u.remove} | set(retry)
+            todo = desired if traverse == "all" or brought_up else \
+                [p for p in desired if p.public_key in keys]
+            missed = traverse_nat(backend, iface, cfg, todo) if todo else set()
     finally:
         api.close()
     if unreachable is not None:
@@ -4265,21 +4271,38 @@ def _positive_int(value):
 class RelayState:
     """What the daemon remembers between rounds about peers it cannot reach."""
 
+    FULL_EVERY = 120                 # s between tries of every unreachable peer
+    RETRY_EVERY = 5                  # s between tries of a peer that just failed
+
     def __init__(self):
         self.failing_since = {}      # public key -> monotonic time of the first miss
         self.relayed_at = {}         # public key -> wall time it was moved to the relay
+        self.last_full = None        # monotonic time of the last full traversal
+        self.last_retry = 0.0
+
+    def plan(self):
+        """(traverse mode, keys to retry) for the next round."""
+        now = time.monotonic()
+        if self.last_full is None or now - self.last_full >= self.FULL_EVERY:
+            self.last_full = self.last_retry = now
+            return "all", ()
+        if self.failing_since and now - self.last_retry >= self.RETRY_EVERY:
+            self.last_retry = now
+            return "changed", [k for k in self.failing_since if k not in self.relayed_at]
+        return "changed", ()
 
 
 def update_relays(backend, iface, cfg, peers, missed, state, allowed):
     """Route peers unreachable for RELAY_AFTER s through the server; route them
     back directly as soon as a direct handshake works again."""
     now_m, now = time.monotonic(), time.time()
-    for k in list(state.failing_since):
-        if k not in missed:
-            del state.failing_since[k]
+    dev = backend.get(iface)
     for k in missed:
         state.failing_since.setdefault(k, now_m)
-    dev = backend.get(iface)
+    for k in list(state.failing_since):          # forgotten once reachable (or gone)
+        dp = dev.peer(k)
+        if dp is None or (k not in missed and recently_connected(dp, now)):
+            del state.failing_since[k]
     server = dev.peer(cfg.server_public_key)
     if server is None:
         return
@@ -4329,7 +4352,9 @@ def _daemon(args, iface):
             wait = min(args.interval, long_poll) if long_poll else 0
             if wait and (relays.failing_since or relays.relayed_at):
                 wait = min(wait, 10)        # look again soon at paths being worked on
-            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait)
+            mode, retry = relays.plan()
+            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
+                                     traverse=mode, retry=retry)
             backoff = 1
             if not getattr(args, "no_nat_traversal", False):
                 cfg = load_client_config(args, iface)
