@@ -4096,22 +4096,32 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
         if not batch or time.monotonic() - start > budget:
             break
         since = time.time()
-        ups = []
+        # Both sides run this at the same moment. Initiations that cross turn
+        # both sides into responders and the pair waits out WireGuard's 5 s
+        # retry, so of each pair the smaller key goes first and the other
+        # follows 0.1 s later: the first opens its NAT, the second then gets
+        # a clean answer.
+        ups = {}
         for k, ep in batch.items():
             p, dp, _ = todo[k]
-            ups += [PeerUpdate(k, remove=True),
-                    PeerUpdate(k, endpoint=ep, keepalive=p.persistent_keepalive_interval or
-                               PERSISTENT_KEEPALIVE, allowed_ips=list(dp.allowed_ips), name=p.name)]
-        backend.apply(iface, updates=ups)
+            ups[k] = [PeerUpdate(k, remove=True),
+                      PeerUpdate(k, endpoint=ep, keepalive=p.persistent_keepalive_interval or
+                                 PERSISTENT_KEEPALIVE, allowed_ips=list(dp.allowed_ips),
+                                 name=p.name)]
+        leaders = [k for k in batch if own < k]
+        schedule = [(0.0, leaders), (0.1, [k for k in batch if k not in leaders]),
+                    (0.35, leaders), (0.45, [k for k in batch if k not in leaders]),
+                    (0.7, list(batch))]
         debug(f"{iface}: NAT traversal step {i + 1}: trying " +
               ", ".join(f"{todo[k][0].name}@{ep}" for k, ep in batch.items()))
         began = time.monotonic()
-        kicks = [0.25, 0.6]         # both sides' first packets may cross and be dropped
         while time.monotonic() - began < step and batch:
+            while schedule and time.monotonic() - began >= schedule[0][0]:
+                _, keys = schedule.pop(0)
+                todo_now = [u for k in keys if k in batch for u in ups[k]]
+                if todo_now:
+                    backend.apply(iface, updates=todo_now)
             time.sleep(0.02)
-            if kicks and time.monotonic() - began >= kicks[0]:
-                kicks.pop(0)
-                backend.apply(iface, updates=[u for u in ups if u.public_key in batch])
             for q in backend.get(iface).peers:
                 if q.public_key in batch and q.last_handshake > since:
                     log(f"peer {todo[q.public_key][0].name} reached directly at "
