@@ -5,7 +5,8 @@
 
 The archive holds innernet.py, a __main__.py that passes main()'s exit code
 on (zipapp's generated one drops it), and pyroute2 (pure Python) copied from
-the interpreter that runs this script. Every module is stored as source and
+the interpreter that runs this script -- or, when it has none, from the
+pinned wheel downloaded with pip. Every module is stored as source and
 as bytecode beside it (zipimport never writes .pyc, so without it each start
 recompiles); the bytecode is hash-based, so a Python of another version just
 falls back to the source. PyNaCl is not vendored: it is a C extension, which
@@ -21,6 +22,7 @@ import importlib.util
 import io
 import os
 import py_compile
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -36,13 +38,31 @@ sys.exit(innernet.main())
 """
 
 
-def vendored_files(package):
-    """(archive name, path) for every .py of an installed package, plus licence."""
+PYROUTE2 = "pyroute2==0.9.7"      # the version the tests use, when none is installed
+
+
+def package_root(package, pin, tmp):
+    """The installed package's directory; else the pinned wheel, downloaded."""
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"build_zipapp: error: {package} is not installed for {sys.executable}\n"
-                 f"hint: pip install {package}, or build with --no-vendor")
-    root = list(spec.submodule_search_locations)[0]
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    print(f"{package} is not installed for {sys.executable}; downloading {pin}", flush=True)
+    wheels = os.path.join(tmp, "wheels")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "-d", wheels, pin], capture_output=True, text=True)
+    found = [f for f in os.listdir(wheels) if f.endswith(".whl")] if r.returncode == 0 else []
+    if not found:
+        sys.exit(f"build_zipapp: error: {package} is not installed and could not be downloaded\n"
+                 f"hint: pip install {pin}, or build with --no-vendor")
+    unpacked = os.path.join(tmp, "site")
+    with zipfile.ZipFile(os.path.join(wheels, found[0])) as z:
+        z.extractall(unpacked)
+    return os.path.join(unpacked, package)
+
+
+def vendored_files(package, tmp):
+    """(archive name, path) for every .py of a package, plus its licence."""
+    root = package_root(package, PYROUTE2, tmp)
     base = os.path.dirname(root)
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -78,7 +98,7 @@ def build(output, vendor=True):
         sources = [("innernet.py", os.path.join(HERE, "innernet.py")),
                    ("__main__.py", main_path)]
         if vendor:
-            sources += vendored_files("pyroute2")
+            sources += vendored_files("pyroute2", tmp)
         for arcname, path in sources:
             with open(path, "rb") as f:
                 entries[arcname] = f.read()
