@@ -87,13 +87,17 @@ MAX_CONNECTIONS_PER_PEER = 32   # from one source address: a noisy peer can't st
 LONG_POLL_MAX_WAIT = 60         # seconds a client may ask GET /v1/user/state to wait
 LONG_POLL_MAX_WAITERS = 256     # waiting clients at once; beyond, answers come at once
 GZIP_MIN = 1024                 # bodies at least this large are gzipped when asked
+GZIP_CACHE_BYTES = 8 << 20      # gzipped state bodies kept, in bytes (LRU)
+STATE_CACHE_VIEWS = 256         # state bodies kept: one per distinct view, current only
+PEER_UPDATE_BURST = 10          # endpoint/candidate writes a peer may make at once
+PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 DB_VERSION = 2
 INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
 SERVER_PEER_NAME = "innernet-server"
 
-HOSTNAME_RE = re.compile(r"^([a-z0-9]-?)*[a-z0-9]$")
+HOSTNAME_RE = re.compile(r"([a-z0-9]-?)*[a-z0-9]")      # always used with fullmatch
 IFNAME_MAX = 15
 TIMESTRING_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -167,29 +171,42 @@ def echo_cmd(text):
 ###############################################################################
 
 
-def run(argv, *, timeout=30, check=True, env=None, input=None):
-    """Run a program: the only subprocess seam. Returns CompletedProcess."""
+def run(argv, *, timeout=30, check=True, env=None, input=None, new_session=False):
+    """Run a program: the only subprocess seam. Returns CompletedProcess.
+
+    ``new_session`` starts it in a session of its own, for daemons that must
+    outlive the terminal we run in (its hangup would kill them).
+    """
     import subprocess
     echo_cmd(" ".join(argv))
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, text=True,
-                              timeout=timeout, env=env,
+                              timeout=timeout, env=env, start_new_session=new_session,
                               stdin=subprocess.DEVNULL if input is None else None)
     except FileNotFoundError:
         raise InnernetError(f"program '{argv[0]}' not found") from None
     except subprocess.TimeoutExpired:
         raise InnernetError(f"'{argv[0]}' did not finish within {timeout} s") from None
     if check and proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = [line.strip() for line in (proc.stderr or proc.stdout).strip().splitlines()]
+        # The line that says what went wrong, not the last one (nft ends with ^^^^).
+        said = next((line for line in detail if "error" in line.lower()),
+                    detail[-1] if detail else "")
         raise InnernetError(f"'{' '.join(argv)}' failed with status {proc.returncode}"
-                            + (f": {detail[-1]}" if detail else ""))
+                            + (f": {said}" if said else ""))
     return proc
 
 
-def ensure_dir(path, mode=0o700):
-    """Create a directory (and parents) with ``mode`` if it does not exist."""
+def ensure_dir(path, mode=0o700, *, tighten=True):
+    """Create a directory (and parents) with ``mode``; with ``tighten``, an
+    existing one that grants more than ``mode`` is narrowed to it."""
     try:
         os.makedirs(path, mode=mode, exist_ok=True)
+        if tighten:
+            have = stat.S_IMODE(os.stat(path).st_mode)
+            if have & ~mode:
+                os.chmod(path, have & mode)
+                warn(f"narrowed the permissions of {path} to {oct(have & mode)[2:]}")
     except PermissionError:
         raise InnernetError(f"cannot create directory {path}: permission denied",
                             hint="are you running as root?") from None
@@ -279,6 +296,53 @@ def read_text(path, what="file"):
         raise InnernetError(f"{what} {path} is not UTF-8 text") from None
 
 
+def path_exists(path, what="file"):
+    """os.path.exists, except that a permission error says so.
+
+    os.path.exists() is False when a directory on the way cannot be searched
+    (EACCES), which would report a network that is installed in a 0700
+    directory as missing.
+    """
+    try:
+        os.stat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise InnernetError(f"cannot read {what} {path}: permission denied",
+                            hint="are you running as root?") from None
+    except NotADirectoryError:
+        return False
+    except OSError as e:
+        raise InnernetError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def instance_lock(path, what):
+    """Hold an exclusive lock on ``path`` for the life of this process.
+
+    Returns the open file (keep it referenced). Another process holding it
+    is an error that names its PID, which the holder writes into the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise InnernetError(f"cannot open lock file {path}: {e.strerror}") from None
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = f.read(20).strip()
+        f.close()
+        raise InnernetError(f"{what} is already running (process {holder or 'unknown'})",
+                            hint=f"stop it first, or remove {path} if no such process "
+                                 "exists") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def warn_if_world_accessible(path):
     """innernet warns when a file holding keys is readable by others."""
     with contextlib.suppress(OSError):
@@ -331,9 +395,11 @@ def _toml_string(s, i):
     raise _TomlError("unterminated string")
 
 
-def _toml_value(s, i):
+def _toml_value(s, i, depth=0):
     if i >= len(s):
         raise _TomlError("missing value")
+    if depth > 8:
+        raise _TomlError("arrays nested too deeply")
     c = s[i]
     if c in "\"'":
         if s.startswith(c * 3, i):
@@ -346,7 +412,7 @@ def _toml_value(s, i):
                 i += 1
             if i < len(s) and s[i] == "]":
                 return items, i + 1
-            v, i = _toml_value(s, i)
+            v, i = _toml_value(s, i, depth + 1)
             items.append(v)
             while i < len(s) and s[i] in " \t":
                 i += 1
@@ -452,11 +518,26 @@ def toml_dumps(data):
     return "\n".join(lines) + "\n"
 
 
-# -- names, durations, endpoints ---------------------------------------------
+# -- numbers, names, durations, endpoints --------------------------------------
+# Every number that arrives as text (flags, files, HTTP headers and bodies,
+# query strings) goes through ascii_uint: str.isdigit() accepts '²' and other
+# Unicode digits that int() then refuses, and int() itself accepts ' 7', '٧'
+# and '1_0'. Only [0-9]+ is a number here.
+
+_ASCII_UINT = re.compile(r"[0-9]{1,20}")
+
+
+def ascii_uint(text, lo=0, hi=2 ** 63 - 1):
+    """``text`` as an int if it is 1-20 ASCII digits within [lo, hi], else None."""
+    if not isinstance(text, str) or not _ASCII_UINT.fullmatch(text):
+        return None
+    n = int(text)
+    return n if lo <= n <= hi else None
+
 
 def is_hostname(name):
-    """innernet's hostname rule for peer, CIDR and network names."""
-    return isinstance(name, str) and len(name) < 64 and bool(HOSTNAME_RE.match(name))
+    """innernet's hostname rule for peer, CIDR and network names (whole string)."""
+    return isinstance(name, str) and len(name) < 64 and bool(HOSTNAME_RE.fullmatch(name))
 
 
 def parse_hostname(name, what="name"):
@@ -466,6 +547,16 @@ def parse_hostname(name, what="name"):
             hint="use lower-case letters, digits and single dashes, "
                  "not starting or ending with a dash, under 64 characters")
     return name
+
+
+def parse_host_suffix(text):
+    """--host-suffix: empty, or dot-separated hostname labels (it goes into hosts files)."""
+    if text == "" or (isinstance(text, str) and len(text) < 200
+                      and all(is_hostname(label) for label in text.split("."))):
+        return text
+    raise InnernetError(f"invalid host suffix {text!r}",
+                        hint="use dot-separated lower-case labels, e.g. corp.wg, "
+                             "or '' for bare names")
 
 
 def parse_interface(name):
@@ -487,12 +578,30 @@ def parse_timestring(text):
     return int(m.group(1)) * TIMESTRING_UNITS[m.group(2)]
 
 
+def parse_expiry(text):
+    """--invite-expires: a duration of at least one second."""
+    seconds = parse_timestring(text)
+    if seconds < 1:
+        raise InnernetError(f"invalid duration {text!r}: an invitation must live at least 1 s",
+                            hint="e.g. 30m, 12h or 7d")
+    return seconds
+
+
+def format_duration(seconds):
+    """Seconds as the shortest exact duration text: 1209600 -> '14d'."""
+    for unit, n in sorted(TIMESTRING_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
 def parse_endpoint(text):
     """'host:port' (split at the last colon; IPv6 in brackets) -> (host, port)."""
     if not isinstance(text, str) or ":" not in text or len(text) > 300:
         raise InnernetError(f"invalid endpoint {text!r}", hint="use HOST:PORT")
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    host, _, port_text = text.rpartition(":")
+    port = ascii_uint(port_text, 1, 65535)
+    if port is None or not host:
         raise InnernetError(f"invalid endpoint {text!r}",
                             hint="the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
@@ -512,7 +621,7 @@ def parse_endpoint(text):
             if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host):
                 raise InnernetError(f"invalid endpoint {text!r}",
                                     hint="the host must be an IP address or a DNS name") from None
-    return host, int(port)
+    return host, port
 
 
 def format_endpoint(host, port):
@@ -738,6 +847,27 @@ def is_key(text):
         return False
 
 
+# Curve25519 points of small order (libsodium's blocklist, reduced mod p): a
+# "public key" among them makes every shared secret predictable (all zero),
+# so no peer may have one.
+_SMALL_ORDER_U = frozenset((
+    0, 1, _P25519 - 1,
+    int.from_bytes(bytes.fromhex(
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"), "little"),
+    int.from_bytes(bytes.fromhex(
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"), "little")))
+
+
+def is_public_key(text):
+    """A WireGuard key that is usable as a peer's public key (not small-order)."""
+    try:
+        raw = parse_key(text)
+    except InnernetError:
+        return False
+    u = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    return u % _P25519 not in _SMALL_ORDER_U
+
+
 def clamp(raw):
     b = bytearray(raw)
     b[0] &= 248
@@ -801,6 +931,13 @@ def _get(d, key, kind, *, required=True, nullable=False, default=None):
     return v
 
 
+def _checked_name(name, what):
+    """Names from the wire end up in hosts files and terminals: hostnames only."""
+    if not is_hostname(name):
+        raise _bad(f"invalid {what} {name[:80]!r}")
+    return name
+
+
 def _require_object(data, what):
     if not isinstance(data, dict):
         raise _bad(f"{what} must be a JSON object")
@@ -827,7 +964,7 @@ class Cidr:
     def from_json(cls, data, with_id=True):
         data = _require_object(data, "CIDR")
         cid = _get(data, "id", int) if with_id else None
-        name = _get(data, "name", str)
+        name = _checked_name(_get(data, "name", str), "CIDR name")
         text = _get(data, "cidr", str)
         try:
             ipaddress.ip_interface(text)
@@ -919,7 +1056,8 @@ class Peer:
             raise _bad("field 'persistent_keepalive_interval' is out of range")
         candidates = _get(data, "candidates", list, required=False, nullable=True,
                           default=[])
-        return cls(pid, _get(data, "name", str), str(ipaddress.ip_address(ip)),
+        return cls(pid, _checked_name(_get(data, "name", str), "peer name"),
+                   str(ipaddress.ip_address(ip)),
                    _get(data, "cidr_id", int), _get(data, "public_key", str),
                    endpoint, keepalive, _get(data, "is_admin", bool),
                    _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
@@ -1078,10 +1216,13 @@ def check_new_peer(cidrs, peers, contents):
     cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
     if cidr is None:
         raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
+    if any(c.parent == cidr.id for c in cidrs):
+        raise _bad(f"CIDR '{cidr.name}' has child CIDRs; peers belong in CIDRs "
+                   "without children")
     if not is_assignable(contents.ip, cidr.network):
         raise _bad(f"{contents.ip} is not an assignable address of "
                    f"'{cidr.name}' ({cidr.cidr})")
-    if not is_key(contents.public_key):
+    if not is_public_key(contents.public_key):
         raise _bad("invalid public key")
     for p in peers:
         if p.name == contents.name:
@@ -1256,30 +1397,54 @@ def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
 
 
 def relay_rules(peers, cidrs, associations):
-    """What the server may forward: (peer addresses, CIDR pairs a -> b).
+    """What the server may forward: (peer addresses, (source, destination) ranges).
 
     Only enabled, redeemed peers, and only from a CIDR to a CIDR its peers may
-    see -- a relayed packet obeys the same rules as a direct one.
+    see -- a relayed packet obeys the same rules as a direct one. The pairs
+    go into an nftables interval set, which refuses overlapping elements, so
+    none overlap: a CIDR's visible ranges are collapsed (a CIDR and its
+    descendants become one range), and a CIDR whose range overlaps another
+    CIDR with peers is represented by its peers' own addresses.
     """
-    addrs = sorted({p.ip for p in peers if p.is_redeemed and not p.is_disabled},
-                   key=ipaddress.ip_address)
-    used = {p.cidr_id for p in peers if p.is_redeemed and not p.is_disabled}
+    live = [p for p in peers if p.is_redeemed and not p.is_disabled]
+    addrs = sorted({p.ip for p in live}, key=ipaddress.ip_address)
     by_id = {c.id: c for c in cidrs}
-    pairs = set()
+    used = sorted({p.cidr_id for p in live if p.cidr_id in by_id})
+    nets = {cid: by_id[cid].network for cid in used}
+    sources = []
     for cid in used:
-        for vid in visible_cidr_ids(cidrs, associations, cid):
-            if cid in by_id and vid in by_id:
-                pairs.add((str(by_id[cid].network), str(by_id[vid].network)))
+        net = nets[cid]
+        if any(o != cid and nets[o].version == net.version and nets[o].overlaps(net)
+               for o in used):
+            sources += [(ipaddress.ip_network(host_prefix(p.ip)), cid)
+                        for p in live if p.cidr_id == cid]
+        else:
+            sources.append((net, cid))
+    reach = {}
+    pairs = set()
+    for src, cid in sources:
+        if cid not in reach:
+            dsts = [by_id[v].network for v in visible_cidr_ids(cidrs, associations, cid)
+                    if v in by_id]
+            reach[cid] = {v: list(ipaddress.collapse_addresses(
+                d for d in dsts if d.version == v)) for v in (4, 6)}
+        for dst in reach[cid][src.version]:
+            pairs.add((str(src), str(dst)))
     return addrs, sorted(pairs)
 
 
 def merge_pinned(stored, received):
     """Update the client's cached peers with the server's list (spec §8.2).
 
-    A known IP arriving with a different key is refused (pinning); peers the
-    server no longer sends are kept, marked disabled.
+    Every (IP, key) pair once seen is a pin: a known IP arriving with a
+    different key is refused. Pins outlive what the server sends: a peer the
+    server no longer sends, or sends at another address, stays in the cache
+    at its old address, marked disabled, so that address can never be handed
+    to another key by moving the pinned one away first.
     """
-    by_ip = {ipaddress.ip_address(p.ip): p for p in stored}
+    by_ip = {}
+    for p in stored:
+        by_ip.setdefault(ipaddress.ip_address(p.ip), p)
     for p in received:
         old = by_ip.get(ipaddress.ip_address(p.ip))
         if old is not None and old.public_key != p.public_key:
@@ -1288,11 +1453,12 @@ def merge_pinned(stored, received):
                 "another public key",
                 hint="the server may be compromised; if this is expected, delete "
                      "the data store file and fetch again")
-    keys = {p.public_key for p in received}
     result = [p for p in received]
     result_ips = {ipaddress.ip_address(p.ip) for p in received}
     for p in stored:
-        if p.public_key not in keys and ipaddress.ip_address(p.ip) not in result_ips:
+        ip = ipaddress.ip_address(p.ip)
+        if ip not in result_ips:
+            result_ips.add(ip)
             result.append(dataclasses.replace(p, is_disabled=True))
     result.sort(key=lambda p: ipaddress.ip_address(p.ip))
     return result
@@ -1302,10 +1468,10 @@ def merge_pinned(stored, received):
 
 def hosts_lines(peers, iface, suffix=None):
     """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3)."""
-    suffix = f"{iface}.wg" if suffix is None else suffix
+    suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
     for p in peers:
-        if p.is_disabled or not p.is_redeemed:
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
             continue
         name = f"{p.name}.{suffix}" if suffix else p.name
         by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
@@ -1320,15 +1486,27 @@ def update_hosts_text(text, tag, lines):
     if old and old[-1] == "":
         old = old[:-1]
     block = [begin] + lines + [end] if lines else []
-    has_b, has_e = begin in old, end in old
-    if has_b != has_e or (has_b and old.index(begin) > old.index(end)):
+    # Every section of ours goes, duplicates included, and the new one takes
+    # the place of the first; markers are recognised with CRLF endings too.
+    out, inside, at = [], False, None
+    for line in old:
+        marker = line.rstrip("\r").strip()
+        if marker == begin and not inside:
+            inside, at = True, len(out) if at is None else at
+        elif marker == end and inside:
+            inside = False
+        elif marker in (begin, end):
+            raise InnernetError(f"the hosts file has a damaged '{tag}' section",
+                                hint="remove the section's BEGIN/END lines by hand")
+        elif not inside:
+            out.append(line)
+    if inside:
         raise InnernetError(f"the hosts file has a damaged '{tag}' section",
                             hint="remove the section's BEGIN/END lines by hand")
-    if has_b:
-        i, j = old.index(begin), old.index(end)
-        new = old[:i] + block + old[j + 1:]
-        if not block and i > 0 and old[i - 1] == "" and (j + 1 == len(old)):
-            new = old[:i - 1]
+    if at is not None:
+        new = out[:at] + block + out[at:]
+        if not block and at > 0 and out[at - 1] == "" and at == len(out):
+            new = out[:at - 1]
     elif block:
         new = old + ([""] if old and old[-1] != "" else []) + block
     else:
@@ -1499,6 +1677,8 @@ def parse_data_store(text, source):
         data = json.loads(text)
     except ValueError as e:
         raise InnernetError(f"{source}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InnernetError(f"{source}: JSON nested too deeply") from None
     if not isinstance(data, dict) or data.get("version") != "1":
         raise InnernetError(f"{source}: not an innernet data store (version \"1\")")
     try:
@@ -1692,7 +1872,10 @@ class UserspaceBackend:
         # WG_PROCESS_FOREGROUND must be absent, not empty: Go keeps the first
         # of duplicated variables, and the daemon it forks would fork again.
         env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
-        run([prog, ifname], timeout=15, env=env)
+        # The daemon it forks stays in our session and dies of the hangup
+        # when the terminal we run in closes (ssh -t host innernet up):
+        # start it in a session of its own.
+        run([prog, ifname], timeout=15, env=env, new_session=True)
         deadline = time.monotonic() + 3
         while not self.exists(ifname):
             if time.monotonic() > deadline:
@@ -1955,6 +2138,7 @@ class RelayFirewall:
         self.ifname = ifname
         self.table = "innernet_" + ifname.replace("-", "_")
         self._last = None
+        self._forwarding_on = False
 
     @staticmethod
     def available():
@@ -1970,14 +2154,14 @@ class RelayFirewall:
         except OSError as e:
             raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
 
-    def apply(self, addrs, pairs):
-        """Replace the table atomically (one `nft -f` transaction) when it changed."""
+    def ruleset(self, addrs, pairs):
+        """The nft script that replaces our table in one transaction."""
         v4 = [a for a in addrs if ":" not in a]
         pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
         peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
         allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
         wg = json.dumps(self.ifname)
-        text = f"""table inet {self.table}
+        return f"""table inet {self.table}
 delete table inet {self.table}
 table inet {self.table} {{
   set peers {{ type ipv4_addr; {peers} }}
@@ -1990,18 +2174,43 @@ table inet {self.table} {{
   }}
 }}
 """
+
+    def apply(self, addrs, pairs):
+        """Replace the table when it changed; forwarding only once a table is in.
+
+        The table goes in before forwarding is switched on, so the interface
+        never forwards unfiltered. If a new table is refused, the old one
+        (which may allow what was just revoked) is replaced by one that drops
+        everything, or failing that forwarding goes off; the error is raised
+        for the caller to report, and the next call tries again.
+        """
+        text = self.ruleset(addrs, pairs)
         if text == self._last:
             return
-        if self._last is None:
+        try:
+            run(["nft", "-f", "-"], input=text)
+        except InnernetError as e:
+            self._last = None
+            try:
+                run(["nft", "-f", "-"], input=self.ruleset([], []))
+            except InnernetError:
+                with contextlib.suppress(InnernetError):
+                    self._forwarding(False)
+                self._forwarding_on = False
+            raise InnernetError(f"relay rules not updated, so nothing is relayed until they "
+                                f"are: {e.message}") from None
+        if not self._forwarding_on:
             self._forwarding(True)
-        run(["nft", "-f", "-"], input=text)
+            self._forwarding_on = True
         self._last = text
 
     def remove(self):
-        with contextlib.suppress(InnernetError):
-            run(["nft", "delete", "table", "inet", self.table])
+        """Forwarding off first, then the table (the reverse of apply)."""
         with contextlib.suppress(InnernetError):
             self._forwarding(False)
+        self._forwarding_on = False
+        with contextlib.suppress(InnernetError):
+            run(["nft", "delete", "table", "inet", self.table])
         self._last = None
 
 
@@ -2075,12 +2284,32 @@ def _integrity_error(e):
     return _bad(f"the database refused the change: {text}")
 
 
+def _db_error(e, path):
+    """An sqlite3 error other than a constraint, as one sentence and a status."""
+    text = str(e)
+    low = text.lower()
+    if "full" in low:
+        return InnernetError(f"cannot write database {path}: the disk is full", status=507,
+                             hint="free some space; nothing was changed")
+    if "readonly" in low or "read-only" in low or "unable to open" in low:
+        return InnernetError(f"cannot write database {path}: it or its directory is "
+                             "read-only", status=503,
+                             hint="check the permissions and the mount of the data directory")
+    if "locked" in low or "busy" in low:
+        return InnernetError(f"database {path} is busy: {text}", status=503,
+                             hint="another process holds it; try again")
+    if "no such table" in low or "not a database" in low or "malformed" in low:
+        return InnernetError(f"{path} is not a usable innernet database: {text}", status=500,
+                             hint="restore it from a backup, or create the network anew")
+    return InnernetError(f"database {path}: {text}", status=500)
+
+
 class Store:
     """The network in SQLite: CIDRs, peers, associations."""
 
     def __init__(self, path, *, create=False):
         self.path = path
-        if not create and not os.path.exists(path):
+        if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
                                 hint="create the network with 'innernet-server new'")
         if create:
@@ -2097,8 +2326,17 @@ class Store:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                         timeout=15)
             self.conn.execute("PRAGMA foreign_keys = 1")
+            tables = {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
         except self.sql.Error as e:
-            raise InnernetError(f"cannot open database {path}: {e}") from None
+            raise InnernetError(f"cannot open database {path}: {e}",
+                                hint="is it an innernet database?") from None
+        if not create and not {"peers", "cidrs", "associations"} <= tables:
+            self.conn.close()
+            raise InnernetError(f"{path} is not an innernet database (it has no "
+                                "peers, cidrs and associations tables)",
+                                hint="restore it from a backup, or create the network "
+                                     "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
         self.listeners = []        # called after each commit
@@ -2122,27 +2360,32 @@ class Store:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except self.sql.Error as e:
-                raise InnernetError(f"database is busy: {e}", status=503) from None
+                raise _db_error(e, self.path) from None
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
-                self.revision += 1
-                for listener in self.listeners:
-                    listener()
             except self.sql.IntegrityError as e:
-                self.conn.execute("ROLLBACK")
+                with contextlib.suppress(self.sql.Error):
+                    self.conn.execute("ROLLBACK")
                 raise _integrity_error(e) from None
+            except self.sql.Error as e:
+                with contextlib.suppress(self.sql.Error):
+                    self.conn.execute("ROLLBACK")
+                raise _db_error(e, self.path) from None
             except BaseException:
                 with contextlib.suppress(self.sql.Error):
                     self.conn.execute("ROLLBACK")
                 raise
+            self.revision += 1
+            for listener in self.listeners:
+                listener()
 
     def _query(self, sql, args=()):
         with self.lock:
             try:
                 return self.conn.execute(sql, args).fetchall()
-            except self.sql.DatabaseError as e:
-                raise InnernetError(f"database error: {e}", status=500) from None
+            except self.sql.Error as e:
+                raise _db_error(e, self.path) from None
 
     def migrate(self):
         version = self._query("PRAGMA user_version")[0][0]
@@ -2244,8 +2487,14 @@ class Store:
             check_new_cidr(self.cidrs(), self.peers(), contents)
             return self._insert_cidr(c, contents)
 
+    def _is_server_peer(self, peer):
+        return peer.id == 1 or peer.name == SERVER_PEER_NAME
+
     def rename_cidr(self, cidr_id, name):
         parse_hostname(name, "CIDR name")
+        server = next((p for p in self.peers() if self._is_server_peer(p)), None)
+        if server is not None and server.cidr_id == cidr_id:
+            raise _bad("the server's CIDR cannot be renamed")
         with self.write() as c:
             if c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (name, cidr_id)).rowcount == 0:
                 raise InnernetError(f"CIDR {cidr_id} not found", status=404)
@@ -2267,9 +2516,10 @@ class Store:
         parse_hostname(contents.name, "peer name")
         with self.write() as c:
             old = self.peer(peer_id)
-            if old.name == SERVER_PEER_NAME and (contents.is_disabled or
-                                                 contents.name != old.name):
-                raise _bad("the server's own peer cannot be renamed or disabled")
+            if self._is_server_peer(old) and (contents.is_disabled or contents.name != old.name
+                                              or contents.endpoint != old.endpoint):
+                raise _bad("the server's own peer cannot be renamed, disabled or given "
+                           "another endpoint (invitations and clients depend on it)")
             c.execute("UPDATE peers SET name = ?, endpoint = ?, is_admin = ?, is_disabled = ?, "
                       "candidates = ? WHERE id = ?",
                       (contents.name, contents.endpoint, int(contents.is_admin),
@@ -2279,7 +2529,7 @@ class Store:
     def set_disabled(self, peer_id, disabled):
         with self.write() as c:
             old = self.peer(peer_id)
-            if old.name == SERVER_PEER_NAME and disabled:
+            if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
             c.execute("UPDATE peers SET is_disabled = ? WHERE id = ?", (int(disabled), peer_id))
             return old
@@ -2341,7 +2591,7 @@ class Store:
 
 def load_data_store(path):
     """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
-    if not os.path.exists(path):
+    if not path_exists(path, "data store"):
         return [], [], None
     warn_if_world_accessible(path)
     try:
@@ -2370,6 +2620,7 @@ def write_hosts_file(path, tag, lines):
     rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
     """
     try:
+        path = os.path.realpath(path)   # a symlinked hosts file stays a symlink
         text = read_text(path, "hosts file") if os.path.exists(path) else ""
         new = update_hosts_text(text, tag, lines)
         if new is None:
@@ -2455,8 +2706,11 @@ class Coordinator:
     """The running server: its store, its WireGuard device and the API logic."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None):
+                 host_suffix=None, relay=None, local_callers=False):
         self.store = store
+        # Only the unit tests and benchmarks, which serve peers on 127.x
+        # addresses over loopback, let local addresses call the API.
+        self.local_callers = local_callers
         self.config = config
         self.ifname = ifname
         self.backend = backend
@@ -2479,7 +2733,11 @@ class Coordinator:
         self.changed = threading.Condition()
         self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
         self.cache_enabled = True
-        self._gzip_cache: dict[str, bytes] = {}
+        import collections
+        self._gzip_cache = collections.OrderedDict()     # etag -> gzip body, LRU
+        self._gzip_bytes = 0
+        self._updates: dict[int, tuple[float, float]] = {}   # peer id -> (tokens, time)
+        self.sync_failed = None              # the last sync error, until a sync works
         store.listeners.append(self.signal)
 
     def signal(self):
@@ -2526,21 +2784,37 @@ class Coordinator:
         return out
 
     def sync_device(self):
-        """Make the device hold exactly the enabled peers (a diff, not a reload)."""
+        """Make the device hold exactly the enabled peers (a diff, not a reload).
+
+        It runs after writes that are already committed, so a failure here is
+        logged and retried every second by run_background, never reported as
+        a failed write.
+        """
         if self.backend is None:
             return []
+        updates = []
         with self.device_lock:
-            dev = self.backend.get(self.ifname)
-            updates = [u for u in diff_peers(dev.peers, self.desired_device_peers(),
-                                             self.public_key, time.time())
-                       if u.touches_device]
-            if updates:
-                self.backend.apply(self.ifname, updates=updates)
-                for u in updates:
-                    debug(f"server device: peer {u.name or short_key(u.public_key)} {u.action}")
-            if self.relay is not None:
-                self.relay.apply(*relay_rules(self.store.peers(), self.store.cidrs(),
-                                              self.store.associations()))
+            try:
+                dev = self.backend.get(self.ifname)
+                updates = [u for u in diff_peers(dev.peers, self.desired_device_peers(),
+                                                 self.public_key, time.time())
+                           if u.touches_device]
+                if updates:
+                    self.backend.apply(self.ifname, updates=updates)
+                    for u in updates:
+                        debug(f"server device: peer {u.name or short_key(u.public_key)} "
+                              f"{u.action}")
+                if self.relay is not None:
+                    self.relay.apply(*relay_rules(self.store.peers(), self.store.cidrs(),
+                                                  self.store.associations()))
+            except InnernetError as e:
+                if e.message != self.sync_failed:
+                    warn(f"{self.ifname}: {e.message} (retrying every second)")
+                self.sync_failed = e.message
+                return updates
+            if self.sync_failed:
+                log(f"{self.ifname}: device and relay rules are in sync again")
+            self.sync_failed = None
             return updates
 
     def _finish_redeem(self, peer_id, sock):
@@ -2585,6 +2859,8 @@ class Coordinator:
         while not self.stop.wait(interval):
             try:
                 self.notice_edits()
+                if self.sync_failed:
+                    self.sync_device()
                 # Reading the device costs ~7 ms per 1000 peers; scale the pace.
                 self.refresh_observed(max(1.0, len(self.observed) / 1000))
                 if time.monotonic() - slow >= SWEEP_INTERVAL:
@@ -2594,6 +2870,30 @@ class Coordinator:
                 warn(f"background task failed: {e}")
 
     # -- requests ------------------------------------------------------------
+
+    def _is_local_address(self, ip):
+        """Is ``ip`` an address of this host? Those callers are local processes.
+
+        WireGuard's cryptokey routing vouches only for packets that came in
+        through the device. A process on the server host connects from the
+        server's own address (a peer, and an admin), and SO_BINDTODEVICE does
+        not stop local connections; so no address of this host is a caller.
+        (A local process that binds a peer's address with IP_FREEBIND gets no
+        answer: the reply is routed into the tunnel, to the real peer.)
+        """
+        if ip == ipaddress.ip_address(self.config.address) or ip.is_unspecified:
+            return True
+        if self.local_callers:
+            return False
+        if ip.is_loopback:
+            return True
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.bind((str(ip), 0))     # only a local address can be bound
+            return True
+        except OSError:
+            return False
 
     def authenticate(self, headers, remote_ip):
         import hmac
@@ -2606,6 +2906,9 @@ class Coordinator:
                 ip = ip.ipv4_mapped
         except ValueError:
             raise InnernetError("unknown peer", status=401) from None
+        if self._is_local_address(ip):
+            raise InnernetError("local processes are not API callers; on the server host, "
+                                "use the innernet-server command", status=401)
         peer = self.store.peer_by_ip(ip)
         if peer is None or peer.is_disabled:
             raise InnernetError("unknown or disabled peer", status=401)
@@ -2699,22 +3002,54 @@ class Coordinator:
         import hashlib
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         with self._cache_lock:
-            if len(self._state_cache) > 256:
+            # Only the current revision is worth keeping: older bodies are
+            # never served again, and holding them grew the server by every
+            # change it ever saw.
+            for v in [v for v, hit in self._state_cache.items() if hit[0] != rev]:
+                del self._state_cache[v]
+            if len(self._state_cache) >= STATE_CACHE_VIEWS:
                 self._state_cache.clear()
             self._state_cache[view] = (rev, body, etag)
         return body, etag
 
     def gzipped(self, body, etag):
-        """The gzip form of a state body, cached by its ETag."""
-        gz = self._gzip_cache.get(etag)
-        if gz is None:
-            import gzip
-            gz = gzip.compress(body, 6, mtime=0)
-            with self._cache_lock:
-                if len(self._gzip_cache) > 4096:
-                    self._gzip_cache.clear()
+        """The gzip form of a state body, cached by its ETag (LRU, bounded in bytes)."""
+        with self._cache_lock:
+            gz = self._gzip_cache.get(etag)
+            if gz is not None:
+                self._gzip_cache.move_to_end(etag)
+                return gz
+        import gzip
+        gz = gzip.compress(body, 6, mtime=0)
+        with self._cache_lock:
+            if etag not in self._gzip_cache:
                 self._gzip_cache[etag] = gz
+                self._gzip_bytes += len(gz)
+            while self._gzip_bytes > GZIP_CACHE_BYTES and len(self._gzip_cache) > 1:
+                _, old = self._gzip_cache.popitem(last=False)
+                self._gzip_bytes -= len(old)
         return gz
+
+    def allow_update(self, peer_id, now=None):
+        """Rate-limit a peer's own writes (endpoint, candidates): a token bucket.
+
+        Each such write changes the state every other peer that sees it must
+        fetch again, so one peer may not make them faster than
+        PEER_UPDATES_PER_MINUTE after a burst of PEER_UPDATE_BURST.
+        """
+        now = time.monotonic() if now is None else now
+        rate = PEER_UPDATES_PER_MINUTE / 60.0
+        with self._cache_lock:
+            tokens, at = self._updates.get(peer_id, (PEER_UPDATE_BURST, now))
+            tokens = min(PEER_UPDATE_BURST, tokens + (now - at) * rate)
+            if tokens < 1:
+                self._updates[peer_id] = (tokens, now)
+                wait = int((1 - tokens) / rate) + 1
+                raise InnernetError(f"too many updates from this peer; try again in {wait} s",
+                                    status=429)
+            if len(self._updates) > 100000:
+                self._updates.clear()
+            self._updates[peer_id] = (tokens - 1, now)
 
     def wait_for_change(self, caller, etag, seconds):
         """Hold a long poll until the caller's state differs from ``etag``.
@@ -2753,7 +3088,7 @@ def user_get_state(co, req):
     headers = req.headers if req.headers is not None else {}
     sent = headers.get("If-None-Match")
     wait = req.query.get("wait", "0")
-    wait = min(int(wait), LONG_POLL_MAX_WAIT) if wait.isdigit() and len(wait) < 6 else 0
+    wait = min(ascii_uint(wait) or 0, LONG_POLL_MAX_WAIT)
     body, etag, waited = co.wait_for_change(req.caller, sent, wait if sent else 0)
     extra = {"ETag": etag}
     if wait:
@@ -2778,7 +3113,7 @@ def user_get_capabilities(co, req):
 def user_redeem(co, req):
     data = _require_object(req.body, "redeem request")
     new_key = _get(data, "public_key", str)
-    if not is_key(new_key):
+    if not is_public_key(new_key):
         raise _bad("invalid public key")
     caller = req.caller
     if caller.invite_expires is not None and caller.invite_expires < time.time():
@@ -2792,13 +3127,19 @@ def user_redeem(co, req):
 
 @api("PUT", "user/endpoint", "user", body=True)
 def user_set_endpoint(co, req):
-    co.store.set_endpoint(req.caller.id, parse_endpoint_contents(req.body))
+    endpoint = parse_endpoint_contents(req.body)
+    if endpoint != req.caller.endpoint:            # the same again changes nothing
+        co.allow_update(req.caller.id)
+        co.store.set_endpoint(req.caller.id, endpoint)
     return Response(204)
 
 
 @api("PUT", "user/candidates", "user", body=True)
 def user_set_candidates(co, req):
-    co.store.set_candidates(req.caller.id, parse_candidates(req.body))
+    candidates = parse_candidates(req.body)
+    if candidates != req.caller.candidates:
+        co.allow_update(req.caller.id)
+        co.store.set_candidates(req.caller.id, candidates)
     return Response(204)
 
 
@@ -2902,14 +3243,15 @@ def _api_server_class():
                 body_error, self.close_connection = "chunked bodies are not supported", True
             elif length is None:
                 body_error = "missing Content-Length header"
-            elif not length.strip().isdigit():
+            elif ascii_uint(length.strip()) is None:
                 body_error, self.close_connection = "invalid Content-Length header", True
-            elif int(length) > MAX_BODY:
+            elif ascii_uint(length.strip()) > MAX_BODY:
                 body_error = f"request body is larger than {MAX_BODY} bytes"
                 self.close_connection = True
             else:
-                body = self.rfile.read(int(length))
-                if len(body) < int(length):
+                size = ascii_uint(length.strip())
+                body = self.rfile.read(size)
+                if len(body) < size:
                     self.close_connection = True
                     return
             resp = self.server.coordinator.handle(self.command, self.path, self.headers,
@@ -3001,7 +3343,16 @@ _API_SERVER = None
 
 def make_api_server(coordinator, address, port, **kw):
     """An HTTP server for ``coordinator`` on address:port (port 0: any)."""
-    return _api_server_class()(coordinator, address, port, **kw)
+    try:
+        return _api_server_class()(coordinator, address, port, **kw)
+    except OSError as e:
+        where = format_endpoint(address, port)
+        if e.errno == errno.EADDRINUSE:
+            raise InnernetError(f"cannot serve on {where}: the address is already in use",
+                                hint="is another 'serve' of this network running? "
+                                     f"(systemctl status innernet-server@{coordinator.ifname})"
+                                ) from None
+        raise InnernetError(f"cannot serve on {where}: {e.strerror or e}") from None
 
 
 ###############################################################################
@@ -3009,7 +3360,10 @@ def make_api_server(coordinator, address, port, **kw):
 ###############################################################################
 
 
-def _gunzip(data, limit=64 << 20):
+MAX_ANSWER = 64 << 20         # bytes of an API answer, compressed or not
+
+
+def _gunzip(data, limit=MAX_ANSWER):
     import zlib
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
@@ -3023,8 +3377,9 @@ def _gunzip(data, limit=64 << 20):
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
             400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 410: "Gone",
-            413: "Payload Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            413: "Payload Too Large", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable",
+            507: "Insufficient Storage"}
 
 
 class ApiClient:
@@ -3034,13 +3389,16 @@ class ApiClient:
     which would double the start-up time and memory of a cron `fetch`.
     """
 
-    def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT):
+    def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
+                 source_address=None):
         self.host, self.port = parse_endpoint(internal_endpoint)
+        self.source_address = source_address     # (ip, 0) to choose our own address
         self.endpoint = internal_endpoint
         self.server_key = server_public_key
         self.timeout = timeout
         self.sock = None
         self.buf = b""
+        self.used = 0.0
 
     def close(self):
         if self.sock is not None:
@@ -3048,6 +3406,21 @@ class ApiClient:
                 self.sock.close()
             self.sock = None
             self.buf = b""
+
+    def _fresh(self):
+        """Is the kept-alive connection recent and not closed by the server?"""
+        if time.monotonic() - self.used > 2.0 or self.buf:
+            return False
+        try:
+            self.sock.setblocking(False)
+            try:
+                return self.sock.recv(1, socket.MSG_PEEK) != b""
+            finally:
+                self.sock.settimeout(self.timeout)
+        except BlockingIOError:
+            return True         # nothing to read: still open
+        except OSError:
+            return False
 
     def _read_more(self):
         chunk = self.sock.recv(1 << 18)
@@ -3072,9 +3445,9 @@ class ApiClient:
     def _read_response(self, method):
         status_line = self._read_line().decode("latin-1")
         parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        status = ascii_uint(parts[1], 100, 999) if len(parts) >= 2 else None
+        if status is None or not parts[0].startswith("HTTP/1."):
             raise ValueError(f"bad status line {status_line[:40]!r}")
-        status = int(parts[1])
         headers = {}
         while True:
             line = self._read_line().decode("latin-1")
@@ -3088,28 +3461,37 @@ class ApiClient:
             body = b""
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             body = bytearray()
-            while True:
-                size = int(self._read_line().split(b";")[0], 16)
+            for _ in range(1 << 16):
+                size_text = self._read_line(64).split(b";")[0].strip().decode("latin-1")
+                if not re.fullmatch(r"[0-9A-Fa-f]{1,8}", size_text):
+                    raise ValueError("bad chunk size")
+                size = int(size_text, 16)
+                if len(body) + size > MAX_ANSWER:     # checked before reading it
+                    raise ValueError("answer larger than 64 MiB")
                 if size == 0:
-                    while self._read_line():
-                        pass
+                    for _ in range(100):
+                        if not self._read_line():
+                            break
                     break
                 body += self._read_exactly(size)
-                self._read_exactly(2)
-                if len(body) > 64 << 20:
-                    raise ValueError("answer larger than 64 MiB")
+                if self._read_exactly(2) != b"\r\n":
+                    raise ValueError("bad chunk")
+            else:
+                raise ValueError("too many chunks")
             body = bytes(body)
         elif "content-length" in headers:
-            length = int(headers["content-length"])
-            if not 0 <= length <= 64 << 20:
+            length = ascii_uint(headers["content-length"], 0, MAX_ANSWER)
+            if length is None:
                 raise ValueError("bad Content-Length")
             body = self._read_exactly(length)
-        else:
-            while True:
+        else:                              # the body ends where the connection does
+            while len(self.buf) <= MAX_ANSWER:
                 try:
                     self._read_more()
                 except ConnectionError:
                     break
+            else:
+                raise ValueError("answer larger than 64 MiB")
             body, self.buf = self.buf, b""
             headers["connection"] = "close"
         return status, headers, body
@@ -3117,8 +3499,10 @@ class ApiClient:
     def request(self, method, path, body=None, headers=None):
         """-> (status, headers with lower-case names, raw body).
 
-        Transport errors are InnernetError(unreachable=True); a stale
-        keep-alive connection is retried once on a fresh one.
+        Transport errors are InnernetError(unreachable=True). A GET on a
+        stale keep-alive connection is retried once on a fresh one; a write
+        never is, since the server may have carried it out before the
+        connection broke.
         """
         data = b"" if body is None else json.dumps(body).encode()
         hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
@@ -3129,18 +3513,23 @@ class ApiClient:
         hdrs.update(headers or {})
         req = (f"{method} /v1{path} HTTP/1.1\r\n"
                + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + data
+        if method != "GET" and self.sock is not None and not self._fresh():
+            self.close()        # a write goes only on a connection known to be open
         for attempt in (0, 1):
             reused = self.sock is not None
             try:
                 if self.sock is None:
-                    self.sock = socket.create_connection((self.host, self.port),
-                                                         timeout=self.timeout)
+                    self.sock = socket.create_connection(
+                        (self.host, self.port), timeout=self.timeout,
+                        source_address=self.source_address)
                     self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.used = time.monotonic()
                 self.sock.sendall(req)
                 status, rhdrs, raw = self._read_response(method)
             except (OSError, ValueError) as e:
                 self.close()
-                if attempt == 0 and reused and not isinstance(e, socket.timeout):
+                if attempt == 0 and reused and method == "GET" \
+                        and not isinstance(e, (socket.timeout, ValueError)):
                     continue
                 if isinstance(e, ValueError):
                     raise InnernetError(f"the server at {self.endpoint} sent a malformed "
@@ -3150,6 +3539,7 @@ class ApiClient:
                     f"cannot reach the innernet server at {self.endpoint}: {reason}",
                     hint="is the server running, and is this host's WireGuard "
                          "interface up?", unreachable=True) from None
+            self.used = time.monotonic()
             if rhdrs.get("connection", "").lower() == "close":
                 self.close()
             if rhdrs.get("content-encoding") == "gzip":
@@ -3250,10 +3640,13 @@ def choose(value, flag, prompt, options):
         print(f"  {i}) {n}", file=sys.stderr)
     while True:
         got = input(f"{prompt} [1-{len(names)}]: ").strip()
-        if got.isdigit() and 1 <= int(got) <= len(names):
-            return options[names[int(got) - 1]]
+        n = ascii_uint(got, 1, len(names))
+        if n is not None:
+            return options[names[n - 1]]
         if got in options:
             return options[got]
+        print(f"  {got!r} is not one of the choices: type a number from 1 to "
+              f"{len(names)} or a name", file=sys.stderr)
 
 
 def parse_bool(text):
@@ -3268,9 +3661,10 @@ def parse_bool(text):
 
 
 def parse_port(text):
-    if not str(text).isdigit() or not 0 < int(text) < 65536:
+    port = ascii_uint(str(text), 1, 65535)
+    if port is None:
         raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
-    return int(text)
+    return port
 
 
 def print_json(obj):
@@ -3287,10 +3681,15 @@ def _dirs(args, server):
 
 def installed_interfaces(args):
     cdir, _ = _dirs(args, server=False)
-    with contextlib.suppress(OSError):
-        return sorted(f[:-5] for f in os.listdir(cdir)
-                      if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
-    return []
+    try:
+        names = os.listdir(cdir)
+    except PermissionError:
+        raise InnernetError(f"cannot read {cdir}: permission denied",
+                            hint="are you running as root?") from None
+    except OSError:
+        return []
+    return sorted(f[:-5] for f in names
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
 
 
 def client_config_path(args, iface):
@@ -3303,7 +3702,7 @@ def data_store_path(args, iface):
 
 def load_client_config(args, iface):
     path = client_config_path(args, iface)
-    if not os.path.exists(path):
+    if not path_exists(path, "config file"):
         raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
                             hint="join one with 'innernet install INVITATION'")
     warn_if_world_accessible(path)
@@ -3312,7 +3711,7 @@ def load_client_config(args, iface):
 
 def save_client_config(args, iface, cfg):
     path = client_config_path(args, iface)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o600
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
     atomic_write(path, cfg.to_toml(), mode)
 
 
@@ -3323,7 +3722,7 @@ def server_paths(args, iface):
 
 def load_server_config(args, iface):
     conf, _ = server_paths(args, iface)
-    if not os.path.exists(conf):
+    if not path_exists(conf, "server config"):
         raise InnernetError(f"no network named {iface} ({conf} is missing)",
                             hint="create it with 'innernet-server new'")
     with contextlib.suppress(OSError):
@@ -3337,8 +3736,9 @@ def hosts_options(args):
     """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
     if getattr(args, "no_write_hosts", False):
         return None, None
+    suffix = getattr(args, "host_suffix", None)
     return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
-        getattr(args, "host_suffix", None)
+        None if suffix is None else parse_host_suffix(suffix)
 
 
 def opt(args, name, default=None):
@@ -3390,6 +3790,9 @@ class LocalNetwork:
     def delete_association(self, assoc):
         self.store.delete_association(assoc.id)
 
+    def network_name(self):
+        return self.iface
+
     def invitation_server(self):
         server = next(p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
         return (public_key(self.config.private_key), server.endpoint,
@@ -3435,6 +3838,10 @@ class RemoteNetwork:
 
     def delete_association(self, assoc):
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
+
+    def network_name(self):
+        """The network's own name (this admin's interface may be named otherwise)."""
+        return self.config.network_name
 
     def invitation_server(self):
         server = next((p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME), None)
@@ -3493,11 +3900,35 @@ def _address_taken(error):
         "with that ip already exists" in error.message
 
 
+def _eligible_cidr(cidrs, name):
+    """The CIDR a new peer may go into, by name (--cidr), or an error saying why not."""
+    by_name = {c.name: c for c in cidrs}
+    leaves = {c.name: c for c in leaf_cidrs(cidrs) if c.name != SERVER_PEER_NAME}
+    if name is not None and name in by_name and name not in leaves:
+        why = "it is the server's CIDR" if name == SERVER_PEER_NAME else \
+            "it has child CIDRs (peers go into CIDRs without children)"
+        raise InnernetError(f"CIDR '{name}' is not eligible for peers: {why}",
+                            hint="choose one of: " + ", ".join(leaves) if leaves
+                            else "add a CIDR first with add-cidr")
+    return choose(name, "--cidr", "CIDR for the new peer", leaves)
+
+
+def parse_save_path(text):
+    """Where an invitation or config goes: a non-empty path that does not exist yet."""
+    if not text or not text.strip():
+        raise InnernetError("--save-config needs a file name, not an empty string",
+                            hint="e.g. --save-config alice.toml")
+    if path_exists(text):
+        raise InnernetError(f"{text} already exists", hint="choose another --save-config")
+    return text
+
+
 def cmd_add_peer(args):
     net = open_network(args)
     cidrs, peers = net.cidrs(), net.peers()
-    leaves = {c.name: c for c in leaf_cidrs(cidrs) if c.name != SERVER_PEER_NAME}
-    cidr = choose(args.cidr, "--cidr", "CIDR for the new peer", leaves)
+    if args.save_config is not None:          # a bad path fails before any question
+        parse_save_path(args.save_config)
+    cidr = _eligible_cidr(cidrs, args.cidr)
     used = [p.ip for p in peers]
     if args.ip is not None:
         ip = parse_ip(args.ip)
@@ -3514,11 +3945,9 @@ def cmd_add_peer(args):
     is_admin = ask(args.admin, "--admin", "make this peer an admin? (true/false)",
                    default="false", parse=parse_bool)
     expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
-                  default=DEFAULT_INVITE_EXPIRY, parse=parse_timestring)
+                  default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
     save_path = ask(args.save_config, "--save-config", "save the invitation as",
-                    default=f"{name}.toml")
-    if os.path.exists(save_path):
-        raise InnernetError(f"{save_path} already exists", hint="choose another --save-config")
+                    default=f"{name}.toml", parse=parse_save_path)
     confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'?", True)
 
     invite_key = generate_private_key()
@@ -3528,12 +3957,12 @@ def cmd_add_peer(args):
     server_key, external, internal = net.invitation_server()
     root = root_cidr(cidrs)
     invitation = InterfaceConfig(
-        net.iface, ipaddress.ip_interface(f"{ip}/{root.network.prefixlen}"), invite_key, None,
-        server_key, external, internal)
-    # Write the file first (to a temporary name), create the peer, then link
-    # the file into place: no peer without its invitation, no stray secrets.
-    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700)
-    tmp = _write_temp(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
+        net.network_name(), ipaddress.ip_interface(f"{ip}/{root.network.prefixlen}"),
+        invite_key, None, server_key, external, internal)
+    # The file is created (exclusively) before the peer and removed if the
+    # peer cannot be created: no peer without its invitation, no stray secrets.
+    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
+    atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600, exclusive=True)
     try:
         for attempt in range(5):
             try:
@@ -3548,14 +3977,13 @@ def cmd_add_peer(args):
                 contents = dataclasses.replace(contents, ip=str(ip))
                 invitation = dataclasses.replace(invitation, address=ipaddress.ip_interface(
                     f"{ip}/{root.network.prefixlen}"))
-                os.unlink(tmp)
-                tmp = _write_temp(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
-        os.link(tmp, save_path)
-    finally:
+                atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
+    except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(save_path)
+        raise
     log(f"peer '{peer.name}' ({peer.ip}) added")
-    print(f"invitation saved to {save_path} (expires in {args.invite_expires or expires}); "
+    print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
           "send it securely, e.g. with magic-wormhole", file=sys.stderr)
     return 0
 
@@ -3564,6 +3992,9 @@ def cmd_add_association(args):
     net = open_network(args)
     cidrs = _user_cidrs(net.cidrs())
     both = args.cidr1 is not None and args.cidr2 is not None
+    if both and args.cidr1 == args.cidr2:
+        raise InnernetError(f"a CIDR cannot be associated with itself ('{args.cidr1}')",
+                            hint="name two different CIDRs")
     a = choose(args.cidr1, "CIDR1", "first CIDR", cidrs)
     b = choose(args.cidr2, "CIDR2", "second CIDR", {k: v for k, v in cidrs.items() if v.id != a.id})
     if not both:
@@ -3714,7 +4145,7 @@ def cmd_server_new(args):
                        "external endpoint (host:port)", parse=normalize_endpoint)
     conf, db = server_paths(args, name)
     for path in (conf, db):
-        if os.path.exists(path):
+        if path_exists(path):
             raise InnernetError(f"network {name} already exists ({path})",
                                 hint=f"remove it with 'innernet-server uninstall {name}'")
     server_ip = next_free_ip(network, [])
@@ -3744,7 +4175,7 @@ def cmd_server_new(args):
 def cmd_server_uninstall(args):
     iface = parse_interface(args.interface)
     conf, db = server_paths(args, iface)
-    if not os.path.exists(conf) and not os.path.exists(db):
+    if not path_exists(conf) and not path_exists(db):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     with contextlib.suppress(InnernetError):
@@ -3781,7 +4212,9 @@ def _ensure_server_device(args, iface, config):
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
     config = load_server_config(args, iface)
-    store = Store(server_paths(args, iface)[1])
+    db_path = server_paths(args, iface)[1]
+    store = Store(db_path)
+    lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     backend = _ensure_server_device(args, iface, config)
     hosts_path, suffix = hosts_options(args)
     relay = None
@@ -3810,6 +4243,9 @@ def cmd_server_serve(args):
     finally:
         co.stop.set()
         httpd.server_close()
+        if relay is not None:        # no forwarding without the server that filters it
+            relay.remove()
+        lock.close()
     return 0
 
 
@@ -3854,14 +4290,14 @@ def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
     if args.name:
-        iface = args.name
+        iface = parse_interface(args.name)
     elif args.default_name or not _interactive():
-        iface = invite.network_name
+        iface = parse_interface(invite.network_name)
     else:
-        iface = ask(None, "--name", "interface name", default=invite.network_name)
-    iface = parse_interface(iface)
+        iface = ask(None, "--name", "interface name", default=invite.network_name,
+                    parse=parse_interface)
     cfg_path = client_config_path(args, iface)
-    if os.path.exists(cfg_path):
+    if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
                             hint="choose another --name, or 'innernet uninstall' it first")
     backend_choice = opt(args, "backend", "auto")
@@ -3871,34 +4307,55 @@ def cmd_install(args):
     ensure_dir(_dirs(args, False)[0])
     ensure_dir(_dirs(args, False)[1])
     started = time.monotonic()
-    server = server_peer_update(invite)
-    backend = bring_up(backend_choice, iface, private_key=invite.private_key,
-                       address=invite.address, listen_port=invite.listen_port, updates=[server],
-                       mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+    # The new key is saved before the server hears of it: a config or data
+    # directory that is read-only or full fails here, with the invitation
+    # still unused, and a key the server accepted is never lost.
+    new_key = generate_private_key()
+    cfg = dataclasses.replace(invite, private_key=new_key)
+    store_path = data_store_path(args, iface)
+    made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
+    atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
+    redeemed, backend = False, None
     try:
+        save_data_store(store_path, [], [])
+        server = server_peer_update(invite)
+        backend = bring_up(backend_choice, iface, private_key=invite.private_key,
+                           address=invite.address, listen_port=invite.listen_port,
+                           updates=[server], mtu=opt(args, "mtu", DEFAULT_MTU),
+                           routing=routing(args))
         if not wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
             raise InnernetError(
                 f"no WireGuard handshake with the server at {invite.server_external_endpoint}",
                 hint="the invitation may be expired or already used, or the server is "
                      "unreachable or not running")
-        new_key = generate_private_key()
         api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
         try:
             api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
+            redeemed = True
         except InnernetError as e:
             if e.status == 401:
                 raise InnernetError("the server refused the invitation",
                                     hint="it has expired or was already redeemed; "
                                          "ask for a new one") from None
+            if e.unreachable:
+                redeemed = None       # it may have happened: keep the new key
+                raise InnernetError(
+                    f"{e.message} while redeeming the invitation",
+                    hint=f"the server may have redeemed it: the new key is kept in "
+                         f"{cfg_path}; try 'innernet up {iface}', and if that fails, "
+                         f"'innernet uninstall {iface} --yes' and install again") from None
             raise
         finally:
             api.close()
     except BaseException:
-        with contextlib.suppress(Exception):
-            backend.delete(iface)
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                backend.delete(iface)
+        if redeemed is False:
+            for path in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         raise
-    cfg = dataclasses.replace(invite, private_key=new_key)
-    atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
     since = time.time()
     backend.apply(iface, private_key=new_key)
     if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
@@ -3939,11 +4396,25 @@ def cmd_set_listen_port(args):
         log("No change necessary")
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
-    if backend is not None:
-        backend.apply(iface, listen_port=port or 0)
     save_client_config(args, iface, dataclasses.replace(cfg, listen_port=port))
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
+    if backend is None:
+        return 0
+    backend.apply(iface, listen_port=port or 0)
+    # Tell the server at once: the request itself leaves from the new port, so
+    # the server's device sees the new endpoint (and serves it to the other
+    # peers), and the NAT candidates name the new port.
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        peers, _, _ = load_data_store(data_store_path(args, iface))
+        own = next((p for p in peers if p.public_key == public_key(cfg.private_key)), None)
+        report_candidates(args, api, cfg, own, backend.get(iface).listen_port, force=True)
+        log("the server was told the new port")
+    except InnernetError as e:
+        warn(f"could not tell the server yet ({e.message}); the next fetch will")
+    finally:
+        api.close()
     return 0
 
 
@@ -3999,20 +4470,27 @@ def cmd_override_peer_endpoint(args):
         confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
         overrides[peer.ip] = endpoint
     save_client_config(args, iface, dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    # The device follows at once: an unchanged fetch later writes nothing to it.
     backend = existing_backend(opt(args, "backend", "auto"), iface)
-    if backend is not None and endpoint is not None:
-        resolved = resolve_endpoint(endpoint)
-        if resolved:
-            backend.apply(iface, updates=[PeerUpdate(peer.public_key, endpoint=resolved)])
-    log(f"peer '{peer.name}': " + (f"endpoint overridden with {endpoint}" if endpoint
-                                   else "endpoint override removed (applies at the next fetch)"))
+    target = endpoint
+    if endpoint is None:          # back to what the server says, or the best candidate
+        found = traversal_candidates(peer, local_networks())
+        target = found[0] if found else None
+    resolved = resolve_endpoint(target) if target else None
+    if backend is not None and resolved:
+        backend.apply(iface, updates=[PeerUpdate(peer.public_key, endpoint=resolved)])
+    if endpoint:
+        log(f"peer '{peer.name}': endpoint overridden with {endpoint}")
+    else:
+        log(f"peer '{peer.name}': endpoint override removed"
+            + (f"; reaching it at {resolved} again" if backend is not None and resolved else ""))
     return 0
 
 
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
     cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
-    if not os.path.exists(cfg_path) and not os.path.exists(store_path):
+    if not path_exists(cfg_path) and not path_exists(store_path):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
     with contextlib.suppress(InnernetError):
@@ -4027,7 +4505,7 @@ def cmd_uninstall(args):
     return 0
 
 
-def report_candidates(args, api, cfg, own, listen_port):
+def report_candidates(args, api, cfg, own, listen_port, force=False):
     """Tell the server our local addresses, when they differ from what it has."""
     if getattr(args, "no_nat_candidates", False):
         local = []
@@ -4036,13 +4514,15 @@ def report_candidates(args, api, cfg, own, listen_port):
         local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
                  for ip in local_addresses(exclude)]
     have = set(own.candidates) if own else set()
-    if set(local) <= have and len(have) <= len(local) + 1:
+    if not force and set(local) <= have and len(have) <= len(local) + 1:
         return
     try:
         api.call("PUT", "/user/candidates", local)
     except InnernetError as e:
         if e.status == 404:
             warn("the server is too old to accept NAT candidates")
+        elif e.status == 429:       # said again at a later fetch; not worth failing this one
+            debug(f"the server deferred our NAT candidates: {e.message}")
         else:
             raise
 
@@ -4054,6 +4534,24 @@ class FetchResult:
     changed: bool            # the server sent a new state (not 304)
     waited: bool             # the server held the request (long poll)
     unreachable: set = dataclasses.field(default_factory=set)   # keys NAT traversal missed
+
+
+def desired_peers(cfg, peers):
+    """The cached peers as this client wants them on its device.
+
+    Local endpoint overrides win; the server is always reached at the
+    endpoint in our own config, never at one the state names, so a server
+    (or an admin) cannot point clients away from it.
+    """
+    overrides = cfg.peer_endpoint_overrides
+    out = []
+    for p in peers:
+        if p.public_key == cfg.server_public_key:
+            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
+        elif p.ip in overrides:
+            p = dataclasses.replace(p, endpoint=overrides[p.ip])
+        out.append(p)
+    return out
 
 
 def relayed_addresses(dev, cfg, peers):
@@ -4200,11 +4698,9 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             if not stored_peers:
                 raise InnernetError(f"{e.message}, and there are no cached peers",
                                     hint=e.hint) from None
-            warn(f"{e.message}; keeping the interface with {len(stored_peers)} cached peers")
+            # Said once, by whoever catches the error raised at the end.
             peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
-        overrides = cfg.peer_endpoint_overrides
-        desired = [dataclasses.replace(p, endpoint=overrides[p.ip]) if p.ip in overrides else p
-                   for p in peers]
+        desired = desired_peers(cfg, peers)
         dev = backend.get(iface)
         own_key = public_key(cfg.private_key)
         relayed = relayed_addresses(dev, cfg, desired)
@@ -4237,7 +4733,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         api.close()
     if unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
-        raise InnernetError(unreachable.message + " (the interface keeps its cached peers)",
+        raise InnernetError(unreachable.message + f" (the interface keeps its "
+                            f"{len(stored_peers)} cached peers)",
                             hint=unreachable.hint, unreachable=True)
     return FetchResult(changes, brought_up, changed, waited, missed)
 
@@ -4350,6 +4847,7 @@ def _daemon(args, iface):
     unreachable are relayed through the server when it offers that.
     """
     caps, backoff, relays = None, 1, RelayState()
+    failing = None                  # the error of the last round, until one works
     while True:
         sleep = args.interval
         try:
@@ -4377,8 +4875,21 @@ def _daemon(args, iface):
                 sleep = 0                   # the wait happened on the server
             elif relays.failing_since:
                 sleep = min(sleep, 5)
-        except InnernetError as e:
-            warn(f"{iface}: {e.message}")
+            if failing is not None:
+                log(f"{iface}: in sync with the server again")
+                failing = None
+        except Exception as e:      # one network's trouble must not end the others
+            if isinstance(e, InnernetError):
+                message = e.message
+            else:
+                import traceback
+                message = f"unexpected error: {e!r}"
+                debug(traceback.format_exc())
+            if message != failing:
+                warn(f"{iface}: {message} (retrying)")
+            else:
+                debug(f"{iface}: still failing: {message}")
+            failing = message
             caps = None
             sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
         if sleep:
@@ -4396,11 +4907,18 @@ def cmd_up(args):
         return 0
     if args.interval < 1:
         raise InnernetError("--interval must be at least 1 second")
+    ensure_dir(_dirs(args, False)[1])
+    locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
+                           f"'up {iface} --daemon'") for iface in ifaces]
     threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
                for iface in ifaces[1:]]
     for t in threads:
         t.start()
-    _daemon(args, ifaces[0])
+    try:
+        _daemon(args, ifaces[0])
+    finally:
+        for lock in locks:
+            lock.close()
     return 0
 
 
@@ -4440,6 +4958,8 @@ def cmd_show(args):
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:
+        if getattr(args, "interface", None):
+            load_client_config(args, iface)      # "not installed" before "not up"
         backend = existing_backend(choice, iface)
         if backend is None:
             if getattr(args, "interface", None):
@@ -4811,6 +5331,14 @@ def main(argv=None, server_mode=None):
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
     parser = build_parser(server_mode)
     prog = SERVER_PROG if server_mode else PROG
+    misplaced = _misplaced_global(argv)
+    if misplaced:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {misplaced} is a global option and goes before the command",
+              file=sys.stderr)
+        print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
+              f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     set_verbosity(getattr(args, "verbose", 0) or 0)
     if args.func is None:
@@ -4826,11 +5354,43 @@ def main(argv=None, server_mode=None):
         print(f"{prog}: error: permission denied: {e.filename or e}", file=sys.stderr)
         print("hint: are you running as root?", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:          # the system refused something no layer expected
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        hint = {errno.ENOSPC: "the disk is full; free some space and try again",
+                errno.EROFS: "the file system is read-only",
+                errno.EADDRINUSE: "another program uses that address or port"}.get(e.errno)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return EXIT_ERROR
+    except RecursionError:
+        print(f"{prog}: error: the input is nested too deeply to read", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+
+
+_GLOBAL_WITH_VALUE = {"-c", "--config-dir", "-d", "--data-dir", "--backend", "--mtu"}
+
+
+def _misplaced_global(argv):
+    """'-c' (or '-c' with '-d') after the verb: innernet's globals go before it.
+
+    After `install`, `-d` means --delete-invite and after `up` --daemon, so
+    `install -c X -d Y inv.toml` would otherwise fail with a garbled error.
+    """
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+    if i < len(argv) and argv[i] == "server":
+        i += 1
+    rest = argv[i + 1:]
+    if "--" in rest:
+        rest = rest[:rest.index("--")]
+    return "-c" if "-c" in rest else None
 
 
 def server_main(argv=None):

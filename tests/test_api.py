@@ -296,7 +296,7 @@ def test_http_round_trip_on_loopback(tmp_path):
                          innernet.parse_ip("127.0.0.1"), innernet.public_key(server_key), "127.0.0.1:1")
     store.add_cidr(Cidr(None, "humans", "127.1.0.0/16", 1))
     store.add_peer(Peer(None, "me", "127.1.0.1", 3, key(), is_admin=True, is_redeemed=True))
-    co = Coordinator(store, ServerConfig(server_key, 0, "127.0.0.1", 8), "lo")
+    co = Coordinator(store, ServerConfig(server_key, 0, "127.0.0.1", 8), "lo", local_callers=True)
     httpd = innernet.make_api_server(co, "127.0.0.1", 0)
     port = httpd.server_address[1]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -322,10 +322,16 @@ def test_http_round_trip_on_loopback(tmp_path):
         r = conn.getresponse()
         assert r.status == 400 and b"Content-Length" in r.read()
         conn.close()
-        # The real client against the real server: 401 for the wrong server key.
-        assert innernet.ApiClient(f"127.0.0.1:{port}", co.public_key).call(
+        # The server's own address is a local process, never a caller.
+        with pytest.raises(innernet.InnernetError, match="local processes") as e:
+            innernet.ApiClient(f"127.0.0.1:{port}", co.public_key).call("GET", "/admin/peers")
+        assert e.value.status == 401
+        # The real client (from the peer's address) against the real server:
+        # 401 for the wrong server key.
+        assert innernet.ApiClient(f"127.0.0.1:{port}", co.public_key,
+                                  source_address=("127.1.0.1", 0)).call(
             "GET", "/user/capabilities")["unspecified_ip_in_override_endpoint"] is True
-        api = innernet.ApiClient(f"127.0.0.1:{port}", key())
+        api = innernet.ApiClient(f"127.0.0.1:{port}", key(), source_address=("127.1.0.1", 0))
         with pytest.raises(innernet.InnernetError) as e:
             api.call("GET", "/user/state")
         assert e.value.status == 401 and not e.value.unreachable

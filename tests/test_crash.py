@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import innernet
 cfg = innernet.ServerConfig(sys.argv[3], 51820, "127.0.0.1", 8)
-co = innernet.Coordinator(innernet.Store(sys.argv[2]), cfg, "crash")
+co = innernet.Coordinator(innernet.Store(sys.argv[2]), cfg, "crash", local_callers=True)
 httpd = innernet.make_api_server(co, "127.0.0.1", 0)
 print(httpd.server_address[1], flush=True)
 httpd.serve_forever()
@@ -48,10 +48,8 @@ def start(db, key):
 
 
 def client(port, key, ip):
-    api = innernet.ApiClient(f"127.0.0.1:{port}", innernet.public_key(key), timeout=15)
-    api.sock = __import__("socket").create_connection(("127.0.0.1", port), timeout=5,
-                                                      source_address=(ip, 0))
-    return api
+    return innernet.ApiClient(f"127.0.0.1:{port}", innernet.public_key(key), timeout=15,
+                              source_address=(ip, 0))
 
 
 def burst(port, key, rnd, cidr_id, invites, acked, stop):

@@ -153,6 +153,7 @@ def test_idle_and_slow_connections_do_not_block_a_fetch(tmp_path, counts):
     co = make_coordinator(tmp_path)
     # The loopback server needs its peers at 127.x addresses.
     co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    co.local_callers = True
     httpd = innernet.make_api_server(co, "127.0.0.1", 0)
     port = httpd.server_address[1]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -173,10 +174,8 @@ def test_idle_and_slow_connections_do_not_block_a_fetch(tmp_path, counts):
             except OSError:
                 pass
         start = time.monotonic()
-        api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=5)
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                        source_address=("127.1.0.3", 0))
-        api.sock = sock
+        api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=5,
+                                 source_address=("127.1.0.3", 0))
         state = api.call("GET", "/user/state")
         assert {p["name"] for p in state["peers"]} >= {"developer1"}
         counts["idle/slow connections held open during a successful fetch"] = len(socks)

@@ -1,0 +1,458 @@
+"""The outside review's findings (issue 10) and new users' mistakes (issue 19), as
+unit tests: each failed on the code before its fix. The end-to-end halves are in
+tests/e2e/test_hardening.py.
+"""
+import base64
+import ipaddress
+import json
+import os
+import socket
+import sqlite3
+import stat
+import threading
+
+import pytest
+
+import innernet
+from innernet import Cidr, InnernetError, Peer
+from test_api import IPS, call, make_coordinator, peer_contents
+
+
+def key():
+    return innernet.public_key(innernet.generate_private_key())
+
+
+# -- 8: one strict ASCII number parser -------------------------------------------------
+
+UNICODE_DIGITS = ["²", "٣", "۴", "१", "𝟓", "①", "１", "7²", " 7", "7 ", "+7", "1_0", "0x10", ""]
+
+
+@pytest.mark.parametrize("text", UNICODE_DIGITS)
+def test_ascii_uint_refuses_everything_but_ascii_digits(text):
+    assert innernet.ascii_uint(text) is None
+
+
+def test_ascii_uint_bounds():
+    assert innernet.ascii_uint("0") == 0 and innernet.ascii_uint("65535", 1, 65535) == 65535
+    assert innernet.ascii_uint("65536", 1, 65535) is None
+    assert innernet.ascii_uint("9" * 21) is None
+
+
+@pytest.mark.parametrize("text", ["1.2.3.4:²", "1.2.3.4:٣٣", "host:１", "[::1]:²", ":²"])
+def test_endpoints_with_unicode_digits_are_one_clear_error(text):
+    with pytest.raises(InnernetError, match="invalid endpoint"):
+        innernet.parse_endpoint(text)
+
+
+def test_api_bodies_and_queries_with_unicode_digits_are_4xx(co):
+    assert call(co, "GET", "/v1/user/state?wait=²", "developer1")[0] == 200
+    status, body = call(co, "PUT", "/v1/user/endpoint", "developer1",
+                        {"option": "Set", "content": "1.2.3.4:²"})
+    assert status == 400 and "invalid endpoint" in body["error"]
+    status, body = call(co, "PUT", "/v1/user/candidates", "developer1", ["1.2.3.4:٣"])
+    assert status == 400 and "invalid endpoint" in body["error"]
+
+
+@pytest.fixture
+def co(tmp_path):
+    return make_coordinator(tmp_path)
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    """The real HTTP server on loopback, with peers at 127.1.0.x."""
+    co = make_coordinator(tmp_path)
+    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    co.local_callers = True
+    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield co, httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def raw_request(port, data, source="127.1.0.2"):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    s.sendall(data)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out and b'"}' in out:
+                break
+    except socket.timeout:
+        pass
+    s.close()
+    return out
+
+
+def test_content_length_in_unicode_digits_gets_an_answer(loopback):
+    co, port = loopback
+    # b"\xb2" is '²' in latin-1, as http.server decodes header lines
+    out = raw_request(port, (f"PUT /v1/user/candidates HTTP/1.1\r\nHost: x\r\n"
+                             f"{innernet.SERVER_KEY_HEADER}: {co.public_key}\r\n"
+                             ).encode() + b"Content-Length: \xb2\r\n\r\n[]")
+    assert out.startswith(b"HTTP/1.1 400") and b"Content-Length" in out
+
+
+def test_cli_listen_port_in_unicode_digits(tmp_path, capsys):
+    assert innernet.main(["-c", str(tmp_path / "e"), "-d", str(tmp_path / "d"), "server", "new",
+                          "--network-name", "evil", "--network-cidr", "10.66.0.0/16",
+                          "--external-endpoint", "1.2.3.4:51820", "--listen-port", "²"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("innernet: error: invalid port '²'") and "Traceback" not in err
+
+
+def test_invitation_with_unicode_port_is_one_clear_error(tmp_path, capsys):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "tests", "test_files.py")).read()
+    assert text  # the invitation below is innernet's shape, with a bad port
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[interface]\nnetwork-name = "evil"\naddress = "10.66.1.2/16"\n'
+                   'private-key = "SGb+ojrRNDuMePufwtIYhXzA//k6wF3R21tEBgKlzlM="\n\n'
+                   '[server]\npublic-key = "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8="\n'
+                   'external-endpoint = ":²"\ninternal-endpoint = "10.66.0.1:51820"\n')
+    assert innernet.main(["-c", str(tmp_path / "e"), "-d", str(tmp_path / "d"), "install",
+                          str(inv)]) == 1
+    err = capsys.readouterr().err
+    assert "invalid endpoint" in err and "Traceback" not in err and len(err.splitlines()) <= 2
+
+
+# -- 4: names are whole hostnames on both sides -------------------------------------------
+
+EVIL = "dave\n6.6.6.6 github.com #"
+
+
+@pytest.mark.parametrize("name", ["dave\n", EVIL, "dave\r", "Dave", "da ve", "-dave", "x" * 64])
+def test_hostname_rule_is_for_the_whole_string(name):
+    assert not innernet.is_hostname(name)
+
+
+def test_server_refuses_a_name_with_a_trailing_newline(co):
+    status, body = call(co, "POST", "/v1/admin/peers", body=peer_contents("dave\n", "10.80.64.9",
+                                                                           4))
+    assert status == 400 and "invalid peer name" in body["error"]
+
+
+def test_client_refuses_names_from_the_state_and_never_writes_them(tmp_path):
+    peer = Peer(7, "dave", "10.80.64.7", 4, key(), is_redeemed=True).to_json()
+    peer["name"] = EVIL
+    with pytest.raises(InnernetError, match="invalid peer name"):
+        Peer.from_json(peer)
+    store = tmp_path / "net.json"
+    store.write_text(json.dumps({"version": "1", "peers": [peer], "cidrs": []}))
+    with pytest.raises(InnernetError):
+        innernet.parse_data_store(store.read_text(), str(store))
+    bad = Peer(7, EVIL, "10.80.64.7", 4, key(), is_redeemed=True)
+    lines = innernet.hosts_lines([bad, Peer(8, "ok", "10.80.64.8", 4, key(), is_redeemed=True)],
+                                 "evil")
+    assert lines == ["10.80.64.8 ok.evil.wg"]
+
+
+@pytest.mark.parametrize("suffix", ["bad suffix!", "a\nb", "x..y", ".x", "UPPER"])
+def test_bad_host_suffix_is_refused(suffix):
+    with pytest.raises(InnernetError, match="invalid host suffix"):
+        innernet.parse_host_suffix(suffix)
+
+
+def test_good_host_suffixes():
+    assert innernet.parse_host_suffix("") == "" and innernet.parse_host_suffix("corp.wg") == "corp.wg"
+
+
+# -- 3: pins survive address moves -------------------------------------------------------
+
+def test_a_moved_pinned_key_keeps_its_old_address_pin():
+    a, b = key(), key()
+    stored = [Peer(2, "alice", "10.66.1.2", 3, a, is_redeemed=True)]
+    moved = innernet.merge_pinned(stored, [Peer(2, "alice", "10.66.1.9", 3, a, is_redeemed=True)])
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        innernet.merge_pinned(moved, [Peer(2, "alice", "10.66.1.9", 3, a, is_redeemed=True),
+                                      Peer(3, "mallory", "10.66.1.2", 3, b, is_redeemed=True)])
+    # the pin is not on the device or in the hosts file
+    live = [p for p in moved if not p.is_disabled]
+    assert [(p.ip, p.public_key) for p in live] == [("10.66.1.9", a)]
+
+
+def test_the_server_peer_is_reached_at_the_configured_endpoint():
+    cfg = innernet.InterfaceConfig("evil", ipaddress.ip_interface("10.66.1.2/16"),
+                                   innernet.generate_private_key(), None, key(),
+                                   "198.18.0.1:51820", "10.66.0.1:51820")
+    server = Peer(1, "innernet-server", "10.66.0.1", 2, cfg.server_public_key,
+                  endpoint="6.6.6.6:51820", is_redeemed=True, is_admin=True)
+    (p,) = innernet.desired_peers(cfg, [server])
+    assert p.endpoint == "198.18.0.1:51820"
+
+
+# -- 2: relay rules for nested CIDR trees ----------------------------------------------------
+
+def _overlap(a, b):
+    (s1, d1), (s2, d2) = [(ipaddress.ip_network(x), ipaddress.ip_network(y)) for x, y in (a, b)]
+    return s1.overlaps(s2) and d1.overlaps(d2)
+
+
+def test_relay_rules_never_overlap_for_nested_cidrs():
+    cidrs = [Cidr(1, "net", "10.66.0.0/16", None), Cidr(2, "innernet-server", "10.66.0.1/32", 1),
+             Cidr(3, "humans", "10.66.1.0/24", 1), Cidr(4, "eng", "10.66.4.0/22", 1),
+             Cidr(5, "eng-a", "10.66.4.0/24", 4), Cidr(6, "eng-b", "10.66.5.0/24", 4),
+             Cidr(7, "deep", "10.66.6.0/23", 4), Cidr(8, "deeper", "10.66.6.0/24", 7)]
+    assocs = [innernet.Association(1, 3, 4), innernet.Association(2, 5, 8)]
+    peers = [Peer(1, "innernet-server", "10.66.0.1", 2, key(), is_redeemed=True)]
+    peers += [Peer(10 + i, f"p{i}", ip, cid, key(), is_redeemed=True)
+              for i, (ip, cid) in enumerate([("10.66.1.2", 3), ("10.66.4.2", 5),
+                                            ("10.66.5.2", 6), ("10.66.6.2", 8)])]
+    # a legacy peer in a CIDR with children (innernet allowed it): its CIDR overlaps
+    peers.append(Peer(20, "legacy", "10.66.7.9", 7, key(), is_redeemed=True))
+    addrs, pairs = innernet.relay_rules(peers, cidrs, assocs)
+    assert len(pairs) == len(set(pairs)) and pairs
+    for i, a in enumerate(pairs):
+        for b in pairs[i + 1:]:
+            assert not _overlap(a, b), (a, b)
+    # every allowed direction is still covered
+    def allowed(src, dst):
+        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        return any(s in ipaddress.ip_network(x) and d in ipaddress.ip_network(y) for x, y in pairs)
+    assert allowed("10.66.1.2", "10.66.4.2") and allowed("10.66.4.2", "10.66.1.2")
+    assert allowed("10.66.1.2", "10.66.6.2") and allowed("10.66.6.2", "10.66.1.2")
+    assert allowed("10.66.4.2", "10.66.6.2") and allowed("10.66.6.2", "10.66.4.2")
+    assert allowed("10.66.1.2", "10.66.7.9") and allowed("10.66.7.9", "10.66.1.2")
+    assert not allowed("10.66.5.2", "10.66.4.2") and not allowed("10.66.4.2", "10.66.5.2")
+    rs = innernet.RelayFirewall("x").ruleset(addrs, pairs)
+    assert "flags interval" in rs
+
+
+def test_a_peer_in_a_cidr_with_children_is_refused(co):
+    assert call(co, "POST", "/v1/admin/cidrs", body={"name": "kids", "cidr": "10.80.128.0/18",
+                                                     "parent": 5})[0] == 400   # user has peers
+    status, body = call(co, "POST", "/v1/admin/peers", body=peer_contents("rooted", "10.80.3.3", 1))
+    assert status == 400 and "child CIDRs" in body["error"]
+
+
+# -- 5: the server's own peer and CIDR ------------------------------------------------------
+
+def test_the_server_peer_endpoint_cannot_be_changed_over_the_api(co):
+    (server,) = [p for p in co.store.peers() if p.name == "innernet-server"]
+    body = dict(server.to_json(with_id=False), endpoint="6.6.6.6:51820")
+    status, reply = call(co, "PUT", "/v1/admin/peers/1", body=body)
+    assert status == 400 and "endpoint" in reply["error"]
+    assert co.store.peer(1).endpoint == "155.155.155.155:54321"
+
+
+def test_the_server_cidr_cannot_be_renamed(co):
+    status, reply = call(co, "PUT", "/v1/admin/cidrs/2",
+                         body={"name": "evil", "cidr": "10.80.0.1/32", "parent": 1})
+    assert status == 400 and "server's CIDR" in reply["error"]
+
+
+# -- 1: local processes are never callers ------------------------------------------------------
+
+def test_the_servers_own_address_is_not_a_caller(co):
+    status, body = call(co, "POST", "/v1/admin/cidrs", ip="10.80.0.1",
+                        body={"name": "x", "cidr": "10.80.9.0/24", "parent": 1})
+    assert status == 401 and "local processes" in body["error"]
+    assert call(co, "GET", "/v1/admin/peers", ip="127.0.0.1")[0] == 401
+
+
+# -- 9: keys, storage errors, hosts files, the API client --------------------------------------
+
+LOW_ORDER = ["00" * 32, "01" + "00" * 31, "ec" + "ff" * 30 + "7f", "ed" + "ff" * 30 + "7f",
+             "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+             "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"]
+
+
+@pytest.mark.parametrize("hexkey", LOW_ORDER)
+def test_small_order_public_keys_are_refused(co, hexkey):
+    bad = base64.b64encode(bytes.fromhex(hexkey)).decode()
+    status, _ = call(co, "POST", "/v1/admin/peers",
+                     body=peer_contents("weak", "10.80.64.9", 4, public_key=bad))
+    assert status == 400
+    assert not innernet.is_public_key(bad)
+
+
+def test_redeeming_with_the_all_zero_key_is_refused(co):
+    future = {"secs_since_epoch": 2 ** 40, "nanos_since_epoch": 0}
+    assert call(co, "POST", "/v1/admin/peers", body=peer_contents(
+        "inv", "10.80.64.40", 4, invite_expires=future))[0] == 201
+    zero = base64.b64encode(bytes(32)).decode()
+    status, body = call(co, "POST", "/v1/user/redeem", ip="10.80.64.40", body={"public_key": zero})
+    assert status == 400 and "invalid public key" in body["error"]
+
+
+def test_a_full_disk_is_a_clear_507_and_nothing_changes(co):
+    before = co.store.conn.execute("SELECT COUNT(*) FROM cidrs").fetchone()
+    pages = co.store.conn.execute("PRAGMA page_count").fetchone()[0]
+    co.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    bodies = [call(co, "POST", "/v1/admin/cidrs", body={
+        "name": f"c{i}-" + "x" * 50, "cidr": f"10.81.{i // 250}.{i % 250}/32", "parent": 1})
+        for i in range(400)]
+    statuses = {s for s, _ in bodies}
+    assert statuses == {201, 507}
+    full = next(b for s, b in bodies if s == 507)
+    assert "disk is full" in full["error"]
+    assert co.store.conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert before[0] <= co.store.conn.execute("SELECT COUNT(*) FROM cidrs").fetchone()[0]
+
+
+def test_server_verbs_on_a_read_only_database_say_so(tmp_path, capsys):
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    capsys.readouterr()
+    db = tmp_path / "lib" / "evil.db"
+    conn = sqlite3.connect(str(db))
+    conn.execute("PRAGMA query_only = 1")   # how a read-only file looks to sqlite
+    conn.close()
+    uri_store = innernet.Store(str(db))
+    uri_store.conn.execute("PRAGMA query_only = 1")
+    with pytest.raises(InnernetError) as e:
+        uri_store.add_cidr(Cidr(None, "humans", "10.66.1.0/24", 1))
+    assert "it or its directory is read-only" in e.value.message and e.value.status == 503
+
+
+def test_an_empty_database_file_is_one_clear_error(tmp_path, capsys):
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    (tmp_path / "lib" / "evil.db").write_bytes(b"")
+    capsys.readouterr()
+    assert innernet.main(base + ["list-cidrs", "evil"]) == 1
+    err = capsys.readouterr().err
+    assert "is not an innernet database" in err and "Traceback" not in err
+
+
+def test_deeply_nested_files_are_one_clear_error(tmp_path, capsys):
+    inv = tmp_path / "inv.toml"
+    inv.write_text("x = " + "[" * 1000 + "\n")
+    assert innernet.main(["-c", str(tmp_path / "e"), "-d", str(tmp_path / "d"), "install",
+                          str(inv)]) == 1
+    assert "nested too deeply" in capsys.readouterr().err
+    with pytest.raises(InnernetError, match="nested too deeply"):
+        innernet.parse_data_store("[" * 100000, "store.json")
+
+
+def test_a_symlinked_hosts_file_stays_a_symlink(tmp_path):
+    real = tmp_path / "real-hosts"
+    real.write_text("127.0.0.1 localhost\n")
+    link = tmp_path / "hosts"
+    link.symlink_to(real)
+    assert innernet.write_hosts_file(str(link), "innernet x", ["10.0.0.1 a.x.wg"])
+    assert link.is_symlink() and "a.x.wg" in real.read_text()
+
+
+def test_crlf_and_duplicated_hosts_sections_are_replaced_whole():
+    text = ("127.0.0.1 localhost\r\n# DO NOT EDIT innernet x BEGIN\r\n10.0.0.9 stale.x.wg\r\n"
+            "# DO NOT EDIT innernet x END\r\n::1 ip6\r\n# DO NOT EDIT innernet x BEGIN\n"
+            "10.0.0.8 stale2.x.wg\n# DO NOT EDIT innernet x END\n")
+    new = innernet.update_hosts_text(text, "innernet x", ["10.0.0.1 a.x.wg"])
+    assert "stale" not in new and new.count("BEGIN") == 1 and "10.0.0.1 a.x.wg" in new
+    assert new.startswith("127.0.0.1 localhost\r\n") and "::1 ip6" in new
+
+
+class _OneShotServer:
+    """Answers the first request on each connection, then closes it."""
+
+    def __init__(self, answers):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests = []
+        self.answers = list(answers)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while self.answers:
+            c, _ = self.sock.accept()
+            with c:
+                data = c.recv(65536)
+                self.requests.append(data.split(b" ", 2)[:2])
+                answer = self.answers.pop(0)
+                if answer is not None:
+                    c.sendall(answer)
+                    if b"keep" in answer:      # keep it open, then close without a word
+                        c.recv(65536)
+                        self.requests.append([b"(second request on the connection)"])
+
+
+def test_the_api_client_never_retries_a_write():
+    ok = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Note: keep\r\n\r\n{}")
+    srv = _OneShotServer([ok, None, None])
+    api = innernet.ApiClient(f"127.0.0.1:{srv.port}", key(), timeout=3)
+    api.call("GET", "/user/state")
+    with pytest.raises(InnernetError):
+        api.call("POST", "/admin/cidrs", {"name": "x"})
+    # the GET, then the POST once (on the kept-alive connection), never again
+    assert srv.requests == [[b"GET", b"/v1/user/state"], [b"(second request on the connection)"]]
+
+
+def test_the_api_client_bounds_bodies_read_until_close(monkeypatch):
+    monkeypatch.setattr(innernet, "MAX_ANSWER", 1000)
+    srv = _OneShotServer([b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 5000])
+    api = innernet.ApiClient(f"127.0.0.1:{srv.port}", key(), timeout=3)
+    with pytest.raises(InnernetError, match="larger than"):
+        api.call("GET", "/user/state")
+
+
+def test_the_api_client_checks_a_chunk_size_before_reading_it(monkeypatch):
+    monkeypatch.setattr(innernet, "MAX_ANSWER", 1000)
+    srv = _OneShotServer([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffff\r\n"])
+    api = innernet.ApiClient(f"127.0.0.1:{srv.port}", key(), timeout=3)
+    with pytest.raises(InnernetError, match="larger than"):
+        api.call("GET", "/user/state")
+
+
+# -- 7: bounded memory: rate limits and caches ---------------------------------------------
+
+def test_candidate_updates_are_rate_limited_and_no_ops_are_free(co):
+    statuses = [call(co, "PUT", "/v1/user/candidates", "developer1", [f"1.2.3.{i}:51820"])[0]
+                for i in range(innernet.PEER_UPDATE_BURST + 5)]
+    assert statuses[:innernet.PEER_UPDATE_BURST] == [204] * innernet.PEER_UPDATE_BURST
+    assert set(statuses[innernet.PEER_UPDATE_BURST:]) == {429}
+    rev = co.store.revision
+    last = co.store.peer_by_ip(IPS["developer1"]).candidates
+    assert call(co, "PUT", "/v1/user/candidates", "developer1", last)[0] == 204
+    assert co.store.revision == rev              # the same list again writes nothing
+    status, body = call(co, "PUT", "/v1/user/endpoint", "developer1",
+                        {"option": "Set", "content": "9.9.9.9:1"})
+    assert status == 429 and "try again" in body["error"]
+
+
+def test_the_gzip_and_state_caches_are_bounded(co, monkeypatch):
+    monkeypatch.setattr(innernet, "GZIP_CACHE_BYTES", 4000)
+    for i in range(200):
+        body = os.urandom(1500)
+        co.gzipped(body, f'"{i}"')
+    assert co._gzip_bytes <= 4000 + 1600 and len(co._gzip_cache) < 10
+    for i in range(20):
+        co.store.set_candidates(3, [f"1.1.1.{i}:1"])
+        call(co, "GET", "/v1/user/state", "developer1")
+        call(co, "GET", "/v1/user/state", "admin")
+    revs = {hit[0] for hit in co._state_cache.values()}
+    assert len(revs) == 1
+
+
+# -- the smaller CLI items ----------------------------------------------------------------------
+
+def test_ensure_dir_tightens_an_existing_directory(tmp_path):
+    d = tmp_path / "etc"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    innernet.ensure_dir(str(d))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_durations():
+    assert innernet.format_duration(1209600) == "2w" and innernet.format_duration(86400 * 3) == "3d"
+    assert innernet.format_duration(90) == "90s"
+    with pytest.raises(InnernetError, match="at least 1 s"):
+        innernet.parse_expiry("0s")
+
+
+def test_misplaced_global_options_are_named(capsys):
+    assert innernet.main(["install", "-c", "/tmp/x", "-d", "/tmp/y", "inv.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "-c is a global option and goes before the command" in err
+    assert innernet._misplaced_global(["-c", "x", "-d", "y", "install", "-d", "inv.toml"]) is None
