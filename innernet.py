@@ -202,11 +202,13 @@ def ensure_dir(path, mode=0o700, *, tighten=True):
     existing one that grants more than ``mode`` is narrowed to it."""
     try:
         os.makedirs(path, mode=mode, exist_ok=True)
-        if tighten:
-            have = stat.S_IMODE(os.stat(path).st_mode)
-            if have & ~mode:
+        have = stat.S_IMODE(os.stat(path).st_mode)
+        if tighten and have & ~mode:
+            try:
                 os.chmod(path, have & mode)
                 warn(f"narrowed the permissions of {path} to {oct(have & mode)[2:]}")
+            except OSError as e:
+                warn(f"{path} is accessible by others and cannot be narrowed: {e.strerror}")
     except PermissionError:
         raise InnernetError(f"cannot create directory {path}: permission denied",
                             hint="are you running as root?") from None

@@ -185,12 +185,17 @@ def bodies(w, body):
     return body
 
 
-def run_matrix(w, host, mode, target="10.66.0.1"):
+def run_matrix(w, host, mode, target="10.66.0.1", as_user=None):
     import sqlite3
     user_id = sqlite3.connect(w.db).execute("SELECT id FROM peers WHERE name='user'").fetchone()[0]
     table = routes(user_id)
     wire = [(m, p, bodies(w, b)) for m, p, b, _ in table]
-    out = host.python(MATRIX, target, 51820, mode, w.server_key, json.dumps(wire), timeout=120)
+    args = [target, 51820, mode, w.server_key, json.dumps(wire)]
+    if as_user:     # a process of an unprivileged user on that host
+        out = host.exec(["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups",
+                         "/usr/bin/python3", "-c", MATRIX] + [str(a) for a in args], timeout=120)
+    else:
+        out = host.python(MATRIX, *args, timeout=120)
     return list(zip(table, json.loads(out.stdout)))
 
 
@@ -208,6 +213,8 @@ def test_authorization_matrix(world, counts):
         ("missing server key (admin peer)", "admin", "none", None),
         ("wrong server key (admin peer)", "admin", "wrong", None),
         ("other interface (underlay)", "underlay", "key", None),
+        ("local process on the server (root)", "srv", "key", None),
+        ("local process on the server (nobody)", "srv:nobody", "key", None),
         ("redeemed user", "user", "key", "user"),
         ("admin", "admin", "key", "admin"),
         ("unredeemed", "unredeemed", "key", "unredeemed"),
@@ -220,7 +227,9 @@ def test_authorization_matrix(world, counts):
             wait_for(lambda: world.hosts[host].python(
                 "import socket; socket.create_connection(('10.66.0.1', 51820), timeout=1)",
                 check=False).returncode == 0, 20, "the unknown tunnel")
-        results = run_matrix(world, world.hosts[host], mode)
+        name, _, as_user = host.partition(":")
+        results = run_matrix(world, world.srv if name == "srv" else world.hosts[name], mode,
+                             as_user=as_user or None)
         for (method, path, _, need), status in results:
             requests += 1
             allowed = role is not None and role in ALLOWED[need]
@@ -232,8 +241,8 @@ def test_authorization_matrix(world, counts):
         lines.append(f"{kind:34} " + " ".join(f"{s:>3}" for _, s in results))
         if kind == "other interface (underlay)":
             assert all(s == -1 for _, s in results), "the API answered off the tunnel"
-        if kind == "unknown address":
-            assert all(s == 401 for _, s in results), "an unknown address got past the API"
+        if kind == "unknown address" or kind.startswith("local process"):
+            assert all(s == 401 for _, s in results), f"{kind} got past the API"
     print("\n".join(lines))
     counts["authorization matrix requests over real tunnels"] = requests
     counts["authorization matrix: unauthorized successes"] = len(unauthorized_successes)
