@@ -3252,10 +3252,13 @@ def _api_server_class():
                 self.close_connection = True
             else:
                 size = ascii_uint(length.strip())
-                body = self.rfile.read(size)
+                try:
+                    body = self.rfile.read(size)
+                except OSError:          # the timeout: the sender stopped short
+                    body = b""
                 if len(body) < size:
-                    self.close_connection = True
-                    return
+                    body, self.close_connection = None, True
+                    body_error = "the request body ended before its Content-Length"
             resp = self.server.coordinator.handle(self.command, self.path, self.headers,
                                                   self.client_address[0], body, body_error)
             data = resp.raw
@@ -3278,6 +3281,27 @@ def _api_server_class():
                 resp.after(self.connection)
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (bad request lines, huge headers) in JSON too."""
+            reason = message or self.responses.get(code, ("error",))[0]
+            body = json.dumps({"error": reason[:200]}).encode()
+            self.close_connection = True
+            self.request_version = "HTTP/1.1"      # a status line even for garbage
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def parse_request(self):
+            ok = super().parse_request()
+            if ok and self.request_version == "HTTP/0.9":   # "GET /path": no headers, no key
+                self.send_error(400, "HTTP/1.0 or newer is required")
+                return False
+            return ok
 
         def log_message(self, fmt, *args):
             debug(f"http {self.client_address[0]} " + fmt % args, 2)

@@ -5,6 +5,7 @@ client is its peer by source address). Counts are printed by the suite.
 """
 import os
 import random
+import select
 import signal
 import sqlite3
 import subprocess
@@ -169,6 +170,8 @@ while True:
         innernet.atomic_write(path, a if i % 2 else b)
     else:
         innernet.write_hosts_file(path, "innernet x", [f"10.0.0.{i % 200 + 1} p{i}"])
+    if i == 1:
+        print("wrote", flush=True)     # the test kills only after the first write
 """
 
 
@@ -178,8 +181,14 @@ def test_kill_9_mid_write_leaves_the_old_or_the_new_file(tmp_path, counts):
         path = tmp_path / f"target-{mode}"
         path.write_text("127.0.0.1 localhost\n" if mode == "hosts" else "A" * 200000 + "\n")
         for _ in range(25):
-            proc = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, str(path), mode])
-            time.sleep(random.uniform(0.05, 0.25))
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, str(path), mode],
+                                    stdout=subprocess.PIPE)
+            # A slow interpreter may take longer to start than any fixed delay:
+            # wait (bounded) for the first write, then kill at a random moment.
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready and proc.stdout.readline() == b"wrote\n", "the writer never wrote"
+            proc.stdout.close()
+            time.sleep(random.uniform(0.0, 0.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             kills += 1

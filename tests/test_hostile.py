@@ -21,11 +21,23 @@ BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endp
                ("PUT", "/v1/admin/peers/3", "admin"), ("POST", "/v1/admin/cidrs", "admin"),
                ("PUT", "/v1/admin/cidrs/4", "admin"), ("POST", "/v1/admin/associations", "admin")]
 
+# Text that breaks parsers: Unicode digits (str.isdigit() says yes, int() says no),
+# every kind of white space, control characters, and the punctuation of our formats.
+NASTY = list("0123456789²³٣۴१𝟓①１߀ \t\r\n\x00\x0b\x0c\x1b\x1f\x7f\x85\xa0\u2028\u3000"
+             ":.,[]{}/=#\"'-_+abcz")
+nasty_text = st.text(alphabet=st.sampled_from(NASTY), max_size=30)
+nasty_numbers = st.sampled_from(["²", "٣٣", "۴", "१०", "𝟓", "①", "１２", "7²", " 7", "7\n",
+                                 "\t7", "+7", "1_0", "0x10", "-1", "99999999999999999999999"])
+nasty_endpoints = st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(
+    ["1.2.3.4", "[fd00::1]", "host", "", "1.2.3.4\n", "１.2.3.4"]), nasty_numbers | nasty_text)
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
-    | st.floats(allow_nan=True) | st.text(max_size=30)
+    | st.floats(allow_nan=True) | st.text(max_size=30) | nasty_text | nasty_numbers
+    | nasty_endpoints
     | st.sampled_from(["10.80.64.9", "10.81.0.0/16", "1.2.3.4:51820", "Set", "Unset",
-                       "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8=", "developer1", ""]),
+                       "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8=", "developer1", "",
+                       "dave\n6.6.6.6 github.com #", "developer1\n", "10.80.64.９"]),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
         st.sampled_from(["name", "ip", "cidr", "parent", "cidr_id", "public_key", "endpoint",
                          "option", "content", "is_admin", "is_disabled", "is_redeemed",
@@ -36,6 +48,9 @@ json_values = st.recursive(
 raw_bodies = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=200).map(str.encode),
+    nasty_text.map(str.encode),
+    nasty_endpoints.map(lambda e: json.dumps({"option": "Set", "content": e}).encode()),
+    st.lists(nasty_endpoints, max_size=4).map(lambda c: json.dumps(c).encode()),
     st.integers(min_value=1, max_value=20000).map(lambda n: b"[" * n),
     st.integers(min_value=1, max_value=400).map(lambda n: b'{"name": 1' + b"0" * n + b"}"),
     st.sampled_from([b"", b"{", b'{"a":', b"\xff\xfe\x00", b'"\\ud800"', b"1e99999",
@@ -90,7 +105,9 @@ def test_raw_bodies(fuzz_co, counts, method, path, who, raw):
 
 
 @settings(max_examples=200, deadline=None)
-@given(path=st.text(alphabet=string.printable, max_size=60),
+@given(path=st.text(alphabet=string.printable, max_size=60) | nasty_text
+       | nasty_numbers.map(lambda n: f"user/state?wait={n}")
+       | nasty_numbers.map(lambda n: f"admin/peers/{n}"),
        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
 def test_paths_and_methods(fuzz_co, counts, path, method):
     before = snapshot(fuzz_co)
@@ -110,6 +127,9 @@ def parsers():
 
 
 toml_like = st.lists(st.one_of(
+    nasty_endpoints.map(lambda e: f'external-endpoint = "{e}"'),
+    nasty_numbers.map(lambda n: f"listen-port = {n}"),
+    nasty_text.map(lambda t: f'network-name = "{t}"'),
     st.sampled_from(["[interface]", "[server]", "[peer-endpoint-overrides]", "[[x]]",
                      'network-name = "evilcorp"', 'address = "10.66.2.1/16"',
                      'private-key = "SGb+ojrRNDuMePufwtIYhXzA//k6wF3R21tEBgKlzlM="',
@@ -123,7 +143,7 @@ toml_like = st.lists(st.one_of(
 
 @pytest.mark.parametrize("index", range(5))
 @settings(max_examples=300, deadline=None)
-@given(text=st.one_of(toml_like, st.text(max_size=300),
+@given(text=st.one_of(toml_like, st.text(max_size=300), nasty_text,
                       st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
 def test_file_parsers_raise_only_innernet_errors(counts, index, text):
     counts["file contents fuzzed"] = counts.get("file contents fuzzed", 0) + 1
@@ -145,6 +165,78 @@ def test_install_with_garbage_invitation_is_one_clear_error(tmp_path_factory, ca
     err = capsys.readouterr().err
     assert err.startswith("innernet: error:") and "Traceback" not in err
     counts["CLI runs with garbage files"] = counts.get("CLI runs with garbage files", 0) + 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(port=nasty_numbers | nasty_text, expires=nasty_numbers.map(lambda n: n + "d") | nasty_text)
+def test_cli_numbers_are_one_clear_error(tmp_path_factory, capsys, counts, port, expires):
+    d = tmp_path_factory.mktemp("cli")
+    base = ["-c", str(d / "etc"), "-d", str(d / "lib"), "server"]
+    code = innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 f"--listen-port={port}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("innernet: error:") and "Traceback" not in err
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
+                                 "--parent", "evil", "--yes"]) == 0
+    capsys.readouterr()
+    code = innernet.main(base + ["add-peer", "evil", "--name", "p", "--cidr", "h", "--auto-ip",
+                                 "--admin", "false", "--save-config", str(d / "p.toml"),
+                                 f"--invite-expires={expires}", "--yes"])
+    err = capsys.readouterr().err
+    assert code == 1 and "invalid duration" in err and "Traceback" not in err
+    assert not (d / "p.toml").exists()
+    counts["CLI runs with hostile numbers"] = counts.get("CLI runs with hostile numbers", 0) + 2
+
+
+@pytest.fixture(scope="module")
+def http_co(tmp_path_factory):
+    co = make_coordinator(tmp_path_factory.mktemp("http"))
+    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    co.local_callers = True
+    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield co, httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(length=nasty_numbers | nasty_text.map(lambda t: t.replace("\n", "").replace("\r", "")),
+       wait=nasty_numbers | nasty_text.map(lambda t: t.replace("\n", "").replace("\r", "")
+                                           .replace(" ", "")),
+       latin1=st.booleans())
+def test_http_headers_and_queries_always_get_an_answer(http_co, counts, length, wait, latin1):
+    co, port = http_co
+    enc = (lambda t: t.encode("latin-1", "replace")) if latin1 else str.encode
+    for req in (b"PUT /v1/user/candidates HTTP/1.1\r\nHost: x\r\n"
+                + f"{innernet.SERVER_KEY_HEADER}: {co.public_key}\r\n".encode()
+                + b"Content-Length: " + enc(length) + b"\r\nConnection: close\r\n\r\n[]"
+                + b" " * innernet.MAX_BODY,    # any length the server accepts is there
+                b"GET /v1/user/state?wait=" + enc(wait).replace(b"#", b"") + b" HTTP/1.1\r\n"
+                + f"Host: x\r\n{innernet.SERVER_KEY_HEADER}: {co.public_key}\r\n".encode()
+                + b"If-None-Match: \"x\"\r\nConnection: close\r\n\r\n"):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                     source_address=("127.1.0.3", 0))
+        s.sendall(req)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        assert data.startswith(b"HTTP/1."), (req, data)
+        status = int(data.split()[1])
+        assert status < 500, (req, data[:200])
+        counts["hostile HTTP headers and queries answered"] = \
+            counts.get("hostile HTTP headers and queries answered", 0) + 1
 
 
 # -- slow and idle clients ------------------------------------------------------------

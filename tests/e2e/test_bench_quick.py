@@ -19,5 +19,5 @@ def test_namespace_benchmark_runs(bench, pyz):
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, INNERNET_PYZ=pyz))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| " in r.stdout and "ratio" in r.stdout or "vs full" in r.stdout
+    assert "| " in r.stdout and ("ratio" in r.stdout or "vs full" in r.stdout)
     print(r.stdout)

@@ -7,6 +7,7 @@ others run the built .pyz with a bare Python (pure-Python keys, vendored
 pyroute2 0.9). Issue 2, acceptance item 2.
 """
 import os
+import sqlite3
 import time
 
 import pytest
@@ -151,7 +152,9 @@ def test_expired_invitation_is_refused(mesh):
     mesh.srv.server("add-peer", mesh.net, "--name", "late", "--cidr", "humans", "--admin",
                     "false", "--ip", "10.66.1.200", "--save-config", mesh.srv.path("late.toml"),
                     "--invite-expires", "1s", "--yes")
-    time.sleep(2)
+    (expires,), = sqlite3.connect(mesh.srv.path("server", "lib", f"{mesh.net}.db")).execute(
+        "SELECT invite_expires FROM peers WHERE name = 'late'").fetchall()
+    wait_for(lambda: time.time() > expires + 0.5, 5, "the invitation to expire")
     late = mesh.lab.add_host("late")
     r = late.innernet("install", "--name", mesh.lab.ifname("late"), "--no-write-hosts",
                       mesh.srv.path("late.toml"), check=False, timeout=60)
@@ -167,6 +170,13 @@ def test_admin_made_cidr_and_peer_are_in_the_server_database(mesh):
 
 
 def test_down_removes_the_interface(mesh):
-    host = mesh.lab.hosts["dup"]
-    r = host.innernet("down", mesh.lab.ifname("dup"), check=False)
+    host = mesh.lab.add_host("downer")            # its own host: runs alone too
+    name = mesh.lab.ifname("downer")
+    host.innernet("install", "--name", name, "--no-write-hosts",
+                  invite(mesh.srv, mesh.net, "downer", "humans"))
+    assert os.path.exists(f"/var/run/wireguard/{name}.sock")
+    host.innernet("down", name)
+    assert not os.path.exists(f"/var/run/wireguard/{name}.sock")
+    assert host.exec(["ip", "link", "show", name], check=False).returncode != 0
+    r = host.innernet("down", name, check=False)
     assert r.returncode == 1 and "not up" in r.stderr
