@@ -345,6 +345,16 @@ def instance_lock(path, what):
     return f
 
 
+def require_removable(paths):
+    """Fail before changing anything when an existing file cannot be deleted."""
+    for path in paths:
+        if path_exists(path) and not os.access(os.path.dirname(os.path.abspath(path)),
+                                               os.W_OK | os.X_OK):
+            raise InnernetError(f"cannot delete {path}: its directory is read-only or not "
+                                "writable", hint="nothing was changed; fix the permissions "
+                                                 "or the mount and try again")
+
+
 def warn_if_world_accessible(path):
     """innernet warns when a file holding keys is readable by others."""
     with contextlib.suppress(OSError):
@@ -4204,6 +4214,7 @@ def cmd_server_uninstall(args):
     if not path_exists(conf) and not path_exists(db):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
+    require_removable((conf, db))
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
     if RelayFirewall.available():
@@ -4237,12 +4248,12 @@ def _ensure_server_device(args, iface, config):
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
+    hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
     config = load_server_config(args, iface)
     db_path = server_paths(args, iface)[1]
     store = Store(db_path)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     backend = _ensure_server_device(args, iface, config)
-    hosts_path, suffix = hosts_options(args)
     relay = None
     if not getattr(args, "no_relay", False):
         if RelayFirewall.available():
@@ -4315,7 +4326,7 @@ def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
 def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
-    if args.name:
+    if args.name is not None:
         iface = parse_interface(args.name)
     elif args.default_name or not _interactive():
         iface = parse_interface(invite.network_name)
@@ -4446,6 +4457,8 @@ def cmd_set_listen_port(args):
 
 def cmd_override_endpoint(args):
     iface = parse_interface(args.interface)
+    if args.endpoint is not None:
+        normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
     cfg = load_client_config(args, iface)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     if args.unset:
@@ -4519,6 +4532,7 @@ def cmd_uninstall(args):
     if not path_exists(cfg_path) and not path_exists(store_path):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
+    require_removable((cfg_path, store_path))
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
     for path in (cfg_path, store_path):
@@ -4766,7 +4780,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
 
 
 def cmd_fetch(args):
-    ifaces = [parse_interface(args.interface)] if args.interface else installed_interfaces(args)
+    ifaces = [parse_interface(args.interface)] if args.interface is not None \
+        else installed_interfaces(args)
     if not ifaces:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
@@ -4923,7 +4938,8 @@ def _daemon(args, iface):
 
 
 def cmd_up(args):
-    ifaces = [parse_interface(args.interface)] if args.interface else installed_interfaces(args)
+    ifaces = [parse_interface(args.interface)] if args.interface is not None \
+        else installed_interfaces(args)
     if not ifaces:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
@@ -4979,16 +4995,16 @@ def _short_peer(p, dp, me, now):
 
 def cmd_show(args):
     choice = opt(args, "backend", "auto")
-    ifaces = [parse_interface(args.interface)] if getattr(args, "interface", None) \
-        else installed_interfaces(args)
+    named = getattr(args, "interface", None) is not None
+    ifaces = [parse_interface(args.interface)] if named else installed_interfaces(args)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:
-        if getattr(args, "interface", None):
+        if named:
             load_client_config(args, iface)      # "not installed" before "not up"
         backend = existing_backend(choice, iface)
         if backend is None:
-            if getattr(args, "interface", None):
+            if named:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}'")
             continue

@@ -456,3 +456,57 @@ def test_misplaced_global_options_are_named(capsys):
     err = capsys.readouterr().err
     assert "-c is a global option and goes before the command" in err
     assert innernet._misplaced_global(["-c", "x", "-d", "y", "install", "-d", "inv.toml"]) is None
+
+
+def test_add_peer_with_an_empty_save_config_changes_nothing(tmp_path, capsys):
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
+                                 "--parent", "evil", "--yes"]) == 0
+    capsys.readouterr()
+    assert innernet.main(base + ["add-peer", "evil", "--name", "p", "--cidr", "h", "--auto-ip",
+                                 "--admin", "false", "--save-config", "", "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("innernet: error: --save-config needs a file name") and "Trace" not in err
+    db = str(tmp_path / "lib" / "evil.db")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM peers").fetchone() == (1,)
+
+
+def test_a_failing_program_is_reported_by_its_error_line_not_its_last():
+    with pytest.raises(InnernetError) as e:
+        innernet.run(["sh", "-c", "echo '/dev/stdin:5:44-70: Error: Could not process rule: "
+                                  "File exists' >&2; echo '  set pairs' >&2; "
+                                  "echo '      ^^^^^' >&2; exit 1"])
+    said = e.value.message.split("failed with status 1: ", 1)[1]
+    assert said == "/dev/stdin:5:44-70: Error: Could not process rule: File exists"
+
+
+def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkeypatch, capsys):
+    calls = []
+
+    def fetch(args, iface, **kw):
+        calls.append(iface)
+        if len(calls) <= 2:
+            raise ValueError("a bug in one network")
+        return innernet.FetchResult([], False, False, False)
+
+    class Stop(Exception):
+        pass
+
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) >= 3:
+            raise Stop()
+    monkeypatch.setattr(innernet, "fetch_interface", fetch)
+    monkeypatch.setattr(innernet, "server_capabilities", lambda args, iface: {})
+    monkeypatch.setattr(innernet.time, "sleep", sleep)
+    args = type("A", (), {"interval": 60, "no_nat_traversal": True, "no_long_poll": True})()
+    with pytest.raises(Stop):
+        innernet._daemon(args, "evil")
+    err = capsys.readouterr().err
+    assert err.count("unexpected error: ValueError('a bug in one network') (retrying)") == 1
+    assert "in sync with the server again" in err and len(calls) == 3

@@ -114,3 +114,35 @@ def test_zsh_and_fish_completions_name_every_verb():
     for verb in ("install", "fetch", "rename-cidr", "completions"):
         assert f"-a {verb} " in fish and f"{verb})" in zsh
     assert "-l hosts-path" in fish
+
+
+def test_wrong_answers_are_explained_and_asked_again(tmp_path):
+    """A bad interface name at the install prompt, a bad CIDR menu choice (issue 19.10),
+    and the invitation's lifetime said as a duration (19.8)."""
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    assert innernet.main(base + ["server", "new", "--network-name", "evil", "--network-cidr",
+                                 "10.42.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["server", "add-cidr", "evil", "--name", "humans", "--cidr",
+                                 "10.42.1.0/24", "--parent", "evil", "--yes"]) == 0
+    save = tmp_path / "bob.toml"
+    code, out = converse(base + ["server", "add-peer", "evil"], [
+        ("CIDR for the new peer", "7"),                     # not on the menu
+        ("CIDR for the new peer", "nosuch"),
+        ("CIDR for the new peer", "1"),
+        ("IP address [10.42.1.1]", ""), ("peer name", "bob"),
+        ("admin? (true/false) [false]", ""), ("expires after [14d]", "0s"),
+        ("expires after [14d]", ""), ("save the invitation as [bob.toml]", str(save)),
+        ("[Y/n]", "")])
+    assert code == 0, out
+    assert "'7' is not one of the choices" in out and "'nosuch' is not one of the choices" in out
+    assert "at least 1 s" in out
+    assert "(expires in 2w)" in out and "1209600" not in out
+    # install: a wrong interface name is asked again (not an abort); the second,
+    # valid one then stops at "already installed", before any device is made
+    (tmp_path / "etc" / "good.conf").write_text("")
+    client = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    code, out = converse(client + ["install", str(save)], [
+        ("interface name [evil]", "Bad Name!"), ("interface name [evil]", "good")])
+    assert code == 1 and "invalid interface name 'Bad Name!'" in out
+    assert "network good is already installed" in out

@@ -210,6 +210,9 @@ def test_simultaneous_redemption(net):
     # innernet's docker test_simultaneous_redemption
     for name in ("p4", "p5"):
         invite(net, name, "humans", expires="30s", via=h(net, "admin"))
+        # the network's own name, not the admin's interface name (issue 19.11)
+        text = open(h(net, "admin").path(f"{name}.toml")).read()
+        assert f'network-name = "{net.name}"' in text and iface(net, "admin") != net.name
     hosts = {name: net.lab.add_host(name) for name in ("p4", "p5")}
     net.hosts.update(hosts)
     procs = {name: subprocess.Popen(

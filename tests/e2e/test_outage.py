@@ -78,6 +78,7 @@ def test_outage(pyz, counts):
         assert r.returncode == 1
         errors = [line for line in r.stderr.splitlines() if line.startswith("innernet: error:")]
         assert len(errors) == 1 and "10.66.0.1:51820" in errors[0], r.stderr
+        assert not [line for line in r.stderr.splitlines() if line.startswith("[!]")], r.stderr
         assert "10.66.1.1" in device_peer_ips(p2, lab.ifname("p2"))    # interface and cache kept
         time.sleep(max(0, outage_start + 5 - time.time()))
         outage_end = time.time()
@@ -97,6 +98,9 @@ def test_outage(pyz, counts):
         wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 30,
                  "the daemon to recover and add p3")
         assert daemon.poll() is None
+        log = p1.log("up.log")
+        assert log.count("in sync with the server again") == 1, log
+        assert len([line for line in log.splitlines() if "(retrying)" in line]) <= 3, log
         counts["daemon recoveries after the server returned"] = 1
     finally:
         lab.close()
