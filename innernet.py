@@ -4740,35 +4740,36 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                     hint=e.hint) from None
             # Said once, by whoever catches the error raised at the end.
             peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
-        desired = desired_peers(cfg, peers)
-        dev = backend.get(iface)
-        own_key = public_key(cfg.private_key)
-        relayed = relayed_addresses(dev, cfg, desired)
-        updates = diff_peers(dev.peers, desired, own_key, time.time(), relayed=relayed,
-                             relay_via=cfg.server_public_key)
-        changes = [u for u in updates if u.touches_device]
-        if changes:
-            backend.apply(iface, updates=changes)
-            names = {p.public_key: p.name for p in stored_peers + peers}
-            for u in changes:
-                log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
-                    f"was {u.action}")
-        else:
-            debug(f"{iface}: peers are already up to date")
-        hosts_path, suffix = hosts_options(args)
-        if hosts_path:
-            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
-        if changed:
-            save_data_store(store_path, peers, cidrs, etag)
-        if unreachable is None:
-            own = next((p for p in peers if p.public_key == own_key), None)
-            report_candidates(args, api, cfg, own, dev.listen_port)
-        missed = set()
-        if traverse and not getattr(args, "no_nat_traversal", False):
-            keys = {u.public_key for u in changes if not u.remove} | set(retry)
-            todo = desired if traverse == "all" or brought_up else \
-                [p for p in desired if p.public_key in keys]
-            missed = traverse_nat(backend, iface, cfg, todo) if todo else set()
+        with device_lock(iface):     # the daemon's path watch changes it too
+            desired = desired_peers(cfg, peers)
+            dev = backend.get(iface)
+            own_key = public_key(cfg.private_key)
+            relayed = relayed_addresses(dev, cfg, desired)
+            updates = diff_peers(dev.peers, desired, own_key, time.time(), relayed=relayed,
+                                 relay_via=cfg.server_public_key)
+            changes = [u for u in updates if u.touches_device]
+            if changes:
+                backend.apply(iface, updates=changes)
+                names = {p.public_key: p.name for p in stored_peers + peers}
+                for u in changes:
+                    log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
+                        f"was {u.action}")
+            else:
+                debug(f"{iface}: peers are already up to date")
+            hosts_path, suffix = hosts_options(args)
+            if hosts_path:
+                write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
+            if changed:
+                save_data_store(store_path, peers, cidrs, etag)
+            if unreachable is None:
+                own = next((p for p in peers if p.public_key == own_key), None)
+                report_candidates(args, api, cfg, own, dev.listen_port)
+            missed = set()
+            if traverse and not getattr(args, "no_nat_traversal", False):
+                keys = {u.public_key for u in changes if not u.remove} | set(retry)
+                todo = desired if traverse == "all" or brought_up else \
+                    [p for p in desired if p.public_key in keys]
+                missed = traverse_nat(backend, iface, cfg, todo) if todo else set()
     finally:
         api.close()
     if unreachable is not None:
@@ -4827,6 +4828,7 @@ class RelayState:
         self.relayed_at = {}         # public key -> wall time it was moved to the relay
         self.last_full = None        # monotonic time of the last full traversal
         self.last_retry = 0.0
+        self.cfg, self.peers = None, []   # as of the last sync, for the path watch
 
     def plan(self):
         """(traverse mode, keys to retry) for the next round."""
@@ -4840,9 +4842,118 @@ class RelayState:
         return "changed", ()
 
 
+def device_lock(iface):
+    """The lock around one interface's read-change-write of its device, shared
+    by the daemon's sync and its path watch (threads of one process)."""
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(iface, threading.RLock())
+
+
+_DEVICE_LOCKS: dict[str, threading.RLock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+class PathWatch:
+    """Notices, in seconds, a direct path that stopped carrying packets.
+
+    Without it a broken path is noticed only when its handshake is 180 s
+    old and the next traversal round comes (5.5 minutes in all). WireGuard
+    answers every data packet within KEEPALIVE_TIMEOUT (10 s), with a
+    keepalive if it has nothing else to send. So a peer that has sent nothing
+    for POKE_AFTER s is sent a packet into the tunnel (a poke; a second one
+    later, in case the first is lost); one that stays silent LOST_AFTER s,
+    with its first poke at least ANSWER_WITHIN s old, has no working path. A
+    live idle peer costs about one poke per keepalive period.
+    """
+    POKE_AFTER = (3.0, 8.0)       # s of silence at which to poke
+    ANSWER_WITHIN = 10.5          # WireGuard's passive keepalive, and some slack
+    LOST_AFTER = 14.0             # s of silence that mean the path is gone
+
+    def __init__(self):
+        self.seen = {}            # key -> (rx_bytes, monotonic time it last changed)
+        self.poked = {}           # key -> monotonic times of the pokes in this silence
+
+    def check(self, dev, peers_by_key, skip, now=None):
+        """The keys whose direct path is lost; pokes the quiet ones."""
+        now = time.monotonic() if now is None else now
+        lost = []
+        for dp in dev.peers:
+            k, p = dp.public_key, peers_by_key.get(dp.public_key)
+            if p is None or k in skip or not dp.last_handshake:
+                self.seen.pop(k, None)          # not direct, or never was: not ours
+                self.poked.pop(k, None)
+                continue
+            rx, since = self.seen.get(k, (None, now))
+            if rx != dp.rx_bytes:
+                self.seen[k] = (dp.rx_bytes, now)
+                self.poked.pop(k, None)
+                continue
+            quiet, pokes = now - since, self.poked.setdefault(k, [])
+            if len(pokes) < len(self.POKE_AFTER) and quiet >= self.POKE_AFTER[len(pokes)]:
+                trigger_packet(p.ip)
+                pokes.append(now)
+            elif quiet >= self.LOST_AFTER and pokes and now - pokes[0] >= self.ANSWER_WITHIN:
+                lost.append(k)
+                self.seen.pop(k, None)
+                self.poked.pop(k, None)
+        return lost
+
+
+def _relay_moves(by_key, relayed, keys, state, now, why):
+    """PeerUpdates that route ``keys`` through the server (and log why)."""
+    moves = []
+    for k in keys:
+        p = by_key.get(k)
+        if p is None or host_prefix(p.ip) in relayed:
+            continue
+        relayed.add(host_prefix(p.ip))
+        moves.append(PeerUpdate(k, allowed_ips=[], name=p.name))
+        state.relayed_at[k] = now
+        log(f"peer {p.name}: {why}; relayed through the server")
+    return moves
+
+
+def watch_paths(args, iface, state, allowed, stop, every=1.0):
+    """The daemon's second thread: relay a peer whose direct path broke, in seconds."""
+    watch = PathWatch()
+    while not stop.wait(every):
+        if not allowed() or state.cfg is None:
+            continue
+        try:
+            with device_lock(iface):
+                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                if backend is None:
+                    continue
+                cfg, peers = state.cfg, state.peers
+                dev = backend.get(iface)
+                if dev.peer(cfg.server_public_key) is None:
+                    continue
+                by_key = {p.public_key: p for p in peers if not p.is_disabled}
+                relayed = relayed_addresses(dev, cfg, peers)
+                skip = {cfg.server_public_key} | {k for k, p in by_key.items()
+                                                  if host_prefix(p.ip) in relayed}
+                lost = watch.check(dev, by_key, skip)
+                moves = _relay_moves(by_key, relayed, lost, state, time.time(),
+                                     f"no packet on the direct path for "
+                                     f"{PathWatch.LOST_AFTER:.0f} s")
+                if moves:
+                    backend.apply(iface, updates=moves + [PeerUpdate(
+                        cfg.server_public_key,
+                        allowed_ips=[host_prefix(cfg.server_ip)] + sorted(relayed))])
+            # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
+            every = max(1.0, len(dev.peers) / 1000)
+        except Exception as e:        # the sync thread reports what matters
+            debug(f"{iface}: path watch: {e}")
+
+
 def update_relays(backend, iface, cfg, peers, missed, state, allowed):
     """Route peers unreachable for RELAY_AFTER s through the server; route them
     back directly as soon as a direct handshake works again."""
+    with device_lock(iface):
+        _update_relays(backend, iface, cfg, peers, missed, state, allowed)
+
+
+def _update_relays(backend, iface, cfg, peers, missed, state, allowed):
     now_m, now = time.monotonic(), time.time()
     dev = backend.get(iface)
     for k in missed:
@@ -4870,10 +4981,8 @@ def update_relays(backend, iface, cfg, peers, missed, state, allowed):
             log(f"peer {p.name}: direct path works again; no longer relayed")
         elif prefix not in relayed and allowed and dp.public_key in missed \
                 and now_m - state.failing_since[dp.public_key] >= RELAY_AFTER:
-            relayed.add(prefix)
-            moves.append(PeerUpdate(dp.public_key, allowed_ips=[], name=p.name))
-            state.relayed_at[dp.public_key] = now
-            log(f"peer {p.name}: no direct path after {RELAY_AFTER} s; relayed through the server")
+            moves += _relay_moves(by_key, relayed, [dp.public_key], state, now,
+                                  f"no direct path after {RELAY_AFTER} s")
     if moves:
         server_ips = [host_prefix(cfg.server_ip)] + sorted(relayed)
         backend.apply(iface, updates=moves + [PeerUpdate(cfg.server_public_key,
@@ -4889,6 +4998,10 @@ def _daemon(args, iface):
     """
     caps, backoff, relays = None, 1, RelayState()
     failing = None                  # the error of the last round, until one works
+    if not getattr(args, "no_nat_traversal", False):
+        threading.Thread(target=watch_paths, daemon=True, args=(
+            args, iface, relays, lambda: bool(caps and caps.get("relay")),
+            threading.Event())).start()
     while True:
         sleep = args.interval
         try:
@@ -4912,6 +5025,7 @@ def _daemon(args, iface):
                 if backend is not None:
                     update_relays(backend, iface, cfg, peers, result.unreachable, relays,
                                   bool(caps.get("relay")))
+                relays.cfg, relays.peers = cfg, peers
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
             elif relays.failing_since:

@@ -510,3 +510,43 @@ def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkey
     err = capsys.readouterr().err
     assert err.count("unexpected error: ValueError('a bug in one network') (retrying)") == 1
     assert "in sync with the server again" in err and len(calls) == 3
+
+
+# -- 19.13: a direct path lost later is noticed in seconds ------------------------------------
+
+def test_path_watch_pokes_quiet_peers_and_calls_silent_ones_lost(monkeypatch):
+    pokes = []
+    monkeypatch.setattr(innernet, "trigger_packet", lambda ip, port=9: pokes.append(ip))
+    k = key()
+    peers = {k: Peer(5, "bob", "10.66.1.5", 3, k, is_redeemed=True)}
+    watch = innernet.PathWatch()
+
+    def dev(rx):
+        return innernet.Device("x", peers=[innernet.DevicePeer(k, "198.18.0.5:1", [], 25,
+                                                              1000.0, rx, 0)])
+    assert watch.check(dev(10), peers, set(), now=0) == []
+    assert watch.check(dev(20), peers, set(), now=2) == []           # talking: nothing
+    assert watch.check(dev(20), peers, set(), now=5) == [] and pokes == ["10.66.1.5"]
+    assert watch.check(dev(20), peers, set(), now=10) == [] and len(pokes) == 2
+    assert watch.check(dev(52), peers, set(), now=12) == []          # it answered: alive
+    assert watch.check(dev(52), peers, set(), now=15.5) == [] and len(pokes) == 3
+    assert watch.check(dev(52), peers, set(), now=25) == []          # poke only 9.5 s old
+    assert watch.check(dev(52), peers, set(), now=26.5) == [k]       # 14.5 s silent: lost
+    # relayed or never connected peers are not watched
+    assert watch.check(dev(52), peers, {k}, now=60) == []
+    never = innernet.Device("x", peers=[innernet.DevicePeer(k, None, [], 25, 0.0, 0, 0)])
+    assert watch.check(never, peers, set(), now=100) == []
+
+
+def test_a_late_watch_is_no_false_alarm(monkeypatch):
+    """A watch thread delayed by load sees the counter moved and resets."""
+    monkeypatch.setattr(innernet, "trigger_packet", lambda ip, port=9: None)
+    k = key()
+    peers = {k: Peer(5, "bob", "10.66.1.5", 3, k, is_redeemed=True)}
+    watch = innernet.PathWatch()
+    def d(rx):
+        return innernet.Device("x", peers=[innernet.DevicePeer(k, "1.2.3.4:5", [], 25, 1.0, rx,
+                                                              0)])
+    assert watch.check(d(1), peers, set(), now=0) == []
+    assert watch.check(d(1), peers, set(), now=30) == []     # no poke yet: not lost
+    assert watch.check(d(9), peers, set(), now=31) == []

@@ -142,3 +142,46 @@ def test_direct_paths_survive_the_server_stopping(net):
         assert tcp_reach(a, net.ips["b"], timeout=2)
         assert tcp_reach(h(net, "c"), net.ips["d"], timeout=2)
         time.sleep(1)
+
+
+BREAK = """table inet brk {{
+  chain o {{ type filter hook output priority -10; ip daddr {peer} drop; }}
+  chain i {{ type filter hook input priority -10; ip saddr {peer} drop; }}
+}}
+"""
+
+
+def test_a_direct_path_lost_later_goes_to_the_relay_in_seconds(pyz):
+    """Issue 19.13: a path that worked and then broke used to wait out the 180 s
+    handshake window and the 2-minute traversal round (5.5 minutes)."""
+    lab = Lab(innernet_cmd=BARE + [pyz])
+    try:
+        srv, net, _ = start_network(lab, {"humans": "10.66.1.0/24"})
+        hosts, ips = {}, {}
+        for name in ("x", "y"):
+            host = lab.add_host(name)
+            host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
+                          invite(srv, net, name, "humans"))
+            conf = open(host.path("client", "etc", f"{lab.ifname(name)}.conf")).read()
+            ips[name] = conf.split('address = "')[1].split("/")[0]
+            host.spawn(host.innernet_argv("-v", "up", lab.ifname(name), "--daemon", "--interval",
+                                          "60", "--no-write-hosts"), "up.log")
+            start_echo(host, ips[name])
+            hosts[name] = host
+        x, y = hosts["x"], hosts["y"]
+        wait_for(lambda: tcp_reach(x, ips["y"], timeout=1), 60, "x -> y directly")
+
+        def path(host, name):
+            show = json.loads(host.innernet("show", lab.ifname(host.name), "--json").stdout)
+            return {p["name"]: p["path"] for p in show[0]["peers"]}.get(name)
+        assert path(x, "y") == "direct" and path(y, "x") == "direct"
+        x.exec(["nft", "-f", "-"], input=BREAK.format(peer=y.underlay))   # the path breaks
+        broke = time.monotonic()
+        wait_for(lambda: tcp_reach(x, ips["y"], timeout=1), 60, "x -> y through the relay")
+        took = time.monotonic() - broke
+        assert path(x, "y") == "relayed" and path(y, "x") == "relayed"
+        assert tcp_reach(y, ips["x"])
+        print(f"direct path lost; x reached y through the relay {took:.1f} s later")
+        assert "no packet on the direct path" in x.log("up.log")
+    finally:
+        lab.close()
