@@ -10,8 +10,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     python3-nacl python3-pyroute2 time util-linux \
     debootstrap dpkg-dev debhelper dh-python lintian fakeroot build-essential man-db >/dev/null
 fi
+# INNERNET_PYTHON runs the suite on another interpreter (in its own INNERNET_VENV).
 VENV=${INNERNET_VENV:-.venv}
-[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "${INNERNET_PYTHON:-/usr/bin/python3}" -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 PY="$VENV/bin/python"

@@ -550,3 +550,29 @@ def test_a_late_watch_is_no_false_alarm(monkeypatch):
     assert watch.check(d(1), peers, set(), now=0) == []
     assert watch.check(d(1), peers, set(), now=30) == []     # no poke yet: not lost
     assert watch.check(d(9), peers, set(), now=31) == []
+
+
+def test_add_peer_when_the_invitation_file_appears_meanwhile(tmp_path, capsys, monkeypatch):
+    """The file is created exclusively before the peer: a file that appears after
+    the check (another admin, a script) stops add-peer with no peer created."""
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
+                                 "--parent", "evil", "--yes"]) == 0
+    target = tmp_path / "p.toml"
+    real_confirm = innernet.confirm
+
+    def confirm_and_race(args, question, default=False):
+        target.write_text("someone else's file\n")
+        return real_confirm(args, question, default)
+    monkeypatch.setattr(innernet, "confirm", confirm_and_race)
+    capsys.readouterr()
+    assert innernet.main(base + ["add-peer", "evil", "--name", "p", "--cidr", "h", "--auto-ip",
+                                 "--admin", "false", "--invite-expires", "1h", "--save-config",
+                                 str(target), "--yes"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert target.read_text() == "someone else's file\n"
+    db = str(tmp_path / "lib" / "evil.db")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM peers").fetchone() == (1,)

@@ -5,6 +5,7 @@ The server answers a 4xx and changes no row; the parsers raise InnernetError
 block a legitimate fetch.
 """
 import json
+import re
 import socket
 import string
 import threading
@@ -176,10 +177,13 @@ def test_cli_numbers_are_one_clear_error(tmp_path_factory, capsys, counts, port,
                                  "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
                                  f"--listen-port={port}"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("innernet: error:") and "Traceback" not in err
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
+    if re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535:
+        assert code == 0, err                         # a plain ASCII port is a port
+    else:
+        assert code == 1 and err.startswith("innernet: error:") and "Traceback" not in err
+        assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                     "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                     "--listen-port", "51820"]) == 0
     assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
                                  "--parent", "evil", "--yes"]) == 0
     capsys.readouterr()
