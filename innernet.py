@@ -91,6 +91,9 @@ GZIP_CACHE_BYTES = 8 << 20      # gzipped state bodies kept, in bytes (LRU)
 STATE_CACHE_VIEWS = 256         # state bodies kept: one per distinct view, current only
 PEER_UPDATE_BURST = 10          # endpoint/candidate writes a peer may make at once
 PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
+DEFAULT_REUSE_AFTER = "30d"     # a deleted peer's address is quarantined this long
+INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this long
+DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 DB_VERSION = 2
@@ -1039,6 +1042,7 @@ class Peer:
     is_redeemed: bool = False
     invite_expires: int | None = None     # unix seconds
     candidates: list[str] = dataclasses.field(default_factory=list)
+    deleted_until: int | None = None      # client pins only: a deleted peer's quarantine
 
     def to_json(self, with_id=True):
         d = {"id": self.id} if with_id else {}
@@ -1049,6 +1053,8 @@ class Peer:
                  is_redeemed=self.is_redeemed,
                  invite_expires=_expires_to_json(self.invite_expires),
                  candidates=list(self.candidates))
+        if self.deleted_until is not None:     # only in a client's own data store
+            d["deleted_until"] = self.deleted_until
         return d
 
     @classmethod
@@ -1068,13 +1074,37 @@ class Peer:
             raise _bad("field 'persistent_keepalive_interval' is out of range")
         candidates = _get(data, "candidates", list, required=False, nullable=True,
                           default=[])
+        deleted_until = _get(data, "deleted_until", int, required=False, nullable=True)
         return cls(pid, _checked_name(_get(data, "name", str), "peer name"),
                    str(ipaddress.ip_address(ip)),
                    _get(data, "cidr_id", int), _get(data, "public_key", str),
                    endpoint, keepalive, _get(data, "is_admin", bool),
                    _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
                    _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None))
+                   parse_candidates(candidates, limit=None), deleted_until)
+
+
+@dataclasses.dataclass
+class Deletion:
+    """A deleted peer, as the server tells clients: its pin may go at reuse_after."""
+    ip: str
+    public_key: str
+    reuse_after: int                    # unix seconds: the address is quarantined until then
+    name: str = ""
+    cidr_id: int | None = None
+
+    def to_json(self):
+        return {"ip": self.ip, "public_key": self.public_key, "reuse_after": self.reuse_after}
+
+    @classmethod
+    def from_json(cls, data):
+        data = _require_object(data, "deletion")
+        ip = str(parse_ip(_get(data, "ip", str)))
+        key = _get(data, "public_key", str)
+        if not is_key(key):
+            raise _bad("invalid public key in a deletion")
+        reuse = _get(data, "reuse_after", int)
+        return cls(ip, key, reuse)
 
 
 def parse_candidates(items, limit=MAX_CANDIDATES):
@@ -1222,9 +1252,19 @@ def is_assignable(ip, net):
     return True
 
 
-def check_new_peer(cidrs, peers, contents):
-    """Validate a peer to be created (spec §5.5). Constraints back this up."""
+def check_new_peer(cidrs, peers, contents, quarantined=None, now=None):
+    """Validate a peer to be created (spec §5.5). Constraints back this up.
+
+    ``quarantined`` maps addresses of deleted peers to their Deletion: those
+    are refused until its reuse_after, so no client sees a known address
+    change key before it was told of the deletion.
+    """
     parse_hostname(contents.name, "peer name")
+    gone = (quarantined or {}).get(str(ipaddress.ip_address(contents.ip)))
+    if gone is not None and gone.reuse_after > (time.time() if now is None else now):
+        raise _bad(f"{contents.ip} is quarantined until "
+                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
+                   f"peer '{gone.name}' had it and was deleted")
     cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
     if cidr is None:
         raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
@@ -1445,33 +1485,50 @@ def relay_rules(peers, cidrs, associations):
     return addrs, sorted(pairs)
 
 
-def merge_pinned(stored, received):
+def merge_pinned(stored, received, deleted=(), now=None):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
     different key is refused. Pins outlive what the server sends: a peer the
     server no longer sends, or sends at another address, stays in the cache
     at its old address, marked disabled, so that address can never be handed
-    to another key by moving the pinned one away first.
+    to another key by moving the pinned one away first. Only a deletion the
+    server announces (``deleted``: Deletions) lets a pin go, and only once
+    its quarantine (reuse_after, as first announced) is over.
     """
+    now = time.time() if now is None else now
+    announced = {(d.ip, d.public_key): d for d in deleted}
     by_ip = {}
     for p in stored:
         by_ip.setdefault(ipaddress.ip_address(p.ip), p)
     for p in received:
         old = by_ip.get(ipaddress.ip_address(p.ip))
-        if old is not None and old.public_key != p.public_key:
-            raise InnernetError(
-                f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
-                "another public key",
-                hint="the server may be compromised; if this is expected, delete "
-                     "the data store file and fetch again")
+        if old is None or old.public_key == p.public_key:
+            continue
+        if old.deleted_until is not None and old.deleted_until <= now:
+            continue                      # quarantine over: the address may change hands
+        until = "" if old.deleted_until is None else time.strftime(
+            " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
+            time.gmtime(old.deleted_until))
+        raise InnernetError(
+            f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
+            f"another public key{until}",
+            hint="the server may be compromised; if this is expected, delete "
+                 "the data store file and fetch again")
     result = [p for p in received]
     result_ips = {ipaddress.ip_address(p.ip) for p in received}
     for p in stored:
         ip = ipaddress.ip_address(p.ip)
-        if ip not in result_ips:
-            result_ips.add(ip)
-            result.append(dataclasses.replace(p, is_disabled=True))
+        if ip in result_ips:
+            continue
+        until = p.deleted_until
+        gone = announced.get((str(ip), p.public_key))
+        if until is None and gone is not None:
+            until = gone.reuse_after          # the first announcement counts, never a later one
+        if until is not None and until <= now:
+            continue                          # deleted and out of quarantine: unpinned
+        result_ips.add(ip)
+        result.append(dataclasses.replace(p, is_disabled=True, deleted_until=until))
     result.sort(key=lambda p: ipaddress.ip_address(p.ip))
     return result
 
@@ -2274,6 +2331,30 @@ CREATE TABLE cidrs (
 );
 """
 
+# Our own tables, beside innernet's: innernet's tables and user_version stay as
+# innernet-server made them, so that its server can still open the database.
+EXTRA_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deleted_peers (
+  id           INTEGER PRIMARY KEY,
+  name         TEXT NOT NULL,
+  ip           TEXT NOT NULL,
+  public_key   TEXT NOT NULL,
+  cidr_id      INTEGER NOT NULL,
+  deleted_at   INTEGER NOT NULL,
+  reuse_after  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_rotations (
+  id          INTEGER PRIMARY KEY,
+  peer_id     INTEGER NOT NULL,
+  ip          TEXT NOT NULL,
+  old_key     TEXT NOT NULL,
+  new_key     TEXT NOT NULL,
+  proofs      TEXT NOT NULL,
+  rotated_at  INTEGER NOT NULL
+)
+"""
+EXTRA_TABLES = ("deleted_peers", "key_rotations")
+
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
     2: "ALTER TABLE peers ADD COLUMN candidates TEXT",
@@ -2360,6 +2441,11 @@ class Store:
                 c.execute(f"PRAGMA user_version = {DB_VERSION}")
         else:
             self.migrate()
+        if create or not set(EXTRA_TABLES) <= tables:     # innernet's databases too
+            with self.write() as c:
+                for stmt in EXTRA_SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
 
     def close(self):
         with self.lock:
@@ -2518,10 +2604,53 @@ class Store:
                 raise _bad("the network's root CIDR and the server's CIDR cannot be deleted")
             c.execute("DELETE FROM cidrs WHERE id = ?", (cidr_id,))
 
-    def add_peer(self, contents):
+    def add_peer(self, contents, now=None):
+        now = int(time.time()) if now is None else now
         with self.write() as c:
-            check_new_peer(self.cidrs(), self.peers(), contents)
+            # An expired invitation gives up its name and address at once (as
+            # innernet's sweeper does within 10 s), though it stays re-issuable.
+            c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
+                      "AND (name = ? OR ip = ?)", (now, contents.name, contents.ip))
+            check_new_peer(self.cidrs(), self.peers(), contents, self.quarantined(now), now)
             return self._insert_peer(c, contents)
+
+    # -- the lifecycle innernet lacks: delete, re-invite -----------------------
+
+    def deletions(self):
+        return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
+            "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
+
+    def quarantined(self, now):
+        """{address: Deletion} of deleted peers whose addresses may not be reused yet."""
+        return {d.ip: d for d in self.deletions() if d.reuse_after > now}
+
+    def delete_peer(self, peer_id, reuse_after, now=None):
+        """Remove a peer; a redeemed one leaves a Deletion that quarantines its address."""
+        now = int(time.time()) if now is None else now
+        with self.write() as c:
+            old = self.peer(peer_id)
+            if self._is_server_peer(old):
+                raise _bad("the server's own peer cannot be deleted")
+            if old.is_redeemed:
+                c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
+                          "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
+                          (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
+            c.execute("DELETE FROM key_rotations WHERE peer_id = ?", (peer_id,))
+            c.execute("DELETE FROM peers WHERE id = ?", (peer_id,))
+            return old
+
+    def reinvite(self, peer_id, invite_public_key, expires):
+        """A new invitation key for a peer that has not redeemed (the old one dies)."""
+        if not is_public_key(invite_public_key):
+            raise _bad("invalid public key")
+        with self.write() as c:
+            old = self.peer(peer_id)
+            if old.is_redeemed:
+                raise _bad(f"peer '{old.name}' has already redeemed its invitation",
+                           status=409)
+            c.execute("UPDATE peers SET public_key = ?, invite_expires = ? WHERE id = ? "
+                      "AND is_redeemed = 0", (invite_public_key, expires, peer_id))
+            return old
 
     def update_peer(self, peer_id, contents):
         """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
@@ -2587,15 +2716,20 @@ class Store:
         with self.write() as c:
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
 
-    def sweep_expired(self, now):
-        """Delete unredeemed invitations past their expiry; return them."""
+    def sweep_expired(self, now, grace=INVITE_GRACE):
+        """Delete invitations expired more than ``grace`` s ago (until then they can
+        be re-issued, and they are off the device); forget old deletions."""
         with self.lock:
             gone = [p for p in self.peers() if not p.is_redeemed and
-                    p.invite_expires is not None and p.invite_expires < now]
-            if gone:
+                    p.invite_expires is not None and p.invite_expires < now - grace]
+            stale = self._query("SELECT COUNT(*) FROM deleted_peers WHERE reuse_after < ? "
+                                "AND deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))[0][0]
+            if gone or stale:
                 with self.write() as c:
                     c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?",
-                              (now,))
+                              (now - grace,))
+                    c.execute("DELETE FROM deleted_peers WHERE reuse_after < ? AND "
+                              "deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))
             return gone
 
 
@@ -2978,7 +3112,8 @@ class Coordinator:
         with self._cache_lock:
             if self._tree_cache and self._tree_cache[0] == rev:
                 return self._tree_cache[1]
-        tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {})
+        tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {},
+                self.store.deletions())
         with self._cache_lock:
             self._tree_cache = (rev, tree)
         return tree
@@ -2994,7 +3129,7 @@ class Coordinator:
         rev = (self.store.revision, self.store.data_version(), self.observed_version)
         if not self.cache_enabled:
             self._tree_cache = None
-        peers, cidrs, assocs, views = self._tree(rev)
+        peers, cidrs, assocs, views, deletions = self._tree(rev)
         view = views.get(caller.cidr_id)
         if view is None:
             view = views[caller.cidr_id] = frozenset(
@@ -3007,10 +3142,13 @@ class Coordinator:
         if any(p.endpoint is None and p.public_key not in self.observed for p in visible):
             # A peer that just joined: its endpoint may be on the device already.
             self.refresh_observed(0.1)
-        body = json.dumps({
-            "peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
-                      for p in visible],
-            "cidrs": [c.to_json() for c in cidrs]}).encode()
+        state = {"peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
+                           for p in visible],
+                 "cidrs": [c.to_json() for c in cidrs]}
+        gone = [d.to_json() for d in deletions if d.cidr_id in view]
+        if gone:     # ours: lets clients unpin deleted peers (innernet ignores it)
+            state["deleted"] = gone
+        body = json.dumps(state).encode()
         import hashlib
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         with self._cache_lock:
@@ -3185,6 +3323,39 @@ def admin_update_peer(co, req):
 def admin_disable_peer(co, req):
     co.store.set_disabled(req.id, True)
     co.sync_device()
+    return Response(204)
+
+
+@api("POST", "admin/deleted-peers", "admin", body=True)
+def admin_delete_peer(co, req):
+    """Ours: delete a peer for good ({"id": N, "reuse_after": seconds})."""
+    data = _require_object(req.body, "deletion request")
+    reuse = _get(data, "reuse_after", int)
+    if not 0 <= reuse <= 100 * 365 * 86400:
+        raise _bad("field 'reuse_after' is out of range")
+    old = co.store.delete_peer(_get(data, "id", int), reuse)
+    co.sync_device()
+    log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
+    return Response(204)
+
+
+@api("GET", "admin/deleted-peers", "admin")
+def admin_list_deleted_peers(co, req):
+    return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
+                          for d in co.store.deletions()])
+
+
+@api("POST", "admin/reinvitations", "admin", body=True)
+def admin_reinvite(co, req):
+    """Ours: a new invitation key for an unredeemed peer ({"id", "public_key",
+    "invite_expires"}); the old invitation stops working at once."""
+    data = _require_object(req.body, "re-invitation")
+    expires = _expires_from_json(data.get("invite_expires"))
+    if expires is None or expires <= time.time():
+        raise _bad("field 'invite_expires' must be a time in the future")
+    old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
+    co.sync_device()
+    log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
     return Response(204)
 
 
@@ -3826,6 +3997,15 @@ class LocalNetwork:
     def delete_association(self, assoc):
         self.store.delete_association(assoc.id)
 
+    def deletions(self):
+        return self.store.deletions()
+
+    def delete_peer(self, peer, reuse_after):
+        self.store.delete_peer(peer.id, reuse_after)
+
+    def reinvite(self, peer, invite_public_key, expires):
+        self.store.reinvite(peer.id, invite_public_key, expires)
+
     def network_name(self):
         return self.iface
 
@@ -3874,6 +4054,22 @@ class RemoteNetwork:
 
     def delete_association(self, assoc):
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
+
+    def deletions(self):
+        out = []
+        for d in self.api.call("GET", "/admin/deleted-peers") or []:
+            rec = Deletion.from_json(d)
+            rec.name, rec.cidr_id = str(d.get("name", "")), d.get("cidr_id")
+            out.append(rec)
+        return out
+
+    def delete_peer(self, peer, reuse_after):
+        self.api.call("POST", "/admin/deleted-peers", {"id": peer.id, "reuse_after": reuse_after})
+
+    def reinvite(self, peer, invite_public_key, expires):
+        self.api.call("POST", "/admin/reinvitations", {
+            "id": peer.id, "public_key": invite_public_key,
+            "invite_expires": _expires_to_json(expires)})
 
     def network_name(self):
         """The network's own name (this admin's interface may be named otherwise)."""
@@ -3959,13 +4155,24 @@ def parse_save_path(text):
     return text
 
 
+def _invitation(net, cidrs, ip, invite_key):
+    """The invitation file's contents for a peer at ``ip`` with that one-time key."""
+    server_key, external, internal = net.invitation_server()
+    prefix = root_cidr(cidrs).network.prefixlen
+    return InterfaceConfig(net.network_name(), ipaddress.ip_interface(f"{ip}/{prefix}"),
+                           invite_key, None, server_key, external, internal)
+
+
 def cmd_add_peer(args):
     net = open_network(args)
     cidrs, peers = net.cidrs(), net.peers()
     if args.save_config is not None:          # a bad path fails before any question
         parse_save_path(args.save_config)
     cidr = _eligible_cidr(cidrs, args.cidr)
-    used = [p.ip for p in peers]
+    now = time.time()
+    # Expired invitations give their addresses up; deleted peers' stay quarantined.
+    used = [p.ip for p in peers if p.is_redeemed or p.invite_expires is None
+            or p.invite_expires >= now] + [d.ip for d in net.deletions() if d.reuse_after > now]
     if args.ip is not None:
         ip = parse_ip(args.ip)
         if not is_assignable(ip, cidr.network):
@@ -3990,11 +4197,7 @@ def cmd_add_peer(args):
     contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
                     PERSISTENT_KEEPALIVE, is_admin, False, False,
                     int(time.time()) + expires, [])
-    server_key, external, internal = net.invitation_server()
-    root = root_cidr(cidrs)
-    invitation = InterfaceConfig(
-        net.network_name(), ipaddress.ip_interface(f"{ip}/{root.network.prefixlen}"),
-        invite_key, None, server_key, external, internal)
+    invitation = _invitation(net, cidrs, ip, invite_key)
     # The file is created (exclusively) before the peer and removed if the
     # peer cannot be created: no peer without its invitation, no stray secrets.
     ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
@@ -4008,11 +4211,10 @@ def cmd_add_peer(args):
                 # Another admin took the address meanwhile: with --auto-ip, take the next.
                 if args.ip is not None or not _address_taken(e) or attempt == 4:
                     raise
-                used = [p.ip for p in net.peers()]
+                used += [p.ip for p in net.peers()]
                 ip = next_free_ip(cidr.network, used)
                 contents = dataclasses.replace(contents, ip=str(ip))
-                invitation = dataclasses.replace(invitation, address=ipaddress.ip_interface(
-                    f"{ip}/{root.network.prefixlen}"))
+                invitation = _invitation(net, cidrs, ip, invite_key)
                 atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -4021,6 +4223,51 @@ def cmd_add_peer(args):
     log(f"peer '{peer.name}' ({peer.ip}) added")
     print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
           "send it securely, e.g. with magic-wormhole", file=sys.stderr)
+    return 0
+
+
+def cmd_delete_peer(args):
+    """Ours: delete a peer for good; its address is quarantined (--reuse-after)."""
+    net = open_network(args)
+    peer = choose(args.name, "--name", "peer to delete", _user_peers(net.peers()))
+    reuse = parse_timestring(args.reuse_after or DEFAULT_REUSE_AFTER)
+    confirm(args, f"Delete peer '{peer.name}' ({peer.ip}) for good? Its address stays "
+                  f"reserved for {format_duration(reuse) if reuse else 'no time'}.", False)
+    net.delete_peer(peer, reuse)
+    log(f"peer '{peer.name}' ({peer.ip}) deleted; its address can be reused "
+        + (f"after {format_duration(reuse)}" if reuse else "at once"))
+    return 0
+
+
+def cmd_reinvite(args):
+    """Ours: a new invitation for a peer that has not redeemed its first one."""
+    if args.save_config is not None:
+        parse_save_path(args.save_config)
+    net = open_network(args)
+    cidrs, peers = net.cidrs(), _user_peers(net.peers())
+    if args.name is not None and args.name in peers and peers[args.name].is_redeemed:
+        raise InnernetError(f"peer '{args.name}' has already redeemed its invitation",
+                            hint="for a lost device: delete-peer, then add-peer")
+    peer = choose(args.name, "--name", "peer to re-invite",
+                  {n: p for n, p in peers.items() if not p.is_redeemed})
+    expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
+                  default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
+    save_path = ask(args.save_config, "--save-config", "save the invitation as",
+                    default=f"{peer.name}.toml", parse=parse_save_path)
+    confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
+    invite_key = generate_private_key()
+    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
+    atomic_write(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
+        INVITATION_HEADER), 0o600, exclusive=True)
+    try:
+        net.reinvite(peer, public_key(invite_key), int(time.time()) + expires)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(save_path)
+        raise
+    log(f"peer '{peer.name}' ({peer.ip}) re-invited; the old invitation no longer works")
+    print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
+          "send it securely", file=sys.stderr)
     return 0
 
 
@@ -4730,7 +4977,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             else:
                 received = [Peer.from_json(p) for p in state.get("peers", [])]
                 cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-                peers = merge_pinned(stored_peers, received)      # pinning first
+                deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+                peers = merge_pinned(stored_peers, received, deleted)   # pinning first
                 changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -5252,6 +5500,23 @@ def _add_peer_options(p):
 def _add_shared_verbs(sub, role):
     p = _verb(sub, "add-peer", cmd_add_peer, role, "Invite a new peer.")
     _add_peer_options(p)
+    p = _verb(sub, "delete-peer", cmd_delete_peer, role,
+              "Delete a peer for good; its address stays reserved for a while.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the peer")
+    p.add_argument("--reuse-after", metavar="DURATION",
+                   help=f"keep its address from new peers this long (default "
+                        f"{DEFAULT_REUSE_AFTER}; 0s: at once)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "reinvite", cmd_reinvite, role,
+              "A new invitation for a peer that has not joined (lost or expired invitation).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the peer")
+    p.add_argument("--invite-expires", metavar="DURATION",
+                   help=f"invitation lifetime (default {DEFAULT_INVITE_EXPIRY})")
+    p.add_argument("--save-config", metavar="PATH",
+                   help="where to write the invitation (default NAME.toml)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "add-cidr", cmd_add_cidr, role, "Add a CIDR to the network's tree.")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--name", help="the CIDR's name")

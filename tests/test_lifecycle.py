@@ -1,0 +1,178 @@
+"""The peer lifecycle innernet never had (issue 12): delete with a quarantined
+address, re-invite, and what clients make of a deletion -- the pure rules and the
+store; tests/e2e/test_lifecycle.py runs them over real tunnels."""
+import sqlite3
+
+import pytest
+
+import innernet
+from innernet import Cidr, Deletion, InnernetError, Peer, Store
+from test_api import IPS, call, make_coordinator
+from test_store import make_network, old_database
+
+
+def key():
+    return innernet.public_key(innernet.generate_private_key())
+
+
+@pytest.fixture
+def co(tmp_path):
+    return make_coordinator(tmp_path)
+
+
+# -- the store: quarantine -----------------------------------------------------------
+
+def net_with_peer(tmp_path):
+    s = make_network(tmp_path / "n.db")
+    c = s.add_cidr(Cidr(None, "a", "10.80.1.0/24", 1))
+    p = s.add_peer(Peer(None, "bob", "10.80.1.5", c.id, key(), is_redeemed=True))
+    return s, c, p
+
+
+def test_a_deleted_peers_address_is_quarantined_then_free(tmp_path):
+    s, c, bob = net_with_peer(tmp_path)
+    s.delete_peer(bob.id, 1000, now=100)
+    assert s.peer_by_name("bob") is None and s.peer_by_ip("10.80.1.5") is None
+    with pytest.raises(InnernetError, match="quarantined until .*'bob' had it and was deleted"):
+        s.add_peer(Peer(None, "carol", "10.80.1.5", c.id, key()), now=500)
+    # the name is free at once, and so is another address
+    s.add_peer(Peer(None, "bob", "10.80.1.6", c.id, key()), now=500)
+    # after the quarantine, the address too
+    s.add_peer(Peer(None, "dave", "10.80.1.5", c.id, key()), now=1101)
+    assert s.peer_by_ip("10.80.1.5").name == "dave"
+
+
+def test_reuse_after_zero_frees_the_address_at_once(tmp_path):
+    s, c, bob = net_with_peer(tmp_path)
+    s.delete_peer(bob.id, 0, now=100)
+    s.add_peer(Peer(None, "carol", "10.80.1.5", c.id, key()), now=100)
+    (d,) = s.deletions()
+    assert (d.ip, d.public_key, d.reuse_after, d.name) == ("10.80.1.5", bob.public_key, 100, "bob")
+
+
+def test_an_unredeemed_invitation_is_deleted_without_quarantine(tmp_path):
+    s, c, _ = net_with_peer(tmp_path)
+    inv = s.add_peer(Peer(None, "inv", "10.80.1.9", c.id, key(), invite_expires=10 ** 10))
+    s.delete_peer(inv.id, 1000, now=100)
+    assert s.deletions() == [] and s.peer_by_name("inv") is None
+
+
+def test_the_server_peer_cannot_be_deleted(tmp_path):
+    s, _, _ = net_with_peer(tmp_path)
+    with pytest.raises(InnernetError, match="cannot be deleted"):
+        s.delete_peer(1, 0)
+
+
+def test_reinvite_replaces_the_key_of_an_unredeemed_peer_only(tmp_path):
+    s, c, bob = net_with_peer(tmp_path)
+    inv = s.add_peer(Peer(None, "inv", "10.80.1.9", c.id, key(), invite_expires=50))
+    new = key()
+    s.reinvite(inv.id, new, 10 ** 10)
+    p = s.peer(inv.id)
+    assert p.public_key == new and p.invite_expires == 10 ** 10 and not p.is_redeemed
+    with pytest.raises(InnernetError, match="already redeemed"):
+        s.reinvite(bob.id, key(), 10 ** 10)
+
+
+def test_an_expired_invitation_stays_re_issuable_but_frees_its_name_and_address(tmp_path):
+    s, c, _ = net_with_peer(tmp_path)
+    inv = s.add_peer(Peer(None, "late", "10.80.1.9", c.id, key(), invite_expires=50))
+    assert s.sweep_expired(100) == [] and s.peer(inv.id).name == "late"
+    s.add_peer(Peer(None, "late", "10.80.1.10", c.id, key(), invite_expires=10 ** 10), now=100)
+    assert s.peer_by_name("late").ip == "10.80.1.10"
+
+
+def test_innernet_databases_get_our_tables_and_keep_theirs(tmp_path):
+    path = tmp_path / "old.db"
+    old_database(path, 2)
+    before = sqlite3.connect(str(path)).execute(
+        "SELECT sql FROM sqlite_master WHERE name IN ('peers', 'cidrs', 'associations') "
+        "ORDER BY name").fetchall()
+    Store(str(path)).close()
+    conn = sqlite3.connect(str(path))
+    assert conn.execute("SELECT sql FROM sqlite_master WHERE name IN ('peers', 'cidrs', "
+                        "'associations') ORDER BY name").fetchall() == before
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"deleted_peers", "key_rotations"} <= names
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)     # innernet's own
+
+
+# -- the API --------------------------------------------------------------------------
+
+def test_admin_deletes_over_the_api_and_the_state_says_so(co):
+    dev2 = co.store.peer_by_name("developer2")
+    status, _ = call(co, "POST", "/v1/admin/deleted-peers", body={"id": dev2.id,
+                                                                  "reuse_after": 3600})
+    assert status == 204
+    status, state = call(co, "GET", "/v1/user/state", "developer1")
+    assert "developer2" not in {p["name"] for p in state["peers"]}
+    (d,) = state["deleted"]
+    assert d["ip"] == IPS["developer2"] and d["public_key"] == dev2.public_key
+    # a peer that cannot see developer2 is not told of it either
+    status, state = call(co, "GET", "/v1/user/state", "user1")
+    assert "deleted" not in state
+    # the deleted peer is no caller any more
+    assert call(co, "GET", "/v1/user/state", "developer2")[0] == 401
+    for who in ("developer1", "user1"):
+        status, _ = call(co, "POST", "/v1/admin/deleted-peers", who,
+                         body={"id": 3, "reuse_after": 0})
+        assert status == 401
+
+
+def test_reinvite_over_the_api(co):
+    future = {"secs_since_epoch": 2 ** 33, "nanos_since_epoch": 0}
+    body = {"name": "inv", "ip": "10.80.64.40", "cidr_id": 4, "endpoint": None,
+            "public_key": key(), "persistent_keepalive_interval": None, "is_admin": False,
+            "is_disabled": False, "is_redeemed": False, "invite_expires": future,
+            "candidates": []}
+    status, created = call(co, "POST", "/v1/admin/peers", body=body)
+    new = key()
+    assert call(co, "POST", "/v1/admin/reinvitations",
+                body={"id": created["id"], "public_key": new, "invite_expires": future})[0] == 204
+    assert co.store.peer(created["id"]).public_key == new
+    past = {"secs_since_epoch": 1, "nanos_since_epoch": 0}
+    assert call(co, "POST", "/v1/admin/reinvitations",
+                body={"id": created["id"], "public_key": key(), "invite_expires": past})[0] == 400
+
+
+# -- the client: pins and deletions ---------------------------------------------------------
+
+def test_a_deletion_unpins_only_after_its_quarantine():
+    a, b = key(), key()
+    stored = [Peer(5, "bob", "10.66.1.5", 3, a, is_redeemed=True)]
+    gone = [Deletion("10.66.1.5", a, 1000)]
+    merged = innernet.merge_pinned(stored, [], gone, now=500)
+    (pin,) = merged
+    assert pin.is_disabled and pin.deleted_until == 1000
+    newcomer = Peer(6, "carol", "10.66.1.5", 3, b, is_redeemed=True)
+    with pytest.raises(InnernetError, match="quarantined until"):
+        innernet.merge_pinned(merged, [newcomer], [], now=900)
+    assert [p.name for p in innernet.merge_pinned(merged, [newcomer], [], now=1001)] == ["carol"]
+    assert innernet.merge_pinned(merged, [], [], now=1001) == []      # the pin is gone
+
+
+def test_a_later_announcement_cannot_shorten_a_quarantine():
+    a, b = key(), key()
+    stored = innernet.merge_pinned([Peer(5, "bob", "10.66.1.5", 3, a, is_redeemed=True)], [],
+                                   [Deletion("10.66.1.5", a, 1000)], now=500)
+    again = innernet.merge_pinned(stored, [], [Deletion("10.66.1.5", a, 501)], now=600)
+    assert again[0].deleted_until == 1000
+    with pytest.raises(InnernetError, match="PINNING"):
+        innernet.merge_pinned(again, [Peer(6, "c", "10.66.1.5", 3, b, is_redeemed=True)], [],
+                              now=700)
+
+
+def test_a_deletion_of_another_key_unpins_nothing():
+    a = key()
+    stored = [Peer(5, "bob", "10.66.1.5", 3, a, is_redeemed=True)]
+    merged = innernet.merge_pinned(stored, [], [Deletion("10.66.1.5", key(), 0)], now=500)
+    assert merged[0].deleted_until is None and merged[0].is_disabled
+
+
+def test_the_data_store_keeps_quarantined_pins(tmp_path):
+    pin = Peer(5, "bob", "10.66.1.5", 3, key(), is_redeemed=True, is_disabled=True,
+               deleted_until=1234)
+    path = tmp_path / "n.json"
+    innernet.save_data_store(str(path), [pin], [])
+    (back,), _, _ = innernet.load_data_store(str(path))
+    assert back.deleted_until == 1234 and back.is_disabled
