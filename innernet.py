@@ -94,6 +94,8 @@ PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
 DEFAULT_REUSE_AFTER = "30d"     # a deleted peer's address is quarantined this long
 INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this long
 DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
+ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
+MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 DB_VERSION = 2
@@ -915,6 +917,61 @@ def key_from_hex(text):
 def short_key(b64):
     return b64[:10] + "…"
 
+
+# -- key rotation proofs -------------------------------------------------------
+# X25519 keys cannot sign, but every pair of peers shares a static secret,
+# DH(a, P) = DH(p, A). A peer rotating from key A to B proves to each peer P
+# that A's holder made the change with an HMAC of (address, A, B, P) under a
+# key derived from that secret. Only the holders of a and of p can compute it,
+# so the server, which carries the proofs, cannot forge one; binding A, B, the
+# address and the verifier's key means no proof is valid for another change,
+# another address or another peer.
+
+ROTATION_LABEL = b"innernet.py key rotation v1"
+
+
+def shared_secret(private_b64, public_b64):
+    """X25519(our private key, their public key), 32 bytes."""
+    priv = parse_key(private_b64, "private key")
+    pub = parse_key(public_b64, "public key")
+    if key_backend() == "pynacl":
+        try:
+            return _nacl_bindings.crypto_scalarmult(clamp(priv), pub)
+        except Exception:          # libsodium refuses small-order points
+            raise InnernetError("that public key cannot be used for a shared secret") from None
+    out = x25519(priv, pub)
+    if out == bytes(32):
+        raise InnernetError("that public key cannot be used for a shared secret")
+    return out
+
+
+def _rotation_mac(secret, ip, old_public, new_public, verifier_public):
+    import hashlib
+    import hmac
+    key = hmac.new(ROTATION_LABEL, secret, hashlib.sha256).digest()
+    msg = b"\0".join([ROTATION_LABEL, str(ip).encode(), parse_key(old_public),
+                      parse_key(new_public), parse_key(verifier_public)])
+    return base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode()
+
+
+def rotation_proof(old_private, verifier_public, ip, new_public):
+    """The rotating peer's proof, for one verifier, that it moves ``ip`` to new_public."""
+    return _rotation_mac(shared_secret(old_private, verifier_public), ip,
+                         public_key(old_private), new_public, verifier_public)
+
+
+def rotation_proof_valid(own_private, old_public, ip, new_public, proof):
+    """Does ``proof`` show that old_public's holder moved ``ip`` to new_public?"""
+    import hmac
+    if not isinstance(proof, str) or len(proof) != 44:
+        return False
+    try:
+        expect = _rotation_mac(shared_secret(own_private, old_public), ip, old_public,
+                               new_public, public_key(own_private))
+    except InnernetError:
+        return False
+    return hmac.compare_digest(expect, proof)
+
 ###############################################################################
 # Model #######################################################################
 ###############################################################################
@@ -1448,6 +1505,32 @@ def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
     return out
 
 
+def pinned_key_changes(stored, received, now):
+    """(ip, pinned key, new key) for received peers whose known address has a new
+    key (and is not a deleted peer's, out of quarantine): these need a proof."""
+    by_ip = {}
+    for p in stored:
+        by_ip.setdefault(p.ip, p)
+    out = []
+    for p in received:
+        old = by_ip.get(p.ip)
+        if old is not None and old.public_key != p.public_key and not (
+                old.deleted_until is not None and old.deleted_until <= now):
+            out.append((p.ip, old.public_key, p.public_key))
+    return out
+
+
+def follow_rotations(own_private, ip, pinned, chain):
+    """The key ``pinned`` leads to through the records of ``chain`` whose proofs
+    (for us) verify, each taking over from the key before it."""
+    cur = pinned
+    for rec in chain:
+        if rec.get("old_key") == cur and rotation_proof_valid(
+                own_private, cur, ip, rec.get("new_key"), rec.get("proof")):
+            cur = rec["new_key"]
+    return cur
+
+
 def relay_rules(peers, cidrs, associations):
     """What the server may forward: (peer addresses, (source, destination) ranges).
 
@@ -1485,7 +1568,7 @@ def relay_rules(peers, cidrs, associations):
     return addrs, sorted(pairs)
 
 
-def merge_pinned(stored, received, deleted=(), now=None):
+def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -1494,19 +1577,24 @@ def merge_pinned(stored, received, deleted=(), now=None):
     at its old address, marked disabled, so that address can never be handed
     to another key by moving the pinned one away first. Only a deletion the
     server announces (``deleted``: Deletions) lets a pin go, and only once
-    its quarantine (reuse_after, as first announced) is over.
+    its quarantine (reuse_after, as first announced) is over; only a key
+    change with a verified rotation proof (``rotated``: (ip, old, new)) lets
+    a known address change key. Our own address is ours to know.
     """
     now = time.time() if now is None else now
+    rotated = set(rotated)
     announced = {(d.ip, d.public_key): d for d in deleted}
     by_ip = {}
     for p in stored:
         by_ip.setdefault(ipaddress.ip_address(p.ip), p)
     for p in received:
         old = by_ip.get(ipaddress.ip_address(p.ip))
-        if old is None or old.public_key == p.public_key:
+        if old is None or old.public_key == p.public_key or p.ip == own_ip:
             continue
         if old.deleted_until is not None and old.deleted_until <= now:
             continue                      # quarantine over: the address may change hands
+        if (p.ip, old.public_key, p.public_key) in rotated:
+            continue                      # its old key's holder proved the change to us
         until = "" if old.deleted_until is None else time.strftime(
             " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
             time.gmtime(old.deleted_until))
@@ -2639,6 +2727,35 @@ class Store:
             c.execute("DELETE FROM peers WHERE id = ?", (peer_id,))
             return old
 
+    def rotate_key(self, peer_id, new_key, proofs, now=None):
+        """Move a peer to a new key, keeping the proofs its peers will ask for."""
+        now = int(time.time()) if now is None else now
+        with self.write() as c:
+            old = self.peer(peer_id)
+            cur = c.execute("UPDATE peers SET public_key = ? WHERE id = ? AND public_key = ?",
+                            (new_key, peer_id, old.public_key))
+            if cur.rowcount != 1:
+                raise InnernetError("the peer's key changed meanwhile", status=409)
+            c.execute("INSERT INTO key_rotations (peer_id, ip, old_key, new_key, proofs, "
+                      "rotated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (peer_id, old.ip, old.public_key, new_key, json.dumps(proofs), now))
+            c.execute("DELETE FROM key_rotations WHERE peer_id = ? AND id NOT IN (SELECT id "
+                      "FROM key_rotations WHERE peer_id = ? ORDER BY id DESC LIMIT ?)",
+                      (peer_id, peer_id, ROTATIONS_KEPT))
+            return old
+
+    def rotations(self, ip):
+        """[(old key, new key, {verifier key: proof})] for an address, oldest first."""
+        out = []
+        for old, new, proofs in self._query("SELECT old_key, new_key, proofs FROM "
+                                            "key_rotations WHERE ip = ? ORDER BY id", (ip,)):
+            try:
+                table = json.loads(proofs)
+            except ValueError:
+                table = {}
+            out.append((old, new, table if isinstance(table, dict) else {}))
+        return out
+
     def reinvite(self, peer_id, invite_public_key, expires):
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
         if not is_public_key(invite_public_key):
@@ -2794,10 +2911,21 @@ def write_hosts_file(path, tag, lines):
 _ROUTES = {}
 
 
-def api(method, path, role, body=False):
+_BODY_LIMITS = {}
+
+
+def body_limit(method, path):
+    """The largest request body a route takes (most take MAX_BODY)."""
+    segs = path.partition("?")[0].lstrip("/").split("/")
+    return _BODY_LIMITS.get((method, "/".join(segs[1:3])), MAX_BODY)
+
+
+def api(method, path, role, body=False, max_body=MAX_BODY):
     """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
     def register(fn):
         _ROUTES[(method, path)] = (role, body, fn)
+        if max_body != MAX_BODY:
+            _BODY_LIMITS[(method, path)] = max_body
         return fn
     return register
 
@@ -3268,11 +3396,62 @@ def user_redeem(co, req):
     caller = req.caller
     if caller.invite_expires is not None and caller.invite_expires < time.time():
         raise InnernetError("the invitation has expired", status=401)
+    if co.backend is not None:
+        # The caller is known by its address, so check which key holds that
+        # address on the device right now: a re-issued invitation's old key may
+        # linger there for up to a second after a CLI edit.
+        with co.device_lock:
+            dev = co.backend.get(co.ifname)
+        holder = next((p.public_key for p in dev.peers
+                       if host_prefix(caller.ip) in p.allowed_ips), None)
+        if holder != caller.public_key:
+            raise InnernetError("the invitation was replaced by a newer one", status=401)
     with co.device_lock:
         co.store.redeem(caller.id, new_key)
         co.pending[caller.id] = caller.public_key
     log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
     return Response(204, after=lambda sock: co._finish_redeem(caller.id, sock))
+
+
+@api("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_rotate_key(co, req):
+    """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
+
+    The server checks its own proof (the caller holds the old private key) and
+    keeps the others for the peers to check; it swaps the key on its device
+    once the caller has the answer, as after a redemption.
+    """
+    data = _require_object(req.body, "rotation")
+    new_key = _get(data, "public_key", str)
+    proofs = _get(data, "proofs", dict)
+    if not is_public_key(new_key) or new_key == req.caller.public_key:
+        raise _bad("invalid new public key")
+    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
+                                       for k, v in proofs.items()):
+        raise _bad("field 'proofs' must map public keys to proofs")
+    if not rotation_proof_valid(co.config.private_key, req.caller.public_key, req.caller.ip,
+                                new_key, proofs.get(co.public_key)):
+        raise InnernetError("the rotation proof for the server is missing or wrong", status=403)
+    co.allow_update(req.caller.id)
+    with co.device_lock:
+        co.store.rotate_key(req.caller.id, new_key, proofs)
+        co.pending[req.caller.id] = req.caller.public_key
+    log(f"peer '{req.caller.name}' ({req.caller.ip}) rotated its key")
+    return Response(204, after=lambda sock: co._finish_redeem(req.caller.id, sock))
+
+
+@api("GET", "user/rotations", "user")
+def user_get_rotations(co, req):
+    """Ours: the key changes of a visible address, with the caller's own proofs."""
+    ip = str(parse_ip(req.query.get("ip", ""), "address"))
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    target = next((p for p in peers if p.ip == ip), None)
+    if target is None or target.cidr_id not in visible_cidr_ids(cidrs, assocs,
+                                                               req.caller.cidr_id):
+        raise InnernetError(f"no visible peer has {ip}", status=404)
+    return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
+                           "proof": proofs.get(req.caller.public_key)}
+                          for old, new, proofs in co.store.rotations(ip)])
 
 
 @api("PUT", "user/endpoint", "user", body=True)
@@ -3428,8 +3607,9 @@ def _api_server_class():
                 body_error = "missing Content-Length header"
             elif ascii_uint(length.strip()) is None:
                 body_error, self.close_connection = "invalid Content-Length header", True
-            elif ascii_uint(length.strip()) > MAX_BODY:
-                body_error = f"request body is larger than {MAX_BODY} bytes"
+            elif ascii_uint(length.strip()) > body_limit(self.command, self.path):
+                body_error = (f"request body is larger than "
+                              f"{body_limit(self.command, self.path)} bytes")
                 self.close_connection = True
             else:
                 size = ascii_uint(length.strip())
@@ -4702,6 +4882,58 @@ def cmd_set_listen_port(args):
     return 0
 
 
+def cmd_rotate_key(args):
+    """Ours: a new key pair for this peer, proved to the server and every peer."""
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    if backend is None:
+        raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
+    peers, _, _ = load_data_store(data_store_path(args, iface))
+    own = public_key(cfg.private_key)
+    ip = str(cfg.address.ip)
+    new_private = generate_private_key()
+    new_public = public_key(new_private)
+    # A proof for every key that may have pinned us: the server and every
+    # peer in the cache, enabled or not.
+    verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
+    proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
+    confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
+    path = client_config_path(args, iface)
+    pending = path + ".rotating"
+    # The new key is on disk before the server hears of it.
+    atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
+    except InnernetError as e:
+        if not e.unreachable:
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
+            raise
+        raise InnernetError(f"{e.message} while rotating the key",
+                            hint=f"the server may have taken the new key; if 'innernet fetch "
+                                 f"{iface}' now fails, run 'mv {pending} {path}'") from None
+    finally:
+        api.close()
+    try:
+        os.replace(pending, path)
+    except OSError as e:
+        raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
+                            hint="move it by hand: the server has the new key") from None
+    since = time.time()
+    backend.apply(iface, private_key=new_private)
+    server = server_peer_update(cfg)
+    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
+        warn("no handshake with the server under the new key yet")
+    for p in peers:                 # each peer's new session starts at once, not in 5 s
+        if not p.is_disabled and p.public_key != own:
+            trigger_packet(p.ip)
+    log(f"{iface} has a new key ({short_key(new_public)}); "
+        f"{len(proofs) - 1} peers will check its proof")
+    return 0
+
+
 def cmd_override_endpoint(args):
     iface = parse_interface(args.interface)
     if args.endpoint is not None:
@@ -4920,6 +5152,26 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
     return set(todo)
 
 
+def verified_rotations(api, cfg, stored, received):
+    """The key changes at known addresses that their old keys' holders proved."""
+    ok = []
+    for ip, old, new in pinned_key_changes(stored, received, time.time()):
+        if ip == str(cfg.address.ip):
+            continue
+        try:
+            chain = api.call("GET", f"/user/rotations?ip={ip}") or []
+        except InnernetError as e:
+            if e.unreachable:
+                raise
+            chain = []                # an innernet server: no rotations, pinning refuses
+        if isinstance(chain, list) and follow_rotations(
+                cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
+            name = next((p.name for p in received if p.ip == ip), ip)
+            log(f"peer {name} rotated its key; the proof of its old key checks out")
+            ok.append((ip, old, new))
+    return ok
+
+
 def fetch_state(api, etag, wait):
     """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
     path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
@@ -4969,6 +5221,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                     timeout=HTTP_TIMEOUT + wait)
     unreachable = None
     changed = waited = False
+    rotated = []
     try:
         try:
             state, etag, waited = fetch_state(api, stored_etag if stored_peers else None, wait)
@@ -4978,7 +5231,9 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                 received = [Peer.from_json(p) for p in state.get("peers", [])]
                 cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
                 deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
-                peers = merge_pinned(stored_peers, received, deleted)   # pinning first
+                rotated = verified_rotations(api, cfg, stored_peers, received)
+                peers = merge_pinned(stored_peers, received, deleted, rotated=rotated,
+                                     own_ip=str(cfg.address.ip))          # pinning first
                 changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -4991,6 +5246,12 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         with device_lock(iface):     # the daemon's path watch changes it too
             desired = desired_peers(cfg, peers)
             dev = backend.get(iface)
+            # A rotated peer keeps the endpoint its old key had, so traffic goes
+            # on at once instead of waiting for a handshake from it.
+            carried = {new: dev.peer(old).endpoint for _, old, new in rotated
+                       if dev.peer(old) is not None and dev.peer(old).endpoint}
+            desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
+                       if p.public_key in carried and not p.endpoint else p for p in desired]
             own_key = public_key(cfg.private_key)
             relayed = relayed_addresses(dev, cfg, desired)
             updates = diff_peers(dev.peers, desired, own_key, time.time(), relayed=relayed,
@@ -5648,6 +5909,10 @@ def build_parser(server_mode=False):
     g = p.add_mutually_exclusive_group()
     g.add_argument("-l", "--listen-port", metavar="PORT", help="the port")
     g.add_argument("-u", "--unset", action="store_true", help="use a random port")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
+              "Move this peer to a new key pair, proved to the server and every peer.")
+    p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "override-endpoint", cmd_override_endpoint, "client",
               "Set the endpoint the server advertises for this peer.")

@@ -176,3 +176,88 @@ def test_the_data_store_keeps_quarantined_pins(tmp_path):
     innernet.save_data_store(str(path), [pin], [])
     (back,), _, _ = innernet.load_data_store(str(path))
     assert back.deleted_until == 1234 and back.is_disabled
+
+
+# -- key rotation proofs --------------------------------------------------------------------
+
+def pair():
+    k = innernet.generate_private_key()
+    return k, innernet.public_key(k)
+
+
+@pytest.mark.parametrize("backend", ["pynacl", "python"])
+def test_a_rotation_proof_verifies_for_its_verifier_only(monkeypatch, backend):
+    if backend == "python":
+        monkeypatch.setattr(innernet, "_nacl_bindings", False)
+    elif innernet.key_backend() != "pynacl":
+        pytest.skip("PyNaCl is not installed")
+    a, A = pair()
+    b, B = pair()
+    p, P = pair()
+    q, Q = pair()
+    proof = innernet.rotation_proof(a, P, "10.66.1.5", B)
+    assert innernet.rotation_proof_valid(p, A, "10.66.1.5", B, proof)
+    assert not innernet.rotation_proof_valid(q, A, "10.66.1.5", B, proof)     # another peer
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.6", B, proof)     # another address
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.5", Q, proof)     # another new key
+    assert not innernet.rotation_proof_valid(p, B, "10.66.1.5", A, proof)     # reversed
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.5", B, proof[:-4] + "AAA=")
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.5", B, proof[:20])   # truncated
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.5", B, None)
+    # the server cannot make one: it knows neither a nor p
+    s, S = pair()
+    assert not innernet.rotation_proof_valid(p, A, "10.66.1.5", B,
+                                             innernet.rotation_proof(s, P, "10.66.1.5", B))
+
+
+def test_a_replayed_old_proof_does_not_move_a_later_key():
+    a, A = pair()
+    b, B = pair()
+    c, C = pair()
+    p, P = pair()
+    first = {"old_key": A, "new_key": B, "proof": innernet.rotation_proof(a, P, "10.66.1.5", B)}
+    second = {"old_key": B, "new_key": C, "proof": innernet.rotation_proof(b, P, "10.66.1.5", C)}
+    # a client that pinned A follows the chain to C; one that pinned B only the last step
+    assert innernet.follow_rotations(p, "10.66.1.5", A, [first, second]) == C
+    assert innernet.follow_rotations(p, "10.66.1.5", B, [first, second]) == C
+    # replaying A -> B to a client pinned at C leads nowhere, nor back to B
+    assert innernet.follow_rotations(p, "10.66.1.5", C, [first]) == C
+    forged = dict(second, proof=first["proof"])
+    assert innernet.follow_rotations(p, "10.66.1.5", B, [forged]) == B
+
+
+def test_merge_accepts_a_key_change_only_with_a_verified_rotation():
+    a, A = pair()
+    _, B = pair()
+    stored = [Peer(5, "bob", "10.66.1.5", 3, A, is_redeemed=True)]
+    moved = [Peer(5, "bob", "10.66.1.5", 3, B, is_redeemed=True)]
+    with pytest.raises(InnernetError, match="PINNING"):
+        innernet.merge_pinned(stored, moved)
+    (p,) = innernet.merge_pinned(stored, moved, rotated=[("10.66.1.5", A, B)])
+    assert p.public_key == B                      # the old key is no longer pinned
+    assert innernet.pinned_key_changes(stored, moved, 0) == [("10.66.1.5", A, B)]
+    # our own address is not pinned against us
+    assert innernet.merge_pinned(stored, moved, own_ip="10.66.1.5")[0].public_key == B
+
+
+def test_the_server_takes_a_rotation_only_with_its_own_valid_proof(co):
+    caller = co.store.peer_by_name("developer1")
+    # the fixture's peers have random keys: give developer1 a private key we know
+    a, A = pair()
+    co.store.conn.execute("UPDATE peers SET public_key = ? WHERE id = ?", (A, caller.id))
+    b, B = pair()
+    dev2 = co.store.peer_by_name("developer2")
+    forged = {"public_key": B, "proofs": {co.public_key: "A" * 43 + "="}}
+    status, body = call(co, "POST", "/v1/user/rotation", "developer1", forged)
+    assert status == 403 and "proof" in body["error"]
+    good = {"public_key": B, "proofs": {
+        co.public_key: innernet.rotation_proof(a, co.public_key, caller.ip, B),
+        dev2.public_key: "B" * 43 + "="}}
+    status, _ = call(co, "POST", "/v1/user/rotation", "developer1", good)
+    assert status == 204 and co.store.peer(caller.id).public_key == B
+    assert co.pending[caller.id] == A              # the device swaps once the answer is acked
+    status, chain = call(co, "GET", f"/v1/user/rotations?ip={caller.ip}", "developer2")
+    assert status == 200 and chain == [{"ip": caller.ip, "old_key": A, "new_key": B,
+                                        "proof": "B" * 43 + "="}]
+    # user1 cannot see developer1: no records for it
+    assert call(co, "GET", f"/v1/user/rotations?ip={caller.ip}", "user1")[0] == 404

@@ -114,3 +114,144 @@ def test_an_expired_invitation_is_reissued_and_the_old_one_refused(world):
     r = srv.server("reinvite", net, "--name", "frank", "--save-config", srv.path("f3.toml"),
                    "--yes", check=False)
     assert r.returncode == 1 and "already redeemed" in r.stderr
+
+
+STREAM_SERVER = r"""
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7100)); s.listen(8)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+STREAM_CLIENT = r"""
+import json, os, socket, sys, time
+stop, targets = sys.argv[1], sys.argv[2:]
+conns = [socket.create_connection((ip, 7100), timeout=30) for ip in targets]
+print("connected", flush=True)
+sent, got, gap, last = [0] * len(conns), [0] * len(conns), 0.0, time.monotonic()
+while not os.path.exists(stop):
+    for i, c in enumerate(conns):
+        c.sendall(b"x" * 100); sent[i] += 100
+        need = 100
+        while need:
+            d = c.recv(need)
+            if not d:
+                sys.exit(f"connection {i} closed")
+            need -= len(d); got[i] += len(d)
+    now = time.monotonic(); gap = max(gap, now - last); last = now
+    time.sleep(0.02)
+print(json.dumps({"sent": sent, "got": got, "max_gap": gap}), flush=True)
+"""
+
+
+def device_keys(host, ifname):
+    from lab import device
+    return {p["public_key"] for p in device(host, ifname)["peers"]}
+
+
+def own_key(host, ifname):
+    import sys
+    from lab import ROOT
+    sys.path.insert(0, ROOT)
+    import innernet
+    conf = host.path("client", "etc", f"{ifname}.conf")
+    return innernet.public_key(innernet.InterfaceConfig.from_toml(open(conf).read(), conf)
+                               .private_key)
+
+
+def test_rotate_key_under_live_traffic_to_two_peers(world):
+    import sys
+    lab, srv = world.lab, world.srv
+    alice, bob = world.hosts["alice"], world.hosts["bob"]
+    rot = lab.add_host("rot")
+    rot.innernet("install", "--name", lab.ifname("rot"), "--no-write-hosts",
+                 invite(srv, world.net, "rot", "humans"))
+    rot.spawn_innernet("up.log", "up", lab.ifname("rot"), "--daemon", "--no-write-hosts")
+    old = own_key(rot, lab.ifname("rot"))
+    for host in (alice, bob):
+        ip = ip_of(world, host.name)
+        host.spawn([sys.executable, "-c", STREAM_SERVER, ip], "stream.log")
+        wait_for(lambda: "listening" in host.log("stream.log"), 10, "the stream server")
+        wait_for(lambda: old in device_keys(host, lab.ifname(host.name)), 20,
+                 f"{host.name} to have rot")
+    stop = rot.path("stop")
+    client = rot.spawn([sys.executable, "-c", STREAM_CLIENT, stop, ip_of(world, "alice"),
+                        ip_of(world, "bob")], "client.log")
+    wait_for(lambda: "connected" in rot.log("client.log"), 30, "rot's two connections")
+    start = time.monotonic()
+    rot.innernet("rotate-key", lab.ifname("rot"), "--yes")
+    new = own_key(rot, lab.ifname("rot"))
+    assert new != old
+    for host in (alice, bob):
+        wait_for(lambda: new in device_keys(host, lab.ifname(host.name)), 10,
+                 f"{host.name} to take rot's new key")
+    took = time.monotonic() - start
+    for host, ifname in ((alice, lab.ifname("alice")), (bob, lab.ifname("bob")),
+                         (srv, world.net)):
+        assert old not in device_keys(host, ifname), host.name
+    # traffic went on: a few more round trips on both connections, then stop
+    marks = rot.path("client.log")
+    open(stop, "w").close()
+    client.wait(timeout=60)
+    out = open(marks).read()
+    assert client.returncode == 0, out
+    stats = json.loads(out.splitlines()[-1])
+    assert stats["sent"] == stats["got"] and min(stats["got"]) > 0
+    print(f"both peers held rot's new key {took:.2f} s after rotate-key began; "
+          f"longest pause of the live connections: {stats['max_gap']:.2f} s")
+    for host in (alice, bob):
+        assert "rotated its key; the proof of its old key checks out" in host.log("up.log")
+
+
+def test_a_new_key_without_a_valid_proof_is_refused_by_every_client(world):
+    import sys
+    from lab import ROOT
+    sys.path.insert(0, ROOT)
+    import innernet
+    lab = world.lab
+    bob_ip = ip_of(world, "bob")
+    (bob_key,), = sqlite3.connect(world.db).execute(
+        "SELECT public_key FROM peers WHERE name = 'bob'").fetchall()
+    evil = innernet.public_key(innernet.generate_private_key())
+    alice_key = own_key(world.hosts["alice"], lab.ifname("alice"))
+    admin_key = own_key(world.hosts["admin"], lab.ifname("admin"))
+    for name in ("alice", "admin"):           # both have pinned bob
+        world.hosts[name].innernet("fetch", lab.ifname(name), "--no-write-hosts")
+        assert bob_key in device_keys(world.hosts[name], lab.ifname(name))
+    conn = sqlite3.connect(world.db)
+    with conn:      # a compromised server: the key swapped, and a forged proof for alice
+        conn.execute("UPDATE peers SET public_key = ? WHERE name = 'bob'", (evil,))
+        conn.execute("INSERT INTO key_rotations (peer_id, ip, old_key, new_key, proofs, "
+                     "rotated_at) VALUES ((SELECT id FROM peers WHERE name = 'bob'), ?, ?, ?, ?, 0)",
+                     (bob_ip, bob_key, evil, json.dumps({alice_key: "F" * 43 + "="})))
+    conn.close()
+    try:
+        for name in ("alice", "admin"):
+            host = world.hosts[name]
+
+            def refused():
+                r = host.innernet("fetch", lab.ifname(name), "--no-write-hosts", check=False)
+                return r if r.returncode == 1 and "PINNING ERROR" in r.stderr else None
+            r = wait_for(refused, 20, f"{name} to refuse the unproved key")
+            assert "Traceback" not in r.stderr
+            keys = device_keys(host, lab.ifname(name))
+            assert evil not in keys and bob_key in keys          # the old key stays pinned
+        assert admin_key                                         # (no proof for admin at all)
+    finally:
+        conn = sqlite3.connect(world.db)
+        with conn:
+            conn.execute("UPDATE peers SET public_key = ? WHERE name = 'bob'", (bob_key,))
+            conn.execute("DELETE FROM key_rotations WHERE new_key = ?", (evil,))
+        conn.close()
+    world.hosts["alice"].innernet("fetch", lab.ifname("alice"), "--no-write-hosts")
