@@ -4343,6 +4343,32 @@ def _invitation(net, cidrs, ip, invite_key):
                            invite_key, None, server_key, external, internal)
 
 
+def _invitation_options(args, name):
+    """(lifetime in seconds, file) from --invite-expires and --save-config, or asked."""
+    expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
+                  default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
+    save_path = ask(args.save_config, "--save-config", "save the invitation as",
+                    default=f"{name}.toml", parse=parse_save_path)
+    return expires, save_path
+
+
+def _with_invitation_file(save_path, invitation, expires, act):
+    """Write the invitation (exclusively), then ``act()`` (which creates the peer or
+    its new key) and return its result; remove the file if that fails: no peer
+    without its invitation, no stray secrets."""
+    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
+    atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600, exclusive=True)
+    try:
+        result = act()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(save_path)
+        raise
+    print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
+          "send it securely, e.g. with magic-wormhole", file=sys.stderr)
+    return result
+
+
 def cmd_add_peer(args):
     net = open_network(args)
     cidrs, peers = net.cidrs(), net.peers()
@@ -4363,14 +4389,12 @@ def cmd_add_peer(args):
         ip = suggestion if args.auto_ip else ask(
             None, "--ip or --auto-ip", "IP address", default=str(suggestion), parse=parse_ip)
     name = ask(args.name, "--name", "peer name", parse=lambda v: parse_hostname(v, "peer name"))
-    if any(p.name == name for p in peers):
+    if any(p.name == name and (p.is_redeemed or p.invite_expires is None
+                               or p.invite_expires >= now) for p in peers):
         raise InnernetError(f"a peer named '{name}' already exists")
     is_admin = ask(args.admin, "--admin", "make this peer an admin? (true/false)",
                    default="false", parse=parse_bool)
-    expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
-                  default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
-    save_path = ask(args.save_config, "--save-config", "save the invitation as",
-                    default=f"{name}.toml", parse=parse_save_path)
+    expires, save_path = _invitation_options(args, name)
     confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'?", True)
 
     invite_key = generate_private_key()
@@ -4378,15 +4402,12 @@ def cmd_add_peer(args):
                     PERSISTENT_KEEPALIVE, is_admin, False, False,
                     int(time.time()) + expires, [])
     invitation = _invitation(net, cidrs, ip, invite_key)
-    # The file is created (exclusively) before the peer and removed if the
-    # peer cannot be created: no peer without its invitation, no stray secrets.
-    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
-    atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600, exclusive=True)
-    try:
+
+    def create():
+        nonlocal contents, used
         for attempt in range(5):
             try:
-                peer = net.add_peer(contents)
-                break
+                return net.add_peer(contents)
             except InnernetError as e:
                 # Another admin took the address meanwhile: with --auto-ip, take the next.
                 if args.ip is not None or not _address_taken(e) or attempt == 4:
@@ -4394,15 +4415,10 @@ def cmd_add_peer(args):
                 used += [p.ip for p in net.peers()]
                 ip = next_free_ip(cidr.network, used)
                 contents = dataclasses.replace(contents, ip=str(ip))
-                invitation = _invitation(net, cidrs, ip, invite_key)
-                atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(save_path)
-        raise
+                atomic_write(save_path, _invitation(net, cidrs, ip, invite_key).to_toml(
+                    INVITATION_HEADER), 0o600)
+    peer = _with_invitation_file(save_path, invitation, expires, create)
     log(f"peer '{peer.name}' ({peer.ip}) added")
-    print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
-          "send it securely, e.g. with magic-wormhole", file=sys.stderr)
     return 0
 
 
@@ -4430,24 +4446,13 @@ def cmd_reinvite(args):
                             hint="for a lost device: delete-peer, then add-peer")
     peer = choose(args.name, "--name", "peer to re-invite",
                   {n: p for n, p in peers.items() if not p.is_redeemed})
-    expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
-                  default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
-    save_path = ask(args.save_config, "--save-config", "save the invitation as",
-                    default=f"{peer.name}.toml", parse=parse_save_path)
+    expires, save_path = _invitation_options(args, peer.name)
     confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
     invite_key = generate_private_key()
-    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
-    atomic_write(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
-        INVITATION_HEADER), 0o600, exclusive=True)
-    try:
-        net.reinvite(peer, public_key(invite_key), int(time.time()) + expires)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(save_path)
-        raise
+    _with_invitation_file(save_path, _invitation(net, cidrs, peer.ip, invite_key), expires,
+                          lambda: net.reinvite(peer, public_key(invite_key),
+                                               int(time.time()) + expires))
     log(f"peer '{peer.name}' ({peer.ip}) re-invited; the old invitation no longer works")
-    print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
-          "send it securely", file=sys.stderr)
     return 0
 
 

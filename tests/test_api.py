@@ -4,6 +4,7 @@ The Coordinator is driven without a WireGuard device (backend=None): these
 tests cover routing, roles, validation and JSON shapes. The end-to-end tests
 drive the same API over real tunnels.
 """
+import contextlib
 import http.client
 import sqlite3
 import json
@@ -48,6 +49,21 @@ def make_coordinator(tmp_path):
         if p.name in ENDPOINTS:
             c.observed[p.public_key] = ENDPOINTS[p.name]
     return c
+
+
+@contextlib.contextmanager
+def serve_on_loopback(co):
+    """The real HTTP server for ``co`` on 127.0.0.1, its peers moved to 127.1.0.<id>
+    (a client binding that source address is that peer); yields the port."""
+    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    co.local_callers = True
+    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def call(co, method, path, who="admin", body=None, *, ip=None, headers=None, raw=None):

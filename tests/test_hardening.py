@@ -15,11 +15,23 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer
-from test_api import IPS, call, make_coordinator, peer_contents
+from test_api import IPS, call, make_coordinator, peer_contents, serve_on_loopback
 
 
 def key():
     return innernet.public_key(innernet.generate_private_key())
+
+
+def cli_network(tmp_path, capsys):
+    """A network 'evil' with CIDR 'h' made by the server CLI; returns its argv base."""
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
+                                 "--parent", "evil", "--yes"]) == 0
+    capsys.readouterr()
+    return base
 
 
 # -- 8: one strict ASCII number parser -------------------------------------------------
@@ -60,15 +72,9 @@ def co(tmp_path):
 
 @pytest.fixture
 def loopback(tmp_path):
-    """The real HTTP server on loopback, with peers at 127.1.0.x."""
     co = make_coordinator(tmp_path)
-    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.local_callers = True
-    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield co, httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_on_loopback(co) as port:
+        yield co, port
 
 
 def raw_request(port, data, source="127.1.0.2"):
@@ -295,11 +301,7 @@ def test_a_full_disk_is_a_clear_507_and_nothing_changes(co):
 
 
 def test_server_verbs_on_a_read_only_database_say_so(tmp_path, capsys):
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    capsys.readouterr()
+    cli_network(tmp_path, capsys)
     db = tmp_path / "lib" / "evil.db"
     conn = sqlite3.connect(str(db))
     conn.execute("PRAGMA query_only = 1")   # how a read-only file looks to sqlite
@@ -312,10 +314,7 @@ def test_server_verbs_on_a_read_only_database_say_so(tmp_path, capsys):
 
 
 def test_an_empty_database_file_is_one_clear_error(tmp_path, capsys):
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
+    base = cli_network(tmp_path, capsys)
     (tmp_path / "lib" / "evil.db").write_bytes(b"")
     capsys.readouterr()
     assert innernet.main(base + ["list-cidrs", "evil"]) == 1
@@ -459,13 +458,7 @@ def test_misplaced_global_options_are_named(capsys):
 
 
 def test_add_peer_with_an_empty_save_config_changes_nothing(tmp_path, capsys):
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
-    capsys.readouterr()
+    base = cli_network(tmp_path, capsys)
     assert innernet.main(base + ["add-peer", "evil", "--name", "p", "--cidr", "h", "--auto-ip",
                                  "--admin", "false", "--save-config", "", "--yes"]) == 1
     err = capsys.readouterr().err
@@ -555,12 +548,7 @@ def test_a_late_watch_is_no_false_alarm(monkeypatch):
 def test_add_peer_when_the_invitation_file_appears_meanwhile(tmp_path, capsys, monkeypatch):
     """The file is created exclusively before the peer: a file that appears after
     the check (another admin, a script) stops add-peer with no peer created."""
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
+    base = cli_network(tmp_path, capsys)
     target = tmp_path / "p.toml"
     real_confirm = innernet.confirm
 

@@ -8,14 +8,13 @@ import json
 import re
 import socket
 import string
-import threading
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import innernet
-from test_api import IPS, call, make_coordinator
+from test_api import IPS, call, make_coordinator, serve_on_loopback
 
 BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endpoint", "developer1"),
                ("PUT", "/v1/user/candidates", "developer1"), ("POST", "/v1/admin/peers", "admin"),
@@ -199,13 +198,8 @@ def test_cli_numbers_are_one_clear_error(tmp_path_factory, capsys, counts, port,
 @pytest.fixture(scope="module")
 def http_co(tmp_path_factory):
     co = make_coordinator(tmp_path_factory.mktemp("http"))
-    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.local_callers = True
-    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield co, httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_on_loopback(co) as port:
+        yield co, port
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
@@ -247,38 +241,31 @@ def test_http_headers_and_queries_always_get_an_answer(http_co, counts, length, 
 
 def test_idle_and_slow_connections_do_not_block_a_fetch(tmp_path, counts):
     co = make_coordinator(tmp_path)
-    # The loopback server needs its peers at 127.x addresses.
-    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.local_callers = True
-    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
-    port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     socks = []
-    try:
-        for i in range(600):                   # idle: more than any bound, from one peer
-            try:
-                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2,
-                                                      source_address=("127.1.0.4", 0)))
-            except OSError:
-                pass
-        for i in range(50):                                    # slow: one byte at a time
-            try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=2,
-                                             source_address=("127.1.0.5", 0))
-                s.sendall(b"GET /v1/user/st")
-                socks.append(s)
-            except OSError:
-                pass
-        start = time.monotonic()
-        api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=5,
-                                 source_address=("127.1.0.3", 0))
-        state = api.call("GET", "/user/state")
-        assert {p["name"] for p in state["peers"]} >= {"developer1"}
-        counts["idle/slow connections held open during a successful fetch"] = len(socks)
-        print(f"fetch succeeded in {time.monotonic() - start:.3f} s with {len(socks)} "
-              "idle/slow connections open")
-    finally:
-        for s in socks:
-            s.close()
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_on_loopback(co) as port:
+        try:
+            for i in range(600):                   # idle: more than any bound, from one peer
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=2,
+                                                          source_address=("127.1.0.4", 0)))
+                except OSError:
+                    pass
+            for i in range(50):                                    # slow: one byte at a time
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=2,
+                                                 source_address=("127.1.0.5", 0))
+                    s.sendall(b"GET /v1/user/st")
+                    socks.append(s)
+                except OSError:
+                    pass
+            start = time.monotonic()
+            api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, timeout=5,
+                                     source_address=("127.1.0.3", 0))
+            state = api.call("GET", "/user/state")
+            assert {p["name"] for p in state["peers"]} >= {"developer1"}
+            counts["idle/slow connections held open during a successful fetch"] = len(socks)
+            print(f"fetch succeeded in {time.monotonic() - start:.3f} s with {len(socks)} "
+                  "idle/slow connections open")
+        finally:
+            for s in socks:
+                s.close()

@@ -201,22 +201,26 @@ def client_cases(w):
     ]
 
 
-def test_every_client_verb_with_its_worst_inputs(world, counts):
-    c = world.cli
-    checked = 0
-    for what, args, mounts, expected in client_cases(world):
+def walk(world, host, cases, server=False):
+    """Run each case; one error line, the expected words, nothing changed."""
+    for what, args, mounts, expected in cases:
         before_db, before_files = db_rows(world), files(world)
         mounted = {d: sorted(os.listdir(d)) for _, d in mounts}
-        proc, listing = run_case(world, c, c.innernet_argv(*args), mounts=mounts)
+        proc, listing = run_case(world, host, host.innernet_argv(*args, server=server),
+                                 mounts=mounts)
         line = assert_one_error(proc, "innernet")
         assert expected.lower() in line.lower(), (what, line)
         assert db_rows(world) == before_db, what
         assert files(world) == before_files, what
         for d, names in listing.items():
             assert sorted(set(names) - {".fill"}) == mounted[d], (what, d, names)
-        checked += 1
+    return len(cases)
+
+
+def test_every_client_verb_with_its_worst_inputs(world, counts):
+    checked = walk(world, world.cli, client_cases(world))
     # the interface survived all of it
-    assert c.innernet("fetch", world.iface, "--no-write-hosts").returncode == 0
+    assert world.cli.innernet("fetch", world.iface, "--no-write-hosts").returncode == 0
     counts["worst-input runs of client verbs (one line, nothing changed)"] = checked
 
 
@@ -296,19 +300,7 @@ def server_cases(w):
 
 
 def test_every_server_verb_with_its_worst_inputs(world, counts):
-    s = world.srv
-    checked = 0
-    for what, args, mounts, expected in server_cases(world):
-        before_db, before_files = db_rows(world), files(world)
-        mounted = {d: sorted(os.listdir(d)) for _, d in mounts}
-        proc, listing = run_case(world, s, s.innernet_argv(*args, server=True), mounts=mounts)
-        line = assert_one_error(proc, "innernet")
-        assert expected.lower() in line.lower(), (what, line)
-        assert db_rows(world) == before_db, what
-        assert files(world) == before_files, what
-        for d, names in listing.items():
-            assert sorted(set(names) - {".fill"}) == mounted[d], (what, d, names)
-        checked += 1
+    checked = walk(world, world.srv, server_cases(world), server=True)
     assert world.serve.poll() is None                   # the first serve kept serving
     assert world.cli.innernet("fetch", world.iface, "--no-write-hosts").returncode == 0
     counts["worst-input runs of server verbs (one line, nothing changed)"] = checked
