@@ -1100,6 +1100,7 @@ class Peer:
     invite_expires: int | None = None     # unix seconds
     candidates: list[str] = dataclasses.field(default_factory=list)
     deleted_until: int | None = None      # client pins only: a deleted peer's quarantine
+    is_static: bool = False               # ours: a stock WireGuard device, reached via the server
 
     def to_json(self, with_id=True):
         d = {"id": self.id} if with_id else {}
@@ -1112,6 +1113,8 @@ class Peer:
                  candidates=list(self.candidates))
         if self.deleted_until is not None:     # only in a client's own data store
             d["deleted_until"] = self.deleted_until
+        if self.is_static:                     # innernet ignores it
+            d["is_static"] = True
         return d
 
     @classmethod
@@ -1132,13 +1135,14 @@ class Peer:
         candidates = _get(data, "candidates", list, required=False, nullable=True,
                           default=[])
         deleted_until = _get(data, "deleted_until", int, required=False, nullable=True)
+        is_static = _get(data, "is_static", bool, required=False, default=False)
         return cls(pid, _checked_name(_get(data, "name", str), "peer name"),
                    str(ipaddress.ip_address(ip)),
                    _get(data, "cidr_id", int), _get(data, "public_key", str),
                    endpoint, keepalive, _get(data, "is_admin", bool),
                    _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
                    _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None), deleted_until)
+                   parse_candidates(candidates, limit=None), deleted_until, is_static)
 
 
 @dataclasses.dataclass
@@ -1671,6 +1675,30 @@ def update_hosts_text(text, tag, lines):
     if new == old:
         return None
     return "\n".join(new) + "\n" if new else ""
+
+
+# -- wg-quick files for static peers ------------------------------------------
+
+def static_allowed_ips(cidrs):
+    """What a static peer routes into its tunnel: the whole network. What it may
+    reach is the server's to enforce (its relay table follows the access rules),
+    so the file never goes stale as CIDRs and associations change."""
+    return [str(root_cidr(cidrs).network)]
+
+
+def wg_quick_text(private_key, ip, allowed, server_public_key, endpoint, dns=None):
+    """A wg-quick file (the WireGuard apps import the same) whose only peer is the server."""
+    lines = ["# innernet.py static peer: import into a WireGuard app, or wg-quick up",
+             "[Interface]", f"PrivateKey = {private_key}", f"Address = {host_prefix(ip)}"]
+    if dns:
+        lines.append(f"DNS = {dns}")
+    lines += ["", "[Peer]", f"PublicKey = {server_public_key}", f"Endpoint = {endpoint}",
+              f"AllowedIPs = {', '.join(allowed)}",
+              f"PersistentKeepalive = {PERSISTENT_KEEPALIVE}"]
+    return "\n".join(lines) + "\n"
+
+
+WG_QUICK_PLACEHOLDER = "<the private key made when the peer was added; it is kept nowhere>"
 
 
 # -- config files ------------------------------------------------------------
@@ -2439,9 +2467,12 @@ CREATE TABLE IF NOT EXISTS key_rotations (
   new_key     TEXT NOT NULL,
   proofs      TEXT NOT NULL,
   rotated_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS static_peers (
+  peer_id  INTEGER PRIMARY KEY
 )
 """
-EXTRA_TABLES = ("deleted_peers", "key_rotations")
+EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -2449,7 +2480,8 @@ MIGRATIONS = {   # user_version below the key -> SQL that brings it there
 }
 
 _PEER_COLUMNS = ("id, name, ip, cidr_id, public_key, endpoint, is_admin, is_disabled, "
-                 "is_redeemed, invite_expires, candidates")
+                 "is_redeemed, invite_expires, candidates, "
+                 "EXISTS (SELECT 1 FROM static_peers WHERE peer_id = peers.id)")
 
 
 def _integrity_error(e):
@@ -2610,7 +2642,7 @@ class Store:
             candidates = []
         return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
                     bool(row[6]), bool(row[7]), bool(row[8]), row[9],
-                    [c for c in candidates if isinstance(c, str)])
+                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]))
 
     def peers(self):
         return [self._peer(r) for r in self._query(f"SELECT {_PEER_COLUMNS} FROM peers ORDER BY id")]
@@ -2656,6 +2688,8 @@ class Store:
             (p.name, p.ip, p.cidr_id, p.public_key, p.endpoint, int(p.is_admin),
              int(p.is_disabled), int(p.is_redeemed), p.invite_expires,
              json.dumps(p.candidates)))
+        if p.is_static:
+            c.execute("INSERT INTO static_peers (peer_id) VALUES (?)", (cur.lastrowid,))
         return dataclasses.replace(p, id=cur.lastrowid,
                                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
 
@@ -2724,6 +2758,7 @@ class Store:
                           "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                           (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
             c.execute("DELETE FROM key_rotations WHERE peer_id = ?", (peer_id,))
+            c.execute("DELETE FROM static_peers WHERE peer_id = ?", (peer_id,))
             c.execute("DELETE FROM peers WHERE id = ?", (peer_id,))
             return old
 
@@ -4343,6 +4378,112 @@ def _invitation(net, cidrs, ip, invite_key):
                            invite_key, None, server_key, external, internal)
 
 
+def _qrcode():
+    try:
+        import qrcode
+    except ImportError:
+        raise InnernetError("the qrcode package is not installed",
+                            hint="apt install python3-qrcode, or pip install qrcode") from None
+    return qrcode
+
+
+def qr_matrix(text):
+    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
+    qr = _qrcode().QRCode(border=2)
+    qr.add_data(text)
+    qr.make(fit=True)
+    return qr.get_matrix()
+
+
+def qr_terminal(text):
+    """The QR code in ANSI half blocks: two module rows per line, black on white
+    whatever the terminal's colours, so phones can scan it off the screen."""
+    m = qr_matrix(text)
+    blank = [False] * len(m[0])
+    out = []
+    for y in range(0, len(m), 2):
+        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
+        out.append("\x1b[30;107m" + "".join(
+            "█" if t and b else "▀" if t else "▄" if b else " "
+            for t, b in zip(top, bottom)) + "\x1b[0m")
+    return "\n".join(out) + "\n"
+
+
+def write_qr_png(path, text):
+    """The QR code as a PNG file, 0600: it holds the private key."""
+    qrcode = _qrcode()
+    qr = qrcode.QRCode(border=2, box_size=8)
+    qr.add_data(text)
+    qr.make(fit=True)
+    try:
+        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
+        image = qr.make_image(image_factory=PyPNGImage)
+    except ImportError:
+        try:
+            image = qr.make_image()                    # Pillow
+        except ImportError:
+            raise InnernetError("writing a PNG needs pypng or Pillow",
+                                hint="apt install python3-png, or pip install pypng") from None
+    import io
+    buf = io.BytesIO()
+    image.save(buf)
+    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
+
+
+def show_static_config(args, text):
+    """--qr and --qr-png for a wg-quick text."""
+    if getattr(args, "qr", False):
+        print(qr_terminal(text), end="")
+    if getattr(args, "qr_png", None):
+        write_qr_png(args.qr_png, text)
+        log(f"QR code written to {args.qr_png} (it holds the private key: keep it private)")
+
+
+def _add_static_peer(args, net, cidrs, cidr, ip, name):
+    """add-peer --static: the key pair is made here and goes only into the file."""
+    if args.admin is not None and parse_bool(args.admin):
+        raise InnernetError("a static peer cannot be an admin (it never runs innernet)")
+    if args.qr_png:
+        parse_save_path(args.qr_png)
+    if args.qr or args.qr_png:
+        _qrcode()                  # missing: say so before anything is made
+    save_path = ask(args.save_wg_quick, "--save-wg-quick", "save the wg-quick file as",
+                    default=f"{name}.conf", parse=parse_save_path)
+    confirm(args, f"Create static peer '{name}' ({ip}) in '{cidr.name}'?", True)
+    private = generate_private_key()
+    server_key, external, _ = net.invitation_server()
+    text = wg_quick_text(private, ip, static_allowed_ips(cidrs), server_key, external)
+    contents = Peer(None, name, str(ip), cidr.id, public_key(private), None,
+                    PERSISTENT_KEEPALIVE, False, False, True, None, [], is_static=True)
+    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
+    atomic_write(save_path, text, 0o600, exclusive=True)
+    try:
+        peer = net.add_peer(contents)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(save_path)
+        raise
+    log(f"static peer '{peer.name}' ({peer.ip}) added; its wg-quick file is {save_path}")
+    show_static_config(args, text)
+    return 0
+
+
+def cmd_export(args):
+    """The wg-quick file of a static peer, with a placeholder for its private key."""
+    net = open_network(args)
+    cidrs = net.cidrs()
+    statics = {p.name: p for p in net.peers() if p.is_static}
+    peer = choose(args.name, "--name", "static peer", statics)
+    server_key, external, _ = net.invitation_server()
+    text = wg_quick_text(WG_QUICK_PLACEHOLDER, peer.ip, static_allowed_ips(cidrs), server_key,
+                         external)
+    print(text, end="")
+    warn("the private key is not kept anywhere, so this is a template: put the key from the "
+         "original file in, or delete-peer and add-peer --static for a new one")
+    show_static_config(args, text)
+    return 0
+
+
 def _invitation_options(args, name):
     """(lifetime in seconds, file) from --invite-expires and --save-config, or asked."""
     expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
@@ -4392,6 +4533,8 @@ def cmd_add_peer(args):
     if any(p.name == name and (p.is_redeemed or p.invite_expires is None
                                or p.invite_expires >= now) for p in peers):
         raise InnernetError(f"a peer named '{name}' already exists")
+    if getattr(args, "static", False):
+        return _add_static_peer(args, net, cidrs, cidr, ip, name)
     is_admin = ask(args.admin, "--admin", "make this peer an admin? (true/false)",
                    default="false", parse=parse_bool)
     expires, save_path = _invitation_options(args, name)
@@ -5258,9 +5401,12 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
                        if p.public_key in carried and not p.endpoint else p for p in desired]
             own_key = public_key(cfg.private_key)
-            relayed = relayed_addresses(dev, cfg, desired)
-            updates = diff_peers(dev.peers, desired, own_key, time.time(), relayed=relayed,
-                                 relay_via=cfg.server_public_key)
+            # Static peers (stock WireGuard devices) have the server as their only
+            # peer: they are reached through it, never with an entry of their own.
+            relayed = relayed_addresses(dev, cfg, desired) | {
+                host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
+            updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
+                                 time.time(), relayed=relayed, relay_via=cfg.server_public_key)
             changes = [u for u in updates if u.touches_device]
             if changes:
                 backend.apply(iface, updates=changes)
@@ -5600,11 +5746,24 @@ def cmd_down(args):
     return 0
 
 
-def _show_peer_lines(p, dp, me, now, verbose, override, relayed=False):
+def _path(p, relayed):
+    """How this client reaches a peer, as show and list --json say it."""
+    if p.is_static:
+        return "static"
+    return "relayed" if host_prefix(p.ip) in relayed else "direct"
+
+
+_PATH_TEXT = {"static": "through the server (a static WireGuard device)",
+              "relayed": "relayed through the server", "direct": "direct"}
+
+
+def _show_peer_lines(p, dp, me, now, verbose, override, path="direct"):
     key = p.public_key if verbose else short_key(p.public_key)
     lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
+    if path == "static" and not me:
+        lines.append(f"    path: {_PATH_TEXT[path]}")
     if dp is not None and not me:
-        lines.append("    path: relayed through the server" if relayed else "    path: direct")
+        lines.append(f"    path: {_PATH_TEXT[path]}")
         if dp.endpoint:
             lines.append(f"    endpoint: {dp.endpoint}"
                          + (" (endpoint overridden locally)" if override else ""))
@@ -5648,7 +5807,7 @@ def cmd_show(args):
         if getattr(args, "json", False):
             out.append({"network": iface, "listen_port": dev.listen_port, "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
-                     path="relayed" if host_prefix(p.ip) in relayed else "direct",
+                     path=_path(p, relayed),
                      device=dataclasses.asdict(by_key[p.public_key])
                      if p.public_key in by_key else None) for p in live]})
             continue
@@ -5670,7 +5829,7 @@ def cmd_show(args):
                 print("\n".join(_show_peer_lines(
                     p, by_key.get(p.public_key), p.public_key == own_key, now,
                     _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-                    host_prefix(p.ip) in relayed)))
+                    _path(p, relayed))))
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
@@ -5761,11 +5920,30 @@ def _add_peer_options(p):
                    help="where to write the invitation (default NAME.toml)")
     p.add_argument("--invite-expires", metavar="DURATION",
                    help=f"invitation lifetime, e.g. 30m, 12h, 7d (default {DEFAULT_INVITE_EXPIRY})")
+    p.add_argument("--static", action="store_true",
+                   help="a device that runs stock WireGuard (a phone, a router): its key is "
+                        "made here and goes only into a wg-quick file")
+    p.add_argument("--save-wg-quick", metavar="PATH",
+                   help="with --static: where to write the wg-quick file (default NAME.conf)")
+    _qr_options(p)
+
+
+def _qr_options(p):
+    p.add_argument("--qr", action="store_true",
+                   help="print the wg-quick file as a QR code (needs python3-qrcode)")
+    p.add_argument("--qr-png", metavar="FILE", help="write the QR code as a PNG (0600)")
 
 
 def _add_shared_verbs(sub, role):
     p = _verb(sub, "add-peer", cmd_add_peer, role, "Invite a new peer.")
     _add_peer_options(p)
+    p = _verb(sub, "export", cmd_export, role,
+              "Print a static peer's wg-quick file (a template: its key is kept nowhere).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the static peer")
+    p.add_argument("--wg-quick", action="store_true", required=True,
+                   help="as a wg-quick file (the only format so far)")
+    _qr_options(p)
     p = _verb(sub, "delete-peer", cmd_delete_peer, role,
               "Delete a peer for good; its address stays reserved for a while.")
     p.add_argument("interface", metavar="INTERFACE")
