@@ -4941,6 +4941,7 @@ def cmd_install(args):
                 hint="the invitation may be expired or already used, or the server is "
                      "unreachable or not running")
         api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
+        lost = None
         try:
             api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
             redeemed = True
@@ -4949,16 +4950,24 @@ def cmd_install(args):
                 raise InnernetError("the server refused the invitation",
                                     hint="it has expired or was already redeemed; "
                                          "ask for a new one") from None
-            if e.unreachable:
-                redeemed = None       # it may have happened: keep the new key
-                raise InnernetError(
-                    f"{e.message} while redeeming the invitation",
-                    hint=f"the server may have redeemed it: the new key is kept in "
-                         f"{cfg_path}; try 'innernet up {iface}', and if that fails, "
-                         f"'innernet uninstall {iface} --yes' and install again") from None
-            raise
+            if not e.unreachable:
+                raise
+            lost = e
         finally:
             api.close()
+        if lost is not None:
+            # The answer was lost. Whether the server took the new key shows in
+            # whether its device answers a handshake made with it (it swaps the
+            # key a few seconds after an answer it could not deliver).
+            redeemed = None
+            since = time.time()
+            backend.apply(iface, private_key=new_key)
+            if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
+                                      timeout=10):
+                redeemed = False
+                raise InnernetError(f"{lost.message} while redeeming the invitation",
+                                    hint="the invitation was not redeemed; try again")
+            redeemed = True
     except BaseException:
         if backend is not None:
             with contextlib.suppress(Exception):
