@@ -107,9 +107,9 @@ IFNAME_MAX = 15
 TIMESTRING_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATION")
-ENV_BACKEND = "INNERNET_BACKEND"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -135,7 +135,6 @@ class InnernetError(Exception):
 
 
 _verbosity = 0
-_log_prefix = ""
 
 
 def set_verbosity(level):
@@ -146,7 +145,7 @@ def set_verbosity(level):
 
 def _emit(text):
     try:
-        print(_log_prefix + text, file=sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed (daemon under a dead pipe)
         pass
 
@@ -3003,7 +3002,9 @@ def wait_acked(sock, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), 0x5411, b"\0" * 4))[0]
+            import termios
+            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  b"\0" * 4))[0]
         except OSError:
             return
         if left == 0:
@@ -3722,9 +3723,9 @@ def _api_server_class():
         def server_bind(self):
             s = self.socket
             if self.bind_device:       # unreachable from other interfaces
-                s.setsockopt(socket.SOL_SOCKET, 25, self.bind_device.encode())  # SO_BINDTODEVICE
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.bind_device.encode())
             with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
-                s.setsockopt(socket.SOL_IP, 15, 1)
+                s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(self.server_address)
             self.server_address = s.getsockname()[:2]
@@ -6216,7 +6217,7 @@ def main(argv=None, server_mode=None):
               file=sys.stderr)
         print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
               f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     set_verbosity(getattr(args, "verbose", 0) or 0)
     if args.func is None:
