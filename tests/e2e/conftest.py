@@ -1,10 +1,12 @@
 """End-to-end fixtures: skip without root/wireguard-go, unless CI requires them."""
+import contextlib
 import os
 import sys
+import types
 
 import pytest
 
-from lab import have_lab_tools
+from lab import Lab, have_lab_tools, start_network
 
 BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
     else [sys.executable, "-S", "-I"]
@@ -29,3 +31,17 @@ def debian_python_with_deps():
     r = subprocess.run(["/usr/bin/python3", "-c", "import nacl.bindings, pyroute2.iproute"],
                        capture_output=True)
     return "/usr/bin/python3" if r.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def network_world(pyz, cidrs, **kw):
+    """A lab running the built .pyz with a server host 'srv' and its network: a
+    namespace with lab, srv, net, serve (None with serve=False), db, hosts, ips."""
+    lab = Lab(innernet_cmd=BARE + [pyz])
+    w = types.SimpleNamespace(lab=lab, hosts={}, ips={})
+    try:
+        w.srv, w.net, w.serve = start_network(lab, cidrs, **kw)
+        w.db = w.srv.path("server", "lib", f"{w.net}.db")
+        yield w
+    finally:
+        lab.close()

@@ -16,7 +16,7 @@ import pytest
 from lab import (ROOT, Lab, device, device_peer_ips, invite, start_network, start_serve,
                  wait_for)
 
-from .conftest import BARE
+from .conftest import BARE, network_world
 
 pytestmark = pytest.mark.netns
 
@@ -37,9 +37,6 @@ head, _, rest = data.partition(b"\r\n\r\n")
 print(json.dumps({"status": int(head.split()[1]), "body": rest.decode(errors="replace")}))
 """
 
-
-class World:
-    pass
 
 
 def server_key(w):
@@ -93,12 +90,7 @@ exec {nft} "$@"
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
-    w = World()
-    w.lab = lab
-    try:
-        w.srv, w.net, _ = start_network(lab, {"humans": "10.66.1.0/24"}, serve=False)
-        w.db = w.srv.path("server", "lib", f"{w.net}.db")
+    with network_world(pyz, {"humans": "10.66.1.0/24"}, serve=False) as w:
         # serve runs with an nft that can be made to fail (a marker file)
         fakebin = w.srv.path("fakebin")
         os.makedirs(fakebin)
@@ -113,12 +105,9 @@ def world(pyz):
                                                     server=True), "serve.log")
         wait_for(lambda: "serving network" in w.srv.log("serve.log"), 30, "serve")
         w.key = server_key(w)
-        w.hosts = {}
         for name, admin in (("admin", "true"), ("alice", "false"), ("bob", "false")):
             join(w, name, admin=admin)
         yield w
-    finally:
-        lab.close()
 
 
 def table(w):

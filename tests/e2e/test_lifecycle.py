@@ -5,26 +5,18 @@ import time
 
 import pytest
 
-from lab import Lab, device_peer_ips, invite, start_network, wait_for
+from lab import device_peer_ips, invite, wait_for
 
-from .conftest import BARE
+from .conftest import network_world
 
 pytestmark = pytest.mark.netns
 
 
-class World:
-    pass
-
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
-    w = World()
-    w.lab = lab
-    try:
-        w.srv, w.net, _ = start_network(lab, {"humans": "10.66.1.0/24"})
-        w.db = w.srv.path("server", "lib", f"{w.net}.db")
-        w.hosts = {}
+    with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
+        lab = w.lab
         for name, admin in (("admin", "true"), ("alice", "false"), ("bob", "false"),
                             ("carol", "false")):
             host = lab.add_host(name)
@@ -35,8 +27,6 @@ def world(pyz):
             w.hosts[name].spawn_innernet("up.log", "up", lab.ifname(name), "--daemon",
                                          "--no-write-hosts")
         yield w
-    finally:
-        lab.close()
 
 
 def ip_of(w, name):

@@ -9,15 +9,12 @@ import stat
 
 import pytest
 
-from lab import Lab, invite, start_echo, start_network, tcp_reach, wait_for
+from lab import invite, start_echo, tcp_reach, wait_for
 
-from .conftest import BARE
+from .conftest import network_world
 
 pytestmark = pytest.mark.netns
 
-
-class World:
-    pass
 
 
 def join(w, name, cidr, admin="false", daemon=True):
@@ -35,20 +32,13 @@ def join(w, name, cidr, admin="false", daemon=True):
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
-    w = World()
-    w.lab, w.hosts, w.ips = lab, {}, {}
-    try:
-        w.srv, w.net, _ = start_network(lab, {"humans": "10.66.1.0/24",
-                                              "phones": "10.66.9.0/24",
-                                              "robots": "10.66.2.0/24"})
+    with network_world(pyz, {"humans": "10.66.1.0/24", "phones": "10.66.9.0/24",
+                             "robots": "10.66.2.0/24"}) as w:
         w.srv.server("add-association", w.net, "humans", "phones", "--yes")
         join(w, "admin", "humans", admin="true", daemon=False)
         join(w, "alice", "humans")
         join(w, "robo", "robots")
         yield w
-    finally:
-        lab.close()
 
 
 def test_a_stock_wireguard_phone_reaches_what_it_may_and_nothing_else(world):

@@ -17,9 +17,9 @@ import sqlite3
 
 import pytest
 
-from lab import Lab, invite, start_network, wait_for
+from lab import invite, wait_for
 
-from .conftest import BARE
+from .conftest import network_world
 
 pytestmark = pytest.mark.netns
 
@@ -34,29 +34,18 @@ full() {
 """
 
 
-class World:
-    pass
-
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
-    w = World()
-    w.lab = lab
-    try:
-        w.srv, w.net, w.serve = start_network(lab, {"humans": "10.66.1.0/24"})
-        w.db = w.srv.path("server", "lib", f"{w.net}.db")
-        w.cli = lab.add_host("cli")
-        w.iface = lab.ifname("cli")
+    with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
+        w.cli = w.lab.add_host("cli")
+        w.iface = w.lab.ifname("cli")
         w.cli.innernet("install", "--name", w.iface, "--no-write-hosts",
                        invite(w.srv, w.net, "cli", "humans", admin="true"))
-        w.pyz = pyz
         for d in ("ro-out", "full-out"):
             os.makedirs(w.cli.path(d))
             os.makedirs(w.srv.path(d))
         yield w
-    finally:
-        lab.close()
 
 
 def db_rows(w):
