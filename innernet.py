@@ -1300,6 +1300,12 @@ def check_new_cidr(cidrs, peers, contents):
         raise _bad(f"a CIDR named '{contents.name}' already exists")
 
 
+def invitation_expired(p, now):
+    """An invitation not redeemed before its expiry: off the device, its name and
+    address free for add-peer, re-issuable until the sweeper removes it."""
+    return not p.is_redeemed and p.invite_expires is not None and p.invite_expires < now
+
+
 def is_assignable(ip, net):
     """May a peer have this address in this CIDR? (spec §5.5)"""
     ip = ipaddress.ip_address(ip)
@@ -1509,17 +1515,17 @@ def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
 
 
 def pinned_key_changes(stored, received, now):
-    """(ip, pinned key, new key) for received peers whose known address has a new
-    key (and is not a deleted peer's, out of quarantine): these need a proof."""
+    """(received peer, its pin) where a known address arrives with a new key (and
+    the pin is not a deleted peer's out of quarantine): each needs a proof."""
     by_ip = {}
     for p in stored:
-        by_ip.setdefault(p.ip, p)
+        by_ip.setdefault(ipaddress.ip_address(p.ip), p)
     out = []
     for p in received:
-        old = by_ip.get(p.ip)
+        old = by_ip.get(ipaddress.ip_address(p.ip))
         if old is not None and old.public_key != p.public_key and not (
                 old.deleted_until is not None and old.deleted_until <= now):
-            out.append((p.ip, old.public_key, p.public_key))
+            out.append((p, old))
     return out
 
 
@@ -1587,17 +1593,9 @@ def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None
     now = time.time() if now is None else now
     rotated = set(rotated)
     announced = {(d.ip, d.public_key): d for d in deleted}
-    by_ip = {}
-    for p in stored:
-        by_ip.setdefault(ipaddress.ip_address(p.ip), p)
-    for p in received:
-        old = by_ip.get(ipaddress.ip_address(p.ip))
-        if old is None or old.public_key == p.public_key or p.ip == own_ip:
-            continue
-        if old.deleted_until is not None and old.deleted_until <= now:
-            continue                      # quarantine over: the address may change hands
-        if (p.ip, old.public_key, p.public_key) in rotated:
-            continue                      # its old key's holder proved the change to us
+    for p, old in pinned_key_changes(stored, received, now):
+        if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
+            continue                      # ours, or its old key's holder proved the change
         until = "" if old.deleted_until is None else time.strftime(
             " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
             time.gmtime(old.deleted_until))
@@ -2871,8 +2869,7 @@ class Store:
         """Delete invitations expired more than ``grace`` s ago (until then they can
         be re-issued, and they are off the device); forget old deletions."""
         with self.lock:
-            gone = [p for p in self.peers() if not p.is_redeemed and
-                    p.invite_expires is not None and p.invite_expires < now - grace]
+            gone = [p for p in self.peers() if invitation_expired(p, now - grace)]
             stale = self._query("SELECT COUNT(*) FROM deleted_peers WHERE reuse_after < ? "
                                 "AND deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))[0][0]
             if gone or stale:
@@ -3021,6 +3018,7 @@ class Coordinator:
         # Only the unit tests and benchmarks, which serve peers on 127.x
         # addresses over loopback, let local addresses call the API.
         self.local_callers = local_callers
+        self._local_seen: dict[object, tuple[float, bool]] = {}   # address -> (when, local)
         self.config = config
         self.ifname = ifname
         self.backend = backend
@@ -3083,8 +3081,7 @@ class Coordinator:
         now = time.time() if now is None else now
         out = []
         for p in self.store.peers():
-            if p.is_disabled or (not p.is_redeemed and p.invite_expires is not None
-                                 and p.invite_expires < now):
+            if p.is_disabled or invitation_expired(p, now):
                 continue
             if p.id in self.pending:
                 p = dataclasses.replace(p, public_key=self.pending[p.id])
@@ -3197,13 +3194,20 @@ class Coordinator:
             return False
         if ip.is_loopback:
             return True
+        hit = self._local_seen.get(ip)
+        if hit is not None and time.monotonic() - hit[0] < 10:
+            return hit[1]
         fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
             with socket.socket(fam, socket.SOCK_DGRAM) as s:
                 s.bind((str(ip), 0))     # only a local address can be bound
-            return True
+            local = True
         except OSError:
-            return False
+            local = False
+        if len(self._local_seen) > 65536:
+            self._local_seen.clear()
+        self._local_seen[ip] = (time.monotonic(), local)   # addresses come and go: 10 s
+        return local
 
     def authenticate(self, headers, remote_ip):
         import hmac
@@ -3641,14 +3645,12 @@ def _api_server_class():
                 body_error, self.close_connection = "chunked bodies are not supported", True
             elif length is None:
                 body_error = "missing Content-Length header"
-            elif ascii_uint(length.strip()) is None:
+            elif (size := ascii_uint(length.strip())) is None:
                 body_error, self.close_connection = "invalid Content-Length header", True
-            elif ascii_uint(length.strip()) > body_limit(self.command, self.path):
-                body_error = (f"request body is larger than "
-                              f"{body_limit(self.command, self.path)} bytes")
+            elif size > (limit := body_limit(self.command, self.path)):
+                body_error = f"request body is larger than {limit} bytes"
                 self.close_connection = True
             else:
-                size = ascii_uint(length.strip())
                 try:
                     body = self.rfile.read(size)
                 except OSError:          # the timeout: the sender stopped short
@@ -4388,12 +4390,16 @@ def _qrcode():
     return qrcode
 
 
-def qr_matrix(text):
-    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
-    qr = _qrcode().QRCode(border=2)
+def _qr(text, **kw):
+    qr = _qrcode().QRCode(border=2, **kw)
     qr.add_data(text)
     qr.make(fit=True)
-    return qr.get_matrix()
+    return qr
+
+
+def qr_matrix(text):
+    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
+    return _qr(text).get_matrix()
 
 
 def qr_terminal(text):
@@ -4412,10 +4418,7 @@ def qr_terminal(text):
 
 def write_qr_png(path, text):
     """The QR code as a PNG file, 0600: it holds the private key."""
-    qrcode = _qrcode()
-    qr = qrcode.QRCode(border=2, box_size=8)
-    qr.add_data(text)
-    qr.make(fit=True)
+    qr = _qr(text, box_size=8)
     try:
         from qrcode.image.pure import PyPNGImage       # pypng, pure Python
         image = qr.make_image(image_factory=PyPNGImage)
@@ -4456,14 +4459,7 @@ def _add_static_peer(args, net, cidrs, cidr, ip, name):
     text = wg_quick_text(private, ip, static_allowed_ips(cidrs), server_key, external)
     contents = Peer(None, name, str(ip), cidr.id, public_key(private), None,
                     PERSISTENT_KEEPALIVE, False, False, True, None, [], is_static=True)
-    ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
-    atomic_write(save_path, text, 0o600, exclusive=True)
-    try:
-        peer = net.add_peer(contents)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(save_path)
-        raise
+    peer = _with_secret_file(save_path, text, lambda: net.add_peer(contents))
     log(f"static peer '{peer.name}' ({peer.ip}) added; its wg-quick file is {save_path}")
     show_static_config(args, text)
     return 0
@@ -4494,21 +4490,23 @@ def _invitation_options(args, name):
     return expires, save_path
 
 
-def _with_invitation_file(save_path, invitation, expires, act):
-    """Write the invitation (exclusively), then ``act()`` (which creates the peer or
+def _with_secret_file(save_path, text, act):
+    """Write ``text`` (exclusively, 0600), then ``act()`` (which creates the peer or
     its new key) and return its result; remove the file if that fails: no peer
-    without its invitation, no stray secrets."""
+    without its invitation or wg-quick file, no stray secrets."""
     ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
-    atomic_write(save_path, invitation.to_toml(INVITATION_HEADER), 0o600, exclusive=True)
+    atomic_write(save_path, text, 0o600, exclusive=True)
     try:
-        result = act()
+        return act()
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(save_path)
         raise
+
+
+def _said_saved(save_path, expires):
     print(f"invitation saved to {save_path} (expires in {format_duration(expires)}); "
           "send it securely, e.g. with magic-wormhole", file=sys.stderr)
-    return result
 
 
 def cmd_add_peer(args):
@@ -4519,8 +4517,8 @@ def cmd_add_peer(args):
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     # Expired invitations give their addresses up; deleted peers' stay quarantined.
-    used = [p.ip for p in peers if p.is_redeemed or p.invite_expires is None
-            or p.invite_expires >= now] + [d.ip for d in net.deletions() if d.reuse_after > now]
+    used = [p.ip for p in peers if not invitation_expired(p, now)] + \
+        [d.ip for d in net.deletions() if d.reuse_after > now]
     if args.ip is not None:
         ip = parse_ip(args.ip)
         if not is_assignable(ip, cidr.network):
@@ -4531,8 +4529,7 @@ def cmd_add_peer(args):
         ip = suggestion if args.auto_ip else ask(
             None, "--ip or --auto-ip", "IP address", default=str(suggestion), parse=parse_ip)
     name = ask(args.name, "--name", "peer name", parse=lambda v: parse_hostname(v, "peer name"))
-    if any(p.name == name and (p.is_redeemed or p.invite_expires is None
-                               or p.invite_expires >= now) for p in peers):
+    if any(p.name == name and not invitation_expired(p, now) for p in peers):
         raise InnernetError(f"a peer named '{name}' already exists")
     if getattr(args, "static", False):
         return _add_static_peer(args, net, cidrs, cidr, ip, name)
@@ -4561,7 +4558,8 @@ def cmd_add_peer(args):
                 contents = dataclasses.replace(contents, ip=str(ip))
                 atomic_write(save_path, _invitation(net, cidrs, ip, invite_key).to_toml(
                     INVITATION_HEADER), 0o600)
-    peer = _with_invitation_file(save_path, invitation, expires, create)
+    peer = _with_secret_file(save_path, invitation.to_toml(INVITATION_HEADER), create)
+    _said_saved(save_path, expires)
     log(f"peer '{peer.name}' ({peer.ip}) added")
     return 0
 
@@ -4593,9 +4591,10 @@ def cmd_reinvite(args):
     expires, save_path = _invitation_options(args, peer.name)
     confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
     invite_key = generate_private_key()
-    _with_invitation_file(save_path, _invitation(net, cidrs, peer.ip, invite_key), expires,
-                          lambda: net.reinvite(peer, public_key(invite_key),
-                                               int(time.time()) + expires))
+    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
+        INVITATION_HEADER), lambda: net.reinvite(peer, public_key(invite_key),
+                                                 int(time.time()) + expires))
+    _said_saved(save_path, expires)
     log(f"peer '{peer.name}' ({peer.ip}) re-invited; the old invitation no longer works")
     return 0
 
@@ -5313,7 +5312,8 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
 def verified_rotations(api, cfg, stored, received):
     """The key changes at known addresses that their old keys' holders proved."""
     ok = []
-    for ip, old, new in pinned_key_changes(stored, received, time.time()):
+    for p, pin in pinned_key_changes(stored, received, time.time()):
+        ip, old, new = p.ip, pin.public_key, p.public_key
         if ip == str(cfg.address.ip):
             continue
         try:
@@ -5324,8 +5324,7 @@ def verified_rotations(api, cfg, stored, received):
             chain = []                # an innernet server: no rotations, pinning refuses
         if isinstance(chain, list) and follow_rotations(
                 cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
-            name = next((p.name for p in received if p.ip == ip), ip)
-            log(f"peer {name} rotated its key; the proof of its old key checks out")
+            log(f"peer {p.name} rotated its key; the proof of its old key checks out")
             ok.append((ip, old, new))
     return ok
 
@@ -5426,20 +5425,23 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                         f"was {u.action}")
             else:
                 debug(f"{iface}: peers are already up to date")
-            hosts_path, suffix = hosts_options(args)
-            if hosts_path:
-                write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
-            if changed:
-                save_data_store(store_path, peers, cidrs, etag)
-            if unreachable is None:
-                own = next((p for p in peers if p.public_key == own_key), None)
-                report_candidates(args, api, cfg, own, dev.listen_port)
-            missed = set()
-            if traverse and not getattr(args, "no_nat_traversal", False):
-                keys = {u.public_key for u in changes if not u.remove} | set(retry)
-                todo = desired if traverse == "all" or brought_up else \
-                    [p for p in desired if p.public_key in keys]
-                missed = traverse_nat(backend, iface, cfg, todo) if todo else set()
+        # Files and the server's copy of our candidates need no lock on the device.
+        hosts_path, suffix = hosts_options(args)
+        if hosts_path:
+            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
+        if changed:
+            save_data_store(store_path, peers, cidrs, etag)
+        if unreachable is None:
+            own = next((p for p in peers if p.public_key == own_key), None)
+            report_candidates(args, api, cfg, own, dev.listen_port)
+        missed = set()
+        if traverse and not getattr(args, "no_nat_traversal", False):
+            keys = {u.public_key for u in changes if not u.remove} | set(retry)
+            todo = desired if traverse == "all" or brought_up else \
+                [p for p in desired if p.public_key in keys]
+            if todo:
+                with device_lock(iface):
+                    missed = traverse_nat(backend, iface, cfg, todo)
     finally:
         api.close()
     if unreachable is not None:
@@ -5583,10 +5585,11 @@ def _relay_moves(by_key, relayed, keys, state, now, why):
     return moves
 
 
-def watch_paths(args, iface, state, allowed, stop, every=1.0):
+def watch_paths(args, iface, state, allowed, every=1.0):
     """The daemon's second thread: relay a peer whose direct path broke, in seconds."""
     watch = PathWatch()
-    while not stop.wait(every):
+    while True:
+        time.sleep(every)
         if not allowed() or state.cfg is None:
             continue
         try:
@@ -5670,8 +5673,7 @@ def _daemon(args, iface):
     failing = None                  # the error of the last round, until one works
     if not getattr(args, "no_nat_traversal", False):
         threading.Thread(target=watch_paths, daemon=True, args=(
-            args, iface, relays, lambda: bool(caps and caps.get("relay")),
-            threading.Event())).start()
+            args, iface, relays, lambda: bool(caps and caps.get("relay")))).start()
     while True:
         sleep = args.interval
         try:
@@ -5770,10 +5772,9 @@ _PATH_TEXT = {"static": "through the server (a static WireGuard device)",
 def _show_peer_lines(p, dp, me, now, verbose, override, path="direct"):
     key = p.public_key if verbose else short_key(p.public_key)
     lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
-    if path == "static" and not me:
+    if not me and (dp is not None or path == "static"):
         lines.append(f"    path: {_PATH_TEXT[path]}")
     if dp is not None and not me:
-        lines.append(f"    path: {_PATH_TEXT[path]}")
         if dp.endpoint:
             lines.append(f"    endpoint: {dp.endpoint}"
                          + (" (endpoint overridden locally)" if override else ""))

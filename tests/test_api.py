@@ -66,6 +66,18 @@ def serve_on_loopback(co):
         httpd.server_close()
 
 
+def cli_network(tmp_path, capsys):
+    """A network 'evil' with CIDR 'h' made by the server CLI; returns its argv base."""
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
+                                 "--parent", "evil", "--yes"]) == 0
+    capsys.readouterr()
+    return base
+
+
 def call(co, method, path, who="admin", body=None, *, ip=None, headers=None, raw=None):
     hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
     hdrs.update(headers or {})

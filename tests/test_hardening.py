@@ -15,23 +15,11 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer
-from test_api import IPS, call, make_coordinator, peer_contents, serve_on_loopback
+from test_api import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
 
 
 def key():
     return innernet.public_key(innernet.generate_private_key())
-
-
-def cli_network(tmp_path, capsys):
-    """A network 'evil' with CIDR 'h' made by the server CLI; returns its argv base."""
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
-    capsys.readouterr()
-    return base
 
 
 # -- 8: one strict ASCII number parser -------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import innernet
-from test_api import call, make_coordinator, serve_on_loopback
+from test_api import call, cli_network, make_coordinator, serve_on_loopback
 
 BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endpoint", "developer1"),
                ("PUT", "/v1/user/candidates", "developer1"), ("POST", "/v1/admin/peers", "admin"),
@@ -182,14 +182,10 @@ def test_cli_numbers_are_one_clear_error(tmp_path_factory, capsys, counts, port,
     err = capsys.readouterr().err
     if re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535:
         assert code == 0, err                         # a plain ASCII port is a port
+        d = tmp_path_factory.mktemp("cli")
     else:
         assert code == 1 and err.startswith("innernet: error:") and "Traceback" not in err
-        assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                     "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                     "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
-    capsys.readouterr()
+    base = cli_network(d, capsys)     # (after a refusal: nothing was left half-made)
     code = innernet.main(base + ["add-peer", "evil", "--name", "p", "--cidr", "h", "--auto-ip",
                                  "--admin", "false", "--save-config", str(d / "p.toml"),
                                  f"--invite-expires={expires}", "--yes"])
