@@ -76,7 +76,13 @@ DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
 DEFAULT_INVITE_EXPIRY = "14d"
 PERSISTENT_KEEPALIVE = 25
 RECENT_HANDSHAKE = 180          # seconds; WireGuard's REJECT_AFTER_TIME
-RELAY_AFTER = 15                # seconds without any direct path before relaying
+DIRECT_RETRY = (30, 300)        # s between tries of a relayed pair's direct path (slots)
+RELAY_PPS = 30000               # datagrams per second one side of a relayed pair may send
+RELAY_PAIRS_PER_PEER = 64       # relay allocations a peer may hold at once
+RELAY_ASK_MAX = 4096            # peers one relay request may name
+RELAY_MAX_PAIRS = 2048          # in all (two UDP sockets each)
+RELAY_IDLE = 300                # s without a datagram before a relay allocation is closed
+RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
 MAX_BODY = 16 * 1024
@@ -640,6 +646,16 @@ def parse_endpoint(text):
     return host, port
 
 
+def port_range(text):
+    """'LOW-HIGH' -> (low, high), at least two ports (argparse type)."""
+    low, _, high = str(text).partition("-")
+    lo, hi = ascii_uint(low, 1, 65535), ascii_uint(high, 1, 65535)
+    if lo is None or hi is None or hi <= lo:
+        raise argparse.ArgumentTypeError(f"invalid port range {text!r}: use LOW-HIGH, "
+                                         f"e.g. 52000-52999")
+    return lo, hi
+
+
 def format_endpoint(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -970,6 +986,43 @@ def rotation_proof_valid(own_private, old_public, ip, new_public, proof):
     except InnernetError:
         return False
     return hmac.compare_digest(expect, proof)
+
+
+# WireGuard's own messages, as far as a relay that cannot decrypt them may
+# check them (the WireGuard paper, section 5.4): the type in a little-endian
+# u32, fixed sizes for the handshake, and MAC1, a keyed BLAKE2s over the
+# message that only needs the receiver's public key. A relay that checks MAC1
+# forwards handshakes only to the peer they were made for.
+WG_INITIATION, WG_RESPONSE, WG_COOKIE, WG_DATA = 1, 2, 3, 4
+_WG_MAC1_AT = {WG_INITIATION: 116, WG_RESPONSE: 60}
+_WG_SIZES = {WG_INITIATION: 148, WG_RESPONSE: 92, WG_COOKIE: 64}
+
+
+def wg_message_type(data):
+    """The WireGuard message type of a datagram, or None if it is not one."""
+    if len(data) < 32 or data[1:4] != b"\0\0\0":
+        return None
+    kind = data[0]
+    if kind in _WG_SIZES:
+        return kind if len(data) == _WG_SIZES[kind] else None
+    # data: a 16-byte header, then the padded packet and its 16-byte tag
+    return WG_DATA if kind == WG_DATA and len(data) % 16 == 0 else None
+
+
+def wg_mac1_key(public_b64):
+    import hashlib
+    return hashlib.blake2s(b"mac1----" + parse_key(public_b64)).digest()
+
+
+def wg_mac1_valid(data, mac1_key):
+    """Is a handshake message's MAC1 made for the holder of ``mac1_key``'s key?"""
+    import hashlib
+    import hmac
+    at = _WG_MAC1_AT.get(wg_message_type(data))
+    if at is None:
+        return False
+    mac = hashlib.blake2s(data[:at], digest_size=16, key=mac1_key).digest()
+    return hmac.compare_digest(mac, data[at:at + 16])
 
 ###############################################################################
 # Model #######################################################################
@@ -1577,6 +1630,89 @@ def relay_rules(peers, cidrs, associations):
     return addrs, sorted(pairs)
 
 
+def relay_pair_refusal(a, b, cidrs, associations):
+    """Why the end-to-end relay may not join peers ``a`` and ``b`` (None: it may).
+
+    The same rules as a direct path: both redeemed and enabled, each in a CIDR
+    the other may see. Static peers have only the server as their peer, and
+    the server has no relay of its own to ask for.
+    """
+    for p in (a, b):
+        if p is None:
+            return "no such peer"
+        if not p.is_redeemed or p.is_disabled:
+            return f"peer {p.name} is not an active peer"
+        if p.is_static:
+            return f"peer {p.name} is a static peer (reached through the server)"
+        if p.cidr_id == INFRA_CIDR_ID:
+            return "the server is reached directly"
+    if a.id == b.id:
+        return "a peer needs no relay to itself"
+    if b.cidr_id not in visible_cidr_ids(cidrs, associations, a.cidr_id) or \
+            a.cidr_id not in visible_cidr_ids(cidrs, associations, b.cidr_id):
+        return f"peer {b.name} is not visible to {a.name}"
+    return None
+
+
+def direct_retry_due(last_try, now, relayed_since):
+    """Is it time to try a relayed peer's direct candidates again?
+
+    Both sides must try at the same moment to open their NATs to each other,
+    and neither can tell the other when, so tries fall in slots of the wall
+    clock both share (cron jobs start at the same second on every host): every
+    DIRECT_RETRY[0] s for a pair relayed less than 10 minutes, then every
+    DIRECT_RETRY[1] s. A try costs a relayed pair up to a second of packets
+    in one direction when it fails.
+    """
+    slot = DIRECT_RETRY[0] if now - relayed_since < 600 else DIRECT_RETRY[1]
+    return last_try is None or int(now // slot) > int(last_try // slot)
+
+
+@dataclasses.dataclass
+class PathMemo:
+    """What a client remembers between runs about its paths to peers (ours;
+    `<iface>.paths.json` beside the data store), so that a cron `fetch`
+    relays and retries like the daemon does."""
+    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
+    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
+    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
+    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
+
+    def to_json(self):
+        return {"relays": self.relays, "since": self.since, "tried": self.tried,
+                "offline": sorted(self.offline)}
+
+    @classmethod
+    def from_json(cls, data):
+        """Whatever is malformed is forgotten: the memo only saves time. (Keys
+        are only looked up, never used, so their shape is checked, cheaply: a
+        cron fetch reads this file every time.)"""
+        def shaped(k):
+            return isinstance(k, str) and len(k) == 44 and k.endswith("=")
+
+        def table(name, ok):
+            d = data.get(name) if isinstance(data, dict) else None
+            return {k: v for k, v in d.items() if shaped(k) and ok(v)} \
+                if isinstance(d, dict) else {}
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        offline = data.get("offline") if isinstance(data, dict) else None
+        return cls(table("relays", lambda v: isinstance(v, str) and resolve_endpoint(v) == v),
+                   table("since", number), table("tried", number),
+                   {k for k in offline if shaped(k)}
+                   if isinstance(offline, list) else set())
+
+    def keep_only(self, keys):
+        for d in (self.relays, self.since, self.tried):
+            for k in [k for k in d if k not in keys]:
+                del d[k]
+        self.offline &= set(keys)
+
+    def relayed(self, dp):
+        """Is device peer ``dp`` using its relay endpoint right now?"""
+        ep = self.relays.get(dp.public_key)
+        return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
+
+
 def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None):
     """Update the client's cached peers with the server's list (spec §8.2).
 
@@ -1980,6 +2116,15 @@ def _sysfs_devtype(ifname):
     return None
 
 
+def _alive(pid):
+    """Is process ``pid`` running (a zombie is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class UserspaceBackend:
     """wireguard-go (or compatible) over its UAPI socket, in the stdlib.
 
@@ -2080,8 +2225,10 @@ class UserspaceBackend:
             echo_cmd(f"kill {pid}  # wireguard-go {ifname}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+            # It removes its socket first and its TUN as it exits: `down` is
+            # done when the process is gone, not when the socket is.
             deadline = time.monotonic() + 3
-            while self.exists(ifname) and time.monotonic() < deadline:
+            while time.monotonic() < deadline and (self.exists(ifname) or _alive(pid)):
                 time.sleep(0.01)
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path(ifname))
@@ -2907,6 +3054,31 @@ def save_data_store(path, peers, cidrs, etag=None):
     return True
 
 
+def paths_memo_path(store_path):
+    return store_path[:-5] + ".paths.json"
+
+
+def load_paths_memo(store_path):
+    path = paths_memo_path(store_path)
+    try:
+        with open(path) as f:
+            return PathMemo.from_json(json.loads(f.read()))
+    except (OSError, ValueError, RecursionError):
+        return PathMemo()
+
+
+def save_paths_memo(store_path, memo):
+    """Written only when it changed (an unchanged cron fetch writes nothing)."""
+    path = paths_memo_path(store_path)
+    text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+
+
 def write_hosts_file(path, tag, lines):
     """Replace our section of the hosts file; returns True if it changed.
 
@@ -3009,11 +3181,258 @@ def wait_acked(sock, timeout):
         time.sleep(0.002)
 
 
+# -- the end-to-end relay -------------------------------------------------------
+
+def _bare_ip(host):
+    """A socket address's host as the server's device would write it."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
+
+
+class _RelaySide:
+    """One peer's half of a relayed pair: the socket it sends into, where it is."""
+    __slots__ = ("peer_id", "name", "mac1_key", "sock", "port", "addr", "src_ips",
+                 "pending", "tokens", "at", "used", "other")
+
+    def __init__(self, peer, sock):
+        self.peer_id, self.name, self.sock = peer.id, peer.name, sock
+        self.mac1_key = wg_mac1_key(peer.public_key)
+        self.port = sock.getsockname()[1]
+        self.addr = None                 # learned from a handshake it sent
+        self.src_ips = set()             # where the server's device sees the peer
+        self.pending = None              # (its initiation, time) while the other is unknown
+        self.tokens, self.at = float(RELAY_PPS), time.monotonic()
+        self.used = time.monotonic()
+        self.other = None
+
+
+class RelayHub:
+    """The end-to-end encrypted relay: WireGuard datagrams forwarded, never opened.
+
+    Each relayed pair (A, B) gets two UDP ports on the server. A's device
+    sends what it has for B to the first: that port is B as far as A can
+    tell, and B's datagrams for A come out of it, so A's NAT lets them in.
+    WireGuard roams to wherever authenticated packets come from, so neither
+    side knows or cares that the other is behind a relay, and the session
+    keys stay between A and B: the server sees only ciphertext.
+
+    A side's address is learned only from a handshake message that comes from
+    the address the server's own device sees that peer at (its NAT's
+    address) and carries a MAC1 made for the other side's key; data from
+    anywhere else is dropped. So datagrams go only to addresses that answered
+    for a peer, never where a forged datagram asks: no reflector. Each side
+    may send RELAY_PPS datagrams a second, a peer holds at most
+    RELAY_PAIRS_PER_PEER pairs, idle pairs close after RELAY_IDLE s.
+
+    The first initiation of a pair usually arrives before the other side has
+    sent anything; it is held (RELAY_HOLD s) and delivered when the other
+    side shows up -- unless that side's own first packet is an initiation:
+    two crossing initiations make both sides responders, and the pair would
+    wait out WireGuard's 5 s retry.
+    """
+
+    def __init__(self, ports=None):
+        import selectors
+        self.ports = ports                    # (low, high), or None: any free port
+        self.pairs: dict[tuple[int, int], tuple[_RelaySide, _RelaySide]] = {}
+        self.lock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self._read = selectors.EVENT_READ
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.sel.register(self._wake_r, self._read, None)
+        self._todo: list[tuple[str, _RelaySide]] = []
+        self.stats = {"datagrams": 0, "bytes": 0, "dropped": 0, "pairs_opened": 0}
+        self._next_port = 0
+
+    def _socket(self):
+        """A non-blocking UDP socket on every address (IPv4 and IPv6 when the
+        host has it), on a free port of the configured range."""
+        ports = [0] if self.ports is None else list(range(self.ports[0], self.ports[1] + 1))
+        start = self._next_port % len(ports)
+        for port in ports[start:] + ports[:start]:
+            for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+                try:
+                    s = socket.socket(family, socket.SOCK_DGRAM)
+                except OSError:
+                    continue
+                try:
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    s.bind((host, port))
+                except OSError as e:
+                    s.close()
+                    if e.errno == errno.EADDRINUSE:
+                        break                 # this port is taken in both families
+                    continue
+                s.setblocking(False)
+                self._next_port = ports.index(port) + 1
+                return s
+        raise InnernetError("no free relay port" + (
+            f" in {self.ports[0]}-{self.ports[1]}" if self.ports else ""), status=503)
+
+    def allocate(self, a, b, a_src, b_src):
+        """The port ``a`` sends to for ``b``: its pair's, opened if need be."""
+        key = (min(a.id, b.id), max(a.id, b.id))
+        with self.lock:
+            pair = self.pairs.get(key)
+            if pair is None:
+                if len(self.pairs) >= RELAY_MAX_PAIRS:
+                    raise InnernetError("the relay is full", status=503)
+                for p in (a, b):
+                    if sum(p.id in k for k in self.pairs) >= RELAY_PAIRS_PER_PEER:
+                        raise InnernetError(f"peer {p.name} has {RELAY_PAIRS_PER_PEER} relayed "
+                                            f"pairs already", status=429)
+                first = self._socket()
+                try:
+                    second = self._socket()
+                except InnernetError:
+                    first.close()
+                    raise
+                pair = (_RelaySide(a, first), _RelaySide(b, second))
+                pair[0].other, pair[1].other = pair[1], pair[0]
+                self.pairs[key] = pair
+                self.stats["pairs_opened"] += 1
+                self._todo += [("add", pair[0]), ("add", pair[1])]
+                self._wake()
+                debug(f"relay: {a.name} <-> {b.name} on ports {pair[0].port}, {pair[1].port}")
+            mine, theirs = pair if pair[0].peer_id == a.id else pair[::-1]
+            mine.mac1_key, theirs.mac1_key = wg_mac1_key(a.public_key), wg_mac1_key(b.public_key)
+            if a_src:
+                mine.src_ips = {_bare_ip(a_src)}
+            if b_src:
+                theirs.src_ips = {_bare_ip(b_src)}
+            mine.used = time.monotonic()
+            return mine.port
+
+    def retain(self, peers, keep):
+        """Close the pairs for which ``keep(peer_a, peer_b)`` is false (access
+        changed) or whose peers changed keys; ``peers`` maps ids to Peers."""
+        with self.lock:
+            for key, sides in list(self.pairs.items()):
+                ps = [peers.get(side.peer_id) for side in sides]
+                if None in ps or not keep(*ps) or any(
+                        wg_mac1_key(p.public_key) != side.mac1_key for p, side in zip(ps, sides)):
+                    self._close(key)
+
+    def _close(self, key):
+        for side in self.pairs.pop(key):
+            self._todo.append(("close", side))
+        self._wake()
+
+    def _wake(self):
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _apply_todo(self):
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        with self.lock:
+            todo, self._todo = self._todo, []
+        for what, side in todo:
+            if what == "add":
+                self.sel.register(side.sock, self._read, side)
+            else:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(side.sock)
+                side.sock.close()
+
+    def run(self, stop):
+        """The relay's thread: forward until ``stop`` is set."""
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        swept = time.monotonic()
+        while not stop.is_set():
+            events = self.sel.select(1.0)
+            now = time.monotonic()
+            for key, _ in events:
+                side = key.data
+                if side is None:
+                    self._apply_todo()
+                    continue
+                for _ in range(64):          # then the next socket gets its turn
+                    try:
+                        n, addr = side.sock.recvfrom_into(buf)
+                    except OSError:          # nothing left, or the socket just closed
+                        break
+                    try:
+                        self.forward(side, view[:n], addr, now)
+                    except Exception as e:    # a bug must not end the relay for everyone
+                        self.stats["dropped"] += 1
+                        debug(f"relay: {e!r}")
+            if now - swept >= 10:
+                swept = now
+                with self.lock:
+                    for k in [k for k, (x, y) in self.pairs.items()
+                              if now - max(x.used, y.used) > RELAY_IDLE]:
+                        self._close(k)
+
+    def forward(self, side, data, addr, now):
+        """One datagram that arrived on ``side``'s socket from ``addr``."""
+        side.tokens = min(float(RELAY_PPS), side.tokens + (now - side.at) * RELAY_PPS)
+        side.at = now
+        other = side.other
+        if addr == side.addr and other.addr is not None and len(data) >= 32 \
+                and data[0] == WG_DATA and len(data) % 16 == 0 and data[1:4] == b"\0\0\0" \
+                and side.tokens >= 1:
+            side.tokens -= 1             # the common case, in as few steps as it takes
+            side.used = now
+            self._send(other, data)
+            return
+        kind = wg_message_type(data)
+        if kind is None or side.tokens < 1:
+            self.stats["dropped"] += 1
+            return
+        side.tokens -= 1
+        learned = False
+        if addr != side.addr:
+            if kind not in (WG_INITIATION, WG_RESPONSE) or \
+                    _bare_ip(addr[0]) not in side.src_ips or \
+                    not wg_mac1_valid(data, other.mac1_key):
+                self.stats["dropped"] += 1
+                return
+            learned = side.addr is None
+            side.addr = addr
+        side.used = now
+        if other.addr is None:
+            if kind == WG_INITIATION:
+                side.pending = (bytes(data), now)
+            return
+        self._send(other, data)
+        if learned:
+            held, other.pending = other.pending, None
+            if held is not None and kind != WG_INITIATION and now - held[1] < RELAY_HOLD:
+                self._send(side, held[0])
+
+    def _send(self, to, data):
+        """Out of ``to``'s own socket (the one its NAT has seen) to its address."""
+        try:
+            to.sock.sendto(data, to.addr)
+        except OSError:
+            self.stats["dropped"] += 1
+            return
+        self.stats["datagrams"] += 1
+        self.stats["bytes"] += len(data)
+
+    def close(self):
+        with self.lock:
+            for key in list(self.pairs):
+                self._close(key)
+        self._apply_todo()
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
 class Coordinator:
     """The running server: its store, its WireGuard device and the API logic."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, local_callers=False):
+                 host_suffix=None, relay=None, hub=None, local_callers=False):
         self.store = store
         # Only the unit tests and benchmarks, which serve peers on 127.x
         # addresses over loopback, let local addresses call the API.
@@ -3025,8 +3444,10 @@ class Coordinator:
         self.public_key = public_key(config.private_key)
         self.hosts_path = hosts_path
         self.host_suffix = host_suffix
-        self.relay = relay                   # RelayFirewall, or None: no relaying
+        self.relay = relay                   # RelayFirewall (static peers), or None
+        self.hub = hub                       # RelayHub (end-to-end relay), or None
         self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
+        self.handshakes: dict[str, float] = {}   # public key -> its last handshake with us
         self.observed_version = 0
         self._observed_at = 0.0
         self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
@@ -3069,6 +3490,7 @@ class Coordinator:
             self._observed_at = time.monotonic()
             changed = False
             for p in dev.peers:
+                self.handshakes[p.public_key] = p.last_handshake
                 if p.endpoint and self.observed.get(p.public_key) != p.endpoint:
                     self.observed[p.public_key] = p.endpoint
                     changed = True
@@ -3098,6 +3520,7 @@ class Coordinator:
         a failed write.
         """
         if self.backend is None:
+            self.sync_relays()
             return []
         updates = []
         with self.device_lock:
@@ -3111,9 +3534,7 @@ class Coordinator:
                     for u in updates:
                         debug(f"server device: peer {u.name or short_key(u.public_key)} "
                               f"{u.action}")
-                if self.relay is not None:
-                    self.relay.apply(*relay_rules(self.store.peers(), self.store.cidrs(),
-                                                  self.store.associations()))
+                self.sync_relays()
             except InnernetError as e:
                 if e.message != self.sync_failed:
                     warn(f"{self.ifname}: {e.message} (retrying every second)")
@@ -3123,6 +3544,18 @@ class Coordinator:
                 log(f"{self.ifname}: device and relay rules are in sync again")
             self.sync_failed = None
             return updates
+
+    def sync_relays(self):
+        """Both relays follow the access rules: the firewall of the decrypting
+        one (static peers), and the end-to-end relay's open pairs."""
+        if self.relay is None and self.hub is None:
+            return
+        peers, cidrs, assocs = self.store.peers(), self.store.cidrs(), self.store.associations()
+        if self.relay is not None:
+            self.relay.apply(*relay_rules(peers, cidrs, assocs))
+        if self.hub is not None:
+            self.hub.retain({p.id: p for p in peers},
+                            lambda a, b: relay_pair_refusal(a, b, cidrs, assocs) is None)
 
     def _finish_redeem(self, peer_id, sock):
         # The 204 went out through the invitation key's tunnel; once the client
@@ -3424,7 +3857,60 @@ def user_get_capabilities(co, req):
     # innernet clients ignore the extra field; ours long-poll when they see it.
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
                           "long_poll_seconds": LONG_POLL_MAX_WAIT,
-                          "relay": co.relay is not None})
+                          "relay": co.relay is not None,
+                          "e2e_relay": co.hub is not None})
+
+
+@api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
+def user_relay(co, req):
+    """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
+    {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
+    (offline: refused because the peer has no recent handshake with the server).
+
+    The caller sends its WireGuard datagrams for peer ip to the server's
+    address at that port (see RelayHub); asking again keeps the pair open.
+    """
+    if co.hub is None:
+        raise InnernetError("this server does not relay", status=404)
+    data = _require_object(req.body, "relay request")
+    ips = _get(data, "peers", list)
+    if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
+        raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
+    co.refresh_observed(0.2)
+    peers, cidrs, assocs, _, _ = co._tree((co.store.revision, co.store.data_version(),
+                                          co.observed_version))
+    by_ip = {}
+    for p in peers:
+        by_ip.setdefault(p.ip, p)
+    caller = by_ip.get(req.caller.ip, req.caller)
+
+    def seen_at(p):
+        ep = co.observed.get(p.public_key)
+        return parse_endpoint(ep)[0] if ep else None
+    relays, refused, offline = {}, {}, []
+    for text in ips:
+        try:
+            other = by_ip.get(str(ipaddress.ip_address(text)))
+        except ValueError:
+            refused[text] = "not an IP address"
+            continue
+        why = relay_pair_refusal(caller, other, cidrs, assocs)
+        # Offline: the device has an endpoint for it but no recent handshake. A
+        # peer not heard from under its key yet (it is joining right now) gets
+        # its pair; its side learns where it is when it asks for the pair too.
+        last = None if why else co.handshakes.get(other.public_key)
+        if why is None and seen_at(other) is not None and last is not None and \
+                time.time() - last > RECENT_HANDSHAKE:
+            why = f"peer {other.name} is not connected to the server"
+            offline.append(text)
+        if why is None:
+            try:
+                relays[text] = co.hub.allocate(caller, other, seen_at(caller), seen_at(other))
+            except InnernetError as e:
+                why = e.message
+        if why is not None:
+            refused[text] = why
+    return Response(200, {"relays": relays, "refused": refused, "offline": offline})
 
 
 @api("POST", "user/redeem", "unredeemed", body=True)
@@ -4829,14 +5315,15 @@ def cmd_server_serve(args):
     store = Store(db_path)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     backend = _ensure_server_device(args, iface, config)
-    relay = None
+    relay = hub = None
     if not getattr(args, "no_relay", False):
+        hub = RelayHub(getattr(args, "relay_ports", None))
         if RelayFirewall.available():
             relay = RelayFirewall(iface)
         else:
-            warn("nft (nftables) not found: relaying between peers is off")
+            warn("nft (nftables) not found: static peers cannot reach other peers")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay)
+                     host_suffix=suffix, relay=relay, hub=hub)
     co.sync_device()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -4845,6 +5332,10 @@ def cmd_server_serve(args):
     co.tick()
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     threading.Thread(target=co.run_background, daemon=True).start()
+    relaying = None
+    if hub is not None:
+        relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
+        relaying.start()
 
     def stop(signum, frame):
         raise SystemExit(0)
@@ -4857,6 +5348,9 @@ def cmd_server_serve(args):
         httpd.server_close()
         if relay is not None:        # no forwarding without the server that filters it
             relay.remove()
+        if relaying is not None:
+            relaying.join(3)
+            hub.close()
         lock.close()
     return 0
 
@@ -5209,7 +5703,8 @@ class FetchResult:
     brought_up: bool
     changed: bool            # the server sent a new state (not 304)
     waited: bool             # the server held the request (long poll)
-    unreachable: set = dataclasses.field(default_factory=set)   # keys NAT traversal missed
+    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
+    next_due: float | None = None        # s until the paths need another look
 
 
 def desired_peers(cfg, peers):
@@ -5230,42 +5725,36 @@ def desired_peers(cfg, peers):
     return out
 
 
-def relayed_addresses(dev, cfg, peers):
-    """Allowed IPs currently routed through the server for peers still wanted."""
-    server = dev.peer(cfg.server_public_key)
-    if server is None:
-        return set()
-    wanted = {host_prefix(p.ip) for p in peers if not p.is_disabled}
-    return {a for a in server.allowed_ips if a != host_prefix(cfg.server_ip) and a in wanted}
-
-
-def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
+def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None,
+                 fallback=None):
     """Try the candidates of every peer without a recent handshake, together.
 
     innernet tries one candidate per peer every 5 s. Here every pending peer
     gets its next candidate at once, each step lasting until a handshake or
-    ``step`` seconds; re-adding the peer makes WireGuard send a fresh
-    initiation at once (it otherwise waits 5 s between attempts). Returns the
-    keys still unreachable; they are left at their best endpoint.
+    ``step`` seconds (at most ``steps`` steps); re-adding the peer makes
+    WireGuard send a fresh initiation at once (it otherwise waits 5 s between
+    attempts). Returns the keys still unreachable: those in ``fallback``
+    (key -> relay endpoint) are moved there, with a fresh initiation, the
+    rest are left at their best endpoint.
     """
+    fallback = fallback or {}
     dev = backend.get(iface)
     now = time.time()
     own = public_key(cfg.private_key)
     on_device = {p.public_key: p for p in dev.peers}
     nets = local_networks()
-    todo = {}
+    todo, missed = {}, {}
     for p in peers:
         dp = on_device.get(p.public_key)
         if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
                 or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
             continue
-        candidates = traversal_candidates(p, nets)
+        candidates = traversal_candidates(p, nets)[:steps]
         if candidates:
             todo[p.public_key] = (p, dp, candidates)
-    if not todo:
-        return set()
-    start, best = time.monotonic(), {k: c[0] for k, (_, _, c) in todo.items()}
-    for i in range(max(len(c) for _, _, c in todo.values())):
+        missed[p.public_key] = (p, dp, candidates[:1])
+    start = time.monotonic()
+    for i in range(max((len(c) for _, _, c in todo.values()), default=0)):
         batch = {k: c[i] for k, (_, _, c) in todo.items() if i < len(c)}
         if not batch or time.monotonic() - start > budget:
             break
@@ -5275,13 +5764,7 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
         # retry, so of each pair the smaller key goes first and the other
         # follows 0.1 s later: the first opens its NAT, the second then gets
         # a clean answer.
-        ups = {}
-        for k, ep in batch.items():
-            p, dp, _ = todo[k]
-            ups[k] = [PeerUpdate(k, remove=True),
-                      PeerUpdate(k, endpoint=ep, keepalive=p.persistent_keepalive_interval or
-                                 PERSISTENT_KEEPALIVE, allowed_ips=list(dp.allowed_ips),
-                                 name=p.name)]
+        ups = {k: _readd(todo[k][0], todo[k][1], ep) for k, ep in batch.items()}
         leaders = [k for k in batch if own < k]
         schedule = [(0.0, leaders), (0.1, [k for k in batch if k not in leaders]),
                     (0.35, leaders), (0.45, [k for k in batch if k not in leaders]),
@@ -5302,11 +5785,208 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0):
                         f"{batch[q.public_key]}")
                     del batch[q.public_key]
                     del todo[q.public_key]
+                    del missed[q.public_key]
         if not todo:
             break
-    if todo:                    # leave each at its best guess; WireGuard keeps trying
-        backend.apply(iface, updates=[PeerUpdate(k, endpoint=best[k]) for k in todo])
-    return set(todo)
+    updates = []
+    for k, (p, dp, best) in missed.items():
+        if k in fallback:                     # to the relay, with a fresh initiation
+            updates += _readd(p, dp, fallback[k])
+        elif best:                            # its best guess; WireGuard keeps trying
+            updates.append(PeerUpdate(k, endpoint=best[0]))
+    if updates:
+        backend.apply(iface, updates=updates)
+    return set(missed)
+
+
+def _readd(p, dp, endpoint):
+    """The updates that point a peer at ``endpoint`` and make WireGuard send an
+    initiation there at once (it sends one when a peer with a keepalive is added)."""
+    return [PeerUpdate(p.public_key, remove=True),
+            PeerUpdate(p.public_key, endpoint=endpoint, allowed_ips=list(dp.allowed_ips),
+                       keepalive=p.persistent_keepalive_interval or PERSISTENT_KEEPALIVE,
+                       name=p.name)]
+
+
+def request_relays(api, cfg, peers):
+    """The server's end-to-end relay for ``peers``: ({public key: relay
+    endpoint}, {public keys the server says are offline}), or None from a
+    server without one (innernet's, or ours with --no-relay) or none reached."""
+    if api is None or not peers:
+        return None
+    server = resolve_endpoint(cfg.server_external_endpoint)
+    if server is None:
+        return None
+    host = parse_endpoint(server)[0]
+    try:
+        answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]})
+    except InnernetError as e:
+        if not e.unreachable:
+            debug(f"the server offers no relay: {e.message}")
+        return None
+    if not isinstance(answer, dict) or not isinstance(answer.get("relays"), dict):
+        return None
+    relays, refused = answer["relays"], answer.get("refused")
+    offline = answer.get("offline") if isinstance(answer.get("offline"), list) else []
+    out, gone = {}, set()
+    for p in peers:
+        port = relays.get(p.ip)
+        if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+            out[p.public_key] = format_endpoint(host, port)
+            continue
+        if p.ip in offline:
+            gone.add(p.public_key)
+        if isinstance(refused, dict) and isinstance(refused.get(p.ip), str):
+            debug(f"peer {p.name}: the relay refused: {refused[p.ip][:200]}")
+    return out, gone
+
+
+def probe_direct(backend, iface, peers, memo, nets, step=1.3):
+    """Move relayed peers to a direct path where one opens, keeping their sessions.
+
+    WireGuard roams: a peer whose endpoint is changed sends its next packets
+    there, and one that receives an authenticated packet from a new address
+    answers to it. So each peer's endpoint is pointed at its best direct
+    candidate, with a poke into the tunnel (which the other side's kernel
+    answers); the other side does the same at the same moment (the slots of
+    direct_retry_due). An answer from the direct address means both NATs let
+    the pair through: the endpoint stays. An answer through the relay sets the
+    endpoint back by itself; no answer at all, and it is set back to the relay.
+    A failed try costs packets in one direction for ``step`` seconds, never the
+    session, and never touches a working direct path.
+    """
+    try_at = {}
+    for p in peers:
+        c = traversal_candidates(p, nets)
+        if c:
+            try_at[p.public_key] = (p, c[0])
+    if not try_at:
+        return []
+    debug(f"{iface}: trying direct paths: " +
+          ", ".join(f"{p.name}@{ep}" for p, ep in try_at.values()))
+    began, rx = time.monotonic(), {}
+    for at in (0.0, 0.3, 0.6, 0.9):
+        while time.monotonic() - began < at:
+            time.sleep(0.02)
+        backend.apply(iface, updates=[PeerUpdate(k, endpoint=ep)
+                                      for k, (p, ep) in try_at.items()])
+        rx = {dp.public_key: dp.rx_bytes for dp in backend.get(iface).peers}
+        for p, _ in try_at.values():
+            trigger_packet(p.ip)
+    while time.monotonic() - began < step:
+        time.sleep(0.05)
+    moved, back = [], []
+    for dp in backend.get(iface).peers:
+        if dp.public_key not in try_at:
+            continue
+        p = try_at[dp.public_key][0]
+        if dp.rx_bytes > rx.get(dp.public_key, dp.rx_bytes) and not memo.relayed(dp):
+            log(f"peer {p.name}: direct path works at {dp.endpoint}; no longer relayed")
+            moved.append(dp.public_key)
+        elif not memo.relayed(dp):
+            back.append(PeerUpdate(dp.public_key, endpoint=memo.relays[dp.public_key]))
+    if back:
+        backend.apply(iface, updates=back)
+    return moved
+
+
+def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
+                 dev=None):
+    """Give every peer a path: direct where one works, else the end-to-end relay.
+
+    Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
+    the last run left (PathMemo). A peer with no working path (new, changed,
+    or with no handshake for RECENT_HANDSHAKE s) gets one step of direct
+    candidates -- the LAN and the endpoint the server sees, which is what
+    port-preserving NATs need -- and then the relay at once, so its first
+    packets flow within a couple of seconds whatever the NATs. A relayed peer
+    keeps being tried directly (probe_direct) in the slots of
+    direct_retry_due. Without a relay on the server every candidate is tried
+    (innernet's servers). Returns the keys left with no path.
+    """
+    now = time.time() if now is None else now
+    changed = set(changed)
+    own = public_key(cfg.private_key)
+    wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
+              and p.public_key not in (own, cfg.server_public_key)
+              and p.ip not in cfg.peer_endpoint_overrides}
+    memo.keep_only(wanted)
+    dev = dev or backend.get(iface)
+    fresh, probe = [], []
+    for dp in dev.peers:
+        p = wanted.get(dp.public_key)
+        if p is None:
+            continue
+        k, relayed, live = dp.public_key, memo.relayed(dp), recently_connected(dp, now)
+        due = full or k in changed or direct_retry_due(memo.tried.get(k), now,
+                                                       memo.since.get(k, now))
+        if live and not relayed:
+            if memo.since.pop(k, None) is not None:     # WireGuard roamed to a direct path
+                log(f"peer {p.name}: direct path works at {dp.endpoint}")
+        elif live:
+            memo.since.setdefault(k, now)
+            if due:
+                probe.append(p)
+        elif due:
+            fresh.append(p)
+    unreachable = set()
+    if fresh:
+        for p in fresh:
+            memo.tried[p.public_key] = now
+        # A peer the server last called offline gets no direct step: it would
+        # cost a second for nothing. The relay request says if it is back.
+        trying = [p for p in fresh if p.public_key not in memo.offline]
+        first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
+        missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
+        answer = request_relays(api, cfg, missed[:RELAY_ASK_MAX])
+        relays, offline = answer if answer is not None else ({}, set())
+        memo.relays.update(relays)
+        memo.offline = (memo.offline - {p.public_key for p in missed}) | offline
+        if relays:
+            by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
+            backend.apply(iface, updates=[u for p in missed if p.public_key in relays
+                                          for u in _readd(p, by_key[p.public_key],
+                                                          relays[p.public_key])])
+        for p in missed:
+            if p.public_key in relays:
+                if p.public_key not in memo.since:
+                    log(f"peer {p.name}: no direct path yet; relayed (end-to-end encrypted)")
+                memo.since[p.public_key] = now
+        # Without a relay on the server, every candidate, as before; with one,
+        # the rest are offline (or past the relay's bounds: the next slot).
+        rest = [p for p in missed if p.public_key not in relays]
+        unreachable = traverse_nat(backend, iface, cfg, rest) if answer is None and rest \
+            else {p.public_key for p in rest}
+        for k in unreachable:          # tried less often the longer it lasts
+            memo.since.setdefault(k, now)
+    if probe:
+        for p in probe:
+            memo.tried[p.public_key] = now
+        # Asking again keeps the relay ports open; a new port means the old
+        # allocation is gone (the server restarted): move there at once.
+        again = (request_relays(api, cfg, probe) or ({}, set()))[0]
+        moved = [p for p in probe if again.get(p.public_key, memo.relays[p.public_key])
+                 != memo.relays[p.public_key]]
+        if moved:
+            memo.relays.update(again)
+            backend.apply(iface, updates=[u for p in moved for u in _readd(
+                p, dev.peer(p.public_key), again[p.public_key])])
+        for k in probe_direct(backend, iface, [p for p in probe if p not in moved], memo,
+                              local_networks()):
+            memo.since.pop(k, None)
+    return unreachable
+
+
+def next_path_work(memo, unreachable, now):
+    """Seconds until settle_paths has work again (a slot boundary), or None."""
+    if not memo.since and not unreachable:
+        return None
+    slot = DIRECT_RETRY[1]
+    if unreachable or any(now - t < 600 for t in memo.since.values()):
+        slot = DIRECT_RETRY[0]
+    return slot - now % slot + 0.2
+
+
 
 
 def verified_rotations(api, cfg, stored, received):
@@ -5348,8 +6028,7 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
-                    retry=()):
+def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed"):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
@@ -5412,8 +6091,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             own_key = public_key(cfg.private_key)
             # Static peers (stock WireGuard devices) have the server as their only
             # peer: they are reached through it, never with an entry of their own.
-            relayed = relayed_addresses(dev, cfg, desired) | {
-                host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
+            relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
             updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
                                  time.time(), relayed=relayed, relay_via=cfg.server_public_key)
             changes = [u for u in updates if u.touches_device]
@@ -5434,14 +6112,17 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
             report_candidates(args, api, cfg, own, dev.listen_port)
-        missed = set()
+        missed, next_due = set(), None
         if traverse and not getattr(args, "no_nat_traversal", False):
-            keys = {u.public_key for u in changes if not u.remove} | set(retry)
-            todo = desired if traverse == "all" or brought_up else \
-                [p for p in desired if p.public_key in keys]
-            if todo:
-                with device_lock(iface):
-                    missed = traverse_nat(backend, iface, cfg, todo)
+            keys = {u.public_key for u in changes if not u.remove}
+            with device_lock(iface):
+                memo = load_paths_memo(store_path)
+                missed = settle_paths(None if unreachable else api, backend, iface, cfg,
+                                      desired, memo, changed=keys,
+                                      full=traverse == "all" or brought_up,
+                                      dev=None if changes else dev)
+                save_paths_memo(store_path, memo)
+            next_due = next_path_work(memo, missed, time.time())
     finally:
         api.close()
     if unreachable is not None:
@@ -5449,7 +6130,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         raise InnernetError(unreachable.message + f" (the interface keeps its "
                             f"{len(stored_peers)} cached peers)",
                             hint=unreachable.hint, unreachable=True)
-    return FetchResult(changes, brought_up, changed, waited, missed)
+    return FetchResult(changes, brought_up, changed, waited, missed, next_due)
 
 
 def cmd_fetch(args):
@@ -5489,31 +6170,6 @@ def _positive_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-class RelayState:
-    """What the daemon remembers between rounds about peers it cannot reach."""
-
-    FULL_EVERY = 120                 # s between tries of every unreachable peer
-    RETRY_EVERY = 5                  # s between tries of a peer that just failed
-
-    def __init__(self):
-        self.failing_since = {}      # public key -> monotonic time of the first miss
-        self.relayed_at = {}         # public key -> wall time it was moved to the relay
-        self.last_full = None        # monotonic time of the last full traversal
-        self.last_retry = 0.0
-        self.cfg, self.peers = None, []   # as of the last sync, for the path watch
-
-    def plan(self):
-        """(traverse mode, keys to retry) for the next round."""
-        now = time.monotonic()
-        if self.last_full is None or now - self.last_full >= self.FULL_EVERY:
-            self.last_full = self.last_retry = now
-            return "all", ()
-        if self.failing_since and now - self.last_retry >= self.RETRY_EVERY:
-            self.last_retry = now
-            return "changed", [k for k in self.failing_since if k not in self.relayed_at]
-        return "changed", ()
-
-
 def device_lock(iface):
     """The lock around one interface's read-change-write of its device, shared
     by the daemon's sync and its path watch (threads of one process)."""
@@ -5526,7 +6182,7 @@ _DEVICE_LOCKS_GUARD = threading.Lock()
 
 
 class PathWatch:
-    """Notices, in seconds, a direct path that stopped carrying packets.
+    """Notices, in seconds, a path (direct or relayed) that stopped carrying packets.
 
     Without it a broken path is noticed only when its handshake is 180 s
     old and the next traversal round comes (5.5 minutes in all). WireGuard
@@ -5571,26 +6227,13 @@ class PathWatch:
         return lost
 
 
-def _relay_moves(by_key, relayed, keys, state, now, why):
-    """PeerUpdates that route ``keys`` through the server (and log why)."""
-    moves = []
-    for k in keys:
-        p = by_key.get(k)
-        if p is None or host_prefix(p.ip) in relayed:
-            continue
-        relayed.add(host_prefix(p.ip))
-        moves.append(PeerUpdate(k, allowed_ips=[], name=p.name))
-        state.relayed_at[k] = now
-        log(f"peer {p.name}: {why}; relayed through the server")
-    return moves
-
-
-def watch_paths(args, iface, state, allowed, every=1.0):
-    """The daemon's second thread: relay a peer whose direct path broke, in seconds."""
+def watch_paths(args, iface, state, every=1.0):
+    """The daemon's second thread: a peer whose direct path broke goes to the
+    relay in seconds (see PathWatch), not when its handshake is 180 s old."""
     watch = PathWatch()
     while True:
         time.sleep(every)
-        if not allowed() or state.cfg is None:
+        if state.cfg is None:
             continue
         try:
             with device_lock(iface):
@@ -5601,79 +6244,57 @@ def watch_paths(args, iface, state, allowed, every=1.0):
                 dev = backend.get(iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
-                by_key = {p.public_key: p for p in peers if not p.is_disabled}
-                relayed = relayed_addresses(dev, cfg, peers)
-                skip = {cfg.server_public_key} | {k for k, p in by_key.items()
-                                                  if host_prefix(p.ip) in relayed}
-                lost = watch.check(dev, by_key, skip)
-                moves = _relay_moves(by_key, relayed, lost, state, time.time(),
-                                     f"no packet on the direct path for "
-                                     f"{PathWatch.LOST_AFTER:.0f} s")
-                if moves:
-                    backend.apply(iface, updates=moves + [PeerUpdate(
-                        cfg.server_public_key,
-                        allowed_ips=[host_prefix(cfg.server_ip)] + sorted(relayed))])
+                store_path = data_store_path(args, iface)
+                memo = load_paths_memo(store_path)
+                # Peers silent for the whole handshake window are offline, not lost:
+                # settle_paths looks after them in its slots.
+                live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
+                by_key = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
+                          and p.ip not in cfg.peer_endpoint_overrides and p.public_key in live}
+                lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
+                if lost:
+                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+                    try:
+                        relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
+                    finally:
+                        api.close()
+                    moves = []
+                    for p in lost:
+                        if p.public_key in relays:
+                            how = "relayed path" if memo.relayed(dev.peer(p.public_key)) \
+                                else "direct path"
+                            log(f"peer {p.name}: no packet on the {how} for "
+                                f"{PathWatch.LOST_AFTER:.0f} s; relayed (end-to-end encrypted)")
+                            moves += _readd(p, dev.peer(p.public_key), relays[p.public_key])
+                            memo.since[p.public_key] = memo.tried[p.public_key] = time.time()
+                    memo.relays.update(relays)
+                    if moves:
+                        backend.apply(iface, updates=moves)
+                    save_paths_memo(store_path, memo)
             # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
             every = max(1.0, len(dev.peers) / 1000)
         except Exception as e:        # the sync thread reports what matters
             debug(f"{iface}: path watch: {e}")
 
 
-def update_relays(backend, iface, cfg, peers, missed, state, allowed):
-    """Route peers unreachable for RELAY_AFTER s through the server; route them
-    back directly as soon as a direct handshake works again."""
-    with device_lock(iface):
-        _update_relays(backend, iface, cfg, peers, missed, state, allowed)
-
-
-def _update_relays(backend, iface, cfg, peers, missed, state, allowed):
-    now_m, now = time.monotonic(), time.time()
-    dev = backend.get(iface)
-    for k in missed:
-        state.failing_since.setdefault(k, now_m)
-    for k in list(state.failing_since):          # forgotten once reachable (or gone)
-        dp = dev.peer(k)
-        if dp is None or (k not in missed and recently_connected(dp, now)):
-            del state.failing_since[k]
-    server = dev.peer(cfg.server_public_key)
-    if server is None:
-        return
-    by_key = {p.public_key: p for p in peers if not p.is_disabled}
-    relayed = relayed_addresses(dev, cfg, peers)
-    moves = []
-    for dp in dev.peers:
-        p = by_key.get(dp.public_key)
-        if p is None or dp.public_key == cfg.server_public_key:
-            continue
-        prefix = host_prefix(p.ip)
-        if prefix in relayed and dp.last_handshake > state.relayed_at.get(dp.public_key, now) \
-                and recently_connected(dp, now):
-            relayed.discard(prefix)
-            moves.append(PeerUpdate(dp.public_key, allowed_ips=[prefix], name=p.name))
-            state.relayed_at.pop(dp.public_key, None)
-            log(f"peer {p.name}: direct path works again; no longer relayed")
-        elif prefix not in relayed and allowed and dp.public_key in missed \
-                and now_m - state.failing_since[dp.public_key] >= RELAY_AFTER:
-            moves += _relay_moves(by_key, relayed, [dp.public_key], state, now,
-                                  f"no direct path after {RELAY_AFTER} s")
-    if moves:
-        server_ips = [host_prefix(cfg.server_ip)] + sorted(relayed)
-        backend.apply(iface, updates=moves + [PeerUpdate(cfg.server_public_key,
-                                                         allowed_ips=server_ips)])
+class _DaemonState:
+    cfg = None                   # as of the last sync, for the path watch
+    peers: list = []
 
 
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
-    is back in sync soon after a server outage ends. Peers that stay
-    unreachable are relayed through the server when it offers that.
+    is back in sync soon after a server outage ends. Paths are settled after
+    every sync (settle_paths); a long poll is cut short when they need
+    another look, and a second thread watches direct paths.
     """
-    caps, backoff, relays = None, 1, RelayState()
+    caps, backoff, state = None, 1, _DaemonState()
     failing = None                  # the error of the last round, until one works
+    traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
     if not getattr(args, "no_nat_traversal", False):
-        threading.Thread(target=watch_paths, daemon=True, args=(
-            args, iface, relays, lambda: bool(caps and caps.get("relay")))).start()
+        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
     while True:
         sleep = args.interval
         try:
@@ -5684,24 +6305,19 @@ def _daemon(args, iface):
             long_poll = 0 if getattr(args, "no_long_poll", False) else \
                 _positive_int(caps.get("long_poll_seconds"))
             wait = min(args.interval, long_poll) if long_poll else 0
-            if wait and (relays.failing_since or relays.relayed_at):
-                wait = min(wait, 10)        # look again soon at paths being worked on
-            mode, retry = relays.plan()
+            if due_at is not None:          # paths to look at: the poll ends in time
+                wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
             result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
-                                     traverse=mode, retry=retry)
-            backoff = 1
+                                     traverse=traverse)
+            traverse, backoff = "changed", 1
+            due_at = None if result.next_due is None else time.monotonic() + result.next_due
             if not getattr(args, "no_nat_traversal", False):
-                cfg = load_client_config(args, iface)
-                peers, _, _ = load_data_store(data_store_path(args, iface))
-                backend = existing_backend(opt(args, "backend", "auto"), iface)
-                if backend is not None:
-                    update_relays(backend, iface, cfg, peers, result.unreachable, relays,
-                                  bool(caps.get("relay")))
-                relays.cfg, relays.peers = cfg, peers
+                state.cfg = load_client_config(args, iface)
+                state.peers = load_data_store(data_store_path(args, iface))[0]
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
-            elif relays.failing_since:
-                sleep = min(sleep, 5)
+            elif due_at is not None:
+                sleep = min(sleep, max(0.0, due_at - time.monotonic()))
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
@@ -5758,22 +6374,24 @@ def cmd_down(args):
     return 0
 
 
-def _path(p, relayed):
+PATH_DIRECT = "direct"
+PATH_RELAYED = "relayed (end-to-end encrypted)"
+PATH_THROUGH_SERVER = "relayed through the server"
+
+
+def _path(p, dp, memo):
     """How this client reaches a peer, as show and list --json say it."""
     if p.is_static:
-        return "static"
-    return "relayed" if host_prefix(p.ip) in relayed else "direct"
+        return PATH_THROUGH_SERVER       # a stock WireGuard device: the server decrypts
+    return PATH_RELAYED if dp is not None and memo.relayed(dp) else PATH_DIRECT
 
 
-_PATH_TEXT = {"static": "through the server (a static WireGuard device)",
-              "relayed": "relayed through the server", "direct": "direct"}
-
-
-def _show_peer_lines(p, dp, me, now, verbose, override, path="direct"):
+def _show_peer_lines(p, dp, me, now, verbose, override, path=PATH_DIRECT):
     key = p.public_key if verbose else short_key(p.public_key)
     lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
-    if not me and (dp is not None or path == "static"):
-        lines.append(f"    path: {_PATH_TEXT[path]}")
+    if not me and (dp is not None or p.is_static):
+        lines.append(f"    path: {path}" + (" (a static WireGuard device)" if p.is_static
+                                             else ""))
     if dp is not None and not me:
         if dp.endpoint:
             lines.append(f"    endpoint: {dp.endpoint}"
@@ -5809,16 +6427,16 @@ def cmd_show(args):
         cfg = load_client_config(args, iface)
         dev = backend.get(iface)
         peers, cidrs, _ = load_data_store(data_store_path(args, iface))
+        memo = load_paths_memo(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
         by_key = {dp.public_key: dp for dp in dev.peers}
-        relayed = relayed_addresses(dev, cfg, peers)
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
         shown += 1
         if getattr(args, "json", False):
             out.append({"network": iface, "listen_port": dev.listen_port, "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
-                     path=_path(p, relayed),
+                     path=_path(p, by_key.get(p.public_key), memo),
                      device=dataclasses.asdict(by_key[p.public_key])
                      if p.public_key in by_key else None) for p in live]})
             continue
@@ -5840,7 +6458,7 @@ def cmd_show(args):
                 print("\n".join(_show_peer_lines(
                     p, by_key.get(p.public_key), p.public_key == own_key, now,
                     _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-                    _path(p, relayed))))
+                    _path(p, by_key.get(p.public_key), memo))))
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
@@ -6034,6 +6652,9 @@ def _add_server_verbs(sub):
     p.add_argument("--no-relay", action="store_true",
                    help="never forward traffic between peers that cannot reach each other "
                         "directly (by default the server relays, within the access rules)")
+    p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
+                   help="UDP ports for the end-to-end relay, two per relayed pair (default: "
+                        "any free port; set a range to open in a firewall)")
     p = _verb(sub, "uninstall", cmd_server_uninstall, "server",
               "Delete a network: its interface, config and database.")
     p.add_argument("interface", metavar="INTERFACE")
