@@ -54,11 +54,6 @@ def test_api_bodies_and_queries_with_unicode_digits_are_4xx(co):
 
 
 @pytest.fixture
-def co(tmp_path):
-    return make_coordinator(tmp_path)
-
-
-@pytest.fixture
 def loopback(tmp_path):
     co = make_coordinator(tmp_path)
     with serve_on_loopback(co) as port:

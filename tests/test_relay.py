@@ -12,7 +12,7 @@ import pytest
 
 import innernet
 from innernet import Peer, PathMemo, RelayHub
-from test_api import IPS, call, make_coordinator
+from test_api import IPS, call
 
 
 def keypair():
@@ -135,13 +135,7 @@ def test_the_memo_is_written_only_when_it_changes(tmp_path):
 # -- the API route ------------------------------------------------------------------
 
 @pytest.fixture
-def co(tmp_path):
-    return make_coordinator(tmp_path)
-
-
-@pytest.fixture
-def relay_co(tmp_path):
-    co = make_coordinator(tmp_path)
+def relay_co(co):
     co.hub = RelayHub()
     yield co
     co.hub.close()

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from lab import ROOT, Lab, device, device_peer_ips, invite, start_echo, start_network, tcp_reach
+from lab import ROOT, device, device_peer_ips, invite, start_echo, tcp_reach
 
-from .conftest import BARE
+from .conftest import network_world
 
 pytestmark = pytest.mark.netns
 
@@ -62,10 +62,6 @@ BLOCK = """table inet block {{
 """
 
 
-class World:
-    pass
-
-
 def wait_until(predicate, timeout, what):
     """(seconds it took); fails after ``timeout`` s."""
     start = time.monotonic()
@@ -84,29 +80,22 @@ def wait_until(predicate, timeout, what):
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    lab = Lab(innernet_cmd=BARE + [pyz])
-    w = World()
-    w.lab = lab
-    try:
-        w.srv, w.name, w.serve = start_network(lab, {"humans": "10.66.1.0/24",
-                                                     "robots": "10.66.2.0/24"},
-                                               underlay="198.18.0.1/24")
-        w.nats, w.hosts, w.ips = {}, {}, {}
+    with network_world(pyz, {"humans": "10.66.1.0/24", "robots": "10.66.2.0/24"},
+                       underlay="198.18.0.1/24") as w:
+        w.nats = {}
         for i, (nat, symmetric) in enumerate((("nate", True), ("natf", True), ("natg", True),
                                               ("nath", True), ("nati", True), ("nata", False),
                                               ("natb", False))):
-            w.nats[nat] = lab.add_nat(nat, f"198.18.0.{31 + i}", f"198.19.{11 + i}",
-                                      symmetric=symmetric)
+            w.nats[nat] = w.lab.add_nat(nat, f"198.18.0.{31 + i}", f"198.19.{11 + i}",
+                                        symmetric=symmetric)
         yield w
-    finally:
-        lab.close()
 
 
 def join(w, name, cidr, *, start=None):
     """A host behind NAT 'nat<name>' joins (install); ``start``: 'daemon' or 'cron'."""
     host = w.lab.add_behind(w.nats["nat" + name], name)
     host.innernet("install", "--name", w.lab.ifname(name), "--no-write-hosts",
-                  invite(w.srv, w.name, name, cidr))
+                  invite(w.srv, w.net, name, cidr))
     conf = open(host.path("client", "etc", f"{w.lab.ifname(name)}.conf")).read()
     w.ips[name] = conf.split('address = "')[1].split("/")[0]
     w.hosts[name] = host
@@ -133,7 +122,7 @@ def path_of(w, name, other):
 
 def server_counted(w):
     """Bytes the server's WireGuard device carried for its peers (rx + tx)."""
-    return sum(p["rx_bytes"] + p["tx_bytes"] for p in device(w.srv, w.name)["peers"])
+    return sum(p["rx_bytes"] + p["tx_bytes"] for p in device(w.srv, w.net)["peers"])
 
 
 def relayed_transfer(w, a, b):
