@@ -11,7 +11,6 @@ install returned) to the first TCP answer between them.
     python3 bench/relay.py [--quick]      (as root)
 """
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -94,7 +93,6 @@ BLOCK = """table inet block {{
 def hub_loopback(seconds):
     """The relay's Python loop alone: 1312-byte datagrams through a RelayHub on
     loopback, as fast as one sender can push them. (datagrams/s, MB/s)."""
-    import socket
     import threading
     sys.path.insert(0, ROOT)
     import innernet as I
