@@ -6094,6 +6094,13 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
             updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
                                  time.time(), relayed=relayed, relay_via=cfg.server_public_key)
+            # A peer pointed at its relay is settle_paths's to move, even before
+            # its first handshake there: the state's endpoint must not undo it.
+            memo = load_paths_memo(store_path)
+            for u in updates:
+                dp = dev.peer(u.public_key)
+                if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
+                    u.endpoint = None
             changes = [u for u in updates if u.touches_device]
             if changes:
                 backend.apply(iface, updates=changes)
