@@ -184,6 +184,7 @@ def test_a_direct_path_lost_later_goes_to_the_relay_in_seconds(pyz):
         assert path(x, "y") == path(y, "x") == "relayed (end-to-end encrypted)"
         assert tcp_reach(y, ips["x"])
         print(f"direct path lost; x reached y through the relay {took:.1f} s later")
-        assert "no packet on the direct path" in x.log("up.log")
+        # whichever side notices first relays; the other follows (WireGuard roams)
+        assert "no packet on the direct path" in x.log("up.log") + y.log("up.log")
     finally:
         lab.close()
