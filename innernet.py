@@ -2226,9 +2226,11 @@ class UserspaceBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             # It removes its socket first and its TUN as it exits: `down` is
-            # done when the process is gone, not when the socket is.
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and (self.exists(ifname) or _alive(pid)):
+            # done when the process and the link are gone, not the socket.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and (
+                    self.exists(ifname) or _alive(pid) or
+                    os.path.exists(f"/sys/class/net/{ifname}")):
                 time.sleep(0.01)
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path(ifname))
