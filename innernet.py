@@ -2210,30 +2210,67 @@ class UserspaceBackend:
                                     "does not answer")
             time.sleep(0.01)
 
-    def daemon_pid(self, ifname):
+    def daemon_pids(self, ifname):
+        """The processes serving ``ifname``: those holding its TUN device.
+
+        The UAPI socket's SO_PEERCRED names the process that called listen(),
+        and wireguard-go listens before it forks its daemon and exits, so that
+        PID is usually gone; the TUN file descriptor says who really runs it
+        (``iff:`` in its fdinfo). SO_PEERCRED is kept for implementations that
+        run in the foreground.
+        """
+        pids = set()
+        with contextlib.suppress(OSError):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/net/tun":
+                            continue
+                        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                            if f"iff:\t{ifname}\n" in f.read():
+                                pids.add(int(pid))
         s = self._connect(ifname)
-        if s is None:
-            return None
-        with s:
-            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0]
+        if s is not None:
+            with s:
+                creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                     struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            if pid > 0 and _alive(pid):
+                pids.add(pid)
+        pids.discard(os.getpid())
+        return sorted(pids)
 
     def delete(self, ifname):
-        """Stop the daemon (by the PID on its socket); it removes the TUN."""
-        pid = self.daemon_pid(ifname)
-        if pid:
-            echo_cmd(f"kill {pid}  # wireguard-go {ifname}")
+        """Stop the daemon; its TUN goes with it.
+
+        `down` is done when the processes and the link are gone, not when the
+        socket is: a TUN outlives its socket by as long as the daemon takes to
+        exit. One that ignores SIGTERM for 5 s gets SIGKILL.
+        """
+        pids = self.daemon_pids(ifname)
+        for pid in pids:
+            echo_cmd(f"kill {pid}  # {ifname}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            # It removes its socket first and its TUN as it exits: `down` is
-            # done when the process and the link are gone, not the socket.
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and (
-                    self.exists(ifname) or _alive(pid) or
-                    os.path.exists(f"/sys/class/net/{ifname}")):
-                time.sleep(0.01)
+        # wireguard-go also exits when its socket file is removed.
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path(ifname))
+
+        def gone():
+            return not (any(map(_alive, pids)) or
+                        os.path.exists(f"/sys/class/net/{ifname}"))
+        for sig in (signal.SIGKILL, None):
+            deadline = time.monotonic() + 5
+            while not gone() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if gone() or sig is None:
+                break
+            for pid in filter(_alive, pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        if not gone():
+            raise InnernetError(f"{ifname} is still there after its daemon was told "
+                                "to stop", hint=f"ip link del {ifname}")
 
     def get(self, ifname):
         dev = Device(ifname)
