@@ -1677,10 +1677,15 @@ class PathMemo:
     since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
     tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
     offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
+    # key -> until when a direct try (probe_direct) points it away from its relay
+    trying: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self):
-        return {"relays": self.relays, "since": self.since, "tried": self.tried,
-                "offline": sorted(self.offline)}
+        d = {"relays": self.relays, "since": self.since, "tried": self.tried,
+             "offline": sorted(self.offline)}
+        if self.trying:
+            d["trying"] = self.trying
+        return d
 
     @classmethod
     def from_json(cls, data):
@@ -1699,10 +1704,10 @@ class PathMemo:
         return cls(table("relays", lambda v: isinstance(v, str) and resolve_endpoint(v) == v),
                    table("since", number), table("tried", number),
                    {k for k in offline if shaped(k)}
-                   if isinstance(offline, list) else set())
+                   if isinstance(offline, list) else set(), table("trying", number))
 
     def keep_only(self, keys):
-        for d in (self.relays, self.since, self.tried):
+        for d in (self.relays, self.since, self.tried, self.trying):
             for k in [k for k in d if k not in keys]:
                 del d[k]
         self.offline &= set(keys)
@@ -1711,6 +1716,11 @@ class PathMemo:
         """Is device peer ``dp`` using its relay endpoint right now?"""
         ep = self.relays.get(dp.public_key)
         return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
+
+    def path_relayed(self, dp, now):
+        """Relayed as show says it: also while a direct try points it elsewhere
+        (its packets still arrive through the relay until the try succeeds)."""
+        return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
 def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None):
@@ -5930,7 +5940,7 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
 
 
 def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None):
+                 dev=None, save=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -5941,7 +5951,9 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     packets flow within a couple of seconds whatever the NATs. A relayed peer
     keeps being tried directly (probe_direct) in the slots of
     direct_retry_due. Without a relay on the server every candidate is tried
-    (innernet's servers). Returns the keys left with no path.
+    (innernet's servers). ``save(memo)``, if given, is called before a direct
+    try, so that `show` run meanwhile knows the peers are still relayed.
+    Returns the keys left with no path.
     """
     now = time.time() if now is None else now
     changed = set(changed)
@@ -6010,9 +6022,15 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
             memo.relays.update(again)
             backend.apply(iface, updates=[u for p in moved for u in _readd(
                 p, dev.peer(p.public_key), again[p.public_key])])
-        for k in probe_direct(backend, iface, [p for p in probe if p not in moved], memo,
-                              local_networks()):
-            memo.since.pop(k, None)
+        trying = [p for p in probe if p not in moved]
+        memo.trying = {p.public_key: time.time() + 5 for p in trying}
+        if trying and save is not None:
+            save(memo)
+        try:
+            for k in probe_direct(backend, iface, trying, memo, local_networks()):
+                memo.since.pop(k, None)
+        finally:
+            memo.trying = {}
     return unreachable
 
 
@@ -6166,7 +6184,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                 missed = settle_paths(None if unreachable else api, backend, iface, cfg,
                                       desired, memo, changed=keys,
                                       full=traverse == "all" or brought_up,
-                                      dev=None if changes else dev)
+                                      dev=None if changes else dev,
+                                      save=lambda m: save_paths_memo(store_path, m))
                 save_paths_memo(store_path, memo)
             next_due = next_path_work(memo, missed, time.time())
     finally:
@@ -6429,7 +6448,8 @@ def _path(p, dp, memo):
     """How this client reaches a peer, as show and list --json say it."""
     if p.is_static:
         return PATH_THROUGH_SERVER       # a stock WireGuard device: the server decrypts
-    return PATH_RELAYED if dp is not None and memo.relayed(dp) else PATH_DIRECT
+    return PATH_RELAYED if dp is not None and memo.path_relayed(dp, time.time()) \
+        else PATH_DIRECT
 
 
 def _show_peer_lines(p, dp, me, now, verbose, override, path=PATH_DIRECT):

@@ -461,10 +461,19 @@ def test_a_peer_with_no_path_gets_one_direct_step_then_the_relay(monkeypatch):
     calls["traverse"].clear()
     innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 1)
     assert calls["traverse"] == [] and calls["probe"] == []
-    # the next slot: the relayed ones are probed, the direct one left alone
-    innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31)
+    # the next slot: the relayed ones are probed, the direct one left alone; the
+    # memo is saved first, so that `show` meanwhile still calls them relayed
+    saved = []
+    innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31,
+                          save=lambda m: saved.append(PathMemo.from_json(m.to_json())))
     assert calls["probe"] == [["p0", "p1"]]
     assert innernet.next_path_work(memo, set(), now + 31) <= 30.2
+    assert set(saved[0].trying) == {peers[0].public_key, peers[1].public_key}
+    assert memo.trying == {} and "trying" not in memo.to_json()
+    pointed_away = innernet.DevicePeer(peers[0].public_key, "198.18.1.0:51820")
+    assert not saved[0].relayed(pointed_away)
+    assert saved[0].path_relayed(pointed_away, time.time())
+    assert not saved[0].path_relayed(pointed_away, time.time() + 10)   # a try killed midway
 
 
 def test_without_a_relay_every_candidate_is_tried_and_less_often_later(monkeypatch):

@@ -209,7 +209,7 @@ def test_a_relayed_pair_moves_to_direct_when_the_nats_allow_it(world):
         world.nats["nat" + x].exec(["nft", "delete", "table", "inet", "block"])
     def said():
         return world.hosts["a"].log("up.log") + world.hosts["b"].log("up.log")
-    # (during a try `show` says direct for a moment; the log says how the try ended)
+    # (`show` says relayed during a try; the log says how the try ended)
     took = wait_until(lambda: ("no longer relayed" in said() or "direct path works at" in said())
                       and path_of(world, "a", "b") == "direct" == path_of(world, "b", "a"),
                       120, "a <-> b directly")
