@@ -3421,32 +3421,33 @@ class RelayHub:
                         self._close(k)
 
     def forward(self, side, data, addr, now):
-        """One datagram that arrived on ``side``'s socket from ``addr``."""
-        side.tokens = min(float(RELAY_PPS), side.tokens + (now - side.at) * RELAY_PPS)
-        side.at = now
+        """One datagram that arrived on ``side``'s socket from ``addr``.
+
+        A datagram from anywhere but the side's learned address is judged
+        before it may spend the side's budget: a flood forged to a relay port
+        must not starve the pair it pretends to be."""
         other = side.other
-        if addr == side.addr and other.addr is not None and len(data) >= 32 \
-                and data[0] == WG_DATA and len(data) % 16 == 0 and data[1:4] == b"\0\0\0" \
-                and side.tokens >= 1:
-            side.tokens -= 1             # the common case, in as few steps as it takes
-            side.used = now
-            self._send(other, data)
-            return
-        kind = wg_message_type(data)
-        if kind is None or side.tokens < 1:
-            self.stats["dropped"] += 1
-            return
-        side.tokens -= 1
-        learned = False
-        if addr != side.addr:
+        if addr == side.addr:
+            kind = WG_DATA if (len(data) >= 32 and data[0] == WG_DATA and len(data) % 16 == 0
+                               and data[1:4] == b"\0\0\0") else wg_message_type(data)
+        else:
+            kind = wg_message_type(data)
             if kind not in (WG_INITIATION, WG_RESPONSE) or \
                     _bare_ip(addr[0]) not in side.src_ips or \
                     not wg_mac1_valid(data, other.mac1_key):
                 self.stats["dropped"] += 1
                 return
+        side.tokens = min(float(RELAY_PPS), side.tokens + (now - side.at) * RELAY_PPS)
+        side.at = now
+        if kind is None or side.tokens < 1:
+            self.stats["dropped"] += 1
+            return
+        side.tokens -= 1
+        side.used = now
+        learned = False
+        if addr != side.addr:
             learned = side.addr is None
             side.addr = addr
-        side.used = now
         if other.addr is None:
             if kind == WG_INITIATION:
                 side.pending = (bytes(data), now)

@@ -336,6 +336,34 @@ def test_each_side_is_held_to_its_rate(monkeypatch):
         h.close()
 
 
+def test_a_forged_flood_does_not_spend_the_pairs_budget(monkeypatch):
+    monkeypatch.setattr(innernet, "RELAY_PPS", 50)
+    h = Hub()
+    eve = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    eve.bind(("127.0.0.2", 0))
+    try:
+        h.to_relay(h.sa, h.port_a, initiation(h.b_pub))
+        h.to_relay(h.sb, h.port_b, initiation(h.a_pub))
+        assert received(h.sa) is not None
+        for batch in range(1, 9):                 # four budgets' worth, from elsewhere,
+            for _ in range(25):                   # in batches the socket buffer holds
+                eve.sendto(data_packet(64), ("127.0.0.1", h.port_a))
+                eve.sendto(initiation(h.b_pub), ("127.0.0.1", h.port_a))
+            deadline = time.monotonic() + 5
+            while h.hub.stats["dropped"] < 50 * batch and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert h.hub.stats["dropped"] >= 50 * batch
+        for _ in range(20):
+            h.to_relay(h.sa, h.port_a, data_packet(64))
+        got = 0
+        while received(h.sb, 0.5) is not None:
+            got += 1
+        assert got == 20
+    finally:
+        eve.close()
+        h.close()
+
+
 def test_ipv6_underlay():
     try:
         probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
