@@ -3,8 +3,11 @@
 
     python3 build_zipapp.py [-o innernet.pyz] [--no-vendor]
 
-The archive holds innernet.py, a __main__.py that passes main()'s exit code
-on (zipapp's generated one drops it), and pyroute2 (pure Python) copied from
+The archive holds innernet.py; innernet_fast.py, innernet.py's sections
+"Constants" and "Fast path of an unchanged fetch" alone (an unchanged cron
+`fetch` is answered there, without importing the rest); a __main__.py that
+tries that first and passes main()'s exit code on (zipapp's generated one
+drops it); and pyroute2 (pure Python) copied from
 the interpreter that runs this script -- or, when it has none, from the
 pinned wheel downloaded with pip. Every module is stored as source and
 as bytecode beside it (zipimport never writes .pyc, so without it each start
@@ -32,10 +35,40 @@ SHEBANG = b"#!/usr/bin/env python3\n"
 EPOCH = (1980, 1, 1, 0, 0, 0)
 MAIN = b"""import sys
 
-import innernet
+import innernet_fast
 
-sys.exit(innernet.main())
+code = innernet_fast.fast_fetch(sys.argv)
+if code is None:
+    import innernet
+    code = innernet.main()
+sys.exit(code)
 """
+FAST_SECTIONS = ("Constants", "Fast path of an unchanged fetch")
+BANNER = "#" * 79
+
+
+def sections(source):
+    """{banner title: the section's text, banner included} of innernet.py."""
+    lines = source.splitlines(keepends=True)
+    starts = [i for i in range(len(lines) - 2)
+              if lines[i].rstrip("\n") == BANNER == lines[i + 2].rstrip("\n")
+              and lines[i + 1].startswith("# ")]
+    out = {}
+    for n, i in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(lines)
+        out[lines[i + 1][2:].rstrip("\n").rstrip("#").strip()] = "".join(lines[i:end])
+    return out
+
+
+def fast_module_source(source):
+    """innernet_fast.py: the sections that answer an unchanged fetch."""
+    found = sections(source)
+    missing = [name for name in FAST_SECTIONS if name not in found]
+    if missing:
+        sys.exit(f"build_zipapp: error: innernet.py has no section {missing[0]!r}")
+    return ('"""innernet.py\'s fast path of an unchanged fetch, made by build_zipapp.py."""\n\n'
+            "import os\nimport sys\nimport time\n\n"
+            + "".join(found[name] for name in FAST_SECTIONS))
 
 
 PYROUTE2 = "pyroute2==0.9.7"      # the version the tests use, when none is installed
@@ -95,8 +128,13 @@ def build(output, vendor=True):
         main_path = os.path.join(tmp, "__main__.py")
         with open(main_path, "wb") as f:
             f.write(MAIN)
+        fast_path = os.path.join(tmp, "innernet_fast.py")
+        with open(os.path.join(HERE, "innernet.py"), encoding="utf-8") as f:
+            fast = fast_module_source(f.read())
+        with open(fast_path, "w", encoding="utf-8") as f:
+            f.write(fast)
         sources = [("innernet.py", os.path.join(HERE, "innernet.py")),
-                   ("__main__.py", main_path)]
+                   ("innernet_fast.py", fast_path), ("__main__.py", main_path)]
         if vendor:
             sources += vendored_files("pyroute2", tmp)
         for arcname, path in sources:

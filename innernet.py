@@ -14,12 +14,15 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies     7 Network backends
-   2 Constants                             8 Store
-   3 Errors and output                     9 API server
-   4 Utilities                            10 API client
-   5 Keys                                 11 Roles
-   6 Model                                12 Command line
+   1 Imports and optional dependencies     8 Network backends
+   2 Constants                             9 Store
+   3 Fast path of an unchanged fetch      10 API server
+   4 Errors and output                    11 API client
+   5 Utilities                            12 Roles
+   6 Keys                                 13 Command line
+   7 Model
+
+Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
 Licence: MIT.
 """
@@ -108,7 +111,6 @@ DB_VERSION = 2
 INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
 SERVER_PEER_NAME = "innernet-server"
 
-HOSTNAME_RE = re.compile(r"([a-z0-9]-?)*[a-z0-9]")      # always used with fullmatch
 IFNAME_MAX = 15
 TIMESTRING_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -116,6 +118,308 @@ ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATI
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
+
+###############################################################################
+# Fast path of an unchanged fetch #############################################
+###############################################################################
+# The common case of a cron `fetch` is that nothing changed: the server
+# answers 304 and the device is as the last sync left it. This section proves
+# that with a few system calls and answers before the rest of the module is
+# even imported: build_zipapp.py stores the Constants section and this one as
+# the archive's `innernet_fast` module, tried first by its __main__ (and by
+# ours, at the bottom). It imports only what the interpreter has already
+# loaded or builds in (no re, no socket module, no ipaddress), so it must
+# not use anything from the sections below.
+#
+# The last complete sync (fetch_interface) leaves `<data dir>/<iface>.fetch`:
+# the ETag, where the server is, and fingerprints of everything the sync
+# read -- the options, the config, data store and paths memo (stat), the hosts
+# file, this host's addresses (the NAT candidates), and the device (see
+# device_digest) -- plus when the paths need their next look. The fast path
+# takes over only if all of them still hold and the server says 304; anything
+# else (an option it does not know, -v, a changed file, an unreachable server,
+# a kernel device) goes to the full sync, which also repairs what it finds.
+# (The archive's copy starts with `import os, sys, time`, which this module
+# has imported at the top.)
+
+import _socket
+import zlib
+
+FAST_FORMAT = "innernet-fetch 1"
+FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
+
+
+def fast_file_path(data_dir, iface):
+    return os.path.join(data_dir, f"{iface}.fetch")
+
+
+def file_fingerprint(path, secret=True):
+    """(inode, size, mtime) of a file, '-' if missing; None if it is ``secret``
+    and others may read it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    if secret and st.st_mode & 0o007:
+        return None               # the full sync warns about it
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def fetch_signature(hosts_path, host_suffix, no_traversal, no_candidates, exclude):
+    """The options an unchanged fetch depends on, as one line."""
+    return repr((hosts_path, host_suffix, bool(no_traversal), bool(no_candidates),
+                 sorted(exclude or ())))
+
+
+def raw_links():
+    """This host's up, non-loopback, non-tunnel links, raw: [(name, IPv4 address,
+    IPv4 netmask)] from ioctls (address fields None if it has none), and the
+    lines of /proc/net/if_inet6 for them. local_networks() reads these."""
+    import fcntl
+    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
+    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    links, v6 = [], []
+    try:
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    except OSError:
+        return links, v6
+    try:
+        try:
+            names = _socket.if_nameindex()
+        except OSError:
+            names = []
+        for _, name in names:
+            packed = name.encode()[:15].ljust(256, b"\0")
+            try:
+                flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18],
+                                       sys.byteorder)
+            except OSError:
+                continue
+            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+                continue
+            try:
+                addr = fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24]
+                mask = fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24]
+            except OSError:
+                addr = mask = None
+            links.append((name, addr and _socket.inet_ntoa(addr),
+                          mask and _socket.inet_ntoa(mask)))
+    finally:
+        s.close()
+    up = {name for name, _, _ in links}
+    try:
+        with open("/proc/net/if_inet6") as f:
+            v6 = [line.split() for line in f]
+    except OSError:
+        pass
+    return links, [p for p in v6 if len(p) >= 6 and p[5] in up]
+
+
+def links_fingerprint(links):
+    return f"{zlib.crc32(repr(links).encode()):08x}"
+
+
+def uapi_socket_paths(iface):
+    return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
+
+
+def uapi_dump(iface):
+    """The raw answer of a userspace device to `get=1`, or None."""
+    for path in uapi_socket_paths(iface):
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            s.settimeout(HTTP_TIMEOUT)
+            s.connect(path)
+            s.sendall(b"get=1\n\n")
+            chunks = []
+            while not (chunks and chunks[-1].endswith(b"\n\n")):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            return data if data.endswith(b"errno=0\n\n") else None
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return None
+
+
+def device_digest(dump, now):
+    """What the sync compares on a device, from its UAPI dump, as a short text.
+
+    The same things diff_peers looks at: the listen port, and per peer its
+    key, allowed IPs and keepalive, and its endpoint only while it has no
+    recent handshake (a live peer's endpoint is WireGuard's to roam). A peer
+    crossing that line changes the digest, so the full sync has its look.
+    """
+    lines, cur, top = [], None, []
+    for line in dump.split(b"\n"):
+        k, _, v = line.partition(b"=")
+        if k == b"public_key":
+            if cur is not None:
+                lines.append(_peer_line(cur, now))
+            cur = {b"public_key": v, b"allowed_ip": []}
+        elif cur is None:
+            if k == b"listen_port":
+                top.append(line)
+        elif k == b"allowed_ip":
+            cur[k].append(v)
+        elif k in (b"endpoint", b"persistent_keepalive_interval", b"last_handshake_time_sec"):
+            cur[k] = v
+    if cur is not None:
+        lines.append(_peer_line(cur, now))
+    lines.sort()                  # wireguard-go lists its peers in no fixed order
+    return f"{len(lines)}:{zlib.crc32(b''.join(top + lines)):08x}"
+
+
+def _peer_line(p, now):
+    seen = int(p.get(b"last_handshake_time_sec") or 0)
+    live = seen > 0 and now - seen <= RECENT_HANDSHAKE
+    return b"|".join([p[b"public_key"], b",".join(sorted(p[b"allowed_ip"])),
+                      p.get(b"persistent_keepalive_interval", b"0"),
+                      b"L" if live else b"S:" + p.get(b"endpoint", b"")]) + b"\n"
+
+
+def fast_record(fields):
+    return FAST_FORMAT + "\n" + "".join(f"{k} {v}\n" for k, v in fields.items())
+
+
+def read_fast_record(path):
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except (OSError, ValueError):
+        return None
+    if not lines or lines[0] != FAST_FORMAT:
+        return None
+    return dict(line.partition(" ")[::2] for line in lines[1:] if line)
+
+
+def parse_fetch_argv(argv):
+    """`[-c DIR] [-d DIR] fetch [IFACE] [options]` -> a dict, or None for
+    anything the full command line should read (every other verb, -v, a
+    typo, --help ...)."""
+    o = {"config_dir": CLIENT_CONFIG_DIR, "data_dir": CLIENT_DATA_DIR, "iface": None,
+         "hosts_path": DEFAULT_HOSTS_PATH, "host_suffix": None, "no_nat_traversal": False,
+         "no_nat_candidates": False, "exclude": []}
+    valued = {"-c": "config_dir", "--config-dir": "config_dir", "-d": "data_dir",
+              "--data-dir": "data_dir", "--hosts-path": "hosts_path",
+              "--host-suffix": "host_suffix", "--exclude-nat-candidates": "exclude"}
+    flags = {"--no-nat-traversal", "--no-nat-candidates", "--no-write-hosts", "--no-routing"}
+    i, verb, hosts_given, no_hosts = 0, False, False, False
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
+        if name in valued and (not verb if name in ("-c", "-d") else
+                               verb or name in ("--config-dir", "--data-dir")):
+            if not eq:
+                if i + 1 >= len(argv):
+                    return None
+                i, value = i + 1, argv[i + 1]
+            if not value or (name in ("-c", "-d") and eq):
+                return None
+            if valued[name] == "exclude":
+                o["exclude"].append(value)
+            else:
+                o[valued[name]] = value
+            hosts_given |= name == "--hosts-path"
+        elif a in flags and (verb or a == "--no-routing") and not eq:
+            o[a[2:].replace("-", "_")] = True
+            no_hosts |= a == "--no-write-hosts"
+        elif a == "fetch" and not verb:
+            verb = True
+        elif verb and o["iface"] is None and a and not a.startswith("-"):
+            if len(a) > 15 or a.strip("abcdefghijklmnopqrstuvwxyz0123456789-") \
+                    or a[0] == "-" or a[-1] == "-":
+                return None
+            o["iface"] = a
+        else:
+            return None
+        i += 1
+    if not verb or (hosts_given and no_hosts) or \
+            (o["no_nat_candidates"] and o["exclude"]):
+        return None
+    if no_hosts:
+        o["hosts_path"] = None
+    return o
+
+
+def fast_unchanged(o, iface, links, now):
+    """Is `fetch IFACE` with options ``o`` sure to change nothing? (Asks the
+    server; no other side effect.)"""
+    rec = read_fast_record(fast_file_path(o["data_dir"], iface))
+    if rec is None:
+        return False
+    sig = fetch_signature(o["hosts_path"], o["host_suffix"], o["no_nat_traversal"],
+                          o["no_nat_candidates"], o["exclude"])
+    files = " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?" for d, ext in (
+        (o["config_dir"], ".conf"), (o["data_dir"], ".json"), (o["data_dir"], ".paths.json")))
+    hosts = file_fingerprint(o["hosts_path"], secret=False) if o["hosts_path"] else "-"
+    try:
+        due = float(rec.get("due") or "inf")
+    except ValueError:
+        return False
+    if (rec.get("sig") != sig or rec.get("files") != files or "?" in files
+            or rec.get("hosts") != hosts or rec.get("links") != links_fingerprint(links)
+            or now >= due or not rec.get("etag")):
+        return False
+    if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
+        return False
+    dump = uapi_dump(iface)
+    return dump is not None and device_digest(dump, time.time()) == rec.get("device")
+
+
+def _server_says_unchanged(endpoint, key, etag):
+    host, _, port = endpoint.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or any(c in etag + key for c in "\r\n"):
+        return False
+    request = (f"GET /v1/user/state HTTP/1.1\r\nHost: {endpoint}\r\n"
+               f"{SERVER_KEY_HEADER}: {key}\r\nAccept: application/json\r\n"
+               f"If-None-Match: {etag}\r\nConnection: close\r\n\r\n").encode()
+    s = _socket.socket(_socket.AF_INET6 if ":" in host else _socket.AF_INET,
+                       _socket.SOCK_STREAM)
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        s.connect((host, int(port)))
+        s.sendall(request)
+        head = b""
+        while b"\r\n" not in head and len(head) < 64:
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            head += chunk
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return head.startswith((b"HTTP/1.1 304 ", b"HTTP/1.0 304 "))
+
+
+def fast_fetch(argv):
+    """0 if `fetch` can be done here and is done (nothing changed), else None:
+    the caller runs the full program."""
+    if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
+        return None
+    o = parse_fetch_argv(argv[1:])
+    if o is None:
+        return None
+    if o["iface"] is not None:
+        ifaces = [o["iface"]]
+    else:
+        try:
+            ifaces = sorted(f[:-5] for f in os.listdir(o["config_dir"]) if f.endswith(".conf"))
+        except OSError:
+            return None
+    if not ifaces:
+        return None
+    links, now = raw_links(), time.time()
+    for iface in ifaces:
+        if not fast_unchanged(o, iface, links, now):
+            return None
+    return 0
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -557,6 +861,9 @@ def ascii_uint(text, lo=0, hi=2 ** 63 - 1):
     return n if lo <= n <= hi else None
 
 
+HOSTNAME_RE = re.compile(r"([a-z0-9]-?)*[a-z0-9]")      # always used with fullmatch
+
+
 def is_hostname(name):
     """innernet's hostname rule for peer, CIDR and network names (whole string)."""
     return isinstance(name, str) and len(name) < 64 and bool(HOSTNAME_RE.fullmatch(name))
@@ -741,43 +1048,28 @@ def human_bytes(n):
     return f"{n:.2f} TiB"
 
 
-def local_networks():
+def local_networks(links=None):
     """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
-    Read with ioctls and /proc (stdlib only), so fetch needs no pyroute2.
+    Read with ioctls and /proc (raw_links: stdlib only), so fetch needs no
+    pyroute2; ``links`` is what raw_links() returned, if it was called.
     """
-    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
-    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    v4, v6 = raw_links() if links is None else links
     found = []
-    up = set()
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            packed = struct.pack("256s", name.encode()[:15])
-            try:
-                flags = struct.unpack("H", fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18])[0]
-            except OSError:
-                continue
-            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
-                continue
-            up.add(name)
-            try:
-                addr = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24])
-                mask = socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24])
+    for _, addr, mask in v4:
+        if addr and mask:
+            with contextlib.suppress(ValueError):
                 found.append(ipaddress.ip_interface(f"{addr}/{mask}"))
-            except (OSError, ValueError):
-                pass
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] in up:
-                found.append(ipaddress.ip_interface(
-                    (ipaddress.IPv6Address(int(parts[0], 16)), int(parts[2], 16))))
+    for parts in v6:
+        with contextlib.suppress(ValueError):
+            found.append(ipaddress.ip_interface(
+                (ipaddress.IPv6Address(int(parts[0], 16)), int(parts[2], 16))))
     return found
 
 
-def local_addresses(exclude=()):
+def local_addresses(exclude=(), links=None):
     """Addresses worth reporting as NAT candidates (spec §6.3), at most 10."""
-    found = [n.ip for n in local_networks()]
+    found = [n.ip for n in local_networks(links)]
     result = []
     for ip in found:
         if ip.version == 6 and (not ip.is_global or ip in ipaddress.ip_network("2001:db8::/32")):
@@ -1173,8 +1465,7 @@ class Peer:
     def from_json(cls, data, with_id=True):
         data = _require_object(data, "peer")
         pid = _get(data, "id", int) if with_id else None
-        ip = _get(data, "ip", str)
-        parse_ip(ip)
+        ip = str(parse_ip(_get(data, "ip", str)))
         endpoint = _get(data, "endpoint", str, nullable=True)
         if endpoint is not None:
             try:
@@ -1188,8 +1479,7 @@ class Peer:
                           default=[])
         deleted_until = _get(data, "deleted_until", int, required=False, nullable=True)
         is_static = _get(data, "is_static", bool, required=False, default=False)
-        return cls(pid, _checked_name(_get(data, "name", str), "peer name"),
-                   str(ipaddress.ip_address(ip)),
+        return cls(pid, _checked_name(_get(data, "name", str), "peer name"), ip,
                    _get(data, "cidr_id", int), _get(data, "public_key", str),
                    endpoint, keepalive, _get(data, "is_admin", bool),
                    _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
@@ -1571,11 +1861,11 @@ def pinned_key_changes(stored, received, now):
     """(received peer, its pin) where a known address arrives with a new key (and
     the pin is not a deleted peer's out of quarantine): each needs a proof."""
     by_ip = {}
-    for p in stored:
-        by_ip.setdefault(ipaddress.ip_address(p.ip), p)
+    for p in stored:                  # Peer.ip is canonical: strings compare as addresses
+        by_ip.setdefault(p.ip, p)
     out = []
     for p in received:
-        old = by_ip.get(ipaddress.ip_address(p.ip))
+        old = by_ip.get(p.ip)
         if old is not None and old.public_key != p.public_key and not (
                 old.deleted_until is not None and old.deleted_until <= now):
             out.append((p, old))
@@ -1751,13 +2041,13 @@ def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None
             hint="the server may be compromised; if this is expected, delete "
                  "the data store file and fetch again")
     result = [p for p in received]
-    result_ips = {ipaddress.ip_address(p.ip) for p in received}
+    result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
     for p in stored:
-        ip = ipaddress.ip_address(p.ip)
+        ip = p.ip
         if ip in result_ips:
             continue
         until = p.deleted_until
-        gone = announced.get((str(ip), p.public_key))
+        gone = announced.get((ip, p.public_key))
         if until is None and gone is not None:
             until = gone.reuse_after          # the first announcement counts, never a later one
         if until is not None and until <= now:
@@ -1992,11 +2282,13 @@ class ServerConfig:
 
 
 def data_store_json(peers, cidrs, etag=None):
-    data = {"version": "1", "peers": [p.to_json() for p in peers],
-            "cidrs": [c.to_json() for c in cidrs]}
-    if etag:                 # ours: lets the next fetch ask "changed since?"
-        data["etag"] = etag
-    return json.dumps(data, indent=2) + "\n"
+    """One peer or CIDR a line: readable, diffable, and written by json's C
+    encoder (indent= would take its pure-Python one, 0.1 s for 5,000 peers)."""
+    def rows(items):
+        return "[\n" + ",\n".join("  " + json.dumps(x.to_json()) for x in items) + "\n]" \
+            if items else "[]"
+    extra = f',\n"etag": {json.dumps(etag)}' if etag else ""   # ours: "changed since?"
+    return (f'{{"version": "1",\n"peers": {rows(peers)},\n"cidrs": {rows(cidrs)}{extra}}}\n')
 
 
 def parse_data_store(text, source):
@@ -5725,14 +6017,14 @@ def cmd_uninstall(args):
     return 0
 
 
-def report_candidates(args, api, cfg, own, listen_port, force=False):
+def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
     if getattr(args, "no_nat_candidates", False):
         local = []
     else:
         exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
         local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
-                 for ip in local_addresses(exclude)]
+                 for ip in local_addresses(exclude, links)]
     have = set(own.candidates) if own else set()
     if not force and set(local) <= have and len(have) <= len(local) + 1:
         return
@@ -6086,7 +6378,8 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed"):
+def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
+                    record=False):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
@@ -6094,8 +6387,12 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     server to hold the request until something changes (long poll).
     NAT traversal (``traverse``): "changed" tries the peers this sync added
     or changed (and ``retry``), "all" every peer without a recent
-    handshake, None nobody.
+    handshake, None nobody. ``record``: leave what the fast path of the next
+    unchanged `fetch` checks (write_fast_record).
     """
+    fast_path = fast_file_path(_dirs(args, False)[1], iface)
+    with contextlib.suppress(OSError):
+        os.unlink(fast_path)          # only a sync that completes leaves one
     cfg = load_client_config(args, iface)
     choice = opt(args, "backend", "auto")
     backend = existing_backend(choice, iface)
@@ -6174,9 +6471,10 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
         if changed:
             save_data_store(store_path, peers, cidrs, etag)
+        links = raw_links()
         if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
-            report_candidates(args, api, cfg, own, dev.listen_port)
+            report_candidates(args, api, cfg, own, dev.listen_port, links=links)
         missed, next_due = set(), None
         if traverse and not getattr(args, "no_nat_traversal", False):
             keys = {u.public_key for u in changes if not u.remove}
@@ -6189,6 +6487,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                       save=lambda m: save_paths_memo(store_path, m))
                 save_paths_memo(store_path, memo)
             next_due = next_path_work(memo, missed, time.time())
+        if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):
+            write_fast_record(args, iface, cfg, etag, links, next_due)
     finally:
         api.close()
     if unreachable is not None:
@@ -6208,13 +6508,38 @@ def cmd_fetch(args):
     failed = 0
     for iface in ifaces:
         try:
-            fetch_interface(args, iface)
+            fetch_interface(args, iface, record=True)
         except InnernetError as e:
             if len(ifaces) == 1:
                 raise
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}")
     return EXIT_ERROR if failed else 0
+
+
+def write_fast_record(args, iface, cfg, etag, links, next_due):
+    """What the fast path (fast_fetch) of the next unchanged `fetch` must find
+    unchanged; taken after every write of this sync."""
+    dump = uapi_dump(iface)
+    if dump is None or any(c in etag for c in "\r\n"):
+        return
+    cdir, ddir = _dirs(args, False)
+    hosts_path, _ = hosts_options(args)
+    fields = {
+        "etag": etag, "endpoint": cfg.server_internal_endpoint, "key": cfg.server_public_key,
+        "sig": fetch_signature(hosts_path, getattr(args, "host_suffix", None),
+                               getattr(args, "no_nat_traversal", False),
+                               getattr(args, "no_nat_candidates", False),
+                               getattr(args, "exclude_nat_candidates", None)),
+        "files": " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?"
+                          for d, ext in ((cdir, ".conf"), (ddir, ".json"),
+                                         (ddir, ".paths.json"))),
+        "hosts": file_fingerprint(hosts_path, secret=False) if hosts_path else "-",
+        "links": links_fingerprint(links),
+        "device": device_digest(dump, time.time()),
+        "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
+    with contextlib.suppress(OSError):
+        atomic_write(fast_file_path(ddir, iface), fast_record(fields), 0o600)
 
 
 def server_capabilities(args, iface):
@@ -6967,4 +7292,5 @@ def server_main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = fast_fetch(sys.argv)
+    sys.exit(main() if code is None else code)

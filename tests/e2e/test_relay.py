@@ -111,7 +111,8 @@ def run(w, name, how):
         host.spawn(host.innernet_argv("-v", "up", ifname, "--daemon", "--interval", "60",
                                       "--no-write-hosts"), "up.log")
     else:
-        host.spawn(["python3", "-c", CRON] + host.innernet_argv("-v", "fetch", ifname,
+        # as cron runs it: no -v, so an unchanged run takes the fast path (issue 13)
+        host.spawn(["python3", "-c", CRON] + host.innernet_argv("fetch", ifname,
                                                                 "--no-write-hosts"), "up.log")
 
 

@@ -1,0 +1,122 @@
+"""The fast path of an unchanged `fetch` (issue 13), with the built innernet.pyz.
+
+It answers only when the server says 304 and nothing it checks changed; each
+of those changes sends the next fetch down the full sync, which repairs what it
+finds. Which path ran is seen in the record the full sync rewrites
+(`<iface>.fetch`): the fast path leaves it as it is.
+"""
+import os
+
+import pytest
+
+from lab import device, device_peer_ips, invite, wait_for
+
+from .conftest import network_world
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def world(pyz):
+    with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
+        for name, admin in (("admin", "true"), ("alice", "false"), ("bob", "false")):
+            host = w.lab.add_host(name)
+            host.innernet("install", "--name", w.lab.ifname(name), "--no-write-hosts",
+                          invite(w.srv, w.net, name, "humans", admin=admin))
+            w.hosts[name] = host
+        for name, host in w.hosts.items():      # everyone knows everyone
+            host.innernet("fetch", w.lab.ifname(name), "--no-write-hosts")
+        yield w
+
+
+def settled(host, ifname):
+    """Every peer has a handshake: the device stops changing by itself (a peer's
+    first handshake is a change the full sync looks at)."""
+    wait_for(lambda: all(p["last_handshake"] for p in device(host, ifname)["peers"]), 30,
+             f"handshakes with every peer of {host.name}")
+
+
+def record(host, ifname):
+    st = os.stat(host.path("client", "lib", f"{ifname}.fetch"))
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(world):
+    alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
+    hosts = alice.path("hosts")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    opts = ["--hosts-path", hosts]
+
+    def fetch(*extra):
+        r = alice.innernet("fetch", ifname, *opts, *extra)
+        assert r.returncode == 0 and r.stdout == "", r
+        return r
+
+    fetch()
+    settled(alice, ifname)
+    fetch()                                         # the full sync leaves its record
+    before = record(alice, ifname)
+    assert f"bob.{ifname}.wg" in open(hosts).read()
+    assert fetch().stderr == ""
+    assert record(alice, ifname) == before          # answered by the fast path
+
+    # a peer removed from the device by hand is back after the next fetch
+    bob_key = device(world.hosts["bob"], world.lab.ifname("bob"))["public_key"]
+    bob_ip = next(ip for ip, p in device_peer_ips(alice, ifname).items()
+                  if p["public_key"] == bob_key)
+    alice.exec(["wg", "set", ifname, "peer", bob_key, "remove"])
+    assert bob_ip not in device_peer_ips(alice, ifname)
+    fetch()
+    assert bob_ip in device_peer_ips(alice, ifname)
+    assert record(alice, ifname) != before
+    before = record(alice, ifname)
+    fetch()
+    assert record(alice, ifname) == before
+
+    # ... and so is the hosts section removed by hand
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    fetch()
+    assert f"bob.{ifname}.wg" in open(hosts).read()
+    assert record(alice, ifname) != before
+
+    # a change on the server: the 304 is a 200, the full sync takes it
+    admin = world.hosts["admin"]
+    carol_invite = invite(world.srv, world.net, "carol", "humans")
+    carol = world.lab.add_host("carol")
+    carol.innernet("install", "--name", world.lab.ifname("carol"), "--no-write-hosts",
+                   carol_invite)
+    fetch()
+    assert f"carol.{ifname}.wg" in open(hosts).read()
+    assert admin is not None
+
+    # other options than the record was made with: the full sync, once
+    before = record(alice, ifname)
+    fetch("--no-nat-candidates")
+    assert record(alice, ifname) != before
+    before = record(alice, ifname)
+    fetch("--no-nat-candidates")
+    assert record(alice, ifname) == before
+    # -v is always the full sync, and says so
+    r = alice.innernet("-v", "fetch", ifname, *opts, "--no-nat-candidates")
+    assert "up to date" in r.stderr and record(alice, ifname) != before
+
+
+def test_a_fetch_of_every_network_and_a_server_outage(world):
+    bob, ifname = world.hosts["bob"], world.lab.ifname("bob")
+    bob.innernet("fetch", "--no-write-hosts")
+    settled(bob, ifname)
+    bob.innernet("fetch", "--no-write-hosts")
+    before = record(bob, ifname)
+    bob.innernet("fetch", "--no-write-hosts")
+    assert record(bob, ifname) == before
+    # the server does not answer: the fast path steps aside and the full sync says why
+    world.srv.exec(["nft", "-f", "-"], input="table inet outage {\n chain i {\n"
+                   "  type filter hook input priority -5; tcp dport 51820 drop;\n }\n}\n")
+    try:
+        r = bob.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=90)
+    finally:
+        world.srv.exec(["nft", "delete", "table", "inet", "outage"])
+    assert r.returncode == 1 and "cached peers" in r.stderr, r
+    assert not os.path.exists(bob.path("client", "lib", f"{ifname}.fetch"))

@@ -1,0 +1,150 @@
+"""The fast path of an unchanged fetch: its command line, digests and record,
+and the module build_zipapp.py makes of it (the end-to-end proof that it
+answers, and steps aside when anything changed, is tests/e2e/test_fast_fetch.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import innernet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_zipapp  # noqa: E402
+
+BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
+    else [sys.executable, "-S", "-I"]
+
+
+def test_the_fetch_command_lines_it_takes():
+    o = innernet.parse_fetch_argv(["-c", "/e", "--data-dir=/d", "fetch", "net",
+                                   "--no-write-hosts", "--exclude-nat-candidates", "10.0.0.0/8",
+                                   "--exclude-nat-candidates=192.168.0.0/16"])
+    assert (o["config_dir"], o["data_dir"], o["iface"], o["hosts_path"]) == \
+        ("/e", "/d", "net", None)
+    assert o["exclude"] == ["10.0.0.0/8", "192.168.0.0/16"]
+    o = innernet.parse_fetch_argv(["fetch", "--hosts-path", "/h", "--host-suffix=x", "net"])
+    assert (o["iface"], o["hosts_path"], o["host_suffix"]) == ("net", "/h", "x")
+    o = innernet.parse_fetch_argv(["--no-routing", "fetch"])
+    assert o["iface"] is None and o["hosts_path"] == innernet.DEFAULT_HOSTS_PATH
+    assert o["config_dir"] == innernet.CLIENT_CONFIG_DIR
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["up", "net"], ["fetch", "-v", "net"], ["-v", "fetch"], ["fetch", "--verbose"],
+    ["fetch", "net", "--help"], ["fetch", "a", "b"], ["fetch", "--backend", "kernel"],
+    ["fetch", "--mtu", "1400"], ["fetch", "--no-write"], ["fetch", "Net"], ["fetch", "-x"],
+    ["fetch", "a" * 16], ["fetch", "-net"], ["fetch", "../x"], ["fetch", "--hosts-path"],
+    ["fetch", "--hosts-path="], ["fetch", "--hosts-path", "/h", "--no-write-hosts"],
+    ["fetch", "--no-nat-candidates", "--exclude-nat-candidates", "10.0.0.0/8"],
+    ["fetch", "--no-write-hosts=1"], ["--hosts-path", "/h", "fetch"], ["-c"],
+    ["-c=/x", "fetch"], ["fetch", "--", "net"], ["server", "fetch"], ["fetch", "net", "-d", "/x"],
+])
+def test_everything_else_goes_to_the_full_command_line(argv):
+    assert innernet.parse_fetch_argv(argv) is None
+
+
+def test_innernet_server_never_takes_it():
+    assert innernet.fast_fetch(["/usr/bin/innernet-server", "fetch"]) is None
+
+
+def dump(peers, port=51820):
+    out = [f"private_key={'11' * 32}", f"listen_port={port}"]
+    for key, ep, hs, ka, ips in peers:
+        out += [f"public_key={key}", f"endpoint={ep}", f"last_handshake_time_sec={hs}",
+                "last_handshake_time_nsec=123", f"rx_bytes={hs * 7}", f"tx_bytes={hs * 3}",
+                f"persistent_keepalive_interval={ka}"] + [f"allowed_ip={ip}" for ip in ips]
+    return ("\n".join(out) + "\nerrno=0\n\n").encode()
+
+
+def test_the_device_digest_sees_what_the_sync_compares():
+    now = 10000
+    a = ("aa" * 32, "198.18.0.1:1", now - 5, 25, ["10.1.0.2/32"])
+    b = ("bb" * 32, "198.18.0.2:2", 0, 25, ["10.1.0.3/32", "10.2.0.0/24"])
+    digest = innernet.device_digest(dump([a, b]), now)
+    assert digest.startswith("2:")
+    # the same device in another order, with other counters and a roamed live peer
+    roamed = (a[0], "198.18.0.9:9", now - 1, 25, a[4])
+    b_swapped = b[:4] + (list(reversed(b[4])),)
+    assert innernet.device_digest(dump([b_swapped, roamed]), now) == digest
+    changed = [
+        dump([a]),                                          # a peer removed by hand
+        dump([a, b[:1] + ("198.18.0.7:7",) + b[2:]]),      # a stale peer's endpoint
+        dump([a, b[:3] + (0,) + b[4:]]),                   # keepalive
+        dump([a, b[:4] + (["10.1.0.3/32"],)]),             # allowed IPs
+        dump([a, b], port=51821),                           # the listen port
+    ]
+    for d in changed:
+        assert innernet.device_digest(d, now) != digest
+    # a peer whose handshake grows old crosses the line the sync looks at
+    assert innernet.device_digest(dump([a, b]), now + innernet.RECENT_HANDSHAKE) != digest
+    assert innernet.device_digest(dump([]), now) == innernet.device_digest(dump([]), now + 999)
+
+
+def test_the_record_round_trips_and_damage_is_no_record(tmp_path):
+    fields = {"etag": '"abc"', "endpoint": "10.1.0.1:51820", "due": ""}
+    path = tmp_path / "n.fetch"
+    path.write_text(innernet.fast_record(fields))
+    assert innernet.read_fast_record(str(path)) == fields
+    for text in ("", "innernet-fetch 2\netag x\n", "garbage", "\0\0"):
+        path.write_text(text)
+        assert innernet.read_fast_record(str(path)) is None
+    path.write_bytes(b"\xff\xfe")
+    assert innernet.read_fast_record(str(path)) is None
+    assert innernet.read_fast_record(str(tmp_path / "missing")) is None
+
+
+def test_world_readable_files_are_left_to_the_full_sync(tmp_path):
+    path = tmp_path / "n.conf"
+    path.write_text("x")
+    os.chmod(path, 0o600)
+    assert innernet.file_fingerprint(str(path)).count(":") == 2
+    os.chmod(path, 0o644)
+    assert innernet.file_fingerprint(str(path)) is None
+    assert innernet.file_fingerprint(str(path), secret=False).count(":") == 2   # a hosts file
+    assert innernet.file_fingerprint(str(tmp_path / "missing")) == "-"
+
+
+def test_the_signature_matches_what_the_full_command_line_parses():
+    args = innernet.build_parser(False).parse_args(
+        ["fetch", "net", "--hosts-path", "/h", "--exclude-nat-candidates", "10.0.0.0/8"])
+    path, _ = innernet.hosts_options(args)
+    full = innernet.fetch_signature(path, args.host_suffix, args.no_nat_traversal,
+                                    args.no_nat_candidates, args.exclude_nat_candidates)
+    o = innernet.parse_fetch_argv(["fetch", "net", "--hosts-path", "/h",
+                                   "--exclude-nat-candidates", "10.0.0.0/8"])
+    assert full == innernet.fetch_signature(o["hosts_path"], o["host_suffix"],
+                                            o["no_nat_traversal"], o["no_nat_candidates"],
+                                            o["exclude"])
+
+
+def test_local_networks_are_read_from_the_raw_links():
+    links = ([("eth0", "192.168.7.9", "255.255.255.0"), ("eth1", None, None)],
+             [["fd000000000000000000000000000002", "04", "40", "00", "80", "eth0"]])
+    nets = innernet.local_networks(links)
+    assert [str(n) for n in nets] == ["192.168.7.9/24", "fd00::2/64"]
+    assert innernet.links_fingerprint(links) != innernet.links_fingerprint((links[0][:1], []))
+
+
+def test_the_archive_module_is_the_two_sections_and_imports_little(tmp_path):
+    src = build_zipapp.fast_module_source(open(os.path.join(ROOT, "innernet.py")).read())
+    assert "# Constants ####" in src and "# Fast path of an unchanged fetch ####" in src
+    assert "# Errors and output" not in src and "def main(" not in src
+    (tmp_path / "innernet_fast.py").write_text(src)
+    probe = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport innernet_fast\n"
+             "print(innernet_fast.fast_fetch(['innernet', 'fetch', '--no-such']))\n"
+             "print(innernet_fast.fast_fetch(['innernet', '-c', sys.argv[1], 'fetch']))\n"
+             "print(' '.join(sorted(sys.modules)))\n")
+    r = subprocess.run(BARE + ["-c", probe, str(tmp_path / "none"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, second, modules = r.stdout.splitlines()
+    assert first == second == "None"
+    heavy = {"re", "socket", "ipaddress", "json", "argparse", "dataclasses", "sqlite3"}
+    assert not heavy & set(modules.split())
+
+
+def test_a_missing_section_fails_the_build():
+    with pytest.raises(SystemExit, match="no section"):
+        build_zipapp.fast_module_source("print('no banners')\n")
