@@ -2,6 +2,7 @@
 """Build innernet.pyz: one executable file with innernet.py and pyroute2.
 
     python3 build_zipapp.py [-o innernet.pyz] [--no-vendor]
+    python3 build_zipapp.py --fast-module DIR    (writes DIR/innernet_fast.py only)
 
 The archive holds innernet.py; innernet_fast.py, innernet.py's sections
 "Constants" and "Fast path of an unchanged fetch" alone (an unchanged cron
@@ -15,6 +16,10 @@ recompiles); the bytecode is hash-based, so a Python of another version just
 falls back to the source. PyNaCl is not vendored: it is a C extension, which
 cannot load from a zip; innernet.py uses the system's PyNaCl when there is one
 and its own pure-Python X25519 otherwise.
+
+The Debian package installs innernet.py and innernet_fast.py the same way,
+as modules beside each other, started by debian/innernet.launcher, which
+does what __main__.py does here.
 
 The build is reproducible: the same sources give the same bytes (sorted
 entries, fixed timestamps and permissions, unchecked-hash bytecode).
@@ -163,7 +168,18 @@ def main():
     p.add_argument("-o", "--output", default=os.path.join(HERE, "innernet.pyz"))
     p.add_argument("--no-vendor", action="store_true",
                    help="leave pyroute2 out (the target host must provide it)")
+    p.add_argument("--fast-module", metavar="DIR",
+                   help="write DIR/innernet_fast.py alone (for the Debian package) and stop")
     args = p.parse_args()
+    if args.fast_module:
+        with open(os.path.join(HERE, "innernet.py"), encoding="utf-8") as f:
+            fast = fast_module_source(f.read())
+        os.makedirs(args.fast_module, exist_ok=True)
+        path = os.path.join(args.fast_module, "innernet_fast.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(fast)
+        print(path)
+        return 0
     size, count = build(args.output, vendor=not args.no_vendor)
     print(f"{args.output}: {size} bytes ({size / 1024:.0f} KiB), {count} entries")
     return 0

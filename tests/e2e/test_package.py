@@ -133,8 +133,14 @@ def test_deb_installs_offline_and_works(bookworm, offline_ns, deb):
     for path in ("usr/share/man/man8/innernet.8.gz", "usr/share/man/man8/innernet-server.8.gz",
                  "usr/share/bash-completion/completions/innernet",
                  "usr/share/zsh/vendor-completions/_innernet",
-                 "usr/share/fish/vendor_completions.d/innernet.fish"):
+                 "usr/share/fish/vendor_completions.d/innernet.fish",
+                 "usr/share/innernet/innernet_fast.py"):
         assert os.path.exists(os.path.join(bookworm, path)), path
+    # byte-compiled at install, so a start (a cron fetch) reads bytecode
+    cache = os.listdir(os.path.join(bookworm, "usr/share/innernet/__pycache__"))
+    assert {c.split(".")[0] for c in cache} >= {"innernet", "innernet_fast"}, cache
+    r = offline(offline_ns, bookworm, "innernet", "fetch", "nosuchnet", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("innernet: error:"), r.stderr
 
 
 @pytest.mark.parametrize("suite,version", [("bullseye", "3.9"), ("trixie", "3.13")])
