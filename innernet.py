@@ -4208,6 +4208,8 @@ def user_relay(co, req):
     """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
     {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
     (offline: refused because the peer has no recent handshake with the server).
+    With "allocate": false nothing is allocated: "relays" stays empty and
+    the answer only says who is offline (or refused).
 
     The caller sends its WireGuard datagrams for peer ip to the server's
     address at that port (see RelayHub); asking again keeps the pair open.
@@ -4216,6 +4218,9 @@ def user_relay(co, req):
         raise InnernetError("this server does not relay", status=404)
     data = _require_object(req.body, "relay request")
     ips = _get(data, "peers", list)
+    allocate = data.get("allocate", True)
+    if not isinstance(allocate, bool):
+        raise _bad("field 'allocate' must be true or false")
     if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
         raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
     co.refresh_observed(0.2)
@@ -4245,7 +4250,7 @@ def user_relay(co, req):
                 time.time() - last > RECENT_HANDSHAKE:
             why = f"peer {other.name} is not connected to the server"
             offline.append(text)
-        if why is None:
+        if why is None and allocate:
             try:
                 relays[text] = co.hub.allocate(caller, other, seen_at(caller), seen_at(other))
             except InnernetError as e:
@@ -6150,10 +6155,11 @@ def _readd(p, dp, endpoint):
                        name=p.name)]
 
 
-def request_relays(api, cfg, peers):
+def request_relays(api, cfg, peers, allocate=True):
     """The server's end-to-end relay for ``peers``: ({public key: relay
     endpoint}, {public keys the server says are offline}), or None from a
-    server without one (innernet's, or ours with --no-relay) or none reached."""
+    server without one (innernet's, or ours with --no-relay) or none reached.
+    With ``allocate`` false the server only says who is offline."""
     if api is None or not peers:
         return None
     server = resolve_endpoint(cfg.server_external_endpoint)
@@ -6161,7 +6167,8 @@ def request_relays(api, cfg, peers):
         return None
     host = parse_endpoint(server)[0]
     try:
-        answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]})
+        answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]}
+                          if allocate else {"peers": [p.ip for p in peers], "allocate": False})
     except InnernetError as e:
         if not e.unreachable:
             debug(f"the server offers no relay: {e.message}")
@@ -6275,10 +6282,19 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
             fresh.append(p)
     unreachable = set()
     if fresh:
+        # A peer the server last called offline gets no direct step: it would
+        # cost a second for nothing (and wireguard-go some milliseconds per
+        # re-added peer: 300 offline peers made a first `up` take 9 s). The
+        # relay request says if it is back; for peers never tried, the server
+        # is asked first, without allocating anything.
+        unknown = [p for p in fresh if p.public_key not in memo.tried
+                   and p.public_key not in memo.offline]
+        asked = request_relays(api, cfg, unknown[:RELAY_ASK_MAX], allocate=False) \
+            if unknown else None
+        if asked is not None:
+            memo.offline |= asked[1]
         for p in fresh:
             memo.tried[p.public_key] = now
-        # A peer the server last called offline gets no direct step: it would
-        # cost a second for nothing. The relay request says if it is back.
         trying = [p for p in fresh if p.public_key not in memo.offline]
         first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
         missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
@@ -6328,15 +6344,21 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
 
 
 def next_path_work(memo, unreachable, now):
-    """Seconds until settle_paths has work again (a slot boundary), or None."""
-    if not memo.since and not unreachable:
+    """Seconds until settle_paths has work again, or None: the earliest slot
+    boundary at which direct_retry_due lets a peer without a path be tried
+    again. A peer that has been without one for long (an offline laptop)
+    makes the cron fetch's slow path run every DIRECT_RETRY[1] s, not every
+    DIRECT_RETRY[0] s."""
+    keys = set(memo.since) | set(unreachable)
+    if not keys:
         return None
-    slot = DIRECT_RETRY[1]
-    if unreachable or any(now - t < 600 for t in memo.since.values()):
-        slot = DIRECT_RETRY[0]
-    return slot - now % slot + 0.2
-
-
+    due = None
+    for k in keys:
+        since, tried = memo.since.get(k, now), memo.tried.get(k)
+        slot = DIRECT_RETRY[0] if now - since < 600 else DIRECT_RETRY[1]
+        at = now if tried is None else (tried // slot + 1) * slot
+        due = at if due is None else min(due, at)
+    return max(0.0, due - now) + 0.2
 
 
 def verified_rotations(api, cfg, stored, received):

@@ -170,6 +170,15 @@ def test_an_offline_peer_is_not_relayed_but_a_joining_one_is(relay_co):
                    {"peers": [IPS["developer2"]]})
     assert "not connected to the server" in body["refused"][IPS["developer2"]]
     assert body["offline"] == [IPS["developer2"]] and body["relays"] == {}
+    # only asking who is offline allocates nothing, for online peers either
+    _, asked = call(relay_co, "POST", "/v1/user/relay", "developer1",
+                    {"peers": [IPS["developer2"]], "allocate": False})
+    assert asked["offline"] == [IPS["developer2"]] and asked["relays"] == {}
+    relay_co.handshakes[dev2.public_key] = time.time()
+    _, asked = call(relay_co, "POST", "/v1/user/relay", "developer1",
+                    {"peers": [IPS["developer2"]], "allocate": False})
+    assert asked == {"relays": {}, "refused": {}, "offline": []} and relay_co.hub.pairs == {}
+    relay_co.handshakes[dev2.public_key] = time.time() - 600
     # not heard from under its key yet (joining): its pair is opened; its own request
     # tells the relay where it is
     relay_co.observed.pop(dev2.public_key)
@@ -181,7 +190,8 @@ def test_an_offline_peer_is_not_relayed_but_a_joining_one_is(relay_co):
 
 
 @pytest.mark.parametrize("body", [[], {"peers": "x"}, {"peers": [1]}, {"peers": ["a" * 80]},
-                                  {"peers": ["10.80.64.3"] * 4097}, {}])
+                                  {"peers": ["10.80.64.3"] * 4097}, {},
+                                  {"peers": [], "allocate": "no"}])
 def test_bad_relay_requests_are_400(relay_co, body):
     status, answer = call(relay_co, "POST", "/v1/user/relay", "developer1", body)
     assert status == 400 and answer["error"]
@@ -446,16 +456,18 @@ def client(monkeypatch, relays=None, direct=(), offline=()):
                                    51820, srv, "198.18.0.1:51820", "10.1.0.1:51820")
     peers = [Peer(2 + i, f"p{i}", f"10.1.1.{2 + i}", 3, keypair()[1], is_redeemed=True,
                   endpoint=f"198.18.1.{i}:51820") for i in range(3)]
-    calls = {"traverse": [], "relay": [], "probe": []}
+    calls = {"traverse": [], "relay": [], "probe": [], "ask": []}
 
     def traverse(backend, iface, cfg, todo, **kw):
         calls["traverse"].append([p.name for p in todo])
         return {p.public_key for p in todo if p.name not in direct}
 
-    def request(api, cfg, todo):
-        calls["relay"].append([p.name for p in todo])
+    def request(api, cfg, todo, allocate=True):
+        calls["relay" if allocate else "ask"].append([p.name for p in todo])
         if relays is None:
             return None
+        if not allocate:
+            return {}, {p.public_key for p in todo if p.name in offline}
         return ({p.public_key: relays[p.name] for p in todo if p.name in relays},
                 {p.public_key for p in todo if p.name in offline})
 
@@ -518,6 +530,9 @@ def test_without_a_relay_every_candidate_is_tried_and_less_often_later(monkeypat
     assert calls["traverse"] == []                          # not again within the slot
     memo.since[peers[0].public_key] = now - 3600            # failing for an hour: 300 s slots
     memo.tried[peers[0].public_key] = now + 5
+    # ...and the cron fetch's slow path is due at the next 300 s boundary, not in 30 s
+    assert innernet.next_path_work(memo, {peers[0].public_key}, now + 6) == \
+        pytest.approx((now + 5) // 300 * 300 + 300 - (now + 6) + 0.2)
     innernet.settle_paths(None, dev, "n", cfg, peers, memo, now=now + 40)
     assert calls["traverse"] == []
 
@@ -552,9 +567,10 @@ def test_a_peer_the_server_calls_offline_costs_no_direct_step(monkeypatch):
     dev = FakeDevice([innernet.DevicePeer(peers[0].public_key, peers[0].endpoint, [], 25, 0.0)])
     memo = PathMemo()
     left = innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now)
-    assert calls["traverse"] == [["p0"]] and calls["relay"] == [["p0"]]   # one step, no more
+    # never tried: the server is asked first (nothing allocated), so no direct step
+    assert calls["ask"] == [["p0"]] and calls["traverse"] == [] and calls["relay"] == [["p0"]]
     assert left == {peers[0].public_key} and memo.offline == {peers[0].public_key}
     assert PathMemo.from_json(memo.to_json()) == memo
     innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31)
-    assert calls["traverse"] == [["p0"]]                     # the next slot: only the question
-    assert calls["relay"] == [["p0"], ["p0"]]
+    assert calls["traverse"] == [] and calls["ask"] == [["p0"]]   # the next slot: only the
+    assert calls["relay"] == [["p0"], ["p0"]]                     # relay request
