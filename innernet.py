@@ -55,7 +55,7 @@ import time
 
 # PyNaCl and pyroute2 are imported where they are used (sections 5 and 7), so
 # that --help, admin verbs and the unit tests start fast and work without them.
-# So are the stdlib modules only one role needs (sqlite3 and http.server for
+# So are the stdlib modules only one role needs (sqlite3 and socketserver for
 # the server, subprocess for starting wireguard-go): `fetch` from cron pays
 # for what it uses, no more.
 
@@ -2313,8 +2313,9 @@ def parse_data_store(text, source):
 # Network backends ############################################################
 ###############################################################################
 # Three seams to the kernel, one small interface for the two WireGuard
-# backends: exists(), create(), delete(), get(), apply(). pyroute2 is imported
-# inside the methods that need it; all its version quirks live here:
+# backends: exists(), create(), delete(), get(), apply(). Links, addresses and
+# routes go over our own rtnetlink (Netlink); pyroute2 is imported only by the
+# kernel backend, for WireGuard's generic netlink, and its quirks live here:
 #  * import from submodules: Debian's 0.7.2 builds the package's exports from
 #    entry points, which a zipapp without dist-info does not have;
 #  * read attributes with get_attr(), since 0.7.2's msg.get('x') iterates the
@@ -2323,21 +2324,80 @@ def parse_data_store(text, source):
 #    kernel peer update carries its full allowed-IP list.
 
 def _import_pyroute2():
+    """pyroute2's WireGuard generic-netlink module (the kernel backend's only
+    use of it) and its error type."""
     try:
-        from pyroute2.iproute import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.generic.wireguard import WireGuard
     except ImportError:
         raise InnernetError("pyroute2 is not installed",
                             hint="apt install python3-pyroute2, or pip install pyroute2") from None
-    return IPRoute, NetlinkError
+    return WireGuard, NetlinkError
+
+
+# rtnetlink, with the socket module alone: the four requests bringing an
+# interface up needs are a few packed structs each (linux/rtnetlink.h,
+# linux/if_link.h, linux/if_addr.h). pyroute2 cost the server 13 MB of
+# resident memory and a cron `up` 180 ms of imports for them.
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_NLMSG_ERROR = 2
+_RTM_NEWLINK, _RTM_DELLINK, _RTM_NEWADDR, _RTM_NEWROUTE = 16, 17, 20, 24
+_IFLA_IFNAME, _IFLA_MTU, _IFLA_LINKINFO, _IFLA_INFO_KIND = 3, 4, 18, 1
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RTA_DST, _RTA_OIF = 1, 4
+_IFF_UP = 0x1
+_RT_TABLE_MAIN, _RTPROT_BOOT, _RT_SCOPE_LINK, _RTN_UNICAST = 254, 3, 253, 1
+
+
+def _rtattr(kind, payload):
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
+
+
+def _ifinfomsg(index=0, flags=0, change=0):
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def rtnl_request(kind, index, ifname=None, *, link_kind=None, mtu=None, up=False,
+                 address=None, route=None):
+    """(message type, flags, body) of one rtnetlink request (pure; Netlink sends it).
+
+    ``address`` is an ip_interface to add; ``route`` an ip_network to route to
+    the interface (scope link, table main, as `ip route add NET dev IF`)."""
+    new = _NLM_F_CREATE | _NLM_F_EXCL
+    if kind == "add-link":
+        body = _ifinfomsg() + _rtattr(_IFLA_IFNAME, ifname.encode() + b"\0") + _rtattr(
+            _IFLA_LINKINFO, _rtattr(_IFLA_INFO_KIND, link_kind.encode()))
+        return _RTM_NEWLINK, new, body
+    if kind == "del-link":
+        return _RTM_DELLINK, 0, _ifinfomsg(index)
+    if kind == "set-link":
+        body = _ifinfomsg(index, _IFF_UP if up else 0, _IFF_UP if up else 0)
+        if mtu is not None:
+            body += _rtattr(_IFLA_MTU, struct.pack("=I", mtu))
+        return _RTM_NEWLINK, 0, body
+    if kind == "add-address":
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        raw = address.ip.packed
+        body = struct.pack("=BBBBI", family, address.network.prefixlen, 0, 0, index)
+        if family == socket.AF_INET:
+            body += _rtattr(_IFA_LOCAL, raw)
+        return _RTM_NEWADDR, new, body + _rtattr(_IFA_ADDRESS, raw)
+    if kind == "add-route":
+        family = socket.AF_INET6 if route.version == 6 else socket.AF_INET
+        body = struct.pack("=BBBBBBBBI", family, route.prefixlen, 0, 0, _RT_TABLE_MAIN,
+                           _RTPROT_BOOT, _RT_SCOPE_LINK, _RTN_UNICAST, 0)
+        body += _rtattr(_RTA_DST, route.network_address.packed)
+        return _RTM_NEWROUTE, new, body + _rtattr(_RTA_OIF, struct.pack("=I", index))
+    raise ValueError(kind)
 
 
 class Netlink:
-    """Links, addresses, MTU and routes over rtnetlink (pyroute2)."""
+    """Links, addresses, MTU and routes over rtnetlink (stdlib sockets)."""
 
     def __init__(self):
-        IPRoute, self.NetlinkError = _import_pyroute2()
-        self.ipr = IPRoute()
+        self.sock = None
+        self.seq = 0
 
     def __enter__(self):
         return self
@@ -2346,12 +2406,39 @@ class Netlink:
         self.close()
 
     def close(self):
-        with contextlib.suppress(Exception):
-            self.ipr.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _talk(self, kind, flags, body):
+        """Send one request; 0, or the errno the kernel answered with."""
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+            self.sock.settimeout(10)
+            self.sock.bind((0, 0))
+        self.seq += 1
+        self.sock.send(struct.pack("=LHHLL", 16 + len(body), kind,
+                                   flags | _NLM_F_REQUEST | _NLM_F_ACK, self.seq, 0) + body)
+        for _ in range(64):          # the ACK is the answer; anything else is skipped
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                break
+            off = 0
+            while off + 16 <= len(data):
+                length, typ, _, seq, _ = struct.unpack_from("=LHHLL", data, off)
+                if typ == _NLMSG_ERROR and seq == self.seq and off + 20 <= len(data):
+                    return -struct.unpack_from("=i", data, off + 16)[0]
+                if length < 16:
+                    break
+                off += (length + 3) & ~3
+        raise InnernetError("the kernel did not answer a netlink request")
 
     def index(self, ifname):
-        found = self.ipr.link_lookup(ifname=ifname)
-        return found[0] if found else None
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return None
 
     def _index(self, ifname):
         idx = self.index(ifname)
@@ -2362,51 +2449,40 @@ class Netlink:
     def add_wireguard_link(self, ifname):
         """Create a kernel WireGuard link; False when the module is missing."""
         echo_cmd(f"ip link add {ifname} type wireguard")
-        try:
-            self.ipr.link("add", ifname=ifname, kind="wireguard")
-        except self.NetlinkError as e:
-            if e.code == errno.EEXIST:
-                return True
-            if e.code in (errno.EOPNOTSUPP, errno.ENOENT):
-                return False
-            raise InnernetError(f"cannot create interface {ifname}: {e}") from None
-        return True
+        code = self._talk(*rtnl_request("add-link", 0, ifname, link_kind="wireguard"))
+        if code in (0, errno.EEXIST):
+            return True
+        if code in (errno.EOPNOTSUPP, errno.ENOENT):
+            return False
+        raise InnernetError(f"cannot create interface {ifname}: {os.strerror(code)}")
 
     def delete_link(self, ifname):
         idx = self.index(ifname)
         if idx is None:
             return
         echo_cmd(f"ip link del {ifname}")
-        try:
-            self.ipr.link("del", index=idx)
-        except self.NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise InnernetError(f"cannot delete interface {ifname}: {e}") from None
+        code = self._talk(*rtnl_request("del-link", idx))
+        if code not in (0, errno.ENODEV):
+            raise InnernetError(f"cannot delete interface {ifname}: {os.strerror(code)}")
 
     def add_address(self, ifname, iface):
         echo_cmd(f"ip address add {iface} dev {ifname}")
-        try:
-            self.ipr.addr("add", index=self._index(ifname), address=str(iface.ip),
-                          prefixlen=iface.network.prefixlen)
-        except self.NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise InnernetError(f"cannot add {iface} to {ifname}: {e}") from None
+        code = self._talk(*rtnl_request("add-address", self._index(ifname), address=iface))
+        if code not in (0, errno.EEXIST):
+            raise InnernetError(f"cannot add {iface} to {ifname}: {os.strerror(code)}")
 
     def set_mtu_up(self, ifname, mtu):
         echo_cmd(f"ip link set {ifname} mtu {mtu} up")
-        try:
-            self.ipr.link("set", index=self._index(ifname), mtu=mtu, state="up")
-        except self.NetlinkError as e:
-            raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {e}") from None
+        code = self._talk(*rtnl_request("set-link", self._index(ifname), mtu=mtu, up=True))
+        if code:
+            raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {os.strerror(code)}")
 
     def add_route(self, ifname, network):
         echo_cmd(f"ip route add {network} dev {ifname}")
-        try:
-            self.ipr.route("add", dst=str(network), oif=self._index(ifname),
-                           family=socket.AF_INET6 if network.version == 6 else socket.AF_INET)
-        except self.NetlinkError as e:
-            if e.code != errno.EEXIST:     # the prefix route often exists already
-                raise InnernetError(f"cannot add route {network} to {ifname}: {e}") from None
+        code = self._talk(*rtnl_request("add-route", self._index(ifname), route=network))
+        if code not in (0, errno.EEXIST):     # the prefix route often exists already
+            raise InnernetError(f"cannot add route {network} to {ifname}: "
+                                f"{os.strerror(code)}")
 
 
 def _sysfs_devtype(ifname):
@@ -2639,9 +2715,7 @@ class KernelBackend:
     name = "kernel"
 
     def _wireguard(self):
-        _import_pyroute2()
-        from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.generic.wireguard import WireGuard
+        WireGuard, NetlinkError = _import_pyroute2()
         try:
             return WireGuard()
         except NetlinkError:
@@ -4456,92 +4530,190 @@ def admin_delete_association(co, req):
 
 # -- HTTP ----------------------------------------------------------------------
 
-def _api_server_class():
-    """The HTTP server class, built on first use: only the server role needs
-    http.server, and a cron `fetch` should not pay for importing it."""
-    global _API_SERVER
-    if _API_SERVER is not None:
-        return _API_SERVER
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+# Our own HTTP/1.1, on socketserver: http.server pulls in http.client, email
+# and ssl, 8 MB of the server's resident memory, for a request line, a few
+# headers and a body of known length. What the API takes: HTTP/1.0 and 1.1,
+# keep-alive, Content-Length bodies (never chunked), Expect: 100-continue.
+# Everything else is refused with a JSON reason and the connection closed.
 
-    class _ApiHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = f"innernet.py/{__version__}"
-        sys_version = ""
-        disable_nagle_algorithm = True     # else keep-alive stalls 40 ms per request
-        timeout = HTTP_TIMEOUT
+HTTP_REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content",
+                304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
+                413: "Payload Too Large", 414: "URI Too Long", 417: "Expectation Failed",
+                429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 501: "Not Implemented",
+                503: "Service Unavailable", 505: "HTTP Version Not Supported",
+                507: "Insufficient Storage"}
+HTTP_LINE_MAX = 65536           # bytes of the request line or of one header line
+HTTP_HEADERS_MAX = 100          # header lines of one request
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
 
-        def _serve(self):
-            body, body_error = None, None
-            length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding"):
-                body_error, self.close_connection = "chunked bodies are not supported", True
-            elif length is None:
-                body_error = "missing Content-Length header"
-            elif (size := ascii_uint(length.strip())) is None:
-                body_error, self.close_connection = "invalid Content-Length header", True
-            elif size > (limit := body_limit(self.command, self.path)):
-                body_error = f"request body is larger than {limit} bytes"
-                self.close_connection = True
+
+class HttpHeaders(dict):
+    """A request's headers: lower-cased names; get() in any case, as
+    http.server's message object does."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+class _HttpRefusal(Exception):
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def parse_http_head(lines):
+    """(method, target, version, HttpHeaders) of a request head, given its
+    lines as bytes without their line ends (the request line first); raises
+    _HttpRefusal. Pure: _HttpConnection reads the lines."""
+    words = lines[0].decode("latin-1").split()
+    if len(words) == 2:                      # "GET /path": HTTP/0.9, no headers, no key
+        raise _HttpRefusal(400, "HTTP/1.0 or newer is required")
+    if len(words) != 3:
+        raise _HttpRefusal(400, "bad request syntax")
+    method, target, version = words
+    if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):
+        if re.fullmatch(r"HTTP/[2-9](\.[0-9])?", version):
+            raise _HttpRefusal(505, f"HTTP version {version[5:]} is not supported")
+        raise _HttpRefusal(400, f"bad request version {version[:20]!r}")
+    headers = HttpHeaders()
+    for line in lines[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name or name != name.strip() or not name.isprintable():
+            raise _HttpRefusal(400, "bad header line")
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in ("content-length", "transfer-encoding", "host") and \
+                    headers[key] != value:
+                raise _HttpRefusal(400, f"conflicting {name} headers")
+            continue                         # the first one counts, as in http.server
+        headers[key] = value
+    return method, target, version, headers
+
+
+class _HttpConnection:
+    """One client connection: requests answered in turn while it keeps alive."""
+
+    def __init__(self, server, sock, address):
+        self.server, self.sock, self.ip = server, sock, address[0]
+        self.rfile = sock.makefile("rb", 65536)
+
+    def run(self):
+        self.sock.settimeout(HTTP_TIMEOUT)
+        with contextlib.suppress(OSError):   # else keep-alive stalls 40 ms per request
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while self.one():
+                pass
+        except (OSError, ValueError):         # a timeout, a reset, a closed socket
+            pass
+        finally:
+            self.rfile.close()
+
+    def _line(self):
+        line = self.rfile.readline(HTTP_LINE_MAX + 1)
+        if len(line) > HTTP_LINE_MAX:
+            raise _HttpRefusal(431, "a header line is too long")
+        return line
+
+    def one(self):
+        """Read and answer one request; False when the connection is done."""
+        first = self.rfile.readline(HTTP_LINE_MAX + 1)
+        if not first:
+            return False
+        method = None
+        try:
+            if len(first) > HTTP_LINE_MAX:
+                raise _HttpRefusal(414, "the request line is too long")
+            lines = [first.rstrip(b"\r\n")]
+            while True:
+                line = self._line()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                if len(lines) > HTTP_HEADERS_MAX:
+                    raise _HttpRefusal(431, "too many headers")
+                lines.append(line.rstrip(b"\r\n"))
+            method, target, version, headers = parse_http_head(lines)
+        except _HttpRefusal as e:
+            self.send(method or "GET", e.status, {"error": e.reason[:200]}, close=True)
+            return False
+        conn = headers.get("Connection", "").lower()
+        close = conn == "close" if version == "HTTP/1.1" else conn != "keep-alive"
+        if method not in HTTP_METHODS:
+            self.send(method, 501, {"error": f"unsupported method {method[:20]!r}"},
+                      close=True)
+            return False
+        expect = headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                self.send(method, 417, {"error": "unsupported Expect header"}, close=True)
+                return False
+            if version == "HTTP/1.1":
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, body_error = None, None
+        length = headers.get("Content-Length")
+        if headers.get("Transfer-Encoding"):
+            body_error, close = "chunked bodies are not supported", True
+        elif length is None:
+            body_error = "missing Content-Length header"
+        else:
+            size = ascii_uint(length.strip())
+            limit = body_limit(method, target)
+            if size is None:
+                body_error, close = "invalid Content-Length header", True
+            elif size > limit:
+                body_error, close = f"request body is larger than {limit} bytes", True
             else:
                 try:
                     body = self.rfile.read(size)
                 except OSError:          # the timeout: the sender stopped short
                     body = b""
                 if len(body) < size:
-                    body, self.close_connection = None, True
+                    body, close = None, True
                     body_error = "the request body ended before its Content-Length"
-            resp = self.server.coordinator.handle(self.command, self.path, self.headers,
-                                                  self.client_address[0], body, body_error)
-            data = resp.raw
-            if data is None and resp.body is not None:
-                data = json.dumps(resp.body).encode()
-            self.send_response(resp.status)
-            for k, v in resp.headers.items():
-                self.send_header(k, v)
-            if data is not None:
-                self.send_header("Content-Type", "application/json")
-            if resp.status != 304:
-                self.send_header("Content-Length", str(len(data or b"")))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if data and self.command != "HEAD":
-                self.wfile.write(data)
-            self.wfile.flush()
-            if resp.after:
-                resp.after(self.connection)
+        resp = self.server.coordinator.handle(method, target, headers, self.ip, body,
+                                              body_error)
+        data = resp.raw
+        if data is None and resp.body is not None:
+            data = json.dumps(resp.body).encode()
+        self.send(method, resp.status, data, headers=resp.headers, close=close,
+                  line=f"{method} {target[:200]} {version}")
+        if resp.after:
+            resp.after(self.sock)
+        return not close
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own refusals (bad request lines, huge headers) in JSON too."""
-            reason = message or self.responses.get(code, ("error",))[0]
-            body = json.dumps({"error": reason[:200]}).encode()
-            self.close_connection = True
-            self.request_version = "HTTP/1.1"      # a status line even for garbage
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def parse_request(self):
-            ok = super().parse_request()
-            if ok and self.request_version == "HTTP/0.9":   # "GET /path": no headers, no key
-                self.send_error(400, "HTTP/1.0 or newer is required")
-                return False
-            return ok
-
-        def log_message(self, fmt, *args):
-            debug(f"http {self.client_address[0]} " + fmt % args, 2)
+    def send(self, method, status, data, *, headers=None, close=False, line=None):
+        if isinstance(data, dict):
+            data = json.dumps(data).encode()
+        head = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Error')}",
+                f"Server: innernet.py/{__version__}",
+                "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if data is not None:
+            head.append("Content-Type: application/json")
+        if status != 304:
+            head.append(f"Content-Length: {len(data or b'')}")
+        if close:
+            head.append("Connection: close")
+        out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if data and method != "HEAD":
+            out += data
+        self.sock.sendall(out)
+        debug(f"http {self.ip} \"{line or '-'}\" {status} {len(data or b'')}", 2)
 
 
-    class ApiServer(HTTPServer):
+def _api_server_class():
+    """The HTTP server class, built on first use: only the server role needs
+    socketserver, and a cron `fetch` should not pay for importing it."""
+    global _API_SERVER
+    if _API_SERVER is not None:
+        return _API_SERVER
+    import socketserver
+
+    class ApiServer(socketserver.TCPServer):
         """HTTP on the WireGuard address, a thread per connection, bounded."""
-        daemon_threads = True
         allow_reuse_address = True
         request_queue_size = 128
 
@@ -4553,7 +4725,7 @@ def _api_server_class():
             self._slots = threading.BoundedSemaphore(max_connections)
             self._per_source = {}
             self._per_source_lock = threading.Lock()
-            super().__init__((address, port), _ApiHandler)
+            super().__init__((address, port), None)
 
         def server_bind(self):
             s = self.socket
@@ -4564,7 +4736,6 @@ def _api_server_class():
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(self.server_address)
             self.server_address = s.getsockname()[:2]
-            self.server_name, self.server_port = self.server_address
 
         def process_request(self, request, client_address):
             source = client_address[0]
@@ -4579,7 +4750,7 @@ def _api_server_class():
 
         def _work(self, request, client_address):
             try:
-                self.finish_request(request, client_address)
+                _HttpConnection(self, request, client_address).run()
             except Exception as e:
                 debug(f"connection from {client_address[0]} ended: {e!r}")
             finally:
@@ -4633,11 +4804,6 @@ def _gunzip(data, limit=MAX_ANSWER):
     return out
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
-            400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 410: "Gone",
-            413: "Payload Too Large", 429: "Too Many Requests",
-            500: "Internal Server Error", 503: "Service Unavailable",
-            507: "Insufficient Storage"}
 
 
 class ApiClient:
@@ -4821,7 +4987,7 @@ class ApiClient:
         reason = ""
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             reason = json.loads(raw).get("error", "")
-        text = _REASONS.get(status, "error")
+        text = HTTP_REASONS.get(status, "error")
         hint = None
         if status == 401:
             hint = ("this peer is unknown to the server, disabled, or not an admin"

@@ -6,6 +6,8 @@ The userspace backend and the netlink address/route calls run for real in the
 end-to-end tests.
 """
 import errno
+import ipaddress
+import struct
 import sys
 import types
 
@@ -42,34 +44,63 @@ class FakeWireGuard:
         pass
 
 
-class FakeIPRoute:
+class FakeRtnl:
+    """Records the rtnetlink requests Netlink sends, decoded enough to check."""
     calls = []
     fail_kind = None
 
-    def link(self, cmd, **kw):
-        FakeIPRoute.calls.append(("link", cmd, kw))
-        if cmd == "add" and kw.get("kind") == "wireguard" and FakeIPRoute.fail_kind:
-            raise NetlinkError(FakeIPRoute.fail_kind)
+    @staticmethod
+    def talk(self, kind, flags, body):
+        FakeRtnl.calls.append(decode(kind, flags, body))
+        if kind == innernet._RTM_NEWLINK and b"wireguard" in body and FakeRtnl.fail_kind:
+            return FakeRtnl.fail_kind
+        if kind == innernet._RTM_NEWADDR:
+            return errno.EEXIST                     # already there: fine
+        return 0
 
-    def link_lookup(self, ifname):
-        return [7]
 
-    def addr(self, cmd, **kw):
-        FakeIPRoute.calls.append(("addr", cmd, kw))
-        raise NetlinkError(errno.EEXIST)          # already there: fine
+def attrs(data):
+    out = {}
+    while len(data) >= 4:
+        n, kind = struct.unpack_from("=HH", data)
+        out[kind] = data[4:n]
+        data = data[(n + 3) & ~3:]
+    return out
 
-    def route(self, cmd, **kw):
-        FakeIPRoute.calls.append(("route", cmd, kw))
 
-    def close(self):
-        pass
+def decode(kind, flags, body):
+    """(what, fields) of one request, as the kernel would read it."""
+    if kind in (innernet._RTM_NEWLINK, innernet._RTM_DELLINK):
+        _, _, index, ifflags, change = struct.unpack_from("=BxHiII", body)
+        a = attrs(body[16:])
+        if kind == innernet._RTM_DELLINK:
+            return ("link", "del", {"index": index})
+        if flags & innernet._NLM_F_CREATE:
+            info = attrs(a[innernet._IFLA_LINKINFO])
+            return ("link", "add", {"ifname": a[innernet._IFLA_IFNAME].rstrip(b"\0").decode(),
+                                    "kind": info[innernet._IFLA_INFO_KIND].decode()})
+        return ("link", "set", {"index": index, "up": bool(ifflags & change & 1),
+                                "mtu": struct.unpack("=I", a[innernet._IFLA_MTU])[0]})
+    if kind == innernet._RTM_NEWADDR:
+        family, plen, _, _, index = struct.unpack_from("=BBBBI", body)
+        a = attrs(body[8:])
+        return ("addr", "add", {"index": index, "prefixlen": plen, "attrs": {
+            k: str(ipaddress.ip_address(v)) for k, v in a.items()}})
+    if kind == innernet._RTM_NEWROUTE:
+        family, dst_len, _, _, table, proto, scope, rtype, _ = struct.unpack_from("=BBBBBBBBI",
+                                                                                 body)
+        a = attrs(body[12:])
+        return ("route", "add", {
+            "dst": f"{ipaddress.ip_address(a[innernet._RTA_DST])}/{dst_len}",
+            "oif": struct.unpack("=I", a[innernet._RTA_OIF])[0], "table": table,
+            "scope": scope, "type": rtype, "exclusive": bool(flags & innernet._NLM_F_EXCL)})
+    raise AssertionError(kind)
 
 
 @pytest.fixture
 def fakes(monkeypatch):
     mods = {
         "pyroute2": types.ModuleType("pyroute2"),
-        "pyroute2.iproute": types.SimpleNamespace(IPRoute=FakeIPRoute),
         "pyroute2.netlink": types.ModuleType("pyroute2.netlink"),
         "pyroute2.netlink.exceptions": types.SimpleNamespace(NetlinkError=NetlinkError),
         "pyroute2.netlink.generic": types.ModuleType("pyroute2.netlink.generic"),
@@ -77,7 +108,9 @@ def fakes(monkeypatch):
     }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    FakeWireGuard.calls, FakeIPRoute.calls, FakeIPRoute.fail_kind = [], [], None
+    monkeypatch.setattr(innernet.Netlink, "_talk", FakeRtnl.talk)
+    monkeypatch.setattr(innernet.Netlink, "index", lambda self, ifname: 7)
+    FakeWireGuard.calls, FakeRtnl.calls, FakeRtnl.fail_kind = [], [], None
     FakeWireGuard.device = []
 
 
@@ -129,7 +162,7 @@ def test_kernel_get_reads_attributes(fakes):
 
 
 def test_auto_falls_back_to_userspace_with_one_warning(fakes, monkeypatch, capsys):
-    FakeIPRoute.fail_kind = errno.EOPNOTSUPP
+    FakeRtnl.fail_kind = errno.EOPNOTSUPP
     created = []
     monkeypatch.setattr(innernet.UserspaceBackend, "create", lambda self, i: created.append(i))
     backend = innernet.create_device("auto", "wg0")
@@ -143,7 +176,7 @@ def test_auto_falls_back_to_userspace_with_one_warning(fakes, monkeypatch, capsy
 def test_kernel_first_when_the_module_works(fakes):
     backend = innernet.create_device("auto", "wg0")
     assert isinstance(backend, innernet.KernelBackend)
-    assert FakeIPRoute.calls[0] == ("link", "add", {"ifname": "wg0", "kind": "wireguard"})
+    assert FakeRtnl.calls[0] == ("link", "add", {"ifname": "wg0", "kind": "wireguard"})
 
 
 def test_bring_up_order_and_idempotent_address(fakes, monkeypatch):
@@ -152,10 +185,14 @@ def test_bring_up_order_and_idempotent_address(fakes, monkeypatch):
     iface = innernet.ipaddress.ip_interface("10.66.1.1/16")
     innernet.bring_up("kernel", "wg0", private_key="k", address=iface, listen_port=None,
                       updates=[], mtu=1280, routing=True)
-    assert [c[:2] for c in FakeIPRoute.calls] == [("link", "add"), ("addr", "add"),
-                                                  ("link", "set"), ("route", "add")]
-    assert FakeIPRoute.calls[2][2] == {"index": 7, "mtu": 1280, "state": "up"}
-    assert FakeIPRoute.calls[3][2]["dst"] == "10.66.0.0/16"
+    assert [c[:2] for c in FakeRtnl.calls] == [("link", "add"), ("addr", "add"),
+                                               ("link", "set"), ("route", "add")]
+    # IPv4: the local address and the address, as `ip address add` sends them
+    assert FakeRtnl.calls[1][2] == {"index": 7, "prefixlen": 16, "attrs": {
+        innernet._IFA_LOCAL: "10.66.1.1", innernet._IFA_ADDRESS: "10.66.1.1"}}
+    assert FakeRtnl.calls[2][2] == {"index": 7, "mtu": 1280, "up": True}
+    assert FakeRtnl.calls[3][2] == {"dst": "10.66.0.0/16", "oif": 7, "table": 254,
+                                    "scope": 253, "type": 1, "exclusive": True}
     assert applied == [{"private_key": "k", "listen_port": 0, "updates": [],
                         "replace_peers": True}]
 
@@ -172,3 +209,35 @@ def test_bring_up_rolls_back_on_failure(fakes, monkeypatch):
                           address=innernet.ipaddress.ip_interface("10.66.1.1/16"),
                           listen_port=None, updates=[], mtu=1280, routing=True)
     assert deleted == ["wg0"]
+
+
+def test_ipv6_address_and_route_requests():
+    iface = ipaddress.ip_interface("fd00:66::1/64")
+    got = decode(*innernet.rtnl_request("add-address", 3, address=iface))
+    assert got == ("addr", "add", {"index": 3, "prefixlen": 64,
+                                   "attrs": {innernet._IFA_ADDRESS: "fd00:66::1"}})
+    got = decode(*innernet.rtnl_request("add-route", 3, route=iface.network))
+    assert got[2]["dst"] == "fd00:66::/64" and got[2]["oif"] == 3
+
+
+def test_netlink_errors_become_one_line_errors(fakes, monkeypatch):
+    monkeypatch.setattr(innernet.Netlink, "_talk", lambda self, *a: errno.EPERM)
+    with pytest.raises(innernet.InnernetError, match="cannot set wg0 up with MTU 1280: "
+                                                     "Operation not permitted"):
+        innernet.Netlink().set_mtu_up("wg0", 1280)
+    with pytest.raises(innernet.InnernetError, match="cannot create interface wg0"):
+        innernet.Netlink().add_wireguard_link("wg0")
+
+
+def test_netlink_for_real_on_loopback():
+    """Our rtnetlink socket against the kernel, changing nothing: deleting a
+    link that does not exist is answered ENODEV (root) or EPERM, never misread."""
+    nl = innernet.Netlink()
+    try:
+        assert nl.index("lo") == 1 and nl.index("no-such-if0") is None
+        code = nl._talk(*innernet.rtnl_request("del-link", 2 ** 31 - 1))
+        assert code in (errno.ENODEV, errno.EPERM)
+        code = nl._talk(*innernet.rtnl_request("del-link", 2 ** 31 - 2))    # the same socket
+        assert code in (errno.ENODEV, errno.EPERM)
+    finally:
+        nl.close()
