@@ -485,6 +485,16 @@ def echo_cmd(text):
 ###############################################################################
 
 
+def which(prog):
+    """shutil.which(prog), without importing shutil (and its bz2 and lzma)."""
+    dirs = [""] if os.sep in prog else os.environ.get("PATH", os.defpath).split(os.pathsep)
+    for d in dirs:
+        path = os.path.join(d, prog) if d else prog
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
 def run(argv, *, timeout=30, check=True, env=None, input=None, new_session=False):
     """Run a program: the only subprocess seam. Returns CompletedProcess.
 
@@ -1086,10 +1096,14 @@ def local_addresses(exclude=(), links=None):
 # Keys ########################################################################
 ###############################################################################
 # Curve25519 keys as WireGuard uses them: 32 bytes, standard base64 outside
-# this section, lower-case hex only inside the UAPI backend. PyNaCl computes
-# public keys when it can be imported; otherwise a pure-Python X25519 (RFC
-# 7748 Montgomery ladder) does. The fallback is not constant time, which is
-# acceptable for deriving our own public keys, the only thing it is used for.
+# this section, lower-case hex only inside the UAPI backend. A pure-Python
+# X25519 (RFC 7748 Montgomery ladder) derives our own public keys, 0.9 ms
+# each, once per key and process: it is not constant time, which is
+# acceptable there, where no one else chooses the input or sees the timing.
+# Shared secrets, where the other side chooses the point, are PyNaCl's when it
+# can be imported (the pure ladder otherwise). Leaving PyNaCl out of key
+# derivation keeps its 1.4 MB (cffi, libsodium) out of the server and of the
+# cron fetch, which never need a shared secret.
 
 _P25519 = 2 ** 255 - 19
 _A24 = 121665
@@ -1133,7 +1147,7 @@ def x25519(k, u):
 
 
 def key_backend():
-    """'pynacl' or 'python': which implementation derives public keys."""
+    """'pynacl' or 'python': which implementation computes shared secrets."""
     global _nacl_bindings
     if _nacl_bindings is None:
         try:
@@ -1144,10 +1158,17 @@ def key_backend():
     return "pynacl" if _nacl_bindings else "python"
 
 
+_PUBLIC_KEYS: dict[bytes, bytes] = {}     # private -> public, this process's own keys
+
+
 def _scalarmult_base(raw):
-    if key_backend() == "pynacl":
-        return _nacl_bindings.crypto_scalarmult_base(bytes(raw))
-    return x25519(raw, (9).to_bytes(32, "little"))
+    raw = bytes(raw)
+    out = _PUBLIC_KEYS.get(raw)
+    if out is None:
+        if len(_PUBLIC_KEYS) > 64:
+            _PUBLIC_KEYS.clear()
+        out = _PUBLIC_KEYS[raw] = x25519(raw, (9).to_bytes(32, "little"))
+    return out
 
 
 def parse_key(text, what="key"):
@@ -1252,6 +1273,27 @@ def shared_secret(private_b64, public_b64):
     return out
 
 
+def equal_secrets(a, b):
+    """Constant-time comparison of two str or bytes. It is hmac.compare_digest,
+    without importing hmac, whose hashlib loads OpenSSL: 3.5 MB of a server's
+    resident memory for a comparison on every request."""
+    try:
+        from _operator import _compare_digest
+    except ImportError:                       # not CPython
+        from hmac import compare_digest as _compare_digest
+    return _compare_digest(a, b)
+
+
+def blake2(kind, data, **kw):
+    """hashlib.blake2b/blake2s(data, **kw), from CPython's own _blake2 when it
+    has it (no OpenSSL loaded, see equal_secrets)."""
+    try:
+        import _blake2 as lib
+    except ImportError:
+        import hashlib as lib
+    return getattr(lib, kind)(data, **kw)
+
+
 def _rotation_mac(secret, ip, old_public, new_public, verifier_public):
     import hashlib
     import hmac
@@ -1269,7 +1311,6 @@ def rotation_proof(old_private, verifier_public, ip, new_public):
 
 def rotation_proof_valid(own_private, old_public, ip, new_public, proof):
     """Does ``proof`` show that old_public's holder moved ``ip`` to new_public?"""
-    import hmac
     if not isinstance(proof, str) or len(proof) != 44:
         return False
     try:
@@ -1277,7 +1318,7 @@ def rotation_proof_valid(own_private, old_public, ip, new_public, proof):
                                new_public, public_key(own_private))
     except InnernetError:
         return False
-    return hmac.compare_digest(expect, proof)
+    return equal_secrets(expect, proof)
 
 
 # WireGuard's own messages, as far as a relay that cannot decrypt them may
@@ -1302,19 +1343,16 @@ def wg_message_type(data):
 
 
 def wg_mac1_key(public_b64):
-    import hashlib
-    return hashlib.blake2s(b"mac1----" + parse_key(public_b64)).digest()
+    return blake2("blake2s", b"mac1----" + parse_key(public_b64)).digest()
 
 
 def wg_mac1_valid(data, mac1_key):
     """Is a handshake message's MAC1 made for the holder of ``mac1_key``'s key?"""
-    import hashlib
-    import hmac
     at = _WG_MAC1_AT.get(wg_message_type(data))
     if at is None:
         return False
-    mac = hashlib.blake2s(data[:at], digest_size=16, key=mac1_key).digest()
-    return hmac.compare_digest(mac, data[at:at + 16])
+    mac = blake2("blake2s", bytes(data[:at]), digest_size=16, key=mac1_key).digest()
+    return equal_secrets(mac, bytes(data[at:at + 16]))
 
 ###############################################################################
 # Model #######################################################################
@@ -2566,8 +2604,7 @@ class UserspaceBackend:
             return
         prog = next((os.environ[v] for v in ENV_USERSPACE if os.environ.get(v)),
                     "wireguard-go")
-        import shutil
-        if shutil.which(prog) is None:
+        if which(prog) is None:
             raise InnernetError(
                 f"userspace WireGuard implementation '{prog}' not found",
                 hint="apt install wireguard-go, or set WG_USERSPACE_IMPLEMENTATION")
@@ -2886,8 +2923,7 @@ class RelayFirewall:
 
     @staticmethod
     def available():
-        import shutil
-        return shutil.which("nft") is not None
+        return which("nft") is not None
 
     def _forwarding(self, on):
         path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
@@ -4059,9 +4095,8 @@ class Coordinator:
         return local
 
     def authenticate(self, headers, remote_ip):
-        import hmac
         key = headers.get(SERVER_KEY_HEADER) if headers is not None else None
-        if not key or not is_key(key) or not hmac.compare_digest(key, self.public_key):
+        if not key or not is_key(key) or not equal_secrets(key, self.public_key):
             raise InnernetError(f"missing or wrong {SERVER_KEY_HEADER} header", status=401)
         try:
             ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
@@ -4159,15 +4194,16 @@ class Coordinator:
         if any(p.endpoint is None and p.public_key not in self.observed for p in visible):
             # A peer that just joined: its endpoint may be on the device already.
             self.refresh_observed(0.1)
-        state = {"peers": [inject_endpoint(p, self.observed.get(p.public_key)).to_json()
-                           for p in visible],
-                 "cidrs": [c.to_json() for c in cidrs]}
+        # json.dumps({"peers": [...], "cidrs": [...]}) to the byte, one peer at
+        # a time: the whole state as dicts at once (1,000 peers: a megabyte)
+        # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
-        if gone:     # ours: lets clients unpin deleted peers (innernet ignores it)
-            state["deleted"] = gone
-        body = json.dumps(state).encode()
-        import hashlib
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        body = ('{"peers": [' + ", ".join(
+            json.dumps(inject_endpoint(p, self.observed.get(p.public_key)).to_json())
+            for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
+            # ours: lets clients unpin deleted peers (innernet ignores it)
+            + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
+        etag = '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
         with self._cache_lock:
             # Only the current revision is worth keeping: older bodies are
             # never served again, and holding them grew the server by every
@@ -7109,8 +7145,34 @@ def _nat_options(p):
                    help="report no local addresses to the server")
 
 
+def _terminal_width():
+    """shutil.get_terminal_size's columns: argparse imports shutil (and its
+    bz2 and lzma, 0.4 MB) only to ask that, for every parser it builds."""
+    with contextlib.suppress(KeyError, ValueError):
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Width:
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else _terminal_width() - 2)
+
+
+class _HelpFormatter(_Width, argparse.HelpFormatter):
+    pass
+
+
+class _RawFormatter(_Width, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def _verb(sub, name, func, role, help_text, aliases=()):
-    p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
+    p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text,
+                       formatter_class=_HelpFormatter)
     _global_options(p, short=False)
     p.set_defaults(func=func, role=role)
     return p
@@ -7245,7 +7307,7 @@ def _add_server_verbs(sub):
 def build_parser(server_mode=False):
     prog = SERVER_PROG if server_mode else PROG
     top = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=_RawFormatter,
         description=("innernet.py coordination server." if server_mode else
                      "innernet.py: a WireGuard mesh network you run yourself."),
         epilog=SERVER_EPILOG if server_mode else CLIENT_EPILOG)
@@ -7328,7 +7390,7 @@ def build_parser(server_mode=False):
     _add_shared_verbs(sub, "client")
     p = sub.add_parser("server", help="Server verbs (as innernet-server).",
                        description="Server verbs; the same as running innernet-server.",
-                       epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=SERVER_EPILOG, formatter_class=_RawFormatter)
     _global_options(p, short=False)
     p.set_defaults(func=None, role="server")
     _add_server_verbs(p.add_subparsers(dest="server_verb", metavar="COMMAND"))
