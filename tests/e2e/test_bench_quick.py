@@ -13,7 +13,7 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.mark.parametrize("bench", ["join.py", "propagation.py", "fetch_cost.py", "apply_one.py",
-                                   "traversal.py", "relay.py"])
+                                   "traversal.py", "relay.py", "footprint.py"])
 def test_namespace_benchmark_runs(bench, pyz):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", bench), "--quick"],
                        capture_output=True, text=True, timeout=600,

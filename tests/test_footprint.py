@@ -1,0 +1,70 @@
+"""What the server and a fetch load: the modules that cost memory stay out.
+
+bench/footprint.py measures the resident memory; these guard its causes,
+in a fresh interpreter: http.server (with http.client, email, ssl),
+hashlib/hmac (OpenSSL), PyNaCl, pyroute2 and shutil (bz2, lzma) are not
+imported by serving state requests or by the argument parser.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import innernet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAVY = ["http.server", "http.client", "email", "ssl", "hashlib", "_hashlib", "hmac", "nacl",
+         "pyroute2", "shutil", "bz2", "lzma"]
+
+SERVE = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import innernet
+heavy = json.loads(sys.argv[2])
+key = innernet.generate_private_key()
+store = innernet.Store(sys.argv[3], create=True)
+store.create_network("lo", innernet.parse_network("127.0.0.0/8"), innernet.parse_ip("127.0.0.1"),
+                     innernet.public_key(key), "127.0.0.1:1")
+store.add_cidr(innernet.Cidr(None, "humans", "127.1.0.0/16", 1))
+store.add_peer(innernet.Peer(None, "me", "127.1.0.1", 3, innernet.public_key(
+    innernet.generate_private_key()), is_admin=True, is_redeemed=True))
+co = innernet.Coordinator(store, innernet.ServerConfig(key, 0, "127.0.0.1", 8), "lo",
+                          local_callers=True)
+httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+api = innernet.ApiClient(f"127.0.0.1:{httpd.server_address[1]}", co.public_key,
+                         source_address=("127.1.0.1", 0))
+for path in ("/user/state", "/user/state", "/admin/peers"):
+    api.call("GET", path)
+innernet.build_parser(True)
+innernet.build_parser(False)
+httpd.shutdown()
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def test_serving_and_parsing_load_none_of_the_heavy_modules(tmp_path):
+    r = subprocess.run([sys.executable, "-S", "-c", SERVE, ROOT, json.dumps(HEAVY),
+                        str(tmp_path / "t.db")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_which_finds_programs_as_shutil_does(tmp_path, monkeypatch):
+    prog = tmp_path / "tool"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "plain").write_text("")
+    monkeypatch.setenv("PATH", f"/nonexistent:{tmp_path}")
+    assert innernet.which("tool") == str(prog)
+    assert innernet.which(str(prog)) == str(prog)
+    assert innernet.which("dir") is None and innernet.which("plain") is None
+    assert innernet.which("no-such-tool-here") is None
+
+
+def test_public_keys_are_cached_per_private_key():
+    k = innernet.generate_private_key()
+    assert innernet.public_key(k) == innernet.public_key(k)
+    assert innernet.parse_key(k) in innernet._PUBLIC_KEYS
