@@ -6491,19 +6491,26 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
         # is asked first, without allocating anything.
         unknown = [p for p in fresh if p.public_key not in memo.tried
                    and p.public_key not in memo.offline]
-        asked = request_relays(api, cfg, unknown[:RELAY_ASK_MAX], allocate=False) \
-            if unknown else None
-        if asked is not None:
-            memo.offline |= asked[1]
+        just_told, answer = set(), None
+        for i in range(0, len(unknown), RELAY_ASK_MAX):
+            asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
+            if asked is None:
+                break
+            answer = ({}, set())          # a server with a relay, which just answered
+            just_told |= asked[1]
+        memo.offline |= just_told
         for p in fresh:
             memo.tried[p.public_key] = now
         trying = [p for p in fresh if p.public_key not in memo.offline]
         first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
         missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
-        answer = request_relays(api, cfg, missed[:RELAY_ASK_MAX])
+        # ...and not again in the same run for those it just called offline
+        ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+        if ask:
+            answer = request_relays(api, cfg, ask)
         relays, offline = answer if answer is not None else ({}, set())
         memo.relays.update(relays)
-        memo.offline = (memo.offline - {p.public_key for p in missed}) | offline
+        memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
         if relays:
             by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
             backend.apply(iface, updates=[u for p in missed if p.public_key in relays
