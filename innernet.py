@@ -1958,12 +1958,13 @@ def relay_rules(peers, cidrs, associations):
     return addrs, sorted(pairs)
 
 
-def relay_pair_refusal(a, b, cidrs, associations):
+def relay_pair_refusal(a, b, cidrs, associations, views=None):
     """Why the end-to-end relay may not join peers ``a`` and ``b`` (None: it may).
 
     The same rules as a direct path: both redeemed and enabled, each in a CIDR
     the other may see. Static peers have only the server as their peer, and
-    the server has no relay of its own to ask for.
+    the server has no relay of its own to ask for. ``views``, if given, caches
+    {cidr id: the CIDR ids it sees} across calls.
     """
     for p in (a, b):
         if p is None:
@@ -1976,8 +1977,13 @@ def relay_pair_refusal(a, b, cidrs, associations):
             return "the server is reached directly"
     if a.id == b.id:
         return "a peer needs no relay to itself"
-    if b.cidr_id not in visible_cidr_ids(cidrs, associations, a.cidr_id) or \
-            a.cidr_id not in visible_cidr_ids(cidrs, associations, b.cidr_id):
+    def sees(cidr_id):
+        if views is None:
+            return visible_cidr_ids(cidrs, associations, cidr_id)
+        if cidr_id not in views:
+            views[cidr_id] = frozenset(visible_cidr_ids(cidrs, associations, cidr_id))
+        return views[cidr_id]
+    if b.cidr_id not in sees(a.cidr_id) or a.cidr_id not in sees(b.cidr_id):
         return f"peer {b.name} is not visible to {a.name}"
     return None
 
@@ -2687,6 +2693,54 @@ class UserspaceBackend:
             raise InnernetError(f"{ifname} is still there after its daemon was told "
                                 "to stop", hint=f"ip link del {ifname}")
 
+    def observe(self, ifname):
+        """{public key: (endpoint or None, last handshake)}, read from the UAPI
+        answer as it streams in, without a DevicePeer or a line list for the
+        whole device: the server does this every second, and at 10,000 peers
+        (3 MB of text) building the whole device each time grew its heap."""
+        s = self._connect(ifname)
+        if s is None:
+            raise InnernetError(f"interface {ifname} is not up",
+                                hint=f"run 'innernet up {ifname}'")
+        out, key, ep, hs, rest, code = {}, None, None, 0.0, b"", None
+
+        def done():
+            if key is not None:
+                out[key_from_hex(key.decode())] = (ep, hs if hs >= 1 else 0.0)
+        try:
+            s.sendall(b"get=1\n\n")
+            while code is None:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    k, _, v = line.partition(b"=")
+                    if k == b"public_key":
+                        done()
+                        key, ep, hs = v, None, 0.0
+                    elif key is None:
+                        pass
+                    elif k == b"endpoint":
+                        ep = v.decode()
+                    elif k == b"last_handshake_time_sec":
+                        hs += int(v)
+                    elif k == b"last_handshake_time_nsec":
+                        hs += int(v) / 1e9
+                    if k == b"errno":
+                        code = int(v or 0)
+        except (OSError, ValueError) as e:
+            raise InnernetError(f"WireGuard UAPI of {ifname} failed: {e}") from None
+        finally:
+            s.close()
+        if code is None:
+            raise InnernetError(f"WireGuard UAPI of {ifname} gave no answer")
+        if code:
+            raise InnernetError(f"WireGuard UAPI of {ifname}: errno {code}")
+        done()
+        return out
+
     def get(self, ifname):
         dev = Device(ifname)
         cur = None
@@ -2771,6 +2825,9 @@ class KernelBackend:
     def delete(self, ifname):
         with Netlink() as nl:
             nl.delete_link(ifname)
+
+    def observe(self, ifname):
+        return {p.public_key: (p.endpoint, p.last_handshake) for p in self.get(ifname).peers}
 
     def get(self, ifname):
         wg = self._wireguard()
@@ -3935,16 +3992,16 @@ class Coordinator:
             if time.monotonic() - self._observed_at < max_age:
                 return
             try:
-                dev = self.backend.get(self.ifname)
+                seen = self.backend.observe(self.ifname)
             except InnernetError as e:
                 debug(f"cannot read {self.ifname}: {e.message}")
                 return
             self._observed_at = time.monotonic()
             changed = False
-            for p in dev.peers:
-                self.handshakes[p.public_key] = p.last_handshake
-                if p.endpoint and self.observed.get(p.public_key) != p.endpoint:
-                    self.observed[p.public_key] = p.endpoint
+            for key, (endpoint, handshake) in seen.items():
+                self.handshakes[key] = handshake
+                if endpoint and self.observed.get(key) != endpoint:
+                    self.observed[key] = endpoint
                     changed = True
             if changed:
                 self.observed_version += 1
@@ -4334,8 +4391,8 @@ def user_relay(co, req):
     if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
         raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
     co.refresh_observed(0.2)
-    peers, cidrs, assocs, _, _ = co._tree((co.store.revision, co.store.data_version(),
-                                          co.observed_version))
+    peers, cidrs, assocs, views, _ = co._tree((co.store.revision, co.store.data_version(),
+                                              co.observed_version))
     by_ip = {}
     for p in peers:
         by_ip.setdefault(p.ip, p)
@@ -4351,7 +4408,7 @@ def user_relay(co, req):
         except ValueError:
             refused[text] = "not an IP address"
             continue
-        why = relay_pair_refusal(caller, other, cidrs, assocs)
+        why = relay_pair_refusal(caller, other, cidrs, assocs, views)
         # Offline: the device has an endpoint for it but no recent handshake. A
         # peer not heard from under its key yet (it is joining right now) gets
         # its pair; its side learns where it is when it asks for the pair too.
@@ -6256,12 +6313,17 @@ class FetchResult:
     next_due: float | None = None        # s until the paths need another look
 
 
-def desired_peers(cfg, peers):
+def desired_peers(cfg, peers, quiet=()):
     """The cached peers as this client wants them on its device.
 
     Local endpoint overrides win; the server is always reached at the
     endpoint in our own config, never at one the state names, so a server
-    (or an admin) cannot point clients away from it.
+    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
+    server calls them offline) get no persistent keepalive: with one,
+    WireGuard sends each of them a handshake every 5 s for 90 s after it is
+    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
+    them takes three times as long. Once one is back it is heard from (it
+    keeps its keepalive for us), and the next sync gives it one again.
     """
     overrides = cfg.peer_endpoint_overrides
     out = []
@@ -6270,8 +6332,28 @@ def desired_peers(cfg, peers):
             p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
         elif p.ip in overrides:
             p = dataclasses.replace(p, endpoint=overrides[p.ip])
+        elif p.public_key in quiet:
+            p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
     return out
+
+
+def learn_offline(api, cfg, memo, peers):
+    """Ask the server which of ``peers`` (never tried yet) are offline, without
+    allocating relays; recorded in ``memo.offline``. Returns those keys, or
+    None from a server that cannot say (innernet's, or ours with --no-relay)."""
+    unknown = [p for p in peers if p.public_key not in memo.tried
+               and p.public_key not in memo.offline]
+    if not unknown:
+        return None
+    told = set()
+    for i in range(0, len(unknown), RELAY_ASK_MAX):
+        asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
+        if asked is None:
+            return None if not told else told
+        told |= asked[1]
+    memo.offline |= told
+    return told
 
 
 def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None,
@@ -6442,7 +6524,7 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
 
 
 def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None):
+                 dev=None, save=None, told=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -6455,7 +6537,8 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     direct_retry_due. Without a relay on the server every candidate is tried
     (innernet's servers). ``save(memo)``, if given, is called before a direct
     try, so that `show` run meanwhile knows the peers are still relayed.
-    Returns the keys left with no path.
+    ``told``: keys the server called offline moments ago (learn_offline), not
+    asked about again in this run. Returns the keys left with no path.
     """
     now = time.time() if now is None else now
     changed = set(changed)
@@ -6473,6 +6556,8 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
         k, relayed, live = dp.public_key, memo.relayed(dp), recently_connected(dp, now)
         due = full or k in changed or direct_retry_due(memo.tried.get(k), now,
                                                        memo.since.get(k, now))
+        if live:
+            memo.offline.discard(k)                     # heard from: not offline
         if live and not relayed:
             if memo.since.pop(k, None) is not None:     # WireGuard roamed to a direct path
                 log(f"peer {p.name}: direct path works at {dp.endpoint}")
@@ -6489,16 +6574,10 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
         # re-added peer: 300 offline peers made a first `up` take 9 s). The
         # relay request says if it is back; for peers never tried, the server
         # is asked first, without allocating anything.
-        unknown = [p for p in fresh if p.public_key not in memo.tried
-                   and p.public_key not in memo.offline]
-        just_told, answer = set(), None
-        for i in range(0, len(unknown), RELAY_ASK_MAX):
-            asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
-            if asked is None:
-                break
-            answer = ({}, set())          # a server with a relay, which just answered
-            just_told |= asked[1]
-        memo.offline |= just_told
+        just_told = learn_offline(api, cfg, memo, fresh)
+        # a server with a relay, which just answered (or answered the caller)
+        answer = ({}, set()) if just_told is not None or told is not None else None
+        just_told = (just_told or set()) | set(told or ())
         for p in fresh:
             memo.tried[p.public_key] = now
         trying = [p for p in fresh if p.public_key not in memo.offline]
@@ -6666,8 +6745,19 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             # Said once, by whoever catches the error raised at the end.
             peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
         with device_lock(iface):     # the daemon's path watch changes it too
-            desired = desired_peers(cfg, peers)
             dev = backend.get(iface)
+            memo = load_paths_memo(store_path)
+            told = None
+            if unreachable is None and traverse and \
+                    not getattr(args, "no_nat_traversal", False):
+                # Before they are added: peers the server calls offline get no
+                # keepalive (desired_peers), and no direct step later.
+                told = learn_offline(api, cfg, memo, [
+                    p for p in peers if dev.peer(p.public_key) is None and not p.is_static
+                    and p.public_key not in (cfg.server_public_key, public_key(cfg.private_key))])
+                if told:
+                    save_paths_memo(store_path, memo)
+            desired = desired_peers(cfg, peers, quiet=memo.offline)
             # A rotated peer keeps the endpoint its old key had, so traffic goes
             # on at once instead of waiting for a handshake from it.
             carried = {new: dev.peer(old).endpoint for _, old, new in rotated
@@ -6682,7 +6772,6 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                  time.time(), relayed=relayed, relay_via=cfg.server_public_key)
             # A peer pointed at its relay is settle_paths's to move, even before
             # its first handshake there: the state's endpoint must not undo it.
-            memo = load_paths_memo(store_path)
             for u in updates:
                 dp = dev.peer(u.public_key)
                 if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
@@ -6715,7 +6804,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                       desired, memo, changed=keys,
                                       full=traverse == "all" or brought_up,
                                       dev=None if changes else dev,
-                                      save=lambda m: save_paths_memo(store_path, m))
+                                      save=lambda m: save_paths_memo(store_path, m),
+                                      told=told)
                 save_paths_memo(store_path, memo)
             next_due = next_path_work(memo, missed, time.time())
         if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):

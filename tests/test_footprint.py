@@ -68,3 +68,36 @@ def test_public_keys_are_cached_per_private_key():
     k = innernet.generate_private_key()
     assert innernet.public_key(k) == innernet.public_key(k)
     assert innernet.parse_key(k) in innernet._PUBLIC_KEYS
+
+
+def test_observe_streams_the_same_answer_get_parses(monkeypatch):
+    """The server's per-second read of endpoints and handshakes, fed a UAPI
+    answer in 7-byte pieces, agrees with the full parse of the same text."""
+    import socket
+    import threading
+    keys = [innernet.public_key(innernet.generate_private_key()) for _ in range(3)]
+    text = ("private_key=" + "11" * 32 + "\nlisten_port=51820\n"
+            f"public_key={innernet.key_to_hex(keys[0])}\nendpoint=198.18.0.5:51820\n"
+            "last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=500000000\n"
+            "allowed_ip=10.0.0.2/32\nrx_bytes=10\n"
+            f"public_key={innernet.key_to_hex(keys[1])}\nlast_handshake_time_sec=0\n"
+            "last_handshake_time_nsec=0\n"
+            f"public_key={innernet.key_to_hex(keys[2])}\nendpoint=[fd00::2]:4000\n"
+            "errno=0\n\n").encode()
+
+    def connect(self, ifname):
+        ours, theirs = socket.socketpair()
+
+        def answer():
+            theirs.recv(100)
+            for i in range(0, len(text), 7):
+                theirs.sendall(text[i:i + 7])
+            theirs.close()
+        threading.Thread(target=answer, daemon=True).start()
+        return ours
+    monkeypatch.setattr(innernet.UserspaceBackend, "_connect", connect)
+    backend = innernet.UserspaceBackend()
+    seen = backend.observe("wg0")
+    full = {p.public_key: (p.endpoint, p.last_handshake) for p in backend.get("wg0").peers}
+    assert seen == full == {keys[0]: ("198.18.0.5:51820", 1700000000.5),
+                            keys[1]: (None, 0.0), keys[2]: ("[fd00::2]:4000", 0.0)}

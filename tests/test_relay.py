@@ -575,3 +575,23 @@ def test_a_peer_the_server_calls_offline_costs_no_direct_step(monkeypatch):
     innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31)
     assert calls["traverse"] == [] and calls["ask"] == [["p0"]]   # the next slot: only the
     assert calls["relay"] == [["p0"]]                             # relay request
+
+
+def test_peers_the_server_calls_offline_are_added_without_keepalive(monkeypatch):
+    cfg, peers, calls = client(monkeypatch, relays={}, offline=("p1",))
+    memo = PathMemo()
+    assert innernet.learn_offline(object(), cfg, memo, peers) == {peers[1].public_key}
+    assert calls["ask"] == [["p0", "p1", "p2"]]
+    assert innernet.learn_offline(object(), cfg, memo, peers[1:2]) is None   # known: not asked
+    desired = innernet.desired_peers(cfg, peers, quiet=memo.offline)
+    assert [p.persistent_keepalive_interval for p in desired] == [25, 0, 25]
+    updates = innernet.diff_peers([], desired, cfg.server_public_key, time.time())
+    assert {u.name: u.keepalive for u in updates} == {"p0": 25, "p1": 0, "p2": 25}
+    # heard from again: no longer offline, and the next sync gives it its keepalive
+    dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
+                                          0 if p.name == "p1" else 25, time.time())
+                      for p in peers])
+    innernet.settle_paths(object(), dev, "n", cfg, peers, memo)
+    assert memo.offline == set()
+    assert innernet.desired_peers(cfg, peers, quiet=memo.offline)[1] \
+        .persistent_keepalive_interval == 25
