@@ -101,3 +101,17 @@ def test_observe_streams_the_same_answer_get_parses(monkeypatch):
     full = {p.public_key: (p.endpoint, p.last_handshake) for p in backend.get("wg0").peers}
     assert seen == full == {keys[0]: ("198.18.0.5:51820", 1700000000.5),
                             keys[1]: (None, 0.0), keys[2]: ("[fd00::2]:4000", 0.0)}
+
+
+def test_serve_starts_again_once_with_a_fixed_mmap_threshold():
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import innernet; "
+            "print('start', flush=True); innernet._fixed_mmap_threshold(); "
+            "print(os.environ['MALLOC_MMAP_THRESHOLD_'], sys.argv[2])")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    r = subprocess.run([sys.executable, "-c", code, ROOT, "kept"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n") == ["start", "start", "131072 kept", ""]   # once, same argv
+    r = subprocess.run([sys.executable, "-c", code, ROOT, "mine"], capture_output=True,
+                       text=True, timeout=60, env=dict(env, MALLOC_MMAP_THRESHOLD_="65536"))
+    assert r.stdout.split("\n") == ["start", "65536 mine", ""]             # the user's own
