@@ -4656,11 +4656,11 @@ class _HttpRefusal(Exception):
         self.status, self.reason = status, reason
 
 
-def parse_http_head(lines):
-    """(method, target, version, HttpHeaders) of a request head, given its
-    lines as bytes without their line ends (the request line first); raises
-    _HttpRefusal. Pure: _HttpConnection reads the lines."""
-    words = lines[0].decode("latin-1").split()
+def parse_request_line(line):
+    """(method, target, version) of a request line (bytes, no line end);
+    raises _HttpRefusal. Judged before any header is read, so garbage gets its
+    answer at once instead of waiting for a blank line that never comes."""
+    words = line.decode("latin-1").split()
     if len(words) == 2:                      # "GET /path": HTTP/0.9, no headers, no key
         raise _HttpRefusal(400, "HTTP/1.0 or newer is required")
     if len(words) != 3:
@@ -4670,6 +4670,14 @@ def parse_http_head(lines):
         if re.fullmatch(r"HTTP/[2-9](\.[0-9])?", version):
             raise _HttpRefusal(505, f"HTTP version {version[5:]} is not supported")
         raise _HttpRefusal(400, f"bad request version {version[:20]!r}")
+    return method, target, version
+
+
+def parse_http_head(lines):
+    """(method, target, version, HttpHeaders) of a request head, given its
+    lines as bytes without their line ends (the request line first); raises
+    _HttpRefusal. Pure: _HttpConnection reads the lines."""
+    method, target, version = parse_request_line(lines[0])
     headers = HttpHeaders()
     for line in lines[1:]:
         name, colon, value = line.decode("latin-1").partition(":")
@@ -4721,6 +4729,7 @@ class _HttpConnection:
             if len(first) > HTTP_LINE_MAX:
                 raise _HttpRefusal(414, "the request line is too long")
             lines = [first.rstrip(b"\r\n")]
+            parse_request_line(lines[0])
             while True:
                 line = self._line()
                 if line in (b"\r\n", b"\n", b""):

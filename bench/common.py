@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,6 +38,40 @@ def synthetic_network(path, n, *, root="127.0.0.0/8", cidr="127.1.0.0/16", serve
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     store.close()
     return key, ips
+
+
+def synthetic_server(lab, n):
+    """A lab host 'srv' whose network (10.66.0.0/16) has ``n`` peers in CIDR
+    'peers', and an invitation for one more, 'client', at srv.path("c.toml").
+    Returns (srv, network name, server private key); `serve` is not started."""
+    import innernet as I
+    srv = lab.add_host("srv")
+    net = lab.ifname("n")
+    etc, lib = srv.path("server", "etc"), srv.path("server", "lib")
+    os.makedirs(etc, mode=0o700)
+    os.makedirs(lib, mode=0o700)
+    key, _ = synthetic_network(os.path.join(lib, f"{net}.db"), n, root="10.66.0.0/16",
+                               cidr="10.66.64.0/18", server_ip="10.66.0.1",
+                               endpoint=f"{srv.underlay}:51820")
+    I.atomic_write(os.path.join(etc, f"{net}.conf"),
+                   I.ServerConfig(key, 51820, "10.66.0.1", 16).to_toml())
+    srv.server("add-peer", net, "--name", "client", "--cidr", "peers", "--admin", "false",
+               "--auto-ip", "--save-config", srv.path("c.toml"), "--invite-expires", "1h",
+               "--yes")
+    return srv, net, key
+
+
+def timed(argv):
+    """(wall ms, peak RSS MiB). GNU time forks from its own small image: a
+    child of this (large) process would inherit its high-water mark."""
+    t = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss=%M"] + argv,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise AssertionError(f"{argv} failed: {proc.stderr}")
+    rss = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
+    return wall * 1000, rss / 1024
 
 
 SERVER = r"""

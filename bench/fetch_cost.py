@@ -14,26 +14,11 @@ innernet's compiled client takes about 25 ms and 4.5 MB here (issue 6).
 import json
 import os
 import statistics
-import subprocess
-import time
 
-from common import ROOT, quick, synthetic_network, table
+from common import ROOT, quick, synthetic_server, table, timed
 from lab import Lab, start_serve
 
 import innernet
-
-
-def timed(argv):
-    """(wall ms, peak RSS MiB). GNU time forks from its own small image: a
-    child of this (large) process would inherit its high-water mark."""
-    t = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss=%M"] + argv,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise AssertionError(f"{argv} failed: {proc.stderr}")
-    rss = int(proc.stderr.strip().splitlines()[-1].split("=")[1])
-    return wall * 1000, rss / 1024
 
 
 def main():
@@ -44,19 +29,7 @@ def main():
     lab = Lab(innernet_cmd=bare + [pyz])
     rows = {}
     try:
-        srv = lab.add_host("srv")
-        net = lab.ifname("n")
-        etc, lib = srv.path("server", "etc"), srv.path("server", "lib")
-        os.makedirs(etc, mode=0o700)
-        os.makedirs(lib, mode=0o700)
-        key, _ = synthetic_network(os.path.join(lib, f"{net}.db"), n, root="10.66.0.0/16",
-                                   cidr="10.66.64.0/18", server_ip="10.66.0.1",
-                                   endpoint=f"{srv.underlay}:51820")
-        innernet.atomic_write(os.path.join(etc, f"{net}.conf"),
-                              innernet.ServerConfig(key, 51820, "10.66.0.1", 16).to_toml())
-        srv.server("add-peer", net, "--name", "client", "--cidr", "peers", "--admin", "false",
-                   "--auto-ip", "--save-config", srv.path("c.toml"), "--invite-expires", "1h",
-                   "--yes")
+        srv, net, _ = synthetic_server(lab, n)
         start_serve(srv, net)
         cl = lab.add_host("client")
         ifname = lab.ifname("c")

@@ -132,3 +132,14 @@ def test_heads_are_parsed_without_the_network():
     assert headers.get("a-B") == "spaced" and headers.get("missing", 7) == 7
     with pytest.raises(innernet._HttpRefusal):
         innernet.parse_http_head([b"GET / HTTP/1.1", b"Host: a", b"Host: b"])
+
+
+def test_a_garbage_request_line_is_answered_before_any_header(port):
+    co, p = port
+    s = socket.create_connection(("127.0.0.1", p), timeout=5, source_address=("127.1.0.3", 0))
+    try:
+        s.sendall(b"ping\n")                  # and nothing more: no blank line follows
+        data = s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"bad request syntax" in data
+    finally:
+        s.close()
