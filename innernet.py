@@ -53,8 +53,9 @@ import sys
 import threading
 import time
 
-# PyNaCl and pyroute2 are imported where they are used (sections 5 and 7), so
-# that --help, admin verbs and the unit tests start fast and work without them.
+# PyNaCl and pyroute2 are imported where they are used (sections 6 and 8;
+# pyroute2 by the kernel backend only), so that --help, admin verbs, the
+# server and the unit tests start fast and work without them.
 # So are the stdlib modules only one role needs (sqlite3 and socketserver for
 # the server, subprocess for starting wireguard-go): `fetch` from cron pays
 # for what it uses, no more.
@@ -6555,7 +6556,7 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
 
 
 def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None, told=None):
+                 dev=None, save=None, asked=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -6568,8 +6569,8 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     direct_retry_due. Without a relay on the server every candidate is tried
     (innernet's servers). ``save(memo)``, if given, is called before a direct
     try, so that `show` run meanwhile knows the peers are still relayed.
-    ``told``: keys the server called offline moments ago (learn_offline), not
-    asked about again in this run. Returns the keys left with no path.
+    ``asked``: keys the server was asked about moments ago (learn_offline; its
+    answer is in ``memo.offline``), not asked about again in this run. Returns the keys left with no path.
     """
     now = time.time() if now is None else now
     changed = set(changed)
@@ -6605,10 +6606,12 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
         # re-added peer: 300 offline peers made a first `up` take 9 s). The
         # relay request says if it is back; for peers never tried, the server
         # is asked first, without allocating anything.
-        just_told = learn_offline(api, cfg, memo, fresh)
+        asked = set(asked) if asked is not None else None
+        just_told = learn_offline(api, cfg, memo,
+                                  [p for p in fresh if p.public_key not in (asked or ())])
         # a server with a relay, which just answered (or answered the caller)
-        answer = ({}, set()) if just_told is not None or told is not None else None
-        just_told = (just_told or set()) | set(told or ())
+        answer = ({}, set()) if just_told is not None or asked is not None else None
+        just_told = (just_told or set()) | ((asked or set()) & memo.offline)
         for p in fresh:
             memo.tried[p.public_key] = now
         trying = [p for p in fresh if p.public_key not in memo.offline]
@@ -6778,14 +6781,17 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         with device_lock(iface):     # the daemon's path watch changes it too
             dev = backend.get(iface)
             memo = load_paths_memo(store_path)
-            told = None
+            asked = None
             if unreachable is None and traverse and \
                     not getattr(args, "no_nat_traversal", False):
                 # Before they are added: peers the server calls offline get no
                 # keepalive (desired_peers), and no direct step later.
-                told = learn_offline(api, cfg, memo, [
-                    p for p in peers if dev.peer(p.public_key) is None and not p.is_static
-                    and p.public_key not in (cfg.server_public_key, public_key(cfg.private_key))])
+                new = [p for p in peers if dev.peer(p.public_key) is None and not p.is_static
+                       and p.public_key not in (cfg.server_public_key,
+                                                public_key(cfg.private_key))]
+                told = learn_offline(api, cfg, memo, new)
+                if told is not None:
+                    asked = {p.public_key for p in new}
                 if told:
                     save_paths_memo(store_path, memo)
             desired = desired_peers(cfg, peers, quiet=memo.offline)
@@ -6836,7 +6842,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                       full=traverse == "all" or brought_up,
                                       dev=None if changes else dev,
                                       save=lambda m: save_paths_memo(store_path, m),
-                                      told=told)
+                                      asked=asked)
                 save_paths_memo(store_path, memo)
             next_due = next_path_work(memo, missed, time.time())
         if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):

@@ -595,3 +595,17 @@ def test_peers_the_server_calls_offline_are_added_without_keepalive(monkeypatch)
     assert memo.offline == set()
     assert innernet.desired_peers(cfg, peers, quiet=memo.offline)[1] \
         .persistent_keepalive_interval == 25
+
+
+def test_peers_asked_about_before_the_apply_are_not_asked_again(monkeypatch):
+    cfg, peers, calls = client(monkeypatch, relays={"p1": "198.18.0.1:40000"}, offline=("p0",))
+    memo = PathMemo()
+    told = innernet.learn_offline(object(), cfg, memo, peers[:2])       # as fetch_interface does
+    assert told == {peers[0].public_key} and calls["ask"] == [["p0", "p1"]]
+    dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
+                                          25, 0.0) for p in peers[:2]])
+    innernet.settle_paths(object(), dev, "n", cfg, peers[:2], memo,
+                          asked={p.public_key for p in peers[:2]})
+    assert calls["ask"] == [["p0", "p1"]]                  # not again
+    assert calls["traverse"] == [["p1"]]                   # the offline one gets no direct step
+    assert calls["relay"] == [["p1"]]                      # nor a relay request in this run

@@ -97,6 +97,9 @@ def test_outage(pyz, counts):
         join("p3")
         wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 30,
                  "the daemon to recover and add p3")
+        # p3 is on the device before that sync ends (its paths are settled after)
+        wait_for(lambda: "in sync with the server again" in p1.log("up.log"), 30,
+                 "the daemon to say it is in sync again")
         assert daemon.poll() is None
         log = p1.log("up.log")
         assert log.count("in sync with the server again") == 1, log
