@@ -6,6 +6,7 @@ finds. Which path ran is seen in the record the full sync rewrites
 (`<iface>.fetch`): the fast path leaves it as it is.
 """
 import os
+import time
 
 import pytest
 
@@ -41,6 +42,23 @@ def record(host, ifname):
     return st.st_ino, st.st_mtime_ns
 
 
+def clear_of_path_work(host, ifname, fetch):
+    """The record, once no path work falls due in the next seconds: a peer
+    without a direct path yet (seen under load: one relayed for a moment
+    while the others joined) makes a full sync at the next wall-clock slot,
+    which is right, but not what an equality of records tests."""
+    for _ in range(3):
+        with open(host.path("client", "lib", f"{ifname}.fetch")) as f:
+            due = [line.split()[1] for line in f if line.startswith("due ") and
+                   len(line.split()) == 2]
+        left = float(due[0]) - time.time() if due else None
+        if left is None or left > 5:
+            return record(host, ifname)
+        wait_for(lambda: time.time() > float(due[0]) + 0.5, 35, "the path-work slot")
+        fetch()
+    return record(host, ifname)
+
+
 def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(world):
     alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
     hosts = alice.path("hosts")
@@ -56,10 +74,12 @@ def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(wor
     fetch()
     settled(alice, ifname)
     fetch()                                         # the full sync leaves its record
-    before = record(alice, ifname)
+    before = clear_of_path_work(alice, ifname, fetch)
+    text = open(alice.path("client", "lib", f"{ifname}.fetch")).read()
     assert f"bob.{ifname}.wg" in open(hosts).read()
     assert fetch().stderr == ""
-    assert record(alice, ifname) == before          # answered by the fast path
+    assert record(alice, ifname) == before, (      # answered by the fast path
+        text, open(alice.path("client", "lib", f"{ifname}.fetch")).read())
 
     # a peer removed from the device by hand is back after the next fetch
     bob_key = device(world.hosts["bob"], world.lab.ifname("bob"))["public_key"]
@@ -70,7 +90,7 @@ def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(wor
     fetch()
     assert bob_ip in device_peer_ips(alice, ifname)
     assert record(alice, ifname) != before
-    before = record(alice, ifname)
+    before = clear_of_path_work(alice, ifname, fetch)
     fetch()
     assert record(alice, ifname) == before
 
@@ -95,7 +115,7 @@ def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(wor
     before = record(alice, ifname)
     fetch("--no-nat-candidates")
     assert record(alice, ifname) != before
-    before = record(alice, ifname)
+    before = clear_of_path_work(alice, ifname, lambda: fetch("--no-nat-candidates"))
     fetch("--no-nat-candidates")
     assert record(alice, ifname) == before
     # -v is always the full sync, and says so
@@ -108,7 +128,7 @@ def test_a_fetch_of_every_network_and_a_server_outage(world):
     bob.innernet("fetch", "--no-write-hosts")
     settled(bob, ifname)
     bob.innernet("fetch", "--no-write-hosts")
-    before = record(bob, ifname)
+    before = clear_of_path_work(bob, ifname, lambda: bob.innernet("fetch", "--no-write-hosts"))
     bob.innernet("fetch", "--no-write-hosts")
     assert record(bob, ifname) == before
     # the server does not answer: the fast path steps aside and the full sync says why
