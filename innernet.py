@@ -347,24 +347,33 @@ def parse_fetch_argv(argv):
     return o
 
 
+def fast_fields(o, iface, links):
+    """The record's fields that describe this host rather than the sync: the
+    options (``o`` as parse_fetch_argv makes it), the files, the links. The
+    full sync writes them, the fast path compares them."""
+    return {
+        "sig": fetch_signature(o["hosts_path"], o["host_suffix"], o["no_nat_traversal"],
+                               o["no_nat_candidates"], o["exclude"]),
+        "files": " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?"
+                          for d, ext in ((o["config_dir"], ".conf"), (o["data_dir"], ".json"),
+                                         (o["data_dir"], ".paths.json"))),
+        "hosts": file_fingerprint(o["hosts_path"], secret=False) if o["hosts_path"] else "-",
+        "links": links_fingerprint(links)}
+
+
 def fast_unchanged(o, iface, links, now):
     """Is `fetch IFACE` with options ``o`` sure to change nothing? (Asks the
     server; no other side effect.)"""
     rec = read_fast_record(fast_file_path(o["data_dir"], iface))
     if rec is None:
         return False
-    sig = fetch_signature(o["hosts_path"], o["host_suffix"], o["no_nat_traversal"],
-                          o["no_nat_candidates"], o["exclude"])
-    files = " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?" for d, ext in (
-        (o["config_dir"], ".conf"), (o["data_dir"], ".json"), (o["data_dir"], ".paths.json")))
-    hosts = file_fingerprint(o["hosts_path"], secret=False) if o["hosts_path"] else "-"
+    mine = fast_fields(o, iface, links)
     try:
         due = float(rec.get("due") or "inf")
     except ValueError:
         return False
-    if (rec.get("sig") != sig or rec.get("files") != files or "?" in files
-            or rec.get("hosts") != hosts or rec.get("links") != links_fingerprint(links)
-            or now >= due or not rec.get("etag")):
+    if any(rec.get(k) != v for k, v in mine.items()) or "?" in mine["files"] \
+            or now >= due or not rec.get("etag"):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
@@ -1978,15 +1987,20 @@ def relay_pair_refusal(a, b, cidrs, associations, views=None):
             return "the server is reached directly"
     if a.id == b.id:
         return "a peer needs no relay to itself"
-    def sees(cidr_id):
-        if views is None:
-            return visible_cidr_ids(cidrs, associations, cidr_id)
-        if cidr_id not in views:
-            views[cidr_id] = frozenset(visible_cidr_ids(cidrs, associations, cidr_id))
-        return views[cidr_id]
-    if b.cidr_id not in sees(a.cidr_id) or a.cidr_id not in sees(b.cidr_id):
+    views = {} if views is None else views
+    if b.cidr_id not in cached_view(views, cidrs, associations, a.cidr_id) or \
+            a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
         return f"peer {b.name} is not visible to {a.name}"
     return None
+
+
+def cached_view(views, cidrs, associations, cidr_id):
+    """visible_cidr_ids(...) as a frozenset, kept in ``views`` (one dict per
+    revision of the tree) for the next caller in the same CIDR."""
+    view = views.get(cidr_id)
+    if view is None:
+        view = views[cidr_id] = frozenset(visible_cidr_ids(cidrs, associations, cidr_id))
+    return view
 
 
 def direct_retry_due(last_try, now, relayed_since):
@@ -4240,10 +4254,7 @@ class Coordinator:
         if not self.cache_enabled:
             self._tree_cache = None
         peers, cidrs, assocs, views, deletions = self._tree(rev)
-        view = views.get(caller.cidr_id)
-        if view is None:
-            view = views[caller.cidr_id] = frozenset(
-                visible_cidr_ids(cidrs, assocs, caller.cidr_id))
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
         with self._cache_lock:
             hit = self._state_cache.get(view) if self.cache_enabled else None
             if hit and hit[0] == rev:
@@ -4386,9 +4397,7 @@ def user_relay(co, req):
         raise InnernetError("this server does not relay", status=404)
     data = _require_object(req.body, "relay request")
     ips = _get(data, "peers", list)
-    allocate = data.get("allocate", True)
-    if not isinstance(allocate, bool):
-        raise _bad("field 'allocate' must be true or false")
+    allocate = _get(data, "allocate", bool, required=False, default=True)
     if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
         raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
     co.refresh_observed(0.2)
@@ -6382,7 +6391,9 @@ def learn_offline(api, cfg, memo, peers):
     for i in range(0, len(unknown), RELAY_ASK_MAX):
         asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
         if asked is None:
-            return None if not told else told
+            if i == 0:
+                return None
+            break                         # what the first chunks said still counts
         told |= asked[1]
     memo.offline |= told
     return told
@@ -6883,19 +6894,15 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
         return
     cdir, ddir = _dirs(args, False)
     hosts_path, _ = hosts_options(args)
-    fields = {
-        "etag": etag, "endpoint": cfg.server_internal_endpoint, "key": cfg.server_public_key,
-        "sig": fetch_signature(hosts_path, getattr(args, "host_suffix", None),
-                               getattr(args, "no_nat_traversal", False),
-                               getattr(args, "no_nat_candidates", False),
-                               getattr(args, "exclude_nat_candidates", None)),
-        "files": " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?"
-                          for d, ext in ((cdir, ".conf"), (ddir, ".json"),
-                                         (ddir, ".paths.json"))),
-        "hosts": file_fingerprint(hosts_path, secret=False) if hosts_path else "-",
-        "links": links_fingerprint(links),
-        "device": device_digest(dump, time.time()),
-        "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
+    o = {"config_dir": cdir, "data_dir": ddir, "hosts_path": hosts_path,
+         "host_suffix": getattr(args, "host_suffix", None),
+         "no_nat_traversal": getattr(args, "no_nat_traversal", False),
+         "no_nat_candidates": getattr(args, "no_nat_candidates", False),
+         "exclude": getattr(args, "exclude_nat_candidates", None)}
+    fields = {"etag": etag, "endpoint": cfg.server_internal_endpoint,
+              "key": cfg.server_public_key, **fast_fields(o, iface, links),
+              "device": device_digest(dump, time.time()),
+              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
         atomic_write(fast_file_path(ddir, iface), fast_record(fields), 0o600)
 
