@@ -483,7 +483,9 @@ def client(monkeypatch, relays=None, direct=(), offline=()):
 def test_a_peer_with_no_path_gets_one_direct_step_then_the_relay(monkeypatch):
     cfg, peers, calls = client(monkeypatch, relays={"p0": "198.18.0.1:40000",
                                                     "p1": "198.18.0.1:40002"}, direct=("p2",))
-    now = time.time()
+    # 5 s into a wall-clock slot (DIRECT_RETRY[0] = 30 s): "now + 1" is the same slot,
+    # "now + 31" the next, whenever the test runs
+    now = time.time() // 30 * 30 + 5
     dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
                                           25, 0.0) for p in peers])
     memo = PathMemo()
