@@ -104,6 +104,10 @@ PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
 DEFAULT_REUSE_AFTER = "30d"     # a deleted peer's address is quarantined this long
 INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this long
 DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
+DNS_PORT = 53
+DNS_TCP_MAX = 64                # DNS-over-TCP connections at once; more are refused
+DNS_TCP_IDLE = 10               # s a DNS-over-TCP connection may sit idle
+DNS_TCP_MESSAGES = 100          # questions one DNS-over-TCP connection may ask
 ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
@@ -908,6 +912,12 @@ def parse_host_suffix(text):
                              "or '' for bare names")
 
 
+def parse_host_suffix_or_none(text):
+    with contextlib.suppress(InnernetError):
+        return parse_host_suffix(text)
+    return None
+
+
 def parse_interface(name):
     """A network/interface name: a hostname that also fits IFNAMSIZ."""
     if not isinstance(name, str) or not name or len(name.encode()) > IFNAME_MAX \
@@ -1493,8 +1503,11 @@ class Peer:
     candidates: list[str] = dataclasses.field(default_factory=list)
     deleted_until: int | None = None      # client pins only: a deleted peer's quarantine
     is_static: bool = False               # ours: a stock WireGuard device, reached via the server
+    routes: list[str] = dataclasses.field(default_factory=list)   # ours: approved subnet routes
+    exit_node: bool = False               # ours: an approved exit-node offer
+    pending_routes: list[str] = dataclasses.field(default_factory=list)  # admins' views only
 
-    def to_json(self, with_id=True):
+    def to_json(self, with_id=True, pending=True):
         d = {"id": self.id} if with_id else {}
         d.update(name=self.name, ip=self.ip, cidr_id=self.cidr_id,
                  public_key=self.public_key, endpoint=self.endpoint,
@@ -1505,8 +1518,14 @@ class Peer:
                  candidates=list(self.candidates))
         if self.deleted_until is not None:     # only in a client's own data store
             d["deleted_until"] = self.deleted_until
-        if self.is_static:                     # innernet ignores it
+        if self.is_static:                     # innernet ignores it (and the rest)
             d["is_static"] = True
+        if self.routes:
+            d["routes"] = list(self.routes)
+        if self.exit_node:
+            d["exit_node"] = True
+        if self.pending_routes and pending:
+            d["pending_routes"] = list(self.pending_routes)
         return d
 
     @classmethod
@@ -1527,12 +1546,18 @@ class Peer:
                           default=[])
         deleted_until = _get(data, "deleted_until", int, required=False, nullable=True)
         is_static = _get(data, "is_static", bool, required=False, default=False)
+        routes = parse_routes(_get(data, "routes", list, required=False, nullable=True,
+                                   default=[]))
+        pending = parse_routes(_get(data, "pending_routes", list, required=False,
+                                    nullable=True, default=[]), exit_routes=True)
         return cls(pid, _checked_name(_get(data, "name", str), "peer name"), ip,
                    _get(data, "cidr_id", int), _get(data, "public_key", str),
                    endpoint, keepalive, _get(data, "is_admin", bool),
                    _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
                    _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None), deleted_until, is_static)
+                   parse_candidates(candidates, limit=None), deleted_until, is_static,
+                   routes, _get(data, "exit_node", bool, required=False, default=False),
+                   pending)
 
 
 @dataclasses.dataclass
@@ -1852,6 +1877,7 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=None, relayed
         allowed = [host_prefix(p.ip)]
         if allowed[0] in relayed:
             allowed = []
+        allowed += p.routes                 # approved subnet routes (and a chosen exit's)
         if key == relay_via:
             allowed += sorted(relayed)
         keepalive = p.persistent_keepalive_interval or 0
@@ -2117,6 +2143,156 @@ def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None
     return result
 
 
+# -- subnet routes and exit nodes ----------------------------------------------
+# A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
+# approves them, or an auto-approve rule does. Approved routes travel as a field
+# of the advertising peer, so only peers that may see it get them: they add them
+# to its allowed IPs and route them into the tunnel. The two default routes are
+# the exit-node offer; a client takes them for one exit node only, when asked.
+
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+MAX_ROUTES = 64                 # routes one peer may advertise
+_UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+
+
+@dataclasses.dataclass
+class RouteApprover:
+    """An auto-approve rule: routes inside ``route`` advertised by a peer in
+    CIDR ``cidr_id`` (or one below it) are approved as they come."""
+    id: int | None
+    route: str
+    cidr_id: int
+
+    def to_json(self):
+        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+
+    @classmethod
+    def from_json(cls, data):
+        data = _require_object(data, "auto-approve rule")
+        return cls(_get(data, "id", int, required=False),
+                   parse_route(_get(data, "route", str), exit_routes=True),
+                   _get(data, "cidr_id", int))
+
+
+def parse_route(text, exit_routes=False):
+    """A subnet route as its canonical CIDR string; the default routes only
+    with ``exit_routes`` (they are the exit-node offer)."""
+    if not isinstance(text, str):
+        raise _bad("a route must be a string such as 192.168.10.0/24")
+    text = text.strip()
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise _bad(f"'{text[:60]}' is not a network (write it as a CIDR, e.g. "
+                       "192.168.10.0/24)") from None
+        raise _bad(f"route {text} has host bits set (did you mean {loose}?)") from None
+    if net.prefixlen == 0:
+        if exit_routes:
+            return str(net)
+        raise _bad(f"{net} is a default route: offer the peer as an exit node instead "
+                   "(advertise-exit-node)")
+    if "/" not in text:
+        raise _bad(f"route {text} needs a prefix length (e.g. {net})")
+    if any(net.version == u.version and net.subnet_of(u) for u in _UNROUTABLE):
+        raise _bad(f"{net} is not routable (loopback, link-local, multicast or reserved)")
+    return str(net)
+
+
+def parse_routes(items, exit_routes=False):
+    if not isinstance(items, list) or len(items) > MAX_ROUTES * 2:
+        raise _bad(f"routes must be a list of at most {MAX_ROUTES} networks")
+    out = []
+    for r in items:
+        r = parse_route(r, exit_routes)
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def check_routes(peers, cidrs, owner, routes):
+    """Refuse routes that overlap the network or another peer's routes (approved
+    or not), naming both owners; the default routes (exit nodes) overlap by
+    design and are exempt."""
+    if len([r for r in routes if r not in EXIT_ROUTES]) > MAX_ROUTES:
+        raise _bad(f"a peer may advertise at most {MAX_ROUTES} routes")
+    root = root_cidr(cidrs).network if cidrs else None
+    for r in routes:
+        if r in EXIT_ROUTES:
+            continue
+        net = ipaddress.ip_network(r)
+        if root is not None and net.version == root.version and net.overlaps(root):
+            raise _bad(f"route {r} of peer '{owner.name}' overlaps the network's own range "
+                       f"{root}")
+        for p in peers:
+            if p.id == owner.id:
+                continue
+            for other in p.routes + p.pending_routes:
+                if other in EXIT_ROUTES:
+                    continue
+                o = ipaddress.ip_network(other)
+                if o.version == net.version and o.overlaps(net):
+                    raise _bad(f"route {r} of peer '{owner.name}' overlaps route {other} "
+                               f"of peer '{p.name}'")
+
+
+def auto_approved(route, peer, cidrs, approvers):
+    """Does an auto-approve rule cover ``route`` advertised by ``peer``?"""
+    net = ipaddress.ip_network(route)
+    lineage = set(cidr_ancestors(cidrs, peer.cidr_id))
+    for a in approvers:
+        rule = ipaddress.ip_network(a.route)
+        if a.cidr_id in lineage and rule.version == net.version and net.subnet_of(rule):
+            return True
+    return False
+
+
+def advertised(peer):
+    """Every route a peer advertises, approved or not, the exit offer included."""
+    return peer.routes + (list(EXIT_ROUTES) if peer.exit_node else []) + peer.pending_routes
+
+
+def visible_routes(peers, cidrs, associations, me):
+    """(route, owner) pairs ``me`` gets: the approved routes of the peers it may see."""
+    return [(r, p) for p in visible_peers(peers, cidrs, associations, me)
+            if p.id != me.id for r in p.routes]
+
+
+# Clients take routes inside these by default: a route is an admin's word
+# passed on by the server, and a compromised server could otherwise send
+# 0.0.0.0/1 and 128.0.0.0/1 to pull all of a client's traffic into a peer of
+# its choosing. Public ranges need --accept-public-routes.
+PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
+def route_is_private(route):
+    net = ipaddress.ip_network(route)
+    return any(net.version == r.version and net.subnet_of(r) for r in PRIVATE_RANGES)
+
+
+def interface_routes(peers, own_key, local=()):
+    """The subnets a client routes into its tunnel: the approved routes of the
+    peers it has, minus those overlapping a network this host is on (its LAN
+    stays its LAN) and the default routes (an exit node has a table of its own)."""
+    out = []
+    for p in peers:
+        if p.public_key == own_key or p.is_disabled:
+            continue
+        for r in p.routes:
+            net = ipaddress.ip_network(r)
+            if net.prefixlen == 0 or any(n.version == net.version and n.overlaps(net)
+                                         for n in local):
+                continue
+            if net not in out:
+                out.append(net)
+    return out
+
+
 # -- hosts file ---------------------------------------------------------------
 
 def hosts_lines(peers, iface, suffix=None):
@@ -2167,6 +2343,185 @@ def update_hosts_text(text, tag, lines):
     if new == old:
         return None
     return "\n".join(new) + "\n" if new else ""
+
+
+# -- DNS wire format ------------------------------------------------------------
+# The server answers for its zone -- NAME.NET.wg (the hosts file's names) and
+# the reverse names of overlay addresses -- to each caller with only the names
+# it may see. The wire format is written here, not taken from dnslib (which
+# Debian packages) or dnspython: we read one question and answer A, AAAA and
+# PTR from a table, some 150 lines, where a library would be a new dependency
+# of the .deb and of the zipapp, a few megabytes more in the server (issue 13
+# holds it to 25 MB at 1,000 peers), and a parser of all of DNS in front of a
+# service that only needs to refuse what it does not answer. tests/test_dns.py
+# fuzzes it and reads every answer back with dnspython.
+
+DNS_A, DNS_PTR, DNS_AAAA, DNS_OPT, DNS_ANY = 1, 12, 28, 41, 255
+DNS_NOERROR, DNS_FORMERR, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 3, 4, 5
+DNS_TTL = 60
+DNS_UDP_MAX = 1232              # our EDNS payload size (the 2020 DNS flag day's)
+_DNS_CLASS_IN = 1
+
+
+class DnsFormatError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DnsQuery:
+    id: int
+    flags: int
+    question: bytes             # the question as sent: echoed byte for byte
+    name: tuple                 # lower-cased labels (bytes)
+    qtype: int
+    qclass: int
+    edns: int | None = None     # the asker's UDP payload size; None without EDNS
+    edns_version: int = 0
+
+
+def _dns_name(data, off):
+    """Labels of an uncompressed name at ``off`` (a question never needs a pointer)."""
+    labels, total = [], 1
+    while True:
+        if off >= len(data):
+            raise DnsFormatError("truncated name")
+        n = data[off]
+        off += 1
+        if n == 0:
+            return tuple(labels), off
+        if n & 0xC0:
+            raise DnsFormatError("compressed or extended label")
+        total += n + 1
+        if total > 255 or off + n > len(data):
+            raise DnsFormatError("name too long or truncated")
+        labels.append(bytes(data[off:off + n]).lower())
+        off += n
+
+
+def dns_parse_query(data):
+    """One standard query with one question (and at most an OPT record)."""
+    qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
+    if qd != 1 or an or ns or ar > 1:
+        raise DnsFormatError("one question, no answers")
+    name, off = _dns_name(data, 12)
+    if off + 4 > len(data):
+        raise DnsFormatError("truncated question")
+    qtype, qclass = struct.unpack_from("!HH", data, off)
+    q = DnsQuery(qid, flags, bytes(data[12:off + 4]), name, qtype, qclass)
+    off += 4
+    if ar:
+        if off + 11 > len(data) or data[off] != 0:
+            raise DnsFormatError("bad additional record")
+        rtype, size, ttl, rdlen = struct.unpack_from("!HHIH", data, off + 1)
+        off += 11 + rdlen
+        if rtype != DNS_OPT or off > len(data):
+            raise DnsFormatError("the additional record is not EDNS")
+        q.edns, q.edns_version = max(size, 512), (ttl >> 16) & 0xFF
+    if off != len(data):
+        raise DnsFormatError("trailing bytes")
+    return q
+
+
+def dns_encode_name(labels):
+    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+
+
+def dns_answer(data, resolve, tcp=False):
+    """The response to one DNS message, or None when it deserves none (too
+    short for an ID, or itself a response: answering those could loop).
+    ``resolve(query)`` -> (rcode, [(type, rdata)]). An answer never exceeds
+    512 bytes over UDP, or the asker's EDNS size up to DNS_UDP_MAX; what would
+    is sent truncated (TC), for the asker to retry over TCP."""
+    if len(data) < 12 or data[2] & 0x80:
+        return None
+    qid, flags = struct.unpack_from("!HH", data)
+    rd = flags & 0x0100
+    if (flags >> 11) & 0xF:                       # not a standard query
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_NOTIMP, 0, 0, 0, 0)
+    try:
+        q = dns_parse_query(data)
+    except (DnsFormatError, struct.error):
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_FORMERR, 0, 0, 0, 0)
+    opt = b""
+    if q.edns is not None:                        # EDNS answered with EDNS (RFC 6891)
+        opt = b"\0" + struct.pack("!HHIH", DNS_OPT, DNS_UDP_MAX,
+                                  (1 << 24) if q.edns_version else 0, 0)
+    if q.edns_version:                            # BADVERS: extended rcode 16
+        rcode, records = 0, []
+    else:
+        rcode, records = resolve(q)
+    answers = b"".join(struct.pack("!HHHIH", 0xC00C, t, _DNS_CLASS_IN, DNS_TTL, len(rd_))
+                       + rd_ for t, rd_ in records)
+    limit = 65535 if tcp else min(q.edns or 512, DNS_UDP_MAX)
+    head = 0x8000 | 0x0400 | rd | rcode            # a response, authoritative
+    if 12 + len(q.question) + len(answers) + len(opt) > limit:
+        head, answers, records = head | 0x0200, b"", []
+    return struct.pack("!6H", qid, head, 1, len(records), 0, 1 if opt else 0) \
+        + q.question + answers + opt
+
+
+@dataclasses.dataclass
+class DnsZone:
+    """What one caller may resolve: forward names and reverse addresses."""
+    zone: tuple                          # labels of NET.wg
+    names: dict                          # labels -> [ip_address]
+    addresses: dict                      # ip_address -> [labels]
+    networks: list                       # the overlay's ranges (its reverse zone)
+
+
+def dns_zone(peers, suffix, networks):
+    zone = tuple(x.encode() for x in suffix.split("."))
+    names, addresses = {}, {}
+    for p in peers:
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
+            continue
+        labels = (p.name.encode(),) + zone
+        ip = ipaddress.ip_address(p.ip)
+        names.setdefault(labels, []).append(ip)
+        addresses.setdefault(ip, []).append(labels)
+    return DnsZone(zone, names, addresses, list(networks))
+
+
+def _reverse_address(labels):
+    """The address a reverse name stands for, or None."""
+    try:
+        if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
+            return ipaddress.IPv4Address(".".join(x.decode() for x in reversed(labels[:4])))
+        if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34 and \
+                all(len(x) == 1 for x in labels[:32]):
+            return ipaddress.IPv6Address(int(b"".join(reversed(labels[:32])), 16))
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def dns_resolve(zone, q):
+    """(rcode, records) for a question, from one caller's DnsZone."""
+    if q.qclass not in (_DNS_CLASS_IN, DNS_ANY):
+        return DNS_REFUSED, []
+    name = q.name
+    if name[-len(zone.zone):] == zone.zone and len(name) >= len(zone.zone):
+        if name == zone.zone:
+            return DNS_NOERROR, []
+        ips = zone.names.get(name)
+        if ips is None:
+            return DNS_NXDOMAIN, []
+        want = {DNS_A: 4, DNS_AAAA: 6, DNS_ANY: None}
+        if q.qtype not in want:
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_A if ip.version == 4 else DNS_AAAA, ip.packed) for ip in ips
+                             if want[q.qtype] in (None, ip.version)]
+    if name[-1:] == (b"arpa",):
+        ip = _reverse_address(name)
+        if ip is None or not any(ip in n for n in zone.networks if n.version == ip.version):
+            return DNS_REFUSED, []
+        labels = zone.addresses.get(ip)
+        if labels is None:
+            return DNS_NXDOMAIN, []
+        if q.qtype not in (DNS_PTR, DNS_ANY):
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
+    return DNS_REFUSED, []                 # not a recursive resolver
 
 
 # -- wg-quick files for static peers ------------------------------------------
@@ -2406,6 +2761,45 @@ _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _RTA_DST, _RTA_OIF = 1, 4
 _IFF_UP = 0x1
 _RT_TABLE_MAIN, _RTPROT_BOOT, _RT_SCOPE_LINK, _RTN_UNICAST = 254, 3, 253, 1
+_NLM_F_DUMP, _NLMSG_DONE = 0x300, 3
+_RTM_DELROUTE, _RTM_GETROUTE, _RTM_NEWRULE, _RTM_DELRULE, _RTM_GETRULE = 25, 26, 32, 33, 34
+_RTA_PRIORITY, _RTA_TABLE = 6, 15
+_FRA_PRIORITY, _FRA_FWMARK, _FRA_SUPPRESS_PREFIXLEN, _FRA_TABLE, _FRA_FWMASK = 6, 10, 14, 15, 16
+_FR_ACT_TO_TBL, _FIB_RULE_INVERT = 1, 0x2
+# Routes to peers' subnets and an exit node's table are ours by this protocol
+# number (unassigned in iproute2's rt_protos), so a sync removes only what it
+# added, never a route an operator put on the interface.
+RTPROT_INNERNET = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteRule:
+    """One policy-routing rule (`ip rule`), as the exit node uses them."""
+    family: int                 # 4 or 6
+    priority: int
+    table: int
+    fwmark: int | None = None   # with invert: "not fwmark N"
+    invert: bool = False
+    suppress_prefixlength: int | None = None
+
+    def __str__(self):
+        mark = f"{'not ' if self.invert else ''}fwmark {self.fwmark:#x} " if self.fwmark else ""
+        sup = "" if self.suppress_prefixlength is None else \
+            f" suppress_prefixlength {self.suppress_prefixlength}"
+        table = "main" if self.table == _RT_TABLE_MAIN else self.table
+        return f"ip -{self.family} rule add priority {self.priority} {mark}lookup {table}{sup}"
+
+
+def _rtattrs(data, off, end):
+    """{type: payload} of the attributes in data[off:end]."""
+    out = {}
+    while off + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            break
+        out[kind & 0x3FFF] = bytes(data[off + 4:off + n])
+        off += (n + 3) & ~3
+    return out
 
 
 def _rtattr(kind, payload):
@@ -2418,7 +2812,7 @@ def _ifinfomsg(index=0, flags=0, change=0):
 
 
 def rtnl_request(kind, index, ifname=None, *, link_kind=None, mtu=None, up=False,
-                 address=None, route=None):
+                 address=None, route=None, table=None, protocol=None, rule=None):
     """(message type, flags, body) of one rtnetlink request (pure; Netlink sends it).
 
     ``address`` is an ip_interface to add; ``route`` an ip_network to route to
@@ -2442,13 +2836,66 @@ def rtnl_request(kind, index, ifname=None, *, link_kind=None, mtu=None, up=False
         if family == socket.AF_INET:
             body += _rtattr(_IFA_LOCAL, raw)
         return _RTM_NEWADDR, new, body + _rtattr(_IFA_ADDRESS, raw)
-    if kind == "add-route":
+    if kind in ("add-route", "del-route"):
         family = socket.AF_INET6 if route.version == 6 else socket.AF_INET
-        body = struct.pack("=BBBBBBBBI", family, route.prefixlen, 0, 0, _RT_TABLE_MAIN,
-                           _RTPROT_BOOT, _RT_SCOPE_LINK, _RTN_UNICAST, 0)
-        body += _rtattr(_RTA_DST, route.network_address.packed)
-        return _RTM_NEWROUTE, new, body + _rtattr(_RTA_OIF, struct.pack("=I", index))
+        table = table or _RT_TABLE_MAIN
+        body = struct.pack("=BBBBBBBBI", family, route.prefixlen, 0, 0,
+                           table if table < 256 else 0, protocol or _RTPROT_BOOT,
+                           _RT_SCOPE_LINK, _RTN_UNICAST, 0)
+        if route.prefixlen:
+            body += _rtattr(_RTA_DST, route.network_address.packed)
+        if table >= 256:
+            body += _rtattr(_RTA_TABLE, struct.pack("=I", table))
+        body += _rtattr(_RTA_OIF, struct.pack("=I", index))
+        return (_RTM_NEWROUTE, new, body) if kind == "add-route" else (_RTM_DELROUTE, 0, body)
+    if kind in ("add-rule", "del-rule"):
+        r = rule
+        family = socket.AF_INET6 if r.family == 6 else socket.AF_INET
+        body = struct.pack("=BBBBBBBBI", family, 0, 0, 0, r.table if r.table < 256 else 0,
+                           0, 0, _FR_ACT_TO_TBL, _FIB_RULE_INVERT if r.invert else 0)
+        body += _rtattr(_FRA_PRIORITY, struct.pack("=I", r.priority))
+        body += _rtattr(_FRA_TABLE, struct.pack("=I", r.table))
+        if r.fwmark:
+            body += _rtattr(_FRA_FWMARK, struct.pack("=I", r.fwmark))
+            body += _rtattr(_FRA_FWMASK, struct.pack("=I", 0xFFFFFFFF))
+        if r.suppress_prefixlength is not None:
+            body += _rtattr(_FRA_SUPPRESS_PREFIXLEN, struct.pack("=i", r.suppress_prefixlength))
+        return (_RTM_NEWRULE, new, body) if kind == "add-rule" else (_RTM_DELRULE, 0, body)
     raise ValueError(kind)
+
+
+def parse_route_message(data):
+    """(destination network, output interface index, table, protocol) of an
+    RTM_NEWROUTE payload; None for what is not a unicast route."""
+    family, dst_len, _, _, table, proto, _, rtype, _ = struct.unpack_from("=BBBBBBBBI", data)
+    if rtype != _RTN_UNICAST or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    attrs = _rtattrs(data, 12, len(data))
+    if _RTA_TABLE in attrs:
+        table = struct.unpack("=I", attrs[_RTA_TABLE][:4])[0]
+    size = 4 if family == socket.AF_INET else 16
+    raw = attrs.get(_RTA_DST, b"\0" * size)
+    if len(raw) != size:
+        return None
+    net = ipaddress.ip_network((ipaddress.ip_address(raw), dst_len), strict=False)
+    oif = struct.unpack("=I", attrs[_RTA_OIF][:4])[0] if _RTA_OIF in attrs else 0
+    return net, oif, table, proto
+
+
+def parse_rule_message(data):
+    """The RouteRule an RTM_NEWRULE payload describes (None for other actions)."""
+    family, _, _, _, table, _, _, action, flags = struct.unpack_from("=BBBBBBBBI", data)
+    if action != _FR_ACT_TO_TBL:
+        return None
+    attrs = _rtattrs(data, 12, len(data))
+
+    def u32(kind, default=None):
+        return struct.unpack("=I", attrs[kind][:4])[0] if kind in attrs else default
+    sup = struct.unpack("=i", attrs[_FRA_SUPPRESS_PREFIXLEN][:4])[0] \
+        if _FRA_SUPPRESS_PREFIXLEN in attrs else None
+    return RouteRule(6 if family == socket.AF_INET6 else 4, u32(_FRA_PRIORITY, 0),
+                     u32(_FRA_TABLE, table), u32(_FRA_FWMARK) or None,
+                     bool(flags & _FIB_RULE_INVERT), None if sup in (None, -1) else sup)
 
 
 class Netlink:
@@ -2469,15 +2916,18 @@ class Netlink:
             self.sock.close()
             self.sock = None
 
-    def _talk(self, kind, flags, body):
-        """Send one request; 0, or the errno the kernel answered with."""
+    def _send(self, kind, flags, body):
         if self.sock is None:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
             self.sock.settimeout(10)
             self.sock.bind((0, 0))
         self.seq += 1
-        self.sock.send(struct.pack("=LHHLL", 16 + len(body), kind,
-                                   flags | _NLM_F_REQUEST | _NLM_F_ACK, self.seq, 0) + body)
+        self.sock.send(struct.pack("=LHHLL", 16 + len(body), kind, flags | _NLM_F_REQUEST,
+                                   self.seq, 0) + body)
+
+    def _talk(self, kind, flags, body):
+        """Send one request; 0, or the errno the kernel answered with."""
+        self._send(kind, flags | _NLM_F_ACK, body)
         for _ in range(64):          # the ACK is the answer; anything else is skipped
             try:
                 data = self.sock.recv(65536)
@@ -2492,6 +2942,60 @@ class Netlink:
                     break
                 off += (length + 3) & ~3
         raise InnernetError("the kernel did not answer a netlink request")
+
+    def _dump(self, kind, body, limit=1 << 16):
+        """The payloads of a dump's answer (routes, rules), up to ``limit`` of them."""
+        self._send(kind, _NLM_F_DUMP, body)
+        out = []
+        while len(out) < limit:
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                break
+            off = 0
+            while off + 16 <= len(data):
+                length, typ, _, seq, _ = struct.unpack_from("=LHHLL", data, off)
+                if length < 16:
+                    break
+                if seq == self.seq:
+                    if typ == _NLMSG_DONE:
+                        return out
+                    if typ == _NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, off + 16)[0]
+                        raise InnernetError(f"netlink dump failed: {os.strerror(code)}")
+                    out.append(data[off + 16:off + length])
+                off += (length + 3) & ~3
+        raise InnernetError("the kernel did not finish a netlink dump")
+
+    def routes(self, family=4):
+        """Every unicast route of one family: (network, oif, table, protocol)."""
+        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+        msgs = self._dump(_RTM_GETROUTE, struct.pack("=BBBBBBBBI", fam, 0, 0, 0, 0, 0, 0, 0, 0))
+        return [r for r in map(parse_route_message, msgs) if r is not None]
+
+    def rules(self, family=4):
+        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+        msgs = self._dump(_RTM_GETRULE, struct.pack("=BBBBBBBBI", fam, 0, 0, 0, 0, 0, 0, 0, 0))
+        return [r for r in map(parse_rule_message, msgs) if r is not None]
+
+    def route(self, ifname, network, *, add=True, table=None, protocol=RTPROT_INNERNET):
+        """Add (or delete) a route of ours to ``network`` on ``ifname``."""
+        where = f" table {table}" if table else ""
+        echo_cmd(f"ip route {'add' if add else 'del'} {network} dev {ifname}{where} "
+                 f"proto {protocol}")
+        code = self._talk(*rtnl_request("add-route" if add else "del-route",
+                                        self._index(ifname), route=network, table=table,
+                                        protocol=protocol))
+        if code and code not in ((errno.EEXIST,) if add else (errno.ESRCH, errno.ENODEV)):
+            raise InnernetError(f"cannot {'add' if add else 'delete'} route {network} on "
+                                f"{ifname}: {os.strerror(code)}")
+
+    def rule(self, rule, *, add=True):
+        echo_cmd(str(rule) if add else str(rule).replace(" rule add ", " rule del "))
+        code = self._talk(*rtnl_request("add-rule" if add else "del-rule", 0, rule=rule))
+        if code and code not in ((errno.EEXIST,) if add else (errno.ENOENT,)):
+            raise InnernetError(f"cannot {'add' if add else 'delete'} the rule '{rule}': "
+                                f"{os.strerror(code)}")
 
     def index(self, ifname):
         try:
@@ -2789,12 +3293,14 @@ class UserspaceBackend:
         return dev
 
     def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
-              replace_peers=False):
+              replace_peers=False, fwmark=None):
         lines = ["set=1"]
         if private_key is not None:
             lines.append(f"private_key={key_to_hex(private_key)}")
         if listen_port is not None:
             lines.append(f"listen_port={listen_port}")
+        if fwmark is not None:
+            lines.append(f"fwmark={fwmark}")
         if replace_peers:
             lines.append("replace_peers=true")
         for u in updates:
@@ -2879,12 +3385,14 @@ class KernelBackend:
         return dev
 
     def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
-              replace_peers=False):
+              replace_peers=False, fwmark=None):
         current = self.get(ifname) if (replace_peers or updates) else None
         wg = self._wireguard()
         try:
             if private_key is not None or listen_port is not None:
                 wg.set(ifname, private_key=private_key, listen_port=listen_port)
+            if fwmark is not None:
+                wg.set(ifname, fwmark=fwmark)
             keep = {u.public_key for u in updates if not u.remove}
             if replace_peers and current:
                 for p in current.peers:
@@ -3066,6 +3574,156 @@ table inet {self.table} {{
         self._last = None
 
 
+# -- subnet routes, forwarding, exit node, split DNS (clients) ------------------
+
+def sync_interface_routes(ifname, wanted):
+    """Make our routes on ``ifname`` (table main, protocol RTPROT_INNERNET)
+    exactly ``wanted``; the overlay's own route and an operator's stay."""
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        if idx is None:
+            return
+        for fam in (4, 6):
+            want = {n for n in wanted if n.version == fam}
+            try:
+                have = {net for net, oif, table, proto in nl.routes(fam)
+                        if oif == idx and table == _RT_TABLE_MAIN and proto == RTPROT_INNERNET}
+            except InnernetError:
+                if want:
+                    raise
+                continue                    # a kernel without IPv6
+            for n in sorted(have - want):
+                nl.route(ifname, n, add=False)
+                log(f"{ifname}: route {n} is gone")
+            for n in sorted(want - have):
+                nl.route(ifname, n)
+                log(f"{ifname}: route {n} through the tunnel")
+
+
+def _sysctl_path(family, ifname, key="forwarding"):
+    return f"/proc/sys/net/ipv{family}/conf/{ifname}/{key}"
+
+
+def _read_sysctl(path):
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def _write_sysctl(path, value):
+    name = path[len("/proc/sys/"):].replace("/", ".")
+    echo_cmd(f"sysctl -w {name}={value}")
+    try:
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        raise InnernetError(f"cannot set {name}: {e.strerror}",
+                            hint="are you running as root?") from None
+
+
+def enable_route_forwarding(ifname, routes):
+    """What a peer routing for others needs: IPv4 forwarding on its WireGuard
+    interface and on each interface its routes leave by (the replies come in
+    there and go back into the tunnel), per interface, never host-wide.
+    IPv6 forwarding is host-wide only, so for IPv6 routes it is asked for."""
+    nets = [ipaddress.ip_network(r) for r in routes]
+    names = {ifname}
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        table = [(net, oif) for net, oif, tab, _ in nl.routes(4)
+                 if tab == _RT_TABLE_MAIN and oif and oif != idx]
+        for n in nets:
+            if n.version != 4:
+                continue
+            best = max((r for r in table if n.subnet_of(r[0]) or n.network_address in r[0]),
+                       key=lambda r: r[0].prefixlen, default=None)
+            if best is not None:
+                with contextlib.suppress(OSError):
+                    names.add(socket.if_indextoname(best[1]))
+    for name in sorted(names):
+        path = _sysctl_path(4, name)
+        if _read_sysctl(path) == "0":
+            _write_sysctl(path, 1)
+            log(f"forwarding is on for {name} (routes of this peer: {', '.join(routes)})")
+    if any(n.version == 6 for n in nets) and _read_sysctl(_sysctl_path(6, "all")) == "0":
+        warn("IPv6 routes need forwarding, which is host-wide for IPv6: "
+             "sysctl -w net.ipv6.conf.all.forwarding=1")
+
+
+EXIT_TABLE = 51820              # the exit node's routing table and fwmark (as wg-quick's)
+EXIT_PRIORITY = 5208            # its policy-routing rules, at this priority and the next
+
+
+def exit_rules(table, allow_lan, families=(4, 6)):
+    """wg-quick's way to a default route through the tunnel: whatever is not
+    marked (WireGuard marks its own packets, so they and the path to the
+    server stay outside) looks up a table whose default route is the tunnel;
+    with ``allow_lan`` the main table answers first for everything but its
+    default route, so the LAN, the underlay and the overlay keep their routes."""
+    rules = []
+    for fam in families:
+        if allow_lan:
+            rules.append(RouteRule(fam, EXIT_PRIORITY, _RT_TABLE_MAIN, suppress_prefixlength=0))
+        rules.append(RouteRule(fam, EXIT_PRIORITY + 1, table, fwmark=table, invert=True))
+    return rules
+
+
+def _families():
+    return (4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,)
+
+
+def free_exit_table(nl):
+    used = {r.table for fam in _families() for r in nl.rules(fam)}
+    return next(t for t in range(EXIT_TABLE, EXIT_TABLE + 1000) if t not in used)
+
+
+def exit_routing_up(backend, ifname, table, allow_lan):
+    """Mark the device's packets, route the table's default into the tunnel, add
+    the rules; each step only if missing, so every sync can call it."""
+    backend.apply(ifname, fwmark=table)
+    with Netlink() as nl:
+        for fam in _families():
+            nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]), table=table)
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule not in have:
+                    nl.rule(rule)
+
+
+def exit_routing_down(ifname, table, allow_lan):
+    """Take out what exit_routing_up added (the table's routes go with the
+    interface; they are deleted here too while it is still up)."""
+    with Netlink() as nl:
+        for fam in _families():
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule in have:
+                    nl.rule(rule, add=False)
+            if nl.index(ifname) is not None:
+                with contextlib.suppress(InnernetError):
+                    nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]),
+                             table=table, add=False)
+
+
+def configure_split_dns(ifname, server_ip, zone):
+    """Send the zone's questions (only those) to the server, through
+    systemd-resolved's per-link settings; the host's resolver is untouched.
+    True when configured; without resolved, one line says it is skipped."""
+    if which("resolvectl") is None:
+        log(f"{ifname}: systemd-resolved not found (no resolvectl): split DNS for {zone} "
+            "skipped; the hosts file has the names")
+        return False
+    try:
+        run(["resolvectl", "dns", ifname, str(server_ip)])
+        run(["resolvectl", "domain", ifname, f"~{zone}"])
+    except InnernetError as e:
+        log(f"{ifname}: split DNS for {zone} skipped: {e.message}")
+        return False
+    log(f"{ifname}: names in {zone} are resolved by the server ({server_ip})")
+    return True
+
+
 def trigger_packet(ip, port=9):
     """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
     with contextlib.suppress(OSError):
@@ -3137,9 +3795,23 @@ CREATE TABLE IF NOT EXISTS key_rotations (
 );
 CREATE TABLE IF NOT EXISTS static_peers (
   peer_id  INTEGER PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS peer_routes (
+  id        INTEGER PRIMARY KEY,
+  peer_id   INTEGER NOT NULL,
+  route     TEXT NOT NULL,
+  approved  INTEGER DEFAULT 0 NOT NULL,
+  UNIQUE(peer_id, route)
+);
+CREATE TABLE IF NOT EXISTS route_approvers (
+  id       INTEGER PRIMARY KEY,
+  route    TEXT NOT NULL,
+  cidr_id  INTEGER NOT NULL,
+  UNIQUE(route, cidr_id)
 )
 """
-EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers")
+EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
+                "route_approvers")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -3148,7 +3820,12 @@ MIGRATIONS = {   # user_version below the key -> SQL that brings it there
 
 _PEER_COLUMNS = ("id, name, ip, cidr_id, public_key, endpoint, is_admin, is_disabled, "
                  "is_redeemed, invite_expires, candidates, "
-                 "EXISTS (SELECT 1 FROM static_peers WHERE peer_id = peers.id)")
+                 "EXISTS (SELECT 1 FROM static_peers WHERE peer_id = peers.id), "
+                 "(SELECT group_concat(approved || route, ' ') FROM peer_routes "
+                 "WHERE peer_id = peers.id)")
+
+
+_ORPHAN_ROUTES = "DELETE FROM peer_routes WHERE peer_id NOT IN (SELECT id FROM peers)"
 
 
 def _integrity_error(e):
@@ -3307,9 +3984,18 @@ class Store:
                 candidates = []
         except ValueError:
             candidates = []
+        routes, pending, exit_node = [], [], False
+        for item in sorted((row[12] or "").split()):
+            if item[0] == "0":
+                pending.append(item[1:])
+            elif item[1:] in EXIT_ROUTES:
+                exit_node = True
+            else:
+                routes.append(item[1:])
         return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
                     bool(row[6]), bool(row[7]), bool(row[8]), row[9],
-                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]))
+                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
+                    routes=routes, exit_node=exit_node, pending_routes=pending)
 
     def peers(self):
         return [self._peer(r) for r in self._query(f"SELECT {_PEER_COLUMNS} FROM peers ORDER BY id")]
@@ -3357,6 +4043,9 @@ class Store:
              json.dumps(p.candidates)))
         if p.is_static:
             c.execute("INSERT INTO static_peers (peer_id) VALUES (?)", (cur.lastrowid,))
+        for r in p.routes + (list(EXIT_ROUTES) if p.exit_node else []):   # set by an admin
+            c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, 1)",
+                      (cur.lastrowid, r))
         return dataclasses.replace(p, id=cur.lastrowid,
                                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
 
@@ -3400,7 +4089,10 @@ class Store:
             # innernet's sweeper does within 10 s), though it stays re-issuable.
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
                       "AND (name = ? OR ip = ?)", (now, contents.name, contents.ip))
+            c.execute(_ORPHAN_ROUTES)
             check_new_peer(self.cidrs(), self.peers(), contents, self.quarantined(now), now)
+            if contents.routes or contents.exit_node:
+                check_routes(self.peers(), self.cidrs(), contents, contents.routes)
             return self._insert_peer(c, contents)
 
     # -- the lifecycle innernet lacks: delete, re-invite -----------------------
@@ -3426,6 +4118,7 @@ class Store:
                           (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
             c.execute("DELETE FROM key_rotations WHERE peer_id = ?", (peer_id,))
             c.execute("DELETE FROM static_peers WHERE peer_id = ?", (peer_id,))
+            c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
             c.execute("DELETE FROM peers WHERE id = ?", (peer_id,))
             return old
 
@@ -3516,6 +4209,69 @@ class Store:
             c.execute("UPDATE peers SET candidates = ? WHERE id = ?",
                       (json.dumps(candidates), peer_id))
 
+    # -- subnet routes and exit nodes --------------------------------------------
+
+    def route_approvers(self):
+        return [RouteApprover(*r) for r in
+                self._query("SELECT id, route, cidr_id FROM route_approvers ORDER BY id")]
+
+    def advertise_routes(self, peer_id, routes, exit_node, approve=False):
+        """Replace what a peer advertises. Routes it advertised before keep
+        their approval; new ones are approved with ``approve`` (an admin set
+        them) or by an auto-approve rule. Returns the peer as it is now."""
+        routes = parse_routes(routes) + (list(EXIT_ROUTES) if exit_node else [])
+        with self.write() as c:
+            peer = self.peer(peer_id)
+            if self._is_server_peer(peer):
+                raise _bad("the server does not route for the network")
+            if peer.is_static:
+                raise _bad(f"peer '{peer.name}' is a static peer; it cannot route for others")
+            check_routes(self.peers(), self.cidrs(), peer, routes)
+            before = {r[0]: r[1] for r in c.execute(
+                "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
+            c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
+            cidrs, approvers = self.cidrs(), self.route_approvers()
+            for r in routes:
+                ok = before.get(r, 0) or approve or auto_approved(r, peer, cidrs, approvers)
+                c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, ?)",
+                          (peer_id, r, int(bool(ok))))
+        return self.peer(peer_id)
+
+    def approve_routes(self, peer_id, routes=None, approve=True):
+        """Approve (or revoke) some of a peer's advertised routes, all with None."""
+        with self.write() as c:
+            peer = self.peer(peer_id)
+            have = set(advertised(peer))
+            routes = have if routes is None else set(parse_routes(routes, exit_routes=True))
+            if routes & set(EXIT_ROUTES):        # the exit offer goes as one
+                routes |= set(EXIT_ROUTES) & have
+            missing = sorted(routes - have)
+            if missing:
+                raise _bad(f"peer '{peer.name}' does not advertise {', '.join(missing)}")
+            for r in routes:
+                c.execute("UPDATE peer_routes SET approved = ? WHERE peer_id = ? AND route = ?",
+                          (int(approve), peer_id, r))
+        return self.peer(peer_id)
+
+    def add_route_approver(self, rule):
+        with self.write() as c:
+            if rule.cidr_id not in {x.id for x in self.cidrs()}:
+                raise _bad(f"CIDR {rule.cidr_id} does not exist")
+            cur = c.execute("INSERT INTO route_approvers (route, cidr_id) VALUES (?, ?)",
+                            (rule.route, rule.cidr_id))
+            # What is waiting and now covered is approved too.
+            cidrs, rule = self.cidrs(), dataclasses.replace(rule, id=cur.lastrowid)
+            for p in self.peers():
+                for r in p.pending_routes:
+                    if auto_approved(r, p, cidrs, [rule]):
+                        c.execute("UPDATE peer_routes SET approved = 1 WHERE peer_id = ? "
+                                  "AND route = ?", (p.id, r))
+            return rule
+
+    def delete_route_approver(self, rule_id):
+        with self.write() as c:
+            c.execute("DELETE FROM route_approvers WHERE id = ?", (rule_id,))
+
     def add_association(self, a, b):
         with self.write() as c:
             ids = {x.id for x in self.cidrs()}
@@ -3546,6 +4302,7 @@ class Store:
                 with self.write() as c:
                     c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?",
                               (now - grace,))
+                    c.execute(_ORPHAN_ROUTES)
                     c.execute("DELETE FROM deleted_peers WHERE reuse_after < ? AND "
                               "deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))
             return gone
@@ -3588,6 +4345,32 @@ def load_paths_memo(store_path):
             return PathMemo.from_json(json.loads(f.read()))
     except (OSError, ValueError, RecursionError):
         return PathMemo()
+
+
+def exit_state_path(store_path):
+    """The exit node a client asked for, and the table its rules use."""
+    return store_path[:-5] + ".exit.json"
+
+
+def load_exit_state(path):
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InnernetError(f"cannot read {path}: {e}",
+                            hint="run 'innernet down' and 'up --exit-node' again") from None
+    if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
+            and isinstance(state.get("allow_lan"), bool)
+            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31):
+        raise InnernetError(f"{path} is damaged",
+                            hint="run 'innernet down' and 'up --exit-node' again")
+    return state
+
+
+def save_exit_state(path, state):
+    atomic_write(path, json.dumps(state) + "\n", 0o600)
 
 
 def save_paths_memo(store_path, memo):
@@ -3956,8 +4739,9 @@ class Coordinator:
     """The running server: its store, its WireGuard device and the API logic."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False):
+                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone=None):
         self.store = store
+        self.dns_zone_name = dns_zone        # "NET.wg" when serve answers DNS, else None
         # Only the unit tests and benchmarks, which serve peers on 127.x
         # addresses over loopback, let local addresses call the API.
         self.local_callers = local_callers
@@ -4032,7 +4816,8 @@ class Coordinator:
             if p.id in self.pending:
                 p = dataclasses.replace(p, public_key=self.pending[p.id])
             ep = p.endpoint if p.endpoint and not endpoint_is_unspecified(p.endpoint) else None
-            out.append(dataclasses.replace(p, endpoint=ep, candidates=[],
+            # routes=[]: the server does not route into peers' networks.
+            out.append(dataclasses.replace(p, endpoint=ep, candidates=[], routes=[],
                                            persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
         return out
 
@@ -4268,7 +5053,8 @@ class Coordinator:
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
         body = ('{"peers": [' + ", ".join(
-            json.dumps(inject_endpoint(p, self.observed.get(p.public_key)).to_json())
+            json.dumps(inject_endpoint(p, self.observed.get(p.public_key)).to_json(
+                pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
             # ours: lets clients unpin deleted peers (innernet ignores it)
             + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
@@ -4283,6 +5069,43 @@ class Coordinator:
                 self._state_cache.clear()
             self._state_cache[view] = (rev, body, etag)
         return body, etag
+
+    def dns_view(self, remote_ip):
+        """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
+        peer: the caller itself and the peers its state holds (cached per
+        view and revision, as state bodies are)."""
+        try:
+            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+            if ip.version == 6 and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+        except ValueError:
+            return None
+        if self._is_local_address(ip):
+            return None
+        rev = (self.store.revision, self.store.data_version(), self.observed_version)
+        peers, cidrs, assocs, views, _ = self._tree(rev)
+        with self._cache_lock:
+            hit = self._state_cache.get("dns-callers")
+        if hit and hit[0] == rev:
+            by_ip = hit[1]
+        else:
+            by_ip = {p.ip: p for p in peers}
+            with self._cache_lock:
+                self._state_cache["dns-callers"] = (rev, by_ip)
+        caller = by_ip.get(str(ip))
+        if caller is None or caller.is_disabled or not caller.is_redeemed:
+            return None
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
+        key = ("dns", view)
+        with self._cache_lock:
+            hit = self._state_cache.get(key)
+            if hit and hit[0] == rev:
+                return hit[1]
+        root = root_cidr(cidrs).network
+        zone = dns_zone([p for p in peers if p.cidr_id in view], self.dns_zone_name, [root])
+        with self._cache_lock:
+            self._state_cache[key] = (rev, zone)
+        return zone
 
     def gzipped(self, body, etag):
         """The gzip form of a state body, cached by its ETag (LRU, bounded in bytes)."""
@@ -4379,7 +5202,8 @@ def user_get_capabilities(co, req):
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
                           "long_poll_seconds": LONG_POLL_MAX_WAIT,
                           "relay": co.relay is not None,
-                          "e2e_relay": co.hub is not None})
+                          "e2e_relay": co.hub is not None,
+                          "routes": True, "dns": co.dns_zone_name})
 
 
 @api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
@@ -4522,7 +5346,61 @@ def user_set_candidates(co, req):
     return Response(204)
 
 
+@api("GET", "user/routes", "user")
+def user_get_routes(co, req):
+    """Ours: the caller's own peer, with what it advertises still waiting for approval."""
+    return Response(200, req.caller.to_json())
+
+
+@api("POST", "user/routes", "user", body=True)
+def user_advertise_routes(co, req):
+    """Ours: {"routes": [cidr, ...], "exit_node": bool} replaces what the caller
+    advertises; answers the caller's peer, with what still waits for approval."""
+    data = _require_object(req.body, "routes request")
+    # Either part alone leaves the other as it is.
+    have = advertised(req.caller)
+    routes = _get(data, "routes", list, required=False, nullable=True,
+                  default=[r for r in have if r not in EXIT_ROUTES])
+    exit_node = _get(data, "exit_node", bool, required=False,
+                     default=any(r in EXIT_ROUTES for r in have))
+    co.allow_update(req.caller.id)
+    peer = co.store.advertise_routes(req.caller.id, routes, exit_node)
+    log(f"peer '{peer.name}' advertises {', '.join(advertised(peer)) or 'no routes'}")
+    return Response(200, peer.to_json())
+
+
 # -- admin routes -------------------------------------------------------------
+
+@api("PUT", "admin/routes/{id}", "admin", body=True)
+def admin_approve_routes(co, req):
+    """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
+    data = _require_object(req.body, "approval")
+    routes = _get(data, "routes", list, required=False, nullable=True)
+    approved = _get(data, "approved", bool, required=False, default=True)
+    peer = co.store.approve_routes(req.id, routes, approved)
+    log(f"admin '{req.caller.name}' {'approved' if approved else 'revoked'} "
+        f"{', '.join(routes) if routes else 'all routes'} of peer '{peer.name}'")
+    return Response(200, peer.to_json())
+
+
+@api("GET", "admin/route-approvers", "admin")
+def admin_list_route_approvers(co, req):
+    return Response(200, [a.to_json() for a in co.store.route_approvers()])
+
+
+@api("POST", "admin/route-approvers", "admin", body=True)
+def admin_add_route_approver(co, req):
+    rule = co.store.add_route_approver(RouteApprover.from_json(req.body))
+    log(f"admin '{req.caller.name}' auto-approves routes in {rule.route} "
+        f"from CIDR {rule.cidr_id}")
+    return Response(201, rule.to_json())
+
+
+@api("DELETE", "admin/route-approvers/{id}", "admin")
+def admin_delete_route_approver(co, req):
+    co.store.delete_route_approver(req.id)
+    return Response(204)
+
 
 @api("GET", "admin/peers", "admin")
 def admin_list_peers(co, req):
@@ -4894,6 +5772,122 @@ def make_api_server(coordinator, address, port, **kw):
                                      f"(systemctl status innernet-server@{coordinator.ifname})"
                                 ) from None
         raise InnernetError(f"cannot serve on {where}: {e.strerror or e}") from None
+
+
+# -- DNS service -------------------------------------------------------------------
+
+class DnsServer:
+    """DNS for the network's zone on the server's WireGuard address, UDP and
+    TCP. Sockets are bound to the device, and the caller is the peer whose
+    address the packet came from (WireGuard vouches for it, as for the API);
+    local processes and strangers get REFUSED. Never recursive."""
+
+    def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
+        self.co = coordinator
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
+        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
+        try:
+            for sock in (self.udp, self.tcp):
+                if bind_device:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                    bind_device.encode())
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.udp.bind((address, port))
+            self.port = self.udp.getsockname()[1]
+            self.tcp.bind((address, self.port))
+            self.tcp.listen(16)
+        except OSError as e:
+            self.close()
+            raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
+                                f"{e.strerror or e}",
+                                hint="is another DNS server bound to port 53 on all "
+                                     "addresses? (serve --no-dns turns ours off)") from None
+
+    def answer(self, data, addr, tcp=False):
+        def resolve(q):                 # only for a well-formed question: garbage is cheap
+            zone = self.co.dns_view(addr[0])
+            return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
+        return dns_answer(data, resolve, tcp)
+
+    def _answer_safely(self, data, addr, tcp):
+        try:
+            return self.answer(data, addr, tcp)
+        except Exception as e:          # a database hiccup or a bug: no answer, keep serving
+            debug(f"DNS question from {addr[0]} not answered: {e!r}")
+            return None
+
+    def serve_udp(self, stop):
+        self.udp.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                data, addr = self.udp.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                if stop.is_set() or self.udp.fileno() < 0:
+                    break
+                continue
+            out = self._answer_safely(data, addr, False)
+            if out:
+                with contextlib.suppress(OSError):
+                    self.udp.sendto(out, addr)
+
+    def serve_tcp(self, stop):
+        self.tcp.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                conn, addr = self.tcp.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if stop.is_set() or self.tcp.fileno() < 0:
+                    break
+                continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()                 # over the bound: refuse, don't queue
+                continue
+            threading.Thread(target=self._tcp_connection, args=(conn, addr),
+                             daemon=True).start()
+
+    def _tcp_connection(self, conn, addr):
+        """Length-prefixed messages (RFC 7766) until the asker stops or idles."""
+        def exactly(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = conn.recv(n - len(buf))
+                if not chunk:
+                    return None
+                buf += chunk
+            return buf
+        try:
+            conn.settimeout(DNS_TCP_IDLE)
+            for _ in range(DNS_TCP_MESSAGES):
+                head = exactly(2)
+                data = head and exactly(struct.unpack("!H", head)[0])
+                if not data:
+                    break
+                out = self._answer_safely(data, addr, True)
+                if out is None:
+                    break
+                conn.sendall(struct.pack("!H", len(out)) + out)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def start(self, stop):
+        for target in (self.serve_udp, self.serve_tcp):
+            threading.Thread(target=target, args=(stop,), daemon=True).start()
+
+    def close(self):
+        for sock in (self.udp, self.tcp):
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 ###############################################################################
@@ -5335,6 +6329,18 @@ class LocalNetwork:
     def reinvite(self, peer, invite_public_key, expires):
         self.store.reinvite(peer.id, invite_public_key, expires)
 
+    def approve_routes(self, peer, routes, approved):
+        return self.store.approve_routes(peer.id, routes, approved)
+
+    def route_approvers(self):
+        return self.store.route_approvers()
+
+    def add_route_approver(self, rule):
+        return self.store.add_route_approver(rule)
+
+    def delete_route_approver(self, rule):
+        self.store.delete_route_approver(rule.id)
+
     def network_name(self):
         return self.iface
 
@@ -5399,6 +6405,21 @@ class RemoteNetwork:
         self.api.call("POST", "/admin/reinvitations", {
             "id": peer.id, "public_key": invite_public_key,
             "invite_expires": _expires_to_json(expires)})
+
+    def approve_routes(self, peer, routes, approved):
+        return Peer.from_json(self.api.call("PUT", f"/admin/routes/{peer.id}",
+                                            {"routes": routes, "approved": approved}))
+
+    def route_approvers(self):
+        return [RouteApprover.from_json(a) for a in
+                self.api.call("GET", "/admin/route-approvers") or []]
+
+    def add_route_approver(self, rule):
+        return RouteApprover.from_json(self.api.call("POST", "/admin/route-approvers",
+                                                     rule.to_json()))
+
+    def delete_route_approver(self, rule):
+        self.api.call("DELETE", f"/admin/route-approvers/{rule.id}")
 
     def network_name(self):
         """The network's own name (this admin's interface may be named otherwise)."""
@@ -5625,6 +6646,7 @@ def cmd_add_peer(args):
     cidrs, peers = net.cidrs(), net.peers()
     if args.save_config is not None:          # a bad path fails before any question
         parse_save_path(args.save_config)
+    routes = parse_routes([r for r in (args.routes or "").split(",") if r.strip()])
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     # Expired invitations give their addresses up; deleted peers' stay quarantined.
@@ -5643,16 +6665,20 @@ def cmd_add_peer(args):
     if any(p.name == name and not invitation_expired(p, now) for p in peers):
         raise InnernetError(f"a peer named '{name}' already exists")
     if getattr(args, "static", False):
+        if args.routes:
+            raise InnernetError("a static peer cannot route for others (--routes)",
+                                hint="invite it as a regular peer to let it route")
         return _add_static_peer(args, net, cidrs, cidr, ip, name)
     is_admin = ask(args.admin, "--admin", "make this peer an admin? (true/false)",
                    default="false", parse=parse_bool)
     expires, save_path = _invitation_options(args, name)
-    confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'?", True)
+    with_routes = f" routing {args.routes}" if args.routes else ""
+    confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'{with_routes}?", True)
 
     invite_key = generate_private_key()
     contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
                     PERSISTENT_KEEPALIVE, is_admin, False, False,
-                    int(time.time()) + expires, [])
+                    int(time.time()) + expires, [], routes=routes)
     invitation = _invitation(net, cidrs, ip, invite_key)
 
     def create():
@@ -5778,6 +6804,80 @@ def cmd_disable_peer(args):
 
 def cmd_enable_peer(args):
     return _set_disabled(args, False)
+
+
+def _route_state(p, route):
+    return "approved" if route in p.routes or (route in EXIT_ROUTES and p.exit_node) \
+        else "waiting for approval"
+
+
+def cmd_approve_routes(args):
+    """Approve (or --revoke) a peer's advertised routes, or add (or --revoke)
+    an auto-approve rule with --auto-approve ROUTE --cidr NAME."""
+    net = open_network(args)
+    if args.auto_approve is not None:
+        if args.name is not None or args.routes:
+            raise InnernetError("--auto-approve takes no peer or routes",
+                                hint="approve-routes NET --auto-approve 192.168.0.0/16 "
+                                     "--cidr routers")
+        route = parse_route(args.auto_approve, exit_routes=True)
+        cidr = next((c for c in net.cidrs() if c.name == args.cidr), None)
+        if cidr is None:
+            raise InnernetError(f"no CIDR named {args.cidr!r}" if args.cidr else
+                                "--auto-approve needs --cidr NAME (the advertisers' CIDR)")
+        if args.revoke:
+            rule = next((a for a in net.route_approvers()
+                         if a.route == route and a.cidr_id == cidr.id), None)
+            if rule is None:
+                raise InnernetError(f"no auto-approve rule for {route} from '{cidr.name}'")
+            confirm(args, f"Stop approving routes in {route} from '{cidr.name}' by "
+                          "themselves?", True)
+            net.delete_route_approver(rule)
+            log(f"routes in {route} from '{cidr.name}' need an admin's approval again")
+            return 0
+        confirm(args, f"Approve routes in {route} advertised by peers in '{cidr.name}' "
+                      "as they come?", True)
+        net.add_route_approver(RouteApprover(None, route, cidr.id))
+        log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
+            "as they come")
+        return 0
+    peers = _user_peers(net.peers())
+    options = {n: p for n, p in peers.items() if advertised(p)}
+    if args.name is not None and args.name in peers and args.name not in options:
+        raise InnernetError(f"peer '{args.name}' advertises no routes")
+    peer = choose(args.name, "--name", "peer whose routes to "
+                  + ("revoke" if args.revoke else "approve"), options)
+    routes = parse_routes([r for r in args.routes.split(",") if r.strip()],
+                          exit_routes=True) if args.routes else None
+    shown = ", ".join(routes or advertised(peer))
+    confirm(args, f"{'Revoke' if args.revoke else 'Approve'} {shown} of peer "
+                  f"'{peer.name}'?", True)
+    peer = net.approve_routes(peer, routes, not args.revoke)
+    for r in advertised(peer):
+        log(f"{peer.name}: {r} {_route_state(peer, r)}")
+    return 0
+
+
+def cmd_list_routes(args):
+    """Every advertised route with its owner and state, and the auto-approve rules."""
+    net = open_network(args)
+    cidrs = {c.id: c.name for c in net.cidrs()}
+    rows = [{"peer": p.name, "ip": p.ip, "route": r, "exit_node": r in EXIT_ROUTES,
+             "approved": _route_state(p, r) == "approved"}
+            for p in _user_peers(net.peers()).values() for r in advertised(p)]
+    rules = [dict(a.to_json(), cidr=cidrs.get(a.cidr_id)) for a in net.route_approvers()]
+    if args.json:
+        print_json({"routes": rows, "auto_approve": rules})
+        return 0
+    for r in rows:
+        what = "exit node" if r["exit_node"] else r["route"]
+        print(f"{r['peer']} ({r['ip']}): {what} "
+              f"{'approved' if r['approved'] else 'waiting for approval'}")
+    for a in rules:
+        print(f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'")
+    if not rows and not rules:
+        print("no routes are advertised")
+    return 0
 
 
 def cmd_rename_cidr(args):
@@ -5969,8 +7069,9 @@ def cmd_server_serve(args):
             relay = RelayFirewall(iface)
         else:
             warn("nft (nftables) not found: static peers cannot reach other peers")
+    zone = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
+                     host_suffix=suffix, relay=relay, hub=hub, dns_zone=zone)
     co.sync_device()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -5978,7 +7079,17 @@ def cmd_server_serve(args):
                                               for ip in local_addresses()])
     co.tick()
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
+    dns = None
+    if zone:
+        try:
+            dns = DnsServer(co, str(config.address), bind_device=iface)
+        except InnernetError as e:
+            warn(f"{e.message}; names are in hosts files only")
+            co.dns_zone_name = None
     threading.Thread(target=co.run_background, daemon=True).start()
+    if dns is not None:
+        dns.start(co.stop)
+        log(f"answering DNS for {zone} on {format_endpoint(str(config.address), dns.port)}")
     relaying = None
     if hub is not None:
         relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
@@ -5993,6 +7104,8 @@ def cmd_server_serve(args):
     finally:
         co.stop.set()
         httpd.server_close()
+        if dns is not None:
+            dns.close()
         if relay is not None:        # no forwarding without the server that filters it
             relay.remove()
         if relaying is not None:
@@ -6131,7 +7244,7 @@ def cmd_install(args):
             try:
                 # Peers are tried later (the daemon, the next fetch, or their own
                 # side, which learns of us now): joining ends at the handshake.
-                fetch_interface(args, iface, allow_bring_up=True, traverse=None)
+                fetch_interface(args, iface, allow_bring_up=True, traverse=None, dns=True)
                 break
             except InnernetError as e:
                 if attempt == 2:
@@ -6303,6 +7416,90 @@ def cmd_override_peer_endpoint(args):
     return 0
 
 
+def _advertise(args, body, what):
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+        if not isinstance(caps, dict) or not caps.get("routes"):
+            raise InnernetError("the server does not know subnet routes or exit nodes",
+                                hint="its server is innernet's, or an older innernet.py")
+        if body is None:
+            peer = Peer.from_json(api.call("GET", "/user/routes"))
+        else:
+            confirm(args, f"{what}?", True)
+            peer = Peer.from_json(api.call("POST", "/user/routes", body))
+    finally:
+        api.close()
+    for r in advertised(peer):
+        shown = "exit node" if r in EXIT_ROUTES else r
+        log(f"{peer.name}: {shown} {_route_state(peer, r)}")
+    if not advertised(peer):
+        log(f"{peer.name} advertises no routes")
+    return 0
+
+
+def cmd_advertise_routes(args):
+    if not args.routes and not args.clear:       # what it advertises now, and their state
+        return _advertise(args, None, None)
+    if args.routes and args.clear:
+        raise InnernetError("--clear takes no routes")
+    routes = [] if args.clear else parse_routes(args.routes)
+    return _advertise(args, {"routes": routes},
+                      f"Advertise {', '.join(routes)}" if routes else "Withdraw every route")
+
+
+def cmd_advertise_exit_node(args):
+    return _advertise(args, {"exit_node": not args.withdraw},
+                      "Stop offering this peer as an exit node" if args.withdraw else
+                      "Offer this peer as an exit node (all traffic of the peers that "
+                      "choose it leaves through this host)")
+
+
+def choose_exit(args, iface):
+    """`up --exit-node NAME` records the choice (and the table its rules use);
+    `up` without it stops using one."""
+    path = exit_state_path(data_store_path(args, iface))
+    try:
+        old = load_exit_state(path)
+    except InnernetError:
+        old = None
+    name = getattr(args, "exit_node", None)
+    allow = bool(getattr(args, "exit_node_allow_lan", False))
+    if name is not None:
+        parse_hostname(name, "exit node name")
+    elif allow:
+        raise InnernetError("--exit-node-allow-lan needs --exit-node NAME")
+    if old and name == old["exit_node"] and allow == old["allow_lan"]:
+        return path
+    leave_exit(args, iface)
+    if name is not None:
+        with Netlink() as nl:
+            table = free_exit_table(nl)
+        save_exit_state(path, {"exit_node": name, "allow_lan": allow, "table": table})
+    return path
+
+
+def leave_exit(args, iface):
+    """Stop using an exit node: its rules and table go, the device's mark too."""
+    path = exit_state_path(data_store_path(args, iface))
+    try:
+        state = load_exit_state(path)
+    except InnernetError:
+        state = None
+    if os.path.exists(path) and state is None:
+        os.unlink(path)
+    if state is None:
+        return
+    exit_routing_down(iface, state["table"], state["allow_lan"])
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    if backend is not None:
+        backend.apply(iface, fwmark=0)
+    os.unlink(path)
+    log(f"{iface}: exit node {state['exit_node']} no longer used; routing as before")
+
+
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
     cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
@@ -6310,6 +7507,8 @@ def cmd_uninstall(args):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
     require_removable((cfg_path, store_path))
+    with contextlib.suppress(InnernetError, OSError):
+        leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
     for path in (cfg_path, store_path):
@@ -6352,9 +7551,11 @@ class FetchResult:
     waited: bool             # the server held the request (long poll)
     unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
     next_due: float | None = None        # s until the paths need another look
+    exit_problem: str | None = None      # why the exit node asked for is not in use
 
 
-def desired_peers(cfg, peers, quiet=()):
+def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
+                  public_routes=False):
     """The cached peers as this client wants them on its device.
 
     Local endpoint overrides win; the server is always reached at the
@@ -6365,10 +7566,19 @@ def desired_peers(cfg, peers, quiet=()):
     set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
     them takes three times as long. Once one is back it is heard from (it
     keeps its keepalive for us), and the next sync gives it one again.
+    Peers' approved routes stay only with ``accept_routes``, and only those in
+    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
+    (``exit_key``) gets the default routes too.
     """
     overrides = cfg.peer_endpoint_overrides
     out = []
     for p in peers:
+        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
+            if accept_routes else []
+        if p.public_key == exit_key:
+            routes += list(EXIT_ROUTES)
+        if routes != p.routes:
+            p = dataclasses.replace(p, routes=routes)
         if p.public_key == cfg.server_public_key:
             p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
         elif p.ip in overrides:
@@ -6377,6 +7587,17 @@ def desired_peers(cfg, peers, quiet=()):
             p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
     return out
+
+
+def choose_exit_node(peers, name, own_key):
+    """(the peer to use as exit node, None) or (None, why not): it must be one
+    this client may see (the server sends no other) and its offer approved."""
+    p = next((p for p in peers if p.name == name and not p.is_disabled), None)
+    if p is None or p.public_key == own_key:
+        return None, f"no peer named '{name}' is visible to this peer"
+    if not p.exit_node:
+        return None, f"peer '{name}' does not offer an approved exit node"
+    return p, None
 
 
 def learn_offline(api, cfg, memo, peers):
@@ -6734,7 +7955,7 @@ def fetch_state(api, etag, wait):
 
 
 def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
-                    record=False):
+                    record=False, dns=False):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
@@ -6743,7 +7964,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     NAT traversal (``traverse``): "changed" tries the peers this sync added
     or changed (and ``retry``), "all" every peer without a recent
     handshake, None nobody. ``record``: leave what the fast path of the next
-    unchanged `fetch` checks (write_fast_record).
+    unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
+    (as when the interface is brought up here).
     """
     fast_path = fast_file_path(_dirs(args, False)[1], iface)
     with contextlib.suppress(OSError):
@@ -6805,14 +8027,27 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                     asked = {p.public_key for p in new}
                 if told:
                     save_paths_memo(store_path, memo)
-            desired = desired_peers(cfg, peers, quiet=memo.offline)
+            own_key = public_key(cfg.private_key)
+            exit_state = load_exit_state(exit_state_path(store_path))
+            exit_peer, exit_problem = choose_exit_node(peers, exit_state["exit_node"], own_key) \
+                if exit_state else (None, None)
+            accept = not getattr(args, "no_accept_routes", False)
+            public = getattr(args, "accept_public_routes", False)
+            desired = desired_peers(cfg, peers, quiet=memo.offline, accept_routes=accept,
+                                    exit_key=exit_peer and exit_peer.public_key,
+                                    public_routes=public)
+            if changed and accept and not public:
+                for p in peers:
+                    skipped = [r for r in p.routes if not route_is_private(r)]
+                    if skipped and p.public_key != own_key and not p.is_disabled:
+                        warn(f"{iface}: not routing {', '.join(skipped)} of peer {p.name}: "
+                             "public ranges need --accept-public-routes")
             # A rotated peer keeps the endpoint its old key had, so traffic goes
             # on at once instead of waiting for a handshake from it.
             carried = {new: dev.peer(old).endpoint for _, old, new in rotated
                        if dev.peer(old) is not None and dev.peer(old).endpoint}
             desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
                        if p.public_key in carried and not p.endpoint else p for p in desired]
-            own_key = public_key(cfg.private_key)
             # Static peers (stock WireGuard devices) have the server as their only
             # peer: they are reached through it, never with an entry of their own.
             relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
@@ -6833,13 +8068,19 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                         f"was {u.action}")
             else:
                 debug(f"{iface}: peers are already up to date")
+            links = raw_links()
+            route_peers(args, backend, iface, desired, own_key, exit_state, links)
+            if exit_problem and (changed or brought_up):
+                warn(f"{iface}: exit node not in use: {exit_problem}; traffic outside the "
+                     "network is dropped until it is (or run 'up' without --exit-node)")
+        if (brought_up or dns) and unreachable is None and not getattr(args, "no_dns", False):
+            split_dns(api, iface, cfg)
         # Files and the server's copy of our candidates need no lock on the device.
         hosts_path, suffix = hosts_options(args)
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
         if changed:
             save_data_store(store_path, peers, cidrs, etag)
-        links = raw_links()
         if unreachable is None:
             own = next((p for p in peers if p.public_key == own_key), None)
             report_candidates(args, api, cfg, own, dev.listen_port, links=links)
@@ -6865,7 +8106,36 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         raise InnernetError(unreachable.message + f" (the interface keeps its "
                             f"{len(stored_peers)} cached peers)",
                             hint=unreachable.hint, unreachable=True)
-    return FetchResult(changes, brought_up, changed, waited, missed, next_due)
+    return FetchResult(changes, brought_up, changed, waited, missed, next_due, exit_problem)
+
+
+def route_peers(args, backend, iface, desired, own_key, exit_state, links):
+    """Routes into the tunnel for peers' approved subnets (unless --no-routing
+    or --no-accept-routes), the exit node's table and rules when one is asked
+    for, and forwarding when this peer routes for others."""
+    if routing(args):
+        local = [i.network for i in local_networks(links)]
+        wanted = [] if getattr(args, "no_accept_routes", False) else \
+            interface_routes(desired, own_key, local)
+        sync_interface_routes(iface, wanted)
+    if exit_state:
+        exit_routing_up(backend, iface, exit_state["table"], exit_state["allow_lan"])
+    own = next((p for p in desired if p.public_key == own_key), None)
+    if own is not None and (own.routes or own.exit_node):
+        enable_route_forwarding(iface, own.routes + (["0.0.0.0/0"] if own.exit_node else []))
+
+
+def split_dns(api, iface, cfg):
+    """Split DNS for the network's zone, when the server answers DNS."""
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError:
+        return
+    zone = caps.get("dns") if isinstance(caps, dict) else None
+    if not isinstance(zone, str) or not zone or parse_host_suffix_or_none(zone) is None:
+        debug(f"{iface}: the server does not answer DNS")
+        return
+    configure_split_dns(iface, cfg.server_ip, zone)
 
 
 def cmd_fetch(args):
@@ -6890,8 +8160,10 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
     """What the fast path (fast_fetch) of the next unchanged `fetch` must find
     unchanged; taken after every write of this sync."""
     dump = uapi_dump(iface)
-    if dump is None or any(c in etag for c in "\r\n"):
-        return
+    if dump is None or any(c in etag for c in "\r\n") or \
+            getattr(args, "no_accept_routes", False) or \
+            getattr(args, "accept_public_routes", False):
+        return          # the fast path knows neither option: the next fetch is full
     cdir, ddir = _dirs(args, False)
     hosts_path, _ = hosts_options(args)
     o = {"config_dir": cdir, "data_dir": ddir, "hosts_path": hosts_path,
@@ -7047,6 +8319,7 @@ def _daemon(args, iface):
     another look, and a second thread watches direct paths.
     """
     caps, backoff, state = None, 1, _DaemonState()
+    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
     if not getattr(args, "no_nat_traversal", False):
@@ -7064,8 +8337,8 @@ def _daemon(args, iface):
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
             result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
-                                     traverse=traverse)
-            traverse, backoff = "changed", 1
+                                     traverse=traverse, dns=dns)
+            traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
             if not getattr(args, "no_nat_traversal", False):
                 state.cfg = load_client_config(args, iface)
@@ -7101,12 +8374,27 @@ def cmd_up(args):
     if not ifaces:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
-    if not args.daemon:
-        for iface in ifaces:
-            fetch_interface(args, iface, allow_bring_up=True)
-        return 0
-    if args.interval < 1:
+    if args.exit_node and len(ifaces) > 1:
+        raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
+    if args.daemon and args.interval < 1:
         raise InnernetError("--interval must be at least 1 second")
+    for iface in ifaces:
+        if path_exists(client_config_path(args, iface)):
+            choose_exit(args, iface)
+    if not args.daemon or args.exit_node:
+        for iface in ifaces:
+            result = fetch_interface(args, iface, allow_bring_up=True, dns=True)
+            if args.exit_node and result.exit_problem:
+                leave_exit(args, iface)
+                raise InnernetError(f"cannot use {args.exit_node} as exit node: "
+                                    f"{result.exit_problem}",
+                                    hint=f"'{PROG} list-routes' (admins) or '{PROG} show' "
+                                         "name the exit nodes")
+            if args.exit_node:
+                log(f"{iface}: traffic outside the network leaves through {args.exit_node}"
+                    + (" (the LAN stays reachable)" if args.exit_node_allow_lan else ""))
+    if not args.daemon:
+        return 0
     ensure_dir(_dirs(args, False)[1])
     locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
                            f"'up {iface} --daemon'") for iface in ifaces]
@@ -7124,6 +8412,7 @@ def cmd_up(args):
 
 def cmd_down(args):
     iface = parse_interface(args.interface)
+    leave_exit(args, iface)
     if not bring_down(opt(args, "backend", "auto"), iface):
         raise InnernetError(f"interface {iface} is not up")
     log(f"interface {iface} is down")
@@ -7143,9 +8432,13 @@ def _path(p, dp, memo):
         else PATH_DIRECT
 
 
-def _show_peer_lines(p, dp, me, now, verbose, override, path=PATH_DIRECT):
+def _show_peer_lines(p, dp, me, now, verbose, override, path=PATH_DIRECT, exit_in_use=False):
     key = p.public_key if verbose else short_key(p.public_key)
     lines = [f"  peer: {p.name} ({'you, ' if me else ''}{key})", f"    ip: {p.ip}"]
+    if p.routes:
+        lines.append(f"    routes: {', '.join(p.routes)}")
+    if p.exit_node:
+        lines.append("    exit node: " + ("in use" if exit_in_use else "offered"))
     if not me and (dp is not None or p.is_static):
         lines.append(f"    path: {path}" + (" (a static WireGuard device)" if p.is_static
                                              else ""))
@@ -7186,12 +8479,18 @@ def cmd_show(args):
         peers, cidrs, _ = load_data_store(data_store_path(args, iface))
         memo = load_paths_memo(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
+        try:
+            exit_state = load_exit_state(exit_state_path(data_store_path(args, iface)))
+        except InnernetError:
+            exit_state = None
+        exit_name = exit_state and exit_state["exit_node"]
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
         shown += 1
         if getattr(args, "json", False):
-            out.append({"network": iface, "listen_port": dev.listen_port, "peers": [
+            out.append({"network": iface, "listen_port": dev.listen_port,
+                        "exit_node": exit_state and dict(exit_state), "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
                      path=_path(p, by_key.get(p.public_key), memo),
                      device=dataclasses.asdict(by_key[p.public_key])
@@ -7210,12 +8509,15 @@ def cmd_show(args):
                 print("  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
         else:
             print(f"network: {iface}\n  listening port: {dev.listen_port}")
+            if exit_name:
+                print(f"  exit node: {exit_name}"
+                      + (" (the LAN stays direct)" if exit_state["allow_lan"] else ""))
             for p in live:
                 print()
                 print("\n".join(_show_peer_lines(
                     p, by_key.get(p.public_key), p.public_key == own_key, now,
                     _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-                    _path(p, by_key.get(p.public_key), memo))))
+                    _path(p, by_key.get(p.public_key), memo), p.name == exit_name)))
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
@@ -7286,6 +8588,18 @@ def _nat_options(p):
                    help="report no local addresses to the server")
 
 
+def _route_options(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-accept-routes", action="store_true",
+                   help="do not route to the networks other peers advertise")
+    g.add_argument("--accept-public-routes", action="store_true",
+                   help="route advertised networks outside the private ranges too "
+                        "(by default only 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7)")
+    p.add_argument("--no-dns", action="store_true",
+                   help="do not send the network's names to the server's DNS "
+                        "(systemd-resolved split DNS); the hosts file is kept either way")
+
+
 def _terminal_width():
     """shutil.get_terminal_size's columns: argparse imports shutil (and its
     bz2 and lzma, 0.4 MB) only to ask that, for every parser it builds."""
@@ -7332,6 +8646,9 @@ def _add_peer_options(p):
                    help="where to write the invitation (default NAME.toml)")
     p.add_argument("--invite-expires", metavar="DURATION",
                    help=f"invitation lifetime, e.g. 30m, 12h, 7d (default {DEFAULT_INVITE_EXPIRY})")
+    p.add_argument("--routes", metavar="CIDR,...",
+                   help="networks behind the peer it routes for the others (approved: "
+                        "an admin sets them)")
     p.add_argument("--static", action="store_true",
                    help="a device that runs stock WireGuard (a phone, a router): its key is "
                         "made here and goes only into a wg-quick file")
@@ -7413,6 +8730,24 @@ def _add_shared_verbs(sub, role):
         p.add_argument("interface", metavar="INTERFACE")
         p.add_argument("--name", help="which one")
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "approve-routes", cmd_approve_routes, role,
+              "Approve a peer's advertised routes or exit node (or add an auto-approve rule).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the advertising peer")
+    p.add_argument("--routes", metavar="CIDR,...",
+                   help="which of its routes (default: all it advertises; 0.0.0.0/0 is "
+                        "its exit node)")
+    p.add_argument("--revoke", action="store_true", help="take the approval back")
+    p.add_argument("--auto-approve", metavar="ROUTE",
+                   help="approve routes inside ROUTE advertised by peers in --cidr as they "
+                        "come (0.0.0.0/0: exit nodes too)")
+    p.add_argument("--cidr", metavar="CIDR_NAME", help="with --auto-approve: whose routes")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "list-routes", cmd_list_routes, role,
+              "List advertised routes and exit nodes, approved or waiting, and the "
+              "auto-approve rules.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "completions", cmd_completions, role, "Print a shell completion script.")
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
 
@@ -7435,6 +8770,9 @@ def _add_server_verbs(sub):
     p.add_argument("--no-relay", action="store_true",
                    help="never forward traffic between peers that cannot reach each other "
                         "directly (by default the server relays, within the access rules)")
+    p.add_argument("--no-dns", action="store_true",
+                   help="do not answer DNS for the network's names on the server's "
+                        "WireGuard address (port 53)")
     p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
                    help="UDP ports for the end-to-end relay, two per relayed pair (default: "
                         "any free port; set a range to open in a firewall)")
@@ -7472,6 +8810,7 @@ def build_parser(server_mode=False):
                    help="delete the invitation once redeemed")
     _hosts_options(p)
     _nat_options(p)
+    _route_options(p)
     p = _verb(sub, "show", cmd_show, "client", "Show networks and peers.", aliases=("list",))
     p.add_argument("interface", metavar="INTERFACE", nargs="?")
     p.add_argument("-s", "--short", action="store_true", help="one line per peer")
@@ -7489,11 +8828,18 @@ def build_parser(server_mode=False):
                         "offers long polls")
     _hosts_options(p)
     _nat_options(p)
+    _route_options(p)
+    p.add_argument("--exit-node", metavar="NAME",
+                   help="send all traffic outside the network through peer NAME (an "
+                        "approved exit node); 'down' or 'up' without it restores routing")
+    p.add_argument("--exit-node-allow-lan", action="store_true",
+                   help="with --exit-node: keep reaching the local networks directly")
     p = _verb(sub, "fetch", cmd_fetch, "client", "Sync networks that are up, once.")
     p.add_argument("interface", metavar="INTERFACE", nargs="?",
                    help="the network (default: every installed one)")
     _hosts_options(p)
     _nat_options(p)
+    _route_options(p)
     p = _verb(sub, "down", cmd_down, "client", "Delete a network's WireGuard interface.")
     p.add_argument("interface", metavar="INTERFACE")
     p = _verb(sub, "uninstall", cmd_uninstall, "client",
@@ -7519,6 +8865,19 @@ def build_parser(server_mode=False):
     g.add_argument("-e", "--endpoint", metavar="HOST:PORT",
                    help="the endpoint (0.0.0.0:PORT: the address the server sees)")
     g.add_argument("-u", "--unset", action="store_true", help="stop overriding")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "advertise-routes", cmd_advertise_routes, "client",
+              "Route networks behind this peer for the peers that may see it (once approved).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("routes", metavar="ROUTE", nargs="*",
+                   help="e.g. 192.168.10.0/24 (none: show what it advertises, and whether "
+                        "each is approved)")
+    p.add_argument("--clear", action="store_true", help="withdraw every route")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "advertise-exit-node", cmd_advertise_exit_node, "client",
+              "Offer this peer as an exit node (once approved).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--withdraw", action="store_true", help="stop offering it")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "override-peer-endpoint", cmd_override_peer_endpoint, "client",
               "Reach one peer at an endpoint of your choice (local only).")

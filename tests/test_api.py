@@ -406,6 +406,12 @@ ROUTES = [  # method, path, body, minimum role
     ("GET", "/v1/admin/associations", None, "admin"),
     ("POST", "/v1/admin/associations", {"cidr_id_1": 4, "cidr_id_2": 5}, "admin"),
     ("DELETE", "/v1/admin/associations/99", None, "admin"),
+    ("POST", "/v1/user/routes", {"routes": ["192.168.77.0/24"]}, "user"),
+    ("GET", "/v1/user/routes", None, "user"),
+    ("PUT", "/v1/admin/routes/6", {"routes": None, "approved": True}, "admin"),
+    ("GET", "/v1/admin/route-approvers", None, "admin"),
+    ("POST", "/v1/admin/route-approvers", {"route": "192.168.0.0/16", "cidr_id": 4}, "admin"),
+    ("DELETE", "/v1/admin/route-approvers/99", None, "admin"),
 ]
 
 ALLOWED = {  # role of the route -> callers that may use it (spec §3.2)

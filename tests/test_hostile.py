@@ -19,7 +19,9 @@ from test_api import call, cli_network, make_coordinator, serve_on_loopback
 BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endpoint", "developer1"),
                ("PUT", "/v1/user/candidates", "developer1"), ("POST", "/v1/admin/peers", "admin"),
                ("PUT", "/v1/admin/peers/3", "admin"), ("POST", "/v1/admin/cidrs", "admin"),
-               ("PUT", "/v1/admin/cidrs/4", "admin"), ("POST", "/v1/admin/associations", "admin")]
+               ("PUT", "/v1/admin/cidrs/4", "admin"), ("POST", "/v1/admin/associations", "admin"),
+               ("POST", "/v1/user/routes", "developer1"), ("PUT", "/v1/admin/routes/3", "admin"),
+               ("POST", "/v1/admin/route-approvers", "admin")]
 
 # Text that breaks parsers: Unicode digits (str.isdigit() says yes, int() says no),
 # every kind of white space, control characters, and the punctuation of our formats.
@@ -37,12 +39,14 @@ json_values = st.recursive(
     | nasty_endpoints
     | st.sampled_from(["10.80.64.9", "10.81.0.0/16", "1.2.3.4:51820", "Set", "Unset",
                        "DD5yKRfzExcV5+kDnTroDgCU15latdMjiQ59j1hEuk8=", "developer1", "",
-                       "dave\n6.6.6.6 github.com #", "developer1\n", "10.80.64.９"]),
+                       "dave\n6.6.6.6 github.com #", "developer1\n", "10.80.64.９",
+                       "192.168.10.0/24", "0.0.0.0/0", "10.80.0.0/24", "192.168.10.1/24"]),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
         st.sampled_from(["name", "ip", "cidr", "parent", "cidr_id", "public_key", "endpoint",
                          "option", "content", "is_admin", "is_disabled", "is_redeemed",
                          "invite_expires", "candidates", "cidr_id_1", "cidr_id_2",
-                         "persistent_keepalive_interval", "secs_since_epoch", "x"]),
+                         "persistent_keepalive_interval", "secs_since_epoch", "routes",
+                         "route", "exit_node", "approved", "x"]),
         children, max_size=12), max_leaves=20)
 
 raw_bodies = st.one_of(
@@ -61,7 +65,7 @@ raw_bodies = st.one_of(
 def snapshot(co):
     c = co.store.conn
     return [c.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
-            for t in ("peers", "cidrs", "associations")]
+            for t in ("peers", "cidrs", "associations", "peer_routes", "route_approvers")]
 
 
 UNREDEEMED_IP = "10.80.64.50"

@@ -82,6 +82,13 @@ def routes(user_id):
         ("GET", "/v1/admin/associations", None, "admin"),
         ("POST", "/v1/admin/associations", "new-assoc", "admin"),
         ("DELETE", "/v1/admin/associations/999", None, "admin"),
+        ("POST", "/v1/user/routes", {"routes": ["192.168.77.0/24"]}, "user"),
+        ("GET", "/v1/user/routes", None, "user"),
+        ("PUT", f"/v1/admin/routes/{user_id}", {"routes": None}, "admin"),
+        ("GET", "/v1/admin/route-approvers", None, "admin"),
+        ("POST", "/v1/admin/route-approvers", {"route": "192.168.0.0/16", "cidr_id": 3},
+         "admin"),
+        ("DELETE", "/v1/admin/route-approvers/999", None, "admin"),
         ("POST", "/v1/user/redeem", "redeem", "unredeemed"),
     ]
 

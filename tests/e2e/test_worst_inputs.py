@@ -28,7 +28,7 @@ set -e
 ro() { mount --bind "$1" "$1"; mount -o remount,bind,ro "$1"; }
 full() {
   s=$(mktemp -d); cp -a "$1"/. "$s"/
-  mount -t tmpfs -o size=64k,mode=0700 tmpfs "$1"; cp -a "$s"/. "$1"/; rm -rf "$s"
+  mount -t tmpfs -o size=256k,mode=0700 tmpfs "$1"; cp -a "$s"/. "$1"/; rm -rf "$s"
   cat /dev/zero > "$1/.fill" 2>/dev/null || true
 }
 """

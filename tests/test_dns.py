@@ -1,0 +1,260 @@
+"""The server's DNS (issue 14): its wire format read back by dnspython, fuzzed
+with random and mutated packets, and the service on a real socket answering
+each peer with only the names it may see."""
+import ipaddress
+import random
+import socket
+import struct
+import threading
+
+import dns.message
+import dns.rcode
+import dns.flags
+import dns.reversename
+import pytest
+
+import innernet
+from innernet import Peer
+from test_api import make_coordinator
+
+ZONE_PEERS = [Peer(1, "innernet-server", "10.80.0.1", 2, "k1", is_redeemed=True),
+              Peer(2, "alice", "10.80.64.2", 4, "k2", is_redeemed=True),
+              Peer(3, "bob", "fd00::3", 4, "k3", is_redeemed=True),
+              Peer(4, "gone", "10.80.64.4", 4, "k4", is_redeemed=True, is_disabled=True),
+              Peer(5, "invited", "10.80.64.5", 4, "k5")]
+NETS = [ipaddress.ip_network("10.80.0.0/15"), ipaddress.ip_network("fd00::/64")]
+
+
+def zone():
+    return innernet.dns_zone(ZONE_PEERS, "test.wg", NETS)
+
+
+def ask(name, rdtype, *, want_dnssec=False, edns=None, tcp=False, resolve=None):
+    q = dns.message.make_query(name, rdtype, use_edns=edns, want_dnssec=want_dnssec)
+    z = zone()
+    raw = innernet.dns_answer(q.to_wire(), resolve or (lambda x: innernet.dns_resolve(z, x)),
+                              tcp)
+    r = dns.message.from_wire(raw)
+    assert r.id == q.id and r.question == q.question
+    return r
+
+
+def addresses(r):
+    return sorted(item.to_text() for rrset in r.answer for item in rrset)
+
+
+def test_names_addresses_and_reverse():
+    r = ask("alice.test.wg", "A")
+    assert r.rcode() == dns.rcode.NOERROR and addresses(r) == ["10.80.64.2"]
+    assert r.flags & dns.flags.AA and r.flags & dns.flags.QR
+    assert r.answer[0].ttl == innernet.DNS_TTL
+    assert addresses(ask("ALICE.Test.WG", "A")) == ["10.80.64.2"]       # any case
+    assert addresses(ask("bob.test.wg", "AAAA")) == ["fd00::3"]
+    assert addresses(ask("bob.test.wg", "A")) == []                    # NODATA
+    assert ask("bob.test.wg", "A").rcode() == dns.rcode.NOERROR
+    assert addresses(ask("alice.test.wg", "ANY")) == ["10.80.64.2"]
+    assert addresses(ask("2.64.80.10.in-addr.arpa", "PTR")) == ["alice.test.wg."]
+    rev6 = dns.reversename.from_address("fd00::3")
+    assert addresses(ask(rev6, "PTR")) == ["bob.test.wg."]
+    assert ask("test.wg", "A").rcode() == dns.rcode.NOERROR             # the apex
+
+
+def test_what_is_not_there_and_what_is_not_ours():
+    for name in ("gone.test.wg", "invited.test.wg", "nobody.test.wg", "x.alice.test.wg"):
+        assert ask(name, "A").rcode() == dns.rcode.NXDOMAIN, name
+    assert ask("4.64.80.10.in-addr.arpa", "PTR").rcode() == dns.rcode.NXDOMAIN
+    assert ask("9.9.9.9.in-addr.arpa", "PTR").rcode() == dns.rcode.REFUSED   # not our range
+    assert ask("64.80.10.in-addr.arpa", "PTR").rcode() == dns.rcode.REFUSED  # partial
+    assert ask("example.com", "A").rcode() == dns.rcode.REFUSED             # not recursive
+    assert ask("wg", "A").rcode() == dns.rcode.REFUSED
+    q = dns.message.make_query("alice.test.wg", "A", rdclass="CH")
+    r = dns.message.from_wire(innernet.dns_answer(q.to_wire(),
+                                                  lambda x: innernet.dns_resolve(zone(), x)))
+    assert r.rcode() == dns.rcode.REFUSED
+
+
+def test_edns_is_answered_with_edns_and_unknown_versions_get_badvers():
+    r = ask("alice.test.wg", "A", edns=0)
+    assert r.edns == 0 and r.payload == innernet.DNS_UDP_MAX
+    r = ask("alice.test.wg", "A", edns=1)
+    assert r.rcode() == dns.rcode.BADVERS and not r.answer
+    assert ask("alice.test.wg", "A").edns == -1
+
+
+def test_answers_too_large_for_udp_are_truncated_and_whole_over_tcp():
+    many = lambda q: (0, [(innernet.DNS_A, bytes([10, 0, i // 256, i % 256])) for i in range(200)])
+    r = ask("alice.test.wg", "A", resolve=many)
+    assert r.flags & dns.flags.TC and not r.answer
+    r = ask("alice.test.wg", "A", resolve=many, tcp=True)
+    assert len(addresses(r)) == 200 and not r.flags & dns.flags.TC
+    r = ask("alice.test.wg", "A", resolve=lambda q: (0, many(q)[1][:60]), edns=0)
+    assert len(addresses(r)) == 60          # 60 * 16 bytes fits the 1232 EDNS allows
+
+
+def test_no_answer_to_responses_or_scraps_and_formerr_keeps_the_id():
+    q = dns.message.make_query("alice.test.wg", "A").to_wire()
+    resolve = lambda x: innernet.dns_resolve(zone(), x)
+    assert innernet.dns_answer(q[:11], resolve) is None
+    assert innernet.dns_answer(bytes([q[0], q[1], q[2] | 0x80]) + q[3:], resolve) is None
+    r = innernet.dns_answer(q + b"junk", resolve)
+    assert r[:2] == q[:2] and r[3] & 0xF == innernet.DNS_FORMERR
+    notify = bytearray(q)
+    notify[2] = (notify[2] & 0x87) | (4 << 3)               # opcode NOTIFY
+    assert innernet.dns_answer(bytes(notify), resolve)[3] & 0xF == innernet.DNS_NOTIMP
+
+
+def limit_for(data, tcp):
+    """What the asker allows: 512 bytes, or its EDNS size up to ours; TCP 65535."""
+    if tcp:
+        return 65535
+    try:
+        q = innernet.dns_parse_query(data)
+    except (innernet.DnsFormatError, struct.error):
+        return 512
+    return min(q.edns or 512, innernet.DNS_UDP_MAX)
+
+
+def seeds():
+    out = []
+    for name, t in (("alice.test.wg", "A"), ("bob.test.wg", "AAAA"), ("x.test.wg", "ANY"),
+                    ("2.64.80.10.in-addr.arpa", "PTR"), ("example.org", "MX")):
+        for edns in (None, 0):
+            q = dns.message.make_query(name, t, use_edns=edns)
+            q.id = 4242
+            out.append(q.to_wire())
+    return out
+
+
+def test_fuzz_random_and_mutated_packets(counts):
+    rng = random.Random(1414)
+    z = zone()
+    big = lambda q: (0, [(innernet.DNS_A, bytes(4))] * rng.randrange(0, 120))
+    base = seeds()
+    answered = 0
+    for i in range(6000):
+        kind = i % 3
+        if kind == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 80)))
+        else:
+            b = bytearray(rng.choice(base))
+            for _ in range(rng.randrange(1, 8)):
+                op = rng.randrange(4)
+                at = rng.randrange(len(b))
+                if op == 0:
+                    b[at] = rng.randrange(256)
+                elif op == 1:
+                    del b[at]
+                elif op == 2:
+                    b.insert(at, rng.randrange(256))
+                else:
+                    b[at:] = b[at:at + rng.randrange(4)]
+                if not b:
+                    break
+            data = bytes(b)
+        tcp = rng.random() < 0.2
+        resolve = big if kind == 2 and rng.random() < 0.5 else \
+            (lambda q: innernet.dns_resolve(z, q))
+        out = innernet.dns_answer(data, resolve, tcp)
+        if out is None:
+            assert len(data) < 12 or data[2] & 0x80
+            continue
+        answered += 1
+        assert out[:2] == data[:2]
+        assert len(out) <= limit_for(data, tcp), (data, len(out))
+        dns.message.from_wire(out, question_only=False)      # well-formed, always
+    counts["DNS packets fuzzed"] = 6000
+    counts["fuzzed DNS packets answered"] = answered
+
+
+# -- the service on a real socket ---------------------------------------------------
+
+@pytest.fixture
+def served(tmp_path):
+    co = make_coordinator(tmp_path)
+    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
+    co.store.revision += 1
+    co.local_callers = True
+    co.dns_zone_name = "test.wg"
+    server = innernet.DnsServer(co, "127.0.0.1", 0)
+    stop = threading.Event()
+    server.start(stop)
+    yield co, server.port
+    stop.set()
+    server.close()
+
+
+def udp_ask(port, name, source, rdtype="A", tries=3):
+    """One question, asked again after 2 s without an answer, as resolvers do:
+    right after a flood the kernel may drop it before the service reads it."""
+    q = dns.message.make_query(name, rdtype)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        s.settimeout(2)
+        for attempt in range(tries):
+            s.sendto(q.to_wire(), ("127.0.0.1", port))
+            try:
+                r = dns.message.from_wire(s.recv(4096))
+            except socket.timeout:
+                if attempt == tries - 1:
+                    raise
+                continue
+            if r.id == q.id:
+                return r
+
+
+def tcp_ask(port, name, source, rdtype="A", count=1):
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                  source_address=(source, 0)) as s:
+        for _ in range(count):
+            wire = dns.message.make_query(name, rdtype).to_wire()
+            s.sendall(struct.pack("!H", len(wire)) + wire)
+            n = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+            out.append(dns.message.from_wire(s.recv(n, socket.MSG_WAITALL)))
+    return out
+
+
+def ip_of(co, name):
+    return co.store.peer_by_name(name).ip
+
+
+def test_each_caller_resolves_only_the_peers_it_may_see(served):
+    co, port = served
+    dev1 = ip_of(co, "developer1")
+    r = udp_ask(port, "developer2.test.wg", dev1)
+    assert addresses(r) == [ip_of(co, "developer2")]
+    assert udp_ask(port, "user1.test.wg", dev1).rcode() == dns.rcode.NXDOMAIN   # not visible
+    assert addresses(udp_ask(port, "innernet-server.test.wg", dev1)) == \
+        [ip_of(co, "innernet-server")]
+    # (Reverse names are the network range's: here the peers sit on loopback
+    # addresses outside it, so those are test_names_addresses_and_reverse's.)
+    # user1 sees its own CIDR only (and the server).
+    user1 = ip_of(co, "user1")
+    assert addresses(udp_ask(port, "user2.test.wg", user1)) == [ip_of(co, "user2")]
+    assert udp_ask(port, "developer1.test.wg", user1).rcode() == dns.rcode.NXDOMAIN
+    # Strangers, and this host's own processes, are refused.
+    assert udp_ask(port, "developer1.test.wg", "127.1.0.200").rcode() == dns.rcode.REFUSED
+    # Over TCP, several questions on one connection.
+    answers = tcp_ask(port, "developer2.test.wg", dev1, count=3)
+    assert [addresses(r) for r in answers] == [[ip_of(co, "developer2")]] * 3
+    # A disabled peer asks in vain, and is not found.
+    co.store.set_disabled(co.store.peer_by_name("developer2").id, True)
+    assert udp_ask(port, "developer2.test.wg", dev1).rcode() == dns.rcode.NXDOMAIN
+    assert udp_ask(port, "developer1.test.wg", ip_of(co, "developer2")).rcode() == \
+        dns.rcode.REFUSED
+
+
+def test_garbage_at_the_socket_leaves_the_service_answering(served):
+    co, port = served
+    rng = random.Random(53)
+    dev1 = ip_of(co, "developer1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((dev1, 0))
+        for _ in range(1000):
+            s.sendto(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 600))),
+                     ("127.0.0.1", port))
+    for junk in (b"\x00", b"\x00\x05abc", b"\xff\xff" + b"x" * 100):   # TCP scraps
+        with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                      source_address=(dev1, 0)) as c:
+            c.sendall(junk)
+    assert addresses(udp_ask(port, "developer2.test.wg", dev1)) == [ip_of(co, "developer2")]
