@@ -108,6 +108,7 @@ DNS_PORT = 53
 DNS_TCP_MAX = 64                # DNS-over-TCP connections at once; more are refused
 DNS_TCP_IDLE = 10               # s a DNS-over-TCP connection may sit idle
 DNS_TCP_MESSAGES = 100          # questions one DNS-over-TCP connection may ask
+AUDIT_KEEP = 365 * 86400        # the audit log's default retention (serve --audit-keep)
 ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
@@ -800,19 +801,38 @@ def _toml_rest_empty(s, i):
         raise _TomlError(f"unexpected text {s[i:i + 10]!r}")
 
 
-def toml_loads(text, source="file"):
-    """Parse the TOML subset; errors name the source and the line."""
+def toml_loads(text, source="file", lines=None, arrays=False):
+    """Parse the TOML subset; errors name the source and the line.
+
+    With ``arrays``, [[name]] tables too (a list of dicts); ``lines``, if
+    given, gets the line of every table and key: {(name, index): n} and
+    {(name, index, key): n} (index None for plain tables, key alone at the top).
+    """
     data, table, seen = {}, None, set()
-    table = data
+    table, where = data, None
+    lines = {} if lines is None else lines
     for lineno, line in enumerate(text.split("\n"), 1):
         try:
             line = line.rstrip("\r")
             i = _skip_ws(line, 0)
             if i >= len(line) or line[i] == "#":
                 continue
-            if line[i] == "[":
-                if line.startswith("[[", i):
+            if line[i] == "[" and line.startswith("[[", i):
+                if not arrays:
                     raise _TomlError("arrays of tables are not supported")
+                name, j = _toml_key(line, _skip_ws(line, i + 2))
+                j = _skip_ws(line, j)
+                if not line.startswith("]]", j):
+                    raise _TomlError("bad table header")
+                _toml_rest_empty(line, j + 2)
+                if name in seen or not isinstance(data.setdefault(name, []), list):
+                    raise _TomlError(f"[[{name}]] is also a key or a table")
+                table = {}
+                data[name].append(table)
+                where = (name, len(data[name]) - 1)
+                lines[where] = lineno
+                continue
+            if line[i] == "[":
                 name, j = _toml_key(line, _skip_ws(line, i + 1))
                 j = _skip_ws(line, j)
                 if j >= len(line) or line[j] != "]":
@@ -822,6 +842,8 @@ def toml_loads(text, source="file"):
                     raise _TomlError(f"table [{name}] defined twice")
                 seen.add(name)
                 table = data[name] = {}
+                where = (name, None)
+                lines[where] = lineno
                 continue
             key, j = _toml_key(line, i)
             j = _skip_ws(line, j)
@@ -832,6 +854,7 @@ def toml_loads(text, source="file"):
             if key in table:
                 raise _TomlError(f"key '{key}' defined twice")
             table[key] = value
+            lines[(key,) if where is None else where + (key,)] = lineno
         except _TomlError as e:
             raise InnernetError(f"{source}, line {lineno}: {e}",
                                 hint="the file is not valid TOML") from None
@@ -980,6 +1003,17 @@ def parse_endpoint(text):
             if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host):
                 raise InnernetError(f"invalid endpoint {text!r}",
                                     hint="the host must be an IP address or a DNS name") from None
+    return host, port
+
+
+def metrics_address(text):
+    """serve --metrics ADDR:PORT: an IP address (never a name) and a port."""
+    host, port = parse_endpoint(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InnernetError(f"invalid --metrics {text!r}",
+                            hint="an address and port, e.g. 127.0.0.1:9586") from None
     return host, port
 
 
@@ -2176,6 +2210,29 @@ class RouteApprover:
                    _get(data, "cidr_id", int))
 
 
+@dataclasses.dataclass
+class AuditEntry:
+    """One change to the network: who, what, to which object, before and after."""
+    id: int
+    at: int
+    actor: str
+    action: str
+    object: str
+    before: str | None = None
+    after: str | None = None
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data):
+        data = _require_object(data, "audit entry")
+        return cls(_get(data, "id", int), _get(data, "at", int), _get(data, "actor", str),
+                   _get(data, "action", str), _get(data, "object", str),
+                   _get(data, "before", str, nullable=True),
+                   _get(data, "after", str, nullable=True))
+
+
 def parse_route(text, exit_routes=False):
     """A subnet route as its canonical CIDR string; the default routes only
     with ``exit_routes`` (they are the exit-node offer)."""
@@ -2522,6 +2579,344 @@ def dns_resolve(zone, q):
             return DNS_NOERROR, []
         return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
     return DNS_REFUSED, []                 # not a recursive resolver
+
+
+# -- the network as code ---------------------------------------------------------
+# export writes the network as one TOML document; apply reads one back, checks
+# every line, and turns the difference into a plan. CIDRs are known by their
+# range and peers by their address, so a rename is one change, not a removal
+# and an addition. No secrets in either direction: peers new in a file become
+# invitations, with keys made by whoever applies it.
+
+NETWORK_HEADER = """\
+# innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
+# apply with --yes. CIDRs are known by their range and peers by their address.
+"""
+
+
+def network_document(cidrs, peers, associations, now=None):
+    """The network as TOML text, in a stable order (the tree, addresses), with
+    the root CIDR at the top and the server's CIDR and peer left out."""
+    now = time.time() if now is None else now
+    root = root_cidr(cidrs)
+    by_id = {c.id: c for c in cidrs}
+    kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
+
+    def depth(c):
+        return len(cidr_ancestors(cidrs, c.id))
+    out = [NETWORK_HEADER + toml_dumps({"network": root.name, "cidr": root.cidr}).rstrip()]
+    for c in sorted(kept, key=lambda c: (depth(c), c.network.version, c.network)):
+        out.append("[[cidrs]]\n" + toml_dumps({"name": c.name, "cidr": c.cidr,
+                                               "parent": by_id[c.parent].name}).rstrip())
+    for p in sorted(peers, key=lambda p: (ipaddress.ip_address(p.ip).version,
+                                          ipaddress.ip_address(p.ip))):
+        if p.cidr_id == INFRA_CIDR_ID or p.cidr_id not in by_id or invitation_expired(p, now):
+            continue
+        d = {"name": p.name, "ip": p.ip, "cidr": by_id[p.cidr_id].name, "admin": p.is_admin,
+             "disabled": p.is_disabled}
+        if p.is_static:
+            d["static"] = True
+        if not p.is_redeemed:
+            d["invited"] = True
+        if p.routes:
+            d["routes"] = list(p.routes)
+        if p.exit_node:
+            d["exit-node"] = True
+        out.append("[[peers]]\n" + toml_dumps(d).rstrip())
+    pairs = sorted(tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))
+                   for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id)
+    for pair in pairs:
+        out.append("[[associations]]\n" + toml_dumps({"cidrs": list(pair)}).rstrip())
+    return "\n\n".join(out) + "\n"
+
+
+@dataclasses.dataclass
+class PlanStep:
+    """One line of a plan and what it does: kind, and its data."""
+    kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
+    line: str
+    data: dict
+
+
+_DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
+             "cidrs": {"name", "cidr", "parent"},
+             "peers": {"name", "ip", "cidr", "admin", "disabled", "static", "invited", "routes",
+                       "exit-node"},
+             "associations": {"cidrs"}}
+
+
+def plan_document(text, source, cidrs, peers, associations, deletions=(), now=None):
+    """(steps, problems) turning the database into the document ``text``.
+
+    Problems are lines 'FILE, line N: what'; with any, the plan must not be
+    applied. Pure: the store applies the steps in one transaction."""
+    now = time.time() if now is None else now
+    problems = []
+    lines = {}
+    try:
+        doc = toml_loads(text, source, lines, arrays=True)
+    except InnernetError as e:
+        return [], [e.message]
+
+    def bad(where, message):
+        n = lines.get(where) or lines.get(where[:2]) if isinstance(where, tuple) else None
+        problems.append(f"{source}, line {n}: {message}" if n else f"{source}: {message}")
+
+    def field(where, table, key, kind, required=True, default=None):
+        if key not in table:
+            if required:
+                bad(where, f"missing '{key}'")
+            return default
+        v = table[key]
+        if kind is list:
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+        if not ok:
+            what = "a list of strings" if kind is list else kind.__name__
+            bad(where + (key,), f"'{key}' must be {what}")
+            return default
+        return v
+
+    def first_use(where, *checks):
+        """Report the first (field, value, seen, message) whose value was seen
+        before; else note every value. True when all are new."""
+        for key, value, seen, message in checks:
+            if value in seen:
+                bad(where + (key,), message)
+                return False
+        for _, value, seen, _ in checks:
+            seen.add(value)
+        return True
+
+    for key in doc:
+        if key not in _DOC_KEYS[None]:
+            bad((key,), f"unknown key '{key}'")
+    for section in ("cidrs", "peers", "associations"):
+        if section in doc and not isinstance(doc[section], list):
+            bad((section,), f"'{section}' must be [[{section}]] tables")
+            doc[section] = []
+        for i, t in enumerate(doc.get(section, [])):
+            for k in t:
+                if k not in _DOC_KEYS[section]:
+                    bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
+
+    root = root_cidr(cidrs)
+    name = field(("network",), doc, "network", str)
+    if name is not None and name != root.name:
+        bad(("network",), f"this is network '{name}', not '{root.name}'")
+    rng = field(("cidr",), doc, "cidr", str)
+    if rng is not None and rng != root.cidr:
+        bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
+
+    # CIDRs: parents before children, each checked as add-cidr would.
+    db_by_range = {c.cidr: c for c in cidrs}
+    infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
+    target = [root] + ([infra] if infra else [])
+    entries = []
+    for i, t in enumerate(doc.get("cidrs", [])):
+        where = ("cidrs", i)
+        cname, crange, parent = (field(where, t, k, str) for k in ("name", "cidr", "parent"))
+        if None in (cname, crange, parent):
+            continue
+        try:
+            crange = str(parse_network(crange))
+        except InnernetError as e:
+            bad(where + ("cidr",), e.message)
+            continue
+        entries.append((where, cname, crange, parent))
+    pending, fake_id, ids = list(entries), -1, {root.name: root.id}
+    if infra:
+        ids[infra.name] = infra.id
+    seen_names, seen_ranges = {root.name, SERVER_PEER_NAME}, {root.cidr}
+    while pending:
+        ready = [e for e in pending if e[3] in ids]
+        if not ready:
+            for where, cname, _, parent in pending:
+                bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
+            break
+        for e in ready:
+            pending.remove(e)
+            where, cname, crange, parent = e
+            if not first_use(where,
+                             ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
+                             ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
+                continue
+            old = db_by_range.get(crange)
+            cid = old.id if old else fake_id
+            fake_id -= 1
+            try:
+                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
+            except InnernetError as err:
+                bad(where, f"CIDR '{cname}': {err.message}")
+                continue
+            if old is not None and old.parent != ids[parent]:
+                bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
+                                         "(delete it and add it anew)")
+                continue
+            ids[cname] = cid
+            target.append(Cidr(cid, cname, crange, ids[parent]))
+
+    # Peers, known by address.
+    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
+    server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
+    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
+    tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
+    by_cidr_id = {c.id: c for c in target}
+    for i, t in enumerate(doc.get("peers", [])):
+        where = ("peers", i)
+        pname, ip, cname = (field(where, t, k, str) for k in ("name", "ip", "cidr"))
+        admin = field(where, t, "admin", bool, False, False)
+        disabled = field(where, t, "disabled", bool, False, False)
+        static = field(where, t, "static", bool, False, False)
+        field(where, t, "invited", bool, False, False)
+        routes = field(where, t, "routes", list, False, [])
+        exit_node = field(where, t, "exit-node", bool, False, False)
+        if None in (pname, ip, cname):
+            continue
+        try:
+            ip = str(parse_ip(ip))
+            routes = parse_routes(routes)
+        except InnernetError as e:
+            bad(where, f"peer '{pname}': {e.message}")
+            continue
+        if not is_hostname(pname):
+            bad(where + ("name",), f"invalid peer name {pname!r}")
+            continue
+        if not first_use(where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
+                         ("ip", ip, seen_ips, f"address {ip} is used twice")):
+            continue
+        if cname not in ids:
+            bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
+            continue
+        cidr = by_cidr_id[ids[cname]]
+        old = db_by_ip.get(ip)
+        if any(c.parent == cidr.id for c in target):
+            bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' has child CIDRs")
+            continue
+        if not is_assignable(ip, cidr.network):
+            bad(where + ("ip",), f"peer '{pname}': {ip} is not an assignable address of "
+                                 f"'{cname}' ({cidr.cidr})")
+            continue
+        if old is None:
+            if static:
+                bad(where + ("static",), f"peer '{pname}': static peers are made with "
+                                         "add-peer --static (their key is made there)")
+                continue
+            if ip in quarantined:
+                bad(where + ("ip",), f"peer '{pname}': {ip} is quarantined (peer "
+                                     f"'{quarantined[ip].name}' had it)")
+                continue
+        else:
+            if old.cidr_id != cidr.id:
+                bad(where + ("cidr",), f"peer '{pname}' ({ip}) cannot move to another CIDR")
+                continue
+            if static != old.is_static:
+                bad(where + ("static",), f"peer '{pname}': 'static' cannot change")
+                continue
+        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
+                  is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
+                  is_static=static, routes=routes, exit_node=exit_node,
+                  pending_routes=[r for r in (old.pending_routes if old else [])
+                                  if r not in routes])
+        tpeers.append((where, me, old))
+    for where, me, old in tpeers:
+        try:
+            check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
+        except InnernetError as e:
+            bad(where + ("routes",), e.message)
+
+    # Associations, by the names of their CIDRs.
+    tassocs = set()
+    for i, t in enumerate(doc.get("associations", [])):
+        where = ("associations", i)
+        pair = field(where, t, "cidrs", list)
+        if pair is None:
+            continue
+        if len(pair) != 2 or pair[0] == pair[1]:
+            bad(where + ("cidrs",), "an association names two different CIDRs")
+            continue
+        missing = [x for x in pair if x not in ids]
+        if missing:
+            bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
+            continue
+        key = tuple(sorted(pair))
+        if key in tassocs:
+            bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
+            continue
+        tassocs.add(key)
+    if problems:
+        return [], problems
+    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
+
+
+def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
+    """The difference between the database and a checked document, as steps."""
+    steps = []
+    by_id = {c.id: c for c in cidrs}
+    tnames = {c.id: c.name for c in target}
+    wanted = {c.cidr for c in target}
+    for c in target:
+        if c.id < 0:
+            steps.append(PlanStep("add-cidr", f"+ cidr {c.name} {c.cidr} in {tnames[c.parent]}",
+                                  {"name": c.name, "cidr": c.cidr, "parent": tnames[c.parent]}))
+        elif by_id[c.id].name != c.name:
+            steps.append(PlanStep("rename-cidr", f"~ cidr {c.cidr}: name {by_id[c.id].name} "
+                                  f"-> {c.name}", {"id": c.id, "name": c.name}))
+    for where, me, old in tpeers:
+        if old is None:
+            steps.append(PlanStep("add-peer", f"+ peer {me.name} {me.ip} in "
+                                  f"{tnames[me.cidr_id]} (an invitation)",
+                                  {"name": me.name, "ip": me.ip, "cidr": tnames[me.cidr_id],
+                                   "admin": me.is_admin, "disabled": me.is_disabled,
+                                   "routes": me.routes, "exit_node": me.exit_node}))
+            continue
+        changes = [(k, a, b) for k, a, b in (("name", old.name, me.name),
+                                             ("admin", old.is_admin, me.is_admin),
+                                             ("disabled", old.is_disabled, me.is_disabled))
+                   if a != b]
+        if sorted(old.routes) != sorted(me.routes) or old.exit_node != me.exit_node:
+            changes += [("routes", old.routes, me.routes)] if sorted(old.routes) != \
+                sorted(me.routes) else []
+            changes += [("exit-node", old.exit_node, me.exit_node)] \
+                if old.exit_node != me.exit_node else []
+        if changes:
+            text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
+            label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
+            steps.append(PlanStep("update-peer", f"~ peer {label}: {text}",
+                                  {"id": old.id, "name": me.name, "admin": me.is_admin,
+                                   "disabled": me.is_disabled, "routes": me.routes,
+                                   "exit_node": me.exit_node}))
+    have = {}
+    for a in associations:
+        if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id:
+            have[tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))] = a
+    # Associations are compared by the names the CIDRs will have.
+    renamed = {by_id[c.id].name: c.name for c in target if c.id > 0}
+    have = {tuple(sorted(renamed.get(x, x) for x in k)): a for k, a in have.items()}
+    for pair in sorted(tassocs - set(have)):
+        steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
+                              {"cidrs": list(pair)}))
+    for pair in sorted(set(have) - tassocs):
+        steps.append(PlanStep("delete-association", f"- association {pair[0]} <-> {pair[1]}",
+                              {"id": have[pair].id}))
+    kept = {me.ip for _, me, _ in tpeers}
+    for ip, p in sorted(db_by_ip.items(), key=lambda kv: ipaddress.ip_address(kv[0])):
+        if p.cidr_id != INFRA_CIDR_ID and ip not in kept:
+            steps.append(PlanStep("delete-peer", f"- peer {ip} ({p.name})", {"id": p.id}))
+    root = root_cidr(cidrs)
+    for c in sorted(cidrs, key=lambda c: -c.network.prefixlen):
+        if c.id not in (root.id, INFRA_CIDR_ID) and c.cidr not in wanted:
+            steps.append(PlanStep("delete-cidr", f"- cidr {c.name} ({c.cidr})", {"id": c.id}))
+    return steps
+
+
+def _plan_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(v) + "]"
+    return str(v)
 
 
 # -- wg-quick files for static peers ------------------------------------------
@@ -3808,10 +4203,19 @@ CREATE TABLE IF NOT EXISTS route_approvers (
   route    TEXT NOT NULL,
   cidr_id  INTEGER NOT NULL,
   UNIQUE(route, cidr_id)
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+  id      INTEGER PRIMARY KEY,
+  at      INTEGER NOT NULL,
+  actor   TEXT NOT NULL,
+  action  TEXT NOT NULL,
+  object  TEXT NOT NULL,
+  before  TEXT,
+  after   TEXT
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
-                "route_approvers")
+                "route_approvers", "audit_log")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -3826,6 +4230,35 @@ _PEER_COLUMNS = ("id, name, ip, cidr_id, public_key, endpoint, is_admin, is_disa
 
 
 _ORPHAN_ROUTES = "DELETE FROM peer_routes WHERE peer_id NOT IN (SELECT id FROM peers)"
+
+# Who is changing the network, for the audit log: set per API request (the
+# admin peer), per apply, for the sweeper; otherwise it is the server's CLI.
+_ACTOR = threading.local()
+ACTOR_CLI = "server-cli"
+
+
+@contextlib.contextmanager
+def acting_as(actor):
+    old = getattr(_ACTOR, "name", None)
+    _ACTOR.name = actor
+    try:
+        yield
+    finally:
+        _ACTOR.name = old
+
+
+def current_actor():
+    return getattr(_ACTOR, "name", None) or ACTOR_CLI
+
+
+def _summary(obj):
+    """A short before/after summary for the audit log (JSON, no secrets)."""
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def peer_summary(p):
+    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
+            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
 
 
 def _integrity_error(e):
@@ -3896,6 +4329,8 @@ class Store:
                                      "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
+        self.audit_keep = AUDIT_KEEP   # seconds the audit log keeps a row
+        self.write_timer = None        # called with each commit's seconds (metrics)
         self.listeners = []        # called after each commit
         if create:
             with self.write() as c:
@@ -3919,6 +4354,7 @@ class Store:
     def write(self):
         """One transaction; constraint violations become 400 errors."""
         with self.lock:
+            started = time.monotonic()
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except self.sql.Error as e:
@@ -3939,6 +4375,8 @@ class Store:
                     self.conn.execute("ROLLBACK")
                 raise
             self.revision += 1
+            if self.write_timer is not None:
+                self.write_timer(time.monotonic() - started)
             for listener in self.listeners:
                 listener()
 
@@ -3963,6 +4401,18 @@ class Store:
                     c.execute(MIGRATIONS[target])
             c.execute(f"PRAGMA user_version = {DB_VERSION}")
         log(f"migrated database version from {version} to {DB_VERSION}")
+
+    def _audit(self, c, action, obj, before=None, after=None, now=None):
+        """One row of the audit log, inside the change's own transaction."""
+        c.execute("INSERT INTO audit_log (at, actor, action, object, before, after) "
+                  "VALUES (?, ?, ?, ?, ?, ?)",
+                  (int(time.time()) if now is None else now, current_actor(), action, obj,
+                   _summary(before), _summary(after)))
+
+    def audit(self, since=0, limit=100000):
+        rows = self._query("SELECT id, at, actor, action, object, before, after FROM audit_log "
+                           "WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))
+        return [AuditEntry(*r) for r in rows]
 
     def data_version(self):
         """Changes when another connection (e.g. a CLI command) commits."""
@@ -4057,11 +4507,15 @@ class Store:
                 c, Cidr(None, SERVER_PEER_NAME, host_prefix(server_ip), root.id))
             self._insert_peer(c, Peer(None, SERVER_PEER_NAME, str(server_ip), infra.id,
                                       server_public_key, endpoint, None, True, False, True))
+            self._audit(c, "new", f"network {name}", None, {"cidr": str(network)})
 
     def add_cidr(self, contents):
         with self.write() as c:
             check_new_cidr(self.cidrs(), self.peers(), contents)
-            return self._insert_cidr(c, contents)
+            made = self._insert_cidr(c, contents)
+            self._audit(c, "add-cidr", f"cidr {made.name}", None,
+                        {"cidr": made.cidr, "parent": made.parent})
+            return made
 
     def _is_server_peer(self, peer):
         return peer.id == 1 or peer.name == SERVER_PEER_NAME
@@ -4072,15 +4526,22 @@ class Store:
         if server is not None and server.cidr_id == cidr_id:
             raise _bad("the server's CIDR cannot be renamed")
         with self.write() as c:
+            old = c.execute("SELECT name FROM cidrs WHERE id = ?", (cidr_id,)).fetchone()
             if c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (name, cidr_id)).rowcount == 0:
                 raise InnernetError(f"CIDR {cidr_id} not found", status=404)
+            if old[0] != name:
+                self._audit(c, "rename-cidr", f"cidr {name}", {"name": old[0]}, {"name": name})
 
     def delete_cidr(self, cidr_id):
         with self.write() as c:
             if cidr_id in (1, INFRA_CIDR_ID) and c.execute(
                     "SELECT 1 FROM cidrs WHERE id = ?", (cidr_id,)).fetchone():
                 raise _bad("the network's root CIDR and the server's CIDR cannot be deleted")
+            old = c.execute("SELECT name, ip, prefix FROM cidrs WHERE id = ?",
+                            (cidr_id,)).fetchone()
             c.execute("DELETE FROM cidrs WHERE id = ?", (cidr_id,))
+            if old:
+                self._audit(c, "delete-cidr", f"cidr {old[0]}", {"cidr": f"{old[1]}/{old[2]}"})
 
     def add_peer(self, contents, now=None):
         now = int(time.time()) if now is None else now
@@ -4093,7 +4554,10 @@ class Store:
             check_new_peer(self.cidrs(), self.peers(), contents, self.quarantined(now), now)
             if contents.routes or contents.exit_node:
                 check_routes(self.peers(), self.cidrs(), contents, contents.routes)
-            return self._insert_peer(c, contents)
+            made = self._insert_peer(c, contents)
+            self._audit(c, "add-peer", f"peer {made.name}", None,
+                        dict(peer_summary(made), static=made.is_static, routes=made.routes))
+            return made
 
     # -- the lifecycle innernet lacks: delete, re-invite -----------------------
 
@@ -4112,15 +4576,20 @@ class Store:
             old = self.peer(peer_id)
             if self._is_server_peer(old):
                 raise _bad("the server's own peer cannot be deleted")
-            if old.is_redeemed:
-                c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
-                          "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
-                          (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
-            c.execute("DELETE FROM key_rotations WHERE peer_id = ?", (peer_id,))
-            c.execute("DELETE FROM static_peers WHERE peer_id = ?", (peer_id,))
-            c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            c.execute("DELETE FROM peers WHERE id = ?", (peer_id,))
+            self._delete_peer(c, old, reuse_after, now)
+            self._audit(c, "delete-peer", f"peer {old.name}", peer_summary(old),
+                        {"reuse_after": now + reuse_after}, now)
             return old
+
+    @staticmethod
+    def _delete_peer(c, old, reuse_after, now):
+        if old.is_redeemed:
+            c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
+                      "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
+                      (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
+        for table in ("key_rotations", "static_peers", "peer_routes"):
+            c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
+        c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
     def rotate_key(self, peer_id, new_key, proofs, now=None):
         """Move a peer to a new key, keeping the proofs its peers will ask for."""
@@ -4137,6 +4606,8 @@ class Store:
             c.execute("DELETE FROM key_rotations WHERE peer_id = ? AND id NOT IN (SELECT id "
                       "FROM key_rotations WHERE peer_id = ? ORDER BY id DESC LIMIT ?)",
                       (peer_id, peer_id, ROTATIONS_KEPT))
+            self._audit(c, "rotate-key", f"peer {old.name}", {"key": old.public_key},
+                        {"key": new_key}, now)
             return old
 
     def rotations(self, ip):
@@ -4162,6 +4633,8 @@ class Store:
                            status=409)
             c.execute("UPDATE peers SET public_key = ?, invite_expires = ? WHERE id = ? "
                       "AND is_redeemed = 0", (invite_public_key, expires, peer_id))
+            self._audit(c, "reinvite", f"peer {old.name}", {"expires": old.invite_expires},
+                        {"expires": expires})
             return old
 
     def update_peer(self, peer_id, contents):
@@ -4177,7 +4650,29 @@ class Store:
                       "candidates = ? WHERE id = ?",
                       (contents.name, contents.endpoint, int(contents.is_admin),
                        int(contents.is_disabled), json.dumps(contents.candidates), peer_id))
+            self._audit_peer_change(c, old, name=contents.name, endpoint=contents.endpoint,
+                                    admin=contents.is_admin, disabled=contents.is_disabled)
             return old
+
+    def _audit_peer_change(self, c, old, **new):
+        """One row for an admin's change of a peer, named by what changed."""
+        was = {"name": old.name, "endpoint": old.endpoint, "admin": old.is_admin,
+               "disabled": old.is_disabled}
+        changed = {k: v for k, v in new.items() if was[k] != v}
+        if set(changed) - {"endpoint"}:
+            # An admin's client sends back the endpoint the server observed
+            # (innernet's PUT carries every field): not a change of its own.
+            changed.pop("endpoint", None)
+        if not changed:
+            return
+        if set(changed) == {"disabled"}:
+            action = "disable-peer" if changed["disabled"] else "enable-peer"
+        elif set(changed) == {"name"}:
+            action = "rename-peer"
+        else:
+            action = "update-peer"
+        self._audit(c, action, f"peer {new.get('name', old.name)}",
+                    {k: was[k] for k in changed}, changed)
 
     def set_disabled(self, peer_id, disabled):
         with self.write() as c:
@@ -4185,13 +4680,15 @@ class Store:
             if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
             c.execute("UPDATE peers SET is_disabled = ? WHERE id = ?", (int(disabled), peer_id))
+            self._audit_peer_change(c, old, disabled=bool(disabled))
             return old
 
     def rename_peer(self, peer_id, name):
         parse_hostname(name, "peer name")
         with self.write() as c:
-            if c.execute("UPDATE peers SET name = ? WHERE id = ?", (name, peer_id)).rowcount == 0:
-                raise InnernetError(f"peer {peer_id} not found", status=404)
+            old = self.peer(peer_id)
+            c.execute("UPDATE peers SET name = ? WHERE id = ?", (name, peer_id))
+            self._audit_peer_change(c, old, name=name)
 
     def redeem(self, peer_id, new_public_key):
         with self.write() as c:
@@ -4199,6 +4696,8 @@ class Store:
                             "WHERE id = ? AND is_redeemed = 0", (new_public_key, peer_id))
             if cur.rowcount == 0:
                 raise InnernetError("the invitation was already redeemed", status=410)
+            name = c.execute("SELECT name FROM peers WHERE id = ?", (peer_id,)).fetchone()[0]
+            self._audit(c, "redeem", f"peer {name}", None, {"key": new_public_key})
 
     def set_endpoint(self, peer_id, endpoint):
         with self.write() as c:
@@ -4231,10 +4730,14 @@ class Store:
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
             cidrs, approvers = self.cidrs(), self.route_approvers()
+            after = {}
             for r in routes:
                 ok = before.get(r, 0) or approve or auto_approved(r, peer, cidrs, approvers)
                 c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, ?)",
                           (peer_id, r, int(bool(ok))))
+                after[r] = int(bool(ok))
+            if after != before:
+                self._audit(c, "advertise-routes", f"peer {peer.name}", before, after)
         return self.peer(peer_id)
 
     def approve_routes(self, peer_id, routes=None, approve=True):
@@ -4251,6 +4754,8 @@ class Store:
             for r in routes:
                 c.execute("UPDATE peer_routes SET approved = ? WHERE peer_id = ? AND route = ?",
                           (int(approve), peer_id, r))
+            self._audit(c, "approve-routes" if approve else "revoke-routes",
+                        f"peer {peer.name}", None, {"routes": sorted(routes)})
         return self.peer(peer_id)
 
     def add_route_approver(self, rule):
@@ -4266,11 +4771,93 @@ class Store:
                     if auto_approved(r, p, cidrs, [rule]):
                         c.execute("UPDATE peer_routes SET approved = 1 WHERE peer_id = ? "
                                   "AND route = ?", (p.id, r))
+            self._audit(c, "auto-approve", f"routes in {rule.route}", None,
+                        {"cidr_id": rule.cidr_id})
             return rule
 
     def delete_route_approver(self, rule_id):
         with self.write() as c:
+            old = c.execute("SELECT route, cidr_id FROM route_approvers WHERE id = ?",
+                            (rule_id,)).fetchone()
             c.execute("DELETE FROM route_approvers WHERE id = ?", (rule_id,))
+            if old:
+                self._audit(c, "revoke-auto-approve", f"routes in {old[0]}",
+                            {"cidr_id": old[1]}, None)
+
+    # -- the network as code -------------------------------------------------------
+
+    def plan(self, text, source, now=None):
+        return plan_document(text, source, self.cidrs(), self.peers(), self.associations(),
+                             self.deletions(), time.time() if now is None else now)
+
+    def apply_document(self, text, source, invites, now=None):
+        """Plan again and apply every step in one transaction (all or nothing).
+
+        ``invites`` {ip: (invitation public key, expiry)} for each peer the
+        plan adds: keys are the applier's to make, never the file's."""
+        now = int(time.time()) if now is None else now
+        with self.write() as c:
+            steps, problems = self.plan(text, source, now)
+            if problems:
+                raise _bad(f"{len(problems)} problem(s) in {source}, the first: {problems[0]}; "
+                           "nothing applied")
+            new = {st.data["ip"] for st in steps if st.kind == "add-peer"}
+            if new != set(invites):
+                raise _bad("the network changed since the plan was made: plan again",
+                           status=409)
+            for st in steps:
+                self._apply_step(c, st, invites, now)
+                self._audit(c, f"apply {st.kind}", st.line[2:], now=now)
+        return steps
+
+    def _apply_step(self, c, st, invites, now):
+        d = st.data
+
+        def cidr_id(name):
+            row = c.execute("SELECT id FROM cidrs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise _bad(f"CIDR '{name}' does not exist")
+            return row[0]
+        if st.kind == "add-cidr":
+            self._insert_cidr(c, Cidr(None, d["name"], d["cidr"], cidr_id(d["parent"])))
+        elif st.kind == "rename-cidr":
+            c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (d["name"], d["id"]))
+        elif st.kind == "add-peer":
+            key, expires = invites[d["ip"]]
+            if not is_public_key(key):
+                raise _bad(f"invalid invitation key for {d['ip']}")
+            c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
+                      "AND (name = ? OR ip = ?)", (now, d["name"], d["ip"]))
+            c.execute(_ORPHAN_ROUTES)
+            self._insert_peer(c, Peer(None, d["name"], d["ip"], cidr_id(d["cidr"]), key, None,
+                                      PERSISTENT_KEEPALIVE, d["admin"], d["disabled"], False,
+                                      expires, [], routes=d["routes"],
+                                      exit_node=d["exit_node"]))
+        elif st.kind == "update-peer":
+            c.execute("UPDATE peers SET name = ?, is_admin = ?, is_disabled = ? WHERE id = ?",
+                      (d["name"], int(d["admin"]), int(d["disabled"]), d["id"]))
+            want = set(d["routes"]) | (set(EXIT_ROUTES) if d["exit_node"] else set())
+            have = {r for r, in c.execute("SELECT route FROM peer_routes WHERE peer_id = ?",
+                                           (d["id"],))}
+            c.execute("UPDATE peer_routes SET approved = 0 WHERE peer_id = ?", (d["id"],))
+            for r in want:
+                if r in have:
+                    c.execute("UPDATE peer_routes SET approved = 1 WHERE peer_id = ? AND "
+                              "route = ?", (d["id"], r))
+                else:
+                    c.execute("INSERT INTO peer_routes (peer_id, route, approved) "
+                              "VALUES (?, ?, 1)", (d["id"], r))
+        elif st.kind == "add-association":
+            a, b = (cidr_id(x) for x in d["cidrs"])
+            c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)", (a, b))
+        elif st.kind == "delete-association":
+            c.execute("DELETE FROM associations WHERE id = ?", (d["id"],))
+        elif st.kind == "delete-peer":
+            self._delete_peer(c, self.peer(d["id"]), parse_timestring(DEFAULT_REUSE_AFTER), now)
+        elif st.kind == "delete-cidr":
+            c.execute("DELETE FROM cidrs WHERE id = ?", (d["id"],))
+        else:
+            raise ValueError(st.kind)
 
     def add_association(self, a, b):
         with self.write() as c:
@@ -4285,11 +4872,21 @@ class Store:
                 raise _bad("those CIDRs are already associated")
             cur = c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)",
                             (a, b))
+            self._audit(c, "add-association", self._association_name(c, a, b))
             return Association(cur.lastrowid, a, b)
+
+    @staticmethod
+    def _association_name(c, a, b):
+        names = dict(c.execute("SELECT id, name FROM cidrs WHERE id IN (?, ?)", (a, b)))
+        return f"association {names.get(a, a)} <-> {names.get(b, b)}"
 
     def delete_association(self, assoc_id):
         with self.write() as c:
+            old = c.execute("SELECT cidr_id_1, cidr_id_2 FROM associations WHERE id = ?",
+                            (assoc_id,)).fetchone()
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
+            if old:
+                self._audit(c, "delete-association", self._association_name(c, *old))
 
     def sweep_expired(self, now, grace=INVITE_GRACE):
         """Delete invitations expired more than ``grace`` s ago (until then they can
@@ -4298,13 +4895,19 @@ class Store:
             gone = [p for p in self.peers() if invitation_expired(p, now - grace)]
             stale = self._query("SELECT COUNT(*) FROM deleted_peers WHERE reuse_after < ? "
                                 "AND deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))[0][0]
-            if gone or stale:
-                with self.write() as c:
+            old_audit = self._query("SELECT COUNT(*) FROM audit_log WHERE at < ?",
+                                    (now - self.audit_keep,))[0][0]
+            if gone or stale or old_audit:
+                with self.write() as c, acting_as("sweeper"):
                     c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?",
                               (now - grace,))
                     c.execute(_ORPHAN_ROUTES)
                     c.execute("DELETE FROM deleted_peers WHERE reuse_after < ? AND "
                               "deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))
+                    c.execute("DELETE FROM audit_log WHERE at < ?", (now - self.audit_keep,))
+                    for p in gone:
+                        self._audit(c, "expire-invitation", f"peer {p.name}", peer_summary(p),
+                                    None, now)
             return gone
 
 
@@ -4742,6 +5345,10 @@ class Coordinator:
                  host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone=None):
         self.store = store
         self.dns_zone_name = dns_zone        # "NET.wg" when serve answers DNS, else None
+        self.metrics = None                  # Metrics, with serve --metrics
+        self.status_path = None              # where tick() leaves what `status` shows
+        self._status_said = None
+        self.long_polls = 0                  # requests waiting in wait_for_change now
         # Only the unit tests and benchmarks, which serve peers on 127.x
         # addresses over loopback, let local addresses call the API.
         self.local_callers = local_callers
@@ -4893,6 +5500,16 @@ class Coordinator:
             peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
             write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
                              hosts_lines(peers, self.ifname, self.host_suffix))
+        self.write_status()
+
+    def write_status(self):
+        """What `innernet-server status` reads of a running serve; written on change."""
+        if self.status_path:
+            said = {"pid": os.getpid(), "dns": self.dns_zone_name,
+                    "relayed_pairs": len(self.hub.pairs) if self.hub is not None else 0}
+            if said != self._status_said:
+                atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
+                self._status_said = said
 
     def notice_edits(self):
         """Apply changes another process (a CLI command) made to the database."""
@@ -4912,6 +5529,7 @@ class Coordinator:
                     self.sync_device()
                 # Reading the device costs ~7 ms per 1000 peers; scale the pace.
                 self.refresh_observed(max(1.0, len(self.observed) / 1000))
+                self.write_status()
                 if time.monotonic() - slow >= SWEEP_INTERVAL:
                     slow = time.monotonic()
                     self.tick()
@@ -4971,6 +5589,12 @@ class Coordinator:
 
     def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
         """Answer one request; every error becomes a status here and only here."""
+        resp = self._handle(method, path, headers, remote_ip, body, body_error)
+        if self.metrics is not None:
+            self.metrics.request(route_label(method, path), resp.status)
+        return resp
+
+    def _handle(self, method, path, headers, remote_ip, body, body_error):
         try:
             return self._dispatch(method, path, headers, remote_ip, body, body_error)
         except InnernetError as e:
@@ -5014,7 +5638,8 @@ class Coordinator:
                 data = json.loads(body.decode("utf-8"))
             except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
                 raise InnernetError("request body is not valid JSON", status=400) from None
-        return fn(self, Request(caller, data, rid, headers, query))
+        with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
+            return fn(self, Request(caller, data, rid, headers, query))
 
     def _tree(self, rev):
         """CIDRs, associations and peers of one revision, read once."""
@@ -5157,6 +5782,8 @@ class Coordinator:
             return body, current, False
         if not self.waiters.acquire(blocking=False):
             return body, current, False
+        with self._cache_lock:
+            self.long_polls += 1
         try:
             deadline = time.monotonic() + seconds
             while current == etag and not self.stop.is_set():
@@ -5171,6 +5798,8 @@ class Coordinator:
                 body, current = self.state_for(caller)
             return body, current, True
         finally:
+            with self._cache_lock:
+                self.long_polls -= 1
             self.waiters.release()
 
 
@@ -5284,6 +5913,8 @@ def user_redeem(co, req):
         co.store.redeem(caller.id, new_key)
         co.pending[caller.id] = caller.public_key
     log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
+    if co.metrics is not None:
+        co.metrics.count("redemptions")
     return Response(204, after=lambda sock: co._finish_redeem(caller.id, sock))
 
 
@@ -5381,6 +6012,45 @@ def admin_approve_routes(co, req):
     log(f"admin '{req.caller.name}' {'approved' if approved else 'revoked'} "
         f"{', '.join(routes) if routes else 'all routes'} of peer '{peer.name}'")
     return Response(200, peer.to_json())
+
+
+MAX_DOCUMENT = 4 << 20        # bytes of a network document sent to plan or apply
+
+
+@api("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
+def admin_plan(co, req):
+    """Ours: {"document": TOML text} -> {"plan": [line], "problems": [line],
+    "invite": [{"name", "ip"}]} (the peers applying it would invite)."""
+    data = _require_object(req.body, "plan request")
+    steps, problems = co.store.plan(_get(data, "document", str), "the file")
+    return Response(200, {"plan": [st.line for st in steps], "problems": problems,
+                          "invite": [{"name": st.data["name"], "ip": st.data["ip"]}
+                                     for st in steps if st.kind == "add-peer"]})
+
+
+@api("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
+def admin_apply(co, req):
+    """Ours: {"document": TOML text, "invites": {ip: {"public_key", "invite_expires"}}}:
+    plan and apply in one transaction -> {"applied": [line]}."""
+    data = _require_object(req.body, "apply request")
+    invites = {}
+    for ip, inv in _get(data, "invites", dict, required=False, default={}).items():
+        inv = _require_object(inv, "invitation")
+        invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
+                                      _expires_from_json(inv.get("invite_expires")))
+    steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
+    co.sync_device()
+    log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
+    return Response(200, {"applied": [st.line for st in steps]})
+
+
+@api("GET", "admin/audit", "admin")
+def admin_audit(co, req):
+    """Ours: the audit log, oldest first; ?since=UNIX_SECONDS."""
+    since = ascii_uint(req.query.get("since", "0"))
+    if since is None:
+        raise _bad("'since' must be unix seconds")
+    return Response(200, [e.to_json() for e in co.store.audit(since)])
 
 
 @api("GET", "admin/route-approvers", "admin")
@@ -5681,7 +6351,7 @@ class _HttpConnection:
                 f"Server: innernet.py/{__version__}",
                 "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        if data is not None:
+        if data is not None and not any(k.lower() == "content-type" for k in headers or {}):
             head.append("Content-Type: application/json")
         if status != 304:
             head.append(f"Content-Length: {len(data or b'')}")
@@ -5888,6 +6558,151 @@ class DnsServer:
         for sock in (self.udp, self.tcp):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# -- metrics ----------------------------------------------------------------------
+# Prometheus' text exposition format (version 0.0.4), with the stdlib: HELP and
+# TYPE before each family, label values escaped (backslash, quote, newline),
+# histograms as cumulative _bucket{le=...} lines with +Inf, _sum and _count.
+
+def route_label(method, path):
+    """A request's route as registered ("GET /v1/user/state", ".../{id}"), or
+    "other": the label's values stay few whatever the callers send."""
+    segs = path.partition("?")[0].lstrip("/").split("/")
+    if len(segs) >= 3 and segs[0] == "v1":
+        base = f"{segs[1]}/{segs[2]}"
+        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
+            return f"{method} /v1/{base}/{{id}}"
+        if (method, base) in _ROUTES:
+            return f"{method} /v1/{base}"
+    return "other"
+
+
+def _prom_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels) + "}"
+
+
+def _prom_number(v):
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class Metrics:
+    """What `serve --metrics` exposes; counters move as the server works."""
+    DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    AGE_BUCKETS = (60, 180, 600, 3600, 86400)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.counters = {"redemptions": 0}
+        self.db = [0] * (len(self.DB_BUCKETS) + 1)
+        self.db_sum = 0.0
+
+    def request(self, route, status):
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] += 1
+
+    def db_write(self, seconds):
+        with self.lock:
+            i = next((i for i, b in enumerate(self.DB_BUCKETS) if seconds <= b),
+                     len(self.DB_BUCKETS))
+            self.db[i] += 1
+            self.db_sum += seconds
+
+    @staticmethod
+    def _family(out, name, kind, text, samples):
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{_prom_labels(labels)} {_prom_number(value)}")
+
+    @staticmethod
+    def _histogram(buckets, counts, total):
+        samples, acc = [], 0
+        for b, n in zip(buckets + ("+Inf",), counts):
+            acc += n
+            samples.append(("_bucket", (("le", _prom_number(b) if b != "+Inf" else b),), acc))
+        return samples + [("_sum", (), total), ("_count", (), acc)]
+
+    def render(self, co, now=None):
+        now = time.time() if now is None else now
+        co.refresh_observed()
+        peers = co.store.peers()
+        states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
+        for p in peers:
+            if p.cidr_id == INFRA_CIDR_ID:
+                continue
+            if p.is_static:
+                states["static"] += 1
+            if p.is_disabled:
+                states["disabled"] += 1
+            elif p.is_redeemed:
+                states["enabled"] += 1
+            elif not invitation_expired(p, now):
+                states["invited"] += 1
+        keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
+        ages = [now - t for k, t in co.handshakes.items() if k in keys and t]
+        age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
+        for a in ages:
+            age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
+                            len(self.AGE_BUCKETS))] += 1
+        with self.lock:
+            requests = sorted(self.requests.items())
+            counters = dict(self.counters)
+            db, db_sum = list(self.db), self.db_sum
+        hub = co.hub.stats if co.hub is not None else {}
+        out = []
+        self._family(out, "innernet_peers", "gauge", "Peers by state.",
+                     [("", (("state", k),), v) for k, v in sorted(states.items())])
+        self._family(out, "innernet_peers_online", "gauge",
+                     f"Peers with a handshake with the server in the last {RECENT_HANDSHAKE} s.",
+                     [("", (), sum(a <= RECENT_HANDSHAKE for a in ages))])
+        self._family(out, "innernet_peer_handshake_age_seconds", "histogram",
+                     "Age of each peer's last handshake with the server.",
+                     self._histogram(self.AGE_BUCKETS, age_counts, float(sum(ages))))
+        self._family(out, "innernet_api_requests_total", "counter",
+                     "API requests answered, by route and status.",
+                     [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
+        self._family(out, "innernet_long_poll_waiters", "gauge",
+                     "State requests held open until something changes.",
+                     [("", (), co.long_polls)])
+        self._family(out, "innernet_redemptions_total", "counter",
+                     "Invitations redeemed.", [("", (), counters["redemptions"])])
+        self._family(out, "innernet_relay_pairs", "gauge", "Pairs of peers relayed now.",
+                     [("", (), len(co.hub.pairs) if co.hub is not None else 0)])
+        self._family(out, "innernet_relay_bytes_total", "counter",
+                     "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
+        self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
+                     "Datagrams the relay refused (forged, over budget, undeliverable).",
+                     [("", (), hub.get("dropped", 0))])
+        self._family(out, "innernet_db_write_seconds", "histogram",
+                     "Time of each database write transaction.",
+                     self._histogram(self.DB_BUCKETS, db, db_sum))
+        return "\n".join(out) + "\n"
+
+
+class MetricsEndpoint:
+    """GET /metrics for a scraper, on its own address (serve --metrics)."""
+
+    def __init__(self, coordinator):
+        self.co = coordinator
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        if method != "GET" or path.partition("?")[0] != "/metrics":
+            return Response(404, {"error": "not found: the metrics are at /metrics"})
+        text = self.co.metrics.render(self.co)
+        return Response(200, raw=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 ###############################################################################
@@ -6332,6 +7147,17 @@ class LocalNetwork:
     def approve_routes(self, peer, routes, approved):
         return self.store.approve_routes(peer.id, routes, approved)
 
+    def audit(self, since):
+        return self.store.audit(since)
+
+    def plan(self, text, source):
+        steps, problems = self.store.plan(text, source)
+        return ([st.line for st in steps], problems,
+                [(st.data["name"], st.data["ip"]) for st in steps if st.kind == "add-peer"])
+
+    def apply(self, text, source, invites):
+        return [st.line for st in self.store.apply_document(text, source, invites)]
+
     def route_approvers(self):
         return self.store.route_approvers()
 
@@ -6409,6 +7235,24 @@ class RemoteNetwork:
     def approve_routes(self, peer, routes, approved):
         return Peer.from_json(self.api.call("PUT", f"/admin/routes/{peer.id}",
                                             {"routes": routes, "approved": approved}))
+
+    def audit(self, since):
+        return [AuditEntry.from_json(e) for e in
+                self.api.call("GET", f"/admin/audit?since={since}") or []]
+
+    def plan(self, text, source):
+        r = _require_object(self.api.call("POST", "/admin/plan", {"document": text}), "plan")
+        lines = [source + x[len("the file"):] if x.startswith("the file") else x
+                 for x in r.get("problems") or []]
+        return (list(r.get("plan") or []), lines,
+                [(i["name"], i["ip"]) for i in r.get("invite") or []])
+
+    def apply(self, text, source, invites):
+        body = {"document": text, "invites": {ip: {"public_key": k,
+                                                   "invite_expires": _expires_to_json(e)}
+                                              for ip, (k, e) in invites.items()}}
+        return list(_require_object(self.api.call("POST", "/admin/apply", body),
+                                    "apply").get("applied") or [])
 
     def route_approvers(self):
         return [RouteApprover.from_json(a) for a in
@@ -6598,9 +7442,15 @@ def _add_static_peer(args, net, cidrs, cidr, ip, name):
 
 
 def cmd_export(args):
-    """The wg-quick file of a static peer, with a placeholder for its private key."""
+    """The network as TOML (apply's input), or with --wg-quick the wg-quick
+    file of a static peer, with a placeholder for its private key."""
     net = open_network(args)
     cidrs = net.cidrs()
+    if not args.wg_quick:
+        if args.name or args.qr or args.qr_png:
+            raise InnernetError("--name, --qr and --qr-png go with --wg-quick")
+        print(network_document(cidrs, net.peers(), net.associations()), end="")
+        return 0
     statics = {p.name: p for p in net.peers() if p.is_static}
     peer = choose(args.name, "--name", "static peer", statics)
     server_key, external, _ = net.invitation_server()
@@ -6858,6 +7708,91 @@ def cmd_approve_routes(args):
     return 0
 
 
+def parse_since(text, now=None):
+    """--since: a duration ago (90m, 7d), a UTC date or time (2026-12-01,
+    2026-12-01T10:00:00), or unix seconds."""
+    now = time.time() if now is None else now
+    n = ascii_uint(text)
+    if n is not None:
+        return n
+    with contextlib.suppress(InnernetError):
+        return int(now) - parse_timestring(text)
+    import calendar
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        with contextlib.suppress(ValueError):
+            return calendar.timegm(time.strptime(text, fmt))
+    raise InnernetError(f"invalid --since {text!r}",
+                        hint="a duration ago (90m, 7d), a UTC date (2026-12-01 or "
+                             "2026-12-01T10:00:00), or unix seconds")
+
+
+def cmd_audit(args):
+    """Who changed what, oldest first."""
+    since = parse_since(args.since) if args.since else 0
+    entries = open_network(args).audit(since)
+    if args.json:
+        print_json([e.to_json() for e in entries])
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at))
+        change = "" if e.before is None and e.after is None else \
+            f"  {e.before or '-'} -> {e.after or '-'}"
+        print(f"{when}  {e.actor}  {e.action}  {e.object}{change}")
+    if not entries:
+        print("no changes recorded" + (" since then" if since else ""))
+    return 0
+
+
+def cmd_apply(args):
+    """Make the network what a TOML document says: a plan first, then all of it
+    in one transaction, or nothing."""
+    text = read_text(args.file, "network document")
+    if len(text.encode()) > MAX_DOCUMENT:
+        raise InnernetError(f"{args.file} is larger than {MAX_DOCUMENT >> 20} MiB")
+    if args.save_invites is not None:
+        ensure_dir(args.save_invites, 0o700, tighten=False)
+    expires = parse_timestring(args.invite_expires or DEFAULT_INVITE_EXPIRY)
+    net = open_network(args)
+    lines, problems, new_peers = net.plan(text, args.file)
+    if problems:
+        for line in problems:
+            _emit(line)
+        raise InnernetError(f"{len(problems)} problem(s) in {args.file}; nothing applied")
+    for line in lines:
+        print(line)
+    if not lines:
+        print("No changes: the network is what the file says.")
+        return 0
+    print(f"Plan: {sum(x[0] == '+' for x in lines)} to add, "
+          f"{sum(x[0] == '~' for x in lines)} to change, "
+          f"{sum(x[0] == '-' for x in lines)} to remove.")
+    if args.dry_run:
+        return 0
+    if new_peers and args.save_invites is None:
+        raise InnernetError(f"the file adds {len(new_peers)} peer(s), which become invitations",
+                            hint="pass --save-invites DIR for their invitation files")
+    confirm(args, f"Apply these {len(lines)} changes?", False)
+    cidrs, invites, written = net.cidrs(), {}, []
+    try:
+        for name, ip in new_peers:
+            key = generate_private_key()
+            path = os.path.join(args.save_invites, f"{name}.toml")
+            atomic_write(path, _invitation(net, cidrs, ip, key).to_toml(INVITATION_HEADER),
+                         0o600, exclusive=True)
+            written.append(path)
+            invites[ip] = (public_key(key), int(time.time()) + expires)
+        applied = net.apply(text, args.file, invites)
+    except BaseException:
+        for path in written:                 # no invitation without its peer
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    for path in written:
+        log(f"invitation saved to {path} (expires in {format_duration(expires)})")
+    log(f"applied {len(applied)} change(s)")
+    return 0
+
+
 def cmd_list_routes(args):
     """Every advertised route with its owner and state, and the auto-approve rules."""
     net = open_network(args)
@@ -7016,6 +7951,67 @@ def cmd_server_uninstall(args):
     return 0
 
 
+def server_status(args, iface, now=None):
+    """What `status` shows, as a dict: from the database, the device, and what
+    a running serve left in <network>.status.json."""
+    now = time.time() if now is None else now
+    db_path = server_paths(args, iface)[1]
+    store = Store(db_path)
+    try:
+        peers, cidrs = store.peers(), store.cidrs()
+    finally:
+        store.close()
+    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    handshakes = {}
+    if backend is not None:
+        with contextlib.suppress(InnernetError, OSError):
+            handshakes = {p.public_key: p.last_handshake for p in backend.get(iface).peers}
+    serving = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(db_path[:-3] + ".status.json") as f:
+            said = json.load(f)
+        if isinstance(said, dict) and isinstance(said.get("pid"), int) and _alive(said["pid"]):
+            serving = said
+    live = [p for p in peers if p.cidr_id != INFRA_CIDR_ID and p.is_redeemed
+            and not p.is_disabled]
+    online = [p for p in live if now - handshakes.get(p.public_key, 0) <= RECENT_HANDSHAKE]
+    invites = [p for p in peers if not p.is_redeemed]
+    size = sum(os.path.getsize(x) for x in (db_path, db_path + "-wal") if os.path.exists(x))
+    root = root_cidr(cidrs)
+    return {"network": iface, "cidr": root.cidr, "version": __version__,
+            "serving": serving is not None, "pid": serving and serving["pid"],
+            "interface_up": backend is not None,
+            "peers": len(live), "online": len(online), "offline": len(live) - len(online),
+            "disabled": sum(p.is_disabled for p in peers),
+            "static": sum(p.is_static for p in peers),
+            "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
+            "expired_invitations": sum(invitation_expired(p, now) for p in invites),
+            "relayed_pairs": serving["relayed_pairs"] if serving else None,
+            "dns": serving["dns"] if serving else None,
+            "database": db_path, "database_bytes": size}
+
+
+def cmd_server_status(args):
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)
+    st = server_status(args, iface)
+    if args.json:
+        print_json(st)
+        return 0
+    print(f"network: {st['network']} ({st['cidr']}), innernet.py {st['version']}")
+    print("serve: " + (f"running (pid {st['pid']})" if st["serving"] else "not running")
+          + ("" if st["interface_up"] else "; the interface is down"))
+    print(f"peers: {st['peers']} ({st['online']} online, {st['offline']} offline by their "
+          f"last handshake), {st['disabled']} disabled, {st['static']} static")
+    print(f"invitations: {st['pending_invitations']} pending, "
+          f"{st['expired_invitations']} expired")
+    if st["serving"]:
+        print(f"relayed pairs: {st['relayed_pairs']}")
+        print(f"dns: {st['dns'] or 'off'}")
+    print(f"database: {human_bytes(st['database_bytes'])} ({st['database']})")
+    return 0
+
+
 def _ensure_server_device(args, iface, config):
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     if backend is None:
@@ -7059,7 +8055,10 @@ def cmd_server_serve(args):
     config = load_server_config(args, iface)
     _fixed_mmap_threshold()
     db_path = server_paths(args, iface)[1]
+    keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
     store = Store(db_path)
+    if keep is not None:
+        store.audit_keep = keep
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
@@ -7072,6 +8071,7 @@ def cmd_server_serve(args):
     zone = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
                      host_suffix=suffix, relay=relay, hub=hub, dns_zone=zone)
+    co.status_path = db_path[:-3] + ".status.json"
     co.sync_device()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -7079,6 +8079,14 @@ def cmd_server_serve(args):
                                               for ip in local_addresses()])
     co.tick()
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
+    scrape = None
+    if getattr(args, "metrics", None):
+        host, port = args.metrics
+        co.metrics = Metrics()
+        store.write_timer = co.metrics.db_write
+        scrape = make_api_server(MetricsEndpoint(co), host, port)
+        threading.Thread(target=scrape.serve_forever, daemon=True).start()
+        log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
     dns = None
     if zone:
         try:
@@ -7104,6 +8112,9 @@ def cmd_server_serve(args):
     finally:
         co.stop.set()
         httpd.server_close()
+        if scrape is not None:
+            scrape.shutdown()
+            scrape.server_close()
         if dns is not None:
             dns.close()
         if relay is not None:        # no forwarding without the server that filters it
@@ -8667,11 +9678,13 @@ def _add_shared_verbs(sub, role):
     p = _verb(sub, "add-peer", cmd_add_peer, role, "Invite a new peer.")
     _add_peer_options(p)
     p = _verb(sub, "export", cmd_export, role,
-              "Print a static peer's wg-quick file (a template: its key is kept nowhere).")
+              "Print the network as TOML (for apply), or with --wg-quick a static peer's "
+              "wg-quick file (a template: its key is kept nowhere).")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--name", help="the static peer")
-    p.add_argument("--wg-quick", action="store_true", required=True,
-                   help="as a wg-quick file (the only format so far)")
+    p.add_argument("--wg-quick", action="store_true",
+                   help="a static peer's wg-quick file (without it: the network as TOML, "
+                        "for apply)")
     _qr_options(p)
     p = _verb(sub, "delete-peer", cmd_delete_peer, role,
               "Delete a peer for good; its address stays reserved for a while.")
@@ -8743,6 +9756,24 @@ def _add_shared_verbs(sub, role):
                         "come (0.0.0.0/0: exit nodes too)")
     p.add_argument("--cidr", metavar="CIDR_NAME", help="with --auto-approve: whose routes")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "apply", cmd_apply, role,
+              "Make the network what a TOML file says (export's format): a plan, then all "
+              "of it in one transaction.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("file", metavar="FILE", help="the network document")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--save-invites", metavar="DIR",
+                   help="where the invitations of peers new in the file go (NAME.toml, 0600)")
+    p.add_argument("--invite-expires", metavar="DURATION",
+                   help=f"their lifetime (default {DEFAULT_INVITE_EXPIRY})")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "audit", cmd_audit, role,
+              "The audit log: every change to the network, who made it, before and after.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--since", metavar="WHEN",
+                   help="from then on: a duration ago (90m, 7d), a UTC date or time "
+                        "(2026-12-01, 2026-12-01T10:00:00), or unix seconds")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "list-routes", cmd_list_routes, role,
               "List advertised routes and exit nodes, approved or waiting, and the "
               "auto-approve rules.")
@@ -8773,9 +9804,19 @@ def _add_server_verbs(sub):
     p.add_argument("--no-dns", action="store_true",
                    help="do not answer DNS for the network's names on the server's "
                         "WireGuard address (port 53)")
+    p.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default; "
+                        "e.g. 127.0.0.1:9586)")
+    p.add_argument("--audit-keep", metavar="DURATION",
+                   help="how long the audit log keeps a change (default 365d)")
     p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
                    help="UDP ports for the end-to-end relay, two per relayed pair (default: "
                         "any free port; set a range to open in a firewall)")
+    p = _verb(sub, "status", cmd_server_status, "server",
+              "One screen for the operator: peers online and offline, invitations, the relay, "
+              "the database.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "uninstall", cmd_server_uninstall, "server",
               "Delete a network: its interface, config and database.")
     p.add_argument("interface", metavar="INTERFACE")

@@ -412,6 +412,9 @@ ROUTES = [  # method, path, body, minimum role
     ("GET", "/v1/admin/route-approvers", None, "admin"),
     ("POST", "/v1/admin/route-approvers", {"route": "192.168.0.0/16", "cidr_id": 4}, "admin"),
     ("DELETE", "/v1/admin/route-approvers/99", None, "admin"),
+    ("GET", "/v1/admin/audit", None, "admin"),
+    ("POST", "/v1/admin/plan", "document", "admin"),
+    ("POST", "/v1/admin/apply", "document", "admin"),
 ]
 
 ALLOWED = {  # role of the route -> callers that may use it (spec §3.2)
@@ -433,6 +436,9 @@ def test_role_table(tmp_path, method, path, body, role):
             b = peer_contents("zz", "10.80.64.77", 4)
         elif b == "peer6":
             b = peer_contents("user2", "10.80.129.2", 5, is_redeemed=True)
+        elif b == "document":       # the network as it is: an empty plan
+            b = {"document": innernet.network_document(
+                fresh.store.cidrs(), fresh.store.peers(), fresh.store.associations())}
         elif isinstance(b, dict) and "public_key" in b:
             b = {"public_key": key()}
         status, _ = call(fresh, method, path, body=b, ip=ips[caller])

@@ -21,7 +21,8 @@ BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endp
                ("PUT", "/v1/admin/peers/3", "admin"), ("POST", "/v1/admin/cidrs", "admin"),
                ("PUT", "/v1/admin/cidrs/4", "admin"), ("POST", "/v1/admin/associations", "admin"),
                ("POST", "/v1/user/routes", "developer1"), ("PUT", "/v1/admin/routes/3", "admin"),
-               ("POST", "/v1/admin/route-approvers", "admin")]
+               ("POST", "/v1/admin/route-approvers", "admin"), ("POST", "/v1/admin/plan", "admin"),
+               ("POST", "/v1/admin/apply", "admin")]
 
 # Text that breaks parsers: Unicode digits (str.isdigit() says yes, int() says no),
 # every kind of white space, control characters, and the punctuation of our formats.
@@ -46,7 +47,7 @@ json_values = st.recursive(
                          "option", "content", "is_admin", "is_disabled", "is_redeemed",
                          "invite_expires", "candidates", "cidr_id_1", "cidr_id_2",
                          "persistent_keepalive_interval", "secs_since_epoch", "routes",
-                         "route", "exit_node", "approved", "x"]),
+                         "route", "exit_node", "approved", "document", "invites", "x"]),
         children, max_size=12), max_leaves=20)
 
 raw_bodies = st.one_of(

@@ -5,6 +5,7 @@ CIDRs: 'office' (gw, exitn) and 'home' (alice) are associated; 'other' (eve)
 is not. gw has a LAN behind it (192.168.10.0/24, host 'lanhost'); exitn has
 the "internet" behind it (198.19.77.0/24, host 'www').
 """
+import json
 import os
 import shutil
 
@@ -34,30 +35,27 @@ def w(pyz):
             path = invite(srv, net, name, cidr)
             host.joined = host.innernet("install", "--name", lab.ifname(name),
                                         "--no-write-hosts", path)
-        # gw's LAN: a bridge with 192.168.10.1, and lanhost behind it (its gateway).
-        gw = w.h["gw"]
-        for args in (["link", "add", "lan", "type", "bridge"],
-                     ["addr", "add", "192.168.10.1/24", "dev", "lan"],
-                     ["link", "set", "lan", "up"]):
-            gw.exec(["ip"] + args)
-        gw.lan_prefix, gw.lan_count = "192.168.10", 1
-        w.lanhost = lab.add_behind(gw, "lanhost")
+        # gw's LAN, with lanhost behind it (gw is its gateway); exitn's "internet",
+        # www, which is also exitn's default route.
+        w.lanhost = network_behind(lab, w.h["gw"], "192.168.10", "lanhost")
+        w.www = network_behind(lab, w.h["exitn"], "198.19.77", "www")
+        w.h["exitn"].exec(["ip", "route", "add", "default", "via", WWW])
         start_echo(w.lanhost, LAN_HOST)
-        # exitn's "internet": www on a bridge of its own, and exitn's default route.
-        ex = w.h["exitn"]
-        for args in (["link", "add", "lan", "type", "bridge"],
-                     ["addr", "add", "198.19.77.1/24", "dev", "lan"],
-                     ["link", "set", "lan", "up"]):
-            ex.exec(["ip"] + args)
-        ex.lan_prefix, ex.lan_count = "198.19.77", 1
-        w.www = lab.add_behind(ex, "www")
-        ex.exec(["ip", "route", "add", "default", "via", WWW])
         start_echo(w.www, WWW)
         w.server_ip = "10.66.0.1"
         w.netns_dirs = []
         yield w
         for d in w.netns_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def network_behind(lab, router, prefix, name):
+    """A bridge 'lan' on ``router`` with PREFIX.1/24, and host ``name`` on it."""
+    for args in (["link", "add", "lan", "type", "bridge"],
+                 ["addr", "add", f"{prefix}.1/24", "dev", "lan"], ["link", "set", "lan", "up"]):
+        router.exec(["ip"] + args)
+    router.lan_prefix, router.lan_count = prefix, 1
+    return lab.add_behind(router, name)
 
 
 def fetch(w, name, *args):
@@ -227,6 +225,15 @@ def test_exit_node_carries_traffic_and_down_restores_routing(w):
     assert "not from all fwmark 0xca6c lookup 51820" in rules
     shown = alice.innernet("show", iface).stdout
     assert "exit node: exitn" in shown and "exit node: in use" in shown
+    as_json = json.loads(alice.innernet("show", iface, "--json").stdout)[0]
+    assert as_json["exit_node"]["exit_node"] == "exitn"
+    assert [p["exit_node"] for p in as_json["peers"] if p["name"] == "exitn"] == [True]
+    # Without --exit-node-allow-lan the LAN (here the underlay) goes to the exit node too;
+    # the tunnel's own packets (marked) do not.
+    lan = alice.exec(["ip", "route", "get", w.srv.underlay]).stdout
+    assert f"dev {iface} table 51820" in lan
+    marked = alice.exec(["ip", "route", "get", w.srv.underlay, "mark", "0xca6c"]).stdout
+    assert "dev eth0" in marked
     # The server is still reached through the tunnel (its own packets are marked
     # and stay off the exit route): a fetch works, and the server's handshake is fresh.
     fetch(w, "alice")
@@ -237,7 +244,17 @@ def test_exit_node_carries_traffic_and_down_restores_routing(w):
     assert "0.0.0.0/0" in out.stdout
     assert alice.innernet("down", iface)
     assert routing_snapshot(alice) == before
+    # With --exit-node-allow-lan the main table's routes (the LAN) stay direct.
+    alice.innernet("up", iface, "--no-write-hosts", "--exit-node", "exitn",
+                   "--exit-node-allow-lan")
+    assert "dev eth0" in alice.exec(["ip", "route", "get", w.srv.underlay]).stdout
+    wait_for(lambda: tcp_reach(alice, WWW), 20, "alice to reach the internet (LAN allowed)")
+    # `up` without --exit-node stops using it; the routing is as before again.
+    alice.innernet("down", iface)
+    assert routing_snapshot(alice) == before
+    alice.innernet("up", iface, "--no-write-hosts", "--exit-node", "exitn")
     alice.innernet("up", iface, "--no-write-hosts")
+    assert not alice.exec(["ip", "rule", "show", "priority", "5209"]).stdout.strip()
 
     # eve may not see exitn, so it cannot use it, and its routing is untouched.
     eve_before = routing_snapshot(eve)

@@ -89,6 +89,9 @@ def routes(user_id):
         ("POST", "/v1/admin/route-approvers", {"route": "192.168.0.0/16", "cidr_id": 3},
          "admin"),
         ("DELETE", "/v1/admin/route-approvers/999", None, "admin"),
+        ("GET", "/v1/admin/audit", None, "admin"),
+        ("POST", "/v1/admin/plan", {"document": "x = 1"}, "admin"),
+        ("POST", "/v1/admin/apply", {"document": "x = 1"}, "admin"),
         ("POST", "/v1/user/redeem", "redeem", "unredeemed"),
     ]
 
