@@ -89,6 +89,7 @@ RELAY_IDLE = 300                # s without a datagram before a relay allocation
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
+FAILOVER_GRACE = 60              # s a client waits for the API of a server that handshook
 API_CONNECT_TIMEOUT = 6         # s to connect to the API through the tunnel (a handshake)
 MAX_BODY = 16 * 1024
 MAX_CANDIDATES = 10
@@ -934,12 +935,6 @@ def parse_host_suffix(text):
     raise InnernetError(f"invalid host suffix {text!r}",
                         hint="use dot-separated lower-case labels, e.g. corp.wg, "
                              "or '' for bare names")
-
-
-def parse_host_suffix_or_none(text):
-    with contextlib.suppress(InnernetError):
-        return parse_host_suffix(text)
-    return None
 
 
 def parse_interface(name):
@@ -2314,12 +2309,6 @@ def advertised(peer):
     return peer.routes + (list(EXIT_ROUTES) if peer.exit_node else []) + peer.pending_routes
 
 
-def visible_routes(peers, cidrs, associations, me):
-    """(route, owner) pairs ``me`` gets: the approved routes of the peers it may see."""
-    return [(r, p) for p in visible_peers(peers, cidrs, associations, me)
-            if p.id != me.id for r in p.routes]
-
-
 # Clients take routes inside these by default: a route is an admin's word
 # passed on by the server, and a compromised server could otherwise send
 # 0.0.0.0/1 and 128.0.0.0/1 to pull all of a client's traffic into a peer of
@@ -2872,15 +2861,11 @@ def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
                                    "admin": me.is_admin, "disabled": me.is_disabled,
                                    "routes": me.routes, "exit_node": me.exit_node}))
             continue
-        changes = [(k, a, b) for k, a, b in (("name", old.name, me.name),
-                                             ("admin", old.is_admin, me.is_admin),
-                                             ("disabled", old.is_disabled, me.is_disabled))
-                   if a != b]
-        if sorted(old.routes) != sorted(me.routes) or old.exit_node != me.exit_node:
-            changes += [("routes", old.routes, me.routes)] if sorted(old.routes) != \
-                sorted(me.routes) else []
-            changes += [("exit-node", old.exit_node, me.exit_node)] \
-                if old.exit_node != me.exit_node else []
+        changes = [(k, a, b) for k, a, b in (
+            ("name", old.name, me.name), ("admin", old.is_admin, me.is_admin),
+            ("disabled", old.is_disabled, me.is_disabled),
+            ("routes", sorted(old.routes), sorted(me.routes)),
+            ("exit-node", old.exit_node, me.exit_node)) if a != b]
         if changes:
             text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
             label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
@@ -2888,13 +2873,9 @@ def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
                                   {"id": old.id, "name": me.name, "admin": me.is_admin,
                                    "disabled": me.is_disabled, "routes": me.routes,
                                    "exit_node": me.exit_node}))
-    have = {}
-    for a in associations:
-        if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id:
-            have[tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))] = a
-    # Associations are compared by the names the CIDRs will have.
-    renamed = {by_id[c.id].name: c.name for c in target if c.id > 0}
-    have = {tuple(sorted(renamed.get(x, x) for x in k)): a for k, a in have.items()}
+    # Associations are compared by the names their CIDRs will have.
+    have = {tuple(sorted(tnames.get(x, by_id[x].name) for x in (a.cidr_id_1, a.cidr_id_2))): a
+            for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id}
     for pair in sorted(tassocs - set(have)):
         steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
                               {"cidrs": list(pair)}))
@@ -3381,16 +3362,18 @@ class Netlink:
                 off += (length + 3) & ~3
         raise InnernetError("the kernel did not finish a netlink dump")
 
+    def _dump_parsed(self, kind, family, parse):
+        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+        msgs = self._dump(kind, struct.pack("=BBBBBBBBI", fam, 0, 0, 0, 0, 0, 0, 0, 0))
+        return [r for r in map(parse, msgs) if r is not None]
+
     def routes(self, family=4):
         """Every unicast route of one family: (network, oif, table, protocol)."""
-        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-        msgs = self._dump(_RTM_GETROUTE, struct.pack("=BBBBBBBBI", fam, 0, 0, 0, 0, 0, 0, 0, 0))
-        return [r for r in map(parse_route_message, msgs) if r is not None]
+        return self._dump_parsed(_RTM_GETROUTE, family, parse_route_message)
 
     def rules(self, family=4):
-        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-        msgs = self._dump(_RTM_GETRULE, struct.pack("=BBBBBBBBI", fam, 0, 0, 0, 0, 0, 0, 0, 0))
-        return [r for r in map(parse_rule_message, msgs) if r is not None]
+        """Every policy-routing rule of one family that looks up a table."""
+        return self._dump_parsed(_RTM_GETRULE, family, parse_rule_message)
 
     def route(self, ifname, network, *, add=True, table=None, protocol=RTPROT_INNERNET):
         """Add (or delete) a route of ours to ``network`` on ``ifname``."""
@@ -5001,6 +4984,14 @@ def load_exit_state(path):
         raise InnernetError(f"{path} is damaged",
                             hint="run 'innernet down' and 'up --exit-node' again")
     return state
+
+
+def exit_state_or_none(path):
+    """load_exit_state, with a damaged file taken as no choice (for down, show)."""
+    try:
+        return load_exit_state(path)
+    except InnernetError:
+        return None
 
 
 def save_exit_state(path, state):
@@ -8110,11 +8101,12 @@ class Replicator:
         while not self.stop.is_set():
             started = time.monotonic()
             self._start()
-            err = self.proc.stderr.read().decode(errors="replace")   # until it exits
+            last = ""
+            for line in self.proc.stderr:     # until it exits; only the last line is kept
+                last = line.decode(errors="replace").strip() or last
             code = self.proc.wait()
             if self.stop.is_set():
                 return
-            last = err.strip().splitlines()[-1] if err.strip() else ""
             warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
             backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
             self.stop.wait(backoff)
@@ -8367,8 +8359,7 @@ def cmd_install(args):
             if wait_for_handshake(backend, iface, server, invite.server_ip, since=0,
                                   timeout=5):
                 if n:
-                    atomic_write(server_state_path(args, iface),
-                                 json.dumps({"endpoint": ep}) + "\n", 0o600)
+                    save_server_state(args, iface, ep)
                 break
         else:
             raise InnernetError(
@@ -8659,10 +8650,7 @@ def choose_exit(args, iface):
     """`up --exit-node NAME` records the choice (and the table its rules use);
     `up` without it stops using one."""
     path = exit_state_path(data_store_path(args, iface))
-    try:
-        old = load_exit_state(path)
-    except InnernetError:
-        old = None
+    old = exit_state_or_none(path)
     name = getattr(args, "exit_node", None)
     allow = bool(getattr(args, "exit_node_allow_lan", False))
     if name is not None:
@@ -8670,7 +8658,7 @@ def choose_exit(args, iface):
     elif allow:
         raise InnernetError("--exit-node-allow-lan needs --exit-node NAME")
     if old and name == old["exit_node"] and allow == old["allow_lan"]:
-        return path
+        return
     leave_exit(args, iface)
     if name is not None:
         with Netlink() as nl:
@@ -8682,10 +8670,7 @@ def choose_exit(args, iface):
 def leave_exit(args, iface):
     """Stop using an exit node: its rules and table go, the device's mark too."""
     path = exit_state_path(data_store_path(args, iface))
-    try:
-        state = load_exit_state(path)
-    except InnernetError:
-        state = None
+    state = exit_state_or_none(path)
     if os.path.exists(path) and state is None:
         os.unlink(path)
     if state is None:
@@ -9268,7 +9253,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             else:
                 debug(f"{iface}: peers are already up to date")
             links = raw_links()
-            route_peers(args, backend, iface, desired, own_key, exit_state, links)
+            had_routes = any(p.routes for p in stored_peers + peers)
+            route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes)
             if exit_problem and (changed or brought_up):
                 warn(f"{iface}: exit node not in use: {exit_problem}; traffic outside the "
                      "network is dropped until it is (or run 'up' without --exit-node)")
@@ -9312,15 +9298,27 @@ def server_state_path(args, iface):
     return data_store_path(args, iface)[:-5] + ".server.json"
 
 
+def load_server_state(args, iface):
+    """{"endpoint": the one failed over to, "since": when}, or {}."""
+    try:
+        with open(server_state_path(args, iface)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_server_state(args, iface, endpoint):
+    with contextlib.suppress(OSError):
+        atomic_write(server_state_path(args, iface),
+                     json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
+
+
 def current_server(args, iface, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
         return cfg
-    try:
-        with open(server_state_path(args, iface)) as f:
-            chosen = json.load(f).get("endpoint")
-    except (OSError, ValueError, AttributeError):
-        return cfg
+    chosen = load_server_state(args, iface).get("endpoint")
     if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
         return dataclasses.replace(cfg, server_external_endpoint=chosen)
     return cfg
@@ -9333,26 +9331,22 @@ def fail_over(args, iface, cfg, backend):
     eps = cfg.endpoints
     if len(eps) < 2 or backend is None:
         return cfg
-    try:
-        with open(server_state_path(args, iface)) as f:
-            since = float(json.load(f).get("since", 0))
-    except (OSError, ValueError, AttributeError, TypeError):
-        since = 0.0
+    since = load_server_state(args, iface).get("since")
+    since = since if isinstance(since, (int, float)) else 0
     dp = None
     with contextlib.suppress(InnernetError, OSError):
         dp = backend.get(iface).peer(cfg.server_public_key)
-        if dp is not None and dp.last_handshake > since > 0:
-            # The endpoint switched to has answered WireGuard since: it is
-            # there, only its API is not yet (a standby starting). Stay.
+        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
+            # The endpoint just switched to has answered WireGuard since: it is
+            # there, only its API is not yet (a standby starting). Stay, for a
+            # while: a server that answered once may be gone later.
             return cfg
     here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
     nxt = eps[(here + 1) % len(eps)]
     ep = resolve_endpoint(nxt)
     if ep is None:
         return cfg
-    with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
-                     json.dumps({"endpoint": nxt, "since": time.time()}) + "\n", 0o600)
+    save_server_state(args, iface, nxt)
     # The peer is removed and added again: a standby has the server's key but
     # not its session, and WireGuard would send on the old session for 15 s
     # before it starts a new handshake.
@@ -9366,11 +9360,12 @@ def fail_over(args, iface, cfg, backend):
     return dataclasses.replace(cfg, server_external_endpoint=nxt)
 
 
-def route_peers(args, backend, iface, desired, own_key, exit_state, links):
+def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
     """Routes into the tunnel for peers' approved subnets (unless --no-routing
     or --no-accept-routes), the exit node's table and rules when one is asked
-    for, and forwarding when this peer routes for others."""
-    if routing(args):
+    for, and forwarding when this peer routes for others. Without
+    ``had_routes`` (no peer had or has a route) there is nothing to sync."""
+    if routing(args) and had_routes:
         local = [i.network for i in local_networks(links)]
         wanted = [] if getattr(args, "no_accept_routes", False) else \
             interface_routes(desired, own_key, local)
@@ -9389,7 +9384,10 @@ def split_dns(api, iface, cfg):
     except InnernetError:
         return
     zone = caps.get("dns") if isinstance(caps, dict) else None
-    if not isinstance(zone, str) or not zone or parse_host_suffix_or_none(zone) is None:
+    try:
+        if not zone or parse_host_suffix(zone) != zone:
+            raise InnernetError("no zone")
+    except InnernetError:
         debug(f"{iface}: the server does not answer DNS")
         return
     configure_split_dns(iface, cfg.server_ip, zone)
@@ -9745,10 +9743,7 @@ def cmd_show(args):
         peers, cidrs, _ = load_data_store(data_store_path(args, iface))
         memo = load_paths_memo(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
-        try:
-            exit_state = load_exit_state(exit_state_path(data_store_path(args, iface)))
-        except InnernetError:
-            exit_state = None
+        exit_state = exit_state_or_none(exit_state_path(data_store_path(args, iface)))
         exit_name = exit_state and exit_state["exit_node"]
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]

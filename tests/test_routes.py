@@ -89,17 +89,23 @@ def test_auto_approval_covers_routes_inside_the_rule_from_the_cidr_or_below():
     assert not innernet.auto_approved("::/0", office, CIDRS, rules)
 
 
+def visible_routes(peers, cidrs, associations, me):
+    """(route, owner) pairs ``me`` gets: what the state (visible_peers) carries."""
+    return [(r, p) for p in innernet.visible_peers(peers, cidrs, associations, me)
+            if p.id != me.id for r in p.routes]
+
+
 def test_routes_go_only_to_peers_that_may_see_the_advertiser():
     gw = peer(1, "gw", 3, routes=["192.168.10.0/24"], exit_node=True)
     alice, lab, bob = peer(2, "alice", 4), peer(3, "labby", 5), peer(4, "bob", 3)
     assocs = [innernet.Association(1, 3, 5)]      # office <-> lab only
     peers = [gw, alice, lab, bob]
-    assert [(r, p.name) for r, p in innernet.visible_routes(peers, CIDRS, assocs, lab)] == \
+    assert [(r, p.name) for r, p in visible_routes(peers, CIDRS, assocs, lab)] == \
         [("192.168.10.0/24", "gw")]
-    assert [r for r, _ in innernet.visible_routes(peers, CIDRS, assocs, bob)] == \
+    assert [r for r, _ in visible_routes(peers, CIDRS, assocs, bob)] == \
         ["192.168.10.0/24"]
-    assert innernet.visible_routes(peers, CIDRS, assocs, alice) == []   # home is not associated
-    assert innernet.visible_routes(peers, CIDRS, assocs, gw) == []      # not its own
+    assert visible_routes(peers, CIDRS, assocs, alice) == []   # home is not associated
+    assert visible_routes(peers, CIDRS, assocs, gw) == []      # not its own
 
 
 def test_a_client_routes_approved_subnets_but_not_its_lan_and_exit_only_when_chosen():
