@@ -56,8 +56,8 @@ import time
 # PyNaCl and pyroute2 are imported where they are used (sections 6 and 8;
 # pyroute2 by the kernel backend only), so that --help, admin verbs, the
 # server and the unit tests start fast and work without them.
-# So are the stdlib modules only one role needs (sqlite3 and socketserver for
-# the server, subprocess for starting wireguard-go): `fetch` from cron pays
+# So are the stdlib modules only one role needs (sqlite3 for the server,
+# subprocess for starting wireguard-go): `fetch` from cron pays
 # for what it uses, no more.
 
 ###############################################################################
@@ -1040,23 +1040,32 @@ _resolve_cache: dict[str, tuple[float, str | None]] = {}
 _literal_cache: dict[str, str | None] = {}     # IP-literal endpoints never change
 
 
-def resolve_endpoint(text):
-    """An endpoint string -> 'ip:port' for WireGuard, or None if it won't resolve."""
+def literal_endpoint(text):
+    """An 'ip:port' endpoint string in WireGuard's spelling, None for a host
+    name or garbage. Pure: the Model compares endpoints with it."""
     hit = _literal_cache.get(text)
     if hit is not None:
         return hit
     try:
         host, port = parse_endpoint(text)
+        ipaddress.ip_address(host)
+    except (InnernetError, ValueError):
+        return None
+    result = format_endpoint(host, port)
+    if len(_literal_cache) < 100000:
+        _literal_cache[text] = result
+    return result
+
+
+def resolve_endpoint(text):
+    """An endpoint string -> 'ip:port' for WireGuard, or None if it won't resolve."""
+    result = literal_endpoint(text)
+    if result is not None:
+        return result
+    try:
+        host, port = parse_endpoint(text)
     except InnernetError:
         return None
-    try:
-        ipaddress.ip_address(host)
-        result = format_endpoint(host, port)
-        if len(_literal_cache) < 100000:
-            _literal_cache[text] = result
-        return result
-    except ValueError:
-        pass
     hit = _resolve_cache.get(text)
     if hit and time.monotonic() - hit[0] < 60:
         return hit[1]
@@ -1764,7 +1773,7 @@ def is_assignable(ip, net):
     return True
 
 
-def check_new_peer(cidrs, peers, contents, quarantined=None, now=None):
+def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
     """Validate a peer to be created (spec §5.5). Constraints back this up.
 
     ``quarantined`` maps addresses of deleted peers to their Deletion: those
@@ -1773,7 +1782,7 @@ def check_new_peer(cidrs, peers, contents, quarantined=None, now=None):
     """
     parse_hostname(contents.name, "peer name")
     gone = (quarantined or {}).get(str(ipaddress.ip_address(contents.ip)))
-    if gone is not None and gone.reuse_after > (time.time() if now is None else now):
+    if gone is not None and gone.reuse_after > now:
         raise _bad(f"{contents.ip} is quarantined until "
                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
                    f"peer '{gone.name}' had it and was deleted")
@@ -1883,20 +1892,21 @@ def recently_connected(dp, now):
 def _norm_ep(ep):
     if not ep:
         return None
-    return resolve_endpoint(ep) or ep
+    return literal_endpoint(ep) or ep
 
 
-def diff_peers(device_peers, desired, own_public_key, now, resolve=None, relayed=(),
-               relay_via=None):
+def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
+               relayed=(), relay_via=None):
     """The updates that turn the device's peers into ``desired`` (spec §8.2).
 
     Disabled peers and our own key are not wanted; device peers not wanted
     are removed. Endpoints are only changed for peers without a recent
     handshake, so a working path is never replaced. Addresses in ``relayed``
     (allowed-IP strings) are routed through the peer ``relay_via`` (the
-    server) instead of their own peer entry.
+    server) instead of their own peer entry. ``resolve`` turns a peer's
+    endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
+    asks DNS for host names; the default keeps literals only.
     """
-    resolve = resolve or resolve_endpoint
     current = {p.public_key: p for p in device_peers}
     wanted = {}
     for p in desired:
@@ -1936,12 +1946,13 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=None, relayed
     return updates
 
 
-def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
+def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES, resolve=literal_endpoint):
     """The endpoints to try for a peer, best first (our NAT traversal).
 
     Addresses inside a network this host is directly on come first -- two
     peers behind the same NAT reach each other over their LAN even when the
     NAT does not hairpin -- then the endpoint the server sees, then the rest.
+    ``resolve`` as for diff_peers.
     """
     ordered, seen = [], set()
     for c in peer.candidates[:limit]:
@@ -1954,7 +1965,7 @@ def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES):
     ordered.extend(peer.candidates[:limit])
     out = []
     for c in ordered:
-        ep = resolve_endpoint(c)
+        ep = resolve(c)
         if ep and ep not in seen:
             seen.add(ep)
             out.append(ep)
@@ -2106,7 +2117,7 @@ class PathMemo:
                 if isinstance(d, dict) else {}
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         offline = data.get("offline") if isinstance(data, dict) else None
-        return cls(table("relays", lambda v: isinstance(v, str) and resolve_endpoint(v) == v),
+        return cls(table("relays", lambda v: isinstance(v, str) and literal_endpoint(v) == v),
                    table("since", number), table("tried", number),
                    {k for k in offline if shaped(k)}
                    if isinstance(offline, list) else set(), table("trying", number))
@@ -2128,7 +2139,7 @@ class PathMemo:
         return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
-def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None):
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2139,9 +2150,9 @@ def merge_pinned(stored, received, deleted=(), now=None, rotated=(), own_ip=None
     server announces (``deleted``: Deletions) lets a pin go, and only once
     its quarantine (reuse_after, as first announced) is over; only a key
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
-    a known address change key. Our own address is ours to know.
+    a known address change key. Our own address is ours to know. ``now``:
+    the caller's clock (the default, 0, lets no quarantine end).
     """
-    now = time.time() if now is None else now
     rotated = set(rotated)
     announced = {(d.ip, d.public_key): d for d in deleted}
     for p, old in pinned_key_changes(stored, received, now):
@@ -2584,10 +2595,9 @@ NETWORK_HEADER = """\
 """
 
 
-def network_document(cidrs, peers, associations, now=None):
+def network_document(cidrs, peers, associations, now):
     """The network as TOML text, in a stable order (the tree, addresses), with
     the root CIDR at the top and the server's CIDR and peer left out."""
-    now = time.time() if now is None else now
     root = root_cidr(cidrs)
     by_id = {c.id: c for c in cidrs}
     kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
@@ -2635,12 +2645,11 @@ _DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
              "associations": {"cidrs"}}
 
 
-def plan_document(text, source, cidrs, peers, associations, deletions=(), now=None):
+def plan_document(text, source, cidrs, peers, associations, deletions, now):
     """(steps, problems) turning the database into the document ``text``.
 
     Problems are lines 'FILE, line N: what'; with any, the plan must not be
     applied. Pure: the store applies the steps in one transaction."""
-    now = time.time() if now is None else now
     problems = []
     lines = {}
     try:
@@ -3719,6 +3728,11 @@ class UserspaceBackend:
             self._exchange(ifname, "\n".join(lines) + "\n\n")
 
 
+def _no_kernel_module():
+    return InnernetError("the WireGuard kernel module is not available",
+                         hint="use --backend userspace (wireguard-go)")
+
+
 class KernelBackend:
     """The Linux WireGuard module over generic netlink (pyroute2)."""
     name = "kernel"
@@ -3728,8 +3742,7 @@ class KernelBackend:
         try:
             return WireGuard()
         except NetlinkError:
-            raise InnernetError("the WireGuard kernel module is not available",
-                                hint="use --backend userspace (wireguard-go)") from None
+            raise _no_kernel_module() from None
 
     def exists(self, ifname):
         return _sysfs_devtype(ifname) == "wireguard"
@@ -3737,8 +3750,7 @@ class KernelBackend:
     def create(self, ifname):
         with Netlink() as nl:
             if not nl.add_wireguard_link(ifname):
-                raise InnernetError("the WireGuard kernel module is not available",
-                                    hint="use --backend userspace (wireguard-go)")
+                raise _no_kernel_module()
 
     def delete(self, ifname):
         with Netlink() as nl:
@@ -3840,8 +3852,7 @@ def create_device(choice, ifname):
             if nl.add_wireguard_link(ifname):   # the probe is the real step
                 return KernelBackend()
         if choice == "kernel":
-            raise InnernetError("the WireGuard kernel module is not available",
-                                hint="use --backend userspace (wireguard-go)")
+            raise _no_kernel_module()
         warn("WireGuard kernel module not available; using userspace wireguard-go")
     backend = UserspaceBackend()
     backend.create(ifname)
@@ -3849,24 +3860,27 @@ def create_device(choice, ifname):
 
 
 def bring_up(choice, ifname, *, private_key, address, listen_port, updates, mtu,
-             routing):
+             routing, existing=None):
     """wg-quick's order: link, keys/port/peers, address, MTU + up, route.
 
     On failure everything done so far is undone, so no half-configured
-    interface is left behind.
+    interface is left behind. With ``existing`` (the backend of a device that
+    is up already, as a restarted serve finds it) the same steps make sure of
+    it: its peers and their sessions stay, and nothing is deleted on failure.
     """
-    backend = create_device(choice, ifname)
+    backend = existing or create_device(choice, ifname)
     try:
         backend.apply(ifname, private_key=private_key, listen_port=listen_port or 0,
-                      updates=updates, replace_peers=True)
+                      updates=updates, replace_peers=existing is None)
         with Netlink() as nl:
             nl.add_address(ifname, address)
             nl.set_mtu_up(ifname, mtu)
             if routing:
                 nl.add_route(ifname, address.network)
     except BaseException:
-        with contextlib.suppress(Exception):
-            backend.delete(ifname)
+        if existing is None:
+            with contextlib.suppress(Exception):
+                backend.delete(ifname)
         raise
     return backend
 
@@ -5360,63 +5374,29 @@ class RelayHub:
         self._wake_w.close()
 
 
-class Coordinator:
-    """The running server: its store, its WireGuard device and the API logic."""
+class DeviceSync:
+    """The server's WireGuard device: what it observes of each peer, and
+    keeping it (and both relays) in line with the database."""
 
-    def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone=None):
-        self.store = store
-        self.dns_zone_name = dns_zone        # "NET.wg" when serve answers DNS, else None
-        self.metrics = None                  # Metrics, with serve --metrics
-        self.status_path = None              # where tick() leaves what `status` shows
-        self._status_said = None
-        self.long_polls = 0                  # requests waiting in wait_for_change now
-        # Only the unit tests and benchmarks, which serve peers on 127.x
-        # addresses over loopback, let local addresses call the API.
-        self.local_callers = local_callers
-        self._local_seen: dict[object, tuple[float, bool]] = {}   # address -> (when, local)
-        self.config = config
-        self.ifname = ifname
-        self.backend = backend
+    def __init__(self, store, config, ifname, backend, relay, hub, pending, signal):
+        self.store, self.ifname, self.backend = store, ifname, backend
         self.public_key = public_key(config.private_key)
-        self.hosts_path = hosts_path
-        self.host_suffix = host_suffix
         self.relay = relay                   # RelayFirewall (static peers), or None
         self.hub = hub                       # RelayHub (end-to-end relay), or None
+        self.pending = pending               # peer id -> invitation key, until swapped
+        self.signal = signal
         self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
         self.handshakes: dict[str, float] = {}   # public key -> its last handshake with us
         self.observed_version = 0
         self._observed_at = 0.0
-        self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
-        self.device_lock = threading.RLock()
-        self._state_cache: dict[frozenset, tuple[tuple, bytes, str]] = {}
-        self._tree_cache = None
-        self._cache_lock = threading.Lock()
-        self._data_version = None
-        self.stop = threading.Event()
-        # Long polls wait on this; it is notified whenever what a peer may see
-        # can have changed: a commit, a CLI edit, a newly observed endpoint.
-        self.changed = threading.Condition()
-        self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
-        self.cache_enabled = True
-        import collections
-        self._gzip_cache = collections.OrderedDict()     # etag -> gzip body, LRU
-        self._gzip_bytes = 0
-        self._updates: dict[int, tuple[float, float]] = {}   # peer id -> (tokens, time)
-        self.sync_failed = None              # the last sync error, until a sync works
-        store.listeners.append(self.signal)
+        self.lock = threading.RLock()
+        self.failed = None                   # the last sync error, until a sync works
 
-    def signal(self):
-        with self.changed:
-            self.changed.notify_all()
-
-    # -- the server's device ---------------------------------------------------
-
-    def refresh_observed(self, max_age=1.0):
+    def refresh(self, max_age=1.0):
         """Read the endpoints WireGuard observes for each peer (cached)."""
         if self.backend is None or time.monotonic() - self._observed_at < max_age:
             return
-        with self.device_lock:
+        with self.lock:
             if time.monotonic() - self._observed_at < max_age:
                 return
             try:
@@ -5436,8 +5416,16 @@ class Coordinator:
         if changed:
             self.signal()
 
-    def desired_device_peers(self, now=None):
-        now = time.time() if now is None else now
+    def holder(self, ip):
+        """The key that holds address ``ip`` on the device now, or None."""
+        with self.lock:
+            dev = self.backend.get(self.ifname)
+        return next((p.public_key for p in dev.peers if host_prefix(ip) in p.allowed_ips),
+                    None)
+
+    def desired_peers(self, now):
+        """The device's peers as the database has them; an invitation being
+        redeemed keeps its invitation key until the client has its answer."""
         out = []
         for p in self.store.peers():
             if p.is_disabled or invitation_expired(p, now):
@@ -5450,7 +5438,7 @@ class Coordinator:
                                            persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
         return out
 
-    def sync_device(self):
+    def sync(self):
         """Make the device hold exactly the enabled peers (a diff, not a reload).
 
         It runs after writes that are already committed, so a failure here is
@@ -5461,11 +5449,12 @@ class Coordinator:
             self.sync_relays()
             return []
         updates = []
-        with self.device_lock:
+        with self.lock:
             try:
                 dev = self.backend.get(self.ifname)
-                updates = [u for u in diff_peers(dev.peers, self.desired_device_peers(),
-                                                 self.public_key, time.time())
+                updates = [u for u in diff_peers(dev.peers, self.desired_peers(time.time()),
+                                                 self.public_key, time.time(),
+                                                 resolve=resolve_endpoint)
                            if u.touches_device]
                 if updates:
                     self.backend.apply(self.ifname, updates=updates)
@@ -5474,13 +5463,13 @@ class Coordinator:
                               f"{u.action}")
                 self.sync_relays()
             except InnernetError as e:
-                if e.message != self.sync_failed:
+                if e.message != self.failed:
                     warn(f"{self.ifname}: {e.message} (retrying every second)")
-                self.sync_failed = e.message
+                self.failed = e.message
                 return updates
-            if self.sync_failed:
+            if self.failed:
                 log(f"{self.ifname}: device and relay rules are in sync again")
-            self.sync_failed = None
+            self.failed = None
             return updates
 
     def sync_relays(self):
@@ -5495,72 +5484,56 @@ class Coordinator:
             self.hub.retain({p.id: p for p in peers},
                             lambda a, b: relay_pair_refusal(a, b, cidrs, assocs) is None)
 
-    def _finish_redeem(self, peer_id, sock):
-        # The 204 went out through the invitation key's tunnel; once the client
-        # has ACKed it, move the address to the new key. innernet waits a fixed
+
+class KeySwaps:
+    """Redemptions and key rotations in flight: the old key keeps the address
+    on the device until the client has the answer, then the new one takes it."""
+
+    def __init__(self, store, device):
+        self.store, self.device = store, device
+        self.pending = device.pending
+
+    def begin(self, peer_id, old_key, write):
+        """Commit ``write`` (the peer's new key) while ``old_key`` keeps its
+        address on the device, until finish()."""
+        with self.device.lock:
+            write()
+            self.pending[peer_id] = old_key
+
+    def finish(self, peer_id, sock):
+        """Run once the 204 is sent: swap the keys when the client has it."""
+        # The 204 went out through the old key's tunnel; once the client has
+        # ACKed it, move the address to the new key. innernet waits a fixed
         # 5 s here; this takes one round trip.
         wait_acked(sock, 3.0)
-        with self.device_lock:
+        with self.device.lock:
             self.pending.pop(peer_id, None)
-            self.sync_device()
+            self.device.sync()
         # Others learn the new peer's endpoint as soon as its handshake lands.
         key = self.store.peer(peer_id).public_key
         deadline = time.monotonic() + 5
-        while self.backend and key not in self.observed and time.monotonic() < deadline:
+        while self.device.backend and key not in self.device.observed \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
-            self.refresh_observed(0.02)
+            self.device.refresh(0.02)
 
-    def tick(self, now=None):
-        """Periodic work: notice CLI edits, sweep invitations, write hosts."""
-        now = time.time() if now is None else now
-        self.notice_edits()
-        gone = self.store.sweep_expired(int(now))
-        if gone:
-            log("deleted expired invitations: " + ", ".join(p.name for p in gone))
-            self.sync_device()
-        if self.hosts_path:
-            peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
-            write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
-                             hosts_lines(peers, self.ifname, self.host_suffix))
-        self.write_status()
 
-    def write_status(self):
-        """What `innernet-server status` reads of a running serve; written on change."""
-        if self.status_path:
-            said = {"pid": os.getpid(), "dns": self.dns_zone_name,
-                    "relayed_pairs": len(self.hub.pairs) if self.hub is not None else 0}
-            if said != self._status_said:
-                atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
-                self._status_said = said
+class CallerGate:
+    """Who is calling: the peer that owns the source address on the
+    WireGuard device, never a process on this host; and how fast it may write."""
 
-    def notice_edits(self):
-        """Apply changes another process (a CLI command) made to the database."""
-        version = self.store.data_version()
-        if version != self._data_version:
-            self._data_version = version
-            self.sync_device()
-            self.signal()
+    def __init__(self, store, config, local_callers):
+        self.store = store
+        self.address = ipaddress.ip_address(config.address)
+        self.public_key = public_key(config.private_key)
+        # Only the unit tests and benchmarks, which serve peers on 127.x
+        # addresses over loopback, let local addresses call the API.
+        self.local_callers = local_callers
+        self._local_seen: dict[object, tuple[float, bool]] = {}   # address -> (when, local)
+        self._updates: dict[int, tuple[float, float]] = {}   # peer id -> (tokens, time)
+        self._lock = threading.Lock()
 
-    def run_background(self, interval=1.0):
-        """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
-        slow = 0.0
-        while not self.stop.wait(interval):
-            try:
-                self.notice_edits()
-                if self.sync_failed:
-                    self.sync_device()
-                # Reading the device costs ~7 ms per 1000 peers; scale the pace.
-                self.refresh_observed(max(1.0, len(self.observed) / 1000))
-                self.write_status()
-                if time.monotonic() - slow >= SWEEP_INTERVAL:
-                    slow = time.monotonic()
-                    self.tick()
-            except Exception as e:        # keep serving; say what failed
-                warn(f"background task failed: {e}")
-
-    # -- requests ------------------------------------------------------------
-
-    def _is_local_address(self, ip):
+    def is_local(self, ip):
         """Is ``ip`` an address of this host? Those callers are local processes.
 
         WireGuard's cryptokey routing vouches only for packets that came in
@@ -5570,7 +5543,7 @@ class Coordinator:
         (A local process that binds a peer's address with IP_FREEBIND gets no
         answer: the reply is routed into the tunnel, to the real peer.)
         """
-        if ip == ipaddress.ip_address(self.config.address) or ip.is_unspecified:
+        if ip == self.address or ip.is_unspecified:
             return True
         if self.local_callers:
             return False
@@ -5591,17 +5564,24 @@ class Coordinator:
         self._local_seen[ip] = (time.monotonic(), local)   # addresses come and go: 10 s
         return local
 
+    def caller_ip(self, remote_ip):
+        """The caller's address as the database spells it; None for a local
+        process or garbage."""
+        try:
+            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return None if self.is_local(ip) else ip
+
     def authenticate(self, headers, remote_ip):
+        """The enabled peer calling from ``remote_ip``; else 401."""
         key = headers.get(SERVER_KEY_HEADER) if headers is not None else None
         if not key or not is_key(key) or not equal_secrets(key, self.public_key):
             raise InnernetError(f"missing or wrong {SERVER_KEY_HEADER} header", status=401)
-        try:
-            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
-            if ip.version == 6 and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-        except ValueError:
-            raise InnernetError("unknown peer", status=401) from None
-        if self._is_local_address(ip):
+        ip = self.caller_ip(remote_ip)
+        if ip is None:
             raise InnernetError("local processes are not API callers; on the server host, "
                                 "use the innernet-server command", status=401)
         peer = self.store.peer_by_ip(ip)
@@ -5609,70 +5589,82 @@ class Coordinator:
             raise InnernetError("unknown or disabled peer", status=401)
         return peer
 
-    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
-        """Answer one request; every error becomes a status here and only here."""
-        resp = self._handle(method, path, headers, remote_ip, body, body_error)
-        if self.metrics is not None:
-            self.metrics.request(route_label(method, path), resp.status)
-        return resp
+    def allow_update(self, peer_id, now=None):
+        """Rate-limit a peer's own writes (endpoint, candidates): a token bucket.
 
-    def _handle(self, method, path, headers, remote_ip, body, body_error):
-        try:
-            return self._dispatch(method, path, headers, remote_ip, body, body_error)
-        except InnernetError as e:
-            return Response(e.status if 400 <= e.status < 600 else 400, {"error": e.message})
-        except Exception as e:       # a bug: log it, answer 500, keep serving
-            import traceback
-            warn(f"internal error on {method} {path}: {e!r}")
-            debug(traceback.format_exc())
-            return Response(500, {"error": "internal server error"})
+        Each such write changes the state every other peer that sees it must
+        fetch again, so one peer may not make them faster than
+        PEER_UPDATES_PER_MINUTE after a burst of PEER_UPDATE_BURST.
+        """
+        now = time.monotonic() if now is None else now
+        rate = PEER_UPDATES_PER_MINUTE / 60.0
+        with self._lock:
+            tokens, at = self._updates.get(peer_id, (PEER_UPDATE_BURST, now))
+            tokens = min(PEER_UPDATE_BURST, tokens + (now - at) * rate)
+            if tokens < 1:
+                self._updates[peer_id] = (tokens, now)
+                wait = int((1 - tokens) / rate) + 1
+                raise InnernetError(f"too many updates from this peer; try again in {wait} s",
+                                    status=429)
+            if len(self._updates) > 100000:
+                self._updates.clear()
+            self._updates[peer_id] = (tokens - 1, now)
 
-    def _dispatch(self, method, path, headers, remote_ip, body, body_error):
-        path, _, query_text = path.partition("?")
-        query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
-        segs = path.lstrip("/").split("/")
-        if segs[0] != "v1":
-            raise InnernetError("not found", status=404)
-        caller = self.authenticate(headers, remote_ip)
-        if len(segs) < 3 or segs[1] not in ("user", "admin"):
-            raise InnernetError("not found", status=404)
-        if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
-            raise InnernetError("admin rights required", status=401)
-        base = f"{segs[1]}/{segs[2]}"
-        route, rid = _ROUTES.get((method, base)), None
-        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
-            route = _ROUTES[(method, base + "/{id}")]
-            if not re.fullmatch(r"[0-9]{1,18}", segs[3]):
-                raise InnernetError("not found", status=404)
-            rid = int(segs[3])
-        if route is None:
-            raise InnernetError("not found", status=404)
-        role, wants_body, fn = route
-        if role == "unredeemed" and caller.is_redeemed:
-            raise InnernetError("the invitation was already redeemed", status=401)
-        if role == "user" and not caller.is_redeemed:
-            raise InnernetError("redeem the invitation first", status=401)
-        data = None
-        if wants_body:
-            if body_error:
-                raise InnernetError(body_error, status=400)
-            try:
-                data = json.loads(body.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-                raise InnernetError("request body is not valid JSON", status=400) from None
-        with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
-            return fn(self, Request(caller, data, rid, headers, query))
 
-    def _tree(self, rev):
+class StateViews:
+    """What each caller may see, as bodies cached per view and revision, and
+    the long polls that wait for one to change."""
+
+    def __init__(self, store, device, gate, stop):
+        self.store, self.device, self.gate, self.stop = store, device, gate, stop
+        self.dns_zone_name = None            # "NET.wg" when serve answers DNS
+        self.long_polls = 0                  # requests waiting in wait_for_change now
+        self._state_cache: dict[object, tuple] = {}
+        self._tree_cache = None
+        self._cache_lock = threading.Lock()
+        # Long polls wait on this; it is notified whenever what a peer may see
+        # can have changed: a commit, a CLI edit, a newly observed endpoint.
+        self.changed = threading.Condition()
+        self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
+        self.cache_enabled = True
+        import collections
+        self._gzip_cache = collections.OrderedDict()     # etag -> gzip body, LRU
+        self._gzip_bytes = 0
+
+    def signal(self):
+        with self.changed:
+            self.changed.notify_all()
+
+    def revision(self):
+        return (self.store.revision, self.store.data_version(), self.device.observed_version)
+
+    def tree(self, rev):
         """CIDRs, associations and peers of one revision, read once."""
         with self._cache_lock:
-            if self._tree_cache and self._tree_cache[0] == rev:
+            if self._tree_cache and self._tree_cache[0] == rev and self.cache_enabled:
                 return self._tree_cache[1]
         tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {},
                 self.store.deletions())
         with self._cache_lock:
             self._tree_cache = (rev, tree)
         return tree
+
+    def _cached(self, key, rev, make):
+        with self._cache_lock:
+            hit = self._state_cache.get(key) if self.cache_enabled else None
+            if hit and hit[0] == rev:
+                return hit[1]
+        value = make()
+        with self._cache_lock:
+            # Only the current revision is worth keeping: older bodies are
+            # never served again, and holding them grew the server by every
+            # change it ever saw.
+            for k in [k for k, hit in self._state_cache.items() if hit[0] != rev]:
+                del self._state_cache[k]
+            if len(self._state_cache) >= STATE_CACHE_VIEWS:
+                self._state_cache.clear()
+            self._state_cache[key] = (rev, value)
+        return value
 
     def state_for(self, caller):
         """The /v1/user/state body and its ETag, cached per revision.
@@ -5681,78 +5673,46 @@ class Coordinator:
         the same view share one cached body (10,000 peers in one CIDR: one
         body, not 10,000).
         """
-        self.refresh_observed()
-        rev = (self.store.revision, self.store.data_version(), self.observed_version)
-        if not self.cache_enabled:
-            self._tree_cache = None
-        peers, cidrs, assocs, views, deletions = self._tree(rev)
+        self.device.refresh()
+        rev = self.revision()
+        peers, cidrs, assocs, views, deletions = self.tree(rev)
         view = cached_view(views, cidrs, assocs, caller.cidr_id)
-        with self._cache_lock:
-            hit = self._state_cache.get(view) if self.cache_enabled else None
-            if hit and hit[0] == rev:
-                return hit[1], hit[2]
+        return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view, deletions))
+
+    def _state_body(self, peers, cidrs, view, deletions):
         visible = [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
-        if any(p.endpoint is None and p.public_key not in self.observed for p in visible):
+        observed = self.device.observed
+        if any(p.endpoint is None and p.public_key not in observed for p in visible):
             # A peer that just joined: its endpoint may be on the device already.
-            self.refresh_observed(0.1)
+            self.device.refresh(0.1)
         # json.dumps({"peers": [...], "cidrs": [...]}) to the byte, one peer at
         # a time: the whole state as dicts at once (1,000 peers: a megabyte)
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
         body = ('{"peers": [' + ", ".join(
-            json.dumps(inject_endpoint(p, self.observed.get(p.public_key)).to_json(
-                pending=False))
+            json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
             # ours: lets clients unpin deleted peers (innernet ignores it)
             + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
-        etag = '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
-        with self._cache_lock:
-            # Only the current revision is worth keeping: older bodies are
-            # never served again, and holding them grew the server by every
-            # change it ever saw.
-            for v in [v for v, hit in self._state_cache.items() if hit[0] != rev]:
-                del self._state_cache[v]
-            if len(self._state_cache) >= STATE_CACHE_VIEWS:
-                self._state_cache.clear()
-            self._state_cache[view] = (rev, body, etag)
-        return body, etag
+        return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
     def dns_view(self, remote_ip):
         """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
         peer: the caller itself and the peers its state holds (cached per
         view and revision, as state bodies are)."""
-        try:
-            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
-            if ip.version == 6 and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-        except ValueError:
+        ip = self.gate.caller_ip(remote_ip)
+        if ip is None:
             return None
-        if self._is_local_address(ip):
-            return None
-        rev = (self.store.revision, self.store.data_version(), self.observed_version)
-        peers, cidrs, assocs, views, _ = self._tree(rev)
-        with self._cache_lock:
-            hit = self._state_cache.get("dns-callers")
-        if hit and hit[0] == rev:
-            by_ip = hit[1]
-        else:
-            by_ip = {p.ip: p for p in peers}
-            with self._cache_lock:
-                self._state_cache["dns-callers"] = (rev, by_ip)
+        rev = self.revision()
+        peers, cidrs, assocs, views, _ = self.tree(rev)
+        by_ip = self._cached("dns-callers", rev, lambda: {p.ip: p for p in peers})
         caller = by_ip.get(str(ip))
         if caller is None or caller.is_disabled or not caller.is_redeemed:
             return None
         view = cached_view(views, cidrs, assocs, caller.cidr_id)
-        key = ("dns", view)
-        with self._cache_lock:
-            hit = self._state_cache.get(key)
-            if hit and hit[0] == rev:
-                return hit[1]
-        root = root_cidr(cidrs).network
-        zone = dns_zone([p for p in peers if p.cidr_id in view], self.dns_zone_name, [root])
-        with self._cache_lock:
-            self._state_cache[key] = (rev, zone)
-        return zone
+        return self._cached(("dns", view), rev, lambda: dns_zone(
+            [p for p in peers if p.cidr_id in view], self.dns_zone_name,
+            [root_cidr(cidrs).network]))
 
     def gzipped(self, body, etag):
         """The gzip form of a state body, cached by its ETag (LRU, bounded in bytes)."""
@@ -5772,32 +5732,13 @@ class Coordinator:
                 self._gzip_bytes -= len(old)
         return gz
 
-    def allow_update(self, peer_id, now=None):
-        """Rate-limit a peer's own writes (endpoint, candidates): a token bucket.
-
-        Each such write changes the state every other peer that sees it must
-        fetch again, so one peer may not make them faster than
-        PEER_UPDATES_PER_MINUTE after a burst of PEER_UPDATE_BURST.
-        """
-        now = time.monotonic() if now is None else now
-        rate = PEER_UPDATES_PER_MINUTE / 60.0
-        with self._cache_lock:
-            tokens, at = self._updates.get(peer_id, (PEER_UPDATE_BURST, now))
-            tokens = min(PEER_UPDATE_BURST, tokens + (now - at) * rate)
-            if tokens < 1:
-                self._updates[peer_id] = (tokens, now)
-                wait = int((1 - tokens) / rate) + 1
-                raise InnernetError(f"too many updates from this peer; try again in {wait} s",
-                                    status=429)
-            if len(self._updates) > 100000:
-                self._updates.clear()
-            self._updates[peer_id] = (tokens - 1, now)
-
     def wait_for_change(self, caller, etag, seconds):
         """Hold a long poll until the caller's state differs from ``etag``.
 
         Returns (body, etag, waited). Only LONG_POLL_MAX_WAITERS requests wait
-        at once; past that the answer comes at once with waited=False.
+        at once (each holds a thread and a connection); past that the answer
+        comes at once with waited=False. A wake-up at least every 5 s notices
+        a caller disabled meanwhile and a stopping server.
         """
         body, current = self.state_for(caller)
         if current != etag or seconds <= 0:
@@ -5825,6 +5766,132 @@ class Coordinator:
             self.waiters.release()
 
 
+def dispatch(co, method, path, headers, remote_ip, body, body_error):
+    """Route one request to its handler, after the checks every route shares:
+    the caller, its role, the body."""
+    path, _, query_text = path.partition("?")
+    query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
+    segs = path.lstrip("/").split("/")
+    if segs[0] != "v1":
+        raise InnernetError("not found", status=404)
+    caller = co.gate.authenticate(headers, remote_ip)
+    if len(segs) < 3 or segs[1] not in ("user", "admin"):
+        raise InnernetError("not found", status=404)
+    if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
+        raise InnernetError("admin rights required", status=401)
+    base = f"{segs[1]}/{segs[2]}"
+    route, rid = _ROUTES.get((method, base)), None
+    if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
+        route = _ROUTES[(method, base + "/{id}")]
+        if not re.fullmatch(r"[0-9]{1,18}", segs[3]):
+            raise InnernetError("not found", status=404)
+        rid = int(segs[3])
+    if route is None:
+        raise InnernetError("not found", status=404)
+    role, wants_body, fn = route
+    if role == "unredeemed" and caller.is_redeemed:
+        raise InnernetError("the invitation was already redeemed", status=401)
+    if role == "user" and not caller.is_redeemed:
+        raise InnernetError("redeem the invitation first", status=401)
+    data = None
+    if wants_body:
+        if body_error:
+            raise InnernetError(body_error, status=400)
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+            raise InnernetError("request body is not valid JSON", status=400) from None
+    with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
+        return fn(co, Request(caller, data, rid, headers, query))
+
+
+class Coordinator:
+    """The running server: its store and the parts that do its work -- the
+    device, key swaps, callers, state views -- and its periodic chores."""
+
+    def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
+                 host_suffix=None, relay=None, hub=None, local_callers=False):
+        self.store, self.config, self.ifname = store, config, ifname
+        self.public_key = public_key(config.private_key)
+        self.hosts_path, self.host_suffix = hosts_path, host_suffix
+        self.hub = hub                       # RelayHub (end-to-end relay), or None
+        self.metrics = None                  # Metrics, with serve --metrics
+        self.status_path = None              # where tick() leaves what `status` shows
+        self._status_said = None
+        self._data_version = None
+        self.stop = threading.Event()
+        self.gate = CallerGate(store, config, local_callers)
+        self.views = StateViews(store, None, self.gate, self.stop)
+        self.device = DeviceSync(store, config, ifname, backend, relay, hub, {},
+                                 self.views.signal)
+        self.views.device = self.device
+        self.swaps = KeySwaps(store, self.device)
+        store.listeners.append(self.views.signal)
+
+    def tick(self, now=None):
+        """Periodic work: notice CLI edits, sweep invitations, write hosts."""
+        now = time.time() if now is None else now
+        self.notice_edits()
+        gone = self.store.sweep_expired(int(now))
+        if gone:
+            log("deleted expired invitations: " + ", ".join(p.name for p in gone))
+            self.device.sync()
+        if self.hosts_path:
+            peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
+            write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
+                             hosts_lines(peers, self.ifname, self.host_suffix))
+        self.write_status()
+
+    def write_status(self):
+        """What `innernet-server status` reads of a running serve; written on change."""
+        if self.status_path:
+            said = {"pid": os.getpid(), "dns": self.views.dns_zone_name,
+                    "relayed_pairs": len(self.hub.pairs) if self.hub is not None else 0}
+            if said != self._status_said:
+                atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
+                self._status_said = said
+
+    def notice_edits(self):
+        """Apply changes another process (a CLI command) made to the database."""
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.device.sync()
+            self.views.signal()
+
+    def run_background(self, interval=1.0):
+        """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
+        slow = 0.0
+        while not self.stop.wait(interval):
+            try:
+                self.notice_edits()
+                if self.device.failed:
+                    self.device.sync()
+                # Reading the device costs ~7 ms per 1000 peers; scale the pace.
+                self.device.refresh(max(1.0, len(self.device.observed) / 1000))
+                self.write_status()
+                if time.monotonic() - slow >= SWEEP_INTERVAL:
+                    slow = time.monotonic()
+                    self.tick()
+            except Exception as e:        # keep serving; say what failed
+                warn(f"background task failed: {e}")
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        """Answer one request; every error becomes a status here and only here."""
+        try:
+            resp = dispatch(self, method, path, headers, remote_ip, body, body_error)
+        except InnernetError as e:
+            resp = Response(e.status if 400 <= e.status < 600 else 400, {"error": e.message})
+        except Exception as e:       # a bug: log it, answer 500, keep serving
+            import traceback
+            warn(f"internal error on {method} {path}: {e!r}")
+            debug(traceback.format_exc())
+            resp = Response(500, {"error": "internal server error"})
+        if self.metrics is not None:
+            self.metrics.request(route_label(method, path), resp.status)
+        return resp
+
+
 # -- user routes --------------------------------------------------------------
 
 @api("GET", "user/state", "user")
@@ -5835,7 +5902,7 @@ def user_get_state(co, req):
     sent = headers.get("If-None-Match")
     wait = req.query.get("wait", "0")
     wait = min(ascii_uint(wait) or 0, LONG_POLL_MAX_WAIT)
-    body, etag, waited = co.wait_for_change(req.caller, sent, wait if sent else 0)
+    body, etag, waited = co.views.wait_for_change(req.caller, sent, wait if sent else 0)
     extra = {"ETag": etag}
     if wait:
         extra["X-Innernet-Waited"] = "1" if waited else "0"
@@ -5843,7 +5910,7 @@ def user_get_state(co, req):
         return Response(304, headers=extra)
     if len(body) >= GZIP_MIN and "gzip" in (headers.get("Accept-Encoding") or ""):
         extra["Content-Encoding"] = "gzip"
-        return Response(200, raw=co.gzipped(body, etag), headers=extra)
+        return Response(200, raw=co.views.gzipped(body, etag), headers=extra)
     return Response(200, raw=body, headers=extra)
 
 
@@ -5852,9 +5919,9 @@ def user_get_capabilities(co, req):
     # innernet clients ignore the extra field; ours long-poll when they see it.
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
                           "long_poll_seconds": LONG_POLL_MAX_WAIT,
-                          "relay": co.relay is not None,
+                          "relay": co.device.relay is not None,
                           "e2e_relay": co.hub is not None,
-                          "routes": True, "dns": co.dns_zone_name})
+                          "routes": True, "dns": co.views.dns_zone_name})
 
 
 @api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
@@ -5875,16 +5942,15 @@ def user_relay(co, req):
     allocate = _get(data, "allocate", bool, required=False, default=True)
     if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
         raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
-    co.refresh_observed(0.2)
-    peers, cidrs, assocs, views, _ = co._tree((co.store.revision, co.store.data_version(),
-                                              co.observed_version))
+    co.device.refresh(0.2)
+    peers, cidrs, assocs, views, _ = co.views.tree(co.views.revision())
     by_ip = {}
     for p in peers:
         by_ip.setdefault(p.ip, p)
     caller = by_ip.get(req.caller.ip, req.caller)
 
     def seen_at(p):
-        ep = co.observed.get(p.public_key)
+        ep = co.device.observed.get(p.public_key)
         return parse_endpoint(ep)[0] if ep else None
     relays, refused, offline = {}, {}, []
     for text in ips:
@@ -5897,7 +5963,7 @@ def user_relay(co, req):
         # Offline: the device has an endpoint for it but no recent handshake. A
         # peer not heard from under its key yet (it is joining right now) gets
         # its pair; its side learns where it is when it asks for the pair too.
-        last = None if why else co.handshakes.get(other.public_key)
+        last = None if why else co.device.handshakes.get(other.public_key)
         if why is None and seen_at(other) is not None and last is not None and \
                 time.time() - last > RECENT_HANDSHAKE:
             why = f"peer {other.name} is not connected to the server"
@@ -5921,23 +5987,16 @@ def user_redeem(co, req):
     caller = req.caller
     if caller.invite_expires is not None and caller.invite_expires < time.time():
         raise InnernetError("the invitation has expired", status=401)
-    if co.backend is not None:
-        # The caller is known by its address, so check which key holds that
-        # address on the device right now: a re-issued invitation's old key may
-        # linger there for up to a second after a CLI edit.
-        with co.device_lock:
-            dev = co.backend.get(co.ifname)
-        holder = next((p.public_key for p in dev.peers
-                       if host_prefix(caller.ip) in p.allowed_ips), None)
-        if holder != caller.public_key:
-            raise InnernetError("the invitation was replaced by a newer one", status=401)
-    with co.device_lock:
-        co.store.redeem(caller.id, new_key)
-        co.pending[caller.id] = caller.public_key
+    # The caller is known by its address, so check which key holds that
+    # address on the device right now: a re-issued invitation's old key may
+    # linger there for up to a second after a CLI edit.
+    if co.device.backend is not None and co.device.holder(caller.ip) != caller.public_key:
+        raise InnernetError("the invitation was replaced by a newer one", status=401)
+    co.swaps.begin(caller.id, caller.public_key, lambda: co.store.redeem(caller.id, new_key))
     log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
     if co.metrics is not None:
         co.metrics.count("redemptions")
-    return Response(204, after=lambda sock: co._finish_redeem(caller.id, sock))
+    return Response(204, after=lambda sock: co.swaps.finish(caller.id, sock))
 
 
 @api("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
@@ -5959,12 +6018,11 @@ def user_rotate_key(co, req):
     if not rotation_proof_valid(co.config.private_key, req.caller.public_key, req.caller.ip,
                                 new_key, proofs.get(co.public_key)):
         raise InnernetError("the rotation proof for the server is missing or wrong", status=403)
-    co.allow_update(req.caller.id)
-    with co.device_lock:
-        co.store.rotate_key(req.caller.id, new_key, proofs)
-        co.pending[req.caller.id] = req.caller.public_key
+    co.gate.allow_update(req.caller.id)
+    co.swaps.begin(req.caller.id, req.caller.public_key,
+                   lambda: co.store.rotate_key(req.caller.id, new_key, proofs))
     log(f"peer '{req.caller.name}' ({req.caller.ip}) rotated its key")
-    return Response(204, after=lambda sock: co._finish_redeem(req.caller.id, sock))
+    return Response(204, after=lambda sock: co.swaps.finish(req.caller.id, sock))
 
 
 @api("GET", "user/rotations", "user")
@@ -5985,7 +6043,7 @@ def user_get_rotations(co, req):
 def user_set_endpoint(co, req):
     endpoint = parse_endpoint_contents(req.body)
     if endpoint != req.caller.endpoint:            # the same again changes nothing
-        co.allow_update(req.caller.id)
+        co.gate.allow_update(req.caller.id)
         co.store.set_endpoint(req.caller.id, endpoint)
     return Response(204)
 
@@ -5994,7 +6052,7 @@ def user_set_endpoint(co, req):
 def user_set_candidates(co, req):
     candidates = parse_candidates(req.body)
     if candidates != req.caller.candidates:
-        co.allow_update(req.caller.id)
+        co.gate.allow_update(req.caller.id)
         co.store.set_candidates(req.caller.id, candidates)
     return Response(204)
 
@@ -6016,7 +6074,7 @@ def user_advertise_routes(co, req):
                   default=[r for r in have if r not in EXIT_ROUTES])
     exit_node = _get(data, "exit_node", bool, required=False,
                      default=any(r in EXIT_ROUTES for r in have))
-    co.allow_update(req.caller.id)
+    co.gate.allow_update(req.caller.id)
     peer = co.store.advertise_routes(req.caller.id, routes, exit_node)
     log(f"peer '{peer.name}' advertises {', '.join(advertised(peer)) or 'no routes'}")
     return Response(200, peer.to_json())
@@ -6061,7 +6119,7 @@ def admin_apply(co, req):
         invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
                                       _expires_from_json(inv.get("invite_expires")))
     steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
-    co.sync_device()
+    co.device.sync()
     log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
     return Response(200, {"applied": [st.line for st in steps]})
 
@@ -6096,8 +6154,8 @@ def admin_delete_route_approver(co, req):
 
 @api("GET", "admin/peers", "admin")
 def admin_list_peers(co, req):
-    co.refresh_observed()
-    return Response(200, [inject_endpoint(p, co.observed.get(p.public_key)).to_json()
+    co.device.refresh()
+    return Response(200, [inject_endpoint(p, co.device.observed.get(p.public_key)).to_json()
                           for p in co.store.peers()])
 
 
@@ -6105,7 +6163,7 @@ def admin_list_peers(co, req):
 def admin_add_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     peer = co.store.add_peer(contents)
-    co.sync_device()
+    co.device.sync()
     log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
     return Response(201, peer.to_json())
 
@@ -6114,14 +6172,14 @@ def admin_add_peer(co, req):
 def admin_update_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     co.store.update_peer(req.id, contents)
-    co.sync_device()       # innernet leaves a disabled peer on the device
+    co.device.sync()       # innernet leaves a disabled peer on the device
     return Response(204)
 
 
 @api("DELETE", "admin/peers/{id}", "admin")
 def admin_disable_peer(co, req):
     co.store.set_disabled(req.id, True)
-    co.sync_device()
+    co.device.sync()
     return Response(204)
 
 
@@ -6133,7 +6191,7 @@ def admin_delete_peer(co, req):
     if not 0 <= reuse <= 100 * 365 * 86400:
         raise _bad("field 'reuse_after' is out of range")
     old = co.store.delete_peer(_get(data, "id", int), reuse)
-    co.sync_device()
+    co.device.sync()
     log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
     return Response(204)
 
@@ -6153,7 +6211,7 @@ def admin_reinvite(co, req):
     if expires is None or expires <= time.time():
         raise _bad("field 'invite_expires' must be a time in the future")
     old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
-    co.sync_device()
+    co.device.sync()
     log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
     return Response(204)
 
@@ -6190,20 +6248,20 @@ def admin_list_associations(co, req):
 def admin_add_association(co, req):
     a = Association.from_json(req.body, with_id=False)
     co.store.add_association(a.cidr_id_1, a.cidr_id_2)
-    co.sync_device()
+    co.device.sync()
     return Response(201)
 
 
 @api("DELETE", "admin/associations/{id}", "admin")
 def admin_delete_association(co, req):
     co.store.delete_association(req.id)
-    co.sync_device()
+    co.device.sync()
     return Response(204)
 
 
 # -- HTTP ----------------------------------------------------------------------
 
-# Our own HTTP/1.1, on socketserver: http.server pulls in http.client, email
+# Our own HTTP/1.1 on a plain socket: http.server pulls in http.client, email
 # and ssl, 8 MB of the server's resident memory, for a request line, a few
 # headers and a body of known length. What the API takes: HTTP/1.0 and 1.1,
 # keep-alive, Content-Length bodies (never chunked), Expect: 100-continue.
@@ -6386,76 +6444,99 @@ class _HttpConnection:
         debug(f"http {self.ip} \"{line or '-'}\" {status} {len(data or b'')}", 2)
 
 
-def _api_server_class():
-    """The HTTP server class, built on first use: only the server role needs
-    socketserver, and a cron `fetch` should not pay for importing it."""
-    global _API_SERVER
-    if _API_SERVER is not None:
-        return _API_SERVER
-    import socketserver
+class ApiServer:
+    """HTTP on the WireGuard address, a thread per connection, bounded.
 
-    class ApiServer(socketserver.TCPServer):
-        """HTTP on the WireGuard address, a thread per connection, bounded."""
-        allow_reuse_address = True
-        request_queue_size = 128
+    socketserver's TCPServer, less what we do not use: a module-level class
+    that costs nothing to define, where socketserver (with selectors) had to
+    be imported inside a function to keep it out of a cron `fetch`.
+    """
 
-        def __init__(self, coordinator, address, port, *, bind_device=None,
-                     max_connections=MAX_CONNECTIONS):
-            self.coordinator = coordinator
-            self.bind_device = bind_device
-            self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            self._slots = threading.BoundedSemaphore(max_connections)
-            self._per_source = {}
-            self._per_source_lock = threading.Lock()
-            super().__init__((address, port), None)
-
-        def server_bind(self):
-            s = self.socket
-            if self.bind_device:       # unreachable from other interfaces
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.bind_device.encode())
+    def __init__(self, coordinator, address, port, *, bind_device=None,
+                 max_connections=MAX_CONNECTIONS):
+        self.coordinator = coordinator
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._per_source = {}
+        self._per_source_lock = threading.Lock()
+        self._stop, self._stopped = threading.Event(), threading.Event()
+        self._stopped.set()
+        self.socket = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                    socket.SOCK_STREAM)
+        try:
+            if bind_device:       # unreachable from other interfaces
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                       bind_device.encode())
             with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
-                s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(self.server_address)
-            self.server_address = s.getsockname()[:2]
+                self.socket.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((address, port))
+            self.socket.listen(128)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()[:2]
 
-        def process_request(self, request, client_address):
-            source = client_address[0]
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections until shutdown(); each gets its own thread."""
+        import select
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set():
+                if not select.select([self.socket], [], [], poll_interval)[0]:
+                    continue
+                try:
+                    request, client_address = self.socket.accept()
+                except OSError:          # gone before we took it, or out of files
+                    continue
+                self._start(request, client_address)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever and wait until it has returned."""
+        self._stop.set()
+        self._stopped.wait()
+
+    def server_close(self):
+        self.socket.close()
+
+    def _start(self, request, client_address):
+        source = client_address[0]
+        with self._per_source_lock:
+            mine = self._per_source.get(source, 0)
+            if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
+                _close_connection(request)   # over a bound: refuse, don't queue
+                return
+            self._per_source[source] = mine + 1
+        threading.Thread(target=self._work, args=(request, client_address),
+                         daemon=True).start()
+
+    def _work(self, request, client_address):
+        try:
+            _HttpConnection(self, request, client_address).run()
+        except Exception as e:
+            debug(f"connection from {client_address[0]} ended: {e!r}")
+        finally:
+            _close_connection(request)
+            self._slots.release()
             with self._per_source_lock:
-                mine = self._per_source.get(source, 0)
-                if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
-                    self.shutdown_request(request)  # over a bound: refuse, don't queue
-                    return
-                self._per_source[source] = mine + 1
-            threading.Thread(target=self._work, args=(request, client_address),
-                             daemon=True).start()
-
-        def _work(self, request, client_address):
-            try:
-                _HttpConnection(self, request, client_address).run()
-            except Exception as e:
-                debug(f"connection from {client_address[0]} ended: {e!r}")
-            finally:
-                self.shutdown_request(request)
-                self._slots.release()
-                with self._per_source_lock:
-                    left = self._per_source.get(client_address[0], 1) - 1
-                    if left:
-                        self._per_source[client_address[0]] = left
-                    else:
-                        self._per_source.pop(client_address[0], None)
-
-    _API_SERVER = ApiServer
-    return ApiServer
+                left = self._per_source.get(client_address[0], 1) - 1
+                if left:
+                    self._per_source[client_address[0]] = left
+                else:
+                    self._per_source.pop(client_address[0], None)
 
 
-_API_SERVER = None
+def _close_connection(sock):
+    with contextlib.suppress(OSError):   # what we sent goes out first, then FIN
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
 
 
 def make_api_server(coordinator, address, port, **kw):
     """An HTTP server for ``coordinator`` on address:port (port 0: any)."""
     try:
-        return _api_server_class()(coordinator, address, port, **kw)
+        return ApiServer(coordinator, address, port, **kw)
     except OSError as e:
         where = format_endpoint(address, port)
         if e.errno == errno.EADDRINUSE:
@@ -6501,7 +6582,7 @@ class DnsServer:
 
     def answer(self, data, addr, tcp=False):
         def resolve(q):                 # only for a well-formed question: garbage is cheap
-            zone = self.co.dns_view(addr[0])
+            zone = self.co.views.dns_view(addr[0])
             return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
         return dns_answer(data, resolve, tcp)
 
@@ -6658,7 +6739,7 @@ class Metrics:
 
     def render(self, co, now=None):
         now = time.time() if now is None else now
-        co.refresh_observed()
+        co.device.refresh()
         peers = co.store.peers()
         states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
         for p in peers:
@@ -6673,7 +6754,7 @@ class Metrics:
             elif not invitation_expired(p, now):
                 states["invited"] += 1
         keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
-        ages = [now - t for k, t in co.handshakes.items() if k in keys and t]
+        ages = [now - t for k, t in co.device.handshakes.items() if k in keys and t]
         age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
         for a in ages:
             age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
@@ -6697,7 +6778,7 @@ class Metrics:
                      [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
         self._family(out, "innernet_long_poll_waiters", "gauge",
                      "State requests held open until something changes.",
-                     [("", (), co.long_polls)])
+                     [("", (), co.views.long_polls)])
         self._family(out, "innernet_redemptions_total", "counter",
                      "Invitations redeemed.", [("", (), counters["redemptions"])])
         self._family(out, "innernet_relay_pairs", "gauge", "Pairs of peers relayed now.",
@@ -7062,6 +7143,18 @@ def installed_interfaces(args):
         return []
     return sorted(f[:-5] for f in names
                   if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+
+
+def chosen_interfaces(args, required=True):
+    """The network the command names, else every installed one (fetch, up,
+    show without a name); ``required``: none installed is an error."""
+    if getattr(args, "interface", None) is not None:
+        return [parse_interface(args.interface)]
+    ifaces = installed_interfaces(args)
+    if not ifaces and required:
+        raise InnernetError("no networks are installed",
+                            hint="join one with 'innernet install INVITATION'")
+    return ifaces
 
 
 def client_config_path(args, iface):
@@ -7486,7 +7579,7 @@ def cmd_export(args):
     if not args.wg_quick:
         if args.name or args.qr or args.qr_png:
             raise InnernetError("--name, --qr and --qr-png go with --wg-quick")
-        print(network_document(cidrs, net.peers(), net.associations()), end="")
+        print(network_document(cidrs, net.peers(), net.associations(), time.time()), end="")
         return 0
     statics = {p.name: p for p in net.peers() if p.is_static}
     peer = choose(args.name, "--name", "static peer", statics)
@@ -8151,19 +8244,11 @@ def cmd_server_restore(args):
 
 
 def _ensure_server_device(args, iface, config):
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
-    if backend is None:
-        return bring_up(opt(args, "backend", "auto"), iface, private_key=config.private_key,
-                        address=config.interface, listen_port=config.listen_port, updates=[],
-                        mtu=opt(args, "mtu", DEFAULT_MTU),
-                        routing=routing(args))
-    backend.apply(iface, private_key=config.private_key, listen_port=config.listen_port)
-    with Netlink() as nl:
-        nl.add_address(iface, config.interface)
-        nl.set_mtu_up(iface, opt(args, "mtu", DEFAULT_MTU))
-        if routing(args):
-            nl.add_route(iface, config.interface.network)
-    return backend
+    choice = opt(args, "backend", "auto")
+    return bring_up(choice, iface, private_key=config.private_key, address=config.interface,
+                    listen_port=config.listen_port, updates=[],
+                    mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args),
+                    existing=existing_backend(choice, iface))
 
 
 def _fixed_mmap_threshold():
@@ -8217,9 +8302,10 @@ def cmd_server_serve(args):
             warn("nft (nftables) not found: static peers cannot reach other peers")
     zone = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub, dns_zone=zone)
+                     host_suffix=suffix, relay=relay, hub=hub)
+    co.views.dns_zone_name = zone
     co.status_path = db_path[:-3] + ".status.json"
-    co.sync_device()
+    co.device.sync()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
         store.set_candidates(server_peer.id, [format_endpoint(str(ip), config.listen_port)
@@ -8240,7 +8326,7 @@ def cmd_server_serve(args):
             dns = DnsServer(co, str(config.address), bind_device=iface)
         except InnernetError as e:
             warn(f"{e.message}; names are in hosts files only")
-            co.dns_zone_name = None
+            co.views.dns_zone_name = None
     threading.Thread(target=co.run_background, daemon=True).start()
     if dns is not None:
         dns.start(co.stop)
@@ -8592,7 +8678,7 @@ def cmd_override_peer_endpoint(args):
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     target = endpoint
     if endpoint is None:          # back to what the server says, or the best candidate
-        found = traversal_candidates(peer, local_networks())
+        found = traversal_candidates(peer, local_networks(), resolve=resolve_endpoint)
         target = found[0] if found else None
     resolved = resolve_endpoint(target) if target else None
     if backend is not None and resolved:
@@ -8827,7 +8913,7 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
         if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
                 or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
             continue
-        candidates = traversal_candidates(p, nets)[:steps]
+        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
         if candidates:
             todo[p.public_key] = (p, dp, candidates)
         missed[p.public_key] = (p, dp, candidates[:1])
@@ -8937,7 +9023,7 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     """
     try_at = {}
     for p in peers:
-        c = traversal_candidates(p, nets)
+        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
         if c:
             try_at[p.public_key] = (p, c[0])
     if not try_at:
@@ -9183,7 +9269,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                 cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
                 deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
                 rotated = verified_rotations(api, cfg, stored_peers, received)
-                peers = merge_pinned(stored_peers, received, deleted, rotated=rotated,
+                peers = merge_pinned(stored_peers, received, deleted, time.time(), rotated=rotated,
                                      own_ip=str(cfg.address.ip))          # pinning first
                 changed = True
         except InnernetError as e:
@@ -9236,7 +9322,8 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             # peer: they are reached through it, never with an entry of their own.
             relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
             updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
-                                 time.time(), relayed=relayed, relay_via=cfg.server_public_key)
+                                 time.time(), resolve=resolve_endpoint, relayed=relayed,
+                                 relay_via=cfg.server_public_key)
             # A peer pointed at its relay is settle_paths's to move, even before
             # its first handshake there: the state's endpoint must not undo it.
             for u in updates:
@@ -9394,11 +9481,7 @@ def split_dns(api, iface, cfg):
 
 
 def cmd_fetch(args):
-    ifaces = [parse_interface(args.interface)] if args.interface is not None \
-        else installed_interfaces(args)
-    if not ifaces:
-        raise InnernetError("no networks are installed",
-                            hint="join one with 'innernet install INVITATION'")
+    ifaces = chosen_interfaces(args)
     failed = 0
     for iface in ifaces:
         try:
@@ -9633,11 +9716,7 @@ def _daemon(args, iface):
 
 
 def cmd_up(args):
-    ifaces = [parse_interface(args.interface)] if args.interface is not None \
-        else installed_interfaces(args)
-    if not ifaces:
-        raise InnernetError("no networks are installed",
-                            hint="join one with 'innernet install INVITATION'")
+    ifaces = chosen_interfaces(args)
     if args.exit_node and len(ifaces) > 1:
         raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
     if args.daemon and args.interval < 1:
@@ -9726,7 +9805,7 @@ def _short_peer(p, dp, me, now):
 def cmd_show(args):
     choice = opt(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
-    ifaces = [parse_interface(args.interface)] if named else installed_interfaces(args)
+    ifaces = chosen_interfaces(args, required=False)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:

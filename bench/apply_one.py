@@ -41,7 +41,7 @@ def main():
                                f"198.18.{(i >> 8) & 255}.{i & 255}:51820", 25, is_redeemed=True)
                  for i in range(1, n + 1)]
         wg.apply(ifname, private_key=priv, listen_port=0, replace_peers=True,
-                 updates=innernet.diff_peers([], peers, None, time.time()))
+                 updates=innernet.diff_peers([], peers, None, time.time(), resolve=innernet.resolve_endpoint))
         conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
         conf.write(f"[Interface]\nPrivateKey = {priv}\n")
         for p in peers:
@@ -53,7 +53,7 @@ def main():
             peers[n // 2].endpoint = f"198.19.0.{r + 1}:4000"
             t0 = time.perf_counter()
             dev = wg.get(ifname)
-            ups = [u for u in innernet.diff_peers(dev.peers, peers, None, time.time())
+            ups = [u for u in innernet.diff_peers(dev.peers, peers, None, time.time(), resolve=innernet.resolve_endpoint)
                    if u.touches_device]
             t1 = time.perf_counter()
             wg.apply(ifname, updates=ups)

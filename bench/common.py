@@ -81,7 +81,7 @@ import innernet
 db, key, cache = sys.argv[2], sys.argv[3], sys.argv[4] == "cache"
 cfg = innernet.ServerConfig(key, 51820, "127.0.0.1", 8)
 co = innernet.Coordinator(innernet.Store(db), cfg, "bench", local_callers=True)
-co.cache_enabled = cache
+co.views.cache_enabled = cache
 httpd = innernet.make_api_server(co, "127.0.0.1", 0)
 print(httpd.server_address[1], flush=True)
 httpd.serve_forever()

@@ -47,7 +47,7 @@ def make_coordinator(tmp_path):
     c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
     for p in store.peers():
         if p.name in ENDPOINTS:
-            c.observed[p.public_key] = ENDPOINTS[p.name]
+            c.device.observed[p.public_key] = ENDPOINTS[p.name]
     return c
 
 
@@ -56,7 +56,7 @@ def serve_on_loopback(co):
     """The real HTTP server for ``co`` on 127.0.0.1, its peers moved to 127.1.0.<id>
     (a client binding that source address is that peer); yields the port."""
     co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.local_callers = True
+    co.gate.local_callers = True
     httpd = innernet.make_api_server(co, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -438,7 +438,8 @@ def test_role_table(tmp_path, method, path, body, role):
             b = peer_contents("user2", "10.80.129.2", 5, is_redeemed=True)
         elif b == "document":       # the network as it is: an empty plan
             b = {"document": innernet.network_document(
-                fresh.store.cidrs(), fresh.store.peers(), fresh.store.associations())}
+                fresh.store.cidrs(), fresh.store.peers(), fresh.store.associations(),
+                time.time())}
         elif isinstance(b, dict) and "public_key" in b:
             b = {"public_key": key()}
         status, _ = call(fresh, method, path, body=b, ip=ips[caller])

@@ -173,8 +173,8 @@ def served(tmp_path):
     co = make_coordinator(tmp_path)
     co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
     co.store.revision += 1
-    co.local_callers = True
-    co.dns_zone_name = "test.wg"
+    co.gate.local_callers = True
+    co.views.dns_zone_name = "test.wg"
     server = innernet.DnsServer(co, "127.0.0.1", 0)
     stop = threading.Event()
     server.start(stop)

@@ -406,13 +406,13 @@ def test_the_gzip_and_state_caches_are_bounded(co, monkeypatch):
     monkeypatch.setattr(innernet, "GZIP_CACHE_BYTES", 4000)
     for i in range(200):
         body = os.urandom(1500)
-        co.gzipped(body, f'"{i}"')
-    assert co._gzip_bytes <= 4000 + 1600 and len(co._gzip_cache) < 10
+        co.views.gzipped(body, f'"{i}"')
+    assert co.views._gzip_bytes <= 4000 + 1600 and len(co.views._gzip_cache) < 10
     for i in range(20):
         co.store.set_candidates(3, [f"1.1.1.{i}:1"])
         call(co, "GET", "/v1/user/state", "developer1")
         call(co, "GET", "/v1/user/state", "admin")
-    revs = {hit[0] for hit in co._state_cache.values()}
+    revs = {hit[0] for hit in co.views._state_cache.values()}
     assert len(revs) == 1
 
 

@@ -1,6 +1,6 @@
 """Our HTTP/1.1 server layer: what it takes, what it refuses, on a real socket.
 
-innernet.py serves the API with its own small HTTP parser on socketserver
+innernet.py serves the API with its own small HTTP parser on a plain socket
 (http.server costs the server 8 MB of memory). These tests hold it to what
 http.server did for us: every refusal a JSON reason and a closed connection,
 keep-alive by the HTTP version's rules, Expect: 100-continue.

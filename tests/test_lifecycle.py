@@ -256,7 +256,7 @@ def test_the_server_takes_a_rotation_only_with_its_own_valid_proof(co):
         dev2.public_key: "B" * 43 + "="}}
     status, _ = call(co, "POST", "/v1/user/rotation", "developer1", good)
     assert status == 204 and co.store.peer(caller.id).public_key == B
-    assert co.pending[caller.id] == A              # the device swaps once the answer is acked
+    assert co.swaps.pending[caller.id] == A              # the device swaps once the answer is acked
     status, chain = call(co, "GET", f"/v1/user/rotations?ip={caller.ip}", "developer2")
     assert status == 200 and chain == [{"ip": caller.ip, "old_key": A, "new_key": B,
                                         "proof": "B" * 43 + "="}]

@@ -136,7 +136,7 @@ def test_the_memo_is_written_only_when_it_changes(tmp_path):
 
 @pytest.fixture
 def relay_co(co):
-    co.hub = RelayHub()
+    co.hub = co.device.hub = RelayHub()
     yield co
     co.hub.close()
 
@@ -165,7 +165,7 @@ def test_a_peer_gets_relay_ports_only_for_peers_it_may_see(relay_co):
 
 def test_an_offline_peer_is_not_relayed_but_a_joining_one_is(relay_co):
     dev2 = relay_co.store.peer_by_ip(IPS["developer2"])
-    relay_co.handshakes[dev2.public_key] = time.time() - 600     # its device entry is stale
+    relay_co.device.handshakes[dev2.public_key] = time.time() - 600     # its device entry is stale
     _, body = call(relay_co, "POST", "/v1/user/relay", "developer1",
                    {"peers": [IPS["developer2"]]})
     assert "not connected to the server" in body["refused"][IPS["developer2"]]
@@ -174,14 +174,14 @@ def test_an_offline_peer_is_not_relayed_but_a_joining_one_is(relay_co):
     _, asked = call(relay_co, "POST", "/v1/user/relay", "developer1",
                     {"peers": [IPS["developer2"]], "allocate": False})
     assert asked["offline"] == [IPS["developer2"]] and asked["relays"] == {}
-    relay_co.handshakes[dev2.public_key] = time.time()
+    relay_co.device.handshakes[dev2.public_key] = time.time()
     _, asked = call(relay_co, "POST", "/v1/user/relay", "developer1",
                     {"peers": [IPS["developer2"]], "allocate": False})
     assert asked == {"relays": {}, "refused": {}, "offline": []} and relay_co.hub.pairs == {}
-    relay_co.handshakes[dev2.public_key] = time.time() - 600
+    relay_co.device.handshakes[dev2.public_key] = time.time() - 600
     # not heard from under its key yet (joining): its pair is opened; its own request
     # tells the relay where it is
-    relay_co.observed.pop(dev2.public_key)
+    relay_co.device.observed.pop(dev2.public_key)
     _, body = call(relay_co, "POST", "/v1/user/relay", "developer1",
                    {"peers": [IPS["developer2"]]})
     assert IPS["developer2"] in body["relays"] and body["offline"] == []
@@ -210,7 +210,7 @@ def test_a_changed_rule_closes_the_pair(relay_co):
     status, _ = call(relay_co, "PUT", f"/v1/admin/peers/{dev2.id}", "admin",
                      dict(dev2.to_json(), is_disabled=True))
     assert status == 204
-    relay_co.sync_device()
+    relay_co.device.sync()
     assert relay_co.hub.pairs == {}
 
 

@@ -280,7 +280,7 @@ def test_innernet_databases_get_the_new_tables_and_innernet_clients_see_no_new_f
 def test_capabilities_name_the_zone_and_routes(co):
     assert call(co, "GET", "/v1/user/capabilities", "developer1")[1]["routes"] is True
     assert call(co, "GET", "/v1/user/capabilities", "developer1")[1]["dns"] is None
-    co.dns_zone_name = "test.wg"
+    co.views.dns_zone_name = "test.wg"
     assert call(co, "GET", "/v1/user/capabilities", "developer1")[1]["dns"] == "test.wg"
 
 
