@@ -18,9 +18,9 @@ Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
    2 Constants                             9 Store
    3 Fast path of an unchanged fetch      10 API server
    4 Errors and output                    11 API client
-   5 Utilities                            12 Roles
-   6 Keys                                 13 Command line
-   7 Model
+   5 Utilities                            12 Client sync
+   6 Keys                                 13 Roles
+   7 Model                                14 Command line
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -4941,88 +4941,6 @@ class Store:
 
 # -- client-side files: data store and hosts -----------------------------------
 
-def load_data_store(path):
-    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
-    if not path_exists(path, "data store"):
-        return [], [], None
-    warn_if_world_accessible(path)
-    try:
-        return parse_data_store(read_text(path, "data store"), path)
-    except InnernetError as e:
-        warn(f"{e.message}; starting with an empty cache")
-        return [], [], None
-
-
-def save_data_store(path, peers, cidrs, etag=None):
-    """Write the cache atomically; unchanged content is not rewritten."""
-    text = data_store_json(peers, cidrs, etag)
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            if f.read() == text:
-                return False
-    ensure_dir(os.path.dirname(path) or ".")
-    atomic_write(path, text, 0o600)
-    return True
-
-
-def paths_memo_path(store_path):
-    return store_path[:-5] + ".paths.json"
-
-
-def load_paths_memo(store_path):
-    path = paths_memo_path(store_path)
-    try:
-        with open(path) as f:
-            return PathMemo.from_json(json.loads(f.read()))
-    except (OSError, ValueError, RecursionError):
-        return PathMemo()
-
-
-def exit_state_path(store_path):
-    """The exit node a client asked for, and the table its rules use."""
-    return store_path[:-5] + ".exit.json"
-
-
-def load_exit_state(path):
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise InnernetError(f"cannot read {path}: {e}",
-                            hint="run 'innernet down' and 'up --exit-node' again") from None
-    if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
-            and isinstance(state.get("allow_lan"), bool)
-            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31):
-        raise InnernetError(f"{path} is damaged",
-                            hint="run 'innernet down' and 'up --exit-node' again")
-    return state
-
-
-def exit_state_or_none(path):
-    """load_exit_state, with a damaged file taken as no choice (for down, show)."""
-    try:
-        return load_exit_state(path)
-    except InnernetError:
-        return None
-
-
-def save_exit_state(path, state):
-    atomic_write(path, json.dumps(state) + "\n", 0o600)
-
-
-def save_paths_memo(store_path, memo):
-    """Written only when it changed (an unchanged cron fetch writes nothing)."""
-    path = paths_memo_path(store_path)
-    text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            if f.read() == text:
-                return
-    ensure_dir(os.path.dirname(path) or ".")
-    atomic_write(path, text, 0o600)
-
 
 def write_hosts_file(path, tag, lines):
     """Replace our section of the hosts file; returns True if it changed.
@@ -6828,8 +6746,6 @@ def _gunzip(data, limit=MAX_ANSWER):
     return out
 
 
-
-
 class ApiClient:
     """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
 
@@ -7025,6 +6941,1129 @@ class ApiClient:
                              + (f": {reason}" if reason else ""), hint=hint, status=status)
 
 ###############################################################################
+# Client sync #################################################################
+###############################################################################
+# What keeps a client's device in line with its network: its files (config,
+# data store, the memo of which paths work), one fetch (ask the server, settle
+# each peer's path -- direct, NAT-traversed or relayed -- and apply the diff),
+# fail-over between server endpoints, and the `up --daemon` loop with its
+# path watch. The verbs in Roles call into here; nothing here parses argv
+# beyond reading the options a verb was given.
+
+# -- paths and files -----------------------------------------------------------
+
+def _dirs(args, server):
+    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
+    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
+    return cdir, ddir
+
+
+def installed_interfaces(args):
+    cdir, _ = _dirs(args, server=False)
+    try:
+        names = os.listdir(cdir)
+    except PermissionError:
+        raise InnernetError(f"cannot read {cdir}: permission denied",
+                            hint="are you running as root?") from None
+    except OSError:
+        return []
+    return sorted(f[:-5] for f in names
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+
+
+def chosen_interfaces(args, required=True):
+    """The network the command names, else every installed one (fetch, up,
+    show without a name); ``required``: none installed is an error."""
+    if getattr(args, "interface", None) is not None:
+        return [parse_interface(args.interface)]
+    ifaces = installed_interfaces(args)
+    if not ifaces and required:
+        raise InnernetError("no networks are installed",
+                            hint="join one with 'innernet install INVITATION'")
+    return ifaces
+
+
+def client_config_path(args, iface):
+    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
+
+
+def data_store_path(args, iface):
+    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
+
+
+def load_client_config(args, iface):
+    path = client_config_path(args, iface)
+    if not path_exists(path, "config file"):
+        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+                            hint="join one with 'innernet install INVITATION'")
+    warn_if_world_accessible(path)
+    return InterfaceConfig.from_toml(read_text(path, "config file"), path)
+
+
+def save_client_config(args, iface, cfg):
+    path = client_config_path(args, iface)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
+    atomic_write(path, cfg.to_toml(), mode)
+
+
+def hosts_options(args):
+    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
+    if getattr(args, "no_write_hosts", False):
+        return None, None
+    suffix = getattr(args, "host_suffix", None)
+    return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
+        None if suffix is None else parse_host_suffix(suffix)
+
+
+def opt(args, name, default=None):
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+def load_data_store(path):
+    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
+    if not path_exists(path, "data store"):
+        return [], [], None
+    warn_if_world_accessible(path)
+    try:
+        return parse_data_store(read_text(path, "data store"), path)
+    except InnernetError as e:
+        warn(f"{e.message}; starting with an empty cache")
+        return [], [], None
+
+
+def save_data_store(path, peers, cidrs, etag=None):
+    """Write the cache atomically; unchanged content is not rewritten."""
+    text = data_store_json(peers, cidrs, etag)
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+    return True
+
+
+def paths_memo_path(store_path):
+    return store_path[:-5] + ".paths.json"
+
+
+def load_paths_memo(store_path):
+    path = paths_memo_path(store_path)
+    try:
+        with open(path) as f:
+            return PathMemo.from_json(json.loads(f.read()))
+    except (OSError, ValueError, RecursionError):
+        return PathMemo()
+
+
+def save_paths_memo(store_path, memo):
+    """Written only when it changed (an unchanged cron fetch writes nothing)."""
+    path = paths_memo_path(store_path)
+    text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+
+
+def exit_state_path(store_path):
+    """The exit node a client asked for, and the table its rules use."""
+    return store_path[:-5] + ".exit.json"
+
+
+def load_exit_state(path):
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InnernetError(f"cannot read {path}: {e}",
+                            hint="run 'innernet down' and 'up --exit-node' again") from None
+    if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
+            and isinstance(state.get("allow_lan"), bool)
+            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31):
+        raise InnernetError(f"{path} is damaged",
+                            hint="run 'innernet down' and 'up --exit-node' again")
+    return state
+
+
+def exit_state_or_none(path):
+    """load_exit_state, with a damaged file taken as no choice (for down, show)."""
+    try:
+        return load_exit_state(path)
+    except InnernetError:
+        return None
+
+
+def save_exit_state(path, state):
+    atomic_write(path, json.dumps(state) + "\n", 0o600)
+
+
+def server_state_path(args, iface):
+    return data_store_path(args, iface)[:-5] + ".server.json"
+
+
+def load_server_state(args, iface):
+    """{"endpoint": the one failed over to, "since": when}, or {}."""
+    try:
+        with open(server_state_path(args, iface)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_server_state(args, iface, endpoint):
+    with contextlib.suppress(OSError):
+        atomic_write(server_state_path(args, iface),
+                     json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
+
+
+# -- bringing a device up -----------------------------------------------------
+
+def server_peer_update(cfg):
+    """The one peer a freshly brought-up client needs: the server."""
+    ep = resolve_endpoint(cfg.server_external_endpoint)
+    if ep is None:
+        raise InnernetError(f"cannot resolve the server's endpoint {cfg.server_external_endpoint}")
+    return PeerUpdate(cfg.server_public_key, endpoint=ep, keepalive=PERSISTENT_KEEPALIVE,
+                      allowed_ips=[host_prefix(cfg.server_ip)], name=SERVER_PEER_NAME,
+                      action="added")
+
+
+def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
+    """Poll until ``peer`` has a handshake newer than ``since``; True if it did.
+
+    WireGuard retries a lost handshake only every 5 s, so when none arrives the
+    peer is re-added (a fresh handshake state) and poked again, at growing
+    intervals: 0.1, 0.2, 0.4 ... s.
+    """
+    start = time.monotonic()
+    next_kick, step = start, 0.1
+    first = True
+    while time.monotonic() - start < timeout:
+        dp = backend.get(iface).peer(peer_update.public_key)
+        if dp is not None and dp.last_handshake > since:
+            return True
+        if time.monotonic() >= next_kick:
+            if not first:
+                backend.apply(iface, updates=[PeerUpdate(peer_update.public_key, remove=True),
+                                              peer_update])
+            first = False
+            trigger_packet(peer_ip)
+            next_kick, step = time.monotonic() + step, min(step * 2, 1.6)
+        time.sleep(0.005)
+    return False
+
+
+# -- one fetch: ask, settle paths, apply --------------------------------------
+
+def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
+    """Tell the server our local addresses, when they differ from what it has."""
+    if getattr(args, "no_nat_candidates", False):
+        local = []
+    else:
+        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
+        local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
+                 for ip in local_addresses(exclude, links)]
+    have = set(own.candidates) if own else set()
+    if not force and set(local) <= have and len(have) <= len(local) + 1:
+        return
+    try:
+        api.call("PUT", "/user/candidates", local)
+    except InnernetError as e:
+        if e.status == 404:
+            warn("the server is too old to accept NAT candidates")
+        elif e.status == 429:       # said again at a later fetch; not worth failing this one
+            debug(f"the server deferred our NAT candidates: {e.message}")
+        else:
+            raise
+
+
+@dataclasses.dataclass
+class FetchResult:
+    changes: list[PeerUpdate]
+    brought_up: bool
+    changed: bool            # the server sent a new state (not 304)
+    waited: bool             # the server held the request (long poll)
+    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
+    next_due: float | None = None        # s until the paths need another look
+    exit_problem: str | None = None      # why the exit node asked for is not in use
+
+
+def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
+                  public_routes=False):
+    """The cached peers as this client wants them on its device.
+
+    Local endpoint overrides win; the server is always reached at the
+    endpoint in our own config, never at one the state names, so a server
+    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
+    server calls them offline) get no persistent keepalive: with one,
+    WireGuard sends each of them a handshake every 5 s for 90 s after it is
+    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
+    them takes three times as long. Once one is back it is heard from (it
+    keeps its keepalive for us), and the next sync gives it one again.
+    Peers' approved routes stay only with ``accept_routes``, and only those in
+    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
+    (``exit_key``) gets the default routes too.
+    """
+    overrides = cfg.peer_endpoint_overrides
+    out = []
+    for p in peers:
+        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
+            if accept_routes else []
+        if p.public_key == exit_key:
+            routes += list(EXIT_ROUTES)
+        if routes != p.routes:
+            p = dataclasses.replace(p, routes=routes)
+        if p.public_key == cfg.server_public_key:
+            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
+        elif p.ip in overrides:
+            p = dataclasses.replace(p, endpoint=overrides[p.ip])
+        elif p.public_key in quiet:
+            p = dataclasses.replace(p, persistent_keepalive_interval=0)
+        out.append(p)
+    return out
+
+
+def choose_exit_node(peers, name, own_key):
+    """(the peer to use as exit node, None) or (None, why not): it must be one
+    this client may see (the server sends no other) and its offer approved."""
+    p = next((p for p in peers if p.name == name and not p.is_disabled), None)
+    if p is None or p.public_key == own_key:
+        return None, f"no peer named '{name}' is visible to this peer"
+    if not p.exit_node:
+        return None, f"peer '{name}' does not offer an approved exit node"
+    return p, None
+
+
+def learn_offline(api, cfg, memo, peers):
+    """Ask the server which of ``peers`` (never tried yet) are offline, without
+    allocating relays; recorded in ``memo.offline``. Returns those keys, or
+    None from a server that cannot say (innernet's, or ours with --no-relay)."""
+    unknown = [p for p in peers if p.public_key not in memo.tried
+               and p.public_key not in memo.offline]
+    if not unknown:
+        return None
+    told = set()
+    for i in range(0, len(unknown), RELAY_ASK_MAX):
+        asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
+        if asked is None:
+            if i == 0:
+                return None
+            break                         # what the first chunks said still counts
+        told |= asked[1]
+    memo.offline |= told
+    return told
+
+
+def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None,
+                 fallback=None):
+    """Try the candidates of every peer without a recent handshake, together.
+
+    innernet tries one candidate per peer every 5 s. Here every pending peer
+    gets its next candidate at once, each step lasting until a handshake or
+    ``step`` seconds (at most ``steps`` steps); re-adding the peer makes
+    WireGuard send a fresh initiation at once (it otherwise waits 5 s between
+    attempts). Returns the keys still unreachable: those in ``fallback``
+    (key -> relay endpoint) are moved there, with a fresh initiation, the
+    rest are left at their best endpoint.
+    """
+    fallback = fallback or {}
+    dev = backend.get(iface)
+    now = time.time()
+    own = public_key(cfg.private_key)
+    on_device = {p.public_key: p for p in dev.peers}
+    nets = local_networks()
+    todo, missed = {}, {}
+    for p in peers:
+        dp = on_device.get(p.public_key)
+        if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
+                or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
+            continue
+        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
+        if candidates:
+            todo[p.public_key] = (p, dp, candidates)
+        missed[p.public_key] = (p, dp, candidates[:1])
+    start = time.monotonic()
+    for i in range(max((len(c) for _, _, c in todo.values()), default=0)):
+        batch = {k: c[i] for k, (_, _, c) in todo.items() if i < len(c)}
+        if not batch or time.monotonic() - start > budget:
+            break
+        since = time.time()
+        # Both sides run this at the same moment. Initiations that cross turn
+        # both sides into responders and the pair waits out WireGuard's 5 s
+        # retry, so of each pair the smaller key goes first and the other
+        # follows 0.1 s later: the first opens its NAT, the second then gets
+        # a clean answer.
+        ups = {k: _readd(todo[k][0], todo[k][1], ep) for k, ep in batch.items()}
+        leaders = [k for k in batch if own < k]
+        schedule = [(0.0, leaders), (0.1, [k for k in batch if k not in leaders]),
+                    (0.35, leaders), (0.45, [k for k in batch if k not in leaders]),
+                    (0.7, list(batch))]
+        debug(f"{iface}: NAT traversal step {i + 1}: trying " +
+              ", ".join(f"{todo[k][0].name}@{ep}" for k, ep in batch.items()))
+        began = time.monotonic()
+        while time.monotonic() - began < step and batch:
+            while schedule and time.monotonic() - began >= schedule[0][0]:
+                _, keys = schedule.pop(0)
+                todo_now = [u for k in keys if k in batch for u in ups[k]]
+                if todo_now:
+                    backend.apply(iface, updates=todo_now)
+            time.sleep(0.02)
+            for q in backend.get(iface).peers:
+                if q.public_key in batch and q.last_handshake > since:
+                    log(f"peer {todo[q.public_key][0].name} reached directly at "
+                        f"{batch[q.public_key]}")
+                    del batch[q.public_key]
+                    del todo[q.public_key]
+                    del missed[q.public_key]
+        if not todo:
+            break
+    updates = []
+    for k, (p, dp, best) in missed.items():
+        if k in fallback:                     # to the relay, with a fresh initiation
+            updates += _readd(p, dp, fallback[k])
+        elif best:                            # its best guess; WireGuard keeps trying
+            updates.append(PeerUpdate(k, endpoint=best[0]))
+    if updates:
+        backend.apply(iface, updates=updates)
+    return set(missed)
+
+
+def _readd(p, dp, endpoint):
+    """The updates that point a peer at ``endpoint`` and make WireGuard send an
+    initiation there at once (it sends one when a peer with a keepalive is added)."""
+    return [PeerUpdate(p.public_key, remove=True),
+            PeerUpdate(p.public_key, endpoint=endpoint, allowed_ips=list(dp.allowed_ips),
+                       keepalive=p.persistent_keepalive_interval or PERSISTENT_KEEPALIVE,
+                       name=p.name)]
+
+
+def request_relays(api, cfg, peers, allocate=True):
+    """The server's end-to-end relay for ``peers``: ({public key: relay
+    endpoint}, {public keys the server says are offline}), or None from a
+    server without one (innernet's, or ours with --no-relay) or none reached.
+    With ``allocate`` false the server only says who is offline."""
+    if api is None or not peers:
+        return None
+    server = resolve_endpoint(cfg.server_external_endpoint)
+    if server is None:
+        return None
+    host = parse_endpoint(server)[0]
+    try:
+        answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]}
+                          if allocate else {"peers": [p.ip for p in peers], "allocate": False})
+    except InnernetError as e:
+        if not e.unreachable:
+            debug(f"the server offers no relay: {e.message}")
+        return None
+    if not isinstance(answer, dict) or not isinstance(answer.get("relays"), dict):
+        return None
+    relays, refused = answer["relays"], answer.get("refused")
+    offline = answer.get("offline") if isinstance(answer.get("offline"), list) else []
+    out, gone = {}, set()
+    for p in peers:
+        port = relays.get(p.ip)
+        if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+            out[p.public_key] = format_endpoint(host, port)
+            continue
+        if p.ip in offline:
+            gone.add(p.public_key)
+        if isinstance(refused, dict) and isinstance(refused.get(p.ip), str):
+            debug(f"peer {p.name}: the relay refused: {refused[p.ip][:200]}")
+    return out, gone
+
+
+def probe_direct(backend, iface, peers, memo, nets, step=1.3):
+    """Move relayed peers to a direct path where one opens, keeping their sessions.
+
+    WireGuard roams: a peer whose endpoint is changed sends its next packets
+    there, and one that receives an authenticated packet from a new address
+    answers to it. So each peer's endpoint is pointed at its best direct
+    candidate, with a poke into the tunnel (which the other side's kernel
+    answers); the other side does the same at the same moment (the slots of
+    direct_retry_due). An answer from the direct address means both NATs let
+    the pair through: the endpoint stays. An answer through the relay sets the
+    endpoint back by itself; no answer at all, and it is set back to the relay.
+    A failed try costs packets in one direction for ``step`` seconds, never the
+    session, and never touches a working direct path.
+    """
+    try_at = {}
+    for p in peers:
+        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
+        if c:
+            try_at[p.public_key] = (p, c[0])
+    if not try_at:
+        return []
+    debug(f"{iface}: trying direct paths: " +
+          ", ".join(f"{p.name}@{ep}" for p, ep in try_at.values()))
+    began, rx = time.monotonic(), {}
+    for at in (0.0, 0.3, 0.6, 0.9):
+        while time.monotonic() - began < at:
+            time.sleep(0.02)
+        backend.apply(iface, updates=[PeerUpdate(k, endpoint=ep)
+                                      for k, (p, ep) in try_at.items()])
+        rx = {dp.public_key: dp.rx_bytes for dp in backend.get(iface).peers}
+        for p, _ in try_at.values():
+            trigger_packet(p.ip)
+    while time.monotonic() - began < step:
+        time.sleep(0.05)
+    moved, back = [], []
+    for dp in backend.get(iface).peers:
+        if dp.public_key not in try_at:
+            continue
+        p = try_at[dp.public_key][0]
+        if dp.rx_bytes > rx.get(dp.public_key, dp.rx_bytes) and not memo.relayed(dp):
+            log(f"peer {p.name}: direct path works at {dp.endpoint}; no longer relayed")
+            moved.append(dp.public_key)
+        elif not memo.relayed(dp):
+            back.append(PeerUpdate(dp.public_key, endpoint=memo.relays[dp.public_key]))
+    if back:
+        backend.apply(iface, updates=back)
+    return moved
+
+
+def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
+                 dev=None, save=None, asked=None):
+    """Give every peer a path: direct where one works, else the end-to-end relay.
+
+    Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
+    the last run left (PathMemo). A peer with no working path (new, changed,
+    or with no handshake for RECENT_HANDSHAKE s) gets one step of direct
+    candidates -- the LAN and the endpoint the server sees, which is what
+    port-preserving NATs need -- and then the relay at once, so its first
+    packets flow within a couple of seconds whatever the NATs. A relayed peer
+    keeps being tried directly (probe_direct) in the slots of
+    direct_retry_due. Without a relay on the server every candidate is tried
+    (innernet's servers). ``save(memo)``, if given, is called before a direct
+    try, so that `show` run meanwhile knows the peers are still relayed.
+    ``asked``: keys the server was asked about moments ago (learn_offline; its
+    answer is in ``memo.offline``), not asked about again in this run. Returns the keys left with no path.
+    """
+    now = time.time() if now is None else now
+    changed = set(changed)
+    own = public_key(cfg.private_key)
+    wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
+              and p.public_key not in (own, cfg.server_public_key)
+              and p.ip not in cfg.peer_endpoint_overrides}
+    memo.keep_only(wanted)
+    dev = dev or backend.get(iface)
+    fresh, probe = [], []
+    for dp in dev.peers:
+        p = wanted.get(dp.public_key)
+        if p is None:
+            continue
+        k, relayed, live = dp.public_key, memo.relayed(dp), recently_connected(dp, now)
+        due = full or k in changed or direct_retry_due(memo.tried.get(k), now,
+                                                       memo.since.get(k, now))
+        if live:
+            memo.offline.discard(k)                     # heard from: not offline
+        if live and not relayed:
+            if memo.since.pop(k, None) is not None:     # WireGuard roamed to a direct path
+                log(f"peer {p.name}: direct path works at {dp.endpoint}")
+        elif live:
+            memo.since.setdefault(k, now)
+            if due:
+                probe.append(p)
+        elif due:
+            fresh.append(p)
+    unreachable = set()
+    if fresh:
+        # A peer the server last called offline gets no direct step: it would
+        # cost a second for nothing (and wireguard-go some milliseconds per
+        # re-added peer: 300 offline peers made a first `up` take 9 s). The
+        # relay request says if it is back; for peers never tried, the server
+        # is asked first, without allocating anything.
+        asked = set(asked) if asked is not None else None
+        just_told = learn_offline(api, cfg, memo,
+                                  [p for p in fresh if p.public_key not in (asked or ())])
+        # a server with a relay, which just answered (or answered the caller)
+        answer = ({}, set()) if just_told is not None or asked is not None else None
+        just_told = (just_told or set()) | ((asked or set()) & memo.offline)
+        for p in fresh:
+            memo.tried[p.public_key] = now
+        trying = [p for p in fresh if p.public_key not in memo.offline]
+        first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
+        missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
+        # ...and not again in the same run for those it just called offline
+        ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+        if ask:
+            answer = request_relays(api, cfg, ask)
+        relays, offline = answer if answer is not None else ({}, set())
+        memo.relays.update(relays)
+        memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
+        if relays:
+            by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
+            backend.apply(iface, updates=[u for p in missed if p.public_key in relays
+                                          for u in _readd(p, by_key[p.public_key],
+                                                          relays[p.public_key])])
+        for p in missed:
+            if p.public_key in relays:
+                if p.public_key not in memo.since:
+                    log(f"peer {p.name}: no direct path yet; relayed (end-to-end encrypted)")
+                memo.since[p.public_key] = now
+        # Without a relay on the server, every candidate, as before; with one,
+        # the rest are offline (or past the relay's bounds: the next slot).
+        rest = [p for p in missed if p.public_key not in relays]
+        unreachable = traverse_nat(backend, iface, cfg, rest) if answer is None and rest \
+            else {p.public_key for p in rest}
+        for k in unreachable:          # tried less often the longer it lasts
+            memo.since.setdefault(k, now)
+    if probe:
+        for p in probe:
+            memo.tried[p.public_key] = now
+        # Asking again keeps the relay ports open; a new port means the old
+        # allocation is gone (the server restarted): move there at once.
+        again = (request_relays(api, cfg, probe) or ({}, set()))[0]
+        moved = [p for p in probe if again.get(p.public_key, memo.relays[p.public_key])
+                 != memo.relays[p.public_key]]
+        if moved:
+            memo.relays.update(again)
+            backend.apply(iface, updates=[u for p in moved for u in _readd(
+                p, dev.peer(p.public_key), again[p.public_key])])
+        trying = [p for p in probe if p not in moved]
+        memo.trying = {p.public_key: time.time() + 5 for p in trying}
+        if trying and save is not None:
+            save(memo)
+        try:
+            for k in probe_direct(backend, iface, trying, memo, local_networks()):
+                memo.since.pop(k, None)
+        finally:
+            memo.trying = {}
+    return unreachable
+
+
+def next_path_work(memo, unreachable, now):
+    """Seconds until settle_paths has work again, or None: the earliest slot
+    boundary at which direct_retry_due lets a peer without a path be tried
+    again. A peer that has been without one for long (an offline laptop)
+    makes the cron fetch's slow path run every DIRECT_RETRY[1] s, not every
+    DIRECT_RETRY[0] s."""
+    keys = set(memo.since) | set(unreachable)
+    if not keys:
+        return None
+    due = None
+    for k in keys:
+        since, tried = memo.since.get(k, now), memo.tried.get(k)
+        slot = DIRECT_RETRY[0] if now - since < 600 else DIRECT_RETRY[1]
+        at = now if tried is None else (tried // slot + 1) * slot
+        due = at if due is None else min(due, at)
+    return max(0.0, due - now) + 0.2
+
+
+def verified_rotations(api, cfg, stored, received):
+    """The key changes at known addresses that their old keys' holders proved."""
+    ok = []
+    for p, pin in pinned_key_changes(stored, received, time.time()):
+        ip, old, new = p.ip, pin.public_key, p.public_key
+        if ip == str(cfg.address.ip):
+            continue
+        try:
+            chain = api.call("GET", f"/user/rotations?ip={ip}") or []
+        except InnernetError as e:
+            if e.unreachable:
+                raise
+            chain = []                # an innernet server: no rotations, pinning refuses
+        if isinstance(chain, list) and follow_rotations(
+                cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
+            log(f"peer {p.name} rotated its key; the proof of its old key checks out")
+            ok.append((ip, old, new))
+    return ok
+
+
+def fetch_state(api, etag, wait):
+    """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
+    path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
+    status, resp, raw = api.request("GET", path,
+                                    headers={"If-None-Match": etag} if etag else None)
+    waited = resp.get("x-innernet-waited") == "1"
+    if status == 304 and etag:
+        return None, etag, waited
+    if status != 200:
+        raise api.status_error("GET", path, status, raw)
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        raise InnernetError("the server sent a malformed state")
+    return state, resp.get("etag"), waited
+
+
+def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
+                    record=False, dns=False):
+    """One sync of a client interface with its server (spec §8.1).
+
+    With a cached ETag the server answers 304 when nothing changed; then no
+    device, data store or hosts-file write happens. ``wait`` > 0 asks the
+    server to hold the request until something changes (long poll).
+    NAT traversal (``traverse``): "changed" tries the peers this sync added
+    or changed (and ``retry``), "all" every peer without a recent
+    handshake, None nobody. ``record``: leave what the fast path of the next
+    unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
+    (as when the interface is brought up here).
+    """
+    fast_path = fast_file_path(_dirs(args, False)[1], iface)
+    with contextlib.suppress(OSError):
+        os.unlink(fast_path)          # only a sync that completes leaves one
+    cfg = current_server(args, iface, load_client_config(args, iface))
+    choice = opt(args, "backend", "auto")
+    backend = existing_backend(choice, iface)
+    brought_up = False
+    if backend is None:
+        if not allow_bring_up:
+            raise InnernetError(f"interface {iface} is not up",
+                                hint=f"run 'innernet up {iface}' instead")
+        backend = bring_up(
+            choice, iface, private_key=cfg.private_key, address=cfg.address,
+            listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
+            mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+        brought_up = True
+    store_path = data_store_path(args, iface)
+    stored_peers, stored_cidrs, stored_etag = load_data_store(store_path)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    timeout=HTTP_TIMEOUT + wait)
+    unreachable = None
+    changed = waited = False
+    rotated = []
+    try:
+        try:
+            state, etag, waited = fetch_state(api, stored_etag if stored_peers else None, wait)
+            if state is None:
+                peers, cidrs = stored_peers, stored_cidrs
+            else:
+                received = [Peer.from_json(p) for p in state.get("peers", [])]
+                cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
+                deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+                rotated = verified_rotations(api, cfg, stored_peers, received)
+                peers = merge_pinned(stored_peers, received, deleted, time.time(), rotated=rotated,
+                                     own_ip=str(cfg.address.ip))          # pinning first
+                changed = True
+        except InnernetError as e:
+            if not e.unreachable:
+                raise
+            if not stored_peers:
+                raise InnernetError(f"{e.message}, and there are no cached peers",
+                                    hint=e.hint) from None
+            # Said once, by whoever catches the error raised at the end.
+            peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
+            cfg = fail_over(args, iface, cfg, backend)
+        with device_lock(iface):     # the daemon's path watch changes it too
+            dev = backend.get(iface)
+            memo = load_paths_memo(store_path)
+            asked = None
+            if unreachable is None and traverse and \
+                    not getattr(args, "no_nat_traversal", False):
+                # Before they are added: peers the server calls offline get no
+                # keepalive (desired_peers), and no direct step later.
+                new = [p for p in peers if dev.peer(p.public_key) is None and not p.is_static
+                       and p.public_key not in (cfg.server_public_key,
+                                                public_key(cfg.private_key))]
+                told = learn_offline(api, cfg, memo, new)
+                if told is not None:
+                    asked = {p.public_key for p in new}
+                if told:
+                    save_paths_memo(store_path, memo)
+            own_key = public_key(cfg.private_key)
+            exit_state = load_exit_state(exit_state_path(store_path))
+            exit_peer, exit_problem = choose_exit_node(peers, exit_state["exit_node"], own_key) \
+                if exit_state else (None, None)
+            accept = not getattr(args, "no_accept_routes", False)
+            public = getattr(args, "accept_public_routes", False)
+            desired = desired_peers(cfg, peers, quiet=memo.offline, accept_routes=accept,
+                                    exit_key=exit_peer and exit_peer.public_key,
+                                    public_routes=public)
+            if changed and accept and not public:
+                for p in peers:
+                    skipped = [r for r in p.routes if not route_is_private(r)]
+                    if skipped and p.public_key != own_key and not p.is_disabled:
+                        warn(f"{iface}: not routing {', '.join(skipped)} of peer {p.name}: "
+                             "public ranges need --accept-public-routes")
+            # A rotated peer keeps the endpoint its old key had, so traffic goes
+            # on at once instead of waiting for a handshake from it.
+            carried = {new: dev.peer(old).endpoint for _, old, new in rotated
+                       if dev.peer(old) is not None and dev.peer(old).endpoint}
+            desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
+                       if p.public_key in carried and not p.endpoint else p for p in desired]
+            # Static peers (stock WireGuard devices) have the server as their only
+            # peer: they are reached through it, never with an entry of their own.
+            relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
+            updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
+                                 time.time(), resolve=resolve_endpoint, relayed=relayed,
+                                 relay_via=cfg.server_public_key)
+            # A peer pointed at its relay is settle_paths's to move, even before
+            # its first handshake there: the state's endpoint must not undo it.
+            for u in updates:
+                dp = dev.peer(u.public_key)
+                if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
+                    u.endpoint = None
+            changes = [u for u in updates if u.touches_device]
+            if changes:
+                backend.apply(iface, updates=changes)
+                names = {p.public_key: p.name for p in stored_peers + peers}
+                for u in changes:
+                    log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
+                        f"was {u.action}")
+            else:
+                debug(f"{iface}: peers are already up to date")
+            links = raw_links()
+            had_routes = any(p.routes for p in stored_peers + peers)
+            route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes)
+            if exit_problem and (changed or brought_up):
+                warn(f"{iface}: exit node not in use: {exit_problem}; traffic outside the "
+                     "network is dropped until it is (or run 'up' without --exit-node)")
+        if (brought_up or dns) and unreachable is None and not getattr(args, "no_dns", False):
+            split_dns(api, iface, cfg)
+        # Files and the server's copy of our candidates need no lock on the device.
+        hosts_path, suffix = hosts_options(args)
+        if hosts_path:
+            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
+        if changed:
+            save_data_store(store_path, peers, cidrs, etag)
+        if unreachable is None:
+            own = next((p for p in peers if p.public_key == own_key), None)
+            report_candidates(args, api, cfg, own, dev.listen_port, links=links)
+        missed, next_due = set(), None
+        if traverse and not getattr(args, "no_nat_traversal", False):
+            keys = {u.public_key for u in changes if not u.remove}
+            with device_lock(iface):
+                memo = load_paths_memo(store_path)
+                missed = settle_paths(None if unreachable else api, backend, iface, cfg,
+                                      desired, memo, changed=keys,
+                                      full=traverse == "all" or brought_up,
+                                      dev=None if changes else dev,
+                                      save=lambda m: save_paths_memo(store_path, m),
+                                      asked=asked)
+                save_paths_memo(store_path, memo)
+            next_due = next_path_work(memo, missed, time.time())
+        if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):
+            write_fast_record(args, iface, cfg, etag, links, next_due)
+    finally:
+        api.close()
+    if unreachable is not None:
+        # The cached state is applied (a disabled peer stays out); still say so.
+        raise InnernetError(unreachable.message + f" (the interface keeps its "
+                            f"{len(stored_peers)} cached peers)",
+                            hint=unreachable.hint, unreachable=True)
+    return FetchResult(changes, brought_up, changed, waited, missed, next_due, exit_problem)
+
+
+# -- which server: fail-over across its endpoints -----------------------------
+
+def current_server(args, iface, cfg):
+    """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
+    if len(cfg.endpoints) < 2:
+        return cfg
+    chosen = load_server_state(args, iface).get("endpoint")
+    if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
+        return dataclasses.replace(cfg, server_external_endpoint=chosen)
+    return cfg
+
+
+def fail_over(args, iface, cfg, backend):
+    """The server does not answer: point its peer at the next endpoint it may be at
+    (a standby with the same key and address), round the list, so the next sync
+    tries there; a server that comes back is found the same way."""
+    eps = cfg.endpoints
+    if len(eps) < 2 or backend is None:
+        return cfg
+    since = load_server_state(args, iface).get("since")
+    since = since if isinstance(since, (int, float)) else 0
+    dp = None
+    with contextlib.suppress(InnernetError, OSError):
+        dp = backend.get(iface).peer(cfg.server_public_key)
+        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
+            # The endpoint just switched to has answered WireGuard since: it is
+            # there, only its API is not yet (a standby starting). Stay, for a
+            # while: a server that answered once may be gone later.
+            return cfg
+    here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
+    nxt = eps[(here + 1) % len(eps)]
+    ep = resolve_endpoint(nxt)
+    if ep is None:
+        return cfg
+    save_server_state(args, iface, nxt)
+    # The peer is removed and added again: a standby has the server's key but
+    # not its session, and WireGuard would send on the old session for 15 s
+    # before it starts a new handshake.
+    allowed = dp.allowed_ips if dp is not None else [host_prefix(cfg.server_ip)]
+    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, remove=True)])
+    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, endpoint=ep,
+                                             keepalive=PERSISTENT_KEEPALIVE,
+                                             allowed_ips=allowed)])
+    warn(f"{iface}: the server does not answer at {cfg.server_external_endpoint}; "
+         f"trying {nxt}")
+    return dataclasses.replace(cfg, server_external_endpoint=nxt)
+
+
+def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
+    """Routes into the tunnel for peers' approved subnets (unless --no-routing
+    or --no-accept-routes), the exit node's table and rules when one is asked
+    for, and forwarding when this peer routes for others. Without
+    ``had_routes`` (no peer had or has a route) there is nothing to sync."""
+    if routing(args) and had_routes:
+        local = [i.network for i in local_networks(links)]
+        wanted = [] if getattr(args, "no_accept_routes", False) else \
+            interface_routes(desired, own_key, local)
+        sync_interface_routes(iface, wanted)
+    if exit_state:
+        exit_routing_up(backend, iface, exit_state["table"], exit_state["allow_lan"])
+    own = next((p for p in desired if p.public_key == own_key), None)
+    if own is not None and (own.routes or own.exit_node):
+        enable_route_forwarding(iface, own.routes + (["0.0.0.0/0"] if own.exit_node else []))
+
+
+def split_dns(api, iface, cfg):
+    """Split DNS for the network's zone, when the server answers DNS."""
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError:
+        return
+    zone = caps.get("dns") if isinstance(caps, dict) else None
+    try:
+        if not zone or parse_host_suffix(zone) != zone:
+            raise InnernetError("no zone")
+    except InnernetError:
+        debug(f"{iface}: the server does not answer DNS")
+        return
+    configure_split_dns(iface, cfg.server_ip, zone)
+
+
+def write_fast_record(args, iface, cfg, etag, links, next_due):
+    """What the fast path (fast_fetch) of the next unchanged `fetch` must find
+    unchanged; taken after every write of this sync."""
+    dump = uapi_dump(iface)
+    if dump is None or any(c in etag for c in "\r\n") or \
+            getattr(args, "no_accept_routes", False) or \
+            getattr(args, "accept_public_routes", False):
+        return          # the fast path knows neither option: the next fetch is full
+    cdir, ddir = _dirs(args, False)
+    hosts_path, _ = hosts_options(args)
+    o = {"config_dir": cdir, "data_dir": ddir, "hosts_path": hosts_path,
+         "host_suffix": getattr(args, "host_suffix", None),
+         "no_nat_traversal": getattr(args, "no_nat_traversal", False),
+         "no_nat_candidates": getattr(args, "no_nat_candidates", False),
+         "exclude": getattr(args, "exclude_nat_candidates", None)}
+    fields = {"etag": etag, "endpoint": cfg.server_internal_endpoint,
+              "key": cfg.server_public_key, **fast_fields(o, iface, links),
+              "device": device_digest(dump, time.time()),
+              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
+    with contextlib.suppress(OSError):
+        atomic_write(fast_file_path(ddir, iface), fast_record(fields), 0o600)
+
+
+def server_capabilities(args, iface):
+    """The server's capabilities ({} for an old or unreachable server). An
+    unreachable one with other endpoints listed is looked for at the next
+    (fail_over) and the error raised, so the caller tries again there."""
+    cfg = load_client_config(args, iface)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.unreachable and len(cfg.endpoints) > 1:
+            fail_over(args, iface, current_server(args, iface, cfg),
+                      existing_backend(opt(args, "backend", "auto"), iface))
+            raise
+        if e.unreachable or e.status in (404, 401):
+            return {}
+        raise
+    finally:
+        api.close()
+    return caps if isinstance(caps, dict) else {}
+
+
+def _positive_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+# -- the daemon: periodic fetch and the path watch ----------------------------
+
+def device_lock(iface):
+    """The lock around one interface's read-change-write of its device, shared
+    by the daemon's sync and its path watch (threads of one process)."""
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(iface, threading.RLock())
+
+
+_DEVICE_LOCKS: dict[str, threading.RLock] = {}
+
+
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+class PathWatch:
+    """Notices, in seconds, a path (direct or relayed) that stopped carrying packets.
+
+    Without it a broken path is noticed only when its handshake is 180 s
+    old and the next traversal round comes (5.5 minutes in all). WireGuard
+    answers every data packet within KEEPALIVE_TIMEOUT (10 s), with a
+    keepalive if it has nothing else to send. So a peer that has sent nothing
+    for POKE_AFTER s is sent a packet into the tunnel (a poke; a second one
+    later, in case the first is lost); one that stays silent LOST_AFTER s,
+    with its first poke at least ANSWER_WITHIN s old, has no working path. A
+    live idle peer costs about one poke per keepalive period.
+    """
+    POKE_AFTER = (3.0, 8.0)       # s of silence at which to poke
+    ANSWER_WITHIN = 10.5          # WireGuard's passive keepalive, and some slack
+    LOST_AFTER = 14.0             # s of silence that mean the path is gone
+
+    def __init__(self):
+        self.seen = {}            # key -> (rx_bytes, monotonic time it last changed)
+        self.poked = {}           # key -> monotonic times of the pokes in this silence
+
+    def check(self, dev, peers_by_key, skip, now=None):
+        """The keys whose direct path is lost; pokes the quiet ones."""
+        now = time.monotonic() if now is None else now
+        lost = []
+        for dp in dev.peers:
+            k, p = dp.public_key, peers_by_key.get(dp.public_key)
+            if p is None or k in skip or not dp.last_handshake:
+                self.seen.pop(k, None)          # not direct, or never was: not ours
+                self.poked.pop(k, None)
+                continue
+            rx, since = self.seen.get(k, (None, now))
+            if rx != dp.rx_bytes:
+                self.seen[k] = (dp.rx_bytes, now)
+                self.poked.pop(k, None)
+                continue
+            quiet, pokes = now - since, self.poked.setdefault(k, [])
+            if len(pokes) < len(self.POKE_AFTER) and quiet >= self.POKE_AFTER[len(pokes)]:
+                trigger_packet(p.ip)
+                pokes.append(now)
+            elif quiet >= self.LOST_AFTER and pokes and now - pokes[0] >= self.ANSWER_WITHIN:
+                lost.append(k)
+                self.seen.pop(k, None)
+                self.poked.pop(k, None)
+        return lost
+
+
+def watch_paths(args, iface, state, every=1.0):
+    """The daemon's second thread: a peer whose direct path broke goes to the
+    relay in seconds (see PathWatch), not when its handshake is 180 s old."""
+    watch = PathWatch()
+    while True:
+        time.sleep(every)
+        if state.cfg is None:
+            continue
+        try:
+            with device_lock(iface):
+                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                if backend is None:
+                    continue
+                cfg, peers = state.cfg, state.peers
+                dev = backend.get(iface)
+                if dev.peer(cfg.server_public_key) is None:
+                    continue
+                store_path = data_store_path(args, iface)
+                memo = load_paths_memo(store_path)
+                # Peers silent for the whole handshake window are offline, not lost:
+                # settle_paths looks after them in its slots.
+                live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
+                by_key = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
+                          and p.ip not in cfg.peer_endpoint_overrides and p.public_key in live}
+                lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
+                if lost:
+                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+                    try:
+                        relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
+                    finally:
+                        api.close()
+                    moves = []
+                    for p in lost:
+                        if p.public_key in relays:
+                            how = "relayed path" if memo.relayed(dev.peer(p.public_key)) \
+                                else "direct path"
+                            log(f"peer {p.name}: no packet on the {how} for "
+                                f"{PathWatch.LOST_AFTER:.0f} s; relayed (end-to-end encrypted)")
+                            moves += _readd(p, dev.peer(p.public_key), relays[p.public_key])
+                            memo.since[p.public_key] = memo.tried[p.public_key] = time.time()
+                    memo.relays.update(relays)
+                    if moves:
+                        backend.apply(iface, updates=moves)
+                    save_paths_memo(store_path, memo)
+            # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
+            every = max(1.0, len(dev.peers) / 1000)
+        except Exception as e:        # the sync thread reports what matters
+            debug(f"{iface}: path watch: {e}")
+
+
+class _DaemonState:
+    cfg = None                   # as of the last sync, for the path watch
+    peers: list = []
+
+
+def _daemon(args, iface):
+    """Keep one interface in sync: long polls when offered, else the interval.
+
+    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
+    is back in sync soon after a server outage ends. Paths are settled after
+    every sync (settle_paths); a long poll is cut short when they need
+    another look, and a second thread watches direct paths.
+    """
+    caps, backoff, state = None, 1, _DaemonState()
+    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
+    failing = None                  # the error of the last round, until one works
+    traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
+    if not getattr(args, "no_nat_traversal", False):
+        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
+    while True:
+        sleep = args.interval
+        try:
+            if caps is None:
+                caps = server_capabilities(args, iface)
+                if _positive_int(caps.get("long_poll_seconds")):
+                    debug(f"{iface}: the server offers long polls; changes apply at once")
+            long_poll = 0 if getattr(args, "no_long_poll", False) else \
+                _positive_int(caps.get("long_poll_seconds"))
+            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
+            if due_at is not None:          # paths to look at: the poll ends in time
+                wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
+            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
+                                     traverse=traverse, dns=dns)
+            traverse, backoff, dns = "changed", 1, False
+            due_at = None if result.next_due is None else time.monotonic() + result.next_due
+            if not getattr(args, "no_nat_traversal", False):
+                state.cfg = load_client_config(args, iface)
+                state.peers = load_data_store(data_store_path(args, iface))[0]
+            if wait and (result.changed or result.waited):
+                sleep = 0                   # the wait happened on the server
+            elif due_at is not None:
+                sleep = min(sleep, max(0.0, due_at - time.monotonic()))
+            if failing is not None:
+                log(f"{iface}: in sync with the server again")
+                failing = None
+        except Exception as e:      # one network's trouble must not end the others
+            if isinstance(e, InnernetError):
+                message = e.message
+            else:
+                import traceback
+                message = f"unexpected error: {e!r}"
+                debug(traceback.format_exc())
+            if message != failing:
+                warn(f"{iface}: {message} (retrying)")
+            else:
+                debug(f"{iface}: still failing: {message}")
+            failing = message
+            caps = None
+            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
+            if isinstance(e, InnernetError) and e.unreachable and \
+                    len(load_client_config(args, iface).endpoints) > 1:
+                backoff = 1       # failing over: each endpoint's try is the pace itself
+        if sleep:
+            time.sleep(sleep)
+
+
+###############################################################################
 # Roles #######################################################################
 ###############################################################################
 # The verbs. Each cmd_<verb>(args) glues the layers above and returns an exit
@@ -7124,61 +8163,7 @@ def print_json(obj):
     print(json.dumps(obj, indent=2))
 
 
-# -- paths and files -----------------------------------------------------------
-
-def _dirs(args, server):
-    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
-    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
-    return cdir, ddir
-
-
-def installed_interfaces(args):
-    cdir, _ = _dirs(args, server=False)
-    try:
-        names = os.listdir(cdir)
-    except PermissionError:
-        raise InnernetError(f"cannot read {cdir}: permission denied",
-                            hint="are you running as root?") from None
-    except OSError:
-        return []
-    return sorted(f[:-5] for f in names
-                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
-
-
-def chosen_interfaces(args, required=True):
-    """The network the command names, else every installed one (fetch, up,
-    show without a name); ``required``: none installed is an error."""
-    if getattr(args, "interface", None) is not None:
-        return [parse_interface(args.interface)]
-    ifaces = installed_interfaces(args)
-    if not ifaces and required:
-        raise InnernetError("no networks are installed",
-                            hint="join one with 'innernet install INVITATION'")
-    return ifaces
-
-
-def client_config_path(args, iface):
-    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
-
-
-def data_store_path(args, iface):
-    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
-
-
-def load_client_config(args, iface):
-    path = client_config_path(args, iface)
-    if not path_exists(path, "config file"):
-        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
-                            hint="join one with 'innernet install INVITATION'")
-    warn_if_world_accessible(path)
-    return InterfaceConfig.from_toml(read_text(path, "config file"), path)
-
-
-def save_client_config(args, iface, cfg):
-    path = client_config_path(args, iface)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
-    atomic_write(path, cfg.to_toml(), mode)
-
+# -- the server's files --------------------------------------------------------
 
 def server_paths(args, iface):
     cdir, ddir = _dirs(args, server=True)
@@ -7195,24 +8180,6 @@ def load_server_config(args, iface):
             os.chmod(conf, 0o600)
             warn(f"updated permissions for {conf} to 0600")
     return ServerConfig.from_toml(read_text(conf, "server config"), conf)
-
-
-def hosts_options(args):
-    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
-    if getattr(args, "no_write_hosts", False):
-        return None, None
-    suffix = getattr(args, "host_suffix", None)
-    return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
-        None if suffix is None else parse_host_suffix(suffix)
-
-
-def opt(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def routing(args):
-    return not getattr(args, "no_routing", False)
 
 
 # -- a network, seen from the server's database or through the admin API -------
@@ -8363,40 +9330,6 @@ def cmd_server_serve(args):
 
 # -- client verbs ----------------------------------------------------------------
 
-def server_peer_update(cfg):
-    """The one peer a freshly brought-up client needs: the server."""
-    ep = resolve_endpoint(cfg.server_external_endpoint)
-    if ep is None:
-        raise InnernetError(f"cannot resolve the server's endpoint {cfg.server_external_endpoint}")
-    return PeerUpdate(cfg.server_public_key, endpoint=ep, keepalive=PERSISTENT_KEEPALIVE,
-                      allowed_ips=[host_prefix(cfg.server_ip)], name=SERVER_PEER_NAME,
-                      action="added")
-
-
-def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
-    """Poll until ``peer`` has a handshake newer than ``since``; True if it did.
-
-    WireGuard retries a lost handshake only every 5 s, so when none arrives the
-    peer is re-added (a fresh handshake state) and poked again, at growing
-    intervals: 0.1, 0.2, 0.4 ... s.
-    """
-    start = time.monotonic()
-    next_kick, step = start, 0.1
-    first = True
-    while time.monotonic() - start < timeout:
-        dp = backend.get(iface).peer(peer_update.public_key)
-        if dp is not None and dp.last_handshake > since:
-            return True
-        if time.monotonic() >= next_kick:
-            if not first:
-                backend.apply(iface, updates=[PeerUpdate(peer_update.public_key, remove=True),
-                                              peer_update])
-            first = False
-            trigger_packet(peer_ip)
-            next_kick, step = time.monotonic() + step, min(step * 2, 1.6)
-        time.sleep(0.005)
-    return False
-
 
 def cmd_install(args):
     invite_path = args.invite
@@ -8790,696 +9723,6 @@ def cmd_uninstall(args):
     return 0
 
 
-def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
-    """Tell the server our local addresses, when they differ from what it has."""
-    if getattr(args, "no_nat_candidates", False):
-        local = []
-    else:
-        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
-        local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
-                 for ip in local_addresses(exclude, links)]
-    have = set(own.candidates) if own else set()
-    if not force and set(local) <= have and len(have) <= len(local) + 1:
-        return
-    try:
-        api.call("PUT", "/user/candidates", local)
-    except InnernetError as e:
-        if e.status == 404:
-            warn("the server is too old to accept NAT candidates")
-        elif e.status == 429:       # said again at a later fetch; not worth failing this one
-            debug(f"the server deferred our NAT candidates: {e.message}")
-        else:
-            raise
-
-
-@dataclasses.dataclass
-class FetchResult:
-    changes: list[PeerUpdate]
-    brought_up: bool
-    changed: bool            # the server sent a new state (not 304)
-    waited: bool             # the server held the request (long poll)
-    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
-    next_due: float | None = None        # s until the paths need another look
-    exit_problem: str | None = None      # why the exit node asked for is not in use
-
-
-def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
-                  public_routes=False):
-    """The cached peers as this client wants them on its device.
-
-    Local endpoint overrides win; the server is always reached at the
-    endpoint in our own config, never at one the state names, so a server
-    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
-    server calls them offline) get no persistent keepalive: with one,
-    WireGuard sends each of them a handshake every 5 s for 90 s after it is
-    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
-    them takes three times as long. Once one is back it is heard from (it
-    keeps its keepalive for us), and the next sync gives it one again.
-    Peers' approved routes stay only with ``accept_routes``, and only those in
-    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
-    (``exit_key``) gets the default routes too.
-    """
-    overrides = cfg.peer_endpoint_overrides
-    out = []
-    for p in peers:
-        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
-            if accept_routes else []
-        if p.public_key == exit_key:
-            routes += list(EXIT_ROUTES)
-        if routes != p.routes:
-            p = dataclasses.replace(p, routes=routes)
-        if p.public_key == cfg.server_public_key:
-            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
-        elif p.ip in overrides:
-            p = dataclasses.replace(p, endpoint=overrides[p.ip])
-        elif p.public_key in quiet:
-            p = dataclasses.replace(p, persistent_keepalive_interval=0)
-        out.append(p)
-    return out
-
-
-def choose_exit_node(peers, name, own_key):
-    """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved."""
-    p = next((p for p in peers if p.name == name and not p.is_disabled), None)
-    if p is None or p.public_key == own_key:
-        return None, f"no peer named '{name}' is visible to this peer"
-    if not p.exit_node:
-        return None, f"peer '{name}' does not offer an approved exit node"
-    return p, None
-
-
-def learn_offline(api, cfg, memo, peers):
-    """Ask the server which of ``peers`` (never tried yet) are offline, without
-    allocating relays; recorded in ``memo.offline``. Returns those keys, or
-    None from a server that cannot say (innernet's, or ours with --no-relay)."""
-    unknown = [p for p in peers if p.public_key not in memo.tried
-               and p.public_key not in memo.offline]
-    if not unknown:
-        return None
-    told = set()
-    for i in range(0, len(unknown), RELAY_ASK_MAX):
-        asked = request_relays(api, cfg, unknown[i:i + RELAY_ASK_MAX], allocate=False)
-        if asked is None:
-            if i == 0:
-                return None
-            break                         # what the first chunks said still counts
-        told |= asked[1]
-    memo.offline |= told
-    return told
-
-
-def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None,
-                 fallback=None):
-    """Try the candidates of every peer without a recent handshake, together.
-
-    innernet tries one candidate per peer every 5 s. Here every pending peer
-    gets its next candidate at once, each step lasting until a handshake or
-    ``step`` seconds (at most ``steps`` steps); re-adding the peer makes
-    WireGuard send a fresh initiation at once (it otherwise waits 5 s between
-    attempts). Returns the keys still unreachable: those in ``fallback``
-    (key -> relay endpoint) are moved there, with a fresh initiation, the
-    rest are left at their best endpoint.
-    """
-    fallback = fallback or {}
-    dev = backend.get(iface)
-    now = time.time()
-    own = public_key(cfg.private_key)
-    on_device = {p.public_key: p for p in dev.peers}
-    nets = local_networks()
-    todo, missed = {}, {}
-    for p in peers:
-        dp = on_device.get(p.public_key)
-        if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
-                or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
-            continue
-        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
-        if candidates:
-            todo[p.public_key] = (p, dp, candidates)
-        missed[p.public_key] = (p, dp, candidates[:1])
-    start = time.monotonic()
-    for i in range(max((len(c) for _, _, c in todo.values()), default=0)):
-        batch = {k: c[i] for k, (_, _, c) in todo.items() if i < len(c)}
-        if not batch or time.monotonic() - start > budget:
-            break
-        since = time.time()
-        # Both sides run this at the same moment. Initiations that cross turn
-        # both sides into responders and the pair waits out WireGuard's 5 s
-        # retry, so of each pair the smaller key goes first and the other
-        # follows 0.1 s later: the first opens its NAT, the second then gets
-        # a clean answer.
-        ups = {k: _readd(todo[k][0], todo[k][1], ep) for k, ep in batch.items()}
-        leaders = [k for k in batch if own < k]
-        schedule = [(0.0, leaders), (0.1, [k for k in batch if k not in leaders]),
-                    (0.35, leaders), (0.45, [k for k in batch if k not in leaders]),
-                    (0.7, list(batch))]
-        debug(f"{iface}: NAT traversal step {i + 1}: trying " +
-              ", ".join(f"{todo[k][0].name}@{ep}" for k, ep in batch.items()))
-        began = time.monotonic()
-        while time.monotonic() - began < step and batch:
-            while schedule and time.monotonic() - began >= schedule[0][0]:
-                _, keys = schedule.pop(0)
-                todo_now = [u for k in keys if k in batch for u in ups[k]]
-                if todo_now:
-                    backend.apply(iface, updates=todo_now)
-            time.sleep(0.02)
-            for q in backend.get(iface).peers:
-                if q.public_key in batch and q.last_handshake > since:
-                    log(f"peer {todo[q.public_key][0].name} reached directly at "
-                        f"{batch[q.public_key]}")
-                    del batch[q.public_key]
-                    del todo[q.public_key]
-                    del missed[q.public_key]
-        if not todo:
-            break
-    updates = []
-    for k, (p, dp, best) in missed.items():
-        if k in fallback:                     # to the relay, with a fresh initiation
-            updates += _readd(p, dp, fallback[k])
-        elif best:                            # its best guess; WireGuard keeps trying
-            updates.append(PeerUpdate(k, endpoint=best[0]))
-    if updates:
-        backend.apply(iface, updates=updates)
-    return set(missed)
-
-
-def _readd(p, dp, endpoint):
-    """The updates that point a peer at ``endpoint`` and make WireGuard send an
-    initiation there at once (it sends one when a peer with a keepalive is added)."""
-    return [PeerUpdate(p.public_key, remove=True),
-            PeerUpdate(p.public_key, endpoint=endpoint, allowed_ips=list(dp.allowed_ips),
-                       keepalive=p.persistent_keepalive_interval or PERSISTENT_KEEPALIVE,
-                       name=p.name)]
-
-
-def request_relays(api, cfg, peers, allocate=True):
-    """The server's end-to-end relay for ``peers``: ({public key: relay
-    endpoint}, {public keys the server says are offline}), or None from a
-    server without one (innernet's, or ours with --no-relay) or none reached.
-    With ``allocate`` false the server only says who is offline."""
-    if api is None or not peers:
-        return None
-    server = resolve_endpoint(cfg.server_external_endpoint)
-    if server is None:
-        return None
-    host = parse_endpoint(server)[0]
-    try:
-        answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]}
-                          if allocate else {"peers": [p.ip for p in peers], "allocate": False})
-    except InnernetError as e:
-        if not e.unreachable:
-            debug(f"the server offers no relay: {e.message}")
-        return None
-    if not isinstance(answer, dict) or not isinstance(answer.get("relays"), dict):
-        return None
-    relays, refused = answer["relays"], answer.get("refused")
-    offline = answer.get("offline") if isinstance(answer.get("offline"), list) else []
-    out, gone = {}, set()
-    for p in peers:
-        port = relays.get(p.ip)
-        if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-            out[p.public_key] = format_endpoint(host, port)
-            continue
-        if p.ip in offline:
-            gone.add(p.public_key)
-        if isinstance(refused, dict) and isinstance(refused.get(p.ip), str):
-            debug(f"peer {p.name}: the relay refused: {refused[p.ip][:200]}")
-    return out, gone
-
-
-def probe_direct(backend, iface, peers, memo, nets, step=1.3):
-    """Move relayed peers to a direct path where one opens, keeping their sessions.
-
-    WireGuard roams: a peer whose endpoint is changed sends its next packets
-    there, and one that receives an authenticated packet from a new address
-    answers to it. So each peer's endpoint is pointed at its best direct
-    candidate, with a poke into the tunnel (which the other side's kernel
-    answers); the other side does the same at the same moment (the slots of
-    direct_retry_due). An answer from the direct address means both NATs let
-    the pair through: the endpoint stays. An answer through the relay sets the
-    endpoint back by itself; no answer at all, and it is set back to the relay.
-    A failed try costs packets in one direction for ``step`` seconds, never the
-    session, and never touches a working direct path.
-    """
-    try_at = {}
-    for p in peers:
-        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
-        if c:
-            try_at[p.public_key] = (p, c[0])
-    if not try_at:
-        return []
-    debug(f"{iface}: trying direct paths: " +
-          ", ".join(f"{p.name}@{ep}" for p, ep in try_at.values()))
-    began, rx = time.monotonic(), {}
-    for at in (0.0, 0.3, 0.6, 0.9):
-        while time.monotonic() - began < at:
-            time.sleep(0.02)
-        backend.apply(iface, updates=[PeerUpdate(k, endpoint=ep)
-                                      for k, (p, ep) in try_at.items()])
-        rx = {dp.public_key: dp.rx_bytes for dp in backend.get(iface).peers}
-        for p, _ in try_at.values():
-            trigger_packet(p.ip)
-    while time.monotonic() - began < step:
-        time.sleep(0.05)
-    moved, back = [], []
-    for dp in backend.get(iface).peers:
-        if dp.public_key not in try_at:
-            continue
-        p = try_at[dp.public_key][0]
-        if dp.rx_bytes > rx.get(dp.public_key, dp.rx_bytes) and not memo.relayed(dp):
-            log(f"peer {p.name}: direct path works at {dp.endpoint}; no longer relayed")
-            moved.append(dp.public_key)
-        elif not memo.relayed(dp):
-            back.append(PeerUpdate(dp.public_key, endpoint=memo.relays[dp.public_key]))
-    if back:
-        backend.apply(iface, updates=back)
-    return moved
-
-
-def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None, asked=None):
-    """Give every peer a path: direct where one works, else the end-to-end relay.
-
-    Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
-    the last run left (PathMemo). A peer with no working path (new, changed,
-    or with no handshake for RECENT_HANDSHAKE s) gets one step of direct
-    candidates -- the LAN and the endpoint the server sees, which is what
-    port-preserving NATs need -- and then the relay at once, so its first
-    packets flow within a couple of seconds whatever the NATs. A relayed peer
-    keeps being tried directly (probe_direct) in the slots of
-    direct_retry_due. Without a relay on the server every candidate is tried
-    (innernet's servers). ``save(memo)``, if given, is called before a direct
-    try, so that `show` run meanwhile knows the peers are still relayed.
-    ``asked``: keys the server was asked about moments ago (learn_offline; its
-    answer is in ``memo.offline``), not asked about again in this run. Returns the keys left with no path.
-    """
-    now = time.time() if now is None else now
-    changed = set(changed)
-    own = public_key(cfg.private_key)
-    wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
-              and p.public_key not in (own, cfg.server_public_key)
-              and p.ip not in cfg.peer_endpoint_overrides}
-    memo.keep_only(wanted)
-    dev = dev or backend.get(iface)
-    fresh, probe = [], []
-    for dp in dev.peers:
-        p = wanted.get(dp.public_key)
-        if p is None:
-            continue
-        k, relayed, live = dp.public_key, memo.relayed(dp), recently_connected(dp, now)
-        due = full or k in changed or direct_retry_due(memo.tried.get(k), now,
-                                                       memo.since.get(k, now))
-        if live:
-            memo.offline.discard(k)                     # heard from: not offline
-        if live and not relayed:
-            if memo.since.pop(k, None) is not None:     # WireGuard roamed to a direct path
-                log(f"peer {p.name}: direct path works at {dp.endpoint}")
-        elif live:
-            memo.since.setdefault(k, now)
-            if due:
-                probe.append(p)
-        elif due:
-            fresh.append(p)
-    unreachable = set()
-    if fresh:
-        # A peer the server last called offline gets no direct step: it would
-        # cost a second for nothing (and wireguard-go some milliseconds per
-        # re-added peer: 300 offline peers made a first `up` take 9 s). The
-        # relay request says if it is back; for peers never tried, the server
-        # is asked first, without allocating anything.
-        asked = set(asked) if asked is not None else None
-        just_told = learn_offline(api, cfg, memo,
-                                  [p for p in fresh if p.public_key not in (asked or ())])
-        # a server with a relay, which just answered (or answered the caller)
-        answer = ({}, set()) if just_told is not None or asked is not None else None
-        just_told = (just_told or set()) | ((asked or set()) & memo.offline)
-        for p in fresh:
-            memo.tried[p.public_key] = now
-        trying = [p for p in fresh if p.public_key not in memo.offline]
-        first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
-        missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
-        # ...and not again in the same run for those it just called offline
-        ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
-        if ask:
-            answer = request_relays(api, cfg, ask)
-        relays, offline = answer if answer is not None else ({}, set())
-        memo.relays.update(relays)
-        memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
-        if relays:
-            by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
-            backend.apply(iface, updates=[u for p in missed if p.public_key in relays
-                                          for u in _readd(p, by_key[p.public_key],
-                                                          relays[p.public_key])])
-        for p in missed:
-            if p.public_key in relays:
-                if p.public_key not in memo.since:
-                    log(f"peer {p.name}: no direct path yet; relayed (end-to-end encrypted)")
-                memo.since[p.public_key] = now
-        # Without a relay on the server, every candidate, as before; with one,
-        # the rest are offline (or past the relay's bounds: the next slot).
-        rest = [p for p in missed if p.public_key not in relays]
-        unreachable = traverse_nat(backend, iface, cfg, rest) if answer is None and rest \
-            else {p.public_key for p in rest}
-        for k in unreachable:          # tried less often the longer it lasts
-            memo.since.setdefault(k, now)
-    if probe:
-        for p in probe:
-            memo.tried[p.public_key] = now
-        # Asking again keeps the relay ports open; a new port means the old
-        # allocation is gone (the server restarted): move there at once.
-        again = (request_relays(api, cfg, probe) or ({}, set()))[0]
-        moved = [p for p in probe if again.get(p.public_key, memo.relays[p.public_key])
-                 != memo.relays[p.public_key]]
-        if moved:
-            memo.relays.update(again)
-            backend.apply(iface, updates=[u for p in moved for u in _readd(
-                p, dev.peer(p.public_key), again[p.public_key])])
-        trying = [p for p in probe if p not in moved]
-        memo.trying = {p.public_key: time.time() + 5 for p in trying}
-        if trying and save is not None:
-            save(memo)
-        try:
-            for k in probe_direct(backend, iface, trying, memo, local_networks()):
-                memo.since.pop(k, None)
-        finally:
-            memo.trying = {}
-    return unreachable
-
-
-def next_path_work(memo, unreachable, now):
-    """Seconds until settle_paths has work again, or None: the earliest slot
-    boundary at which direct_retry_due lets a peer without a path be tried
-    again. A peer that has been without one for long (an offline laptop)
-    makes the cron fetch's slow path run every DIRECT_RETRY[1] s, not every
-    DIRECT_RETRY[0] s."""
-    keys = set(memo.since) | set(unreachable)
-    if not keys:
-        return None
-    due = None
-    for k in keys:
-        since, tried = memo.since.get(k, now), memo.tried.get(k)
-        slot = DIRECT_RETRY[0] if now - since < 600 else DIRECT_RETRY[1]
-        at = now if tried is None else (tried // slot + 1) * slot
-        due = at if due is None else min(due, at)
-    return max(0.0, due - now) + 0.2
-
-
-def verified_rotations(api, cfg, stored, received):
-    """The key changes at known addresses that their old keys' holders proved."""
-    ok = []
-    for p, pin in pinned_key_changes(stored, received, time.time()):
-        ip, old, new = p.ip, pin.public_key, p.public_key
-        if ip == str(cfg.address.ip):
-            continue
-        try:
-            chain = api.call("GET", f"/user/rotations?ip={ip}") or []
-        except InnernetError as e:
-            if e.unreachable:
-                raise
-            chain = []                # an innernet server: no rotations, pinning refuses
-        if isinstance(chain, list) and follow_rotations(
-                cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
-            log(f"peer {p.name} rotated its key; the proof of its old key checks out")
-            ok.append((ip, old, new))
-    return ok
-
-
-def fetch_state(api, etag, wait):
-    """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
-    path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
-    status, resp, raw = api.request("GET", path,
-                                    headers={"If-None-Match": etag} if etag else None)
-    waited = resp.get("x-innernet-waited") == "1"
-    if status == 304 and etag:
-        return None, etag, waited
-    if status != 200:
-        raise api.status_error("GET", path, status, raw)
-    try:
-        state = json.loads(raw)
-    except ValueError:
-        state = None
-    if not isinstance(state, dict):
-        raise InnernetError("the server sent a malformed state")
-    return state, resp.get("etag"), waited
-
-
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
-                    record=False, dns=False):
-    """One sync of a client interface with its server (spec §8.1).
-
-    With a cached ETag the server answers 304 when nothing changed; then no
-    device, data store or hosts-file write happens. ``wait`` > 0 asks the
-    server to hold the request until something changes (long poll).
-    NAT traversal (``traverse``): "changed" tries the peers this sync added
-    or changed (and ``retry``), "all" every peer without a recent
-    handshake, None nobody. ``record``: leave what the fast path of the next
-    unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
-    (as when the interface is brought up here).
-    """
-    fast_path = fast_file_path(_dirs(args, False)[1], iface)
-    with contextlib.suppress(OSError):
-        os.unlink(fast_path)          # only a sync that completes leaves one
-    cfg = current_server(args, iface, load_client_config(args, iface))
-    choice = opt(args, "backend", "auto")
-    backend = existing_backend(choice, iface)
-    brought_up = False
-    if backend is None:
-        if not allow_bring_up:
-            raise InnernetError(f"interface {iface} is not up",
-                                hint=f"run 'innernet up {iface}' instead")
-        backend = bring_up(
-            choice, iface, private_key=cfg.private_key, address=cfg.address,
-            listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-            mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
-        brought_up = True
-    store_path = data_store_path(args, iface)
-    stored_peers, stored_cidrs, stored_etag = load_data_store(store_path)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    timeout=HTTP_TIMEOUT + wait)
-    unreachable = None
-    changed = waited = False
-    rotated = []
-    try:
-        try:
-            state, etag, waited = fetch_state(api, stored_etag if stored_peers else None, wait)
-            if state is None:
-                peers, cidrs = stored_peers, stored_cidrs
-            else:
-                received = [Peer.from_json(p) for p in state.get("peers", [])]
-                cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-                deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
-                rotated = verified_rotations(api, cfg, stored_peers, received)
-                peers = merge_pinned(stored_peers, received, deleted, time.time(), rotated=rotated,
-                                     own_ip=str(cfg.address.ip))          # pinning first
-                changed = True
-        except InnernetError as e:
-            if not e.unreachable:
-                raise
-            if not stored_peers:
-                raise InnernetError(f"{e.message}, and there are no cached peers",
-                                    hint=e.hint) from None
-            # Said once, by whoever catches the error raised at the end.
-            peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
-            cfg = fail_over(args, iface, cfg, backend)
-        with device_lock(iface):     # the daemon's path watch changes it too
-            dev = backend.get(iface)
-            memo = load_paths_memo(store_path)
-            asked = None
-            if unreachable is None and traverse and \
-                    not getattr(args, "no_nat_traversal", False):
-                # Before they are added: peers the server calls offline get no
-                # keepalive (desired_peers), and no direct step later.
-                new = [p for p in peers if dev.peer(p.public_key) is None and not p.is_static
-                       and p.public_key not in (cfg.server_public_key,
-                                                public_key(cfg.private_key))]
-                told = learn_offline(api, cfg, memo, new)
-                if told is not None:
-                    asked = {p.public_key for p in new}
-                if told:
-                    save_paths_memo(store_path, memo)
-            own_key = public_key(cfg.private_key)
-            exit_state = load_exit_state(exit_state_path(store_path))
-            exit_peer, exit_problem = choose_exit_node(peers, exit_state["exit_node"], own_key) \
-                if exit_state else (None, None)
-            accept = not getattr(args, "no_accept_routes", False)
-            public = getattr(args, "accept_public_routes", False)
-            desired = desired_peers(cfg, peers, quiet=memo.offline, accept_routes=accept,
-                                    exit_key=exit_peer and exit_peer.public_key,
-                                    public_routes=public)
-            if changed and accept and not public:
-                for p in peers:
-                    skipped = [r for r in p.routes if not route_is_private(r)]
-                    if skipped and p.public_key != own_key and not p.is_disabled:
-                        warn(f"{iface}: not routing {', '.join(skipped)} of peer {p.name}: "
-                             "public ranges need --accept-public-routes")
-            # A rotated peer keeps the endpoint its old key had, so traffic goes
-            # on at once instead of waiting for a handshake from it.
-            carried = {new: dev.peer(old).endpoint for _, old, new in rotated
-                       if dev.peer(old) is not None and dev.peer(old).endpoint}
-            desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
-                       if p.public_key in carried and not p.endpoint else p for p in desired]
-            # Static peers (stock WireGuard devices) have the server as their only
-            # peer: they are reached through it, never with an entry of their own.
-            relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
-            updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
-                                 time.time(), resolve=resolve_endpoint, relayed=relayed,
-                                 relay_via=cfg.server_public_key)
-            # A peer pointed at its relay is settle_paths's to move, even before
-            # its first handshake there: the state's endpoint must not undo it.
-            for u in updates:
-                dp = dev.peer(u.public_key)
-                if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
-                    u.endpoint = None
-            changes = [u for u in updates if u.touches_device]
-            if changes:
-                backend.apply(iface, updates=changes)
-                names = {p.public_key: p.name for p in stored_peers + peers}
-                for u in changes:
-                    log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
-                        f"was {u.action}")
-            else:
-                debug(f"{iface}: peers are already up to date")
-            links = raw_links()
-            had_routes = any(p.routes for p in stored_peers + peers)
-            route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes)
-            if exit_problem and (changed or brought_up):
-                warn(f"{iface}: exit node not in use: {exit_problem}; traffic outside the "
-                     "network is dropped until it is (or run 'up' without --exit-node)")
-        if (brought_up or dns) and unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(api, iface, cfg)
-        # Files and the server's copy of our candidates need no lock on the device.
-        hosts_path, suffix = hosts_options(args)
-        if hosts_path:
-            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
-        if changed:
-            save_data_store(store_path, peers, cidrs, etag)
-        if unreachable is None:
-            own = next((p for p in peers if p.public_key == own_key), None)
-            report_candidates(args, api, cfg, own, dev.listen_port, links=links)
-        missed, next_due = set(), None
-        if traverse and not getattr(args, "no_nat_traversal", False):
-            keys = {u.public_key for u in changes if not u.remove}
-            with device_lock(iface):
-                memo = load_paths_memo(store_path)
-                missed = settle_paths(None if unreachable else api, backend, iface, cfg,
-                                      desired, memo, changed=keys,
-                                      full=traverse == "all" or brought_up,
-                                      dev=None if changes else dev,
-                                      save=lambda m: save_paths_memo(store_path, m),
-                                      asked=asked)
-                save_paths_memo(store_path, memo)
-            next_due = next_path_work(memo, missed, time.time())
-        if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):
-            write_fast_record(args, iface, cfg, etag, links, next_due)
-    finally:
-        api.close()
-    if unreachable is not None:
-        # The cached state is applied (a disabled peer stays out); still say so.
-        raise InnernetError(unreachable.message + f" (the interface keeps its "
-                            f"{len(stored_peers)} cached peers)",
-                            hint=unreachable.hint, unreachable=True)
-    return FetchResult(changes, brought_up, changed, waited, missed, next_due, exit_problem)
-
-
-def server_state_path(args, iface):
-    return data_store_path(args, iface)[:-5] + ".server.json"
-
-
-def load_server_state(args, iface):
-    """{"endpoint": the one failed over to, "since": when}, or {}."""
-    try:
-        with open(server_state_path(args, iface)) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def save_server_state(args, iface, endpoint):
-    with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
-                     json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
-
-
-def current_server(args, iface, cfg):
-    """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
-    if len(cfg.endpoints) < 2:
-        return cfg
-    chosen = load_server_state(args, iface).get("endpoint")
-    if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
-        return dataclasses.replace(cfg, server_external_endpoint=chosen)
-    return cfg
-
-
-def fail_over(args, iface, cfg, backend):
-    """The server does not answer: point its peer at the next endpoint it may be at
-    (a standby with the same key and address), round the list, so the next sync
-    tries there; a server that comes back is found the same way."""
-    eps = cfg.endpoints
-    if len(eps) < 2 or backend is None:
-        return cfg
-    since = load_server_state(args, iface).get("since")
-    since = since if isinstance(since, (int, float)) else 0
-    dp = None
-    with contextlib.suppress(InnernetError, OSError):
-        dp = backend.get(iface).peer(cfg.server_public_key)
-        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
-            # The endpoint just switched to has answered WireGuard since: it is
-            # there, only its API is not yet (a standby starting). Stay, for a
-            # while: a server that answered once may be gone later.
-            return cfg
-    here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
-    nxt = eps[(here + 1) % len(eps)]
-    ep = resolve_endpoint(nxt)
-    if ep is None:
-        return cfg
-    save_server_state(args, iface, nxt)
-    # The peer is removed and added again: a standby has the server's key but
-    # not its session, and WireGuard would send on the old session for 15 s
-    # before it starts a new handshake.
-    allowed = dp.allowed_ips if dp is not None else [host_prefix(cfg.server_ip)]
-    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, remove=True)])
-    backend.apply(iface, updates=[PeerUpdate(cfg.server_public_key, endpoint=ep,
-                                             keepalive=PERSISTENT_KEEPALIVE,
-                                             allowed_ips=allowed)])
-    warn(f"{iface}: the server does not answer at {cfg.server_external_endpoint}; "
-         f"trying {nxt}")
-    return dataclasses.replace(cfg, server_external_endpoint=nxt)
-
-
-def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
-    """Routes into the tunnel for peers' approved subnets (unless --no-routing
-    or --no-accept-routes), the exit node's table and rules when one is asked
-    for, and forwarding when this peer routes for others. Without
-    ``had_routes`` (no peer had or has a route) there is nothing to sync."""
-    if routing(args) and had_routes:
-        local = [i.network for i in local_networks(links)]
-        wanted = [] if getattr(args, "no_accept_routes", False) else \
-            interface_routes(desired, own_key, local)
-        sync_interface_routes(iface, wanted)
-    if exit_state:
-        exit_routing_up(backend, iface, exit_state["table"], exit_state["allow_lan"])
-    own = next((p for p in desired if p.public_key == own_key), None)
-    if own is not None and (own.routes or own.exit_node):
-        enable_route_forwarding(iface, own.routes + (["0.0.0.0/0"] if own.exit_node else []))
-
-
-def split_dns(api, iface, cfg):
-    """Split DNS for the network's zone, when the server answers DNS."""
-    try:
-        caps = api.call("GET", "/user/capabilities") or {}
-    except InnernetError:
-        return
-    zone = caps.get("dns") if isinstance(caps, dict) else None
-    try:
-        if not zone or parse_host_suffix(zone) != zone:
-            raise InnernetError("no zone")
-    except InnernetError:
-        debug(f"{iface}: the server does not answer DNS")
-        return
-    configure_split_dns(iface, cfg.server_ip, zone)
-
-
 def cmd_fetch(args):
     ifaces = chosen_interfaces(args)
     failed = 0
@@ -9492,227 +9735,6 @@ def cmd_fetch(args):
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}")
     return EXIT_ERROR if failed else 0
-
-
-def write_fast_record(args, iface, cfg, etag, links, next_due):
-    """What the fast path (fast_fetch) of the next unchanged `fetch` must find
-    unchanged; taken after every write of this sync."""
-    dump = uapi_dump(iface)
-    if dump is None or any(c in etag for c in "\r\n") or \
-            getattr(args, "no_accept_routes", False) or \
-            getattr(args, "accept_public_routes", False):
-        return          # the fast path knows neither option: the next fetch is full
-    cdir, ddir = _dirs(args, False)
-    hosts_path, _ = hosts_options(args)
-    o = {"config_dir": cdir, "data_dir": ddir, "hosts_path": hosts_path,
-         "host_suffix": getattr(args, "host_suffix", None),
-         "no_nat_traversal": getattr(args, "no_nat_traversal", False),
-         "no_nat_candidates": getattr(args, "no_nat_candidates", False),
-         "exclude": getattr(args, "exclude_nat_candidates", None)}
-    fields = {"etag": etag, "endpoint": cfg.server_internal_endpoint,
-              "key": cfg.server_public_key, **fast_fields(o, iface, links),
-              "device": device_digest(dump, time.time()),
-              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
-    with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(ddir, iface), fast_record(fields), 0o600)
-
-
-def server_capabilities(args, iface):
-    """The server's capabilities ({} for an old or unreachable server). An
-    unreachable one with other endpoints listed is looked for at the next
-    (fail_over) and the error raised, so the caller tries again there."""
-    cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
-    try:
-        caps = api.call("GET", "/user/capabilities") or {}
-    except InnernetError as e:
-        if e.unreachable and len(cfg.endpoints) > 1:
-            fail_over(args, iface, current_server(args, iface, cfg),
-                      existing_backend(opt(args, "backend", "auto"), iface))
-            raise
-        if e.unreachable or e.status in (404, 401):
-            return {}
-        raise
-    finally:
-        api.close()
-    return caps if isinstance(caps, dict) else {}
-
-
-def _positive_int(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def device_lock(iface):
-    """The lock around one interface's read-change-write of its device, shared
-    by the daemon's sync and its path watch (threads of one process)."""
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(iface, threading.RLock())
-
-
-_DEVICE_LOCKS: dict[str, threading.RLock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-
-
-class PathWatch:
-    """Notices, in seconds, a path (direct or relayed) that stopped carrying packets.
-
-    Without it a broken path is noticed only when its handshake is 180 s
-    old and the next traversal round comes (5.5 minutes in all). WireGuard
-    answers every data packet within KEEPALIVE_TIMEOUT (10 s), with a
-    keepalive if it has nothing else to send. So a peer that has sent nothing
-    for POKE_AFTER s is sent a packet into the tunnel (a poke; a second one
-    later, in case the first is lost); one that stays silent LOST_AFTER s,
-    with its first poke at least ANSWER_WITHIN s old, has no working path. A
-    live idle peer costs about one poke per keepalive period.
-    """
-    POKE_AFTER = (3.0, 8.0)       # s of silence at which to poke
-    ANSWER_WITHIN = 10.5          # WireGuard's passive keepalive, and some slack
-    LOST_AFTER = 14.0             # s of silence that mean the path is gone
-
-    def __init__(self):
-        self.seen = {}            # key -> (rx_bytes, monotonic time it last changed)
-        self.poked = {}           # key -> monotonic times of the pokes in this silence
-
-    def check(self, dev, peers_by_key, skip, now=None):
-        """The keys whose direct path is lost; pokes the quiet ones."""
-        now = time.monotonic() if now is None else now
-        lost = []
-        for dp in dev.peers:
-            k, p = dp.public_key, peers_by_key.get(dp.public_key)
-            if p is None or k in skip or not dp.last_handshake:
-                self.seen.pop(k, None)          # not direct, or never was: not ours
-                self.poked.pop(k, None)
-                continue
-            rx, since = self.seen.get(k, (None, now))
-            if rx != dp.rx_bytes:
-                self.seen[k] = (dp.rx_bytes, now)
-                self.poked.pop(k, None)
-                continue
-            quiet, pokes = now - since, self.poked.setdefault(k, [])
-            if len(pokes) < len(self.POKE_AFTER) and quiet >= self.POKE_AFTER[len(pokes)]:
-                trigger_packet(p.ip)
-                pokes.append(now)
-            elif quiet >= self.LOST_AFTER and pokes and now - pokes[0] >= self.ANSWER_WITHIN:
-                lost.append(k)
-                self.seen.pop(k, None)
-                self.poked.pop(k, None)
-        return lost
-
-
-def watch_paths(args, iface, state, every=1.0):
-    """The daemon's second thread: a peer whose direct path broke goes to the
-    relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch = PathWatch()
-    while True:
-        time.sleep(every)
-        if state.cfg is None:
-            continue
-        try:
-            with device_lock(iface):
-                backend = existing_backend(opt(args, "backend", "auto"), iface)
-                if backend is None:
-                    continue
-                cfg, peers = state.cfg, state.peers
-                dev = backend.get(iface)
-                if dev.peer(cfg.server_public_key) is None:
-                    continue
-                store_path = data_store_path(args, iface)
-                memo = load_paths_memo(store_path)
-                # Peers silent for the whole handshake window are offline, not lost:
-                # settle_paths looks after them in its slots.
-                live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
-                by_key = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
-                          and p.ip not in cfg.peer_endpoint_overrides and p.public_key in live}
-                lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
-                if lost:
-                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
-                    try:
-                        relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
-                    finally:
-                        api.close()
-                    moves = []
-                    for p in lost:
-                        if p.public_key in relays:
-                            how = "relayed path" if memo.relayed(dev.peer(p.public_key)) \
-                                else "direct path"
-                            log(f"peer {p.name}: no packet on the {how} for "
-                                f"{PathWatch.LOST_AFTER:.0f} s; relayed (end-to-end encrypted)")
-                            moves += _readd(p, dev.peer(p.public_key), relays[p.public_key])
-                            memo.since[p.public_key] = memo.tried[p.public_key] = time.time()
-                    memo.relays.update(relays)
-                    if moves:
-                        backend.apply(iface, updates=moves)
-                    save_paths_memo(store_path, memo)
-            # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
-            every = max(1.0, len(dev.peers) / 1000)
-        except Exception as e:        # the sync thread reports what matters
-            debug(f"{iface}: path watch: {e}")
-
-
-class _DaemonState:
-    cfg = None                   # as of the last sync, for the path watch
-    peers: list = []
-
-
-def _daemon(args, iface):
-    """Keep one interface in sync: long polls when offered, else the interval.
-
-    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
-    is back in sync soon after a server outage ends. Paths are settled after
-    every sync (settle_paths); a long poll is cut short when they need
-    another look, and a second thread watches direct paths.
-    """
-    caps, backoff, state = None, 1, _DaemonState()
-    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
-    failing = None                  # the error of the last round, until one works
-    traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):
-        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
-    while True:
-        sleep = args.interval
-        try:
-            if caps is None:
-                caps = server_capabilities(args, iface)
-                if _positive_int(caps.get("long_poll_seconds")):
-                    debug(f"{iface}: the server offers long polls; changes apply at once")
-            long_poll = 0 if getattr(args, "no_long_poll", False) else \
-                _positive_int(caps.get("long_poll_seconds"))
-            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
-            if due_at is not None:          # paths to look at: the poll ends in time
-                wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
-                                     traverse=traverse, dns=dns)
-            traverse, backoff, dns = "changed", 1, False
-            due_at = None if result.next_due is None else time.monotonic() + result.next_due
-            if not getattr(args, "no_nat_traversal", False):
-                state.cfg = load_client_config(args, iface)
-                state.peers = load_data_store(data_store_path(args, iface))[0]
-            if wait and (result.changed or result.waited):
-                sleep = 0                   # the wait happened on the server
-            elif due_at is not None:
-                sleep = min(sleep, max(0.0, due_at - time.monotonic()))
-            if failing is not None:
-                log(f"{iface}: in sync with the server again")
-                failing = None
-        except Exception as e:      # one network's trouble must not end the others
-            if isinstance(e, InnernetError):
-                message = e.message
-            else:
-                import traceback
-                message = f"unexpected error: {e!r}"
-                debug(traceback.format_exc())
-            if message != failing:
-                warn(f"{iface}: {message} (retrying)")
-            else:
-                debug(f"{iface}: still failing: {message}")
-            failing = message
-            caps = None
-            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
-            if isinstance(e, InnernetError) and e.unreachable and \
-                    len(load_client_config(args, iface).endpoints) > 1:
-                backoff = 1       # failing over: each endpoint's try is the pace itself
-        if sleep:
-            time.sleep(sleep)
 
 
 def cmd_up(args):
