@@ -2645,26 +2645,24 @@ _DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
              "associations": {"cidrs"}}
 
 
-def plan_document(text, source, cidrs, peers, associations, deletions, now):
-    """(steps, problems) turning the database into the document ``text``.
+class _DocReader:
+    """Reads a parsed TOML document whose keys have line numbers, collecting
+    problems as 'FILE, line N: what' instead of stopping at the first."""
 
-    Problems are lines 'FILE, line N: what'; with any, the plan must not be
-    applied. Pure: the store applies the steps in one transaction."""
-    problems = []
-    lines = {}
-    try:
-        doc = toml_loads(text, source, lines, arrays=True)
-    except InnernetError as e:
-        return [], [e.message]
+    def __init__(self, source, lines):
+        self.source, self.lines, self.problems = source, lines, []
 
-    def bad(where, message):
-        n = lines.get(where) or lines.get(where[:2]) if isinstance(where, tuple) else None
-        problems.append(f"{source}, line {n}: {message}" if n else f"{source}: {message}")
+    def bad(self, where, message):
+        n = None
+        if isinstance(where, tuple):
+            n = self.lines.get(where) or self.lines.get(where[:2])
+        self.problems.append(f"{self.source}, line {n}: {message}" if n
+                             else f"{self.source}: {message}")
 
-    def field(where, table, key, kind, required=True, default=None):
+    def field(self, where, table, key, kind, required=True, default=None):
         if key not in table:
             if required:
-                bad(where, f"missing '{key}'")
+                self.bad(where, f"missing '{key}'")
             return default
         v = table[key]
         if kind is list:
@@ -2673,55 +2671,80 @@ def plan_document(text, source, cidrs, peers, associations, deletions, now):
             ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
         if not ok:
             what = "a list of strings" if kind is list else kind.__name__
-            bad(where + (key,), f"'{key}' must be {what}")
+            self.bad(where + (key,), f"'{key}' must be {what}")
             return default
         return v
 
-    def first_use(where, *checks):
+    def first_use(self, where, *checks):
         """Report the first (field, value, seen, message) whose value was seen
         before; else note every value. True when all are new."""
         for key, value, seen, message in checks:
             if value in seen:
-                bad(where + (key,), message)
+                self.bad(where + (key,), message)
                 return False
         for _, value, seen, _ in checks:
             seen.add(value)
         return True
 
-    for key in doc:
-        if key not in _DOC_KEYS[None]:
-            bad((key,), f"unknown key '{key}'")
-    for section in ("cidrs", "peers", "associations"):
-        if section in doc and not isinstance(doc[section], list):
-            bad((section,), f"'{section}' must be [[{section}]] tables")
-            doc[section] = []
-        for i, t in enumerate(doc.get(section, [])):
-            for k in t:
-                if k not in _DOC_KEYS[section]:
-                    bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
+    def check_keys(self, doc):
+        for key in doc:
+            if key not in _DOC_KEYS[None]:
+                self.bad((key,), f"unknown key '{key}'")
+        for section in ("cidrs", "peers", "associations"):
+            if section in doc and not isinstance(doc[section], list):
+                self.bad((section,), f"'{section}' must be [[{section}]] tables")
+                doc[section] = []
+            for i, t in enumerate(doc.get(section, [])):
+                for k in t:
+                    if k not in _DOC_KEYS[section]:
+                        self.bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
 
+
+def plan_document(text, source, cidrs, peers, associations, deletions, now):
+    """(steps, problems) turning the database into the document ``text``.
+
+    Problems are lines 'FILE, line N: what'; with any, the plan must not be
+    applied. Pure: the store applies the steps in one transaction."""
+    lines = {}
+    try:
+        doc = toml_loads(text, source, lines, arrays=True)
+    except InnernetError as e:
+        return [], [e.message]
+    r = _DocReader(source, lines)
+    r.check_keys(doc)
     root = root_cidr(cidrs)
-    name = field(("network",), doc, "network", str)
+    name = r.field(("network",), doc, "network", str)
     if name is not None and name != root.name:
-        bad(("network",), f"this is network '{name}', not '{root.name}'")
-    rng = field(("cidr",), doc, "cidr", str)
+        r.bad(("network",), f"this is network '{name}', not '{root.name}'")
+    rng = r.field(("cidr",), doc, "cidr", str)
     if rng is not None and rng != root.cidr:
-        bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
+        r.bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
+    target, ids = _plan_cidrs(r, doc, cidrs, root)
+    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
+    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
+    tpeers = _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined)
+    tassocs = _plan_associations(r, doc, ids)
+    if r.problems:
+        return [], r.problems
+    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
 
-    # CIDRs: parents before children, each checked as add-cidr would.
+
+def _plan_cidrs(r, doc, cidrs, root):
+    """The document's CIDR tree, parents before children, each checked as
+    add-cidr would: (the CIDRs, name -> id). New ones get ids below zero."""
     db_by_range = {c.cidr: c for c in cidrs}
     infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
     target = [root] + ([infra] if infra else [])
     entries = []
     for i, t in enumerate(doc.get("cidrs", [])):
         where = ("cidrs", i)
-        cname, crange, parent = (field(where, t, k, str) for k in ("name", "cidr", "parent"))
+        cname, crange, parent = (r.field(where, t, k, str) for k in ("name", "cidr", "parent"))
         if None in (cname, crange, parent):
             continue
         try:
             crange = str(parse_network(crange))
         except InnernetError as e:
-            bad(where + ("cidr",), e.message)
+            r.bad(where + ("cidr",), e.message)
             continue
         entries.append((where, cname, crange, parent))
     pending, fake_id, ids = list(entries), -1, {root.name: root.id}
@@ -2732,14 +2755,14 @@ def plan_document(text, source, cidrs, peers, associations, deletions, now):
         ready = [e for e in pending if e[3] in ids]
         if not ready:
             for where, cname, _, parent in pending:
-                bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
+                r.bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
             break
         for e in ready:
             pending.remove(e)
             where, cname, crange, parent = e
-            if not first_use(where,
-                             ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
-                             ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
+            if not r.first_use(
+                    where, ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
+                    ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
                 continue
             old = db_by_range.get(crange)
             cid = old.id if old else fake_id
@@ -2747,106 +2770,118 @@ def plan_document(text, source, cidrs, peers, associations, deletions, now):
             try:
                 check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
             except InnernetError as err:
-                bad(where, f"CIDR '{cname}': {err.message}")
+                r.bad(where, f"CIDR '{cname}': {err.message}")
                 continue
             if old is not None and old.parent != ids[parent]:
-                bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
-                                         "(delete it and add it anew)")
+                r.bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
+                                           "(delete it and add it anew)")
                 continue
             ids[cname] = cid
             target.append(Cidr(cid, cname, crange, ids[parent]))
+    return target, ids
 
-    # Peers, known by address.
-    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
+
+def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
+    """The document's peers, known by address, each checked against the tree
+    and the one it replaces: [(where, peer, old peer or None)]."""
     server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
-    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
     tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
     by_cidr_id = {c.id: c for c in target}
     for i, t in enumerate(doc.get("peers", [])):
         where = ("peers", i)
-        pname, ip, cname = (field(where, t, k, str) for k in ("name", "ip", "cidr"))
-        admin = field(where, t, "admin", bool, False, False)
-        disabled = field(where, t, "disabled", bool, False, False)
-        static = field(where, t, "static", bool, False, False)
-        field(where, t, "invited", bool, False, False)
-        routes = field(where, t, "routes", list, False, [])
-        exit_node = field(where, t, "exit-node", bool, False, False)
-        if None in (pname, ip, cname):
+        read = _read_plan_peer(r, where, t)
+        if read is None:
             continue
-        try:
-            ip = str(parse_ip(ip))
-            routes = parse_routes(routes)
-        except InnernetError as e:
-            bad(where, f"peer '{pname}': {e.message}")
-            continue
-        if not is_hostname(pname):
-            bad(where + ("name",), f"invalid peer name {pname!r}")
-            continue
-        if not first_use(where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
-                         ("ip", ip, seen_ips, f"address {ip} is used twice")):
+        pname, ip, cname, admin, disabled, static, routes, exit_node = read
+        if not r.first_use(
+                where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
+                ("ip", ip, seen_ips, f"address {ip} is used twice")):
             continue
         if cname not in ids:
-            bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
+            r.bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
             continue
-        cidr = by_cidr_id[ids[cname]]
-        old = db_by_ip.get(ip)
-        if any(c.parent == cidr.id for c in target):
-            bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' has child CIDRs")
+        cidr, old = by_cidr_id[ids[cname]], db_by_ip.get(ip)
+        problem = _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined)
+        if problem:
+            r.bad(where + (problem[0],), problem[1])
             continue
-        if not is_assignable(ip, cidr.network):
-            bad(where + ("ip",), f"peer '{pname}': {ip} is not an assignable address of "
-                                 f"'{cname}' ({cidr.cidr})")
-            continue
-        if old is None:
-            if static:
-                bad(where + ("static",), f"peer '{pname}': static peers are made with "
-                                         "add-peer --static (their key is made there)")
-                continue
-            if ip in quarantined:
-                bad(where + ("ip",), f"peer '{pname}': {ip} is quarantined (peer "
-                                     f"'{quarantined[ip].name}' had it)")
-                continue
-        else:
-            if old.cidr_id != cidr.id:
-                bad(where + ("cidr",), f"peer '{pname}' ({ip}) cannot move to another CIDR")
-                continue
-            if static != old.is_static:
-                bad(where + ("static",), f"peer '{pname}': 'static' cannot change")
-                continue
         me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
                   is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
                   is_static=static, routes=routes, exit_node=exit_node,
-                  pending_routes=[r for r in (old.pending_routes if old else [])
-                                  if r not in routes])
+                  pending_routes=[x for x in (old.pending_routes if old else [])
+                                  if x not in routes])
         tpeers.append((where, me, old))
     for where, me, old in tpeers:
         try:
             check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
         except InnernetError as e:
-            bad(where + ("routes",), e.message)
+            r.bad(where + ("routes",), e.message)
+    return tpeers
 
-    # Associations, by the names of their CIDRs.
+
+def _read_plan_peer(r, where, t):
+    """One [[peers]] table's fields, typed and parsed, or None (reported)."""
+    pname, ip, cname = (r.field(where, t, k, str) for k in ("name", "ip", "cidr"))
+    admin = r.field(where, t, "admin", bool, False, False)
+    disabled = r.field(where, t, "disabled", bool, False, False)
+    static = r.field(where, t, "static", bool, False, False)
+    r.field(where, t, "invited", bool, False, False)
+    routes = r.field(where, t, "routes", list, False, [])
+    exit_node = r.field(where, t, "exit-node", bool, False, False)
+    if None in (pname, ip, cname):
+        return None
+    try:
+        ip = str(parse_ip(ip))
+        routes = parse_routes(routes)
+    except InnernetError as e:
+        r.bad(where, f"peer '{pname}': {e.message}")
+        return None
+    if not is_hostname(pname):
+        r.bad(where + ("name",), f"invalid peer name {pname!r}")
+        return None
+    return pname, ip, cname, admin, disabled, static, routes, exit_node
+
+
+def _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined):
+    """(field, message) when this peer cannot be in the plan, else None."""
+    if any(c.parent == cidr.id for c in target):
+        return "cidr", f"peer '{pname}': CIDR '{cname}' has child CIDRs"
+    if not is_assignable(ip, cidr.network):
+        return "ip", (f"peer '{pname}': {ip} is not an assignable address of "
+                      f"'{cname}' ({cidr.cidr})")
+    if old is None and static:
+        return "static", (f"peer '{pname}': static peers are made with add-peer --static "
+                          "(their key is made there)")
+    if old is None and ip in quarantined:
+        return "ip", f"peer '{pname}': {ip} is quarantined (peer '{quarantined[ip].name}' had it)"
+    if old is not None and old.cidr_id != cidr.id:
+        return "cidr", f"peer '{pname}' ({ip}) cannot move to another CIDR"
+    if old is not None and static != old.is_static:
+        return "static", f"peer '{pname}': 'static' cannot change"
+    return None
+
+
+def _plan_associations(r, doc, ids):
+    """The document's associations, by the names of their CIDRs: {(a, b)}."""
     tassocs = set()
     for i, t in enumerate(doc.get("associations", [])):
         where = ("associations", i)
-        pair = field(where, t, "cidrs", list)
+        pair = r.field(where, t, "cidrs", list)
         if pair is None:
             continue
         if len(pair) != 2 or pair[0] == pair[1]:
-            bad(where + ("cidrs",), "an association names two different CIDRs")
+            r.bad(where + ("cidrs",), "an association names two different CIDRs")
             continue
         missing = [x for x in pair if x not in ids]
         if missing:
-            bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
+            r.bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
             continue
         key = tuple(sorted(pair))
         if key in tassocs:
-            bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
+            r.bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
             continue
         tassocs.add(key)
-    if problems:
-        return [], problems
-    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
+    return tassocs
 
 
 def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
@@ -6280,22 +6315,11 @@ class _HttpConnection:
         first = self.rfile.readline(HTTP_LINE_MAX + 1)
         if not first:
             return False
-        method = None
         try:
-            if len(first) > HTTP_LINE_MAX:
-                raise _HttpRefusal(414, "the request line is too long")
-            lines = [first.rstrip(b"\r\n")]
-            parse_request_line(lines[0])
-            while True:
-                line = self._line()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                if len(lines) > HTTP_HEADERS_MAX:
-                    raise _HttpRefusal(431, "too many headers")
-                lines.append(line.rstrip(b"\r\n"))
-            method, target, version, headers = parse_http_head(lines)
+            method, target, version, headers = self._head(first)
         except _HttpRefusal as e:
-            self.send(method or "GET", e.status, {"error": e.reason[:200]}, close=True)
+            # answered as to a GET: a refused head has no trusted method
+            self.send("GET", e.status, {"error": e.reason[:200]}, close=True)
             return False
         conn = headers.get("Connection", "").lower()
         close = conn == "close" if version == "HTTP/1.1" else conn != "keep-alive"
@@ -6310,27 +6334,8 @@ class _HttpConnection:
                 return False
             if version == "HTTP/1.1":
                 self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, body_error = None, None
-        length = headers.get("Content-Length")
-        if headers.get("Transfer-Encoding"):
-            body_error, close = "chunked bodies are not supported", True
-        elif length is None:
-            body_error = "missing Content-Length header"
-        else:
-            size = ascii_uint(length.strip())
-            limit = body_limit(method, target)
-            if size is None:
-                body_error, close = "invalid Content-Length header", True
-            elif size > limit:
-                body_error, close = f"request body is larger than {limit} bytes", True
-            else:
-                try:
-                    body = self.rfile.read(size)
-                except OSError:          # the timeout: the sender stopped short
-                    body = b""
-                if len(body) < size:
-                    body, close = None, True
-                    body_error = "the request body ended before its Content-Length"
+        body, body_error, cut = self._body(method, target, headers)
+        close = close or cut
         resp = self.server.coordinator.handle(method, target, headers, self.ip, body,
                                               body_error)
         data = resp.raw
@@ -6341,6 +6346,44 @@ class _HttpConnection:
         if resp.after:
             resp.after(self.sock)
         return not close
+
+    def _head(self, first):
+        """(method, target, version, headers) of the request whose first line
+        is ``first``; _HttpRefusal if it is malformed or too large."""
+        if len(first) > HTTP_LINE_MAX:
+            raise _HttpRefusal(414, "the request line is too long")
+        lines = [first.rstrip(b"\r\n")]
+        parse_request_line(lines[0])
+        while True:
+            line = self._line()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(lines) > HTTP_HEADERS_MAX:
+                raise _HttpRefusal(431, "too many headers")
+            lines.append(line.rstrip(b"\r\n"))
+        return parse_http_head(lines)
+
+    def _body(self, method, target, headers):
+        """(body or None, why there is none, whether the connection must
+        close): a body is read only when its length is given and allowed."""
+        length = headers.get("Content-Length")
+        if headers.get("Transfer-Encoding"):
+            return None, "chunked bodies are not supported", True
+        if length is None:
+            return None, "missing Content-Length header", False
+        size = ascii_uint(length.strip())
+        limit = body_limit(method, target)
+        if size is None:
+            return None, "invalid Content-Length header", True
+        if size > limit:
+            return None, f"request body is larger than {limit} bytes", True
+        try:
+            body = self.rfile.read(size)
+        except OSError:          # the timeout: the sender stopped short
+            body = b""
+        if len(body) < size:
+            return None, "the request body ended before its Content-Length", True
+        return body, None, False
 
     def send(self, method, status, data, *, headers=None, close=False, line=None):
         if isinstance(data, dict):
@@ -6356,8 +6399,8 @@ class _HttpConnection:
         if close:
             head.append("Connection: close")
         out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        if data and method != "HEAD":
-            out += data
+        if data and method != "HEAD":    # HEAD is refused (501), and that answer
+            out += data                    # must still come without a body (RFC 9110)
         self.sock.sendall(out)
         debug(f"http {self.ip} \"{line or '-'}\" {status} {len(data or b'')}", 2)
 
@@ -7298,34 +7341,10 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
         batch = {k: c[i] for k, (_, _, c) in todo.items() if i < len(c)}
         if not batch or time.monotonic() - start > budget:
             break
-        since = time.time()
-        # Both sides run this at the same moment. Initiations that cross turn
-        # both sides into responders and the pair waits out WireGuard's 5 s
-        # retry, so of each pair the smaller key goes first and the other
-        # follows 0.1 s later: the first opens its NAT, the second then gets
-        # a clean answer.
-        ups = {k: _readd(todo[k][0], todo[k][1], ep) for k, ep in batch.items()}
-        leaders = [k for k in batch if own < k]
-        schedule = [(0.0, leaders), (0.1, [k for k in batch if k not in leaders]),
-                    (0.35, leaders), (0.45, [k for k in batch if k not in leaders]),
-                    (0.7, list(batch))]
         debug(f"{iface}: NAT traversal step {i + 1}: trying " +
               ", ".join(f"{todo[k][0].name}@{ep}" for k, ep in batch.items()))
-        began = time.monotonic()
-        while time.monotonic() - began < step and batch:
-            while schedule and time.monotonic() - began >= schedule[0][0]:
-                _, keys = schedule.pop(0)
-                todo_now = [u for k in keys if k in batch for u in ups[k]]
-                if todo_now:
-                    backend.apply(iface, updates=todo_now)
-            time.sleep(0.02)
-            for q in backend.get(iface).peers:
-                if q.public_key in batch and q.last_handshake > since:
-                    log(f"peer {todo[q.public_key][0].name} reached directly at "
-                        f"{batch[q.public_key]}")
-                    del batch[q.public_key]
-                    del todo[q.public_key]
-                    del missed[q.public_key]
+        for k in _traversal_step(backend, iface, own, todo, batch, step):
+            del todo[k], missed[k]
         if not todo:
             break
     updates = []
@@ -7337,6 +7356,38 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
     if updates:
         backend.apply(iface, updates=updates)
     return set(missed)
+
+
+def _traversal_step(backend, iface, own, todo, batch, step):
+    """One step of traverse_nat: each peer in ``batch`` (key -> endpoint) at
+    that candidate for up to ``step`` seconds; returns the keys that handshook."""
+    since = time.time()
+    # Both sides run this at the same moment. Initiations that cross turn
+    # both sides into responders and the pair waits out WireGuard's 5 s
+    # retry, so of each pair the smaller key goes first and the other
+    # follows 0.1 s later: the first opens its NAT, the second then gets
+    # a clean answer. Each side sends twice more in the step, in case the
+    # first packets met a NAT mapping not yet made.
+    ups = {k: _readd(todo[k][0], todo[k][1], ep) for k, ep in batch.items()}
+    leaders = [k for k in batch if own < k]
+    followers = [k for k in batch if k not in leaders]
+    schedule = [(0.0, leaders), (0.1, followers), (0.35, leaders), (0.45, followers),
+                (0.7, list(batch))]
+    pending, reached = dict(batch), set()
+    began = time.monotonic()
+    while time.monotonic() - began < step and pending:
+        while schedule and time.monotonic() - began >= schedule[0][0]:
+            _, keys = schedule.pop(0)
+            todo_now = [u for k in keys if k in pending for u in ups[k]]
+            if todo_now:
+                backend.apply(iface, updates=todo_now)
+        time.sleep(0.02)             # a handshake takes one round trip; poll for it
+        for q in backend.get(iface).peers:
+            if q.public_key in pending and q.last_handshake > since:
+                log(f"peer {todo[q.public_key][0].name} reached directly at "
+                    f"{pending.pop(q.public_key)}")
+                reached.add(q.public_key)
+    return reached
 
 
 def _readd(p, dp, endpoint):
@@ -7447,16 +7498,28 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     (innernet's servers). ``save(memo)``, if given, is called before a direct
     try, so that `show` run meanwhile knows the peers are still relayed.
     ``asked``: keys the server was asked about moments ago (learn_offline; its
-    answer is in ``memo.offline``), not asked about again in this run. Returns the keys left with no path.
+    answer is in ``memo.offline``), not asked about again in this run.
+    Returns the keys left with no path.
     """
     now = time.time() if now is None else now
-    changed = set(changed)
     own = public_key(cfg.private_key)
     wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
               and p.public_key not in (own, cfg.server_public_key)
               and p.ip not in cfg.peer_endpoint_overrides}
     memo.keep_only(wanted)
     dev = dev or backend.get(iface)
+    fresh, probe = _path_work(dev, wanted, memo, set(changed), full, now)
+    unreachable = set()
+    if fresh:
+        unreachable = _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now)
+    if probe:
+        _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now)
+    return unreachable
+
+
+def _path_work(dev, wanted, memo, changed, full, now):
+    """settle_paths's work: (peers with no working path that are due a try,
+    relayed peers due a direct try); notes the peers heard from."""
     fresh, probe = [], []
     for dp in dev.peers:
         p = wanted.get(dp.public_key)
@@ -7476,70 +7539,77 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
                 probe.append(p)
         elif due:
             fresh.append(p)
-    unreachable = set()
-    if fresh:
-        # A peer the server last called offline gets no direct step: it would
-        # cost a second for nothing (and wireguard-go some milliseconds per
-        # re-added peer: 300 offline peers made a first `up` take 9 s). The
-        # relay request says if it is back; for peers never tried, the server
-        # is asked first, without allocating anything.
-        asked = set(asked) if asked is not None else None
-        just_told = learn_offline(api, cfg, memo,
-                                  [p for p in fresh if p.public_key not in (asked or ())])
-        # a server with a relay, which just answered (or answered the caller)
-        answer = ({}, set()) if just_told is not None or asked is not None else None
-        just_told = (just_told or set()) | ((asked or set()) & memo.offline)
-        for p in fresh:
-            memo.tried[p.public_key] = now
-        trying = [p for p in fresh if p.public_key not in memo.offline]
-        first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
-        missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
-        # ...and not again in the same run for those it just called offline
-        ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
-        if ask:
-            answer = request_relays(api, cfg, ask)
-        relays, offline = answer if answer is not None else ({}, set())
-        memo.relays.update(relays)
-        memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
-        if relays:
-            by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
-            backend.apply(iface, updates=[u for p in missed if p.public_key in relays
-                                          for u in _readd(p, by_key[p.public_key],
-                                                          relays[p.public_key])])
-        for p in missed:
-            if p.public_key in relays:
-                if p.public_key not in memo.since:
-                    log(f"peer {p.name}: no direct path yet; relayed (end-to-end encrypted)")
-                memo.since[p.public_key] = now
-        # Without a relay on the server, every candidate, as before; with one,
-        # the rest are offline (or past the relay's bounds: the next slot).
-        rest = [p for p in missed if p.public_key not in relays]
-        unreachable = traverse_nat(backend, iface, cfg, rest) if answer is None and rest \
-            else {p.public_key for p in rest}
-        for k in unreachable:          # tried less often the longer it lasts
-            memo.since.setdefault(k, now)
-    if probe:
-        for p in probe:
-            memo.tried[p.public_key] = now
-        # Asking again keeps the relay ports open; a new port means the old
-        # allocation is gone (the server restarted): move there at once.
-        again = (request_relays(api, cfg, probe) or ({}, set()))[0]
-        moved = [p for p in probe if again.get(p.public_key, memo.relays[p.public_key])
-                 != memo.relays[p.public_key]]
-        if moved:
-            memo.relays.update(again)
-            backend.apply(iface, updates=[u for p in moved for u in _readd(
-                p, dev.peer(p.public_key), again[p.public_key])])
-        trying = [p for p in probe if p not in moved]
-        memo.trying = {p.public_key: time.time() + 5 for p in trying}
-        if trying and save is not None:
-            save(memo)
-        try:
-            for k in probe_direct(backend, iface, trying, memo, local_networks()):
-                memo.since.pop(k, None)
-        finally:
-            memo.trying = {}
+    return fresh, probe
+
+
+def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
+    """One direct step for peers with no working path, then the relay for
+    those it did not reach; returns the keys left with no path."""
+    # A peer the server last called offline gets no direct step: it would
+    # cost a second for nothing (and wireguard-go some milliseconds per
+    # re-added peer: 300 offline peers made a first `up` take 9 s). The
+    # relay request says if it is back; for peers never tried, the server
+    # is asked first, without allocating anything.
+    asked = set(asked) if asked is not None else None
+    just_told = learn_offline(api, cfg, memo,
+                              [p for p in fresh if p.public_key not in (asked or ())])
+    # a server with a relay, which just answered (or answered the caller)
+    answer = ({}, set()) if just_told is not None or asked is not None else None
+    just_told = (just_told or set()) | ((asked or set()) & memo.offline)
+    for p in fresh:
+        memo.tried[p.public_key] = now
+    trying = [p for p in fresh if p.public_key not in memo.offline]
+    first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
+    missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
+    # ...and not again in the same run for those it just called offline
+    ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+    if ask:
+        answer = request_relays(api, cfg, ask)
+    relays, offline = answer if answer is not None else ({}, set())
+    memo.relays.update(relays)
+    memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
+    if relays:
+        by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
+        backend.apply(iface, updates=[u for p in missed if p.public_key in relays
+                                      for u in _readd(p, by_key[p.public_key],
+                                                      relays[p.public_key])])
+    for p in missed:
+        if p.public_key in relays:
+            if p.public_key not in memo.since:
+                log(f"peer {p.name}: no direct path yet; relayed (end-to-end encrypted)")
+            memo.since[p.public_key] = now
+    # Without a relay on the server, every candidate, as before; with one,
+    # the rest are offline (or past the relay's bounds: the next slot).
+    rest = [p for p in missed if p.public_key not in relays]
+    unreachable = traverse_nat(backend, iface, cfg, rest) if answer is None and rest \
+        else {p.public_key for p in rest}
+    for k in unreachable:          # tried less often the longer it lasts
+        memo.since.setdefault(k, now)
     return unreachable
+
+
+def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
+    """Relayed peers: keep their relay ports open, and try them directly."""
+    for p in probe:
+        memo.tried[p.public_key] = now
+    # Asking again keeps the relay ports open; a new port means the old
+    # allocation is gone (the server restarted): move there at once.
+    again = (request_relays(api, cfg, probe) or ({}, set()))[0]
+    moved = [p for p in probe if again.get(p.public_key, memo.relays[p.public_key])
+             != memo.relays[p.public_key]]
+    if moved:
+        memo.relays.update(again)
+        backend.apply(iface, updates=[u for p in moved for u in _readd(
+            p, dev.peer(p.public_key), again[p.public_key])])
+    trying = [p for p in probe if p not in moved]
+    memo.trying = {p.public_key: time.time() + 5 for p in trying}
+    if trying and save is not None:
+        save(memo)
+    try:
+        for k in probe_direct(backend, iface, trying, memo, local_networks()):
+            memo.since.pop(k, None)
+    finally:
+        memo.trying = {}
 
 
 def next_path_work(memo, unreachable, now):
@@ -7615,146 +7685,193 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     fast_path = fast_file_path(_dirs(args, False)[1], iface)
     with contextlib.suppress(OSError):
         os.unlink(fast_path)          # only a sync that completes leaves one
-    cfg = current_server(args, iface, load_client_config(args, iface))
-    choice = opt(args, "backend", "auto")
-    backend = existing_backend(choice, iface)
-    brought_up = False
-    if backend is None:
-        if not allow_bring_up:
-            raise InnernetError(f"interface {iface} is not up",
-                                hint=f"run 'innernet up {iface}' instead")
-        backend = bring_up(
-            choice, iface, private_key=cfg.private_key, address=cfg.address,
-            listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-            mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
-        brought_up = True
-    store_path = data_store_path(args, iface)
-    stored_peers, stored_cidrs, stored_etag = load_data_store(store_path)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    timeout=HTTP_TIMEOUT + wait)
-    unreachable = None
-    changed = waited = False
-    rotated = []
+    if getattr(args, "no_nat_traversal", False):
+        traverse = None
+    f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
+    f.find_device(allow_bring_up)
+    f.api = ApiClient(f.cfg.server_internal_endpoint, f.cfg.server_public_key,
+                      timeout=HTTP_TIMEOUT + wait)
     try:
+        f.receive(wait)
+        with device_lock(iface):     # the daemon's path watch changes it too
+            f.apply_peers(traverse)
+            f.apply_routes()
+        if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
+            split_dns(f.api, iface, f.cfg)
+        f.write_files()     # files and our candidates need no lock on the device
+        if traverse:
+            f.settle(traverse)
+        if record and f.unreachable is None and f.etag and \
+                isinstance(f.backend, UserspaceBackend):
+            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due)
+    finally:
+        f.api.close()
+    if f.unreachable is not None:
+        # The cached state is applied (a disabled peer stays out); still say so.
+        raise InnernetError(f.unreachable.message + f" (the interface keeps its "
+                            f"{len(f.stored_peers)} cached peers)",
+                            hint=f.unreachable.hint, unreachable=True)
+    return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
+                       f.exit_problem)
+
+
+class _Fetch:
+    """One fetch_interface run, step by step: what it read, decided and did."""
+
+    def __init__(self, args, iface, cfg):
+        self.args, self.iface, self.cfg = args, iface, cfg
+        self.store_path = data_store_path(args, iface)
+        self.own_key = public_key(cfg.private_key)
+        self.api = self.backend = self.dev = self.unreachable = self.asked = None
+        self.brought_up = self.changed = self.waited = False
+        self.rotated, self.changes, self.desired, self.links = [], [], [], {}
+        self.missed, self.next_due = set(), None
+        self.exit_state = self.exit_problem = None
+
+    def find_device(self, allow_bring_up):
+        """The interface's backend, bringing the interface up where allowed."""
+        args, iface, cfg = self.args, self.iface, self.cfg
+        choice = opt(args, "backend", "auto")
+        self.backend = existing_backend(choice, iface)
+        if self.backend is None:
+            if not allow_bring_up:
+                raise InnernetError(f"interface {iface} is not up",
+                                    hint=f"run 'innernet up {iface}' instead")
+            self.backend = bring_up(
+                choice, iface, private_key=cfg.private_key, address=cfg.address,
+                listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
+                mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+            self.brought_up = True
+        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.store_path)
+
+    def receive(self, wait):
+        """The peers and CIDRs to apply: the server's, pinned against what we
+        had; or the cached ones (and the next server) when it is unreachable."""
         try:
-            state, etag, waited = fetch_state(api, stored_etag if stored_peers else None, wait)
+            state, self.etag, self.waited = fetch_state(
+                self.api, self.stored_etag if self.stored_peers else None, wait)
             if state is None:
-                peers, cidrs = stored_peers, stored_cidrs
-            else:
-                received = [Peer.from_json(p) for p in state.get("peers", [])]
-                cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-                deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
-                rotated = verified_rotations(api, cfg, stored_peers, received)
-                peers = merge_pinned(stored_peers, received, deleted, time.time(), rotated=rotated,
-                                     own_ip=str(cfg.address.ip))          # pinning first
-                changed = True
+                self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
+                return
+            received = [Peer.from_json(p) for p in state.get("peers", [])]
+            self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
+            deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+            self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
+            self.peers = merge_pinned(self.stored_peers, received, deleted, time.time(),
+                                      rotated=self.rotated,
+                                      own_ip=str(self.cfg.address.ip))          # pinning first
+            self.changed = True
         except InnernetError as e:
             if not e.unreachable:
                 raise
-            if not stored_peers:
+            if not self.stored_peers:
                 raise InnernetError(f"{e.message}, and there are no cached peers",
                                     hint=e.hint) from None
             # Said once, by whoever catches the error raised at the end.
-            peers, cidrs, etag, unreachable = stored_peers, stored_cidrs, stored_etag, e
-            cfg = fail_over(args, iface, cfg, backend)
-        with device_lock(iface):     # the daemon's path watch changes it too
-            dev = backend.get(iface)
-            memo = load_paths_memo(store_path)
-            asked = None
-            if unreachable is None and traverse and \
-                    not getattr(args, "no_nat_traversal", False):
-                # Before they are added: peers the server calls offline get no
-                # keepalive (desired_peers), and no direct step later.
-                new = [p for p in peers if dev.peer(p.public_key) is None and not p.is_static
-                       and p.public_key not in (cfg.server_public_key,
-                                                public_key(cfg.private_key))]
-                told = learn_offline(api, cfg, memo, new)
-                if told is not None:
-                    asked = {p.public_key for p in new}
-                if told:
-                    save_paths_memo(store_path, memo)
-            own_key = public_key(cfg.private_key)
-            exit_state = load_exit_state(exit_state_path(store_path))
-            exit_peer, exit_problem = choose_exit_node(peers, exit_state["exit_node"], own_key) \
-                if exit_state else (None, None)
-            accept = not getattr(args, "no_accept_routes", False)
-            public = getattr(args, "accept_public_routes", False)
-            desired = desired_peers(cfg, peers, quiet=memo.offline, accept_routes=accept,
-                                    exit_key=exit_peer and exit_peer.public_key,
-                                    public_routes=public)
-            if changed and accept and not public:
-                for p in peers:
-                    skipped = [r for r in p.routes if not route_is_private(r)]
-                    if skipped and p.public_key != own_key and not p.is_disabled:
-                        warn(f"{iface}: not routing {', '.join(skipped)} of peer {p.name}: "
-                             "public ranges need --accept-public-routes")
-            # A rotated peer keeps the endpoint its old key had, so traffic goes
-            # on at once instead of waiting for a handshake from it.
-            carried = {new: dev.peer(old).endpoint for _, old, new in rotated
-                       if dev.peer(old) is not None and dev.peer(old).endpoint}
-            desired = [dataclasses.replace(p, endpoint=carried[p.public_key])
-                       if p.public_key in carried and not p.endpoint else p for p in desired]
-            # Static peers (stock WireGuard devices) have the server as their only
-            # peer: they are reached through it, never with an entry of their own.
-            relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
-            updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], own_key,
-                                 time.time(), resolve=resolve_endpoint, relayed=relayed,
-                                 relay_via=cfg.server_public_key)
-            # A peer pointed at its relay is settle_paths's to move, even before
-            # its first handshake there: the state's endpoint must not undo it.
-            for u in updates:
-                dp = dev.peer(u.public_key)
-                if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
-                    u.endpoint = None
-            changes = [u for u in updates if u.touches_device]
-            if changes:
-                backend.apply(iface, updates=changes)
-                names = {p.public_key: p.name for p in stored_peers + peers}
-                for u in changes:
-                    log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
-                        f"was {u.action}")
-            else:
-                debug(f"{iface}: peers are already up to date")
-            links = raw_links()
-            had_routes = any(p.routes for p in stored_peers + peers)
-            route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes)
-            if exit_problem and (changed or brought_up):
-                warn(f"{iface}: exit node not in use: {exit_problem}; traffic outside the "
-                     "network is dropped until it is (or run 'up' without --exit-node)")
-        if (brought_up or dns) and unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(api, iface, cfg)
-        # Files and the server's copy of our candidates need no lock on the device.
-        hosts_path, suffix = hosts_options(args)
+            self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
+                self.stored_etag
+            self.unreachable = e
+            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+
+    def apply_peers(self, traverse):
+        """Bring the device's peers in line with the state (under its lock)."""
+        self.dev = dev = self.backend.get(self.iface)
+        memo = load_paths_memo(self.store_path)
+        if self.unreachable is None and traverse:
+            # Before they are added: peers the server calls offline get no
+            # keepalive (desired_peers), and no direct step later.
+            new = [p for p in self.peers if dev.peer(p.public_key) is None and not p.is_static
+                   and p.public_key not in (self.cfg.server_public_key, self.own_key)]
+            told = learn_offline(self.api, self.cfg, memo, new)
+            if told is not None:
+                self.asked = {p.public_key for p in new}
+            if told:
+                save_paths_memo(self.store_path, memo)
+        self.desired = desired = self.desired_peers(memo)
+        # Static peers (stock WireGuard devices) have the server as their only
+        # peer: they are reached through it, never with an entry of their own.
+        relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
+        updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
+                             time.time(), resolve=resolve_endpoint, relayed=relayed,
+                             relay_via=self.cfg.server_public_key)
+        # A peer pointed at its relay is settle_paths's to move, even before
+        # its first handshake there: the state's endpoint must not undo it.
+        for u in updates:
+            dp = dev.peer(u.public_key)
+            if u.endpoint and not u.remove and dp is not None and memo.relayed(dp):
+                u.endpoint = None
+        self.changes = [u for u in updates if u.touches_device]
+        if not self.changes:
+            debug(f"{self.iface}: peers are already up to date")
+            return
+        self.backend.apply(self.iface, updates=self.changes)
+        names = {p.public_key: p.name for p in self.stored_peers + self.peers}
+        for u in self.changes:
+            log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
+                f"was {u.action}")
+
+    def desired_peers(self, memo):
+        """The device entries the state asks for (desired_peers), with the exit
+        node chosen and a rotated peer's endpoint carried over."""
+        args, dev = self.args, self.dev
+        self.exit_state = load_exit_state(exit_state_path(self.store_path))
+        exit_peer, self.exit_problem = choose_exit_node(
+            self.peers, self.exit_state["exit_node"], self.own_key) \
+            if self.exit_state else (None, None)
+        accept = not getattr(args, "no_accept_routes", False)
+        public = getattr(args, "accept_public_routes", False)
+        desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
+                                exit_key=exit_peer and exit_peer.public_key,
+                                public_routes=public)
+        if self.changed and accept and not public:
+            for p in self.peers:
+                skipped = [r for r in p.routes if not route_is_private(r)]
+                if skipped and p.public_key != self.own_key and not p.is_disabled:
+                    warn(f"{self.iface}: not routing {', '.join(skipped)} of peer {p.name}: "
+                         "public ranges need --accept-public-routes")
+        # A rotated peer keeps the endpoint its old key had, so traffic goes
+        # on at once instead of waiting for a handshake from it.
+        carried = {new: dev.peer(old).endpoint for _, old, new in self.rotated
+                   if dev.peer(old) is not None and dev.peer(old).endpoint}
+        return [dataclasses.replace(p, endpoint=carried[p.public_key])
+                if p.public_key in carried and not p.endpoint else p for p in desired]
+
+    def apply_routes(self):
+        """Routes of the peers that have them, and the exit node (route_peers)."""
+        self.links = raw_links()
+        had_routes = any(p.routes for p in self.stored_peers + self.peers)
+        route_peers(self.args, self.backend, self.iface, self.desired, self.own_key,
+                    self.exit_state, self.links, had_routes)
+        if self.exit_problem and (self.changed or self.brought_up):
+            warn(f"{self.iface}: exit node not in use: {self.exit_problem}; traffic outside "
+                 "the network is dropped until it is (or run 'up' without --exit-node)")
+
+    def write_files(self):
+        """The hosts file, the data store (when the state changed), and our
+        local candidates to the server (when it is reachable)."""
+        hosts_path, suffix = hosts_options(self.args)
         if hosts_path:
-            write_hosts_file(hosts_path, f"innernet {iface}", hosts_lines(peers, iface, suffix))
-        if changed:
-            save_data_store(store_path, peers, cidrs, etag)
-        if unreachable is None:
-            own = next((p for p in peers if p.public_key == own_key), None)
-            report_candidates(args, api, cfg, own, dev.listen_port, links=links)
-        missed, next_due = set(), None
-        if traverse and not getattr(args, "no_nat_traversal", False):
-            keys = {u.public_key for u in changes if not u.remove}
-            with device_lock(iface):
-                memo = load_paths_memo(store_path)
-                missed = settle_paths(None if unreachable else api, backend, iface, cfg,
-                                      desired, memo, changed=keys,
-                                      full=traverse == "all" or brought_up,
-                                      dev=None if changes else dev,
-                                      save=lambda m: save_paths_memo(store_path, m),
-                                      asked=asked)
-                save_paths_memo(store_path, memo)
-            next_due = next_path_work(memo, missed, time.time())
-        if record and unreachable is None and etag and isinstance(backend, UserspaceBackend):
-            write_fast_record(args, iface, cfg, etag, links, next_due)
-    finally:
-        api.close()
-    if unreachable is not None:
-        # The cached state is applied (a disabled peer stays out); still say so.
-        raise InnernetError(unreachable.message + f" (the interface keeps its "
-                            f"{len(stored_peers)} cached peers)",
-                            hint=unreachable.hint, unreachable=True)
-    return FetchResult(changes, brought_up, changed, waited, missed, next_due, exit_problem)
+            write_hosts_file(hosts_path, f"innernet {self.iface}",
+                             hosts_lines(self.peers, self.iface, suffix))
+        if self.changed:
+            save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
+        if self.unreachable is None:
+            own = next((p for p in self.peers if p.public_key == self.own_key), None)
+            report_candidates(self.args, self.api, self.cfg, own, self.dev.listen_port,
+                              links=self.links)
+
+    def settle(self, traverse):
+        """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
+        keys = {u.public_key for u in self.changes if not u.remove}
+        with device_lock(self.iface):
+            memo = load_paths_memo(self.store_path)
+            self.missed = settle_paths(
+                None if self.unreachable else self.api, self.backend, self.iface, self.cfg,
+                self.desired, memo, changed=keys, full=traverse == "all" or self.brought_up,
+                dev=None if self.changes else self.dev,
+                save=lambda m: save_paths_memo(self.store_path, m), asked=self.asked)
+            save_paths_memo(self.store_path, memo)
+        self.next_due = next_path_work(memo, self.missed, time.time())
 
 
 # -- which server: fail-over across its endpoints -----------------------------
@@ -8588,6 +8705,23 @@ def _said_saved(save_path, expires):
           "send it securely, e.g. with magic-wormhole", file=sys.stderr)
 
 
+def _new_peer_address(args, net, peers, cidr, now):
+    """(address, the addresses taken): --ip, or the next free one (--auto-ip,
+    or asked with it as the default)."""
+    # Expired invitations give their addresses up; deleted peers' stay quarantined.
+    used = [p.ip for p in peers if not invitation_expired(p, now)] + \
+        [d.ip for d in net.deletions() if d.reuse_after > now]
+    if args.ip is not None:
+        ip = parse_ip(args.ip)
+        if not is_assignable(ip, cidr.network):
+            raise InnernetError(f"{ip} is not an assignable address of '{cidr.name}' "
+                                f"({cidr.cidr})")
+        return ip, used
+    suggestion = next_free_ip(cidr.network, used)
+    return (suggestion if args.auto_ip else ask(
+        None, "--ip or --auto-ip", "IP address", default=str(suggestion), parse=parse_ip)), used
+
+
 def cmd_add_peer(args):
     net = open_network(args)
     cidrs, peers = net.cidrs(), net.peers()
@@ -8598,18 +8732,7 @@ def cmd_add_peer(args):
                  if e.strip()] if getattr(args, "server_endpoints", None) else None
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
-    # Expired invitations give their addresses up; deleted peers' stay quarantined.
-    used = [p.ip for p in peers if not invitation_expired(p, now)] + \
-        [d.ip for d in net.deletions() if d.reuse_after > now]
-    if args.ip is not None:
-        ip = parse_ip(args.ip)
-        if not is_assignable(ip, cidr.network):
-            raise InnernetError(f"{ip} is not an assignable address of '{cidr.name}' "
-                                f"({cidr.cidr})")
-    else:
-        suggestion = next_free_ip(cidr.network, used)
-        ip = suggestion if args.auto_ip else ask(
-            None, "--ip or --auto-ip", "IP address", default=str(suggestion), parse=parse_ip)
+    ip, used = _new_peer_address(args, net, peers, cidr, now)
     name = ask(args.name, "--name", "peer name", parse=lambda v: parse_hostname(v, "peer name"))
     if any(p.name == name and not invitation_expired(p, now) for p in peers):
         raise InnernetError(f"a peer named '{name}' already exists")
@@ -9245,50 +9368,12 @@ def cmd_server_serve(args):
     config = load_server_config(args, iface)
     _fixed_mmap_threshold()
     db_path = server_paths(args, iface)[1]
-    keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
-    replicate = getattr(args, "replicate", None)
-    if replicate:
-        litestream_config(db_path, replicate, 1)           # a bad URL fails first
-        litestream_binary()
-    store = Store(db_path)
-    if keep is not None:
-        store.audit_keep = keep
-    lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
-    replicator = None
-    if replicate:
-        store.wal()
-        replicator = Replicator(db_path, replicate, args.replicate_interval or 1)
-        replicator.start()
-    backend = _ensure_server_device(args, iface, config)
-    relay = hub = None
-    if not getattr(args, "no_relay", False):
-        hub = RelayHub(getattr(args, "relay_ports", None))
-        if RelayFirewall.available():
-            relay = RelayFirewall(iface)
-        else:
-            warn("nft (nftables) not found: static peers cannot reach other peers")
-    zone = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
-    co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
-    co.views.dns_zone_name = zone
-    co.status_path = db_path[:-3] + ".status.json"
-    co.device.sync()
-    server_peer = store.peer_by_ip(config.address)
-    if server_peer is not None:
-        store.set_candidates(server_peer.id, [format_endpoint(str(ip), config.listen_port)
-                                              for ip in local_addresses()])
-    co.tick()
+    store, lock, replicator = _serve_store(args, iface, db_path)
+    co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
-    scrape = None
-    if getattr(args, "metrics", None):
-        host, port = args.metrics
-        co.metrics = Metrics()
-        store.write_timer = co.metrics.db_write
-        scrape = make_api_server(MetricsEndpoint(co), host, port)
-        threading.Thread(target=scrape.serve_forever, daemon=True).start()
-        log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
+    scrape = _serve_metrics(args, co)
     dns = None
-    if zone:
+    if co.views.dns_zone_name:
         try:
             dns = DnsServer(co, str(config.address), bind_device=iface)
         except InnernetError as e:
@@ -9297,8 +9382,9 @@ def cmd_server_serve(args):
     threading.Thread(target=co.run_background, daemon=True).start()
     if dns is not None:
         dns.start(co.stop)
-        log(f"answering DNS for {zone} on {format_endpoint(str(config.address), dns.port)}")
-    relaying = None
+        log(f"answering DNS for {co.views.dns_zone_name} on "
+            f"{format_endpoint(str(config.address), dns.port)}")
+    hub, relaying = co.hub, None
     if hub is not None:
         relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
         relaying.start()
@@ -9319,13 +9405,69 @@ def cmd_server_serve(args):
             scrape.server_close()
         if dns is not None:
             dns.close()
-        if relay is not None:        # no forwarding without the server that filters it
-            relay.remove()
+        if co.device.relay is not None:  # no forwarding without the server that filters it
+            co.device.relay.remove()
         if relaying is not None:
             relaying.join(3)
             hub.close()
         lock.close()
     return 0
+
+
+def _serve_store(args, iface, db_path):
+    """(store, the lock only one serve holds, Replicator or None)."""
+    keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
+    replicate = getattr(args, "replicate", None)
+    if replicate:
+        litestream_config(db_path, replicate, 1)           # a bad URL fails first
+        litestream_binary()
+    store = Store(db_path)
+    if keep is not None:
+        store.audit_keep = keep
+    lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
+    replicator = None
+    if replicate:
+        store.wal()
+        replicator = Replicator(db_path, replicate, args.replicate_interval or 1)
+        replicator.start()
+    return store, lock, replicator
+
+
+def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
+    """The Coordinator `serve` runs: the device up and in sync, the relays
+    made (unless --no-relay), the server's own candidates stored."""
+    backend = _ensure_server_device(args, iface, config)
+    relay = hub = None
+    if not getattr(args, "no_relay", False):
+        hub = RelayHub(getattr(args, "relay_ports", None))
+        if RelayFirewall.available():
+            relay = RelayFirewall(iface)
+        else:
+            warn("nft (nftables) not found: static peers cannot reach other peers")
+    co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
+                     host_suffix=suffix, relay=relay, hub=hub)
+    co.views.dns_zone_name = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
+    co.status_path = db_path[:-3] + ".status.json"
+    co.device.sync()
+    server_peer = store.peer_by_ip(config.address)
+    if server_peer is not None:
+        store.set_candidates(server_peer.id, [format_endpoint(str(ip), config.listen_port)
+                                              for ip in local_addresses()])
+    co.tick()
+    return co
+
+
+def _serve_metrics(args, co):
+    """The --metrics endpoint, serving in a thread; None without the flag."""
+    if not getattr(args, "metrics", None):
+        return None
+    host, port = args.metrics
+    co.metrics = Metrics()
+    co.store.write_timer = co.metrics.db_write
+    scrape = make_api_server(MetricsEndpoint(co), host, port)
+    threading.Thread(target=scrape.serve_forever, daemon=True).start()
+    log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
+    return scrape
 
 
 # -- client verbs ----------------------------------------------------------------
@@ -9334,21 +9476,9 @@ def cmd_server_serve(args):
 def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
-    if args.name is not None:
-        iface = parse_interface(args.name)
-    elif args.default_name or not _interactive():
-        iface = parse_interface(invite.network_name)
-    else:
-        iface = ask(None, "--name", "interface name", default=invite.network_name,
-                    parse=parse_interface)
+    iface = _install_name(args, invite)
     cfg_path = client_config_path(args, iface)
-    if path_exists(cfg_path, "config file"):
-        raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
-                            hint="choose another --name, or 'innernet uninstall' it first")
     backend_choice = opt(args, "backend", "auto")
-    if existing_backend(backend_choice, iface) is not None:
-        raise InnernetError(f"a WireGuard interface named {iface} already exists",
-                            hint="choose another --name")
     ensure_dir(_dirs(args, False)[0])
     ensure_dir(_dirs(args, False)[1])
     started = time.monotonic()
@@ -9360,46 +9490,15 @@ def cmd_install(args):
     store_path = data_store_path(args, iface)
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
-    redeemed, backend = False, None
+    redeemed, backend = False, None      # False: the files go if this fails
     try:
         save_data_store(store_path, [], [])
-        server = server_peer_update(invite)
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
-                           updates=[server], mtu=opt(args, "mtu", DEFAULT_MTU),
-                           routing=routing(args))
-        # Each endpoint the invitation names (a standby's too), in order.
-        for n, ep in enumerate(invite.endpoints):
-            if n:
-                server = server_peer_update(dataclasses.replace(invite,
-                                                                server_external_endpoint=ep))
-                backend.apply(iface, updates=[PeerUpdate(server.public_key,
-                                                         endpoint=server.endpoint)])
-            if wait_for_handshake(backend, iface, server, invite.server_ip, since=0,
-                                  timeout=5):
-                if n:
-                    save_server_state(args, iface, ep)
-                break
-        else:
-            raise InnernetError(
-                f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
-                hint="the invitation may be expired or already used, or the server is "
-                     "unreachable or not running")
-        api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
-        lost = None
-        try:
-            api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
-            redeemed = True
-        except InnernetError as e:
-            if e.status == 401:
-                raise InnernetError("the server refused the invitation",
-                                    hint="it has expired or was already redeemed; "
-                                         "ask for a new one") from None
-            if not e.unreachable:
-                raise
-            lost = e
-        finally:
-            api.close()
+                           updates=[server_peer_update(invite)],
+                           mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+        server = _reach_server(args, iface, invite, backend)
+        lost = _redeem(invite, new_key)
         if lost is not None:
             # The answer was lost. Whether the server took the new key shows in
             # whether its device answers a handshake made with it (it swaps the
@@ -9412,7 +9511,7 @@ def cmd_install(args):
                 redeemed = False
                 raise InnernetError(f"{lost.message} while redeeming the invitation",
                                     hint="the invitation was not redeemed; try again")
-            redeemed = True
+        redeemed = True
     except BaseException:
         if backend is not None:
             with contextlib.suppress(Exception):
@@ -9422,25 +9521,7 @@ def cmd_install(args):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         raise
-    since = time.time()
-    backend.apply(iface, private_key=new_key)
-    if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
-                              timeout=15):
-        warn("the new key has no handshake with the server yet; "
-             f"run 'innernet up {iface}' later")
-    else:
-        log(f"redeemed the invitation; handshake with the server after "
-            f"{time.monotonic() - started:.2f} s")
-        for attempt in range(3):
-            try:
-                # Peers are tried later (the daemon, the next fetch, or their own
-                # side, which learns of us now): joining ends at the handshake.
-                fetch_interface(args, iface, allow_bring_up=True, traverse=None, dns=True)
-                break
-            except InnernetError as e:
-                if attempt == 2:
-                    warn(f"first fetch failed: {e.message}; run 'innernet up {iface}'")
-                time.sleep(0.5)
+    _first_sync(args, iface, backend, server, invite, new_key, started)
     if args.delete_invite:
         with contextlib.suppress(OSError):
             os.unlink(invite_path)
@@ -9448,6 +9529,86 @@ def cmd_install(args):
     print(f"to stay in sync: systemctl enable --now innernet@{iface}\n"
           f"  (or: innernet up {iface} --daemon --interval {FETCH_INTERVAL})", file=sys.stderr)
     return 0
+
+
+def _install_name(args, invite):
+    """The interface name, not yet in use: --name, the network's
+    (--default-name, no terminal), or asked with the network's as the default."""
+    if args.name is not None:
+        iface = parse_interface(args.name)
+    elif args.default_name or not _interactive():
+        iface = parse_interface(invite.network_name)
+    else:
+        iface = ask(None, "--name", "interface name", default=invite.network_name,
+                    parse=parse_interface)
+    cfg_path = client_config_path(args, iface)
+    if path_exists(cfg_path, "config file"):
+        raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
+                            hint="choose another --name, or 'innernet uninstall' it first")
+    if existing_backend(opt(args, "backend", "auto"), iface) is not None:
+        raise InnernetError(f"a WireGuard interface named {iface} already exists",
+                            hint="choose another --name")
+    return iface
+
+
+def _reach_server(args, iface, invite, backend):
+    """The server's peer update at the first of the invitation's endpoints (a
+    standby's too, in order) whose server answers a handshake."""
+    for n, ep in enumerate(invite.endpoints):
+        server = server_peer_update(dataclasses.replace(invite, server_external_endpoint=ep))
+        if n:
+            backend.apply(iface, updates=[PeerUpdate(server.public_key,
+                                                     endpoint=server.endpoint)])
+        if wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
+            if n:
+                save_server_state(args, iface, ep)
+            return server
+    raise InnernetError(
+        f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
+        hint="the invitation may be expired or already used, or the server is "
+             "unreachable or not running")
+
+
+def _redeem(invite, new_key):
+    """Give the server our new key for the invitation's; None when it took it,
+    the error when its answer was lost (it may have)."""
+    api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
+    try:
+        api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
+        return None
+    except InnernetError as e:
+        if e.status == 401:
+            raise InnernetError("the server refused the invitation",
+                                hint="it has expired or was already redeemed; "
+                                     "ask for a new one") from None
+        if not e.unreachable:
+            raise
+        return e
+    finally:
+        api.close()
+
+
+def _first_sync(args, iface, backend, server, invite, new_key, started):
+    """Switch the device to the new key and fetch the peers once."""
+    since = time.time()
+    backend.apply(iface, private_key=new_key)
+    if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
+                              timeout=15):
+        warn("the new key has no handshake with the server yet; "
+             f"run 'innernet up {iface}' later")
+        return
+    log(f"redeemed the invitation; handshake with the server after "
+        f"{time.monotonic() - started:.2f} s")
+    for attempt in range(3):
+        try:
+            # Peers are tried later (the daemon, the next fetch, or their own
+            # side, which learns of us now): joining ends at the handshake.
+            fetch_interface(args, iface, allow_bring_up=True, traverse=None, dns=True)
+            return
+        except InnernetError as e:
+            if attempt == 2:
+                warn(f"first fetch failed: {e.message}; run 'innernet up {iface}'")
+            time.sleep(0.5)
 
 
 def cmd_set_listen_port(args):
@@ -9824,6 +9985,35 @@ def _short_peer(p, dp, me, now):
     return f"| {'◉' if live else '◯'} {p.ip}: {p.name}" + (" (you)" if me else "")
 
 
+def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
+    """The lines `show` prints for one interface: --tree, --short or in full."""
+    own_key = public_key(cfg.private_key)
+    by_key = {dp.public_key: dp for dp in dev.peers}
+    if args.tree:
+        by_cidr: dict[int, list[str]] = {}
+        for p in live:
+            by_cidr.setdefault(p.cidr_id, []).append(
+                _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
+        return [f"network: {iface} (:{dev.listen_port})"] + \
+            ["  " + line for line in cidr_tree_lines(cidrs, by_cidr)]
+    if args.short:
+        return [f"{iface} (:{dev.listen_port})"] + [
+            "  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now)
+            for p in live]
+    exit_name = exit_state and exit_state["exit_node"]
+    lines = [f"network: {iface}", f"  listening port: {dev.listen_port}"]
+    if exit_name:
+        lines.append(f"  exit node: {exit_name}"
+                     + (" (the LAN stays direct)" if exit_state["allow_lan"] else ""))
+    for p in live:
+        lines.append("")
+        lines += _show_peer_lines(
+            p, by_key.get(p.public_key), p.public_key == own_key, now,
+            _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
+            _path(p, by_key.get(p.public_key), memo), p.name == exit_name)
+    return lines
+
+
 def cmd_show(args):
     choice = opt(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
@@ -9845,7 +10035,6 @@ def cmd_show(args):
         memo = load_paths_memo(data_store_path(args, iface))
         own_key = public_key(cfg.private_key)
         exit_state = exit_state_or_none(exit_state_path(data_store_path(args, iface)))
-        exit_name = exit_state and exit_state["exit_node"]
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
@@ -9858,28 +10047,7 @@ def cmd_show(args):
                      device=dataclasses.asdict(by_key[p.public_key])
                      if p.public_key in by_key else None) for p in live]})
             continue
-        if args.tree:
-            by_cidr: dict[int, list[str]] = {}
-            for p in live:
-                by_cidr.setdefault(p.cidr_id, []).append(
-                    _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
-            print(f"network: {iface} (:{dev.listen_port})")
-            print("\n".join("  " + line for line in cidr_tree_lines(cidrs, by_cidr)))
-        elif args.short:
-            print(f"{iface} (:{dev.listen_port})")
-            for p in live:
-                print("  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now))
-        else:
-            print(f"network: {iface}\n  listening port: {dev.listen_port}")
-            if exit_name:
-                print(f"  exit node: {exit_name}"
-                      + (" (the LAN stays direct)" if exit_state["allow_lan"] else ""))
-            for p in live:
-                print()
-                print("\n".join(_show_peer_lines(
-                    p, by_key.get(p.public_key), p.public_key == own_key, now,
-                    _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-                    _path(p, by_key.get(p.public_key), memo), p.name == exit_name)))
+        print("\n".join(_show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now)))
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
