@@ -6806,6 +6806,7 @@ class ApiClient:
         self.sock = None
         self.buf = b""
         self.used = 0.0
+        self.sent = self.received = 0            # bytes on the wire (the benchmarks')
 
     def close(self):
         if self.sock is not None:
@@ -6833,6 +6834,7 @@ class ApiClient:
         chunk = self.sock.recv(1 << 18)
         if not chunk:
             raise ConnectionError("connection closed by the server")
+        self.received += len(chunk)
         self.buf += chunk
 
     def _read_exactly(self, n):
@@ -6937,6 +6939,7 @@ class ApiClient:
                     self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.used = time.monotonic()
                 self.sock.sendall(req)
+                self.sent += len(req)
                 status, rhdrs, raw = self._read_response(method)
             except (OSError, ValueError) as e:
                 self.close()

@@ -6,7 +6,6 @@ source address is that peer (the server identifies callers by source IP).
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -120,44 +119,19 @@ class ServerProcess:
         self.close()
 
 
-class RawClient:
-    """Keep-alive HTTP/1.1 over one socket, counting bytes on the wire."""
+class RawClient(innernet.ApiClient):
+    """The module's API client as a peer at ``source_ip``, counting the bytes
+    on the wire (``sent``, ``received``); without gzip unless asked, as
+    innernet's client."""
 
     def __init__(self, port, source_ip, server_key):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                             source_address=(source_ip, 0))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.key = server_key
-        self.buf = b""
-        self.sent = self.received = 0
+        super().__init__(f"127.0.0.1:{port}", server_key, timeout=30,
+                         source_address=(source_ip, 0))
 
     def get(self, path, headers=()):
-        req = (f"GET {path} HTTP/1.1\r\nHost: x\r\n{innernet.SERVER_KEY_HEADER}: {self.key}\r\n"
-               + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode()
-        self.sock.sendall(req)
-        self.sent += len(req)
-        while b"\r\n\r\n" not in self.buf:
-            self._recv()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.received += len(head) + 4
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        hdrs = dict(line.split(": ", 1) for line in lines[1:])
-        length = int(hdrs.get("Content-Length", 0))
-        while len(self.buf) < length:
-            self._recv()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        self.received += length
-        return status, hdrs, body
-
-    def _recv(self):
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        self.buf += chunk
-
-    def close(self):
-        self.sock.close()
+        """(status, headers with lower-case names, body) of GET ``path``."""
+        return self.request("GET", path[3:] if path.startswith("/v1/") else path,
+                            headers=dict([("Accept-Encoding", "identity"), *headers]))
 
 
 def percentile(values, p):

@@ -40,7 +40,7 @@ def main():
             with ServerProcess(db, key) as srv:
                 cl = RawClient(srv.port, ips[0], srv.public_key)
                 st, full_b, full_cpu, hdrs = per_fetch(srv, cl, "/v1/user/state", (), reps)
-                etag = hdrs["ETag"]
+                etag = hdrs["etag"]
                 _, gz_b, gz_cpu, _ = per_fetch(srv, cl, "/v1/user/state",
                                                [("Accept-Encoding", "gzip")], reps)
                 st304, un_b, un_cpu, _ = per_fetch(srv, cl, "/v1/user/state",
