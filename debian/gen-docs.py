@@ -88,15 +88,20 @@ def manpage(server):
 
 
 def main():
+    """OUTDIR/NAME.8, and OUTDIR/SHELL/NAME by the names each shell looks for:
+    the files dh_installman, dh_bash-completion and dh_install take as they are."""
     out = sys.argv[1]
-    os.makedirs(out, exist_ok=True)
     for server in (False, True):
         prog = DESCRIPTION[server][0]
-        with open(os.path.join(out, f"{prog}.8"), "w") as f:
-            f.write(manpage(server))
+        write(os.path.join(out, f"{prog}.8"), manpage(server))
         for shell, name in (("bash", prog), ("zsh", f"_{prog}"), ("fish", f"{prog}.fish")):
-            with open(os.path.join(out, f"{shell}-{name}"), "w") as f:
-                f.write(innernet.completion_script(shell, server))
+            write(os.path.join(out, shell, name), innernet.completion_script(shell, server))
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":
