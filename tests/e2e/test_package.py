@@ -91,6 +91,28 @@ def test_lintian_has_no_errors_or_warnings(deb):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_deb_holds_every_part(deb):
+    """The contents list: program, units and timer, man pages, completions."""
+    listed = sh(["dpkg-deb", "-c", deb]).stdout.splitlines()
+    paths = {line.split()[5].lstrip(".") for line in listed}
+    units = {"innernet@.service", "innernet-server@.service", "innernet-fetch@.service",
+             "innernet-fetch@.timer", "innernet.target"}
+    unit_dirs = {p.rsplit("/", 1)[0] for p in paths if p.rsplit("/", 1)[-1] in units}
+    assert len(unit_dirs) == 1 and unit_dirs <= {"/lib/systemd/system", "/usr/lib/systemd/system"}
+    assert {d + "/" + u for d in unit_dirs for u in units} <= paths
+    assert {"/usr/bin/innernet", "/usr/bin/innernet-server",
+            "/usr/share/innernet/innernet.py", "/usr/share/innernet/innernet_fast.py",
+            "/usr/share/man/man8/innernet.8.gz", "/usr/share/man/man8/innernet-server.8.gz",
+            "/usr/share/bash-completion/completions/innernet",
+            "/usr/share/bash-completion/completions/innernet-server",
+            "/usr/share/zsh/vendor-completions/_innernet",
+            "/usr/share/zsh/vendor-completions/_innernet-server",
+            "/usr/share/fish/vendor_completions.d/innernet.fish",
+            "/usr/share/fish/vendor_completions.d/innernet-server.fish"} <= paths
+    link = next(line for line in listed if line.split()[5] == "./usr/bin/innernet-server")
+    assert link.startswith("l") and link.endswith("-> innernet")
+
+
 def test_pyz_runs_on_a_fresh_root_with_only_debian_python(bookworm, offline_ns, pyz):
     offline(offline_ns, bookworm, "apt-get", "install", "--no-download", "-y", "-q",
             "--no-install-recommends", "python3")
