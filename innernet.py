@@ -96,6 +96,12 @@ MAX_CANDIDATES = 10
 SWEEP_INTERVAL = 10
 MAX_CONNECTIONS = 512           # concurrent API connections; more are refused
 MAX_CONNECTIONS_PER_PEER = 32   # from one source address: a noisy peer can't starve others
+# A long poll holds a request open until the caller's state changes. Its wait
+# is capped at innernet's own fetch interval, so a client that long-polls is
+# never staler than one that polls, and a held connection idles no longer than
+# a minute (the tunnel's 25 s keepalive keeps its NAT mapping). Each waiter
+# holds a thread and one of MAX_CONNECTIONS: half of them at most may wait,
+# the other half stays for requests that do work.
 LONG_POLL_MAX_WAIT = 60         # seconds a client may ask GET /v1/user/state to wait
 LONG_POLL_MAX_WAITERS = 256     # waiting clients at once; beyond, answers come at once
 GZIP_MIN = 1024                 # bodies at least this large are gzipped when asked
@@ -3546,6 +3552,9 @@ class UserspaceBackend:
                                 hint=f"run 'innernet up {ifname}'")
         try:
             s.sendall(request.encode())
+            # An answer ends with "errno=N" and an empty line, and wireguard-go
+            # keeps the connection open after it: read to the blank line, not
+            # to the end of the stream.
             buf = bytearray()
             while not buf.endswith(b"\n\n"):
                 chunk = s.recv(1 << 20)
@@ -3735,6 +3744,11 @@ class UserspaceBackend:
 
     def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
               replace_peers=False, fwmark=None):
+        # UAPI's set: keys in hex, not base64; a peer's settings follow its
+        # public_key line; replace_allowed_ips=true must come before the
+        # allowed_ip lines it replaces. wireguard-go applies each line as it
+        # reads it, so a line it refuses leaves those before it in force (the
+        # next sync's diff_peers sees the device as it is and mends it).
         lines = ["set=1"]
         if private_key is not None:
             lines.append(f"private_key={key_to_hex(private_key)}")
