@@ -1711,8 +1711,12 @@ def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
 
 def visible_peers(peers, cidrs, associations, me):
     """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
-    ids = visible_cidr_ids(cidrs, associations, me.cidr_id)
-    return [p for p in peers if p.cidr_id in ids and p.is_redeemed and not p.is_disabled]
+    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
+
+
+def peers_in_view(peers, view):
+    """The redeemed, enabled peers in the CIDRs whose ids are ``view``."""
+    return [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
 
 
 def root_cidr(cidrs):
@@ -5647,7 +5651,7 @@ class StateViews:
         return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view, deletions))
 
     def _state_body(self, peers, cidrs, view, deletions):
-        visible = [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
+        visible = peers_in_view(peers, view)
         observed = self.device.observed
         if any(p.endpoint is None and p.public_key not in observed for p in visible):
             # A peer that just joined: its endpoint may be on the device already.
