@@ -5480,12 +5480,12 @@ class DeviceSync:
     """The server's WireGuard device: what it observes of each peer, and
     keeping it (and both relays) in line with the database."""
 
-    def __init__(self, store, config, ifname, backend, relay, hub, pending, signal):
+    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
         self.store, self.ifname, self.backend = store, ifname, backend
-        self.public_key = public_key(config.private_key)
+        self.public_key = own_key            # the server's, never a peer of the device
         self.relay = relay                   # RelayFirewall (static peers), or None
         self.hub = hub                       # RelayHub (end-to-end relay), or None
-        self.pending = pending               # peer id -> invitation key, until swapped
+        self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
         self.signal = signal
         self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
         self.handshakes: dict[str, float] = {}   # public key -> its last handshake with us
@@ -5624,10 +5624,10 @@ class CallerGate:
     """Who is calling: the peer that owns the source address on the
     WireGuard device, never a process on this host; and how fast it may write."""
 
-    def __init__(self, store, config, local_callers):
+    def __init__(self, store, address, own_key, local_callers):
         self.store = store
-        self.address = ipaddress.ip_address(config.address)
-        self.public_key = public_key(config.private_key)
+        self.address = ipaddress.ip_address(address)
+        self.public_key = own_key            # what callers must name in SERVER_KEY_HEADER
         # Only the unit tests and benchmarks, which serve peers on 127.x
         # addresses over loopback, let local addresses call the API.
         self.local_callers = local_callers
@@ -5916,19 +5916,23 @@ class Coordinator:
         self.store, self.config, self.ifname = store, config, ifname
         self.public_key = public_key(config.private_key)
         self.hosts_path, self.host_suffix = hosts_path, host_suffix
-        self.hub = hub                       # RelayHub (end-to-end relay), or None
         self.metrics = None                  # Metrics, with serve --metrics
         self.status_path = None              # where tick() leaves what `status` shows
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
-        self.gate = CallerGate(store, config, local_callers)
+        self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.views = StateViews(store, None, self.gate, self.stop)
-        self.device = DeviceSync(store, config, ifname, backend, relay, hub, {},
+        self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
                                  self.views.signal)
         self.views.device = self.device
         self.swaps = KeySwaps(store, self.device)
         store.listeners.append(self.views.signal)
+
+    @property
+    def hub(self):
+        """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
+        return self.device.hub
 
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""

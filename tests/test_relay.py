@@ -136,7 +136,7 @@ def test_the_memo_is_written_only_when_it_changes(tmp_path):
 
 @pytest.fixture
 def relay_co(co):
-    co.hub = co.device.hub = RelayHub()
+    co.device.hub = RelayHub()
     yield co
     co.hub.close()
 
