@@ -121,6 +121,9 @@ ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late 
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
+ADMIN_PROOF_HEADER = "X-Innernet-Admin-Proof"
+ADMIN_PROOF_WINDOW = 120        # s an admin call's proof stays valid (clock skew both ways)
+ADMIN_PROOF_NONCES = 100000     # nonces of that window the server keeps; more wait
 DB_VERSION = 2
 INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
 SERVER_PEER_NAME = "innernet-server"
@@ -1440,6 +1443,52 @@ def rotation_proof_valid(own_private, old_public, ip, new_public, proof):
     except InnernetError:
         return False
     return equal_secrets(expect, proof)
+
+
+# -- admin call proofs -----------------------------------------------------------
+# innernet knows an API caller by its overlay source address, so every local
+# user of an admin's host can act as that admin. Our admin client, which runs
+# as root and reads the interface's private key, sends with every admin call
+# a MAC under a key derived from DH(peer's private key, server's public key):
+# only the key's holder and the server can compute it. It covers the method,
+# the target, a millisecond timestamp, a random nonce and the body's hash; the
+# server refuses stale stamps and nonces it has seen (AdminProofs).
+
+ADMIN_PROOF_LABEL = b"innernet.py admin call v1"
+
+
+def admin_proof_key(secret):
+    """The MAC key of a peer's admin proofs, from its shared secret with the server."""
+    return blake2("blake2b", secret, digest_size=32, key=ADMIN_PROOF_LABEL).digest()
+
+
+def _admin_mac(mac_key, method, target, stamp, nonce, body):
+    msg = b"\0".join([ADMIN_PROOF_LABEL, method.encode(), target.encode(), str(stamp).encode(),
+                      nonce.encode(), blake2("blake2b", body or b"", digest_size=32).digest()])
+    return blake2("blake2b", msg, digest_size=32, key=mac_key).hexdigest()
+
+
+def admin_proof(mac_key, method, target, body, stamp=None, nonce=None):
+    """The ADMIN_PROOF_HEADER of one request: "v1 STAMP NONCE MAC" (STAMP in ms)."""
+    stamp = int(time.time() * 1000) if stamp is None else stamp
+    nonce = os.urandom(16).hex() if nonce is None else nonce
+    return f"v1 {stamp} {nonce} {_admin_mac(mac_key, method, target, stamp, nonce, body)}"
+
+
+def parse_admin_proof(text):
+    """An ADMIN_PROOF_HEADER -> (stamp in ms, nonce, mac), or None if malformed."""
+    parts = text.split(" ") if isinstance(text, str) and len(text) <= 200 else []
+    if len(parts) != 4 or parts[0] != "v1" or not re.fullmatch(r"[0-9]{1,15}", parts[1]) \
+            or not re.fullmatch(r"[0-9a-f]{32}", parts[2]) \
+            or not re.fullmatch(r"[0-9a-f]{64}", parts[3]):
+        return None
+    return int(parts[1]), parts[2], parts[3]
+
+
+def admin_proof_valid(mac_key, method, target, body, proof):
+    """Is a parsed proof the MAC of this request (method, target, body) under mac_key?"""
+    stamp, nonce, mac = proof
+    return equal_secrets(_admin_mac(mac_key, method, target, stamp, nonce, body), mac)
 
 
 # WireGuard's own messages, as far as a relay that cannot decrypt them may
@@ -4338,10 +4387,14 @@ CREATE TABLE IF NOT EXISTS audit_log (
   object  TEXT NOT NULL,
   before  TEXT,
   after   TEXT
+);
+CREATE TABLE IF NOT EXISTS admin_provers (
+  peer_id  INTEGER PRIMARY KEY,
+  since    INTEGER NOT NULL
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
-                "route_approvers", "audit_log")
+                "route_approvers", "audit_log", "admin_provers")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -4725,7 +4778,7 @@ class Store:
             c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
                       "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                       (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
-        for table in ("key_rotations", "static_peers", "peer_routes"):
+        for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
@@ -4828,7 +4881,8 @@ class Store:
             c.execute("UPDATE peers SET name = ? WHERE id = ?", (name, peer_id))
             self._audit_peer_change(c, old, name=name)
 
-    def redeem(self, peer_id, new_public_key):
+    def redeem(self, peer_id, new_public_key, proves_admin=False):
+        """The peer takes its new key; ``proves_admin``: its client proves admin calls."""
         with self.write() as c:
             cur = c.execute("UPDATE peers SET is_redeemed = 1, public_key = ? "
                             "WHERE id = ? AND is_redeemed = 0", (new_public_key, peer_id))
@@ -4836,6 +4890,30 @@ class Store:
                 raise InnernetError("the invitation was already redeemed", status=410)
             name = c.execute("SELECT name FROM peers WHERE id = ?", (peer_id,)).fetchone()[0]
             self._audit(c, "redeem", f"peer {name}", None, {"key": new_public_key})
+            if proves_admin:
+                self._require_admin_proof(c, peer_id, name)
+
+    # -- admin call proofs (see admin_proof) ------------------------------------
+
+    def proves_admin(self, peer_id):
+        """Has this peer shown an admin proof (so that every admin call needs one)?"""
+        return bool(self._query("SELECT 1 FROM admin_provers WHERE peer_id = ?", (peer_id,)))
+
+    def require_admin_proof(self, peer_id, required=True):
+        """From now on, every admin call of this peer needs a proof (or no longer)."""
+        with self.write() as c:
+            name = self.peer(peer_id).name
+            if required:
+                self._require_admin_proof(c, peer_id, name)
+            elif c.execute("DELETE FROM admin_provers WHERE peer_id = ?", (peer_id,)).rowcount:
+                self._audit(c, "admin-proof", f"peer {name}", {"required": True},
+                            {"required": False})
+
+    def _require_admin_proof(self, c, peer_id, name):
+        if c.execute("INSERT OR IGNORE INTO admin_provers (peer_id, since) VALUES (?, ?)",
+                     (peer_id, int(time.time()))).rowcount:
+            self._audit(c, "admin-proof", f"peer {name}", {"required": False},
+                        {"required": True})
 
     def set_endpoint(self, peer_id, endpoint):
         with self.write() as c:
@@ -5196,6 +5274,8 @@ class Request:
     id: int | None
     headers: object
     query: dict[str, str] = dataclasses.field(default_factory=dict)
+    target: str = ""                     # as requested: /v1/...?query
+    raw: bytes | None = None             # the body as sent
 
 
 def inject_endpoint(peer, observed):
@@ -5713,6 +5793,83 @@ class CallerGate:
             self._updates[peer_id] = (tokens - 1, now)
 
 
+class AdminProofs:
+    """Admin calls that a local user of an admin's host cannot make.
+
+    A peer that has once shown a valid admin proof (see admin_proof), or
+    redeemed its invitation with a client that said it will, must prove every
+    admin call from then on; a missing proof is a downgrade, refused. Peers
+    never seen with a proof keep innernet's rule (the source address is the
+    caller), so innernet's own admin clients keep working. The mark is in
+    the database; the proof follows the peer's current key.
+    """
+
+    def __init__(self, store, private_key):
+        self.store, self.private_key = store, private_key
+        # A proof made before this process started may have been used with
+        # the previous one, whose nonces are gone: refused.
+        self.started = int(time.time() * 1000)
+        self._keys: dict[str, bytes] = {}       # peer public key -> MAC key (one DH each)
+        import collections
+        self._nonces: set[str] = set()          # nonces of the window
+        self._arrived = collections.deque()     # (stamp, nonce), in arrival order
+        self._lock = threading.Lock()
+
+    def mac_key(self, peer_key):
+        key = self._keys.get(peer_key)
+        if key is None:
+            key = admin_proof_key(shared_secret(self.private_key, peer_key))
+            if len(self._keys) > 4096:
+                self._keys.clear()
+            self._keys[peer_key] = key
+        return key
+
+    def check(self, caller, method, target, headers, body, now=None):
+        """Refuse (403) an admin call without the proof its peer owes, or with a bad one."""
+        header = headers.get(ADMIN_PROOF_HEADER) if headers is not None else None
+        if header is None:
+            if self.store.proves_admin(caller.id):
+                raise InnernetError(
+                    f"admin peer '{caller.name}' proves its admin calls, and this one has no "
+                    f"{ADMIN_PROOF_HEADER} header: run the admin command as root with "
+                    "innernet.py, which can read the peer's private key", status=403)
+            return
+        self.verify(caller.public_key, method, target, body, header, now)
+        if not self.store.proves_admin(caller.id):
+            self.store.require_admin_proof(caller.id)
+            log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
+                "of this peer needs a proof from now on")
+
+    def verify(self, peer_key, method, target, body, header, now=None):
+        """Raise 403 unless ``header`` proves this request came from peer_key's
+        holder, within the window, for the first time."""
+        proof = parse_admin_proof(header)
+        if proof is None:
+            raise InnernetError(f"malformed {ADMIN_PROOF_HEADER} header", status=403)
+        now_ms = int((time.time() if now is None else now) * 1000)
+        stamp, nonce, _ = proof
+        if abs(now_ms - stamp) > ADMIN_PROOF_WINDOW * 1000:
+            raise InnernetError(f"the admin proof's time is more than {ADMIN_PROOF_WINDOW} s "
+                                "from the server's: check this host's clock", status=403)
+        if stamp < self.started:
+            raise InnernetError("the admin proof was made before the server started: "
+                                "send the request again", status=403)
+        if not admin_proof_valid(self.mac_key(peer_key), method, target, body, proof):
+            raise InnernetError("wrong admin proof: it takes this peer's private key",
+                                status=403)
+        with self._lock:
+            oldest = now_ms - ADMIN_PROOF_WINDOW * 1000
+            while self._arrived and self._arrived[0][0] < oldest:
+                self._nonces.discard(self._arrived.popleft()[1])
+            if nonce in self._nonces:
+                raise InnernetError("this admin proof was used before (a replayed request)",
+                                    status=403)
+            if len(self._nonces) >= ADMIN_PROOF_NONCES:
+                raise InnernetError("too many admin calls; try again in a minute", status=429)
+            self._nonces.add(nonce)
+            self._arrived.append((stamp, nonce))
+
+
 class StateViews:
     """What each caller may see, as bodies cached per view and revision, and
     the long polls that wait for one to change."""
@@ -5871,6 +6028,7 @@ class StateViews:
 def dispatch(co, method, path, headers, remote_ip, body, body_error):
     """Route one request to its handler, after the checks every route shares:
     the caller, its role, the body."""
+    target = path
     path, _, query_text = path.partition("?")
     query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
     segs = path.lstrip("/").split("/")
@@ -5881,6 +6039,8 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         raise InnernetError("not found", status=404)
     if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
         raise InnernetError("admin rights required", status=401)
+    if segs[1] == "admin":
+        co.proofs.check(caller, method, target, headers, body)
     base = f"{segs[1]}/{segs[2]}"
     route, rid = _ROUTES.get((method, base)), None
     if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
@@ -5904,7 +6064,7 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
             raise InnernetError("request body is not valid JSON", status=400) from None
     with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
-        return fn(co, Request(caller, data, rid, headers, query))
+        return fn(co, Request(caller, data, rid, headers, query, target, body))
 
 
 class Coordinator:
@@ -5922,6 +6082,7 @@ class Coordinator:
         self._data_version = None
         self.stop = threading.Event()
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
+        self.proofs = AdminProofs(store, config.private_key)
         self.views = StateViews(store, None, self.gate, self.stop)
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
                                  self.views.signal)
@@ -6098,7 +6259,13 @@ def user_redeem(co, req):
     # linger there for up to a second after a CLI edit.
     if co.device.backend is not None and co.device.holder(caller.ip) != caller.public_key:
         raise InnernetError("the invitation was replaced by a newer one", status=401)
-    co.swaps.begin(caller.id, caller.public_key, lambda: co.store.redeem(caller.id, new_key))
+    # Our client proves the redemption with the new key: this peer's admin
+    # calls will need proofs from the start (see AdminProofs).
+    proof = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
+    if proof is not None:
+        co.proofs.verify(new_key, "POST", req.target, req.raw, proof)
+    co.swaps.begin(caller.id, caller.public_key,
+                   lambda: co.store.redeem(caller.id, new_key, proof is not None))
     log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
     if co.metrics is not None:
         co.metrics.count("redemptions")
@@ -6950,8 +7117,12 @@ class ApiClient:
     """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None):
+                 source_address=None, proof_key=None):
         self.host, self.port = parse_endpoint(internal_endpoint)
+        # The peer's private key, when we can read it (root): admin calls and
+        # the redemption then carry a proof that only its holder can make.
+        self.proof_key = proof_key
+        self._proof_mac = None
         self.source_address = source_address     # (ip, 0) to choose our own address
         self.endpoint = internal_endpoint
         self.server_key = server_public_key
@@ -7073,11 +7244,10 @@ class ApiClient:
             hdrs["Content-Type"] = "application/json"
             hdrs["Content-Length"] = str(len(data))
         hdrs.update(headers or {})
-        req = (f"{method} /v1{path} HTTP/1.1\r\n"
-               + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + data
         if method != "GET" and self.sock is not None and not self._fresh():
             self.close()        # a write goes only on a connection known to be open
         for attempt in (0, 1):
+            req = self._head(method, path, hdrs, data) + data    # a fresh proof each try
             reused = self.sock is not None
             try:
                 if self.sock is None:
@@ -7113,6 +7283,18 @@ class ApiClient:
             if rhdrs.get("content-encoding") == "gzip":
                 raw = _gunzip(raw)
             return status, rhdrs, raw
+
+    def _head(self, method, path, hdrs, data):
+        """The request line and headers, with an admin proof where one is due."""
+        if self.proof_key is not None and (path.startswith("/admin/")
+                                           or path == "/user/redeem"):
+            if self._proof_mac is None:
+                self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
+                                                                self.server_key))
+            hdrs = dict(hdrs, **{ADMIN_PROOF_HEADER: admin_proof(
+                self._proof_mac, method, f"/v1{path}", data)})
+        return (f"{method} /v1{path} HTTP/1.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
 
     def call(self, method, path, body=None):
         """The decoded JSON answer, or InnernetError for a non-2xx status."""
@@ -8545,7 +8727,8 @@ class RemoteNetwork:
     def __init__(self, args, iface):
         self.iface = iface
         self.config = load_client_config(args, iface)
-        self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key)
+        self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
+                             proof_key=self.config.private_key)
 
     def cidrs(self):
         return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
@@ -9601,7 +9784,8 @@ def _reach_server(args, iface, invite, backend):
 def _redeem(invite, new_key):
     """Give the server our new key for the invitation's; None when it took it,
     the error when its answer was lost (it may have)."""
-    api = ApiClient(invite.server_internal_endpoint, invite.server_public_key)
+    api = ApiClient(invite.server_internal_endpoint, invite.server_public_key,
+                    proof_key=new_key)
     try:
         api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
         return None

@@ -1,0 +1,261 @@
+"""Admin calls a local user of an admin's host cannot make (issue 28, item 6).
+
+The proof is pure logic over the Keys section; the server's rule (a peer that
+has shown a proof must prove every admin call; others keep innernet's rule)
+is driven through Coordinator.handle, as tests/test_api.py does. The end to
+end proofs, with `nobody` on a real admin host, are in
+tests/e2e/test_admin_proof.py.
+"""
+import json
+import time
+
+import pytest
+
+import innernet
+from innernet import Coordinator, ServerConfig, Store
+from test_api import IPS, call, make_coordinator, peer_contents, serve_on_loopback
+
+H = innernet.ADMIN_PROOF_HEADER
+
+
+def pair():
+    k = innernet.generate_private_key()
+    return k, innernet.public_key(k)
+
+
+@pytest.fixture
+def co(tmp_path):
+    """The fixture network, its admin on a key this test holds (co.admin_key)."""
+    c = make_coordinator(tmp_path)
+    c.admin_key, pub = pair()
+    c.store.conn.execute("UPDATE peers SET public_key = ? WHERE name = 'admin'", (pub,))
+    c.admin_id = c.store.peer_by_ip(IPS["admin"]).id
+    return c
+
+
+def proof(co, method, target, body=None, private=None, **kw):
+    mac = innernet.admin_proof_key(innernet.shared_secret(private or co.admin_key,
+                                                          co.public_key))
+    return innernet.admin_proof(mac, method, target, body, **kw)
+
+
+def admin_call(co, method, target, body=None, private=None, header=None, **kw):
+    data = None if body is None else json.dumps(body).encode()
+    if header is None:
+        header = proof(co, method, target, data, private, **kw)
+    return call(co, method, target, body=body, headers={H: header})
+
+
+# -- the proof itself ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["pynacl", "python"])
+def test_both_sides_derive_the_same_key_and_the_mac_binds_every_part(monkeypatch, backend):
+    if backend == "python":
+        monkeypatch.setattr(innernet, "_nacl_bindings", False)
+    elif innernet.key_backend() != "pynacl":
+        pytest.skip("PyNaCl is not installed")
+    a, A = pair()
+    s, S = pair()
+    client = innernet.admin_proof_key(innernet.shared_secret(a, S))
+    server = innernet.admin_proof_key(innernet.shared_secret(s, A))
+    assert client == server and len(client) == 32
+    header = innernet.admin_proof(client, "POST", "/v1/admin/peers", b'{"x":1}')
+    p = innernet.parse_admin_proof(header)
+    assert p and innernet.admin_proof_valid(server, "POST", "/v1/admin/peers", b'{"x":1}', p)
+    stamp, nonce, mac = p
+    assert abs(stamp - time.time() * 1000) < 5000 and len(nonce) == 32 and len(mac) == 64
+    other = innernet.admin_proof_key(innernet.shared_secret(pair()[0], S))
+    for args in [(other, "POST", "/v1/admin/peers", b'{"x":1}', p),            # another key
+                 (server, "PUT", "/v1/admin/peers", b'{"x":1}', p),            # method
+                 (server, "POST", "/v1/admin/cidrs", b'{"x":1}', p),           # target
+                 (server, "POST", "/v1/admin/peers", b'{"x":2}', p),           # body
+                 (server, "POST", "/v1/admin/peers", b'{"x":1}', (stamp + 1, nonce, mac)),
+                 (server, "POST", "/v1/admin/peers", b'{"x":1}', (stamp, "0" * 32, mac))]:
+        assert not innernet.admin_proof_valid(*args)
+    # two proofs of the same request differ (a fresh nonce each)
+    assert innernet.admin_proof(client, "GET", "/v1/admin/peers", b"") != \
+        innernet.admin_proof(client, "GET", "/v1/admin/peers", b"")
+
+
+@pytest.mark.parametrize("text", [None, "", "v1", "v2 1 " + "0" * 32 + " " + "0" * 64,
+                                  "v1 x " + "0" * 32 + " " + "0" * 64,
+                                  "v1 1 " + "0" * 31 + " " + "0" * 64,
+                                  "v1 1 " + "0" * 32 + " " + "0" * 63,
+                                  "v1 1 " + "0" * 32 + " " + "0" * 64 + " extra",
+                                  "v1 1 " + "0" * 32 + " " + "0" * 64 + "\n",
+                                  "v1 1 " + "G" * 32 + " " + "0" * 64, "v1 " + "1" * 300])
+def test_malformed_proofs_parse_to_none(text):
+    assert innernet.parse_admin_proof(text) is None
+
+
+# -- the server's rule -------------------------------------------------------------
+
+def test_a_peer_never_seen_with_a_proof_keeps_innernets_rule(co):
+    assert call(co, "GET", "/v1/admin/peers")[0] == 200
+    assert call(co, "POST", "/v1/admin/peers",
+                body=peer_contents("fresh", "10.80.64.9", 4))[0] == 201
+    assert not co.store.proves_admin(co.admin_id)
+
+
+def test_once_a_peer_has_proved_a_call_every_admin_call_needs_a_proof(co):
+    assert admin_call(co, "GET", "/v1/admin/peers")[0] == 200
+    assert co.store.proves_admin(co.admin_id)
+    status, body = call(co, "GET", "/v1/admin/peers")           # a downgrade
+    assert status == 403 and H in body["error"] and "root" in body["error"]
+    status, body = call(co, "POST", "/v1/admin/peers",
+                        body=peer_contents("sneaky", "10.80.64.9", 4))
+    assert status == 403 and co.store.peer_by_ip("10.80.64.9") is None
+    assert admin_call(co, "POST", "/v1/admin/peers",
+                      body=peer_contents("fresh", "10.80.64.9", 4))[0] == 201
+    # user routes are as before, with or without a proof
+    assert call(co, "GET", "/v1/user/state")[0] == 200
+    assert [e.action for e in co.store.audit()].count("admin-proof") == 1
+
+
+def test_a_wrong_proof_is_refused_and_marks_nothing(co):
+    status, body = admin_call(co, "GET", "/v1/admin/peers", private=pair()[0])
+    assert status == 403 and "private key" in body["error"]
+    status, body = admin_call(co, "GET", "/v1/admin/peers", header="v1 garbage")
+    assert status == 403 and "malformed" in body["error"]
+    # a proof made for another request
+    data = json.dumps(peer_contents("a", "10.80.64.9", 4)).encode()
+    header = proof(co, "POST", "/v1/admin/peers", data)
+    assert call(co, "POST", "/v1/admin/peers", body=peer_contents("b", "10.80.64.10", 4),
+                headers={H: header})[0] == 403
+    assert call(co, "POST", "/v1/admin/cidrs", raw=data, headers={H: header})[0] == 403
+    assert not co.store.proves_admin(co.admin_id)
+
+
+def test_a_replayed_proof_is_refused(co):
+    header = proof(co, "GET", "/v1/admin/peers")
+    assert admin_call(co, "GET", "/v1/admin/peers", header=header)[0] == 200
+    status, body = admin_call(co, "GET", "/v1/admin/peers", header=header)
+    assert status == 403 and "replayed" in body["error"]
+
+
+def test_stale_and_future_stamps_are_refused_within_the_skew_window_accepted(co):
+    now = int(time.time() * 1000)
+    w = innernet.ADMIN_PROOF_WINDOW * 1000
+    co.proofs.started = now - 10 * w          # a server that has run for a while
+    for stamp in (now - w - 2000, now + w + 2000):
+        status, body = admin_call(co, "GET", "/v1/admin/peers", stamp=stamp)
+        assert status == 403 and "clock" in body["error"]
+    for stamp in (now - w + 5000, now + w - 5000):          # skew either way
+        assert admin_call(co, "GET", "/v1/admin/peers", stamp=stamp)[0] == 200
+
+
+def test_a_proof_made_before_the_server_started_is_refused(co):
+    """The nonces of the previous process are gone: what it may have seen is refused."""
+    header = proof(co, "GET", "/v1/admin/peers", stamp=co.proofs.started - 1)
+    status, body = admin_call(co, "GET", "/v1/admin/peers", header=header)
+    assert status == 403 and "before the server started" in body["error"]
+
+
+def test_old_nonces_are_forgotten_and_the_nonce_store_is_bounded(co, monkeypatch):
+    now = time.time()
+    w = innernet.ADMIN_PROOF_WINDOW
+    co.proofs.started = 0
+    pub = innernet.public_key(co.admin_key)
+    mac = co.proofs.mac_key(pub)
+    for i in range(5):
+        h = innernet.admin_proof(mac, "GET", "/v1/admin/peers", b"", stamp=int(now * 1000) + i)
+        co.proofs.verify(pub, "GET", "/v1/admin/peers", b"", h, now=now)
+    assert len(co.proofs._nonces) == 5
+    later = now + w + 10
+    h = innernet.admin_proof(mac, "GET", "/v1/admin/peers", b"", stamp=int(later * 1000))
+    co.proofs.verify(pub, "GET", "/v1/admin/peers", b"", h, now=later)
+    assert len(co.proofs._nonces) == 1
+    monkeypatch.setattr(innernet, "ADMIN_PROOF_NONCES", 1)
+    h = innernet.admin_proof(mac, "GET", "/v1/admin/peers", b"", stamp=int(later * 1000))
+    with pytest.raises(innernet.InnernetError) as e:
+        co.proofs.verify(pub, "GET", "/v1/admin/peers", b"", h, now=later)
+    assert e.value.status == 429
+
+
+def test_the_shared_secret_is_computed_once_per_peer_key(co, monkeypatch):
+    calls = []
+    real = innernet.shared_secret
+    monkeypatch.setattr(innernet, "shared_secret", lambda a, b: calls.append(b) or real(a, b))
+    for _ in range(5):
+        assert admin_call(co, "GET", "/v1/admin/peers")[0] == 200
+    server_side = [k for k in calls if k == innernet.public_key(co.admin_key)]
+    assert len(server_side) == 1
+
+
+def test_the_proof_follows_a_rotated_key(co):
+    assert admin_call(co, "GET", "/v1/admin/peers")[0] == 200
+    new, new_pub = pair()
+    co.store.rotate_key(co.admin_id, new_pub, {})
+    assert admin_call(co, "GET", "/v1/admin/peers")[0] == 403          # the old key
+    assert admin_call(co, "GET", "/v1/admin/peers", private=new)[0] == 200
+    assert call(co, "GET", "/v1/admin/peers")[0] == 403                # still marked
+
+
+def test_the_mark_survives_a_restart_and_goes_with_the_peer(co, tmp_path):
+    assert admin_call(co, "GET", "/v1/admin/peers")[0] == 200
+    co.store.close()
+    store = Store(str(tmp_path / "test.db"))
+    again = Coordinator(store, co.config, "test")
+    status, body = call(again, "GET", "/v1/admin/peers")
+    assert status == 403 and H in body["error"]
+    tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+    assert "admin_provers" in tables and store.proves_admin(co.admin_id)
+    store.delete_peer(co.admin_id, 0)
+    assert not store.proves_admin(co.admin_id)
+
+
+def test_a_database_without_the_table_gets_it(tmp_path):
+    c = make_coordinator(tmp_path)
+    c.store.conn.execute("DROP TABLE admin_provers")
+    version = c.store.conn.execute("PRAGMA user_version").fetchone()[0]
+    c.store.close()
+    store = Store(str(tmp_path / "test.db"))
+    assert store.proves_admin(1) is False
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == version
+
+
+def test_the_server_cli_can_lift_the_mark(co):
+    assert admin_call(co, "GET", "/v1/admin/peers")[0] == 200
+    co.store.require_admin_proof(co.admin_id, False)
+    assert call(co, "GET", "/v1/admin/peers")[0] == 200
+
+
+def test_a_redemption_with_a_proof_marks_the_peer_one_without_does_not(co):
+    for name, ip, prove in (("ours", "10.80.64.9", True), ("theirs", "10.80.64.10", False)):
+        invite, invite_pub = pair()
+        body = peer_contents(name, ip, 4, public_key=invite_pub)
+        assert call(co, "POST", "/v1/admin/peers", body=body)[0] == 201
+        new, new_pub = pair()
+        data = {"public_key": new_pub}
+        headers = {H: proof(co, "POST", "/v1/user/redeem", json.dumps(data).encode(),
+                            private=new)} if prove else {}
+        assert call(co, "POST", "/v1/user/redeem", ip=ip, body=data, headers=headers)[0] == 204
+        assert co.store.proves_admin(co.store.peer_by_ip(ip).id) is prove
+
+
+def test_a_redemption_with_a_wrong_proof_is_refused(co):
+    invite, invite_pub = pair()
+    assert call(co, "POST", "/v1/admin/peers",
+                body=peer_contents("ours", "10.80.64.9", 4, public_key=invite_pub))[0] == 201
+    data = {"public_key": pair()[1]}
+    header = proof(co, "POST", "/v1/user/redeem", json.dumps(data).encode(), private=invite)
+    status, body = call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body=data,
+                        headers={H: header})
+    assert status == 403 and not co.store.peer_by_ip("10.80.64.9").is_redeemed
+
+
+def test_our_api_client_proves_admin_calls_over_http(co):
+    with serve_on_loopback(co) as port:
+        ip = co.store.peer(co.admin_id).ip
+        api = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, source_address=(ip, 0),
+                                 proof_key=co.admin_key)
+        api.call("GET", "/admin/peers")
+        api.call("POST", "/admin/cidrs", {"name": "more", "cidr": "10.80.2.0/24", "parent": 1})
+        assert co.store.proves_admin(co.admin_id)
+        plain = innernet.ApiClient(f"127.0.0.1:{port}", co.public_key, source_address=(ip, 0))
+        with pytest.raises(innernet.InnernetError) as e:
+            plain.call("GET", "/admin/peers")
+        assert e.value.status == 403 and H in e.value.message
+        assert plain.call("GET", "/user/state")          # user calls need no proof
+        api.close()
+        plain.close()
