@@ -34,6 +34,13 @@ MATRIX = r"""
 import json, socket, sys
 server, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 key, routes = sys.argv[4], json.loads(sys.argv[5])
+prove = None
+if len(sys.argv) > 6:       # root on an admin's host: its client proves admin calls
+    sys.path.insert(0, sys.argv[7])
+    import innernet
+    cfg = innernet.InterfaceConfig.from_toml(open(sys.argv[6]).read(), sys.argv[6])
+    mac = innernet.admin_proof_key(innernet.shared_secret(cfg.private_key, key))
+    prove = lambda method, path, data: innernet.admin_proof(mac, method, path, data)
 out, refused = [], 0
 for method, path, body in routes:
     if refused >= 2:                  # the tunnel (or interface) refuses us: stop knocking
@@ -46,6 +53,8 @@ for method, path, body in routes:
     hdrs = {"Host": server, "Content-Length": str(len(data))}
     if mode != "none":
         hdrs[%r] = key if mode == "key" else %r
+    if prove and path.startswith("/v1/admin/"):
+        hdrs["X-Innernet-Admin-Proof"] = prove(method, path, data)
     req = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
     try:
         s.sendall(req.encode() + b"\r\n" + data)
@@ -195,12 +204,14 @@ def bodies(w, body):
     return body
 
 
-def run_matrix(w, host, mode, target="10.66.0.1", as_user=None):
+def run_matrix(w, host, mode, target="10.66.0.1", as_user=None, prove=False):
     import sqlite3
     user_id = sqlite3.connect(w.db).execute("SELECT id FROM peers WHERE name='user'").fetchone()[0]
     table = routes(user_id)
     wire = [(m, p, bodies(w, b)) for m, p, b, _ in table]
     args = [target, 51820, mode, w.server_key, json.dumps(wire)]
+    if prove:       # as root there, with the key of the peer's config
+        args += [host.path("client", "etc", f"{w.lab.ifname(host.name)}.conf"), ROOT]
     if as_user:     # a process of an unprivileged user on that host
         out = host.exec(["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups",
                          "/usr/bin/python3", "-c", MATRIX] + [str(a) for a in args], timeout=120)
@@ -225,8 +236,9 @@ def test_authorization_matrix(world, counts):
         ("other interface (underlay)", "underlay", "key", None),
         ("local process on the server (root)", "srv", "key", None),
         ("local process on the server (nobody)", "srv:nobody", "key", None),
+        ("nobody on the admin's host", "admin:nobody", "key", "user"),
         ("redeemed user", "user", "key", "user"),
-        ("admin", "admin", "key", "admin"),
+        ("admin (its client's proofs)", "admin:prove", "key", "admin"),
         ("unredeemed", "unredeemed", "key", "unredeemed"),
     ]
     unauthorized_successes, requests, allowed_ok = [], 0, 0
@@ -238,8 +250,9 @@ def test_authorization_matrix(world, counts):
                 "import socket; socket.create_connection(('10.66.0.1', 51820), timeout=1)",
                 check=False).returncode == 0, 20, "the unknown tunnel")
         name, _, as_user = host.partition(":")
+        prove = as_user == "prove"
         results = run_matrix(world, world.srv if name == "srv" else world.hosts[name], mode,
-                             as_user=as_user or None)
+                             as_user=None if prove else as_user or None, prove=prove)
         for (method, path, _, need), status in results:
             requests += 1
             allowed = role is not None and role in ALLOWED[need]
@@ -253,6 +266,9 @@ def test_authorization_matrix(world, counts):
             assert all(s == -1 for _, s in results), "the API answered off the tunnel"
         if kind == "unknown address" or kind.startswith("local process"):
             assert all(s == 401 for _, s in results), f"{kind} got past the API"
+        if kind == "nobody on the admin's host":       # issue 28, item 6
+            assert all(s in (401, 403) for (_, p, _, _), s in results if "/admin/" in p), \
+                f"{kind} got past the admin API"
     print("\n".join(lines))
     counts["authorization matrix requests over real tunnels"] = requests
     counts["authorization matrix: unauthorized successes"] = len(unauthorized_successes)
