@@ -9521,6 +9521,21 @@ def cmd_server_status(args):
     return 0
 
 
+def cmd_server_admin_proof(args):
+    """Require (or, with --off, stop requiring) proofs of a peer's admin calls."""
+    iface = parse_interface(args.interface)
+    net = LocalNetwork(args, iface)
+    peer = choose(args.name, "--name", "peer", _user_peers(net.peers()))
+    if args.off:
+        confirm(args, f"Let any local user of {peer.name}'s host make its admin calls again "
+                      "(as innernet does)?", False)
+    net.store.require_admin_proof(peer.id, not args.off)
+    log(f"admin calls of peer '{peer.name}' "
+        + ("no longer need a proof: innernet's admin client works again" if args.off else
+           "need a proof: only innernet.py, run as root on its host, can make them"))
+    return 0
+
+
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
@@ -10558,6 +10573,13 @@ def _add_server_verbs(sub):
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--from", dest="source", metavar="URL", required=True,
                    help="the replica serve --replicate writes to")
+    p = _verb(sub, "admin-proof", cmd_server_admin_proof, "server",
+              "Require proofs of a peer's admin calls (innernet.py's client, as root, makes "
+              "them), or with --off stop requiring them, for innernet's own admin client.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the admin peer")
+    p.add_argument("--off", action="store_true", help="stop requiring them")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "status", cmd_server_status, "server",
               "One screen for the operator: peers online and offline, invitations, the relay, "
               "the database.")

@@ -259,3 +259,23 @@ def test_our_api_client_proves_admin_calls_over_http(co):
         assert plain.call("GET", "/user/state")          # user calls need no proof
         api.close()
         plain.close()
+
+
+def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
+    from test_api import cli_network
+    base = cli_network(tmp_path, capsys)
+    assert innernet.main(base + ["add-peer", "evil", "--name", "boss", "--cidr", "h",
+                                 "--admin", "true", "--auto-ip", "--save-config",
+                                 str(tmp_path / "boss.toml"), "--invite-expires", "1h",
+                                 "--yes"]) == 0
+    store = Store(str(tmp_path / "lib" / "evil.db"))
+    boss = store.peer_by_name("boss")
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "boss", "--yes"]) == 0
+    assert store.proves_admin(boss.id)
+    assert "need a proof" in capsys.readouterr().err
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "boss", "--off"]) == 1
+    assert "missing --yes" in capsys.readouterr().err and store.proves_admin(boss.id)
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "boss", "--off",
+                                 "--yes"]) == 0
+    assert not store.proves_admin(boss.id)
+    assert [e.action for e in store.audit()].count("admin-proof") == 2
