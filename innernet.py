@@ -5836,7 +5836,8 @@ class AdminProofs:
             return
         self.verify(caller.public_key, method, target, body, header, now)
         if not self.store.proves_admin(caller.id):
-            self.store.require_admin_proof(caller.id)
+            with acting_as(f"{caller.name} ({caller.ip})"):      # for the audit log
+                self.store.require_admin_proof(caller.id)
             log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
                 "of this peer needs a proof from now on")
 

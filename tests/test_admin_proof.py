@@ -109,7 +109,8 @@ def test_once_a_peer_has_proved_a_call_every_admin_call_needs_a_proof(co):
                       body=peer_contents("fresh", "10.80.64.9", 4))[0] == 201
     # user routes are as before, with or without a proof
     assert call(co, "GET", "/v1/user/state")[0] == 200
-    assert [e.action for e in co.store.audit()].count("admin-proof") == 1
+    (row,) = [e for e in co.store.audit() if e.action == "admin-proof"]
+    assert row.actor == f"admin ({IPS['admin']})"
 
 
 def test_a_wrong_proof_is_refused_and_marks_nothing(co):
@@ -279,3 +280,47 @@ def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
                                  "--yes"]) == 0
     assert not store.proves_admin(boss.id)
     assert [e.action for e in store.audit()].count("admin-proof") == 2
+
+
+PROVED = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import innernet
+key = innernet.generate_private_key()
+admin = innernet.generate_private_key()
+store = innernet.Store(sys.argv[2], create=True)
+store.create_network("lo", innernet.parse_network("127.0.0.0/8"), innernet.parse_ip("127.0.0.1"),
+                     innernet.public_key(key), "127.0.0.1:1")
+store.add_cidr(innernet.Cidr(None, "humans", "127.1.0.0/16", 1))
+store.add_peer(innernet.Peer(None, "me", "127.1.0.1", 3, innernet.public_key(admin),
+                             is_admin=True, is_redeemed=True))
+co = innernet.Coordinator(store, innernet.ServerConfig(key, 0, "127.0.0.1", 8), "lo",
+                          local_callers=True)
+httpd = innernet.make_api_server(co, "127.0.0.1", 0)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+before = set(sys.modules)
+mac = innernet.admin_proof_key(innernet.shared_secret(admin, co.public_key))  # the client's
+client = set(sys.modules) - before
+api = innernet.ApiClient(f"127.0.0.1:{httpd.server_address[1]}", co.public_key,
+                         source_address=("127.1.0.1", 0), proof_key=admin)
+for path in ("/admin/peers", "/admin/cidrs", "/admin/audit?since=0"):
+    api.call("GET", path)
+assert store.proves_admin(2)
+httpd.shutdown()
+print(json.dumps(sorted(m for m in json.loads(sys.argv[3]) if m in sys.modules)))
+"""
+
+
+def test_proved_admin_calls_load_no_openssl_or_http_modules(tmp_path):
+    """The proof is BLAKE2b from CPython's _blake2: serving proved admin calls
+    loads none of the heavy modules but PyNaCl, which computes the shared
+    secret once per admin key when installed (as for rotation proofs)."""
+    import os
+    import subprocess
+    import sys
+    from test_footprint import HEAVY, ROOT
+    r = subprocess.run([sys.executable, "-S", "-c", PROVED, ROOT, str(tmp_path / "t.db"),
+                        json.dumps(HEAVY)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])) <= {"nacl"}

@@ -24,9 +24,17 @@ HTTP = r"""
 import json, socket, sys
 host, port, method, path, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 body = b"" if sys.argv[6] == "-" else sys.argv[6].encode()
+proof = ""
+if len(sys.argv) > 7 and path.startswith("/v1/admin/"):   # root with the peer's config
+    sys.path.insert(0, sys.argv[8])
+    import innernet
+    cfg = innernet.InterfaceConfig.from_toml(open(sys.argv[7]).read(), sys.argv[7])
+    mac = innernet.admin_proof_key(innernet.shared_secret(cfg.private_key, key))
+    proof = f"X-Innernet-Admin-Proof: {innernet.admin_proof(mac, method, path, body)}\r\n"
 s = socket.create_connection((host, port), timeout=5)
 s.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nX-Innernet-Server-Key: {key}\r\n"
-          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+          f"{proof}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+          + body)
 data = b""
 while True:
     chunk = s.recv(65536)
@@ -49,9 +57,12 @@ def server_key(w):
 def http(host, method, path, body=None, *, key, as_user=None, target="10.66.0.1"):
     argv = [sys.executable, "-c", HTTP, target, "51820", method, path, key,
             "-" if body is None else json.dumps(body)]
+    config = host.path("client", "etc", f"{host.lab.ifname(host.name)}.conf")
     if as_user:
         argv = ["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups",
                 "/usr/bin/python3"] + argv[1:]
+    elif os.path.exists(config):      # root on a peer's host: proves as our client does
+        argv += [config, ROOT]
     out = host.exec(argv, timeout=30)
     return json.loads(out.stdout)
 
