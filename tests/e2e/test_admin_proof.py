@@ -74,6 +74,15 @@ print(json.dumps(out))
 """
 
 
+UAPI_GET = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"get=1\n\n")
+print(s.recv(4096)[:20])
+"""
+
+
 def raw_request(method, path, server_key, body=None, extra=()):
     data = "" if body is None else json.dumps(body)
     hdrs = [("Host", "10.66.0.1:51820"), ("X-Innernet-Server-Key", server_key),
@@ -161,6 +170,10 @@ def test_nobody_on_an_admin_host_cannot_call_the_admin_api(world):
         os.chmod(d, 0o711)
     r = w.admin.exec(NOBODY + ["cat", w.config], check=False)
     assert r.returncode != 0 and "ermission denied" in r.stderr
+    # nor ask wireguard-go for it (its UAPI socket is root's, 0700)
+    r = w.admin.exec(NOBODY + ["/usr/bin/python3", "-S", "-c", UAPI_GET,
+                               f"/var/run/wireguard/{w.ifname}.sock"], check=False)
+    assert r.returncode != 0 and "PermissionError" in r.stderr, r.stdout
     # root's admin commands work
     w.admin.innernet("add-peer", w.ifname, "--name", "byroot", "--cidr", "humans", "--admin",
                      "false", "--auto-ip", "--save-config", w.admin.path("byroot.toml"),
