@@ -5816,6 +5816,7 @@ class AdminProofs:
         self._lock = threading.Lock()
 
     def mac_key(self, peer_key):
+        """A peer key's MAC key: one X25519 per key and process, not per request."""
         key = self._keys.get(peer_key)
         if key is None:
             key = admin_proof_key(shared_secret(self.private_key, peer_key))
