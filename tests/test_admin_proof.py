@@ -12,7 +12,7 @@ import time
 import pytest
 
 import innernet
-from innernet import Coordinator, ServerConfig, Store
+from innernet import Coordinator, Store
 from test_api import IPS, call, make_coordinator, peer_contents, serve_on_loopback
 
 H = innernet.ADMIN_PROOF_HEADER

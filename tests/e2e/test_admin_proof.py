@@ -14,7 +14,6 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
 import sys
 
 import pytest
