@@ -7249,7 +7249,6 @@ class ApiClient:
         if method != "GET" and self.sock is not None and not self._fresh():
             self.close()        # a write goes only on a connection known to be open
         for attempt in (0, 1):
-            req = self._head(method, path, hdrs, data) + data    # a fresh proof each try
             reused = self.sock is not None
             try:
                 if self.sock is None:
@@ -7263,6 +7262,9 @@ class ApiClient:
                     self.sock.settimeout(self.timeout)
                     self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.used = time.monotonic()
+                # Made once connected, so an admin proof is never older than
+                # the server that takes it; a fresh one each try.
+                req = self._head(method, path, hdrs, data) + data
                 self.sock.sendall(req)
                 self.sent += len(req)
                 status, rhdrs, raw = self._read_response(method)
