@@ -2417,6 +2417,72 @@ def interface_routes(peers, own_key, local=()):
     return out
 
 
+# -- what a state may route: the client's one check ----------------------------
+# A peer record's address, routes, static flag and endpoint end up in WireGuard's
+# allowed IPs (which key gets which addresses) or in the routing table. Pinning
+# (merge_pinned) keeps a known address with its key; this keeps every field of
+# a record from giving away an address that is not the record's own, so that a
+# hijacked server cannot, say, add a peer whose approved route is a pinned /32.
+
+def refuse_misrouted(received, stored, network, own, server):
+    """(the records kept, one line per record refused) of a state's peers.
+
+    A record is refused when its address is outside ``network`` (the range
+    the invitation gave), or is this host's or the server's (``own``,
+    ``server``: (ip, key)) under another key; when a route overlaps the
+    network or covers an address pinned (in ``stored``) to another key; when
+    a pinned peer turns static (its address would go to the server's key);
+    or when its endpoint is inside the network. Candidates inside the network
+    are dropped from the records kept.
+    """
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    kept, refused = [], []
+    for p in received:
+        why = _misrouting(p, pins, network, own, server)
+        if why:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: {why}")
+            continue
+        inside = [c for c in p.candidates if _endpoint_inside(c, network)]
+        if inside:
+            p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
+        kept.append(p)
+    return kept, refused
+
+
+def _misrouting(p, pins, network, own, server):
+    """Why record ``p`` would route what is not its own, or None."""
+    ip = ipaddress.ip_address(p.ip)
+    if ip not in network:
+        return f"its address is outside the network {network}"
+    for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
+        if p.ip == o_ip and p.public_key != o_key:
+            return f"it claims {whose} address under another key"
+    for r in p.routes:
+        net = ipaddress.ip_network(r)
+        if net.version == network.version and net.overlaps(network):
+            return f"route {r} overlaps the network {network}"
+        taken = next((q for q in pins.values() if q.public_key != p.public_key
+                      and ipaddress.ip_address(q.ip) in net), None)
+        if taken is not None:
+            return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
+    pin = pins.get(p.ip)
+    if p.is_static and pin is not None and pin.public_key == p.public_key \
+            and not pin.is_static:
+        return "a pinned peer cannot turn static (its address would go to the server's key)"
+    if p.endpoint and _endpoint_inside(p.endpoint, network):
+        return f"its endpoint {p.endpoint} is inside the network"
+    return None
+
+
+def _endpoint_inside(endpoint, network):
+    try:
+        return ipaddress.ip_address(parse_endpoint(endpoint)[0]) in network
+    except (InnernetError, ValueError):
+        return False            # a host name: where it leads is DNS's word
+
+
 # -- hosts file ---------------------------------------------------------------
 
 def hosts_lines(peers, iface, suffix=None):
@@ -7909,7 +7975,7 @@ class _Fetch:
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
-            received = [Peer.from_json(p) for p in state.get("peers", [])]
+            received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
             self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
             deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
             self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
@@ -7928,6 +7994,17 @@ class _Fetch:
                 self.stored_etag
             self.unreachable = e
             self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+
+    def checked(self, received):
+        """The state's records that route only what is their own (refuse_misrouted);
+        each one refused is said in one line, and the rest is applied."""
+        cfg = self.cfg
+        kept, refused = refuse_misrouted(
+            received, self.stored_peers, cfg.address.network, (str(cfg.address.ip), self.own_key),
+            (str(cfg.server_ip), cfg.server_public_key))
+        for line in refused:
+            warn(f"{self.iface}: {line}")
+        return kept
 
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""

@@ -1,0 +1,160 @@
+"""What a hijacked server cannot make a client do (issue 28), end to end.
+
+A network with the real server, an admin pinned at 10.66.1.1 and alice (the
+client under attack), each in its own namespace over wireguard-go; then the
+server is taken over by the scripted double (hostile.py) on the same device,
+address and port, and every lie a hijacked server could tell is told to
+alice's real client over the real tunnel. Each test shows the lie attempted
+(the double logs alice asking for it) and what alice's WireGuard device,
+routing table and resolver settings look like afterwards.
+"""
+import copy
+import ipaddress
+import sys
+
+import pytest
+
+from lab import ROOT, device, invite
+
+from .conftest import network_world
+from .hostile import honest_state, take_over
+
+pytestmark = pytest.mark.netns
+
+ADMIN_IP = "10.66.1.1"
+SERVER_IP = "10.66.0.1"
+NETWORK = "10.66.0.0/16"
+
+
+def _innernet():
+    sys.path.insert(0, ROOT)
+    import innernet
+    return innernet
+
+
+@pytest.fixture(scope="module")
+def w(pyz):
+    I = _innernet()
+    with network_world(pyz, {"humans": "10.66.1.0/24", "others": "10.66.2.0/24"}) as w:
+        srv, net, lab = w.srv, w.net, w.lab
+        w.admin = lab.add_host("admin")
+        w.admin.innernet("install", "--name", lab.ifname("admin"), "--no-write-hosts",
+                         invite(srv, net, "admin", "humans", admin="true", ip=ADMIN_IP))
+        w.alice = lab.add_host("alice")
+        w.iface = lab.ifname("alice")
+        w.alice.innernet("install", "--name", w.iface, "--no-write-hosts",
+                         invite(srv, net, "alice", "humans"))
+        cfg = I.InterfaceConfig.from_toml(
+            open(w.alice.path("client", "etc", f"{w.iface}.conf")).read(), "alice")
+        w.server_key, w.alice_ip = cfg.server_public_key, str(cfg.address.ip)
+        w.honest = honest_state(w.alice, f"{SERVER_IP}:51820", w.server_key)
+        w.admin_key = next(p["public_key"] for p in w.honest["peers"] if p["ip"] == ADMIN_IP)
+        w.hostile = take_over(srv, w.serve, SERVER_IP, 51820,
+                              {"GET /v1/user/state": {"body": w.honest}})
+        w.n = 0
+        yield w
+
+
+def record(w, name, ip, **fields):
+    """A peer record as the server sends it: a new key unless ``public_key``."""
+    I = _innernet()
+    w.n += 1
+    p = copy.deepcopy(next(p for p in w.honest["peers"] if p["ip"] == w.alice_ip))
+    p.update(id=900 + w.n, name=name, ip=ip, endpoint=None, candidates=[],
+             public_key=I.public_key(I.generate_private_key()), is_admin=False)
+    p.update(fields)
+    return p
+
+
+def holders(w):
+    """{allowed IP: public key} on alice's WireGuard device."""
+    return {a: p["public_key"] for p in device(w.alice, w.iface)["peers"]
+            for a in p["allowed_ips"]}
+
+
+def routed(w):
+    """The routes innernet added on alice's interface (protocol 77), as CIDRs."""
+    out = w.alice.exec(["ip", "route", "show", "dev", w.iface, "proto", "77"]).stdout
+    return {str(ipaddress.ip_network(ln.split()[0])) for ln in out.splitlines() if ln.strip()}
+
+
+def fetch(w, state, *args):
+    w.hostile.script({"GET /v1/user/state": {"body": state},
+                      "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}}})
+    before = len(w.hostile.requests())
+    out = w.alice.innernet("fetch", w.iface, "--no-write-hosts", *args, check=False)
+    # The lie was told: alice asked the double for the state that carries it.
+    assert ("GET", "/v1/user/state") in [(m, p.split("?")[0])
+                                         for m, p in w.hostile.requests()[before:]]
+    return out
+
+
+def with_peers(w, *records, change=None):
+    state = copy.deepcopy(w.honest)
+    for p in state["peers"]:
+        if change and p["ip"] in change:
+            p.update(change[p["ip"]])
+    state["peers"] += list(records)
+    return state
+
+
+# Each lie: (id, how the lying record is made, what it would have taken).
+# Promise 1: a hijacked server cannot give a pinned address, or any address
+# inside the network other than the record's own, to another key -- by any field.
+LIES = [
+    ("route-equal-to-pinned-32", lambda w: record(w, "mallory1", "10.66.2.61",
+                                                  routes=[f"{ADMIN_IP}/32"])),
+    ("route-over-the-network", lambda w: record(w, "mallory2", "10.66.2.62",
+                                                routes=["10.66.0.0/17"])),
+    ("route-inside-the-network", lambda w: record(w, "mallory3", "10.66.2.63",
+                                                  routes=["10.66.3.0/24"])),
+    ("address-outside-the-network", lambda w: record(w, "mallory4", "192.168.77.7")),
+    ("this-hosts-address", lambda w: record(w, "mallory5", w.alice_ip)),
+    ("the-servers-address", lambda w: record(w, "mallory6", SERVER_IP)),
+    ("endpoint-inside-the-network", lambda w: record(w, "mallory7", "10.66.2.67",
+                                                     endpoint=f"{ADMIN_IP}:51820")),
+]
+
+
+@pytest.mark.parametrize("lie", [m for _, m in LIES], ids=[i for i, _ in LIES])
+def test_a_hijacked_server_cannot_give_network_addresses_to_another_key(w, lie):
+    bad = lie(w)
+    bob = record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")       # an honest newcomer
+    out = fetch(w, with_peers(w, bob, bad))
+    assert out.returncode == 0, out.stderr
+    refused = [ln for ln in out.stderr.splitlines() if f"'{bad['name']}'" in ln]
+    assert len(refused) == 1 and "refused" in refused[0], out.stderr
+    held = holders(w)
+    assert bad["public_key"] not in held.values(), held
+    assert held[f"{ADMIN_IP}/32"] == w.admin_key
+    assert held[f"{SERVER_IP}/32"] == w.server_key
+    assert f"{w.alice_ip}/32" not in held
+    assert set(bad.get("routes") or []).isdisjoint(routed(w))
+    # The rest of the state is applied: the honest newcomer is on the device.
+    assert held[f"{bob['ip']}/32"] == bob["public_key"]
+
+
+def test_a_pinned_peer_turned_static_keeps_its_address_from_the_servers_key(w):
+    """A static peer's address goes to the server's key (the server relays it):
+    a pinned peer the server suddenly calls static would hand its /32 over."""
+    bob = record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")
+    out = fetch(w, with_peers(w, bob, change={ADMIN_IP: {"is_static": True}}))
+    assert out.returncode == 0, out.stderr
+    assert len([ln for ln in out.stderr.splitlines() if "'admin'" in ln]) == 1, out.stderr
+    held = holders(w)
+    assert held.get(f"{ADMIN_IP}/32") in (None, w.admin_key), held
+    assert held[f"{bob['ip']}/32"] == bob["public_key"]
+    out = fetch(w, with_peers(w, bob))                 # told the truth again: back
+    assert holders(w)[f"{ADMIN_IP}/32"] == w.admin_key
+
+
+def test_public_routes_need_local_consent(w):
+    """Promise 3: routes outside the private ranges are skipped with a line,
+    unless the client was started with --accept-public-routes."""
+    bad = record(w, "mallory8", "10.66.2.68", routes=["8.8.8.0/24"])
+    out = fetch(w, with_peers(w, bad))
+    assert out.returncode == 0, out.stderr
+    assert "not routing 8.8.8.0/24 of peer mallory8" in out.stderr
+    held = holders(w)
+    assert "8.8.8.0/24" not in held and held["10.66.2.68/32"] == bad["public_key"]
+    assert "8.8.8.0/24" not in routed(w)
