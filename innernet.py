@@ -7919,7 +7919,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             f.apply_peers(traverse)
             f.apply_routes()
         if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(f.api, iface, f.cfg)
+            split_dns(f.api, iface, f.cfg, getattr(args, "host_suffix", None))
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
@@ -8172,8 +8172,14 @@ def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_r
         enable_route_forwarding(iface, own.routes + (["0.0.0.0/0"] if own.exit_node else []))
 
 
-def split_dns(api, iface, cfg):
-    """Split DNS for the network's zone, when the server answers DNS."""
+def split_dns(api, iface, cfg, suffix=None):
+    """Split DNS for the network's zone, when the server answers DNS.
+
+    The zone is the network's, known here: NET.wg (as `serve` names it), or
+    the --host-suffix this client was given. The server only says whether it
+    answers DNS; a zone it names otherwise (``com``: every name under it
+    would be its to answer) is refused, in one line.
+    """
     try:
         caps = api.call("GET", "/user/capabilities") or {}
     except InnernetError:
@@ -8184,6 +8190,11 @@ def split_dns(api, iface, cfg):
             raise InnernetError("no zone")
     except InnernetError:
         debug(f"{iface}: the server does not answer DNS")
+        return
+    ours = [f"{cfg.network_name}.wg"] + ([suffix] if suffix else [])
+    if zone not in ours:
+        warn(f"{iface}: refused the server's DNS zone {zone[:80]}: this network's is "
+             f"{ours[0]} (or the --host-suffix you give); split DNS skipped")
         return
     configure_split_dns(iface, cfg.server_ip, zone)
 

@@ -10,6 +10,7 @@ routing table and resolver settings look like afterwards.
 """
 import copy
 import ipaddress
+import os
 import sys
 
 import pytest
@@ -158,3 +159,42 @@ def test_public_routes_need_local_consent(w):
     held = holders(w)
     assert "8.8.8.0/24" not in held and held["10.66.2.68/32"] == bad["public_key"]
     assert "8.8.8.0/24" not in routed(w)
+
+
+FAKE_RESOLVECTL = "#!/bin/sh\necho \"$@\" >> {log}\n"
+
+
+def up_with_resolved(w, caps, *args):
+    """`down` and `up` alice with a resolvectl that records what it is told."""
+    bindir = w.alice.path("bin")
+    os.makedirs(bindir, exist_ok=True)
+    log = w.alice.path("resolvectl.log")
+    with open(os.path.join(bindir, "resolvectl"), "w") as f:
+        f.write(FAKE_RESOLVECTL.format(log=log))
+    os.chmod(os.path.join(bindir, "resolvectl"), 0o755)
+    open(log, "w").close()
+    w.hostile.script({"GET /v1/user/state": {"body": w.honest},
+                      "GET /v1/user/capabilities": {"body": caps}})
+    w.alice.innernet("down", w.iface)
+    before = len(w.hostile.requests())
+    argv = w.alice.innernet_argv("up", w.iface, "--no-write-hosts", *args)
+    out = w.alice.exec(["env", f"PATH={bindir}:{os.environ['PATH']}"] + argv)
+    assert ("GET", "/v1/user/capabilities") in w.hostile.requests()[before:]
+    return out, open(log).read()
+
+
+@pytest.mark.parametrize("zone", ["com", "corp.example.com"])
+def test_a_hijacked_server_cannot_take_over_names_outside_the_networks_zone(w, zone):
+    """Promise 2: the zone a client hands to systemd-resolved is the network's
+    own (NET.wg, or the --host-suffix it was started with), whatever the
+    server's capabilities say."""
+    out, told = up_with_resolved(w, {"dns": zone})
+    assert f"~{zone}" not in told, told
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "refused" in ln]
+    assert len(lines) == 1 and f"zone {zone}:" in lines[0], out.stdout + out.stderr
+    # The network's own zone is still resolved through the server.
+    out, told = up_with_resolved(w, {"dns": f"{w.net}.wg"})
+    assert f"domain {w.iface} ~{w.net}.wg" in told, told
+    # A zone the client was told locally (--host-suffix) is its consent.
+    out, told = up_with_resolved(w, {"dns": zone}, "--host-suffix", zone)
+    assert f"domain {w.iface} ~{zone}" in told, told
