@@ -1962,7 +1962,7 @@ def _norm_ep(ep):
 
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
-               relayed=(), relay_via=None):
+               relayed=(), relay_via=None, network=None):
     """The updates that turn the device's peers into ``desired`` (spec §8.2).
 
     Disabled peers and our own key are not wanted; device peers not wanted
@@ -1971,7 +1971,8 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpo
     (allowed-IP strings) are routed through the peer ``relay_via`` (the
     server) instead of their own peer entry. ``resolve`` turns a peer's
     endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
-    asks DNS for host names; the default keeps literals only.
+    asks DNS for host names; the default keeps literals only. A client
+    passes its ``network``: an exit node's default routes then leave it out.
     """
     current = {p.public_key: p for p in device_peers}
     wanted = {}
@@ -1984,6 +1985,8 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpo
         if allowed[0] in relayed:
             allowed = []
         allowed += p.routes                 # approved subnet routes (and a chosen exit's)
+        if network is not None and set(EXIT_ROUTES) & set(p.routes):
+            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
         if key == relay_via:
             allowed += sorted(relayed)
         keepalive = p.persistent_keepalive_interval or 0
@@ -2258,6 +2261,20 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
 # the exit-node offer; a client takes them for one exit node only, when asked.
 
 EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+def exit_allowed_ips(network):
+    """The exit node's allowed IPs: the default routes without ``network``, so
+    that no address inside the network (a hidden peer's, one nobody has yet)
+    goes to the exit node's key; WireGuard drops what no peer holds."""
+    out = []
+    for r in EXIT_ROUTES:
+        default = ipaddress.ip_network(r)
+        if network is None or default.version != network.version:
+            out.append(r)
+        else:
+            out += sorted(str(n) for n in default.address_exclude(network))
+    return out
 MAX_ROUTES = 64                 # routes one peer may advertise
 _UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
@@ -7343,6 +7360,13 @@ def exit_state_path(store_path):
     return store_path[:-5] + ".exit.json"
 
 
+def _is_ip(text):
+    try:
+        return isinstance(text, str) and str(ipaddress.ip_address(text)) == text
+    except ValueError:
+        return False
+
+
 def load_exit_state(path):
     try:
         with open(path) as f:
@@ -7354,7 +7378,8 @@ def load_exit_state(path):
                             hint="run 'innernet down' and 'up --exit-node' again") from None
     if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
             and isinstance(state.get("allow_lan"), bool)
-            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31):
+            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31
+            and (state.get("ip") is None or _is_ip(state["ip"]))):
         raise InnernetError(f"{path} is damaged",
                             hint="run 'innernet down' and 'up --exit-node' again")
     return state
@@ -7499,10 +7524,13 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
     return out
 
 
-def choose_exit_node(peers, name, own_key):
+def choose_exit_node(peers, name, own_key, ip=None):
     """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved."""
-    p = next((p for p in peers if p.name == name and not p.is_disabled), None)
+    this client may see (the server sends no other) and its offer approved.
+    Once chosen it is the peer at its address then (``ip``), which is pinned
+    to its key: a server that gives the name to another peer changes nothing."""
+    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
+              and not p.is_disabled), None)
     if p is None or p.public_key == own_key:
         return None, f"no peer named '{name}' is visible to this peer"
     if not p.exit_node:
@@ -8026,7 +8054,8 @@ class _Fetch:
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
         updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
                              time.time(), resolve=resolve_endpoint, relayed=relayed,
-                             relay_via=self.cfg.server_public_key)
+                             relay_via=self.cfg.server_public_key,
+                             network=self.cfg.address.network)
         # A peer pointed at its relay is settle_paths's to move, even before
         # its first handshake there: the state's endpoint must not undo it.
         for u in updates:
@@ -8049,8 +8078,11 @@ class _Fetch:
         args, dev = self.args, self.dev
         self.exit_state = load_exit_state(exit_state_path(self.store_path))
         exit_peer, self.exit_problem = choose_exit_node(
-            self.peers, self.exit_state["exit_node"], self.own_key) \
-            if self.exit_state else (None, None)
+            self.peers, self.exit_state["exit_node"], self.own_key,
+            self.exit_state.get("ip")) if self.exit_state else (None, None)
+        if exit_peer is not None and not self.exit_state.get("ip"):
+            self.exit_state["ip"] = exit_peer.ip        # the choice is this address now
+            save_exit_state(exit_state_path(self.store_path), self.exit_state)
         accept = not getattr(args, "no_accept_routes", False)
         public = getattr(args, "accept_public_routes", False)
         desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
@@ -10118,6 +10150,7 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
             "  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now)
             for p in live]
     exit_name = exit_state and exit_state["exit_node"]
+    exit_ip = exit_state and exit_state.get("ip")
     lines = [f"network: {iface}", f"  listening port: {dev.listen_port}"]
     if exit_name:
         lines.append(f"  exit node: {exit_name}"
@@ -10127,7 +10160,8 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
         lines += _show_peer_lines(
             p, by_key.get(p.public_key), p.public_key == own_key, now,
             _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-            _path(p, by_key.get(p.public_key), memo), p.name == exit_name)
+            _path(p, by_key.get(p.public_key), memo),
+            p.ip == exit_ip if exit_ip else p.name == exit_name)
     return lines
 
 

@@ -136,6 +136,11 @@ def test_choosing_an_exit_node_needs_a_visible_approved_offer():
         innernet.choose_exit_node([ex, plain], "plain", "k9")[1]
     assert "is visible to this peer" in innernet.choose_exit_node([plain], "ex", "k9")[1]
     assert "is visible" in innernet.choose_exit_node([ex], "ex", "k1")[1]   # not itself
+    # Once chosen, the exit node is the peer at its address (pinned to its key):
+    # the name given to another peer changes nothing (issue 28).
+    thief = peer(7, "ex", 3, exit_node=True)
+    renamed = innernet.dataclasses.replace(ex, name="old")
+    assert innernet.choose_exit_node([thief, renamed], "ex", "k9", ip=ex.ip) == (renamed, None)
 
 
 def test_exit_rules_follow_wg_quick():
@@ -381,3 +386,18 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     honest = [admin, Peer(None, "me", own[0], 4, own[1]), Peer(None, "srv", server[0], 2,
                                                                server[1])]
     assert innernet.refuse_misrouted(honest, stored, net, own, server) == (honest, [])
+
+
+def test_an_exit_node_gets_the_default_routes_without_the_network():
+    """Issue 28: no address inside the network goes to the exit node's key."""
+    net = ipaddress.ip_network("10.66.0.0/16")
+    allowed = innernet.exit_allowed_ips(net)
+    assert "::/0" in allowed and "0.0.0.0/0" not in allowed
+    v4 = [ipaddress.ip_network(a) for a in allowed if ":" not in a]
+    assert len(v4) == 16 and not any(n.overlaps(net) for n in v4)
+    assert sum(n.num_addresses for n in v4) == 2 ** 32 - net.num_addresses
+    exit_peer = peer(5, "exit", 3, routes=list(EXIT_ROUTES))
+    [u] = innernet.diff_peers([], [exit_peer], "me", 0.0, network=net)
+    assert u.allowed_ips == ["10.80.3.5/32"] + allowed
+    [u] = innernet.diff_peers([], [exit_peer], "me", 0.0)          # the server's own use
+    assert u.allowed_ips == ["10.80.3.5/32", "0.0.0.0/0", "::/0"]

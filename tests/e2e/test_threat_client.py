@@ -198,3 +198,37 @@ def test_a_hijacked_server_cannot_take_over_names_outside_the_networks_zone(w, z
     # A zone the client was told locally (--host-suffix) is its consent.
     out, told = up_with_resolved(w, {"dns": zone}, "--host-suffix", zone)
     assert f"domain {w.iface} ~{zone}" in told, told
+
+
+def covering(held, ip):
+    """The keys whose allowed IPs on alice's device hold address ``ip``."""
+    addr = ipaddress.ip_address(ip)
+    return {k for a, k in held.items() if addr in ipaddress.ip_network(a)}
+
+
+def test_an_exit_node_gets_nothing_inside_the_network_and_only_the_one_chosen(w):
+    """Promise 1, by the exit-node field: the exit node's default routes leave
+    the network's range out, so a pinned peer the server hides is dropped, not
+    sent to the exit node; and the choice is the peer at the chosen address
+    (pinned to its key), so a server that gives the name to another key moves
+    nothing."""
+    exitn = record(w, "exitn", "10.66.2.80", exit_node=True)
+    w.hostile.script({"GET /v1/user/state": {"body": with_peers(w, exitn)}})
+    w.alice.innernet("up", w.iface, "--no-write-hosts", "--exit-node", "exitn")
+    held = holders(w)
+    assert covering(held, "198.19.1.1") == {exitn["public_key"]}      # the exit is in use
+    assert covering(held, "10.66.3.3") == set()                        # nobody's: dropped
+    # Lie 1: the server hides the admin; its pinned address goes to nobody.
+    hidden = copy.deepcopy(with_peers(w, exitn))
+    hidden["peers"] = [p for p in hidden["peers"] if p["ip"] != ADMIN_IP]
+    assert fetch(w, hidden).returncode == 0
+    assert covering(holders(w), ADMIN_IP) == set()
+    # Lie 2: the name 'exitn' goes to a new key; the real one is renamed.
+    thief = record(w, "exitn", "10.66.2.81", exit_node=True)
+    out = fetch(w, with_peers(w, dict(exitn, name="exitold"), thief))
+    assert out.returncode == 0, out.stderr
+    held = holders(w)
+    assert [a for a, k in held.items() if k == thief["public_key"]] == ["10.66.2.81/32"]
+    assert covering(held, "198.19.1.1") == {exitn["public_key"]}
+    assert covering(held, ADMIN_IP) == {w.admin_key}
+    w.alice.innernet("up", w.iface, "--no-write-hosts")                # stop using it
