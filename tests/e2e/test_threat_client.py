@@ -49,6 +49,9 @@ def w(pyz):
             open(w.alice.path("client", "etc", f"{w.iface}.conf")).read(), "alice")
         w.server_key, w.alice_ip = cfg.server_public_key, str(cfg.address.ip)
         w.honest = honest_state(w.alice, f"{SERVER_IP}:51820", w.server_key)
+        w.alice_key = I.public_key(cfg.private_key)
+        w.server_private = I.ServerConfig.from_toml(
+            open(srv.path("server", "etc", f"{net}.conf")).read(), "srv").private_key
         w.admin_key = next(p["public_key"] for p in w.honest["peers"] if p["ip"] == ADMIN_IP)
         w.hostile = take_over(srv, w.serve, SERVER_IP, 51820,
                               {"GET /v1/user/state": {"body": w.honest}})
@@ -56,13 +59,14 @@ def w(pyz):
         yield w
 
 
-def record(w, name, ip, **fields):
-    """A peer record as the server sends it: a new key unless ``public_key``."""
+def record(w, name, ip, private=None, **fields):
+    """A peer record as the server sends it: a new key unless ``public_key``
+    (or the key of ``private``)."""
     I = _innernet()
     w.n += 1
     p = copy.deepcopy(next(p for p in w.honest["peers"] if p["ip"] == w.alice_ip))
     p.update(id=900 + w.n, name=name, ip=ip, endpoint=None, candidates=[],
-             public_key=I.public_key(I.generate_private_key()), is_admin=False)
+             public_key=I.public_key(private or I.generate_private_key()), is_admin=False)
     p.update(fields)
     return p
 
@@ -79,9 +83,10 @@ def routed(w):
     return {str(ipaddress.ip_network(ln.split()[0])) for ln in out.splitlines() if ln.strip()}
 
 
-def fetch(w, state, *args):
+def fetch(w, state, *args, extra=None):
     w.hostile.script({"GET /v1/user/state": {"body": state},
-                      "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}}})
+                      "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}},
+                      **(extra or {})})
     before = len(w.hostile.requests())
     out = w.alice.innernet("fetch", w.iface, "--no-write-hosts", *args, check=False)
     # The lie was told: alice asked the double for the state that carries it.
@@ -159,6 +164,105 @@ def test_public_routes_need_local_consent(w):
     held = holders(w)
     assert "8.8.8.0/24" not in held and held["10.66.2.68/32"] == bad["public_key"]
     assert "8.8.8.0/24" not in routed(w)
+
+
+def refused_whole(w, out, ip, key):
+    """The state was refused (PINNING ERROR) and ``ip`` kept its key."""
+    assert out.returncode == 1 and "PINNING ERROR" in out.stderr, out.stdout + out.stderr
+    assert holders(w)[f"{ip}/32"] == key
+
+
+def test_a_hijacked_server_cannot_swap_or_move_away_a_pinned_key(w):
+    """Promise 4: a known address keeps its key, in one step or in two."""
+    thief = record(w, "admin", ADMIN_IP)
+    refused_whole(w, fetch(w, with_peers(w, change={ADMIN_IP: thief})), ADMIN_IP, w.admin_key)
+    # Two steps: the admin moved to a new address, then its old one handed over.
+    assert fetch(w, with_peers(w, change={ADMIN_IP: {"ip": "10.66.1.200"}})).returncode == 0
+    refused_whole(w, fetch(w, with_peers(w, dict(thief, name="thief"),
+                                         change={ADMIN_IP: {"ip": "10.66.1.200"}})),
+                  "10.66.1.200", w.admin_key)
+    assert covering(holders(w), ADMIN_IP) == set()
+    assert fetch(w, w.honest).returncode == 0                  # the truth again
+    assert holders(w)[f"{ADMIN_IP}/32"] == w.admin_key
+
+
+def test_a_hijacked_server_cannot_forge_or_replay_a_rotation(w):
+    """Promise 5: a key changes at a known address only along a chain of
+    proofs its old key's holder made for this client; the server, which
+    keeps and serves the proofs, cannot make one, even with its own key."""
+    I = _innernet()
+    ip, k1 = "10.66.1.77", I.generate_private_key()
+    carol = record(w, "carol", ip, private=k1)
+    assert fetch(w, with_peers(w, carol)).returncode == 0
+    k2 = I.generate_private_key()
+    new = dict(carol, public_key=I.public_key(k2))
+    admin_pub = w.admin_key
+
+    def chain(signer, verifier):
+        return {f"GET /v1/user/rotations?ip={ip}": {"body": [{
+            "old_key": carol["public_key"], "new_key": new["public_key"],
+            "proof": I.rotation_proof(signer, verifier, ip, new["public_key"])}]}}
+    for forged in (chain(w.server_private, w.alice_key),     # the server's own key
+                   chain(k1, admin_pub)):                     # valid, for another peer
+        before = len(w.hostile.requests())
+        refused_whole(w, fetch(w, with_peers(w, new), extra=forged), ip, carol["public_key"])
+        assert ("GET", f"/v1/user/rotations?ip={ip}") in w.hostile.requests()[before:]
+    honest = chain(k1, w.alice_key)
+    out = fetch(w, with_peers(w, new), extra=honest)
+    assert out.returncode == 0 and "peer carol rotated its key" in out.stderr, out.stderr
+    assert holders(w)[f"{ip}/32"] == new["public_key"]
+    # Replay: back to the old key with the old chain.
+    refused_whole(w, fetch(w, with_peers(w, carol), extra=honest), ip, new["public_key"])
+
+
+def test_a_hijacked_server_cannot_shorten_a_quarantine(w):
+    """Promise 6: a deleted peer's address stays its key's until the end of
+    the quarantine first announced; a later, shorter one is ignored."""
+    import time
+    ip = "10.66.1.78"
+    dave = record(w, "dave", ip)
+    assert fetch(w, with_peers(w, dave)).returncode == 0
+    gone = {"ip": ip, "public_key": dave["public_key"], "reuse_after": int(time.time()) + 3600}
+    state = with_peers(w)
+    state["deleted"] = [gone]
+    assert fetch(w, state).returncode == 0
+    assert covering(holders(w), ip) == set()
+    for reuse_after in (gone["reuse_after"], int(time.time()) - 60):
+        state = with_peers(w, record(w, "eve", ip))
+        state["deleted"] = [dict(gone, reuse_after=reuse_after)]
+        out = fetch(w, state)
+        assert out.returncode == 1 and "PINNING ERROR" in out.stderr, out.stderr
+        assert covering(holders(w), ip) == set()
+
+
+def test_a_hijacked_server_cannot_write_its_own_hosts_lines(w):
+    """Promise 7: names from the state are whole hostnames, or the state is refused."""
+    hosts = w.alice.path("hosts")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    evil = record(w, "x", "10.66.1.79")
+    evil["name"] = "x\n6.6.6.6 github.com"
+    w.hostile.script({"GET /v1/user/state": {"body": with_peers(w, evil)}})
+    before = len(w.hostile.requests())
+    out = w.alice.innernet("fetch", w.iface, "--hosts-path", hosts, check=False)
+    assert ("GET", "/v1/user/state") in w.hostile.requests()[before:]
+    assert out.returncode == 1 and "github.com" not in open(hosts).read()
+    assert "10.66.1.79/32" not in holders(w)
+
+
+def test_a_relay_answer_names_a_port_on_the_servers_host_only(w):
+    """Promise 8: the relay a client uses is always on the server's own host
+    (the one in its config); an answer can choose a port, never a host."""
+    frank = record(w, "frank", "10.66.1.80", candidates=["198.18.0.250:51820"])
+    grace = record(w, "grace", "10.66.1.81", candidates=["198.18.0.251:51820"])
+    relay = {"POST /v1/user/relay": {"body": {"relays": {
+        frank["ip"]: 40001, grace["ip"]: "198.18.0.66:40002"}}}}
+    out = fetch(w, with_peers(w, frank, grace), extra=relay)
+    assert out.returncode == 0, out.stderr
+    assert "POST" in [m for m, p in w.hostile.requests() if p == "/v1/user/relay"]
+    eps = {p["public_key"]: p["endpoint"] for p in device(w.alice, w.iface)["peers"]}
+    assert eps[frank["public_key"]] == f"{w.srv.underlay}:40001"
+    assert not (eps[grace["public_key"]] or "").startswith("198.18.0.66")
 
 
 FAKE_RESOLVECTL = "#!/bin/sh\necho \"$@\" >> {log}\n"
