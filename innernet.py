@@ -2273,7 +2273,7 @@ def exit_allowed_ips(network):
         if network is None or default.version != network.version:
             out.append(r)
         else:
-            out += sorted(str(n) for n in default.address_exclude(network))
+            out += [str(n) for n in sorted(default.address_exclude(network))]
     return out
 MAX_ROUTES = 64                 # routes one peer may advertise
 _UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
