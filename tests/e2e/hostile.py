@@ -17,9 +17,12 @@ the answers between two fetches without a restart:
 
 A key with a query string wins over the bare path. Unscripted requests get
 404, as from innernet's server, except our client's candidate and endpoint
-reports (204). Every request is logged, one JSON line each (method, path,
-body), so a test can say what the client asked. Run as a program it is the
-double itself: ``hostile.py ADDRESS PORT SCRIPT LOG``.
+reports (204). A redeem the script answers with 2xx is also done on the
+device, as the server does: the caller's address goes to the key it sent,
+so a joining client's new key gets its handshake. Every request is logged,
+one JSON line each (method, path, body), so a test can say what the client
+asked. Run as a program it is the double itself:
+``hostile.py ADDRESS PORT SCRIPT LOG DEVICE``.
 """
 import hashlib
 import json
@@ -42,7 +45,17 @@ def answer(script, method, path):
     return 404, {"error": f"no route for {method} {bare}"}
 
 
-def serve(address, port, script_path, log_path):
+def redeem_on_device(device, caller_ip, body):
+    """What the server does at a redeem: the caller's /32 to its new key."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    import innernet
+    key = json.loads(body)["public_key"]
+    innernet.UserspaceBackend().apply(device, updates=[innernet.PeerUpdate(
+        key, allowed_ips=[f"{caller_ip}/32"], keepalive=25)])
+
+
+def serve(address, port, script_path, log_path, device):
     """The double: HTTP/1.1 on address:port, answers from the script file."""
     import http.server
     import socketserver
@@ -59,6 +72,8 @@ def serve(address, port, script_path, log_path):
             with open(script_path) as f:
                 script = json.load(f)
             status, out = answer(script, self.command, self.path)
+            if self.path == "/v1/user/redeem" and 200 <= status < 300:
+                redeem_on_device(device, self.client_address[0], body)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"method": self.command, "path": self.path,
                                     "body": body.decode(errors="replace")}) + "\n")
@@ -87,8 +102,8 @@ def serve(address, port, script_path, log_path):
 class HostileServer:
     """The double running on a lab host; ``script`` sets its answers."""
 
-    def __init__(self, host, address, port):
-        self.host, self.address, self.port = host, address, port
+    def __init__(self, host, address, port, device):
+        self.host, self.address, self.port, self.device = host, address, port, device
         self.script_path = host.path("hostile-script.json")
         self.log_path = host.path("hostile-requests.log")
         self.proc = None
@@ -105,7 +120,8 @@ class HostileServer:
         self.script(answers)
         open(self.log_path, "w").close()
         self.proc = self.host.spawn([sys.executable, os.path.abspath(__file__), self.address,
-                                     str(self.port), self.script_path, self.log_path],
+                                     str(self.port), self.script_path, self.log_path,
+                                     self.device],
                                     "hostile.log")
         wait_for(lambda: "listening" in self.host.log("hostile.log"), 20, "the hostile server")
         return self
@@ -129,12 +145,12 @@ def honest_state(host, endpoint, server_key):
     return json.loads(host.python(STATE, endpoint, server_key).stdout)
 
 
-def take_over(srv, serve_proc, address, port, answers):
+def take_over(srv, serve_proc, address, port, device, answers):
     """Stop the real `serve` (its device stays up) and start the double there."""
     serve_proc.terminate()
     serve_proc.wait(timeout=20)
-    return HostileServer(srv, address, port).start(answers)
+    return HostileServer(srv, address, port, device).start(answers)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from lab import ROOT, device, invite
+from lab import ROOT, device, invite, wait_for
 
 from .conftest import network_world
 from .hostile import honest_state, take_over
@@ -53,7 +53,11 @@ def w(pyz):
         w.server_private = I.ServerConfig.from_toml(
             open(srv.path("server", "etc", f"{net}.conf")).read(), "srv").private_key
         w.admin_key = next(p["public_key"] for p in w.honest["peers"] if p["ip"] == ADMIN_IP)
-        w.hostile = take_over(srv, w.serve, SERVER_IP, 51820,
+        # An invitation for a host that joins the hijacked network later; its
+        # key is on the server's device before the real server stops.
+        w.newbie_invite = invite(srv, net, "newbie", "others")
+        wait_for(lambda: len(device(srv, net)["peers"]) == 3, 20, "the invitation's key")
+        w.hostile = take_over(srv, w.serve, SERVER_IP, 51820, net,
                               {"GET /v1/user/state": {"body": w.honest}})
         w.n = 0
         yield w
@@ -138,6 +142,28 @@ def test_a_hijacked_server_cannot_give_network_addresses_to_another_key(w, lie):
     assert set(bad.get("routes") or []).isdisjoint(routed(w))
     # The rest of the state is applied: the honest newcomer is on the device.
     assert held[f"{bob['ip']}/32"] == bob["public_key"]
+
+
+def test_a_joining_client_refuses_them_in_its_first_state_without_pins(w):
+    """Promise 1 on the first fetch after a join, which has no pins yet: the
+    network's range and the client's own address come from its invitation."""
+    I = _innernet()
+    newbie = w.lab.add_host("newbie")
+    own_ip = str(I.InterfaceConfig.from_toml(open(w.newbie_invite).read(), "i").address.ip)
+    bad = [record(w, "mallory9", "10.66.2.69", routes=[f"{ADMIN_IP}/32"]),
+           record(w, "mallory10", own_ip)]
+    w.hostile.script({"POST /v1/user/redeem": {"status": 204},
+                      "GET /v1/user/state": {"body": with_peers(w, *bad)}})
+    out = newbie.innernet("install", "--name", w.lab.ifname("newbie"), "--no-write-hosts",
+                          w.newbie_invite)
+    assert ("POST", "/v1/user/redeem") in w.hostile.requests()
+    for b in bad:
+        assert len([ln for ln in out.stderr.splitlines() if f"'{b['name']}'" in ln
+                    and "refused" in ln]) == 1, out.stderr
+    held = {a: p["public_key"] for p in device(newbie, w.lab.ifname("newbie"))["peers"]
+            for a in p["allowed_ips"]}
+    assert held[f"{ADMIN_IP}/32"] == w.admin_key and f"{own_ip}/32" not in held
+    assert not {b["public_key"] for b in bad} & set(held.values())
 
 
 def test_a_pinned_peer_turned_static_keeps_its_address_from_the_servers_key(w):
