@@ -2455,9 +2455,12 @@ def refuse_misrouted(received, stored, network, own, server):
     pins = {}
     for p in stored:
         pins.setdefault(p.ip, p)
+    # Pins inside the network are covered by the range check; those outside
+    # (a data store older than this check) are looked at one by one.
+    outside = [q for q in pins.values() if ipaddress.ip_address(q.ip) not in network]
     kept, refused = [], []
     for p in received:
-        why = _misrouting(p, pins, network, own, server)
+        why = _misrouting(p, pins, outside, network, own, server)
         if why:
             refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: {why}")
             continue
@@ -2468,10 +2471,9 @@ def refuse_misrouted(received, stored, network, own, server):
     return kept, refused
 
 
-def _misrouting(p, pins, network, own, server):
+def _misrouting(p, pins, outside, network, own, server):
     """Why record ``p`` would route what is not its own, or None."""
-    ip = ipaddress.ip_address(p.ip)
-    if ip not in network:
+    if ipaddress.ip_address(p.ip) not in network:
         return f"its address is outside the network {network}"
     for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
         if p.ip == o_ip and p.public_key != o_key:
@@ -2480,7 +2482,7 @@ def _misrouting(p, pins, network, own, server):
         net = ipaddress.ip_network(r)
         if net.version == network.version and net.overlaps(network):
             return f"route {r} overlaps the network {network}"
-        taken = next((q for q in pins.values() if q.public_key != p.public_key
+        taken = next((q for q in outside if q.public_key != p.public_key
                       and ipaddress.ip_address(q.ip) in net), None)
         if taken is not None:
             return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"

@@ -382,6 +382,11 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     assert "route 10.80.3.1/32 overlaps the network 10.80.0.0/15" in refused[0]
     assert "it claims the server's address" in refused[4]
     assert "cannot turn static" in refused[5] and "endpoint 10.80.3.1:51820" in refused[6]
+    # A pin outside the network (a data store older than the check) is covered too.
+    old_pin = dataclasses.replace(peer(20, "lan", 3), ip="192.168.5.5")
+    grab = peer(21, "m7", 3, routes=["192.168.5.0/24"])
+    assert "covers 192.168.5.5, pinned to peer 'lan'" in innernet.refuse_misrouted(
+        [grab], stored + [old_pin], net, own, server)[1][0]
     # What the honest server sends passes whole: the same records, the server's own too.
     honest = [admin, Peer(None, "me", own[0], 4, own[1]), Peer(None, "srv", server[0], 2,
                                                                server[1])]
