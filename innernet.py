@@ -2261,20 +2261,6 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
 # the exit-node offer; a client takes them for one exit node only, when asked.
 
 EXIT_ROUTES = ("0.0.0.0/0", "::/0")
-
-
-def exit_allowed_ips(network):
-    """The exit node's allowed IPs: the default routes without ``network``, so
-    that no address inside the network (a hidden peer's, one nobody has yet)
-    goes to the exit node's key; WireGuard drops what no peer holds."""
-    out = []
-    for r in EXIT_ROUTES:
-        default = ipaddress.ip_network(r)
-        if network is None or default.version != network.version:
-            out.append(r)
-        else:
-            out += [str(n) for n in sorted(default.address_exclude(network))]
-    return out
 MAX_ROUTES = 64                 # routes one peer may advertise
 _UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
@@ -2431,6 +2417,20 @@ def interface_routes(peers, own_key, local=()):
                 continue
             if net not in out:
                 out.append(net)
+    return out
+
+
+def exit_allowed_ips(network):
+    """The exit node's allowed IPs: the default routes without ``network``, so
+    that no address inside the network (a hidden peer's, one nobody has yet)
+    goes to the exit node's key; WireGuard drops what no peer holds."""
+    out = []
+    for r in EXIT_ROUTES:
+        default = ipaddress.ip_network(r)
+        if network is None or default.version != network.version:
+            out.append(r)
+        else:
+            out += [str(n) for n in sorted(default.address_exclude(network))]
     return out
 
 
@@ -7533,6 +7533,9 @@ def choose_exit_node(peers, name, own_key, ip=None):
     to its key: a server that gives the name to another peer changes nothing."""
     p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
               and not p.is_disabled), None)
+    if ip and (p is None or p.public_key == own_key):
+        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
+                      "peer; to choose again, run 'up' without --exit-node, then with it")
     if p is None or p.public_key == own_key:
         return None, f"no peer named '{name}' is visible to this peer"
     if not p.exit_node:

@@ -141,6 +141,8 @@ def test_choosing_an_exit_node_needs_a_visible_approved_offer():
     thief = peer(7, "ex", 3, exit_node=True)
     renamed = innernet.dataclasses.replace(ex, name="old")
     assert innernet.choose_exit_node([thief, renamed], "ex", "k9", ip=ex.ip) == (renamed, None)
+    assert "to choose again, run 'up' without --exit-node" in \
+        innernet.choose_exit_node([thief], "ex", "k9", ip=ex.ip)[1]
 
 
 def test_exit_rules_follow_wg_quick():
