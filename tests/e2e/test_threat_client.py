@@ -24,7 +24,6 @@ pytestmark = pytest.mark.netns
 
 ADMIN_IP = "10.66.1.1"
 SERVER_IP = "10.66.0.1"
-NETWORK = "10.66.0.0/16"
 
 
 def _innernet():
@@ -108,7 +107,7 @@ def with_peers(w, *records, change=None):
     return state
 
 
-# Each lie: (id, how the lying record is made, what it would have taken).
+# Each lie: (id, how the lying record is made).
 # Promise 1: a hijacked server cannot give a pinned address, or any address
 # inside the network other than the record's own, to another key -- by any field.
 LIES = [
