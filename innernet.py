@@ -2011,7 +2011,7 @@ def _norm_ep(ep):
 
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
-               relayed=(), relay_via=None):
+               relayed=(), relay_via=None, network=None):
     """The updates that turn the device's peers into ``desired`` (spec §8.2).
 
     Disabled peers and our own key are not wanted; device peers not wanted
@@ -2020,7 +2020,8 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpo
     (allowed-IP strings) are routed through the peer ``relay_via`` (the
     server) instead of their own peer entry. ``resolve`` turns a peer's
     endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
-    asks DNS for host names; the default keeps literals only.
+    asks DNS for host names; the default keeps literals only. A client
+    passes its ``network``: an exit node's default routes then leave it out.
     """
     current = {p.public_key: p for p in device_peers}
     wanted = {}
@@ -2033,6 +2034,8 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpo
         if allowed[0] in relayed:
             allowed = []
         allowed += p.routes                 # approved subnet routes (and a chosen exit's)
+        if network is not None and set(EXIT_ROUTES) & set(p.routes):
+            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
         if key == relay_via:
             allowed += sorted(relayed)
         keepalive = p.persistent_keepalive_interval or 0
@@ -2464,6 +2467,88 @@ def interface_routes(peers, own_key, local=()):
             if net not in out:
                 out.append(net)
     return out
+
+
+def exit_allowed_ips(network):
+    """The exit node's allowed IPs: the default routes without ``network``, so
+    that no address inside the network (a hidden peer's, one nobody has yet)
+    goes to the exit node's key; WireGuard drops what no peer holds."""
+    out = []
+    for r in EXIT_ROUTES:
+        default = ipaddress.ip_network(r)
+        if network is None or default.version != network.version:
+            out.append(r)
+        else:
+            out += [str(n) for n in sorted(default.address_exclude(network))]
+    return out
+
+
+# -- what a state may route: the client's one check ----------------------------
+# A peer record's address, routes, static flag and endpoint end up in WireGuard's
+# allowed IPs (which key gets which addresses) or in the routing table. Pinning
+# (merge_pinned) keeps a known address with its key; this keeps every field of
+# a record from giving away an address that is not the record's own, so that a
+# hijacked server cannot, say, add a peer whose approved route is a pinned /32.
+
+def refuse_misrouted(received, stored, network, own, server):
+    """(the records kept, one line per record refused) of a state's peers.
+
+    A record is refused when its address is outside ``network`` (the range
+    the invitation gave), or is this host's or the server's (``own``,
+    ``server``: (ip, key)) under another key; when a route overlaps the
+    network or covers an address pinned (in ``stored``) to another key; when
+    a pinned peer turns static (its address would go to the server's key);
+    or when its endpoint is inside the network. Candidates inside the network
+    are dropped from the records kept.
+    """
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    # Pins inside the network are covered by the range check; those outside
+    # (a data store older than this check) are looked at one by one.
+    outside = [q for q in pins.values() if ipaddress.ip_address(q.ip) not in network]
+    kept, refused = [], []
+    for p in received:
+        why = _misrouting(p, pins, outside, network, own, server)
+        if why:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: {why}")
+            continue
+        inside = [c for c in p.candidates if _endpoint_inside(c, network)]
+        if inside:
+            p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
+        kept.append(p)
+    return kept, refused
+
+
+def _misrouting(p, pins, outside, network, own, server):
+    """Why record ``p`` would route what is not its own, or None."""
+    if ipaddress.ip_address(p.ip) not in network:
+        return f"its address is outside the network {network}"
+    for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
+        if p.ip == o_ip and p.public_key != o_key:
+            return f"it claims {whose} address under another key"
+    for r in p.routes:
+        net = ipaddress.ip_network(r)
+        if net.version == network.version and net.overlaps(network):
+            return f"route {r} overlaps the network {network}"
+        taken = next((q for q in outside if q.public_key != p.public_key
+                      and ipaddress.ip_address(q.ip) in net), None)
+        if taken is not None:
+            return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
+    pin = pins.get(p.ip)
+    if p.is_static and pin is not None and pin.public_key == p.public_key \
+            and not pin.is_static:
+        return "a pinned peer cannot turn static (its address would go to the server's key)"
+    if p.endpoint and _endpoint_inside(p.endpoint, network):
+        return f"its endpoint {p.endpoint} is inside the network"
+    return None
+
+
+def _endpoint_inside(endpoint, network):
+    try:
+        return ipaddress.ip_address(parse_endpoint(endpoint)[0]) in network
+    except (InnernetError, ValueError):
+        return False            # a host name: where it leads is DNS's word
 
 
 # -- hosts file ---------------------------------------------------------------
@@ -7463,6 +7548,13 @@ def exit_state_path(store_path):
     return store_path[:-5] + ".exit.json"
 
 
+def _is_ip(text):
+    try:
+        return isinstance(text, str) and str(ipaddress.ip_address(text)) == text
+    except ValueError:
+        return False
+
+
 def load_exit_state(path):
     try:
         with open(path) as f:
@@ -7474,7 +7566,8 @@ def load_exit_state(path):
                             hint="run 'innernet down' and 'up --exit-node' again") from None
     if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
             and isinstance(state.get("allow_lan"), bool)
-            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31):
+            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31
+            and (state.get("ip") is None or _is_ip(state["ip"]))):
         raise InnernetError(f"{path} is damaged",
                             hint="run 'innernet down' and 'up --exit-node' again")
     return state
@@ -7619,10 +7712,16 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
     return out
 
 
-def choose_exit_node(peers, name, own_key):
+def choose_exit_node(peers, name, own_key, ip=None):
     """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved."""
-    p = next((p for p in peers if p.name == name and not p.is_disabled), None)
+    this client may see (the server sends no other) and its offer approved.
+    Once chosen it is the peer at its address then (``ip``), which is pinned
+    to its key: a server that gives the name to another peer changes nothing."""
+    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
+              and not p.is_disabled), None)
+    if ip and (p is None or p.public_key == own_key):
+        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
+                      "peer; to choose again, run 'up' without --exit-node, then with it")
     if p is None or p.public_key == own_key:
         return None, f"no peer named '{name}' is visible to this peer"
     if not p.exit_node:
@@ -8039,7 +8138,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
             f.apply_peers(traverse)
             f.apply_routes()
         if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(f.api, iface, f.cfg)
+            split_dns(f.api, iface, f.cfg, getattr(args, "host_suffix", None))
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
@@ -8095,7 +8194,7 @@ class _Fetch:
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
-            received = [Peer.from_json(p) for p in state.get("peers", [])]
+            received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
             self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
             deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
             self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
@@ -8114,6 +8213,17 @@ class _Fetch:
                 self.stored_etag
             self.unreachable = e
             self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+
+    def checked(self, received):
+        """The state's records that route only what is their own (refuse_misrouted);
+        each one refused is said in one line, and the rest is applied."""
+        cfg = self.cfg
+        kept, refused = refuse_misrouted(
+            received, self.stored_peers, cfg.address.network, (str(cfg.address.ip), self.own_key),
+            (str(cfg.server_ip), cfg.server_public_key))
+        for line in refused:
+            warn(f"{self.iface}: {line}")
+        return kept
 
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
@@ -8135,7 +8245,8 @@ class _Fetch:
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
         updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
                              time.time(), resolve=resolve_endpoint, relayed=relayed,
-                             relay_via=self.cfg.server_public_key)
+                             relay_via=self.cfg.server_public_key,
+                             network=self.cfg.address.network)
         # A peer pointed at its relay is settle_paths's to move, even before
         # its first handshake there: the state's endpoint must not undo it.
         for u in updates:
@@ -8158,8 +8269,11 @@ class _Fetch:
         args, dev = self.args, self.dev
         self.exit_state = load_exit_state(exit_state_path(self.store_path))
         exit_peer, self.exit_problem = choose_exit_node(
-            self.peers, self.exit_state["exit_node"], self.own_key) \
-            if self.exit_state else (None, None)
+            self.peers, self.exit_state["exit_node"], self.own_key,
+            self.exit_state.get("ip")) if self.exit_state else (None, None)
+        if exit_peer is not None and not self.exit_state.get("ip"):
+            self.exit_state["ip"] = exit_peer.ip        # the choice is this address now
+            save_exit_state(exit_state_path(self.store_path), self.exit_state)
         accept = not getattr(args, "no_accept_routes", False)
         public = getattr(args, "accept_public_routes", False)
         desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
@@ -8281,8 +8395,14 @@ def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_r
         enable_route_forwarding(iface, own.routes + (["0.0.0.0/0"] if own.exit_node else []))
 
 
-def split_dns(api, iface, cfg):
-    """Split DNS for the network's zone, when the server answers DNS."""
+def split_dns(api, iface, cfg, suffix=None):
+    """Split DNS for the network's zone, when the server answers DNS.
+
+    The zone is the network's, known here: NET.wg (as `serve` names it), or
+    the --host-suffix this client was given. The server only says whether it
+    answers DNS; a zone it names otherwise (``com``: every name under it
+    would be its to answer) is refused, in one line.
+    """
     try:
         caps = api.call("GET", "/user/capabilities") or {}
     except InnernetError:
@@ -8293,6 +8413,11 @@ def split_dns(api, iface, cfg):
             raise InnernetError("no zone")
     except InnernetError:
         debug(f"{iface}: the server does not answer DNS")
+        return
+    ours = [f"{cfg.network_name}.wg"] + ([suffix] if suffix else [])
+    if zone not in ours:
+        warn(f"{iface}: refused the server's DNS zone {zone[:80]}: this network's is "
+             f"{ours[0]} (or the --host-suffix you give); split DNS skipped")
         return
     configure_split_dns(iface, cfg.server_ip, zone)
 
@@ -10233,6 +10358,7 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
             "  " + _short_peer(p, by_key.get(p.public_key), p.public_key == own_key, now)
             for p in live]
     exit_name = exit_state and exit_state["exit_node"]
+    exit_ip = exit_state and exit_state.get("ip")
     lines = [f"network: {iface}", f"  listening port: {dev.listen_port}"]
     if exit_name:
         lines.append(f"  exit node: {exit_name}"
@@ -10242,7 +10368,8 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
         lines += _show_peer_lines(
             p, by_key.get(p.public_key), p.public_key == own_key, now,
             _verbosity > 0, p.ip in cfg.peer_endpoint_overrides,
-            _path(p, by_key.get(p.public_key), memo), p.name == exit_name)
+            _path(p, by_key.get(p.public_key), memo),
+            p.ip == exit_ip if exit_ip else p.name == exit_name)
     return lines
 
 

@@ -136,6 +136,13 @@ def test_choosing_an_exit_node_needs_a_visible_approved_offer():
         innernet.choose_exit_node([ex, plain], "plain", "k9")[1]
     assert "is visible to this peer" in innernet.choose_exit_node([plain], "ex", "k9")[1]
     assert "is visible" in innernet.choose_exit_node([ex], "ex", "k1")[1]   # not itself
+    # Once chosen, the exit node is the peer at its address (pinned to its key):
+    # the name given to another peer changes nothing (issue 28).
+    thief = peer(7, "ex", 3, exit_node=True)
+    renamed = innernet.dataclasses.replace(ex, name="old")
+    assert innernet.choose_exit_node([thief, renamed], "ex", "k9", ip=ex.ip) == (renamed, None)
+    assert "to choose again, run 'up' without --exit-node" in \
+        innernet.choose_exit_node([thief], "ex", "k9", ip=ex.ip)[1]
 
 
 def test_exit_rules_follow_wg_quick():
@@ -349,3 +356,55 @@ def test_public_routes_need_the_clients_consent():
     assert [innernet.route_is_private(r) for r in (
         "10.1.0.0/16", "172.31.0.0/16", "100.64.0.0/10", "fd12::/64", "8.8.8.0/24",
         "172.32.0.0/16", "2001:db8::/32")] == [True, True, True, True, False, False, False]
+
+
+def test_the_client_refuses_records_that_route_what_is_not_their_own():
+    """Issue 28, item 1: refuse_misrouted, the client's one check of a state."""
+    import dataclasses
+    net = ipaddress.ip_network("10.80.0.0/15")
+    own, server = ("10.80.64.9", "kme"), ("10.80.0.1", "ksrv")
+    admin = peer(1, "admin", 3)                                    # pinned 10.80.3.1 = k1
+    stored = [admin, Peer(None, "me", own[0], 4, own[1])]
+    ok = peer(7, "newcomer", 3, routes=["192.168.7.0/24"])
+    ok.candidates = ["198.18.0.7:51820", "10.80.3.1:51820"]
+    lies = {
+        "route-pinned": peer(8, "m1", 3, routes=["10.80.3.1/32"]),
+        "route-network": peer(9, "m2", 3, routes=["10.0.0.0/8"]),
+        "outside": dataclasses.replace(peer(10, "m3", 3), ip="192.168.1.1"),
+        "own": dataclasses.replace(peer(11, "m4", 3), ip=own[0]),
+        "server": dataclasses.replace(peer(12, "m5", 3), ip=server[0]),
+        "static": dataclasses.replace(admin, is_static=True),
+        "endpoint": dataclasses.replace(peer(13, "m6", 3), endpoint="10.80.3.1:51820"),
+    }
+    kept, refused = innernet.refuse_misrouted([ok] + list(lies.values()), stored, net, own,
+                                              server)
+    assert [p.name for p in kept] == ["newcomer"]
+    assert kept[0].candidates == ["198.18.0.7:51820"]          # the one inside is dropped
+    assert len(refused) == len(lies) and all(ln.startswith("refused peer '") for ln in refused)
+    assert "route 10.80.3.1/32 overlaps the network 10.80.0.0/15" in refused[0]
+    assert "it claims the server's address" in refused[4]
+    assert "cannot turn static" in refused[5] and "endpoint 10.80.3.1:51820" in refused[6]
+    # A pin outside the network (a data store older than the check) is covered too.
+    old_pin = dataclasses.replace(peer(20, "lan", 3), ip="192.168.5.5")
+    grab = peer(21, "m7", 3, routes=["192.168.5.0/24"])
+    assert "covers 192.168.5.5, pinned to peer 'lan'" in innernet.refuse_misrouted(
+        [grab], stored + [old_pin], net, own, server)[1][0]
+    # What the honest server sends passes whole: the same records, the server's own too.
+    honest = [admin, Peer(None, "me", own[0], 4, own[1]), Peer(None, "srv", server[0], 2,
+                                                               server[1])]
+    assert innernet.refuse_misrouted(honest, stored, net, own, server) == (honest, [])
+
+
+def test_an_exit_node_gets_the_default_routes_without_the_network():
+    """Issue 28: no address inside the network goes to the exit node's key."""
+    net = ipaddress.ip_network("10.66.0.0/16")
+    allowed = innernet.exit_allowed_ips(net)
+    assert "::/0" in allowed and "0.0.0.0/0" not in allowed
+    v4 = [ipaddress.ip_network(a) for a in allowed if ":" not in a]
+    assert len(v4) == 16 and not any(n.overlaps(net) for n in v4)
+    assert sum(n.num_addresses for n in v4) == 2 ** 32 - net.num_addresses
+    exit_peer = peer(5, "exit", 3, routes=list(EXIT_ROUTES))
+    [u] = innernet.diff_peers([], [exit_peer], "me", 0.0, network=net)
+    assert u.allowed_ips == ["10.80.3.5/32"] + allowed
+    [u] = innernet.diff_peers([], [exit_peer], "me", 0.0)          # the server's own use
+    assert u.allowed_ips == ["10.80.3.5/32", "0.0.0.0/0", "::/0"]

@@ -240,7 +240,9 @@ def test_exit_node_carries_traffic_and_down_restores_routing(w):
                        "d = innernet.UserspaceBackend().get(sys.argv[2]); "
                        "print(json.dumps([p.allowed_ips for p in d.peers]))",
                        os.path.dirname(os.path.dirname(os.path.dirname(__file__))), iface)
-    assert "0.0.0.0/0" in out.stdout
+    # The default routes without the network's range (issue 28): 10.66/16 stays out.
+    assert "128.0.0.0/1" in out.stdout and "::/0" in out.stdout
+    assert "0.0.0.0/0" not in out.stdout and '"10.0.0.0/8"' not in out.stdout
     assert alice.innernet("down", iface)
     assert routing_snapshot(alice) == before
     # With --exit-node-allow-lan the main table's routes (the LAN) stay direct.
