@@ -2108,10 +2108,18 @@ def relay_pair_refusal(a, b, cidrs, associations, views=None):
     the other may see. Static peers have only the server as their peer, and
     the server has no relay of its own to ask for. ``views``, if given, caches
     {cidr id: the CIDR ids it sees} across calls.
+
+    ``a`` asks: a ``b`` outside a's view (in a CIDR it may not see, not
+    redeemed or disabled) is "no such peer", word for word as an address
+    nobody has, so the answer names only what a's state holds.
     """
+    views = {} if views is None else views
+    if a is None or b is None:
+        return "no such peer"
+    if a.id != b.id and (not b.is_redeemed or b.is_disabled or b.cidr_id not in
+                         cached_view(views, cidrs, associations, a.cidr_id)):
+        return "no such peer"
     for p in (a, b):
-        if p is None:
-            return "no such peer"
         if not p.is_redeemed or p.is_disabled:
             return f"peer {p.name} is not an active peer"
         if p.is_static:
@@ -2120,9 +2128,7 @@ def relay_pair_refusal(a, b, cidrs, associations, views=None):
             return "the server is reached directly"
     if a.id == b.id:
         return "a peer needs no relay to itself"
-    views = {} if views is None else views
-    if b.cidr_id not in cached_view(views, cidrs, associations, a.cidr_id) or \
-            a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
+    if a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
         return f"peer {b.name} is not visible to {a.name}"
     return None
 
@@ -2344,10 +2350,29 @@ def parse_routes(items, exit_routes=False):
     return out
 
 
+def route_conflict(peers, owner, route):
+    """(route, peer) of the first approved route of another peer among ``peers``
+    that overlaps ``route``, or None. Pending routes reserve nothing: they go
+    nowhere until approved, and approval checks again."""
+    if route in EXIT_ROUTES:
+        return None
+    net = ipaddress.ip_network(route)
+    for p in peers:
+        if p.id == owner.id:
+            continue
+        for other in p.routes:
+            if other in EXIT_ROUTES:
+                continue
+            o = ipaddress.ip_network(other)
+            if o.version == net.version and o.overlaps(net):
+                return other, p
+    return None
+
+
 def check_routes(peers, cidrs, owner, routes):
-    """Refuse routes that overlap the network or another peer's routes (approved
-    or not), naming both owners; the default routes (exit nodes) overlap by
-    design and are exempt."""
+    """Refuse routes that overlap the network or another peer's approved routes
+    (among ``peers``), naming both owners; the default routes (exit nodes)
+    overlap by design and are exempt."""
     if len([r for r in routes if r not in EXIT_ROUTES]) > MAX_ROUTES:
         raise _bad(f"a peer may advertise at most {MAX_ROUTES} routes")
     root = root_cidr(cidrs).network if cidrs else None
@@ -2358,16 +2383,10 @@ def check_routes(peers, cidrs, owner, routes):
         if root is not None and net.version == root.version and net.overlaps(root):
             raise _bad(f"route {r} of peer '{owner.name}' overlaps the network's own range "
                        f"{root}")
-        for p in peers:
-            if p.id == owner.id:
-                continue
-            for other in p.routes + p.pending_routes:
-                if other in EXIT_ROUTES:
-                    continue
-                o = ipaddress.ip_network(other)
-                if o.version == net.version and o.overlaps(net):
-                    raise _bad(f"route {r} of peer '{owner.name}' overlaps route {other} "
-                               f"of peer '{p.name}'")
+        hit = route_conflict(peers, owner, r)
+        if hit is not None:
+            raise _bad(f"route {r} of peer '{owner.name}' overlaps route {hit[0]} "
+                       f"of peer '{hit[1].name}'")
 
 
 def auto_approved(route, peer, cidrs, approvers):
@@ -4663,6 +4682,8 @@ class Store:
         server = next((p for p in self.peers() if self._is_server_peer(p)), None)
         if server is not None and server.cidr_id == cidr_id:
             raise _bad("the server's CIDR cannot be renamed")
+        if any(c.id == cidr_id and c.parent is None for c in self.cidrs()):
+            raise _bad("the network's root CIDR cannot be renamed: its name is the network's")
         with self.write() as c:
             old = c.execute("SELECT name FROM cidrs WHERE id = ?", (cidr_id,)).fetchone()
             if c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (name, cidr_id)).rowcount == 0:
@@ -4855,7 +4876,11 @@ class Store:
     def advertise_routes(self, peer_id, routes, exit_node, approve=False):
         """Replace what a peer advertises. Routes it advertised before keep
         their approval; new ones are approved with ``approve`` (an admin set
-        them) or by an auto-approve rule. Returns the peer as it is now."""
+        them) or by an auto-approve rule. Only approved routes reserve their
+        range: an overlap with one of a peer the advertiser may see is refused
+        by name; one with a peer it may not see leaves the route waiting (not
+        auto-approved), and the answer says nothing of that peer. Returns the
+        peer as it is now."""
         routes = parse_routes(routes) + (list(EXIT_ROUTES) if exit_node else [])
         with self.write() as c:
             peer = self.peer(peer_id)
@@ -4863,14 +4888,19 @@ class Store:
                 raise _bad("the server does not route for the network")
             if peer.is_static:
                 raise _bad(f"peer '{peer.name}' is a static peer; it cannot route for others")
-            check_routes(self.peers(), self.cidrs(), peer, routes)
+            peers, cidrs = self.peers(), self.cidrs()
+            seen = peers if approve else peers_in_view(
+                peers, visible_cidr_ids(cidrs, self.associations(), peer.cidr_id))
+            check_routes(seen, cidrs, peer, routes)
             before = {r[0]: r[1] for r in c.execute(
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            cidrs, approvers = self.cidrs(), self.route_approvers()
+            approvers = self.route_approvers()
             after = {}
             for r in routes:
-                ok = before.get(r, 0) or approve or auto_approved(r, peer, cidrs, approvers)
+                ok = before.get(r, 0) or approve or (
+                    auto_approved(r, peer, cidrs, approvers)
+                    and route_conflict(peers, peer, r) is None)
                 c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, ?)",
                           (peer_id, r, int(bool(ok))))
                 after[r] = int(bool(ok))
@@ -4889,6 +4919,8 @@ class Store:
             missing = sorted(routes - have)
             if missing:
                 raise _bad(f"peer '{peer.name}' does not advertise {', '.join(missing)}")
+            if approve:                      # pending routes reserved nothing: check now
+                check_routes(self.peers(), self.cidrs(), peer, sorted(routes))
             for r in routes:
                 c.execute("UPDATE peer_routes SET approved = ? WHERE peer_id = ? AND route = ?",
                           (int(approve), peer_id, r))
@@ -4906,7 +4938,8 @@ class Store:
             cidrs, rule = self.cidrs(), dataclasses.replace(rule, id=cur.lastrowid)
             for p in self.peers():
                 for r in p.pending_routes:
-                    if auto_approved(r, p, cidrs, [rule]):
+                    if auto_approved(r, p, cidrs, [rule]) and \
+                            route_conflict(self.peers(), p, r) is None:
                         c.execute("UPDATE peer_routes SET approved = 1 WHERE peer_id = ? "
                                   "AND route = ?", (p.id, r))
             self._audit(c, "auto-approve", f"routes in {rule.route}", None,
@@ -6136,9 +6169,9 @@ def user_get_rotations(co, req):
     """Ours: the key changes of a visible address, with the caller's own proofs."""
     ip = str(parse_ip(req.query.get("ip", ""), "address"))
     peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    target = next((p for p in peers if p.ip == ip), None)
-    if target is None or target.cidr_id not in visible_cidr_ids(cidrs, assocs,
-                                                               req.caller.cidr_id):
+    view = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    # what the caller's state does not hold is answered as an address nobody has
+    if not any(p.ip == ip for p in peers_in_view(peers, view)):
         raise InnernetError(f"no visible peer has {ip}", status=404)
     return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
                            "proof": proofs.get(req.caller.public_key)}
@@ -6335,7 +6368,16 @@ def admin_add_cidr(co, req):
 
 @api("PUT", "admin/cidrs/{id}", "admin", body=True)
 def admin_update_cidr(co, req):
-    co.store.rename_cidr(req.id, Cidr.from_json(req.body, with_id=False).name)
+    """Only the name changes (as in innernet, whose clients send the CIDR back
+    renamed); a new range or parent is refused, not ignored."""
+    contents = Cidr.from_json(req.body, with_id=False)
+    old = next((c for c in co.store.cidrs() if c.id == req.id), None)
+    if old is None:
+        raise InnernetError(f"CIDR {req.id} not found", status=404)
+    if contents.network != old.network or contents.parent != old.parent:
+        raise _bad(f"only a CIDR's name can change: CIDR {old.name} stays {old.cidr} "
+                   f"under parent {old.parent}")
+    co.store.rename_cidr(req.id, contents.name)
     return Response(204)
 
 

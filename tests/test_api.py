@@ -177,6 +177,24 @@ def test_rename_cidr(co):
                 body={"name": "zz", "cidr": "10.80.64.0/24", "parent": 1})[0] == 404
 
 
+def test_a_cidr_update_refuses_what_it_would_ignore(co):
+    """Issue 28.8: a new range or parent is refused (it was ignored, with 204),
+    and the root CIDR, whose name is the network's, keeps it."""
+    before = co.store.cidrs()
+    for body in ({"name": "devs", "cidr": "10.80.65.0/24", "parent": 1},
+                 {"name": "devs", "cidr": "10.80.64.0/24", "parent": 3}):
+        status, answer = call(co, "PUT", "/v1/admin/cidrs/4", body=body)
+        assert status == 400 and "only a CIDR's name can change" in answer["error"]
+        assert "10.80.64.0/24" in answer["error"]
+    status, answer = call(co, "PUT", "/v1/admin/cidrs/1",
+                          body={"name": "other", "cidr": "10.80.0.0/15", "parent": None})
+    assert status == 400 and "root CIDR cannot be renamed" in answer["error"]
+    assert co.store.cidrs() == before
+    # what innernet's rename-cidr sends (the CIDR as it is, with a new name) still works
+    assert call(co, "PUT", "/v1/admin/cidrs/4",
+                body={"name": "devs", "cidr": "10.80.64.0/24", "parent": 1})[0] == 204
+
+
 # -- peers (tests 14-26) ---------------------------------------------------------
 
 def test_admin_adds_peer(co):
