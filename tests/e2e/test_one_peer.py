@@ -152,13 +152,21 @@ def answered(data, qid):
         data[3] & 0xF == 0 and struct.unpack("!H", data[6:8])[0] >= 1
 
 def udp(s, qid, deadline):
-    s.sendto(question(qid, name), (server, 53))
+    # Asked, and asked again every 250 ms without an answer, as resolvers do
+    # (a datagram may be lost on the way, in WireGuard's queues): (answered
+    # within the deadline, answered the first time).
+    again = time.monotonic()
+    tries = 0
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([s], [], [], left)[0]:
-            return False
-        if answered(s.recv(4096), qid):
-            return True
+        now = time.monotonic()
+        if now >= deadline:
+            return False, False
+        if now >= again:
+            s.sendto(question(qid, name), (server, 53))
+            tries, again = tries + 1, now + 0.25
+        if select.select([s], [], [], min(deadline, again) - now)[0] and \
+                answered(s.recv(4096), qid):
+            return True, tries == 1
 
 def tcp(c, qid, deadline):
     q = question(qid, name)
@@ -183,16 +191,17 @@ def tcp(c, qid, deadline):
         return None, False
 
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-ok, c = 0, None
+ok, first, c = 0, 0, None
 for i in range(count):
     deadline = time.monotonic() + 1.0       # each question: answered within 1 s, or not
     qid = 1000 + i
     if proto == "udp":
-        ok += udp(s, qid, deadline)
+        got, at_once = udp(s, qid, deadline)
+        first += at_once
     else:
         c, got = tcp(c, qid, deadline)
-        ok += got
-print(json.dumps({"asked": count, "answered_within_1s": ok}))
+    ok += got
+print(json.dumps({"asked": count, "answered_within_1s": ok, "first_try": first}))
 """
 
 LONG_POLL = r"""
@@ -212,7 +221,9 @@ print(json.dumps({"status": r.status, "changed": r.getheader("ETag") != etag}), 
 
 def ask(host, name, count, proto):
     out = host.python(ASK, SERVER_IP, name, count, proto, timeout=count * 3 + 60)
-    return json.loads(out.stdout)["answered_within_1s"]
+    said = json.loads(out.stdout)
+    print(f"{proto}: {said}")
+    return said["answered_within_1s"]
 
 
 def started(host, log, word):
@@ -291,12 +302,16 @@ def held(host, log):
 
 def test_a_udp_flood_from_one_peer_leaves_the_others_answered(w):
     """Item 3: eve's flood spends eve's budget only; boss's 100 questions are
-    each answered within 1 s."""
+    each answered within 1 s, and the DNS socket never overflows: what is past
+    a budget is dropped by the service as it reads, not by the kernel at
+    random, which drops every peer's questions alike (the finding's 4 of 6
+    lost digs)."""
     name = f"boss.{w.net}.wg"
     assert ask(w.h["boss"], name, 5, "udp") == 5                  # before: all is well
-    with attack(w, flood=True, trickle=False):
+    with attack(w, flood=True, trickle=False) as said:
         udp = ask(w.h["boss"], name, 100, "udp")
     assert udp == 100
+    assert said["server UDP drops by port"].get(53, 0) == 0
 
 
 def test_one_source_holds_no_more_than_its_share_of_dns_tcp_slots(w):
