@@ -6799,7 +6799,7 @@ class DnsServer:
     def source(self, remote_ip, now):
         """The budget a question from ``remote_ip`` spends: its address's, or
         for every address of this host (which is no caller) one, "local"."""
-        if now - self._sources_at > 10:          # addresses come and go
+        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
             self._sources, self._sources_at = {}, now
         key = self._sources.get(remote_ip)
         if key is None:
