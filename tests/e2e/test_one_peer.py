@@ -201,7 +201,8 @@ for i in range(count):
     else:
         c, got = tcp(c, qid, deadline)
     ok += got
-print(json.dumps({"asked": count, "answered_within_1s": ok, "first_try": first}))
+print(json.dumps(dict({"asked": count, "answered_within_1s": ok},
+                      **({"answered_first_time": first} if proto == "udp" else {}))))
 """
 
 LONG_POLL = r"""
