@@ -12,7 +12,6 @@ address of it can be tried.
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -172,7 +171,8 @@ def tcp(c, qid, deadline):
     q = question(qid, name)
     try:
         if c is None:                       # a resolver keeps its connection (RFC 7766)
-            c = socket.create_connection((server, 53), timeout=max(0.01, deadline - time.monotonic()))
+            c = socket.create_connection((server, 53),
+                                         timeout=max(0.01, deadline - time.monotonic()))
         c.sendall(struct.pack("!H", len(q)) + q)
         data = b""
         while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
