@@ -114,8 +114,13 @@ INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this lo
 DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
 DNS_PORT = 53
 DNS_TCP_MAX = 64                # DNS-over-TCP connections at once; more are refused
-DNS_TCP_IDLE = 10               # s a DNS-over-TCP connection may sit idle
+DNS_TCP_PER_SOURCE = 4          # ... from one source address (every local one counts as one)
+DNS_TCP_DEADLINE = 10           # s for each whole DNS-over-TCP message, its wait included
 DNS_TCP_MESSAGES = 100          # questions one DNS-over-TCP connection may ask
+DNS_SOURCE_RATE = 100           # questions a second from one source address, UDP and TCP,
+DNS_SOURCE_BURST = 200          # after a burst of this many; more: dropped (UDP), wait (TCP)
+DNS_UDP_QUEUED = 8              # questions of one source waiting for their answer; more: dropped
+DNS_UDP_RCVBUF = 8 << 20        # bytes: room for a flood between two reads of it
 AUDIT_KEEP = 365 * 86400        # the audit log's default retention (serve --audit-keep)
 ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
@@ -135,6 +140,7 @@ ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATI
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
+SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max (root)
 
 ###############################################################################
 # Fast path of an unchanged fetch #############################################
@@ -2160,10 +2166,18 @@ def relay_pair_refusal(a, b, cidrs, associations, views=None):
     the other may see. Static peers have only the server as their peer, and
     the server has no relay of its own to ask for. ``views``, if given, caches
     {cidr id: the CIDR ids it sees} across calls.
+
+    ``a`` asks: a ``b`` outside a's view (in a CIDR it may not see, not
+    redeemed or disabled) is "no such peer", word for word as an address
+    nobody has, so the answer names only what a's state holds.
     """
+    views = {} if views is None else views
+    if a is None or b is None:
+        return "no such peer"
+    if a.id != b.id and (not b.is_redeemed or b.is_disabled or b.cidr_id not in
+                         cached_view(views, cidrs, associations, a.cidr_id)):
+        return "no such peer"
     for p in (a, b):
-        if p is None:
-            return "no such peer"
         if not p.is_redeemed or p.is_disabled:
             return f"peer {p.name} is not an active peer"
         if p.is_static:
@@ -2172,9 +2186,7 @@ def relay_pair_refusal(a, b, cidrs, associations, views=None):
             return "the server is reached directly"
     if a.id == b.id:
         return "a peer needs no relay to itself"
-    views = {} if views is None else views
-    if b.cidr_id not in cached_view(views, cidrs, associations, a.cidr_id) or \
-            a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
+    if a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
         return f"peer {b.name} is not visible to {a.name}"
     return None
 
@@ -2396,10 +2408,29 @@ def parse_routes(items, exit_routes=False):
     return out
 
 
+def route_conflict(peers, owner, route):
+    """(route, peer) of the first approved route of another peer among ``peers``
+    that overlaps ``route``, or None. Pending routes reserve nothing: they go
+    nowhere until approved, and approval checks again."""
+    if route in EXIT_ROUTES:
+        return None
+    net = ipaddress.ip_network(route)
+    for p in peers:
+        if p.id == owner.id:
+            continue
+        for other in p.routes:
+            if other in EXIT_ROUTES:
+                continue
+            o = ipaddress.ip_network(other)
+            if o.version == net.version and o.overlaps(net):
+                return other, p
+    return None
+
+
 def check_routes(peers, cidrs, owner, routes):
-    """Refuse routes that overlap the network or another peer's routes (approved
-    or not), naming both owners; the default routes (exit nodes) overlap by
-    design and are exempt."""
+    """Refuse routes that overlap the network or another peer's approved routes
+    (among ``peers``), naming both owners; the default routes (exit nodes)
+    overlap by design and are exempt."""
     if len([r for r in routes if r not in EXIT_ROUTES]) > MAX_ROUTES:
         raise _bad(f"a peer may advertise at most {MAX_ROUTES} routes")
     root = root_cidr(cidrs).network if cidrs else None
@@ -2410,16 +2441,10 @@ def check_routes(peers, cidrs, owner, routes):
         if root is not None and net.version == root.version and net.overlaps(root):
             raise _bad(f"route {r} of peer '{owner.name}' overlaps the network's own range "
                        f"{root}")
-        for p in peers:
-            if p.id == owner.id:
-                continue
-            for other in p.routes + p.pending_routes:
-                if other in EXIT_ROUTES:
-                    continue
-                o = ipaddress.ip_network(other)
-                if o.version == net.version and o.overlaps(net):
-                    raise _bad(f"route {r} of peer '{owner.name}' overlaps route {other} "
-                               f"of peer '{p.name}'")
+        hit = route_conflict(peers, owner, r)
+        if hit is not None:
+            raise _bad(f"route {r} of peer '{owner.name}' overlaps route {hit[0]} "
+                       f"of peer '{hit[1].name}'")
 
 
 def auto_approved(route, peer, cidrs, approvers):
@@ -4801,6 +4826,8 @@ class Store:
         server = next((p for p in self.peers() if self._is_server_peer(p)), None)
         if server is not None and server.cidr_id == cidr_id:
             raise _bad("the server's CIDR cannot be renamed")
+        if any(c.id == cidr_id and c.parent is None for c in self.cidrs()):
+            raise _bad("the network's root CIDR cannot be renamed: its name is the network's")
         with self.write() as c:
             old = c.execute("SELECT name FROM cidrs WHERE id = ?", (cidr_id,)).fetchone()
             if c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (name, cidr_id)).rowcount == 0:
@@ -5018,7 +5045,11 @@ class Store:
     def advertise_routes(self, peer_id, routes, exit_node, approve=False):
         """Replace what a peer advertises. Routes it advertised before keep
         their approval; new ones are approved with ``approve`` (an admin set
-        them) or by an auto-approve rule. Returns the peer as it is now."""
+        them) or by an auto-approve rule. Only approved routes reserve their
+        range: an overlap with one of a peer the advertiser may see is refused
+        by name; one with a peer it may not see leaves the route waiting (not
+        auto-approved), and the answer says nothing of that peer. Returns the
+        peer as it is now."""
         routes = parse_routes(routes) + (list(EXIT_ROUTES) if exit_node else [])
         with self.write() as c:
             peer = self.peer(peer_id)
@@ -5026,14 +5057,19 @@ class Store:
                 raise _bad("the server does not route for the network")
             if peer.is_static:
                 raise _bad(f"peer '{peer.name}' is a static peer; it cannot route for others")
-            check_routes(self.peers(), self.cidrs(), peer, routes)
+            peers, cidrs = self.peers(), self.cidrs()
+            seen = peers if approve else peers_in_view(
+                peers, visible_cidr_ids(cidrs, self.associations(), peer.cidr_id))
+            check_routes(seen, cidrs, peer, routes)
             before = {r[0]: r[1] for r in c.execute(
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            cidrs, approvers = self.cidrs(), self.route_approvers()
+            approvers = self.route_approvers()
             after = {}
             for r in routes:
-                ok = before.get(r, 0) or approve or auto_approved(r, peer, cidrs, approvers)
+                ok = before.get(r, 0) or approve or (
+                    auto_approved(r, peer, cidrs, approvers)
+                    and route_conflict(peers, peer, r) is None)
                 c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, ?)",
                           (peer_id, r, int(bool(ok))))
                 after[r] = int(bool(ok))
@@ -5052,6 +5088,8 @@ class Store:
             missing = sorted(routes - have)
             if missing:
                 raise _bad(f"peer '{peer.name}' does not advertise {', '.join(missing)}")
+            if approve:                      # pending routes reserved nothing: check now
+                check_routes(self.peers(), self.cidrs(), peer, sorted(routes))
             for r in routes:
                 c.execute("UPDATE peer_routes SET approved = ? WHERE peer_id = ? AND route = ?",
                           (int(approve), peer_id, r))
@@ -5069,7 +5107,8 @@ class Store:
             cidrs, rule = self.cidrs(), dataclasses.replace(rule, id=cur.lastrowid)
             for p in self.peers():
                 for r in p.pending_routes:
-                    if auto_approved(r, p, cidrs, [rule]):
+                    if auto_approved(r, p, cidrs, [rule]) and \
+                            route_conflict(self.peers(), p, r) is None:
                         c.execute("UPDATE peer_routes SET approved = 1 WHERE peer_id = ? "
                                   "AND route = ?", (p.id, r))
             self._audit(c, "auto-approve", f"routes in {rule.route}", None,
@@ -6390,9 +6429,9 @@ def user_get_rotations(co, req):
     """Ours: the key changes of a visible address, with the caller's own proofs."""
     ip = str(parse_ip(req.query.get("ip", ""), "address"))
     peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    target = next((p for p in peers if p.ip == ip), None)
-    if target is None or target.cidr_id not in visible_cidr_ids(cidrs, assocs,
-                                                               req.caller.cidr_id):
+    view = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    # what the caller's state does not hold is answered as an address nobody has
+    if not any(p.ip == ip for p in peers_in_view(peers, view)):
         raise InnernetError(f"no visible peer has {ip}", status=404)
     return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
                            "proof": proofs.get(req.caller.public_key)}
@@ -6589,7 +6628,16 @@ def admin_add_cidr(co, req):
 
 @api("PUT", "admin/cidrs/{id}", "admin", body=True)
 def admin_update_cidr(co, req):
-    co.store.rename_cidr(req.id, Cidr.from_json(req.body, with_id=False).name)
+    """Only the name changes (as in innernet, whose clients send the CIDR back
+    renamed); a new range or parent is refused, not ignored."""
+    contents = Cidr.from_json(req.body, with_id=False)
+    old = next((c for c in co.store.cidrs() if c.id == req.id), None)
+    if old is None:
+        raise InnernetError(f"CIDR {req.id} not found", status=404)
+    if contents.network != old.network or contents.parent != old.parent:
+        raise _bad(f"only a CIDR's name can change: CIDR {old.name} stays {old.cidr} "
+                   f"under parent {old.parent}")
+    co.store.rename_cidr(req.id, contents.name)
     return Response(204)
 
 
@@ -6917,11 +6965,58 @@ def make_api_server(coordinator, address, port, **kw):
 
 # -- DNS service -------------------------------------------------------------------
 
+class SourceBudget:
+    """Token buckets by source: ``rate`` a second after a ``burst``. Memory
+    stays bounded: past ``most`` sources, the full buckets are forgotten (a
+    new source starts full anyway), and if that is not enough, all."""
+
+    def __init__(self, rate, burst, most=65536):
+        self.rate, self.burst, self.most = rate, burst, most
+        self._buckets = {}                   # source -> [tokens, when]
+        self._lock = threading.Lock()
+
+    def delay(self, source, now):
+        """0 after spending a token of ``source``; else the seconds until it has one."""
+        with self._lock:
+            b = self._buckets.get(source)
+            if b is None:
+                if len(self._buckets) >= self.most:
+                    self._forget(now)
+                self._buckets[source] = [self.burst - 1.0, now]
+                return 0
+            tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+            if tokens < 1:
+                b[0] = tokens
+                return (1 - tokens) / self.rate
+            b[0] = tokens - 1
+            return 0
+
+    def take(self, source, now):
+        return self.delay(source, now) == 0
+
+    def _forget(self, now):
+        full = [k for k, (t, at) in self._buckets.items()
+                if t + (now - at) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.most:
+            self._buckets.clear()
+
+
 class DnsServer:
     """DNS for the network's zone on the server's WireGuard address, UDP and
     TCP. Sockets are bound to the device, and the caller is the peer whose
     address the packet came from (WireGuard vouches for it, as for the API);
-    local processes and strangers get REFUSED. Never recursive."""
+    local processes and strangers get REFUSED. Never recursive.
+
+    One peer cannot deny it to others: each source address has a budget of
+    questions (DNS_SOURCE_RATE), spent over UDP and TCP alike; UDP questions
+    past it are dropped as they are read, before any parsing, and those
+    within it are answered one source at a time, in turn. A source holds at
+    most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
+    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    """
 
     def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
         self.co = coordinator
@@ -6929,6 +7024,9 @@ class DnsServer:
         self.udp = socket.socket(fam, socket.SOCK_DGRAM)
         self.tcp = socket.socket(fam, socket.SOCK_STREAM)
         self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
+        self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
+        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
         try:
             for sock in (self.udp, self.tcp):
                 if bind_device:
@@ -6936,17 +7034,32 @@ class DnsServer:
                                     bind_device.encode())
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):    # the first needs root
+                with contextlib.suppress(OSError):
+                    self.udp.setsockopt(socket.SOL_SOCKET, opt, DNS_UDP_RCVBUF)
+                    break
             self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.udp.bind((address, port))
             self.port = self.udp.getsockname()[1]
             self.tcp.bind((address, self.port))
-            self.tcp.listen(16)
+            self.tcp.listen(64)
         except OSError as e:
             self.close()
             raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
                                 f"{e.strerror or e}",
                                 hint="is another DNS server bound to port 53 on all "
                                      "addresses? (serve --no-dns turns ours off)") from None
+
+    def source(self, remote_ip, now):
+        """The budget a question from ``remote_ip`` spends: its address's, or
+        for every address of this host (which is no caller) one, "local"."""
+        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
+            self._sources, self._sources_at = {}, now
+        key = self._sources.get(remote_ip)
+        if key is None:
+            key = remote_ip if self.co.gate.caller_ip(remote_ip) is not None else "local"
+            self._sources[remote_ip] = key
+        return key
 
     def answer(self, data, addr, tcp=False):
         def resolve(q):                 # only for a well-formed question: garbage is cheap
@@ -6962,20 +7075,49 @@ class DnsServer:
             return None
 
     def serve_udp(self, stop):
-        self.udp.settimeout(0.5)
+        """Read what came, then answer one question of each waiting source in
+        turn (at most 16 before reading again), until ``stop``."""
+        import select
+        self.udp.setblocking(False)
+        waiting = {}                    # source -> [(data, addr)]; its order is the turn
         while not stop.is_set():
             try:
+                if not waiting and not select.select([self.udp], [], [], 0.5)[0]:
+                    continue
+            except (OSError, ValueError):        # closed under us
+                break
+            if not self._read_udp(waiting):
+                break
+            for src in list(waiting)[:16]:
+                queue = waiting.pop(src)
+                data, addr = queue.pop(0)
+                if queue:
+                    waiting[src] = queue         # to the back of the line
+                out = self._answer_safely(data, addr, False)
+                if out:
+                    with contextlib.suppress(OSError):
+                        self.udp.sendto(out, addr)
+
+    def _read_udp(self, waiting, most=512):
+        """Queue what the socket holds (up to ``most`` datagrams), dropping
+        what is past its source's budget or queue; False once it is closed."""
+        now = time.monotonic()
+        for _ in range(most):
+            try:
                 data, addr = self.udp.recvfrom(4096)
-            except socket.timeout:
-                continue
+            except BlockingIOError:
+                return True
             except OSError:
-                if stop.is_set() or self.udp.fileno() < 0:
-                    break
+                return self.udp.fileno() >= 0
+            src = self.source(addr[0], now)
+            if not self.budget.take(src, now):
                 continue
-            out = self._answer_safely(data, addr, False)
-            if out:
-                with contextlib.suppress(OSError):
-                    self.udp.sendto(out, addr)
+            queue = waiting.get(src)
+            if queue is None:
+                waiting[src] = [(data, addr)]
+            elif len(queue) < DNS_UDP_QUEUED:
+                queue.append((data, addr))
+        return True
 
     def serve_tcp(self, stop):
         self.tcp.settimeout(0.5)
@@ -6988,28 +7130,40 @@ class DnsServer:
                 if stop.is_set() or self.tcp.fileno() < 0:
                     break
                 continue
-            if not self._slots.acquire(blocking=False):
-                conn.close()                 # over the bound: refuse, don't queue
-                continue
-            threading.Thread(target=self._tcp_connection, args=(conn, addr),
+            src = self.source(addr[0], time.monotonic())
+            with self._tcp_lock:
+                mine = self._tcp_by_source.get(src, 0)
+                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
+                    conn.close()             # over a bound: refuse, don't queue
+                    continue
+                self._tcp_by_source[src] = mine + 1
+            threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
                              daemon=True).start()
 
-    def _tcp_connection(self, conn, addr):
-        """Length-prefixed messages (RFC 7766) until the asker stops or idles."""
+    def _tcp_connection(self, conn, addr, src):
+        """Length-prefixed messages (RFC 7766) until the asker stops, each
+        whole within DNS_TCP_DEADLINE of the last answer (a trickle of bytes
+        does not keep the slot); past the source's budget, answers wait."""
+        deadline = 0.0
+
         def exactly(n):
             buf = b""
             while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                conn.settimeout(left)
                 chunk = conn.recv(n - len(buf))
                 if not chunk:
                     return None
                 buf += chunk
             return buf
         try:
-            conn.settimeout(DNS_TCP_IDLE)
             for _ in range(DNS_TCP_MESSAGES):
+                deadline = time.monotonic() + DNS_TCP_DEADLINE
                 head = exactly(2)
                 data = head and exactly(struct.unpack("!H", head)[0])
-                if not data:
+                if not data or not self._spend(src, deadline):
                     break
                 out = self._answer_safely(data, addr, True)
                 if out is None:
@@ -7020,6 +7174,24 @@ class DnsServer:
         finally:
             conn.close()
             self._slots.release()
+            with self._tcp_lock:
+                left = self._tcp_by_source.get(src, 1) - 1
+                if left:
+                    self._tcp_by_source[src] = left
+                else:
+                    self._tcp_by_source.pop(src, None)
+
+    def _spend(self, src, deadline):
+        """Wait for a token of ``src`` until ``deadline``; False if none comes."""
+        for _ in range(100):
+            now = time.monotonic()
+            wait = self.budget.delay(src, now)
+            if wait == 0:
+                return True
+            if now + wait > deadline:
+                return False
+            time.sleep(wait)
+        return False
 
     def start(self, stop):
         for target in (self.serve_udp, self.serve_tcp):

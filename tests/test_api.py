@@ -177,6 +177,24 @@ def test_rename_cidr(co):
                 body={"name": "zz", "cidr": "10.80.64.0/24", "parent": 1})[0] == 404
 
 
+def test_a_cidr_update_refuses_what_it_would_ignore(co):
+    """Issue 28.8: a new range or parent is refused (it was ignored, with 204),
+    and the root CIDR, whose name is the network's, keeps it."""
+    before = co.store.cidrs()
+    for body in ({"name": "devs", "cidr": "10.80.65.0/24", "parent": 1},
+                 {"name": "devs", "cidr": "10.80.64.0/24", "parent": 3}):
+        status, answer = call(co, "PUT", "/v1/admin/cidrs/4", body=body)
+        assert status == 400 and "only a CIDR's name can change" in answer["error"]
+        assert "10.80.64.0/24" in answer["error"]
+    status, answer = call(co, "PUT", "/v1/admin/cidrs/1",
+                          body={"name": "other", "cidr": "10.80.0.0/15", "parent": None})
+    assert status == 400 and "root CIDR cannot be renamed" in answer["error"]
+    assert co.store.cidrs() == before
+    # what innernet's rename-cidr sends (the CIDR as it is, with a new name) still works
+    assert call(co, "PUT", "/v1/admin/cidrs/4",
+                body={"name": "devs", "cidr": "10.80.64.0/24", "parent": 1})[0] == 204
+
+
 # -- peers (tests 14-26) ---------------------------------------------------------
 
 def test_admin_adds_peer(co):
@@ -288,6 +306,32 @@ def test_redeem_flow(co):
     assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body={"public_key": key()})[0] == 204
     assert call(co, "POST", "/v1/user/redeem", ip="10.80.64.9", body={"public_key": key()})[0] == 401
     assert call(co, "GET", "/v1/user/state", ip="10.80.64.9")[0] == 200
+
+
+def test_error_paths_name_no_peer_the_caller_may_not_see(co):
+    """Issue 28.5: redeem, rotation and rotation lookups answer what the
+    caller may not see (another CIDR, a disabled peer) as what does not exist."""
+    dev1 = co.store.peer_by_name("developer1")
+    invite = innernet.generate_private_key()
+    body = peer_contents("newbie", "10.80.128.9", 5, public_key=innernet.public_key(invite),
+                         invite_expires={"secs_since_epoch": int(time.time()) + 100,
+                                         "nanos_since_epoch": 0})
+    assert call(co, "POST", "/v1/admin/peers", body=body)[0] == 201
+    told = [call(co, "POST", "/v1/user/redeem", ip="10.80.128.9",
+                 body={"public_key": dev1.public_key}),
+            call(co, "POST", "/v1/user/rotation", "user1",
+                 body={"public_key": dev1.public_key, "proofs": {}})]
+    assert [status for status, _ in told] == [400, 403]
+    co.store.set_disabled(co.store.peer_by_name("user2").id, True)
+    nobody = call(co, "GET", "/v1/user/rotations?ip=10.80.64.99", "user1")
+    for ip in (dev1.ip, IPS["user2"]):            # another CIDR's; a disabled one's
+        status, answer = call(co, "GET", f"/v1/user/rotations?ip={ip}", "user1")
+        assert (status, json.dumps(answer).replace(ip, "X")) == \
+            (nobody[0], json.dumps(nobody[1]).replace("10.80.64.99", "X"))
+        told.append((status, answer))
+    for _, answer in told:
+        assert "developer1" not in json.dumps(answer) and dev1.ip not in json.dumps(answer) \
+            or answer["error"] == f"no visible peer has {dev1.ip}"
 
 
 def test_expired_invitation(co):

@@ -1,6 +1,7 @@
 """The server's DNS (issue 14): its wire format read back by dnspython, fuzzed
 with random and mutated packets, and the service on a real socket answering
 each peer with only the names it may see."""
+import contextlib
 import ipaddress
 import random
 import socket
@@ -258,3 +259,77 @@ def test_garbage_at_the_socket_leaves_the_service_answering(served):
                                       source_address=(dev1, 0)) as c:
             c.sendall(junk)
     assert addresses(udp_ask(port, "developer2.test.wg", dev1)) == [ip_of(co, "developer2")]
+
+
+# -- one source cannot deny the service to the others (issue 28, items 3 and 4) ---------
+
+def test_a_source_budget_is_a_bounded_token_bucket():
+    b = innernet.SourceBudget(rate=10, burst=3, most=4)
+    assert [b.take("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert b.delay("a", 0.0) == pytest.approx(0.1)
+    assert b.take("a", 0.1) and not b.take("a", 0.1)
+    assert b.take("b", 0.1)                            # another source: its own bucket
+    for i in range(100):                               # many sources: memory stays bounded
+        b.take(f"s{i}", 1000.0 + i)
+    assert len(b._buckets) <= 4
+
+
+def test_a_flooding_source_is_dropped_and_the_others_answered(served):
+    co, port = served
+    dev1, dev2 = ip_of(co, "developer1"), ip_of(co, "developer2")
+    q = dns.message.make_query("developer2.test.wg", "A").to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((dev1, 0))
+        s.setblocking(False)
+        for _ in range(5000):
+            s.sendto(q, ("127.0.0.1", port))
+        answered = 0
+        for _ in range(5000):
+            try:
+                s.recv(4096)
+                answered += 1
+            except BlockingIOError:
+                break
+    # the flood's answers stop at the budget (its burst, and the little the
+    # rate adds while it is read); the other source is answered at once
+    assert answered <= innernet.DNS_SOURCE_BURST + innernet.DNS_SOURCE_RATE
+    assert addresses(udp_ask(port, "developer1.test.wg", dev2, tries=1)) == [dev1]
+
+
+def closed_by_server(c, timeout=5):
+    c.settimeout(timeout)
+    try:
+        return c.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_tcp_slots_are_capped_per_source_and_a_trickle_is_cut(served, monkeypatch):
+    co, port = served
+    monkeypatch.setattr(innernet, "DNS_TCP_DEADLINE", 1.0)
+    dev1, dev2 = ip_of(co, "developer1"), ip_of(co, "developer2")
+    cap = innernet.DNS_TCP_PER_SOURCE
+    conns = []
+    for _ in range(cap + 3):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(dev1, 0))
+        c.sendall(b"\xff")                      # the start of a 65,535-byte message
+        conns.append(c)
+    try:
+        assert all(closed_by_server(c) for c in conns[cap:])     # over the cap: at once
+        # another source is served meanwhile
+        assert addresses(tcp_ask(port, "developer1.test.wg", dev2)[0]) == [dev1]
+        # a byte every 0.4 s: the whole message was due within 1 s, so it is cut
+        cut = 0
+        for c in conns[:cap]:
+            for _ in range(10):
+                with contextlib.suppress(OSError):
+                    c.sendall(b"\xff")
+                if closed_by_server(c, 0.4):
+                    cut += 1
+                    break
+        assert cut == cap
+    finally:
+        for c in conns:
+            c.close()

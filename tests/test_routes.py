@@ -60,12 +60,13 @@ def test_overlaps_name_both_owners_and_the_network_range():
     gw2 = peer(2, "gw2", 3, pending=["172.16.0.0/12"])
     other = peer(3, "alice", 4)
     for route, theirs, owner in (("192.168.10.0/24", "192.168.0.0/16", "gw"),
-                                 ("172.16.5.0/24", "172.16.0.0/12", "gw2"),
                                  ("128.0.0.0/1", "192.168.0.0/16", "gw")):
         with pytest.raises(InnernetError) as e:
             innernet.check_routes([gw, gw2, other], CIDRS, other, [route])
         assert e.value.message == (f"route {route} of peer 'alice' overlaps route {theirs} "
                                    f"of peer '{owner}'")
+    # gw2's route waits for approval: it reserves nothing (issue 28.7)
+    innernet.check_routes([gw, gw2, other], CIDRS, other, ["172.16.5.0/24"])
     with pytest.raises(InnernetError) as e:
         innernet.check_routes([gw], CIDRS, other, ["10.80.64.0/24"])
     assert "overlaps the network's own range 10.80.0.0/15" in e.value.message
@@ -211,14 +212,47 @@ def test_advertise_approve_and_the_state_carries_only_approved_routes(co):
     assert status == 400 and "does not advertise 10.1.0.0/16" in body["error"]
 
 
-def test_overlap_between_peers_is_a_400_naming_both(co):
-    assert call(co, "POST", "/v1/user/routes", "developer1",
-                body={"routes": ["192.168.0.0/16"]})[0] == 200
-    status, body = call(co, "POST", "/v1/user/routes", "user1",
+def test_pending_routes_reserve_nothing_and_approval_checks_overlap(co):
+    """Issue 28.7: a route waiting for approval reserves no range; approving
+    checks overlap then, naming both owners to the admin."""
+    status, dev1 = call(co, "POST", "/v1/user/routes", "developer1",
+                        body={"routes": ["192.168.0.0/16"]})
+    assert status == 200 and dev1["pending_routes"] == ["192.168.0.0/16"]
+    status, dev2 = call(co, "POST", "/v1/user/routes", "developer2",
+                        body={"routes": ["192.168.10.0/24"]})
+    assert status == 200 and dev2["pending_routes"] == ["192.168.10.0/24"]
+    status, user1 = call(co, "POST", "/v1/user/routes", "user1",
+                         body={"routes": ["192.168.20.0/24"]})
+    assert status == 200 and user1["pending_routes"] == ["192.168.20.0/24"]
+    assert call(co, "PUT", f"/v1/admin/routes/{dev1['id']}", body={"routes": None})[0] == 200
+    for other, route in ((dev2, "192.168.10.0/24"), (user1, "192.168.20.0/24")):
+        status, body = call(co, "PUT", f"/v1/admin/routes/{other['id']}", body={"routes": None})
+        assert status == 400 and body["error"] == (
+            f"route {route} of peer '{other['name']}' overlaps route 192.168.0.0/16 of "
+            "peer 'developer1'")
+    assert "192.168.20.0/24" in co.store.peer(user1["id"]).pending_routes
+    # An auto-approve rule leaves a route that would overlap an approved one waiting.
+    assert call(co, "POST", "/v1/admin/route-approvers",
+                body={"route": "192.168.0.0/16", "cidr_id": 5})[0] == 201
+    assert co.store.peer(user1["id"]).pending_routes == ["192.168.20.0/24"]
+
+
+def test_overlap_between_peers_is_a_400_naming_both_only_to_who_may_see_them(co):
+    status, dev1 = call(co, "POST", "/v1/user/routes", "developer1",
+                        body={"routes": ["192.168.0.0/16"]})
+    call(co, "PUT", f"/v1/admin/routes/{dev1['id']}", body={"routes": None})
+    status, body = call(co, "POST", "/v1/user/routes", "developer2",
                         body={"routes": ["192.168.10.0/24"]})
     assert status == 400
-    assert body["error"] == ("route 192.168.10.0/24 of peer 'user1' overlaps route "
+    assert body["error"] == ("route 192.168.10.0/24 of peer 'developer2' overlaps route "
                              "192.168.0.0/16 of peer 'developer1'")
+    # user1 may not see developer1: its overlapping route waits, and the answer
+    # is the one a free range gets (issue 28.5)
+    _, free = call(co, "POST", "/v1/user/routes", "user1", body={"routes": ["172.20.0.0/24"]})
+    status, body = call(co, "POST", "/v1/user/routes", "user1",
+                        body={"routes": ["192.168.10.0/24"]})
+    assert status == 200 and body == dict(free, pending_routes=["192.168.10.0/24"])
+    assert "developer1" not in json.dumps(body)
     status, body = call(co, "POST", "/v1/user/routes", "user1", body={"routes": ["10.80.9.0/24"]})
     assert status == 400 and "the network's own range" in body["error"]
     # The server routes for nobody.

@@ -77,14 +77,14 @@ def test_routes_reach_the_lan_once_approved_and_only_for_allowed_peers(w):
     out = gw.innernet("advertise-routes", w.lab.ifname("gw"))       # no routes: its state
     assert "gw: 192.168.10.0/24 waiting for approval" in out.stderr
 
-    # Overlap is refused, naming both owners.
+    w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
+    # Overlap with an approved route is refused, naming both owners (a pending
+    # one reserves nothing).
     bad = alice.innernet("advertise-routes", w.lab.ifname("alice"), "192.168.10.128/25",
                          "--yes", check=False)
     assert bad.returncode == 1
     assert "overlaps route 192.168.10.0/24 of peer 'gw'" in bad.stderr
     assert "'alice'" in bad.stderr
-
-    w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
     fetch(w, "gw")                    # forwarding on for its WireGuard interface and LAN
     assert gw.exec(["cat", f"/proc/sys/net/ipv4/conf/{w.lab.ifname('gw')}/forwarding",
                     "/proc/sys/net/ipv4/conf/lan/forwarding",
