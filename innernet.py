@@ -1871,7 +1871,8 @@ def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
     if gone is not None and gone.reuse_after > now:
         raise _bad(f"{contents.ip} is quarantined until "
                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
-                   f"peer '{gone.name}' had it and was deleted")
+                   f"peer '{gone.name}' had it and was deleted; choose another address "
+                   "(--auto-ip skips it)")
     cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
     if cidr is None:
         raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)

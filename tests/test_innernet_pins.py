@@ -10,7 +10,7 @@ If-None-Match once it has an ETag.
 """
 import innernet
 from innernet import Deletion, Peer
-from test_api import IPS, call, key
+from test_api import IPS, call, key, peer_contents
 
 OURS = {"If-None-Match": "\"ours\""}   # (ours ask for gzip as well)
 
@@ -141,6 +141,11 @@ def test_innernet_admins_see_quarantined_addresses_as_taken_and_ours_do_not(co):
     # a placeholder is nothing an admin can change
     status, _ = call(co, "PUT", f"/v1/admin/peers/{held[0]['id']}", body=held[0])
     assert status == 404
+    # the address itself: a 400 that says why and what to do
+    status, body = call(co, "POST", "/v1/admin/peers",
+                        body=peer_contents("dev3", IPS["developer2"], dev2.cidr_id))
+    assert status == 400 and "quarantined until" in body["error"]
+    assert "'developer2' had it" in body["error"] and "choose another address" in body["error"]
 
 
 # -- what a hostile peer cannot do with this (README "Security") ----------------
