@@ -8731,13 +8731,14 @@ class RemoteNetwork:
         """[(innernet client Peer, the key it pinned at ip)]; none from a server
         that does not keep them."""
         try:
-            rows = self.api.call("GET", f"/admin/innernet-pins?ip={ip}") or []
+            rows = self.api.call("GET", f"/admin/innernet-pins?ip={ip}")
         except InnernetError as e:
             if e.status != 404:
                 raise
             return []
         return [(Peer(None, str(r.get("name")), str(r.get("ip")), 0, str(r.get("public_key"))),
-                 str(r.get("pinned_key"))) for r in rows if isinstance(r, dict)]
+                 str(r.get("pinned_key"))) for r in (rows if isinstance(rows, list) else [])
+                if isinstance(r, dict)]
 
     def forget_pins(self, peer):
         r = self.api.call("DELETE", f"/admin/innernet-pins/{peer.id}")
@@ -9036,8 +9037,8 @@ def _said_pinned_elsewhere(net, peer):
     pinners = [p for p, key in net.innernet_pins(peer.ip) if key != peer.public_key]
     if pinners:
         warn(f"{_innernet_names(pinners)} pinned {peer.ip} to a deleted peer's key: "
-             f"'{peer.name}' stays hidden from them. " + innernet_remedy(net.network_name(),
-                                                                       pinners))
+             f"'{peer.name}' stays hidden from them. "
+             + _innernet_remedy(net.network_name(), pinners))
 
 
 def cmd_delete_peer(args):
@@ -9054,7 +9055,7 @@ def cmd_delete_peer(args):
     if pinners:
         warn(f"{_innernet_names(pinners)} keep {peer.ip} pinned to the deleted peer's key "
              "for good: a peer given this address later stays hidden from them. "
-             + innernet_remedy(net.network_name(), pinners))
+             + _innernet_remedy(net.network_name(), pinners))
     return 0
 
 
@@ -9062,7 +9063,7 @@ def _innernet_names(pinners):
     return "innernet clients " + ", ".join(f"'{p.name}' ({p.ip})" for p in pinners)
 
 
-def innernet_remedy(net, pinners):
+def _innernet_remedy(net, pinners):
     """How an innernet client pins anew, said after what made it blind to a peer."""
     return (f"To let one pin anew: stop innernet on it, delete its data store (<data dir>/"
             f"<interface>.json, by default /var/lib/innernet/{net}.json), run "
@@ -9913,14 +9914,15 @@ def cmd_rotate_key(args):
     for p in peers:                 # each peer's new session starts at once, not in 5 s
         if not p.is_disabled and p.public_key != own:
             trigger_packet(p.ip)
-    blind = [r for r in (said or {}).get("innernet_peers") or [] if isinstance(r, dict)] \
-        if isinstance(said, dict) else []
-    checking = len(verifiers - {cfg.server_public_key} - {r.get("public_key") for r in blind})
+    blind = said.get("innernet_peers") if isinstance(said, dict) else None
+    blind = [r for r in blind if isinstance(r, dict)] if isinstance(blind, list) else []
+    checking = len(verifiers - {cfg.server_public_key} - {str(r.get("public_key"))
+                                                          for r in blind})
     log(f"{iface} has a new key ({short_key(new_public)}); {checking} peers will check its proof")
     if blind:
         pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
         warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
-             f"they no longer see this peer. " + innernet_remedy(cfg.network_name, pinners))
+             f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
     return 0
 
 
