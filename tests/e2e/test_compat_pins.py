@@ -95,8 +95,9 @@ def fetches(host):
 
 
 @pytest.fixture(scope="module")
-def world(pyz):
-    client = reference_client()
+def world(request):
+    client = reference_client()              # skips before building the .pyz
+    pyz = request.getfixturevalue("pyz")
     name_files = []
     with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
         lab = w.lab
