@@ -102,11 +102,12 @@ def world(request):
     with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
         lab = w.lab
         try:
-            for name in ("rot", "alice", "carol", "frank"):           # ours
+            for name in ("rot", "alice", "carol", "frank"):           # ours; alice admin
                 host = lab.add_host(name)
                 host.iface = lab.ifname(name)
                 host.innernet("install", "--name", host.iface, "--no-write-hosts",
-                              invite(w.srv, w.net, name, "humans"))
+                              invite(w.srv, w.net, name, "humans",
+                                     admin="true" if name == "alice" else "false"))
                 w.hosts[name] = host
             for name, admin in (("inn", "false"), ("inadm", "true")):   # innernet 1.5.5
                 host = lab.add_host(name, innernet_cmd=[client])
@@ -197,9 +198,11 @@ def test_innernet_clients_keep_syncing_after_an_address_is_reused(world):
 
 def test_an_innernet_admins_auto_ip_skips_a_quarantined_address(world):
     """Item 4: right after a delete-peer, --auto-ip takes a free address."""
-    srv, net, inadm = world.srv, world.net, world.hosts["inadm"]
+    inadm, alice = world.hosts["inadm"], world.hosts["alice"]
     frank_ip = ip_of(world, "frank")
-    srv.server("delete-peer", net, "--name", "frank", "--yes")        # 30 days
+    # our admin peer deletes it over the API (30 days), told who pinned it
+    r = alice.innernet("delete-peer", alice.iface, "--name", "frank", "--yes")
+    assert "'inn'" in r.stderr and "stays hidden from them" in r.stderr
     path = inadm.path("gina.toml")
     r = ref(inadm, "add-peer", inadm.iface, "--name", "gina", "--cidr", "humans", "--auto-ip",
             "--admin", "false", "--save-config", path, "--invite-expires", "1h", "--yes",
