@@ -5866,6 +5866,9 @@ class StateViews:
             visible = peers_in_view(peers, view)
             told = self.store.told_pins(caller.id)
             hidden = pin_conflicts(told, visible)
+            if hidden - (memo[1] if memo else frozenset()):
+                log(f"innernet client '{caller.name}' ({caller.ip}) pinned another key at "
+                    f"{', '.join(sorted(hidden))}: left out of its state (see forget-pins)")
             new = {p.ip: p.public_key for p in visible if p.ip not in told}
             if new:
                 self.store.record_pins(caller.id, new)

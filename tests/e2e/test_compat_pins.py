@@ -163,6 +163,8 @@ def test_innernet_clients_keep_syncing_after_one_of_our_peers_rotates(world):
     assert "forget-pins" in r.stderr
     assert "3 peers will check its proof" in r.stderr     # alice, carol, frank
     assert set(device_peer_ips(inn, inn.iface)) == before - {rot_ip}
+    assert f"innernet client 'inn' ({ip_of(world, 'inn')}) pinned another key at {rot_ip}" \
+        in world.srv.log("serve-0.log")
     assert pinned(inn)[rot_ip] == (old, True)      # kept, disabled: innernet's own way
     alice.innernet("fetch", alice.iface, "--no-write-hosts")
     assert device_peer_ips(alice, alice.iface)[rot_ip]["public_key"] == new
