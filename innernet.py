@@ -4357,6 +4357,7 @@ CREATE TABLE IF NOT EXISTS innernet_pins (
   public_key  TEXT NOT NULL,
   PRIMARY KEY (peer_id, ip)
 );
+CREATE INDEX IF NOT EXISTS innernet_pins_ip ON innernet_pins (ip);
 CREATE TABLE IF NOT EXISTS audit_log (
   id      INTEGER PRIMARY KEY,
   at      INTEGER NOT NULL,

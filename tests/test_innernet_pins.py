@@ -192,3 +192,16 @@ def test_a_deleted_innernet_client_takes_its_pins_along(co):
     co.store.delete_peer(dev2.id, 0)
     assert co.store.told_pins(dev2.id) == {}
     assert co.store.pinners(IPS["developer1"]) == []
+
+
+def test_a_database_of_an_earlier_innernet_py_gets_the_table(co):
+    path = co.store.path
+    co.store.conn.execute("DROP TABLE innernet_pins")
+    co.store.close()
+    store = innernet.Store(path)
+    try:
+        store.record_pins(1, {"10.80.0.1": key()})
+        assert list(store.told_pins(1)) == ["10.80.0.1"]
+        assert store.pinners("10.80.0.1")[0][0].id == 1
+    finally:
+        store.close()
