@@ -57,14 +57,16 @@ def ref_install(host, invitation):
     """innernet's install, tried again while its redeem times out: on this
     loaded lab its first request sometimes gets no answer within ureq's 5 s
     (the invitation stays valid until redeemed)."""
-    for _ in range(4):
+    def gone():
+        return not os.path.exists(os.path.join(WG_RUN, f"{host.iface}.sock")) and \
+            host.exec(["ip", "link", "show", host.iface], check=False).returncode != 0
+    for _ in range(6):
         r = ref(host, "install", "--name", host.iface, "--delete-invite", *SYNC, invitation,
                 check=False)
         if r.returncode == 0:
             return r
-        wait_for(lambda: not os.path.exists(os.path.join(WG_RUN, f"{host.iface}.sock")), 15,
-                 "innernet's failed interface to go")
-    raise AssertionError(f"innernet install failed 4 times: {r.stdout}{r.stderr}")
+        wait_for(gone, 15, "innernet's failed interface to go")
+    raise AssertionError(f"innernet install failed 6 times: {r.stdout}{r.stderr}")
 
 
 def ip_of(w, name):
