@@ -1830,6 +1830,26 @@ def peers_in_view(peers, view):
     return [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
 
 
+def pin_conflicts(told, visible):
+    """The addresses of ``visible`` peers an innernet client was ``told``
+    with another key: its pinning would refuse every later state (innernet
+    has no key rotation and no deletion), so they are left out of its state."""
+    return frozenset(p.ip for p in visible if told.get(p.ip, p.public_key) != p.public_key)
+
+
+def quarantine_placeholders(deletions, now):
+    """Quarantined addresses as disabled peers, for innernet admins: their
+    add-peer --auto-ip then skips them, as it skips any address in use."""
+    out = []
+    for n, d in enumerate(sorted(deletions, key=lambda d: (
+            ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
+        if d.reuse_after > now:
+            label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
+            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
+                            None, False, True, True, None, []))
+    return out
+
+
 def root_cidr(cidrs):
     """The CIDR with the smallest prefix (the network)."""
     if not cidrs:
@@ -1906,7 +1926,8 @@ def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
     if gone is not None and gone.reuse_after > now:
         raise _bad(f"{contents.ip} is quarantined until "
                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
-                   f"peer '{gone.name}' had it and was deleted")
+                   f"peer '{gone.name}' had it and was deleted; choose another address "
+                   "(--auto-ip skips it)")
     cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
     if cidr is None:
         raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
@@ -4489,6 +4510,13 @@ CREATE TABLE IF NOT EXISTS route_approvers (
   cidr_id  INTEGER NOT NULL,
   UNIQUE(route, cidr_id)
 );
+CREATE TABLE IF NOT EXISTS innernet_pins (
+  peer_id     INTEGER NOT NULL,
+  ip          TEXT NOT NULL,
+  public_key  TEXT NOT NULL,
+  PRIMARY KEY (peer_id, ip)
+);
+CREATE INDEX IF NOT EXISTS innernet_pins_ip ON innernet_pins (ip);
 CREATE TABLE IF NOT EXISTS audit_log (
   id      INTEGER PRIMARY KEY,
   at      INTEGER NOT NULL,
@@ -4504,7 +4532,7 @@ CREATE TABLE IF NOT EXISTS admin_provers (
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
-                "route_approvers", "audit_log", "admin_provers")
+                "route_approvers", "audit_log", "admin_provers", "innernet_pins")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -4652,8 +4680,9 @@ class Store:
                                 hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
-    def write(self):
-        """One transaction; constraint violations become 400 errors."""
+    def write(self, quiet=False):
+        """One transaction; constraint violations become 400 errors. A ``quiet``
+        one changes nothing a peer sees: no new revision, no listeners."""
         with self.lock:
             started = time.monotonic()
             try:
@@ -4675,6 +4704,8 @@ class Store:
                 with contextlib.suppress(self.sql.Error):
                     self.conn.execute("ROLLBACK")
                 raise
+            if quiet:
+                return
             self.revision += 1
             if self.write_timer is not None:
                 self.write_timer(time.monotonic() - started)
@@ -4890,7 +4921,8 @@ class Store:
             c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
                       "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                       (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
-        for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers"):
+        for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers",
+                      "innernet_pins"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
@@ -4924,6 +4956,37 @@ class Store:
                 table = {}
             out.append((old, new, table if isinstance(table, dict) else {}))
         return out
+
+    # -- what innernet clients were told (they pin it for good) ----------------
+
+    def told_pins(self, peer_id):
+        """{address: public key} an innernet client was told, as it pins them."""
+        return dict(self._query("SELECT ip, public_key FROM innernet_pins WHERE peer_id = ?",
+                                (peer_id,)))
+
+    def record_pins(self, peer_id, pins):
+        """Remember (address, key) pairs told to an innernet client; the first
+        key told for an address stays (so does the client's pin)."""
+        with self.write(quiet=True) as c:
+            c.executemany("INSERT OR IGNORE INTO innernet_pins (peer_id, ip, public_key) "
+                          "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM peers WHERE id = ?)",
+                          [(peer_id, ip, key, peer_id) for ip, key in sorted(pins.items())])
+
+    def pinners(self, ip):
+        """[(innernet client Peer, the key it pinned at ``ip``)], by name."""
+        rows = self._query(f"SELECT {_PEER_COLUMNS}, (SELECT public_key FROM innernet_pins "
+                           "WHERE peer_id = peers.id AND ip = ?) FROM peers WHERE id IN "
+                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) ORDER BY name",
+                           (str(ip), str(ip)))
+        return [(self._peer(r[:-1]), r[-1]) for r in rows]
+
+    def forget_pins(self, peer_id):
+        """After an innernet client's data store was deleted: it pins anew."""
+        with self.write() as c:
+            old = self.peer(peer_id)
+            n = c.execute("DELETE FROM innernet_pins WHERE peer_id = ?", (peer_id,)).rowcount
+            self._audit(c, "forget-pins", f"peer {old.name}", {"pins": n}, {"pins": 0})
+            return n
 
     def reinvite(self, peer_id, invite_public_key, expires):
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
@@ -5415,6 +5478,16 @@ def inject_endpoint(peer, observed):
         candidates.append(observed)
     return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
                                persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+
+
+def is_innernet_request(headers):
+    """Does this request come from innernet's own client (which pins for
+    good)? Ours always asks for gzip (and sends If-None-Match when it has an
+    ETag); innernet's (ureq without its gzip feature, 1.5.5 to 1.7.1) does
+    neither. Only the caller's own view depends on the answer."""
+    headers = headers if headers is not None else {}
+    return headers.get("If-None-Match") is None and \
+        "gzip" not in (headers.get("Accept-Encoding") or "").lower()
 
 
 def wait_acked(sock, timeout):
@@ -6005,6 +6078,7 @@ class StateViews:
         self.dns_zone_name = None            # "NET.wg" when serve answers DNS
         self.long_polls = 0                  # requests waiting in wait_for_change now
         self._state_cache: dict[object, tuple] = {}
+        self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
         self._tree_cache = None
         self._cache_lock = threading.Lock()
         # Long polls wait on this; it is notified whenever what a peer may see
@@ -6063,6 +6137,38 @@ class StateViews:
         peers, cidrs, assocs, views, deletions = self.tree(rev)
         view = cached_view(views, cidrs, assocs, caller.cidr_id)
         return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view, deletions))
+
+    def innernet_state(self, caller):
+        """state_for() for an innernet client: without the peers it pinned
+        to another key, and recording what it is told (only when that changed)."""
+        self.device.refresh()
+        rev = self.revision()
+        peers, cidrs, assocs, views, deletions = self.tree(rev)
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
+        with self._cache_lock:
+            memo = self._told.get(caller.id)
+        if memo is None or memo[0] != rev:
+            visible = peers_in_view(peers, view)
+            told = self.store.told_pins(caller.id)
+            hidden = pin_conflicts(told, visible)
+            if hidden - (memo[1] if memo else frozenset()):
+                log(f"innernet client '{caller.name}' ({caller.ip}) pinned another key at "
+                    f"{', '.join(sorted(hidden))}: left out of its state (see forget-pins)")
+            new = {p.ip: p.public_key for p in visible if p.ip not in told}
+            if new:
+                self.store.record_pins(caller.id, new)
+            memo = (rev, hidden)
+            with self._cache_lock:
+                if len(self._told) > 100000:
+                    self._told.clear()
+                self._told[caller.id] = memo
+        hidden = memo[1]
+        if not hidden:
+            return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view,
+                                                                    deletions))
+        shown = [p for p in peers if p.ip not in hidden]
+        return self._cached((view, hidden), rev,
+                            lambda: self._state_body(shown, cidrs, view, deletions))
 
     def _state_body(self, peers, cidrs, view, deletions):
         visible = peers_in_view(peers, view)
@@ -6292,6 +6398,9 @@ def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
     headers = req.headers if req.headers is not None else {}
+    if is_innernet_request(headers):
+        body, etag = co.views.innernet_state(req.caller)
+        return Response(200, raw=body, headers={"ETag": etag})
     sent = headers.get("If-None-Match")
     wait = req.query.get("wait", "0")
     wait = min(ascii_uint(wait) or 0, LONG_POLL_MAX_WAIT)
@@ -6421,7 +6530,17 @@ def user_rotate_key(co, req):
     co.swaps.begin(req.caller.id, req.caller.public_key,
                    lambda: co.store.rotate_key(req.caller.id, new_key, proofs))
     log(f"peer '{req.caller.name}' ({req.caller.ip}) rotated its key")
-    return Response(204, after=lambda sock: co.swaps.finish(req.caller.id, sock))
+    # innernet clients that pinned the old key cannot check a proof: they
+    # will not see this peer again (innernet_state); the caller says so.
+    blind = [_pinner_json(p, key) for p, key in co.store.pinners(req.caller.ip)
+             if key == req.caller.public_key and p.id != req.caller.id]
+    return Response(200 if blind else 204, {"innernet_peers": blind} if blind else None,
+                    after=lambda sock: co.swaps.finish(req.caller.id, sock))
+
+
+def _pinner_json(peer, pinned_key):
+    return {"name": peer.name, "ip": peer.ip, "public_key": peer.public_key,
+            "pinned_key": pinned_key}
 
 
 @api("GET", "user/rotations", "user")
@@ -6554,8 +6673,11 @@ def admin_delete_route_approver(co, req):
 @api("GET", "admin/peers", "admin")
 def admin_list_peers(co, req):
     co.device.refresh()
+    # innernet admins pick the lowest address not listed: list quarantined ones.
+    held = quarantine_placeholders(co.store.deletions(), time.time()) \
+        if is_innernet_request(req.headers) else []
     return Response(200, [inject_endpoint(p, co.device.observed.get(p.public_key)).to_json()
-                          for p in co.store.peers()])
+                          for p in co.store.peers()] + [p.to_json() for p in held])
 
 
 @api("POST", "admin/peers", "admin", body=True)
@@ -6599,6 +6721,19 @@ def admin_delete_peer(co, req):
 def admin_list_deleted_peers(co, req):
     return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
                           for d in co.store.deletions()])
+
+
+@api("GET", "admin/innernet-pins", "admin")
+def admin_list_innernet_pins(co, req):
+    """Ours: the innernet clients that pinned ?ip= (to the key "pinned_key")."""
+    ip = parse_ip(req.query.get("ip", ""), "address")
+    return Response(200, [_pinner_json(p, key) for p, key in co.store.pinners(ip)])
+
+
+@api("DELETE", "admin/innernet-pins/{id}", "admin")
+def admin_forget_innernet_pins(co, req):
+    """Ours: an innernet client's data store was deleted: it pins anew."""
+    return Response(200, {"forgotten": co.store.forget_pins(req.id)})
 
 
 @api("POST", "admin/reinvitations", "admin", body=True)
@@ -8984,6 +9119,13 @@ class LocalNetwork:
     def delete_peer(self, peer, reuse_after):
         self.store.delete_peer(peer.id, reuse_after)
 
+    def innernet_pins(self, ip):
+        """[(innernet client Peer, the key it pinned at ip)]."""
+        return self.store.pinners(ip)
+
+    def forget_pins(self, peer):
+        return self.store.forget_pins(peer.id)
+
     def reinvite(self, peer, invite_public_key, expires):
         self.store.reinvite(peer.id, invite_public_key, expires)
 
@@ -9073,6 +9215,23 @@ class RemoteNetwork:
 
     def delete_peer(self, peer, reuse_after):
         self.api.call("POST", "/admin/deleted-peers", {"id": peer.id, "reuse_after": reuse_after})
+
+    def innernet_pins(self, ip):
+        """[(innernet client Peer, the key it pinned at ip)]; none from a server
+        that does not keep them."""
+        try:
+            rows = self.api.call("GET", f"/admin/innernet-pins?ip={ip}")
+        except InnernetError as e:
+            if e.status != 404:
+                raise
+            return []
+        return [(Peer(None, str(r.get("name")), str(r.get("ip")), 0, str(r.get("public_key"))),
+                 str(r.get("pinned_key"))) for r in (rows if isinstance(rows, list) else [])
+                if isinstance(r, dict)]
+
+    def forget_pins(self, peer):
+        r = self.api.call("DELETE", f"/admin/innernet-pins/{peer.id}")
+        return int(_require_object(r, "answer").get("forgotten", 0))
 
     def reinvite(self, peer, invite_public_key, expires):
         self.api.call("POST", "/admin/reinvitations", {
@@ -9358,7 +9517,17 @@ def cmd_add_peer(args):
     peer = _with_secret_file(save_path, invitation.to_toml(INVITATION_HEADER), create)
     _said_saved(save_path, expires)
     log(f"peer '{peer.name}' ({peer.ip}) added")
+    _said_pinned_elsewhere(net, peer)
     return 0
+
+
+def _said_pinned_elsewhere(net, peer):
+    """A reused address: innernet clients that pinned it to another key."""
+    pinners = [p for p, key in net.innernet_pins(peer.ip) if key != peer.public_key]
+    if pinners:
+        warn(f"{_innernet_names(pinners)} pinned {peer.ip} to a deleted peer's key: "
+             f"'{peer.name}' stays hidden from them. "
+             + _innernet_remedy(net.network_name(), pinners))
 
 
 def cmd_delete_peer(args):
@@ -9368,9 +9537,38 @@ def cmd_delete_peer(args):
     reuse = parse_timestring(args.reuse_after or DEFAULT_REUSE_AFTER)
     confirm(args, f"Delete peer '{peer.name}' ({peer.ip}) for good? Its address stays "
                   f"reserved for {format_duration(reuse) if reuse else 'no time'}.", False)
+    pinners = [p for p, key in net.innernet_pins(peer.ip) if key == peer.public_key]
     net.delete_peer(peer, reuse)
     log(f"peer '{peer.name}' ({peer.ip}) deleted; its address can be reused "
         + (f"after {format_duration(reuse)}" if reuse else "at once"))
+    if pinners:
+        warn(f"{_innernet_names(pinners)} keep {peer.ip} pinned to the deleted peer's key "
+             "for good: a peer given this address later stays hidden from them. "
+             + _innernet_remedy(net.network_name(), pinners))
+    return 0
+
+
+def _innernet_names(pinners):
+    return "innernet clients " + ", ".join(f"'{p.name}' ({p.ip})" for p in pinners)
+
+
+def _innernet_remedy(net, pinners):
+    """How an innernet client pins anew, said after what made it blind to a peer."""
+    return (f"To let one pin anew: stop innernet on it, delete its data store (<data dir>/"
+            f"<interface>.json, by default /var/lib/innernet/{net}.json), run "
+            f"'innernet-server forget-pins {net} --name {pinners[0].name}' (or forget-pins as "
+            "an admin peer), then 'innernet up <interface>' on it.")
+
+
+def cmd_forget_pins(args):
+    """Ours: forget what an innernet client was told, once its data store is gone."""
+    net = open_network(args)
+    peer = choose(args.name, "--name", "innernet client", _user_peers(net.peers()))
+    confirm(args, f"Forget the addresses and keys '{peer.name}' ({peer.ip}) was told? "
+                  "Do it once its innernet data store is deleted.", True)
+    n = net.forget_pins(peer)
+    log(f"forgot {n} pins of '{peer.name}': its next fetch shows every peer it may see, "
+        "with their current keys")
     return 0
 
 
@@ -10197,7 +10395,7 @@ def cmd_rotate_key(args):
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
-        api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
+        said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
         if not e.unreachable:
             with contextlib.suppress(OSError):
@@ -10221,8 +10419,15 @@ def cmd_rotate_key(args):
     for p in peers:                 # each peer's new session starts at once, not in 5 s
         if not p.is_disabled and p.public_key != own:
             trigger_packet(p.ip)
-    log(f"{iface} has a new key ({short_key(new_public)}); "
-        f"{len(proofs) - 1} peers will check its proof")
+    blind = said.get("innernet_peers") if isinstance(said, dict) else None
+    blind = [r for r in blind if isinstance(r, dict)] if isinstance(blind, list) else []
+    checking = len(verifiers - {cfg.server_public_key} - {str(r.get("public_key"))
+                                                          for r in blind})
+    log(f"{iface} has a new key ({short_key(new_public)}); {checking} peers will check its proof")
+    if blind:
+        pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
+        warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
+             f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
     return 0
 
 
@@ -10746,6 +10951,12 @@ def _add_shared_verbs(sub, role):
     p.add_argument("--reuse-after", metavar="DURATION",
                    help=f"keep its address from new peers this long (default "
                         f"{DEFAULT_REUSE_AFTER}; 0s: at once)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "forget-pins", cmd_forget_pins, role,
+              "Forget what an innernet client was told, once its data store is deleted: "
+              "it then sees peers that changed key or address again.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--name", help="the innernet client")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "reinvite", cmd_reinvite, role,
               "A new invitation for a peer that has not joined (lost or expired invitation).")
