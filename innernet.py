@@ -233,22 +233,16 @@ def uapi_socket_paths(iface):
     return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
-def uapi_dump(iface):
-    """The raw answer of a userspace device to `get=1`, or None."""
+def uapi_digest(iface, now):
+    """device_digest of a userspace device, read as it arrives (a device of
+    5,000 peers answers half a megabyte: never held whole); None without one."""
     for path in uapi_socket_paths(iface):
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             s.settimeout(HTTP_TIMEOUT)
             s.connect(path)
             s.sendall(b"get=1\n\n")
-            chunks = []
-            while not (chunks and chunks[-1].endswith(b"\n\n")):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            data = b"".join(chunks)
-            return data if data.endswith(b"errno=0\n\n") else None
+            return device_digest(_uapi_answer(s), now)
         except OSError:
             continue
         finally:
@@ -256,55 +250,68 @@ def uapi_dump(iface):
     return None
 
 
-def device_digest(dump, now):
-    """What the sync compares on a device, from its UAPI dump, as a short text.
+def _uapi_answer(s):
+    """The pieces of a UAPI answer, up to the blank line that ends it."""
+    tail = b""
+    while not tail.endswith(b"\n\n"):
+        chunk = s.recv(1 << 14)
+        if not chunk:
+            return
+        yield chunk
+        tail = (tail + chunk)[-2:]
+
+
+def device_digest(chunks, now):
+    """What the sync compares on a device, from its UAPI answer to `get=1`
+    (``chunks``: its pieces, as read), as a short text; None unless the
+    answer ends with errno=0.
 
     The same things diff_peers looks at: the listen port, and per peer its
     key, allowed IPs and keepalive, and its endpoint only while it has no
     recent handshake (a live peer's endpoint is WireGuard's to roam). A peer
     crossing that line changes the digest, so the full sync has its look.
+    wireguard-go lists its peers in no fixed order, so the peers' lines are
+    summed (two checksums), not hashed in sequence: nothing is kept per peer.
     """
-    lines, cur, top = [], None, []
-    for line in dump.split(b"\n"):
-        k, _, v = line.partition(b"=")
-        if k == b"public_key":
-            if cur is not None:
-                lines.append(_peer_line(cur, now))
-            cur = {b"public_key": v, b"allowed_ip": []}
-        elif cur is None:
-            if k == b"listen_port":
-                top.append(line)
-        elif k == b"allowed_ip":
-            cur[k].append(v)
-        elif k in (b"endpoint", b"persistent_keepalive_interval", b"last_handshake_time_sec"):
-            cur[k] = v
-    if cur is not None:
-        lines.append(_peer_line(cur, now))
-    lines.sort()                  # wireguard-go lists its peers in no fixed order
-    return f"{len(lines)}:{zlib.crc32(b''.join(top + lines)):08x}"
+    sums, top, peer, rest, error = [0, 0, 0], [], None, b"", None
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            k, _, v = line.partition(b"=")
+            if k == b"public_key":
+                _add_peer(sums, peer, now)
+                peer = [v, [], b"0", b"", 0]       # key, allowed IPs, keepalive, endpoint, seen
+            elif k == b"errno":
+                error = v
+            elif peer is None:
+                if k == b"listen_port":
+                    top.append(line)
+            elif k == b"allowed_ip":
+                peer[1].append(v)
+            elif k == b"persistent_keepalive_interval":
+                peer[2] = v
+            elif k == b"endpoint":
+                peer[3] = v
+            elif k == b"last_handshake_time_sec":
+                peer[4] = int(v or 0)
+    if error != b"0":
+        return None
+    _add_peer(sums, peer, now)
+    return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
+        f"{zlib.crc32(b''.join(top)):08x}"
 
 
-def _peer_line(p, now):
-    seen = int(p.get(b"last_handshake_time_sec") or 0)
+def _add_peer(sums, peer, now):
+    if peer is None:
+        return
+    key, ips, keepalive, endpoint, seen = peer
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
-    return b"|".join([p[b"public_key"], b",".join(sorted(p[b"allowed_ip"])),
-                      p.get(b"persistent_keepalive_interval", b"0"),
-                      b"L" if live else b"S:" + p.get(b"endpoint", b"")]) + b"\n"
-
-
-def fast_record(fields):
-    return FAST_FORMAT + "\n" + "".join(f"{k} {v}\n" for k, v in fields.items())
-
-
-def read_fast_record(path):
-    try:
-        with open(path) as f:
-            lines = f.read().split("\n")
-    except (OSError, ValueError):
-        return None
-    if not lines or lines[0] != FAST_FORMAT:
-        return None
-    return dict(line.partition(" ")[::2] for line in lines[1:] if line)
+    line = b"|".join([key, b",".join(sorted(ips)), keepalive,
+                      b"L" if live else b"S:" + endpoint])
+    sums[0] += zlib.crc32(line)
+    sums[1] += zlib.adler32(line)
+    sums[2] += 1
 
 
 def invocation(argv, environ, cwd):
@@ -471,8 +478,8 @@ def fast_unchanged(data_dir, run, iface, links, now):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
-    dump = uapi_dump(iface)
-    return dump is not None and device_digest(dump, time.time()) == rec.get("device")
+    digest = uapi_digest(iface, time.time())
+    return digest is not None and digest == rec.get("device")
 
 
 def _server_says_unchanged(endpoint, key, etag):
@@ -8213,9 +8220,9 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
     must find unchanged; taken after every write of this sync. Nothing is
     left for a run that printed what it did (-v), a device the fast path
     cannot read, or a secret file others may read (the full sync warns)."""
-    dump = uapi_dump(iface)
+    device = uapi_digest(iface, time.time())
     run = getattr(args, "invocation", None)
-    if dump is None or run is None or getattr(args, "verbose", 0) or \
+    if device is None or run is None or getattr(args, "verbose", 0) or \
             any(c in etag for c in "\r\n"):
         return
     files = [(path, file_fingerprint(path, secret))
@@ -8224,7 +8231,7 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
         return
     fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device_digest(dump, time.time()),
+              "link": link_digest(iface), "device": device,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
         atomic_write(fast_file_path(_dirs(args, False)[1], iface),

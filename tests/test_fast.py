@@ -37,7 +37,8 @@ def test_records_are_looked_for_where_the_command_line_may_have_put_them():
 
 def test_only_a_recorded_command_line_is_answered(tmp_path, monkeypatch):
     monkeypatch.setattr(innernet, "_server_says_unchanged", lambda *a: True)
-    monkeypatch.setattr(innernet, "uapi_dump", lambda iface: dump([]))
+    monkeypatch.setattr(innernet, "uapi_digest",
+                        lambda iface, now: innernet.device_digest([dump([])], now))
     monkeypatch.setattr(innernet, "link_digest", lambda iface: "0:0")
     watched = tmp_path / "n.conf"
     watched.write_text("x")
@@ -46,7 +47,7 @@ def test_only_a_recorded_command_line_is_answered(tmp_path, monkeypatch):
     links = innernet.raw_links()
     fields = {"run": run, "etag": '"e"', "endpoint": "10.1.0.1:51820", "key": "k",
               "links": innernet.links_fingerprint(links), "link": "0:0",
-              "device": innernet.device_digest(dump([]), 0), "due": ""}
+              "device": innernet.device_digest([dump([])], 0), "due": ""}
     (tmp_path / "n.fetch").write_text(innernet.fast_record(
         fields, [(str(watched), innernet.file_fingerprint(str(watched), secret=False))]))
     assert innernet.fast_fetch(argv) is None                 # no run noted yet
@@ -74,28 +75,41 @@ def dump(peers, port=51820):
     return ("\n".join(out) + "\nerrno=0\n\n").encode()
 
 
+def digest(text, now, size=None):
+    """device_digest of a dump read in pieces of ``size`` bytes (whole if None)."""
+    size = size or len(text) or 1
+    return innernet.device_digest([text[i:i + size] for i in range(0, len(text), size)], now)
+
+
 def test_the_device_digest_sees_what_the_sync_compares():
     now = 10000
     a = ("aa" * 32, "198.18.0.1:1", now - 5, 25, ["10.1.0.2/32"])
     b = ("bb" * 32, "198.18.0.2:2", 0, 25, ["10.1.0.3/32", "10.2.0.0/24"])
-    digest = innernet.device_digest(dump([a, b]), now)
-    assert digest.startswith("2:")
+    first = digest(dump([a, b]), now)
+    assert first.startswith("2:")
+    # read in pieces of any size, the same
+    for size in (1, 2, 7, 64, 1000):
+        assert digest(dump([a, b]), now, size) == first
     # the same device in another order, with other counters and a roamed live peer
     roamed = (a[0], "198.18.0.9:9", now - 1, 25, a[4])
     b_swapped = b[:4] + (list(reversed(b[4])),)
-    assert innernet.device_digest(dump([b_swapped, roamed]), now) == digest
+    assert digest(dump([b_swapped, roamed]), now) == first
     changed = [
         dump([a]),                                          # a peer removed by hand
         dump([a, b[:1] + ("198.18.0.7:7",) + b[2:]]),      # a stale peer's endpoint
         dump([a, b[:3] + (0,) + b[4:]]),                   # keepalive
         dump([a, b[:4] + (["10.1.0.3/32"],)]),             # allowed IPs
         dump([a, b], port=51821),                           # the listen port
+        dump([a, a[:1] + b[1:]]),                           # two peers swap allowed IPs
     ]
     for d in changed:
-        assert innernet.device_digest(d, now) != digest
+        assert digest(d, now) != first
     # a peer whose handshake grows old crosses the line the sync looks at
-    assert innernet.device_digest(dump([a, b]), now + innernet.RECENT_HANDSHAKE) != digest
-    assert innernet.device_digest(dump([]), now) == innernet.device_digest(dump([]), now + 999)
+    assert digest(dump([a, b]), now + innernet.RECENT_HANDSHAKE) != first
+    assert digest(dump([]), now) == digest(dump([]), now + 999)
+    # an answer cut short, or an error, is no digest
+    assert digest(dump([a, b])[:-12], now) is None
+    assert digest(dump([a, b]).replace(b"errno=0", b"errno=5"), now) is None
 
 
 def test_the_record_round_trips_and_damage_is_no_record(tmp_path):

@@ -6,11 +6,13 @@ finds. Which path ran is seen in the record the full sync rewrites
 (`<iface>.fetch`): the fast path leaves it as it is.
 """
 import os
+import re
+import shlex
 import time
 
 import pytest
 
-from lab import device, device_peer_ips, invite, wait_for
+from lab import debian_launcher, device, device_peer_ips, invite, wait_for
 
 from .conftest import network_world
 
@@ -214,3 +216,40 @@ def test_every_door_is_fast_when_nothing_changed_and_full_when_anything_did(worl
             checked.append((verb, option, what))
     assert {w for _, _, w in checked} == {w for w, _ in changes}
     assert bob_key in {p["public_key"] for p in device(alice, ifname)["peers"]}
+
+
+def test_the_timer_units_command_line_takes_the_fast_path(world, tmp_path):
+    """innernet-fetch@.service's ExecStart, word for word (the launcher from
+    its temporary place), with /etc/innernet, /var/lib/innernet and
+    /etc/hosts bound to alice's own in a mount namespace of its own: an
+    unchanged run leaves the record as it is."""
+    alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
+    unit = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "debian", "innernet.innernet-fetch@.service")
+    with open(unit) as f:
+        exec_start = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
+    argv = shlex.split(exec_start.replace("%i", ifname))
+    assert argv[0] == "/usr/bin/innernet", argv
+    argv[0] = debian_launcher(str(tmp_path))
+    hosts = alice.path("hosts-unit")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    made = [d for d in ("/etc/innernet", "/var/lib/innernet") if not os.path.isdir(d)]
+    for d in made:
+        os.makedirs(d)
+    binds = (f"mount --bind {shlex.quote(alice.path('client', 'etc'))} /etc/innernet && "
+             f"mount --bind {shlex.quote(alice.path('client', 'lib'))} /var/lib/innernet && "
+             f"mount --bind {shlex.quote(hosts)} /etc/hosts && exec {shlex.join(argv)}")
+    run = ["unshare", "--mount", "--propagation", "private", "sh", "-c", binds]
+    try:
+        alice.exec(run)
+        before = clear_of_path_work(alice, ifname, lambda: alice.exec(run))
+        alice.exec(run)
+        assert record(alice, ifname) == before, "the timer's unchanged run took the full sync"
+        os.utime(alice.path("client", "lib", f"{ifname}.json"))
+        alice.exec(run)
+        assert record(alice, ifname) != before
+        assert f"bob.{ifname}.wg" in open(hosts).read()
+    finally:
+        for d in made:
+            os.rmdir(d)
