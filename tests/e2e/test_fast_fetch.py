@@ -249,7 +249,7 @@ def test_the_timer_units_command_line_takes_the_fast_path(world, tmp_path):
         os.utime(alice.path("client", "lib", f"{ifname}.json"))
         alice.exec(run)
         assert record(alice, ifname) != before
-        assert f"bob.{ifname}.wg" in open(hosts).read()
+        assert f"innernet-server.{ifname}.wg" in open(hosts).read()     # the bound /etc/hosts
     finally:
         for d in made:
             os.rmdir(d)
