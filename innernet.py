@@ -168,7 +168,9 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 import _socket
 import zlib
 
-FAST_FORMAT = "innernet-fetch 1"
+FAST_FORMAT = "innernet-fetch 2"
+FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
+FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
 
 
@@ -177,21 +179,15 @@ def fast_file_path(data_dir, iface):
 
 
 def file_fingerprint(path, secret=True):
-    """(inode, size, mtime) of a file, '-' if missing; None if it is ``secret``
-    and others may read it."""
+    """(inode, size, mtime, mode) of a file, '-' if missing; None if it is
+    ``secret`` and others may read it."""
     try:
         st = os.stat(path)
     except OSError:
         return "-"
     if secret and st.st_mode & 0o007:
         return None               # the full sync warns about it
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def fetch_signature(hosts_path, host_suffix, no_traversal, no_candidates, exclude):
-    """The options an unchanged fetch depends on, as one line."""
-    return repr((hosts_path, host_suffix, bool(no_traversal), bool(no_candidates),
-                 sorted(exclude or ())))
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}"
 
 
 def raw_links():
@@ -246,22 +242,16 @@ def uapi_socket_paths(iface):
     return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
-def uapi_dump(iface):
-    """The raw answer of a userspace device to `get=1`, or None."""
+def uapi_digest(iface, now):
+    """device_digest of a userspace device, read as it arrives (a device of
+    5,000 peers answers half a megabyte: never held whole); None without one."""
     for path in uapi_socket_paths(iface):
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             s.settimeout(HTTP_TIMEOUT)
             s.connect(path)
             s.sendall(b"get=1\n\n")
-            chunks = []
-            while not (chunks and chunks[-1].endswith(b"\n\n")):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            data = b"".join(chunks)
-            return data if data.endswith(b"errno=0\n\n") else None
+            return device_digest(_uapi_answer(s), now)
         except OSError:
             continue
         finally:
@@ -269,47 +259,198 @@ def uapi_dump(iface):
     return None
 
 
-def device_digest(dump, now):
-    """What the sync compares on a device, from its UAPI dump, as a short text.
+def _uapi_answer(s):
+    """The pieces of a UAPI answer, up to the blank line that ends it."""
+    tail = b""
+    while not tail.endswith(b"\n\n"):
+        chunk = s.recv(1 << 14)
+        if not chunk:
+            return
+        yield chunk
+        tail = (tail + chunk)[-2:]
+
+
+def device_digest(chunks, now):
+    """What the sync compares on a device, from its UAPI answer to `get=1`
+    (``chunks``: its pieces, as read), as a short text; None unless the
+    answer ends with errno=0.
 
     The same things diff_peers looks at: the listen port, and per peer its
     key, allowed IPs and keepalive, and its endpoint only while it has no
     recent handshake (a live peer's endpoint is WireGuard's to roam). A peer
     crossing that line changes the digest, so the full sync has its look.
+    wireguard-go lists its peers in no fixed order, so the peers' lines are
+    summed (two checksums), not hashed in sequence: nothing is kept per peer.
     """
-    lines, cur, top = [], None, []
-    for line in dump.split(b"\n"):
-        k, _, v = line.partition(b"=")
-        if k == b"public_key":
-            if cur is not None:
-                lines.append(_peer_line(cur, now))
-            cur = {b"public_key": v, b"allowed_ip": []}
-        elif cur is None:
-            if k == b"listen_port":
-                top.append(line)
-        elif k == b"allowed_ip":
-            cur[k].append(v)
-        elif k in (b"endpoint", b"persistent_keepalive_interval", b"last_handshake_time_sec"):
-            cur[k] = v
-    if cur is not None:
-        lines.append(_peer_line(cur, now))
-    lines.sort()                  # wireguard-go lists its peers in no fixed order
-    return f"{len(lines)}:{zlib.crc32(b''.join(top + lines)):08x}"
+    sums, top, peer, rest, error = [0, 0, 0], [], None, b"", None
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            k, _, v = line.partition(b"=")
+            if k == b"public_key":
+                _add_peer(sums, peer, now)
+                peer = [v, [], b"0", b"", 0]       # key, allowed IPs, keepalive, endpoint, seen
+            elif k == b"errno":
+                error = v
+            elif peer is None:
+                if k == b"listen_port":
+                    top.append(line)
+            elif k == b"allowed_ip":
+                peer[1].append(v)
+            elif k == b"persistent_keepalive_interval":
+                peer[2] = v
+            elif k == b"endpoint":
+                peer[3] = v
+            elif k == b"last_handshake_time_sec":
+                peer[4] = int(v or 0)
+    if error != b"0":
+        return None
+    _add_peer(sums, peer, now)
+    return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
+        f"{zlib.crc32(b''.join(top)):08x}"
 
 
-def _peer_line(p, now):
-    seen = int(p.get(b"last_handshake_time_sec") or 0)
+def _add_peer(sums, peer, now):
+    if peer is None:
+        return
+    key, ips, keepalive, endpoint, seen = peer
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
-    return b"|".join([p[b"public_key"], b",".join(sorted(p[b"allowed_ip"])),
-                      p.get(b"persistent_keepalive_interval", b"0"),
-                      b"L" if live else b"S:" + p.get(b"endpoint", b"")]) + b"\n"
+    line = b"|".join([key, b",".join(sorted(ips)), keepalive,
+                      b"L" if live else b"S:" + endpoint])
+    sums[0] += zlib.crc32(line)
+    sums[1] += zlib.adler32(line)
+    sums[2] += 1
 
 
-def fast_record(fields):
-    return FAST_FORMAT + "\n" + "".join(f"{k} {v}\n" for k, v in fields.items())
+def invocation(argv, environ, cwd):
+    """The command line as run, with what else decides what it does (the
+    program's version, the directory it ran in, INNERNET_* and WG_* variables),
+    as one line. A full sync records it; the fast path answers only a run whose
+    line is the same, so it needs no grammar of its own: options are read once,
+    by the full program."""
+    env = sorted((k, v) for k, v in environ.items() if k.startswith(("INNERNET_", "WG_")))
+    return repr((FAST_FORMAT, __version__, cwd, list(argv), env))
+
+
+def data_dir_candidates(argv):
+    """Where a full sync of this command line may have left its records: the
+    default data directory and every value given to -d/--data-dir. Only places
+    to look: a record counts only where it names this very command line."""
+    found = [CLIENT_DATA_DIR]
+    for i, a in enumerate(argv):
+        if a in ("-d", "--data-dir") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif a.startswith("--data-dir="):
+            found.append(a[11:])
+        elif a.startswith("-d") and len(a) > 2 and a[2] != "-":
+            found.append(a[2:])
+    return found
+
+
+def read_runs(data_dir):
+    """{invocation: [interfaces]} of the full syncs that left records here."""
+    runs = {}
+    try:
+        with open(os.path.join(data_dir, FAST_RUNS)) as f:
+            for line in f.read().split("\n"):
+                line, _, ifaces = line.rpartition("\t")
+                if line:
+                    runs[line] = ifaces.split()
+    except (OSError, ValueError):
+        pass
+    return runs
+
+
+def link_digest(iface):
+    """The interface's MTU and flags, its addresses, the routes through it (in
+    every table) and the policy rules, as a short text; "-" without the
+    interface. One rtnetlink socket, parsed here (pyroute2 costs more to
+    import than the whole fast path): what a full sync sets besides the
+    device's peers. Counters and timestamps are left out."""
+    try:
+        index = _socket.if_nametoindex(iface)
+    except OSError:
+        return "-"
+    parts = []
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
+    except OSError:
+        return "?"
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        for kind in RTNL_DUMPS:
+            parts += _rtnl_dump(s, kind, index)
+    except OSError:
+        return "?"
+    finally:
+        s.close()
+    return f"{len(parts)}:{zlib.crc32(repr(parts).encode()):08x}"
+
+
+# (request type, reply type, header bytes kept, attributes kept) of each
+# dump: links (ifinfomsg: MTU), addresses (ifaddrmsg: address, local), routes
+# (rtmsg: destination, gateway, output interface, priority, table, preference)
+# and rules (fib_rule_hdr: all but their statistics-free header is attributes).
+RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 15, 20}),
+              (34, 32, 12, None))
+
+
+def _rtnl_dump(s, kind, index):
+    """The kept fields of one dump's messages that concern interface ``index``
+    (rules concern every interface)."""
+    ask, reply, head, keep = kind
+    s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
+           + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
+           + bytes(16))                                             # family 0: all
+    out = []
+    while True:
+        data = s.recv(1 << 16)
+        off = 0
+        while off + 16 <= len(data):
+            size = int.from_bytes(data[off:off + 4], sys.byteorder)
+            typ = int.from_bytes(data[off + 4:off + 6], sys.byteorder)
+            if typ == 3 or size < 16:                               # NLMSG_DONE
+                return out
+            if typ == 2:                                            # NLMSG_ERROR
+                raise OSError("rtnetlink refused a dump")
+            if typ == reply:
+                msg = data[off + 16:off + size]
+                item = _rtnl_item(msg, head, keep, index, ask)
+                if item is not None:
+                    out.append(item)
+            off += (size + 3) & ~3
+        if not data:
+            return out
+
+
+def _rtnl_item(msg, head, keep, index, ask):
+    attrs, off = [], head
+    oif = int.from_bytes(msg[4:8], sys.byteorder) if ask in (18, 22) else None
+    while off + 4 <= len(msg):
+        size = int.from_bytes(msg[off:off + 2], sys.byteorder)
+        typ = int.from_bytes(msg[off + 2:off + 4], sys.byteorder) & 0x3FFF
+        if size < 4:
+            break
+        if ask == 26 and typ == 4:
+            oif = int.from_bytes(msg[off + 4:off + 8], sys.byteorder)
+        if keep is None or typ in keep:
+            attrs.append((typ, msg[off + 4:off + size]))
+        off += (size + 3) & ~3
+    if ask != 34 and oif != index:
+        return None
+    return (ask, msg[:head] if ask != 18 else msg[:4] + msg[8:12], attrs)
+
+
+def fast_record(fields, files):
+    """The record's text: one field a line, then each file watched with its
+    fingerprint (a path can hold spaces, so it ends the line)."""
+    return FAST_FORMAT + "\n" + "".join(f"{k} {v}\n" for k, v in fields.items()) \
+        + "".join(f"file {fp} {path}\n" for path, fp in files)
 
 
 def read_fast_record(path):
+    """(fields, [(path, fingerprint)]) of a record, or None."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -317,90 +458,37 @@ def read_fast_record(path):
         return None
     if not lines or lines[0] != FAST_FORMAT:
         return None
-    return dict(line.partition(" ")[::2] for line in lines[1:] if line)
+    fields, files = {}, []
+    for line in lines[1:]:
+        k, _, v = line.partition(" ")
+        if k == "file":
+            fp, _, name = v.partition(" ")
+            files.append((name, fp))
+        elif k:
+            fields[k] = v
+    return fields, files
 
 
-def parse_fetch_argv(argv):
-    """`[-c DIR] [-d DIR] fetch [IFACE] [options]` -> a dict, or None for
-    anything the full command line should read (every other verb, -v, a
-    typo, --help ...)."""
-    o = {"config_dir": CLIENT_CONFIG_DIR, "data_dir": CLIENT_DATA_DIR, "iface": None,
-         "hosts_path": DEFAULT_HOSTS_PATH, "host_suffix": None, "no_nat_traversal": False,
-         "no_nat_candidates": False, "exclude": []}
-    valued = {"-c": "config_dir", "--config-dir": "config_dir", "-d": "data_dir",
-              "--data-dir": "data_dir", "--hosts-path": "hosts_path",
-              "--host-suffix": "host_suffix", "--exclude-nat-candidates": "exclude"}
-    flags = {"--no-nat-traversal", "--no-nat-candidates", "--no-write-hosts", "--no-routing"}
-    i, verb, hosts_given, no_hosts = 0, False, False, False
-    while i < len(argv):
-        a = argv[i]
-        name, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
-        if name in valued and (not verb if name in ("-c", "-d") else
-                               verb or name in ("--config-dir", "--data-dir")):
-            if not eq:
-                if i + 1 >= len(argv):
-                    return None
-                i, value = i + 1, argv[i + 1]
-            if not value or (name in ("-c", "-d") and eq):
-                return None
-            if valued[name] == "exclude":
-                o["exclude"].append(value)
-            else:
-                o[valued[name]] = value
-            hosts_given |= name == "--hosts-path"
-        elif a in flags and (verb or a == "--no-routing") and not eq:
-            o[a[2:].replace("-", "_")] = True
-            no_hosts |= a == "--no-write-hosts"
-        elif a == "fetch" and not verb:
-            verb = True
-        elif verb and o["iface"] is None and a and not a.startswith("-"):
-            if len(a) > 15 or a.strip("abcdefghijklmnopqrstuvwxyz0123456789-") \
-                    or a[0] == "-" or a[-1] == "-":
-                return None
-            o["iface"] = a
-        else:
-            return None
-        i += 1
-    if not verb or (hosts_given and no_hosts) or \
-            (o["no_nat_candidates"] and o["exclude"]):
-        return None
-    if no_hosts:
-        o["hosts_path"] = None
-    return o
-
-
-def fast_fields(o, iface, links):
-    """The record's fields that describe this host rather than the sync: the
-    options (``o`` as parse_fetch_argv makes it), the files, the links. The
-    full sync writes them, the fast path compares them."""
-    return {
-        "sig": fetch_signature(o["hosts_path"], o["host_suffix"], o["no_nat_traversal"],
-                               o["no_nat_candidates"], o["exclude"]),
-        "files": " ".join(file_fingerprint(os.path.join(d, iface + ext)) or "?"
-                          for d, ext in ((o["config_dir"], ".conf"), (o["data_dir"], ".json"),
-                                         (o["data_dir"], ".paths.json"))),
-        "hosts": file_fingerprint(o["hosts_path"], secret=False) if o["hosts_path"] else "-",
-        "links": links_fingerprint(links)}
-
-
-def fast_unchanged(o, iface, links, now):
-    """Is `fetch IFACE` with options ``o`` sure to change nothing? (Asks the
-    server; no other side effect.)"""
-    rec = read_fast_record(fast_file_path(o["data_dir"], iface))
-    if rec is None:
+def fast_unchanged(data_dir, run, iface, links, now):
+    """Is this run of the command line ``run`` sure to change nothing on
+    ``iface``? (Asks the server; no other side effect.)"""
+    found = read_fast_record(fast_file_path(data_dir, iface))
+    if found is None:
         return False
-    mine = fast_fields(o, iface, links)
+    rec, files = found
     try:
         due = float(rec.get("due") or "inf")
     except ValueError:
         return False
-    if any(rec.get(k) != v for k, v in mine.items()) or "?" in mine["files"] \
-            or now >= due or not rec.get("etag"):
+    if rec.get("run") != run or now >= due or not rec.get("etag") or not files \
+            or rec.get("links") != links_fingerprint(links) \
+            or any(file_fingerprint(path, secret=False) != fp for path, fp in files) \
+            or rec.get("link") != link_digest(iface):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
-    dump = uapi_dump(iface)
-    return dump is not None and device_digest(dump, time.time()) == rec.get("device")
+    digest = uapi_digest(iface, time.time())
+    return digest is not None and digest == rec.get("device")
 
 
 def _server_says_unchanged(endpoint, key, etag):
@@ -431,27 +519,44 @@ def _server_says_unchanged(endpoint, key, etag):
 
 
 def fast_fetch(argv):
-    """0 if `fetch` can be done here and is done (nothing changed), else None:
-    the caller runs the full program."""
+    """0 if this command line was answered here (nothing changed since the
+    last full sync that ran it), else None: the caller runs the full program."""
     if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
         return None
-    o = parse_fetch_argv(argv[1:])
-    if o is None:
+    try:
+        run = invocation(argv[1:], os.environ, os.getcwd())
+    except OSError:
         return None
-    if o["iface"] is not None:
-        ifaces = [o["iface"]]
+    for data_dir in data_dir_candidates(argv[1:]):
+        ifaces = read_runs(data_dir).get(run)
+        if ifaces:
+            break
     else:
-        try:
-            ifaces = sorted(f[:-5] for f in os.listdir(o["config_dir"]) if f.endswith(".conf"))
-        except OSError:
-            return None
-    if not ifaces:
         return None
     links, now = raw_links(), time.time()
     for iface in ifaces:
-        if not fast_unchanged(o, iface, links, now):
+        if not fast_unchanged(data_dir, run, iface, links, now):
             return None
     return 0
+
+
+def launch(path=None):
+    """The program's one front door (the .pyz, the Debian launcher, pip's
+    scripts): an unchanged sync is answered here; anything else by the whole
+    program, which is imported only then. ``path``: where innernet.py is. An
+    interpreter started with -S (the launchers' way: no site directory to
+    scan for a fast fetch) gets the system's packages (PyNaCl, pyroute2)
+    back first."""
+    code = fast_fetch(sys.argv)
+    if code is None:
+        if sys.flags.no_site:
+            import site
+            site.main()
+        if path and path not in sys.path:
+            sys.path.insert(0, path)
+        import innernet
+        code = innernet.main()
+    sys.exit(code)
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -8449,8 +8554,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
-        if record and f.unreachable is None and f.etag and \
-                isinstance(f.backend, UserspaceBackend):
+        if record and f.unreachable is None and f.etag:
             write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due)
     finally:
         f.api.close()
@@ -8730,26 +8834,57 @@ def split_dns(api, iface, cfg, suffix=None):
 
 
 def write_fast_record(args, iface, cfg, etag, links, next_due):
-    """What the fast path (fast_fetch) of the next unchanged `fetch` must find
-    unchanged; taken after every write of this sync."""
-    dump = uapi_dump(iface)
-    if dump is None or any(c in etag for c in "\r\n") or \
-            getattr(args, "no_accept_routes", False) or \
-            getattr(args, "accept_public_routes", False):
-        return          # the fast path knows neither option: the next fetch is full
-    cdir, ddir = _dirs(args, False)
-    hosts_path, _ = hosts_options(args)
-    o = {"config_dir": cdir, "data_dir": ddir, "hosts_path": hosts_path,
-         "host_suffix": getattr(args, "host_suffix", None),
-         "no_nat_traversal": getattr(args, "no_nat_traversal", False),
-         "no_nat_candidates": getattr(args, "no_nat_candidates", False),
-         "exclude": getattr(args, "exclude_nat_candidates", None)}
-    fields = {"etag": etag, "endpoint": cfg.server_internal_endpoint,
-              "key": cfg.server_public_key, **fast_fields(o, iface, links),
-              "device": device_digest(dump, time.time()),
+    """What the fast path (fast_fetch) of the next run of this command line
+    must find unchanged; taken after every write of this sync. Nothing is
+    left for a run that printed what it did (-v), a device the fast path
+    cannot read, or a secret file others may read (the full sync warns)."""
+    device = uapi_digest(iface, time.time())
+    run = getattr(args, "invocation", None)
+    if device is None or run is None or getattr(args, "verbose", 0) or \
+            any(c in etag for c in "\r\n"):
+        return
+    files = [(path, file_fingerprint(path, secret))
+             for path, secret in synced_files(args, iface)]
+    if any(fp is None or "\n" in path for path, fp in files):
+        return
+    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
+              "key": cfg.server_public_key, "links": links_fingerprint(links),
+              "link": link_digest(iface), "device": device,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(ddir, iface), fast_record(fields), 0o600)
+        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
+                     fast_record(fields, files), 0o600)
+
+
+def synced_files(args, iface):
+    """(path, secret) of every file a sync of ``iface`` reads or writes: a
+    change to any of them sends the next run down the full sync."""
+    store = data_store_path(args, iface)
+    files = [(client_config_path(args, iface), True), (store, True),
+             (paths_memo_path(store), True), (exit_state_path(store), True),
+             (server_state_path(args, iface), True)]
+    hosts_path, _ = hosts_options(args)
+    if hosts_path:
+        files.append((hosts_path, False))
+    try:
+        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
+    except OSError:
+        pass
+    return files
+
+
+def record_run(args, ifaces):
+    """Note in the data directory which interfaces this command line synced,
+    for fast_fetch to find their records (the last few command lines)."""
+    run = getattr(args, "invocation", None)
+    ddir = _dirs(args, False)[1]
+    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
+        return
+    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
+    runs[run] = ifaces
+    text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
+    with contextlib.suppress(OSError):
+        atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
 
 
 def server_capabilities(args, iface):
@@ -10629,6 +10764,8 @@ def cmd_fetch(args):
                 raise
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}")
+    if not failed:
+        record_run(args, ifaces)
     return EXIT_ERROR if failed else 0
 
 
@@ -10643,7 +10780,8 @@ def cmd_up(args):
             choose_exit(args, iface)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, allow_bring_up=True, dns=True)
+            result = fetch_interface(args, iface, allow_bring_up=True, dns=True,
+                                     record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
                 raise InnernetError(f"cannot use {args.exit_node} as exit node: "
@@ -10654,6 +10792,7 @@ def cmd_up(args):
                 log(f"{iface}: traffic outside the network leaves through {args.exit_node}"
                     + (" (the LAN stays reachable)" if args.exit_node_allow_lan else ""))
     if not args.daemon:
+        record_run(args, ifaces)
         return 0
     ensure_dir(_dirs(args, False)[1])
     locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
@@ -11313,6 +11452,9 @@ def main(argv=None, server_mode=None):
               f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
         return EXIT_USAGE
     args = parser.parse_args(argv)
+    if not server_mode:      # what a recorded sync was run with (fast_fetch)
+        with contextlib.suppress(OSError):
+            args.invocation = invocation(argv, os.environ, os.getcwd())
     set_verbosity(getattr(args, "verbose", 0) or 0)
     if args.func is None:
         parser.parse_args(argv + ["--help"])

@@ -373,3 +373,26 @@ def start_echo(host, ip, port=7000):
     proc = host.spawn([sys.executable, "-c", TCP_ECHO, ip, str(port)], f"echo-{port}.log")
     wait_for(lambda: "listening" in host.log(f"echo-{port}.log"), 10, f"echo on {host.name}")
     return proc
+
+
+def debian_launcher(tmp):
+    """The .deb's /usr/bin/innernet as build_zipapp.py writes it, with its
+    modules byte-compiled beside it in ``tmp`` instead of /usr/share/innernet
+    (nothing is installed). Returns the launcher's path."""
+    sys.path.insert(0, ROOT)
+    import build_zipapp
+    share = os.path.join(tmp, "share")
+    os.makedirs(share)
+    with open(os.path.join(ROOT, "innernet.py"), encoding="utf-8") as f:
+        source = f.read()
+    for name, text in (("innernet.py", source),
+                       ("innernet_fast.py", build_zipapp.fast_module_source(source))):
+        with open(os.path.join(share, name), "w", encoding="utf-8") as f:
+            f.write(text)
+        subprocess.run(["/usr/bin/python3", "-m", "py_compile", os.path.join(share, name)],
+                       check=True)
+    launcher = os.path.join(tmp, "innernet")
+    with open(launcher, "w") as f:
+        f.write(build_zipapp.LAUNCHER.replace("/usr/share/innernet", share))
+    os.chmod(launcher, 0o755)
+    return launcher

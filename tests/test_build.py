@@ -57,8 +57,34 @@ def test_archive_contents(pyz):
     assert not any(n.endswith((".so", ".pyd")) for n in names)
     assert not any("__pycache__" in n for n in names)
     with open(pyz, "rb") as f:
-        assert f.readline() == b"#!/usr/bin/env python3\n"
+        assert f.readline() == b"#!/bin/sh\n"
     assert os.access(pyz, os.X_OK)
+
+
+def test_started_as_a_program_it_runs_from_its_preamble(pyz, tmp_path):
+    """./innernet.pyz: the shell preamble starts python3 -S -I on the
+    bytecode it carries; through a symlink named innernet-server too."""
+    r = subprocess.run([pyz, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("innernet.py "), r.stderr
+    r = subprocess.run([pyz, "-c", str(tmp_path), "fetch"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and r.stderr.startswith("innernet: error: no networks"), r.stderr
+    link = tmp_path / "innernet-server"
+    link.symlink_to(pyz)
+    r = subprocess.run([str(link), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("usage: innernet-server")
+
+
+def test_a_python_with_other_bytecode_imports_the_module_from_the_archive(pyz, tmp_path):
+    """The preamble's bytecode is for the Python that built it; another
+    (its magic number differs) imports innernet_fast from the archive."""
+    data = open(pyz, "rb").read()
+    text_end = data.index(b'"$0" "$@"\n') + len(b'"$0" "$@"\n')
+    other = tmp_path / "other.pyz"
+    other.write_bytes(data[:text_end] + b"\0\0\0\0" + data[text_end + 4:])
+    os.chmod(other, 0o755)
+    r = subprocess.run([str(other), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("innernet.py "), r.stderr
 
 
 def test_build_is_reproducible(pyz, tmp_path):

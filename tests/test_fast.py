@@ -17,32 +17,49 @@ BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
     else [sys.executable, "-S", "-I"]
 
 
-def test_the_fetch_command_lines_it_takes():
-    o = innernet.parse_fetch_argv(["-c", "/e", "--data-dir=/d", "fetch", "net",
-                                   "--no-write-hosts", "--exclude-nat-candidates", "10.0.0.0/8",
-                                   "--exclude-nat-candidates=192.168.0.0/16"])
-    assert (o["config_dir"], o["data_dir"], o["iface"], o["hosts_path"]) == \
-        ("/e", "/d", "net", None)
-    assert o["exclude"] == ["10.0.0.0/8", "192.168.0.0/16"]
-    o = innernet.parse_fetch_argv(["fetch", "--hosts-path", "/h", "--host-suffix=x", "net"])
-    assert (o["iface"], o["hosts_path"], o["host_suffix"]) == ("net", "/h", "x")
-    o = innernet.parse_fetch_argv(["--no-routing", "fetch"])
-    assert o["iface"] is None and o["hosts_path"] == innernet.DEFAULT_HOSTS_PATH
-    assert o["config_dir"] == innernet.CLIENT_CONFIG_DIR
+def test_a_command_line_is_known_by_all_it_depends_on():
+    run = innernet.invocation(["fetch", "net"], {"INNERNET_X": "1", "HOME": "/root"}, "/")
+    assert run == innernet.invocation(["fetch", "net"], {"INNERNET_X": "1"}, "/")
+    others = [innernet.invocation(["fetch", "net", "-v"], {"INNERNET_X": "1"}, "/"),
+              innernet.invocation(["fetch", "net"], {"INNERNET_X": "2"}, "/"),
+              innernet.invocation(["fetch", "net"], {"INNERNET_X": "1", "WG_X": "1"}, "/"),
+              innernet.invocation(["fetch", "net"], {"INNERNET_X": "1"}, "/tmp"),
+              innernet.invocation(["fetch net"], {"INNERNET_X": "1"}, "/")]
+    assert run not in others and len(set(others)) == len(others)
+    assert "\n" not in innernet.invocation(["fetch", "a\nb\tc"], {}, "/")
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["up", "net"], ["fetch", "-v", "net"], ["-v", "fetch"], ["fetch", "--verbose"],
-    ["fetch", "net", "--help"], ["fetch", "a", "b"], ["fetch", "--backend", "kernel"],
-    ["fetch", "--mtu", "1400"], ["fetch", "--no-write"], ["fetch", "Net"], ["fetch", "-x"],
-    ["fetch", "a" * 16], ["fetch", "-net"], ["fetch", "../x"], ["fetch", "--hosts-path"],
-    ["fetch", "--hosts-path="], ["fetch", "--hosts-path", "/h", "--no-write-hosts"],
-    ["fetch", "--no-nat-candidates", "--exclude-nat-candidates", "10.0.0.0/8"],
-    ["fetch", "--no-write-hosts=1"], ["--hosts-path", "/h", "fetch"], ["-c"],
-    ["-c=/x", "fetch"], ["fetch", "--", "net"], ["server", "fetch"], ["fetch", "net", "-d", "/x"],
-])
-def test_everything_else_goes_to_the_full_command_line(argv):
-    assert innernet.parse_fetch_argv(argv) is None
+def test_records_are_looked_for_where_the_command_line_may_have_put_them():
+    assert innernet.data_dir_candidates(["fetch"]) == [innernet.CLIENT_DATA_DIR]
+    assert innernet.data_dir_candidates(["-d", "/a", "--data-dir=/b", "-d/c", "--data-dir",
+                                         "/d", "fetch"])[1:] == ["/a", "/b", "/c", "/d"]
+
+
+def test_only_a_recorded_command_line_is_answered(tmp_path, monkeypatch):
+    monkeypatch.setattr(innernet, "_server_says_unchanged", lambda *a: True)
+    monkeypatch.setattr(innernet, "uapi_digest",
+                        lambda iface, now: innernet.device_digest([dump([])], now))
+    monkeypatch.setattr(innernet, "link_digest", lambda iface: "0:0")
+    watched = tmp_path / "n.conf"
+    watched.write_text("x")
+    argv = ["innernet", "-d", str(tmp_path), "fetch", "n"]
+    run = innernet.invocation(argv[1:], os.environ, os.getcwd())
+    links = innernet.raw_links()
+    fields = {"run": run, "etag": '"e"', "endpoint": "10.1.0.1:51820", "key": "k",
+              "links": innernet.links_fingerprint(links), "link": "0:0",
+              "device": innernet.device_digest([dump([])], 0), "due": ""}
+    (tmp_path / "n.fetch").write_text(innernet.fast_record(
+        fields, [(str(watched), innernet.file_fingerprint(str(watched), secret=False))]))
+    assert innernet.fast_fetch(argv) is None                 # no run noted yet
+    (tmp_path / innernet.FAST_RUNS).write_text(f"{run}\tn\n")
+    assert innernet.fast_fetch(argv) == 0
+    assert innernet.fast_fetch(argv + ["--no-write-hosts"]) is None
+    assert innernet.fast_fetch(argv[:1] + ["--data-dir", str(tmp_path), "fetch", "n"]) is None
+    monkeypatch.setenv("INNERNET_BACKEND_X", "1")
+    assert innernet.fast_fetch(argv) is None
+    monkeypatch.delenv("INNERNET_BACKEND_X")
+    watched.write_text("y")                                  # a watched file changed
+    assert innernet.fast_fetch(argv) is None
 
 
 def test_innernet_server_never_takes_it():
@@ -58,36 +75,50 @@ def dump(peers, port=51820):
     return ("\n".join(out) + "\nerrno=0\n\n").encode()
 
 
+def digest(text, now, size=None):
+    """device_digest of a dump read in pieces of ``size`` bytes (whole if None)."""
+    size = size or len(text) or 1
+    return innernet.device_digest([text[i:i + size] for i in range(0, len(text), size)], now)
+
+
 def test_the_device_digest_sees_what_the_sync_compares():
     now = 10000
     a = ("aa" * 32, "198.18.0.1:1", now - 5, 25, ["10.1.0.2/32"])
     b = ("bb" * 32, "198.18.0.2:2", 0, 25, ["10.1.0.3/32", "10.2.0.0/24"])
-    digest = innernet.device_digest(dump([a, b]), now)
-    assert digest.startswith("2:")
+    first = digest(dump([a, b]), now)
+    assert first.startswith("2:")
+    # read in pieces of any size, the same
+    for size in (1, 2, 7, 64, 1000):
+        assert digest(dump([a, b]), now, size) == first
     # the same device in another order, with other counters and a roamed live peer
     roamed = (a[0], "198.18.0.9:9", now - 1, 25, a[4])
     b_swapped = b[:4] + (list(reversed(b[4])),)
-    assert innernet.device_digest(dump([b_swapped, roamed]), now) == digest
+    assert digest(dump([b_swapped, roamed]), now) == first
     changed = [
         dump([a]),                                          # a peer removed by hand
         dump([a, b[:1] + ("198.18.0.7:7",) + b[2:]]),      # a stale peer's endpoint
         dump([a, b[:3] + (0,) + b[4:]]),                   # keepalive
         dump([a, b[:4] + (["10.1.0.3/32"],)]),             # allowed IPs
         dump([a, b], port=51821),                           # the listen port
+        dump([a, a[:1] + b[1:]]),                           # two peers swap allowed IPs
     ]
     for d in changed:
-        assert innernet.device_digest(d, now) != digest
+        assert digest(d, now) != first
     # a peer whose handshake grows old crosses the line the sync looks at
-    assert innernet.device_digest(dump([a, b]), now + innernet.RECENT_HANDSHAKE) != digest
-    assert innernet.device_digest(dump([]), now) == innernet.device_digest(dump([]), now + 999)
+    assert digest(dump([a, b]), now + innernet.RECENT_HANDSHAKE) != first
+    assert digest(dump([]), now) == digest(dump([]), now + 999)
+    # an answer cut short, or an error, is no digest
+    assert digest(dump([a, b])[:-12], now) is None
+    assert digest(dump([a, b]).replace(b"errno=0", b"errno=5"), now) is None
 
 
 def test_the_record_round_trips_and_damage_is_no_record(tmp_path):
     fields = {"etag": '"abc"', "endpoint": "10.1.0.1:51820", "due": ""}
+    files = [("/etc/innernet/n.conf", "1:2:3:100600"), ("/a path/with spaces", "-")]
     path = tmp_path / "n.fetch"
-    path.write_text(innernet.fast_record(fields))
-    assert innernet.read_fast_record(str(path)) == fields
-    for text in ("", "innernet-fetch 2\netag x\n", "garbage", "\0\0"):
+    path.write_text(innernet.fast_record(fields, files))
+    assert innernet.read_fast_record(str(path)) == (fields, files)
+    for text in ("", "innernet-fetch 1\netag x\n", "garbage", "\0\0"):
         path.write_text(text)
         assert innernet.read_fast_record(str(path)) is None
     path.write_bytes(b"\xff\xfe")
@@ -99,24 +130,19 @@ def test_world_readable_files_are_left_to_the_full_sync(tmp_path):
     path = tmp_path / "n.conf"
     path.write_text("x")
     os.chmod(path, 0o600)
-    assert innernet.file_fingerprint(str(path)).count(":") == 2
+    assert innernet.file_fingerprint(str(path)).count(":") == 3
     os.chmod(path, 0o644)
     assert innernet.file_fingerprint(str(path)) is None
-    assert innernet.file_fingerprint(str(path), secret=False).count(":") == 2   # a hosts file
+    assert innernet.file_fingerprint(str(path), secret=False).count(":") == 3   # a hosts file
     assert innernet.file_fingerprint(str(tmp_path / "missing")) == "-"
 
 
-def test_the_signature_matches_what_the_full_command_line_parses():
-    args = innernet.build_parser(False).parse_args(
-        ["fetch", "net", "--hosts-path", "/h", "--exclude-nat-candidates", "10.0.0.0/8"])
-    path, _ = innernet.hosts_options(args)
-    full = innernet.fetch_signature(path, args.host_suffix, args.no_nat_traversal,
-                                    args.no_nat_candidates, args.exclude_nat_candidates)
-    o = innernet.parse_fetch_argv(["fetch", "net", "--hosts-path", "/h",
-                                   "--exclude-nat-candidates", "10.0.0.0/8"])
-    assert full == innernet.fetch_signature(o["hosts_path"], o["host_suffix"],
-                                            o["no_nat_traversal"], o["no_nat_candidates"],
-                                            o["exclude"])
+def test_the_link_digest_sees_addresses_routes_and_rules():
+    """On loopback, which every namespace has: the digest is stable, and "-"
+    for a missing interface (no root needed to read rtnetlink)."""
+    first = innernet.link_digest("lo")
+    assert first not in ("-", "?") and first == innernet.link_digest("lo")
+    assert innernet.link_digest("no-such-if0") == "-"
 
 
 def test_local_networks_are_read_from_the_raw_links():
@@ -134,7 +160,8 @@ def test_the_archive_module_is_the_two_sections_and_imports_little(tmp_path):
     (tmp_path / "innernet_fast.py").write_text(src)
     probe = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport innernet_fast\n"
              "print(innernet_fast.fast_fetch(['innernet', 'fetch', '--no-such']))\n"
-             "print(innernet_fast.fast_fetch(['innernet', '-c', sys.argv[1], 'fetch']))\n"
+             "print(innernet_fast.fast_fetch(['innernet', '-d', sys.argv[1], 'fetch']))\n"
+             "innernet_fast.link_digest('lo')\n"
              "print(' '.join(sorted(sys.modules)))\n")
     r = subprocess.run(BARE + ["-c", probe, str(tmp_path / "none"), str(tmp_path)],
                        capture_output=True, text=True, timeout=60)

@@ -6,11 +6,13 @@ finds. Which path ran is seen in the record the full sync rewrites
 (`<iface>.fetch`): the fast path leaves it as it is.
 """
 import os
+import re
+import shlex
 import time
 
 import pytest
 
-from lab import device, device_peer_ips, invite, wait_for
+from lab import debian_launcher, device, device_peer_ips, invite, wait_for
 
 from .conftest import network_world
 
@@ -118,9 +120,10 @@ def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(wor
     before = clear_of_path_work(alice, ifname, lambda: fetch("--no-nat-candidates"))
     fetch("--no-nat-candidates")
     assert record(alice, ifname) == before
-    # -v is always the full sync, and says so
+    # -v is always the full sync, and says so; it leaves no record to answer from
     r = alice.innernet("-v", "fetch", ifname, *opts, "--no-nat-candidates")
-    assert "up to date" in r.stderr and record(alice, ifname) != before
+    assert "up to date" in r.stderr
+    assert not os.path.exists(alice.path("client", "lib", f"{ifname}.fetch"))
 
 
 def test_a_fetch_of_every_network_and_a_server_outage(world):
@@ -140,3 +143,113 @@ def test_a_fetch_of_every_network_and_a_server_outage(world):
         world.srv.exec(["nft", "delete", "table", "inet", "outage"])
     assert r.returncode == 1 and "cached peers" in r.stderr, r
     assert not os.path.exists(bob.path("client", "lib", f"{ifname}.fetch"))
+
+
+# Every option a sync takes, before the verb (global) or after it; each run
+# also names a hosts file or --no-write-hosts, so no test writes /etc/hosts.
+OPTIONS = [(), (("--backend", "userspace"), ()), (("--mtu", "1280"), ()), (("--no-routing",), ()),
+           ("--no-write-hosts",), ("--host-suffix", "lan"), ("--no-nat-traversal",),
+           ("--exclude-nat-candidates", "10.0.0.0/8"), ("--no-nat-candidates",),
+           ("--no-accept-routes",), ("--accept-public-routes",), ("--no-dns",)]
+
+
+def command(host, verb, ifname, option, hosts):
+    """argv of `[globals] VERB IFACE [options]` for one entry of OPTIONS."""
+    front, back = option if option and isinstance(option[0], tuple) else ((), option)
+    if "--no-write-hosts" not in back:
+        back = tuple(back) + ("--hosts-path", hosts)
+    base, _ = host.lab.innernet_cmd(False)
+    return base + ["-c", host.path("client", "etc"), "-d", host.path("client", "lib"),
+                   *front, verb, ifname, *back]
+
+
+def test_every_door_is_fast_when_nothing_changed_and_full_when_anything_did(world):
+    """For `fetch` and `up`, with each option: the second run of the same
+    command line is answered by the fast path (its record is left as it is);
+    then a change to one input -- a file the sync reads, the device, a route
+    or an address on the interface, the server's state -- sends the next run
+    down the full sync (which rewrites the record). The inputs take turns,
+    so each is changed under several options and both verbs."""
+    alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
+    hosts = alice.path("hosts-doors")
+    bob_key = device(world.hosts["bob"], world.lab.ifname("bob"))["public_key"]
+    store = alice.path("client", "lib", f"{ifname}.json")
+    names = iter(f"bob{i}" for i in range(100))
+    current = ["bob"]
+
+    def rename_bob():
+        new = next(names)
+        world.srv.server("rename-peer", world.net, "--name", current[0], "--new-name", new,
+                         "--yes")
+        current[0] = new
+
+    changes = [
+        ("a file the sync reads", lambda: os.utime(store)),
+        ("a peer removed from the device", lambda: alice.exec(
+            ["wg", "set", ifname, "peer", bob_key, "remove"])),
+        ("a route through the interface", lambda: alice.exec(
+            ["ip", "route", "add", f"10.250.{len(checked) + 1}.0/24", "dev", ifname])),
+        ("an address on the interface", lambda: alice.exec(
+            ["ip", "addr", "add", f"10.251.0.{len(checked) + 1}/32", "dev", ifname])),
+        ("the server's state", rename_bob),
+    ]
+    settled(alice, ifname)
+    checked = []
+    for verb in ("fetch", "up"):
+        for option in OPTIONS:
+            argv = command(alice, verb, ifname, option, hosts)
+
+            def run():
+                r = alice.exec(argv)
+                assert r.stdout == "" or verb == "up", r
+                return r
+            run()
+            before = clear_of_path_work(alice, ifname, run)
+            run()
+            assert record(alice, ifname) == before, ("unchanged, yet the full sync ran",
+                                                     argv)
+            what, change = changes[len(checked) % len(changes)]
+            change()
+            run()
+            assert record(alice, ifname) != before, (f"{what} changed, yet the fast path "
+                                                     "answered", argv)
+            checked.append((verb, option, what))
+    assert {w for _, _, w in checked} == {w for w, _ in changes}
+    assert bob_key in {p["public_key"] for p in device(alice, ifname)["peers"]}
+
+
+def test_the_timer_units_command_line_takes_the_fast_path(world, tmp_path):
+    """innernet-fetch@.service's ExecStart, word for word (the launcher from
+    its temporary place), with /etc/innernet, /var/lib/innernet and
+    /etc/hosts bound to alice's own in a mount namespace of its own: an
+    unchanged run leaves the record as it is."""
+    alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
+    unit = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "debian", "innernet.innernet-fetch@.service")
+    with open(unit) as f:
+        exec_start = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
+    argv = shlex.split(exec_start.replace("%i", ifname))
+    assert argv[0] == "/usr/bin/innernet", argv
+    argv[0] = debian_launcher(str(tmp_path))
+    hosts = alice.path("hosts-unit")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    made = [d for d in ("/etc/innernet", "/var/lib/innernet") if not os.path.isdir(d)]
+    for d in made:
+        os.makedirs(d)
+    binds = (f"mount --bind {shlex.quote(alice.path('client', 'etc'))} /etc/innernet && "
+             f"mount --bind {shlex.quote(alice.path('client', 'lib'))} /var/lib/innernet && "
+             f"mount --bind {shlex.quote(hosts)} /etc/hosts && exec {shlex.join(argv)}")
+    run = ["unshare", "--mount", "--propagation", "private", "sh", "-c", binds]
+    try:
+        alice.exec(run)
+        before = clear_of_path_work(alice, ifname, lambda: alice.exec(run))
+        alice.exec(run)
+        assert record(alice, ifname) == before, "the timer's unchanged run took the full sync"
+        os.utime(alice.path("client", "lib", f"{ifname}.json"))
+        alice.exec(run)
+        assert record(alice, ifname) != before
+        assert f"innernet-server.{ifname}.wg" in open(hosts).read()     # the bound /etc/hosts
+    finally:
+        for d in made:
+            os.rmdir(d)
