@@ -6942,6 +6942,104 @@ def _gunzip(data, limit=MAX_ANSWER):
     return out
 
 
+# innernet's own server (1.5.5 and the versions before it) has none of
+# innernet.py's extensions: it answers their routes 404 with an empty body
+# (ours always says why) and its capabilities lack our fields.
+INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
+ROUTES_FEATURE = "subnet routes or exit nodes"
+
+EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
+    ("PUT /admin/cidrs", "CIDR renaming",
+     "innernet-server 1.5.5 cannot rename a CIDR; later innernet servers and innernet.py's can"),
+    ("/user/rotation", "key rotation",
+     "to change a peer's key there, add it anew with 'innernet add-peer'"),
+    ("/user/rotations", "key rotation", None),
+    ("/user/relay", "end-to-end relay", None),
+    ("/user/routes", ROUTES_FEATURE, None),
+    ("/admin/routes", ROUTES_FEATURE, None),
+    ("/admin/route-approvers", ROUTES_FEATURE, None),
+    ("/admin/deleted-peers", "peer deletion",
+     "disable the peer instead: 'innernet disable-peer NET --name NAME'"),
+    ("/admin/reinvitations", "re-invitations",
+     "disable the peer and add it anew with 'innernet add-peer'"),
+    ("/admin/plan", "network as code (export/apply)", None),
+    ("/admin/apply", "network as code (export/apply)", None),
+    ("/admin/audit", "audit log", None),
+)
+
+LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
+
+
+def extension_of(method, path):
+    """(feature, hint) of a route innernet 1.5.5's server lacks, or None."""
+    path = path.split("?")[0]
+    for route, feature, hint in EXTENSIONS:
+        verb, _, prefix = route.rpartition(" ")
+        if (not verb or verb == method) and (path == prefix or path.startswith(prefix + "/")):
+            return feature, hint
+    return None
+
+
+def lacking_error(feature, hint=None):
+    """The one line for a feature an innernet server lacks."""
+    e = InnernetError(f"the server is {INNERNET_SERVER} and has no {feature}",
+                      hint=hint or "that needs innernet.py's server ('innernet server serve')",
+                      status=404)
+    e.lacking, e.learned = feature, False
+    return e
+
+
+class ServerLacks:
+    """What this client's server lacks, remembered beside the interface's other
+    files (`<iface>.lacks.json`, 0600) so that nothing lacking is asked for
+    again; tied to the server's key, and asked again after a day (a server
+    may move to innernet.py)."""
+
+    def __init__(self, path, server_key):
+        self.path, self.server_key = path, server_key
+        self.data = {}
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict) and data.get("server") == server_key:
+                self.data = data
+
+    def _fresh(self, at):
+        return isinstance(at, (int, float)) and 0 <= time.time() - at < LACKS_RECHECK
+
+    def lacks(self, feature):
+        return self._fresh((self.data.get("lacks") or {}).get(feature))
+
+    def capabilities(self):
+        """innernet's capabilities answer, if remembered: the server is innernet's."""
+        caps = self.data.get("capabilities")
+        return caps if isinstance(caps, dict) and self._fresh(self.data.get("since")) else None
+
+    def _save(self, **changes):
+        lacks = {k: v for k, v in (self.data.get("lacks") or {}).items() if self._fresh(v)}
+        self.data = {"server": self.server_key, "since": self.data.get("since", time.time()),
+                     **self.data, "lacks": lacks, **changes}
+        with contextlib.suppress(OSError):
+            atomic_write(self.path, json.dumps(self.data, sort_keys=True) + "\n", 0o600)
+
+    def record(self, feature):
+        """Remember a lacking feature; True if it was not known yet."""
+        if self.lacks(feature):
+            return False
+        self._save(lacks=dict(self.data.get("lacks") or {}, **{feature: time.time()}))
+        return True
+
+    def record_capabilities(self, caps):
+        self._save(capabilities=caps, since=time.time())
+
+    def forget(self):
+        """The server turned out to be innernet.py's: ask for everything again."""
+        if self.data:
+            self.data = {}
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
 class ApiClient:
     """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
 
@@ -6950,7 +7048,8 @@ class ApiClient:
     """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None):
+                 source_address=None, lacks=None):
+        self.lacks = lacks                       # ServerLacks, or None: ask everything
         self.host, self.port = parse_endpoint(internal_endpoint)
         self.source_address = source_address     # (ip, 0) to choose our own address
         self.endpoint = internal_endpoint
@@ -7115,8 +7214,17 @@ class ApiClient:
             return status, rhdrs, raw
 
     def call(self, method, path, body=None):
-        """The decoded JSON answer, or InnernetError for a non-2xx status."""
+        """The decoded JSON answer, or InnernetError for a non-2xx status (one
+        line naming the feature for an extension an innernet server lacks,
+        which is then not asked for again)."""
+        ext = extension_of(method, path)
+        if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
+            raise lacking_error(*ext)
         status, _, raw = self.request(method, path, body)
+        if ext and status == 404 and not raw.strip():
+            e = lacking_error(*ext)
+            e.learned = self.lacks is None or self.lacks.record(ext[0])
+            raise e
         if not 200 <= status < 300:
             raise self.status_error(method, path, status, raw)
         if not raw:
@@ -7249,6 +7357,11 @@ def save_data_store(path, peers, cidrs, etag=None):
 
 def paths_memo_path(store_path):
     return store_path[:-5] + ".paths.json"
+
+
+def server_lacks(args, iface, cfg):
+    """What the interface's server is known to lack (ServerLacks)."""
+    return ServerLacks(data_store_path(args, iface)[:-5] + ".lacks.json", cfg.server_public_key)
 
 
 def load_paths_memo(store_path):
@@ -7570,7 +7683,10 @@ def request_relays(api, cfg, peers, allocate=True):
         answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]}
                           if allocate else {"peers": [p.ip for p in peers], "allocate": False})
     except InnernetError as e:
-        if not e.unreachable:
+        if getattr(e, "learned", False):
+            log(f"{e.message}: peers no direct path reaches stay unreachable "
+                "(not asked for again)")
+        elif not e.unreachable:
             debug(f"the server offers no relay: {e.message}")
         return None
     if not isinstance(answer, dict) or not isinstance(answer.get("relays"), dict):
@@ -7846,7 +7962,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
     f.find_device(allow_bring_up)
     f.api = ApiClient(f.cfg.server_internal_endpoint, f.cfg.server_public_key,
-                      timeout=HTTP_TIMEOUT + wait)
+                      timeout=HTTP_TIMEOUT + wait, lacks=server_lacks(args, iface, f.cfg))
     try:
         f.receive(wait)
         with device_lock(iface):     # the daemon's path watch changes it too
@@ -7906,6 +8022,8 @@ class _Fetch:
         try:
             state, self.etag, self.waited = fetch_state(
                 self.api, self.stored_etag if self.stored_peers else None, wait)
+            if self.etag:                 # only innernet.py's server sends one
+                self.api.lacks.forget()
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
@@ -8097,8 +8215,9 @@ def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_r
 
 def split_dns(api, iface, cfg):
     """Split DNS for the network's zone, when the server answers DNS."""
+    caps = api.lacks.capabilities() if api.lacks is not None else None
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
+        caps = caps if caps is not None else api.call("GET", "/user/capabilities") or {}
     except InnernetError:
         return
     zone = caps.get("dns") if isinstance(caps, dict) else None
@@ -8139,9 +8258,18 @@ def server_capabilities(args, iface):
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
     cfg = load_client_config(args, iface)
+    lacks = server_lacks(args, iface, cfg)
+    if lacks.capabilities() is not None:
+        return lacks.capabilities()
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
         caps = api.call("GET", "/user/capabilities") or {}
+        if isinstance(caps, dict) and "routes" not in caps:
+            lacks.record_capabilities(caps)
+            log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
+                "relay, DNS or subnet routes; syncing at the interval, not asking again")
+        elif isinstance(caps, dict):
+            lacks.forget()
     except InnernetError as e:
         if e.unreachable and len(cfg.endpoints) > 1:
             fail_over(args, iface, current_server(args, iface, cfg),
@@ -8246,7 +8374,8 @@ def watch_paths(args, iface, state, every=1.0):
                           and p.ip not in cfg.peer_endpoint_overrides and p.public_key in live}
                 lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
                 if lost:
-                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                                    lacks=server_lacks(args, iface, cfg))
                     try:
                         relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
                     finally:
@@ -8533,6 +8662,9 @@ class LocalNetwork:
     def server_endpoints(self):
         return []
 
+    def require(self, feature):
+        """The server's own database has every feature."""
+
     def invitation_server(self):
         server = next(p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
         return (public_key(self.config.private_key), server.endpoint,
@@ -8545,7 +8677,9 @@ class RemoteNetwork:
     def __init__(self, args, iface):
         self.iface = iface
         self.config = load_client_config(args, iface)
-        self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key)
+        self.lacks = server_lacks(args, iface, self.config)
+        self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
+                             lacks=self.lacks)
 
     def cidrs(self):
         return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
@@ -8580,8 +8714,15 @@ class RemoteNetwork:
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
 
     def deletions(self):
+        """Quarantined addresses; none on an innernet server, which deletes nothing."""
         out = []
-        for d in self.api.call("GET", "/admin/deleted-peers") or []:
+        try:
+            answer = self.api.call("GET", "/admin/deleted-peers") or []
+        except InnernetError as e:
+            if getattr(e, "lacking", None) is None:
+                raise
+            answer = []
+        for d in answer:
             rec = Deletion.from_json(d)
             rec.name, rec.cidr_id = str(d.get("name", "")), d.get("cidr_id")
             out.append(rec)
@@ -8630,6 +8771,18 @@ class RemoteNetwork:
 
     def server_endpoints(self):
         return self.config.endpoints
+
+    def require(self, feature):
+        """Fail with one line when the server (innernet's) lacks ``feature``."""
+        if self.lacks.lacks(feature):
+            raise lacking_error(feature)
+        caps = self.lacks.capabilities()
+        if caps is None:
+            caps = self.api.call("GET", "/user/capabilities") or {}
+        if isinstance(caps, dict) and "routes" not in caps:
+            self.lacks.record_capabilities(caps)
+            self.lacks.record(feature)
+            raise lacking_error(feature)
 
     def network_name(self):
         """The network's own name (this admin's interface may be named otherwise)."""
@@ -8992,6 +9145,7 @@ def cmd_approve_routes(args):
     an auto-approve rule with --auto-approve ROUTE --cidr NAME."""
     net = open_network(args)
     if args.auto_approve is not None:
+        net.require(ROUTES_FEATURE)
         if args.name is not None or args.routes:
             raise InnernetError("--auto-approve takes no peer or routes",
                                 hint="approve-routes NET --auto-approve 192.168.0.0/16 "
@@ -9017,6 +9171,7 @@ def cmd_approve_routes(args):
         log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
             "as they come")
         return 0
+    net.require(ROUTES_FEATURE)     # else no peer would seem to advertise any
     peers = _user_peers(net.peers())
     options = {n: p for n, p in peers.items() if advertised(p)}
     if args.name is not None and args.name in peers and args.name not in options:
@@ -9122,6 +9277,7 @@ def cmd_apply(args):
 def cmd_list_routes(args):
     """Every advertised route with its owner and state, and the auto-approve rules."""
     net = open_network(args)
+    net.require(ROUTES_FEATURE)
     cidrs = {c.id: c.name for c in net.cidrs()}
     rows = [{"peer": p.name, "ip": p.ip, "route": r, "exit_node": r in EXIT_ROUTES,
              "approved": _route_state(p, r) == "approved"}
@@ -9695,7 +9851,8 @@ def cmd_rotate_key(args):
     pending = path + ".rotating"
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     try:
         api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -9817,12 +9974,15 @@ def cmd_override_peer_endpoint(args):
 def _advertise(args, body, what):
     iface = parse_interface(args.interface)
     cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    lacks = server_lacks(args, iface, cfg)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
+        caps = lacks.capabilities() or api.call("GET", "/user/capabilities") or {}
         if not isinstance(caps, dict) or not caps.get("routes"):
-            raise InnernetError("the server does not know subnet routes or exit nodes",
-                                hint="its server is innernet's, or an older innernet.py")
+            if isinstance(caps, dict) and "routes" not in caps:
+                lacks.record_capabilities(caps)
+                lacks.record(ROUTES_FEATURE)
+            raise lacking_error(ROUTES_FEATURE)
         if body is None:
             peer = Peer.from_json(api.call("GET", "/user/routes"))
         else:
