@@ -4703,6 +4703,10 @@ class Store:
         return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
+    def extra_rows(self):
+        """{table: rows} of our own tables (what innernet-server would not read)."""
+        return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in EXTRA_TABLES}
+
     def quarantined(self, now):
         """{address: Deletion} of deleted peers whose addresses may not be reused yet."""
         return {d.ip: d for d in self.deletions() if d.reuse_after > now}
@@ -7247,6 +7251,32 @@ class ApiClient:
         return InnernetError(f"the server answered {status} {text} to {method} {path}"
                              + (f": {reason}" if reason else ""), hint=hint, status=status)
 
+
+def server_caps(api):
+    """The server's capabilities. innernet's lack our fields ("routes" is
+    always in ours; innernet 1.5.5 has no such route at all: {}); they are
+    remembered in ``api.lacks``, so an innernet server is asked once."""
+    known = api.lacks.capabilities() if api.lacks is not None else None
+    if known is not None:
+        return known
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.unreachable or e.status != 404:
+            raise
+        caps = {}
+    caps = caps if isinstance(caps, dict) else {}
+    if api.lacks is not None:
+        if "routes" in caps:
+            api.lacks.forget()
+        else:
+            api.lacks.record_capabilities(caps)
+    return caps
+
+
+def is_innernet_server(caps):
+    return "routes" not in caps
+
 ###############################################################################
 # Client sync #################################################################
 ###############################################################################
@@ -8215,9 +8245,8 @@ def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_r
 
 def split_dns(api, iface, cfg):
     """Split DNS for the network's zone, when the server answers DNS."""
-    caps = api.lacks.capabilities() if api.lacks is not None else None
     try:
-        caps = caps if caps is not None else api.call("GET", "/user/capabilities") or {}
+        caps = server_caps(api)
     except InnernetError:
         return
     zone = caps.get("dns") if isinstance(caps, dict) else None
@@ -8258,18 +8287,10 @@ def server_capabilities(args, iface):
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
     cfg = load_client_config(args, iface)
-    lacks = server_lacks(args, iface, cfg)
-    if lacks.capabilities() is not None:
-        return lacks.capabilities()
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
-        if isinstance(caps, dict) and "routes" not in caps:
-            lacks.record_capabilities(caps)
-            log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
-                "relay, DNS or subnet routes; syncing at the interval, not asking again")
-        elif isinstance(caps, dict):
-            lacks.forget()
+        caps = server_caps(api)
     except InnernetError as e:
         if e.unreachable and len(cfg.endpoints) > 1:
             fail_over(args, iface, current_server(args, iface, cfg),
@@ -8399,9 +8420,22 @@ def watch_paths(args, iface, state, every=1.0):
             debug(f"{iface}: path watch: {e}")
 
 
+def _say_innernet_server(args, iface, told):
+    """Once per daemon: the server is innernet's, so these are never asked for."""
+    if iface in told or not path_exists(client_config_path(args, iface)):
+        return
+    if server_lacks(args, iface, load_client_config(args, iface)).capabilities() is not None:
+        told.add(iface)
+        log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
+            "relay, DNS or subnet routes; syncing every interval, not asking again")
+
+
 class _DaemonState:
     cfg = None                   # as of the last sync, for the path watch
     peers: list = []
+
+    def __init__(self):
+        self.told = set()        # interfaces said to have an innernet server
 
 
 def _daemon(args, iface):
@@ -8423,6 +8457,7 @@ def _daemon(args, iface):
         try:
             if caps is None:
                 caps = server_capabilities(args, iface)
+                _say_innernet_server(args, iface, state.told)
                 if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
             long_poll = 0 if getattr(args, "no_long_poll", False) else \
@@ -8776,11 +8811,7 @@ class RemoteNetwork:
         """Fail with one line when the server (innernet's) lacks ``feature``."""
         if self.lacks.lacks(feature):
             raise lacking_error(feature)
-        caps = self.lacks.capabilities()
-        if caps is None:
-            caps = self.api.call("GET", "/user/capabilities") or {}
-        if isinstance(caps, dict) and "routes" not in caps:
-            self.lacks.record_capabilities(caps)
+        if is_innernet_server(server_caps(self.api)):
             self.lacks.record(feature)
             raise lacking_error(feature)
 
@@ -9473,6 +9504,69 @@ def server_status(args, iface, now=None):
             "database": db_path, "database_bytes": size}
 
 
+def rollback_report(store, now):
+    """What a rollback to innernet-server would drop, feature by feature:
+    [(feature, what is lost)]; only features in use are listed."""
+    peers = [p for p in store.peers() if p.cidr_id != INFRA_CIDR_ID]
+    out = []
+    routes = [f"{p.name}: {', '.join(p.routes)}" for p in peers if p.routes]
+    exits = [p.name for p in peers if p.exit_node]
+    waiting = [f"{p.name}: {', '.join(p.pending_routes)}" for p in peers if p.pending_routes]
+    rules = store.route_approvers()
+    if routes or exits or waiting or rules:
+        out.append(("subnet routes and exit nodes", "; ".join(
+            x for x in (routes and "approved " + "; ".join(routes),
+                        exits and "exit nodes " + ", ".join(exits),
+                        waiting and "waiting " + "; ".join(waiting),
+                        rules and f"{len(rules)} auto-approve rules") if x)
+            + " -- innernet-server serves none: peers lose these routes"))
+    held = [d for d in store.deletions() if d.reuse_after > now]
+    if held:
+        out.append(("address quarantine", ", ".join(
+            f"{d.ip} (deleted '{d.name}', held until "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(d.reuse_after))})"
+            for d in held) + " -- innernet-server may give these addresses to new peers "
+            "at once, and innernet clients that knew the old peer then fail every sync "
+            "(PINNING ERROR)"))
+    static = [f"{p.name} ({p.ip})" for p in peers if p.is_static]
+    if static:
+        out.append(("static peers", ", ".join(static) + " -- innernet-server does not "
+                    "forward for them: they reach the server only, and innernet clients do "
+                    "not know them"))
+    rows = store.extra_rows()
+    if rows["key_rotations"]:
+        out.append(("key rotations", f"{rows['key_rotations']} proofs no longer served -- "
+                    "our clients that have not synced since a rotation refuse the new key"))
+    if rows["audit_log"]:
+        out.append(("audit log", f"{rows['audit_log']} entries stay in the file, but no "
+                    "change is recorded any more"))
+    return out
+
+
+def cmd_server_rollback_check(args):
+    """What a rollback to innernet-server would drop (the database itself opens there)."""
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)
+    store = Store(server_paths(args, iface)[1])
+    try:
+        report = rollback_report(store, time.time())
+    finally:
+        store.close()
+    if args.json:
+        print_json({"network": iface, "drops": [{"feature": f, "lost": w} for f, w in report]})
+        return 0
+    print(f"network {iface}: innernet-server opens this database as it is (peers, CIDRs, "
+          "associations, invitations), and a rollback would drop:")
+    for feature, lost in report:
+        print(f"  {feature}: {lost}")
+    if not report:
+        print("  nothing stored: no routes, exit nodes, quarantined addresses, static peers, "
+              "key rotations or audit entries")
+    print("  always: the end-to-end relay, DNS, long polls, the standby's replication, "
+          "metrics and our clients' faster joins (serve's, not the database's)")
+    return 0
+
+
 def cmd_server_status(args):
     iface = parse_interface(args.interface)
     load_server_config(args, iface)
@@ -9905,7 +9999,8 @@ def cmd_override_endpoint(args):
     if args.endpoint is not None:
         normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
     cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     if args.unset:
         confirm(args, "Stop overriding this peer's endpoint on the server?", True)
         api.call("PUT", "/user/endpoint", {"option": "Unset"})
@@ -9914,17 +10009,15 @@ def cmd_override_endpoint(args):
     if not cfg.listen_port:
         raise InnernetError("you need to set a listen port before overriding the endpoint",
                             hint=f"run 'innernet set-listen-port {iface}' first")
-    try:
-        caps = api.call("GET", "/user/capabilities") or {}
-    except InnernetError as e:
-        if e.status != 404:
-            raise
-        caps = {}
+    caps = server_caps(api)
     unspecified_ok = bool(caps.get("unspecified_ip_in_override_endpoint"))
     default = f"0.0.0.0:{cfg.listen_port}" if unspecified_ok else None
     endpoint = ask(args.endpoint, "--endpoint", "endpoint to advertise (0.0.0.0:PORT = the "
                    "address the server sees)", default=default, parse=normalize_endpoint)
     if endpoint_is_unspecified(endpoint) and not unspecified_ok:
+        if is_innernet_server(caps):
+            raise lacking_error("unspecified IP in an endpoint (0.0.0.0:PORT)",
+                                hint="give the public address explicitly")
         raise InnernetError("the server does not support an unspecified IP in the endpoint",
                             hint="give the public address explicitly")
     confirm(args, f"Advertise {endpoint} as this peer's endpoint?", True)
@@ -9977,10 +10070,9 @@ def _advertise(args, body, what):
     lacks = server_lacks(args, iface, cfg)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
-        caps = lacks.capabilities() or api.call("GET", "/user/capabilities") or {}
-        if not isinstance(caps, dict) or not caps.get("routes"):
-            if isinstance(caps, dict) and "routes" not in caps:
-                lacks.record_capabilities(caps)
+        caps = server_caps(api)
+        if not caps.get("routes"):
+            if is_innernet_server(caps):
                 lacks.record(ROUTES_FEATURE)
             raise lacking_error(ROUTES_FEATURE)
         if body is None:
@@ -10537,6 +10629,11 @@ def _add_server_verbs(sub):
     p = _verb(sub, "status", cmd_server_status, "server",
               "One screen for the operator: peers online and offline, invitations, the relay, "
               "the database.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _verb(sub, "rollback-check", cmd_server_rollback_check, "server",
+              "Say what moving this network back to innernet's own innernet-server would "
+              "drop (routes, quarantines, static peers, ...); changes nothing.")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "uninstall", cmd_server_uninstall, "server",

@@ -65,6 +65,8 @@ class CompatLab(Lab):
         """A host whose client is innernet 1.5.5 (on wireguard-go)."""
         host = self.add_host(name, underlay, innernet_cmd=[self.ref_client])
         host.is_reference = True
+        for d in ("etc", "lib"):          # innernet makes neither
+            os.makedirs(host.path("client", d), mode=0o700)
         return host
 
     def add_host(self, name, underlay=None, **kw):

@@ -80,7 +80,8 @@ def run_scenario(lab, *, innernet_clients):
     s.check("peer 1: add-peer peer2 --auto-ip", lambda: cli(
         p1, *add_peer_args(a, "peer2", "robots", p1.path("peer2.toml"), expires="30s")))
     p2 = s.p2 = add("p2")
-    s.check("peer 2: install", lambda: install(p2, p1.path("peer2.toml"), s.iface(p2)))
+    s.check("peer 2: install", lambda: install(p2, p1.path("peer2.toml"), s.iface(p2),
+                                                 "--delete-invite"))
     s.check("peer 2: up", lambda: up(p2, s.iface(p2)))
     _rename_checks(s, innernet_clients)
     _short_lived_checks(s)
@@ -161,10 +162,10 @@ def _simultaneous_checks(s, add):
     for n, host in hosts.items():
         procs[n] = subprocess.Popen(
             ["ip", "netns", "exec", host.ns] + host.innernet_argv(
-                "install", "--name", s.iface(host), "--no-write-hosts",
+                "install", "--name", s.iface(host), "--no-write-hosts", "--delete-invite",
                 s.p1.path(f"peer{n[1]}.toml"),
                 globals=["--backend", "userspace"] if host.is_reference else []),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     s.hosts45 = hosts
     for n, proc in procs.items():
         def done(proc=proc, host=hosts[n]):
@@ -211,3 +212,200 @@ def server_requests(s, since=0):
     text = s.srv.log(s.srv.serve_log)[since:]
     return [(m[1], m[2], m[3]) for m in re.finditer(
         r"(\d+\.\d+\.\d+\.\d+):\d+ - ([A-Z]+) (/\S*)", text)]
+
+
+LACKS = "innernet: error: the server is innernet 1.5.5 (or another innernet server) and has no "
+
+
+def test_every_verb_of_our_client_on_an_innernet_server(theirs):
+    """Issue 27, item 5: each works, or says in one line which feature the
+    innernet server lacks, asked for once and then remembered."""
+    p1, a = theirs.p1, theirs.iface(theirs.p1)
+    works = [("show", a), ("list-cidrs", a), ("list-associations", a), ("fetch", a),
+             ("up", a, "--no-write-hosts"),
+             ("add-cidr", a, "--name", "temp", "--cidr", "10.66.9.0/24", "--parent",
+              theirs.net, "--yes"),
+             ("add-association", a, "humans", "temp", "--yes"),
+             ("delete-association", a, "humans", "temp", "--yes"),
+             ("delete-cidr", a, "--name", "temp", "--yes"),
+             ("rename-peer", a, "--name", "peer3", "--new-name", "peer3b", "--yes"),
+             ("disable-peer", a, "--name", "peer3b", "--yes"),
+             ("enable-peer", a, "--name", "peer3b", "--yes"),
+             ("set-listen-port", a, "-l", "51999", "--yes"),
+             ("override-endpoint", a, "-e", f"{p1.underlay}:51999", "--yes"),
+             ("override-endpoint", a, "--unset", "--yes"),
+             ("override-peer-endpoint", a, "--name", "peer2", "-e", "198.18.0.250:4444",
+              "--yes"),
+             ("override-peer-endpoint", a, "--name", "peer2", "--unset", "--yes"),
+             ("export", a)]
+    for argv in works:
+        cli(p1, *argv)
+    with open(p1.path("net.toml"), "w") as f:
+        f.write(cli(p1, "export", a).stdout)
+    lacking = [(("rotate-key", a, "--yes"), "key rotation"),
+               (("delete-peer", a, "--name", "peer3b", "--yes"), "peer deletion"),
+               (("reinvite", a, "--name", "peer3b", "--invite-expires", "1d", "--save-config",
+                 p1.path("re.toml"), "--yes"), "re-invitations"),
+               (("approve-routes", a, "--name", "peer2", "--yes"),
+                "subnet routes or exit nodes"),
+               (("list-routes", a), "subnet routes or exit nodes"),
+               (("advertise-routes", a, "192.168.50.0/24", "--yes"),
+                "subnet routes or exit nodes"),
+               (("advertise-exit-node", a, "--yes"), "subnet routes or exit nodes"),
+               (("audit", a), "audit log"),
+               (("override-endpoint", a, "-e", "0.0.0.0:51999", "--yes"),
+                "unspecified IP in an endpoint (0.0.0.0:PORT)"),
+               (("apply", a, p1.path("net.toml"), "--yes"), "network as code (export/apply)")]
+    for argv, feature in lacking:
+        for _ in range(2):
+            before = len(server_requests(theirs))
+            r = cli(p1, *argv, check=False)
+            lines = r.stderr.splitlines()
+            assert r.returncode == 1 and lines[0] == LACKS + feature, (argv, r.stderr)
+            assert len(lines) == 2 and lines[1].startswith("hint: "), r.stderr
+            assert "404" not in r.stderr and "advertises no routes" not in r.stderr
+        # the second time, nothing of ours was asked for
+        assert all(q[2] in ("/v1/admin/peers", "/v1/admin/cidrs", "/v1/admin/associations")
+                   for q in server_requests(theirs)[before:]), server_requests(theirs)[before:]
+    assert not os.path.exists(p1.path("re.toml"))
+    lacks = p1.path("client", "lib", f"{a}.lacks.json")
+    assert os.stat(lacks).st_mode & 0o777 == 0o600
+    cli(p1, "set-listen-port", a, "--unset", "--yes")
+
+
+def test_our_daemon_on_an_innernet_server_sends_only_state_requests(theirs):
+    """Issue 27, item 5 and acceptance 3: past its first rounds, a daemon of ours
+    on innernet-server sends nothing but GET /v1/user/state (no relay requests,
+    no capabilities) and has said once what the server lacks. peer 5 is down,
+    so there is a peer without a path, which a relay would be asked for."""
+    p4, i4 = theirs.hosts45["p4"], theirs.iface(theirs.hosts45["p4"])
+    p5 = theirs.hosts45["p5"]
+    cli(p5, "down", theirs.iface(p5))
+    ip4 = p4.python("import sys; print(sys.argv[1])", "x") and \
+        re.search(r'^address = "([^"/]+)', open(p4.path(
+            "client", "etc", f"{i4}.conf")).read(), re.M).group(1)
+    daemon = p4.spawn(p4.innernet_argv("up", i4, "--daemon", "--interval", "1",
+                                       "--no-write-hosts"), "up.log")
+    try:
+        def states(since):
+            return [q for q in server_requests(theirs, since) if q[0] == ip4
+                    and q[1:] == ("GET", "/v1/user/state")]
+        start = len(theirs.srv.log(theirs.srv.serve_log))
+        wait_for(lambda: len(states(start)) >= 3, 30, "the daemon's first rounds")
+        later = len(theirs.srv.log(theirs.srv.serve_log))
+        # past the next slot at which a peer without a path is tried again (30 s)
+        slot_end = (time.time() // 30 + 1) * 30 + 3
+        wait_for(lambda: time.time() > slot_end and len(states(later)) >= 5, 40,
+                 "the daemon to sync past a retry slot", interval=0.5)
+        assert daemon.poll() is None, p4.log("up.log")
+        sent = [q for q in server_requests(theirs, later) if q[0] == ip4]
+        assert {q[1:] for q in sent} == {("GET", "/v1/user/state")}, sent
+        log = p4.log("up.log")
+        assert log.count("has no end-to-end relay") == 1, log
+        assert log.count("has no long polls") == 1, log
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
+# -- our server with innernet 1.5.5 clients ------------------------------------
+
+@pytest.fixture(scope="module")
+def ours(pyz):
+    lab = CompatLab(BARE + [pyz])
+    try:
+        s = run_scenario(lab, innernet_clients=True)
+        yield s
+    finally:
+        lab.close()
+
+
+def test_our_server_with_innernet_clients_passes_its_scenario(ours):
+    assert_all_passed(ours)
+
+
+def _innernet_clients(s):
+    return [s.p1, s.p2] + list(s.hosts45.values())
+
+
+def _all_sync(s):
+    """Every innernet client syncs without an error (a PINNING ERROR or any
+    other would fail `fetch` for good)."""
+    for host in _innernet_clients(s):
+        r = fetch(host, s.iface(host), check=False)
+        assert r.returncode == 0 and "[E]" not in r.stdout + r.stderr, (host.name, r)
+
+
+def _join_ours(s, name, cidr, *extra):
+    host = s.lab.add_host(name)
+    path = s.srv.path(f"{name}.toml")
+    server_cli(s.srv, *add_peer_args(s.net, name, cidr, path), *extra)
+    install(host, path, s.iface(host))
+    host.ip = re.search(r'^address = "([^"/]+)', open(host.path(
+        "client", "etc", f"{s.iface(host)}.conf")).read(), re.M).group(1)
+    return host
+
+
+def test_our_features_with_innernet_clients_present(ours):
+    """Issue 27, part A item 3: on our server, with innernet 1.5.5 clients in the
+    network, our features in use leave every innernet client syncing, and
+    reaching what it should: what innernet's model gives it, no more."""
+    s, srv, net = ours, ours.srv, ours.net
+    p4 = s.hosts45["p4"]
+    o1 = _join_ours(s, "o1", "humans")
+    start_echo(o1, o1.ip)
+    # routes and an exit node, approved: innernet clients ignore both
+    cli(o1, "advertise-routes", s.iface(o1), "192.168.77.0/24", "--yes")
+    cli(o1, "advertise-exit-node", s.iface(o1), "--yes")
+    server_cli(srv, "approve-routes", net, "--name", "o1", "--yes")
+    _all_sync(s)
+    assert device_peer_ips(p4, s.iface(p4))[o1.ip]["allowed_ips"] == [f"{o1.ip}/32"]
+    assert wait_for(lambda: tcp_reach(p4, o1.ip), 20, "p4 to reach o1", interval=0.5)
+    # DNS: an innernet client asks the server's resolver by hand
+    zone = f"{net}.wg"
+    out = p4.exec(["dig", "+short", "+time=2", "+tries=2", "@10.66.0.1", f"o1.{zone}"]).stdout
+    assert out.split() == [o1.ip]
+    # a static peer (a stock WireGuard device)
+    server_cli(srv, "add-peer", net, "--name", "phone", "--cidr", "humans", "--auto-ip",
+               "--static", "--save-wg-quick", srv.path("phone.conf"), "--yes")
+    _all_sync(s)
+    # delete a peer of ours (quarantined address) and re-invite an unredeemed one
+    o2 = _join_ours(s, "o2", "humans")
+    _all_sync(s)
+    assert o2.ip in device_peer_ips(p4, s.iface(p4))
+    cli(o2, "down", s.iface(o2))
+    server_cli(srv, "delete-peer", net, "--name", "o2", "--yes")
+    _all_sync(s)
+    assert o2.ip not in device_peer_ips(p4, s.iface(p4))
+    server_cli(srv, *add_peer_args(net, "later", "humans", srv.path("later.toml")))
+    server_cli(srv, "reinvite", net, "--name", "later", "--invite-expires", "1d",
+               "--save-config", srv.path("later2.toml"), "--yes")
+    _all_sync(s)
+    # apply: a file's edit, in one transaction
+    doc = server_cli(srv, "export", net).stdout
+    with open(srv.path("net.toml"), "w") as f:
+        f.write(doc + f'\n[[cidrs]]\nname = "ops"\ncidr = "10.66.3.0/24"\nparent = "{net}"\n')
+    server_cli(srv, "apply", net, srv.path("net.toml"), "--yes")
+    _all_sync(s)
+    assert "ops" in cli(s.p1, "list-cidrs", s.iface(s.p1)).stdout
+    # an invitation naming two server endpoints installs on innernet
+    p6 = s.lab.add_innernet_host("p6")
+    server_cli(srv, *add_peer_args(net, "p6", "humans", srv.path("p6.toml")),
+               "--server-endpoints", f"{srv.underlay}:51820,198.18.0.250:51820")
+    install(p6, srv.path("p6.toml"), s.iface(p6), "--delete-invite")
+    fetch(o1, s.iface(o1))
+    assert wait_for(lambda: tcp_reach(p6, o1.ip), 20, "p6 to reach o1", interval=0.5)
+    s.hosts45["p6"] = p6
+    _all_sync(s)
+
+
+def test_rollback_check_says_what_innernet_server_would_drop(ours):
+    """Issue 27, item 6: rolling back dropped routes, quarantines and static-peer
+    forwarding silently; `innernet server rollback-check` names each."""
+    out = server_cli(ours.srv, "rollback-check", ours.net).stdout
+    assert "subnet routes and exit nodes: approved o1: 192.168.77.0/24; exit nodes o1" in out
+    assert re.search(r"address quarantine: 10\.66\.1\.\d+ \(deleted 'o2'", out), out
+    assert "PINNING ERROR" in out
+    assert re.search(r"static peers: phone \(10\.66\.1\.\d+\) -- innernet-server does not "
+                     r"forward for them", out), out
+    assert "audit log:" in out
