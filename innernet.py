@@ -8626,6 +8626,7 @@ class LocalNetwork:
 
     def __init__(self, args, iface):
         self.iface = iface
+        self.backend_choice = opt(args, "backend", "auto")
         self.config = load_server_config(args, iface)
         self.store = Store(server_paths(args, iface)[1])
 
@@ -8648,7 +8649,22 @@ class LocalNetwork:
         self.store.delete_cidr(cidr.id)
 
     def add_peer(self, contents):
-        return self.store.add_peer(contents)
+        peer = self.store.add_peer(contents)
+        self._to_live_device(peer)
+        return peer
+
+    def _to_live_device(self, peer):
+        """As innernet-server's add-peer: a running serve's device has the new
+        key at once. serve would add it within a second, but an innernet client
+        installing at once has its first handshake dropped, waits out
+        WireGuard's 5 s retry, and times out its redeem."""
+        with contextlib.suppress(InnernetError, OSError):
+            backend = existing_backend(self.backend_choice, self.iface)
+            if backend is None or peer.is_disabled:
+                return
+            backend.apply(self.iface, updates=[PeerUpdate(
+                peer.public_key, allowed_ips=[host_prefix(peer.ip)],
+                keepalive=PERSISTENT_KEEPALIVE, name=peer.name, action="added")])
 
     def update_peer(self, peer):
         self.store.update_peer(peer.id, peer)
