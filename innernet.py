@@ -7389,9 +7389,13 @@ def paths_memo_path(store_path):
     return store_path[:-5] + ".paths.json"
 
 
+def lacks_memo_path(store_path):
+    return store_path[:-5] + ".lacks.json"
+
+
 def server_lacks(args, iface, cfg):
     """What the interface's server is known to lack (ServerLacks)."""
-    return ServerLacks(data_store_path(args, iface)[:-5] + ".lacks.json", cfg.server_public_key)
+    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
 
 
 def load_paths_memo(store_path):
@@ -10171,7 +10175,7 @@ def cmd_uninstall(args):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
-    for path in (cfg_path, store_path):
+    for path in (cfg_path, store_path, lacks_memo_path(store_path)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     hosts_path, _ = hosts_options(args)
