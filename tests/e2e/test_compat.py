@@ -385,9 +385,21 @@ def test_our_features_with_innernet_clients_present(ours):
     out = p4.exec(["dig", "+short", "+time=2", "+tries=2", "@10.66.0.1", f"o1.{zone}"]).stdout
     assert out.split() == [o1.ip]
     # a static peer (a stock WireGuard device)
+    phone = s.lab.add_host("phone")
+    conf = phone.path(f"{s.iface(phone)}.conf")        # wg-quick names the interface after it
     server_cli(srv, "add-peer", net, "--name", "phone", "--cidr", "humans", "--auto-ip",
-               "--static", "--save-wg-quick", srv.path("phone.conf"), "--yes")
+               "--static", "--save-wg-quick", conf, "--yes")
+    phone.exec(["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go", "wg-quick", "up",
+                conf], timeout=60)
+    phone.ip = open(conf).read().split("Address = ")[1].split("/")[0]
+    start_echo(phone, phone.ip)
     _all_sync(s)
+    fetch(o1, s.iface(o1))
+    assert wait_for(lambda: tcp_reach(o1, phone.ip), 20, "o1 to reach the phone", interval=0.5)
+    # innernet has no way to route a peer's address through the server: it
+    # lists the device as an ordinary peer, which answers only the server.
+    assert phone.ip in device_peer_ips(p4, s.iface(p4))
+    assert not tcp_reach(p4, phone.ip, timeout=2)
     # delete a peer of ours (quarantined address) and re-invite an unredeemed one
     o2 = _join_ours(s, "o2", "humans")
     _all_sync(s)
