@@ -9,6 +9,7 @@ in use on our server with innernet clients present. Needs the binaries (see
 compat.py); skipped without them, failed without them under
 INNERNET_COMPAT_REQUIRED.
 """
+import json
 import os
 import re
 import subprocess
@@ -429,6 +430,34 @@ def test_our_features_with_innernet_clients_present(ours):
     s.hosts45["p6"] = p6
     _all_sync(s)
     s.features_used = True
+
+
+def test_our_relay_with_innernet_clients_present(ours):
+    """Two of our peers behind symmetric NATs reach each other through our
+    end-to-end relay while innernet clients in the network keep syncing."""
+    s = ours
+    pair = []
+    for i in (1, 2):
+        nat = s.lab.add_nat(f"nat{i}", f"198.18.0.{230 + i}", f"198.19.{40 + i}",
+                            symmetric=True)
+        host = s.lab.add_behind(nat, f"r{i}")
+        server_cli(s.srv, *add_peer_args(s.net, f"r{i}", "humans", s.srv.path(f"r{i}.toml")))
+        install(host, s.srv.path(f"r{i}.toml"), s.iface(host))
+        host.ip = re.search(r'^address = "([^"/]+)', open(host.path(
+            "client", "etc", f"{s.iface(host)}.conf")).read(), re.M).group(1)
+        start_echo(host, host.ip)
+        pair.append(host)
+
+    def relayed():
+        for host in pair:               # as cron runs fetch: each asks for the relay
+            fetch(host, s.iface(host))
+        return tcp_reach(pair[0], pair[1].ip, timeout=2)
+    wait_for(relayed, 60, "r1 to reach r2 through the relay", interval=1)
+    show = json.loads(cli(pair[0], "show", s.iface(pair[0]), "--json").stdout)
+    assert {p["name"]: p["path"] for p in show[0]["peers"]}["r2"] == \
+        "relayed (end-to-end encrypted)"
+    _all_sync(s)
+    assert tcp_reach(pair[1], pair[0].ip, timeout=2)
 
 
 def test_rollback_check_says_what_innernet_server_would_drop(ours):
