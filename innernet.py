@@ -5004,6 +5004,10 @@ class Store:
         return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
+    def extra_rows(self):
+        """{table: rows} of our own tables (what innernet-server would not read)."""
+        return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in EXTRA_TABLES}
+
     def quarantined(self, now):
         """{address: Deletion} of deleted peers whose addresses may not be reused yet."""
         return {d.ip: d for d in self.deletions() if d.reuse_after > now}
@@ -7608,6 +7612,104 @@ def _gunzip(data, limit=MAX_ANSWER):
     return out
 
 
+# innernet's own server (1.5.5 and the versions before it) has none of
+# innernet.py's extensions: it answers their routes 404 with an empty body
+# (ours always says why) and its capabilities lack our fields.
+INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
+ROUTES_FEATURE = "subnet routes or exit nodes"
+
+EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
+    ("PUT /admin/cidrs", "CIDR renaming",
+     "innernet-server 1.5.5 cannot rename a CIDR; later innernet servers and innernet.py's can"),
+    ("/user/rotation", "key rotation",
+     "to change a peer's key there, add it anew with 'innernet add-peer'"),
+    ("/user/rotations", "key rotation", None),
+    ("/user/relay", "end-to-end relay", None),
+    ("/user/routes", ROUTES_FEATURE, None),
+    ("/admin/routes", ROUTES_FEATURE, None),
+    ("/admin/route-approvers", ROUTES_FEATURE, None),
+    ("/admin/deleted-peers", "peer deletion",
+     "disable the peer instead: 'innernet disable-peer NET --name NAME'"),
+    ("/admin/reinvitations", "re-invitations",
+     "disable the peer and add it anew with 'innernet add-peer'"),
+    ("/admin/plan", "network as code (export/apply)", None),
+    ("/admin/apply", "network as code (export/apply)", None),
+    ("/admin/audit", "audit log", None),
+)
+
+LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
+
+
+def extension_of(method, path):
+    """(feature, hint) of a route innernet 1.5.5's server lacks, or None."""
+    path = path.split("?")[0]
+    for route, feature, hint in EXTENSIONS:
+        verb, _, prefix = route.rpartition(" ")
+        if (not verb or verb == method) and (path == prefix or path.startswith(prefix + "/")):
+            return feature, hint
+    return None
+
+
+def lacking_error(feature, hint=None):
+    """The one line for a feature an innernet server lacks."""
+    e = InnernetError(f"the server is {INNERNET_SERVER} and has no {feature}",
+                      hint=hint or "that needs innernet.py's server ('innernet server serve')",
+                      status=404)
+    e.lacking, e.learned = feature, False
+    return e
+
+
+class ServerLacks:
+    """What this client's server lacks, remembered beside the interface's other
+    files (`<iface>.lacks.json`, 0600) so that nothing lacking is asked for
+    again; tied to the server's key, and asked again after a day (a server
+    may move to innernet.py)."""
+
+    def __init__(self, path, server_key):
+        self.path, self.server_key = path, server_key
+        self.data = {}
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict) and data.get("server") == server_key:
+                self.data = data
+
+    def _fresh(self, at):
+        return isinstance(at, (int, float)) and 0 <= time.time() - at < LACKS_RECHECK
+
+    def lacks(self, feature):
+        return self._fresh((self.data.get("lacks") or {}).get(feature))
+
+    def capabilities(self):
+        """innernet's capabilities answer, if remembered: the server is innernet's."""
+        caps = self.data.get("capabilities")
+        return caps if isinstance(caps, dict) and self._fresh(self.data.get("since")) else None
+
+    def _save(self, **changes):
+        lacks = {k: v for k, v in (self.data.get("lacks") or {}).items() if self._fresh(v)}
+        self.data = {"server": self.server_key, "since": self.data.get("since", time.time()),
+                     **self.data, "lacks": lacks, **changes}
+        with contextlib.suppress(OSError):
+            atomic_write(self.path, json.dumps(self.data, sort_keys=True) + "\n", 0o600)
+
+    def record(self, feature):
+        """Remember a lacking feature; True if it was not known yet."""
+        if self.lacks(feature):
+            return False
+        self._save(lacks=dict(self.data.get("lacks") or {}, **{feature: time.time()}))
+        return True
+
+    def record_capabilities(self, caps):
+        self._save(capabilities=caps, since=time.time())
+
+    def forget(self):
+        """The server turned out to be innernet.py's: ask for everything again."""
+        if self.data:
+            self.data = {}
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
 class ApiClient:
     """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
 
@@ -7616,7 +7718,8 @@ class ApiClient:
     """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None, proof_key=None):
+                 source_address=None, proof_key=None, lacks=None):
+        self.lacks = lacks                       # ServerLacks, or None: ask everything
         self.host, self.port = parse_endpoint(internal_endpoint)
         # The peer's private key, when we can read it (root): admin calls and
         # the redemption then carry a proof that only its holder can make.
@@ -7798,8 +7901,17 @@ class ApiClient:
                 + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
 
     def call(self, method, path, body=None):
-        """The decoded JSON answer, or InnernetError for a non-2xx status."""
+        """The decoded JSON answer, or InnernetError for a non-2xx status (one
+        line naming the feature for an extension an innernet server lacks,
+        which is then not asked for again)."""
+        ext = extension_of(method, path)
+        if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
+            raise lacking_error(*ext)
         status, _, raw = self.request(method, path, body)
+        if ext and status == 404 and not raw.strip():
+            e = lacking_error(*ext)
+            e.learned = self.lacks is None or self.lacks.record(ext[0])
+            raise e
         if not 200 <= status < 300:
             raise self.status_error(method, path, status, raw)
         if not raw:
@@ -7821,6 +7933,32 @@ class ApiClient:
                     if "admin" in path or not reason else None)
         return InnernetError(f"the server answered {status} {text} to {method} {path}"
                              + (f": {reason}" if reason else ""), hint=hint, status=status)
+
+
+def server_caps(api):
+    """The server's capabilities. innernet's lack our fields ("routes" is
+    always in ours; innernet 1.5.5 has no such route at all: {}); they are
+    remembered in ``api.lacks``, so an innernet server is asked once."""
+    known = api.lacks.capabilities() if api.lacks is not None else None
+    if known is not None:
+        return known
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.unreachable or e.status != 404:
+            raise
+        caps = {}
+    caps = caps if isinstance(caps, dict) else {}
+    if api.lacks is not None:
+        if "routes" in caps:
+            api.lacks.forget()
+        else:
+            api.lacks.record_capabilities(caps)
+    return caps
+
+
+def is_innernet_server(caps):
+    return "routes" not in caps
 
 ###############################################################################
 # Client sync #################################################################
@@ -7932,6 +8070,15 @@ def save_data_store(path, peers, cidrs, etag=None):
 
 def paths_memo_path(store_path):
     return store_path[:-5] + ".paths.json"
+
+
+def lacks_memo_path(store_path):
+    return store_path[:-5] + ".lacks.json"
+
+
+def server_lacks(args, iface, cfg):
+    """What the interface's server is known to lack (ServerLacks)."""
+    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
 
 
 def load_paths_memo(store_path):
@@ -8267,7 +8414,10 @@ def request_relays(api, cfg, peers, allocate=True):
         answer = api.call("POST", "/user/relay", {"peers": [p.ip for p in peers]}
                           if allocate else {"peers": [p.ip for p in peers], "allocate": False})
     except InnernetError as e:
-        if not e.unreachable:
+        if getattr(e, "learned", False):
+            log(f"{e.message}: peers no direct path reaches stay unreachable "
+                "(not asked for again)")
+        elif not e.unreachable:
             debug(f"the server offers no relay: {e.message}")
         return None
     if not isinstance(answer, dict) or not isinstance(answer.get("relays"), dict):
@@ -8543,7 +8693,7 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
     f.find_device(allow_bring_up)
     f.api = ApiClient(f.cfg.server_internal_endpoint, f.cfg.server_public_key,
-                      timeout=HTTP_TIMEOUT + wait)
+                      timeout=HTTP_TIMEOUT + wait, lacks=server_lacks(args, iface, f.cfg))
     try:
         f.receive(wait)
         with device_lock(iface):     # the daemon's path watch changes it too
@@ -8602,6 +8752,8 @@ class _Fetch:
         try:
             state, self.etag, self.waited = fetch_state(
                 self.api, self.stored_etag if self.stored_peers else None, wait)
+            if self.etag:                 # only innernet.py's server sends one
+                self.api.lacks.forget()
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
@@ -8815,7 +8967,7 @@ def split_dns(api, iface, cfg, suffix=None):
     would be its to answer) is refused, in one line.
     """
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
+        caps = server_caps(api)
     except InnernetError:
         return
     zone = caps.get("dns") if isinstance(caps, dict) else None
@@ -8892,9 +9044,10 @@ def server_capabilities(args, iface):
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
     cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
+        caps = server_caps(api)
     except InnernetError as e:
         if e.unreachable and len(cfg.endpoints) > 1:
             fail_over(args, iface, current_server(args, iface, cfg),
@@ -8999,7 +9152,8 @@ def watch_paths(args, iface, state, every=1.0):
                           and p.ip not in cfg.peer_endpoint_overrides and p.public_key in live}
                 lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
                 if lost:
-                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+                    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                                    lacks=server_lacks(args, iface, cfg))
                     try:
                         relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
                     finally:
@@ -9023,9 +9177,22 @@ def watch_paths(args, iface, state, every=1.0):
             debug(f"{iface}: path watch: {e}")
 
 
+def _say_innernet_server(args, iface, told):
+    """Once per daemon: the server is innernet's, so these are never asked for."""
+    if iface in told or not path_exists(client_config_path(args, iface)):
+        return
+    if server_lacks(args, iface, load_client_config(args, iface)).capabilities() is not None:
+        told.add(iface)
+        log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
+            "relay, DNS or subnet routes; syncing every interval, not asking again")
+
+
 class _DaemonState:
     cfg = None                   # as of the last sync, for the path watch
     peers: list = []
+
+    def __init__(self):
+        self.told = set()        # interfaces said to have an innernet server
 
 
 def _daemon(args, iface):
@@ -9047,6 +9214,7 @@ def _daemon(args, iface):
         try:
             if caps is None:
                 caps = server_capabilities(args, iface)
+                _say_innernet_server(args, iface, state.told)
                 if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
             long_poll = 0 if getattr(args, "no_long_poll", False) else \
@@ -9215,6 +9383,7 @@ class LocalNetwork:
 
     def __init__(self, args, iface):
         self.iface = iface
+        self.backend_choice = opt(args, "backend", "auto")
         self.config = load_server_config(args, iface)
         self.store = Store(server_paths(args, iface)[1])
 
@@ -9237,7 +9406,22 @@ class LocalNetwork:
         self.store.delete_cidr(cidr.id)
 
     def add_peer(self, contents):
-        return self.store.add_peer(contents)
+        peer = self.store.add_peer(contents)
+        self._to_live_device(peer)
+        return peer
+
+    def _to_live_device(self, peer):
+        """As innernet-server's add-peer: a running serve's device has the new
+        key at once. serve would add it within a second, but an innernet client
+        installing at once has its first handshake dropped, waits out
+        WireGuard's 5 s retry, and times out its redeem."""
+        with contextlib.suppress(InnernetError, OSError):
+            backend = existing_backend(self.backend_choice, self.iface)
+            if backend is None or peer.is_disabled:
+                return
+            backend.apply(self.iface, updates=[PeerUpdate(
+                peer.public_key, allowed_ips=[host_prefix(peer.ip)],
+                keepalive=PERSISTENT_KEEPALIVE, name=peer.name, action="added")])
 
     def update_peer(self, peer):
         self.store.update_peer(peer.id, peer)
@@ -9293,6 +9477,9 @@ class LocalNetwork:
     def server_endpoints(self):
         return []
 
+    def require(self, feature):
+        """The server's own database has every feature."""
+
     def invitation_server(self):
         server = next(p for p in self.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
         return (public_key(self.config.private_key), server.endpoint,
@@ -9305,8 +9492,9 @@ class RemoteNetwork:
     def __init__(self, args, iface):
         self.iface = iface
         self.config = load_client_config(args, iface)
+        self.lacks = server_lacks(args, iface, self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
-                             proof_key=self.config.private_key)
+                             proof_key=self.config.private_key, lacks=self.lacks)
 
     def cidrs(self):
         return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
@@ -9341,8 +9529,15 @@ class RemoteNetwork:
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
 
     def deletions(self):
+        """Quarantined addresses; none on an innernet server, which deletes nothing."""
         out = []
-        for d in self.api.call("GET", "/admin/deleted-peers") or []:
+        try:
+            answer = self.api.call("GET", "/admin/deleted-peers") or []
+        except InnernetError as e:
+            if getattr(e, "lacking", None) is None:
+                raise
+            answer = []
+        for d in answer:
             rec = Deletion.from_json(d)
             rec.name, rec.cidr_id = str(d.get("name", "")), d.get("cidr_id")
             out.append(rec)
@@ -9408,6 +9603,14 @@ class RemoteNetwork:
 
     def server_endpoints(self):
         return self.config.endpoints
+
+    def require(self, feature):
+        """Fail with one line when the server (innernet's) lacks ``feature``."""
+        if self.lacks.lacks(feature):
+            raise lacking_error(feature)
+        if is_innernet_server(server_caps(self.api)):
+            self.lacks.record(feature)
+            raise lacking_error(feature)
 
     def network_name(self):
         """The network's own name (this admin's interface may be named otherwise)."""
@@ -9809,6 +10012,7 @@ def cmd_approve_routes(args):
     an auto-approve rule with --auto-approve ROUTE --cidr NAME."""
     net = open_network(args)
     if args.auto_approve is not None:
+        net.require(ROUTES_FEATURE)
         if args.name is not None or args.routes:
             raise InnernetError("--auto-approve takes no peer or routes",
                                 hint="approve-routes NET --auto-approve 192.168.0.0/16 "
@@ -9834,6 +10038,7 @@ def cmd_approve_routes(args):
         log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
             "as they come")
         return 0
+    net.require(ROUTES_FEATURE)     # else no peer would seem to advertise any
     peers = _user_peers(net.peers())
     options = {n: p for n, p in peers.items() if advertised(p)}
     if args.name is not None and args.name in peers and args.name not in options:
@@ -9939,6 +10144,7 @@ def cmd_apply(args):
 def cmd_list_routes(args):
     """Every advertised route with its owner and state, and the auto-approve rules."""
     net = open_network(args)
+    net.require(ROUTES_FEATURE)
     cidrs = {c.id: c.name for c in net.cidrs()}
     rows = [{"peer": p.name, "ip": p.ip, "route": r, "exit_node": r in EXIT_ROUTES,
              "approved": _route_state(p, r) == "approved"}
@@ -10132,6 +10338,69 @@ def server_status(args, iface, now=None):
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
             "dns": serving["dns"] if serving else None,
             "database": db_path, "database_bytes": size}
+
+
+def rollback_report(store, now):
+    """What a rollback to innernet-server would drop, feature by feature:
+    [(feature, what is lost)]; only features in use are listed."""
+    peers = [p for p in store.peers() if p.cidr_id != INFRA_CIDR_ID]
+    out = []
+    routes = [f"{p.name}: {', '.join(p.routes)}" for p in peers if p.routes]
+    exits = [p.name for p in peers if p.exit_node]
+    waiting = [f"{p.name}: {', '.join(p.pending_routes)}" for p in peers if p.pending_routes]
+    rules = store.route_approvers()
+    if routes or exits or waiting or rules:
+        out.append(("subnet routes and exit nodes", "; ".join(
+            x for x in (routes and "approved " + "; ".join(routes),
+                        exits and "exit nodes " + ", ".join(exits),
+                        waiting and "waiting " + "; ".join(waiting),
+                        rules and f"{len(rules)} auto-approve rules") if x)
+            + " -- innernet-server serves none: peers lose these routes"))
+    held = [d for d in store.deletions() if d.reuse_after > now]
+    if held:
+        out.append(("address quarantine", ", ".join(
+            f"{d.ip} (deleted '{d.name}', held until "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(d.reuse_after))})"
+            for d in held) + " -- innernet-server may give these addresses to new peers "
+            "at once, and innernet clients that knew the old peer then fail every sync "
+            "(PINNING ERROR)"))
+    static = [f"{p.name} ({p.ip})" for p in peers if p.is_static]
+    if static:
+        out.append(("static peers", ", ".join(static) + " -- innernet-server does not "
+                    "forward for them: they reach the server only, and innernet clients do "
+                    "not know them"))
+    rows = store.extra_rows()
+    if rows["key_rotations"]:
+        out.append(("key rotations", f"{rows['key_rotations']} proofs no longer served -- "
+                    "our clients that have not synced since a rotation refuse the new key"))
+    if rows["audit_log"]:
+        out.append(("audit log", f"{rows['audit_log']} entries stay in the file, but no "
+                    "change is recorded any more"))
+    return out
+
+
+def cmd_server_rollback_check(args):
+    """What a rollback to innernet-server would drop (the database itself opens there)."""
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)
+    store = Store(server_paths(args, iface)[1])
+    try:
+        report = rollback_report(store, time.time())
+    finally:
+        store.close()
+    if args.json:
+        print_json({"network": iface, "drops": [{"feature": f, "lost": w} for f, w in report]})
+        return 0
+    print(f"network {iface}: innernet-server opens this database as it is (peers, CIDRs, "
+          "associations, invitations), and a rollback would drop:")
+    for feature, lost in report:
+        print(f"  {feature}: {lost}")
+    if not report:
+        print("  nothing stored: no routes, exit nodes, quarantined addresses, static peers, "
+              "key rotations or audit entries")
+    print("  always: the end-to-end relay, DNS, long polls, the standby's replication, "
+          "metrics and our clients' faster joins (serve's, not the database's)")
+    return 0
 
 
 def cmd_server_status(args):
@@ -10528,7 +10797,8 @@ def cmd_rotate_key(args):
     pending = path + ".rotating"
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -10588,7 +10858,8 @@ def cmd_override_endpoint(args):
     if args.endpoint is not None:
         normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
     cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(args, iface, cfg))
     if args.unset:
         confirm(args, "Stop overriding this peer's endpoint on the server?", True)
         api.call("PUT", "/user/endpoint", {"option": "Unset"})
@@ -10597,17 +10868,15 @@ def cmd_override_endpoint(args):
     if not cfg.listen_port:
         raise InnernetError("you need to set a listen port before overriding the endpoint",
                             hint=f"run 'innernet set-listen-port {iface}' first")
-    try:
-        caps = api.call("GET", "/user/capabilities") or {}
-    except InnernetError as e:
-        if e.status != 404:
-            raise
-        caps = {}
+    caps = server_caps(api)
     unspecified_ok = bool(caps.get("unspecified_ip_in_override_endpoint"))
     default = f"0.0.0.0:{cfg.listen_port}" if unspecified_ok else None
     endpoint = ask(args.endpoint, "--endpoint", "endpoint to advertise (0.0.0.0:PORT = the "
                    "address the server sees)", default=default, parse=normalize_endpoint)
     if endpoint_is_unspecified(endpoint) and not unspecified_ok:
+        if is_innernet_server(caps):
+            raise lacking_error("unspecified IP in an endpoint (0.0.0.0:PORT)",
+                                hint="give the public address explicitly")
         raise InnernetError("the server does not support an unspecified IP in the endpoint",
                             hint="give the public address explicitly")
     confirm(args, f"Advertise {endpoint} as this peer's endpoint?", True)
@@ -10657,12 +10926,14 @@ def cmd_override_peer_endpoint(args):
 def _advertise(args, body, what):
     iface = parse_interface(args.interface)
     cfg = load_client_config(args, iface)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    lacks = server_lacks(args, iface, cfg)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
-        caps = api.call("GET", "/user/capabilities") or {}
-        if not isinstance(caps, dict) or not caps.get("routes"):
-            raise InnernetError("the server does not know subnet routes or exit nodes",
-                                hint="its server is innernet's, or an older innernet.py")
+        caps = server_caps(api)
+        if not caps.get("routes"):
+            if is_innernet_server(caps):
+                lacks.record(ROUTES_FEATURE)
+            raise lacking_error(ROUTES_FEATURE)
         if body is None:
             peer = Peer.from_json(api.call("GET", "/user/routes"))
         else:
@@ -10743,7 +11014,7 @@ def cmd_uninstall(args):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
-    for path in (cfg_path, store_path):
+    for path in (cfg_path, store_path, lacks_memo_path(store_path)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     hosts_path, _ = hosts_options(args)
@@ -11186,18 +11457,7 @@ def _add_shared_verbs(sub, role):
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
 
 
-def _add_server_verbs(sub):
-    p = _verb(sub, "new", cmd_server_new, "server", "Create a new network.", aliases=("init",))
-    p.add_argument("--network-name", metavar="NAME", help="name of the network (and interface)")
-    p.add_argument("--network-cidr", metavar="CIDR",
-                   help=f"the network's range (default {DEFAULT_NETWORK_CIDR})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--external-endpoint", metavar="HOST:PORT",
-                   help="where peers reach the server")
-    g.add_argument("--auto-external-endpoint", action="store_true",
-                   help="use this host's public address")
-    p.add_argument("--listen-port", metavar="PORT",
-                   help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+def _add_serve_verb(sub):
     p = _verb(sub, "serve", cmd_server_serve, "server", "Run the coordination server.")
     p.add_argument("interface", metavar="INTERFACE")
     _hosts_options(p)
@@ -11220,6 +11480,21 @@ def _add_server_verbs(sub):
     p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
                    help="UDP ports for the end-to-end relay, two per relayed pair (default: "
                         "any free port; set a range to open in a firewall)")
+
+
+def _add_server_verbs(sub):
+    p = _verb(sub, "new", cmd_server_new, "server", "Create a new network.", aliases=("init",))
+    p.add_argument("--network-name", metavar="NAME", help="name of the network (and interface)")
+    p.add_argument("--network-cidr", metavar="CIDR",
+                   help=f"the network's range (default {DEFAULT_NETWORK_CIDR})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--external-endpoint", metavar="HOST:PORT",
+                   help="where peers reach the server")
+    g.add_argument("--auto-external-endpoint", action="store_true",
+                   help="use this host's public address")
+    p.add_argument("--listen-port", metavar="PORT",
+                   help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+    _add_serve_verb(sub)
     p = _verb(sub, "restore", cmd_server_restore, "server",
               "On a standby: restore the database from a Litestream replica (the server "
               "config must be copied here once).")
@@ -11236,6 +11511,11 @@ def _add_server_verbs(sub):
     p = _verb(sub, "status", cmd_server_status, "server",
               "One screen for the operator: peers online and offline, invitations, the relay, "
               "the database.")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _verb(sub, "rollback-check", cmd_server_rollback_check, "server",
+              "Say what moving this network back to innernet's own innernet-server would "
+              "drop (routes, quarantines, static peers, ...); changes nothing.")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "uninstall", cmd_server_uninstall, "server",
