@@ -8,6 +8,6 @@ if [ "$(id -u)" = 0 ]; then export INNERNET_E2E_REQUIRED=1; fi
 # binaries; where they are found, as root, it must run rather than skip.
 REF=${INNERNET_REFERENCE_DIR:-../shared/reference/innernet-1.5.5}
 if [ "$(id -u)" = 0 ] && [ -x "$REF/innernet" ] && [ -x "$REF/innernet-server" ]; then
-  export INNERNET_COMPAT_REQUIRED=1
+  export INNERNET_COMPAT_REQUIRED=1 INNERNET_REFERENCE_DIR="$(cd "$REF" && pwd)"
 fi
 exec "$PY" -m pytest tests "$@"
