@@ -129,6 +129,13 @@ SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 ADMIN_PROOF_HEADER = "X-Innernet-Admin-Proof"
 ADMIN_PROOF_WINDOW = 120        # s an admin call's proof stays valid (clock skew both ways)
 ADMIN_PROOF_NONCES = 100000     # nonces of that window the server keeps; more wait
+INVITATION_PROOF_HEADER = "X-Innernet-Invitation-Proof"
+# s an unproved redemption (innernet's client, or any local process of the
+# joining host, whose packets leave through the invitation's tunnel too) is
+# held, so that a redemption proved with the invitation's private key, which
+# our client sends ~0.2 s after the tunnel is up, takes precedence; innernet
+# 1.5.5's redeem has a 5 s HTTP timeout and waits 5 s before its key swap.
+REDEEM_HOLD = 3.0
 DB_VERSION = 2
 INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
 SERVER_PEER_NAME = "innernet-server"
@@ -5897,6 +5904,39 @@ class KeySwaps:
             self.device.refresh(0.02)
 
 
+class RedeemRace:
+    """Redemptions of one invitation racing: one proved with the invitation's
+    private key takes precedence over unproved ones, held REDEEM_HOLD s."""
+
+    def __init__(self, hold=REDEEM_HOLD):
+        self.hold_time = hold
+        self._held: dict[int, threading.Event] = {}    # peer id -> set when a proved one came
+        self._lock = threading.Lock()
+
+    def hold(self, peer_id):
+        """Wait out the hold of an unproved redemption; 409 if a proved one came
+        meanwhile or another unproved one is waiting."""
+        with self._lock:
+            if peer_id in self._held:
+                raise InnernetError("another redemption of this invitation is in progress",
+                                    status=409)
+            came = self._held[peer_id] = threading.Event()
+        try:
+            if came.wait(self.hold_time):
+                raise InnernetError("the invitation was redeemed by a client that proved "
+                                    "it holds the invitation's private key", status=409)
+        finally:
+            with self._lock:
+                self._held.pop(peer_id, None)
+
+    def proved(self, peer_id):
+        """A proved redemption came: a held unproved one loses."""
+        with self._lock:
+            came = self._held.get(peer_id)
+        if came is not None:
+            came.set()
+
+
 class CallerGate:
     """Who is calling: the peer that owns the source address on the
     WireGuard device, never a process on this host; and how fast it may write."""
@@ -6320,6 +6360,7 @@ class Coordinator:
                                  self.views.signal)
         self.views.device = self.device
         self.swaps = KeySwaps(store, self.device)
+        self.redeems = RedeemRace()
         store.listeners.append(self.views.signal)
 
     @property
@@ -6487,6 +6528,18 @@ def user_redeem(co, req):
     if not is_public_key(new_key):
         raise _bad("invalid public key")
     caller = req.caller
+    # A local user of the joining host reaches us through the invitation's
+    # tunnel as well: only a proof made with the invitation's private key
+    # (root's) beats it; an unproved redemption (innernet's client) waits.
+    invited = req.headers.get(INVITATION_PROOF_HEADER) if req.headers is not None else None
+    if invited is None:
+        co.redeems.hold(caller.id)
+        caller = co.store.peer(caller.id)
+        if caller is None or caller.is_redeemed:
+            raise InnernetError("the invitation was already redeemed", status=410)
+    else:
+        co.proofs.verify(caller.public_key, "POST", req.target, req.raw, invited)
+        co.redeems.proved(caller.id)
     if caller.invite_expires is not None and caller.invite_expires < time.time():
         raise InnernetError("the invitation has expired", status=401)
     # The caller is known by its address, so check which key holds that
@@ -7511,11 +7564,13 @@ class ApiClient:
     """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None, proof_key=None):
+                 source_address=None, proof_key=None, invite_key=None):
         self.host, self.port = parse_endpoint(internal_endpoint)
         # The peer's private key, when we can read it (root): admin calls and
         # the redemption then carry a proof that only its holder can make.
         self.proof_key = proof_key
+        # The invitation's private key: the redemption proves we hold it.
+        self.invite_key = invite_key
         self._proof_mac = None
         self.source_address = source_address     # (ip, 0) to choose our own address
         self.endpoint = internal_endpoint
@@ -7689,6 +7744,10 @@ class ApiClient:
                                                                 self.server_key))
             hdrs = dict(hdrs, **{ADMIN_PROOF_HEADER: admin_proof(
                 self._proof_mac, method, f"/v1{path}", data)})
+        if self.invite_key is not None and path == "/user/redeem":
+            mac = admin_proof_key(shared_secret(self.invite_key, self.server_key))
+            hdrs = dict(hdrs, **{INVITATION_PROOF_HEADER: admin_proof(
+                mac, method, f"/v1{path}", data)})
         return (f"{method} /v1{path} HTTP/1.1\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
 
@@ -10235,8 +10294,10 @@ def cmd_install(args):
             if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
                                       timeout=10):
                 redeemed = False
-                raise InnernetError(f"{lost.message} while redeeming the invitation",
-                                    hint="the invitation was not redeemed; try again")
+                raise InnernetError(f"{lost.message} while redeeming the invitation, and "
+                                    "the server does not answer this host's new key",
+                                    hint="try again; if the server says it was already "
+                                         "redeemed, " + REDEEMED_ELSEWHERE)
         redeemed = True
     except BaseException:
         if backend is not None:
@@ -10295,15 +10356,23 @@ def _reach_server(args, iface, invite, backend):
              "unreachable or not running")
 
 
+REDEEMED_ELSEWHERE = ("another process on this host, or another copy of the invitation file, "
+                      "took it: keep invitation files readable by root only, and ask for "
+                      "a new invitation")
+
+
 def _redeem(invite, new_key):
     """Give the server our new key for the invitation's; None when it took it,
     the error when its answer was lost (it may have)."""
     api = ApiClient(invite.server_internal_endpoint, invite.server_public_key,
-                    proof_key=new_key)
+                    proof_key=new_key, invite_key=invite.private_key)
     try:
         api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
         return None
     except InnernetError as e:
+        if e.status in (409, 410) or e.status == 401 and "already redeemed" in e.message:
+            raise InnernetError(f"the invitation was redeemed by another key ({e.message})",
+                                hint=REDEEMED_ELSEWHERE) from None
         if e.status == 401:
             raise InnernetError("the server refused the invitation",
                                 hint="it has expired or was already redeemed; "

@@ -324,3 +324,73 @@ def test_proved_admin_calls_load_no_openssl_or_http_modules(tmp_path):
                        env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout.strip().splitlines()[-1])) <= {"nacl"}
+
+
+# -- a redemption raced by a local user of the joining host (review item 1) ----------
+
+def invitation(co, ip="10.80.64.9"):
+    invite, invite_pub = pair()
+    assert call(co, "POST", "/v1/admin/peers",
+                body=peer_contents("joiner" + ip.rsplit(".", 1)[1], ip, 4,
+                                   public_key=invite_pub))[0] == 201
+    return invite
+
+
+def redeem(co, new_pub, invite=None, ip="10.80.64.9", header=None):
+    data = {"public_key": new_pub}
+    headers = {}
+    if invite is not None:
+        headers[innernet.INVITATION_PROOF_HEADER] = header or proof(
+            co, "POST", "/v1/user/redeem", json.dumps(data).encode(), private=invite)
+    return call(co, "POST", "/v1/user/redeem", ip=ip, body=data, headers=headers)
+
+
+def test_a_redemption_proved_with_the_invitation_key_beats_an_unproved_one(co):
+    """nobody on the joining host redeems first, through root's tunnel; root's
+    client, proving it holds the invitation's key, still gets the peer."""
+    import threading
+    co.redeems.hold_time = 5.0
+    invite = invitation(co)
+    thief = []
+    t = threading.Thread(target=lambda: thief.append(redeem(co, pair()[1])))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not co.redeems._held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert redeem(co, pair()[1])[0] == 409                  # a second unproved one: refused
+    root_key = pair()[1]
+    started = time.monotonic()
+    assert redeem(co, root_key, invite)[0] == 204
+    t.join(10)
+    assert time.monotonic() - started < 2
+    status, body = thief[0]
+    assert status == 409 and "proved" in body["error"]
+    assert co.store.peer_by_ip("10.80.64.9").public_key == root_key
+
+
+def test_an_unproved_redemption_is_taken_after_the_hold(co):
+    """innernet's client cannot prove: it gets the invitation, REDEEM_HOLD s later."""
+    assert 0 < innernet.REDEEM_HOLD <= 3.5     # innernet 1.5.5's redeem times out at 5 s
+    co.redeems.hold_time = 0.3
+    invitation(co)
+    key = pair()[1]
+    started = time.monotonic()
+    assert redeem(co, key)[0] == 204
+    assert time.monotonic() - started >= 0.3
+    assert co.store.peer_by_ip("10.80.64.9").public_key == key
+    status, body = redeem(co, pair()[1], invitation(co, "10.80.64.10"), ip="10.80.64.10",
+                          header="v1 1 " + "0" * 32 + " " + "0" * 64)
+    assert status == 403 and not co.store.peer_by_ip("10.80.64.10").is_redeemed
+
+
+def test_our_client_proves_the_redemption_with_the_invitation_key(co, monkeypatch):
+    seen = []
+    real = innernet.ApiClient._head
+    monkeypatch.setattr(innernet.ApiClient, "_head",
+                        lambda self, m, p, h, d: seen.append(r := real(self, m, p, h, d)) or r)
+    invite = innernet.generate_private_key()
+    api = innernet.ApiClient("127.0.0.1:1", co.public_key, invite_key=invite)
+    api._head("POST", "/user/redeem", {}, b"{}")
+    assert innernet.INVITATION_PROOF_HEADER.encode() in seen[0]
+    api._head("GET", "/user/state", {}, None)
+    assert innernet.INVITATION_PROOF_HEADER.encode() not in seen[1]

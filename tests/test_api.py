@@ -45,6 +45,7 @@ def make_coordinator(tmp_path):
         store.add_peer(Peer(None, name, IPS[name], cidr_id, key(), is_admin=name == "admin",
                             is_redeemed=True))
     c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
+    c.redeems.hold_time = 0.01     # unproved redemptions: not 3 s per test (test_admin_proof)
     for p in store.peers():
         if p.name in ENDPOINTS:
             c.device.observed[p.public_key] = ENDPOINTS[p.name]

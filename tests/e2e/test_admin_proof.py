@@ -267,3 +267,59 @@ def test_an_innernet_1_5_5_admin_still_works_until_it_once_proves_a_call(world):
     assert r.returncode != 0 and "viaold2" not in db_names(w)
     assert "status code 403" in r.stdout, r.stdout       # innernet prints no body
     assert refused(as_nobody(w, host, [raw_request("GET", "/v1/admin/peers", w.server_key)]))
+
+
+# `nobody` on a joining host: redeems the invitation with its own key, again
+# and again, through root's tunnel as soon as it is up, until the server says
+# the invitation is gone or the time is up; prints the statuses it got.
+THIEF = r"""
+import base64, json, socket, sys, time
+server, port, server_key, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+body = json.dumps({"public_key": base64.b64encode(bytes(range(1, 33))).decode()})
+req = ("POST /v1/user/redeem HTTP/1.1\r\nHost: x\r\nX-Innernet-Server-Key: %s\r\n"
+       "Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+       % (server_key, len(body), body)).encode()
+statuses, deadline = [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    try:
+        s = socket.create_connection((server, port), timeout=6)
+        s.sendall(req)
+        resp = s.recv(65536)
+        s.close()
+        statuses.append(int(resp.split()[1]))
+        if statuses[-1] in (401, 410):
+            break
+    except (OSError, IndexError, ValueError):
+        time.sleep(0.01)
+print(json.dumps(statuses), flush=True)
+"""
+
+
+def test_nobody_on_a_joining_host_cannot_steal_the_invitation_during_install(world):
+    """Review item 1: nobody's unproved redemption through root's tunnel is held;
+    root's install, proving it holds the invitation's key, wins."""
+    w = world
+    host = w.lab.add_host("join")
+    ifname = w.lab.ifname("join")
+    invitation = lab_invite(w.srv, w.net, "joiner", "humans", admin="true")
+    ip = sqlite3.connect(w.db).execute("SELECT ip FROM peers WHERE name = 'joiner'") \
+        .fetchone()[0]
+    wait_for(lambda: ip in device_peer_ips(w.srv, w.net), 20, "the invitation on the device")
+    thief = host.spawn(NOBODY + ["/usr/bin/python3", "-S", "-c", THIEF, "10.66.0.1", "51820",
+                                 w.server_key, "40"], "thief.log")
+    r = host.exec(host.innernet_argv("install", "--name", ifname,
+                                      "--no-write-hosts", invitation),
+                  check=False, timeout=120)
+    thief.wait(timeout=60)
+    statuses = json.loads(host.log("thief.log").strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr
+    assert 409 in statuses, statuses                    # it raced, and lost
+    row = sqlite3.connect(w.db).execute(
+        "SELECT public_key, is_redeemed FROM peers WHERE name = 'joiner'").fetchone()
+    import base64
+    assert row[1] == 1 and row[0] != base64.b64encode(bytes(range(1, 33))).decode()
+    config = host.path("client", "etc", f"{ifname}.conf")
+    sys.path.insert(0, ROOT)
+    import innernet
+    cfg = innernet.InterfaceConfig.from_toml(open(config).read(), config)
+    assert row[0] == innernet.public_key(cfg.private_key)
