@@ -4536,10 +4536,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
 CREATE TABLE IF NOT EXISTS admin_provers (
   peer_id  INTEGER PRIMARY KEY,
   since    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_proof_stamps (
+  peer_id  INTEGER PRIMARY KEY,
+  stamp    INTEGER NOT NULL
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
-                "route_approvers", "audit_log", "admin_provers", "innernet_pins")
+                "route_approvers", "audit_log", "admin_provers", "innernet_pins",
+                "admin_proof_stamps")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -4929,7 +4934,7 @@ class Store:
                       "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                       (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
         for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers",
-                      "innernet_pins"):
+                      "innernet_pins", "admin_proof_stamps"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
@@ -5090,6 +5095,17 @@ class Store:
             elif c.execute("DELETE FROM admin_provers WHERE peer_id = ?", (peer_id,)).rowcount:
                 self._audit(c, "admin-proof", f"peer {name}", {"required": True},
                             {"required": False})
+
+    def admin_proof_stamps(self):
+        """{peer id: the newest admin proof stamp (ms) the server has accepted}."""
+        return dict(self._query("SELECT peer_id, stamp FROM admin_proof_stamps"))
+
+    def set_admin_proof_stamp(self, peer_id, stamp):
+        """Remember a peer's newest accepted admin proof stamp, across restarts."""
+        with self.write(quiet=True) as c:
+            c.execute("INSERT INTO admin_proof_stamps (peer_id, stamp) VALUES (?, ?) "
+                      "ON CONFLICT (peer_id) DO UPDATE SET stamp = max(stamp, excluded.stamp)",
+                      (peer_id, stamp))
 
     def _require_admin_proof(self, c, peer_id, name):
         if c.execute("INSERT OR IGNORE INTO admin_provers (peer_id, since) VALUES (?, ?)",
@@ -6044,8 +6060,12 @@ class AdminProofs:
     def __init__(self, store, private_key):
         self.store, self.private_key = store, private_key
         # A proof made before this process started may have been used with
-        # the previous one, whose nonces are gone: refused.
+        # the previous one, whose nonces are gone: refused. So is one not newer
+        # than the newest a previous run accepted from that peer (an admin
+        # whose clock is ahead makes proofs dated after our start).
         self.started = int(time.time() * 1000)
+        self._floor = store.admin_proof_stamps()        # peer id -> ms, from previous runs
+        self._newest = dict(self._floor)                # ... and this one
         self._keys: dict[str, bytes] = {}       # peer public key -> MAC key (one DH each)
         import collections
         self._nonces: set[str] = set()          # nonces of the window
@@ -6072,16 +6092,16 @@ class AdminProofs:
                     f"{ADMIN_PROOF_HEADER} header: run the admin command as root with "
                     "innernet.py, which can read the peer's private key", status=403)
             return
-        self.verify(caller.public_key, method, target, body, header, now)
+        self.verify(caller.public_key, method, target, body, header, now, caller.id)
         if not self.store.proves_admin(caller.id):
             with acting_as(f"{caller.name} ({caller.ip})"):      # for the audit log
                 self.store.require_admin_proof(caller.id)
             log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
                 "of this peer needs a proof from now on")
 
-    def verify(self, peer_key, method, target, body, header, now=None):
+    def verify(self, peer_key, method, target, body, header, now=None, peer_id=None):
         """Raise 403 unless ``header`` proves this request came from peer_key's
-        holder, within the window, for the first time."""
+        holder, within the window, for the first time (peer_id's: across restarts)."""
         proof = parse_admin_proof(header)
         if proof is None:
             raise InnernetError(f"malformed {ADMIN_PROOF_HEADER} header", status=403)
@@ -6090,9 +6110,10 @@ class AdminProofs:
         if abs(now_ms - stamp) > ADMIN_PROOF_WINDOW * 1000:
             raise InnernetError(f"the admin proof's time is more than {ADMIN_PROOF_WINDOW} s "
                                 "from the server's: check this host's clock", status=403)
-        if stamp < self.started:
-            raise InnernetError("the admin proof was made before the server started: "
-                                "send the request again", status=403)
+        if stamp < self.started or stamp <= self._floor.get(peer_id, -1):
+            raise InnernetError("the admin proof was made before the server started, or is "
+                                "not newer than one it accepted before: send the request "
+                                "again", status=403)
         if not admin_proof_valid(self.mac_key(peer_key), method, target, body, proof):
             raise InnernetError("wrong admin proof: it takes this peer's private key",
                                 status=403)
@@ -6107,6 +6128,11 @@ class AdminProofs:
                 raise InnernetError("too many admin calls; try again in a minute", status=429)
             self._nonces.add(nonce)
             self._arrived.append((stamp, nonce))
+            newer = peer_id is not None and stamp > self._newest.get(peer_id, -1)
+            if newer:
+                self._newest[peer_id] = stamp
+        if newer:
+            self.store.set_admin_proof_stamp(peer_id, stamp)
 
 
 class StateViews:

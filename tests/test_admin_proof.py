@@ -152,6 +152,30 @@ def test_a_proof_made_before_the_server_started_is_refused(co):
     assert status == 403 and "before the server started" in body["error"]
 
 
+def test_a_future_dated_proof_captured_before_a_restart_is_refused_after_it(co, tmp_path):
+    """Review item 2: the admin's clock is 100 s ahead, so its proofs are dated
+    after the restarted server's start; the newest stamp accepted from that
+    peer is kept in the database, and a proof not newer than it is refused."""
+    ahead = int(time.time() * 1000) + 100_000
+    target = f"/v1/admin/peers/{co.admin_id}"
+    body = peer_contents("admin", IPS["admin"], 3, is_admin=True)
+    body["public_key"] = innernet.public_key(co.admin_key)
+    captured = proof(co, "PUT", target, json.dumps(body).encode(), stamp=ahead)
+    assert admin_call(co, "PUT", target, body, header=captured)[0] == 204
+    co.store.close()
+    store = Store(str(tmp_path / "test.db"))
+    again = Coordinator(store, co.config, "test")
+    again.admin_key = co.admin_key
+    assert again.proofs.started < ahead                    # the old rule lets it through
+    status, answer = admin_call(again, "PUT", target, body, header=captured)
+    assert status == 403 and "not newer" in answer["error"]
+    # the admin's next calls, dated later on its own clock, are taken
+    assert admin_call(again, "PUT", target, body, stamp=ahead + 1000)[0] == 204
+    assert store.admin_proof_stamps() == {co.admin_id: ahead + 1000}
+    store.delete_peer(co.admin_id, 0)
+    assert store.admin_proof_stamps() == {}
+
+
 def test_old_nonces_are_forgotten_and_the_nonce_store_is_bounded(co, monkeypatch):
     now = time.time()
     w = innernet.ADMIN_PROOF_WINDOW

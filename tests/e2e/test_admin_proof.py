@@ -52,9 +52,12 @@ print(json.dumps(out))
 # As root on the admin's host: our ApiClient's own admin calls, each captured
 # as the bytes it sent, with the server's answers: [[status, raw request], ...].
 CAPTURE = r"""
-import json, sys
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import innernet as I
+if len(sys.argv) > 4:                  # this host's clock, that many seconds ahead
+    _now = time.time
+    time.time = lambda: _now() + float(sys.argv[4])
 cfg = I.InterfaceConfig.from_toml(open(sys.argv[2]).read(), sys.argv[2])
 api = I.ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
                   proof_key=cfg.private_key)
@@ -130,14 +133,28 @@ def as_nobody(w, host, reqs):
     return [(s, json.loads(b) if b else None) for s, b in json.loads(out.stdout)]
 
 
-def capture(w, calls, host=None, config=None):
+def capture(w, calls, host=None, config=None, ahead=None):
     """Our client's admin calls as root: [(status, the raw request it sent)]."""
-    out = (host or w.admin).python(CAPTURE, ROOT, config or w.config, json.dumps(calls))
+    out = (host or w.admin).python(CAPTURE, ROOT, config or w.config, json.dumps(calls),
+                                   *([] if ahead is None else [ahead]))
     return json.loads(out.stdout)
 
 
 def db_names(w):
     return {r[0] for r in sqlite3.connect(w.db).execute("SELECT name FROM peers")}
+
+
+def admin_id(w):
+    return sqlite3.connect(w.db).execute("SELECT id FROM peers WHERE name = 'admin'") \
+        .fetchone()[0]
+
+
+def admin_contents(w):
+    """The admin peer's contents as they are (a PUT that changes nothing)."""
+    row = sqlite3.connect(w.db).execute(
+        "SELECT name, ip, cidr_id, public_key FROM peers WHERE name = 'admin'").fetchone()
+    return dict(new_peer(row[0], row[1], row[3]), cidr_id=row[2], is_admin=True,
+                is_redeemed=True)
 
 
 def refused(results):
@@ -218,6 +235,25 @@ def test_the_mark_survives_a_restart_and_follows_a_key_rotation(world):
     assert "afterrot" in db_names(w)
     assert refused(as_nobody(w, w.admin, [raw_request("GET", "/v1/admin/peers",
                                                       w.server_key)]))
+
+
+def test_a_future_dated_proof_replayed_after_a_restart_is_refused(world):
+    """Review item 2: an admin whose clock is 100 s ahead dates its proofs
+    after the restarted server's start; the newest stamp the server accepted
+    from that peer, kept in the database, refuses the replay. (The admin's
+    clock stays ahead from here on: a clock set back would be refused until
+    it passes that stamp, at most ADMIN_PROOF_WINDOW s.)"""
+    w = world
+    put = [["PUT", f"/admin/peers/{admin_id(w)}", admin_contents(w)]]
+    ahead = capture(w, put, ahead=100)
+    assert ahead[0][0] == 204, ahead
+    w.serve.terminate()
+    w.serve.wait(timeout=30)
+    w.serve = start_serve(w.srv, w.net)
+    wait_for(lambda: capture(w, [["GET", "/admin/peers", None]], ahead=100)[0][0] == 200, 30,
+             "the restarted server to answer the admin")
+    results = as_nobody(w, w.admin, [ahead[0][1]])
+    assert refused(results) and "not newer" in results[0][1]["error"], results
 
 
 def reference_dir():
