@@ -5339,6 +5339,38 @@ class Store:
 
 # -- the hosts file (server and clients) ---------------------------------------
 
+def safe_hosts_path(path):
+    """The file a hosts path stands for, its symlinks followed; refused where
+    another local user could point it at a file of root's (or swap it).
+
+    Followed: symlinks owned by root or by us, in directories others may not
+    write to, or that have the sticky bit (where they cannot replace ours).
+    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
+    fs.protected_symlinks is not always on), and any path in a directory
+    everyone may write to without the sticky bit.
+    """
+    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
+    for _ in range(16):
+        path, st_dir = os.path.abspath(path), None
+        try:
+            st_dir = os.stat(os.path.dirname(path))
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return path             # written as before: its errors are said then
+        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
+            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
+                                hint=hint)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return path
+        if st.st_uid not in (0, os.geteuid()):
+            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
+                                "not by root or by us", hint=hint)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
+
+
 def write_hosts_file(path, tag, lines):
     """Replace our section of the hosts file; returns True if it changed.
 
@@ -5346,7 +5378,7 @@ def write_hosts_file(path, tag, lines):
     rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
     """
     try:
-        path = os.path.realpath(path)   # a symlinked hosts file stays a symlink
+        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
         text = read_text(path, "hosts file") if os.path.exists(path) else ""
         new = update_hosts_text(text, tag, lines)
         if new is None:
@@ -5355,7 +5387,8 @@ def write_hosts_file(path, tag, lines):
         try:
             atomic_write(path, new, mode)
         except InnernetError:
-            with open(path, "w") as f:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            with open(fd, "w") as f:
                 f.write(new)
         return True
     except (InnernetError, OSError) as e:
@@ -7873,8 +7906,9 @@ def hosts_options(args):
     if getattr(args, "no_write_hosts", False):
         return None, None
     suffix = getattr(args, "host_suffix", None)
-    return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
-        None if suffix is None else parse_host_suffix(suffix)
+    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
+    safe_hosts_path(path)        # refused before anything is touched
+    return path, None if suffix is None else parse_host_suffix(suffix)
 
 
 def opt(args, name, default=None):
