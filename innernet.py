@@ -6374,9 +6374,9 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         co.proofs.check(caller, method, target, headers, body)
     base = f"{segs[1]}/{segs[2]}"
     route, rid = _ROUTES.get((method, base)), None
-    if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
-        route = _ROUTES[(method, base + "/{id}")]
-        if not re.fullmatch(r"[0-9]{1,18}", segs[3]):
+    if len(segs) > 3:       # only ".../{id}", as innernet: not /v1/user/state/anything
+        route = _ROUTES.get((method, base + "/{id}"))
+        if len(segs) > 4 or not re.fullmatch(r"[0-9]{1,18}", segs[3]):
             raise InnernetError("not found", status=404)
         rid = int(segs[3])
     if route is None:

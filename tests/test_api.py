@@ -122,6 +122,12 @@ def test_unknown_ip_gets_401_and_bad_paths_404(co):
     assert call(co, "GET", "/v1/user/nothing")[0] == 404
     assert call(co, "DELETE", "/v1/admin/peers/abc")[0] == 404
     assert call(co, "PATCH", "/v1/admin/peers/3")[0] == 404
+    # routes are anchored, as innernet's (review item 4): no prefix matches
+    for path in ("/v1/user/state/anything", "/v1/user/state/3", "/v1/user/state/",
+                 "/v1/admin/peers/x", "/v1/admin/cidrs/3/extra"):
+        assert call(co, "GET", path)[0] == 404, path
+    assert call(co, "PUT", "/v1/admin/peers/3/x", body={})[0] == 404
+    assert call(co, "GET", "/v1/user/state")[0] == 200
 
 
 # -- associations and CIDRs (tests 5-13) ---------------------------------------
