@@ -10086,6 +10086,7 @@ def server_status(args, iface, now=None):
     store = Store(db_path)
     try:
         peers, cidrs = store.peers(), store.cidrs()
+        provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
     finally:
         store.close()
     backend = existing_backend(opt(args, "backend", "auto"), iface)
@@ -10111,6 +10112,8 @@ def server_status(args, iface, now=None):
             "peers": len(live), "online": len(online), "offline": len(live) - len(online),
             "disabled": sum(p.is_disabled for p in peers),
             "static": sum(p.is_static for p in peers),
+            "admins": sorted(p.name for p in peers if p.is_admin and p.cidr_id != INFRA_CIDR_ID),
+            "admins_proving": sorted(provers),
             "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
             "expired_invitations": sum(invitation_expired(p, now) for p in invites),
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
@@ -10132,6 +10135,10 @@ def cmd_server_status(args):
           f"last handshake), {st['disabled']} disabled, {st['static']} static")
     print(f"invitations: {st['pending_invitations']} pending, "
           f"{st['expired_invitations']} expired")
+    unproved = [n for n in st["admins"] if n not in st["admins_proving"]]
+    print(f"admins: {len(st['admins'])}, {len(st['admins_proving'])} proving their calls"
+          + (f"; not (any local user of their hosts is them): {', '.join(unproved)}"
+             if unproved else ""))
     if st["serving"]:
         print(f"relayed pairs: {st['relayed_pairs']}")
         print(f"dns: {st['dns'] or 'off'}")
@@ -10144,6 +10151,13 @@ def cmd_server_admin_proof(args):
     iface = parse_interface(args.interface)
     net = LocalNetwork(args, iface)
     peer = choose(args.name, "--name", "peer", _user_peers(net.peers()))
+    if not args.off and not peer.is_admin:
+        raise InnernetError(f"peer '{peer.name}' is not an admin: its calls are user calls, "
+                            "which need no proof", hint="choose an admin peer")
+    if not args.off and not peer.is_redeemed:
+        warn(f"peer '{peer.name}' has not redeemed its invitation yet: innernet.py's "
+             "install will prove its calls; innernet's install would leave it unable to "
+             "make admin calls until 'admin-proof --off'")
     if args.off:
         confirm(args, f"Let any local user of {peer.name}'s host make its admin calls again "
                       "(as innernet does)?", False)

@@ -306,6 +306,34 @@ def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
     assert [e.action for e in store.audit()].count("admin-proof") == 2
 
 
+def test_admin_proof_refuses_a_non_admin_warns_of_an_invitation_and_status_shows_it(
+        tmp_path, capsys):
+    """Review item 4: no silent mark on a peer it cannot apply to."""
+    from test_api import cli_network
+    base = cli_network(tmp_path, capsys)
+    for name, admin in (("boss", "true"), ("worker", "false")):
+        assert innernet.main(base + ["add-peer", "evil", "--name", name, "--cidr", "h",
+                                     "--admin", admin, "--auto-ip", "--save-config",
+                                     str(tmp_path / f"{name}.toml"), "--invite-expires", "1h",
+                                     "--yes"]) == 0
+    capsys.readouterr()
+    store = Store(str(tmp_path / "lib" / "evil.db"))
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "worker", "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "innernet: error: peer 'worker' is not an admin" in err and "hint:" in err
+    assert not store.proves_admin(store.peer_by_name("worker").id)
+    assert innernet.main(base + ["status", "evil"]) == 0
+    assert "admins: 1, 0 proving their calls; not (any local user of their hosts is them): " \
+        "boss" in capsys.readouterr().out
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "boss", "--yes"]) == 0
+    assert "has not redeemed its invitation yet" in capsys.readouterr().err
+    assert innernet.main(base + ["status", "evil"]) == 0
+    assert "admins: 1, 1 proving their calls\n" in capsys.readouterr().out
+    assert innernet.main(base + ["status", "evil", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["admins"] == ["boss"] and st["admins_proving"] == ["boss"]
+
+
 PROVED = r"""
 import json, sys, threading
 sys.path.insert(0, sys.argv[1])
