@@ -8,7 +8,10 @@ tunnels: `nobody` there is refused (with and without a made-up proof), root's
 `innernet add-peer` works, a captured request replayed is refused, the mark
 survives a restart of `serve` and follows a key rotation, and innernet 1.5.5's
 admin client still works against our server (keeping innernet's rule, as the
-README says) until that peer once proves a call.
+README says) until that peer once proves a call. From the outside review:
+a future-dated proof (admin clock ahead) replayed after a restart is refused,
+and `nobody` on a joining host cannot take the invitation while root's
+`install` runs.
 """
 import json
 import os
