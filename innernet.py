@@ -129,6 +129,13 @@ SERVER_KEY_HEADER = "X-Innernet-Server-Key"
 ADMIN_PROOF_HEADER = "X-Innernet-Admin-Proof"
 ADMIN_PROOF_WINDOW = 120        # s an admin call's proof stays valid (clock skew both ways)
 ADMIN_PROOF_NONCES = 100000     # nonces of that window the server keeps; more wait
+INVITATION_PROOF_HEADER = "X-Innernet-Invitation-Proof"
+# s an unproved redemption (innernet's client, or any local process of the
+# joining host, whose packets leave through the invitation's tunnel too) is
+# held, so that a redemption proved with the invitation's private key, which
+# our client sends ~0.2 s after the tunnel is up, takes precedence; innernet
+# 1.5.5's redeem has a 5 s HTTP timeout and waits 5 s before its key swap.
+REDEEM_HOLD = 3.0
 DB_VERSION = 2
 INFRA_CIDR_ID = 2               # innernet hard-codes the server CIDR's id
 SERVER_PEER_NAME = "innernet-server"
@@ -4634,10 +4641,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
 CREATE TABLE IF NOT EXISTS admin_provers (
   peer_id  INTEGER PRIMARY KEY,
   since    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_proof_stamps (
+  peer_id  INTEGER PRIMARY KEY,
+  stamp    INTEGER NOT NULL
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
-                "route_approvers", "audit_log", "admin_provers", "innernet_pins")
+                "route_approvers", "audit_log", "admin_provers", "innernet_pins",
+                "admin_proof_stamps")
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -5031,7 +5043,7 @@ class Store:
                       "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                       (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
         for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers",
-                      "innernet_pins"):
+                      "innernet_pins", "admin_proof_stamps"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
@@ -5192,6 +5204,17 @@ class Store:
             elif c.execute("DELETE FROM admin_provers WHERE peer_id = ?", (peer_id,)).rowcount:
                 self._audit(c, "admin-proof", f"peer {name}", {"required": True},
                             {"required": False})
+
+    def admin_proof_stamps(self):
+        """{peer id: the newest admin proof stamp (ms) the server has accepted}."""
+        return dict(self._query("SELECT peer_id, stamp FROM admin_proof_stamps"))
+
+    def set_admin_proof_stamp(self, peer_id, stamp):
+        """Remember a peer's newest accepted admin proof stamp, across restarts."""
+        with self.write(quiet=True) as c:
+            c.execute("INSERT INTO admin_proof_stamps (peer_id, stamp) VALUES (?, ?) "
+                      "ON CONFLICT (peer_id) DO UPDATE SET stamp = max(stamp, excluded.stamp)",
+                      (peer_id, stamp))
 
     def _require_admin_proof(self, c, peer_id, name):
         if c.execute("INSERT OR IGNORE INTO admin_provers (peer_id, since) VALUES (?, ?)",
@@ -5425,6 +5448,38 @@ class Store:
 
 # -- the hosts file (server and clients) ---------------------------------------
 
+def safe_hosts_path(path):
+    """The file a hosts path stands for, its symlinks followed; refused where
+    another local user could point it at a file of root's (or swap it).
+
+    Followed: symlinks owned by root or by us, in directories others may not
+    write to, or that have the sticky bit (where they cannot replace ours).
+    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
+    fs.protected_symlinks is not always on), and any path in a directory
+    everyone may write to without the sticky bit.
+    """
+    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
+    for _ in range(16):
+        path, st_dir = os.path.abspath(path), None
+        try:
+            st_dir = os.stat(os.path.dirname(path))
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return path             # written as before: its errors are said then
+        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
+            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
+                                hint=hint)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return path
+        if st.st_uid not in (0, os.geteuid()):
+            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
+                                "not by root or by us", hint=hint)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
+
+
 def write_hosts_file(path, tag, lines):
     """Replace our section of the hosts file; returns True if it changed.
 
@@ -5432,7 +5487,7 @@ def write_hosts_file(path, tag, lines):
     rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
     """
     try:
-        path = os.path.realpath(path)   # a symlinked hosts file stays a symlink
+        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
         text = read_text(path, "hosts file") if os.path.exists(path) else ""
         new = update_hosts_text(text, tag, lines)
         if new is None:
@@ -5441,7 +5496,8 @@ def write_hosts_file(path, tag, lines):
         try:
             atomic_write(path, new, mode)
         except InnernetError:
-            with open(path, "w") as f:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            with open(fd, "w") as f:
                 f.write(new)
         return True
     except (InnernetError, OSError) as e:
@@ -6006,6 +6062,39 @@ class KeySwaps:
             self.device.refresh(0.02)
 
 
+class RedeemRace:
+    """Redemptions of one invitation racing: one proved with the invitation's
+    private key takes precedence over unproved ones, held REDEEM_HOLD s."""
+
+    def __init__(self, hold=REDEEM_HOLD):
+        self.hold_time = hold
+        self._held: dict[int, threading.Event] = {}    # peer id -> set when a proved one came
+        self._lock = threading.Lock()
+
+    def hold(self, peer_id):
+        """Wait out the hold of an unproved redemption; 409 if a proved one came
+        meanwhile or another unproved one is waiting."""
+        with self._lock:
+            if peer_id in self._held:
+                raise InnernetError("another redemption of this invitation is in progress",
+                                    status=409)
+            came = self._held[peer_id] = threading.Event()
+        try:
+            if came.wait(self.hold_time):
+                raise InnernetError("the invitation was redeemed by a client that proved "
+                                    "it holds the invitation's private key", status=409)
+        finally:
+            with self._lock:
+                self._held.pop(peer_id, None)
+
+    def proved(self, peer_id):
+        """A proved redemption came: a held unproved one loses."""
+        with self._lock:
+            came = self._held.get(peer_id)
+        if came is not None:
+            came.set()
+
+
 class CallerGate:
     """Who is calling: the peer that owns the source address on the
     WireGuard device, never a process on this host; and how fast it may write."""
@@ -6113,8 +6202,12 @@ class AdminProofs:
     def __init__(self, store, private_key):
         self.store, self.private_key = store, private_key
         # A proof made before this process started may have been used with
-        # the previous one, whose nonces are gone: refused.
+        # the previous one, whose nonces are gone: refused. So is one not newer
+        # than the newest a previous run accepted from that peer (an admin
+        # whose clock is ahead makes proofs dated after our start).
         self.started = int(time.time() * 1000)
+        self._floor = store.admin_proof_stamps()        # peer id -> ms, from previous runs
+        self._newest = dict(self._floor)                # ... and this one
         self._keys: dict[str, bytes] = {}       # peer public key -> MAC key (one DH each)
         import collections
         self._nonces: set[str] = set()          # nonces of the window
@@ -6141,16 +6234,16 @@ class AdminProofs:
                     f"{ADMIN_PROOF_HEADER} header: run the admin command as root with "
                     "innernet.py, which can read the peer's private key", status=403)
             return
-        self.verify(caller.public_key, method, target, body, header, now)
+        self.verify(caller.public_key, method, target, body, header, now, caller.id)
         if not self.store.proves_admin(caller.id):
             with acting_as(f"{caller.name} ({caller.ip})"):      # for the audit log
                 self.store.require_admin_proof(caller.id)
             log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
                 "of this peer needs a proof from now on")
 
-    def verify(self, peer_key, method, target, body, header, now=None):
+    def verify(self, peer_key, method, target, body, header, now=None, peer_id=None):
         """Raise 403 unless ``header`` proves this request came from peer_key's
-        holder, within the window, for the first time."""
+        holder, within the window, for the first time (peer_id's: across restarts)."""
         proof = parse_admin_proof(header)
         if proof is None:
             raise InnernetError(f"malformed {ADMIN_PROOF_HEADER} header", status=403)
@@ -6159,9 +6252,10 @@ class AdminProofs:
         if abs(now_ms - stamp) > ADMIN_PROOF_WINDOW * 1000:
             raise InnernetError(f"the admin proof's time is more than {ADMIN_PROOF_WINDOW} s "
                                 "from the server's: check this host's clock", status=403)
-        if stamp < self.started:
-            raise InnernetError("the admin proof was made before the server started: "
-                                "send the request again", status=403)
+        if stamp < self.started or stamp <= self._floor.get(peer_id, -1):
+            raise InnernetError("the admin proof was made before the server started, or is "
+                                "not newer than one it accepted before: send the request "
+                                "again", status=403)
         if not admin_proof_valid(self.mac_key(peer_key), method, target, body, proof):
             raise InnernetError("wrong admin proof: it takes this peer's private key",
                                 status=403)
@@ -6176,6 +6270,11 @@ class AdminProofs:
                 raise InnernetError("too many admin calls; try again in a minute", status=429)
             self._nonces.add(nonce)
             self._arrived.append((stamp, nonce))
+            newer = peer_id is not None and stamp > self._newest.get(peer_id, -1)
+            if newer:
+                self._newest[peer_id] = stamp
+        if newer:
+            self.store.set_admin_proof_stamp(peer_id, stamp)
 
 
 class StateViews:
@@ -6384,9 +6483,9 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         co.proofs.check(caller, method, target, headers, body)
     base = f"{segs[1]}/{segs[2]}"
     route, rid = _ROUTES.get((method, base)), None
-    if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
-        route = _ROUTES[(method, base + "/{id}")]
-        if not re.fullmatch(r"[0-9]{1,18}", segs[3]):
+    if len(segs) > 3:       # only ".../{id}", as innernet: not /v1/user/state/anything
+        route = _ROUTES.get((method, base + "/{id}"))
+        if len(segs) > 4 or not re.fullmatch(r"[0-9]{1,18}", segs[3]):
             raise InnernetError("not found", status=404)
         rid = int(segs[3])
     if route is None:
@@ -6429,6 +6528,7 @@ class Coordinator:
                                  self.views.signal)
         self.views.device = self.device
         self.swaps = KeySwaps(store, self.device)
+        self.redeems = RedeemRace()
         store.listeners.append(self.views.signal)
 
     @property
@@ -6596,6 +6696,18 @@ def user_redeem(co, req):
     if not is_public_key(new_key):
         raise _bad("invalid public key")
     caller = req.caller
+    # A local user of the joining host reaches us through the invitation's
+    # tunnel as well: only a proof made with the invitation's private key
+    # (root's) beats it; an unproved redemption (innernet's client) waits.
+    invited = req.headers.get(INVITATION_PROOF_HEADER) if req.headers is not None else None
+    if invited is None:
+        co.redeems.hold(caller.id)
+        caller = co.store.peer(caller.id)
+        if caller is None or caller.is_redeemed:
+            raise InnernetError("the invitation was already redeemed", status=410)
+    else:
+        co.proofs.verify(caller.public_key, "POST", req.target, req.raw, invited)
+        co.redeems.proved(caller.id)
     if caller.invite_expires is not None and caller.invite_expires < time.time():
         raise InnernetError("the invitation has expired", status=401)
     # The caller is known by its address, so check which key holds that
@@ -7718,12 +7830,14 @@ class ApiClient:
     """
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None, proof_key=None, lacks=None):
+                 source_address=None, proof_key=None, invite_key=None, lacks=None):
         self.lacks = lacks                       # ServerLacks, or None: ask everything
         self.host, self.port = parse_endpoint(internal_endpoint)
         # The peer's private key, when we can read it (root): admin calls and
         # the redemption then carry a proof that only its holder can make.
         self.proof_key = proof_key
+        # The invitation's private key: the redemption proves we hold it.
+        self.invite_key = invite_key
         self._proof_mac = None
         self.source_address = source_address     # (ip, 0) to choose our own address
         self.endpoint = internal_endpoint
@@ -7897,6 +8011,10 @@ class ApiClient:
                                                                 self.server_key))
             hdrs = dict(hdrs, **{ADMIN_PROOF_HEADER: admin_proof(
                 self._proof_mac, method, f"/v1{path}", data)})
+        if self.invite_key is not None and path == "/user/redeem":
+            mac = admin_proof_key(shared_secret(self.invite_key, self.server_key))
+            hdrs = dict(hdrs, **{INVITATION_PROOF_HEADER: admin_proof(
+                mac, method, f"/v1{path}", data)})
         return (f"{method} /v1{path} HTTP/1.1\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
 
@@ -8031,8 +8149,9 @@ def hosts_options(args):
     if getattr(args, "no_write_hosts", False):
         return None, None
     suffix = getattr(args, "host_suffix", None)
-    return getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH, \
-        None if suffix is None else parse_host_suffix(suffix)
+    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
+    safe_hosts_path(path)        # refused before anything is touched
+    return path, None if suffix is None else parse_host_suffix(suffix)
 
 
 def opt(args, name, default=None):
@@ -10308,6 +10427,7 @@ def server_status(args, iface, now=None):
     store = Store(db_path)
     try:
         peers, cidrs = store.peers(), store.cidrs()
+        provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
     finally:
         store.close()
     backend = existing_backend(opt(args, "backend", "auto"), iface)
@@ -10333,6 +10453,8 @@ def server_status(args, iface, now=None):
             "peers": len(live), "online": len(online), "offline": len(live) - len(online),
             "disabled": sum(p.is_disabled for p in peers),
             "static": sum(p.is_static for p in peers),
+            "admins": sorted(p.name for p in peers if p.is_admin and p.cidr_id != INFRA_CIDR_ID),
+            "admins_proving": sorted(provers),
             "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
             "expired_invitations": sum(invitation_expired(p, now) for p in invites),
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
@@ -10417,6 +10539,10 @@ def cmd_server_status(args):
           f"last handshake), {st['disabled']} disabled, {st['static']} static")
     print(f"invitations: {st['pending_invitations']} pending, "
           f"{st['expired_invitations']} expired")
+    unproved = [n for n in st["admins"] if n not in st["admins_proving"]]
+    print(f"admins: {len(st['admins'])}, {len(st['admins_proving'])} proving their calls"
+          + (f"; not (any local user of their hosts is them): {', '.join(unproved)}"
+             if unproved else ""))
     if st["serving"]:
         print(f"relayed pairs: {st['relayed_pairs']}")
         print(f"dns: {st['dns'] or 'off'}")
@@ -10429,6 +10555,13 @@ def cmd_server_admin_proof(args):
     iface = parse_interface(args.interface)
     net = LocalNetwork(args, iface)
     peer = choose(args.name, "--name", "peer", _user_peers(net.peers()))
+    if not args.off and not peer.is_admin:
+        raise InnernetError(f"peer '{peer.name}' is not an admin: its calls are user calls, "
+                            "which need no proof", hint="choose an admin peer")
+    if not args.off and not peer.is_redeemed:
+        warn(f"peer '{peer.name}' has not redeemed its invitation yet: innernet.py's "
+             "install will prove its calls; innernet's install would leave it unable to "
+             "make admin calls until 'admin-proof --off'")
     if args.off:
         confirm(args, f"Let any local user of {peer.name}'s host make its admin calls again "
                       "(as innernet does)?", False)
@@ -10639,8 +10772,10 @@ def cmd_install(args):
             if not wait_for_handshake(backend, iface, server, invite.server_ip, since=since,
                                       timeout=10):
                 redeemed = False
-                raise InnernetError(f"{lost.message} while redeeming the invitation",
-                                    hint="the invitation was not redeemed; try again")
+                raise InnernetError(f"{lost.message} while redeeming the invitation, and "
+                                    "the server does not answer this host's new key",
+                                    hint="try again; if the server says it was already "
+                                         "redeemed, " + REDEEMED_ELSEWHERE)
         redeemed = True
     except BaseException:
         if backend is not None:
@@ -10699,15 +10834,23 @@ def _reach_server(args, iface, invite, backend):
              "unreachable or not running")
 
 
+REDEEMED_ELSEWHERE = ("another process on this host, or another copy of the invitation file, "
+                      "took it: keep invitation files readable by root only, and ask for "
+                      "a new invitation")
+
+
 def _redeem(invite, new_key):
     """Give the server our new key for the invitation's; None when it took it,
     the error when its answer was lost (it may have)."""
     api = ApiClient(invite.server_internal_endpoint, invite.server_public_key,
-                    proof_key=new_key)
+                    proof_key=new_key, invite_key=invite.private_key)
     try:
         api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
         return None
     except InnernetError as e:
+        if e.status in (409, 410) or e.status == 401 and "already redeemed" in e.message:
+            raise InnernetError(f"the invitation was redeemed by another key ({e.message})",
+                                hint=REDEEMED_ELSEWHERE) from None
         if e.status == 401:
             raise InnernetError("the server refused the invitation",
                                 hint="it has expired or was already redeemed; "

@@ -152,6 +152,30 @@ def test_a_proof_made_before_the_server_started_is_refused(co):
     assert status == 403 and "before the server started" in body["error"]
 
 
+def test_a_future_dated_proof_captured_before_a_restart_is_refused_after_it(co, tmp_path):
+    """Review item 2: the admin's clock is 100 s ahead, so its proofs are dated
+    after the restarted server's start; the newest stamp accepted from that
+    peer is kept in the database, and a proof not newer than it is refused."""
+    ahead = int(time.time() * 1000) + 100_000
+    target = f"/v1/admin/peers/{co.admin_id}"
+    body = peer_contents("admin", IPS["admin"], 3, is_admin=True)
+    body["public_key"] = innernet.public_key(co.admin_key)
+    captured = proof(co, "PUT", target, json.dumps(body).encode(), stamp=ahead)
+    assert admin_call(co, "PUT", target, body, header=captured)[0] == 204
+    co.store.close()
+    store = Store(str(tmp_path / "test.db"))
+    again = Coordinator(store, co.config, "test")
+    again.admin_key = co.admin_key
+    assert again.proofs.started < ahead                    # the old rule lets it through
+    status, answer = admin_call(again, "PUT", target, body, header=captured)
+    assert status == 403 and "not newer" in answer["error"]
+    # the admin's next calls, dated later on its own clock, are taken
+    assert admin_call(again, "PUT", target, body, stamp=ahead + 1000)[0] == 204
+    assert store.admin_proof_stamps() == {co.admin_id: ahead + 1000}
+    store.delete_peer(co.admin_id, 0)
+    assert store.admin_proof_stamps() == {}
+
+
 def test_old_nonces_are_forgotten_and_the_nonce_store_is_bounded(co, monkeypatch):
     now = time.time()
     w = innernet.ADMIN_PROOF_WINDOW
@@ -282,6 +306,34 @@ def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
     assert [e.action for e in store.audit()].count("admin-proof") == 2
 
 
+def test_admin_proof_refuses_a_non_admin_warns_of_an_invitation_and_status_shows_it(
+        tmp_path, capsys):
+    """Review item 4: no silent mark on a peer it cannot apply to."""
+    from test_api import cli_network
+    base = cli_network(tmp_path, capsys)
+    for name, admin in (("boss", "true"), ("worker", "false")):
+        assert innernet.main(base + ["add-peer", "evil", "--name", name, "--cidr", "h",
+                                     "--admin", admin, "--auto-ip", "--save-config",
+                                     str(tmp_path / f"{name}.toml"), "--invite-expires", "1h",
+                                     "--yes"]) == 0
+    capsys.readouterr()
+    store = Store(str(tmp_path / "lib" / "evil.db"))
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "worker", "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "innernet: error: peer 'worker' is not an admin" in err and "hint:" in err
+    assert not store.proves_admin(store.peer_by_name("worker").id)
+    assert innernet.main(base + ["status", "evil"]) == 0
+    assert "admins: 1, 0 proving their calls; not (any local user of their hosts is them): " \
+        "boss" in capsys.readouterr().out
+    assert innernet.main(base + ["admin-proof", "evil", "--name", "boss", "--yes"]) == 0
+    assert "has not redeemed its invitation yet" in capsys.readouterr().err
+    assert innernet.main(base + ["status", "evil"]) == 0
+    assert "admins: 1, 1 proving their calls\n" in capsys.readouterr().out
+    assert innernet.main(base + ["status", "evil", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["admins"] == ["boss"] and st["admins_proving"] == ["boss"]
+
+
 PROVED = r"""
 import json, sys, threading
 sys.path.insert(0, sys.argv[1])
@@ -324,3 +376,73 @@ def test_proved_admin_calls_load_no_openssl_or_http_modules(tmp_path):
                        env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout.strip().splitlines()[-1])) <= {"nacl"}
+
+
+# -- a redemption raced by a local user of the joining host (review item 1) ----------
+
+def invitation(co, ip="10.80.64.9"):
+    invite, invite_pub = pair()
+    assert call(co, "POST", "/v1/admin/peers",
+                body=peer_contents("joiner" + ip.rsplit(".", 1)[1], ip, 4,
+                                   public_key=invite_pub))[0] == 201
+    return invite
+
+
+def redeem(co, new_pub, invite=None, ip="10.80.64.9", header=None):
+    data = {"public_key": new_pub}
+    headers = {}
+    if invite is not None:
+        headers[innernet.INVITATION_PROOF_HEADER] = header or proof(
+            co, "POST", "/v1/user/redeem", json.dumps(data).encode(), private=invite)
+    return call(co, "POST", "/v1/user/redeem", ip=ip, body=data, headers=headers)
+
+
+def test_a_redemption_proved_with_the_invitation_key_beats_an_unproved_one(co):
+    """nobody on the joining host redeems first, through root's tunnel; root's
+    client, proving it holds the invitation's key, still gets the peer."""
+    import threading
+    co.redeems.hold_time = 5.0
+    invite = invitation(co)
+    thief = []
+    t = threading.Thread(target=lambda: thief.append(redeem(co, pair()[1])))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not co.redeems._held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert redeem(co, pair()[1])[0] == 409                  # a second unproved one: refused
+    root_key = pair()[1]
+    started = time.monotonic()
+    assert redeem(co, root_key, invite)[0] == 204
+    t.join(10)
+    assert time.monotonic() - started < 2
+    status, body = thief[0]
+    assert status == 409 and "proved" in body["error"]
+    assert co.store.peer_by_ip("10.80.64.9").public_key == root_key
+
+
+def test_an_unproved_redemption_is_taken_after_the_hold(co):
+    """innernet's client cannot prove: it gets the invitation, REDEEM_HOLD s later."""
+    assert 0 < innernet.REDEEM_HOLD <= 3.5     # innernet 1.5.5's redeem times out at 5 s
+    co.redeems.hold_time = 0.3
+    invitation(co)
+    key = pair()[1]
+    started = time.monotonic()
+    assert redeem(co, key)[0] == 204
+    assert time.monotonic() - started >= 0.3
+    assert co.store.peer_by_ip("10.80.64.9").public_key == key
+    status, body = redeem(co, pair()[1], invitation(co, "10.80.64.10"), ip="10.80.64.10",
+                          header="v1 1 " + "0" * 32 + " " + "0" * 64)
+    assert status == 403 and not co.store.peer_by_ip("10.80.64.10").is_redeemed
+
+
+def test_our_client_proves_the_redemption_with_the_invitation_key(co, monkeypatch):
+    seen = []
+    real = innernet.ApiClient._head
+    monkeypatch.setattr(innernet.ApiClient, "_head",
+                        lambda self, m, p, h, d: seen.append(r := real(self, m, p, h, d)) or r)
+    invite = innernet.generate_private_key()
+    api = innernet.ApiClient("127.0.0.1:1", co.public_key, invite_key=invite)
+    api._head("POST", "/user/redeem", {}, b"{}")
+    assert innernet.INVITATION_PROOF_HEADER.encode() in seen[0]
+    api._head("GET", "/user/state", {}, None)
+    assert innernet.INVITATION_PROOF_HEADER.encode() not in seen[1]

@@ -45,6 +45,7 @@ def make_coordinator(tmp_path):
         store.add_peer(Peer(None, name, IPS[name], cidr_id, key(), is_admin=name == "admin",
                             is_redeemed=True))
     c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
+    c.redeems.hold_time = 0.01     # unproved redemptions: not 3 s per test (test_admin_proof)
     for p in store.peers():
         if p.name in ENDPOINTS:
             c.device.observed[p.public_key] = ENDPOINTS[p.name]
@@ -121,6 +122,12 @@ def test_unknown_ip_gets_401_and_bad_paths_404(co):
     assert call(co, "GET", "/v1/user/nothing")[0] == 404
     assert call(co, "DELETE", "/v1/admin/peers/abc")[0] == 404
     assert call(co, "PATCH", "/v1/admin/peers/3")[0] == 404
+    # routes are anchored, as innernet's (review item 4): no prefix matches
+    for path in ("/v1/user/state/anything", "/v1/user/state/3", "/v1/user/state/",
+                 "/v1/admin/peers/x", "/v1/admin/cidrs/3/extra"):
+        assert call(co, "GET", path)[0] == 404, path
+    assert call(co, "PUT", "/v1/admin/peers/3/x", body={})[0] == 404
+    assert call(co, "GET", "/v1/user/state")[0] == 200
 
 
 # -- associations and CIDRs (tests 5-13) ---------------------------------------

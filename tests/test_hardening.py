@@ -2,6 +2,7 @@
 unit tests: each failed on the code before its fix. The end-to-end halves are in
 tests/e2e/test_hardening.py.
 """
+import argparse
 import base64
 import ipaddress
 import json
@@ -322,6 +323,35 @@ def test_a_symlinked_hosts_file_stays_a_symlink(tmp_path):
     link.symlink_to(real)
     assert innernet.write_hosts_file(str(link), "innernet x", ["10.0.0.1 a.x.wg"])
     assert link.is_symlink() and "a.x.wg" in real.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's symlink needs root")
+def test_a_hosts_symlink_planted_by_another_user_is_refused(tmp_path, capsys):
+    """Review item 3: --hosts-path in a world-writable sticky directory, where
+    `nobody` planted a symlink to a file of root's; fetch must not write there."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    link = sticky / "hosts"
+    link.symlink_to(victim)
+    os.lchown(link, 65534, 65534)                        # nobody's
+    assert not innernet.write_hosts_file(str(link), "innernet x", ["10.0.0.1 a.x.wg"])
+    assert victim.read_text() == "root:secret\n"
+    assert "owned by user 65534" in capsys.readouterr().err
+    with pytest.raises(InnernetError, match="owned by user 65534") as e:
+        innernet.hosts_options(argparse.Namespace(hosts_path=str(link)))
+    assert "--hosts-path" in e.value.hint
+    # root's own symlink there is followed; a directory everyone may write to
+    # without the sticky bit is refused whatever is in it
+    os.lchown(link, 0, 0)
+    assert innernet.write_hosts_file(str(link), "innernet x", ["10.0.0.1 a.x.wg"])
+    assert "a.x.wg" in victim.read_text() and link.is_symlink()
+    sticky.chmod(0o777)
+    with pytest.raises(InnernetError, match="everyone may write"):
+        innernet.hosts_options(argparse.Namespace(hosts_path=str(sticky / "other")))
+    assert innernet.safe_hosts_path("/etc/hosts")
 
 
 def test_crlf_and_duplicated_hosts_sections_are_replaced_whole():

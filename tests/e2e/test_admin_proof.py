@@ -8,7 +8,10 @@ tunnels: `nobody` there is refused (with and without a made-up proof), root's
 `innernet add-peer` works, a captured request replayed is refused, the mark
 survives a restart of `serve` and follows a key rotation, and innernet 1.5.5's
 admin client still works against our server (keeping innernet's rule, as the
-README says) until that peer once proves a call.
+README says) until that peer once proves a call. From the outside review:
+a future-dated proof (admin clock ahead) replayed after a restart is refused,
+and `nobody` on a joining host cannot take the invitation while root's
+`install` runs.
 """
 import json
 import os
@@ -52,9 +55,12 @@ print(json.dumps(out))
 # As root on the admin's host: our ApiClient's own admin calls, each captured
 # as the bytes it sent, with the server's answers: [[status, raw request], ...].
 CAPTURE = r"""
-import json, sys
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import innernet as I
+if len(sys.argv) > 4:                  # this host's clock, that many seconds ahead
+    _now = time.time
+    time.time = lambda: _now() + float(sys.argv[4])
 cfg = I.InterfaceConfig.from_toml(open(sys.argv[2]).read(), sys.argv[2])
 api = I.ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
                   proof_key=cfg.private_key)
@@ -130,14 +136,28 @@ def as_nobody(w, host, reqs):
     return [(s, json.loads(b) if b else None) for s, b in json.loads(out.stdout)]
 
 
-def capture(w, calls, host=None, config=None):
+def capture(w, calls, host=None, config=None, ahead=None):
     """Our client's admin calls as root: [(status, the raw request it sent)]."""
-    out = (host or w.admin).python(CAPTURE, ROOT, config or w.config, json.dumps(calls))
+    out = (host or w.admin).python(CAPTURE, ROOT, config or w.config, json.dumps(calls),
+                                   *([] if ahead is None else [ahead]))
     return json.loads(out.stdout)
 
 
 def db_names(w):
     return {r[0] for r in sqlite3.connect(w.db).execute("SELECT name FROM peers")}
+
+
+def admin_id(w):
+    return sqlite3.connect(w.db).execute("SELECT id FROM peers WHERE name = 'admin'") \
+        .fetchone()[0]
+
+
+def admin_contents(w):
+    """The admin peer's contents as they are (a PUT that changes nothing)."""
+    row = sqlite3.connect(w.db).execute(
+        "SELECT name, ip, cidr_id, public_key FROM peers WHERE name = 'admin'").fetchone()
+    return dict(new_peer(row[0], row[1], row[3]), cidr_id=row[2], is_admin=True,
+                is_redeemed=True)
 
 
 def refused(results):
@@ -220,6 +240,25 @@ def test_the_mark_survives_a_restart_and_follows_a_key_rotation(world):
                                                       w.server_key)]))
 
 
+def test_a_future_dated_proof_replayed_after_a_restart_is_refused(world):
+    """Review item 2: an admin whose clock is 100 s ahead dates its proofs
+    after the restarted server's start; the newest stamp the server accepted
+    from that peer, kept in the database, refuses the replay. (The admin's
+    clock stays ahead from here on: a clock set back would be refused until
+    it passes that stamp, at most ADMIN_PROOF_WINDOW s.)"""
+    w = world
+    put = [["PUT", f"/admin/peers/{admin_id(w)}", admin_contents(w)]]
+    ahead = capture(w, put, ahead=100)
+    assert ahead[0][0] == 204, ahead
+    w.serve.terminate()
+    w.serve.wait(timeout=30)
+    w.serve = start_serve(w.srv, w.net)
+    wait_for(lambda: capture(w, [["GET", "/admin/peers", None]], ahead=100)[0][0] == 200, 30,
+             "the restarted server to answer the admin")
+    results = as_nobody(w, w.admin, [ahead[0][1]])
+    assert refused(results) and "not newer" in results[0][1]["error"], results
+
+
 def reference_dir():
     here = os.environ.get("INNERNET_REFERENCE_DIR") or os.path.join(
         ROOT, "..", "shared", "reference", "innernet-1.5.5")
@@ -267,3 +306,61 @@ def test_an_innernet_1_5_5_admin_still_works_until_it_once_proves_a_call(world):
     assert r.returncode != 0 and "viaold2" not in db_names(w)
     assert "status code 403" in r.stdout, r.stdout       # innernet prints no body
     assert refused(as_nobody(w, host, [raw_request("GET", "/v1/admin/peers", w.server_key)]))
+
+
+# `nobody` on a joining host: redeems the invitation with its own key, again
+# and again, through root's tunnel as soon as it is up, until the server says
+# the invitation is gone or the time is up; prints the statuses it got.
+THIEF = r"""
+import base64, json, socket, sys, time
+server, port, server_key, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+body = json.dumps({"public_key": base64.b64encode(bytes(range(1, 33))).decode()})
+req = ("POST /v1/user/redeem HTTP/1.1\r\nHost: x\r\nX-Innernet-Server-Key: %s\r\n"
+       "Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+       % (server_key, len(body), body)).encode()
+statuses, deadline = [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    try:
+        s = socket.create_connection((server, port), timeout=6)
+        s.sendall(req)
+        resp = s.recv(65536)
+        s.close()
+        statuses.append(int(resp.split()[1]))
+        if statuses[-1] in (401, 410):
+            break
+    except (OSError, IndexError, ValueError):
+        time.sleep(0.01)
+print(json.dumps(statuses), flush=True)
+"""
+
+
+def test_nobody_on_a_joining_host_cannot_steal_the_invitation_during_install(world):
+    """Review item 1: nobody's unproved redemption through root's tunnel is held;
+    root's install, proving it holds the invitation's key, wins."""
+    w = world
+    host = w.lab.add_host("join")
+    ifname = w.lab.ifname("join")
+    invitation = lab_invite(w.srv, w.net, "joiner", "humans", admin="true")
+    ip = sqlite3.connect(w.db).execute("SELECT ip FROM peers WHERE name = 'joiner'") \
+        .fetchone()[0]
+    wait_for(lambda: ip in device_peer_ips(w.srv, w.net), 20, "the invitation on the device")
+    thief = host.spawn(NOBODY + ["/usr/bin/python3", "-S", "-c", THIEF, "10.66.0.1", "51820",
+                                 w.server_key, "40"], "thief.log")
+    r = host.exec(host.innernet_argv("install", "--name", ifname,
+                                      "--no-write-hosts", invitation),
+                  check=False, timeout=120)
+    thief.wait(timeout=60)
+    statuses = json.loads(host.log("thief.log").strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr
+    # it raced and lost: held, then refused (409), or it came just after
+    # root's proved redemption had begun (410) or ended (401)
+    assert statuses and set(statuses) <= {401, 409, 410}, statuses
+    row = sqlite3.connect(w.db).execute(
+        "SELECT public_key, is_redeemed FROM peers WHERE name = 'joiner'").fetchone()
+    import base64
+    assert row[1] == 1 and row[0] != base64.b64encode(bytes(range(1, 33))).decode()
+    config = host.path("client", "etc", f"{ifname}.conf")
+    sys.path.insert(0, ROOT)
+    import innernet
+    cfg = innernet.InterfaceConfig.from_toml(open(config).read(), config)
+    assert row[0] == innernet.public_key(cfg.private_key)
