@@ -118,6 +118,9 @@ DNS_TCP_IDLE = 10               # s a DNS-over-TCP connection may sit idle
 DNS_TCP_MESSAGES = 100          # questions one DNS-over-TCP connection may ask
 AUDIT_KEEP = 365 * 86400        # the audit log's default retention (serve --audit-keep)
 ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
+OLD_KEY_KEEP = 7 * 86400        # s a rotated-away private key is kept, for late proofs
+PROOF_POLL = 5                  # s between syncs of a daemon waiting for a late proof
+STATUS_MAX_AGE = 300            # s since the last good sync after which `status` is unhealthy
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
@@ -374,9 +377,48 @@ def fast_fields(o, iface, links):
         "links": links_fingerprint(links)}
 
 
+def status_file_path(data_dir, iface):
+    return os.path.join(data_dir, f"{iface}.status.json")
+
+
+def _json_text(v):
+    """JSON for None, bools, numbers, strings, lists and dicts, without the
+    json module (which the fast path has not imported)."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    if isinstance(v, (int, float)):
+        return repr(round(v, 3) if isinstance(v, float) else v)
+    if isinstance(v, str):
+        return '"' + "".join(c if " " <= c < "\x7f" and c not in '"\\' else f"\\u{ord(c):04x}"
+                             for c in v) + '"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_json_text(str(k))}: {_json_text(x)}"
+                               for k, x in v.items()) + "}"
+    return "[" + ", ".join(_json_text(x) for x in v) + "]"
+
+
+def write_status_file(data_dir, iface, status):
+    """<data dir>/<iface>.status.json, what `innernet status` and a monitoring
+    agent read: replaced whole, 0644 (it holds no secret; the data directory
+    is root's, 0700)."""
+    path = status_file_path(data_dir, iface)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(_json_text(status) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def fast_unchanged(o, iface, links, now):
     """Is `fetch IFACE` with options ``o`` sure to change nothing? (Asks the
-    server; no other side effect.)"""
+    server; no other side effect.) The record it checked, or False."""
     rec = read_fast_record(fast_file_path(o["data_dir"], iface))
     if rec is None:
         return False
@@ -391,7 +433,7 @@ def fast_unchanged(o, iface, links, now):
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
     dump = uapi_dump(iface)
-    return dump is not None and device_digest(dump, time.time()) == rec.get("device")
+    return dump is not None and device_digest(dump, time.time()) == rec.get("device") and rec
 
 
 def _server_says_unchanged(endpoint, key, etag):
@@ -439,10 +481,24 @@ def fast_fetch(argv):
     if not ifaces:
         return None
     links, now = raw_links(), time.time()
+    recs = []
     for iface in ifaces:
-        if not fast_unchanged(o, iface, links, now):
+        rec = fast_unchanged(o, iface, links, now)
+        if not rec:
             return None
+        recs.append((iface, rec))
+    for iface, rec in recs:       # in sync now: what `innernet status` reads
+        write_status_file(o["data_dir"], iface, sync_status(
+            iface, now, None, rec.get("endpoint", ""), "fetch"))
     return 0
+
+
+def sync_status(iface, now, error, server, by, last_success=None, pending=()):
+    """The status file's content after a sync (``error``: its message, or None)."""
+    return {"interface": iface, "ok": error is None, "checked_at": now,
+            "last_success": now if error is None else last_success,
+            "last_error": error, "server": server, "by": by,
+            "pending_key_changes": list(pending)}
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -2064,6 +2120,16 @@ def follow_rotations(own_private, ip, pinned, chain):
     return cur
 
 
+def rotation_awaits_proof(own_private, ip, pinned, chain):
+    """Does the chain from ``pinned`` stop at a rotation that has no proof for
+    us at all (none, not a wrong one)? Its old key's holder rotated before it
+    knew of us (we joined after it last synced) and proves it later; until
+    then the change waits, the old key pinned. A wrong proof never waits."""
+    cur = follow_rotations(own_private, ip, pinned, chain)
+    steps = [r for r in chain if r.get("old_key") == cur]
+    return bool(steps) and all(r.get("proof") is None for r in steps)
+
+
 def relay_rules(peers, cidrs, associations):
     """What the server may forward: (peer addresses, (source, destination) ranges).
 
@@ -2205,7 +2271,7 @@ class PathMemo:
         return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
-def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None):
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, waiting=()):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2216,14 +2282,20 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
     server announces (``deleted``: Deletions) lets a pin go, and only once
     its quarantine (reuse_after, as first announced) is over; only a key
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
-    a known address change key. Our own address is ours to know. ``now``:
+    a known address change key. Our own address is ours to know. A change
+    ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
+    the pinned peer, old key and all, in place of the received one. ``now``:
     the caller's clock (the default, 0, lets no quarantine end).
     """
-    rotated = set(rotated)
+    rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
+    kept = {}
     for p, old in pinned_key_changes(stored, received, now):
         if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
             continue                      # ours, or its old key's holder proved the change
+        if (p.ip, old.public_key, p.public_key) in waiting:
+            kept[(p.ip, p.public_key)] = old
+            continue
         until = "" if old.deleted_until is None else time.strftime(
             " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
             time.gmtime(old.deleted_until))
@@ -2232,7 +2304,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
             f"another public key{until}",
             hint="the server may be compromised; if this is expected, delete "
                  "the data store file and fetch again")
-    result = [p for p in received]
+    result = [kept.get((p.ip, p.public_key), p) for p in received]
     result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
     for p in stored:
         ip = p.ip
@@ -4748,6 +4820,25 @@ class Store:
                         {"key": new_key}, now)
             return old
 
+    def add_rotation_proofs(self, peer_id, old_key, new_key, proofs):
+        """Proofs a peer sends later for one of its own rotations, for peers
+        that lacked one; a proof already kept is never replaced. How many were new."""
+        with self.write() as c:
+            row = c.execute("SELECT id, proofs FROM key_rotations WHERE peer_id = ? AND "
+                            "old_key = ? AND new_key = ?", (peer_id, old_key, new_key)).fetchone()
+            if row is None:
+                raise InnernetError("no such rotation of yours", status=404)
+            try:
+                table = json.loads(row[1])
+            except ValueError:
+                table = {}
+            table = table if isinstance(table, dict) else {}
+            new = {k: v for k, v in proofs.items() if k not in table}
+            if new:
+                c.execute("UPDATE key_rotations SET proofs = ? WHERE id = ?",
+                          (json.dumps({**table, **new}), row[0]))
+            return len(new)
+
     def rotations(self, ip):
         """[(old key, new key, {verifier key: proof})] for an address, oldest first."""
         out = []
@@ -5110,14 +5201,42 @@ class Replicator:
     def __init__(self, db_path, url, interval):
         self.binary = litestream_binary()
         self.config = db_path[:-3] + ".litestream.yml"
+        self.pidfile = db_path[:-3] + ".litestream.pid"
         atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
+    def stop_leftover(self):
+        """A litestream an earlier serve left on this database (its pidfile names
+        it, and it runs our config) is stopped, so two never write one replica."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.config.encode() not in argv or pid == os.getpid():
+            return
+        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
     def _start(self):
         import subprocess
+        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
+        # killed with -9, or stopped under KillMode=process, takes it along.
+        die = _parent_death_signal()
         self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die)
+        with contextlib.suppress(OSError):
+            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
 
     def run(self):
         backoff = 1
@@ -5135,6 +5254,7 @@ class Replicator:
             self.stop.wait(backoff)
 
     def start(self):
+        self.stop_leftover()
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
@@ -5147,6 +5267,22 @@ class Replicator:
                 proc.wait(timeout=10)
             if proc.poll() is None:
                 proc.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(self.pidfile)
+
+
+def _parent_death_signal():
+    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
+    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 ###############################################################################
@@ -5493,6 +5629,15 @@ class DeviceSync:
         self._observed_at = 0.0
         self.lock = threading.RLock()
         self.failed = None                   # the last sync error, until a sync works
+        self.missing = 0                     # checks in a row that found no device
+
+    def gone(self):
+        """Has the device been missing for three checks in a row (wireguard-go
+        killed, the link deleted)? The sockets bound to it died with it."""
+        if self.backend is None:
+            return False
+        self.missing = 0 if self.backend.exists(self.ifname) else self.missing + 1
+        return self.missing >= 3
 
     def refresh(self, max_age=1.0):
         """Read the endpoints WireGuard observes for each peer (cached)."""
@@ -5921,6 +6066,7 @@ class Coordinator:
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
+        self.device_gone = threading.Event()  # serve exits: its unit brings it back
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.views = StateViews(store, None, self.gate, self.stop)
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
@@ -5975,6 +6121,8 @@ class Coordinator:
                     self.device.sync()
                 # Reading the device costs ~7 ms per 1000 peers; scale the pace.
                 self.device.refresh(max(1.0, len(self.device.observed) / 1000))
+                if self.device.gone():
+                    self.device_gone.set()
                 self.write_status()
                 if time.monotonic() - slow >= SWEEP_INTERVAL:
                     slow = time.monotonic()
@@ -6143,6 +6291,39 @@ def user_get_rotations(co, req):
     return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
                            "proof": proofs.get(req.caller.public_key)}
                           for old, new, proofs in co.store.rotations(ip)])
+
+
+@api("GET", "user/rotation-proofs", "user")
+def user_get_missing_proofs(co, req):
+    """Ours: the caller's own rotations that a peer which may see it has no
+    proof for (it joined after the caller's last sync before rotating):
+    [{"old_key", "new_key", "peers": [public keys]}]."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != req.caller.id]
+    out = []
+    for old, new, proofs in co.store.rotations(req.caller.ip):
+        missing = [k for k in keys if k not in proofs]
+        if missing:
+            out.append({"old_key": old, "new_key": new, "peers": missing})
+    return Response(200, out)
+
+
+@api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_add_rotation_proofs(co, req):
+    """Ours: late proofs for one of the caller's own rotations
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    data = _require_object(req.body, "rotation proofs")
+    old, new = _get(data, "old_key", str), _get(data, "new_key", str)
+    proofs = _get(data, "proofs", dict)
+    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
+                                       for k, v in proofs.items()):
+        raise _bad("field 'proofs' must map public keys to proofs")
+    co.gate.allow_update(req.caller.id)
+    added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
+    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    return Response(204)
 
 
 @api("PUT", "user/endpoint", "user", body=True)
@@ -6968,6 +7149,14 @@ class ApiClient:
             self.sock = None
             self.buf = b""
 
+    def interrupt(self):
+        """From another thread: end a request in progress (a long poll through
+        a device that is gone would otherwise wait out its timeout)."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _fresh(self):
         """Is the kept-alive connection recent and not closed by the server?"""
         if time.monotonic() - self.used > 2.0 or self.buf:
@@ -7396,6 +7585,7 @@ class FetchResult:
     unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
     next_due: float | None = None        # s until the paths need another look
     exit_problem: str | None = None      # why the exit node asked for is not in use
+    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
 
 
 def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
@@ -7787,8 +7977,10 @@ def next_path_work(memo, unreachable, now):
 
 
 def verified_rotations(api, cfg, stored, received):
-    """The key changes at known addresses that their old keys' holders proved."""
-    ok = []
+    """The key changes at known addresses that their old keys' holders proved,
+    and those still waiting for a proof for us (rotation_awaits_proof):
+    ([(ip, old, new)], [(peer, ip, old, new)])."""
+    ok, waiting = [], []
     for p, pin in pinned_key_changes(stored, received, time.time()):
         ip, old, new = p.ip, pin.public_key, p.public_key
         if ip == str(cfg.address.ip):
@@ -7799,11 +7991,84 @@ def verified_rotations(api, cfg, stored, received):
             if e.unreachable:
                 raise
             chain = []                # an innernet server: no rotations, pinning refuses
-        if isinstance(chain, list) and follow_rotations(
-                cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
+        chain = [r for r in chain if isinstance(r, dict)] if isinstance(chain, list) else []
+        if follow_rotations(cfg.private_key, ip, old, chain) == new:
             log(f"peer {p.name} rotated its key; the proof of its old key checks out")
             ok.append((ip, old, new))
-    return ok
+        elif rotation_awaits_proof(cfg.private_key, ip, old, chain):
+            waiting.append((p, ip, old, new))
+    return ok, waiting
+
+
+def old_keys_path(store_path):
+    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    to prove the rotation to peers that joined before it but after its last sync."""
+    return store_path[:-5] + ".oldkeys.json"
+
+
+def load_old_keys(store_path, now):
+    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
+    path = old_keys_path(store_path)
+    try:
+        with open(path) as f:
+            keys = json.load(f).get("keys", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
+            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
+    if len(live) != len(keys):
+        with contextlib.suppress(OSError):
+            if live:
+                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
+            else:
+                os.unlink(path)
+    return live
+
+
+def keep_old_key(store_path, private_key, new_key, now):
+    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
+    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
+    ensure_dir(os.path.dirname(store_path) or ".")
+    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
+
+
+def send_late_proofs(api, cfg, store_path):
+    """Proofs of our recent rotations, from the kept old keys, for the peers
+    the server says still lack one (they joined after our last sync before
+    the rotation). Only rotations we made are proved, so a server naming
+    keys of its choosing learns nothing it could use. True when all were sent."""
+    kept = load_old_keys(store_path, time.time())
+    if not kept:
+        return True
+    try:
+        wanted = api.call("GET", "/user/rotation-proofs") or []
+    except InnernetError as e:
+        if e.unreachable:
+            raise
+        debug(f"the server takes no late rotation proofs: {e.message}")
+        return e.status == 404
+    ours = {(public_key(k["private_key"]), k["new_key"]): k["private_key"] for k in kept}
+    ip, done = str(cfg.address.ip), True
+    for rec in wanted if isinstance(wanted, list) else []:
+        if not isinstance(rec, dict) or not isinstance(rec.get("peers"), list):
+            continue
+        priv = ours.get((rec.get("old_key"), rec.get("new_key")))
+        proofs = {v: rotation_proof(priv, v, ip, rec["new_key"]) for v in rec["peers"]
+                  if priv and isinstance(v, str) and is_public_key(v)}
+        if not proofs:
+            continue
+        try:
+            api.call("POST", "/user/rotation-proofs", {"old_key": rec["old_key"],
+                                                       "new_key": rec["new_key"],
+                                                       "proofs": proofs})
+            log(f"sent the proof of our key rotation to {len(proofs)} peer(s) that joined "
+                "before it")
+        except InnernetError as e:
+            if e.unreachable:
+                raise
+            warn(f"late rotation proofs not taken: {e.message} (sent again at the next sync)")
+            done = False
+    return done
 
 
 def fetch_state(api, etag, wait):
@@ -7825,8 +8090,37 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
-                    record=False, dns=False):
+def read_status(args, iface):
+    """The interface's status file as the last sync left it, or {}."""
+    try:
+        with open(status_file_path(_dirs(args, False)[1], iface)) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def fetch_interface(args, iface, by="fetch", **kw):
+    """One sync (sync_interface), its outcome left in the interface's status
+    file (write_status_file), for `innernet status` and monitoring agents."""
+    prev = read_status(args, iface)
+    try:
+        result = sync_interface(args, iface, prev, **kw)
+    except Exception as e:
+        if path_exists(client_config_path(args, iface)):
+            message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
+            last = prev.get("last_success")
+            write_status_file(_dirs(args, False)[1], iface, sync_status(
+                iface, time.time(), message, prev.get("server"), by, last))
+        raise
+    cfg = current_server(args, iface, load_client_config(args, iface))
+    write_status_file(_dirs(args, False)[1], iface, sync_status(
+        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
+    return result
+
+
+def sync_interface(args, iface, prev, *, allow_bring_up=False, wait=0, traverse="changed",
+                   record=False, dns=False):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
@@ -7844,11 +8138,16 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     if getattr(args, "no_nat_traversal", False):
         traverse = None
     f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
+    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
+                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
     f.find_device(allow_bring_up)
-    f.api = ApiClient(f.cfg.server_internal_endpoint, f.cfg.server_public_key,
-                      timeout=HTTP_TIMEOUT + wait)
+    f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
+                                          f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait)
+    proofs_sent = True
     try:
         f.receive(wait)
+        if f.unreachable is None:
+            proofs_sent = send_late_proofs(f.api, f.cfg, f.store_path)
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
@@ -7857,10 +8156,11 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
-        if record and f.unreachable is None and f.etag and \
-                isinstance(f.backend, UserspaceBackend):
+        if record and f.unreachable is None and f.etag and proofs_sent and not f.pending \
+                and isinstance(f.backend, UserspaceBackend):
             write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due)
     finally:
+        _IN_FLIGHT.pop(iface, None)
         f.api.close()
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
@@ -7868,7 +8168,10 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
                             f"{len(f.stored_peers)} cached peers)",
                             hint=f.unreachable.hint, unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
-                       f.exit_problem)
+                       f.exit_problem, f.pending)
+
+
+_IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
 
 
 class _Fetch:
@@ -7883,6 +8186,7 @@ class _Fetch:
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
+        self.pending, self.prev_pending = [], {}
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -7904,18 +8208,22 @@ class _Fetch:
         """The peers and CIDRs to apply: the server's, pinned against what we
         had; or the cached ones (and the next server) when it is unreachable."""
         try:
-            state, self.etag, self.waited = fetch_state(
-                self.api, self.stored_etag if self.stored_peers else None, wait)
+            # A key change waiting for its proof is looked at again at every
+            # sync: the proof arrives without the state changing.
+            etag = self.stored_etag if self.stored_peers and not self.prev_pending else None
+            state, self.etag, self.waited = fetch_state(self.api, etag, wait)
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
             received = [Peer.from_json(p) for p in state.get("peers", [])]
             self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
             deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
-            self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
+            self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
+                                                       received)
             self.peers = merge_pinned(self.stored_peers, received, deleted, time.time(),
-                                      rotated=self.rotated,
-                                      own_ip=str(self.cfg.address.ip))          # pinning first
+                                      rotated=self.rotated, own_ip=str(self.cfg.address.ip),
+                                      waiting=[w[1:] for w in waiting])         # pinning first
+            self.pending = [self.note_waiting(*w) for w in waiting]
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -7928,6 +8236,17 @@ class _Fetch:
                 self.stored_etag
             self.unreachable = e
             self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+
+    def note_waiting(self, p, ip, old, new):
+        """A key change waiting for its proof, as the status file keeps it;
+        said once, when it begins."""
+        before = self.prev_pending.get((ip, new))
+        if before is None:
+            warn(f"{self.iface}: peer {p.name} ({ip}) has a new key with no proof for us yet "
+                 "(it rotated before it knew of us); its old key stays until the proof comes")
+        since = before.get("since") if before else None
+        return {"peer": p.name, "ip": ip, "old_key": old, "new_key": new,
+                "since": since if isinstance(since, (int, float)) else time.time()}
 
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
@@ -8047,8 +8366,8 @@ def fail_over(args, iface, cfg, backend):
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way."""
     eps = cfg.endpoints
-    if len(eps) < 2 or backend is None:
-        return cfg
+    if len(eps) < 2 or backend is None or not backend.exists(iface):
+        return cfg          # no device (wireguard-go killed): the server is not the one gone
     since = load_server_state(args, iface).get("since")
     since = since if isinstance(since, (int, float)) else 0
     dp = None
@@ -8143,9 +8462,12 @@ def server_capabilities(args, iface):
     try:
         caps = api.call("GET", "/user/capabilities") or {}
     except InnernetError as e:
-        if e.unreachable and len(cfg.endpoints) > 1:
-            fail_over(args, iface, current_server(args, iface, cfg),
-                      existing_backend(opt(args, "backend", "auto"), iface))
+        backend = existing_backend(opt(args, "backend", "auto"), iface)
+        # Without its device (wireguard-go killed, a reboot) the server is
+        # unreachable from here: the sync that brings the device back comes
+        # first, not a fail-over that needs the device (and would never end).
+        if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
+            fail_over(args, iface, current_server(args, iface, cfg), backend)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -8232,6 +8554,11 @@ def watch_paths(args, iface, state, every=1.0):
             with device_lock(iface):
                 backend = existing_backend(opt(args, "backend", "auto"), iface)
                 if backend is None:
+                    # The device is gone (wireguard-go killed): a long poll through
+                    # it would wait out its timeout; cut it short, and the sync
+                    # that follows brings the device back.
+                    with contextlib.suppress(KeyError):
+                        _IN_FLIGHT[iface].interrupt()
                     continue
                 cfg, peers = state.cfg, state.peers
                 dev = backend.get(iface)
@@ -8287,7 +8614,7 @@ def _daemon(args, iface):
     dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):
+    if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
         threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
     while True:
         sleep = args.interval
@@ -8301,7 +8628,7 @@ def _daemon(args, iface):
             wait = min(args.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
+            result = fetch_interface(args, iface, by="daemon", allow_bring_up=True, wait=wait,
                                      traverse=traverse, dns=dns)
             traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
@@ -8312,6 +8639,7 @@ def _daemon(args, iface):
                 sleep = 0                   # the wait happened on the server
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
+            sleep = min(args.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
@@ -9421,9 +9749,15 @@ def cmd_server_serve(args):
     def stop(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=lambda: co.device_gone.wait() and httpd.shutdown(),
+                     daemon=True).start()
     log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
     try:
         httpd.serve_forever(poll_interval=0.5)
+        if co.device_gone.is_set():
+            raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
+                                "exiting so that the service manager starts serve again",
+                                hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
     finally:
         co.stop.set()
         httpd.server_close()
@@ -9632,7 +9966,8 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
         try:
             # Peers are tried later (the daemon, the next fetch, or their own
             # side, which learns of us now): joining ends at the handshake.
-            fetch_interface(args, iface, allow_bring_up=True, traverse=None, dns=True)
+            fetch_interface(with_remembered_flags(args, iface), iface, by="install",
+                            allow_bring_up=True, traverse=None, dns=True)
             return
         except InnernetError as e:
             if attempt == 2:
@@ -9714,6 +10049,8 @@ def cmd_rotate_key(args):
         raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
                             hint="move it by hand: the server has the new key") from None
     since = time.time()
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
     server = server_peer_update(cfg)
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
@@ -9913,18 +10250,120 @@ def cmd_uninstall(args):
     return 0
 
 
+ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
+
+
+def with_remembered_flags(args, iface, reset=False):
+    """``args`` for one network, with the route and DNS flags of the last
+    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
+    plain cron `fetch` keeps them. Flags given now are remembered; `up`
+    (``reset``) remembers exactly what it is given, none included."""
+    path = data_store_path(args, iface)[:-5] + ".flags.json"
+    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
+    if given or reset:
+        with contextlib.suppress(OSError):
+            if given:
+                ensure_dir(os.path.dirname(path))
+                atomic_write(path, json.dumps(given) + "\n", 0o600)
+            else:
+                os.unlink(path)
+        return args
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return args
+    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
+    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
+
+
+def down_marker_path(args, iface):
+    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
+    return data_store_path(args, iface)[:-5] + ".down"
+
+
 def cmd_fetch(args):
     ifaces = chosen_interfaces(args)
     failed = 0
     for iface in ifaces:
         try:
-            fetch_interface(args, iface, record=True)
+            if path_exists(down_marker_path(args, iface)) and \
+                    existing_backend(opt(args, "backend", "auto"), iface) is None:
+                if args.interface is None:
+                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
+                    continue
+                raise InnernetError(f"interface {iface} is not up (taken down with "
+                                    f"'innernet down {iface}')",
+                                    hint=f"run 'innernet up {iface}' to bring it back")
+            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
+                            allow_bring_up=True)
         except InnernetError as e:
             if len(ifaces) == 1:
                 raise
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}")
     return EXIT_ERROR if failed else 0
+
+
+def interface_health(args, iface, now, max_age):
+    """What `status` says of one network: its status file (what the last
+    fetch, up or daemon run left), the device, and the problems, if any."""
+    st = read_status(args, iface)
+    up = existing_backend(opt(args, "backend", "auto"), iface) is not None
+    problems = [] if up else ["the interface is not up"]
+    last = st.get("last_success")
+    if not st:
+        problems.append("no sync recorded (no fetch, up or daemon has run since install)")
+    elif st.get("last_error"):
+        problems.append(f"the last sync failed: {st['last_error']}")
+    if st and not isinstance(last, (int, float)):
+        problems.append("no successful sync recorded")
+    elif st and now - last > max_age:
+        problems.append(f"no successful sync for {format_duration(now - last)}")
+    pending = [w for w in st.get("pending_key_changes") or [] if isinstance(w, dict)]
+    for w in pending:
+        since = w.get("since") if isinstance(w.get("since"), (int, float)) else now
+        if now - since > max_age:
+            problems.append(f"peer {w.get('peer')} has waited {format_duration(now - since)} "
+                            "for the proof of its new key")
+    return {"interface": iface, "healthy": not problems, "problems": problems,
+            "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
+            "last_error": st.get("last_error"), "by": st.get("by"),
+            "server": st.get("server"), "pending_key_changes": pending}
+
+
+def _status_lines(h, now):
+    def when(t):
+        if not isinstance(t, (int, float)):
+            return "never"
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) + \
+            f" ({format_duration(max(0, now - t))} ago)"
+    out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
+           f"  interface: {'up' if h['interface_up'] else 'down'}",
+           f"  last successful sync: {when(h['last_success'])}"
+           + (f" (by {h['by']})" if h["by"] and h["last_success"] else ""),
+           f"  last error: {h['last_error'] or 'none'}"
+           + (f" (at {when(h['checked_at'])})" if h["last_error"] else ""),
+           f"  server: {h['server'] or 'unknown'}"]
+    out += [f"  waiting for the proof of peer {w.get('peer')}'s new key ({w.get('ip')})"
+            for w in h["pending_key_changes"]]
+    out += [f"  problem: {p}" for p in h["problems"]]
+    return out
+
+
+def cmd_status(args):
+    """This host's health per network; exit 0 only when every one is healthy."""
+    max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
+    now = time.time()
+    for iface in chosen_interfaces(args):
+        load_client_config(args, iface)          # a network that is not installed fails
+    healths = [interface_health(args, iface, now, max_age) for iface in chosen_interfaces(args)]
+    if args.json:
+        print_json(healths)
+    else:
+        print("\n".join(line for h in healths for line in _status_lines(h, now)))
+    return 0 if all(h["healthy"] for h in healths) else EXIT_ERROR
 
 
 def cmd_up(args):
@@ -9936,9 +10375,12 @@ def cmd_up(args):
     for iface in ifaces:
         if path_exists(client_config_path(args, iface)):
             choose_exit(args, iface)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(down_marker_path(args, iface))
+        with_remembered_flags(args, iface, reset=True)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, allow_bring_up=True, dns=True)
+            result = fetch_interface(args, iface, by="up", allow_bring_up=True, dns=True)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
                 raise InnernetError(f"cannot use {args.exit_node} as exit node: "
@@ -9968,8 +10410,15 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
+    installed = path_exists(client_config_path(args, iface))
+    if installed:           # cron's `fetch` leaves it down until `up`
+        ensure_dir(_dirs(args, False)[1])
+        atomic_write(down_marker_path(args, iface), "", 0o600)
     if not bring_down(opt(args, "backend", "auto"), iface):
-        raise InnernetError(f"interface {iface} is not up")
+        if not installed:
+            raise InnernetError(f"interface {iface} is not up")
+        log(f"interface {iface} is already down")
+        return 0
     log(f"interface {iface} is down")
     return 0
 
@@ -10443,6 +10892,15 @@ def build_parser(server_mode=False):
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
+    p = _verb(sub, "status", cmd_status, "client",
+              "This host's health per network: the last successful sync, the last error; "
+              "exit code 0 when all are healthy, 1 otherwise.")
+    p.add_argument("interface", metavar="INTERFACE", nargs="?",
+                   help="the network (default: every installed one)")
+    p.add_argument("--max-age", metavar="TIME",
+                   help=f"a network not synced for this long is unhealthy (default "
+                        f"{STATUS_MAX_AGE // 60}m)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "down", cmd_down, "client", "Delete a network's WireGuard interface.")
     p.add_argument("interface", metavar="INTERFACE")
     p = _verb(sub, "uninstall", cmd_uninstall, "client",

@@ -1,0 +1,110 @@
+"""Issue 29's pure logic: a rotation a late joiner has no proof for waits
+instead of failing, remembered route flags, the status file's JSON, and the
+client's small verbs (down twice, status exit codes). The processes and
+devices are tests/e2e/test_fleet.py."""
+import argparse
+import json
+import os
+
+import pytest
+
+import innernet
+from innernet import (InnernetError, Peer, generate_private_key, merge_pinned, public_key,
+                      rotation_awaits_proof, rotation_proof)
+
+
+def pair():
+    k = generate_private_key()
+    return k, public_key(k)
+
+
+# -- item 1: a late joiner's missing proof ------------------------------------
+
+def test_a_rotation_with_no_proof_for_us_waits_but_a_wrong_one_never_does():
+    me, me_pub = pair()
+    old, old_pub = pair()
+    _, new_pub = pair()
+    ip = "10.0.0.2"
+    missing = [{"old_key": old_pub, "new_key": new_pub, "proof": None}]
+    wrong = [{"old_key": old_pub, "new_key": new_pub, "proof": "A" * 43 + "="}]
+    good = [{"old_key": old_pub, "new_key": new_pub,
+             "proof": rotation_proof(old, me_pub, ip, new_pub)}]
+    assert rotation_awaits_proof(me, ip, old_pub, missing)
+    assert not rotation_awaits_proof(me, ip, old_pub, wrong)
+    assert not rotation_awaits_proof(me, ip, old_pub, good)      # proved: nothing to wait for
+    assert not rotation_awaits_proof(me, ip, old_pub, [])        # no rotation at all: refused
+    # a chain: proved up to the second key, then waiting
+    _, third = pair()
+    second = good + [{"old_key": new_pub, "new_key": third, "proof": None}]
+    assert rotation_awaits_proof(me, ip, old_pub, second)
+
+
+def test_a_waiting_key_change_keeps_the_pinned_key_and_syncs_the_rest():
+    _, old_pub = pair()
+    _, new_pub = pair()
+    _, other = pair()
+    stored = [Peer(1, "bob", "10.0.0.2", 1, old_pub)]
+    received = [Peer(1, "bob", "10.0.0.2", 1, new_pub), Peer(2, "dan", "10.0.0.3", 1, other)]
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        merge_pinned(stored, received)
+    merged = merge_pinned(stored, received, waiting=[("10.0.0.2", old_pub, new_pub)])
+    assert [(p.name, p.public_key) for p in merged] == [("bob", old_pub), ("dan", other)]
+    assert not merged[0].is_disabled
+    # waiting for one change is no licence for another
+    _, evil = pair()
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        merge_pinned(stored, [Peer(1, "bob", "10.0.0.2", 1, evil)],
+                     waiting=[("10.0.0.2", old_pub, new_pub)])
+
+
+def test_old_keys_are_kept_0600_for_a_bounded_time(tmp_path):
+    store = str(tmp_path / "net.json")
+    priv, _ = pair()
+    _, new_pub = pair()
+    innernet.keep_old_key(store, priv, new_pub, 1000.0)
+    path = innernet.old_keys_path(store)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert [k["new_key"] for k in innernet.load_old_keys(store, 1000.0)] == [new_pub]
+    assert innernet.load_old_keys(store, 1000.0 + innernet.OLD_KEY_KEEP + 1) == []
+    assert not os.path.exists(path)                 # expired: the file is gone
+
+
+# -- the status file ------------------------------------------------------------
+
+def test_the_status_file_is_json_without_the_json_module(tmp_path):
+    st = innernet.sync_status("net", 1.5, 'bad "quote"\n\u00e9', "10.66.0.1:51820", "fetch",
+                              last_success=1.25, pending=[{"peer": "bob", "since": 2.0}])
+    innernet.write_status_file(str(tmp_path), "net", st)
+    path = tmp_path / "net.status.json"
+    assert json.loads(path.read_text()) == st
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+# -- item 6: remembered flags --------------------------------------------------
+
+def args_for(tmp_path, **flags):
+    return argparse.Namespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "lib"),
+                              **{k: flags.get(k, False) for k in innernet.ROUTE_FLAGS})
+
+
+def test_route_flags_are_remembered_until_up_says_otherwise(tmp_path):
+    got = innernet.with_remembered_flags(args_for(tmp_path, accept_public_routes=True), "net")
+    assert got.accept_public_routes
+    plain = innernet.with_remembered_flags(args_for(tmp_path), "net")       # a cron fetch
+    assert plain.accept_public_routes and not plain.no_accept_routes
+    innernet.with_remembered_flags(args_for(tmp_path), "net", reset=True)   # `up` without it
+    assert not innernet.with_remembered_flags(args_for(tmp_path), "net").accept_public_routes
+
+
+# -- item 9: a second `down`; status exit codes -----------------------------------
+
+def test_a_second_down_of_an_installed_network_exits_0(tmp_path, monkeypatch, capsys):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")
+    monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
+    monkeypatch.setattr(innernet, "leave_exit", lambda args, iface: None)
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    assert innernet.main(argv + ["down", "net"]) == 0
+    assert "already down" in capsys.readouterr().err
+    assert (tmp_path / "lib" / "net.down").exists()
+    assert innernet.main(argv + ["down", "other"]) == 1        # not installed: an error
