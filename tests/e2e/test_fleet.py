@@ -58,14 +58,15 @@ def join(w, name, admin="false"):
     return host
 
 
-def literal(host, command):
-    """``command`` run by sh as cron or systemd would, with the host's own
-    hosts file over /etc/hosts (a private mount namespace: nothing leaks)."""
+def literal(host, command, **env):
+    """``command`` run by sh as cron or systemd would (``env``: what an
+    EnvironmentFile sets), with the host's own hosts file over /etc/hosts (a
+    private mount namespace: nothing leaks)."""
     hosts = host.path("etc-hosts")
     if not os.path.exists(hosts):
         open(hosts, "w").close()
-    return ["unshare", "-m", "sh", "-c", 'mount --bind "$1" /etc/hosts && exec sh -c "$2"',
-            "sh", hosts, command]
+    return ["env", *[f"{k}={v}" for k, v in env.items()], "unshare", "-m", "sh", "-c",
+            'mount --bind "$1" /etc/hosts && exec sh -c "$2"', "sh", hosts, command]
 
 
 def program(host, server=False):
@@ -265,10 +266,12 @@ def test_serve_exits_when_its_device_is_lost_and_the_units_exec_start_brings_it_
     assert w.serve.returncode == 1
     assert "is gone" in w.srv.log("serve-0.log")
     exec_start = unit_exec_start("innernet.innernet-server@.service", w.net)
-    assert exec_start == f"/usr/bin/innernet-server serve {w.net}"
+    assert exec_start == f"/usr/bin/innernet-server serve {w.net} $ARGS"
     command = exec_start.replace("/usr/bin/innernet-server", program(w.srv, server=True))
-    w.srv.spawn(literal(w.srv, command), "unit.log")
+    # ARGS as /etc/default/innernet-server or a drop-in sets it (the README's way)
+    w.srv.spawn(literal(w.srv, command, ARGS="--metrics 127.0.0.1:9586"), "unit.log")
     wait_for(lambda: "serving network" in w.srv.log("unit.log"), 30, "serve to start again")
+    assert "metrics on http://127.0.0.1:9586/metrics" in w.srv.log("unit.log")
     # its first sessions are gone with the old device: peers handshake again (<= 15 s)
     wait_for(lambda: a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts",
                                 check=False).returncode == 0, 60, "a to sync again")
@@ -282,9 +285,9 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     a.innernet("override-server-endpoints", ifname, f"{w.srv.underlay}:51820",
                "198.18.0.250:51820", "--yes")
     exec_start = unit_exec_start("innernet@.service", ifname)
-    assert exec_start == f"/usr/bin/innernet up {ifname} --daemon --interval 60"
-    # --no-write-hosts is not needed: literal() gives the host its own /etc/hosts
-    a.spawn(literal(a, exec_start.replace("/usr/bin/innernet", program(a))), "daemon.log")
+    assert exec_start == f"/usr/bin/innernet up {ifname} --daemon --interval 60 $ARGS"
+    a.spawn(literal(a, exec_start.replace("/usr/bin/innernet", program(a)),
+                    ARGS="--no-write-hosts"), "daemon.log")
     wait_for(lambda: "10.66.1.2" in device_peer_ips(a, ifname), 20, "the daemon's first sync")
     kill_device(a, ifname)
     start = time.monotonic()
@@ -293,6 +296,7 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     assert b
     wait_for(lambda: status(a, ifname)[0] == 0, 20,
              f"status healthy again: {status(a, ifname)}\n{a.log('daemon.log')}")
+    assert open(a.path("etc-hosts")).read() == ""          # ARGS reached `up`
 
 
 # -- item 4: Litestream never outlives serve, never doubles ---------------------
