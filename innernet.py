@@ -8676,8 +8676,15 @@ def _interactive():
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+class _Prompts:
+    yes = False                  # --yes: take the default a prompt would offer
+
+
 def ask(value, flag, prompt, *, default=None, parse=None):
-    """A value from its flag, else the terminal, else an error naming the flag."""
+    """A value from its flag, else the terminal, else an error naming the flag.
+    With --yes a value that has a default takes it, as the prompt would."""
+    if value is None and default is not None and _Prompts.yes:
+        value = default
     if value is None:
         if not _interactive():
             if default is not None:
@@ -11052,10 +11059,17 @@ def main(argv=None, server_mode=None):
         return EXIT_USAGE
     args = parser.parse_args(argv)
     set_verbosity(getattr(args, "verbose", 0) or 0)
+    _Prompts.yes = getattr(args, "yes", False) is True
     if args.func is None:
         parser.parse_args(argv + ["--help"])
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()            # a closed pipe (show | head) is found here, not at exit
+        return code
+    except BrokenPipeError:           # the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except InnernetError as e:
         print(f"{prog}: error: {e.message}", file=sys.stderr)
         if e.hint:
@@ -11080,8 +11094,6 @@ def main(argv=None, server_mode=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 _GLOBAL_WITH_VALUE = {"-c", "--config-dir", "-d", "--data-dir", "--backend", "--mtu"}

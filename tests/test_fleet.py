@@ -108,3 +108,37 @@ def test_a_second_down_of_an_installed_network_exits_0(tmp_path, monkeypatch, ca
     assert "already down" in capsys.readouterr().err
     assert (tmp_path / "lib" / "net.down").exists()
     assert innernet.main(argv + ["down", "other"]) == 1        # not installed: an error
+
+
+def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
+    from test_cli import rows
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "humans", "--cidr",
+                                 "10.66.1.0/24", "--parent", "evil", "--yes"]) == 0
+    # no --admin, --invite-expires or --save-config: the defaults the prompts name
+    assert innernet.main(base + ["add-peer", "evil", "--name", "x", "--cidr", "humans",
+                                 "--auto-ip", "--yes"]) == 0
+    db = str(tmp_path / "lib" / "evil.db")
+    assert rows(db, "SELECT is_admin FROM peers WHERE name = 'x'") == [(0,)]
+    assert (tmp_path / "x.toml").exists()
+    (tmp_path / "x.toml").unlink()
+    assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes"]) == 0
+    assert (tmp_path / "x.toml").exists()
+
+
+def test_a_closed_pipe_is_no_error():
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import innernet\n"
+            "innernet.cmd_completions = lambda args: print('x' * 1000000)\n"  # like a long show
+            "sys.exit(innernet.main(['completions', 'bash']))")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(innernet.__file__)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()                   # as `| head -c 10` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 0 and err == "", err
