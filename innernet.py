@@ -524,6 +524,7 @@ class InnernetError(Exception):
 
 
 _verbosity = 0
+_timestamps = False
 
 
 def set_verbosity(level):
@@ -532,7 +533,16 @@ def set_verbosity(level):
     _verbosity = level
 
 
+def set_timestamps(on):
+    """Lines start with the UTC time (the long-running `serve` and `up --daemon`,
+    whose logs are read later)."""
+    global _timestamps
+    _timestamps = on
+
+
 def _emit(text):
+    if _timestamps:
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + text
     try:
         print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed (daemon under a dead pipe)
@@ -9731,6 +9741,7 @@ def cmd_server_serve(args):
     hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
     config = load_server_config(args, iface)
     _fixed_mmap_threshold()
+    set_timestamps(True)
     db_path = server_paths(args, iface)[1]
     store, lock, replicator = _serve_store(args, iface, db_path)
     co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
@@ -10400,6 +10411,7 @@ def cmd_up(args):
     if not args.daemon:
         return 0
     ensure_dir(_dirs(args, False)[1])
+    set_timestamps(True)
     locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
                            f"'up {iface} --daemon'") for iface in ifaces]
     threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)

@@ -142,3 +142,14 @@ def test_a_closed_pipe_is_no_error():
     proc.stdout.close()                   # as `| head -c 10` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 0 and err == "", err
+
+
+def test_daemon_log_lines_carry_the_time(capsys):
+    innernet.set_timestamps(True)
+    try:
+        innernet.warn("something")
+    finally:
+        innernet.set_timestamps(False)
+    import re
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[!\] something\n", err), err

@@ -297,6 +297,7 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     wait_for(lambda: status(a, ifname)[0] == 0, 20,
              f"status healthy again: {status(a, ifname)}\n{a.log('daemon.log')}")
     assert open(a.path("etc-hosts")).read() == ""          # ARGS reached `up`
+    assert re.match(r"\d{4}-\d\d-\d\dT", a.log("daemon.log"))   # its lines carry the time
 
 
 # -- item 4: Litestream never outlives serve, never doubles ---------------------
