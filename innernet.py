@@ -9475,15 +9475,26 @@ def cmd_list_routes(args):
     if args.json:
         print_json({"routes": rows, "auto_approve": rules})
         return 0
-    for r in rows:
-        what = "exit node" if r["exit_node"] else r["route"]
-        print(f"{r['peer']} ({r['ip']}): {what} "
-              f"{'approved' if r['approved'] else 'waiting for approval'}")
-    for a in rules:
-        print(f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'")
-    if not rows and not rules:
-        print("no routes are advertised")
+    print("\n".join(route_lines(rows, rules)))
     return 0
+
+
+def route_lines(rows, rules):
+    """list-routes as text: an exit node (both default routes) is one line."""
+    out, exits = [], {}
+    for r in rows:
+        if r["exit_node"]:
+            exits.setdefault((r["peer"], r["ip"]), []).append(r["approved"])
+            if len(exits[(r["peer"], r["ip"])]) > 1:
+                continue
+        out.append(r)
+    lines = []
+    for r in out:
+        ok = all(exits[(r["peer"], r["ip"])]) if r["exit_node"] else r["approved"]
+        lines.append(f"{r['peer']} ({r['ip']}): {'exit node' if r['exit_node'] else r['route']} "
+                     f"{'approved' if ok else 'waiting for approval'}")
+    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'" for a in rules]
+    return lines or ["no routes are advertised"]
 
 
 def cmd_rename_cidr(args):

@@ -153,3 +153,14 @@ def test_daemon_log_lines_carry_the_time(capsys):
     import re
     err = capsys.readouterr().err
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[!\] something\n", err), err
+
+
+def test_list_routes_names_an_exit_node_once():
+    rows = [{"peer": "gw", "ip": "10.0.0.2", "route": r, "exit_node": True, "approved": True}
+            for r in ("0.0.0.0/0", "::/0")]
+    rows.append({"peer": "gw", "ip": "10.0.0.2", "route": "192.168.1.0/24", "exit_node": False,
+                 "approved": False})
+    assert innernet.route_lines(rows, []) == [
+        "gw (10.0.0.2): exit node approved",
+        "gw (10.0.0.2): 192.168.1.0/24 waiting for approval"]
+    assert innernet.route_lines([], []) == ["no routes are advertised"]
