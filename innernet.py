@@ -9611,6 +9611,11 @@ def cmd_server_new(args):
     return 0
 
 
+# What serve keeps beside a network's database, all removed by uninstall.
+SERVER_STATE_FILES = (".db-wal", ".db-shm", ".db-journal", ".litestream.yml", ".litestream.pid",
+                      ".lock", ".status.json")
+
+
 def cmd_server_uninstall(args):
     iface = parse_interface(args.interface)
     conf, db = server_paths(args, iface)
@@ -9622,13 +9627,19 @@ def cmd_server_uninstall(args):
         bring_down(opt(args, "backend", "auto"), iface)
     if RelayFirewall.available():
         RelayFirewall(iface).remove()
-    for path in (conf, db):
+    base = db[:-3]
+    for path in (conf, db, *[base + ext for ext in SERVER_STATE_FILES]):
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             warn(f"could not delete {path}: {e.strerror}")
+    # Litestream's own state beside the database (its WAL copies)
+    litestream_dir = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}-litestream")
+    if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
+        import shutil
+        shutil.rmtree(litestream_dir, ignore_errors=True)
     log(f"network {iface} uninstalled")
     return 0
 
@@ -10258,6 +10269,11 @@ def leave_exit(args, iface):
     log(f"{iface}: exit node {state['exit_node']} no longer used; routing as before")
 
 
+# What a client keeps per network beside its data store, all removed by uninstall.
+CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
+                      ".status.json", ".down", ".oldkeys.json", ".flags.json")
+
+
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
     cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
@@ -10269,7 +10285,9 @@ def cmd_uninstall(args):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
-    for path in (cfg_path, store_path):
+    base = store_path[:-5]
+    for path in (cfg_path, cfg_path + ".rotating", store_path,
+                 *[base + ext for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     hosts_path, _ = hosts_options(args)

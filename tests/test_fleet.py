@@ -164,3 +164,26 @@ def test_list_routes_names_an_exit_node_once():
         "gw (10.0.0.2): exit node approved",
         "gw (10.0.0.2): 192.168.1.0/24 waiting for approval"]
     assert innernet.route_lines([], []) == ["no routes are advertised"]
+
+
+def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
+    monkeypatch.setattr(innernet, "leave_exit", lambda args, iface: None)
+    monkeypatch.setattr(innernet.RelayFirewall, "available", staticmethod(lambda: False))
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    base = ["-c", str(etc), "-d", str(lib)]
+    assert innernet.main(base + ["server", "new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    for ext in innernet.SERVER_STATE_FILES:
+        (lib / f"evil{ext}").write_text("x")
+    (lib / ".evil.db-litestream" / "generations").mkdir(parents=True)
+    (lib / "other.db").write_text("not ours")
+    assert innernet.main(base + ["server", "uninstall", "evil", "--yes"]) == 0
+    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
+    (etc / "net.conf").write_text("")
+    for ext in (".json",) + innernet.CLIENT_STATE_FILES:
+        (lib / f"net{ext}").write_text("x")
+    assert innernet.main(base + ["uninstall", "net", "--yes", "--no-write-hosts"]) == 0
+    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
