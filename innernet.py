@@ -86,6 +86,7 @@ RELAY_PAIRS_PER_PEER = 64       # relay allocations a peer may hold at once
 RELAY_ASK_MAX = 4096            # peers one relay request may name
 RELAY_MAX_PAIRS = 2048          # in all (two UDP sockets each)
 RELAY_IDLE = 300                # s without a datagram before a relay allocation is closed
+RELAY_ACTIVE = 60               # s since a datagram within which a pair counts as relaying
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
@@ -5215,6 +5216,13 @@ class Replicator:
         atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
+    def describe(self):
+        """What `innernet-server status` says: where to, and whether it runs."""
+        proc = self.proc
+        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
+        return {"url": url, "litestream": f"running (pid {proc.pid})"
+                if proc is not None and proc.poll() is None else "not running (restarting)"}
+
     def stop_leftover(self):
         """A litestream an earlier serve left on this database (its pidfile names
         it, and it runs our config) is stopped, so two never write one replica."""
@@ -5500,6 +5508,16 @@ class RelayHub:
                 theirs.src_ips = {_bare_ip(b_src)}
             mine.used = time.monotonic()
             return mine.port
+
+    def counts(self, now=None):
+        """(pairs allocated, pairs relaying now): relaying means both sides have
+        been heard from and a datagram passed in the last RELAY_ACTIVE s; an
+        allocation alone (a direct path found meanwhile) is not relaying."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            pairs = list(self.pairs.values())
+        return len(pairs), sum(1 for x, y in pairs if x.addr is not None and y.addr is not None
+                               and now - max(x.used, y.used) <= RELAY_ACTIVE)
 
     def retain(self, peers, keep):
         """Close the pairs for which ``keep(peer_a, peer_b)`` is false (access
@@ -6077,6 +6095,7 @@ class Coordinator:
         self._data_version = None
         self.stop = threading.Event()
         self.device_gone = threading.Event()  # serve exits: its unit brings it back
+        self.replication = None               # () -> what `status` says of replication
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.views = StateViews(store, None, self.gate, self.stop)
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
@@ -6107,8 +6126,10 @@ class Coordinator:
     def write_status(self):
         """What `innernet-server status` reads of a running serve; written on change."""
         if self.status_path:
+            allocated, active = self.hub.counts() if self.hub is not None else (0, 0)
             said = {"pid": os.getpid(), "dns": self.views.dns_zone_name,
-                    "relayed_pairs": len(self.hub.pairs) if self.hub is not None else 0}
+                    "relayed_pairs": active, "relay_pairs_allocated": allocated,
+                    "replication": self.replication() if self.replication else None}
             if said != self._status_said:
                 atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
                 self._status_said = said
@@ -7086,8 +7107,13 @@ class Metrics:
                      [("", (), co.views.long_polls)])
         self._family(out, "innernet_redemptions_total", "counter",
                      "Invitations redeemed.", [("", (), counters["redemptions"])])
-        self._family(out, "innernet_relay_pairs", "gauge", "Pairs of peers relayed now.",
-                     [("", (), len(co.hub.pairs) if co.hub is not None else 0)])
+        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
+        self._family(out, "innernet_relay_pairs", "gauge",
+                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
+                     [("", (), active)])
+        self._family(out, "innernet_relay_pairs_allocated", "gauge",
+                     "Pairs of peers with relay ports allocated, relaying or not.",
+                     [("", (), allocated)])
         self._family(out, "innernet_relay_bytes_total", "counter",
                      "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
         self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
@@ -9680,6 +9706,8 @@ def server_status(args, iface, now=None):
             "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
             "expired_invitations": sum(invitation_expired(p, now) for p in invites),
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
+            "relay_pairs_allocated": serving.get("relay_pairs_allocated") if serving else None,
+            "replication": serving.get("replication") if serving else None,
             "dns": serving["dns"] if serving else None,
             "database": db_path, "database_bytes": size}
 
@@ -9699,8 +9727,12 @@ def cmd_server_status(args):
     print(f"invitations: {st['pending_invitations']} pending, "
           f"{st['expired_invitations']} expired")
     if st["serving"]:
-        print(f"relayed pairs: {st['relayed_pairs']}")
+        print(f"relayed pairs: {st['relayed_pairs']} relaying now, "
+              f"{st['relay_pairs_allocated']} allocated")
         print(f"dns: {st['dns'] or 'off'}")
+        rep = st["replication"]
+        print("replication: " + (f"to {rep['url']}, litestream {rep['litestream']}"
+                                 if isinstance(rep, dict) else "off (no --replicate)"))
     print(f"database: {human_bytes(st['database_bytes'])} ({st['database']})")
     return 0
 
@@ -9767,6 +9799,7 @@ def cmd_server_serve(args):
     db_path = server_paths(args, iface)[1]
     store, lock, replicator = _serve_store(args, iface, db_path)
     co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
+    co.replication = replicator and replicator.describe
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None

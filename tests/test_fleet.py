@@ -187,3 +187,23 @@ def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
         (lib / f"net{ext}").write_text("x")
     assert innernet.main(base + ["uninstall", "net", "--yes", "--no-write-hosts"]) == 0
     assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
+
+
+def test_allocated_relay_pairs_are_not_counted_as_relaying():
+    from types import SimpleNamespace as S
+    hub = innernet.RelayHub()
+    try:
+        hub.pairs[(1, 2)] = (S(addr=("1.2.3.4", 1), used=100.0), S(addr=("5.6.7.8", 2), used=90.0))
+        hub.pairs[(1, 3)] = (S(addr=None, used=100.0), S(addr=None, used=100.0))    # allocated
+        hub.pairs[(2, 3)] = (S(addr=("1.2.3.4", 1), used=10.0), S(addr=("5.6.7.8", 2), used=10.0))
+        assert hub.counts(now=100.0 + innernet.RELAY_ACTIVE - 1) == (3, 1)
+    finally:
+        hub.pairs.clear()
+        hub.close()
+
+
+def test_server_status_names_replication_without_its_password():
+    r = innernet.Replicator.__new__(innernet.Replicator)
+    r.url, r.proc = "sftp://user:secret@host/path", None
+    assert r.describe() == {"url": "sftp://user:***@host/path",
+                            "litestream": "not running (restarting)"}
