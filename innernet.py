@@ -8202,12 +8202,27 @@ def sync_interface(args, iface, prev, *, allow_bring_up=False, wait=0, traverse=
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
                             f"{len(f.stored_peers)} cached peers)",
-                            hint=f.unreachable.hint, unreachable=True)
+                            hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
                        f.exit_problem, f.pending)
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
+
+
+def _unreachable_hint(f):
+    """Why the server may not answer: with no WireGuard handshake with it for
+    the whole window, this peer may be disabled or deleted there (the server
+    then drops its packets, which from here looks like a network fault)."""
+    sp = f.dev.peer(f.cfg.server_public_key) if f.dev is not None else None
+    if sp is None or recently_connected(sp, time.time()):
+        return ((f.unreachable.hint + " ") if f.unreachable.hint else "") + \
+            "A peer disabled or deleted on the server gets no answer either (an admin's " \
+            "'innernet list' shows it)."
+    return ("no WireGuard handshake with the server " + (
+        f"for {format_duration(time.time() - sp.last_handshake)}" if sp.last_handshake
+        else "yet") + ": the server is down or unreachable, or this peer was disabled or "
+        "deleted there (an admin's 'innernet list' shows it)")
 
 
 class _Fetch:
@@ -9915,6 +9930,7 @@ def cmd_install(args):
     iface = _install_name(args, invite)
     cfg_path = client_config_path(args, iface)
     backend_choice = opt(args, "backend", "auto")
+    _refuse_taken_range(args, invite, iface)
     ensure_dir(_dirs(args, False)[0])
     ensure_dir(_dirs(args, False)[1])
     started = time.monotonic()
@@ -9965,6 +9981,30 @@ def cmd_install(args):
     print(f"to stay in sync: systemctl enable --now innernet@{iface}\n"
           f"  (or: innernet up {iface} --daemon --interval {FETCH_INTERVAL})", file=sys.stderr)
     return 0
+
+
+def _refuse_taken_range(args, invite, iface):
+    taken = _range_taken(invite.address.network, iface) if routing(args) else None
+    if taken:
+        raise InnernetError(f"interface {taken} already routes {invite.address.network}, the "
+                            "range of this network",
+                            hint=f"an earlier install of it? run 'innernet down {taken}' (or "
+                                 f"'innernet uninstall {taken}') first")
+
+
+def _range_taken(network, own):
+    """The interface (not ``own``) whose route in the main table covers part of
+    ``network`` at least as specifically, or None: a new interface's route to
+    the network would lose to it, and the redemption would time out."""
+    with Netlink() as nl:
+        for net, oif, table, _ in nl.routes(network.version):
+            if table == _RT_TABLE_MAIN and oif and net.prefixlen >= network.prefixlen and \
+                    net.overlaps(network):
+                with contextlib.suppress(OSError):
+                    name = socket.if_indextoname(oif)
+                    if name != own:
+                        return name
+    return None
 
 
 def _install_name(args, invite):

@@ -342,3 +342,28 @@ def test_a_killed_serve_takes_litestream_along_and_a_restart_runs_one(world):
     start_serve(w.srv, w.net, "--replicate", replica)
     wait_for(lambda: len(litestreams(config)) == 1 and litestreams(config) != first, 20,
              "one litestream")
+
+
+# -- item 8: a disabled peer's fetch; a join while an old interface routes the range --
+
+def test_a_disabled_peer_is_told_it_may_be_disabled(world):
+    w = world
+    a, admin = join(w, "a"), join(w, "adm", admin="true")
+    a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts")
+    admin.innernet("disable-peer", w.lab.ifname("adm"), "--name", "a", "--yes")
+    r = a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts", check=False, timeout=90)
+    assert r.returncode == 1 and "disabled or deleted" in r.stderr, r.stderr
+
+
+def test_a_join_while_an_old_interface_routes_the_range_fails_at_once(world):
+    w = world
+    a = join(w, "a")
+    path = invite(w.srv, w.net, "a2", "humans")
+    start = time.monotonic()
+    r = a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path,
+                   check=False)
+    took = time.monotonic() - start
+    assert r.returncode == 1 and f"interface {w.lab.ifname('a')} already routes" in r.stderr
+    assert took < 5, took
+    a.innernet("down", w.lab.ifname("a"))
+    a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path)
