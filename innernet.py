@@ -10147,9 +10147,13 @@ def cmd_rotate_key(args):
     try:
         api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
-        if not e.unreachable:
+        if not e.unreachable or api.sent == 0:      # refused, or never sent: nothing changed
             with contextlib.suppress(OSError):
                 os.unlink(pending)
+            if e.unreachable:
+                raise InnernetError(f"{e.message}; the key was not rotated",
+                                    hint=f"nothing changed; run 'innernet rotate-key {iface}' "
+                                         "again when the server answers") from None
             raise
         raise InnernetError(f"{e.message} while rotating the key",
                             hint=f"the server may have taken the new key; if 'innernet fetch "

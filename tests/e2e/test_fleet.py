@@ -367,3 +367,17 @@ def test_a_join_while_an_old_interface_routes_the_range_fails_at_once(world):
     assert took < 5, took
     a.innernet("down", w.lab.ifname("a"))
     a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path)
+
+
+def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    conf = a.path("client", "etc", f"{ifname}.conf")
+    before = open(conf).read()
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    r = a.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
+    assert r.returncode == 1 and "the key was not rotated" in r.stderr, r.stderr
+    assert "mv " not in r.stderr                          # no frightening hint
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == before
