@@ -2482,6 +2482,14 @@ def route_is_private(route):
     return any(net.version == r.version and net.subnet_of(r) for r in PRIVATE_RANGES)
 
 
+def public_route_warnings(routes):
+    """What advertise-routes and approve-routes say of routes outside the
+    private ranges: clients skip them unless started with --accept-public-routes."""
+    public = [r for r in routes if r not in EXIT_ROUTES and not route_is_private(r)]
+    return [f"{', '.join(public)} {'is' if len(public) == 1 else 'are'} outside the private "
+            "ranges: peers route it only with --accept-public-routes"] if public else []
+
+
 def interface_routes(peers, own_key, local=()):
     """The subnets a client routes into its tunnel: the approved routes of the
     peers it has, minus those overlapping a network this host is on (its LAN
@@ -8355,6 +8363,11 @@ class _Fetch:
                 if skipped and p.public_key != self.own_key and not p.is_disabled:
                     warn(f"{self.iface}: not routing {', '.join(skipped)} of peer {p.name}: "
                          "public ranges need --accept-public-routes")
+        # Our own entry keeps all its routes: it forwards for them whatever
+        # this host accepts from others (route_peers).
+        own = next((p for p in self.peers if p.public_key == self.own_key), None)
+        desired = [own if own is not None and p.public_key == self.own_key else p
+                   for p in desired]
         # A rotated peer keeps the endpoint its old key had, so traffic goes
         # on at once instead of waiting for a handshake from it.
         carried = {new: dev.peer(old).endpoint for _, old, new in self.rotated
@@ -9417,6 +9430,8 @@ def cmd_approve_routes(args):
     peer = net.approve_routes(peer, routes, not args.revoke)
     for r in advertised(peer):
         log(f"{peer.name}: {r} {_route_state(peer, r)}")
+    for w in [] if args.revoke else public_route_warnings(routes or advertised(peer)):
+        warn(w)
     return 0
 
 
@@ -10287,6 +10302,8 @@ def _advertise(args, body, what):
     for r in advertised(peer):
         shown = "exit node" if r in EXIT_ROUTES else r
         log(f"{peer.name}: {shown} {_route_state(peer, r)}")
+    for w in public_route_warnings(advertised(peer)):
+        warn(w)
     if not advertised(peer):
         log(f"{peer.name} advertises no routes")
     return 0

@@ -381,3 +381,18 @@ def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
     assert r.returncode == 1 and "the key was not rotated" in r.stderr, r.stderr
     assert "mv " not in r.stderr                          # no frightening hint
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == before
+
+
+# -- item 5: a router peer advertising a range outside the private ones ---------
+
+def test_a_public_range_router_forwards_and_both_verbs_warn(world):
+    w = world
+    gw = join(w, "gw")
+    ifname = w.lab.ifname("gw")
+    r = gw.innernet("advertise-routes", ifname, "203.0.113.0/24", "--yes")
+    assert "outside the private ranges" in r.stderr, r.stderr
+    r = w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
+    assert "outside the private ranges" in r.stderr, r.stderr
+    gw.innernet("fetch", ifname, "--no-write-hosts")
+    fwd = gw.exec(["cat", f"/proc/sys/net/ipv4/conf/{ifname}/forwarding"]).stdout.strip()
+    assert fwd == "1"
