@@ -396,3 +396,23 @@ def test_a_public_range_router_forwards_and_both_verbs_warn(world):
     gw.innernet("fetch", ifname, "--no-write-hosts")
     fwd = gw.exec(["cat", f"/proc/sys/net/ipv4/conf/{ifname}/forwarding"]).stdout.strip()
     assert fwd == "1"
+
+
+# -- item 6: client flags are remembered ----------------------------------------
+
+def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
+    w = world
+    gw, c = join(w, "gw"), join(w, "c")
+    gw.innernet("advertise-routes", w.lab.ifname("gw"), "203.0.113.0/24", "--yes")
+    w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
+    ifname = w.lab.ifname("c")
+
+    def routed():
+        return "203.0.113.0/24 proto 77" in c.exec(["ip", "route", "show", "dev",
+                                                    ifname]).stdout
+    c.innernet("fetch", ifname, "--no-write-hosts", "--accept-public-routes")
+    assert routed()
+    c.innernet("fetch", ifname, "--no-write-hosts")          # cron's plain line
+    assert routed()
+    c.innernet("up", ifname, "--no-write-hosts")             # `up` without it: let go
+    assert not routed()
