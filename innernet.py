@@ -4902,6 +4902,16 @@ class Store:
                                     admin=contents.is_admin, disabled=contents.is_disabled)
             return old
 
+    def set_server_endpoint(self, endpoint):
+        """The network's external endpoint (the server's own peer), where new
+        invitations point: the CLI's on a standby that took over, never the API's."""
+        with self.write() as c:
+            old = next(p for p in self.peers() if self._is_server_peer(p))
+            c.execute("UPDATE peers SET endpoint = ? WHERE id = ?", (endpoint, old.id))
+            self._audit(c, "set-endpoint", f"peer {old.name}", {"endpoint": old.endpoint},
+                        {"endpoint": endpoint})
+            return old
+
     def _audit_peer_change(self, c, old, **new):
         """One row for an admin's change of a peer, named by what changed."""
         was = {"name": old.name, "endpoint": old.endpoint, "admin": old.is_admin,
@@ -9767,6 +9777,22 @@ def cmd_server_status(args):
     return 0
 
 
+def cmd_server_set_endpoint(args):
+    """Where new invitations point: a standby that took over sets its own."""
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)
+    endpoint = args.endpoint
+    parse_endpoint(endpoint)
+    store = Store(server_paths(args, iface)[1])
+    server = next(p for p in store.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
+    confirm(args, f"Point new invitations of {iface} at {endpoint} (now {server.endpoint})?",
+            True)
+    store.set_server_endpoint(endpoint)
+    log(f"new invitations of {iface} point at {endpoint}; peers already in keep the "
+        "endpoints in their config ('innernet override-server-endpoints' changes them)")
+    return 0
+
+
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
@@ -10959,6 +10985,12 @@ def _add_server_verbs(sub):
     p.add_argument("--relay-ports", metavar="LOW-HIGH", type=port_range,
                    help="UDP ports for the end-to-end relay, two per relayed pair (default: "
                         "any free port; set a range to open in a firewall)")
+    p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
+              "Set the network's external endpoint, where new invitations point (a standby "
+              "that took over sets its own).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("endpoint", metavar="HOST:PORT")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "restore", cmd_server_restore, "server",
               "On a standby: restore the database from a Litestream replica (the server "
               "config must be copied here once).")

