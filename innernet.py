@@ -10478,7 +10478,9 @@ def interface_health(args, iface, now, max_age):
     fetch, up or daemon run left), the device, and the problems, if any."""
     st = read_status(args, iface)
     up = existing_backend(opt(args, "backend", "auto"), iface) is not None
-    problems = [] if up else ["the interface is not up"]
+    problems = [] if up else ["the interface is not up" + (
+        " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
+        else "")]
     last = st.get("last_success")
     if not st:
         problems.append("no sync recorded (no fetch, up or daemon has run since install)")
