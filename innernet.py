@@ -8616,10 +8616,28 @@ class PathWatch:
         return lost
 
 
+def watch_server(watch, dev, cfg, iface):
+    """A server that stopped answering WireGuard (a primary that died) while a
+    long poll waits on it: the poll is cut short, so the daemon fails over to
+    the next endpoint in seconds, not after the poll's timeout (up to 70 s at
+    --interval 60). A live server answers the pokes (PathWatch) at once."""
+    sp = dev.peer(cfg.server_public_key)
+    api = _IN_FLIGHT.get(iface)
+    if sp is None or api is None or len(cfg.endpoints) < 2:
+        watch.seen.clear()
+        watch.poked.clear()
+        return
+    ref = Peer(None, SERVER_PEER_NAME, str(cfg.server_ip), None, cfg.server_public_key)
+    if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
+        warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
+             "looking for it at its next endpoint")
+        api.interrupt()
+
+
 def watch_paths(args, iface, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch = PathWatch()
+    watch, server_watch = PathWatch(), PathWatch()
     while True:
         time.sleep(every)
         if state.cfg is None:
@@ -8636,6 +8654,7 @@ def watch_paths(args, iface, state, every=1.0):
                     continue
                 cfg, peers = state.cfg, state.peers
                 dev = backend.get(iface)
+                watch_server(server_watch, dev, cfg, iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
                 store_path = data_store_path(args, iface)

