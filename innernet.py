@@ -400,14 +400,14 @@ def _json_text(v):
 
 def write_status_file(data_dir, iface, status):
     """<data dir>/<iface>.status.json, what `innernet status` and a monitoring
-    agent read: replaced whole, 0644 (it holds no secret; the data directory
-    is root's, 0700)."""
+    agent read: replaced whole, 0600 like every file of the data directory
+    (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), 0o600)
             f.write(_json_text(status) + "\n")
         os.replace(tmp, path)
     except OSError:

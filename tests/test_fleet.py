@@ -77,7 +77,7 @@ def test_the_status_file_is_json_without_the_json_module(tmp_path):
     innernet.write_status_file(str(tmp_path), "net", st)
     path = tmp_path / "net.status.json"
     assert json.loads(path.read_text()) == st
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 # -- item 6: remembered flags --------------------------------------------------

@@ -236,7 +236,7 @@ def test_status_says_when_syncs_fail_and_the_status_file_says_the_same(world):
     path = a.path("client", "lib", f"{ifname}.status.json")
     st = json.load(open(path))
     assert st["ok"] and st["by"] == "fetch" and time.time() - st["last_success"] < 30
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path).st_mode & 0o777 == 0o600
     conf = open(a.path("client", "etc", f"{ifname}.conf")).read()
     private = re.search(r'private-key = "([^"]+)"', conf).group(1)
     assert private not in open(path).read()               # no secret in it
