@@ -86,6 +86,7 @@ RELAY_PAIRS_PER_PEER = 64       # relay allocations a peer may hold at once
 RELAY_ASK_MAX = 4096            # peers one relay request may name
 RELAY_MAX_PAIRS = 2048          # in all (two UDP sockets each)
 RELAY_IDLE = 300                # s without a datagram before a relay allocation is closed
+RELAY_ACTIVE = 60               # s since a datagram within which a pair counts as relaying
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
 HTTP_TIMEOUT = 10
@@ -123,6 +124,9 @@ DNS_UDP_QUEUED = 8              # questions of one source waiting for their answ
 DNS_UDP_RCVBUF = 8 << 20        # bytes: room for a flood between two reads of it
 AUDIT_KEEP = 365 * 86400        # the audit log's default retention (serve --audit-keep)
 ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
+OLD_KEY_KEEP = 7 * 86400        # s a rotated-away private key is kept, for late proofs
+PROOF_POLL = 5                  # s between syncs of a daemon waiting for a late proof
+STATUS_MAX_AGE = 300            # s since the last good sync after which `status` is unhealthy
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
@@ -476,6 +480,45 @@ def read_fast_record(path):
     return fields, files
 
 
+def status_file_path(data_dir, iface):
+    return os.path.join(data_dir, f"{iface}.status.json")
+
+
+def _json_text(v):
+    """JSON for None, bools, numbers, strings, lists and dicts, without the
+    json module (which the fast path has not imported)."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    if isinstance(v, (int, float)):
+        return repr(round(v, 3) if isinstance(v, float) else v)
+    if isinstance(v, str):
+        return '"' + "".join(c if " " <= c < "\x7f" and c not in '"\\' else f"\\u{ord(c):04x}"
+                             for c in v) + '"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_json_text(str(k))}: {_json_text(x)}"
+                               for k, x in v.items()) + "}"
+    return "[" + ", ".join(_json_text(x) for x in v) + "]"
+
+
+def write_status_file(data_dir, iface, status):
+    """<data dir>/<iface>.status.json, what `innernet status` and a monitoring
+    agent read: replaced whole, 0600 like every file of the data directory
+    (it holds no secret; an agent reading it runs as root)."""
+    path = status_file_path(data_dir, iface)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(_json_text(status) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def fast_unchanged(data_dir, run, iface, links, now):
     """Is this run of the command line ``run`` sure to change nothing on
     ``iface``? (Asks the server; no other side effect.)"""
@@ -495,7 +538,7 @@ def fast_unchanged(data_dir, run, iface, links, now):
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
     digest = uapi_digest(iface, time.time())
-    return digest is not None and digest == rec.get("device")
+    return digest is not None and digest == rec.get("device") and rec
 
 
 def _server_says_unchanged(endpoint, key, etag):
@@ -541,9 +584,15 @@ def fast_fetch(argv):
     else:
         return None
     links, now = raw_links(), time.time()
+    recs = []
     for iface in ifaces:
-        if not fast_unchanged(data_dir, run, iface, links, now):
+        rec = fast_unchanged(data_dir, run, iface, links, now)
+        if not rec:
             return None
+        recs.append((iface, rec))
+    for iface, rec in recs:       # in sync now: what `innernet status` reads
+        write_status_file(data_dir, iface, sync_status(
+            iface, now, None, rec.get("endpoint", ""), rec.get("by") or "fetch"))
     return 0
 
 
@@ -564,6 +613,14 @@ def launch(path=None):
         import innernet
         code = innernet.main()
     sys.exit(code)
+
+
+def sync_status(iface, now, error, server, by, last_success=None, pending=()):
+    """The status file's content after a sync (``error``: its message, or None)."""
+    return {"interface": iface, "ok": error is None, "checked_at": now,
+            "last_success": now if error is None else last_success,
+            "last_error": error, "server": server, "by": by,
+            "pending_key_changes": list(pending)}
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -589,6 +646,7 @@ class InnernetError(Exception):
 
 
 _verbosity = 0
+_timestamps = False
 
 
 def set_verbosity(level):
@@ -597,7 +655,16 @@ def set_verbosity(level):
     _verbosity = level
 
 
+def set_timestamps(on):
+    """Lines start with the UTC time (the long-running `serve` and `up --daemon`,
+    whose logs are read later)."""
+    global _timestamps
+    _timestamps = on
+
+
 def _emit(text):
+    if _timestamps:
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + text
     try:
         print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed (daemon under a dead pipe)
@@ -2255,6 +2322,16 @@ def follow_rotations(own_private, ip, pinned, chain):
     return cur
 
 
+def rotation_awaits_proof(own_private, ip, pinned, chain):
+    """Does the chain from ``pinned`` stop at a rotation that has no proof for
+    us at all (none, not a wrong one)? Its old key's holder rotated before it
+    knew of us (we joined after it last synced) and proves it later; until
+    then the change waits, the old key pinned. A wrong proof never waits."""
+    cur = follow_rotations(own_private, ip, pinned, chain)
+    steps = [r for r in chain if r.get("old_key") == cur]
+    return bool(steps) and all(r.get("proof") is None for r in steps)
+
+
 def relay_rules(peers, cidrs, associations):
     """What the server may forward: (peer addresses, (source, destination) ranges).
 
@@ -2402,7 +2479,7 @@ class PathMemo:
         return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
-def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None):
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, waiting=()):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2413,14 +2490,20 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
     server announces (``deleted``: Deletions) lets a pin go, and only once
     its quarantine (reuse_after, as first announced) is over; only a key
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
-    a known address change key. Our own address is ours to know. ``now``:
+    a known address change key. Our own address is ours to know. A change
+    ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
+    the pinned peer, old key and all, in place of the received one. ``now``:
     the caller's clock (the default, 0, lets no quarantine end).
     """
-    rotated = set(rotated)
+    rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
+    kept = {}
     for p, old in pinned_key_changes(stored, received, now):
         if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
             continue                      # ours, or its old key's holder proved the change
+        if (p.ip, old.public_key, p.public_key) in waiting:
+            kept[(p.ip, p.public_key)] = old
+            continue
         until = "" if old.deleted_until is None else time.strftime(
             " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
             time.gmtime(old.deleted_until))
@@ -2429,7 +2512,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
             f"another public key{until}",
             hint="the server may be compromised; if this is expected, delete "
                  "the data store file and fetch again")
-    result = [p for p in received]
+    result = [kept.get((p.ip, p.public_key), p) for p in received]
     result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
     for p in stored:
         ip = p.ip
@@ -2607,6 +2690,14 @@ PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in (
 def route_is_private(route):
     net = ipaddress.ip_network(route)
     return any(net.version == r.version and net.subnet_of(r) for r in PRIVATE_RANGES)
+
+
+def public_route_warnings(routes):
+    """What advertise-routes and approve-routes say of routes outside the
+    private ranges: clients skip them unless started with --accept-public-routes."""
+    public = [r for r in routes if r not in EXIT_ROUTES and not route_is_private(r)]
+    return [f"{', '.join(public)} {'is' if len(public) == 1 else 'are'} outside the private "
+            "ranges: peers route it only with --accept-public-routes"] if public else []
 
 
 def interface_routes(peers, own_key, local=()):
@@ -5066,6 +5157,25 @@ class Store:
                         {"key": new_key}, now)
             return old
 
+    def add_rotation_proofs(self, peer_id, old_key, new_key, proofs):
+        """Proofs a peer sends later for one of its own rotations, for peers
+        that lacked one; a proof already kept is never replaced. How many were new."""
+        with self.write() as c:
+            row = c.execute("SELECT id, proofs FROM key_rotations WHERE peer_id = ? AND "
+                            "old_key = ? AND new_key = ?", (peer_id, old_key, new_key)).fetchone()
+            if row is None:
+                raise InnernetError("no such rotation of yours", status=404)
+            try:
+                table = json.loads(row[1])
+            except ValueError:
+                table = {}
+            table = table if isinstance(table, dict) else {}
+            new = {k: v for k, v in proofs.items() if k not in table}
+            if new:
+                c.execute("UPDATE key_rotations SET proofs = ? WHERE id = ?",
+                          (json.dumps({**table, **new}), row[0]))
+            return len(new)
+
     def rotations(self, ip):
         """[(old key, new key, {verifier key: proof})] for an address, oldest first."""
         out = []
@@ -5139,6 +5249,16 @@ class Store:
                        int(contents.is_disabled), json.dumps(contents.candidates), peer_id))
             self._audit_peer_change(c, old, name=contents.name, endpoint=contents.endpoint,
                                     admin=contents.is_admin, disabled=contents.is_disabled)
+            return old
+
+    def set_server_endpoint(self, endpoint):
+        """The network's external endpoint (the server's own peer), where new
+        invitations point: the CLI's on a standby that took over, never the API's."""
+        with self.write() as c:
+            old = next(p for p in self.peers() if self._is_server_peer(p))
+            c.execute("UPDATE peers SET endpoint = ? WHERE id = ?", (endpoint, old.id))
+            self._audit(c, "set-endpoint", f"peer {old.name}", {"endpoint": old.endpoint},
+                        {"endpoint": endpoint})
             return old
 
     def _audit_peer_change(self, c, old, **new):
@@ -5540,14 +5660,49 @@ class Replicator:
     def __init__(self, db_path, url, interval):
         self.binary = litestream_binary()
         self.config = db_path[:-3] + ".litestream.yml"
+        self.pidfile = db_path[:-3] + ".litestream.pid"
         atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
+    def describe(self):
+        """What `innernet-server status` says: where to, and whether it runs."""
+        proc = self.proc
+        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
+        return {"url": url, "litestream": f"running (pid {proc.pid})"
+                if proc is not None and proc.poll() is None else "not running (restarting)"}
+
+    def stop_leftover(self):
+        """A litestream an earlier serve left on this database (its pidfile names
+        it, and it runs our config) is stopped, so two never write one replica."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.config.encode() not in argv or pid == os.getpid():
+            return
+        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
     def _start(self):
         import subprocess
+        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
+        # killed with -9, or stopped under KillMode=process, takes it along.
+        die = _parent_death_signal()
         self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die)
+        with contextlib.suppress(OSError):
+            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
 
     def run(self):
         backoff = 1
@@ -5565,6 +5720,7 @@ class Replicator:
             self.stop.wait(backoff)
 
     def start(self):
+        self.stop_leftover()
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
@@ -5577,6 +5733,22 @@ class Replicator:
                 proc.wait(timeout=10)
             if proc.poll() is None:
                 proc.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(self.pidfile)
+
+
+def _parent_death_signal():
+    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
+    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 ###############################################################################
@@ -5797,6 +5969,16 @@ class RelayHub:
             mine.used = time.monotonic()
             return mine.port
 
+    def counts(self, now=None):
+        """(pairs allocated, pairs relaying now): relaying means both sides have
+        been heard from and a datagram passed in the last RELAY_ACTIVE s; an
+        allocation alone (a direct path found meanwhile) is not relaying."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            pairs = list(self.pairs.values())
+        return len(pairs), sum(1 for x, y in pairs if x.addr is not None and y.addr is not None
+                               and now - max(x.used, y.used) <= RELAY_ACTIVE)
+
     def retain(self, peers, keep):
         """Close the pairs for which ``keep(peer_a, peer_b)`` is false (access
         changed) or whose peers changed keys; ``peers`` maps ids to Peers."""
@@ -5935,6 +6117,15 @@ class DeviceSync:
         self._observed_at = 0.0
         self.lock = threading.RLock()
         self.failed = None                   # the last sync error, until a sync works
+        self.missing = 0                     # checks in a row that found no device
+
+    def gone(self):
+        """Has the device been missing for three checks in a row (wireguard-go
+        killed, the link deleted)? The sockets bound to it died with it."""
+        if self.backend is None:
+            return False
+        self.missing = 0 if self.backend.exists(self.ifname) else self.missing + 1
+        return self.missing >= 3
 
     def refresh(self, max_age=1.0):
         """Read the endpoints WireGuard observes for each peer (cached)."""
@@ -6521,6 +6712,8 @@ class Coordinator:
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
+        self.device_gone = threading.Event()  # serve exits: its unit brings it back
+        self.replication = None               # () -> what `status` says of replication
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.proofs = AdminProofs(store, config.private_key)
         self.views = StateViews(store, None, self.gate, self.stop)
@@ -6553,8 +6746,10 @@ class Coordinator:
     def write_status(self):
         """What `innernet-server status` reads of a running serve; written on change."""
         if self.status_path:
+            allocated, active = self.hub.counts() if self.hub is not None else (0, 0)
             said = {"pid": os.getpid(), "dns": self.views.dns_zone_name,
-                    "relayed_pairs": len(self.hub.pairs) if self.hub is not None else 0}
+                    "relayed_pairs": active, "relay_pairs_allocated": allocated,
+                    "replication": self.replication() if self.replication else None}
             if said != self._status_said:
                 atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
                 self._status_said = said
@@ -6577,6 +6772,8 @@ class Coordinator:
                     self.device.sync()
                 # Reading the device costs ~7 ms per 1000 peers; scale the pace.
                 self.device.refresh(max(1.0, len(self.device.observed) / 1000))
+                if self.device.gone():
+                    self.device_gone.set()
                 self.write_status()
                 if time.monotonic() - slow >= SWEEP_INTERVAL:
                     slow = time.monotonic()
@@ -6776,6 +6973,39 @@ def user_get_rotations(co, req):
     return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
                            "proof": proofs.get(req.caller.public_key)}
                           for old, new, proofs in co.store.rotations(ip)])
+
+
+@api("GET", "user/rotation-proofs", "user")
+def user_get_missing_proofs(co, req):
+    """Ours: the caller's own rotations that a peer which may see it has no
+    proof for (it joined after the caller's last sync before rotating):
+    [{"old_key", "new_key", "peers": [public keys]}]."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != req.caller.id]
+    out = []
+    for old, new, proofs in co.store.rotations(req.caller.ip):
+        missing = [k for k in keys if k not in proofs]
+        if missing:
+            out.append({"old_key": old, "new_key": new, "peers": missing})
+    return Response(200, out)
+
+
+@api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_add_rotation_proofs(co, req):
+    """Ours: late proofs for one of the caller's own rotations
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    data = _require_object(req.body, "rotation proofs")
+    old, new = _get(data, "old_key", str), _get(data, "new_key", str)
+    proofs = _get(data, "proofs", dict)
+    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
+                                       for k, v in proofs.items()):
+        raise _bad("field 'proofs' must map public keys to proofs")
+    co.gate.allow_update(req.caller.id)
+    added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
+    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    return Response(204)
 
 
 @api("PUT", "user/endpoint", "user", body=True)
@@ -7677,8 +7907,13 @@ class Metrics:
                      [("", (), co.views.long_polls)])
         self._family(out, "innernet_redemptions_total", "counter",
                      "Invitations redeemed.", [("", (), counters["redemptions"])])
-        self._family(out, "innernet_relay_pairs", "gauge", "Pairs of peers relayed now.",
-                     [("", (), len(co.hub.pairs) if co.hub is not None else 0)])
+        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
+        self._family(out, "innernet_relay_pairs", "gauge",
+                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
+                     [("", (), active)])
+        self._family(out, "innernet_relay_pairs_allocated", "gauge",
+                     "Pairs of peers with relay ports allocated, relaying or not.",
+                     [("", (), allocated)])
         self._family(out, "innernet_relay_bytes_total", "counter",
                      "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
         self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
@@ -7854,6 +8089,14 @@ class ApiClient:
                 self.sock.close()
             self.sock = None
             self.buf = b""
+
+    def interrupt(self):
+        """From another thread: end a request in progress (a long poll through
+        a device that is gone would otherwise wait out its timeout)."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _fresh(self):
         """Is the kept-alive connection recent and not closed by the server?"""
@@ -8353,6 +8596,7 @@ class FetchResult:
     unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
     next_due: float | None = None        # s until the paths need another look
     exit_problem: str | None = None      # why the exit node asked for is not in use
+    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
 
 
 def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
@@ -8753,8 +8997,10 @@ def next_path_work(memo, unreachable, now):
 
 
 def verified_rotations(api, cfg, stored, received):
-    """The key changes at known addresses that their old keys' holders proved."""
-    ok = []
+    """The key changes at known addresses that their old keys' holders proved,
+    and those still waiting for a proof for us (rotation_awaits_proof):
+    ([(ip, old, new)], [(peer, ip, old, new)])."""
+    ok, waiting = [], []
     for p, pin in pinned_key_changes(stored, received, time.time()):
         ip, old, new = p.ip, pin.public_key, p.public_key
         if ip == str(cfg.address.ip):
@@ -8765,11 +9011,84 @@ def verified_rotations(api, cfg, stored, received):
             if e.unreachable:
                 raise
             chain = []                # an innernet server: no rotations, pinning refuses
-        if isinstance(chain, list) and follow_rotations(
-                cfg.private_key, ip, old, [r for r in chain if isinstance(r, dict)]) == new:
+        chain = [r for r in chain if isinstance(r, dict)] if isinstance(chain, list) else []
+        if follow_rotations(cfg.private_key, ip, old, chain) == new:
             log(f"peer {p.name} rotated its key; the proof of its old key checks out")
             ok.append((ip, old, new))
-    return ok
+        elif rotation_awaits_proof(cfg.private_key, ip, old, chain):
+            waiting.append((p, ip, old, new))
+    return ok, waiting
+
+
+def old_keys_path(store_path):
+    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    to prove the rotation to peers that joined before it but after its last sync."""
+    return store_path[:-5] + ".oldkeys.json"
+
+
+def load_old_keys(store_path, now):
+    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
+    path = old_keys_path(store_path)
+    try:
+        with open(path) as f:
+            keys = json.load(f).get("keys", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
+            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
+    if len(live) != len(keys):
+        with contextlib.suppress(OSError):
+            if live:
+                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
+            else:
+                os.unlink(path)
+    return live
+
+
+def keep_old_key(store_path, private_key, new_key, now):
+    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
+    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
+    ensure_dir(os.path.dirname(store_path) or ".")
+    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
+
+
+def send_late_proofs(api, cfg, store_path):
+    """Proofs of our recent rotations, from the kept old keys, for the peers
+    the server says still lack one (they joined after our last sync before
+    the rotation). Only rotations we made are proved, so a server naming
+    keys of its choosing learns nothing it could use. True when all were sent."""
+    kept = load_old_keys(store_path, time.time())
+    if not kept:
+        return True
+    try:
+        wanted = api.call("GET", "/user/rotation-proofs") or []
+    except InnernetError as e:
+        if e.unreachable:
+            raise
+        debug(f"the server takes no late rotation proofs: {e.message}")
+        return e.status == 404
+    ours = {(public_key(k["private_key"]), k["new_key"]): k["private_key"] for k in kept}
+    ip, done = str(cfg.address.ip), True
+    for rec in wanted if isinstance(wanted, list) else []:
+        if not isinstance(rec, dict) or not isinstance(rec.get("peers"), list):
+            continue
+        priv = ours.get((rec.get("old_key"), rec.get("new_key")))
+        proofs = {v: rotation_proof(priv, v, ip, rec["new_key"]) for v in rec["peers"]
+                  if priv and isinstance(v, str) and is_public_key(v)}
+        if not proofs:
+            continue
+        try:
+            api.call("POST", "/user/rotation-proofs", {"old_key": rec["old_key"],
+                                                       "new_key": rec["new_key"],
+                                                       "proofs": proofs})
+            log(f"sent the proof of our key rotation to {len(proofs)} peer(s) that joined "
+                "before it")
+        except InnernetError as e:
+            if e.unreachable:
+                raise
+            warn(f"late rotation proofs not taken: {e.message} (sent again at the next sync)")
+            done = False
+    return done
 
 
 def fetch_state(api, etag, wait):
@@ -8791,8 +9110,37 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="changed",
-                    record=False, dns=False):
+def read_status(args, iface):
+    """The interface's status file as the last sync left it, or {}."""
+    try:
+        with open(status_file_path(_dirs(args, False)[1], iface)) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def fetch_interface(args, iface, by="fetch", **kw):
+    """One sync (sync_interface), its outcome left in the interface's status
+    file (write_status_file), for `innernet status` and monitoring agents."""
+    prev = read_status(args, iface)
+    try:
+        result = sync_interface(args, iface, prev, by=by, **kw)
+    except Exception as e:
+        if path_exists(client_config_path(args, iface)):
+            message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
+            last = prev.get("last_success")
+            write_status_file(_dirs(args, False)[1], iface, sync_status(
+                iface, time.time(), message, prev.get("server"), by, last))
+        raise
+    cfg = current_server(args, iface, load_client_config(args, iface))
+    write_status_file(_dirs(args, False)[1], iface, sync_status(
+        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
+    return result
+
+
+def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=0,
+                   traverse="changed", record=False, dns=False):
     """One sync of a client interface with its server (spec §8.1).
 
     With a cached ETag the server answers 304 when nothing changed; then no
@@ -8810,11 +9158,17 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
     if getattr(args, "no_nat_traversal", False):
         traverse = None
     f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
+    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
+                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
     f.find_device(allow_bring_up)
-    f.api = ApiClient(f.cfg.server_internal_endpoint, f.cfg.server_public_key,
-                      timeout=HTTP_TIMEOUT + wait, lacks=server_lacks(args, iface, f.cfg))
+    f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
+                                          f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
+                                          lacks=server_lacks(args, iface, f.cfg))
+    proofs_sent = True
     try:
         f.receive(wait)
+        if f.unreachable is None:
+            proofs_sent = send_late_proofs(f.api, f.cfg, f.store_path)
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
@@ -8823,17 +9177,36 @@ def fetch_interface(args, iface, *, allow_bring_up=False, wait=0, traverse="chan
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
-        if record and f.unreachable is None and f.etag:
-            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due)
+        if record and f.unreachable is None and f.etag and proofs_sent and not f.pending:
+            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
+        _IN_FLIGHT.pop(iface, None)
         f.api.close()
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
                             f"{len(f.stored_peers)} cached peers)",
-                            hint=f.unreachable.hint, unreachable=True)
+                            hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
-                       f.exit_problem)
+                       f.exit_problem, f.pending)
+
+
+_IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
+
+
+def _unreachable_hint(f):
+    """Why the server may not answer: with no WireGuard handshake with it for
+    the whole window, this peer may be disabled or deleted there (the server
+    then drops its packets, which from here looks like a network fault)."""
+    sp = f.dev.peer(f.cfg.server_public_key) if f.dev is not None else None
+    if sp is None or recently_connected(sp, time.time()):
+        return ((f.unreachable.hint + " ") if f.unreachable.hint else "") + \
+            "A peer disabled or deleted on the server gets no answer either (an admin's " \
+            "'innernet list' shows it)."
+    return ("no WireGuard handshake with the server " + (
+        f"for {format_duration(time.time() - sp.last_handshake)}" if sp.last_handshake
+        else "yet") + ": the server is down or unreachable, or this peer was disabled or "
+        "deleted there (an admin's 'innernet list' shows it)")
 
 
 class _Fetch:
@@ -8848,6 +9221,7 @@ class _Fetch:
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
+        self.pending, self.prev_pending = [], {}
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -8869,8 +9243,10 @@ class _Fetch:
         """The peers and CIDRs to apply: the server's, pinned against what we
         had; or the cached ones (and the next server) when it is unreachable."""
         try:
-            state, self.etag, self.waited = fetch_state(
-                self.api, self.stored_etag if self.stored_peers else None, wait)
+            # A key change waiting for its proof is looked at again at every
+            # sync: the proof arrives without the state changing.
+            etag = self.stored_etag if self.stored_peers and not self.prev_pending else None
+            state, self.etag, self.waited = fetch_state(self.api, etag, wait)
             if self.etag:                 # only innernet.py's server sends one
                 self.api.lacks.forget()
             if state is None:
@@ -8879,10 +9255,12 @@ class _Fetch:
             received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
             self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
             deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
-            self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
+            self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
+                                                       received)
             self.peers = merge_pinned(self.stored_peers, received, deleted, time.time(),
-                                      rotated=self.rotated,
-                                      own_ip=str(self.cfg.address.ip))          # pinning first
+                                      rotated=self.rotated, own_ip=str(self.cfg.address.ip),
+                                      waiting=[w[1:] for w in waiting])         # pinning first
+            self.pending = [self.note_waiting(*w) for w in waiting]
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -8906,6 +9284,17 @@ class _Fetch:
         for line in refused:
             warn(f"{self.iface}: {line}")
         return kept
+
+    def note_waiting(self, p, ip, old, new):
+        """A key change waiting for its proof, as the status file keeps it;
+        said once, when it begins."""
+        before = self.prev_pending.get((ip, new))
+        if before is None:
+            warn(f"{self.iface}: peer {p.name} ({ip}) has a new key with no proof for us yet "
+                 "(it rotated before it knew of us); its old key stays until the proof comes")
+        since = before.get("since") if before else None
+        return {"peer": p.name, "ip": ip, "old_key": old, "new_key": new,
+                "since": since if isinstance(since, (int, float)) else time.time()}
 
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
@@ -8967,6 +9356,11 @@ class _Fetch:
                 if skipped and p.public_key != self.own_key and not p.is_disabled:
                     warn(f"{self.iface}: not routing {', '.join(skipped)} of peer {p.name}: "
                          "public ranges need --accept-public-routes")
+        # Our own entry keeps all its routes: it forwards for them whatever
+        # this host accepts from others (route_peers).
+        own = next((p for p in self.peers if p.public_key == self.own_key), None)
+        desired = [own if own is not None and p.public_key == self.own_key else p
+                   for p in desired]
         # A rotated peer keeps the endpoint its old key had, so traffic goes
         # on at once instead of waiting for a handshake from it.
         carried = {new: dev.peer(old).endpoint for _, old, new in self.rotated
@@ -9029,8 +9423,8 @@ def fail_over(args, iface, cfg, backend):
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way."""
     eps = cfg.endpoints
-    if len(eps) < 2 or backend is None:
-        return cfg
+    if len(eps) < 2 or backend is None or not backend.exists(iface):
+        return cfg          # no device (wireguard-go killed): the server is not the one gone
     since = load_server_state(args, iface).get("since")
     since = since if isinstance(since, (int, float)) else 0
     dp = None
@@ -9104,7 +9498,7 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def write_fast_record(args, iface, cfg, etag, links, next_due):
+def write_fast_record(args, iface, cfg, etag, links, next_due, by):
     """What the fast path (fast_fetch) of the next run of this command line
     must find unchanged; taken after every write of this sync. Nothing is
     left for a run that printed what it did (-v), a device the fast path
@@ -9120,7 +9514,7 @@ def write_fast_record(args, iface, cfg, etag, links, next_due):
         return
     fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device,
+              "link": link_digest(iface), "device": device, "by": by,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
         atomic_write(fast_file_path(_dirs(args, False)[1], iface),
@@ -9133,7 +9527,7 @@ def synced_files(args, iface):
     store = data_store_path(args, iface)
     files = [(client_config_path(args, iface), True), (store, True),
              (paths_memo_path(store), True), (exit_state_path(store), True),
-             (server_state_path(args, iface), True)]
+             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
     hosts_path, _ = hosts_options(args)
     if hosts_path:
         files.append((hosts_path, False))
@@ -9168,9 +9562,12 @@ def server_capabilities(args, iface):
     try:
         caps = server_caps(api)
     except InnernetError as e:
-        if e.unreachable and len(cfg.endpoints) > 1:
-            fail_over(args, iface, current_server(args, iface, cfg),
-                      existing_backend(opt(args, "backend", "auto"), iface))
+        backend = existing_backend(opt(args, "backend", "auto"), iface)
+        # Without its device (wireguard-go killed, a reboot) the server is
+        # unreachable from here: the sync that brings the device back comes
+        # first, not a fail-over that needs the device (and would never end).
+        if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
+            fail_over(args, iface, current_server(args, iface, cfg), backend)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -9245,10 +9642,28 @@ class PathWatch:
         return lost
 
 
+def watch_server(watch, dev, cfg, iface):
+    """A server that stopped answering WireGuard (a primary that died) while a
+    long poll waits on it: the poll is cut short, so the daemon fails over to
+    the next endpoint in seconds, not after the poll's timeout (up to 70 s at
+    --interval 60). A live server answers the pokes (PathWatch) at once."""
+    sp = dev.peer(cfg.server_public_key)
+    api = _IN_FLIGHT.get(iface)
+    if sp is None or api is None or len(cfg.endpoints) < 2:
+        watch.seen.clear()
+        watch.poked.clear()
+        return
+    ref = Peer(None, SERVER_PEER_NAME, str(cfg.server_ip), None, cfg.server_public_key)
+    if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
+        warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
+             "looking for it at its next endpoint")
+        api.interrupt()
+
+
 def watch_paths(args, iface, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch = PathWatch()
+    watch, server_watch = PathWatch(), PathWatch()
     while True:
         time.sleep(every)
         if state.cfg is None:
@@ -9257,9 +9672,15 @@ def watch_paths(args, iface, state, every=1.0):
             with device_lock(iface):
                 backend = existing_backend(opt(args, "backend", "auto"), iface)
                 if backend is None:
+                    # The device is gone (wireguard-go killed): a long poll through
+                    # it would wait out its timeout; cut it short, and the sync
+                    # that follows brings the device back.
+                    with contextlib.suppress(KeyError):
+                        _IN_FLIGHT[iface].interrupt()
                     continue
                 cfg, peers = state.cfg, state.peers
                 dev = backend.get(iface)
+                watch_server(server_watch, dev, cfg, iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
                 store_path = data_store_path(args, iface)
@@ -9314,6 +9735,21 @@ class _DaemonState:
         self.told = set()        # interfaces said to have an innernet server
 
 
+def _daemon_failure(iface, e, failing):
+    """Say a daemon round's failure (once while it lasts); its message."""
+    if isinstance(e, InnernetError):
+        message = e.message
+    else:
+        import traceback
+        message = f"unexpected error: {e!r}"
+        debug(traceback.format_exc())
+    if message != failing:
+        warn(f"{iface}: {message} (retrying)")
+    else:
+        debug(f"{iface}: still failing: {message}")
+    return message
+
+
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
@@ -9326,7 +9762,7 @@ def _daemon(args, iface):
     dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):
+    if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
         threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
     while True:
         sleep = args.interval
@@ -9341,7 +9777,7 @@ def _daemon(args, iface):
             wait = min(args.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, allow_bring_up=True, wait=wait,
+            result = fetch_interface(args, iface, by="daemon", allow_bring_up=True, wait=wait,
                                      traverse=traverse, dns=dns)
             traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
@@ -9352,21 +9788,12 @@ def _daemon(args, iface):
                 sleep = 0                   # the wait happened on the server
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
+            sleep = min(args.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
         except Exception as e:      # one network's trouble must not end the others
-            if isinstance(e, InnernetError):
-                message = e.message
-            else:
-                import traceback
-                message = f"unexpected error: {e!r}"
-                debug(traceback.format_exc())
-            if message != failing:
-                warn(f"{iface}: {message} (retrying)")
-            else:
-                debug(f"{iface}: still failing: {message}")
-            failing = message
+            failing = _daemon_failure(iface, e, failing)
             caps = None
             sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
             if isinstance(e, InnernetError) and e.unreachable and \
@@ -9388,8 +9815,15 @@ def _interactive():
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+class _Prompts:
+    yes = False                  # --yes: take the default a prompt would offer
+
+
 def ask(value, flag, prompt, *, default=None, parse=None):
-    """A value from its flag, else the terminal, else an error naming the flag."""
+    """A value from its flag, else the terminal, else an error naming the flag.
+    With --yes a value that has a default takes it, as the prompt would."""
+    if value is None and default is not None and _Prompts.yes:
+        value = default
     if value is None:
         if not _interactive():
             if default is not None:
@@ -10172,6 +10606,8 @@ def cmd_approve_routes(args):
     peer = net.approve_routes(peer, routes, not args.revoke)
     for r in advertised(peer):
         log(f"{peer.name}: {r} {_route_state(peer, r)}")
+    for w in [] if args.revoke else public_route_warnings(routes or advertised(peer)):
+        warn(w)
     return 0
 
 
@@ -10272,15 +10708,26 @@ def cmd_list_routes(args):
     if args.json:
         print_json({"routes": rows, "auto_approve": rules})
         return 0
-    for r in rows:
-        what = "exit node" if r["exit_node"] else r["route"]
-        print(f"{r['peer']} ({r['ip']}): {what} "
-              f"{'approved' if r['approved'] else 'waiting for approval'}")
-    for a in rules:
-        print(f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'")
-    if not rows and not rules:
-        print("no routes are advertised")
+    print("\n".join(route_lines(rows, rules)))
     return 0
+
+
+def route_lines(rows, rules):
+    """list-routes as text: an exit node (both default routes) is one line."""
+    out, exits = [], {}
+    for r in rows:
+        if r["exit_node"]:
+            exits.setdefault((r["peer"], r["ip"]), []).append(r["approved"])
+            if len(exits[(r["peer"], r["ip"])]) > 1:
+                continue
+        out.append(r)
+    lines = []
+    for r in out:
+        ok = all(exits[(r["peer"], r["ip"])]) if r["exit_node"] else r["approved"]
+        lines.append(f"{r['peer']} ({r['ip']}): {'exit node' if r['exit_node'] else r['route']} "
+                     f"{'approved' if ok else 'waiting for approval'}")
+    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'" for a in rules]
+    return lines or ["no routes are advertised"]
 
 
 def cmd_rename_cidr(args):
@@ -10397,6 +10844,11 @@ def cmd_server_new(args):
     return 0
 
 
+# What serve keeps beside a network's database, all removed by uninstall.
+SERVER_STATE_FILES = (".db-wal", ".db-shm", ".db-journal", ".litestream.yml", ".litestream.pid",
+                      ".lock", ".status.json")
+
+
 def cmd_server_uninstall(args):
     iface = parse_interface(args.interface)
     conf, db = server_paths(args, iface)
@@ -10408,13 +10860,19 @@ def cmd_server_uninstall(args):
         bring_down(opt(args, "backend", "auto"), iface)
     if RelayFirewall.available():
         RelayFirewall(iface).remove()
-    for path in (conf, db):
+    base = db[:-3]
+    for path in (conf, db, *[base + ext for ext in SERVER_STATE_FILES]):
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             warn(f"could not delete {path}: {e.strerror}")
+    # Litestream's own state beside the database (its WAL copies)
+    litestream_dir = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}-litestream")
+    if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
+        import shutil
+        shutil.rmtree(litestream_dir, ignore_errors=True)
     log(f"network {iface} uninstalled")
     return 0
 
@@ -10458,6 +10916,8 @@ def server_status(args, iface, now=None):
             "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
             "expired_invitations": sum(invitation_expired(p, now) for p in invites),
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
+            "relay_pairs_allocated": serving.get("relay_pairs_allocated") if serving else None,
+            "replication": serving.get("replication") if serving else None,
             "dns": serving["dns"] if serving else None,
             "database": db_path, "database_bytes": size}
 
@@ -10544,8 +11004,12 @@ def cmd_server_status(args):
           + (f"; not (any local user of their hosts is them): {', '.join(unproved)}"
              if unproved else ""))
     if st["serving"]:
-        print(f"relayed pairs: {st['relayed_pairs']}")
+        print(f"relayed pairs: {st['relayed_pairs']} relaying now, "
+              f"{st['relay_pairs_allocated']} allocated")
         print(f"dns: {st['dns'] or 'off'}")
+        rep = st["replication"]
+        print("replication: " + (f"to {rep['url']}, litestream {rep['litestream']}"
+                                 if isinstance(rep, dict) else "off (no --replicate)"))
     print(f"database: {human_bytes(st['database_bytes'])} ({st['database']})")
     return 0
 
@@ -10569,6 +11033,21 @@ def cmd_server_admin_proof(args):
     log(f"admin calls of peer '{peer.name}' "
         + ("no longer need a proof: innernet's admin client works again" if args.off else
            "need a proof: only innernet.py, run as root on its host, can make them"))
+
+
+def cmd_server_set_endpoint(args):
+    """Where new invitations point: a standby that took over sets its own."""
+    iface = parse_interface(args.interface)
+    load_server_config(args, iface)
+    endpoint = args.endpoint
+    parse_endpoint(endpoint)
+    store = Store(server_paths(args, iface)[1])
+    server = next(p for p in store.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
+    confirm(args, f"Point new invitations of {iface} at {endpoint} (now {server.endpoint})?",
+            True)
+    store.set_server_endpoint(endpoint)
+    log(f"new invitations of {iface} point at {endpoint}; peers already in keep the "
+        "endpoints in their config ('innernet override-server-endpoints' changes them)")
     return 0
 
 
@@ -10630,9 +11109,11 @@ def cmd_server_serve(args):
     hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
     config = load_server_config(args, iface)
     _fixed_mmap_threshold()
+    set_timestamps(True)
     db_path = server_paths(args, iface)[1]
     store, lock, replicator = _serve_store(args, iface, db_path)
     co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
+    co.replication = replicator and replicator.describe
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None
@@ -10655,9 +11136,15 @@ def cmd_server_serve(args):
     def stop(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=lambda: co.device_gone.wait() and httpd.shutdown(),
+                     daemon=True).start()
     log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
     try:
         httpd.serve_forever(poll_interval=0.5)
+        if co.device_gone.is_set():
+            raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
+                                "exiting so that the service manager starts serve again",
+                                hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
     finally:
         co.stop.set()
         httpd.server_close()
@@ -10742,6 +11229,7 @@ def cmd_install(args):
     iface = _install_name(args, invite)
     cfg_path = client_config_path(args, iface)
     backend_choice = opt(args, "backend", "auto")
+    _refuse_taken_range(args, invite, iface)
     ensure_dir(_dirs(args, False)[0])
     ensure_dir(_dirs(args, False)[1])
     started = time.monotonic()
@@ -10794,6 +11282,30 @@ def cmd_install(args):
     print(f"to stay in sync: systemctl enable --now innernet@{iface}\n"
           f"  (or: innernet up {iface} --daemon --interval {FETCH_INTERVAL})", file=sys.stderr)
     return 0
+
+
+def _refuse_taken_range(args, invite, iface):
+    taken = _range_taken(invite.address.network, iface) if routing(args) else None
+    if taken:
+        raise InnernetError(f"interface {taken} already routes {invite.address.network}, the "
+                            "range of this network",
+                            hint=f"an earlier install of it? run 'innernet down {taken}' (or "
+                                 f"'innernet uninstall {taken}') first")
+
+
+def _range_taken(network, own):
+    """The interface (not ``own``) whose route in the main table covers part of
+    ``network`` at least as specifically, or None: a new interface's route to
+    the network would lose to it, and the redemption would time out."""
+    with Netlink() as nl:
+        for net, oif, table, _ in nl.routes(network.version):
+            if table == _RT_TABLE_MAIN and oif and net.prefixlen >= network.prefixlen and \
+                    net.overlaps(network):
+                with contextlib.suppress(OSError):
+                    name = socket.if_indextoname(oif)
+                    if name != own:
+                        return name
+    return None
 
 
 def _install_name(args, invite):
@@ -10877,7 +11389,8 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
         try:
             # Peers are tried later (the daemon, the next fetch, or their own
             # side, which learns of us now): joining ends at the handshake.
-            fetch_interface(args, iface, allow_bring_up=True, traverse=None, dns=True)
+            fetch_interface(with_remembered_flags(args, iface), iface, by="install",
+                            allow_bring_up=True, traverse=None, dns=True)
             return
         except InnernetError as e:
             if attempt == 2:
@@ -10945,9 +11458,13 @@ def cmd_rotate_key(args):
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
-        if not e.unreachable:
+        if not e.unreachable or api.sent == 0:      # refused, or never sent: nothing changed
             with contextlib.suppress(OSError):
                 os.unlink(pending)
+            if e.unreachable:
+                raise InnernetError(f"{e.message}; the key was not rotated",
+                                    hint=f"nothing changed; run 'innernet rotate-key {iface}' "
+                                         "again when the server answers") from None
             raise
         raise InnernetError(f"{e.message} while rotating the key",
                             hint=f"the server may have taken the new key; if 'innernet fetch "
@@ -10960,6 +11477,8 @@ def cmd_rotate_key(args):
         raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
                             hint="move it by hand: the server has the new key") from None
     since = time.time()
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
     server = server_peer_update(cfg)
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
@@ -10967,6 +11486,13 @@ def cmd_rotate_key(args):
     for p in peers:                 # each peer's new session starts at once, not in 5 s
         if not p.is_disabled and p.public_key != own:
             trigger_packet(p.ip)
+    _say_rotated(iface, cfg, said, verifiers, new_public)
+    return 0
+
+
+def _say_rotated(iface, cfg, said, verifiers, new_public):
+    """How many peers will check the rotation's proof, and which innernet
+    clients cannot (the server's answer names them)."""
     blind = said.get("innernet_peers") if isinstance(said, dict) else None
     blind = [r for r in blind if isinstance(r, dict)] if isinstance(blind, list) else []
     checking = len(verifiers - {cfg.server_public_key} - {str(r.get("public_key"))
@@ -10976,7 +11502,6 @@ def cmd_rotate_key(args):
         pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
         warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
              f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
-    return 0
 
 
 def cmd_override_server_endpoints(args):
@@ -11087,6 +11612,8 @@ def _advertise(args, body, what):
     for r in advertised(peer):
         shown = "exit node" if r in EXIT_ROUTES else r
         log(f"{peer.name}: {shown} {_route_state(peer, r)}")
+    for w in public_route_warnings(advertised(peer)):
+        warn(w)
     if not advertised(peer):
         log(f"{peer.name} advertises no routes")
     return 0
@@ -11146,6 +11673,11 @@ def leave_exit(args, iface):
     log(f"{iface}: exit node {state['exit_node']} no longer used; routing as before")
 
 
+# What a client keeps per network beside its data store, all removed by uninstall.
+CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
+                      ".status.json", ".down", ".oldkeys.json", ".flags.json")
+
+
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
     cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
@@ -11157,7 +11689,9 @@ def cmd_uninstall(args):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
-    for path in (cfg_path, store_path, lacks_memo_path(store_path)):
+    base = store_path[:-5]
+    for path in (cfg_path, cfg_path + ".rotating", store_path, lacks_memo_path(store_path),
+                 *[base + ext for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     hosts_path, _ = hosts_options(args)
@@ -11167,12 +11701,54 @@ def cmd_uninstall(args):
     return 0
 
 
+ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
+
+
+def with_remembered_flags(args, iface, reset=False):
+    """``args`` for one network, with the route and DNS flags of the last
+    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
+    plain cron `fetch` keeps them. Flags given now are remembered; `up`
+    (``reset``) remembers exactly what it is given, none included."""
+    path = data_store_path(args, iface)[:-5] + ".flags.json"
+    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
+    if given or reset:
+        with contextlib.suppress(OSError):
+            if given:
+                ensure_dir(os.path.dirname(path))
+                atomic_write(path, json.dumps(given) + "\n", 0o600)
+            else:
+                os.unlink(path)
+        return args
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return args
+    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
+    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
+
+
+def down_marker_path(args, iface):
+    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
+    return data_store_path(args, iface)[:-5] + ".down"
+
+
 def cmd_fetch(args):
     ifaces = chosen_interfaces(args)
     failed = 0
     for iface in ifaces:
         try:
-            fetch_interface(args, iface, record=True)
+            if path_exists(down_marker_path(args, iface)) and \
+                    existing_backend(opt(args, "backend", "auto"), iface) is None:
+                if args.interface is None:
+                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
+                    continue
+                raise InnernetError(f"interface {iface} is not up (taken down with "
+                                    f"'innernet down {iface}')",
+                                    hint=f"run 'innernet up {iface}' to bring it back")
+            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
+                            allow_bring_up=True)
         except InnernetError as e:
             if len(ifaces) == 1:
                 raise
@@ -11181,6 +11757,68 @@ def cmd_fetch(args):
     if not failed:
         record_run(args, ifaces)
     return EXIT_ERROR if failed else 0
+
+
+def interface_health(args, iface, now, max_age):
+    """What `status` says of one network: its status file (what the last
+    fetch, up or daemon run left), the device, and the problems, if any."""
+    st = read_status(args, iface)
+    up = existing_backend(opt(args, "backend", "auto"), iface) is not None
+    problems = [] if up else ["the interface is not up" + (
+        " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
+        else "")]
+    last = st.get("last_success")
+    if not st:
+        problems.append("no sync recorded (no fetch, up or daemon has run since install)")
+    elif st.get("last_error"):
+        problems.append(f"the last sync failed: {st['last_error']}")
+    if st and not isinstance(last, (int, float)):
+        problems.append("no successful sync recorded")
+    elif st and now - last > max_age:
+        problems.append(f"no successful sync for {format_duration(now - last)}")
+    pending = [w for w in st.get("pending_key_changes") or [] if isinstance(w, dict)]
+    for w in pending:
+        since = w.get("since") if isinstance(w.get("since"), (int, float)) else now
+        if now - since > max_age:
+            problems.append(f"peer {w.get('peer')} has waited {format_duration(now - since)} "
+                            "for the proof of its new key")
+    return {"interface": iface, "healthy": not problems, "problems": problems,
+            "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
+            "last_error": st.get("last_error"), "by": st.get("by"),
+            "server": st.get("server"), "pending_key_changes": pending}
+
+
+def _status_lines(h, now):
+    def when(t):
+        if not isinstance(t, (int, float)):
+            return "never"
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) + \
+            f" ({format_duration(max(0, now - t))} ago)"
+    out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
+           f"  interface: {'up' if h['interface_up'] else 'down'}",
+           f"  last successful sync: {when(h['last_success'])}"
+           + (f" (by {h['by']})" if h["by"] and h["last_success"] else ""),
+           f"  last error: {h['last_error'] or 'none'}"
+           + (f" (at {when(h['checked_at'])})" if h["last_error"] else ""),
+           f"  server: {h['server'] or 'unknown'}"]
+    out += [f"  waiting for the proof of peer {w.get('peer')}'s new key ({w.get('ip')})"
+            for w in h["pending_key_changes"]]
+    out += [f"  problem: {p}" for p in h["problems"]]
+    return out
+
+
+def cmd_status(args):
+    """This host's health per network; exit 0 only when every one is healthy."""
+    max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
+    now = time.time()
+    for iface in chosen_interfaces(args):
+        load_client_config(args, iface)          # a network that is not installed fails
+    healths = [interface_health(args, iface, now, max_age) for iface in chosen_interfaces(args)]
+    if args.json:
+        print_json(healths)
+    else:
+        print("\n".join(line for h in healths for line in _status_lines(h, now)))
+    return 0 if all(h["healthy"] for h in healths) else EXIT_ERROR
 
 
 def cmd_up(args):
@@ -11192,9 +11830,12 @@ def cmd_up(args):
     for iface in ifaces:
         if path_exists(client_config_path(args, iface)):
             choose_exit(args, iface)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(down_marker_path(args, iface))
+        with_remembered_flags(args, iface, reset=True)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, allow_bring_up=True, dns=True,
+            result = fetch_interface(args, iface, by="up", allow_bring_up=True, dns=True,
                                      record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
@@ -11209,6 +11850,7 @@ def cmd_up(args):
         record_run(args, ifaces)
         return 0
     ensure_dir(_dirs(args, False)[1])
+    set_timestamps(True)
     locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
                            f"'up {iface} --daemon'") for iface in ifaces]
     threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
@@ -11226,8 +11868,15 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
+    installed = path_exists(client_config_path(args, iface))
+    if installed:           # cron's `fetch` leaves it down until `up`
+        ensure_dir(_dirs(args, False)[1])
+        atomic_write(down_marker_path(args, iface), "", 0o600)
     if not bring_down(opt(args, "backend", "auto"), iface):
-        raise InnernetError(f"interface {iface} is not up")
+        if not installed:
+            raise InnernetError(f"interface {iface} is not up")
+        log(f"interface {iface} is already down")
+        return 0
     log(f"interface {iface} is down")
     return 0
 
@@ -11638,6 +12287,12 @@ def _add_server_verbs(sub):
     p.add_argument("--listen-port", metavar="PORT",
                    help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
     _add_serve_verb(sub)
+    p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
+              "Set the network's external endpoint, where new invitations point (a standby "
+              "that took over sets its own).")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("endpoint", metavar="HOST:PORT")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "restore", cmd_server_restore, "server",
               "On a standby: restore the database from a Litestream replica (the server "
               "config must be copied here once).")
@@ -11725,6 +12380,15 @@ def build_parser(server_mode=False):
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
+    p = _verb(sub, "status", cmd_status, "client",
+              "This host's health per network: the last successful sync, the last error; "
+              "exit code 0 when all are healthy, 1 otherwise.")
+    p.add_argument("interface", metavar="INTERFACE", nargs="?",
+                   help="the network (default: every installed one)")
+    p.add_argument("--max-age", metavar="TIME",
+                   help=f"a network not synced for this long is unhealthy (default "
+                        f"{STATUS_MAX_AGE // 60}m)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = _verb(sub, "down", cmd_down, "client", "Delete a network's WireGuard interface.")
     p.add_argument("interface", metavar="INTERFACE")
     p = _verb(sub, "uninstall", cmd_uninstall, "client",
@@ -11879,10 +12543,17 @@ def main(argv=None, server_mode=None):
         with contextlib.suppress(OSError):
             args.invocation = invocation(argv, os.environ, os.getcwd())
     set_verbosity(getattr(args, "verbose", 0) or 0)
+    _Prompts.yes = getattr(args, "yes", False) is True
     if args.func is None:
         parser.parse_args(argv + ["--help"])
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()            # a closed pipe (show | head) is found here, not at exit
+        return code
+    except BrokenPipeError:           # the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except InnernetError as e:
         print(f"{prog}: error: {e.message}", file=sys.stderr)
         if e.hint:
@@ -11907,8 +12578,6 @@ def main(argv=None, server_mode=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 _GLOBAL_WITH_VALUE = {"-c", "--config-dir", "-d", "--data-dir", "--backend", "--mtu"}

