@@ -2649,8 +2649,9 @@ def refuse_misrouted(received, stored, network, own, server):
     ``server``: (ip, key)) under another key; when a route overlaps the
     network or covers an address pinned (in ``stored``) to another key; when
     a pinned peer turns static (its address would go to the server's key);
-    or when its endpoint is inside the network. Candidates inside the network
-    are dropped from the records kept.
+    or when its endpoint is inside the network; and a record with the
+    server's key anywhere but at the server's address, or disabled or static
+    there. Candidates inside the network are dropped from the records kept.
     """
     pins = {}
     for p in stored:
@@ -2678,6 +2679,14 @@ def _misrouting(p, pins, outside, network, own, server):
     for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
         if p.ip == o_ip and p.public_key != o_key:
             return f"it claims {whose} address under another key"
+    if p.public_key == server[1]:
+        # The server's peer on our device is our config's (key, address,
+        # endpoint): a record that moved, disabled or hid it would cut us off
+        # from the API for good, since that is where the next state comes from.
+        if p.ip != server[0]:
+            return f"it carries the server's key at another address than {server[0]}"
+        if p.is_disabled or p.is_static:
+            return "the server's peer cannot be disabled or static (this client's config defines it)"
     for r in p.routes:
         net = ipaddress.ip_network(r)
         if net.version == network.version and net.overlaps(network):
@@ -8106,8 +8115,18 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
     (``exit_key``) gets the default routes too.
     """
     overrides = cfg.peer_endpoint_overrides
-    out = []
+    server_ip = str(cfg.server_ip)
+    out, server = [], None
     for p in peers:
+        if p.public_key == cfg.server_public_key or p.ip == server_ip:
+            # The server's entry is our config's, whatever the records say
+            # (refuse_misrouted refuses those that contradict it): one that
+            # moved, dropped or disabled it would leave us unable to ask for
+            # the next state; a sync also repairs an entry that drifted.
+            if server is not None or p.public_key != cfg.server_public_key \
+                    or p.ip != server_ip:
+                continue
+            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
         routes = [r for r in p.routes if public_routes or route_is_private(r)] \
             if accept_routes else []
         if p.public_key == exit_key:
@@ -8121,6 +8140,9 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
         elif p.public_key in quiet:
             p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
+    if server is None:
+        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
+                        cfg.server_external_endpoint, is_redeemed=True))
     return out
 
 

@@ -3,6 +3,7 @@ unit tests: each failed on the code before its fix. The end-to-end halves are in
 tests/e2e/test_hardening.py.
 """
 import base64
+import dataclasses
 import ipaddress
 import json
 import os
@@ -172,6 +173,36 @@ def test_the_server_peer_is_reached_at_the_configured_endpoint():
                   endpoint="6.6.6.6:51820", is_redeemed=True, is_admin=True)
     (p,) = innernet.desired_peers(cfg, [server])
     assert p.endpoint == "198.18.0.1:51820"
+
+
+def test_the_server_peer_is_the_configs_whatever_the_records_say():
+    """B2: no record can drop, disable, move or re-key the server's peer on
+    the device: the API (where the next state comes from) stays reachable."""
+    cfg = innernet.InterfaceConfig("evil", ipaddress.ip_interface("10.66.1.2/16"),
+                                   innernet.generate_private_key(), None, key(),
+                                   "198.18.0.1:51820", "10.66.0.1:51820")
+    srv = Peer(1, "innernet-server", "10.66.0.1", 2, cfg.server_public_key, is_redeemed=True)
+    own = ("10.66.1.2", innernet.public_key(cfg.private_key))
+    lies = {"disabled": dataclasses.replace(srv, is_disabled=True),
+            "static": dataclasses.replace(srv, is_static=True),
+            "moved": dataclasses.replace(srv, ip="10.66.1.9"),
+            "re-keyed": dataclasses.replace(srv, public_key=key())}
+    for what, lie in lies.items():
+        kept, refused = innernet.refuse_misrouted([lie], [srv], cfg.address.network, own,
+                                                  ("10.66.0.1", cfg.server_public_key))
+        assert kept == [] and len(refused) == 1, what
+    copy = Peer(5, "copy", "10.66.1.5", 2, cfg.server_public_key, is_redeemed=True)
+    for peers in ([], [dataclasses.replace(srv, is_disabled=True)], [copy, srv]):
+        ups = innernet.diff_peers([], innernet.desired_peers(cfg, peers), own[1], 0,
+                                  resolve=lambda e: e)
+        assert [(u.public_key, u.allowed_ips, u.endpoint) for u in ups] == \
+            [(cfg.server_public_key, ["10.66.0.1/32"], "198.18.0.1:51820")], peers
+    # an entry that drifted on the device is put back by the next sync
+    drifted = [innernet.DevicePeer(cfg.server_public_key, "198.18.0.1:51820",
+                                   ["10.66.1.9/32"], 25, 0.0)]
+    (u,) = innernet.diff_peers(drifted, innernet.desired_peers(cfg, [srv]), own[1], 0,
+                               resolve=lambda e: e)
+    assert u.allowed_ips == ["10.66.0.1/32"]
 
 
 # -- 2: relay rules for nested CIDR trees ----------------------------------------------------

@@ -361,3 +361,57 @@ def test_an_exit_node_gets_nothing_inside_the_network_and_only_the_one_chosen(w)
     assert covering(held, "198.19.1.1") == {exitn["public_key"]}
     assert covering(held, ADMIN_IP) == {w.admin_key}
     w.alice.innernet("up", w.iface, "--no-write-hosts")                # stop using it
+
+
+DRIFT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import innernet
+innernet.UserspaceBackend().apply(sys.argv[2], updates=[
+    innernet.PeerUpdate(sys.argv[3], allowed_ips=[sys.argv[4]])])
+"""
+
+
+def server_entry(w):
+    """(allowed IPs, endpoint) of the server's key on alice's device, or None."""
+    return next(((sorted(p["allowed_ips"]), p["endpoint"])
+                 for p in device(w.alice, w.iface)["peers"]
+                 if p["public_key"] == w.server_key), None)
+
+
+def test_the_state_cannot_drop_disable_move_or_rekey_the_servers_peer(w):
+    """Promise 10: the server's peer on the device is the client's config's
+    (key, address, endpoint); a record that drops, disables, moves or re-keys
+    it, or gives its key another address, is refused or ignored, so the client
+    still reaches the API and an honest state afterwards syncs at once."""
+    I = _innernet()
+    honest = server_entry(w)
+    assert honest[0] == [f"{SERVER_IP}/32"], honest
+
+    def srv_change(**fields):
+        return with_peers(w, change={SERVER_IP: fields})
+    dropped = copy.deepcopy(w.honest)
+    dropped["peers"], dropped["cidrs"] = [], []
+    lies = [("dropped", dropped, None),
+            ("disabled", srv_change(is_disabled=True), "innernet-server"),
+            ("moved", srv_change(ip="10.66.1.250"), "innernet-server"),
+            ("re-keyed", srv_change(public_key=I.public_key(I.generate_private_key())),
+             "innernet-server"),
+            ("copied", with_peers(w, record(w, "srvcopy", "10.66.2.90",
+                                            public_key=w.server_key)), "srvcopy")]
+    for what, state, name in lies:
+        out = fetch(w, state)
+        assert out.returncode == 0, (what, out.stderr)
+        if name:
+            lines = [ln for ln in out.stderr.splitlines() if f"'{name}'" in ln]
+            assert len(lines) == 1 and "refused" in lines[0], (what, out.stderr)
+        assert server_entry(w) == honest, what
+        out = fetch(w, w.honest)                 # the truth again: no down/up needed
+        assert out.returncode == 0, (what, out.stderr)
+        assert holders(w)[f"{ADMIN_IP}/32"] == w.admin_key, what
+    # An entry that drifted on the device (by whatever means) is put back by
+    # the next sync, which finds the API unreachable and repairs from config.
+    w.alice.python(DRIFT, ROOT, w.iface, w.server_key, "10.66.1.251/32")
+    w.alice.innernet("fetch", w.iface, "--no-write-hosts", check=False, timeout=90)
+    assert server_entry(w) == honest
+    assert fetch(w, w.honest).returncode == 0
