@@ -112,6 +112,14 @@ PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
 DEFAULT_REUSE_AFTER = "30d"     # a deleted peer's address is quarantined this long
 INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this long
 DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
+# A client keeps a deleted peer's address from any other key for at least this
+# long after it first hears of the deletion, whatever reuse time the server
+# announces: otherwise a hijacked server could announce a quarantine already
+# over and, in its next state, hand the address (and a chosen exit node, pinned
+# by address) to a key of its own. Without network lock the client cannot tell
+# that from an admin's honest early reuse, so that waits for the floor too.
+MIN_QUARANTINE = 7 * 86400
+ENV_MIN_QUARANTINE = "INNERNET_MIN_QUARANTINE"   # seconds; for test networks only
 DNS_PORT = 53
 DNS_TCP_MAX = 64                # DNS-over-TCP connections at once; more are refused
 DNS_TCP_PER_SOURCE = 4          # ... from one source address (every local one counts as one)
@@ -2395,7 +2403,40 @@ class PathMemo:
         return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
-def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None):
+def quarantine_end(pin, announced, now, floor):
+    """Until when ``pin``'s address stays its key's: as first recorded, or, when
+    ``announced`` (its Deletion) is news, the later of the announced reuse
+    time and ``floor`` seconds from ``now``; None for a pin not deleted."""
+    if pin.deleted_until is not None:
+        return pin.deleted_until
+    if announced is None:
+        return None
+    return max(announced.reuse_after, int(now) + floor)
+
+
+def refuse_quarantined(received, stored, deleted, now, floor):
+    """(the records kept, one line per record refused): a record whose address
+    is a deleted peer's, still in quarantine (quarantine_end), under another
+    key. The rest of the state applies; merge_pinned records the quarantine."""
+    announced = {(d.ip, d.public_key): d for d in deleted}
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    kept, refused = [], []
+    for p in received:
+        pin = pins.get(p.ip)
+        until = None if pin is None or pin.public_key == p.public_key else \
+            quarantine_end(pin, announced.get((p.ip, pin.public_key)), now, floor)
+        if until is not None and until > now:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: the address "
+                           f"was deleted peer '{pin.name}''s and stays its key's until "
+                           + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until)))
+            continue
+        kept.append(p)
+    return kept, refused
+
+
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2407,7 +2448,9 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
     its quarantine (reuse_after, as first announced) is over; only a key
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
     a known address change key. Our own address is ours to know. ``now``:
-    the caller's clock (the default, 0, lets no quarantine end).
+    the caller's clock (the default, 0, lets no quarantine end); ``floor``:
+    the least quarantine, in seconds from when a deletion is first heard of
+    (quarantine_end; the client passes MIN_QUARANTINE).
     """
     rotated = set(rotated)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -2428,10 +2471,9 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None)
         ip = p.ip
         if ip in result_ips:
             continue
-        until = p.deleted_until
-        gone = announced.get((ip, p.public_key))
-        if until is None and gone is not None:
-            until = gone.reuse_after          # the first announcement counts, never a later one
+        # The first announcement counts, never a later one, and never less
+        # than the floor from when it was heard of.
+        until = quarantine_end(p, announced.get((ip, p.public_key)), now, floor)
         if until is not None and until <= now:
             continue                          # deleted and out of quarantine: unpinned
         result_ips.add(ip)
@@ -8525,6 +8567,12 @@ def verified_rotations(api, cfg, stored, received):
     return ok
 
 
+def min_quarantine():
+    """MIN_QUARANTINE, or INNERNET_MIN_QUARANTINE seconds (test networks only)."""
+    n = ascii_uint(os.environ.get(ENV_MIN_QUARANTINE, ""))
+    return MIN_QUARANTINE if n is None else n
+
+
 def fetch_state(api, etag, wait):
     """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
     path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
@@ -8630,10 +8678,15 @@ class _Fetch:
             received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
             self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
             deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+            now, floor = time.time(), min_quarantine()
+            received, refused = refuse_quarantined(received, self.stored_peers, deleted,
+                                                   now, floor)
+            for line in refused:
+                warn(f"{self.iface}: {line}")
             self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
-            self.peers = merge_pinned(self.stored_peers, received, deleted, time.time(),
-                                      rotated=self.rotated,
-                                      own_ip=str(self.cfg.address.ip))          # pinning first
+            self.peers = merge_pinned(self.stored_peers, received, deleted, now,
+                                      rotated=self.rotated, own_ip=str(self.cfg.address.ip),
+                                      floor=floor)                               # pinning first
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -9675,7 +9728,18 @@ def cmd_add_peer(args):
     _said_saved(save_path, expires)
     log(f"peer '{peer.name}' ({peer.ip}) added")
     _said_pinned_elsewhere(net, peer)
+    _said_floor(net, peer, now)
     return 0
+
+
+def _said_floor(net, peer, now):
+    """A deleted peer's address reused within our clients' floor (MIN_QUARANTINE)."""
+    gone = [d for d in net.deletions()
+            if d.ip == peer.ip and now < d.reuse_after + MIN_QUARANTINE]
+    if gone:
+        warn(f"{peer.ip} was deleted peer '{gone[-1].name}''s: innernet.py clients that knew "
+             f"it refuse '{peer.name}' until {format_duration(MIN_QUARANTINE)} after they "
+             "heard of the deletion (their own floor on its quarantine)")
 
 
 def _said_pinned_elsewhere(net, peer):
@@ -9698,6 +9762,10 @@ def cmd_delete_peer(args):
     net.delete_peer(peer, reuse)
     log(f"peer '{peer.name}' ({peer.ip}) deleted; its address can be reused "
         + (f"after {format_duration(reuse)}" if reuse else "at once"))
+    if reuse < MIN_QUARANTINE:
+        warn(f"innernet.py clients that knew '{peer.name}' refuse a new peer at {peer.ip} "
+             f"until {format_duration(MIN_QUARANTINE)} after they hear of this deletion "
+             "(their own floor on its quarantine)")
     if pinners:
         warn(f"{_innernet_names(pinners)} keep {peer.ip} pinned to the deleted peer's key "
              "for good: a peer given this address later stays hidden from them. "

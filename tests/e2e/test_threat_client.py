@@ -253,11 +253,14 @@ def test_a_hijacked_server_cannot_shorten_a_quarantine(w):
     assert fetch(w, state).returncode == 0
     assert covering(holders(w), ip) == set()
     for reuse_after in (gone["reuse_after"], int(time.time()) - 60):
-        state = with_peers(w, record(w, "eve", ip))
+        eve, bob = record(w, "eve", ip), record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")
+        state = with_peers(w, eve, bob)
         state["deleted"] = [dict(gone, reuse_after=reuse_after)]
         out = fetch(w, state)
-        assert out.returncode == 1 and "PINNING ERROR" in out.stderr, out.stderr
-        assert covering(holders(w), ip) == set()
+        lines = [ln for ln in out.stderr.splitlines() if "'eve'" in ln]
+        assert out.returncode == 0 and len(lines) == 1 and "refused" in lines[0], out.stderr
+        held = holders(w)
+        assert covering(held, ip) == set() and held[f"{bob['ip']}/32"] == bob["public_key"]
 
 
 def test_a_hijacked_server_cannot_write_its_own_hosts_lines(w):
@@ -415,3 +418,36 @@ def test_the_state_cannot_drop_disable_move_or_rekey_the_servers_peer(w):
     w.alice.innernet("fetch", w.iface, "--no-write-hosts", check=False, timeout=90)
     assert server_entry(w) == honest
     assert fetch(w, w.honest).returncode == 0
+
+
+def test_a_quarantine_announced_over_still_keeps_the_address_for_the_floor(w):
+    """Promise 6, the floor: a deletion announced with its quarantine already
+    over, then the address under the server's key (as the exit node in use):
+    the client keeps the address from any other key for MIN_QUARANTINE after
+    it first heard of the deletion, and the exit node does not follow it."""
+    import time
+    ip = "10.66.2.95"
+    bob = record(w, "bobx", ip, exit_node=True)
+    w.hostile.script({"GET /v1/user/state": {"body": with_peers(w, bob)}})
+    w.alice.innernet("up", w.iface, "--no-write-hosts", "--exit-node", "bobx")
+    assert covering(holders(w), "198.19.1.1") == {bob["public_key"]}
+    try:
+        state = with_peers(w)
+        state["deleted"] = [{"ip": ip, "public_key": bob["public_key"], "reuse_after": 1000}]
+        assert fetch(w, state).returncode == 0
+        assert covering(holders(w), ip) == set()
+        thief = record(w, "bobx", ip, exit_node=True)
+        newcomer = record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")
+        for _ in range(2):                       # and again at the next fetch
+            state = with_peers(w, thief, newcomer)
+            state["deleted"] = [{"ip": ip, "public_key": bob["public_key"],
+                                 "reuse_after": int(time.time()) - 60}]
+            out = fetch(w, state)
+            lines = [ln for ln in out.stderr.splitlines() if "'bobx'" in ln and "refused" in ln]
+            assert out.returncode == 0 and len(lines) == 1, out.stderr
+            held = holders(w)
+            assert thief["public_key"] not in held.values(), held
+            assert covering(held, "198.19.1.1") == set()          # no exit: dropped
+            assert held[f"{newcomer['ip']}/32"] == newcomer["public_key"]
+    finally:
+        w.alice.innernet("up", w.iface, "--no-write-hosts")          # stop using it
