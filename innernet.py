@@ -1849,6 +1849,8 @@ class Deletion:
         if not is_key(key):
             raise _bad("invalid public key in a deletion")
         reuse = _get(data, "reuse_after", int)
+        if not -2 ** 40 < reuse < 2 ** 40:      # a date the clock can print
+            raise _bad("field 'reuse_after' is out of range")
         return cls(ip, key, reuse)
 
 
@@ -2744,6 +2746,49 @@ def _misrouting(p, pins, outside, network, own, server):
     if p.endpoint and _endpoint_inside(p.endpoint, network):
         return f"its endpoint {p.endpoint} is inside the network"
     return None
+
+
+def parse_state(state):
+    """(peers, cidrs, deletions, one line per record refused) of a state a
+    client received. A state whose lists are not lists is malformed as a
+    whole (InnernetError, nothing applied); a record that does not parse (a
+    bad name, route, address or keepalive, a key of small order) is refused
+    alone, so one bad record cannot hold back the rest."""
+    lists = {}
+    for field in ("peers", "cidrs", "deleted"):
+        items = state.get(field, [])
+        if not isinstance(items, list):
+            raise InnernetError("the server sent a malformed state",
+                                hint=f"its '{field}' is not a list; nothing was applied")
+        lists[field] = items
+    refused = []
+
+    def each(field, parse, what):
+        out = []
+        for item in lists[field]:
+            try:
+                out.append(parse(item))
+            except InnernetError as e:
+                refused.append(f"refused {what} {_record_label(item)} from the server: "
+                               + re.sub(r"[\x00-\x1f\x7f]", "?", e.message[:200]))
+        return out
+    return (each("peers", _client_peer, "peer"), each("cidrs", Cidr.from_json, "CIDR"),
+            each("deleted", Deletion.from_json, "deletion"), refused)
+
+
+def _client_peer(data):
+    p = Peer.from_json(data)
+    if not is_public_key(p.public_key):
+        raise _bad("its public key is not a usable WireGuard key (malformed or of small order)")
+    return p
+
+
+def _record_label(item):
+    """A record named for a log line, safely: its name and address as repr, cut short."""
+    if not isinstance(item, dict):
+        return "(not an object)"
+    name, ip = item.get("name"), item.get("ip")
+    return " ".join(repr(v[:40]) if isinstance(v, str) else "?" for v in (name, ip))
 
 
 def _endpoint_inside(endpoint, network):
@@ -8675,13 +8720,12 @@ class _Fetch:
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
-            received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
-            self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-            deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+            received, self.cidrs, deleted, refused = parse_state(state)
+            received = self.checked(received)
             now, floor = time.time(), min_quarantine()
-            received, refused = refuse_quarantined(received, self.stored_peers, deleted,
-                                                   now, floor)
-            for line in refused:
+            received, quarantined = refuse_quarantined(received, self.stored_peers, deleted,
+                                                       now, floor)
+            for line in refused + quarantined:
                 warn(f"{self.iface}: {line}")
             self.rotated = verified_rotations(self.api, self.cfg, self.stored_peers, received)
             self.peers = merge_pinned(self.stored_peers, received, deleted, now,

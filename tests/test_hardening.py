@@ -578,3 +578,23 @@ def test_add_peer_when_the_invitation_file_appears_meanwhile(tmp_path, capsys, m
     assert target.read_text() == "someone else's file\n"
     db = str(tmp_path / "lib" / "evil.db")
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM peers").fetchone() == (1,)
+
+
+def test_a_client_parses_a_state_record_by_record():
+    """B4: lists that are not lists are a malformed state (nothing applied);
+    a bad record is refused alone, in one line that cannot be split."""
+    for field in ("peers", "cidrs", "deleted"):
+        for value in (5, float("inf"), "x", {"a": 1}):
+            with pytest.raises(InnernetError, match="malformed state"):
+                innernet.parse_state({field: value})
+    good = Peer(7, "dave", "10.80.64.7", 4, key(), is_redeemed=True).to_json()
+    bads = [dict(good, routes=["10.99.1.3/24"]), dict(good, routes=["10.99.1.2"]),
+            dict(good, name="Bob"), dict(good, name="a" * 300), dict(good, name="mällory"),
+            dict(good, persistent_keepalive_interval=70000), dict(good, ip="10.99.1.64/32"),
+            dict(good, public_key="A" * 43 + "="), dict(good, name="x\n6.6.6.6 github.com"), 7]
+    peers, cidrs, deleted, refused = innernet.parse_state(
+        {"peers": bads + [good], "cidrs": [7], "deleted": [{"ip": "10.80.64.9"},
+                                                           {"ip": "10.80.64.9", "public_key": key(),
+                                                            "reuse_after": 10 ** 30}]})
+    assert [p.name for p in peers] == ["dave"] and cidrs == [] and deleted == []
+    assert len(refused) == len(bads) + 3 and all("\n" not in ln for ln in refused)

@@ -264,7 +264,8 @@ def test_a_hijacked_server_cannot_shorten_a_quarantine(w):
 
 
 def test_a_hijacked_server_cannot_write_its_own_hosts_lines(w):
-    """Promise 7: names from the state are whole hostnames, or the state is refused."""
+    """Promise 7: names from the state are whole hostnames, or the record is
+    refused (one line; the rest of the state is applied)."""
     hosts = w.alice.path("hosts")
     with open(hosts, "w") as f:
         f.write("127.0.0.1 localhost\n")
@@ -274,8 +275,10 @@ def test_a_hijacked_server_cannot_write_its_own_hosts_lines(w):
     before = len(w.hostile.requests())
     out = w.alice.innernet("fetch", w.iface, "--hosts-path", hosts, check=False)
     assert ("GET", "/v1/user/state") in w.hostile.requests()[before:]
-    assert out.returncode == 1 and "github.com" not in open(hosts).read()
+    assert out.returncode == 0 and "github.com" not in open(hosts).read()
+    assert len([ln for ln in out.stderr.splitlines() if "refused" in ln]) == 1, out.stderr
     assert "10.66.1.79/32" not in holders(w)
+    assert f"{ADMIN_IP} admin." in open(hosts).read()            # the rest was applied
 
 
 def test_a_relay_answer_names_a_port_on_the_servers_host_only(w):
@@ -451,3 +454,46 @@ def test_a_quarantine_announced_over_still_keeps_the_address_for_the_floor(w):
             assert held[f"{newcomer['ip']}/32"] == newcomer["public_key"]
     finally:
         w.alice.innernet("up", w.iface, "--no-write-hosts")          # stop using it
+
+
+@pytest.mark.parametrize("field,value", [("peers", 5), ("peers", float("inf")),
+                                         ("cidrs", 7), ("deleted", 7)])
+def test_a_malformed_state_is_one_line_and_nothing_applied(w, field, value):
+    """Promise 25: a state whose lists are not lists is refused whole, in one
+    line (no traceback), and nothing of it is applied."""
+    bob = record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")
+    state = with_peers(w, bob)
+    state[field] = value
+    before = holders(w)
+    out = fetch(w, state)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("innernet: error: the server sent a malformed state"), out.stderr
+    assert holders(w) == before
+
+
+ZERO_KEY = "A" * 43 + "="
+
+
+def test_one_bad_record_is_refused_alone_and_the_rest_applied(w):
+    """Promise 25: a record that does not parse (a route with host bits, or
+    without a prefix, a name that is no hostname, a keepalive out of range,
+    an address with a prefix, a key of small order) is refused in one line;
+    the rest of the state is applied."""
+    bad = [record(w, "m1", "10.66.2.71", routes=["192.168.50.3/24"]),
+           record(w, "m2", "10.66.2.72", routes=["192.168.50.2"]),
+           record(w, "Bob", "10.66.2.73"),
+           record(w, "a" * 300, "10.66.2.74"),
+           record(w, "mällory", "10.66.2.75"),
+           record(w, "m6", "10.66.2.76", persistent_keepalive_interval=70000),
+           record(w, "m7", "10.66.2.64/32"),
+           record(w, "m8", "10.66.2.78", public_key=ZERO_KEY)]
+    bob = record(w, f"bob{w.n}", f"10.66.1.{100 + w.n}")
+    out = fetch(w, with_peers(w, *bad, bob))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    for b in bad:
+        lines = [ln for ln in out.stderr.splitlines() if repr(b["ip"]) in ln]
+        assert len(lines) == 1 and "refused" in lines[0], (b["ip"], out.stderr)
+    held = holders(w)
+    assert held[f"{bob['ip']}/32"] == bob["public_key"]
+    assert ZERO_KEY not in held.values()
+    assert not any(a.startswith("10.66.2.7") or a.startswith("192.168.50") for a in held)
