@@ -88,6 +88,10 @@ RELAY_MAX_PAIRS = 2048          # in all (two UDP sockets each)
 RELAY_IDLE = 300                # s without a datagram before a relay allocation is closed
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
+# The daemon's state requests are at least this far apart: a server that
+# answers long polls at once (a broken or hostile one) cannot spin it into a
+# busy loop. A change that ends a long poll is applied at once all the same.
+DAEMON_MIN_PERIOD = 1.0
 HTTP_TIMEOUT = 10
 FAILOVER_GRACE = 60              # s a client waits for the API of a server that handshook
 API_CONNECT_TIMEOUT = 6         # s to connect to the API through the tunnel (a handshake)
@@ -9150,8 +9154,8 @@ class _DaemonState:
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
-    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
-    is back in sync soon after a server outage ends. Paths are settled after
+    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it is
+    back in sync soon after an outage; rounds are DAEMON_MIN_PERIOD apart at least. Paths are settled after
     every sync (settle_paths); a long poll is cut short when they need
     another look, and a second thread watches direct paths.
     """
@@ -9162,7 +9166,7 @@ def _daemon(args, iface):
     if not getattr(args, "no_nat_traversal", False):
         threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
     while True:
-        sleep = args.interval
+        sleep, started = args.interval, time.monotonic()
         try:
             if caps is None:
                 caps = server_capabilities(args, iface)
@@ -9204,7 +9208,8 @@ def _daemon(args, iface):
             if isinstance(e, InnernetError) and e.unreachable and \
                     len(load_client_config(args, iface).endpoints) > 1:
                 backoff = 1       # failing over: each endpoint's try is the pace itself
-        if sleep:
+        sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
+        if sleep > 0:
             time.sleep(sleep)
 
 

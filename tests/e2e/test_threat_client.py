@@ -497,3 +497,27 @@ def test_one_bad_record_is_refused_alone_and_the_rest_applied(w):
     assert held[f"{bob['ip']}/32"] == bob["public_key"]
     assert ZERO_KEY not in held.values()
     assert not any(a.startswith("10.66.2.7") or a.startswith("192.168.50") for a in held)
+
+
+def test_a_server_answering_long_polls_at_once_cannot_spin_the_daemon(w):
+    """Promise 25: the daemon's state requests are at most one a second
+    (DAEMON_MIN_PERIOD), even when the server offers long polls and answers
+    each at once with a 200 that changes nothing."""
+    import time
+    w.hostile.script({"GET /v1/user/state": {"body": w.honest},
+                      "GET /v1/user/capabilities": {"body": {"long_poll_seconds": 30}}})
+    proc = w.alice.spawn_innernet("spin.log", "up", w.iface, "--daemon", "--no-write-hosts")
+    try:
+        def states():
+            return sum(1 for m, p in w.hostile.requests()
+                       if m == "GET" and p.startswith("/v1/user/state"))
+        first = states()
+        wait_for(lambda: states() > first + 1, 20, "the daemon's long polls")
+        n0, t0 = states(), time.monotonic()
+        wait_for(lambda: time.monotonic() - t0 > 4, 10, "four seconds")
+        rate = (states() - n0) / (time.monotonic() - t0)
+        assert rate <= 1.5, f"{rate:.1f} state requests a second"
+        assert proc.poll() is None, w.alice.log("spin.log")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
