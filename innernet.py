@@ -1116,9 +1116,12 @@ def parse_endpoint(text):
                             hint="the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         try:
-            host = str(ipaddress.IPv6Address(host[1:-1]))
+            ip6 = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise InnernetError(f"invalid endpoint {text!r}") from None
+        # [::ffff:10.0.0.1] is 10.0.0.1 to the socket: every check of an
+        # endpoint (inside the network? on a LAN?) sees the IPv4 address.
+        host = str(ip6.ipv4_mapped or ip6)
     else:
         try:
             ip = ipaddress.ip_address(host)
@@ -2499,7 +2502,8 @@ EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 MAX_ROUTES = 64                 # routes one peer may advertise
 _UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
 
 
 @dataclasses.dataclass

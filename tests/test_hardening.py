@@ -598,3 +598,23 @@ def test_a_client_parses_a_state_record_by_record():
                                                             "reuse_after": 10 ** 30}]})
     assert [p.name for p in peers] == ["dave"] and cidrs == [] and deleted == []
     assert len(refused) == len(bads) + 3 and all("\n" not in ln for ln in refused)
+
+
+def test_ipv4_mapped_addresses_are_checked_as_ipv4():
+    """B3: [::ffff:a.b.c.d] is a.b.c.d to every check of endpoints and
+    candidates; IPv4-mapped routes are refused."""
+    assert innernet.parse_endpoint("[::ffff:10.99.1.2]:51820") == ("10.99.1.2", 51820)
+    assert innernet.normalize_endpoint("[::FFFF:10.99.1.2]:51820") == "10.99.1.2:51820"
+    assert innernet.parse_endpoint("[fd00::1]:51820") == ("fd00::1", 51820)
+    net = ipaddress.ip_network("10.99.0.0/16")
+    own, srv = ("10.99.1.9", key()), ("10.99.0.1", key())
+    bad = Peer(7, "m", "10.99.1.7", 4, key(), endpoint="[::ffff:10.99.1.2]:51820",
+               candidates=["[::ffff:10.99.1.3]:51820", "[::ffff:198.18.0.9]:51820"])
+    bad = Peer.from_json(bad.to_json())
+    kept, refused = innernet.refuse_misrouted([bad], [], net, own, srv)
+    assert kept == [] and "inside the network" in refused[0]
+    ok = dataclasses.replace(bad, endpoint=None)
+    (p,), _ = innernet.refuse_misrouted([ok], [], net, own, srv)
+    assert p.candidates == ["198.18.0.9:51820"]
+    with pytest.raises(InnernetError, match="not routable"):
+        innernet.parse_route("::ffff:10.99.1.0/120")

@@ -122,6 +122,12 @@ LIES = [
     ("the-servers-address", lambda w: record(w, "mallory6", SERVER_IP)),
     ("endpoint-inside-the-network", lambda w: record(w, "mallory7", "10.66.2.67",
                                                      endpoint=f"{ADMIN_IP}:51820")),
+    # The same, in IPv4-mapped IPv6 spelling (B3).
+    ("endpoint-inside-the-network-v4-mapped", lambda w: record(
+        w, "mallory11", "10.66.2.68", endpoint=f"[::ffff:{ADMIN_IP}]:51820")),
+    ("route-inside-the-network-v4-mapped", lambda w: record(
+        w, "mallory12", "10.66.2.69", routes=["::ffff:10.66.1.0/120"])),
+    ("address-v4-mapped", lambda w: record(w, "mallory13", "::ffff:10.66.2.70")),
 ]
 
 
