@@ -2808,12 +2808,22 @@ def _endpoint_inside(endpoint, network):
 
 # -- hosts file ---------------------------------------------------------------
 
+# With --host-suffix '' peers' names go into the hosts file bare: none of these
+# (what hosts files and resolvers already call this host or its neighbours)
+# may be a peer's, or a peer named 'localhost' would take this host's name.
+LOCAL_HOSTNAMES = frozenset((
+    "localhost", "localdomain", "ip6-localhost", "ip6-loopback", "ip6-localnet",
+    "ip6-mcastprefix", "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost"))
+
+
 def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3)."""
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    (suffix '') never one of LOCAL_HOSTNAMES."""
     suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
     for p in peers:
-        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name) or \
+                (not suffix and p.name in LOCAL_HOSTNAMES):
             continue
         name = f"{p.name}.{suffix}" if suffix else p.name
         by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
@@ -8847,6 +8857,10 @@ class _Fetch:
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
                              hosts_lines(self.peers, self.iface, suffix))
+            for p in self.peers if self.changed and suffix == "" else ():
+                if p.name in LOCAL_HOSTNAMES and not p.is_disabled:
+                    warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
+                         "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
             save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:

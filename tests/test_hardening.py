@@ -618,3 +618,12 @@ def test_ipv4_mapped_addresses_are_checked_as_ipv4():
     assert p.candidates == ["198.18.0.9:51820"]
     with pytest.raises(InnernetError, match="not routable"):
         innernet.parse_route("::ffff:10.99.1.0/120")
+
+
+def test_bare_names_never_shadow_local_ones():
+    """With --host-suffix '' a peer named localhost (or another local name)
+    gets no hosts line; with a suffix its name is as good as any."""
+    peers = [Peer(n, name, f"10.80.64.{n}", 4, key(), is_redeemed=True)
+             for n, name in enumerate(("localhost", "broadcasthost", "ip6-localhost", "ok"), 1)]
+    assert innernet.hosts_lines(peers, "evil", "") == ["10.80.64.4 ok"]
+    assert len(innernet.hosts_lines(peers, "evil")) == 4
