@@ -2738,7 +2738,8 @@ def _misrouting(p, pins, outside, network, own, server):
         if p.ip != server[0]:
             return f"it carries the server's key at another address than {server[0]}"
         if p.is_disabled or p.is_static:
-            return "the server's peer cannot be disabled or static (this client's config defines it)"
+            return "the server's peer cannot be disabled or static (this client's config " \
+                "defines it)"
     for r in p.routes:
         net = ipaddress.ip_network(r)
         if net.version == network.version and net.overlaps(network):
@@ -9172,10 +9173,10 @@ class _DaemonState:
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
-    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it is
-    back in sync soon after an outage; rounds are DAEMON_MIN_PERIOD apart at least. Paths are settled after
-    every sync (settle_paths); a long poll is cut short when they need
-    another look, and a second thread watches direct paths.
+    After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
+    are DAEMON_MIN_PERIOD apart at least. Paths are settled after every sync
+    (settle_paths); a long poll is cut short when they need another look,
+    and a second thread watches direct paths.
     """
     caps, backoff, state = None, 1, _DaemonState()
     dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)

@@ -592,10 +592,9 @@ def test_a_client_parses_a_state_record_by_record():
             dict(good, name="Bob"), dict(good, name="a" * 300), dict(good, name="mällory"),
             dict(good, persistent_keepalive_interval=70000), dict(good, ip="10.99.1.64/32"),
             dict(good, public_key="A" * 43 + "="), dict(good, name="x\n6.6.6.6 github.com"), 7]
+    huge = {"ip": "10.80.64.9", "public_key": key(), "reuse_after": 10 ** 30}
     peers, cidrs, deleted, refused = innernet.parse_state(
-        {"peers": bads + [good], "cidrs": [7], "deleted": [{"ip": "10.80.64.9"},
-                                                           {"ip": "10.80.64.9", "public_key": key(),
-                                                            "reuse_after": 10 ** 30}]})
+        {"peers": bads + [good], "cidrs": [7], "deleted": [{"ip": "10.80.64.9"}, huge]})
     assert [p.name for p in peers] == ["dave"] and cidrs == [] and deleted == []
     assert len(refused) == len(bads) + 3 and all("\n" not in ln for ln in refused)
 
