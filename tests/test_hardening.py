@@ -626,3 +626,16 @@ def test_bare_names_never_shadow_local_ones():
              for n, name in enumerate(("localhost", "broadcasthost", "ip6-localhost", "ok"), 1)]
     assert innernet.hosts_lines(peers, "evil", "") == ["10.80.64.4 ok"]
     assert len(innernet.hosts_lines(peers, "evil")) == 4
+
+
+def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
+    """The hosts file is written unless --no-write-hosts: said in the quick start."""
+    args = type("A", (), {})()
+    assert innernet.hosts_options(args) == ("/etc/hosts", None)
+    args.no_write_hosts = True
+    assert innernet.hosts_options(args) == (None, None)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md")).read()
+    quick = readme.split("\n## Use it\n", 1)[1].split("\n### ", 1)[0]
+    assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
+        " ".join(quick.split())
