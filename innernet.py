@@ -89,6 +89,10 @@ RELAY_IDLE = 300                # s without a datagram before a relay allocation
 RELAY_ACTIVE = 60               # s since a datagram within which a pair counts as relaying
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
+# The daemon's state requests are at least this far apart: a server that
+# answers long polls at once (a broken or hostile one) cannot spin it into a
+# busy loop. A change that ends a long poll is applied at once all the same.
+DAEMON_MIN_PERIOD = 1.0
 HTTP_TIMEOUT = 10
 FAILOVER_GRACE = 60              # s a client waits for the API of a server that handshook
 API_CONNECT_TIMEOUT = 6         # s to connect to the API through the tunnel (a handshake)
@@ -113,6 +117,14 @@ PEER_UPDATES_PER_MINUTE = 6     # and then, sustained
 DEFAULT_REUSE_AFTER = "30d"     # a deleted peer's address is quarantined this long
 INVITE_GRACE = 7 * 86400        # an expired invitation can be re-issued this long
 DELETION_NOTICE_KEEP = 365 * 86400   # how long clients are told of a deletion
+# A client keeps a deleted peer's address from any other key for at least this
+# long after it first hears of the deletion, whatever reuse time the server
+# announces: otherwise a hijacked server could announce a quarantine already
+# over and, in its next state, hand the address (and a chosen exit node, pinned
+# by address) to a key of its own. Without network lock the client cannot tell
+# that from an admin's honest early reuse, so that waits for the floor too.
+MIN_QUARANTINE = 7 * 86400
+ENV_MIN_QUARANTINE = "INNERNET_MIN_QUARANTINE"   # seconds; for test networks only
 DNS_PORT = 53
 DNS_TCP_MAX = 64                # DNS-over-TCP connections at once; more are refused
 DNS_TCP_PER_SOURCE = 4          # ... from one source address (every local one counts as one)
@@ -1178,9 +1190,12 @@ def parse_endpoint(text):
                             hint="the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         try:
-            host = str(ipaddress.IPv6Address(host[1:-1]))
+            ip6 = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise InnernetError(f"invalid endpoint {text!r}") from None
+        # [::ffff:10.0.0.1] is 10.0.0.1 to the socket: every check of an
+        # endpoint (inside the network? on a LAN?) sees the IPv4 address.
+        host = str(ip6.ipv4_mapped or ip6)
     else:
         try:
             ip = ipaddress.ip_address(host)
@@ -1915,6 +1930,8 @@ class Deletion:
         if not is_key(key):
             raise _bad("invalid public key in a deletion")
         reuse = _get(data, "reuse_after", int)
+        if not -2 ** 40 < reuse < 2 ** 40:      # a date the clock can print
+            raise _bad("field 'reuse_after' is out of range")
         return cls(ip, key, reuse)
 
 
@@ -2479,7 +2496,41 @@ class PathMemo:
         return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
 
 
-def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, waiting=()):
+def quarantine_end(pin, announced, now, floor):
+    """Until when ``pin``'s address stays its key's: as first recorded, or, when
+    ``announced`` (its Deletion) is news, the later of the announced reuse
+    time and ``floor`` seconds from ``now``; None for a pin not deleted."""
+    if pin.deleted_until is not None:
+        return pin.deleted_until
+    if announced is None:
+        return None
+    return max(announced.reuse_after, int(now) + floor)
+
+
+def refuse_quarantined(received, stored, deleted, now, floor):
+    """(the records kept, one line per record refused): a record whose address
+    is a deleted peer's, still in quarantine (quarantine_end), under another
+    key. The rest of the state applies; merge_pinned records the quarantine."""
+    announced = {(d.ip, d.public_key): d for d in deleted}
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    kept, refused = [], []
+    for p in received:
+        pin = pins.get(p.ip)
+        until = None if pin is None or pin.public_key == p.public_key else \
+            quarantine_end(pin, announced.get((p.ip, pin.public_key)), now, floor)
+        if until is not None and until > now:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: the address "
+                           f"was deleted peer '{pin.name}''s and stays its key's until "
+                           + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until)))
+            continue
+        kept.append(p)
+    return kept, refused
+
+
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
+                 waiting=()):
     """Update the client's cached peers with the server's list (spec §8.2).
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2493,7 +2544,9 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     a known address change key. Our own address is ours to know. A change
     ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
     the pinned peer, old key and all, in place of the received one. ``now``:
-    the caller's clock (the default, 0, lets no quarantine end).
+    the caller's clock (the default, 0, lets no quarantine end); ``floor``:
+    the least quarantine, in seconds from when a deletion is first heard of
+    (quarantine_end; the client passes MIN_QUARANTINE).
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -2518,10 +2571,9 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         ip = p.ip
         if ip in result_ips:
             continue
-        until = p.deleted_until
-        gone = announced.get((ip, p.public_key))
-        if until is None and gone is not None:
-            until = gone.reuse_after          # the first announcement counts, never a later one
+        # The first announcement counts, never a later one, and never less
+        # than the floor from when it was heard of.
+        until = quarantine_end(p, announced.get((ip, p.public_key)), now, floor)
         if until is not None and until <= now:
             continue                          # deleted and out of quarantine: unpinned
         result_ips.add(ip)
@@ -2541,7 +2593,8 @@ EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 MAX_ROUTES = 64                 # routes one peer may advertise
 _UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
 
 
 @dataclasses.dataclass
@@ -2747,8 +2800,9 @@ def refuse_misrouted(received, stored, network, own, server):
     ``server``: (ip, key)) under another key; when a route overlaps the
     network or covers an address pinned (in ``stored``) to another key; when
     a pinned peer turns static (its address would go to the server's key);
-    or when its endpoint is inside the network. Candidates inside the network
-    are dropped from the records kept.
+    or when its endpoint is inside the network; and a record with the
+    server's key anywhere but at the server's address, or disabled or static
+    there. Candidates inside the network are dropped from the records kept.
     """
     pins = {}
     for p in stored:
@@ -2776,6 +2830,15 @@ def _misrouting(p, pins, outside, network, own, server):
     for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
         if p.ip == o_ip and p.public_key != o_key:
             return f"it claims {whose} address under another key"
+    if p.public_key == server[1]:
+        # The server's peer on our device is our config's (key, address,
+        # endpoint): a record that moved, disabled or hid it would cut us off
+        # from the API for good, since that is where the next state comes from.
+        if p.ip != server[0]:
+            return f"it carries the server's key at another address than {server[0]}"
+        if p.is_disabled or p.is_static:
+            return "the server's peer cannot be disabled or static (this client's config " \
+                "defines it)"
     for r in p.routes:
         net = ipaddress.ip_network(r)
         if net.version == network.version and net.overlaps(network):
@@ -2793,6 +2856,49 @@ def _misrouting(p, pins, outside, network, own, server):
     return None
 
 
+def parse_state(state):
+    """(peers, cidrs, deletions, one line per record refused) of a state a
+    client received. A state whose lists are not lists is malformed as a
+    whole (InnernetError, nothing applied); a record that does not parse (a
+    bad name, route, address or keepalive, a key of small order) is refused
+    alone, so one bad record cannot hold back the rest."""
+    lists = {}
+    for field in ("peers", "cidrs", "deleted"):
+        items = state.get(field, [])
+        if not isinstance(items, list):
+            raise InnernetError("the server sent a malformed state",
+                                hint=f"its '{field}' is not a list; nothing was applied")
+        lists[field] = items
+    refused = []
+
+    def each(field, parse, what):
+        out = []
+        for item in lists[field]:
+            try:
+                out.append(parse(item))
+            except InnernetError as e:
+                refused.append(f"refused {what} {_record_label(item)} from the server: "
+                               + re.sub(r"[\x00-\x1f\x7f]", "?", e.message[:200]))
+        return out
+    return (each("peers", _client_peer, "peer"), each("cidrs", Cidr.from_json, "CIDR"),
+            each("deleted", Deletion.from_json, "deletion"), refused)
+
+
+def _client_peer(data):
+    p = Peer.from_json(data)
+    if not is_public_key(p.public_key):
+        raise _bad("its public key is not a usable WireGuard key (malformed or of small order)")
+    return p
+
+
+def _record_label(item):
+    """A record named for a log line, safely: its name and address as repr, cut short."""
+    if not isinstance(item, dict):
+        return "(not an object)"
+    name, ip = item.get("name"), item.get("ip")
+    return " ".join(repr(v[:40]) if isinstance(v, str) else "?" for v in (name, ip))
+
+
 def _endpoint_inside(endpoint, network):
     try:
         return ipaddress.ip_address(parse_endpoint(endpoint)[0]) in network
@@ -2802,12 +2908,22 @@ def _endpoint_inside(endpoint, network):
 
 # -- hosts file ---------------------------------------------------------------
 
+# With --host-suffix '' peers' names go into the hosts file bare: none of these
+# (what hosts files and resolvers already call this host or its neighbours)
+# may be a peer's, or a peer named 'localhost' would take this host's name.
+LOCAL_HOSTNAMES = frozenset((
+    "localhost", "localdomain", "ip6-localhost", "ip6-loopback", "ip6-localnet",
+    "ip6-mcastprefix", "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost"))
+
+
 def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3)."""
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    (suffix '') never one of LOCAL_HOSTNAMES."""
     suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
     for p in peers:
-        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name) or \
+                (not suffix and p.name in LOCAL_HOSTNAMES):
             continue
         name = f"{p.name}.{suffix}" if suffix else p.name
         by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
@@ -8616,8 +8732,18 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
     (``exit_key``) gets the default routes too.
     """
     overrides = cfg.peer_endpoint_overrides
-    out = []
+    server_ip = str(cfg.server_ip)
+    out, server = [], None
     for p in peers:
+        if p.public_key == cfg.server_public_key or p.ip == server_ip:
+            # The server's entry is our config's, whatever the records say
+            # (refuse_misrouted refuses those that contradict it): one that
+            # moved, dropped or disabled it would leave us unable to ask for
+            # the next state; a sync also repairs an entry that drifted.
+            if server is not None or p.public_key != cfg.server_public_key \
+                    or p.ip != server_ip:
+                continue
+            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
         routes = [r for r in p.routes if public_routes or route_is_private(r)] \
             if accept_routes else []
         if p.public_key == exit_key:
@@ -8631,6 +8757,9 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
         elif p.public_key in quiet:
             p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
+    if server is None:
+        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
+                        cfg.server_external_endpoint, is_redeemed=True))
     return out
 
 
@@ -9091,6 +9220,12 @@ def send_late_proofs(api, cfg, store_path):
     return done
 
 
+def min_quarantine():
+    """MIN_QUARANTINE, or INNERNET_MIN_QUARANTINE seconds (test networks only)."""
+    n = ascii_uint(os.environ.get(ENV_MIN_QUARANTINE, ""))
+    return MIN_QUARANTINE if n is None else n
+
+
 def fetch_state(api, etag, wait):
     """GET /v1/user/state; (state dict or None if unchanged, etag, waited)."""
     path = "/user/state" + (f"?wait={wait}" if wait and etag else "")
@@ -9252,14 +9387,18 @@ class _Fetch:
             if state is None:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
-            received = self.checked([Peer.from_json(p) for p in state.get("peers", [])])
-            self.cidrs = [Cidr.from_json(c) for c in state.get("cidrs", [])]
-            deleted = [Deletion.from_json(d) for d in state.get("deleted", [])]
+            received, self.cidrs, deleted, refused = parse_state(state)
+            received = self.checked(received)
+            now, floor = time.time(), min_quarantine()
+            received, quarantined = refuse_quarantined(received, self.stored_peers, deleted,
+                                                       now, floor)
+            for line in refused + quarantined:
+                warn(f"{self.iface}: {line}")
             self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
                                                        received)
-            self.peers = merge_pinned(self.stored_peers, received, deleted, time.time(),
+            self.peers = merge_pinned(self.stored_peers, received, deleted, now,
                                       rotated=self.rotated, own_ip=str(self.cfg.address.ip),
-                                      waiting=[w[1:] for w in waiting])         # pinning first
+                                      floor=floor, waiting=[w[1:] for w in waiting])
             self.pending = [self.note_waiting(*w) for w in waiting]
             self.changed = True
         except InnernetError as e:
@@ -9385,6 +9524,10 @@ class _Fetch:
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
                              hosts_lines(self.peers, self.iface, suffix))
+            for p in self.peers if self.changed and suffix == "" else ():
+                if p.name in LOCAL_HOSTNAMES and not p.is_disabled:
+                    warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
+                         "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
             save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
@@ -9753,10 +9896,10 @@ def _daemon_failure(iface, e, failing):
 def _daemon(args, iface):
     """Keep one interface in sync: long polls when offered, else the interval.
 
-    After a failure it retries at 1, 2, 4 ... s (up to the interval), so it
-    is back in sync soon after a server outage ends. Paths are settled after
-    every sync (settle_paths); a long poll is cut short when they need
-    another look, and a second thread watches direct paths.
+    After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
+    are DAEMON_MIN_PERIOD apart at least. Paths are settled after every sync
+    (settle_paths); a long poll is cut short when they need another look,
+    and a second thread watches direct paths.
     """
     caps, backoff, state = None, 1, _DaemonState()
     dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
@@ -9765,7 +9908,7 @@ def _daemon(args, iface):
     if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
         threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
     while True:
-        sleep = args.interval
+        sleep, started = args.interval, time.monotonic()
         try:
             if caps is None:
                 caps = server_capabilities(args, iface)
@@ -9799,7 +9942,8 @@ def _daemon(args, iface):
             if isinstance(e, InnernetError) and e.unreachable and \
                     len(load_client_config(args, iface).endpoints) > 1:
                 backoff = 1       # failing over: each endpoint's try is the pace itself
-        if sleep:
+        sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
+        if sleep > 0:
             time.sleep(sleep)
 
 
@@ -10411,7 +10555,18 @@ def cmd_add_peer(args):
     _said_saved(save_path, expires)
     log(f"peer '{peer.name}' ({peer.ip}) added")
     _said_pinned_elsewhere(net, peer)
+    _said_floor(net, peer, now)
     return 0
+
+
+def _said_floor(net, peer, now):
+    """A deleted peer's address reused within our clients' floor (MIN_QUARANTINE)."""
+    gone = [d for d in net.deletions()
+            if d.ip == peer.ip and now < d.reuse_after + MIN_QUARANTINE]
+    if gone:
+        warn(f"{peer.ip} was deleted peer '{gone[-1].name}''s: innernet.py clients that knew "
+             f"it refuse '{peer.name}' until {format_duration(MIN_QUARANTINE)} after they "
+             "heard of the deletion (their own floor on its quarantine)")
 
 
 def _said_pinned_elsewhere(net, peer):
@@ -10434,6 +10589,10 @@ def cmd_delete_peer(args):
     net.delete_peer(peer, reuse)
     log(f"peer '{peer.name}' ({peer.ip}) deleted; its address can be reused "
         + (f"after {format_duration(reuse)}" if reuse else "at once"))
+    if reuse < MIN_QUARANTINE:
+        warn(f"innernet.py clients that knew '{peer.name}' refuse a new peer at {peer.ip} "
+             f"until {format_duration(MIN_QUARANTINE)} after they hear of this deletion "
+             "(their own floor on its quarantine)")
     if pinners:
         warn(f"{_innernet_names(pinners)} keep {peer.ip} pinned to the deleted peer's key "
              "for good: a peer given this address later stays hidden from them. "

@@ -4,6 +4,7 @@ tests/e2e/test_hardening.py.
 """
 import argparse
 import base64
+import dataclasses
 import ipaddress
 import json
 import os
@@ -173,6 +174,36 @@ def test_the_server_peer_is_reached_at_the_configured_endpoint():
                   endpoint="6.6.6.6:51820", is_redeemed=True, is_admin=True)
     (p,) = innernet.desired_peers(cfg, [server])
     assert p.endpoint == "198.18.0.1:51820"
+
+
+def test_the_server_peer_is_the_configs_whatever_the_records_say():
+    """B2: no record can drop, disable, move or re-key the server's peer on
+    the device: the API (where the next state comes from) stays reachable."""
+    cfg = innernet.InterfaceConfig("evil", ipaddress.ip_interface("10.66.1.2/16"),
+                                   innernet.generate_private_key(), None, key(),
+                                   "198.18.0.1:51820", "10.66.0.1:51820")
+    srv = Peer(1, "innernet-server", "10.66.0.1", 2, cfg.server_public_key, is_redeemed=True)
+    own = ("10.66.1.2", innernet.public_key(cfg.private_key))
+    lies = {"disabled": dataclasses.replace(srv, is_disabled=True),
+            "static": dataclasses.replace(srv, is_static=True),
+            "moved": dataclasses.replace(srv, ip="10.66.1.9"),
+            "re-keyed": dataclasses.replace(srv, public_key=key())}
+    for what, lie in lies.items():
+        kept, refused = innernet.refuse_misrouted([lie], [srv], cfg.address.network, own,
+                                                  ("10.66.0.1", cfg.server_public_key))
+        assert kept == [] and len(refused) == 1, what
+    copy = Peer(5, "copy", "10.66.1.5", 2, cfg.server_public_key, is_redeemed=True)
+    for peers in ([], [dataclasses.replace(srv, is_disabled=True)], [copy, srv]):
+        ups = innernet.diff_peers([], innernet.desired_peers(cfg, peers), own[1], 0,
+                                  resolve=lambda e: e)
+        assert [(u.public_key, u.allowed_ips, u.endpoint) for u in ups] == \
+            [(cfg.server_public_key, ["10.66.0.1/32"], "198.18.0.1:51820")], peers
+    # an entry that drifted on the device is put back by the next sync
+    drifted = [innernet.DevicePeer(cfg.server_public_key, "198.18.0.1:51820",
+                                   ["10.66.1.9/32"], 25, 0.0)]
+    (u,) = innernet.diff_peers(drifted, innernet.desired_peers(cfg, [srv]), own[1], 0,
+                               resolve=lambda e: e)
+    assert u.allowed_ips == ["10.66.0.1/32"]
 
 
 # -- 2: relay rules for nested CIDR trees ----------------------------------------------------
@@ -577,3 +608,64 @@ def test_add_peer_when_the_invitation_file_appears_meanwhile(tmp_path, capsys, m
     assert target.read_text() == "someone else's file\n"
     db = str(tmp_path / "lib" / "evil.db")
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM peers").fetchone() == (1,)
+
+
+def test_a_client_parses_a_state_record_by_record():
+    """B4: lists that are not lists are a malformed state (nothing applied);
+    a bad record is refused alone, in one line that cannot be split."""
+    for field in ("peers", "cidrs", "deleted"):
+        for value in (5, float("inf"), "x", {"a": 1}):
+            with pytest.raises(InnernetError, match="malformed state"):
+                innernet.parse_state({field: value})
+    good = Peer(7, "dave", "10.80.64.7", 4, key(), is_redeemed=True).to_json()
+    bads = [dict(good, routes=["10.99.1.3/24"]), dict(good, routes=["10.99.1.2"]),
+            dict(good, name="Bob"), dict(good, name="a" * 300), dict(good, name="mällory"),
+            dict(good, persistent_keepalive_interval=70000), dict(good, ip="10.99.1.64/32"),
+            dict(good, public_key="A" * 43 + "="), dict(good, name="x\n6.6.6.6 github.com"), 7]
+    huge = {"ip": "10.80.64.9", "public_key": key(), "reuse_after": 10 ** 30}
+    peers, cidrs, deleted, refused = innernet.parse_state(
+        {"peers": bads + [good], "cidrs": [7], "deleted": [{"ip": "10.80.64.9"}, huge]})
+    assert [p.name for p in peers] == ["dave"] and cidrs == [] and deleted == []
+    assert len(refused) == len(bads) + 3 and all("\n" not in ln for ln in refused)
+
+
+def test_ipv4_mapped_addresses_are_checked_as_ipv4():
+    """B3: [::ffff:a.b.c.d] is a.b.c.d to every check of endpoints and
+    candidates; IPv4-mapped routes are refused."""
+    assert innernet.parse_endpoint("[::ffff:10.99.1.2]:51820") == ("10.99.1.2", 51820)
+    assert innernet.normalize_endpoint("[::FFFF:10.99.1.2]:51820") == "10.99.1.2:51820"
+    assert innernet.parse_endpoint("[fd00::1]:51820") == ("fd00::1", 51820)
+    net = ipaddress.ip_network("10.99.0.0/16")
+    own, srv = ("10.99.1.9", key()), ("10.99.0.1", key())
+    bad = Peer(7, "m", "10.99.1.7", 4, key(), endpoint="[::ffff:10.99.1.2]:51820",
+               candidates=["[::ffff:10.99.1.3]:51820", "[::ffff:198.18.0.9]:51820"])
+    bad = Peer.from_json(bad.to_json())
+    kept, refused = innernet.refuse_misrouted([bad], [], net, own, srv)
+    assert kept == [] and "inside the network" in refused[0]
+    ok = dataclasses.replace(bad, endpoint=None)
+    (p,), _ = innernet.refuse_misrouted([ok], [], net, own, srv)
+    assert p.candidates == ["198.18.0.9:51820"]
+    with pytest.raises(InnernetError, match="not routable"):
+        innernet.parse_route("::ffff:10.99.1.0/120")
+
+
+def test_bare_names_never_shadow_local_ones():
+    """With --host-suffix '' a peer named localhost (or another local name)
+    gets no hosts line; with a suffix its name is as good as any."""
+    peers = [Peer(n, name, f"10.80.64.{n}", 4, key(), is_redeemed=True)
+             for n, name in enumerate(("localhost", "broadcasthost", "ip6-localhost", "ok"), 1)]
+    assert innernet.hosts_lines(peers, "evil", "") == ["10.80.64.4 ok"]
+    assert len(innernet.hosts_lines(peers, "evil")) == 4
+
+
+def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
+    """The hosts file is written unless --no-write-hosts: said in the quick start."""
+    args = type("A", (), {})()
+    assert innernet.hosts_options(args) == ("/etc/hosts", None)
+    args.no_write_hosts = True
+    assert innernet.hosts_options(args) == (None, None)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md")).read()
+    quick = readme.split("\n## Use it\n", 1)[1].split("\n### ", 1)[0]
+    assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
+        " ".join(quick.split())

@@ -162,6 +162,33 @@ def test_a_later_announcement_cannot_shorten_a_quarantine():
                               now=700)
 
 
+def test_a_client_keeps_a_deleted_address_for_the_floor_whatever_the_server_says(monkeypatch):
+    """B1: a quarantine announced already over still keeps the address from
+    another key for the floor after the client first heard of the deletion;
+    such a record is refused alone (one line), the rest applies."""
+    a, b, c = key(), key(), key()
+    stored = [Peer(5, "bob", "10.66.1.5", 3, a, is_redeemed=True)]
+    gone = [Deletion("10.66.1.5", a, 100)]
+    merged = innernet.merge_pinned(stored, [], gone, now=500, floor=1000)
+    assert merged[0].deleted_until == 1500 and merged[0].is_disabled
+    thief = Peer(6, "bob", "10.66.1.5", 3, b, is_redeemed=True)
+    other = Peer(7, "dan", "10.66.1.7", 3, c, is_redeemed=True)
+    for pins, now in ((stored, 500), (merged, 600), (merged, 1499)):
+        kept, refused = innernet.refuse_quarantined([thief, other], pins, gone, now, 1000)
+        assert kept == [other] and len(refused) == 1 and "'bob'" in refused[0], (pins, now)
+    kept, refused = innernet.refuse_quarantined([thief, other], merged, gone, 1501, 1000)
+    assert kept == [thief, other] and refused == []
+    assert [p.public_key for p in innernet.merge_pinned(merged, kept, gone, now=1501)] == [b, c]
+    # a live pin (no deletion) is pinning's to refuse, as a whole
+    assert innernet.refuse_quarantined([thief], stored, [], 500, 1000) == ([thief], [])
+    monkeypatch.delenv("INNERNET_MIN_QUARANTINE", raising=False)
+    assert innernet.min_quarantine() == innernet.MIN_QUARANTINE == 7 * 86400
+    monkeypatch.setenv("INNERNET_MIN_QUARANTINE", "3")
+    assert innernet.min_quarantine() == 3
+    monkeypatch.setenv("INNERNET_MIN_QUARANTINE", "-1")
+    assert innernet.min_quarantine() == innernet.MIN_QUARANTINE
+
+
 def test_a_deletion_of_another_key_unpins_nothing():
     a = key()
     stored = [Peer(5, "bob", "10.66.1.5", 3, a, is_redeemed=True)]

@@ -587,7 +587,8 @@ def test_peers_the_server_calls_offline_are_added_without_keepalive(monkeypatch)
     assert calls["ask"] == [["p0", "p1", "p2"]]
     assert innernet.learn_offline(object(), cfg, memo, peers[1:2]) is None   # known: not asked
     desired = innernet.desired_peers(cfg, peers, quiet=memo.offline)
-    assert [p.persistent_keepalive_interval for p in desired] == [25, 0, 25]
+    assert [p.persistent_keepalive_interval for p in desired[:3]] == [25, 0, 25]
+    assert desired[3].public_key == cfg.server_public_key       # always there, from the config
     updates = innernet.diff_peers([], desired, cfg.server_public_key, time.time())
     assert {u.name: u.keepalive for u in updates} == {"p0": 25, "p1": 0, "p2": 25}
     # heard from again: no longer offline, and the next sync gives it its keepalive

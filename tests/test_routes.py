@@ -111,6 +111,7 @@ def test_routes_go_only_to_peers_that_may_see_the_advertiser():
 
 def test_a_client_routes_approved_subnets_but_not_its_lan_and_exit_only_when_chosen():
     cfg = type("Cfg", (), {"peer_endpoint_overrides": {}, "server_public_key": "srv",
+                           "server_ip": "10.80.0.1",
                            "server_external_endpoint": "1.2.3.4:51820"})()
     gw = peer(1, "gw", 3, routes=["192.168.10.0/24", "10.200.0.0/16"])
     ex = peer(2, "ex", 3, exit_node=True)
@@ -119,15 +120,16 @@ def test_a_client_routes_approved_subnets_but_not_its_lan_and_exit_only_when_cho
     assert innernet.interface_routes([gw, ex, me], "k3", local) == \
         [ipaddress.ip_network("192.168.10.0/24")]
     desired = innernet.desired_peers(cfg, [gw, ex, me], exit_key="k2")
-    assert [p.routes for p in desired] == [gw.routes, list(EXIT_ROUTES), []]
+    assert [p.routes for p in desired] == [gw.routes, list(EXIT_ROUTES), [], []]
     assert innernet.interface_routes(desired, "k3") == [ipaddress.ip_network(r)
                                                         for r in gw.routes]   # no default here
     plain = innernet.desired_peers(cfg, [gw, ex, me], accept_routes=False)
-    assert [p.routes for p in plain] == [[], [], []]
+    assert [p.routes for p in plain] == [[], [], [], []]
     updates = innernet.diff_peers([], desired, "k3", 0, resolve=lambda e: e)
     allowed = {u.public_key: u.allowed_ips for u in updates}
     assert allowed == {"k1": ["10.80.3.1/32", "192.168.10.0/24", "10.200.0.0/16"],
-                       "k2": ["10.80.3.2/32", "0.0.0.0/0", "::/0"]}
+                       "k2": ["10.80.3.2/32", "0.0.0.0/0", "::/0"],
+                       "srv": ["10.80.0.1/32"]}      # the server's, from the config
 
 
 def test_choosing_an_exit_node_needs_a_visible_approved_offer():
@@ -382,6 +384,7 @@ def test_a_damaged_exit_choice_is_one_clear_error(tmp_path):
 
 def test_public_routes_need_the_clients_consent():
     cfg = type("Cfg", (), {"peer_endpoint_overrides": {}, "server_public_key": "srv",
+                           "server_ip": "10.80.0.1",
                            "server_external_endpoint": "1.2.3.4:51820"})()
     # What a compromised server could send to pull all traffic into one peer.
     grab = peer(1, "grab", 3, routes=["0.0.0.0/1", "128.0.0.0/1", "192.168.9.0/24"])

@@ -34,10 +34,12 @@ def debian_python_with_deps():
 
 
 @contextlib.contextmanager
-def network_world(pyz, cidrs, **kw):
+def network_world(pyz, cidrs, env=None, **kw):
     """A lab running the built .pyz with a server host 'srv' and its network: a
-    namespace with lab, srv, net, serve (None with serve=False), db, hosts, ips."""
-    lab = Lab(innernet_cmd=BARE + [pyz])
+    namespace with lab, srv, net, serve (None with serve=False), db, hosts, ips.
+    ``env``: variables every innernet command of the lab runs with."""
+    lab = Lab(innernet_cmd=(["env"] + [f"{k}={v}" for k, v in env.items()] if env else [])
+              + BARE + [pyz])
     w = types.SimpleNamespace(lab=lab, hosts={}, ips={})
     try:
         w.srv, w.net, w.serve = start_network(lab, cidrs, **kw)

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.netns
 
 @pytest.fixture(scope="module")
 def world(pyz):
-    with network_world(pyz, {"humans": "10.66.1.0/24"}) as w:
+    # A test network: our clients' floor on a deleted peer's quarantine
+    # (MIN_QUARANTINE, 7 days) is lowered to 0, so the server's --reuse-after
+    # alone decides, as these tests need; test_the_client_floor_... raises it.
+    with network_world(pyz, {"humans": "10.66.1.0/24"},
+                       env={"INNERNET_MIN_QUARANTINE": "0"}) as w:
         lab = w.lab
         for name, admin in (("admin", "true"), ("alice", "false"), ("bob", "false"),
                             ("carol", "false")):
@@ -79,6 +83,47 @@ def test_delete_reaches_daemon_peers_and_quarantines_the_address(world):
         wait_for(lambda: carol_ip in device_peer_ips(host, lab.ifname(host.name)), 20,
                  f"{host.name} to take erin at carol's old address")
     assert "PINNING" not in alice.log("up.log")
+
+
+def test_the_client_floor_keeps_a_reused_address_from_the_new_key(world):
+    """B1 with an honest server: an address reused before the client's floor
+    (MIN_QUARANTINE after it heard of the deletion) ends is refused by a
+    client that knew the old peer, one line, and the rest of the state
+    applies; delete-peer and add-peer say so. (The lab lowers the floor to 0;
+    this client runs with the real one.)"""
+    lab, srv, net, admin = world.lab, world.srv, world.net, world.hosts["admin"]
+    gus = lab.add_host("gus")
+    gus.innernet("install", "--name", lab.ifname("gus"), "--no-write-hosts",
+                 invite(srv, net, "gus", "humans"))
+    gus_ip = ip_of(world, "gus")
+
+    def fetch():
+        argv = [a for a in admin.innernet_argv("fetch", lab.ifname("admin"), "--no-write-hosts")
+                if not a.startswith("INNERNET_MIN_QUARANTINE=")]
+        return admin.exec(argv, check=False)
+    assert fetch().returncode == 0
+    assert gus_ip in device_peer_ips(admin, lab.ifname("admin"))
+    deleted = srv.server("delete-peer", net, "--name", "gus", "--reuse-after", "0s", "--yes")
+    assert "refuse a new peer at" in deleted.stderr, deleted.stderr
+    assert fetch().returncode == 0                        # heard of the deletion
+    path = srv.path("hank.toml")
+    added = srv.server("add-peer", net, "--name", "hank", "--cidr", "humans", "--admin",
+                       "false", "--ip", gus_ip, "--save-config", path,
+                       "--invite-expires", "1h", "--yes")
+    assert "refuse 'hank' until" in added.stderr, added.stderr
+    ivy = lab.add_host("ivy")
+    ivy.innernet("install", "--name", lab.ifname("ivy"), "--no-write-hosts",
+                 invite(srv, net, "ivy", "humans"))
+    hank = lab.add_host("hank")
+    hank.innernet("install", "--name", lab.ifname("hank"), "--no-write-hosts", path)
+    out = fetch()
+    lines = [ln for ln in out.stderr.splitlines() if "'hank'" in ln and "refused" in ln]
+    assert out.returncode == 0 and len(lines) == 1, out.stderr
+    held = device_peer_ips(admin, lab.ifname("admin"))
+    assert gus_ip not in held and ip_of(world, "ivy") in held         # the rest applied
+    # the daemons (floor 0) take hank at once
+    wait_for(lambda: gus_ip in device_peer_ips(world.hosts["alice"], lab.ifname("alice")),
+             20, "alice to take hank")
 
 
 def test_an_expired_invitation_is_reissued_and_the_old_one_refused(world):
