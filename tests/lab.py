@@ -250,13 +250,14 @@ DEVICE = r"""
 import dataclasses, json, sys
 sys.path.insert(0, sys.argv[1])
 import innernet
-dev = innernet.UserspaceBackend().get(sys.argv[2])
+dev = innernet.existing_backend("auto", sys.argv[2]).get(sys.argv[2])
 print(json.dumps(dataclasses.asdict(dev)))
 """
 
 
 def device(host, ifname):
-    """A host's WireGuard device as a dict (innernet.Device), read over UAPI."""
+    """A host's WireGuard device as a dict (innernet.Device), read from whichever
+    backend runs it (UAPI for wireguard-go, netlink for the kernel's)."""
     import json
     return json.loads(host.python(DEVICE, ROOT, ifname).stdout)
 
