@@ -198,6 +198,14 @@ def test_before_reboot_units_start_restart_and_keep_the_tunnels():
                                                  r"\[[*!.]\] \S", line)]
     assert len(events) >= 3, "\n".join(lines)
     assert not [line for line in lines if "Traceback" in line], "\n".join(lines)
+    # the level is journald's priority too: [*] lines at info, none with a raw <N> prefix
+    records = [json.loads(line) for line in sh(
+        ["journalctl", "-b", "-o", "json", "--no-pager", "-u", f"innernet-server@{NET}",
+         "-u", f"innernet@{NET}"]).stdout.splitlines()]
+    ours = [r for r in records if str(r.get("MESSAGE", "")).startswith(("[", "<"))]
+    assert ours and all(r["PRIORITY"] == ("4" if r["MESSAGE"].startswith("[!]") else "6")
+                        for r in ours if r["MESSAGE"].startswith(("[*]", "[!]"))), ours
+    assert not [r for r in ours if r["MESSAGE"].startswith("<")], ours
 
     # The change p2's timer-driven fetch must pick up after the reboot, made
     # while the timer is stopped: p1 renamed.
