@@ -312,8 +312,15 @@ def link_bytes(host, ifname="eth0"):
     return int(out[0]), int(out[1])
 
 
+# Every wait stretched by this factor where everything is slower, as in the
+# VM lane's guest under emulation (tests/e2e/test_vm.py sets it there).
+TIMEOUT_SCALE = float(os.environ.get("INNERNET_E2E_TIMEOUT_SCALE") or 1)
+
+
 def wait_for(predicate, timeout, what, interval=0.05):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds
+    (times TIMEOUT_SCALE)."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
