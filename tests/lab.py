@@ -250,13 +250,14 @@ DEVICE = r"""
 import dataclasses, json, sys
 sys.path.insert(0, sys.argv[1])
 import innernet
-dev = innernet.UserspaceBackend().get(sys.argv[2])
+dev = innernet.existing_backend("auto", sys.argv[2]).get(sys.argv[2])
 print(json.dumps(dataclasses.asdict(dev)))
 """
 
 
 def device(host, ifname):
-    """A host's WireGuard device as a dict (innernet.Device), read over UAPI."""
+    """A host's WireGuard device as a dict (innernet.Device), read from whichever
+    backend runs it (UAPI for wireguard-go, netlink for the kernel's)."""
     import json
     return json.loads(host.python(DEVICE, ROOT, ifname).stdout)
 
@@ -311,8 +312,15 @@ def link_bytes(host, ifname="eth0"):
     return int(out[0]), int(out[1])
 
 
+# Every wait stretched by this factor where everything is slower, as in the
+# VM lane's guest under emulation (tests/e2e/test_vm.py sets it there).
+TIMEOUT_SCALE = float(os.environ.get("INNERNET_E2E_TIMEOUT_SCALE") or 1)
+
+
 def wait_for(predicate, timeout, what, interval=0.05):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds
+    (times TIMEOUT_SCALE)."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip wireguard-go wireguard-tools iproute2 nftables \
     python3-nacl python3-pyroute2 time util-linux libzbar0 \
-    bind9-dnsutils debootstrap dpkg-dev debhelper dh-python bash-completion lintian fakeroot \
+    bind9-dnsutils debootstrap qemu-system-x86 dpkg-dev debhelper dh-python bash-completion lintian fakeroot \
     build-essential man-db >/dev/null
 fi
 # INNERNET_PYTHON runs the suite on another interpreter (in its own INNERNET_VENV).

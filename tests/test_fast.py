@@ -175,3 +175,28 @@ def test_the_archive_module_is_the_two_sections_and_imports_little(tmp_path):
 def test_a_missing_section_fails_the_build():
     with pytest.raises(SystemExit, match="no section"):
         build_zipapp.fast_module_source("print('no banners')\n")
+
+
+def test_kernel_device_attributes_and_endpoints_are_read_without_pyroute2():
+    """kernel_dump's pieces (the whole read runs in the VM lane's guest,
+    tests/vm/guest_fastpath.py): netlink attributes, nested, and the
+    endpoint's sockaddr as UAPI writes it."""
+    import socket
+    import struct
+    inner = innernet._nl_attr(1, b"\x01\x02") + innernet._nl_attr(3, b"\x18")
+    data = innernet._nl_attr(6, struct.pack("=H", 51820)) + innernet._nl_attr(8 | 0x8000, inner)
+    attrs = innernet._nl_attrs(data)
+    assert [k for k, _ in attrs] == [6, 8] and attrs[0][1][:2] == struct.pack("=H", 51820)
+    assert innernet._nl_attrs(attrs[1][1]) == [(1, b"\x01\x02"), (3, b"\x18")]
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack(">H", 51820) + bytes([10, 0, 0, 1]) \
+        + bytes(8)
+    v6 = struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", 7, 0) \
+        + socket.inet_pton(socket.AF_INET6, "fd00::1") + bytes(4)
+    assert innernet._endpoint_text(v4) == "10.0.0.1:51820"
+    assert innernet._endpoint_text(v6) == "[fd00::1]:7"
+    assert innernet._endpoint_text(b"") == ""
+
+
+def test_no_kernel_device_is_none_for_the_full_sync():
+    assert innernet.kernel_dump("innernet-none0") is None
+    assert innernet.device_state_digest("innernet-none0", 0) is None

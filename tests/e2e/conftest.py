@@ -23,6 +23,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory):
+    """The .deb built from this checkout (once a run: the packaging tests and
+    the VM lane both install it)."""
+    from .test_package import build_deb
+    return build_deb(tmp_path_factory)
+
+
 def debian_python_with_deps():
     """/usr/bin/python3 when Debian's python3-nacl and python3-pyroute2 are there."""
     import subprocess

@@ -239,7 +239,7 @@ def test_exit_node_carries_traffic_and_down_restores_routing(w):
     # and stay off the exit route): a fetch works, and the server's handshake is fresh.
     fetch(w, "alice")
     out = alice.python("import json,sys; sys.path.insert(0, sys.argv[1]); import innernet; "
-                       "d = innernet.UserspaceBackend().get(sys.argv[2]); "
+                       "d = innernet.existing_backend('auto', sys.argv[2]).get(sys.argv[2]); "
                        "print(json.dumps([p.allowed_ips for p in d.peers]))",
                        os.path.dirname(os.path.dirname(os.path.dirname(__file__))), iface)
     # The default routes without the network's range (issue 28): 10.66/16 stays out.

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import innernet as I
 ifname, server_key, target = sys.argv[2], sys.argv[3], sys.argv[4]
-I.UserspaceBackend().apply(ifname, updates=[I.PeerUpdate(
+I.existing_backend("auto", ifname).apply(ifname, updates=[I.PeerUpdate(
     server_key, allowed_ips=["10.66.0.1/32", target + "/32"])])
 """
 
@@ -139,7 +139,8 @@ def test_direct_paths_survive_the_server_stopping(net):
     net.serve.send_signal(signal.SIGTERM)
     net.serve.wait(timeout=10)
     net.srv.python("import sys; sys.path.insert(0, sys.argv[1]); import innernet; "
-                   "innernet.UserspaceBackend().delete(sys.argv[2])", ROOT, net.name)
+                   "innernet.existing_backend('auto', sys.argv[2]).delete(sys.argv[2])",
+                   ROOT, net.name)
     for _ in range(5):
         assert tcp_reach(a, net.ips["b"], timeout=2)
         assert tcp_reach(h(net, "c"), net.ips["d"], timeout=2)

@@ -46,7 +46,7 @@ STOP_DEVICE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import innernet
-innernet.UserspaceBackend().delete(sys.argv[2])
+innernet.existing_backend("auto", sys.argv[2]).delete(sys.argv[2])
 """
 
 

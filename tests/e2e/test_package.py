@@ -50,8 +50,9 @@ def offline(ns, root, *argv, check=True):
     return sh(["ip", "netns", "exec", ns, "chroot", root] + list(argv), check=check)
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory):
+def build_deb(tmp_path_factory):
+    """Build the .deb from this checkout's files (tests/e2e/conftest.py's deb
+    fixture, which this module and the VM lane share); its path."""
     need_tools()
     build = tmp_path_factory.mktemp("debbuild")
     src = build / "innernet-0.1.0"
