@@ -953,7 +953,7 @@ class Soak:
         recent_fault = now - p.device_fault_at < 600
         if recent_fault and p.kind == "cron" and ("is not up" in tail or err):
             return "item2-cron-lost-device"
-        if recent_fault and p.kind == "daemon" and err:
+        if recent_fault and p.kind == "daemon" and (err or "Network is unreachable" in tail):
             return "item3-daemon-lost-device"
         return None
 
@@ -1171,6 +1171,12 @@ class Soak:
                                         exist_ok=True)
                             shutil.copy(os.path.join(dirpath, f), os.path.join(self.keep, rel))
             self.lab.close()
+            # the sockets of the wireguard-go processes the faults killed (-9 leaves
+            # them); every name carries this lab's random prefix
+            run_dir = innernet.UserspaceBackend.run_dir()
+            for f in os.listdir(run_dir) if run_dir and os.path.isdir(run_dir) else []:
+                if f.startswith(self.lab.prefix) and f.endswith(".sock"):
+                    os.unlink(os.path.join(run_dir, f))
 
 
 def run_soak(pyz, *, seed=None, minutes=5.0, say=print, **kw):
