@@ -107,6 +107,7 @@ class Peer:
         self.device_fault_at = 0.0  # last kill of its wireguard-go / reboot
         self.cron_pause_until = 0.0
         self.routes = []
+        self.advertised = []        # a revoke leaves the route advertised
         self.installing = False
 
     @property
@@ -264,7 +265,7 @@ class Soak:
             return False
         self.pending_invites.pop(name, None)
         with self.lock:
-            p.name, p.cidr, p.disabled, p.routes = name, cidr, False, []
+            p.name, p.cidr, p.disabled, p.routes, p.advertised = name, cidr, False, [], []
             p.fetches, p.fail_since, p.stale_since, p.pending = [], None, None, []
             p.reported, p.excluded, p.last_view = set(), None, None
             p.able_since = time.monotonic()
@@ -519,13 +520,16 @@ class Soak:
             self.note("op", f"revoke-routes {p.name}", ok, r.stderr if r else "timeout")
             return
         route = f"192.168.{100 + p.slot}.0/24"
-        t0 = time.time()
-        r = self.on_peer(p, "advertise-routes", p.ifname, route, "--yes")
-        ok = bool(r and r.returncode == 0)
-        self.ack("advertise-routes", f"peer {p.name}", r, t0)
-        self.note("op", f"advertise-routes {p.name} {route}", ok, r.stderr if r else "timeout")
-        if not ok:
-            return
+        if route not in p.advertised:       # advertising it again changes nothing
+            t0 = time.time()
+            r = self.on_peer(p, "advertise-routes", p.ifname, route, "--yes")
+            ok = bool(r and r.returncode == 0)
+            self.ack("advertise-routes", f"peer {p.name}", r, t0)
+            self.note("op", f"advertise-routes {p.name} {route}", ok,
+                      r.stderr if r else "timeout")
+            if not ok:
+                return
+            p.advertised = [route]
         t0 = time.time()
         r = self.admin("approve-routes", self.net, "--name", p.name, "--yes")
         ok = bool(r and r.returncode == 0)
