@@ -948,8 +948,6 @@ class Soak:
     def classify(self, p, err, tail, now):
         if "PINNING ERROR" in tail or "belonged to another public key" in tail:
             return "item1-rotation-late-joiner"
-        if os.path.exists(p.host.path("client", "etc", f"{p.ifname}.conf.rotating")):
-            return "item8-rotating-leftover"
         since_failover = now - getattr(self, "failed_over_at", -1e9)
         if not err and since_failover < innernet.FAILOVER_GRACE + window() and \
                 ("timed out" in tail or "does not answer" in tail):
@@ -959,6 +957,8 @@ class Soak:
             return "item2-cron-lost-device"
         if recent_fault and p.kind == "daemon" and (err or "Network is unreachable" in tail):
             return "item3-daemon-lost-device"
+        if os.path.exists(p.host.path("client", "etc", f"{p.ifname}.conf.rotating")):
+            return "item8-rotating-leftover"
         return None
 
     def remedy(self, p, known):
