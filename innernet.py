@@ -9724,7 +9724,12 @@ def fail_over(args, iface, cfg, backend):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way."""
+    # The configured order, not cfg's: current_server's cfg starts at the
+    # endpoint failed over to, and its list has lost the configured first one
+    # (the primary), so a client on the standby would never come back.
     eps = cfg.endpoints
+    with contextlib.suppress(InnernetError):
+        eps = load_client_config(args, iface).endpoints
     if len(eps) < 2 or backend is None or not backend.exists(iface):
         return cfg          # no device (wireguard-go killed): the server is not the one gone
     since = load_server_state(args, iface).get("since")
