@@ -216,6 +216,9 @@ def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
     class Backend:
         applied = []
 
+        def exists(self, iface):
+            return True
+
         def get(self, iface):
             return innernet.Device(iface)
 
