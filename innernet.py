@@ -5486,6 +5486,13 @@ class Store:
                            (str(ip), str(ip)))
         return [(self._peer(r[:-1]), r[-1]) for r in rows]
 
+    def kept_from_innernet(self):
+        """[(innernet client name, address)] of the peers this server keeps from
+        innernet clients because their key there changed since it told them."""
+        return self._query("SELECT c.name, pin.ip FROM innernet_pins pin "
+                           "JOIN peers c ON c.id = pin.peer_id JOIN peers cur ON cur.ip = pin.ip "
+                           "WHERE cur.public_key != pin.public_key ORDER BY c.name, pin.ip")
+
     def forget_pins(self, peer_id):
         """After an innernet client's data store was deleted: it pins anew."""
         with self.write() as c:
@@ -8239,6 +8246,7 @@ def _gunzip(data, limit=MAX_ANSWER):
 # (ours always says why) and its capabilities lack our fields.
 INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
 ROUTES_FEATURE = "subnet routes or exit nodes"
+STATIC_FEATURE = "static peers (stock WireGuard devices)"
 
 EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
     ("PUT /admin/cidrs", "CIDR renaming",
@@ -8257,6 +8265,8 @@ EXTENSIONS = (                # ([method ]path prefix, the feature it serves, wh
     ("/admin/plan", "network as code (export/apply)", None),
     ("/admin/apply", "network as code (export/apply)", None),
     ("/admin/audit", "audit log", None),
+    ("/admin/innernet-pins", "pin tracking for innernet clients", "innernet-server keeps "
+     "no pins: there, delete the client's data store and it pins anew"),
 )
 
 LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
@@ -10675,6 +10685,10 @@ def cmd_add_peer(args):
     if args.save_config is not None:          # a bad path fails before any question
         parse_save_path(args.save_config)
     routes = parse_routes([r for r in (args.routes or "").split(",") if r.strip()])
+    if routes:
+        net.require(ROUTES_FEATURE)      # innernet's server would drop them silently
+    if getattr(args, "static", False):
+        net.require(STATIC_FEATURE)      # ... and store an ordinary peer
     endpoints = [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
                  if e.strip()] if getattr(args, "server_endpoints", None) else None
     cidr = _eligible_cidr(cidrs, args.cidr)
@@ -11276,6 +11290,13 @@ def rollback_report(store, now):
         out.append(("static peers", ", ".join(static) + " -- innernet-server does not "
                     "forward for them: they reach the server only, and innernet clients do "
                     "not know them"))
+    kept = store.kept_from_innernet()
+    if kept:
+        out.append(("peers kept from innernet clients", ", ".join(
+            f"{c} ({ip})" for c, ip in kept) + " -- innernet-server serves the new keys "
+            "at these addresses, and these innernet clients then fail every sync (PINNING "
+            "ERROR) until their data store is deleted; serving with innernet.py again "
+            "brings them back"))
     rows = store.extra_rows()
     if rows["key_rotations"]:
         out.append(("key rotations", f"{rows['key_rotations']} proofs no longer served -- "

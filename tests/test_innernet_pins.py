@@ -205,3 +205,20 @@ def test_a_database_of_an_earlier_innernet_py_gets_the_table(co):
         assert store.pinners("10.80.0.1")[0][0].id == 1
     finally:
         store.close()
+
+
+def test_rollback_check_names_the_innernet_clients_a_rollback_would_break(co):
+    """innernet-server would serve the new key the server keeps from an innernet
+    client, which would then fail every sync (outside review of issue 27)."""
+    state(co, "developer2")                                  # innernet's: pins recorded
+    assert not [f for f, _ in innernet.rollback_report(co.store, 0)
+                if f == "peers kept from innernet clients"]
+    rotate(co, "developer1")
+    report = dict(innernet.rollback_report(co.store, 0))
+    assert f"developer2 ({IPS['developer1']})" in report["peers kept from innernet clients"]
+    assert "PINNING ERROR" in report["peers kept from innernet clients"]
+
+
+def test_forget_pins_on_an_innernet_server_is_one_line():
+    assert innernet.extension_of("DELETE", "/admin/innernet-pins/4")[0] == \
+        "pin tracking for innernet clients"

@@ -273,7 +273,16 @@ def test_every_verb_of_our_client_on_an_innernet_server(theirs, spare):
                (("audit", a), "audit log"),
                (("override-endpoint", a, "-e", "0.0.0.0:51999", "--yes"),
                 "unspecified IP in an endpoint (0.0.0.0:PORT)"),
-               (("apply", a, p1.path("net.toml"), "--yes"), "network as code (export/apply)")]
+               (("apply", a, p1.path("net.toml"), "--yes"), "network as code (export/apply)"),
+               # innernet-server would take these peers and drop what makes them so
+               (("add-peer", a, "--name", "rt2", "--cidr", "humans", "--auto-ip", "--admin",
+                 "false", "--routes", "192.168.61.0/24", "--save-config", p1.path("rt2.toml"),
+                 "--yes"), "subnet routes or exit nodes"),
+               (("add-peer", a, "--name", "st1", "--cidr", "humans", "--auto-ip", "--static",
+                 "--save-wg-quick", p1.path("st1.conf"), "--yes"),
+                "static peers (stock WireGuard devices)"),
+               (("forget-pins", a, "--name", "peer3b", "--yes"),
+                "pin tracking for innernet clients")]
     for argv, feature in lacking:
         for _ in range(2):
             before = len(server_requests(theirs))
@@ -285,7 +294,8 @@ def test_every_verb_of_our_client_on_an_innernet_server(theirs, spare):
         # the second time, nothing of ours was asked for
         assert all(q[2] in ("/v1/admin/peers", "/v1/admin/cidrs", "/v1/admin/associations")
                    for q in server_requests(theirs)[before:]), server_requests(theirs)[before:]
-    assert not os.path.exists(p1.path("re.toml"))
+    for made in ("re.toml", "rt2.toml", "st1.conf"):
+        assert not os.path.exists(p1.path(made)), made
     lacks = p1.path("client", "lib", f"{a}.lacks.json")
     assert os.stat(lacks).st_mode & 0o777 == 0o600
     cli(p1, "set-listen-port", a, "--unset", "--yes")
