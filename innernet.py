@@ -9864,9 +9864,24 @@ def record_run(args, ifaces):
         return
     runs = {k: v for k, v in read_runs(ddir).items() if k != run}
     runs[run] = ifaces
+    _write_runs(ddir, runs)
+
+
+def _write_runs(ddir, runs):
     text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
     with contextlib.suppress(OSError):
-        atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
+        if text:
+            atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
+        else:
+            os.unlink(os.path.join(ddir, FAST_RUNS))
+
+
+def forget_runs(args, iface):
+    """Take an uninstalled interface out of the noted command lines."""
+    ddir = _dirs(args, False)[1]
+    runs = read_runs(ddir)
+    if any(iface in v for v in runs.values()):
+        _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
 
 
 def server_capabilities(args, iface):
@@ -12040,6 +12055,7 @@ def cmd_uninstall(args):
                  *[base + ext for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    forget_runs(args, iface)
     hosts_path, _ = hosts_options(args)
     if hosts_path and os.path.exists(hosts_path):
         write_hosts_file(hosts_path, f"innernet {iface}", [])

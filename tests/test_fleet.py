@@ -185,8 +185,13 @@ def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
     (etc / "net.conf").write_text("")
     for ext in (".json",) + innernet.CLIENT_STATE_FILES:
         (lib / f"net{ext}").write_text("x")
+    (lib / innernet.FAST_RUNS).write_text("('a run',)\tnet\n('another',)\tnet2\n")
     assert innernet.main(base + ["uninstall", "net", "--yes", "--no-write-hosts"]) == 0
-    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == []
+    assert sorted(os.listdir(lib)) == [innernet.FAST_RUNS, "other.db"] and os.listdir(etc) == []
+    assert innernet.read_runs(str(lib)) == {"('another',)": ["net2"]}   # the other network's
+    (etc / "net2.conf").write_text("")
+    assert innernet.main(base + ["uninstall", "net2", "--yes", "--no-write-hosts"]) == 0
+    assert sorted(os.listdir(lib)) == ["other.db"]
 
 
 def test_allocated_relay_pairs_are_not_counted_as_relaying():
