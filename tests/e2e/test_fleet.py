@@ -337,9 +337,9 @@ def test_a_killed_serve_takes_litestream_along_and_a_restart_runs_one(world):
                               "-config", config], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     w.lab.procs.append(stray)
-    wait_for(lambda: litestreams(config), 10, "the stray litestream")
+    strays = wait_for(lambda: litestreams(config), 10, "the stray litestream")
     with open(w.srv.path("server", "lib", f"{w.net}.litestream.pid"), "w") as f:
-        f.write(f"{litestreams(config)[0]}\n")
+        f.write(f"{strays[0]}\n")
     start_serve(w.srv, w.net, "--replicate", replica)
     wait_for(lambda: len(litestreams(config)) == 1 and litestreams(config) != first, 20,
              "one litestream")
