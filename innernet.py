@@ -11303,8 +11303,7 @@ def rollback_report(store, now):
     static = [f"{p.name} ({p.ip})" for p in peers if p.is_static]
     if static:
         out.append(("static peers", ", ".join(static) + " -- innernet-server does not "
-                    "forward for them: they reach the server only, and innernet clients do "
-                    "not know them"))
+                    "forward for them: they reach the server only"))
     kept = store.kept_from_innernet()
     if kept:
         out.append(("peers kept from innernet clients", ", ".join(
