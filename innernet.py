@@ -2702,8 +2702,13 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
+    # A deletion heard of in this very state whose quarantine (and floor) is
+    # already over frees its address here too: a new peer there is no key change.
+    heard = [dataclasses.replace(p, deleted_until=quarantine_end(
+        p, announced[(p.ip, p.public_key)], now, floor))
+        if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
     kept = {}
-    for p, old in pinned_key_changes(stored, received, now):
+    for p, old in pinned_key_changes(heard, received, now):
         if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
             continue                      # ours, or its old key's holder proved the change
         if (p.ip, old.public_key, p.public_key) in waiting:

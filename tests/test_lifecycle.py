@@ -289,3 +289,19 @@ def test_the_server_takes_a_rotation_only_with_its_own_valid_proof(co):
                                         "proof": "B" * 43 + "="}]
     # user1 cannot see developer1: no records for it
     assert call(co, "GET", f"/v1/user/rotations?ip={caller.ip}", "user1")[0] == 404
+
+
+def test_a_deletion_and_a_new_peer_at_its_address_in_one_state_is_no_key_change():
+    """An honest server with --reuse-after 0s (and a client floor of 0): a client
+    that hears of the deletion and of the new peer in the same state takes the
+    new peer; it is not a PINNING ERROR (seen in the lab under load)."""
+    from innernet import Deletion, Peer
+    old = Peer(3, "gus", "10.66.1.6", 1, "a" * 43 + "=")
+    new = Peer(4, "hank", "10.66.1.6", 1, "b" * 43 + "=")
+    gone = Deletion("10.66.1.6", old.public_key, 1000, "gus", 1)
+    merged = innernet.merge_pinned([old], [new], [gone], now=1000.5, floor=0)
+    assert [(p.name, p.public_key) for p in merged] == [("hank", new.public_key)]
+    # with the floor (or a quarantine not over), the pin holds
+    import pytest
+    with pytest.raises(innernet.InnernetError, match="PINNING ERROR"):
+        innernet.merge_pinned([old], [new], [gone], now=1000.5, floor=3600)
