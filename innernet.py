@@ -820,11 +820,13 @@ def _to_journal():
     return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
-def _emit(text, priority=6):
+def _emit(text, priority=6, stamp=True):
+    """One line on stderr; ``stamp``: with the time, in a daemon's log (the
+    final error line keeps its `innernet: error:` start, for scripts)."""
     global _journal
     if _journal is None:
         _journal = _to_journal()
-    if _timestamps and not _journal:
+    if _timestamps and stamp and not _journal:
         text = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + text
     try:
         print(f"<{priority}>{text}" if _journal else text, file=sys.stderr, flush=True)
@@ -12921,9 +12923,9 @@ def main(argv=None, server_mode=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except InnernetError as e:
-        _emit(f"{prog}: error: {e.message}", 3)
+        _emit(f"{prog}: error: {e.message}", 3, stamp=False)
         if e.hint:
-            _emit(f"hint: {e.hint}", 3)
+            _emit(f"hint: {e.hint}", 3, stamp=False)
         return e.exit_code
     except PermissionError as e:
         print(f"{prog}: error: permission denied: {e.filename or e}", file=sys.stderr)

@@ -61,7 +61,8 @@ KNOWN = {
 }
 
 INTERVAL = 5              # s: the daemons' --interval and the cron period
-SLACK = 10                # s: load on a shared 2-core machine (a fetch can take seconds)
+SLACK = 15                # s: load on a shared 2-core machine (a fetch can take seconds;
+                          # a burst of changes after a fault, several)
 CHECK_EVERY = 1.5         # s between invariant checks
 REPLICATION_WINDOW = 2.0  # s: --replicate-interval 1, plus a second
 NETWORK = "10.66.0.0/16"
@@ -1042,8 +1043,15 @@ class Soak:
             return
         try:
             if self.server_ok_since is not None and self.serve.poll() is not None:
-                self.violate("error", "serve", f"serve exited {self.serve.returncode}: "
-                             f"{self.active.log(self.serve_log())[-500:]}")
+                tail = self.active.log(self.serve_log())[-500:]
+                if self.serve.returncode == 1 and "is gone (wireguard-go killed?)" in tail:
+                    # issue 29 item 3: serve exits when its device is lost, so that
+                    # systemd's Restart= starts it again (the harness plays systemd)
+                    self.note("fault", "serve exited: its device was lost; restarted as "
+                              "its unit's Restart= would")
+                else:
+                    self.violate("error", "serve", f"serve exited {self.serve.returncode}: "
+                                 f"{tail}")
                 self.restart_serve("exited")
         finally:
             self.serve_lock.release()
