@@ -14,6 +14,7 @@ import os
 import secrets
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -404,3 +405,18 @@ def debian_launcher(tmp):
         f.write(build_zipapp.LAUNCHER.replace("/usr/share/innernet", share))
     os.chmod(launcher, 0o755)
     return launcher
+
+
+def db_rows(db, sql, args=()):
+    """The rows a query finds in a server's database (read while serve runs)."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def peer_ip(db, name):
+    """The address of the peer called ``name`` in a server's database, or None."""
+    found = db_rows(db, "SELECT ip FROM peers WHERE name = ?", (name,))
+    return found[0][0] if found else None

@@ -21,7 +21,7 @@ import sqlite3
 
 import pytest
 
-from lab import ROOT, device_peer_ips, invite, wait_for
+from lab import ROOT, device_peer_ips, invite, peer_ip, wait_for
 
 from .conftest import network_world
 
@@ -70,12 +70,7 @@ def ref_install(host, invitation):
 
 
 def ip_of(w, name):
-    conn = sqlite3.connect(w.db)
-    try:
-        row = conn.execute("SELECT ip FROM peers WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-    finally:
-        conn.close()
+    return peer_ip(w.db, name)
 
 
 def key_of(w, name):

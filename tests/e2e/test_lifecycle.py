@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from lab import device_peer_ips, invite, wait_for
+from lab import device_peer_ips, invite, peer_ip, wait_for
 
 from .conftest import network_world
 
@@ -34,12 +34,7 @@ def world(pyz):
 
 
 def ip_of(w, name):
-    conn = sqlite3.connect(w.db)
-    try:
-        row = conn.execute("SELECT ip FROM peers WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-    finally:
-        conn.close()
+    return peer_ip(w.db, name)
 
 
 def listed(host, ifname):

@@ -13,13 +13,12 @@ import contextlib
 import ipaddress
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 
 import pytest
 
-from lab import ROOT, invite, wait_for
+from lab import ROOT, db_rows, invite, wait_for
 
 from .conftest import network_world
 
@@ -64,11 +63,7 @@ def server_key(w):
 
 
 def rows(w, sql, args=()):
-    conn = sqlite3.connect(w.db)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    return db_rows(w.db, sql, args)
 
 
 # -- helpers run inside the namespaces (stdlib only, but for dnspython where said) --
