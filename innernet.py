@@ -790,6 +790,7 @@ class InnernetError(Exception):
         self.status = status
         self.exit_code = exit_code
         self.unreachable = unreachable
+        self.refused = False      # unreachable: the host answered, its API did not listen
 
 
 _verbosity = 0
@@ -8526,10 +8527,12 @@ class ApiClient:
                     raise InnernetError(f"the server at {self.endpoint} sent a malformed "
                                         f"answer: {e}") from None
                 reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                raise InnernetError(
+                err = InnernetError(
                     f"cannot reach the innernet server at {self.endpoint}: {reason}",
                     hint="is the server running, and is this host's WireGuard "
-                         "interface up?", unreachable=True) from None
+                         "interface up?", unreachable=True)
+                err.refused = isinstance(e, ConnectionRefusedError)
+                raise err from None
             self.used = time.monotonic()
             if rhdrs.get("connection", "").lower() == "close":
                 self.close()
@@ -9472,6 +9475,9 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
     f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
                       prev.get("pending_key_changes") or [] if isinstance(w, dict)}
     f.find_device(allow_bring_up)
+    settled = settle_rotation(args, iface, f.cfg, f.backend)
+    if settled is not f.cfg:
+        f.cfg, f.own_key = settled, public_key(settled.private_key)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
                                           lacks=server_lacks(args, iface, f.cfg))
@@ -9503,6 +9509,54 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
+
+
+def _server_answers(cfg):
+    """Does the server answer an API request from ``cfg``'s key (any HTTP
+    answer counts; only a transport failure is no)?"""
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        api.call("GET", "/user/capabilities")
+        return True
+    except InnernetError as e:
+        return not e.unreachable
+    finally:
+        api.close()
+
+
+def settle_rotation(args, iface, cfg, backend):
+    """A `rotate-key` whose answer never came left ``<iface>.conf.rotating``
+    (the new key). The server itself says which key it holds: it answers
+    only the key it has (the old one is off its device once it takes the
+    new). The old key answered: the rotation never happened, the file goes.
+    The new one answered: it is this peer's key (the old one kept for late
+    proofs). Neither (the server is down): asked again at the next sync.
+    -> the config to sync with."""
+    path = client_config_path(args, iface)
+    pending = path + ".rotating"
+    if not os.path.exists(pending):
+        return cfg
+    try:
+        new = InterfaceConfig.from_toml(read_text(pending), pending)
+    except InnernetError:
+        new = None
+    if new is None or new.private_key == cfg.private_key or _server_answers(cfg):
+        os.unlink(pending)
+        warn(f"{iface}: the interrupted key rotation never reached the server: the key "
+             f"was not rotated (run 'innernet rotate-key {iface}' again to rotate it)")
+        return cfg
+    with device_lock(iface):
+        backend.apply(iface, private_key=new.private_key)
+        if not _server_answers(dataclasses.replace(cfg, private_key=new.private_key)):
+            backend.apply(iface, private_key=cfg.private_key)
+            return cfg
+    os.replace(pending, path)
+    new_public = public_key(new.private_key)
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, time.time())
+    log(f"{iface}: the server had taken the new key of the interrupted rotation "
+        f"({short_key(new_public)}); it is this peer's key now")
+    return current_server(args, iface, load_client_config(args, iface))
 
 
 def _unreachable_hint(f):
@@ -9587,7 +9641,7 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend, e.refused)
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -9737,10 +9791,12 @@ def current_server(args, iface, cfg):
     return cfg
 
 
-def fail_over(args, iface, cfg, backend):
+def fail_over(args, iface, cfg, backend, refused=False):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
-    tries there; a server that comes back is found the same way."""
+    tries there; a server that comes back is found the same way. ``refused``:
+    the endpoint's host refused the connection (it is there; its API is not
+    listening yet), the one case that may wait (FAILOVER_GRACE)."""
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
@@ -9754,10 +9810,13 @@ def fail_over(args, iface, cfg, backend):
     dp = None
     with contextlib.suppress(InnernetError, OSError):
         dp = backend.get(iface).peer(cfg.server_public_key)
-        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
-            # The endpoint just switched to has answered WireGuard since: it is
-            # there, only its API is not yet (a standby starting). Stay, for a
-            # while: a server that answered once may be gone later.
+        if refused and dp is not None and \
+                dp.last_handshake > since > time.time() - FAILOVER_GRACE:
+            # The endpoint just switched to has answered WireGuard since, and
+            # its host refuses the connection: it is there, only its API is
+            # not yet (a standby starting). Stay, for a while. A connection
+            # that timed out or broke (a server that answered once and is gone
+            # since) moves on at once, grace or not.
             return cfg
     here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
     nxt = eps[(here + 1) % len(eps)]
@@ -9906,7 +9965,7 @@ def server_capabilities(args, iface):
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(args, iface, current_server(args, iface, cfg), backend)
+            fail_over(args, iface, current_server(args, iface, cfg), backend, e.refused)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -11818,6 +11877,8 @@ def cmd_rotate_key(args):
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
     path = client_config_path(args, iface)
     pending = path + ".rotating"
+    with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
+        os.unlink(fast_file_path(_dirs(args, False)[1], iface))
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
@@ -11834,8 +11895,9 @@ def cmd_rotate_key(args):
                                          "again when the server answers") from None
             raise
         raise InnernetError(f"{e.message} while rotating the key",
-                            hint=f"the server may have taken the new key; if 'innernet fetch "
-                                 f"{iface}' now fails, run 'mv {pending} {path}'") from None
+                            hint=f"the server may have taken the new key; the next 'innernet "
+                                 f"fetch {iface}' (or the daemon's next round) asks it which "
+                                 "key it holds and keeps that one") from None
     finally:
         api.close()
     try:

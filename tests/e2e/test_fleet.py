@@ -384,6 +384,47 @@ def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == before
 
 
+def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
+    """Issue 29 item 8 and the review's 3a: the server took the new key but the
+    client never heard (its config has the old key, `.rotating` the new one,
+    the device the old one): the next plain fetch asks the server which key
+    it holds and keeps that one; no `mv` by hand, no `down` + `up`."""
+    sys.path.insert(0, ROOT)
+    import innernet
+    w = world
+    a, b = join(w, "a"), join(w, "b")
+    ifname = w.lab.ifname("a")
+    conf = a.path("client", "etc", f"{ifname}.conf")
+    old = open(conf).read()
+    a.innernet("rotate-key", ifname, "--yes")                # the server applies it ...
+    new = open(conf).read()
+    assert new != old
+    # ... and the answer is lost: what rotate-key leaves before it hears back
+    innernet.atomic_write(conf, old, 0o600)
+    innernet.atomic_write(conf + ".rotating", new, 0o600)
+    os.unlink(a.path("client", "lib", f"{ifname}.oldkeys.json"))
+    keyfile = a.path("old.key")
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
+                          + "\n", 0o600)
+    a.exec(["wg", "set", ifname, "private-key", keyfile])
+    r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
+    assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+    a.innernet("fetch", ifname, "--no-write-hosts")          # in sync, and stays so
+    b.innernet("fetch", w.lab.ifname("b"), "--no-write-hosts")
+    ip = innernet.InterfaceConfig.from_toml(new, conf).address.ip
+    seen = device_peer_ips(b, w.lab.ifname("b"))[str(ip)]
+    assert seen["public_key"] == innernet.public_key(
+        innernet.InterfaceConfig.from_toml(new, conf).private_key)
+    # a rotation that never reached the server: its file goes, the key stays
+    other = innernet.InterfaceConfig.from_toml(new, conf)
+    other = innernet.dataclasses.replace(other, private_key=innernet.generate_private_key())
+    innernet.atomic_write(conf + ".rotating", other.to_toml(), 0o600)
+    r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
+    assert r.returncode == 0 and "never reached the server" in r.stderr, r.stderr
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+
+
 # -- item 5: a router peer advertising a range outside the private ones ---------
 
 def test_a_public_range_router_forwards_and_both_verbs_warn(world):
