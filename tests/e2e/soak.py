@@ -52,13 +52,7 @@ LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.exec
 # "Known until fixed": violations that issue 29's open items explain. Each key
 # is what the harness tags a violation with; remove an entry once its item is
 # merged, and the soak then fails on it.
-KNOWN = {
-    "item7-failover-grace": "issue 29 item 7: failover takes longer than the README says: a "
-                            "client that switched endpoints less than FAILOVER_GRACE (60 s) "
-                            "ago stays there, though that server is gone",
-    "item8-rotating-leftover": "issue 29 item 8: a `rotate-key` that never reached the server "
-                               "leaves <iface>.conf.rotating, the new key unknown to the server",
-}
+KNOWN = {}
 
 INTERVAL = 5              # s: the daemons' --interval and the cron period
 SLACK = 15                # s: load on a shared 2-core machine (a fetch can take seconds;
@@ -940,17 +934,11 @@ class Soak:
     def classify(self, p, err, tail, now):
         if "PINNING ERROR" in tail or "belonged to another public key" in tail:
             return "item1-rotation-late-joiner"
-        since_failover = now - getattr(self, "failed_over_at", -1e9)
-        if not err and since_failover < innernet.FAILOVER_GRACE + window() and \
-                ("timed out" in tail or "does not answer" in tail):
-            return "item7-failover-grace"
         recent_fault = now - p.device_fault_at < 600
         if recent_fault and p.kind == "cron" and ("is not up" in tail or err):
             return "item2-cron-lost-device"
         if recent_fault and p.kind == "daemon" and (err or "Network is unreachable" in tail):
             return "item3-daemon-lost-device"
-        if os.path.exists(p.host.path("client", "etc", f"{p.ifname}.conf.rotating")):
-            return "item8-rotating-leftover"
         return None
 
     def remedy(self, p, known):
@@ -972,11 +960,6 @@ class Soak:
             self.start_daemon(p)
             self.note("operator", f"up {p.ifname} and restart daemon of {p.name}",
                       bool(r and r.returncode == 0), r.stderr if r else "timeout")
-        elif known == "item8-rotating-leftover":
-            p.excluded = known              # the hint asks a person to choose a key
-            self.note("operator", f"{p.name} given up: {known}")
-        elif known == "item7-failover-grace":
-            pass                            # it comes back by itself
         else:
             return
         p.reported.discard("converge")
@@ -1103,9 +1086,10 @@ class Soak:
                 own = innernet.public_key(innernet.InterfaceConfig.from_toml(
                     open(conf).read(), conf).private_key)
                 if own != q.public_key and p.excluded is None:
-                    rotating = os.path.exists(conf + ".rotating")
-                    self.violate("lost", p.name, "the server has another key than the peer's",
-                                 "item8-rotating-leftover" if rotating else None)
+                    rotating = " (a .rotating is left)" if os.path.exists(conf + ".rotating") \
+                        else ""
+                    self.violate("lost", p.name, "the server has another key than the peer's"
+                                 + rotating)
             except (OSError, innernet.InnernetError) as e:
                 self.violate("lost", p.name, f"cannot read its config: {e}")
             if sorted(q.routes) != sorted(p.routes):
