@@ -4211,10 +4211,12 @@ class Netlink:
             raise InnernetError(f"cannot delete interface {ifname}: {os.strerror(code)}")
 
     def add_address(self, ifname, iface):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip address add {iface} dev {ifname}")
         code = self._talk(*rtnl_request("add-address", self._index(ifname), address=iface))
         if code not in (0, errno.EEXIST):
             raise InnernetError(f"cannot add {iface} to {ifname}: {os.strerror(code)}")
+        return code == 0
 
     def set_mtu_up(self, ifname, mtu):
         echo_cmd(f"ip link set {ifname} mtu {mtu} up")
@@ -4223,11 +4225,13 @@ class Netlink:
             raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {os.strerror(code)}")
 
     def add_route(self, ifname, network):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip route add {network} dev {ifname}")
         code = self._talk(*rtnl_request("add-route", self._index(ifname), route=network))
         if code not in (0, errno.EEXIST):     # the prefix route often exists already
             raise InnernetError(f"cannot add route {network} to {ifname}: "
                                 f"{os.strerror(code)}")
+        return code == 0
 
 
 def _alive(pid):
@@ -4658,6 +4662,37 @@ def bring_up(choice, ifname, *, private_key, address, listen_port, updates, mtu,
                 backend.delete(ifname)
         raise
     return backend
+
+
+def link_state(ifname):
+    """(administratively up, MTU) of a link, from ioctls; None without it."""
+    SIOCGIFFLAGS, SIOCGIFMTU, IFF_UP = 0x8913, 0x8921, 0x1
+    packed = ifname.encode()[:15].ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18], sys.byteorder)
+            mtu = int.from_bytes(fcntl.ioctl(s, SIOCGIFMTU, packed)[16:20], sys.byteorder)
+    except OSError:
+        return None
+    return bool(flags & IFF_UP), mtu
+
+
+def repair_link(ifname, address, routing):
+    """What a sync owns on its interface besides the peers: its address, the
+    link's up state (at the MTU it has) and, with ``routing``, the network's
+    route, put back when something took them away (an admin's `ip link set
+    down`, `ip address del`, `ip route del`). -> what was put back."""
+    fixed = []
+    with Netlink() as nl:
+        if nl.add_address(ifname, address):
+            fixed.append(f"address {address}")
+        state = link_state(ifname)
+        if state is not None and not state[0]:
+            nl.set_mtu_up(ifname, state[1])
+            fixed.append("link up")
+        if routing and nl.add_route(ifname, address.network):
+            fixed.append(f"route {address.network}")
+    return fixed
 
 
 def bring_down(choice, ifname):
@@ -9602,6 +9637,10 @@ class _Fetch:
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
                 mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
             self.brought_up = True
+        else:
+            fixed = repair_link(iface, cfg.address, routing(args))
+            if fixed:
+                warn(f"{iface}: put back what the interface had lost: {', '.join(fixed)}")
         self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.store_path)
 
     def receive(self, wait):
@@ -12197,6 +12236,11 @@ def interface_health(args, iface, now, max_age):
     problems = [] if up else ["the interface is not up" + (
         " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
         else "")]
+    link = link_state(iface) if up else None
+    if link is not None and not link[0]:
+        up = False
+        problems.append("the interface's link is down (set down by hand?); the next "
+                        "fetch puts it back up")
     last = st.get("last_success")
     if not st:
         problems.append("no sync recorded (no fetch, up or daemon has run since install)")

@@ -2,6 +2,7 @@
 rotation, the README's cron line after a reboot, lost WireGuard devices on
 the server and under a daemon, orphaned Litestream, and `innernet status`.
 Driven by the built innernet.pyz in network namespaces."""
+import ipaddress
 import json
 import os
 import re
@@ -423,6 +424,45 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
     r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
     assert r.returncode == 0 and "never reached the server" in r.stderr, r.stderr
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+
+
+# -- review 3b, 3c: what an admin took away from the interface --------------------
+
+def test_fetch_puts_back_the_address_route_and_link_state_it_owns(world):
+    """`ip address flush`, `ip route del` of the network's route, `ip link set
+    down` on the WireGuard interface: the next plain fetch (cron's) puts each
+    back; `status` says the link is down while it is."""
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    a.innernet("fetch", ifname, "--no-write-hosts")          # a fast-path record exists
+
+    def addr():
+        return a.exec(["ip", "-o", "-4", "address", "show", "dev", ifname]).stdout.split()[3]
+
+    def routes():
+        return a.exec(["ip", "-4", "route", "show", "dev", ifname]).stdout
+    address = addr()
+    network = str(ipaddress.ip_interface(address).network)
+    assert network in routes()
+    a.exec(["ip", "address", "flush", "dev", ifname])
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert f"address {address}" in r.stderr, r.stderr
+    assert addr() == address and network in routes()
+    a.exec(["ip", "route", "del", network, "dev", ifname])
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert f"route {network}" in r.stderr and network in routes(), r.stderr
+    a.exec(["ip", "link", "set", ifname, "down"])
+    code, [h] = status(a, ifname)
+    assert code == 1 and not h["interface_up"], h
+    assert any("link is down" in p for p in h["problems"]), h
+    assert "interface: down" in a.innernet("status", ifname, check=False).stdout
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert "link up" in r.stderr, r.stderr
+    assert "UP" in a.exec(["ip", "link", "show", ifname]).stdout.split(">")[0]
+    assert addr() == address and network in routes()
+    code, [h] = status(a, ifname)
+    assert code == 0 and h["interface_up"], h
 
 
 # -- item 5: a router peer advertising a range outside the private ones ---------
