@@ -12760,6 +12760,9 @@ def _add_server_verbs(sub):
                    help="use this host's public address")
     p.add_argument("--listen-port", metavar="PORT",
                    help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (--network-name and the "
+                        "endpoint have none)")
     _add_serve_verb(sub)
     p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
               "Set the network's external endpoint, where new invitations point (a standby "
@@ -12822,6 +12825,8 @@ def build_parser(server_mode=False):
                    help="use the network's name from the invitation")
     p.add_argument("-d", "--delete-invite", action="store_true",
                    help="delete the invitation once redeemed")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (the network's name)")
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
