@@ -5477,7 +5477,15 @@ class Store:
 
     def add_rotation_proofs(self, peer_id, old_key, new_key, proofs):
         """Proofs a peer sends later for one of its own rotations, for peers
-        that lacked one; a proof already kept is never replaced. How many were new."""
+        that lacked one; a proof already kept is never replaced. How many were new.
+        One that adds nothing writes nothing (the revision, which wakes every
+        long poll, stays)."""
+        rows = self._query("SELECT proofs FROM key_rotations WHERE peer_id = ? AND "
+                           "old_key = ? AND new_key = ?", (peer_id, old_key, new_key))
+        if rows:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if set(proofs) <= set(json.loads(rows[0][0])):
+                    return 0
         with self.write() as c:
             row = c.execute("SELECT id, proofs FROM key_rotations WHERE peer_id = ? AND "
                             "old_key = ? AND new_key = ?", (peer_id, old_key, new_key)).fetchone()
@@ -7300,15 +7308,21 @@ def user_get_rotations(co, req):
                           for old, new, proofs in co.store.rotations(ip)])
 
 
+def _proof_verifiers(co, caller):
+    """The keys of the peers that may see ``caller`` (redeemed, enabled): the
+    only ones a proof of its rotation is asked or kept for."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, caller.cidr_id)
+    return [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != caller.id]
+
+
 @api("GET", "user/rotation-proofs", "user")
 def user_get_missing_proofs(co, req):
     """Ours: the caller's own rotations that a peer which may see it has no
     proof for (it joined after the caller's last sync before rotating):
     [{"old_key", "new_key", "peers": [public keys]}]."""
-    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
-    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
-            and not p.is_disabled and p.id != req.caller.id]
+    keys = _proof_verifiers(co, req.caller)
     out = []
     for old, new, proofs in co.store.rotations(req.caller.ip):
         missing = [k for k in keys if k not in proofs]
@@ -7320,16 +7334,24 @@ def user_get_missing_proofs(co, req):
 @api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_add_rotation_proofs(co, req):
     """Ours: late proofs for one of the caller's own rotations
-    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay.
+
+    Not rate-limited (the endpoint and candidate budget is not spent): only
+    proofs for peers that may see the caller are kept, each slot once, so
+    the writes are bounded by its kept rotations times those peers; one that
+    adds nothing writes nothing. A local user of the peer's host who spends
+    that budget with candidate reports cannot hold the proofs back."""
     data = _require_object(req.body, "rotation proofs")
     old, new = _get(data, "old_key", str), _get(data, "new_key", str)
     proofs = _get(data, "proofs", dict)
     if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
                                        for k, v in proofs.items()):
         raise _bad("field 'proofs' must map public keys to proofs")
-    co.gate.allow_update(req.caller.id)
+    verifiers = set(_proof_verifiers(co, req.caller))
+    proofs = {k: v for k, v in proofs.items() if k in verifiers}
     added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
-    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    if added:
+        log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
     return Response(204)
 
 

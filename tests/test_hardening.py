@@ -669,3 +669,29 @@ def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
     quick = readme.split("\n## Use it\n", 1)[1].split("\n### ", 1)[0]
     assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
         " ".join(quick.split())
+
+
+def test_a_spent_update_budget_does_not_hold_back_late_rotation_proofs(co):
+    """Review 3d: a local user of a peer's host may spend the peer's endpoint and
+    candidate budget (any process there speaks as the peer); the late proofs of
+    the peer's rotation do not draw on it. They are bounded another way: kept
+    only for peers that may see the caller, each once."""
+    me = co.store.peer_by_ip(IPS["developer1"])
+    other = co.store.peer_by_ip(IPS["developer2"])
+    old = me.public_key
+    new = key()
+    co.store.rotate_key(me.id, new, {})
+    statuses = [call(co, "PUT", "/v1/user/candidates", "developer1", [f"1.2.3.{i}:51820"])[0]
+                for i in range(innernet.PEER_UPDATE_BURST + 3)]
+    assert statuses[-1] == 429                              # the budget is spent
+    status, wanted = call(co, "GET", "/v1/user/rotation-proofs", "developer1")
+    assert status == 200 and other.public_key in wanted[0]["peers"]
+    stranger = key()
+    body = {"old_key": old, "new_key": new,
+            "proofs": {other.public_key: "A" * 43 + "=", stranger: "B" * 43 + "="}}
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body)[0] == 204
+    [(_, _, proofs)] = co.store.rotations(IPS["developer1"])
+    assert proofs == {other.public_key: "A" * 43 + "="}      # the stranger's is not kept
+    rev = co.store.revision
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body)[0] == 204
+    assert co.store.revision == rev                         # nothing new: nothing written
