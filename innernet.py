@@ -7347,6 +7347,14 @@ def user_add_rotation_proofs(co, req):
     if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
                                        for k, v in proofs.items()):
         raise _bad("field 'proofs' must map public keys to proofs")
+    # Made with the peer's private key (the admin proof's MAC): a local user
+    # of its host, who can speak as the peer, cannot plant proofs of its own.
+    header = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
+    if header is None:
+        raise InnernetError(f"late rotation proofs need a {ADMIN_PROOF_HEADER} header (made "
+                            "with the peer's private key, as innernet.py's client does)",
+                            status=403)
+    co.proofs.verify(req.caller.public_key, "POST", req.target, req.raw, header)
     verifiers = set(_proof_verifiers(co, req.caller))
     proofs = {k: v for k, v in proofs.items() if k in verifiers}
     added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
@@ -8599,8 +8607,8 @@ class ApiClient:
 
     def _head(self, method, path, hdrs, data):
         """The request line and headers, with an admin proof where one is due."""
-        if self.proof_key is not None and (path.startswith("/admin/")
-                                           or path == "/user/redeem"):
+        if self.proof_key is not None and (path.startswith("/admin/") or path in (
+                "/user/redeem", "/user/rotation-proofs") and method == "POST"):
             if self._proof_mac is None:
                 self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
                                                                 self.server_key))
@@ -9537,7 +9545,8 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
         f.cfg, f.own_key = settled, public_key(settled.private_key)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(args, iface, f.cfg))
+                                          lacks=server_lacks(args, iface, f.cfg),
+                                          proof_key=f.cfg.private_key)   # late proofs
     proofs_sent = True
     try:
         f.receive(wait)
