@@ -180,7 +180,9 @@ def test_the_server_takes_late_proofs_only_for_the_callers_own_rotation(world):
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import innernet
-api = innernet.ApiClient("10.66.0.1:51820", sys.argv[2])
+conf = sys.argv[4]
+key = innernet.InterfaceConfig.from_toml(open(conf).read(), conf).private_key if conf else None
+api = innernet.ApiClient("10.66.0.1:51820", sys.argv[2], proof_key=key)
 try:
     api.call("POST", "/user/rotation-proofs", json.loads(sys.argv[3]))
     print("accepted")
@@ -189,9 +191,13 @@ except innernet.InnernetError as e:
 """
     with sqlite3.connect(w.db) as db:
         server_key = db.execute("SELECT public_key FROM peers WHERE id = 1").fetchone()[0]
-    out = eve.python(code, ROOT, server_key, json.dumps(forged)).stdout
+    def conf(host, name):
+        return host.path("client", "etc", f"{w.lab.ifname(name)}.conf")
+    out = eve.python(code, ROOT, server_key, json.dumps(forged), conf(eve, "eve")).stdout
     assert out.startswith("refused 404"), out          # not eve's rotation
-    out = bob.python(code, ROOT, server_key, json.dumps(replace)).stdout
+    out = bob.python(code, ROOT, server_key, json.dumps(replace), "").stdout
+    assert out.startswith("refused 403"), out          # bob's address, not bob's key
+    out = bob.python(code, ROOT, server_key, json.dumps(replace), conf(bob, "bob")).stdout
     assert out.startswith("accepted"), out             # bob's, but a kept proof stays
     with sqlite3.connect(w.db) as db:
         assert db.execute("SELECT proofs FROM key_rotations").fetchone()[0] == proofs
