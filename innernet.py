@@ -10840,8 +10840,7 @@ def cmd_add_peer(args):
         net.require(ROUTES_FEATURE)      # innernet's server would drop them silently
     if getattr(args, "static", False):
         net.require(STATIC_FEATURE)      # ... and store an ordinary peer
-    endpoints = [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
-                 if e.strip()] if getattr(args, "server_endpoints", None) else None
+    endpoints = _server_endpoints_flag(args)
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     ip, used = _new_peer_address(args, net, peers, cidr, now)
@@ -10953,10 +10952,19 @@ def cmd_forget_pins(args):
     return 0
 
 
+def _server_endpoints_flag(args):
+    """--server-endpoints (add-peer, reinvite): the list, or None (not given)."""
+    if not getattr(args, "server_endpoints", None):
+        return None
+    return [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
+            if e.strip()]
+
+
 def cmd_reinvite(args):
     """Ours: a new invitation for a peer that has not redeemed its first one."""
     if args.save_config is not None:
         parse_save_path(args.save_config)
+    endpoints = _server_endpoints_flag(args)
     net = open_network(args)
     cidrs, peers = net.cidrs(), _user_peers(net.peers())
     if args.name is not None and args.name in peers and peers[args.name].is_redeemed:
@@ -10967,7 +10975,8 @@ def cmd_reinvite(args):
     expires, save_path = _invitation_options(args, peer.name)
     confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
     invite_key = generate_private_key()
-    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
+    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key,
+                                             endpoints).to_toml(
         INVITATION_HEADER), lambda: net.reinvite(peer, public_key(invite_key),
                                                  int(time.time()) + expires))
     _said_saved(save_path, expires)
@@ -12673,6 +12682,9 @@ def _add_shared_verbs(sub, role):
                    help=f"invitation lifetime (default {DEFAULT_INVITE_EXPIRY})")
     p.add_argument("--save-config", metavar="PATH",
                    help="where to write the invitation (default NAME.toml)")
+    p.add_argument("--server-endpoints", metavar="HOST:PORT,...",
+                   help="every endpoint the server may be at, the primary first (a standby "
+                        "too); the invitation carries them (default: this admin's own list)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "add-cidr", cmd_add_cidr, role, "Add a CIDR to the network's tree.")
     p.add_argument("interface", metavar="INTERFACE")

@@ -128,6 +128,13 @@ def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
     (tmp_path / "x.toml").unlink()
     assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes"]) == 0
     assert (tmp_path / "x.toml").exists()
+    # found by the chaos soak: a re-invitation lost the standby, so the peer
+    # it let in could never fail over; it takes --server-endpoints as add-peer does
+    (tmp_path / "x.toml").unlink()
+    assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes", "--server-endpoints",
+                                 "198.18.0.1:51820,198.18.0.2:51820"]) == 0
+    text = (tmp_path / "x.toml").read_text()
+    assert '"198.18.0.2:51820"' in text, text
 
 
 def _prompting_functions():

@@ -440,7 +440,7 @@ class Soak:
         path = self.active.path(f"{name}-{self.rng.randrange(10**6)}.toml")
         t0 = time.time()
         r = self.admin("reinvite", self.net, "--name", name, "--invite-expires", "1h",
-                       "--save-config", path, "--yes")
+                       "--save-config", path, "--server-endpoints", self.endpoints, "--yes")
         ok = bool(r and r.returncode == 0)
         self.ack("reinvite", f"peer {name}", r, t0)
         self.note("op", f"reinvite {name}", ok, r.stderr if r else "timeout")
