@@ -454,9 +454,9 @@ class Soak:
         t0 = time.time()
         r = self.on_peer(p, "rotate-key", p.ifname, "--yes")
         ok = bool(r and r.returncode == 0)
-        # "... have taken the new key; if fetch fails, run mv ...rotating": the
-        # server may or may not have it
-        unsure = r is None or (r.returncode and ".rotating" in r.stderr)
+        # "... may have taken the new key; the next fetch asks it": the server
+        # may or may not have it (the next sync settles which, settle_rotation)
+        unsure = r is None or (r.returncode and "may have taken the new key" in r.stderr)
         self.ack("rotate-key", f"peer {p.name}", None if unsure else r, t0)
         self.note("op", f"rotate-key {p.name} ({p.kind})", ok, r.stderr if r else "timeout")
 
