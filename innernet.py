@@ -1047,6 +1047,20 @@ def instance_lock(path, what):
     return f
 
 
+@contextlib.contextmanager
+def file_lock(path, wait=True):
+    """An exclusive flock on an existing file (``rotate-key`` and the sync's
+    look at an interrupted rotation on the interface's config); yields False
+    when ``wait`` is off and another process holds it."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def require_removable(paths):
     """Fail before changing anything when an existing file cannot be deleted."""
     for path in paths:
@@ -9602,6 +9616,14 @@ def settle_rotation(args, iface, cfg, backend):
     pending = path + ".rotating"
     if not os.path.exists(pending):
         return cfg
+    with file_lock(path, wait=False) as mine:
+        # not while a `rotate-key` waits for its answer (it holds the lock)
+        return _settle_rotation(args, iface, cfg, backend, path, pending) if mine else cfg
+
+
+def _settle_rotation(args, iface, cfg, backend, path, pending):
+    if not os.path.exists(pending):
+        return cfg
     try:
         new = InterfaceConfig.from_toml(read_text(pending), pending)
     except InnernetError:
@@ -11944,6 +11966,12 @@ def cmd_rotate_key(args):
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
+    # An earlier rotation whose answer was lost first: its key may be the server's.
+    cfg = settle_rotation(args, iface, cfg, backend)
+    if os.path.exists(client_config_path(args, iface) + ".rotating"):
+        raise InnernetError("an earlier key rotation is not settled yet: the server does not "
+                            "answer", hint=f"run 'innernet rotate-key {iface}' again when it "
+                                           "does (the next fetch settles it too)")
     peers, _, _ = load_data_store(data_store_path(args, iface))
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
@@ -11955,7 +11983,27 @@ def cmd_rotate_key(args):
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
     path = client_config_path(args, iface)
+    with file_lock(path):            # a sync leaves the pending key alone meanwhile
+        said = _post_rotation(args, iface, cfg, path, new_private, proofs)
+    since = time.time()
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
+    backend.apply(iface, private_key=new_private)
+    server = server_peer_update(cfg)
+    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
+        warn("no handshake with the server under the new key yet")
+    for p in peers:                 # each peer's new session starts at once, not in 5 s
+        if not p.is_disabled and p.public_key != own:
+            trigger_packet(p.ip)
+    _say_rotated(iface, cfg, said, verifiers, new_public)
+    return 0
+
+
+def _post_rotation(args, iface, cfg, path, new_private, proofs):
+    """The new key to the server, written first to ``<config>.rotating`` and
+    moved over the config once the server took it; the server's answer."""
     pending = path + ".rotating"
+    new_public = public_key(new_private)
     with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
         os.unlink(fast_file_path(_dirs(args, False)[1], iface))
     # The new key is on disk before the server hears of it.
@@ -11984,18 +12032,7 @@ def cmd_rotate_key(args):
     except OSError as e:
         raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
                             hint="move it by hand: the server has the new key") from None
-    since = time.time()
-    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
-    backend.apply(iface, private_key=new_private)
-    server = server_peer_update(cfg)
-    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
-        warn("no handshake with the server under the new key yet")
-    for p in peers:                 # each peer's new session starts at once, not in 5 s
-        if not p.is_disabled and p.public_key != own:
-            trigger_packet(p.ip)
-    _say_rotated(iface, cfg, said, verifiers, new_public)
-    return 0
+    return said
 
 
 def _say_rotated(iface, cfg, said, verifiers, new_public):

@@ -430,6 +430,23 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
     r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
     assert r.returncode == 0 and "never reached the server" in r.stderr, r.stderr
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+    # a lost answer again, then a rotate-key (not a fetch): it settles the first
+    # one before it makes its own, so the key the server holds is never dropped
+    a.innernet("rotate-key", ifname, "--yes")
+    third = open(conf).read()
+    innernet.atomic_write(conf, new, 0o600)
+    innernet.atomic_write(conf + ".rotating", third, 0o600)
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(new, conf).private_key
+                          + "\n", 0o600)
+    a.exec(["wg", "set", ifname, "private-key", keyfile])
+    r = a.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
+    assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
+    fourth = innernet.InterfaceConfig.from_toml(open(conf).read(), conf).private_key
+    assert fourth not in [innernet.InterfaceConfig.from_toml(t, conf).private_key
+                          for t in (third, new)] and not os.path.exists(conf + ".rotating")
+    b.innernet("fetch", w.lab.ifname("b"), "--no-write-hosts")
+    seen = device_peer_ips(b, w.lab.ifname("b"))[str(ip)]
+    assert seen["public_key"] == innernet.public_key(fourth)
 
 
 # -- review 3b, 3c: what an admin took away from the interface --------------------
