@@ -120,7 +120,7 @@ class Soak:
         self.server_ok_since = None
         self.server_dev_bad_since = None
         self.lab = None
-        self.replica_n = 0
+        self.replica_n, self.replica = 0, None
         self.assoc = False
         self.names = 0
         self.pending_invites = {}   # name -> invitation path (never joined)
@@ -196,9 +196,14 @@ class Soak:
     def db_path(self):
         return self.active.path("server", "lib", f"{self.net}.db")
 
-    def start_serve(self):
-        self.replica_n += 1
-        self.replica = os.path.join(self.lab.tmp, f"replica{self.replica_n}")
+    def start_serve(self, fresh=True):
+        """serve --replicate: to a new replica on a new host (the README's
+        URL2 after a failover); a restart on the same host (systemd's
+        Restart=, the same ExecStart) keeps replicating to the same one, so
+        the replica is never empty while Litestream's first snapshot is due."""
+        if fresh or self.replica is None:
+            self.replica_n += 1
+            self.replica = os.path.join(self.lab.tmp, f"replica{self.replica_n}")
         self.serve = start_serve(self.active, self.net, "--replicate", "file://" + self.replica)
         self.server_ok_since = time.monotonic()
 
@@ -590,7 +595,7 @@ class Soak:
         with self.serve_lock:
             self.server_ok_since = None
             try:
-                self.start_serve()
+                self.start_serve(fresh=why == "failover")
                 self.note("systemd", f"serve restarted on {self.active.name} ({why})")
             except AssertionError as e:
                 self.violate("error", "serve", f"serve did not start again ({why}): {e}; "
