@@ -12988,6 +12988,28 @@ def cmd_completions(args):
     return 0
 
 
+def _flush_stdout():
+    """Flush stdout now, so that a closed pipe (show | head) is found here,
+    not at exit: a reader that is gone has what it wanted, and what is left
+    to write goes to /dev/null. False if the reader was gone."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def _parse(parser, argv):
+    """parser.parse_args; its --help, too, may meet a closed pipe."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        _flush_stdout()
+        raise
+
+
 def main(argv=None, server_mode=None):
     """Parse, run one verb, turn InnernetError into a message and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -13003,21 +13025,19 @@ def main(argv=None, server_mode=None):
         print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
               f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
         with contextlib.suppress(OSError):
             args.invocation = invocation(argv, os.environ, os.getcwd())
     set_verbosity(getattr(args, "verbose", 0) or 0)
     _Prompts.yes = getattr(args, "yes", False) is True
     if args.func is None:
-        parser.parse_args(argv + ["--help"])
+        _parse(parser, argv + ["--help"])
     try:
         code = args.func(args) or 0
-        sys.stdout.flush()            # a closed pipe (show | head) is found here, not at exit
-        return code
+        return code if _flush_stdout() else EXIT_OK
     except BrokenPipeError:           # the reader has what it wanted
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _flush_stdout()
         return EXIT_OK
     except InnernetError as e:
         _emit(f"{prog}: error: {e.message}", 3, stamp=False)

@@ -30,6 +30,23 @@ def test_exit_code_of_failing_command_propagates(pyz, tmp_path):
     assert r.returncode == 2
 
 
+def test_output_into_a_closed_pipe_exits_0_quietly(pyz, tmp_path):
+    """`innernet.pyz list | head -1`: a reader that has what it wanted (or
+    is gone before the first write) is no error, and nothing is printed."""
+    base = BARE + [pyz, "-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    for argv in (["list"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)                                  # gone before the first write
+        r = subprocess.run(base + argv, stdout=write, stderr=subprocess.PIPE, timeout=60)
+        os.close(write)
+        assert (r.returncode, r.stderr) == (0, b""), (argv, r.stderr)
+        p = subprocess.Popen(base + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = p.stdout.readline()                     # head -1
+        p.stdout.close()
+        err = p.stderr.read()
+        assert (p.wait(timeout=60), err) == (0, b"") and first, (argv, err)
+
+
 def test_server_verbs_without_pynacl_or_pyroute2_installed(pyz, tmp_path):
     base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
     assert run(pyz, *base, "new", "--network-name", "n", "--network-cidr", "10.7.0.0/16",
