@@ -2510,11 +2510,6 @@ def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
     return cidr_descendants(cidrs, start)
 
 
-def visible_peers(peers, cidrs, associations, me):
-    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
-    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
-
-
 def peers_in_view(peers, view):
     """The redeemed, enabled peers in the CIDRs whose ids are ``view``."""
     return [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]

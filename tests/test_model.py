@@ -5,8 +5,8 @@ import pytest
 
 from innernet import (Association, Cidr, DevicePeer, InnernetError, Peer, check_new_cidr,
                       check_new_peer, cidr_tree_lines, diff_peers, generate_private_key,
-                      is_assignable, merge_pinned, next_free_ip, public_key, visible_cidr_ids,
-                      visible_peers)
+                      is_assignable, merge_pinned, next_free_ip, peers_in_view, public_key,
+                      visible_cidr_ids)
 
 # innernet's server test fixture (server/src/test.rs)
 CIDRS = [Cidr(1, "test", "10.80.0.0/15", None), Cidr(2, "innernet-server", "10.80.0.1/32", 1),
@@ -27,6 +27,11 @@ PEERS = [peer(1, "innernet-server", "10.80.0.1", 2, is_admin=True),
          peer(2, "admin", "10.80.1.1", 3, is_admin=True), peer(3, "developer1", "10.80.64.2", 4),
          peer(4, "developer2", "10.80.64.3", 4), peer(5, "user1", "10.80.128.2", 5),
          peer(6, "user2", "10.80.129.2", 5)]
+
+
+def visible_peers(peers, cidrs, associations, me):
+    """The peers ``me`` may talk to, as the server's state views find them."""
+    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
 
 
 def names(peers):
