@@ -11637,9 +11637,9 @@ def cmd_server_serve(args):
         dns.start(co.stop)
         log(f"answering DNS for {co.views.dns_zone_name} on "
             f"{format_endpoint(str(config.address), dns.port)}")
-    hub, relaying = co.hub, None
-    if hub is not None:
-        relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
+    relaying = None
+    if co.hub is not None:
+        relaying = threading.Thread(target=co.hub.run, args=(co.stop,), daemon=True)
         relaying.start()
 
     def stop(signum, frame):
@@ -11648,29 +11648,52 @@ def cmd_server_serve(args):
     threading.Thread(target=lambda: co.device_gone.wait() and httpd.shutdown(),
                      daemon=True).start()
     log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
+    steps = _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock)
     try:
         httpd.serve_forever(poll_interval=0.5)
         if co.device_gone.is_set():
             raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
                                 "exiting so that the service manager starts serve again",
                                 hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
-    finally:
-        co.stop.set()
-        httpd.server_close()
-        if replicator is not None:
-            replicator.close()
-        if scrape is not None:
-            scrape.shutdown()
-            scrape.server_close()
-        if dns is not None:
-            dns.close()
-        if co.device.relay is not None:  # no forwarding without the server that filters it
-            co.device.relay.remove()
-        if relaying is not None:
-            relaying.join(3)
-            hub.close()
-        lock.close()
+    except BaseException:
+        tear_down(steps)
+        raise
+    failed = tear_down(steps)
+    if failed is not None:
+        raise failed
     return 0
+
+
+def _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock):
+    """What stops a serve, as (what, how) steps for tear_down, each on its own."""
+    steps = [("the background work", co.stop.set), ("the API server", httpd.server_close)]
+    if co.device.relay is not None:  # no forwarding without the server that filters it
+        steps.append(("the static peers' forwarding", co.device.relay.remove))
+    if replicator is not None:
+        steps.append(("Litestream", replicator.close))
+    if scrape is not None:
+        steps += [("the metrics endpoint", scrape.shutdown),
+                  ("the metrics endpoint's socket", scrape.server_close)]
+    if dns is not None:
+        steps.append(("the DNS service", dns.close))
+    if relaying is not None:
+        steps += [("the relay", lambda: relaying.join(3)), ("the relay's sockets", co.hub.close)]
+    steps.append(("the instance lock", lock.close))
+    return steps
+
+
+def tear_down(steps):
+    """Run every step, each in its own try: one failing (a Litestream that
+    will not stop) must not leave the others undone (forwarding on). Failures
+    are warned about; the first is returned."""
+    first = None
+    for what, step in steps:
+        try:
+            step()
+        except Exception as e:           # noqa: BLE001 -- the next step runs regardless
+            warn(f"stopping {what} failed: {e}")
+            first = first or e
+    return first
 
 
 def _serve_store(args, iface, db_path):
