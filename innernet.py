@@ -1573,7 +1573,7 @@ def local_networks(links=None):
 
 
 def local_addresses(exclude=(), links=None):
-    """Addresses worth reporting as NAT candidates (spec §6.3), at most 10."""
+    """Addresses worth reporting as NAT candidates, at most 10, as innernet reports them."""
     found = [n.ip for n in local_networks(links)]
     result = []
     for ip in found:
@@ -2495,7 +2495,7 @@ def cidr_descendants(cidrs, roots):
 
 
 def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
-    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
+    """CIDRs whose peers a peer in ``cidr_id`` may see, by innernet's rule.
 
     Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
     or any ancestor of it -- each with all descendants.
@@ -2541,7 +2541,7 @@ def leaf_cidrs(cidrs):
 
 
 def check_new_cidr(cidrs, peers, contents):
-    """Validate a CIDR to be created under its parent (spec §5.4)."""
+    """Validate a CIDR to be created under its parent, by innernet's rules."""
     if not is_hostname(contents.name):
         raise _bad(f"invalid CIDR name {contents.name!r}")
     net = parse_network(contents.cidr)
@@ -2581,7 +2581,7 @@ def invitation_expired(p, now):
 
 
 def is_assignable(ip, net):
-    """May a peer have this address in this CIDR? (spec §5.5)"""
+    """May a peer have this address in this CIDR? (innernet's rule)"""
     ip = ipaddress.ip_address(ip)
     if ip.version != net.version or ip not in net:
         return False
@@ -2593,7 +2593,7 @@ def is_assignable(ip, net):
 
 
 def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
-    """Validate a peer to be created (spec §5.5). Constraints back this up.
+    """Validate a peer to be created, by innernet's rules. Constraints back this up.
 
     ``quarantined`` maps addresses of deleted peers to their Deletion: those
     are refused until its reuse_after, so no client sees a known address
@@ -2812,7 +2812,7 @@ def refuse_quarantined(received, stored, deleted, now, floor):
 
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
                  waiting=()):
-    """Update the client's cached peers with the server's list (spec §8.2).
+    """Update the client's cached peers with the server's list, as innernet's client does.
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
     different key is refused. Pins outlive what the server sends: a peer the
@@ -3158,7 +3158,7 @@ def _norm_ep(ep):
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
                relayed=(), relay_via=None, network=None):
-    """The updates that turn the device's peers into ``desired`` (spec §8.2).
+    """The updates that turn the device's peers into ``desired``, as innernet's client computes them.
 
     Disabled peers and our own key are not wanted; device peers not wanted
     are removed. Endpoints are only changed for peers without a recent
@@ -3315,7 +3315,7 @@ LOCAL_HOSTNAMES = frozenset((
 
 
 def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP, as innernet writes them; bare names
     (suffix '') never one of LOCAL_HOSTNAMES."""
     suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
@@ -7548,7 +7548,7 @@ class MetricsEndpoint:
 
 
 def inject_endpoint(peer, observed):
-    """What others are told about a peer's endpoint (spec §6.2)."""
+    """What others are told about a peer's endpoint, as innernet's server tells it."""
     ep = peer.endpoint
     if ep is None:
         ep = observed
@@ -9716,7 +9716,7 @@ def fetch_interface(args, iface, by="fetch", **kw):
 
 def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=0,
                    traverse="changed", record=False, dns=False):
-    """One sync of a client interface with its server (spec §8.1).
+    """One sync of a client interface with its server, in innernet's order.
 
     With a cached ETag the server answers 304 when nothing changed; then no
     device, data store or hosts-file write happens. ``wait`` > 0 asks the
