@@ -137,3 +137,17 @@ def test_pip_install_gives_both_commands(tmp_path):
                         "import nacl.bindings, pyroute2.iproute, innernet; "
                         "print(innernet.key_backend())"], capture_output=True, text=True)
     assert r.stdout.strip() == "pynacl", r.stderr
+
+
+def test_man_pages_list_global_options_once(tmp_path):
+    """debian/gen-docs.py: the global options (and --help) once, not under
+    every verb; a verb's own options are all there."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "debian", "gen-docs.py"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    client = (tmp_path / "innernet.8").read_text()
+    server = (tmp_path / "innernet-server.8").read_text()
+    for page in (client, server):
+        assert page.count("\\fB\\-\\-config\\-dir\\fR") == 1
+        assert page.count("\\fB\\-\\-help\\fR") <= 2           # the list, and the sentence
+    assert "\\fB\\-\\-delete\\-invite\\fR" in client and "\\fB\\-\\-audit\\-keep\\fR" in server
