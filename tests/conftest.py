@@ -34,7 +34,7 @@ COUNTS = {}
 @pytest.fixture
 def co(tmp_path):
     """innernet's server test fixture (spec §10.1) as a Coordinator on a real SQLite file."""
-    from test_api import make_coordinator
+    from helpers import make_coordinator
     return make_coordinator(tmp_path)
 
 

@@ -4,7 +4,6 @@ The Coordinator is driven without a WireGuard device (backend=None): these
 tests cover routing, roles, validation and JSON shapes. The end-to-end tests
 drive the same API over real tunnels.
 """
-import contextlib
 import http.client
 import sqlite3
 import json
@@ -15,89 +14,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, Coordinator, Peer, ServerConfig, Store
-
-ENDPOINTS = {"developer1": "169.10.26.8:14720", "developer2": "169.55.140.9:5833"}
-IPS = {"innernet-server": "10.80.0.1", "admin": "10.80.1.1", "developer1": "10.80.64.2",
-       "developer2": "10.80.64.3", "user1": "10.80.128.2", "user2": "10.80.129.2"}
-
-
-def key():
-    return innernet.public_key(innernet.generate_private_key())
-
-
-@pytest.fixture
-def co(tmp_path):
-    return make_coordinator(tmp_path)
-
-
-def make_coordinator(tmp_path):
-    """innernet's server test fixture (spec §10.1) on a real SQLite file."""
-    server_key = innernet.generate_private_key()
-    store = Store(str(tmp_path / "test.db"), create=True)
-    store.create_network("test", innernet.parse_network("10.80.0.0/15"),
-                         innernet.parse_ip("10.80.0.1"), innernet.public_key(server_key),
-                         "155.155.155.155:54321")
-    for name, cidr in (("admin", "10.80.1.0/24"), ("developer", "10.80.64.0/24"),
-                       ("user", "10.80.128.0/17")):
-        store.add_cidr(Cidr(None, name, cidr, 1))
-    for name, cidr_id in (("admin", 3), ("developer1", 4), ("developer2", 4), ("user1", 5),
-                          ("user2", 5)):
-        store.add_peer(Peer(None, name, IPS[name], cidr_id, key(), is_admin=name == "admin",
-                            is_redeemed=True))
-    c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
-    c.redeems.hold_time = 0.01     # unproved redemptions: not 3 s per test (test_admin_proof)
-    for p in store.peers():
-        if p.name in ENDPOINTS:
-            c.device.observed[p.public_key] = ENDPOINTS[p.name]
-    return c
-
-
-@contextlib.contextmanager
-def serve_on_loopback(co):
-    """The real HTTP server for ``co`` on 127.0.0.1, its peers moved to 127.1.0.<id>
-    (a client binding that source address is that peer); yields the port."""
-    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.gate.local_callers = True
-    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def cli_network(tmp_path, capsys):
-    """A network 'evil' with CIDR 'h' made by the server CLI; returns its argv base."""
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
-    capsys.readouterr()
-    return base
-
-
-def call(co, method, path, who="admin", body=None, *, ip=None, headers=None, raw=None):
-    hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
-    hdrs.update(headers or {})
-    hdrs = {k: v for k, v in hdrs.items() if v is not None}
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    err = None if data is not None else "missing Content-Length header"
-    resp = co.handle(method, path, hdrs, ip or IPS[who], data, err)
-    payload = resp.raw if resp.raw is not None else (
-        None if resp.body is None else json.dumps(resp.body).encode())
-    return resp.status, (json.loads(payload) if payload else None)
-
-
-def peer_contents(name, ip, cidr_id, **kw):
-    """A PeerContents body as innernet's client sends it."""
-    d = {"name": name, "ip": ip, "cidr_id": cidr_id, "public_key": key(), "endpoint": None,
-         "persistent_keepalive_interval": None, "is_admin": False, "is_disabled": False,
-         "is_redeemed": False, "invite_expires": None, "candidates": []}
-    d.update(kw)
-    return d
+from helpers import IPS, call, key, make_coordinator, old_database, peer_contents
 
 
 # -- authentication (tests 2-4, 29) -------------------------------------------
@@ -526,7 +443,6 @@ def test_error_statuses_of_section_3_4(co, tmp_path):
 
 @pytest.mark.parametrize("version", [0, 1, 2])
 def test_innernet_databases_are_served_after_migration(tmp_path, version):
-    from test_store import old_database
     path = tmp_path / "old.db"
     old_database(path, version)
     rows_before = sqlite3.connect(str(path)).execute("SELECT id, name, ip FROM peers").fetchall()

@@ -1,5 +1,6 @@
 """The artifact: innernet.pyz as users run it, with a bare Python."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -105,9 +106,13 @@ def test_vendored_pyroute2_imports_from_the_archive(pyz):
 def test_pip_install_gives_both_commands(tmp_path):
     """`pip install .` (from PyPI: setuptools, PyNaCl, pyroute2) makes innernet and
     innernet-server commands that work."""
-    venv = tmp_path / "venv"
+    venv, src = tmp_path / "venv", tmp_path / "src"
+    # from a copy: pip writes its egg-info into the source, which any user may run
+    # the tests from without write access to (tests/test_suite.py runs them as nobody)
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "tests", "bench", "__pycache__", "*.pyz", "*.egg-info", "build"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", ROOT], capture_output=True,
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([str(venv / "bin" / "innernet"), "--version"], capture_output=True,

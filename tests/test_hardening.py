@@ -17,7 +17,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
+from helpers import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
 
 
 def key():

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import innernet
-from test_api import call, cli_network, make_coordinator
+from helpers import call, cli_network, make_coordinator
 
 
 def run(base, capsys, *args):
