@@ -35,7 +35,8 @@ def key():
 
 
 def make_coordinator(tmp_path):
-    """innernet's server test fixture (spec §10.1) on a real SQLite file."""
+    """innernet's server test fixture (server/src/test.rs in innernet's repository) on a real
+    SQLite file."""
     server_key = innernet.generate_private_key()
     store = Store(str(tmp_path / "test.db"), create=True)
     store.create_network("test", innernet.parse_network("10.80.0.0/15"),

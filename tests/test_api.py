@@ -1,4 +1,5 @@
-"""The HTTP API, against innernet's server test fixture (spec §10.1, §10.2).
+"""The HTTP API, against innernet's server test fixture (server/src/test.rs in
+innernet's repository) and the behaviours its server tests check.
 
 The Coordinator is driven without a WireGuard device (backend=None): these
 tests cover routing, roles, validation and JSON shapes. The end-to-end tests
@@ -17,7 +18,7 @@ from innernet import Cidr, Coordinator, Peer, ServerConfig, Store
 from helpers import IPS, call, key, make_coordinator, old_database, peer_contents
 
 
-# -- authentication (tests 2-4, 29) -------------------------------------------
+# -- authentication (as innernet's server tests) -------------------------------
 
 def test_proxy_headers_never_grant_identity(co):
     for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
@@ -47,7 +48,7 @@ def test_unknown_ip_gets_401_and_bad_paths_404(co):
     assert call(co, "GET", "/v1/user/state")[0] == 200
 
 
-# -- associations and CIDRs (tests 5-13) ---------------------------------------
+# -- associations and CIDRs (as innernet's server tests) -----------------------
 
 def test_associations(co):
     assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 1, "cidr_id_2": 2}) \
@@ -119,7 +120,7 @@ def test_a_cidr_update_refuses_what_it_would_ignore(co):
                 body={"name": "devs", "cidr": "10.80.64.0/24", "parent": 1})[0] == 204
 
 
-# -- peers (tests 14-26) ---------------------------------------------------------
+# -- peers (as innernet's server tests) ----------------------------------------
 
 def test_admin_adds_peer(co):
     body = peer_contents("developer3", "10.80.64.4", 4)
@@ -161,7 +162,7 @@ def test_admin_renames_lists_and_disables(co):
     assert call(co, "GET", "/v1/user/state", "user1")[0] == 401       # disabled peer
 
 
-# -- user routes (tests 27-34) ---------------------------------------------------
+# -- user routes (as innernet's server tests) ----------------------------------
 
 def test_state_is_visibility_plus_all_cidrs(co):
     status, state = call(co, "GET", "/v1/user/state", "developer1")
@@ -385,7 +386,7 @@ ROUTES = [  # method, path, body, minimum role
     ("POST", "/v1/admin/apply", "document", "admin"),
 ]
 
-ALLOWED = {  # role of the route -> callers that may use it (spec §3.2)
+ALLOWED = {  # role of the route -> callers that may use it (innernet's)
     "any": {"unredeemed", "user", "admin", "new-admin"},
     "unredeemed": {"unredeemed", "new-admin"},
     "user": {"user", "admin"},
