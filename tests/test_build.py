@@ -110,7 +110,7 @@ def test_pip_install_gives_both_commands(tmp_path):
     # from a copy: pip writes its egg-info into the source, which any user may run
     # the tests from without write access to (tests/test_suite.py runs them as nobody)
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "tests", "bench", "__pycache__", "*.pyz", "*.egg-info", "build"))
+        ".*", "tests", "bench", "debian", "__pycache__", "*.pyz", "*.egg-info", "build"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], capture_output=True,
                        text=True, timeout=600)

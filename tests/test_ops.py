@@ -201,7 +201,9 @@ def test_since_takes_durations_dates_and_unix_seconds():
 
 
 def parse_metrics(text):
-    from prometheus_client.parser import text_string_to_metric_families
+    parser = pytest.importorskip("prometheus_client.parser", reason="needs prometheus_client to "
+                                 "read the metrics (tests/run.sh installs it)")
+    text_string_to_metric_families = parser.text_string_to_metric_families
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
