@@ -125,3 +125,17 @@ def test_pip_install_gives_both_commands(tmp_path):
                         "import nacl.bindings, pyroute2.iproute, innernet; "
                         "print(innernet.key_backend())"], capture_output=True, text=True)
     assert r.stdout.strip() == "pynacl", r.stderr
+
+
+def test_the_man_pages_list_each_global_option_once_and_every_verb(tmp_path):
+    """debian/gen-docs.py: the option reference the README leaves to the man
+    pages, with the global options once rather than under every verb."""
+    subprocess.run([sys.executable, os.path.join(ROOT, "debian", "gen-docs.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    for prog, verbs in (("innernet", ("install", "fetch", "add-peer", "rotate-key")),
+                        ("innernet-server", ("new", "serve", "restore", "apply"))):
+        page = (tmp_path / f"{prog}.8").read_text()
+        for option in (r"\-\-config\-dir", r"\-\-data\-dir", r"\-\-backend", r"\-\-mtu"):
+            assert page.count(f"\\fB{option}\\fR") == 1, (prog, option)
+        for verb in verbs:
+            assert f"\n.SS {verb.replace('-', chr(92) + '-')}" in page, (prog, verb)

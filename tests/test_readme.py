@@ -62,7 +62,7 @@ def test_the_backup_command_copies_a_database_the_server_then_reads(tmp_path, ca
 
     import innernet
     from helpers import cli_network
-    base = cli_network(tmp_path, capsys)
+    cli_network(tmp_path, capsys)
     ops = readme().split("\n### Backup and restore\n", 1)[1].split("\n### ", 1)[0]
     block = re.search(r"```sh\n(.*?)```", ops, re.S).group(1).replace("\\\n", " ")
     (line,) = [x for x in block.splitlines() if x.startswith("python3 -c")]
