@@ -109,7 +109,7 @@ def test_atomic_write_modes_and_exclusive(tmp_path):
     assert os.listdir(tmp_path) == ["secret"]            # no temporary left behind
 
 
-# -- hosts (spec §8.3, innernet tests 41-42) --------------------------------------
+# -- hosts (innernet's hosts-file section and its tests) -----------------------
 
 def test_hosts_section_added_replaced_and_unchanged(tmp_path):
     path = str(tmp_path / "hosts")

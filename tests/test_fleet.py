@@ -112,7 +112,7 @@ def test_a_second_down_of_an_installed_network_exits_0(tmp_path, monkeypatch, ca
 
 
 def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
-    from test_cli import rows
+    from helpers import rows
     monkeypatch.chdir(tmp_path)
     base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
     assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",

@@ -17,7 +17,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
+from helpers import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
 
 
 def key():
@@ -666,6 +666,6 @@ def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
     assert innernet.HostsOptions.from_args(args).resolve() == (None, None)
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "README.md")).read()
-    quick = readme.split("\n## Use it\n", 1)[1].split("\n### ", 1)[0]
+    quick = readme.split("\n## Quick start\n", 1)[1].split("\n### ", 1)[0]
     assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
         " ".join(quick.split())

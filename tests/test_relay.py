@@ -12,7 +12,7 @@ import pytest
 
 import innernet
 from innernet import Peer, PathMemo, RelayHub
-from test_api import IPS, call
+from helpers import IPS, call
 
 
 def keypair():

@@ -8,7 +8,7 @@ import pytest
 
 import innernet
 from innernet import EXIT_ROUTES, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator
+from helpers import IPS, call, cli_network, make_coordinator
 
 ROUTE_ERRORS = {
     "192.168.10.1/24": "has host bits set (did you mean 192.168.10.0/24?)",
