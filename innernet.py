@@ -4930,7 +4930,7 @@ def _db_error(e, path):
 class Store:
     """The network in SQLite: CIDRs, peers, associations."""
 
-    def __init__(self, path, *, create=False):
+    def __init__(self, path, *, create=False, audit_keep=AUDIT_KEEP, write_timer=None):
         self.path = path
         if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
@@ -4962,8 +4962,8 @@ class Store:
                                      "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
-        self.audit_keep = AUDIT_KEEP   # seconds the audit log keeps a row
-        self.write_timer = None        # called with each commit's seconds (metrics)
+        self.audit_keep = audit_keep   # seconds the audit log keeps a row
+        self.write_timer = write_timer  # called with each commit's seconds (metrics), or None
         self.listeners = []        # called after each commit
         if create:
             with self.write() as c:
@@ -7994,9 +7994,9 @@ class StateViews:
     """What each caller may see, as bodies cached per view and revision, and
     the long polls that wait for one to change."""
 
-    def __init__(self, store, device, gate, stop):
+    def __init__(self, store, device, gate, stop, changed, dns_zone_name=None):
         self.store, self.device, self.gate, self.stop = store, device, gate, stop
-        self.dns_zone_name = None            # "NET.wg" when serve answers DNS
+        self.dns_zone_name = dns_zone_name   # "NET.wg" when serve answers DNS
         self.long_polls = 0                  # requests waiting in wait_for_change now
         self._state_cache: dict[object, tuple] = {}
         self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
@@ -8004,7 +8004,7 @@ class StateViews:
         self._cache_lock = threading.Lock()
         # Long polls wait on this; it is notified whenever what a peer may see
         # can have changed: a commit, a CLI edit, a newly observed endpoint.
-        self.changed = threading.Condition()
+        self.changed = changed
         self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
         self.cache_enabled = True
         import collections
@@ -8220,28 +8220,37 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         return fn(co, Request(caller, data, rid, headers, query, target, body))
 
 
+def notifier(condition):
+    """A callable that wakes everything waiting on ``condition``."""
+    def notify():
+        with condition:
+            condition.notify_all()
+    return notify
+
+
 class Coordinator:
     """The running server: its store and the parts that do its work -- the
     device, key swaps, callers, state views -- and its periodic chores."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False):
+                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone=None,
+                 status_path=None, metrics=None, replication=None):
         self.store, self.config, self.ifname = store, config, ifname
         self.public_key = public_key(config.private_key)
         self.hosts_path, self.host_suffix = hosts_path, host_suffix
-        self.metrics = None                  # Metrics, with serve --metrics
-        self.status_path = None              # where tick() leaves what `status` shows
+        self.metrics = metrics               # Metrics, with serve --metrics
+        self.status_path = status_path       # where tick() leaves what `status` shows
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
         self.device_gone = threading.Event()  # serve exits: its unit brings it back
-        self.replication = None               # () -> what `status` says of replication
+        self.replication = replication        # () -> what `status` says of replication
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.proofs = AdminProofs(store, config.private_key)
-        self.views = StateViews(store, None, self.gate, self.stop)
+        changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 self.views.signal)
-        self.views.device = self.device
+                                 notifier(changed))
+        self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
         store.listeners.append(self.views.signal)
@@ -9768,9 +9777,9 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
         os.unlink(files.fast_record)          # only a sync that completes leaves one
     if opts.no_nat_traversal:
         traverse = None
-    f = _Fetch(files, opts, current_server(files, load_client_config(files)))
-    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
-                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
+    f = _Fetch(files, opts, current_server(files, load_client_config(files)),
+               {(w.get("ip"), w.get("new_key")): w for w in
+                prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
@@ -9823,15 +9832,16 @@ def _unreachable_hint(f):
 class _Fetch:
     """One fetch_interface run, step by step: what it read, decided and did."""
 
-    def __init__(self, files, opts, cfg):
+    def __init__(self, files, opts, cfg, prev_pending):
         self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
+        self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
-        self.pending, self.prev_pending = [], {}
+        self.pending = []
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -11686,14 +11696,14 @@ def _fixed_mmap_threshold():
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
-    hosts_path, suffix = HostsOptions.from_args(args).resolve()     # bad flags fail before anything is touched
+    hosts = HostsOptions.from_args(args).resolve()   # bad flags fail before anything is touched
     config = load_server_config(server_dirs(args), iface)
     _fixed_mmap_threshold()
     set_timestamps(True)
     db_path = server_paths(args, iface)[1]
-    store, lock, replicator = _serve_store(args, iface, db_path)
-    co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
-    co.replication = replicator and replicator.describe
+    metrics = Metrics() if getattr(args, "metrics", None) else None
+    store, lock, replicator = _serve_store(args, iface, db_path, metrics)
+    co = _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator)
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None
@@ -11767,16 +11777,15 @@ def tear_down(steps):
     return first
 
 
-def _serve_store(args, iface, db_path):
+def _serve_store(args, iface, db_path, metrics):
     """(store, the lock only one serve holds, Replicator or None)."""
     keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
     replicate = getattr(args, "replicate", None)
     if replicate:
         litestream_config(db_path, replicate, 1)           # a bad URL fails first
         litestream_binary()
-    store = Store(db_path)
-    if keep is not None:
-        store.audit_keep = keep
+    store = Store(db_path, audit_keep=AUDIT_KEEP if keep is None else keep,
+                  write_timer=metrics and metrics.db_write)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     replicator = None
     if replicate:
@@ -11786,9 +11795,10 @@ def _serve_store(args, iface, db_path):
     return store, lock, replicator
 
 
-def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
+def _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator):
     """The Coordinator `serve` runs: the device up and in sync, the relays
     made (unless --no-relay), the server's own candidates stored."""
+    hosts_path, suffix = hosts
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
     if not getattr(args, "no_relay", False):
@@ -11798,9 +11808,10 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
         else:
             warn("nft (nftables) not found: static peers cannot reach other peers")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
-    co.views.dns_zone_name = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
-    co.status_path = db_path[:-3] + ".status.json"
+                     host_suffix=suffix, relay=relay, hub=hub,
+                     dns_zone=None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg"),
+                     status_path=db_path[:-3] + ".status.json", metrics=metrics,
+                     replication=replicator and replicator.describe)
     co.device.sync()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -11812,11 +11823,9 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
 
 def _serve_metrics(args, co):
     """The --metrics endpoint, serving in a thread; None without the flag."""
-    if not getattr(args, "metrics", None):
+    if co.metrics is None:
         return None
     host, port = args.metrics
-    co.metrics = Metrics()
-    co.store.write_timer = co.metrics.db_write
     scrape = make_api_server(MetricsEndpoint(co), host, port)
     threading.Thread(target=scrape.serve_forever, daemon=True).start()
     log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
