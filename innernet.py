@@ -4964,7 +4964,7 @@ class Store:
         self.revision = 0          # bumped by every write made through this object
         self.audit_keep = audit_keep   # seconds the audit log keeps a row
         self.write_timer = write_timer  # called with each commit's seconds (metrics), or None
-        self.listeners = []        # called after each commit
+        self.listeners = []        # called after each commit (changed)
         if create:
             with self.write() as c:
                 for stmt in SCHEMA.split(";"):
@@ -4996,9 +4996,10 @@ class Store:
                                 hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
-    def write(self, quiet=False):
+    def write(self, quiet=False, device=False):
         """One transaction; constraint violations become 400 errors. A ``quiet``
-        one changes nothing a peer sees: no new revision, no listeners."""
+        one changes nothing a peer sees: no new revision, no listeners.
+        ``device``: it changes what the server's device holds (changed())."""
         with self.lock:
             started = time.monotonic()
             try:
@@ -5025,8 +5026,15 @@ class Store:
             self.revision += 1
             if self.write_timer is not None:
                 self.write_timer(time.monotonic() - started)
-            for listener in self.listeners:
-                listener()
+        self.changed(device)
+
+    def changed(self, device=False):
+        """The one way a change propagates: every listener is called with
+        ``device`` (whether the server's device must follow), after each
+        commit here and when another process's commits are noticed. Called
+        outside the lock: a listener may take the device's."""
+        for listener in self.listeners:
+            listener(device)
 
     def _query(self, sql, params=()):
         with self.lock:
@@ -5196,7 +5204,7 @@ class Store:
 
     def add_peer(self, contents, now=None):
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             # An expired invitation gives up its name and address at once (as
             # innernet's sweeper does within 10 s), though it stays re-issuable.
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
@@ -5227,7 +5235,7 @@ class Store:
     def delete_peer(self, peer_id, reuse_after, now=None):
         """Remove a peer; a redeemed one leaves a Deletion that quarantines its address."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old):
                 raise _bad("the server's own peer cannot be deleted")
@@ -5339,7 +5347,7 @@ class Store:
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
         if not is_public_key(invite_public_key):
             raise _bad("invalid public key")
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if old.is_redeemed:
                 raise _bad(f"peer '{old.name}' has already redeemed its invitation",
@@ -5353,7 +5361,7 @@ class Store:
     def update_peer(self, peer_id, contents):
         """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
         parse_hostname(contents.name, "peer name")
-        with self.write() as c:
+        with self.write(device=True) as c:   # innernet leaves a disabled peer on the device
             old = self.peer(peer_id)
             if self._is_server_peer(old) and (contents.is_disabled or contents.name != old.name
                                               or contents.endpoint != old.endpoint):
@@ -5398,7 +5406,7 @@ class Store:
                     {k: was[k] for k in changed}, changed)
 
     def set_disabled(self, peer_id, disabled):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
@@ -5567,7 +5575,7 @@ class Store:
         ``invites`` {ip: (invitation public key, expiry)} for each peer the
         plan adds: keys are the applier's to make, never the file's."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             steps, problems = self.plan(text, source, now)
             if problems:
                 raise _bad(f"{len(problems)} problem(s) in {source}, the first: {problems[0]}; "
@@ -5631,7 +5639,7 @@ class Store:
             raise ValueError(st.kind)
 
     def add_association(self, a, b):
-        with self.write() as c:
+        with self.write(device=True) as c:
             ids = {x.id for x in self.cidrs()}
             if a == b:
                 raise _bad("a CIDR cannot be associated with itself")
@@ -5652,7 +5660,7 @@ class Store:
         return f"association {names.get(a, a)} <-> {names.get(b, b)}"
 
     def delete_association(self, assoc_id):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = c.execute("SELECT cidr_id_1, cidr_id_2 FROM associations WHERE id = ?",
                             (assoc_id,)).fetchone()
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
@@ -8255,12 +8263,19 @@ class Coordinator:
         self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
-        store.listeners.append(self.views.signal)
+        store.listeners.append(self.on_change)
 
     @property
     def hub(self):
         """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
         return self.device.hub
+
+    def on_change(self, device):
+        """The store's listener: the device follows a change that is its to
+        follow, then long polls wake (Store.changed)."""
+        if device:
+            self.device.sync()
+        self.views.signal()
 
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""
@@ -8269,7 +8284,7 @@ class Coordinator:
         gone = self.store.sweep_expired(int(now))
         if gone:
             log("deleted expired invitations: " + ", ".join(p.name for p in gone))
-            self.device.sync()
+            self.store.changed(device=True)
         if self.hosts_path:
             peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
             write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
@@ -8292,8 +8307,7 @@ class Coordinator:
         version = self.store.data_version()
         if version != self._data_version:
             self._data_version = version
-            self.device.sync()
-            self.views.signal()
+            self.store.changed(device=True)
 
     def run_background(self, interval=1.0):
         """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
@@ -8752,7 +8766,6 @@ def admin_apply(co, req):
         invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
                                       _expires_from_json(inv.get("invite_expires")))
     steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
-    co.device.sync()
     log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
     return Response(200, {"applied": [st.line for st in steps]})
 
@@ -8799,7 +8812,6 @@ def admin_list_peers(co, req):
 def admin_add_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     peer = co.store.add_peer(contents)
-    co.device.sync()
     log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
     return Response(201, peer.to_json())
 
@@ -8808,14 +8820,12 @@ def admin_add_peer(co, req):
 def admin_update_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     co.store.update_peer(req.id, contents)
-    co.device.sync()       # innernet leaves a disabled peer on the device
     return Response(204)
 
 
 @api_route("DELETE", "admin/peers/{id}", "admin")
 def admin_disable_peer(co, req):
     co.store.set_disabled(req.id, True)
-    co.device.sync()
     return Response(204)
 
 
@@ -8827,7 +8837,6 @@ def admin_delete_peer(co, req):
     if not 0 <= reuse <= 100 * 365 * 86400:
         raise _bad("field 'reuse_after' is out of range")
     old = co.store.delete_peer(_get(data, "id", int), reuse)
-    co.device.sync()
     log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
     return Response(204)
 
@@ -8860,7 +8869,6 @@ def admin_reinvite(co, req):
     if expires is None or expires <= time.time():
         raise _bad("field 'invite_expires' must be a time in the future")
     old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
-    co.device.sync()
     log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
     return Response(204)
 
@@ -8906,14 +8914,12 @@ def admin_list_associations(co, req):
 def admin_add_association(co, req):
     a = Association.from_json(req.body, with_id=False)
     co.store.add_association(a.cidr_id_1, a.cidr_id_2)
-    co.device.sync()
     return Response(201)
 
 
 @api_route("DELETE", "admin/associations/{id}", "admin")
 def admin_delete_association(co, req):
     co.store.delete_association(req.id)
-    co.device.sync()
     return Response(204)
 
 
