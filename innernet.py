@@ -2182,6 +2182,16 @@ class AuditEntry:
                    after=_get(data, "after", str, nullable=True))
 
 
+def _summary(obj):
+    """A short before/after summary for the audit log (JSON, no secrets)."""
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def peer_summary(p):
+    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
+            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
+
+
 # A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
 # approves them, or an auto-approve rule does. Approved routes travel as a field
 # of the advertising peer, so only peers that may see it get them: they add them
@@ -4882,16 +4892,6 @@ def acting_as(actor):
 
 def current_actor():
     return getattr(_ACTOR, "name", None) or ACTOR_CLI
-
-
-def _summary(obj):
-    """A short before/after summary for the audit log (JSON, no secrets)."""
-    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def peer_summary(p):
-    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
-            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
 
 
 def _integrity_error(e):
