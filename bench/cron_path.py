@@ -8,7 +8,9 @@ N peers on their wireguard-go devices: one of ours and one of innernet
 1.5.5's (the real binary). Every command runs as cron or a timer runs it,
 `ip netns exec NS COMMAND` with Debian's python3 first on PATH, timed from
 outside with GNU time (wall, peak RSS); median of the runs after one that
-settles (and, for ours, leaves the record the fast path reads).
+settles (and, for ours, leaves the record the fast path reads), each run of
+ours followed by one of innernet's and one of the bare interpreter, so that
+every cell's figures come from the same minutes (the machine is shared).
 
 Doors, each with `fetch IFACE` and `up IFACE`, bare and with the global
 `--backend userspace` (as innernet's users write it without the kernel
@@ -51,22 +53,28 @@ def reference_dir():
     return d
 
 
-def measure_door(argv, runs, record=None):
-    """(median wall ms, median peak RSS MiB, max RSS, runs the fast path answered)."""
+def measure_door(argv, runs, record, others):
+    """For our command line ``argv`` and, run in turn with it (the machine is
+    shared: a busy moment falls on both), each of ``others`` (innernet's
+    command, the bare interpreter): (median wall ms, median peak RSS MiB, max
+    RSS, runs the fast path answered), ours first. The fast path's record is
+    per interface, so our doors cannot take turns with each other."""
     def stamp():
-        if record is None or not os.path.exists(record):
+        if not os.path.exists(record):
             return None
         st = os.stat(record)
         return st.st_ino, st.st_mtime_ns
     timed(argv)                                      # settles; leaves the record
-    walls, rss, fast = [], [], 0
+    samples = [([], []) for _ in range(1 + len(others))]
+    fast = 0
     for _ in range(runs):
         before = stamp()
-        w, r = timed(argv)
+        for (walls, rss), cmd in zip(samples, [argv] + others):
+            w, r = timed(cmd)
+            walls.append(w)
+            rss.append(r)
         fast += before is not None and stamp() == before
-        walls.append(w)
-        rss.append(r)
-    return statistics.median(walls), statistics.median(rss), max(rss), fast
+    return [(statistics.median(w), statistics.median(r), max(r), fast) for w, r in samples]
 
 
 def measure(n, runs, ref, pyz, launcher):
@@ -107,19 +115,19 @@ def measure(n, runs, ref, pyz, launcher):
         ns_theirs = ["ip", "netns", "exec", theirs.ns] + env
         dirs = ["-c", ours.path("client", "etc"), "-d", ours.path("client", "lib")]
         record = ours.path("client", "lib", f"{oif}.fetch")
-        bare = measure_door(ns_ours + BARE + ["-c", "pass"], runs)
+        bare = ns_ours + BARE + ["-c", "pass"]
         for verb in ("fetch", "up"):
             # --no-nat-traversal: innernet tries every peer without a
             # handshake again at each run, 5 s a step (these peers are
             # synthetic and never answer); ours does that on its own schedule
-            inn = measure_door(ns_theirs + rbase + [verb, rif, "--no-write-hosts",
-                                                    "--no-nat-traversal"], runs)
+            inn = ns_theirs + rbase + [verb, rif, "--no-write-hosts", "--no-nat-traversal"]
+            timed(inn)                                               # settles
             for door, prog in (("innernet.pyz", [pyz]), (".deb launcher", [launcher])):
                 for backend in ((), ("--backend", "userspace")):
                     argv = ns_ours + prog + dirs + list(backend) + [verb, oif,
                                                                     "--no-write-hosts"]
                     rows.append((n, verb, door, " ".join(backend) or "(bare)",
-                                 measure_door(argv, runs, record), inn, bare))
+                                 *measure_door(argv, runs, record, [inn, bare])))
     finally:
         if name_file and os.path.exists(name_file):
             os.unlink(name_file)
@@ -129,6 +137,8 @@ def measure(n, runs, ref, pyz, launcher):
 
 def main():
     ref = reference_dir()
+    load = os.getloadavg()
+    print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     sizes = [100, 300] if quick() else [100, 1000, 5000]
     runs = 3 if quick() else 7
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,6 +155,8 @@ def main():
         out.append((f"{n:,}", verb, door, backend, f"{w:.1f}", f"{m:.1f} ({mmax:.1f})",
                     f"{fast} of {runs}", f"{iw:.1f} / {im:.1f}", f"{w / iw:.2f}",
                     f"{bw:.1f} / {bm:.1f}"))
+    load = os.getloadavg()
+    print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     table(f"Unchanged sync through each door, beside innernet 1.5.5 (median of {runs}; "
           "wall ms, peak RSS MiB)",
           ["peers", "verb", "door", "backend", "ours ms", "ours MiB (max)", "fast path",

@@ -39,7 +39,7 @@ def test_only_a_recorded_command_line_is_answered(tmp_path, monkeypatch):
     monkeypatch.setattr(innernet, "_server_says_unchanged", lambda *a: True)
     monkeypatch.setattr(innernet, "uapi_digest",
                         lambda iface, now: innernet.device_digest([dump([])], now))
-    monkeypatch.setattr(innernet, "link_digest", lambda iface: "0:0")
+    monkeypatch.setattr(innernet, "link_digest", lambda iface, snapshot=None: "0:0")
     watched = tmp_path / "n.conf"
     watched.write_text("x")
     argv = ["innernet", "-d", str(tmp_path), "fetch", "n"]
