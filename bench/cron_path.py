@@ -7,7 +7,7 @@ has N peers in the clients' CIDR, and two clients that joined it and hold all
 N peers on their wireguard-go devices: one of ours and one of innernet
 1.5.5's (the real binary). Every command runs as cron or a timer runs it,
 `ip netns exec NS COMMAND` with Debian's python3 first on PATH, timed from
-outside with GNU time (wall, peak RSS); median of the runs after one that
+outside (wall; GNU time for peak RSS; user + system CPU from the kernel); median of the runs after one that
 settles (and, for ours, leaves the record the fast path reads), each run of
 ours followed by one of innernet's and one of the bare interpreter, so that
 every cell's figures come from the same minutes (the machine is shared).
@@ -34,8 +34,9 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
-from common import ROOT, quick, synthetic_server, table, timed
+from common import ROOT, quick, synthetic_server, table
 from lab import Lab, debian_launcher, start_serve, wait_for
 
 import build_zipapp
@@ -53,11 +54,34 @@ def reference_dir():
     return d
 
 
+def timed(argv):
+    """(wall ms, peak RSS MiB, CPU ms) of one run. GNU time reports the peak
+    RSS (it forks from its own small image: a child of this large process
+    would inherit its high-water mark); its CPU figures are in 10 ms steps,
+    so the CPU time (user + system, GNU time's own 0.3 ms included) is read
+    from the kernel's accounting of it and its child, in microseconds."""
+    r, w = os.pipe()
+    t = time.perf_counter()
+    pid = os.posix_spawn("/usr/bin/time", ["/usr/bin/time", "-f", "maxrss=%M"] + argv,
+                         os.environ, file_actions=[
+                             (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                             (os.POSIX_SPAWN_DUP2, w, 2)])
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - t
+    if status:
+        raise AssertionError(f"{argv} failed: {err}")
+    rss = int(err.strip().splitlines()[-1].split("=")[1])
+    return wall * 1000, rss / 1024, (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def measure_door(argv, runs, record, others):
     """For our command line ``argv`` and, run in turn with it (the machine is
     shared: a busy moment falls on both), each of ``others`` (innernet's
     command, the bare interpreter): (median wall ms, median peak RSS MiB, max
-    RSS, runs the fast path answered), ours first. The fast path's record is
+    RSS, runs the fast path answered, median CPU ms), ours first. The fast path's record is
     per interface, so our doors cannot take turns with each other."""
     def stamp():
         if not os.path.exists(record):
@@ -65,16 +89,18 @@ def measure_door(argv, runs, record, others):
         st = os.stat(record)
         return st.st_ino, st.st_mtime_ns
     timed(argv)                                      # settles; leaves the record
-    samples = [([], []) for _ in range(1 + len(others))]
+    samples = [([], [], []) for _ in range(1 + len(others))]
     fast = 0
     for _ in range(runs):
         before = stamp()
-        for (walls, rss), cmd in zip(samples, [argv] + others):
-            w, r = timed(cmd)
+        for (walls, rss, cpus), cmd in zip(samples, [argv] + others):
+            w, r, c = timed(cmd)
             walls.append(w)
             rss.append(r)
+            cpus.append(c)
         fast += before is not None and stamp() == before
-    return [(statistics.median(w), statistics.median(r), max(r), fast) for w, r in samples]
+    return [(statistics.median(w), statistics.median(r), max(r), fast, statistics.median(c))
+            for w, r, c in samples]
 
 
 def measure(n, runs, ref, pyz, launcher):
@@ -151,16 +177,19 @@ def main():
         for n in sizes:
             rows += measure(n, runs, ref, pyz, launcher)
     out = []
-    for n, verb, door, backend, (w, m, mmax, fast), (iw, im, _, _), (bw, bm, _, _) in rows:
-        out.append((f"{n:,}", verb, door, backend, f"{w:.1f}", f"{m:.1f} ({mmax:.1f})",
-                    f"{fast} of {runs}", f"{iw:.1f} / {im:.1f}", f"{w / iw:.2f}",
-                    f"{bw:.1f} / {bm:.1f}"))
+    for n, verb, door, backend, ours, inn, bare in rows:
+        (w, m, mmax, fast, c), (iw, im, _, _, ic), (bw, bm, _, _, bc) = ours, inn, bare
+        out.append((f"{n:,}", verb, door, backend, f"{w:.1f} / {c:.1f}",
+                    f"{m:.2f} ({mmax:.2f})", f"{fast} of {runs}",
+                    f"{iw:.1f} / {ic:.1f} / {im:.2f}", f"{w / iw:.2f} / {c / ic:.2f}",
+                    f"{bw:.1f} / {bc:.1f} / {bm:.2f}"))
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     table(f"Unchanged sync through each door, beside innernet 1.5.5 (median of {runs}; "
-          "wall ms, peak RSS MiB)",
-          ["peers", "verb", "door", "backend", "ours ms", "ours MiB (max)", "fast path",
-           "innernet 1.5.5 ms / MiB", "ratio ours / innernet", "python3 -S -I ms / MiB"], out)
+          "wall ms, CPU ms (user + system), peak RSS MiB)",
+          ["peers", "verb", "door", "backend", "ours wall / CPU", "ours MiB (max)", "fast path",
+           "innernet 1.5.5 wall / CPU / MiB", "ours / innernet: wall, CPU",
+           "python3 -S -I wall / CPU / MiB"], out)
 
 
 if __name__ == "__main__":
