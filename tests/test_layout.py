@@ -1,8 +1,9 @@
 """The shape of innernet.py, checked so it cannot rot (style.md §10.1).
 
-The module reads top to bottom in banner sections, each using only the
-sections above it; no function is longer than a screen, except the argument
-parser, which is a list of options.
+The module reads top to bottom in banner sections, each on one subject (a
+noun or a journey) and using only the sections above it; no section is
+longer than a long file's chapter, no function longer than a screen, except
+the argument parser, which is a list of options.
 """
 import ast
 import os
@@ -11,9 +12,44 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "innernet.py")
 BANNER = re.compile(r"^# (\S.*?) #{4,}$")
-SECTIONS = ["Imports and optional dependencies", "Constants", "Fast path of an unchanged fetch",
-            "Errors and output", "Utilities", "Keys", "Model", "Network backends", "Store",
-            "API server", "API client", "Client sync", "Roles", "Command line"]
+# Each section with its tier: "base" is the vocabulary more than one role
+# uses (checked below); "server", "client", "admin" belong to one role;
+# "front" is the command line every verb comes in through.
+TIERS = {
+    "Imports and optional dependencies": "base",
+    "Constants": "base",
+    "Fast path of an unchanged fetch": "client",
+    "Errors and output": "base",
+    "Files and formats": "base",
+    "Names and addresses": "base",
+    "Keys and WireGuard messages": "base",
+    "Records": "base",
+    "Access rules": "base",
+    "Device plans": "base",
+    "Links, routes and rules": "base",
+    "WireGuard devices": "base",
+    "Network as code": "base",
+    "Store": "base",
+    "HTTP wire": "base",
+    "API client": "base",
+    "Interface files": "base",
+    "Prompts": "base",
+    "Relays": "server",
+    "DNS and metrics": "server",
+    "Server state": "server",
+    "API routes": "server",
+    "HTTP server": "server",
+    "Paths": "client",
+    "Fetch": "client",
+    "Daemon": "client",
+    "Admin verbs": "admin",
+    "Server verbs": "server",
+    "Client verbs": "client",
+    "Command line": "front",
+}
+SECTIONS = list(TIERS)
+PURE = ["Records", "Access rules", "Device plans", "Network as code"]
+MAX_SECTION_LINES = 950            # about 900: a chapter, read in one sitting
 PARSER = {"build_parser", "_add_shared_verbs"}      # option lists, long by nature
 MAX_LINES = 60
 
@@ -112,17 +148,113 @@ def test_coordinator_is_small():
     assert co.end_lineno - co.lineno + 1 < 120
 
 
-def test_model_does_no_io():
-    """Model is pure: no sockets, files, subprocesses, clocks or name
-    resolution in it (callers pass the time and a resolver in)."""
+def test_sections_are_chapters_not_books():
+    text, _, banners = _module()
+    ends = [line for line, _ in banners[1:]] + [len(text.splitlines()) + 1]
+    big = [f"{name}: {end - line} lines" for (line, name), end in zip(banners, ends)
+           if end - line > MAX_SECTION_LINES]
+    assert not big, "\n".join(big)
+
+
+def test_pure_sections_do_no_io():
+    """Records, access rules, device plans and the network as code are pure:
+    no sockets, files, subprocesses, clocks or name resolution in them
+    (callers pass the time and a resolver in)."""
     _, tree, banners = _module()
-    model = SECTIONS.index("Model")
+    pure = {SECTIONS.index(name) for name in PURE}
     effects = {"socket", "os", "subprocess", "fcntl", "sqlite3", "urllib", "time", "open",
                "resolve_endpoint", "run", "atomic_write", "threading"}
     clock = {"time", "monotonic", "sleep"}          # time.strftime and gmtime are pure
     used = [f"line {n.lineno}: {ast.unparse(n)}" for stmt in tree.body
-            if _section_of(banners, stmt.lineno) == model for n in ast.walk(stmt)
+            if _section_of(banners, stmt.lineno) in pure for n in ast.walk(stmt)
             if isinstance(n, ast.Name) and n.id in effects - {"time"}
             or isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
             and n.value.id == "time" and n.attr in clock]
     assert not used, "\n".join(used)
+
+
+# -- journeys -------------------------------------------------------------------
+# How many sections does one journey make a reader cross? The measure: a static
+# walk of module-level names from the journey's entry points. A function, class
+# or assignment reached adds every module-level name it loads (a class: all its
+# methods); names bound locally are not followed. Calls through attributes
+# (self.store.add_peer(...), a handler found in the route table) are not
+# followed, so each side of an HTTP call or table dispatch is its own entry
+# point. A journey's sections are those of the names reached, plus Command line
+# when it starts on the command line (main() reaches every verb through the
+# parser, so it is counted, not walked), less the "base" sections: the
+# vocabulary of records, keys, files, devices, store and HTTP that two or more
+# roles use (test_base_sections_are_shared proves they are shared, so a role's
+# own code cannot hide there).
+JOURNEYS = {
+    # cron runs the launcher: the fast path answers an unchanged fetch, else
+    # main() runs cmd_fetch (ask, settle paths, apply).
+    "cron fetch": (["launch", "cmd_fetch"], True),
+    # the admin's verb, and the server's handler the API call reaches.
+    "admin add-peer": (["launch", "cmd_add_peer", "admin_add_peer"], True),
+    # a client asks for a relay, the server grants it, the hub forwards.
+    "relayed packet": (["request_relays", "user_relay", "RelayHub"], False),
+}
+MAX_JOURNEY_SECTIONS = 4
+
+
+def _graph():
+    _, tree, banners = _module()
+    home, refs = {}, {}
+    for stmt in tree.body:
+        for name in _top_names(stmt):
+            home.setdefault(name, _section_of(banners, stmt.lineno))
+    for stmt in tree.body:
+        local = _bound(stmt) - set(_top_names(stmt))
+        loads = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)
+                 and isinstance(n.ctx, ast.Load) and n.id in home and n.id not in local}
+        for name in _top_names(stmt):
+            refs.setdefault(name, set()).update(loads)
+    return banners, home, refs
+
+
+def _reach(refs, entries):
+    seen, todo = set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(refs[name])
+    return seen
+
+
+def journey_sections(journey):
+    """The sections ``journey`` crosses, in file order (base excluded)."""
+    banners, home, refs = _graph()
+    entries, on_command_line = JOURNEYS[journey]
+    crossed = {banners[home[n]][1] for n in _reach(refs, entries)}
+    if on_command_line:
+        crossed.add("Command line")
+    return [s for s in SECTIONS if s in crossed and TIERS[s] != "base"]
+
+
+def test_each_journey_crosses_at_most_four_sections():
+    wide = {j: journey_sections(j) for j in JOURNEYS}
+    assert wide == {
+        "cron fetch": ["Fast path of an unchanged fetch", "Paths", "Fetch", "Command line"],
+        "admin add-peer": ["Fast path of an unchanged fetch", "API routes", "Admin verbs",
+                           "Command line"],
+        "relayed packet": ["Relays", "API routes", "Paths"],
+    }
+    assert all(len(s) <= MAX_JOURNEY_SECTIONS for s in wide.values()), wide
+
+
+def test_base_sections_are_shared():
+    """A base section is reached (directly or through other base sections)
+    from the sections of at least two of the three roles."""
+    banners, home, refs = _graph()
+    names = [b[1] for b in banners]
+    users = {s: set() for s in SECTIONS}
+    for name, section in home.items():
+        tier = TIERS[names[section]]
+        if tier in ("server", "client", "admin"):
+            for n in _reach(refs, refs[name]):
+                users[names[home[n]]].add(tier)
+    lonely = {s: sorted(users[s]) for s in SECTIONS if TIERS[s] == "base"
+              and len(users[s]) < 2 and s != "Imports and optional dependencies"}
+    assert not lonely, lonely
