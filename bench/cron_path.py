@@ -27,8 +27,11 @@ The baseline is innernet's figure in the same run; the bare interpreter
 (`python3 -S -I -c pass`) is shown as the floor. How many of our runs the fast
 path answered is counted (a full sync rewrites `<iface>.fetch`).
 
-    python3 bench/cron_path.py [--quick]       (as root; INNERNET_REFERENCE_DIR
+    python3 bench/cron_path.py [--quick] [--sizes N,N]     (as root; INNERNET_REFERENCE_DIR
                                                  or ../shared/reference/innernet-1.5.5)
+
+INNERNET_PYZ_BEFORE=OLD.pyz adds the rows of an older build (its own door,
+the same commands) to the same run: a change's before and after.
 """
 import os
 import statistics
@@ -103,7 +106,7 @@ def measure_door(argv, runs, record, others):
             for w, r, c in samples]
 
 
-def measure(n, runs, ref, pyz, launcher):
+def measure(n, runs, ref, pyz, launcher, before=None):
     lab = Lab(innernet_cmd=BARE + [pyz])
     rows = []
     name_file = None
@@ -148,7 +151,10 @@ def measure(n, runs, ref, pyz, launcher):
             # synthetic and never answer); ours does that on its own schedule
             inn = ns_theirs + rbase + [verb, rif, "--no-write-hosts", "--no-nat-traversal"]
             timed(inn)                                               # settles
-            for door, prog in (("innernet.pyz", [pyz]), (".deb launcher", [launcher])):
+            doors = [("innernet.pyz", [pyz]), (".deb launcher", [launcher])]
+            if before:
+                doors.append(("innernet.pyz, before", [before]))
+            for door, prog in doors:
                 for backend in ((), ("--backend", "userspace")):
                     argv = ns_ours + prog + dirs + list(backend) + [verb, oif,
                                                                     "--no-write-hosts"]
@@ -166,6 +172,8 @@ def main():
     load = os.getloadavg()
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     sizes = [100, 300] if quick() else [100, 1000, 5000]
+    if "--sizes" in sys.argv:                           # e.g. --sizes 100,1000
+        sizes = [int(n) for n in sys.argv[sys.argv.index("--sizes") + 1].split(",")]
     runs = 3 if quick() else 7
     with tempfile.TemporaryDirectory() as tmp:
         pyz = os.environ.get("INNERNET_PYZ")
@@ -175,7 +183,7 @@ def main():
         launcher = debian_launcher(tmp)
         rows = []
         for n in sizes:
-            rows += measure(n, runs, ref, pyz, launcher)
+            rows += measure(n, runs, ref, pyz, launcher, os.environ.get("INNERNET_PYZ_BEFORE"))
     out = []
     for n, verb, door, backend, ours, inn, bare in rows:
         (w, m, mmax, fast, c), (iw, im, _, _, ic), (bw, bm, _, _, bc) = ours, inn, bare
