@@ -242,7 +242,7 @@ def raw_links(snapshot=None):
     its first one labelled with its name."""
     links, v6 = [], []
     dumps = rtnl_snapshot() if snapshot is None else snapshot
-    if dumps is None:
+    if dumps is None or dumps[0] is None or dumps[1] is None:
         return links, v6
     up = {}
     for msg in dumps[0]:
@@ -574,7 +574,7 @@ def link_digest(iface, snapshot=None):
     except OSError:
         return "-"
     dumps = rtnl_snapshot() if snapshot is None else snapshot
-    if dumps is None:
+    if dumps is None or None in dumps:
         return "?"
     parts = []
     for kind, msgs in zip(RTNL_DUMPS, dumps):
@@ -595,7 +595,9 @@ RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 1
 
 def rtnl_snapshot():
     """[[message payload]] of each of RTNL_DUMPS, over one rtnetlink socket:
-    what raw_links and link_digest read; None if rtnetlink does not answer."""
+    what raw_links and link_digest read; None for a dump the kernel refused
+    (a kernel without policy routing may refuse the rules), None for all if
+    rtnetlink does not answer."""
     try:
         s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
     except OSError:
@@ -610,7 +612,7 @@ def rtnl_snapshot():
 
 
 def _rtnl_dump(s, kind):
-    """The payloads of one dump's messages (all interfaces)."""
+    """The payloads of one dump's messages (all interfaces); None if refused."""
     ask, reply = kind[0], kind[1]
     s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
            + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
@@ -625,7 +627,7 @@ def _rtnl_dump(s, kind):
             if typ == 3 or size < 16:                               # NLMSG_DONE
                 return out
             if typ == 2:                                            # NLMSG_ERROR
-                raise OSError("rtnetlink refused a dump")
+                return None
             if typ == reply:
                 out.append(data[off + 16:off + size])
             off += (size + 3) & ~3

@@ -209,6 +209,10 @@ def test_the_hosts_links_are_read_from_rtnetlink_as_the_ioctls_would_answer():
     assert innernet.raw_links([[], [], [], []]) == ([], [])
     # the interface's own digest reads the same snapshot
     assert innernet.link_digest("lo", [links, addrs, [], []]).startswith("2:")
+    # a dump the kernel refused (the rules, without policy routing): the links
+    # are still read; the interface's digest is unknown, so no fast path
+    assert innernet.raw_links([links, addrs, [], None]) == found
+    assert innernet.link_digest("lo", [links, addrs, [], None]) == "?"
 
 
 def test_files_and_paths_without_the_os_module(tmp_path, monkeypatch):
