@@ -196,7 +196,7 @@ def main():
     table(f"Unchanged sync through each door, beside innernet 1.5.5 (median of {runs}; "
           "wall ms, CPU ms (user + system), peak RSS MiB)",
           ["peers", "verb", "door", "backend", "ours wall / CPU", "ours MiB (max)", "fast path",
-           "innernet 1.5.5 wall / CPU / MiB", "ours / innernet: wall, CPU",
+           "innernet 1.5.5 wall / CPU / MiB", "ratio ours / innernet: wall, CPU",
            "python3 -S -I wall / CPU / MiB"], out)
 
 
