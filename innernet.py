@@ -196,11 +196,12 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 # else (an option it does not know, -v, a changed file, an unreachable server)
 # goes to the full sync, which also repairs what it finds. A device is read
 # over UAPI (wireguard-go) or generic netlink (the kernel's), without pyroute2.
-# (The archive's copy starts with `import os, sys, time`, which this module
-# has imported at the top.)
+# (The archive's copy starts with `import sys, time`, which this module has
+# imported at the top. It uses posix, not os: importing os costs 160 kB.)
 
 import _socket
-import zlib
+import binascii
+import posix
 
 FAST_FORMAT = "innernet-fetch 2"
 FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
@@ -208,15 +209,22 @@ FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
 
 
+def path_join(head, tail):
+    """os.path.join of two paths, without the os module."""
+    if tail.startswith("/") or not head:
+        return tail
+    return head + tail if head.endswith("/") else f"{head}/{tail}"
+
+
 def fast_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.fetch")
+    return path_join(data_dir, f"{iface}.fetch")
 
 
 def file_fingerprint(path, secret=True):
     """(inode, size, mtime, mode) of a file, '-' if missing; None if it is
     ``secret`` and others may read it."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return "-"
     if secret and st.st_mode & 0o007:
@@ -224,56 +232,52 @@ def file_fingerprint(path, secret=True):
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}"
 
 
-def raw_links():
+def raw_links(snapshot=None):
     """This host's up, non-loopback, non-tunnel links, raw: [(name, IPv4 address,
-    IPv4 netmask)] from ioctls (address fields None if it has none), and the
-    lines of /proc/net/if_inet6 for them. local_networks() reads these."""
-    import fcntl
-    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
-    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    IPv4 netmask)] (address fields None if it has none), and rows for their
+    IPv6 addresses as /proc/net/if_inet6 writes them (address, index, prefix
+    length, scope, flags in hex; name). local_networks() reads these. From
+    rtnetlink (``snapshot``: rtnl_snapshot()'s, else read here), as the
+    ioctls SIOCGIFADDR/SIOCGIFNETMASK would answer: a link's IPv4 address is
+    its first one labelled with its name."""
     links, v6 = [], []
-    try:
-        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    except OSError:
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or dumps[0] is None or dumps[1] is None:
         return links, v6
-    try:
-        try:
-            names = _socket.if_nameindex()
-        except OSError:
-            names = []
-        for _, name in names:
-            packed = name.encode()[:15].ljust(256, b"\0")
-            try:
-                flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18],
-                                       sys.byteorder)
-            except OSError:
-                continue
-            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
-                continue
-            try:
-                addr = fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24]
-                mask = fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24]
-            except OSError:
-                addr = mask = None
-            links.append((name, addr and _socket.inet_ntoa(addr),
-                          mask and _socket.inet_ntoa(mask)))
-    finally:
-        s.close()
-    up = {name for name, _, _ in links}
-    try:
-        with open("/proc/net/if_inet6") as f:
-            v6 = [line.split() for line in f]
-    except OSError:
-        pass
-    return links, [p for p in v6 if len(p) >= 6 and p[5] in up]
+    up = {}
+    for msg in dumps[0]:
+        flags = int.from_bytes(msg[8:12], sys.byteorder)
+        if flags & IFF_UP and not flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+            name = _rtnl_attr(msg, 16, 3)
+            if name:
+                up[int.from_bytes(msg[4:8], sys.byteorder)] = name.rstrip(b"\0").decode()
+    v4 = {}
+    for msg in dumps[1]:
+        name = up.get(int.from_bytes(msg[4:8], sys.byteorder))
+        local = _rtnl_attr(msg, 8, 2) or _rtnl_attr(msg, 8, 1)
+        if name is None or not local:
+            continue
+        if msg[0] == _socket.AF_INET and len(local) == 4 and name not in v4 \
+                and (_rtnl_attr(msg, 8, 3) or b"").rstrip(b"\0").decode() == name:
+            bits = (0xFFFFFFFF << (32 - msg[1])) & 0xFFFFFFFF
+            v4[name] = (_socket.inet_ntoa(local), _socket.inet_ntoa(bits.to_bytes(4, "big")))
+        elif msg[0] == _socket.AF_INET6 and len(local) == 16:
+            v6.append([local.hex(), f"{int.from_bytes(msg[4:8], sys.byteorder):02x}",
+                       f"{msg[1]:02x}", f"{msg[3]:02x}", f"{msg[2]:02x}", name])
+    for name in up.values():
+        links.append((name,) + v4.get(name, (None, None)))
+    return links, v6
+
+
+IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
 
 
 def links_fingerprint(links):
-    return f"{zlib.crc32(repr(links).encode()):08x}"
+    return f"{binascii.crc32(repr(links).encode()):08x}"
 
 
 def uapi_socket_paths(iface):
-    return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
+    return [path_join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
 def uapi_digest(iface, now):
@@ -476,7 +480,7 @@ def device_digest(chunks, now):
         return None
     _add_peer(sums, peer, now)
     return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
-        f"{zlib.crc32(b''.join(top)):08x}"
+        f"{binascii.crc32(b''.join(top)):08x}"
 
 
 def _add_peer(sums, peer, now):
@@ -486,8 +490,8 @@ def _add_peer(sums, peer, now):
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
     line = b"|".join([key, b",".join(sorted(ips)), keepalive,
                       b"L" if live else b"S:" + endpoint])
-    sums[0] += zlib.crc32(line)
-    sums[1] += zlib.adler32(line)
+    sums[0] += binascii.crc32(line)
+    sums[1] += binascii.crc32(line[::-1])
     sums[2] += 1
 
 
@@ -499,6 +503,20 @@ def invocation(argv, environ, cwd):
     by the full program."""
     env = sorted((k, v) for k, v in environ.items() if k.startswith(("INNERNET_", "WG_")))
     return repr((FAST_FORMAT, __version__, cwd, list(argv), env))
+
+
+def environ_of_note():
+    """The INNERNET_* and WG_* variables, as os.environ has them (invocation's
+    part of the environment), read without importing the os module (which
+    has the current environment when it is there: posix.environ is the start's)."""
+    if "os" in sys.modules:
+        return {k: v for k, v in sys.modules["os"].environ.items()
+                if k.startswith(("INNERNET_", "WG_"))}
+    enc, out = sys.getfilesystemencoding(), {}
+    for k, v in posix.environ.items():
+        if k.startswith((b"INNERNET_", b"WG_")):
+            out[k.decode(enc, "surrogateescape")] = v.decode(enc, "surrogateescape")
+    return out
 
 
 def data_dir_candidates(argv):
@@ -520,40 +538,51 @@ def read_runs(data_dir):
     """{invocation: [interfaces]} of the full syncs that left records here."""
     runs = {}
     try:
-        with open(os.path.join(data_dir, FAST_RUNS)) as f:
-            for line in f.read().split("\n"):
-                line, _, ifaces = line.rpartition("\t")
-                if line:
-                    runs[line] = ifaces.split()
+        for line in fast_read(path_join(data_dir, FAST_RUNS)).split("\n"):
+            line, _, ifaces = line.rpartition("\t")
+            if line:
+                runs[line] = ifaces.split()
     except (OSError, ValueError):
         pass
     return runs
 
 
-def link_digest(iface):
+def fast_read(path):
+    """A file's text (UTF-8), read with plain system calls: the io module's
+    buffered and text layers touch code (RSS) the fast path can do without."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        posix.close(fd)
+
+
+def link_digest(iface, snapshot=None):
     """The interface's MTU and flags, its addresses, the routes through it (in
     every table) and the policy rules, as a short text; "-" without the
-    interface. One rtnetlink socket, parsed here (pyroute2 costs more to
-    import than the whole fast path): what a full sync sets besides the
-    device's peers. Counters and timestamps are left out."""
+    interface. From rtnetlink (``snapshot``: rtnl_snapshot()'s, else read
+    here), parsed here (pyroute2 costs more to import than the whole fast
+    path): what a full sync sets besides the device's peers. Counters and
+    timestamps are left out."""
     try:
         index = _socket.if_nametoindex(iface)
     except OSError:
         return "-"
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or None in dumps:
+        return "?"
     parts = []
-    try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
-    except OSError:
-        return "?"
-    try:
-        s.settimeout(FAST_TIMEOUT)
-        for kind in RTNL_DUMPS:
-            parts += _rtnl_dump(s, kind, index)
-    except OSError:
-        return "?"
-    finally:
-        s.close()
-    return f"{len(parts)}:{zlib.crc32(repr(parts).encode()):08x}"
+    for kind, msgs in zip(RTNL_DUMPS, dumps):
+        for msg in msgs:
+            item = _rtnl_item(msg, kind[2], kind[3], index, kind[0])
+            if item is not None:
+                parts.append(item)
+    return f"{len(parts)}:{binascii.crc32(repr(parts).encode()):08x}"
 
 
 # (request type, reply type, header bytes kept, attributes kept) of each
@@ -564,10 +593,27 @@ RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 1
               (34, 32, 12, None))
 
 
-def _rtnl_dump(s, kind, index):
-    """The kept fields of one dump's messages that concern interface ``index``
-    (rules concern every interface)."""
-    ask, reply, head, keep = kind
+def rtnl_snapshot():
+    """[[message payload]] of each of RTNL_DUMPS, over one rtnetlink socket:
+    what raw_links and link_digest read; None for a dump the kernel refused
+    (a kernel without policy routing may refuse the rules), None for all if
+    rtnetlink does not answer."""
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
+    except OSError:
+        return None
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        return [_rtnl_dump(s, kind) for kind in RTNL_DUMPS]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def _rtnl_dump(s, kind):
+    """The payloads of one dump's messages (all interfaces); None if refused."""
+    ask, reply = kind[0], kind[1]
     s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
            + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
            + bytes(16))                                             # family 0: all
@@ -581,15 +627,25 @@ def _rtnl_dump(s, kind, index):
             if typ == 3 or size < 16:                               # NLMSG_DONE
                 return out
             if typ == 2:                                            # NLMSG_ERROR
-                raise OSError("rtnetlink refused a dump")
+                return None
             if typ == reply:
-                msg = data[off + 16:off + size]
-                item = _rtnl_item(msg, head, keep, index, ask)
-                if item is not None:
-                    out.append(item)
+                out.append(data[off + 16:off + size])
             off += (size + 3) & ~3
         if not data:
             return out
+
+
+def _rtnl_attr(msg, head, kind):
+    """The payload of the first attribute ``kind`` of a message, or None."""
+    off = head
+    while off + 4 <= len(msg):
+        size = int.from_bytes(msg[off:off + 2], sys.byteorder)
+        if size < 4:
+            break
+        if int.from_bytes(msg[off + 2:off + 4], sys.byteorder) & 0x3FFF == kind:
+            return msg[off + 4:off + size]
+        off += (size + 3) & ~3
+    return None
 
 
 def _rtnl_item(msg, head, keep, index, ask):
@@ -620,8 +676,7 @@ def fast_record(fields, files):
 def read_fast_record(path):
     """(fields, [(path, fingerprint)]) of a record, or None."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")
+        lines = fast_read(path).split("\n")
     except (OSError, ValueError):
         return None
     if not lines or lines[0] != FAST_FORMAT:
@@ -638,7 +693,7 @@ def read_fast_record(path):
 
 
 def status_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.status.json")
+    return path_join(data_dir, f"{iface}.status.json")
 
 
 def _json_text(v):
@@ -662,23 +717,29 @@ def write_status_file(data_dir, iface, status):
     agent read: replaced whole, 0600 like every file of the data directory
     (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(_json_text(status) + "\n")
-        os.replace(tmp, path)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
+                        0o600)
+        try:
+            posix.fchmod(fd, 0o600)
+            data = (_json_text(status) + "\n").encode()
+            while data:
+                data = data[posix.write(fd, data):]
+        finally:
+            posix.close(fd)
+        posix.replace(tmp, path)
     except OSError:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
 
 
-def fast_unchanged(data_dir, run, iface, links, now):
+def fast_unchanged(data_dir, run, iface, links, now, snapshot=None):
     """Is this run of the command line ``run`` sure to change nothing on
-    ``iface``? (Asks the server; no other side effect.)"""
+    ``iface``? (Asks the server; no other side effect.) ``snapshot``:
+    rtnl_snapshot()'s, which ``links`` were read from."""
     found = read_fast_record(fast_file_path(data_dir, iface))
     if found is None:
         return False
@@ -690,7 +751,7 @@ def fast_unchanged(data_dir, run, iface, links, now):
     if rec.get("run") != run or now >= due or not rec.get("etag") or not files \
             or rec.get("links") != links_fingerprint(links) \
             or any(file_fingerprint(path, secret=False) != fp for path, fp in files) \
-            or rec.get("link") != link_digest(iface):
+            or rec.get("link") != link_digest(iface, snapshot):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
@@ -728,10 +789,10 @@ def _server_says_unchanged(endpoint, key, etag):
 def fast_fetch(argv):
     """0 if this command line was answered here (nothing changed since the
     last full sync that ran it), else None: the caller runs the full program."""
-    if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
+    if (argv[0] if argv else "").rpartition("/")[2].startswith(SERVER_PROG):
         return None
     try:
-        run = invocation(argv[1:], os.environ, os.getcwd())
+        run = invocation(argv[1:], environ_of_note(), posix.getcwd())
     except OSError:
         return None
     for data_dir in data_dir_candidates(argv[1:]):
@@ -740,10 +801,11 @@ def fast_fetch(argv):
             break
     else:
         return None
-    links, now = raw_links(), time.time()
+    snapshot, now = rtnl_snapshot(), time.time()
+    links = raw_links(snapshot)
     recs = []
     for iface in ifaces:
-        rec = fast_unchanged(data_dir, run, iface, links, now)
+        rec = fast_unchanged(data_dir, run, iface, links, now, snapshot)
         if not rec:
             return None
         recs.append((iface, rec))
@@ -1556,7 +1618,7 @@ def human_bytes(n):
 def local_networks(links=None):
     """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
-    Read with ioctls and /proc (raw_links: stdlib only), so fetch needs no
+    Read from rtnetlink (raw_links: stdlib only), so fetch needs no
     pyroute2; ``links`` is what raw_links() returned, if it was called.
     """
     v4, v6 = raw_links() if links is None else links
