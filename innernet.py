@@ -196,11 +196,12 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 # else (an option it does not know, -v, a changed file, an unreachable server)
 # goes to the full sync, which also repairs what it finds. A device is read
 # over UAPI (wireguard-go) or generic netlink (the kernel's), without pyroute2.
-# (The archive's copy starts with `import os, sys, time`, which this module
-# has imported at the top.)
+# (The archive's copy starts with `import sys, time`, which this module has
+# imported at the top. It uses posix, not os: importing os costs 160 kB.)
 
 import _socket
-import zlib
+import binascii
+import posix
 
 FAST_FORMAT = "innernet-fetch 2"
 FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
@@ -208,15 +209,22 @@ FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
 
 
+def path_join(head, tail):
+    """os.path.join of two paths, without the os module."""
+    if tail.startswith("/") or not head:
+        return tail
+    return head + tail if head.endswith("/") else f"{head}/{tail}"
+
+
 def fast_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.fetch")
+    return path_join(data_dir, f"{iface}.fetch")
 
 
 def file_fingerprint(path, secret=True):
     """(inode, size, mtime, mode) of a file, '-' if missing; None if it is
     ``secret`` and others may read it."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return "-"
     if secret and st.st_mode & 0o007:
@@ -224,56 +232,52 @@ def file_fingerprint(path, secret=True):
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}"
 
 
-def raw_links():
+def raw_links(snapshot=None):
     """This host's up, non-loopback, non-tunnel links, raw: [(name, IPv4 address,
-    IPv4 netmask)] from ioctls (address fields None if it has none), and the
-    lines of /proc/net/if_inet6 for them. local_networks() reads these."""
-    import fcntl
-    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
-    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    IPv4 netmask)] (address fields None if it has none), and rows for their
+    IPv6 addresses as /proc/net/if_inet6 writes them (address, index, prefix
+    length, scope, flags in hex; name). local_networks() reads these. From
+    rtnetlink (``snapshot``: rtnl_snapshot()'s, else read here), as the
+    ioctls SIOCGIFADDR/SIOCGIFNETMASK would answer: a link's IPv4 address is
+    its first one labelled with its name."""
     links, v6 = [], []
-    try:
-        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    except OSError:
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or dumps[0] is None or dumps[1] is None:
         return links, v6
-    try:
-        try:
-            names = _socket.if_nameindex()
-        except OSError:
-            names = []
-        for _, name in names:
-            packed = name.encode()[:15].ljust(256, b"\0")
-            try:
-                flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18],
-                                       sys.byteorder)
-            except OSError:
-                continue
-            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
-                continue
-            try:
-                addr = fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24]
-                mask = fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24]
-            except OSError:
-                addr = mask = None
-            links.append((name, addr and _socket.inet_ntoa(addr),
-                          mask and _socket.inet_ntoa(mask)))
-    finally:
-        s.close()
-    up = {name for name, _, _ in links}
-    try:
-        with open("/proc/net/if_inet6") as f:
-            v6 = [line.split() for line in f]
-    except OSError:
-        pass
-    return links, [p for p in v6 if len(p) >= 6 and p[5] in up]
+    up = {}
+    for msg in dumps[0]:
+        flags = int.from_bytes(msg[8:12], sys.byteorder)
+        if flags & IFF_UP and not flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+            name = _rtnl_attr(msg, 16, 3)
+            if name:
+                up[int.from_bytes(msg[4:8], sys.byteorder)] = name.rstrip(b"\0").decode()
+    v4 = {}
+    for msg in dumps[1]:
+        name = up.get(int.from_bytes(msg[4:8], sys.byteorder))
+        local = _rtnl_attr(msg, 8, 2) or _rtnl_attr(msg, 8, 1)
+        if name is None or not local:
+            continue
+        if msg[0] == _socket.AF_INET and len(local) == 4 and name not in v4 \
+                and (_rtnl_attr(msg, 8, 3) or b"").rstrip(b"\0").decode() == name:
+            bits = (0xFFFFFFFF << (32 - msg[1])) & 0xFFFFFFFF
+            v4[name] = (_socket.inet_ntoa(local), _socket.inet_ntoa(bits.to_bytes(4, "big")))
+        elif msg[0] == _socket.AF_INET6 and len(local) == 16:
+            v6.append([local.hex(), f"{int.from_bytes(msg[4:8], sys.byteorder):02x}",
+                       f"{msg[1]:02x}", f"{msg[3]:02x}", f"{msg[2]:02x}", name])
+    for name in up.values():
+        links.append((name,) + v4.get(name, (None, None)))
+    return links, v6
+
+
+IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
 
 
 def links_fingerprint(links):
-    return f"{zlib.crc32(repr(links).encode()):08x}"
+    return f"{binascii.crc32(repr(links).encode()):08x}"
 
 
 def uapi_socket_paths(iface):
-    return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
+    return [path_join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
 def uapi_digest(iface, now):
@@ -476,7 +480,7 @@ def device_digest(chunks, now):
         return None
     _add_peer(sums, peer, now)
     return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
-        f"{zlib.crc32(b''.join(top)):08x}"
+        f"{binascii.crc32(b''.join(top)):08x}"
 
 
 def _add_peer(sums, peer, now):
@@ -486,8 +490,8 @@ def _add_peer(sums, peer, now):
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
     line = b"|".join([key, b",".join(sorted(ips)), keepalive,
                       b"L" if live else b"S:" + endpoint])
-    sums[0] += zlib.crc32(line)
-    sums[1] += zlib.adler32(line)
+    sums[0] += binascii.crc32(line)
+    sums[1] += binascii.crc32(line[::-1])
     sums[2] += 1
 
 
@@ -499,6 +503,20 @@ def invocation(argv, environ, cwd):
     by the full program."""
     env = sorted((k, v) for k, v in environ.items() if k.startswith(("INNERNET_", "WG_")))
     return repr((FAST_FORMAT, __version__, cwd, list(argv), env))
+
+
+def environ_of_note():
+    """The INNERNET_* and WG_* variables, as os.environ has them (invocation's
+    part of the environment), read without importing the os module (which
+    has the current environment when it is there: posix.environ is the start's)."""
+    if "os" in sys.modules:
+        return {k: v for k, v in sys.modules["os"].environ.items()
+                if k.startswith(("INNERNET_", "WG_"))}
+    enc, out = sys.getfilesystemencoding(), {}
+    for k, v in posix.environ.items():
+        if k.startswith((b"INNERNET_", b"WG_")):
+            out[k.decode(enc, "surrogateescape")] = v.decode(enc, "surrogateescape")
+    return out
 
 
 def data_dir_candidates(argv):
@@ -520,40 +538,51 @@ def read_runs(data_dir):
     """{invocation: [interfaces]} of the full syncs that left records here."""
     runs = {}
     try:
-        with open(os.path.join(data_dir, FAST_RUNS)) as f:
-            for line in f.read().split("\n"):
-                line, _, ifaces = line.rpartition("\t")
-                if line:
-                    runs[line] = ifaces.split()
+        for line in fast_read(path_join(data_dir, FAST_RUNS)).split("\n"):
+            line, _, ifaces = line.rpartition("\t")
+            if line:
+                runs[line] = ifaces.split()
     except (OSError, ValueError):
         pass
     return runs
 
 
-def link_digest(iface):
+def fast_read(path):
+    """A file's text (UTF-8), read with plain system calls: the io module's
+    buffered and text layers touch code (RSS) the fast path can do without."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        posix.close(fd)
+
+
+def link_digest(iface, snapshot=None):
     """The interface's MTU and flags, its addresses, the routes through it (in
     every table) and the policy rules, as a short text; "-" without the
-    interface. One rtnetlink socket, parsed here (pyroute2 costs more to
-    import than the whole fast path): what a full sync sets besides the
-    device's peers. Counters and timestamps are left out."""
+    interface. From rtnetlink (``snapshot``: rtnl_snapshot()'s, else read
+    here), parsed here (pyroute2 costs more to import than the whole fast
+    path): what a full sync sets besides the device's peers. Counters and
+    timestamps are left out."""
     try:
         index = _socket.if_nametoindex(iface)
     except OSError:
         return "-"
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or None in dumps:
+        return "?"
     parts = []
-    try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
-    except OSError:
-        return "?"
-    try:
-        s.settimeout(FAST_TIMEOUT)
-        for kind in RTNL_DUMPS:
-            parts += _rtnl_dump(s, kind, index)
-    except OSError:
-        return "?"
-    finally:
-        s.close()
-    return f"{len(parts)}:{zlib.crc32(repr(parts).encode()):08x}"
+    for kind, msgs in zip(RTNL_DUMPS, dumps):
+        for msg in msgs:
+            item = _rtnl_item(msg, kind[2], kind[3], index, kind[0])
+            if item is not None:
+                parts.append(item)
+    return f"{len(parts)}:{binascii.crc32(repr(parts).encode()):08x}"
 
 
 # (request type, reply type, header bytes kept, attributes kept) of each
@@ -564,10 +593,27 @@ RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 1
               (34, 32, 12, None))
 
 
-def _rtnl_dump(s, kind, index):
-    """The kept fields of one dump's messages that concern interface ``index``
-    (rules concern every interface)."""
-    ask, reply, head, keep = kind
+def rtnl_snapshot():
+    """[[message payload]] of each of RTNL_DUMPS, over one rtnetlink socket:
+    what raw_links and link_digest read; None for a dump the kernel refused
+    (a kernel without policy routing may refuse the rules), None for all if
+    rtnetlink does not answer."""
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
+    except OSError:
+        return None
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        return [_rtnl_dump(s, kind) for kind in RTNL_DUMPS]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def _rtnl_dump(s, kind):
+    """The payloads of one dump's messages (all interfaces); None if refused."""
+    ask, reply = kind[0], kind[1]
     s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
            + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
            + bytes(16))                                             # family 0: all
@@ -581,15 +627,25 @@ def _rtnl_dump(s, kind, index):
             if typ == 3 or size < 16:                               # NLMSG_DONE
                 return out
             if typ == 2:                                            # NLMSG_ERROR
-                raise OSError("rtnetlink refused a dump")
+                return None
             if typ == reply:
-                msg = data[off + 16:off + size]
-                item = _rtnl_item(msg, head, keep, index, ask)
-                if item is not None:
-                    out.append(item)
+                out.append(data[off + 16:off + size])
             off += (size + 3) & ~3
         if not data:
             return out
+
+
+def _rtnl_attr(msg, head, kind):
+    """The payload of the first attribute ``kind`` of a message, or None."""
+    off = head
+    while off + 4 <= len(msg):
+        size = int.from_bytes(msg[off:off + 2], sys.byteorder)
+        if size < 4:
+            break
+        if int.from_bytes(msg[off + 2:off + 4], sys.byteorder) & 0x3FFF == kind:
+            return msg[off + 4:off + size]
+        off += (size + 3) & ~3
+    return None
 
 
 def _rtnl_item(msg, head, keep, index, ask):
@@ -620,8 +676,7 @@ def fast_record(fields, files):
 def read_fast_record(path):
     """(fields, [(path, fingerprint)]) of a record, or None."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")
+        lines = fast_read(path).split("\n")
     except (OSError, ValueError):
         return None
     if not lines or lines[0] != FAST_FORMAT:
@@ -638,7 +693,7 @@ def read_fast_record(path):
 
 
 def status_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.status.json")
+    return path_join(data_dir, f"{iface}.status.json")
 
 
 def _json_text(v):
@@ -662,23 +717,29 @@ def write_status_file(data_dir, iface, status):
     agent read: replaced whole, 0600 like every file of the data directory
     (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(_json_text(status) + "\n")
-        os.replace(tmp, path)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
+                        0o600)
+        try:
+            posix.fchmod(fd, 0o600)
+            data = (_json_text(status) + "\n").encode()
+            while data:
+                data = data[posix.write(fd, data):]
+        finally:
+            posix.close(fd)
+        posix.replace(tmp, path)
     except OSError:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
 
 
-def fast_unchanged(data_dir, run, iface, links, now):
+def fast_unchanged(data_dir, run, iface, links, now, snapshot=None):
     """Is this run of the command line ``run`` sure to change nothing on
-    ``iface``? (Asks the server; no other side effect.)"""
+    ``iface``? (Asks the server; no other side effect.) ``snapshot``:
+    rtnl_snapshot()'s, which ``links`` were read from."""
     found = read_fast_record(fast_file_path(data_dir, iface))
     if found is None:
         return False
@@ -690,7 +751,7 @@ def fast_unchanged(data_dir, run, iface, links, now):
     if rec.get("run") != run or now >= due or not rec.get("etag") or not files \
             or rec.get("links") != links_fingerprint(links) \
             or any(file_fingerprint(path, secret=False) != fp for path, fp in files) \
-            or rec.get("link") != link_digest(iface):
+            or rec.get("link") != link_digest(iface, snapshot):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
@@ -728,10 +789,10 @@ def _server_says_unchanged(endpoint, key, etag):
 def fast_fetch(argv):
     """0 if this command line was answered here (nothing changed since the
     last full sync that ran it), else None: the caller runs the full program."""
-    if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
+    if (argv[0] if argv else "").rpartition("/")[2].startswith(SERVER_PROG):
         return None
     try:
-        run = invocation(argv[1:], os.environ, os.getcwd())
+        run = invocation(argv[1:], environ_of_note(), posix.getcwd())
     except OSError:
         return None
     for data_dir in data_dir_candidates(argv[1:]):
@@ -740,10 +801,11 @@ def fast_fetch(argv):
             break
     else:
         return None
-    links, now = raw_links(), time.time()
+    snapshot, now = rtnl_snapshot(), time.time()
+    links = raw_links(snapshot)
     recs = []
     for iface in ifaces:
-        rec = fast_unchanged(data_dir, run, iface, links, now)
+        rec = fast_unchanged(data_dir, run, iface, links, now, snapshot)
         if not rec:
             return None
         recs.append((iface, rec))
@@ -1571,7 +1633,7 @@ def human_bytes(n):
 def local_networks(links=None):
     """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
-    Read with ioctls and /proc (raw_links: stdlib only), so fetch needs no
+    Read from rtnetlink (raw_links: stdlib only), so fetch needs no
     pyroute2; ``links`` is what raw_links() returned, if it was called.
     """
     v4, v6 = raw_links() if links is None else links
@@ -1956,7 +2018,7 @@ def _require_object(data, what):
     return data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Cidr:
     id: int | None
     name: str
@@ -1984,10 +2046,10 @@ class Cidr:
                 raise ValueError
         except ValueError:
             raise _bad(f"invalid CIDR {text!r}") from None
-        return cls(cid, name, text, _get(data, "parent", int, nullable=True))
+        return cls(id=cid, name=name, cidr=text, parent=_get(data, "parent", int, nullable=True))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Association:
     id: int | None
     cidr_id_1: int
@@ -2001,8 +2063,8 @@ class Association:
     @classmethod
     def from_json(cls, data, with_id=True):
         data = _require_object(data, "association")
-        return cls(_get(data, "id", int) if with_id else None,
-                   _get(data, "cidr_id_1", int), _get(data, "cidr_id_2", int))
+        return cls(id=_get(data, "id", int) if with_id else None,
+                   cidr_id_1=_get(data, "cidr_id_1", int), cidr_id_2=_get(data, "cidr_id_2", int))
 
 
 def _expires_to_json(secs):
@@ -2025,7 +2087,7 @@ def _expires_from_json(v):
     return secs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Peer:
     id: int | None
     name: str
@@ -2088,17 +2150,17 @@ class Peer:
                                    default=[]))
         pending = parse_routes(_get(data, "pending_routes", list, required=False,
                                     nullable=True, default=[]), exit_routes=True)
-        return cls(pid, _checked_name(_get(data, "name", str), "peer name"), ip,
-                   _get(data, "cidr_id", int), _get(data, "public_key", str),
-                   endpoint, keepalive, _get(data, "is_admin", bool),
-                   _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
-                   _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None), deleted_until, is_static,
-                   routes, _get(data, "exit_node", bool, required=False, default=False),
-                   pending)
+        return cls(id=pid, name=_checked_name(_get(data, "name", str), "peer name"), ip=ip,
+                   cidr_id=_get(data, "cidr_id", int), public_key=_get(data, "public_key", str),
+                   endpoint=endpoint, persistent_keepalive_interval=keepalive, is_admin=_get(data, "is_admin", bool),
+                   is_disabled=_get(data, "is_disabled", bool), is_redeemed=_get(data, "is_redeemed", bool),
+                   invite_expires=_expires_from_json(data.get("invite_expires")),
+                   candidates=parse_candidates(candidates, limit=None), deleted_until=deleted_until, is_static=is_static,
+                   routes=routes, exit_node=_get(data, "exit_node", bool, required=False, default=False),
+                   pending_routes=pending)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Deletion:
     """A deleted peer, as the server tells clients: its pin may go at reuse_after."""
     ip: str
@@ -2120,7 +2182,7 @@ class Deletion:
         reuse = _get(data, "reuse_after", int)
         if not -2 ** 40 < reuse < 2 ** 40:      # a date the clock can print
             raise _bad("field 'reuse_after' is out of range")
-        return cls(ip, key, reuse)
+        return cls(ip=ip, public_key=key, reuse_after=reuse)
 
 
 def parse_candidates(items, limit=MAX_CANDIDATES):
@@ -2155,7 +2217,7 @@ def parse_endpoint_contents(data):
     raise _bad("field 'option' must be \"Set\" or \"Unset\"")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RouteApprover:
     """An auto-approve rule: routes inside ``route`` advertised by a peer in
     CIDR ``cidr_id`` (or one below it) are approved as they come."""
@@ -2169,12 +2231,12 @@ class RouteApprover:
     @classmethod
     def from_json(cls, data):
         data = _require_object(data, "auto-approve rule")
-        return cls(_get(data, "id", int, required=False),
-                   parse_route(_get(data, "route", str), exit_routes=True),
-                   _get(data, "cidr_id", int))
+        return cls(id=_get(data, "id", int, required=False),
+                   route=parse_route(_get(data, "route", str), exit_routes=True),
+                   cidr_id=_get(data, "cidr_id", int))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AuditEntry:
     """One change to the network: who, what, to which object, before and after."""
     id: int
@@ -2191,10 +2253,20 @@ class AuditEntry:
     @classmethod
     def from_json(cls, data):
         data = _require_object(data, "audit entry")
-        return cls(_get(data, "id", int), _get(data, "at", int), _get(data, "actor", str),
-                   _get(data, "action", str), _get(data, "object", str),
-                   _get(data, "before", str, nullable=True),
-                   _get(data, "after", str, nullable=True))
+        return cls(id=_get(data, "id", int), at=_get(data, "at", int), actor=_get(data, "actor", str),
+                   action=_get(data, "action", str), object=_get(data, "object", str),
+                   before=_get(data, "before", str, nullable=True),
+                   after=_get(data, "after", str, nullable=True))
+
+
+def _summary(obj):
+    """A short before/after summary for the audit log (JSON, no secrets)."""
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def peer_summary(p):
+    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
+            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
 
 
 # A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
@@ -2314,7 +2386,7 @@ def parse_socket_address(text, where):
     return format_endpoint(host, port)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InterfaceConfig:
     """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
     network_name: str
@@ -2401,11 +2473,11 @@ class InterfaceConfig:
                 clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
             except (ValueError, InnernetError, TypeError):
                 raise InnernetError(f"{where}: bad entry {ip!r}") from None
-        return cls(name, address, private, port, server_key, external, internal, clean,
-                   [e for e in alternatives if e != external])
+        return cls(network_name=name, address=address, private_key=private, listen_port=port, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal, peer_endpoint_overrides=clean,
+                   server_endpoints=[e for e in alternatives if e != external])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """/etc/innernet-server/<iface>.conf."""
     private_key: str
@@ -2433,7 +2505,7 @@ class ServerConfig:
         prefix = _toml_field(data, "network-cidr-prefix", int, source)
         if not 0 < prefix <= ipaddress.ip_address(address).max_prefixlen:
             raise InnernetError(f"{source}: 'network-cidr-prefix' is out of range")
-        return cls(private, port, address, prefix)
+        return cls(private_key=private, listen_port=port, address=address, network_cidr_prefix=prefix)
 
     @property
     def interface(self):
@@ -2545,8 +2617,8 @@ def quarantine_placeholders(deletions, now):
             ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
         if d.reuse_after > now:
             label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
-            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
-                            None, False, True, True, None, []))
+            out.append(Peer(id=-n, name=f"quarantined-{label}", ip=d.ip, cidr_id=d.cidr_id, public_key=d.public_key, endpoint=None,
+                            persistent_keepalive_interval=None, is_admin=False, is_disabled=True, is_redeemed=True, invite_expires=None, candidates=[]))
     return out
 
 
@@ -4613,7 +4685,7 @@ def _plan_cidrs(r, doc, cidrs, root):
             cid = old.id if old else fake_id
             fake_id -= 1
             try:
-                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
+                check_new_cidr(target, [], Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
             except InnernetError as err:
                 r.bad(where, f"CIDR '{cname}': {err.message}")
                 continue
@@ -4622,7 +4694,7 @@ def _plan_cidrs(r, doc, cidrs, root):
                                            "(delete it and add it anew)")
                 continue
             ids[cname] = cid
-            target.append(Cidr(cid, cname, crange, ids[parent]))
+            target.append(Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
     return target, ids
 
 
@@ -4650,7 +4722,7 @@ def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
         if problem:
             r.bad(where + (problem[0],), problem[1])
             continue
-        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
+        me = Peer(id=old.id if old else None, name=pname, ip=ip, cidr_id=cidr.id, public_key=old.public_key if old else "",
                   is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
                   is_static=static, routes=routes, exit_node=exit_node,
                   pending_routes=[x for x in (old.pending_routes if old else [])
@@ -4934,16 +5006,6 @@ def current_actor():
     return getattr(_ACTOR, "name", None) or ACTOR_CLI
 
 
-def _summary(obj):
-    """A short before/after summary for the audit log (JSON, no secrets)."""
-    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def peer_summary(p):
-    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
-            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
-
-
 def _integrity_error(e):
     text = str(e)
     m = re.search(r"UNIQUE constraint failed: (\w+)\.(\w+)", text)
@@ -4980,7 +5042,7 @@ def _db_error(e, path):
 class Store:
     """The network in SQLite: CIDRs, peers, associations."""
 
-    def __init__(self, path, *, create=False):
+    def __init__(self, path, *, create=False, audit_keep=AUDIT_KEEP, write_timer=None):
         self.path = path
         if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
@@ -5012,9 +5074,9 @@ class Store:
                                      "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
-        self.audit_keep = AUDIT_KEEP   # seconds the audit log keeps a row
-        self.write_timer = None        # called with each commit's seconds (metrics)
-        self.listeners = []        # called after each commit
+        self.audit_keep = audit_keep   # seconds the audit log keeps a row
+        self.write_timer = write_timer  # called with each commit's seconds (metrics), or None
+        self.listeners = []        # called after each commit (changed)
         if create:
             with self.write() as c:
                 for stmt in SCHEMA.split(";"):
@@ -5046,9 +5108,10 @@ class Store:
                                 hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
-    def write(self, quiet=False):
+    def write(self, quiet=False, device=False):
         """One transaction; constraint violations become 400 errors. A ``quiet``
-        one changes nothing a peer sees: no new revision, no listeners."""
+        one changes nothing a peer sees: no new revision, no listeners.
+        ``device``: it changes what the server's device holds (changed())."""
         with self.lock:
             started = time.monotonic()
             try:
@@ -5075,13 +5138,20 @@ class Store:
             self.revision += 1
             if self.write_timer is not None:
                 self.write_timer(time.monotonic() - started)
-            for listener in self.listeners:
-                listener()
+        self.changed(device)
 
-    def _query(self, sql, args=()):
+    def changed(self, device=False):
+        """The one way a change propagates: every listener is called with
+        ``device`` (whether the server's device must follow), after each
+        commit here and when another process's commits are noticed. Called
+        outside the lock: a listener may take the device's."""
+        for listener in self.listeners:
+            listener(device)
+
+    def _query(self, sql, params=()):
         with self.lock:
             try:
-                return self.conn.execute(sql, args).fetchall()
+                return self.conn.execute(sql, params).fetchall()
             except self.sql.Error as e:
                 raise _db_error(e, self.path) from None
 
@@ -5110,7 +5180,8 @@ class Store:
     def audit(self, since=0, limit=100000):
         rows = self._query("SELECT id, at, actor, action, object, before, after FROM audit_log "
                            "WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))
-        return [AuditEntry(*r) for r in rows]
+        return [AuditEntry(id=i, at=at, actor=actor, action=action, object=obj, before=before,
+                           after=after) for i, at, actor, action, obj, before, after in rows]
 
     def data_version(self):
         """Changes when another connection (e.g. a CLI command) commits."""
@@ -5140,9 +5211,9 @@ class Store:
                 exit_node = True
             else:
                 routes.append(item[1:])
-        return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
-                    bool(row[6]), bool(row[7]), bool(row[8]), row[9],
-                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
+        return Peer(id=row[0], name=row[1], ip=row[2], cidr_id=row[3], public_key=row[4], endpoint=endpoint, persistent_keepalive_interval=PERSISTENT_KEEPALIVE,
+                    is_admin=bool(row[6]), is_disabled=bool(row[7]), is_redeemed=bool(row[8]), invite_expires=row[9],
+                    candidates=[c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
                     routes=routes, exit_node=exit_node, pending_routes=pending)
 
     def peers(self):
@@ -5163,14 +5234,14 @@ class Store:
         return self._peer(rows[0]) if rows else None
 
     def cidrs(self):
-        return [Cidr(r[0], r[1], f"{r[2]}/{r[3]}", r[4])
+        return [Cidr(id=r[0], name=r[1], cidr=f"{r[2]}/{r[3]}", parent=r[4])
                 for r in self._query("SELECT id, name, ip, prefix, parent FROM cidrs ORDER BY id")]
 
     def cidr_by_name(self, name):
         return next((c for c in self.cidrs() if c.name == name), None)
 
     def associations(self):
-        return [Association(*r) for r in
+        return [Association(id=i, cidr_id_1=a, cidr_id_2=b) for i, a, b in
                 self._query("SELECT id, cidr_id_1, cidr_id_2 FROM associations ORDER BY id")]
 
     # -- writes --------------------------------------------------------------
@@ -5200,11 +5271,11 @@ class Store:
     def create_network(self, name, network, server_ip, server_public_key, endpoint):
         """Root CIDR (id 1), the server's CIDR (id 2) and its peer (id 1)."""
         with self.write() as c:
-            root = self._insert_cidr(c, Cidr(None, name, str(network), None))
+            root = self._insert_cidr(c, Cidr(id=None, name=name, cidr=str(network), parent=None))
             infra = self._insert_cidr(
-                c, Cidr(None, SERVER_PEER_NAME, host_prefix(server_ip), root.id))
-            self._insert_peer(c, Peer(None, SERVER_PEER_NAME, str(server_ip), infra.id,
-                                      server_public_key, endpoint, None, True, False, True))
+                c, Cidr(id=None, name=SERVER_PEER_NAME, cidr=host_prefix(server_ip), parent=root.id))
+            self._insert_peer(c, Peer(id=None, name=SERVER_PEER_NAME, ip=str(server_ip), cidr_id=infra.id,
+                                      public_key=server_public_key, endpoint=endpoint, persistent_keepalive_interval=None, is_admin=True, is_disabled=False, is_redeemed=True))
             self._audit(c, "new", f"network {name}", None, {"cidr": str(network)})
 
     def add_cidr(self, contents):
@@ -5245,7 +5316,7 @@ class Store:
 
     def add_peer(self, contents, now=None):
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             # An expired invitation gives up its name and address at once (as
             # innernet's sweeper does within 10 s), though it stays re-issuable.
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
@@ -5262,7 +5333,7 @@ class Store:
     # -- the lifecycle innernet lacks: delete, re-invite -----------------------
 
     def deletions(self):
-        return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
+        return [Deletion(ip=r[1], public_key=r[2], reuse_after=r[4], name=r[0], cidr_id=r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
     def extra_rows(self):
@@ -5276,7 +5347,7 @@ class Store:
     def delete_peer(self, peer_id, reuse_after, now=None):
         """Remove a peer; a redeemed one leaves a Deletion that quarantines its address."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old):
                 raise _bad("the server's own peer cannot be deleted")
@@ -5396,7 +5467,7 @@ class Store:
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
         if not is_public_key(invite_public_key):
             raise _bad("invalid public key")
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if old.is_redeemed:
                 raise _bad(f"peer '{old.name}' has already redeemed its invitation",
@@ -5410,7 +5481,7 @@ class Store:
     def update_peer(self, peer_id, contents):
         """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
         parse_hostname(contents.name, "peer name")
-        with self.write() as c:
+        with self.write(device=True) as c:   # innernet leaves a disabled peer on the device
             old = self.peer(peer_id)
             if self._is_server_peer(old) and (contents.is_disabled or contents.name != old.name
                                               or contents.endpoint != old.endpoint):
@@ -5455,7 +5526,7 @@ class Store:
                     {k: was[k] for k in changed}, changed)
 
     def set_disabled(self, peer_id, disabled):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
@@ -5527,7 +5598,7 @@ class Store:
     # -- subnet routes and exit nodes --------------------------------------------
 
     def route_approvers(self):
-        return [RouteApprover(*r) for r in
+        return [RouteApprover(id=i, route=route, cidr_id=cidr_id) for i, route, cidr_id in
                 self._query("SELECT id, route, cidr_id FROM route_approvers ORDER BY id")]
 
     def advertise_routes(self, peer_id, routes, exit_node, approve=False):
@@ -5624,7 +5695,7 @@ class Store:
         ``invites`` {ip: (invitation public key, expiry)} for each peer the
         plan adds: keys are the applier's to make, never the file's."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             steps, problems = self.plan(text, source, now)
             if problems:
                 raise _bad(f"{len(problems)} problem(s) in {source}, the first: {problems[0]}; "
@@ -5647,7 +5718,7 @@ class Store:
                 raise _bad(f"CIDR '{name}' does not exist")
             return row[0]
         if st.kind == "add-cidr":
-            self._insert_cidr(c, Cidr(None, d["name"], d["cidr"], cidr_id(d["parent"])))
+            self._insert_cidr(c, Cidr(id=None, name=d["name"], cidr=d["cidr"], parent=cidr_id(d["parent"])))
         elif st.kind == "rename-cidr":
             c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (d["name"], d["id"]))
         elif st.kind == "add-peer":
@@ -5657,9 +5728,9 @@ class Store:
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
                       "AND (name = ? OR ip = ?)", (now, d["name"], d["ip"]))
             c.execute(_ORPHAN_ROUTES)
-            self._insert_peer(c, Peer(None, d["name"], d["ip"], cidr_id(d["cidr"]), key, None,
-                                      PERSISTENT_KEEPALIVE, d["admin"], d["disabled"], False,
-                                      expires, [], routes=d["routes"],
+            self._insert_peer(c, Peer(id=None, name=d["name"], ip=d["ip"], cidr_id=cidr_id(d["cidr"]), public_key=key, endpoint=None,
+                                      persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=d["admin"], is_disabled=d["disabled"], is_redeemed=False,
+                                      invite_expires=expires, candidates=[], routes=d["routes"],
                                       exit_node=d["exit_node"]))
         elif st.kind == "update-peer":
             c.execute("UPDATE peers SET name = ?, is_admin = ?, is_disabled = ? WHERE id = ?",
@@ -5688,7 +5759,7 @@ class Store:
             raise ValueError(st.kind)
 
     def add_association(self, a, b):
-        with self.write() as c:
+        with self.write(device=True) as c:
             ids = {x.id for x in self.cidrs()}
             if a == b:
                 raise _bad("a CIDR cannot be associated with itself")
@@ -5701,7 +5772,7 @@ class Store:
             cur = c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)",
                             (a, b))
             self._audit(c, "add-association", self._association_name(c, a, b))
-            return Association(cur.lastrowid, a, b)
+            return Association(id=cur.lastrowid, cidr_id_1=a, cidr_id_2=b)
 
     @staticmethod
     def _association_name(c, a, b):
@@ -5709,7 +5780,7 @@ class Store:
         return f"association {names.get(a, a)} <-> {names.get(b, b)}"
 
     def delete_association(self, assoc_id):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = c.execute("SELECT cidr_id_1, cidr_id_2 FROM associations WHERE id = ?",
                             (assoc_id,)).fetchone()
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
@@ -5743,7 +5814,7 @@ class Store:
 # HTTP wire ###################################################################
 ###############################################################################
 # HTTP/1.1 as both ends speak it: status reasons, limits, the strict parser
-# of a request line and headers; the API's route table (@api) and the
+# of a request line and headers; the API's route table (@api_route) and the
 # request and response its handlers see.
 
 
@@ -5830,7 +5901,7 @@ def body_limit(method, path):
     return _BODY_LIMITS.get((method, "/".join(segs[1:3])), MAX_BODY)
 
 
-def api(method, path, role, body=False, max_body=MAX_BODY):
+def api_route(method, path, role, body=False, max_body=MAX_BODY):
     """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
     def register(fn):
         _ROUTES[(method, path)] = (role, body, fn)
@@ -6257,77 +6328,161 @@ def is_innernet_server(caps):
 # sync ran with. A server's: its config and database paths.
 
 
-def _dirs(args, server):
-    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
-    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
-    return cdir, ddir
+@dataclasses.dataclass(frozen=True)
+class ClientFiles:
+    """The paths of one client interface's files, all from its two directories."""
+    iface: str
+    config_dir: str = CLIENT_CONFIG_DIR
+    data_dir: str = CLIENT_DATA_DIR
+
+    def with_suffix(self, suffix):
+        """<data dir>/<interface><suffix>."""
+        return os.path.join(self.data_dir, self.iface + suffix)
+
+    @property
+    def config(self):
+        return os.path.join(self.config_dir, f"{self.iface}.conf")
+
+    store = property(lambda self: self.with_suffix(".json"))          # the data store
+    paths_memo = property(lambda self: self.with_suffix(".paths.json"))
+    lacks_memo = property(lambda self: self.with_suffix(".lacks.json"))
+    # The exit node a client asked for, and the table its rules use.
+    exit_state = property(lambda self: self.with_suffix(".exit.json"))
+    server_state = property(lambda self: self.with_suffix(".server.json"))
+    # The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    # to prove the rotation to peers that joined before it but after its last sync.
+    old_keys = property(lambda self: self.with_suffix(".oldkeys.json"))
+    flags = property(lambda self: self.with_suffix(".flags.json"))    # with_remembered_flags
+    # Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    # interface back up (after a reboot, a killed wireguard-go) unless it is there.
+    down_marker = property(lambda self: self.with_suffix(".down"))
+    fast_record = property(lambda self: fast_file_path(self.data_dir, self.iface))
+    status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
-def installed_interfaces(args):
-    cdir, _ = _dirs(args, server=False)
+@dataclasses.dataclass(frozen=True)
+class Dirs:
+    """Where a role keeps its files: -c/-d, else the role's own defaults."""
+    config: str
+    data: str
+
+    @classmethod
+    def from_args(cls, args, server=False):
+        return cls(getattr(args, "config_dir", None)
+                   or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR),
+                   getattr(args, "data_dir", None)
+                   or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR))
+
+    def client(self, iface):
+        return ClientFiles(iface, self.config, self.data)
+
+    def server(self, iface):
+        """(config file, database) of a server's network."""
+        return os.path.join(self.config, f"{iface}.conf"), os.path.join(self.data, f"{iface}.db")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsOptions:
+    """--hosts-path, --no-write-hosts and --host-suffix, as given."""
+    path: str | None = None
+    suffix: str | None = None
+    write: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(getattr(args, "hosts_path", None), getattr(args, "host_suffix", None),
+                   not getattr(args, "no_write_hosts", False))
+
+    def resolve(self):
+        """(path or None, suffix): checked, or an error before anything is touched."""
+        if not self.write:
+            return None, None
+        path = self.path or DEFAULT_HOSTS_PATH
+        safe_hosts_path(path)        # refused before anything is touched
+        return path, None if self.suffix is None else parse_host_suffix(self.suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchOptions:
+    """What a verb's command line says about syncing an interface, read once
+    (FetchOptions.from_args) and handed down; the fields are the flags'."""
+    backend: str = "auto"
+    mtu: int = DEFAULT_MTU
+    no_routing: bool = False
+    hosts: HostsOptions = HostsOptions()
+    no_dns: bool = False
+    no_nat_traversal: bool = False
+    no_nat_candidates: bool = False
+    exclude_nat_candidates: tuple = ()
+    no_accept_routes: bool = False
+    accept_public_routes: bool = False
+    verbose: int = 0
+    invocation: str | None = None       # what main() recorded of the command line
+    interval: int | None = None         # up --daemon's
+    no_long_poll: bool = False
+    exit_node: str | None = None
+
+    @classmethod
+    def from_args(cls, args):
+        def flag(name):
+            return bool(getattr(args, name, False))
+        backend, mtu = getattr(args, "backend", None), getattr(args, "mtu", None)
+        return cls(backend="auto" if backend is None else backend,
+                   mtu=DEFAULT_MTU if mtu is None else mtu,
+                   no_routing=flag("no_routing"), hosts=HostsOptions.from_args(args),
+                   no_dns=flag("no_dns"), no_nat_traversal=flag("no_nat_traversal"),
+                   no_nat_candidates=flag("no_nat_candidates"),
+                   exclude_nat_candidates=tuple(getattr(args, "exclude_nat_candidates", None)
+                                                or ()),
+                   no_accept_routes=flag("no_accept_routes"),
+                   accept_public_routes=flag("accept_public_routes"),
+                   verbose=getattr(args, "verbose", 0) or 0,
+                   invocation=getattr(args, "invocation", None),
+                   interval=getattr(args, "interval", None),
+                   no_long_poll=flag("no_long_poll"), exit_node=getattr(args, "exit_node", None))
+
+    @property
+    def routing(self):
+        return not self.no_routing
+
+
+def installed_interfaces(config_dir):
     try:
-        names = os.listdir(cdir)
+        names = os.listdir(config_dir)
     except PermissionError:
-        raise InnernetError(f"cannot read {cdir}: permission denied",
+        raise InnernetError(f"cannot read {config_dir}: permission denied",
                             hint="are you running as root?") from None
     except OSError:
         return []
     return sorted(f[:-5] for f in names
-                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(config_dir, f)))
 
 
-def chosen_interfaces(args, required=True):
-    """The network the command names, else every installed one (fetch, up,
-    show without a name); ``required``: none installed is an error."""
-    if getattr(args, "interface", None) is not None:
-        return [parse_interface(args.interface)]
-    ifaces = installed_interfaces(args)
+def chosen_interfaces(dirs, name, required=True):
+    """The network the command names (``name``), else every installed one
+    (fetch, up, show without a name); ``required``: none installed is an error."""
+    if name is not None:
+        return [parse_interface(name)]
+    ifaces = installed_interfaces(dirs.config)
     if not ifaces and required:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
     return ifaces
 
 
-def client_config_path(args, iface):
-    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
-
-
-def data_store_path(args, iface):
-    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
-
-
-def load_client_config(args, iface):
-    path = client_config_path(args, iface)
+def load_client_config(files):
+    path = files.config
     if not path_exists(path, "config file"):
-        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+        raise InnernetError(f"no network named {files.iface} is installed ({path} is missing)",
                             hint="join one with 'innernet install INVITATION'")
     warn_if_world_accessible(path)
     return InterfaceConfig.from_toml(read_text(path, "config file"), path)
 
 
-def save_client_config(args, iface, cfg):
-    path = client_config_path(args, iface)
+def save_client_config(files, cfg):
+    path = files.config
     mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
     atomic_write(path, cfg.to_toml(), mode)
-
-
-def hosts_options(args):
-    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
-    if getattr(args, "no_write_hosts", False):
-        return None, None
-    suffix = getattr(args, "host_suffix", None)
-    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
-    safe_hosts_path(path)        # refused before anything is touched
-    return path, None if suffix is None else parse_host_suffix(suffix)
-
-
-def opt(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def routing(args):
-    return not getattr(args, "no_routing", False)
 
 
 def load_data_store(path):
@@ -6354,31 +6509,22 @@ def save_data_store(path, peers, cidrs, etag=None):
     return True
 
 
-def paths_memo_path(store_path):
-    return store_path[:-5] + ".paths.json"
-
-
-def lacks_memo_path(store_path):
-    return store_path[:-5] + ".lacks.json"
-
-
-def server_lacks(args, iface, cfg):
+def server_lacks(files, cfg):
     """What the interface's server is known to lack (ServerLacks)."""
-    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
+    return ServerLacks(files.lacks_memo, cfg.server_public_key)
 
 
-def load_paths_memo(store_path):
-    path = paths_memo_path(store_path)
+def load_paths_memo(files):
     try:
-        with open(path) as f:
+        with open(files.paths_memo) as f:
             return PathMemo.from_json(json.loads(f.read()))
     except (OSError, ValueError, RecursionError):
         return PathMemo()
 
 
-def save_paths_memo(store_path, memo):
+def save_paths_memo(files, memo):
     """Written only when it changed (an unchanged cron fetch writes nothing)."""
-    path = paths_memo_path(store_path)
+    path = files.paths_memo
     text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
     with contextlib.suppress(OSError):
         with open(path) as f:
@@ -6386,11 +6532,6 @@ def save_paths_memo(store_path, memo):
                 return
     ensure_dir(os.path.dirname(path) or ".")
     atomic_write(path, text, 0o600)
-
-
-def exit_state_path(store_path):
-    """The exit node a client asked for, and the table its rules use."""
-    return store_path[:-5] + ".exit.json"
 
 
 def _is_ip(text):
@@ -6430,35 +6571,25 @@ def save_exit_state(path, state):
     atomic_write(path, json.dumps(state) + "\n", 0o600)
 
 
-def server_state_path(args, iface):
-    return data_store_path(args, iface)[:-5] + ".server.json"
-
-
-def load_server_state(args, iface):
+def load_server_state(files):
     """{"endpoint": the one failed over to, "since": when}, or {}."""
     try:
-        with open(server_state_path(args, iface)) as f:
+        with open(files.server_state) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
 
 
-def save_server_state(args, iface, endpoint):
+def save_server_state(files, endpoint):
     with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
+        atomic_write(files.server_state,
                      json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
 
 
-def old_keys_path(store_path):
-    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
-    to prove the rotation to peers that joined before it but after its last sync."""
-    return store_path[:-5] + ".oldkeys.json"
-
-
-def load_old_keys(store_path, now):
+def load_old_keys(files, now):
     """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
-    path = old_keys_path(store_path)
+    path = files.old_keys
     try:
         with open(path) as f:
             keys = json.load(f).get("keys", [])
@@ -6475,63 +6606,58 @@ def load_old_keys(store_path, now):
     return live
 
 
-def keep_old_key(store_path, private_key, new_key, now):
-    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
+def keep_old_key(files, private_key, new_key, now):
+    keys = load_old_keys(files, now)[-(ROTATIONS_KEPT - 1):]
     keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
-    ensure_dir(os.path.dirname(store_path) or ".")
-    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
+    ensure_dir(os.path.dirname(files.old_keys) or ".")
+    atomic_write(files.old_keys, json.dumps({"keys": keys}) + "\n", 0o600)
 
 
-def write_fast_record(args, iface, cfg, etag, links, next_due, by):
+def write_fast_record(files, opts, cfg, etag, links, next_due, by):
     """What the fast path (fast_fetch) of the next run of this command line
     must find unchanged; taken after every write of this sync. Nothing is
     left for a run that printed what it did (-v), a device the fast path
     cannot read, or a secret file others may read (the full sync warns)."""
-    device = device_state_digest(iface, time.time())
-    run = getattr(args, "invocation", None)
-    if device is None or run is None or getattr(args, "verbose", 0) or \
-            any(c in etag for c in "\r\n"):
+    device = device_state_digest(files.iface, time.time())
+    this_run = opts.invocation
+    if device is None or this_run is None or opts.verbose or any(c in etag for c in "\r\n"):
         return
-    files = [(path, file_fingerprint(path, secret))
-             for path, secret in synced_files(args, iface)]
-    if any(fp is None or "\n" in path for path, fp in files):
+    fingerprints = [(path, file_fingerprint(path, secret))
+                    for path, secret in synced_files(files, opts)]
+    if any(fp is None or "\n" in path for path, fp in fingerprints):
         return
-    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
+    fields = {"run": this_run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device, "by": by,
+              "link": link_digest(files.iface), "device": device, "by": by,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
-                     fast_record(fields, files), 0o600)
+        atomic_write(files.fast_record, fast_record(fields, fingerprints), 0o600)
 
 
-def synced_files(args, iface):
-    """(path, secret) of every file a sync of ``iface`` reads or writes: a
-    change to any of them sends the next run down the full sync."""
-    store = data_store_path(args, iface)
-    files = [(client_config_path(args, iface), True), (store, True),
-             (paths_memo_path(store), True), (exit_state_path(store), True),
-             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
-    hosts_path, _ = hosts_options(args)
+def synced_files(files, opts):
+    """(path, secret) of every file a sync of ``files.iface`` reads or writes:
+    a change to any of them sends the next run down the full sync."""
+    found = [(files.config, True), (files.store, True), (files.paths_memo, True),
+             (files.exit_state, True), (files.server_state, True), (files.flags, True)]
+    hosts_path, _ = opts.hosts.resolve()
     if hosts_path:
-        files.append((hosts_path, False))
+        found.append((hosts_path, False))
     try:
-        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
+        found.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(files.iface)}", False))
     except OSError:
         pass
-    return files
+    return found
 
 
-def record_run(args, ifaces):
-    """Note in the data directory which interfaces this command line synced,
-    for fast_fetch to find their records (the last few command lines)."""
-    run = getattr(args, "invocation", None)
-    ddir = _dirs(args, False)[1]
-    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
+def record_run(data_dir, this_run, ifaces):
+    """Note in the data directory which interfaces this command line
+    (``this_run``) synced, for fast_fetch to find their records (the last few
+    command lines)."""
+    if this_run is None or not all(path_exists(fast_file_path(data_dir, i)) for i in ifaces):
         return
-    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
-    runs[run] = ifaces
-    _write_runs(ddir, runs)
+    runs = {k: v for k, v in read_runs(data_dir).items() if k != this_run}
+    runs[this_run] = ifaces
+    _write_runs(data_dir, runs)
 
 
 def _write_runs(ddir, runs):
@@ -6543,21 +6669,15 @@ def _write_runs(ddir, runs):
             os.unlink(os.path.join(ddir, FAST_RUNS))
 
 
-def forget_runs(args, iface):
+def forget_runs(ddir, iface):
     """Take an uninstalled interface out of the noted command lines."""
-    ddir = _dirs(args, False)[1]
     runs = read_runs(ddir)
     if any(iface in v for v in runs.values()):
         _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
 
 
-def server_paths(args, iface):
-    cdir, ddir = _dirs(args, server=True)
-    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
-
-
-def load_server_config(args, iface):
-    conf, _ = server_paths(args, iface)
+def load_server_config(dirs, iface):
+    conf, _ = dirs.server(iface)
     if not path_exists(conf, "server config"):
         raise InnernetError(f"no network named {iface} ({conf} is missing)",
                             hint="create it with 'innernet-server new'")
@@ -6611,19 +6731,6 @@ def ask(value, flag, prompt, *, default=None, parse=None):
                 print(f"  {e.message}", file=sys.stderr)
                 value = None
     return parse(value) if parse else value
-
-
-def confirm(args, question, default=False):
-    """--yes, or a y/n answer at the terminal."""
-    if getattr(args, "yes", False):
-        return True
-    if not _interactive():
-        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
-    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
-    ok = default if not answer else answer in ("y", "yes")
-    if not ok:
-        raise InnernetError("cancelled")
-    return True
 
 
 def choose(value, flag, prompt, options):
@@ -7705,7 +7812,7 @@ class DeviceSync:
         return next((p.public_key for p in dev.peers if host_prefix(ip) in p.allowed_ips),
                     None)
 
-    def desired_peers(self, now):
+    def wanted(self, now):
         """The device's peers as the database has them; an invitation being
         redeemed keeps its invitation key until the client has its answer."""
         out = []
@@ -7734,7 +7841,7 @@ class DeviceSync:
         with self.lock:
             try:
                 dev = self.backend.get(self.ifname)
-                updates = [u for u in diff_peers(dev.peers, self.desired_peers(time.time()),
+                updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
                                                  self.public_key, time.time(),
                                                  resolve=resolve_endpoint)
                            if u.touches_device]
@@ -8019,9 +8126,9 @@ class StateViews:
     """What each caller may see, as bodies cached per view and revision, and
     the long polls that wait for one to change."""
 
-    def __init__(self, store, device, gate, stop):
+    def __init__(self, store, device, gate, stop, changed, dns_zone_name=None):
         self.store, self.device, self.gate, self.stop = store, device, gate, stop
-        self.dns_zone_name = None            # "NET.wg" when serve answers DNS
+        self.dns_zone_name = dns_zone_name   # "NET.wg" when serve answers DNS
         self.long_polls = 0                  # requests waiting in wait_for_change now
         self._state_cache: dict[object, tuple] = {}
         self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
@@ -8029,7 +8136,7 @@ class StateViews:
         self._cache_lock = threading.Lock()
         # Long polls wait on this; it is notified whenever what a peer may see
         # can have changed: a commit, a CLI edit, a newly observed endpoint.
-        self.changed = threading.Condition()
+        self.changed = changed
         self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
         self.cache_enabled = True
         import collections
@@ -8245,36 +8352,52 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
         return fn(co, Request(caller, data, rid, headers, query, target, body))
 
 
+def notifier(condition):
+    """A callable that wakes everything waiting on ``condition``."""
+    def notify():
+        with condition:
+            condition.notify_all()
+    return notify
+
+
 class Coordinator:
     """The running server: its store and the parts that do its work -- the
     device, key swaps, callers, state views -- and its periodic chores."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False):
+                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone_name=None,
+                 status_path=None, metrics=None, replication=None):
         self.store, self.config, self.ifname = store, config, ifname
         self.public_key = public_key(config.private_key)
         self.hosts_path, self.host_suffix = hosts_path, host_suffix
-        self.metrics = None                  # Metrics, with serve --metrics
-        self.status_path = None              # where tick() leaves what `status` shows
+        self.metrics = metrics               # Metrics, with serve --metrics
+        self.status_path = status_path       # where tick() leaves what `status` shows
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
         self.device_gone = threading.Event()  # serve exits: its unit brings it back
-        self.replication = None               # () -> what `status` says of replication
+        self.replication = replication        # () -> what `status` says of replication
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.proofs = AdminProofs(store, config.private_key)
-        self.views = StateViews(store, None, self.gate, self.stop)
+        changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 self.views.signal)
-        self.views.device = self.device
+                                 notifier(changed))
+        self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
-        store.listeners.append(self.views.signal)
+        store.listeners.append(self.on_change)
 
     @property
     def hub(self):
         """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
         return self.device.hub
+
+    def on_change(self, device):
+        """The store's listener: the device follows a change that is its to
+        follow, then long polls wake (Store.changed)."""
+        if device:
+            self.device.sync()
+        self.views.signal()
 
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""
@@ -8283,7 +8406,7 @@ class Coordinator:
         gone = self.store.sweep_expired(int(now))
         if gone:
             log("deleted expired invitations: " + ", ".join(p.name for p in gone))
-            self.device.sync()
+            self.store.changed(device=True)
         if self.hosts_path:
             peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
             write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
@@ -8306,8 +8429,7 @@ class Coordinator:
         version = self.store.data_version()
         if version != self._data_version:
             self._data_version = version
-            self.device.sync()
-            self.views.signal()
+            self.store.changed(device=True)
 
     def run_background(self, interval=1.0):
         """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
@@ -8475,11 +8597,11 @@ def _parent_death_signal():
 # The HTTP API of innernet-server, served only on the server's WireGuard
 # address and bound to its device: WireGuard's cryptokey routing means a
 # packet from IP X came from the key that owns X, so the source address
-# identifies the caller. One route table (@api), one dispatch, one place
+# identifies the caller. One route table (@api_route), one dispatch, one place
 # where InnernetError becomes an HTTP status.
 
 
-@api("GET", "user/state", "user")
+@api_route("GET", "user/state", "user")
 def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
@@ -8502,7 +8624,7 @@ def user_get_state(co, req):
     return Response(200, raw=body, headers=extra)
 
 
-@api("GET", "user/capabilities", "any")
+@api_route("GET", "user/capabilities", "any")
 def user_get_capabilities(co, req):
     # innernet clients ignore the extra field; ours long-poll when they see it.
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
@@ -8512,7 +8634,7 @@ def user_get_capabilities(co, req):
                           "routes": True, "dns": co.views.dns_zone_name})
 
 
-@api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
+@api_route("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
 def user_relay(co, req):
     """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
     {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
@@ -8566,7 +8688,7 @@ def user_relay(co, req):
     return Response(200, {"relays": relays, "refused": refused, "offline": offline})
 
 
-@api("POST", "user/redeem", "unredeemed", body=True)
+@api_route("POST", "user/redeem", "unredeemed", body=True)
 def user_redeem(co, req):
     data = _require_object(req.body, "redeem request")
     new_key = _get(data, "public_key", str)
@@ -8605,7 +8727,7 @@ def user_redeem(co, req):
     return Response(204, after=lambda sock: co.swaps.finish(caller.id, sock))
 
 
-@api("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
+@api_route("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_rotate_key(co, req):
     """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
 
@@ -8641,7 +8763,7 @@ def _pinner_json(peer, pinned_key):
             "pinned_key": pinned_key}
 
 
-@api("GET", "user/rotations", "user")
+@api_route("GET", "user/rotations", "user")
 def user_get_rotations(co, req):
     """Ours: the key changes of a visible address, with the caller's own proofs."""
     ip = str(parse_ip(req.query.get("ip", ""), "address"))
@@ -8664,7 +8786,7 @@ def _proof_verifiers(co, caller):
             and not p.is_disabled and p.id != caller.id]
 
 
-@api("GET", "user/rotation-proofs", "user")
+@api_route("GET", "user/rotation-proofs", "user")
 def user_get_missing_proofs(co, req):
     """Ours: the caller's own rotations that a peer which may see it has no
     proof for (it joined after the caller's last sync before rotating):
@@ -8678,7 +8800,7 @@ def user_get_missing_proofs(co, req):
     return Response(200, out)
 
 
-@api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
+@api_route("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_add_rotation_proofs(co, req):
     """Ours: late proofs for one of the caller's own rotations
     ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay.
@@ -8710,7 +8832,7 @@ def user_add_rotation_proofs(co, req):
     return Response(204)
 
 
-@api("PUT", "user/endpoint", "user", body=True)
+@api_route("PUT", "user/endpoint", "user", body=True)
 def user_set_endpoint(co, req):
     endpoint = parse_endpoint_contents(req.body)
     if endpoint != req.caller.endpoint:            # the same again changes nothing
@@ -8719,7 +8841,7 @@ def user_set_endpoint(co, req):
     return Response(204)
 
 
-@api("PUT", "user/candidates", "user", body=True)
+@api_route("PUT", "user/candidates", "user", body=True)
 def user_set_candidates(co, req):
     candidates = parse_candidates(req.body)
     if candidates != req.caller.candidates:
@@ -8728,13 +8850,13 @@ def user_set_candidates(co, req):
     return Response(204)
 
 
-@api("GET", "user/routes", "user")
+@api_route("GET", "user/routes", "user")
 def user_get_routes(co, req):
     """Ours: the caller's own peer, with what it advertises still waiting for approval."""
     return Response(200, req.caller.to_json())
 
 
-@api("POST", "user/routes", "user", body=True)
+@api_route("POST", "user/routes", "user", body=True)
 def user_advertise_routes(co, req):
     """Ours: {"routes": [cidr, ...], "exit_node": bool} replaces what the caller
     advertises; answers the caller's peer, with what still waits for approval."""
@@ -8751,7 +8873,7 @@ def user_advertise_routes(co, req):
     return Response(200, peer.to_json())
 
 
-@api("PUT", "admin/routes/{id}", "admin", body=True)
+@api_route("PUT", "admin/routes/{id}", "admin", body=True)
 def admin_approve_routes(co, req):
     """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
     data = _require_object(req.body, "approval")
@@ -8766,7 +8888,7 @@ def admin_approve_routes(co, req):
 MAX_DOCUMENT = 4 << 20        # bytes of a network document sent to plan or apply
 
 
-@api("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
+@api_route("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
 def admin_plan(co, req):
     """Ours: {"document": TOML text} -> {"plan": [line], "problems": [line],
     "invite": [{"name", "ip"}]} (the peers applying it would invite)."""
@@ -8777,7 +8899,7 @@ def admin_plan(co, req):
                                      for st in steps if st.kind == "add-peer"]})
 
 
-@api("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
+@api_route("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
 def admin_apply(co, req):
     """Ours: {"document": TOML text, "invites": {ip: {"public_key", "invite_expires"}}}:
     plan and apply in one transaction -> {"applied": [line]}."""
@@ -8788,12 +8910,11 @@ def admin_apply(co, req):
         invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
                                       _expires_from_json(inv.get("invite_expires")))
     steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
-    co.device.sync()
     log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
     return Response(200, {"applied": [st.line for st in steps]})
 
 
-@api("GET", "admin/audit", "admin")
+@api_route("GET", "admin/audit", "admin")
 def admin_audit(co, req):
     """Ours: the audit log, oldest first; ?since=UNIX_SECONDS."""
     since = ascii_uint(req.query.get("since", "0"))
@@ -8802,12 +8923,12 @@ def admin_audit(co, req):
     return Response(200, [e.to_json() for e in co.store.audit(since)])
 
 
-@api("GET", "admin/route-approvers", "admin")
+@api_route("GET", "admin/route-approvers", "admin")
 def admin_list_route_approvers(co, req):
     return Response(200, [a.to_json() for a in co.store.route_approvers()])
 
 
-@api("POST", "admin/route-approvers", "admin", body=True)
+@api_route("POST", "admin/route-approvers", "admin", body=True)
 def admin_add_route_approver(co, req):
     rule = co.store.add_route_approver(RouteApprover.from_json(req.body))
     log(f"admin '{req.caller.name}' auto-approves routes in {rule.route} "
@@ -8815,13 +8936,13 @@ def admin_add_route_approver(co, req):
     return Response(201, rule.to_json())
 
 
-@api("DELETE", "admin/route-approvers/{id}", "admin")
+@api_route("DELETE", "admin/route-approvers/{id}", "admin")
 def admin_delete_route_approver(co, req):
     co.store.delete_route_approver(req.id)
     return Response(204)
 
 
-@api("GET", "admin/peers", "admin")
+@api_route("GET", "admin/peers", "admin")
 def admin_list_peers(co, req):
     co.device.refresh()
     # innernet admins pick the lowest address not listed: list quarantined ones.
@@ -8831,31 +8952,28 @@ def admin_list_peers(co, req):
                           for p in co.store.peers()] + [p.to_json() for p in held])
 
 
-@api("POST", "admin/peers", "admin", body=True)
+@api_route("POST", "admin/peers", "admin", body=True)
 def admin_add_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     peer = co.store.add_peer(contents)
-    co.device.sync()
     log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
     return Response(201, peer.to_json())
 
 
-@api("PUT", "admin/peers/{id}", "admin", body=True)
+@api_route("PUT", "admin/peers/{id}", "admin", body=True)
 def admin_update_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     co.store.update_peer(req.id, contents)
-    co.device.sync()       # innernet leaves a disabled peer on the device
     return Response(204)
 
 
-@api("DELETE", "admin/peers/{id}", "admin")
+@api_route("DELETE", "admin/peers/{id}", "admin")
 def admin_disable_peer(co, req):
     co.store.set_disabled(req.id, True)
-    co.device.sync()
     return Response(204)
 
 
-@api("POST", "admin/deleted-peers", "admin", body=True)
+@api_route("POST", "admin/deleted-peers", "admin", body=True)
 def admin_delete_peer(co, req):
     """Ours: delete a peer for good ({"id": N, "reuse_after": seconds})."""
     data = _require_object(req.body, "deletion request")
@@ -8863,31 +8981,30 @@ def admin_delete_peer(co, req):
     if not 0 <= reuse <= 100 * 365 * 86400:
         raise _bad("field 'reuse_after' is out of range")
     old = co.store.delete_peer(_get(data, "id", int), reuse)
-    co.device.sync()
     log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
     return Response(204)
 
 
-@api("GET", "admin/deleted-peers", "admin")
+@api_route("GET", "admin/deleted-peers", "admin")
 def admin_list_deleted_peers(co, req):
     return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
                           for d in co.store.deletions()])
 
 
-@api("GET", "admin/innernet-pins", "admin")
+@api_route("GET", "admin/innernet-pins", "admin")
 def admin_list_innernet_pins(co, req):
     """Ours: the innernet clients that pinned ?ip= (to the key "pinned_key")."""
     ip = parse_ip(req.query.get("ip", ""), "address")
     return Response(200, [_pinner_json(p, key) for p, key in co.store.pinners(ip)])
 
 
-@api("DELETE", "admin/innernet-pins/{id}", "admin")
+@api_route("DELETE", "admin/innernet-pins/{id}", "admin")
 def admin_forget_innernet_pins(co, req):
     """Ours: an innernet client's data store was deleted: it pins anew."""
     return Response(200, {"forgotten": co.store.forget_pins(req.id)})
 
 
-@api("POST", "admin/reinvitations", "admin", body=True)
+@api_route("POST", "admin/reinvitations", "admin", body=True)
 def admin_reinvite(co, req):
     """Ours: a new invitation key for an unredeemed peer ({"id", "public_key",
     "invite_expires"}); the old invitation stops working at once."""
@@ -8896,23 +9013,22 @@ def admin_reinvite(co, req):
     if expires is None or expires <= time.time():
         raise _bad("field 'invite_expires' must be a time in the future")
     old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
-    co.device.sync()
     log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
     return Response(204)
 
 
-@api("GET", "admin/cidrs", "admin")
+@api_route("GET", "admin/cidrs", "admin")
 def admin_list_cidrs(co, req):
     return Response(200, [c.to_json() for c in co.store.cidrs()])
 
 
-@api("POST", "admin/cidrs", "admin", body=True)
+@api_route("POST", "admin/cidrs", "admin", body=True)
 def admin_add_cidr(co, req):
     cidr = co.store.add_cidr(Cidr.from_json(req.body, with_id=False))
     return Response(201, cidr.to_json())
 
 
-@api("PUT", "admin/cidrs/{id}", "admin", body=True)
+@api_route("PUT", "admin/cidrs/{id}", "admin", body=True)
 def admin_update_cidr(co, req):
     """Only the name changes (as in innernet, whose clients send the CIDR back
     renamed); a new range or parent is refused, not ignored."""
@@ -8927,29 +9043,27 @@ def admin_update_cidr(co, req):
     return Response(204)
 
 
-@api("DELETE", "admin/cidrs/{id}", "admin")
+@api_route("DELETE", "admin/cidrs/{id}", "admin")
 def admin_delete_cidr(co, req):
     co.store.delete_cidr(req.id)
     return Response(204)
 
 
-@api("GET", "admin/associations", "admin")
+@api_route("GET", "admin/associations", "admin")
 def admin_list_associations(co, req):
     return Response(200, [a.to_json() for a in co.store.associations()])
 
 
-@api("POST", "admin/associations", "admin", body=True)
+@api_route("POST", "admin/associations", "admin", body=True)
 def admin_add_association(co, req):
     a = Association.from_json(req.body, with_id=False)
     co.store.add_association(a.cidr_id_1, a.cidr_id_2)
-    co.device.sync()
     return Response(201)
 
 
-@api("DELETE", "admin/associations/{id}", "admin")
+@api_route("DELETE", "admin/associations/{id}", "admin")
 def admin_delete_association(co, req):
     co.store.delete_association(req.id)
-    co.device.sync()
     return Response(204)
 
 
@@ -9226,12 +9340,12 @@ def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
     return False
 
 
-def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
+def report_candidates(opts, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
-    if getattr(args, "no_nat_candidates", False):
+    if opts.no_nat_candidates:
         local = []
     else:
-        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
+        exclude = [parse_network(n) for n in opts.exclude_nat_candidates]
         local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
                  for ip in local_addresses(exclude, links)]
     have = set(own.candidates) if own else set()
@@ -9446,8 +9560,21 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     return moved
 
 
-def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None, asked=None):
+@dataclasses.dataclass(frozen=True)
+class PathSession:
+    """What one round of path work is given: the server's API (None when it
+    does not answer), the device (backend and interface), this peer's config,
+    the PathMemo it reads and updates, and ``save(memo)``, called before a
+    direct try (so that `show` meanwhile knows who is still relayed), or None."""
+    api: object
+    backend: object
+    iface: str
+    cfg: object
+    memo: PathMemo
+    save: object = None
+
+
+def settle_paths(session, peers, *, changed=(), full=False, now=None, dev=None, asked=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -9465,18 +9592,19 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     Returns the keys left with no path.
     """
     now = time.time() if now is None else now
+    cfg, memo = session.cfg, session.memo
     own = public_key(cfg.private_key)
     wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
               and p.public_key not in (own, cfg.server_public_key)
               and p.ip not in cfg.peer_endpoint_overrides}
     memo.keep_only(wanted)
-    dev = dev or backend.get(iface)
+    dev = dev or session.backend.get(session.iface)
     fresh, probe = _path_work(dev, wanted, memo, set(changed), full, now)
     unreachable = set()
     if fresh:
-        unreachable = _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now)
+        unreachable = _settle_fresh(session, fresh, asked, now)
     if probe:
-        _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now)
+        _settle_relayed(session, probe, dev, now)
     return unreachable
 
 
@@ -9505,9 +9633,11 @@ def _path_work(dev, wanted, memo, changed, full, now):
     return fresh, probe
 
 
-def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
+def _settle_fresh(session, fresh, asked, now):
     """One direct step for peers with no working path, then the relay for
     those it did not reach; returns the keys left with no path."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     # A peer the server last called offline gets no direct step: it would
     # cost a second for nothing (and wireguard-go some milliseconds per
     # re-added peer: 300 offline peers made a first `up` take 9 s). The
@@ -9525,12 +9655,12 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
     missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
     # ...and not again in the same run for those it just called offline
-    ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
-    if ask:
-        answer = request_relays(api, cfg, ask)
+    asking = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+    if asking:
+        answer = request_relays(api, cfg, asking)
     relays, offline = answer if answer is not None else ({}, set())
     memo.relays.update(relays)
-    memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
+    memo.offline = (memo.offline - {p.public_key for p in asking}) | offline
     if relays:
         by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
         backend.apply(iface, updates=[u for p in missed if p.public_key in relays
@@ -9551,8 +9681,10 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     return unreachable
 
 
-def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
+def _settle_relayed(session, probe, dev, now):
     """Relayed peers: keep their relay ports open, and try them directly."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     for p in probe:
         memo.tried[p.public_key] = now
     # Asking again keeps the relay ports open; a new port means the old
@@ -9566,8 +9698,8 @@ def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
             p, dev.peer(p.public_key), again[p.public_key])])
     trying = [p for p in probe if p not in moved]
     memo.trying = {p.public_key: time.time() + 5 for p in trying}
-    if trying and save is not None:
-        save(memo)
+    if trying and session.save is not None:
+        session.save(memo)
     try:
         for k in probe_direct(backend, iface, trying, memo, local_networks()):
             memo.since.pop(k, None)
@@ -9657,8 +9789,8 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
             p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
     if server is None:
-        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
-                        cfg.server_external_endpoint, is_redeemed=True))
+        out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
+                        endpoint=cfg.server_external_endpoint, is_redeemed=True))
     return out
 
 
@@ -9703,12 +9835,12 @@ def verified_rotations(api, cfg, stored, received):
     return ok, waiting
 
 
-def send_late_proofs(api, cfg, store_path):
+def send_late_proofs(api, cfg, files):
     """Proofs of our recent rotations, from the kept old keys, for the peers
     the server says still lack one (they joined after our last sync before
     the rotation). Only rotations we made are proved, so a server naming
     keys of its choosing learns nothing it could use. True when all were sent."""
-    kept = load_old_keys(store_path, time.time())
+    kept = load_old_keys(files, time.time())
     if not kept:
         return True
     try:
@@ -9767,36 +9899,37 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def read_status(args, iface):
+def read_status(files):
     """The interface's status file as the last sync left it, or {}."""
     try:
-        with open(status_file_path(_dirs(args, False)[1], iface)) as f:
+        with open(files.status) as f:
             status = json.load(f)
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
 
 
-def fetch_interface(args, iface, by="fetch", **kw):
+def fetch_interface(files, opts, by="fetch", **kw):
     """One sync (sync_interface), its outcome left in the interface's status
     file (write_status_file), for `innernet status` and monitoring agents."""
-    prev = read_status(args, iface)
+    iface = files.iface
+    prev = read_status(files)
     try:
-        result = sync_interface(args, iface, prev, by=by, **kw)
+        result = sync_interface(files, opts, prev, by=by, **kw)
     except Exception as e:
-        if path_exists(client_config_path(args, iface)):
+        if path_exists(files.config):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
             last = prev.get("last_success")
-            write_status_file(_dirs(args, False)[1], iface, sync_status(
+            write_status_file(files.data_dir, iface, sync_status(
                 iface, time.time(), message, prev.get("server"), by, last))
         raise
-    cfg = current_server(args, iface, load_client_config(args, iface))
-    write_status_file(_dirs(args, False)[1], iface, sync_status(
+    cfg = current_server(files, load_client_config(files))
+    write_status_file(files.data_dir, iface, sync_status(
         iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
     return result
 
 
-def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=0,
+def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=0,
                    traverse="changed", record=False, dns=False):
     """One sync of a client interface with its server, in innernet's order.
 
@@ -9809,37 +9942,37 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
     unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
     (as when the interface is brought up here).
     """
-    fast_path = fast_file_path(_dirs(args, False)[1], iface)
+    iface = files.iface
     with contextlib.suppress(OSError):
-        os.unlink(fast_path)          # only a sync that completes leaves one
-    if getattr(args, "no_nat_traversal", False):
+        os.unlink(files.fast_record)          # only a sync that completes leaves one
+    if opts.no_nat_traversal:
         traverse = None
-    f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
-    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
-                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
+    f = _Fetch(files, opts, current_server(files, load_client_config(files)),
+               {(w.get("ip"), w.get("new_key")): w for w in
+                prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
-    settled = settle_rotation(args, iface, f.cfg, f.backend)
+    settled = settle_rotation(files, f.cfg, f.backend)
     if settled is not f.cfg:
         f.cfg, f.own_key = settled, public_key(settled.private_key)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(args, iface, f.cfg),
+                                          lacks=server_lacks(files, f.cfg),
                                           proof_key=f.cfg.private_key)   # late proofs
     proofs_sent = True
     try:
         f.receive(wait)
         if f.unreachable is None:
-            proofs_sent = send_late_proofs(f.api, f.cfg, f.store_path)
+            proofs_sent = send_late_proofs(f.api, f.cfg, files)
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
-        if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(f.api, iface, f.cfg, getattr(args, "host_suffix", None))
+        if (f.brought_up or dns) and f.unreachable is None and not opts.no_dns:
+            split_dns(f.api, iface, f.cfg, opts.hosts.suffix)
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
         if record and f.unreachable is None and f.etag and proofs_sent and not f.pending:
-            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due, by)
+            write_fast_record(files, opts, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
         _IN_FLIGHT.pop(iface, None)
         f.api.close()
@@ -9868,7 +10001,7 @@ def _server_answers(cfg):
         api.close()
 
 
-def settle_rotation(args, iface, cfg, backend):
+def settle_rotation(files, cfg, backend):
     """A `rotate-key` whose answer never came left ``<iface>.conf.rotating``
     (the new key). The server itself says which key it holds: it answers
     only the key it has (the old one is off its device once it takes the
@@ -9876,16 +10009,16 @@ def settle_rotation(args, iface, cfg, backend):
     The new one answered: it is this peer's key (the old one kept for late
     proofs). Neither (the server is down): asked again at the next sync.
     -> the config to sync with."""
-    path = client_config_path(args, iface)
-    pending = path + ".rotating"
-    if not os.path.exists(pending):
+    if not os.path.exists(files.config + ".rotating"):
         return cfg
-    with file_lock(path, wait=False) as mine:
+    with file_lock(files.config, wait=False) as mine:
         # not while a `rotate-key` waits for its answer (it holds the lock)
-        return _settle_rotation(args, iface, cfg, backend, path, pending) if mine else cfg
+        return _settle_rotation(files, cfg, backend) if mine else cfg
 
 
-def _settle_rotation(args, iface, cfg, backend, path, pending):
+def _settle_rotation(files, cfg, backend):
+    iface, path = files.iface, files.config
+    pending = path + ".rotating"
     if not os.path.exists(pending):
         return cfg
     try:
@@ -9905,10 +10038,10 @@ def _settle_rotation(args, iface, cfg, backend, path, pending):
     os.replace(pending, path)
     new_public = public_key(new.private_key)
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, time.time())
+        keep_old_key(files, cfg.private_key, new_public, time.time())
     log(f"{iface}: the server had taken the new key of the interrupted rotation "
         f"({short_key(new_public)}); it is this peer's key now")
-    return current_server(args, iface, load_client_config(args, iface))
+    return current_server(files, load_client_config(files))
 
 
 def _unreachable_hint(f):
@@ -9929,21 +10062,21 @@ def _unreachable_hint(f):
 class _Fetch:
     """One fetch_interface run, step by step: what it read, decided and did."""
 
-    def __init__(self, args, iface, cfg):
-        self.args, self.iface, self.cfg = args, iface, cfg
-        self.store_path = data_store_path(args, iface)
+    def __init__(self, files, opts, cfg, prev_pending):
+        self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
+        self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
-        self.pending, self.prev_pending = [], {}
+        self.pending = []
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
-        args, iface, cfg = self.args, self.iface, self.cfg
-        choice = opt(args, "backend", "auto")
+        opts, iface, cfg = self.opts, self.iface, self.cfg
+        choice = opts.backend
         self.backend = existing_backend(choice, iface)
         if self.backend is None:
             if not allow_bring_up:
@@ -9952,13 +10085,13 @@ class _Fetch:
             self.backend = bring_up(
                 choice, iface, private_key=cfg.private_key, address=cfg.address,
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-                mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                mtu=opts.mtu, routing=opts.routing)
             self.brought_up = True
         else:
-            fixed = repair_link(iface, cfg.address, routing(args))
+            fixed = repair_link(iface, cfg.address, opts.routing)
             if fixed:
                 warn(f"{iface}: put back what the interface had lost: {', '.join(fixed)}")
-        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.store_path)
+        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.files.store)
 
     def receive(self, wait):
         """The peers and CIDRs to apply: the server's, pinned against what we
@@ -9997,7 +10130,7 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend, e.refused)
+            self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -10024,7 +10157,7 @@ class _Fetch:
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
         self.dev = dev = self.backend.get(self.iface)
-        memo = load_paths_memo(self.store_path)
+        memo = load_paths_memo(self.files)
         if self.unreachable is None and traverse:
             # Before they are added: peers the server calls offline get no
             # keepalive (desired_peers), and no direct step later.
@@ -10034,8 +10167,8 @@ class _Fetch:
             if told is not None:
                 self.asked = {p.public_key for p in new}
             if told:
-                save_paths_memo(self.store_path, memo)
-        self.desired = desired = self.desired_peers(memo)
+                save_paths_memo(self.files, memo)
+        self.desired = desired = self.entries(memo)
         # Static peers (stock WireGuard devices) have the server as their only
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
@@ -10059,19 +10192,19 @@ class _Fetch:
             log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
                 f"was {u.action}")
 
-    def desired_peers(self, memo):
+    def entries(self, memo):
         """The device entries the state asks for (desired_peers), with the exit
         node chosen and a rotated peer's endpoint carried over."""
-        args, dev = self.args, self.dev
-        self.exit_state = load_exit_state(exit_state_path(self.store_path))
+        opts, dev = self.opts, self.dev
+        self.exit_state = load_exit_state(self.files.exit_state)
         exit_peer, self.exit_problem = choose_exit_node(
             self.peers, self.exit_state["exit_node"], self.own_key,
             self.exit_state.get("ip")) if self.exit_state else (None, None)
         if exit_peer is not None and not self.exit_state.get("ip"):
             self.exit_state["ip"] = exit_peer.ip        # the choice is this address now
-            save_exit_state(exit_state_path(self.store_path), self.exit_state)
-        accept = not getattr(args, "no_accept_routes", False)
-        public = getattr(args, "accept_public_routes", False)
+            save_exit_state(self.files.exit_state, self.exit_state)
+        accept = not opts.no_accept_routes
+        public = opts.accept_public_routes
         desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
                                 exit_key=exit_peer and exit_peer.public_key,
                                 public_routes=public)
@@ -10097,7 +10230,7 @@ class _Fetch:
         """Routes of the peers that have them, and the exit node (route_peers)."""
         self.links = raw_links()
         had_routes = any(p.routes for p in self.stored_peers + self.peers)
-        route_peers(self.args, self.backend, self.iface, self.desired, self.own_key,
+        route_peers(self.opts, self.backend, self.iface, self.desired, self.own_key,
                     self.exit_state, self.links, had_routes)
         if self.exit_problem and (self.changed or self.brought_up):
             warn(f"{self.iface}: exit node not in use: {self.exit_problem}; traffic outside "
@@ -10106,7 +10239,7 @@ class _Fetch:
     def write_files(self):
         """The hosts file, the data store (when the state changed), and our
         local candidates to the server (when it is reachable)."""
-        hosts_path, suffix = hosts_options(self.args)
+        hosts_path, suffix = self.opts.hosts.resolve()
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
                              hosts_lines(self.peers, self.iface, suffix))
@@ -10115,37 +10248,38 @@ class _Fetch:
                     warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
                          "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
-            save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
+            save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
-            report_candidates(self.args, self.api, self.cfg, own, self.dev.listen_port,
+            report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
         keys = {u.public_key for u in self.changes if not u.remove}
         with device_lock(self.iface):
-            memo = load_paths_memo(self.store_path)
+            memo = load_paths_memo(self.files)
+            session = PathSession(None if self.unreachable else self.api, self.backend,
+                                  self.iface, self.cfg, memo,
+                                  save=lambda m: save_paths_memo(self.files, m))
             self.missed = settle_paths(
-                None if self.unreachable else self.api, self.backend, self.iface, self.cfg,
-                self.desired, memo, changed=keys, full=traverse == "all" or self.brought_up,
-                dev=None if self.changes else self.dev,
-                save=lambda m: save_paths_memo(self.store_path, m), asked=self.asked)
-            save_paths_memo(self.store_path, memo)
+                session, self.desired, changed=keys, full=traverse == "all" or self.brought_up,
+                dev=None if self.changes else self.dev, asked=self.asked)
+            save_paths_memo(self.files, memo)
         self.next_due = next_path_work(memo, self.missed, time.time())
 
 
-def current_server(args, iface, cfg):
+def current_server(files, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
         return cfg
-    chosen = load_server_state(args, iface).get("endpoint")
+    chosen = load_server_state(files).get("endpoint")
     if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
         return dataclasses.replace(cfg, server_external_endpoint=chosen)
     return cfg
 
 
-def fail_over(args, iface, cfg, backend, refused=False):
+def fail_over(files, cfg, backend, refused=False):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way. ``refused``:
@@ -10154,12 +10288,12 @@ def fail_over(args, iface, cfg, backend, refused=False):
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
-    eps = cfg.endpoints
+    iface, eps = files.iface, cfg.endpoints
     with contextlib.suppress(InnernetError):
-        eps = load_client_config(args, iface).endpoints
+        eps = load_client_config(files).endpoints
     if len(eps) < 2 or backend is None or not backend.exists(iface):
         return cfg          # no device (wireguard-go killed): the server is not the one gone
-    since = load_server_state(args, iface).get("since")
+    since = load_server_state(files).get("since")
     since = since if isinstance(since, (int, float)) else 0
     dp = None
     with contextlib.suppress(InnernetError, OSError):
@@ -10177,7 +10311,7 @@ def fail_over(args, iface, cfg, backend, refused=False):
     ep = resolve_endpoint(nxt)
     if ep is None:
         return cfg
-    save_server_state(args, iface, nxt)
+    save_server_state(files, nxt)
     # The peer is removed and added again: a standby has the server's key but
     # not its session, and WireGuard would send on the old session for 15 s
     # before it starts a new handshake.
@@ -10191,14 +10325,14 @@ def fail_over(args, iface, cfg, backend, refused=False):
     return dataclasses.replace(cfg, server_external_endpoint=nxt)
 
 
-def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
+def route_peers(opts, backend, iface, desired, own_key, exit_state, links, had_routes=True):
     """Routes into the tunnel for peers' approved subnets (unless --no-routing
     or --no-accept-routes), the exit node's table and rules when one is asked
     for, and forwarding when this peer routes for others. Without
     ``had_routes`` (no peer had or has a route) there is nothing to sync."""
-    if routing(args) and had_routes:
+    if opts.routing and had_routes:
         local = [i.network for i in local_networks(links)]
-        wanted = [] if getattr(args, "no_accept_routes", False) else \
+        wanted = [] if opts.no_accept_routes else \
             interface_routes(desired, own_key, local)
         sync_interface_routes(iface, wanted)
     if exit_state:
@@ -10235,22 +10369,22 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def server_capabilities(args, iface):
+def server_capabilities(files, opts):
     """The server's capabilities ({} for an old or unreachable server). An
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
-    cfg = load_client_config(args, iface)
+    iface, cfg = files.iface, load_client_config(files)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         caps = server_caps(api)
     except InnernetError as e:
-        backend = existing_backend(opt(args, "backend", "auto"), iface)
+        backend = existing_backend(opts.backend, iface)
         # Without its device (wireguard-go killed, a reboot) the server is
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(args, iface, current_server(args, iface, cfg), backend, e.refused)
+            fail_over(files, current_server(files, cfg), backend, e.refused)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -10280,13 +10414,13 @@ _DEVICE_LOCKS_GUARD = threading.Lock()
 ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
 
 
-def with_remembered_flags(args, iface, reset=False):
-    """``args`` for one network, with the route and DNS flags of the last
+def with_remembered_flags(opts, files, reset=False):
+    """``opts`` for one network, with the route and DNS flags of the last
     install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
     plain cron `fetch` keeps them. Flags given now are remembered; `up`
     (``reset``) remembers exactly what it is given, none included."""
-    path = data_store_path(args, iface)[:-5] + ".flags.json"
-    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
+    path = files.flags
+    given = {k: True for k in ROUTE_FLAGS if getattr(opts, k)}
     if given or reset:
         with contextlib.suppress(OSError):
             if given:
@@ -10294,36 +10428,31 @@ def with_remembered_flags(args, iface, reset=False):
                 atomic_write(path, json.dumps(given) + "\n", 0o600)
             else:
                 os.unlink(path)
-        return args
+        return opts
     try:
         with open(path) as f:
             kept = json.load(f)
     except (OSError, ValueError):
-        return args
+        return opts
     kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
-    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
-
-
-def down_marker_path(args, iface):
-    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
-    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
-    return data_store_path(args, iface)[:-5] + ".down"
+    return dataclasses.replace(opts, **kept) if kept else opts
 
 
 def cmd_fetch(args):
-    ifaces = chosen_interfaces(args)
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
     failed = 0
     for iface in ifaces:
+        files = dirs.client(iface)
         try:
-            if path_exists(down_marker_path(args, iface)) and \
-                    existing_backend(opt(args, "backend", "auto"), iface) is None:
+            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
                 if args.interface is None:
                     debug(f"{iface}: taken down with 'innernet down'; not fetched")
                     continue
                 raise InnernetError(f"interface {iface} is not up (taken down with "
                                     f"'innernet down {iface}')",
                                     hint=f"run 'innernet up {iface}' to bring it back")
-            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
+            fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
         except InnernetError as e:
             if len(ifaces) == 1:
@@ -10331,7 +10460,7 @@ def cmd_fetch(args):
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}", 3)
     if not failed:
-        record_run(args, ifaces)
+        record_run(dirs.data, opts.invocation, ifaces)
     return EXIT_ERROR if failed else 0
 
 
@@ -10399,24 +10528,24 @@ def watch_server(watch, dev, cfg, iface):
         watch.seen.clear()
         watch.poked.clear()
         return
-    ref = Peer(None, SERVER_PEER_NAME, str(cfg.server_ip), None, cfg.server_public_key)
+    ref = Peer(id=None, name=SERVER_PEER_NAME, ip=str(cfg.server_ip), cidr_id=None, public_key=cfg.server_public_key)
     if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
         warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
              "looking for it at its next endpoint")
         api.interrupt()
 
 
-def watch_paths(args, iface, state, every=1.0):
+def watch_paths(files, opts, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch, server_watch = PathWatch(), PathWatch()
+    iface, watch, server_watch = files.iface, PathWatch(), PathWatch()
     while True:
         time.sleep(every)
         if state.cfg is None:
             continue
         try:
             with device_lock(iface):
-                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                backend = existing_backend(opts.backend, iface)
                 if backend is None:
                     # The device is gone (wireguard-go killed): a long poll through
                     # it would wait out its timeout; cut it short, and the sync
@@ -10429,8 +10558,7 @@ def watch_paths(args, iface, state, every=1.0):
                 watch_server(server_watch, dev, cfg, iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
-                store_path = data_store_path(args, iface)
-                memo = load_paths_memo(store_path)
+                memo = load_paths_memo(files)
                 # Peers silent for the whole handshake window are offline, not lost:
                 # settle_paths looks after them in its slots.
                 live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
@@ -10439,7 +10567,7 @@ def watch_paths(args, iface, state, every=1.0):
                 lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
                 if lost:
                     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                                    lacks=server_lacks(args, iface, cfg))
+                                    lacks=server_lacks(files, cfg))
                     try:
                         relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
                     finally:
@@ -10456,18 +10584,19 @@ def watch_paths(args, iface, state, every=1.0):
                     memo.relays.update(relays)
                     if moves:
                         backend.apply(iface, updates=moves)
-                    save_paths_memo(store_path, memo)
+                    save_paths_memo(files, memo)
             # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
             every = max(1.0, len(dev.peers) / 1000)
         except Exception as e:        # the sync thread reports what matters
             debug(f"{iface}: path watch: {e}")
 
 
-def _say_innernet_server(args, iface, told):
+def _say_innernet_server(files, told):
     """Once per daemon: the server is innernet's, so these are never asked for."""
-    if iface in told or not path_exists(client_config_path(args, iface)):
+    iface = files.iface
+    if iface in told or not path_exists(files.config):
         return
-    if server_lacks(args, iface, load_client_config(args, iface)).capabilities() is not None:
+    if server_lacks(files, load_client_config(files)).capabilities() is not None:
         told.add(iface)
         log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
             "relay, DNS or subnet routes; syncing every interval, not asking again")
@@ -10496,7 +10625,7 @@ def _daemon_failure(iface, e, failing):
     return message
 
 
-def _daemon(args, iface):
+def _daemon(files, opts):
     """Keep one interface in sync: long polls when offered, else the interval.
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
@@ -10504,46 +10633,45 @@ def _daemon(args, iface):
     (settle_paths); a long poll is cut short when they need another look,
     and a second thread watches direct paths.
     """
-    caps, backoff, state = None, 1, _DaemonState()
-    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
+    iface, caps, backoff, state = files.iface, None, 1, _DaemonState()
+    dns = not opts.exit_node   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
-        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
+    if not opts.no_nat_traversal:     # (it also watches the device)
+        threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
     while True:
-        sleep, started = args.interval, time.monotonic()
+        sleep, started = opts.interval, time.monotonic()
         try:
             if caps is None:
-                caps = server_capabilities(args, iface)
-                _say_innernet_server(args, iface, state.told)
+                caps = server_capabilities(files, opts)
+                _say_innernet_server(files, state.told)
                 if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
-            long_poll = 0 if getattr(args, "no_long_poll", False) else \
-                _positive_int(caps.get("long_poll_seconds"))
-            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
+            long_poll = 0 if opts.no_long_poll else _positive_int(caps.get("long_poll_seconds"))
+            wait = min(opts.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, by="daemon", allow_bring_up=True, wait=wait,
+            result = fetch_interface(files, opts, by="daemon", allow_bring_up=True, wait=wait,
                                      traverse=traverse, dns=dns)
             traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
-            if not getattr(args, "no_nat_traversal", False):
-                state.cfg = load_client_config(args, iface)
-                state.peers = load_data_store(data_store_path(args, iface))[0]
+            if not opts.no_nat_traversal:
+                state.cfg = load_client_config(files)
+                state.peers = load_data_store(files.store)[0]
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
-            sleep = min(args.interval, PROOF_POLL) if result.pending else sleep  # late proofs
+            sleep = min(opts.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
         except Exception as e:      # one network's trouble must not end the others
             failing = _daemon_failure(iface, e, failing)
             caps = None
-            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
+            sleep, backoff = min(backoff, opts.interval), min(backoff * 2, opts.interval)
             if isinstance(e, InnernetError) and e.unreachable and \
-                    len(load_client_config(args, iface).endpoints) > 1:
+                    len(load_client_config(files).endpoints) > 1:
                 backoff = 1       # failing over: each endpoint's try is the pace itself
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
@@ -10559,13 +10687,55 @@ def _daemon(args, iface):
 # interface. Each cmd_<verb>(args) returns an exit code.
 
 
+def client_files(args, iface):
+    """The files of client interface ``iface``, where -c/-d put them."""
+    return Dirs.from_args(args).client(iface)
+
+
+def server_dirs(args):
+    return Dirs.from_args(args, server=True)
+
+
+def server_paths(args, iface):
+    """(config file, database) of the server's network ``iface``."""
+    return server_dirs(args).server(iface)
+
+
+def wants_routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+def arg_or(args, name, default=None):
+    """A verb's option, or ``default`` when it was not given (or the verb has none)."""
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def confirm(args, question, default=False):
+    """--yes, or a y/n answer at the terminal."""
+    if getattr(args, "yes", False):
+        return True
+    if not _interactive():
+        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
+    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+    ok = default if not answer else answer in ("y", "yes")
+    if not ok:
+        raise InnernetError("cancelled")
+    return True
+
+
+def interfaces_of(args, required=True):
+    """chosen_interfaces for a verb's command line."""
+    return chosen_interfaces(Dirs.from_args(args), getattr(args, "interface", None), required)
+
+
 class LocalNetwork:
     """The server CLI's view: the database directly."""
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.backend_choice = opt(args, "backend", "auto")
-        self.config = load_server_config(args, iface)
+        self.backend_choice = arg_or(args, "backend", "auto")
+        self.config = load_server_config(server_dirs(args), iface)
         self.store = Store(server_paths(args, iface)[1])
 
     def cidrs(self):
@@ -10672,8 +10842,8 @@ class RemoteNetwork:
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.config = load_client_config(args, iface)
-        self.lacks = server_lacks(args, iface, self.config)
+        self.config = load_client_config(client_files(args, iface))
+        self.lacks = server_lacks(client_files(args, iface), self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
 
@@ -10704,7 +10874,7 @@ class RemoteNetwork:
 
     def add_association(self, a, b):
         self.api.call("POST", "/admin/associations",
-                      Association(None, a.id, b.id).to_json(False))
+                      Association(id=None, cidr_id_1=a.id, cidr_id_2=b.id).to_json(False))
 
     def delete_association(self, assoc):
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
@@ -10738,7 +10908,7 @@ class RemoteNetwork:
             if e.status != 404:
                 raise
             return []
-        return [(Peer(None, str(r.get("name")), str(r.get("ip")), 0, str(r.get("public_key"))),
+        return [(Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key=str(r.get("public_key"))),
                  str(r.get("pinned_key"))) for r in (rows if isinstance(rows, list) else [])
                 if isinstance(r, dict)]
 
@@ -10822,7 +10992,7 @@ def cmd_add_cidr(args):
                parse=lambda v: parse_hostname(v, "CIDR name"))
     cidr_text = ask(args.cidr, "--cidr", "CIDR", parse=lambda v: str(parse_network(v)))
     parent = choose(args.parent, "--parent", "parent CIDR", _user_cidrs(cidrs))
-    contents = Cidr(None, name, cidr_text, parent.id)
+    contents = Cidr(id=None, name=name, cidr=cidr_text, parent=parent.id)
     confirm(args, f"Create CIDR '{name}' ({cidr_text}) under '{parent.name}'?", True)
     created = net.add_cidr(contents)
     log(f"CIDR '{created.name}' ({created.cidr}) created")
@@ -10836,8 +11006,8 @@ def cmd_list_cidrs(args):
     if args.role == "server":
         cidrs = LocalNetwork(args, iface).cidrs()
     else:
-        load_client_config(args, iface)
-        _, cidrs, _ = load_data_store(data_store_path(args, iface))
+        load_client_config(client_files(args, iface))
+        _, cidrs, _ = load_data_store(client_files(args, iface).store)
     if getattr(args, "json", False):
         print_json([c.to_json() for c in cidrs])
     elif args.tree:
@@ -10884,8 +11054,8 @@ def _invitation(net, cidrs, ip, invite_key, endpoints=None):
     server_key, external, internal = net.invitation_server()
     prefix = root_cidr(cidrs).network.prefixlen
     extra = endpoints if endpoints is not None else net.server_endpoints()
-    return InterfaceConfig(net.network_name(), ipaddress.ip_interface(f"{ip}/{prefix}"),
-                           invite_key, None, server_key, external, internal,
+    return InterfaceConfig(network_name=net.network_name(), address=ipaddress.ip_interface(f"{ip}/{prefix}"),
+                           private_key=invite_key, listen_port=None, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal,
                            server_endpoints=[e for e in extra if e != external])
 
 
@@ -10912,8 +11082,8 @@ def _add_static_peer(args, net, cidrs, cidr, ip, name):
     private = generate_private_key()
     server_key, external, _ = net.invitation_server()
     text = wg_quick_text(private, ip, static_allowed_ips(cidrs), server_key, external)
-    contents = Peer(None, name, str(ip), cidr.id, public_key(private), None,
-                    PERSISTENT_KEEPALIVE, False, False, True, None, [], is_static=True)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(private), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=False, is_disabled=False, is_redeemed=True, invite_expires=None, candidates=[], is_static=True)
     peer = _with_secret_file(save_path, text, lambda: net.add_peer(contents))
     log(f"static peer '{peer.name}' ({peer.ip}) added; its wg-quick file is {save_path}")
     show_static_config(args, text)
@@ -11016,9 +11186,9 @@ def cmd_add_peer(args):
     confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'{with_routes}?", True)
 
     invite_key = generate_private_key()
-    contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
-                    PERSISTENT_KEEPALIVE, is_admin, False, False,
-                    int(time.time()) + expires, [], routes=routes)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(invite_key), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=is_admin, is_disabled=False, is_redeemed=False,
+                    invite_expires=int(time.time()) + expires, candidates=[], routes=routes)
     invitation = _invitation(net, cidrs, ip, invite_key, endpoints)
 
     def create():
@@ -11243,7 +11413,7 @@ def cmd_approve_routes(args):
             return 0
         confirm(args, f"Approve routes in {route} advertised by peers in '{cidr.name}' "
                       "as they come?", True)
-        net.add_route_approver(RouteApprover(None, route, cidr.id))
+        net.add_route_approver(RouteApprover(id=None, route=route, cidr_id=cidr.id))
         log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
             "as they come")
         return 0
@@ -11482,10 +11652,10 @@ def cmd_server_new(args):
             raise InnernetError(f"network {name} already exists ({path})",
                                 hint=f"remove it with 'innernet-server uninstall {name}'")
     server_ip = next_free_ip(network, [])
-    for d in _dirs(args, server=True):
+    for d in dataclasses.astuple(server_dirs(args)):
         ensure_dir(d)
     key = generate_private_key()
-    config = ServerConfig(key, port, str(server_ip), network.prefixlen)
+    config = ServerConfig(private_key=key, listen_port=port, address=str(server_ip), network_cidr_prefix=network.prefixlen)
     atomic_write(conf, config.to_toml(), 0o600, exclusive=True)
     try:
         store = Store(db, create=True)
@@ -11520,7 +11690,7 @@ def cmd_server_uninstall(args):
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     require_removable((conf, db))
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
+        bring_down(arg_or(args, "backend", "auto"), iface)
     if RelayFirewall.available():
         RelayFirewall(iface).remove()
     base = db[:-3]
@@ -11551,7 +11721,7 @@ def server_status(args, iface, now=None):
         provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
     finally:
         store.close()
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     handshakes = {}
     if backend is not None:
         with contextlib.suppress(InnernetError, OSError):
@@ -11633,7 +11803,7 @@ def rollback_report(store, now):
 def cmd_server_rollback_check(args):
     """What a rollback to innernet-server would drop (the database itself opens there)."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     store = Store(server_paths(args, iface)[1])
     try:
         report = rollback_report(store, time.time())
@@ -11656,7 +11826,7 @@ def cmd_server_rollback_check(args):
 
 def cmd_server_status(args):
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     st = server_status(args, iface)
     if args.json:
         print_json(st)
@@ -11707,7 +11877,7 @@ def cmd_server_admin_proof(args):
 def cmd_server_set_endpoint(args):
     """Where new invitations point: a standby that took over sets its own."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     endpoint = args.endpoint
     parse_endpoint(endpoint)
     store = Store(server_paths(args, iface)[1])
@@ -11723,7 +11893,7 @@ def cmd_server_set_endpoint(args):
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)               # copied once from the primary
+    load_server_config(server_dirs(args), iface)               # copied once from the primary
     db_path = server_paths(args, iface)[1]
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
@@ -11745,10 +11915,10 @@ def cmd_server_restore(args):
 
 
 def _ensure_server_device(args, iface, config):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     return bring_up(choice, iface, private_key=config.private_key, address=config.interface,
                     listen_port=config.listen_port, updates=[],
-                    mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args),
+                    mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args),
                     existing=existing_backend(choice, iface))
 
 
@@ -11775,14 +11945,14 @@ def _fixed_mmap_threshold():
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
-    hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
-    config = load_server_config(args, iface)
+    hosts = HostsOptions.from_args(args).resolve()   # bad flags fail before anything is touched
+    config = load_server_config(server_dirs(args), iface)
     _fixed_mmap_threshold()
     set_timestamps(True)
     db_path = server_paths(args, iface)[1]
-    store, lock, replicator = _serve_store(args, iface, db_path)
-    co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
-    co.replication = replicator and replicator.describe
+    metrics = Metrics() if getattr(args, "metrics", None) else None
+    store, lock, replicator = _serve_store(args, iface, db_path, metrics)
+    co = _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator)
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None
@@ -11856,16 +12026,15 @@ def tear_down(steps):
     return first
 
 
-def _serve_store(args, iface, db_path):
+def _serve_store(args, iface, db_path, metrics):
     """(store, the lock only one serve holds, Replicator or None)."""
     keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
     replicate = getattr(args, "replicate", None)
     if replicate:
         litestream_config(db_path, replicate, 1)           # a bad URL fails first
         litestream_binary()
-    store = Store(db_path)
-    if keep is not None:
-        store.audit_keep = keep
+    store = Store(db_path, audit_keep=AUDIT_KEEP if keep is None else keep,
+                  write_timer=metrics and metrics.db_write)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     replicator = None
     if replicate:
@@ -11875,9 +12044,10 @@ def _serve_store(args, iface, db_path):
     return store, lock, replicator
 
 
-def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
+def _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator):
     """The Coordinator `serve` runs: the device up and in sync, the relays
     made (unless --no-relay), the server's own candidates stored."""
+    hosts_path, suffix = hosts
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
     if not getattr(args, "no_relay", False):
@@ -11887,9 +12057,11 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
         else:
             warn("nft (nftables) not found: static peers cannot reach other peers")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
-    co.views.dns_zone_name = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
-    co.status_path = db_path[:-3] + ".status.json"
+                     host_suffix=suffix, relay=relay, hub=hub,
+                     dns_zone_name=None if getattr(args, "no_dns", False)
+                     else (suffix or f"{iface}.wg"),
+                     status_path=db_path[:-3] + ".status.json", metrics=metrics,
+                     replication=replicator and replicator.describe)
     co.device.sync()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -11901,11 +12073,9 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
 
 def _serve_metrics(args, co):
     """The --metrics endpoint, serving in a thread; None without the flag."""
-    if not getattr(args, "metrics", None):
+    if co.metrics is None:
         return None
     host, port = args.metrics
-    co.metrics = Metrics()
-    co.store.write_timer = co.metrics.db_write
     scrape = make_api_server(MetricsEndpoint(co), host, port)
     threading.Thread(target=scrape.serve_forever, daemon=True).start()
     log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
@@ -11924,18 +12094,18 @@ def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
     iface = _install_name(args, invite)
-    cfg_path = client_config_path(args, iface)
-    backend_choice = opt(args, "backend", "auto")
+    cfg_path = client_files(args, iface).config
+    backend_choice = arg_or(args, "backend", "auto")
     _refuse_taken_range(args, invite, iface)
-    ensure_dir(_dirs(args, False)[0])
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(Dirs.from_args(args).config)
+    ensure_dir(Dirs.from_args(args).data)
     started = time.monotonic()
     # The new key is saved before the server hears of it: a config or data
     # directory that is read-only or full fails here, with the invitation
     # still unused, and a key the server accepted is never lost.
     new_key = generate_private_key()
     cfg = dataclasses.replace(invite, private_key=new_key)
-    store_path = data_store_path(args, iface)
+    store_path = client_files(args, iface).store
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
     redeemed, backend = False, None      # False: the files go if this fails
@@ -11944,7 +12114,7 @@ def cmd_install(args):
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server_peer_update(invite)],
-                           mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                           mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args))
         server = _reach_server(args, iface, invite, backend)
         lost = _redeem(invite, new_key)
         if lost is not None:
@@ -11982,7 +12152,7 @@ def cmd_install(args):
 
 
 def _refuse_taken_range(args, invite, iface):
-    taken = _range_taken(invite.address.network, iface) if routing(args) else None
+    taken = _range_taken(invite.address.network, iface) if wants_routing(args) else None
     if taken:
         raise InnernetError(f"interface {taken} already routes {invite.address.network}, the "
                             "range of this network",
@@ -12015,11 +12185,11 @@ def _install_name(args, invite):
     else:
         iface = ask(None, "--name", "interface name", default=invite.network_name,
                     parse=parse_interface)
-    cfg_path = client_config_path(args, iface)
+    cfg_path = client_files(args, iface).config
     if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
                             hint="choose another --name, or 'innernet uninstall' it first")
-    if existing_backend(opt(args, "backend", "auto"), iface) is not None:
+    if existing_backend(arg_or(args, "backend", "auto"), iface) is not None:
         raise InnernetError(f"a WireGuard interface named {iface} already exists",
                             hint="choose another --name")
     return iface
@@ -12035,7 +12205,7 @@ def _reach_server(args, iface, invite, backend):
                                                      endpoint=server.endpoint)])
         if wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
             if n:
-                save_server_state(args, iface, ep)
+                save_server_state(client_files(args, iface), ep)
             return server
     raise InnernetError(
         f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
@@ -12086,7 +12256,9 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
         try:
             # Peers are tried later (the daemon, the next fetch, or their own
             # side, which learns of us now): joining ends at the handshake.
-            fetch_interface(with_remembered_flags(args, iface), iface, by="install",
+            files = client_files(args, iface)
+            fetch_interface(files, with_remembered_flags(FetchOptions.from_args(args), files),
+                            by="install",
                             allow_bring_up=True, traverse=None, dns=True)
             return
         except InnernetError as e:
@@ -12097,7 +12269,7 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
 
 def cmd_set_listen_port(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     if args.unset:
         port = None
     else:
@@ -12107,8 +12279,8 @@ def cmd_set_listen_port(args):
         log("No change necessary")
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
-    save_client_config(args, iface, dataclasses.replace(cfg, listen_port=port))
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, listen_port=port))
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
     if backend is None:
         return 0
@@ -12118,9 +12290,10 @@ def cmd_set_listen_port(args):
     # peers), and the NAT candidates name the new port.
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
-        peers, _, _ = load_data_store(data_store_path(args, iface))
+        peers, _, _ = load_data_store(client_files(args, iface).store)
         own = next((p for p in peers if p.public_key == public_key(cfg.private_key)), None)
-        report_candidates(args, api, cfg, own, backend.get(iface).listen_port, force=True)
+        report_candidates(FetchOptions.from_args(args), api, cfg, own,
+                          backend.get(iface).listen_port, force=True)
         log("the server was told the new port")
     except InnernetError as e:
         warn(f"could not tell the server yet ({e.message}); the next fetch will")
@@ -12132,17 +12305,18 @@ def cmd_set_listen_port(args):
 def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    files = client_files(args, iface)
+    cfg = load_client_config(files)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
     # An earlier rotation whose answer was lost first: its key may be the server's.
-    cfg = settle_rotation(args, iface, cfg, backend)
-    if os.path.exists(client_config_path(args, iface) + ".rotating"):
+    cfg = settle_rotation(files, cfg, backend)
+    if os.path.exists(files.config + ".rotating"):
         raise InnernetError("an earlier key rotation is not settled yet: the server does not "
                             "answer", hint=f"run 'innernet rotate-key {iface}' again when it "
                                            "does (the next fetch settles it too)")
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    peers, _, _ = load_data_store(files.store)
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
     new_private = generate_private_key()
@@ -12152,12 +12326,11 @@ def cmd_rotate_key(args):
     verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
-    path = client_config_path(args, iface)
-    with file_lock(path):            # a sync leaves the pending key alone meanwhile
-        said = _post_rotation(args, iface, cfg, path, new_private, proofs)
+    with file_lock(files.config):    # a sync leaves the pending key alone meanwhile
+        said = _post_rotation(files, cfg, new_private, proofs)
     since = time.time()
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
+        keep_old_key(files, cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
     server = server_peer_update(cfg)
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
@@ -12169,17 +12342,18 @@ def cmd_rotate_key(args):
     return 0
 
 
-def _post_rotation(args, iface, cfg, path, new_private, proofs):
+def _post_rotation(files, cfg, new_private, proofs):
     """The new key to the server, written first to ``<config>.rotating`` and
     moved over the config once the server took it; the server's answer."""
+    iface, path = files.iface, files.config
     pending = path + ".rotating"
     new_public = public_key(new_private)
     with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
-        os.unlink(fast_file_path(_dirs(args, False)[1], iface))
+        os.unlink(files.fast_record)
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -12214,7 +12388,7 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
                                                           for r in blind})
     log(f"{iface} has a new key ({short_key(new_public)}); {checking} peers will check its proof")
     if blind:
-        pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
+        pinners = [Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key="") for r in blind]
         warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
              f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
 
@@ -12222,16 +12396,16 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
 def cmd_override_server_endpoints(args):
     """Where this peer looks for the server (a standby too), the first first."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     eps = [normalize_endpoint(e) for e in args.endpoints]
     if not eps:
         print("\n".join(cfg.endpoints))
         return 0
     confirm(args, f"Look for the server at {', '.join(eps)}, in that order?", True)
-    save_client_config(args, iface, dataclasses.replace(
+    save_client_config(client_files(args, iface), dataclasses.replace(
         cfg, server_external_endpoint=eps[0], server_endpoints=eps[1:]))
     with contextlib.suppress(OSError):
-        os.unlink(server_state_path(args, iface))
+        os.unlink(client_files(args, iface).server_state)
     log(f"{iface}: the server is looked for at {', '.join(eps)}")
     return 0
 
@@ -12240,9 +12414,9 @@ def cmd_override_endpoint(args):
     iface = parse_interface(args.interface)
     if args.endpoint is not None:
         normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(client_files(args, iface), cfg))
     if args.unset:
         confirm(args, "Stop overriding this peer's endpoint on the server?", True)
         api.call("PUT", "/user/endpoint", {"option": "Unset"})
@@ -12270,8 +12444,8 @@ def cmd_override_endpoint(args):
 
 def cmd_override_peer_endpoint(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    cfg = load_client_config(client_files(args, iface))
+    peers, _, _ = load_data_store(client_files(args, iface).store)
     own = public_key(cfg.private_key)
     options = {p.name: p for p in peers if p.public_key != own and not p.is_disabled}
     peer = choose(args.name, "--name", "peer", options)
@@ -12288,9 +12462,9 @@ def cmd_override_peer_endpoint(args):
                        parse=normalize_endpoint)
         confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
         overrides[peer.ip] = endpoint
-    save_client_config(args, iface, dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
     # The device follows at once: an unchanged fetch later writes nothing to it.
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     target = endpoint
     if endpoint is None:          # back to what the server says, or the best candidate
         found = traversal_candidates(peer, local_networks(), resolve=resolve_endpoint)
@@ -12308,8 +12482,8 @@ def cmd_override_peer_endpoint(args):
 
 def _advertise(args, body, what):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    lacks = server_lacks(args, iface, cfg)
+    cfg = load_client_config(client_files(args, iface))
+    lacks = server_lacks(client_files(args, iface), cfg)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
         caps = server_caps(api)
@@ -12354,7 +12528,7 @@ def cmd_advertise_exit_node(args):
 def choose_exit(args, iface):
     """`up --exit-node NAME` records the choice (and the table its rules use);
     `up` without it stops using one."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     old = exit_state_or_none(path)
     name = getattr(args, "exit_node", None)
     allow = bool(getattr(args, "exit_node_allow_lan", False))
@@ -12374,14 +12548,14 @@ def choose_exit(args, iface):
 
 def leave_exit(args, iface):
     """Stop using an exit node: its rules and table go, the device's mark too."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     state = exit_state_or_none(path)
     if os.path.exists(path) and state is None:
         os.unlink(path)
     if state is None:
         return
     exit_routing_down(iface, state["table"], state["allow_lan"])
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is not None:
         backend.apply(iface, fwmark=0)
     os.unlink(path)
@@ -12397,7 +12571,8 @@ CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".l
 
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
-    cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
+    files = client_files(args, iface)
+    cfg_path, store_path = files.config, files.store
     if not path_exists(cfg_path) and not path_exists(store_path):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
@@ -12405,14 +12580,13 @@ def cmd_uninstall(args):
     with contextlib.suppress(InnernetError, OSError):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
-    base = store_path[:-5]
-    for path in (cfg_path, cfg_path + ".rotating", store_path, lacks_memo_path(store_path),
-                 *[base + ext for ext in CLIENT_STATE_FILES]):
+        bring_down(arg_or(args, "backend", "auto"), iface)
+    for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
+                 *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    forget_runs(args, iface)
-    hosts_path, _ = hosts_options(args)
+    forget_runs(Dirs.from_args(args).data, iface)
+    hosts_path, _ = HostsOptions.from_args(args).resolve()
     if hosts_path and os.path.exists(hosts_path):
         write_hosts_file(hosts_path, f"innernet {iface}", [])
     log(f"network {iface} uninstalled")
@@ -12422,10 +12596,10 @@ def cmd_uninstall(args):
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(args, iface)
-    up = existing_backend(opt(args, "backend", "auto"), iface) is not None
+    st = read_status(client_files(args, iface))
+    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
     problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
+        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
     link = link_state(iface) if up else None
     if link is not None and not link[0]:
@@ -12476,9 +12650,9 @@ def cmd_status(args):
     """This host's health per network; exit 0 only when every one is healthy."""
     max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
     now = time.time()
-    for iface in chosen_interfaces(args):
-        load_client_config(args, iface)          # a network that is not installed fails
-    healths = [interface_health(args, iface, now, max_age) for iface in chosen_interfaces(args)]
+    for iface in interfaces_of(args):
+        load_client_config(client_files(args, iface))          # a network that is not installed fails
+    healths = [interface_health(args, iface, now, max_age) for iface in interfaces_of(args)]
     if args.json:
         print_json(healths)
     else:
@@ -12487,21 +12661,23 @@ def cmd_status(args):
 
 
 def cmd_up(args):
-    ifaces = chosen_interfaces(args)
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = interfaces_of(args)
     if args.exit_node and len(ifaces) > 1:
         raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
     if args.daemon and args.interval < 1:
         raise InnernetError("--interval must be at least 1 second")
     for iface in ifaces:
-        if path_exists(client_config_path(args, iface)):
+        files = dirs.client(iface)
+        if path_exists(files.config):
             choose_exit(args, iface)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(down_marker_path(args, iface))
-        with_remembered_flags(args, iface, reset=True)
+            os.unlink(files.down_marker)
+        with_remembered_flags(opts, files, reset=True)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, by="up", allow_bring_up=True, dns=True,
-                                     record=not args.daemon)
+            result = fetch_interface(dirs.client(iface), opts, by="up", allow_bring_up=True,
+                                     dns=True, record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
                 raise InnernetError(f"cannot use {args.exit_node} as exit node: "
@@ -12512,18 +12688,18 @@ def cmd_up(args):
                 log(f"{iface}: traffic outside the network leaves through {args.exit_node}"
                     + (" (the LAN stays reachable)" if args.exit_node_allow_lan else ""))
     if not args.daemon:
-        record_run(args, ifaces)
+        record_run(dirs.data, opts.invocation, ifaces)
         return 0
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(dirs.data)
     set_timestamps(True)
-    locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
-                           f"'up {iface} --daemon'") for iface in ifaces]
-    threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
+    locks = [instance_lock(dirs.client(iface).with_suffix(".lock"), f"'up {iface} --daemon'")
+             for iface in ifaces]
+    threads = [threading.Thread(target=_daemon, args=(dirs.client(iface), opts), daemon=True)
                for iface in ifaces[1:]]
     for t in threads:
         t.start()
     try:
-        _daemon(args, ifaces[0])
+        _daemon(dirs.client(ifaces[0]), opts)
     finally:
         for lock in locks:
             lock.close()
@@ -12533,11 +12709,11 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
-    installed = path_exists(client_config_path(args, iface))
+    installed = path_exists(client_files(args, iface).config)
     if installed:           # cron's `fetch` leaves it down until `up`
-        ensure_dir(_dirs(args, False)[1])
-        atomic_write(down_marker_path(args, iface), "", 0o600)
-    if not bring_down(opt(args, "backend", "auto"), iface):
+        ensure_dir(Dirs.from_args(args).data)
+        atomic_write(client_files(args, iface).down_marker, "", 0o600)
+    if not bring_down(arg_or(args, "backend", "auto"), iface):
         if not installed:
             raise InnernetError(f"interface {iface} is not up")
         log(f"interface {iface} is already down")
@@ -12618,26 +12794,26 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
 
 
 def cmd_show(args):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
-    ifaces = chosen_interfaces(args, required=False)
+    ifaces = interfaces_of(args, required=False)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:
         if named:
-            load_client_config(args, iface)      # "not installed" before "not up"
+            load_client_config(client_files(args, iface))      # "not installed" before "not up"
         backend = existing_backend(choice, iface)
         if backend is None:
             if named:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}'")
             continue
-        cfg = load_client_config(args, iface)
+        cfg = load_client_config(client_files(args, iface))
         dev = backend.get(iface)
-        peers, cidrs, _ = load_data_store(data_store_path(args, iface))
-        memo = load_paths_memo(data_store_path(args, iface))
+        peers, cidrs, _ = load_data_store(client_files(args, iface).store)
+        memo = load_paths_memo(client_files(args, iface))
         own_key = public_key(cfg.private_key)
-        exit_state = exit_state_or_none(exit_state_path(data_store_path(args, iface)))
+        exit_state = exit_state_or_none(client_files(args, iface).exit_state)
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
