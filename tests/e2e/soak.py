@@ -417,9 +417,13 @@ class Soak:
         name = p.name
         with self.lock:
             p.name = None                      # no longer checked from here
-        self.delete(name)
-        self.stop_daemon(p)
-        r = self.on_peer(p, "uninstall", p.ifname, "--yes")
+            p.installing = True                # its processes go with the uninstall
+        try:
+            self.delete(name)
+            self.stop_daemon(p)
+            r = self.on_peer(p, "uninstall", p.ifname, "--yes")
+        finally:
+            p.installing = False
         self.note("op", f"uninstall slot {p.slot} ({name})", bool(r and r.returncode == 0),
                   r.stderr if r else "timeout")
         if p.partitioned:
