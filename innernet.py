@@ -3167,7 +3167,8 @@ def _nacl_signing():
         import nacl.signing
         import nacl.exceptions
     except ImportError:
-        raise InnernetError("network lock needs PyNaCl, which is not installed", hint=LOCK_HINT) from None
+        raise InnernetError("network lock needs PyNaCl, which is not installed",
+                            hint=LOCK_HINT) from None
     return nacl.signing, nacl.exceptions
 
 

@@ -4,15 +4,17 @@ side by side in one run.
 
 In network namespaces (root), for 1,000 and 5,000 peers: a server whose
 database has N peers in the client's CIDR, `serve`, and a client that joined.
-Lock off first; then the same network locked as `lock init` locks it (every
-record signed in one batch by one lock key) and the client's lock file as a
-join under lock leaves it. For each:
+The network is locked as `lock init` locks it (every record signed in one
+batch by one lock key); lock off is the same server with its lock tables
+emptied, and the client without its lock file. Off and on alternate (off-on,
+on-off, ...), on the same server and client:
 
-* a first fetch: the interface down, the data store (and the lock file's
-  memory of verified records) removed, then `up IFACE`, which creates the
-  device and adds all N peers (median of 3);
-* an unchanged `fetch` (median of the runs), and how many the fast path
-  answered (a full sync rewrites `<iface>.fetch`).
+* a first fetch: the interface down, the data store and lock file removed
+  (on: the lock file as a join under lock leaves it, with no memory of
+  verified records), then `up IFACE`, which creates the device and adds all
+  N peers (median of 5);
+* then an unchanged `fetch` (median of the runs), and how many the fast
+  path answered (a full sync rewrites `<iface>.fetch`).
 
 And a join: `install` into a network of 20 peers, from the command's start
 until it returns (the first state applied), lock off and on (the invitation
@@ -36,6 +38,7 @@ from lab import Lab, start_serve, wait_for
 
 import innernet as I
 
+ROUNDS = 5                      # first fetches on each side, alternating
 STATE = r"""
 import sys, urllib.request
 req = urllib.request.Request(f"http://{sys.argv[1]}/v1/user/state",
@@ -142,20 +145,20 @@ def measure(n, runs):
             wait_for(lambda: ('"lock":' in cl.python(STATE, "10.66.0.1:51820", key).stdout)
                      == on, 30, "the server to see the lock " + ("on" if on else "off"))
         serves_lock(False)
-        for i in range(3):
+        for i in range(ROUNDS):
             for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
                 if side == "on":
                     lock_rows(db, rows)
                 serves_lock(side == "on")
                 firsts[side].append(first_fetch(cl, ifname, n,
                                                 entries if side == "on" else None))
-                if i == 2:
+                if i == ROUNDS - 1:
                     unchanged[side] = unchanged_fetches(cl, ifname, runs)
                 if side == "on":
                     rows = lock_rows(db)
     finally:
         lab.close()
-    return tuple((statistics.median(firsts[s]),) + unchanged[s] for s in ("off", "on"))
+    return tuple((sorted(firsts[s]),) + unchanged[s] for s in ("off", "on"))
 
 
 def joins(runs):
@@ -194,13 +197,16 @@ def main():
     runs = 3 if quick() else 7
     rows = []
     for n in sizes:
-        (f_off, u_off, fp_off), (f_on, u_on, fp_on) = measure(n, runs)
-        rows.append((f"{n:,}", f"{f_off:.2f}", f"{f_on:.2f}", f"{f_on / f_off:.2f}x",
+        (a_off, u_off, fp_off), (a_on, u_on, fp_on) = measure(n, runs)
+        f_off, f_on = statistics.median(a_off), statistics.median(a_on)
+        rows.append((f"{n:,}", f"{f_off:.2f} ({a_off[0]:.2f}-{a_off[-1]:.2f})",
+                     f"{f_on:.2f} ({a_on[0]:.2f}-{a_on[-1]:.2f})", f"{f_on / f_off:.2f}x",
                      f"{u_off:.0f}", f"{u_on:.0f}", f"{u_on / u_off:.2f}x",
                      f"{fp_off} / {fp_on} of {runs}"))
-    table("Network lock: first fetch (`up`: device created, all peers added; median of 3) "
+    table(f"Network lock: first fetch (`up`: device created, all peers added; median of {ROUNDS}) "
           f"and unchanged `fetch` (median of {runs}), lock off and on, one run",
-          ["peers", "first off s", "first on s", "first on/off", "unchanged off ms",
+          ["peers", "first off s (min-max)", "first on s (min-max)", "first on/off",
+           "unchanged off ms",
            "unchanged on ms", "unchanged on/off", "fast path off / on"], rows)
     j_off, j_on = joins(3 if quick() else 5)
     table("Network lock: `install` (join) in a 20-peer network, command start to return",

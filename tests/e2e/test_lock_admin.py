@@ -4,7 +4,6 @@ verb works under lock over the API and in `apply`, and the audit log names
 the key that signed; unsigned changes are refused; `lock add`, `remove`,
 `log`, `status` and `disable`. The lab runs the .pyz under the test's own
 interpreter, which has PyNaCl (lock needs it)."""
-import base64
 import json
 import os
 import sqlite3
@@ -169,6 +168,22 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     assert len(device(alice, aif)["peers"]) >= MANY + 1             # all signed, all seen
     status = alice.innernet("lock", "status", aif).stdout
     assert "locked" in status and "0 record(s) refused" in status
+    # approve-routes under lock: alice advertises, an admin approves (signs),
+    # and the admin's own client installs the route
+    alice.innernet("advertise-routes", aif, "192.168.80.0/24", "--yes")
+    admin(w, "approve-routes", w.iface, "--name", "alice", "--routes", "192.168.80.0/24",
+          "--yes")
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert "192.168.80.0/24" in {a for p in device(w.admin, w.iface)["peers"]
+                                 for a in p["allowed_ips"]}
+    # a key rotation under lock: taken along alice's own proof, not signed anew
+    alice.innernet("rotate-key", aif, "--yes")
+    new_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'alice'")[0][0]
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert {a: p["public_key"] for p in device(w.admin, w.iface)["peers"]
+            for a in p["allowed_ips"]}[f"{ALICE_IP}/32"] == new_key
     second_private, second = I.lock_keypair()
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
     log = admin(w, "lock", "log", w.iface).stdout
