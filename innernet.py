@@ -1576,7 +1576,7 @@ def local_networks(links=None):
 
 
 def local_addresses(exclude=(), links=None):
-    """Addresses worth reporting as NAT candidates (spec §6.3), at most 10."""
+    """Addresses worth reporting as NAT candidates, at most 10, as innernet reports them."""
     found = [n.ip for n in local_networks(links)]
     result = []
     for ip in found:
@@ -2519,7 +2519,7 @@ def cidr_descendants(cidrs, roots):
 
 
 def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
-    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
+    """CIDRs whose peers a peer in ``cidr_id`` may see, by innernet's rule.
 
     Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
     or any ancestor of it -- each with all descendants.
@@ -2532,11 +2532,6 @@ def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
         if a.cidr_id_2 in lineage:
             start.add(a.cidr_id_1)
     return cidr_descendants(cidrs, start)
-
-
-def visible_peers(peers, cidrs, associations, me):
-    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
-    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
 
 
 def peers_in_view(peers, view):
@@ -2570,7 +2565,7 @@ def leaf_cidrs(cidrs):
 
 
 def check_new_cidr(cidrs, peers, contents):
-    """Validate a CIDR to be created under its parent (spec §5.4)."""
+    """Validate a CIDR to be created under its parent, by innernet's rules."""
     if not is_hostname(contents.name):
         raise _bad(f"invalid CIDR name {contents.name!r}")
     net = parse_network(contents.cidr)
@@ -2610,7 +2605,7 @@ def invitation_expired(p, now):
 
 
 def is_assignable(ip, net):
-    """May a peer have this address in this CIDR? (spec §5.5)"""
+    """May a peer have this address in this CIDR? (innernet's rule)"""
     ip = ipaddress.ip_address(ip)
     if ip.version != net.version or ip not in net:
         return False
@@ -2622,7 +2617,7 @@ def is_assignable(ip, net):
 
 
 def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
-    """Validate a peer to be created (spec §5.5). Constraints back this up.
+    """Validate a peer to be created, by innernet's rules. Constraints back this up.
 
     ``quarantined`` maps addresses of deleted peers to their Deletion: those
     are refused until its reuse_after, so no client sees a known address
@@ -2841,7 +2836,7 @@ def refuse_quarantined(received, stored, deleted, now, floor):
 
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
                  waiting=()):
-    """Update the client's cached peers with the server's list (spec §8.2).
+    """Update the client's cached peers with the server's list, as innernet's client does.
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
     different key is refused. Pins outlive what the server sends: a peer the
@@ -3853,7 +3848,7 @@ def _norm_ep(ep):
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
                relayed=(), relay_via=None, network=None):
-    """The updates that turn the device's peers into ``desired`` (spec §8.2).
+    """The updates that turn the device's peers into ``desired``, as innernet's client computes them.
 
     Disabled peers and our own key are not wanted; device peers not wanted
     are removed. Endpoints are only changed for peers without a recent
@@ -4010,7 +4005,7 @@ LOCAL_HOSTNAMES = frozenset((
 
 
 def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP, as innernet writes them; bare names
     (suffix '') never one of LOCAL_HOSTNAMES."""
     suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
@@ -5679,12 +5674,6 @@ def _lock_verified(chain, signed):
 
 # -- a client's lock file, an invitation's lock ----------------------------------------
 
-def lock_file_path(store_path):
-    """The interface's network lock: its copy of the chain, what it verified
-    (serials, the keys it accepted, batches seen) and what it refused."""
-    return store_path[:-5] + ".lock.json"
-
-
 def load_client_lock(path):
     """The lock file's contents, or None when this interface has no lock."""
     try:
@@ -5716,13 +5705,13 @@ def invitation_lock_chain(invite):
 
 
 
-def begin_client_lock(store_path, invite):
-    """At install: the lock file from the invitation's chain; [its path] or []."""
+def begin_client_lock(path, invite):
+    """At install: the lock file from the invitation's chain; [path] or []."""
     chain = invitation_lock_chain(invite)
     if chain is None:
         return []
-    save_client_lock(lock_file_path(store_path), {"chain": chain.entries})
-    return [lock_file_path(store_path)]
+    save_client_lock(path, {"chain": chain.entries})
+    return [path]
 
 
 # -- signing on an admin's host ---------------------------------------------------------
@@ -5773,11 +5762,31 @@ class LockSigner:
 class NetworkLock:
     """What LocalNetwork and RemoteNetwork share under network lock: which
     key signs (lock_signer), and a change's records (lock_signed), computed
-    from the network as it is and as the change leaves it."""
+    from the network as it is and as the change leaves it. Each admin change
+    of theirs (LOCKED) is signed so, before it is made: a subclass's methods
+    of those names are wrapped (_signing) -- the server CLI's run inside
+    signed_by, the admin API's calls carry the records (LOCK_HEADER)."""
 
+    LOCKED = ("add_cidr", "rename_cidr", "delete_cidr", "add_peer", "update_peer",
+              "add_association", "delete_association", "delete_peer", "reinvite",
+              "approve_routes", "apply")
     _signer = False                   # not looked up yet
-    lock_key_file = None              # the key's file, and whether it was given
-    lock_key_given = False
+    lock_key_file = None              # the key's file (--lock-key on the server)
+    api = store = None                # RemoteNetwork's, LocalNetwork's
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        for name in NetworkLock.LOCKED:
+            if name in cls.__dict__:
+                setattr(cls, name, _signing(name, cls.__dict__[name]))
+
+    def lock_info(self):
+        """(the lock chain's entries, {subject: signed record}) of the network."""
+        if self.api is not None:
+            return remote_lock_info(self.api, self.own_lock)
+        chain = self.store.lock_chain()
+        recs, _ = self.store.lock_records()
+        return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
 
     def lock_signer(self):
         if self._signer is False:
@@ -5785,7 +5794,8 @@ class NetworkLock:
             chain = LockChain(entries) if entries else None
             self._signer = None
             if chain is not None and not chain.disabled:
-                private = read_lock_key(self.lock_key_file, self.lock_key_given) \
+                # a --lock-key named on the server must be there
+                private = read_lock_key(self.lock_key_file, self.api is None) \
                     if self.lock_key_file else None
                 if private is None or lock_public(private) not in chain.keys:
                     raise InnernetError(
@@ -5843,12 +5853,6 @@ class NetworkLock:
         return self.api.call("POST", "/admin/lock", {"chain": entries, "signed": signed,
                                                       "adoptions": adoptions})
 
-    def signed_call(self, method, path, body, signed):
-        """An admin API call carrying the records it signs (LOCK_HEADER)."""
-        headers = {LOCK_HEADER: base64.b64encode(json.dumps(signed).encode()).decode()} \
-            if signed else None
-        return self.api.call(method, path, body, headers=headers)
-
     def lock_invitation(self, ip):
         """An invitation's [lock] table under lock (its one-time lock key is
         kept for the peer's record in ``lock_auths``), else None."""
@@ -5864,6 +5868,23 @@ class NetworkLock:
         """The key a new peer's record names: its invitation's lock key, or its own."""
         auth = getattr(self, "lock_auths", {}).get(peer.ip)
         return {f"peer:{peer.ip}": "auth:" + auth if auth else peer.public_key}
+
+
+def _signing(name, method):
+    """``method`` (an admin change, NetworkLock.LOCKED), signed under lock."""
+    def signed(self, *a):
+        records = self.lock_apply(*a[:2]) if name == "apply" else self.lock_for(name, *a)
+        if self.api is None:
+            with signed_by(records):          # enforced: unsigned is refused under lock
+                return method(self, *a)
+        self.api.extra_headers = {LOCK_HEADER: base64.b64encode(json.dumps(
+            records).encode()).decode()} if records else None
+        try:
+            return method(self, *a)
+        finally:
+            self.api.extra_headers = None
+    signed.__name__, signed.__doc__ = method.__name__, method.__doc__
+    return signed
 
 
 def remote_lock_info(api, own_lock):
@@ -6214,10 +6235,10 @@ class Store(LockStore):
             for listener in self.listeners:
                 listener()
 
-    def _query(self, sql, args=()):
+    def _query(self, sql, params=()):
         with self.lock:
             try:
-                return self.conn.execute(sql, args).fetchall()
+                return self.conn.execute(sql, params).fetchall()
             except self.sql.Error as e:
                 raise _db_error(e, self.path) from None
 
@@ -7258,6 +7279,7 @@ class ApiClient:
         if body is not None or method in ("POST", "PUT"):
             hdrs["Content-Type"] = "application/json"
             hdrs["Content-Length"] = str(len(data))
+        hdrs.update(self.extra_headers or {})
         hdrs.update(headers or {})
         if method != "GET" and self.sock is not None and not self._fresh():
             self.close()        # a write goes only on a connection known to be open
@@ -7317,14 +7339,14 @@ class ApiClient:
         return (f"{method} /v1{path} HTTP/1.1\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode()
 
-    def call(self, method, path, body=None, headers=None):
+    def call(self, method, path, body=None):
         """The decoded JSON answer, or InnernetError for a non-2xx status (one
         line naming the feature for an extension an innernet server lacks,
         which is then not asked for again)."""
         ext = extension_of(method, path)
         if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
             raise lacking_error(*ext)
-        status, _, raw = self.request(method, path, body, headers)
+        status, _, raw = self.request(method, path, body)
         if ext and status == 404 and not raw.strip():
             e = lacking_error(*ext)
             e.learned = self.lacks is None or self.lacks.record(ext[0])
@@ -7387,83 +7409,165 @@ def is_innernet_server(caps):
 # sync ran with. A server's: its config and database paths.
 
 
-def _dirs(args, server):
-    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
-    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
-    return cdir, ddir
+@dataclasses.dataclass(frozen=True)
+class ClientFiles:
+    """The paths of one client interface's files, all from its two directories."""
+    iface: str
+    config_dir: str = CLIENT_CONFIG_DIR
+    data_dir: str = CLIENT_DATA_DIR
+
+    def with_suffix(self, suffix):
+        """<data dir>/<interface><suffix>."""
+        return os.path.join(self.data_dir, self.iface + suffix)
+
+    @property
+    def config(self):
+        return os.path.join(self.config_dir, f"{self.iface}.conf")
+
+    store = property(lambda self: self.with_suffix(".json"))          # the data store
+    paths_memo = property(lambda self: self.with_suffix(".paths.json"))
+    lacks_memo = property(lambda self: self.with_suffix(".lacks.json"))
+    # The exit node a client asked for, and the table its rules use.
+    exit_state = property(lambda self: self.with_suffix(".exit.json"))
+    server_state = property(lambda self: self.with_suffix(".server.json"))
+    # The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    # to prove the rotation to peers that joined before it but after its last sync.
+    old_keys = property(lambda self: self.with_suffix(".oldkeys.json"))
+    flags = property(lambda self: self.with_suffix(".flags.json"))    # with_remembered_flags
+    # Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    # interface back up (after a reboot, a killed wireguard-go) unless it is there.
+    down_marker = property(lambda self: self.with_suffix(".down"))
+    fast_record = property(lambda self: fast_file_path(self.data_dir, self.iface))
+    # Network lock: this host's copy of the chain and what it verified; on an
+    # admin's host, its lock key (0600, beside the config: it never leaves it).
+    lock = property(lambda self: self.with_suffix(".lock.json"))
+    lock_key = property(lambda self: os.path.join(self.config_dir, f"{self.iface}.lock-key"))
+    status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
-def installed_interfaces(args):
-    cdir, _ = _dirs(args, server=False)
+@dataclasses.dataclass(frozen=True)
+class Dirs:
+    """Where a role keeps its files: -c/-d, else the role's own defaults."""
+    config: str
+    data: str
+
+    @classmethod
+    def from_args(cls, args, server=False):
+        return cls(getattr(args, "config_dir", None)
+                   or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR),
+                   getattr(args, "data_dir", None)
+                   or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR))
+
+    def client(self, iface):
+        return ClientFiles(iface, self.config, self.data)
+
+    def server(self, iface):
+        """(config file, database) of a server's network."""
+        return os.path.join(self.config, f"{iface}.conf"), os.path.join(self.data, f"{iface}.db")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsOptions:
+    """--hosts-path, --no-write-hosts and --host-suffix, as given."""
+    path: str | None = None
+    suffix: str | None = None
+    write: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(getattr(args, "hosts_path", None), getattr(args, "host_suffix", None),
+                   not getattr(args, "no_write_hosts", False))
+
+    def resolve(self):
+        """(path or None, suffix): checked, or an error before anything is touched."""
+        if not self.write:
+            return None, None
+        path = self.path or DEFAULT_HOSTS_PATH
+        safe_hosts_path(path)        # refused before anything is touched
+        return path, None if self.suffix is None else parse_host_suffix(self.suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchOptions:
+    """What a verb's command line says about syncing an interface, read once
+    (FetchOptions.from_args) and handed down; the fields are the flags'."""
+    backend: str = "auto"
+    mtu: int = DEFAULT_MTU
+    no_routing: bool = False
+    hosts: HostsOptions = HostsOptions()
+    no_dns: bool = False
+    no_nat_traversal: bool = False
+    no_nat_candidates: bool = False
+    exclude_nat_candidates: tuple = ()
+    no_accept_routes: bool = False
+    accept_public_routes: bool = False
+    verbose: int = 0
+    invocation: str | None = None       # what main() recorded of the command line
+    interval: int | None = None         # up --daemon's
+    no_long_poll: bool = False
+    exit_node: str | None = None
+
+    @classmethod
+    def from_args(cls, args):
+        def flag(name):
+            return bool(getattr(args, name, False))
+        backend, mtu = getattr(args, "backend", None), getattr(args, "mtu", None)
+        return cls(backend="auto" if backend is None else backend,
+                   mtu=DEFAULT_MTU if mtu is None else mtu,
+                   no_routing=flag("no_routing"), hosts=HostsOptions.from_args(args),
+                   no_dns=flag("no_dns"), no_nat_traversal=flag("no_nat_traversal"),
+                   no_nat_candidates=flag("no_nat_candidates"),
+                   exclude_nat_candidates=tuple(getattr(args, "exclude_nat_candidates", None)
+                                                or ()),
+                   no_accept_routes=flag("no_accept_routes"),
+                   accept_public_routes=flag("accept_public_routes"),
+                   verbose=getattr(args, "verbose", 0) or 0,
+                   invocation=getattr(args, "invocation", None),
+                   interval=getattr(args, "interval", None),
+                   no_long_poll=flag("no_long_poll"), exit_node=getattr(args, "exit_node", None))
+
+    @property
+    def routing(self):
+        return not self.no_routing
+
+
+def installed_interfaces(config_dir):
     try:
-        names = os.listdir(cdir)
+        names = os.listdir(config_dir)
     except PermissionError:
-        raise InnernetError(f"cannot read {cdir}: permission denied",
+        raise InnernetError(f"cannot read {config_dir}: permission denied",
                             hint="are you running as root?") from None
     except OSError:
         return []
     return sorted(f[:-5] for f in names
-                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(config_dir, f)))
 
 
-def chosen_interfaces(args, required=True):
-    """The network the command names, else every installed one (fetch, up,
-    show without a name); ``required``: none installed is an error."""
-    if getattr(args, "interface", None) is not None:
-        return [parse_interface(args.interface)]
-    ifaces = installed_interfaces(args)
+def chosen_interfaces(dirs, name, required=True):
+    """The network the command names (``name``), else every installed one
+    (fetch, up, show without a name); ``required``: none installed is an error."""
+    if name is not None:
+        return [parse_interface(name)]
+    ifaces = installed_interfaces(dirs.config)
     if not ifaces and required:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
     return ifaces
 
 
-def client_config_path(args, iface):
-    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
-
-
-def lock_key_path(args, iface):
-    """This admin host's lock key for the interface (0600, beside its config)."""
-    return os.path.join(_dirs(args, False)[0], f"{iface}.lock-key")
-
-
-
-def data_store_path(args, iface):
-    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
-
-
-def load_client_config(args, iface):
-    path = client_config_path(args, iface)
+def load_client_config(files):
+    path = files.config
     if not path_exists(path, "config file"):
-        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+        raise InnernetError(f"no network named {files.iface} is installed ({path} is missing)",
                             hint="join one with 'innernet install INVITATION'")
     warn_if_world_accessible(path)
     return InterfaceConfig.from_toml(read_text(path, "config file"), path)
 
 
-def save_client_config(args, iface, cfg):
-    path = client_config_path(args, iface)
+def save_client_config(files, cfg):
+    path = files.config
     mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
     atomic_write(path, cfg.to_toml(), mode)
-
-
-def hosts_options(args):
-    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
-    if getattr(args, "no_write_hosts", False):
-        return None, None
-    suffix = getattr(args, "host_suffix", None)
-    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
-    safe_hosts_path(path)        # refused before anything is touched
-    return path, None if suffix is None else parse_host_suffix(suffix)
-
-
-def opt(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def routing(args):
-    return not getattr(args, "no_routing", False)
 
 
 def load_data_store(path):
@@ -7490,31 +7594,22 @@ def save_data_store(path, peers, cidrs, etag=None):
     return True
 
 
-def paths_memo_path(store_path):
-    return store_path[:-5] + ".paths.json"
-
-
-def lacks_memo_path(store_path):
-    return store_path[:-5] + ".lacks.json"
-
-
-def server_lacks(args, iface, cfg):
+def server_lacks(files, cfg):
     """What the interface's server is known to lack (ServerLacks)."""
-    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
+    return ServerLacks(files.lacks_memo, cfg.server_public_key)
 
 
-def load_paths_memo(store_path):
-    path = paths_memo_path(store_path)
+def load_paths_memo(files):
     try:
-        with open(path) as f:
+        with open(files.paths_memo) as f:
             return PathMemo.from_json(json.loads(f.read()))
     except (OSError, ValueError, RecursionError):
         return PathMemo()
 
 
-def save_paths_memo(store_path, memo):
+def save_paths_memo(files, memo):
     """Written only when it changed (an unchanged cron fetch writes nothing)."""
-    path = paths_memo_path(store_path)
+    path = files.paths_memo
     text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
     with contextlib.suppress(OSError):
         with open(path) as f:
@@ -7522,11 +7617,6 @@ def save_paths_memo(store_path, memo):
                 return
     ensure_dir(os.path.dirname(path) or ".")
     atomic_write(path, text, 0o600)
-
-
-def exit_state_path(store_path):
-    """The exit node a client asked for, and the table its rules use."""
-    return store_path[:-5] + ".exit.json"
 
 
 def _is_ip(text):
@@ -7566,35 +7656,25 @@ def save_exit_state(path, state):
     atomic_write(path, json.dumps(state) + "\n", 0o600)
 
 
-def server_state_path(args, iface):
-    return data_store_path(args, iface)[:-5] + ".server.json"
-
-
-def load_server_state(args, iface):
+def load_server_state(files):
     """{"endpoint": the one failed over to, "since": when}, or {}."""
     try:
-        with open(server_state_path(args, iface)) as f:
+        with open(files.server_state) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
 
 
-def save_server_state(args, iface, endpoint):
+def save_server_state(files, endpoint):
     with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
+        atomic_write(files.server_state,
                      json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
 
 
-def old_keys_path(store_path):
-    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
-    to prove the rotation to peers that joined before it but after its last sync."""
-    return store_path[:-5] + ".oldkeys.json"
-
-
-def load_old_keys(store_path, now):
+def load_old_keys(files, now):
     """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
-    path = old_keys_path(store_path)
+    path = files.old_keys
     try:
         with open(path) as f:
             keys = json.load(f).get("keys", [])
@@ -7611,63 +7691,57 @@ def load_old_keys(store_path, now):
     return live
 
 
-def keep_old_key(store_path, private_key, new_key, now):
-    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
+def keep_old_key(files, private_key, new_key, now):
+    keys = load_old_keys(files, now)[-(ROTATIONS_KEPT - 1):]
     keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
-    ensure_dir(os.path.dirname(store_path) or ".")
-    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
+    ensure_dir(os.path.dirname(files.old_keys) or ".")
+    atomic_write(files.old_keys, json.dumps({"keys": keys}) + "\n", 0o600)
 
 
-def write_fast_record(args, iface, cfg, etag, links, next_due, by):
+def write_fast_record(files, opts, cfg, etag, links, next_due, by):
     """What the fast path (fast_fetch) of the next run of this command line
     must find unchanged; taken after every write of this sync. Nothing is
     left for a run that printed what it did (-v), a device the fast path
     cannot read, or a secret file others may read (the full sync warns)."""
-    device = device_state_digest(iface, time.time())
-    run = getattr(args, "invocation", None)
-    if device is None or run is None or getattr(args, "verbose", 0) or \
-            any(c in etag for c in "\r\n"):
+    device = device_state_digest(files.iface, time.time())
+    run = opts.invocation
+    if device is None or run is None or opts.verbose or any(c in etag for c in "\r\n"):
         return
-    files = [(path, file_fingerprint(path, secret))
-             for path, secret in synced_files(args, iface)]
-    if any(fp is None or "\n" in path for path, fp in files):
+    fingerprints = [(path, file_fingerprint(path, secret))
+                    for path, secret in synced_files(files, opts)]
+    if any(fp is None or "\n" in path for path, fp in fingerprints):
         return
     fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device, "by": by,
+              "link": link_digest(files.iface), "device": device, "by": by,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
     with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
-                     fast_record(fields, files), 0o600)
+        atomic_write(files.fast_record, fast_record(fields, fingerprints), 0o600)
 
 
-def synced_files(args, iface):
-    """(path, secret) of every file a sync of ``iface`` reads or writes: a
-    change to any of them sends the next run down the full sync."""
-    store = data_store_path(args, iface)
-    files = [(client_config_path(args, iface), True), (store, True),
-             (paths_memo_path(store), True), (exit_state_path(store), True),
-             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
-    hosts_path, _ = hosts_options(args)
+def synced_files(files, opts):
+    """(path, secret) of every file a sync of ``files.iface`` reads or writes:
+    a change to any of them sends the next run down the full sync."""
+    found = [(files.config, True), (files.store, True), (files.paths_memo, True),
+             (files.exit_state, True), (files.server_state, True), (files.flags, True)]
+    hosts_path, _ = opts.hosts.resolve()
     if hosts_path:
-        files.append((hosts_path, False))
+        found.append((hosts_path, False))
     try:
-        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
+        found.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(files.iface)}", False))
     except OSError:
         pass
-    return files
+    return found
 
 
-def record_run(args, ifaces):
-    """Note in the data directory which interfaces this command line synced,
-    for fast_fetch to find their records (the last few command lines)."""
-    run = getattr(args, "invocation", None)
-    ddir = _dirs(args, False)[1]
-    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
+def record_run(data_dir, run, ifaces):
+    """Note in the data directory which interfaces this command line (``run``)
+    synced, for fast_fetch to find their records (the last few command lines)."""
+    if run is None or not all(path_exists(fast_file_path(data_dir, i)) for i in ifaces):
         return
-    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
+    runs = {k: v for k, v in read_runs(data_dir).items() if k != run}
     runs[run] = ifaces
-    _write_runs(ddir, runs)
+    _write_runs(data_dir, runs)
 
 
 def _write_runs(ddir, runs):
@@ -7679,21 +7753,15 @@ def _write_runs(ddir, runs):
             os.unlink(os.path.join(ddir, FAST_RUNS))
 
 
-def forget_runs(args, iface):
+def forget_runs(ddir, iface):
     """Take an uninstalled interface out of the noted command lines."""
-    ddir = _dirs(args, False)[1]
     runs = read_runs(ddir)
     if any(iface in v for v in runs.values()):
         _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
 
 
-def server_paths(args, iface):
-    cdir, ddir = _dirs(args, server=True)
-    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
-
-
-def load_server_config(args, iface):
-    conf, _ = server_paths(args, iface)
+def load_server_config(dirs, iface):
+    conf, _ = dirs.server(iface)
     if not path_exists(conf, "server config"):
         raise InnernetError(f"no network named {iface} ({conf} is missing)",
                             hint="create it with 'innernet-server new'")
@@ -7747,19 +7815,6 @@ def ask(value, flag, prompt, *, default=None, parse=None):
                 print(f"  {e.message}", file=sys.stderr)
                 value = None
     return parse(value) if parse else value
-
-
-def confirm(args, question, default=False):
-    """--yes, or a y/n answer at the terminal."""
-    if getattr(args, "yes", False):
-        return True
-    if not _interactive():
-        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
-    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
-    ok = default if not answer else answer in ("y", "yes")
-    if not ok:
-        raise InnernetError("cancelled")
-    return True
 
 
 def choose(value, flag, prompt, options):
@@ -8744,7 +8799,7 @@ class MetricsEndpoint:
 
 
 def inject_endpoint(peer, observed):
-    """What others are told about a peer's endpoint (spec §6.2)."""
+    """What others are told about a peer's endpoint, as innernet's server tells it."""
     ep = peer.endpoint
     if ep is None:
         ep = observed
@@ -10437,12 +10492,12 @@ def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
     return False
 
 
-def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
+def report_candidates(opts, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
-    if getattr(args, "no_nat_candidates", False):
+    if opts.no_nat_candidates:
         local = []
     else:
-        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
+        exclude = [parse_network(n) for n in opts.exclude_nat_candidates]
         local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
                  for ip in local_addresses(exclude, links)]
     have = set(own.candidates) if own else set()
@@ -10926,12 +10981,12 @@ def verified_rotations(api, cfg, stored, received):
     return ok, waiting
 
 
-def send_late_proofs(api, cfg, store_path):
+def send_late_proofs(api, cfg, files):
     """Proofs of our recent rotations, from the kept old keys, for the peers
     the server says still lack one (they joined after our last sync before
     the rotation). Only rotations we made are proved, so a server naming
     keys of its choosing learns nothing it could use. True when all were sent."""
-    kept = load_old_keys(store_path, time.time())
+    kept = load_old_keys(files, time.time())
     if not kept:
         return True
     try:
@@ -10990,38 +11045,39 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def read_status(args, iface):
+def read_status(files):
     """The interface's status file as the last sync left it, or {}."""
     try:
-        with open(status_file_path(_dirs(args, False)[1], iface)) as f:
+        with open(files.status) as f:
             status = json.load(f)
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
 
 
-def fetch_interface(args, iface, by="fetch", **kw):
+def fetch_interface(files, opts, by="fetch", **kw):
     """One sync (sync_interface), its outcome left in the interface's status
     file (write_status_file), for `innernet status` and monitoring agents."""
-    prev = read_status(args, iface)
+    iface = files.iface
+    prev = read_status(files)
     try:
-        result = sync_interface(args, iface, prev, by=by, **kw)
+        result = sync_interface(files, opts, prev, by=by, **kw)
     except Exception as e:
-        if path_exists(client_config_path(args, iface)):
+        if path_exists(files.config):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
             last = prev.get("last_success")
-            write_status_file(_dirs(args, False)[1], iface, sync_status(
+            write_status_file(files.data_dir, iface, sync_status(
                 iface, time.time(), message, prev.get("server"), by, last))
         raise
-    cfg = current_server(args, iface, load_client_config(args, iface))
-    write_status_file(_dirs(args, False)[1], iface, sync_status(
+    cfg = current_server(files, load_client_config(files))
+    write_status_file(files.data_dir, iface, sync_status(
         iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
     return result
 
 
-def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=0,
+def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=0,
                    traverse="changed", record=False, dns=False):
-    """One sync of a client interface with its server (spec §8.1).
+    """One sync of a client interface with its server, in innernet's order.
 
     With a cached ETag the server answers 304 when nothing changed; then no
     device, data store or hosts-file write happens. ``wait`` > 0 asks the
@@ -11032,33 +11088,33 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
     unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
     (as when the interface is brought up here).
     """
-    fast_path = fast_file_path(_dirs(args, False)[1], iface)
+    iface = files.iface
     with contextlib.suppress(OSError):
-        os.unlink(fast_path)          # only a sync that completes leaves one
-    if getattr(args, "no_nat_traversal", False):
+        os.unlink(files.fast_record)          # only a sync that completes leaves one
+    if opts.no_nat_traversal:
         traverse = None
-    f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
+    f = _Fetch(files, opts, current_server(files, load_client_config(files)))
     f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
                       prev.get("pending_key_changes") or [] if isinstance(w, dict)}
     f.find_device(allow_bring_up)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(args, iface, f.cfg))
+                                          lacks=server_lacks(files, f.cfg))
     proofs_sent = True
     try:
         f.receive(wait)
         if f.unreachable is None:
-            proofs_sent = send_late_proofs(f.api, f.cfg, f.store_path)
+            proofs_sent = send_late_proofs(f.api, f.cfg, files)
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
-        if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(f.api, iface, f.cfg, getattr(args, "host_suffix", None))
+        if (f.brought_up or dns) and f.unreachable is None and not opts.no_dns:
+            split_dns(f.api, iface, f.cfg, opts.hosts.suffix)
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
         if record and f.unreachable is None and f.etag and proofs_sent and not f.pending:
-            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due, by)
+            write_fast_record(files, opts, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
         _IN_FLIGHT.pop(iface, None)
         f.api.close()
@@ -11092,9 +11148,8 @@ def _unreachable_hint(f):
 class _Fetch:
     """One fetch_interface run, step by step: what it read, decided and did."""
 
-    def __init__(self, args, iface, cfg):
-        self.args, self.iface, self.cfg = args, iface, cfg
-        self.store_path = data_store_path(args, iface)
+    def __init__(self, files, opts, cfg):
+        self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = False
@@ -11106,8 +11161,8 @@ class _Fetch:
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
-        args, iface, cfg = self.args, self.iface, self.cfg
-        choice = opt(args, "backend", "auto")
+        opts, iface, cfg = self.opts, self.iface, self.cfg
+        choice = opts.backend
         self.backend = existing_backend(choice, iface)
         if self.backend is None:
             if not allow_bring_up:
@@ -11116,9 +11171,9 @@ class _Fetch:
             self.backend = bring_up(
                 choice, iface, private_key=cfg.private_key, address=cfg.address,
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-                mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                mtu=opts.mtu, routing=opts.routing)
             self.brought_up = True
-        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.store_path)
+        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.files.store)
 
     def receive(self, wait):
         """The peers and CIDRs to apply: the server's, pinned against what we
@@ -11157,12 +11212,12 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+            self.cfg = fail_over(self.files, self.cfg, self.backend)
 
     def locked(self, received, state):
         """Under network lock, the records signed by a trusted key that this
         host may see (verify_state); one line for each one refused."""
-        path = lock_file_path(self.store_path)
+        path = self.files.lock
         mine = load_client_lock(path)
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
@@ -11243,7 +11298,7 @@ class _Fetch:
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
         self.dev = dev = self.backend.get(self.iface)
-        memo = load_paths_memo(self.store_path)
+        memo = load_paths_memo(self.files)
         if self.unreachable is None and traverse:
             # Before they are added: peers the server calls offline get no
             # keepalive (desired_peers), and no direct step later.
@@ -11253,7 +11308,7 @@ class _Fetch:
             if told is not None:
                 self.asked = {p.public_key for p in new}
             if told:
-                save_paths_memo(self.store_path, memo)
+                save_paths_memo(self.files, memo)
         self.desired = desired = self.desired_peers(memo)
         # Static peers (stock WireGuard devices) have the server as their only
         # peer: they are reached through it, never with an entry of their own.
@@ -11281,16 +11336,16 @@ class _Fetch:
     def desired_peers(self, memo):
         """The device entries the state asks for (desired_peers), with the exit
         node chosen and a rotated peer's endpoint carried over."""
-        args, dev = self.args, self.dev
-        self.exit_state = load_exit_state(exit_state_path(self.store_path))
+        opts, dev = self.opts, self.dev
+        self.exit_state = load_exit_state(self.files.exit_state)
         exit_peer, self.exit_problem = choose_exit_node(
             self.peers, self.exit_state["exit_node"], self.own_key,
             self.exit_state.get("ip")) if self.exit_state else (None, None)
         if exit_peer is not None and not self.exit_state.get("ip"):
             self.exit_state["ip"] = exit_peer.ip        # the choice is this address now
-            save_exit_state(exit_state_path(self.store_path), self.exit_state)
-        accept = not getattr(args, "no_accept_routes", False)
-        public = getattr(args, "accept_public_routes", False)
+            save_exit_state(self.files.exit_state, self.exit_state)
+        accept = not opts.no_accept_routes
+        public = opts.accept_public_routes
         desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
                                 exit_key=exit_peer and exit_peer.public_key,
                                 public_routes=public)
@@ -11316,7 +11371,7 @@ class _Fetch:
         """Routes of the peers that have them, and the exit node (route_peers)."""
         self.links = raw_links()
         had_routes = any(p.routes for p in self.stored_peers + self.peers)
-        route_peers(self.args, self.backend, self.iface, self.desired, self.own_key,
+        route_peers(self.opts, self.backend, self.iface, self.desired, self.own_key,
                     self.exit_state, self.links, had_routes)
         if self.exit_problem and (self.changed or self.brought_up):
             warn(f"{self.iface}: exit node not in use: {self.exit_problem}; traffic outside "
@@ -11325,7 +11380,7 @@ class _Fetch:
     def write_files(self):
         """The hosts file, the data store (when the state changed), and our
         local candidates to the server (when it is reachable)."""
-        hosts_path, suffix = hosts_options(self.args)
+        hosts_path, suffix = self.opts.hosts.resolve()
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
                              hosts_lines(self.peers, self.iface, suffix))
@@ -11335,50 +11390,50 @@ class _Fetch:
                          "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
             if self.lock is not None:
-                save_client_lock(lock_file_path(self.store_path), self.lock)
-            save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
+                save_client_lock(self.files.lock, self.lock)
+            save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
-            report_candidates(self.args, self.api, self.cfg, own, self.dev.listen_port,
+            report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
         keys = {u.public_key for u in self.changes if not u.remove}
         with device_lock(self.iface):
-            memo = load_paths_memo(self.store_path)
+            memo = load_paths_memo(self.files)
             self.missed = settle_paths(
                 None if self.unreachable else self.api, self.backend, self.iface, self.cfg,
                 self.desired, memo, changed=keys, full=traverse == "all" or self.brought_up,
                 dev=None if self.changes else self.dev,
-                save=lambda m: save_paths_memo(self.store_path, m), asked=self.asked)
-            save_paths_memo(self.store_path, memo)
+                save=lambda m: save_paths_memo(self.files, m), asked=self.asked)
+            save_paths_memo(self.files, memo)
         self.next_due = next_path_work(memo, self.missed, time.time())
 
 
-def current_server(args, iface, cfg):
+def current_server(files, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
         return cfg
-    chosen = load_server_state(args, iface).get("endpoint")
+    chosen = load_server_state(files).get("endpoint")
     if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
         return dataclasses.replace(cfg, server_external_endpoint=chosen)
     return cfg
 
 
-def fail_over(args, iface, cfg, backend):
+def fail_over(files, cfg, backend):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way."""
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
-    eps = cfg.endpoints
+    iface, eps = files.iface, cfg.endpoints
     with contextlib.suppress(InnernetError):
-        eps = load_client_config(args, iface).endpoints
+        eps = load_client_config(files).endpoints
     if len(eps) < 2 or backend is None or not backend.exists(iface):
         return cfg          # no device (wireguard-go killed): the server is not the one gone
-    since = load_server_state(args, iface).get("since")
+    since = load_server_state(files).get("since")
     since = since if isinstance(since, (int, float)) else 0
     dp = None
     with contextlib.suppress(InnernetError, OSError):
@@ -11393,7 +11448,7 @@ def fail_over(args, iface, cfg, backend):
     ep = resolve_endpoint(nxt)
     if ep is None:
         return cfg
-    save_server_state(args, iface, nxt)
+    save_server_state(files, nxt)
     # The peer is removed and added again: a standby has the server's key but
     # not its session, and WireGuard would send on the old session for 15 s
     # before it starts a new handshake.
@@ -11407,14 +11462,14 @@ def fail_over(args, iface, cfg, backend):
     return dataclasses.replace(cfg, server_external_endpoint=nxt)
 
 
-def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
+def route_peers(opts, backend, iface, desired, own_key, exit_state, links, had_routes=True):
     """Routes into the tunnel for peers' approved subnets (unless --no-routing
     or --no-accept-routes), the exit node's table and rules when one is asked
     for, and forwarding when this peer routes for others. Without
     ``had_routes`` (no peer had or has a route) there is nothing to sync."""
-    if routing(args) and had_routes:
+    if opts.routing and had_routes:
         local = [i.network for i in local_networks(links)]
-        wanted = [] if getattr(args, "no_accept_routes", False) else \
+        wanted = [] if opts.no_accept_routes else \
             interface_routes(desired, own_key, local)
         sync_interface_routes(iface, wanted)
     if exit_state:
@@ -11451,22 +11506,22 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def server_capabilities(args, iface):
+def server_capabilities(files, opts):
     """The server's capabilities ({} for an old or unreachable server). An
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
-    cfg = load_client_config(args, iface)
+    iface, cfg = files.iface, load_client_config(files)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         caps = server_caps(api)
     except InnernetError as e:
-        backend = existing_backend(opt(args, "backend", "auto"), iface)
+        backend = existing_backend(opts.backend, iface)
         # Without its device (wireguard-go killed, a reboot) the server is
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(args, iface, current_server(args, iface, cfg), backend)
+            fail_over(files, current_server(files, cfg), backend)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -11496,13 +11551,13 @@ _DEVICE_LOCKS_GUARD = threading.Lock()
 ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
 
 
-def with_remembered_flags(args, iface, reset=False):
-    """``args`` for one network, with the route and DNS flags of the last
+def with_remembered_flags(opts, files, reset=False):
+    """``opts`` for one network, with the route and DNS flags of the last
     install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
     plain cron `fetch` keeps them. Flags given now are remembered; `up`
     (``reset``) remembers exactly what it is given, none included."""
-    path = data_store_path(args, iface)[:-5] + ".flags.json"
-    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
+    path = files.flags
+    given = {k: True for k in ROUTE_FLAGS if getattr(opts, k)}
     if given or reset:
         with contextlib.suppress(OSError):
             if given:
@@ -11510,36 +11565,31 @@ def with_remembered_flags(args, iface, reset=False):
                 atomic_write(path, json.dumps(given) + "\n", 0o600)
             else:
                 os.unlink(path)
-        return args
+        return opts
     try:
         with open(path) as f:
             kept = json.load(f)
     except (OSError, ValueError):
-        return args
+        return opts
     kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
-    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
-
-
-def down_marker_path(args, iface):
-    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
-    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
-    return data_store_path(args, iface)[:-5] + ".down"
+    return dataclasses.replace(opts, **kept) if kept else opts
 
 
 def cmd_fetch(args):
-    ifaces = chosen_interfaces(args)
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
     failed = 0
     for iface in ifaces:
+        files = dirs.client(iface)
         try:
-            if path_exists(down_marker_path(args, iface)) and \
-                    existing_backend(opt(args, "backend", "auto"), iface) is None:
+            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
                 if args.interface is None:
                     debug(f"{iface}: taken down with 'innernet down'; not fetched")
                     continue
                 raise InnernetError(f"interface {iface} is not up (taken down with "
                                     f"'innernet down {iface}')",
                                     hint=f"run 'innernet up {iface}' to bring it back")
-            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
+            fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
         except InnernetError as e:
             if len(ifaces) == 1:
@@ -11547,7 +11597,7 @@ def cmd_fetch(args):
             failed += 1
             _emit(f"{PROG}: error: {iface}: {e.message}", 3)
     if not failed:
-        record_run(args, ifaces)
+        record_run(dirs.data, opts.invocation, ifaces)
     return EXIT_ERROR if failed else 0
 
 
@@ -11622,17 +11672,17 @@ def watch_server(watch, dev, cfg, iface):
         api.interrupt()
 
 
-def watch_paths(args, iface, state, every=1.0):
+def watch_paths(files, opts, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch, server_watch = PathWatch(), PathWatch()
+    iface, watch, server_watch = files.iface, PathWatch(), PathWatch()
     while True:
         time.sleep(every)
         if state.cfg is None:
             continue
         try:
             with device_lock(iface):
-                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                backend = existing_backend(opts.backend, iface)
                 if backend is None:
                     # The device is gone (wireguard-go killed): a long poll through
                     # it would wait out its timeout; cut it short, and the sync
@@ -11645,8 +11695,7 @@ def watch_paths(args, iface, state, every=1.0):
                 watch_server(server_watch, dev, cfg, iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
-                store_path = data_store_path(args, iface)
-                memo = load_paths_memo(store_path)
+                memo = load_paths_memo(files)
                 # Peers silent for the whole handshake window are offline, not lost:
                 # settle_paths looks after them in its slots.
                 live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
@@ -11655,7 +11704,7 @@ def watch_paths(args, iface, state, every=1.0):
                 lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
                 if lost:
                     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                                    lacks=server_lacks(args, iface, cfg))
+                                    lacks=server_lacks(files, cfg))
                     try:
                         relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
                     finally:
@@ -11672,18 +11721,19 @@ def watch_paths(args, iface, state, every=1.0):
                     memo.relays.update(relays)
                     if moves:
                         backend.apply(iface, updates=moves)
-                    save_paths_memo(store_path, memo)
+                    save_paths_memo(files, memo)
             # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
             every = max(1.0, len(dev.peers) / 1000)
         except Exception as e:        # the sync thread reports what matters
             debug(f"{iface}: path watch: {e}")
 
 
-def _say_innernet_server(args, iface, told):
+def _say_innernet_server(files, told):
     """Once per daemon: the server is innernet's, so these are never asked for."""
-    if iface in told or not path_exists(client_config_path(args, iface)):
+    iface = files.iface
+    if iface in told or not path_exists(files.config):
         return
-    if server_lacks(args, iface, load_client_config(args, iface)).capabilities() is not None:
+    if server_lacks(files, load_client_config(files)).capabilities() is not None:
         told.add(iface)
         log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
             "relay, DNS or subnet routes; syncing every interval, not asking again")
@@ -11712,7 +11762,7 @@ def _daemon_failure(iface, e, failing):
     return message
 
 
-def _daemon(args, iface):
+def _daemon(files, opts):
     """Keep one interface in sync: long polls when offered, else the interval.
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
@@ -11720,46 +11770,45 @@ def _daemon(args, iface):
     (settle_paths); a long poll is cut short when they need another look,
     and a second thread watches direct paths.
     """
-    caps, backoff, state = None, 1, _DaemonState()
-    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
+    iface, caps, backoff, state = files.iface, None, 1, _DaemonState()
+    dns = not opts.exit_node   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
-        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
+    if not opts.no_nat_traversal:     # (it also watches the device)
+        threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
     while True:
-        sleep, started = args.interval, time.monotonic()
+        sleep, started = opts.interval, time.monotonic()
         try:
             if caps is None:
-                caps = server_capabilities(args, iface)
-                _say_innernet_server(args, iface, state.told)
+                caps = server_capabilities(files, opts)
+                _say_innernet_server(files, state.told)
                 if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
-            long_poll = 0 if getattr(args, "no_long_poll", False) else \
-                _positive_int(caps.get("long_poll_seconds"))
-            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
+            long_poll = 0 if opts.no_long_poll else _positive_int(caps.get("long_poll_seconds"))
+            wait = min(opts.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, by="daemon", allow_bring_up=True, wait=wait,
+            result = fetch_interface(files, opts, by="daemon", allow_bring_up=True, wait=wait,
                                      traverse=traverse, dns=dns)
             traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
-            if not getattr(args, "no_nat_traversal", False):
-                state.cfg = load_client_config(args, iface)
-                state.peers = load_data_store(data_store_path(args, iface))[0]
+            if not opts.no_nat_traversal:
+                state.cfg = load_client_config(files)
+                state.peers = load_data_store(files.store)[0]
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
-            sleep = min(args.interval, PROOF_POLL) if result.pending else sleep  # late proofs
+            sleep = min(opts.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
         except Exception as e:      # one network's trouble must not end the others
             failing = _daemon_failure(iface, e, failing)
             caps = None
-            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
+            sleep, backoff = min(backoff, opts.interval), min(backoff * 2, opts.interval)
             if isinstance(e, InnernetError) and e.unreachable and \
-                    len(load_client_config(args, iface).endpoints) > 1:
+                    len(load_client_config(files).endpoints) > 1:
                 backoff = 1       # failing over: each endpoint's try is the pace itself
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
@@ -11775,21 +11824,57 @@ def _daemon(args, iface):
 # interface. Each cmd_<verb>(args) returns an exit code.
 
 
+def client_files(args, iface):
+    """The files of client interface ``iface``, where -c/-d put them."""
+    return Dirs.from_args(args).client(iface)
+
+
+def server_dirs(args):
+    return Dirs.from_args(args, server=True)
+
+
+def server_paths(args, iface):
+    """(config file, database) of the server's network ``iface``."""
+    return server_dirs(args).server(iface)
+
+
+def routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+def opt(args, name, default=None):
+    """A verb's option, or ``default`` when it was not given (or the verb has none)."""
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def confirm(args, question, default=False):
+    """--yes, or a y/n answer at the terminal."""
+    if getattr(args, "yes", False):
+        return True
+    if not _interactive():
+        raise InnernetError("missing --yes", hint="pass --yes to confirm without a terminal")
+    answer = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+    ok = default if not answer else answer in ("y", "yes")
+    if not ok:
+        raise InnernetError("cancelled")
+    return True
+
+
+def chosen(args, required=True):
+    """chosen_interfaces for a verb's command line."""
+    return chosen_interfaces(Dirs.from_args(args), getattr(args, "interface", None), required)
+
+
 class LocalNetwork(NetworkLock):
     """The server CLI's view: the database directly."""
 
     def __init__(self, args, iface):
         self.iface = iface
         self.backend_choice = opt(args, "backend", "auto")
-        self.config = load_server_config(args, iface)
+        self.config = load_server_config(server_dirs(args), iface)
         self.store = Store(server_paths(args, iface)[1])
-        self.lock_key_file = getattr(args, "lock_key", None)
-        self.lock_key_given = self.lock_key_file is not None
-
-    def lock_info(self):
-        chain = self.store.lock_chain()
-        recs, _ = self.store.lock_records()
-        return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
+        self.lock_key_file = getattr(args, "lock_key", None)       # --lock-key, if locked
 
     def cidrs(self):
         return self.store.cidrs()
@@ -11801,20 +11886,16 @@ class LocalNetwork(NetworkLock):
         return self.store.associations()
 
     def add_cidr(self, contents):
-        with signed_by(self.lock_for("add_cidr", contents)):
-            return self.store.add_cidr(contents)
+        return self.store.add_cidr(contents)
 
     def rename_cidr(self, cidr, name):
-        with signed_by(self.lock_for("rename_cidr", cidr, name)):
-            self.store.rename_cidr(cidr.id, name)
+        self.store.rename_cidr(cidr.id, name)
 
     def delete_cidr(self, cidr):
-        with signed_by(self.lock_for("delete_cidr", cidr)):
-            self.store.delete_cidr(cidr.id)
+        self.store.delete_cidr(cidr.id)
 
     def add_peer(self, contents):
-        with signed_by(self.lock_for("add_peer", contents)):
-            peer = self.store.add_peer(contents)
+        peer = self.store.add_peer(contents)
         self._to_live_device(peer)
         return peer
 
@@ -11832,23 +11913,19 @@ class LocalNetwork(NetworkLock):
                 keepalive=PERSISTENT_KEEPALIVE, name=peer.name, action="added")])
 
     def update_peer(self, peer):
-        with signed_by(self.lock_for("update_peer", peer)):
-            self.store.update_peer(peer.id, peer)
+        self.store.update_peer(peer.id, peer)
 
     def add_association(self, a, b):
-        with signed_by(self.lock_for("add_association", a, b)):
-            self.store.add_association(a.id, b.id)
+        self.store.add_association(a.id, b.id)
 
     def delete_association(self, assoc):
-        with signed_by(self.lock_for("delete_association", assoc)):
-            self.store.delete_association(assoc.id)
+        self.store.delete_association(assoc.id)
 
     def deletions(self):
         return self.store.deletions()
 
     def delete_peer(self, peer, reuse_after):
-        with signed_by(self.lock_for("delete_peer", peer)):
-            self.store.delete_peer(peer.id, reuse_after)
+        self.store.delete_peer(peer.id, reuse_after)
 
     def innernet_pins(self, ip):
         """[(innernet client Peer, the key it pinned at ip)]."""
@@ -11858,12 +11935,10 @@ class LocalNetwork(NetworkLock):
         return self.store.forget_pins(peer.id)
 
     def reinvite(self, peer, invite_public_key, expires):
-        with signed_by(self.lock_for("reinvite", peer)):
-            self.store.reinvite(peer.id, invite_public_key, expires)
+        self.store.reinvite(peer.id, invite_public_key, expires)
 
     def approve_routes(self, peer, routes, approved):
-        with signed_by(self.lock_for("approve_routes", peer, routes, approved)):
-            return self.store.approve_routes(peer.id, routes, approved)
+        return self.store.approve_routes(peer.id, routes, approved)
 
     def audit(self, since):
         return self.store.audit(since)
@@ -11874,8 +11949,7 @@ class LocalNetwork(NetworkLock):
                 [(st.data["name"], st.data["ip"]) for st in steps if st.kind == "add-peer"])
 
     def apply(self, text, source, invites):
-        with signed_by(self.lock_apply(text, source)):
-            return [st.line for st in self.store.apply_document(text, source, invites)]
+        return [st.line for st in self.store.apply_document(text, source, invites)]
 
     def route_approvers(self):
         return self.store.route_approvers()
@@ -11906,15 +11980,11 @@ class RemoteNetwork(NetworkLock):
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.config = load_client_config(args, iface)
-        self.lacks = server_lacks(args, iface, self.config)
+        self.config = load_client_config(client_files(args, iface))
+        self.lacks = server_lacks(client_files(args, iface), self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
-        self.lock_key_file = lock_key_path(args, iface)
-        self.own_lock = lock_file_path(data_store_path(args, iface))
-
-    def lock_info(self):
-        return remote_lock_info(self.api, self.own_lock)
+        self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
 
     def cidrs(self):
         return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
@@ -11926,34 +11996,27 @@ class RemoteNetwork(NetworkLock):
         return [Association.from_json(a) for a in self.api.call("GET", "/admin/associations")]
 
     def add_cidr(self, contents):
-        return Cidr.from_json(self.signed_call("POST", "/admin/cidrs", contents.to_json(False),
-                                               self.lock_for("add_cidr", contents)))
+        return Cidr.from_json(self.api.call("POST", "/admin/cidrs", contents.to_json(False)))
 
     def rename_cidr(self, cidr, name):
-        self.signed_call("PUT", f"/admin/cidrs/{cidr.id}",
-                         dataclasses.replace(cidr, name=name).to_json(False),
-                         self.lock_for("rename_cidr", cidr, name))
+        self.api.call("PUT", f"/admin/cidrs/{cidr.id}",
+                      dataclasses.replace(cidr, name=name).to_json(False))
 
     def delete_cidr(self, cidr):
-        self.signed_call("DELETE", f"/admin/cidrs/{cidr.id}", None,
-                         self.lock_for("delete_cidr", cidr))
+        self.api.call("DELETE", f"/admin/cidrs/{cidr.id}")
 
     def add_peer(self, contents):
-        return Peer.from_json(self.signed_call("POST", "/admin/peers", contents.to_json(False),
-                                               self.lock_for("add_peer", contents)))
+        return Peer.from_json(self.api.call("POST", "/admin/peers", contents.to_json(False)))
 
     def update_peer(self, peer):
-        self.signed_call("PUT", f"/admin/peers/{peer.id}", peer.to_json(False),
-                         self.lock_for("update_peer", peer))
+        self.api.call("PUT", f"/admin/peers/{peer.id}", peer.to_json(False))
 
     def add_association(self, a, b):
-        self.signed_call("POST", "/admin/associations",
-                         Association(None, a.id, b.id).to_json(False),
-                         self.lock_for("add_association", a, b))
+        self.api.call("POST", "/admin/associations",
+                      Association(None, a.id, b.id).to_json(False))
 
     def delete_association(self, assoc):
-        self.signed_call("DELETE", f"/admin/associations/{assoc.id}", None,
-                         self.lock_for("delete_association", assoc))
+        self.api.call("DELETE", f"/admin/associations/{assoc.id}")
 
     def deletions(self):
         """Quarantined addresses; none on an innernet server, which deletes nothing."""
@@ -11971,9 +12034,7 @@ class RemoteNetwork(NetworkLock):
         return out
 
     def delete_peer(self, peer, reuse_after):
-        self.signed_call("POST", "/admin/deleted-peers", {"id": peer.id,
-                                                          "reuse_after": reuse_after},
-                         self.lock_for("delete_peer", peer))
+        self.api.call("POST", "/admin/deleted-peers", {"id": peer.id, "reuse_after": reuse_after})
 
     def innernet_pins(self, ip):
         """[(innernet client Peer, the key it pinned at ip)]; none from a server
@@ -11995,15 +12056,13 @@ class RemoteNetwork(NetworkLock):
         return int(_require_object(r, "answer").get("forgotten", 0))
 
     def reinvite(self, peer, invite_public_key, expires):
-        self.signed_call("POST", "/admin/reinvitations", {
+        self.api.call("POST", "/admin/reinvitations", {
             "id": peer.id, "public_key": invite_public_key,
-            "invite_expires": _expires_to_json(expires)}, self.lock_for("reinvite", peer))
+            "invite_expires": _expires_to_json(expires)})
 
     def approve_routes(self, peer, routes, approved):
-        return Peer.from_json(self.signed_call("PUT", f"/admin/routes/{peer.id}",
-                                               {"routes": routes, "approved": approved},
-                                               self.lock_for("approve_routes", peer, routes,
-                                                             approved)))
+        return Peer.from_json(self.api.call("PUT", f"/admin/routes/{peer.id}",
+                                            {"routes": routes, "approved": approved}))
 
     def audit(self, since):
         return [AuditEntry.from_json(e) for e in
@@ -12020,8 +12079,7 @@ class RemoteNetwork(NetworkLock):
         body = {"document": text, "invites": {ip: {"public_key": k,
                                                    "invite_expires": _expires_to_json(e)}
                                               for ip, (k, e) in invites.items()}}
-        return list(_require_object(self.signed_call("POST", "/admin/apply", body,
-                                                     self.lock_apply(text, source)),
+        return list(_require_object(self.api.call("POST", "/admin/apply", body),
                                     "apply").get("applied") or [])
 
     def route_approvers(self):
@@ -12087,8 +12145,8 @@ def cmd_list_cidrs(args):
     if args.role == "server":
         cidrs = LocalNetwork(args, iface).cidrs()
     else:
-        load_client_config(args, iface)
-        _, cidrs, _ = load_data_store(data_store_path(args, iface))
+        load_client_config(client_files(args, iface))
+        _, cidrs, _ = load_data_store(client_files(args, iface).store)
     if getattr(args, "json", False):
         print_json([c.to_json() for c in cidrs])
     elif args.tree:
@@ -12704,7 +12762,7 @@ def cmd_lock(args):
 
 def _own_lock_key(args, iface, make=False):
     """(private, public) of this host's lock key; made (0600) when ``make``."""
-    path = lock_key_path(args, iface)
+    path = client_files(args, iface).lock_key
     private = read_lock_key(path)
     if private is None:
         if not make:
@@ -12718,7 +12776,7 @@ def _own_lock_key(args, iface, make=False):
 
 
 def _lock_key(args, iface):
-    load_client_config(args, iface)
+    load_client_config(client_files(args, iface))
     print(_own_lock_key(args, iface, make=True)[1])
     return 0
 
@@ -12761,7 +12819,7 @@ def _lock_init(args, iface):
 def _refuse_repinned(args, iface, peers):
     """`lock init` signs the keys the server lists: refuse where this host
     pinned another key at an address (the server would be lying now)."""
-    stored, _, _ = load_data_store(data_store_path(args, iface))
+    stored, _, _ = load_data_store(client_files(args, iface).store)
     have = {p.ip: p.public_key for p in peers}
     for p in stored:
         if p.deleted_until is None and have.get(p.ip, p.public_key) != p.public_key:
@@ -12780,14 +12838,14 @@ def _lock_chain(args, iface):
 
 
 def _lock_status(args, iface):
-    mine = load_client_lock(lock_file_path(data_store_path(args, iface)))
+    mine = load_client_lock(client_files(args, iface).lock)
     if mine is None:
         print(f"{iface}: not locked")
         return 0
     chain = LockChain(mine["chain"])
     print(f"{iface}: " + ("lock disabled" if chain.disabled else "locked")
           + f", chain at {chain.head[:12]} ({len(chain.entries)} entries)")
-    own = read_lock_key(lock_key_path(args, iface))
+    own = read_lock_key(client_files(args, iface).lock_key)
     for key, name in chain.keys.items():
         here = " (this host)" if own and lock_public(own) == key else ""
         print(f"  trusted: {name} {lock_short(key)}{here}")
@@ -12887,7 +12945,7 @@ def cmd_server_new(args):
             raise InnernetError(f"network {name} already exists ({path})",
                                 hint=f"remove it with 'innernet-server uninstall {name}'")
     server_ip = next_free_ip(network, [])
-    for d in _dirs(args, server=True):
+    for d in dataclasses.astuple(server_dirs(args)):
         ensure_dir(d)
     key = generate_private_key()
     config = ServerConfig(key, port, str(server_ip), network.prefixlen)
@@ -13038,7 +13096,7 @@ def rollback_report(store, now):
 def cmd_server_rollback_check(args):
     """What a rollback to innernet-server would drop (the database itself opens there)."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     store = Store(server_paths(args, iface)[1])
     try:
         report = rollback_report(store, time.time())
@@ -13061,7 +13119,7 @@ def cmd_server_rollback_check(args):
 
 def cmd_server_status(args):
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     st = server_status(args, iface)
     if args.json:
         print_json(st)
@@ -13112,7 +13170,7 @@ def cmd_server_admin_proof(args):
 def cmd_server_set_endpoint(args):
     """Where new invitations point: a standby that took over sets its own."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     endpoint = args.endpoint
     parse_endpoint(endpoint)
     store = Store(server_paths(args, iface)[1])
@@ -13128,7 +13186,7 @@ def cmd_server_set_endpoint(args):
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)               # copied once from the primary
+    load_server_config(server_dirs(args), iface)               # copied once from the primary
     db_path = server_paths(args, iface)[1]
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
@@ -13180,8 +13238,8 @@ def _fixed_mmap_threshold():
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
-    hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
-    config = load_server_config(args, iface)
+    hosts_path, suffix = HostsOptions.from_args(args).resolve()     # bad flags fail before anything is touched
+    config = load_server_config(server_dirs(args), iface)
     _fixed_mmap_threshold()
     set_timestamps(True)
     db_path = server_paths(args, iface)[1]
@@ -13202,9 +13260,9 @@ def cmd_server_serve(args):
         dns.start(co.stop)
         log(f"answering DNS for {co.views.dns_zone_name} on "
             f"{format_endpoint(str(config.address), dns.port)}")
-    hub, relaying = co.hub, None
-    if hub is not None:
-        relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
+    relaying = None
+    if co.hub is not None:
+        relaying = threading.Thread(target=co.hub.run, args=(co.stop,), daemon=True)
         relaying.start()
 
     def stop(signum, frame):
@@ -13213,29 +13271,52 @@ def cmd_server_serve(args):
     threading.Thread(target=lambda: co.device_gone.wait() and httpd.shutdown(),
                      daemon=True).start()
     log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
+    steps = _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock)
     try:
         httpd.serve_forever(poll_interval=0.5)
         if co.device_gone.is_set():
             raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
                                 "exiting so that the service manager starts serve again",
                                 hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
-    finally:
-        co.stop.set()
-        httpd.server_close()
-        if replicator is not None:
-            replicator.close()
-        if scrape is not None:
-            scrape.shutdown()
-            scrape.server_close()
-        if dns is not None:
-            dns.close()
-        if co.device.relay is not None:  # no forwarding without the server that filters it
-            co.device.relay.remove()
-        if relaying is not None:
-            relaying.join(3)
-            hub.close()
-        lock.close()
+    except BaseException:
+        tear_down(steps)
+        raise
+    failed = tear_down(steps)
+    if failed is not None:
+        raise failed
     return 0
+
+
+def _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock):
+    """What stops a serve, as (what, how) steps for tear_down, each on its own."""
+    steps = [("the background work", co.stop.set), ("the API server", httpd.server_close)]
+    if co.device.relay is not None:  # no forwarding without the server that filters it
+        steps.append(("the static peers' forwarding", co.device.relay.remove))
+    if replicator is not None:
+        steps.append(("Litestream", replicator.close))
+    if scrape is not None:
+        steps += [("the metrics endpoint", scrape.shutdown),
+                  ("the metrics endpoint's socket", scrape.server_close)]
+    if dns is not None:
+        steps.append(("the DNS service", dns.close))
+    if relaying is not None:
+        steps += [("the relay", lambda: relaying.join(3)), ("the relay's sockets", co.hub.close)]
+    steps.append(("the instance lock", lock.close))
+    return steps
+
+
+def tear_down(steps):
+    """Run every step, each in its own try: one failing (a Litestream that
+    will not stop) must not leave the others undone (forwarding on). Failures
+    are warned about; the first is returned."""
+    first = None
+    for what, step in steps:
+        try:
+            step()
+        except Exception as e:           # noqa: BLE001 -- the next step runs regardless
+            warn(f"stopping {what} failed: {e}")
+            first = first or e
+    return first
 
 
 def _serve_store(args, iface, db_path):
@@ -13306,24 +13387,24 @@ def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
     iface = _install_name(args, invite)
-    cfg_path = client_config_path(args, iface)
+    cfg_path = client_files(args, iface).config
     backend_choice = opt(args, "backend", "auto")
     _refuse_taken_range(args, invite, iface)
-    ensure_dir(_dirs(args, False)[0])
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(Dirs.from_args(args).config)
+    ensure_dir(Dirs.from_args(args).data)
     started = time.monotonic()
     # The new key is saved before the server hears of it: a config or data
     # directory that is read-only or full fails here, with the invitation
     # still unused, and a key the server accepted is never lost.
     new_key = generate_private_key()
     cfg = dataclasses.replace(invite, private_key=new_key, lock=None)
-    store_path = data_store_path(args, iface)
+    store_path = client_files(args, iface).store
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
     redeemed, backend = False, None      # False: the files go if this fails
     try:
         save_data_store(store_path, [], [])
-        made += begin_client_lock(store_path, invite)       # lock on from the first state
+        made += begin_client_lock(client_files(args, iface).lock, invite)   # locked at once
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server_peer_update(invite)],
@@ -13398,7 +13479,7 @@ def _install_name(args, invite):
     else:
         iface = ask(None, "--name", "interface name", default=invite.network_name,
                     parse=parse_interface)
-    cfg_path = client_config_path(args, iface)
+    cfg_path = client_files(args, iface).config
     if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
                             hint="choose another --name, or 'innernet uninstall' it first")
@@ -13418,7 +13499,7 @@ def _reach_server(args, iface, invite, backend):
                                                      endpoint=server.endpoint)])
         if wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
             if n:
-                save_server_state(args, iface, ep)
+                save_server_state(client_files(args, iface), ep)
             return server
     raise InnernetError(
         f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
@@ -13474,7 +13555,9 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
         try:
             # Peers are tried later (the daemon, the next fetch, or their own
             # side, which learns of us now): joining ends at the handshake.
-            fetch_interface(with_remembered_flags(args, iface), iface, by="install",
+            files = client_files(args, iface)
+            fetch_interface(files, with_remembered_flags(FetchOptions.from_args(args), files),
+                            by="install",
                             allow_bring_up=True, traverse=None, dns=True)
             return
         except InnernetError as e:
@@ -13485,7 +13568,7 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
 
 def cmd_set_listen_port(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     if args.unset:
         port = None
     else:
@@ -13495,7 +13578,7 @@ def cmd_set_listen_port(args):
         log("No change necessary")
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
-    save_client_config(args, iface, dataclasses.replace(cfg, listen_port=port))
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, listen_port=port))
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
     if backend is None:
@@ -13506,9 +13589,10 @@ def cmd_set_listen_port(args):
     # peers), and the NAT candidates name the new port.
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
-        peers, _, _ = load_data_store(data_store_path(args, iface))
+        peers, _, _ = load_data_store(client_files(args, iface).store)
         own = next((p for p in peers if p.public_key == public_key(cfg.private_key)), None)
-        report_candidates(args, api, cfg, own, backend.get(iface).listen_port, force=True)
+        report_candidates(FetchOptions.from_args(args), api, cfg, own,
+                          backend.get(iface).listen_port, force=True)
         log("the server was told the new port")
     except InnernetError as e:
         warn(f"could not tell the server yet ({e.message}); the next fetch will")
@@ -13520,11 +13604,11 @@ def cmd_set_listen_port(args):
 def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    peers, _, _ = load_data_store(client_files(args, iface).store)
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
     new_private = generate_private_key()
@@ -13534,12 +13618,12 @@ def cmd_rotate_key(args):
     verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
-    path = client_config_path(args, iface)
+    path = client_files(args, iface).config
     pending = path + ".rotating"
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(client_files(args, iface), cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -13563,7 +13647,7 @@ def cmd_rotate_key(args):
                             hint="move it by hand: the server has the new key") from None
     since = time.time()
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
+        keep_old_key(client_files(args, iface), cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
     server = server_peer_update(cfg)
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
@@ -13592,16 +13676,16 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
 def cmd_override_server_endpoints(args):
     """Where this peer looks for the server (a standby too), the first first."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     eps = [normalize_endpoint(e) for e in args.endpoints]
     if not eps:
         print("\n".join(cfg.endpoints))
         return 0
     confirm(args, f"Look for the server at {', '.join(eps)}, in that order?", True)
-    save_client_config(args, iface, dataclasses.replace(
+    save_client_config(client_files(args, iface), dataclasses.replace(
         cfg, server_external_endpoint=eps[0], server_endpoints=eps[1:]))
     with contextlib.suppress(OSError):
-        os.unlink(server_state_path(args, iface))
+        os.unlink(client_files(args, iface).server_state)
     log(f"{iface}: the server is looked for at {', '.join(eps)}")
     return 0
 
@@ -13610,9 +13694,9 @@ def cmd_override_endpoint(args):
     iface = parse_interface(args.interface)
     if args.endpoint is not None:
         normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(client_files(args, iface), cfg))
     if args.unset:
         confirm(args, "Stop overriding this peer's endpoint on the server?", True)
         api.call("PUT", "/user/endpoint", {"option": "Unset"})
@@ -13640,8 +13724,8 @@ def cmd_override_endpoint(args):
 
 def cmd_override_peer_endpoint(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    cfg = load_client_config(client_files(args, iface))
+    peers, _, _ = load_data_store(client_files(args, iface).store)
     own = public_key(cfg.private_key)
     options = {p.name: p for p in peers if p.public_key != own and not p.is_disabled}
     peer = choose(args.name, "--name", "peer", options)
@@ -13658,7 +13742,7 @@ def cmd_override_peer_endpoint(args):
                        parse=normalize_endpoint)
         confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
         overrides[peer.ip] = endpoint
-    save_client_config(args, iface, dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
     # The device follows at once: an unchanged fetch later writes nothing to it.
     backend = existing_backend(opt(args, "backend", "auto"), iface)
     target = endpoint
@@ -13678,8 +13762,8 @@ def cmd_override_peer_endpoint(args):
 
 def _advertise(args, body, what):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    lacks = server_lacks(args, iface, cfg)
+    cfg = load_client_config(client_files(args, iface))
+    lacks = server_lacks(client_files(args, iface), cfg)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
         caps = server_caps(api)
@@ -13724,7 +13808,7 @@ def cmd_advertise_exit_node(args):
 def choose_exit(args, iface):
     """`up --exit-node NAME` records the choice (and the table its rules use);
     `up` without it stops using one."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     old = exit_state_or_none(path)
     name = getattr(args, "exit_node", None)
     allow = bool(getattr(args, "exit_node_allow_lan", False))
@@ -13744,7 +13828,7 @@ def choose_exit(args, iface):
 
 def leave_exit(args, iface):
     """Stop using an exit node: its rules and table go, the device's mark too."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     state = exit_state_or_none(path)
     if os.path.exists(path) and state is None:
         os.unlink(path)
@@ -13767,7 +13851,8 @@ CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".l
 
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
-    cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
+    files = client_files(args, iface)
+    cfg_path, store_path = files.config, files.store
     if not path_exists(cfg_path) and not path_exists(store_path):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
@@ -13776,13 +13861,12 @@ def cmd_uninstall(args):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
         bring_down(opt(args, "backend", "auto"), iface)
-    base = store_path[:-5]
-    for path in (cfg_path, cfg_path + ".rotating", store_path, lacks_memo_path(store_path),
-                 *[base + ext for ext in CLIENT_STATE_FILES]):
+    for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
+                 *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    forget_runs(args, iface)
-    hosts_path, _ = hosts_options(args)
+    forget_runs(Dirs.from_args(args).data, iface)
+    hosts_path, _ = HostsOptions.from_args(args).resolve()
     if hosts_path and os.path.exists(hosts_path):
         write_hosts_file(hosts_path, f"innernet {iface}", [])
     log(f"network {iface} uninstalled")
@@ -13792,10 +13876,10 @@ def cmd_uninstall(args):
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(args, iface)
+    st = read_status(client_files(args, iface))
     up = existing_backend(opt(args, "backend", "auto"), iface) is not None
     problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
+        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
     last = st.get("last_success")
     if not st:
@@ -13841,9 +13925,9 @@ def cmd_status(args):
     """This host's health per network; exit 0 only when every one is healthy."""
     max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
     now = time.time()
-    for iface in chosen_interfaces(args):
-        load_client_config(args, iface)          # a network that is not installed fails
-    healths = [interface_health(args, iface, now, max_age) for iface in chosen_interfaces(args)]
+    for iface in chosen(args):
+        load_client_config(client_files(args, iface))          # a network that is not installed fails
+    healths = [interface_health(args, iface, now, max_age) for iface in chosen(args)]
     if args.json:
         print_json(healths)
     else:
@@ -13852,21 +13936,23 @@ def cmd_status(args):
 
 
 def cmd_up(args):
-    ifaces = chosen_interfaces(args)
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = chosen(args)
     if args.exit_node and len(ifaces) > 1:
         raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
     if args.daemon and args.interval < 1:
         raise InnernetError("--interval must be at least 1 second")
     for iface in ifaces:
-        if path_exists(client_config_path(args, iface)):
+        files = dirs.client(iface)
+        if path_exists(files.config):
             choose_exit(args, iface)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(down_marker_path(args, iface))
-        with_remembered_flags(args, iface, reset=True)
+            os.unlink(files.down_marker)
+        with_remembered_flags(opts, files, reset=True)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, by="up", allow_bring_up=True, dns=True,
-                                     record=not args.daemon)
+            result = fetch_interface(dirs.client(iface), opts, by="up", allow_bring_up=True,
+                                     dns=True, record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
                 raise InnernetError(f"cannot use {args.exit_node} as exit node: "
@@ -13877,18 +13963,18 @@ def cmd_up(args):
                 log(f"{iface}: traffic outside the network leaves through {args.exit_node}"
                     + (" (the LAN stays reachable)" if args.exit_node_allow_lan else ""))
     if not args.daemon:
-        record_run(args, ifaces)
+        record_run(dirs.data, opts.invocation, ifaces)
         return 0
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(dirs.data)
     set_timestamps(True)
-    locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
-                           f"'up {iface} --daemon'") for iface in ifaces]
-    threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
+    locks = [instance_lock(dirs.client(iface).with_suffix(".lock"), f"'up {iface} --daemon'")
+             for iface in ifaces]
+    threads = [threading.Thread(target=_daemon, args=(dirs.client(iface), opts), daemon=True)
                for iface in ifaces[1:]]
     for t in threads:
         t.start()
     try:
-        _daemon(args, ifaces[0])
+        _daemon(dirs.client(ifaces[0]), opts)
     finally:
         for lock in locks:
             lock.close()
@@ -13898,10 +13984,10 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
-    installed = path_exists(client_config_path(args, iface))
+    installed = path_exists(client_files(args, iface).config)
     if installed:           # cron's `fetch` leaves it down until `up`
-        ensure_dir(_dirs(args, False)[1])
-        atomic_write(down_marker_path(args, iface), "", 0o600)
+        ensure_dir(Dirs.from_args(args).data)
+        atomic_write(client_files(args, iface).down_marker, "", 0o600)
     if not bring_down(opt(args, "backend", "auto"), iface):
         if not installed:
             raise InnernetError(f"interface {iface} is not up")
@@ -13985,29 +14071,29 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
 def cmd_show(args):
     choice = opt(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
-    ifaces = chosen_interfaces(args, required=False)
+    ifaces = chosen(args, required=False)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:
         if named:
-            load_client_config(args, iface)      # "not installed" before "not up"
+            load_client_config(client_files(args, iface))      # "not installed" before "not up"
         backend = existing_backend(choice, iface)
         if backend is None:
             if named:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}'")
             continue
-        cfg = load_client_config(args, iface)
+        cfg = load_client_config(client_files(args, iface))
         dev = backend.get(iface)
-        peers, cidrs, _ = load_data_store(data_store_path(args, iface))
-        memo = load_paths_memo(data_store_path(args, iface))
+        peers, cidrs, _ = load_data_store(client_files(args, iface).store)
+        memo = load_paths_memo(client_files(args, iface))
         own_key = public_key(cfg.private_key)
-        exit_state = exit_state_or_none(exit_state_path(data_store_path(args, iface)))
+        exit_state = exit_state_or_none(client_files(args, iface).exit_state)
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
         shown += 1
-        lock = load_client_lock(lock_file_path(data_store_path(args, iface))) or {}
+        lock = load_client_lock(client_files(args, iface).lock) or {}
         refused = [str(x) for x in lock.get("refused") or []]
         if getattr(args, "json", False):
             out.append({"network": iface, "listen_port": dev.listen_port,
@@ -14577,6 +14663,28 @@ def cmd_completions(args):
     return 0
 
 
+def _flush_stdout():
+    """Flush stdout now, so that a closed pipe (show | head) is found here,
+    not at exit: a reader that is gone has what it wanted, and what is left
+    to write goes to /dev/null. False if the reader was gone."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def _parse(parser, argv):
+    """parser.parse_args; its --help, too, may meet a closed pipe."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        _flush_stdout()
+        raise
+
+
 def main(argv=None, server_mode=None):
     """Parse, run one verb, turn InnernetError into a message and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -14592,21 +14700,19 @@ def main(argv=None, server_mode=None):
         print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
               f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
         with contextlib.suppress(OSError):
             args.invocation = invocation(argv, os.environ, os.getcwd())
     set_verbosity(getattr(args, "verbose", 0) or 0)
     _Prompts.yes = getattr(args, "yes", False) is True
     if args.func is None:
-        parser.parse_args(argv + ["--help"])
+        _parse(parser, argv + ["--help"])
     try:
         code = args.func(args) or 0
-        sys.stdout.flush()            # a closed pipe (show | head) is found here, not at exit
-        return code
+        return code if _flush_stdout() else EXIT_OK
     except BrokenPipeError:           # the reader has what it wanted
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _flush_stdout()
         return EXIT_OK
     except InnernetError as e:
         _emit(f"{prog}: error: {e.message}", 3, stamp=False)

@@ -176,6 +176,33 @@ def test_pure_sections_do_no_io():
     assert not used, "\n".join(used)
 
 
+VERBS = [s for s in SECTIONS if s.endswith(" verbs")] + ["Command line"]
+
+
+def test_no_function_below_the_verbs_takes_the_command_line():
+    """argparse's Namespace stops at the verbs: each builds what it needs from
+    it once (FetchOptions, Dirs and ClientFiles, HostsOptions: their
+    from_args) and hands that down. Below the verb sections, only a cmd_<verb>
+    (cmd_fetch lives with the fetch) and a from_args take ``args``; nothing
+    makes a Namespace of its own."""
+    _, tree, banners = _module()
+    first_verb = min(SECTIONS.index(s) for s in VERBS)
+    wrong = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and _section_of(banners, node.lineno) < first_verb \
+                and not node.name.startswith("cmd_") and node.name != "from_args":
+            params = [a.arg for a in node.args.posonlyargs + node.args.args
+                      + node.args.kwonlyargs]
+            if {"args", "namespace", "ns"} & set(params):
+                wrong.append(f"line {node.lineno}: {node.name}({', '.join(params)})")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "argparse" and node.attr == "Namespace" \
+                and _section_of(banners, node.lineno) < first_verb:
+            wrong.append(f"line {node.lineno}: argparse.{node.attr}")
+    assert not wrong, "\n".join(wrong)
+
+
 # -- journeys -------------------------------------------------------------------
 # How many sections does one journey make a reader cross? The measure: a static
 # walk of module-level names from the journey's entry points. A function, class

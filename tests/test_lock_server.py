@@ -14,7 +14,7 @@ import innernet  # noqa: E402
 from innernet import (LockChain, Store, lock_genesis, lock_keypair, lock_projection,  # noqa: E402
                       lock_record, sign_batch, verify_state)
 
-from test_api import cli_network  # noqa: E402
+from helpers import call, cli_network, make_coordinator  # noqa: E402
 
 
 def db_path(tmp_path):
@@ -89,7 +89,7 @@ def test_the_state_carries_the_chain_and_records_a_client_verifies(tmp_path, cap
     store.conn.execute("UPDATE peers SET is_redeemed = 1")
     keyfile, _ = lock(tmp_path)
     co = innernet.Coordinator(store, innernet.load_server_config(
-        innernet.build_parser(True).parse_args(base[:4] + ["status", "evil"]), "evil"), "evil")
+        innernet.Dirs(base[1], base[3]), "evil"), "evil")
     alice = store.peer_by_name("alice")
     body, _ = co.views.state_for(alice)
     state = json.loads(body)
@@ -114,7 +114,7 @@ def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
     """Over the API: an admin call under lock without the X-Innernet-Lock
     header, or signed by a key the chain does not trust, is a 403 with its
     reason, and changes nothing."""
-    from test_api import call, make_coordinator
+
     co = make_coordinator(tmp_path)
     store = co.store
     private, public = lock_keypair()

@@ -12,7 +12,7 @@ import pytest
 
 import innernet
 from innernet import Peer, PathMemo, RelayHub
-from test_api import IPS, call
+from helpers import IPS, call
 
 
 def keypair():
@@ -119,18 +119,19 @@ def test_the_path_memo_forgets_what_it_cannot_trust():
 
 
 def test_the_memo_is_written_only_when_it_changes(tmp_path):
-    store = str(tmp_path / "n.json")
+    files = innernet.ClientFiles("n", str(tmp_path), str(tmp_path))
     memo = PathMemo({keypair()[1]: "198.18.0.1:40000"})
-    innernet.save_paths_memo(store, memo)
-    path = innernet.paths_memo_path(store)
+    innernet.save_paths_memo(files, memo)
+    path = files.paths_memo
+    assert path == str(tmp_path / "n.paths.json")
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     before = os.stat(path).st_mtime_ns
     time.sleep(0.01)
-    innernet.save_paths_memo(store, memo)
+    innernet.save_paths_memo(files, memo)
     assert os.stat(path).st_mtime_ns == before
-    assert innernet.load_paths_memo(store) == memo
+    assert innernet.load_paths_memo(files) == memo
     open(path, "w").write("{garbage")
-    assert innernet.load_paths_memo(store) == PathMemo()
+    assert innernet.load_paths_memo(files) == PathMemo()
 
 
 # -- the API route ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 import innernet
 from innernet import EXIT_ROUTES, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator
+from helpers import IPS, call, cli_network, make_coordinator
 
 ROUTE_ERRORS = {
     "192.168.10.1/24": "has host bits set (did you mean 192.168.10.0/24?)",
@@ -91,8 +91,9 @@ def test_auto_approval_covers_routes_inside_the_rule_from_the_cidr_or_below():
 
 
 def visible_routes(peers, cidrs, associations, me):
-    """(route, owner) pairs ``me`` gets: what the state (visible_peers) carries."""
-    return [(r, p) for p in innernet.visible_peers(peers, cidrs, associations, me)
+    """(route, owner) pairs ``me`` gets: what the state (the peers in its view) carries."""
+    view = innernet.visible_cidr_ids(cidrs, associations, me.cidr_id)
+    return [(r, p) for p in innernet.peers_in_view(peers, view)
             if p.id != me.id for r in p.routes]
 
 

@@ -8,11 +8,11 @@ finds. Which path ran is seen in the record the full sync rewrites
 import os
 import re
 import shlex
-import time
 
 import pytest
 
-from lab import debian_launcher, device, device_peer_ips, invite, wait_for
+from lab import (clear_of_path_work, debian_launcher, device, device_peer_ips, invite,
+                 record, settled)
 
 from .conftest import network_world
 
@@ -30,35 +30,6 @@ def world(pyz):
         for name, host in w.hosts.items():      # everyone knows everyone
             host.innernet("fetch", w.lab.ifname(name), "--no-write-hosts")
         yield w
-
-
-def settled(host, ifname):
-    """Every peer has a handshake: the device stops changing by itself (a peer's
-    first handshake is a change the full sync looks at)."""
-    wait_for(lambda: all(p["last_handshake"] for p in device(host, ifname)["peers"]), 30,
-             f"handshakes with every peer of {host.name}")
-
-
-def record(host, ifname):
-    st = os.stat(host.path("client", "lib", f"{ifname}.fetch"))
-    return st.st_ino, st.st_mtime_ns
-
-
-def clear_of_path_work(host, ifname, fetch):
-    """The record, once no path work falls due in the next seconds: a peer
-    without a direct path yet (seen under load: one relayed for a moment
-    while the others joined) makes a full sync at the next wall-clock slot,
-    which is right, but not what an equality of records tests."""
-    for _ in range(3):
-        with open(host.path("client", "lib", f"{ifname}.fetch")) as f:
-            due = [line.split()[1] for line in f if line.startswith("due ") and
-                   len(line.split()) == 2]
-        left = float(due[0]) - time.time() if due else None
-        if left is None or left > 5:
-            return record(host, ifname)
-        wait_for(lambda: time.time() > float(due[0]) + 0.5, 35, "the path-work slot")
-        fetch()
-    return record(host, ifname)
 
 
 def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(world):
