@@ -7141,6 +7141,8 @@ class ApiClient:
     which would double the start-up time and memory of a cron `fetch`.
     """
 
+    extra_headers = None          # sent with every request while set (LOCK_HEADER)
+
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
                  source_address=None, proof_key=None, invite_key=None, lacks=None):
         self.lacks = lacks                       # ServerLacks, or None: ask everything

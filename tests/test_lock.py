@@ -5,7 +5,14 @@ import dataclasses
 
 import pytest
 
-pytest.importorskip("nacl.signing", reason="network lock needs PyNaCl")
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = pytest.mark.skipif(not HAVE_NACL,
+                                reason="network lock needs PyNaCl")
 
 import innernet  # noqa: E402
 from innernet import (Cidr, InnernetError, LockChain, Peer, adopt_chain,  # noqa: E402

@@ -8,7 +8,14 @@ import os
 
 import pytest
 
-pytest.importorskip("nacl.signing", reason="network lock needs PyNaCl")
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = pytest.mark.skipif(not HAVE_NACL,
+                                reason="network lock needs PyNaCl")
 
 import innernet  # noqa: E402
 from innernet import (LockChain, Store, lock_genesis, lock_keypair, lock_projection,  # noqa: E402
