@@ -199,11 +199,12 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 # else (an option it does not know, -v, a changed file, an unreachable server)
 # goes to the full sync, which also repairs what it finds. A device is read
 # over UAPI (wireguard-go) or generic netlink (the kernel's), without pyroute2.
-# (The archive's copy starts with `import os, sys, time`, which this module
-# has imported at the top.)
+# (The archive's copy starts with `import sys, time`, which this module has
+# imported at the top. It uses posix, not os: importing os costs 160 kB.)
 
 import _socket
-import zlib
+import binascii
+import posix
 
 FAST_FORMAT = "innernet-fetch 2"
 FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
@@ -211,15 +212,22 @@ FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
 
 
+def path_join(head, tail):
+    """os.path.join of two paths, without the os module."""
+    if tail.startswith("/") or not head:
+        return tail
+    return head + tail if head.endswith("/") else f"{head}/{tail}"
+
+
 def fast_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.fetch")
+    return path_join(data_dir, f"{iface}.fetch")
 
 
 def file_fingerprint(path, secret=True):
     """(inode, size, mtime, mode) of a file, '-' if missing; None if it is
     ``secret`` and others may read it."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return "-"
     if secret and st.st_mode & 0o007:
@@ -227,56 +235,52 @@ def file_fingerprint(path, secret=True):
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}"
 
 
-def raw_links():
+def raw_links(snapshot=None):
     """This host's up, non-loopback, non-tunnel links, raw: [(name, IPv4 address,
-    IPv4 netmask)] from ioctls (address fields None if it has none), and the
-    lines of /proc/net/if_inet6 for them. local_networks() reads these."""
-    import fcntl
-    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
-    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    IPv4 netmask)] (address fields None if it has none), and rows for their
+    IPv6 addresses as /proc/net/if_inet6 writes them (address, index, prefix
+    length, scope, flags in hex; name). local_networks() reads these. From
+    rtnetlink (``snapshot``: rtnl_snapshot()'s, else read here), as the
+    ioctls SIOCGIFADDR/SIOCGIFNETMASK would answer: a link's IPv4 address is
+    its first one labelled with its name."""
     links, v6 = [], []
-    try:
-        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    except OSError:
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or dumps[0] is None or dumps[1] is None:
         return links, v6
-    try:
-        try:
-            names = _socket.if_nameindex()
-        except OSError:
-            names = []
-        for _, name in names:
-            packed = name.encode()[:15].ljust(256, b"\0")
-            try:
-                flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18],
-                                       sys.byteorder)
-            except OSError:
-                continue
-            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
-                continue
-            try:
-                addr = fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24]
-                mask = fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24]
-            except OSError:
-                addr = mask = None
-            links.append((name, addr and _socket.inet_ntoa(addr),
-                          mask and _socket.inet_ntoa(mask)))
-    finally:
-        s.close()
-    up = {name for name, _, _ in links}
-    try:
-        with open("/proc/net/if_inet6") as f:
-            v6 = [line.split() for line in f]
-    except OSError:
-        pass
-    return links, [p for p in v6 if len(p) >= 6 and p[5] in up]
+    up = {}
+    for msg in dumps[0]:
+        flags = int.from_bytes(msg[8:12], sys.byteorder)
+        if flags & IFF_UP and not flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+            name = _rtnl_attr(msg, 16, 3)
+            if name:
+                up[int.from_bytes(msg[4:8], sys.byteorder)] = name.rstrip(b"\0").decode()
+    v4 = {}
+    for msg in dumps[1]:
+        name = up.get(int.from_bytes(msg[4:8], sys.byteorder))
+        local = _rtnl_attr(msg, 8, 2) or _rtnl_attr(msg, 8, 1)
+        if name is None or not local:
+            continue
+        if msg[0] == _socket.AF_INET and len(local) == 4 and name not in v4 \
+                and (_rtnl_attr(msg, 8, 3) or b"").rstrip(b"\0").decode() == name:
+            bits = (0xFFFFFFFF << (32 - msg[1])) & 0xFFFFFFFF
+            v4[name] = (_socket.inet_ntoa(local), _socket.inet_ntoa(bits.to_bytes(4, "big")))
+        elif msg[0] == _socket.AF_INET6 and len(local) == 16:
+            v6.append([local.hex(), f"{int.from_bytes(msg[4:8], sys.byteorder):02x}",
+                       f"{msg[1]:02x}", f"{msg[3]:02x}", f"{msg[2]:02x}", name])
+    for name in up.values():
+        links.append((name,) + v4.get(name, (None, None)))
+    return links, v6
+
+
+IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
 
 
 def links_fingerprint(links):
-    return f"{zlib.crc32(repr(links).encode()):08x}"
+    return f"{binascii.crc32(repr(links).encode()):08x}"
 
 
 def uapi_socket_paths(iface):
-    return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
+    return [path_join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
 def uapi_digest(iface, now):
@@ -479,7 +483,7 @@ def device_digest(chunks, now):
         return None
     _add_peer(sums, peer, now)
     return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
-        f"{zlib.crc32(b''.join(top)):08x}"
+        f"{binascii.crc32(b''.join(top)):08x}"
 
 
 def _add_peer(sums, peer, now):
@@ -489,8 +493,8 @@ def _add_peer(sums, peer, now):
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
     line = b"|".join([key, b",".join(sorted(ips)), keepalive,
                       b"L" if live else b"S:" + endpoint])
-    sums[0] += zlib.crc32(line)
-    sums[1] += zlib.adler32(line)
+    sums[0] += binascii.crc32(line)
+    sums[1] += binascii.crc32(line[::-1])
     sums[2] += 1
 
 
@@ -502,6 +506,20 @@ def invocation(argv, environ, cwd):
     by the full program."""
     env = sorted((k, v) for k, v in environ.items() if k.startswith(("INNERNET_", "WG_")))
     return repr((FAST_FORMAT, __version__, cwd, list(argv), env))
+
+
+def environ_of_note():
+    """The INNERNET_* and WG_* variables, as os.environ has them (invocation's
+    part of the environment), read without importing the os module (which
+    has the current environment when it is there: posix.environ is the start's)."""
+    if "os" in sys.modules:
+        return {k: v for k, v in sys.modules["os"].environ.items()
+                if k.startswith(("INNERNET_", "WG_"))}
+    enc, out = sys.getfilesystemencoding(), {}
+    for k, v in posix.environ.items():
+        if k.startswith((b"INNERNET_", b"WG_")):
+            out[k.decode(enc, "surrogateescape")] = v.decode(enc, "surrogateescape")
+    return out
 
 
 def data_dir_candidates(argv):
@@ -523,40 +541,51 @@ def read_runs(data_dir):
     """{invocation: [interfaces]} of the full syncs that left records here."""
     runs = {}
     try:
-        with open(os.path.join(data_dir, FAST_RUNS)) as f:
-            for line in f.read().split("\n"):
-                line, _, ifaces = line.rpartition("\t")
-                if line:
-                    runs[line] = ifaces.split()
+        for line in fast_read(path_join(data_dir, FAST_RUNS)).split("\n"):
+            line, _, ifaces = line.rpartition("\t")
+            if line:
+                runs[line] = ifaces.split()
     except (OSError, ValueError):
         pass
     return runs
 
 
-def link_digest(iface):
+def fast_read(path):
+    """A file's text (UTF-8), read with plain system calls: the io module's
+    buffered and text layers touch code (RSS) the fast path can do without."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        posix.close(fd)
+
+
+def link_digest(iface, snapshot=None):
     """The interface's MTU and flags, its addresses, the routes through it (in
     every table) and the policy rules, as a short text; "-" without the
-    interface. One rtnetlink socket, parsed here (pyroute2 costs more to
-    import than the whole fast path): what a full sync sets besides the
-    device's peers. Counters and timestamps are left out."""
+    interface. From rtnetlink (``snapshot``: rtnl_snapshot()'s, else read
+    here), parsed here (pyroute2 costs more to import than the whole fast
+    path): what a full sync sets besides the device's peers. Counters and
+    timestamps are left out."""
     try:
         index = _socket.if_nametoindex(iface)
     except OSError:
         return "-"
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or None in dumps:
+        return "?"
     parts = []
-    try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
-    except OSError:
-        return "?"
-    try:
-        s.settimeout(FAST_TIMEOUT)
-        for kind in RTNL_DUMPS:
-            parts += _rtnl_dump(s, kind, index)
-    except OSError:
-        return "?"
-    finally:
-        s.close()
-    return f"{len(parts)}:{zlib.crc32(repr(parts).encode()):08x}"
+    for kind, msgs in zip(RTNL_DUMPS, dumps):
+        for msg in msgs:
+            item = _rtnl_item(msg, kind[2], kind[3], index, kind[0])
+            if item is not None:
+                parts.append(item)
+    return f"{len(parts)}:{binascii.crc32(repr(parts).encode()):08x}"
 
 
 # (request type, reply type, header bytes kept, attributes kept) of each
@@ -567,10 +596,27 @@ RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 1
               (34, 32, 12, None))
 
 
-def _rtnl_dump(s, kind, index):
-    """The kept fields of one dump's messages that concern interface ``index``
-    (rules concern every interface)."""
-    ask, reply, head, keep = kind
+def rtnl_snapshot():
+    """[[message payload]] of each of RTNL_DUMPS, over one rtnetlink socket:
+    what raw_links and link_digest read; None for a dump the kernel refused
+    (a kernel without policy routing may refuse the rules), None for all if
+    rtnetlink does not answer."""
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
+    except OSError:
+        return None
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        return [_rtnl_dump(s, kind) for kind in RTNL_DUMPS]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def _rtnl_dump(s, kind):
+    """The payloads of one dump's messages (all interfaces); None if refused."""
+    ask, reply = kind[0], kind[1]
     s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
            + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
            + bytes(16))                                             # family 0: all
@@ -584,15 +630,25 @@ def _rtnl_dump(s, kind, index):
             if typ == 3 or size < 16:                               # NLMSG_DONE
                 return out
             if typ == 2:                                            # NLMSG_ERROR
-                raise OSError("rtnetlink refused a dump")
+                return None
             if typ == reply:
-                msg = data[off + 16:off + size]
-                item = _rtnl_item(msg, head, keep, index, ask)
-                if item is not None:
-                    out.append(item)
+                out.append(data[off + 16:off + size])
             off += (size + 3) & ~3
         if not data:
             return out
+
+
+def _rtnl_attr(msg, head, kind):
+    """The payload of the first attribute ``kind`` of a message, or None."""
+    off = head
+    while off + 4 <= len(msg):
+        size = int.from_bytes(msg[off:off + 2], sys.byteorder)
+        if size < 4:
+            break
+        if int.from_bytes(msg[off + 2:off + 4], sys.byteorder) & 0x3FFF == kind:
+            return msg[off + 4:off + size]
+        off += (size + 3) & ~3
+    return None
 
 
 def _rtnl_item(msg, head, keep, index, ask):
@@ -623,8 +679,7 @@ def fast_record(fields, files):
 def read_fast_record(path):
     """(fields, [(path, fingerprint)]) of a record, or None."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")
+        lines = fast_read(path).split("\n")
     except (OSError, ValueError):
         return None
     if not lines or lines[0] != FAST_FORMAT:
@@ -641,7 +696,7 @@ def read_fast_record(path):
 
 
 def status_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.status.json")
+    return path_join(data_dir, f"{iface}.status.json")
 
 
 def _json_text(v):
@@ -665,23 +720,29 @@ def write_status_file(data_dir, iface, status):
     agent read: replaced whole, 0600 like every file of the data directory
     (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(_json_text(status) + "\n")
-        os.replace(tmp, path)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
+                        0o600)
+        try:
+            posix.fchmod(fd, 0o600)
+            data = (_json_text(status) + "\n").encode()
+            while data:
+                data = data[posix.write(fd, data):]
+        finally:
+            posix.close(fd)
+        posix.replace(tmp, path)
     except OSError:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
 
 
-def fast_unchanged(data_dir, run, iface, links, now):
+def fast_unchanged(data_dir, run, iface, links, now, snapshot=None):
     """Is this run of the command line ``run`` sure to change nothing on
-    ``iface``? (Asks the server; no other side effect.)"""
+    ``iface``? (Asks the server; no other side effect.) ``snapshot``:
+    rtnl_snapshot()'s, which ``links`` were read from."""
     found = read_fast_record(fast_file_path(data_dir, iface))
     if found is None:
         return False
@@ -693,7 +754,7 @@ def fast_unchanged(data_dir, run, iface, links, now):
     if rec.get("run") != run or now >= due or not rec.get("etag") or not files \
             or rec.get("links") != links_fingerprint(links) \
             or any(file_fingerprint(path, secret=False) != fp for path, fp in files) \
-            or rec.get("link") != link_digest(iface):
+            or rec.get("link") != link_digest(iface, snapshot):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
@@ -731,10 +792,10 @@ def _server_says_unchanged(endpoint, key, etag):
 def fast_fetch(argv):
     """0 if this command line was answered here (nothing changed since the
     last full sync that ran it), else None: the caller runs the full program."""
-    if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
+    if (argv[0] if argv else "").rpartition("/")[2].startswith(SERVER_PROG):
         return None
     try:
-        run = invocation(argv[1:], os.environ, os.getcwd())
+        run = invocation(argv[1:], environ_of_note(), posix.getcwd())
     except OSError:
         return None
     for data_dir in data_dir_candidates(argv[1:]):
@@ -743,10 +804,11 @@ def fast_fetch(argv):
             break
     else:
         return None
-    links, now = raw_links(), time.time()
+    snapshot, now = rtnl_snapshot(), time.time()
+    links = raw_links(snapshot)
     recs = []
     for iface in ifaces:
-        rec = fast_unchanged(data_dir, run, iface, links, now)
+        rec = fast_unchanged(data_dir, run, iface, links, now, snapshot)
         if not rec:
             return None
         recs.append((iface, rec))
@@ -1559,7 +1621,7 @@ def human_bytes(n):
 def local_networks(links=None):
     """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
-    Read with ioctls and /proc (raw_links: stdlib only), so fetch needs no
+    Read from rtnetlink (raw_links: stdlib only), so fetch needs no
     pyroute2; ``links`` is what raw_links() returned, if it was called.
     """
     v4, v6 = raw_links() if links is None else links
@@ -1944,7 +2006,7 @@ def _require_object(data, what):
     return data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Cidr:
     id: int | None
     name: str
@@ -1972,10 +2034,10 @@ class Cidr:
                 raise ValueError
         except ValueError:
             raise _bad(f"invalid CIDR {text!r}") from None
-        return cls(cid, name, text, _get(data, "parent", int, nullable=True))
+        return cls(id=cid, name=name, cidr=text, parent=_get(data, "parent", int, nullable=True))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Association:
     id: int | None
     cidr_id_1: int
@@ -1989,8 +2051,8 @@ class Association:
     @classmethod
     def from_json(cls, data, with_id=True):
         data = _require_object(data, "association")
-        return cls(_get(data, "id", int) if with_id else None,
-                   _get(data, "cidr_id_1", int), _get(data, "cidr_id_2", int))
+        return cls(id=_get(data, "id", int) if with_id else None,
+                   cidr_id_1=_get(data, "cidr_id_1", int), cidr_id_2=_get(data, "cidr_id_2", int))
 
 
 def _expires_to_json(secs):
@@ -2013,7 +2075,7 @@ def _expires_from_json(v):
     return secs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Peer:
     id: int | None
     name: str
@@ -2076,17 +2138,17 @@ class Peer:
                                    default=[]))
         pending = parse_routes(_get(data, "pending_routes", list, required=False,
                                     nullable=True, default=[]), exit_routes=True)
-        return cls(pid, _checked_name(_get(data, "name", str), "peer name"), ip,
-                   _get(data, "cidr_id", int), _get(data, "public_key", str),
-                   endpoint, keepalive, _get(data, "is_admin", bool),
-                   _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
-                   _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None), deleted_until, is_static,
-                   routes, _get(data, "exit_node", bool, required=False, default=False),
-                   pending)
+        return cls(id=pid, name=_checked_name(_get(data, "name", str), "peer name"), ip=ip,
+                   cidr_id=_get(data, "cidr_id", int), public_key=_get(data, "public_key", str),
+                   endpoint=endpoint, persistent_keepalive_interval=keepalive, is_admin=_get(data, "is_admin", bool),
+                   is_disabled=_get(data, "is_disabled", bool), is_redeemed=_get(data, "is_redeemed", bool),
+                   invite_expires=_expires_from_json(data.get("invite_expires")),
+                   candidates=parse_candidates(candidates, limit=None), deleted_until=deleted_until, is_static=is_static,
+                   routes=routes, exit_node=_get(data, "exit_node", bool, required=False, default=False),
+                   pending_routes=pending)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Deletion:
     """A deleted peer, as the server tells clients: its pin may go at reuse_after."""
     ip: str
@@ -2108,7 +2170,7 @@ class Deletion:
         reuse = _get(data, "reuse_after", int)
         if not -2 ** 40 < reuse < 2 ** 40:      # a date the clock can print
             raise _bad("field 'reuse_after' is out of range")
-        return cls(ip, key, reuse)
+        return cls(ip=ip, public_key=key, reuse_after=reuse)
 
 
 def parse_candidates(items, limit=MAX_CANDIDATES):
@@ -2143,7 +2205,7 @@ def parse_endpoint_contents(data):
     raise _bad("field 'option' must be \"Set\" or \"Unset\"")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RouteApprover:
     """An auto-approve rule: routes inside ``route`` advertised by a peer in
     CIDR ``cidr_id`` (or one below it) are approved as they come."""
@@ -2157,12 +2219,12 @@ class RouteApprover:
     @classmethod
     def from_json(cls, data):
         data = _require_object(data, "auto-approve rule")
-        return cls(_get(data, "id", int, required=False),
-                   parse_route(_get(data, "route", str), exit_routes=True),
-                   _get(data, "cidr_id", int))
+        return cls(id=_get(data, "id", int, required=False),
+                   route=parse_route(_get(data, "route", str), exit_routes=True),
+                   cidr_id=_get(data, "cidr_id", int))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AuditEntry:
     """One change to the network: who, what, to which object, before and after."""
     id: int
@@ -2179,10 +2241,10 @@ class AuditEntry:
     @classmethod
     def from_json(cls, data):
         data = _require_object(data, "audit entry")
-        return cls(_get(data, "id", int), _get(data, "at", int), _get(data, "actor", str),
-                   _get(data, "action", str), _get(data, "object", str),
-                   _get(data, "before", str, nullable=True),
-                   _get(data, "after", str, nullable=True))
+        return cls(id=_get(data, "id", int), at=_get(data, "at", int), actor=_get(data, "actor", str),
+                   action=_get(data, "action", str), object=_get(data, "object", str),
+                   before=_get(data, "before", str, nullable=True),
+                   after=_get(data, "after", str, nullable=True))
 
 
 # A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
@@ -2318,7 +2380,7 @@ def parse_socket_address(text, where):
     return format_endpoint(host, port)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InterfaceConfig:
     """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
     network_name: str
@@ -2410,11 +2472,12 @@ class InterfaceConfig:
                 clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
             except (ValueError, InnernetError, TypeError):
                 raise InnernetError(f"{where}: bad entry {ip!r}") from None
-        return cls(name, address, private, port, server_key, external, internal, clean,
-                   [e for e in alternatives if e != external], _lock_table(data, source))
+        return cls(network_name=name, address=address, private_key=private, listen_port=port, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal, peer_endpoint_overrides=clean,
+                   server_endpoints=[e for e in alternatives if e != external],
+                   lock=_lock_table(data, source))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """/etc/innernet-server/<iface>.conf."""
     private_key: str
@@ -2442,7 +2505,7 @@ class ServerConfig:
         prefix = _toml_field(data, "network-cidr-prefix", int, source)
         if not 0 < prefix <= ipaddress.ip_address(address).max_prefixlen:
             raise InnernetError(f"{source}: 'network-cidr-prefix' is out of range")
-        return cls(private, port, address, prefix)
+        return cls(private_key=private, listen_port=port, address=address, network_cidr_prefix=prefix)
 
     @property
     def interface(self):
@@ -2554,8 +2617,8 @@ def quarantine_placeholders(deletions, now):
             ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
         if d.reuse_after > now:
             label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
-            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
-                            None, False, True, True, None, []))
+            out.append(Peer(id=-n, name=f"quarantined-{label}", ip=d.ip, cidr_id=d.cidr_id, public_key=d.public_key, endpoint=None,
+                            persistent_keepalive_interval=None, is_admin=False, is_disabled=True, is_redeemed=True, invite_expires=None, candidates=[]))
     return out
 
 
@@ -5231,7 +5294,7 @@ def document_projection(text, source, cidrs, peers, associations, deletions, now
     kept = {me.ip for _, me, _ in tpeers}
     after = [me for _, me, _ in tpeers] + [p for p in peers if p.cidr_id == INFRA_CIDR_ID
                                            or (p.ip not in db_by_ip and p.ip not in kept)]
-    assocs = [Association(None, ids[a], ids[b]) for a, b in tassocs]
+    assocs = [Association(id=None, cidr_id_1=ids[a], cidr_id_2=ids[b]) for a, b in tassocs]
     return lock_projection(after, target, assocs)
 
 
@@ -5275,7 +5338,7 @@ def _plan_cidrs(r, doc, cidrs, root):
             cid = old.id if old else fake_id
             fake_id -= 1
             try:
-                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
+                check_new_cidr(target, [], Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
             except InnernetError as err:
                 r.bad(where, f"CIDR '{cname}': {err.message}")
                 continue
@@ -5284,7 +5347,7 @@ def _plan_cidrs(r, doc, cidrs, root):
                                            "(delete it and add it anew)")
                 continue
             ids[cname] = cid
-            target.append(Cidr(cid, cname, crange, ids[parent]))
+            target.append(Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
     return target, ids
 
 
@@ -5312,7 +5375,7 @@ def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
         if problem:
             r.bad(where + (problem[0],), problem[1])
             continue
-        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
+        me = Peer(id=old.id if old else None, name=pname, ip=ip, cidr_id=cidr.id, public_key=old.public_key if old else "",
                   is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
                   is_static=static, routes=routes, exit_node=exit_node,
                   pending_routes=[x for x in (old.pending_routes if old else [])
@@ -5598,6 +5661,15 @@ class LockStore:
                        if signers else "")
             self._audit(c, "lock", what)
         return new
+
+    @contextlib.contextmanager
+    def _lock_checked(self, quiet):
+        """Around a write's statements: checked before its commit when an
+        admin's change is enforced (_lock_guard)."""
+        guard = None if quiet else self._lock_guard()
+        yield
+        if guard is not None:
+            guard()
 
     def _lock_guard(self):
         """Inside write(): a check to run before the commit, or None."""
@@ -5931,7 +6003,8 @@ def _lock_after(method, peers, cidrs, assocs, *a):
     if method == "reinvite":
         return (peers, cidrs, assocs),
     if method == "add_association":
-        return (peers, cidrs, assocs + [Association(None, a[0].id, a[1].id)]),
+        new = Association(id=None, cidr_id_1=a[0].id, cidr_id_2=a[1].id)
+        return (peers, cidrs, assocs + [new]),
     if method == "delete_association":
         return (peers, cidrs, [x for x in assocs if x.id != a[0].id]),
     if method == "approve_routes":
@@ -6085,7 +6158,7 @@ def acting_as(actor):
 
 
 def current_actor():
-    return getattr(_ACTOR, "name", None) or ACTOR_CLI
+    return (getattr(_ACTOR, "name", None) or ACTOR_CLI) + lock_signer_note()
 
 
 def _summary(obj):
@@ -6134,7 +6207,7 @@ def _db_error(e, path):
 class Store(LockStore):
     """The network in SQLite: CIDRs, peers, associations."""
 
-    def __init__(self, path, *, create=False):
+    def __init__(self, path, *, create=False, audit_keep=AUDIT_KEEP, write_timer=None):
         self.path = path
         if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
@@ -6166,9 +6239,9 @@ class Store(LockStore):
                                      "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
-        self.audit_keep = AUDIT_KEEP   # seconds the audit log keeps a row
-        self.write_timer = None        # called with each commit's seconds (metrics)
-        self.listeners = []        # called after each commit
+        self.audit_keep = audit_keep   # seconds the audit log keeps a row
+        self.write_timer = write_timer  # called with each commit's seconds (metrics), or None
+        self.listeners = []        # called after each commit (changed)
         if create:
             with self.write() as c:
                 for stmt in SCHEMA.split(";"):
@@ -6200,9 +6273,10 @@ class Store(LockStore):
                                 hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
-    def write(self, quiet=False):
+    def write(self, quiet=False, device=False):
         """One transaction; constraint violations become 400 errors. A ``quiet``
-        one changes nothing a peer sees: no new revision, no listeners."""
+        one changes nothing a peer sees: no new revision, no listeners.
+        ``device``: it changes what the server's device holds (changed())."""
         with self.lock:
             started = time.monotonic()
             try:
@@ -6210,10 +6284,8 @@ class Store(LockStore):
             except self.sql.Error as e:
                 raise _db_error(e, self.path) from None
             try:
-                guard = None if quiet else self._lock_guard()
-                yield self.conn
-                if guard is not None:
-                    guard()
+                with self._lock_checked(quiet):
+                    yield self.conn
                 self.conn.execute("COMMIT")
             except self.sql.IntegrityError as e:
                 with contextlib.suppress(self.sql.Error):
@@ -6232,8 +6304,15 @@ class Store(LockStore):
             self.revision += 1
             if self.write_timer is not None:
                 self.write_timer(time.monotonic() - started)
-            for listener in self.listeners:
-                listener()
+        self.changed(device)
+
+    def changed(self, device=False):
+        """The one way a change propagates: every listener is called with
+        ``device`` (whether the server's device must follow), after each
+        commit here and when another process's commits are noticed. Called
+        outside the lock: a listener may take the device's."""
+        for listener in self.listeners:
+            listener(device)
 
     def _query(self, sql, params=()):
         with self.lock:
@@ -6261,14 +6340,14 @@ class Store(LockStore):
         """One row of the audit log, inside the change's own transaction."""
         c.execute("INSERT INTO audit_log (at, actor, action, object, before, after) "
                   "VALUES (?, ?, ?, ?, ?, ?)",
-                  (int(time.time()) if now is None else now,
-                   current_actor() + lock_signer_note(), action, obj,
+                  (int(time.time()) if now is None else now, current_actor(), action, obj,
                    _summary(before), _summary(after)))
 
     def audit(self, since=0, limit=100000):
         rows = self._query("SELECT id, at, actor, action, object, before, after FROM audit_log "
                            "WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))
-        return [AuditEntry(*r) for r in rows]
+        return [AuditEntry(id=i, at=at, actor=actor, action=action, object=obj, before=before,
+                           after=after) for i, at, actor, action, obj, before, after in rows]
 
     def data_version(self):
         """Changes when another connection (e.g. a CLI command) commits."""
@@ -6298,9 +6377,9 @@ class Store(LockStore):
                 exit_node = True
             else:
                 routes.append(item[1:])
-        return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
-                    bool(row[6]), bool(row[7]), bool(row[8]), row[9],
-                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
+        return Peer(id=row[0], name=row[1], ip=row[2], cidr_id=row[3], public_key=row[4], endpoint=endpoint, persistent_keepalive_interval=PERSISTENT_KEEPALIVE,
+                    is_admin=bool(row[6]), is_disabled=bool(row[7]), is_redeemed=bool(row[8]), invite_expires=row[9],
+                    candidates=[c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
                     routes=routes, exit_node=exit_node, pending_routes=pending)
 
     def peers(self):
@@ -6321,14 +6400,14 @@ class Store(LockStore):
         return self._peer(rows[0]) if rows else None
 
     def cidrs(self):
-        return [Cidr(r[0], r[1], f"{r[2]}/{r[3]}", r[4])
+        return [Cidr(id=r[0], name=r[1], cidr=f"{r[2]}/{r[3]}", parent=r[4])
                 for r in self._query("SELECT id, name, ip, prefix, parent FROM cidrs ORDER BY id")]
 
     def cidr_by_name(self, name):
         return next((c for c in self.cidrs() if c.name == name), None)
 
     def associations(self):
-        return [Association(*r) for r in
+        return [Association(id=i, cidr_id_1=a, cidr_id_2=b) for i, a, b in
                 self._query("SELECT id, cidr_id_1, cidr_id_2 FROM associations ORDER BY id")]
 
     # -- writes --------------------------------------------------------------
@@ -6358,11 +6437,11 @@ class Store(LockStore):
     def create_network(self, name, network, server_ip, server_public_key, endpoint):
         """Root CIDR (id 1), the server's CIDR (id 2) and its peer (id 1)."""
         with self.write() as c:
-            root = self._insert_cidr(c, Cidr(None, name, str(network), None))
+            root = self._insert_cidr(c, Cidr(id=None, name=name, cidr=str(network), parent=None))
             infra = self._insert_cidr(
-                c, Cidr(None, SERVER_PEER_NAME, host_prefix(server_ip), root.id))
-            self._insert_peer(c, Peer(None, SERVER_PEER_NAME, str(server_ip), infra.id,
-                                      server_public_key, endpoint, None, True, False, True))
+                c, Cidr(id=None, name=SERVER_PEER_NAME, cidr=host_prefix(server_ip), parent=root.id))
+            self._insert_peer(c, Peer(id=None, name=SERVER_PEER_NAME, ip=str(server_ip), cidr_id=infra.id,
+                                      public_key=server_public_key, endpoint=endpoint, persistent_keepalive_interval=None, is_admin=True, is_disabled=False, is_redeemed=True))
             self._audit(c, "new", f"network {name}", None, {"cidr": str(network)})
 
     def add_cidr(self, contents):
@@ -6403,7 +6482,7 @@ class Store(LockStore):
 
     def add_peer(self, contents, now=None):
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             # An expired invitation gives up its name and address at once (as
             # innernet's sweeper does within 10 s), though it stays re-issuable.
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
@@ -6420,7 +6499,7 @@ class Store(LockStore):
     # -- the lifecycle innernet lacks: delete, re-invite -----------------------
 
     def deletions(self):
-        return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
+        return [Deletion(ip=r[1], public_key=r[2], reuse_after=r[4], name=r[0], cidr_id=r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
     def extra_rows(self):
@@ -6434,7 +6513,7 @@ class Store(LockStore):
     def delete_peer(self, peer_id, reuse_after, now=None):
         """Remove a peer; a redeemed one leaves a Deletion that quarantines its address."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old):
                 raise _bad("the server's own peer cannot be deleted")
@@ -6546,7 +6625,7 @@ class Store(LockStore):
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
         if not is_public_key(invite_public_key):
             raise _bad("invalid public key")
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if old.is_redeemed:
                 raise _bad(f"peer '{old.name}' has already redeemed its invitation",
@@ -6560,7 +6639,7 @@ class Store(LockStore):
     def update_peer(self, peer_id, contents):
         """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
         parse_hostname(contents.name, "peer name")
-        with self.write() as c:
+        with self.write(device=True) as c:   # innernet leaves a disabled peer on the device
             old = self.peer(peer_id)
             if self._is_server_peer(old) and (contents.is_disabled or contents.name != old.name
                                               or contents.endpoint != old.endpoint):
@@ -6605,7 +6684,7 @@ class Store(LockStore):
                     {k: was[k] for k in changed}, changed)
 
     def set_disabled(self, peer_id, disabled):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
@@ -6677,7 +6756,7 @@ class Store(LockStore):
     # -- subnet routes and exit nodes --------------------------------------------
 
     def route_approvers(self):
-        return [RouteApprover(*r) for r in
+        return [RouteApprover(id=i, route=route, cidr_id=cidr_id) for i, route, cidr_id in
                 self._query("SELECT id, route, cidr_id FROM route_approvers ORDER BY id")]
 
     def advertise_routes(self, peer_id, routes, exit_node, approve=False):
@@ -6774,7 +6853,7 @@ class Store(LockStore):
         ``invites`` {ip: (invitation public key, expiry)} for each peer the
         plan adds: keys are the applier's to make, never the file's."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             steps, problems = self.plan(text, source, now)
             if problems:
                 raise _bad(f"{len(problems)} problem(s) in {source}, the first: {problems[0]}; "
@@ -6797,7 +6876,7 @@ class Store(LockStore):
                 raise _bad(f"CIDR '{name}' does not exist")
             return row[0]
         if st.kind == "add-cidr":
-            self._insert_cidr(c, Cidr(None, d["name"], d["cidr"], cidr_id(d["parent"])))
+            self._insert_cidr(c, Cidr(id=None, name=d["name"], cidr=d["cidr"], parent=cidr_id(d["parent"])))
         elif st.kind == "rename-cidr":
             c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (d["name"], d["id"]))
         elif st.kind == "add-peer":
@@ -6807,9 +6886,9 @@ class Store(LockStore):
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
                       "AND (name = ? OR ip = ?)", (now, d["name"], d["ip"]))
             c.execute(_ORPHAN_ROUTES)
-            self._insert_peer(c, Peer(None, d["name"], d["ip"], cidr_id(d["cidr"]), key, None,
-                                      PERSISTENT_KEEPALIVE, d["admin"], d["disabled"], False,
-                                      expires, [], routes=d["routes"],
+            self._insert_peer(c, Peer(id=None, name=d["name"], ip=d["ip"], cidr_id=cidr_id(d["cidr"]), public_key=key, endpoint=None,
+                                      persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=d["admin"], is_disabled=d["disabled"], is_redeemed=False,
+                                      invite_expires=expires, candidates=[], routes=d["routes"],
                                       exit_node=d["exit_node"]))
         elif st.kind == "update-peer":
             c.execute("UPDATE peers SET name = ?, is_admin = ?, is_disabled = ? WHERE id = ?",
@@ -6838,7 +6917,7 @@ class Store(LockStore):
             raise ValueError(st.kind)
 
     def add_association(self, a, b):
-        with self.write() as c:
+        with self.write(device=True) as c:
             ids = {x.id for x in self.cidrs()}
             if a == b:
                 raise _bad("a CIDR cannot be associated with itself")
@@ -6851,7 +6930,7 @@ class Store(LockStore):
             cur = c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)",
                             (a, b))
             self._audit(c, "add-association", self._association_name(c, a, b))
-            return Association(cur.lastrowid, a, b)
+            return Association(id=cur.lastrowid, cidr_id_1=a, cidr_id_2=b)
 
     @staticmethod
     def _association_name(c, a, b):
@@ -6859,7 +6938,7 @@ class Store(LockStore):
         return f"association {names.get(a, a)} <-> {names.get(b, b)}"
 
     def delete_association(self, assoc_id):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = c.execute("SELECT cidr_id_1, cidr_id_2 FROM associations WHERE id = ?",
                             (assoc_id,)).fetchone()
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
@@ -6980,7 +7059,7 @@ def body_limit(method, path):
     return _BODY_LIMITS.get((method, "/".join(segs[1:3])), MAX_BODY)
 
 
-def api(method, path, role, body=False, max_body=MAX_BODY):
+def api_route(method, path, role, body=False, max_body=MAX_BODY):
     """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
     def register(fn):
         _ROUTES[(method, path)] = (role, body, fn)
@@ -7706,14 +7785,14 @@ def write_fast_record(files, opts, cfg, etag, links, next_due, by):
     left for a run that printed what it did (-v), a device the fast path
     cannot read, or a secret file others may read (the full sync warns)."""
     device = device_state_digest(files.iface, time.time())
-    run = opts.invocation
-    if device is None or run is None or opts.verbose or any(c in etag for c in "\r\n"):
+    this_run = opts.invocation
+    if device is None or this_run is None or opts.verbose or any(c in etag for c in "\r\n"):
         return
     fingerprints = [(path, file_fingerprint(path, secret))
                     for path, secret in synced_files(files, opts)]
     if any(fp is None or "\n" in path for path, fp in fingerprints):
         return
-    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
+    fields = {"run": this_run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
               "link": link_digest(files.iface), "device": device, "by": by,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
@@ -7736,13 +7815,14 @@ def synced_files(files, opts):
     return found
 
 
-def record_run(data_dir, run, ifaces):
-    """Note in the data directory which interfaces this command line (``run``)
-    synced, for fast_fetch to find their records (the last few command lines)."""
-    if run is None or not all(path_exists(fast_file_path(data_dir, i)) for i in ifaces):
+def record_run(data_dir, this_run, ifaces):
+    """Note in the data directory which interfaces this command line
+    (``this_run``) synced, for fast_fetch to find their records (the last few
+    command lines)."""
+    if this_run is None or not all(path_exists(fast_file_path(data_dir, i)) for i in ifaces):
         return
-    runs = {k: v for k, v in read_runs(data_dir).items() if k != run}
-    runs[run] = ifaces
+    runs = {k: v for k, v in read_runs(data_dir).items() if k != this_run}
+    runs[this_run] = ifaces
     _write_runs(data_dir, runs)
 
 
@@ -8898,7 +8978,7 @@ class DeviceSync:
         return next((p.public_key for p in dev.peers if host_prefix(ip) in p.allowed_ips),
                     None)
 
-    def desired_peers(self, now):
+    def wanted(self, now):
         """The device's peers as the database has them; an invitation being
         redeemed keeps its invitation key until the client has its answer."""
         out = []
@@ -8927,7 +9007,7 @@ class DeviceSync:
         with self.lock:
             try:
                 dev = self.backend.get(self.ifname)
-                updates = [u for u in diff_peers(dev.peers, self.desired_peers(time.time()),
+                updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
                                                  self.public_key, time.time(),
                                                  resolve=resolve_endpoint)
                            if u.touches_device]
@@ -9212,9 +9292,9 @@ class StateViews:
     """What each caller may see, as bodies cached per view and revision, and
     the long polls that wait for one to change."""
 
-    def __init__(self, store, device, gate, stop):
+    def __init__(self, store, device, gate, stop, changed, dns_zone_name=None):
         self.store, self.device, self.gate, self.stop = store, device, gate, stop
-        self.dns_zone_name = None            # "NET.wg" when serve answers DNS
+        self.dns_zone_name = dns_zone_name   # "NET.wg" when serve answers DNS
         self.long_polls = 0                  # requests waiting in wait_for_change now
         self._state_cache: dict[object, tuple] = {}
         self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
@@ -9222,7 +9302,7 @@ class StateViews:
         self._cache_lock = threading.Lock()
         # Long polls wait on this; it is notified whenever what a peer may see
         # can have changed: a commit, a CLI edit, a newly observed endpoint.
-        self.changed = threading.Condition()
+        self.changed = changed
         self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
         self.cache_enabled = True
         import collections
@@ -9480,37 +9560,52 @@ def _lock_header(headers):
     return signed
 
 
+def notifier(condition):
+    """A callable that wakes everything waiting on ``condition``."""
+    def notify():
+        with condition:
+            condition.notify_all()
+    return notify
+
 
 class Coordinator:
     """The running server: its store and the parts that do its work -- the
     device, key swaps, callers, state views -- and its periodic chores."""
 
     def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False):
+                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone_name=None,
+                 status_path=None, metrics=None, replication=None):
         self.store, self.config, self.ifname = store, config, ifname
         self.public_key = public_key(config.private_key)
         self.hosts_path, self.host_suffix = hosts_path, host_suffix
-        self.metrics = None                  # Metrics, with serve --metrics
-        self.status_path = None              # where tick() leaves what `status` shows
+        self.metrics = metrics               # Metrics, with serve --metrics
+        self.status_path = status_path       # where tick() leaves what `status` shows
         self._status_said = None
         self._data_version = None
         self.stop = threading.Event()
         self.device_gone = threading.Event()  # serve exits: its unit brings it back
-        self.replication = None               # () -> what `status` says of replication
+        self.replication = replication        # () -> what `status` says of replication
         self.gate = CallerGate(store, config.address, self.public_key, local_callers)
         self.proofs = AdminProofs(store, config.private_key)
-        self.views = StateViews(store, None, self.gate, self.stop)
+        changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 self.views.signal)
-        self.views.device = self.device
+                                 notifier(changed))
+        self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
-        store.listeners.append(self.views.signal)
+        store.listeners.append(self.on_change)
 
     @property
     def hub(self):
         """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
         return self.device.hub
+
+    def on_change(self, device):
+        """The store's listener: the device follows a change that is its to
+        follow, then long polls wake (Store.changed)."""
+        if device:
+            self.device.sync()
+        self.views.signal()
 
     def tick(self, now=None):
         """Periodic work: notice CLI edits, sweep invitations, write hosts."""
@@ -9519,7 +9614,7 @@ class Coordinator:
         gone = self.store.sweep_expired(int(now))
         if gone:
             log("deleted expired invitations: " + ", ".join(p.name for p in gone))
-            self.device.sync()
+            self.store.changed(device=True)
         if self.hosts_path:
             peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
             write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
@@ -9542,8 +9637,7 @@ class Coordinator:
         version = self.store.data_version()
         if version != self._data_version:
             self._data_version = version
-            self.device.sync()
-            self.views.signal()
+            self.store.changed(device=True)
 
     def run_background(self, interval=1.0):
         """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
@@ -9715,7 +9809,7 @@ def _parent_death_signal():
 # where InnernetError becomes an HTTP status.
 
 
-@api("GET", "user/state", "user")
+@api_route("GET", "user/state", "user")
 def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
@@ -9738,7 +9832,7 @@ def user_get_state(co, req):
     return Response(200, raw=body, headers=extra)
 
 
-@api("GET", "user/capabilities", "any")
+@api_route("GET", "user/capabilities", "any")
 def user_get_capabilities(co, req):
     # innernet clients ignore the extra field; ours long-poll when they see it.
     return Response(200, {"unspecified_ip_in_override_endpoint": True,
@@ -9748,7 +9842,7 @@ def user_get_capabilities(co, req):
                           "routes": True, "dns": co.views.dns_zone_name})
 
 
-@api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
+@api_route("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
 def user_relay(co, req):
     """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
     {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
@@ -9802,7 +9896,7 @@ def user_relay(co, req):
     return Response(200, {"relays": relays, "refused": refused, "offline": offline})
 
 
-@api("POST", "user/redeem", "unredeemed", body=True)
+@api_route("POST", "user/redeem", "unredeemed", body=True)
 def user_redeem(co, req):
     data = _require_object(req.body, "redeem request")
     new_key = _get(data, "public_key", str)
@@ -9860,7 +9954,7 @@ def _lock_enrollment(store, caller, new_key, enrollment):
 
 
 
-@api("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
+@api_route("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_rotate_key(co, req):
     """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
 
@@ -9896,7 +9990,7 @@ def _pinner_json(peer, pinned_key):
             "pinned_key": pinned_key}
 
 
-@api("GET", "user/rotations", "user")
+@api_route("GET", "user/rotations", "user")
 def user_get_rotations(co, req):
     """Ours: the key changes of a visible address, with the caller's own proofs."""
     ip = str(parse_ip(req.query.get("ip", ""), "address"))
@@ -9910,7 +10004,7 @@ def user_get_rotations(co, req):
                           for old, new, proofs in co.store.rotations(ip)])
 
 
-@api("GET", "user/rotation-proofs", "user")
+@api_route("GET", "user/rotation-proofs", "user")
 def user_get_missing_proofs(co, req):
     """Ours: the caller's own rotations that a peer which may see it has no
     proof for (it joined after the caller's last sync before rotating):
@@ -9927,7 +10021,7 @@ def user_get_missing_proofs(co, req):
     return Response(200, out)
 
 
-@api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
+@api_route("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_add_rotation_proofs(co, req):
     """Ours: late proofs for one of the caller's own rotations
     ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
@@ -9943,7 +10037,7 @@ def user_add_rotation_proofs(co, req):
     return Response(204)
 
 
-@api("PUT", "user/endpoint", "user", body=True)
+@api_route("PUT", "user/endpoint", "user", body=True)
 def user_set_endpoint(co, req):
     endpoint = parse_endpoint_contents(req.body)
     if endpoint != req.caller.endpoint:            # the same again changes nothing
@@ -9952,7 +10046,7 @@ def user_set_endpoint(co, req):
     return Response(204)
 
 
-@api("PUT", "user/candidates", "user", body=True)
+@api_route("PUT", "user/candidates", "user", body=True)
 def user_set_candidates(co, req):
     candidates = parse_candidates(req.body)
     if candidates != req.caller.candidates:
@@ -9961,13 +10055,13 @@ def user_set_candidates(co, req):
     return Response(204)
 
 
-@api("GET", "user/routes", "user")
+@api_route("GET", "user/routes", "user")
 def user_get_routes(co, req):
     """Ours: the caller's own peer, with what it advertises still waiting for approval."""
     return Response(200, req.caller.to_json())
 
 
-@api("POST", "user/routes", "user", body=True)
+@api_route("POST", "user/routes", "user", body=True)
 def user_advertise_routes(co, req):
     """Ours: {"routes": [cidr, ...], "exit_node": bool} replaces what the caller
     advertises; answers the caller's peer, with what still waits for approval."""
@@ -9984,7 +10078,7 @@ def user_advertise_routes(co, req):
     return Response(200, peer.to_json())
 
 
-@api("PUT", "admin/routes/{id}", "admin", body=True)
+@api_route("PUT", "admin/routes/{id}", "admin", body=True)
 def admin_approve_routes(co, req):
     """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
     data = _require_object(req.body, "approval")
@@ -9999,7 +10093,7 @@ def admin_approve_routes(co, req):
 MAX_DOCUMENT = 4 << 20        # bytes of a network document sent to plan or apply
 
 
-@api("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
+@api_route("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
 def admin_plan(co, req):
     """Ours: {"document": TOML text} -> {"plan": [line], "problems": [line],
     "invite": [{"name", "ip"}]} (the peers applying it would invite)."""
@@ -10010,7 +10104,7 @@ def admin_plan(co, req):
                                      for st in steps if st.kind == "add-peer"]})
 
 
-@api("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
+@api_route("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
 def admin_apply(co, req):
     """Ours: {"document": TOML text, "invites": {ip: {"public_key", "invite_expires"}}}:
     plan and apply in one transaction -> {"applied": [line]}."""
@@ -10021,12 +10115,11 @@ def admin_apply(co, req):
         invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
                                       _expires_from_json(inv.get("invite_expires")))
     steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
-    co.device.sync()
     log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
     return Response(200, {"applied": [st.line for st in steps]})
 
 
-@api("GET", "admin/lock", "admin")
+@api_route("GET", "admin/lock", "admin")
 def admin_get_lock(co, req):
     """Ours: the lock chain and every signed record, for admins' lock verbs."""
     chain = co.store.lock_chain()
@@ -10036,7 +10129,7 @@ def admin_get_lock(co, req):
     return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()}})
 
 
-@api("POST", "admin/lock", "admin", body=True, max_body=MAX_ROTATION_BODY)
+@api_route("POST", "admin/lock", "admin", body=True, max_body=MAX_ROTATION_BODY)
 def admin_post_lock(co, req):
     """Ours: `lock init|add|remove|disable` -- the chain extended (or begun),
     records signed, adoption proofs for the peers that joined before."""
@@ -10050,7 +10143,7 @@ def admin_post_lock(co, req):
     return Response(200, {"head": chain.head})
 
 
-@api("GET", "user/lock-adoption", "user")
+@api_route("GET", "user/lock-adoption", "user")
 def user_lock_adoption(co, req):
     """Ours: an admin's proof, for the caller, of the lock's genesis."""
     row = co.store.lock_adoption(req.caller.public_key)
@@ -10061,7 +10154,7 @@ def user_lock_adoption(co, req):
 
 
 
-@api("GET", "admin/audit", "admin")
+@api_route("GET", "admin/audit", "admin")
 def admin_audit(co, req):
     """Ours: the audit log, oldest first; ?since=UNIX_SECONDS."""
     since = ascii_uint(req.query.get("since", "0"))
@@ -10070,12 +10163,12 @@ def admin_audit(co, req):
     return Response(200, [e.to_json() for e in co.store.audit(since)])
 
 
-@api("GET", "admin/route-approvers", "admin")
+@api_route("GET", "admin/route-approvers", "admin")
 def admin_list_route_approvers(co, req):
     return Response(200, [a.to_json() for a in co.store.route_approvers()])
 
 
-@api("POST", "admin/route-approvers", "admin", body=True)
+@api_route("POST", "admin/route-approvers", "admin", body=True)
 def admin_add_route_approver(co, req):
     rule = co.store.add_route_approver(RouteApprover.from_json(req.body))
     log(f"admin '{req.caller.name}' auto-approves routes in {rule.route} "
@@ -10083,13 +10176,13 @@ def admin_add_route_approver(co, req):
     return Response(201, rule.to_json())
 
 
-@api("DELETE", "admin/route-approvers/{id}", "admin")
+@api_route("DELETE", "admin/route-approvers/{id}", "admin")
 def admin_delete_route_approver(co, req):
     co.store.delete_route_approver(req.id)
     return Response(204)
 
 
-@api("GET", "admin/peers", "admin")
+@api_route("GET", "admin/peers", "admin")
 def admin_list_peers(co, req):
     co.device.refresh()
     # innernet admins pick the lowest address not listed: list quarantined ones.
@@ -10099,31 +10192,28 @@ def admin_list_peers(co, req):
                           for p in co.store.peers()] + [p.to_json() for p in held])
 
 
-@api("POST", "admin/peers", "admin", body=True)
+@api_route("POST", "admin/peers", "admin", body=True)
 def admin_add_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     peer = co.store.add_peer(contents)
-    co.device.sync()
     log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
     return Response(201, peer.to_json())
 
 
-@api("PUT", "admin/peers/{id}", "admin", body=True)
+@api_route("PUT", "admin/peers/{id}", "admin", body=True)
 def admin_update_peer(co, req):
     contents = Peer.from_json(req.body, with_id=False)
     co.store.update_peer(req.id, contents)
-    co.device.sync()       # innernet leaves a disabled peer on the device
     return Response(204)
 
 
-@api("DELETE", "admin/peers/{id}", "admin")
+@api_route("DELETE", "admin/peers/{id}", "admin")
 def admin_disable_peer(co, req):
     co.store.set_disabled(req.id, True)
-    co.device.sync()
     return Response(204)
 
 
-@api("POST", "admin/deleted-peers", "admin", body=True)
+@api_route("POST", "admin/deleted-peers", "admin", body=True)
 def admin_delete_peer(co, req):
     """Ours: delete a peer for good ({"id": N, "reuse_after": seconds})."""
     data = _require_object(req.body, "deletion request")
@@ -10131,31 +10221,30 @@ def admin_delete_peer(co, req):
     if not 0 <= reuse <= 100 * 365 * 86400:
         raise _bad("field 'reuse_after' is out of range")
     old = co.store.delete_peer(_get(data, "id", int), reuse)
-    co.device.sync()
     log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
     return Response(204)
 
 
-@api("GET", "admin/deleted-peers", "admin")
+@api_route("GET", "admin/deleted-peers", "admin")
 def admin_list_deleted_peers(co, req):
     return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
                           for d in co.store.deletions()])
 
 
-@api("GET", "admin/innernet-pins", "admin")
+@api_route("GET", "admin/innernet-pins", "admin")
 def admin_list_innernet_pins(co, req):
     """Ours: the innernet clients that pinned ?ip= (to the key "pinned_key")."""
     ip = parse_ip(req.query.get("ip", ""), "address")
     return Response(200, [_pinner_json(p, key) for p, key in co.store.pinners(ip)])
 
 
-@api("DELETE", "admin/innernet-pins/{id}", "admin")
+@api_route("DELETE", "admin/innernet-pins/{id}", "admin")
 def admin_forget_innernet_pins(co, req):
     """Ours: an innernet client's data store was deleted: it pins anew."""
     return Response(200, {"forgotten": co.store.forget_pins(req.id)})
 
 
-@api("POST", "admin/reinvitations", "admin", body=True)
+@api_route("POST", "admin/reinvitations", "admin", body=True)
 def admin_reinvite(co, req):
     """Ours: a new invitation key for an unredeemed peer ({"id", "public_key",
     "invite_expires"}); the old invitation stops working at once."""
@@ -10164,23 +10253,22 @@ def admin_reinvite(co, req):
     if expires is None or expires <= time.time():
         raise _bad("field 'invite_expires' must be a time in the future")
     old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
-    co.device.sync()
     log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
     return Response(204)
 
 
-@api("GET", "admin/cidrs", "admin")
+@api_route("GET", "admin/cidrs", "admin")
 def admin_list_cidrs(co, req):
     return Response(200, [c.to_json() for c in co.store.cidrs()])
 
 
-@api("POST", "admin/cidrs", "admin", body=True)
+@api_route("POST", "admin/cidrs", "admin", body=True)
 def admin_add_cidr(co, req):
     cidr = co.store.add_cidr(Cidr.from_json(req.body, with_id=False))
     return Response(201, cidr.to_json())
 
 
-@api("PUT", "admin/cidrs/{id}", "admin", body=True)
+@api_route("PUT", "admin/cidrs/{id}", "admin", body=True)
 def admin_update_cidr(co, req):
     """Only the name changes (as in innernet, whose clients send the CIDR back
     renamed); a new range or parent is refused, not ignored."""
@@ -10195,29 +10283,27 @@ def admin_update_cidr(co, req):
     return Response(204)
 
 
-@api("DELETE", "admin/cidrs/{id}", "admin")
+@api_route("DELETE", "admin/cidrs/{id}", "admin")
 def admin_delete_cidr(co, req):
     co.store.delete_cidr(req.id)
     return Response(204)
 
 
-@api("GET", "admin/associations", "admin")
+@api_route("GET", "admin/associations", "admin")
 def admin_list_associations(co, req):
     return Response(200, [a.to_json() for a in co.store.associations()])
 
 
-@api("POST", "admin/associations", "admin", body=True)
+@api_route("POST", "admin/associations", "admin", body=True)
 def admin_add_association(co, req):
     a = Association.from_json(req.body, with_id=False)
     co.store.add_association(a.cidr_id_1, a.cidr_id_2)
-    co.device.sync()
     return Response(201)
 
 
-@api("DELETE", "admin/associations/{id}", "admin")
+@api_route("DELETE", "admin/associations/{id}", "admin")
 def admin_delete_association(co, req):
     co.store.delete_association(req.id)
-    co.device.sync()
     return Response(204)
 
 
@@ -10793,12 +10879,12 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
     missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
     # ...and not again in the same run for those it just called offline
-    ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
-    if ask:
-        answer = request_relays(api, cfg, ask)
+    asking = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+    if asking:
+        answer = request_relays(api, cfg, asking)
     relays, offline = answer if answer is not None else ({}, set())
     memo.relays.update(relays)
-    memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
+    memo.offline = (memo.offline - {p.public_key for p in asking}) | offline
     if relays:
         by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
         backend.apply(iface, updates=[u for p in missed if p.public_key in relays
@@ -10925,8 +11011,8 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
             p = dataclasses.replace(p, persistent_keepalive_interval=0)
         out.append(p)
     if server is None:
-        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
-                        cfg.server_external_endpoint, is_redeemed=True))
+        out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
+                        endpoint=cfg.server_external_endpoint, is_redeemed=True))
     return out
 
 
@@ -11095,9 +11181,9 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
         os.unlink(files.fast_record)          # only a sync that completes leaves one
     if opts.no_nat_traversal:
         traverse = None
-    f = _Fetch(files, opts, current_server(files, load_client_config(files)))
-    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
-                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
+    f = _Fetch(files, opts, current_server(files, load_client_config(files)),
+               {(w.get("ip"), w.get("new_key")): w for w in
+                prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
@@ -11150,15 +11236,16 @@ def _unreachable_hint(f):
 class _Fetch:
     """One fetch_interface run, step by step: what it read, decided and did."""
 
-    def __init__(self, files, opts, cfg):
+    def __init__(self, files, opts, cfg, prev_pending):
         self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
+        self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
-        self.pending, self.prev_pending = [], {}
+        self.pending = []
         self.lock = None                 # the lock file's new contents, to save
 
     def find_device(self, allow_bring_up):
@@ -11311,7 +11398,7 @@ class _Fetch:
                 self.asked = {p.public_key for p in new}
             if told:
                 save_paths_memo(self.files, memo)
-        self.desired = desired = self.desired_peers(memo)
+        self.desired = desired = self.entries(memo)
         # Static peers (stock WireGuard devices) have the server as their only
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
@@ -11335,7 +11422,7 @@ class _Fetch:
             log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
                 f"was {u.action}")
 
-    def desired_peers(self, memo):
+    def entries(self, memo):
         """The device entries the state asks for (desired_peers), with the exit
         node chosen and a rotated peer's endpoint carried over."""
         opts, dev = self.opts, self.dev
@@ -11667,7 +11754,7 @@ def watch_server(watch, dev, cfg, iface):
         watch.seen.clear()
         watch.poked.clear()
         return
-    ref = Peer(None, SERVER_PEER_NAME, str(cfg.server_ip), None, cfg.server_public_key)
+    ref = Peer(id=None, name=SERVER_PEER_NAME, ip=str(cfg.server_ip), cidr_id=None, public_key=cfg.server_public_key)
     if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
         warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
              "looking for it at its next endpoint")
@@ -11840,11 +11927,11 @@ def server_paths(args, iface):
     return server_dirs(args).server(iface)
 
 
-def routing(args):
+def wants_routing(args):
     return not getattr(args, "no_routing", False)
 
 
-def opt(args, name, default=None):
+def arg_or(args, name, default=None):
     """A verb's option, or ``default`` when it was not given (or the verb has none)."""
     v = getattr(args, name, None)
     return default if v is None else v
@@ -11863,7 +11950,7 @@ def confirm(args, question, default=False):
     return True
 
 
-def chosen(args, required=True):
+def interfaces_of(args, required=True):
     """chosen_interfaces for a verb's command line."""
     return chosen_interfaces(Dirs.from_args(args), getattr(args, "interface", None), required)
 
@@ -11873,7 +11960,7 @@ class LocalNetwork(NetworkLock):
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.backend_choice = opt(args, "backend", "auto")
+        self.backend_choice = arg_or(args, "backend", "auto")
         self.config = load_server_config(server_dirs(args), iface)
         self.store = Store(server_paths(args, iface)[1])
         self.lock_key_file = getattr(args, "lock_key", None)       # --lock-key, if locked
@@ -12015,7 +12102,7 @@ class RemoteNetwork(NetworkLock):
 
     def add_association(self, a, b):
         self.api.call("POST", "/admin/associations",
-                      Association(None, a.id, b.id).to_json(False))
+                      Association(id=None, cidr_id_1=a.id, cidr_id_2=b.id).to_json(False))
 
     def delete_association(self, assoc):
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
@@ -12049,7 +12136,7 @@ class RemoteNetwork(NetworkLock):
             if e.status != 404:
                 raise
             return []
-        return [(Peer(None, str(r.get("name")), str(r.get("ip")), 0, str(r.get("public_key"))),
+        return [(Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key=str(r.get("public_key"))),
                  str(r.get("pinned_key"))) for r in (rows if isinstance(rows, list) else [])
                 if isinstance(r, dict)]
 
@@ -12133,7 +12220,7 @@ def cmd_add_cidr(args):
                parse=lambda v: parse_hostname(v, "CIDR name"))
     cidr_text = ask(args.cidr, "--cidr", "CIDR", parse=lambda v: str(parse_network(v)))
     parent = choose(args.parent, "--parent", "parent CIDR", _user_cidrs(cidrs))
-    contents = Cidr(None, name, cidr_text, parent.id)
+    contents = Cidr(id=None, name=name, cidr=cidr_text, parent=parent.id)
     confirm(args, f"Create CIDR '{name}' ({cidr_text}) under '{parent.name}'?", True)
     created = net.add_cidr(contents)
     log(f"CIDR '{created.name}' ({created.cidr}) created")
@@ -12195,8 +12282,8 @@ def _invitation(net, cidrs, ip, invite_key, endpoints=None):
     server_key, external, internal = net.invitation_server()
     prefix = root_cidr(cidrs).network.prefixlen
     extra = endpoints if endpoints is not None else net.server_endpoints()
-    return InterfaceConfig(net.network_name(), ipaddress.ip_interface(f"{ip}/{prefix}"),
-                           invite_key, None, server_key, external, internal,
+    return InterfaceConfig(network_name=net.network_name(), address=ipaddress.ip_interface(f"{ip}/{prefix}"),
+                           private_key=invite_key, listen_port=None, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal,
                            server_endpoints=[e for e in extra if e != external],
                            lock=net.lock_invitation(ip))
 
@@ -12224,8 +12311,8 @@ def _add_static_peer(args, net, cidrs, cidr, ip, name):
     private = generate_private_key()
     server_key, external, _ = net.invitation_server()
     text = wg_quick_text(private, ip, static_allowed_ips(cidrs), server_key, external)
-    contents = Peer(None, name, str(ip), cidr.id, public_key(private), None,
-                    PERSISTENT_KEEPALIVE, False, False, True, None, [], is_static=True)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(private), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=False, is_disabled=False, is_redeemed=True, invite_expires=None, candidates=[], is_static=True)
     peer = _with_secret_file(save_path, text, lambda: net.add_peer(contents))
     log(f"static peer '{peer.name}' ({peer.ip}) added; its wg-quick file is {save_path}")
     show_static_config(args, text)
@@ -12329,9 +12416,9 @@ def cmd_add_peer(args):
     confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'{with_routes}?", True)
 
     invite_key = generate_private_key()
-    contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
-                    PERSISTENT_KEEPALIVE, is_admin, False, False,
-                    int(time.time()) + expires, [], routes=routes)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(invite_key), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=is_admin, is_disabled=False, is_redeemed=False,
+                    invite_expires=int(time.time()) + expires, candidates=[], routes=routes)
     invitation = _invitation(net, cidrs, ip, invite_key, endpoints)
 
     def create():
@@ -12546,7 +12633,7 @@ def cmd_approve_routes(args):
             return 0
         confirm(args, f"Approve routes in {route} advertised by peers in '{cidr.name}' "
                       "as they come?", True)
-        net.add_route_approver(RouteApprover(None, route, cidr.id))
+        net.add_route_approver(RouteApprover(id=None, route=route, cidr_id=cidr.id))
         log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
             "as they come")
         return 0
@@ -12950,7 +13037,7 @@ def cmd_server_new(args):
     for d in dataclasses.astuple(server_dirs(args)):
         ensure_dir(d)
     key = generate_private_key()
-    config = ServerConfig(key, port, str(server_ip), network.prefixlen)
+    config = ServerConfig(private_key=key, listen_port=port, address=str(server_ip), network_cidr_prefix=network.prefixlen)
     atomic_write(conf, config.to_toml(), 0o600, exclusive=True)
     try:
         store = Store(db, create=True)
@@ -12985,7 +13072,7 @@ def cmd_server_uninstall(args):
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     require_removable((conf, db))
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
+        bring_down(arg_or(args, "backend", "auto"), iface)
     if RelayFirewall.available():
         RelayFirewall(iface).remove()
     base = db[:-3]
@@ -13016,7 +13103,7 @@ def server_status(args, iface, now=None):
         provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
     finally:
         store.close()
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     handshakes = {}
     if backend is not None:
         with contextlib.suppress(InnernetError, OSError):
@@ -13210,10 +13297,10 @@ def cmd_server_restore(args):
 
 
 def _ensure_server_device(args, iface, config):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     return bring_up(choice, iface, private_key=config.private_key, address=config.interface,
                     listen_port=config.listen_port, updates=[],
-                    mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args),
+                    mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args),
                     existing=existing_backend(choice, iface))
 
 
@@ -13240,14 +13327,14 @@ def _fixed_mmap_threshold():
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
-    hosts_path, suffix = HostsOptions.from_args(args).resolve()     # bad flags fail before anything is touched
+    hosts = HostsOptions.from_args(args).resolve()   # bad flags fail before anything is touched
     config = load_server_config(server_dirs(args), iface)
     _fixed_mmap_threshold()
     set_timestamps(True)
     db_path = server_paths(args, iface)[1]
-    store, lock, replicator = _serve_store(args, iface, db_path)
-    co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
-    co.replication = replicator and replicator.describe
+    metrics = Metrics() if getattr(args, "metrics", None) else None
+    store, lock, replicator = _serve_store(args, iface, db_path, metrics)
+    co = _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator)
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None
@@ -13321,16 +13408,15 @@ def tear_down(steps):
     return first
 
 
-def _serve_store(args, iface, db_path):
+def _serve_store(args, iface, db_path, metrics):
     """(store, the lock only one serve holds, Replicator or None)."""
     keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
     replicate = getattr(args, "replicate", None)
     if replicate:
         litestream_config(db_path, replicate, 1)           # a bad URL fails first
         litestream_binary()
-    store = Store(db_path)
-    if keep is not None:
-        store.audit_keep = keep
+    store = Store(db_path, audit_keep=AUDIT_KEEP if keep is None else keep,
+                  write_timer=metrics and metrics.db_write)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     replicator = None
     if replicate:
@@ -13340,9 +13426,10 @@ def _serve_store(args, iface, db_path):
     return store, lock, replicator
 
 
-def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
+def _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator):
     """The Coordinator `serve` runs: the device up and in sync, the relays
     made (unless --no-relay), the server's own candidates stored."""
+    hosts_path, suffix = hosts
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
     if not getattr(args, "no_relay", False):
@@ -13352,9 +13439,11 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
         else:
             warn("nft (nftables) not found: static peers cannot reach other peers")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
-    co.views.dns_zone_name = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
-    co.status_path = db_path[:-3] + ".status.json"
+                     host_suffix=suffix, relay=relay, hub=hub,
+                     dns_zone_name=None if getattr(args, "no_dns", False)
+                     else (suffix or f"{iface}.wg"),
+                     status_path=db_path[:-3] + ".status.json", metrics=metrics,
+                     replication=replicator and replicator.describe)
     co.device.sync()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -13366,11 +13455,9 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
 
 def _serve_metrics(args, co):
     """The --metrics endpoint, serving in a thread; None without the flag."""
-    if not getattr(args, "metrics", None):
+    if co.metrics is None:
         return None
     host, port = args.metrics
-    co.metrics = Metrics()
-    co.store.write_timer = co.metrics.db_write
     scrape = make_api_server(MetricsEndpoint(co), host, port)
     threading.Thread(target=scrape.serve_forever, daemon=True).start()
     log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
@@ -13390,7 +13477,7 @@ def cmd_install(args):
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
     iface = _install_name(args, invite)
     cfg_path = client_files(args, iface).config
-    backend_choice = opt(args, "backend", "auto")
+    backend_choice = arg_or(args, "backend", "auto")
     _refuse_taken_range(args, invite, iface)
     ensure_dir(Dirs.from_args(args).config)
     ensure_dir(Dirs.from_args(args).data)
@@ -13410,7 +13497,7 @@ def cmd_install(args):
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server_peer_update(invite)],
-                           mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                           mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args))
         server = _reach_server(args, iface, invite, backend)
         lost = _redeem(invite, new_key)
         if lost is not None:
@@ -13448,7 +13535,7 @@ def cmd_install(args):
 
 
 def _refuse_taken_range(args, invite, iface):
-    taken = _range_taken(invite.address.network, iface) if routing(args) else None
+    taken = _range_taken(invite.address.network, iface) if wants_routing(args) else None
     if taken:
         raise InnernetError(f"interface {taken} already routes {invite.address.network}, the "
                             "range of this network",
@@ -13485,7 +13572,7 @@ def _install_name(args, invite):
     if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
                             hint="choose another --name, or 'innernet uninstall' it first")
-    if existing_backend(opt(args, "backend", "auto"), iface) is not None:
+    if existing_backend(arg_or(args, "backend", "auto"), iface) is not None:
         raise InnernetError(f"a WireGuard interface named {iface} already exists",
                             hint="choose another --name")
     return iface
@@ -13581,7 +13668,7 @@ def cmd_set_listen_port(args):
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
     save_client_config(client_files(args, iface), dataclasses.replace(cfg, listen_port=port))
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
     if backend is None:
         return 0
@@ -13607,7 +13694,7 @@ def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
     cfg = load_client_config(client_files(args, iface))
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
     peers, _, _ = load_data_store(client_files(args, iface).store)
@@ -13670,7 +13757,7 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
                                                           for r in blind})
     log(f"{iface} has a new key ({short_key(new_public)}); {checking} peers will check its proof")
     if blind:
-        pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
+        pinners = [Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key="") for r in blind]
         warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
              f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
 
@@ -13746,7 +13833,7 @@ def cmd_override_peer_endpoint(args):
         overrides[peer.ip] = endpoint
     save_client_config(client_files(args, iface), dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
     # The device follows at once: an unchanged fetch later writes nothing to it.
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     target = endpoint
     if endpoint is None:          # back to what the server says, or the best candidate
         found = traversal_candidates(peer, local_networks(), resolve=resolve_endpoint)
@@ -13837,7 +13924,7 @@ def leave_exit(args, iface):
     if state is None:
         return
     exit_routing_down(iface, state["table"], state["allow_lan"])
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is not None:
         backend.apply(iface, fwmark=0)
     os.unlink(path)
@@ -13862,7 +13949,7 @@ def cmd_uninstall(args):
     with contextlib.suppress(InnernetError, OSError):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
+        bring_down(arg_or(args, "backend", "auto"), iface)
     for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
                  *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
@@ -13879,7 +13966,7 @@ def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
     st = read_status(client_files(args, iface))
-    up = existing_backend(opt(args, "backend", "auto"), iface) is not None
+    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
     problems = [] if up else ["the interface is not up" + (
         " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
@@ -13927,9 +14014,9 @@ def cmd_status(args):
     """This host's health per network; exit 0 only when every one is healthy."""
     max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
     now = time.time()
-    for iface in chosen(args):
+    for iface in interfaces_of(args):
         load_client_config(client_files(args, iface))          # a network that is not installed fails
-    healths = [interface_health(args, iface, now, max_age) for iface in chosen(args)]
+    healths = [interface_health(args, iface, now, max_age) for iface in interfaces_of(args)]
     if args.json:
         print_json(healths)
     else:
@@ -13939,7 +14026,7 @@ def cmd_status(args):
 
 def cmd_up(args):
     dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
-    ifaces = chosen(args)
+    ifaces = interfaces_of(args)
     if args.exit_node and len(ifaces) > 1:
         raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
     if args.daemon and args.interval < 1:
@@ -13990,7 +14077,7 @@ def cmd_down(args):
     if installed:           # cron's `fetch` leaves it down until `up`
         ensure_dir(Dirs.from_args(args).data)
         atomic_write(client_files(args, iface).down_marker, "", 0o600)
-    if not bring_down(opt(args, "backend", "auto"), iface):
+    if not bring_down(arg_or(args, "backend", "auto"), iface):
         if not installed:
             raise InnernetError(f"interface {iface} is not up")
         log(f"interface {iface} is already down")
@@ -14071,9 +14158,9 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
 
 
 def cmd_show(args):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
-    ifaces = chosen(args, required=False)
+    ifaces = interfaces_of(args, required=False)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:

@@ -1,4 +1,5 @@
 """File formats: TOML subset, invitation/config/server config, data store, hosts."""
+import dataclasses
 import ipaddress
 import os
 import re
@@ -32,9 +33,8 @@ def test_invitation_parses_as_innernet_writes_it():
 
 
 def test_config_round_trip_with_overrides():
-    cfg = InterfaceConfig.from_toml(INVITE, "x")
-    cfg.listen_port = 51821
-    cfg.peer_endpoint_overrides = {"10.66.2.7": "198.51.100.9:40000"}
+    cfg = dataclasses.replace(InterfaceConfig.from_toml(INVITE, "x"), listen_port=51821,
+                              peer_endpoint_overrides={"10.66.2.7": "198.51.100.9:40000"})
     text = cfg.to_toml(innernet.INVITATION_HEADER)
     assert text.startswith("# This is an innernet invitation")
     assert '"10.66.2.7" = "198.51.100.9:40000"' in text
@@ -134,10 +134,9 @@ def test_hosts_damaged_section_is_an_error():
 
 def test_hosts_lines_format():
     k = innernet.public_key(innernet.generate_private_key())
-    peers = [Peer(2, "b", "10.66.1.10", 1, k), Peer(1, "a", "10.66.1.9", 1, k),
-             Peer(3, "c", "10.66.1.11", 1, k, is_disabled=True)]
-    for p in peers:
-        p.is_redeemed = True
+    peers = [Peer(2, "b", "10.66.1.10", 1, k, is_redeemed=True),
+             Peer(1, "a", "10.66.1.9", 1, k, is_redeemed=True),
+             Peer(3, "c", "10.66.1.11", 1, k, is_disabled=True, is_redeemed=True)]
     assert hosts_lines(peers, "evil") == ["10.66.1.9 a.evil.wg", "10.66.1.10 b.evil.wg"]
     assert hosts_lines(peers, "evil", "") == ["10.66.1.9 a", "10.66.1.10 b"]
     assert hosts_lines(peers, "evil", "corp") == ["10.66.1.9 a.corp", "10.66.1.10 b.corp"]

@@ -203,6 +203,64 @@ def test_no_function_below_the_verbs_takes_the_command_line():
     assert not wrong, "\n".join(wrong)
 
 
+def _records(tree, banners):
+    records = SECTIONS.index("Records")
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)
+            and _section_of(banners, n.lineno) == records
+            and any("dataclass" in ast.unparse(d) for d in n.decorator_list)}
+
+
+def test_records_are_frozen_and_built_by_keyword():
+    """The Records section's dataclasses cannot change once made, and every
+    construction of one in the module names its fields (cls(...) in their
+    own constructors too): a field added or moved cannot shift the others."""
+    _, tree, banners = _module()
+    records = _records(tree, banners)
+    assert {"Peer", "Cidr", "Association", "InterfaceConfig"} <= set(records)
+    thawed = [name for name, node in records.items()
+              if not any("frozen=True" in ast.unparse(d) for d in node.decorator_list)]
+    assert not thawed, thawed
+    positional = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in records:
+            positional += [f"line {n.lineno}: {node.name}: {ast.unparse(n)[:70]}"
+                           for n in ast.walk(node) if isinstance(n, ast.Call)
+                           and isinstance(n.func, ast.Name) and n.func.id == "cls" and n.args]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in records and node.args:
+            positional.append(f"line {node.lineno}: {ast.unparse(node)[:70]}")
+    assert not positional, "\n".join(positional)
+
+
+def test_one_function_per_name_and_no_local_hides_one():
+    """A name means one thing: no method shares a module-level function's
+    name (but run, a thread's by convention), and no local (argument, variable)
+    hides a module-level function or class. The fast path is left out: it
+    also runs alone (the zipapp's innernet_fast), where those are not seen."""
+    _, tree, banners = _module()
+    fast = SECTIONS.index("Fast path of an unchanged fetch")
+    module = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    methods = [f"line {m.lineno}: {c.name}.{m.name}" for c in tree.body
+               if isinstance(c, ast.ClassDef) for m in c.body
+               if isinstance(m, ast.FunctionDef) and m.name in module - {"run"}]
+    assert not methods, "\n".join(methods)
+    hidden = []
+    for top in tree.body:
+        if _section_of(banners, top.lineno) == fast:
+            continue
+        for fn in ast.walk(top):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            a = fn.args
+            names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+            for n in ast.walk(fn) if not isinstance(fn, ast.Lambda) else ():
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                    names.add(n.id)
+            hidden += [f"line {fn.lineno}: {getattr(fn, 'name', 'lambda')}: {x}"
+                       for x in sorted(names & module)]
+    assert not hidden, "\n".join(sorted(set(hidden)))
+
+
 # -- journeys -------------------------------------------------------------------
 # How many sections does one journey make a reader cross? The measure: a static
 # walk of module-level names from the journey's entry points. A function, class

@@ -557,7 +557,7 @@ def test_a_reallocated_relay_port_is_followed_at_once(monkeypatch):
 def test_overridden_static_and_disabled_peers_are_not_touched(monkeypatch):
     import dataclasses
     cfg, peers, calls = client(monkeypatch, relays={"p0": "198.18.0.1:40000"})
-    cfg.peer_endpoint_overrides = {peers[0].ip: "203.0.113.1:1"}
+    cfg = dataclasses.replace(cfg, peer_endpoint_overrides={peers[0].ip: "203.0.113.1:1"})
     mine = [peers[0], dataclasses.replace(peers[1], is_static=True),
             dataclasses.replace(peers[2], is_disabled=True)]
     dev = FakeDevice([innernet.DevicePeer(p.public_key, None, [], 25, 0.0) for p in mine])

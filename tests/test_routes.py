@@ -403,8 +403,8 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     own, server = ("10.80.64.9", "kme"), ("10.80.0.1", "ksrv")
     admin = peer(1, "admin", 3)                                    # pinned 10.80.3.1 = k1
     stored = [admin, Peer(None, "me", own[0], 4, own[1])]
-    ok = peer(7, "newcomer", 3, routes=["192.168.7.0/24"])
-    ok.candidates = ["198.18.0.7:51820", "10.80.3.1:51820"]
+    ok = dataclasses.replace(peer(7, "newcomer", 3, routes=["192.168.7.0/24"]),
+                             candidates=["198.18.0.7:51820", "10.80.3.1:51820"])
     lies = {
         "route-pinned": peer(8, "m1", 3, routes=["10.80.3.1/32"]),
         "route-network": peer(9, "m2", 3, routes=["10.0.0.0/8"]),
