@@ -2247,6 +2247,16 @@ class AuditEntry:
                    after=_get(data, "after", str, nullable=True))
 
 
+def _summary(obj):
+    """A short before/after summary for the audit log (JSON, no secrets)."""
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def peer_summary(p):
+    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
+            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
+
+
 # A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
 # approves them, or an auto-approve rule does. Approved routes travel as a field
 # of the advertising peer, so only peers that may see it get them: they add them
@@ -6161,16 +6171,6 @@ def current_actor():
     return (getattr(_ACTOR, "name", None) or ACTOR_CLI) + lock_signer_note()
 
 
-def _summary(obj):
-    """A short before/after summary for the audit log (JSON, no secrets)."""
-    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def peer_summary(p):
-    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
-            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
-
-
 def _integrity_error(e):
     text = str(e)
     m = re.search(r"UNIQUE constraint failed: (\w+)\.(\w+)", text)
@@ -6972,7 +6972,7 @@ class Store(LockStore):
 # HTTP wire ###################################################################
 ###############################################################################
 # HTTP/1.1 as both ends speak it: status reasons, limits, the strict parser
-# of a request line and headers; the API's route table (@api) and the
+# of a request line and headers; the API's route table (@api_route) and the
 # request and response its handlers see.
 
 
@@ -9805,7 +9805,7 @@ def _parent_death_signal():
 # The HTTP API of innernet-server, served only on the server's WireGuard
 # address and bound to its device: WireGuard's cryptokey routing means a
 # packet from IP X came from the key that owns X, so the source address
-# identifies the caller. One route table (@api), one dispatch, one place
+# identifies the caller. One route table (@api_route), one dispatch, one place
 # where InnernetError becomes an HTTP status.
 
 
@@ -10800,8 +10800,21 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     return moved
 
 
-def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None, asked=None):
+@dataclasses.dataclass(frozen=True)
+class PathSession:
+    """What one round of path work is given: the server's API (None when it
+    does not answer), the device (backend and interface), this peer's config,
+    the PathMemo it reads and updates, and ``save(memo)``, called before a
+    direct try (so that `show` meanwhile knows who is still relayed), or None."""
+    api: object
+    backend: object
+    iface: str
+    cfg: object
+    memo: PathMemo
+    save: object = None
+
+
+def settle_paths(session, peers, *, changed=(), full=False, now=None, dev=None, asked=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -10819,18 +10832,19 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     Returns the keys left with no path.
     """
     now = time.time() if now is None else now
+    cfg, memo = session.cfg, session.memo
     own = public_key(cfg.private_key)
     wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
               and p.public_key not in (own, cfg.server_public_key)
               and p.ip not in cfg.peer_endpoint_overrides}
     memo.keep_only(wanted)
-    dev = dev or backend.get(iface)
+    dev = dev or session.backend.get(session.iface)
     fresh, probe = _path_work(dev, wanted, memo, set(changed), full, now)
     unreachable = set()
     if fresh:
-        unreachable = _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now)
+        unreachable = _settle_fresh(session, fresh, asked, now)
     if probe:
-        _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now)
+        _settle_relayed(session, probe, dev, now)
     return unreachable
 
 
@@ -10859,9 +10873,11 @@ def _path_work(dev, wanted, memo, changed, full, now):
     return fresh, probe
 
 
-def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
+def _settle_fresh(session, fresh, asked, now):
     """One direct step for peers with no working path, then the relay for
     those it did not reach; returns the keys left with no path."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     # A peer the server last called offline gets no direct step: it would
     # cost a second for nothing (and wireguard-go some milliseconds per
     # re-added peer: 300 offline peers made a first `up` take 9 s). The
@@ -10905,8 +10921,10 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     return unreachable
 
 
-def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
+def _settle_relayed(session, probe, dev, now):
     """Relayed peers: keep their relay ports open, and try them directly."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     for p in probe:
         memo.tried[p.public_key] = now
     # Asking again keeps the relay ports open; a new port means the old
@@ -10920,8 +10938,8 @@ def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
             p, dev.peer(p.public_key), again[p.public_key])])
     trying = [p for p in probe if p not in moved]
     memo.trying = {p.public_key: time.time() + 5 for p in trying}
-    if trying and save is not None:
-        save(memo)
+    if trying and session.save is not None:
+        session.save(memo)
     try:
         for k in probe_direct(backend, iface, trying, memo, local_networks()):
             memo.since.pop(k, None)
@@ -11491,11 +11509,12 @@ class _Fetch:
         keys = {u.public_key for u in self.changes if not u.remove}
         with device_lock(self.iface):
             memo = load_paths_memo(self.files)
+            session = PathSession(None if self.unreachable else self.api, self.backend,
+                                  self.iface, self.cfg, memo,
+                                  save=lambda m: save_paths_memo(self.files, m))
             self.missed = settle_paths(
-                None if self.unreachable else self.api, self.backend, self.iface, self.cfg,
-                self.desired, memo, changed=keys, full=traverse == "all" or self.brought_up,
-                dev=None if self.changes else self.dev,
-                save=lambda m: save_paths_memo(self.files, m), asked=self.asked)
+                session, self.desired, changed=keys, full=traverse == "all" or self.brought_up,
+                dev=None if self.changes else self.dev, asked=self.asked)
             save_paths_memo(self.files, memo)
         self.next_due = next_path_work(memo, self.missed, time.time())
 
