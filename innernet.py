@@ -12894,6 +12894,7 @@ def _lock_init(args, iface):
     association signed (one batch), each peer sent this admin's proof of the
     genesis, and the disablement secret shown once."""
     net = RemoteNetwork(args, iface)
+    net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
     entries, _ = net.lock_info()
     if entries:
         raise InnernetError(f"network {iface} is locked already"
@@ -12938,6 +12939,7 @@ def _refuse_repinned(args, iface, peers):
 
 def _lock_chain(args, iface):
     net = RemoteNetwork(args, iface)
+    net.require(LOCK_FEATURE)
     entries, records = net.lock_info()
     if not entries:
         raise InnernetError(f"network {iface} is not locked",
