@@ -866,6 +866,7 @@ class InnernetError(Exception):
         self.status = status
         self.exit_code = exit_code
         self.unreachable = unreachable
+        self.refused = False      # unreachable: the host answered, its API did not listen
 
 
 _verbosity = 0
@@ -1124,6 +1125,20 @@ def instance_lock(path, what):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+@contextlib.contextmanager
+def file_lock(path, wait=True):
+    """An exclusive flock on an existing file (``rotate-key`` and the sync's
+    look at an interrupted rotation on the interface's config); yields False
+    when ``wait`` is off and another process holds it."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def require_removable(paths):
@@ -4449,10 +4464,12 @@ class Netlink:
             raise InnernetError(f"cannot delete interface {ifname}: {os.strerror(code)}")
 
     def add_address(self, ifname, iface):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip address add {iface} dev {ifname}")
         code = self._talk(*rtnl_request("add-address", self._index(ifname), address=iface))
         if code not in (0, errno.EEXIST):
             raise InnernetError(f"cannot add {iface} to {ifname}: {os.strerror(code)}")
+        return code == 0
 
     def set_mtu_up(self, ifname, mtu):
         echo_cmd(f"ip link set {ifname} mtu {mtu} up")
@@ -4461,11 +4478,13 @@ class Netlink:
             raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {os.strerror(code)}")
 
     def add_route(self, ifname, network):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip route add {network} dev {ifname}")
         code = self._talk(*rtnl_request("add-route", self._index(ifname), route=network))
         if code not in (0, errno.EEXIST):     # the prefix route often exists already
             raise InnernetError(f"cannot add route {network} to {ifname}: "
                                 f"{os.strerror(code)}")
+        return code == 0
 
 
 def sync_interface_routes(ifname, wanted):
@@ -5060,6 +5079,37 @@ def bring_up(choice, ifname, *, private_key, address, listen_port, updates, mtu,
                 backend.delete(ifname)
         raise
     return backend
+
+
+def link_state(ifname):
+    """(administratively up, MTU) of a link, from ioctls; None without it."""
+    SIOCGIFFLAGS, SIOCGIFMTU, IFF_UP = 0x8913, 0x8921, 0x1
+    packed = ifname.encode()[:15].ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18], sys.byteorder)
+            mtu = int.from_bytes(fcntl.ioctl(s, SIOCGIFMTU, packed)[16:20], sys.byteorder)
+    except OSError:
+        return None
+    return bool(flags & IFF_UP), mtu
+
+
+def repair_link(ifname, address, routing):
+    """What a sync owns on its interface besides the peers: its address, the
+    link's up state (at the MTU it has) and, with ``routing``, the network's
+    route, put back when something took them away (an admin's `ip link set
+    down`, `ip address del`, `ip route del`). -> what was put back."""
+    fixed = []
+    with Netlink() as nl:
+        if nl.add_address(ifname, address):
+            fixed.append(f"address {address}")
+        state = link_state(ifname)
+        if state is not None and not state[0]:
+            nl.set_mtu_up(ifname, state[1])
+            fixed.append("link up")
+        if routing and nl.add_route(ifname, address.network):
+            fixed.append(f"route {address.network}")
+    return fixed
 
 
 def bring_down(choice, ifname):
@@ -6554,7 +6604,15 @@ class Store(LockStore):
 
     def add_rotation_proofs(self, peer_id, old_key, new_key, proofs):
         """Proofs a peer sends later for one of its own rotations, for peers
-        that lacked one; a proof already kept is never replaced. How many were new."""
+        that lacked one; a proof already kept is never replaced. How many were new.
+        One that adds nothing writes nothing (the revision, which wakes every
+        long poll, stays)."""
+        rows = self._query("SELECT proofs FROM key_rotations WHERE peer_id = ? AND "
+                           "old_key = ? AND new_key = ?", (peer_id, old_key, new_key))
+        if rows:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if set(proofs) <= set(json.loads(rows[0][0])):
+                    return 0
         with self.write() as c:
             row = c.execute("SELECT id, proofs FROM key_rotations WHERE peer_id = ? AND "
                             "old_key = ? AND new_key = ?", (peer_id, old_key, new_key)).fetchone()
@@ -7393,10 +7451,12 @@ class ApiClient:
                     raise InnernetError(f"the server at {self.endpoint} sent a malformed "
                                         f"answer: {e}") from None
                 reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                raise InnernetError(
+                err = InnernetError(
                     f"cannot reach the innernet server at {self.endpoint}: {reason}",
                     hint="is the server running, and is this host's WireGuard "
-                         "interface up?", unreachable=True) from None
+                         "interface up?", unreachable=True)
+                err.refused = isinstance(e, ConnectionRefusedError)
+                raise err from None
             self.used = time.monotonic()
             if rhdrs.get("connection", "").lower() == "close":
                 self.close()
@@ -7406,8 +7466,8 @@ class ApiClient:
 
     def _head(self, method, path, hdrs, data):
         """The request line and headers, with an admin proof where one is due."""
-        if self.proof_key is not None and (path.startswith("/admin/")
-                                           or path == "/user/redeem"):
+        if self.proof_key is not None and (path.startswith("/admin/") or path in (
+                "/user/redeem", "/user/rotation-proofs") and method == "POST"):
             if self._proof_mac is None:
                 self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
                                                                 self.server_key))
@@ -10004,15 +10064,21 @@ def user_get_rotations(co, req):
                           for old, new, proofs in co.store.rotations(ip)])
 
 
+def _proof_verifiers(co, caller):
+    """The keys of the peers that may see ``caller`` (redeemed, enabled): the
+    only ones a proof of its rotation is asked or kept for."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, caller.cidr_id)
+    return [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != caller.id]
+
+
 @api_route("GET", "user/rotation-proofs", "user")
 def user_get_missing_proofs(co, req):
     """Ours: the caller's own rotations that a peer which may see it has no
     proof for (it joined after the caller's last sync before rotating):
     [{"old_key", "new_key", "peers": [public keys]}]."""
-    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
-    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
-            and not p.is_disabled and p.id != req.caller.id]
+    keys = _proof_verifiers(co, req.caller)
     out = []
     for old, new, proofs in co.store.rotations(req.caller.ip):
         missing = [k for k in keys if k not in proofs]
@@ -10024,16 +10090,32 @@ def user_get_missing_proofs(co, req):
 @api_route("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_add_rotation_proofs(co, req):
     """Ours: late proofs for one of the caller's own rotations
-    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay.
+
+    Not rate-limited (the endpoint and candidate budget is not spent): only
+    proofs for peers that may see the caller are kept, each slot once, so
+    the writes are bounded by its kept rotations times those peers; one that
+    adds nothing writes nothing. A local user of the peer's host who spends
+    that budget with candidate reports cannot hold the proofs back."""
     data = _require_object(req.body, "rotation proofs")
     old, new = _get(data, "old_key", str), _get(data, "new_key", str)
     proofs = _get(data, "proofs", dict)
     if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
                                        for k, v in proofs.items()):
         raise _bad("field 'proofs' must map public keys to proofs")
-    co.gate.allow_update(req.caller.id)
+    # Made with the peer's private key (the admin proof's MAC): a local user
+    # of its host, who can speak as the peer, cannot plant proofs of its own.
+    header = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
+    if header is None:
+        raise InnernetError(f"late rotation proofs need a {ADMIN_PROOF_HEADER} header (made "
+                            "with the peer's private key, as innernet.py's client does)",
+                            status=403)
+    co.proofs.verify(req.caller.public_key, "POST", req.target, req.raw, header)
+    verifiers = set(_proof_verifiers(co, req.caller))
+    proofs = {k: v for k, v in proofs.items() if k in verifiers}
     added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
-    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    if added:
+        log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
     return Response(204)
 
 
@@ -11203,9 +11285,13 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                {(w.get("ip"), w.get("new_key")): w for w in
                 prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
+    settled = settle_rotation(files, f.cfg, f.backend)
+    if settled is not f.cfg:
+        f.cfg, f.own_key = settled, public_key(settled.private_key)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(files, f.cfg))
+                                          lacks=server_lacks(files, f.cfg),
+                                          proof_key=f.cfg.private_key)   # late proofs
     proofs_sent = True
     try:
         f.receive(wait)
@@ -11234,6 +11320,62 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
+
+
+def _server_answers(cfg):
+    """Does the server answer an API request from ``cfg``'s key (any HTTP
+    answer counts; only a transport failure is no)?"""
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        api.call("GET", "/user/capabilities")
+        return True
+    except InnernetError as e:
+        return not e.unreachable
+    finally:
+        api.close()
+
+
+def settle_rotation(files, cfg, backend):
+    """A `rotate-key` whose answer never came left ``<iface>.conf.rotating``
+    (the new key). The server itself says which key it holds: it answers
+    only the key it has (the old one is off its device once it takes the
+    new). The old key answered: the rotation never happened, the file goes.
+    The new one answered: it is this peer's key (the old one kept for late
+    proofs). Neither (the server is down): asked again at the next sync.
+    -> the config to sync with."""
+    if not os.path.exists(files.config + ".rotating"):
+        return cfg
+    with file_lock(files.config, wait=False) as mine:
+        # not while a `rotate-key` waits for its answer (it holds the lock)
+        return _settle_rotation(files, cfg, backend) if mine else cfg
+
+
+def _settle_rotation(files, cfg, backend):
+    iface, path = files.iface, files.config
+    pending = path + ".rotating"
+    if not os.path.exists(pending):
+        return cfg
+    try:
+        new = InterfaceConfig.from_toml(read_text(pending), pending)
+    except InnernetError:
+        new = None
+    if new is None or new.private_key == cfg.private_key or _server_answers(cfg):
+        os.unlink(pending)
+        warn(f"{iface}: the interrupted key rotation never reached the server: the key "
+             f"was not rotated (run 'innernet rotate-key {iface}' again to rotate it)")
+        return cfg
+    with device_lock(iface):
+        backend.apply(iface, private_key=new.private_key)
+        if not _server_answers(dataclasses.replace(cfg, private_key=new.private_key)):
+            backend.apply(iface, private_key=cfg.private_key)
+            return cfg
+    os.replace(pending, path)
+    new_public = public_key(new.private_key)
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(files, cfg.private_key, new_public, time.time())
+    log(f"{iface}: the server had taken the new key of the interrupted rotation "
+        f"({short_key(new_public)}); it is this peer's key now")
+    return current_server(files, load_client_config(files))
 
 
 def _unreachable_hint(f):
@@ -11280,6 +11422,10 @@ class _Fetch:
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
                 mtu=opts.mtu, routing=opts.routing)
             self.brought_up = True
+        else:
+            fixed = repair_link(iface, cfg.address, opts.routing)
+            if fixed:
+                warn(f"{iface}: put back what the interface had lost: {', '.join(fixed)}")
         self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.files.store)
 
     def receive(self, wait):
@@ -11319,7 +11465,7 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.files, self.cfg, self.backend)
+            self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
 
     def locked(self, received, state):
         """Under network lock, the records signed by a trusted key that this
@@ -11529,10 +11675,12 @@ def current_server(files, cfg):
     return cfg
 
 
-def fail_over(files, cfg, backend):
+def fail_over(files, cfg, backend, refused=False):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
-    tries there; a server that comes back is found the same way."""
+    tries there; a server that comes back is found the same way. ``refused``:
+    the endpoint's host refused the connection (it is there; its API is not
+    listening yet), the one case that may wait (FAILOVER_GRACE)."""
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
@@ -11546,10 +11694,13 @@ def fail_over(files, cfg, backend):
     dp = None
     with contextlib.suppress(InnernetError, OSError):
         dp = backend.get(iface).peer(cfg.server_public_key)
-        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
-            # The endpoint just switched to has answered WireGuard since: it is
-            # there, only its API is not yet (a standby starting). Stay, for a
-            # while: a server that answered once may be gone later.
+        if refused and dp is not None and \
+                dp.last_handshake > since > time.time() - FAILOVER_GRACE:
+            # The endpoint just switched to has answered WireGuard since, and
+            # its host refuses the connection: it is there, only its API is
+            # not yet (a standby starting). Stay, for a while. A connection
+            # that timed out or broke (a server that answered once and is gone
+            # since) moves on at once, grace or not.
             return cfg
     here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
     nxt = eps[(here + 1) % len(eps)]
@@ -11629,7 +11780,7 @@ def server_capabilities(files, opts):
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(files, current_server(files, cfg), backend)
+            fail_over(files, current_server(files, cfg), backend, e.refused)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -12415,8 +12566,7 @@ def cmd_add_peer(args):
         net.require(ROUTES_FEATURE)      # innernet's server would drop them silently
     if getattr(args, "static", False):
         net.require(STATIC_FEATURE)      # ... and store an ordinary peer
-    endpoints = [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
-                 if e.strip()] if getattr(args, "server_endpoints", None) else None
+    endpoints = _server_endpoints_flag(args)
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     ip, used = _new_peer_address(args, net, peers, cidr, now)
@@ -12528,10 +12678,19 @@ def cmd_forget_pins(args):
     return 0
 
 
+def _server_endpoints_flag(args):
+    """--server-endpoints (add-peer, reinvite): the list, or None (not given)."""
+    if not getattr(args, "server_endpoints", None):
+        return None
+    return [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
+            if e.strip()]
+
+
 def cmd_reinvite(args):
     """Ours: a new invitation for a peer that has not redeemed its first one."""
     if args.save_config is not None:
         parse_save_path(args.save_config)
+    endpoints = _server_endpoints_flag(args)
     net = open_network(args)
     cidrs, peers = net.cidrs(), _user_peers(net.peers())
     if args.name is not None and args.name in peers and peers[args.name].is_redeemed:
@@ -12542,7 +12701,8 @@ def cmd_reinvite(args):
     expires, save_path = _invitation_options(args, peer.name)
     confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
     invite_key = generate_private_key()
-    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
+    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key,
+                                             endpoints).to_toml(
         INVITATION_HEADER), lambda: net.reinvite(peer, public_key(invite_key),
                                                  int(time.time()) + expires))
     _said_saved(save_path, expires)
@@ -13714,11 +13874,18 @@ def cmd_set_listen_port(args):
 def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(client_files(args, iface))
+    files = client_files(args, iface)
+    cfg = load_client_config(files)
     backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
-    peers, _, _ = load_data_store(client_files(args, iface).store)
+    # An earlier rotation whose answer was lost first: its key may be the server's.
+    cfg = settle_rotation(files, cfg, backend)
+    if os.path.exists(files.config + ".rotating"):
+        raise InnernetError("an earlier key rotation is not settled yet: the server does not "
+                            "answer", hint=f"run 'innernet rotate-key {iface}' again when it "
+                                           "does (the next fetch settles it too)")
+    peers, _, _ = load_data_store(files.store)
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
     new_private = generate_private_key()
@@ -13728,12 +13895,34 @@ def cmd_rotate_key(args):
     verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
-    path = client_files(args, iface).config
+    with file_lock(files.config):    # a sync leaves the pending key alone meanwhile
+        said = _post_rotation(files, cfg, new_private, proofs)
+    since = time.time()
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(files, cfg.private_key, new_public, since)
+    backend.apply(iface, private_key=new_private)
+    server = server_peer_update(cfg)
+    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
+        warn("no handshake with the server under the new key yet")
+    for p in peers:                 # each peer's new session starts at once, not in 5 s
+        if not p.is_disabled and p.public_key != own:
+            trigger_packet(p.ip)
+    _say_rotated(iface, cfg, said, verifiers, new_public)
+    return 0
+
+
+def _post_rotation(files, cfg, new_private, proofs):
+    """The new key to the server, written first to ``<config>.rotating`` and
+    moved over the config once the server took it; the server's answer."""
+    iface, path = files.iface, files.config
     pending = path + ".rotating"
+    new_public = public_key(new_private)
+    with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
+        os.unlink(files.fast_record)
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(client_files(args, iface), cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -13746,8 +13935,9 @@ def cmd_rotate_key(args):
                                          "again when the server answers") from None
             raise
         raise InnernetError(f"{e.message} while rotating the key",
-                            hint=f"the server may have taken the new key; if 'innernet fetch "
-                                 f"{iface}' now fails, run 'mv {pending} {path}'") from None
+                            hint=f"the server may have taken the new key; the next 'innernet "
+                                 f"fetch {iface}' (or the daemon's next round) asks it which "
+                                 "key it holds and keeps that one") from None
     finally:
         api.close()
     try:
@@ -13755,18 +13945,7 @@ def cmd_rotate_key(args):
     except OSError as e:
         raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
                             hint="move it by hand: the server has the new key") from None
-    since = time.time()
-    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(client_files(args, iface), cfg.private_key, new_public, since)
-    backend.apply(iface, private_key=new_private)
-    server = server_peer_update(cfg)
-    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
-        warn("no handshake with the server under the new key yet")
-    for p in peers:                 # each peer's new session starts at once, not in 5 s
-        if not p.is_disabled and p.public_key != own:
-            trigger_packet(p.ip)
-    _say_rotated(iface, cfg, said, verifiers, new_public)
-    return 0
+    return said
 
 
 def _say_rotated(iface, cfg, said, verifiers, new_public):
@@ -13991,6 +14170,11 @@ def interface_health(args, iface, now, max_age):
     problems = [] if up else ["the interface is not up" + (
         " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
+    link = link_state(iface) if up else None
+    if link is not None and not link[0]:
+        up = False
+        problems.append("the interface's link is down (set down by hand?); the next "
+                        "fetch puts it back up")
     last = st.get("last_success")
     if not st:
         problems.append("no sync recorded (no fetch, up or daemon has run since install)")
@@ -14408,6 +14592,9 @@ def _add_shared_verbs(sub, role):
                    help=f"invitation lifetime (default {DEFAULT_INVITE_EXPIRY})")
     p.add_argument("--save-config", metavar="PATH",
                    help="where to write the invitation (default NAME.toml)")
+    p.add_argument("--server-endpoints", metavar="HOST:PORT,...",
+                   help="every endpoint the server may be at, the primary first (a standby "
+                        "too); the invitation carries them (default: this admin's own list)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "add-cidr", cmd_add_cidr, role, "Add a CIDR to the network's tree.")
     p.add_argument("interface", metavar="INTERFACE")
@@ -14526,6 +14713,9 @@ def _add_server_verbs(sub):
                    help="use this host's public address")
     p.add_argument("--listen-port", metavar="PORT",
                    help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (--network-name and the "
+                        "endpoint have none)")
     _add_serve_verb(sub)
     p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
               "Set the network's external endpoint, where new invitations point (a standby "
@@ -14588,6 +14778,8 @@ def build_parser(server_mode=False):
                    help="use the network's name from the invitation")
     p.add_argument("-d", "--delete-invite", action="store_true",
                    help="delete the invitation once redeemed")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (the network's name)")
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
