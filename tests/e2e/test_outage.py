@@ -112,7 +112,10 @@ def test_outage(pyz, counts):
         # The server returns; the daemon, still running, picks up a change at once.
         start_serve(srv, net)
         join("p3")
-        wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 30,
+        # bounded by the daemon's retry backoff (1, 2, 4 ... s, at most its
+        # --interval, 60 s): a slow machine makes the outage and so the backoff
+        # longer (30 s was outlasted at load 25)
+        wait_for(lambda: "10.66.1.3" in device_peer_ips(p1, lab.ifname("p1")), 90,
                  "the daemon to recover and add p3")
         # p3 is on the device before that sync ends (its paths are settled after)
         wait_for(lambda: "in sync with the server again" in p1.log("up.log"), 30,
