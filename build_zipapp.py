@@ -58,11 +58,11 @@ innernet_fast.launch()
 # LENGTH are filled in with spaces, so the text's length does not depend on
 # them; the bytecode follows the text.
 PREAMBLE = """#!/bin/sh
-exec python3 -S -I -c 'import sys, marshal, _frozen_importlib_external as e
-f = open(sys.argv[1], "rb"); f.seek(OFFSET); b = f.read(LENGTH); f.close()
+exec python3 -S -I -c 'import sys, marshal, posix, _frozen_importlib_external as e
+f = posix.open(sys.argv[1], 0); b = posix.pread(f, LENGTH, OFFSET); posix.close(f)
 del sys.argv[0]
 m = type(sys)("innernet_fast")
-if b[:4] == e.MAGIC_NUMBER: exec(marshal.loads(b[16:]), m.__dict__)
+if b[:4] == e.MAGIC_NUMBER: exec(marshal.loads(memoryview(b)[16:]), m.__dict__); del b
 else: sys.path.insert(0, sys.argv[0]); import innernet_fast as m
 sys.modules["innernet_fast"] = m; m.launch(sys.argv[0])' "$0" "$@"
 """
@@ -106,7 +106,7 @@ def fast_module_source(source):
     if version is None:
         sys.exit("build_zipapp: error: innernet.py has no __version__")
     return ('"""innernet.py\'s fast path of an unchanged fetch, made by build_zipapp.py."""\n\n'
-            "import os\nimport sys\nimport time\n\n" + version + "\n\n"
+            "import sys\nimport time\n\n" + version + "\n\n"
             + "".join(found[name] for name in FAST_SECTIONS))
 
 
@@ -159,11 +159,12 @@ def vendored_files(package, tmp):
     return out
 
 
-def compile_bytes(source_path, arcname, tmpdir):
+def compile_bytes(source_path, arcname, tmpdir, optimize=-1):
     """Hash-based (unchecked) bytecode: deterministic, valid for this Python only."""
     cfile = os.path.join(tmpdir, "out.pyc")
     py_compile.compile(source_path, cfile=cfile, dfile=arcname, doraise=True,
-                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                       optimize=optimize)
     with open(cfile, "rb") as f:
         return f.read()
 
@@ -187,7 +188,10 @@ def build(output, vendor=True):
             with open(path, "rb") as f:
                 entries[arcname] = f.read()
             if arcname.endswith(".py") and arcname != "__main__.py":
-                entries[arcname[:-3] + ".pyc"] = compile_bytes(path, arcname, tmp)
+                # innernet_fast without its docstrings (-OO): every start
+                # maps its bytecode, and only a run that goes on needs help
+                entries[arcname[:-3] + ".pyc"] = compile_bytes(
+                    path, arcname, tmp, 2 if arcname == "innernet_fast.py" else -1)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for name in sorted(entries):

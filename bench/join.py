@@ -2,7 +2,7 @@
 """Benchmark 1: join time, from `innernet.pyz join` until traffic flows to the server.
 
 In network namespaces over wireguard-go (root). Baseline in the same run:
-innernet's client-side join sequence (spec §7.3: bring up with the invitation
+innernet's client-side join sequence (`innernet install`: bring up with the invitation
 key, redeem, set the new key, sleep 5 s, fetch up to 3 times 1 s apart),
 written with innernet.py's own building blocks and run against the same
 server. innernet's server also waits 5 s before it swaps the key, which this

@@ -3,7 +3,7 @@
 scenario, and what the end-to-end relay carries and costs.
 
 Network namespaces with nftables NAT routers (root, wireguard-go), driven by the
-built innernet.pyz. innernet's own stepping (spec §8.4: one candidate every 5 s,
+built innernet.pyz. innernet's own stepping (one candidate every 5 s,
 no relay) runs on a pair of its own behind the same kind of NATs in the same
 run. Times run from the moment both peers know each other (the second one's
 install returned) to the first TCP answer between them.

@@ -5,7 +5,7 @@ innernet.py's API server in a child process with a 10,000-peer database,
 after 200 different peers fetched their state and an admin listed all peers.
 Baseline in the same run: the same server with 10 peers. (The userspace
 WireGuard daemon is a separate process: wireguard-go holds ~10.5 KiB per
-peer, see ../shared/notes/platform.md §7.)
+peer.)
 
     python3 bench/server_rss.py [--quick]
 """

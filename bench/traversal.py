@@ -6,7 +6,7 @@ network namespaces (root). Each trial removes the peers from each other's
 devices, then both sides start at the same instant: innernet.py's traversal
 (every candidate tried at once-per-step, a LAN address only when it is on our
 LAN, 1 s steps) against innernet's, simulated in the same run with the same
-primitives (spec §8.4: candidates tried last to first, the server-observed
+primitives (innernet's client: candidates tried last to first, the server-observed
 endpoint last, one every 5 s, polling every 100 ms).
 
     python3 bench/traversal.py [--quick]      (as root)
@@ -41,7 +41,7 @@ if mode == "ours":
     if len(sys.argv) > 8:
         I.set_verbosity(1)
     I.traverse_nat(wg, iface, cfg, [peer], budget=60)
-else:                                   # innernet, spec 8.4
+else:                                   # innernet's traversal
     work = [c for c in peer.candidates[:10] if c != peer.endpoint]
     work.insert(0, peer.endpoint)
     while work and not connected():

@@ -28,10 +28,14 @@ def roff(text):
     return text.replace("\\", "\\\\").replace("-", "\\-").replace("'", "\\(aq")
 
 
-def options(parser):
+def options(parser, skip=frozenset()):
+    """The parser's options as .TP paragraphs, but those named only by ``skip``
+    (the global options, which every command also takes: listed once)."""
     out = []
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+            continue
+        if a.option_strings and set(a.option_strings) <= skip:
             continue
         if a.option_strings:
             names = ", ".join(f"\\fB{roff(o)}\\fR" for o in a.option_strings)
@@ -73,9 +77,12 @@ def manpage(server):
              ".SH SYNOPSIS", f"\\fB{roff(prog)}\\fR [\\fIGLOBAL OPTIONS\\fR] "
              f"\\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
              ".SH DESCRIPTION", roff(desc),
-             ".SH GLOBAL OPTIONS", options(parser), ".SH COMMANDS"]
+             ".SH GLOBAL OPTIONS", options(parser),
+             ".PP", "Every command also takes the long forms of these after its name; "
+             "they are not repeated below.", ".SH COMMANDS"]
+    glob = {o for a in parser._actions for o in a.option_strings}
     for title, text, sub in subcommands(parser):
-        parts += [f".SS {roff(title)}", roff(text or ""), options(sub)]
+        parts += [f".SS {roff(title)}", roff(text or ""), options(sub, glob)]
     parts += [".SH FILES",
               ".TP\n/etc/innernet/\\fINETWORK\\fR.conf\nclient configuration (0600)",
               ".TP\n/var/lib/innernet/\\fINETWORK\\fR.json\ncached peers and CIDRs",

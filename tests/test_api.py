@@ -1,10 +1,10 @@
-"""The HTTP API, against innernet's server test fixture (spec §10.1, §10.2).
+"""The HTTP API, against innernet's server test fixture (server/src/test.rs in
+innernet's repository) and the behaviours its server tests check.
 
 The Coordinator is driven without a WireGuard device (backend=None): these
 tests cover routing, roles, validation and JSON shapes. The end-to-end tests
 drive the same API over real tunnels.
 """
-import contextlib
 import http.client
 import sqlite3
 import json
@@ -15,92 +15,10 @@ import pytest
 
 import innernet
 from innernet import Cidr, Coordinator, Peer, ServerConfig, Store
-
-ENDPOINTS = {"developer1": "169.10.26.8:14720", "developer2": "169.55.140.9:5833"}
-IPS = {"innernet-server": "10.80.0.1", "admin": "10.80.1.1", "developer1": "10.80.64.2",
-       "developer2": "10.80.64.3", "user1": "10.80.128.2", "user2": "10.80.129.2"}
+from helpers import IPS, call, key, make_coordinator, old_database, peer_contents
 
 
-def key():
-    return innernet.public_key(innernet.generate_private_key())
-
-
-@pytest.fixture
-def co(tmp_path):
-    return make_coordinator(tmp_path)
-
-
-def make_coordinator(tmp_path):
-    """innernet's server test fixture (spec §10.1) on a real SQLite file."""
-    server_key = innernet.generate_private_key()
-    store = Store(str(tmp_path / "test.db"), create=True)
-    store.create_network("test", innernet.parse_network("10.80.0.0/15"),
-                         innernet.parse_ip("10.80.0.1"), innernet.public_key(server_key),
-                         "155.155.155.155:54321")
-    for name, cidr in (("admin", "10.80.1.0/24"), ("developer", "10.80.64.0/24"),
-                       ("user", "10.80.128.0/17")):
-        store.add_cidr(Cidr(None, name, cidr, 1))
-    for name, cidr_id in (("admin", 3), ("developer1", 4), ("developer2", 4), ("user1", 5),
-                          ("user2", 5)):
-        store.add_peer(Peer(None, name, IPS[name], cidr_id, key(), is_admin=name == "admin",
-                            is_redeemed=True))
-    c = Coordinator(store, ServerConfig(server_key, 54321, "10.80.0.1", 15), "test")
-    c.redeems.hold_time = 0.01     # unproved redemptions: not 3 s per test (test_admin_proof)
-    for p in store.peers():
-        if p.name in ENDPOINTS:
-            c.device.observed[p.public_key] = ENDPOINTS[p.name]
-    return c
-
-
-@contextlib.contextmanager
-def serve_on_loopback(co):
-    """The real HTTP server for ``co`` on 127.0.0.1, its peers moved to 127.1.0.<id>
-    (a client binding that source address is that peer); yields the port."""
-    co.store.conn.execute("UPDATE peers SET ip = '127.1.0.' || id")
-    co.gate.local_callers = True
-    httpd = innernet.make_api_server(co, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def cli_network(tmp_path, capsys):
-    """A network 'evil' with CIDR 'h' made by the server CLI; returns its argv base."""
-    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
-    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
-                                 "10.66.0.0/16", "--external-endpoint", "1.2.3.4:51820",
-                                 "--listen-port", "51820"]) == 0
-    assert innernet.main(base + ["add-cidr", "evil", "--name", "h", "--cidr", "10.66.1.0/24",
-                                 "--parent", "evil", "--yes"]) == 0
-    capsys.readouterr()
-    return base
-
-
-def call(co, method, path, who="admin", body=None, *, ip=None, headers=None, raw=None):
-    hdrs = {innernet.SERVER_KEY_HEADER: co.public_key}
-    hdrs.update(headers or {})
-    hdrs = {k: v for k, v in hdrs.items() if v is not None}
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    err = None if data is not None else "missing Content-Length header"
-    resp = co.handle(method, path, hdrs, ip or IPS[who], data, err)
-    payload = resp.raw if resp.raw is not None else (
-        None if resp.body is None else json.dumps(resp.body).encode())
-    return resp.status, (json.loads(payload) if payload else None)
-
-
-def peer_contents(name, ip, cidr_id, **kw):
-    """A PeerContents body as innernet's client sends it."""
-    d = {"name": name, "ip": ip, "cidr_id": cidr_id, "public_key": key(), "endpoint": None,
-         "persistent_keepalive_interval": None, "is_admin": False, "is_disabled": False,
-         "is_redeemed": False, "invite_expires": None, "candidates": []}
-    d.update(kw)
-    return d
-
-
-# -- authentication (tests 2-4, 29) -------------------------------------------
+# -- authentication (as innernet's server tests) -------------------------------
 
 def test_proxy_headers_never_grant_identity(co):
     for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
@@ -130,7 +48,7 @@ def test_unknown_ip_gets_401_and_bad_paths_404(co):
     assert call(co, "GET", "/v1/user/state")[0] == 200
 
 
-# -- associations and CIDRs (tests 5-13) ---------------------------------------
+# -- associations and CIDRs (as innernet's server tests) -----------------------
 
 def test_associations(co):
     assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 1, "cidr_id_2": 2}) \
@@ -202,7 +120,7 @@ def test_a_cidr_update_refuses_what_it_would_ignore(co):
                 body={"name": "devs", "cidr": "10.80.64.0/24", "parent": 1})[0] == 204
 
 
-# -- peers (tests 14-26) ---------------------------------------------------------
+# -- peers (as innernet's server tests) ----------------------------------------
 
 def test_admin_adds_peer(co):
     body = peer_contents("developer3", "10.80.64.4", 4)
@@ -244,7 +162,7 @@ def test_admin_renames_lists_and_disables(co):
     assert call(co, "GET", "/v1/user/state", "user1")[0] == 401       # disabled peer
 
 
-# -- user routes (tests 27-34) ---------------------------------------------------
+# -- user routes (as innernet's server tests) ----------------------------------
 
 def test_state_is_visibility_plus_all_cidrs(co):
     status, state = call(co, "GET", "/v1/user/state", "developer1")
@@ -468,7 +386,7 @@ ROUTES = [  # method, path, body, minimum role
     ("POST", "/v1/admin/apply", "document", "admin"),
 ]
 
-ALLOWED = {  # role of the route -> callers that may use it (spec §3.2)
+ALLOWED = {  # role of the route -> callers that may use it (innernet's)
     "any": {"unredeemed", "user", "admin", "new-admin"},
     "unredeemed": {"unredeemed", "new-admin"},
     "user": {"user", "admin"},
@@ -526,7 +444,6 @@ def test_error_statuses_of_section_3_4(co, tmp_path):
 
 @pytest.mark.parametrize("version", [0, 1, 2])
 def test_innernet_databases_are_served_after_migration(tmp_path, version):
-    from test_store import old_database
     path = tmp_path / "old.db"
     old_database(path, version)
     rows_before = sqlite3.connect(str(path)).execute("SELECT id, name, ip FROM peers").fetchall()

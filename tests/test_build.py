@@ -1,5 +1,6 @@
 """The artifact: innernet.pyz as users run it, with a bare Python."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,6 +29,23 @@ def test_exit_code_of_failing_command_propagates(pyz, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("innernet: error: no networks")
     r = run(pyz, "--no-such-flag")
     assert r.returncode == 2
+
+
+def test_output_into_a_closed_pipe_exits_0_quietly(pyz, tmp_path):
+    """`innernet.pyz list | head -1`: a reader that has what it wanted (or
+    is gone before the first write) is no error, and nothing is printed."""
+    base = BARE + [pyz, "-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    for argv in (["list"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)                                  # gone before the first write
+        r = subprocess.run(base + argv, stdout=write, stderr=subprocess.PIPE, timeout=60)
+        os.close(write)
+        assert (r.returncode, r.stderr) == (0, b""), (argv, r.stderr)
+        p = subprocess.Popen(base + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = p.stdout.readline()                     # head -1
+        p.stdout.close()
+        err = p.stderr.read()
+        assert (p.wait(timeout=60), err) == (0, b"") and first, (argv, err)
 
 
 def test_server_verbs_without_pynacl_or_pyroute2_installed(pyz, tmp_path):
@@ -105,9 +123,13 @@ def test_vendored_pyroute2_imports_from_the_archive(pyz):
 def test_pip_install_gives_both_commands(tmp_path):
     """`pip install .` (from PyPI: setuptools, PyNaCl, pyroute2) makes innernet and
     innernet-server commands that work."""
-    venv = tmp_path / "venv"
+    venv, src = tmp_path / "venv", tmp_path / "src"
+    # from a copy: pip writes its egg-info into the source, which any user may run
+    # the tests from without write access to (tests/test_suite.py runs them as nobody)
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".*", "tests", "bench", "debian", "__pycache__", "*.pyz", "*.egg-info", "build"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", ROOT], capture_output=True,
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([str(venv / "bin" / "innernet"), "--version"], capture_output=True,
@@ -120,3 +142,17 @@ def test_pip_install_gives_both_commands(tmp_path):
                         "import nacl.bindings, pyroute2.iproute, innernet; "
                         "print(innernet.key_backend())"], capture_output=True, text=True)
     assert r.stdout.strip() == "pynacl", r.stderr
+
+
+def test_the_man_pages_list_each_global_option_once_and_every_verb(tmp_path):
+    """debian/gen-docs.py: the option reference the README leaves to the man
+    pages, with the global options once rather than under every verb."""
+    subprocess.run([sys.executable, os.path.join(ROOT, "debian", "gen-docs.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    for prog, verbs in (("innernet", ("install", "fetch", "add-peer", "rotate-key")),
+                        ("innernet-server", ("new", "serve", "restore", "apply"))):
+        page = (tmp_path / f"{prog}.8").read_text()
+        for option in (r"\-\-config\-dir", r"\-\-data\-dir", r"\-\-backend", r"\-\-mtu"):
+            assert page.count(f"\\fB{option}\\fR") == 1, (prog, option)
+        for verb in verbs:
+            assert f"\n.SS {verb.replace('-', chr(92) + '-')}" in page, (prog, verb)

@@ -39,7 +39,7 @@ def test_only_a_recorded_command_line_is_answered(tmp_path, monkeypatch):
     monkeypatch.setattr(innernet, "_server_says_unchanged", lambda *a: True)
     monkeypatch.setattr(innernet, "uapi_digest",
                         lambda iface, now: innernet.device_digest([dump([])], now))
-    monkeypatch.setattr(innernet, "link_digest", lambda iface: "0:0")
+    monkeypatch.setattr(innernet, "link_digest", lambda iface, snapshot=None: "0:0")
     watched = tmp_path / "n.conf"
     watched.write_text("x")
     argv = ["innernet", "-d", str(tmp_path), "fetch", "n"]
@@ -158,7 +158,8 @@ def test_the_archive_module_is_the_two_sections_and_imports_little(tmp_path):
     assert "# Constants ####" in src and "# Fast path of an unchanged fetch ####" in src
     assert "# Errors and output" not in src and "def main(" not in src
     (tmp_path / "innernet_fast.py").write_text(src)
-    probe = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport innernet_fast\n"
+    probe = ("import sys\nprint(' '.join(sorted(sys.modules)))\n"
+             "sys.path.insert(0, sys.argv[2])\nimport innernet_fast\n"
              "print(innernet_fast.fast_fetch(['innernet', 'fetch', '--no-such']))\n"
              "print(innernet_fast.fast_fetch(['innernet', '-d', sys.argv[1], 'fetch']))\n"
              "innernet_fast.link_digest('lo')\n"
@@ -166,10 +167,68 @@ def test_the_archive_module_is_the_two_sections_and_imports_little(tmp_path):
     r = subprocess.run(BARE + ["-c", probe, str(tmp_path / "none"), str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    first, second, modules = r.stdout.splitlines()
+    initial, first, second, modules = r.stdout.splitlines()
     assert first == second == "None"
-    heavy = {"re", "socket", "ipaddress", "json", "argparse", "dataclasses", "sqlite3"}
+    heavy = {"re", "socket", "ipaddress", "json", "argparse", "dataclasses", "sqlite3",
+             "os", "zlib", "fcntl", "io"} - set(initial.split())
     assert not heavy & set(modules.split())
+
+
+def _nlmsg(header, *attrs):
+    return header + b"".join(innernet._nl_attr(kind, payload) for kind, payload in attrs)
+
+
+def test_the_hosts_links_are_read_from_rtnetlink_as_the_ioctls_would_answer():
+    """raw_links from an rtnetlink snapshot: up links other than loopback and
+    tunnels, each with its first IPv4 address labelled with its name (what
+    SIOCGIFADDR answers), and their IPv6 addresses as /proc/net/if_inet6 rows."""
+    import socket
+    import struct
+
+    def link(index, flags, name):
+        return _nlmsg(struct.pack("=BxHiII", 0, 1, index, flags, 0), (3, name + b"\0"))
+
+    def addr(family, plen, index, local, label=None):
+        attrs = [(1, local), (2, local)] + ([(3, label + b"\0")] if label else [])
+        return _nlmsg(struct.pack("=BBBBI", family, plen, 0x80, 0, index), *attrs)
+    v4 = lambda text: socket.inet_aton(text)                          # noqa: E731
+    v6 = lambda text: socket.inet_pton(socket.AF_INET6, text)         # noqa: E731
+    links = [link(1, 0x49, b"lo"), link(2, 0x1043, b"eth0"), link(3, 0x91, b"wg0"),
+             link(4, 0x1043, b"eth1"), link(5, 0x1002, b"eth2")]
+    addrs = [addr(socket.AF_INET, 8, 1, v4("127.0.0.1"), b"lo"),
+             addr(socket.AF_INET, 24, 2, v4("192.168.7.9"), b"eth0"),
+             addr(socket.AF_INET, 24, 2, v4("192.168.7.10"), b"eth0"),
+             addr(socket.AF_INET, 32, 3, v4("10.0.0.1"), b"wg0"),
+             addr(socket.AF_INET, 16, 5, v4("172.16.0.1"), b"eth2"),
+             addr(socket.AF_INET6, 64, 2, v6("fd00::2")),
+             addr(socket.AF_INET6, 128, 3, v6("fd01::1"))]
+    found = innernet.raw_links([links, addrs, [], []])
+    assert found[0] == [("eth0", "192.168.7.9", "255.255.255.0"), ("eth1", None, None)]
+    assert found[1] == [["fd000000000000000000000000000002", "02", "40", "00", "80", "eth0"]]
+    assert [str(n) for n in innernet.local_networks(found)] == ["192.168.7.9/24", "fd00::2/64"]
+    assert innernet.raw_links([[], [], [], []]) == ([], [])
+    # the interface's own digest reads the same snapshot
+    assert innernet.link_digest("lo", [links, addrs, [], []]).startswith("2:")
+    # a dump the kernel refused (the rules, without policy routing): the links
+    # are still read; the interface's digest is unknown, so no fast path
+    assert innernet.raw_links([links, addrs, [], None]) == found
+    assert innernet.link_digest("lo", [links, addrs, [], None]) == "?"
+
+
+def test_files_and_paths_without_the_os_module(tmp_path, monkeypatch):
+    for head, tail in (("/a", "b"), ("/a/", "b"), ("", "b"), ("a", "/b"), ("/", "b")):
+        assert innernet.path_join(head, tail) == os.path.join(head, tail)
+    path = tmp_path / "f"
+    path.write_bytes("é\n".encode() * 40000)
+    assert innernet.fast_read(str(path)) == "é\n" * 40000
+    path.write_bytes(b"\xff")
+    with pytest.raises(ValueError):
+        innernet.fast_read(str(path))
+    monkeypatch.setenv("INNERNET_FAST_X", "1")
+    monkeypatch.setenv("WG_FAST_X", "2")
+    env = innernet.environ_of_note()
+    assert env["INNERNET_FAST_X"] == "1" and env["WG_FAST_X"] == "2"
+    assert all(k.startswith(("INNERNET_", "WG_")) for k in env)
 
 
 def test_a_missing_section_fails_the_build():

@@ -1,4 +1,5 @@
 """File formats: TOML subset, invitation/config/server config, data store, hosts."""
+import dataclasses
 import ipaddress
 import os
 import re
@@ -32,9 +33,8 @@ def test_invitation_parses_as_innernet_writes_it():
 
 
 def test_config_round_trip_with_overrides():
-    cfg = InterfaceConfig.from_toml(INVITE, "x")
-    cfg.listen_port = 51821
-    cfg.peer_endpoint_overrides = {"10.66.2.7": "198.51.100.9:40000"}
+    cfg = dataclasses.replace(InterfaceConfig.from_toml(INVITE, "x"), listen_port=51821,
+                              peer_endpoint_overrides={"10.66.2.7": "198.51.100.9:40000"})
     text = cfg.to_toml(innernet.INVITATION_HEADER)
     assert text.startswith("# This is an innernet invitation")
     assert '"10.66.2.7" = "198.51.100.9:40000"' in text
@@ -109,7 +109,7 @@ def test_atomic_write_modes_and_exclusive(tmp_path):
     assert os.listdir(tmp_path) == ["secret"]            # no temporary left behind
 
 
-# -- hosts (spec §8.3, innernet tests 41-42) --------------------------------------
+# -- hosts (innernet's hosts-file section and its tests) -----------------------
 
 def test_hosts_section_added_replaced_and_unchanged(tmp_path):
     path = str(tmp_path / "hosts")
@@ -134,10 +134,9 @@ def test_hosts_damaged_section_is_an_error():
 
 def test_hosts_lines_format():
     k = innernet.public_key(innernet.generate_private_key())
-    peers = [Peer(2, "b", "10.66.1.10", 1, k), Peer(1, "a", "10.66.1.9", 1, k),
-             Peer(3, "c", "10.66.1.11", 1, k, is_disabled=True)]
-    for p in peers:
-        p.is_redeemed = True
+    peers = [Peer(2, "b", "10.66.1.10", 1, k, is_redeemed=True),
+             Peer(1, "a", "10.66.1.9", 1, k, is_redeemed=True),
+             Peer(3, "c", "10.66.1.11", 1, k, is_disabled=True, is_redeemed=True)]
     assert hosts_lines(peers, "evil") == ["10.66.1.9 a.evil.wg", "10.66.1.10 b.evil.wg"]
     assert hosts_lines(peers, "evil", "") == ["10.66.1.9 a", "10.66.1.10 b"]
     assert hosts_lines(peers, "evil", "corp") == ["10.66.1.9 a.corp", "10.66.1.10 b.corp"]
@@ -202,16 +201,15 @@ def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
     """Found by the chaos soak: once failed over, the endpoint list lost the
     primary (current_server's cfg starts at the standby), so a client whose
     standby did not answer stayed there for ever, even with the primary back."""
-    import types
-    args = types.SimpleNamespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "lib"))
-    os.makedirs(args.config_dir)
-    os.makedirs(args.data_dir)
+    files = innernet.ClientFiles("n", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    os.makedirs(files.config_dir)
+    os.makedirs(files.data_dir)
     eps = ["198.18.0.1:51820", "198.18.0.2:51820", "198.18.0.3:51820"]
     server_key = innernet.public_key(innernet.generate_private_key())
     cfg = InterfaceConfig("n", ipaddress.ip_interface("10.9.0.2/16"),
                           innernet.generate_private_key(), None, server_key, eps[0],
                           "10.9.0.1:51820", server_endpoints=eps[1:])
-    innernet.atomic_write(innernet.client_config_path(args, "n"), cfg.to_toml())
+    innernet.atomic_write(files.config, cfg.to_toml())
 
     class Backend:
         applied = []
@@ -226,8 +224,8 @@ def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
             self.applied += updates
     seen = []
     for _ in range(4):
-        now = innernet.current_server(args, "n", innernet.load_client_config(args, "n"))
-        seen.append(innernet.fail_over(args, "n", now, Backend()).server_external_endpoint)
+        now = innernet.current_server(files, innernet.load_client_config(files))
+        seen.append(innernet.fail_over(files, now, Backend()).server_external_endpoint)
     assert seen == [eps[1], eps[2], eps[0], eps[1]]
 
 def test_replica_urls_are_checked_before_litestream_runs(tmp_path):

@@ -58,14 +58,14 @@ def test_a_waiting_key_change_keeps_the_pinned_key_and_syncs_the_rest():
 
 
 def test_old_keys_are_kept_0600_for_a_bounded_time(tmp_path):
-    store = str(tmp_path / "net.json")
+    files = innernet.ClientFiles("net", str(tmp_path), str(tmp_path))
     priv, _ = pair()
     _, new_pub = pair()
-    innernet.keep_old_key(store, priv, new_pub, 1000.0)
-    path = innernet.old_keys_path(store)
+    innernet.keep_old_key(files, priv, new_pub, 1000.0)
+    path = files.old_keys
     assert os.stat(path).st_mode & 0o777 == 0o600
-    assert [k["new_key"] for k in innernet.load_old_keys(store, 1000.0)] == [new_pub]
-    assert innernet.load_old_keys(store, 1000.0 + innernet.OLD_KEY_KEEP + 1) == []
+    assert [k["new_key"] for k in innernet.load_old_keys(files, 1000.0)] == [new_pub]
+    assert innernet.load_old_keys(files, 1000.0 + innernet.OLD_KEY_KEEP + 1) == []
     assert not os.path.exists(path)                 # expired: the file is gone
 
 
@@ -82,18 +82,19 @@ def test_the_status_file_is_json_without_the_json_module(tmp_path):
 
 # -- item 6: remembered flags --------------------------------------------------
 
-def args_for(tmp_path, **flags):
-    return argparse.Namespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "lib"),
-                              **{k: flags.get(k, False) for k in innernet.ROUTE_FLAGS})
+def opts_for(**flags):
+    args = argparse.Namespace(**{k: flags.get(k, False) for k in innernet.ROUTE_FLAGS})
+    return innernet.FetchOptions.from_args(args)
 
 
 def test_route_flags_are_remembered_until_up_says_otherwise(tmp_path):
-    got = innernet.with_remembered_flags(args_for(tmp_path, accept_public_routes=True), "net")
+    files = innernet.ClientFiles("net", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    got = innernet.with_remembered_flags(opts_for(accept_public_routes=True), files)
     assert got.accept_public_routes
-    plain = innernet.with_remembered_flags(args_for(tmp_path), "net")       # a cron fetch
+    plain = innernet.with_remembered_flags(opts_for(), files)       # a cron fetch
     assert plain.accept_public_routes and not plain.no_accept_routes
-    innernet.with_remembered_flags(args_for(tmp_path), "net", reset=True)   # `up` without it
-    assert not innernet.with_remembered_flags(args_for(tmp_path), "net").accept_public_routes
+    innernet.with_remembered_flags(opts_for(), files, reset=True)   # `up` without it
+    assert not innernet.with_remembered_flags(opts_for(), files).accept_public_routes
 
 
 # -- item 9: a second `down`; status exit codes -----------------------------------
@@ -111,7 +112,7 @@ def test_a_second_down_of_an_installed_network_exits_0(tmp_path, monkeypatch, ca
 
 
 def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
-    from test_cli import rows
+    from helpers import rows
     monkeypatch.chdir(tmp_path)
     base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
     assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",

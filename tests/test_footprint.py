@@ -11,10 +11,8 @@ import subprocess
 import sys
 
 import innernet
+from helpers import HEAVY, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ["http.server", "http.client", "email", "ssl", "hashlib", "_hashlib", "hmac", "nacl",
-         "pyroute2", "shutil", "bz2", "lzma"]
 
 SERVE = r"""
 import json, sys, threading

@@ -17,7 +17,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
+from helpers import IPS, call, cli_network, make_coordinator, peer_contents, serve_on_loopback
 
 
 def key():
@@ -372,7 +372,7 @@ def test_a_hosts_symlink_planted_by_another_user_is_refused(tmp_path, capsys):
     assert victim.read_text() == "root:secret\n"
     assert "owned by user 65534" in capsys.readouterr().err
     with pytest.raises(InnernetError, match="owned by user 65534") as e:
-        innernet.hosts_options(argparse.Namespace(hosts_path=str(link)))
+        innernet.HostsOptions.from_args(argparse.Namespace(hosts_path=str(link))).resolve()
     assert "--hosts-path" in e.value.hint
     # root's own symlink there is followed; a directory everyone may write to
     # without the sticky bit is refused whatever is in it
@@ -381,7 +381,7 @@ def test_a_hosts_symlink_planted_by_another_user_is_refused(tmp_path, capsys):
     assert "a.x.wg" in victim.read_text() and link.is_symlink()
     sticky.chmod(0o777)
     with pytest.raises(InnernetError, match="everyone may write"):
-        innernet.hosts_options(argparse.Namespace(hosts_path=str(sticky / "other")))
+        innernet.HostsOptions(str(sticky / "other")).resolve()
     assert innernet.safe_hosts_path("/etc/hosts")
 
 
@@ -523,8 +523,8 @@ def test_a_failing_program_is_reported_by_its_error_line_not_its_last():
 def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkeypatch, capsys):
     calls = []
 
-    def fetch(args, iface, **kw):
-        calls.append(iface)
+    def fetch(files, opts, **kw):
+        calls.append(files.iface)
         if len(calls) <= 2:
             raise ValueError("a bug in one network")
         return innernet.FetchResult([], False, False, False)
@@ -539,11 +539,11 @@ def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkey
         if len(sleeps) >= 3:
             raise Stop()
     monkeypatch.setattr(innernet, "fetch_interface", fetch)
-    monkeypatch.setattr(innernet, "server_capabilities", lambda args, iface: {})
+    monkeypatch.setattr(innernet, "server_capabilities", lambda files, opts: {})
     monkeypatch.setattr(innernet.time, "sleep", sleep)
-    args = type("A", (), {"interval": 60, "no_nat_traversal": True, "no_long_poll": True})()
+    opts = innernet.FetchOptions(interval=60, no_nat_traversal=True, no_long_poll=True)
     with pytest.raises(Stop):
-        innernet._daemon(args, "evil")
+        innernet._daemon(innernet.ClientFiles("evil"), opts)
     err = capsys.readouterr().err
     assert err.count("unexpected error: ValueError('a bug in one network') (retrying)") == 1
     assert "in sync with the server again" in err and len(calls) == 3
@@ -661,11 +661,11 @@ def test_bare_names_never_shadow_local_ones():
 def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
     """The hosts file is written unless --no-write-hosts: said in the quick start."""
     args = type("A", (), {})()
-    assert innernet.hosts_options(args) == ("/etc/hosts", None)
+    assert innernet.HostsOptions.from_args(args).resolve() == ("/etc/hosts", None)
     args.no_write_hosts = True
-    assert innernet.hosts_options(args) == (None, None)
+    assert innernet.HostsOptions.from_args(args).resolve() == (None, None)
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "README.md")).read()
-    quick = readme.split("\n## Use it\n", 1)[1].split("\n### ", 1)[0]
+    quick = readme.split("\n## Quick start\n", 1)[1].split("\n### ", 1)[0]
     assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
         " ".join(quick.split())

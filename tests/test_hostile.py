@@ -11,10 +11,11 @@ import string
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 
 import innernet
-from test_api import call, cli_network, make_coordinator, serve_on_loopback
+from helpers import call, cli_network, hypothesis_or_skips, make_coordinator, serve_on_loopback
+
+HealthCheck, given, settings, st = hypothesis_or_skips()
 
 BODY_ROUTES = [("POST", "/v1/user/redeem", "unredeemed"), ("PUT", "/v1/user/endpoint", "developer1"),
                ("PUT", "/v1/user/candidates", "developer1"), ("POST", "/v1/admin/peers", "admin"),

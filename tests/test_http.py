@@ -11,7 +11,7 @@ import socket
 import pytest
 
 import innernet
-from test_api import make_coordinator, serve_on_loopback
+from helpers import make_coordinator, serve_on_loopback
 
 
 @pytest.fixture(scope="module")

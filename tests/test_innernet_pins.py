@@ -10,7 +10,7 @@ If-None-Match once it has an ETag.
 """
 import innernet
 from innernet import Deletion, Peer
-from test_api import IPS, call, key, peer_contents
+from helpers import IPS, call, key, peer_contents
 
 OURS = {"If-None-Match": "\"ours\""}   # (ours ask for gzip as well)
 

@@ -7,8 +7,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, Deletion, InnernetError, Peer, Store
-from test_api import IPS, call, make_coordinator
-from test_store import make_network, old_database
+from helpers import IPS, call, make_coordinator, make_network, old_database
 
 
 def key():

@@ -5,8 +5,8 @@ import pytest
 
 from innernet import (Association, Cidr, DevicePeer, InnernetError, Peer, check_new_cidr,
                       check_new_peer, cidr_tree_lines, diff_peers, generate_private_key,
-                      is_assignable, merge_pinned, next_free_ip, public_key, visible_cidr_ids,
-                      visible_peers)
+                      is_assignable, merge_pinned, next_free_ip, peers_in_view, public_key,
+                      visible_cidr_ids)
 
 # innernet's server test fixture (server/src/test.rs)
 CIDRS = [Cidr(1, "test", "10.80.0.0/15", None), Cidr(2, "innernet-server", "10.80.0.1/32", 1),
@@ -27,6 +27,11 @@ PEERS = [peer(1, "innernet-server", "10.80.0.1", 2, is_admin=True),
          peer(2, "admin", "10.80.1.1", 3, is_admin=True), peer(3, "developer1", "10.80.64.2", 4),
          peer(4, "developer2", "10.80.64.3", 4), peer(5, "user1", "10.80.128.2", 5),
          peer(6, "user2", "10.80.129.2", 5)]
+
+
+def visible_peers(peers, cidrs, associations, me):
+    """The peers ``me`` may talk to, as the server's state views find them."""
+    return peers_in_view(peers, visible_cidr_ids(cidrs, associations, me.cidr_id))
 
 
 def names(peers):
@@ -79,7 +84,7 @@ def test_cycle_in_parents_does_not_hang():
     assert visible_cidr_ids(cidrs, [], 3) >= {3}
 
 
-# -- CIDR rules (spec §5.4, innernet tests 7-13) --------------------------------
+# -- CIDR rules (innernet's DatabaseCidr::create and its tests) ----------------
 
 def test_new_cidr_ok():
     check_new_cidr(CIDRS, PEERS, Cidr(None, "experimental", "10.81.0.0/16", 1))
@@ -102,7 +107,7 @@ def test_new_cidr_refused(contents, message):
     assert e.value.status == 400
 
 
-# -- peer rules and allocation (spec §5.5, §5.6, innernet tests 14-18) ---------
+# -- peer rules and allocation (as innernet's server and its tests) ------------
 
 def test_new_peer_ok():
     check_new_peer(CIDRS, PEERS, peer(None, "developer3", "10.80.64.4", 4))
@@ -157,7 +162,7 @@ def test_cidr_tree_text():
     assert "  10.80.1.0/24 admin" in lines and "    | ◉ 10.80.1.1: admin" in lines
 
 
-# -- the peer diff (spec §8.2, innernet tests 35-37) --------------------------
+# -- the peer diff (as innernet's client and its tests) ------------------------
 
 def test_diff_identical_is_empty():
     k = key()
@@ -209,7 +214,7 @@ def test_diff_nat_reattempt_is_not_a_device_change():
     assert u.nat_reattempt and not u.touches_device
 
 
-# -- pinning (innernet tests 39-40) -------------------------------------------
+# -- pinning (as innernet's client and its tests) ------------------------------
 
 def test_pinning_refuses_new_key_for_known_ip():
     stored = [Peer(1, "a", "10.0.0.1", 1, key())]

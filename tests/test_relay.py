@@ -12,7 +12,7 @@ import pytest
 
 import innernet
 from innernet import Peer, PathMemo, RelayHub
-from test_api import IPS, call
+from helpers import IPS, call
 
 
 def keypair():
@@ -119,18 +119,19 @@ def test_the_path_memo_forgets_what_it_cannot_trust():
 
 
 def test_the_memo_is_written_only_when_it_changes(tmp_path):
-    store = str(tmp_path / "n.json")
+    files = innernet.ClientFiles("n", str(tmp_path), str(tmp_path))
     memo = PathMemo({keypair()[1]: "198.18.0.1:40000"})
-    innernet.save_paths_memo(store, memo)
-    path = innernet.paths_memo_path(store)
+    innernet.save_paths_memo(files, memo)
+    path = files.paths_memo
+    assert path == str(tmp_path / "n.paths.json")
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     before = os.stat(path).st_mtime_ns
     time.sleep(0.01)
-    innernet.save_paths_memo(store, memo)
+    innernet.save_paths_memo(files, memo)
     assert os.stat(path).st_mtime_ns == before
-    assert innernet.load_paths_memo(store) == memo
+    assert innernet.load_paths_memo(files) == memo
     open(path, "w").write("{garbage")
-    assert innernet.load_paths_memo(store) == PathMemo()
+    assert innernet.load_paths_memo(files) == PathMemo()
 
 
 # -- the API route ------------------------------------------------------------------
@@ -490,7 +491,8 @@ def test_a_peer_with_no_path_gets_one_direct_step_then_the_relay(monkeypatch):
     dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
                                           25, 0.0) for p in peers])
     memo = PathMemo()
-    left = innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now)
+    session = innernet.PathSession(object(), dev, "n", cfg, memo)
+    left = innernet.settle_paths(session, peers, now=now)
     assert calls["traverse"] == [["p0", "p1", "p2"]]        # one step for everyone...
     assert calls["relay"] == [["p0", "p1"]]                 # ...the relay for who missed it
     assert memo.relays == {peers[0].public_key: "198.18.0.1:40000",
@@ -502,13 +504,14 @@ def test_a_peer_with_no_path_gets_one_direct_step_then_the_relay(monkeypatch):
     for dp in dev.peers.values():
         dp.last_handshake = now
     calls["traverse"].clear()
-    innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 1)
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, memo), peers, now=now + 1)
     assert calls["traverse"] == [] and calls["probe"] == []
     # the next slot: the relayed ones are probed, the direct one left alone; the
     # memo is saved first, so that `show` meanwhile still calls them relayed
     saved = []
-    innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31,
-                          save=lambda m: saved.append(PathMemo.from_json(m.to_json())))
+    session = innernet.PathSession(object(), dev, "n", cfg, memo,
+                                   save=lambda m: saved.append(PathMemo.from_json(m.to_json())))
+    innernet.settle_paths(session, peers, now=now + 31)
     assert calls["probe"] == [["p0", "p1"]]
     assert innernet.next_path_work(memo, set(), now + 31) <= 30.2
     assert set(saved[0].trying) == {peers[0].public_key, peers[1].public_key}
@@ -524,19 +527,19 @@ def test_without_a_relay_every_candidate_is_tried_and_less_often_later(monkeypat
     now = 1_000_000.0
     dev = FakeDevice([innernet.DevicePeer(peers[0].public_key, peers[0].endpoint, [], 25, 0.0)])
     memo = PathMemo()
-    left = innernet.settle_paths(None, dev, "n", cfg, peers, memo, now=now)
+    left = innernet.settle_paths(innernet.PathSession(None, dev, "n", cfg, memo), peers, now=now)
     assert left == {peers[0].public_key}
     assert calls["traverse"] == [["p0"], ["p0"]]           # the step, then every candidate
     assert innernet.next_path_work(memo, left, now) <= 30.2
     calls["traverse"].clear()
-    innernet.settle_paths(None, dev, "n", cfg, peers, memo, now=now + 5)
+    innernet.settle_paths(innernet.PathSession(None, dev, "n", cfg, memo), peers, now=now + 5)
     assert calls["traverse"] == []                          # not again within the slot
     memo.since[peers[0].public_key] = now - 3600            # failing for an hour: 300 s slots
     memo.tried[peers[0].public_key] = now + 5
     # ...and the cron fetch's slow path is due at the next 300 s boundary, not in 30 s
     assert innernet.next_path_work(memo, {peers[0].public_key}, now + 6) == \
         pytest.approx((now + 5) // 300 * 300 + 300 - (now + 6) + 0.2)
-    innernet.settle_paths(None, dev, "n", cfg, peers, memo, now=now + 40)
+    innernet.settle_paths(innernet.PathSession(None, dev, "n", cfg, memo), peers, now=now + 40)
     assert calls["traverse"] == []
 
 
@@ -547,7 +550,7 @@ def test_a_reallocated_relay_port_is_followed_at_once(monkeypatch):
     dev = FakeDevice([dp])
     memo = PathMemo({peers[0].public_key: "198.18.0.1:40000"}, {peers[0].public_key: now - 60},
                     {peers[0].public_key: now - 60})
-    innernet.settle_paths(object(), dev, "n", cfg, peers[:1], memo, now=now)
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, memo), peers[:1], now=now)
     assert memo.relays[peers[0].public_key] == "198.18.0.1:40100"
     assert dev.peers[peers[0].public_key].endpoint == "198.18.0.1:40100"
     assert calls["probe"] == [[]]
@@ -556,11 +559,11 @@ def test_a_reallocated_relay_port_is_followed_at_once(monkeypatch):
 def test_overridden_static_and_disabled_peers_are_not_touched(monkeypatch):
     import dataclasses
     cfg, peers, calls = client(monkeypatch, relays={"p0": "198.18.0.1:40000"})
-    cfg.peer_endpoint_overrides = {peers[0].ip: "203.0.113.1:1"}
+    cfg = dataclasses.replace(cfg, peer_endpoint_overrides={peers[0].ip: "203.0.113.1:1"})
     mine = [peers[0], dataclasses.replace(peers[1], is_static=True),
             dataclasses.replace(peers[2], is_disabled=True)]
     dev = FakeDevice([innernet.DevicePeer(p.public_key, None, [], 25, 0.0) for p in mine])
-    innernet.settle_paths(object(), dev, "n", cfg, mine, PathMemo())
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, PathMemo()), mine)
     assert calls["traverse"] == [] and dev.applied == []
 
 
@@ -569,13 +572,14 @@ def test_a_peer_the_server_calls_offline_costs_no_direct_step(monkeypatch):
     now = 1_000_000.0
     dev = FakeDevice([innernet.DevicePeer(peers[0].public_key, peers[0].endpoint, [], 25, 0.0)])
     memo = PathMemo()
-    left = innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now)
+    session = innernet.PathSession(object(), dev, "n", cfg, memo)
+    left = innernet.settle_paths(session, peers, now=now)
     # never tried: the server is asked first (nothing allocated), so no direct step,
     # and no relay request for it in the same run
     assert calls["ask"] == [["p0"]] and calls["traverse"] == [] and calls["relay"] == []
     assert left == {peers[0].public_key} and memo.offline == {peers[0].public_key}
     assert PathMemo.from_json(memo.to_json()) == memo
-    innernet.settle_paths(object(), dev, "n", cfg, peers, memo, now=now + 31)
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, memo), peers, now=now + 31)
     assert calls["traverse"] == [] and calls["ask"] == [["p0"]]   # the next slot: only the
     assert calls["relay"] == [["p0"]]                             # relay request
 
@@ -595,7 +599,7 @@ def test_peers_the_server_calls_offline_are_added_without_keepalive(monkeypatch)
     dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
                                           0 if p.name == "p1" else 25, time.time())
                       for p in peers])
-    innernet.settle_paths(object(), dev, "n", cfg, peers, memo)
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, memo), peers)
     assert memo.offline == set()
     assert innernet.desired_peers(cfg, peers, quiet=memo.offline)[1] \
         .persistent_keepalive_interval == 25
@@ -608,7 +612,7 @@ def test_peers_asked_about_before_the_apply_are_not_asked_again(monkeypatch):
     assert told == {peers[0].public_key} and calls["ask"] == [["p0", "p1"]]
     dev = FakeDevice([innernet.DevicePeer(p.public_key, p.endpoint, [innernet.host_prefix(p.ip)],
                                           25, 0.0) for p in peers[:2]])
-    innernet.settle_paths(object(), dev, "n", cfg, peers[:2], memo,
+    innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, memo), peers[:2],
                           asked={p.public_key for p in peers[:2]})
     assert calls["ask"] == [["p0", "p1"]]                  # not again
     assert calls["traverse"] == [["p1"]]                   # the offline one gets no direct step

@@ -8,7 +8,7 @@ import pytest
 
 import innernet
 from innernet import EXIT_ROUTES, InnernetError, Peer
-from test_api import IPS, call, cli_network, make_coordinator
+from helpers import IPS, call, cli_network, make_coordinator
 
 ROUTE_ERRORS = {
     "192.168.10.1/24": "has host bits set (did you mean 192.168.10.0/24?)",
@@ -91,8 +91,9 @@ def test_auto_approval_covers_routes_inside_the_rule_from_the_cidr_or_below():
 
 
 def visible_routes(peers, cidrs, associations, me):
-    """(route, owner) pairs ``me`` gets: what the state (visible_peers) carries."""
-    return [(r, p) for p in innernet.visible_peers(peers, cidrs, associations, me)
+    """(route, owner) pairs ``me`` gets: what the state (the peers in its view) carries."""
+    view = innernet.visible_cidr_ids(cidrs, associations, me.cidr_id)
+    return [(r, p) for p in innernet.peers_in_view(peers, view)
             if p.id != me.id for r in p.routes]
 
 
@@ -402,8 +403,8 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     own, server = ("10.80.64.9", "kme"), ("10.80.0.1", "ksrv")
     admin = peer(1, "admin", 3)                                    # pinned 10.80.3.1 = k1
     stored = [admin, Peer(None, "me", own[0], 4, own[1])]
-    ok = peer(7, "newcomer", 3, routes=["192.168.7.0/24"])
-    ok.candidates = ["198.18.0.7:51820", "10.80.3.1:51820"]
+    ok = dataclasses.replace(peer(7, "newcomer", 3, routes=["192.168.7.0/24"]),
+                             candidates=["198.18.0.7:51820", "10.80.3.1:51820"])
     lies = {
         "route-pinned": peer(8, "m1", 3, routes=["10.80.3.1/32"]),
         "route-network": peer(9, "m2", 3, routes=["10.0.0.0/8"]),

@@ -98,7 +98,7 @@ def test_a_missing_qrcode_package_says_how_to_get_it(monkeypatch):
 
 
 def test_static_peers_are_stored_as_such_and_go_through_the_server(tmp_path):
-    from test_store import make_network
+    from helpers import make_network
     s = make_network(tmp_path / "n.db")
     c = s.add_cidr(Cidr(None, "phones", "10.80.9.0/24", 1))
     p = s.add_peer(innernet.Peer(None, "phone", "10.80.9.2", c.id, key(), is_redeemed=True,

@@ -5,51 +5,7 @@ import pytest
 
 import innernet
 from innernet import Cidr, InnernetError, Peer, Store
-
-V0_PEERS = """CREATE TABLE peers (
-  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, ip TEXT NOT NULL UNIQUE,
-  public_key TEXT NOT NULL UNIQUE, endpoint TEXT, cidr_id INTEGER NOT NULL,
-  is_admin INTEGER DEFAULT 0 NOT NULL, is_disabled INTEGER DEFAULT 0 NOT NULL,
-  is_redeemed INTEGER DEFAULT 0 NOT NULL,
-  FOREIGN KEY (cidr_id) REFERENCES cidrs (id) ON UPDATE RESTRICT ON DELETE RESTRICT)"""
-
-
-def key():
-    return innernet.public_key(innernet.generate_private_key())
-
-
-def make_network(path):
-    s = Store(str(path), create=True)
-    s.create_network("test", innernet.parse_network("10.80.0.0/15"),
-                     innernet.parse_ip("10.80.0.1"), key(), "155.155.155.155:54321")
-    return s
-
-
-def old_database(path, version):
-    """A database as innernet-server at user_version 0, 1 or 2 left it."""
-    c = sqlite3.connect(str(path))
-    peers = V0_PEERS
-    if version >= 1:
-        peers = peers.replace("is_redeemed INTEGER DEFAULT 0 NOT NULL,",
-                              "is_redeemed INTEGER DEFAULT 0 NOT NULL, invite_expires INTEGER,")
-    if version >= 2:
-        peers = peers.replace("invite_expires INTEGER,", "invite_expires INTEGER, candidates TEXT,")
-    schema = innernet.SCHEMA.split(";")
-    c.execute(peers)
-    c.execute(schema[1])
-    c.execute(schema[2])
-    c.execute("INSERT INTO cidrs VALUES (1, 'test', '10.80.0.0', 15, NULL)")
-    c.execute("INSERT INTO cidrs VALUES (2, 'innernet-server', '10.80.0.1', 32, 1)")
-    c.execute("INSERT INTO cidrs VALUES (3, 'admin', '10.80.1.0', 24, 1)")
-    c.execute("INSERT INTO peers (id, name, ip, public_key, endpoint, cidr_id, is_admin, "
-              "is_redeemed) VALUES (1, 'innernet-server', '10.80.0.1', ?, '1.2.3.4:5', 2, 1, 1)",
-              (key(),))
-    c.execute("INSERT INTO peers (id, name, ip, public_key, cidr_id, is_admin, is_redeemed) "
-              "VALUES (2, 'admin', '10.80.1.1', ?, 3, 1, 1)", (key(),))
-    c.execute("INSERT INTO associations VALUES (1, 2, 3)")
-    c.execute(f"PRAGMA user_version = {version}")
-    c.commit()
-    c.close()
+from helpers import key, make_network, old_database
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])

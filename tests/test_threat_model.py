@@ -14,6 +14,7 @@ def promises():
     section = text.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
     found = {}
     for m in re.finditer(r"^(\d+)\. (.*?)(?=^\d+\. |^\*|^\*\*|\Z)", section, re.M | re.S):
+        assert int(m.group(1)) not in found, f"promise {m.group(1)} is numbered twice"
         found[int(m.group(1))] = m.group(2)
     return found
 

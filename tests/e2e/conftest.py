@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def deb(tmp_path_factory):
     """The .deb built from this checkout (once a run: the packaging tests and
     the VM lane both install it)."""
-    from .test_package import build_deb
+    from .packaging import build_deb
     return build_deb(tmp_path_factory)
 
 

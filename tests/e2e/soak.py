@@ -754,7 +754,8 @@ class Soak:
     def view_of(peers, cidrs, assocs, me):
         return frozenset((q.public_key, frozenset(
             [innernet.host_prefix(q.ip)] + [r for r in q.routes if innernet.route_is_private(r)]))
-            for q in innernet.visible_peers(peers, cidrs, assocs, me) if q.id != me.id)
+            for q in innernet.peers_in_view(peers, innernet.visible_cidr_ids(cidrs, assocs, me.cidr_id))
+            if q.id != me.id)
 
     @staticmethod
     def device_view(ifname):

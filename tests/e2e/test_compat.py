@@ -1,6 +1,7 @@
 """Mixed networks with the real innernet 1.5.5 (issue 27, part A).
 
-innernet's docker scenario (spec §10.4, items 49-55) as 25 named checks, run
+innernet's docker scenario (docker-tests/run-docker-tests.sh in innernet's
+repository) as 25 named checks, run
 both ways: innernet-server 1.5.5 with our clients (our admin peer doing the
 admin steps over the API), and our server with innernet 1.5.5 clients (an
 innernet admin peer doing them). Then every verb of our client against

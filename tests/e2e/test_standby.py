@@ -12,14 +12,12 @@ import time
 
 import pytest
 
-from lab import Lab, start_echo, start_serve, start_network, wait_for
+from lab import LITESTREAM, Lab, start_echo, start_serve, start_network, wait_for
 
 from .conftest import BARE
 
 pytestmark = pytest.mark.netns
 
-LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.executable),
-                                                        "litestream")
 
 WRITES = r"""
 import subprocess, sys, time

@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from lab import invite
+from lab import clear_of_path_work, invite, record, settled
 
 from e2e.conftest import network_world
-from e2e.test_fast_fetch import clear_of_path_work, record, settled
 
 pytestmark = pytest.mark.netns
 RUNS = 3

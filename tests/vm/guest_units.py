@@ -7,7 +7,7 @@ runs `-k before_reboot` on the first boot (which then reboots the guest) and
 The guest's "machines" are network namespaces made at every boot by a unit,
 innernet-vmlab.service: vsrv (the server, 198.18.0.1), vp1 and vp2 (peers)
 on a bridge. Each innernet unit is put in its namespace, and given its flags,
-by a drop-in, the documented way (README, "Debian package"):
+by a drop-in, the documented way (README, "Running it as a service"):
   innernet-server@vmnet  in vsrv, `serve vmnet --no-write-hosts`
   innernet@vmnet         in vp1 (the daemon)
   innernet-fetch@vmnet.timer in vp2, with its own config and data directories
