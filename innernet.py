@@ -14,21 +14,23 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies   16 API client
-   2 Constants                           17 Interface files
-   3 Fast path of an unchanged fetch     18 Prompts
-   4 Errors and output                   19 Relays
-   5 Files and formats                   20 DNS and metrics
-   6 Names and addresses                 21 Server state
-   7 Keys and WireGuard messages         22 API routes
-   8 Records                             23 HTTP server
-   9 Access rules                        24 Paths
-  10 Device plans                        25 Fetch
-  11 Links, routes and rules             26 Daemon
-  12 WireGuard devices                   27 Admin verbs
-  13 Network as code                     28 Server verbs
-  14 Store                               29 Client verbs
-  15 HTTP wire                           30 Command line
+   1 Imports and optional dependencies  18 API client
+   2 Constants                          19 Interface files
+   3 Fast path of an unchanged fetch    20 Prompts
+   4 Errors and output                  21 Relays
+   5 Files and formats                  22 DNS and metrics
+   6 Names and addresses                23 Server state
+   7 Keys and WireGuard messages        24 API routes
+   8 Records                            25 HTTP server
+   9 Access rules                       26 Paths
+  10 Network lock                       27 Fetch
+  11 Device plans                       28 Daemon
+  12 Links, routes and rules            29 Admin verbs
+  13 WireGuard devices                  30 Lock verbs
+  14 Network as code                    31 Server verbs
+  15 Lock signing and storage           32 Client verbs
+  16 Store                              33 Command line
+  17 HTTP wire
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -155,6 +157,7 @@ ADMIN_PROOF_HEADER = "X-Innernet-Admin-Proof"
 ADMIN_PROOF_WINDOW = 120        # s an admin call's proof stays valid (clock skew both ways)
 ADMIN_PROOF_NONCES = 100000     # nonces of that window the server keeps; more wait
 INVITATION_PROOF_HEADER = "X-Innernet-Invitation-Proof"
+LOCK_HEADER = "X-Innernet-Lock"     # ours: the records an admin change signs (base64 JSON)
 # s an unproved redemption (innernet's client, or any local process of the
 # joining host, whose packets leave through the invitation's tunnel too) is
 # held, so that a redemption proved with the invitation's private key, which
@@ -863,6 +866,7 @@ class InnernetError(Exception):
         self.status = status
         self.exit_code = exit_code
         self.unreachable = unreachable
+        self.refused = False      # unreachable: the host answered, its API did not listen
 
 
 _verbosity = 0
@@ -1121,6 +1125,20 @@ def instance_lock(path, what):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+@contextlib.contextmanager
+def file_lock(path, wait=True):
+    """An exclusive flock on an existing file (``rotate-key`` and the sync's
+    look at an interrupted rotation on the interface's config); yields False
+    when ``wait`` is off and another process holds it."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def require_removable(paths):
@@ -2345,6 +2363,22 @@ INVITATION_HEADER = """\
 """
 
 
+def _lock_table(data, source):
+    """An invitation's [lock]: {"chain": base64 JSON, "key": one-time lock key}."""
+    table = data.get("lock")
+    if table is None:
+        return None
+    w = f"{source} [lock]"
+    if not isinstance(table, dict):
+        raise InnernetError(f"{w} must be a table")
+    _check_fields(table, ("chain", "key"), w)
+    chain, key = _toml_field(table, "chain", str, w), _toml_field(table, "key", str, w)
+    if not is_key(key):
+        raise InnernetError(f"{w}: 'key' is not a lock key")
+    return {"chain": chain, "key": key}
+
+
+
 def _check_fields(table, allowed, where):
     extra = set(table) - set(allowed)
     if extra:
@@ -2385,6 +2419,9 @@ class InterfaceConfig:
     # ours: every endpoint the server may be at (a standby's too), the primary
     # first; innernet clients ignore the key and use external-endpoint.
     server_endpoints: list[str] = dataclasses.field(default_factory=list)
+    # ours, in an invitation to a locked network only: the lock chain (base64
+    # JSON) and the one-time lock key that signs the joining host's new key.
+    lock: dict | None = None
 
     @property
     def endpoints(self):
@@ -2408,12 +2445,14 @@ class InterfaceConfig:
             data["server"]["external-endpoints"] = self.endpoints
         if self.peer_endpoint_overrides:
             data["peer-endpoint-overrides"] = dict(self.peer_endpoint_overrides)
+        if self.lock:
+            data["lock"] = dict(self.lock)
         return header + toml_dumps(data)
 
     @classmethod
     def from_toml(cls, text, source):
         data = toml_loads(text, source)
-        _check_fields(data, ("interface", "server", "peer-endpoint-overrides"), source)
+        _check_fields(data, ("interface", "server", "peer-endpoint-overrides", "lock"), source)
         iface = data.get("interface")
         server = data.get("server")
         if not isinstance(iface, dict) or not isinstance(server, dict):
@@ -2459,7 +2498,8 @@ class InterfaceConfig:
             except (ValueError, InnernetError, TypeError):
                 raise InnernetError(f"{where}: bad entry {ip!r}") from None
         return cls(network_name=name, address=address, private_key=private, listen_port=port, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal, peer_endpoint_overrides=clean,
-                   server_endpoints=[e for e in alternatives if e != external])
+                   server_endpoints=[e for e in alternatives if e != external],
+                   lock=_lock_table(data, source))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3171,6 +3211,672 @@ def _endpoint_inside(endpoint, network):
 
 
 ###############################################################################
+# Network lock ################################################################
+###############################################################################
+# Peers accept only what an admin signed (issue 32). Lock keys are Ed25519
+# (PyNaCl's: a pure-Python verify costs 3.6 ms, 48x libsodium's 75 us, so
+# 5,000 peers would take 18 s; lock therefore needs PyNaCl, and says so in one
+# line). They live on admin peers' hosts, never on the server.
+#
+# The lock chain: a genesis naming the trusted keys and the hash of a
+# disablement secret, then key additions and removals, each signed by a key
+# trusted at the entry before it and naming that entry's hash; a disablement
+# reveals the secret. A client keeps its own copy and accepts from the server
+# only a chain that extends it.
+#
+# Records: one payload per subject (a peer by address, a CIDR by range, an
+# association by its two ranges), with a serial (a newer one supersedes, an
+# older one is a replay) and a random salt. An admin signs a batch: the list
+# of its payloads' hashes, one signature for any number of records, so that
+# `lock init` on 5,000 peers is one signature and a first fetch verifies it
+# once. The salt keeps a hash from telling anyone outside a record's view
+# what the record holds.
+#
+# An invited peer's record names no WireGuard key but a one-time lock key
+# ("auth:<key>") whose private half is in the invitation: the joining host
+# signs its own new WireGuard key with it (an enrollment). After that a key
+# changes only along the peer's own rotation proofs (the client checks them).
+#
+# Pure: no I/O. PyNaCl is imported at the first signature.
+
+LOCK_LABEL = b"innernet.py lock v1\0"
+LOCK_ADOPT_LABEL = b"innernet.py lock adoption v1"
+LOCK_VERSION = 1
+LOCK_HINT = "apt install python3-nacl (or pip install pynacl)"
+
+
+def _nacl_signing():
+    try:
+        import nacl.signing
+        import nacl.exceptions
+    except ImportError:
+        raise InnernetError("network lock needs PyNaCl, which is not installed",
+                            hint=LOCK_HINT) from None
+    return nacl.signing, nacl.exceptions
+
+
+def lock_canonical(obj):
+    """The one byte string a payload signs as: sorted keys, no spaces, ASCII.
+    Only dicts with str keys, lists, str, int, bool and None: no floats, whose
+    text differs between writers."""
+    def check(v, depth=0):
+        if depth > 8:
+            raise InnernetError("a lock payload is nested too deeply", status=400)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise InnernetError("a lock payload has a key that is no string", status=400)
+                check(x, depth + 1)
+        elif isinstance(v, list):
+            for x in v:
+                check(x, depth + 1)
+        elif not (v is None or isinstance(v, (str, bool, int))):
+            raise InnernetError("a lock payload holds a value of another type", status=400)
+    check(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def lock_hash(obj, checked=False):
+    """A payload's (or chain entry's) hash: 16 bytes of BLAKE2b, base64.
+    ``checked``: the caller has checked its types already (_well_formed)."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() \
+        if checked else lock_canonical(obj)
+    return base64.b64encode(blake2("blake2b", data, digest_size=16,
+                                   person=b"innernet lock").digest()).decode()
+
+
+def _b64(data, size, what):
+    if not isinstance(data, str) or len(data) > 200:
+        raise InnernetError(f"invalid {what}", status=400)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise InnernetError(f"invalid {what}", status=400) from None
+    if len(raw) != size:
+        raise InnernetError(f"invalid {what}", status=400)
+    return raw
+
+
+def is_lock_key(text):
+    try:
+        _b64(text, 32, "lock key")
+        return True
+    except InnernetError:
+        return False
+
+
+def lock_keypair():
+    """A new lock key: (private seed, public key), standard base64."""
+    signing, _ = _nacl_signing()
+    sk = signing.SigningKey.generate()
+    return (base64.b64encode(bytes(sk)).decode(),
+            base64.b64encode(bytes(sk.verify_key)).decode())
+
+
+def lock_public(private):
+    signing, _ = _nacl_signing()
+    sk = signing.SigningKey(_b64(private, 32, "lock private key"))
+    return base64.b64encode(bytes(sk.verify_key)).decode()
+
+
+def lock_sign(private, payload):
+    signing, _ = _nacl_signing()
+    sk = signing.SigningKey(_b64(private, 32, "lock private key"))
+    return base64.b64encode(sk.sign(LOCK_LABEL + lock_canonical(payload)).signature).decode()
+
+
+def lock_verify(public, payload, sig):
+    """Does ``sig`` (base64) sign ``payload`` under ``public``? Never raises
+    for a bad key or signature, only for a missing PyNaCl."""
+    signing, exc = _nacl_signing()
+    try:
+        vk = signing.VerifyKey(_b64(public, 32, "lock key"))
+        vk.verify(LOCK_LABEL + lock_canonical(payload), _b64(sig, 64, "signature"))
+        return True
+    except (InnernetError, exc.BadSignatureError, ValueError, TypeError):
+        return False
+
+
+def lock_secret_hash(secret):
+    return blake2("blake2b", secret.encode(), digest_size=32,
+                  person=b"innernet unlock").hexdigest()
+
+
+def lock_short(key):
+    """How a lock key is named to people: 'lk:' and its first 12 characters."""
+    return "lk:" + key[:12]
+
+
+# -- the lock chain ----------------------------------------------------------------
+
+def _entry(payload, signer=None, private=None):
+    return {"payload": payload, "signer": signer,
+            "sig": lock_sign(private, payload) if private else None}
+
+
+def lock_genesis(net, keys, secret, private, at):
+    """The chain's first entry: trusted ``keys`` [(public, name)], the secret's
+    hash; signed by ``private``, whose public key must be among them."""
+    signer = lock_public(private)
+    if signer not in [k for k, _ in keys]:
+        raise InnernetError("the genesis must be signed by one of its trusted keys")
+    payload = {"v": LOCK_VERSION, "t": "genesis", "net": net, "at": at,
+               "keys": [{"key": k, "name": n} for k, n in keys],
+               "disable": lock_secret_hash(secret)}
+    return _entry(payload, signer, private)
+
+
+def lock_update(chain, op, key, name, private, at):
+    """A signed addition ("add") or removal ("remove") of ``key``, after ``chain``."""
+    payload = {"v": LOCK_VERSION, "t": op, "net": chain.net, "prev": chain.head,
+               "key": key, "name": name, "at": at}
+    return _entry(payload, lock_public(private), private)
+
+
+def lock_disablement(chain, secret, at):
+    return _entry({"v": LOCK_VERSION, "t": "disable", "net": chain.net, "prev": chain.head,
+                   "secret": secret, "at": at})
+
+
+class LockChain:
+    """A verified chain: its network, trusted keys {public: name}, head hash,
+    whether it was disabled, and the entries themselves."""
+
+    def __init__(self, entries):
+        if not isinstance(entries, list) or not entries:
+            raise InnernetError("a lock chain must be a non-empty list", status=400)
+        self.entries, self.hashes, self.keys = [], [], {}
+        self.disabled, self.net, self.disable_hash = False, None, None
+        for n, e in enumerate(entries):
+            self._append(n, e)
+
+    @property
+    def head(self):
+        return self.hashes[-1]
+
+    @property
+    def genesis(self):
+        return self.hashes[0]
+
+    def _append(self, n, e):
+        bad = lambda why: InnernetError(f"lock chain entry {n}: {why}", status=400)   # noqa: E731
+        if not isinstance(e, dict) or not isinstance(e.get("payload"), dict):
+            raise bad("not an object with a payload")
+        p = e["payload"]
+        t = p.get("t")
+        if p.get("v") != LOCK_VERSION:
+            raise bad("of an unknown version")
+        if self.disabled:
+            raise bad("after the lock was disabled")
+        if n == 0:
+            if t != "genesis" or not isinstance(p.get("keys"), list) or not p["keys"] \
+                    or not isinstance(p.get("net"), str) or not isinstance(p.get("disable"), str):
+                raise bad("the first entry is no genesis")
+            keys = {}
+            for k in p["keys"]:
+                if not isinstance(k, dict) or not is_lock_key(k.get("key")) \
+                        or not isinstance(k.get("name"), str):
+                    raise bad("a trusted key is malformed")
+                keys[k["key"]] = k["name"]
+            if e.get("signer") not in keys or not lock_verify(e["signer"], p, e.get("sig")):
+                raise bad("the genesis is not signed by one of its keys")
+            self.net, self.keys, self.disable_hash = p["net"], keys, p["disable"]
+        else:
+            if p.get("net") != self.net or p.get("prev") != self.head:
+                raise bad("does not follow the entry before it")
+            if t == "disable":
+                if not isinstance(p.get("secret"), str) or len(p["secret"]) > 200 \
+                        or not equal_secrets(lock_secret_hash(p["secret"]), self.disable_hash):
+                    raise bad("the disablement secret is wrong")
+                self.disabled = True
+            elif t in ("add", "remove"):
+                if e.get("signer") not in self.keys or not lock_verify(e["signer"], p,
+                                                                       e.get("sig")):
+                    raise bad("not signed by a key trusted before it")
+                if not is_lock_key(p.get("key")) or not isinstance(p.get("name"), str):
+                    raise bad("the key is malformed")
+                if t == "add":
+                    self.keys[p["key"]] = p["name"]
+                else:
+                    if p["key"] not in self.keys or len(self.keys) == 1:
+                        raise bad("removes a key that is not trusted, or the last one")
+                    del self.keys[p["key"]]
+            else:
+                raise bad(f"of an unknown kind {str(t)[:20]!r}")
+        self.entries.append(e)
+        self.hashes.append(lock_hash(e))
+
+    def extended_by(self, received):
+        """The chain ``received`` if it extends this one (same entries, maybe
+        more), else None. A shorter one (updates withheld) is not an extension."""
+        if not isinstance(received, list) or len(received) < len(self.entries):
+            return None
+        other = LockChain(received)
+        if other.hashes[:len(self.hashes)] != self.hashes:
+            return None
+        return other
+
+    def describe(self, n):
+        """One line for `lock log`."""
+        p = self.entries[n]["payload"]
+        signer = self.entries[n].get("signer")
+        head = f"{self.hashes[n][:12]}  {p['t']:<8}"
+        if p["t"] == "genesis":
+            keys = ", ".join(f"{k['name']} {lock_short(k['key'])}" for k in p["keys"])
+            return f"{head} trusted: {keys}"
+        if p["t"] == "disable":
+            return f"{head} lock disabled with its secret"
+        return f"{head} {p['name']} {lock_short(p['key'])} (signed by {lock_short(signer)})"
+
+
+def adopt_chain(mine, received):
+    """(chain to keep, a line or None) when a server sends ``received``: it is
+    taken only if it extends ``mine``; otherwise ours stays and we say why."""
+    if received is None:
+        return mine, None if mine.disabled else "the server sent no lock chain: kept ours"
+    try:
+        ext = mine.extended_by(received)
+    except InnernetError as e:
+        return mine, f"the server's lock chain is invalid ({e.message}): kept ours"
+    if ext is None:
+        return mine, "the server's lock chain does not extend ours: kept ours"
+    return ext, None
+
+
+# -- records -------------------------------------------------------------------
+
+PEER_FIELDS = ("ip", "key", "name", "cidr", "admin", "disabled", "static", "routes",
+               "exit", "deleted")
+
+
+def lock_salt():
+    return base64.b64encode(os.urandom(12)).decode()
+
+
+def lock_secret():
+    """A disablement secret: 24 random bytes, URL-safe base64 (32 characters)."""
+    return base64.urlsafe_b64encode(os.urandom(24)).decode()
+
+
+def peer_payload(net, serial, *, ip, key, name, cidr, admin=False, disabled=False,
+                 static=False, routes=(), exit=False, deleted=False, salt=None):
+    """A peer's signed record. ``key``: its WireGuard key, or "auth:<lock key>"
+    for an invitation; ``cidr``: its CIDR's range."""
+    return {"v": LOCK_VERSION, "t": "peer", "net": net, "n": serial, "r": salt or lock_salt(),
+            "ip": ip, "key": key, "name": name, "cidr": cidr, "admin": bool(admin),
+            "disabled": bool(disabled), "static": bool(static),
+            "routes": sorted(routes), "exit": bool(exit), "deleted": bool(deleted)}
+
+
+def cidr_payload(net, serial, *, cidr, name, parent, deleted=False, salt=None):
+    return {"v": LOCK_VERSION, "t": "cidr", "net": net, "n": serial, "r": salt or lock_salt(),
+            "cidr": cidr, "name": name, "parent": parent, "deleted": bool(deleted)}
+
+
+def assoc_payload(net, serial, *, a, b, deleted=False, salt=None):
+    a, b = sorted((a, b))
+    return {"v": LOCK_VERSION, "t": "assoc", "net": net, "n": serial, "r": salt or lock_salt(),
+            "a": a, "b": b, "deleted": bool(deleted)}
+
+
+def record_subject(p):
+    """What a record is about, one per subject: 'peer:IP', 'cidr:RANGE', 'assoc:A|B'."""
+    t = p.get("t")
+    if t == "peer":
+        return f"peer:{p.get('ip')}"
+    if t == "cidr":
+        return f"cidr:{p.get('cidr')}"
+    if t == "assoc":
+        return f"assoc:{p.get('a')}|{p.get('b')}"
+    return None
+
+
+_RECORD_KEYS = {"peer": {"v", "t", "net", "n", "r", "deleted", "ip", "key", "name", "cidr",
+                         "admin", "disabled", "static", "routes", "exit"},
+                "cidr": {"v", "t", "net", "n", "r", "deleted", "cidr", "name", "parent"},
+                "assoc": {"v", "t", "net", "n", "r", "deleted", "a", "b"}}
+
+
+def _well_formed(p, net):
+    """Is ``p`` a record of ``net``, each field of its type and no other field?"""
+    if not isinstance(p, dict) or p.get("v") != LOCK_VERSION or p.get("net") != net \
+            or _RECORD_KEYS.get(p.get("t")) != p.keys():
+        return False
+    n = p.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 2 ** 63:
+        return False
+    if not isinstance(p.get("r"), str) or not isinstance(p.get("deleted"), bool):
+        return False
+    t = p.get("t")
+    if t == "peer":
+        return all(isinstance(p.get(f), str) for f in ("ip", "key", "name", "cidr")) \
+            and all(isinstance(p.get(f), bool) for f in ("admin", "disabled", "static", "exit")) \
+            and isinstance(p.get("routes"), list) \
+            and all(isinstance(r, str) for r in p["routes"])
+    if t == "cidr":
+        return isinstance(p.get("cidr"), str) and isinstance(p.get("name"), str) \
+            and (p.get("parent") is None or isinstance(p.get("parent"), str))
+    if t == "assoc":
+        return isinstance(p.get("a"), str) and isinstance(p.get("b"), str)
+    return False
+
+
+def sign_batch(net, private, payloads):
+    """One signature over any number of records: {"k", "s", "h"} for the wire."""
+    hashes = [lock_hash(p) for p in payloads]
+    body = {"v": LOCK_VERSION, "t": "batch", "net": net, "h": hashes}
+    return {"k": lock_public(private), "s": lock_sign(private, body), "h": hashes}
+
+
+def batch_valid(net, batch, keys, cache=None):
+    """Is ``batch`` signed by one of ``keys``? ``cache`` (a dict, signature ->
+    digest of what it signed) makes a batch seen before cost one hash."""
+    if not isinstance(batch, dict) or batch.get("k") not in keys \
+            or not isinstance(batch.get("h"), list) or not isinstance(batch.get("s"), str):
+        return False
+    body = {"v": LOCK_VERSION, "t": "batch", "net": net, "h": batch["h"]}
+    digest = batch["k"] + " " + lock_hash(body)
+    if cache is not None and cache.get(batch["s"]) == digest:
+        return True
+    if not lock_verify(batch["k"], body, batch["s"]):
+        return False
+    if cache is not None:
+        cache[batch["s"]] = digest
+    return True
+
+
+def enrollment_payload(net, ip, key, auth):
+    return {"v": LOCK_VERSION, "t": "enroll", "net": net, "ip": ip, "key": key, "auth": auth}
+
+
+def sign_enrollment(net, ip, key, auth_private):
+    """The joining host's signature of its own new WireGuard key, with the
+    invitation's one-time lock key."""
+    return {"key": key, "s": lock_sign(auth_private,
+                                       enrollment_payload(net, ip, key,
+                                                          lock_public(auth_private)))}
+
+
+def enrollment_key(net, ip, auth, enrollment):
+    """The WireGuard key an enrollment signed by lock key ``auth`` names, or None."""
+    if not isinstance(enrollment, dict) or not isinstance(enrollment.get("key"), str):
+        return None
+    if lock_verify(auth, enrollment_payload(net, ip, enrollment["key"], auth),
+                   enrollment.get("s")):
+        return enrollment["key"]
+    return None
+
+
+# -- what the database holds, as records ------------------------------------------
+# The server checks an admin's change, and an admin computes what to sign, by
+# the same projection of the network: every subject's fields but the version,
+# network, serial, salt and key (a peer's key changes by redemption and
+# rotation, which the clients check; the server never signs).
+
+def lock_fields(p):
+    return {k: v for k, v in p.items() if k not in ("v", "net", "n", "r", "key")}
+
+
+def lock_projection(peers, cidrs, associations):
+    """{subject: fields} of a network: Peer, Cidr and Association objects."""
+    by_id = {c.id: c for c in cidrs}
+    out = {}
+    for c in cidrs:
+        parent = by_id.get(c.parent)
+        out[f"cidr:{c.cidr}"] = {"t": "cidr", "cidr": c.cidr, "name": c.name,
+                                 "parent": parent.cidr if parent else None, "deleted": False}
+    for a in associations:
+        x, y = by_id.get(a.cidr_id_1), by_id.get(a.cidr_id_2)
+        if x and y:
+            lo, hi = sorted((x.cidr, y.cidr))
+            out[f"assoc:{lo}|{hi}"] = {"t": "assoc", "a": lo, "b": hi, "deleted": False}
+    for p in peers:
+        c = by_id.get(p.cidr_id)
+        out[f"peer:{p.ip}"] = {"t": "peer", "ip": p.ip, "name": p.name,
+                               "cidr": c.cidr if c else "", "admin": p.is_admin,
+                               "disabled": p.is_disabled, "static": p.is_static,
+                               "routes": sorted(p.routes), "exit": p.exit_node,
+                               "deleted": False}
+    return out
+
+
+def lock_changes(before, after):
+    """{subject: fields} that differ between two projections; a subject gone
+    is its last fields marked deleted."""
+    out = {s: f for s, f in after.items() if before.get(s) != f}
+    for s, f in before.items():
+        if s not in after:
+            out[s] = dict(f, deleted=True)
+    return out
+
+
+def lock_record(net, serial, fields, key=None):
+    """A payload for ``fields`` (lock_projection's), with a fresh salt."""
+    p = {"v": LOCK_VERSION, "net": net, "n": serial, "r": lock_salt(), **fields}
+    if fields["t"] == "peer":
+        p["key"] = key
+    return p
+
+
+def lock_subject_text(subject):
+    """A subject for people: 'peer 10.66.1.5', 'CIDR 10.66.1.0/24', ..."""
+    kind, _, rest = subject.partition(":")
+    if kind == "assoc":
+        return "the association of " + " and ".join(rest.split("|"))
+    return f"{'CIDR' if kind == 'cidr' else kind} {rest}"
+
+
+def lock_serial(current, now_ms):
+    """The serial of a subject's next record: after ``current`` (its record's
+    serial or None), and the time in ms when that is later."""
+    return max((current or 0) + 1, now_ms)
+
+
+# -- adoption: a client that joined before the lock -------------------------------
+# It learns the genesis from the server, which it must not trust for that: an
+# admin's `lock init` sends with it, for each peer, an HMAC of the genesis
+# hash under a key derived from DH(admin, peer) -- as rotation proofs are --
+# which only that admin's and that peer's WireGuard keys can compute.
+
+def adoption_mac(secret, genesis_hash, admin_public, peer_public):
+    """An admin's proof to one peer that it made the lock with this genesis."""
+    key = blake2("blake2b", secret, digest_size=32, key=LOCK_ADOPT_LABEL).digest()
+    msg = b"\0".join([LOCK_ADOPT_LABEL, genesis_hash.encode(), admin_public.encode(),
+                      peer_public.encode()])
+    return base64.b64encode(blake2("blake2b", msg, digest_size=32, key=key).digest()).decode()
+
+
+def adoption_proof(own_private, genesis_hash, peer_public):
+    """The MAC an admin (``own_private``) sends a peer with a lock's genesis."""
+    return adoption_mac(shared_secret(own_private, peer_public), genesis_hash,
+                        public_key(own_private), peer_public)
+
+
+def adoption_valid(own_private, genesis_hash, admin_public, mac):
+    """Did ``admin_public``'s holder make the lock with this genesis, for us?"""
+    if not isinstance(mac, str) or len(mac) != 44:
+        return False
+    try:
+        expect = adoption_mac(shared_secret(own_private, admin_public), genesis_hash,
+                              admin_public, public_key(own_private))
+    except InnernetError:
+        return False
+    return equal_secrets(expect, mac)
+
+
+# -- the client's verifier ---------------------------------------------------------
+
+def signed_records(net, keys, lock, cache=None):
+    """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
+    hash is in a batch signed by a trusted key (the highest serial per subject)."""
+    valid = set()
+    for batch in lock.get("batches") or []:
+        if batch_valid(net, batch, keys, cache):
+            valid.update(h for h in batch["h"] if isinstance(h, str))
+    out = {}
+    for p in lock.get("records") or []:
+        if not _well_formed(p, net):
+            continue
+        h = lock_hash(p, checked=True)
+        if h not in valid:
+            continue
+        s = record_subject(p)
+        if s not in out or out[s][0]["n"] < p["n"]:
+            out[s] = (p, h)
+    return out
+
+
+def fresh_records(signed, known):
+    """Split ``signed`` against ``known`` ({subject: [serial, hash, ...]}):
+    (records to use, {subject: reason} for replays). A subject the server
+    replays an older record of keeps what the client knew."""
+    use, replayed = {}, {}
+    for s, (p, h) in signed.items():
+        k = known.get(s)
+        if k and (p["n"] < k[0] or (p["n"] == k[0] and h != k[1])):
+            replayed[s] = f"an older signed record (serial {p['n']}) than the one this " \
+                          f"host has (serial {k[0]})"
+        else:
+            use[s] = (p, h)
+    return use, replayed
+
+
+def lock_view(records, own_cidr):
+    """The CIDR ranges a peer in ``own_cidr`` may see, from the signed tree and
+    associations alone: its own, every CIDR associated with it or one of its
+    ancestors, each with its descendants."""
+    cidrs = {p["cidr"]: p for s, p in records.items() if p["t"] == "cidr" and not p["deleted"]}
+    lineage, cur = [], own_cidr
+    while cur in cidrs and cur not in lineage:
+        lineage.append(cur)
+        cur = cidrs[cur]["parent"]
+    start = {own_cidr}
+    for p in records.values():
+        if p["t"] == "assoc" and not p["deleted"] and p["a"] in cidrs and p["b"] in cidrs:
+            if p["a"] in lineage:
+                start.add(p["b"])
+            if p["b"] in lineage:
+                start.add(p["a"])
+    children = {}
+    for c in cidrs.values():
+        children.setdefault(c["parent"], []).append(c["cidr"])
+    seen, stack = set(), [c for c in start if c in cidrs]
+    while stack:
+        c = stack.pop()
+        if c not in seen:
+            seen.add(c)
+            stack.extend(children.get(c, ()))
+    return seen
+
+
+def _peer_mismatch(rec, peer, cidr_range):
+    """The first field in which a state's peer (a Peer) differs from its
+    signed record; routes and the exit node are judged apart (lock_routes)."""
+    checks = (("name", peer.name, rec["name"]), ("CIDR", cidr_range, rec["cidr"]),
+              ("admin flag", peer.is_admin, rec["admin"]),
+              ("disabled flag", peer.is_disabled, rec["disabled"]),
+              ("static flag", peer.is_static, rec["static"]))
+    for what, got, signed in checks:
+        if got != signed:
+            return what
+    return None
+
+
+def lock_routes(rec, peer):
+    """(routes kept, exit node kept, what was not signed or None): a peer's
+    routes and exit node are installed only as far as its record signed them."""
+    kept = [r for r in peer.routes if r in rec["routes"]]
+    extra = [r for r in peer.routes if r not in rec["routes"]]
+    exit_node = peer.exit_node and rec["exit"]
+    if peer.exit_node and not rec["exit"]:
+        extra.append("the exit node")
+    return kept, exit_node, ", ".join(extra) or None
+
+
+def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
+                 skip=()):
+    """What a locked client may install of a server's state.
+
+    ``chain``: its LockChain; ``lock``: the state's lock section (batches,
+    records, enrollments); ``peers``/``cidrs``: the state's (Peer, Cidr);
+    ``known``: the client's memory {subject: [serial, hash, accepted key]};
+    ``rotated(ip, base, key)``: does the peer's own rotation chain lead from
+    its signed key to ``key``; ``skip``: addresses not judged (the server's,
+    whose entry is this client's config's).
+    -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
+    ``known`` updated).
+    """
+    net, keys = chain.net, chain.keys
+    lock = lock if isinstance(lock, dict) else {}
+    signed = signed_records(net, keys, lock, cache)
+    use, replayed = fresh_records(signed, known)
+    new_known = dict(known)
+    for s, (p, h) in use.items():
+        old = known.get(s)
+        same = old and old[0] == p["n"]
+        new_known[s] = [p["n"], h, old[2] if same and len(old) > 2 else None]
+    use = {s: p for s, (p, h) in use.items()}
+    own = use.get(f"peer:{own_ip}")
+    view = lock_view(use, own["cidr"]) if own and not own["deleted"] else None
+    ranges = {c.id: c.cidr for c in cidrs}
+    enroll = lock.get("enroll") if isinstance(lock.get("enroll"), dict) else {}
+    accepted, refused = [], []
+    for peer in peers:
+        if peer.ip in skip or peer.ip == own_ip:
+            accepted.append(peer)
+            continue
+        reason, key = _judge(net, peer, use, replayed, view, ranges, enroll, known, rotated)
+        if reason:
+            refused.append((peer, reason))
+            continue
+        rec = use[f"peer:{peer.ip}"]
+        routes, exit_node, unsigned = lock_routes(rec, peer)
+        if unsigned:
+            refused.append((peer, f"{unsigned} not signed: the peer is installed without"))
+            peer = dataclasses.replace(peer, routes=routes, exit_node=exit_node)
+        accepted.append(peer)
+        new_known[f"peer:{peer.ip}"][2] = key
+    return accepted, refused, new_known
+
+
+def _judge(net, peer, use, replayed, view, ranges, enroll, known, rotated):
+    """(reason to refuse or None, the key accepted) for one state peer."""
+    ip = peer.ip
+    s = f"peer:{ip}"
+    if s in replayed:
+        return replayed[s], None
+    rec = use.get(s)
+    if rec is None:
+        return "no record signed by a trusted lock key", None
+    if rec["deleted"]:
+        return f"deleted by a signed record (serial {rec['n']})", None
+    what = _peer_mismatch(rec, peer, ranges.get(peer.cidr_id))
+    if what:
+        return f"its {what} differs from its signed record", None
+    if view is None:
+        return "this host's own record is not signed, so it cannot tell what it may see", None
+    if rec["cidr"] not in view:
+        return f"its CIDR {rec['cidr']} is not one this host may see", None
+    base = rec["key"]
+    if base.startswith("auth:"):
+        base = enrollment_key(net, ip, base[5:], enroll.get(ip))
+        if base is None:
+            return "its invitation was not redeemed with a signed enrollment", None
+    key = peer.public_key
+    k = known.get(s)
+    remembered = k[2] if k and k[0] == rec["n"] and len(k) > 2 else None
+    if key != base and key != remembered and not (rotated and (
+            rotated(ip, base, key) or (remembered and rotated(ip, remembered, key)))):
+        return "its key is not the signed one, nor reached by the peer's own rotation " \
+               "proofs", None
+    return None, key
+
+
+def lock_refusal(peer, reason):
+    """One line for a record lock refused (or installed in part)."""
+    return f"lock refused peer '{peer.name}' ({peer.ip}) from the server: {reason}"
+
+###############################################################################
 # Device plans ################################################################
 ###############################################################################
 # What a WireGuard device holds and how to change it: the diff from what it
@@ -3758,10 +4464,12 @@ class Netlink:
             raise InnernetError(f"cannot delete interface {ifname}: {os.strerror(code)}")
 
     def add_address(self, ifname, iface):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip address add {iface} dev {ifname}")
         code = self._talk(*rtnl_request("add-address", self._index(ifname), address=iface))
         if code not in (0, errno.EEXIST):
             raise InnernetError(f"cannot add {iface} to {ifname}: {os.strerror(code)}")
+        return code == 0
 
     def set_mtu_up(self, ifname, mtu):
         echo_cmd(f"ip link set {ifname} mtu {mtu} up")
@@ -3770,11 +4478,13 @@ class Netlink:
             raise InnernetError(f"cannot set {ifname} up with MTU {mtu}: {os.strerror(code)}")
 
     def add_route(self, ifname, network):
+        """True if it was added (False: it was there)."""
         echo_cmd(f"ip route add {network} dev {ifname}")
         code = self._talk(*rtnl_request("add-route", self._index(ifname), route=network))
         if code not in (0, errno.EEXIST):     # the prefix route often exists already
             raise InnernetError(f"cannot add route {network} to {ifname}: "
                                 f"{os.strerror(code)}")
+        return code == 0
 
 
 def sync_interface_routes(ifname, wanted):
@@ -4371,6 +5081,37 @@ def bring_up(choice, ifname, *, private_key, address, listen_port, updates, mtu,
     return backend
 
 
+def link_state(ifname):
+    """(administratively up, MTU) of a link, from ioctls; None without it."""
+    SIOCGIFFLAGS, SIOCGIFMTU, IFF_UP = 0x8913, 0x8921, 0x1
+    packed = ifname.encode()[:15].ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = int.from_bytes(fcntl.ioctl(s, SIOCGIFFLAGS, packed)[16:18], sys.byteorder)
+            mtu = int.from_bytes(fcntl.ioctl(s, SIOCGIFMTU, packed)[16:20], sys.byteorder)
+    except OSError:
+        return None
+    return bool(flags & IFF_UP), mtu
+
+
+def repair_link(ifname, address, routing):
+    """What a sync owns on its interface besides the peers: its address, the
+    link's up state (at the MTU it has) and, with ``routing``, the network's
+    route, put back when something took them away (an admin's `ip link set
+    down`, `ip address del`, `ip route del`). -> what was put back."""
+    fixed = []
+    with Netlink() as nl:
+        if nl.add_address(ifname, address):
+            fixed.append(f"address {address}")
+        state = link_state(ifname)
+        if state is not None and not state[0]:
+            nl.set_mtu_up(ifname, state[1])
+            fixed.append("link up")
+        if routing and nl.add_route(ifname, address.network):
+            fixed.append(f"route {address.network}")
+    return fixed
+
+
 def bring_down(choice, ifname):
     backend = existing_backend(choice, ifname)
     if backend is None:
@@ -4593,7 +5334,29 @@ def plan_document(text, source, cidrs, peers, associations, deletions, now):
     tassocs = _plan_associations(r, doc, ids)
     if r.problems:
         return [], r.problems
-    return _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip), []
+    steps = _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip)
+    steps.target = (target, ids, tpeers, tassocs, db_by_ip)    # for document_projection
+    return steps, []
+
+
+class _Steps(list):
+    """A plan's steps, and what the document asks for (target)."""
+    target = None
+
+
+def document_projection(text, source, cidrs, peers, associations, deletions, now):
+    """lock_projection of the network once ``text`` is applied, or None when
+    the document has problems (the server says which)."""
+    steps, problems = plan_document(text, source, cidrs, peers, associations, deletions, now)
+    if problems or steps.target is None:
+        return None
+    target, ids, tpeers, tassocs, db_by_ip = steps.target
+    kept = {me.ip for _, me, _ in tpeers}
+    after = [me for _, me, _ in tpeers] + [p for p in peers if p.cidr_id == INFRA_CIDR_ID
+                                           or (p.ip not in db_by_ip and p.ip not in kept)]
+    assocs = [Association(id=None, cidr_id_1=ids[a], cidr_id_2=ids[b]) for a, b in tassocs]
+    return lock_projection(after, target, assocs)
+
 
 
 def _plan_cidrs(r, doc, cidrs, root):
@@ -4753,7 +5516,7 @@ def _plan_associations(r, doc, ids):
 
 def _plan_steps(cidrs, peers, associations, target, tpeers, tassocs, db_by_ip):
     """The difference between the database and a checked document, as steps."""
-    steps = []
+    steps = _Steps()
     by_id = {c.id: c for c in cidrs}
     tnames = {c.id: c.name for c in target}
     wanted = {c.cidr for c in target}
@@ -4811,6 +5574,508 @@ def _plan_value(v):
         return "[" + ", ".join(v) + "]"
     return str(v)
 
+
+###############################################################################
+# Lock signing and storage ####################################################
+###############################################################################
+# Network lock's effects: the server's tables and its check of an admin's
+# change (LockStore, a part of Store), a client's lock file, an invitation's
+# lock, and an admin host's signing of its changes (NetworkLock, a part of
+# LocalNetwork and RemoteNetwork).
+
+# -- what signs a change in progress --------------------------------------------------
+# Under network lock, an admin request's X-Innernet-Lock header, or the records
+# a server-CLI verb signed with --lock-key. A store write made while
+# ``enforce`` is set must be covered by them (LockStore._lock_guard), and the
+# audit log names the key that signed (lock_signer_note).
+
+LOCK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lock_chain (
+  seq    INTEGER PRIMARY KEY,
+  entry  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lock_batches (
+  id      INTEGER PRIMARY KEY,
+  signer  TEXT NOT NULL,
+  sig     TEXT NOT NULL UNIQUE,
+  hashes  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lock_records (
+  subject   TEXT PRIMARY KEY,
+  payload   TEXT NOT NULL,
+  batch_id  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lock_enrollments (
+  ip          TEXT PRIMARY KEY,
+  enrollment  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lock_adoptions (
+  peer_key  TEXT PRIMARY KEY,
+  admin_ip  TEXT NOT NULL,
+  mac       TEXT NOT NULL
+)
+"""
+LOCK_TABLES = ("lock_chain", "lock_batches", "lock_records", "lock_enrollments",
+               "lock_adoptions")
+
+_SIGNING = threading.local()
+
+
+@contextlib.contextmanager
+def signed_by(signed, enforce=True):
+    """``signed``: {"batch": {...}, "records": [payloads]} or None."""
+    old = getattr(_SIGNING, "ctx", None)
+    _SIGNING.ctx = (signed, enforce)
+    try:
+        yield
+    finally:
+        _SIGNING.ctx = old
+
+
+def lock_signer_note():
+    """' with lock key lk:...' while a signed change is made, else ''."""
+    ctx = getattr(_SIGNING, "ctx", None)
+    batch = ctx[0].get("batch") if ctx and isinstance(ctx[0], dict) else None
+    return f" with lock key {lock_short(str(batch.get('k')))}" if isinstance(batch, dict) else ""
+
+
+class LockStore:
+    """The Store's part in network lock: the chain, the signed records and
+    the batches that sign them, enrollments and adoption proofs; and the
+    check, inside every write made while an admin's change is enforced
+    (signed_by), that the records signed cover all it changed."""
+
+    def lock_chain(self):
+        """The network's LockChain, or None if it was never locked."""
+        rows = self._query("SELECT seq, entry FROM lock_chain ORDER BY seq")
+        if not rows:
+            return None
+        key = (len(rows), rows[-1][1])
+        memo = getattr(self, "_lock_memo", None)
+        if memo and memo[0] == key:
+            return memo[1]
+        chain = LockChain([json.loads(r[1]) for r in rows])
+        self._lock_memo = (key, chain)
+        return chain
+
+    def lock_entries(self):
+        """The chain's entries as stored (what the state sends; clients verify)."""
+        return [json.loads(r[0]) for r in self._query("SELECT entry FROM lock_chain ORDER BY seq")]
+
+    def locked(self):
+        """Is the network locked? Read without verifying (PyNaCl) the chain the
+        server itself keeps: the state is served without PyNaCl too."""
+        entries = self.lock_entries()
+        return bool(entries) and entries[-1].get("payload", {}).get("t") != "disable"
+
+    def lock_records(self):
+        """({subject: (payload, batch id)}, {batch id: batch})."""
+        recs = {r[0]: (json.loads(r[1]), r[2]) for r in self._query(
+            "SELECT subject, payload, batch_id FROM lock_records")}
+        batches = {r[0]: {"k": r[1], "s": r[2], "h": json.loads(r[3])} for r in self._query(
+            "SELECT id, signer, sig, hashes FROM lock_batches")}
+        return recs, batches
+
+    def lock_enrollments(self):
+        return {r[0]: json.loads(r[1]) for r in self._query(
+            "SELECT ip, enrollment FROM lock_enrollments")}
+
+    def lock_adoption(self, peer_key):
+        rows = self._query("SELECT admin_ip, mac FROM lock_adoptions WHERE peer_key = ?",
+                           (peer_key,))
+        return rows[0] if rows else None
+
+    def lock_enroll(self, ip, enrollment):
+        with self.write() as c:
+            c.execute("INSERT OR REPLACE INTO lock_enrollments (ip, enrollment) VALUES (?, ?)",
+                      (ip, json.dumps(enrollment)))
+
+    def lock_submit(self, entries, signed, adoptions, admin_ip):
+        """An admin's `lock` verb: the chain it extends (or begins), the
+        records it signs (all of them at `lock init`), adoption proofs."""
+        with signed_by(None, False), self.write() as c:
+            cur = self.lock_chain()
+            new = LockChain(entries)
+            if cur is not None and cur.extended_by(entries) is None:
+                raise InnernetError("that lock chain does not extend the server's",
+                                    status=409, hint="run 'innernet lock log' and try again")
+            start = 0 if cur is None else len(cur.entries)
+            for e in entries[start:]:
+                c.execute("INSERT INTO lock_chain (entry) VALUES (?)", (json.dumps(e),))
+            after = lock_projection(self.peers(), self.cidrs(), self.associations())
+            stored = self._lock_keep(c, new, signed, {}, after)
+            if cur is None and set(after) - set(stored):
+                missing = sorted(set(after) - set(stored))
+                raise InnernetError(f"lock init must sign every record; "
+                                    f"{lock_subject_text(missing[0])} is not", status=400)
+            for key, mac in (adoptions or {}).items():
+                if is_key(key) and isinstance(mac, str) and len(mac) == 44:
+                    c.execute("INSERT OR REPLACE INTO lock_adoptions (peer_key, admin_ip, "
+                              "mac) VALUES (?, ?, ?)", (key, admin_ip, mac))
+            signers = {e.get("signer") for e in entries[start:] if e.get("signer")}
+            if signed and isinstance(signed.get("batch"), dict):
+                signers.add(signed["batch"].get("k"))
+            what = f"chain {new.head[:12]} ({len(entries) - start} new entries), " \
+                   f"{len(stored)} record(s) signed" + (
+                       " with lock key " + ", ".join(lock_short(str(k)) for k in sorted(signers))
+                       if signers else "")
+            self._audit(c, "lock", what)
+        return new
+
+    @contextlib.contextmanager
+    def _lock_checked(self, quiet):
+        """Around a write's statements: checked before its commit when an
+        admin's change is enforced (_lock_guard)."""
+        guard = None if quiet else self._lock_guard()
+        yield
+        if guard is not None:
+            guard()
+
+    def _lock_guard(self):
+        """Inside write(): a check to run before the commit, or None."""
+        ctx = getattr(_SIGNING, "ctx", None)
+        if ctx is None or not ctx[1]:
+            return None
+        chain = self.lock_chain()
+        if chain is None or chain.disabled:
+            return None
+        before = lock_projection(self.peers(), self.cidrs(), self.associations())
+
+        def check():
+            after = lock_projection(self.peers(), self.cidrs(), self.associations())
+            self._lock_keep(self.conn, chain, ctx[0], lock_changes(before, after), after)
+        return check
+
+    def _lock_keep(self, c, chain, signed, changes, after):
+        """Refuse a change ``signed`` does not cover; keep its records."""
+        batch, records = _lock_verified(chain, signed)
+        for s, fields in changes.items():
+            rec = records.get(s)
+            if rec is None or lock_fields(rec) != fields:
+                raise InnernetError(
+                    f"the network is locked: {lock_subject_text(s)} would change without a "
+                    "record signed by a trusted lock key", status=403,
+                    hint="make the change from an admin peer that holds a trusted lock key "
+                         "(innernet lock status), or with --lock-key on the server")
+        stored = {r[0]: json.loads(r[1]) for r in c.execute(
+            "SELECT subject, payload FROM lock_records")}
+        current = {s: p["n"] for s, p in stored.items()}
+        for s, rec in records.items():
+            want = after.get(s) or changes.get(s)
+            if want is None and s in stored and stored[s]["deleted"]:
+                want = lock_fields(stored[s])        # a deleted subject's record, signed again
+            if want is None or lock_fields(rec) != want:
+                raise InnernetError(f"the signed record of {lock_subject_text(s)} does not "
+                                    "match the network after the change", status=400)
+            if rec["n"] <= current.get(s, -1):
+                raise InnernetError(f"the signed record of {lock_subject_text(s)} is not newer "
+                                    f"than the server's (serial {current[s]})", status=409,
+                                    hint="run the command again")
+        if records:
+            c.execute("INSERT OR IGNORE INTO lock_batches (signer, sig, hashes) VALUES "
+                      "(?, ?, ?)", (batch["k"], batch["s"], json.dumps(batch["h"])))
+            bid = c.execute("SELECT id FROM lock_batches WHERE sig = ?",
+                            (batch["s"],)).fetchone()[0]
+            c.executemany("INSERT OR REPLACE INTO lock_records (subject, payload, batch_id) "
+                          "VALUES (?, ?, ?)", [(s, json.dumps(r), bid)
+                                               for s, r in records.items()])
+            c.execute("DELETE FROM lock_batches WHERE id NOT IN "
+                      "(SELECT batch_id FROM lock_records)")
+        return records
+
+
+def _lock_verified(chain, signed):
+    """(batch, {subject: record}) of an admin's signed records, checked
+    against ``chain``; (None, {}) for none."""
+    if not signed:
+        return None, {}
+    if not isinstance(signed, dict) or not isinstance(signed.get("records"), list):
+        raise InnernetError("malformed lock signature", status=400)
+    batch = signed.get("batch")
+    if not batch_valid(chain.net, batch, chain.keys):
+        raise InnernetError("the records are not signed by a trusted lock key", status=403,
+                            hint="'innernet lock status' lists the trusted keys")
+    hashes, out = set(batch["h"]), {}
+    for p in signed["records"]:
+        if not _well_formed(p, chain.net) or lock_hash(p, checked=True) not in hashes:
+            raise InnernetError("a signed record is malformed or not in its batch", status=400)
+        out[record_subject(p)] = p
+    return batch, out
+
+
+
+# -- a client's lock file, an invitation's lock ----------------------------------------
+
+def load_client_lock(path):
+    """The lock file's contents, or None when this interface has no lock."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InnernetError(f"cannot read {path}: {e}",
+                            hint="it holds this interface's network lock; restore it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("chain"), list):
+        raise InnernetError(f"{path} is not a network lock file")
+    return data
+
+
+def save_client_lock(path, data):
+    atomic_write(path, json.dumps(data, separators=(",", ":")) + "\n", 0o600)
+
+
+def invitation_lock_chain(invite):
+    """The LockChain an invitation carries, or None."""
+    if not invite.lock:
+        return None
+    try:
+        entries = json.loads(base64.b64decode(invite.lock["chain"], validate=True))
+    except (ValueError, RecursionError):
+        raise InnernetError("the invitation's lock chain is malformed") from None
+    return LockChain(entries)
+
+
+
+def begin_client_lock(path, invite):
+    """At install: the lock file from the invitation's chain; [path] or []."""
+    chain = invitation_lock_chain(invite)
+    if chain is None:
+        return []
+    save_client_lock(path, {"chain": chain.entries})
+    return [path]
+
+
+# -- signing on an admin's host ---------------------------------------------------------
+
+def read_lock_key(path, required=False):
+    """The lock private key in ``path``, or None if there is none (an error
+    when ``required``: a --lock-key given explicitly)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        if required:
+            raise InnernetError(f"no lock key file at {path}") from None
+        return None
+    except OSError as e:
+        raise InnernetError(f"cannot read lock key {path}: {e.strerror}") from None
+    if not is_lock_key(text):
+        raise InnernetError(f"{path} holds no lock key")
+    return text
+
+
+class LockSigner:
+    """An admin's signing of its changes under network lock, on its own host
+    (the lock key never leaves it): records for the subjects a change
+    touches, each the next serial of its subject, in one signed batch."""
+
+    def __init__(self, chain, records, private):
+        self.chain, self.records, self.private = chain, dict(records), private
+
+    def signed(self, changes, keys=None):
+        """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
+        {subject: key} for peers whose key is not their current record's."""
+        keys, now_ms, out = keys or {}, int(time.time() * 1000), []
+        for s, fields in sorted(changes.items()):
+            cur = self.records.get(s) or {}
+            key = keys.get(s) or cur.get("key")
+            if fields["t"] == "peer" and not key:
+                raise InnernetError(f"no signed key is known for {lock_subject_text(s)}",
+                                    hint="'innernet lock log' shows the chain; re-sign with "
+                                         "'innernet lock init' only on an unlocked network")
+            out.append(lock_record(self.chain.net, lock_serial(cur.get("n"), now_ms), fields,
+                                   key))
+        for r in out:
+            self.records[record_subject(r)] = r
+        return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
+
+
+class NetworkLock:
+    """What LocalNetwork and RemoteNetwork share under network lock: which
+    key signs (lock_signer), and a change's records (lock_signed), computed
+    from the network as it is and as the change leaves it. Each admin change
+    of theirs (LOCKED) is signed so, before it is made: a subclass's methods
+    of those names are wrapped (_signing) -- the server CLI's run inside
+    signed_by, the admin API's calls carry the records (LOCK_HEADER)."""
+
+    LOCKED = ("add_cidr", "rename_cidr", "delete_cidr", "add_peer", "update_peer",
+              "add_association", "delete_association", "delete_peer", "reinvite",
+              "approve_routes", "apply")
+    _signer = False                   # not looked up yet
+    lock_key_file = None              # the key's file (--lock-key on the server)
+    api = store = None                # RemoteNetwork's, LocalNetwork's
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        for name in NetworkLock.LOCKED:
+            if name in cls.__dict__:
+                setattr(cls, name, _signing(name, cls.__dict__[name]))
+
+    def lock_info(self):
+        """(the lock chain's entries, {subject: signed record}) of the network."""
+        if self.api is not None:
+            return remote_lock_info(self.api, self.own_lock)
+        chain = self.store.lock_chain()
+        recs, _ = self.store.lock_records()
+        return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
+
+    def lock_signer(self):
+        if self._signer is False:
+            entries, records = self.lock_info()
+            chain = LockChain(entries) if entries else None
+            self._signer = None
+            if chain is not None and not chain.disabled:
+                # a --lock-key named on the server must be there
+                private = read_lock_key(self.lock_key_file, self.api is None) \
+                    if self.lock_key_file else None
+                if private is None or lock_public(private) not in chain.keys:
+                    raise InnernetError(
+                        "the network is locked, and " + ("this host has no trusted lock key"
+                                                          if private is None else
+                                                          "this lock key is not trusted"),
+                        hint="a trusted admin adds this host's key ('innernet lock key' "
+                             "shows it) with 'innernet lock add'")
+                self._signer = LockSigner(chain, records, private)
+        return self._signer
+
+    def lock_signed(self, before, after, *, keys=None, force=()):
+        """The signed records ({"batch", "records"}) of a change that leaves
+        the network ``before`` as ``after`` (projections), or None without
+        lock or change. ``force``: subjects signed anew though unchanged (a
+        new invitation key)."""
+        signer = self.lock_signer()
+        if signer is None:
+            return None
+        changes = lock_changes(before, after)
+        for s in force:
+            changes.setdefault(s, after[s])
+        return signer.signed(changes, keys) if changes else None
+
+    def lock_for(self, method, *a):
+        """The signed records of one admin change (_lock_after), or None."""
+        if self.lock_signer() is None:
+            return None
+        now = self.peers(), self.cidrs(), self.associations()
+        (after,) = _lock_after(method, *now, *a)
+        keys = self.lock_key_of(a[0]) if method in ("add_peer", "reinvite") else None
+        force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
+        return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
+                                force=force)
+
+    def lock_apply(self, text, source):
+        """The signed records of `apply`: the network as the document leaves
+        it (document_projection); new peers by their invitations' lock keys."""
+        if self.lock_signer() is None:
+            return None
+        now = self.peers(), self.cidrs(), self.associations()
+        after = document_projection(text, source, now[1], now[0], now[2], self.deletions(),
+                                    time.time())
+        if after is None:
+            return None                   # the server names the document's problems
+        keys = {f"peer:{ip}": "auth:" + auth for ip, auth in
+                getattr(self, "lock_auths", {}).items()}
+        return self.lock_signed(lock_projection(*now), after, keys=keys)
+
+    def lock_submit(self, entries, signed, adoptions):
+        """A `lock` verb's request: the chain extended (or begun), records, proofs."""
+        if getattr(self, "api", None) is None:
+            return self.store.lock_submit(entries, signed, adoptions,
+                                          str(self.config.address.ip))
+        return self.api.call("POST", "/admin/lock", {"chain": entries, "signed": signed,
+                                                      "adoptions": adoptions})
+
+    def lock_invitation(self, ip):
+        """An invitation's [lock] table under lock (its one-time lock key is
+        kept for the peer's record in ``lock_auths``), else None."""
+        signer = self.lock_signer()
+        if signer is None:
+            return None
+        private, public = lock_keypair()
+        self.lock_auths = dict(getattr(self, "lock_auths", {}), **{str(ip): public})
+        chain = base64.b64encode(json.dumps(signer.chain.entries).encode()).decode()
+        return {"chain": chain, "key": private}
+
+    def lock_key_of(self, peer):
+        """The key a new peer's record names: its invitation's lock key, or its own."""
+        auth = getattr(self, "lock_auths", {}).get(peer.ip)
+        return {f"peer:{peer.ip}": "auth:" + auth if auth else peer.public_key}
+
+
+def _signing(name, method):
+    """``method`` (an admin change, NetworkLock.LOCKED), signed under lock."""
+    def signed(self, *a):
+        records = self.lock_apply(*a[:2]) if name == "apply" else self.lock_for(name, *a)
+        if self.api is None:
+            with signed_by(records):          # enforced: unsigned is refused under lock
+                return method(self, *a)
+        self.api.extra_headers = {LOCK_HEADER: base64.b64encode(json.dumps(
+            records).encode()).decode()} if records else None
+        try:
+            return method(self, *a)
+        finally:
+            self.api.extra_headers = None
+    signed.__name__, signed.__doc__ = method.__name__, method.__doc__
+    return signed
+
+
+def remote_lock_info(api, own_lock):
+    """The server's lock chain and records, through the admin API; its chain
+    must extend this host's own copy (a hijacked server cannot make an admin
+    sign for an older or another chain, nor turn lock off for it)."""
+    try:
+        got = _require_object(api.call("GET", "/admin/lock"), "lock")
+    except InnernetError as e:
+        if getattr(e, "lacking", None) is None:
+            raise
+        got = {}
+    entries = got.get("chain") or []
+    mine = load_client_lock(own_lock)
+    if mine is not None:
+        ours = LockChain(mine["chain"])
+        if not entries or ours.extended_by(entries) is None:
+            raise InnernetError("the server's lock chain does not extend this host's copy",
+                                hint="the server may be hijacked: 'innernet lock status' "
+                                     "shows this host's chain")
+    records = got.get("records") if isinstance(got.get("records"), dict) else {}
+    return entries, records
+
+
+def _lock_after(method, peers, cidrs, assocs, *a):
+    """The network (peers, cidrs, associations) after one admin change."""
+    def swap(items, new):
+        return [new if x.id == new.id else x for x in items]
+    if method == "add_cidr":
+        return (peers, cidrs + [dataclasses.replace(a[0], id=-1)], assocs),
+    if method == "rename_cidr":
+        return (peers, swap(cidrs, dataclasses.replace(a[0], name=a[1])), assocs),
+    if method == "delete_cidr":
+        return (peers, [c for c in cidrs if c.id != a[0].id], assocs),
+    if method == "add_peer":
+        return (peers + [dataclasses.replace(a[0], id=-1)], cidrs, assocs),
+    if method == "update_peer":
+        old = next(p for p in peers if p.id == a[0].id)
+        new = dataclasses.replace(old, name=a[0].name, is_admin=a[0].is_admin,
+                                  is_disabled=a[0].is_disabled)
+        return (swap(peers, new), cidrs, assocs),
+    if method == "delete_peer":
+        return ([p for p in peers if p.id != a[0].id], cidrs, assocs),
+    if method == "reinvite":
+        return (peers, cidrs, assocs),
+    if method == "add_association":
+        new = Association(id=None, cidr_id_1=a[0].id, cidr_id_2=a[1].id)
+        return (peers, cidrs, assocs + [new]),
+    if method == "delete_association":
+        return (peers, cidrs, [x for x in assocs if x.id != a[0].id]),
+    if method == "approve_routes":
+        peer, routes, approved = a
+        have = set(peer.routes) | (set(EXIT_ROUTES) if peer.exit_node else set())
+        asked = set(peer.pending_routes) | have if routes is None else set(routes)
+        have = have | asked if approved else have - asked
+        new = dataclasses.replace(peer, routes=sorted(r for r in have if r not in EXIT_ROUTES),
+                                  exit_node=bool(have & set(EXIT_ROUTES)))
+        return (swap(peers, new), cidrs, assocs),
+    raise ValueError(method)
 
 ###############################################################################
 # Store #######################################################################
@@ -4919,7 +6184,7 @@ CREATE TABLE IF NOT EXISTS admin_proof_stamps (
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
                 "route_approvers", "audit_log", "admin_provers", "innernet_pins",
-                "admin_proof_stamps")
+                "admin_proof_stamps") + LOCK_TABLES
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -4953,7 +6218,7 @@ def acting_as(actor):
 
 
 def current_actor():
-    return getattr(_ACTOR, "name", None) or ACTOR_CLI
+    return (getattr(_ACTOR, "name", None) or ACTOR_CLI) + lock_signer_note()
 
 
 def _integrity_error(e):
@@ -4989,7 +6254,7 @@ def _db_error(e, path):
     return InnernetError(f"database {path}: {text}", status=500)
 
 
-class Store:
+class Store(LockStore):
     """The network in SQLite: CIDRs, peers, associations."""
 
     def __init__(self, path, *, create=False, audit_keep=AUDIT_KEEP, write_timer=None):
@@ -5037,7 +6302,7 @@ class Store:
             self.migrate()
         if create or not set(EXTRA_TABLES) <= tables:     # innernet's databases too
             with self.write() as c:
-                for stmt in EXTRA_SCHEMA.split(";"):
+                for stmt in (EXTRA_SCHEMA + ";" + LOCK_SCHEMA).split(";"):
                     if stmt.strip():
                         c.execute(stmt)
 
@@ -5069,7 +6334,8 @@ class Store:
             except self.sql.Error as e:
                 raise _db_error(e, self.path) from None
             try:
-                yield self.conn
+                with self._lock_checked(quiet):
+                    yield self.conn
                 self.conn.execute("COMMIT")
             except self.sql.IntegrityError as e:
                 with contextlib.suppress(self.sql.Error):
@@ -5338,7 +6604,15 @@ class Store:
 
     def add_rotation_proofs(self, peer_id, old_key, new_key, proofs):
         """Proofs a peer sends later for one of its own rotations, for peers
-        that lacked one; a proof already kept is never replaced. How many were new."""
+        that lacked one; a proof already kept is never replaced. How many were new.
+        One that adds nothing writes nothing (the revision, which wakes every
+        long poll, stays)."""
+        rows = self._query("SELECT proofs FROM key_rotations WHERE peer_id = ? AND "
+                           "old_key = ? AND new_key = ?", (peer_id, old_key, new_key))
+        if rows:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if set(proofs) <= set(json.loads(rows[0][0])):
+                    return 0
         with self.write() as c:
             row = c.execute("SELECT id, proofs FROM key_rotations WHERE peer_id = ? AND "
                             "old_key = ? AND new_key = ?", (peer_id, old_key, new_key)).fetchone()
@@ -5899,6 +7173,7 @@ def _gunzip(data, limit=MAX_ANSWER):
 INNERNET_SERVER = "innernet 1.5.5 (or another innernet server)"
 ROUTES_FEATURE = "subnet routes or exit nodes"
 STATIC_FEATURE = "static peers (stock WireGuard devices)"
+LOCK_FEATURE = "network lock"
 
 EXTENSIONS = (                # ([method ]path prefix, the feature it serves, what to do instead)
     ("PUT /admin/cidrs", "CIDR renaming",
@@ -5919,6 +7194,8 @@ EXTENSIONS = (                # ([method ]path prefix, the feature it serves, wh
     ("/admin/audit", "audit log", None),
     ("/admin/innernet-pins", "pin tracking for innernet clients", "innernet-server keeps "
      "no pins: there, delete the client's data store and it pins anew"),
+    ("/admin/lock", LOCK_FEATURE, None),
+    ("/user/lock-adoption", LOCK_FEATURE, None),
 )
 
 LACKS_RECHECK = 86400         # s after which what a server lacked is asked again
@@ -6000,6 +7277,8 @@ class ApiClient:
     A small client of our own on a socket: http.client pulls in email and ssl,
     which would double the start-up time and memory of a cron `fetch`.
     """
+
+    extra_headers = None          # sent with every request while set (LOCK_HEADER)
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
                  source_address=None, proof_key=None, invite_key=None, lacks=None):
@@ -6139,6 +7418,7 @@ class ApiClient:
         if body is not None or method in ("POST", "PUT"):
             hdrs["Content-Type"] = "application/json"
             hdrs["Content-Length"] = str(len(data))
+        hdrs.update(self.extra_headers or {})
         hdrs.update(headers or {})
         if method != "GET" and self.sock is not None and not self._fresh():
             self.close()        # a write goes only on a connection known to be open
@@ -6171,10 +7451,12 @@ class ApiClient:
                     raise InnernetError(f"the server at {self.endpoint} sent a malformed "
                                         f"answer: {e}") from None
                 reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                raise InnernetError(
+                err = InnernetError(
                     f"cannot reach the innernet server at {self.endpoint}: {reason}",
                     hint="is the server running, and is this host's WireGuard "
-                         "interface up?", unreachable=True) from None
+                         "interface up?", unreachable=True)
+                err.refused = isinstance(e, ConnectionRefusedError)
+                raise err from None
             self.used = time.monotonic()
             if rhdrs.get("connection", "").lower() == "close":
                 self.close()
@@ -6184,8 +7466,8 @@ class ApiClient:
 
     def _head(self, method, path, hdrs, data):
         """The request line and headers, with an admin proof where one is due."""
-        if self.proof_key is not None and (path.startswith("/admin/")
-                                           or path == "/user/redeem"):
+        if self.proof_key is not None and (path.startswith("/admin/") or path in (
+                "/user/redeem", "/user/rotation-proofs") and method == "POST"):
             if self._proof_mac is None:
                 self._proof_mac = admin_proof_key(shared_secret(self.proof_key,
                                                                 self.server_key))
@@ -6297,6 +7579,10 @@ class ClientFiles:
     # interface back up (after a reboot, a killed wireguard-go) unless it is there.
     down_marker = property(lambda self: self.with_suffix(".down"))
     fast_record = property(lambda self: fast_file_path(self.data_dir, self.iface))
+    # Network lock: this host's copy of the chain and what it verified; on an
+    # admin's host, its lock key (0600, beside the config: it never leaves it).
+    lock = property(lambda self: self.with_suffix(".lock.json"))
+    lock_key = property(lambda self: os.path.join(self.config_dir, f"{self.iface}.lock-key"))
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
@@ -8173,12 +9459,38 @@ class StateViews:
         # a time: the whole state as dicts at once (1,000 peers: a megabyte)
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
+        lock = self.lock_section(cidrs, view)
         body = ('{"peers": [' + ", ".join(
             json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
             # ours: lets clients unpin deleted peers (innernet ignores it)
-            + (', "deleted": ' + json.dumps(gone) if gone else "") + "}").encode()
+            + (', "deleted": ' + json.dumps(gone) if gone else "")
+            + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
+
+    def lock_section(self, cidrs, view):
+        """The state's "lock" (ours; innernet ignores it): the chain, and the
+        signed records a caller with this view needs -- every CIDR and
+        association, the peers (and deleted peers) in its view -- with their
+        batches and enrollments. None without lock."""
+        data = self._cached("lock", self.revision(), self._lock_data)
+        if data is None:
+            return None
+        entries, recs, batches, enroll = data
+        ranges = {c.cidr for c in cidrs if c.id in view}
+        chosen = [(p, b) for p, b in recs.values() if p["t"] != "peer" or p["cidr"] in ranges]
+        ips = {p["ip"] for p, _ in chosen if p["t"] == "peer"}
+        return {"chain": entries, "batches": [batches[b] for b in sorted({b for _, b in chosen})
+                                              if b in batches],
+                "records": [p for p, _ in chosen],
+                "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
+
+    def _lock_data(self):
+        entries = self.store.lock_entries()
+        if not entries:
+            return None
+        recs, batches = self.store.lock_records()
+        return entries, recs, batches, self.store.lock_enrollments()
 
     def dns_view(self, remote_ip):
         """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
@@ -8288,8 +9600,24 @@ def dispatch(co, method, path, headers, remote_ip, body, body_error):
             data = json.loads(body.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
             raise InnernetError("request body is not valid JSON", status=400) from None
-    with acting_as(f"{caller.name} ({caller.ip})"):     # for the audit log
+    signed = _lock_header(headers) if segs[1] == "admin" else None
+    with acting_as(f"{caller.name} ({caller.ip})"), \
+            signed_by(signed, enforce=segs[1] == "admin"):       # for the audit log
         return fn(co, Request(caller, data, rid, headers, query, target, body))
+
+
+def _lock_header(headers):
+    """The records an admin request signs ({"batch", "records"}), or None."""
+    text = headers.get(LOCK_HEADER) if headers is not None else None
+    if text is None:
+        return None
+    try:
+        signed = json.loads(base64.b64decode(text, validate=True))
+    except (ValueError, RecursionError):
+        raise InnernetError(f"malformed {LOCK_HEADER} header", status=400) from None
+    if not isinstance(signed, dict) or not isinstance(signed.get("batch"), dict):
+        raise InnernetError(f"malformed {LOCK_HEADER} header", status=400)
+    return signed
 
 
 def notifier(condition):
@@ -8654,6 +9982,8 @@ def user_redeem(co, req):
     # linger there for up to a second after a CLI edit.
     if co.device.backend is not None and co.device.holder(caller.ip) != caller.public_key:
         raise InnernetError("the invitation was replaced by a newer one", status=401)
+    if co.store.locked():
+        _lock_enrollment(co.store, caller, new_key, data.get("lock_enrollment"))
     # Our client proves the redemption with the new key: this peer's admin
     # calls will need proofs from the start (see AdminProofs).
     proof = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
@@ -8665,6 +9995,23 @@ def user_redeem(co, req):
     if co.metrics is not None:
         co.metrics.count("redemptions")
     return Response(204, after=lambda sock: co.swaps.finish(caller.id, sock))
+
+
+def _lock_enrollment(store, caller, new_key, enrollment):
+    """Under lock, a redemption carries the joining host's signature of its
+    new key, made with the one-time lock key its invitation's record names."""
+    recs, _ = store.lock_records()
+    rec = recs.get(f"peer:{caller.ip}", (None,))[0]
+    if rec is None or not rec["key"].startswith("auth:"):
+        raise InnernetError("the network is locked and this invitation was made before the "
+                            "lock: it cannot be redeemed", status=403,
+                            hint="ask an admin for a new one ('innernet reinvite')")
+    if enrollment_key(store.lock_chain().net, caller.ip, rec["key"][5:], enrollment) != new_key:
+        raise InnernetError("the network is locked: a redemption needs the enrollment its "
+                            "invitation's lock key signs (innernet.py's install makes it)",
+                            status=403)
+    store.lock_enroll(caller.ip, enrollment)
+
 
 
 @api_route("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
@@ -8717,15 +10064,21 @@ def user_get_rotations(co, req):
                           for old, new, proofs in co.store.rotations(ip)])
 
 
+def _proof_verifiers(co, caller):
+    """The keys of the peers that may see ``caller`` (redeemed, enabled): the
+    only ones a proof of its rotation is asked or kept for."""
+    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
+    seen_by = visible_cidr_ids(cidrs, assocs, caller.cidr_id)
+    return [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
+            and not p.is_disabled and p.id != caller.id]
+
+
 @api_route("GET", "user/rotation-proofs", "user")
 def user_get_missing_proofs(co, req):
     """Ours: the caller's own rotations that a peer which may see it has no
     proof for (it joined after the caller's last sync before rotating):
     [{"old_key", "new_key", "peers": [public keys]}]."""
-    peers, cidrs, assocs = co.store.peers(), co.store.cidrs(), co.store.associations()
-    seen_by = visible_cidr_ids(cidrs, assocs, req.caller.cidr_id)
-    keys = [p.public_key for p in peers if p.cidr_id in seen_by and p.is_redeemed
-            and not p.is_disabled and p.id != req.caller.id]
+    keys = _proof_verifiers(co, req.caller)
     out = []
     for old, new, proofs in co.store.rotations(req.caller.ip):
         missing = [k for k in keys if k not in proofs]
@@ -8737,16 +10090,32 @@ def user_get_missing_proofs(co, req):
 @api_route("POST", "user/rotation-proofs", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_add_rotation_proofs(co, req):
     """Ours: late proofs for one of the caller's own rotations
-    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay."""
+    ({"old_key", "new_key", "proofs": {peer key: proof}}); kept ones stay.
+
+    Not rate-limited (the endpoint and candidate budget is not spent): only
+    proofs for peers that may see the caller are kept, each slot once, so
+    the writes are bounded by its kept rotations times those peers; one that
+    adds nothing writes nothing. A local user of the peer's host who spends
+    that budget with candidate reports cannot hold the proofs back."""
     data = _require_object(req.body, "rotation proofs")
     old, new = _get(data, "old_key", str), _get(data, "new_key", str)
     proofs = _get(data, "proofs", dict)
     if len(proofs) > 200000 or not all(is_key(k) and isinstance(v, str) and len(v) == 44
                                        for k, v in proofs.items()):
         raise _bad("field 'proofs' must map public keys to proofs")
-    co.gate.allow_update(req.caller.id)
+    # Made with the peer's private key (the admin proof's MAC): a local user
+    # of its host, who can speak as the peer, cannot plant proofs of its own.
+    header = req.headers.get(ADMIN_PROOF_HEADER) if req.headers is not None else None
+    if header is None:
+        raise InnernetError(f"late rotation proofs need a {ADMIN_PROOF_HEADER} header (made "
+                            "with the peer's private key, as innernet.py's client does)",
+                            status=403)
+    co.proofs.verify(req.caller.public_key, "POST", req.target, req.raw, header)
+    verifiers = set(_proof_verifiers(co, req.caller))
+    proofs = {k: v for k, v in proofs.items() if k in verifiers}
     added = co.store.add_rotation_proofs(req.caller.id, old, new, proofs)
-    log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
+    if added:
+        log(f"peer '{req.caller.name}' ({req.caller.ip}) sent {added} late rotation proof(s)")
     return Response(204)
 
 
@@ -8830,6 +10199,41 @@ def admin_apply(co, req):
     steps = co.store.apply_document(_get(data, "document", str), "the file", invites)
     log(f"admin '{req.caller.name}' applied {len(steps)} change(s)")
     return Response(200, {"applied": [st.line for st in steps]})
+
+
+@api_route("GET", "admin/lock", "admin")
+def admin_get_lock(co, req):
+    """Ours: the lock chain and every signed record, for admins' lock verbs."""
+    chain = co.store.lock_chain()
+    if chain is None:
+        return Response(200, {"chain": [], "records": {}})
+    recs, _ = co.store.lock_records()
+    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()}})
+
+
+@api_route("POST", "admin/lock", "admin", body=True, max_body=MAX_ROTATION_BODY)
+def admin_post_lock(co, req):
+    """Ours: `lock init|add|remove|disable` -- the chain extended (or begun),
+    records signed, adoption proofs for the peers that joined before."""
+    data = _require_object(req.body, "lock request")
+    entries = _get(data, "chain", list)
+    signed = data.get("signed")
+    adoptions = _get(data, "adoptions", dict, required=False, default={})
+    chain = co.store.lock_submit(entries, signed, adoptions, req.caller.ip)
+    log(f"lock chain now at {chain.head[:12]} ({len(chain.keys)} trusted key(s)"
+        + (", disabled" if chain.disabled else "") + f"), by {current_actor()}")
+    return Response(200, {"head": chain.head})
+
+
+@api_route("GET", "user/lock-adoption", "user")
+def user_lock_adoption(co, req):
+    """Ours: an admin's proof, for the caller, of the lock's genesis."""
+    row = co.store.lock_adoption(req.caller.public_key)
+    admin = co.store.peer_by_ip(row[0]) if row else None
+    if admin is None:
+        raise InnernetError("no lock adoption proof for this peer", status=404)
+    return Response(200, {"admin_ip": admin.ip, "admin_key": admin.public_key, "mac": row[1]})
+
 
 
 @api_route("GET", "admin/audit", "admin")
@@ -9729,6 +11133,18 @@ def choose_exit_node(peers, name, own_key, ip=None):
     return p, None
 
 
+def rotation_chain(api, ip):
+    """The rotations the server keeps for ``ip`` ([] from innernet's server)."""
+    try:
+        chain = api.call("GET", f"/user/rotations?ip={ip}") or []
+    except InnernetError as e:
+        if e.unreachable:
+            raise
+        chain = []
+    return [r for r in chain if isinstance(r, dict)] if isinstance(chain, list) else []
+
+
+
 def verified_rotations(api, cfg, stored, received):
     """The key changes at known addresses that their old keys' holders proved,
     and those still waiting for a proof for us (rotation_awaits_proof):
@@ -9869,9 +11285,13 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                {(w.get("ip"), w.get("new_key")): w for w in
                 prev.get("pending_key_changes") or [] if isinstance(w, dict)})
     f.find_device(allow_bring_up)
+    settled = settle_rotation(files, f.cfg, f.backend)
+    if settled is not f.cfg:
+        f.cfg, f.own_key = settled, public_key(settled.private_key)
     f.api = _IN_FLIGHT[iface] = ApiClient(f.cfg.server_internal_endpoint,
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
-                                          lacks=server_lacks(files, f.cfg))
+                                          lacks=server_lacks(files, f.cfg),
+                                          proof_key=f.cfg.private_key)   # late proofs
     proofs_sent = True
     try:
         f.receive(wait)
@@ -9902,6 +11322,62 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
 
 
+def _server_answers(cfg):
+    """Does the server answer an API request from ``cfg``'s key (any HTTP
+    answer counts; only a transport failure is no)?"""
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key)
+    try:
+        api.call("GET", "/user/capabilities")
+        return True
+    except InnernetError as e:
+        return not e.unreachable
+    finally:
+        api.close()
+
+
+def settle_rotation(files, cfg, backend):
+    """A `rotate-key` whose answer never came left ``<iface>.conf.rotating``
+    (the new key). The server itself says which key it holds: it answers
+    only the key it has (the old one is off its device once it takes the
+    new). The old key answered: the rotation never happened, the file goes.
+    The new one answered: it is this peer's key (the old one kept for late
+    proofs). Neither (the server is down): asked again at the next sync.
+    -> the config to sync with."""
+    if not os.path.exists(files.config + ".rotating"):
+        return cfg
+    with file_lock(files.config, wait=False) as mine:
+        # not while a `rotate-key` waits for its answer (it holds the lock)
+        return _settle_rotation(files, cfg, backend) if mine else cfg
+
+
+def _settle_rotation(files, cfg, backend):
+    iface, path = files.iface, files.config
+    pending = path + ".rotating"
+    if not os.path.exists(pending):
+        return cfg
+    try:
+        new = InterfaceConfig.from_toml(read_text(pending), pending)
+    except InnernetError:
+        new = None
+    if new is None or new.private_key == cfg.private_key or _server_answers(cfg):
+        os.unlink(pending)
+        warn(f"{iface}: the interrupted key rotation never reached the server: the key "
+             f"was not rotated (run 'innernet rotate-key {iface}' again to rotate it)")
+        return cfg
+    with device_lock(iface):
+        backend.apply(iface, private_key=new.private_key)
+        if not _server_answers(dataclasses.replace(cfg, private_key=new.private_key)):
+            backend.apply(iface, private_key=cfg.private_key)
+            return cfg
+    os.replace(pending, path)
+    new_public = public_key(new.private_key)
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(files, cfg.private_key, new_public, time.time())
+    log(f"{iface}: the server had taken the new key of the interrupted rotation "
+        f"({short_key(new_public)}); it is this peer's key now")
+    return current_server(files, load_client_config(files))
+
+
 def _unreachable_hint(f):
     """Why the server may not answer: with no WireGuard handshake with it for
     the whole window, this peer may be disabled or deleted there (the server
@@ -9930,6 +11406,7 @@ class _Fetch:
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
         self.pending = []
+        self.lock = None                 # the lock file's new contents, to save
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -9945,6 +11422,10 @@ class _Fetch:
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
                 mtu=opts.mtu, routing=opts.routing)
             self.brought_up = True
+        else:
+            fixed = repair_link(iface, cfg.address, opts.routing)
+            if fixed:
+                warn(f"{iface}: put back what the interface had lost: {', '.join(fixed)}")
         self.stored_peers, self.stored_cidrs, self.stored_etag = load_data_store(self.files.store)
 
     def receive(self, wait):
@@ -9961,7 +11442,7 @@ class _Fetch:
                 self.peers, self.cidrs = self.stored_peers, self.stored_cidrs
                 return
             received, self.cidrs, deleted, refused = parse_state(state)
-            received = self.checked(received)
+            received = self.checked(self.locked(received, state))
             now, floor = time.time(), min_quarantine()
             received, quarantined = refuse_quarantined(received, self.stored_peers, deleted,
                                                        now, floor)
@@ -9984,7 +11465,66 @@ class _Fetch:
             self.peers, self.cidrs, self.etag = self.stored_peers, self.stored_cidrs, \
                 self.stored_etag
             self.unreachable = e
-            self.cfg = fail_over(self.files, self.cfg, self.backend)
+            self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
+
+    def locked(self, received, state):
+        """Under network lock, the records signed by a trusted key that this
+        host may see (verify_state); one line for each one refused."""
+        path = self.files.lock
+        mine = load_client_lock(path)
+        offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
+        if mine is None:
+            mine = self.adopt(offered)
+            if mine is None:
+                return received
+        chain, note = adopt_chain(LockChain(mine["chain"]),
+                                  offered.get("chain") if offered else None)
+        if note:
+            warn(f"{self.iface}: {note}")
+        self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
+        if chain.disabled:
+            return received
+        chains = {}
+
+        def rotated(ip, old, new):
+            if ip not in chains:
+                chains[ip] = rotation_chain(self.api, ip)
+            return follow_rotations(self.cfg.private_key, ip, old, chains[ip]) == new
+        cache = mine.get("cache") if isinstance(mine.get("cache"), dict) else {}
+        known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
+        accepted, refused, known = verify_state(
+            chain, offered or {}, received, self.cidrs, str(self.cfg.address.ip), known,
+            rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)})
+        lines = [lock_refusal(p, why) for p, why in refused]
+        for line in lines:
+            warn(f"{self.iface}: {line}")
+        sigs = {b.get("s") for b in (offered or {}).get("batches") or [] if isinstance(b, dict)}
+        self.lock.update(known=known, refused=lines,
+                         cache={k: v for k, v in cache.items() if k in sigs})
+        return accepted
+
+    def adopt(self, offered):
+        """The lock of a network locked after this host joined: taken only
+        with an admin's proof for this host (adoption_valid) from an admin
+        peer it already knows; else None (and a line)."""
+        if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
+            return None
+        try:
+            genesis = LockChain(offered["chain"][:1])
+            ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
+        except InnernetError as e:
+            warn(f"{self.iface}: the server says the network is locked, but gave no proof an "
+                 f"admin made the lock ({e.message}): not taken")
+            return None
+        admin = next((p for p in self.stored_peers if p.ip == ans.get("admin_ip")
+                      and p.public_key == ans.get("admin_key") and p.is_admin), None)
+        if admin is None or not adoption_valid(self.cfg.private_key, genesis.genesis,
+                                               admin.public_key, ans.get("mac")):
+            warn(f"{self.iface}: the server says the network is locked, but no admin this "
+                 "host knows proved it: not taken")
+            return None
+        log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
+        return {"chain": genesis.entries}
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -10102,6 +11642,8 @@ class _Fetch:
                     warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
                          "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
+            if self.lock is not None:
+                save_client_lock(self.files.lock, self.lock)
             save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
@@ -10133,10 +11675,12 @@ def current_server(files, cfg):
     return cfg
 
 
-def fail_over(files, cfg, backend):
+def fail_over(files, cfg, backend, refused=False):
     """The server does not answer: point its peer at the next endpoint it may be at
     (a standby with the same key and address), round the list, so the next sync
-    tries there; a server that comes back is found the same way."""
+    tries there; a server that comes back is found the same way. ``refused``:
+    the endpoint's host refused the connection (it is there; its API is not
+    listening yet), the one case that may wait (FAILOVER_GRACE)."""
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
@@ -10150,10 +11694,13 @@ def fail_over(files, cfg, backend):
     dp = None
     with contextlib.suppress(InnernetError, OSError):
         dp = backend.get(iface).peer(cfg.server_public_key)
-        if dp is not None and dp.last_handshake > since > time.time() - FAILOVER_GRACE:
-            # The endpoint just switched to has answered WireGuard since: it is
-            # there, only its API is not yet (a standby starting). Stay, for a
-            # while: a server that answered once may be gone later.
+        if refused and dp is not None and \
+                dp.last_handshake > since > time.time() - FAILOVER_GRACE:
+            # The endpoint just switched to has answered WireGuard since, and
+            # its host refuses the connection: it is there, only its API is
+            # not yet (a standby starting). Stay, for a while. A connection
+            # that timed out or broke (a server that answered once and is gone
+            # since) moves on at once, grace or not.
             return cfg
     here = eps.index(cfg.server_external_endpoint) if cfg.server_external_endpoint in eps else 0
     nxt = eps[(here + 1) % len(eps)]
@@ -10233,7 +11780,7 @@ def server_capabilities(files, opts):
         # unreachable from here: the sync that brings the device back comes
         # first, not a fail-over that needs the device (and would never end).
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(files, current_server(files, cfg), backend)
+            fail_over(files, current_server(files, cfg), backend, e.refused)
             raise
         if e.unreachable or e.status in (404, 401):
             return {}
@@ -10578,7 +12125,7 @@ def interfaces_of(args, required=True):
     return chosen_interfaces(Dirs.from_args(args), getattr(args, "interface", None), required)
 
 
-class LocalNetwork:
+class LocalNetwork(NetworkLock):
     """The server CLI's view: the database directly."""
 
     def __init__(self, args, iface):
@@ -10586,6 +12133,7 @@ class LocalNetwork:
         self.backend_choice = arg_or(args, "backend", "auto")
         self.config = load_server_config(server_dirs(args), iface)
         self.store = Store(server_paths(args, iface)[1])
+        self.lock_key_file = getattr(args, "lock_key", None)       # --lock-key, if locked
 
     def cidrs(self):
         return self.store.cidrs()
@@ -10686,7 +12234,7 @@ class LocalNetwork:
                 format_endpoint(self.config.address, self.config.listen_port))
 
 
-class RemoteNetwork:
+class RemoteNetwork(NetworkLock):
     """An admin peer's view: the server's admin API over the tunnel."""
 
     def __init__(self, args, iface):
@@ -10695,6 +12243,7 @@ class RemoteNetwork:
         self.lacks = server_lacks(client_files(args, iface), self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
+        self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
 
     def cidrs(self):
         return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
@@ -10905,7 +12454,8 @@ def _invitation(net, cidrs, ip, invite_key, endpoints=None):
     extra = endpoints if endpoints is not None else net.server_endpoints()
     return InterfaceConfig(network_name=net.network_name(), address=ipaddress.ip_interface(f"{ip}/{prefix}"),
                            private_key=invite_key, listen_port=None, server_public_key=server_key, server_external_endpoint=external, server_internal_endpoint=internal,
-                           server_endpoints=[e for e in extra if e != external])
+                           server_endpoints=[e for e in extra if e != external],
+                           lock=net.lock_invitation(ip))
 
 
 def show_static_config(args, text):
@@ -11016,8 +12566,7 @@ def cmd_add_peer(args):
         net.require(ROUTES_FEATURE)      # innernet's server would drop them silently
     if getattr(args, "static", False):
         net.require(STATIC_FEATURE)      # ... and store an ordinary peer
-    endpoints = [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
-                 if e.strip()] if getattr(args, "server_endpoints", None) else None
+    endpoints = _server_endpoints_flag(args)
     cidr = _eligible_cidr(cidrs, args.cidr)
     now = time.time()
     ip, used = _new_peer_address(args, net, peers, cidr, now)
@@ -11129,10 +12678,19 @@ def cmd_forget_pins(args):
     return 0
 
 
+def _server_endpoints_flag(args):
+    """--server-endpoints (add-peer, reinvite): the list, or None (not given)."""
+    if not getattr(args, "server_endpoints", None):
+        return None
+    return [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
+            if e.strip()]
+
+
 def cmd_reinvite(args):
     """Ours: a new invitation for a peer that has not redeemed its first one."""
     if args.save_config is not None:
         parse_save_path(args.save_config)
+    endpoints = _server_endpoints_flag(args)
     net = open_network(args)
     cidrs, peers = net.cidrs(), _user_peers(net.peers())
     if args.name is not None and args.name in peers and peers[args.name].is_redeemed:
@@ -11143,7 +12701,8 @@ def cmd_reinvite(args):
     expires, save_path = _invitation_options(args, peer.name)
     confirm(args, f"Replace the invitation of '{peer.name}' ({peer.ip})?", True)
     invite_key = generate_private_key()
-    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key).to_toml(
+    _with_secret_file(save_path, _invitation(net, cidrs, peer.ip, invite_key,
+                                             endpoints).to_toml(
         INVITATION_HEADER), lambda: net.reinvite(peer, public_key(invite_key),
                                                  int(time.time()) + expires))
     _said_saved(save_path, expires)
@@ -11453,6 +13012,170 @@ def cmd_delete_association(args):
     confirm(args, f"Delete association #{assoc.id}?", False)
     net.delete_association(assoc)
     log(f"association #{assoc.id} deleted")
+    return 0
+
+
+###############################################################################
+# Lock verbs ##################################################################
+###############################################################################
+# `innernet lock VERB NET` on an admin peer's host: the lock key is made and
+# kept here (0600, beside the interface's config), never on the server.
+
+def cmd_lock(args):
+    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable."""
+    return {"init": _lock_init, "status": _lock_status, "key": _lock_key, "add": _lock_add,
+            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable}[
+        args.lock_verb](args, parse_interface(args.interface))
+
+
+def _own_lock_key(args, iface, make=False):
+    """(private, public) of this host's lock key; made (0600) when ``make``."""
+    path = client_files(args, iface).lock_key
+    private = read_lock_key(path)
+    if private is None:
+        if not make:
+            raise InnernetError(f"this host has no lock key for {iface}",
+                                hint=f"make one with 'innernet lock key {iface}'")
+        private = lock_keypair()[0]
+        ensure_dir(os.path.dirname(path))
+        atomic_write(path, private + "\n", 0o600, exclusive=True)
+        log(f"lock key made: {path} (0600; it never leaves this host)")
+    return private, lock_public(private)
+
+
+def _lock_key(args, iface):
+    load_client_config(client_files(args, iface))
+    print(_own_lock_key(args, iface, make=True)[1])
+    return 0
+
+
+def _lock_init(args, iface):
+    """Lock a running network: this host's key trusted, every peer, CIDR and
+    association signed (one batch), each peer sent this admin's proof of the
+    genesis, and the disablement secret shown once."""
+    net = RemoteNetwork(args, iface)
+    net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
+    entries, _ = net.lock_info()
+    if entries:
+        raise InnernetError(f"network {iface} is locked already"
+                            + (" (and was disabled: it cannot be locked again)"
+                               if LockChain(entries).disabled else ""),
+                            hint=f"'innernet lock status {iface}'")
+    private, public = _own_lock_key(args, iface, make=True)
+    peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
+    _refuse_repinned(args, iface, peers)
+    secret = lock_secret()
+    genesis = lock_genesis(net.network_name(), [(public, args.key_name or iface)], secret,
+                           private, int(time.time()))
+    chain = LockChain([genesis])
+    now_ms = int(time.time() * 1000)
+    keys = {p.ip: p.public_key for p in peers}
+    records = [lock_record(chain.net, now_ms, f, keys.get(f.get("ip")))
+               for f in lock_projection(peers, cidrs, assocs).values()]
+    own = net.config.private_key
+    adoptions = {p.public_key: adoption_proof(own, chain.genesis, p.public_key) for p in peers
+                 if p.is_redeemed and p.public_key not in (public_key(own),
+                                                            net.config.server_public_key)}
+    net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
+                                    "records": records}, adoptions)
+    save_client_lock(net.own_lock, {"chain": chain.entries})
+    log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
+        f"{len(adoptions)} peers sent the proof of it")
+    print(f"disablement secret (shown once; keep it offline): {secret}")
+    return 0
+
+
+def _refuse_repinned(args, iface, peers):
+    """`lock init` signs the keys the server lists: refuse where this host
+    pinned another key at an address (the server would be lying now)."""
+    stored, _, _ = load_data_store(client_files(args, iface).store)
+    have = {p.ip: p.public_key for p in peers}
+    for p in stored:
+        if p.deleted_until is None and have.get(p.ip, p.public_key) != p.public_key:
+            raise InnernetError(f"the server lists another key at {p.ip} than this host "
+                                f"pinned for '{p.name}': not signing it",
+                                hint="fetch first, and find out why")
+
+
+def _lock_chain(args, iface):
+    net = RemoteNetwork(args, iface)
+    net.require(LOCK_FEATURE)
+    entries, records = net.lock_info()
+    if not entries:
+        raise InnernetError(f"network {iface} is not locked",
+                            hint=f"an admin locks it with 'innernet lock init {iface}'")
+    return net, LockChain(entries), records
+
+
+def _lock_status(args, iface):
+    mine = load_client_lock(client_files(args, iface).lock)
+    if mine is None:
+        print(f"{iface}: not locked")
+        return 0
+    chain = LockChain(mine["chain"])
+    print(f"{iface}: " + ("lock disabled" if chain.disabled else "locked")
+          + f", chain at {chain.head[:12]} ({len(chain.entries)} entries)")
+    own = read_lock_key(client_files(args, iface).lock_key)
+    for key, name in chain.keys.items():
+        here = " (this host)" if own and lock_public(own) == key else ""
+        print(f"  trusted: {name} {lock_short(key)}{here}")
+    if own and lock_public(own) not in chain.keys:
+        print(f"  this host's key {lock_short(lock_public(own))} is not trusted")
+    refused = mine.get("refused") or []
+    print(f"  {len(refused)} record(s) refused at the last sync" + (
+        " (innernet show lists them)" if refused else ""))
+    return 0
+
+
+def _lock_log(args, iface):
+    _, chain, _ = _lock_chain(args, iface)
+    for n in range(len(chain.entries)):
+        print(chain.describe(n))
+    return 0
+
+
+def _lock_add(args, iface):
+    net, chain, _ = _lock_chain(args, iface)
+    if not is_lock_key(args.key or ""):
+        raise InnernetError("--key needs a lock public key",
+                            hint="the new admin prints it with 'innernet lock key NET'")
+    if args.key in chain.keys:
+        raise InnernetError(f"{lock_short(args.key)} is trusted already")
+    private, _ = _own_lock_key(args, iface)
+    entry = lock_update(chain, "add", args.key, args.key_name or "admin", private,
+                        int(time.time()))
+    net.lock_submit(chain.entries + [entry], None, {})
+    log(f"lock key {lock_short(args.key)} trusted")
+    return 0
+
+
+def _lock_remove(args, iface):
+    """Remove a key; the records it signed are signed again here, in the same
+    request (clients stop counting a removed key's signatures)."""
+    net, chain, records = _lock_chain(args, iface)
+    if args.key not in chain.keys:
+        raise InnernetError(f"{lock_short(args.key or '')} is not a trusted lock key")
+    private, public = _own_lock_key(args, iface)
+    entry = lock_update(chain, "remove", args.key, chain.keys[args.key], private,
+                        int(time.time()))
+    now_ms = int(time.time() * 1000)
+    again = [lock_record(chain.net, lock_serial(p["n"], now_ms), lock_fields(p), p.get("key"))
+             for p in records.values()]
+    signed = {"batch": sign_batch(chain.net, private, again), "records": again}
+    net.lock_submit(chain.entries + [entry], signed if again else None, {})
+    log(f"lock key {lock_short(args.key)} removed; {len(again)} records signed again by "
+        f"{lock_short(public)}")
+    return 0
+
+
+def _lock_disable(args, iface):
+    net, chain, _ = _lock_chain(args, iface)
+    if chain.disabled:
+        raise InnernetError(f"network {iface}'s lock is disabled already")
+    entry = lock_disablement(chain, args.secret, int(time.time()))
+    LockChain(chain.entries + [entry])          # a wrong secret fails here, not on the wire
+    net.lock_submit(chain.entries + [entry], None, {})
+    log(f"network {iface}'s lock disabled: clients stop checking signatures at their next sync")
     return 0
 
 
@@ -11944,13 +13667,14 @@ def cmd_install(args):
     # directory that is read-only or full fails here, with the invitation
     # still unused, and a key the server accepted is never lost.
     new_key = generate_private_key()
-    cfg = dataclasses.replace(invite, private_key=new_key)
+    cfg = dataclasses.replace(invite, private_key=new_key, lock=None)
     store_path = client_files(args, iface).store
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
     redeemed, backend = False, None      # False: the files go if this fails
     try:
         save_data_store(store_path, [], [])
+        made += begin_client_lock(client_files(args, iface).lock, invite)   # locked at once
         backend = bring_up(backend_choice, iface, private_key=invite.private_key,
                            address=invite.address, listen_port=invite.listen_port,
                            updates=[server_peer_update(invite)],
@@ -12063,8 +13787,13 @@ def _redeem(invite, new_key):
     the error when its answer was lost (it may have)."""
     api = ApiClient(invite.server_internal_endpoint, invite.server_public_key,
                     proof_key=new_key, invite_key=invite.private_key)
+    body = {"public_key": public_key(new_key)}
+    if invite.lock:
+        body["lock_enrollment"] = sign_enrollment(
+            invitation_lock_chain(invite).net, str(invite.address.ip), body["public_key"],
+            invite.lock["key"])
     try:
-        api.call("POST", "/user/redeem", {"public_key": public_key(new_key)})
+        api.call("POST", "/user/redeem", body)
         return None
     except InnernetError as e:
         if e.status in (409, 410) or e.status == 401 and "already redeemed" in e.message:
@@ -12145,11 +13874,18 @@ def cmd_set_listen_port(args):
 def cmd_rotate_key(args):
     """Ours: a new key pair for this peer, proved to the server and every peer."""
     iface = parse_interface(args.interface)
-    cfg = load_client_config(client_files(args, iface))
+    files = client_files(args, iface)
+    cfg = load_client_config(files)
     backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
-    peers, _, _ = load_data_store(client_files(args, iface).store)
+    # An earlier rotation whose answer was lost first: its key may be the server's.
+    cfg = settle_rotation(files, cfg, backend)
+    if os.path.exists(files.config + ".rotating"):
+        raise InnernetError("an earlier key rotation is not settled yet: the server does not "
+                            "answer", hint=f"run 'innernet rotate-key {iface}' again when it "
+                                           "does (the next fetch settles it too)")
+    peers, _, _ = load_data_store(files.store)
     own = public_key(cfg.private_key)
     ip = str(cfg.address.ip)
     new_private = generate_private_key()
@@ -12159,12 +13895,34 @@ def cmd_rotate_key(args):
     verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
-    path = client_files(args, iface).config
+    with file_lock(files.config):    # a sync leaves the pending key alone meanwhile
+        said = _post_rotation(files, cfg, new_private, proofs)
+    since = time.time()
+    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
+        keep_old_key(files, cfg.private_key, new_public, since)
+    backend.apply(iface, private_key=new_private)
+    server = server_peer_update(cfg)
+    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
+        warn("no handshake with the server under the new key yet")
+    for p in peers:                 # each peer's new session starts at once, not in 5 s
+        if not p.is_disabled and p.public_key != own:
+            trigger_packet(p.ip)
+    _say_rotated(iface, cfg, said, verifiers, new_public)
+    return 0
+
+
+def _post_rotation(files, cfg, new_private, proofs):
+    """The new key to the server, written first to ``<config>.rotating`` and
+    moved over the config once the server took it; the server's answer."""
+    iface, path = files.iface, files.config
     pending = path + ".rotating"
+    new_public = public_key(new_private)
+    with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
+        os.unlink(files.fast_record)
     # The new key is on disk before the server hears of it.
     atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(client_files(args, iface), cfg))
+                    lacks=server_lacks(files, cfg))
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:
@@ -12177,8 +13935,9 @@ def cmd_rotate_key(args):
                                          "again when the server answers") from None
             raise
         raise InnernetError(f"{e.message} while rotating the key",
-                            hint=f"the server may have taken the new key; if 'innernet fetch "
-                                 f"{iface}' now fails, run 'mv {pending} {path}'") from None
+                            hint=f"the server may have taken the new key; the next 'innernet "
+                                 f"fetch {iface}' (or the daemon's next round) asks it which "
+                                 "key it holds and keeps that one") from None
     finally:
         api.close()
     try:
@@ -12186,18 +13945,7 @@ def cmd_rotate_key(args):
     except OSError as e:
         raise InnernetError(f"cannot move {pending} to {path}: {e.strerror}",
                             hint="move it by hand: the server has the new key") from None
-    since = time.time()
-    with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
-        keep_old_key(client_files(args, iface), cfg.private_key, new_public, since)
-    backend.apply(iface, private_key=new_private)
-    server = server_peer_update(cfg)
-    if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
-        warn("no handshake with the server under the new key yet")
-    for p in peers:                 # each peer's new session starts at once, not in 5 s
-        if not p.is_disabled and p.public_key != own:
-            trigger_packet(p.ip)
-    _say_rotated(iface, cfg, said, verifiers, new_public)
-    return 0
+    return said
 
 
 def _say_rotated(iface, cfg, said, verifiers, new_public):
@@ -12422,6 +14170,11 @@ def interface_health(args, iface, now, max_age):
     problems = [] if up else ["the interface is not up" + (
         " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
         else "")]
+    link = link_state(iface) if up else None
+    if link is not None and not link[0]:
+        up = False
+        problems.append("the interface's link is down (set down by hand?); the next "
+                        "fetch puts it back up")
     last = st.get("last_success")
     if not st:
         problems.append("no sync recorded (no fetch, up or daemon has run since install)")
@@ -12634,8 +14387,11 @@ def cmd_show(args):
         live = [p for p in peers if not p.is_disabled or p.public_key == own_key]
         live.sort(key=lambda p: (ipaddress.ip_address(p.ip).version, ipaddress.ip_address(p.ip)))
         shown += 1
+        lock = load_client_lock(client_files(args, iface).lock) or {}
+        refused = [str(x) for x in lock.get("refused") or []]
         if getattr(args, "json", False):
             out.append({"network": iface, "listen_port": dev.listen_port,
+                        "lock_refused": refused,
                         "exit_node": exit_state and dict(exit_state), "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
                      path=_path(p, by_key.get(p.public_key), memo),
@@ -12643,6 +14399,8 @@ def cmd_show(args):
                      if p.public_key in by_key else None) for p in live]})
             continue
         print("\n".join(_show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now)))
+        for line in refused:          # what network lock kept off this device, and why
+            print(f"  {line}")
     if getattr(args, "json", False):
         print_json(out)
     elif not shown:
@@ -12756,7 +14514,15 @@ def _verb(sub, name, func, role, help_text, aliases=()):
                        formatter_class=_HelpFormatter)
     _global_options(p, short=False)
     p.set_defaults(func=func, role=role)
+    if role == "server" and name in LOCK_SIGNED_VERBS:
+        p.add_argument("--lock-key", metavar="FILE",
+                       help="under network lock: the lock key file that signs the change")
     return p
+
+
+LOCK_SIGNED_VERBS = {"add-peer", "delete-peer", "reinvite", "add-cidr", "rename-cidr",
+                     "delete-cidr", "add-association", "delete-association", "rename-peer",
+                     "disable-peer", "enable-peer", "approve-routes", "apply"}
 
 
 def _add_peer_options(p):
@@ -12826,6 +14592,9 @@ def _add_shared_verbs(sub, role):
                    help=f"invitation lifetime (default {DEFAULT_INVITE_EXPIRY})")
     p.add_argument("--save-config", metavar="PATH",
                    help="where to write the invitation (default NAME.toml)")
+    p.add_argument("--server-endpoints", metavar="HOST:PORT,...",
+                   help="every endpoint the server may be at, the primary first (a standby "
+                        "too); the invitation carries them (default: this admin's own list)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "add-cidr", cmd_add_cidr, role, "Add a CIDR to the network's tree.")
     p.add_argument("interface", metavar="INTERFACE")
@@ -12944,6 +14713,9 @@ def _add_server_verbs(sub):
                    help="use this host's public address")
     p.add_argument("--listen-port", metavar="PORT",
                    help=f"WireGuard UDP and API TCP port (default {DEFAULT_LISTEN_PORT})")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (--network-name and the "
+                        "endpoint have none)")
     _add_serve_verb(sub)
     p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
               "Set the network's external endpoint, where new invitations point (a standby "
@@ -13006,6 +14778,8 @@ def build_parser(server_mode=False):
                    help="use the network's name from the invitation")
     p.add_argument("-d", "--delete-invite", action="store_true",
                    help="delete the invitation once redeemed")
+    p.add_argument("--yes", action="store_true",
+                   help="take the defaults the prompts name (the network's name)")
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
@@ -13061,6 +14835,16 @@ def build_parser(server_mode=False):
     g.add_argument("-l", "--listen-port", metavar="PORT", help="the port")
     g.add_argument("-u", "--unset", action="store_true", help="use a random port")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = _verb(sub, "lock", cmd_lock, "client",
+              "Network lock: peers accept only what a trusted admin key signed.")
+    p.add_argument("lock_verb", metavar="VERB",
+                   choices=("init", "status", "key", "add", "remove", "log", "disable"),
+                   help="init, status, key (this host's), add, remove, log, disable")
+    p.add_argument("interface", metavar="INTERFACE")
+    p.add_argument("secret", metavar="SECRET", nargs="?",
+                   help="disable: the disablement secret lock init showed")
+    p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
+    p.add_argument("--key-name", metavar="NAME", help="init/add: a name for the key")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")

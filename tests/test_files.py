@@ -228,6 +228,42 @@ def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
         seen.append(innernet.fail_over(files, now, Backend()).server_external_endpoint)
     assert seen == [eps[1], eps[2], eps[0], eps[1]]
 
+
+def test_a_client_waits_only_for_a_standby_that_refuses_not_one_that_is_gone(tmp_path):
+    """Issue 29 item 7: a client that switched endpoints less than
+    FAILOVER_GRACE ago and had a handshake there since stayed with that
+    server when it was gone. Only a refused connection (the host is there,
+    its API not yet) may wait; a timeout or a broken connection moves on."""
+    import time
+    files = innernet.ClientFiles("n", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    os.makedirs(files.config_dir)
+    os.makedirs(files.data_dir)
+    eps = ["198.18.0.1:51820", "198.18.0.2:51820"]
+    server_key = innernet.public_key(innernet.generate_private_key())
+    cfg = InterfaceConfig("n", ipaddress.ip_interface("10.9.0.2/16"),
+                          innernet.generate_private_key(), None, server_key, eps[0],
+                          "10.9.0.1:51820", server_endpoints=eps[1:])
+    innernet.atomic_write(files.config, cfg.to_toml())
+    innernet.save_server_state(files, eps[1])            # switched to the standby just now
+
+    class Backend:
+        def exists(self, iface):
+            return True
+
+        def get(self, iface):                             # ... and it handshook since
+            return innernet.Device(iface, peers=[innernet.DevicePeer(
+                server_key, allowed_ips=["10.9.0.1/32"], last_handshake=time.time() + 1)])
+
+        def apply(self, iface, updates):
+            pass
+    now = innernet.current_server(files, innernet.load_client_config(files))
+    assert now.server_external_endpoint == eps[1]
+    stay = innernet.fail_over(files, now, Backend(), refused=True)
+    assert stay.server_external_endpoint == eps[1]        # a standby starting: wait
+    gone = innernet.fail_over(files, now, Backend(), refused=False)
+    assert gone.server_external_endpoint == eps[0]        # gone: the next one at once
+
+
 def test_replica_urls_are_checked_before_litestream_runs(tmp_path):
     from innernet import InnernetError, litestream_config
     out = litestream_config(str(tmp_path / "n.db"), "/srv/replica", 1)

@@ -129,6 +129,56 @@ def test_yes_takes_the_defaults_it_names(tmp_path, monkeypatch):
     (tmp_path / "x.toml").unlink()
     assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes"]) == 0
     assert (tmp_path / "x.toml").exists()
+    # found by the chaos soak: a re-invitation lost the standby, so the peer
+    # it let in could never fail over; it takes --server-endpoints as add-peer does
+    (tmp_path / "x.toml").unlink()
+    assert innernet.main(base + ["reinvite", "evil", "--name", "x", "--yes", "--server-endpoints",
+                                 "198.18.0.1:51820,198.18.0.2:51820"]) == 0
+    text = (tmp_path / "x.toml").read_text()
+    assert '"198.18.0.2:51820"' in text, text
+
+
+def _prompting_functions():
+    """Names of the module's functions that reach ask() or confirm()."""
+    import inspect
+    import re
+    src = {n: inspect.getsource(f) for n, f in vars(innernet).items()
+           if inspect.isfunction(f) and f.__module__ == "innernet"}
+    calls = {n: set(re.findall(r"\b([a-z_][a-z0-9_]*)\(", body)) & set(src)
+             for n, body in src.items()}
+    asking = {"ask", "confirm"}
+    while True:
+        more = {n for n, c in calls.items() if c & asking} - asking
+        if more <= asking:
+            return asking
+        asking |= more
+
+
+def test_every_verb_that_prompts_takes_yes(tmp_path, monkeypatch):
+    """Review 3e: `install` and `new` asked for values with defaults but had
+    no --yes; every verb whose code can prompt takes it, and `new --yes`
+    takes the defaults its prompts name (CIDR, port)."""
+    import argparse
+    asking = _prompting_functions()
+    lacking = []
+    for server in (False, True):
+        for a in innernet.build_parser(server)._actions:
+            if not isinstance(a, argparse._SubParsersAction):
+                continue
+            for verb, sp in a.choices.items():
+                func = sp.get_default("func")
+                opts = {o for act in sp._actions for o in act.option_strings}
+                if func is not None and func.__name__ in asking and "--yes" not in opts:
+                    lacking.append(verb)
+    assert not lacking, lacking
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--external-endpoint",
+                                 "198.18.0.1:51820"]) == 1       # no terminal, no --yes
+    assert innernet.main(base + ["new", "--network-name", "evil", "--external-endpoint",
+                                 "198.18.0.1:51820", "--yes"]) == 0
+    text = (tmp_path / "etc" / "evil.conf").read_text()
+    assert f"listen-port = {innernet.DEFAULT_LISTEN_PORT}" in text, text
 
 
 def test_a_closed_pipe_is_no_error():

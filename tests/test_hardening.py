@@ -669,3 +669,47 @@ def test_serve_and_clients_write_etc_hosts_by_default_and_the_readme_says_so():
     quick = readme.split("\n## Quick start\n", 1)[1].split("\n### ", 1)[0]
     assert "`serve` writes the network's peers into `/etc/hosts` by default" in \
         " ".join(quick.split())
+
+
+def test_a_local_user_can_neither_hold_back_nor_plant_late_rotation_proofs(co):
+    """Review 3d: a local user of a peer's host may spend the peer's endpoint and
+    candidate budget (any process there speaks as the peer); the late proofs of
+    the peer's rotation do not draw on it. They are bounded another way: kept
+    only for peers that may see the caller, each once. And they are made with
+    the peer's private key: a local user cannot plant proofs of its own."""
+    me = co.store.peer_by_ip(IPS["developer1"])
+    other = co.store.peer_by_ip(IPS["developer2"])
+    old = me.public_key
+    new_private = innernet.generate_private_key()
+    new = innernet.public_key(new_private)
+    co.store.rotate_key(me.id, new, {})
+    mac = innernet.admin_proof_key(innernet.shared_secret(new_private, co.public_key))
+
+    def proved(body):
+        return {innernet.ADMIN_PROOF_HEADER: innernet.admin_proof(
+            mac, "POST", "/v1/user/rotation-proofs", json.dumps(body).encode())}
+    statuses = [call(co, "PUT", "/v1/user/candidates", "developer1", [f"1.2.3.{i}:51820"])[0]
+                for i in range(innernet.PEER_UPDATE_BURST + 3)]
+    assert statuses[-1] == 429                              # the budget is spent
+    status, wanted = call(co, "GET", "/v1/user/rotation-proofs", "developer1")
+    assert status == 200 and other.public_key in wanted[0]["peers"]
+    stranger = key()
+    body = {"old_key": old, "new_key": new,
+            "proofs": {other.public_key: "A" * 43 + "=", stranger: "B" * 43 + "="}}
+    # a local user of the host speaks as the peer, but cannot make the proof
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body)[0] == 403
+    forged = {innernet.ADMIN_PROOF_HEADER: innernet.admin_proof(
+        innernet.admin_proof_key(os.urandom(32)), "POST", "/v1/user/rotation-proofs",
+        json.dumps(body).encode())}
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body,
+                headers=forged)[0] == 403
+    [(_, _, proofs)] = co.store.rotations(IPS["developer1"])
+    assert proofs == {}
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body,
+                headers=proved(body))[0] == 204
+    [(_, _, proofs)] = co.store.rotations(IPS["developer1"])
+    assert proofs == {other.public_key: "A" * 43 + "="}      # the stranger's is not kept
+    rev = co.store.revision
+    assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body,
+                headers=proved(body))[0] == 204
+    assert co.store.revision == rev                         # nothing new: nothing written

@@ -85,3 +85,26 @@ def test_bad_keys_are_refused(bad):
 def test_hex_round_trip():
     k = innernet.generate_private_key()
     assert innernet.key_from_hex(innernet.key_to_hex(k)) == k
+
+
+def test_network_lock_without_pynacl_is_one_line_naming_the_package(monkeypatch, capsys,
+                                                                     tmp_path):
+    """Lock needs PyNaCl (a pure-Python Ed25519 verify is ~50x slower: 5,000
+    peers would take seconds); without it, one line and a hint naming it."""
+    import sys as _sys
+    monkeypatch.setitem(_sys.modules, "nacl.signing", None)     # import fails
+    with pytest.raises(innernet.InnernetError) as e:
+        innernet.lock_keypair()
+    assert "PyNaCl" in e.value.message and "python3-nacl" in e.value.hint
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    innernet.atomic_write(str(conf / "evil.conf"), innernet.InterfaceConfig(
+        "evil", innernet.ipaddress.ip_interface("10.66.1.2/16"),
+        innernet.generate_private_key(), None, innernet.public_key(
+            innernet.generate_private_key()), "198.18.0.1:51820", "10.66.0.1:51820").to_toml(),
+        0o600)
+    assert innernet.main(["-c", str(conf), "-d", str(tmp_path / "lib"), "lock", "key",
+                          "evil"]) != 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "innernet: error: network lock needs PyNaCl, which is not installed"
+    assert err[1].startswith("hint: ") and "python3-nacl" in err[1] and len(err) == 2

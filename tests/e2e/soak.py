@@ -52,13 +52,7 @@ LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.exec
 # "Known until fixed": violations that issue 29's open items explain. Each key
 # is what the harness tags a violation with; remove an entry once its item is
 # merged, and the soak then fails on it.
-KNOWN = {
-    "item7-failover-grace": "issue 29 item 7: failover takes longer than the README says: a "
-                            "client that switched endpoints less than FAILOVER_GRACE (60 s) "
-                            "ago stays there, though that server is gone",
-    "item8-rotating-leftover": "issue 29 item 8: a `rotate-key` that never reached the server "
-                               "leaves <iface>.conf.rotating, the new key unknown to the server",
-}
+KNOWN = {}
 
 INTERVAL = 5              # s: the daemons' --interval and the cron period
 SLACK = 15                # s: load on a shared 2-core machine (a fetch can take seconds;
@@ -126,7 +120,7 @@ class Soak:
         self.server_ok_since = None
         self.server_dev_bad_since = None
         self.lab = None
-        self.replica_n = 0
+        self.replica_n, self.replica = 0, None
         self.assoc = False
         self.names = 0
         self.pending_invites = {}   # name -> invitation path (never joined)
@@ -202,9 +196,14 @@ class Soak:
     def db_path(self):
         return self.active.path("server", "lib", f"{self.net}.db")
 
-    def start_serve(self):
-        self.replica_n += 1
-        self.replica = os.path.join(self.lab.tmp, f"replica{self.replica_n}")
+    def start_serve(self, fresh=True):
+        """serve --replicate: to a new replica on a new host (the README's
+        URL2 after a failover); a restart on the same host (systemd's
+        Restart=, the same ExecStart) keeps replicating to the same one, so
+        the replica is never empty while Litestream's first snapshot is due."""
+        if fresh or self.replica is None:
+            self.replica_n += 1
+            self.replica = os.path.join(self.lab.tmp, f"replica{self.replica_n}")
         self.serve = start_serve(self.active, self.net, "--replicate", "file://" + self.replica)
         self.server_ok_since = time.monotonic()
 
@@ -418,9 +417,13 @@ class Soak:
         name = p.name
         with self.lock:
             p.name = None                      # no longer checked from here
-        self.delete(name)
-        self.stop_daemon(p)
-        r = self.on_peer(p, "uninstall", p.ifname, "--yes")
+            p.installing = True                # its processes go with the uninstall
+        try:
+            self.delete(name)
+            self.stop_daemon(p)
+            r = self.on_peer(p, "uninstall", p.ifname, "--yes")
+        finally:
+            p.installing = False
         self.note("op", f"uninstall slot {p.slot} ({name})", bool(r and r.returncode == 0),
                   r.stderr if r else "timeout")
         if p.partitioned:
@@ -446,7 +449,7 @@ class Soak:
         path = self.active.path(f"{name}-{self.rng.randrange(10**6)}.toml")
         t0 = time.time()
         r = self.admin("reinvite", self.net, "--name", name, "--invite-expires", "1h",
-                       "--save-config", path, "--yes")
+                       "--save-config", path, "--server-endpoints", self.endpoints, "--yes")
         ok = bool(r and r.returncode == 0)
         self.ack("reinvite", f"peer {name}", r, t0)
         self.note("op", f"reinvite {name}", ok, r.stderr if r else "timeout")
@@ -460,9 +463,9 @@ class Soak:
         t0 = time.time()
         r = self.on_peer(p, "rotate-key", p.ifname, "--yes")
         ok = bool(r and r.returncode == 0)
-        # "... have taken the new key; if fetch fails, run mv ...rotating": the
-        # server may or may not have it
-        unsure = r is None or (r.returncode and ".rotating" in r.stderr)
+        # "... may have taken the new key; the next fetch asks it": the server
+        # may or may not have it (the next sync settles which, settle_rotation)
+        unsure = r is None or (r.returncode and "may have taken the new key" in r.stderr)
         self.ack("rotate-key", f"peer {p.name}", None if unsure else r, t0)
         self.note("op", f"rotate-key {p.name} ({p.kind})", ok, r.stderr if r else "timeout")
 
@@ -596,7 +599,7 @@ class Soak:
         with self.serve_lock:
             self.server_ok_since = None
             try:
-                self.start_serve()
+                self.start_serve(fresh=why == "failover")
                 self.note("systemd", f"serve restarted on {self.active.name} ({why})")
             except AssertionError as e:
                 self.violate("error", "serve", f"serve did not start again ({why}): {e}; "
@@ -941,17 +944,11 @@ class Soak:
     def classify(self, p, err, tail, now):
         if "PINNING ERROR" in tail or "belonged to another public key" in tail:
             return "item1-rotation-late-joiner"
-        since_failover = now - getattr(self, "failed_over_at", -1e9)
-        if not err and since_failover < innernet.FAILOVER_GRACE + window() and \
-                ("timed out" in tail or "does not answer" in tail):
-            return "item7-failover-grace"
         recent_fault = now - p.device_fault_at < 600
         if recent_fault and p.kind == "cron" and ("is not up" in tail or err):
             return "item2-cron-lost-device"
         if recent_fault and p.kind == "daemon" and (err or "Network is unreachable" in tail):
             return "item3-daemon-lost-device"
-        if os.path.exists(p.host.path("client", "etc", f"{p.ifname}.conf.rotating")):
-            return "item8-rotating-leftover"
         return None
 
     def remedy(self, p, known):
@@ -973,11 +970,6 @@ class Soak:
             self.start_daemon(p)
             self.note("operator", f"up {p.ifname} and restart daemon of {p.name}",
                       bool(r and r.returncode == 0), r.stderr if r else "timeout")
-        elif known == "item8-rotating-leftover":
-            p.excluded = known              # the hint asks a person to choose a key
-            self.note("operator", f"{p.name} given up: {known}")
-        elif known == "item7-failover-grace":
-            pass                            # it comes back by itself
         else:
             return
         p.reported.discard("converge")
@@ -1104,9 +1096,10 @@ class Soak:
                 own = innernet.public_key(innernet.InterfaceConfig.from_toml(
                     open(conf).read(), conf).private_key)
                 if own != q.public_key and p.excluded is None:
-                    rotating = os.path.exists(conf + ".rotating")
-                    self.violate("lost", p.name, "the server has another key than the peer's",
-                                 "item8-rotating-leftover" if rotating else None)
+                    rotating = " (a .rotating is left)" if os.path.exists(conf + ".rotating") \
+                        else ""
+                    self.violate("lost", p.name, "the server has another key than the peer's"
+                                 + rotating)
             except (OSError, innernet.InnernetError) as e:
                 self.violate("lost", p.name, f"cannot read its config: {e}")
             if sorted(q.routes) != sorted(p.routes):

@@ -283,7 +283,8 @@ def test_every_verb_of_our_client_on_an_innernet_server(theirs, spare):
                  "--save-wg-quick", p1.path("st1.conf"), "--yes"),
                 "static peers (stock WireGuard devices)"),
                (("forget-pins", a, "--name", "peer3b", "--yes"),
-                "pin tracking for innernet clients")]
+                "pin tracking for innernet clients"),
+               (("lock", "init", a), "network lock")]
     for argv, feature in lacking:
         for _ in range(2):
             before = len(server_requests(theirs))
@@ -295,7 +296,7 @@ def test_every_verb_of_our_client_on_an_innernet_server(theirs, spare):
         # the second time, nothing of ours was asked for
         assert all(q[2] in ("/v1/admin/peers", "/v1/admin/cidrs", "/v1/admin/associations")
                    for q in server_requests(theirs)[before:]), server_requests(theirs)[before:]
-    for made in ("re.toml", "rt2.toml", "st1.conf"):
+    for made in ("re.toml", "rt2.toml", "st1.conf", f"client/etc/{a}.lock-key"):
         assert not os.path.exists(p1.path(made)), made
     lacks = p1.path("client", "lib", f"{a}.lacks.json")
     assert os.stat(lacks).st_mode & 0o777 == 0o600

@@ -2,6 +2,7 @@
 rotation, the README's cron line after a reboot, lost WireGuard devices on
 the server and under a daemon, orphaned Litestream, and `innernet status`.
 Driven by the built innernet.pyz in network namespaces."""
+import ipaddress
 import json
 import os
 import re
@@ -179,7 +180,9 @@ def test_the_server_takes_late_proofs_only_for_the_callers_own_rotation(world):
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import innernet
-api = innernet.ApiClient("10.66.0.1:51820", sys.argv[2])
+conf = sys.argv[4]
+key = innernet.InterfaceConfig.from_toml(open(conf).read(), conf).private_key if conf else None
+api = innernet.ApiClient("10.66.0.1:51820", sys.argv[2], proof_key=key)
 try:
     api.call("POST", "/user/rotation-proofs", json.loads(sys.argv[3]))
     print("accepted")
@@ -188,9 +191,13 @@ except innernet.InnernetError as e:
 """
     with sqlite3.connect(w.db) as db:
         server_key = db.execute("SELECT public_key FROM peers WHERE id = 1").fetchone()[0]
-    out = eve.python(code, ROOT, server_key, json.dumps(forged)).stdout
+    def conf(host, name):
+        return host.path("client", "etc", f"{w.lab.ifname(name)}.conf")
+    out = eve.python(code, ROOT, server_key, json.dumps(forged), conf(eve, "eve")).stdout
     assert out.startswith("refused 404"), out          # not eve's rotation
-    out = bob.python(code, ROOT, server_key, json.dumps(replace)).stdout
+    out = bob.python(code, ROOT, server_key, json.dumps(replace), "").stdout
+    assert out.startswith("refused 403"), out          # bob's address, not bob's key
+    out = bob.python(code, ROOT, server_key, json.dumps(replace), conf(bob, "bob")).stdout
     assert out.startswith("accepted"), out             # bob's, but a kept proof stays
     with sqlite3.connect(w.db) as db:
         assert db.execute("SELECT proofs FROM key_rotations").fetchone()[0] == proofs
@@ -381,6 +388,103 @@ def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
     assert r.returncode == 1 and "the key was not rotated" in r.stderr, r.stderr
     assert "mv " not in r.stderr                          # no frightening hint
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == before
+
+
+def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
+    """Issue 29 item 8 and the review's 3a: the server took the new key but the
+    client never heard (its config has the old key, `.rotating` the new one,
+    the device the old one): the next plain fetch asks the server which key
+    it holds and keeps that one; no `mv` by hand, no `down` + `up`."""
+    sys.path.insert(0, ROOT)
+    import innernet
+    w = world
+    a, b = join(w, "a"), join(w, "b")
+    ifname = w.lab.ifname("a")
+    conf = a.path("client", "etc", f"{ifname}.conf")
+    old = open(conf).read()
+    a.innernet("rotate-key", ifname, "--yes")                # the server applies it ...
+    new = open(conf).read()
+    assert new != old
+    # ... and the answer is lost: what rotate-key leaves before it hears back
+    innernet.atomic_write(conf, old, 0o600)
+    innernet.atomic_write(conf + ".rotating", new, 0o600)
+    os.unlink(a.path("client", "lib", f"{ifname}.oldkeys.json"))
+    keyfile = a.path("old.key")
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
+                          + "\n", 0o600)
+    a.exec(["wg", "set", ifname, "private-key", keyfile])
+    r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
+    assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+    a.innernet("fetch", ifname, "--no-write-hosts")          # in sync, and stays so
+    b.innernet("fetch", w.lab.ifname("b"), "--no-write-hosts")
+    ip = innernet.InterfaceConfig.from_toml(new, conf).address.ip
+    seen = device_peer_ips(b, w.lab.ifname("b"))[str(ip)]
+    assert seen["public_key"] == innernet.public_key(
+        innernet.InterfaceConfig.from_toml(new, conf).private_key)
+    # a rotation that never reached the server: its file goes, the key stays
+    other = innernet.InterfaceConfig.from_toml(new, conf)
+    other = innernet.dataclasses.replace(other, private_key=innernet.generate_private_key())
+    innernet.atomic_write(conf + ".rotating", other.to_toml(), 0o600)
+    r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
+    assert r.returncode == 0 and "never reached the server" in r.stderr, r.stderr
+    assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+    # a lost answer again, then a rotate-key (not a fetch): it settles the first
+    # one before it makes its own, so the key the server holds is never dropped
+    a.innernet("rotate-key", ifname, "--yes")
+    third = open(conf).read()
+    innernet.atomic_write(conf, new, 0o600)
+    innernet.atomic_write(conf + ".rotating", third, 0o600)
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(new, conf).private_key
+                          + "\n", 0o600)
+    a.exec(["wg", "set", ifname, "private-key", keyfile])
+    r = a.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
+    assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
+    fourth = innernet.InterfaceConfig.from_toml(open(conf).read(), conf).private_key
+    assert fourth not in [innernet.InterfaceConfig.from_toml(t, conf).private_key
+                          for t in (third, new)] and not os.path.exists(conf + ".rotating")
+    b.innernet("fetch", w.lab.ifname("b"), "--no-write-hosts")
+    seen = device_peer_ips(b, w.lab.ifname("b"))[str(ip)]
+    assert seen["public_key"] == innernet.public_key(fourth)
+
+
+# -- review 3b, 3c: what an admin took away from the interface --------------------
+
+def test_fetch_puts_back_the_address_route_and_link_state_it_owns(world):
+    """`ip address flush`, `ip route del` of the network's route, `ip link set
+    down` on the WireGuard interface: the next plain fetch (cron's) puts each
+    back; `status` says the link is down while it is."""
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    a.innernet("fetch", ifname, "--no-write-hosts")          # a fast-path record exists
+
+    def addr():
+        return a.exec(["ip", "-o", "-4", "address", "show", "dev", ifname]).stdout.split()[3]
+
+    def routes():
+        return a.exec(["ip", "-4", "route", "show", "dev", ifname]).stdout
+    address = addr()
+    network = str(ipaddress.ip_interface(address).network)
+    assert network in routes()
+    a.exec(["ip", "address", "flush", "dev", ifname])
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert f"address {address}" in r.stderr, r.stderr
+    assert addr() == address and network in routes()
+    a.exec(["ip", "route", "del", network, "dev", ifname])
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert f"route {network}" in r.stderr and network in routes(), r.stderr
+    a.exec(["ip", "link", "set", ifname, "down"])
+    code, [h] = status(a, ifname)
+    assert code == 1 and not h["interface_up"], h
+    assert any("link is down" in p for p in h["problems"]), h
+    assert "interface: down" in a.innernet("status", ifname, check=False).stdout
+    r = a.innernet("fetch", ifname, "--no-write-hosts")
+    assert "link up" in r.stderr, r.stderr
+    assert "UP" in a.exec(["ip", "link", "show", ifname]).stdout.split(">")[0]
+    assert addr() == address and network in routes()
+    code, [h] = status(a, ifname)
+    assert code == 0 and h["interface_up"], h
 
 
 # -- item 5: a router peer advertising a range outside the private ones ---------

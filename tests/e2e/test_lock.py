@@ -1,0 +1,329 @@
+"""Network lock against a hijacked server (issue 32), end to end.
+
+A network with the real server; an admin locks it from its own host
+(`innernet lock init`), makes signed changes over the API (apply, delete-peer)
+and invites alice, who joins under lock. zed joined before the lock and never
+took it (its adoption proof is withheld): it is the control, a client without
+lock. Then the scripted double (hostile.py) takes the server's place with
+full control of its database and its keys, and tells both clients each lie of
+the issue: alice refuses every one of them, zed takes every one -- so each
+test would fail if the lie were taken, and shows what lock adds.
+
+bob, carol and dave are peers on paper: redeemed in the database, never on a
+host (their keys are made here). The lab runs the .pyz under the test's own
+interpreter, which has PyNaCl (lock needs it).
+"""
+import copy
+import json
+import os
+import sqlite3
+import sys
+import types
+
+import pytest
+
+from lab import ROOT, Lab, db_rows, device, invite, start_network, wait_for
+
+from .hostile import honest_state, take_over
+
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(not HAVE_NACL,
+                                                    reason="network lock needs PyNaCl")]
+
+SERVER_IP, ADMIN_IP, ALICE_IP, ZED_IP = "10.66.0.1", "10.66.1.1", "10.66.1.2", "10.66.1.9"
+PAPER = {"bob": ("humans", "10.66.1.3"), "carol": ("others", "10.66.2.4"),
+         "dave": ("humans", "10.66.1.5")}
+
+
+def _innernet():
+    sys.path.insert(0, ROOT)
+    import innernet
+    return innernet
+
+
+def _install(w, name, path):
+    host = w.lab.add_host(name)
+    iface = w.lab.ifname(name)
+    out = host.innernet("install", "--name", iface, "--no-write-hosts", path)
+    return host, iface, out
+
+
+@pytest.fixture(scope="module")
+def w(pyz):
+    I = _innernet()
+    lab = Lab(innernet_cmd=[sys.executable, pyz])
+    w = types.SimpleNamespace(lab=lab, n=0)
+    try:
+        w.srv, w.net, w.serve = start_network(lab, {"humans": "10.66.1.0/24",
+                                                    "others": "10.66.2.0/24"})
+        w.db = w.srv.path("server", "lib", f"{w.net}.db")
+        w.admin, w.admin_if, _ = _install(w, "admin", invite(w.srv, w.net, "admin", "humans",
+                                                             admin="true", ip=ADMIN_IP))
+        w.zed, w.zed_if, _ = _install(w, "zed", invite(w.srv, w.net, "zed", "humans",
+                                                       ip=ZED_IP))
+        w.keys = {}
+        for name, (cidr, ip) in PAPER.items():
+            invite(w.srv, w.net, name, cidr, ip=ip)
+            w.keys[name] = I.public_key(I.generate_private_key())
+            db_exec(w.db, "UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = ?",
+                    (w.keys[name], name))
+        w.admin.innernet("fetch", w.admin_if, "--no-write-hosts")
+        out = w.admin.innernet("lock", "init", w.admin_if)
+        w.secret = out.stdout.split("keep it offline): ")[1].split()[0]
+        w.lock_init_err = out.stderr
+        zed_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'zed'")[0][0]
+        db_exec(w.db, "DELETE FROM lock_adoptions WHERE peer_key = ?", (zed_key,))
+        path = w.admin.path("alice.toml")
+        w.admin.innernet("add-peer", w.admin_if, "--name", "alice", "--cidr", "humans",
+                         "--ip", ALICE_IP, "--admin", "false", "--save-config", path,
+                         "--invite-expires", "1h", "--yes")
+        w.alice, w.alice_if, w.alice_join = _install(w, "alice", path)
+        cfg = I.InterfaceConfig.from_toml(open(w.alice.path(
+            "client", "etc", f"{w.alice_if}.conf")).read(), "alice")
+        w.server_key = cfg.server_public_key
+        # Honest, signed changes: bob routes a LAN (the state then is S1), no
+        # longer does, and dave is deleted.
+        _apply(w, lambda doc: doc.replace('name = "bob"\n', 'name = "bob"\n'
+                                          'routes = ["192.168.60.0/24"]\n'))
+        w.alice.innernet("fetch", w.alice_if, "--no-write-hosts")
+        w.s1 = honest_state(w.alice, f"{SERVER_IP}:51820", w.server_key)
+        w.s1_zed = honest_state(w.zed, f"{SERVER_IP}:51820", w.server_key)
+        _apply(w, lambda doc: doc.replace('routes = ["192.168.60.0/24"]\n', ''))
+        w.admin.innernet("delete-peer", w.admin_if, "--name", "dave", "--yes")
+        for host, iface in ((w.alice, w.alice_if), (w.zed, w.zed_if)):
+            w.zed_fetch = host.innernet("fetch", iface, "--no-write-hosts")
+        w.honest = honest_state(w.alice, f"{SERVER_IP}:51820", w.server_key)
+        w.honest_zed = honest_state(w.zed, f"{SERVER_IP}:51820", w.server_key)
+        w.records = {r[0]: json.loads(r[1]) for r in db_rows(
+            w.db, "SELECT subject, payload FROM lock_records")}
+        w.hostile = take_over(w.srv, w.serve, SERVER_IP, 51820, w.net,
+                              {"GET /v1/user/state": {"body": w.honest}})
+        yield w
+    finally:
+        lab.close()
+
+
+def db_exec(db, sql, args=()):
+    """One write to the server's database, as its hijacker (or a test) makes it."""
+    conn = sqlite3.connect(db, timeout=15)
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+def _apply(w, edit):
+    doc = w.admin.innernet("export", w.admin_if).stdout
+    path = w.admin.path(f"doc{w.n}.toml")
+    w.n += 1
+    with open(path, "w") as f:
+        f.write(edit(doc))
+    w.admin.innernet("apply", w.admin_if, path, "--yes")
+
+
+def peer_of(state, name):
+    return next(p for p in state["peers"] if p["name"] == name)
+
+
+def lie(w, host, iface, state):
+    """Tell ``host`` ``state``; its fetch's output."""
+    w.hostile.script({"GET /v1/user/state": {"body": state},
+                      "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}}})
+    before = len(w.hostile.requests())
+    out = host.innernet("fetch", iface, "--no-write-hosts", check=False)
+    assert ("GET", "/v1/user/state") in [(m, p.split("?")[0])
+                                         for m, p in w.hostile.requests()[before:]]
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def both(w, make):
+    """The lie ``make(state)`` told to alice (locked) and to zed (no lock): their
+    outputs and devices ({allowed IP: key})."""
+    res = {}
+    for who, host, iface, honest in (("alice", w.alice, w.alice_if, w.honest),
+                                     ("zed", w.zed, w.zed_if, w.honest_zed)):
+        state = make(copy.deepcopy(honest))
+        if who == "zed":
+            state.pop("lock", None)
+        out = lie(w, host, iface, state)
+        held = {a: p["public_key"] for p in device(host, iface)["peers"]
+                for a in p["allowed_ips"]}
+        res[who] = types.SimpleNamespace(out=out, held=held, err=out.stderr)
+    return res["alice"], res["zed"]
+
+
+def refused(out, name):
+    return [ln for ln in out.err.splitlines() if f"lock refused peer '{name}'" in ln]
+
+
+def test_lock_init_signs_the_running_network_and_a_peer_joins_under_lock(w):
+    assert "network lock" in w.lock_init_err or "locked" in w.lock_init_err
+    assert {"peer:10.66.1.3", "peer:10.66.2.4", "peer:10.66.1.5", "cidr:10.66.1.0/24",
+            f"peer:{ALICE_IP}"} <= set(w.records)
+    assert w.records["peer:10.66.1.5"]["deleted"]             # dave, signed deleted
+    assert w.records[f"peer:{ALICE_IP}"]["key"].startswith("auth:")
+    held = {a for p in device(w.alice, w.alice_if)["peers"] for a in p["allowed_ips"]}
+    assert f"{ADMIN_IP}/32" in held and "10.66.1.3/32" in held     # admin, bob: signed
+    assert "lock refused" not in w.alice_join.stderr, w.alice_join.stderr
+    # zed never took the lock: its adoption proof was withheld
+    assert not os.path.exists(w.zed.path("client", "lib", f"{w.zed_if}.lock.json"))
+
+
+def mallory(w, ip="10.66.1.66", name="mallory", **kw):
+    I = _innernet()
+    p = copy.deepcopy(peer_of(w.honest, "bob"))
+    p.update(id=990, name=name, ip=ip, public_key=I.public_key(I.generate_private_key()),
+             endpoint=None, candidates=[])
+    p.update(kw)
+    return p
+
+
+def test_a_new_peer_is_refused_under_lock_and_taken_without(w):
+    bad = mallory(w)
+    alice, zed = both(w, lambda s: dict(s, peers=s["peers"] + [bad]))
+    assert len(refused(alice, "mallory")) == 1 and "no record signed" in alice.err
+    assert bad["public_key"] not in alice.held.values()
+    assert zed.held.get("10.66.1.66/32") == bad["public_key"]
+
+
+def test_a_key_change_without_the_peers_own_proof_is_refused_under_lock_even_unpinned(w):
+    """Pinning refuses it where a client knew the old key; lock refuses it on a
+    client that never pinned bob (its data store lost), where pinning cannot."""
+    new = _innernet().public_key(_innernet().generate_private_key())
+    forget_pins(w)
+
+    def swap(s):
+        peer_of(s, "bob")["public_key"] = new
+        return s
+    alice, zed = both(w, swap)
+    assert len(refused(alice, "bob")) == 1 and "nor reached by the peer's own rotation" \
+        in alice.err
+    assert new not in alice.held.values()
+    assert zed.held.get("10.66.1.3/32") == new
+    forget_pins(w)                             # zed pinned the lie
+    both(w, lambda s: s)                       # the truth again, for the tests after
+
+
+def forget_pins(w):
+    """Both clients lose their data stores (their pins): alice keeps her lock file."""
+    for host, iface in ((w.alice, w.alice_if), (w.zed, w.zed_if)):
+        _innernet().save_data_store(host.path("client", "lib", f"{iface}.json"), [], [])
+
+
+def test_an_address_move_is_refused_under_lock(w):
+    def move(s):
+        peer_of(s, "bob")["ip"] = "10.66.1.77"
+        return s
+    alice, zed = both(w, move)
+    assert len(refused(alice, "bob")) == 1
+    assert "10.66.1.77/32" not in alice.held
+    assert zed.held.get("10.66.1.77/32") == w.keys["bob"]
+    both(w, lambda s: s)
+
+
+def test_a_route_or_exit_node_not_signed_is_not_installed_under_lock(w):
+    def route(s):
+        peer_of(s, "bob").update(routes=["192.168.70.0/24"], exit_node=True)
+        return s
+    alice, zed = both(w, route)
+    line = refused(alice, "bob")
+    assert len(line) == 1 and "192.168.70.0/24, the exit node not signed" in line[0]
+    assert "192.168.70.0/24" not in alice.held and alice.held["10.66.1.3/32"] == w.keys["bob"]
+    assert zed.held.get("192.168.70.0/24") == w.keys["bob"]
+    both(w, lambda s: s)
+
+
+def test_an_admin_flag_not_signed_is_refused_under_lock(w):
+    def admin(s):
+        peer_of(s, "bob")["is_admin"] = True
+        return s
+    alice, zed = both(w, admin)
+    assert len(refused(alice, "bob")) == 1 and "admin flag differs" in alice.err
+    assert "10.66.1.3/32" not in alice.held
+    stored = json.load(open(w.zed.path("client", "lib", f"{w.zed_if}.json")))
+    assert next(p for p in stored["peers"] if p["name"] == "bob")["is_admin"] is True
+    both(w, lambda s: s)
+
+
+def test_a_widened_view_is_refused_under_lock(w):
+    """carol is a real, signed peer in 'others', which 'humans' may not see:
+    the server adds her to alice's state with a forged association."""
+    I = _innernet()
+    carol = mallory(w, ip=PAPER["carol"][1], name="carol", public_key=w.keys["carol"],
+                    cidr_id=next(c["id"] for c in w.honest["cidrs"] if c["name"] == "others"))
+    forged = I.assoc_payload(I.LockChain(w.honest["lock"]["chain"]).net, 2 ** 40,
+                             a="10.66.1.0/24", b="10.66.2.0/24")
+
+    def widen(s):
+        s["peers"].append(carol)
+        if "lock" in s:
+            s["lock"]["records"] += [w.records["peer:10.66.2.4"], forged]
+            s["lock"]["batches"] = _all_batches(w)
+        return s
+    alice, zed = both(w, widen)
+    assert len(refused(alice, "carol")) == 1 and "is not one this host may see" in alice.err
+    assert "10.66.2.4/32" not in alice.held
+    assert zed.held.get("10.66.2.4/32") == w.keys["carol"]
+    both(w, lambda s: s)
+
+
+def _all_batches(w):
+    return [{"k": r[0], "s": r[1], "h": json.loads(r[2])}
+            for r in db_rows(w.db, "SELECT signer, sig, hashes FROM lock_batches")] + \
+        w.honest["lock"]["batches"]
+
+
+def test_a_deleted_peer_brought_back_is_refused_under_lock(w):
+    """dave was deleted by a signed record alice saw; the server sends the
+    state from before (S1), dave and his older signed record in it."""
+    alice = lie(w, w.alice, w.alice_if, w.s1)
+    zed = lie(w, w.zed, w.zed_if, {k: v for k, v in w.s1_zed.items() if k != "lock"})
+    dave_key = peer_of(w.s1, "dave")["public_key"]
+    assert len([ln for ln in alice.stderr.splitlines() if "'dave'" in ln]) == 1, alice.stderr
+    assert dave_key not in [p["public_key"] for p in device(w.alice, w.alice_if)["peers"]]
+    assert dave_key in [p["public_key"] for p in device(w.zed, w.zed_if)["peers"]]
+    both(w, lambda s: s)
+
+
+def test_an_older_signed_record_replayed_is_refused_under_lock(w):
+    """bob's route was signed, then signed away; S1 replays the older record."""
+    alice = lie(w, w.alice, w.alice_if, w.s1)
+    lie(w, w.zed, w.zed_if, {k: v for k, v in w.s1_zed.items() if k != "lock"})
+    line = [ln for ln in alice.stderr.splitlines() if "lock refused peer 'bob'" in ln]
+    assert len(line) == 1 and "older signed record" in line[0], alice.stderr
+    held = {a for p in device(w.alice, w.alice_if)["peers"] for a in p["allowed_ips"]}
+    assert "192.168.60.0/24" not in held
+    zheld = {a for p in device(w.zed, w.zed_if)["peers"] for a in p["allowed_ips"]}
+    assert "192.168.60.0/24" in zheld
+    both(w, lambda s: s)
+
+
+def test_the_server_alone_cannot_turn_lock_off(w):
+    """A state without lock, or with a disablement whose secret is wrong: alice
+    keeps her chain and refuses the new peer all the same; `show` says why."""
+    I = _innernet()
+    bad = mallory(w, ip="10.66.1.67", name="mallory2")
+    state = copy.deepcopy(w.honest)
+    state.pop("lock")
+    state["peers"].append(bad)
+    out = lie(w, w.alice, w.alice_if, state)
+    assert "the server sent no lock chain: kept ours" in out.stderr
+    assert len(refused(types.SimpleNamespace(err=out.stderr), "mallory2")) == 1
+    chain = I.LockChain(w.honest["lock"]["chain"])
+    forged = copy.deepcopy(w.honest)
+    forged["lock"]["chain"].append(I.lock_disablement(chain, "guessed", 0))
+    forged["peers"].append(bad)
+    out = lie(w, w.alice, w.alice_if, forged)
+    assert "invalid" in out.stderr and "kept ours" in out.stderr
+    held = {p["public_key"] for p in device(w.alice, w.alice_if)["peers"]}
+    assert bad["public_key"] not in held
+    show = w.alice.innernet("show", w.alice_if).stdout
+    assert "lock refused peer 'mallory2'" in show
+    lie(w, w.alice, w.alice_if, w.honest)

@@ -1,0 +1,214 @@
+"""Network lock from an admin peer's host (issue 32), end to end: `lock init`
+on a running network of 100 peers signs them all in one command; every admin
+verb works under lock over the API and in `apply`, and the audit log names
+the key that signed; unsigned changes are refused; `lock add`, `remove`,
+`log`, `status` and `disable`. The lab runs the .pyz under the test's own
+interpreter, which has PyNaCl (lock needs it)."""
+import json
+import os
+import sqlite3
+import sys
+import types
+
+import pytest
+
+from lab import ROOT, Lab, db_rows, device, invite, start_network, wait_for
+
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(not HAVE_NACL,
+                                                    reason="network lock needs PyNaCl")]
+
+ADMIN_IP, ALICE_IP = "10.66.1.1", "10.66.1.2"
+MANY = 100
+
+
+def _innernet():
+    sys.path.insert(0, ROOT)
+    import innernet
+    return innernet
+
+
+@pytest.fixture(scope="module")
+def w(pyz):
+    I = _innernet()
+    lab = Lab(innernet_cmd=[sys.executable, pyz])
+    w = types.SimpleNamespace(lab=lab)
+    try:
+        w.srv, w.net, w.serve = start_network(lab, {"humans": "10.66.1.0/24",
+                                                    "many": "10.66.8.0/22"})
+        w.db = w.srv.path("server", "lib", f"{w.net}.db")
+        w.admin = lab.add_host("admin")
+        w.iface = lab.ifname("admin")
+        w.admin.innernet("install", "--name", w.iface, "--no-write-hosts",
+                         invite(w.srv, w.net, "admin", "humans", admin="true", ip=ADMIN_IP))
+        # A running network: 100 redeemed peers (their hosts do not matter here).
+        conn = sqlite3.connect(w.db, timeout=15)
+        with conn:
+            many = conn.execute("SELECT id FROM cidrs WHERE name = 'many'").fetchone()[0]
+            conn.executemany(
+                "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) "
+                "VALUES (?, ?, ?, ?, 1)",
+                [(f"p{i}", f"10.66.{8 + i // 200}.{10 + i % 200}", many,
+                  I.public_key(I.generate_private_key())) for i in range(MANY)])
+            conn.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) SELECT h.id, ? "
+                         "FROM cidrs h WHERE h.name = 'humans'", (many,))
+        conn.close()
+        w.admin.innernet("fetch", w.iface, "--no-write-hosts")
+        w.init = w.admin.innernet("lock", "init", w.iface)
+        w.secret = w.init.stdout.split("keep it offline): ")[1].split()[0]
+        yield w
+    finally:
+        lab.close()
+
+
+def admin(w, *args, check=True):
+    return w.admin.innernet(*args, check=check)
+
+
+def records(w):
+    return {r[0]: json.loads(r[1]) for r in db_rows(w.db, "SELECT subject, payload "
+                                                          "FROM lock_records")}
+
+
+def test_lock_init_signs_a_running_network_of_100_peers_in_one_command(w):
+    recs = records(w)
+    peers = db_rows(w.db, "SELECT ip FROM peers")
+    assert len(peers) >= MANY + 2
+    assert {f"peer:{ip}" for (ip,) in peers} <= set(recs)
+    assert len(db_rows(w.db, "SELECT id FROM lock_batches")) == 1      # one signature
+    assert f"{len(recs)} records signed" in w.init.stderr, w.init.stderr
+    assert "keep it offline" in w.init.stdout and len(w.secret) == 32
+    key = w.admin.path("client", "etc", f"{w.iface}.lock-key")
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert not any(open(os.path.join(d, f), "rb").read().find(
+        open(key, "rb").read().strip()) >= 0 for d, _, fs in os.walk(w.srv.path("server"))
+        for f in fs)                                    # the lock key is not on the server
+    # the admin's own client takes all 100 as signed
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert len(device(w.admin, w.iface)["peers"]) >= MANY + 1
+
+
+def test_every_admin_verb_works_under_lock_and_the_audit_log_names_the_key(w):
+    I = _innernet()
+    invites = w.admin.path("inv")
+    os.makedirs(invites, exist_ok=True)
+    steps = [
+        ("add-cidr", w.iface, "--name", "robots", "--cidr", "10.66.2.0/24", "--parent", w.net,
+         "--yes"),
+        ("add-association", w.iface, "humans", "robots", "--yes"),
+        ("add-peer", w.iface, "--name", "bob", "--cidr", "robots", "--ip", "10.66.2.5",
+         "--admin", "false", "--save-config", os.path.join(invites, "bob.toml"),
+         "--invite-expires", "1h", "--yes"),
+        ("reinvite", w.iface, "--name", "bob", "--save-config",
+         os.path.join(invites, "bob2.toml"), "--invite-expires", "1h", "--yes"),
+        ("rename-peer", w.iface, "--name", "bob", "--new-name", "robert", "--yes"),
+        ("disable-peer", w.iface, "--name", "robert", "--yes"),
+        ("enable-peer", w.iface, "--name", "robert", "--yes"),
+        ("rename-cidr", w.iface, "--name", "robots", "--new-name", "bots", "--yes"),
+        ("delete-association", w.iface, "humans", "bots", "--yes"),
+        ("delete-peer", w.iface, "--name", "robert", "--yes"),
+        ("delete-cidr", w.iface, "--name", "bots", "--yes"),
+    ]
+    for argv in steps:
+        out = admin(w, *argv, check=False)
+        assert out.returncode == 0, (argv[0], out.stderr)
+    inv = I.InterfaceConfig.from_toml(open(os.path.join(invites, "bob2.toml")).read(), "bob")
+    assert inv.lock and I.invitation_lock_chain(inv).net == w.net
+    # apply: the network as code, with a change of its own and a new peer
+    doc = admin(w, "export", w.iface).stdout
+    doc = doc.replace('name = "p0"\n', 'name = "p0-renamed"\n') + \
+        '\n[[peers]]\nname = "carl"\nip = "10.66.1.40"\ncidr = "humans"\nadmin = false\n' \
+        'disabled = false\n'
+    path = w.admin.path("doc.toml")
+    open(path, "w").write(doc)
+    out = admin(w, "apply", w.iface, path, "--save-invites", invites, "--yes", check=False)
+    assert out.returncode == 0, out.stderr
+    carl = I.InterfaceConfig.from_toml(open(os.path.join(invites, "carl.toml")).read(), "c")
+    assert carl.lock is not None
+    recs = records(w)
+    assert recs["peer:10.66.8.10"]["name"] == "p0-renamed"
+    assert recs["peer:10.66.1.40"]["key"].startswith("auth:")
+    assert recs["peer:10.66.2.5"]["deleted"] and recs["cidr:10.66.2.0/24"]["deleted"]
+    # the audit log names the signing key on every change
+    key = I.lock_public(open(w.admin.path("client", "etc", f"{w.iface}.lock-key")).read()
+                        .strip())
+    audit = admin(w, "audit", w.iface, "--json").stdout
+    audit = json.loads(audit)
+    locked_at = next(r["id"] for r in audit if r["action"] == "lock")
+    rows = [r for r in audit if r["id"] > locked_at and r["action"] != "lock"]
+    assert len(rows) >= len(steps) + 2, rows
+    assert all(r["actor"].endswith(f"with lock key {I.lock_short(key)}") for r in rows), rows
+
+
+def test_a_change_without_a_trusted_key_is_refused(w):
+    key = w.admin.path("client", "etc", f"{w.iface}.lock-key")
+    os.rename(key, key + ".away")
+    try:
+        out = admin(w, "add-cidr", w.iface, "--name", "nokey", "--cidr", "10.66.3.0/24",
+                    "--parent", w.net, "--yes", check=False)
+    finally:
+        os.rename(key + ".away", key)
+    assert out.returncode != 0 and "no trusted lock key" in out.stderr
+    # the server's own CLI without --lock-key
+    out = w.srv.server("add-cidr", w.net, "--name", "nokey", "--cidr", "10.66.3.0/24",
+                       "--parent", w.net, "--yes", check=False)
+    assert out.returncode != 0 and "network is locked" in out.stderr
+    assert not db_rows(w.db, "SELECT id FROM cidrs WHERE name = 'nokey'")
+
+
+def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
+    I = _innernet()
+    path = w.admin.path("alice.toml")
+    admin(w, "add-peer", w.iface, "--name", "alice", "--cidr", "humans", "--ip", ALICE_IP,
+          "--admin", "false", "--save-config", path, "--invite-expires", "1h", "--yes")
+    alice = w.lab.add_host("alice")
+    aif = w.lab.ifname("alice")
+    out = alice.innernet("install", "--name", aif, "--no-write-hosts", path)
+    assert "lock refused" not in out.stderr, out.stderr
+    assert len(device(alice, aif)["peers"]) >= MANY + 1             # all signed, all seen
+    status = alice.innernet("lock", "status", aif).stdout
+    assert "locked" in status and "0 record(s) refused" in status
+    # approve-routes under lock: alice advertises, an admin approves (signs),
+    # and the admin's own client installs the route
+    alice.innernet("advertise-routes", aif, "192.168.80.0/24", "--yes")
+    admin(w, "approve-routes", w.iface, "--name", "alice", "--routes", "192.168.80.0/24",
+          "--yes")
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert "192.168.80.0/24" in {a for p in device(w.admin, w.iface)["peers"]
+                                 for a in p["allowed_ips"]}
+    # a key rotation under lock: taken along alice's own proof, not signed anew
+    alice.innernet("rotate-key", aif, "--yes")
+    new_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'alice'")[0][0]
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert {a: p["public_key"] for p in device(w.admin, w.iface)["peers"]
+            for a in p["allowed_ips"]}[f"{ALICE_IP}/32"] == new_key
+    second_private, second = I.lock_keypair()
+    admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
+    log = admin(w, "lock", "log", w.iface).stdout
+    assert "add" in log and I.lock_short(second) in log
+    admin(w, "lock", "remove", w.iface, "--key", second)
+    out = alice.innernet("fetch", aif, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
+    assert "remove" in admin(w, "lock", "log", w.iface).stdout
+    # disabled with the secret: a peer no key signed is then taken again
+    out = admin(w, "lock", "disable", w.iface, "not-the-secret", check=False)
+    assert out.returncode != 0 and "secret is wrong" in out.stderr
+    admin(w, "lock", "disable", w.iface, w.secret)
+    conn = sqlite3.connect(w.db, timeout=15)
+    with conn:
+        conn.execute("INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+                     "'late', '10.66.1.50', id, ?, 1 FROM cidrs WHERE name = 'humans'",
+                     (I.public_key(I.generate_private_key()),))
+    conn.close()
+    wait_for(lambda: "10.66.1.50/32" in {
+        a for p in device(alice, aif)["peers"] for a in p["allowed_ips"]} or
+        alice.innernet("fetch", aif, "--no-write-hosts") and False, 30, "the unsigned peer")
+    assert "lock disabled" in alice.innernet("lock", "status", aif).stdout

@@ -1,0 +1,302 @@
+"""Network lock (issue 32): the pure core -- canonical records, signatures,
+the lock chain, batches, enrollments and the client's verifier."""
+import copy
+import dataclasses
+
+import pytest
+
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = pytest.mark.skipif(not HAVE_NACL,
+                                reason="network lock needs PyNaCl")
+
+import innernet  # noqa: E402
+from innernet import (Cidr, InnernetError, LockChain, Peer, adopt_chain,  # noqa: E402
+                      assoc_payload, batch_valid, cidr_payload, enrollment_key,
+                      lock_canonical, lock_disablement, lock_genesis, lock_hash, lock_keypair,
+                      lock_sign, lock_update, lock_verify, peer_payload, sign_batch,
+                      sign_enrollment, verify_state)
+
+NET = "evilcorp"
+T = 1_700_000_000
+
+
+def test_the_canonical_form_is_deterministic_and_refuses_floats():
+    assert lock_canonical({"b": [1, True, None], "a": "x"}) == b'{"a":"x","b":[1,true,null]}'
+    assert lock_hash({"a": 1, "b": 2}) == lock_hash({"b": 2, "a": 1})
+    with pytest.raises(InnernetError):
+        lock_canonical({"a": 1.5})
+
+
+def test_a_signature_verifies_for_its_payload_and_key_only():
+    priv, pub = lock_keypair()
+    other_priv, other_pub = lock_keypair()
+    sig = lock_sign(priv, {"x": 1})
+    assert lock_verify(pub, {"x": 1}, sig)
+    assert not lock_verify(pub, {"x": 2}, sig)
+    assert not lock_verify(other_pub, {"x": 1}, sig)
+    assert not lock_verify(pub, {"x": 1}, "garbage")
+    assert not lock_verify("garbage", {"x": 1}, sig)
+
+
+def chain_of(*keys, secret="s3cret"):
+    g = lock_genesis(NET, [(k[1], f"k{i}") for i, k in enumerate(keys)], secret, keys[0][0], T)
+    return [g]
+
+
+def test_a_chain_grows_by_signed_updates_and_is_disabled_by_its_secret_only():
+    a, b, c = lock_keypair(), lock_keypair(), lock_keypair()
+    entries = chain_of(a)
+    ch = LockChain(entries)
+    assert set(ch.keys) == {a[1]}
+    entries.append(lock_update(ch, "add", b[1], "b", a[0], T))
+    ch = LockChain(entries)
+    assert set(ch.keys) == {a[1], b[1]}
+    entries.append(lock_update(ch, "remove", a[1], "a", b[0], T))
+    ch = LockChain(entries)
+    assert set(ch.keys) == {b[1]}
+    # a removed key, or one never trusted, cannot sign an update
+    for signer in (a, c):
+        with pytest.raises(InnernetError, match="not signed by a key trusted"):
+            LockChain(entries + [lock_update(ch, "add", c[1], "c", signer[0], T)])
+    with pytest.raises(InnernetError, match="secret is wrong"):
+        LockChain(entries + [lock_disablement(ch, "guess", T)])
+    assert LockChain(entries + [lock_disablement(ch, "s3cret", T)]).disabled
+
+
+def test_a_chain_must_be_linked_and_its_genesis_signed():
+    a, b = lock_keypair(), lock_keypair()
+    entries = chain_of(a)
+    forged = copy.deepcopy(entries)
+    forged[0]["payload"]["keys"].append({"key": b[1], "name": "evil"})
+    with pytest.raises(InnernetError, match="genesis is not signed"):
+        LockChain(forged)
+    ch = LockChain(entries)
+    up = lock_update(ch, "add", b[1], "b", a[0], T)
+    up2 = copy.deepcopy(up)
+    up2["payload"]["prev"] = "x" * 24
+    with pytest.raises(InnernetError, match="does not follow"):
+        LockChain(entries + [up2])
+
+
+def test_a_client_takes_only_a_chain_that_extends_its_own():
+    a, b = lock_keypair(), lock_keypair()
+    entries = chain_of(a)
+    mine = LockChain(entries)
+    longer = entries + [lock_update(mine, "add", b[1], "b", a[0], T)]
+    kept, note = adopt_chain(mine, longer)
+    assert kept.head == LockChain(longer).head and note is None
+    kept, note = adopt_chain(LockChain(longer), entries)          # withheld: ours stays
+    assert kept.head == LockChain(longer).head and "does not extend" in note
+    other = chain_of(b)                                            # another genesis
+    kept, note = adopt_chain(mine, other)
+    assert kept.head == mine.head and "does not extend" in note
+    kept, note = adopt_chain(mine, None)                           # the server drops lock
+    assert kept is mine and "no lock chain" in note
+
+
+# -- a network for the verifier ---------------------------------------------------
+
+class Net:
+    """A signed network: root 10.66.0.0/16, humans .1.0/24, others .2.0/24,
+    servers .0.0/24 (infra); alice in humans."""
+
+    def __init__(self):
+        self.admin = lock_keypair()
+        self.chain = LockChain(chain_of(self.admin))
+        self.serial = 1
+        self.cidrs = [Cidr(1, "evilcorp", "10.66.0.0/16", None),
+                      Cidr(2, "innernet-server", "10.66.0.0/24", 1),
+                      Cidr(3, "humans", "10.66.1.0/24", 1), Cidr(4, "others", "10.66.2.0/24", 1)]
+        self.records = [cidr_payload(NET, 1, cidr=c.cidr, name=c.name,
+                                     parent={None: None, 1: "10.66.0.0/16"}[c.parent])
+                        for c in self.cidrs]
+        self.peers = []
+        self.batches = []
+        self.enroll = {}
+        for name, ip, cidr in (("alice", "10.66.1.2", 3), ("bob", "10.66.1.3", 3),
+                               ("carol", "10.66.2.4", 4)):
+            self.add_peer(name, ip, cidr, key=f"{name}-key")
+        self.sign()
+
+    def range(self, cidr_id):
+        return next(c.cidr for c in self.cidrs if c.id == cidr_id)
+
+    def add_peer(self, name, ip, cidr_id, key, sign=True, **kw):
+        peer = Peer(len(self.peers) + 10, name, ip, cidr_id, key, is_redeemed=True, **kw)
+        self.peers.append(peer)
+        if sign:
+            self.records.append(self.payload(peer))
+        return peer
+
+    def set(self, who, **kw):
+        i = next(i for i, p in enumerate(self.peers) if p.name == who)
+        self.peers[i] = dataclasses.replace(self.peers[i], **kw)
+        return self.peers[i]
+
+    def payload(self, peer, key=None, deleted=False):
+        self.serial += 1
+        return peer_payload(NET, self.serial, ip=peer.ip, key=key or peer.public_key,
+                            name=peer.name, cidr=self.range(peer.cidr_id), admin=peer.is_admin,
+                            routes=peer.routes, exit=peer.exit_node, static=peer.is_static,
+                            disabled=peer.is_disabled, deleted=deleted)
+
+    def sign(self, private=None, payloads=None):
+        self.batches.append(sign_batch(NET, private or self.admin[0],
+                                       self.records if payloads is None else payloads))
+
+    def lock(self):
+        return {"batches": self.batches, "records": self.records, "enroll": self.enroll}
+
+    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None):
+        acc, ref, known = verify_state(self.chain, lock or self.lock(), peers or self.peers,
+                                       cidrs or self.cidrs, "10.66.1.2", known or {},
+                                       rotated=rotated)
+        return {p.name: p for p in acc}, {p.name: r for p, r in ref}, known
+
+
+def test_an_honest_state_is_accepted_and_unassociated_cidrs_are_not_seen():
+    n = Net()
+    acc, ref, _ = n.verify()
+    assert set(acc) == {"alice", "bob"}
+    assert "not one this host may see" in ref["carol"]
+    n.records.append(assoc_payload(NET, 50, a="10.66.1.0/24", b="10.66.2.0/24"))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert set(acc) == {"alice", "bob", "carol"} and not ref
+
+
+def test_a_record_no_trusted_key_signed_is_refused():
+    n = Net()
+    n.add_peer("mallory", "10.66.1.66", 3, "mallory-key")       # the server's own
+    evil = lock_keypair()
+    n.sign(evil[0], n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert "mallory" not in acc and "signed by a trusted" in ref["mallory"]
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("is_admin", True, "admin flag"), ("is_static", True, "static flag"),
+    ("is_disabled", True, "disabled flag"),
+    ("cidr_id", 4, "CIDR"), ("name", "bobby", "name"), ("public_key", "evil-key", "key")])
+def test_a_field_the_admin_did_not_sign_is_refused(field, value, what):
+    n = Net()
+    bob = n.set("bob", **{field: value})
+    acc, ref, _ = n.verify()
+    assert bob.name not in acc and what in ref[bob.name], ref
+
+
+def test_routes_and_an_exit_node_the_admin_did_not_sign_are_not_installed():
+    n = Net()
+    n.set("bob", routes=["192.168.5.0/24"], exit_node=True)
+    acc, ref, _ = n.verify()
+    assert acc["bob"].routes == [] and not acc["bob"].exit_node
+    assert "192.168.5.0/24, the exit node not signed" in ref["bob"]
+
+
+def test_an_address_move_is_refused():
+    n = Net()
+    n.set("bob", ip="10.66.1.77")
+    acc, ref, _ = n.verify()
+    assert "bob" not in acc and "no record signed" in ref["bob"]
+
+
+def test_a_key_change_needs_the_rotating_peers_own_proof_chain():
+    n = Net()
+    n.set("bob", public_key="bob-key-2")
+    chain = {("10.66.1.3", "bob-key", "bob-key-2")}
+    acc, ref, known = n.verify(rotated=lambda ip, a, b: (ip, a, b) in chain)
+    assert "bob" in acc and known["peer:10.66.1.3"][2] == "bob-key-2"
+    acc, ref, _ = n.verify(rotated=lambda ip, a, b: False)
+    assert "bob" not in acc and "rotation" in ref["bob"]
+    # once accepted, the key stays accepted while the record is the same
+    acc, ref, _ = n.verify(known=known, rotated=lambda ip, a, b: False)
+    assert "bob" in acc
+
+
+def test_widening_the_tree_or_the_associations_without_a_signature_is_refused():
+    n = Net()
+    # the server moves 'others' under 'humans' and adds an association, unsigned
+    n.cidrs[3] = dataclasses.replace(n.cidrs[3], parent=3)
+    forged = [cidr_payload(NET, 99, cidr="10.66.2.0/24", name="others", parent="10.66.1.0/24"),
+              assoc_payload(NET, 99, a="10.66.1.0/24", b="10.66.2.0/24")]
+    n.records += forged
+    acc, ref, _ = n.verify()
+    assert "carol" not in acc
+
+
+def test_a_deleted_peer_brought_back_or_an_older_record_replayed_is_refused():
+    n = Net()
+    old = [copy.deepcopy(n.records), copy.deepcopy(n.batches)]
+    _, _, known = n.verify()
+    bob = n.set("bob", routes=["192.168.9.0/24"])
+    n.records.append(n.payload(bob))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, known = n.verify(known=known)
+    assert "bob" in acc
+    # the server replays the older record (and the peer as it was)
+    n.set("bob", routes=[])
+    acc, ref, _ = n.verify(known=known, lock={"batches": old[1], "records": old[0]})
+    assert "bob" not in acc and "older signed record" in ref["bob"]
+    # deleted: a tombstone the client saw keeps it from coming back
+    bob = n.set("bob", routes=["192.168.9.0/24"])
+    n.records.append(n.payload(bob, deleted=True))
+    n.sign(payloads=n.records[-1:])
+    _, ref, known = n.verify(known=known)
+    assert "deleted" in ref["bob"]
+    acc, ref, _ = n.verify(known=known, lock={"batches": n.batches,
+                                              "records": n.records[:-1]})
+    assert "bob" not in acc
+
+
+def test_an_invited_peer_is_accepted_with_the_key_its_enrollment_signed():
+    n = Net()
+    auth_priv, auth_pub = lock_keypair()
+    dave = n.add_peer("dave", "10.66.1.9", 3, "dave-key", sign=False)
+    n.records.append(n.payload(dave, key="auth:" + auth_pub))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert "dave" not in acc and "enrollment" in ref["dave"]
+    n.enroll["10.66.1.9"] = sign_enrollment(NET, "10.66.1.9", "other-key", auth_priv)
+    acc, ref, _ = n.verify()
+    assert "dave" not in acc and "rotation" in ref["dave"]
+    n.enroll["10.66.1.9"] = sign_enrollment(NET, "10.66.1.9", "dave-key", auth_priv)
+    acc, ref, _ = n.verify()
+    assert "dave" in acc
+    assert enrollment_key(NET, "10.66.1.10", auth_pub, n.enroll["10.66.1.9"]) is None
+
+
+def test_a_batch_seen_before_is_not_verified_again():
+    n = Net()
+    cache = {}
+    assert batch_valid(NET, n.batches[0], n.chain.keys, cache)
+    assert len(cache) == 1
+    calls = []
+    real = innernet.lock_verify
+    innernet.lock_verify = lambda *a: calls.append(a) or real(*a)
+    try:
+        assert batch_valid(NET, n.batches[0], n.chain.keys, cache)
+    finally:
+        innernet.lock_verify = real
+    assert calls == []
+    tampered = dict(n.batches[0], h=n.batches[0]["h"] + ["x"])
+    assert not batch_valid(NET, tampered, n.chain.keys, cache)
+
+
+def test_a_removed_keys_signatures_no_longer_count():
+    n = Net()
+    b = lock_keypair()
+    entries = list(n.chain.entries)
+    entries.append(lock_update(n.chain, "add", b[1], "b", n.admin[0], T))
+    ch = LockChain(entries)
+    entries.append(lock_update(ch, "remove", n.admin[1], "k0", b[0], T))
+    n.chain = LockChain(entries)
+    acc, ref, _ = n.verify()
+    assert set(acc) == {"alice"}
+    n.sign(b[0])
+    acc, _, _ = n.verify()
+    assert "bob" in acc

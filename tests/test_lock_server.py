@@ -1,0 +1,148 @@
+"""Network lock on the server (issue 32): under lock every admin change must be
+signed by a trusted lock key, the audit log names that key, and the state
+carries what clients verify. Driven through the server CLI on a real SQLite
+database (its --lock-key is the admin path there) and the Coordinator."""
+import glob
+import json
+import os
+
+import pytest
+
+try:
+    import nacl.signing  # noqa: F401
+    HAVE_NACL = True
+except ImportError:
+    HAVE_NACL = False
+# Collected without PyNaCl too (tests/test_suite.py), and skipped with the reason.
+pytestmark = pytest.mark.skipif(not HAVE_NACL,
+                                reason="network lock needs PyNaCl")
+
+import innernet  # noqa: E402
+from innernet import (LockChain, Store, lock_genesis, lock_keypair, lock_projection,  # noqa: E402
+                      lock_record, sign_batch, verify_state)
+
+from helpers import call, cli_network, make_coordinator  # noqa: E402
+
+
+def db_path(tmp_path):
+    return glob.glob(str(tmp_path / "lib" / "**" / "evil.db"), recursive=True)[0]
+
+
+def lock(tmp_path, net="evil", secret="sekrit"):
+    """`lock init` as an admin's host does it, straight into the database:
+    (key file, public key)."""
+    store = Store(db_path(tmp_path))
+    private, public = lock_keypair()
+    keyfile = tmp_path / "lock.key"
+    keyfile.write_text(private + "\n")
+    chain = LockChain([lock_genesis(net, [(public, "first")], secret, private, 0)])
+    keys = {p.ip: p.public_key for p in store.peers()}
+    recs = [lock_record(net, 1, f, keys.get(f.get("ip")))
+            for f in lock_projection(store.peers(), store.cidrs(), store.associations()).values()]
+    store.lock_submit(chain.entries, {"batch": sign_batch(net, private, recs), "records": recs},
+                      {}, "10.66.0.1")
+    store.close()
+    return str(keyfile), public
+
+
+def run(base, *argv):
+    return innernet.main(base + list(argv))
+
+
+VERBS = [
+    ("add-cidr", ["--name", "robots", "--cidr", "10.66.2.0/24", "--parent", "evil", "--yes"]),
+    ("add-peer", ["--name", "bob", "--cidr", "h", "--ip", "10.66.1.9", "--admin", "false",
+                  "--invite-expires", "1d", "--save-config", "{tmp}/bob.toml", "--yes"]),
+    ("add-association", ["h", "robots", "--yes"]),
+    ("rename-peer", ["--name", "bob", "--new-name", "robert", "--yes"]),
+    ("disable-peer", ["--name", "robert", "--yes"]),
+    ("enable-peer", ["--name", "robert", "--yes"]),
+    ("rename-cidr", ["--name", "robots", "--new-name", "bots", "--yes"]),
+    ("delete-association", ["h", "bots", "--yes"]),
+    ("delete-peer", ["--name", "robert", "--yes"]),
+    ("delete-cidr", ["--name", "bots", "--yes"]),
+]
+
+
+def test_every_admin_verb_needs_a_trusted_lock_key_and_the_audit_log_names_it(
+        tmp_path, capsys):
+    base = cli_network(tmp_path, capsys)
+    keyfile, public = lock(tmp_path)
+    other, _ = lock_keypair()
+    (tmp_path / "other.key").write_text(other)
+    for verb, argv in VERBS:
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+        assert run(base, verb, "evil", *argv) != 0, verb                 # unsigned
+        err = capsys.readouterr().err
+        assert "network is locked" in err and err.count("\n") <= 2, (verb, err)
+        assert run(base, verb, "evil", *argv, "--lock-key", str(tmp_path / "other.key")) != 0
+        assert "not trusted" in capsys.readouterr().err, verb
+        assert run(base, verb, "evil", *argv, "--lock-key", keyfile) == 0, \
+            (verb, capsys.readouterr().err)
+        capsys.readouterr()
+    store = Store(db_path(tmp_path))
+    assert store.peer_by_name("robert") is None and store.cidr_by_name("bots") is None
+    after = [e for e in store.audit() if e.action != "lock"][-len(VERBS):]
+    assert [e.actor for e in after] == [f"server-cli with lock key {innernet.lock_short(public)}"
+                                        ] * len(VERBS), [(e.action, e.actor) for e in after]
+
+
+def test_the_state_carries_the_chain_and_records_a_client_verifies(tmp_path, capsys):
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "alice", "--cidr", "h", "--ip", "10.66.1.2",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "a.toml"), "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    keyfile, _ = lock(tmp_path)
+    co = innernet.Coordinator(store, innernet.load_server_config(
+        innernet.Dirs(base[1], base[3]), "evil"), "evil")
+    alice = store.peer_by_name("alice")
+    body, _ = co.views.state_for(alice)
+    state = json.loads(body)
+    chain = LockChain(state["lock"]["chain"])
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, known = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                         skip={"10.66.0.1"})
+    assert not refused and {p.name for p in acc} >= {"alice"}
+    # a row the server's database gained by hand (a hijacker's) is refused
+    store.conn.execute("INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) "
+                       "VALUES ('mallory', '10.66.1.66', 3, ?, 1)",
+                       (innernet.public_key(innernet.generate_private_key()),))
+    store.revision += 1
+    state = json.loads(co.views.state_for(alice)[0])
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", known,
+                                  skip={"10.66.0.1"})
+    assert [p.name for p, _ in refused] == ["mallory"]
+
+
+def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
+    """Over the API: an admin call under lock without the X-Innernet-Lock
+    header, or signed by a key the chain does not trust, is a 403 with its
+    reason, and changes nothing."""
+
+    co = make_coordinator(tmp_path)
+    store = co.store
+    private, public = lock_keypair()
+    chain = LockChain([lock_genesis("test", [(public, "first")], "s", private, 0)])
+    keys = {p.ip: p.public_key for p in store.peers()}
+    recs = [lock_record("test", 1, f, keys.get(f.get("ip")))
+            for f in lock_projection(store.peers(), store.cidrs(), store.associations()).values()]
+    store.lock_submit(chain.entries, {"batch": sign_batch("test", private, recs), "records": recs},
+                      {}, "10.80.0.1")
+    body = {"name": "robots", "cidr": "10.80.2.0/24", "parent": 1}
+    status, answer = call(co, "POST", "/v1/admin/cidrs", body=body)
+    assert status == 403 and "network is locked" in answer["error"], answer
+    evil, _ = lock_keypair()
+    fields = {"t": "cidr", "cidr": "10.80.2.0/24", "name": "robots", "parent": "10.80.0.0/15",
+              "deleted": False}
+    for signer, code in ((evil, 403), (private, 201)):
+        rec = lock_record("test", 2, fields)
+        signed = {"batch": sign_batch("test", signer, [rec]), "records": [rec]}
+        header = innernet.base64.b64encode(json.dumps(signed).encode()).decode()
+        status, answer = call(co, "POST", "/v1/admin/cidrs", body=body,
+                              headers={innernet.LOCK_HEADER: header})
+        assert status == code, answer
+    assert store.cidr_by_name("robots") is not None
+    assert store.audit()[-1].actor.endswith(f"with lock key {innernet.lock_short(public)}")
