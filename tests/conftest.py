@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,15 +13,10 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def pyz(tmp_path_factory):
-    """innernet.pyz built from this checkout, as a user builds it (INNERNET_PYZ:
-    one built already, as the VM lane's guest gets it from the host)."""
-    if os.environ.get("INNERNET_PYZ"):
-        return os.environ["INNERNET_PYZ"]
-    out = tmp_path_factory.mktemp("build") / "innernet.pyz"
-    subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", str(out)],
-                   check=True, capture_output=True)
-    return str(out)
+def pyz(pytestconfig):
+    """innernet.pyz built from this checkout (lab.build_pyz)."""
+    from lab import build_pyz
+    return build_pyz(pytestconfig)
 
 
 # Counts that reliability and security tests report (requests fuzzed, faults

@@ -27,6 +27,22 @@ LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.exec
                                                         "litestream")
 
 
+def build_pyz(config):
+    """innernet.pyz built from this checkout, as a user builds it, once a
+    session (INNERNET_PYZ: one built already, as the VM lane's guest gets it
+    from the host). The pyz fixture
+    (tests/conftest.py) returns it; tests/e2e/conftest.py builds it before
+    any fixture runs, for the VM lane."""
+    if os.environ.get("INNERNET_PYZ"):
+        return os.environ["INNERNET_PYZ"]
+    if getattr(config, "_innernet_pyz", None) is None:
+        out = config._tmp_path_factory.mktemp("build") / "innernet.pyz"
+        subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "-o", str(out)],
+                       check=True, capture_output=True)
+        config._innernet_pyz = str(out)
+    return config._innernet_pyz
+
+
 def have_lab_tools():
     """(ok, reason): root, ip and wireguard-go are what the lab needs."""
     if os.geteuid() != 0:
@@ -349,7 +365,7 @@ def link_bytes(host, ifname="eth0"):
 
 
 # Every wait stretched by this factor where everything is slower, as in the
-# VM lane's guest under emulation (tests/e2e/test_vm.py sets it there).
+# VM lane's guest under emulation (tests/vm/lane.py sets it there).
 TIMEOUT_SCALE = float(os.environ.get("INNERNET_E2E_TIMEOUT_SCALE") or 1)
 
 

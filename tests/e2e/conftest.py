@@ -1,18 +1,22 @@
 """End-to-end fixtures: skip without root/wireguard-go, unless CI requires them."""
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import types
 
 import pytest
 
-from lab import Lab, have_lab_tools, start_network
+from lab import ROOT, Lab, build_pyz, have_lab_tools, start_network
 
 BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
     else [sys.executable, "-S", "-I"]
 
 
 def pytest_collection_modifyitems(config, items):
+    # The VM lane's tests last: they wait for the lane, which runs beside the rest.
+    items.sort(key=lambda item: is_vm_lane(item))
     ok, reason = have_lab_tools()
     if ok:
         return
@@ -23,12 +27,81 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def build_deb_once(config):
+    """The .deb built from this checkout, once a session."""
+    if getattr(config, "_innernet_deb", None) is None:
+        from .packaging import build_deb
+        config._innernet_deb = build_deb(config._tmp_path_factory)
+    return config._innernet_deb
+
+
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory):
+def deb(pytestconfig):
     """The .deb built from this checkout (once a run: the packaging tests and
     the VM lane both install it)."""
-    from .packaging import build_deb
-    return build_deb(tmp_path_factory)
+    return build_deb_once(pytestconfig)
+
+
+# The VM lane (tests/e2e/test_vm.py) keeps one core busy for about ten
+# minutes with its guest under TCG, so it runs beside the rest of the session
+# rather than after it: once collection has selected any of its tests (and
+# only then: `-k other` starts nothing) and the host can run it, the
+# .pyz and .deb are built and tests/vm/lane.py starts in the background in a
+# process group of its own, writing into a share under the session's basetemp.
+# test_vm.py's tests run last and wait (bounded) for it; the group is killed
+# at the session's end, however it ends.
+LANE = os.path.join(ROOT, "tests", "vm", "lane.py")
+
+
+def is_vm_lane(item):
+    return os.path.basename(str(item.fspath)) == "test_vm.py"
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(map(is_vm_lane, session.items)):
+        return
+    sys.path.insert(0, os.path.dirname(LANE))
+    import vm
+    if not vm.can_run()[0]:
+        return                  # test_vm.py's fixture skips or fails, saying why
+    try:
+        start_vm_lane(session.config)
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
+        pass                    # the same happens again in the fixture, and is reported there
+
+
+def start_vm_lane(config):
+    """tests/vm/lane.py running (started once a session); its handle: proc,
+    share (where it leaves its results), log (its output)."""
+    lane = getattr(config, "_innernet_vm_lane", None)
+    if lane is not None:
+        return lane
+    pyz, deb = build_pyz(config), build_deb_once(config)
+    share = str(config._tmp_path_factory.mktemp("vmshare"))
+    diskdir = str(config._tmp_path_factory.mktemp("vmdisk"))
+    log = os.path.join(share, "lane.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, LANE, share, pyz, deb, diskdir],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    lane = config._innernet_vm_lane = types.SimpleNamespace(proc=proc, share=share, log=log)
+    config.add_cleanup(lambda: stop_vm_lane(lane))
+    return lane
+
+
+def stop_vm_lane(lane):
+    """End the lane's process group (its qemu included) if it still runs."""
+    if lane.proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(lane.proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            lane.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def debian_python_with_deps():

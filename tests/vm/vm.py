@@ -10,7 +10,7 @@ cached in $INNERNET_VM_CACHE (default /var/cache/innernet-vm) under a hash of
 both files and the mirror, so it is rebuilt exactly when what goes into it
 changes. A boot runs /mnt/share/payload inside the guest and leaves its exit
 status in SHARE/rc, its output in SHARE/payload.log and the serial console in
-SHARE/console.log. tests/e2e/test_vm.py drives it.
+SHARE/console.log. tests/vm/lane.py drives it for tests/e2e/test_vm.py.
 """
 import hashlib
 import os
@@ -107,9 +107,24 @@ def boot(folder, share, *, disk=None, timeout=600):
         if os.path.exists(with_path):
             os.unlink(with_path)
     t0 = time.monotonic()
+    # qemu is our child in our process group (not under timeout(1), which
+    # makes a group of its own): whoever kills this process's group ends it.
     with open(os.path.join(share, "console.log"), "ab") as console:
-        subprocess.run(["timeout", "-k", "10", str(timeout)] + qemu_argv(folder, share, disk),
-                       stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(qemu_argv(folder, share, disk), stdin=subprocess.DEVNULL,
+                             stdout=console, stderr=subprocess.STDOUT)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        finally:
+            if p.poll() is None:     # we are being stopped: qemu goes with us
+                p.kill()
+                p.wait()
     took = time.monotonic() - t0
     try:
         with open(os.path.join(share, "rc")) as f:
@@ -122,7 +137,7 @@ def can_run():
     """(ok, reason): what the lane needs on the host."""
     if os.geteuid() != 0:
         return False, "needs root (debootstrap, the image cache)"
-    for tool in (QEMU, "debootstrap", "mkfs.ext4", "timeout"):
+    for tool in (QEMU, "debootstrap", "mkfs.ext4"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             return False, f"needs {tool} (apt-get install qemu-system-x86 debootstrap)"
     return True, ""
