@@ -2922,6 +2922,12 @@ def refuse_quarantined(received, stored, deleted, now, floor):
     return kept, refused
 
 
+def _quarantined_until(pin):
+    return "" if pin.deleted_until is None else time.strftime(
+        " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
+        time.gmtime(pin.deleted_until))
+
+
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
                  waiting=(), refusals=None):
     """Update the client's cached peers with the server's list, as innernet's client does.
@@ -2939,9 +2945,8 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     the pinned peer, old key and all, in place of the received one. ``now``:
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
-    (quarantine_end; the client passes MIN_QUARANTINE). ``refusals``: a list
-    to take one line per refused key change (the pinned peer kept, the rest
-    applied), as under network lock; else the first one is an error.
+    (quarantine_end; the client passes MIN_QUARANTINE). ``refusals`` (lock's):
+    a list for one line per refused key change, its pin kept; else an error.
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -2957,14 +2962,11 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         if (p.ip, old.public_key, p.public_key) in waiting:
             kept[(p.ip, p.public_key)] = old
             continue
-        until = "" if old.deleted_until is None else time.strftime(
-            " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
-            time.gmtime(old.deleted_until))
+        until = _quarantined_until(old)
         if refusals is not None:
             kept[(p.ip, p.public_key)] = old
             refusals.append(f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the "
-                            f"server: its address belonged to another public key{until}; "
-                            "the pinned key is kept")
+                            f"server: its address belonged to another public key{until}")
             continue
         raise InnernetError(
             f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "

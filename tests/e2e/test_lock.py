@@ -366,20 +366,18 @@ def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w)
     lock_file = w.admin.path("client", "lib", f"{w.admin_if}.lock.json")
     kept = json.load(open(lock_file))
     try:
+        # the admin's host syncs once honestly: it verifies alice's record
+        first = lie(w, w.admin, w.admin_if, w.honest)
+        kept = json.load(open(lock_file))
         # A lock memory wiped but pins kept: the old record replayed with the
         # new enrollment passes lock (an invitation is a bearer credential
         # until its expiry) and meets the pin: one line, the rest applied.
-        first = lie(w, w.admin, w.admin_if, w.honest)
         stored = json.load(open(w.admin.path("client", "lib", f"{w.admin_if}.json")))
         assert ALICE_IP in [p["ip"] for p in stored["peers"]], (first.stderr, stored)
         I.save_client_lock(lock_file, {"chain": kept["chain"]})
         out = lie(w, w.admin, w.admin_if, reenroll(copy.deepcopy(w.honest), True))
         line = [ln for ln in out.stderr.splitlines() if "peer 'alice'" in ln]
-        after = json.load(open(w.admin.path("client", "lib", f"{w.admin_if}.json")))
-        assert len(line) == 1 and "PINNING ERROR: refused" in line[0], (
-            out.stderr, out.stdout, evil, [(p["ip"], p["public_key"], p.get("is_disabled"))
-                                           for p in stored["peers"]],
-            [(p["ip"], p["public_key"]) for p in after["peers"]], first.stderr)
+        assert len(line) == 1 and "PINNING ERROR: refused" in line[0], out.stderr
         held = {p["public_key"] for p in device(w.admin, w.admin_if)["peers"]}
         assert evil not in held and w.keys["bob"] in held
         status = w.admin.innernet("lock", "status", w.admin_if).stdout
