@@ -9758,8 +9758,33 @@ def litestream_config(db_path, url, interval):
                                  "or an absolute path")
     if url.startswith("/"):
         url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+    # its log on stderr, which serve reads (Litestream 0.5 logs to stdout)
+    return json.dumps({"logging": {"stderr": True}, "dbs": [{
+        "path": os.path.abspath(db_path), "replicas": [
+            {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+def litestream_state_dir(db_path):
+    """Where Litestream keeps its local state (its LTX files) for db_path."""
+    return os.path.join(os.path.dirname(db_path), f".{os.path.basename(db_path)}-litestream")
+
+
+def _replica_url_of(config_path):
+    """The replica URL of a config litestream_config wrote, or None."""
+    try:
+        with open(config_path) as f:
+            return json.load(f)["dbs"][0]["replicas"][0]["url"]
+    except (OSError, ValueError, LookupError, TypeError):
+        return None
+
+
+def litestream_lost_its_state(line):
+    """A Litestream log line saying a transaction the replica still needs is
+    gone from its local state: it then retries for ever and the replica stays
+    at its first snapshot. (Its advice, `litestream reset`, is unsafe once that
+    snapshot is written: the transactions counted anew would be applied over it.)"""
+    return "LTX file is missing" in line or ("open ltx file" in line
+                                             and "no such file" in line)
 
 
 class Replicator:
@@ -9769,7 +9794,14 @@ class Replicator:
         self.binary = litestream_binary()
         self.config = db_path[:-3] + ".litestream.yml"
         self.pidfile = db_path[:-3] + ".litestream.pid"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.state = litestream_state_dir(db_path)
+        text = litestream_config(db_path, url, interval)
+        # Litestream's local state belongs to the replica it last fed: its
+        # older transactions are gone once that replica compacted them, so
+        # another replica (a new URL) would get a snapshot and then nothing.
+        self.stale = _replica_url_of(self.config) not in (None, json.loads(text)["dbs"][0][
+            "replicas"][0]["url"])
+        atomic_write(self.config, text, 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
     def describe(self):
@@ -9812,14 +9844,28 @@ class Replicator:
         with contextlib.suppress(OSError):
             atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
 
+    def reset(self, why):
+        """Litestream's local state removed (no Litestream runs on it): the next
+        one starts anew, a snapshot then every transaction, as after a restore."""
+        import shutil
+        warn(f"litestream: {why}; its local state is removed, so the replica gets a "
+             "snapshot and then every transaction")
+        shutil.rmtree(self.state, ignore_errors=True)
+
     def run(self):
         backoff = 1
         while not self.stop.is_set():
             started = time.monotonic()
             self._start()
-            last = ""
+            last, said = "", False
             for line in self.proc.stderr:     # until it exits; only the last line is kept
                 last = line.decode(errors="replace").strip() or last
+                if not said and litestream_lost_its_state(last):
+                    said = True               # it retries for ever; only a person can choose
+                    warn("litestream: the replica lacks transactions that Litestream's "
+                         "local state no longer has (was the replica's storage lost?): it "
+                         "holds a snapshot and nothing after; replicate to a new, empty "
+                         "URL (serve --replicate NEW_URL)")
             code = self.proc.wait()
             if self.stop.is_set():
                 return
@@ -9829,6 +9875,8 @@ class Replicator:
 
     def start(self):
         self.stop_leftover()
+        if self.stale and os.path.isdir(self.state):
+            self.reset("the replica URL changed since it last ran")
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
@@ -13264,8 +13312,8 @@ def cmd_server_uninstall(args):
             pass
         except OSError as e:
             warn(f"could not delete {path}: {e.strerror}")
-    # Litestream's own state beside the database (its WAL copies)
-    litestream_dir = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}-litestream")
+    # Litestream's own state beside the database (its LTX files)
+    litestream_dir = litestream_state_dir(db)
     if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
         import shutil
         shutil.rmtree(litestream_dir, ignore_errors=True)
