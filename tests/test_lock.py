@@ -300,3 +300,17 @@ def test_a_removed_keys_signatures_no_longer_count():
     n.sign(b[0])
     acc, _, _ = n.verify()
     assert "bob" in acc
+
+
+def test_an_adoption_proof_verifies_for_its_peer_genesis_and_admin_only():
+    """A client that joined before the lock takes a genesis only with its
+    admin's proof made for it (an HMAC under their X25519 secret)."""
+    admin, peer, other = (innernet.generate_private_key() for _ in range(3))
+    pub = innernet.public_key
+    mac = innernet.adoption_proof(admin, "genesis-hash", pub(peer))
+    assert innernet.adoption_valid(peer, "genesis-hash", pub(admin), mac)
+    assert not innernet.adoption_valid(peer, "another-genesis", pub(admin), mac)
+    assert not innernet.adoption_valid(other, "genesis-hash", pub(admin), mac)
+    assert not innernet.adoption_valid(peer, "genesis-hash", pub(other), mac)
+    server_made = innernet.adoption_proof(other, "genesis-hash", pub(peer))
+    assert not innernet.adoption_valid(peer, "genesis-hash", pub(admin), server_made)

@@ -58,6 +58,11 @@ def w(pyz):
             conn.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) SELECT h.id, ? "
                          "FROM cidrs h WHERE h.name = 'humans'", (many,))
         conn.close()
+        # early joined before the lock: it takes the lock from its admin's proof
+        w.early = lab.add_host("early")
+        w.early_if = lab.ifname("early")
+        w.early.innernet("install", "--name", w.early_if, "--no-write-hosts",
+                         invite(w.srv, w.net, "early", "humans", ip="10.66.1.30"))
         w.admin.innernet("fetch", w.iface, "--no-write-hosts")
         w.init = w.admin.innernet("lock", "init", w.iface)
         w.secret = w.init.stdout.split("keep it offline): ")[1].split()[0]
@@ -162,6 +167,32 @@ def test_a_change_without_a_trusted_key_is_refused(w):
     assert not db_rows(w.db, "SELECT id FROM cidrs WHERE name = 'nokey'")
 
 
+def test_a_client_that_joined_before_the_lock_takes_it_from_its_admins_proof(w):
+    """early pinned the admin before the lock; `lock init` sent it the admin's
+    proof of the genesis, so its next sync takes the lock, and from then on
+    a peer no trusted key signed (a row added to the database) is refused."""
+    I = _innernet()
+    out = w.early.innernet("fetch", w.early_if, "--no-write-hosts")
+    assert "network lock taken, proved by admin 'admin'" in out.stderr, out.stderr
+    assert os.path.exists(w.early.path("client", "lib", f"{w.early_if}.lock.json"))
+    conn = sqlite3.connect(w.db, timeout=15)
+    with conn:
+        conn.execute("INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+                     "'sneaky', '10.66.1.60', id, ?, 1 FROM cidrs WHERE name = 'humans'",
+                     (I.public_key(I.generate_private_key()),))
+    conn.close()
+    out = w.early.innernet("fetch", w.early_if, "--no-write-hosts")
+    if "sneaky" not in out.stderr:                 # serve had not noticed the row yet
+        wait_for(lambda: "lock refused peer 'sneaky'" in w.early.innernet(
+            "fetch", w.early_if, "--no-write-hosts").stderr or None, 30, "the refusal")
+    assert "10.66.1.60/32" not in {a for p in device(w.early, w.early_if)["peers"]
+                                   for a in p["allowed_ips"]}
+    conn = sqlite3.connect(w.db, timeout=15)
+    with conn:
+        conn.execute("DELETE FROM peers WHERE name = 'sneaky'")
+    conn.close()
+
+
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     I = _innernet()
     path = w.admin.path("alice.toml")
@@ -212,3 +243,4 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
         a for p in device(alice, aif)["peers"] for a in p["allowed_ips"]} or
         alice.innernet("fetch", aif, "--no-write-hosts") and False, 30, "the unsigned peer")
     assert "lock disabled" in alice.innernet("lock", "status", aif).stdout
+
