@@ -9769,24 +9769,6 @@ def litestream_state_dir(db_path):
     return os.path.join(os.path.dirname(db_path), f".{os.path.basename(db_path)}-litestream")
 
 
-def _replica_url_of(config_path):
-    """The replica URL of a config litestream_config wrote, or None."""
-    try:
-        with open(config_path) as f:
-            return json.load(f)["dbs"][0]["replicas"][0]["url"]
-    except (OSError, ValueError, LookupError, TypeError):
-        return None
-
-
-def litestream_lost_its_state(line):
-    """A Litestream log line saying a transaction the replica still needs is
-    gone from its local state: it then retries for ever and the replica stays
-    at its first snapshot. (Its advice, `litestream reset`, is unsafe once that
-    snapshot is written: the transactions counted anew would be applied over it.)"""
-    return "LTX file is missing" in line or ("open ltx file" in line
-                                             and "no such file" in line)
-
-
 class Replicator:
     """`litestream replicate` for the server's database, kept running."""
 
@@ -9796,11 +9778,12 @@ class Replicator:
         self.pidfile = db_path[:-3] + ".litestream.pid"
         self.state = litestream_state_dir(db_path)
         text = litestream_config(db_path, url, interval)
-        # Litestream's local state belongs to the replica it last fed: its
-        # older transactions are gone once that replica compacted them, so
-        # another replica (a new URL) would get a snapshot and then nothing.
-        self.stale = _replica_url_of(self.config) not in (None, json.loads(text)["dbs"][0][
-            "replicas"][0]["url"])
+        # Its local state lacks what the replica it last fed has compacted: a new
+        # replica would get a snapshot and then nothing, so that state starts anew.
+        with contextlib.suppress(OSError, ValueError, LookupError):
+            with open(self.config) as f:
+                old = json.load(f)["dbs"][0]["replicas"][0]["url"]
+            self.stale = old != json.loads(text)["dbs"][0]["replicas"][0]["url"]
         atomic_write(self.config, text, 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
@@ -9844,14 +9827,6 @@ class Replicator:
         with contextlib.suppress(OSError):
             atomic_write(self.pidfile, f"{self.proc.pid}\n", 0o600)
 
-    def reset(self, why):
-        """Litestream's local state removed (no Litestream runs on it): the next
-        one starts anew, a snapshot then every transaction, as after a restore."""
-        import shutil
-        warn(f"litestream: {why}; its local state is removed, so the replica gets a "
-             "snapshot and then every transaction")
-        shutil.rmtree(self.state, ignore_errors=True)
-
     def run(self):
         backoff = 1
         while not self.stop.is_set():
@@ -9860,12 +9835,10 @@ class Replicator:
             last, said = "", False
             for line in self.proc.stderr:     # until it exits; only the last line is kept
                 last = line.decode(errors="replace").strip() or last
-                if not said and litestream_lost_its_state(last):
-                    said = True               # it retries for ever; only a person can choose
-                    warn("litestream: the replica lacks transactions that Litestream's "
-                         "local state no longer has (was the replica's storage lost?): it "
-                         "holds a snapshot and nothing after; replicate to a new, empty "
-                         "URL (serve --replicate NEW_URL)")
+                if not said and "LTX file is missing" in last:    # it retries for ever
+                    said = warn("litestream: the replica lacks transactions Litestream's "
+                                "local state no longer has (its storage lost?): it holds a "
+                                "snapshot, nothing after; use a new URL") or True
             code = self.proc.wait()
             if self.stop.is_set():
                 return
@@ -9875,8 +9848,10 @@ class Replicator:
 
     def start(self):
         self.stop_leftover()
-        if self.stale and os.path.isdir(self.state):
-            self.reset("the replica URL changed since it last ran")
+        if getattr(self, "stale", False) and os.path.isdir(self.state):
+            import shutil                   # no Litestream runs on it: rebuilt from a snapshot
+            warn("litestream: a new replica URL; its local state starts anew")
+            shutil.rmtree(self.state, ignore_errors=True)
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
