@@ -13578,7 +13578,14 @@ def cmd_server_restore(args):
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
                             hint="a standby restores into an empty data directory; move it "
-                                 "away first")
+                                 "away first (with its -wal and -shm files)")
+    # SQLite applies a -wal file it finds beside a database when the database
+    # is next opened: an old one left behind would be played over the copy.
+    for leftover in (db_path + "-wal", db_path + "-shm", db_path + "-journal"):
+        if os.path.lexists(leftover):
+            raise InnernetError(f"{leftover} is left from an earlier database",
+                                hint="SQLite would apply it to the restored copy; move it "
+                                     "away too")
     ensure_dir(os.path.dirname(db_path))
     url = args.source if not args.source.startswith("/") else "file://" + args.source
     litestream_config(db_path, url, 1)            # the same URL check as serve's
