@@ -9916,8 +9916,15 @@ def litestream_config(db_path, url, interval):
                                  "or an absolute path")
     if url.startswith("/"):
         url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+    # its log on stderr, which serve reads (Litestream 0.5 logs to stdout)
+    return json.dumps({"logging": {"stderr": True}, "dbs": [{
+        "path": os.path.abspath(db_path), "replicas": [
+            {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+def litestream_state_dir(db_path):
+    """Where Litestream keeps its local state (its LTX files) for db_path."""
+    return os.path.join(os.path.dirname(db_path), f".{os.path.basename(db_path)}-litestream")
 
 
 class Replicator:
@@ -9927,7 +9934,15 @@ class Replicator:
         self.binary = litestream_binary()
         self.config = db_path[:-3] + ".litestream.yml"
         self.pidfile = db_path[:-3] + ".litestream.pid"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.state = litestream_state_dir(db_path)
+        text = litestream_config(db_path, url, interval)
+        # Its local state lacks what the replica it last fed has compacted: a new
+        # replica would get a snapshot and then nothing, so that state starts anew.
+        with contextlib.suppress(OSError, ValueError, LookupError):
+            with open(self.config) as f:
+                old = json.load(f)["dbs"][0]["replicas"][0]["url"]
+            self.stale = old != json.loads(text)["dbs"][0]["replicas"][0]["url"]
+        atomic_write(self.config, text, 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
     def describe(self):
@@ -9975,9 +9990,13 @@ class Replicator:
         while not self.stop.is_set():
             started = time.monotonic()
             self._start()
-            last = ""
+            last, said = "", False
             for line in self.proc.stderr:     # until it exits; only the last line is kept
                 last = line.decode(errors="replace").strip() or last
+                if not said and "LTX file is missing" in last:    # it retries for ever
+                    said = warn("litestream: the replica lacks transactions Litestream's "
+                                "local state no longer has (its storage lost?): it holds a "
+                                "snapshot, nothing after; use a new URL") or True
             code = self.proc.wait()
             if self.stop.is_set():
                 return
@@ -9987,6 +10006,10 @@ class Replicator:
 
     def start(self):
         self.stop_leftover()
+        if getattr(self, "stale", False) and os.path.isdir(self.state):
+            import shutil                   # no Litestream runs on it: rebuilt from a snapshot
+            warn("litestream: a new replica URL; its local state starts anew")
+            shutil.rmtree(self.state, ignore_errors=True)
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
@@ -13497,8 +13520,8 @@ def cmd_server_uninstall(args):
             pass
         except OSError as e:
             warn(f"could not delete {path}: {e.strerror}")
-    # Litestream's own state beside the database (its WAL copies)
-    litestream_dir = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}-litestream")
+    # Litestream's own state beside the database (its LTX files)
+    litestream_dir = litestream_state_dir(db)
     if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
         import shutil
         shutil.rmtree(litestream_dir, ignore_errors=True)
@@ -13714,7 +13737,14 @@ def cmd_server_restore(args):
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
                             hint="a standby restores into an empty data directory; move it "
-                                 "away first")
+                                 "away first (with its -wal and -shm files)")
+    # SQLite applies a -wal file it finds beside a database when the database
+    # is next opened: an old one left behind would be played over the copy.
+    for leftover in (db_path + "-wal", db_path + "-shm", db_path + "-journal"):
+        if os.path.lexists(leftover):
+            raise InnernetError(f"{leftover} is left from an earlier database",
+                                hint="SQLite would apply it to the restored copy; move it "
+                                     "away too")
     ensure_dir(os.path.dirname(db_path))
     url = args.source if not args.source.startswith("/") else "file://" + args.source
     litestream_config(db_path, url, 1)            # the same URL check as serve's
