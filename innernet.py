@@ -2962,8 +2962,14 @@ def refuse_quarantined(received, stored, deleted, now, floor):
     return kept, refused
 
 
+def _quarantined_until(pin):
+    return "" if pin.deleted_until is None else time.strftime(
+        " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
+        time.gmtime(pin.deleted_until))
+
+
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
-                 waiting=()):
+                 waiting=(), refusals=None):
     """Update the client's cached peers with the server's list, as innernet's client does.
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -2979,7 +2985,8 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     the pinned peer, old key and all, in place of the received one. ``now``:
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
-    (quarantine_end; the client passes MIN_QUARANTINE).
+    (quarantine_end; the client passes MIN_QUARANTINE). ``refusals`` (lock's):
+    a list for one line per refused key change, its pin kept; else an error.
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -2995,9 +3002,12 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         if (p.ip, old.public_key, p.public_key) in waiting:
             kept[(p.ip, p.public_key)] = old
             continue
-        until = "" if old.deleted_until is None else time.strftime(
-            " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
-            time.gmtime(old.deleted_until))
+        until = _quarantined_until(old)
+        if refusals is not None:
+            kept[(p.ip, p.public_key)] = old
+            refusals.append(f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the "
+                            f"server: its address belonged to another public key{until}")
+            continue
         raise InnernetError(
             f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
             f"another public key{until}",
@@ -3277,10 +3287,12 @@ def _endpoint_inside(endpoint, network):
 # once. The salt keeps a hash from telling anyone outside a record's view
 # what the record holds.
 #
-# An invited peer's record names no WireGuard key but a one-time lock key
-# ("auth:<key>") whose private half is in the invitation: the joining host
-# signs its own new WireGuard key with it (an enrollment). After that a key
-# changes only along the peer's own rotation proofs (the client checks them).
+# An invited peer's record names no WireGuard key but a one-time lock key and
+# the invitation's expiry ("auth:<key>:<expiry>"), the private half in the
+# invitation: the joining host signs its own new WireGuard key with it (an
+# enrollment). A client that verified it holds that binding; after that a key
+# changes only along the peer's own rotation proofs (the client checks them),
+# and an admin's next signing names the enrolled key (ENROLL_GRACE, below).
 #
 # Pure: no I/O. PyNaCl is imported at the first signature.
 
@@ -3630,23 +3642,61 @@ def batch_valid(net, batch, keys, cache=None):
     return True
 
 
-def enrollment_payload(net, ip, key, auth):
-    return {"v": LOCK_VERSION, "t": "enroll", "net": net, "ip": ip, "key": key, "auth": auth}
+# An enrollment authorization is a peer record's key "auth:<lock key>:<expiry>"
+# (unix seconds; the admin signs it with the record). A client takes an
+# enrollment under it only when the enrollment's own time claim ("at") is
+# before the expiry, and -- the bound a copy of the invitation cannot lie
+# about -- only when it first sees it no later than ENROLL_GRACE after the
+# expiry by its own clock. Once it took one, that (address -> key) binding is
+# what it holds (verify_state): a second enrollment under the same
+# authorization is refused, and the key changes only along the peer's own
+# rotation proofs; an admin's next signing names the enrolled key itself.
+ENROLL_GRACE = 3600
 
 
-def sign_enrollment(net, ip, key, auth_private):
+def lock_auth(public, expires=None):
+    """A peer record's key for an invitation's one-time lock key ``public``."""
+    return f"auth:{public}" + (f":{int(expires)}" if expires is not None else "")
+
+
+def lock_auth_parts(key):
+    """(one-time lock key, expiry or None) of a record's "auth:..." key, else None."""
+    if not isinstance(key, str) or not key.startswith("auth:"):
+        return None
+    public, _, exp = key[5:].partition(":")
+    if exp and not exp.isdigit():
+        return public, -1                 # malformed: expired long ago
+    return public, (int(exp) if exp else None)
+
+
+def enrollment_payload(net, ip, key, auth, at=None):
+    p = {"v": LOCK_VERSION, "t": "enroll", "net": net, "ip": ip, "key": key, "auth": auth}
+    if at is not None:
+        p["at"] = at
+    return p
+
+
+def sign_enrollment(net, ip, key, auth_private, at=None):
     """The joining host's signature of its own new WireGuard key, with the
-    invitation's one-time lock key."""
-    return {"key": key, "s": lock_sign(auth_private,
-                                       enrollment_payload(net, ip, key,
-                                                          lock_public(auth_private)))}
+    invitation's one-time lock key, and its own time (unix seconds)."""
+    at = int(time.time()) if at is None else at
+    return {"key": key, "at": at, "s": lock_sign(auth_private, enrollment_payload(
+        net, ip, key, lock_public(auth_private), at))}
 
 
 def enrollment_key(net, ip, auth, enrollment):
-    """The WireGuard key an enrollment signed by lock key ``auth`` names, or None."""
+    """The WireGuard key an enrollment signed by ``auth`` names, or None.
+    ``auth``: a record's "auth:..." key (its expiry checked against the
+    enrollment's time claim) or a bare lock key."""
+    parts = lock_auth_parts(auth) or (auth, None)
     if not isinstance(enrollment, dict) or not isinstance(enrollment.get("key"), str):
         return None
-    if lock_verify(auth, enrollment_payload(net, ip, enrollment["key"], auth),
+    at = enrollment.get("at")
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool)):
+        return None
+    if parts[1] is not None and (at is None or at > parts[1]):
+        return None
+    if lock_verify(parts[0], enrollment_payload(net, ip, enrollment["key"], parts[0], at),
                    enrollment.get("s")):
         return enrollment["key"]
     return None
@@ -3715,6 +3765,25 @@ def lock_serial(current, now_ms):
     """The serial of a subject's next record: after ``current`` (its record's
     serial or None), and the time in ms when that is later."""
     return max((current or 0) + 1, now_ms)
+
+
+def lock_enrolled_keys(net, records, enroll, known, now):
+    """{subject: WireGuard key} an admin signs in place of its invited peers'
+    "auth:" keys: the key this host's own sync bound to the address (its
+    ``known``), else the enrollment the server holds, taken as a client
+    that first sees it would (the invitation's expiry and ENROLL_GRACE)."""
+    known = known if isinstance(known, dict) else {}
+    out = {}
+    for s, rec in records.items():
+        if not isinstance(rec, dict) or rec.get("t") != "peer" or rec.get("deleted") \
+                or not lock_auth_parts(rec.get("key")):
+            continue
+        key = lock_binding(known.get(s), rec)[0]
+        if key is None:
+            key, _ = _enrolled(net, rec["ip"], rec["key"], enroll or {}, now)
+        if key is not None:
+            out[s] = key
+    return out
 
 
 # -- adoption: a client that joined before the lock -------------------------------
@@ -3839,27 +3908,28 @@ def lock_routes(rec, peer):
 
 
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
-                 skip=()):
+                 skip=(), now=None):
     """What a locked client may install of a server's state.
 
     ``chain``: its LockChain; ``lock``: the state's lock section (batches,
     records, enrollments); ``peers``/``cidrs``: the state's (Peer, Cidr);
-    ``known``: the client's memory {subject: [serial, hash, accepted key]};
+    ``known``: the client's memory {subject: [serial, hash, accepted key,
+    the record key it was accepted under]} -- a peer's (address -> key)
+    binding, kept while its records name the same key (or authorization);
     ``rotated(ip, base, key)``: does the peer's own rotation chain lead from
-    its signed key to ``key``; ``skip``: addresses not judged (the server's,
-    whose entry is this client's config's).
+    ``base`` to ``key``; ``skip``: addresses not judged (the server's, whose
+    entry is this client's config's); ``now``: this host's clock.
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
     ``known`` updated).
     """
     net, keys = chain.net, chain.keys
+    now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
     signed = signed_records(net, keys, lock, cache)
     use, replayed = fresh_records(signed, known)
     new_known = dict(known)
     for s, (p, h) in use.items():
-        old = known.get(s)
-        same = old and old[0] == p["n"]
-        new_known[s] = [p["n"], h, old[2] if same and len(old) > 2 else None]
+        new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
     use = {s: p for s, (p, h) in use.items()}
     own = use.get(f"peer:{own_ip}")
     view = lock_view(use, own["cidr"]) if own and not own["deleted"] else None
@@ -3870,22 +3940,38 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         if peer.ip in skip or peer.ip == own_ip:
             accepted.append(peer)
             continue
-        reason, key = _judge(net, peer, use, replayed, view, ranges, enroll, known, rotated)
+        s = f"peer:{peer.ip}"
+        bound = new_known.get(s, [None] * 4)[2] if s in use else None
+        reason, key = _judge(net, peer, use, replayed, view, ranges, (enroll, now), bound,
+                             rotated)
         if reason:
             refused.append((peer, reason))
             continue
-        rec = use[f"peer:{peer.ip}"]
+        rec = use[s]
         routes, exit_node, unsigned = lock_routes(rec, peer)
         if unsigned:
             refused.append((peer, f"{unsigned} not signed: the peer is installed without"))
             peer = dataclasses.replace(peer, routes=routes, exit_node=exit_node)
         accepted.append(peer)
-        new_known[f"peer:{peer.ip}"][2] = key
+        new_known[s][2:4] = [key, rec["key"]]
     return accepted, refused, new_known
 
 
-def _judge(net, peer, use, replayed, view, ranges, enroll, known, rotated):
-    """(reason to refuse or None, the key accepted) for one state peer."""
+def lock_binding(old, rec):
+    """[key, record key] a client keeps for a subject whose record is now
+    ``rec``, from what it knew (``old``): the key it accepted, while ``rec``
+    names the same key or authorization it was accepted under."""
+    if not old or len(old) < 3 or old[2] is None:
+        return [None, None]
+    under = old[3] if len(old) > 3 else None
+    if under is None and old[0] == rec.get("n"):
+        under = rec.get("key")           # a memory from before bindings
+    return [old[2], under] if under is not None and under == rec.get("key") else [None, None]
+
+
+def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
+    """(reason to refuse or None, the key accepted) for one state peer;
+    ``bound``: the key this host holds for its address under this record."""
     ip = peer.ip
     s = f"peer:{ip}"
     if s in replayed:
@@ -3902,19 +3988,29 @@ def _judge(net, peer, use, replayed, view, ranges, enroll, known, rotated):
         return "this host's own record is not signed, so it cannot tell what it may see", None
     if rec["cidr"] not in view:
         return f"its CIDR {rec['cidr']} is not one this host may see", None
-    base = rec["key"]
-    if base.startswith("auth:"):
-        base = enrollment_key(net, ip, base[5:], enroll.get(ip))
+    base, key = bound or rec["key"], peer.public_key
+    if bound is None and lock_auth_parts(base):
+        base, why = _enrolled(net, ip, base, *enrolling)
         if base is None:
-            return "its invitation was not redeemed with a signed enrollment", None
-    key = peer.public_key
-    k = known.get(s)
-    remembered = k[2] if k and k[0] == rec["n"] and len(k) > 2 else None
-    if key != base and key != remembered and not (rotated and (
-            rotated(ip, base, key) or (remembered and rotated(ip, remembered, key)))):
-        return "its key is not the signed one, nor reached by the peer's own rotation " \
-               "proofs", None
+            return why, None
+    if key != base and not (rotated and rotated(ip, base, key)):
+        return "its key is not the signed one" + (
+            " (nor the one its enrollment named when this host verified it)" if bound else "") \
+            + ", nor reached by the peer's own rotation proofs", None
     return None, key
+
+
+def _enrolled(net, ip, auth, enroll, now):
+    """(the key an invitation's enrollment names, or None; why not) for a
+    client that holds no binding for ``ip`` yet."""
+    _, expires = lock_auth_parts(auth)
+    if expires is not None and now > expires + ENROLL_GRACE:
+        return None, "its invitation expired before this host saw its enrollment: an " \
+                     "admin's next signing names its key"
+    key = enrollment_key(net, ip, auth, enroll.get(ip))
+    if key is None:
+        return None, "its invitation was not redeemed with a signed enrollment"
+    return key, None
 
 
 def lock_refusal(peer, reason):
@@ -5976,8 +6072,12 @@ def read_lock_key(path, required=False):
         return None
     except OSError as e:
         raise InnernetError(f"cannot read lock key {path}: {e.strerror}") from None
-    if not is_lock_key(text):
-        raise InnernetError(f"{path} holds no lock key")
+    except ValueError:                          # not UTF-8: a WireGuard key file is text too
+        text = None
+    if text is None or not is_lock_key(text):
+        raise InnernetError(f"{path} holds no lock key",
+                            hint="a lock key file is the one line of base64 that 'innernet "
+                                 "lock key' made on an admin's host (its .lock-key file)")
     return text
 
 
@@ -5986,16 +6086,23 @@ class LockSigner:
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
 
-    def __init__(self, chain, records, private):
+    def __init__(self, chain, records, private, bound=None):
         self.chain, self.records, self.private = chain, dict(records), private
+        self.bound = dict(bound or {})   # {subject: enrolled key} of "auth:" records
 
     def signed(self, changes, keys=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
-        {subject: key} for peers whose key is not their current record's."""
+        {subject: key} for peers whose key is not their current record's. An
+        invited peer's record whose enrollment this host holds is signed
+        again with the enrolled key (lock_enrolled_keys)."""
         keys, now_ms, out = keys or {}, int(time.time() * 1000), []
+        changes = dict(changes)
+        for s in self.bound:
+            if s not in changes and s not in keys and s in self.records:
+                changes[s] = {k: v for k, v in lock_fields(self.records[s]).items()}
         for s, fields in sorted(changes.items()):
             cur = self.records.get(s) or {}
-            key = keys.get(s) or cur.get("key")
+            key = keys.get(s) or self.bound.get(s) or cur.get("key")
             if fields["t"] == "peer" and not key:
                 raise InnernetError(f"no signed key is known for {lock_subject_text(s)}",
                                     hint="'innernet lock log' shows the chain; re-sign with "
@@ -6004,6 +6111,7 @@ class LockSigner:
                                    key))
         for r in out:
             self.records[record_subject(r)] = r
+            self.bound.pop(record_subject(r), None)
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
 
 
@@ -6028,17 +6136,21 @@ class NetworkLock:
             if name in cls.__dict__:
                 setattr(cls, name, _signing(name, cls.__dict__[name]))
 
-    def lock_info(self):
-        """(the lock chain's entries, {subject: signed record}) of the network."""
+    def lock_info(self, enroll=None):
+        """(the lock chain's entries, {subject: signed record}) of the network;
+        ``enroll``: a dict to fill with its enrollments {ip: enrollment}."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock)
+            return remote_lock_info(self.api, self.own_lock, enroll)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
+        if enroll is not None:
+            enroll.update(self.store.lock_enrollments())
         return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
 
     def lock_signer(self):
         if self._signer is False:
-            entries, records = self.lock_info()
+            enroll = {}
+            entries, records = self.lock_info(enroll)
             chain = LockChain(entries) if entries else None
             self._signer = None
             if chain is not None and not chain.disabled:
@@ -6052,7 +6164,9 @@ class NetworkLock:
                                                           "this lock key is not trusted"),
                         hint="a trusted admin adds this host's key ('innernet lock key' "
                              "shows it) with 'innernet lock add'")
-                self._signer = LockSigner(chain, records, private)
+                own = load_client_lock(self.own_lock) if self.api is not None else None
+                self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
+                    chain.net, records, enroll, (own or {}).get("known"), time.time()))
         return self._signer
 
     def lock_signed(self, before, after, *, keys=None, force=()):
@@ -6074,7 +6188,8 @@ class NetworkLock:
             return None
         now = self.peers(), self.cidrs(), self.associations()
         (after,) = _lock_after(method, *now, *a)
-        keys = self.lock_key_of(a[0]) if method in ("add_peer", "reinvite") else None
+        keys = self.lock_key_of(a[0], a[2] if method == "reinvite" else a[0].invite_expires) \
+            if method in ("add_peer", "reinvite") else None
         force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
                                 force=force)
@@ -6089,8 +6204,8 @@ class NetworkLock:
                                     time.time())
         if after is None:
             return None                   # the server names the document's problems
-        keys = {f"peer:{ip}": "auth:" + auth for ip, auth in
-                getattr(self, "lock_auths", {}).items()}
+        keys = {f"peer:{ip}": lock_auth(auth, getattr(self, "lock_expires", None))
+                for ip, auth in getattr(self, "lock_auths", {}).items()}
         return self.lock_signed(lock_projection(*now), after, keys=keys)
 
     def lock_submit(self, entries, signed, adoptions):
@@ -6112,10 +6227,11 @@ class NetworkLock:
         chain = base64.b64encode(json.dumps(signer.chain.entries).encode()).decode()
         return {"chain": chain, "key": private}
 
-    def lock_key_of(self, peer):
-        """The key a new peer's record names: its invitation's lock key, or its own."""
+    def lock_key_of(self, peer, expires):
+        """The key a new peer's record names: its invitation's lock key (with
+        the invitation's expiry), or its own."""
         auth = getattr(self, "lock_auths", {}).get(peer.ip)
-        return {f"peer:{peer.ip}": "auth:" + auth if auth else peer.public_key}
+        return {f"peer:{peer.ip}": lock_auth(auth, expires) if auth else peer.public_key}
 
 
 def _signing(name, method):
@@ -6135,7 +6251,7 @@ def _signing(name, method):
     return signed
 
 
-def remote_lock_info(api, own_lock):
+def remote_lock_info(api, own_lock, enroll=None):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
     sign for an older or another chain, nor turn lock off for it)."""
@@ -6154,6 +6270,8 @@ def remote_lock_info(api, own_lock):
                                 hint="the server may be hijacked: 'innernet lock status' "
                                      "shows this host's chain")
     records = got.get("records") if isinstance(got.get("records"), dict) else {}
+    if enroll is not None and isinstance(got.get("enroll"), dict):
+        enroll.update(got["enroll"])
     return entries, records
 
 
@@ -9881,8 +9999,15 @@ def litestream_config(db_path, url, interval):
                                  "or an absolute path")
     if url.startswith("/"):
         url = "file://" + url
-    return json.dumps({"dbs": [{"path": os.path.abspath(db_path), "replicas": [
-        {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+    # its log on stderr, which serve reads (Litestream 0.5 logs to stdout)
+    return json.dumps({"logging": {"stderr": True}, "dbs": [{
+        "path": os.path.abspath(db_path), "replicas": [
+            {"url": url, "sync-interval": f"{interval}s"}]}]}, indent=2) + "\n"
+
+
+def litestream_state_dir(db_path):
+    """Where Litestream keeps its local state (its LTX files) for db_path."""
+    return os.path.join(os.path.dirname(db_path), f".{os.path.basename(db_path)}-litestream")
 
 
 class Replicator:
@@ -9892,7 +10017,15 @@ class Replicator:
         self.binary = litestream_binary()
         self.config = db_path[:-3] + ".litestream.yml"
         self.pidfile = db_path[:-3] + ".litestream.pid"
-        atomic_write(self.config, litestream_config(db_path, url, interval), 0o600)
+        self.state = litestream_state_dir(db_path)
+        text = litestream_config(db_path, url, interval)
+        # Its local state lacks what the replica it last fed has compacted: a new
+        # replica would get a snapshot and then nothing, so that state starts anew.
+        with contextlib.suppress(OSError, ValueError, LookupError):
+            with open(self.config) as f:
+                old = json.load(f)["dbs"][0]["replicas"][0]["url"]
+            self.stale = old != json.loads(text)["dbs"][0]["replicas"][0]["url"]
+        atomic_write(self.config, text, 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
 
     def describe(self):
@@ -9940,9 +10073,13 @@ class Replicator:
         while not self.stop.is_set():
             started = time.monotonic()
             self._start()
-            last = ""
+            last, said = "", False
             for line in self.proc.stderr:     # until it exits; only the last line is kept
                 last = line.decode(errors="replace").strip() or last
+                if not said and "LTX file is missing" in last:    # it retries for ever
+                    said = warn("litestream: the replica lacks transactions Litestream's "
+                                "local state no longer has (its storage lost?): it holds a "
+                                "snapshot, nothing after; use a new URL") or True
             code = self.proc.wait()
             if self.stop.is_set():
                 return
@@ -9952,6 +10089,10 @@ class Replicator:
 
     def start(self):
         self.stop_leftover()
+        if getattr(self, "stale", False) and os.path.isdir(self.state):
+            import shutil                   # no Litestream runs on it: rebuilt from a snapshot
+            warn("litestream: a new replica URL; its local state starts anew")
+            shutil.rmtree(self.state, ignore_errors=True)
         threading.Thread(target=self.run, daemon=True).start()
         log(f"replicating the database to {self.url} (litestream)")
 
@@ -10129,7 +10270,7 @@ def _lock_enrollment(store, caller, new_key, enrollment):
         raise InnernetError("the network is locked and this invitation was made before the "
                             "lock: it cannot be redeemed", status=403,
                             hint="ask an admin for a new one ('innernet reinvite')")
-    if enrollment_key(store.lock_chain().net, caller.ip, rec["key"][5:], enrollment) != new_key:
+    if enrollment_key(store.lock_chain().net, caller.ip, rec["key"], enrollment) != new_key:
         raise InnernetError("the network is locked: a redemption needs the enrollment its "
                             "invitation's lock key signs (innernet.py's install makes it)",
                             status=403)
@@ -10335,7 +10476,8 @@ def admin_get_lock(co, req):
     if chain is None:
         return Response(200, {"chain": [], "records": {}})
     recs, _ = co.store.lock_records()
-    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()}})
+    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()},
+                          "enroll": co.store.lock_enrollments()})
 
 
 @api_route("POST", "admin/lock", "admin", body=True, max_body=MAX_ROTATION_BODY)
@@ -11578,6 +11720,7 @@ class _Fetch:
         self.exit_state = self.exit_problem = None
         self.pending = []
         self.lock = None                 # the lock file's new contents, to save
+        self.lock_on = False             # this sync verified a lock's records
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -11625,9 +11768,14 @@ class _Fetch:
                 warn(f"{self.iface}: {line}")
             self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
                                                        received)
+            pinned = [] if self.lock_on else None     # under lock: one line each
             self.peers = merge_pinned(self.stored_peers, received, deleted, now,
                                       rotated=self.rotated, own_ip=str(self.cfg.address.ip),
-                                      floor=floor, waiting=[w[1:] for w in waiting])
+                                      floor=floor, waiting=[w[1:] for w in waiting],
+                                      refusals=pinned)
+            for line in pinned or ():
+                warn(f"{self.iface}: {line}")
+                self.lock["refused"].append(line)
             self.pending = [self.note_waiting(*w) for w in waiting]
             self.changed = True
         except InnernetError as e:
@@ -11659,6 +11807,7 @@ class _Fetch:
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
         if chain.disabled:
             return received
+        self.lock_on = True
         chains = {}
 
         def rotated(ip, old, new):
@@ -13082,6 +13231,7 @@ def cmd_apply(args):
         ensure_dir(args.save_invites, 0o700, tighten=False)
     expires = parse_timestring(args.invite_expires or DEFAULT_INVITE_EXPIRY)
     net = open_network(args)
+    net.lock_expires = int(time.time()) + expires     # what new peers' records sign
     lines, problems, new_peers = net.plan(text, args.file)
     if problems:
         for line in problems:
@@ -13258,9 +13408,11 @@ def _lock_init(args, iface):
     net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
     entries, _ = net.lock_info()
     if entries:
-        raise InnernetError(f"network {iface} is locked already"
-                            + (" (and was disabled: it cannot be locked again)"
-                               if LockChain(entries).disabled else ""),
+        if LockChain(entries).disabled:
+            raise InnernetError(f"network {iface}'s lock was disabled with its secret, and a "
+                                "disabled lock's chain ends there: it cannot be locked again",
+                                hint=f"'innernet lock log {iface}' shows the chain")
+        raise InnernetError(f"network {iface} is locked already",
                             hint=f"'innernet lock status {iface}'")
     private, public = _own_lock_key(args, iface, make=True)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
@@ -13345,9 +13497,17 @@ def _lock_add(args, iface):
     private, _ = _own_lock_key(args, iface)
     entry = lock_update(chain, "add", args.key, args.key_name or "admin", private,
                         int(time.time()))
-    net.lock_submit(chain.entries + [entry], None, {})
+    _lock_submit_own(net, chain.entries + [entry], None)
     log(f"lock key {lock_short(args.key)} trusted")
     return 0
+
+
+def _lock_submit_own(net, entries, signed):
+    """A chain update sent, and kept as this host's own copy at once: its next
+    fetch (and its next signing) refuses a server chain that does not extend it."""
+    net.lock_submit(entries, signed, {})
+    mine = load_client_lock(net.own_lock) or {}
+    save_client_lock(net.own_lock, dict(mine, chain=entries))
 
 
 def _lock_remove(args, iface):
@@ -13363,19 +13523,41 @@ def _lock_remove(args, iface):
     again = [lock_record(chain.net, lock_serial(p["n"], now_ms), lock_fields(p), p.get("key"))
              for p in records.values()]
     signed = {"batch": sign_batch(chain.net, private, again), "records": again}
-    net.lock_submit(chain.entries + [entry], signed if again else None, {})
+    _lock_submit_own(net, chain.entries + [entry], signed if again else None)
     log(f"lock key {lock_short(args.key)} removed; {len(again)} records signed again by "
         f"{lock_short(public)}")
     return 0
+
+
+def _disable_secret(args):
+    """The disablement secret: from --secret-file, or stdin (asked for on a
+    terminal); on the command line only with a warning (ps, shell history)."""
+    if args.secret is not None:
+        warn("the secret on the command line is visible to local users (ps) and stays in "
+             "shell history: give it on stdin or with --secret-file")
+        text = args.secret
+    elif args.secret_file:
+        text = read_text(args.secret_file, "secret file")
+    elif _interactive():
+        import getpass
+        text = getpass.getpass("Disablement secret (lock init showed it): ")
+    else:
+        text = sys.stdin.readline(4096)
+    text = text.strip()
+    if not text:
+        raise InnernetError("lock disable needs the disablement secret",
+                            hint="give it on stdin (echo SECRET | innernet lock disable NET) "
+                                 "or with --secret-file FILE")
+    return text
 
 
 def _lock_disable(args, iface):
     net, chain, _ = _lock_chain(args, iface)
     if chain.disabled:
         raise InnernetError(f"network {iface}'s lock is disabled already")
-    entry = lock_disablement(chain, args.secret, int(time.time()))
+    entry = lock_disablement(chain, _disable_secret(args), int(time.time()))
     LockChain(chain.entries + [entry])          # a wrong secret fails here, not on the wire
-    net.lock_submit(chain.entries + [entry], None, {})
+    _lock_submit_own(net, chain.entries + [entry], None)
     log(f"network {iface}'s lock disabled: clients stop checking signatures at their next sync")
     return 0
 
@@ -13467,8 +13649,8 @@ def cmd_server_uninstall(args):
             pass
         except OSError as e:
             warn(f"could not delete {path}: {e.strerror}")
-    # Litestream's own state beside the database (its WAL copies)
-    litestream_dir = os.path.join(os.path.dirname(db), f".{os.path.basename(db)}-litestream")
+    # Litestream's own state beside the database (its LTX files)
+    litestream_dir = litestream_state_dir(db)
     if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
         import shutil
         shutil.rmtree(litestream_dir, ignore_errors=True)
@@ -13684,7 +13866,14 @@ def cmd_server_restore(args):
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
                             hint="a standby restores into an empty data directory; move it "
-                                 "away first")
+                                 "away first (with its -wal and -shm files)")
+    # SQLite applies a -wal file it finds beside a database when the database
+    # is next opened: an old one left behind would be played over the copy.
+    for leftover in (db_path + "-wal", db_path + "-shm", db_path + "-journal"):
+        if os.path.lexists(leftover):
+            raise InnernetError(f"{leftover} is left from an earlier database",
+                                hint="SQLite would apply it to the restored copy; move it "
+                                     "away too")
     ensure_dir(os.path.dirname(db_path))
     url = args.source if not args.source.startswith("/") else "file://" + args.source
     litestream_config(db_path, url, 1)            # the same URL check as serve's
@@ -15106,7 +15295,10 @@ def build_parser(server_mode=False):
                    help="init, status, key (this host's), add, remove, log, disable")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("secret", metavar="SECRET", nargs="?",
-                   help="disable: the disablement secret lock init showed")
+                   help="disable: the disablement secret (better on stdin or with "
+                        "--secret-file: an argument is visible in ps and shell history)")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="disable: a file holding the disablement secret")
     p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
     p.add_argument("--key-name", metavar="NAME", help="init/add: a name for the key")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",

@@ -355,3 +355,22 @@ def test_restore_without_the_config_hints_to_copy_the_primarys(tmp_path, capsys)
     assert innernet.main(argv) == 1
     err = capsys.readouterr().err
     assert "copy the primary's evil.conf" in err and "new" not in err.replace("anew", "")
+
+
+def test_restore_refuses_a_wal_file_left_beside_the_moved_database(tmp_path, capsys):
+    """An operator who moved only NET.db away leaves NET.db-wal, which SQLite
+    would play over the restored copy when serve opens it."""
+    innernet.main(["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server", "new",
+                   "--network-name", "evil", "--network-cidr", "10.66.0.0/16",
+                   "--external-endpoint", "198.18.0.1:51820", "--listen-port", "51820",
+                   "--yes"])
+    wal = tmp_path / "lib" / "evil.db-wal"
+    os.rename(tmp_path / "lib" / "evil.db", tmp_path / "moved.db")
+    wal.write_bytes(b"old")
+    capsys.readouterr()
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server", "restore",
+            "evil", "--from", str(tmp_path / "replica")]
+    assert innernet.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{wal} is left from an earlier database" in err and "move it" in err
+    assert wal.read_bytes() == b"old" and not (tmp_path / "lib" / "evil.db").exists()

@@ -314,3 +314,117 @@ def test_an_adoption_proof_verifies_for_its_peer_genesis_and_admin_only():
     assert not innernet.adoption_valid(peer, "genesis-hash", pub(other), mac)
     server_made = innernet.adoption_proof(other, "genesis-hash", pub(peer))
     assert not innernet.adoption_valid(peer, "genesis-hash", pub(admin), server_made)
+
+
+def test_an_enrollment_binds_its_address_and_a_second_one_under_the_same_invitation_is_refused():
+    """The reviewer's attack, in the pure core: the server, with a copy of
+    dave's invitation (its one-time lock key), enrolls another key at dave's
+    address after dave joined. A client that verified dave's enrollment keeps
+    that binding across the admin's re-signed records; one that never saw it
+    refuses an enrollment it first sees after the invitation's signed expiry;
+    an admin's next signing names dave's enrolled key, and then no enrollment
+    counts."""
+    n = Net()
+    now = T + 100
+    auth_priv, auth_pub = lock_keypair()
+    dave = n.add_peer("dave", "10.66.1.9", 3, "dave-key", sign=False)
+    n.records.append(n.payload(dave, key=innernet.lock_auth(auth_pub, T + 600)))
+    n.sign(payloads=n.records[-1:])
+    n.enroll["10.66.1.9"] = sign_enrollment(NET, "10.66.1.9", "dave-key", auth_priv, at=T + 50)
+
+    def verify(known, at, peers=None):
+        acc, ref, known = verify_state(n.chain, n.lock(), peers or n.peers, n.cidrs,
+                                       "10.66.1.2", known, now=at)
+        return {p.name: p for p in acc}, {p.name: r for p, r in ref}, known
+    acc, _, known = verify({}, now)
+    assert "dave" in acc and known["peer:10.66.1.9"][2] == "dave-key"
+    # an admin renames dave: the record is signed again, still under the invitation
+    dave = n.set("dave", name="davey")
+    n.records.append(n.payload(dave, key=innernet.lock_auth(auth_pub, T + 600)))
+    n.sign(payloads=n.records[-1:])
+    acc, _, known = verify(known, now)
+    assert "davey" in acc
+    # the hijacked server re-enrolls the attacker's key with the stolen invitation
+    n.enroll["10.66.1.9"] = sign_enrollment(NET, "10.66.1.9", "evil-key", auth_priv, at=T + 60)
+    evil = n.set("davey", public_key="evil-key")
+    acc, ref, _ = verify(known, now)
+    assert "davey" not in acc and "enrollment named when this host verified" in ref["davey"]
+    # the same lie without a binding, before the expiry, would be taken (the
+    # invitation is a bearer credential while it is valid) ...
+    acc, _, _ = verify({}, now)
+    assert "davey" in acc
+    # ... but not by a client that first sees it after the expiry, whatever it claims
+    acc, ref, _ = verify({}, T + 600 + innernet.ENROLL_GRACE + 1)
+    assert "davey" not in acc and "expired before this host saw" in ref["davey"]
+    # an enrollment dated after the signed expiry is refused too
+    n.enroll["10.66.1.9"] = sign_enrollment(NET, "10.66.1.9", "evil-key", auth_priv, at=T + 601)
+    acc, ref, _ = verify({}, now)
+    assert "davey" not in acc and "signed enrollment" in ref["davey"]
+    # the admin's next signing: its host's binding names dave's enrolled key
+    recs = {innernet.record_subject(p): p for p in n.records}
+    bound = innernet.lock_enrolled_keys(NET, recs, n.enroll, known, now)
+    assert bound == {"peer:10.66.1.9": "dave-key"}
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], bound)
+    alice = next(p for p in n.peers if p.name == "alice")
+    out = signer.signed({"peer:10.66.1.2": {k: v for k, v in innernet.lock_fields(
+        n.payload(alice)).items()}})
+    resigned = next(r for r in out["records"] if r["ip"] == "10.66.1.9")
+    assert resigned["key"] == "dave-key" and resigned["name"] == "davey"
+    n.records += out["records"]
+    n.batches.append(out["batch"])
+    # now even a client that never saw the enrollment, long after, takes only dave's key
+    acc, ref, _ = verify({}, now + 10 ** 6)
+    assert "davey" not in acc and "key is not the signed one" in ref["davey"]
+    real = dataclasses.replace(evil, public_key="dave-key")
+    acc, ref, _ = verify({}, now + 10 ** 6, peers=[real if p is evil else p for p in n.peers])
+    assert "davey" in acc
+
+
+def test_a_pin_conflict_under_lock_is_one_line_and_the_rest_applies():
+    """Under lock, merge_pinned takes a list for its refusals: a known address
+    with another key keeps its pinned key, the other peers are applied."""
+    bob = Peer(11, "bob", "10.66.1.3", 3, "bob-key", is_redeemed=True)
+    carol = Peer(12, "carol", "10.66.1.4", 3, "carol-key", is_redeemed=True)
+    swapped = dataclasses.replace(bob, public_key="evil-key")
+    dave = Peer(13, "dave", "10.66.1.5", 3, "dave-key", is_redeemed=True)
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        innernet.merge_pinned([bob, carol], [swapped, carol, dave])
+    lines = []
+    got = innernet.merge_pinned([bob, carol], [swapped, carol, dave], refusals=lines)
+    assert {(p.name, p.public_key) for p in got} == {("bob", "bob-key"),
+                                                     ("carol", "carol-key"), ("dave", "dave-key")}
+    assert len(lines) == 1 and "refused peer 'bob' (10.66.1.3)" in lines[0]
+
+
+def test_the_disablement_secret_comes_from_stdin_or_a_file_and_an_argument_is_warned(
+        tmp_path, monkeypatch, capsys):
+    import io
+    import types
+    args = types.SimpleNamespace(secret=None, secret_file=None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
+    assert innernet._disable_secret(args) == "s3cret"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(InnernetError, match="needs the disablement secret"):
+        innernet._disable_secret(args)
+    f = tmp_path / "secret"
+    f.write_text("from-file\n")
+    args.secret_file = str(f)
+    assert innernet._disable_secret(args) == "from-file"
+    assert "visible" not in capsys.readouterr().err
+    args.secret = "on-the-line"
+    assert innernet._disable_secret(args) == "on-the-line"
+    assert "visible to local users (ps)" in capsys.readouterr().err
+    p = innernet.build_parser() if hasattr(innernet, "build_parser") else None
+    if p is not None:
+        ns = p.parse_args(["lock", "disable", "evilcorp", "--secret-file", str(f)])
+        assert ns.secret_file == str(f) and ns.secret is None
+
+
+def test_a_lock_key_file_in_another_format_is_one_line_with_a_hint(tmp_path):
+    for name, data in (("binary", b"\xff\xfe\x00garbage"), ("toml", b"[interface]\n"),
+                       ("empty", b"")):
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(InnernetError, match="holds no lock key") as e:
+            innernet.read_lock_key(str(f), required=True)
+        assert "innernet lock key" in e.value.hint

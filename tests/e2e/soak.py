@@ -113,6 +113,8 @@ class Soak:
         self.unsure = []            # (t, action, object): outcome unknown
         self.failed = []            # (t, action, object): refused, must not be there
         self.failovers = []         # kill times
+        self.replication = []       # per failover: s from the last acknowledged write
+                                    # until a restore of the replica held it (None: never)
         self.convergence = []       # seconds
         self.counts = collections.Counter()
         self.lock = threading.RLock()
@@ -708,10 +710,23 @@ class Soak:
                     (held,), = conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit_log"
                                             ).fetchall()
                 if held >= last:
+                    acked = max((t1 for _, t1, _, _ in self.acked), default=time.time())
+                    self.replication.append(round(time.time() - acked, 2))
                     return
             time.sleep(0.2)          # between restores (each reads the whole replica)
+        self.replication.append(None)
         self.violate("lost", "replication", f"after 120 s a restore of the replica holds "
-                     f"audit entry {held}, the primary {last}")
+                     f"audit entry {held}, the primary {last}; {self.replica_files()}")
+
+    def replica_files(self):
+        """The newest LTX files of the replica and of Litestream's local state:
+        their names are the transaction IDs each holds (the evidence)."""
+        out, db = [], self.db_path()
+        for label, root in (("replica", self.replica), ("local", innernet.litestream_state_dir(db))):
+            names = sorted(os.path.relpath(os.path.join(d, f), root)
+                           for d, _, files in os.walk(root) for f in files)
+            out.append(f"{label}: {names[-6:]} ({len(names)} files)")
+        return "; ".join(out)
 
     def failover(self):
         old, new = self.active, self.standby
@@ -1160,6 +1175,7 @@ class Soak:
                                      if p.name and p.excluded},
                 "recoveries": len(self.recovery),
                 "recovery p50 s": rpct(0.5), "recovery p99 s": rpct(0.99), "failovers": len(self.failovers),
+                "replica held the last write after (s)": self.replication,
                 "violations": len([v for v in self.violations if not v["known"]]),
                 "known": collections.Counter(v["known"] for v in self.violations
                                              if v["known"]),

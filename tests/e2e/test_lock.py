@@ -82,7 +82,13 @@ def w(pyz):
         w.admin.innernet("add-peer", w.admin_if, "--name", "alice", "--cidr", "humans",
                          "--ip", ALICE_IP, "--admin", "false", "--save-config", path,
                          "--invite-expires", "1h", "--yes")
+        w.alice_invite = open(path).read()          # a copy the hijacker keeps
         w.alice, w.alice_if, w.alice_join = _install(w, "alice", path)
+        # alice's record as the invitation signed it, before any re-signing
+        row = db_rows(w.db, "SELECT r.payload, b.signer, b.sig, b.hashes FROM lock_records r "
+                      "JOIN lock_batches b ON b.id = r.batch_id WHERE r.subject = ?",
+                      (f"peer:{ALICE_IP}",))[0]
+        w.alice_auth = (json.loads(row[0]), {"k": row[1], "s": row[2], "h": json.loads(row[3])})
         cfg = I.InterfaceConfig.from_toml(open(w.alice.path(
             "client", "etc", f"{w.alice_if}.conf")).read(), "alice")
         w.server_key = cfg.server_public_key
@@ -168,7 +174,10 @@ def test_lock_init_signs_the_running_network_and_a_peer_joins_under_lock(w):
     assert {"peer:10.66.1.3", "peer:10.66.2.4", "peer:10.66.1.5", "cidr:10.66.1.0/24",
             f"peer:{ALICE_IP}"} <= set(w.records)
     assert w.records["peer:10.66.1.5"]["deleted"]             # dave, signed deleted
-    assert w.records[f"peer:{ALICE_IP}"]["key"].startswith("auth:")
+    # alice's record named her invitation's one-time key, with its expiry; the
+    # admin's next signing (the apply) named the key she enrolled instead
+    assert w.alice_auth[0]["key"].startswith("auth:") and w.alice_auth[0]["key"].count(":") == 2
+    assert w.records[f"peer:{ALICE_IP}"]["key"] == peer_of(w.honest, "alice")["public_key"]
     held = {a for p in device(w.alice, w.alice_if)["peers"] for a in p["allowed_ips"]}
     assert f"{ADMIN_IP}/32" in held and "10.66.1.3/32" in held     # admin, bob: signed
     assert "lock refused" not in w.alice_join.stderr, w.alice_join.stderr
@@ -327,3 +336,75 @@ def test_the_server_alone_cannot_turn_lock_off(w):
     show = w.alice.innernet("show", w.alice_if).stdout
     assert "lock refused peer 'mallory2'" in show
     lie(w, w.alice, w.alice_if, w.honest)
+
+
+def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w):
+    """The outside review's attack: the hijacker kept a copy of alice's
+    invitation, re-enrolls its own key at her address with it (the server's
+    enrollment row replaced, the key swapped) and tells the admin's host,
+    whose data store (its pins) is gone -- as a new joiner's is. Under lock it
+    is refused: the admin's signing after alice joined named her enrolled
+    key, and the older record naming the invitation's key, replayed, is an
+    older signed record; even with this host's lock memory wiped too (a
+    client that never saw alice's enrollment), the current record names her
+    key. zed, without lock, takes the attacker's key."""
+    I = _innernet()
+    auth = I.InterfaceConfig.from_toml(w.alice_invite, "alice").lock["key"]
+    net = I.LockChain(w.honest["lock"]["chain"]).net
+    evil = I.public_key(I.generate_private_key())
+
+    def reenroll(s, replay=False):
+        peer_of(s, "alice")["public_key"] = evil
+        if "lock" in s:
+            s["lock"].setdefault("enroll", {})[ALICE_IP] = I.sign_enrollment(
+                net, ALICE_IP, evil, auth)
+            if replay:
+                s["lock"]["records"] = [r for r in s["lock"]["records"]
+                                        if r.get("ip") != ALICE_IP] + [w.alice_auth[0]]
+                s["lock"]["batches"].append(w.alice_auth[1])
+        return s
+    lock_file = w.admin.path("client", "lib", f"{w.admin_if}.lock.json")
+    kept = json.load(open(lock_file))
+    try:
+        # the admin's host syncs once honestly: it verifies alice's record
+        first = lie(w, w.admin, w.admin_if, w.honest)
+        kept = json.load(open(lock_file))
+        # A lock memory wiped but pins kept: the old record replayed with the
+        # new enrollment passes lock (an invitation is a bearer credential
+        # until its expiry) and meets the pin: one line, the rest applied.
+        stored = json.load(open(w.admin.path("client", "lib", f"{w.admin_if}.json")))
+        assert ALICE_IP in [p["ip"] for p in stored["peers"]], (first.stderr, stored)
+        I.save_client_lock(lock_file, {"chain": kept["chain"]})
+        out = lie(w, w.admin, w.admin_if, reenroll(copy.deepcopy(w.honest), True))
+        line = [ln for ln in out.stderr.splitlines() if "peer 'alice'" in ln]
+        assert len(line) == 1 and "PINNING ERROR: refused" in line[0], out.stderr
+        held = {p["public_key"] for p in device(w.admin, w.admin_if)["peers"]}
+        assert evil not in held and w.keys["bob"] in held
+        status = w.admin.innernet("lock", "status", w.admin_if).stdout
+        assert "1 record(s) refused at the last sync" in status, status
+        assert "PINNING ERROR: refused peer 'alice'" in w.admin.innernet("show",
+                                                                       w.admin_if).stdout
+        I.save_client_lock(lock_file, kept)
+        for replay, wipe in ((True, False), (False, False), (False, True)):
+            I.save_data_store(w.admin.path("client", "lib", f"{w.admin_if}.json"), [], [])
+            if wipe:
+                I.save_client_lock(lock_file, {"chain": kept["chain"]})
+            state = reenroll(copy.deepcopy(w.honest), replay)
+            out = lie(w, w.admin, w.admin_if, state)
+            line = [ln for ln in out.stderr.splitlines() if "lock refused peer 'alice'" in ln]
+            assert len(line) == 1, out.stderr
+            assert ("older signed record" if replay else "key is not the signed one") \
+                in line[0], line
+            held = {p["public_key"] for p in device(w.admin, w.admin_if)["peers"]}
+            assert evil not in held
+        forget_pins(w)                          # zed pinned alice's real key
+        zed = lie(w, w.zed, w.zed_if, reenroll({k: v for k, v in copy.deepcopy(
+            w.honest_zed).items() if k != "lock"}))
+        assert zed.returncode == 0
+        assert evil in {p["public_key"] for p in device(w.zed, w.zed_if)["peers"]}
+    finally:
+        I.save_client_lock(lock_file, kept)
+        I.save_data_store(w.admin.path("client", "lib", f"{w.admin_if}.json"), [], [])
+        forget_pins(w)
+        lie(w, w.admin, w.admin_if, w.honest)
+        both(w, lambda s: s)

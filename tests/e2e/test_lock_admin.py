@@ -223,6 +223,23 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
             for a in p["allowed_ips"]}[f"{ALICE_IP}/32"] == new_key
     second_private, second = I.lock_keypair()
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
+    # the admin's host keeps its own update: its status says so at once, and a
+    # server serving the chain from before it is refused by its lock verbs (and
+    # by its fetch, adopt_chain: test_lock.py::test_a_client_takes_only_a_chain_that_extends_its_own)
+    n = len(db_rows(w.db, "SELECT seq FROM lock_chain"))
+    assert f"({n} entries)" in admin(w, "lock", "status", w.iface).stdout
+    seq, entry = db_rows(w.db, "SELECT seq, entry FROM lock_chain ORDER BY seq DESC")[0]
+    conn = sqlite3.connect(w.db, timeout=15)
+    with conn:
+        conn.execute("DELETE FROM lock_chain WHERE seq = ?", (seq,))
+    try:
+        out = admin(w, "lock", "log", w.iface, check=False)
+        assert out.returncode != 0 and "does not extend this host's copy" in out.stderr
+        assert f"({n} entries)" in admin(w, "lock", "status", w.iface).stdout
+    finally:
+        with conn:
+            conn.execute("INSERT INTO lock_chain (seq, entry) VALUES (?, ?)", (seq, entry))
+        conn.close()
     log = admin(w, "lock", "log", w.iface).stdout
     assert "add" in log and I.lock_short(second) in log
     admin(w, "lock", "remove", w.iface, "--key", second)
@@ -232,7 +249,15 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     # disabled with the secret: a peer no key signed is then taken again
     out = admin(w, "lock", "disable", w.iface, "not-the-secret", check=False)
     assert out.returncode != 0 and "secret is wrong" in out.stderr
-    admin(w, "lock", "disable", w.iface, w.secret)
+    assert "visible to local users (ps)" in out.stderr      # the argument still works, warned
+    secret_file = w.admin.path("secret")
+    with open(secret_file, "w") as f:
+        f.write(w.secret + "\n")
+    out = admin(w, "lock", "disable", w.iface, "--secret-file", secret_file)
+    assert "visible to local users" not in out.stderr
+    out = admin(w, "lock", "init", w.iface, check=False)
+    assert out.returncode != 0 and "was disabled with its secret" in out.stderr \
+        and "locked already" not in out.stderr, out.stderr
     conn = sqlite3.connect(w.db, timeout=15)
     with conn:
         conn.execute("INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
