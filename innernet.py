@@ -1013,13 +1013,16 @@ def _write_temp(path, data, mode):
     if isinstance(data, str):
         data = data.encode()
     tmp = _temp_beside(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
     try:
         with os.fdopen(fd, "wb") as f:
+            # By the descriptor, never by the name: whoever may write to the
+            # directory could have put a symlink to /etc/shadow there by now.
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1567,6 +1570,26 @@ def normalize_endpoint(text):
 def endpoint_is_unspecified(text):
     host, _ = parse_endpoint(text)
     return host in ("0.0.0.0", "::")
+
+
+def endpoint_misplaced(text, network, *, unspecified_ok=False):
+    """Why ``text`` cannot be a peer's endpoint in ``network``, or None: an
+    address inside the network (WireGuard would send the tunnel's packets
+    into the tunnel), loopback or multicast, and unspecified unless
+    ``unspecified_ok`` (a server's "the address you see", innernet's).
+    [::ffff:a.b.c.d] is judged as a.b.c.d (parse_endpoint); a host name is
+    DNS's word."""
+    try:
+        ip = ipaddress.ip_address(parse_endpoint(text)[0])
+    except (InnernetError, ValueError):
+        return None
+    if network is not None and ip.version == network.version and ip in network:
+        return f"{text} is inside the network {network}"
+    if ip.is_loopback or ip.is_multicast:
+        return f"{text} is a {'loopback' if ip.is_loopback else 'multicast'} address"
+    if ip.is_unspecified and not unspecified_ok:
+        return f"{text} is an unspecified address"
+    return None
 
 
 _resolve_cache: dict[str, tuple[float, str | None]] = {}
@@ -3131,9 +3154,11 @@ def refuse_misrouted(received, stored, network, own, server):
     ``server``: (ip, key)) under another key; when a route overlaps the
     network or covers an address pinned (in ``stored``) to another key; when
     a pinned peer turns static (its address would go to the server's key);
-    or when its endpoint is inside the network; and a record with the
-    server's key anywhere but at the server's address, or disabled or static
-    there. Candidates inside the network are dropped from the records kept.
+    and a record with the server's key anywhere but at the server's address,
+    or disabled or static there. Candidates inside the network are dropped
+    from the records kept, and so is an endpoint inside it, loopback,
+    multicast or unspecified (endpoint_misplaced): the peer is kept, without
+    a direct path, and a line says so.
     """
     pins = {}
     for p in stored:
@@ -3150,6 +3175,11 @@ def refuse_misrouted(received, stored, network, own, server):
         inside = [c for c in p.candidates if _endpoint_inside(c, network)]
         if inside:
             p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
+        why = p.endpoint and endpoint_misplaced(p.endpoint, network)
+        if why:         # costs the peer its direct path, not its record
+            refused.append(f"kept peer '{p.name}' ({p.ip}) from the server without its "
+                           f"endpoint: {why}")
+            p = dataclasses.replace(p, endpoint=None)
         kept.append(p)
     return kept, refused
 
@@ -3182,8 +3212,6 @@ def _misrouting(p, pins, outside, network, own, server):
     if p.is_static and pin is not None and pin.public_key == p.public_key \
             and not pin.is_static:
         return "a pinned peer cannot turn static (its address would go to the server's key)"
-    if p.endpoint and _endpoint_inside(p.endpoint, network):
-        return f"its endpoint {p.endpoint} is inside the network"
     return None
 
 
@@ -5257,32 +5285,87 @@ def safe_hosts_path(path):
     """The file a hosts path stands for, its symlinks followed; refused where
     another local user could point it at a file of root's (or swap it).
 
-    Followed: symlinks owned by root or by us, in directories others may not
-    write to, or that have the sticky bit (where they cannot replace ours).
-    Refused: a symlink owned by someone else (planted in /tmp, say: the kernel's
-    fs.protected_symlinks is not always on), and any path in a directory
-    everyone may write to without the sticky bit.
+    Followed: symlinks owned by root or by us. Refused: a symlink owned by
+    someone else (planted in /tmp, say: the kernel's fs.protected_symlinks is
+    not always on); a path whose directory, or any directory above it, is
+    owned by another user or may be written to by others without the sticky
+    bit (they could swap our temporary file between its creation and the
+    rename); and anything but a regular file (a FIFO would hang us).
     """
     hint = "give --hosts-path a file in a directory only root can write to, such as /etc/hosts"
     for _ in range(16):
-        path, st_dir = os.path.abspath(path), None
+        path, st = os.path.abspath(path), None
         try:
-            st_dir = os.stat(os.path.dirname(path))
+            path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
             st = os.lstat(path)
         except FileNotFoundError:
-            st = None
+            pass
         except OSError:
             return path             # written as before: its errors are said then
-        if st_dir is not None and st_dir.st_mode & 0o1002 == 0o0002:
-            raise InnernetError(f"hosts file {path} is in a directory everyone may write to",
-                                hint=hint)
-        if st is None or not stat.S_ISLNK(st.st_mode):
+        why = _unsafe_directory(os.path.dirname(path))
+        if why:
+            raise InnernetError(f"hosts file {path} is in {why}", hint=hint)
+        if st is None or stat.S_ISREG(st.st_mode):
             return path
+        if not stat.S_ISLNK(st.st_mode):
+            raise InnernetError(f"hosts file {path} is not a regular file", hint=hint)
         if st.st_uid not in (0, os.geteuid()):
             raise InnernetError(f"hosts file {path} is a symlink owned by user {st.st_uid}, "
                                 "not by root or by us", hint=hint)
         path = os.path.join(os.path.dirname(path), os.readlink(path))
     raise InnernetError(f"hosts file {path}: too many levels of symlinks", hint=hint)
+
+
+def _unsafe_directory(d):
+    """Why another user could replace a file in directory ``d`` (no symlinks
+    in it), or None: ``d`` or a directory above it is theirs, or others may
+    write to it without the sticky bit."""
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return None             # written as before: its errors are said then
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{d}, a directory owned by user {st.st_uid}"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"{d}, a directory others may write to"
+        up = os.path.dirname(d)
+        if up == d:
+            return None
+        d = up
+
+
+def _open_regular(path, flags, what):
+    """(fd, fstat) of the regular file at ``path``, opened without following
+    a symlink or waiting on a FIFO: checked on the descriptor, so a file
+    swapped after safe_hosts_path looked is refused all the same."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno not in (errno.ENXIO, errno.ELOOP):   # a FIFO with no reader, a symlink
+            raise
+        raise InnernetError(f"{what} {path} is not a regular file") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InnernetError(f"{what} {path} is not a regular file")
+    return fd, st
+
+
+def _read_hosts(path):
+    """(text, mode) of the hosts file at ``path``; ("", 0o644) if there is none."""
+    try:
+        fd, st = _open_regular(path, os.O_RDONLY, "hosts file")
+    except FileNotFoundError:
+        return "", 0o644
+    with open(fd, "rb") as f:
+        data = f.read((1 << 20) + 1)
+    if len(data) > 1 << 20:
+        raise InnernetError(f"hosts file {path} is larger than 1 MiB")
+    try:
+        return data.decode("utf-8"), stat.S_IMODE(st.st_mode)
+    except UnicodeDecodeError:
+        raise InnernetError(f"hosts file {path} is not UTF-8 text") from None
 
 
 def write_hosts_file(path, tag, lines):
@@ -5293,16 +5376,16 @@ def write_hosts_file(path, tag, lines):
     """
     try:
         path = safe_hosts_path(path)    # a symlinked hosts file stays a symlink
-        text = read_text(path, "hosts file") if os.path.exists(path) else ""
+        text, mode = _read_hosts(path)
         new = update_hosts_text(text, tag, lines)
         if new is None:
             return False
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
         try:
             atomic_write(path, new, mode)
         except InnernetError:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            fd, _ = _open_regular(path, os.O_WRONLY, "hosts file")
             with open(fd, "w") as f:
+                os.ftruncate(fd, 0)
                 f.write(new)
         return True
     except (InnernetError, OSError) as e:
@@ -10303,6 +10386,10 @@ def user_add_rotation_proofs(co, req):
 @api_route("PUT", "user/endpoint", "user", body=True)
 def user_set_endpoint(co, req):
     endpoint = parse_endpoint_contents(req.body)
+    why = endpoint and endpoint_misplaced(endpoint, co.config.interface.network,
+                                          unspecified_ok=True)
+    if why:             # every client would drop it: refused here, where it is said
+        raise _bad(f"endpoint {why}: give this host's address outside the network")
     if endpoint != req.caller.endpoint:            # the same again changes nothing
         co.gate.allow_update(req.caller.id)
         co.store.set_endpoint(req.caller.id, endpoint)
@@ -10581,8 +10668,9 @@ def admin_delete_association(co, req):
 class _HttpConnection:
     """One client connection: requests answered in turn while it keeps alive."""
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, slot=None):
         self.server, self.sock, self.ip = server, sock, address[0]
+        self.slot = slot
         self.rfile = sock.makefile("rb", 65536)
 
     def run(self):
@@ -10605,15 +10693,21 @@ class _HttpConnection:
 
     def one(self):
         """Read and answer one request; False when the connection is done."""
+        if self.slot is not None:
+            self.slot.heading = True     # idle: may give way to a new connection
         first = self.rfile.readline(HTTP_LINE_MAX + 1)
         if not first:
             return False
         try:
             method, target, version, headers = self._head(first)
         except _HttpRefusal as e:
+            if self.slot is not None and not self.server._busy(self.slot):
+                return False
             # answered as to a GET: a refused head has no trusted method
             self.send("GET", e.status, {"error": e.reason[:200]}, close=True)
             return False
+        if self.slot is not None and not self.server._busy(self.slot):
+            return False                 # evicted while its head came in: not answered
         conn = headers.get("Connection", "").lower()
         close = conn == "close" if version == "HTTP/1.1" else conn != "keep-alive"
         if method not in HTTP_METHODS:
@@ -10755,30 +10849,65 @@ class ApiServer:
         self.socket.close()
 
     def _start(self, request, client_address):
-        source = client_address[0]
+        """Take a slot for a new connection. A source at its cap (every user
+        of a host shares its address) gives up its oldest connection still
+        waiting for a request head, whose slot passes to the new one: a
+        client that sends its request at once always gets through, however
+        many half-sent ones another local user holds open."""
+        source, victim = client_address[0], None
         with self._per_source_lock:
-            mine = self._per_source.get(source, 0)
-            if mine >= MAX_CONNECTIONS_PER_PEER or not self._slots.acquire(blocking=False):
+            mine = self._per_source.setdefault(source, [])
+            if len(mine) >= MAX_CONNECTIONS_PER_PEER:
+                victim = next((c for c in mine if c.heading), None)
+                if victim is not None:
+                    mine.remove(victim)
+                    victim.evicted = True
+            if victim is None and (len(mine) >= MAX_CONNECTIONS_PER_PEER
+                                   or not self._slots.acquire(blocking=False)):
+                if not mine:
+                    del self._per_source[source]
                 _close_connection(request)   # over a bound: refuse, don't queue
                 return
-            self._per_source[source] = mine + 1
-        threading.Thread(target=self._work, args=(request, client_address),
+            slot = _ConnectionSlot(request)
+            mine.append(slot)
+        if victim is not None:
+            debug(f"connection from {source}: its oldest unsent request gave way to a new one")
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+        threading.Thread(target=self._work, args=(request, client_address, slot),
                          daemon=True).start()
 
-    def _work(self, request, client_address):
+    def _busy(self, slot):
+        """A connection's request head is in: it may no longer be evicted.
+        False if it already was (its slot is another's now)."""
+        with self._per_source_lock:
+            slot.heading = False
+            return not slot.evicted
+
+    def _work(self, request, client_address, slot):
         try:
-            _HttpConnection(self, request, client_address).run()
+            _HttpConnection(self, request, client_address, slot).run()
         except Exception as e:
             debug(f"connection from {client_address[0]} ended: {e!r}")
         finally:
             _close_connection(request)
-            self._slots.release()
             with self._per_source_lock:
-                left = self._per_source.get(client_address[0], 1) - 1
-                if left:
-                    self._per_source[client_address[0]] = left
-                else:
+                mine = self._per_source.get(client_address[0], [])
+                if slot.evicted:
+                    return
+                mine.remove(slot)
+                if not mine:
                     self._per_source.pop(client_address[0], None)
+            self._slots.release()
+
+
+class _ConnectionSlot:
+    """One connection's hold on the server's bounds: whether it is waiting
+    for a request head (and so may be evicted), and whether it was."""
+    __slots__ = ("sock", "heading", "evicted")
+
+    def __init__(self, sock):
+        self.sock, self.heading, self.evicted = sock, True, False
 
 
 def _close_connection(sock):

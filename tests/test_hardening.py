@@ -380,7 +380,7 @@ def test_a_hosts_symlink_planted_by_another_user_is_refused(tmp_path, capsys):
     assert innernet.write_hosts_file(str(link), "innernet x", ["10.0.0.1 a.x.wg"])
     assert "a.x.wg" in victim.read_text() and link.is_symlink()
     sticky.chmod(0o777)
-    with pytest.raises(InnernetError, match="everyone may write"):
+    with pytest.raises(InnernetError, match="others may write"):
         innernet.HostsOptions(str(sticky / "other")).resolve()
     assert innernet.safe_hosts_path("/etc/hosts")
 
@@ -640,10 +640,8 @@ def test_ipv4_mapped_addresses_are_checked_as_ipv4():
     bad = Peer(7, "m", "10.99.1.7", 4, key(), endpoint="[::ffff:10.99.1.2]:51820",
                candidates=["[::ffff:10.99.1.3]:51820", "[::ffff:198.18.0.9]:51820"])
     bad = Peer.from_json(bad.to_json())
-    kept, refused = innernet.refuse_misrouted([bad], [], net, own, srv)
-    assert kept == [] and "inside the network" in refused[0]
-    ok = dataclasses.replace(bad, endpoint=None)
-    (p,), _ = innernet.refuse_misrouted([ok], [], net, own, srv)
+    (p,), said = innernet.refuse_misrouted([bad], [], net, own, srv)
+    assert p.endpoint is None and "inside the network" in said[0]
     assert p.candidates == ["198.18.0.9:51820"]
     with pytest.raises(InnernetError, match="not routable"):
         innernet.parse_route("::ffff:10.99.1.0/120")
@@ -713,3 +711,185 @@ def test_a_local_user_can_neither_hold_back_nor_plant_late_rotation_proofs(co):
     assert call(co, "POST", "/v1/user/rotation-proofs", "developer1", body,
                 headers=proved(body))[0] == 204
     assert co.store.revision == rev                         # nothing new: nothing written
+
+
+# -- the second outside review (root's files, the API's bounds, endpoints) -------------
+
+def test_atomic_writes_set_the_mode_on_the_descriptor_never_by_path(tmp_path, monkeypatch):
+    """Review 2, item 1: chmod by name follows a symlink swapped in for the
+    temporary file (/etc/shadow made 0644); the mode is set with fchmod."""
+    def no_chmod(path, *a, **kw):
+        raise AssertionError(f"chmod by path: {path}")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    hosts.chmod(0o644)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    made = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: made.append((p, flags))
+                        or real_open(p, flags, *a))
+    old = os.umask(0o077)
+    try:
+        assert innernet.write_hosts_file(str(hosts), "innernet x", ["10.0.0.1 a.x.wg"])
+        assert stat.S_IMODE(hosts.stat().st_mode) == 0o644     # despite umask 077
+        innernet.atomic_write(str(tmp_path / "n.toml"), "x", 0o600, exclusive=True)
+        assert stat.S_IMODE((tmp_path / "n.toml").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    temps = [f for p, f in made if ".tmp" in os.path.basename(p)]
+    assert len(temps) == 2
+    assert all(f & os.O_EXCL and f & os.O_NOFOLLOW and f & os.O_CREAT for f in temps)
+
+
+def test_a_hosts_path_in_a_directory_another_user_owns_is_refused(tmp_path, capsys):
+    """Review 2, item 1: whoever owns the hosts file's directory could swap
+    root's temporary file; such a path (or one under such a directory) is
+    refused with one line, and nothing is written."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    for hosts in (theirs / "hosts", theirs / "sub" / "hosts"):
+        with pytest.raises(InnernetError, match="owned by user 65534") as e:
+            innernet.HostsOptions(str(hosts)).resolve()
+        assert "--hosts-path" in e.value.hint
+        assert not innernet.write_hosts_file(str(hosts), "innernet x", ["10.0.0.1 a.x.wg"])
+        assert not hosts.exists()
+    assert "owned by user 65534" in capsys.readouterr().err
+    group = tmp_path / "group"
+    group.mkdir()
+    group.chmod(0o775)
+    with pytest.raises(InnernetError, match="others may write"):
+        innernet.HostsOptions(str(group / "hosts")).resolve()
+
+
+def test_a_hosts_path_in_a_directory_of_someone_else_is_refused_unprivileged(tmp_path):
+    """The same check as seen by a user who is not root: a directory of
+    root's that others may write to without the sticky bit is refused, ours
+    and a sticky one are fine."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    assert innernet.safe_hosts_path(str(mine / "hosts")) == str(mine / "hosts")
+    mine.chmod(0o1777)
+    assert innernet.safe_hosts_path(str(mine / "hosts")) == str(mine / "hosts")
+    mine.chmod(0o757)
+    with pytest.raises(InnernetError, match="others may write"):
+        innernet.safe_hosts_path(str(mine / "hosts"))
+    mine.chmod(0o755)
+
+
+def test_a_fifo_at_the_hosts_path_is_refused_without_hanging(tmp_path, capsys):
+    """Review 2, item 2: `mkfifo -m 666 /tmp/x-hosts` hung root's cron fetch
+    in open(); a hosts path must be a regular file, checked on the descriptor
+    too (O_NONBLOCK|O_NOFOLLOW, fstat), so a FIFO swapped in later is refused."""
+    fifo = tmp_path / "hosts"
+    os.mkfifo(fifo, 0o666)
+    done = {}
+
+    def write():
+        done["changed"] = innernet.write_hosts_file(str(fifo), "innernet x", ["10.0.0.1 a"])
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    t.join(120)                          # bounded: a hang fails, not blocks the suite
+    assert done == {"changed": False}
+    assert "not a regular file" in capsys.readouterr().err
+    with pytest.raises(InnernetError, match="not a regular file") as e:
+        innernet.HostsOptions(str(fifo)).resolve()
+    assert "\n" not in e.value.message
+    for flags in (os.O_RDONLY, os.O_WRONLY):     # past the path check: the descriptor's
+        with pytest.raises(InnernetError, match="not a regular file"):
+            innernet._open_regular(str(fifo), flags, "hosts file")
+
+
+def test_half_sent_requests_from_one_source_cannot_starve_a_full_one(tmp_path):
+    """Review 2, item 3: every user of a host shares its source address, so
+    MAX_CONNECTIONS_PER_PEER half-sent heads from one local user refused
+    root's fetch. A new connection now evicts that source's oldest one still
+    waiting for its head: a request sent at once gets through."""
+    co = make_coordinator(tmp_path)
+    held = []
+    with serve_on_loopback(co) as port:
+        try:
+            for _ in range(innernet.MAX_CONNECTIONS_PER_PEER + 8):
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                s.sendall(b"GET /v1/user/state HTTP/1.1\r\nHost: x\r\n")   # never ends
+                held.append(s)
+            for _ in range(3):
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                s.sendall(f"GET /v1/user/state HTTP/1.1\r\nHost: x\r\n"
+                          f"{innernet.SERVER_KEY_HEADER}: {co.public_key}\r\n"
+                          "Connection: close\r\n\r\n".encode())
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                s.close()
+                assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+                assert int(answer.split()[1]) < 500, answer[:300]
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_connection_busy_with_its_request_is_never_evicted(tmp_path):
+    """Only connections still waiting for a head give way: at the cap with
+    none of those, a new connection is refused as before."""
+    server = innernet.ApiServer.__new__(innernet.ApiServer)
+    server._slots = threading.BoundedSemaphore(1000)
+    server._per_source, server._per_source_lock = {}, threading.Lock()
+    started = []
+    server._work = lambda *a: started.append(a)
+    pairs = [socket.socketpair() for _ in range(innernet.MAX_CONNECTIONS_PER_PEER + 1)]
+    try:
+        for a, _ in pairs[:-1]:
+            server._start(a, ("10.80.64.2", 1))
+        for *_, slot in started:
+            assert server._busy(slot)
+        server._start(pairs[-1][0], ("10.80.64.2", 1))
+        assert len(started) == innernet.MAX_CONNECTIONS_PER_PEER       # refused
+        started[0][2].heading = True                                     # idle again
+        a, b = socket.socketpair()
+        pairs.append((a, b))
+        server._start(a, ("10.80.64.2", 1))
+        assert len(started) == innernet.MAX_CONNECTIONS_PER_PEER + 1
+        assert started[0][2].evicted and not server._busy(started[0][2])
+        assert len(server._per_source["10.80.64.2"]) == innernet.MAX_CONNECTIONS_PER_PEER
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize("endpoint", [
+    "10.80.64.9:51820", "[::ffff:10.80.64.9]:51820", "127.0.0.1:51820", "[::1]:51820",
+    "[::ffff:127.0.0.1]:51820", "224.0.0.5:51820", "[ff02::1]:51820"])
+def test_the_server_refuses_an_endpoint_inside_the_network_or_loopback(tmp_path, endpoint):
+    """Review 2, item 4: a peer (or a local user with the server key header)
+    set its own endpoint inside the network, and every client then refused
+    its whole record. Refused with a 4xx and a JSON reason; nothing stored."""
+    co = make_coordinator(tmp_path)
+    status, body = call(co, "PUT", "/v1/user/endpoint", "developer1",
+                        body={"option": "Set", "content": endpoint})
+    assert status == 400 and "endpoint" in body["error"], body
+    dev1 = next(p for p in co.store.peers() if p.name == "developer1")
+    assert dev1.endpoint is None
+    # an address outside, and innernet's 0.0.0.0:PORT (the address the server sees), still do
+    for ok in ("198.18.0.7:51820", "0.0.0.0:51820", "[2001:db8::7]:51820"):
+        assert call(co, "PUT", "/v1/user/endpoint", "developer1",
+                    body={"option": "Set", "content": ok})[0] == 204
+
+
+@pytest.mark.parametrize("endpoint", [
+    "10.99.1.2:51820", "[::ffff:10.99.1.2]:51820", "127.0.0.1:51820", "[::1]:51820",
+    "0.0.0.0:51820", "224.0.0.5:51820"])
+def test_a_lying_servers_endpoint_costs_the_peer_its_direct_path_not_its_record(endpoint):
+    """Review 2, item 4: a client keeps a peer whose endpoint is inside the
+    network (loopback, unspecified, multicast, IPv4-mapped), without it."""
+    net = ipaddress.ip_network("10.99.0.0/16")
+    own, srv = ("10.99.1.9", key()), ("10.99.0.1", key())
+    bad = Peer.from_json(Peer(7, "m", "10.99.1.7", 4, key(), endpoint=endpoint).to_json())
+    (p,), said = innernet.refuse_misrouted([bad], [], net, own, srv)
+    assert p.endpoint is None and p.public_key == bad.public_key and p.ip == "10.99.1.7"
+    assert len(said) == 1 and "without its endpoint" in said[0] and "\n" not in said[0]
+    good = dataclasses.replace(bad, endpoint="198.18.0.9:51820")
+    assert innernet.refuse_misrouted([good], [], net, own, srv) == ([good], [])

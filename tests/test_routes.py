@@ -416,12 +416,15 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     }
     kept, refused = innernet.refuse_misrouted([ok] + list(lies.values()), stored, net, own,
                                               server)
-    assert [p.name for p in kept] == ["newcomer"]
+    # an endpoint inside the network costs the record its endpoint, not the record
+    assert [p.name for p in kept] == ["newcomer", "m6"] and kept[1].endpoint is None
     assert kept[0].candidates == ["198.18.0.7:51820"]          # the one inside is dropped
-    assert len(refused) == len(lies) and all(ln.startswith("refused peer '") for ln in refused)
+    assert len(refused) == len(lies) and all(ln.startswith("refused peer '")
+                                             for ln in refused[:-1])
     assert "route 10.80.3.1/32 overlaps the network 10.80.0.0/15" in refused[0]
     assert "it claims the server's address" in refused[4]
-    assert "cannot turn static" in refused[5] and "endpoint 10.80.3.1:51820" in refused[6]
+    assert "cannot turn static" in refused[5]
+    assert refused[6].startswith("kept peer 'm6'") and "10.80.3.1:51820 is inside" in refused[6]
     # A pin outside the network (a data store older than the check) is covered too.
     old_pin = dataclasses.replace(peer(20, "lan", 3), ip="192.168.5.5")
     grab = peer(21, "m7", 3, routes=["192.168.5.0/24"])

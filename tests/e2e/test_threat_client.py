@@ -120,11 +120,6 @@ LIES = [
     ("address-outside-the-network", lambda w: record(w, "mallory4", "192.168.77.7")),
     ("this-hosts-address", lambda w: record(w, "mallory5", w.alice_ip)),
     ("the-servers-address", lambda w: record(w, "mallory6", SERVER_IP)),
-    ("endpoint-inside-the-network", lambda w: record(w, "mallory7", "10.66.2.67",
-                                                     endpoint=f"{ADMIN_IP}:51820")),
-    # The same, in IPv4-mapped IPv6 spelling (B3).
-    ("endpoint-inside-the-network-v4-mapped", lambda w: record(
-        w, "mallory11", "10.66.2.68", endpoint=f"[::ffff:{ADMIN_IP}]:51820")),
     ("route-inside-the-network-v4-mapped", lambda w: record(
         w, "mallory12", "10.66.2.69", routes=["::ffff:10.66.1.0/120"])),
     ("address-v4-mapped", lambda w: record(w, "mallory13", "::ffff:10.66.2.70")),
@@ -147,6 +142,28 @@ def test_a_hijacked_server_cannot_give_network_addresses_to_another_key(w, lie):
     assert set(bad.get("routes") or []).isdisjoint(routed(w))
     # The rest of the state is applied: the honest newcomer is on the device.
     assert held[f"{bob['ip']}/32"] == bob["public_key"]
+
+
+# An endpoint inside the network (in IPv4-mapped spelling too, B3), loopback or
+# unspecified: the record is kept, without the endpoint (outside review 2,
+# item 4: refusing the whole record let one peer's own endpoint hide it).
+BAD_ENDPOINTS = [f"{ADMIN_IP}:51820", f"[::ffff:{ADMIN_IP}]:51820", "127.0.0.1:51820",
+                 "0.0.0.0:51820"]
+
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+def test_a_lying_servers_endpoint_costs_a_peer_its_direct_path_not_its_record(w, endpoint):
+    carol = record(w, f"carol{w.n}", f"10.66.2.{70 + w.n}", endpoint=endpoint)
+    out = fetch(w, with_peers(w, carol))
+    assert out.returncode == 0, out.stderr
+    said = [ln for ln in out.stderr.splitlines() if f"'{carol['name']}'" in ln]
+    assert len(said) == 1 and "without its endpoint" in said[0], out.stderr
+    held = holders(w)
+    assert held[f"{carol['ip']}/32"] == carol["public_key"]
+    assert held[f"{ADMIN_IP}/32"] == w.admin_key
+    eps = {p["public_key"]: p["endpoint"] for p in device(w.alice, w.iface)["peers"]}
+    got = eps[carol["public_key"]] or ""
+    assert not got.startswith((ADMIN_IP, "127.", "0.0.0.0", "[::ffff:")), got
 
 
 def test_a_joining_client_refuses_them_in_its_first_state_without_pins(w):
