@@ -69,7 +69,8 @@ class Host:
     def exec(self, argv, *, check=True, timeout=60, input=None):
         """Run argv inside this host's namespace; CompletedProcess with text."""
         proc = subprocess.run(["ip", "netns", "exec", self.ns] + list(argv),
-                              capture_output=True, text=True, timeout=timeout, input=input)
+                              capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE,
+                              input=input)
         self.lab.record(self.name, argv, proc)
         if check and proc.returncode != 0:
             raise AssertionError(f"[{self.name}] {shlex.join(argv)} exited {proc.returncode}\n"
