@@ -118,7 +118,9 @@ def test_routes_reach_the_lan_once_approved_and_only_for_allowed_peers(w):
     assert "192.168.10.0/24" not in routes_on(alice, w.lab.ifname("alice"))
     fetch(w, "alice")                 # the flag is remembered (issue 29) ...
     assert "192.168.10.0/24" not in routes_on(alice, w.lab.ifname("alice"))
-    alice.innernet("up", w.lab.ifname("alice"), "--no-write-hosts")   # ... until `up` without it
+    alice.innernet("up", w.lab.ifname("alice"), "--no-write-hosts")   # ... by `up` too
+    assert "192.168.10.0/24" not in routes_on(alice, w.lab.ifname("alice"))
+    alice.innernet("up", w.lab.ifname("alice"), "--no-write-hosts", "--reset-flags")  # forgotten
     assert "192.168.10.0/24 proto 77" in routes_on(alice, w.lab.ifname("alice"))
 
 
