@@ -1409,6 +1409,18 @@ def write_qr_png(path, text):
     atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
 
 
+def load_json_file(path, hint):
+    """A JSON file's contents, or None when there is none; unreadable or not
+    JSON is an InnernetError with ``hint``."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InnernetError(f"cannot read {path}: {e}", hint=hint) from None
+
+
 ###############################################################################
 # Names and addresses #########################################################
 ###############################################################################
@@ -6020,14 +6032,9 @@ def _lock_verified(chain, signed):
 
 def load_client_lock(path):
     """The lock file's contents, or None when this interface has no lock."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    data = load_json_file(path, "it holds this interface's network lock; restore it")
+    if data is None:
         return None
-    except (OSError, ValueError) as e:
-        raise InnernetError(f"cannot read {path}: {e}",
-                            hint="it holds this interface's network lock; restore it") from None
     if not isinstance(data, dict) or not isinstance(data.get("chain"), list):
         raise InnernetError(f"{path} is not a network lock file")
     return data
@@ -8009,14 +8016,9 @@ def _is_ip(text):
 
 
 def load_exit_state(path):
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
+    state = load_json_file(path, "run 'innernet down' and 'up --exit-node' again")
+    if state is None:
         return None
-    except (OSError, ValueError) as e:
-        raise InnernetError(f"cannot read {path}: {e}",
-                            hint="run 'innernet down' and 'up --exit-node' again") from None
     if not (isinstance(state, dict) and is_hostname(state.get("exit_node"))
             and isinstance(state.get("allow_lan"), bool)
             and isinstance(state.get("table"), int) and 0 < state["table"] < 2 ** 31
