@@ -12161,6 +12161,12 @@ def with_remembered_flags(opts, files, reset=False):
     return dataclasses.replace(opts, **kept) if kept else opts
 
 
+def taken_down(files, backend):
+    """Did the operator take this network down (`innernet down`: its marker,
+    and no device)? Then `fetch` and the daemon leave it so until `up`."""
+    return path_exists(files.down_marker) and existing_backend(backend, files.iface) is None
+
+
 def cmd_fetch(args):
     dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
     ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
@@ -12168,13 +12174,13 @@ def cmd_fetch(args):
     for iface in ifaces:
         files = dirs.client(iface)
         try:
-            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
-                if args.interface is None:
-                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
-                    continue
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
+            if taken_down(files, opts.backend):
+                # The operator's choice, not a failure: the timer's `fetch NET`
+                # exits 0 at every tick (no failed unit); `status` shows it.
+                say = debug if args.interface is None else log
+                say(f"{iface}: taken down with 'innernet down {iface}'; not fetched "
+                    f"(until 'innernet up {iface}')")
+                continue
             fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
         except InnernetError as e:
@@ -14594,11 +14600,12 @@ def cmd_uninstall(args):
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(client_files(args, iface))
-    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
-    problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
-        else "")]
+    files, backend = client_files(args, iface), arg_or(args, "backend", "auto")
+    st = read_status(files)
+    if taken_down(files, backend):      # the operator's choice, whatever its last sync
+        return dict(_health(iface, st, [], False), taken_down=True)
+    up = existing_backend(backend, iface) is not None
+    problems = [] if up else ["the interface is not up"]
     link = link_state(iface) if up else None
     if link is not None and not link[0]:
         up = False
@@ -14619,17 +14626,21 @@ def interface_health(args, iface, now, max_age):
         if now - since > max_age:
             problems.append(f"peer {w.get('peer')} has waited {rough_duration(now - since)} "
                             "for the proof of its new key")
+    return _health(iface, st, problems, up, pending)
+
+
+def _health(iface, st, problems, up, pending=()):
     return {"interface": iface, "healthy": not problems, "problems": problems,
-            "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
-            "last_error": st.get("last_error"), "by": st.get("by"),
-            "last_success_by": st.get("last_success_by"), "error": None,
-            "server": st.get("server"), "pending_key_changes": pending}
+            "interface_up": up, "taken_down": False, "last_success": st.get("last_success"),
+            "checked_at": st.get("checked_at"), "last_error": st.get("last_error"),
+            "by": st.get("by"), "last_success_by": st.get("last_success_by"), "error": None,
+            "server": st.get("server"), "pending_key_changes": list(pending)}
 
 
 def failed_health(iface, message):
     """What `status` says of a network it cannot read (a broken config)."""
     return {"interface": iface, "healthy": False, "problems": [message], "error": message,
-            "interface_up": None, "last_success": None, "checked_at": None,
+            "interface_up": None, "taken_down": False, "last_success": None, "checked_at": None,
             "last_error": None, "by": None, "last_success_by": None, "server": None,
             "pending_key_changes": []}
 
@@ -14642,6 +14653,11 @@ def _status_lines(h, now):
             f" ({rough_duration(now - t)} ago)"
     if h.get("error"):
         return [f"network {h['interface']}: NOT HEALTHY", f"  error: {h['error']}"]
+    if h.get("taken_down"):
+        return [f"network {h['interface']}: taken down",
+                f"  interface: down, by the operator's choice ('innernet down "
+                f"{h['interface']}'); 'innernet up {h['interface']}' brings it back",
+                f"  last successful sync: {when(h['last_success'])}"]
     out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
            f"  interface: {'up' if h['interface_up'] else 'down'}",
            f"  last successful sync: {when(h['last_success'])}"
@@ -15461,13 +15477,10 @@ def _main(argv, server_mode):
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
     parser = build_parser(server_mode)
     prog = SERVER_PROG if server_mode else PROG
-    misplaced = _misplaced_global(argv)
-    if misplaced:
+    wrong = _misplaced_option(parser, prog, argv, server_mode)
+    if wrong:
         parser.print_usage(sys.stderr)
-        print(f"{prog}: error: {misplaced} is a global option and goes before the command",
-              file=sys.stderr)
-        print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
-              f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
+        print(f"{prog}: error: {wrong[0]}\nhint: {wrong[1]}", file=sys.stderr)
         return EXIT_USAGE
     args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
@@ -15527,6 +15540,38 @@ def _misplaced_global(argv):
     if "--" in rest:
         rest = rest[:rest.index("--")]
     return "-c" if "-c" in rest else None
+
+
+def _misplaced_option(parser, prog, argv, server_mode):
+    """(error, hint) for an option argparse would refuse with a garbled or
+    unhelpful message, or None."""
+    misplaced = _misplaced_global(argv)
+    if misplaced:
+        return (f"{misplaced} is a global option and goes before the command",
+                f"{prog} {misplaced} DIR ... COMMAND ... (after the command, write "
+                f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)")
+    up_only = None if server_mode else _up_only_option(parser, argv)
+    if up_only:
+        return (f"{up_only} is an option of 'up', not of 'fetch'",
+                "the systemd units: options only 'up' takes go in UP_ARGS= (innernet@), "
+                "not in ARGS=, which the timer's fetch reads too")
+    return None
+
+
+def _up_only_option(parser, argv):
+    """A long option only `up` takes, given to `fetch` (the systemd units'
+    shared ARGS=, say), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+    if i >= len(argv) or argv[i] != "fetch":
+        return None
+    rest = argv[i + 1:]
+    rest = rest[:rest.index("--")] if "--" in rest else rest
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    fetch, up = (set(verbs.choices[v]._option_string_actions) for v in ("fetch", "up"))
+    return next((o for o in (a.split("=", 1)[0] for a in rest)
+                 if o.startswith("--") and o in up - fetch), None)
 
 
 def server_main(argv=None):
