@@ -6898,11 +6898,11 @@ class Store(LockStore):
                           [(peer_id, ip, key, peer_id) for ip, key in sorted(pins.items())])
 
     def pinners(self, ip):
-        """[(innernet client Peer, the key it pinned at ``ip``)], by name."""
+        """[(innernet client Peer, the key it pinned at ``ip``)], by name (none of ours)."""
         rows = self._query(f"SELECT {_PEER_COLUMNS}, (SELECT public_key FROM innernet_pins "
                            "WHERE peer_id = peers.id AND ip = ?) FROM peers WHERE id IN "
-                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) ORDER BY name",
-                           (str(ip), str(ip)))
+                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) AND id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY name", (str(ip), str(ip)))
         return [(self._peer(r[:-1]), r[-1]) for r in rows]
 
     def kept_from_innernet(self):
@@ -6910,7 +6910,8 @@ class Store(LockStore):
         innernet clients because their key there changed since it told them."""
         return self._query("SELECT c.name, pin.ip FROM innernet_pins pin "
                            "JOIN peers c ON c.id = pin.peer_id JOIN peers cur ON cur.ip = pin.ip "
-                           "WHERE cur.public_key != pin.public_key ORDER BY c.name, pin.ip")
+                           "WHERE cur.public_key != pin.public_key AND c.id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY c.name, pin.ip")
 
     def forget_pins(self, peer_id):
         """After an innernet client's data store was deleted: it pins anew."""
@@ -10140,7 +10141,9 @@ def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
     headers = req.headers if req.headers is not None else {}
-    if is_innernet_request(headers):
+    # A local user's curl asks as innernet's client does: a peer proved to run
+    # ours (it redeemed, or made an admin call, with a proof its key makes) is ours.
+    if is_innernet_request(headers) and not co.store.proves_admin(req.caller.id):
         body, etag = co.views.innernet_state(req.caller)
         return Response(200, raw=body, headers={"ETag": etag})
     sent = headers.get("If-None-Match")
