@@ -1647,6 +1647,32 @@ def resolve_endpoint(text):
     return result
 
 
+_misplaced_said: set = set()
+
+
+def placed_resolver(network, resolve=None):
+    """resolve_endpoint (or ``resolve``) for peers' endpoints in ``network``:
+    a host name that resolves where an endpoint must not be (endpoint_misplaced:
+    inside the network, loopback, multicast, unspecified) gives None, said once
+    per process: the peer keeps its record, without that endpoint. Literal
+    endpoints were judged with the record (refuse_misrouted); a name can only
+    be judged where it is resolved, and its answer may change at any time."""
+    resolve = resolve or resolve_endpoint
+
+    def placed(text):
+        ep = resolve(text)
+        if ep is None or literal_endpoint(text) is not None:
+            return ep
+        why = endpoint_misplaced(ep, network)
+        if why is None:
+            return ep
+        if (text, ep) not in _misplaced_said and len(_misplaced_said) < 1000:
+            _misplaced_said.add((text, ep))
+            warn(f"endpoint {text} not used: its address {why}")
+        return None
+    return placed
+
+
 def parse_ip(text, what="IP address"):
     try:
         return ipaddress.ip_address(text)
@@ -9228,8 +9254,8 @@ class DeviceSync:
     """The server's WireGuard device: what it observes of each peer, and
     keeping it (and both relays) in line with the database."""
 
-    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
-        self.store, self.ifname, self.backend = store, ifname, backend
+    def __init__(self, store, own_key, ifname, backend, relay, hub, signal, network=None):
+        self.store, self.ifname, self.backend, self.network = store, ifname, backend, network
         self.public_key = own_key            # the server's, never a peer of the device
         self.relay = relay                   # RelayFirewall (static peers), or None
         self.hub = hub                       # RelayHub (end-to-end relay), or None
@@ -9313,7 +9339,7 @@ class DeviceSync:
                 dev = self.backend.get(self.ifname)
                 updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
                                                  self.public_key, time.time(),
-                                                 resolve=resolve_endpoint)
+                                                 resolve=placed_resolver(self.network))
                            if u.touches_device]
                 if updates:
                     self.backend.apply(self.ifname, updates=updates)
@@ -9893,7 +9919,7 @@ class Coordinator:
         self.proofs = AdminProofs(store, config.private_key)
         changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 notifier(changed))
+                                 notifier(changed), config.interface.network)
         self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
@@ -11038,13 +11064,14 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
     own = public_key(cfg.private_key)
     on_device = {p.public_key: p for p in dev.peers}
     nets = local_networks()
+    placed = placed_resolver(cfg.address.network)
     todo, missed = {}, {}
     for p in peers:
         dp = on_device.get(p.public_key)
         if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
                 or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
             continue
-        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
+        candidates = traversal_candidates(p, nets, resolve=placed)[:steps]
         if candidates:
             todo[p.public_key] = (p, dp, candidates)
         missed[p.public_key] = (p, dp, candidates[:1])
@@ -11149,7 +11176,7 @@ def request_relays(api, cfg, peers, allocate=True):
     return out, gone
 
 
-def probe_direct(backend, iface, peers, memo, nets, step=1.3):
+def probe_direct(backend, iface, peers, memo, nets, network, step=1.3):
     """Move relayed peers to a direct path where one opens, keeping their sessions.
 
     WireGuard roams: a peer whose endpoint is changed sends its next packets
@@ -11163,9 +11190,9 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     A failed try costs packets in one direction for ``step`` seconds, never the
     session, and never touches a working direct path.
     """
-    try_at = {}
+    try_at, placed = {}, placed_resolver(network)
     for p in peers:
-        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
+        c = traversal_candidates(p, nets, resolve=placed)
         if c:
             try_at[p.public_key] = (p, c[0])
     if not try_at:
@@ -11339,7 +11366,8 @@ def _settle_relayed(session, probe, dev, now):
     if trying and session.save is not None:
         session.save(memo)
     try:
-        for k in probe_direct(backend, iface, trying, memo, local_networks()):
+        for k in probe_direct(backend, iface, trying, memo, local_networks(),
+                              cfg.address.network):
             memo.since.pop(k, None)
     finally:
         memo.trying = {}
@@ -11896,7 +11924,8 @@ class _Fetch:
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
         updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
-                             time.time(), resolve=resolve_endpoint, relayed=relayed,
+                             time.time(), resolve=placed_resolver(self.cfg.address.network),
+                             relayed=relayed,
                              relay_via=self.cfg.server_public_key,
                              network=self.cfg.address.network)
         # A peer pointed at its relay is settle_paths's to move, even before

@@ -893,3 +893,42 @@ def test_a_lying_servers_endpoint_costs_the_peer_its_direct_path_not_its_record(
     assert len(said) == 1 and "without its endpoint" in said[0] and "\n" not in said[0]
     good = dataclasses.replace(bad, endpoint="198.18.0.9:51820")
     assert innernet.refuse_misrouted([good], [], net, own, srv) == ([good], [])
+
+
+@pytest.mark.parametrize("resolved", ["10.99.1.2:51820", "127.0.0.1:51820", "[::1]:51820",
+                                      "0.0.0.0:51820", "224.0.0.5:51820"])
+def test_a_host_name_endpoint_is_judged_by_what_it_resolves_to(resolved, capsys):
+    """Review: a host name passed the endpoint rule (only literals were
+    judged). It is judged where it is resolved, each time: a name that
+    resolves inside the network, to loopback, unspecified or multicast gives
+    the peer no endpoint (said once), as a literal there would; the same name
+    resolving outside later is used; literals pass through (refuse_misrouted
+    judged them with the record)."""
+    net = ipaddress.ip_network("10.99.0.0/16")
+    answers = {"evil.example:51820": resolved, "fine.example:51820": "198.18.0.9:51820",
+               "10.99.1.2:51820": "10.99.1.2:51820"}
+    placed = innernet.placed_resolver(net, resolve=answers.get)
+    innernet._misplaced_said.clear()
+    assert placed("evil.example:51820") is None
+    assert placed("evil.example:51820") is None
+    err = capsys.readouterr().err
+    assert err.count("endpoint evil.example:51820 not used") == 1 and "\n" == err[-1], err
+    assert placed("fine.example:51820") == "198.18.0.9:51820"
+    assert placed("10.99.1.2:51820") == "10.99.1.2:51820"     # a literal: not judged here
+    answers["evil.example:51820"] = "198.18.0.7:51820"       # DNS moved it outside
+    assert placed("evil.example:51820") == "198.18.0.7:51820"
+
+
+def test_every_place_that_resolves_a_peers_endpoint_judges_it(tmp_path, monkeypatch):
+    """The device diff (client and server) and the NAT candidates take the
+    placed resolver: a name resolving inside the network reaches no device."""
+    net = ipaddress.ip_network("10.99.0.0/16")
+    monkeypatch.setattr(innernet, "resolve_endpoint", lambda text: "10.99.1.2:51820")
+    innernet._misplaced_said.clear()
+    p = Peer(7, "m", "10.99.1.7", 4, key(), endpoint="evil.example:51820",
+             candidates=["evil.example:51820"])
+    (u,) = innernet.diff_peers([], [p], key(), 0, resolve=innernet.placed_resolver(net))
+    assert u.endpoint is None and u.action == "added"
+    assert innernet.traversal_candidates(p, [], resolve=innernet.placed_resolver(net)) == []
+    co = make_coordinator(tmp_path)
+    assert co.device.network == co.config.interface.network

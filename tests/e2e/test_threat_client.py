@@ -166,6 +166,48 @@ def test_a_lying_servers_endpoint_costs_a_peer_its_direct_path_not_its_record(w,
     assert not got.startswith((ADMIN_IP, "127.", "0.0.0.0", "[::ffff:")), got
 
 
+# Host names that resolve where an endpoint must not be (alice's own hosts
+# file, /etc/netns/<ns>/hosts, which `ip netns exec` puts over /etc/hosts).
+BAD_NAMES = {"inside.evil.test": ADMIN_IP, "loop.evil.test": "127.0.0.1",
+             "any.evil.test": "0.0.0.0"}
+
+
+@pytest.fixture
+def alice_resolves_bad_names(w):
+    d = f"/etc/netns/{w.alice.ns}"
+    made = not os.path.isdir(d)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "hosts")
+    with open(path, "w") as f:
+        f.write("127.0.0.1 localhost\n" + "".join(f"{ip} {n}\n" for n, ip in BAD_NAMES.items()))
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        if made:
+            os.rmdir(d)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NAMES))
+def test_a_host_name_resolving_into_the_network_costs_only_the_direct_path(
+        w, name, alice_resolves_bad_names):
+    """Review: the endpoint rule judged literals only; a host name that
+    resolves inside the network, to loopback or unspecified passed. alice
+    resolves it when applying, and keeps the peer without that endpoint."""
+    got = w.alice.exec(["getent", "hosts", name]).stdout.split()
+    assert got and got[0] == BAD_NAMES[name], got      # alice's resolver says so
+    carol = record(w, f"carol{w.n}", f"10.66.2.{90 + w.n}", endpoint=f"{name}:51820")
+    out = fetch(w, with_peers(w, carol))
+    assert out.returncode == 0, out.stderr
+    assert f"endpoint {name}:51820 not used" in out.stderr, out.stderr
+    held = holders(w)
+    assert held[f"{carol['ip']}/32"] == carol["public_key"]     # the record is kept
+    assert held[f"{ADMIN_IP}/32"] == w.admin_key
+    eps = {p["public_key"]: p["endpoint"] for p in device(w.alice, w.iface)["peers"]}
+    got = eps[carol["public_key"]] or ""
+    assert not got.startswith((BAD_NAMES[name], "127.", "0.0.0.0")), got
+
+
 def test_a_joining_client_refuses_them_in_its_first_state_without_pins(w):
     """Promise 1 on the first fetch after a join, which has no pins yet: the
     network's range and the client's own address come from its invitation."""
