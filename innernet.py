@@ -8854,6 +8854,79 @@ class SourceBudget:
             self._buckets.clear()
 
 
+class TcpShares:
+    """The DNS-over-TCP connections held, by source, given way as the API's
+    are (ApiServer._start): a source at its ``per_source`` cap gives up its
+    oldest connection waiting for a question to a new one -- every user of a
+    host shares its address, so a local user holding the slots cannot keep
+    the host's resolver out -- and when all ``total`` are taken, a source
+    that holds fewer than another takes the waiting one of the source that
+    holds most: up to ``total`` sources always get one each. admit() names
+    the connection given up; its owner shuts it. A connection answering is
+    busy (busy()/idle()) and never given up.
+    """
+
+    def __init__(self, total, per_source):
+        self.total, self.per_source = total, per_source
+        self._held = {}                      # source -> [connection], oldest first
+        self._busy = set()                   # connections being answered
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def admit(self, src, conn):
+        """(admitted, the connection given up for it, or None)."""
+        with self._lock:
+            mine = self._held.get(src, [])
+            giver = None
+            if len(mine) >= self.per_source:
+                giver = src
+            elif self._count >= self.total:
+                top = max(self._held, key=lambda s: len(self._held[s]))
+                giver = top if len(self._held[top]) > len(mine) + 1 else None
+                if giver is None:
+                    return False, None       # every source holds its share
+            evicted = None
+            if giver is not None:
+                evicted = next((c for c in self._held[giver] if c not in self._busy), None)
+                if evicted is None:
+                    return False, None       # all of them answering: refused
+                self._drop(giver, evicted)
+            self._held.setdefault(src, []).append(conn)
+            self._count += 1
+            return True, evicted
+
+    def busy(self, src, conn):
+        """``conn`` has a whole question: answered, not given up. False if it
+        already was given up."""
+        with self._lock:
+            if conn not in self._held.get(src, ()):
+                return False
+            self._busy.add(conn)
+            return True
+
+    def idle(self, conn):
+        with self._lock:
+            self._busy.discard(conn)
+
+    def release(self, src, conn):
+        """``conn`` ended (nothing if it was given up: never counted twice)."""
+        with self._lock:
+            self._busy.discard(conn)
+            if conn in self._held.get(src, ()):
+                self._drop(src, conn)
+
+    def _drop(self, src, conn):
+        held = self._held[src]
+        held.remove(conn)
+        self._count -= 1
+        if not held:
+            del self._held[src]
+
+    def held(self, src=None):
+        with self._lock:
+            return self._count if src is None else len(self._held.get(src, ()))
+
+
 class DnsServer:
     """DNS for the network's zone on the server's WireGuard address, UDP and
     TCP. Sockets are bound to the device, and the caller is the peer whose
@@ -8865,7 +8938,8 @@ class DnsServer:
     past it are dropped as they are read, before any parsing, and those
     within it are answered one source at a time, in turn. A source holds at
     most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
-    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    one source), fewer when others need them (TcpShares), and each message
+    must arrive whole within DNS_TCP_DEADLINE.
     """
 
     def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
@@ -8873,9 +8947,8 @@ class DnsServer:
         fam = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.udp = socket.socket(fam, socket.SOCK_DGRAM)
         self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
         self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
-        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self.tcp_slots = TcpShares(DNS_TCP_MAX, DNS_TCP_PER_SOURCE)
         self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
         try:
             for sock in (self.udp, self.tcp):
@@ -8981,12 +9054,13 @@ class DnsServer:
                     break
                 continue
             src = self.source(addr[0], time.monotonic())
-            with self._tcp_lock:
-                mine = self._tcp_by_source.get(src, 0)
-                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
-                    conn.close()             # over a bound: refuse, don't queue
-                    continue
-                self._tcp_by_source[src] = mine + 1
+            admitted, evicted = self.tcp_slots.admit(src, conn)
+            if evicted is not None:          # a waiting one gives way to it
+                with contextlib.suppress(OSError):
+                    evicted.shutdown(socket.SHUT_RDWR)
+            if not admitted:
+                conn.close()                 # none gives way: refuse, don't queue
+                continue
             threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
                              daemon=True).start()
 
@@ -9013,23 +9087,19 @@ class DnsServer:
                 deadline = time.monotonic() + DNS_TCP_DEADLINE
                 head = exactly(2)
                 data = head and exactly(struct.unpack("!H", head)[0])
-                if not data or not self._spend(src, deadline):
+                if not data or not self._spend(src, deadline) \
+                        or not self.tcp_slots.busy(src, conn):
                     break
                 out = self._answer_safely(data, addr, True)
                 if out is None:
                     break
                 conn.sendall(struct.pack("!H", len(out)) + out)
+                self.tcp_slots.idle(conn)
         except OSError:
             pass
         finally:
             conn.close()
-            self._slots.release()
-            with self._tcp_lock:
-                left = self._tcp_by_source.get(src, 1) - 1
-                if left:
-                    self._tcp_by_source[src] = left
-                else:
-                    self._tcp_by_source.pop(src, None)
+            self.tcp_slots.release(src, conn)
 
     def _spend(self, src, deadline):
         """Wait for a token of ``src`` until ``deadline``; False if none comes."""
