@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import stat
 import threading
+import types
 
 import pytest
 
@@ -547,6 +548,58 @@ def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkey
     err = capsys.readouterr().err
     assert err.count("unexpected error: ValueError('a bug in one network') (retrying)") == 1
     assert "in sync with the server again" in err and len(calls) == 3
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for a loop under test: only sleeping
+    moves the clock, so what is checked is the loop's own pacing, whatever
+    the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.now += seconds
+
+
+@pytest.mark.parametrize("answer", ["changed", "failure", "pending proof", "paths due"])
+def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers(
+        monkeypatch, answer):
+    """Promise 27 (moved here from a timed end-to-end check): a server that
+    answers every long poll at once, with a change or an error, or keeps a
+    proof pending, or makes the paths due at once, gets the daemon's state
+    requests DAEMON_MIN_PERIOD apart at least -- a condition on the loop, with
+    a clock that only its sleeps move."""
+    clock, starts = FakeClock(), []
+
+    class Stop(BaseException):          # not an Exception: the daemon survives those
+        pass
+
+    def fetch(files, opts, **kw):
+        starts.append(clock.now)
+        if len(starts) > 30:
+            raise Stop()
+        if answer == "failure":
+            raise InnernetError("the server answered 500")
+        return innernet.FetchResult([], False, True, True, next_due=0.0 if answer == "paths due"
+                                    else None, pending=[1] if answer == "pending proof" else [])
+    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
+    monkeypatch.setattr(innernet, "fetch_interface", fetch)
+    monkeypatch.setattr(innernet, "server_capabilities",
+                        lambda files, opts: {"long_poll_seconds": 60})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
+    monkeypatch.setattr(innernet, "load_client_config",
+                        lambda files: types.SimpleNamespace(endpoints=["a"]))
+    opts = innernet.FetchOptions(interval=60, no_nat_traversal=True)
+    with pytest.raises(Stop):
+        innernet._daemon(innernet.ClientFiles("evil"), opts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 30 and min(gaps) >= innernet.DAEMON_MIN_PERIOD, gaps
 
 
 # -- 19.13: a direct path lost later is noticed in seconds ------------------------------------

@@ -565,23 +565,24 @@ def test_one_bad_record_is_refused_alone_and_the_rest_applied(w):
 
 
 def test_a_server_answering_long_polls_at_once_cannot_spin_the_daemon(w):
-    """Promise 25: the daemon's state requests are at most one a second
-    (DAEMON_MIN_PERIOD), even when the server offers long polls and answers
-    each at once with a 200 that changes nothing."""
-    import time
+    """Promise 27: a server that offers long polls and answers each at once
+    with a 200 leaves the daemon running and syncing, poll after poll. The
+    bound on its pace, DAEMON_MIN_PERIOD between state requests whatever the
+    server answers, is a condition on the daemon's loop, proved with a clock
+    only its sleeps move (tests/test_hardening.py::
+    test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers);
+    bench/daemon_pace.py measures the rate against a daemon paced by
+    --interval 1. No time is asserted here: this machine's load only slows it."""
     w.hostile.script({"GET /v1/user/state": {"body": w.honest},
                       "GET /v1/user/capabilities": {"body": {"long_poll_seconds": 30}}})
     proc = w.alice.spawn_innernet("spin.log", "up", w.iface, "--daemon", "--no-write-hosts")
     try:
-        def states():
-            return sum(1 for m, p in w.hostile.requests()
-                       if m == "GET" and p.startswith("/v1/user/state"))
-        first = states()
-        wait_for(lambda: states() > first + 1, 20, "the daemon's long polls")
-        n0, t0 = states(), time.monotonic()
-        wait_for(lambda: time.monotonic() - t0 > 4, 10, "four seconds")
-        rate = (states() - n0) / (time.monotonic() - t0)
-        assert rate <= 1.5, f"{rate:.1f} state requests a second"
+        def polls():
+            return [p for m, p in w.hostile.requests()
+                    if m == "GET" and p.startswith("/v1/user/state")]
+        first = len(polls())
+        wait_for(lambda: len(polls()) > first + 3, 60,
+                 "the daemon's long polls, answered at once")
         assert proc.poll() is None, w.alice.log("spin.log")
     finally:
         proc.terminate()
