@@ -3230,7 +3230,14 @@ def _endpoint_inside(endpoint, network):
 # of its payloads' hashes, one signature for any number of records, so that
 # `lock init` on 5,000 peers is one signature and a first fetch verifies it
 # once. The salt keeps a hash from telling anyone outside a record's view
-# what the record holds.
+# what the record holds (every caller gets every hash of a batch, and a
+# record's fields are guessable: addresses, names, keys the caller sees).
+# So the salt must be unknown to them: one derived from anything the state
+# carries (a batch nonce and the subject) would let them recompute the hash,
+# and one derived from a secret of the signer's is as random on the wire as
+# os.urandom's. Salts stay random, 12 bytes. What a state saves instead
+# (lock_wire_section): a peer record goes without the key its peer has
+# beside it, and a batch without the hashes of the records the state carries.
 #
 # An invited peer's record names no WireGuard key but a one-time lock key
 # ("auth:<key>") whose private half is in the invitation: the joining host
