@@ -12365,9 +12365,8 @@ class RemoteNetwork(NetworkLock):
                 raise
             answer = []
         for d in answer:
-            rec = Deletion.from_json(d)
-            rec.name, rec.cidr_id = str(d.get("name", "")), d.get("cidr_id")
-            out.append(rec)
+            out.append(dataclasses.replace(Deletion.from_json(d), name=str(d.get("name", "")),
+                                           cidr_id=d.get("cidr_id")))
         return out
 
     def delete_peer(self, peer, reuse_after):

@@ -304,3 +304,17 @@ def test_a_deletion_and_a_new_peer_at_its_address_in_one_state_is_no_key_change(
     import pytest
     with pytest.raises(innernet.InnernetError, match="PINNING ERROR"):
         innernet.merge_pinned([old], [new], [gone], now=1000.5, floor=3600)
+
+
+def test_an_admin_peer_reads_the_servers_deletions_into_frozen_records():
+    """RemoteNetwork.deletions builds each Deletion whole (records are frozen):
+    an admin's add-peer after any deletion crashed with FrozenInstanceError."""
+    class Api:
+        def call(self, method, path, body=None):
+            assert (method, path) == ("GET", "/admin/deleted-peers")
+            return [{"ip": "10.66.1.2", "public_key": "A" * 43 + "=", "reuse_after": 99,
+                     "name": "bob", "cidr_id": 3}]
+    net = innernet.RemoteNetwork.__new__(innernet.RemoteNetwork)
+    net.api, net.lacks = Api(), None
+    (d,) = net.deletions()
+    assert (d.ip, d.name, d.cidr_id, d.reuse_after) == ("10.66.1.2", "bob", 3, 99)
