@@ -4718,6 +4718,17 @@ def trigger_packet(ip, port=9):
 # up and down in wg-quick's order, with rollback. The hosts file writer.
 
 
+def _in_our_netns(pid):
+    """Does process ``pid`` live in this process's network namespace? Names of
+    links (and TUN devices) are per namespace: a daemon for the same name in
+    another one is not ours to stop."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_ino, theirs.st_dev) == (ours.st_ino, ours.st_dev)
+
+
 def _alive(pid):
     """Is process ``pid`` running (a zombie is not)?"""
     try:
@@ -4827,6 +4838,8 @@ class UserspaceBackend:
         with contextlib.suppress(OSError):
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 with contextlib.suppress(OSError):
+                    if not _in_our_netns(pid):   # a TUN's name is per namespace
+                        continue
                     for fd in os.listdir(f"/proc/{pid}/fd"):
                         if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/net/tun":
                             continue
@@ -4839,7 +4852,7 @@ class UserspaceBackend:
                 creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                      struct.calcsize("3i"))
             pid = struct.unpack("3i", creds)[0]
-            if pid > 0 and _alive(pid):
+            if pid > 0 and _alive(pid) and _in_our_netns(pid):
                 pids.add(pid)
         pids.discard(os.getpid())
         return sorted(pids)
@@ -4856,9 +4869,12 @@ class UserspaceBackend:
             echo_cmd(f"kill {pid}  # {ifname}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        # wireguard-go also exits when its socket file is removed.
-        with contextlib.suppress(OSError):
-            os.unlink(self.socket_path(ifname))
+        # wireguard-go also exits when its socket file is removed; a socket
+        # that still answers with no daemon of ours behind it belongs to
+        # another namespace sharing /var/run/wireguard: not ours to remove.
+        if pids or not self.exists(ifname):
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path(ifname))
 
         def gone():             # by name in this namespace (/sys may show another)
             return not (any(map(_alive, pids)) or Netlink().index(ifname) is not None)

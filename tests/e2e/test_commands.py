@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 
 import pytest
 
@@ -239,14 +238,17 @@ def test_up_daemon_long_polls_new_and_disabled_peers(net):
     daemon = p1.spawn(p1.innernet_argv("up", iface(net, "p1"), "--daemon", "--interval", "60",
                                        "--no-write-hosts"), "up.log")
     try:
-        time.sleep(1)
+        # its connection to the server open: on it, the capabilities and then
+        # the long poll (p1 is in sync already, so the poll waits)
+        wait_for(lambda: "10.66.0.1:51820" in p1.exec(["ss", "-Htn", "state", "established"])
+                 .stdout, 30, "the daemon's connection to the server")
         invite(net, "p6", "humans")
         join(net, "p6")
         (p6_ip,) = db(net, "SELECT ip FROM peers WHERE name = 'p6'")[0]
-        wait_for(lambda: p6_ip in device_peer_ips(p1, iface(net, "p1")), 10,
+        wait_for(lambda: p6_ip in device_peer_ips(p1, iface(net, "p1")), 30,
                  "the daemon to add p6")
         net.srv.server("disable-peer", net.name, "--name", "p6", "--yes")
-        wait_for(lambda: p6_ip not in device_peer_ips(p1, iface(net, "p1")), 10,
+        wait_for(lambda: p6_ip not in device_peer_ips(p1, iface(net, "p1")), 30,
                  "the daemon to remove p6")
         net.srv.server("enable-peer", net.name, "--name", "p6", "--yes")
         assert daemon.poll() is None

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from lab import LITESTREAM, ROOT, device_peer_ips, invite, start_serve, wait_for
+from lab import (LITESTREAM, ROOT, db_rows, device, device_peer_ips, invite, start_serve,
+                 wait_for)
 
 from .conftest import BARE, network_world
 
@@ -239,10 +240,11 @@ def test_status_says_when_syncs_fail_and_the_status_file_says_the_same(world):
     a = join(w, "a")
     ifname = w.lab.ifname("a")
     a.innernet("fetch", ifname, "--no-write-hosts")
+    before = time.time()
     a.innernet("fetch", ifname, "--no-write-hosts")      # the fast path writes it too
     path = a.path("client", "lib", f"{ifname}.status.json")
     st = json.load(open(path))
-    assert st["ok"] and st["by"] == "fetch" and time.time() - st["last_success"] < 30
+    assert st["ok"] and st["by"] == "fetch" and st["last_success"] >= before
     assert os.stat(path).st_mode & 0o777 == 0o600
     conf = open(a.path("client", "etc", f"{ifname}.conf")).read()
     private = re.search(r'private-key = "([^"]+)"', conf).group(1)
@@ -366,12 +368,21 @@ def test_a_join_while_an_old_interface_routes_the_range_fails_at_once(world):
     w = world
     a = join(w, "a")
     path = invite(w.srv, w.net, "a2", "humans")
-    start = time.monotonic()
+    sys.path.insert(0, ROOT)
+    import innernet
+    key = innernet.public_key(innernet.InterfaceConfig.from_toml(open(path).read(), path)
+                              .private_key)
     r = a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path,
                    check=False)
-    took = time.monotonic() - start
     assert r.returncode == 1 and f"interface {w.lab.ifname('a')} already routes" in r.stderr
-    assert took < 5, took
+    # "at once": refused before anything was made or sent, so it never reached
+    # the redemption and its timeout: no config, no device, and the server's
+    # device never heard from the invitation's key; the invitation is unused
+    assert not os.path.exists(a.path("client", "etc", f"{w.lab.ifname('a2')}.conf"))
+    assert a.exec(["ip", "link", "show", w.lab.ifname("a2")], check=False).returncode != 0
+    server_peer = {p["public_key"]: p for p in device(w.srv, w.net)["peers"]}.get(key)
+    assert server_peer is None or not server_peer["last_handshake"], server_peer
+    assert db_rows(w.db, "SELECT is_redeemed FROM peers WHERE name = 'a2'") == [(0,)]
     a.innernet("down", w.lab.ifname("a"))
     a.innernet("install", "--name", w.lab.ifname("a2"), "--no-write-hosts", path)
 
@@ -553,6 +564,7 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
     wait_for(lambda: status(d, dif)[1][0]["last_success"] > started, 30,
              "the daemon in sync with the primary (then in its long poll)")
     synced = d.log("daemon.log").count("in sync with the server again")
+    logged = len(d.log("daemon.log"))
     killed = time.monotonic()
     # the primary's machine is lost: its link first, so not even a FIN gets out
     subprocess.run(["ip", "-n", w.srv.ns, "link", "set", "eth0", "down"], check=True)
@@ -577,8 +589,20 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
     wait_for(lambda: d.log("daemon.log").count("in sync with the server again") > synced, 80,
              "the daemon to reach the standby")
     took = time.monotonic() - killed
-    print(f"daemon at --interval 60 in sync with the standby {took:.1f} s after the kill")
-    assert took < 40, d.log("daemon.log")
+    print(f"daemon at --interval 60 in sync with the standby {took:.1f} s after the kill "
+          "(README: High availability)")
+    # The mechanism, not the time: the round that failed at the primary already
+    # moved the server's peer to the standby (no round waited at the primary,
+    # no grace), and the sync that followed went through the standby.
+    after = d.log("daemon.log")[logged:].splitlines()
+    moved = [i for i, line in enumerate(after)
+             if f"does not answer at {w.srv.underlay}:51820; trying {stby.underlay}:51820" in line]
+    failed = [i for i, line in enumerate(after) if "(retrying)" in line]
+    assert moved and (not failed or moved[0] < failed[0]), after
+    assert any("in sync with the server again" in line for line in after[moved[0]:]), after
+    endpoints = {p["endpoint"] for p in device(d, dif)["peers"]
+                 if "10.66.0.1/32" in p["allowed_ips"]}
+    assert endpoints == {f"{stby.underlay}:51820"}, endpoints
     path = invite(stby, w.net, "late", "humans")
     assert f'"{stby.underlay}:51820"' in open(path).read()
     late = w.lab.add_host("late")

@@ -410,3 +410,35 @@ def test_candidate_churn_does_not_grow_the_server(pyz):
         assert statuses.get("429", 0) > 200            # the peer is slowed down, not served
     finally:
         lab.close()
+
+
+TWIN = "mount -t tmpfs tmpfs /var/run/wireguard && exec wireguard-go -f \"$0\""
+
+
+def test_taking_an_interface_down_stops_only_this_namespaces_wireguard_go():
+    """Two namespaces, each with its own /var/run/wireguard, run wireguard-go
+    for the same interface name (containers, the README's lab). Deleting it in
+    one must not stop the other's: a TUN's name is per namespace (an outside
+    review saw `down` and a failed `install` stop every namespace's daemon of
+    that name, the server's among them)."""
+    lab = Lab()
+    try:
+        _twins(lab)
+    finally:
+        lab.close()
+
+
+def _twins(lab):
+    a, b = lab.add_host("a"), lab.add_host("b")
+    name = lab.ifname("twin")
+    for host in (a, b):
+        host.spawn(["unshare", "-m", "--propagation", "private", "sh", "-c", TWIN, name],
+                   "wg.log")
+    for host in (a, b):
+        wait_for(lambda: host.exec(["ip", "link", "show", name], check=False).returncode == 0,
+                 30, f"{name} in {host.name}")
+    b.python("import sys; sys.path.insert(0, sys.argv[1]); import innernet; "
+             "innernet.UserspaceBackend().delete(sys.argv[2])", ROOT, name)
+    assert b.exec(["ip", "link", "show", name], check=False).returncode != 0
+    assert a.exec(["ip", "link", "show", name], check=False).returncode == 0
+    assert a.procs[-1].poll() is None, a.log("wg.log")

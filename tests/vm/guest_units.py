@@ -74,6 +74,14 @@ DROPINS = [
 ]
 
 
+T0 = time.monotonic()
+
+
+def step(what):
+    """A line of the lane's profile: where the time of the units' tests goes."""
+    print(f"units: {what} at {time.monotonic() - T0:.0f} s", flush=True)
+
+
 def sh(argv, check=True, timeout=120, ns=None):
     if ns:
         argv = ["ip", "netns", "exec", ns] + list(argv)
@@ -137,6 +145,7 @@ def last_fetch_run():
 
 def test_before_reboot_units_start_restart_and_keep_the_tunnels():
     sh(["dpkg", "-i", DEB])
+    step("dpkg -i")
     assert sh(["innernet", "--version"]).stdout.startswith("innernet.py")
     with open("/usr/local/sbin/innernet-vmlab", "w") as f:
         f.write(LAB_SCRIPT)
@@ -162,6 +171,7 @@ def test_before_reboot_units_start_restart_and_keep_the_tunnels():
     sh(["systemctl", "enable", "--now", f"innernet-server@{NET}.service"])
     wait_for(lambda: "serving network" in journal(f"innernet-server@{NET}"), 60,
              "the server unit to serve")
+    step("network made, server unit serving")
 
     sh(["innernet", "install", "--name", NET, "--no-write-hosts", "/root/p1.toml"], ns=P1)
     sh(["innernet", *P2_DIRS, "install", "--name", NET, "--no-write-hosts", "/root/p2.toml"],
@@ -172,6 +182,7 @@ def test_before_reboot_units_start_restart_and_keep_the_tunnels():
     # The timer fires at once (its OnBootSec is past) and the fetch unit runs.
     wait_for(last_fetch_run, 90, "the fetch timer to run innernet-fetch@vmnet once")
     wait_for(lambda: ping(P1, ip2) and ping(P2, ip1), 60, "p1 <-> p2 through the tunnel")
+    step("peers installed, daemon and timer running, p1 <-> p2")
 
     # A restart of the daemons keeps the kernel devices (same link) and the traffic.
     before = {ns: link_index(ns, NET) for ns in (SRV, P1)}
@@ -191,6 +202,7 @@ def test_before_reboot_units_start_restart_and_keep_the_tunnels():
     sh(["systemctl", "restart", "innernet.target"])
     assert {ns: link_index(ns, NET) for ns in (SRV, P1)} == before
     assert ping(P1, ip2)
+    step("restarts")
 
     # Journal lines: one line per event, with the time and the level's mark.
     lines = [line for line in journal().splitlines() if not line.startswith("--")]
