@@ -824,24 +824,30 @@ def launch(path=None):
     program, which is imported only then. ``path``: where innernet.py is. An
     interpreter started with -S (the launchers' way: no site directory to
     scan for a fast fetch) gets the system's packages (PyNaCl, pyroute2)
-    back first."""
-    code = fast_fetch(sys.argv)
-    if code is None:
-        if sys.flags.no_site:
-            import site
-            site.main()
-        if path and path not in sys.path:
-            sys.path.insert(0, path)
-        import innernet
-        code = innernet.main()
+    back first. A Ctrl-C anywhere in the start-up exits 130 quietly."""
+    try:
+        code = fast_fetch(sys.argv)
+        if code is None:
+            if sys.flags.no_site:
+                import site
+                site.main()
+            if path and path not in sys.path:
+                sys.path.insert(0, path)
+            import innernet
+            code = innernet.main()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)
 
 
-def sync_status(iface, now, error, server, by, last_success=None, pending=()):
-    """The status file's content after a sync (``error``: its message, or None)."""
+def sync_status(iface, now, error, server, by, last_success=None, pending=(), success_by=None):
+    """The status file's content after a sync (``error``: its message, or None);
+    ``by`` ran this one, ``success_by`` the last successful one."""
     return {"interface": iface, "ok": error is None, "checked_at": now,
             "last_success": now if error is None else last_success,
             "last_error": error, "server": server, "by": by,
+            "last_success_by": by if error is None else success_by,
             "pending_key_changes": list(pending)}
 
 
@@ -1483,6 +1489,17 @@ def format_duration(seconds):
     for unit, n in sorted(TIMESTRING_UNITS.items(), key=lambda kv: -kv[1]):
         if seconds >= n and seconds % n == 0:
             return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
+def rough_duration(seconds):
+    """An elapsed time for people, rounded to its two largest units:
+    5.04 -> '5s', 452.7 -> '7m 33s', 93784 -> '1d 2h'."""
+    seconds = max(0, int(round(seconds)))
+    units = (("d", 86400), ("h", 3600), ("m", 60))
+    for (unit, n), (sub, m) in zip(units, units[1:] + (("s", 1),)):
+        if seconds >= n:
+            return f"{seconds // n}{unit} {seconds % n // m}{sub}"
     return f"{seconds}s"
 
 
@@ -7804,15 +7821,22 @@ def save_client_config(files, cfg):
 
 
 def load_data_store(path):
-    """(peers, cidrs, etag) cached; missing is empty, damaged is set aside."""
+    """(peers, cidrs, etag) cached; missing is empty. A damaged one is an
+    error, left in place: it holds the pins of the peers' keys, and starting
+    with an empty cache would trust whatever the server says next (a TOFU
+    reset a lying server could bring about); the hint starts over knowingly."""
     if not path_exists(path, "data store"):
         return [], [], None
     warn_if_world_accessible(path)
     try:
         return parse_data_store(read_text(path, "data store"), path)
     except InnernetError as e:
-        warn(f"{e.message}; starting with an empty cache")
-        return [], [], None
+        import shlex
+        aside = f"{path}.broken-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        raise InnernetError(f"{e.message} (the pins of the peers' keys); not synced",
+                            hint=f"restore it from a backup; or, to start over knowingly "
+                                 f"(the peers' keys trusted anew from the server), move it "
+                                 f"aside: mv {shlex.quote(path)} {shlex.quote(aside)}") from None
 
 
 def save_data_store(path, peers, cidrs, etag=None):
@@ -11347,9 +11371,11 @@ def fetch_interface(files, opts, by="fetch", **kw):
     except Exception as e:
         if path_exists(files.config):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
-            last = prev.get("last_success")
+            last, last_by = prev.get("last_success"), prev.get("last_success_by")
+            if last_by is None and prev.get("ok"):    # an older status file
+                last_by = prev.get("by")
             write_status_file(files.data_dir, iface, sync_status(
-                iface, time.time(), message, prev.get("server"), by, last))
+                iface, time.time(), message, prev.get("server"), by, last, success_by=last_by))
         raise
     cfg = current_server(files, load_client_config(files))
     write_status_file(files.data_dir, iface, sync_status(
@@ -11482,7 +11508,7 @@ def _unreachable_hint(f):
             "A peer disabled or deleted on the server gets no answer either (an admin's " \
             "'innernet list' shows it)."
     return ("no WireGuard handshake with the server " + (
-        f"for {format_duration(time.time() - sp.last_handshake)}" if sp.last_handshake
+        f"for {rough_duration(time.time() - sp.last_handshake)}" if sp.last_handshake
         else "yet") + ": the server is down or unreachable, or this peer was disabled or "
         "deleted there (an admin's 'innernet list' shows it)")
 
@@ -11511,6 +11537,10 @@ class _Fetch:
             if not allow_bring_up:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}' instead")
+            if path_exists(self.files.down_marker):      # `up` took the marker away
+                raise InnernetError(f"interface {iface} is not up (taken down with "
+                                    f"'innernet down {iface}')",
+                                    hint=f"run 'innernet up {iface}' to bring it back")
             self.backend = bring_up(
                 choice, iface, private_key=cfg.private_key, address=cfg.address,
                 listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
@@ -11906,9 +11936,10 @@ ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
 
 def with_remembered_flags(opts, files, reset=False):
     """``opts`` for one network, with the route and DNS flags of the last
-    install, up or fetch that gave any (<data dir>/<network>.flags.json), so a
-    plain cron `fetch` keeps them. Flags given now are remembered; `up`
-    (``reset``) remembers exactly what it is given, none included."""
+    install, up or fetch that gave any (<data dir>/<network>.flags.json), so
+    every unattended run (the timer's `fetch`, `up --daemon`, a plain `up`)
+    keeps them. Flags given now replace them; ``reset`` (`up --reset-flags`)
+    remembers exactly what is given, none included."""
     path = files.flags
     given = {k: True for k in ROUTE_FLAGS if getattr(opts, k)}
     if given or reset:
@@ -12031,8 +12062,6 @@ def watch_paths(files, opts, state, every=1.0):
     iface, watch, server_watch = files.iface, PathWatch(), PathWatch()
     while True:
         time.sleep(every)
-        if state.cfg is None:
-            continue
         try:
             with device_lock(iface):
                 backend = existing_backend(opts.backend, iface)
@@ -12042,6 +12071,8 @@ def watch_paths(files, opts, state, every=1.0):
                     # that follows brings the device back.
                     with contextlib.suppress(KeyError):
                         _IN_FLIGHT[iface].interrupt()
+                    continue
+                if state.cfg is None:
                     continue
                 cfg, peers = state.cfg, state.peers
                 dev = backend.get(iface)
@@ -12092,6 +12123,10 @@ def _say_innernet_server(files, told):
             "relay, DNS or subnet routes; syncing every interval, not asking again")
 
 
+DOWN_IDLE = "taken down"     # the daemon's state while `innernet down` holds
+DOWN_POLL = 2                # s between its looks for `innernet up`
+
+
 class _DaemonState:
     cfg = None                   # as of the last sync, for the path watch
     peers: list = []
@@ -12115,6 +12150,22 @@ def _daemon_failure(iface, e, failing):
     return message
 
 
+def _idle_while_down(files, opts, failing):
+    """The daemon's round while `innernet down` holds (its marker): a short
+    sleep, said once; DOWN_IDLE, or ``failing`` as it was (None once `up`)."""
+    iface = files.iface
+    if path_exists(files.down_marker):
+        if failing != DOWN_IDLE:
+            log(f"{iface}: taken down with 'innernet down {iface}'; idle until "
+                f"'innernet up {iface}'")
+        time.sleep(max(min(opts.interval, DOWN_POLL), DAEMON_MIN_PERIOD))
+        return DOWN_IDLE
+    if failing == DOWN_IDLE:
+        log(f"{iface}: brought back up; syncing again")
+        return None
+    return failing
+
+
 def _daemon(files, opts):
     """Keep one interface in sync: long polls when offered, else the interval.
 
@@ -12131,6 +12182,10 @@ def _daemon(files, opts):
         threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
     while True:
         sleep, started = opts.interval, time.monotonic()
+        failing = _idle_while_down(files, opts, failing)
+        if failing == DOWN_IDLE:
+            caps = None
+            continue
         try:
             if caps is None:
                 caps = server_capabilities(files, opts)
@@ -12157,6 +12212,8 @@ def _daemon(files, opts):
                 log(f"{iface}: in sync with the server again")
                 failing = None
         except Exception as e:      # one network's trouble must not end the others
+            if path_exists(files.down_marker):
+                continue            # taken down during the round: idle (above)
             failing = _daemon_failure(iface, e, failing)
             caps = None
             sleep, backoff = min(backoff, opts.interval), min(backoff * 2, opts.interval)
@@ -13306,7 +13363,8 @@ def cmd_server_new(args):
     for path in (conf, db):
         if path_exists(path):
             raise InnernetError(f"network {name} already exists ({path})",
-                                hint=f"remove it with 'innernet-server uninstall {name}'")
+                                hint=f"choose another --network-name ('{SERVER_PROG} "
+                                     f"status {name}' shows the existing one)")
     server_ip = next_free_ip(network, [])
     for d in dataclasses.astuple(server_dirs(args)):
         ensure_dir(d)
@@ -13345,6 +13403,7 @@ def cmd_server_uninstall(args):
         raise InnernetError(f"no network named {iface} exists")
     confirm(args, f"Permanently delete network {iface}, its database and its keys?", False)
     require_removable((conf, db))
+    lock = _serve_not_running(iface, db)
     with contextlib.suppress(InnernetError):
         bring_down(arg_or(args, "backend", "auto"), iface)
     if RelayFirewall.available():
@@ -13362,8 +13421,23 @@ def cmd_server_uninstall(args):
     if os.path.isdir(litestream_dir) and not os.path.islink(litestream_dir):
         import shutil
         shutil.rmtree(litestream_dir, ignore_errors=True)
+    if lock is not None:
+        lock.close()
     log(f"network {iface} uninstalled")
     return 0
+
+
+def _serve_not_running(iface, db):
+    """serve's lock on the network (held until the uninstall is done), or an
+    error naming the running serve; None where there is no data directory."""
+    if not os.path.isdir(os.path.dirname(db) or "."):
+        return None
+    try:
+        return instance_lock(db[:-3] + ".lock", f"'serve {iface}'")
+    except InnernetError as e:
+        raise InnernetError(f"network {iface} is being served: {e.message}; nothing was "
+                            "deleted", hint=f"stop it first (systemctl disable --now "
+                                            f"innernet-server@{iface}), then uninstall") from None
 
 
 def server_status(args, iface, now=None):
@@ -13549,7 +13623,12 @@ def cmd_server_set_endpoint(args):
 def cmd_server_restore(args):
     """A standby: the database from a replica; the server config must be here."""
     iface = parse_interface(args.interface)
-    load_server_config(server_dirs(args), iface)               # copied once from the primary
+    conf = server_paths(args, iface)[0]
+    if not path_exists(conf, "server config"):               # copied once from the primary
+        raise InnernetError(f"no network named {iface} here ({conf} is missing)",
+                            hint=f"a standby serves the primary's network: copy the primary's "
+                                 f"{os.path.basename(conf)} (its key) to {conf} first")
+    load_server_config(server_dirs(args), iface)
     db_path = server_paths(args, iface)[1]
     if path_exists(db_path, "database"):
         raise InnernetError(f"database {db_path} already exists",
@@ -13640,7 +13719,9 @@ def cmd_server_serve(args):
         if co.device_gone.is_set():
             raise InnernetError(f"the WireGuard device {iface} is gone (wireguard-go killed?); "
                                 "exiting so that the service manager starts serve again",
-                                hint=f"'{SERVER_PROG} serve {iface}' brings the device back")
+                                hint=f"'{SERVER_PROG} serve {iface}' brings the device back"
+                                if path_exists(server_paths(args, iface)[0]) else
+                                f"network {iface} is not installed here any more")
     except BaseException:
         tear_down(steps)
         raise
@@ -13845,11 +13926,24 @@ def _install_name(args, invite):
     cfg_path = client_files(args, iface).config
     if path_exists(cfg_path, "config file"):
         raise InnernetError(f"network {iface} is already installed ({cfg_path} exists)",
-                            hint="choose another --name, or 'innernet uninstall' it first")
+                            hint=_installed_hint(client_files(args, iface), invite))
     if existing_backend(arg_or(args, "backend", "auto"), iface) is not None:
         raise InnernetError(f"a WireGuard interface named {iface} already exists",
                             hint="choose another --name")
     return iface
+
+
+def _installed_hint(files, invite):
+    """What to do when the network's config is here already: this invitation's
+    network, never synced (a join stopped after its redemption), is finished
+    with `fetch`; uninstalling it would throw away the redeemed key."""
+    with contextlib.suppress(InnernetError):
+        cfg = load_client_config(files)
+        if cfg.server_public_key == invite.server_public_key and \
+                not read_status(files).get("last_success"):
+            return (f"this invitation was redeemed already (a join stopped halfway?): run "
+                    f"'innernet fetch {files.iface}' to finish joining")
+    return "choose another --name, or 'innernet uninstall' it first"
 
 
 def _reach_server(args, iface, invite, backend):
@@ -14276,17 +14370,26 @@ def interface_health(args, iface, now, max_age):
     if st and not isinstance(last, (int, float)):
         problems.append("no successful sync recorded")
     elif st and now - last > max_age:
-        problems.append(f"no successful sync for {format_duration(now - last)}")
+        problems.append(f"no successful sync for {rough_duration(now - last)}")
     pending = [w for w in st.get("pending_key_changes") or [] if isinstance(w, dict)]
     for w in pending:
         since = w.get("since") if isinstance(w.get("since"), (int, float)) else now
         if now - since > max_age:
-            problems.append(f"peer {w.get('peer')} has waited {format_duration(now - since)} "
+            problems.append(f"peer {w.get('peer')} has waited {rough_duration(now - since)} "
                             "for the proof of its new key")
     return {"interface": iface, "healthy": not problems, "problems": problems,
             "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
             "last_error": st.get("last_error"), "by": st.get("by"),
+            "last_success_by": st.get("last_success_by"), "error": None,
             "server": st.get("server"), "pending_key_changes": pending}
+
+
+def failed_health(iface, message):
+    """What `status` says of a network it cannot read (a broken config)."""
+    return {"interface": iface, "healthy": False, "problems": [message], "error": message,
+            "interface_up": None, "last_success": None, "checked_at": None,
+            "last_error": None, "by": None, "last_success_by": None, "server": None,
+            "pending_key_changes": []}
 
 
 def _status_lines(h, now):
@@ -14294,11 +14397,14 @@ def _status_lines(h, now):
         if not isinstance(t, (int, float)):
             return "never"
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) + \
-            f" ({format_duration(max(0, now - t))} ago)"
+            f" ({rough_duration(now - t)} ago)"
+    if h.get("error"):
+        return [f"network {h['interface']}: NOT HEALTHY", f"  error: {h['error']}"]
     out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
            f"  interface: {'up' if h['interface_up'] else 'down'}",
            f"  last successful sync: {when(h['last_success'])}"
-           + (f" (by {h['by']})" if h["by"] and h["last_success"] else ""),
+           + (f" (by {h['last_success_by']})" if h.get("last_success_by")
+              and h["last_success"] else ""),
            f"  last error: {h['last_error'] or 'none'}"
            + (f" (at {when(h['checked_at'])})" if h["last_error"] else ""),
            f"  server: {h['server'] or 'unknown'}"]
@@ -14312,9 +14418,16 @@ def cmd_status(args):
     """This host's health per network; exit 0 only when every one is healthy."""
     max_age = parse_timestring(args.max_age) if args.max_age else STATUS_MAX_AGE
     now = time.time()
-    for iface in interfaces_of(args):
-        load_client_config(client_files(args, iface))          # a network that is not installed fails
-    healths = [interface_health(args, iface, now, max_age) for iface in interfaces_of(args)]
+    ifaces = interfaces_of(args, required=not args.json)
+    if args.interface is not None:
+        load_client_config(client_files(args, ifaces[0]))   # not installed: an error
+    healths = []
+    for iface in ifaces:            # one broken network is reported, the others too
+        try:
+            load_client_config(client_files(args, iface))
+            healths.append(interface_health(args, iface, now, max_age))
+        except InnernetError as e:
+            healths.append(failed_health(iface, e.message))
     if args.json:
         print_json(healths)
     else:
@@ -14333,12 +14446,15 @@ def cmd_up(args):
         files = dirs.client(iface)
         if path_exists(files.config):
             choose_exit(args, iface)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(files.down_marker)
-        with_remembered_flags(opts, files, reset=True)
+        if not args.daemon:     # the unit's door: a network taken down stays down
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(files.down_marker)
+    opts_of = {i: with_remembered_flags(opts, dirs.client(i), reset=args.reset_flags)
+               for i in ifaces}
     if not args.daemon or args.exit_node:
         for iface in ifaces:
-            result = fetch_interface(dirs.client(iface), opts, by="up", allow_bring_up=True,
+            result = fetch_interface(dirs.client(iface), opts_of[iface], by="up",
+                                     allow_bring_up=True,
                                      dns=True, record=not args.daemon)
             if args.exit_node and result.exit_problem:
                 leave_exit(args, iface)
@@ -14356,12 +14472,12 @@ def cmd_up(args):
     set_timestamps(True)
     locks = [instance_lock(dirs.client(iface).with_suffix(".lock"), f"'up {iface} --daemon'")
              for iface in ifaces]
-    threads = [threading.Thread(target=_daemon, args=(dirs.client(iface), opts), daemon=True)
-               for iface in ifaces[1:]]
+    threads = [threading.Thread(target=_daemon, args=(dirs.client(iface), opts_of[iface]),
+                                daemon=True) for iface in ifaces[1:]]
     for t in threads:
         t.start()
     try:
-        _daemon(dirs.client(ifaces[0]), opts)
+        _daemon(dirs.client(ifaces[0]), opts_of[ifaces[0]])
     finally:
         for lock in locks:
             lock.close()
@@ -14377,7 +14493,8 @@ def cmd_down(args):
         atomic_write(client_files(args, iface).down_marker, "", 0o600)
     if not bring_down(arg_or(args, "backend", "auto"), iface):
         if not installed:
-            raise InnernetError(f"interface {iface} is not up")
+            raise InnernetError(f"no network named {iface} is installed",
+                                hint="'innernet show' lists the installed networks")
         log(f"interface {iface} is already down")
         return 0
     log(f"interface {iface} is down")
@@ -14894,6 +15011,9 @@ def build_parser(server_mode=False):
     _hosts_options(p)
     _nat_options(p)
     _route_options(p)
+    p.add_argument("--reset-flags", action="store_true",
+                   help="forget the remembered --no-accept-routes, --accept-public-routes "
+                        "and --no-dns (keep only the ones given with it)")
     p.add_argument("--exit-node", metavar="NAME",
                    help="send all traffic outside the network through peer NAME (an "
                         "approved exit node); 'down' or 'up' without it restores routing")
@@ -15081,7 +15201,16 @@ def _parse(parser, argv):
 
 
 def main(argv=None, server_mode=None):
-    """Parse, run one verb, turn InnernetError into a message and an exit code."""
+    """Parse, run one verb, turn InnernetError into a message and an exit code
+    (a Ctrl-C, even while the parser is built, into 130 without a traceback)."""
+    try:
+        return _main(argv, server_mode)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv, server_mode):
     argv = sys.argv[1:] if argv is None else list(argv)
     if server_mode is None:     # a symlink or command named innernet-server
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
@@ -15161,5 +15290,8 @@ def server_main(argv=None):
 
 
 if __name__ == "__main__":
-    code = fast_fetch(sys.argv)
+    try:
+        code = fast_fetch(sys.argv)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
     sys.exit(main() if code is None else code)

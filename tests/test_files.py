@@ -90,11 +90,17 @@ def test_data_store_round_trip(tmp_path):
     assert '"version": "1"' in text and '"secs_since_epoch": 1700000000' in text
 
 
-def test_damaged_data_store_is_treated_as_empty(tmp_path, capsys):
+def test_a_damaged_data_store_is_refused_and_kept_not_reset(tmp_path):
+    """Its pins are not dropped (a lying server's TOFU reset): an error, the
+    file left as it is, a hint to move it aside knowingly."""
     path = tmp_path / "x.json"
-    path.write_text('{"version": "1", "peers": [{"id": "x"}]}')
-    assert innernet.load_data_store(str(path)) == ([], [], None)
-    assert "empty cache" in capsys.readouterr().err
+    for text in ('{"version": "1", "peers": [{"id": "x"}]}', '{"version": "1", "pee'):
+        path.write_text(text)
+        with pytest.raises(InnernetError) as e:
+            innernet.load_data_store(str(path))
+        assert str(path) in e.value.message and "\n" not in e.value.message
+        assert f"mv {path} {path}.broken-" in e.value.hint
+        assert path.read_text() == text
 
 
 def test_atomic_write_modes_and_exclusive(tmp_path):

@@ -3,6 +3,9 @@ instead of failing, remembered route flags, the status file's JSON, and the
 client's small verbs (down twice, status exit codes). The processes and
 devices are tests/e2e/test_fleet.py."""
 import argparse
+import dataclasses
+import re
+import types
 import json
 import os
 
@@ -95,6 +98,66 @@ def test_route_flags_are_remembered_until_up_says_otherwise(tmp_path):
     assert plain.accept_public_routes and not plain.no_accept_routes
     innernet.with_remembered_flags(opts_for(), files, reset=True)   # `up` without it
     assert not innernet.with_remembered_flags(opts_for(), files).accept_public_routes
+
+
+def test_up_and_its_daemon_keep_the_remembered_flags_unless_told(tmp_path, monkeypatch):
+    """Every unattended door (`up`, `up --daemon`, the timer's `fetch`) keeps
+    the flags a host joined with; flags given replace them; --reset-flags
+    forgets them."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "net.flags.json").write_text('{"no_accept_routes": true}\n')
+    seen = []
+    monkeypatch.setattr(innernet, "fetch_interface",
+                        lambda files, opts, **kw: seen.append(opts) or
+                        types.SimpleNamespace(exit_problem=None))
+    monkeypatch.setattr(innernet, "_daemon", lambda files, opts: seen.append(opts))
+    monkeypatch.setattr(innernet, "instance_lock", lambda *a: types.SimpleNamespace(
+        close=lambda: None))
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    assert innernet.main(argv + ["up", "net"]) == 0
+    (tmp_path / "lib" / "net.down").write_text("")          # `innernet down`
+    assert innernet.main(argv + ["up", "net", "--daemon"]) == 0
+    assert (tmp_path / "lib" / "net.down").exists()          # the unit's daemon idles
+    assert [o.no_accept_routes for o in seen] == [True, True]
+    assert innernet.main(argv + ["up", "net", "--no-dns"]) == 0          # replaces them
+    assert seen[-1].no_dns and not seen[-1].no_accept_routes
+    assert innernet.main(argv + ["up", "net", "--reset-flags"]) == 0
+    assert not (tmp_path / "lib" / "net.flags.json").exists()
+    assert not seen[-1].no_dns
+
+
+def test_the_timer_runs_fetch_which_keeps_the_flags_and_the_down_marker():
+    unit = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "debian", "innernet.innernet-fetch@.service")
+    with open(unit) as f:
+        exec_start = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
+    assert exec_start.split()[:3] == ["/usr/bin/innernet", "fetch", "%i"]
+
+
+def test_the_daemon_idles_while_the_network_is_taken_down(tmp_path, monkeypatch, capsys):
+    files = innernet.ClientFiles("net", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "net.down").write_text("")
+    rounds, sleeps = [], []
+
+    def sleep(s):
+        sleeps.append(s)
+        if len(sleeps) == 3:
+            os.unlink(files.down_marker)        # `innernet up`
+        if len(sleeps) > 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(innernet.time, "sleep", sleep)
+    monkeypatch.setattr(innernet, "server_capabilities", lambda f, o: {})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda f, t: None)
+    monkeypatch.setattr(innernet, "fetch_interface", lambda files, opts, **kw: rounds.append(
+        kw) or types.SimpleNamespace(next_due=None, changed=False, waited=False, pending=[]))
+    opts = dataclasses.replace(opts_for(), no_nat_traversal=True, interval=60)
+    with pytest.raises(KeyboardInterrupt):
+        innernet._daemon(files, opts)
+    assert len(rounds) == 1                     # none while taken down
+    err = capsys.readouterr().err
+    assert err.count("taken down with 'innernet down net'; idle until") == 1
+    assert "retrying" not in err and "syncing again" in err
 
 
 # -- item 9: a second `down`; status exit codes -----------------------------------
@@ -217,6 +280,26 @@ def test_list_routes_names_an_exit_node_once():
     assert innernet.route_lines([], []) == ["no routes are advertised"]
 
 
+def test_server_uninstall_refuses_a_network_being_served(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    base = ["-c", str(etc), "-d", str(lib), "server"]
+    assert innernet.main(base + ["new", "--network-name", "evil", "--network-cidr",
+                                 "10.66.0.0/16", "--external-endpoint", "198.18.0.1:51820",
+                                 "--listen-port", "51820"]) == 0
+    serving = innernet.instance_lock(str(lib / "evil.lock"), "'serve evil'")    # as serve
+    try:
+        capsys.readouterr()
+        assert innernet.main(base + ["uninstall", "evil", "--yes"]) == 1
+        err = capsys.readouterr().err
+        assert "is being served" in err and f"process {os.getpid()}" in err
+        assert "systemctl disable --now innernet-server@evil" in err
+        assert (etc / "evil.conf").exists() and (lib / "evil.db").exists()
+    finally:
+        serving.close()
+
+
 def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
@@ -263,3 +346,12 @@ def test_server_status_names_replication_without_its_password():
     r.url, r.proc = "sftp://user:secret@host/path", None
     assert r.describe() == {"url": "sftp://user:***@host/path",
                             "litestream": "not running (restarting)"}
+
+
+def test_restore_without_the_config_hints_to_copy_the_primarys(tmp_path, capsys):
+    """On a standby, 'innernet-server new' would make a different network."""
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "server", "restore",
+            "evil", "--from", str(tmp_path / "replica")]
+    assert innernet.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "copy the primary's evil.conf" in err and "new" not in err.replace("anew", "")

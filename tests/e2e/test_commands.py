@@ -6,6 +6,7 @@ override-peer-endpoint, enable/disable-peer (API and server CLI), renames,
 short-lived invitations, simultaneous redemption, a disabled peer staying out
 of a client's cache while the server is down, serve honouring global flags.
 """
+import json
 import os
 import signal
 import sqlite3
@@ -283,6 +284,35 @@ def test_disabled_peer_stays_out_of_the_cache_while_the_server_is_down(net):
     finally:
         start_server(net)
     h(net, "admin").innernet("enable-peer", iface(net, "admin"), "--name", "p2", "--yes")
+
+
+def test_down_sticks_while_a_daemon_runs_until_up(net):
+    """`innernet down` under a running `up --daemon` (in its long poll): the
+    daemon idles (one line, no retries) and the device stays away until
+    `innernet up`."""
+    p2, name = h(net, "p2"), iface(net, "p2")
+    fetch(net, "p2")
+    daemon = p2.spawn(p2.innernet_argv("up", name, "--daemon", "--interval", "60",
+                                       "--no-write-hosts"), "up-down.log")
+    log = p2.path("up-down.log")
+    status = p2.path("client", "lib", f"{name}.status.json")
+    try:
+        def first_round_done():     # a change p2 sees ends the daemon's long poll
+            net.srv.server("disable-peer", net.name, "--name", "p1", "--yes")
+            net.srv.server("enable-peer", net.name, "--name", "p1", "--yes")
+            return json.load(open(status)).get("by") == "daemon"
+        wait_for(first_round_done, 60, "the daemon's first round")
+        p2.innernet("down", name)
+        wait_for(lambda: "idle until" in open(log).read(), 30, "the daemon to idle")
+        assert not os.path.exists(f"/var/run/wireguard/{name}.sock")
+        assert open(log).read().count("idle until") == 1
+        p2.innernet("up", name, "--no-write-hosts")
+        wait_for(lambda: "syncing again" in open(log).read(), 30, "the daemon to resume")
+        assert "10.66.0.1" in device_peer_ips(p2, name) and daemon.poll() is None
+        assert "(retrying)" not in open(log).read(), open(log).read()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=10)
 
 
 def test_down_up_and_uninstall(net):

@@ -515,7 +515,7 @@ def test_a_public_range_router_forwards_and_both_verbs_warn(world):
 
 # -- item 6: client flags are remembered ----------------------------------------
 
-def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
+def test_accept_public_routes_is_remembered_by_a_plain_fetch_and_up(world):
     w = world
     gw, c = join(w, "gw"), join(w, "c")
     gw.innernet("advertise-routes", w.lab.ifname("gw"), "203.0.113.0/24", "--yes")
@@ -529,7 +529,9 @@ def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
     assert routed()
     c.innernet("fetch", ifname, "--no-write-hosts")          # cron's plain line
     assert routed()
-    c.innernet("up", ifname, "--no-write-hosts")             # `up` without it: let go
+    c.innernet("up", ifname, "--no-write-hosts")             # `up` without it: kept too
+    assert routed()
+    c.innernet("up", ifname, "--no-write-hosts", "--reset-flags")    # let go, knowingly
     assert not routed()
 
 
@@ -537,7 +539,7 @@ def test_accept_public_routes_is_remembered_by_a_plain_fetch(world):
 
 def readme_failover_lines():
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"Switching over, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
+    block = re.search(r"then, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
     return [line.split("#")[0].strip() for line in block.group(1).splitlines()]
 
 
@@ -571,12 +573,18 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
     for pid in subprocess.run(["ip", "netns", "pids", w.srv.ns], capture_output=True,
                               text=True).stdout.split():
         os.kill(int(pid), signal.SIGKILL)
-    os.makedirs(stby.path("server", "etc"), mode=0o700)
     lines = readme_failover_lines()
-    assert lines[0] == "scp primary:/etc/innernet-server/evilcorp.conf /etc/innernet-server/"
+    assert lines[0] == "mkdir -m 700 -p /etc/innernet-server"
+    assert not os.path.exists(stby.path("server", "etc"))
+    stby.exec(["mkdir", "-m", "700", "-p", stby.path("server", "etc")])
+    r = stby.exec(literal(stby, f"{program(stby, server=True)} restore {w.net} --from "
+                                f"{replica}"), check=False)
+    assert r.returncode == 1 and "copy the primary's" in r.stderr, r.stderr  # not 'new'
+    assert "innernet-server new" not in r.stderr
+    assert lines[1] == "scp primary:/etc/innernet-server/evilcorp.conf /etc/innernet-server/"
     stby.exec(["cp", w.srv.path("server", "etc", f"{w.net}.conf"),
                stby.path("server", "etc") + "/"])
-    for line in lines[1:]:
+    for line in lines[2:]:
         line = re.sub(r" \[.*\]$", "", line)            # optional parts left out
         command = (line.replace("innernet-server", program(stby, server=True))
                    .replace("evilcorp", w.net).replace("URL", replica)

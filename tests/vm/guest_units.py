@@ -70,7 +70,7 @@ DROPINS = [
     dropin(f"innernet@{NET}.service", P1,
            "/usr/bin/innernet up %i --daemon --interval 60 --no-write-hosts"),
     dropin(f"innernet-fetch@{NET}.service", P2,
-           "/usr/bin/innernet " + " ".join(P2_DIRS) + " up %i --no-write-hosts"),
+           "/usr/bin/innernet " + " ".join(P2_DIRS) + " fetch %i --no-write-hosts"),
 ]
 
 
