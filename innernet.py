@@ -3297,7 +3297,14 @@ def _endpoint_inside(endpoint, network):
 # of its payloads' hashes, one signature for any number of records, so that
 # `lock init` on 5,000 peers is one signature and a first fetch verifies it
 # once. The salt keeps a hash from telling anyone outside a record's view
-# what the record holds.
+# what the record holds (every caller gets every hash of a batch, and a
+# record's fields are guessable: addresses, names, keys the caller sees).
+# So the salt must be unknown to them: one derived from anything the state
+# carries (a batch nonce and the subject) would let them recompute the hash,
+# and one derived from a secret of the signer's is as random on the wire as
+# os.urandom's. Salts stay random, 12 bytes. What a state saves instead
+# (lock_wire_section): a peer record goes without the key its peer has
+# beside it, and a batch without the hashes of the records the state carries.
 #
 # An invited peer's record names no WireGuard key but a one-time lock key and
 # the invitation's expiry ("auth:<key>:<expiry>"), the private half in the
@@ -3342,14 +3349,18 @@ def lock_canonical(obj):
         elif not (v is None or isinstance(v, (str, bool, int))):
             raise InnernetError("a lock payload holds a value of another type", status=400)
     check(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANON(obj).encode()
+
+
+# One encoder for every canonical form: json.dumps with these options builds
+# a new JSONEncoder at each call, a third of a record's hashing time.
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
 def lock_hash(obj, checked=False):
     """A payload's (or chain entry's) hash: 16 bytes of BLAKE2b, base64.
     ``checked``: the caller has checked its types already (_well_formed)."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() \
-        if checked else lock_canonical(obj)
+    data = _CANON(obj).encode() if checked else lock_canonical(obj)
     return base64.b64encode(blake2("blake2b", data, digest_size=16,
                                    person=b"innernet lock").digest()).decode()
 
@@ -3765,6 +3776,40 @@ def lock_record(net, serial, fields, key=None):
     return p
 
 
+def lock_wire(p, shown):
+    """A record as a state sends it: a peer record whose key is the one its
+    peer has in the same state ({ip: key} ``shown``) goes without it, and the
+    client puts it back (signed_records). A WireGuard key is 32 random bytes
+    that no compression shortens, so this halves what lock adds to a state
+    sent gzip'd; the signed hash is the full record's, so nothing is weaker."""
+    if p["t"] == "peer" and shown.get(p["ip"]) == p["key"]:
+        return {k: v for k, v in p.items() if k != "key"}
+    return p
+
+
+def lock_wire_section(records, batches, shown):
+    """(batches, records) as a state sends them. ``records``: [(payload, hash,
+    batch id)] the caller may see; ``batches`` {id: batch}; ``shown`` {ip: key}
+    of the state's peers. A record's hash in its batch goes as null, the
+    record itself standing first, in its batch's order (the client hashes it
+    anyway and puts the hash back, signed_records); peer records in
+    lock_wire's form. Hashes are random to a compressor: this is the other
+    half of what lock added to a gzip'd state."""
+    used = sorted({b for _, _, b in records if b in batches})
+    where = {b: {h: i for i, h in enumerate(batches[b]["h"])} for b in used}
+    placed, rest = [], []
+    for p, h, b in records:
+        i = where.get(b, {}).get(h)
+        (rest if i is None else placed).append((b, i, p))
+    placed.sort(key=lambda x: (x[0], x[1]))
+    holes = {}
+    for b, i, _ in placed:
+        holes.setdefault(b, set()).add(i)
+    wire = [dict(batches[b], h=[None if i in holes.get(b, ()) else h
+                                for i, h in enumerate(batches[b]["h"])]) for b in used]
+    return wire, [lock_wire(p, shown) for _, _, p in placed + rest]
+
+
 def lock_subject_text(subject):
     """A subject for people: 'peer 10.66.1.5', 'CIDR 10.66.1.0/24', ..."""
     kind, _, rest = subject.partition(":")
@@ -3832,19 +3877,35 @@ def adoption_valid(own_private, genesis_hash, admin_public, mac):
 
 # -- the client's verifier ---------------------------------------------------------
 
-def signed_records(net, keys, lock, cache=None):
+def signed_records(net, keys, lock, cache=None, state_keys=None, keyless=None):
     """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
-    hash is in a batch signed by a trusted key (the highest serial per subject)."""
-    valid = set()
+    hash is in a batch signed by a trusted key (the highest serial per subject).
+    A peer record sent without its "key" (lock_wire) takes the key of the
+    state's peer at its address, ``state_keys`` {ip: key}: the hash then
+    says whether that is the key signed (the subjects of those that are not
+    go into the set ``keyless``). A batch's nulls (lock_wire_section)
+    are the hashes of the records, in the order they come, batch by batch: a
+    batch filled wrongly fails its signature."""
+    state_keys = state_keys or {}
+    hashed, filled = [], set()
+    for p in lock.get("records") or []:
+        if isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
+                and p.get("ip") in state_keys:
+            p = dict(p, key=state_keys[p["ip"]])
+            filled.add(id(p))
+        hashed.append((p, lock_hash(p, checked=True) if _well_formed(p, net) else None))
+    valid, fill = set(), iter(hashed)
     for batch in lock.get("batches") or []:
+        if isinstance(batch, dict) and isinstance(batch.get("h"), list) and None in batch["h"]:
+            batch = dict(batch, h=[next(fill, (None, None))[1] if h is None else h
+                                   for h in batch["h"]])
         if batch_valid(net, batch, keys, cache):
             valid.update(h for h in batch["h"] if isinstance(h, str))
     out = {}
-    for p in lock.get("records") or []:
-        if not _well_formed(p, net):
-            continue
-        h = lock_hash(p, checked=True)
-        if h not in valid:
+    for p, h in hashed:
+        if h is None or h not in valid:
+            if keyless is not None and id(p) in filled:
+                keyless.add(record_subject(p))
             continue
         s = record_subject(p)
         if s not in out or out[s][0]["n"] < p["n"]:
@@ -3937,8 +3998,14 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
-    signed = signed_records(net, keys, lock, cache)
+    keyless = set()
+    signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
+                            keyless)
     use, replayed = fresh_records(signed, known)
+    for s in keyless - set(signed):
+        replayed.setdefault(s, "its key is not the signed one (its record, sent without the "
+                               "key, does not verify with it), nor reached by the peer's own "
+                               "rotation proofs")
     new_known = dict(known)
     for s, (p, h) in use.items():
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
@@ -6006,6 +6073,15 @@ class LockStore:
             c.execute("DELETE FROM lock_batches WHERE id NOT IN "
                       "(SELECT batch_id FROM lock_records)")
         return records
+
+
+def _stored_hash(p):
+    """A stored record's hash; None for one no client would take (a
+    database changed by hand): it is sent as it is."""
+    try:
+        return lock_hash(p)
+    except InnernetError:
+        return None
 
 
 def _lock_verified(chain, signed):
@@ -9702,7 +9778,7 @@ class StateViews:
         # a time: the whole state as dicts at once (1,000 peers: a megabyte)
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
-        lock = self.lock_section(cidrs, view)
+        lock = self.lock_section(cidrs, view, {p.ip: p.public_key for p in visible})
         body = ('{"peers": [' + ", ".join(
             json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
@@ -9711,21 +9787,22 @@ class StateViews:
             + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
-    def lock_section(self, cidrs, view):
+    def lock_section(self, cidrs, view, shown=None):
         """The state's "lock" (ours; innernet ignores it): the chain, and the
         signed records a caller with this view needs -- every CIDR and
         association, the peers (and deleted peers) in its view -- with their
-        batches and enrollments. None without lock."""
+        batches and enrollments, in lock_wire_section's form for the peers
+        ``shown`` {ip: key} beside them. None without lock."""
         data = self._cached("lock", self.revision(), self._lock_data)
         if data is None:
             return None
         entries, recs, batches, enroll = data
         ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [(p, b) for p, b in recs.values() if p["t"] != "peer" or p["cidr"] in ranges]
-        ips = {p["ip"] for p, _ in chosen if p["t"] == "peer"}
-        return {"chain": entries, "batches": [batches[b] for b in sorted({b for _, b in chosen})
-                                              if b in batches],
-                "records": [p for p, _ in chosen],
+        chosen = [(p, h, b) for p, h, b in recs.values() if p["t"] != "peer"
+                  or p["cidr"] in ranges]
+        ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
+        wire_batches, records = lock_wire_section(chosen, batches, shown or {})
+        return {"chain": entries, "batches": wire_batches, "records": records,
                 "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
 
     def _lock_data(self):
@@ -9733,6 +9810,7 @@ class StateViews:
         if not entries:
             return None
         recs, batches = self.store.lock_records()
+        recs = {s: (p, _stored_hash(p), b) for s, (p, b) in recs.items()}
         return entries, recs, batches, self.store.lock_enrollments()
 
     def dns_view(self, remote_ip):

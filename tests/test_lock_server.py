@@ -117,6 +117,49 @@ def test_the_state_carries_the_chain_and_records_a_client_verifies(tmp_path, cap
     assert [p.name for p, _ in refused] == ["mallory"]
 
 
+def test_a_peer_record_goes_without_the_key_beside_it_and_a_changed_key_fails_its_hash(
+        tmp_path, capsys):
+    """lock_wire_section: a state's record of a peer it shows omits the key
+    (the client takes the peer's), and its hash in the batch is null (the
+    client puts back its own); a server that changes that key in the state
+    gets the record's hash wrong, so the peer is refused."""
+    base = cli_network(tmp_path, capsys)
+    for name, ip in (("alice", "10.66.1.2"), ("bob", "10.66.1.3")):
+        assert run(base, "add-peer", "evil", "--name", name, "--cidr", "h", "--ip", ip,
+                   "--admin", "false", "--invite-expires", "1d", "--save-config",
+                   str(tmp_path / f"{name}.toml"), "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    lock(tmp_path)
+    co = innernet.Coordinator(store, innernet.load_server_config(
+        innernet.Dirs(base[1], base[3]), "evil"), "evil")
+    state = json.loads(co.views.state_for(store.peer_by_name("alice"))[0])
+    records = {r["ip"]: r for r in state["lock"]["records"] if r["t"] == "peer"}
+    assert "key" not in records["10.66.1.3"]
+    # every record's hash in the batch goes as null: the client hashes the record
+    assert [h for b in state["lock"]["batches"] for h in b["h"]].count(None) \
+        == len(state["lock"]["records"])
+    chain = LockChain(state["lock"]["chain"])
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    assert not refused and "bob" in {p.name for p in acc}
+    # records out of their batch's order fill its nulls wrongly: its signature fails
+    moved = dict(state["lock"], records=state["lock"]["records"][::-1])
+    acc, refused, _ = verify_state(chain, moved, peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    assert {p.name for p, _ in refused} >= {"bob"} and "bob" not in {p.name for p in acc}
+    lie = innernet.public_key(innernet.generate_private_key())
+    for p in state["peers"]:
+        if p["name"] == "bob":
+            p["public_key"] = lie
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    assert [p.name for p, _ in refused] == ["bob"]
+    assert "its key is not the signed one" in refused[0][1]
+
+
 def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
     """Over the API: an admin call under lock without the X-Innernet-Lock
     header, or signed by a key the chain does not trust, is a 403 with its
