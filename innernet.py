@@ -3877,35 +3877,87 @@ def adoption_valid(own_private, genesis_hash, admin_public, mac):
 
 # -- the client's verifier ---------------------------------------------------------
 
-def signed_records(net, keys, lock, cache=None, state_keys=None, keyless=None):
+def lock_unwire(net, lock, state_keys=None):
+    """A state's lock section as its admins signed it (lock_wire_section
+    undone): ([(record, hash or None, whether its key was put back)],
+    [(batch, [(index in its hashes, record number) of each null])]). A peer
+    record sent without its "key" takes the key of the state's peer at its
+    address (``state_keys`` {ip: key}); a batch's nulls take the hashes of
+    the records in the order they come, batch by batch."""
+    state_keys = state_keys or {}
+    records = []
+    for p in lock.get("records") or []:
+        back = isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
+            and p.get("ip") in state_keys
+        if back:
+            p = dict(p, key=state_keys[p["ip"]])
+        records.append((p, lock_hash(p, checked=True) if _well_formed(p, net) else None, back))
+    batches, n = [], 0
+    for batch in lock.get("batches") or []:
+        holes = []
+        if isinstance(batch, dict) and isinstance(batch.get("h"), list) and None in batch["h"]:
+            h = list(batch["h"])
+            for i, x in enumerate(h):
+                if x is None:
+                    h[i] = records[n][1] if n < len(records) else None
+                    holes.append((i, n))
+                    n += 1
+            batch = dict(batch, h=h)
+        batches.append((batch, holes))
+    return records, batches
+
+
+def _remembered(batch, holes, records, known):
+    """``batch`` with each null filled by the hash this client verified
+    before for the record that fills it (the same subject and serial,
+    ``known``), or None if that changes nothing."""
+    h, changed = list(batch["h"]), False
+    for i, j in holes:
+        p = records[j][0] if j < len(records) else None
+        k = known.get(record_subject(p)) if isinstance(p, dict) else None
+        if isinstance(k, list) and len(k) > 1 and k[0] == p.get("n") \
+                and isinstance(k[1], str) and k[1] != h[i]:
+            h[i], changed = k[1], True
+    return dict(batch, h=h) if changed else None
+
+
+LOCK_BATCH_BROKEN = "the batch that signed its record does not verify with the records the " \
+                    "server sent (one of them changed, left out, added or out of order)"
+LOCK_KEY_NOT_SIGNED = "its key is not the signed one (its record, sent without the key, " \
+                      "does not verify with it), nor reached by the peer's own rotation proofs"
+
+
+def signed_records(net, keys, lock, cache=None, state_keys=None, known=None, why=None):
     """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
     hash is in a batch signed by a trusted key (the highest serial per subject).
-    A peer record sent without its "key" (lock_wire) takes the key of the
-    state's peer at its address, ``state_keys`` {ip: key}: the hash then
-    says whether that is the key signed (the subjects of those that are not
-    go into the set ``keyless``). A batch's nulls (lock_wire_section)
-    are the hashes of the records, in the order they come, batch by batch: a
-    batch filled wrongly fails its signature."""
-    state_keys = state_keys or {}
-    hashed, filled = [], set()
-    for p in lock.get("records") or []:
-        if isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
-                and p.get("ip") in state_keys:
-            p = dict(p, key=state_keys[p["ip"]])
-            filled.add(id(p))
-        hashed.append((p, lock_hash(p, checked=True) if _well_formed(p, net) else None))
-    valid, fill = set(), iter(hashed)
-    for batch in lock.get("batches") or []:
-        if isinstance(batch, dict) and isinstance(batch.get("h"), list) and None in batch["h"]:
-            batch = dict(batch, h=[next(fill, (None, None))[1] if h is None else h
-                                   for h in batch["h"]])
-        if batch_valid(net, batch, keys, cache):
+    The compact form (lock_wire_section) is undone first (lock_unwire): a
+    record sent without its key then verifies only with the key signed, and a
+    batch filled wrongly fails its signature. Such a batch is tried once more
+    with the hashes this client verified before (``known``, {subject: [serial,
+    hash, ...]}) in the nulls of the records it had seen: a server that
+    changed one record's key (or fields) then costs that record alone, where
+    the client has seen the batch before. ``why``: a dict filled with
+    {subject: reason} for records put back that did not verify."""
+    records, batches = lock_unwire(net, lock, state_keys)
+    known = known if isinstance(known, dict) else {}
+    valid, broken = set(), set()
+    for batch, holes in batches:
+        ok = batch_valid(net, batch, keys, cache)
+        if not ok and holes:
+            again = _remembered(batch, holes, records, known)
+            ok = again is not None and batch_valid(net, again, keys, cache)
+            if ok:
+                batch = again
+            else:
+                broken.update(j for _, j in holes)
+        if ok:
             valid.update(h for h in batch["h"] if isinstance(h, str))
     out = {}
-    for p, h in hashed:
+    for j, (p, h, back) in enumerate(records):
         if h is None or h not in valid:
-            if keyless is not None and id(p) in filled:
-                keyless.add(record_subject(p))
+            if why is not None and isinstance(p, dict) and (back or j in broken):
+                why[record_subject(p)] = LOCK_BATCH_BROKEN if j in broken \
+                    else LOCK_KEY_NOT_SIGNED
             continue
         s = record_subject(p)
         if s not in out or out[s][0]["n"] < p["n"]:
@@ -3998,14 +4050,13 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
-    keyless = set()
+    why = {}
     signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
-                            keyless)
+                            known, why)
     use, replayed = fresh_records(signed, known)
-    for s in keyless - set(signed):
-        replayed.setdefault(s, "its key is not the signed one (its record, sent without the "
-                               "key, does not verify with it), nor reached by the peer's own "
-                               "rotation proofs")
+    for s, reason in why.items():
+        if s not in signed:
+            replayed.setdefault(s, reason)
     new_known = dict(known)
     for s, (p, h) in use.items():
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
@@ -5959,12 +6010,22 @@ class LockStore:
         entries = self.lock_entries()
         return bool(entries) and entries[-1].get("payload", {}).get("t") != "disable"
 
-    def lock_records(self):
-        """({subject: (payload, batch id)}, {batch id: batch})."""
+    def lock_listing(self):
+        """({subject: payload}, [the batches that sign them]): an admin's
+        host verifies the records it signs over (verified_lock_records)."""
+        recs, batches = self.lock_records()
+        return {s: p for s, (p, _) in recs.items()}, [
+            batches[b] for b in sorted({b for _, b in recs.values()}) if b in batches]
+
+    def lock_records(self, hashed=False):
+        """({subject: (payload, batch id)}, {batch id: batch}); ``hashed``:
+        (payload, its hash or None (_stored_hash), batch id) instead."""
         recs = {r[0]: (json.loads(r[1]), r[2]) for r in self._query(
             "SELECT subject, payload, batch_id FROM lock_records")}
         batches = {r[0]: {"k": r[1], "s": r[2], "h": json.loads(r[3])} for r in self._query(
             "SELECT id, signer, sig, hashes FROM lock_batches")}
+        if hashed:
+            recs = {s: (p, _stored_hash(p), b) for s, (p, b) in recs.items()}
         return recs, batches
 
     def lock_enrollments(self):
@@ -9798,8 +9859,7 @@ class StateViews:
             return None
         entries, recs, batches, enroll = data
         ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [(p, h, b) for p, h, b in recs.values() if p["t"] != "peer"
-                  or p["cidr"] in ranges]
+        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in ranges]
         ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
         wire_batches, records = lock_wire_section(chosen, batches, shown or {})
         return {"chain": entries, "batches": wire_batches, "records": records,
@@ -9809,9 +9869,8 @@ class StateViews:
         entries = self.store.lock_entries()
         if not entries:
             return None
-        recs, batches = self.store.lock_records()
-        recs = {s: (p, _stored_hash(p), b) for s, (p, b) in recs.items()}
-        return entries, recs, batches, self.store.lock_enrollments()
+        return (entries, *self.store.lock_records(hashed=True),
+                self.store.lock_enrollments())
 
     def dns_view(self, remote_ip):
         """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no

@@ -122,7 +122,9 @@ def test_a_peer_record_goes_without_the_key_beside_it_and_a_changed_key_fails_it
     """lock_wire_section: a state's record of a peer it shows omits the key
     (the client takes the peer's), and its hash in the batch is null (the
     client puts back its own); a server that changes that key in the state
-    gets the record's hash wrong, so the peer is refused."""
+    gets the record's hash wrong, so the peer is refused (alone, by a client
+    that verified the batch before; with the rest of its batch on a first
+    fetch)."""
     base = cli_network(tmp_path, capsys)
     for name, ip in (("alice", "10.66.1.2"), ("bob", "10.66.1.3")):
         assert run(base, "add-peer", "evil", "--name", name, "--cidr", "h", "--ip", ip,
@@ -141,8 +143,8 @@ def test_a_peer_record_goes_without_the_key_beside_it_and_a_changed_key_fails_it
         == len(state["lock"]["records"])
     chain = LockChain(state["lock"]["chain"])
     peers, cidrs, _, _ = innernet.parse_state(state)
-    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
-                                   skip={"10.66.0.1"})
+    acc, refused, known = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                       skip={"10.66.0.1"})
     assert not refused and "bob" in {p.name for p in acc}
     # records out of their batch's order fill its nulls wrongly: its signature fails
     moved = dict(state["lock"], records=state["lock"]["records"][::-1])
@@ -154,10 +156,14 @@ def test_a_peer_record_goes_without_the_key_beside_it_and_a_changed_key_fails_it
         if p["name"] == "bob":
             p["public_key"] = lie
     peers, cidrs, _, _ = innernet.parse_state(state)
-    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", known,
                                    skip={"10.66.0.1"})
     assert [p.name for p, _ in refused] == ["bob"]
-    assert "its key is not the signed one" in refused[0][1]
+    assert refused[0][1] == innernet.LOCK_KEY_NOT_SIGNED
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    assert [p.name for p, _ in refused] == ["bob"] and "bob" not in {p.name for p in acc}
+    assert refused[0][1] == innernet.LOCK_BATCH_BROKEN
 
 
 def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
