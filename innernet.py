@@ -2281,7 +2281,10 @@ class RouteApprover:
     cidr_id: int
 
     def to_json(self):
-        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        d = {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        if self.id is None:             # a new rule, as an admin peer sends it
+            del d["id"]
+        return d
 
     @classmethod
     def from_json(cls, data):
