@@ -3771,6 +3771,27 @@ def lock_changes(before, after):
     return out
 
 
+def lock_divergence(now, rec):
+    """Why a subject as the server holds it (``now``, lock_projection's
+    fields) is not what its signed record ``rec`` says, or None: an admin's
+    host signs a change only over what was signed, so a field the server
+    changed by itself (a route it approved, a flag in its database) is not
+    signed along with the admin's. A peer's routes and exit node may be
+    fewer (it withdrew them itself)."""
+    if rec is None or rec.get("deleted"):
+        return "it has no signed record"
+    signed = lock_fields(rec)
+    for k, v in now.items():
+        was = signed.get(k)
+        if k == "routes" and isinstance(was, list) and isinstance(v, list) \
+                and set(v) <= set(was) or k == "exit" and (not v or was):
+            continue
+        if v != was:
+            return {"exit": "exit node", "admin": "admin flag", "disabled": "disabled flag",
+                    "static": "static flag"}.get(k, k) + " not as signed"
+    return None
+
+
 def lock_record(net, serial, fields, key=None):
     """A payload for ``fields`` (lock_projection's), with a fresh salt."""
     p = {"v": LOCK_VERSION, "net": net, "n": serial, "r": lock_salt(), **fields}
@@ -4144,6 +4165,18 @@ def _enrolled(net, ip, auth, enroll, now):
     if key is None:
         return None, "its invitation was not redeemed with a signed enrollment"
     return key, None
+
+
+def refuse_auto_approve(locked):
+    """Auto-approve rules are the server's alone: under lock, a route one
+    approved would be installed by no client (no admin signed it), so none
+    applies and the server makes none (when ``locked``); a route waits for
+    an admin's approve-routes, which signs it."""
+    if locked:
+        raise InnernetError("the network is locked: an auto-approve rule would approve routes "
+                            "no admin signed, which no locked client installs", status=403,
+                            hint="approve each route with 'approve-routes --name PEER' from "
+                                 "an admin peer holding a trusted lock key")
 
 
 def lock_refusal(peer, reason):
@@ -6294,6 +6327,14 @@ class NetworkLock:
             enroll.update(self.store.lock_enrollments())
         return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
 
+    def lock_on(self):
+        """Is the network locked, as this host knows it without verifying
+        (the server's own chain, or an admin host's copy)?"""
+        if self.api is None:
+            return self.store.locked()
+        last = ((load_client_lock(self.own_lock) or {}).get("chain") or [None])[-1]
+        return isinstance(last, dict) and (last.get("payload") or {}).get("t") != "disable"
+
     def lock_signer(self):
         if self._signer is False:
             enroll = {}
@@ -6327,6 +6368,14 @@ class NetworkLock:
         changes = lock_changes(before, after)
         for s in force:
             changes.setdefault(s, after[s])
+        for s in changes:
+            why = s in before and s in after and lock_divergence(before[s],
+                                                                 signer.records.get(s))
+            if why:
+                raise InnernetError(
+                    f"the server's {lock_subject_text(s)} differs from its signed record "
+                    f"({why}): not signing over it", hint="the server may be hijacked: "
+                    "'innernet fetch' shows what this host installs and refuses")
         return signer.signed(changes, keys) if changes else None
 
     def lock_for(self, method, *a):
@@ -6417,9 +6466,21 @@ def remote_lock_info(api, own_lock, enroll=None):
                                 hint="the server may be hijacked: 'innernet lock status' "
                                      "shows this host's chain")
     records = got.get("records") if isinstance(got.get("records"), dict) else {}
+    if entries and not LockChain(entries).disabled:
+        records = verified_lock_records(LockChain(entries), records, got.get("batches"))
     if enroll is not None and isinstance(got.get("enroll"), dict):
         enroll.update(got["enroll"])
     return entries, records
+
+
+def verified_lock_records(chain, records, batches):
+    """{subject: record} of the server's records ({subject: record}) that a
+    batch (``batches``) signed by a key ``chain`` trusts covers: an admin's
+    host signs its next records over these, never over one the server made."""
+    got = signed_records(chain.net, chain.keys, {
+        "records": list(records.values()) if isinstance(records, dict) else [],
+        "batches": batches if isinstance(batches, list) else []})
+    return {s: p for s, (p, _) in got.items()}
 
 
 def _lock_after(method, peers, cidrs, assocs, *a):
@@ -7220,7 +7281,7 @@ class Store(LockStore):
             before = {r[0]: r[1] for r in c.execute(
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            approvers = self.route_approvers()
+            approvers = [] if self.locked() else self.route_approvers()   # lock: none apply
             after = {}
             for r in routes:
                 ok = before.get(r, 0) or approve or (
@@ -7255,6 +7316,7 @@ class Store(LockStore):
 
     def add_route_approver(self, rule):
         with self.write() as c:
+            refuse_auto_approve(self.locked())
             if rule.cidr_id not in {x.id for x in self.cidrs()}:
                 raise _bad(f"CIDR {rule.cidr_id} does not exist")
             cur = c.execute("INSERT INTO route_approvers (route, cidr_id) VALUES (?, ?)",
@@ -10617,8 +10679,8 @@ def admin_get_lock(co, req):
     chain = co.store.lock_chain()
     if chain is None:
         return Response(200, {"chain": [], "records": {}})
-    recs, _ = co.store.lock_records()
-    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()},
+    recs, batches = co.store.lock_listing()
+    return Response(200, {"chain": chain.entries, "records": recs, "batches": batches,
                           "enroll": co.store.lock_enrollments()})
 
 
@@ -13426,12 +13488,13 @@ def cmd_list_routes(args):
     if args.json:
         print_json({"routes": rows, "auto_approve": rules})
         return 0
-    print("\n".join(route_lines(rows, rules)))
+    print("\n".join(route_lines(rows, rules, bool(rules) and net.lock_on())))
     return 0
 
 
-def route_lines(rows, rules):
-    """list-routes as text: an exit node (both default routes) is one line."""
+def route_lines(rows, rules, locked=False):
+    """list-routes as text: an exit node (both default routes) is one line;
+    ``locked``: the network is, so its auto-approve rules do nothing."""
     out, exits = [], {}
     for r in rows:
         if r["exit_node"]:
@@ -13444,7 +13507,8 @@ def route_lines(rows, rules):
         ok = all(exits[(r["peer"], r["ip"])]) if r["exit_node"] else r["approved"]
         lines.append(f"{r['peer']} ({r['ip']}): {'exit node' if r['exit_node'] else r['route']} "
                      f"{'approved' if ok else 'waiting for approval'}")
-    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'" for a in rules]
+    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'"
+              + (" (not applied: the network is locked)" if locked else "") for a in rules]
     return lines or ["no routes are advertised"]
 
 
@@ -13576,6 +13640,10 @@ def _lock_init(args, iface):
     save_client_lock(net.own_lock, {"chain": chain.entries})
     log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
         f"{len(adoptions)} peers sent the proof of it")
+    rules = net.route_approvers()
+    if rules:
+        warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
+             "an admin approves each route ('approve-routes --name PEER'), which signs it")
     print(f"disablement secret (shown once; keep it offline): {secret}")
     return 0
 

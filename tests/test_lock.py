@@ -535,3 +535,29 @@ def test_a_record_left_out_with_its_hash_put_back_is_no_record_signed():
     acc, ref, _ = n.verify(lock=w)
     assert set(acc) == {"alice", "dave"} and ref["bob"] == "no record signed by a trusted lock key"
 
+
+def test_an_admin_signs_only_over_what_was_signed():
+    """lock_divergence: a field the server changed by itself is not signed
+    along with an admin's change (fewer routes or no exit node is the peer's
+    own withdrawal); verified_lock_records keeps only records a trusted
+    batch covers, so the server cannot make up the record it is compared to."""
+    n = Net()
+    bob = n.set("bob", routes=["192.168.5.0/24"], exit_node=True)
+    n.records.append(n.payload(bob))
+    n.sign(payloads=n.records[-1:])
+    rec = n.records[-1]
+    now = innernet.lock_fields(rec)
+    assert innernet.lock_divergence(now, rec) is None
+    assert innernet.lock_divergence(dict(now, routes=[], exit=False), rec) is None
+    assert innernet.lock_divergence(dict(now, routes=["192.168.5.0/24", "192.168.6.0/24"]),
+                                    rec) == "routes not as signed"
+    assert innernet.lock_divergence(dict(now, admin=True), rec) == "admin flag not as signed"
+    assert innernet.lock_divergence(now, None) == "it has no signed record"
+    assert innernet.lock_divergence(now, dict(rec, deleted=True)) == "it has no signed record"
+    records = {innernet.record_subject(p): p for p in n.records}
+    forged = dict(rec, routes=["0.0.0.0/1"])
+    got = innernet.verified_lock_records(n.chain, dict(records, **{"peer:10.66.1.3": forged}),
+                                         n.batches)
+    assert "peer:10.66.1.3" not in got and "peer:10.66.1.2" in got
+    assert innernet.verified_lock_records(n.chain, records, n.batches)["peer:10.66.1.3"] == rec
+    assert innernet.verified_lock_records(n.chain, records, None) == {}

@@ -195,3 +195,50 @@ def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
         assert status == code, answer
     assert store.cidr_by_name("robots") is not None
     assert store.audit()[-1].actor.endswith(f"with lock key {innernet.lock_short(public)}")
+
+
+def test_under_lock_no_auto_approve_rule_applies_and_none_is_made(tmp_path, capsys):
+    """An auto-approve rule approves routes on the server alone, which no
+    locked client would install (no admin signed them): under lock a rule
+    made before approves nothing, list-routes says so, and a new rule is
+    refused in one line. An admin's approve-routes (signed) still approves."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "gw", "--cidr", "h", "--ip", "10.66.1.7",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "gw.toml"), "--yes") == 0
+    assert run(base, "approve-routes", "evil", "--auto-approve", "192.168.0.0/16", "--cidr", "h",
+               "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    gw = store.peer_by_name("gw")
+    assert store.advertise_routes(gw.id, ["192.168.1.0/24"], False).routes == ["192.168.1.0/24"]
+    keyfile, _ = lock(tmp_path)             # signs gw's route approved before the lock
+    capsys.readouterr()
+    peer = store.advertise_routes(gw.id, ["192.168.1.0/24", "192.168.2.0/24"], False)
+    assert peer.routes == ["192.168.1.0/24"] and peer.pending_routes == ["192.168.2.0/24"]
+    assert run(base, "list-routes", "evil") == 0
+    out = capsys.readouterr().out
+    assert "192.168.2.0/24 waiting for approval" in out
+    assert "from peers in 'h' (not applied: the network is locked)" in out
+    assert run(base, "approve-routes", "evil", "--auto-approve", "10.0.0.0/8", "--cidr", "h",
+               "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "auto-approve rule would approve routes no admin signed" in err
+    assert err.count("error:") == 1
+    assert len(store.route_approvers()) == 1
+    # the database approving a route by itself (as a rule would): an admin's
+    # next change to that peer is not signed over it
+    store.conn.execute("UPDATE peer_routes SET approved = 1 WHERE route = '192.168.2.0/24'")
+    store.advertise_routes(gw.id, ["192.168.1.0/24", "192.168.2.0/24", "192.168.3.0/24"], False)
+    assert run(base, "approve-routes", "evil", "--name", "gw", "--routes", "192.168.3.0/24",
+               "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "peer 10.66.1.7 differs from its signed record (routes not as signed)" in err, err
+    recs, _ = store.lock_records()
+    assert recs["peer:10.66.1.7"][0]["routes"] == ["192.168.1.0/24"]
+    store.conn.execute("UPDATE peer_routes SET approved = 0 WHERE route = '192.168.2.0/24'")
+    assert run(base, "approve-routes", "evil", "--name", "gw", "--routes",
+               "192.168.2.0/24,192.168.3.0/24", "--yes", "--lock-key", keyfile) == 0
+    recs, _ = store.lock_records()
+    assert recs["peer:10.66.1.7"][0]["routes"] == ["192.168.1.0/24", "192.168.2.0/24",
+                                                   "192.168.3.0/24"]
