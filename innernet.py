@@ -7133,8 +7133,7 @@ class Store(LockStore):
         return [(self._peer(r[:-1]), r[-1]) for r in rows]
 
     def kept_from_innernet(self):
-        """[(innernet client name, address)] of the peers this server keeps from
-        innernet clients because their key there changed since it told them."""
+        """[(innernet client name, address)] left out of its state: the key there changed."""
         return self._query("SELECT c.name, pin.ip FROM innernet_pins pin "
                            "JOIN peers c ON c.id = pin.peer_id JOIN peers cur ON cur.ip = pin.ip "
                            "WHERE cur.public_key != pin.public_key AND c.id NOT IN "
