@@ -4058,6 +4058,22 @@ def lock_view(records, own_cidr):
     return seen
 
 
+def lock_blind_peers(records, ips):
+    """Names of the peers at ``ips`` that no admin peer is visible to (their
+    lock_view holds none): one that joined before the lock takes it only
+    from an admin it knows (adoption), so these cannot yet."""
+    peers = [p for p in records.values() if p["t"] == "peer" and not p["deleted"]]
+    admins = {p["cidr"] for p in peers if p["admin"]}
+    views, out = {}, []
+    for p in peers:
+        if p["ip"] in ips and not p["admin"]:
+            if p["cidr"] not in views:
+                views[p["cidr"]] = lock_view(records, p["cidr"])
+            if not admins & views[p["cidr"]]:
+                out.append(p["name"])
+    return sorted(out)
+
+
 def _peer_mismatch(rec, peer, cidr_range):
     """The first field in which a state's peer (a Peer) differs from its
     signed record; routes and the exit node are judged apart (lock_routes)."""
@@ -4092,8 +4108,10 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     the record key it was accepted under]} -- a peer's (address -> key)
     binding, kept while its records name the same key (or authorization);
     ``rotated(ip, base, key)``: does the peer's own rotation chain lead from
-    ``base`` to ``key``; ``skip``: addresses not judged (the server's, whose
-    entry is this client's config's); ``now``: this host's clock.
+    ``base`` to ``key``; ``skip``: addresses kept whatever their records say
+    (the server's, whose key and endpoint are this client's config's), as
+    this host's own entry is, but only as far as signed (lock_held);
+    ``now``: this host's clock.
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
     ``known`` updated).
     """
@@ -4118,6 +4136,11 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     accepted, refused = [], []
     for peer in peers:
         if peer.ip in skip or peer.ip == own_ip:
+            # kept, but only as far as signed (lock_held)
+            peer, reason = lock_held(peer, use.get(f"peer:{peer.ip}"),
+                                     None if peer.ip == own_ip else SERVER_PEER_NAME)
+            if reason:
+                refused.append((peer, reason))
             accepted.append(peer)
             continue
         s = f"peer:{peer.ip}"
@@ -4135,6 +4158,27 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
     return accepted, refused, new_known
+
+
+def lock_held(peer, rec, fallback_name=None):
+    """(``peer`` as its signed record ``rec`` allows, what was cut or None)
+    for the entries a client keeps whatever the records say (its own, the
+    server's): routes and exit node only as signed, the signed name and
+    admin flag (``fallback_name`` and no admin flag without a record)."""
+    if rec is None or rec["deleted"]:
+        rec = {"routes": [], "exit": False, "admin": False,
+               "name": peer.name if fallback_name is None else fallback_name}
+    routes, exit_node, unsigned = lock_routes(rec, peer)
+    cut = [f"{unsigned} not signed"] if unsigned else []
+    if peer.name != rec["name"]:
+        cut.append(f"its name '{peer.name[:40]}' is not the signed one")
+    if peer.is_admin and not rec["admin"]:
+        cut.append("its admin flag is not signed")
+    if not cut:
+        return peer, None
+    return dataclasses.replace(peer, routes=routes, exit_node=exit_node, name=rec["name"],
+                               is_admin=peer.is_admin and rec["admin"]), \
+        "; ".join(cut) + f": kept as signed (as '{rec['name']}')"
 
 
 def lock_binding(old, rec):
@@ -6287,14 +6331,66 @@ def read_lock_key(path, required=False):
     return text
 
 
+def lock_newest(mine):
+    """{subject: serial} an admin's host knows as the newest of each subject:
+    what its own syncs verified (its lock file's ``known``) and what it
+    signed itself (``signed``)."""
+    out = {}
+    mine = mine if isinstance(mine, dict) else {}
+    for s, k in (mine.get("known") if isinstance(mine.get("known"), dict) else {}).items():
+        if isinstance(k, list) and k and isinstance(k[0], int):
+            out[s] = k[0]
+    for s, n in (mine.get("signed") if isinstance(mine.get("signed"), dict) else {}).items():
+        if isinstance(n, int) and n > out.get(s, -1):
+            out[s] = n
+    return out
+
+
+def refuse_stale(records, newest, subjects):
+    """An admin's host signs over no record older than the newest it knows of
+    its subject (``newest``, lock_newest): a server that replays an older
+    signed record (a route revoked, a name changed, a peer deleted since)
+    would have the admin sign it again, newer than the one that undid it."""
+    for s in sorted(subjects):
+        rec, n = records.get(s), newest.get(s)
+        have = rec.get("n") if isinstance(rec, dict) else None
+        if n is not None and (have is None or have < n):
+            raise InnernetError(
+                f"the server's signed record of {lock_subject_text(s)} is older ("
+                + (f"serial {have}" if have is not None else "none") + ") than the newest this "
+                f"host knows (serial {n}): not signing over it",
+                hint="the server may be hijacked (an older record replayed): 'innernet fetch' "
+                     "shows what this host installs and refuses")
+
+
+def lock_asked(rec, asked):
+    """A signed peer record as an admin's approve-routes (or --revoke) of
+    ``asked`` (routes, EXIT_ROUTES for the exit node) takes it: the server
+    holding those approved already is what the admin asks for, not a
+    divergence; any other field or route the server changed still is."""
+    asked = set(asked)
+    return dict(rec, routes=sorted(set(rec["routes"]) | (asked - set(EXIT_ROUTES))),
+                exit=bool(rec["exit"] or asked & set(EXIT_ROUTES)))
+
+
+def approval_asked(peer, routes):
+    """The routes an approve-routes names: ``routes``, or all the peer
+    advertises (approved or waiting) when None."""
+    if routes is not None:
+        return set(routes)
+    return set(peer.pending_routes) | set(peer.routes) | (
+        set(EXIT_ROUTES) if peer.exit_node else set())
+
+
 class LockSigner:
     """An admin's signing of its changes under network lock, on its own host
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
 
-    def __init__(self, chain, records, private, bound=None):
+    def __init__(self, chain, records, private, bound=None, newest=None):
         self.chain, self.records, self.private = chain, dict(records), private
         self.bound = dict(bound or {})   # {subject: enrolled key} of "auth:" records
+        self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
     def signed(self, changes, keys=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
@@ -6306,6 +6402,7 @@ class LockSigner:
         for s in self.bound:
             if s not in changes and s not in keys and s in self.records:
                 changes[s] = {k: v for k, v in lock_fields(self.records[s]).items()}
+        refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             cur = self.records.get(s) or {}
             key = keys.get(s) or self.bound.get(s) or cur.get("key")
@@ -6318,6 +6415,7 @@ class LockSigner:
         for r in out:
             self.records[record_subject(r)] = r
             self.bound.pop(record_subject(r), None)
+            self.newest[record_subject(r)] = r["n"]
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
 
 
@@ -6380,23 +6478,32 @@ class NetworkLock:
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
                 self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
-                    chain.net, records, enroll, (own or {}).get("known"), time.time()))
+                    chain.net, records, enroll, (own or {}).get("known"), time.time()),
+                    lock_newest(own))
         return self._signer
 
-    def lock_signed(self, before, after, *, keys=None, force=()):
+    def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
         """The signed records ({"batch", "records"}) of a change that leaves
         the network ``before`` as ``after`` (projections), or None without
         lock or change. ``force``: subjects signed anew though unchanged (a
-        new invitation key)."""
+        new invitation key); ``asked``: {subject: routes} an approve-routes
+        names (lock_asked): the server may hold them approved already."""
         signer = self.lock_signer()
         if signer is None:
             return None
+        asked = asked or {}
         changes = lock_changes(before, after)
         for s in force:
             changes.setdefault(s, after[s])
+        for s in asked:
+            rec = signer.records.get(s)
+            if s in after and rec is not None and lock_fields(rec) != after[s]:
+                changes.setdefault(s, after[s])    # approved unsigned: signed now
         for s in changes:
-            why = s in before and s in after and lock_divergence(before[s],
-                                                                 signer.records.get(s))
+            rec = signer.records.get(s)
+            if s in asked and rec is not None:
+                rec = lock_asked(rec, asked[s])
+            why = s in before and s in after and lock_divergence(before[s], rec)
             if why:
                 raise InnernetError(
                     f"the server's {lock_subject_text(s)} differs from its signed record "
@@ -6413,8 +6520,10 @@ class NetworkLock:
         keys = self.lock_key_of(a[0], a[2] if method == "reinvite" else a[0].invite_expires) \
             if method in ("add_peer", "reinvite") else None
         force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
+        asked = {f"peer:{a[0].ip}": approval_asked(a[0], a[1])} \
+            if method == "approve_routes" else None
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
-                                force=force)
+                                force=force, asked=asked)
 
     def lock_apply(self, text, source):
         """The signed records of `apply`: the network as the document leaves
@@ -6466,11 +6575,28 @@ def _signing(name, method):
         self.api.extra_headers = {LOCK_HEADER: base64.b64encode(json.dumps(
             records).encode()).decode()} if records else None
         try:
-            return method(self, *a)
+            out = method(self, *a)
         finally:
             self.api.extra_headers = None
+        remember_signed(self.own_lock, records)
+        return out
     signed.__name__, signed.__doc__ = method.__name__, method.__doc__
     return signed
+
+
+def remember_signed(path, signed):
+    """Keep the serials of the records this admin's host signed in its lock
+    file (``signed``): it signs over no older one later (refuse_stale)."""
+    recs = signed.get("records") if isinstance(signed, dict) else None
+    mine = load_client_lock(path) if recs else None
+    if mine is None:
+        return
+    done = dict(mine.get("signed") if isinstance(mine.get("signed"), dict) else {})
+    for r in recs:
+        s = record_subject(r)
+        if isinstance(r.get("n"), int) and r["n"] > done.get(s, -1):
+            done[s] = r["n"]
+    save_client_lock(path, dict(mine, signed=done))
 
 
 def remote_lock_info(api, own_lock, enroll=None):
@@ -10009,20 +10135,20 @@ class StateViews:
             + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
-    def lock_section(self, cidrs, view, shown=None):
+    def lock_section(self, cidrs, view, shown):
         """The state's "lock" (ours; innernet ignores it): the chain, and the
-        signed records a caller with this view needs -- every CIDR and
-        association, the peers (and deleted peers) in its view -- with their
-        batches and enrollments, in lock_wire_section's form for the peers
-        ``shown`` {ip: key} beside them. None without lock."""
+        signed records a caller with this view needs (every CIDR, association,
+        peer and deleted peer in its view, and those ``shown`` {ip: key} beside
+        them: the server's), batches, enrollments; lock_wire_section's form."""
         data = self._cached("lock", self.revision(), self._lock_data)
         if data is None:
             return None
         entries, recs, batches, enroll = data
-        ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in ranges]
+        seen = {c.cidr for c in cidrs if c.id in view} | set(shown)     # + the server's
+        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in seen
+                  or r[0]["ip"] in seen]
         ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
-        wire_batches, records = lock_wire_section(chosen, batches, shown or {})
+        wire_batches, records = lock_wire_section(chosen, batches, shown)
         return {"chain": entries, "batches": wire_batches, "records": records,
                 "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
 
@@ -12101,7 +12227,7 @@ class _Fetch:
         mine = load_client_lock(path)
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
-            mine = self.adopt(offered)
+            mine = self.adopt(offered, received)
             if mine is None:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
@@ -12109,6 +12235,8 @@ class _Fetch:
         if note:
             warn(f"{self.iface}: {note}")
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
+        if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
+            self.lock["signed"] = mine["signed"]
         if chain.disabled:
             return received
         self.lock_on = True
@@ -12131,10 +12259,13 @@ class _Fetch:
                          cache={k: v for k, v in cache.items() if k in sigs})
         return accepted
 
-    def adopt(self, offered):
+    def adopt(self, offered, received=()):
         """The lock of a network locked after this host joined: taken only
         with an admin's proof for this host (adoption_valid) from an admin
-        peer it already knows; else None (and a line)."""
+        peer it already knows; else None (and a line). An admin this state
+        shows for the first time (an association made it visible) is pinned
+        by this sync, and the next one takes the lock: its ETag is not kept,
+        so that sync gets the state (and the proof) again."""
         if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
             return None
         try:
@@ -12146,6 +12277,14 @@ class _Fetch:
             return None
         admin = next((p for p in self.stored_peers if p.ip == ans.get("admin_ip")
                       and p.public_key == ans.get("admin_key") and p.is_admin), None)
+        new = next((p for p in received if p.ip == ans.get("admin_ip")
+                    and p.public_key == ans.get("admin_key") and p.is_admin), None)
+        if admin is None and new is not None:
+            self.etag = None
+            log(f"{self.iface}: the network is locked, proved by admin '{new.name}' ({new.ip}), "
+                "whom this host sees for the first time: the lock is taken at the next fetch, "
+                "once this one has pinned it")
+            return None
         if admin is None or not adoption_valid(self.cfg.private_key, genesis.genesis,
                                                admin.public_key, ans.get("mac")):
             warn(f"{self.iface}: the server says the network is locked, but no admin this "
@@ -13720,18 +13859,23 @@ def _lock_init(args, iface):
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
     entries, _ = net.lock_info()
+    name = net.network_name()
     if entries:
         if LockChain(entries).disabled:
-            raise InnernetError(f"network {iface}'s lock was disabled with its secret, and a "
+            raise InnernetError(f"network {name}'s lock was disabled with its secret, and a "
                                 "disabled lock's chain ends there: it cannot be locked again",
                                 hint=f"'innernet lock log {iface}' shows the chain")
-        raise InnernetError(f"network {iface} is locked already",
+        raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
-    private, public = _own_lock_key(args, iface, make=True)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
     _refuse_repinned(args, iface, peers)
+    confirm(args, f"Lock network {name}: sign every peer, CIDR and association with this "
+                  "host's lock key, after which peers accept only what a trusted key signed?",
+            True)
+    private, public = _own_lock_key(args, iface, make=True)
     secret = lock_secret()
-    genesis = lock_genesis(net.network_name(), [(public, args.key_name or iface)], secret,
+    me = next((p.name for p in peers if p.ip == str(net.config.address.ip)), None)
+    genesis = lock_genesis(name, [(public, args.key_name or me or name)], secret,
                            private, int(time.time()))
     chain = LockChain([genesis])
     now_ms = int(time.time() * 1000)
@@ -13745,8 +13889,19 @@ def _lock_init(args, iface):
     net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
                                     "records": records}, adoptions)
     save_client_lock(net.own_lock, {"chain": chain.entries})
-    log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
+    remember_signed(net.own_lock, {"records": records})
+    kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
+    log(f"network {name} locked: {len(records)} records signed by {lock_short(public)} ("
+        + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
+                                                   ("assoc", "associations"))) + "), "
         f"{len(adoptions)} peers sent the proof of it")
+    blind = lock_blind_peers({record_subject(r): r for r in records},
+                             {p.ip for p in peers if p.public_key in adoptions})
+    if blind:
+        warn(f"{len(blind)} peer(s) see no admin peer, so they cannot take the lock yet (a "
+             "peer takes it from an admin it knows): " + ", ".join(blind[:10])
+             + (", ..." if len(blind) > 10 else "") + "; an association to an admin's CIDR "
+             "lets them take it at their next fetches")
     rules = net.route_approvers()
     if rules:
         warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
@@ -13825,6 +13980,7 @@ def _lock_submit_own(net, entries, signed):
     net.lock_submit(entries, signed, {})
     mine = load_client_lock(net.own_lock) or {}
     save_client_lock(net.own_lock, dict(mine, chain=entries))
+    remember_signed(net.own_lock, signed)
 
 
 def _lock_remove(args, iface):
@@ -13834,6 +13990,7 @@ def _lock_remove(args, iface):
     if args.key not in chain.keys:
         raise InnernetError(f"{lock_short(args.key or '')} is not a trusted lock key")
     private, public = _own_lock_key(args, iface)
+    refuse_stale(records, lock_newest(load_client_lock(net.own_lock)), records)
     entry = lock_update(chain, "remove", args.key, chain.keys[args.key], private,
                         int(time.time()))
     now_ms = int(time.time() * 1000)
@@ -15627,7 +15784,9 @@ def build_parser(server_mode=False):
     p.add_argument("--secret-file", metavar="FILE",
                    help="disable: a file holding the disablement secret")
     p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
-    p.add_argument("--key-name", metavar="NAME", help="init/add: a name for the key")
+    p.add_argument("--key-name", metavar="NAME",
+                   help="init/add: a name for the key (init: this admin peer's name)")
+    p.add_argument("--yes", action="store_true", help="init: do not ask for confirmation")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")
