@@ -4015,16 +4015,19 @@ def signed_records(net, keys, lock, cache=None, state_keys=None, known=None, why
     return out
 
 
-def fresh_records(signed, known):
-    """Split ``signed`` against ``known`` ({subject: [serial, hash, ...]}):
-    (records to use, {subject: reason} for replays). A subject the server
-    replays an older record of keeps what the client knew."""
+def fresh_records(signed, known, own_signed=None):
+    """Split ``signed`` against ``known`` ({subject: [serial, hash, ...]}) and
+    an admin host's ``own_signed`` ({subject: serial} it signed): (records to
+    use, {subject: reason} for replays); a replayed subject keeps what was known."""
     use, replayed = {}, {}
+    own_signed = own_signed if isinstance(own_signed, dict) else {}
     for s, (p, h) in signed.items():
-        k = known.get(s)
-        if k and (p["n"] < k[0] or (p["n"] == k[0] and h != k[1])):
+        k, mine = known.get(s), own_signed.get(s)
+        if k and (p["n"] < k[0] or (p["n"] == k[0] and h != k[1])) \
+                or isinstance(mine, int) and p["n"] < mine:
+            have = max(k[0] if k else -1, mine if isinstance(mine, int) else -1)
             replayed[s] = f"an older signed record (serial {p['n']}) than the one this " \
-                          f"host has (serial {k[0]})"
+                          f"host has (serial {have})"
         else:
             use[s] = (p, h)
     return use, replayed
@@ -4099,7 +4102,7 @@ def lock_routes(rec, peer):
 
 
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
-                 skip=(), now=None):
+                 skip=(), now=None, own_signed=None):
     """What a locked client may install of a server's state.
 
     ``chain``: its LockChain; ``lock``: the state's lock section (batches,
@@ -4111,7 +4114,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     ``base`` to ``key``; ``skip``: addresses kept whatever their records say
     (the server's, whose key and endpoint are this client's config's), as
     this host's own entry is, but only as far as signed (lock_held);
-    ``now``: this host's clock.
+    ``now``: this host's clock; ``own_signed``: fresh_records's.
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
     ``known`` updated).
     """
@@ -4121,7 +4124,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     why = {}
     signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
                             known, why)
-    use, replayed = fresh_records(signed, known)
+    use, replayed = fresh_records(signed, known, own_signed)
     for s, reason in why.items():
         if s not in signed:
             replayed.setdefault(s, reason)
@@ -6299,6 +6302,21 @@ def invitation_lock_chain(invite):
 
 
 
+def adopters(path, stored, server):
+    """[[ip, key]] of the admin peers this host had pinned when a server first
+    showed it a lock (kept in ``path`` from then on): a peer that joined
+    before the lock takes it only from one of them -- never from the server
+    (``server``: its (ip, key)), nor from an admin that appeared with or after
+    the lock (a hijacked server could have made it)."""
+    data = load_json_file(path, "it holds the admins this host takes a network lock from")
+    if isinstance(data, dict) and isinstance(data.get("admins"), list):
+        return data["admins"]
+    admins = [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
+              and p.ip not in server and p.public_key not in server]
+    atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
+    return admins
+
+
 def begin_client_lock(path, invite):
     """At install: the lock file from the invitation's chain; [path] or []."""
     chain = invitation_lock_chain(invite)
@@ -6440,11 +6458,12 @@ class NetworkLock:
             if name in cls.__dict__:
                 setattr(cls, name, _signing(name, cls.__dict__[name]))
 
-    def lock_info(self, enroll=None):
+    def lock_info(self, enroll=None, own=True):
         """(the lock chain's entries, {subject: signed record}) of the network;
-        ``enroll``: a dict to fill with its enrollments {ip: enrollment}."""
+        ``enroll``: a dict to fill with its enrollments {ip: enrollment};
+        ``own``: a live lock needs this admin host's own copy (remote_lock_info)."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock, enroll)
+            return remote_lock_info(self.api, self.own_lock, enroll, own)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
         if enroll is not None:
@@ -6599,10 +6618,11 @@ def remember_signed(path, signed):
     save_client_lock(path, dict(mine, signed=done))
 
 
-def remote_lock_info(api, own_lock, enroll=None):
+def remote_lock_info(api, own_lock, enroll=None, own=True):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
-    sign for an older or another chain, nor turn lock off for it)."""
+    sign for an older or another chain, nor turn lock off for it), and, when
+    ``own``, a live lock needs that copy (else the chain is the server's word)."""
     try:
         got = _require_object(api.call("GET", "/admin/lock"), "lock")
     except InnernetError as e:
@@ -6611,6 +6631,11 @@ def remote_lock_info(api, own_lock, enroll=None):
         got = {}
     entries = got.get("chain") or []
     mine = load_client_lock(own_lock)
+    if mine is None and own and entries and not LockChain(entries).disabled:
+        raise InnernetError("the server says the network is locked, but this host has no copy "
+                            "of its lock: not signing under a chain only the server vouches for",
+                            hint="'innernet fetch' takes the lock (an admin's proof of it); "
+                                 "'innernet lock status' shows this host's copy")
     if mine is not None:
         ours = LockChain(mine["chain"])
         if not entries or ours.extended_by(entries) is None:
@@ -8178,6 +8203,9 @@ class ClientFiles:
     # admin's host, its lock key (0600, beside the config: it never leaves it).
     lock = property(lambda self: self.with_suffix(".lock.json"))
     lock_key = property(lambda self: os.path.join(self.config_dir, f"{self.iface}.lock-key"))
+    # The admins this host had pinned when a server first showed it a lock:
+    # the only ones it takes that lock from (adopters).
+    lock_seen = property(lambda self: self.with_suffix(".lock-seen.json"))
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
@@ -12250,7 +12278,8 @@ class _Fetch:
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
         accepted, refused, known = verify_state(
             chain, offered or {}, received, self.cidrs, str(self.cfg.address.ip), known,
-            rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)})
+            rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)},
+            own_signed=mine.get("signed"))
         lines = [lock_refusal(p, why) for p, why in refused]
         for line in lines:
             warn(f"{self.iface}: {line}")
@@ -12262,12 +12291,12 @@ class _Fetch:
     def adopt(self, offered, received=()):
         """The lock of a network locked after this host joined: taken only
         with an admin's proof for this host (adoption_valid) from an admin
-        peer it already knows; else None (and a line). An admin this state
-        shows for the first time (an association made it visible) is pinned
-        by this sync, and the next one takes the lock: its ETag is not kept,
-        so that sync gets the state (and the proof) again."""
+        peer it pinned before the server first showed it a lock (adopters),
+        never the server's own; else None (and a line)."""
         if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
             return None
+        pinned = adopters(self.files.lock_seen, self.stored_peers,
+                          (str(self.cfg.server_ip), self.cfg.server_public_key))
         try:
             genesis = LockChain(offered["chain"][:1])
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
@@ -12275,20 +12304,19 @@ class _Fetch:
             warn(f"{self.iface}: the server says the network is locked, but gave no proof an "
                  f"admin made the lock ({e.message}): not taken")
             return None
-        admin = next((p for p in self.stored_peers if p.ip == ans.get("admin_ip")
-                      and p.public_key == ans.get("admin_key") and p.is_admin), None)
-        new = next((p for p in received if p.ip == ans.get("admin_ip")
-                    and p.public_key == ans.get("admin_key") and p.is_admin), None)
-        if admin is None and new is not None:
-            self.etag = None
-            log(f"{self.iface}: the network is locked, proved by admin '{new.name}' ({new.ip}), "
-                "whom this host sees for the first time: the lock is taken at the next fetch, "
-                "once this one has pinned it")
-            return None
-        if admin is None or not adoption_valid(self.cfg.private_key, genesis.genesis,
-                                               admin.public_key, ans.get("mac")):
-            warn(f"{self.iface}: the server says the network is locked, but no admin this "
-                 "host knows proved it: not taken")
+        ip, key = ans.get("admin_ip"), ans.get("admin_key")
+        admin = next((p for p in self.stored_peers + list(received) if p.ip == ip
+                      and p.public_key == key and p.is_admin), None)
+        why = "no admin this host knows proved it" if admin is None else \
+            "the proof is the server's own" if ip == str(self.cfg.server_ip) \
+            or key == self.cfg.server_public_key else \
+            f"admin '{admin.name[:40]}' ({ip}), who proved it, was not pinned here before " \
+            "the lock was first seen" if [ip, key] not in pinned else None
+        if why is None and not adoption_valid(self.cfg.private_key, genesis.genesis,
+                                              key, ans.get("mac")):
+            why = "the admin's proof is not valid for this host"
+        if why:
+            warn(f"{self.iface}: the server says the network is locked, but {why}: not taken")
             return None
         log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
         return {"chain": genesis.entries}
@@ -13825,9 +13853,10 @@ def cmd_delete_association(args):
 # kept here (0600, beside the interface's config), never on the server.
 
 def cmd_lock(args):
-    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable."""
+    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable, forget."""
     return {"init": _lock_init, "status": _lock_status, "key": _lock_key, "add": _lock_add,
-            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable}[
+            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable,
+            "forget": _lock_forget}[
         args.lock_verb](args, parse_interface(args.interface))
 
 
@@ -13858,7 +13887,7 @@ def _lock_init(args, iface):
     genesis, and the disablement secret shown once."""
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
-    entries, _ = net.lock_info()
+    entries, _ = net.lock_info(own=False)
     name = net.network_name()
     if entries:
         if LockChain(entries).disabled:
@@ -13898,10 +13927,10 @@ def _lock_init(args, iface):
     blind = lock_blind_peers({record_subject(r): r for r in records},
                              {p.ip for p in peers if p.public_key in adoptions})
     if blind:
-        warn(f"{len(blind)} peer(s) see no admin peer, so they cannot take the lock yet (a "
-             "peer takes it from an admin it knows): " + ", ".join(blind[:10])
-             + (", ..." if len(blind) > 10 else "") + "; an association to an admin's CIDR "
-             "lets them take it at their next fetches")
+        warn(f"{len(blind)} peer(s) see no admin peer, so they cannot take the lock (a "
+             "peer takes it only from an admin it pinned before the lock): "
+             + ", ".join(blind[:10]) + (", ..." if len(blind) > 10 else "")
+             + "; reinstall them from new invitations (an invitation carries the lock)")
     rules = net.route_approvers()
     if rules:
         warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
@@ -13922,10 +13951,10 @@ def _refuse_repinned(args, iface, peers):
                                 hint="fetch first, and find out why")
 
 
-def _lock_chain(args, iface):
+def _lock_chain(args, iface, own=True):
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)
-    entries, records = net.lock_info()
+    entries, records = net.lock_info(own=own)
     if not entries:
         raise InnernetError(f"network {iface} is not locked",
                             hint=f"an admin locks it with 'innernet lock init {iface}'")
@@ -13953,7 +13982,7 @@ def _lock_status(args, iface):
 
 
 def _lock_log(args, iface):
-    _, chain, _ = _lock_chain(args, iface)
+    _, chain, _ = _lock_chain(args, iface, own=False)
     for n in range(len(chain.entries)):
         print(chain.describe(n))
     return 0
@@ -14033,6 +14062,20 @@ def _lock_disable(args, iface):
     LockChain(chain.entries + [entry])          # a wrong secret fails here, not on the wire
     _lock_submit_own(net, chain.entries + [entry], None)
     log(f"network {iface}'s lock disabled: clients stop checking signatures at their next sync")
+    return 0
+
+
+def _lock_forget(args, iface):
+    """Drop this host's copy of the lock (one taken wrongly, from a hijacked
+    server): its next fetch takes a lock again only from an admin's proof."""
+    path = client_files(args, iface).lock
+    if load_client_lock(path) is None:
+        raise InnernetError(f"{iface} has no network lock to forget",
+                            hint=f"'innernet lock status {iface}'")
+    confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes a lock "
+                  "again, it installs what the server says", False)
+    os.remove(path)
+    log(f"{iface}: network lock forgotten ({path} removed)")
     return 0
 
 
@@ -15775,8 +15818,10 @@ def build_parser(server_mode=False):
     p = _verb(sub, "lock", cmd_lock, "client",
               "Network lock: peers accept only what a trusted admin key signed.")
     p.add_argument("lock_verb", metavar="VERB",
-                   choices=("init", "status", "key", "add", "remove", "log", "disable"),
-                   help="init, status, key (this host's), add, remove, log, disable")
+                   choices=("init", "status", "key", "add", "remove", "log", "disable",
+                            "forget"),
+                   help="init, status, key (this host's), add, remove, log, disable, "
+                        "forget (this host's copy)")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("secret", metavar="SECRET", nargs="?",
                    help="disable: the disablement secret (better on stdin or with "
@@ -15786,7 +15831,8 @@ def build_parser(server_mode=False):
     p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
     p.add_argument("--key-name", metavar="NAME",
                    help="init/add: a name for the key (init: this admin peer's name)")
-    p.add_argument("--yes", action="store_true", help="init: do not ask for confirmation")
+    p.add_argument("--yes", action="store_true",
+                   help="init, forget: do not ask for confirmation")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")

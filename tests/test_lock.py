@@ -2,6 +2,7 @@
 the lock chain, batches, enrollments and the client's verifier."""
 import copy
 import dataclasses
+import os
 
 import pytest
 
@@ -670,3 +671,36 @@ def test_lock_init_names_the_peers_that_see_no_admin():
     assert innernet.lock_blind_peers(recs, ips) == ["carol"]
     recs["assoc:x"] = assoc_payload(NET, 9, a="10.66.1.0/24", b="10.66.2.0/24")
     assert innernet.lock_blind_peers(recs, ips) == []
+
+
+def test_an_admin_host_takes_no_record_older_than_one_it_signed_itself():
+    """Issue 32, F3: verify_state judges replays against the serials this
+    admin's host signed (its lock file's "signed"), not only those its syncs
+    saw: the server cannot hand it back the record its own change replaced."""
+    n = Net()
+    bob = next(p for p in n.peers if p.name == "bob")
+    rec = n.records[-2]
+    assert rec["ip"] == bob.ip
+    signed_here = {"peer:" + bob.ip: rec["n"] + 5}     # this host signed a newer one
+    acc, _, _ = n.verify()
+    assert "bob" in acc                                # without it: taken
+    acc, ref, _ = verify_state(n.chain, n.lock(), n.peers, n.cidrs, "10.66.1.2", {},
+                               own_signed=signed_here)
+    names = {p.name for p in acc}
+    assert "bob" not in names and "older signed record" in dict(
+        (p.name, r) for p, r in ref)["bob"]
+
+
+def test_a_client_takes_a_lock_only_from_an_admin_pinned_before_it_first_saw_one(tmp_path):
+    """Issue 32, F1: adopters keeps the admins this host had pinned when a
+    lock was first shown to it, never the server's own record; an admin that
+    appears with or after the lock is not added later."""
+    path = str(tmp_path / "x.lock-seen.json")
+    server = Peer(1, "innernet-server", "10.66.0.1", 2, "srv-key", is_admin=True)
+    admin = Peer(2, "admin", "10.66.1.1", 3, "adm-key", is_admin=True)
+    plain = Peer(3, "bob", "10.66.1.3", 3, "bob-key")
+    got = innernet.adopters(path, [server, admin, plain], ("10.66.0.1", "srv-key"))
+    assert got == [["10.66.1.1", "adm-key"]]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    late = Peer(4, "evil", "10.66.1.9", 3, "evil-key", is_admin=True)
+    assert innernet.adopters(path, [server, admin, late], ("10.66.0.1", "srv-key")) == got

@@ -527,3 +527,71 @@ def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w)
         forget_pins(w)
         lie(w, w.admin, w.admin_if, w.honest)
         both(w, lambda s: s)
+
+
+def _server_private(w):
+    """The server's WireGuard private key, as its hijacker reads it."""
+    import re
+    for d, _, files in os.walk(w.srv.path("server")):
+        if f"{w.net}.conf" in files:
+            text = open(os.path.join(d, f"{w.net}.conf")).read()
+            return re.search(r'private-key\s*=\s*"([^"]+)"', text).group(1)
+    raise AssertionError("no server config")
+
+
+def test_a_client_without_lock_takes_no_fake_lock_from_the_server_or_a_new_admin(w):
+    """Issue 32, F1: zed joined before the lock and never took it. A hijacked
+    server writes a lock of its own (its own lock key), proves it to zed
+    with its own WireGuard key (the server's record is an admin's) -- then
+    with a new admin peer of its making, which zed pins (it still believes
+    the server) and is told of at two fetches. zed takes neither: only an
+    admin it had pinned before it first saw a lock counts, never the server."""
+    I = _innernet()
+    zed_key = I.public_key(open(w.zed.path("client", "etc", f"{w.zed_if}.conf")).read()
+                           .split('private-key = "')[1].split('"')[0])
+    evil_lock = I.lock_keypair()[0]
+    genesis = I.lock_genesis(w.net, [(I.lock_public(evil_lock), "evil")], "s", evil_lock,
+                             1_700_000_000)
+    g_hash = I.LockChain([genesis]).genesis
+    lock_path = w.zed.path("client", "lib", f"{w.zed_if}.lock.json")
+    evil_wg = I.generate_private_key()
+    evil = mallory(w, ip="10.66.1.77", name="evil", is_admin=True,
+                   public_key=I.public_key(evil_wg))
+    lies = [(SERVER_IP, w.server_key, I.adoption_proof(_server_private(w), g_hash, zed_key),
+             "the proof is the server's own")] + \
+        [("10.66.1.77", evil["public_key"], I.adoption_proof(evil_wg, g_hash, zed_key),
+          "was not pinned here before the lock was first seen")] * 2
+    try:
+        for ip, key, mac, why in lies:
+            state = copy.deepcopy(w.honest_zed)
+            for p in state["peers"]:
+                p["is_admin"] = p["is_admin"] or p["ip"] == SERVER_IP
+            state["peers"].append(evil)
+            state["lock"] = {"chain": [genesis], "batches": [], "records": []}
+            w.hostile.script({"GET /v1/user/state": {"body": state},
+                              "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}},
+                              "GET /v1/user/lock-adoption": {"body": {
+                                  "admin_ip": ip, "admin_key": key, "mac": mac}}})
+            out = w.zed.innernet("fetch", w.zed_if, "--no-write-hosts", check=False)
+            assert out.returncode == 0, out.stderr
+            assert "network lock taken" not in out.stderr and why in out.stderr, out.stderr
+            assert not os.path.exists(lock_path)
+    finally:
+        forget_pins(w)
+        both(w, lambda s: s)
+
+
+def test_lock_forget_drops_a_hosts_copy_only_when_confirmed(w):
+    """Issue 32, F1's recovery: `lock forget` removes this host's lock file
+    after a confirmation (--yes without a terminal); without one, one line."""
+    path = w.alice.path("client", "lib", f"{w.alice_if}.lock.json")
+    kept = open(path).read()
+    try:
+        out = w.alice.innernet("lock", "forget", w.alice_if, check=False)
+        assert out.returncode != 0 and "missing --yes" in out.stderr and os.path.exists(path)
+        out = w.alice.innernet("lock", "forget", w.alice_if, "--yes")
+        assert "network lock forgotten" in out.stderr and not os.path.exists(path)
+        out = w.zed.innernet("lock", "forget", w.zed_if, "--yes", check=False)
+        assert out.returncode != 0 and "has no network lock to forget" in out.stderr
+    finally:
+        _innernet().save_client_lock(path, json.loads(kept))

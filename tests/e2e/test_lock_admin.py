@@ -65,7 +65,7 @@ def w(pyz):
         w.early_if = lab.ifname("early")
         w.early.innernet("install", "--name", w.early_if, "--no-write-hosts",
                          invite(w.srv, w.net, "early", "humans", ip="10.66.1.30"))
-        # far's CIDR sees no admin peer: it cannot take the lock until one does
+        # far's CIDR sees no admin peer: it cannot take the lock (it pins none before it)
         w.far = lab.add_host("far")
         w.far_if = lab.ifname("far")
         w.far.innernet("install", "--name", w.far_if, "--no-write-hosts",
@@ -203,27 +203,45 @@ def test_a_client_that_joined_before_the_lock_takes_it_from_its_admins_proof(w):
 def test_lock_init_names_the_network_and_what_it_signed_and_a_peer_that_sees_no_admin(w):
     """Outside probe, finding 6: `lock init` says the network's name (not the
     interface's), how many records of each kind it signed, names its key
-    after the admin peer, and names the peers that cannot take the lock yet
-    (no admin is visible to them); once an association makes one visible,
-    such a peer pins it at its next fetch and takes the lock at the one
-    after -- not only after some unrelated change of the state."""
+    after the admin peer, and names the peers that cannot take the lock (no
+    admin is visible to them). Issue 32, F1: once an association makes an
+    admin visible, such a peer pins it but still does not take the lock from
+    it: an admin first seen with or after the lock could be the server's."""
     assert f"network {w.net} locked: " in w.init.stderr, w.init.stderr
     assert f"network {w.iface} locked" not in w.init.stderr
     assert re.search(r"records signed by lk:\S+ \(\d+ peers, \d+ CIDRs, \d+ associations\)",
                      w.init.stderr), w.init.stderr
     line = [ln for ln in w.init.stderr.splitlines() if "see no admin peer" in ln]
-    assert len(line) == 1 and line[0].rstrip().endswith("at their next fetches") \
+    assert len(line) == 1 and "new invitations" in line[0] \
         and ": far;" in line[0] and "1 peer(s)" in line[0], w.init.stderr
     assert "trusted: admin lk:" in admin(w, "lock", "status", w.iface).stdout
     out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
     assert "no admin this host knows proved it: not taken" in out.stderr, out.stderr
     admin(w, "add-association", w.iface, "humans", "far", "--yes")
     out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
-    assert "whom this host sees for the first time: the lock is taken at the next fetch" \
+    assert "was not pinned here before the lock was first seen: not taken" \
         in out.stderr, out.stderr
-    out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
-    assert "network lock taken, proved by admin 'admin'" in out.stderr, out.stderr
-    assert os.path.exists(w.far.path("client", "lib", f"{w.far_if}.lock.json"))
+    out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")     # now pinned: still not
+    assert "network lock taken" not in out.stderr, out.stderr
+    assert not os.path.exists(w.far.path("client", "lib", f"{w.far_if}.lock.json"))
+
+
+def test_an_admin_host_without_its_own_lock_copy_signs_nothing(w):
+    """Issue 32, F2: without this host's own copy of the lock, the chain is
+    the server's word (a hijacked one can serve a fake chain trusting its
+    key and this admin's): every signing verb refuses, in one line."""
+    lock = w.admin.path("client", "lib", f"{w.iface}.lock.json")
+    os.rename(lock, lock + ".away")
+    try:
+        for argv in (("add-cidr", w.iface, "--name", "nocopy", "--cidr", "10.66.4.0/24",
+                      "--parent", w.net, "--yes"),
+                     ("lock", "add", w.iface, "--key", _innernet().lock_keypair()[1])):
+            out = admin(w, *argv, check=False)
+            assert out.returncode != 0 and "has no copy of its lock" in out.stderr, out.stderr
+            assert len(out.stderr.strip().splitlines()) <= 2, out.stderr
+    finally:
+        os.rename(lock + ".away", lock)
+    assert not db_rows(w.db, "SELECT id FROM cidrs WHERE name = 'nocopy'")
 
 
 def held(host, iface):
