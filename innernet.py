@@ -2341,7 +2341,10 @@ class RouteApprover:
     cidr_id: int
 
     def to_json(self):
-        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        d = {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        if self.id is None:             # a new rule, as an admin peer sends it
+            del d["id"]
+        return d
 
     @classmethod
     def from_json(cls, data):
@@ -3357,7 +3360,14 @@ def _endpoint_inside(endpoint, network):
 # of its payloads' hashes, one signature for any number of records, so that
 # `lock init` on 5,000 peers is one signature and a first fetch verifies it
 # once. The salt keeps a hash from telling anyone outside a record's view
-# what the record holds.
+# what the record holds (every caller gets every hash of a batch, and a
+# record's fields are guessable: addresses, names, keys the caller sees).
+# So the salt must be unknown to them: one derived from anything the state
+# carries (a batch nonce and the subject) would let them recompute the hash,
+# and one derived from a secret of the signer's is as random on the wire as
+# os.urandom's. Salts stay random, 12 bytes. What a state saves instead
+# (lock_wire_section): a peer record goes without the key its peer has
+# beside it, and a batch without the hashes of the records the state carries.
 #
 # An invited peer's record names no WireGuard key but a one-time lock key and
 # the invitation's expiry ("auth:<key>:<expiry>"), the private half in the
@@ -3402,14 +3412,18 @@ def lock_canonical(obj):
         elif not (v is None or isinstance(v, (str, bool, int))):
             raise InnernetError("a lock payload holds a value of another type", status=400)
     check(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANON(obj).encode()
+
+
+# One encoder for every canonical form: json.dumps with these options builds
+# a new JSONEncoder at each call, a third of a record's hashing time.
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
 def lock_hash(obj, checked=False):
     """A payload's (or chain entry's) hash: 16 bytes of BLAKE2b, base64.
     ``checked``: the caller has checked its types already (_well_formed)."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() \
-        if checked else lock_canonical(obj)
+    data = _CANON(obj).encode() if checked else lock_canonical(obj)
     return base64.b64encode(blake2("blake2b", data, digest_size=16,
                                    person=b"innernet lock").digest()).decode()
 
@@ -3817,12 +3831,67 @@ def lock_changes(before, after):
     return out
 
 
+def lock_divergence(now, rec):
+    """Why a subject as the server holds it (``now``, lock_projection's
+    fields) is not what its signed record ``rec`` says, or None: an admin's
+    host signs a change only over what was signed, so a field the server
+    changed by itself (a route it approved, a flag in its database) is not
+    signed along with the admin's. A peer's routes and exit node may be
+    fewer (it withdrew them itself)."""
+    if rec is None or rec.get("deleted"):
+        return "it has no signed record"
+    signed = lock_fields(rec)
+    for k, v in now.items():
+        was = signed.get(k)
+        if k == "routes" and isinstance(was, list) and isinstance(v, list) \
+                and set(v) <= set(was) or k == "exit" and (not v or was):
+            continue
+        if v != was:
+            return {"exit": "exit node", "admin": "admin flag", "disabled": "disabled flag",
+                    "static": "static flag"}.get(k, k) + " not as signed"
+    return None
+
+
 def lock_record(net, serial, fields, key=None):
     """A payload for ``fields`` (lock_projection's), with a fresh salt."""
     p = {"v": LOCK_VERSION, "net": net, "n": serial, "r": lock_salt(), **fields}
     if fields["t"] == "peer":
         p["key"] = key
     return p
+
+
+def lock_wire(p, shown):
+    """A record as a state sends it: a peer record whose key is the one its
+    peer has in the same state ({ip: key} ``shown``) goes without it, and the
+    client puts it back (signed_records). A WireGuard key is 32 random bytes
+    that no compression shortens, so this halves what lock adds to a state
+    sent gzip'd; the signed hash is the full record's, so nothing is weaker."""
+    if p["t"] == "peer" and shown.get(p["ip"]) == p["key"]:
+        return {k: v for k, v in p.items() if k != "key"}
+    return p
+
+
+def lock_wire_section(records, batches, shown):
+    """(batches, records) as a state sends them. ``records``: [(payload, hash,
+    batch id)] the caller may see; ``batches`` {id: batch}; ``shown`` {ip: key}
+    of the state's peers. A record's hash in its batch goes as null, the
+    record itself standing first, in its batch's order (the client hashes it
+    anyway and puts the hash back, signed_records); peer records in
+    lock_wire's form. Hashes are random to a compressor: this is the other
+    half of what lock added to a gzip'd state."""
+    used = sorted({b for _, _, b in records if b in batches})
+    where = {b: {h: i for i, h in enumerate(batches[b]["h"])} for b in used}
+    placed, rest = [], []
+    for p, h, b in records:
+        i = where.get(b, {}).get(h)
+        (rest if i is None else placed).append((b, i, p))
+    placed.sort(key=lambda x: (x[0], x[1]))
+    holes = {}
+    for b, i, _ in placed:
+        holes.setdefault(b, set()).add(i)
+    wire = [dict(batches[b], h=[None if i in holes.get(b, ()) else h
+                                for i, h in enumerate(batches[b]["h"])]) for b in used]
+    return wire, [lock_wire(p, shown) for _, _, p in placed + rest]
 
 
 def lock_subject_text(subject):
@@ -3892,19 +3961,87 @@ def adoption_valid(own_private, genesis_hash, admin_public, mac):
 
 # -- the client's verifier ---------------------------------------------------------
 
-def signed_records(net, keys, lock, cache=None):
-    """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
-    hash is in a batch signed by a trusted key (the highest serial per subject)."""
-    valid = set()
+def lock_unwire(net, lock, state_keys=None):
+    """A state's lock section as its admins signed it (lock_wire_section
+    undone): ([(record, hash or None, whether its key was put back)],
+    [(batch, [(index in its hashes, record number) of each null])]). A peer
+    record sent without its "key" takes the key of the state's peer at its
+    address (``state_keys`` {ip: key}); a batch's nulls take the hashes of
+    the records in the order they come, batch by batch."""
+    state_keys = state_keys or {}
+    records = []
+    for p in lock.get("records") or []:
+        back = isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
+            and p.get("ip") in state_keys
+        if back:
+            p = dict(p, key=state_keys[p["ip"]])
+        records.append((p, lock_hash(p, checked=True) if _well_formed(p, net) else None, back))
+    batches, n = [], 0
     for batch in lock.get("batches") or []:
-        if batch_valid(net, batch, keys, cache):
+        holes = []
+        if isinstance(batch, dict) and isinstance(batch.get("h"), list) and None in batch["h"]:
+            h = list(batch["h"])
+            for i, x in enumerate(h):
+                if x is None:
+                    h[i] = records[n][1] if n < len(records) else None
+                    holes.append((i, n))
+                    n += 1
+            batch = dict(batch, h=h)
+        batches.append((batch, holes))
+    return records, batches
+
+
+def _remembered(batch, holes, records, known):
+    """``batch`` with each null filled by the hash this client verified
+    before for the record that fills it (the same subject and serial,
+    ``known``), or None if that changes nothing."""
+    h, changed = list(batch["h"]), False
+    for i, j in holes:
+        p = records[j][0] if j < len(records) else None
+        k = known.get(record_subject(p)) if isinstance(p, dict) else None
+        if isinstance(k, list) and len(k) > 1 and k[0] == p.get("n") \
+                and isinstance(k[1], str) and k[1] != h[i]:
+            h[i], changed = k[1], True
+    return dict(batch, h=h) if changed else None
+
+
+LOCK_BATCH_BROKEN = "the batch that signed its record does not verify with the records the " \
+                    "server sent (one of them changed, left out, added or out of order)"
+LOCK_KEY_NOT_SIGNED = "its key is not the signed one (its record, sent without the key, " \
+                      "does not verify with it), nor reached by the peer's own rotation proofs"
+
+
+def signed_records(net, keys, lock, cache=None, state_keys=None, known=None, why=None):
+    """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
+    hash is in a batch signed by a trusted key (the highest serial per subject).
+    The compact form (lock_wire_section) is undone first (lock_unwire): a
+    record sent without its key then verifies only with the key signed, and a
+    batch filled wrongly fails its signature. Such a batch is tried once more
+    with the hashes this client verified before (``known``, {subject: [serial,
+    hash, ...]}) in the nulls of the records it had seen: a server that
+    changed one record's key (or fields) then costs that record alone, where
+    the client has seen the batch before. ``why``: a dict filled with
+    {subject: reason} for records put back that did not verify."""
+    records, batches = lock_unwire(net, lock, state_keys)
+    known = known if isinstance(known, dict) else {}
+    valid, broken = set(), set()
+    for batch, holes in batches:
+        ok = batch_valid(net, batch, keys, cache)
+        if not ok and holes:
+            again = _remembered(batch, holes, records, known)
+            ok = again is not None and batch_valid(net, again, keys, cache)
+            if ok:
+                batch = again
+            else:
+                broken.update(j for _, j in holes)
+        if ok:
             valid.update(h for h in batch["h"] if isinstance(h, str))
     out = {}
-    for p in lock.get("records") or []:
-        if not _well_formed(p, net):
-            continue
-        h = lock_hash(p, checked=True)
-        if h not in valid:
+    for j, (p, h, back) in enumerate(records):
+        if h is None or h not in valid:
+            if why is not None and isinstance(p, dict) and (back or j in broken):
+                why[record_subject(p)] = LOCK_BATCH_BROKEN if j in broken \
+                    else LOCK_KEY_NOT_SIGNED
             continue
         s = record_subject(p)
         if s not in out or out[s][0]["n"] < p["n"]:
@@ -3997,8 +4134,13 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
-    signed = signed_records(net, keys, lock, cache)
+    why = {}
+    signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
+                            known, why)
     use, replayed = fresh_records(signed, known)
+    for s, reason in why.items():
+        if s not in signed:
+            replayed.setdefault(s, reason)
     new_known = dict(known)
     for s, (p, h) in use.items():
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
@@ -4083,6 +4225,18 @@ def _enrolled(net, ip, auth, enroll, now):
     if key is None:
         return None, "its invitation was not redeemed with a signed enrollment"
     return key, None
+
+
+def refuse_auto_approve(locked):
+    """Auto-approve rules are the server's alone: under lock, a route one
+    approved would be installed by no client (no admin signed it), so none
+    applies and the server makes none (when ``locked``); a route waits for
+    an admin's approve-routes, which signs it."""
+    if locked:
+        raise InnernetError("the network is locked: an auto-approve rule would approve routes "
+                            "no admin signed, which no locked client installs", status=403,
+                            hint="approve each route with 'approve-routes --name PEER' from "
+                                 "an admin peer holding a trusted lock key")
 
 
 def lock_refusal(peer, reason):
@@ -5999,12 +6153,22 @@ class LockStore:
         entries = self.lock_entries()
         return bool(entries) and entries[-1].get("payload", {}).get("t") != "disable"
 
-    def lock_records(self):
-        """({subject: (payload, batch id)}, {batch id: batch})."""
+    def lock_listing(self):
+        """({subject: payload}, [the batches that sign them]): an admin's
+        host verifies the records it signs over (verified_lock_records)."""
+        recs, batches = self.lock_records()
+        return {s: p for s, (p, _) in recs.items()}, [
+            batches[b] for b in sorted({b for _, b in recs.values()}) if b in batches]
+
+    def lock_records(self, hashed=False):
+        """({subject: (payload, batch id)}, {batch id: batch}); ``hashed``:
+        (payload, its hash or None (_stored_hash), batch id) instead."""
         recs = {r[0]: (json.loads(r[1]), r[2]) for r in self._query(
             "SELECT subject, payload, batch_id FROM lock_records")}
         batches = {r[0]: {"k": r[1], "s": r[2], "h": json.loads(r[3])} for r in self._query(
             "SELECT id, signer, sig, hashes FROM lock_batches")}
+        if hashed:
+            recs = {s: (p, _stored_hash(p), b) for s, (p, b) in recs.items()}
         return recs, batches
 
     def lock_enrollments(self):
@@ -6113,6 +6277,15 @@ class LockStore:
             c.execute("DELETE FROM lock_batches WHERE id NOT IN "
                       "(SELECT batch_id FROM lock_records)")
         return records
+
+
+def _stored_hash(p):
+    """A stored record's hash; None for one no client would take (a
+    database changed by hand): it is sent as it is."""
+    try:
+        return lock_hash(p)
+    except InnernetError:
+        return None
 
 
 def _lock_verified(chain, signed):
@@ -6261,6 +6434,14 @@ class NetworkLock:
             enroll.update(self.store.lock_enrollments())
         return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
 
+    def lock_on(self):
+        """Is the network locked, as this host knows it without verifying
+        (the server's own chain, or an admin host's copy)?"""
+        if self.api is None:
+            return self.store.locked()
+        last = ((load_client_lock(self.own_lock) or {}).get("chain") or [None])[-1]
+        return isinstance(last, dict) and (last.get("payload") or {}).get("t") != "disable"
+
     def lock_signer(self):
         if self._signer is False:
             enroll = {}
@@ -6294,6 +6475,14 @@ class NetworkLock:
         changes = lock_changes(before, after)
         for s in force:
             changes.setdefault(s, after[s])
+        for s in changes:
+            why = s in before and s in after and lock_divergence(before[s],
+                                                                 signer.records.get(s))
+            if why:
+                raise InnernetError(
+                    f"the server's {lock_subject_text(s)} differs from its signed record "
+                    f"({why}): not signing over it", hint="the server may be hijacked: "
+                    "'innernet fetch' shows what this host installs and refuses")
         return signer.signed(changes, keys) if changes else None
 
     def lock_for(self, method, *a):
@@ -6384,9 +6573,21 @@ def remote_lock_info(api, own_lock, enroll=None):
                                 hint="the server may be hijacked: 'innernet lock status' "
                                      "shows this host's chain")
     records = got.get("records") if isinstance(got.get("records"), dict) else {}
+    if entries and not LockChain(entries).disabled:
+        records = verified_lock_records(LockChain(entries), records, got.get("batches"))
     if enroll is not None and isinstance(got.get("enroll"), dict):
         enroll.update(got["enroll"])
     return entries, records
+
+
+def verified_lock_records(chain, records, batches):
+    """{subject: record} of the server's records ({subject: record}) that a
+    batch (``batches``) signed by a key ``chain`` trusts covers: an admin's
+    host signs its next records over these, never over one the server made."""
+    got = signed_records(chain.net, chain.keys, {
+        "records": list(records.values()) if isinstance(records, dict) else [],
+        "batches": batches if isinstance(batches, list) else []})
+    return {s: p for s, (p, _) in got.items()}
 
 
 def _lock_after(method, peers, cidrs, assocs, *a):
@@ -7187,7 +7388,7 @@ class Store(LockStore):
             before = {r[0]: r[1] for r in c.execute(
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            approvers = self.route_approvers()
+            approvers = [] if self.locked() else self.route_approvers()   # lock: none apply
             after = {}
             for r in routes:
                 ok = before.get(r, 0) or approve or (
@@ -7222,6 +7423,7 @@ class Store(LockStore):
 
     def add_route_approver(self, rule):
         with self.write() as c:
+            refuse_auto_approve(self.locked())
             if rule.cidr_id not in {x.id for x in self.cidrs()}:
                 raise _bad(f"CIDR {rule.cidr_id} does not exist")
             cur = c.execute("INSERT INTO route_approvers (route, cidr_id) VALUES (?, ?)",
@@ -9809,7 +10011,7 @@ class StateViews:
         # a time: the whole state as dicts at once (1,000 peers: a megabyte)
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
-        lock = self.lock_section(cidrs, view)
+        lock = self.lock_section(cidrs, view, {p.ip: p.public_key for p in visible})
         body = ('{"peers": [' + ", ".join(
             json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
@@ -9818,29 +10020,29 @@ class StateViews:
             + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
-    def lock_section(self, cidrs, view):
+    def lock_section(self, cidrs, view, shown=None):
         """The state's "lock" (ours; innernet ignores it): the chain, and the
         signed records a caller with this view needs -- every CIDR and
         association, the peers (and deleted peers) in its view -- with their
-        batches and enrollments. None without lock."""
+        batches and enrollments, in lock_wire_section's form for the peers
+        ``shown`` {ip: key} beside them. None without lock."""
         data = self._cached("lock", self.revision(), self._lock_data)
         if data is None:
             return None
         entries, recs, batches, enroll = data
         ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [(p, b) for p, b in recs.values() if p["t"] != "peer" or p["cidr"] in ranges]
-        ips = {p["ip"] for p, _ in chosen if p["t"] == "peer"}
-        return {"chain": entries, "batches": [batches[b] for b in sorted({b for _, b in chosen})
-                                              if b in batches],
-                "records": [p for p, _ in chosen],
+        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in ranges]
+        ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
+        wire_batches, records = lock_wire_section(chosen, batches, shown or {})
+        return {"chain": entries, "batches": wire_batches, "records": records,
                 "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
 
     def _lock_data(self):
         entries = self.store.lock_entries()
         if not entries:
             return None
-        recs, batches = self.store.lock_records()
-        return entries, recs, batches, self.store.lock_enrollments()
+        return (entries, *self.store.lock_records(hashed=True),
+                self.store.lock_enrollments())
 
     def dns_view(self, remote_ip):
         """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
@@ -10584,8 +10786,8 @@ def admin_get_lock(co, req):
     chain = co.store.lock_chain()
     if chain is None:
         return Response(200, {"chain": [], "records": {}})
-    recs, _ = co.store.lock_records()
-    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()},
+    recs, batches = co.store.lock_listing()
+    return Response(200, {"chain": chain.entries, "records": recs, "batches": batches,
                           "enroll": co.store.lock_enrollments()})
 
 
@@ -13393,12 +13595,13 @@ def cmd_list_routes(args):
     if args.json:
         print_json({"routes": rows, "auto_approve": rules})
         return 0
-    print("\n".join(route_lines(rows, rules)))
+    print("\n".join(route_lines(rows, rules, bool(rules) and net.lock_on())))
     return 0
 
 
-def route_lines(rows, rules):
-    """list-routes as text: an exit node (both default routes) is one line."""
+def route_lines(rows, rules, locked=False):
+    """list-routes as text: an exit node (both default routes) is one line;
+    ``locked``: the network is, so its auto-approve rules do nothing."""
     out, exits = [], {}
     for r in rows:
         if r["exit_node"]:
@@ -13411,7 +13614,8 @@ def route_lines(rows, rules):
         ok = all(exits[(r["peer"], r["ip"])]) if r["exit_node"] else r["approved"]
         lines.append(f"{r['peer']} ({r['ip']}): {'exit node' if r['exit_node'] else r['route']} "
                      f"{'approved' if ok else 'waiting for approval'}")
-    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'" for a in rules]
+    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'"
+              + (" (not applied: the network is locked)" if locked else "") for a in rules]
     return lines or ["no routes are advertised"]
 
 
@@ -13543,6 +13747,10 @@ def _lock_init(args, iface):
     save_client_lock(net.own_lock, {"chain": chain.entries})
     log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
         f"{len(adoptions)} peers sent the proof of it")
+    rules = net.route_approvers()
+    if rules:
+        warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
+             "an admin approves each route ('approve-routes --name PEER'), which signs it")
     print(f"disablement secret (shown once; keep it offline): {secret}")
     return 0
 

@@ -428,3 +428,136 @@ def test_a_lock_key_file_in_another_format_is_one_line_with_a_hint(tmp_path):
         with pytest.raises(InnernetError, match="holds no lock key") as e:
             innernet.read_lock_key(str(f), required=True)
         assert "innernet lock key" in e.value.hint
+
+
+# -- the state's compact form (lock_wire_section) against a lying server -----------
+
+def wire(n, shown=None):
+    """``n``'s lock section as a server sends it: a peer record without the
+    key its peer has in the state (``shown`` {ip: key}, the honest peers'
+    by default), and a batch's hash of each record it carries as null."""
+    batches = dict(enumerate(n.batches))
+    recs = [(p, lock_hash(p), next((i for i, b in batches.items() if lock_hash(p) in b["h"]),
+                                   None)) for p in n.records]
+    wb, wr = innernet.lock_wire_section(recs, batches, shown or {p.ip: p.public_key
+                                                                 for p in n.peers})
+    return {"batches": wb, "records": wr, "enroll": n.enroll}
+
+
+def two_batches():
+    """Net with dave (humans) signed in a batch of his own after the first."""
+    n = Net()
+    n.add_peer("dave", "10.66.1.5", 3, "dave-key")
+    n.sign(payloads=n.records[-1:])
+    return n
+
+
+def test_the_compact_form_verifies_as_the_full_one():
+    n = two_batches()
+    w = wire(n)
+    assert "key" not in next(r for r in w["records"] if r.get("ip") == "10.66.1.3")
+    assert all(h is None for b in w["batches"] for h in b["h"])
+    assert n.verify(lock=w)[:2] == n.verify()[:2]
+    assert set(n.verify(lock=w)[0]) == {"alice", "bob", "dave"}
+
+
+def test_a_key_beside_a_record_sent_without_it_must_be_the_signed_one():
+    """The server shows bob with another key than the one signed, his record
+    sent without a key: it verifies only with the signed key, so bob is
+    refused. A client that verified the batch before puts its remembered
+    hash back and loses bob alone; on a first fetch the whole batch fails
+    (the server could withhold it anyway), the other batch's dave not --
+    but without alice's own record signed, nothing of her view is."""
+    n = two_batches()
+    w = wire(n)
+    _, _, known = n.verify(lock=w)
+    n.set("bob", public_key="evil-key")
+    acc, ref, _ = n.verify(lock=w, known=known)
+    assert set(acc) == {"alice", "dave"}
+    assert ref["bob"] == innernet.LOCK_KEY_NOT_SIGNED
+    acc, ref, _ = n.verify(lock=w)
+    assert set(acc) == {"alice"}
+    assert ref["bob"] == innernet.LOCK_BATCH_BROKEN and "own record" in ref["dave"]
+    # with the key put back in the record, the lie fails all the same
+    lied = copy.deepcopy(w)
+    next(r for r in lied["records"] if r.get("ip") == "10.66.1.3")["key"] = "evil-key"
+    acc, ref, _ = n.verify(lock=lied, known=known)
+    assert set(acc) == {"alice", "dave"} and "bob" in ref
+    # the signed key put back instead (and the hashes too: the full form) is the truth
+    n.set("bob", public_key="bob-key")
+    acc, ref, _ = n.verify(lock=n.lock(), known=known)
+    assert set(acc) == {"alice", "bob", "dave"} and set(ref) == {"carol"}     # not in view
+
+
+def test_records_out_of_their_batchs_order_or_a_null_too_many_fail_the_batch():
+    """Nulls are filled by the records in the order they come: swapped
+    records, a null for a record the state does not carry, a hash put back
+    while its record is still sent, or a record left out each fill the batch
+    wrongly, and its signature fails -- with the client's memory too."""
+    n = two_batches()
+    w = wire(n)
+    _, _, known = n.verify(lock=w)
+    first = len(w["batches"][0]["h"])
+    bob = next(i for i, r in enumerate(w["records"]) if r.get("ip") == "10.66.1.3")
+
+    def swapped(s):
+        s["records"][bob], s["records"][bob - 1] = s["records"][bob - 1], s["records"][bob]
+
+    def extra_null(s):
+        s["batches"][0]["h"].insert(0, None)
+
+    def hash_back(s):
+        s["batches"][0]["h"][bob] = n.batches[0]["h"][bob]
+
+    def left_out(s):
+        del s["records"][bob]
+
+    for lie in (swapped, extra_null, hash_back, left_out):
+        s = copy.deepcopy(w)
+        lie(s)
+        for mem in ({}, known):
+            acc, ref, _ = n.verify(lock=s, known=mem)
+            assert "bob" not in acc, lie.__name__
+            assert ref["bob"] in (innernet.LOCK_BATCH_BROKEN, "no record signed by a trusted "
+                                  "lock key"), (lie.__name__, ref)
+    assert bob < first
+
+
+def test_a_record_left_out_with_its_hash_put_back_is_no_record_signed():
+    """A server that drops bob's record from the compact form and puts its
+    hash back in the batch (as the full form has it): the batch holds, and
+    bob, still in the state, has no record."""
+    n = two_batches()
+    w = wire(n)
+    bob = next(i for i, r in enumerate(w["records"]) if r.get("ip") == "10.66.1.3")
+    del w["records"][bob]
+    w["batches"][0]["h"][bob] = n.batches[0]["h"][bob]
+    acc, ref, _ = n.verify(lock=w)
+    assert set(acc) == {"alice", "dave"} and ref["bob"] == "no record signed by a trusted lock key"
+
+
+def test_an_admin_signs_only_over_what_was_signed():
+    """lock_divergence: a field the server changed by itself is not signed
+    along with an admin's change (fewer routes or no exit node is the peer's
+    own withdrawal); verified_lock_records keeps only records a trusted
+    batch covers, so the server cannot make up the record it is compared to."""
+    n = Net()
+    bob = n.set("bob", routes=["192.168.5.0/24"], exit_node=True)
+    n.records.append(n.payload(bob))
+    n.sign(payloads=n.records[-1:])
+    rec = n.records[-1]
+    now = innernet.lock_fields(rec)
+    assert innernet.lock_divergence(now, rec) is None
+    assert innernet.lock_divergence(dict(now, routes=[], exit=False), rec) is None
+    assert innernet.lock_divergence(dict(now, routes=["192.168.5.0/24", "192.168.6.0/24"]),
+                                    rec) == "routes not as signed"
+    assert innernet.lock_divergence(dict(now, admin=True), rec) == "admin flag not as signed"
+    assert innernet.lock_divergence(now, None) == "it has no signed record"
+    assert innernet.lock_divergence(now, dict(rec, deleted=True)) == "it has no signed record"
+    records = {innernet.record_subject(p): p for p in n.records}
+    forged = dict(rec, routes=["0.0.0.0/1"])
+    got = innernet.verified_lock_records(n.chain, dict(records, **{"peer:10.66.1.3": forged}),
+                                         n.batches)
+    assert "peer:10.66.1.3" not in got and "peer:10.66.1.2" in got
+    assert innernet.verified_lock_records(n.chain, records, n.batches)["peer:10.66.1.3"] == rec
+    assert innernet.verified_lock_records(n.chain, records, None) == {}

@@ -204,20 +204,92 @@ def test_a_new_peer_is_refused_under_lock_and_taken_without(w):
 
 def test_a_key_change_without_the_peers_own_proof_is_refused_under_lock_even_unpinned(w):
     """Pinning refuses it where a client knew the old key; lock refuses it on a
-    client that never pinned bob (its data store lost), where pinning cannot."""
+    client that never pinned bob (its data store lost), where pinning cannot.
+    bob's record comes without its key (the compact form: the state's key is
+    put back), so it is the record's hash that fails; alice verified its
+    batch before, so she loses bob alone."""
     new = _innernet().public_key(_innernet().generate_private_key())
     forget_pins(w)
+    assert "key" not in bob_record(w.honest["lock"])[1]
 
     def swap(s):
         peer_of(s, "bob")["public_key"] = new
         return s
     alice, zed = both(w, swap)
-    assert len(refused(alice, "bob")) == 1 and "nor reached by the peer's own rotation" \
-        in alice.err
+    line = refused(alice, "bob")
+    assert len(line) == 1 and "sent without the key" in line[0] \
+        and "nor reached by the peer's own rotation" in line[0], alice.err
     assert new not in alice.held.values()
+    assert alice.held.get(f"{ADMIN_IP}/32") and "lock refused" not in alice.err.replace(
+        line[0], "")
     assert zed.held.get("10.66.1.3/32") == new
     forget_pins(w)                             # zed pinned the lie
     both(w, lambda s: s)                       # the truth again, for the tests after
+
+
+def bob_record(lock):
+    """(index, record) of bob's peer record in a state's lock section."""
+    return next((i, r) for i, r in enumerate(lock["records"])
+                if r.get("t") == "peer" and r.get("ip") == PAPER["bob"][1])
+
+
+def full_form(state):
+    """``state``'s lock section as its admins signed it, every key and hash
+    back in place (lock_unwire): a client takes it as it takes the compact
+    form, and a lying server edits it to drop or swap one record without
+    breaking the rest of its batch."""
+    I = _innernet()
+    lock = state["lock"]
+    recs, batches = I.lock_unwire(I.LockChain(lock["chain"]).net, lock,
+                                  {p["ip"]: p["public_key"] for p in state["peers"]})
+    lock["records"] = [p for p, _, _ in recs]
+    lock["batches"] = [b for b, _ in batches]
+    return state
+
+
+def test_the_compact_lock_section_lied_about_is_refused_under_lock(w):
+    """The state's compact form (a peer record without the key beside it, a
+    batch's hashes of the records it carries as nulls, filled in the order
+    the records come) gives a lying server nothing: bob's record carrying
+    another key, his record moved out of its batch's order, a null for a
+    record the state does not carry -- each refuses bob (the rest of a
+    batch filled wrongly goes with him), never installs his record as
+    signed. The full form is taken as the compact one is."""
+    I = _innernet()
+    new = I.public_key(I.generate_private_key())
+
+    def key_in_record(s):
+        peer_of(s, "bob")["public_key"] = new
+        bob_record(s["lock"])[1]["key"] = new
+
+    def moved(s):
+        i, rec = bob_record(s["lock"])
+        j = i + 1 if i + 1 < len(s["lock"]["records"]) else i - 1
+        s["lock"]["records"][i], s["lock"]["records"][j] = s["lock"]["records"][j], rec
+
+    def extra_null(s):              # in bob's batch: the batches before it stay whole
+        i, _ = bob_record(s["lock"])
+        for b in s["lock"]["batches"]:
+            if i < b["h"].count(None):
+                b["h"].insert(0, None)
+                return
+            i -= b["h"].count(None)
+
+    for tell in (key_in_record, moved, extra_null):
+        state = copy.deepcopy(w.honest)
+        tell(state)
+        out = lie(w, w.alice, w.alice_if, state)
+        line = [ln for ln in out.stderr.splitlines() if "lock refused peer 'bob'" in ln]
+        assert len(line) == 1, (tell.__name__, out.stderr)
+        held = {a: p["public_key"] for p in device(w.alice, w.alice_if)["peers"]
+                for a in p["allowed_ips"]}
+        assert "10.66.1.3/32" not in held and new not in held.values(), tell.__name__
+    out = lie(w, w.alice, w.alice_if, full_form(copy.deepcopy(w.honest)))
+    assert "lock refused" not in out.stderr, out.stderr
+    held = {a: p["public_key"] for p in device(w.alice, w.alice_if)["peers"]
+            for a in p["allowed_ips"]}
+    assert held.get("10.66.1.3/32") == w.keys["bob"]
+    lie(w, w.alice, w.alice_if, w.honest)
 
 
 def forget_pins(w):
@@ -354,6 +426,8 @@ def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w)
     evil = I.public_key(I.generate_private_key())
 
     def reenroll(s, replay=False):
+        if "lock" in s:
+            full_form(s)        # so the lie costs the other records nothing
         peer_of(s, "alice")["public_key"] = evil
         if "lock" in s:
             s["lock"].setdefault("enroll", {})[ALICE_IP] = I.sign_enrollment(

@@ -193,6 +193,108 @@ def test_a_client_that_joined_before_the_lock_takes_it_from_its_admins_proof(w):
     conn.close()
 
 
+def held(host, iface):
+    """{allowed IP: public key} of an interface's device."""
+    return {a: p["public_key"] for p in device(host, iface)["peers"] for a in p["allowed_ips"]}
+
+
+def db_write(w, sql, args=()):
+    """One write to the server's database, as a hijacker makes it."""
+    conn = sqlite3.connect(w.db, timeout=15)
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+def fetch_until(w, host, iface, done, what):
+    """Fetch until ``done(stderr)`` (serve notices a database written beside
+    it at its next poll): the last fetch's stderr."""
+    out = []
+
+    def step():
+        out[:] = [host.innernet("fetch", iface, "--no-write-hosts").stderr]
+        return done(out[0]) or None
+    wait_for(step, 30, what)
+    return out[0]
+
+
+def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
+    """add-peer --static by an admin under lock is signed, and a client
+    routes the static peer through the server; one the database alone gained
+    is refused. approve-routes --revoke signs the route away; the database
+    approving it again is refused. An auto-approve rule cannot be made under
+    lock, one made before approves nothing, and a route approved by the
+    server alone (as a rule would) is not installed."""
+    I = _innernet()
+    admin(w, "add-peer", w.iface, "--name", "phone", "--cidr", "humans", "--ip", "10.66.1.70",
+          "--static", "--save-wg-quick", w.admin.path("phone.conf"), "--yes")
+    assert records(w)["peer:10.66.1.70"]["static"] is True
+    server_key = I.InterfaceConfig.from_toml(open(w.early.path(
+        "client", "etc", f"{w.early_if}.conf")).read(), "early").server_public_key
+    err = fetch_until(w, w.early, w.early_if, lambda e: "10.66.1.70/32" in held(
+        w.early, w.early_if), "the signed static peer")
+    assert "lock refused" not in err, err
+    assert held(w.early, w.early_if)["10.66.1.70/32"] == server_key       # through the server
+    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+             "'sneakyphone', '10.66.1.71', id, ?, 1 FROM cidrs WHERE name = 'humans'",
+             (I.public_key(I.generate_private_key()),))
+    db_write(w, "INSERT INTO static_peers (peer_id) SELECT id FROM peers "
+             "WHERE name = 'sneakyphone'")
+    err = fetch_until(w, w.early, w.early_if, lambda e: "'sneakyphone'" in e, "the refusal")
+    assert "lock refused peer 'sneakyphone' (10.66.1.71) from the server: no record signed" \
+        in err, err
+    assert "10.66.1.71/32" not in held(w.early, w.early_if)
+    db_write(w, "DELETE FROM static_peers WHERE peer_id IN "
+             "(SELECT id FROM peers WHERE name = 'sneakyphone')")
+    db_write(w, "DELETE FROM peers WHERE name = 'sneakyphone'")
+    # a route approved, then revoked: signed away; the database approving it
+    # again is not installed (the record signed says otherwise)
+    w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "--yes")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.81.0/24",
+          "--yes")
+    fetch_until(w, w.admin, w.iface, lambda e: "192.168.81.0/24" in held(w.admin, w.iface),
+                "the approved route")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.81.0/24",
+          "--revoke", "--yes")
+    assert records(w)["peer:10.66.1.30"]["routes"] == []
+    fetch_until(w, w.admin, w.iface, lambda e: "192.168.81.0/24" not in held(w.admin, w.iface),
+                "the revoked route gone")
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.81.0/24'")
+    err = fetch_until(w, w.admin, w.iface, lambda e: "'early'" in e, "the refusal")
+    line = [ln for ln in err.splitlines() if "lock refused peer 'early'" in ln]
+    assert len(line) == 1 and "192.168.81.0/24 not signed" in line[0], err
+    assert "192.168.81.0/24" not in held(w.admin, w.iface)
+    assert held(w.admin, w.iface).get("10.66.1.30/32")          # early itself stays
+    # auto-approve: no rule under lock; one made before (here: written in)
+    # approves nothing; the server approving anyway is refused as above
+    out = admin(w, "approve-routes", w.iface, "--auto-approve", "192.168.0.0/16", "--cidr",
+                "humans", "--yes", check=False)
+    assert out.returncode != 0 and out.stderr.count("error:") == 1
+    assert "auto-approve rule would approve routes no admin signed" in out.stderr, out.stderr
+    assert not db_rows(w.db, "SELECT id FROM route_approvers")
+    db_write(w, "INSERT INTO route_approvers (route, cidr_id) SELECT '192.168.0.0/16', id "
+             "FROM cidrs WHERE name = 'humans'")
+    w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "192.168.82.0/24",
+                     "192.168.83.0/24", "--yes")
+    listed = admin(w, "list-routes", w.iface).stdout
+    assert "192.168.82.0/24 waiting for approval" in listed, listed
+    assert "(not applied: the network is locked)" in listed, listed
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.82.0/24'")
+    err = fetch_until(w, w.admin, w.iface, lambda e: "192.168.82.0/24 not signed" in e,
+                      "the refusal")
+    assert not {"192.168.81.0/24", "192.168.82.0/24"} & set(held(w.admin, w.iface))
+    # nor does an admin's next change to early sign what the server approved
+    out = admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.83.0/24",
+                "--yes", check=False)
+    assert out.returncode != 0 and "differs from its signed record (routes not as signed)" \
+        in out.stderr, out.stderr
+    assert records(w)["peer:10.66.1.30"]["routes"] == []
+    db_write(w, "DELETE FROM route_approvers")
+    db_write(w, "DELETE FROM peer_routes")
+
+
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     I = _innernet()
     path = w.admin.path("alice.toml")
