@@ -1707,6 +1707,32 @@ def resolve_endpoint(text):
     return result
 
 
+_misplaced_said: set = set()
+
+
+def placed_resolver(network, resolve=None):
+    """resolve_endpoint (or ``resolve``) for peers' endpoints in ``network``:
+    a host name that resolves where an endpoint must not be (endpoint_misplaced:
+    inside the network, loopback, multicast, unspecified) gives None, said once
+    per process: the peer keeps its record, without that endpoint. Literal
+    endpoints were judged with the record (refuse_misrouted); a name can only
+    be judged where it is resolved, and its answer may change at any time."""
+    resolve = resolve or resolve_endpoint
+
+    def placed(text):
+        ep = resolve(text)
+        if ep is None or literal_endpoint(text) is not None:
+            return ep
+        why = endpoint_misplaced(ep, network)
+        if why is None:
+            return ep
+        if (text, ep) not in _misplaced_said and len(_misplaced_said) < 1000:
+            _misplaced_said.add((text, ep))
+            warn(f"endpoint {text} not used: its address {why}")
+        return None
+    return placed
+
+
 def parse_ip(text, what="IP address"):
     try:
         return ipaddress.ip_address(text)
@@ -4092,6 +4118,22 @@ def lock_view(records, own_cidr):
     return seen
 
 
+def lock_blind_peers(records, ips):
+    """Names of the peers at ``ips`` that no admin peer is visible to (their
+    lock_view holds none): one that joined before the lock takes it only
+    from an admin it knows (adoption), so these cannot yet."""
+    peers = [p for p in records.values() if p["t"] == "peer" and not p["deleted"]]
+    admins = {p["cidr"] for p in peers if p["admin"]}
+    views, out = {}, []
+    for p in peers:
+        if p["ip"] in ips and not p["admin"]:
+            if p["cidr"] not in views:
+                views[p["cidr"]] = lock_view(records, p["cidr"])
+            if not admins & views[p["cidr"]]:
+                out.append(p["name"])
+    return sorted(out)
+
+
 def _peer_mismatch(rec, peer, cidr_range):
     """The first field in which a state's peer (a Peer) differs from its
     signed record; routes and the exit node are judged apart (lock_routes)."""
@@ -4126,8 +4168,10 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     the record key it was accepted under]} -- a peer's (address -> key)
     binding, kept while its records name the same key (or authorization);
     ``rotated(ip, base, key)``: does the peer's own rotation chain lead from
-    ``base`` to ``key``; ``skip``: addresses not judged (the server's, whose
-    entry is this client's config's); ``now``: this host's clock.
+    ``base`` to ``key``; ``skip``: addresses kept whatever their records say
+    (the server's, whose key and endpoint are this client's config's), as
+    this host's own entry is, but only as far as signed (lock_held);
+    ``now``: this host's clock.
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
     ``known`` updated).
     """
@@ -4152,6 +4196,11 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     accepted, refused = [], []
     for peer in peers:
         if peer.ip in skip or peer.ip == own_ip:
+            # kept, but only as far as signed (lock_held)
+            peer, reason = lock_held(peer, use.get(f"peer:{peer.ip}"),
+                                     None if peer.ip == own_ip else SERVER_PEER_NAME)
+            if reason:
+                refused.append((peer, reason))
             accepted.append(peer)
             continue
         s = f"peer:{peer.ip}"
@@ -4169,6 +4218,27 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
     return accepted, refused, new_known
+
+
+def lock_held(peer, rec, fallback_name=None):
+    """(``peer`` as its signed record ``rec`` allows, what was cut or None)
+    for the entries a client keeps whatever the records say (its own, the
+    server's): routes and exit node only as signed, the signed name and
+    admin flag (``fallback_name`` and no admin flag without a record)."""
+    if rec is None or rec["deleted"]:
+        rec = {"routes": [], "exit": False, "admin": False,
+               "name": peer.name if fallback_name is None else fallback_name}
+    routes, exit_node, unsigned = lock_routes(rec, peer)
+    cut = [f"{unsigned} not signed"] if unsigned else []
+    if peer.name != rec["name"]:
+        cut.append(f"its name '{peer.name[:40]}' is not the signed one")
+    if peer.is_admin and not rec["admin"]:
+        cut.append("its admin flag is not signed")
+    if not cut:
+        return peer, None
+    return dataclasses.replace(peer, routes=routes, exit_node=exit_node, name=rec["name"],
+                               is_admin=peer.is_admin and rec["admin"]), \
+        "; ".join(cut) + f": kept as signed (as '{rec['name']}')"
 
 
 def lock_binding(old, rec):
@@ -6368,14 +6438,66 @@ def read_lock_key(path, required=False):
     return text
 
 
+def lock_newest(mine):
+    """{subject: serial} an admin's host knows as the newest of each subject:
+    what its own syncs verified (its lock file's ``known``) and what it
+    signed itself (``signed``)."""
+    out = {}
+    mine = mine if isinstance(mine, dict) else {}
+    for s, k in (mine.get("known") if isinstance(mine.get("known"), dict) else {}).items():
+        if isinstance(k, list) and k and isinstance(k[0], int):
+            out[s] = k[0]
+    for s, n in (mine.get("signed") if isinstance(mine.get("signed"), dict) else {}).items():
+        if isinstance(n, int) and n > out.get(s, -1):
+            out[s] = n
+    return out
+
+
+def refuse_stale(records, newest, subjects):
+    """An admin's host signs over no record older than the newest it knows of
+    its subject (``newest``, lock_newest): a server that replays an older
+    signed record (a route revoked, a name changed, a peer deleted since)
+    would have the admin sign it again, newer than the one that undid it."""
+    for s in sorted(subjects):
+        rec, n = records.get(s), newest.get(s)
+        have = rec.get("n") if isinstance(rec, dict) else None
+        if n is not None and (have is None or have < n):
+            raise InnernetError(
+                f"the server's signed record of {lock_subject_text(s)} is older ("
+                + (f"serial {have}" if have is not None else "none") + ") than the newest this "
+                f"host knows (serial {n}): not signing over it",
+                hint="the server may be hijacked (an older record replayed): 'innernet fetch' "
+                     "shows what this host installs and refuses")
+
+
+def lock_asked(rec, asked):
+    """A signed peer record as an admin's approve-routes (or --revoke) of
+    ``asked`` (routes, EXIT_ROUTES for the exit node) takes it: the server
+    holding those approved already is what the admin asks for, not a
+    divergence; any other field or route the server changed still is."""
+    asked = set(asked)
+    return dict(rec, routes=sorted(set(rec["routes"]) | (asked - set(EXIT_ROUTES))),
+                exit=bool(rec["exit"] or asked & set(EXIT_ROUTES)))
+
+
+def approval_asked(peer, routes):
+    """The routes an approve-routes names: ``routes``, or all the peer
+    advertises (approved or waiting) when None."""
+    if routes is not None:
+        return set(routes)
+    return set(peer.pending_routes) | set(peer.routes) | (
+        set(EXIT_ROUTES) if peer.exit_node else set())
+
+
 class LockSigner:
     """An admin's signing of its changes under network lock, on its own host
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
 
-    def __init__(self, chain, records, private, bound=None):
+    def __init__(self, chain, records, private, bound=None, newest=None):
         self.chain, self.records, self.private = chain, dict(records), private
         self.bound = dict(bound or {})   # {subject: enrolled key} of "auth:" records
+        self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
     def signed(self, changes, keys=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
@@ -6387,6 +6509,7 @@ class LockSigner:
         for s in self.bound:
             if s not in changes and s not in keys and s in self.records:
                 changes[s] = {k: v for k, v in lock_fields(self.records[s]).items()}
+        refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             cur = self.records.get(s) or {}
             key = keys.get(s) or self.bound.get(s) or cur.get("key")
@@ -6399,6 +6522,7 @@ class LockSigner:
         for r in out:
             self.records[record_subject(r)] = r
             self.bound.pop(record_subject(r), None)
+            self.newest[record_subject(r)] = r["n"]
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
 
 
@@ -6461,23 +6585,32 @@ class NetworkLock:
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
                 self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
-                    chain.net, records, enroll, (own or {}).get("known"), time.time()))
+                    chain.net, records, enroll, (own or {}).get("known"), time.time()),
+                    lock_newest(own))
         return self._signer
 
-    def lock_signed(self, before, after, *, keys=None, force=()):
+    def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
         """The signed records ({"batch", "records"}) of a change that leaves
         the network ``before`` as ``after`` (projections), or None without
         lock or change. ``force``: subjects signed anew though unchanged (a
-        new invitation key)."""
+        new invitation key); ``asked``: {subject: routes} an approve-routes
+        names (lock_asked): the server may hold them approved already."""
         signer = self.lock_signer()
         if signer is None:
             return None
+        asked = asked or {}
         changes = lock_changes(before, after)
         for s in force:
             changes.setdefault(s, after[s])
+        for s in asked:
+            rec = signer.records.get(s)
+            if s in after and rec is not None and lock_fields(rec) != after[s]:
+                changes.setdefault(s, after[s])    # approved unsigned: signed now
         for s in changes:
-            why = s in before and s in after and lock_divergence(before[s],
-                                                                 signer.records.get(s))
+            rec = signer.records.get(s)
+            if s in asked and rec is not None:
+                rec = lock_asked(rec, asked[s])
+            why = s in before and s in after and lock_divergence(before[s], rec)
             if why:
                 raise InnernetError(
                     f"the server's {lock_subject_text(s)} differs from its signed record "
@@ -6494,8 +6627,10 @@ class NetworkLock:
         keys = self.lock_key_of(a[0], a[2] if method == "reinvite" else a[0].invite_expires) \
             if method in ("add_peer", "reinvite") else None
         force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
+        asked = {f"peer:{a[0].ip}": approval_asked(a[0], a[1])} \
+            if method == "approve_routes" else None
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
-                                force=force)
+                                force=force, asked=asked)
 
     def lock_apply(self, text, source):
         """The signed records of `apply`: the network as the document leaves
@@ -6547,11 +6682,28 @@ def _signing(name, method):
         self.api.extra_headers = {LOCK_HEADER: base64.b64encode(json.dumps(
             records).encode()).decode()} if records else None
         try:
-            return method(self, *a)
+            out = method(self, *a)
         finally:
             self.api.extra_headers = None
+        remember_signed(self.own_lock, records)
+        return out
     signed.__name__, signed.__doc__ = method.__name__, method.__doc__
     return signed
+
+
+def remember_signed(path, signed):
+    """Keep the serials of the records this admin's host signed in its lock
+    file (``signed``): it signs over no older one later (refuse_stale)."""
+    recs = signed.get("records") if isinstance(signed, dict) else None
+    mine = load_client_lock(path) if recs else None
+    if mine is None:
+        return
+    done = dict(mine.get("signed") if isinstance(mine.get("signed"), dict) else {})
+    for r in recs:
+        s = record_subject(r)
+        if isinstance(r.get("n"), int) and r["n"] > done.get(s, -1):
+            done[s] = r["n"]
+    save_client_lock(path, dict(mine, signed=done))
 
 
 def remote_lock_info(api, own_lock, enroll=None):
@@ -7206,19 +7358,19 @@ class Store(LockStore):
                           [(peer_id, ip, key, peer_id) for ip, key in sorted(pins.items())])
 
     def pinners(self, ip):
-        """[(innernet client Peer, the key it pinned at ``ip``)], by name."""
+        """[(innernet client Peer, the key it pinned at ``ip``)], by name (none of ours)."""
         rows = self._query(f"SELECT {_PEER_COLUMNS}, (SELECT public_key FROM innernet_pins "
                            "WHERE peer_id = peers.id AND ip = ?) FROM peers WHERE id IN "
-                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) ORDER BY name",
-                           (str(ip), str(ip)))
+                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) AND id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY name", (str(ip), str(ip)))
         return [(self._peer(r[:-1]), r[-1]) for r in rows]
 
     def kept_from_innernet(self):
-        """[(innernet client name, address)] of the peers this server keeps from
-        innernet clients because their key there changed since it told them."""
+        """[(innernet client name, address)] left out of its state: the key there changed."""
         return self._query("SELECT c.name, pin.ip FROM innernet_pins pin "
                            "JOIN peers c ON c.id = pin.peer_id JOIN peers cur ON cur.ip = pin.ip "
-                           "WHERE cur.public_key != pin.public_key ORDER BY c.name, pin.ip")
+                           "WHERE cur.public_key != pin.public_key AND c.id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY c.name, pin.ip")
 
     def forget_pins(self, peer_id):
         """After an innernet client's data store was deleted: it pins anew."""
@@ -9136,6 +9288,79 @@ class SourceBudget:
             self._buckets.clear()
 
 
+class TcpShares:
+    """The DNS-over-TCP connections held, by source, given way as the API's
+    are (ApiServer._start): a source at its ``per_source`` cap gives up its
+    oldest connection waiting for a question to a new one -- every user of a
+    host shares its address, so a local user holding the slots cannot keep
+    the host's resolver out -- and when all ``total`` are taken, a source
+    that holds fewer than another takes the waiting one of the source that
+    holds most: up to ``total`` sources always get one each. admit() names
+    the connection given up; its owner shuts it. A connection answering is
+    busy (busy()/idle()) and never given up.
+    """
+
+    def __init__(self, total, per_source):
+        self.total, self.per_source = total, per_source
+        self._held = {}                      # source -> [connection], oldest first
+        self._busy = set()                   # connections being answered
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def admit(self, src, conn):
+        """(admitted, the connection given up for it, or None)."""
+        with self._lock:
+            mine = self._held.get(src, [])
+            giver = None
+            if len(mine) >= self.per_source:
+                giver = src
+            elif self._count >= self.total:
+                top = max(self._held, key=lambda s: len(self._held[s]))
+                giver = top if len(self._held[top]) > len(mine) + 1 else None
+                if giver is None:
+                    return False, None       # every source holds its share
+            evicted = None
+            if giver is not None:
+                evicted = next((c for c in self._held[giver] if c not in self._busy), None)
+                if evicted is None:
+                    return False, None       # all of them answering: refused
+                self._drop(giver, evicted)
+            self._held.setdefault(src, []).append(conn)
+            self._count += 1
+            return True, evicted
+
+    def busy(self, src, conn):
+        """``conn`` has a whole question: answered, not given up. False if it
+        already was given up."""
+        with self._lock:
+            if conn not in self._held.get(src, ()):
+                return False
+            self._busy.add(conn)
+            return True
+
+    def idle(self, conn):
+        with self._lock:
+            self._busy.discard(conn)
+
+    def release(self, src, conn):
+        """``conn`` ended (nothing if it was given up: never counted twice)."""
+        with self._lock:
+            self._busy.discard(conn)
+            if conn in self._held.get(src, ()):
+                self._drop(src, conn)
+
+    def _drop(self, src, conn):
+        held = self._held[src]
+        held.remove(conn)
+        self._count -= 1
+        if not held:
+            del self._held[src]
+
+    def held(self, src=None):
+        with self._lock:
+            return self._count if src is None else len(self._held.get(src, ()))
+
+
 class DnsServer:
     """DNS for the network's zone on the server's WireGuard address, UDP and
     TCP. Sockets are bound to the device, and the caller is the peer whose
@@ -9147,7 +9372,8 @@ class DnsServer:
     past it are dropped as they are read, before any parsing, and those
     within it are answered one source at a time, in turn. A source holds at
     most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
-    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    one source), fewer when others need them (TcpShares), and each message
+    must arrive whole within DNS_TCP_DEADLINE.
     """
 
     def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
@@ -9155,9 +9381,8 @@ class DnsServer:
         fam = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.udp = socket.socket(fam, socket.SOCK_DGRAM)
         self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
         self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
-        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self.tcp_slots = TcpShares(DNS_TCP_MAX, DNS_TCP_PER_SOURCE)
         self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
         try:
             for sock in (self.udp, self.tcp):
@@ -9263,12 +9488,13 @@ class DnsServer:
                     break
                 continue
             src = self.source(addr[0], time.monotonic())
-            with self._tcp_lock:
-                mine = self._tcp_by_source.get(src, 0)
-                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
-                    conn.close()             # over a bound: refuse, don't queue
-                    continue
-                self._tcp_by_source[src] = mine + 1
+            admitted, evicted = self.tcp_slots.admit(src, conn)
+            if evicted is not None:          # a waiting one gives way to it
+                with contextlib.suppress(OSError):
+                    evicted.shutdown(socket.SHUT_RDWR)
+            if not admitted:
+                conn.close()                 # none gives way: refuse, don't queue
+                continue
             threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
                              daemon=True).start()
 
@@ -9295,23 +9521,19 @@ class DnsServer:
                 deadline = time.monotonic() + DNS_TCP_DEADLINE
                 head = exactly(2)
                 data = head and exactly(struct.unpack("!H", head)[0])
-                if not data or not self._spend(src, deadline):
+                if not data or not self._spend(src, deadline) \
+                        or not self.tcp_slots.busy(src, conn):
                     break
                 out = self._answer_safely(data, addr, True)
                 if out is None:
                     break
                 conn.sendall(struct.pack("!H", len(out)) + out)
+                self.tcp_slots.idle(conn)
         except OSError:
             pass
         finally:
             conn.close()
-            self._slots.release()
-            with self._tcp_lock:
-                left = self._tcp_by_source.get(src, 1) - 1
-                if left:
-                    self._tcp_by_source[src] = left
-                else:
-                    self._tcp_by_source.pop(src, None)
+            self.tcp_slots.release(src, conn)
 
     def _spend(self, src, deadline):
         """Wait for a token of ``src`` until ``deadline``; False if none comes."""
@@ -9536,8 +9758,8 @@ class DeviceSync:
     """The server's WireGuard device: what it observes of each peer, and
     keeping it (and both relays) in line with the database."""
 
-    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
-        self.store, self.ifname, self.backend = store, ifname, backend
+    def __init__(self, store, own_key, ifname, backend, relay, hub, signal, network=None):
+        self.store, self.ifname, self.backend, self.network = store, ifname, backend, network
         self.public_key = own_key            # the server's, never a peer of the device
         self.relay = relay                   # RelayFirewall (static peers), or None
         self.hub = hub                       # RelayHub (end-to-end relay), or None
@@ -9621,7 +9843,7 @@ class DeviceSync:
                 dev = self.backend.get(self.ifname)
                 updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
                                                  self.public_key, time.time(),
-                                                 resolve=resolve_endpoint)
+                                                 resolve=placed_resolver(self.network))
                            if u.touches_device]
                 if updates:
                     self.backend.apply(self.ifname, updates=updates)
@@ -10020,20 +10242,20 @@ class StateViews:
             + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
-    def lock_section(self, cidrs, view, shown=None):
+    def lock_section(self, cidrs, view, shown):
         """The state's "lock" (ours; innernet ignores it): the chain, and the
-        signed records a caller with this view needs -- every CIDR and
-        association, the peers (and deleted peers) in its view -- with their
-        batches and enrollments, in lock_wire_section's form for the peers
-        ``shown`` {ip: key} beside them. None without lock."""
+        signed records a caller with this view needs (every CIDR, association,
+        peer and deleted peer in its view, and those ``shown`` {ip: key} beside
+        them: the server's), batches, enrollments; lock_wire_section's form."""
         data = self._cached("lock", self.revision(), self._lock_data)
         if data is None:
             return None
         entries, recs, batches, enroll = data
-        ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in ranges]
+        seen = {c.cidr for c in cidrs if c.id in view} | set(shown)     # + the server's
+        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in seen
+                  or r[0]["ip"] in seen]
         ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
-        wire_batches, records = lock_wire_section(chosen, batches, shown or {})
+        wire_batches, records = lock_wire_section(chosen, batches, shown)
         return {"chain": entries, "batches": wire_batches, "records": records,
                 "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
 
@@ -10201,7 +10423,7 @@ class Coordinator:
         self.proofs = AdminProofs(store, config.private_key)
         changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 notifier(changed))
+                                 notifier(changed), config.interface.network)
         self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
@@ -10449,7 +10671,9 @@ def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
     headers = req.headers if req.headers is not None else {}
-    if is_innernet_request(headers):
+    # A local user's curl asks as innernet's client does: a peer proved to run
+    # ours (it redeemed, or made an admin call, with a proof its key makes) is ours.
+    if is_innernet_request(headers) and not co.store.proves_admin(req.caller.id):
         body, etag = co.views.innernet_state(req.caller)
         return Response(200, raw=body, headers={"ETag": etag})
     sent = headers.get("If-None-Match")
@@ -11344,13 +11568,14 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
     own = public_key(cfg.private_key)
     on_device = {p.public_key: p for p in dev.peers}
     nets = local_networks()
+    placed = placed_resolver(cfg.address.network)
     todo, missed = {}, {}
     for p in peers:
         dp = on_device.get(p.public_key)
         if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
                 or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
             continue
-        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
+        candidates = traversal_candidates(p, nets, resolve=placed)[:steps]
         if candidates:
             todo[p.public_key] = (p, dp, candidates)
         missed[p.public_key] = (p, dp, candidates[:1])
@@ -11455,7 +11680,7 @@ def request_relays(api, cfg, peers, allocate=True):
     return out, gone
 
 
-def probe_direct(backend, iface, peers, memo, nets, step=1.3):
+def probe_direct(backend, iface, peers, memo, nets, network, step=1.3):
     """Move relayed peers to a direct path where one opens, keeping their sessions.
 
     WireGuard roams: a peer whose endpoint is changed sends its next packets
@@ -11469,9 +11694,9 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     A failed try costs packets in one direction for ``step`` seconds, never the
     session, and never touches a working direct path.
     """
-    try_at = {}
+    try_at, placed = {}, placed_resolver(network)
     for p in peers:
-        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
+        c = traversal_candidates(p, nets, resolve=placed)
         if c:
             try_at[p.public_key] = (p, c[0])
     if not try_at:
@@ -11645,7 +11870,8 @@ def _settle_relayed(session, probe, dev, now):
     if trying and session.save is not None:
         session.save(memo)
     try:
-        for k in probe_direct(backend, iface, trying, memo, local_networks()):
+        for k in probe_direct(backend, iface, trying, memo, local_networks(),
+                              cfg.address.network):
             memo.since.pop(k, None)
     finally:
         memo.trying = {}
@@ -12108,7 +12334,7 @@ class _Fetch:
         mine = load_client_lock(path)
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
-            mine = self.adopt(offered)
+            mine = self.adopt(offered, received)
             if mine is None:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
@@ -12116,6 +12342,8 @@ class _Fetch:
         if note:
             warn(f"{self.iface}: {note}")
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
+        if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
+            self.lock["signed"] = mine["signed"]
         if chain.disabled:
             return received
         self.lock_on = True
@@ -12138,10 +12366,13 @@ class _Fetch:
                          cache={k: v for k, v in cache.items() if k in sigs})
         return accepted
 
-    def adopt(self, offered):
+    def adopt(self, offered, received=()):
         """The lock of a network locked after this host joined: taken only
         with an admin's proof for this host (adoption_valid) from an admin
-        peer it already knows; else None (and a line)."""
+        peer it already knows; else None (and a line). An admin this state
+        shows for the first time (an association made it visible) is pinned
+        by this sync, and the next one takes the lock: its ETag is not kept,
+        so that sync gets the state (and the proof) again."""
         if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
             return None
         try:
@@ -12153,6 +12384,14 @@ class _Fetch:
             return None
         admin = next((p for p in self.stored_peers if p.ip == ans.get("admin_ip")
                       and p.public_key == ans.get("admin_key") and p.is_admin), None)
+        new = next((p for p in received if p.ip == ans.get("admin_ip")
+                    and p.public_key == ans.get("admin_key") and p.is_admin), None)
+        if admin is None and new is not None:
+            self.etag = None
+            log(f"{self.iface}: the network is locked, proved by admin '{new.name}' ({new.ip}), "
+                "whom this host sees for the first time: the lock is taken at the next fetch, "
+                "once this one has pinned it")
+            return None
         if admin is None or not adoption_valid(self.cfg.private_key, genesis.genesis,
                                                admin.public_key, ans.get("mac")):
             warn(f"{self.iface}: the server says the network is locked, but no admin this "
@@ -12202,7 +12441,8 @@ class _Fetch:
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
         updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
-                             time.time(), resolve=resolve_endpoint, relayed=relayed,
+                             time.time(), resolve=placed_resolver(self.cfg.address.network),
+                             relayed=relayed,
                              relay_via=self.cfg.server_public_key,
                              network=self.cfg.address.network)
         # A peer pointed at its relay is settle_paths's to move, even before
@@ -12470,6 +12710,12 @@ def with_remembered_flags(opts, files, reset=False):
     return dataclasses.replace(opts, **kept) if kept else opts
 
 
+def taken_down(files, backend):
+    """Did the operator take this network down (`innernet down`: its marker,
+    and no device)? Then `fetch` and the daemon leave it so until `up`."""
+    return path_exists(files.down_marker) and existing_backend(backend, files.iface) is None
+
+
 def cmd_fetch(args):
     dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
     ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
@@ -12477,13 +12723,13 @@ def cmd_fetch(args):
     for iface in ifaces:
         files = dirs.client(iface)
         try:
-            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
-                if args.interface is None:
-                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
-                    continue
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
+            if taken_down(files, opts.backend):
+                # The operator's choice, not a failure: the timer's `fetch NET`
+                # exits 0 at every tick (no failed unit); `status` shows it.
+                say = debug if args.interface is None else log
+                say(f"{iface}: taken down with 'innernet down {iface}'; not fetched "
+                    f"(until 'innernet up {iface}')")
+                continue
             fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
         except InnernetError as e:
@@ -13720,18 +13966,23 @@ def _lock_init(args, iface):
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
     entries, _ = net.lock_info()
+    name = net.network_name()
     if entries:
         if LockChain(entries).disabled:
-            raise InnernetError(f"network {iface}'s lock was disabled with its secret, and a "
+            raise InnernetError(f"network {name}'s lock was disabled with its secret, and a "
                                 "disabled lock's chain ends there: it cannot be locked again",
                                 hint=f"'innernet lock log {iface}' shows the chain")
-        raise InnernetError(f"network {iface} is locked already",
+        raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
-    private, public = _own_lock_key(args, iface, make=True)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
     _refuse_repinned(args, iface, peers)
+    confirm(args, f"Lock network {name}: sign every peer, CIDR and association with this "
+                  "host's lock key, after which peers accept only what a trusted key signed?",
+            True)
+    private, public = _own_lock_key(args, iface, make=True)
     secret = lock_secret()
-    genesis = lock_genesis(net.network_name(), [(public, args.key_name or iface)], secret,
+    me = next((p.name for p in peers if p.ip == str(net.config.address.ip)), None)
+    genesis = lock_genesis(name, [(public, args.key_name or me or name)], secret,
                            private, int(time.time()))
     chain = LockChain([genesis])
     now_ms = int(time.time() * 1000)
@@ -13745,8 +13996,19 @@ def _lock_init(args, iface):
     net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
                                     "records": records}, adoptions)
     save_client_lock(net.own_lock, {"chain": chain.entries})
-    log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
+    remember_signed(net.own_lock, {"records": records})
+    kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
+    log(f"network {name} locked: {len(records)} records signed by {lock_short(public)} ("
+        + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
+                                                   ("assoc", "associations"))) + "), "
         f"{len(adoptions)} peers sent the proof of it")
+    blind = lock_blind_peers({record_subject(r): r for r in records},
+                             {p.ip for p in peers if p.public_key in adoptions})
+    if blind:
+        warn(f"{len(blind)} peer(s) see no admin peer, so they cannot take the lock yet (a "
+             "peer takes it from an admin it knows): " + ", ".join(blind[:10])
+             + (", ..." if len(blind) > 10 else "") + "; an association to an admin's CIDR "
+             "lets them take it at their next fetches")
     rules = net.route_approvers()
     if rules:
         warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
@@ -13825,6 +14087,7 @@ def _lock_submit_own(net, entries, signed):
     net.lock_submit(entries, signed, {})
     mine = load_client_lock(net.own_lock) or {}
     save_client_lock(net.own_lock, dict(mine, chain=entries))
+    remember_signed(net.own_lock, signed)
 
 
 def _lock_remove(args, iface):
@@ -13834,6 +14097,7 @@ def _lock_remove(args, iface):
     if args.key not in chain.keys:
         raise InnernetError(f"{lock_short(args.key or '')} is not a trusted lock key")
     private, public = _own_lock_key(args, iface)
+    refuse_stale(records, lock_newest(load_client_lock(net.own_lock)), records)
     entry = lock_update(chain, "remove", args.key, chain.keys[args.key], private,
                         int(time.time()))
     now_ms = int(time.time() * 1000)
@@ -14909,11 +15173,12 @@ def cmd_uninstall(args):
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(client_files(args, iface))
-    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
-    problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
-        else "")]
+    files, backend = client_files(args, iface), arg_or(args, "backend", "auto")
+    st = read_status(files)
+    if taken_down(files, backend):      # the operator's choice, whatever its last sync
+        return dict(_health(iface, st, [], False), taken_down=True)
+    up = existing_backend(backend, iface) is not None
+    problems = [] if up else ["the interface is not up"]
     link = link_state(iface) if up else None
     if link is not None and not link[0]:
         up = False
@@ -14934,17 +15199,21 @@ def interface_health(args, iface, now, max_age):
         if now - since > max_age:
             problems.append(f"peer {w.get('peer')} has waited {rough_duration(now - since)} "
                             "for the proof of its new key")
+    return _health(iface, st, problems, up, pending)
+
+
+def _health(iface, st, problems, up, pending=()):
     return {"interface": iface, "healthy": not problems, "problems": problems,
-            "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
-            "last_error": st.get("last_error"), "by": st.get("by"),
-            "last_success_by": st.get("last_success_by"), "error": None,
-            "server": st.get("server"), "pending_key_changes": pending}
+            "interface_up": up, "taken_down": False, "last_success": st.get("last_success"),
+            "checked_at": st.get("checked_at"), "last_error": st.get("last_error"),
+            "by": st.get("by"), "last_success_by": st.get("last_success_by"), "error": None,
+            "server": st.get("server"), "pending_key_changes": list(pending)}
 
 
 def failed_health(iface, message):
     """What `status` says of a network it cannot read (a broken config)."""
     return {"interface": iface, "healthy": False, "problems": [message], "error": message,
-            "interface_up": None, "last_success": None, "checked_at": None,
+            "interface_up": None, "taken_down": False, "last_success": None, "checked_at": None,
             "last_error": None, "by": None, "last_success_by": None, "server": None,
             "pending_key_changes": []}
 
@@ -14957,6 +15226,11 @@ def _status_lines(h, now):
             f" ({rough_duration(now - t)} ago)"
     if h.get("error"):
         return [f"network {h['interface']}: NOT HEALTHY", f"  error: {h['error']}"]
+    if h.get("taken_down"):
+        return [f"network {h['interface']}: taken down",
+                f"  interface: down, by the operator's choice ('innernet down "
+                f"{h['interface']}'); 'innernet up {h['interface']}' brings it back",
+                f"  last successful sync: {when(h['last_success'])}"]
     out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
            f"  interface: {'up' if h['interface_up'] else 'down'}",
            f"  last successful sync: {when(h['last_success'])}"
@@ -15617,7 +15891,9 @@ def build_parser(server_mode=False):
     p.add_argument("--secret-file", metavar="FILE",
                    help="disable: a file holding the disablement secret")
     p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
-    p.add_argument("--key-name", metavar="NAME", help="init/add: a name for the key")
+    p.add_argument("--key-name", metavar="NAME",
+                   help="init/add: a name for the key (init: this admin peer's name)")
+    p.add_argument("--yes", action="store_true", help="init: do not ask for confirmation")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")
@@ -15776,13 +16052,10 @@ def _main(argv, server_mode):
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
     parser = build_parser(server_mode)
     prog = SERVER_PROG if server_mode else PROG
-    misplaced = _misplaced_global(argv)
-    if misplaced:
+    wrong = _misplaced_option(parser, prog, argv, server_mode)
+    if wrong:
         parser.print_usage(sys.stderr)
-        print(f"{prog}: error: {misplaced} is a global option and goes before the command",
-              file=sys.stderr)
-        print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
-              f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
+        print(f"{prog}: error: {wrong[0]}\nhint: {wrong[1]}", file=sys.stderr)
         return EXIT_USAGE
     args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
@@ -15842,6 +16115,38 @@ def _misplaced_global(argv):
     if "--" in rest:
         rest = rest[:rest.index("--")]
     return "-c" if "-c" in rest else None
+
+
+def _misplaced_option(parser, prog, argv, server_mode):
+    """(error, hint) for an option argparse would refuse with a garbled or
+    unhelpful message, or None."""
+    misplaced = _misplaced_global(argv)
+    if misplaced:
+        return (f"{misplaced} is a global option and goes before the command",
+                f"{prog} {misplaced} DIR ... COMMAND ... (after the command, write "
+                f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)")
+    up_only = None if server_mode else _up_only_option(parser, argv)
+    if up_only:
+        return (f"{up_only} is an option of 'up', not of 'fetch'",
+                "the systemd units: options only 'up' takes go in UP_ARGS= (innernet@), "
+                "not in ARGS=, which the timer's fetch reads too")
+    return None
+
+
+def _up_only_option(parser, argv):
+    """A long option only `up` takes, given to `fetch` (the systemd units'
+    shared ARGS=, say), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+    if i >= len(argv) or argv[i] != "fetch":
+        return None
+    rest = argv[i + 1:]
+    rest = rest[:rest.index("--")] if "--" in rest else rest
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    fetch, up = (set(verbs.choices[v]._option_string_actions) for v in ("fetch", "up"))
+    return next((o for o in (a.split("=", 1)[0] for a in rest)
+                 if o.startswith("--") and o in up - fetch), None)
 
 
 def server_main(argv=None):

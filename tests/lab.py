@@ -11,6 +11,7 @@ namespaces share, so interface names carry the lab's random prefix.
 """
 
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -484,6 +485,20 @@ def debian_launcher(tmp):
         f.write(build_zipapp.LAUNCHER.replace("/usr/share/innernet", share))
     os.chmod(launcher, 0o755)
     return launcher
+
+
+def unit_command(unit, instance, env=None):
+    """The argv systemd runs for a unit in debian/ (``unit``: its file name):
+    its ExecStart line with %i filled in, split into words, and each word
+    that is a bare $NAME replaced by the words of ``env``'s NAME (none when
+    unset), as systemd expands an unquoted variable from an EnvironmentFile."""
+    with open(os.path.join(ROOT, "debian", unit)) as f:
+        line = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
+    argv = []
+    for word in shlex.split(line.replace("%i", instance)):
+        name = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        argv += (env or {}).get(name.group(1), "").split() if name else [word]
+    return argv
 
 
 def db_rows(db, sql, args=()):

@@ -152,10 +152,10 @@ class Net:
     def lock(self):
         return {"batches": self.batches, "records": self.records, "enroll": self.enroll}
 
-    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None):
+    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None, skip=()):
         acc, ref, known = verify_state(self.chain, lock or self.lock(), peers or self.peers,
                                        cidrs or self.cidrs, "10.66.1.2", known or {},
-                                       rotated=rotated)
+                                       rotated=rotated, skip=skip)
         return {p.name: p for p in acc}, {p.name: r for p, r in ref}, known
 
 
@@ -196,6 +196,50 @@ def test_routes_and_an_exit_node_the_admin_did_not_sign_are_not_installed():
     acc, ref, _ = n.verify()
     assert acc["bob"].routes == [] and not acc["bob"].exit_node
     assert "192.168.5.0/24, the exit node not signed" in ref["bob"]
+
+
+def test_the_servers_own_record_gives_no_more_than_it_signed():
+    """Issue 32, outside probe: the server's entry is kept (the client needs
+    it), but a route, exit node, name or admin flag its signed record lacks
+    is not (a /25 inside another peer's signed /24 would steal its traffic;
+    the name 'alice' would map to the server in the hosts file)."""
+    n = Net()
+    server = n.add_peer("innernet-server", "10.66.0.1", 2, "server-key")
+    n.sign(payloads=n.records[-1:])
+    n.set("innernet-server", routes=["192.168.5.0/25"], exit_node=True, name="alice",
+          is_admin=True)
+    acc, ref, _ = n.verify(skip={server.ip})
+    kept = next(p for p in acc.values() if p.ip == server.ip)
+    assert kept.routes == [] and not kept.exit_node and not kept.is_admin
+    assert kept.name == "innernet-server"
+    assert "192.168.5.0/25, the exit node not signed" in ref["innernet-server"]
+    assert "name 'alice' is not the signed one" in ref["innernet-server"]
+    # a route its record signed stays; with no record at all, none does
+    n.peers[-1] = dataclasses.replace(n.peers[-1], name="innernet-server", is_admin=False,
+                                      exit_node=False)
+    n.records.append(n.payload(dataclasses.replace(server, routes=["192.168.5.0/25"])))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify(skip={server.ip})
+    assert acc["innernet-server"].routes == ["192.168.5.0/25"] and "innernet-server" not in ref
+    n.records = [r for r in n.records if r.get("ip") != server.ip]
+    acc, ref, _ = n.verify(skip={server.ip})
+    assert acc["innernet-server"].routes == [] and "not signed" in ref["innernet-server"]
+
+
+def test_this_hosts_own_record_gives_no_route_it_did_not_sign():
+    """An unsigned route on a client's own record would turn forwarding on
+    (route_peers) for the hijacked server to reach its LAN: it is cut."""
+    n = Net()
+    n.set("alice", routes=["192.168.77.0/24"], exit_node=True)
+    acc, ref, _ = n.verify()
+    assert acc["alice"].routes == [] and not acc["alice"].exit_node
+    assert "192.168.77.0/24, the exit node not signed" in ref["alice"]
+    alice = n.peers[0]
+    n.records.append(n.payload(dataclasses.replace(alice, exit_node=False)))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert acc["alice"].routes == ["192.168.77.0/24"] and not acc["alice"].exit_node
+    assert ref["alice"].startswith("the exit node not signed")
 
 
 def test_an_address_move_is_refused():
@@ -561,3 +605,68 @@ def test_an_admin_signs_only_over_what_was_signed():
     assert "peer:10.66.1.3" not in got and "peer:10.66.1.2" in got
     assert innernet.verified_lock_records(n.chain, records, n.batches)["peer:10.66.1.3"] == rec
     assert innernet.verified_lock_records(n.chain, records, None) == {}
+
+
+def test_an_admin_host_signs_over_no_record_older_than_the_newest_it_knows():
+    """Outside probe, finding 3: the server replays an older signed record
+    (a route revoked since, a name changed, a peer deleted); the admin's
+    next change to that subject -- or `lock remove`, which signs every
+    record again -- would sign it anew, newer than the one that undid it."""
+    n = Net()
+    recs = {innernet.record_subject(p): p for p in n.records}
+    bob = recs["peer:10.66.1.3"]
+    mine = {"known": {"peer:10.66.1.3": [bob["n"] + 5, "h", "bob-key", "bob-key"]},
+            "signed": {"peer:10.66.1.2": 10 ** 12, "cidr:10.66.1.0/24": "junk"}}
+    newest = innernet.lock_newest(mine)
+    assert newest == {"peer:10.66.1.3": bob["n"] + 5, "peer:10.66.1.2": 10 ** 12}
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], newest=newest)
+    with pytest.raises(InnernetError, match=r"signed record of peer 10.66.1.3 is older "
+                                            r"\(serial \d+\) than the newest this host knows"):
+        signer.signed({"peer:10.66.1.3": dict(innernet.lock_fields(bob), name="bobby")})
+    with pytest.raises(InnernetError, match="not signing over it"):    # as lock remove asks
+        innernet.refuse_stale(recs, newest, recs)
+    # a subject it knows nothing newer of is signed, and its serial remembered
+    carol = recs["peer:10.66.2.4"]
+    out = signer.signed({"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")})
+    assert out["records"][0]["n"] > carol["n"]
+    assert signer.newest["peer:10.66.2.4"] == out["records"][0]["n"]
+    # the server holding no record at all of a subject this host knows
+    del recs["peer:10.66.1.3"]
+    with pytest.raises(InnernetError, match=r"older \(none\)"):
+        innernet.refuse_stale(recs, newest, ["peer:10.66.1.3"])
+    innernet.refuse_stale(recs, {}, recs)            # nothing known: nothing refused
+
+
+def test_approve_routes_signs_a_route_the_server_approved_alone_only_if_asked():
+    """Outside probe, finding 5: the server holding a route approved (unsigned)
+    is no divergence for the admin's approval of that very route; any
+    other route or field the server changed still is."""
+    n = Net()
+    bob = next(r for r in n.records if r.get("name") == "bob")
+    now = dict(innernet.lock_fields(bob), routes=["192.168.5.0/24"])
+    assert innernet.lock_divergence(now, bob) == "routes not as signed"
+    assert innernet.lock_divergence(now, innernet.lock_asked(bob, {"192.168.5.0/24"})) is None
+    assert innernet.lock_divergence(dict(now, routes=["192.168.5.0/24", "192.168.6.0/24"]),
+                                    innernet.lock_asked(bob, {"192.168.5.0/24"})) \
+        == "routes not as signed"
+    assert innernet.lock_divergence(dict(now, exit=True),
+                                    innernet.lock_asked(bob, {"0.0.0.0/0", "192.168.5.0/24"})) \
+        is None
+    peer = Peer(1, "bob", "10.66.1.3", 3, "k", routes=["192.168.5.0/24"],
+                pending_routes=["192.168.6.0/24"], exit_node=True)
+    assert innernet.approval_asked(peer, None) == {"192.168.5.0/24", "192.168.6.0/24",
+                                                   "0.0.0.0/0", "::/0"}
+    assert innernet.approval_asked(peer, ["192.168.6.0/24"]) == {"192.168.6.0/24"}
+
+
+def test_lock_init_names_the_peers_that_see_no_admin():
+    """lock_blind_peers: a peer takes a lock from an admin it knows; one whose
+    view holds no admin peer cannot yet (outside probe, finding 6)."""
+    n = Net()
+    n.set("alice", is_admin=True)
+    recs = {innernet.record_subject(p): p for p in n.records}
+    recs["peer:10.66.1.2"] = dict(recs["peer:10.66.1.2"], admin=True)
+    ips = {"10.66.1.3", "10.66.2.4"}
+    assert innernet.lock_blind_peers(recs, ips) == ["carol"]
+    recs["assoc:x"] = assoc_payload(NET, 9, a="10.66.1.0/24", b="10.66.2.0/24")
+    assert innernet.lock_blind_peers(recs, ips) == []

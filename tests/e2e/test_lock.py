@@ -73,7 +73,7 @@ def w(pyz):
             db_exec(w.db, "UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = ?",
                     (w.keys[name], name))
         w.admin.innernet("fetch", w.admin_if, "--no-write-hosts")
-        out = w.admin.innernet("lock", "init", w.admin_if)
+        out = w.admin.innernet("lock", "init", w.admin_if, "--yes")
         w.secret = out.stdout.split("keep it offline): ")[1].split()[0]
         w.lock_init_err = out.stderr
         zed_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'zed'")[0][0]
@@ -383,6 +383,51 @@ def test_an_older_signed_record_replayed_is_refused_under_lock(w):
     assert "192.168.60.0/24" not in held
     zheld = {a for p in device(w.zed, w.zed_if)["peers"] for a in p["allowed_ips"]}
     assert "192.168.60.0/24" in zheld
+    both(w, lambda s: s)
+
+
+def test_the_servers_own_record_gives_no_route_or_name_beyond_its_signed_one_under_lock(w):
+    """The server's entry is kept (its key and endpoint are the client's
+    config's), but a route or a name on it that its signed record lacks is
+    not taken: a /25 would outrank a peer's signed /24, and a peer's name
+    would map to the server in the hosts file (outside probe, finding 1)."""
+    assert f"peer:{SERVER_IP}" in w.records
+
+    def server(s):
+        peer_of(s, "innernet-server").update(routes=["192.168.72.0/25"], name="bob")
+        return s
+    alice, zed = both(w, server)
+    line = refused(alice, "innernet-server")
+    assert len(line) == 1 and "192.168.72.0/25 not signed" in line[0], alice.err
+    assert "name 'bob' is not the signed one" in line[0]
+    assert "192.168.72.0/25" not in alice.held and alice.held[f"{SERVER_IP}/32"] == w.server_key
+    assert zed.held.get("192.168.72.0/25") == w.server_key
+    stored = json.load(open(w.alice.path("client", "lib", f"{w.alice_if}.json")))
+    assert [p["name"] for p in stored["peers"] if p["ip"] == SERVER_IP] == ["innernet-server"]
+    both(w, lambda s: s)
+
+
+def _forwarding(host, iface):
+    return host.exec(["cat", f"/proc/sys/net/ipv4/conf/{iface}/forwarding"]).stdout.strip()
+
+
+def test_an_unsigned_route_on_a_clients_own_record_turns_no_forwarding_on_under_lock(w):
+    """The server gives each client's own record a route: forwarding would
+    go on for the hijacker to reach its LAN (outside probe, finding 2)."""
+    out = {}
+    for who, host, iface, honest in (("alice", w.alice, w.alice_if, w.honest),
+                                     ("zed", w.zed, w.zed_if, w.honest_zed)):
+        assert _forwarding(host, iface) == "0"
+        state = copy.deepcopy(honest)
+        peer_of(state, who)["routes"] = ["192.168.73.0/24"]
+        if who == "zed":
+            state.pop("lock", None)
+        out[who] = lie(w, host, iface, state)
+    line = [ln for ln in out["alice"].stderr.splitlines() if "lock refused peer 'alice'" in ln]
+    assert len(line) == 1 and "192.168.73.0/24 not signed" in line[0], out["alice"].stderr
+    assert _forwarding(w.alice, w.alice_if) == "0"
+    assert _forwarding(w.zed, w.zed_if) == "1"              # without lock: taken
+    w.zed.exec(["sh", "-c", f"echo 0 > /proc/sys/net/ipv4/conf/{w.zed_if}/forwarding"])
     both(w, lambda s: s)
 
 
