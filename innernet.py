@@ -63,12 +63,13 @@ import sys
 import threading
 import time
 
-# PyNaCl and pyroute2 are imported where they are used (sections 6 and 8;
-# pyroute2 by the kernel backend only), so that --help, admin verbs, the
-# server and the unit tests start fast and work without them.
+# PyNaCl is imported where it is used (sections 7 and 10), so that --help, admin
+# verbs, the server and the unit tests start fast and work without it.
 # So are the stdlib modules only one role needs (sqlite3 for the server,
 # subprocess for starting wireguard-go): `fetch` from cron pays
-# for what it uses, no more.
+# for what it uses, no more. Netlink (rtnetlink, and WireGuard's generic
+# netlink family for the kernel backend) is spoken with the socket module:
+# pyroute2 is not used (sections 3 and 13 say why).
 
 
 ###############################################################################
@@ -314,12 +315,15 @@ def _uapi_answer(s):
 # A kernel device, read as wireguard-go would answer: WireGuard's generic
 # netlink family (linux/wireguard.h) spoken over the _socket module, with no
 # pyroute2 import (about 3 s under emulation, 0.2 s on a real host: more than
-# the whole fast path). Attribute numbers from that header.
+# the whole fast path). Attribute numbers from that header. The kernel
+# backend (section 13) reads devices with these functions too.
 _GENL, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY = 16, 0x10, 3
 _CTRL_ATTR_FAMILY_ID, _CTRL_ATTR_FAMILY_NAME = 1, 2
 _WG_CMD_GET_DEVICE, _WGDEVICE_A_IFNAME, _WGDEVICE_A_LISTEN_PORT, _WGDEVICE_A_PEERS = 0, 2, 6, 8
+_WGDEVICE_A_PRIVATE_KEY, _WGDEVICE_A_PUBLIC_KEY, _WGDEVICE_A_FWMARK = 3, 4, 7
 _WGPEER_A_PUBLIC_KEY, _WGPEER_A_ENDPOINT, _WGPEER_A_KEEPALIVE = 1, 4, 5
-_WGPEER_A_LAST_HANDSHAKE, _WGPEER_A_ALLOWEDIPS = 6, 9
+_WGPEER_A_LAST_HANDSHAKE, _WGPEER_A_RX_BYTES, _WGPEER_A_TX_BYTES = 6, 7, 8
+_WGPEER_A_ALLOWEDIPS, _WGALLOWEDIP_A_IPADDR, _WGALLOWEDIP_A_CIDR_MASK = 9, 2, 3
 
 
 def _nl_attrs(data, off=0, end=None):
@@ -343,7 +347,8 @@ def _nl_attr(kind, payload):
 
 def _genl_call(s, family, cmd, version, attrs, flags):
     """Send one generic netlink request; the payloads (after the genl header)
-    of its answers up to the ack or the dump's end, or None on an error."""
+    of its answers up to the ack or the dump's end. OSError with the errno
+    the kernel answered (or EIO for an answer cut short)."""
     body = bytes([cmd, version, 0, 0]) + attrs
     s.send((16 + len(body)).to_bytes(4, sys.byteorder) + family.to_bytes(2, sys.byteorder)
            + flags.to_bytes(2, sys.byteorder) + (1).to_bytes(4, sys.byteorder)
@@ -351,22 +356,23 @@ def _genl_call(s, family, cmd, version, attrs, flags):
     out = []
     while True:
         data = s.recv(1 << 20)
-        if not data:
-            return None
         off = 0
         while off + 16 <= len(data):
             n = int.from_bytes(data[off:off + 4], sys.byteorder)
             kind = int.from_bytes(data[off + 4:off + 6], sys.byteorder)
             if n < 16:
-                return None
+                break
             if kind == 3:                                   # NLMSG_DONE
                 return out
             if kind == 2:                                   # NLMSG_ERROR (0: the ack)
-                if int.from_bytes(data[off + 16:off + 20], sys.byteorder, signed=True):
-                    return None
+                code = -int.from_bytes(data[off + 16:off + 20], sys.byteorder, signed=True)
+                if code:
+                    raise OSError(code, posix.strerror(code))
                 return out
             out.append(data[off + 20:off + n])
             off += (n + 3) & ~3
+        if not data or off < len(data):
+            raise OSError(5, "netlink answer cut short")   # EIO
 
 
 def _endpoint_text(raw):
@@ -379,59 +385,113 @@ def _endpoint_text(raw):
     return ""
 
 
+def _u(raw, size, signed=False):
+    return int.from_bytes(raw[:size], sys.byteorder, signed=signed)
+
+
+def wg_genl_device(msgs):
+    """The device in the kernel's answer to WG_CMD_GET_DEVICE (``msgs``: the
+    payloads after the genl header), pure: {"private_key", "public_key" (32
+    bytes each, b"" if unset), "listen_port", "fwmark", "peers"}, a peer
+    {"public_key" (bytes), "endpoint" (UAPI's text, "" if none), "keepalive",
+    "handshake" (unix time, 0.0: never), "rx", "tx", "allowed_ips" (texts)}.
+    The kernel splits a big device over messages: a peer whose allowed IPs do
+    not fit goes on, under the same key, at the start of the next one."""
+    dev = {"private_key": b"", "public_key": b"", "listen_port": 0, "fwmark": 0, "peers": []}
+    for m in msgs:
+        for k, v in _nl_attrs(m):
+            if k == _WGDEVICE_A_PRIVATE_KEY or k == _WGDEVICE_A_PUBLIC_KEY:
+                dev["private_key" if k == _WGDEVICE_A_PRIVATE_KEY else "public_key"] = v[:32]
+            elif k == _WGDEVICE_A_LISTEN_PORT:
+                dev["listen_port"] = _u(v, 2)
+            elif k == _WGDEVICE_A_FWMARK:
+                dev["fwmark"] = _u(v, 4)
+            elif k == _WGDEVICE_A_PEERS:
+                for _, pv in _nl_attrs(v):
+                    _wg_genl_peer(dev["peers"], dict(_nl_attrs(pv)))
+    return dev
+
+
+def _wg_genl_peer(peers, attrs):
+    key = attrs.get(_WGPEER_A_PUBLIC_KEY, b"")
+    if peers and peers[-1]["public_key"] == key:
+        p = peers[-1]                               # continued from the last message
+    else:
+        p = {"public_key": key, "endpoint": "", "keepalive": 0, "handshake": 0.0,
+             "rx": 0, "tx": 0, "allowed_ips": []}
+        peers.append(p)
+    if _WGPEER_A_ENDPOINT in attrs:
+        p["endpoint"] = _endpoint_text(attrs[_WGPEER_A_ENDPOINT])
+    if _WGPEER_A_KEEPALIVE in attrs:
+        p["keepalive"] = _u(attrs[_WGPEER_A_KEEPALIVE], 2)
+    if _WGPEER_A_LAST_HANDSHAKE in attrs:           # struct __kernel_timespec
+        ts = attrs[_WGPEER_A_LAST_HANDSHAKE]
+        secs = _u(ts, 8, True) + _u(ts[8:16], 8, True) / 1e9
+        p["handshake"] = secs if secs >= 1 else 0.0
+    if _WGPEER_A_RX_BYTES in attrs:
+        p["rx"] = _u(attrs[_WGPEER_A_RX_BYTES], 8)
+    if _WGPEER_A_TX_BYTES in attrs:
+        p["tx"] = _u(attrs[_WGPEER_A_TX_BYTES], 8)
+    for _, av in _nl_attrs(attrs.get(_WGPEER_A_ALLOWEDIPS, b"")):
+        a = dict(_nl_attrs(av))
+        ip, mask = a.get(_WGALLOWEDIP_A_IPADDR, b""), a.get(_WGALLOWEDIP_A_CIDR_MASK, b"")[:1]
+        text = _socket.inet_ntoa(ip) if len(ip) == 4 else \
+            _socket.inet_ntop(_socket.AF_INET6, ip) if len(ip) == 16 else ""
+        if text and mask:
+            p["allowed_ips"].append(f"{text}/{mask[0]}")
+
+
+def wg_genl_family(s):
+    """The WireGuard family's id, asked of genl's controller; None without
+    the module (the controller answers ENOENT)."""
+    try:
+        answer = _genl_call(s, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, 1,
+                            _nl_attr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"), 0x5)
+    except OSError as e:
+        if e.errno == 2:
+            return None
+        raise
+    return next((_u(v, 2) for m in answer for k, v in _nl_attrs(m)
+                 if k == _CTRL_ATTR_FAMILY_ID), None)
+
+
+def genl_socket():
+    s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _GENL)
+    s.settimeout(HTTP_TIMEOUT)
+    return s
+
+
+def kernel_device(iface):
+    """wg_genl_device of the kernel's device ``iface``; None if the kernel
+    has no WireGuard. OSError as the kernel answers (ENODEV: no such device)."""
+    s = genl_socket()
+    try:
+        family = wg_genl_family(s)
+        if family is None:
+            return None
+        return wg_genl_device(_genl_call(s, family, _WG_CMD_GET_DEVICE, 1,
+                                         _nl_attr(_WGDEVICE_A_IFNAME, iface.encode() + b"\0"),
+                                         0x301))
+    finally:
+        s.close()
+
+
 def kernel_dump(iface):
     """A kernel WireGuard device as the UAPI text of `get=1` (the lines
     device_digest reads), over generic netlink; None if there is none."""
     try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _GENL)
-    except (OSError, AttributeError):
+        dev = kernel_device(iface)
+    except (OSError, AttributeError):        # AttributeError: no AF_NETLINK here
         return None
-    try:
-        s.settimeout(HTTP_TIMEOUT)
-        answer = _genl_call(s, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, 1,
-                            _nl_attr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"), 0x5)
-        family = next((int.from_bytes(v[:2], sys.byteorder) for m in answer or ()
-                       for k, v in _nl_attrs(m) if k == _CTRL_ATTR_FAMILY_ID), None)
-        if family is None:
-            return None
-        msgs = _genl_call(s, family, _WG_CMD_GET_DEVICE, 1,
-                          _nl_attr(_WGDEVICE_A_IFNAME, iface.encode() + b"\0"), 0x301)
-    except OSError:
+    if dev is None:
         return None
-    finally:
-        s.close()
-    if not msgs:
-        return None
-    port, peers = 0, {}             # a peer's allowed IPs may go on in the next message
-    for m in msgs:
-        for k, v in _nl_attrs(m):
-            if k == _WGDEVICE_A_LISTEN_PORT:
-                port = int.from_bytes(v[:2], sys.byteorder)
-            elif k == _WGDEVICE_A_PEERS:
-                for _, pv in _nl_attrs(v):
-                    attrs = dict(_nl_attrs(pv))
-                    key = attrs.get(_WGPEER_A_PUBLIC_KEY, b"").hex()
-                    p = peers.setdefault(key, [b"", b"0", b"0", []])
-                    if _WGPEER_A_ENDPOINT in attrs:
-                        p[0] = _endpoint_text(attrs[_WGPEER_A_ENDPOINT]).encode()
-                    if _WGPEER_A_KEEPALIVE in attrs:
-                        p[1] = str(int.from_bytes(attrs[_WGPEER_A_KEEPALIVE][:2],
-                                                  sys.byteorder)).encode()
-                    if _WGPEER_A_LAST_HANDSHAKE in attrs:
-                        p[2] = str(int.from_bytes(attrs[_WGPEER_A_LAST_HANDSHAKE][:8],
-                                                  sys.byteorder, signed=True)).encode()
-                    for _, av in _nl_attrs(attrs.get(_WGPEER_A_ALLOWEDIPS, b"")):
-                        a = dict(_nl_attrs(av))
-                        ip, mask = a.get(2, b""), a.get(3, b"\0")[:1]
-                        text = _socket.inet_ntoa(ip) if len(ip) == 4 else \
-                            _socket.inet_ntop(_socket.AF_INET6, ip) if len(ip) == 16 else ""
-                        if text and mask:
-                            p[3].append(f"{text}/{mask[0]}".encode())
-    lines = [b"listen_port=%d" % port]
-    for key, (ep, keepalive, seen, allowed) in peers.items():
-        lines += [b"public_key=" + key.encode(), b"endpoint=" + ep,
-                  b"persistent_keepalive_interval=" + keepalive,
-                  b"last_handshake_time_sec=" + seen] + [b"allowed_ip=" + a for a in allowed]
+    lines = [b"listen_port=%d" % dev["listen_port"]]
+    for p in dev["peers"]:
+        lines += [b"public_key=" + p["public_key"].hex().encode(),
+                  b"endpoint=" + p["endpoint"].encode(),
+                  b"persistent_keepalive_interval=%d" % p["keepalive"],
+                  b"last_handshake_time_sec=%d" % int(p["handshake"])] \
+            + [b"allowed_ip=" + a.encode() for a in p["allowed_ips"]]
     return b"\n".join(lines) + b"\nerrno=0\n\n"
 
 
@@ -823,7 +883,7 @@ def launch(path=None):
     scripts): an unchanged sync is answered here; anything else by the whole
     program, which is imported only then. ``path``: where innernet.py is. An
     interpreter started with -S (the launchers' way: no site directory to
-    scan for a fast fetch) gets the system's packages (PyNaCl, pyroute2)
+    scan for a fast fetch) gets the system's packages (PyNaCl)
     back first. A Ctrl-C anywhere in the start-up exits 130 quietly."""
     try:
         code = fast_fetch(sys.argv)
@@ -4529,19 +4589,7 @@ def update_hosts_text(text, tag, lines):
 ###############################################################################
 # rtnetlink spoken directly (links, addresses, routes, rules) and, over it,
 # what a device needs around it: subnet routes, forwarding, the exit node's
-# policy routing, split DNS. pyroute2 is imported only where it is used.
-
-
-def _import_pyroute2():
-    """pyroute2's WireGuard generic-netlink module (the kernel backend's only
-    use of it) and its error type."""
-    try:
-        from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.generic.wireguard import WireGuard
-    except ImportError:
-        raise InnernetError("pyroute2 is not installed",
-                            hint="apt install python3-pyroute2, or pip install pyroute2") from None
-    return WireGuard, NetlinkError
+# policy routing, split DNS.
 
 
 # rtnetlink, with the socket module alone: the four requests bringing an
@@ -5324,16 +5372,102 @@ def _no_kernel_module():
                          hint="use --backend userspace (wireguard-go)")
 
 
-class KernelBackend:
-    """The Linux WireGuard module over generic netlink (pyroute2)."""
-    name = "kernel"
+# Setting a kernel device: WG_CMD_SET_DEVICE over the generic netlink of
+# section 3 (linux/wireguard.h), instead of pyroute2, whose import cost every
+# command on a kernel host 3-4 s under emulation (the VM lane) and 0.2 s on a
+# real one, for a few nested attributes. A big change goes in several
+# messages, as wg(8) sends it: a netlink attribute holds at most 64 KiB.
+_WG_CMD_SET_DEVICE, _WGDEVICE_A_FLAGS = 1, 5
+_WGPEER_A_FLAGS, _WGALLOWEDIP_A_FAMILY = 3, 1
+_WGPEER_F_REMOVE_ME, _WGPEER_F_REPLACE_ALLOWEDIPS = 1, 2
+_NLA_F_NESTED = 0x8000
+WG_SET_MESSAGE_MAX = 32768      # bytes of attributes in one request
 
-    def _wireguard(self):
-        WireGuard, NetlinkError = _import_pyroute2()
-        try:
-            return WireGuard()
-        except NetlinkError:
-            raise _no_kernel_module() from None
+
+def _sockaddr(endpoint):
+    """A resolved "ip:port" as the kernel's struct sockaddr_in / sockaddr_in6."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise InnernetError(f"endpoint {endpoint} is not resolved to an address") from None
+    if ip.version == 4:
+        return struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) + ip.packed + bytes(8)
+    return struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", port, 0) + ip.packed \
+        + bytes(4)
+
+
+def _allowed_ip_attr(text):
+    net = ipaddress.ip_network(text, strict=False)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return _rtattr(_NLA_F_NESTED, _rtattr(_WGALLOWEDIP_A_FAMILY, struct.pack("=H", family))
+                   + _rtattr(_WGALLOWEDIP_A_IPADDR, net.network_address.packed)
+                   + _rtattr(_WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])))
+
+
+def _wg_peer_attrs(u, room):
+    """The nested attributes of one PeerUpdate, in pieces of at most ``room``
+    bytes: a peer whose allowed IPs do not fit goes on under its key, adding
+    to what the first piece replaced."""
+    key = _rtattr(_WGPEER_A_PUBLIC_KEY, parse_key(u.public_key))
+    if u.remove:
+        return [key + _rtattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REMOVE_ME))]
+    head = key
+    if u.allowed_ips is not None:
+        head += _rtattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REPLACE_ALLOWEDIPS))
+    if u.endpoint is not None:
+        head += _rtattr(_WGPEER_A_ENDPOINT, _sockaddr(u.endpoint))
+    if u.keepalive is not None:
+        head += _rtattr(_WGPEER_A_KEEPALIVE, struct.pack("=H", u.keepalive))
+    pieces, ips = [], list(map(_allowed_ip_attr, u.allowed_ips or ()))
+    while True:
+        n, size = 0, len(head) + 4
+        while n < len(ips) and size + len(ips[n]) <= room:
+            size += len(ips[n])
+            n += 1
+        if n == 0 and ips:
+            raise InnernetError("a WireGuard peer change does not fit a netlink message")
+        pieces.append(head + (_rtattr(_WGPEER_A_ALLOWEDIPS | _NLA_F_NESTED, b"".join(ips[:n]))
+                              if n else b""))
+        ips, head = ips[n:], key
+        if not ips:
+            return pieces
+
+
+def wg_set_messages(ifname, *, private_key=None, listen_port=None, fwmark=None, updates=(),
+                    limit=WG_SET_MESSAGE_MAX):
+    """The attributes of the WG_CMD_SET_DEVICE requests that make these
+    changes (pure; KernelBackend.apply sends them in order): the device's
+    settings in the first, the peers' changes in order, as many to a request
+    as fit ``limit``. [] when there is nothing to change."""
+    name = _rtattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0")
+    first = name
+    if private_key is not None:
+        first += _rtattr(_WGDEVICE_A_PRIVATE_KEY, parse_key(private_key, "private key"))
+    if listen_port is not None:
+        first += _rtattr(_WGDEVICE_A_LISTEN_PORT, struct.pack("=H", listen_port))
+    if fwmark is not None:
+        first += _rtattr(_WGDEVICE_A_FWMARK, struct.pack("=I", fwmark))
+    room = limit - len(first) - 8           # the PEERS attribute and one peer's headers
+    peers = [_rtattr(_NLA_F_NESTED, piece) for u in updates if u.touches_device
+             for piece in _wg_peer_attrs(u, room)]
+    out, batch, size, head = [], [], 0, first
+    for p in peers:
+        if batch and len(head) + 4 + size + len(p) > limit:
+            out.append(head + _rtattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, b"".join(batch)))
+            batch, size, head = [], 0, name
+        batch.append(p)
+        size += len(p)
+    if batch:
+        out.append(head + _rtattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, b"".join(batch)))
+    elif head != name:
+        out.append(head)
+    return out
+
+
+class KernelBackend:
+    """The Linux WireGuard module over generic netlink (no pyroute2: sections 3 and 13)."""
+    name = "kernel"
 
     def exists(self, ifname):
         with Netlink() as nl:
@@ -5352,77 +5486,50 @@ class KernelBackend:
         return {p.public_key: (p.endpoint, p.last_handshake) for p in self.get(ifname).peers}
 
     def get(self, ifname):
-        wg = self._wireguard()
         try:
-            msgs = wg.info(ifname)
-        finally:
-            wg.close()
-        dev = Device(ifname)
-        for msg in msgs:
-            priv = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
-            if priv:
-                dev.public_key = public_key(priv.decode() if isinstance(priv, bytes) else priv)
-            port = msg.get_attr("WGDEVICE_A_LISTEN_PORT")
-            if port is not None:
-                dev.listen_port = port
-            for p in msg.get_attr("WGDEVICE_A_PEERS") or ():
-                key = p.get_attr("WGPEER_A_PUBLIC_KEY")
-                key = key.decode() if isinstance(key, bytes) else key
-                dp = DevicePeer(key)
-                ep = p.get_attr("WGPEER_A_ENDPOINT")
-                if ep and ep.get("port"):
-                    dp.endpoint = format_endpoint(ep["addr"], ep["port"])
-                for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or ():
-                    addr = a.get("addr") if isinstance(a, dict) else a.get_attr("addr")
-                    if addr:
-                        dp.allowed_ips.append(addr)
-                dp.persistent_keepalive = p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0
-                hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
-                secs = hs.get("tv_sec", 0) if hasattr(hs, "get") else 0
-                dp.last_handshake = float(secs) if secs else 0.0
-                dp.rx_bytes = p.get_attr("WGPEER_A_RX_BYTES") or 0
-                dp.tx_bytes = p.get_attr("WGPEER_A_TX_BYTES") or 0
-                dev.peers.append(dp)
+            raw = kernel_device(ifname)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                raise InnernetError(f"interface {ifname} is not up",
+                                    hint=f"run 'innernet up {ifname}'") from None
+            raise InnernetError(f"cannot read {ifname}: {e.strerror}") from None
+        if raw is None:
+            raise _no_kernel_module()
+        dev = Device(name=ifname, listen_port=raw["listen_port"])
+        if raw["public_key"].strip(b"\0"):
+            dev.public_key = base64.b64encode(raw["public_key"]).decode()
+        for p in raw["peers"]:
+            dev.peers.append(DevicePeer(
+                public_key=base64.b64encode(p["public_key"]).decode(),
+                endpoint=p["endpoint"] or None, allowed_ips=p["allowed_ips"],
+                persistent_keepalive=p["keepalive"], last_handshake=p["handshake"],
+                rx_bytes=p["rx"], tx_bytes=p["tx"]))
         return dev
 
     def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
               replace_peers=False, fwmark=None):
-        current = self.get(ifname) if (replace_peers or updates) else None
-        wg = self._wireguard()
-        try:
-            if private_key is not None or listen_port is not None:
-                wg.set(ifname, private_key=private_key, listen_port=listen_port)
-            if fwmark is not None:
-                wg.set(ifname, fwmark=fwmark)
+        """Peers not in ``updates`` are removed one by one with replace_peers
+        (WGDEVICE_F_REPLACE_PEERS would end the sessions of those kept)."""
+        updates = list(updates)
+        if replace_peers:
             keep = {u.public_key for u in updates if not u.remove}
-            if replace_peers and current:
-                for p in current.peers:
-                    if p.public_key not in keep:
-                        wg.set(ifname, peer={"public_key": p.public_key, "remove": True})
-            for u in updates:
-                if u.remove:
-                    wg.set(ifname, peer={"public_key": u.public_key, "remove": True})
-                    continue
-                if not u.touches_device:
-                    continue
-                allowed = u.allowed_ips
-                if allowed is None:
-                    old = current.peer(u.public_key) if current else None
-                    allowed = old.allowed_ips if old else []
-                peer = {"public_key": u.public_key, "allowed_ips": allowed,
-                        "replace_allowed_ips": True}
-                if u.keepalive is not None:
-                    peer["persistent_keepalive"] = u.keepalive
-                if u.endpoint is not None:
-                    host, port = parse_endpoint(u.endpoint)
-                    peer["endpoint_addr"], peer["endpoint_port"] = host, port
-                wg.set(ifname, peer=peer)
-        except InnernetError:
-            raise
-        except Exception as e:
-            raise InnernetError(f"cannot configure {ifname}: {e}") from None
+            updates = [PeerUpdate(p.public_key, remove=True) for p in self.get(ifname).peers
+                       if p.public_key not in keep] + updates
+        msgs = wg_set_messages(ifname, private_key=private_key, listen_port=listen_port,
+                               fwmark=fwmark, updates=updates)
+        if not msgs:
+            return
+        s = genl_socket()
+        try:
+            family = wg_genl_family(s)
+            if family is None:
+                raise _no_kernel_module()
+            for m in msgs:
+                _genl_call(s, family, _WG_CMD_SET_DEVICE, 1, m, 0x5)   # REQUEST | ACK
+        except OSError as e:
+            raise InnernetError(f"cannot configure {ifname}: {e.strerror}") from None
         finally:
-            wg.close()
+            s.close()
 
 
 BACKENDS = {"kernel": KernelBackend, "userspace": UserspaceBackend}

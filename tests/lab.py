@@ -69,10 +69,11 @@ class Host:
 
     def exec(self, argv, *, check=True, timeout=60, input=None):
         """Run argv inside this host's namespace; CompletedProcess with text."""
+        t0 = time.monotonic()
         proc = subprocess.run(["ip", "netns", "exec", self.ns] + list(argv),
                               capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE,
                               input=input)
-        self.lab.record(self.name, argv, proc)
+        self.lab.record(self.name, argv, proc, time.monotonic() - t0)
         if check and proc.returncode != 0:
             raise AssertionError(f"[{self.name}] {shlex.join(argv)} exited {proc.returncode}\n"
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
@@ -115,6 +116,29 @@ class Host:
                          timeout=timeout, check=check)
 
 
+# Where each host command's wall time goes, one line a command (time, host,
+# what ran), when set: the VM lane's profile of where its minutes go.
+COMMAND_TIMES = os.environ.get("INNERNET_LAB_TIMES")
+
+
+def command_label(argv):
+    """A short name for a command line: an innernet command by its verb, a
+    Python one-liner by the script's first line."""
+    argv = list(argv)
+    if "-c" in argv and argv.index("-c") + 1 < len(argv) and "\n" in argv[argv.index("-c") + 1]:
+        code = argv[argv.index("-c") + 1].strip().splitlines()
+        return f"python -c {code[0][:40]}"
+    words, skip = [], False
+    for i, w in enumerate(argv):
+        if skip or w in ("-S", "-I") or w.startswith("/"):
+            skip = False
+        elif w in ("-c", "-d") and i + 1 < len(argv) and argv[i + 1].startswith("/"):
+            skip = True
+        else:
+            words.append(w)
+    return " ".join(words[:4])[:80]
+
+
 class Lab:
     """Namespaces on a bridge, cleaned up by exact name and PID."""
 
@@ -144,8 +168,11 @@ class Lab:
         assert len(name) <= 15, name
         return name
 
-    def record(self, host, argv, proc):
+    def record(self, host, argv, proc, took=None):
         self.history.append((host, argv, proc.returncode, proc.stdout, proc.stderr))
+        if COMMAND_TIMES and took is not None:
+            with open(COMMAND_TIMES, "a") as f:
+                f.write(f"{took:.3f}\t{host}\t{command_label(argv)}\n")
 
     def all_output(self):
         """Everything the lab's commands printed and every log file: for secret scans."""
