@@ -15186,7 +15186,7 @@ def leave_exit(args, iface):
 
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
-                      ".status.json", ".down", ".oldkeys.json", ".flags.json")
+                      ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json")
 
 
 def cmd_uninstall(args):
