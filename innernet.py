@@ -63,12 +63,13 @@ import sys
 import threading
 import time
 
-# PyNaCl and pyroute2 are imported where they are used (sections 6 and 8;
-# pyroute2 by the kernel backend only), so that --help, admin verbs, the
-# server and the unit tests start fast and work without them.
+# PyNaCl is imported where it is used (sections 7 and 10), so that --help, admin
+# verbs, the server and the unit tests start fast and work without it.
 # So are the stdlib modules only one role needs (sqlite3 for the server,
 # subprocess for starting wireguard-go): `fetch` from cron pays
-# for what it uses, no more.
+# for what it uses, no more. Netlink (rtnetlink, and WireGuard's generic
+# netlink family for the kernel backend) is spoken with the socket module:
+# pyroute2 is not used (sections 3 and 13 say why).
 
 
 ###############################################################################
@@ -314,12 +315,15 @@ def _uapi_answer(s):
 # A kernel device, read as wireguard-go would answer: WireGuard's generic
 # netlink family (linux/wireguard.h) spoken over the _socket module, with no
 # pyroute2 import (about 3 s under emulation, 0.2 s on a real host: more than
-# the whole fast path). Attribute numbers from that header.
+# the whole fast path). Attribute numbers from that header. The kernel
+# backend (section 13) reads devices with these functions too.
 _GENL, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY = 16, 0x10, 3
 _CTRL_ATTR_FAMILY_ID, _CTRL_ATTR_FAMILY_NAME = 1, 2
 _WG_CMD_GET_DEVICE, _WGDEVICE_A_IFNAME, _WGDEVICE_A_LISTEN_PORT, _WGDEVICE_A_PEERS = 0, 2, 6, 8
+_WGDEVICE_A_PRIVATE_KEY, _WGDEVICE_A_PUBLIC_KEY, _WGDEVICE_A_FWMARK = 3, 4, 7
 _WGPEER_A_PUBLIC_KEY, _WGPEER_A_ENDPOINT, _WGPEER_A_KEEPALIVE = 1, 4, 5
-_WGPEER_A_LAST_HANDSHAKE, _WGPEER_A_ALLOWEDIPS = 6, 9
+_WGPEER_A_LAST_HANDSHAKE, _WGPEER_A_RX_BYTES, _WGPEER_A_TX_BYTES = 6, 7, 8
+_WGPEER_A_ALLOWEDIPS, _WGALLOWEDIP_A_IPADDR, _WGALLOWEDIP_A_CIDR_MASK = 9, 2, 3
 
 
 def _nl_attrs(data, off=0, end=None):
@@ -343,7 +347,8 @@ def _nl_attr(kind, payload):
 
 def _genl_call(s, family, cmd, version, attrs, flags):
     """Send one generic netlink request; the payloads (after the genl header)
-    of its answers up to the ack or the dump's end, or None on an error."""
+    of its answers up to the ack or the dump's end. OSError with the errno
+    the kernel answered (or EIO for an answer cut short)."""
     body = bytes([cmd, version, 0, 0]) + attrs
     s.send((16 + len(body)).to_bytes(4, sys.byteorder) + family.to_bytes(2, sys.byteorder)
            + flags.to_bytes(2, sys.byteorder) + (1).to_bytes(4, sys.byteorder)
@@ -351,22 +356,23 @@ def _genl_call(s, family, cmd, version, attrs, flags):
     out = []
     while True:
         data = s.recv(1 << 20)
-        if not data:
-            return None
         off = 0
         while off + 16 <= len(data):
             n = int.from_bytes(data[off:off + 4], sys.byteorder)
             kind = int.from_bytes(data[off + 4:off + 6], sys.byteorder)
             if n < 16:
-                return None
+                break
             if kind == 3:                                   # NLMSG_DONE
                 return out
             if kind == 2:                                   # NLMSG_ERROR (0: the ack)
-                if int.from_bytes(data[off + 16:off + 20], sys.byteorder, signed=True):
-                    return None
+                code = -int.from_bytes(data[off + 16:off + 20], sys.byteorder, signed=True)
+                if code:
+                    raise OSError(code, posix.strerror(code))
                 return out
             out.append(data[off + 20:off + n])
             off += (n + 3) & ~3
+        if not data or off < len(data):
+            raise OSError(5, "netlink answer cut short")   # EIO
 
 
 def _endpoint_text(raw):
@@ -379,59 +385,113 @@ def _endpoint_text(raw):
     return ""
 
 
+def _u(raw, size, signed=False):
+    return int.from_bytes(raw[:size], sys.byteorder, signed=signed)
+
+
+def wg_genl_device(msgs):
+    """The device in the kernel's answer to WG_CMD_GET_DEVICE (``msgs``: the
+    payloads after the genl header), pure: {"private_key", "public_key" (32
+    bytes each, b"" if unset), "listen_port", "fwmark", "peers"}, a peer
+    {"public_key" (bytes), "endpoint" (UAPI's text, "" if none), "keepalive",
+    "handshake" (unix time, 0.0: never), "rx", "tx", "allowed_ips" (texts)}.
+    The kernel splits a big device over messages: a peer whose allowed IPs do
+    not fit goes on, under the same key, at the start of the next one."""
+    dev = {"private_key": b"", "public_key": b"", "listen_port": 0, "fwmark": 0, "peers": []}
+    for m in msgs:
+        for k, v in _nl_attrs(m):
+            if k == _WGDEVICE_A_PRIVATE_KEY or k == _WGDEVICE_A_PUBLIC_KEY:
+                dev["private_key" if k == _WGDEVICE_A_PRIVATE_KEY else "public_key"] = v[:32]
+            elif k == _WGDEVICE_A_LISTEN_PORT:
+                dev["listen_port"] = _u(v, 2)
+            elif k == _WGDEVICE_A_FWMARK:
+                dev["fwmark"] = _u(v, 4)
+            elif k == _WGDEVICE_A_PEERS:
+                for _, pv in _nl_attrs(v):
+                    _wg_genl_peer(dev["peers"], dict(_nl_attrs(pv)))
+    return dev
+
+
+def _wg_genl_peer(peers, attrs):
+    key = attrs.get(_WGPEER_A_PUBLIC_KEY, b"")
+    if peers and peers[-1]["public_key"] == key:
+        p = peers[-1]                               # continued from the last message
+    else:
+        p = {"public_key": key, "endpoint": "", "keepalive": 0, "handshake": 0.0,
+             "rx": 0, "tx": 0, "allowed_ips": []}
+        peers.append(p)
+    if _WGPEER_A_ENDPOINT in attrs:
+        p["endpoint"] = _endpoint_text(attrs[_WGPEER_A_ENDPOINT])
+    if _WGPEER_A_KEEPALIVE in attrs:
+        p["keepalive"] = _u(attrs[_WGPEER_A_KEEPALIVE], 2)
+    if _WGPEER_A_LAST_HANDSHAKE in attrs:           # struct __kernel_timespec
+        ts = attrs[_WGPEER_A_LAST_HANDSHAKE]
+        secs = _u(ts, 8, True) + _u(ts[8:16], 8, True) / 1e9
+        p["handshake"] = secs if secs >= 1 else 0.0
+    if _WGPEER_A_RX_BYTES in attrs:
+        p["rx"] = _u(attrs[_WGPEER_A_RX_BYTES], 8)
+    if _WGPEER_A_TX_BYTES in attrs:
+        p["tx"] = _u(attrs[_WGPEER_A_TX_BYTES], 8)
+    for _, av in _nl_attrs(attrs.get(_WGPEER_A_ALLOWEDIPS, b"")):
+        a = dict(_nl_attrs(av))
+        ip, mask = a.get(_WGALLOWEDIP_A_IPADDR, b""), a.get(_WGALLOWEDIP_A_CIDR_MASK, b"")[:1]
+        text = _socket.inet_ntoa(ip) if len(ip) == 4 else \
+            _socket.inet_ntop(_socket.AF_INET6, ip) if len(ip) == 16 else ""
+        if text and mask:
+            p["allowed_ips"].append(f"{text}/{mask[0]}")
+
+
+def wg_genl_family(s):
+    """The WireGuard family's id, asked of genl's controller; None without
+    the module (the controller answers ENOENT)."""
+    try:
+        answer = _genl_call(s, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, 1,
+                            _nl_attr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"), 0x5)
+    except OSError as e:
+        if e.errno == 2:
+            return None
+        raise
+    return next((_u(v, 2) for m in answer for k, v in _nl_attrs(m)
+                 if k == _CTRL_ATTR_FAMILY_ID), None)
+
+
+def genl_socket():
+    s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _GENL)
+    s.settimeout(HTTP_TIMEOUT)
+    return s
+
+
+def kernel_device(iface):
+    """wg_genl_device of the kernel's device ``iface``; None if the kernel
+    has no WireGuard. OSError as the kernel answers (ENODEV: no such device)."""
+    s = genl_socket()
+    try:
+        family = wg_genl_family(s)
+        if family is None:
+            return None
+        return wg_genl_device(_genl_call(s, family, _WG_CMD_GET_DEVICE, 1,
+                                         _nl_attr(_WGDEVICE_A_IFNAME, iface.encode() + b"\0"),
+                                         0x301))
+    finally:
+        s.close()
+
+
 def kernel_dump(iface):
     """A kernel WireGuard device as the UAPI text of `get=1` (the lines
     device_digest reads), over generic netlink; None if there is none."""
     try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _GENL)
-    except (OSError, AttributeError):
+        dev = kernel_device(iface)
+    except (OSError, AttributeError):        # AttributeError: no AF_NETLINK here
         return None
-    try:
-        s.settimeout(HTTP_TIMEOUT)
-        answer = _genl_call(s, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, 1,
-                            _nl_attr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"), 0x5)
-        family = next((int.from_bytes(v[:2], sys.byteorder) for m in answer or ()
-                       for k, v in _nl_attrs(m) if k == _CTRL_ATTR_FAMILY_ID), None)
-        if family is None:
-            return None
-        msgs = _genl_call(s, family, _WG_CMD_GET_DEVICE, 1,
-                          _nl_attr(_WGDEVICE_A_IFNAME, iface.encode() + b"\0"), 0x301)
-    except OSError:
+    if dev is None:
         return None
-    finally:
-        s.close()
-    if not msgs:
-        return None
-    port, peers = 0, {}             # a peer's allowed IPs may go on in the next message
-    for m in msgs:
-        for k, v in _nl_attrs(m):
-            if k == _WGDEVICE_A_LISTEN_PORT:
-                port = int.from_bytes(v[:2], sys.byteorder)
-            elif k == _WGDEVICE_A_PEERS:
-                for _, pv in _nl_attrs(v):
-                    attrs = dict(_nl_attrs(pv))
-                    key = attrs.get(_WGPEER_A_PUBLIC_KEY, b"").hex()
-                    p = peers.setdefault(key, [b"", b"0", b"0", []])
-                    if _WGPEER_A_ENDPOINT in attrs:
-                        p[0] = _endpoint_text(attrs[_WGPEER_A_ENDPOINT]).encode()
-                    if _WGPEER_A_KEEPALIVE in attrs:
-                        p[1] = str(int.from_bytes(attrs[_WGPEER_A_KEEPALIVE][:2],
-                                                  sys.byteorder)).encode()
-                    if _WGPEER_A_LAST_HANDSHAKE in attrs:
-                        p[2] = str(int.from_bytes(attrs[_WGPEER_A_LAST_HANDSHAKE][:8],
-                                                  sys.byteorder, signed=True)).encode()
-                    for _, av in _nl_attrs(attrs.get(_WGPEER_A_ALLOWEDIPS, b"")):
-                        a = dict(_nl_attrs(av))
-                        ip, mask = a.get(2, b""), a.get(3, b"\0")[:1]
-                        text = _socket.inet_ntoa(ip) if len(ip) == 4 else \
-                            _socket.inet_ntop(_socket.AF_INET6, ip) if len(ip) == 16 else ""
-                        if text and mask:
-                            p[3].append(f"{text}/{mask[0]}".encode())
-    lines = [b"listen_port=%d" % port]
-    for key, (ep, keepalive, seen, allowed) in peers.items():
-        lines += [b"public_key=" + key.encode(), b"endpoint=" + ep,
-                  b"persistent_keepalive_interval=" + keepalive,
-                  b"last_handshake_time_sec=" + seen] + [b"allowed_ip=" + a for a in allowed]
+    lines = [b"listen_port=%d" % dev["listen_port"]]
+    for p in dev["peers"]:
+        lines += [b"public_key=" + p["public_key"].hex().encode(),
+                  b"endpoint=" + p["endpoint"].encode(),
+                  b"persistent_keepalive_interval=%d" % p["keepalive"],
+                  b"last_handshake_time_sec=%d" % int(p["handshake"])] \
+            + [b"allowed_ip=" + a.encode() for a in p["allowed_ips"]]
     return b"\n".join(lines) + b"\nerrno=0\n\n"
 
 
@@ -823,7 +883,7 @@ def launch(path=None):
     scripts): an unchanged sync is answered here; anything else by the whole
     program, which is imported only then. ``path``: where innernet.py is. An
     interpreter started with -S (the launchers' way: no site directory to
-    scan for a fast fetch) gets the system's packages (PyNaCl, pyroute2)
+    scan for a fast fetch) gets the system's packages (PyNaCl)
     back first. A Ctrl-C anywhere in the start-up exits 130 quietly."""
     try:
         code = fast_fetch(sys.argv)
@@ -1647,6 +1707,32 @@ def resolve_endpoint(text):
     return result
 
 
+_misplaced_said: set = set()
+
+
+def placed_resolver(network, resolve=None):
+    """resolve_endpoint (or ``resolve``) for peers' endpoints in ``network``:
+    a host name that resolves where an endpoint must not be (endpoint_misplaced:
+    inside the network, loopback, multicast, unspecified) gives None, said once
+    per process: the peer keeps its record, without that endpoint. Literal
+    endpoints were judged with the record (refuse_misrouted); a name can only
+    be judged where it is resolved, and its answer may change at any time."""
+    resolve = resolve or resolve_endpoint
+
+    def placed(text):
+        ep = resolve(text)
+        if ep is None or literal_endpoint(text) is not None:
+            return ep
+        why = endpoint_misplaced(ep, network)
+        if why is None:
+            return ep
+        if (text, ep) not in _misplaced_said and len(_misplaced_said) < 1000:
+            _misplaced_said.add((text, ep))
+            warn(f"endpoint {text} not used: its address {why}")
+        return None
+    return placed
+
+
 def parse_ip(text, what="IP address"):
     try:
         return ipaddress.ip_address(text)
@@ -2281,7 +2367,10 @@ class RouteApprover:
     cidr_id: int
 
     def to_json(self):
-        return {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        d = {"id": self.id, "route": self.route, "cidr_id": self.cidr_id}
+        if self.id is None:             # a new rule, as an admin peer sends it
+            del d["id"]
+        return d
 
     @classmethod
     def from_json(cls, data):
@@ -3297,7 +3386,14 @@ def _endpoint_inside(endpoint, network):
 # of its payloads' hashes, one signature for any number of records, so that
 # `lock init` on 5,000 peers is one signature and a first fetch verifies it
 # once. The salt keeps a hash from telling anyone outside a record's view
-# what the record holds.
+# what the record holds (every caller gets every hash of a batch, and a
+# record's fields are guessable: addresses, names, keys the caller sees).
+# So the salt must be unknown to them: one derived from anything the state
+# carries (a batch nonce and the subject) would let them recompute the hash,
+# and one derived from a secret of the signer's is as random on the wire as
+# os.urandom's. Salts stay random, 12 bytes. What a state saves instead
+# (lock_wire_section): a peer record goes without the key its peer has
+# beside it, and a batch without the hashes of the records the state carries.
 #
 # An invited peer's record names no WireGuard key but a one-time lock key and
 # the invitation's expiry ("auth:<key>:<expiry>"), the private half in the
@@ -3342,14 +3438,18 @@ def lock_canonical(obj):
         elif not (v is None or isinstance(v, (str, bool, int))):
             raise InnernetError("a lock payload holds a value of another type", status=400)
     check(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANON(obj).encode()
+
+
+# One encoder for every canonical form: json.dumps with these options builds
+# a new JSONEncoder at each call, a third of a record's hashing time.
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
 def lock_hash(obj, checked=False):
     """A payload's (or chain entry's) hash: 16 bytes of BLAKE2b, base64.
     ``checked``: the caller has checked its types already (_well_formed)."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() \
-        if checked else lock_canonical(obj)
+    data = _CANON(obj).encode() if checked else lock_canonical(obj)
     return base64.b64encode(blake2("blake2b", data, digest_size=16,
                                    person=b"innernet lock").digest()).decode()
 
@@ -3757,12 +3857,67 @@ def lock_changes(before, after):
     return out
 
 
+def lock_divergence(now, rec):
+    """Why a subject as the server holds it (``now``, lock_projection's
+    fields) is not what its signed record ``rec`` says, or None: an admin's
+    host signs a change only over what was signed, so a field the server
+    changed by itself (a route it approved, a flag in its database) is not
+    signed along with the admin's. A peer's routes and exit node may be
+    fewer (it withdrew them itself)."""
+    if rec is None or rec.get("deleted"):
+        return "it has no signed record"
+    signed = lock_fields(rec)
+    for k, v in now.items():
+        was = signed.get(k)
+        if k == "routes" and isinstance(was, list) and isinstance(v, list) \
+                and set(v) <= set(was) or k == "exit" and (not v or was):
+            continue
+        if v != was:
+            return {"exit": "exit node", "admin": "admin flag", "disabled": "disabled flag",
+                    "static": "static flag"}.get(k, k) + " not as signed"
+    return None
+
+
 def lock_record(net, serial, fields, key=None):
     """A payload for ``fields`` (lock_projection's), with a fresh salt."""
     p = {"v": LOCK_VERSION, "net": net, "n": serial, "r": lock_salt(), **fields}
     if fields["t"] == "peer":
         p["key"] = key
     return p
+
+
+def lock_wire(p, shown):
+    """A record as a state sends it: a peer record whose key is the one its
+    peer has in the same state ({ip: key} ``shown``) goes without it, and the
+    client puts it back (signed_records). A WireGuard key is 32 random bytes
+    that no compression shortens, so this halves what lock adds to a state
+    sent gzip'd; the signed hash is the full record's, so nothing is weaker."""
+    if p["t"] == "peer" and shown.get(p["ip"]) == p["key"]:
+        return {k: v for k, v in p.items() if k != "key"}
+    return p
+
+
+def lock_wire_section(records, batches, shown):
+    """(batches, records) as a state sends them. ``records``: [(payload, hash,
+    batch id)] the caller may see; ``batches`` {id: batch}; ``shown`` {ip: key}
+    of the state's peers. A record's hash in its batch goes as null, the
+    record itself standing first, in its batch's order (the client hashes it
+    anyway and puts the hash back, signed_records); peer records in
+    lock_wire's form. Hashes are random to a compressor: this is the other
+    half of what lock added to a gzip'd state."""
+    used = sorted({b for _, _, b in records if b in batches})
+    where = {b: {h: i for i, h in enumerate(batches[b]["h"])} for b in used}
+    placed, rest = [], []
+    for p, h, b in records:
+        i = where.get(b, {}).get(h)
+        (rest if i is None else placed).append((b, i, p))
+    placed.sort(key=lambda x: (x[0], x[1]))
+    holes = {}
+    for b, i, _ in placed:
+        holes.setdefault(b, set()).add(i)
+    wire = [dict(batches[b], h=[None if i in holes.get(b, ()) else h
+                                for i, h in enumerate(batches[b]["h"])]) for b in used]
+    return wire, [lock_wire(p, shown) for _, _, p in placed + rest]
 
 
 def lock_subject_text(subject):
@@ -3832,19 +3987,87 @@ def adoption_valid(own_private, genesis_hash, admin_public, mac):
 
 # -- the client's verifier ---------------------------------------------------------
 
-def signed_records(net, keys, lock, cache=None):
-    """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
-    hash is in a batch signed by a trusted key (the highest serial per subject)."""
-    valid = set()
+def lock_unwire(net, lock, state_keys=None):
+    """A state's lock section as its admins signed it (lock_wire_section
+    undone): ([(record, hash or None, whether its key was put back)],
+    [(batch, [(index in its hashes, record number) of each null])]). A peer
+    record sent without its "key" takes the key of the state's peer at its
+    address (``state_keys`` {ip: key}); a batch's nulls take the hashes of
+    the records in the order they come, batch by batch."""
+    state_keys = state_keys or {}
+    records = []
+    for p in lock.get("records") or []:
+        back = isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
+            and p.get("ip") in state_keys
+        if back:
+            p = dict(p, key=state_keys[p["ip"]])
+        records.append((p, lock_hash(p, checked=True) if _well_formed(p, net) else None, back))
+    batches, n = [], 0
     for batch in lock.get("batches") or []:
-        if batch_valid(net, batch, keys, cache):
+        holes = []
+        if isinstance(batch, dict) and isinstance(batch.get("h"), list) and None in batch["h"]:
+            h = list(batch["h"])
+            for i, x in enumerate(h):
+                if x is None:
+                    h[i] = records[n][1] if n < len(records) else None
+                    holes.append((i, n))
+                    n += 1
+            batch = dict(batch, h=h)
+        batches.append((batch, holes))
+    return records, batches
+
+
+def _remembered(batch, holes, records, known):
+    """``batch`` with each null filled by the hash this client verified
+    before for the record that fills it (the same subject and serial,
+    ``known``), or None if that changes nothing."""
+    h, changed = list(batch["h"]), False
+    for i, j in holes:
+        p = records[j][0] if j < len(records) else None
+        k = known.get(record_subject(p)) if isinstance(p, dict) else None
+        if isinstance(k, list) and len(k) > 1 and k[0] == p.get("n") \
+                and isinstance(k[1], str) and k[1] != h[i]:
+            h[i], changed = k[1], True
+    return dict(batch, h=h) if changed else None
+
+
+LOCK_BATCH_BROKEN = "the batch that signed its record does not verify with the records the " \
+                    "server sent (one of them changed, left out, added or out of order)"
+LOCK_KEY_NOT_SIGNED = "its key is not the signed one (its record, sent without the key, " \
+                      "does not verify with it), nor reached by the peer's own rotation proofs"
+
+
+def signed_records(net, keys, lock, cache=None, state_keys=None, known=None, why=None):
+    """{subject: (payload, hash)} of the records in a state's ``lock`` section whose
+    hash is in a batch signed by a trusted key (the highest serial per subject).
+    The compact form (lock_wire_section) is undone first (lock_unwire): a
+    record sent without its key then verifies only with the key signed, and a
+    batch filled wrongly fails its signature. Such a batch is tried once more
+    with the hashes this client verified before (``known``, {subject: [serial,
+    hash, ...]}) in the nulls of the records it had seen: a server that
+    changed one record's key (or fields) then costs that record alone, where
+    the client has seen the batch before. ``why``: a dict filled with
+    {subject: reason} for records put back that did not verify."""
+    records, batches = lock_unwire(net, lock, state_keys)
+    known = known if isinstance(known, dict) else {}
+    valid, broken = set(), set()
+    for batch, holes in batches:
+        ok = batch_valid(net, batch, keys, cache)
+        if not ok and holes:
+            again = _remembered(batch, holes, records, known)
+            ok = again is not None and batch_valid(net, again, keys, cache)
+            if ok:
+                batch = again
+            else:
+                broken.update(j for _, j in holes)
+        if ok:
             valid.update(h for h in batch["h"] if isinstance(h, str))
     out = {}
-    for p in lock.get("records") or []:
-        if not _well_formed(p, net):
-            continue
-        h = lock_hash(p, checked=True)
-        if h not in valid:
+    for j, (p, h, back) in enumerate(records):
+        if h is None or h not in valid:
+            if why is not None and isinstance(p, dict) and (back or j in broken):
+                why[record_subject(p)] = LOCK_BATCH_BROKEN if j in broken \
+                    else LOCK_KEY_NOT_SIGNED
             continue
         s = record_subject(p)
         if s not in out or out[s][0]["n"] < p["n"]:
@@ -3852,16 +4075,19 @@ def signed_records(net, keys, lock, cache=None):
     return out
 
 
-def fresh_records(signed, known):
-    """Split ``signed`` against ``known`` ({subject: [serial, hash, ...]}):
-    (records to use, {subject: reason} for replays). A subject the server
-    replays an older record of keeps what the client knew."""
+def fresh_records(signed, known, own_signed=None):
+    """Split ``signed`` against ``known`` ({subject: [serial, hash, ...]}) and
+    an admin host's ``own_signed`` ({subject: serial} it signed): (records to
+    use, {subject: reason} for replays); a replayed subject keeps what was known."""
     use, replayed = {}, {}
+    own_signed = own_signed if isinstance(own_signed, dict) else {}
     for s, (p, h) in signed.items():
-        k = known.get(s)
-        if k and (p["n"] < k[0] or (p["n"] == k[0] and h != k[1])):
+        k, mine = known.get(s), own_signed.get(s)
+        if k and (p["n"] < k[0] or (p["n"] == k[0] and h != k[1])) \
+                or isinstance(mine, int) and p["n"] < mine:
+            have = max(k[0] if k else -1, mine if isinstance(mine, int) else -1)
             replayed[s] = f"an older signed record (serial {p['n']}) than the one this " \
-                          f"host has (serial {k[0]})"
+                          f"host has (serial {have})"
         else:
             use[s] = (p, h)
     return use, replayed
@@ -3895,6 +4121,22 @@ def lock_view(records, own_cidr):
     return seen
 
 
+def lock_blind_peers(records, ips):
+    """Names of the peers at ``ips`` that no admin peer is visible to (their
+    lock_view holds none): one that joined before the lock takes it only
+    from an admin it knows (adoption), so these cannot yet."""
+    peers = [p for p in records.values() if p["t"] == "peer" and not p["deleted"]]
+    admins = {p["cidr"] for p in peers if p["admin"]}
+    views, out = {}, []
+    for p in peers:
+        if p["ip"] in ips and not p["admin"]:
+            if p["cidr"] not in views:
+                views[p["cidr"]] = lock_view(records, p["cidr"])
+            if not admins & views[p["cidr"]]:
+                out.append(p["name"])
+    return sorted(out)
+
+
 def _peer_mismatch(rec, peer, cidr_range):
     """The first field in which a state's peer (a Peer) differs from its
     signed record; routes and the exit node are judged apart (lock_routes)."""
@@ -3920,7 +4162,7 @@ def lock_routes(rec, peer):
 
 
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
-                 skip=(), now=None):
+                 skip=(), now=None, own_signed=None):
     """What a locked client may install of a server's state.
 
     ``chain``: its LockChain; ``lock``: the state's lock section (batches,
@@ -3929,16 +4171,23 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     the record key it was accepted under]} -- a peer's (address -> key)
     binding, kept while its records name the same key (or authorization);
     ``rotated(ip, base, key)``: does the peer's own rotation chain lead from
-    ``base`` to ``key``; ``skip``: addresses not judged (the server's, whose
-    entry is this client's config's); ``now``: this host's clock.
+    ``base`` to ``key``; ``skip``: addresses kept whatever their records say
+    (the server's, whose key and endpoint are this client's config's), as
+    this host's own entry is, but only as far as signed (lock_held);
+    ``now``: this host's clock; ``own_signed``: fresh_records's.
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
     ``known`` updated).
     """
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
-    signed = signed_records(net, keys, lock, cache)
-    use, replayed = fresh_records(signed, known)
+    why = {}
+    signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
+                            known, why)
+    use, replayed = fresh_records(signed, known, own_signed)
+    for s, reason in why.items():
+        if s not in signed:
+            replayed.setdefault(s, reason)
     new_known = dict(known)
     for s, (p, h) in use.items():
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
@@ -3950,6 +4199,11 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     accepted, refused = [], []
     for peer in peers:
         if peer.ip in skip or peer.ip == own_ip:
+            # kept, but only as far as signed (lock_held)
+            peer, reason = lock_held(peer, use.get(f"peer:{peer.ip}"),
+                                     None if peer.ip == own_ip else SERVER_PEER_NAME)
+            if reason:
+                refused.append((peer, reason))
             accepted.append(peer)
             continue
         s = f"peer:{peer.ip}"
@@ -3967,6 +4221,27 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
     return accepted, refused, new_known
+
+
+def lock_held(peer, rec, fallback_name=None):
+    """(``peer`` as its signed record ``rec`` allows, what was cut or None)
+    for the entries a client keeps whatever the records say (its own, the
+    server's): routes and exit node only as signed, the signed name and
+    admin flag (``fallback_name`` and no admin flag without a record)."""
+    if rec is None or rec["deleted"]:
+        rec = {"routes": [], "exit": False, "admin": False,
+               "name": peer.name if fallback_name is None else fallback_name}
+    routes, exit_node, unsigned = lock_routes(rec, peer)
+    cut = [f"{unsigned} not signed"] if unsigned else []
+    if peer.name != rec["name"]:
+        cut.append(f"its name '{peer.name[:40]}' is not the signed one")
+    if peer.is_admin and not rec["admin"]:
+        cut.append("its admin flag is not signed")
+    if not cut:
+        return peer, None
+    return dataclasses.replace(peer, routes=routes, exit_node=exit_node, name=rec["name"],
+                               is_admin=peer.is_admin and rec["admin"]), \
+        "; ".join(cut) + f": kept as signed (as '{rec['name']}')"
 
 
 def lock_binding(old, rec):
@@ -4023,6 +4298,18 @@ def _enrolled(net, ip, auth, enroll, now):
     if key is None:
         return None, "its invitation was not redeemed with a signed enrollment"
     return key, None
+
+
+def refuse_auto_approve(locked):
+    """Auto-approve rules are the server's alone: under lock, a route one
+    approved would be installed by no client (no admin signed it), so none
+    applies and the server makes none (when ``locked``); a route waits for
+    an admin's approve-routes, which signs it."""
+    if locked:
+        raise InnernetError("the network is locked: an auto-approve rule would approve routes "
+                            "no admin signed, which no locked client installs", status=403,
+                            hint="approve each route with 'approve-routes --name PEER' from "
+                                 "an admin peer holding a trusted lock key")
 
 
 def lock_refusal(peer, reason):
@@ -4302,19 +4589,7 @@ def update_hosts_text(text, tag, lines):
 ###############################################################################
 # rtnetlink spoken directly (links, addresses, routes, rules) and, over it,
 # what a device needs around it: subnet routes, forwarding, the exit node's
-# policy routing, split DNS. pyroute2 is imported only where it is used.
-
-
-def _import_pyroute2():
-    """pyroute2's WireGuard generic-netlink module (the kernel backend's only
-    use of it) and its error type."""
-    try:
-        from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.generic.wireguard import WireGuard
-    except ImportError:
-        raise InnernetError("pyroute2 is not installed",
-                            hint="apt install python3-pyroute2, or pip install pyroute2") from None
-    return WireGuard, NetlinkError
+# policy routing, split DNS.
 
 
 # rtnetlink, with the socket module alone: the four requests bringing an
@@ -5097,16 +5372,102 @@ def _no_kernel_module():
                          hint="use --backend userspace (wireguard-go)")
 
 
-class KernelBackend:
-    """The Linux WireGuard module over generic netlink (pyroute2)."""
-    name = "kernel"
+# Setting a kernel device: WG_CMD_SET_DEVICE over the generic netlink of
+# section 3 (linux/wireguard.h), instead of pyroute2, whose import cost every
+# command on a kernel host 3-4 s under emulation (the VM lane) and 0.2 s on a
+# real one, for a few nested attributes. A big change goes in several
+# messages, as wg(8) sends it: a netlink attribute holds at most 64 KiB.
+_WG_CMD_SET_DEVICE, _WGDEVICE_A_FLAGS = 1, 5
+_WGPEER_A_FLAGS, _WGALLOWEDIP_A_FAMILY = 3, 1
+_WGPEER_F_REMOVE_ME, _WGPEER_F_REPLACE_ALLOWEDIPS = 1, 2
+_NLA_F_NESTED = 0x8000
+WG_SET_MESSAGE_MAX = 32768      # bytes of attributes in one request
 
-    def _wireguard(self):
-        WireGuard, NetlinkError = _import_pyroute2()
-        try:
-            return WireGuard()
-        except NetlinkError:
-            raise _no_kernel_module() from None
+
+def _sockaddr(endpoint):
+    """A resolved "ip:port" as the kernel's struct sockaddr_in / sockaddr_in6."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise InnernetError(f"endpoint {endpoint} is not resolved to an address") from None
+    if ip.version == 4:
+        return struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) + ip.packed + bytes(8)
+    return struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", port, 0) + ip.packed \
+        + bytes(4)
+
+
+def _allowed_ip_attr(text):
+    net = ipaddress.ip_network(text, strict=False)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return _rtattr(_NLA_F_NESTED, _rtattr(_WGALLOWEDIP_A_FAMILY, struct.pack("=H", family))
+                   + _rtattr(_WGALLOWEDIP_A_IPADDR, net.network_address.packed)
+                   + _rtattr(_WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])))
+
+
+def _wg_peer_attrs(u, room):
+    """The nested attributes of one PeerUpdate, in pieces of at most ``room``
+    bytes: a peer whose allowed IPs do not fit goes on under its key, adding
+    to what the first piece replaced."""
+    key = _rtattr(_WGPEER_A_PUBLIC_KEY, parse_key(u.public_key))
+    if u.remove:
+        return [key + _rtattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REMOVE_ME))]
+    head = key
+    if u.allowed_ips is not None:
+        head += _rtattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REPLACE_ALLOWEDIPS))
+    if u.endpoint is not None:
+        head += _rtattr(_WGPEER_A_ENDPOINT, _sockaddr(u.endpoint))
+    if u.keepalive is not None:
+        head += _rtattr(_WGPEER_A_KEEPALIVE, struct.pack("=H", u.keepalive))
+    pieces, ips = [], list(map(_allowed_ip_attr, u.allowed_ips or ()))
+    while True:
+        n, size = 0, len(head) + 4
+        while n < len(ips) and size + len(ips[n]) <= room:
+            size += len(ips[n])
+            n += 1
+        if n == 0 and ips:
+            raise InnernetError("a WireGuard peer change does not fit a netlink message")
+        pieces.append(head + (_rtattr(_WGPEER_A_ALLOWEDIPS | _NLA_F_NESTED, b"".join(ips[:n]))
+                              if n else b""))
+        ips, head = ips[n:], key
+        if not ips:
+            return pieces
+
+
+def wg_set_messages(ifname, *, private_key=None, listen_port=None, fwmark=None, updates=(),
+                    limit=WG_SET_MESSAGE_MAX):
+    """The attributes of the WG_CMD_SET_DEVICE requests that make these
+    changes (pure; KernelBackend.apply sends them in order): the device's
+    settings in the first, the peers' changes in order, as many to a request
+    as fit ``limit``. [] when there is nothing to change."""
+    name = _rtattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0")
+    first = name
+    if private_key is not None:
+        first += _rtattr(_WGDEVICE_A_PRIVATE_KEY, parse_key(private_key, "private key"))
+    if listen_port is not None:
+        first += _rtattr(_WGDEVICE_A_LISTEN_PORT, struct.pack("=H", listen_port))
+    if fwmark is not None:
+        first += _rtattr(_WGDEVICE_A_FWMARK, struct.pack("=I", fwmark))
+    room = limit - len(first) - 8           # the PEERS attribute and one peer's headers
+    peers = [_rtattr(_NLA_F_NESTED, piece) for u in updates if u.touches_device
+             for piece in _wg_peer_attrs(u, room)]
+    out, batch, size, head = [], [], 0, first
+    for p in peers:
+        if batch and len(head) + 4 + size + len(p) > limit:
+            out.append(head + _rtattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, b"".join(batch)))
+            batch, size, head = [], 0, name
+        batch.append(p)
+        size += len(p)
+    if batch:
+        out.append(head + _rtattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, b"".join(batch)))
+    elif head != name:
+        out.append(head)
+    return out
+
+
+class KernelBackend:
+    """The Linux WireGuard module over generic netlink (no pyroute2: sections 3 and 13)."""
+    name = "kernel"
 
     def exists(self, ifname):
         with Netlink() as nl:
@@ -5125,77 +5486,50 @@ class KernelBackend:
         return {p.public_key: (p.endpoint, p.last_handshake) for p in self.get(ifname).peers}
 
     def get(self, ifname):
-        wg = self._wireguard()
         try:
-            msgs = wg.info(ifname)
-        finally:
-            wg.close()
-        dev = Device(ifname)
-        for msg in msgs:
-            priv = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
-            if priv:
-                dev.public_key = public_key(priv.decode() if isinstance(priv, bytes) else priv)
-            port = msg.get_attr("WGDEVICE_A_LISTEN_PORT")
-            if port is not None:
-                dev.listen_port = port
-            for p in msg.get_attr("WGDEVICE_A_PEERS") or ():
-                key = p.get_attr("WGPEER_A_PUBLIC_KEY")
-                key = key.decode() if isinstance(key, bytes) else key
-                dp = DevicePeer(key)
-                ep = p.get_attr("WGPEER_A_ENDPOINT")
-                if ep and ep.get("port"):
-                    dp.endpoint = format_endpoint(ep["addr"], ep["port"])
-                for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or ():
-                    addr = a.get("addr") if isinstance(a, dict) else a.get_attr("addr")
-                    if addr:
-                        dp.allowed_ips.append(addr)
-                dp.persistent_keepalive = p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0
-                hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
-                secs = hs.get("tv_sec", 0) if hasattr(hs, "get") else 0
-                dp.last_handshake = float(secs) if secs else 0.0
-                dp.rx_bytes = p.get_attr("WGPEER_A_RX_BYTES") or 0
-                dp.tx_bytes = p.get_attr("WGPEER_A_TX_BYTES") or 0
-                dev.peers.append(dp)
+            raw = kernel_device(ifname)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                raise InnernetError(f"interface {ifname} is not up",
+                                    hint=f"run 'innernet up {ifname}'") from None
+            raise InnernetError(f"cannot read {ifname}: {e.strerror}") from None
+        if raw is None:
+            raise _no_kernel_module()
+        dev = Device(name=ifname, listen_port=raw["listen_port"])
+        if raw["public_key"].strip(b"\0"):
+            dev.public_key = base64.b64encode(raw["public_key"]).decode()
+        for p in raw["peers"]:
+            dev.peers.append(DevicePeer(
+                public_key=base64.b64encode(p["public_key"]).decode(),
+                endpoint=p["endpoint"] or None, allowed_ips=p["allowed_ips"],
+                persistent_keepalive=p["keepalive"], last_handshake=p["handshake"],
+                rx_bytes=p["rx"], tx_bytes=p["tx"]))
         return dev
 
     def apply(self, ifname, *, private_key=None, listen_port=None, updates=(),
               replace_peers=False, fwmark=None):
-        current = self.get(ifname) if (replace_peers or updates) else None
-        wg = self._wireguard()
-        try:
-            if private_key is not None or listen_port is not None:
-                wg.set(ifname, private_key=private_key, listen_port=listen_port)
-            if fwmark is not None:
-                wg.set(ifname, fwmark=fwmark)
+        """Peers not in ``updates`` are removed one by one with replace_peers
+        (WGDEVICE_F_REPLACE_PEERS would end the sessions of those kept)."""
+        updates = list(updates)
+        if replace_peers:
             keep = {u.public_key for u in updates if not u.remove}
-            if replace_peers and current:
-                for p in current.peers:
-                    if p.public_key not in keep:
-                        wg.set(ifname, peer={"public_key": p.public_key, "remove": True})
-            for u in updates:
-                if u.remove:
-                    wg.set(ifname, peer={"public_key": u.public_key, "remove": True})
-                    continue
-                if not u.touches_device:
-                    continue
-                allowed = u.allowed_ips
-                if allowed is None:
-                    old = current.peer(u.public_key) if current else None
-                    allowed = old.allowed_ips if old else []
-                peer = {"public_key": u.public_key, "allowed_ips": allowed,
-                        "replace_allowed_ips": True}
-                if u.keepalive is not None:
-                    peer["persistent_keepalive"] = u.keepalive
-                if u.endpoint is not None:
-                    host, port = parse_endpoint(u.endpoint)
-                    peer["endpoint_addr"], peer["endpoint_port"] = host, port
-                wg.set(ifname, peer=peer)
-        except InnernetError:
-            raise
-        except Exception as e:
-            raise InnernetError(f"cannot configure {ifname}: {e}") from None
+            updates = [PeerUpdate(p.public_key, remove=True) for p in self.get(ifname).peers
+                       if p.public_key not in keep] + updates
+        msgs = wg_set_messages(ifname, private_key=private_key, listen_port=listen_port,
+                               fwmark=fwmark, updates=updates)
+        if not msgs:
+            return
+        s = genl_socket()
+        try:
+            family = wg_genl_family(s)
+            if family is None:
+                raise _no_kernel_module()
+            for m in msgs:
+                _genl_call(s, family, _WG_CMD_SET_DEVICE, 1, m, 0x5)   # REQUEST | ACK
+        except OSError as e:
+            raise InnernetError(f"cannot configure {ifname}: {e.strerror}") from None
         finally:
-            wg.close()
+            s.close()
 
 
 BACKENDS = {"kernel": KernelBackend, "userspace": UserspaceBackend}
@@ -5892,12 +6226,22 @@ class LockStore:
         entries = self.lock_entries()
         return bool(entries) and entries[-1].get("payload", {}).get("t") != "disable"
 
-    def lock_records(self):
-        """({subject: (payload, batch id)}, {batch id: batch})."""
+    def lock_listing(self):
+        """({subject: payload}, [the batches that sign them]): an admin's
+        host verifies the records it signs over (verified_lock_records)."""
+        recs, batches = self.lock_records()
+        return {s: p for s, (p, _) in recs.items()}, [
+            batches[b] for b in sorted({b for _, b in recs.values()}) if b in batches]
+
+    def lock_records(self, hashed=False):
+        """({subject: (payload, batch id)}, {batch id: batch}); ``hashed``:
+        (payload, its hash or None (_stored_hash), batch id) instead."""
         recs = {r[0]: (json.loads(r[1]), r[2]) for r in self._query(
             "SELECT subject, payload, batch_id FROM lock_records")}
         batches = {r[0]: {"k": r[1], "s": r[2], "h": json.loads(r[3])} for r in self._query(
             "SELECT id, signer, sig, hashes FROM lock_batches")}
+        if hashed:
+            recs = {s: (p, _stored_hash(p), b) for s, (p, b) in recs.items()}
         return recs, batches
 
     def lock_enrollments(self):
@@ -6008,6 +6352,15 @@ class LockStore:
         return records
 
 
+def _stored_hash(p):
+    """A stored record's hash; None for one no client would take (a
+    database changed by hand): it is sent as it is."""
+    try:
+        return lock_hash(p)
+    except InnernetError:
+        return None
+
+
 def _lock_verified(chain, signed):
     """(batch, {subject: record}) of an admin's signed records, checked
     against ``chain``; (None, {}) for none."""
@@ -6056,6 +6409,21 @@ def invitation_lock_chain(invite):
 
 
 
+def adopters(path, stored, server):
+    """[[ip, key]] of the admin peers this host had pinned when a server first
+    showed it a lock (kept in ``path`` from then on): a peer that joined
+    before the lock takes it only from one of them -- never from the server
+    (``server``: its (ip, key)), nor from an admin that appeared with or after
+    the lock (a hijacked server could have made it)."""
+    data = load_json_file(path, "it holds the admins this host takes a network lock from")
+    if isinstance(data, dict) and isinstance(data.get("admins"), list):
+        return data["admins"]
+    admins = [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
+              and p.ip not in server and p.public_key not in server]
+    atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
+    return admins
+
+
 def begin_client_lock(path, invite):
     """At install: the lock file from the invitation's chain; [path] or []."""
     chain = invitation_lock_chain(invite)
@@ -6088,14 +6456,66 @@ def read_lock_key(path, required=False):
     return text
 
 
+def lock_newest(mine):
+    """{subject: serial} an admin's host knows as the newest of each subject:
+    what its own syncs verified (its lock file's ``known``) and what it
+    signed itself (``signed``)."""
+    out = {}
+    mine = mine if isinstance(mine, dict) else {}
+    for s, k in (mine.get("known") if isinstance(mine.get("known"), dict) else {}).items():
+        if isinstance(k, list) and k and isinstance(k[0], int):
+            out[s] = k[0]
+    for s, n in (mine.get("signed") if isinstance(mine.get("signed"), dict) else {}).items():
+        if isinstance(n, int) and n > out.get(s, -1):
+            out[s] = n
+    return out
+
+
+def refuse_stale(records, newest, subjects):
+    """An admin's host signs over no record older than the newest it knows of
+    its subject (``newest``, lock_newest): a server that replays an older
+    signed record (a route revoked, a name changed, a peer deleted since)
+    would have the admin sign it again, newer than the one that undid it."""
+    for s in sorted(subjects):
+        rec, n = records.get(s), newest.get(s)
+        have = rec.get("n") if isinstance(rec, dict) else None
+        if n is not None and (have is None or have < n):
+            raise InnernetError(
+                f"the server's signed record of {lock_subject_text(s)} is older ("
+                + (f"serial {have}" if have is not None else "none") + ") than the newest this "
+                f"host knows (serial {n}): not signing over it",
+                hint="the server may be hijacked (an older record replayed): 'innernet fetch' "
+                     "shows what this host installs and refuses")
+
+
+def lock_asked(rec, asked):
+    """A signed peer record as an admin's approve-routes (or --revoke) of
+    ``asked`` (routes, EXIT_ROUTES for the exit node) takes it: the server
+    holding those approved already is what the admin asks for, not a
+    divergence; any other field or route the server changed still is."""
+    asked = set(asked)
+    return dict(rec, routes=sorted(set(rec["routes"]) | (asked - set(EXIT_ROUTES))),
+                exit=bool(rec["exit"] or asked & set(EXIT_ROUTES)))
+
+
+def approval_asked(peer, routes):
+    """The routes an approve-routes names: ``routes``, or all the peer
+    advertises (approved or waiting) when None."""
+    if routes is not None:
+        return set(routes)
+    return set(peer.pending_routes) | set(peer.routes) | (
+        set(EXIT_ROUTES) if peer.exit_node else set())
+
+
 class LockSigner:
     """An admin's signing of its changes under network lock, on its own host
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
 
-    def __init__(self, chain, records, private, bound=None):
+    def __init__(self, chain, records, private, bound=None, newest=None):
         self.chain, self.records, self.private = chain, dict(records), private
         self.bound = dict(bound or {})   # {subject: enrolled key} of "auth:" records
+        self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
     def signed(self, changes, keys=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
@@ -6107,6 +6527,7 @@ class LockSigner:
         for s in self.bound:
             if s not in changes and s not in keys and s in self.records:
                 changes[s] = {k: v for k, v in lock_fields(self.records[s]).items()}
+        refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             cur = self.records.get(s) or {}
             key = keys.get(s) or self.bound.get(s) or cur.get("key")
@@ -6119,6 +6540,7 @@ class LockSigner:
         for r in out:
             self.records[record_subject(r)] = r
             self.bound.pop(record_subject(r), None)
+            self.newest[record_subject(r)] = r["n"]
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
 
 
@@ -6143,16 +6565,25 @@ class NetworkLock:
             if name in cls.__dict__:
                 setattr(cls, name, _signing(name, cls.__dict__[name]))
 
-    def lock_info(self, enroll=None):
+    def lock_info(self, enroll=None, own=True):
         """(the lock chain's entries, {subject: signed record}) of the network;
-        ``enroll``: a dict to fill with its enrollments {ip: enrollment}."""
+        ``enroll``: a dict to fill with its enrollments {ip: enrollment};
+        ``own``: a live lock needs this admin host's own copy (remote_lock_info)."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock, enroll)
+            return remote_lock_info(self.api, self.own_lock, enroll, own)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
         if enroll is not None:
             enroll.update(self.store.lock_enrollments())
         return (chain.entries if chain else []), {s: p for s, (p, _) in recs.items()}
+
+    def lock_on(self):
+        """Is the network locked, as this host knows it without verifying
+        (the server's own chain, or an admin host's copy)?"""
+        if self.api is None:
+            return self.store.locked()
+        last = ((load_client_lock(self.own_lock) or {}).get("chain") or [None])[-1]
+        return isinstance(last, dict) and (last.get("payload") or {}).get("t") != "disable"
 
     def lock_signer(self):
         if self._signer is False:
@@ -6173,20 +6604,37 @@ class NetworkLock:
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
                 self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
-                    chain.net, records, enroll, (own or {}).get("known"), time.time()))
+                    chain.net, records, enroll, (own or {}).get("known"), time.time()),
+                    lock_newest(own))
         return self._signer
 
-    def lock_signed(self, before, after, *, keys=None, force=()):
+    def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
         """The signed records ({"batch", "records"}) of a change that leaves
         the network ``before`` as ``after`` (projections), or None without
         lock or change. ``force``: subjects signed anew though unchanged (a
-        new invitation key)."""
+        new invitation key); ``asked``: {subject: routes} an approve-routes
+        names (lock_asked): the server may hold them approved already."""
         signer = self.lock_signer()
         if signer is None:
             return None
+        asked = asked or {}
         changes = lock_changes(before, after)
         for s in force:
             changes.setdefault(s, after[s])
+        for s in asked:
+            rec = signer.records.get(s)
+            if s in after and rec is not None and lock_fields(rec) != after[s]:
+                changes.setdefault(s, after[s])    # approved unsigned: signed now
+        for s in changes:
+            rec = signer.records.get(s)
+            if s in asked and rec is not None:
+                rec = lock_asked(rec, asked[s])
+            why = s in before and s in after and lock_divergence(before[s], rec)
+            if why:
+                raise InnernetError(
+                    f"the server's {lock_subject_text(s)} differs from its signed record "
+                    f"({why}): not signing over it", hint="the server may be hijacked: "
+                    "'innernet fetch' shows what this host installs and refuses")
         return signer.signed(changes, keys) if changes else None
 
     def lock_for(self, method, *a):
@@ -6198,8 +6646,10 @@ class NetworkLock:
         keys = self.lock_key_of(a[0], a[2] if method == "reinvite" else a[0].invite_expires) \
             if method in ("add_peer", "reinvite") else None
         force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
+        asked = {f"peer:{a[0].ip}": approval_asked(a[0], a[1])} \
+            if method == "approve_routes" else None
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
-                                force=force)
+                                force=force, asked=asked)
 
     def lock_apply(self, text, source):
         """The signed records of `apply`: the network as the document leaves
@@ -6251,17 +6701,35 @@ def _signing(name, method):
         self.api.extra_headers = {LOCK_HEADER: base64.b64encode(json.dumps(
             records).encode()).decode()} if records else None
         try:
-            return method(self, *a)
+            out = method(self, *a)
         finally:
             self.api.extra_headers = None
+        remember_signed(self.own_lock, records)
+        return out
     signed.__name__, signed.__doc__ = method.__name__, method.__doc__
     return signed
 
 
-def remote_lock_info(api, own_lock, enroll=None):
+def remember_signed(path, signed):
+    """Keep the serials of the records this admin's host signed in its lock
+    file (``signed``): it signs over no older one later (refuse_stale)."""
+    recs = signed.get("records") if isinstance(signed, dict) else None
+    mine = load_client_lock(path) if recs else None
+    if mine is None:
+        return
+    done = dict(mine.get("signed") if isinstance(mine.get("signed"), dict) else {})
+    for r in recs:
+        s = record_subject(r)
+        if isinstance(r.get("n"), int) and r["n"] > done.get(s, -1):
+            done[s] = r["n"]
+    save_client_lock(path, dict(mine, signed=done))
+
+
+def remote_lock_info(api, own_lock, enroll=None, own=True):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
-    sign for an older or another chain, nor turn lock off for it)."""
+    sign for an older or another chain, nor turn lock off for it), and, when
+    ``own``, a live lock needs that copy (else the chain is the server's word)."""
     try:
         got = _require_object(api.call("GET", "/admin/lock"), "lock")
     except InnernetError as e:
@@ -6270,6 +6738,11 @@ def remote_lock_info(api, own_lock, enroll=None):
         got = {}
     entries = got.get("chain") or []
     mine = load_client_lock(own_lock)
+    if mine is None and own and entries and not LockChain(entries).disabled:
+        raise InnernetError("the server says the network is locked, but this host has no copy "
+                            "of its lock: not signing under a chain only the server vouches for",
+                            hint="'innernet fetch' takes the lock (an admin's proof of it); "
+                                 "'innernet lock status' shows this host's copy")
     if mine is not None:
         ours = LockChain(mine["chain"])
         if not entries or ours.extended_by(entries) is None:
@@ -6277,9 +6750,21 @@ def remote_lock_info(api, own_lock, enroll=None):
                                 hint="the server may be hijacked: 'innernet lock status' "
                                      "shows this host's chain")
     records = got.get("records") if isinstance(got.get("records"), dict) else {}
+    if entries and not LockChain(entries).disabled:
+        records = verified_lock_records(LockChain(entries), records, got.get("batches"))
     if enroll is not None and isinstance(got.get("enroll"), dict):
         enroll.update(got["enroll"])
     return entries, records
+
+
+def verified_lock_records(chain, records, batches):
+    """{subject: record} of the server's records ({subject: record}) that a
+    batch (``batches``) signed by a key ``chain`` trusts covers: an admin's
+    host signs its next records over these, never over one the server made."""
+    got = signed_records(chain.net, chain.keys, {
+        "records": list(records.values()) if isinstance(records, dict) else [],
+        "batches": batches if isinstance(batches, list) else []})
+    return {s: p for s, (p, _) in got.items()}
 
 
 def _lock_after(method, peers, cidrs, assocs, *a):
@@ -6898,19 +7383,19 @@ class Store(LockStore):
                           [(peer_id, ip, key, peer_id) for ip, key in sorted(pins.items())])
 
     def pinners(self, ip):
-        """[(innernet client Peer, the key it pinned at ``ip``)], by name."""
+        """[(innernet client Peer, the key it pinned at ``ip``)], by name (none of ours)."""
         rows = self._query(f"SELECT {_PEER_COLUMNS}, (SELECT public_key FROM innernet_pins "
                            "WHERE peer_id = peers.id AND ip = ?) FROM peers WHERE id IN "
-                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) ORDER BY name",
-                           (str(ip), str(ip)))
+                           "(SELECT peer_id FROM innernet_pins WHERE ip = ?) AND id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY name", (str(ip), str(ip)))
         return [(self._peer(r[:-1]), r[-1]) for r in rows]
 
     def kept_from_innernet(self):
-        """[(innernet client name, address)] of the peers this server keeps from
-        innernet clients because their key there changed since it told them."""
+        """[(innernet client name, address)] left out of its state: the key there changed."""
         return self._query("SELECT c.name, pin.ip FROM innernet_pins pin "
                            "JOIN peers c ON c.id = pin.peer_id JOIN peers cur ON cur.ip = pin.ip "
-                           "WHERE cur.public_key != pin.public_key ORDER BY c.name, pin.ip")
+                           "WHERE cur.public_key != pin.public_key AND c.id NOT IN "
+                           "(SELECT peer_id FROM admin_provers) ORDER BY c.name, pin.ip")
 
     def forget_pins(self, peer_id):
         """After an innernet client's data store was deleted: it pins anew."""
@@ -7080,7 +7565,7 @@ class Store(LockStore):
             before = {r[0]: r[1] for r in c.execute(
                 "SELECT route, approved FROM peer_routes WHERE peer_id = ?", (peer_id,))}
             c.execute("DELETE FROM peer_routes WHERE peer_id = ?", (peer_id,))
-            approvers = self.route_approvers()
+            approvers = [] if self.locked() else self.route_approvers()   # lock: none apply
             after = {}
             for r in routes:
                 ok = before.get(r, 0) or approve or (
@@ -7115,6 +7600,7 @@ class Store(LockStore):
 
     def add_route_approver(self, rule):
         with self.write() as c:
+            refuse_auto_approve(self.locked())
             if rule.cidr_id not in {x.id for x in self.cidrs()}:
                 raise _bad(f"CIDR {rule.cidr_id} does not exist")
             cur = c.execute("INSERT INTO route_approvers (route, cidr_id) VALUES (?, ?)",
@@ -7824,6 +8310,9 @@ class ClientFiles:
     # admin's host, its lock key (0600, beside the config: it never leaves it).
     lock = property(lambda self: self.with_suffix(".lock.json"))
     lock_key = property(lambda self: os.path.join(self.config_dir, f"{self.iface}.lock-key"))
+    # The admins this host had pinned when a server first showed it a lock:
+    # the only ones it takes that lock from (adopters).
+    lock_seen = property(lambda self: self.with_suffix(".lock-seen.json"))
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
@@ -8827,6 +9316,79 @@ class SourceBudget:
             self._buckets.clear()
 
 
+class TcpShares:
+    """The DNS-over-TCP connections held, by source, given way as the API's
+    are (ApiServer._start): a source at its ``per_source`` cap gives up its
+    oldest connection waiting for a question to a new one -- every user of a
+    host shares its address, so a local user holding the slots cannot keep
+    the host's resolver out -- and when all ``total`` are taken, a source
+    that holds fewer than another takes the waiting one of the source that
+    holds most: up to ``total`` sources always get one each. admit() names
+    the connection given up; its owner shuts it. A connection answering is
+    busy (busy()/idle()) and never given up.
+    """
+
+    def __init__(self, total, per_source):
+        self.total, self.per_source = total, per_source
+        self._held = {}                      # source -> [connection], oldest first
+        self._busy = set()                   # connections being answered
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def admit(self, src, conn):
+        """(admitted, the connection given up for it, or None)."""
+        with self._lock:
+            mine = self._held.get(src, [])
+            giver = None
+            if len(mine) >= self.per_source:
+                giver = src
+            elif self._count >= self.total:
+                top = max(self._held, key=lambda s: len(self._held[s]))
+                giver = top if len(self._held[top]) > len(mine) + 1 else None
+                if giver is None:
+                    return False, None       # every source holds its share
+            evicted = None
+            if giver is not None:
+                evicted = next((c for c in self._held[giver] if c not in self._busy), None)
+                if evicted is None:
+                    return False, None       # all of them answering: refused
+                self._drop(giver, evicted)
+            self._held.setdefault(src, []).append(conn)
+            self._count += 1
+            return True, evicted
+
+    def busy(self, src, conn):
+        """``conn`` has a whole question: answered, not given up. False if it
+        already was given up."""
+        with self._lock:
+            if conn not in self._held.get(src, ()):
+                return False
+            self._busy.add(conn)
+            return True
+
+    def idle(self, conn):
+        with self._lock:
+            self._busy.discard(conn)
+
+    def release(self, src, conn):
+        """``conn`` ended (nothing if it was given up: never counted twice)."""
+        with self._lock:
+            self._busy.discard(conn)
+            if conn in self._held.get(src, ()):
+                self._drop(src, conn)
+
+    def _drop(self, src, conn):
+        held = self._held[src]
+        held.remove(conn)
+        self._count -= 1
+        if not held:
+            del self._held[src]
+
+    def held(self, src=None):
+        with self._lock:
+            return self._count if src is None else len(self._held.get(src, ()))
+
+
 class DnsServer:
     """DNS for the network's zone on the server's WireGuard address, UDP and
     TCP. Sockets are bound to the device, and the caller is the peer whose
@@ -8838,7 +9400,8 @@ class DnsServer:
     past it are dropped as they are read, before any parsing, and those
     within it are answered one source at a time, in turn. A source holds at
     most DNS_TCP_PER_SOURCE TCP connections (every local address counts as
-    one source), and each message must arrive whole within DNS_TCP_DEADLINE.
+    one source), fewer when others need them (TcpShares), and each message
+    must arrive whole within DNS_TCP_DEADLINE.
     """
 
     def __init__(self, coordinator, address, port=DNS_PORT, *, bind_device=None):
@@ -8846,9 +9409,8 @@ class DnsServer:
         fam = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.udp = socket.socket(fam, socket.SOCK_DGRAM)
         self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self._slots = threading.BoundedSemaphore(DNS_TCP_MAX)
         self.budget = SourceBudget(DNS_SOURCE_RATE, DNS_SOURCE_BURST)
-        self._tcp_by_source, self._tcp_lock = {}, threading.Lock()
+        self.tcp_slots = TcpShares(DNS_TCP_MAX, DNS_TCP_PER_SOURCE)
         self._sources, self._sources_at = {}, 0.0     # address -> budget key, for 10 s
         try:
             for sock in (self.udp, self.tcp):
@@ -8954,12 +9516,13 @@ class DnsServer:
                     break
                 continue
             src = self.source(addr[0], time.monotonic())
-            with self._tcp_lock:
-                mine = self._tcp_by_source.get(src, 0)
-                if mine >= DNS_TCP_PER_SOURCE or not self._slots.acquire(blocking=False):
-                    conn.close()             # over a bound: refuse, don't queue
-                    continue
-                self._tcp_by_source[src] = mine + 1
+            admitted, evicted = self.tcp_slots.admit(src, conn)
+            if evicted is not None:          # a waiting one gives way to it
+                with contextlib.suppress(OSError):
+                    evicted.shutdown(socket.SHUT_RDWR)
+            if not admitted:
+                conn.close()                 # none gives way: refuse, don't queue
+                continue
             threading.Thread(target=self._tcp_connection, args=(conn, addr, src),
                              daemon=True).start()
 
@@ -8986,23 +9549,19 @@ class DnsServer:
                 deadline = time.monotonic() + DNS_TCP_DEADLINE
                 head = exactly(2)
                 data = head and exactly(struct.unpack("!H", head)[0])
-                if not data or not self._spend(src, deadline):
+                if not data or not self._spend(src, deadline) \
+                        or not self.tcp_slots.busy(src, conn):
                     break
                 out = self._answer_safely(data, addr, True)
                 if out is None:
                     break
                 conn.sendall(struct.pack("!H", len(out)) + out)
+                self.tcp_slots.idle(conn)
         except OSError:
             pass
         finally:
             conn.close()
-            self._slots.release()
-            with self._tcp_lock:
-                left = self._tcp_by_source.get(src, 1) - 1
-                if left:
-                    self._tcp_by_source[src] = left
-                else:
-                    self._tcp_by_source.pop(src, None)
+            self.tcp_slots.release(src, conn)
 
     def _spend(self, src, deadline):
         """Wait for a token of ``src`` until ``deadline``; False if none comes."""
@@ -9227,8 +9786,8 @@ class DeviceSync:
     """The server's WireGuard device: what it observes of each peer, and
     keeping it (and both relays) in line with the database."""
 
-    def __init__(self, store, own_key, ifname, backend, relay, hub, signal):
-        self.store, self.ifname, self.backend = store, ifname, backend
+    def __init__(self, store, own_key, ifname, backend, relay, hub, signal, network=None):
+        self.store, self.ifname, self.backend, self.network = store, ifname, backend, network
         self.public_key = own_key            # the server's, never a peer of the device
         self.relay = relay                   # RelayFirewall (static peers), or None
         self.hub = hub                       # RelayHub (end-to-end relay), or None
@@ -9312,7 +9871,7 @@ class DeviceSync:
                 dev = self.backend.get(self.ifname)
                 updates = [u for u in diff_peers(dev.peers, self.wanted(time.time()),
                                                  self.public_key, time.time(),
-                                                 resolve=resolve_endpoint)
+                                                 resolve=placed_resolver(self.network))
                            if u.touches_device]
                 if updates:
                     self.backend.apply(self.ifname, updates=updates)
@@ -9702,7 +10261,7 @@ class StateViews:
         # a time: the whole state as dicts at once (1,000 peers: a megabyte)
         # left the server's heap that much larger for good.
         gone = [d.to_json() for d in deletions if d.cidr_id in view]
-        lock = self.lock_section(cidrs, view)
+        lock = self.lock_section(cidrs, view, {p.ip: p.public_key for p in visible})
         body = ('{"peers": [' + ", ".join(
             json.dumps(inject_endpoint(p, observed.get(p.public_key)).to_json(pending=False))
             for p in visible) + '], "cidrs": ' + json.dumps([c.to_json() for c in cidrs])
@@ -9711,29 +10270,29 @@ class StateViews:
             + (', "lock": ' + json.dumps(lock) if lock else "") + "}").encode()
         return body, '"' + blake2("blake2b", body, digest_size=16).hexdigest() + '"'
 
-    def lock_section(self, cidrs, view):
+    def lock_section(self, cidrs, view, shown):
         """The state's "lock" (ours; innernet ignores it): the chain, and the
-        signed records a caller with this view needs -- every CIDR and
-        association, the peers (and deleted peers) in its view -- with their
-        batches and enrollments. None without lock."""
+        signed records a caller with this view needs (every CIDR, association,
+        peer and deleted peer in its view, and those ``shown`` {ip: key} beside
+        them: the server's), batches, enrollments; lock_wire_section's form."""
         data = self._cached("lock", self.revision(), self._lock_data)
         if data is None:
             return None
         entries, recs, batches, enroll = data
-        ranges = {c.cidr for c in cidrs if c.id in view}
-        chosen = [(p, b) for p, b in recs.values() if p["t"] != "peer" or p["cidr"] in ranges]
-        ips = {p["ip"] for p, _ in chosen if p["t"] == "peer"}
-        return {"chain": entries, "batches": [batches[b] for b in sorted({b for _, b in chosen})
-                                              if b in batches],
-                "records": [p for p, _ in chosen],
+        seen = {c.cidr for c in cidrs if c.id in view} | set(shown)     # + the server's
+        chosen = [r for r in recs.values() if r[0]["t"] != "peer" or r[0]["cidr"] in seen
+                  or r[0]["ip"] in seen]
+        ips = {p["ip"] for p, _, _ in chosen if p["t"] == "peer"}
+        wire_batches, records = lock_wire_section(chosen, batches, shown)
+        return {"chain": entries, "batches": wire_batches, "records": records,
                 "enroll": {ip: e for ip, e in enroll.items() if ip in ips}}
 
     def _lock_data(self):
         entries = self.store.lock_entries()
         if not entries:
             return None
-        recs, batches = self.store.lock_records()
-        return entries, recs, batches, self.store.lock_enrollments()
+        return (entries, *self.store.lock_records(hashed=True),
+                self.store.lock_enrollments())
 
     def dns_view(self, remote_ip):
         """The DnsZone a DNS caller at ``remote_ip`` may resolve, None for no
@@ -9892,7 +10451,7 @@ class Coordinator:
         self.proofs = AdminProofs(store, config.private_key)
         changed = threading.Condition()       # what a peer may see can have changed
         self.device = DeviceSync(store, self.public_key, ifname, backend, relay, hub,
-                                 notifier(changed))
+                                 notifier(changed), config.interface.network)
         self.views = StateViews(store, self.device, self.gate, self.stop, changed, dns_zone_name)
         self.swaps = KeySwaps(store, self.device)
         self.redeems = RedeemRace()
@@ -10140,7 +10699,9 @@ def user_get_state(co, req):
     """The peers the caller may see. With If-None-Match: 304 when unchanged;
     with ?wait=N as well (our clients), held up to N s until it changes."""
     headers = req.headers if req.headers is not None else {}
-    if is_innernet_request(headers):
+    # A local user's curl asks as innernet's client does: a peer proved to run
+    # ours (it redeemed, or made an admin call, with a proof its key makes) is ours.
+    if is_innernet_request(headers) and not co.store.proves_admin(req.caller.id):
         body, etag = co.views.innernet_state(req.caller)
         return Response(200, raw=body, headers={"ETag": etag})
     sent = headers.get("If-None-Match")
@@ -10477,8 +11038,8 @@ def admin_get_lock(co, req):
     chain = co.store.lock_chain()
     if chain is None:
         return Response(200, {"chain": [], "records": {}})
-    recs, _ = co.store.lock_records()
-    return Response(200, {"chain": chain.entries, "records": {s: p for s, (p, _) in recs.items()},
+    recs, batches = co.store.lock_listing()
+    return Response(200, {"chain": chain.entries, "records": recs, "batches": batches,
                           "enroll": co.store.lock_enrollments()})
 
 
@@ -11035,13 +11596,14 @@ def traverse_nat(backend, iface, cfg, peers, *, budget=4.0, step=1.0, steps=None
     own = public_key(cfg.private_key)
     on_device = {p.public_key: p for p in dev.peers}
     nets = local_networks()
+    placed = placed_resolver(cfg.address.network)
     todo, missed = {}, {}
     for p in peers:
         dp = on_device.get(p.public_key)
         if p.is_disabled or p.public_key in (own, cfg.server_public_key) or dp is None \
                 or p.ip in cfg.peer_endpoint_overrides or recently_connected(dp, now):
             continue
-        candidates = traversal_candidates(p, nets, resolve=resolve_endpoint)[:steps]
+        candidates = traversal_candidates(p, nets, resolve=placed)[:steps]
         if candidates:
             todo[p.public_key] = (p, dp, candidates)
         missed[p.public_key] = (p, dp, candidates[:1])
@@ -11146,7 +11708,7 @@ def request_relays(api, cfg, peers, allocate=True):
     return out, gone
 
 
-def probe_direct(backend, iface, peers, memo, nets, step=1.3):
+def probe_direct(backend, iface, peers, memo, nets, network, step=1.3):
     """Move relayed peers to a direct path where one opens, keeping their sessions.
 
     WireGuard roams: a peer whose endpoint is changed sends its next packets
@@ -11160,9 +11722,9 @@ def probe_direct(backend, iface, peers, memo, nets, step=1.3):
     A failed try costs packets in one direction for ``step`` seconds, never the
     session, and never touches a working direct path.
     """
-    try_at = {}
+    try_at, placed = {}, placed_resolver(network)
     for p in peers:
-        c = traversal_candidates(p, nets, resolve=resolve_endpoint)
+        c = traversal_candidates(p, nets, resolve=placed)
         if c:
             try_at[p.public_key] = (p, c[0])
     if not try_at:
@@ -11336,7 +11898,8 @@ def _settle_relayed(session, probe, dev, now):
     if trying and session.save is not None:
         session.save(memo)
     try:
-        for k in probe_direct(backend, iface, trying, memo, local_networks()):
+        for k in probe_direct(backend, iface, trying, memo, local_networks(),
+                              cfg.address.network):
             memo.since.pop(k, None)
     finally:
         memo.trying = {}
@@ -11822,7 +12385,7 @@ class _Fetch:
         mine = load_client_lock(path)
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
-            mine = self.adopt(offered)
+            mine = self.adopt(offered, received)
             if mine is None:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
@@ -11830,6 +12393,8 @@ class _Fetch:
         if note:
             warn(f"{self.iface}: {note}")
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
+        if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
+            self.lock["signed"] = mine["signed"]
         if chain.disabled:
             return received
         self.lock_on = True
@@ -11843,7 +12408,8 @@ class _Fetch:
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
         accepted, refused, known = verify_state(
             chain, offered or {}, received, self.cidrs, str(self.cfg.address.ip), known,
-            rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)})
+            rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)},
+            own_signed=mine.get("signed"))
         lines = [lock_refusal(p, why) for p, why in refused]
         for line in lines:
             warn(f"{self.iface}: {line}")
@@ -11852,12 +12418,15 @@ class _Fetch:
                          cache={k: v for k, v in cache.items() if k in sigs})
         return accepted
 
-    def adopt(self, offered):
+    def adopt(self, offered, received=()):
         """The lock of a network locked after this host joined: taken only
         with an admin's proof for this host (adoption_valid) from an admin
-        peer it already knows; else None (and a line)."""
+        peer it pinned before the server first showed it a lock (adopters),
+        never the server's own; else None (and a line)."""
         if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
             return None
+        pinned = adopters(self.files.lock_seen, self.stored_peers,
+                          (str(self.cfg.server_ip), self.cfg.server_public_key))
         try:
             genesis = LockChain(offered["chain"][:1])
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
@@ -11865,12 +12434,19 @@ class _Fetch:
             warn(f"{self.iface}: the server says the network is locked, but gave no proof an "
                  f"admin made the lock ({e.message}): not taken")
             return None
-        admin = next((p for p in self.stored_peers if p.ip == ans.get("admin_ip")
-                      and p.public_key == ans.get("admin_key") and p.is_admin), None)
-        if admin is None or not adoption_valid(self.cfg.private_key, genesis.genesis,
-                                               admin.public_key, ans.get("mac")):
-            warn(f"{self.iface}: the server says the network is locked, but no admin this "
-                 "host knows proved it: not taken")
+        ip, key = ans.get("admin_ip"), ans.get("admin_key")
+        admin = next((p for p in self.stored_peers + list(received) if p.ip == ip
+                      and p.public_key == key and p.is_admin), None)
+        why = "no admin this host knows proved it" if admin is None else \
+            "the proof is the server's own" if ip == str(self.cfg.server_ip) \
+            or key == self.cfg.server_public_key else \
+            f"admin '{admin.name[:40]}' ({ip}), who proved it, was not pinned here before " \
+            "the lock was first seen" if [ip, key] not in pinned else None
+        if why is None and not adoption_valid(self.cfg.private_key, genesis.genesis,
+                                              key, ans.get("mac")):
+            why = "the admin's proof is not valid for this host"
+        if why:
+            warn(f"{self.iface}: the server says the network is locked, but {why}: not taken")
             return None
         log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
         return {"chain": genesis.entries}
@@ -11916,7 +12492,8 @@ class _Fetch:
         # peer: they are reached through it, never with an entry of their own.
         relayed = {host_prefix(p.ip) for p in desired if p.is_static and not p.is_disabled}
         updates = diff_peers(dev.peers, [p for p in desired if not p.is_static], self.own_key,
-                             time.time(), resolve=resolve_endpoint, relayed=relayed,
+                             time.time(), resolve=placed_resolver(self.cfg.address.network),
+                             relayed=relayed,
                              relay_via=self.cfg.server_public_key,
                              network=self.cfg.address.network)
         # A peer pointed at its relay is settle_paths's to move, even before
@@ -12197,6 +12774,12 @@ def with_remembered_flags(opts, files, reset=False):
     return dataclasses.replace(opts, **kept) if kept else opts
 
 
+def taken_down(files, backend):
+    """Did the operator take this network down (`innernet down`: its marker,
+    and no device)? Then `fetch` and the daemon leave it so until `up`."""
+    return path_exists(files.down_marker) and existing_backend(backend, files.iface) is None
+
+
 def cmd_fetch(args):
     dirs, opts = Dirs.from_args(args), FetchOptions.from_args(args)
     ifaces = chosen_interfaces(dirs, getattr(args, "interface", None))
@@ -12204,13 +12787,13 @@ def cmd_fetch(args):
     for iface in ifaces:
         files = dirs.client(iface)
         try:
-            if path_exists(files.down_marker) and existing_backend(opts.backend, iface) is None:
-                if args.interface is None:
-                    debug(f"{iface}: taken down with 'innernet down'; not fetched")
-                    continue
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
+            if taken_down(files, opts.backend):
+                # The operator's choice, not a failure: the timer's `fetch NET`
+                # exits 0 at every tick (no failed unit); `status` shows it.
+                say = debug if args.interface is None else log
+                say(f"{iface}: taken down with 'innernet down {iface}'; not fetched "
+                    f"(until 'innernet up {iface}')")
+                continue
             fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
         except InnernetError as e:
@@ -13322,12 +13905,13 @@ def cmd_list_routes(args):
     if args.json:
         print_json({"routes": rows, "auto_approve": rules})
         return 0
-    print("\n".join(route_lines(rows, rules)))
+    print("\n".join(route_lines(rows, rules, bool(rules) and net.lock_on())))
     return 0
 
 
-def route_lines(rows, rules):
-    """list-routes as text: an exit node (both default routes) is one line."""
+def route_lines(rows, rules, locked=False):
+    """list-routes as text: an exit node (both default routes) is one line;
+    ``locked``: the network is, so its auto-approve rules do nothing."""
     out, exits = [], {}
     for r in rows:
         if r["exit_node"]:
@@ -13340,7 +13924,8 @@ def route_lines(rows, rules):
         ok = all(exits[(r["peer"], r["ip"])]) if r["exit_node"] else r["approved"]
         lines.append(f"{r['peer']} ({r['ip']}): {'exit node' if r['exit_node'] else r['route']} "
                      f"{'approved' if ok else 'waiting for approval'}")
-    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'" for a in rules]
+    lines += [f"auto-approve: routes in {a['route']} from peers in '{a['cidr']}'"
+              + (" (not applied: the network is locked)" if locked else "") for a in rules]
     return lines or ["no routes are advertised"]
 
 
@@ -13411,9 +13996,10 @@ def cmd_delete_association(args):
 # kept here (0600, beside the interface's config), never on the server.
 
 def cmd_lock(args):
-    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable."""
+    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable, forget."""
     return {"init": _lock_init, "status": _lock_status, "key": _lock_key, "add": _lock_add,
-            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable}[
+            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable,
+            "forget": _lock_forget}[
         args.lock_verb](args, parse_interface(args.interface))
 
 
@@ -13444,19 +14030,24 @@ def _lock_init(args, iface):
     genesis, and the disablement secret shown once."""
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)          # an innernet server: one line, nothing made here
-    entries, _ = net.lock_info()
+    entries, _ = net.lock_info(own=False)
+    name = net.network_name()
     if entries:
         if LockChain(entries).disabled:
-            raise InnernetError(f"network {iface}'s lock was disabled with its secret, and a "
+            raise InnernetError(f"network {name}'s lock was disabled with its secret, and a "
                                 "disabled lock's chain ends there: it cannot be locked again",
                                 hint=f"'innernet lock log {iface}' shows the chain")
-        raise InnernetError(f"network {iface} is locked already",
+        raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
-    private, public = _own_lock_key(args, iface, make=True)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
     _refuse_repinned(args, iface, peers)
+    confirm(args, f"Lock network {name}: sign every peer, CIDR and association with this "
+                  "host's lock key, after which peers accept only what a trusted key signed?",
+            True)
+    private, public = _own_lock_key(args, iface, make=True)
     secret = lock_secret()
-    genesis = lock_genesis(net.network_name(), [(public, args.key_name or iface)], secret,
+    me = next((p.name for p in peers if p.ip == str(net.config.address.ip)), None)
+    genesis = lock_genesis(name, [(public, args.key_name or me or name)], secret,
                            private, int(time.time()))
     chain = LockChain([genesis])
     now_ms = int(time.time() * 1000)
@@ -13470,8 +14061,23 @@ def _lock_init(args, iface):
     net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
                                     "records": records}, adoptions)
     save_client_lock(net.own_lock, {"chain": chain.entries})
-    log(f"network {iface} locked: {len(records)} records signed by {lock_short(public)}, "
+    remember_signed(net.own_lock, {"records": records})
+    kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
+    log(f"network {name} locked: {len(records)} records signed by {lock_short(public)} ("
+        + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
+                                                   ("assoc", "associations"))) + "), "
         f"{len(adoptions)} peers sent the proof of it")
+    blind = lock_blind_peers({record_subject(r): r for r in records},
+                             {p.ip for p in peers if p.public_key in adoptions})
+    if blind:
+        warn(f"{len(blind)} peer(s) see no admin peer, so they cannot take the lock (a "
+             "peer takes it only from an admin it pinned before the lock): "
+             + ", ".join(blind[:10]) + (", ..." if len(blind) > 10 else "")
+             + "; reinstall them from new invitations (an invitation carries the lock)")
+    rules = net.route_approvers()
+    if rules:
+        warn(f"{len(rules)} auto-approve rule(s) no longer apply while the network is locked: "
+             "an admin approves each route ('approve-routes --name PEER'), which signs it")
     print(f"disablement secret (shown once; keep it offline): {secret}")
     return 0
 
@@ -13488,10 +14094,10 @@ def _refuse_repinned(args, iface, peers):
                                 hint="fetch first, and find out why")
 
 
-def _lock_chain(args, iface):
+def _lock_chain(args, iface, own=True):
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)
-    entries, records = net.lock_info()
+    entries, records = net.lock_info(own=own)
     if not entries:
         raise InnernetError(f"network {iface} is not locked",
                             hint=f"an admin locks it with 'innernet lock init {iface}'")
@@ -13519,7 +14125,7 @@ def _lock_status(args, iface):
 
 
 def _lock_log(args, iface):
-    _, chain, _ = _lock_chain(args, iface)
+    _, chain, _ = _lock_chain(args, iface, own=False)
     for n in range(len(chain.entries)):
         print(chain.describe(n))
     return 0
@@ -13546,6 +14152,7 @@ def _lock_submit_own(net, entries, signed):
     net.lock_submit(entries, signed, {})
     mine = load_client_lock(net.own_lock) or {}
     save_client_lock(net.own_lock, dict(mine, chain=entries))
+    remember_signed(net.own_lock, signed)
 
 
 def _lock_remove(args, iface):
@@ -13555,6 +14162,7 @@ def _lock_remove(args, iface):
     if args.key not in chain.keys:
         raise InnernetError(f"{lock_short(args.key or '')} is not a trusted lock key")
     private, public = _own_lock_key(args, iface)
+    refuse_stale(records, lock_newest(load_client_lock(net.own_lock)), records)
     entry = lock_update(chain, "remove", args.key, chain.keys[args.key], private,
                         int(time.time()))
     now_ms = int(time.time() * 1000)
@@ -13597,6 +14205,20 @@ def _lock_disable(args, iface):
     LockChain(chain.entries + [entry])          # a wrong secret fails here, not on the wire
     _lock_submit_own(net, chain.entries + [entry], None)
     log(f"network {iface}'s lock disabled: clients stop checking signatures at their next sync")
+    return 0
+
+
+def _lock_forget(args, iface):
+    """Drop this host's copy of the lock (one taken wrongly, from a hijacked
+    server): its next fetch takes a lock again only from an admin's proof."""
+    path = client_files(args, iface).lock
+    if load_client_lock(path) is None:
+        raise InnernetError(f"{iface} has no network lock to forget",
+                            hint=f"'innernet lock status {iface}'")
+    confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes a lock "
+                  "again, it installs what the server says", False)
+    os.remove(path)
+    log(f"{iface}: network lock forgotten ({path} removed)")
     return 0
 
 
@@ -14600,7 +15222,7 @@ def leave_exit(args, iface):
 
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
-                      ".status.json", ".down", ".oldkeys.json", ".flags.json")
+                      ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json")
 
 
 def cmd_uninstall(args):
@@ -14630,11 +15252,12 @@ def cmd_uninstall(args):
 def interface_health(args, iface, now, max_age):
     """What `status` says of one network: its status file (what the last
     fetch, up or daemon run left), the device, and the problems, if any."""
-    st = read_status(client_files(args, iface))
-    up = existing_backend(arg_or(args, "backend", "auto"), iface) is not None
-    problems = [] if up else ["the interface is not up" + (
-        " (taken down with 'innernet down')" if path_exists(client_files(args, iface).down_marker)
-        else "")]
+    files, backend = client_files(args, iface), arg_or(args, "backend", "auto")
+    st = read_status(files)
+    if taken_down(files, backend):      # the operator's choice, whatever its last sync
+        return dict(_health(iface, st, [], False), taken_down=True)
+    up = existing_backend(backend, iface) is not None
+    problems = [] if up else ["the interface is not up"]
     link = link_state(iface) if up else None
     if link is not None and not link[0]:
         up = False
@@ -14655,17 +15278,21 @@ def interface_health(args, iface, now, max_age):
         if now - since > max_age:
             problems.append(f"peer {w.get('peer')} has waited {rough_duration(now - since)} "
                             "for the proof of its new key")
+    return _health(iface, st, problems, up, pending)
+
+
+def _health(iface, st, problems, up, pending=()):
     return {"interface": iface, "healthy": not problems, "problems": problems,
-            "interface_up": up, "last_success": last, "checked_at": st.get("checked_at"),
-            "last_error": st.get("last_error"), "by": st.get("by"),
-            "last_success_by": st.get("last_success_by"), "error": None,
-            "server": st.get("server"), "pending_key_changes": pending}
+            "interface_up": up, "taken_down": False, "last_success": st.get("last_success"),
+            "checked_at": st.get("checked_at"), "last_error": st.get("last_error"),
+            "by": st.get("by"), "last_success_by": st.get("last_success_by"), "error": None,
+            "server": st.get("server"), "pending_key_changes": list(pending)}
 
 
 def failed_health(iface, message):
     """What `status` says of a network it cannot read (a broken config)."""
     return {"interface": iface, "healthy": False, "problems": [message], "error": message,
-            "interface_up": None, "last_success": None, "checked_at": None,
+            "interface_up": None, "taken_down": False, "last_success": None, "checked_at": None,
             "last_error": None, "by": None, "last_success_by": None, "server": None,
             "pending_key_changes": []}
 
@@ -14678,6 +15305,11 @@ def _status_lines(h, now):
             f" ({rough_duration(now - t)} ago)"
     if h.get("error"):
         return [f"network {h['interface']}: NOT HEALTHY", f"  error: {h['error']}"]
+    if h.get("taken_down"):
+        return [f"network {h['interface']}: taken down",
+                f"  interface: down, by the operator's choice ('innernet down "
+                f"{h['interface']}'); 'innernet up {h['interface']}' brings it back",
+                f"  last successful sync: {when(h['last_success'])}"]
     out = [f"network {h['interface']}: {'healthy' if h['healthy'] else 'NOT HEALTHY'}",
            f"  interface: {'up' if h['interface_up'] else 'down'}",
            f"  last successful sync: {when(h['last_success'])}"
@@ -15329,8 +15961,10 @@ def build_parser(server_mode=False):
     p = _verb(sub, "lock", cmd_lock, "client",
               "Network lock: peers accept only what a trusted admin key signed.")
     p.add_argument("lock_verb", metavar="VERB",
-                   choices=("init", "status", "key", "add", "remove", "log", "disable"),
-                   help="init, status, key (this host's), add, remove, log, disable")
+                   choices=("init", "status", "key", "add", "remove", "log", "disable",
+                            "forget"),
+                   help="init, status, key (this host's), add, remove, log, disable, "
+                        "forget (this host's copy)")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("secret", metavar="SECRET", nargs="?",
                    help="disable: the disablement secret (better on stdin or with "
@@ -15338,7 +15972,10 @@ def build_parser(server_mode=False):
     p.add_argument("--secret-file", metavar="FILE",
                    help="disable: a file holding the disablement secret")
     p.add_argument("--key", metavar="LOCK_KEY", help="add/remove: the lock public key")
-    p.add_argument("--key-name", metavar="NAME", help="init/add: a name for the key")
+    p.add_argument("--key-name", metavar="NAME",
+                   help="init/add: a name for the key (init: this admin peer's name)")
+    p.add_argument("--yes", action="store_true",
+                   help="init, forget: do not ask for confirmation")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")
@@ -15497,13 +16134,10 @@ def _main(argv, server_mode):
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
     parser = build_parser(server_mode)
     prog = SERVER_PROG if server_mode else PROG
-    misplaced = _misplaced_global(argv)
-    if misplaced:
+    wrong = _misplaced_option(parser, prog, argv, server_mode)
+    if wrong:
         parser.print_usage(sys.stderr)
-        print(f"{prog}: error: {misplaced} is a global option and goes before the command",
-              file=sys.stderr)
-        print(f"hint: {prog} {misplaced} DIR ... COMMAND ... (after the command, write "
-              f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)", file=sys.stderr)
+        print(f"{prog}: error: {wrong[0]}\nhint: {wrong[1]}", file=sys.stderr)
         return EXIT_USAGE
     args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
@@ -15563,6 +16197,38 @@ def _misplaced_global(argv):
     if "--" in rest:
         rest = rest[:rest.index("--")]
     return "-c" if "-c" in rest else None
+
+
+def _misplaced_option(parser, prog, argv, server_mode):
+    """(error, hint) for an option argparse would refuse with a garbled or
+    unhelpful message, or None."""
+    misplaced = _misplaced_global(argv)
+    if misplaced:
+        return (f"{misplaced} is a global option and goes before the command",
+                f"{prog} {misplaced} DIR ... COMMAND ... (after the command, write "
+                f"--{'config' if misplaced == '-c' else 'data'}-dir DIR)")
+    up_only = None if server_mode else _up_only_option(parser, argv)
+    if up_only:
+        return (f"{up_only} is an option of 'up', not of 'fetch'",
+                "the systemd units: options only 'up' takes go in UP_ARGS= (innernet@), "
+                "not in ARGS=, which the timer's fetch reads too")
+    return None
+
+
+def _up_only_option(parser, argv):
+    """A long option only `up` takes, given to `fetch` (the systemd units'
+    shared ARGS=, say), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+    if i >= len(argv) or argv[i] != "fetch":
+        return None
+    rest = argv[i + 1:]
+    rest = rest[:rest.index("--")] if "--" in rest else rest
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    fetch, up = (set(verbs.choices[v]._option_string_actions) for v in ("fetch", "up"))
+    return next((o for o in (a.split("=", 1)[0] for a in rest)
+                 if o.startswith("--") and o in up - fetch), None)
 
 
 def server_main(argv=None):

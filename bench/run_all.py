@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCHES = ["join.py", "propagation.py", "unchanged_fetch.py", "throughput.py", "server_rss.py",
            "fetch_cost.py", "apply_one.py", "traversal.py", "relay.py", "footprint.py", "cron_path.py",
-           "lock_cost.py", "replication_lag.py"]
+           "lock_cost.py", "replication_lag.py", "daemon_pace.py"]
 
 
 def main():

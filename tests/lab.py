@@ -11,6 +11,7 @@ namespaces share, so interface names carry the lab's random prefix.
 """
 
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -68,10 +69,11 @@ class Host:
 
     def exec(self, argv, *, check=True, timeout=60, input=None):
         """Run argv inside this host's namespace; CompletedProcess with text."""
+        t0 = time.monotonic()
         proc = subprocess.run(["ip", "netns", "exec", self.ns] + list(argv),
                               capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE,
                               input=input)
-        self.lab.record(self.name, argv, proc)
+        self.lab.record(self.name, argv, proc, time.monotonic() - t0)
         if check and proc.returncode != 0:
             raise AssertionError(f"[{self.name}] {shlex.join(argv)} exited {proc.returncode}\n"
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
@@ -114,6 +116,29 @@ class Host:
                          timeout=timeout, check=check)
 
 
+# Where each host command's wall time goes, one line a command (time, host,
+# what ran), when set: the VM lane's profile of where its minutes go.
+COMMAND_TIMES = os.environ.get("INNERNET_LAB_TIMES")
+
+
+def command_label(argv):
+    """A short name for a command line: an innernet command by its verb, a
+    Python one-liner by the script's first line."""
+    argv = list(argv)
+    if "-c" in argv and argv.index("-c") + 1 < len(argv) and "\n" in argv[argv.index("-c") + 1]:
+        code = argv[argv.index("-c") + 1].strip().splitlines()
+        return f"python -c {code[0][:40]}"
+    words, skip = [], False
+    for i, w in enumerate(argv):
+        if skip or w in ("-S", "-I") or w.startswith("/"):
+            skip = False
+        elif w in ("-c", "-d") and i + 1 < len(argv) and argv[i + 1].startswith("/"):
+            skip = True
+        else:
+            words.append(w)
+    return " ".join(words[:4])[:80]
+
+
 class Lab:
     """Namespaces on a bridge, cleaned up by exact name and PID."""
 
@@ -143,8 +168,11 @@ class Lab:
         assert len(name) <= 15, name
         return name
 
-    def record(self, host, argv, proc):
+    def record(self, host, argv, proc, took=None):
         self.history.append((host, argv, proc.returncode, proc.stdout, proc.stderr))
+        if COMMAND_TIMES and took is not None:
+            with open(COMMAND_TIMES, "a") as f:
+                f.write(f"{took:.3f}\t{host}\t{command_label(argv)}\n")
 
     def all_output(self):
         """Everything the lab's commands printed and every log file: for secret scans."""
@@ -457,6 +485,20 @@ def debian_launcher(tmp):
         f.write(build_zipapp.LAUNCHER.replace("/usr/share/innernet", share))
     os.chmod(launcher, 0o755)
     return launcher
+
+
+def unit_command(unit, instance, env=None):
+    """The argv systemd runs for a unit in debian/ (``unit``: its file name):
+    its ExecStart line with %i filled in, split into words, and each word
+    that is a bare $NAME replaced by the words of ``env``'s NAME (none when
+    unset), as systemd expands an unquoted variable from an EnvironmentFile."""
+    with open(os.path.join(ROOT, "debian", unit)) as f:
+        line = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
+    argv = []
+    for word in shlex.split(line.replace("%i", instance)):
+        name = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        argv += (env or {}).get(name.group(1), "").split() if name else [word]
+    return argv
 
 
 def db_rows(db, sql, args=()):

@@ -30,3 +30,11 @@ def test_the_replication_window_benchmark_runs():
     assert r.returncode == 0, r.stderr
     assert "| in the replica when a restore ended |" in r.stdout
     print(r.stdout)
+
+
+def test_the_daemon_pace_benchmark_runs():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "daemon_pace.py"),
+                        "--quick"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| answers every long poll at once |" in r.stdout
+    print(r.stdout)

@@ -321,24 +321,82 @@ def closed_by_server(c, timeout=5):
         return False
 
 
+def test_tcp_shares_give_way_to_a_new_connection_as_the_api_does():
+    """A source at its cap gives up its oldest waiting connection (every user
+    of a host shares its address: a local user holding them cannot keep the
+    host's resolver out); when all are taken, a source holding fewer than
+    another takes a waiting one of the biggest holder; one being answered
+    is never given up."""
+    t = innernet.TcpShares(total=6, per_source=3)
+    assert [t.admit("a", n) for n in ("a1", "a2", "a3")] == [(True, None)] * 3
+    assert t.admit("a", "a4") == (True, "a1")          # its own oldest gives way
+    assert t.busy("a", "a2")                           # a2 is being answered
+    assert t.admit("a", "a5") == (True, "a3")          # a2 is skipped
+    assert not t.busy("a", "a1")                       # given up: its owner shuts it
+    t.release("a", "a1")                               # ... and nothing is counted twice
+    assert t.held("a") == 3 and t.held() == 3
+    assert [t.admit("b", n) for n in ("b1", "b2", "b3")] == [(True, None)] * 3
+    assert t.held() == 6                               # all taken
+    assert t.admit("c", "c1") == (True, "a4")          # a holds 3, c none: a's waiting one
+    assert t.admit("c", "c2") == (True, "b1")          # then b, which holds most
+    assert t.admit("d", "d1") == (True, "a5")          # 2 each: a gives its waiting one
+    assert t.admit("e", "e1") == (True, "b2")
+    assert t.admit("f", "f1") == (True, "c1")
+    assert t.admit("g", "g1") == (False, None)         # one each: every source its share
+    assert t.held() == 6
+    t.idle("a2")
+    t.release("a", "a2")
+    assert t.admit("g", "g1") == (True, None)
+    t2 = innernet.TcpShares(total=4, per_source=2)
+    for n in ("x1", "x2"):
+        t2.admit("x", n)
+        t2.busy("x", n)
+    assert t2.admit("x", "x3") == (False, None)        # both answering: refused
+
+
+def trickles(port, source, n):
+    """``n`` connections from ``source``, each holding the first byte of a
+    65,535-byte message."""
+    conns = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        c.sendall(b"\xff")
+        conns.append(c)
+    return conns
+
+
 @needs_dnspython
-def test_tcp_slots_are_capped_per_source_and_a_trickle_is_cut(served, monkeypatch):
+def test_a_source_at_its_tcp_cap_gives_its_oldest_waiting_connection_up(served, monkeypatch):
+    """Review: the cap refused a source's next connection, so a local user of
+    a peer's host holding 4 trickles kept that host's resolver out of DNS over
+    TCP. Now, as for the API, the oldest waiting one gives way."""
     co, port = served
-    monkeypatch.setattr(innernet, "DNS_TCP_DEADLINE", 1.0)
+    monkeypatch.setattr(innernet, "DNS_TCP_DEADLINE", 60.0)     # no trickle is cut here
     dev1, dev2 = ip_of(co, "developer1"), ip_of(co, "developer2")
     cap = innernet.DNS_TCP_PER_SOURCE
-    conns = []
-    for _ in range(cap + 3):
-        c = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(dev1, 0))
-        c.sendall(b"\xff")                      # the start of a 65,535-byte message
-        conns.append(c)
+    conns = trickles(port, dev1, cap + 3)
     try:
-        assert all(closed_by_server(c) for c in conns[cap:])     # over the cap: at once
-        # another source is served meanwhile
+        assert all(closed_by_server(c) for c in conns[:3])      # gave way to the newest
+        assert not any(closed_by_server(c, 0.2) for c in conns[3:])   # those are held
+        # the trickling source's own resolver is answered, and another source too
+        assert addresses(tcp_ask(port, "developer2.test.wg", dev1)[0]) == [dev2]
         assert addresses(tcp_ask(port, "developer1.test.wg", dev2)[0]) == [dev1]
+        assert closed_by_server(conns[3])                       # the oldest gave way
+    finally:
+        for c in conns:
+            c.close()
+
+
+@needs_dnspython
+def test_a_trickle_is_cut(served, monkeypatch):
+    co, port = served
+    monkeypatch.setattr(innernet, "DNS_TCP_DEADLINE", 1.0)
+    cap = innernet.DNS_TCP_PER_SOURCE
+    conns = trickles(port, ip_of(co, "developer1"), cap)
+    try:
         # a byte every 0.4 s: the whole message was due within 1 s, so it is cut
         cut = 0
-        for c in conns[:cap]:
+        for c in conns:
             for _ in range(10):
                 with contextlib.suppress(OSError):
                     c.sendall(b"\xff")

@@ -14,6 +14,7 @@ import pytest
 import innernet
 from innernet import (InnernetError, Peer, generate_private_key, merge_pinned, public_key,
                       rotation_awaits_proof, rotation_proof)
+from lab import unit_command
 
 
 def pair():
@@ -127,11 +128,96 @@ def test_up_and_its_daemon_keep_the_remembered_flags_unless_told(tmp_path, monke
 
 
 def test_the_timer_runs_fetch_which_keeps_the_flags_and_the_down_marker():
-    unit = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "debian", "innernet.innernet-fetch@.service")
-    with open(unit) as f:
-        exec_start = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
-    assert exec_start.split()[:3] == ["/usr/bin/innernet", "fetch", "%i"]
+    assert unit_command("innernet.innernet-fetch@.service", "net") == \
+        ["/usr/bin/innernet", "fetch", "net"]
+
+
+# /etc/default/innernet as README's systemd section writes it: every variable set
+DEFAULTS = {"ARGS": "--no-write-hosts --accept-public-routes --no-nat-traversal --backend "
+                    "userspace",
+            "UP_ARGS": "--exit-node gw --exit-node-allow-lan --interval 5 --no-long-poll",
+            "FETCH_ARGS": "--no-dns"}
+
+
+def test_each_unit_gets_the_options_its_verb_takes_from_one_defaults_file():
+    """Review: innernet@.service (`up`) and the timer's innernet-fetch@.service
+    (`fetch`) read one /etc/default/innernet, and shared ARGS: an option only
+    `up` takes (--interval, --exit-node) made every timer run fail. ARGS now
+    holds what both take, UP_ARGS what only up takes, FETCH_ARGS fetch's own;
+    both command lines, expanded as systemd does, parse and mean it."""
+    parser = innernet.build_parser()
+    up = unit_command("innernet@.service", "net", DEFAULTS)
+    fetch = unit_command("innernet.innernet-fetch@.service", "net", DEFAULTS)
+    assert up[0] == fetch[0] == "/usr/bin/innernet"
+    a = parser.parse_args(up[1:])
+    assert a.func is innernet.cmd_up and a.interface == "net" and a.daemon
+    assert a.exit_node == "gw" and a.interval == 5 and a.no_long_poll   # UP_ARGS win
+    assert a.no_write_hosts and a.accept_public_routes and not a.no_dns
+    b = parser.parse_args(fetch[1:])
+    assert b.func is innernet.cmd_fetch and b.interface == "net"
+    assert b.no_write_hosts and b.accept_public_routes and b.no_dns and b.backend == "userspace"
+    # what the shared ARGS did before: an option only `up` takes breaks the timer
+    old = unit_command("innernet.innernet-fetch@.service", "net",
+                       {"ARGS": DEFAULTS["UP_ARGS"]})
+    with pytest.raises(SystemExit):
+        parser.parse_args(old[1:])
+
+
+def test_an_up_only_option_given_to_fetch_says_where_it_belongs(capsys):
+    """An /etc/default/innernet written for the old shared ARGS: the timer's
+    fetch fails in one line that says which variable the option belongs in."""
+    argv = unit_command("innernet.innernet-fetch@.service", "net",
+                        {"ARGS": "--no-dns --interval=5 --exit-node gw"})[1:]
+    assert innernet.main(argv) == innernet.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "innernet: error: --interval is an option of 'up', not of 'fetch'" in err
+    assert "UP_ARGS=" in err.splitlines()[-1] and err.splitlines()[-1].startswith("hint: ")
+    for fine in (["fetch", "net", "--no-dns"], ["up", "net", "--interval", "5"],
+                 ["fetch", "--", "--interval"]):
+        assert innernet._up_only_option(innernet.build_parser(), fine) is None
+
+
+def test_every_fetch_option_is_an_up_option_so_args_may_hold_any():
+    tree = innernet._command_tree(innernet.build_parser())
+    assert set(tree["fetch"][1]) <= set(tree["up"][1])
+    only_up = set(tree["up"][1]) - set(tree["fetch"][1])
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md")).read()
+    row = re.search(r"^\| `UP_ARGS` \|.*$", readme, re.M).group(0)
+    assert only_up - {"--daemon"} == set(re.findall(r"`(--[a-z-]+)", row))
+
+
+def test_fetch_leaves_a_network_taken_down_and_exits_0(tmp_path, monkeypatch, capsys):
+    """Review: `fetch NET` (the timer's) on a network the operator took down
+    exited 1 at every tick (a failed unit, cron mail). It is the operator's
+    choice: one line, exit 0, nothing fetched; `status` shows it, healthy."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "net.down").write_text("")
+    fetched = []
+    monkeypatch.setattr(innernet, "existing_backend", lambda choice, iface: None)
+    monkeypatch.setattr(innernet, "fetch_interface", lambda *a, **kw: fetched.append(a))
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
+    assert innernet.main(argv + ["fetch", "net"]) == 0
+    assert innernet.main(argv + ["fetch"]) == 0
+    assert fetched == []
+    err = capsys.readouterr().err
+    assert err.count("net: taken down with 'innernet down net'; not fetched (until "
+                     "'innernet up net')") == 1                 # the named run says so
+    monkeypatch.setattr(innernet, "load_client_config", lambda files: None)
+    monkeypatch.setattr(innernet, "read_status", lambda files: {
+        "last_success": 1.0, "last_error": "the server was gone"})
+    assert innernet.main(argv + ["status", "net"]) == 0
+    out = capsys.readouterr().out
+    assert "network net: taken down" in out and "'innernet up net' brings it back" in out
+    assert innernet.main(argv + ["status", "net", "--json"]) == 0
+    (h,) = json.loads(capsys.readouterr().out)
+    assert h["healthy"] and h["taken_down"] and not h["interface_up"] and h["problems"] == []
+    (tmp_path / "lib" / "net.down").unlink()                  # `up`: a down interface counts
+    assert innernet.main(argv + ["status", "net", "--json"]) == 1
+    (h,) = json.loads(capsys.readouterr().out)
+    assert not h["taken_down"] and "the interface is not up" in h["problems"]
 
 
 def test_the_daemon_idles_while_the_network_is_taken_down(tmp_path, monkeypatch, capsys):

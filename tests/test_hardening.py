@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import stat
 import threading
+import types
 
 import pytest
 
@@ -549,6 +550,58 @@ def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkey
     assert "in sync with the server again" in err and len(calls) == 3
 
 
+class FakeClock:
+    """time.monotonic and time.sleep for a loop under test: only sleeping
+    moves the clock, so what is checked is the loop's own pacing, whatever
+    the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.now += seconds
+
+
+@pytest.mark.parametrize("answer", ["changed", "failure", "pending proof", "paths due"])
+def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers(
+        monkeypatch, answer):
+    """Promise 27 (moved here from a timed end-to-end check): a server that
+    answers every long poll at once, with a change or an error, or keeps a
+    proof pending, or makes the paths due at once, gets the daemon's state
+    requests DAEMON_MIN_PERIOD apart at least -- a condition on the loop, with
+    a clock that only its sleeps move."""
+    clock, starts = FakeClock(), []
+
+    class Stop(BaseException):          # not an Exception: the daemon survives those
+        pass
+
+    def fetch(files, opts, **kw):
+        starts.append(clock.now)
+        if len(starts) > 30:
+            raise Stop()
+        if answer == "failure":
+            raise InnernetError("the server answered 500")
+        return innernet.FetchResult([], False, True, True, next_due=0.0 if answer == "paths due"
+                                    else None, pending=[1] if answer == "pending proof" else [])
+    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
+    monkeypatch.setattr(innernet, "fetch_interface", fetch)
+    monkeypatch.setattr(innernet, "server_capabilities",
+                        lambda files, opts: {"long_poll_seconds": 60})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
+    monkeypatch.setattr(innernet, "load_client_config",
+                        lambda files: types.SimpleNamespace(endpoints=["a"]))
+    opts = innernet.FetchOptions(interval=60, no_nat_traversal=True)
+    with pytest.raises(Stop):
+        innernet._daemon(innernet.ClientFiles("evil"), opts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 30 and min(gaps) >= innernet.DAEMON_MIN_PERIOD, gaps
+
+
 # -- 19.13: a direct path lost later is noticed in seconds ------------------------------------
 
 def test_path_watch_pokes_quiet_peers_and_calls_silent_ones_lost(monkeypatch):
@@ -893,3 +946,42 @@ def test_a_lying_servers_endpoint_costs_the_peer_its_direct_path_not_its_record(
     assert len(said) == 1 and "without its endpoint" in said[0] and "\n" not in said[0]
     good = dataclasses.replace(bad, endpoint="198.18.0.9:51820")
     assert innernet.refuse_misrouted([good], [], net, own, srv) == ([good], [])
+
+
+@pytest.mark.parametrize("resolved", ["10.99.1.2:51820", "127.0.0.1:51820", "[::1]:51820",
+                                      "0.0.0.0:51820", "224.0.0.5:51820"])
+def test_a_host_name_endpoint_is_judged_by_what_it_resolves_to(resolved, capsys):
+    """Review: a host name passed the endpoint rule (only literals were
+    judged). It is judged where it is resolved, each time: a name that
+    resolves inside the network, to loopback, unspecified or multicast gives
+    the peer no endpoint (said once), as a literal there would; the same name
+    resolving outside later is used; literals pass through (refuse_misrouted
+    judged them with the record)."""
+    net = ipaddress.ip_network("10.99.0.0/16")
+    answers = {"evil.example:51820": resolved, "fine.example:51820": "198.18.0.9:51820",
+               "10.99.1.2:51820": "10.99.1.2:51820"}
+    placed = innernet.placed_resolver(net, resolve=answers.get)
+    innernet._misplaced_said.clear()
+    assert placed("evil.example:51820") is None
+    assert placed("evil.example:51820") is None
+    err = capsys.readouterr().err
+    assert err.count("endpoint evil.example:51820 not used") == 1 and "\n" == err[-1], err
+    assert placed("fine.example:51820") == "198.18.0.9:51820"
+    assert placed("10.99.1.2:51820") == "10.99.1.2:51820"     # a literal: not judged here
+    answers["evil.example:51820"] = "198.18.0.7:51820"       # DNS moved it outside
+    assert placed("evil.example:51820") == "198.18.0.7:51820"
+
+
+def test_every_place_that_resolves_a_peers_endpoint_judges_it(tmp_path, monkeypatch):
+    """The device diff (client and server) and the NAT candidates take the
+    placed resolver: a name resolving inside the network reaches no device."""
+    net = ipaddress.ip_network("10.99.0.0/16")
+    monkeypatch.setattr(innernet, "resolve_endpoint", lambda text: "10.99.1.2:51820")
+    innernet._misplaced_said.clear()
+    p = Peer(7, "m", "10.99.1.7", 4, key(), endpoint="evil.example:51820",
+             candidates=["evil.example:51820"])
+    (u,) = innernet.diff_peers([], [p], key(), 0, resolve=innernet.placed_resolver(net))
+    assert u.endpoint is None and u.action == "added"
+    assert innernet.traversal_candidates(p, [], resolve=innernet.placed_resolver(net)) == []
+    co = make_coordinator(tmp_path)
+    assert co.device.network == co.config.interface.network

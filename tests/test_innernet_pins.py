@@ -222,3 +222,37 @@ def test_rollback_check_names_the_innernet_clients_a_rollback_would_break(co):
 def test_forget_pins_on_an_innernet_server_is_one_line():
     assert innernet.extension_of("DELETE", "/admin/innernet-pins/4")[0] == \
         "pin tracking for innernet clients"
+
+
+# -- a local user's curl on a host of ours (review) -----------------------------
+
+def test_a_local_users_curl_on_a_host_of_ours_is_no_innernet_client(co):
+    """A local user of developer2's host asks for the state as curl does (no
+    gzip, no If-None-Match: innernet's client's way) through its tunnel. But
+    developer2 proved it runs innernet.py (its redemption or an admin call,
+    with a proof its private key makes): nothing is recorded, it is told our
+    state, and a rotation names no innernet client."""
+    dev2 = co.store.peer_by_name("developer2")
+    co.store.require_admin_proof(dev2.id)              # as a proved redemption marks it
+    ours = state(co, "developer2", OURS)
+    assert state(co, "developer2") == ours
+    assert co.store.told_pins(dev2.id) == {}
+    new = rotate(co, "developer1")
+    assert state(co, "developer2")[IPS["developer1"]] == new      # not left out
+    assert co.store.pinners(IPS["developer1"]) == []
+
+
+def test_pins_recorded_before_a_peer_proved_it_runs_ours_name_it_no_more(co):
+    """Pins a local user's curl made before the mark (or before this fix) are
+    ignored once the peer is known to run innernet.py."""
+    dev2 = co.store.peer_by_name("developer2")
+    state(co, "developer2")                             # taken for innernet's: recorded
+    assert co.store.told_pins(dev2.id)
+    rotate(co, "developer1")
+    assert [p.name for p, _ in co.store.pinners(IPS["developer1"])] == ["developer2"]
+    assert co.store.kept_from_innernet()
+    co.store.require_admin_proof(dev2.id)
+    assert co.store.pinners(IPS["developer1"]) == []
+    assert co.store.kept_from_innernet() == []
+    assert not [f for f, _ in innernet.rollback_report(co.store, 0)
+                if f == "peers kept from innernet clients"]

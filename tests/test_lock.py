@@ -2,6 +2,7 @@
 the lock chain, batches, enrollments and the client's verifier."""
 import copy
 import dataclasses
+import os
 
 import pytest
 
@@ -152,10 +153,10 @@ class Net:
     def lock(self):
         return {"batches": self.batches, "records": self.records, "enroll": self.enroll}
 
-    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None):
+    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None, skip=()):
         acc, ref, known = verify_state(self.chain, lock or self.lock(), peers or self.peers,
                                        cidrs or self.cidrs, "10.66.1.2", known or {},
-                                       rotated=rotated)
+                                       rotated=rotated, skip=skip)
         return {p.name: p for p in acc}, {p.name: r for p, r in ref}, known
 
 
@@ -196,6 +197,50 @@ def test_routes_and_an_exit_node_the_admin_did_not_sign_are_not_installed():
     acc, ref, _ = n.verify()
     assert acc["bob"].routes == [] and not acc["bob"].exit_node
     assert "192.168.5.0/24, the exit node not signed" in ref["bob"]
+
+
+def test_the_servers_own_record_gives_no_more_than_it_signed():
+    """Issue 32, outside probe: the server's entry is kept (the client needs
+    it), but a route, exit node, name or admin flag its signed record lacks
+    is not (a /25 inside another peer's signed /24 would steal its traffic;
+    the name 'alice' would map to the server in the hosts file)."""
+    n = Net()
+    server = n.add_peer("innernet-server", "10.66.0.1", 2, "server-key")
+    n.sign(payloads=n.records[-1:])
+    n.set("innernet-server", routes=["192.168.5.0/25"], exit_node=True, name="alice",
+          is_admin=True)
+    acc, ref, _ = n.verify(skip={server.ip})
+    kept = next(p for p in acc.values() if p.ip == server.ip)
+    assert kept.routes == [] and not kept.exit_node and not kept.is_admin
+    assert kept.name == "innernet-server"
+    assert "192.168.5.0/25, the exit node not signed" in ref["innernet-server"]
+    assert "name 'alice' is not the signed one" in ref["innernet-server"]
+    # a route its record signed stays; with no record at all, none does
+    n.peers[-1] = dataclasses.replace(n.peers[-1], name="innernet-server", is_admin=False,
+                                      exit_node=False)
+    n.records.append(n.payload(dataclasses.replace(server, routes=["192.168.5.0/25"])))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify(skip={server.ip})
+    assert acc["innernet-server"].routes == ["192.168.5.0/25"] and "innernet-server" not in ref
+    n.records = [r for r in n.records if r.get("ip") != server.ip]
+    acc, ref, _ = n.verify(skip={server.ip})
+    assert acc["innernet-server"].routes == [] and "not signed" in ref["innernet-server"]
+
+
+def test_this_hosts_own_record_gives_no_route_it_did_not_sign():
+    """An unsigned route on a client's own record would turn forwarding on
+    (route_peers) for the hijacked server to reach its LAN: it is cut."""
+    n = Net()
+    n.set("alice", routes=["192.168.77.0/24"], exit_node=True)
+    acc, ref, _ = n.verify()
+    assert acc["alice"].routes == [] and not acc["alice"].exit_node
+    assert "192.168.77.0/24, the exit node not signed" in ref["alice"]
+    alice = n.peers[0]
+    n.records.append(n.payload(dataclasses.replace(alice, exit_node=False)))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert acc["alice"].routes == ["192.168.77.0/24"] and not acc["alice"].exit_node
+    assert ref["alice"].startswith("the exit node not signed")
 
 
 def test_an_address_move_is_refused():
@@ -428,3 +473,234 @@ def test_a_lock_key_file_in_another_format_is_one_line_with_a_hint(tmp_path):
         with pytest.raises(InnernetError, match="holds no lock key") as e:
             innernet.read_lock_key(str(f), required=True)
         assert "innernet lock key" in e.value.hint
+
+
+# -- the state's compact form (lock_wire_section) against a lying server -----------
+
+def wire(n, shown=None):
+    """``n``'s lock section as a server sends it: a peer record without the
+    key its peer has in the state (``shown`` {ip: key}, the honest peers'
+    by default), and a batch's hash of each record it carries as null."""
+    batches = dict(enumerate(n.batches))
+    recs = [(p, lock_hash(p), next((i for i, b in batches.items() if lock_hash(p) in b["h"]),
+                                   None)) for p in n.records]
+    wb, wr = innernet.lock_wire_section(recs, batches, shown or {p.ip: p.public_key
+                                                                 for p in n.peers})
+    return {"batches": wb, "records": wr, "enroll": n.enroll}
+
+
+def two_batches():
+    """Net with dave (humans) signed in a batch of his own after the first."""
+    n = Net()
+    n.add_peer("dave", "10.66.1.5", 3, "dave-key")
+    n.sign(payloads=n.records[-1:])
+    return n
+
+
+def test_the_compact_form_verifies_as_the_full_one():
+    n = two_batches()
+    w = wire(n)
+    assert "key" not in next(r for r in w["records"] if r.get("ip") == "10.66.1.3")
+    assert all(h is None for b in w["batches"] for h in b["h"])
+    assert n.verify(lock=w)[:2] == n.verify()[:2]
+    assert set(n.verify(lock=w)[0]) == {"alice", "bob", "dave"}
+
+
+def test_a_key_beside_a_record_sent_without_it_must_be_the_signed_one():
+    """The server shows bob with another key than the one signed, his record
+    sent without a key: it verifies only with the signed key, so bob is
+    refused. A client that verified the batch before puts its remembered
+    hash back and loses bob alone; on a first fetch the whole batch fails
+    (the server could withhold it anyway), the other batch's dave not --
+    but without alice's own record signed, nothing of her view is."""
+    n = two_batches()
+    w = wire(n)
+    _, _, known = n.verify(lock=w)
+    n.set("bob", public_key="evil-key")
+    acc, ref, _ = n.verify(lock=w, known=known)
+    assert set(acc) == {"alice", "dave"}
+    assert ref["bob"] == innernet.LOCK_KEY_NOT_SIGNED
+    acc, ref, _ = n.verify(lock=w)
+    assert set(acc) == {"alice"}
+    assert ref["bob"] == innernet.LOCK_BATCH_BROKEN and "own record" in ref["dave"]
+    # with the key put back in the record, the lie fails all the same
+    lied = copy.deepcopy(w)
+    next(r for r in lied["records"] if r.get("ip") == "10.66.1.3")["key"] = "evil-key"
+    acc, ref, _ = n.verify(lock=lied, known=known)
+    assert set(acc) == {"alice", "dave"} and "bob" in ref
+    # the signed key put back instead (and the hashes too: the full form) is the truth
+    n.set("bob", public_key="bob-key")
+    acc, ref, _ = n.verify(lock=n.lock(), known=known)
+    assert set(acc) == {"alice", "bob", "dave"} and set(ref) == {"carol"}     # not in view
+
+
+def test_records_out_of_their_batchs_order_or_a_null_too_many_fail_the_batch():
+    """Nulls are filled by the records in the order they come: swapped
+    records, a null for a record the state does not carry, a hash put back
+    while its record is still sent, or a record left out each fill the batch
+    wrongly, and its signature fails -- with the client's memory too."""
+    n = two_batches()
+    w = wire(n)
+    _, _, known = n.verify(lock=w)
+    first = len(w["batches"][0]["h"])
+    bob = next(i for i, r in enumerate(w["records"]) if r.get("ip") == "10.66.1.3")
+
+    def swapped(s):
+        s["records"][bob], s["records"][bob - 1] = s["records"][bob - 1], s["records"][bob]
+
+    def extra_null(s):
+        s["batches"][0]["h"].insert(0, None)
+
+    def hash_back(s):
+        s["batches"][0]["h"][bob] = n.batches[0]["h"][bob]
+
+    def left_out(s):
+        del s["records"][bob]
+
+    for lie in (swapped, extra_null, hash_back, left_out):
+        s = copy.deepcopy(w)
+        lie(s)
+        for mem in ({}, known):
+            acc, ref, _ = n.verify(lock=s, known=mem)
+            assert "bob" not in acc, lie.__name__
+            assert ref["bob"] in (innernet.LOCK_BATCH_BROKEN, "no record signed by a trusted "
+                                  "lock key"), (lie.__name__, ref)
+    assert bob < first
+
+
+def test_a_record_left_out_with_its_hash_put_back_is_no_record_signed():
+    """A server that drops bob's record from the compact form and puts its
+    hash back in the batch (as the full form has it): the batch holds, and
+    bob, still in the state, has no record."""
+    n = two_batches()
+    w = wire(n)
+    bob = next(i for i, r in enumerate(w["records"]) if r.get("ip") == "10.66.1.3")
+    del w["records"][bob]
+    w["batches"][0]["h"][bob] = n.batches[0]["h"][bob]
+    acc, ref, _ = n.verify(lock=w)
+    assert set(acc) == {"alice", "dave"} and ref["bob"] == "no record signed by a trusted lock key"
+
+
+def test_an_admin_signs_only_over_what_was_signed():
+    """lock_divergence: a field the server changed by itself is not signed
+    along with an admin's change (fewer routes or no exit node is the peer's
+    own withdrawal); verified_lock_records keeps only records a trusted
+    batch covers, so the server cannot make up the record it is compared to."""
+    n = Net()
+    bob = n.set("bob", routes=["192.168.5.0/24"], exit_node=True)
+    n.records.append(n.payload(bob))
+    n.sign(payloads=n.records[-1:])
+    rec = n.records[-1]
+    now = innernet.lock_fields(rec)
+    assert innernet.lock_divergence(now, rec) is None
+    assert innernet.lock_divergence(dict(now, routes=[], exit=False), rec) is None
+    assert innernet.lock_divergence(dict(now, routes=["192.168.5.0/24", "192.168.6.0/24"]),
+                                    rec) == "routes not as signed"
+    assert innernet.lock_divergence(dict(now, admin=True), rec) == "admin flag not as signed"
+    assert innernet.lock_divergence(now, None) == "it has no signed record"
+    assert innernet.lock_divergence(now, dict(rec, deleted=True)) == "it has no signed record"
+    records = {innernet.record_subject(p): p for p in n.records}
+    forged = dict(rec, routes=["0.0.0.0/1"])
+    got = innernet.verified_lock_records(n.chain, dict(records, **{"peer:10.66.1.3": forged}),
+                                         n.batches)
+    assert "peer:10.66.1.3" not in got and "peer:10.66.1.2" in got
+    assert innernet.verified_lock_records(n.chain, records, n.batches)["peer:10.66.1.3"] == rec
+    assert innernet.verified_lock_records(n.chain, records, None) == {}
+
+
+def test_an_admin_host_signs_over_no_record_older_than_the_newest_it_knows():
+    """Outside probe, finding 3: the server replays an older signed record
+    (a route revoked since, a name changed, a peer deleted); the admin's
+    next change to that subject -- or `lock remove`, which signs every
+    record again -- would sign it anew, newer than the one that undid it."""
+    n = Net()
+    recs = {innernet.record_subject(p): p for p in n.records}
+    bob = recs["peer:10.66.1.3"]
+    mine = {"known": {"peer:10.66.1.3": [bob["n"] + 5, "h", "bob-key", "bob-key"]},
+            "signed": {"peer:10.66.1.2": 10 ** 12, "cidr:10.66.1.0/24": "junk"}}
+    newest = innernet.lock_newest(mine)
+    assert newest == {"peer:10.66.1.3": bob["n"] + 5, "peer:10.66.1.2": 10 ** 12}
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], newest=newest)
+    with pytest.raises(InnernetError, match=r"signed record of peer 10.66.1.3 is older "
+                                            r"\(serial \d+\) than the newest this host knows"):
+        signer.signed({"peer:10.66.1.3": dict(innernet.lock_fields(bob), name="bobby")})
+    with pytest.raises(InnernetError, match="not signing over it"):    # as lock remove asks
+        innernet.refuse_stale(recs, newest, recs)
+    # a subject it knows nothing newer of is signed, and its serial remembered
+    carol = recs["peer:10.66.2.4"]
+    out = signer.signed({"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")})
+    assert out["records"][0]["n"] > carol["n"]
+    assert signer.newest["peer:10.66.2.4"] == out["records"][0]["n"]
+    # the server holding no record at all of a subject this host knows
+    del recs["peer:10.66.1.3"]
+    with pytest.raises(InnernetError, match=r"older \(none\)"):
+        innernet.refuse_stale(recs, newest, ["peer:10.66.1.3"])
+    innernet.refuse_stale(recs, {}, recs)            # nothing known: nothing refused
+
+
+def test_approve_routes_signs_a_route_the_server_approved_alone_only_if_asked():
+    """Outside probe, finding 5: the server holding a route approved (unsigned)
+    is no divergence for the admin's approval of that very route; any
+    other route or field the server changed still is."""
+    n = Net()
+    bob = next(r for r in n.records if r.get("name") == "bob")
+    now = dict(innernet.lock_fields(bob), routes=["192.168.5.0/24"])
+    assert innernet.lock_divergence(now, bob) == "routes not as signed"
+    assert innernet.lock_divergence(now, innernet.lock_asked(bob, {"192.168.5.0/24"})) is None
+    assert innernet.lock_divergence(dict(now, routes=["192.168.5.0/24", "192.168.6.0/24"]),
+                                    innernet.lock_asked(bob, {"192.168.5.0/24"})) \
+        == "routes not as signed"
+    assert innernet.lock_divergence(dict(now, exit=True),
+                                    innernet.lock_asked(bob, {"0.0.0.0/0", "192.168.5.0/24"})) \
+        is None
+    peer = Peer(1, "bob", "10.66.1.3", 3, "k", routes=["192.168.5.0/24"],
+                pending_routes=["192.168.6.0/24"], exit_node=True)
+    assert innernet.approval_asked(peer, None) == {"192.168.5.0/24", "192.168.6.0/24",
+                                                   "0.0.0.0/0", "::/0"}
+    assert innernet.approval_asked(peer, ["192.168.6.0/24"]) == {"192.168.6.0/24"}
+
+
+def test_lock_init_names_the_peers_that_see_no_admin():
+    """lock_blind_peers: a peer takes a lock from an admin it knows; one whose
+    view holds no admin peer cannot yet (outside probe, finding 6)."""
+    n = Net()
+    n.set("alice", is_admin=True)
+    recs = {innernet.record_subject(p): p for p in n.records}
+    recs["peer:10.66.1.2"] = dict(recs["peer:10.66.1.2"], admin=True)
+    ips = {"10.66.1.3", "10.66.2.4"}
+    assert innernet.lock_blind_peers(recs, ips) == ["carol"]
+    recs["assoc:x"] = assoc_payload(NET, 9, a="10.66.1.0/24", b="10.66.2.0/24")
+    assert innernet.lock_blind_peers(recs, ips) == []
+
+
+def test_an_admin_host_takes_no_record_older_than_one_it_signed_itself():
+    """Issue 32, F3: verify_state judges replays against the serials this
+    admin's host signed (its lock file's "signed"), not only those its syncs
+    saw: the server cannot hand it back the record its own change replaced."""
+    n = Net()
+    bob = next(p for p in n.peers if p.name == "bob")
+    rec = n.records[-2]
+    assert rec["ip"] == bob.ip
+    signed_here = {"peer:" + bob.ip: rec["n"] + 5}     # this host signed a newer one
+    acc, _, _ = n.verify()
+    assert "bob" in acc                                # without it: taken
+    acc, ref, _ = verify_state(n.chain, n.lock(), n.peers, n.cidrs, "10.66.1.2", {},
+                               own_signed=signed_here)
+    names = {p.name for p in acc}
+    assert "bob" not in names and "older signed record" in dict(
+        (p.name, r) for p, r in ref)["bob"]
+
+
+def test_a_client_takes_a_lock_only_from_an_admin_pinned_before_it_first_saw_one(tmp_path):
+    """Issue 32, F1: adopters keeps the admins this host had pinned when a
+    lock was first shown to it, never the server's own record; an admin that
+    appears with or after the lock is not added later."""
+    path = str(tmp_path / "x.lock-seen.json")
+    server = Peer(1, "innernet-server", "10.66.0.1", 2, "srv-key", is_admin=True)
+    admin = Peer(2, "admin", "10.66.1.1", 3, "adm-key", is_admin=True)
+    plain = Peer(3, "bob", "10.66.1.3", 3, "bob-key")
+    got = innernet.adopters(path, [server, admin, plain], ("10.66.0.1", "srv-key"))
+    assert got == [["10.66.1.1", "adm-key"]]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    late = Peer(4, "evil", "10.66.1.9", 3, "evil-key", is_admin=True)
+    assert innernet.adopters(path, [server, admin, late], ("10.66.0.1", "srv-key")) == got

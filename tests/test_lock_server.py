@@ -117,6 +117,57 @@ def test_the_state_carries_the_chain_and_records_a_client_verifies(tmp_path, cap
     assert [p.name for p, _ in refused] == ["mallory"]
 
 
+def test_a_peer_record_goes_without_the_key_beside_it_and_a_changed_key_fails_its_hash(
+        tmp_path, capsys):
+    """lock_wire_section: a state's record of a peer it shows omits the key
+    (the client takes the peer's), and its hash in the batch is null (the
+    client puts back its own); a server that changes that key in the state
+    gets the record's hash wrong, so the peer is refused (alone, by a client
+    that verified the batch before; with the rest of its batch on a first
+    fetch)."""
+    base = cli_network(tmp_path, capsys)
+    for name, ip in (("alice", "10.66.1.2"), ("bob", "10.66.1.3")):
+        assert run(base, "add-peer", "evil", "--name", name, "--cidr", "h", "--ip", ip,
+                   "--admin", "false", "--invite-expires", "1d", "--save-config",
+                   str(tmp_path / f"{name}.toml"), "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    lock(tmp_path)
+    co = innernet.Coordinator(store, innernet.load_server_config(
+        innernet.Dirs(base[1], base[3]), "evil"), "evil")
+    state = json.loads(co.views.state_for(store.peer_by_name("alice"))[0])
+    records = {r["ip"]: r for r in state["lock"]["records"] if r["t"] == "peer"}
+    assert "key" not in records["10.66.1.3"]
+    # every record's hash in the batch goes as null: the client hashes the record
+    assert [h for b in state["lock"]["batches"] for h in b["h"]].count(None) \
+        == len(state["lock"]["records"])
+    chain = LockChain(state["lock"]["chain"])
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, known = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                       skip={"10.66.0.1"})
+    assert not refused and "bob" in {p.name for p in acc}
+    # records out of their batch's order fill its nulls wrongly: its signature fails
+    moved = dict(state["lock"], records=state["lock"]["records"][::-1])
+    acc, refused, _ = verify_state(chain, moved, peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    assert {p.name for p, _ in refused} >= {"bob"} and "bob" not in {p.name for p in acc}
+    lie = innernet.public_key(innernet.generate_private_key())
+    for p in state["peers"]:
+        if p["name"] == "bob":
+            p["public_key"] = lie
+    peers, cidrs, _, _ = innernet.parse_state(state)
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", known,
+                                   skip={"10.66.0.1"})
+    assert [p.name for p, _ in refused] == ["bob"]
+    assert refused[0][1] == innernet.LOCK_KEY_NOT_SIGNED
+    acc, refused, _ = verify_state(chain, state["lock"], peers, cidrs, "10.66.1.2", {},
+                                   skip={"10.66.0.1"})
+    # the server's entry stays, cut to what is signed: its record was in the broken batch
+    assert [p.name for p, _ in refused if p.ip != "10.66.0.1"] == ["bob"]
+    assert "bob" not in {p.name for p in acc} and "10.66.0.1" in {p.ip for p in acc}
+    assert dict((p.name, r) for p, r in refused)["bob"] == innernet.LOCK_BATCH_BROKEN
+
+
 def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
     """Over the API: an admin call under lock without the X-Innernet-Lock
     header, or signed by a key the chain does not trust, is a 403 with its
@@ -146,3 +197,50 @@ def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
         assert status == code, answer
     assert store.cidr_by_name("robots") is not None
     assert store.audit()[-1].actor.endswith(f"with lock key {innernet.lock_short(public)}")
+
+
+def test_under_lock_no_auto_approve_rule_applies_and_none_is_made(tmp_path, capsys):
+    """An auto-approve rule approves routes on the server alone, which no
+    locked client would install (no admin signed them): under lock a rule
+    made before approves nothing, list-routes says so, and a new rule is
+    refused in one line. An admin's approve-routes (signed) still approves."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "gw", "--cidr", "h", "--ip", "10.66.1.7",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "gw.toml"), "--yes") == 0
+    assert run(base, "approve-routes", "evil", "--auto-approve", "192.168.0.0/16", "--cidr", "h",
+               "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    gw = store.peer_by_name("gw")
+    assert store.advertise_routes(gw.id, ["192.168.1.0/24"], False).routes == ["192.168.1.0/24"]
+    keyfile, _ = lock(tmp_path)             # signs gw's route approved before the lock
+    capsys.readouterr()
+    peer = store.advertise_routes(gw.id, ["192.168.1.0/24", "192.168.2.0/24"], False)
+    assert peer.routes == ["192.168.1.0/24"] and peer.pending_routes == ["192.168.2.0/24"]
+    assert run(base, "list-routes", "evil") == 0
+    out = capsys.readouterr().out
+    assert "192.168.2.0/24 waiting for approval" in out
+    assert "from peers in 'h' (not applied: the network is locked)" in out
+    assert run(base, "approve-routes", "evil", "--auto-approve", "10.0.0.0/8", "--cidr", "h",
+               "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "auto-approve rule would approve routes no admin signed" in err
+    assert err.count("error:") == 1
+    assert len(store.route_approvers()) == 1
+    # the database approving a route by itself (as a rule would): an admin's
+    # next change to that peer is not signed over it
+    store.conn.execute("UPDATE peer_routes SET approved = 1 WHERE route = '192.168.2.0/24'")
+    store.advertise_routes(gw.id, ["192.168.1.0/24", "192.168.2.0/24", "192.168.3.0/24"], False)
+    assert run(base, "approve-routes", "evil", "--name", "gw", "--routes", "192.168.3.0/24",
+               "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "peer 10.66.1.7 differs from its signed record (routes not as signed)" in err, err
+    recs, _ = store.lock_records()
+    assert recs["peer:10.66.1.7"][0]["routes"] == ["192.168.1.0/24"]
+    store.conn.execute("UPDATE peer_routes SET approved = 0 WHERE route = '192.168.2.0/24'")
+    assert run(base, "approve-routes", "evil", "--name", "gw", "--routes",
+               "192.168.2.0/24,192.168.3.0/24", "--yes", "--lock-key", keyfile) == 0
+    recs, _ = store.lock_records()
+    assert recs["peer:10.66.1.7"][0]["routes"] == ["192.168.1.0/24", "192.168.2.0/24",
+                                                   "192.168.3.0/24"]

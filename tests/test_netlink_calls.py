@@ -1,47 +1,18 @@
-"""The kernel backend and netlink calls, against recording fakes of pyroute2.
+"""The kernel backend's rtnetlink calls, against a recording fake.
 
 There is no WireGuard kernel module on these machines, so this checks exactly
-what innernet.py asks pyroute2 to send (sshuttle's style: assert the call list).
-The userspace backend and the netlink address/route calls run for real in the
-end-to-end tests.
+what innernet.py asks rtnetlink to do (sshuttle's style: assert the call
+list); tests/test_wg_genl.py does the same for WireGuard's generic netlink.
+The kernel backend runs for real in the VM lane (tests/e2e/test_vm.py), the
+userspace backend and the address/route calls in the end-to-end tests.
 """
 import errno
 import ipaddress
 import struct
-import sys
-import types
 
 import pytest
 
 import innernet
-
-
-class NetlinkError(Exception):
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
-
-
-class Msg(dict):
-    def get_attr(self, name):
-        return self.get(name)
-
-
-class FakeWireGuard:
-    calls = []
-    device = []
-
-    def __init__(self):
-        pass
-
-    def set(self, ifname, **kw):
-        FakeWireGuard.calls.append((ifname, kw))
-
-    def info(self, ifname):
-        return FakeWireGuard.device
-
-    def close(self):
-        pass
 
 
 class FakeRtnl:
@@ -99,66 +70,9 @@ def decode(kind, flags, body):
 
 @pytest.fixture
 def fakes(monkeypatch):
-    mods = {
-        "pyroute2": types.ModuleType("pyroute2"),
-        "pyroute2.netlink": types.ModuleType("pyroute2.netlink"),
-        "pyroute2.netlink.exceptions": types.SimpleNamespace(NetlinkError=NetlinkError),
-        "pyroute2.netlink.generic": types.ModuleType("pyroute2.netlink.generic"),
-        "pyroute2.netlink.generic.wireguard": types.SimpleNamespace(WireGuard=FakeWireGuard),
-    }
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(innernet.Netlink, "_talk", FakeRtnl.talk)
     monkeypatch.setattr(innernet.Netlink, "index", lambda self, ifname: 7)
-    FakeWireGuard.calls, FakeRtnl.calls, FakeRtnl.fail_kind = [], [], None
-    FakeWireGuard.device = []
-
-
-def key():
-    return innernet.public_key(innernet.generate_private_key())
-
-
-def test_kernel_apply_sends_full_allowed_ips_and_removes(fakes):
-    a, b, gone = key(), key(), key()
-    FakeWireGuard.device = [Msg(WGDEVICE_A_PEERS=[
-        Msg(WGPEER_A_PUBLIC_KEY=b.encode(), WGPEER_A_ALLOWEDIPS=[{"addr": "10.0.0.2/32"}]),
-        Msg(WGPEER_A_PUBLIC_KEY=gone.encode(), WGPEER_A_ALLOWEDIPS=[{"addr": "10.0.0.9/32"}])])]
-    priv = innernet.generate_private_key()
-    innernet.KernelBackend().apply("wg0", private_key=priv, listen_port=51820, updates=[
-        innernet.PeerUpdate(a, endpoint="198.18.0.5:51820", keepalive=25,
-                            allowed_ips=["10.0.0.1/32"]),
-        innernet.PeerUpdate(b, endpoint="[fd00::2]:4000"),            # endpoint only
-        innernet.PeerUpdate(gone, remove=True)])
-    assert FakeWireGuard.calls == [
-        ("wg0", {"private_key": priv, "listen_port": 51820}),
-        ("wg0", {"peer": {"public_key": a, "allowed_ips": ["10.0.0.1/32"],
-                          "replace_allowed_ips": True, "persistent_keepalive": 25,
-                          "endpoint_addr": "198.18.0.5", "endpoint_port": 51820}}),
-        # pyroute2 0.7.2 replaces allowed IPs on every peer set: send the current list.
-        ("wg0", {"peer": {"public_key": b, "allowed_ips": ["10.0.0.2/32"],
-                          "replace_allowed_ips": True, "endpoint_addr": "fd00::2",
-                          "endpoint_port": 4000}}),
-        ("wg0", {"peer": {"public_key": gone, "remove": True}}),
-    ]
-
-
-def test_kernel_get_reads_attributes(fakes):
-    k = key()
-    priv = innernet.generate_private_key()
-    FakeWireGuard.device = [Msg(WGDEVICE_A_PRIVATE_KEY=priv.encode(), WGDEVICE_A_LISTEN_PORT=5,
-                                WGDEVICE_A_PEERS=[Msg(
-                                    WGPEER_A_PUBLIC_KEY=k.encode(),
-                                    WGPEER_A_ENDPOINT={"addr": "198.18.0.9", "port": 7},
-                                    WGPEER_A_ALLOWEDIPS=[{"addr": "10.0.0.3/32"}],
-                                    WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL=25,
-                                    WGPEER_A_LAST_HANDSHAKE_TIME={"tv_sec": 1700000000},
-                                    WGPEER_A_RX_BYTES=10, WGPEER_A_TX_BYTES=20)])]
-    dev = innernet.KernelBackend().get("wg0")
-    assert dev.public_key == innernet.public_key(priv) and dev.listen_port == 5
-    (p,) = dev.peers
-    assert (p.public_key, p.endpoint, p.allowed_ips, p.persistent_keepalive, p.last_handshake,
-            p.rx_bytes, p.tx_bytes) == (k, "198.18.0.9:7", ["10.0.0.3/32"], 25, 1700000000.0,
-                                        10, 20)
+    FakeRtnl.calls, FakeRtnl.fail_kind = [], None
 
 
 def test_auto_falls_back_to_userspace_with_one_warning(fakes, monkeypatch, capsys):

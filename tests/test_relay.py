@@ -473,7 +473,7 @@ def client(monkeypatch, relays=None, direct=(), offline=()):
         return ({p.public_key: relays[p.name] for p in todo if p.name in relays},
                 {p.public_key for p in todo if p.name in offline})
 
-    def probe(backend, iface, todo, memo, nets):
+    def probe(backend, iface, todo, memo, nets, network):
         calls["probe"].append([p.name for p in todo])
         return []
     monkeypatch.setattr(innernet, "traverse_nat", traverse)

@@ -90,6 +90,15 @@ def test_auto_approval_covers_routes_inside_the_rule_from_the_cidr_or_below():
     assert not innernet.auto_approved("::/0", office, CIDRS, rules)
 
 
+def test_a_new_rule_is_sent_without_an_id_and_read_back():
+    """An admin peer's `approve-routes --auto-approve` posts a rule with no id
+    yet: it went as "id": null, which the server refused (400, field 'id')."""
+    rule = innernet.RouteApprover(None, "192.168.0.0/16", 4)
+    assert "id" not in rule.to_json()
+    assert innernet.RouteApprover.from_json(rule.to_json()) == rule
+    assert innernet.RouteApprover(7, "192.168.0.0/16", 4).to_json()["id"] == 7
+
+
 def visible_routes(peers, cidrs, associations, me):
     """(route, owner) pairs ``me`` gets: what the state (the peers in its view) carries."""
     view = innernet.visible_cidr_ids(cidrs, associations, me.cidr_id)

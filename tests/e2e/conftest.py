@@ -78,10 +78,9 @@ def start_vm_lane(config):
         return lane
     pyz, deb = build_pyz(config), build_deb_once(config)
     share = str(config._tmp_path_factory.mktemp("vmshare"))
-    diskdir = str(config._tmp_path_factory.mktemp("vmdisk"))
     log = os.path.join(share, "lane.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, LANE, share, pyz, deb, diskdir],
+        proc = subprocess.Popen([sys.executable, LANE, share, pyz, deb],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     lane = config._innernet_vm_lane = types.SimpleNamespace(proc=proc, share=share, log=log)

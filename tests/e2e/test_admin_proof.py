@@ -364,3 +364,25 @@ def test_nobody_on_a_joining_host_cannot_steal_the_invitation_during_install(wor
     import innernet
     cfg = innernet.InterfaceConfig.from_toml(open(config).read(), config)
     assert row[0] == innernet.public_key(cfg.private_key)
+
+
+def test_nobody_asking_for_the_state_on_a_peer_of_ours_makes_it_no_innernet_client(world):
+    """Review: `nobody`'s request for the state (no gzip, no If-None-Match:
+    innernet's client's way) through the tunnel of a peer that joined with
+    innernet.py made the server record that peer as innernet's client, and
+    the admin's `rotate-key` then told it to delete that peer's data store.
+    The peer proved its redemption with its private key: nothing is recorded
+    and the rotation names it nowhere."""
+    w = world
+    host = w.lab.add_host("curl")
+    host.innernet("install", "--name", w.lab.ifname("curl"), "--no-write-hosts",
+                  lab_invite(w.srv, w.net, "curled", "humans"))
+    results = as_nobody(w, host, [raw_request("GET", "/v1/user/state", w.server_key)] * 2)
+    assert [s for s, _ in results] == [200, 200], results
+    assert "admin" in {p["name"] for p in results[0][1]["peers"]}
+    db = sqlite3.connect(w.db)
+    pid = db.execute("SELECT id FROM peers WHERE name = 'curled'").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM innernet_pins WHERE peer_id = ?",
+                      (pid,)).fetchone()[0] == 0
+    r = w.admin.innernet("rotate-key", w.ifname, "--yes")
+    assert "'curled'" not in r.stderr, r.stderr

@@ -6,13 +6,12 @@ finds. Which path ran is seen in the record the full sync rewrites
 (`<iface>.fetch`): the fast path leaves it as it is.
 """
 import os
-import re
 import shlex
 
 import pytest
 
 from lab import (clear_of_path_work, debian_launcher, device, device_peer_ips, invite,
-                 record, settled)
+                 record, settled, unit_command)
 
 from .conftest import network_world
 
@@ -200,17 +199,16 @@ def test_every_door_is_fast_when_nothing_changed_and_full_when_anything_did(worl
 
 def test_the_timer_units_command_line_takes_the_fast_path(world, tmp_path):
     """innernet-fetch@.service's ExecStart, word for word (the launcher from
-    its temporary place), with /etc/innernet, /var/lib/innernet and
-    /etc/hosts bound to alice's own in a mount namespace of its own: an
-    unchanged run leaves the record as it is."""
+    its temporary place), expanded from an /etc/default/innernet that also
+    holds innernet@.service's options (UP_ARGS: only `up` takes them), with
+    /etc/innernet, /var/lib/innernet and /etc/hosts bound to alice's own in a
+    mount namespace of its own: it runs, and an unchanged run leaves the
+    record as it is."""
     alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
-    unit = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "debian", "innernet.innernet-fetch@.service")
-    with open(unit) as f:
-        exec_start = re.search(r"^ExecStart=(.*)$", f.read(), re.M).group(1)
-    # $ARGS, unquoted, is split into words by systemd, and is none when unset
-    argv = [a for a in shlex.split(exec_start.replace("%i", ifname)) if a != "$ARGS"]
-    assert argv[0] == "/usr/bin/innernet", argv
+    defaults = {"ARGS": "--backend userspace", "FETCH_ARGS": "",
+                "UP_ARGS": "--interval 5 --exit-node gw --no-long-poll"}
+    argv = unit_command("innernet.innernet-fetch@.service", ifname, defaults)
+    assert argv[:3] == ["/usr/bin/innernet", "fetch", ifname] and "--interval" not in argv
     argv[0] = debian_launcher(str(tmp_path))
     hosts = alice.path("hosts-unit")
     with open(hosts, "w") as f:

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from lab import (LITESTREAM, ROOT, db_rows, device, device_peer_ips, invite, start_serve,
-                 wait_for)
+                 unit_command, wait_for)
 
 from .conftest import BARE, network_world
 
@@ -282,6 +282,16 @@ def test_the_readme_cron_line_brings_a_host_back_after_a_reboot(world):
     a.innernet("down", ifname)
     assert a.exec(literal(a, command), check=False).returncode == 0
     assert a.exec(["ip", "link", "show", ifname], check=False).returncode != 0
+    # and so does the timer's `fetch NET`, which says so and exits 0 (no failed
+    # unit at every tick); `status` shows it taken down, not unhealthy
+    timer = unit_command("innernet.innernet-fetch@.service", ifname,
+                         {"ARGS": "--no-write-hosts", "UP_ARGS": "--interval 5"})
+    r = a.exec(literal(a, program(a) + " " + shlex.join(timer[1:])), check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"taken down with 'innernet down {ifname}'; not fetched" in r.stderr, r.stderr
+    assert a.exec(["ip", "link", "show", ifname], check=False).returncode != 0
+    code, (h,) = status(a, ifname)
+    assert code == 0 and h["taken_down"] and not h["interface_up"], h
     a.innernet("up", ifname, "--no-write-hosts")
     reboot(a, ifname)
     assert a.exec(literal(a, command), check=False).returncode == 0
@@ -348,9 +358,9 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     a.innernet("override-server-endpoints", ifname, f"{w.srv.underlay}:51820",
                "198.18.0.250:51820", "--yes")
     exec_start = unit_exec_start("innernet@.service", ifname)
-    assert exec_start == f"/usr/bin/innernet up {ifname} --daemon --interval 60 $ARGS"
+    assert exec_start == f"/usr/bin/innernet up {ifname} --daemon --interval 60 $ARGS $UP_ARGS"
     a.spawn(literal(a, exec_start.replace("/usr/bin/innernet", program(a)),
-                    ARGS="--no-write-hosts"), "daemon.log")
+                    ARGS="--no-write-hosts", UP_ARGS="--interval 60"), "daemon.log")
     wait_for(lambda: "10.66.1.2" in device_peer_ips(a, ifname), 20, "the daemon's first sync")
     kill_device(a, ifname)
     start = time.monotonic()

@@ -73,7 +73,7 @@ def w(pyz):
             db_exec(w.db, "UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = ?",
                     (w.keys[name], name))
         w.admin.innernet("fetch", w.admin_if, "--no-write-hosts")
-        out = w.admin.innernet("lock", "init", w.admin_if)
+        out = w.admin.innernet("lock", "init", w.admin_if, "--yes")
         w.secret = out.stdout.split("keep it offline): ")[1].split()[0]
         w.lock_init_err = out.stderr
         zed_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'zed'")[0][0]
@@ -204,20 +204,92 @@ def test_a_new_peer_is_refused_under_lock_and_taken_without(w):
 
 def test_a_key_change_without_the_peers_own_proof_is_refused_under_lock_even_unpinned(w):
     """Pinning refuses it where a client knew the old key; lock refuses it on a
-    client that never pinned bob (its data store lost), where pinning cannot."""
+    client that never pinned bob (its data store lost), where pinning cannot.
+    bob's record comes without its key (the compact form: the state's key is
+    put back), so it is the record's hash that fails; alice verified its
+    batch before, so she loses bob alone."""
     new = _innernet().public_key(_innernet().generate_private_key())
     forget_pins(w)
+    assert "key" not in bob_record(w.honest["lock"])[1]
 
     def swap(s):
         peer_of(s, "bob")["public_key"] = new
         return s
     alice, zed = both(w, swap)
-    assert len(refused(alice, "bob")) == 1 and "nor reached by the peer's own rotation" \
-        in alice.err
+    line = refused(alice, "bob")
+    assert len(line) == 1 and "sent without the key" in line[0] \
+        and "nor reached by the peer's own rotation" in line[0], alice.err
     assert new not in alice.held.values()
+    assert alice.held.get(f"{ADMIN_IP}/32") and "lock refused" not in alice.err.replace(
+        line[0], "")
     assert zed.held.get("10.66.1.3/32") == new
     forget_pins(w)                             # zed pinned the lie
     both(w, lambda s: s)                       # the truth again, for the tests after
+
+
+def bob_record(lock):
+    """(index, record) of bob's peer record in a state's lock section."""
+    return next((i, r) for i, r in enumerate(lock["records"])
+                if r.get("t") == "peer" and r.get("ip") == PAPER["bob"][1])
+
+
+def full_form(state):
+    """``state``'s lock section as its admins signed it, every key and hash
+    back in place (lock_unwire): a client takes it as it takes the compact
+    form, and a lying server edits it to drop or swap one record without
+    breaking the rest of its batch."""
+    I = _innernet()
+    lock = state["lock"]
+    recs, batches = I.lock_unwire(I.LockChain(lock["chain"]).net, lock,
+                                  {p["ip"]: p["public_key"] for p in state["peers"]})
+    lock["records"] = [p for p, _, _ in recs]
+    lock["batches"] = [b for b, _ in batches]
+    return state
+
+
+def test_the_compact_lock_section_lied_about_is_refused_under_lock(w):
+    """The state's compact form (a peer record without the key beside it, a
+    batch's hashes of the records it carries as nulls, filled in the order
+    the records come) gives a lying server nothing: bob's record carrying
+    another key, his record moved out of its batch's order, a null for a
+    record the state does not carry -- each refuses bob (the rest of a
+    batch filled wrongly goes with him), never installs his record as
+    signed. The full form is taken as the compact one is."""
+    I = _innernet()
+    new = I.public_key(I.generate_private_key())
+
+    def key_in_record(s):
+        peer_of(s, "bob")["public_key"] = new
+        bob_record(s["lock"])[1]["key"] = new
+
+    def moved(s):
+        i, rec = bob_record(s["lock"])
+        j = i + 1 if i + 1 < len(s["lock"]["records"]) else i - 1
+        s["lock"]["records"][i], s["lock"]["records"][j] = s["lock"]["records"][j], rec
+
+    def extra_null(s):              # in bob's batch: the batches before it stay whole
+        i, _ = bob_record(s["lock"])
+        for b in s["lock"]["batches"]:
+            if i < b["h"].count(None):
+                b["h"].insert(0, None)
+                return
+            i -= b["h"].count(None)
+
+    for tell in (key_in_record, moved, extra_null):
+        state = copy.deepcopy(w.honest)
+        tell(state)
+        out = lie(w, w.alice, w.alice_if, state)
+        line = [ln for ln in out.stderr.splitlines() if "lock refused peer 'bob'" in ln]
+        assert len(line) == 1, (tell.__name__, out.stderr)
+        held = {a: p["public_key"] for p in device(w.alice, w.alice_if)["peers"]
+                for a in p["allowed_ips"]}
+        assert "10.66.1.3/32" not in held and new not in held.values(), tell.__name__
+    out = lie(w, w.alice, w.alice_if, full_form(copy.deepcopy(w.honest)))
+    assert "lock refused" not in out.stderr, out.stderr
+    held = {a: p["public_key"] for p in device(w.alice, w.alice_if)["peers"]
+            for a in p["allowed_ips"]}
+    assert held.get("10.66.1.3/32") == w.keys["bob"]
+    lie(w, w.alice, w.alice_if, w.honest)
 
 
 def forget_pins(w):
@@ -314,6 +386,51 @@ def test_an_older_signed_record_replayed_is_refused_under_lock(w):
     both(w, lambda s: s)
 
 
+def test_the_servers_own_record_gives_no_route_or_name_beyond_its_signed_one_under_lock(w):
+    """The server's entry is kept (its key and endpoint are the client's
+    config's), but a route or a name on it that its signed record lacks is
+    not taken: a /25 would outrank a peer's signed /24, and a peer's name
+    would map to the server in the hosts file (outside probe, finding 1)."""
+    assert f"peer:{SERVER_IP}" in w.records
+
+    def server(s):
+        peer_of(s, "innernet-server").update(routes=["192.168.72.0/25"], name="bob")
+        return s
+    alice, zed = both(w, server)
+    line = refused(alice, "innernet-server")
+    assert len(line) == 1 and "192.168.72.0/25 not signed" in line[0], alice.err
+    assert "name 'bob' is not the signed one" in line[0]
+    assert "192.168.72.0/25" not in alice.held and alice.held[f"{SERVER_IP}/32"] == w.server_key
+    assert zed.held.get("192.168.72.0/25") == w.server_key
+    stored = json.load(open(w.alice.path("client", "lib", f"{w.alice_if}.json")))
+    assert [p["name"] for p in stored["peers"] if p["ip"] == SERVER_IP] == ["innernet-server"]
+    both(w, lambda s: s)
+
+
+def _forwarding(host, iface):
+    return host.exec(["cat", f"/proc/sys/net/ipv4/conf/{iface}/forwarding"]).stdout.strip()
+
+
+def test_an_unsigned_route_on_a_clients_own_record_turns_no_forwarding_on_under_lock(w):
+    """The server gives each client's own record a route: forwarding would
+    go on for the hijacker to reach its LAN (outside probe, finding 2)."""
+    out = {}
+    for who, host, iface, honest in (("alice", w.alice, w.alice_if, w.honest),
+                                     ("zed", w.zed, w.zed_if, w.honest_zed)):
+        assert _forwarding(host, iface) == "0"
+        state = copy.deepcopy(honest)
+        peer_of(state, who)["routes"] = ["192.168.73.0/24"]
+        if who == "zed":
+            state.pop("lock", None)
+        out[who] = lie(w, host, iface, state)
+    line = [ln for ln in out["alice"].stderr.splitlines() if "lock refused peer 'alice'" in ln]
+    assert len(line) == 1 and "192.168.73.0/24 not signed" in line[0], out["alice"].stderr
+    assert _forwarding(w.alice, w.alice_if) == "0"
+    assert _forwarding(w.zed, w.zed_if) == "1"              # without lock: taken
+    w.zed.exec(["sh", "-c", f"echo 0 > /proc/sys/net/ipv4/conf/{w.zed_if}/forwarding"])
+    both(w, lambda s: s)
+
+
 def test_the_server_alone_cannot_turn_lock_off(w):
     """A state without lock, or with a disablement whose secret is wrong: alice
     keeps her chain and refuses the new peer all the same; `show` says why."""
@@ -354,6 +471,8 @@ def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w)
     evil = I.public_key(I.generate_private_key())
 
     def reenroll(s, replay=False):
+        if "lock" in s:
+            full_form(s)        # so the lie costs the other records nothing
         peer_of(s, "alice")["public_key"] = evil
         if "lock" in s:
             s["lock"].setdefault("enroll", {})[ALICE_IP] = I.sign_enrollment(
@@ -408,3 +527,71 @@ def test_a_stolen_invitation_cannot_enroll_another_key_at_an_enrolled_address(w)
         forget_pins(w)
         lie(w, w.admin, w.admin_if, w.honest)
         both(w, lambda s: s)
+
+
+def _server_private(w):
+    """The server's WireGuard private key, as its hijacker reads it."""
+    import re
+    for d, _, files in os.walk(w.srv.path("server")):
+        if f"{w.net}.conf" in files:
+            text = open(os.path.join(d, f"{w.net}.conf")).read()
+            return re.search(r'private-key\s*=\s*"([^"]+)"', text).group(1)
+    raise AssertionError("no server config")
+
+
+def test_a_client_without_lock_takes_no_fake_lock_from_the_server_or_a_new_admin(w):
+    """Issue 32, F1: zed joined before the lock and never took it. A hijacked
+    server writes a lock of its own (its own lock key), proves it to zed
+    with its own WireGuard key (the server's record is an admin's) -- then
+    with a new admin peer of its making, which zed pins (it still believes
+    the server) and is told of at two fetches. zed takes neither: only an
+    admin it had pinned before it first saw a lock counts, never the server."""
+    I = _innernet()
+    zed_key = I.public_key(open(w.zed.path("client", "etc", f"{w.zed_if}.conf")).read()
+                           .split('private-key = "')[1].split('"')[0])
+    evil_lock = I.lock_keypair()[0]
+    genesis = I.lock_genesis(w.net, [(I.lock_public(evil_lock), "evil")], "s", evil_lock,
+                             1_700_000_000)
+    g_hash = I.LockChain([genesis]).genesis
+    lock_path = w.zed.path("client", "lib", f"{w.zed_if}.lock.json")
+    evil_wg = I.generate_private_key()
+    evil = mallory(w, ip="10.66.1.77", name="evil", is_admin=True,
+                   public_key=I.public_key(evil_wg))
+    lies = [(SERVER_IP, w.server_key, I.adoption_proof(_server_private(w), g_hash, zed_key),
+             "the proof is the server's own")] + \
+        [("10.66.1.77", evil["public_key"], I.adoption_proof(evil_wg, g_hash, zed_key),
+          "was not pinned here before the lock was first seen")] * 2
+    try:
+        for ip, key, mac, why in lies:
+            state = copy.deepcopy(w.honest_zed)
+            for p in state["peers"]:
+                p["is_admin"] = p["is_admin"] or p["ip"] == SERVER_IP
+            state["peers"].append(evil)
+            state["lock"] = {"chain": [genesis], "batches": [], "records": []}
+            w.hostile.script({"GET /v1/user/state": {"body": state},
+                              "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}},
+                              "GET /v1/user/lock-adoption": {"body": {
+                                  "admin_ip": ip, "admin_key": key, "mac": mac}}})
+            out = w.zed.innernet("fetch", w.zed_if, "--no-write-hosts", check=False)
+            assert out.returncode == 0, out.stderr
+            assert "network lock taken" not in out.stderr and why in out.stderr, out.stderr
+            assert not os.path.exists(lock_path)
+    finally:
+        forget_pins(w)
+        both(w, lambda s: s)
+
+
+def test_lock_forget_drops_a_hosts_copy_only_when_confirmed(w):
+    """Issue 32, F1's recovery: `lock forget` removes this host's lock file
+    after a confirmation (--yes without a terminal); without one, one line."""
+    path = w.alice.path("client", "lib", f"{w.alice_if}.lock.json")
+    kept = open(path).read()
+    try:
+        out = w.alice.innernet("lock", "forget", w.alice_if, check=False)
+        assert out.returncode != 0 and "missing --yes" in out.stderr and os.path.exists(path)
+        out = w.alice.innernet("lock", "forget", w.alice_if, "--yes")
+        assert "network lock forgotten" in out.stderr and not os.path.exists(path)
+        out = w.zed.innernet("lock", "forget", w.zed_if, "--yes", check=False)
+        assert out.returncode != 0 and "has no network lock to forget" in out.stderr
+    finally:
+        _innernet().save_client_lock(path, json.loads(kept))

@@ -6,6 +6,7 @@ the key that signed; unsigned changes are refused; `lock add`, `remove`,
 interpreter, which has PyNaCl (lock needs it)."""
 import json
 import os
+import re
 import sqlite3
 import sys
 import types
@@ -40,7 +41,8 @@ def w(pyz):
     w = types.SimpleNamespace(lab=lab)
     try:
         w.srv, w.net, w.serve = start_network(lab, {"humans": "10.66.1.0/24",
-                                                    "many": "10.66.8.0/22"})
+                                                    "many": "10.66.8.0/22",
+                                                    "far": "10.66.3.0/24"})
         w.db = w.srv.path("server", "lib", f"{w.net}.db")
         w.admin = lab.add_host("admin")
         w.iface = lab.ifname("admin")
@@ -63,8 +65,13 @@ def w(pyz):
         w.early_if = lab.ifname("early")
         w.early.innernet("install", "--name", w.early_if, "--no-write-hosts",
                          invite(w.srv, w.net, "early", "humans", ip="10.66.1.30"))
+        # far's CIDR sees no admin peer: it cannot take the lock (it pins none before it)
+        w.far = lab.add_host("far")
+        w.far_if = lab.ifname("far")
+        w.far.innernet("install", "--name", w.far_if, "--no-write-hosts",
+                       invite(w.srv, w.net, "far", "far", ip="10.66.3.30"))
         w.admin.innernet("fetch", w.iface, "--no-write-hosts")
-        w.init = w.admin.innernet("lock", "init", w.iface)
+        w.init = w.admin.innernet("lock", "init", w.iface, "--yes")
         w.secret = w.init.stdout.split("keep it offline): ")[1].split()[0]
         yield w
     finally:
@@ -191,6 +198,249 @@ def test_a_client_that_joined_before_the_lock_takes_it_from_its_admins_proof(w):
     with conn:
         conn.execute("DELETE FROM peers WHERE name = 'sneaky'")
     conn.close()
+
+
+def test_lock_init_names_the_network_and_what_it_signed_and_a_peer_that_sees_no_admin(w):
+    """Outside probe, finding 6: `lock init` says the network's name (not the
+    interface's), how many records of each kind it signed, names its key
+    after the admin peer, and names the peers that cannot take the lock (no
+    admin is visible to them). Issue 32, F1: once an association makes an
+    admin visible, such a peer pins it but still does not take the lock from
+    it: an admin first seen with or after the lock could be the server's."""
+    assert f"network {w.net} locked: " in w.init.stderr, w.init.stderr
+    assert f"network {w.iface} locked" not in w.init.stderr
+    assert re.search(r"records signed by lk:\S+ \(\d+ peers, \d+ CIDRs, \d+ associations\)",
+                     w.init.stderr), w.init.stderr
+    line = [ln for ln in w.init.stderr.splitlines() if "see no admin peer" in ln]
+    assert len(line) == 1 and "new invitations" in line[0] \
+        and ": far;" in line[0] and "1 peer(s)" in line[0], w.init.stderr
+    assert "trusted: admin lk:" in admin(w, "lock", "status", w.iface).stdout
+    out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
+    assert "no admin this host knows proved it: not taken" in out.stderr, out.stderr
+    admin(w, "add-association", w.iface, "humans", "far", "--yes")
+    out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
+    assert "was not pinned here before the lock was first seen: not taken" \
+        in out.stderr, out.stderr
+    out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")     # now pinned: still not
+    assert "network lock taken" not in out.stderr, out.stderr
+    assert not os.path.exists(w.far.path("client", "lib", f"{w.far_if}.lock.json"))
+
+
+def test_an_admin_host_without_its_own_lock_copy_signs_nothing(w):
+    """Issue 32, F2: without this host's own copy of the lock, the chain is
+    the server's word (a hijacked one can serve a fake chain trusting its
+    key and this admin's): every signing verb refuses, in one line."""
+    lock = w.admin.path("client", "lib", f"{w.iface}.lock.json")
+    os.rename(lock, lock + ".away")
+    try:
+        for argv in (("add-cidr", w.iface, "--name", "nocopy", "--cidr", "10.66.4.0/24",
+                      "--parent", w.net, "--yes"),
+                     ("lock", "add", w.iface, "--key", _innernet().lock_keypair()[1])):
+            out = admin(w, *argv, check=False)
+            assert out.returncode != 0 and "has no copy of its lock" in out.stderr, out.stderr
+            assert len(out.stderr.strip().splitlines()) <= 2, out.stderr
+    finally:
+        os.rename(lock + ".away", lock)
+    assert not db_rows(w.db, "SELECT id FROM cidrs WHERE name = 'nocopy'")
+
+
+def held(host, iface):
+    """{allowed IP: public key} of an interface's device."""
+    return {a: p["public_key"] for p in device(host, iface)["peers"] for a in p["allowed_ips"]}
+
+
+def db_write(w, sql, args=()):
+    """One write to the server's database, as a hijacker makes it."""
+    conn = sqlite3.connect(w.db, timeout=15)
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+def fetch_until(w, host, iface, done, what):
+    """Fetch until ``done(stderr)`` (serve notices a database written beside
+    it at its next poll): the last fetch's stderr."""
+    out = []
+
+    def step():
+        out[:] = [host.innernet("fetch", iface, "--no-write-hosts").stderr]
+        return done(out[0]) or None
+    wait_for(step, 30, what)
+    return out[0]
+
+
+def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
+    """add-peer --static by an admin under lock is signed, and a client
+    routes the static peer through the server; one the database alone gained
+    is refused. approve-routes --revoke signs the route away; the database
+    approving it again is refused. An auto-approve rule cannot be made under
+    lock, one made before approves nothing, and a route approved by the
+    server alone (as a rule would) is not installed."""
+    I = _innernet()
+    admin(w, "add-peer", w.iface, "--name", "phone", "--cidr", "humans", "--ip", "10.66.1.70",
+          "--static", "--save-wg-quick", w.admin.path("phone.conf"), "--yes")
+    assert records(w)["peer:10.66.1.70"]["static"] is True
+    server_key = I.InterfaceConfig.from_toml(open(w.early.path(
+        "client", "etc", f"{w.early_if}.conf")).read(), "early").server_public_key
+    err = fetch_until(w, w.early, w.early_if, lambda e: "10.66.1.70/32" in held(
+        w.early, w.early_if), "the signed static peer")
+    assert "lock refused" not in err, err
+    assert held(w.early, w.early_if)["10.66.1.70/32"] == server_key       # through the server
+    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+             "'sneakyphone', '10.66.1.71', id, ?, 1 FROM cidrs WHERE name = 'humans'",
+             (I.public_key(I.generate_private_key()),))
+    db_write(w, "INSERT INTO static_peers (peer_id) SELECT id FROM peers "
+             "WHERE name = 'sneakyphone'")
+    err = fetch_until(w, w.early, w.early_if, lambda e: "'sneakyphone'" in e, "the refusal")
+    assert "lock refused peer 'sneakyphone' (10.66.1.71) from the server: no record signed" \
+        in err, err
+    assert "10.66.1.71/32" not in held(w.early, w.early_if)
+    db_write(w, "DELETE FROM static_peers WHERE peer_id IN "
+             "(SELECT id FROM peers WHERE name = 'sneakyphone')")
+    db_write(w, "DELETE FROM peers WHERE name = 'sneakyphone'")
+    # a route approved, then revoked: signed away; the database approving it
+    # again is not installed (the record signed says otherwise)
+    w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "--yes")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.81.0/24",
+          "--yes")
+    fetch_until(w, w.admin, w.iface, lambda e: "192.168.81.0/24" in held(w.admin, w.iface),
+                "the approved route")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.81.0/24",
+          "--revoke", "--yes")
+    assert records(w)["peer:10.66.1.30"]["routes"] == []
+    fetch_until(w, w.admin, w.iface, lambda e: "192.168.81.0/24" not in held(w.admin, w.iface),
+                "the revoked route gone")
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.81.0/24'")
+    err = fetch_until(w, w.admin, w.iface, lambda e: "'early'" in e, "the refusal")
+    line = [ln for ln in err.splitlines() if "lock refused peer 'early'" in ln]
+    assert len(line) == 1 and "192.168.81.0/24 not signed" in line[0], err
+    assert "192.168.81.0/24" not in held(w.admin, w.iface)
+    assert held(w.admin, w.iface).get("10.66.1.30/32")          # early itself stays
+    # auto-approve: no rule under lock; one made before (here: written in)
+    # approves nothing; the server approving anyway is refused as above
+    out = admin(w, "approve-routes", w.iface, "--auto-approve", "192.168.0.0/16", "--cidr",
+                "humans", "--yes", check=False)
+    assert out.returncode != 0 and out.stderr.count("error:") == 1
+    assert "auto-approve rule would approve routes no admin signed" in out.stderr, out.stderr
+    assert not db_rows(w.db, "SELECT id FROM route_approvers")
+    db_write(w, "INSERT INTO route_approvers (route, cidr_id) SELECT '192.168.0.0/16', id "
+             "FROM cidrs WHERE name = 'humans'")
+    w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "192.168.82.0/24",
+                     "192.168.83.0/24", "--yes")
+    listed = admin(w, "list-routes", w.iface).stdout
+    assert "192.168.82.0/24 waiting for approval" in listed, listed
+    assert "(not applied: the network is locked)" in listed, listed
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.82.0/24'")
+    err = fetch_until(w, w.admin, w.iface, lambda e: "192.168.82.0/24 not signed" in e,
+                      "the refusal")
+    assert not {"192.168.81.0/24", "192.168.82.0/24"} & set(held(w.admin, w.iface))
+    # nor does an admin's next change to early sign what the server approved
+    out = admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.83.0/24",
+                "--yes", check=False)
+    assert out.returncode != 0 and "differs from its signed record (routes not as signed)" \
+        in out.stderr, out.stderr
+    assert records(w)["peer:10.66.1.30"]["routes"] == []
+    db_write(w, "DELETE FROM route_approvers")
+    db_write(w, "DELETE FROM peer_routes")
+
+
+def _signed_row(w, subject):
+    """A subject's signed record as the server holds it, with its batch."""
+    return db_rows(w.db, "SELECT r.payload, b.signer, b.sig, b.hashes FROM lock_records r "
+                   "JOIN lock_batches b ON b.id = r.batch_id WHERE r.subject = ?",
+                   (subject,))[0]
+
+
+def _replay(w, subject, row):
+    """The hijacker puts a signed record from before back, with its batch."""
+    payload, signer, sig, hashes = row
+    db_write(w, "INSERT OR IGNORE INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
+             (signer, sig, hashes))
+    db_write(w, "UPDATE lock_records SET payload = ?, batch_id = (SELECT id FROM lock_batches "
+             "WHERE sig = ?) WHERE subject = ?", (payload, sig, subject))
+
+
+def _stale(out, subject):
+    assert out.returncode != 0 and out.stderr.count("error:") == 1, out.stderr
+    assert f"signed record of {subject} is older (serial" in out.stderr, out.stderr
+    assert "than the newest this host knows" in out.stderr and "not signing over it" \
+        in out.stderr, out.stderr
+
+
+def test_an_admin_host_signs_over_no_older_record_the_server_replays(w):
+    """Outside probe, finding 3: a route approved then revoked, a name changed,
+    a peer deleted -- each signed -- and the server puts the record (and the
+    database) from before back: the admin's next change to that subject,
+    or `lock remove` (which signs every record again), would sign it anew,
+    newer than the record that undid it, and every client would take it.
+    The admin's host knows the newer serial (it signed it) and refuses."""
+    I = _innernet()
+    S = "peer:10.66.1.30"
+    w.early.innernet("advertise-routes", w.early_if, "192.168.91.0/24", "--yes")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.91.0/24",
+          "--yes")
+    approved = _signed_row(w, S)
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.91.0/24",
+          "--revoke", "--yes")
+    revoked = _signed_row(w, S)
+    _replay(w, S, approved)
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.91.0/24'")
+    _stale(admin(w, "rename-peer", w.iface, "--name", "early", "--new-name", "early2", "--yes",
+                 check=False), "peer 10.66.1.30")
+    assert records(w)[S]["routes"] == ["192.168.91.0/24"] and records(w)[S]["name"] == "early"
+    _replay(w, S, revoked)
+    db_write(w, "DELETE FROM peer_routes")
+    # a name changed, the older one put back
+    admin(w, "rename-peer", w.iface, "--name", "early", "--new-name", "early2", "--yes")
+    renamed = _signed_row(w, S)
+    _replay(w, S, revoked)
+    db_write(w, "UPDATE peers SET name = 'early' WHERE ip = '10.66.1.30'")
+    _stale(admin(w, "disable-peer", w.iface, "--name", "early", "--yes", check=False),
+           "peer 10.66.1.30")
+    _replay(w, S, renamed)
+    db_write(w, "UPDATE peers SET name = 'early2' WHERE ip = '10.66.1.30'")
+    admin(w, "rename-peer", w.iface, "--name", "early2", "--new-name", "early", "--yes")
+    # a deleted peer brought back, through `lock remove` re-signing every record
+    G = "peer:10.66.1.81"
+    admin(w, "add-peer", w.iface, "--name", "ghost", "--cidr", "humans", "--ip", "10.66.1.81",
+          "--admin", "false", "--save-config", w.admin.path("ghost.toml"),
+          "--invite-expires", "1h", "--yes")
+    alive, ghost = _signed_row(w, G), db_rows(w.db, "SELECT * FROM peers WHERE name = 'ghost'")
+    admin(w, "delete-peer", w.iface, "--name", "ghost", "--yes")
+    tomb = _signed_row(w, G)
+    assert json.loads(tomb[0])["deleted"]
+    _replay(w, G, alive)
+    db_write(w, f"INSERT INTO peers VALUES ({', '.join('?' * len(ghost[0]))})", ghost[0])
+    second = I.lock_keypair()[1]
+    admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
+    _stale(admin(w, "lock", "remove", w.iface, "--key", second, check=False), "peer 10.66.1.81")
+    assert not records(w)[G]["deleted"]                 # nothing signed over it
+    _replay(w, G, tomb)
+    db_write(w, "DELETE FROM peers WHERE name = 'ghost'")
+    admin(w, "lock", "remove", w.iface, "--key", second)
+    assert records(w)[G]["deleted"]
+
+
+def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
+    """Outside probe, finding 5: the database approved a route no admin
+    signed; approve-routes of that very route said "approved" and signed
+    nothing, so no locked client installed it. It signs it now."""
+    S = "peer:10.66.1.30"
+    w.early.innernet("advertise-routes", w.early_if, "192.168.92.0/24", "--yes")
+    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.92.0/24'")
+    assert records(w)[S]["routes"] == []
+    out = admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.92.0/24",
+                "--yes")
+    assert "192.168.92.0/24 approved" in out.stderr, out.stderr
+    assert records(w)[S]["routes"] == ["192.168.92.0/24"]
+    err = fetch_until(w, w.admin, w.iface, lambda e: "192.168.92.0/24" in held(w.admin, w.iface),
+                      "the route signed")
+    assert "lock refused peer 'early'" not in err, err
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.92.0/24",
+          "--revoke", "--yes")
+    db_write(w, "DELETE FROM peer_routes")
 
 
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):

@@ -166,6 +166,48 @@ def test_a_lying_servers_endpoint_costs_a_peer_its_direct_path_not_its_record(w,
     assert not got.startswith((ADMIN_IP, "127.", "0.0.0.0", "[::ffff:")), got
 
 
+# Host names that resolve where an endpoint must not be (alice's own hosts
+# file, /etc/netns/<ns>/hosts, which `ip netns exec` puts over /etc/hosts).
+BAD_NAMES = {"inside.evil.test": ADMIN_IP, "loop.evil.test": "127.0.0.1",
+             "any.evil.test": "0.0.0.0"}
+
+
+@pytest.fixture
+def alice_resolves_bad_names(w):
+    d = f"/etc/netns/{w.alice.ns}"
+    made = not os.path.isdir(d)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "hosts")
+    with open(path, "w") as f:
+        f.write("127.0.0.1 localhost\n" + "".join(f"{ip} {n}\n" for n, ip in BAD_NAMES.items()))
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        if made:
+            os.rmdir(d)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NAMES))
+def test_a_host_name_resolving_into_the_network_costs_only_the_direct_path(
+        w, name, alice_resolves_bad_names):
+    """Review: the endpoint rule judged literals only; a host name that
+    resolves inside the network, to loopback or unspecified passed. alice
+    resolves it when applying, and keeps the peer without that endpoint."""
+    got = w.alice.exec(["getent", "hosts", name]).stdout.split()
+    assert got and got[0] == BAD_NAMES[name], got      # alice's resolver says so
+    carol = record(w, f"carol{w.n}", f"10.66.2.{90 + w.n}", endpoint=f"{name}:51820")
+    out = fetch(w, with_peers(w, carol))
+    assert out.returncode == 0, out.stderr
+    assert f"endpoint {name}:51820 not used" in out.stderr, out.stderr
+    held = holders(w)
+    assert held[f"{carol['ip']}/32"] == carol["public_key"]     # the record is kept
+    assert held[f"{ADMIN_IP}/32"] == w.admin_key
+    eps = {p["public_key"]: p["endpoint"] for p in device(w.alice, w.iface)["peers"]}
+    got = eps[carol["public_key"]] or ""
+    assert not got.startswith((BAD_NAMES[name], "127.", "0.0.0.0")), got
+
+
 def test_a_joining_client_refuses_them_in_its_first_state_without_pins(w):
     """Promise 1 on the first fetch after a join, which has no pins yet: the
     network's range and the client's own address come from its invitation."""
@@ -523,23 +565,24 @@ def test_one_bad_record_is_refused_alone_and_the_rest_applied(w):
 
 
 def test_a_server_answering_long_polls_at_once_cannot_spin_the_daemon(w):
-    """Promise 25: the daemon's state requests are at most one a second
-    (DAEMON_MIN_PERIOD), even when the server offers long polls and answers
-    each at once with a 200 that changes nothing."""
-    import time
+    """Promise 27: a server that offers long polls and answers each at once
+    with a 200 leaves the daemon running and syncing, poll after poll. The
+    bound on its pace, DAEMON_MIN_PERIOD between state requests whatever the
+    server answers, is a condition on the daemon's loop, proved with a clock
+    only its sleeps move (tests/test_hardening.py::
+    test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers);
+    bench/daemon_pace.py measures the rate against a daemon paced by
+    --interval 1. No time is asserted here: this machine's load only slows it."""
     w.hostile.script({"GET /v1/user/state": {"body": w.honest},
                       "GET /v1/user/capabilities": {"body": {"long_poll_seconds": 30}}})
     proc = w.alice.spawn_innernet("spin.log", "up", w.iface, "--daemon", "--no-write-hosts")
     try:
-        def states():
-            return sum(1 for m, p in w.hostile.requests()
-                       if m == "GET" and p.startswith("/v1/user/state"))
-        first = states()
-        wait_for(lambda: states() > first + 1, 20, "the daemon's long polls")
-        n0, t0 = states(), time.monotonic()
-        wait_for(lambda: time.monotonic() - t0 > 4, 10, "four seconds")
-        rate = (states() - n0) / (time.monotonic() - t0)
-        assert rate <= 1.5, f"{rate:.1f} state requests a second"
+        def polls():
+            return [p for m, p in w.hostile.requests()
+                    if m == "GET" and p.startswith("/v1/user/state")]
+        first = len(polls())
+        wait_for(lambda: len(polls()) > first + 3, 60,
+                 "the daemon's long polls, answered at once")
         assert proc.poll() is None, w.alice.log("spin.log")
     finally:
         proc.terminate()

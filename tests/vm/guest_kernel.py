@@ -5,8 +5,9 @@ runs it in the guest, whose kernel has the WireGuard module, beside a
 selection of tests/e2e run there unchanged (`--backend auto` picks the kernel).
 
 Hosts: a server; alice (admin) and bob in CIDR 'a', both on kernel devices
-(alice runs the .pyz on a bare Python with its vendored pyroute2 0.9, bob
-innernet.py on Debian's Python with pyroute2 0.7.2); carol in CIDR 'b' on
+(alice runs the .pyz on a bare Python, bob innernet.py on Debian's Python
+with its site packages; neither uses pyroute2: the kernel backend speaks
+generic netlink itself); carol in CIDR 'b' on
 wireguard-go (`--backend userspace`), not associated with 'a' until alice
 adds the association over the API.
 """
@@ -21,7 +22,7 @@ from e2e.conftest import network_world
 
 pytestmark = pytest.mark.netns
 
-# innernet.py on Debian's Python (pyroute2 0.7.2), imported as the .deb's
+# innernet.py on Debian's Python (with its site packages), imported as the .deb's
 # launcher does, so its bytecode is compiled once rather than at every start.
 DEBIAN_PYTHON = ["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                  "import innernet; sys.exit(innernet.main(sys.argv[2:]))", ROOT]
@@ -108,7 +109,7 @@ def test_a_userspace_peer_joins_the_kernel_peers_after_an_association_over_the_a
     assert tcp_reach(carol, w.ips["alice"])
     assert not tcp_reach(carol, w.ips["bob"], timeout=1.0)    # bob has not fetched yet
     bob.innernet("fetch", lab.ifname("bob"), "--no-write-hosts")
-    wait_for(lambda: tcp_reach(bob, w.ips["carol"]), 30, "bob (pyroute2 0.7.2) -> carol")
+    wait_for(lambda: tcp_reach(bob, w.ips["carol"]), 30, "bob (Debian's Python) -> carol")
 
 
 def test_down_and_up_of_a_kernel_peer(w):

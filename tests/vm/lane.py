@@ -4,11 +4,11 @@ on what it leaves in SHARE; tests/e2e/conftest.py starts it in the background
 when the session has collected test_vm.py, so that the guest (one core busy
 under TCG) runs beside the rest of the suite rather than after it.
 
-    tests/vm/lane.py SHARE PYZ DEB DISKDIR
+    tests/vm/lane.py SHARE PYZ DEB
 
 Finds or builds the cached image (vm.py), gives the guest this checkout's
-tests, PYZ and DEB in SHARE, boots a copy of the image (in DISKDIR, removed
-at the end) twice, and writes SHARE/lane.json last: {"times": {part: s},
+tests, PYZ and DEB in SHARE, runs one qemu in which the guest boots, tests,
+reboots and tests again, and writes SHARE/lane.json last: {"times": {part: s},
 "error": null or the reason the lane stopped short}. Its own output is
 whatever the starter points stdout at (SHARE/lane.log from conftest.py).
 Every qemu it runs stays in its process group: killing that group ends it all.
@@ -45,49 +45,51 @@ E2E = ["tests/e2e/test_nat.py::test_port_preserving_nats_connect_directly",
 GUEST_BUDGET = 600             # s for the kernel tests (their waits end sooner)
 E2E_BUDGET = 900               # s for the tests/e2e selection: 354 s at load 4-6, over 600 at 8-10
 
-# The payloads run from the guest's own disk: a module imported over 9p
-# costs an open() round trip to the host per module (pyroute2 from the .pyz
-# on the share took 9-15 s to import under TCG, 4-6 s from the disk).
-PAYLOAD_1 = """#!/bin/sh
+# The payload runs at every boot of one qemu process (the guest reboots
+# inside it, its disk an overlay of the cached image that lasts as long as
+# qemu: no copy of the image, and the second boot finds what the first
+# left). Stage 1: the kernel tests, the units' first half, the tests/e2e
+# selection, then `systemctl reboot` (the image's runner does it when the
+# payload leaves SHARE/reboot); stage 2, after the reboot: the units'
+# second half, then poweroff. Tests run from the guest's own disk: a module
+# imported over 9p costs an open() round trip to the host per module.
+PAYLOAD = """#!/bin/sh
 S=/mnt/share L=/root/lane
 up() {{ cut -d' ' -f1 /proc/uptime; }}
-echo "payload $(up)" > $S/times
-rm -rf $L && mkdir -p $L && cp -a $S/src $S/innernet.pyz $S/innernet.deb $L/ || exit 1
-cd $L/src || exit 1
 export INNERNET_PYZ=$L/innernet.pyz INNERNET_DEB=$L/innernet.deb INNERNET_E2E_REQUIRED=1
 export INNERNET_E2E_TIMEOUT_SCALE=3    # the lab's waits, under emulation
 run() {{   # NAME BUDGET PYTEST-ARGS...: one pytest run, its log, JUnit file and status
   # (SIGINT at the budget: pytest still writes its report and JUnit file)
   n=$1 b=$2 t=$(up); shift 2
-  timeout -s INT -k 30 $b python3 -m pytest -p no:cacheprovider -q -rfEs -s \\
-    --junitxml=$S/$n.xml "$@" > $S/$n.log 2>&1
+  INNERNET_LAB_TIMES=$S/$n.cmds timeout -s INT -k 30 $b python3 -m pytest -p no:cacheprovider \\
+    -q -rfEs -s --durations=0 --durations-min=1 --junitxml=$S/$n.xml "$@" > $S/$n.log 2>&1
   echo $? > $S/$n.rc
   echo "$n $t $(up)" >> $S/times
 }}
-run kernel {budget} {kernel}
-run units1 300 -k before_reboot tests/vm/guest_units.py
-run e2e {e2e_budget} {e2e}
-echo "end $(up)" >> $S/times
-[ "$(cat $S/units1.rc)" = 0 ] && touch $S/reboot
+if [ ! -e $S/stage1 ]; then
+  touch $S/stage1
+  echo "payload $(up)" > $S/times
+  rm -rf $L && mkdir -p $L && cp -a $S/src $S/innernet.pyz $S/innernet.deb $L/ || exit 1
+  cd $L/src || exit 1
+  echo "copied $(up)" >> $S/times
+  run kernel {budget} {kernel}
+  run units1 300 -k before_reboot tests/vm/guest_units.py
+  run e2e {e2e_budget} {e2e}
+  echo "end $(up)" >> $S/times
+  [ "$(cat $S/units1.rc)" = 0 ] && touch $S/reboot
+elif [ ! -e $S/stage2 ]; then
+  touch $S/stage2 $S/rebooted
+  echo "payload2 $(up)" >> $S/times
+  cd $L/src || exit 1
+  run units2 300 -k after_reboot tests/vm/guest_units.py
+fi
 exit 0
 """
 
-PAYLOAD_2 = """#!/bin/sh
-S=/mnt/share
-up() { cut -d' ' -f1 /proc/uptime; }
-echo "payload $(up)" >> $S/times2
-cd /root/lane/src || exit 1
-timeout -k 10 300 python3 -m pytest -p no:cacheprovider -q -rfEs -s -k after_reboot \\
-  --junitxml=$S/units2.xml tests/vm/guest_units.py > $S/units2.log 2>&1
-echo $? > $S/units2.rc
-echo "end $(up)" >> $S/times2
-exit 0
-"""
 
-
-# Bounded: the image build (vm.py: 900 s), the copies, both boots.
-BOOT_BUDGET = GUEST_BUDGET + E2E_BUDGET + 420
-TOTAL_BUDGET = 900 + 300 + 2 * BOOT_BUDGET + 120
+# Bounded: the image build (vm.py: 900 s), the copies, the boots.
+BOOT_BUDGET = GUEST_BUDGET + E2E_BUDGET + 2 * 300 + 240
+TOTAL_BUDGET = 900 + 300 + BOOT_BUDGET + 120
 
 
 def checkout_files():
@@ -116,44 +118,24 @@ def give(share, pyz, deb):
     shutil.copy(deb, os.path.join(share, "innernet.deb"))
 
 
-def boots(folder, share, disk, times):
-    """Boot 1 (kernel tests, units' first half, the e2e selection), then, if
-    the guest rebooted itself, boot 2 of the same disk (units' second half)."""
-    e2e = " ".join(os.environ.get("INNERNET_VM_SELECTION", "").split() or E2E)
-    for n, payload in ((1, PAYLOAD_1.format(budget=GUEST_BUDGET, e2e_budget=E2E_BUDGET,
-                                         kernel=" ".join(KERNEL), e2e=e2e)),
-                       (2, PAYLOAD_2)):
-        if n == 2 and not os.path.exists(os.path.join(share, "rebooted")):
-            break
-        with open(os.path.join(share, "payload"), "w") as f:
-            f.write(payload)
-        os.chmod(os.path.join(share, "payload"), 0o755)
-        rc, took = vm.boot(folder, share, disk=disk, timeout=BOOT_BUDGET)
-        times[f"boot {n}"] = took
-        print(f"lane: boot {n}: payload exit status {rc}, {took:.0f} s", flush=True)
-        if rc is None:
-            break
-        if n == 1 and read(share, "units1.rc").strip() == "0" and \
-                not os.path.exists(os.path.join(share, "reboot")):
-            # the guest took the flag and rebooted (qemu -no-reboot ends there)
-            open(os.path.join(share, "rebooted"), "w").close()
-
-
-def run(share, pyz, deb, diskdir):
+def run(share, pyz, deb):
     """The whole lane; {"times": ..., "error": ...}, also written to SHARE/lane.json."""
     result = {"times": {}, "error": None}
     try:
         t0 = time.monotonic()
         folder = vm.image(log=sys.stdout)
-        result["times"]["image (cached or built)"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        result["times"]["image (cached or built)"] = t1 - t0
         give(share, pyz, deb)
-        disk = os.path.join(diskdir, "rootfs.ext4")
-        subprocess.run(["cp", "--sparse=always", os.path.join(folder, "rootfs.ext4"), disk],
-                       check=True, timeout=300)
-        try:
-            boots(folder, share, disk, result["times"])
-        finally:
-            os.unlink(disk)
+        e2e = " ".join(os.environ.get("INNERNET_VM_SELECTION", "").split() or E2E)
+        with open(os.path.join(share, "payload"), "w") as f:
+            f.write(PAYLOAD.format(budget=GUEST_BUDGET, e2e_budget=E2E_BUDGET,
+                                   kernel=" ".join(KERNEL), e2e=e2e))
+        os.chmod(os.path.join(share, "payload"), 0o755)
+        result["times"]["inputs to the share"] = time.monotonic() - t1
+        rc, took = vm.boot(folder, share, timeout=BOOT_BUDGET, reboot=True)
+        result["times"]["qemu (both boots)"] = took
+        print(f"lane: qemu ran {took:.0f} s; the last payload's exit status {rc}", flush=True)
     except Exception:
         result["error"] = traceback.format_exc()
         print(result["error"], flush=True)
@@ -164,6 +146,6 @@ def run(share, pyz, deb, diskdir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) != 4:
         sys.exit(__doc__)
     sys.exit(1 if run(*sys.argv[1:])["error"] else 0)
