@@ -4375,10 +4375,12 @@ def _norm_ep(ep):
 
 
 def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpoint,
-               relayed=(), relay_via=None, network=None):
+               relayed=(), relay_via=None, network=None, own_ip=None):
     """The updates that turn the device's peers into ``desired``, as innernet's client computes them.
 
-    Disabled peers and our own key are not wanted; device peers not wanted
+    Disabled peers, our own key and any record at our own address (``own_ip``:
+    a cached one of ours under the key we rotated away from) are not
+    wanted; device peers not wanted
     are removed. Endpoints are only changed for peers without a recent
     handshake, so a working path is never replaced. Addresses in ``relayed``
     (allowed-IP strings) are routed through the peer ``relay_via`` (the
@@ -4390,7 +4392,7 @@ def diff_peers(device_peers, desired, own_public_key, now, resolve=literal_endpo
     current = {p.public_key: p for p in device_peers}
     wanted = {}
     for p in desired:
-        if not p.is_disabled and p.public_key != own_public_key:
+        if not p.is_disabled and p.public_key != own_public_key and p.ip != own_ip:
             wanted[p.public_key] = p
     updates = []
     for key, p in wanted.items():
@@ -12495,7 +12497,8 @@ class _Fetch:
                              time.time(), resolve=placed_resolver(self.cfg.address.network),
                              relayed=relayed,
                              relay_via=self.cfg.server_public_key,
-                             network=self.cfg.address.network)
+                             network=self.cfg.address.network,
+                             own_ip=str(self.cfg.address.ip))
         # A peer pointed at its relay is settle_paths's to move, even before
         # its first handshake there: the state's endpoint must not undo it.
         for u in updates:

@@ -199,6 +199,19 @@ def test_diff_add_remove_and_skip():
     assert ups[b].remove and ups[gone].remove
 
 
+def test_diff_never_adds_a_record_at_our_own_address():
+    """A cron peer that rotated and then could not reach the server applied
+    its cached peers, among them its own record under the key it rotated
+    away from: that key went onto its own device as a peer (60-minute soak,
+    h90). A record at our own address is never a peer of ours."""
+    new, old, a = key(), key(), key()
+    want = [Peer(1, "me", "10.0.0.5", 1, old), Peer(2, "a", "10.0.0.1", 1, a)]
+    assert {u.public_key for u in diff_peers([], want, new, 1000, own_ip="10.0.0.5")} == {a}
+    dev = [DevicePeer(old, None, ["10.0.0.5/32"], 25)]
+    (u,) = [u for u in diff_peers(dev, want, new, 1000, own_ip="10.0.0.5") if u.public_key == old]
+    assert u.remove
+
+
 def test_diff_replaces_wrong_allowed_ips():
     k = key()
     dev = [DevicePeer(k, None, ["10.0.0.1/32", "10.9.0.0/16"], 25)]
