@@ -12151,7 +12151,8 @@ def fetch_interface(files, opts, by="fetch", **kw):
     try:
         result = sync_interface(files, opts, prev, by=by, **kw)
     except Exception as e:
-        if path_exists(files.config):
+        if path_exists(files.config) and not (isinstance(e, InnernetError)
+                                              and e.message.endswith(STALE_SYNC)):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
             last, last_by = prev.get("last_success"), prev.get("last_success_by")
             if last_by is None and prev.get("ok"):    # an older status file
@@ -12163,6 +12164,22 @@ def fetch_interface(files, opts, by="fetch", **kw):
     write_status_file(files.data_dir, iface, sync_status(
         iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
     return result
+
+
+STALE_SYNC = "was uninstalled or installed again while this sync waited; nothing applied"
+
+
+def _receive(f, wait):
+    """f.receive(wait); on a PINNING ERROR our own late proofs all the same:
+    they do not depend on the state we refuse, and peers waiting for them
+    must not wait on our error as well."""
+    try:
+        f.receive(wait)
+    except InnernetError as e:
+        if e.message.startswith("PINNING ERROR"):
+            with contextlib.suppress(InnernetError):
+                send_late_proofs(f.api, f.cfg, f.files)
+        raise
 
 
 def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=0,
@@ -12196,9 +12213,11 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                                           proof_key=f.cfg.private_key)   # late proofs
     proofs_sent = True
     try:
-        f.receive(wait)
+        _receive(f, wait)
         if f.unreachable is None:
             proofs_sent = send_late_proofs(f.api, f.cfg, files)
+        if not same_peer(files, f.cfg):    # nothing of the old peer's onto the new one's
+            raise InnernetError(f"{iface} {STALE_SYNC}")
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
@@ -12371,6 +12390,10 @@ class _Fetch:
             if not e.unreachable:
                 raise
             if not self.stored_peers:
+                # Nothing cached to keep the interface going (an install whose
+                # first sync failed), but the server may be at its next
+                # endpoint: look there next time, or a standby is never found.
+                fail_over(self.files, self.cfg, self.backend, e.refused)
                 raise InnernetError(f"{e.message}, and there are no cached peers",
                                     hint=e.hint) from None
             # Said once, by whoever catches the error raised at the end.
@@ -12594,6 +12617,18 @@ class _Fetch:
         self.next_due = next_path_work(memo, self.missed, time.time())
 
 
+def same_peer(files, cfg):
+    """Is the interface's config still the peer ``cfg`` was read as? A sync
+    that waited on the server while the interface was uninstalled, and
+    maybe installed again under its name (another address: a deleted
+    peer's stays quarantined), must leave the device and files alone. A
+    rotation keeps the address."""
+    try:
+        return load_client_config(files).address == cfg.address
+    except InnernetError:
+        return False
+
+
 def current_server(files, cfg):
     """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
     if len(cfg.endpoints) < 2:
@@ -12613,9 +12648,10 @@ def fail_over(files, cfg, backend, refused=False):
     # The configured order, not cfg's: current_server's cfg starts at the
     # endpoint failed over to, and its list has lost the configured first one
     # (the primary), so a client on the standby would never come back.
-    iface, eps = files.iface, cfg.endpoints
-    with contextlib.suppress(InnernetError):
-        eps = load_client_config(files).endpoints
+    iface = files.iface
+    if not same_peer(files, cfg):
+        return cfg          # uninstalled (installed again) while this sync waited
+    eps = load_client_config(files).endpoints
     if len(eps) < 2 or backend is None or not backend.exists(iface):
         return cfg          # no device (wireguard-go killed): the server is not the one gone
     since = load_server_state(files).get("since")

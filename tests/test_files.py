@@ -270,6 +270,43 @@ def test_a_client_waits_only_for_a_standby_that_refuses_not_one_that_is_gone(tmp
     assert gone.server_external_endpoint == eps[0]        # gone: the next one at once
 
 
+def test_a_sync_that_outlived_its_interface_fails_over_nothing(tmp_path):
+    """Found by the 60-minute soak: a fetch still waiting on the server when
+    its interface was uninstalled and another peer installed under the same
+    name pointed the new peer's device at the next endpoint. fail_over (and
+    the sync, same_peer) now leave alone a config that is gone or another's."""
+    files = innernet.ClientFiles("n", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    os.makedirs(files.config_dir)
+    os.makedirs(files.data_dir)
+    eps = ["198.18.0.1:51820", "198.18.0.2:51820"]
+    server_key = innernet.public_key(innernet.generate_private_key())
+    old = InterfaceConfig("n", ipaddress.ip_interface("10.9.0.2/16"),
+                          innernet.generate_private_key(), None, server_key, eps[0],
+                          "10.9.0.1:51820", server_endpoints=eps[1:])
+
+    class Backend:
+        applied = []
+
+        def exists(self, iface):
+            return True
+
+        def get(self, iface):
+            return innernet.Device(iface)
+
+        def apply(self, iface, updates):
+            self.applied += updates
+    assert not innernet.same_peer(files, old)                 # uninstalled
+    assert innernet.fail_over(files, old, Backend()) is old
+    new = dataclasses.replace(old, address=ipaddress.ip_interface("10.9.0.3/16"),
+                              private_key=innernet.generate_private_key())
+    innernet.atomic_write(files.config, new.to_toml())        # installed again
+    assert not innernet.same_peer(files, old)
+    assert innernet.fail_over(files, old, Backend()) is old
+    assert Backend.applied == [] and innernet.load_server_state(files) == {}
+    assert innernet.same_peer(files, new)
+    assert innernet.fail_over(files, new, Backend()).server_external_endpoint == eps[1]
+
+
 def test_replica_urls_are_checked_before_litestream_runs(tmp_path):
     from innernet import InnernetError, litestream_config
     out = litestream_config(str(tmp_path / "n.db"), "/srv/replica", 1)
