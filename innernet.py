@@ -6509,6 +6509,21 @@ def approval_asked(peer, routes):
         set(EXIT_ROUTES) if peer.exit_node else set())
 
 
+def lock_removal(records, still, newest):
+    """(subjects to sign again, subjects left) of a `lock remove`: the
+    server's verified records (``records``) whose newest signature is the
+    removed key's -- ``still``: what the other keys cover -- signed again
+    only where this host knows that very record as the newest (``newest``,
+    lock_newest). A hijacked server could present an older record of the
+    removed key (a peer deleted since): signed anew, it would be newest again;
+    left, clients refuse it (availability, not integrity)."""
+    again, left = [], []
+    for s, p in sorted(records.items()):
+        if (still.get(s) or {}).get("n") != p["n"]:
+            (again if newest.get(s) == p["n"] else left).append(s)
+    return again, left
+
+
 class LockSigner:
     """An admin's signing of its changes under network lock, on its own host
     (the lock key never leaves it): records for the subjects a change
@@ -6523,12 +6538,18 @@ class LockSigner:
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
         {subject: key} for peers whose key is not their current record's. An
         invited peer's record whose enrollment this host holds is signed
-        again with the enrolled key (lock_enrolled_keys)."""
+        again with the enrolled key (lock_enrolled_keys) -- only when this
+        host verified or signed that very record (``newest``): the server
+        could present an older one (a peer deleted since by another admin,
+        out of this host's view), and signing it with a fresh serial would
+        make it newest again."""
         keys, now_ms, out = keys or {}, int(time.time() * 1000), []
         changes = dict(changes)
         for s in self.bound:
-            if s not in changes and s not in keys and s in self.records:
-                changes[s] = {k: v for k, v in lock_fields(self.records[s]).items()}
+            rec = self.records.get(s)
+            if s not in changes and s not in keys and rec is not None \
+                    and self.newest.get(s) == rec.get("n"):
+                changes[s] = lock_fields(rec)
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             cur = self.records.get(s) or {}
@@ -6567,12 +6588,12 @@ class NetworkLock:
             if name in cls.__dict__:
                 setattr(cls, name, _signing(name, cls.__dict__[name]))
 
-    def lock_info(self, enroll=None, own=True):
+    def lock_info(self, enroll=None, own=True, raw=None):
         """(the lock chain's entries, {subject: signed record}) of the network;
         ``enroll``: a dict to fill with its enrollments {ip: enrollment};
         ``own``: a live lock needs this admin host's own copy (remote_lock_info)."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock, enroll, own)
+            return remote_lock_info(self.api, self.own_lock, enroll, own, raw)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
         if enroll is not None:
@@ -6727,17 +6748,20 @@ def remember_signed(path, signed):
     save_client_lock(path, dict(mine, signed=done))
 
 
-def remote_lock_info(api, own_lock, enroll=None, own=True):
+def remote_lock_info(api, own_lock, enroll=None, own=True, raw=None):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
     sign for an older or another chain, nor turn lock off for it), and, when
-    ``own``, a live lock needs that copy (else the chain is the server's word)."""
+    ``own``, a live lock needs that copy (else the chain is the server's word).
+    ``raw``: a dict to fill with the server's answer (its batches)."""
     try:
         got = _require_object(api.call("GET", "/admin/lock"), "lock")
     except InnernetError as e:
         if getattr(e, "lacking", None) is None:
             raise
         got = {}
+    if raw is not None:
+        raw.update(got)
     entries = got.get("chain") or []
     mine = load_client_lock(own_lock)
     if mine is None and own and entries and not LockChain(entries).disabled:
@@ -12397,6 +12421,8 @@ class _Fetch:
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
         if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
             self.lock["signed"] = mine["signed"]
+        if isinstance(mine.get("adopted"), str):    # the key an admin's proof was for
+            self.lock["adopted"] = mine["adopted"]
         if chain.disabled:
             return received
         self.lock_on = True
@@ -12451,7 +12477,7 @@ class _Fetch:
             warn(f"{self.iface}: the server says the network is locked, but {why}: not taken")
             return None
         log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
-        return {"chain": genesis.entries}
+        return {"chain": genesis.entries, "adopted": public_key(self.cfg.private_key)}
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -13800,6 +13826,10 @@ def cmd_approve_routes(args):
     routes = parse_routes([r for r in args.routes.split(",") if r.strip()],
                           exit_routes=True) if args.routes else None
     shown = ", ".join(routes or advertised(peer))
+    if routes is None and args.yes and not args.revoke and net.lock_on():
+        raise InnernetError("under network lock, approve-routes --yes needs --routes: it would "
+                            "sign whatever routes the server says the peer advertises",
+                            hint=f"name them: --routes {','.join(advertised(peer))}")
     confirm(args, f"{'Revoke' if args.revoke else 'Approve'} {shown} of peer "
                   f"'{peer.name}'?", True)
     peer = net.approve_routes(peer, routes, not args.revoke)
@@ -14097,10 +14127,10 @@ def _refuse_repinned(args, iface, peers):
                                 hint="fetch first, and find out why")
 
 
-def _lock_chain(args, iface, own=True):
+def _lock_chain(args, iface, own=True, raw=None):
     net = RemoteNetwork(args, iface)
     net.require(LOCK_FEATURE)
-    entries, records = net.lock_info(own=own)
+    entries, records = net.lock_info(own=own, raw=raw)
     if not entries:
         raise InnernetError(f"network {iface} is not locked",
                             hint=f"an admin locks it with 'innernet lock init {iface}'")
@@ -14159,22 +14189,32 @@ def _lock_submit_own(net, entries, signed):
 
 
 def _lock_remove(args, iface):
-    """Remove a key; the records it signed are signed again here, in the same
-    request (clients stop counting a removed key's signatures)."""
-    net, chain, records = _lock_chain(args, iface)
+    """Remove a key; the records it signed last are signed again here, in the
+    same request (clients stop counting a removed key's signatures) -- those
+    this host knows as the newest of their subjects only (lock_removal)."""
+    raw = {}
+    net, chain, records = _lock_chain(args, iface, raw=raw)
     if args.key not in chain.keys:
         raise InnernetError(f"{lock_short(args.key or '')} is not a trusted lock key")
     private, public = _own_lock_key(args, iface)
-    refuse_stale(records, lock_newest(load_client_lock(net.own_lock)), records)
     entry = lock_update(chain, "remove", args.key, chain.keys[args.key], private,
                         int(time.time()))
+    still = verified_lock_records(LockChain(chain.entries + [entry]), raw.get("records"),
+                                  raw.get("batches"))
+    subjects, left = lock_removal(records, still,
+                                  lock_newest(load_client_lock(net.own_lock)))
     now_ms = int(time.time() * 1000)
-    again = [lock_record(chain.net, lock_serial(p["n"], now_ms), lock_fields(p), p.get("key"))
-             for p in records.values()]
+    again = [lock_record(chain.net, lock_serial(records[s]["n"], now_ms),
+                         lock_fields(records[s]), records[s].get("key")) for s in subjects]
     signed = {"batch": sign_batch(chain.net, private, again), "records": again}
     _lock_submit_own(net, chain.entries + [entry], signed if again else None)
     log(f"lock key {lock_short(args.key)} removed; {len(again)} records signed again by "
         f"{lock_short(public)}")
+    if left:
+        warn(f"{len(left)} record(s) the removed key signed last are not signed again, as "
+             "this host does not know them as the newest: " + ", ".join(
+                 lock_subject_text(s) for s in left) + "; clients refuse them until an admin "
+             "whose host verified them changes each")
     return 0
 
 
@@ -14213,15 +14253,32 @@ def _lock_disable(args, iface):
 
 def _lock_forget(args, iface):
     """Drop this host's copy of the lock (one taken wrongly, from a hijacked
-    server): its next fetch takes a lock again only from an admin's proof."""
-    path = client_files(args, iface).lock
-    if load_client_lock(path) is None:
+    server): its next fetch takes a lock again only from an admin's proof
+    for this host's key -- which exists only for a host that took the lock
+    so, with the key it has now (``adopted``); any other one is refused."""
+    files = client_files(args, iface)
+    path = files.lock
+    mine = load_client_lock(path)
+    if mine is None:
         raise InnernetError(f"{iface} has no network lock to forget",
                             hint=f"'innernet lock status {iface}'")
+    if not LockChain(mine["chain"]).disabled \
+            and mine.get("adopted") != public_key(load_client_config(files).private_key):
+        raise InnernetError(
+            f"{iface} could not take its network lock again: no admin's proof of it exists "
+            "for this host's key (it joined under the lock, made it, or changed its key since "
+            "it took it), so it would install what the server says for good",
+            hint="to start over, reinstall it: an admin's 'innernet reinvite' makes a new "
+                 f"invitation (it carries the lock); 'innernet uninstall {iface}', then "
+                 "'innernet install' it")
     confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes a lock "
                   "again, it installs what the server says", False)
     os.remove(path)
-    log(f"{iface}: network lock forgotten ({path} removed)")
+    peers, cidrs, etag = load_data_store(files.store)
+    if etag is not None:                  # the next fetch a full one, which shows the lock
+        save_data_store(files.store, peers, cidrs)
+    log(f"{iface}: network lock forgotten ({path} removed); its next fetch takes it again "
+        "from the admin's proof")
     return 0
 
 
@@ -15967,7 +16024,8 @@ def build_parser(server_mode=False):
                    choices=("init", "status", "key", "add", "remove", "log", "disable",
                             "forget"),
                    help="init, status, key (this host's), add, remove, log, disable, "
-                        "forget (this host's copy)")
+                        "forget (this host's copy; only on a host that took the lock from "
+                        "an admin's proof, with its key of then: it takes it again so)")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("secret", metavar="SECRET", nargs="?",
                    help="disable: the disablement secret (better on stdin or with "

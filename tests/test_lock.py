@@ -409,7 +409,8 @@ def test_an_enrollment_binds_its_address_and_a_second_one_under_the_same_invitat
     recs = {innernet.record_subject(p): p for p in n.records}
     bound = innernet.lock_enrolled_keys(NET, recs, n.enroll, known, now)
     assert bound == {"peer:10.66.1.9": "dave-key"}
-    signer = innernet.LockSigner(n.chain, recs, n.admin[0], bound)
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], bound,
+                                 innernet.lock_newest({"known": known}))
     alice = next(p for p in n.peers if p.name == "alice")
     out = signer.signed({"peer:10.66.1.2": {k: v for k, v in innernet.lock_fields(
         n.payload(alice)).items()}})
@@ -704,3 +705,91 @@ def test_a_client_takes_a_lock_only_from_an_admin_pinned_before_it_first_saw_one
     assert os.stat(path).st_mode & 0o777 == 0o600
     late = Peer(4, "evil", "10.66.1.9", 3, "evil-key", is_admin=True)
     assert innernet.adopters(path, [server, admin, late], ("10.66.0.1", "srv-key")) == got
+
+
+def test_an_admin_host_signs_again_no_record_it_cannot_vouch_for_as_the_newest():
+    """Third outside attack, finding 1: a second admin added an invited peer
+    (out of this admin's view) and deleted it later; the hijacked server puts
+    the peer's older signed record (and its enrollment) back. This admin's
+    next unrelated change signed every invited peer's record whose enrollment
+    it holds again, with a fresh serial -- the deleted peer alive, newer than
+    its deletion -- and `lock remove` signed every record again. Now neither
+    signs a record this host did not verify or sign at that very serial."""
+    n = Net()
+    now = T + 100
+    k2_private, k2 = lock_keypair()
+    n.chain = LockChain(n.chain.entries + [lock_update(n.chain, "add", k2, "adm2", n.admin[0],
+                                                       T + 1)])
+    auth_priv, auth_pub = lock_keypair()
+    pf = n.add_peer("pf", "10.66.2.9", 4, "pf-key", sign=False)
+    alive = n.payload(pf, key=innernet.lock_auth(auth_pub, T + 600))
+    n.records.append(alive)
+    n.sign(k2_private, [alive])
+    n.enroll["10.66.2.9"] = sign_enrollment(NET, "10.66.2.9", "pf-key", auth_priv, at=T + 50)
+    # adm2 deleted pf since (serial alive + 1); the server replays `alive`
+    recs = {innernet.record_subject(p): p for p in n.records}
+    bound = innernet.lock_enrolled_keys(NET, recs, n.enroll, {}, now)
+    assert bound == {"peer:10.66.2.9": "pf-key"}        # the enrollment is still held
+    carol = recs["peer:10.66.2.4"]
+    change = {"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")}
+    # this admin's view: its own sync verified carol, never pf
+    mine = {"known": {s: [p["n"], "h"] for s, p in recs.items() if s != "peer:10.66.2.9"}}
+    out = innernet.LockSigner(n.chain, recs, n.admin[0], bound,
+                              innernet.lock_newest(mine)).signed(change)
+    assert [innernet.record_subject(r) for r in out["records"]] == ["peer:10.66.2.4"]
+    # a host that knows pf at a newer serial (adm2: it signed the deletion) leaves it too
+    mine2 = dict(mine, signed={"peer:10.66.2.9": alive["n"] + 1})
+    out = innernet.LockSigner(n.chain, recs, k2_private, bound,
+                              innernet.lock_newest(mine2)).signed(change)
+    assert [innernet.record_subject(r) for r in out["records"]] == ["peer:10.66.2.4"]
+    # one that verified that very record signs it again, with the enrolled key
+    mine3 = dict(mine, known=dict(mine["known"], **{"peer:10.66.2.9": [alive["n"], "h"]}))
+    out = innernet.LockSigner(n.chain, recs, n.admin[0], bound,
+                              innernet.lock_newest(mine3)).signed(change)
+    again = {innernet.record_subject(r): r for r in out["records"]}
+    assert again["peer:10.66.2.9"]["key"] == "pf-key" and again["peer:10.66.2.9"]["n"] > \
+        alive["n"]
+    # `lock remove --key K2`: only K2's newest records, only those this host knows so
+    rest = LockChain(n.chain.entries + [lock_update(n.chain, "remove", k2, "adm2",
+                                                    n.admin[0], T + 2)])
+    still = innernet.verified_lock_records(rest, recs, n.batches)
+    assert "peer:10.66.2.9" not in still and "peer:10.66.2.4" in still
+    assert innernet.lock_removal(recs, still, innernet.lock_newest(mine)) == \
+        ([], ["peer:10.66.2.9"])
+    assert innernet.lock_removal(recs, still, innernet.lock_newest(mine2)) == \
+        ([], ["peer:10.66.2.9"])
+    assert innernet.lock_removal(recs, still, innernet.lock_newest(mine3)) == \
+        (["peer:10.66.2.9"], [])
+
+
+def test_lock_forget_only_where_the_host_can_take_the_lock_again(tmp_path, capsys):
+    """Third outside attack, finding 2: only `lock init` leaves admins' proofs,
+    for the peers' keys of then; a host that joined under the lock (or made
+    it, or changed its key since it took it) never takes the lock again once
+    it forgot it. `lock forget` refuses there, in one line, with the remedy."""
+    files = innernet.ClientFiles("n", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    os.makedirs(files.config_dir)
+    os.makedirs(files.data_dir)
+    private = innernet.generate_private_key()
+    cfg = innernet.InterfaceConfig("n", innernet.ipaddress.ip_interface("10.9.0.2/16"),
+                                   private, None, innernet.public_key(lock_keypair()[0]),
+                                   "198.18.0.1:51820", "10.9.0.1:51820")
+    innernet.atomic_write(files.config, cfg.to_toml())
+    argv = ["-c", files.config_dir, "-d", files.data_dir, "lock", "forget", "n", "--yes"]
+    chain = chain_of(lock_keypair())
+    for mine in ({"chain": chain},                                  # joined under the lock
+                 {"chain": chain, "adopted": innernet.public_key(  # its key changed since
+                     innernet.generate_private_key())}):
+        innernet.save_client_lock(files.lock, mine)
+        assert innernet.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "could not take its network lock again" in err \
+            and "reinvite" in err, err
+        assert innernet.load_client_lock(files.lock) == mine
+    innernet.save_client_lock(files.lock, {"chain": chain,
+                                           "adopted": innernet.public_key(private)})
+    innernet.save_data_store(files.store, [], [], "etag-1")
+    assert innernet.main(argv) == 0
+    assert innernet.load_client_lock(files.lock) is None
+    assert innernet.load_data_store(files.store)[2] is None     # the next fetch a full one
+    assert "takes it again" in capsys.readouterr().err

@@ -581,17 +581,18 @@ def test_a_client_without_lock_takes_no_fake_lock_from_the_server_or_a_new_admin
         both(w, lambda s: s)
 
 
-def test_lock_forget_drops_a_hosts_copy_only_when_confirmed(w):
-    """Issue 32, F1's recovery: `lock forget` removes this host's lock file
-    after a confirmation (--yes without a terminal); without one, one line."""
+def test_lock_forget_refuses_on_a_host_that_could_not_take_the_lock_again(w):
+    """Third outside attack, finding 2: alice joined under the lock; no admin's
+    proof of it exists for her key, so once forgotten her host would install
+    what the server says for good. `lock forget` refuses there, in one line,
+    naming the remedy (a new invitation); a host with no lock: one line too.
+    (A host that took the lock from an admin's proof forgets and takes it
+    again: test_lock_admin.py::test_lock_forget_then_the_admins_proof_again.)"""
     path = w.alice.path("client", "lib", f"{w.alice_if}.lock.json")
     kept = open(path).read()
-    try:
-        out = w.alice.innernet("lock", "forget", w.alice_if, check=False)
-        assert out.returncode != 0 and "missing --yes" in out.stderr and os.path.exists(path)
-        out = w.alice.innernet("lock", "forget", w.alice_if, "--yes")
-        assert "network lock forgotten" in out.stderr and not os.path.exists(path)
-        out = w.zed.innernet("lock", "forget", w.zed_if, "--yes", check=False)
-        assert out.returncode != 0 and "has no network lock to forget" in out.stderr
-    finally:
-        _innernet().save_client_lock(path, json.loads(kept))
+    out = w.alice.innernet("lock", "forget", w.alice_if, "--yes", check=False)
+    assert out.returncode != 0 and out.stderr.count("error:") == 1, out.stderr
+    assert "could not take its network lock again" in out.stderr and "reinvite" in out.stderr
+    assert open(path).read() == kept
+    out = w.zed.innernet("lock", "forget", w.zed_if, "--yes", check=False)
+    assert out.returncode != 0 and "has no network lock to forget" in out.stderr

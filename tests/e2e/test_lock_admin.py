@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 import types
 
 import pytest
@@ -402,7 +403,7 @@ def test_an_admin_host_signs_over_no_older_record_the_server_replays(w):
     _replay(w, S, renamed)
     db_write(w, "UPDATE peers SET name = 'early2' WHERE ip = '10.66.1.30'")
     admin(w, "rename-peer", w.iface, "--name", "early2", "--new-name", "early", "--yes")
-    # a deleted peer brought back, through `lock remove` re-signing every record
+    # a deleted peer brought back, through `lock remove` signing records again
     G = "peer:10.66.1.81"
     admin(w, "add-peer", w.iface, "--name", "ghost", "--cidr", "humans", "--ip", "10.66.1.81",
           "--admin", "false", "--save-config", w.admin.path("ghost.toml"),
@@ -415,12 +416,98 @@ def test_an_admin_host_signs_over_no_older_record_the_server_replays(w):
     db_write(w, f"INSERT INTO peers VALUES ({', '.join('?' * len(ghost[0]))})", ghost[0])
     second = I.lock_keypair()[1]
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
-    _stale(admin(w, "lock", "remove", w.iface, "--key", second, check=False), "peer 10.66.1.81")
-    assert not records(w)[G]["deleted"]                 # nothing signed over it
+    out = admin(w, "lock", "remove", w.iface, "--key", second)
+    assert "0 records signed again" in out.stderr, out.stderr   # second signed none
+    assert records(w)[G] == json.loads(alive[0])        # nothing signed over it
     _replay(w, G, tomb)
     db_write(w, "DELETE FROM peers WHERE name = 'ghost'")
-    admin(w, "lock", "remove", w.iface, "--key", second)
-    assert records(w)[G]["deleted"]
+
+
+def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_for(w):
+    """Third outside attack, finding 1 (variant B): a second admin (key K2)
+    added a peer and deleted it since; the hijacked server replays the peer's
+    older record, signed by K2. `lock remove --key K2` on this admin's host
+    signed every record the server showed again -- that one too, alive with
+    a fresh serial, newer than its deletion. Now it signs again only the
+    removed key's records this host knows as the newest, and names the rest."""
+    I = _innernet()
+    G = "peer:10.66.1.82"
+    k2_private, k2 = I.lock_keypair()
+    admin(w, "lock", "add", w.iface, "--key", k2, "--key-name", "adm2")
+    wg = I.public_key(I.generate_private_key())
+    alive = I.peer_payload(w.net, 10 ** 12, ip="10.66.1.82", key=wg, name="pf",
+                           cidr="10.66.1.0/24")
+    batch = I.sign_batch(w.net, k2_private, [alive])
+    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
+             (batch["k"], batch["s"], json.dumps(batch["h"])))
+    db_write(w, "INSERT INTO lock_records (subject, payload, batch_id) SELECT ?, ?, id "
+             "FROM lock_batches WHERE sig = ?", (G, json.dumps(alive), batch["s"]))
+    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+             "'pf', '10.66.1.82', id, ?, 1 FROM cidrs WHERE name = 'humans'", (wg,))
+    try:
+        out = admin(w, "lock", "remove", w.iface, "--key", k2)
+        assert "0 records signed again" in out.stderr, out.stderr
+        assert "1 record(s) the removed key signed last are not signed again" in out.stderr \
+            and "peer 10.66.1.82" in out.stderr, out.stderr
+        assert records(w)[G] == alive                   # not made newest again
+        assert I.lock_short(k2) not in admin(w, "lock", "status", w.iface).stdout
+    finally:
+        db_write(w, "DELETE FROM peers WHERE ip = '10.66.1.82'")
+        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (G,))
+
+
+def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_again(w):
+    """Third outside attack, finding 1: a second admin (key K2) invited pf in a
+    CIDR this admin cannot see (far) and deleted it since; the hijacked
+    server puts pf's older signed record, its enrollment and its row back.
+    This admin's next unrelated change (add-cidr) signed every invited
+    peer's record whose enrollment it holds again, with a fresh serial --
+    pf alive, newer than its deletion, taken by every client. Now its host
+    signs again only what it verified or signed itself at that serial."""
+    I = _innernet()
+    P, ip = "peer:10.66.3.40", "10.66.3.40"
+    k2_private, k2 = I.lock_keypair()
+    admin(w, "lock", "add", w.iface, "--key", k2, "--key-name", "adm2")
+    auth_private, auth = I.lock_keypair()
+    wg = I.public_key(I.generate_private_key())
+    expires = int(time.time()) + 3600
+    alive = I.peer_payload(w.net, 10 ** 12, ip=ip, key=I.lock_auth(auth, expires), name="pf",
+                           cidr="10.66.3.0/24")
+    batch = I.sign_batch(w.net, k2_private, [alive])
+    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
+             (batch["k"], batch["s"], json.dumps(batch["h"])))
+    db_write(w, "INSERT INTO lock_records (subject, payload, batch_id) SELECT ?, ?, id "
+             "FROM lock_batches WHERE sig = ?", (P, json.dumps(alive), batch["s"]))
+    db_write(w, "INSERT INTO lock_enrollments (ip, enrollment) VALUES (?, ?)",
+             (ip, json.dumps(I.sign_enrollment(w.net, ip, wg, auth_private))))
+    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+             "'pf', ?, id, ?, 1 FROM cidrs WHERE name = 'far'", (ip, wg))
+    try:
+        admin(w, "add-cidr", w.iface, "--name", "scratch", "--cidr", "10.66.5.0/24",
+              "--parent", w.net, "--yes")
+        assert records(w)[P] == alive                   # not signed again, not made newest
+        admin(w, "delete-cidr", w.iface, "--name", "scratch", "--yes")
+    finally:
+        db_write(w, "DELETE FROM peers WHERE ip = ?", (ip,))
+        db_write(w, "DELETE FROM lock_enrollments WHERE ip = ?", (ip,))
+        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (P,))
+        admin(w, "lock", "remove", w.iface, "--key", k2)
+
+
+def test_lock_forget_then_the_admins_proof_again(w):
+    """Issue 32: early took the lock from its admin's proof (it joined before
+    it); `lock forget` asks first (--yes without a terminal), drops its copy,
+    and its next fetch takes the lock again from that proof."""
+    path = w.early.path("client", "lib", f"{w.early_if}.lock.json")
+    w.early.innernet("fetch", w.early_if, "--no-write-hosts")
+    assert os.path.exists(path)
+    out = w.early.innernet("lock", "forget", w.early_if, check=False)
+    assert out.returncode != 0 and "missing --yes" in out.stderr and os.path.exists(path)
+    out = w.early.innernet("lock", "forget", w.early_if, "--yes")
+    assert "network lock forgotten" in out.stderr and not os.path.exists(path)
+    out = w.early.innernet("fetch", w.early_if, "--no-write-hosts")
+    assert "network lock taken, proved by admin" in out.stderr, out.stderr
+    assert "locked" in w.early.innernet("lock", "status", w.early_if).stdout
 
 
 def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
@@ -431,6 +518,10 @@ def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
     w.early.innernet("advertise-routes", w.early_if, "192.168.92.0/24", "--yes")
     db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.92.0/24'")
     assert records(w)[S]["routes"] == []
+    # --yes without --routes would sign whatever the server says early advertises
+    out = admin(w, "approve-routes", w.iface, "--name", "early", "--yes", check=False)
+    assert out.returncode != 0 and out.stderr.count("error:") == 1, out.stderr
+    assert "approve-routes --yes needs --routes" in out.stderr, out.stderr
     out = admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.92.0/24",
                 "--yes")
     assert "192.168.92.0/24 approved" in out.stderr, out.stderr
