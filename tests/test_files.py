@@ -203,6 +203,22 @@ def test_client_config_lists_standby_endpoints_in_an_extension_key():
 
 
 
+class RecordingBackend:
+    """A device that is up, empty, and records what fail_over applies to it."""
+
+    def __init__(self):
+        self.applied = []
+
+    def exists(self, iface):
+        return True
+
+    def get(self, iface):
+        return innernet.Device(iface)
+
+    def apply(self, iface, updates):
+        self.applied += updates
+
+
 def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
     """Found by the chaos soak: once failed over, the endpoint list lost the
     primary (current_server's cfg starts at the standby), so a client whose
@@ -217,21 +233,10 @@ def test_a_client_on_the_standby_fails_back_to_the_primary(tmp_path):
                           "10.9.0.1:51820", server_endpoints=eps[1:])
     innernet.atomic_write(files.config, cfg.to_toml())
 
-    class Backend:
-        applied = []
-
-        def exists(self, iface):
-            return True
-
-        def get(self, iface):
-            return innernet.Device(iface)
-
-        def apply(self, iface, updates):
-            self.applied += updates
     seen = []
     for _ in range(4):
         now = innernet.current_server(files, innernet.load_client_config(files))
-        seen.append(innernet.fail_over(files, now, Backend()).server_external_endpoint)
+        seen.append(innernet.fail_over(files, now, RecordingBackend()).server_external_endpoint)
     assert seen == [eps[1], eps[2], eps[0], eps[1]]
 
 
@@ -284,27 +289,16 @@ def test_a_sync_that_outlived_its_interface_fails_over_nothing(tmp_path):
                           innernet.generate_private_key(), None, server_key, eps[0],
                           "10.9.0.1:51820", server_endpoints=eps[1:])
 
-    class Backend:
-        applied = []
-
-        def exists(self, iface):
-            return True
-
-        def get(self, iface):
-            return innernet.Device(iface)
-
-        def apply(self, iface, updates):
-            self.applied += updates
     assert not innernet.same_peer(files, old)                 # uninstalled
-    assert innernet.fail_over(files, old, Backend()) is old
+    assert innernet.fail_over(files, old, RecordingBackend()) is old
     new = dataclasses.replace(old, address=ipaddress.ip_interface("10.9.0.3/16"),
                               private_key=innernet.generate_private_key())
     innernet.atomic_write(files.config, new.to_toml())        # installed again
     assert not innernet.same_peer(files, old)
-    assert innernet.fail_over(files, old, Backend()) is old
+    assert innernet.fail_over(files, old, RecordingBackend()) is old
     assert Backend.applied == [] and innernet.load_server_state(files) == {}
     assert innernet.same_peer(files, new)
-    assert innernet.fail_over(files, new, Backend()).server_external_endpoint == eps[1]
+    assert innernet.fail_over(files, new, RecordingBackend()).server_external_endpoint == eps[1]
 
 
 def test_replica_urls_are_checked_before_litestream_runs(tmp_path):
