@@ -288,15 +288,15 @@ def test_a_sync_that_outlived_its_interface_fails_over_nothing(tmp_path):
     old = InterfaceConfig("n", ipaddress.ip_interface("10.9.0.2/16"),
                           innernet.generate_private_key(), None, server_key, eps[0],
                           "10.9.0.1:51820", server_endpoints=eps[1:])
-
+    backend = RecordingBackend()
     assert not innernet.same_peer(files, old)                 # uninstalled
-    assert innernet.fail_over(files, old, RecordingBackend()) is old
+    assert innernet.fail_over(files, old, backend) is old
     new = dataclasses.replace(old, address=ipaddress.ip_interface("10.9.0.3/16"),
                               private_key=innernet.generate_private_key())
     innernet.atomic_write(files.config, new.to_toml())        # installed again
     assert not innernet.same_peer(files, old)
-    assert innernet.fail_over(files, old, RecordingBackend()) is old
-    assert Backend.applied == [] and innernet.load_server_state(files) == {}
+    assert innernet.fail_over(files, old, backend) is old
+    assert backend.applied == [] and innernet.load_server_state(files) == {}
     assert innernet.same_peer(files, new)
     assert innernet.fail_over(files, new, RecordingBackend()).server_external_endpoint == eps[1]
 
