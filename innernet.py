@@ -15278,11 +15278,14 @@ def leave_exit(args, iface):
     log(f"{iface}: exit node {state['exit_node']} no longer used; routing as before")
 
 
-# What a client keeps per network beside its data store, all removed by uninstall.
+# What a client keeps per network beside its data store, all removed by
+# uninstall. Not its lock key (an admin's, beside the config): it may be one
+# of the keys the whole network's lock trusts, so uninstall keeps it and says where.
 
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
-                      ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json")
+                      ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json",
+                      ".lock.json")
 
 
 def cmd_uninstall(args):
@@ -15306,6 +15309,10 @@ def cmd_uninstall(args):
     if hosts_path and os.path.exists(hosts_path):
         write_hosts_file(hosts_path, f"innernet {iface}", [])
     log(f"network {iface} uninstalled")
+    if path_exists(files.lock_key):
+        log(f"kept {files.lock_key}: this host's lock key, which the network's lock may "
+            f"still trust; to retire it, run 'innernet lock remove {iface} --key KEY' on "
+            "another admin's host, then delete the file")
     return 0
 
 

@@ -386,7 +386,7 @@ def test_server_uninstall_refuses_a_network_being_served(tmp_path, monkeypatch, 
         serving.close()
 
 
-def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
+def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(innernet, "bring_down", lambda choice, iface: False)
     monkeypatch.setattr(innernet, "leave_exit", lambda args, iface: None)
@@ -410,8 +410,11 @@ def test_uninstall_removes_everything_it_made(tmp_path, monkeypatch):
     assert sorted(os.listdir(lib)) == [innernet.FAST_RUNS, "other.db"] and os.listdir(etc) == []
     assert innernet.read_runs(str(lib)) == {"('another',)": ["net2"]}   # the other network's
     (etc / "net2.conf").write_text("")
+    (etc / "net2.lock-key").write_text("x")     # an admin's lock key: kept, and said so
+    capsys.readouterr()
     assert innernet.main(base + ["uninstall", "net2", "--yes", "--no-write-hosts"]) == 0
-    assert sorted(os.listdir(lib)) == ["other.db"]
+    assert sorted(os.listdir(lib)) == ["other.db"] and os.listdir(etc) == ["net2.lock-key"]
+    assert f"kept {etc / 'net2.lock-key'}" in capsys.readouterr().err
 
 
 def test_allocated_relay_pairs_are_not_counted_as_relaying():
