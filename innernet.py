@@ -4162,7 +4162,7 @@ def lock_routes(rec, peer):
 
 
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
-                 skip=(), now=None, own_signed=None):
+                 skip=(), now=None, own_signed=None, own_name=None):
     """What a locked client may install of a server's state.
 
     ``chain``: its LockChain; ``lock``: the state's lock section (batches,
@@ -4174,10 +4174,10 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     ``base`` to ``key``; ``skip``: addresses kept whatever their records say
     (the server's, whose key and endpoint are this client's config's), as
     this host's own entry is, but only as far as signed (lock_held);
-    ``now``: this host's clock; ``own_signed``: fresh_records's.
-    -> (peers accepted, some with fewer routes; [(peer, reason)] refused,
-    ``known`` updated).
-    """
+    ``now``: this host's clock; ``own_signed``: fresh_records's; ``own_name``: the
+    name this host kept last time, while no fresh signed record of it comes.
+    -> (peers accepted, some with fewer routes; [(peer, reason)] refused, ``known``
+    updated)."""
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
     lock = lock if isinstance(lock, dict) else {}
@@ -4201,7 +4201,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         if peer.ip in skip or peer.ip == own_ip:
             # kept, but only as far as signed (lock_held)
             peer, reason = lock_held(peer, use.get(f"peer:{peer.ip}"),
-                                     None if peer.ip == own_ip else SERVER_PEER_NAME)
+                                     own_name if peer.ip == own_ip else SERVER_PEER_NAME)
             if reason:
                 refused.append((peer, reason))
             accepted.append(peer)
@@ -6473,6 +6473,33 @@ def lock_newest(mine):
     return out
 
 
+def lock_named(fields):
+    """The subjects a record's fields name: a peer's CIDR, a CIDR's parent, an
+    association's two CIDRs. An admin names them (by a CIDR's name, a peer's
+    name) and the server's view turns the names into the ranges signed."""
+    if fields["t"] == "peer":
+        return [f"cidr:{fields['cidr']}"] if fields.get("cidr") else []
+    if fields["t"] == "cidr":
+        return [f"cidr:{fields['parent']}"] if fields.get("parent") else []
+    return [f"cidr:{fields['a']}", f"cidr:{fields['b']}"]
+
+
+def lock_unlike_signed(subject, before, after, rec):
+    """Why an admin's host must not sign a change that touches or names
+    ``subject`` (the server's view ``before`` and ``after`` the change,
+    projections; ``rec``, the subject's signed record): the server shows it
+    otherwise than signed -- a name it moved to another range or address,
+    which would make the admin sign for the wrong one --, or hides a signed
+    one at an address the change takes. None if it may. A subject the change
+    deletes may have no signed record (a server's own insertion, taken away)."""
+    if subject not in before:
+        hidden = subject in after and rec is not None and not rec.get("deleted")
+        return "the server leaves it out" if hidden else None
+    if subject not in after and (rec is None or rec.get("deleted")):
+        return None
+    return lock_divergence(before[subject], rec)
+
+
 def refuse_stale(records, newest, subjects):
     """An admin's host signs over no record older than the newest it knows of
     its subject (``newest``, lock_newest): a server that replays an older
@@ -6648,11 +6675,12 @@ class NetworkLock:
             rec = signer.records.get(s)
             if s in after and rec is not None and lock_fields(rec) != after[s]:
                 changes.setdefault(s, after[s])    # approved unsigned: signed now
-        for s in changes:
+        named = {n for f in changes.values() for n in lock_named(f)}
+        for s in sorted(set(changes) | named):
             rec = signer.records.get(s)
             if s in asked and rec is not None:
                 rec = lock_asked(rec, asked[s])
-            why = s in before and s in after and lock_divergence(before[s], rec)
+            why = lock_unlike_signed(s, before, after, rec)
             if why:
                 raise InnernetError(
                     f"the server's {lock_subject_text(s)} differs from its signed record "
@@ -12434,10 +12462,12 @@ class _Fetch:
             return follow_rotations(self.cfg.private_key, ip, old, chains[ip]) == new
         cache = mine.get("cache") if isinstance(mine.get("cache"), dict) else {}
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
+        own_ip = str(self.cfg.address.ip)
         accepted, refused, known = verify_state(
-            chain, offered or {}, received, self.cidrs, str(self.cfg.address.ip), known,
+            chain, offered or {}, received, self.cidrs, own_ip, known,
             rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)},
-            own_signed=mine.get("signed"))
+            own_signed=mine.get("signed"), own_name=next((p.name for p in self.stored_peers
+                                                          if p.ip == own_ip), None))
         lines = [lock_refusal(p, why) for p, why in refused]
         for line in lines:
             warn(f"{self.iface}: {line}")
@@ -14004,17 +14034,20 @@ def cmd_delete_association(args):
     ids = {v: k for k, v in names.items()}
     assocs = net.associations()
     if args.cidr1 is not None and args.cidr2 is not None:
-        for n in (args.cidr1, args.cidr2):
-            if n not in ids:
-                raise InnernetError(f"CIDR '{n}' does not exist")
+        for n in (n for n in (args.cidr1, args.cidr2) if n not in ids):
+            raise InnernetError(f"CIDR '{n}' does not exist")
         pair = {ids[args.cidr1], ids[args.cidr2]}
         assoc = next((a for a in assocs if {a.cidr_id_1, a.cidr_id_2} == pair), None)
         if assoc is None:
             raise InnernetError(f"'{args.cidr1}' and '{args.cidr2}' are not associated")
+    elif args.cidr1 not in ids and args.cidr1 in (by_id := {str(a.id): a for a in assocs}):
+        assoc = by_id[args.cidr1]           # the number list-associations shows
     else:
-        options = {f"{a.id}: {names.get(a.cidr_id_1)} <=> {names.get(a.cidr_id_2)}": a
-                   for a in assocs if args.cidr1 is None or args.cidr1 in
-                   (names.get(a.cidr_id_1), names.get(a.cidr_id_2))}
+        options = {f"{a.id}: {names.get(a.cidr_id_1)} <=> {names.get(a.cidr_id_2)}": a for a in
+                   assocs if args.cidr1 in (None, names.get(a.cidr_id_1), names.get(a.cidr_id_2))}
+        if not options and args.cidr1 is not None:
+            raise InnernetError(f"no association names CIDR or number '{args.cidr1}'",
+                                hint=f"'innernet list-associations {args.interface}'")
         assoc = choose(None, "CIDR1 and CIDR2", "association to delete", options)
     confirm(args, f"Delete association #{assoc.id}?", False)
     net.delete_association(assoc)
@@ -14096,7 +14129,7 @@ def _lock_init(args, iface):
     save_client_lock(net.own_lock, {"chain": chain.entries})
     remember_signed(net.own_lock, {"records": records})
     kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
-    log(f"network {name} locked: {len(records)} records signed by {lock_short(public)} ("
+    log(f"network {name} (interface {iface}) locked: {len(records)} records signed by {lock_short(public)} ("
         + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
                                                    ("assoc", "associations"))) + "), "
         f"{len(adoptions)} peers sent the proof of it")

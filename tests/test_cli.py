@@ -107,6 +107,13 @@ def test_lists_and_associations(srv, capsys):
     assert out[0] == "10.66.0.0/16 evil" and "  10.66.2.0/24 robots" in out
     assert srv("list-cidrs", "evil", "--json") == 0
     assert '"name": "robots"' in capsys.readouterr().out
+    # delete-association by the number list-associations shows, or says what it looked for
+    assert srv("delete-association", "evil", "7", "--yes") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("innernet: error: no association names CIDR or number '7'\n") \
+        and "list-associations evil" in err
+    assert srv("delete-association", "evil", "1", "--yes") == 0
+    assert rows(srv.db, "SELECT count(*) FROM associations") == [(0,)]
 
 
 def test_invoked_as_innernet_server(tmp_path, monkeypatch, capsys):

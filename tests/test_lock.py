@@ -153,10 +153,11 @@ class Net:
     def lock(self):
         return {"batches": self.batches, "records": self.records, "enroll": self.enroll}
 
-    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None, skip=()):
+    def verify(self, known=None, rotated=None, peers=None, lock=None, cidrs=None, skip=(),
+               own_name=None):
         acc, ref, known = verify_state(self.chain, lock or self.lock(), peers or self.peers,
                                        cidrs or self.cidrs, "10.66.1.2", known or {},
-                                       rotated=rotated, skip=skip)
+                                       rotated=rotated, skip=skip, own_name=own_name)
         return {p.name: p for p in acc}, {p.name: r for p, r in ref}, known
 
 
@@ -241,6 +242,17 @@ def test_this_hosts_own_record_gives_no_route_it_did_not_sign():
     acc, ref, _ = n.verify()
     assert acc["alice"].routes == ["192.168.77.0/24"] and not acc["alice"].exit_node
     assert ref["alice"].startswith("the exit node not signed")
+
+
+def test_this_hosts_own_name_is_not_the_servers_when_it_sends_no_signed_record():
+    """A server that leaves out this host's own record (or replays an older
+    one) does not name this host: it keeps the name it kept last time."""
+    n = Net()
+    n.set("alice", name="bob")                      # alice's hosts entry would say bob
+    lock = dict(n.lock(), records=[r for r in n.records if r.get("ip") != "10.66.1.2"])
+    acc, ref, _ = n.verify(lock=lock, own_name="alice")
+    assert acc["alice"].ip == "10.66.1.2"
+    assert "its name 'bob' is not the signed one: kept as signed (as 'alice')" in ref["alice"]
 
 
 def test_an_address_move_is_refused():

@@ -244,3 +244,55 @@ def test_under_lock_no_auto_approve_rule_applies_and_none_is_made(tmp_path, caps
     recs, _ = store.lock_records()
     assert recs["peer:10.66.1.7"][0]["routes"] == ["192.168.1.0/24", "192.168.2.0/24",
                                                    "192.168.3.0/24"]
+
+
+def test_an_admin_signs_nothing_the_server_resolved_from_a_name_it_moved(tmp_path, capsys):
+    """A hijacked database swaps two CIDRs' names and two peers' names, and
+    hides a signed peer: an admin's verb that names a CIDR or a peer resolves
+    it through the server's view, so under lock it checks every record the
+    change names against its signed one and refuses, naming it, rather than
+    sign an association with, a peer in, a child of or the deletion of the
+    wrong one."""
+    base = cli_network(tmp_path, capsys)
+    for name, rng in (("ops", "10.66.2.0/24"), ("secret", "10.66.3.0/24")):
+        assert run(base, "add-cidr", "evil", "--name", name, "--cidr", rng, "--parent", "evil",
+                   "--yes") == 0
+    for name, cidr, ip in (("carol", "ops", "10.66.2.1"), ("dave", "secret", "10.66.3.1")):
+        assert run(base, "add-peer", "evil", "--name", name, "--cidr", cidr, "--ip", ip,
+                   "--admin", "false", "--invite-expires", "1d", "--save-config",
+                   str(tmp_path / f"{name}.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+
+    def swap(table, a, b):
+        for old, new in ((a, "-"), (b, a), ("-", b)):
+            store.conn.execute(f"UPDATE {table} SET name = ? WHERE name = ?", (new, old))
+    swap("cidrs", "ops", "secret")
+    before = store.lock_records()[0]
+    capsys.readouterr()
+    lies = [("add-association", ["h", "ops"], "CIDR 10.66.3.0/24"),
+            ("add-peer", ["--name", "eve", "--cidr", "ops", "--admin", "false",
+                          "--invite-expires", "1d", "--save-config", str(tmp_path / "eve.toml")],
+             "CIDR 10.66.3.0/24"),
+            ("add-cidr", ["--name", "kid", "--cidr", "10.66.3.128/25", "--parent", "ops"],
+             "CIDR 10.66.3.0/24"),
+            ("delete-peer", ["--name", "carol"], "peer 10.66.3.1")]
+    for verb, argv, subject in lies:
+        if verb == "delete-peer":
+            swap("cidrs", "ops", "secret")
+            swap("peers", "carol", "dave")
+        assert run(base, verb, "evil", *argv, "--yes", "--lock-key", keyfile) != 0, verb
+        err = capsys.readouterr().err
+        assert f"the server's {subject} differs from its signed record (name not as " \
+               "signed): not signing over it" in err, (verb, err)
+        assert err.count("error:") == 1
+    assert store.lock_records()[0] == before                    # nothing signed
+    assert {p.name for p in store.peers()} >= {"carol", "dave"}
+    # a signed peer hidden: the address the next peer would take is its
+    swap("peers", "carol", "dave")
+    store.conn.execute("DELETE FROM peers WHERE name = 'carol'")
+    assert run(base, "add-peer", "evil", "--name", "eve", "--cidr", "ops", "--ip", "10.66.2.1",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "eve.toml"), "--yes", "--lock-key", keyfile) != 0
+    assert "the server's peer 10.66.2.1 differs from its signed record (the server leaves " \
+           "it out)" in capsys.readouterr().err

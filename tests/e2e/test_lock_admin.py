@@ -208,7 +208,8 @@ def test_lock_init_names_the_network_and_what_it_signed_and_a_peer_that_sees_no_
     admin is visible to them). Issue 32, F1: once an association makes an
     admin visible, such a peer pins it but still does not take the lock from
     it: an admin first seen with or after the lock could be the server's."""
-    assert f"network {w.net} locked: " in w.init.stderr, w.init.stderr
+    assert f"network {w.net} (interface " in w.init.stderr and ") locked: " in w.init.stderr, \
+        w.init.stderr
     assert f"network {w.iface} locked" not in w.init.stderr
     assert re.search(r"records signed by lk:\S+ \(\d+ peers, \d+ CIDRs, \d+ associations\)",
                      w.init.stderr), w.init.stderr
@@ -345,6 +346,47 @@ def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
     assert records(w)["peer:10.66.1.30"]["routes"] == []
     db_write(w, "DELETE FROM route_approvers")
     db_write(w, "DELETE FROM peer_routes")
+
+
+def test_an_admin_host_signs_nothing_for_a_name_the_server_moved(w):
+    """The hijacker swaps two CIDRs' names and two peers' names in its
+    database: an admin's add-association (or add-peer) by name would sign
+    the wrong range, a delete-peer by name the wrong peer. The admin's host
+    checks every record a change names against its signed record and
+    refuses, naming the one the server moved; nothing is signed or deleted."""
+    before = records(w)
+
+    def swap(conn, table, a, b):
+        for old, new in ((a, "-"), (b, a), ("-", b)):
+            conn.execute(f"UPDATE {table} SET name = ? WHERE name = ?", (new, old))
+    conn = sqlite3.connect(w.db, timeout=15)
+    try:
+        with conn:
+            swap(conn, "cidrs", "humans", "far")
+            swap(conn, "peers", "early", "far")
+        out = []
+
+        def refused():
+            out[:] = [admin(w, "add-association", w.iface, "humans", "many", "--yes",
+                            check=False)]
+            return "differs from its signed record" in out[0].stderr or None
+        wait_for(refused, 30, "the admin's host refusing the moved name")
+        assert out[0].returncode != 0 and out[0].stderr.count("error:") == 1
+        assert "the server's CIDR 10.66.3.0/24 differs from its signed record (name not as " \
+               "signed): not signing over it" in out[0].stderr, out[0].stderr
+        gone = admin(w, "delete-peer", w.iface, "--name", "early", "--yes", check=False)
+        assert gone.returncode != 0 and "(name not as signed): not signing over it" \
+            in gone.stderr, gone.stderr
+        assert records(w) == before
+        assert {"early", "far"} <= {n for (n,) in db_rows(w.db, "SELECT name FROM peers")}
+    finally:
+        with conn:
+            swap(conn, "cidrs", "humans", "far")
+            swap(conn, "peers", "early", "far")
+        conn.close()
+        wait_for(lambda: "already associated" in admin(w, "add-association", w.iface, "humans",
+                                                       "many", "--yes", check=False).stderr
+                 or None, 30, "the names back in the server's view")
 
 
 def _signed_row(w, subject):
