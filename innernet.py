@@ -15027,7 +15027,8 @@ def cmd_rotate_key(args):
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
     # An earlier rotation whose answer was lost first: its key may be the server's.
-    cfg = settle_rotation(files, cfg, backend)
+    settle_rotation(files, cfg, backend)
+    cfg = load_client_config(files)     # as configured: the new key is written into it
     if os.path.exists(files.config + ".rotating"):
         raise InnernetError("an earlier key rotation is not settled yet: the server does not "
                             "answer", hint=f"run 'innernet rotate-key {iface}' again when it "

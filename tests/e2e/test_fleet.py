@@ -584,7 +584,9 @@ def test_a_rotation_on_the_standby_leaves_the_server_peer_at_the_standby(world):
     10 s ran out), and its next fetches, which looked for the server where
     the last failover had left it, failed and moved between the two
     endpoints for 20 to 30 s. Now the rotation keeps the server's peer at the
-    endpoint the last failover chose, and the next fetch goes through."""
+    endpoint the last failover chose, and the next fetch goes through. And a
+    rotate-key that first settled a lost answer wrote its config with that
+    endpoint first, dropping the primary from it; no longer."""
     w = world
     bob = join(w, "bob")
     ifname = w.lab.ifname("bob")
@@ -607,6 +609,24 @@ def test_a_rotation_on_the_standby_leaves_the_server_peer_at_the_standby(world):
     assert [p["endpoint"] for p in server] == [standby], server
     r = bob.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=90)
     assert r.returncode == 0, r.stderr
+    # A rotation whose answer was lost, settled by the next rotate-key: the
+    # config it writes keeps the configured endpoints, the primary first.
+    sys.path.insert(0, ROOT)
+    import innernet
+    conf = bob.path("client", "etc", f"{ifname}.conf")
+    old = open(conf).read()
+    bob.innernet("rotate-key", ifname, "--yes")
+    new = open(conf).read()
+    innernet.atomic_write(conf, old, 0o600)
+    innernet.atomic_write(conf + ".rotating", new, 0o600)
+    keyfile = bob.path("old.key")
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
+                          + "\n", 0o600)
+    bob.exec(["wg", "set", ifname, "private-key", keyfile])
+    r = bob.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
+    assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
+    cfg = innernet.InterfaceConfig.from_toml(open(conf).read(), conf)
+    assert cfg.endpoints == [f"{w.srv.underlay}:51820", standby], cfg.endpoints
 
 
 def test_a_rotation_that_never_reached_the_server_changes_nothing(world):
