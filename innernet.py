@@ -15060,7 +15060,8 @@ def cmd_rotate_key(args):
     if backend is None:
         raise InnernetError(f"interface {iface} is not up", hint=f"run 'innernet up {iface}'")
     # An earlier rotation whose answer was lost first: its key may be the server's.
-    cfg = settle_rotation(files, cfg, backend)
+    settle_rotation(files, cfg, backend)
+    cfg = load_client_config(files)     # as configured: the new key is written into it
     if os.path.exists(files.config + ".rotating"):
         raise InnernetError("an earlier key rotation is not settled yet: the server does not "
                             "answer", hint=f"run 'innernet rotate-key {iface}' again when it "
@@ -15081,7 +15082,10 @@ def cmd_rotate_key(args):
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
         keep_old_key(files, cfg.private_key, new_public, since)
     backend.apply(iface, private_key=new_private)
-    server = server_peer_update(cfg)
+    # The server's peer is re-added while we wait: at the endpoint the last
+    # failover chose, as a fetch does, not the configured first one (a lost
+    # primary: no handshake, and the next fetches cycle through the endpoints).
+    server = server_peer_update(current_server(files, cfg))
     if not wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=10):
         warn("no handshake with the server under the new key yet")
     for p in peers:                 # each peer's new session starts at once, not in 5 s
