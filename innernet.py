@@ -3934,11 +3934,12 @@ def lock_serial(current, now_ms):
     return max((current or 0) + 1, now_ms)
 
 
-def lock_enrolled_keys(net, records, enroll, known, now):
+def lock_enrolled_keys(records, known):
     """{subject: WireGuard key} an admin signs in place of its invited peers'
-    "auth:" keys: the key this host's own sync bound to the address (its
-    ``known``), else the enrollment the server holds, taken as a client
-    that first sees it would (the invitation's expiry and ENROLL_GRACE)."""
+    "auth:" keys: only the key its own sync bound to the address (``known``),
+    not the enrollment the server shows, which it chooses among any that a
+    copy of the invitation made (a client holds the first it saw, and an
+    admin's signature would override that)."""
     known = known if isinstance(known, dict) else {}
     out = {}
     for s, rec in records.items():
@@ -3946,8 +3947,6 @@ def lock_enrolled_keys(net, records, enroll, known, now):
                 or not lock_auth_parts(rec.get("key")):
             continue
         key = lock_binding(known.get(s), rec)[0]
-        if key is None:
-            key, _ = _enrolled(net, rec["ip"], rec["key"], enroll or {}, now)
         if key is not None:
             out[s] = key
     return out
@@ -6337,7 +6336,7 @@ class LockStore:
             if want is None or lock_fields(rec) != want:
                 raise InnernetError(f"the signed record of {lock_subject_text(s)} does not "
                                     "match the network after the change", status=400)
-            if rec["n"] <= current.get(s, -1):
+            if rec["n"] <= current.get(s, -1) and rec != stored[s]:   # same: a new batch
                 raise InnernetError(f"the signed record of {lock_subject_text(s)} is not newer "
                                     f"than the server's (serial {current[s]})", status=409,
                                     hint="run the command again")
@@ -6500,6 +6499,37 @@ def lock_unlike_signed(subject, before, after, rec):
     return lock_divergence(before[subject], rec)
 
 
+def lock_hidden_overlap(fields, records, after):
+    """Why a CIDR record (``fields``, None for another change) must not be
+    signed: it overlaps a signed CIDR the server leaves out of its view
+    (``after``), which the server's own checks would have refused; else None."""
+    if not fields or fields["t"] != "cidr" or fields["deleted"]:
+        return None
+    net = ipaddress.ip_network(fields["cidr"])
+    for s, rec in sorted(records.items()):
+        if rec.get("t") == "cidr" and not rec.get("deleted") and s not in after \
+                and ipaddress.ip_network(rec["cidr"]).overlaps(net):
+            return f"it overlaps {lock_subject_text(s)}, signed, which the server leaves out"
+    return None
+
+
+def lock_invite_over(rec, enrolled, now, replace):
+    """Why an admin's host must not sign a new invitation's key at the
+    address of ``rec`` (that subject's signed record), or None: a hijacked
+    server can show a joined peer as an invitation never used, or expired,
+    to have its address given to a new peer (add-peer) or a new invitation
+    (reinvite, ``replace``). The signed record says which it is: a joined
+    peer's is its key, not an invitation's "auth:" (nor one ``enrolled``)."""
+    if rec is None or rec.get("deleted"):
+        return None
+    parts = lock_auth_parts(rec.get("key"))
+    if parts is None or enrolled:
+        return "its signed record is a joined peer's"
+    if not replace and (parts[1] is None or parts[1] >= now):
+        return "its signed invitation has not expired"
+    return None
+
+
 def refuse_stale(records, newest, subjects):
     """An admin's host signs over no record older than the newest it knows of
     its subject (``newest``, lock_newest): a server that replays an older
@@ -6555,6 +6585,8 @@ class LockSigner:
     """An admin's signing of its changes under network lock, on its own host
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
+
+    claimed = frozenset()                # subjects the server shows an enrollment of
 
     def __init__(self, chain, records, private, bound=None, newest=None):
         self.chain, self.records, self.private = chain, dict(records), private
@@ -6654,8 +6686,8 @@ class NetworkLock:
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
                 self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
-                    chain.net, records, enroll, (own or {}).get("known"), time.time()),
-                    lock_newest(own))
+                    records, (own or {}).get("known")), lock_newest(own))
+                self._signer.claimed = {f"peer:{ip}" for ip in enroll}
         return self._signer
 
     def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
@@ -6675,12 +6707,22 @@ class NetworkLock:
             rec = signer.records.get(s)
             if s in after and rec is not None and lock_fields(rec) != after[s]:
                 changes.setdefault(s, after[s])    # approved unsigned: signed now
+        for s in keys or {}:
+            why = lock_invite_over(signer.records.get(s), s in signer.bound or s in
+                                   signer.claimed, time.time(), s in force)
+            if why:
+                raise InnernetError(
+                    f"a new invitation would take {lock_subject_text(s)}, but {why}: not "
+                    "signing it", hint="the server may be hijacked ('innernet fetch' shows "
+                    "what this host refuses); an invitation made before the lock: delete-peer, "
+                    "then add-peer")
         named = {n for f in changes.values() for n in lock_named(f)}
         for s in sorted(set(changes) | named):
             rec = signer.records.get(s)
             if s in asked and rec is not None:
                 rec = lock_asked(rec, asked[s])
-            why = lock_unlike_signed(s, before, after, rec)
+            why = lock_unlike_signed(s, before, after, rec) or \
+                lock_hidden_overlap(changes.get(s), signer.records, after)
             if why:
                 raise InnernetError(
                     f"the server's {lock_subject_text(s)} differs from its signed record "
@@ -14015,7 +14057,7 @@ def cmd_delete_cidr(args):
     cidr = choose(args.name, "--name", "CIDR to delete", named)
     if any(p.cidr_id == cidr.id for p in peers):
         raise InnernetError(f"CIDR '{cidr.name}' still has peers (disabled and unredeemed "
-                            "ones count)", hint="peers are never deleted; use another CIDR")
+                            "ones count)", hint="delete-peer each of them first")
     if any(x.parent == cidr.id for x in cidrs):
         raise InnernetError(f"CIDR '{cidr.name}' has child CIDRs",
                             hint="delete the children first")
@@ -14224,7 +14266,9 @@ def _lock_submit_own(net, entries, signed):
 def _lock_remove(args, iface):
     """Remove a key; the records it signed last are signed again here, in the
     same request (clients stop counting a removed key's signatures) -- those
-    this host knows as the newest of their subjects only (lock_removal)."""
+    this host knows as the newest of their subjects only (lock_removal), and
+    as they are, serials included: where a server hid a newer record from
+    this host, a client that saw the newer one still refuses the older."""
     raw = {}
     net, chain, records = _lock_chain(args, iface, raw=raw)
     if args.key not in chain.keys:
@@ -14236,9 +14280,7 @@ def _lock_remove(args, iface):
                                   raw.get("batches"))
     subjects, left = lock_removal(records, still,
                                   lock_newest(load_client_lock(net.own_lock)))
-    now_ms = int(time.time() * 1000)
-    again = [lock_record(chain.net, lock_serial(records[s]["n"], now_ms),
-                         lock_fields(records[s]), records[s].get("key")) for s in subjects]
+    again = [records[s] for s in subjects]      # the same records (serials), a new batch
     signed = {"batch": sign_batch(chain.net, private, again), "records": again}
     _lock_submit_own(net, chain.entries + [entry], signed if again else None)
     log(f"lock key {lock_short(args.key)} removed; {len(again)} records signed again by "

@@ -419,7 +419,7 @@ def test_an_enrollment_binds_its_address_and_a_second_one_under_the_same_invitat
     assert "davey" not in acc and "signed enrollment" in ref["davey"]
     # the admin's next signing: its host's binding names dave's enrolled key
     recs = {innernet.record_subject(p): p for p in n.records}
-    bound = innernet.lock_enrolled_keys(NET, recs, n.enroll, known, now)
+    bound = innernet.lock_enrolled_keys(recs, known)
     assert bound == {"peer:10.66.1.9": "dave-key"}
     signer = innernet.LockSigner(n.chain, recs, n.admin[0], bound,
                                  innernet.lock_newest({"known": known}))
@@ -740,7 +740,10 @@ def test_an_admin_host_signs_again_no_record_it_cannot_vouch_for_as_the_newest()
     n.enroll["10.66.2.9"] = sign_enrollment(NET, "10.66.2.9", "pf-key", auth_priv, at=T + 50)
     # adm2 deleted pf since (serial alive + 1); the server replays `alive`
     recs = {innernet.record_subject(p): p for p in n.records}
-    bound = innernet.lock_enrolled_keys(NET, recs, n.enroll, {}, now)
+    # an admin signs only the enrolled key its own sync bound: not the server's word
+    assert innernet.lock_enrolled_keys(recs, {}) == {}
+    bound = innernet.lock_enrolled_keys(recs, {"peer:10.66.2.9": [alive["n"], "h", "pf-key",
+                                                                  alive["key"]]})
     assert bound == {"peer:10.66.2.9": "pf-key"}        # the enrollment is still held
     carol = recs["peer:10.66.2.4"]
     change = {"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")}

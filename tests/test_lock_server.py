@@ -294,5 +294,15 @@ def test_an_admin_signs_nothing_the_server_resolved_from_a_name_it_moved(tmp_pat
     assert run(base, "add-peer", "evil", "--name", "eve", "--cidr", "ops", "--ip", "10.66.2.1",
                "--admin", "false", "--invite-expires", "1d", "--save-config",
                str(tmp_path / "eve.toml"), "--yes", "--lock-key", keyfile) != 0
-    assert "the server's peer 10.66.2.1 differs from its signed record (the server leaves " \
-           "it out)" in capsys.readouterr().err
+    assert "a new invitation would take peer 10.66.2.1, but its signed record is a joined " \
+           "peer's: not signing it" in capsys.readouterr().err
+    # a signed CIDR hidden: a new one at its range, or overlapping it, is not signed
+    store.conn.execute("DELETE FROM peers WHERE name = 'dave'")
+    store.conn.execute("DELETE FROM cidrs WHERE name = 'secret'")
+    for rng, why in (("10.66.3.0/24", "the server leaves it out"),
+                     ("10.66.3.0/25", "it overlaps CIDR 10.66.3.0/24, signed, which the server "
+                                      "leaves out")):
+        assert run(base, "add-cidr", "evil", "--name", "x", "--cidr", rng, "--parent", "evil",
+                   "--yes", "--lock-key", keyfile) != 0
+        assert f"differs from its signed record ({why})" in capsys.readouterr().err
+    assert store.lock_records()[0] == before

@@ -92,6 +92,9 @@ def w(pyz):
         cfg = I.InterfaceConfig.from_toml(open(w.alice.path(
             "client", "etc", f"{w.alice_if}.conf")).read(), "alice")
         w.server_key = cfg.server_public_key
+        # the admin's host takes alice's enrollment itself: only then does its
+        # next signing name her enrolled key (never the server's word for it)
+        w.admin.innernet("fetch", w.admin_if, "--no-write-hosts")
         # Honest, signed changes: bob routes a LAN (the state then is S1), no
         # longer does, and dave is deleted.
         _apply(w, lambda doc: doc.replace('name = "bob"\n', 'name = "bob"\n'

@@ -498,6 +498,68 @@ def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_fo
         db_write(w, "DELETE FROM lock_records WHERE subject = ?", (G,))
 
 
+def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
+    """Fifth outside attack, finding 4: a server that hid another admin's
+    deletion from this host had `lock remove` sign the deleted peer's older
+    record again with a fresh serial, newer than the deletion, so it came
+    back on every client. It now signs the same records again, serials
+    included (a new batch over them): a client that saw the newer record
+    still refuses the older one."""
+    I = _innernet()
+    E = "peer:10.66.1.30"
+    k3_private, k3 = I.lock_keypair()
+    admin(w, "lock", "add", w.iface, "--key", k3, "--key-name", "adm3")
+    rec = dict(records(w)[E], n=records(w)[E]["n"] + 1, r=I.lock_salt())
+    batch = I.sign_batch(w.net, k3_private, [rec])
+    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
+             (batch["k"], batch["s"], json.dumps(batch["h"])))
+    db_write(w, "UPDATE lock_records SET payload = ?, batch_id = (SELECT id FROM lock_batches "
+             "WHERE sig = ?) WHERE subject = ?", (json.dumps(rec), batch["s"], E))
+    fetch_until(w, w.admin, w.iface, lambda e: I.load_client_lock(w.admin.path(
+        "client", "lib", f"{w.iface}.lock.json"))["known"].get(E, [0])[0] == rec["n"],
+        "adm3's record verified here")
+    out = admin(w, "lock", "remove", w.iface, "--key", k3)
+    assert "1 records signed again" in out.stderr, out.stderr
+    assert records(w)[E] == rec                       # the same record, serial and all
+    signer = db_rows(w.db, "SELECT b.signer FROM lock_records r JOIN lock_batches b "
+                     "ON b.id = r.batch_id WHERE r.subject = ?", (E,))[0][0]
+    assert signer != k3
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "'early'" not in out.stderr, out.stderr
+
+
+def test_a_joined_peer_the_server_shows_as_an_unused_invitation_keeps_its_address(w):
+    """Fifth outside attack, findings 1 and 2: the server marks a joined
+    peer as an invitation never redeemed (expired, or not): an admin's
+    add-peer at its address, or its reinvite, would sign a new invitation
+    over it and cut it off everywhere. Its signed record names its key, not
+    an invitation's: the admin's host refuses both, and nothing is signed."""
+    before = records(w)
+    db_write(w, "UPDATE peers SET is_redeemed = 0, invite_expires = 1 WHERE name = 'early'")
+    try:
+        out = []
+
+        def refused():
+            out[:] = [admin(w, "add-peer", w.iface, "--name", "jack", "--cidr", "humans",
+                            "--ip", "10.66.1.30", "--admin", "false", "--invite-expires", "1h",
+                            "--save-config", w.admin.path("jack.toml"), "--yes", check=False)]
+            return "a new invitation would take" in out[0].stderr or None
+        wait_for(refused, 30, "add-peer refused at early's address")
+        assert "a new invitation would take peer 10.66.1.30, but its signed record is a " \
+               "joined peer's: not signing it" in out[0].stderr, out[0].stderr
+        assert out[0].stderr.count("error:") == 1
+        db_write(w, "UPDATE peers SET invite_expires = 4102444800 WHERE name = 'early'")
+        wait_for(lambda: "a new invitation would take peer 10.66.1.30" in admin(
+            w, "reinvite", w.iface, "--name", "early", "--invite-expires", "1h",
+            "--save-config", w.admin.path("early2.toml"), "--yes", check=False).stderr
+            or None, 30, "reinvite refused for early")
+        assert records(w) == before
+        assert not os.path.exists(w.admin.path("jack.toml"))
+    finally:
+        db_write(w, "UPDATE peers SET is_redeemed = 1, invite_expires = NULL "
+                 "WHERE name = 'early'")
+
+
 def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_again(w):
     """Third outside attack, finding 1: a second admin (key K2) invited pf in a
     CIDR this admin cannot see (far) and deleted it since; the hijacked
