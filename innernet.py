@@ -3934,20 +3934,21 @@ def lock_serial(current, now_ms):
     return max((current or 0) + 1, now_ms)
 
 
-def lock_enrolled_keys(records, known):
-    """{subject: WireGuard key} an admin signs in place of its invited peers'
-    "auth:" keys: only the key its own sync bound to the address (``known``),
-    not the enrollment the server shows, which it chooses among any that a
-    copy of the invitation made (a client holds the first it saw, and an
-    admin's signature would override that)."""
+def lock_known_keys(records, known):
+    """{subject: WireGuard key} an admin signs in place of its peers' signed
+    keys: the one its own sync took under that record (``known``), where it
+    differs -- an invited peer's enrolled key in place of the invitation's
+    "auth:" key, a rotated peer's key reached by its own proofs. Never the
+    enrollment the server shows, which it chooses among any that a copy of
+    the invitation made (a client holds the first it saw, and an admin's
+    signature would override that)."""
     known = known if isinstance(known, dict) else {}
     out = {}
     for s, rec in records.items():
-        if not isinstance(rec, dict) or rec.get("t") != "peer" or rec.get("deleted") \
-                or not lock_auth_parts(rec.get("key")):
+        if not isinstance(rec, dict) or rec.get("t") != "peer" or rec.get("deleted"):
             continue
         key = lock_binding(known.get(s), rec)[0]
-        if key is not None:
+        if key is not None and key != rec.get("key"):
             out[s] = key
     return out
 
@@ -6513,6 +6514,12 @@ def lock_hidden_overlap(fields, records, after):
     return None
 
 
+def unlike_signed_error(subject, why):
+    return InnernetError(f"the server's {lock_subject_text(subject)} differs from its signed "
+                         f"record ({why}): not signing over it", hint="the server may be "
+                         "hijacked: 'innernet fetch' shows what this host installs and refuses")
+
+
 def lock_invite_over(rec, enrolled, now, replace):
     """Why an admin's host must not sign a new invitation's key at the
     address of ``rec`` (that subject's signed record), or None: a hijacked
@@ -6590,14 +6597,14 @@ class LockSigner:
 
     def __init__(self, chain, records, private, bound=None, newest=None):
         self.chain, self.records, self.private = chain, dict(records), private
-        self.bound = dict(bound or {})   # {subject: enrolled key} of "auth:" records
+        self.bound = dict(bound or {})   # {subject: key this host took} (lock_known_keys)
         self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
     def signed(self, changes, keys=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
-        {subject: key} for peers whose key is not their current record's. An
-        invited peer's record whose enrollment this host holds is signed
-        again with the enrolled key (lock_enrolled_keys) -- only when this
+        {subject: key} for peers whose key is not their current record's. A
+        peer's record whose enrolled or rotated key this host took is signed
+        again with that key (lock_known_keys) -- only when this
         host verified or signed that very record (``newest``): the server
         could present an older one (a peer deleted since by another admin,
         out of this host's view), and signing it with a fresh serial would
@@ -6685,7 +6692,7 @@ class NetworkLock:
                         hint="a trusted admin adds this host's key ('innernet lock key' "
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
-                self._signer = LockSigner(chain, records, private, lock_enrolled_keys(
+                self._signer = LockSigner(chain, records, private, lock_known_keys(
                     records, (own or {}).get("known")), lock_newest(own))
                 self._signer.claimed = {f"peer:{ip}" for ip in enroll}
         return self._signer
@@ -6724,11 +6731,18 @@ class NetworkLock:
             why = lock_unlike_signed(s, before, after, rec) or \
                 lock_hidden_overlap(changes.get(s), signer.records, after)
             if why:
-                raise InnernetError(
-                    f"the server's {lock_subject_text(s)} differs from its signed record "
-                    f"({why}): not signing over it", hint="the server may be hijacked: "
-                    "'innernet fetch' shows what this host installs and refuses")
+                raise unlike_signed_error(s, why)
         return signer.signed(changes, keys) if changes else None
+
+    def lock_check(self, peer):
+        """Under lock, refuse a peer the server shows otherwise than signed:
+        before a verb says there is nothing to do (it is 'already disabled')."""
+        signer = self.lock_signer()
+        s = f"peer:{peer.ip}"
+        why = signer and lock_divergence(lock_projection([peer], self.cidrs(), [])[s],
+                                         signer.records.get(s))
+        if why:
+            raise unlike_signed_error(s, why)
 
     def lock_for(self, method, *a):
         """The signed records of one admin change (_lock_after), or None."""
@@ -12401,6 +12415,7 @@ class _Fetch:
         self.pending = []
         self.lock = None                 # the lock file's new contents, to save
         self.lock_on = False             # this sync verified a lock's records
+        self.lock_waits = []             # peers refused under lock until a rotation proof
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -12456,7 +12471,9 @@ class _Fetch:
             for line in pinned or ():
                 warn(f"{self.iface}: {line}")
                 self.lock["refused"].append(line)
-            self.pending = [self.note_waiting(*w) for w in waiting]
+            self.pending = [self.note_waiting(*w) for w in waiting] + [
+                self.note_waiting(p, p.ip, None, p.public_key, said=True)
+                for p in self.lock_waits]        # looked at again too (said: refused)
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -12511,6 +12528,7 @@ class _Fetch:
             own_signed=mine.get("signed"), own_name=next((p.name for p in self.stored_peers
                                                           if p.ip == own_ip), None))
         lines = [lock_refusal(p, why) for p, why in refused]
+        self.lock_waits = [p for p, why in refused if why.endswith("rotation proofs")]
         for line in lines:
             warn(f"{self.iface}: {line}")
         sigs = {b.get("s") for b in (offered or {}).get("batches") or [] if isinstance(b, dict)}
@@ -12562,11 +12580,11 @@ class _Fetch:
             warn(f"{self.iface}: {line}")
         return kept
 
-    def note_waiting(self, p, ip, old, new):
+    def note_waiting(self, p, ip, old, new, said=False):
         """A key change waiting for its proof, as the status file keeps it;
-        said once, when it begins."""
+        said once, when it begins (``said``: by a line of its own)."""
         before = self.prev_pending.get((ip, new))
-        if before is None:
+        if before is None and not said:
             warn(f"{self.iface}: peer {p.name} ({ip}) has a new key with no proof for us yet "
                  "(it rotated before it knew of us); its old key stays until the proof comes")
         since = before.get("since") if before else None
@@ -13834,8 +13852,8 @@ def _set_disabled(args, disabled):
     options = {p.name: p for p in _user_peers(net.peers()).values()
                if p.is_disabled != disabled}
     if args.name is not None and args.name not in options:
-        known = _user_peers(net.peers())
-        if args.name in known:
+        if args.name in (known := _user_peers(net.peers())):
+            net.lock_check(known[args.name])          # the server's word, or as signed?
             raise InnernetError(f"peer '{args.name}' is already {verb}d")
     peer = choose(args.name, "--name", f"peer to {verb}", options)
     confirm(args, f"{verb.capitalize()} peer '{peer.name}' ({peer.ip})?", True)
@@ -14148,10 +14166,13 @@ def _lock_init(args, iface):
         raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
-    _refuse_repinned(args, iface, peers)
+    unseen = _refuse_repinned(args, iface, peers, cidrs)
+    admins = [p.name for p in unseen if p.is_admin]
+    told = f"{len(unseen)} peer(s) this host never saw, signed on the server's word" + (
+        f", admins among them: {', '.join(admins)}" if admins else "")
     confirm(args, f"Lock network {name}: sign every peer, CIDR and association with this "
-                  "host's lock key, after which peers accept only what a trusted key signed?",
-            True)
+                  f"host's lock key ({told}), after which peers accept only what a trusted key "
+                  "signed?", True)
     private, public = _own_lock_key(args, iface, make=True)
     secret = lock_secret()
     me = next((p.name for p in peers if p.ip == str(net.config.address.ip)), None)
@@ -14174,7 +14195,7 @@ def _lock_init(args, iface):
     log(f"network {name} (interface {iface}) locked: {len(records)} records signed by {lock_short(public)} ("
         + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
                                                    ("assoc", "associations"))) + "), "
-        f"{len(adoptions)} peers sent the proof of it")
+        f"{len(adoptions)} peers sent the proof of it; {told}")
     blind = lock_blind_peers({record_subject(r): r for r in records},
                              {p.ip for p in peers if p.public_key in adoptions})
     if blind:
@@ -14190,16 +14211,24 @@ def _lock_init(args, iface):
     return 0
 
 
-def _refuse_repinned(args, iface, peers):
-    """`lock init` signs the keys the server lists: refuse where this host
-    pinned another key at an address (the server would be lying now)."""
-    stored, _, _ = load_data_store(client_files(args, iface).store)
-    have = {p.ip: p.public_key for p in peers}
-    for p in stored:
-        if p.deleted_until is None and have.get(p.ip, p.public_key) != p.public_key:
-            raise InnernetError(f"the server lists another key at {p.ip} than this host "
-                                f"pinned for '{p.name}': not signing it",
-                                hint="fetch first, and find out why")
+def _refuse_repinned(args, iface, peers, cidrs):
+    """`lock init` signs the network the server lists: refuse where it differs
+    from what this host's own sync took at an address (another key, name,
+    admin flag or CIDR, or none: the server would be lying now). -> the
+    peers this host never saw, which it signs on the server's word alone."""
+    stored, stored_cidrs, _ = load_data_store(client_files(args, iface).store)
+    have, ranges = {p.ip: p for p in peers}, {c.id: c.cidr for c in cidrs}
+    was = {c.id: c.cidr for c in stored_cidrs}
+    for p in (p for p in stored if p.deleted_until is None):
+        q = have.get(p.ip)
+        what = "no peer" if q is None else "another key" if q.public_key != p.public_key \
+            else "another name" if q.name != p.name else "another admin flag" \
+            if q.is_admin != p.is_admin else "another CIDR" \
+            if ranges.get(q.cidr_id) != was.get(p.cidr_id) else None
+        if what:
+            raise InnernetError(f"the server lists {what} at {p.ip} than this host took for "
+                                f"'{p.name}': not signing it", hint="fetch first, and find out why")
+    return [q for q in peers if q.ip not in {p.ip for p in stored}]
 
 
 def _lock_chain(args, iface, own=True, raw=None):

@@ -275,6 +275,32 @@ def test_a_key_change_needs_the_rotating_peers_own_proof_chain():
     assert "bob" in acc
 
 
+def test_an_admins_next_signing_names_the_rotated_key_its_own_sync_took():
+    """Sixth outside attack, finding 1: a rotation was never signed, every
+    admin signature named the old key, and a server holding the old private
+    key could show it to a client that joined later. An admin's host that
+    took the new key along the peer's proofs signs it at its next change."""
+    n = Net()
+    n.set("bob", public_key="bob-key-2")
+    chain = {("10.66.1.3", "bob-key", "bob-key-2")}
+    _, _, known = n.verify(rotated=lambda ip, a, b: (ip, a, b) in chain)
+    recs = {innernet.record_subject(p): p for p in n.records}
+    assert innernet.lock_known_keys(recs, known) == {"peer:10.66.1.3": "bob-key-2"}
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], innernet.lock_known_keys(recs, known),
+                                 innernet.lock_newest({"known": known}))
+    carol = recs["peer:10.66.2.4"]
+    out = signer.signed({"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")})
+    again = {innernet.record_subject(r): r for r in out["records"]}
+    assert again["peer:10.66.1.3"]["key"] == "bob-key-2"
+    n.records.append(again["peer:10.66.1.3"])
+    n.batches.append(out["batch"])
+    acc, ref, _ = n.verify(rotated=lambda ip, a, b: False)     # a client with no proofs
+    assert acc["bob"].public_key == "bob-key-2" and "bob" not in ref
+    n.set("bob", public_key="bob-key")                         # the old key, shown again
+    acc, ref, _ = n.verify(rotated=lambda ip, a, b: False)
+    assert "bob" not in acc
+
+
 def test_widening_the_tree_or_the_associations_without_a_signature_is_refused():
     n = Net()
     # the server moves 'others' under 'humans' and adds an association, unsigned
@@ -419,7 +445,7 @@ def test_an_enrollment_binds_its_address_and_a_second_one_under_the_same_invitat
     assert "davey" not in acc and "signed enrollment" in ref["davey"]
     # the admin's next signing: its host's binding names dave's enrolled key
     recs = {innernet.record_subject(p): p for p in n.records}
-    bound = innernet.lock_enrolled_keys(recs, known)
+    bound = innernet.lock_known_keys(recs, known)
     assert bound == {"peer:10.66.1.9": "dave-key"}
     signer = innernet.LockSigner(n.chain, recs, n.admin[0], bound,
                                  innernet.lock_newest({"known": known}))
@@ -741,8 +767,8 @@ def test_an_admin_host_signs_again_no_record_it_cannot_vouch_for_as_the_newest()
     # adm2 deleted pf since (serial alive + 1); the server replays `alive`
     recs = {innernet.record_subject(p): p for p in n.records}
     # an admin signs only the enrolled key its own sync bound: not the server's word
-    assert innernet.lock_enrolled_keys(recs, {}) == {}
-    bound = innernet.lock_enrolled_keys(recs, {"peer:10.66.2.9": [alive["n"], "h", "pf-key",
+    assert innernet.lock_known_keys(recs, {}) == {}
+    bound = innernet.lock_known_keys(recs, {"peer:10.66.2.9": [alive["n"], "h", "pf-key",
                                                                   alive["key"]]})
     assert bound == {"peer:10.66.2.9": "pf-key"}        # the enrollment is still held
     carol = recs["peer:10.66.2.4"]
@@ -808,3 +834,27 @@ def test_lock_forget_only_where_the_host_can_take_the_lock_again(tmp_path, capsy
     assert innernet.load_client_lock(files.lock) is None
     assert innernet.load_data_store(files.store)[2] is None     # the next fetch a full one
     assert "takes it again" in capsys.readouterr().err
+
+
+def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_took(tmp_path):
+    """Sixth outside attack, finding 2: `lock init` compared only keys with
+    this host's pins; during init the server swapped two names, made a peer
+    admin, and added an admin no one had seen, and all of it was signed.
+    Each difference at an address this host's sync took is refused now, and
+    the peers it never saw are named (admins among them) before signing."""
+    n = Net()
+    args = type("A", (), {"config_dir": str(tmp_path / "etc"), "data_dir": str(tmp_path)})()
+    innernet.save_data_store(str(tmp_path / "net.json"), n.peers, n.cidrs)
+    assert innernet._refuse_repinned(args, "net", n.peers, n.cidrs) == []
+    lies = {"name": dict(name="robert"), "admin flag": dict(is_admin=True),
+            "CIDR": dict(cidr_id=4), "key": dict(public_key="evil-key")}
+    for what, change in lies.items():
+        bob = next(p for p in n.peers if p.name == "bob")
+        shown = [dataclasses.replace(p, **change) if p is bob else p for p in n.peers]
+        with pytest.raises(InnernetError, match=f"lists another {what} at 10.66.1.3 than "
+                                                "this host took for 'bob'"):
+            innernet._refuse_repinned(args, "net", shown, n.cidrs)
+    with pytest.raises(InnernetError, match="lists no peer at 10.66.1.3"):
+        innernet._refuse_repinned(args, "net", [p for p in n.peers if p.name != "bob"], n.cidrs)
+    mallory = Peer(99, "mallory", "10.66.1.66", 3, "m-key", is_admin=True, is_redeemed=True)
+    assert innernet._refuse_repinned(args, "net", n.peers + [mallory], n.cidrs) == [mallory]

@@ -306,3 +306,28 @@ def test_an_admin_signs_nothing_the_server_resolved_from_a_name_it_moved(tmp_pat
                    "--yes", "--lock-key", keyfile) != 0
         assert f"differs from its signed record ({why})" in capsys.readouterr().err
     assert store.lock_records()[0] == before
+
+
+def test_a_peer_the_server_shows_already_disabled_is_checked_against_its_signed_record(
+        tmp_path, capsys):
+    """Sixth outside attack, finding 3: the server says a peer is disabled
+    already, so disable-peer signed nothing, and the server could bring the
+    peer back whenever it liked. Under lock the admin's host checks the
+    peer against its signed record first and says the server lies."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "carol", "--cidr", "h", "--ip", "10.66.1.5",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "carol.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_disabled = 1 WHERE name = 'carol'")
+    capsys.readouterr()
+    assert run(base, "disable-peer", "evil", "--name", "carol", "--yes",
+               "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "the server's peer 10.66.1.5 differs from its signed record (disabled flag not as " \
+           "signed)" in err and err.count("error:") == 1, err
+    store.conn.execute("UPDATE peers SET is_disabled = 0 WHERE name = 'carol'")
+    assert run(base, "enable-peer", "evil", "--name", "carol", "--yes",
+               "--lock-key", keyfile) != 0
+    assert "is already enabled" in capsys.readouterr().err        # true, and as signed

@@ -226,6 +226,11 @@ def test_a_key_change_without_the_peers_own_proof_is_refused_under_lock_even_unp
     assert alice.held.get(f"{ADMIN_IP}/32") and "lock refused" not in alice.err.replace(
         line[0], "")
     assert zed.held.get("10.66.1.3/32") == new
+    # the proof may come without the state changing: status says alice waits
+    # for it, and her next sync asks for the whole state, not "unchanged?"
+    st = w.alice.innernet("status", w.alice_if, check=False).stdout
+    assert "waiting for the proof of peer bob's new key (10.66.1.3)" in st, st
+    assert not os.path.exists(w.alice.path("client", "lib", f"{w.alice_if}.fetch"))
     forget_pins(w)                             # zed pinned the lie
     both(w, lambda s: s)                       # the truth again, for the tests after
 
