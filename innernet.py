@@ -15804,7 +15804,76 @@ class _RawFormatter(_Width, argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser. Only the verb being run gets its options (main names
+    it, _named_verbs): building all 64 cost a command as much as importing
+    innernet.py, most of a start-up under emulation. The others are left
+    unbuilt, named and described in the help only; one chosen all the same
+    (a guess gone wrong: an abbreviated global option took the verb's place)
+    raises _AllVerbs, and main builds them all."""
+
+    def __init__(self, unbuilt=False, **kwargs):
+        self.unbuilt = unbuilt
+        if not unbuilt:
+            super().__init__(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.unbuilt:
+            raise _AllVerbs()
+        return super().parse_known_args(args, namespace)
+
+
+class _AllVerbs(Exception):
+    pass
+
+
+class _Unbuilt:
+    """What an unbuilt verb's options are added to: nothing."""
+
+    def add_argument(self, *args, **kwargs):
+        pass
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return self
+
+    def set_defaults(self, **kwargs):
+        pass
+
+
+def _verbs(parser, dest, wanted):
+    """``parser``'s verbs; ``wanted``: the names of those to build (None: all)."""
+    sub = parser.add_subparsers(dest=dest, metavar="COMMAND", parser_class=_VerbParser)
+    sub.wanted = wanted
+    return sub
+
+
+def _built(sub, name, aliases=(), help_text=None):
+    """Whether verb ``name`` of ``sub`` gets its parser; if not, it is named
+    (with its help) and left unbuilt."""
+    if sub.wanted is None or {name, *aliases} & sub.wanted:
+        return True
+    sub.add_parser(name, aliases=list(aliases), help=help_text, unbuilt=True)
+    return False
+
+
+def _named_verbs(argv):
+    """The words naming the verb in ``argv``, after the global options:
+    ['fetch'], ['server', 'add-peer'], [] when there is none."""
+    words, i = [], 0
+    while i < len(argv) and argv[i] != "--" and len(words) < 2:
+        if argv[i].startswith("-"):
+            i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
+            continue
+        words.append(argv[i])
+        if argv[i] != "server":
+            break
+        i += 1
+    return words
+
+
 def _verb(sub, name, func, role, help_text, aliases=()):
+    if not _built(sub, name, aliases, help_text):
+        return _Unbuilt()
     p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text,
                        formatter_class=_HelpFormatter)
     _global_options(p, short=False)
@@ -16048,8 +16117,12 @@ def _add_server_verbs(sub):
     _add_shared_verbs(sub, "server")
 
 
-def build_parser(server_mode=False):
+def build_parser(server_mode=False, verbs=None):
+    """The command line's parser. ``verbs``: the words naming the verb to run
+    (_named_verbs); only its parser is built, the others' are left unbuilt
+    (_VerbParser). None: all of them (the help, completions, tests)."""
     prog = SERVER_PROG if server_mode else PROG
+    first = None if not verbs else {verbs[0], "up"} if verbs[0] == "fetch" else {verbs[0]}
     top = argparse.ArgumentParser(
         prog=prog, formatter_class=_RawFormatter,
         description=("innernet.py coordination server." if server_mode else
@@ -16058,7 +16131,7 @@ def build_parser(server_mode=False):
     top.add_argument("-V", "--version", action="version",
                      version=f"innernet.py {__version__}")
     _global_options(top, short=True)
-    sub = top.add_subparsers(dest="verb", metavar="COMMAND")
+    sub = _verbs(top, "verb", first)    # fetch: up's too, for _up_only_option
     if server_mode:
         top.set_defaults(func=None, role="server")
         _add_server_verbs(sub)
@@ -16193,12 +16266,14 @@ def build_parser(server_mode=False):
     g.add_argument("-u", "--unset", action="store_true", help="remove the override")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _add_shared_verbs(sub, "client")
+    if not _built(sub, "server", help_text="Server verbs (as innernet-server)."):
+        return top
     p = sub.add_parser("server", help="Server verbs (as innernet-server).",
                        description="Server verbs; the same as running innernet-server.",
                        epilog=SERVER_EPILOG, formatter_class=_RawFormatter)
     _global_options(p, short=False)
     p.set_defaults(func=None, role="server")
-    _add_server_verbs(p.add_subparsers(dest="server_verb", metavar="COMMAND"))
+    _add_server_verbs(_verbs(p, "server_verb", set(verbs[1:2]) if verbs and verbs[1:] else None))
     return top
 
 
@@ -16308,14 +16383,18 @@ def _main(argv, server_mode):
     argv = sys.argv[1:] if argv is None else list(argv)
     if server_mode is None:     # a symlink or command named innernet-server
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
-    parser = build_parser(server_mode)
+    parser = build_parser(server_mode, _named_verbs(argv))
     prog = SERVER_PROG if server_mode else PROG
     wrong = _misplaced_option(parser, prog, argv, server_mode)
     if wrong:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {wrong[0]}\nhint: {wrong[1]}", file=sys.stderr)
         return EXIT_USAGE
-    args = _parse(parser, argv)
+    try:
+        args = _parse(parser, argv)
+    except _AllVerbs:           # argparse chose another verb than _named_verbs
+        parser = build_parser(server_mode)
+        args = _parse(parser, argv)
     if not server_mode:      # what a recorded sync was run with (fast_fetch)
         with contextlib.suppress(OSError):
             args.invocation = invocation(argv, os.environ, os.getcwd())

@@ -159,3 +159,75 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         innernet.main(["--backend", "magic", "show"])
     assert e.value.code == 2
+
+
+def _verb_names(server_mode):
+    """Every verb and alias of the whole parser, with 'server X' for each server verb."""
+    tree = innernet._command_tree(innernet.build_parser(server_mode))
+    return [[v] for v in tree] + [["server", s] for s in tree.get("server", ((), (), {}))[2]]
+
+
+def _run(capsys, argv, **kw):
+    """(exit status, stdout, stderr) of main(argv)."""
+    try:
+        code = innernet.main(argv, **kw)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("server_mode", [False, True])
+def test_only_the_verb_being_run_is_built_and_it_parses_as_with_all(server_mode):
+    # main builds only the named verb's parser (and up's beside fetch's): the
+    # others are named in the help, unbuilt; each verb parses as before.
+    for words in _verb_names(server_mode):
+        whole, lazy = innernet.build_parser(server_mode), innernet.build_parser(server_mode,
+                                                                                 words)
+        argv = words + (["IFACE"] if words[-1] not in ("server",) else [])
+        try:
+            expected = vars(whole.parse_known_args(argv)[0])
+        except SystemExit:
+            continue                          # its arguments are other ones: --help below
+        got = vars(lazy.parse_known_args(argv)[0])
+        assert {k: v for k, v in got.items() if k != "func"} == \
+            {k: v for k, v in expected.items() if k != "func"}, words
+        assert got.get("func") == expected.get("func"), words
+    sub = next(a for a in innernet.build_parser(server_mode, ["status"])._actions
+               if isinstance(a, innernet.argparse._SubParsersAction))
+    built = {n for n, p in sub.choices.items() if not p.unbuilt}
+    assert built == {"status"}
+    sub = next(a for a in innernet.build_parser(False, ["fetch"])._actions
+               if isinstance(a, innernet.argparse._SubParsersAction))
+    assert {n for n, p in sub.choices.items() if not p.unbuilt} == {"fetch", "up"}
+
+
+@pytest.mark.parametrize("server_mode", [False, True])
+def test_help_and_usage_errors_are_the_same_as_with_every_verb_built(server_mode, capsys,
+                                                                     monkeypatch):
+    whole = innernet.build_parser
+    cases = [[], ["--help"], ["-h", "fetch"], ["--version"], ["bogus"], ["fetch", "--bogus"],
+             ["show", "--daemon"], ["server"], ["server", "bogus"], ["-c"],
+             ["fetch", "--exit-node", "x"], ["--backend", "magic", "show"]]
+    cases += [words + ["--help"] for words in _verb_names(server_mode)]
+    for argv in cases:
+        lazy = _run(capsys, argv, server_mode=server_mode)
+        monkeypatch.setattr(innernet, "build_parser", lambda s, verbs=None: whole(s))
+        assert _run(capsys, argv, server_mode=server_mode) == lazy, argv
+        monkeypatch.setattr(innernet, "build_parser", whole)
+
+
+def test_a_wrong_guess_of_the_verb_builds_them_all(tmp_path, capsys):
+    # "--conf" (an abbreviated --config-dir) takes "show" as its value, so the
+    # verb is "fetch", not the "show" _named_verbs saw: its parser was unbuilt.
+    assert innernet._named_verbs(["--conf", "show", "fetch"]) == ["show"]
+    code, out, err = _run(capsys, ["-d", str(tmp_path), "--conf", "show", "fetch"])
+    assert code == 1 and "no networks are installed" in err, err
+
+
+def test_named_verbs_skip_the_global_options():
+    nv = innernet._named_verbs
+    assert nv(["-c", "fetch", "-d", "up", "-v", "--backend", "kernel", "show", "x"]) == ["show"]
+    assert nv(["server", "--config-dir", "new", "add-peer", "new"]) == ["server", "add-peer"]
+    assert nv(["--mtu=1400", "up", "--daemon"]) == ["up"]
+    assert nv(["--", "fetch"]) == [] and nv(["-v"]) == []

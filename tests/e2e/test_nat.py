@@ -37,8 +37,17 @@ class Net:
     pass
 
 
+# The tests that look at c and d (behind one NAT, nat3): those hosts are made
+# only when the session runs one of them (the VM lane, where a host costs
+# seconds under emulation, runs two other tests of this module).
+SAME_NAT = {"test_same_nat_without_hairpin_uses_the_lan",
+            "test_direct_paths_survive_the_server_stopping"}
+
+
 @pytest.fixture(scope="module")
-def net(pyz):
+def net(pyz, request):
+    same_nat = any(i.module is request.module and i.originalname in SAME_NAT
+                   for i in request.session.items)
     lab = Lab(innernet_cmd=BARE + [pyz])
     n = Net()
     n.lab = lab
@@ -50,7 +59,7 @@ def net(pyz):
         n.nats = {
             "nat1": lab.add_nat("nat1", "198.18.0.21", "198.19.1"),
             "nat2": lab.add_nat("nat2", "198.18.0.22", "198.19.2"),
-            "nat3": lab.add_nat("nat3", "198.18.0.23", "198.19.3"),
+            **({"nat3": lab.add_nat("nat3", "198.18.0.23", "198.19.3")} if same_nat else {}),
             "nat4": lab.add_nat("nat4", "198.18.0.24", "198.19.4", symmetric=True),
             "nat5": lab.add_nat("nat5", "198.18.0.25", "198.19.5", symmetric=True),
         }
@@ -61,6 +70,8 @@ def net(pyz):
                                 ("c", "nat3", "humans"), ("d", "nat3", "humans"),
                                 ("e", "nat4", "humans"), ("f", "nat5", "humans"),
                                 ("g", "nat1", "robots")):
+            if nat not in n.nats:
+                continue
             host = lab.add_behind(n.nats[nat], name)
             host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
                           invite(srv, n.name, name, cidr))
@@ -124,7 +135,8 @@ def test_symmetric_nats_go_through_the_relay_within_the_rules(net):
         g.python(FORCE_RELAY, ROOT, net.lab.ifname("g"),
                  device(net.srv, net.name)["public_key"], net.ips[target])
         assert not tcp_reach(g, net.ips[target], timeout=2)
-        assert tcp_reach(e, net.ips["f"]) if target == "e" else True
+        if target == "e":       # e and f still reach each other through the relay
+            wait_for(lambda: tcp_reach(e, net.ips["f"]), 30, "e -> f (relayed) after g's try")
     table = "innernet_" + net.name
     rules = json.loads(net.srv.exec(["nft", "-j", "list", "table", "inet", table]).stdout)
     drops = [e2["counter"]["packets"] for item in rules["nftables"] if "rule" in item

@@ -8,10 +8,12 @@ WireGuard module and systemd, booted under qemu (TCG, no network device).
 The image is built by build-image.sh from the package list ``packages`` and
 cached in $INNERNET_VM_CACHE (default /var/cache/innernet-vm) under a hash of
 both files and the mirror, so it is rebuilt exactly when what goes into it
-changes. A boot runs /mnt/share/payload inside the guest and leaves its exit
+changes. Images of other keys (other checkouts, branches) are kept until
+unused for KEEP_DAYS; a build, and a use, holds a lock on its key. A boot runs /mnt/share/payload inside the guest and leaves its exit
 status in SHARE/rc, its output in SHARE/payload.log and the serial console in
 SHARE/console.log. tests/vm/lane.py drives it for tests/e2e/test_vm.py.
 """
+import fcntl
 import hashlib
 import os
 import shutil
@@ -22,6 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.environ.get("INNERNET_VM_CACHE", "/var/cache/innernet-vm")
 QEMU = "qemu-system-x86_64"
+KEEP_DAYS = 7       # an image of another key unused this long is evicted by a build
 
 
 def mirror():
@@ -58,11 +61,20 @@ def image_key():
 
 
 def image(log=sys.stderr):
-    """The cached image's folder (vmlinuz, initrd.img, rootfs.ext4), built if missing."""
+    """The cached image's folder (vmlinuz, initrd.img, rootfs.ext4), built if
+    missing; its ``ready`` file's mtime is its last use."""
     folder = os.path.join(CACHE, image_key())
-    if os.path.exists(os.path.join(folder, "ready")):
-        return folder
     os.makedirs(CACHE, exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # one build of a key at a time
+        if not os.path.exists(os.path.join(folder, "ready")):
+            build(folder, log)
+            evict(os.path.basename(folder), log)
+        os.utime(os.path.join(folder, "ready"))
+    return folder
+
+
+def build(folder, log):
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.monotonic()
@@ -79,12 +91,30 @@ def image(log=sys.stderr):
           end="", file=log)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
-    # Older images (another key) are what changed; keep the cache to one.
-    for other in os.listdir(CACHE):
-        if other != os.path.basename(folder) and not other.endswith(".tmp"):
-            shutil.rmtree(os.path.join(CACHE, other), ignore_errors=True)
     print(f"vm: image built in {time.monotonic() - t0:.0f} s: {folder}", file=log)
-    return folder
+
+
+def evict(keep, log):
+    """Remove the images of other keys unused for KEEP_DAYS (another branch's
+    image is that branch's cache, not a stale one), each under its key's lock,
+    never one being built or used."""
+    for other in sorted(os.listdir(CACHE)):
+        path = os.path.join(CACHE, other)
+        if other == keep or "." in other or not os.path.isdir(path):
+            continue
+        try:
+            unused = time.time() - os.stat(os.path.join(path, "ready")).st_mtime
+        except OSError:
+            continue                # being built, or not ours: left alone
+        if unused < KEEP_DAYS * 86400:
+            continue
+        with open(path + ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"vm: evicted {path}, unused for {unused / 86400:.0f} days", file=log)
 
 
 # The guest kernel's clock: its TSCs look unsynchronised under TCG, so it
