@@ -15,8 +15,9 @@ BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
 
 
 def pytest_collection_modifyitems(config, items):
-    # The VM lane's tests last: they wait for the lane, which runs beside the rest.
-    items.sort(key=lambda item: is_vm_lane(item))
+    # The VM lane's tests last, the quick benchmarks' before them: they wait
+    # for what runs beside the rest.
+    items.sort(key=lambda item: (is_vm_lane(item), is_bench(item)))
     ok, reason = have_lab_tools()
     if ok:
         return
@@ -57,8 +58,21 @@ def is_vm_lane(item):
     return os.path.basename(str(item.fspath)) == "test_vm.py"
 
 
+def is_bench(item):
+    return os.path.basename(str(item.fspath)) == "test_bench_quick.py" and "/e2e/" in \
+        str(item.fspath)
+
+
 def pytest_collection_finish(session):
-    if session.config.option.collectonly or not any(map(is_vm_lane, session.items)):
+    if session.config.option.collectonly:
+        return
+    if any(map(is_bench, session.items)) and have_lab_tools()[0]:
+        from .benches import start_benches
+        try:
+            start_benches(session.config, build_pyz(session.config))
+        except Exception:
+            pass                # the same happens again in the test, and is reported there
+    if not any(map(is_vm_lane, session.items)):
         return
     sys.path.insert(0, os.path.dirname(LANE))
     import vm

@@ -1,28 +1,37 @@
 """The namespace benchmarks, in their short form, against the built .pyz.
 
-They print figures; nothing here asserts a time.
+They print figures; nothing here asserts a time. Timed by nothing and
+independent of the rest (each makes its own lab), they run one after another
+in the background beside the rest of the session (tests/e2e/conftest.py
+starts them once collection has selected any of these tests), as the VM lane
+does; these tests run near the end and wait, bounded, for their results.
 """
 import os
-import subprocess
-import sys
+import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .benches import BENCHES, BUDGET, have_reference, start_benches, stop_benches
+
 pytestmark = pytest.mark.netns
 
 
-@pytest.mark.parametrize("bench", ["join.py", "propagation.py", "fetch_cost.py", "apply_one.py",
-                                   "traversal.py", "relay.py", "footprint.py", "cron_path.py"])
-def test_namespace_benchmark_runs(bench, pyz):
-    if bench == "cron_path.py" and not os.environ.get("INNERNET_COMPAT_REQUIRED") and \
-            not os.access(os.path.join(os.environ.get("INNERNET_REFERENCE_DIR") or os.path.join(
-                os.path.dirname(ROOT), "shared", "reference", "innernet-1.5.5"), "innernet"),
-                os.X_OK):
+@pytest.mark.parametrize("bench", BENCHES)
+def test_namespace_benchmark_runs(bench, pyz, pytestconfig):
+    if bench == "cron_path.py" and not have_reference():
         pytest.skip("innernet 1.5.5's binaries are not here (INNERNET_REFERENCE_DIR)")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", bench), "--quick"],
-                       capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, INNERNET_PYZ=pyz))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "| " in r.stdout and ("ratio" in r.stdout or "vs full" in r.stdout)
-    print(r.stdout)
+    run = start_benches(pytestconfig, pyz)
+    rc_file, out_file = (os.path.join(run.share, f"{bench}.{x}") for x in ("rc", "out"))
+    while not os.path.exists(rc_file):
+        if run.proc.poll() is not None and not os.path.exists(rc_file):
+            pytest.fail(f"the benchmarks stopped before {bench} ended ({run.proc.returncode})")
+        if time.monotonic() - run.started > BUDGET:
+            stop_benches(run)
+            pytest.fail(f"the benchmarks outlasted {BUDGET} s")
+        time.sleep(1)           # polls a file another process writes; bounded above
+    with open(out_file) as f:
+        out = f.read()
+    with open(rc_file) as f:
+        assert f.read().strip() == "0", out
+    assert "| " in out and ("ratio" in out or "vs full" in out), out
+    print(out)
