@@ -92,6 +92,7 @@ DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
 DEFAULT_INVITE_EXPIRY = "14d"
 PERSISTENT_KEEPALIVE = 25
 RECENT_HANDSHAKE = 180          # seconds; WireGuard's REJECT_AFTER_TIME
+KICK_WAIT = 3                   # s a sync waits for a new handshake after no answer
 DIRECT_RETRY = (30, 300)        # s between tries of a relayed pair's direct path (slots)
 RELAY_PPS = 30000               # datagrams per second one side of a relayed pair may send
 RELAY_PAIRS_PER_PEER = 64       # relay allocations a peer may hold at once
@@ -12408,7 +12409,7 @@ class _Fetch:
         self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
-        self.brought_up = self.changed = self.waited = False
+        self.brought_up = self.changed = self.waited = self.kicked = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
@@ -12478,6 +12479,8 @@ class _Fetch:
         except InnernetError as e:
             if not e.unreachable:
                 raise
+            if not e.refused and self.kick_server():
+                return self.receive(wait)           # once (kicked)
             if not self.stored_peers:
                 # Nothing cached to keep the interface going (an install whose
                 # first sync failed), but the server may be at its next
@@ -12490,6 +12493,27 @@ class _Fetch:
                 self.stored_etag
             self.unreachable = e
             self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
+
+    def kick_server(self):
+        """After the server did not answer, once: a session it dropped (this
+        peer disabled and enabled again, its device made anew) is one
+        WireGuard keeps sending on, unanswered, for 15 s before it shakes
+        hands again, past the request's timeout. With a handshake in the last
+        RECENT_HANDSHAKE s, the server's peer is re-added (a fresh handshake)
+        and one waited for, KICK_WAIT s at most. True if one came: worth a retry."""
+        if self.kicked or self.backend is None:
+            return False
+        self.kicked = True
+        with contextlib.suppress(InnernetError, OSError):
+            sp = self.backend.get(self.iface).peer(self.cfg.server_public_key)
+            if sp is not None and recently_connected(sp, time.time()):
+                debug(f"{self.iface}: no answer on a recent session; shaking hands again")
+                now, update = time.time(), server_peer_update(self.cfg)
+                self.backend.apply(self.iface, updates=[
+                    PeerUpdate(update.public_key, remove=True), update])
+                return wait_for_handshake(self.backend, self.iface, update, self.cfg.server_ip,
+                                          since=now, timeout=KICK_WAIT)
+        return False
 
     def locked(self, received, state):
         """Under network lock, the records signed by a trusted key that this

@@ -262,6 +262,25 @@ def test_a_peer_disabled_while_another_rotated_takes_its_key_when_enabled_again(
     assert seen == key
 
 
+def test_a_peer_disabled_and_enabled_again_syncs_at_its_first_fetch(world):
+    """The server drops a disabled peer's session with its peer; enabled
+    again, the peer's device keeps sending on that session, unanswered, for
+    15 s before WireGuard shakes hands anew: its first fetch timed out and
+    blamed the network. A fetch that gets no answer on a recent session now
+    re-adds the server's peer (a fresh handshake) and asks once more."""
+    w = world
+    a = join(w, "a")
+    aif = w.lab.ifname("a")
+    a.innernet("fetch", aif, "--no-write-hosts")
+    w.srv.server("disable-peer", w.net, "--name", "a", "--yes")
+    wait_for(lambda: len(device(w.srv, w.net)["peers"]) == 0, 30, "a off the server's device")
+    w.srv.server("enable-peer", w.net, "--name", "a", "--yes")
+    wait_for(lambda: len(device(w.srv, w.net)["peers"]) == 1, 30, "a back on it")
+    r = a.innernet("-v", "fetch", aif, "--no-write-hosts", check=False, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "no answer on a recent session; shaking hands again" in r.stderr, r.stderr
+
+
 @pytest.mark.xfail(strict=True, reason="a limit, not yet lifted: the server keeps the last "
                    "ROTATIONS_KEPT rotations of a peer; a peer away for more of them finds "
                    "no link from its pin (what stopped h89 in the soak of seed 997511)")
