@@ -2932,23 +2932,37 @@ def pinned_key_changes(stored, received, now):
     return out
 
 
-def follow_rotations(own_private, ip, pinned, chain):
+def rotation_step_proved(own_private, kept, ip, rec):
+    """Does a record of a rotation chain carry a proof, made by its old key's
+    holder, for one of our own keys: the current one (``proof``), or one we
+    rotated away from and still hold (``earlier``: {that public key: proof};
+    ``kept``: {that public key: its private key}, load_old_keys)? A proof
+    for a key we no longer hold cannot be checked, so it never counts."""
+    old, new = rec.get("old_key"), rec.get("new_key")
+    if rotation_proof_valid(own_private, old, ip, new, rec.get("proof")):
+        return True
+    earlier = rec.get("earlier") if isinstance(rec.get("earlier"), dict) else {}
+    return any(rotation_proof_valid(kept[k], old, ip, new, proof)
+               for k, proof in earlier.items() if k in kept)
+
+
+def follow_rotations(own_private, ip, pinned, chain, kept=None):
     """The key ``pinned`` leads to through the records of ``chain`` whose proofs
-    (for us) verify, each taking over from the key before it."""
+    (for us: rotation_step_proved) verify, each taking over from the key before it."""
     cur = pinned
     for rec in chain:
-        if rec.get("old_key") == cur and rotation_proof_valid(
-                own_private, cur, ip, rec.get("new_key"), rec.get("proof")):
+        if rec.get("old_key") == cur and rotation_step_proved(own_private, kept or {}, ip, rec):
             cur = rec["new_key"]
     return cur
 
 
-def rotation_awaits_proof(own_private, ip, pinned, chain):
+def rotation_awaits_proof(own_private, ip, pinned, chain, kept=None):
     """Does the chain from ``pinned`` stop at a rotation that has no proof for
-    us at all (none, not a wrong one)? Its old key's holder rotated before it
-    knew of us (we joined after it last synced) and proves it later; until
-    then the change waits, the old key pinned. A wrong proof never waits."""
-    cur = follow_rotations(own_private, ip, pinned, chain)
+    our current key at all (none, not a wrong one)? Its old key's holder
+    rotated before it knew of us (we joined after it last synced, or rotated
+    since its proof) and proves it later; until then the change waits, the
+    old key pinned. A wrong proof never waits."""
+    cur = follow_rotations(own_private, ip, pinned, chain, kept)
     steps = [r for r in chain if r.get("old_key") == cur]
     return bool(steps) and all(r.get("proof") is None for r in steps)
 
@@ -10997,9 +11011,23 @@ def user_get_rotations(co, req):
     # what the caller's state does not hold is answered as an address nobody has
     if not any(p.ip == ip for p in peers_in_view(peers, view)):
         raise InnernetError(f"no visible peer has {ip}", status=404)
-    return Response(200, [{"ip": ip, "old_key": old, "new_key": new,
-                           "proof": proofs.get(req.caller.public_key)}
+    # the caller's own chain: the rotations at its address are its own (a
+    # deleted peer's go with it, and an address never moves to another peer)
+    earlier = [old for old, _, _ in co.store.rotations(req.caller.ip)]
+    return Response(200, [rotation_json(ip, old, new, proofs, req.caller.public_key, earlier)
                           for old, new, proofs in co.store.rotations(ip)])
+
+
+def rotation_json(ip, old, new, proofs, caller_key, earlier):
+    """One rotation as a caller sees it: the proof for its current key, and
+    (``earlier``) those for the keys its own rotations moved it away from,
+    which it may still hold: a proof made before it rotated still counts
+    for it. Only the caller's own keys: never another peer's proofs."""
+    out = {"ip": ip, "old_key": old, "new_key": new, "proof": proofs.get(caller_key)}
+    mine = {k: proofs[k] for k in earlier if k in proofs and k != caller_key}
+    if mine:
+        out["earlier"] = mine
+    return out
 
 
 def _proof_verifiers(co, caller):
@@ -12132,28 +12160,37 @@ def rotation_chain(api, ip):
 
 
 
-def verified_rotations(api, cfg, stored, received):
+def verified_rotations(api, cfg, stored, received, kept):
     """The key changes at known addresses that their old keys' holders proved,
     and those still waiting for a proof for us (rotation_awaits_proof):
-    ([(ip, old, new)], [(peer, ip, old, new)])."""
+    ([(ip, old, new)], [(peer, ip, old, new)]). ``kept``: a function giving
+    our own kept old keys (kept_own_keys), asked only when a key changed."""
     ok, waiting = [], []
     for p, pin in pinned_key_changes(stored, received, time.time()):
         ip, old, new = p.ip, pin.public_key, p.public_key
         if ip == str(cfg.address.ip):
             continue
-        try:
-            chain = api.call("GET", f"/user/rotations?ip={ip}") or []
-        except InnernetError as e:
-            if e.unreachable:
-                raise
-            chain = []                # an innernet server: no rotations, pinning refuses
-        chain = [r for r in chain if isinstance(r, dict)] if isinstance(chain, list) else []
-        if follow_rotations(cfg.private_key, ip, old, chain) == new:
+        chain = rotation_chain(api, ip)    # [] from an innernet server: pinning refuses
+        if follow_rotations(cfg.private_key, ip, old, chain, kept()) == new:
             log(f"peer {p.name} rotated its key; the proof of its old key checks out")
             ok.append((ip, old, new))
-        elif rotation_awaits_proof(cfg.private_key, ip, old, chain):
+        elif rotation_awaits_proof(cfg.private_key, ip, old, chain, kept()):
             waiting.append((p, ip, old, new))
     return ok, waiting
+
+
+def kept_own_keys(files):
+    """A function giving {public key: private key} of the keys this peer
+    rotated away from and still keeps (load_old_keys), read once, when first
+    asked: a peer's proof made for one of them still counts."""
+    memo = []
+
+    def kept():
+        if not memo:
+            memo.append({public_key(k["private_key"]): k["private_key"]
+                         for k in load_old_keys(files, time.time())})
+        return memo[0]
+    return kept
 
 
 def send_late_proofs(api, cfg, files):
@@ -12408,6 +12445,7 @@ class _Fetch:
         self.files, self.opts, self.iface, self.cfg = files, opts, files.iface, cfg
         self.prev_pending = prev_pending     # (ip, new key) -> what the last sync said waits
         self.own_key = public_key(cfg.private_key)
+        self.kept = kept_own_keys(files)     # our old keys: proofs made for them count
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
         self.brought_up = self.changed = self.waited = self.kicked = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
@@ -12463,7 +12501,7 @@ class _Fetch:
             for line in refused + quarantined:
                 warn(f"{self.iface}: {line}")
             self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
-                                                       received)
+                                                       received, self.kept)
             pinned = [] if self.lock_on else None     # under lock: one line each
             self.peers = merge_pinned(self.stored_peers, received, deleted, now,
                                       rotated=self.rotated, own_ip=str(self.cfg.address.ip),
@@ -12542,7 +12580,8 @@ class _Fetch:
         def rotated(ip, old, new):
             if ip not in chains:
                 chains[ip] = rotation_chain(self.api, ip)
-            return follow_rotations(self.cfg.private_key, ip, old, chains[ip]) == new
+            return follow_rotations(self.cfg.private_key, ip, old, chains[ip],
+                                    self.kept()) == new
         cache = mine.get("cache") if isinstance(mine.get("cache"), dict) else {}
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
         own_ip = str(self.cfg.address.ip)

@@ -43,6 +43,89 @@ def test_a_rotation_with_no_proof_for_us_waits_but_a_wrong_one_never_does():
     assert rotation_awaits_proof(me, ip, old_pub, second)
 
 
+def rotated_twice():
+    """Us, rotated twice: our current private key and {old public: old private}."""
+    k0, p0 = pair()
+    k1, p1 = pair()
+    k2, _ = pair()
+    return k2, {p0: k0, p1: k1}
+
+
+def test_a_proof_made_for_a_key_we_rotated_away_from_and_still_hold_counts():
+    """Found by the short soak (seed 940532): the proof of a peer's rotation
+    was made for our key of the time; we rotated since, and it could not
+    prove it again. We still hold that key (kept old keys): it counts."""
+    me, kept = rotated_twice()
+    old, old_pub = pair()
+    _, new_pub = pair()
+    ip = "10.0.0.2"
+    (p0, k0), (p1, _) = kept.items()
+    rec = {"old_key": old_pub, "new_key": new_pub, "proof": None,
+           "earlier": {p0: rotation_proof(old, p0, ip, new_pub)}}
+    assert innernet.follow_rotations(me, ip, old_pub, [rec], kept) == new_pub
+    assert not rotation_awaits_proof(me, ip, old_pub, [rec], kept)
+    # without our kept keys (expired, or an older client) it waits, as before
+    assert innernet.follow_rotations(me, ip, old_pub, [rec]) == old_pub
+    assert rotation_awaits_proof(me, ip, old_pub, [rec])
+    # a proof for a key we no longer hold cannot be checked: it never counts
+    assert innernet.follow_rotations(me, ip, old_pub, [rec], {p1: kept[p1]}) == old_pub
+
+
+def test_a_lying_server_cannot_pass_off_a_proof_as_made_for_one_of_our_old_keys():
+    """What the server serves as "earlier" proofs counts only when the old
+    key's holder made it for the very key it is served under, which we hold."""
+    me, kept = rotated_twice()
+    (p0, _), (p1, _) = kept.items()
+    old, old_pub = pair()
+    _, new_pub = pair()
+    server, server_pub = pair()
+    _, other_pub = pair()
+    ip = "10.0.0.2"
+
+    def follows(earlier):
+        rec = {"old_key": old_pub, "new_key": new_pub, "proof": None, "earlier": earlier}
+        return innernet.follow_rotations(me, ip, old_pub, [rec], kept) == new_pub
+    assert not follows({p0: "A" * 43 + "="})                          # forged
+    assert not follows({p0: rotation_proof(server, p0, ip, new_pub)})   # the server's own key
+    assert not follows({p0: rotation_proof(old, p1, ip, new_pub)})      # made for another key
+    assert not follows({p0: rotation_proof(old, other_pub, ip, new_pub)})   # another peer's
+    assert not follows({p0: rotation_proof(old, p0, "10.0.0.3", new_pub)})  # another address
+    _, evil_pub = pair()
+    assert not follows({p0: rotation_proof(old, p0, ip, evil_pub)})     # another change
+    assert not follows({other_pub: rotation_proof(old, other_pub, ip, new_pub)})
+    assert not follows({p0: None, p1: 7, "x": "y"}) and not follows("junk")
+    assert follows({p0: "A" * 43 + "=", p1: rotation_proof(old, p1, ip, new_pub)})
+    assert server_pub
+
+
+def test_the_server_serves_a_caller_only_the_proofs_for_its_own_earlier_keys(co):
+    """A rotation as a caller sees it: the proof for its key, those for the
+    keys its own rotations moved it from; never another peer's proofs."""
+    from helpers import call
+    assert call(co, "POST", "/v1/admin/associations", body={"cidr_id_1": 3, "cidr_id_2": 4}
+                )[0] == 201                 # admin's CIDR and the developers'
+    store = co.store
+    dev1, dev2 = store.peer_by_name("developer1"), store.peer_by_name("developer2")
+    d0 = dev1.public_key
+    _, d1 = pair()
+    _, d2 = pair()
+    store.rotate_key(dev1.id, d1, {})
+    store.rotate_key(dev1.id, d2, {})
+    _, e1 = pair()
+    store.rotate_key(dev2.id, e1, {})           # dev2's old key: not dev1's to see
+    _, x1 = pair()
+    third = store.peer_by_name("admin")
+    proofs = {d0: "p0", d1: "p1", d2: "p2", dev2.public_key: "e0", e1: "e1"}
+    store.rotate_key(third.id, x1, proofs)
+    status, chain = call(co, "GET", f"/v1/user/rotations?ip={third.ip}", "developer1")
+    assert status == 200, chain
+    rec = chain[-1]
+    assert rec["proof"] == "p2" and rec["earlier"] == {d0: "p0", d1: "p1"}, rec
+    status, chain = call(co, "GET", f"/v1/user/rotations?ip={third.ip}", "developer2")
+    assert chain[-1]["proof"] == "e1" and chain[-1]["earlier"] == {dev2.public_key: "e0"}
+    assert "p0" not in json.dumps(chain) and "p2" not in json.dumps(chain)
+
+
 def test_a_waiting_key_change_keeps_the_pinned_key_and_syncs_the_rest():
     _, old_pub = pair()
     _, new_pub = pair()

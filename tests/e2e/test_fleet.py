@@ -168,6 +168,41 @@ def test_a_daemon_late_joiner_follows_without_a_state_change(world):
     assert "PINNING" not in ci.log("up.log") and "(retrying)" not in ci.log("up.log")
 
 
+def _rotate(host, ifname):
+    """One rotate-key; past the rate limit's burst it is refused (429,
+    nothing changed): again."""
+    wait_for(lambda: host.innernet("rotate-key", ifname, "--yes", check=False).returncode == 0,
+             60, f"a rotation of {ifname} the server takes", interval=1)
+
+
+def test_a_late_proof_for_a_key_the_verifier_rotated_away_from_still_counts(world):
+    """Found by the short soak (seed 940532): h4 rotated while h3 could not
+    see it; its late proof was made for h3's key of the time; h3 rotated
+    twice since, and h4 was partitioned before it could prove the rotation
+    to h3's new key. h3 still holds the key the proof was made for (its kept
+    old keys): the proof counts, and bob's new key is taken with bob away."""
+    w = world
+    bob = join(w, "bob")                 # a cron peer: synced at install, not since
+    ci = join(w, "ci")                   # bob does not know ci: its rotation proves nothing to ci
+    bif, cif, bob_ip = w.lab.ifname("bob"), w.lab.ifname("ci"), "10.66.1.1"
+    ci.innernet("fetch", cif, "--no-write-hosts")
+    old = device_peer_ips(ci, cif)[bob_ip]["public_key"]
+    bob.innernet("rotate-key", bif, "--yes")
+    r = bob.innernet("fetch", bif, "--no-write-hosts")       # the late proof, for ci's key now
+    assert "sent the proof of our key rotation to 1 peer(s)" in r.stderr, r.stderr
+    keys = bob.path("client", "lib", f"{bif}.oldkeys.json")
+    new = json.load(open(keys))["keys"][0]["new_key"]
+    _rotate(ci, cif)                     # ci moves on before it synced again: twice
+    _rotate(ci, cif)
+    kill_device(bob, bif)                # bob is gone: no proof for ci's new key will come
+    r = ci.innernet("fetch", cif, "--no-write-hosts")
+    assert "the proof of its old key checks out" in r.stderr, r.stderr
+    assert "no proof for us yet" not in r.stderr
+    assert device_peer_ips(ci, cif)[bob_ip]["public_key"] == new != old
+    code, (h,) = status(ci, cif)
+    assert code == 0 and h["pending_key_changes"] == [], h
+
+
 def test_the_server_takes_late_proofs_only_for_the_callers_own_rotation(world):
     """A hostile peer cannot add proofs to another peer's rotation, nor replace one."""
     w = world
