@@ -51,6 +51,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import ipaddress
 import json
 import os
@@ -3949,25 +3950,6 @@ def lock_serial(current, now_ms):
     return max((current or 0) + 1, now_ms)
 
 
-def lock_known_keys(records, known):
-    """{subject: WireGuard key} an admin signs in place of its peers' signed
-    keys: the one its own sync took under that record (``known``), where it
-    differs -- an invited peer's enrolled key in place of the invitation's
-    "auth:" key, a rotated peer's key reached by its own proofs. Never the
-    enrollment the server shows, which it chooses among any that a copy of
-    the invitation made (a client holds the first it saw, and an admin's
-    signature would override that)."""
-    known = known if isinstance(known, dict) else {}
-    out = {}
-    for s, rec in records.items():
-        if not isinstance(rec, dict) or rec.get("t") != "peer" or rec.get("deleted"):
-            continue
-        key = lock_binding(known.get(s), rec)[0]
-        if key is not None and key != rec.get("key"):
-            out[s] = key
-    return out
-
-
 # -- adoption: a client that joined before the lock -------------------------------
 # It learns the genesis from the server, which it must not trust for that: an
 # admin's `lock init` sends with it, for each peer, an HMAC of the genesis
@@ -4262,13 +4244,20 @@ def lock_held(peer, rec, fallback_name=None):
 def lock_binding(old, rec):
     """[key, record key] a client keeps for a subject whose record is now
     ``rec``, from what it knew (``old``): the key it accepted, while ``rec``
-    names the same key or authorization it was accepted under."""
-    if not old or len(old) < 3 or old[2] is None:
+    names the same key or authorization it was accepted under -- or another
+    WireGuard key, when this host reached its own by the peer's enrollment
+    or proofs: a server holding a stolen old key could have shown an admin a
+    rotation of its own, so a signed key replaces that one only along the
+    peer's proofs from it (_judge). A deletion or a new invitation ends it."""
+    if not old or len(old) < 3 or old[2] is None or rec.get("deleted"):
         return [None, None]
     under = old[3] if len(old) > 3 else None
     if under is None and old[0] == rec.get("n"):
         under = rec.get("key")           # a memory from before bindings
-    return [old[2], under] if under is not None and under == rec.get("key") else [None, None]
+    if under is None or under != rec.get("key") and (
+            old[2] == under or lock_auth_parts(rec.get("key"))):
+        return [None, None]
+    return [old[2], under]
 
 
 def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
@@ -6529,6 +6518,41 @@ def lock_hidden_overlap(fields, records, after):
     return None
 
 
+def server_lock_data(f):
+    """``f`` (a reading of the lock data a server sent) with a field of the
+    wrong type -- a list where a key should be -- one line, not a traceback:
+    nothing is installed or signed from it, and what the host had stays."""
+    @functools.wraps(f)
+    def read(*a, **kw):
+        try:
+            return f(*a, **kw)
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise InnernetError(f"the server sent malformed lock data ({type(e).__name__}: "
+                                f"{str(e)[:80]}): nothing taken from it",
+                                hint="the server may be hijacked or broken; 'innernet lock "
+                                     "status' shows this host's copy") from None
+    return read
+
+
+def lock_known_keys(records, known):
+    """{subject: WireGuard key} an admin signs in place of its peers' signed
+    keys: the one its own sync took under that record (``known``), where it
+    differs -- an invited peer's enrolled key in place of the invitation's
+    "auth:" key, a rotated peer's key reached by its own proofs. Never the
+    enrollment the server shows, which it chooses among any that a copy of
+    the invitation made (a client holds the first it saw, and an admin's
+    signature would override that)."""
+    known = known if isinstance(known, dict) else {}
+    out = {}
+    for s, rec in records.items():
+        if not isinstance(rec, dict) or rec.get("t") != "peer" or rec.get("deleted"):
+            continue
+        key = lock_binding(known.get(s), rec)[0]
+        if key is not None and key != rec.get("key"):
+            out[s] = key
+    return out
+
+
 def unlike_signed_error(subject, why):
     return InnernetError(f"the server's {lock_subject_text(subject)} differs from its signed "
                          f"record ({why}): not signing over it", hint="the server may be "
@@ -6847,6 +6871,7 @@ def remember_signed(path, signed):
     save_client_lock(path, dict(mine, signed=done))
 
 
+@server_lock_data
 def remote_lock_info(api, own_lock, enroll=None, own=True, raw=None):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
@@ -12511,7 +12536,7 @@ class _Fetch:
                 warn(f"{self.iface}: {line}")
                 self.lock["refused"].append(line)
             self.pending = [self.note_waiting(*w) for w in waiting] + [
-                self.note_waiting(p, p.ip, None, p.public_key, said=True)
+                dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), lock=True)
                 for p in self.lock_waits]        # looked at again too (said: refused)
             self.changed = True
         except InnernetError as e:
@@ -12553,6 +12578,7 @@ class _Fetch:
                                           since=now, timeout=KICK_WAIT)
         return False
 
+    @server_lock_data
     def locked(self, received, state):
         """Under network lock, the records signed by a trusted key that this
         host may see (verify_state); one line for each one refused."""
@@ -14287,10 +14313,15 @@ def _refuse_repinned(args, iface, peers, cidrs):
         what = "no peer" if q is None else "another key" if q.public_key != p.public_key \
             else "another name" if q.name != p.name else "another admin flag" \
             if q.is_admin != p.is_admin else "another CIDR" \
-            if ranges.get(q.cidr_id) != was.get(p.cidr_id) else None
+            if ranges.get(q.cidr_id) != was.get(p.cidr_id) else "other routes" \
+            if (sorted(q.routes), q.exit_node) != (sorted(p.routes), p.exit_node) else None
         if what:
             raise InnernetError(f"the server lists {what} at {p.ip} than this host took for "
                                 f"'{p.name}': not signing it", hint="fetch first, and find out why")
+    names = {c.cidr: c.name for c in cidrs}
+    for c in (c for c in stored_cidrs if names.get(c.cidr, c.name) != c.name):
+        raise InnernetError(f"the server names CIDR {c.cidr} otherwise than this host took it "
+                            f"('{c.name}'): not signing it", hint="fetch first, and find out why")
     return [q for q in peers if q.ip not in {p.ip for p in stored}]
 
 
@@ -15556,8 +15587,9 @@ def _status_lines(h, now):
            f"  last error: {h['last_error'] or 'none'}"
            + (f" (at {when(h['checked_at'])})" if h["last_error"] else ""),
            f"  server: {h['server'] or 'unknown'}"]
-    out += [f"  waiting for the proof of peer {w.get('peer')}'s new key ({w.get('ip')})"
-            for w in h["pending_key_changes"]]
+    out += [f"  waiting for the proof of peer {w.get('peer')}'s new key ({w.get('ip')})" + (
+        ", refused under lock until it comes (or a key the server swapped: none will)"
+        if w.get("lock") else "") for w in h["pending_key_changes"]]
     out += [f"  problem: {p}" for p in h["problems"]]
     return out
 

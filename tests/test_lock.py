@@ -848,6 +848,13 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
     assert innernet._refuse_repinned(args, "net", n.peers, n.cidrs) == []
     lies = {"name": dict(name="robert"), "admin flag": dict(is_admin=True),
             "CIDR": dict(cidr_id=4), "key": dict(public_key="evil-key")}
+    with pytest.raises(InnernetError, match="lists other routes at 10.66.1.3"):
+        innernet._refuse_repinned(args, "net", [dataclasses.replace(
+            p, routes=["192.168.0.0/16"]) if p.name == "bob" else p for p in n.peers], n.cidrs)
+    with pytest.raises(InnernetError, match="names CIDR 10.66.1.0/24 otherwise than this host "
+                                            "took it \\('humans'\\)"):
+        innernet._refuse_repinned(args, "net", n.peers, [dataclasses.replace(
+            c, name="ops") if c.name == "humans" else c for c in n.cidrs])
     for what, change in lies.items():
         bob = next(p for p in n.peers if p.name == "bob")
         shown = [dataclasses.replace(p, **change) if p is bob else p for p in n.peers]
@@ -858,3 +865,60 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
         innernet._refuse_repinned(args, "net", [p for p in n.peers if p.name != "bob"], n.cidrs)
     mallory = Peer(99, "mallory", "10.66.1.66", 3, "m-key", is_admin=True, is_redeemed=True)
     assert innernet._refuse_repinned(args, "net", n.peers + [mallory], n.cidrs) == [mallory]
+
+
+def test_a_signed_key_replaces_one_this_host_reached_by_proofs_only_along_them():
+    """Seventh outside attack, finding 1: a server holding a peer's stolen old
+    key shows an admin's host a rotation of its own (proved with that key);
+    the admin's next signing names the attacker's key, and a client that had
+    followed the peer's real proofs dropped its binding for the newly signed
+    key. It keeps the key it reached, unless the peer's proofs lead from it
+    to the signed one; an admin's re-keying of a key taken as signed, a new
+    invitation at the address or a deletion still replace it."""
+    n = Net()
+    n.set("bob", public_key="bob-key-2")
+    real = {("10.66.1.3", "bob-key", "bob-key-2")}
+    _, _, known = n.verify(rotated=lambda ip, a, b: (ip, a, b) in real)
+    assert known["peer:10.66.1.3"][2:] == ["bob-key-2", "bob-key"]
+    bob = n.set("bob", public_key="evil-key")
+    n.records.append(n.payload(bob))                    # an admin signed the attacker's key
+    n.sign(payloads=n.records[-1:])
+    acc, ref, kept = n.verify(known=known, rotated=lambda ip, a, b: (ip, a, b) in real)
+    assert "bob" not in acc and "rotation proofs" in ref["bob"], ref
+    assert kept["peer:10.66.1.3"][2] == "bob-key-2"
+    acc, _, _ = n.verify(rotated=lambda ip, a, b: False)            # a host with no memory
+    assert acc["bob"].public_key == "evil-key"                       # (README: a limit)
+    # the peer's own proofs from the key this host holds still lead on
+    n.set("bob", public_key="bob-key-3")
+    real.add(("10.66.1.3", "bob-key-2", "bob-key-3"))
+    acc, ref, _ = n.verify(known=known, rotated=lambda ip, a, b: (ip, a, b) in real)
+    assert acc["bob"].public_key == "bob-key-3"
+    # a key this host took as signed is replaced by the next signed one
+    assert innernet.lock_binding(["n", "h", "k1", "k1"], {"key": "k2", "n": 2}) == [None, None]
+    # and a new invitation or a deletion ends what it reached by proofs
+    assert innernet.lock_binding(["n", "h", "k2", "k1"], {"key": "auth:x:9", "n": 2}) == \
+        [None, None]
+    assert innernet.lock_binding(["n", "h", "k2", "k1"], {"key": "k1", "n": 2,
+                                                          "deleted": True}) == [None, None]
+
+
+@pytest.mark.parametrize("where", ["batch key", "record type", "record ip"])
+def test_lock_data_of_the_wrong_type_is_one_line_not_a_traceback(where):
+    """Seventh outside attack, finding 2: a list where the server should have
+    sent a string crashed fetch, install and admin verbs with a TypeError."""
+    n = Net()
+    lock = copy.deepcopy(n.lock())
+    if where == "batch key":
+        lock["batches"][0]["k"] = ["a", "list"]
+    elif where == "record type":
+        lock["records"][0]["t"] = {"an": "object"}
+    else:
+        lock["records"][-1]["ip"] = ["10.66.1.3"]
+    verify = innernet.server_lock_data(verify_state)
+    try:
+        verify(n.chain, lock, n.peers, n.cidrs, "10.66.1.2", {})
+    except InnernetError as e:
+        assert e.message.startswith("the server sent malformed lock data") and "\n" not in \
+            e.message
+    else:
+        assert where != "batch key"             # unhashable where a key should be

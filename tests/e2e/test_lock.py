@@ -229,7 +229,8 @@ def test_a_key_change_without_the_peers_own_proof_is_refused_under_lock_even_unp
     # the proof may come without the state changing: status says alice waits
     # for it, and her next sync asks for the whole state, not "unchanged?"
     st = w.alice.innernet("status", w.alice_if, check=False).stdout
-    assert "waiting for the proof of peer bob's new key (10.66.1.3)" in st, st
+    assert "waiting for the proof of peer bob's new key (10.66.1.3), refused under lock " \
+           "until it comes (or a key the server swapped: none will)" in st, st
     assert not os.path.exists(w.alice.path("client", "lib", f"{w.alice_if}.fetch"))
     forget_pins(w)                             # zed pinned the lie
     both(w, lambda s: s)                       # the truth again, for the tests after
