@@ -879,7 +879,7 @@ def test_a_signed_key_replaces_one_this_host_reached_by_proofs_only_along_them()
     n.set("bob", public_key="bob-key-2")
     real = {("10.66.1.3", "bob-key", "bob-key-2")}
     _, _, known = n.verify(rotated=lambda ip, a, b: (ip, a, b) in real)
-    assert known["peer:10.66.1.3"][2:] == ["bob-key-2", "bob-key"]
+    assert known["peer:10.66.1.3"][2:] == ["bob-key-2", "bob-key", "bob"]
     bob = n.set("bob", public_key="evil-key")
     n.records.append(n.payload(bob))                    # an admin signed the attacker's key
     n.sign(payloads=n.records[-1:])
@@ -894,12 +894,17 @@ def test_a_signed_key_replaces_one_this_host_reached_by_proofs_only_along_them()
     acc, ref, _ = n.verify(known=known, rotated=lambda ip, a, b: (ip, a, b) in real)
     assert acc["bob"].public_key == "bob-key-3"
     # a key this host took as signed is replaced by the next signed one
-    assert innernet.lock_binding(["n", "h", "k1", "k1"], {"key": "k2", "n": 2}) == [None, None]
-    # and a new invitation or a deletion ends what it reached by proofs
-    assert innernet.lock_binding(["n", "h", "k2", "k1"], {"key": "auth:x:9", "n": 2}) == \
-        [None, None]
-    assert innernet.lock_binding(["n", "h", "k2", "k1"], {"key": "k1", "n": 2,
-                                                          "deleted": True}) == [None, None]
+    none = [None, None, None]
+    assert innernet.lock_binding([1, "h", "k1", "k1", "b"], {"key": "k2", "name": "b"}) == none
+    # and a new invitation, a deletion or another peer at the address (a
+    # host offline across a deletion and a new peer: eighth attack, J1) ends
+    # what it reached by proofs
+    held = [1, "h", "k2", "k1", "b"]
+    assert innernet.lock_binding(held, {"key": "auth:x:9", "name": "b"}) == none
+    assert innernet.lock_binding(held, {"key": "k1", "name": "b", "deleted": True}) == none
+    assert innernet.lock_binding(held, {"key": "k9", "name": "erin"}) == none
+    assert innernet.lock_binding(held, {"key": "k9", "name": "b"}) == ["k2", "k1", "b"]
+    assert innernet.lock_binding(held[:4], {"key": "k9", "name": "b"}) == none   # older memory
 
 
 @pytest.mark.parametrize("where", ["batch key", "record type", "record ip"])
