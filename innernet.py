@@ -4216,7 +4216,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
             refused.append((peer, f"{unsigned} not signed: the peer is installed without"))
             peer = dataclasses.replace(peer, routes=routes, exit_node=exit_node)
         accepted.append(peer)
-        new_known[s][2:5] = [key, rec["key"], rec["name"]]
+        new_known[s][2:4] = [key, rec["key"]]
     return accepted, refused, new_known
 
 
@@ -4242,23 +4242,20 @@ def lock_held(peer, rec, fallback_name=None):
 
 
 def lock_binding(old, rec):
-    """[key, record key, record name] a client keeps for a subject whose
-    record is now ``rec``, from what it knew (``old``): the key it accepted,
-    while ``rec`` names the same key or authorization it was accepted under
-    -- or, for the same peer (its name), another WireGuard key, when this
-    host reached its own by the peer's enrollment or proofs: a server holding
-    a stolen old key could have shown an admin a rotation of its own, so a
-    signed key replaces that one only along the peer's proofs from it
-    (_judge). A deletion, a new invitation or another peer ends it."""
-    if not old or len(old) < 3 or old[2] is None or rec.get("deleted"):
-        return [None, None, None]
-    under, name = (list(old[3:5]) + [None, None])[:2]
+    """[key, record key] a client keeps for a subject whose record is now
+    ``rec``, from what it knew (``old``): the key it accepted, while ``rec``
+    names the same key or authorization it was accepted under. A newly
+    signed key replaces it: without a signed incarnation of a peer there is no
+    telling a rotation an admin signed from a new peer at the address (both
+    happen in honest use), so a key an admin signs after a rotation proved
+    with a stolen old key is taken where no pin holds the real one (README,
+    "What lock cannot stop")."""
+    if not old or len(old) < 3 or old[2] is None:
+        return [None, None]
+    under = old[3] if len(old) > 3 else None
     if under is None and old[0] == rec.get("n"):
         under = rec.get("key")           # a memory from before bindings
-    if under is None or under != rec.get("key") and (
-            old[2] == under or lock_auth_parts(rec.get("key")) or name != rec.get("name")):
-        return [None, None, None]
-    return [old[2], under, name]
+    return [old[2], under] if under is not None and under == rec.get("key") else [None, None]
 
 
 def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
@@ -12526,6 +12523,8 @@ class _Fetch:
                                                        now, floor)
             for line in refused + quarantined:
                 warn(f"{self.iface}: {line}")
+            if quarantined:     # its end changes no state: ask for all of it until then
+                self.etag = None
             self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
                                                        received, self.kept)
             pinned = [] if self.lock_on else None     # under lock: one line each

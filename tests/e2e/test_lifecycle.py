@@ -133,6 +133,21 @@ def test_the_client_floor_keeps_a_reused_address_from_the_new_key(world):
     assert out.returncode == 0 and len(lines) == 1, out.stderr
     held = device_peer_ips(admin, lab.ifname("admin"))
     assert gus_ip not in held and ip_of(world, "ivy") in held         # the rest applied
+    # a floor's end changes no state: the client kept no ETag while it held
+    # hank back, so its next sync reads the whole state and takes hank (the
+    # floor's end played by editing the pin; ninth outside round, K3)
+    store = admin.path("client", "lib", f"{lab.ifname('admin')}.json")
+    with open(store) as f:
+        data = json.load(f)
+    assert "etag" not in data
+    for p in data["peers"]:
+        if p["ip"] == gus_ip and p.get("deleted_until"):
+            p["deleted_until"] = 1
+    with open(store, "w") as f:
+        json.dump(data, f)
+    again = fetch()
+    assert again.returncode == 0 and gus_ip in device_peer_ips(admin, lab.ifname("admin")), \
+        again.stderr
     # the daemons (floor 0) take hank at once
     wait_for(lambda: gus_ip in device_peer_ips(world.hosts["alice"], lab.ifname("alice")),
              20, "alice to take hank")
