@@ -93,7 +93,8 @@ DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
 DEFAULT_INVITE_EXPIRY = "14d"
 PERSISTENT_KEEPALIVE = 25
 RECENT_HANDSHAKE = 180          # seconds; WireGuard's REJECT_AFTER_TIME
-KICK_WAIT = 3                   # s a sync waits for a new handshake after no answer
+KICK_WAIT = 1                   # s a sync waits for a new handshake after no answer (a dead
+                                # server costs a failing-over fetch this much more)
 DIRECT_RETRY = (30, 300)        # s between tries of a relayed pair's direct path (slots)
 RELAY_PPS = 30000               # datagrams per second one side of a relayed pair may send
 RELAY_PAIRS_PER_PEER = 64       # relay allocations a peer may hold at once
