@@ -4031,8 +4031,9 @@ def _remembered(batch, holes, records, known):
 
 LOCK_BATCH_BROKEN = "the batch that signed its record does not verify with the records the " \
                     "server sent (one of them changed, left out, added or out of order)"
+LOCK_NO_PROOF = ", nor reached by the peer's own rotation proofs"   # a proof may come later
 LOCK_KEY_NOT_SIGNED = "its key is not the signed one (its record, sent without the key, " \
-                      "does not verify with it), nor reached by the peer's own rotation proofs"
+                      "does not verify with it)" + LOCK_NO_PROOF
 
 
 def signed_records(net, keys, lock, cache=None, state_keys=None, known=None, why=None):
@@ -4286,7 +4287,7 @@ def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
     if key != base and not (rotated and rotated(ip, base, key)):
         return "its key is not the signed one" + (
             " (nor the one its enrollment named when this host verified it)" if bound else "") \
-            + ", nor reached by the peer's own rotation proofs", None
+            + LOCK_NO_PROOF, None
     return None, key
 
 
@@ -6631,10 +6632,9 @@ class LockSigner:
     (the lock key never leaves it): records for the subjects a change
     touches, each the next serial of its subject, in one signed batch."""
 
-    claimed = frozenset()                # subjects the server shows an enrollment of
-
-    def __init__(self, chain, records, private, bound=None, newest=None):
+    def __init__(self, chain, records, private, bound=None, newest=None, claimed=()):
         self.chain, self.records, self.private = chain, dict(records), private
+        self.claimed = frozenset(claimed)   # subjects the server shows an enrollment of
         self.bound = dict(bound or {})   # {subject: key this host took} (lock_known_keys)
         self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
@@ -6731,8 +6731,8 @@ class NetworkLock:
                              "shows it) with 'innernet lock add'")
                 own = load_client_lock(self.own_lock) if self.api is not None else None
                 self._signer = LockSigner(chain, records, private, lock_known_keys(
-                    records, (own or {}).get("known")), lock_newest(own))
-                self._signer.claimed = {f"peer:{ip}" for ip in enroll}
+                    records, (own or {}).get("known")), lock_newest(own),
+                    [f"peer:{ip}" for ip in enroll])
         return self._signer
 
     def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
@@ -12207,14 +12207,8 @@ def kept_own_keys(files):
     """A function giving {public key: private key} of the keys this peer
     rotated away from and still keeps (load_old_keys), read once, when first
     asked: a peer's proof made for one of them still counts."""
-    memo = []
-
-    def kept():
-        if not memo:
-            memo.append({public_key(k["private_key"]): k["private_key"]
-                         for k in load_old_keys(files, time.time())})
-        return memo[0]
-    return kept
+    return functools.cache(lambda: {public_key(k["private_key"]): k["private_key"]
+                                    for k in load_old_keys(files, time.time())})
 
 
 def send_late_proofs(api, cfg, files):
@@ -12618,7 +12612,7 @@ class _Fetch:
             own_signed=mine.get("signed"), own_name=next((p.name for p in self.stored_peers
                                                           if p.ip == own_ip), None))
         lines = [lock_refusal(p, why) for p, why in refused]
-        self.lock_waits = [p for p, why in refused if why.endswith("rotation proofs")]
+        self.lock_waits = [p for p, why in refused if why.endswith(LOCK_NO_PROOF)]
         for line in lines:
             warn(f"{self.iface}: {line}")
         sigs = {b.get("s") for b in (offered or {}).get("batches") or [] if isinstance(b, dict)}
@@ -13941,10 +13935,9 @@ def _set_disabled(args, disabled):
     verb = "disable" if disabled else "enable"
     options = {p.name: p for p in _user_peers(net.peers()).values()
                if p.is_disabled != disabled}
-    if args.name is not None and args.name not in options:
-        if args.name in (known := _user_peers(net.peers())):
-            net.lock_check(known[args.name])          # the server's word, or as signed?
-            raise InnernetError(f"peer '{args.name}' is already {verb}d")
+    if args.name not in options and args.name in (known := _user_peers(net.peers())):
+        net.lock_check(known[args.name])              # the server's word, or as signed?
+        raise InnernetError(f"peer '{args.name}' is already {verb}d")
     peer = choose(args.name, "--name", f"peer to {verb}", options)
     confirm(args, f"{verb.capitalize()} peer '{peer.name}' ({peer.ip})?", True)
     net.update_peer(dataclasses.replace(peer, is_disabled=disabled))
@@ -14184,8 +14177,9 @@ def cmd_delete_association(args):
     ids = {v: k for k, v in names.items()}
     assocs = net.associations()
     if args.cidr1 is not None and args.cidr2 is not None:
-        for n in (n for n in (args.cidr1, args.cidr2) if n not in ids):
-            raise InnernetError(f"CIDR '{n}' does not exist")
+        missing = [n for n in (args.cidr1, args.cidr2) if n not in ids]
+        if missing:
+            raise InnernetError(f"CIDR '{missing[0]}' does not exist")
         pair = {ids[args.cidr1], ids[args.cidr2]}
         assoc = next((a for a in assocs if {a.cidr_id_1, a.cidr_id_2} == pair), None)
         if assoc is None:
@@ -14282,8 +14276,8 @@ def _lock_init(args, iface):
     save_client_lock(net.own_lock, {"chain": chain.entries})
     remember_signed(net.own_lock, {"records": records})
     kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
-    log(f"network {name} (interface {iface}) locked: {len(records)} records signed by {lock_short(public)} ("
-        + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
+    log(f"network {name} (interface {iface}) locked: {len(records)} records signed by "
+        f"{lock_short(public)} (" + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
                                                    ("assoc", "associations"))) + "), "
         f"{len(adoptions)} peers sent the proof of it; {told}")
     blind = lock_blind_peers({record_subject(r): r for r in records},
@@ -14303,27 +14297,35 @@ def _lock_init(args, iface):
 
 def _refuse_repinned(args, iface, peers, cidrs):
     """`lock init` signs the network the server lists: refuse where it differs
-    from what this host's own sync took at an address (another key, name,
-    admin flag or CIDR, or none: the server would be lying now). -> the
-    peers this host never saw, which it signs on the server's word alone."""
+    from what this host's own sync took (at an address another key, name,
+    admin flag, CIDR or routes, or none; another name for a CIDR: the server
+    would be lying now). -> the peers this host never saw, which it signs on
+    the server's word alone."""
     stored, stored_cidrs, _ = load_data_store(client_files(args, iface).store)
     have, ranges = {p.ip: p for p in peers}, {c.id: c.cidr for c in cidrs}
     was = {c.id: c.cidr for c in stored_cidrs}
+
+    def fields(x, cidr_ranges):
+        return (("another key", x.public_key), ("another name", x.name),
+                ("another admin flag", x.is_admin), ("another CIDR", cidr_ranges.get(x.cidr_id)),
+                ("other routes", (sorted(x.routes), x.exit_node)))
     for p in (p for p in stored if p.deleted_until is None):
         q = have.get(p.ip)
-        what = "no peer" if q is None else "another key" if q.public_key != p.public_key \
-            else "another name" if q.name != p.name else "another admin flag" \
-            if q.is_admin != p.is_admin else "another CIDR" \
-            if ranges.get(q.cidr_id) != was.get(p.cidr_id) else "other routes" \
-            if (sorted(q.routes), q.exit_node) != (sorted(p.routes), p.exit_node) else None
+        what = "no peer" if q is None else next((label for (label, a), (_, b) in
+                                                zip(fields(q, ranges), fields(p, was)) if a != b),
+                                                None)
         if what:
             raise InnernetError(f"the server lists {what} at {p.ip} than this host took for "
-                                f"'{p.name}': not signing it", hint="fetch first, and find out why")
+                                f"'{p.name}': not signing it",
+                                hint="fetch first, and find out why")
     names = {c.cidr: c.name for c in cidrs}
-    for c in (c for c in stored_cidrs if names.get(c.cidr, c.name) != c.name):
-        raise InnernetError(f"the server names CIDR {c.cidr} otherwise than this host took it "
-                            f"('{c.name}'): not signing it", hint="fetch first, and find out why")
-    return [q for q in peers if q.ip not in {p.ip for p in stored}]
+    moved = next((c for c in stored_cidrs if names.get(c.cidr, c.name) != c.name), None)
+    if moved:
+        raise InnernetError(f"the server names CIDR {moved.cidr} otherwise than this host took "
+                            f"it ('{moved.name}'): not signing it",
+                            hint="fetch first, and find out why")
+    seen = {p.ip for p in stored}
+    return [q for q in peers if q.ip not in seen]
 
 
 def _lock_chain(args, iface, own=True, raw=None):

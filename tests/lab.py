@@ -121,6 +121,23 @@ class Host:
 COMMAND_TIMES = os.environ.get("INNERNET_LAB_TIMES")
 
 
+def stop_group(proc):
+    """End a process started in a session of its own, and its whole group (a
+    background lane: its qemu, its benchmarks' labs), if it still runs."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(10)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def command_label(argv):
     """A short name for a command line: an innernet command by its verb, a
     Python one-liner by the script's first line."""

@@ -1,13 +1,13 @@
 """The quick namespace benchmarks in the background (tests/e2e/test_bench_quick.py):
 started by tests/e2e/conftest.py once collection selected any of those tests."""
 import os
-import signal
 import subprocess
 import sys
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lab import ROOT, stop_group
+
 BENCHES = ["join.py", "propagation.py", "fetch_cost.py", "apply_one.py", "traversal.py",
            "relay.py", "footprint.py", "cron_path.py"]
 BUDGET = 1800                   # s, for all of them, from their start
@@ -41,11 +41,4 @@ def start_benches(config, pyz):
 
 
 def stop_benches(run):
-    if run.proc.poll() is None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(run.proc.pid, sig)
-                run.proc.wait(10)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+    stop_group(run.proc)

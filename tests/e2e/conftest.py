@@ -1,14 +1,13 @@
 """End-to-end fixtures: skip without root/wireguard-go, unless CI requires them."""
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import types
 
 import pytest
 
-from lab import ROOT, Lab, build_pyz, have_lab_tools, start_network
+from lab import ROOT, Lab, build_pyz, have_lab_tools, start_network, stop_group
 
 BARE = ["/usr/bin/python3", "-S", "-I"] if os.path.exists("/usr/bin/python3") \
     else [sys.executable, "-S", "-I"]
@@ -104,17 +103,7 @@ def start_vm_lane(config):
 
 def stop_vm_lane(lane):
     """End the lane's process group (its qemu included) if it still runs."""
-    if lane.proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(lane.proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            lane.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+    stop_group(lane.proc)
 
 
 def debian_python_with_deps():

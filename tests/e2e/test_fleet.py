@@ -630,6 +630,24 @@ table inet rotgap {
 """
 
 
+def _lose_rotation_answer(innernet, host, ifname):
+    """A rotation the server applied whose answer never came back: what
+    rotate-key leaves before it hears back (the config with the old key,
+    `.rotating` with the new one, the device on the old one). -> (config
+    path, old text, new text)."""
+    conf = host.path("client", "etc", f"{ifname}.conf")
+    old = open(conf).read()
+    host.innernet("rotate-key", ifname, "--yes")
+    new = open(conf).read()
+    innernet.atomic_write(conf, old, 0o600)
+    innernet.atomic_write(conf + ".rotating", new, 0o600)
+    keyfile = host.path("old.key")
+    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
+                          + "\n", 0o600)
+    host.exec(["wg", "set", ifname, "private-key", keyfile])
+    return conf, old, new
+
+
 def test_a_rotation_on_the_standby_leaves_the_server_peer_at_the_standby(world):
     """Found by the 60-minute soak (seed 256236: h90, h120, h122): a cron peer
     that had failed over to the standby ran `rotate-key`; while it waited for
@@ -667,16 +685,7 @@ def test_a_rotation_on_the_standby_leaves_the_server_peer_at_the_standby(world):
     # config it writes keeps the configured endpoints, the primary first.
     sys.path.insert(0, ROOT)
     import innernet
-    conf = bob.path("client", "etc", f"{ifname}.conf")
-    old = open(conf).read()
-    bob.innernet("rotate-key", ifname, "--yes")
-    new = open(conf).read()
-    innernet.atomic_write(conf, old, 0o600)
-    innernet.atomic_write(conf + ".rotating", new, 0o600)
-    keyfile = bob.path("old.key")
-    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
-                          + "\n", 0o600)
-    bob.exec(["wg", "set", ifname, "private-key", keyfile])
+    conf, _, _ = _lose_rotation_answer(innernet, bob, ifname)
     r = bob.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
     assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
     cfg = innernet.InterfaceConfig.from_toml(open(conf).read(), conf)
@@ -707,19 +716,9 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
     w = world
     a, b = join(w, "a"), join(w, "b")
     ifname = w.lab.ifname("a")
-    conf = a.path("client", "etc", f"{ifname}.conf")
-    old = open(conf).read()
-    a.innernet("rotate-key", ifname, "--yes")                # the server applies it ...
-    new = open(conf).read()
+    conf, old, new = _lose_rotation_answer(innernet, a, ifname)
     assert new != old
-    # ... and the answer is lost: what rotate-key leaves before it hears back
-    innernet.atomic_write(conf, old, 0o600)
-    innernet.atomic_write(conf + ".rotating", new, 0o600)
     os.unlink(a.path("client", "lib", f"{ifname}.oldkeys.json"))
-    keyfile = a.path("old.key")
-    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(old, conf).private_key
-                          + "\n", 0o600)
-    a.exec(["wg", "set", ifname, "private-key", keyfile])
     r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
     assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
@@ -738,13 +737,8 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
     # a lost answer again, then a rotate-key (not a fetch): it settles the first
     # one before it makes its own, so the key the server holds is never dropped
-    a.innernet("rotate-key", ifname, "--yes")
-    third = open(conf).read()
-    innernet.atomic_write(conf, new, 0o600)
-    innernet.atomic_write(conf + ".rotating", third, 0o600)
-    innernet.atomic_write(keyfile, innernet.InterfaceConfig.from_toml(new, conf).private_key
-                          + "\n", 0o600)
-    a.exec(["wg", "set", ifname, "private-key", keyfile])
+    _, was, third = _lose_rotation_answer(innernet, a, ifname)
+    assert was == new
     r = a.innernet("rotate-key", ifname, "--yes", check=False, timeout=60)
     assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
     fourth = innernet.InterfaceConfig.from_toml(open(conf).read(), conf).private_key

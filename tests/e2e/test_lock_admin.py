@@ -396,13 +396,23 @@ def _signed_row(w, subject):
                    (subject,))[0]
 
 
-def _replay(w, subject, row):
-    """The hijacker puts a signed record from before back, with its batch."""
-    payload, signer, sig, hashes = row
+def _plant(w, subject, payload, signer, sig, hashes):
+    """A signed record written into the server's database as the subject's
+    current one, with its batch (payload and hashes as stored: JSON text)."""
     db_write(w, "INSERT OR IGNORE INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
              (signer, sig, hashes))
-    db_write(w, "UPDATE lock_records SET payload = ?, batch_id = (SELECT id FROM lock_batches "
-             "WHERE sig = ?) WHERE subject = ?", (payload, sig, subject))
+    db_write(w, "INSERT OR REPLACE INTO lock_records (subject, payload, batch_id) SELECT ?, ?, "
+             "id FROM lock_batches WHERE sig = ?", (subject, payload, sig))
+
+
+def _plant_signed(w, subject, payload, batch):
+    """``payload`` signed in ``batch`` (sign_batch's), planted (_plant)."""
+    _plant(w, subject, json.dumps(payload), batch["k"], batch["s"], json.dumps(batch["h"]))
+
+
+def _replay(w, subject, row):
+    """The hijacker puts a signed record from before back, with its batch."""
+    _plant(w, subject, *row)
 
 
 def _stale(out, subject):
@@ -479,11 +489,7 @@ def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_fo
     wg = I.public_key(I.generate_private_key())
     alive = I.peer_payload(w.net, 10 ** 12, ip="10.66.1.82", key=wg, name="pf",
                            cidr="10.66.1.0/24")
-    batch = I.sign_batch(w.net, k2_private, [alive])
-    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
-             (batch["k"], batch["s"], json.dumps(batch["h"])))
-    db_write(w, "INSERT INTO lock_records (subject, payload, batch_id) SELECT ?, ?, id "
-             "FROM lock_batches WHERE sig = ?", (G, json.dumps(alive), batch["s"]))
+    _plant_signed(w, G, alive, I.sign_batch(w.net, k2_private, [alive]))
     db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
              "'pf', '10.66.1.82', id, ?, 1 FROM cidrs WHERE name = 'humans'", (wg,))
     try:
@@ -510,11 +516,7 @@ def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
     k3_private, k3 = I.lock_keypair()
     admin(w, "lock", "add", w.iface, "--key", k3, "--key-name", "adm3")
     rec = dict(records(w)[E], n=records(w)[E]["n"] + 1, r=I.lock_salt())
-    batch = I.sign_batch(w.net, k3_private, [rec])
-    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
-             (batch["k"], batch["s"], json.dumps(batch["h"])))
-    db_write(w, "UPDATE lock_records SET payload = ?, batch_id = (SELECT id FROM lock_batches "
-             "WHERE sig = ?) WHERE subject = ?", (json.dumps(rec), batch["s"], E))
+    _plant_signed(w, E, rec, I.sign_batch(w.net, k3_private, [rec]))
     fetch_until(w, w.admin, w.iface, lambda e: I.load_client_lock(w.admin.path(
         "client", "lib", f"{w.iface}.lock.json"))["known"].get(E, [0])[0] == rec["n"],
         "adm3's record verified here")
@@ -577,11 +579,7 @@ def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_aga
     expires = int(time.time()) + 3600
     alive = I.peer_payload(w.net, 10 ** 12, ip=ip, key=I.lock_auth(auth, expires), name="pf",
                            cidr="10.66.3.0/24")
-    batch = I.sign_batch(w.net, k2_private, [alive])
-    db_write(w, "INSERT INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
-             (batch["k"], batch["s"], json.dumps(batch["h"])))
-    db_write(w, "INSERT INTO lock_records (subject, payload, batch_id) SELECT ?, ?, id "
-             "FROM lock_batches WHERE sig = ?", (P, json.dumps(alive), batch["s"]))
+    _plant_signed(w, P, alive, I.sign_batch(w.net, k2_private, [alive]))
     db_write(w, "INSERT INTO lock_enrollments (ip, enrollment) VALUES (?, ?)",
              (ip, json.dumps(I.sign_enrollment(w.net, ip, wg, auth_private))))
     db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
