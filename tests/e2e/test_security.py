@@ -185,6 +185,15 @@ def inject_unknown(w):
         w.unknown_key, allowed_ips=["10.66.2.250/32"], keepalive=25)])
 
 
+def unknown_tunnel_up(w):
+    """Inject the unknown key (again: serve's sync may have removed it) and
+    report whether a connection through it reaches the API port."""
+    inject_unknown(w)
+    return w.hosts["unknown"].python(
+        "import socket; socket.create_connection(('10.66.0.1', 51820), timeout=1)",
+        check=False).returncode == 0
+
+
 def bodies(w, body):
     if body == "new-peer":
         return {"name": "matrix-peer", "ip": "10.66.1.200", "cidr_id": 3, "endpoint": None,
@@ -245,15 +254,17 @@ def test_authorization_matrix(world, counts):
     unauthorized_successes, requests, allowed_ok = [], 0, 0
     lines = []
     for kind, host, mode, role in callers:
-        if host == "unknown":
-            inject_unknown(world)
-            wait_for(lambda: world.hosts[host].python(
-                "import socket; socket.create_connection(('10.66.0.1', 51820), timeout=1)",
-                check=False).returncode == 0, 20, "the unknown tunnel")
         name, _, as_user = host.partition(":")
         prove = as_user == "prove"
-        results = run_matrix(world, world.srv if name == "srv" else world.hosts[name], mode,
-                             as_user=None if prove else as_user or None, prove=prove)
+        for _ in range(5):
+            if host == "unknown":
+                wait_for(lambda: unknown_tunnel_up(world), 20, "the unknown tunnel")
+            results = run_matrix(world, world.srv if name == "srv" else world.hosts[name], mode,
+                                 as_user=None if prove else as_user or None, prove=prove)
+            # serve's periodic sync removes the injected key (no peer has it);
+            # a row it cut short (no connection) is run again, not counted.
+            if host != "unknown" or all(s != -1 for _, s in results):
+                break
         for (method, path, _, need), status in results:
             requests += 1
             allowed = role is not None and role in ALLOWED[need]
