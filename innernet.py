@@ -14,23 +14,23 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies  18 API client
-   2 Constants                          19 Interface files
-   3 Fast path of an unchanged fetch    20 Prompts
-   4 Errors and output                  21 Relays
-   5 Files and formats                  22 DNS and metrics
-   6 Names and addresses                23 Server state
-   7 Keys and WireGuard messages        24 API routes
-   8 Records                            25 HTTP server
-   9 Access rules                       26 Paths
-  10 Network lock                       27 Fetch
-  11 Device plans                       28 Daemon
-  12 Links, routes and rules            29 Admin verbs
-  13 WireGuard devices                  30 Lock verbs
-  14 Network as code                    31 Server verbs
-  15 Lock signing and storage           32 Client verbs
-  16 Store                              33 Command line
-  17 HTTP wire
+   1 Imports and optional dependencies  18 HTTP wire
+   2 Constants                          19 API client
+   3 Fast path of an unchanged fetch    20 Interface files
+   4 Errors and output                  21 Prompts
+   5 Files and formats                  22 Relays
+   6 Names and addresses                23 DNS and metrics
+   7 Keys and WireGuard messages        24 Server state
+   8 Records                            25 API routes
+   9 Access rules                       26 HTTP server
+  10 Network lock                       27 Paths
+  11 Device plans                       28 Fetch
+  12 Links, routes and rules            29 Daemon
+  13 WireGuard devices                  30 Admin verbs
+  14 Network as code                    31 Lock verbs
+  15 Lock signing and storage           32 Server verbs
+  16 Database schema                    33 Client verbs
+  17 Store                              34 Command line
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -150,7 +150,8 @@ DNS_SOURCE_BURST = 200          # after a burst of this many; more: dropped (UDP
 DNS_UDP_QUEUED = 8              # questions of one source waiting for their answer; more: dropped
 DNS_UDP_RCVBUF = 8 << 20        # bytes: room for a flood between two reads of it
 AUDIT_KEEP = 365 * 86400        # the audit log's default retention (serve --audit-keep)
-ROTATIONS_KEPT = 8              # key rotations kept per peer (a chain for late clients)
+ROTATIONS_KEPT = 8              # a peer's latest key rotations, always kept (a chain for
+ROTATIONS_MAX = 64              # late clients); older ones OLD_KEY_KEEP s, at most this many
 OLD_KEY_KEEP = 7 * 86400        # s a rotated-away private key is kept, for late proofs
 PROOF_POLL = 5                  # s between syncs of a daemon waiting for a late proof
 STATUS_MAX_AGE = 300            # s since the last good sync after which `status` is unhealthy
@@ -6953,11 +6954,11 @@ def _lock_after(method, peers, cidrs, assocs, *a):
     raise ValueError(method)
 
 ###############################################################################
-# Store #######################################################################
+# Database schema #############################################################
 ###############################################################################
-# The server's SQLite database, with innernet's schema so that a database made
-# by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
-# transaction: the checks and the change see the same rows.
+# The server's tables: innernet's, as innernet-server makes them, so that a
+# database it made opens as is, and ours beside them (deleted peers, key
+# rotations, routes, the audit log; network lock's come from section 15).
 
 
 SCHEMA = """
@@ -7065,6 +7066,14 @@ MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
     2: "ALTER TABLE peers ADD COLUMN candidates TEXT",
 }
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+# The server's SQLite database, with innernet's schema so that a database made
+# by innernet-server opens as is. Every write runs in one BEGIN IMMEDIATE
+# transaction: the checks and the change see the same rows.
+
 
 _PEER_COLUMNS = ("id, name, ip, cidr_id, public_key, endpoint, is_admin, is_disabled, "
                  "is_redeemed, invite_expires, candidates, "
@@ -7427,6 +7436,28 @@ class Store(LockStore):
         return [Deletion(ip=r[1], public_key=r[2], reuse_after=r[4], name=r[0], cidr_id=r[3]) for r in self._query(
             "SELECT name, ip, public_key, cidr_id, reuse_after FROM deleted_peers ORDER BY id")]
 
+    def deletion_notices(self):
+        """What the state tells clients of deletions: deletions(), and each
+        deleted peer's earlier keys at its address (its rotations, kept with
+        the deletion), under the same quarantine. A client away across a
+        peer's rotation and then its deletion pins a key before the last
+        one; only an announcement of that key lets the pin go. A server
+        could announce any (address, key) anyway: this tells nothing new."""
+        out = self.deletions()
+        earlier = {}
+        for ip, old, new in self._query("SELECT ip, old_key, new_key FROM key_rotations "
+                                        "WHERE peer_id = 0 ORDER BY id"):
+            earlier.setdefault((ip, new), []).append(old)
+        for d in list(out):
+            seen, todo = {d.public_key}, [d.public_key]
+            while todo:
+                for old in earlier.get((d.ip, todo.pop()), []):
+                    if old not in seen:
+                        seen.add(old)
+                        todo.append(old)
+                        out.append(dataclasses.replace(d, public_key=old))
+        return out
+
     def extra_rows(self):
         """{table: rows} of our own tables (what innernet-server would not read)."""
         return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in EXTRA_TABLES}
@@ -7453,7 +7484,11 @@ class Store(LockStore):
             c.execute("INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
                       "reuse_after) VALUES (?, ?, ?, ?, ?, ?)",
                       (old.name, old.ip, old.public_key, old.cidr_id, now, now + reuse_after))
-        for table in ("key_rotations", "static_peers", "peer_routes", "admin_provers",
+        # Its rotations stay, as no peer's (peer_id 0: ids start at 1), until
+        # the deletion is forgotten: deletion_notices() names the keys they
+        # moved it away from, which a client away across them still pins.
+        c.execute("UPDATE key_rotations SET peer_id = 0 WHERE peer_id = ?", (old.id,))
+        for table in ("static_peers", "peer_routes", "admin_provers",
                       "innernet_pins", "admin_proof_stamps"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
@@ -7470,9 +7505,14 @@ class Store(LockStore):
             c.execute("INSERT INTO key_rotations (peer_id, ip, old_key, new_key, proofs, "
                       "rotated_at) VALUES (?, ?, ?, ?, ?, ?)",
                       (peer_id, old.ip, old.public_key, new_key, json.dumps(proofs), now))
+            # a client away for many rotations (disabled, offline) follows the
+            # chain from its pin: a week of them, the latest few even if older
             c.execute("DELETE FROM key_rotations WHERE peer_id = ? AND id NOT IN (SELECT id "
-                      "FROM key_rotations WHERE peer_id = ? ORDER BY id DESC LIMIT ?)",
-                      (peer_id, peer_id, ROTATIONS_KEPT))
+                      "FROM key_rotations WHERE peer_id = ? ORDER BY id DESC LIMIT ?) AND "
+                      "(rotated_at < ? OR id NOT IN (SELECT id FROM key_rotations WHERE "
+                      "peer_id = ? ORDER BY id DESC LIMIT ?))",
+                      (peer_id, peer_id, ROTATIONS_KEPT, now - OLD_KEY_KEEP, peer_id,
+                       ROTATIONS_MAX))
             self._audit(c, "rotate-key", f"peer {old.name}", {"key": old.public_key},
                         {"key": new_key}, now)
             return old
@@ -7507,8 +7547,8 @@ class Store(LockStore):
     def rotations(self, ip):
         """[(old key, new key, {verifier key: proof})] for an address, oldest first."""
         out = []
-        for old, new, proofs in self._query("SELECT old_key, new_key, proofs FROM "
-                                            "key_rotations WHERE ip = ? ORDER BY id", (ip,)):
+        for old, new, proofs in self._query("SELECT old_key, new_key, proofs FROM key_rotations "
+                                            "WHERE ip = ? AND peer_id != 0 ORDER BY id", (ip,)):
             try:
                 table = json.loads(proofs)
             except ValueError:
@@ -7895,6 +7935,8 @@ class Store(LockStore):
                     c.execute(_ORPHAN_ROUTES)
                     c.execute("DELETE FROM deleted_peers WHERE reuse_after < ? AND "
                               "deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))
+                    c.execute("DELETE FROM key_rotations WHERE peer_id = 0 AND ip NOT IN "
+                              "(SELECT ip FROM deleted_peers)")
                     c.execute("DELETE FROM audit_log WHERE at < ?", (now - self.audit_keep,))
                     for p in gone:
                         self._audit(c, "expire-invitation", f"peer {p.name}", peer_summary(p),
@@ -8714,7 +8756,7 @@ def load_old_keys(files, now):
 
 
 def keep_old_key(files, private_key, new_key, now):
-    keys = load_old_keys(files, now)[-(ROTATIONS_KEPT - 1):]
+    keys = load_old_keys(files, now)[-(ROTATIONS_MAX - 1):]
     keys.append({"private_key": private_key, "new_key": new_key, "until": now + OLD_KEY_KEEP})
     ensure_dir(os.path.dirname(files.old_keys) or ".")
     atomic_write(files.old_keys, json.dumps({"keys": keys}) + "\n", 0o600)
@@ -10333,7 +10375,7 @@ class StateViews:
             if self._tree_cache and self._tree_cache[0] == rev and self.cache_enabled:
                 return self._tree_cache[1]
         tree = (self.store.peers(), self.store.cidrs(), self.store.associations(), {},
-                self.store.deletions())
+                self.store.deletion_notices())
         with self._cache_lock:
             self._tree_cache = (rev, tree)
         return tree

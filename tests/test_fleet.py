@@ -128,6 +128,58 @@ def test_the_server_serves_a_caller_only_the_proofs_for_its_own_earlier_keys(co)
     assert not {"p0", "p1", "p2"} & set(served), chain    # (not a substring: keys hold any)
 
 
+def test_the_server_keeps_a_weeks_rotations_beyond_the_latest_few_up_to_a_cap(co):
+    """A client away for more than ROTATIONS_KEPT rotations (the soak's
+    h89, disabled while h56 rotated 10 times) still finds the link from its
+    pin: rotations younger than OLD_KEY_KEEP stay, at most ROTATIONS_MAX."""
+    store = co.store
+    dev = store.peer_by_name("developer1")
+    keys = [dev.public_key]
+    t0 = 10 ** 9
+    for i in range(innernet.ROTATIONS_KEPT + 2):           # all within a week
+        keys.append(pair()[1])
+        store.rotate_key(dev.id, keys[-1], {}, now=t0 + i)
+    assert [old for old, _, _ in store.rotations(dev.ip)] == keys[:-1]
+    later = t0 + innernet.OLD_KEY_KEEP + 100               # a week on: the latest few
+    keys.append(pair()[1])
+    store.rotate_key(dev.id, keys[-1], {}, now=later)
+    assert [new for _, new, _ in store.rotations(dev.ip)] == keys[-innernet.ROTATIONS_KEPT:]
+    for i in range(innernet.ROTATIONS_MAX + 3):             # and never more than the cap
+        keys.append(pair()[1])
+        store.rotate_key(dev.id, keys[-1], {}, now=later + i)
+    assert [new for _, new, _ in store.rotations(dev.ip)] == keys[-innernet.ROTATIONS_MAX:]
+
+
+def test_a_deletion_names_the_keys_the_peer_rotated_away_from(co):
+    """A client away across a peer's rotation and then its deletion pins a
+    key before the last; the deletion is announced for each of its keys, so
+    that pin goes too. The deleted peer's rotations are no one's chain: not
+    served for its address, not asked of the next peer there, and forgotten
+    with the deletion."""
+    from helpers import call
+    store = co.store
+    dev = store.peer_by_name("developer1")
+    k0, (_, k1), (_, k2) = dev.public_key, pair(), pair()
+    store.rotate_key(dev.id, k1, {})
+    store.rotate_key(dev.id, k2, {})
+    store.delete_peer(dev.id, 0, now=1000)
+    assert [d.public_key for d in store.deletions()] == [k2]
+    notices = store.deletion_notices()
+    assert sorted(d.public_key for d in notices) == sorted([k0, k1, k2])
+    assert {(d.ip, d.reuse_after) for d in notices} == {(dev.ip, 1000)}
+    assert store.rotations(dev.ip) == []
+    status, state = call(co, "GET", "/v1/user/state", "developer2")
+    assert status == 200
+    assert sorted(d["public_key"] for d in state["deleted"] if d["ip"] == dev.ip) == \
+        sorted([k0, k1, k2])
+    # a stored pin of k0, the first key, goes with the announcement
+    stored = [Peer(dev.id, "developer1", dev.ip, dev.cidr_id, k0)]
+    deleted = [innernet.Deletion.from_json(d) for d in state["deleted"]]
+    assert innernet.merge_pinned(stored, [], deleted, now=2000, floor=0) == []
+    store.sweep_expired(1000 + innernet.DELETION_NOTICE_KEEP + 1)
+    assert store.deletion_notices() == [] and store.extra_rows()["key_rotations"] == 0
+
+
 def test_a_waiting_key_change_keeps_the_pinned_key_and_syncs_the_rest():
     _, old_pub = pair()
     _, new_pub = pair()

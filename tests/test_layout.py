@@ -31,6 +31,7 @@ TIERS = {
     "WireGuard devices": "base",
     "Network as code": "base",
     "Lock signing and storage": "base",
+    "Database schema": "base",
     "Store": "base",
     "HTTP wire": "base",
     "API client": "base",

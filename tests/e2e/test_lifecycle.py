@@ -321,3 +321,41 @@ def test_a_new_key_without_a_valid_proof_is_refused_by_every_client(world):
             conn.execute("DELETE FROM key_rotations WHERE new_key = ?", (evil,))
         conn.close()
     world.hosts["alice"].innernet("fetch", lab.ifname("alice"), "--no-write-hosts")
+
+
+def test_a_peer_away_across_a_rotation_and_a_deletion_takes_the_next_peer_there(world):
+    """kim, disabled, missed jan's rotation and then jan's deletion. The
+    deletion was announced with jan's last key only while kim pins the one
+    before, so the next peer at jan's address met kim's pin for good (a
+    `PINNING ERROR` at every fetch; J2 of the network-lock review). A
+    deletion is now announced for every key its peer rotated away from."""
+    lab, srv, net = world.lab, world.srv, world.net
+    jan, kim = lab.add_host("jan"), lab.add_host("kim")
+    jif, kif = lab.ifname("jan"), lab.ifname("kim")
+    for host, name in ((jan, "jan"), (kim, "kim")):
+        host.innernet("install", "--name", lab.ifname(name), "--no-write-hosts",
+                      invite(srv, net, name, "humans"))
+    jan_ip = ip_of(world, "jan")
+    kim.innernet("fetch", kif, "--no-write-hosts")             # kim pins jan's first key
+    assert jan_ip in device_peer_ips(kim, kif)
+    srv.server("disable-peer", net, "--name", "kim", "--yes")
+    jan.innernet("rotate-key", jif, "--yes")
+    srv.server("delete-peer", net, "--name", "jan", "--reuse-after", "0s", "--yes")
+    jan.innernet("down", jif)
+    path = srv.path("lea.toml")
+    srv.server("add-peer", net, "--name", "lea", "--cidr", "humans", "--admin", "false",
+               "--ip", jan_ip, "--save-config", path, "--invite-expires", "1h", "--yes")
+    lea = lab.add_host("lea")
+    lea.innernet("install", "--name", lab.ifname("lea"), "--no-write-hosts", path)
+    srv.server("enable-peer", net, "--name", "kim", "--yes")
+    said = []
+
+    def fetched():       # the first may time out on the session the server dropped
+        r = kim.innernet("fetch", kif, "--no-write-hosts", check=False, timeout=90)
+        said.append(r.stderr)
+        return r.returncode == 0 or "PINNING" in r.stderr
+    wait_for(fetched, 90, "kim's fetch to go through", interval=1)
+    assert "PINNING" not in said[-1], said[-1]
+    lea_key = sqlite3.connect(world.db).execute(
+        "SELECT public_key FROM peers WHERE name = 'lea'").fetchone()[0]
+    assert device_peer_ips(kim, kif)[jan_ip]["public_key"] == lea_key
