@@ -1810,6 +1810,24 @@ def local_addresses(exclude=(), links=None):
     return result[:MAX_CANDIDATES]
 
 
+def parse_since(text, now=None):
+    """--since: a duration ago (90m, 7d), a UTC date or time (2026-12-01,
+    2026-12-01T10:00:00), or unix seconds."""
+    now = time.time() if now is None else now
+    n = ascii_uint(text)
+    if n is not None:
+        return n
+    with contextlib.suppress(InnernetError):
+        return int(now) - parse_timestring(text)
+    import calendar
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        with contextlib.suppress(ValueError):
+            return calendar.timegm(time.strptime(text, fmt))
+    raise InnernetError(f"invalid --since {text!r}",
+                        hint="a duration ago (90m, 7d), a UTC date (2026-12-01 or "
+                             "2026-12-01T10:00:00), or unix seconds")
+
+
 ###############################################################################
 # Keys and WireGuard messages #################################################
 ###############################################################################
@@ -4162,7 +4180,7 @@ def lock_routes(rec, peer):
 
 
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
-                 skip=(), now=None, own_signed=None, own_name=None):
+                 skip=(), now=None, own_signed=None, own_name=None, own_key=None):
     """What a locked client may install of a server's state.
 
     ``chain``: its LockChain; ``lock``: the state's lock section (batches,
@@ -4175,19 +4193,17 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     (the server's, whose key and endpoint are this client's config's), as
     this host's own entry is, but only as far as signed (lock_held);
     ``now``: this host's clock; ``own_signed``: fresh_records's; ``own_name``: the
-    name this host kept last time, while no fresh signed record of it comes.
+    name this host kept last time, while no fresh signed record of it comes;
+    ``own_key``: this host's key, bound under its record (its rotation's).
     -> (peers accepted, some with fewer routes; [(peer, reason)] refused, ``known``
     updated)."""
     net, keys = chain.net, chain.keys
     now = time.time() if now is None else now
-    lock = lock if isinstance(lock, dict) else {}
-    why = {}
+    lock, why = lock if isinstance(lock, dict) else {}, {}
     signed = signed_records(net, keys, lock, cache, {p.ip: p.public_key for p in peers},
                             known, why)
     use, replayed = fresh_records(signed, known, own_signed)
-    for s, reason in why.items():
-        if s not in signed:
-            replayed.setdefault(s, reason)
+    replayed.update({s: r for s, r in why.items() if s not in signed and s not in replayed})
     new_known = dict(known)
     for s, (p, h) in use.items():
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
@@ -4220,6 +4236,8 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
             peer = dataclasses.replace(peer, routes=routes, exit_node=exit_node)
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
+    if own_key is not None and own is not None and not own["deleted"]:   # an admin signs it
+        new_known[f"peer:{own_ip}"][2:4] = [own_key, own["key"]]
     return accepted, refused, new_known
 
 
@@ -6519,6 +6537,60 @@ def lock_hidden_overlap(fields, records, after):
     return None
 
 
+def lock_change_lines(changes, records):
+    """A change's records for people, one line each, against the signed
+    records this host holds: '+ peer 10.66.1.9 (eve)', '- CIDR …', '~ peer
+    10.66.1.3 (bob): routes none -> 192.168.0.0/16'."""
+    def show(v):
+        if isinstance(v, list):
+            return ", ".join(map(str, v)) or "none"
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    out = []
+    for s in sorted(changes):
+        f, rec = changes[s], records.get(s)
+        name = f" ({f['name']})" if f.get("name") else ""
+        if f.get("deleted"):
+            out.append(f"- {lock_subject_text(s)}{name}")
+        elif rec is None or rec.get("deleted"):
+            out.append(f"+ {lock_subject_text(s)}{name}")
+        else:
+            was = lock_fields(rec)
+            diff = [f"{k} {show(was.get(k))} -> {show(v)}" for k, v in f.items()
+                    if k != "t" and was.get(k) != v]
+            out.append(f"~ {lock_subject_text(s)}{name}: " + "; ".join(diff))
+    return out
+
+
+def lock_orphaned(subject, fields, records, changes):
+    """Why deleting a CIDR (``fields``, None for another change) must not be
+    signed: a live signed record still names its range (an association, a
+    child CIDR, a peer) and this change does not delete it too. The server
+    can leave those out of its view; signed over, they would come back live
+    under the next CIDR of that range. Else None."""
+    if not fields or fields["t"] != "cidr" or not fields["deleted"]:
+        return None
+    for s, rec in sorted(records.items()):
+        gone = (changes.get(s) or {}).get("deleted")
+        if s != subject and isinstance(rec, dict) and not rec.get("deleted") and not gone \
+                and subject in lock_named(lock_fields(rec)):
+            return f"{lock_subject_text(s)}, signed, still names it"
+    return None
+
+
+def lock_name_taken(subject, fields, records, changes):
+    """Why a peer or CIDR record (``fields``) must not be signed: another
+    live signed record of its kind has its name, and this change leaves it
+    so (the server can hide that one from the admin's view). Else None."""
+    if not fields or fields["t"] == "assoc" or fields["deleted"]:
+        return None
+    for s, rec in sorted(records.items()):
+        now = changes.get(s) or (lock_fields(rec) if isinstance(rec, dict) else {})
+        if s != subject and now.get("t") == fields["t"] and not now.get("deleted") \
+                and now.get("name") == fields["name"]:
+            return f"its name '{fields['name']}' is {lock_subject_text(s)}'s, signed"
+    return None
+
+
 def server_lock_data(f):
     """``f`` (a reading of the lock data a server sent) with a field of the
     wrong type -- a list where a key should be -- one line, not a traceback:
@@ -6736,12 +6808,13 @@ class NetworkLock:
                     [f"peer:{ip}" for ip in enroll])
         return self._signer
 
-    def lock_signed(self, before, after, *, keys=None, force=(), asked=None):
+    def lock_signed(self, before, after, *, keys=None, force=(), asked=None, preview=False):
         """The signed records ({"batch", "records"}) of a change that leaves
         the network ``before`` as ``after`` (projections), or None without
         lock or change. ``force``: subjects signed anew though unchanged (a
         new invitation key); ``asked``: {subject: routes} an approve-routes
-        names (lock_asked): the server may hold them approved already."""
+        names (lock_asked): the server may hold them approved already.
+        ``preview``: the checked changes, {subject: fields}, unsigned."""
         signer = self.lock_signer()
         if signer is None:
             return None
@@ -6768,9 +6841,13 @@ class NetworkLock:
             if s in asked and rec is not None:
                 rec = lock_asked(rec, asked[s])
             why = lock_unlike_signed(s, before, after, rec) or \
-                lock_hidden_overlap(changes.get(s), signer.records, after)
+                lock_hidden_overlap(changes.get(s), signer.records, after) or \
+                lock_orphaned(s, changes.get(s), signer.records, changes) or \
+                lock_name_taken(s, changes.get(s), signer.records, changes)
             if why:
                 raise unlike_signed_error(s, why)
+        if preview:
+            return changes
         return signer.signed(changes, keys) if changes else None
 
     def lock_check(self, peer):
@@ -6797,9 +6874,14 @@ class NetworkLock:
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
                                 force=force, asked=asked)
 
-    def lock_apply(self, text, source):
+    def lock_apply(self, text, source, preview=False):
         """The signed records of `apply`: the network as the document leaves
-        it (document_projection); new peers by their invitations' lock keys."""
+        it (document_projection); new peers by their invitations' lock keys.
+        ``preview``: the records' lines for the plan instead (lock_change_lines,
+        from this host's signed records, never the server's plan), and the
+        apply then signs those or nothing (the server's view may change
+        between the two: a field it showed changed at the plan and unchanged
+        at the apply would be signed unseen)."""
         if self.lock_signer() is None:
             return None
         now = self.peers(), self.cidrs(), self.associations()
@@ -6809,7 +6891,15 @@ class NetworkLock:
             return None                   # the server names the document's problems
         keys = {f"peer:{ip}": lock_auth(auth, getattr(self, "lock_expires", None))
                 for ip, auth in getattr(self, "lock_auths", {}).items()}
-        return self.lock_signed(lock_projection(*now), after, keys=keys)
+        changes = self.lock_signed(lock_projection(*now), after, keys=keys, preview=True)
+        if preview:
+            self.lock_previewed = changes
+            return lock_change_lines(changes, self.lock_signer().records)
+        if changes != getattr(self, "lock_previewed", changes):
+            raise InnernetError("the server's view of the network changed between the plan and "
+                                "the apply: not signing what the plan did not show",
+                                hint="run apply again and read the plan")
+        return self.lock_signer().signed(changes, keys) if changes else None
 
     def lock_submit(self, entries, signed, adoptions):
         """A `lock` verb's request: the chain extended (or begun), records, proofs."""
@@ -12652,7 +12742,8 @@ class _Fetch:
             chain, offered or {}, received, self.cidrs, own_ip, known,
             rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)},
             own_signed=mine.get("signed"), own_name=next((p.name for p in self.stored_peers
-                                                          if p.ip == own_ip), None))
+                                                          if p.ip == own_ip), None),
+            own_key=public_key(self.cfg.private_key))
         lines = [lock_refusal(p, why) for p, why in refused]
         self.lock_waits = [p for p, why in refused if why.endswith(LOCK_NO_PROOF)]
         for line in lines:
@@ -13547,8 +13638,11 @@ class RemoteNetwork(NetworkLock):
         r = _require_object(self.api.call("POST", "/admin/plan", {"document": text}), "plan")
         lines = [source + x[len("the file"):] if x.startswith("the file") else x
                  for x in r.get("problems") or []]
+        # a new peer's name names its invitation file: a name, never a path
         return (list(r.get("plan") or []), lines,
-                [(i["name"], i["ip"]) for i in r.get("invite") or []])
+                [(parse_hostname(_get(i, "name", str), "peer name from the server"),
+                  str(parse_ip(_get(i, "ip", str)))) for i in r.get("invite") or []
+                 if _require_object(i, "invitation")])
 
     def apply(self, text, source, invites):
         body = {"document": text, "invites": {ip: {"public_key": k,
@@ -14055,24 +14149,6 @@ def cmd_approve_routes(args):
     return 0
 
 
-def parse_since(text, now=None):
-    """--since: a duration ago (90m, 7d), a UTC date or time (2026-12-01,
-    2026-12-01T10:00:00), or unix seconds."""
-    now = time.time() if now is None else now
-    n = ascii_uint(text)
-    if n is not None:
-        return n
-    with contextlib.suppress(InnernetError):
-        return int(now) - parse_timestring(text)
-    import calendar
-    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
-        with contextlib.suppress(ValueError):
-            return calendar.timegm(time.strptime(text, fmt))
-    raise InnernetError(f"invalid --since {text!r}",
-                        hint="a duration ago (90m, 7d), a UTC date (2026-12-01 or "
-                             "2026-12-01T10:00:00), or unix seconds")
-
-
 def cmd_audit(args):
     """Who changed what, oldest first."""
     since = parse_since(args.since) if args.since else 0
@@ -14106,20 +14182,25 @@ def cmd_apply(args):
         for line in problems:
             _emit(line)
         raise InnernetError(f"{len(problems)} problem(s) in {args.file}; nothing applied")
+    signing = net.lock_apply(text, args.file, preview=True) or []
     for line in lines:
         print(line)
-    if not lines:
+    if not lines and not signing:
         print("No changes: the network is what the file says.")
         return 0
     print(f"Plan: {sum(x[0] == '+' for x in lines)} to add, "
           f"{sum(x[0] == '~' for x in lines)} to change, "
           f"{sum(x[0] == '-' for x in lines)} to remove.")
+    if signing:       # what this host signs, as it reads the file against the signed records
+        print(f"Network lock: this host signs {len(signing)} record(s):")
+        for line in signing:
+            print("  " + line)
     if args.dry_run:
         return 0
     if new_peers and args.save_invites is None:
         raise InnernetError(f"the file adds {len(new_peers)} peer(s), which become invitations",
                             hint="pass --save-invites DIR for their invitation files")
-    confirm(args, f"Apply these {len(lines)} changes?", False)
+    confirm(args, f"Apply these {max(len(lines), len(signing))} changes?", False)
     cidrs, invites, written = net.cidrs(), {}, []
     try:
         for name, ip in new_peers:

@@ -910,3 +910,17 @@ def test_lock_data_of_the_wrong_type_is_one_line_not_a_traceback(where):
             e.message
     else:
         assert where != "batch key"             # unhashable where a key should be
+
+
+def test_this_hosts_own_rotated_key_is_what_its_admin_host_signs_next():
+    """Tenth outside round, L2: an admin's host bound the rotated key of
+    every other peer it followed, never its own, so each later signing of
+    it named its old key (perhaps the stolen one it rotated away from), and
+    new peers installed that. Its own key is bound under its own record."""
+    n = Net()
+    me = next(p for p in n.peers if p.ip == "10.66.1.2")
+    _, _, known = verify_state(n.chain, n.lock(), n.peers, n.cidrs, "10.66.1.2", {},
+                               own_key="rotated-key")
+    assert known["peer:10.66.1.2"][2:] == ["rotated-key", me.public_key]
+    records = {innernet.record_subject(p): p for p in n.records}
+    assert innernet.lock_known_keys(records, known)["peer:10.66.1.2"] == "rotated-key"

@@ -5,6 +5,7 @@ database (its --lock-key is the admin path there) and the Coordinator."""
 import glob
 import json
 import os
+import types
 
 import pytest
 
@@ -331,3 +332,129 @@ def test_a_peer_the_server_shows_already_disabled_is_checked_against_its_signed_
     assert run(base, "enable-peer", "evil", "--name", "carol", "--yes",
                "--lock-key", keyfile) != 0
     assert "is already enabled" in capsys.readouterr().err        # true, and as signed
+
+
+EXPORTED = '''network = "evil"
+cidr = "10.66.0.0/16"
+
+[[cidrs]]
+name = "h"
+cidr = "10.66.1.0/24"
+parent = "evil"
+
+[[cidrs]]
+name = "{robots}"
+cidr = "10.66.2.0/24"
+parent = "evil"
+
+[[associations]]
+cidrs = ["h", "{robots}"]
+'''
+
+
+def test_apply_under_lock_shows_every_record_it_signs_whatever_the_plan_says(
+        tmp_path, capsys, monkeypatch):
+    """Tenth outside round, L1: an admin peer's plan is the server's answer,
+    while its host signs its own reading of the file. A hijacked server put
+    an association into the exported file and left it out of the plan; the
+    admin saw only its own edit (a rename) and signed both. Under lock the
+    plan now lists what this host signs, from its signed records; and an
+    apply whose view of the network moved since that plan signs nothing."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-cidr", "evil", "--name", "robots", "--cidr", "10.66.2.0/24",
+               "--parent", "evil", "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    doc = tmp_path / "net.toml"
+    doc.write_text(EXPORTED.format(robots="bots"))     # the lie: the association
+    real_plan = innernet.LocalNetwork.plan
+
+    def lying_plan(self, text, source):
+        lines, problems, new = real_plan(self, text, source)
+        return [x for x in lines if "association" not in x], problems, new
+    monkeypatch.setattr(innernet.LocalNetwork, "plan", lying_plan)
+    capsys.readouterr()
+    assert run(base, "apply", "evil", str(doc), "--dry-run", "--lock-key", keyfile) == 0
+    out = capsys.readouterr().out
+    assert "association" not in out.split("Network lock")[0]          # the plan lies
+    assert "Network lock: this host signs 2 record(s):\n" \
+           "  + the association of 10.66.1.0/24 and 10.66.2.0/24\n" \
+           "  ~ CIDR 10.66.2.0/24 (bots): name robots -> bots\n" in out, out
+    # the view moves between the plan and the apply: nothing is signed
+    store = Store(db_path(tmp_path))
+    before = store.lock_records()[0]
+    real_confirm = innernet.confirm
+
+    def moved(*a):
+        store.conn.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) SELECT a.id, "
+                           "b.id FROM cidrs a, cidrs b WHERE a.name = 'h' AND b.name = 'robots'")
+        return real_confirm(*a)
+    monkeypatch.setattr(innernet, "confirm", moved)
+    assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "the server's view of the network changed between the plan and the apply" in err, err
+    assert err.count("error:") == 1 and store.lock_records()[0] == before
+
+
+def test_a_cidr_is_not_deleted_under_lock_while_a_signed_record_names_it(tmp_path, capsys):
+    """Tenth outside round, L4: the server hid an association and a peer of a
+    CIDR, the admin's host signed the CIDR's deletion, and both came back
+    live (still signed) under the next CIDR made at that range. A CIDR's
+    deletion is signed only with, or after, every signed record naming it."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-cidr", "evil", "--name", "ops", "--cidr", "10.66.2.0/24",
+               "--parent", "evil", "--yes") == 0
+    assert run(base, "add-association", "evil", "h", "ops", "--yes") == 0
+    assert run(base, "add-peer", "evil", "--name", "carol", "--cidr", "ops", "--ip",
+               "10.66.2.1", "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "carol.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    before = store.lock_records()[0]
+    store.conn.execute("DELETE FROM associations")
+    store.conn.execute("DELETE FROM peers WHERE name = 'carol'")
+    capsys.readouterr()
+    assert run(base, "delete-cidr", "evil", "--name", "ops", "--yes",
+               "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "the association of 10.66.1.0/24 and 10.66.2.0/24, signed, still names it" in err
+    store.conn.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) SELECT a.id, b.id "
+                       "FROM cidrs a, cidrs b WHERE a.name = 'h' AND b.name = 'ops'")
+    assert run(base, "delete-association", "evil", "h", "ops", "--yes",
+               "--lock-key", keyfile) == 0
+    capsys.readouterr()
+    assert run(base, "delete-cidr", "evil", "--name", "ops", "--yes",
+               "--lock-key", keyfile) != 0
+    assert "peer 10.66.2.1, signed, still names it" in capsys.readouterr().err
+    recs = store.lock_records()[0]
+    assert recs["cidr:10.66.2.0/24"] == before["cidr:10.66.2.0/24"]
+
+
+def test_no_second_signed_peer_takes_a_signed_name_the_server_hid(tmp_path, capsys):
+    """Tenth outside round, L6: with dave hidden, renaming bob to dave was
+    signed, and every client had two 'dave's in its hosts file."""
+    base = cli_network(tmp_path, capsys)
+    for name, ip in (("bob", "10.66.1.3"), ("dave", "10.66.1.4")):
+        assert run(base, "add-peer", "evil", "--name", name, "--cidr", "h", "--ip", ip,
+                   "--admin", "false", "--invite-expires", "1d", "--save-config",
+                   str(tmp_path / f"{name}.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    store.conn.execute("DELETE FROM peers WHERE name = 'dave'")
+    capsys.readouterr()
+    assert run(base, "rename-peer", "evil", "--name", "bob", "--new-name", "dave", "--yes",
+               "--lock-key", keyfile) != 0
+    assert "its name 'dave' is peer 10.66.1.4's, signed" in capsys.readouterr().err
+    assert store.peer_by_name("bob") is not None
+
+
+@pytest.mark.parametrize("name", ["/tmp/abs-by-server", "../up", "a/b", "", 7])
+def test_an_invitation_file_name_from_the_server_is_a_peer_name_never_a_path(name):
+    """Tenth outside round, L5: `apply --save-invites DIR` on an admin peer
+    named each invitation file after the server's plan answer, so a server
+    could write one outside DIR."""
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = types.SimpleNamespace(call=lambda *a: {
+        "plan": ["+ peer 10.66.1.9 (x)"], "invite": [{"name": name, "ip": "10.66.1.9"}]})
+    with pytest.raises(innernet.InnernetError) as e:
+        net.plan("", "f.toml")
+    assert "from the server" in e.value.message or "field 'name'" in e.value.message
