@@ -6537,25 +6537,27 @@ def lock_hidden_overlap(fields, records, after):
     return None
 
 
-def lock_change_lines(changes, records):
-    """A change's records for people, one line each, against the signed
-    records this host holds: '+ peer 10.66.1.9 (eve)', '- CIDR …', '~ peer
-    10.66.1.3 (bob): routes none -> 192.168.0.0/16'."""
+def lock_change_lines(planned, records):
+    """The records a change signs (LockSigner.planned's {subject: (fields,
+    key)}) for people, one line each, against the signed records this host
+    holds: '+ peer 10.66.1.9 (eve)', '- CIDR …', '~ peer 10.66.1.3 (bob):
+    routes none -> 192.168.0.0/16', a peer's key included."""
     def show(v):
         if isinstance(v, list):
             return ", ".join(map(str, v)) or "none"
         return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
     out = []
-    for s in sorted(changes):
-        f, rec = changes[s], records.get(s)
+    for s in sorted(planned):
+        (f, key), rec = planned[s], records.get(s)
         name = f" ({f['name']})" if f.get("name") else ""
         if f.get("deleted"):
             out.append(f"- {lock_subject_text(s)}{name}")
         elif rec is None or rec.get("deleted"):
             out.append(f"+ {lock_subject_text(s)}{name}")
         else:
-            was = lock_fields(rec)
-            diff = [f"{k} {show(was.get(k))} -> {show(v)}" for k, v in f.items()
+            was = dict(lock_fields(rec), key=rec.get("key"))
+            diff = [f"{k} {show(was.get(k))} -> {show(v)}" for k, v in
+                    dict(f, **({"key": key} if f["t"] == "peer" else {})).items()
                     if k != "t" and was.get(k) != v]
             out.append(f"~ {lock_subject_text(s)}{name}: " + "; ".join(diff))
     return out
@@ -6720,21 +6722,9 @@ class LockSigner:
         could present an older one (a peer deleted since by another admin,
         out of this host's view), and signing it with a fresh serial would
         make it newest again."""
-        keys, now_ms, out = keys or {}, int(time.time() * 1000), []
-        changes = dict(changes)
-        for s in self.bound:
-            rec = self.records.get(s)
-            if s not in changes and s not in keys and rec is not None \
-                    and self.newest.get(s) == rec.get("n"):
-                changes[s] = lock_fields(rec)
-        refuse_stale(self.records, self.newest, changes)
-        for s, fields in sorted(changes.items()):
+        now_ms, out = int(time.time() * 1000), []
+        for s, (fields, key) in self.planned(changes, keys).items():
             cur = self.records.get(s) or {}
-            key = keys.get(s) or self.bound.get(s) or cur.get("key")
-            if fields["t"] == "peer" and not key:
-                raise InnernetError(f"no signed key is known for {lock_subject_text(s)}",
-                                    hint="'innernet lock log' shows the chain; re-sign with "
-                                         "'innernet lock init' only on an unlocked network")
             out.append(lock_record(self.chain.net, lock_serial(cur.get("n"), now_ms), fields,
                                    key))
         for r in out:
@@ -6742,6 +6732,26 @@ class LockSigner:
             self.bound.pop(record_subject(r), None)
             self.newest[record_subject(r)] = r["n"]
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
+
+
+    def planned(self, changes, keys=None):
+        """{subject: (fields, key)} that signed() signs for ``changes``: them,
+        and the records signed again with a key this host took."""
+        keys, changes, out = keys or {}, dict(changes), {}
+        for s in self.bound:
+            rec = self.records.get(s)
+            if s not in changes and s not in keys and rec is not None \
+                    and self.newest.get(s) == rec.get("n"):
+                changes[s] = lock_fields(rec)
+        refuse_stale(self.records, self.newest, changes)
+        for s, fields in sorted(changes.items()):
+            key = keys.get(s) or self.bound.get(s) or (self.records.get(s) or {}).get("key")
+            if fields["t"] == "peer" and not key:
+                raise InnernetError(f"no signed key is known for {lock_subject_text(s)}",
+                                    hint="'innernet lock log' shows the chain; re-sign with "
+                                         "'innernet lock init' only on an unlocked network")
+            out[s] = (fields, key)
+        return out
 
 
 class NetworkLock:
@@ -6892,14 +6902,18 @@ class NetworkLock:
         keys = {f"peer:{ip}": lock_auth(auth, getattr(self, "lock_expires", None))
                 for ip, auth in getattr(self, "lock_auths", {}).items()}
         changes = self.lock_signed(lock_projection(*now), after, keys=keys, preview=True)
-        if preview:
+        signer = self.lock_signer()
+        if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
-            return lock_change_lines(changes, self.lock_signer().records)
+            return changes and lock_change_lines(signer.planned(changes, {
+                s: "its invitation's" for s, f in changes.items() if f["t"] == "peer"
+                and (signer.records.get(s) or {"deleted": True}).get("deleted")}),
+                signer.records)
         if changes != getattr(self, "lock_previewed", changes):
             raise InnernetError("the server's view of the network changed between the plan and "
                                 "the apply: not signing what the plan did not show",
                                 hint="run apply again and read the plan")
-        return self.lock_signer().signed(changes, keys) if changes else None
+        return signer.signed(changes, keys) if changes else None
 
     def lock_submit(self, entries, signed, adoptions):
         """A `lock` verb's request: the chain extended (or begun), records, proofs."""
@@ -8287,6 +8301,7 @@ class ApiClient:
     """
 
     extra_headers = None          # sent with every request while set (LOCK_HEADER)
+    writes = 0                    # requests that may change the server's data, so far
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
                  source_address=None, proof_key=None, invite_key=None, lacks=None):
@@ -8492,6 +8507,8 @@ class ApiClient:
         """The decoded JSON answer, or InnernetError for a non-2xx status (one
         line naming the feature for an extension an innernet server lacks,
         which is then not asked for again)."""
+        if method != "GET":
+            self.writes += 1                 # what was read before may have changed
         ext = extension_of(method, path)
         if ext and self.lacks is not None and self.lacks.lacks(ext[0]):
             raise lacking_error(*ext)
@@ -12372,8 +12389,7 @@ def send_late_proofs(api, cfg, files):
             api.call("POST", "/user/rotation-proofs", {"old_key": rec["old_key"],
                                                        "new_key": rec["new_key"],
                                                        "proofs": proofs})
-            log(f"sent the proof of our key rotation to {len(proofs)} peer(s) that joined "
-                "before it")
+            log(f"sent the proof of our key rotation to {len(proofs)} peer(s) that had none")
         except InnernetError as e:
             if e.unreachable:
                 raise
@@ -12844,9 +12860,14 @@ class _Fetch:
             return
         self.backend.apply(self.iface, updates=self.changes)
         names = {p.public_key: p.name for p in self.stored_peers + self.peers}
-        for u in self.changes:
+        at = {p.public_key: p.ip for p in self.stored_peers + self.peers}
+        moved = {at.get(u.public_key) for u in self.changes if u.action == "removed"} & \
+            {at.get(u.public_key) for u in self.changes if u.action == "added"} - {None}
+        for u in self.changes:        # a new key in place of an old one: one line
+            if at.get(u.public_key) in moved and u.action == "removed":
+                continue
             log(f"peer {u.name or names.get(u.public_key) or short_key(u.public_key)} "
-                f"was {u.action}")
+                + ("has a new key" if at.get(u.public_key) in moved else f"was {u.action}"))
 
     def entries(self, memo):
         """The device entries the state asks for (desired_peers), with the exit
@@ -13553,14 +13574,24 @@ class RemoteNetwork(NetworkLock):
                              proof_key=self.config.private_key, lacks=self.lacks)
         self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
 
+    def _read(self, path, make):
+        """The server's list at ``path``, read once between two writes: a verb
+        finds what it names in the answer its lock records are checked on
+        (read twice, a server could have the first answer signed unchecked)."""
+        if self.api.writes != getattr(self, "_read_at", None):
+            self._read_at, self._reads = self.api.writes, {}
+        if path not in self._reads:
+            self._reads[path] = self.api.call("GET", path)
+        return [make(x) for x in self._reads[path]]
+
     def cidrs(self):
-        return [Cidr.from_json(c) for c in self.api.call("GET", "/admin/cidrs")]
+        return self._read("/admin/cidrs", Cidr.from_json)
 
     def peers(self):
-        return [Peer.from_json(p) for p in self.api.call("GET", "/admin/peers")]
+        return self._read("/admin/peers", Peer.from_json)
 
     def associations(self):
-        return [Association.from_json(a) for a in self.api.call("GET", "/admin/associations")]
+        return self._read("/admin/associations", Association.from_json)
 
     def add_cidr(self, contents):
         return Cidr.from_json(self.api.call("POST", "/admin/cidrs", contents.to_json(False)))

@@ -2,6 +2,7 @@
 the lock chain, batches, enrollments and the client's verifier."""
 import copy
 import dataclasses
+import json
 import os
 
 import pytest
@@ -924,3 +925,39 @@ def test_this_hosts_own_rotated_key_is_what_its_admin_host_signs_next():
     assert known["peer:10.66.1.2"][2:] == ["rotated-key", me.public_key]
     records = {innernet.record_subject(p): p for p in n.records}
     assert innernet.lock_known_keys(records, known)["peer:10.66.1.2"] == "rotated-key"
+
+
+def test_an_admin_verb_reads_the_network_once_between_writes():
+    """Eleventh outside round, M1: a verb found the peer or CIDR it names in
+    one answer of the server, and its lock records were checked on a second;
+    a server that lied only in the first (another peer's id, an admin flag,
+    an approved route) had that signed. An admin peer reads each list once
+    between two writes, so what the verb names is what is checked."""
+    alice = Peer(7, "alice", "10.66.1.2", 3, "alice-key", is_redeemed=True)
+    answers = [[alice.to_json()], [dataclasses.replace(alice, is_admin=True).to_json()]]
+    asked = []
+
+    def request(method, path, body=None):
+        asked.append((method, path))
+        return 200, {}, json.dumps(answers.pop(0) if method == "GET" else {}).encode()
+    api = object.__new__(innernet.ApiClient)
+    api.lacks, api.request = None, request
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = api
+    assert net.peers() == net.peers() == [alice]
+    assert asked == [("GET", "/admin/peers")]
+    api.call("PUT", "/admin/peers/7", {})                  # a write: read anew
+    assert net.peers()[0].is_admin and asked[-1] == ("GET", "/admin/peers")
+
+
+def test_the_plan_under_lock_names_a_key_this_host_signs_again():
+    """Eleventh outside round, M2: `apply` under lock listed the records of
+    the change, not a peer's record signed again with the rotated key this
+    admin's host took (perhaps one a stolen old key proved to it)."""
+    rec = peer_payload(NET, 5, ip="10.66.1.3", key="old-key", name="carol",
+                       cidr="10.66.1.0/24", admin=False, routes=[], exit=False, static=False,
+                       disabled=False, deleted=False)
+    fields = innernet.lock_fields(rec)
+    lines = innernet.lock_change_lines({"peer:10.66.1.3": (fields, "new-key")},
+                                       {"peer:10.66.1.3": rec})
+    assert lines == ["~ peer 10.66.1.3 (carol): key old-key -> new-key"]

@@ -295,6 +295,8 @@ def test_a_peer_disabled_while_another_rotated_takes_its_key_when_enabled_again(
     said, key, seen = _rotate_while_disabled(world, innernet.ROTATIONS_KEPT)
     assert "PINNING" not in said and "the proof of its old key checks out" in said, said
     assert seen == key
+    # one line for the key's change, not "removed" beside "added" (tenth outside round)
+    assert "peer a has a new key" in said and "peer a was removed" not in said, said
 
 
 def test_a_peer_disabled_and_enabled_again_syncs_at_its_first_fetch(world):
