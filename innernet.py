@@ -6745,7 +6745,14 @@ class LockSigner:
                 changes[s] = lock_fields(rec)
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
-            key = keys.get(s) or self.bound.get(s) or (self.records.get(s) or {}).get("key")
+            rec = self.records.get(s) or {"deleted": True}
+            key = keys.get(s) or self.bound.get(s) or rec.get("key")
+            if fields["t"] == "peer" and not fields["deleted"] and rec["deleted"] \
+                    and s not in keys:      # a new peer: only its invitation's key
+                raise InnernetError(f"no invitation of this host's names the key of new "
+                                    f"{lock_subject_text(s)}: not signing it",
+                                    hint="the server may be hijacked (it left the peer out "
+                                         "of the invitations it asked for)")
             if fields["t"] == "peer" and not key:
                 raise InnernetError(f"no signed key is known for {lock_subject_text(s)}",
                                     hint="'innernet lock log' shows the chain; re-sign with "
@@ -6884,14 +6891,15 @@ class NetworkLock:
         return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
                                 force=force, asked=asked)
 
-    def lock_apply(self, text, source, preview=False):
+    def lock_apply(self, text, source, preview=False, invited=()):
         """The signed records of `apply`: the network as the document leaves
         it (document_projection); new peers by their invitations' lock keys.
         ``preview``: the records' lines for the plan instead (lock_change_lines,
         from this host's signed records, never the server's plan), and the
         apply then signs those or nothing (the server's view may change
         between the two: a field it showed changed at the plan and unchanged
-        at the apply would be signed unseen)."""
+        at the apply would be signed unseen). ``invited``: the addresses the
+        server's plan makes invitations for, which must be the file's new peers."""
         if self.lock_signer() is None:
             return None
         now = self.peers(), self.cidrs(), self.associations()
@@ -6905,10 +6913,14 @@ class NetworkLock:
         signer = self.lock_signer()
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
-            return changes and lock_change_lines(signer.planned(changes, {
-                s: "its invitation's" for s, f in changes.items() if f["t"] == "peer"
-                and (signer.records.get(s) or {"deleted": True}).get("deleted")}),
-                signer.records)
+            new = {s: "its invitation's" for s, f in changes.items() if f["t"] == "peer"
+                   and not f["deleted"] and (signer.records.get(s) or {"deleted": True})["deleted"]}
+            if set(new) != {f"peer:{ip}" for ip in invited}:
+                raise InnernetError(f"the server's plan makes {len(invited)} invitation(s) for "
+                                    f"the {len(new)} new peer(s) of {source}: not signing",
+                                    hint="the server may be hijacked: a new peer's record "
+                                         "names only the key of an invitation made here")
+            return changes and lock_change_lines(signer.planned(changes, new), signer.records)
         if changes != getattr(self, "lock_previewed", changes):
             raise InnernetError("the server's view of the network changed between the plan and "
                                 "the apply: not signing what the plan did not show",
@@ -14213,7 +14225,7 @@ def cmd_apply(args):
         for line in problems:
             _emit(line)
         raise InnernetError(f"{len(problems)} problem(s) in {args.file}; nothing applied")
-    signing = net.lock_apply(text, args.file, preview=True) or []
+    signing = net.lock_apply(text, args.file, True, [ip for _, ip in new_peers]) or []
     for line in lines:
         print(line)
     if not lines and not signing:

@@ -458,3 +458,46 @@ def test_an_invitation_file_name_from_the_server_is_a_peer_name_never_a_path(nam
     with pytest.raises(innernet.InnernetError) as e:
         net.plan("", "f.toml")
     assert "from the server" in e.value.message or "field 'name'" in e.value.message
+
+
+def test_apply_under_lock_signs_a_new_peer_only_with_an_invitation_made_here(
+        tmp_path, capsys, monkeypatch):
+    """Twelfth outside round, N1: `apply` made invitations only for the new
+    peers the server's plan named, while it signed a record for each new
+    peer in the file; one the server left out took its key from the signed
+    record at that address -- the deleted peer's (a stolen key, back). The
+    plan's invitations must be the file's new peers, and a new peer's record
+    names only the key of an invitation made here."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "dave", "--cidr", "h", "--ip", "10.66.1.4",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "dave.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    assert run(base, "delete-peer", "evil", "--name", "dave", "--reuse-after", "0s", "--yes",
+               "--lock-key", keyfile) == 0
+    store = Store(db_path(tmp_path))
+    before = store.lock_records()[0]
+    doc = tmp_path / "net.toml"
+    doc.write_text('network = "evil"\ncidr = "10.66.0.0/16"\n\n[[cidrs]]\nname = "h"\n'
+                   'cidr = "10.66.1.0/24"\nparent = "evil"\n\n[[peers]]\nname = "erin"\n'
+                   'ip = "10.66.1.4"\ncidr = "h"\nadmin = false\ndisabled = false\n')
+    real_plan = innernet.LocalNetwork.plan
+
+    def no_invitation(self, text, source):
+        lines, problems, new = real_plan(self, text, source)
+        assert new == [("erin", "10.66.1.4")]
+        return lines, problems, []
+    monkeypatch.setattr(innernet.LocalNetwork, "plan", no_invitation)
+    capsys.readouterr()
+    assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile,
+               "--save-invites", str(tmp_path / "inv")) != 0
+    err = capsys.readouterr().err
+    assert "the server's plan makes 0 invitation(s) for the 1 new peer(s)" in err, err
+    assert err.count("error:") == 1 and store.lock_records()[0] == before
+    # and the signer itself takes no key for a new peer but an invitation's
+    records = {s: p for s, (p, _) in before.items()}
+    signer = innernet.LockSigner(store.lock_chain(), records, None)
+    assert records["peer:10.66.1.4"]["deleted"]
+    fields = dict(innernet.lock_fields(records["peer:10.66.1.4"]), name="erin", deleted=False)
+    with pytest.raises(innernet.InnernetError, match="no invitation of this host's names"):
+        signer.planned({"peer:10.66.1.4": fields})
