@@ -6898,8 +6898,10 @@ class NetworkLock:
         from this host's signed records, never the server's plan), and the
         apply then signs those or nothing (the server's view may change
         between the two: a field it showed changed at the plan and unchanged
-        at the apply would be signed unseen). ``invited``: the addresses the
-        server's plan makes invitations for, which must be the file's new peers."""
+        at the apply would be signed unseen). ``invited``: the (name, address)
+        pairs the server's plan makes invitations for, each file named by the
+        name: exactly the file's new peers (pairs swapped, a guest's file
+        would hold an admin's seat)."""
         if self.lock_signer() is None:
             return None
         now = self.peers(), self.cidrs(), self.associations()
@@ -6915,9 +6917,11 @@ class NetworkLock:
             self.lock_previewed = changes
             new = {s: "its invitation's" for s, f in changes.items() if f["t"] == "peer"
                    and not f["deleted"] and (signer.records.get(s) or {"deleted": True})["deleted"]}
-            if set(new) != {f"peer:{ip}" for ip in invited}:
-                raise InnernetError(f"the server's plan makes {len(invited)} invitation(s) for "
-                                    f"the {len(new)} new peer(s) of {source}: not signing",
+            pairs = sorted((f"peer:{ip}", name) for name, ip in invited)
+            if pairs != sorted((s, changes[s]["name"]) for s in new):
+                raise InnernetError(f"the server's plan makes {len(invited)} invitation(s), not "
+                                    f"one for each of the {len(new)} new peer(s) of {source} "
+                                    "by name and address: not signing",
                                     hint="the server may be hijacked: a new peer's record "
                                          "names only the key of an invitation made here")
             return changes and lock_change_lines(signer.planned(changes, new), signer.records)
@@ -14225,7 +14229,7 @@ def cmd_apply(args):
         for line in problems:
             _emit(line)
         raise InnernetError(f"{len(problems)} problem(s) in {args.file}; nothing applied")
-    signing = net.lock_apply(text, args.file, True, [ip for _, ip in new_peers]) or []
+    signing = net.lock_apply(text, args.file, True, new_peers) or []
     for line in lines:
         print(line)
     if not lines and not signing:
@@ -14259,8 +14263,8 @@ def cmd_apply(args):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
-    for path in written:
-        log(f"invitation saved to {path} (expires in {format_duration(expires)})")
+    for path, (name, ip) in zip(written, new_peers):
+        log(f"invitation saved to {path}: {name}, {ip} (expires in {format_duration(expires)})")
     log(f"applied {len(applied)} change(s)")
     return 0
 

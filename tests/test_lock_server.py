@@ -485,15 +485,30 @@ def test_apply_under_lock_signs_a_new_peer_only_with_an_invitation_made_here(
 
     def no_invitation(self, text, source):
         lines, problems, new = real_plan(self, text, source)
-        assert new == [("erin", "10.66.1.4")]
         return lines, problems, []
     monkeypatch.setattr(innernet.LocalNetwork, "plan", no_invitation)
     capsys.readouterr()
     assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile,
                "--save-invites", str(tmp_path / "inv")) != 0
     err = capsys.readouterr().err
-    assert "the server's plan makes 0 invitation(s) for the 1 new peer(s)" in err, err
+    assert "the server's plan makes 0 invitation(s), not one for each of the 1 new peer(s)" \
+        in err, err
     assert err.count("error:") == 1 and store.lock_records()[0] == before
+    # thirteenth round, P1: the invitations' names swapped (a guest's file holding an
+    # admin's seat), or one address twice, are refused the same way
+    doc.write_text(doc.read_text() + '\n[[peers]]\nname = "fred"\nip = "10.66.1.9"\n'
+                   'cidr = "h"\nadmin = true\ndisabled = false\n')
+    for lie in (lambda new: [(new[1][0], new[0][1]), (new[0][0], new[1][1])],
+                lambda new: [(new[0][0], new[0][1]), (new[1][0], new[0][1])]):
+        def lying(self, text, source, lie=lie):
+            lines, problems, new = real_plan(self, text, source)
+            return lines, problems, lie(sorted(new))
+        monkeypatch.setattr(innernet.LocalNetwork, "plan", lying)
+        assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile,
+                   "--save-invites", str(tmp_path / "inv")) != 0
+        assert "the server's plan makes 2 invitation(s), not one for each of the 2 new " \
+               "peer(s)" in capsys.readouterr().err
+        assert store.lock_records()[0] == before and not os.listdir(tmp_path / "inv")
     # and the signer itself takes no key for a new peer but an invitation's
     records = {s: p for s, (p, _) in before.items()}
     signer = innernet.LockSigner(store.lock_chain(), records, None)
