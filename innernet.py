@@ -1174,6 +1174,16 @@ def path_exists(path, what="file"):
         raise InnernetError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def parse_save_path(text):
+    """Where an invitation or config goes: a non-empty path that does not exist yet."""
+    if not text or not text.strip():
+        raise InnernetError("--save-config needs a file name, not an empty string",
+                            hint="e.g. --save-config alice.toml")
+    if path_exists(text):
+        raise InnernetError(f"{text} already exists", hint="choose another --save-config")
+    return text
+
+
 def instance_lock(path, what):
     """Hold an exclusive lock on ``path`` for the life of this process.
 
@@ -13601,7 +13611,15 @@ class RemoteNetwork(NetworkLock):
         return [make(x) for x in self._reads[path]]
 
     def cidrs(self):
-        return self._read("/admin/cidrs", Cidr.from_json)
+        """The server's CIDRs, all inside this host's (its invitation's) range:
+        one beyond it would set an invitation's prefix, a static peer's routes."""
+        cidrs, mine = self._read("/admin/cidrs", Cidr.from_json), self.config.address.network
+        for c in cidrs:
+            if c.network.version != mine.version or not c.network.subnet_of(mine):
+                raise InnernetError(f"the server lists CIDR {c.cidr} outside the network's range "
+                                    f"{mine} (this host's invitation's): not using its CIDRs",
+                                    hint="the server may be hijacked")
+        return cidrs
 
     def peers(self):
         return self._read("/admin/peers", Peer.from_json)
@@ -13790,16 +13808,6 @@ def _eligible_cidr(cidrs, name):
                             hint="choose one of: " + ", ".join(leaves) if leaves
                             else "add a CIDR first with add-cidr")
     return choose(name, "--cidr", "CIDR for the new peer", leaves)
-
-
-def parse_save_path(text):
-    """Where an invitation or config goes: a non-empty path that does not exist yet."""
-    if not text or not text.strip():
-        raise InnernetError("--save-config needs a file name, not an empty string",
-                            hint="e.g. --save-config alice.toml")
-    if path_exists(text):
-        raise InnernetError(f"{text} already exists", hint="choose another --save-config")
-    return text
 
 
 def _invitation(net, cidrs, ip, invite_key, endpoints=None):

@@ -516,3 +516,24 @@ def test_apply_under_lock_signs_a_new_peer_only_with_an_invitation_made_here(
     fields = dict(innernet.lock_fields(records["peer:10.66.1.4"]), name="erin", deleted=False)
     with pytest.raises(innernet.InnernetError, match="no invitation of this host's names"):
         signer.planned({"peer:10.66.1.4": fields})
+
+
+@pytest.mark.parametrize("extra", ["0.0.0.0/0", "0.0.0.0/1", "10.67.0.0/16", "fd00::/64"])
+def test_an_admin_peer_takes_no_cidr_outside_the_range_it_joined(extra):
+    """Fourteenth outside round, Q1: an admin peer made invitations' prefixes
+    and static peers' AllowedIPs from the server's CIDR list; a CIDR
+    0.0.0.0/0 there had a phone's wg-quick file route all its traffic to the
+    server, 0.0.0.0/1 a joiner's half of IPv4 into the tunnel."""
+    root = {"id": 1, "name": "evil", "cidr": "10.66.0.0/16", "parent": None}
+    lie = {"id": 9, "name": "world", "cidr": extra, "parent": None}
+    net = object.__new__(innernet.RemoteNetwork)
+    net.config = types.SimpleNamespace(address=innernet.ipaddress.ip_interface("10.66.1.1/16"))
+    net.api = types.SimpleNamespace(writes=0, call=lambda *a: [root, lie])
+    with pytest.raises(innernet.InnernetError) as e:
+        net.cidrs()
+    assert f"the server lists CIDR {extra} outside the network's range 10.66.0.0/16" \
+        in e.value.message
+    net = object.__new__(innernet.RemoteNetwork)
+    net.config = types.SimpleNamespace(address=innernet.ipaddress.ip_interface("10.66.1.1/16"))
+    net.api = types.SimpleNamespace(writes=0, call=lambda *a: [root])
+    assert [c.cidr for c in net.cidrs()] == ["10.66.0.0/16"]
