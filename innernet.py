@@ -4121,11 +4121,24 @@ def fresh_records(signed, known, own_signed=None):
     return use, replayed
 
 
+def cidr_fits_parent(cidr, parent):
+    """Is ``cidr`` strictly inside ``parent`` (ranges as text; None: the root)?
+    No honest server makes another tree, and what a CIDR sees follows it."""
+    if parent is None:
+        return True
+    try:
+        c, up = ipaddress.ip_network(cidr), ipaddress.ip_network(parent)
+    except (ValueError, TypeError):
+        return False
+    return c.version == up.version and c != up and c.subnet_of(up)
+
+
 def lock_view(records, own_cidr):
     """The CIDR ranges a peer in ``own_cidr`` may see, from the signed tree and
     associations alone: its own, every CIDR associated with it or one of its
     ancestors, each with its descendants."""
-    cidrs = {p["cidr"]: p for s, p in records.items() if p["t"] == "cidr" and not p["deleted"]}
+    cidrs = {p["cidr"]: p for s, p in records.items() if p["t"] == "cidr" and not p["deleted"]
+             and cidr_fits_parent(p["cidr"], p["parent"])}
     lineage, cur = [], own_cidr
     while cur in cidrs and cur not in lineage:
         lineage.append(cur)
@@ -6535,10 +6548,13 @@ def lock_unlike_signed(subject, before, after, rec):
 
 def lock_hidden_overlap(fields, records, after):
     """Why a CIDR record (``fields``, None for another change) must not be
-    signed: it overlaps a signed CIDR the server leaves out of its view
-    (``after``), which the server's own checks would have refused; else None."""
+    signed: it is not inside its parent's range, or it overlaps a signed CIDR
+    the server leaves out of its view (``after``), which the server's own
+    checks would have refused; else None."""
     if not fields or fields["t"] != "cidr" or fields["deleted"]:
         return None
+    if not cidr_fits_parent(fields["cidr"], fields["parent"]):
+        return f"it is not inside its parent {fields['parent']}"
     net = ipaddress.ip_network(fields["cidr"])
     for s, rec in sorted(records.items()):
         if rec.get("t") == "cidr" and not rec.get("deleted") and s not in after \
@@ -14496,12 +14512,20 @@ def _refuse_repinned(args, iface, peers, cidrs):
             raise InnernetError(f"the server lists {what} at {p.ip} than this host took for "
                                 f"'{p.name}': not signing it",
                                 hint="fetch first, and find out why")
-    names = {c.cidr: c.name for c in cidrs}
-    moved = next((c for c in stored_cidrs if names.get(c.cidr, c.name) != c.name), None)
-    if moved:
-        raise InnernetError(f"the server names CIDR {moved.cidr} otherwise than this host took "
-                            f"it ('{moved.name}'): not signing it",
-                            hint="fetch first, and find out why")
+    bad = next((c for c in cidrs if not cidr_fits_parent(c.cidr, ranges.get(c.parent))), None)
+    if bad:
+        raise InnernetError(f"the server puts CIDR {bad.cidr} under {ranges.get(bad.parent)}, "
+                            "which does not hold it: not signing it", hint="the server may be "
+                            "hijacked: no server makes that tree")
+    shown, old = {c.cidr: c for c in cidrs}, {c.id: c.cidr for c in stored_cidrs}
+    for c in stored_cidrs:     # a CIDR's name or parent (what it sees follows the tree)
+        now = shown.get(c.cidr)
+        what = None if now is None else "names" if now.name != c.name else "places" \
+            if ranges.get(now.parent) != old.get(c.parent) else None
+        if what:
+            raise InnernetError(f"the server {what} CIDR {c.cidr} otherwise than this host "
+                                f"took it ('{c.name}'): not signing it",
+                                hint="fetch first, and find out why")
     seen = {p.ip for p in stored}
     return [q for q in peers if q.ip not in seen]
 

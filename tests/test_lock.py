@@ -961,3 +961,33 @@ def test_the_plan_under_lock_names_a_key_this_host_signs_again():
     lines = innernet.lock_change_lines({"peer:10.66.1.3": (fields, "new-key")},
                                        {"peer:10.66.1.3": rec})
     assert lines == ["~ peer 10.66.1.3 (carol): key old-key -> new-key"]
+
+
+def test_a_cidr_outside_its_parent_is_neither_signed_nor_seen_through(tmp_path):
+    """Fifteenth outside round, F1: at `lock init` the server put 'others'
+    (10.66.2.0/24) under 'humans' (10.66.1.0/24), a parent that does not
+    hold it; the admin's host signed that tree (it compared names, not
+    parents), and humans' clients saw others' peers through it. `lock init`
+    refuses a parent other than the one this host took, or one that does
+    not hold the CIDR; no signing makes such a record; a client's view does
+    not follow one."""
+    n = Net()
+    args = type("A", (), {"config_dir": str(tmp_path / "etc"), "data_dir": str(tmp_path)})()
+    innernet.save_data_store(str(tmp_path / "net.json"), n.peers, n.cidrs)
+    moved = [dataclasses.replace(c, parent=3) if c.name == "others" else c for c in n.cidrs]
+    with pytest.raises(InnernetError, match="puts CIDR 10.66.2.0/24 under 10.66.1.0/24, which "
+                                            "does not hold it"):
+        innernet._refuse_repinned(args, "net", n.peers, moved)
+    kid = Cidr(5, "kids", "10.66.1.128/25", 1)           # moved under humans, which holds it
+    innernet.save_data_store(str(tmp_path / "net.json"), n.peers, n.cidrs + [kid])
+    with pytest.raises(InnernetError, match="places CIDR 10.66.1.128/25 otherwise than this "
+                                            "host took it"):
+        innernet._refuse_repinned(args, "net", n.peers,
+                                  n.cidrs + [dataclasses.replace(kid, parent=3)])
+    fields = {"t": "cidr", "cidr": "10.66.2.0/24", "name": "others", "parent": "10.66.1.0/24",
+              "deleted": False}
+    assert innernet.lock_hidden_overlap(fields, {}, {}) == \
+        "it is not inside its parent 10.66.1.0/24"
+    records = {"cidr:10.66.1.0/24": {"t": "cidr", "cidr": "10.66.1.0/24", "parent": None,
+                                     "deleted": False}, "cidr:10.66.2.0/24": fields}
+    assert innernet.lock_view(records, "10.66.1.0/24") == {"10.66.1.0/24"}
