@@ -35,5 +35,5 @@ def test_chaos_soak(pyz, counts):
     assert summary["hosts"] >= 12
     if minutes >= 5:
         assert summary["operations"] + summary["faults"] >= 100, report
-    assert not summary["stuck peers"], report
+    assert not summary["stuck peers"], f"{report}\nhistory:\n{s.history_text()}"
     assert not summary["harness errors"], f"{report}\nhistory:\n{s.history_text()}"
