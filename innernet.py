@@ -14492,8 +14492,8 @@ def _lock_init(args, iface):
 def _refuse_repinned(args, iface, peers, cidrs):
     """`lock init` signs the network the server lists: refuse where it differs
     from what this host's own sync took (at an address another key, name,
-    admin flag, CIDR or routes, or none; another name for a CIDR: the server
-    would be lying now). -> the peers this host never saw, which it signs on
+    admin or static flag, CIDR or routes, or none; another name or parent
+    for a CIDR: the server would be lying now). -> the peers this host never saw, which it signs on
     the server's word alone."""
     stored, stored_cidrs, _ = load_data_store(client_files(args, iface).store)
     have, ranges = {p.ip: p for p in peers}, {c.id: c.cidr for c in cidrs}
@@ -14502,7 +14502,8 @@ def _refuse_repinned(args, iface, peers, cidrs):
     def fields(x, cidr_ranges):
         return (("another key", x.public_key), ("another name", x.name),
                 ("another admin flag", x.is_admin), ("another CIDR", cidr_ranges.get(x.cidr_id)),
-                ("other routes", (sorted(x.routes), x.exit_node)))
+                ("other routes", (sorted(x.routes), x.exit_node)),
+                ("another static flag", x.is_static))
     for p in (p for p in stored if p.deleted_until is None):
         q = have.get(p.ip)
         what = "no peer" if q is None else next((label for (label, a), (_, b) in
@@ -14526,7 +14527,7 @@ def _refuse_repinned(args, iface, peers, cidrs):
             raise InnernetError(f"the server {what} CIDR {c.cidr} otherwise than this host "
                                 f"took it ('{c.name}'): not signing it",
                                 hint="fetch first, and find out why")
-    seen = {p.ip for p in stored}
+    seen = {p.ip for p in stored if p.deleted_until is None}   # a deleted one's: not seen
     return [q for q in peers if q.ip not in seen]
 
 

@@ -848,7 +848,8 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
     innernet.save_data_store(str(tmp_path / "net.json"), n.peers, n.cidrs)
     assert innernet._refuse_repinned(args, "net", n.peers, n.cidrs) == []
     lies = {"name": dict(name="robert"), "admin flag": dict(is_admin=True),
-            "CIDR": dict(cidr_id=4), "key": dict(public_key="evil-key")}
+            "CIDR": dict(cidr_id=4), "key": dict(public_key="evil-key"),
+            "static flag": dict(is_static=True)}     # sixteenth round, N1
     with pytest.raises(InnernetError, match="lists other routes at 10.66.1.3"):
         innernet._refuse_repinned(args, "net", [dataclasses.replace(
             p, routes=["192.168.0.0/16"]) if p.name == "bob" else p for p in n.peers], n.cidrs)
@@ -866,6 +867,15 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
         innernet._refuse_repinned(args, "net", [p for p in n.peers if p.name != "bob"], n.cidrs)
     mallory = Peer(99, "mallory", "10.66.1.66", 3, "m-key", is_admin=True, is_redeemed=True)
     assert innernet._refuse_repinned(args, "net", n.peers + [mallory], n.cidrs) == [mallory]
+    # sixteenth round, N2: at an address this host holds as a deleted peer's, what the
+    # server lists was neither compared nor counted as never seen (nor named if admin)
+    gone = [dataclasses.replace(p, deleted_until=2 ** 31) if p.name == "bob" else p
+            for p in n.peers]
+    innernet.save_data_store(str(tmp_path / "net.json"), gone, n.cidrs)
+    evil = dataclasses.replace(next(p for p in n.peers if p.name == "bob"),
+                               public_key="evil-key", is_admin=True)
+    shown = [evil if p.name == "bob" else p for p in n.peers]
+    assert innernet._refuse_repinned(args, "net", shown, n.cidrs) == [evil]
 
 
 def test_an_admins_signature_replaces_a_key_this_host_reached_by_proofs():
