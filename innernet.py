@@ -2497,6 +2497,21 @@ def parse_routes(items, exit_routes=False):
     return out
 
 
+def refuse_duplicates(items, what, fields):
+    """``items`` (a server's list), unless two share one of ``fields``: an
+    admin's verb finds by id what it names, so a second entry with that id
+    (or address, range, name) would have another record signed with it."""
+    for field in fields:
+        seen = set()
+        for x in items:
+            v = getattr(x, field)
+            if v is not None and v in seen:
+                raise InnernetError(f"the server lists two {what} with {field} {v}: not using "
+                                    "its list", hint="the server may be hijacked")
+            seen.add(v)
+    return items
+
+
 def root_cidr(cidrs):
     """The CIDR with the smallest prefix (the network)."""
     if not cidrs:
@@ -13617,9 +13632,8 @@ class RemoteNetwork(NetworkLock):
         self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
 
     def _read(self, path, make):
-        """The server's list at ``path``, read once between two writes: a verb
-        finds what it names in the answer its lock records are checked on
-        (read twice, a server could have the first answer signed unchecked)."""
+        """The server's list at ``path``, read once between two writes: a verb's
+        lock records are checked on the answer it found what it names in."""
         if self.api.writes != getattr(self, "_read_at", None):
             self._read_at, self._reads = self.api.writes, {}
         if path not in self._reads:
@@ -13629,7 +13643,8 @@ class RemoteNetwork(NetworkLock):
     def cidrs(self):
         """The server's CIDRs, all inside this host's (its invitation's) range:
         one beyond it would set an invitation's prefix, a static peer's routes."""
-        cidrs, mine = self._read("/admin/cidrs", Cidr.from_json), self.config.address.network
+        cidrs, mine = refuse_duplicates(self._read("/admin/cidrs", Cidr.from_json), "CIDRs",
+                                        ("id", "cidr", "name")), self.config.address.network
         for c in cidrs:
             if c.network.version != mine.version or not c.network.subnet_of(mine):
                 raise InnernetError(f"the server lists CIDR {c.cidr} outside the network's range "
@@ -13638,10 +13653,12 @@ class RemoteNetwork(NetworkLock):
         return cidrs
 
     def peers(self):
-        return self._read("/admin/peers", Peer.from_json)
+        return refuse_duplicates(self._read("/admin/peers", Peer.from_json), "peers",
+                                 ("id", "ip", "name"))
 
     def associations(self):
-        return self._read("/admin/associations", Association.from_json)
+        return refuse_duplicates(self._read("/admin/associations", Association.from_json),
+                                 "associations", ("id",))
 
     def add_cidr(self, contents):
         return Cidr.from_json(self.api.call("POST", "/admin/cidrs", contents.to_json(False)))

@@ -1001,3 +1001,36 @@ def test_a_cidr_outside_its_parent_is_neither_signed_nor_seen_through(tmp_path):
     records = {"cidr:10.66.1.0/24": {"t": "cidr", "cidr": "10.66.1.0/24", "parent": None,
                                      "deleted": False}, "cidr:10.66.2.0/24": fields}
     assert innernet.lock_view(records, "10.66.1.0/24") == {"10.66.1.0/24"}
+
+
+@pytest.mark.parametrize("path,dup", [("/admin/peers", "id"), ("/admin/peers", "ip"),
+                                      ("/admin/peers", "name"), ("/admin/cidrs", "id"),
+                                      ("/admin/cidrs", "cidr"), ("/admin/associations", "id")])
+def test_an_admin_peer_takes_no_list_with_two_entries_for_one_id(path, dup):
+    """Seventeenth outside round, R1: the server gave frank bob's id, and
+    `delete-peer bob` signed frank's deletion too (the change is worked out
+    by id); a CIDR given another's id had an association signed to it. An
+    admin peer refuses a list in which two entries share an id (or an
+    address, a range, a name)."""
+    a = {"/admin/peers": Peer(3, "bob", "10.66.1.2", 3, "bob-key").to_json(),
+         "/admin/cidrs": Cidr(3, "humans", "10.66.1.0/24", 1).to_json(),
+         "/admin/associations": {"id": 1, "cidr_id_1": 3, "cidr_id_2": 4}}[path]
+    b = dict(a, **{"/admin/peers": {"id": 4, "name": "frank", "ip": "10.66.1.3",
+                                    "public_key": "frank-key"},
+                   "/admin/cidrs": {"id": 4, "name": "ops", "cidr": "10.66.2.0/24"},
+                   "/admin/associations": {"id": 2, "cidr_id_2": 5}}[path])
+    b[dup] = a[dup]
+    root = Cidr(1, "net", "10.66.0.0/16", None).to_json()
+    answers = {path: [a, b], "/admin/cidrs": [root] + ([a, b] if path == "/admin/cidrs" else [])}
+
+    def request(method, p, body=None):
+        return 200, {}, json.dumps(answers.get(p, [])).encode()
+    api = object.__new__(innernet.ApiClient)
+    api.lacks, api.request = None, request
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = api
+    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    read = {"/admin/peers": net.peers, "/admin/cidrs": net.cidrs,
+            "/admin/associations": net.associations}[path]
+    with pytest.raises(InnernetError, match=f"the server lists two .* with {dup} "):
+        read()
