@@ -6774,6 +6774,11 @@ class LockSigner:
             self.newest[record_subject(r)] = r["n"]
         return {"batch": sign_batch(self.chain.net, self.private, out), "records": out}
 
+    def is_new_peer(self, s, fields):
+        """Are ``fields`` (of subject ``s``) a new peer's, where no live signed
+        record is? Its key can only be an invitation's this host made."""
+        return fields["t"] == "peer" and not fields["deleted"] and \
+            (self.records.get(s) or {"deleted": True})["deleted"]
 
     def planned(self, changes, keys=None):
         """{subject: (fields, key)} that signed() signs for ``changes``: them,
@@ -6786,10 +6791,8 @@ class LockSigner:
                 changes[s] = lock_fields(rec)
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
-            rec = self.records.get(s) or {"deleted": True}
-            key = keys.get(s) or self.bound.get(s) or rec.get("key")
-            if fields["t"] == "peer" and not fields["deleted"] and rec["deleted"] \
-                    and s not in keys:      # a new peer: only its invitation's key
+            key = keys.get(s) or self.bound.get(s) or (self.records.get(s) or {}).get("key")
+            if self.is_new_peer(s, fields) and s not in keys:
                 raise InnernetError(f"no invitation of this host's names the key of new "
                                     f"{lock_subject_text(s)}: not signing it",
                                     hint="the server may be hijacked (it left the peer out "
@@ -6956,8 +6959,7 @@ class NetworkLock:
         signer = self.lock_signer()
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
-            new = {s: "its invitation's" for s, f in changes.items() if f["t"] == "peer"
-                   and not f["deleted"] and (signer.records.get(s) or {"deleted": True})["deleted"]}
+            new = {s: "its invitation's" for s, f in changes.items() if signer.is_new_peer(s, f)}
             pairs = sorted((f"peer:{ip}", name) for name, ip in invited)
             if pairs != sorted((s, changes[s]["name"]) for s in new):
                 raise InnernetError(f"the server's plan makes {len(invited)} invitation(s), not "
@@ -12816,7 +12818,7 @@ class _Fetch:
             rotated=rotated, cache=cache, skip={str(self.cfg.server_ip)},
             own_signed=mine.get("signed"), own_name=next((p.name for p in self.stored_peers
                                                           if p.ip == own_ip), None),
-            own_key=public_key(self.cfg.private_key))
+            own_key=self.own_key)
         lines = [lock_refusal(p, why) for p, why in refused]
         self.lock_waits = [p for p, why in refused if why.endswith(LOCK_NO_PROOF)]
         for line in lines:
@@ -13739,8 +13741,8 @@ class RemoteNetwork(NetworkLock):
         # a new peer's name names its invitation file: a name, never a path
         return (list(r.get("plan") or []), lines,
                 [(parse_hostname(_get(i, "name", str), "peer name from the server"),
-                  str(parse_ip(_get(i, "ip", str)))) for i in r.get("invite") or []
-                 if _require_object(i, "invitation")])
+                  str(parse_ip(_get(i, "ip", str)))) for i in
+                 (_require_object(x, "invitation") for x in r.get("invite") or [])])
 
     def apply(self, text, source, invites):
         body = {"document": text, "invites": {ip: {"public_key": k,
@@ -14487,10 +14489,10 @@ def _lock_init(args, iface):
     save_client_lock(net.own_lock, {"chain": chain.entries})
     remember_signed(net.own_lock, {"records": records})
     kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
+    counted = ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
+                                                       ("assoc", "associations")))
     log(f"network {name} (interface {iface}) locked: {len(records)} records signed by "
-        f"{lock_short(public)} (" + ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
-                                                   ("assoc", "associations"))) + "), "
-        f"{len(adoptions)} peers sent the proof of it; {told}")
+        f"{lock_short(public)} ({counted}), {len(adoptions)} peers sent the proof of it; {told}")
     blind = lock_blind_peers({record_subject(r): r for r in records},
                              {p.ip for p in peers if p.public_key in adoptions})
     if blind:
@@ -14510,8 +14512,8 @@ def _refuse_repinned(args, iface, peers, cidrs):
     """`lock init` signs the network the server lists: refuse where it differs
     from what this host's own sync took (at an address another key, name,
     admin or static flag, CIDR or routes, or none; another name or parent
-    for a CIDR: the server would be lying now). -> the peers this host never saw, which it signs on
-    the server's word alone."""
+    for a CIDR: the server would be lying now). -> the peers this host never
+    saw, which it signs on the server's word alone."""
     stored, stored_cidrs, _ = load_data_store(client_files(args, iface).store)
     have, ranges = {p.ip: p for p in peers}, {c.id: c.cidr for c in cidrs}
     was = {c.id: c.cidr for c in stored_cidrs}
@@ -14535,11 +14537,11 @@ def _refuse_repinned(args, iface, peers, cidrs):
         raise InnernetError(f"the server puts CIDR {bad.cidr} under {ranges.get(bad.parent)}, "
                             "which does not hold it: not signing it", hint="the server may be "
                             "hijacked: no server makes that tree")
-    shown, old = {c.cidr: c for c in cidrs}, {c.id: c.cidr for c in stored_cidrs}
+    shown = {c.cidr: c for c in cidrs}
     for c in stored_cidrs:     # a CIDR's name or parent (what it sees follows the tree)
         now = shown.get(c.cidr)
         what = None if now is None else "names" if now.name != c.name else "places" \
-            if ranges.get(now.parent) != old.get(c.parent) else None
+            if ranges.get(now.parent) != was.get(c.parent) else None
         if what:
             raise InnernetError(f"the server {what} CIDR {c.cidr} otherwise than this host "
                                 f"took it ('{c.name}'): not signing it",
