@@ -48,7 +48,6 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -2155,6 +2154,103 @@ def wg_mac1_valid(data, mac1_key):
 # and a server. No I/O here.
 
 
+# The records' class decorator, in place of dataclasses.dataclass, for start-up
+# time: importing dataclasses (with inspect, ast, dis, tokenize) and making 24
+# dataclasses (five functions compiled from source each) took 13 ms of the 31 ms
+# innernet.py's import costs on a 2-core x86 host, and about 0.4 s of an
+# innernet command's 1-2 s under emulation, as on a small router's CPU.
+class Factory:
+    """A field's default made afresh for each record: ``Factory(list)``."""
+    __slots__ = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
+
+def _record_init(self, *args, **kw):
+    cls = type(self)
+    names = cls._fields
+    if len(args) > len(names):
+        raise TypeError(f"{cls.__name__}() takes {len(names)} fields, {len(args)} given")
+    values = dict(zip(names, args))
+    for name, value in kw.items():
+        if name in values or name not in cls._defaults and name not in names:
+            raise TypeError(f"{cls.__name__}() got an unexpected or repeated field {name!r}")
+        values[name] = value
+    if len(values) < len(names):
+        for name in names:
+            if name not in values:
+                if name not in cls._defaults:
+                    raise TypeError(f"{cls.__name__}() missing field {name!r}")
+                default = cls._defaults[name]
+                values[name] = default.make() if type(default) is Factory else default
+    self.__dict__.update(values)
+
+
+def _record_repr(self):
+    return f"{type(self).__qualname__}(" + ", ".join(
+        f"{name}={getattr(self, name)!r}" for name in self._fields) + ")"
+
+
+def _record_eq(self, other):
+    if type(other) is not type(self):
+        return NotImplemented
+    return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+
+def _record_hash(self):
+    return hash(tuple(getattr(self, n) for n in self._fields))
+
+
+def _record_frozen(self, name, value=None):
+    raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
+
+
+def record_type(cls=None, *, frozen=False):
+    """Make a plain record of a class: its fields are its annotations, in order,
+    a class attribute a field's default. It gets __init__ (fields by keyword or
+    in order), __repr__ and __eq__ over the fields; a frozen one refuses
+    assignment and hashes, a mutable one does not hash. ``replaced`` copies one
+    with fields changed, ``record_values`` lists its fields' values."""
+    def make(cls):
+        names = tuple(cls.__dict__.get("__annotations__", {}))
+        cls._fields = names
+        cls._defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+        for name in cls._defaults:
+            delattr(cls, name)
+        cls.__init__, cls.__repr__, cls.__eq__ = _record_init, _record_repr, _record_eq
+        if frozen:
+            cls.__setattr__ = cls.__delattr__ = _record_frozen
+            cls.__hash__ = _record_hash
+        else:
+            cls.__hash__ = None
+        return cls
+    return make if cls is None else make(cls)
+
+
+def replaced(rec, **changes):
+    """A copy of the record REC with the fields CHANGES names changed."""
+    values = {name: getattr(rec, name) for name in rec._fields}
+    for name in changes:
+        if name not in values:
+            raise TypeError(f"{type(rec).__name__} has no field {name!r}")
+    values.update(changes)
+    return type(rec)(**values)
+
+
+def record_values(rec):
+    return tuple(getattr(rec, name) for name in rec._fields)
+
+
+def record_dict(rec):
+    """REC's fields as a dict; a record in it (alone or in a list) as one too."""
+    def plain(v):
+        if type(v).__init__ is _record_init:
+            return record_dict(v)
+        return [plain(x) for x in v] if type(v) in (list, tuple) else v
+    return {name: plain(getattr(rec, name)) for name in rec._fields}
+
+
 def _bad(message, status=400):
     return InnernetError(message, status=status)
 
@@ -2191,7 +2287,7 @@ def _require_object(data, what):
     return data
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class Cidr:
     id: int | None
     name: str
@@ -2222,7 +2318,7 @@ class Cidr:
         return cls(id=cid, name=name, cidr=text, parent=_get(data, "parent", int, nullable=True))
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class Association:
     id: int | None
     cidr_id_1: int
@@ -2260,7 +2356,7 @@ def _expires_from_json(v):
     return secs
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class Peer:
     id: int | None
     name: str
@@ -2273,12 +2369,12 @@ class Peer:
     is_disabled: bool = False
     is_redeemed: bool = False
     invite_expires: int | None = None     # unix seconds
-    candidates: list[str] = dataclasses.field(default_factory=list)
+    candidates: list[str] = Factory(list)
     deleted_until: int | None = None      # client pins only: a deleted peer's quarantine
     is_static: bool = False               # ours: a stock WireGuard device, reached via the server
-    routes: list[str] = dataclasses.field(default_factory=list)   # ours: approved subnet routes
+    routes: list[str] = Factory(list)   # ours: approved subnet routes
     exit_node: bool = False               # ours: an approved exit-node offer
-    pending_routes: list[str] = dataclasses.field(default_factory=list)  # admins' views only
+    pending_routes: list[str] = Factory(list)  # admins' views only
 
     def to_json(self, with_id=True, pending=True):
         d = {"id": self.id} if with_id else {}
@@ -2333,7 +2429,7 @@ class Peer:
                    pending_routes=pending)
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class Deletion:
     """A deleted peer, as the server tells clients: its pin may go at reuse_after."""
     ip: str
@@ -2390,7 +2486,7 @@ def parse_endpoint_contents(data):
     raise _bad("field 'option' must be \"Set\" or \"Unset\"")
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class RouteApprover:
     """An auto-approve rule: routes inside ``route`` advertised by a peer in
     CIDR ``cidr_id`` (or one below it) are approved as they come."""
@@ -2412,7 +2508,7 @@ class RouteApprover:
                    cidr_id=_get(data, "cidr_id", int))
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class AuditEntry:
     """One change to the network: who, what, to which object, before and after."""
     id: int
@@ -2424,7 +2520,7 @@ class AuditEntry:
     after: str | None = None
 
     def to_json(self):
-        return dataclasses.asdict(self)
+        return record_dict(self)
 
     @classmethod
     def from_json(cls, data):
@@ -2593,7 +2689,7 @@ def parse_socket_address(text, where):
     return format_endpoint(host, port)
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class InterfaceConfig:
     """A client's /etc/innernet/<iface>.conf; an invitation has the same shape."""
     network_name: str
@@ -2603,10 +2699,10 @@ class InterfaceConfig:
     server_public_key: str
     server_external_endpoint: str
     server_internal_endpoint: str        # "ip:port" of the API
-    peer_endpoint_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    peer_endpoint_overrides: dict[str, str] = Factory(dict)
     # ours: every endpoint the server may be at (a standby's too), the primary
     # first; innernet clients ignore the key and use external-endpoint.
-    server_endpoints: list[str] = dataclasses.field(default_factory=list)
+    server_endpoints: list[str] = Factory(list)
     # ours, in an invitation to a locked network only: the lock chain (base64
     # JSON) and the one-time lock key that signs the joining host's new key.
     lock: dict | None = None
@@ -2690,7 +2786,7 @@ class InterfaceConfig:
                    lock=_lock_table(data, source))
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class ServerConfig:
     """/etc/innernet-server/<iface>.conf."""
     private_key: str
@@ -3154,7 +3250,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     announced = {(d.ip, d.public_key): d for d in deleted}
     # A deletion heard of in this very state whose quarantine (and floor) is
     # already over frees its address here too: a new peer there is no key change.
-    heard = [dataclasses.replace(p, deleted_until=quarantine_end(
+    heard = [replaced(p, deleted_until=quarantine_end(
         p, announced[(p.ip, p.public_key)], now, floor))
         if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
     kept = {}
@@ -3187,7 +3283,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         if until is not None and until <= now:
             continue                          # deleted and out of quarantine: unpinned
         result_ips.add(ip)
-        result.append(dataclasses.replace(p, is_disabled=True, deleted_until=until))
+        result.append(replaced(p, is_disabled=True, deleted_until=until))
     result.sort(key=lambda p: ipaddress.ip_address(p.ip))
     return result
 
@@ -3336,12 +3432,12 @@ def refuse_misrouted(received, stored, network, own, server):
             continue
         inside = [c for c in p.candidates if _endpoint_inside(c, network)]
         if inside:
-            p = dataclasses.replace(p, candidates=[c for c in p.candidates if c not in inside])
+            p = replaced(p, candidates=[c for c in p.candidates if c not in inside])
         why = p.endpoint and endpoint_misplaced(p.endpoint, network)
         if why:         # costs the peer its direct path, not its record
             refused.append(f"kept peer '{p.name}' ({p.ip}) from the server without its "
                            f"endpoint: {why}")
-            p = dataclasses.replace(p, endpoint=None)
+            p = replaced(p, endpoint=None)
         kept.append(p)
     return kept, refused
 
@@ -4271,7 +4367,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         routes, exit_node, unsigned = lock_routes(rec, peer)
         if unsigned:
             refused.append((peer, f"{unsigned} not signed: the peer is installed without"))
-            peer = dataclasses.replace(peer, routes=routes, exit_node=exit_node)
+            peer = replaced(peer, routes=routes, exit_node=exit_node)
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
     if own_key is not None and own is not None and not own["deleted"]:   # an admin signs it
@@ -4295,7 +4391,7 @@ def lock_held(peer, rec, fallback_name=None):
         cut.append("its admin flag is not signed")
     if not cut:
         return peer, None
-    return dataclasses.replace(peer, routes=routes, exit_node=exit_node, name=rec["name"],
+    return replaced(peer, routes=routes, exit_node=exit_node, name=rec["name"],
                                is_admin=peer.is_admin and rec["admin"]), \
         "; ".join(cut) + f": kept as signed (as '{rec['name']}')"
 
@@ -4385,29 +4481,29 @@ def lock_refusal(peer, reason):
 # works for a peer, the lines of the hosts file. No I/O here.
 
 
-@dataclasses.dataclass
+@record_type
 class DevicePeer:
     public_key: str
     endpoint: str | None = None
-    allowed_ips: list[str] = dataclasses.field(default_factory=list)
+    allowed_ips: list[str] = Factory(list)
     persistent_keepalive: int = 0
     last_handshake: float = 0.0          # unix time; 0 = never
     rx_bytes: int = 0
     tx_bytes: int = 0
 
 
-@dataclasses.dataclass
+@record_type
 class Device:
     name: str
     public_key: str | None = None
     listen_port: int = 0
-    peers: list[DevicePeer] = dataclasses.field(default_factory=list)
+    peers: list[DevicePeer] = Factory(list)
 
     def peer(self, key):
         return next((p for p in self.peers if p.public_key == key), None)
 
 
-@dataclasses.dataclass
+@record_type
 class PeerUpdate:
     """One change to one peer on a device; None fields are left alone."""
     public_key: str
@@ -4531,17 +4627,17 @@ def direct_retry_due(last_try, now, relayed_since):
     return last_try is None or int(now // slot) > int(last_try // slot)
 
 
-@dataclasses.dataclass
+@record_type
 class PathMemo:
     """What a client remembers between runs about its paths to peers (ours;
     `<iface>.paths.json` beside the data store), so that a cron `fetch`
     relays and retries like the daemon does."""
-    relays: dict[str, str] = dataclasses.field(default_factory=dict)   # key -> relay endpoint
-    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> relayed since
-    tried: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> last direct try
-    offline: set[str] = dataclasses.field(default_factory=set)  # as the server last said
+    relays: dict[str, str] = Factory(dict)   # key -> relay endpoint
+    since: dict[str, float] = Factory(dict)  # key -> relayed since
+    tried: dict[str, float] = Factory(dict)  # key -> last direct try
+    offline: set[str] = Factory(set)  # as the server last said
     # key -> until when a direct try (probe_direct) points it away from its relay
-    trying: dict[str, float] = dataclasses.field(default_factory=dict)
+    trying: dict[str, float] = Factory(dict)
 
     def to_json(self):
         d = {"relays": self.relays, "since": self.since, "tried": self.tried,
@@ -4680,7 +4776,7 @@ _FR_ACT_TO_TBL, _FIB_RULE_INVERT = 1, 0x2
 RTPROT_INNERNET = 77
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class RouteRule:
     """One policy-routing rule (`ip rule`), as the exit node uses them."""
     family: int                 # 4 or 6
@@ -5859,7 +5955,7 @@ def network_document(cidrs, peers, associations, now):
     return "\n\n".join(out) + "\n"
 
 
-@dataclasses.dataclass
+@record_type
 class PlanStep:
     """One line of a plan and what it does: kind, and its data."""
     kind: str          # add-cidr rename-cidr delete-cidr add-peer update-peer set-routes ...
@@ -7085,16 +7181,16 @@ def _lock_after(method, peers, cidrs, assocs, *a):
     def swap(items, new):
         return [new if x.id == new.id else x for x in items]
     if method == "add_cidr":
-        return (peers, cidrs + [dataclasses.replace(a[0], id=-1)], assocs),
+        return (peers, cidrs + [replaced(a[0], id=-1)], assocs),
     if method == "rename_cidr":
-        return (peers, swap(cidrs, dataclasses.replace(a[0], name=a[1])), assocs),
+        return (peers, swap(cidrs, replaced(a[0], name=a[1])), assocs),
     if method == "delete_cidr":
         return (peers, [c for c in cidrs if c.id != a[0].id], assocs),
     if method == "add_peer":
-        return (peers + [dataclasses.replace(a[0], id=-1)], cidrs, assocs),
+        return (peers + [replaced(a[0], id=-1)], cidrs, assocs),
     if method == "update_peer":
         old = next(p for p in peers if p.id == a[0].id)
-        new = dataclasses.replace(old, name=a[0].name, is_admin=a[0].is_admin,
+        new = replaced(old, name=a[0].name, is_admin=a[0].is_admin,
                                   is_disabled=a[0].is_disabled)
         return (swap(peers, new), cidrs, assocs),
     if method == "delete_peer":
@@ -7111,7 +7207,7 @@ def _lock_after(method, peers, cidrs, assocs, *a):
         have = set(peer.routes) | (set(EXIT_ROUTES) if peer.exit_node else set())
         asked = set(peer.pending_routes) | have if routes is None else set(routes)
         have = have | asked if approved else have - asked
-        new = dataclasses.replace(peer, routes=sorted(r for r in have if r not in EXIT_ROUTES),
+        new = replaced(peer, routes=sorted(r for r in have if r not in EXIT_ROUTES),
                                   exit_node=bool(have & set(EXIT_ROUTES)))
         return (swap(peers, new), cidrs, assocs),
     raise ValueError(method)
@@ -7513,7 +7609,7 @@ class Store(LockStore):
         ip, _, prefix = contents.cidr.partition("/")
         cur = c.execute("INSERT INTO cidrs (name, ip, prefix, parent) VALUES (?, ?, ?, ?)",
                         (contents.name, ip, int(prefix), contents.parent))
-        return dataclasses.replace(contents, id=cur.lastrowid)
+        return replaced(contents, id=cur.lastrowid)
 
     def _insert_peer(self, c, p):
         cur = c.execute(
@@ -7528,7 +7624,7 @@ class Store(LockStore):
         for r in p.routes + (list(EXIT_ROUTES) if p.exit_node else []):   # set by an admin
             c.execute("INSERT INTO peer_routes (peer_id, route, approved) VALUES (?, ?, 1)",
                       (cur.lastrowid, r))
-        return dataclasses.replace(p, id=cur.lastrowid,
+        return replaced(p, id=cur.lastrowid,
                                    persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
 
     def create_network(self, name, network, server_ip, server_public_key, endpoint):
@@ -7618,7 +7714,7 @@ class Store(LockStore):
                     if old not in seen:
                         seen.add(old)
                         todo.append(old)
-                        out.append(dataclasses.replace(d, public_key=old))
+                        out.append(replaced(d, public_key=old))
         return out
 
     def extra_rows(self):
@@ -7958,7 +8054,7 @@ class Store(LockStore):
             cur = c.execute("INSERT INTO route_approvers (route, cidr_id) VALUES (?, ?)",
                             (rule.route, rule.cidr_id))
             # What is waiting and now covered is approved too.
-            cidrs, rule = self.cidrs(), dataclasses.replace(rule, id=cur.lastrowid)
+            cidrs, rule = self.cidrs(), replaced(rule, id=cur.lastrowid)
             for p in self.peers():
                 for r in p.pending_routes:
                     if auto_approved(r, p, cidrs, [rule]) and \
@@ -8208,22 +8304,22 @@ def api_route(method, path, role, body=False, max_body=MAX_BODY):
     return register
 
 
-@dataclasses.dataclass
+@record_type
 class Response:
     status: int
     body: object = None                  # JSON-able, or None for no body
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = Factory(dict)
     raw: bytes | None = None          # pre-encoded JSON body
     after: object | None = None       # callable(sock) run once it is sent
 
 
-@dataclasses.dataclass
+@record_type
 class Request:
     caller: Peer
     body: object
     id: int | None
     headers: object
-    query: dict[str, str] = dataclasses.field(default_factory=dict)
+    query: dict[str, str] = Factory(dict)
     target: str = ""                     # as requested: /v1/...?query
     raw: bytes | None = None             # the body as sent
 
@@ -8634,7 +8730,7 @@ def is_innernet_server(caps):
 # sync ran with. A server's: its config and database paths.
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class ClientFiles:
     """The paths of one client interface's files, all from its two directories."""
     iface: str
@@ -8673,7 +8769,7 @@ class ClientFiles:
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class Dirs:
     """Where a role keeps its files: -c/-d, else the role's own defaults."""
     config: str
@@ -8694,7 +8790,7 @@ class Dirs:
         return os.path.join(self.config, f"{iface}.conf"), os.path.join(self.data, f"{iface}.db")
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class HostsOptions:
     """--hosts-path, --no-write-hosts and --host-suffix, as given."""
     path: str | None = None
@@ -8715,7 +8811,7 @@ class HostsOptions:
         return path, None if self.suffix is None else parse_host_suffix(self.suffix)
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class FetchOptions:
     """What a verb's command line says about syncing an interface, read once
     (FetchOptions.from_args) and handed down; the fields are the flags'."""
@@ -9477,7 +9573,7 @@ class DnsFormatError(ValueError):
     pass
 
 
-@dataclasses.dataclass
+@record_type
 class DnsQuery:
     id: int
     flags: int
@@ -9570,7 +9666,7 @@ def dns_answer(data, resolve, tcp=False):
         + q.question + answers + opt
 
 
-@dataclasses.dataclass
+@record_type
 class DnsZone:
     """What one caller may resolve: forward names and reverse addresses."""
     zone: tuple                          # labels of NET.wg
@@ -10110,7 +10206,7 @@ def inject_endpoint(peer, observed):
     candidates = list(peer.candidates)
     if observed and observed != ep and observed not in candidates:
         candidates.append(observed)
-    return dataclasses.replace(peer, endpoint=ep, candidates=candidates,
+    return replaced(peer, endpoint=ep, candidates=candidates,
                                persistent_keepalive_interval=PERSISTENT_KEEPALIVE)
 
 
@@ -10205,10 +10301,10 @@ class DeviceSync:
             if p.is_disabled or invitation_expired(p, now):
                 continue
             if p.id in self.pending:
-                p = dataclasses.replace(p, public_key=self.pending[p.id])
+                p = replaced(p, public_key=self.pending[p.id])
             ep = p.endpoint if p.endpoint and not endpoint_is_unspecified(p.endpoint) else None
             # routes=[]: the server does not route into peers' networks.
-            out.append(dataclasses.replace(p, endpoint=ep, candidates=[], routes=[],
+            out.append(replaced(p, endpoint=ep, candidates=[], routes=[],
                                            persistent_keepalive_interval=PERSISTENT_KEEPALIVE))
         return out
 
@@ -12128,7 +12224,7 @@ def probe_direct(backend, iface, peers, memo, nets, network, step=1.3):
     return moved
 
 
-@dataclasses.dataclass(frozen=True)
+@record_type(frozen=True)
 class PathSession:
     """What one round of path work is given: the server's API (None when it
     does not answer), the device (backend and interface), this peer's config,
@@ -12303,16 +12399,16 @@ def next_path_work(memo, unreachable, now):
 # is here too.
 
 
-@dataclasses.dataclass
+@record_type
 class FetchResult:
     changes: list[PeerUpdate]
     brought_up: bool
     changed: bool            # the server sent a new state (not 304)
     waited: bool             # the server held the request (long poll)
-    unreachable: set = dataclasses.field(default_factory=set)   # keys with no path at all
+    unreachable: set = Factory(set)   # keys with no path at all
     next_due: float | None = None        # s until the paths need another look
     exit_problem: str | None = None      # why the exit node asked for is not in use
-    pending: list = dataclasses.field(default_factory=list)    # key changes awaiting a proof
+    pending: list = Factory(list)    # key changes awaiting a proof
 
 
 def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
@@ -12343,19 +12439,19 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
             if server is not None or p.public_key != cfg.server_public_key \
                     or p.ip != server_ip:
                 continue
-            p = server = dataclasses.replace(p, is_disabled=False, is_static=False)
+            p = server = replaced(p, is_disabled=False, is_static=False)
         routes = [r for r in p.routes if public_routes or route_is_private(r)] \
             if accept_routes else []
         if p.public_key == exit_key:
             routes += list(EXIT_ROUTES)
         if routes != p.routes:
-            p = dataclasses.replace(p, routes=routes)
+            p = replaced(p, routes=routes)
         if p.public_key == cfg.server_public_key:
-            p = dataclasses.replace(p, endpoint=cfg.server_external_endpoint)
+            p = replaced(p, endpoint=cfg.server_external_endpoint)
         elif p.ip in overrides:
-            p = dataclasses.replace(p, endpoint=overrides[p.ip])
+            p = replaced(p, endpoint=overrides[p.ip])
         elif p.public_key in quiet:
-            p = dataclasses.replace(p, persistent_keepalive_interval=0)
+            p = replaced(p, persistent_keepalive_interval=0)
         out.append(p)
     if server is None:
         out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
@@ -12636,7 +12732,7 @@ def _settle_rotation(files, cfg, backend):
         return cfg
     with device_lock(iface):
         backend.apply(iface, private_key=new.private_key)
-        if not _server_answers(dataclasses.replace(cfg, private_key=new.private_key)):
+        if not _server_answers(replaced(cfg, private_key=new.private_key)):
             backend.apply(iface, private_key=cfg.private_key)
             return cfg
     os.replace(pending, path)
@@ -12959,7 +13055,7 @@ class _Fetch:
         # on at once instead of waiting for a handshake from it.
         carried = {new: dev.peer(old).endpoint for _, old, new in self.rotated
                    if dev.peer(old) is not None and dev.peer(old).endpoint}
-        return [dataclasses.replace(p, endpoint=carried[p.public_key])
+        return [replaced(p, endpoint=carried[p.public_key])
                 if p.public_key in carried and not p.endpoint else p for p in desired]
 
     def apply_routes(self):
@@ -13025,7 +13121,7 @@ def current_server(files, cfg):
         return cfg
     chosen = load_server_state(files).get("endpoint")
     if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
-        return dataclasses.replace(cfg, server_external_endpoint=chosen)
+        return replaced(cfg, server_external_endpoint=chosen)
     return cfg
 
 
@@ -13073,7 +13169,7 @@ def fail_over(files, cfg, backend, refused=False):
                                              allowed_ips=allowed)])
     warn(f"{iface}: the server does not answer at {cfg.server_external_endpoint}; "
          f"trying {nxt}")
-    return dataclasses.replace(cfg, server_external_endpoint=nxt)
+    return replaced(cfg, server_external_endpoint=nxt)
 
 
 def route_peers(opts, backend, iface, desired, own_key, exit_state, links, had_routes=True):
@@ -13187,7 +13283,7 @@ def with_remembered_flags(opts, files, reset=False):
     except (OSError, ValueError):
         return opts
     kept = {k: True for k in ROUTE_FLAGS if isinstance(kept, dict) and kept.get(k) is True}
-    return dataclasses.replace(opts, **kept) if kept else opts
+    return replaced(opts, **kept) if kept else opts
 
 
 def taken_down(files, backend):
@@ -13287,7 +13383,7 @@ def watch_server(watch, dev, cfg, iface):
         watch.poked.clear()
         return
     ref = Peer(id=None, name=SERVER_PEER_NAME, ip=str(cfg.server_ip), cidr_id=None, public_key=cfg.server_public_key)
-    if watch.check(dataclasses.replace(dev, peers=[sp]), {sp.public_key: ref}, set()):
+    if watch.check(replaced(dev, peers=[sp]), {sp.public_key: ref}, set()):
         warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
              "looking for it at its next endpoint")
         api.interrupt()
@@ -13667,7 +13763,7 @@ class RemoteNetwork(NetworkLock):
 
     def rename_cidr(self, cidr, name):
         self.api.call("PUT", f"/admin/cidrs/{cidr.id}",
-                      dataclasses.replace(cidr, name=name).to_json(False))
+                      replaced(cidr, name=name).to_json(False))
 
     def delete_cidr(self, cidr):
         self.api.call("DELETE", f"/admin/cidrs/{cidr.id}")
@@ -13695,7 +13791,7 @@ class RemoteNetwork(NetworkLock):
                 raise
             answer = []
         for d in answer:
-            out.append(dataclasses.replace(Deletion.from_json(d), name=str(d.get("name", "")),
+            out.append(replaced(Deletion.from_json(d), name=str(d.get("name", "")),
                                            cidr_id=d.get("cidr_id")))
         return out
 
@@ -14001,7 +14097,7 @@ def cmd_add_peer(args):
                     raise
                 used += [p.ip for p in net.peers()]
                 ip = next_free_ip(cidr.network, used)
-                contents = dataclasses.replace(contents, ip=str(ip))
+                contents = replaced(contents, ip=str(ip))
                 atomic_write(save_path, _invitation(net, cidrs, ip, invite_key,
                                                     endpoints).to_toml(
                     INVITATION_HEADER), 0o600)
@@ -14149,7 +14245,7 @@ def cmd_rename_peer(args):
     new = ask(args.new_name, "--new-name", "new name",
               parse=lambda v: parse_hostname(v, "peer name"))
     confirm(args, f"Rename peer '{peer.name}' to '{new}'?", True)
-    net.update_peer(dataclasses.replace(peer, name=new))
+    net.update_peer(replaced(peer, name=new))
     log(f"peer '{peer.name}' is now '{new}'")
     return 0
 
@@ -14166,7 +14262,7 @@ def _set_disabled(args, disabled):
         raise InnernetError(f"peer '{args.name}' is already {verb}d")
     peer = choose(args.name, "--name", f"peer to {verb}", options)
     confirm(args, f"{verb.capitalize()} peer '{peer.name}' ({peer.ip})?", True)
-    net.update_peer(dataclasses.replace(peer, is_disabled=disabled))
+    net.update_peer(replaced(peer, is_disabled=disabled))
     log(f"peer '{peer.name}' ({peer.ip}) {verb}d")
     return 0
 
@@ -14742,7 +14838,7 @@ def cmd_server_new(args):
                                 hint=f"choose another --network-name ('{SERVER_PROG} "
                                      f"status {name}' shows the existing one)")
     server_ip = next_free_ip(network, [])
-    for d in dataclasses.astuple(server_dirs(args)):
+    for d in record_values(server_dirs(args)):
         ensure_dir(d)
     key = generate_private_key()
     config = ServerConfig(private_key=key, listen_port=port, address=str(server_ip), network_cidr_prefix=network.prefixlen)
@@ -15224,7 +15320,7 @@ def cmd_install(args):
     # directory that is read-only or full fails here, with the invitation
     # still unused, and a key the server accepted is never lost.
     new_key = generate_private_key()
-    cfg = dataclasses.replace(invite, private_key=new_key, lock=None)
+    cfg = replaced(invite, private_key=new_key, lock=None)
     store_path = client_files(args, iface).store
     made = [cfg_path] + ([] if path_exists(store_path, "data store") else [store_path])
     atomic_write(cfg_path, cfg.to_toml(), 0o600, exclusive=True)
@@ -15333,7 +15429,7 @@ def _reach_server(args, iface, invite, backend):
     """The server's peer update at the first of the invitation's endpoints (a
     standby's too, in order) whose server answers a handshake."""
     for n, ep in enumerate(invite.endpoints):
-        server = server_peer_update(dataclasses.replace(invite, server_external_endpoint=ep))
+        server = server_peer_update(replaced(invite, server_external_endpoint=ep))
         if n:
             backend.apply(iface, updates=[PeerUpdate(server.public_key,
                                                      endpoint=server.endpoint)])
@@ -15418,7 +15514,7 @@ def cmd_set_listen_port(args):
         log("No change necessary")
         return 0
     confirm(args, f"Set the listen port of {iface} to {port or 'random'}?", True)
-    save_client_config(client_files(args, iface), dataclasses.replace(cfg, listen_port=port))
+    save_client_config(client_files(args, iface), replaced(cfg, listen_port=port))
     backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     log(f"listen port of {iface} is now {port or 'random'}")
     if backend is None:
@@ -15494,7 +15590,7 @@ def _post_rotation(files, cfg, new_private, proofs):
     with contextlib.suppress(OSError):   # the next fetch looks at the rotation (settle_rotation)
         os.unlink(files.fast_record)
     # The new key is on disk before the server hears of it.
-    atomic_write(pending, dataclasses.replace(cfg, private_key=new_private).to_toml(), 0o600)
+    atomic_write(pending, replaced(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
                     lacks=server_lacks(files, cfg))
     try:
@@ -15545,7 +15641,7 @@ def cmd_override_server_endpoints(args):
         print("\n".join(cfg.endpoints))
         return 0
     confirm(args, f"Look for the server at {', '.join(eps)}, in that order?", True)
-    save_client_config(client_files(args, iface), dataclasses.replace(
+    save_client_config(client_files(args, iface), replaced(
         cfg, server_external_endpoint=eps[0], server_endpoints=eps[1:]))
     with contextlib.suppress(OSError):
         os.unlink(client_files(args, iface).server_state)
@@ -15605,7 +15701,7 @@ def cmd_override_peer_endpoint(args):
                        parse=normalize_endpoint)
         confirm(args, f"Reach '{peer.name}' at {endpoint}?", True)
         overrides[peer.ip] = endpoint
-    save_client_config(client_files(args, iface), dataclasses.replace(cfg, peer_endpoint_overrides=overrides))
+    save_client_config(client_files(args, iface), replaced(cfg, peer_endpoint_overrides=overrides))
     # The device follows at once: an unchanged fetch later writes nothing to it.
     backend = existing_backend(arg_or(args, "backend", "auto"), iface)
     target = endpoint
@@ -16010,7 +16106,7 @@ def cmd_show(args):
                         "exit_node": exit_state and dict(exit_state), "peers": [
                 dict(p.to_json(), you=p.public_key == own_key,
                      path=_path(p, by_key.get(p.public_key), memo),
-                     device=dataclasses.asdict(by_key[p.public_key])
+                     device=record_dict(by_key[p.public_key])
                      if p.public_key in by_key else None) for p in live]})
             continue
         print("\n".join(_show_text(args, iface, cfg, dev, cidrs, live, memo, exit_state, now)))

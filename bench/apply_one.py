@@ -10,7 +10,6 @@ with the full 5,000-peer configuration (wireguard-tools).
     python3 bench/apply_one.py [--quick]      (as root)
 """
 import base64
-import dataclasses
 import os
 import shutil
 import statistics
@@ -51,7 +50,7 @@ def main():
         conf.close()
         whole, apply_only, setconf = [], [], []
         for r in range(reps):
-            peers[n // 2] = dataclasses.replace(peers[n // 2], endpoint=f"198.19.0.{r + 1}:4000")
+            peers[n // 2] = innernet.replaced(peers[n // 2], endpoint=f"198.19.0.{r + 1}:4000")
             t0 = time.perf_counter()
             dev = wg.get(ifname)
             ups = [u for u in innernet.diff_peers(dev.peers, peers, None, time.time(), resolve=innernet.resolve_endpoint)

@@ -33,8 +33,7 @@ new = I.generate_private_key()
 api = I.ApiClient(inv.server_internal_endpoint, inv.server_public_key)
 api.call("POST", "/user/redeem", {"public_key": I.public_key(new)})
 api.close()
-import dataclasses
-I.atomic_write(f"{cdir}/{iface}.conf", dataclasses.replace(inv, private_key=new).to_toml())
+I.atomic_write(f"{cdir}/{iface}.conf", I.replaced(inv, private_key=new).to_toml())
 backend.apply(iface, private_key=new)
 time.sleep(5)                      # innernet: REDEEM_TRANSITION_WAIT
 for attempt in range(3):

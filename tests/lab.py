@@ -314,11 +314,11 @@ table inet filter {{
 
 
 DEVICE = r"""
-import dataclasses, json, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 import innernet
 dev = innernet.existing_backend("auto", sys.argv[2]).get(sys.argv[2])
-print(json.dumps(dataclasses.asdict(dev)))
+print(json.dumps(innernet.record_dict(dev)))
 """
 
 

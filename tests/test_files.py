@@ -1,5 +1,4 @@
 """File formats: TOML subset, invitation/config/server config, data store, hosts."""
-import dataclasses
 import ipaddress
 import os
 import re
@@ -33,7 +32,7 @@ def test_invitation_parses_as_innernet_writes_it():
 
 
 def test_config_round_trip_with_overrides():
-    cfg = dataclasses.replace(InterfaceConfig.from_toml(INVITE, "x"), listen_port=51821,
+    cfg = innernet.replaced(InterfaceConfig.from_toml(INVITE, "x"), listen_port=51821,
                               peer_endpoint_overrides={"10.66.2.7": "198.51.100.9:40000"})
     text = cfg.to_toml(innernet.INVITATION_HEADER)
     assert text.startswith("# This is an innernet invitation")
@@ -291,7 +290,7 @@ def test_a_sync_that_outlived_its_interface_fails_over_nothing(tmp_path):
     backend = RecordingBackend()
     assert not innernet.same_peer(files, old)                 # uninstalled
     assert innernet.fail_over(files, old, backend) is old
-    new = dataclasses.replace(old, address=ipaddress.ip_interface("10.9.0.3/16"),
+    new = innernet.replaced(old, address=ipaddress.ip_interface("10.9.0.3/16"),
                               private_key=innernet.generate_private_key())
     innernet.atomic_write(files.config, new.to_toml())        # installed again
     assert not innernet.same_peer(files, old)

@@ -3,7 +3,6 @@ instead of failing, remembered route flags, the status file's JSON, and the
 client's small verbs (down twice, status exit codes). The processes and
 devices are tests/e2e/test_fleet.py."""
 import argparse
-import dataclasses
 import re
 import types
 import json
@@ -374,7 +373,7 @@ def test_the_daemon_idles_while_the_network_is_taken_down(tmp_path, monkeypatch,
     monkeypatch.setattr(innernet, "_say_innernet_server", lambda f, t: None)
     monkeypatch.setattr(innernet, "fetch_interface", lambda files, opts, **kw: rounds.append(
         kw) or types.SimpleNamespace(next_due=None, changed=False, waited=False, pending=[]))
-    opts = dataclasses.replace(opts_for(), no_nat_traversal=True, interval=60)
+    opts = innernet.replaced(opts_for(), no_nat_traversal=True, interval=60)
     with pytest.raises(KeyboardInterrupt):
         innernet._daemon(files, opts)
     assert len(rounds) == 1                     # none while taken down

@@ -4,7 +4,6 @@ tests/e2e/test_hardening.py.
 """
 import argparse
 import base64
-import dataclasses
 import ipaddress
 import json
 import os
@@ -185,16 +184,16 @@ def test_the_server_peer_is_the_configs_whatever_the_records_say():
                                    "198.18.0.1:51820", "10.66.0.1:51820")
     srv = Peer(1, "innernet-server", "10.66.0.1", 2, cfg.server_public_key, is_redeemed=True)
     own = ("10.66.1.2", innernet.public_key(cfg.private_key))
-    lies = {"disabled": dataclasses.replace(srv, is_disabled=True),
-            "static": dataclasses.replace(srv, is_static=True),
-            "moved": dataclasses.replace(srv, ip="10.66.1.9"),
-            "re-keyed": dataclasses.replace(srv, public_key=key())}
+    lies = {"disabled": innernet.replaced(srv, is_disabled=True),
+            "static": innernet.replaced(srv, is_static=True),
+            "moved": innernet.replaced(srv, ip="10.66.1.9"),
+            "re-keyed": innernet.replaced(srv, public_key=key())}
     for what, lie in lies.items():
         kept, refused = innernet.refuse_misrouted([lie], [srv], cfg.address.network, own,
                                                   ("10.66.0.1", cfg.server_public_key))
         assert kept == [] and len(refused) == 1, what
     copy = Peer(5, "copy", "10.66.1.5", 2, cfg.server_public_key, is_redeemed=True)
-    for peers in ([], [dataclasses.replace(srv, is_disabled=True)], [copy, srv]):
+    for peers in ([], [innernet.replaced(srv, is_disabled=True)], [copy, srv]):
         ups = innernet.diff_peers([], innernet.desired_peers(cfg, peers), own[1], 0,
                                   resolve=lambda e: e)
         assert [(u.public_key, u.allowed_ips, u.endpoint) for u in ups] == \
@@ -944,7 +943,7 @@ def test_a_lying_servers_endpoint_costs_the_peer_its_direct_path_not_its_record(
     (p,), said = innernet.refuse_misrouted([bad], [], net, own, srv)
     assert p.endpoint is None and p.public_key == bad.public_key and p.ip == "10.99.1.7"
     assert len(said) == 1 and "without its endpoint" in said[0] and "\n" not in said[0]
-    good = dataclasses.replace(bad, endpoint="198.18.0.9:51820")
+    good = innernet.replaced(bad, endpoint="198.18.0.9:51820")
     assert innernet.refuse_misrouted([good], [], net, own, srv) == ([good], [])
 
 

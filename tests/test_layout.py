@@ -208,11 +208,11 @@ def _records(tree, banners):
     records = SECTIONS.index("Records")
     return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)
             and _section_of(banners, n.lineno) == records
-            and any("dataclass" in ast.unparse(d) for d in n.decorator_list)}
+            and any("record" in ast.unparse(d) for d in n.decorator_list)}
 
 
 def test_records_are_frozen_and_built_by_keyword():
-    """The Records section's dataclasses cannot change once made, and every
+    """The Records section's records cannot change once made, and every
     construction of one in the module names its fields (cls(...) in their
     own constructors too): a field added or moved cannot shift the others."""
     _, tree, banners = _module()

@@ -1,7 +1,6 @@
 """Network lock (issue 32): the pure core -- canonical records, signatures,
 the lock chain, batches, enrollments and the client's verifier."""
 import copy
-import dataclasses
 import json
 import os
 
@@ -137,7 +136,7 @@ class Net:
 
     def set(self, who, **kw):
         i = next(i for i, p in enumerate(self.peers) if p.name == who)
-        self.peers[i] = dataclasses.replace(self.peers[i], **kw)
+        self.peers[i] = innernet.replaced(self.peers[i], **kw)
         return self.peers[i]
 
     def payload(self, peer, key=None, deleted=False):
@@ -218,9 +217,9 @@ def test_the_servers_own_record_gives_no_more_than_it_signed():
     assert "192.168.5.0/25, the exit node not signed" in ref["innernet-server"]
     assert "name 'alice' is not the signed one" in ref["innernet-server"]
     # a route its record signed stays; with no record at all, none does
-    n.peers[-1] = dataclasses.replace(n.peers[-1], name="innernet-server", is_admin=False,
+    n.peers[-1] = innernet.replaced(n.peers[-1], name="innernet-server", is_admin=False,
                                       exit_node=False)
-    n.records.append(n.payload(dataclasses.replace(server, routes=["192.168.5.0/25"])))
+    n.records.append(n.payload(innernet.replaced(server, routes=["192.168.5.0/25"])))
     n.sign(payloads=n.records[-1:])
     acc, ref, _ = n.verify(skip={server.ip})
     assert acc["innernet-server"].routes == ["192.168.5.0/25"] and "innernet-server" not in ref
@@ -238,7 +237,7 @@ def test_this_hosts_own_record_gives_no_route_it_did_not_sign():
     assert acc["alice"].routes == [] and not acc["alice"].exit_node
     assert "192.168.77.0/24, the exit node not signed" in ref["alice"]
     alice = n.peers[0]
-    n.records.append(n.payload(dataclasses.replace(alice, exit_node=False)))
+    n.records.append(n.payload(innernet.replaced(alice, exit_node=False)))
     n.sign(payloads=n.records[-1:])
     acc, ref, _ = n.verify()
     assert acc["alice"].routes == ["192.168.77.0/24"] and not acc["alice"].exit_node
@@ -305,7 +304,7 @@ def test_an_admins_next_signing_names_the_rotated_key_its_own_sync_took():
 def test_widening_the_tree_or_the_associations_without_a_signature_is_refused():
     n = Net()
     # the server moves 'others' under 'humans' and adds an association, unsigned
-    n.cidrs[3] = dataclasses.replace(n.cidrs[3], parent=3)
+    n.cidrs[3] = innernet.replaced(n.cidrs[3], parent=3)
     forged = [cidr_payload(NET, 99, cidr="10.66.2.0/24", name="others", parent="10.66.1.0/24"),
               assoc_payload(NET, 99, a="10.66.1.0/24", b="10.66.2.0/24")]
     n.records += forged
@@ -460,7 +459,7 @@ def test_an_enrollment_binds_its_address_and_a_second_one_under_the_same_invitat
     # now even a client that never saw the enrollment, long after, takes only dave's key
     acc, ref, _ = verify({}, now + 10 ** 6)
     assert "davey" not in acc and "key is not the signed one" in ref["davey"]
-    real = dataclasses.replace(evil, public_key="dave-key")
+    real = innernet.replaced(evil, public_key="dave-key")
     acc, ref, _ = verify({}, now + 10 ** 6, peers=[real if p is evil else p for p in n.peers])
     assert "davey" in acc
 
@@ -470,7 +469,7 @@ def test_a_pin_conflict_under_lock_is_one_line_and_the_rest_applies():
     with another key keeps its pinned key, the other peers are applied."""
     bob = Peer(11, "bob", "10.66.1.3", 3, "bob-key", is_redeemed=True)
     carol = Peer(12, "carol", "10.66.1.4", 3, "carol-key", is_redeemed=True)
-    swapped = dataclasses.replace(bob, public_key="evil-key")
+    swapped = innernet.replaced(bob, public_key="evil-key")
     dave = Peer(13, "dave", "10.66.1.5", 3, "dave-key", is_redeemed=True)
     with pytest.raises(InnernetError, match="PINNING ERROR"):
         innernet.merge_pinned([bob, carol], [swapped, carol, dave])
@@ -851,15 +850,15 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
             "CIDR": dict(cidr_id=4), "key": dict(public_key="evil-key"),
             "static flag": dict(is_static=True)}     # sixteenth round, N1
     with pytest.raises(InnernetError, match="lists other routes at 10.66.1.3"):
-        innernet._refuse_repinned(args, "net", [dataclasses.replace(
+        innernet._refuse_repinned(args, "net", [innernet.replaced(
             p, routes=["192.168.0.0/16"]) if p.name == "bob" else p for p in n.peers], n.cidrs)
     with pytest.raises(InnernetError, match="names CIDR 10.66.1.0/24 otherwise than this host "
                                             "took it \\('humans'\\)"):
-        innernet._refuse_repinned(args, "net", n.peers, [dataclasses.replace(
+        innernet._refuse_repinned(args, "net", n.peers, [innernet.replaced(
             c, name="ops") if c.name == "humans" else c for c in n.cidrs])
     for what, change in lies.items():
         bob = next(p for p in n.peers if p.name == "bob")
-        shown = [dataclasses.replace(p, **change) if p is bob else p for p in n.peers]
+        shown = [innernet.replaced(p, **change) if p is bob else p for p in n.peers]
         with pytest.raises(InnernetError, match=f"lists another {what} at 10.66.1.3 than "
                                                 "this host took for 'bob'"):
             innernet._refuse_repinned(args, "net", shown, n.cidrs)
@@ -869,10 +868,10 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
     assert innernet._refuse_repinned(args, "net", n.peers + [mallory], n.cidrs) == [mallory]
     # sixteenth round, N2: at an address this host holds as a deleted peer's, what the
     # server lists was neither compared nor counted as never seen (nor named if admin)
-    gone = [dataclasses.replace(p, deleted_until=2 ** 31) if p.name == "bob" else p
+    gone = [innernet.replaced(p, deleted_until=2 ** 31) if p.name == "bob" else p
             for p in n.peers]
     innernet.save_data_store(str(tmp_path / "net.json"), gone, n.cidrs)
-    evil = dataclasses.replace(next(p for p in n.peers if p.name == "bob"),
+    evil = innernet.replaced(next(p for p in n.peers if p.name == "bob"),
                                public_key="evil-key", is_admin=True)
     shown = [evil if p.name == "bob" else p for p in n.peers]
     assert innernet._refuse_repinned(args, "net", shown, n.cidrs) == [evil]
@@ -944,7 +943,7 @@ def test_an_admin_verb_reads_the_network_once_between_writes():
     an approved route) had that signed. An admin peer reads each list once
     between two writes, so what the verb names is what is checked."""
     alice = Peer(7, "alice", "10.66.1.2", 3, "alice-key", is_redeemed=True)
-    answers = [[alice.to_json()], [dataclasses.replace(alice, is_admin=True).to_json()]]
+    answers = [[alice.to_json()], [innernet.replaced(alice, is_admin=True).to_json()]]
     asked = []
 
     def request(method, path, body=None):
@@ -984,7 +983,7 @@ def test_a_cidr_outside_its_parent_is_neither_signed_nor_seen_through(tmp_path):
     n = Net()
     args = type("A", (), {"config_dir": str(tmp_path / "etc"), "data_dir": str(tmp_path)})()
     innernet.save_data_store(str(tmp_path / "net.json"), n.peers, n.cidrs)
-    moved = [dataclasses.replace(c, parent=3) if c.name == "others" else c for c in n.cidrs]
+    moved = [innernet.replaced(c, parent=3) if c.name == "others" else c for c in n.cidrs]
     with pytest.raises(InnernetError, match="puts CIDR 10.66.2.0/24 under 10.66.1.0/24, which "
                                             "does not hold it"):
         innernet._refuse_repinned(args, "net", n.peers, moved)
@@ -993,7 +992,7 @@ def test_a_cidr_outside_its_parent_is_neither_signed_nor_seen_through(tmp_path):
     with pytest.raises(InnernetError, match="places CIDR 10.66.1.128/25 otherwise than this "
                                             "host took it"):
         innernet._refuse_repinned(args, "net", n.peers,
-                                  n.cidrs + [dataclasses.replace(kid, parent=3)])
+                                  n.cidrs + [innernet.replaced(kid, parent=3)])
     fields = {"t": "cidr", "cidr": "10.66.2.0/24", "name": "others", "parent": "10.66.1.0/24",
               "deleted": False}
     assert innernet.lock_hidden_overlap(fields, {}, {}) == \

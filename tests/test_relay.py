@@ -85,9 +85,8 @@ def test_relay_pairs_follow_the_access_rules():
     assert refusal(a1, b1, c, []) == "no such peer"
     assert refusal(a1, b1, c, [innernet.Association(1, 3, 4)]) is None
     assert refusal(a1, Peer(5, "x", "10.1.1.5", 3, keypair()[1]), c, []) == "no such peer"
-    import dataclasses
-    assert refusal(a1, dataclasses.replace(a2, is_disabled=True), c, []) == "no such peer"
-    assert "static" in refusal(a1, dataclasses.replace(a2, is_static=True), c, [])
+    assert refusal(a1, innernet.replaced(a2, is_disabled=True), c, []) == "no such peer"
+    assert "static" in refusal(a1, innernet.replaced(a2, is_static=True), c, [])
     assert "server" in refusal(a1, srv, c, [])
     assert refusal(a1, a1, c, []) and refusal(a1, None, c, []) == "no such peer"
 
@@ -557,11 +556,10 @@ def test_a_reallocated_relay_port_is_followed_at_once(monkeypatch):
 
 
 def test_overridden_static_and_disabled_peers_are_not_touched(monkeypatch):
-    import dataclasses
     cfg, peers, calls = client(monkeypatch, relays={"p0": "198.18.0.1:40000"})
-    cfg = dataclasses.replace(cfg, peer_endpoint_overrides={peers[0].ip: "203.0.113.1:1"})
-    mine = [peers[0], dataclasses.replace(peers[1], is_static=True),
-            dataclasses.replace(peers[2], is_disabled=True)]
+    cfg = innernet.replaced(cfg, peer_endpoint_overrides={peers[0].ip: "203.0.113.1:1"})
+    mine = [peers[0], innernet.replaced(peers[1], is_static=True),
+            innernet.replaced(peers[2], is_disabled=True)]
     dev = FakeDevice([innernet.DevicePeer(p.public_key, None, [], 25, 0.0) for p in mine])
     innernet.settle_paths(innernet.PathSession(object(), dev, "n", cfg, PathMemo()), mine)
     assert calls["traverse"] == [] and dev.applied == []

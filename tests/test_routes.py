@@ -152,7 +152,7 @@ def test_choosing_an_exit_node_needs_a_visible_approved_offer():
     # Once chosen, the exit node is the peer at its address (pinned to its key):
     # the name given to another peer changes nothing (issue 28).
     thief = peer(7, "ex", 3, exit_node=True)
-    renamed = innernet.dataclasses.replace(ex, name="old")
+    renamed = innernet.replaced(ex, name="old")
     assert innernet.choose_exit_node([thief, renamed], "ex", "k9", ip=ex.ip) == (renamed, None)
     assert "to choose again, run 'up' without --exit-node" in \
         innernet.choose_exit_node([thief], "ex", "k9", ip=ex.ip)[1]
@@ -407,21 +407,20 @@ def test_public_routes_need_the_clients_consent():
 
 def test_the_client_refuses_records_that_route_what_is_not_their_own():
     """Issue 28, item 1: refuse_misrouted, the client's one check of a state."""
-    import dataclasses
     net = ipaddress.ip_network("10.80.0.0/15")
     own, server = ("10.80.64.9", "kme"), ("10.80.0.1", "ksrv")
     admin = peer(1, "admin", 3)                                    # pinned 10.80.3.1 = k1
     stored = [admin, Peer(None, "me", own[0], 4, own[1])]
-    ok = dataclasses.replace(peer(7, "newcomer", 3, routes=["192.168.7.0/24"]),
+    ok = innernet.replaced(peer(7, "newcomer", 3, routes=["192.168.7.0/24"]),
                              candidates=["198.18.0.7:51820", "10.80.3.1:51820"])
     lies = {
         "route-pinned": peer(8, "m1", 3, routes=["10.80.3.1/32"]),
         "route-network": peer(9, "m2", 3, routes=["10.0.0.0/8"]),
-        "outside": dataclasses.replace(peer(10, "m3", 3), ip="192.168.1.1"),
-        "own": dataclasses.replace(peer(11, "m4", 3), ip=own[0]),
-        "server": dataclasses.replace(peer(12, "m5", 3), ip=server[0]),
-        "static": dataclasses.replace(admin, is_static=True),
-        "endpoint": dataclasses.replace(peer(13, "m6", 3), endpoint="10.80.3.1:51820"),
+        "outside": innernet.replaced(peer(10, "m3", 3), ip="192.168.1.1"),
+        "own": innernet.replaced(peer(11, "m4", 3), ip=own[0]),
+        "server": innernet.replaced(peer(12, "m5", 3), ip=server[0]),
+        "static": innernet.replaced(admin, is_static=True),
+        "endpoint": innernet.replaced(peer(13, "m6", 3), endpoint="10.80.3.1:51820"),
     }
     kept, refused = innernet.refuse_misrouted([ok] + list(lies.values()), stored, net, own,
                                               server)
@@ -435,7 +434,7 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     assert "cannot turn static" in refused[5]
     assert refused[6].startswith("kept peer 'm6'") and "10.80.3.1:51820 is inside" in refused[6]
     # A pin outside the network (a data store older than the check) is covered too.
-    old_pin = dataclasses.replace(peer(20, "lan", 3), ip="192.168.5.5")
+    old_pin = innernet.replaced(peer(20, "lan", 3), ip="192.168.5.5")
     grab = peer(21, "m7", 3, routes=["192.168.5.0/24"])
     assert "covers 192.168.5.5, pinned to peer 'lan'" in innernet.refuse_misrouted(
         [grab], stored + [old_pin], net, own, server)[1][0]

@@ -749,7 +749,7 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
         innernet.InterfaceConfig.from_toml(new, conf).private_key)
     # a rotation that never reached the server: its file goes, the key stays
     other = innernet.InterfaceConfig.from_toml(new, conf)
-    other = innernet.dataclasses.replace(other, private_key=innernet.generate_private_key())
+    other = innernet.replaced(other, private_key=innernet.generate_private_key())
     innernet.atomic_write(conf + ".rotating", other.to_toml(), 0o600)
     r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
     assert r.returncode == 0 and "never reached the server" in r.stderr, r.stderr

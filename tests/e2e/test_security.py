@@ -147,7 +147,7 @@ def world(pyz):
         w.unknown_key = innernet.public_key(k)
         inject_unknown(w)
         cfg = innernet.InterfaceConfig.from_toml(open(srv.path("user.toml")).read(), "x")
-        cfg = innernet.dataclasses.replace(
+        cfg = innernet.replaced(
             cfg, private_key=k, address=innernet.ipaddress.ip_interface("10.66.2.250/16"))
         with open(host.path("unknown.toml"), "w") as f:
             f.write(cfg.to_toml())

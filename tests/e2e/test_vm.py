@@ -9,11 +9,11 @@ checkout's tests, the built innernet.pyz and the .deb over a virtio-9p share,
 runs them from a copy on its own disk, and leaves its results on the share.
 Two boots in one qemu, of one disk (an overlay of the cached image, so the
 second boot finds what the first left):
-  1. the kernel tests (tests/vm/guest_kernel.py, guest_fastpath.py), the
-     units' first half (tests/vm/guest_units.py), which ends with
-     `systemctl reboot` once the rest has run, and the tests/e2e selection
-     lane.E2E, unchanged on kernel devices (`--backend auto` picks the
-     kernel there);
+  1. the kernel tests (tests/vm/guest_kernel.py, guest_fastpath.py) then the
+     units' first half (tests/vm/guest_units.py), and beside them (the
+     other vCPU) the tests/e2e selection lane.E2E, unchanged on kernel
+     devices (`--backend auto` picks the kernel there); then
+     `systemctl reboot`;
   2. after the reboot, the units' second half, which only looks: server and
      peers back by themselves, traffic, the timer's fetch.
 """
