@@ -2287,6 +2287,12 @@ def _require_object(data, what):
     return data
 
 
+def _require_list(data, what):
+    if not isinstance(data, list):
+        raise _bad(f"{what} must be a JSON list")
+    return data
+
+
 @record_type(frozen=True)
 class Cidr:
     id: int | None
@@ -2593,18 +2599,30 @@ def parse_routes(items, exit_routes=False):
     return out
 
 
-def refuse_duplicates(items, what, fields):
-    """``items`` (a server's list), unless two share one of ``fields``: an
-    admin's verb finds by id what it names, so a second entry with that id
-    (or address, range, name) would have another record signed with it."""
+def refuse_duplicates(items, what, fields, *, inside=None, at=None):
+    """``items`` (a server's list), unless two share one of ``fields`` (an
+    attribute's name, or (name, function of an entry)): an admin's verb
+    finds by id what it names, so a second entry with that id (or address,
+    range, name, pair of CIDRs) would have another record signed with it, or
+    left. Nor one whose range (``at``: an entry's (text, network)) is not
+    inside ``inside``, the network's range this host's invitation gave it:
+    a CIDR beyond it would set an invitation's prefix, a static peer's routes."""
     for field in fields:
+        name, get = field if isinstance(field, tuple) else (field, None)
         seen = set()
         for x in items:
-            v = getattr(x, field)
+            v = get(x) if get else getattr(x, name)
             if v is not None and v in seen:
-                raise InnernetError(f"the server lists two {what} with {field} {v}: not using "
-                                    "its list", hint="the server may be hijacked")
+                shown = "-".join(map(str, sorted(v))) if isinstance(v, frozenset) else v
+                raise InnernetError(f"the server lists two {what} with {name} {shown}: not "
+                                    "using its list", hint="the server may be hijacked")
             seen.add(v)
+    for x in items if inside is not None else ():
+        text, net = at(x)
+        if net.version != inside.version or not net.subnet_of(inside):
+            raise InnernetError(f"the server lists {what[:-1]} {text} outside the network's range "
+                                f"{inside} (this host's invitation's): not using its {what}",
+                                hint="the server may be hijacked")
     return items
 
 
@@ -7028,8 +7046,29 @@ class NetworkLock:
         force = [f"peer:{a[0].ip}"] if method == "reinvite" else ()
         asked = {f"peer:{a[0].ip}": approval_asked(a[0], a[1])} \
             if method == "approve_routes" else None
-        return self.lock_signed(lock_projection(*now), lock_projection(*after), keys=keys,
-                                force=force, asked=asked)
+        before, after = lock_projection(*now), lock_projection(*after)
+        signed = self.lock_signed(before, after, keys=keys, force=force, asked=asked)
+        if signed is None and method not in ("reinvite", "approve_routes"):
+            self.lock_nothing_to_sign(method, a, before, after)
+        return signed
+
+    def lock_nothing_to_sign(self, method, a, before, after):
+        """Refuse a change the server's lists show made already: sent unsigned,
+        it would be reported done, and no locked client would ever see it (an
+        association listed twice, two CIDRs' names swapped onto an associated
+        pair). The CIDRs it names are checked against their signed records
+        first: a name the server moved is said so."""
+        records = self.lock_signer().records
+        for s in [f"cidr:{c.cidr}" for c in a[:2] if isinstance(c, Cidr)]:
+            why = lock_unlike_signed(s, before, after, records.get(s))
+            if why:
+                raise unlike_signed_error(s, why)
+        if method == "add_association":
+            raise InnernetError(f"'{a[0].name}' and '{a[1].name}' are already associated: "
+                                "nothing to sign", hint="'innernet list-associations' lists them")
+        raise InnernetError("the server's lists show this change made already: nothing to sign",
+                            hint="check with 'innernet fetch' and the list verbs; if they still "
+                                 "disagree, the server may be hijacked")
 
     def lock_apply(self, text, source, preview=False, invited=()):
         """The signed records of `apply`: the network as the document leaves
@@ -13736,27 +13775,22 @@ class RemoteNetwork(NetworkLock):
             self._read_at, self._reads = self.api.writes, {}
         if path not in self._reads:
             self._reads[path] = self.api.call("GET", path)
-        return [make(x) for x in self._reads[path]]
+        return [make(x) for x in _require_list(self._reads[path], f"the server's {path}")]
 
     def cidrs(self):
-        """The server's CIDRs, all inside this host's (its invitation's) range:
-        one beyond it would set an invitation's prefix, a static peer's routes."""
-        cidrs, mine = refuse_duplicates(self._read("/admin/cidrs", Cidr.from_json), "CIDRs",
-                                        ("id", "cidr", "name")), self.config.address.network
-        for c in cidrs:
-            if c.network.version != mine.version or not c.network.subnet_of(mine):
-                raise InnernetError(f"the server lists CIDR {c.cidr} outside the network's range "
-                                    f"{mine} (this host's invitation's): not using its CIDRs",
-                                    hint="the server may be hijacked")
-        return cidrs
+        return refuse_duplicates(self._read("/admin/cidrs", Cidr.from_json), "CIDRs",
+                                 ("id", "cidr", "name"), inside=self.config.address.network,
+                                 at=lambda c: (c.cidr, c.network))
 
     def peers(self):
         return refuse_duplicates(self._read("/admin/peers", Peer.from_json), "peers",
-                                 ("id", "ip", "name"))
+                                 ("id", "ip", "name"), inside=self.config.address.network,
+                                 at=lambda p: (p.ip, ipaddress.ip_network(p.ip)))
 
     def associations(self):
         return refuse_duplicates(self._read("/admin/associations", Association.from_json),
-                                 "associations", ("id",))
+                                 "associations", ("id", ("CIDRs", lambda a: frozenset(
+                                     (a.cidr_id_1, a.cidr_id_2)))))
 
     def add_cidr(self, contents):
         return Cidr.from_json(self.api.call("POST", "/admin/cidrs", contents.to_json(False)))
@@ -13785,7 +13819,8 @@ class RemoteNetwork(NetworkLock):
         """Quarantined addresses; none on an innernet server, which deletes nothing."""
         out = []
         try:
-            answer = self.api.call("GET", "/admin/deleted-peers") or []
+            answer = _require_list(self.api.call("GET", "/admin/deleted-peers") or [],
+                                   "the server's deleted peers")
         except InnernetError as e:
             if getattr(e, "lacking", None) is None:
                 raise
@@ -13828,28 +13863,31 @@ class RemoteNetwork(NetworkLock):
 
     def audit(self, since):
         return [AuditEntry.from_json(e) for e in
-                self.api.call("GET", f"/admin/audit?since={since}") or []]
+                _require_list(self.api.call("GET", f"/admin/audit?since={since}") or [],
+                              "the server's audit log")]
 
     def plan(self, text, source):
         r = _require_object(self.api.call("POST", "/admin/plan", {"document": text}), "plan")
         lines = [source + x[len("the file"):] if x.startswith("the file") else x
-                 for x in r.get("problems") or []]
+                 for x in map(str, _require_list(r.get("problems") or [], "the plan's problems"))]
         # a new peer's name names its invitation file: a name, never a path
-        return (list(r.get("plan") or []), lines,
+        return (_require_list(r.get("plan") or [], "the plan"), lines,
                 [(parse_hostname(_get(i, "name", str), "peer name from the server"),
                   str(parse_ip(_get(i, "ip", str)))) for i in
-                 (_require_object(x, "invitation") for x in r.get("invite") or [])])
+                 (_require_object(x, "invitation") for x in
+                  _require_list(r.get("invite") or [], "the plan's invitations"))])
 
     def apply(self, text, source, invites):
         body = {"document": text, "invites": {ip: {"public_key": k,
                                                    "invite_expires": _expires_to_json(e)}
                                               for ip, (k, e) in invites.items()}}
-        return list(_require_object(self.api.call("POST", "/admin/apply", body),
-                                    "apply").get("applied") or [])
+        return _require_list(_require_object(self.api.call("POST", "/admin/apply", body),
+                                             "apply").get("applied") or [], "the applied list")
 
     def route_approvers(self):
         return [RouteApprover.from_json(a) for a in
-                self.api.call("GET", "/admin/route-approvers") or []]
+                _require_list(self.api.call("GET", "/admin/route-approvers") or [],
+                              "the server's route approvers")]
 
     def add_route_approver(self, rule):
         return RouteApprover.from_json(self.api.call("POST", "/admin/route-approvers",
@@ -14502,9 +14540,10 @@ def cmd_delete_association(args):
             raise InnernetError(f"no association names CIDR or number '{args.cidr1}'",
                                 hint=f"'innernet list-associations {args.interface}'")
         assoc = choose(None, "CIDR1 and CIDR2", "association to delete", options)
-    confirm(args, f"Delete association #{assoc.id}?", False)
+    pair = f"'{names.get(assoc.cidr_id_1)}' <=> '{names.get(assoc.cidr_id_2)}'"
+    confirm(args, f"Delete association #{assoc.id} ({pair})?", False)
     net.delete_association(assoc)
-    log(f"association #{assoc.id} deleted")
+    log(f"association #{assoc.id} ({pair}) deleted")
     return 0
 
 

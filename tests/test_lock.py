@@ -953,6 +953,7 @@ def test_an_admin_verb_reads_the_network_once_between_writes():
     api.lacks, api.request = None, request
     net = object.__new__(innernet.RemoteNetwork)
     net.api = api
+    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
     assert net.peers() == net.peers() == [alice]
     assert asked == [("GET", "/admin/peers")]
     api.call("PUT", "/admin/peers/7", {})                  # a write: read anew
@@ -1004,7 +1005,8 @@ def test_a_cidr_outside_its_parent_is_neither_signed_nor_seen_through(tmp_path):
 
 @pytest.mark.parametrize("path,dup", [("/admin/peers", "id"), ("/admin/peers", "ip"),
                                       ("/admin/peers", "name"), ("/admin/cidrs", "id"),
-                                      ("/admin/cidrs", "cidr"), ("/admin/associations", "id")])
+                                      ("/admin/cidrs", "cidr"), ("/admin/associations", "id"),
+                                      ("/admin/associations", "pair")])
 def test_an_admin_peer_takes_no_list_with_two_entries_for_one_id(path, dup):
     """Seventeenth outside round, R1: the server gave frank bob's id, and
     `delete-peer bob` signed frank's deletion too (the change is worked out
@@ -1018,7 +1020,10 @@ def test_an_admin_peer_takes_no_list_with_two_entries_for_one_id(path, dup):
                                     "public_key": "frank-key"},
                    "/admin/cidrs": {"id": 4, "name": "ops", "cidr": "10.66.2.0/24"},
                    "/admin/associations": {"id": 2, "cidr_id_2": 5}}[path])
-    b[dup] = a[dup]
+    if dup == "pair":              # eighteenth round, S1: one pair under two ids
+        b = {"id": 2, "cidr_id_1": 4, "cidr_id_2": 3}
+    else:
+        b[dup] = a[dup]
     root = Cidr(1, "net", "10.66.0.0/16", None).to_json()
     answers = {path: [a, b], "/admin/cidrs": [root] + ([a, b] if path == "/admin/cidrs" else [])}
 
@@ -1031,5 +1036,32 @@ def test_an_admin_peer_takes_no_list_with_two_entries_for_one_id(path, dup):
     net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
     read = {"/admin/peers": net.peers, "/admin/cidrs": net.cidrs,
             "/admin/associations": net.associations}[path]
-    with pytest.raises(InnernetError, match=f"the server lists two .* with {dup} "):
+    with pytest.raises(InnernetError, match=f"the server lists two .* with {dup} "
+                       if dup != "pair" else "the server lists two associations with CIDRs 3-4"):
+        read()
+
+
+@pytest.mark.parametrize("path,answer", [("/admin/peers", None), ("/admin/peers", 5),
+                                         ("/admin/cidrs", "x"), ("/admin/associations", {}),
+                                         ("/admin/peers", [dict(Peer(
+                                             3, "carol", "::ffff:10.66.2.1", 1, "k").to_json())])])
+def test_an_admin_list_of_the_wrong_shape_is_one_line(path, answer):
+    """Eighteenth outside round, S2: a null or a number for an admin list,
+    or a peer at an IPv4-mapped address (which `apply` compared with the
+    network's IPv4 addresses), ended an admin's verb in a traceback. Each is
+    one InnernetError, and nothing is signed."""
+    root = Cidr(1, "net", "10.66.0.0/16", None).to_json()
+    answers = {"/admin/cidrs": [root], path: answer} if path != "/admin/cidrs" else {path: answer}
+
+    def request(method, p, body=None):
+        return 200, {}, json.dumps(answers.get(p, [])).encode()
+    api = object.__new__(innernet.ApiClient)
+    api.lacks, api.request = None, request
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = api
+    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    read = {"/admin/peers": net.peers, "/admin/cidrs": net.cidrs,
+            "/admin/associations": net.associations}[path]
+    with pytest.raises(InnernetError, match="must be a JSON list|must be a JSON object|outside "
+                                            "the network's range"):
         read()

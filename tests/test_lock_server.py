@@ -309,6 +309,37 @@ def test_an_admin_signs_nothing_the_server_resolved_from_a_name_it_moved(tmp_pat
     assert store.lock_records()[0] == before
 
 
+def test_a_change_the_server_shows_made_already_is_refused_not_sent_unsigned(tmp_path, capsys):
+    """Eighteenth outside round, S1: the server swapped two CIDRs' names so
+    that the pair an admin named in add-association was one associated
+    already; the change was empty, so the verb sent its request unsigned and
+    said it was done, and no locked client ever saw it. Under lock a change
+    with nothing to sign is refused, after the CIDRs it names are checked
+    against their signed records."""
+    base = cli_network(tmp_path, capsys)
+    for name, rng in (("ops", "10.66.2.0/24"), ("secret", "10.66.3.0/24")):
+        assert run(base, "add-cidr", "evil", "--name", name, "--cidr", rng, "--parent", "evil",
+                   "--yes") == 0
+    assert run(base, "add-association", "evil", "h", "ops", "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    before, assocs = store.lock_records()[0], store.associations()
+    capsys.readouterr()
+    assert run(base, "add-association", "evil", "h", "ops", "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "'h' and 'ops' are already associated: nothing to sign" in err, err
+    assert err.count("error:") == 1
+    for old, new in (("ops", "-"), ("secret", "ops"), ("-", "secret")):
+        store.conn.execute("UPDATE cidrs SET name = ? WHERE name = ?", (new, old))
+    assert run(base, "add-association", "evil", "h", "secret", "--yes",
+               "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "the server's CIDR 10.66.2.0/24 differs from its signed record (name not as " \
+           "signed)" in err, err
+    assert err.count("error:") == 1
+    assert store.lock_records()[0] == before and store.associations() == assocs
+
+
 def test_a_peer_the_server_shows_already_disabled_is_checked_against_its_signed_record(
         tmp_path, capsys):
     """Sixth outside attack, finding 3: the server says a peer is disabled
