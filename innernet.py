@@ -7026,12 +7026,17 @@ class NetworkLock:
         return signer.signed(changes, keys) if changes else None
 
     def lock_check(self, peer):
-        """Under lock, refuse a peer the server shows otherwise than signed:
-        before a verb says there is nothing to do (it is 'already disabled')."""
-        signer = self.lock_signer()
-        s = f"peer:{peer.ip}"
-        why = signer and lock_divergence(lock_projection([peer], self.cidrs(), [])[s],
-                                         signer.records.get(s))
+        """Under lock, refuse a peer the server shows otherwise than signed, or
+        with its signed record left out or older than this host knows, before
+        a verb says there is nothing to do ('already disabled')."""
+        s, signer = f"peer:{peer.ip}", self.lock_signer()
+        if signer is None:
+            return
+        rec = signer.records.get(s)
+        if rec is None or rec.get("deleted"):
+            raise unlike_signed_error(s, "the server leaves its signed record out")
+        refuse_stale(signer.records, signer.newest, [s])
+        why = lock_divergence(lock_projection([peer], self.cidrs(), [])[s], rec)
         if why:
             raise unlike_signed_error(s, why)
 
@@ -7048,21 +7053,24 @@ class NetworkLock:
             if method == "approve_routes" else None
         before, after = lock_projection(*now), lock_projection(*after)
         signed = self.lock_signed(before, after, keys=keys, force=force, asked=asked)
-        if signed is None and method not in ("reinvite", "approve_routes"):
+        if signed is None and method != "reinvite":
             self.lock_nothing_to_sign(method, a, before, after)
         return signed
 
     def lock_nothing_to_sign(self, method, a, before, after):
-        """Refuse a change the server's lists show made already: sent unsigned,
-        it would be reported done, and no locked client would ever see it (an
-        association listed twice, two CIDRs' names swapped onto an associated
-        pair). The CIDRs it names are checked against their signed records
-        first: a name the server moved is said so."""
+        """Refuse a change the server shows made already (unsigned, it would be
+        reported done and seen by no locked client), after checking what it
+        names: a name the server moved, a record it leaves out or serves
+        older. A --revoke of a route only waiting (unsigned) goes on."""
         records = self.lock_signer().records
         for s in [f"cidr:{c.cidr}" for c in a[:2] if isinstance(c, Cidr)]:
             why = lock_unlike_signed(s, before, after, records.get(s))
             if why:
                 raise unlike_signed_error(s, why)
+        if isinstance(a[0], Peer):
+            self.lock_check(a[0])
+        if method == "approve_routes":
+            return
         if method == "add_association":
             raise InnernetError(f"'{a[0].name}' and '{a[1].name}' are already associated: "
                                 "nothing to sign", hint="'innernet list-associations' lists them")
@@ -7073,13 +7081,11 @@ class NetworkLock:
     def lock_apply(self, text, source, preview=False, invited=()):
         """The signed records of `apply`: the network as the document leaves
         it (document_projection); new peers by their invitations' lock keys.
-        ``preview``: the records' lines for the plan instead (lock_change_lines,
-        from this host's signed records, never the server's plan), and the
-        apply then signs those or nothing (the server's view may change
-        between the two: a field it showed changed at the plan and unchanged
-        at the apply would be signed unseen). ``invited``: the (name, address)
-        pairs the server's plan makes invitations for, each file named by the
-        name: exactly the file's new peers (pairs swapped, a guest's file
+        ``preview``: the plan's lines of them (lock_change_lines, from this
+        host's signed records), and the apply signs those or nothing (a view
+        that moved between the two would have a change signed unseen).
+        ``invited``: the (name, address) pairs of the server's plan's
+        invitations: exactly the file's new peers (swapped, a guest's file
         would hold an admin's seat)."""
         if self.lock_signer() is None:
             return None
@@ -7090,8 +7096,11 @@ class NetworkLock:
             return None                   # the server names the document's problems
         keys = {f"peer:{ip}": lock_auth(auth, getattr(self, "lock_expires", None))
                 for ip, auth in getattr(self, "lock_auths", {}).items()}
-        changes = self.lock_signed(lock_projection(*now), after, keys=keys, preview=True)
-        signer = self.lock_signer()
+        before, signer = lock_projection(*now), self.lock_signer()
+        for s in sorted(s for s, r in signer.records.items() if s not in before
+                        and not r.get("deleted")):       # and the file leaves it out too
+            raise unlike_signed_error(s, "the server leaves it out")
+        changes = self.lock_signed(before, after, keys=keys, preview=True)
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
             new = {s: "its invitation's" for s, f in changes.items() if signer.is_new_peer(s, f)}
@@ -13850,7 +13859,7 @@ class RemoteNetwork(NetworkLock):
 
     def forget_pins(self, peer):
         r = self.api.call("DELETE", f"/admin/innernet-pins/{peer.id}")
-        return int(_require_object(r, "answer").get("forgotten", 0))
+        return _get(_require_object(r, "answer"), "forgotten", int, required=False, default=0)
 
     def reinvite(self, peer, invite_public_key, expires):
         self.api.call("POST", "/admin/reinvitations", {

@@ -1065,3 +1065,18 @@ def test_an_admin_list_of_the_wrong_shape_is_one_line(path, answer):
     with pytest.raises(InnernetError, match="must be a JSON list|must be a JSON object|outside "
                                             "the network's range"):
         read()
+
+
+@pytest.mark.parametrize("answer", [{"forgotten": "x"}, {"forgotten": [1]}, {"forgotten": 1.5},
+                                    [], None])
+def test_forget_pins_takes_no_count_of_another_shape(answer):
+    """Nineteenth outside round, T4: a non-number in forget-pins' answer
+    ended the verb in a ValueError or TypeError traceback; it is one line."""
+    def request(method, p, body=None):
+        return 200, {}, json.dumps(answer).encode()
+    api = object.__new__(innernet.ApiClient)
+    api.lacks, api.request = None, request
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = api
+    with pytest.raises(InnernetError, match="must be|JSON object"):
+        net.forget_pins(Peer(3, "bob", "10.66.1.2", 3, "bob-key"))

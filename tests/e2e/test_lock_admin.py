@@ -636,6 +636,64 @@ def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
     db_write(w, "DELETE FROM peer_routes")
 
 
+def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_record(w):
+    """Nineteenth outside round, T1-T3: the server showed a change made
+    already, so there was nothing to sign, and the verb either went on
+    unsigned and said it was done (approve-routes --revoke; apply, the
+    association the file removes hidden) or said "already disabled" -- each
+    on an older signed record served back, or the record left out, that no
+    check looked at when nothing was signed. Every locked client kept the
+    route, the peer, the association."""
+    S, route = "peer:10.66.1.30", "192.168.92.0/24"
+    w.early.innernet("advertise-routes", w.early_if, route, "--yes")
+    unapproved = _signed_row(w, S)
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", route, "--yes")
+    approved = _signed_row(w, S)
+    revoke = ("approve-routes", w.iface, "--name", "early", "--routes", route, "--revoke",
+              "--yes")
+    try:
+        _replay(w, S, unapproved)                         # T1: shown revoked already
+        db_write(w, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
+        _stale(admin(w, *revoke, check=False), "peer 10.66.1.30")
+        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (S,))
+        out = admin(w, *revoke, check=False)
+        assert out.returncode != 0 and "the server's peer 10.66.1.30 differs from its signed " \
+            "record (the server leaves its signed record out)" in out.stderr, out.stderr
+    finally:
+        _replay(w, S, approved)
+        db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = ?", (route,))
+    admin(w, *revoke)                                   # signed: the route revoked
+    assert route not in records(w)[S]["routes"]
+    admin(w, "disable-peer", w.iface, "--name", "early", "--yes")          # T2
+    disabled = _signed_row(w, S)
+    admin(w, "enable-peer", w.iface, "--name", "early", "--yes")
+    enabled = _signed_row(w, S)
+    try:
+        _replay(w, S, disabled)
+        db_write(w, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
+        _stale(admin(w, "disable-peer", w.iface, "--name", "early", "--yes", check=False),
+               "peer 10.66.1.30")
+    finally:
+        _replay(w, S, enabled)
+        db_write(w, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
+    assert not records(w)[S]["disabled"]
+    # T3: the association of humans and many hidden; the export leaves it out
+    row = db_rows(w.db, "SELECT a.* FROM associations a JOIN cidrs x ON x.id = a.cidr_id_2 "
+                        "WHERE x.name = 'many' OR a.cidr_id_1 = x.id")[0]
+    db_write(w, "DELETE FROM associations WHERE id = ?", (row[0],))
+    try:
+        path = w.admin.path("hidden.toml")
+        open(path, "w").write(admin(w, "export", w.iface).stdout)
+        out = admin(w, "apply", w.iface, path, "--yes", check=False)
+        assert out.returncode != 0 and "the server's the association of 10.66.1.0/24 and " \
+            "10.66.8.0/22 differs from its signed record (the server leaves it out)" \
+            in out.stderr, out.stderr
+        assert "applied" not in out.stderr
+    finally:
+        db_write(w, f"INSERT INTO associations VALUES ({', '.join('?' * len(row))})", row)
+    assert not records(w)["assoc:10.66.1.0/24|10.66.8.0/22"]["deleted"]
+
+
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     I = _innernet()
     path = w.admin.path("alice.toml")
