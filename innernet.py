@@ -6661,12 +6661,11 @@ def lock_named(fields):
 
 def lock_unlike_signed(subject, before, after, rec):
     """Why an admin's host must not sign a change that touches or names
-    ``subject`` (the server's view ``before`` and ``after`` the change,
-    projections; ``rec``, the subject's signed record): the server shows it
-    otherwise than signed -- a name it moved to another range or address,
-    which would make the admin sign for the wrong one --, or hides a signed
-    one at an address the change takes. None if it may. A subject the change
-    deletes may have no signed record (a server's own insertion, taken away)."""
+    ``subject`` (the server's view ``before`` and ``after`` it, projections;
+    ``rec``, its signed record): the server shows it otherwise than signed (a
+    name moved to another range or address: the admin would sign for the
+    wrong one), or hides a signed one at an address the change takes. None
+    if it may; a subject deleted may have no signed record (a server's own)."""
     if subject not in before:
         hidden = subject in after and rec is not None and not rec.get("deleted")
         return "the server leaves it out" if hidden else None
@@ -6872,11 +6871,9 @@ class LockSigner:
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
         {subject: key} for peers whose key is not their current record's. A
         peer's record whose enrolled or rotated key this host took is signed
-        again with that key (lock_known_keys) -- only when this
-        host verified or signed that very record (``newest``): the server
-        could present an older one (a peer deleted since by another admin,
-        out of this host's view), and signing it with a fresh serial would
-        make it newest again."""
+        again with that key (lock_known_keys) only when this host verified or
+        signed that very record (``newest``), not an older one the server
+        presents (signed anew, it would be newest again)."""
         now_ms, out = int(time.time() * 1000), []
         for s, (fields, key) in self.planned(changes, keys).items():
             cur = self.records.get(s) or {}
@@ -7100,7 +7097,10 @@ class NetworkLock:
         for s in sorted(s for s, r in signer.records.items() if s not in before
                         and not r.get("deleted")):       # and the file leaves it out too
             raise unlike_signed_error(s, "the server leaves it out")
-        changes = self.lock_signed(before, after, keys=keys, preview=True)
+        signed = {s: lock_fields(r) for s, r in signer.records.items() if s in after}
+        refuse_stale(signer.records, signer.newest, signed)   # the change is the signed
+        changes = self.lock_signed(before, after, keys=keys, preview=True, force=[  # records'
+            s for s, f in signed.items() if f != after[s]])
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
             new = {s: "its invitation's" for s, f in changes.items() if signer.is_new_peer(s, f)}

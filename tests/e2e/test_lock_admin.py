@@ -692,6 +692,32 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
     finally:
         db_write(w, f"INSERT INTO associations VALUES ({', '.join('?' * len(row))})", row)
     assert not records(w)["assoc:10.66.1.0/24|10.66.8.0/22"]["deleted"]
+    # Twentieth round, U1: apply's change is worked out on the signed records,
+    # not on the server's view showing the file's change made already.
+    path = w.admin.path("made.toml")
+
+    def apply_export():
+        open(path, "w").write(admin(w, "export", w.iface).stdout)
+        return admin(w, "apply", w.iface, path, "--yes", check=False)
+    db_write(w, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
+    try:
+        out = apply_export()                              # "disabled" by the server alone
+        assert out.returncode != 0 and "the server's peer 10.66.1.30 differs from its signed " \
+            "record (disabled flag not as signed)" in out.stderr, out.stderr
+    finally:
+        db_write(w, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
+    admin(w, "approve-routes", w.iface, "--name", "early", "--routes", route, "--yes")
+    approved = _signed_row(w, S)
+    db_write(w, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
+    out = apply_export()                          # shown revoked already: the revocation signed
+    assert out.returncode == 0, out.stderr
+    assert route not in records(w)[S]["routes"]
+    revoked = _signed_row(w, S)
+    _replay(w, S, approved)                       # an older record served back
+    try:
+        _stale(apply_export(), "peer 10.66.1.30")
+    finally:
+        _replay(w, S, revoked)
 
 
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
