@@ -3127,6 +3127,16 @@ def rotation_awaits_proof(own_private, ip, pinned, chain, kept=None):
     return bool(steps) and all(r.get("proof") is None for r in steps)
 
 
+def rotation_proof_fails(own_private, ip, pinned, chain, kept=None):
+    """Does the chain from ``pinned`` stop at a rotation whose proof for our
+    key is there but does not check out? A peer's proofs for the others are
+    beyond the server's checking, so a hostile peer can send junk ones: the
+    change is refused where it fails, that peer alone (its old key kept),
+    never everyone's whole sync."""
+    cur = follow_rotations(own_private, ip, pinned, chain, kept)
+    return any(r.get("old_key") == cur and r.get("proof") is not None for r in chain)
+
+
 def relay_rules(peers, cidrs, associations):
     """What the server may forward: (peer addresses, (source, destination) ranges).
 
@@ -12538,10 +12548,11 @@ def rotation_chain(api, ip):
 
 def verified_rotations(api, cfg, stored, received, kept):
     """The key changes at known addresses that their old keys' holders proved,
-    and those still waiting for a proof for us (rotation_awaits_proof):
-    ([(ip, old, new)], [(peer, ip, old, new)]). ``kept``: a function giving
-    our own kept old keys (kept_own_keys), asked only when a key changed."""
-    ok, waiting = [], []
+    those still waiting for a proof for us (rotation_awaits_proof), and those
+    whose proof for us fails (rotation_proof_fails): ([(ip, old, new)],
+    [(peer, ip, old, new)], [(peer, ip, old, new)]). ``kept``: a function
+    giving our own kept old keys (kept_own_keys), asked only when a key changed."""
+    ok, waiting, failed = [], [], []
     for p, pin in pinned_key_changes(stored, received, time.time()):
         ip, old, new = p.ip, pin.public_key, p.public_key
         if ip == str(cfg.address.ip):
@@ -12552,7 +12563,9 @@ def verified_rotations(api, cfg, stored, received, kept):
             ok.append((ip, old, new))
         elif rotation_awaits_proof(cfg.private_key, ip, old, chain, kept()):
             waiting.append((p, ip, old, new))
-    return ok, waiting
+        elif rotation_proof_fails(cfg.private_key, ip, old, chain, kept()):
+            failed.append((p, ip, old, new))
+    return ok, waiting, failed
 
 
 def kept_own_keys(files):
@@ -12871,17 +12884,22 @@ class _Fetch:
                 warn(f"{self.iface}: {line}")
             if quarantined:     # its end changes no state: ask for all of it until then
                 self.etag = None
-            self.rotated, waiting = verified_rotations(self.api, self.cfg, self.stored_peers,
-                                                       received, self.kept)
+            self.rotated, waiting, failed = verified_rotations(
+                self.api, self.cfg, self.stored_peers, received, self.kept)
             pinned = [] if self.lock_on else None     # under lock: one line each
             self.peers = merge_pinned(self.stored_peers, received, deleted, now,
                                       rotated=self.rotated, own_ip=str(self.cfg.address.ip),
-                                      floor=floor, waiting=[w[1:] for w in waiting],
+                                      floor=floor, waiting=[w[1:] for w in waiting + failed],
                                       refusals=pinned)
             for line in pinned or ():
                 warn(f"{self.iface}: {line}")
                 self.lock["refused"].append(line)
+            for p, ip, _, _ in failed:
+                warn(f"{self.iface}: PINNING ERROR: peer '{p.name}' ({ip}) has a new key whose "
+                     "proof for this host does not check out (the peer's or the server's "
+                     "forgery): its old key stays, the new one is refused")
             self.pending = [self.note_waiting(*w) for w in waiting] + [
+                self.note_waiting(*w, said=True) for w in failed] + [
                 dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), lock=True)
                 for p in self.lock_waits]        # looked at again too (said: refused)
             self.changed = True

@@ -291,12 +291,18 @@ def test_a_new_key_without_a_valid_proof_is_refused_by_every_client(world):
     for name in ("alice", "admin"):           # both have pinned bob
         world.hosts[name].innernet("fetch", lab.ifname(name), "--no-write-hosts")
         assert bob_key in device_keys(world.hosts[name], lab.ifname(name))
+    seen = device_keys(world.hosts["alice"], lab.ifname("alice"))
+    other, other_key = next((n, k) for n, k in sqlite3.connect(world.db).execute(
+        "SELECT name, public_key FROM peers WHERE is_disabled = 0 AND name NOT IN "
+        "('alice', 'bob', 'admin', 'innernet-server') ORDER BY id") if k in seen)
     conn = sqlite3.connect(world.db)
-    with conn:      # a compromised server: the key swapped, and a forged proof for alice
+    with conn:      # a compromised server, or bob itself (a peer's proofs for the others
+        # are beyond the server's checking): a forged proof for alice; and another disabled
         conn.execute("UPDATE peers SET public_key = ? WHERE name = 'bob'", (evil,))
         conn.execute("INSERT INTO key_rotations (peer_id, ip, old_key, new_key, proofs, "
                      "rotated_at) VALUES ((SELECT id FROM peers WHERE name = 'bob'), ?, ?, ?, ?, 0)",
                      (bob_ip, bob_key, evil, json.dumps({alice_key: "F" * 43 + "="})))
+        conn.execute("UPDATE peers SET is_disabled = 1 WHERE name = ?", (other,))
     conn.close()
     try:
         for name in ("alice", "admin"):
@@ -304,8 +310,9 @@ def test_a_new_key_without_a_valid_proof_is_refused_by_every_client(world):
 
             def refused():
                 r = host.innernet("fetch", lab.ifname(name), "--no-write-hosts", check=False)
-                if name == "alice":             # a wrong proof: refused outright
-                    return r if r.returncode == 1 and "PINNING ERROR" in r.stderr else None
+                if name == "alice":   # a wrong proof: that change refused, the rest taken
+                    return r if r.returncode == 0 and "PINNING ERROR: peer 'bob'" in r.stderr \
+                        and "does not check out" in r.stderr else None
                 # no proof for admin at all: the change waits for one (issue 29), which
                 # only bob's old key can make; the old key stays either way
                 return r if r.returncode == 0 and "no proof for us yet" in r.stderr else None
@@ -313,12 +320,16 @@ def test_a_new_key_without_a_valid_proof_is_refused_by_every_client(world):
             assert "Traceback" not in r.stderr
             keys = device_keys(host, lab.ifname(name))
             assert evil not in keys and bob_key in keys          # the old key stays pinned
+        # One peer's forged proofs stop no one's sync (an outside review's F1):
+        # the other's disabling reached alice beside the refused key.
+        assert other_key not in device_keys(world.hosts["alice"], lab.ifname("alice"))
         assert admin_key
     finally:
         conn = sqlite3.connect(world.db)
         with conn:
             conn.execute("UPDATE peers SET public_key = ? WHERE name = 'bob'", (bob_key,))
             conn.execute("DELETE FROM key_rotations WHERE new_key = ?", (evil,))
+            conn.execute("UPDATE peers SET is_disabled = 0 WHERE name = ?", (other,))
         conn.close()
     world.hosts["alice"].innernet("fetch", lab.ifname("alice"), "--no-write-hosts")
 
