@@ -108,6 +108,7 @@ FETCH_INTERVAL = 60
 # busy loop. A change that ends a long poll is applied at once all the same.
 DAEMON_MIN_PERIOD = 1.0
 HTTP_TIMEOUT = 10
+REFUSED_PEER = "unknown or disabled peer"   # the server's 401 to a peer it does not serve
 FAILOVER_GRACE = 60              # s a client waits for the API of a server that handshook
 API_CONNECT_TIMEOUT = 6         # s to connect to the API through the tunnel (a handshake)
 MAX_BODY = 16 * 1024
@@ -5342,9 +5343,13 @@ class UserspaceBackend:
         if not lines or not lines[-1].startswith("errno="):
             raise InnernetError(f"WireGuard UAPI of {ifname} gave no answer")
         code = int(lines[-1].split("=", 1)[1] or 0)
-        if code != 0:
+        if code != 0:         # wireguard-go's -errno: -98 a listen port in use
             raise InnernetError(f"WireGuard UAPI of {ifname} refused the change "
-                                f"(errno {code})")
+                                f"(errno {code}: {os.strerror(abs(code))})", hint=(
+                                    "another program (or user) holds its UDP listen port: "
+                                    "'ss -ulpn' names it; free it, or choose another port "
+                                    "with 'innernet set-listen-port'")
+                                if abs(code) == errno.EADDRINUSE else None)
         return lines[:-1]
 
     def create(self, ifname):
@@ -10547,7 +10552,7 @@ class CallerGate:
                                 "use the innernet-server command", status=401)
         peer = self.store.peer_by_ip(ip)
         if peer is None or peer.is_disabled:
-            raise InnernetError("unknown or disabled peer", status=401)
+            raise InnernetError(REFUSED_PEER, status=401)
         return peer
 
     def allow_update(self, peer_id, now=None):
@@ -12657,6 +12662,12 @@ def fetch_interface(files, opts, by="fetch", **kw):
     try:
         result = sync_interface(files, opts, prev, by=by, **kw)
     except Exception as e:
+        if isinstance(e, InnernetError) and e.unreachable and REFUSED_PEER in str(
+                prev.get("last_error")):    # its WireGuard drops us since: not the network
+            e.message += f"; the server's last answer was '{REFUSED_PEER}'"
+            e.hint = ("an admin disabled or deleted this peer on the server (an admin's "
+                      "'innernet list' shows it): enabled again, it syncs; deleted, it "
+                      "needs a new invitation")
         if path_exists(files.config) and not (isinstance(e, InnernetError)
                                               and e.message.endswith(STALE_SYNC)):
             message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
@@ -14076,15 +14087,15 @@ def _invitation_options(args, name):
     """(lifetime in seconds, file) from --invite-expires and --save-config, or asked."""
     expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
                   default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
-    save_path = ask(args.save_config, "--save-config", "save the invitation as",
-                    default=f"{name}.toml", parse=parse_save_path)
-    return expires, save_path
+    free = next((f for f in [f"{name}.toml"] + [f"{name}-{n}.toml" for n in range(2, 100)]
+                 if not path_exists(f)), f"{name}.toml")    # e.g. beside add-peer's, spent
+    return expires, ask(args.save_config, "--save-config", "save the invitation as",
+                        default=free, parse=parse_save_path)
 
 
 def _with_secret_file(save_path, text, act):
-    """Write ``text`` (exclusively, 0600), then ``act()`` (which creates the peer or
-    its new key) and return its result; remove the file if that fails: no peer
-    without its invitation or wg-quick file, no stray secrets."""
+    """Write ``text`` (exclusively, 0600), then ``act()`` (the peer or its new key,
+    returned); the file removed if that fails: no peer without it, no stray secret."""
     ensure_dir(os.path.dirname(os.path.abspath(save_path)), 0o700, tighten=False)
     atomic_write(save_path, text, 0o600, exclusive=True)
     try:
@@ -16849,6 +16860,9 @@ def _parse(parser, argv):
     except SystemExit:
         _flush_stdout()
         raise
+    except BrokenPipeError:       # its help, to a reader gone (--help | true)
+        _flush_stdout()
+        raise SystemExit(EXIT_OK) from None
 
 
 def main(argv=None, server_mode=None):

@@ -478,6 +478,13 @@ def test_a_closed_pipe_is_no_error():
     proc.stdout.close()                   # as `| head -c 10` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 0 and err == "", err
+    # --help into a pipe closed at once (`--help | true`; an outside review's F6)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, innernet.__file__, "--help"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 0 and "Traceback" not in err, err
 
 
 def test_daemon_log_lines_carry_the_time(capsys):
@@ -599,3 +606,76 @@ def test_restore_refuses_a_wal_file_left_beside_the_moved_database(tmp_path, cap
     err = capsys.readouterr().err
     assert f"{wal} is left from an earlier database" in err and "move it" in err
     assert wal.read_bytes() == b"old" and not (tmp_path / "lib" / "evil.db").exists()
+
+
+def test_reinvite_yes_takes_a_free_default_file_beside_the_spent_invitation(
+        tmp_path, capsys, monkeypatch):
+    """An outside review of issue 29, F8: `reinvite NET --name N --yes` said
+    "N.toml already exists", the invitation add-peer had written there; the
+    default it names is the first free one of N.toml, N-2.toml, ..."""
+    from helpers import cli_network
+    base = cli_network(tmp_path, capsys)
+    monkeypatch.chdir(tmp_path)
+    assert innernet.main(base + ["add-peer", "evil", "--name", "p6", "--cidr", "h", "--auto-ip",
+                                 "--yes"]) == 0
+    first = (tmp_path / "p6.toml").read_text()
+    for n in (2, 3):
+        assert innernet.main(base + ["reinvite", "evil", "--name", "p6", "--yes"]) == 0
+        assert f"invitation saved to p6-{n}.toml" in capsys.readouterr().err
+        assert (tmp_path / f"p6-{n}.toml").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "p6.toml").read_text() == first           # nothing overwritten
+
+
+def test_a_listen_port_in_use_is_named_with_a_hint(tmp_path, monkeypatch):
+    """An outside review of issue 29, F2: with its UDP listen port taken (a
+    local user binding it first), every fetch failed with "refused the
+    change (errno -98)" and nothing more. The error names the cause, and the
+    hint what to do."""
+    import socket
+    import threading
+    path = str(tmp_path / "wgx.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(4096)
+        c.sendall(b"errno=-98\n\n")
+        c.close()
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    backend = innernet.UserspaceBackend.__new__(innernet.UserspaceBackend)
+    monkeypatch.setattr(innernet.UserspaceBackend, "socket_path", lambda self, i: path)
+    with pytest.raises(innernet.InnernetError) as e:
+        backend._exchange("wgx", "set=1\nlisten_port=51820\n\n")
+    t.join(10)
+    srv.close()
+    assert "(errno -98: Address already in use)" in e.value.message
+    assert "'ss -ulpn'" in e.value.hint and "set-listen-port" in e.value.hint
+
+
+def test_after_the_servers_401_a_timeout_still_says_disabled_or_deleted(tmp_path, monkeypatch):
+    """An outside review of issue 29, F5: a disabled peer's first fetch said
+    "unknown or disabled peer" (401); the server's WireGuard drops its
+    packets from then on, so every later fetch, and `status`, said "timed
+    out", a network fault. The server's last word is carried on."""
+    args = types.SimpleNamespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "d"))
+    files = innernet.client_files(args, "net")
+    os.makedirs(os.path.dirname(files.config))
+    open(files.config, "w").write("")
+    os.makedirs(files.data_dir, exist_ok=True)
+    innernet.write_status_file(files.data_dir, "net", innernet.sync_status(
+        "net", 2.0, "the server answered 401 Unauthorized to GET /user/state: unknown or "
+        "disabled peer", "10.66.0.1:51820", "fetch", last_success=1.0))
+
+    def sync(*a, **kw):
+        raise innernet.InnernetError("cannot reach the innernet server at 10.66.0.1:51820: "
+                                     "timed out", hint="network", unreachable=True)
+    monkeypatch.setattr(innernet, "sync_interface", sync)
+    for _ in range(2):              # and the one after: the status file carries it on
+        with pytest.raises(innernet.InnernetError) as e:
+            innernet.fetch_interface(files, None)
+        assert e.value.message.endswith("; the server's last answer was 'unknown or disabled "
+                                        "peer'") and "disabled or deleted" in e.value.hint
+        assert "unknown or disabled peer" in innernet.read_status(files)["last_error"]
