@@ -1174,6 +1174,13 @@ def path_exists(path, what="file"):
         raise InnernetError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def free_file_name(stem, suffix):
+    """The first of STEM+SUFFIX, STEM-2+SUFFIX, ... that does not exist (a
+    default beside an earlier one: a reinvitation's beside add-peer's, spent)."""
+    return next((f for f in [stem + suffix] + [f"{stem}-{n}{suffix}" for n in range(2, 100)]
+                 if not path_exists(f)), stem + suffix)
+
+
 def parse_save_path(text):
     """Where an invitation or config goes: a non-empty path that does not exist yet."""
     if not text or not text.strip():
@@ -5931,6 +5938,68 @@ def write_hosts_file(path, tag, lines):
         return False
 
 
+def server_peer_update(cfg):
+    """The one peer a freshly brought-up client needs: the server."""
+    ep = resolve_endpoint(cfg.server_external_endpoint)
+    if ep is None:
+        raise InnernetError(f"cannot resolve the server's endpoint {cfg.server_external_endpoint}")
+    return PeerUpdate(cfg.server_public_key, endpoint=ep, keepalive=PERSISTENT_KEEPALIVE,
+                      allowed_ips=[host_prefix(cfg.server_ip)], name=SERVER_PEER_NAME,
+                      action="added")
+
+
+def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
+    """Poll until ``peer`` has a handshake newer than ``since``; True if it did.
+
+    WireGuard retries a lost handshake only every 5 s, so when none arrives the
+    peer is re-added (a fresh handshake state) and poked again, at growing
+    intervals: 0.1, 0.2, 0.4 ... s.
+    """
+    start = time.monotonic()
+    next_kick, step = start, 0.1
+    first = True
+    while time.monotonic() - start < timeout:
+        dp = backend.get(iface).peer(peer_update.public_key)
+        if dp is not None and dp.last_handshake > since:
+            return True
+        if time.monotonic() >= next_kick:
+            if not first:
+                backend.apply(iface, updates=[PeerUpdate(peer_update.public_key, remove=True),
+                                              peer_update])
+            first = False
+            trigger_packet(peer_ip)
+            next_kick, step = time.monotonic() + step, min(step * 2, 1.6)
+        time.sleep(0.005)
+    return False
+
+
+def shake_hands_again(backend, iface, cfg):
+    """After the server did not answer: a session it dropped (its device made
+    anew by a restart, this peer disabled and enabled again) is one WireGuard
+    keeps sending on, unanswered, for 15 s before it shakes hands again, past
+    a request's timeout. With a handshake in the last RECENT_HANDSHAKE s, the
+    server's peer is re-added (a fresh handshake) and one waited for,
+    KICK_WAIT s at most. True if one came: worth a retry."""
+    with contextlib.suppress(InnernetError, OSError):
+        sp = backend.get(iface).peer(cfg.server_public_key)
+        if sp is not None and recently_connected(sp, time.time()):
+            debug(f"{iface}: no answer on a recent session; shaking hands again")
+            now, update = time.time(), server_peer_update(cfg)
+            backend.apply(iface, updates=[PeerUpdate(update.public_key, remove=True), update])
+            return wait_for_handshake(backend, iface, update, cfg.server_ip, since=now,
+                                      timeout=KICK_WAIT)
+    return False
+
+
+def server_kick(choice, iface, cfg):
+    """An ApiClient's kick for a verb run beside the interface (admin verbs,
+    rotate-key): shake_hands_again on its device, if there is one."""
+    def kick():
+        backend = existing_backend(choice, iface)
+        return backend is not None and shake_hands_again(backend, iface, cfg)
+    return kick
+
+
 ###############################################################################
 # Network as code #############################################################
 ###############################################################################
@@ -8519,6 +8588,7 @@ class ApiClient:
     """
 
     extra_headers = None          # sent with every request while set (LOCK_HEADER)
+    kick = None     # once, when no connection was made in time: True if worth a retry
     writes = 0                    # requests that may change the server's data, so far
 
     def __init__(self, internal_endpoint, server_public_key, timeout=HTTP_TIMEOUT,
@@ -8651,7 +8721,8 @@ class ApiClient:
         Transport errors are InnernetError(unreachable=True). A GET on a
         stale keep-alive connection is retried once on a fresh one; a write
         never is, since the server may have carried it out before the
-        connection broke.
+        connection broke. A connection not made in time (nothing sent) is
+        retried once after ``kick`` (if set) says it is worth it.
         """
         data = b"" if body is None else json.dumps(body).encode()
         hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
@@ -8663,20 +8734,11 @@ class ApiClient:
         hdrs.update(headers or {})
         if method != "GET" and self.sock is not None and not self._fresh():
             self.close()        # a write goes only on a connection known to be open
-        for attempt in (0, 1):
-            reused = self.sock is not None
+        for attempt in (0, 1, 2):
+            reused = connected = self.sock is not None
             try:
                 if self.sock is None:
-                    # Connecting through the tunnel takes a handshake at most;
-                    # a server that is gone (a standby may be next) is given up
-                    # on in API_CONNECT_TIMEOUT, not after a long poll's wait.
-                    self.sock = socket.create_connection(
-                        (self.host, self.port),
-                        timeout=min(self.timeout, API_CONNECT_TIMEOUT),
-                        source_address=self.source_address)
-                    self.sock.settimeout(self.timeout)
-                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self.used = time.monotonic()
+                    connected = self._connect()
                 # Made once connected, so an admin proof is never older than
                 # the server that takes it; a fresh one each try.
                 req = self._head(method, path, hdrs, data) + data
@@ -8687,6 +8749,9 @@ class ApiClient:
                 self.close()
                 if attempt == 0 and reused and method == "GET" \
                         and not isinstance(e, (socket.timeout, ValueError)):
+                    continue
+                kick, self.kick = self.kick, None     # nothing was sent: any method
+                if not connected and isinstance(e, socket.timeout) and kick and kick():
                     continue
                 if isinstance(e, ValueError):
                     raise InnernetError(f"the server at {self.endpoint} sent a malformed "
@@ -8704,6 +8769,18 @@ class ApiClient:
             if rhdrs.get("content-encoding") == "gzip":
                 raw = _gunzip(raw)
             return status, rhdrs, raw
+
+    def _connect(self):
+        """Connecting through the tunnel takes a handshake at most; a server
+        that is gone (a standby may be next) is given up on in
+        API_CONNECT_TIMEOUT, not after a long poll's wait."""
+        self.sock = socket.create_connection((self.host, self.port),
+                                             timeout=min(self.timeout, API_CONNECT_TIMEOUT),
+                                             source_address=self.source_address)
+        self.sock.settimeout(self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.used = time.monotonic()
+        return True
 
     def _head(self, method, path, hdrs, data):
         """The request line and headers, with an admin proof where one is due."""
@@ -12031,41 +12108,6 @@ def make_api_server(coordinator, address, port, **kw):
 # tried again for direct now and then.
 
 
-def server_peer_update(cfg):
-    """The one peer a freshly brought-up client needs: the server."""
-    ep = resolve_endpoint(cfg.server_external_endpoint)
-    if ep is None:
-        raise InnernetError(f"cannot resolve the server's endpoint {cfg.server_external_endpoint}")
-    return PeerUpdate(cfg.server_public_key, endpoint=ep, keepalive=PERSISTENT_KEEPALIVE,
-                      allowed_ips=[host_prefix(cfg.server_ip)], name=SERVER_PEER_NAME,
-                      action="added")
-
-
-def wait_for_handshake(backend, iface, peer_update, peer_ip, *, since, timeout):
-    """Poll until ``peer`` has a handshake newer than ``since``; True if it did.
-
-    WireGuard retries a lost handshake only every 5 s, so when none arrives the
-    peer is re-added (a fresh handshake state) and poked again, at growing
-    intervals: 0.1, 0.2, 0.4 ... s.
-    """
-    start = time.monotonic()
-    next_kick, step = start, 0.1
-    first = True
-    while time.monotonic() - start < timeout:
-        dp = backend.get(iface).peer(peer_update.public_key)
-        if dp is not None and dp.last_handshake > since:
-            return True
-        if time.monotonic() >= next_kick:
-            if not first:
-                backend.apply(iface, updates=[PeerUpdate(peer_update.public_key, remove=True),
-                                              peer_update])
-            first = False
-            trigger_packet(peer_ip)
-            next_kick, step = time.monotonic() + step, min(step * 2, 1.6)
-        time.sleep(0.005)
-    return False
-
-
 def report_candidates(opts, api, cfg, own, listen_port, force=False, links=None):
     """Tell the server our local addresses, when they differ from what it has."""
     if opts.no_nat_candidates:
@@ -12933,25 +12975,11 @@ class _Fetch:
             self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
 
     def kick_server(self):
-        """After the server did not answer, once: a session it dropped (this
-        peer disabled and enabled again, its device made anew) is one
-        WireGuard keeps sending on, unanswered, for 15 s before it shakes
-        hands again, past the request's timeout. With a handshake in the last
-        RECENT_HANDSHAKE s, the server's peer is re-added (a fresh handshake)
-        and one waited for, KICK_WAIT s at most. True if one came: worth a retry."""
+        """shake_hands_again, once a sync."""
         if self.kicked or self.backend is None:
             return False
         self.kicked = True
-        with contextlib.suppress(InnernetError, OSError):
-            sp = self.backend.get(self.iface).peer(self.cfg.server_public_key)
-            if sp is not None and recently_connected(sp, time.time()):
-                debug(f"{self.iface}: no answer on a recent session; shaking hands again")
-                now, update = time.time(), server_peer_update(self.cfg)
-                self.backend.apply(self.iface, updates=[
-                    PeerUpdate(update.public_key, remove=True), update])
-                return wait_for_handshake(self.backend, self.iface, update, self.cfg.server_ip,
-                                          since=now, timeout=KICK_WAIT)
-        return False
+        return shake_hands_again(self.backend, self.iface, self.cfg)
 
     @server_lock_data
     def locked(self, received, state):
@@ -13805,6 +13833,7 @@ class RemoteNetwork(NetworkLock):
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
         self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
+        self.api.kick = server_kick(arg_or(args, "backend", "auto"), iface, self.config)
 
     def _read(self, path, make):
         """The server's list at ``path``, read once between two writes: a verb's
@@ -14087,10 +14116,8 @@ def _invitation_options(args, name):
     """(lifetime in seconds, file) from --invite-expires and --save-config, or asked."""
     expires = ask(args.invite_expires, "--invite-expires", "invitation expires after",
                   default=DEFAULT_INVITE_EXPIRY, parse=parse_expiry)
-    free = next((f for f in [f"{name}.toml"] + [f"{name}-{n}.toml" for n in range(2, 100)]
-                 if not path_exists(f)), f"{name}.toml")    # e.g. beside add-peer's, spent
     return expires, ask(args.save_config, "--save-config", "save the invitation as",
-                        default=free, parse=parse_save_path)
+                        default=free_file_name(name, ".toml"), parse=parse_save_path)
 
 
 def _with_secret_file(save_path, text, act):
@@ -15640,7 +15667,8 @@ def cmd_rotate_key(args):
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
     with file_lock(files.config):    # a sync leaves the pending key alone meanwhile
-        said = _post_rotation(files, cfg, new_private, proofs)
+        said = _post_rotation(files, cfg, new_private, proofs,
+                              kick=server_kick(arg_or(args, "backend", "auto"), iface, cfg))
     since = time.time()
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
         keep_old_key(files, cfg.private_key, new_public, since)
@@ -15658,7 +15686,7 @@ def cmd_rotate_key(args):
     return 0
 
 
-def _post_rotation(files, cfg, new_private, proofs):
+def _post_rotation(files, cfg, new_private, proofs, kick=None):
     """The new key to the server, written first to ``<config>.rotating`` and
     moved over the config once the server took it; the server's answer."""
     iface, path = files.iface, files.config
@@ -15670,6 +15698,7 @@ def _post_rotation(files, cfg, new_private, proofs):
     atomic_write(pending, replaced(cfg, private_key=new_private).to_toml(), 0o600)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
                     lacks=server_lacks(files, cfg))
+    api.kick = kick               # a server restarted since our last handshake
     try:
         said = api.call("POST", "/user/rotation", {"public_key": new_public, "proofs": proofs})
     except InnernetError as e:

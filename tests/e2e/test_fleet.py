@@ -404,7 +404,9 @@ def test_status_says_when_syncs_fail_and_the_status_file_says_the_same(world):
 def test_serve_exits_when_its_device_is_lost_and_the_units_exec_start_brings_it_back(world):
     w = world
     a = join(w, "a")
+    ad, ad_if = join(w, "ad4", admin="true"), w.lab.ifname("ad4")
     _with_pyz(w, w.srv)
+    ad.innernet("fetch", ad_if, "--no-write-hosts")     # a recent session with the server
     kill_device(w.srv, w.net)
     w.serve.wait(timeout=20)              # it exits, so the unit's Restart= fires
     assert w.serve.returncode == 1
@@ -416,6 +418,12 @@ def test_serve_exits_when_its_device_is_lost_and_the_units_exec_start_brings_it_
     w.srv.spawn(literal(w.srv, command, ARGS="--metrics 127.0.0.1:9586"), "unit.log")
     wait_for(lambda: "serving network" in w.srv.log("unit.log"), 30, "serve to start again")
     assert "metrics on http://127.0.0.1:9586/metrics" in w.srv.log("unit.log")
+    # An admin verb at once (an outside review's F4): its session is gone with
+    # the old device, and WireGuard would send on it unanswered for 15 s; the
+    # verb shakes hands again and retries instead of timing out.
+    out = ad.innernet("add-cidr", ad_if, "--name", "after", "--cidr", "10.66.9.0/24",
+                      "--parent", w.net, "--yes", check=False)
+    assert out.returncode == 0, out.stderr
     # its first sessions are gone with the old device: peers handshake again (<= 15 s)
     wait_for(lambda: a.innernet("fetch", w.lab.ifname("a"), "--no-write-hosts",
                                 check=False).returncode == 0, 60, "a to sync again")
