@@ -3256,6 +3256,19 @@ def refuse_quarantined(received, stored, deleted, now, floor):
     return kept, refused
 
 
+def _old_key_narrowed(old, new):
+    """The pinned peer ``old`` kept in place of ``new`` (its key change waits
+    for a proof, or is refused): with the old key, and no more than either
+    record grants -- a route, the exit node or the admin flag revoked since
+    stays revoked (a hostile peer's junk proof must not keep its old record
+    alive), one granted since waits for the proof too."""
+    return replaced(new, public_key=old.public_key,
+                    routes=[r for r in new.routes if r in old.routes],
+                    exit_node=old.exit_node and new.exit_node,
+                    is_admin=old.is_admin and new.is_admin,
+                    is_disabled=old.is_disabled or new.is_disabled)
+
+
 def _quarantined_until(pin):
     return "" if pin.deleted_until is None else time.strftime(
         " (a deleted peer's, quarantined until %Y-%m-%d %H:%M UTC)",
@@ -3276,7 +3289,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
     a known address change key. Our own address is ours to know. A change
     ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
-    the pinned peer, old key and all, in place of the received one. ``now``:
+    the old key in place of the received one's (_old_key_narrowed). ``now``:
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
     (quarantine_end; the client passes MIN_QUARANTINE). ``refusals`` (lock's):
@@ -3294,11 +3307,11 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
         if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
             continue                      # ours, or its old key's holder proved the change
         if (p.ip, old.public_key, p.public_key) in waiting:
-            kept[(p.ip, p.public_key)] = old
+            kept[(p.ip, p.public_key)] = _old_key_narrowed(old, p)
             continue
         until = _quarantined_until(old)
         if refusals is not None:
-            kept[(p.ip, p.public_key)] = old
+            kept[(p.ip, p.public_key)] = _old_key_narrowed(old, p)
             refusals.append(f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the "
                             f"server: its address belonged to another public key{until}")
             continue
@@ -6890,10 +6903,9 @@ def lock_invite_over(rec, enrolled, now, replace):
 
 
 def refuse_stale(records, newest, subjects):
-    """An admin's host signs over no record older than the newest it knows of
-    its subject (``newest``, lock_newest): a server that replays an older
-    signed record (a route revoked, a name changed, a peer deleted since)
-    would have the admin sign it again, newer than the one that undid it."""
+    """An admin's host signs over no record older than the newest it knows of its
+    subject (``newest``, lock_newest): an older one replayed (a route revoked since)
+    would be signed again, newer than the one that undid it."""
     for s in sorted(subjects):
         rec, n = records.get(s), newest.get(s)
         have = rec.get("n") if isinstance(rec, dict) else None
@@ -7173,8 +7185,9 @@ class NetworkLock:
         now = self.peers(), self.cidrs(), self.associations()
         after = document_projection(text, source, now[1], now[0], now[2], self.deletions(),
                                     time.time())
-        if after is None:
-            return None                   # the server names the document's problems
+        if after is None:   # problems here, where the server's plan named none (its own)
+            raise InnernetError(f"{source} does not fit the server's view, whose plan found no "
+                                "problem: not signing", hint="the server may be hijacked")
         keys = {f"peer:{ip}": lock_auth(auth, getattr(self, "lock_expires", None))
                 for ip, auth in getattr(self, "lock_auths", {}).items()}
         before, signer = lock_projection(*now), self.lock_signer()
@@ -7184,7 +7197,7 @@ class NetworkLock:
         signed = {s: lock_fields(r) for s, r in signer.records.items() if s in after}
         refuse_stale(signer.records, signer.newest, signed)   # the change is the signed
         changes = self.lock_signed(before, after, keys=keys, preview=True, force=[  # records'
-            s for s, f in signed.items() if f != after[s]])
+            s for s, f in after.items() if s not in signed or signed[s] != f])
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
             new = {s: "its invitation's" for s, f in changes.items() if signer.is_new_peer(s, f)}

@@ -679,3 +679,18 @@ def test_after_the_servers_401_a_timeout_still_says_disabled_or_deleted(tmp_path
         assert e.value.message.endswith("; the server's last answer was 'unknown or disabled "
                                         "peer'") and "disabled or deleted" in e.value.hint
         assert "unknown or disabled peer" in innernet.read_status(files)["last_error"]
+
+
+def test_a_key_change_that_waits_keeps_the_old_key_with_no_more_than_either_grants():
+    """Twenty-first outside round, V1: a peer whose key change waits for its
+    proof (or whose junk proof is refused) was kept as its whole old record,
+    so a route, the exit node or the admin flag revoked since stayed on this
+    host's device at every sync. The old key is kept, with no more than
+    either record grants."""
+    old = Peer(3, "dave", "10.66.1.4", 1, "old-key", routes=["10.66.0.0/24", "192.168.5.0/24"],
+               exit_node=True, is_admin=True)
+    new = Peer(3, "dave2", "10.66.1.4", 1, "new-key", routes=["192.168.5.0/24", "192.168.6.0/24"])
+    for kw in ({"waiting": [("10.66.1.4", "old-key", "new-key")]}, {"refusals": []}):
+        got, = innernet.merge_pinned([old], [new], **kw)
+        assert (got.public_key, got.name, got.routes, got.exit_node, got.is_admin) == \
+            ("old-key", "dave2", ["192.168.5.0/24"], False, False), kw

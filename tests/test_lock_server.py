@@ -422,8 +422,46 @@ def test_apply_under_lock_shows_every_record_it_signs_whatever_the_plan_says(
     monkeypatch.setattr(innernet, "confirm", moved)
     assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile) != 0
     err = capsys.readouterr().err
-    assert "the server's view of the network changed between the plan and the apply" in err, err
+    # (an association the database has unsigned is refused as such first, since
+    # the twenty-first round: apply's change is worked out on the signed records)
+    assert "the server's view of the network changed between the plan and the apply" in err \
+        or "association of 10.66.1.0/24 and 10.66.2.0/24 differs from its signed record (it " \
+           "has no signed record)" in err, err
     assert err.count("error:") == 1 and store.lock_records()[0] == before
+
+
+def test_apply_signs_what_the_server_shows_made_already_or_refuses_its_problems_unsaid(
+        tmp_path, capsys, monkeypatch):
+    """Twenty-first outside round, V2 and V3: the server showed the
+    association the file adds as there already (unsigned), so `apply`
+    signed nothing and said it applied; and a lie elsewhere that made this
+    host's own plan of the file fail (where the server's named no problem)
+    turned its signing off altogether. Both are refused, nothing signed."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-cidr", "evil", "--name", "robots", "--cidr", "10.66.2.0/24",
+               "--parent", "evil", "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    before = store.lock_records()[0]
+    doc = tmp_path / "net.toml"
+    doc.write_text(EXPORTED.format(robots="robots"))        # adds h <=> robots
+    store.conn.execute("INSERT INTO associations (cidr_id_1, cidr_id_2) SELECT a.id, b.id "
+                       "FROM cidrs a, cidrs b WHERE a.name = 'h' AND b.name = 'robots'")
+    capsys.readouterr()
+    assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "the association of 10.66.1.0/24 and 10.66.2.0/24 differs from its signed record " \
+           "(it has no signed record)" in err and err.count("error:") == 1, err
+    store.conn.execute("DELETE FROM associations")
+    doc.write_text(EXPORTED.format(robots="robots").replace('parent = "evil"\n\n[[assoc',
+                                                            'parent = "nowhere"\n\n[[assoc'))
+    real_plan = innernet.LocalNetwork.plan
+    monkeypatch.setattr(innernet.LocalNetwork, "plan", lambda self, text, source: (
+        real_plan(self, EXPORTED.format(robots="robots"), source)))   # "no problem"
+    assert run(base, "apply", "evil", str(doc), "--yes", "--lock-key", keyfile) != 0
+    err = capsys.readouterr().err
+    assert "does not fit the server's view, whose plan found no problem: not signing" in err, err
+    assert store.lock_records()[0] == before and not store.associations()
 
 
 def test_a_cidr_is_not_deleted_under_lock_while_a_signed_record_names_it(tmp_path, capsys):
