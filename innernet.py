@@ -2182,7 +2182,7 @@ def _record_init(self, *args, **kw):
         raise TypeError(f"{cls.__name__}() takes {len(names)} fields, {len(args)} given")
     values = dict(zip(names, args))
     for name, value in kw.items():
-        if name in values or name not in cls._defaults and name not in names:
+        if name in values or name not in names:
             raise TypeError(f"{cls.__name__}() got an unexpected or repeated field {name!r}")
         values[name] = value
     if len(values) < len(names):
@@ -3124,25 +3124,21 @@ def follow_rotations(own_private, ip, pinned, chain, kept=None):
     return cur
 
 
-def rotation_awaits_proof(own_private, ip, pinned, chain, kept=None):
-    """Does the chain from ``pinned`` stop at a rotation that has no proof for
-    our current key at all (none, not a wrong one)? Its old key's holder
-    rotated before it knew of us (we joined after it last synced, or rotated
-    since its proof) and proves it later; until then the change waits, the
-    old key pinned. A wrong proof never waits."""
+def rotation_stop(own_private, ip, pinned, chain, kept=None):
+    """Where the chain from ``pinned`` leads us: (the key its proved steps
+    reach, follow_rotations; how it stops there). "waits": the next rotation
+    has no proof for our key at all -- its old key's holder rotated before it
+    knew of us (we joined after it last synced, or rotated since its proof)
+    and proves it later; until then the change waits, the old key pinned.
+    "fails": a proof for us is there and does not check out -- a peer's
+    proofs for the others are beyond the server's checking, so a hostile
+    peer can send junk ones: refused where it fails, that peer alone (its
+    old key kept), never everyone's whole sync. None: no rotation follows."""
     cur = follow_rotations(own_private, ip, pinned, chain, kept)
     steps = [r for r in chain if r.get("old_key") == cur]
-    return bool(steps) and all(r.get("proof") is None for r in steps)
-
-
-def rotation_proof_fails(own_private, ip, pinned, chain, kept=None):
-    """Does the chain from ``pinned`` stop at a rotation whose proof for our
-    key is there but does not check out? A peer's proofs for the others are
-    beyond the server's checking, so a hostile peer can send junk ones: the
-    change is refused where it fails, that peer alone (its old key kept),
-    never everyone's whole sync."""
-    cur = follow_rotations(own_private, ip, pinned, chain, kept)
-    return any(r.get("old_key") == cur and r.get("proof") is not None for r in chain)
+    if not steps:
+        return cur, None
+    return cur, "waits" if all(r.get("proof") is None for r in steps) else "fails"
 
 
 def relay_rules(peers, cidrs, associations):
@@ -3288,7 +3284,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     its quarantine (reuse_after, as first announced) is over; only a key
     change with a verified rotation proof (``rotated``: (ip, old, new)) lets
     a known address change key. Our own address is ours to know. A change
-    ``waiting`` for its proof ((ip, old, new): rotation_awaits_proof) keeps
+    ``waiting`` for its proof ((ip, old, new): rotation_stop) keeps
     the old key in place of the received one's (_old_key_narrowed). ``now``:
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
@@ -7197,7 +7193,7 @@ class NetworkLock:
         signed = {s: lock_fields(r) for s, r in signer.records.items() if s in after}
         refuse_stale(signer.records, signer.newest, signed)   # the change is the signed
         changes = self.lock_signed(before, after, keys=keys, preview=True, force=[  # records'
-            s for s, f in after.items() if s not in signed or signed[s] != f])
+            s for s, f in after.items() if signed.get(s) != f])
         if preview:         # a new peer's key is its invitation's, made after the plan
             self.lock_previewed = changes
             new = {s: "its invitation's" for s, f in changes.items() if signer.is_new_peer(s, f)}
@@ -12608,8 +12604,8 @@ def rotation_chain(api, ip):
 
 def verified_rotations(api, cfg, stored, received, kept):
     """The key changes at known addresses that their old keys' holders proved,
-    those still waiting for a proof for us (rotation_awaits_proof), and those
-    whose proof for us fails (rotation_proof_fails): ([(ip, old, new)],
+    those still waiting for a proof for us, and those whose proof for us
+    fails (rotation_stop): ([(ip, old, new)],
     [(peer, ip, old, new)], [(peer, ip, old, new)]). ``kept``: a function
     giving our own kept old keys (kept_own_keys), asked only when a key changed."""
     ok, waiting, failed = [], [], []
@@ -12618,13 +12614,12 @@ def verified_rotations(api, cfg, stored, received, kept):
         if ip == str(cfg.address.ip):
             continue
         chain = rotation_chain(api, ip)    # [] from an innernet server: pinning refuses
-        if follow_rotations(cfg.private_key, ip, old, chain, kept()) == new:
+        reached, stop = rotation_stop(cfg.private_key, ip, old, chain, kept())
+        if reached == new:
             log(f"peer {p.name} rotated its key; the proof of its old key checks out")
             ok.append((ip, old, new))
-        elif rotation_awaits_proof(cfg.private_key, ip, old, chain, kept()):
-            waiting.append((p, ip, old, new))
-        elif rotation_proof_fails(cfg.private_key, ip, old, chain, kept()):
-            failed.append((p, ip, old, new))
+        elif stop:
+            (waiting if stop == "waits" else failed).append((p, ip, old, new))
     return ok, waiting, failed
 
 

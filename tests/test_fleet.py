@@ -12,7 +12,7 @@ import pytest
 
 import innernet
 from innernet import (InnernetError, Peer, generate_private_key, merge_pinned, public_key,
-                      rotation_awaits_proof, rotation_proof)
+                      rotation_stop, rotation_proof)
 from lab import unit_command
 
 
@@ -32,14 +32,15 @@ def test_a_rotation_with_no_proof_for_us_waits_but_a_wrong_one_never_does():
     wrong = [{"old_key": old_pub, "new_key": new_pub, "proof": "A" * 43 + "="}]
     good = [{"old_key": old_pub, "new_key": new_pub,
              "proof": rotation_proof(old, me_pub, ip, new_pub)}]
-    assert rotation_awaits_proof(me, ip, old_pub, missing)
-    assert not rotation_awaits_proof(me, ip, old_pub, wrong)
-    assert not rotation_awaits_proof(me, ip, old_pub, good)      # proved: nothing to wait for
-    assert not rotation_awaits_proof(me, ip, old_pub, [])        # no rotation at all: refused
+    assert rotation_stop(me, ip, old_pub, missing)[1] == "waits"
+    assert rotation_stop(me, ip, old_pub, wrong)[1] != "waits"
+    assert rotation_stop(me, ip, old_pub, wrong) == (old_pub, "fails")       # refused, alone
+    assert rotation_stop(me, ip, old_pub, good)[1] != "waits"      # proved: nothing to wait for
+    assert rotation_stop(me, ip, old_pub, [])[1] != "waits"        # no rotation at all: refused
     # a chain: proved up to the second key, then waiting
     _, third = pair()
     second = good + [{"old_key": new_pub, "new_key": third, "proof": None}]
-    assert rotation_awaits_proof(me, ip, old_pub, second)
+    assert rotation_stop(me, ip, old_pub, second)[1] == "waits"
 
 
 def rotated_twice():
@@ -62,10 +63,10 @@ def test_a_proof_made_for_a_key_we_rotated_away_from_and_still_hold_counts():
     rec = {"old_key": old_pub, "new_key": new_pub, "proof": None,
            "earlier": {p0: rotation_proof(old, p0, ip, new_pub)}}
     assert innernet.follow_rotations(me, ip, old_pub, [rec], kept) == new_pub
-    assert not rotation_awaits_proof(me, ip, old_pub, [rec], kept)
+    assert rotation_stop(me, ip, old_pub, [rec], kept)[1] != "waits"
     # without our kept keys (expired, or an older client) it waits, as before
     assert innernet.follow_rotations(me, ip, old_pub, [rec]) == old_pub
-    assert rotation_awaits_proof(me, ip, old_pub, [rec])
+    assert rotation_stop(me, ip, old_pub, [rec])[1] == "waits"
     # a proof for a key we no longer hold cannot be checked: it never counts
     assert innernet.follow_rotations(me, ip, old_pub, [rec], {p1: kept[p1]}) == old_pub
 

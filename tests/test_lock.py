@@ -936,6 +936,17 @@ def test_this_hosts_own_rotated_key_is_what_its_admin_host_signs_next():
     assert innernet.lock_known_keys(records, known)["peer:10.66.1.2"] == "rotated-key"
 
 
+def remote_network(request):
+    """An admin peer's RemoteNetwork (its host's address 10.66.1.1/16) whose
+    API answers ``request(method, path, body)``: (status, headers, body)."""
+    api = object.__new__(innernet.ApiClient)
+    api.lacks, api.request = None, request
+    net = object.__new__(innernet.RemoteNetwork)
+    net.api = api
+    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    return net
+
+
 def test_an_admin_verb_reads_the_network_once_between_writes():
     """Eleventh outside round, M1: a verb found the peer or CIDR it names in
     one answer of the server, and its lock records were checked on a second;
@@ -949,14 +960,10 @@ def test_an_admin_verb_reads_the_network_once_between_writes():
     def request(method, path, body=None):
         asked.append((method, path))
         return 200, {}, json.dumps(answers.pop(0) if method == "GET" else {}).encode()
-    api = object.__new__(innernet.ApiClient)
-    api.lacks, api.request = None, request
-    net = object.__new__(innernet.RemoteNetwork)
-    net.api = api
-    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    net = remote_network(request)
     assert net.peers() == net.peers() == [alice]
     assert asked == [("GET", "/admin/peers")]
-    api.call("PUT", "/admin/peers/7", {})                  # a write: read anew
+    net.api.call("PUT", "/admin/peers/7", {})              # a write: read anew
     assert net.peers()[0].is_admin and asked[-1] == ("GET", "/admin/peers")
 
 
@@ -1029,11 +1036,7 @@ def test_an_admin_peer_takes_no_list_with_two_entries_for_one_id(path, dup):
 
     def request(method, p, body=None):
         return 200, {}, json.dumps(answers.get(p, [])).encode()
-    api = object.__new__(innernet.ApiClient)
-    api.lacks, api.request = None, request
-    net = object.__new__(innernet.RemoteNetwork)
-    net.api = api
-    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    net = remote_network(request)
     read = {"/admin/peers": net.peers, "/admin/cidrs": net.cidrs,
             "/admin/associations": net.associations}[path]
     with pytest.raises(InnernetError, match=f"the server lists two .* with {dup} "
@@ -1055,11 +1058,7 @@ def test_an_admin_list_of_the_wrong_shape_is_one_line(path, answer):
 
     def request(method, p, body=None):
         return 200, {}, json.dumps(answers.get(p, [])).encode()
-    api = object.__new__(innernet.ApiClient)
-    api.lacks, api.request = None, request
-    net = object.__new__(innernet.RemoteNetwork)
-    net.api = api
-    net.config = type("C", (), {"address": innernet.ipaddress.ip_interface("10.66.1.1/16")})()
+    net = remote_network(request)
     read = {"/admin/peers": net.peers, "/admin/cidrs": net.cidrs,
             "/admin/associations": net.associations}[path]
     with pytest.raises(InnernetError, match="must be a JSON list|must be a JSON object|outside "
@@ -1074,9 +1073,6 @@ def test_forget_pins_takes_no_count_of_another_shape(answer):
     ended the verb in a ValueError or TypeError traceback; it is one line."""
     def request(method, p, body=None):
         return 200, {}, json.dumps(answer).encode()
-    api = object.__new__(innernet.ApiClient)
-    api.lacks, api.request = None, request
-    net = object.__new__(innernet.RemoteNetwork)
-    net.api = api
+    net = remote_network(request)
     with pytest.raises(InnernetError, match="must be|JSON object"):
         net.forget_pins(Peer(3, "bob", "10.66.1.2", 3, "bob-key"))
