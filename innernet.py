@@ -179,6 +179,9 @@ TIMESTRING_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 ENV_USERSPACE = ("WG_USERSPACE_IMPLEMENTATION", "WG_QUICK_USERSPACE_IMPLEMENTATION")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# `up --daemon` whose networks are all uninstalled (or never were): its unit
+# does not restart it for that (RestartPreventExitStatus=3 in innernet@.service).
+EXIT_NOT_INSTALLED = 3
 IP_FREEBIND = 15                # linux/in.h; the socket module does not name it
 SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max (root)
 
@@ -1229,6 +1232,29 @@ def file_lock(path, wait=True):
             yield False
             return
         yield True
+
+
+@contextlib.contextmanager
+def held_lock(path, what, seconds=30):
+    """An exclusive flock on ``path`` (made 0600 if missing), waited for up to
+    ``seconds``: two runs that would both do ``what`` take turns."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise InnernetError(f"cannot open lock file {path}: {e.strerror}") from None
+    with os.fdopen(fd) as f:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InnernetError(f"another process has been {what} for {seconds} s "
+                                        f"(it holds {path})", hint="try again once it is "
+                                        "done") from None
+                time.sleep(0.05)
+        yield
 
 
 def require_removable(paths):
@@ -8907,6 +8933,9 @@ class ClientFiles:
     # Left by `down`, taken away by `up`: a `fetch` (cron) brings a network's
     # interface back up (after a reboot, a killed wireguard-go) unless it is there.
     down_marker = property(lambda self: self.with_suffix(".down"))
+    # Held while a sync brings the interface up: two at once (`up` and cron's
+    # `fetch` after a reboot) would race to create one device.
+    up_lock = property(lambda self: self.with_suffix(".up-lock"))
     fast_record = property(lambda self: fast_file_path(self.data_dir, self.iface))
     # Network lock: this host's copy of the chain and what it verified; on an
     # admin's host, its lock key (0600, beside the config: it never leaves it).
@@ -12912,11 +12941,15 @@ class _Fetch:
                 raise InnernetError(f"interface {iface} is not up (taken down with "
                                     f"'innernet down {iface}')",
                                     hint=f"run 'innernet up {iface}' to bring it back")
-            self.backend = bring_up(
-                choice, iface, private_key=cfg.private_key, address=cfg.address,
-                listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
-                mtu=opts.mtu, routing=opts.routing)
-            self.brought_up = True
+            ensure_dir(self.files.data_dir)
+            with held_lock(self.files.up_lock, f"bringing {iface} up"):
+                self.backend = existing_backend(choice, iface)   # another run did
+                if self.backend is None:
+                    self.backend = bring_up(
+                        choice, iface, private_key=cfg.private_key, address=cfg.address,
+                        listen_port=cfg.listen_port, updates=[server_peer_update(cfg)],
+                        mtu=opts.mtu, routing=opts.routing)
+                    self.brought_up = True
         else:
             fixed = repair_link(iface, cfg.address, opts.routing)
             if fixed:
@@ -13506,7 +13539,7 @@ def watch_paths(files, opts, state, every=1.0):
     """The daemon's second thread: a peer whose direct path broke goes to the
     relay in seconds (see PathWatch), not when its handshake is 180 s old."""
     iface, watch, server_watch = files.iface, PathWatch(), PathWatch()
-    while True:
+    while state.running:
         time.sleep(every)
         try:
             with device_lock(iface):
@@ -13579,6 +13612,7 @@ class _DaemonState:
 
     def __init__(self):
         self.told = set()        # interfaces said to have an innernet server
+        self.running = True      # until its network is uninstalled (the path watch ends too)
 
 
 def _daemon_failure(iface, e, failing):
@@ -13618,7 +13652,8 @@ def _daemon(files, opts):
     After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
     are DAEMON_MIN_PERIOD apart at least. Paths are settled after every sync
     (settle_paths); a long poll is cut short when they need another look,
-    and a second thread watches direct paths.
+    and a second thread watches direct paths. It returns when the network's
+    config is gone (`uninstall`).
     """
     iface, caps, backoff, state = files.iface, None, 1, _DaemonState()
     dns = not opts.exit_node   # split DNS once (`up --exit-node` did it already)
@@ -13626,7 +13661,7 @@ def _daemon(files, opts):
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
     if not opts.no_nat_traversal:     # (it also watches the device)
         threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
-    while True:
+    while path_exists(files.config, "config file"):     # `uninstall` ends it
         sleep, started = opts.interval, time.monotonic()
         failing = _idle_while_down(files, opts, failing)
         if failing == DOWN_IDLE:
@@ -13669,6 +13704,8 @@ def _daemon(files, opts):
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
             time.sleep(sleep)
+    state.running = False
+    warn(f"{iface}: no network named {iface} is installed ({files.config} is missing)")
 
 
 ###############################################################################
@@ -15236,7 +15273,9 @@ def cmd_server_restore(args):
     Store(tmp).close()                            # a usable innernet database, or an error
     os.replace(tmp, db_path)
     _fsync_dir(os.path.dirname(db_path))
-    log(f"restored {db_path} from {url}; start it with 'innernet-server serve {iface}'")
+    log(f"restored {db_path} from {url}; if this host is the standby, point new invitations "
+        f"at it ('innernet-server set-endpoint {iface} HOST:PORT'), then start it with "
+        f"'innernet-server serve {iface}'")
     return 0
 
 
@@ -15922,7 +15961,7 @@ def leave_exit(args, iface):
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json",
-                      ".lock.json")
+                      ".lock.json", ".up-lock")
 
 
 def cmd_uninstall(args):
@@ -16093,10 +16132,15 @@ def cmd_up(args):
         t.start()
     try:
         _daemon(dirs.client(ifaces[0]), opts_of[ifaces[0]])
+        for t in threads:
+            t.join()
     finally:
         for lock in locks:
             lock.close()
-    return 0
+    raise InnernetError(f"no network left to sync ({', '.join(ifaces)}: not installed)",
+                        exit_code=EXIT_NOT_INSTALLED,
+                        hint="join one with 'innernet install INVITATION'; systemd does not "
+                             "restart innernet@NET for this (disable it)")
 
 
 def cmd_down(args):

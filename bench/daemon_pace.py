@@ -13,6 +13,8 @@ tests/test_hardening.py::test_a_daemons_state_requests_are_a_second_apart_whatev
 
     python3 bench/daemon_pace.py [--quick]
 """
+import os
+import tempfile
 import time
 
 from common import innernet, quick, table
@@ -38,10 +40,12 @@ def rounds_per_second(seconds, *, long_poll):
     innernet._say_innernet_server = lambda files, told: None
     opts = innernet.FetchOptions(interval=1 if not long_poll else 60, no_nat_traversal=True,
                                  no_long_poll=not long_poll)
-    try:
-        innernet._daemon(innernet.ClientFiles("bench"), opts)
-    except Stop:
-        pass
+    with tempfile.TemporaryDirectory() as d:       # the daemon runs while a config exists
+        open(os.path.join(d, "bench.conf"), "w").close()
+        try:
+            innernet._daemon(innernet.ClientFiles("bench", d, d), opts)
+        except Stop:
+            pass
     return (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
 
 

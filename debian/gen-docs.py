@@ -89,7 +89,8 @@ def manpage(server):
               ".TP\n/etc/innernet\\-server/\\fINETWORK\\fR.conf\nserver configuration (0600)",
               ".TP\n/var/lib/innernet\\-server/\\fINETWORK\\fR.db\nserver database (SQLite)",
               ".SH EXIT STATUS", "0 on success, 1 on an error (one line on stderr, "
-              "with a hint), 2 for a usage error, 130 when interrupted.",
+              "with a hint), 2 for a usage error, 3 when \\fBup \\-\\-daemon\\fR has no "
+              "installed network left to sync, 130 when interrupted.",
               ".SH SEE ALSO", "\\fBinnernet\\fR(8), \\fBinnernet\\-server\\fR(8), \\fBwg\\fR(8)"]
     return "\n".join(parts) + "\n"
 

@@ -254,7 +254,8 @@ def test_up_and_its_daemon_keep_the_remembered_flags_unless_told(tmp_path, monke
     argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib")]
     assert innernet.main(argv + ["up", "net"]) == 0
     (tmp_path / "lib" / "net.down").write_text("")          # `innernet down`
-    assert innernet.main(argv + ["up", "net", "--daemon"]) == 0
+    # (the stand-in daemon returns at once, as one whose network was uninstalled)
+    assert innernet.main(argv + ["up", "net", "--daemon"]) == innernet.EXIT_NOT_INSTALLED
     assert (tmp_path / "lib" / "net.down").exists()          # the unit's daemon idles
     assert [o.no_accept_routes for o in seen] == [True, True]
     assert innernet.main(argv + ["up", "net", "--no-dns"]) == 0          # replaces them
@@ -360,6 +361,8 @@ def test_fetch_leaves_a_network_taken_down_and_exits_0(tmp_path, monkeypatch, ca
 def test_the_daemon_idles_while_the_network_is_taken_down(tmp_path, monkeypatch, capsys):
     files = innernet.ClientFiles("net", str(tmp_path / "etc"), str(tmp_path / "lib"))
     (tmp_path / "lib").mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")          # installed
     (tmp_path / "lib" / "net.down").write_text("")
     rounds, sleeps = [], []
 
@@ -381,6 +384,33 @@ def test_the_daemon_idles_while_the_network_is_taken_down(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("taken down with 'innernet down net'; idle until") == 1
     assert "retrying" not in err and "syncing again" in err
+
+
+def test_the_daemon_stops_when_its_network_is_uninstalled(tmp_path, monkeypatch, capsys):
+    files = innernet.ClientFiles("net", str(tmp_path / "etc"), str(tmp_path / "lib"))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")
+    rounds = []
+    monkeypatch.setattr(innernet.time, "sleep", lambda s: os.unlink(files.config))  # uninstall
+    monkeypatch.setattr(innernet, "server_capabilities", lambda f, o: {})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda f, t: None)
+    monkeypatch.setattr(innernet, "fetch_interface", lambda files, opts, **kw: rounds.append(
+        kw) or types.SimpleNamespace(next_due=None, changed=False, waited=False, pending=[]))
+    innernet._daemon(files, innernet.replaced(opts_for(), no_nat_traversal=True, interval=60))
+    assert len(rounds) == 1
+    assert "net: no network named net is installed" in capsys.readouterr().err
+
+
+def test_a_held_lock_makes_the_second_comer_wait_then_fail_clearly(tmp_path):
+    path = str(tmp_path / "net.up-lock")
+    with innernet.held_lock(path, "bringing net up"):
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with pytest.raises(InnernetError) as e:
+            with innernet.held_lock(path, "bringing net up", seconds=0.2):
+                pass
+    assert "another process has been bringing net up for 0.2 s" in e.value.message
+    with innernet.held_lock(path, "bringing net up", seconds=0):   # free again
+        pass
 
 
 # -- item 9: a second `down`; status exit codes -----------------------------------

