@@ -3297,6 +3297,33 @@ def _quarantined_until(pin):
         time.gmtime(pin.deleted_until))
 
 
+def _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals):
+    """merge_pinned's key changes: {(ip, received key): the pinned peer kept
+    in its place}, or the PINNING ERROR."""
+    kept = {}
+    # Under lock the old key is kept cut off: its holder may be who the peer
+    # was deleted for, and the signed record at its address a new peer's.
+    keep = _old_key_narrowed if refusals is None else \
+        (lambda old, p: replaced(_old_key_narrowed(old, p), is_disabled=True))
+    for p, old in pinned_key_changes(heard, received, now):
+        if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
+            continue                      # ours, or its old key's holder proved the change
+        if (p.ip, old.public_key, p.public_key) in waiting:
+            kept[(p.ip, p.public_key)] = keep(old, p)
+            continue
+        until = _quarantined_until(old)
+        if refusals is None:
+            raise InnernetError(
+                f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
+                f"another public key{until}",
+                hint="the server may be compromised; if this is expected, delete "
+                     "the data store file and fetch again")
+        kept[(p.ip, p.public_key)] = keep(old, p)
+        refusals.append((f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the server: "
+                         f"its address belonged to another public key{until}", p))
+    return kept
+
+
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
                  waiting=(), refusals=None):
     """Update the client's cached peers with the server's list, as innernet's client does.
@@ -3315,7 +3342,8 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
     (quarantine_end; the client passes MIN_QUARANTINE). ``refusals`` (lock's):
-    a list for one line per refused key change, its pin kept; else an error.
+    a list for (line, received peer) per refused key change, its pin kept (and,
+    as a waiting one's, cut off); else an error.
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -3324,24 +3352,7 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     heard = [replaced(p, deleted_until=quarantine_end(
         p, announced[(p.ip, p.public_key)], now, floor))
         if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
-    kept = {}
-    for p, old in pinned_key_changes(heard, received, now):
-        if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
-            continue                      # ours, or its old key's holder proved the change
-        if (p.ip, old.public_key, p.public_key) in waiting:
-            kept[(p.ip, p.public_key)] = _old_key_narrowed(old, p)
-            continue
-        until = _quarantined_until(old)
-        if refusals is not None:
-            kept[(p.ip, p.public_key)] = _old_key_narrowed(old, p)
-            refusals.append(f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the "
-                            f"server: its address belonged to another public key{until}")
-            continue
-        raise InnernetError(
-            f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
-            f"another public key{until}",
-            hint="the server may be compromised; if this is expected, delete "
-                 "the data store file and fetch again")
+    kept = _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals)
     result = [kept.get((p.ip, p.public_key), p) for p in received]
     result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
     for p in stored:
@@ -12985,7 +12996,7 @@ class _Fetch:
                                       rotated=self.rotated, own_ip=str(self.cfg.address.ip),
                                       floor=floor, waiting=[w[1:] for w in waiting + failed],
                                       refusals=pinned)
-            for line in pinned or ():
+            for line, _ in pinned or ():
                 warn(f"{self.iface}: {line}")
                 self.lock["refused"].append(line)
             for p, ip, _, _ in failed:
@@ -12995,7 +13006,9 @@ class _Fetch:
             self.pending = [self.note_waiting(*w) for w in waiting] + [
                 self.note_waiting(*w, said=True) for w in failed] + [
                 dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), lock=True)
-                for p in self.lock_waits]        # looked at again too (said: refused)
+                for p in self.lock_waits] + [    # looked at again too (said: refused)
+                dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), refused=True)
+                for _, p in pinned or ()]        # a problem in `status` at once
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -13120,7 +13133,8 @@ class _Fetch:
         before = self.prev_pending.get((ip, new))
         if before is None and not said:
             warn(f"{self.iface}: peer {p.name} ({ip}) has a new key with no proof for us yet "
-                 "(it rotated before it knew of us); its old key stays until the proof comes")
+                 "(it rotated before it knew of us); its old key stays"
+                 + (", cut off," if self.lock_on else "") + " until the proof comes")
         since = before.get("since") if before else None
         return {"peer": p.name, "ip": ip, "old_key": old, "new_key": new,
                 "since": since if isinstance(since, (int, float)) else time.time()}
@@ -16018,7 +16032,11 @@ def interface_health(args, iface, now, max_age):
     pending = [w for w in st.get("pending_key_changes") or [] if isinstance(w, dict)]
     for w in pending:
         since = w.get("since") if isinstance(w.get("since"), (int, float)) else now
-        if now - since > max_age:
+        if w.get("refused"):
+            problems.append(f"the server sent peer {w.get('peer')} ({w.get('ip')}) with a key "
+                            "this host refused (PINNING ERROR; the server may be hijacked): "
+                            f"its pinned key is cut off here (see 'innernet lock status {iface}')")
+        elif now - since > max_age:
             problems.append(f"peer {w.get('peer')} has waited {rough_duration(now - since)} "
                             "for the proof of its new key")
     return _health(iface, st, problems, up, pending)
@@ -16063,7 +16081,7 @@ def _status_lines(h, now):
            f"  server: {h['server'] or 'unknown'}"]
     out += [f"  waiting for the proof of peer {w.get('peer')}'s new key ({w.get('ip')})" + (
         ", refused under lock until it comes (or a key the server swapped: none will)"
-        if w.get("lock") else "") for w in h["pending_key_changes"]]
+        if w.get("lock") else "") for w in h["pending_key_changes"] if not w.get("refused")]
     out += [f"  problem: {p}" for p in h["problems"]]
     return out
 

@@ -477,7 +477,13 @@ def test_a_pin_conflict_under_lock_is_one_line_and_the_rest_applies():
     got = innernet.merge_pinned([bob, carol], [swapped, carol, dave], refusals=lines)
     assert {(p.name, p.public_key) for p in got} == {("bob", "bob-key"),
                                                      ("carol", "carol-key"), ("dave", "dave-key")}
-    assert len(lines) == 1 and "refused peer 'bob' (10.66.1.3)" in lines[0]
+    (line, peer), = lines
+    assert "refused peer 'bob' (10.66.1.3)" in line and peer == swapped
+    # the pinned key is kept cut off (round 22, V22-1: its holder may be who
+    # the peer was deleted for, the signed record a new peer's at that address)
+    assert [p.is_disabled for p in got] == [True, False, False]
+    assert not any(p.is_disabled for p in innernet.merge_pinned(
+        [bob, carol], [bob, carol, dave], refusals=[]))
 
 
 def test_the_disablement_secret_comes_from_stdin_or_a_file_and_an_argument_is_warned(

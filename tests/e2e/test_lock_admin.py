@@ -720,6 +720,53 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
         _replay(w, S, revoked)
 
 
+def test_a_deleted_peers_key_kept_by_its_pin_is_cut_off_not_given_the_new_peers_place(w):
+    """Outside round 22, V22-1: pete is deleted (its key stolen, say) and nina
+    invited at its address; the hijacked server hides pete's deletion from
+    early, which pinned pete. early refuses nina's key (the pin) -- and kept
+    pete's key live under nina's signed name and routes, so its traffic for
+    nina went to whoever holds pete's key. Under lock a pinned key the
+    signed record does not name is kept cut off, and `status` says so."""
+    ip = "10.66.1.41"
+    path = w.admin.path("pete.toml")
+    admin(w, "add-peer", w.iface, "--name", "pete", "--cidr", "humans", "--ip", ip,
+          "--admin", "false", "--invite-expires", "1h", "--save-config", path, "--yes")
+    pete = w.lab.add_host("pete")
+    pete.innernet("install", "--name", w.lab.ifname("pete"), "--no-write-hosts", path)
+    pete_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'pete'")[0][0]
+    wait_for(lambda: held(w.early, w.early_if).get(f"{ip}/32") == pete_key or w.early.innernet(
+        "fetch", w.early_if, "--no-write-hosts") and None, 30, "early to pin pete")
+    admin(w, "delete-peer", w.iface, "--name", "pete", "--reuse-after", "0s", "--yes")
+    path = w.admin.path("nina.toml")
+    admin(w, "add-peer", w.iface, "--name", "nina", "--cidr", "humans", "--ip", ip,
+          "--admin", "false", "--invite-expires", "1h", "--save-config", path, "--yes")
+    nina = w.lab.add_host("nina")
+    nina.innernet("install", "--name", w.lab.ifname("nina"), "--no-write-hosts", path)
+    row = db_rows(w.db, "SELECT name, ip, public_key, cidr_id, deleted_at, reuse_after "
+                  "FROM deleted_peers WHERE ip = ?", (ip,))[0]
+    db_write(w, "DELETE FROM deleted_peers WHERE ip = ?", (ip,))        # the hijacker
+    err = fetch_until(w, w.early, w.early_if, lambda e: "refused peer 'nina'" in e,
+                      "early to refuse nina's key")
+    assert f"PINNING ERROR: refused peer 'nina' ({ip})" in err, err
+    assert f"{ip}/32" not in held(w.early, w.early_if)        # neither key: cut off
+    st = w.early.innernet("status", w.early_if, check=False)
+    assert st.returncode == 1 and "NOT HEALTHY" in st.stdout, st.stdout
+    assert f"the server sent peer nina ({ip}) with a key this host refused" in st.stdout
+    # the deletion shown again (an honest server): the pin goes once its
+    # quarantine is over (here at once: INNERNET_MIN_QUARANTINE), nina comes
+    db_write(w, "INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
+             "reuse_after) VALUES (?, ?, ?, ?, ?, ?)", row)
+    nina_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'nina'")[0][0]
+    out = []
+
+    def nina_there():
+        out[:] = [w.early.exec(["env", "INNERNET_MIN_QUARANTINE=0"] + w.early.innernet_argv(
+            "fetch", w.early_if, "--no-write-hosts"), check=False)]
+        return held(w.early, w.early_if).get(f"{ip}/32") == nina_key or None
+    wait_for(nina_there, 30, f"nina at early: {out and out[0].stderr}")
+    assert w.early.innernet("status", w.early_if, check=False).returncode == 0
+
+
 def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     I = _innernet()
     path = w.admin.path("alice.toml")
@@ -795,4 +842,3 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
         a for p in device(alice, aif)["peers"] for a in p["allowed_ips"]} or
         alice.innernet("fetch", aif, "--no-write-hosts") and False, 30, "the unsigned peer")
     assert "lock disabled" in alice.innernet("lock", "status", aif).stdout
-
