@@ -3887,7 +3887,7 @@ def adopt_chain(mine, received):
     except InnernetError as e:
         return mine, f"the server's lock chain is invalid ({e.message}): kept ours"
     if ext is None:
-        return mine, "the server's lock chain does not extend ours: kept ours"
+        return mine, "the server's lock chain does not extend ours: kept ours (hijacked?)"
     return ext, None
 
 
@@ -8955,6 +8955,8 @@ class ClientFiles:
     # The admins this host had pinned when a server first showed it a lock:
     # the only ones it takes that lock from (adopters).
     lock_seen = property(lambda self: self.with_suffix(".lock-seen.json"))
+    # What `lock forget` kept of the lock it dropped (forget_lock).
+    lock_forgotten = property(lambda self: self.with_suffix(".lock-forgotten.json"))
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
@@ -9286,6 +9288,31 @@ def load_server_config(dirs, iface):
             os.chmod(conf, 0o600)
             warn(f"updated permissions for {conf} to 0600")
     return ServerConfig.from_toml(read_text(conf, "server config"), conf)
+
+
+def forget_lock(files, mine):
+    """`lock forget`: drop this host's copy of its lock (``mine``); its next
+    fetch takes one again only from an admin's proof, and installs nothing
+    from the server until then (_Fetch.locked). What it verified (the newest
+    serial and key per subject) is kept aside and taken back if the lock
+    taken again is the same one (its genesis), so a server that got the
+    host to forget cannot replay an older record after."""
+    atomic_write(files.lock_forgotten, json.dumps({
+        "genesis": LockChain(mine["chain"]).genesis, "known": mine.get("known") or {}}), 0o600)
+    os.remove(files.lock)
+    peers, cidrs, etag = load_data_store(files.store)
+    if etag is not None:                  # the next fetch a full one, which shows the lock
+        save_data_store(files.store, peers, cidrs)
+
+
+def forgotten_known(files, chain):
+    """What forget_lock kept, for the same lock (``chain``) taken again."""
+    with contextlib.suppress(InnernetError):
+        kept = load_json_file(files.lock_forgotten, "what 'lock forget' kept")
+        if isinstance(kept, dict) and kept.get("genesis") == chain.genesis \
+                and isinstance(kept.get("known"), dict):
+            return kept["known"]
+    return {}
 
 
 ###############################################################################
@@ -13044,6 +13071,12 @@ class _Fetch:
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
             mine = self.adopt(offered, received)
+            if mine is None and path_exists(self.files.lock_forgotten):
+                raise InnernetError(
+                    f"{self.iface} forgot its network lock ('lock forget') and has not taken it "
+                    "again from an admin's proof: nothing from the server is installed until "
+                    "it does", hint="fetch again once the server is restored; to leave the "
+                    "lock, reinstall this host from a new invitation")
             if mine is None:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
@@ -13067,6 +13100,7 @@ class _Fetch:
                                     self.kept()) == new
         cache = mine.get("cache") if isinstance(mine.get("cache"), dict) else {}
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
+        known = known or forgotten_known(self.files, chain)
         own_ip = str(self.cfg.address.ip)
         accepted, refused, known = verify_state(
             chain, offered or {}, received, self.cidrs, own_ip, known,
@@ -13242,6 +13276,8 @@ class _Fetch:
         if self.changed:
             if self.lock is not None:
                 save_client_lock(self.files.lock, self.lock)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.files.lock_forgotten)
             save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
@@ -14822,7 +14858,8 @@ def _lock_chain(args, iface, own=True, raw=None):
 def _lock_status(args, iface):
     mine = load_client_lock(client_files(args, iface).lock)
     if mine is None:
-        print(f"{iface}: not locked")
+        print(f"{iface}: " + ("lock forgotten ('lock forget'); not taken again yet" if path_exists(
+            client_files(args, iface).lock_forgotten) else "not locked"))
         return 0
     chain = LockChain(mine["chain"])
     print(f"{iface}: " + ("lock disabled" if chain.disabled else "locked")
@@ -14953,12 +14990,9 @@ def _lock_forget(args, iface):
             hint="to start over, reinstall it: an admin's 'innernet reinvite' makes a new "
                  f"invitation (it carries the lock); 'innernet uninstall {iface}', then "
                  "'innernet install' it")
-    confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes a lock "
-                  "again, it installs what the server says", False)
-    os.remove(path)
-    peers, cidrs, etag = load_data_store(files.store)
-    if etag is not None:                  # the next fetch a full one, which shows the lock
-        save_data_store(files.store, peers, cidrs)
+    confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes it "
+                  "again from an admin's proof, it installs nothing from the server", False)
+    forget_lock(files, mine)
     log(f"{iface}: network lock forgotten ({path} removed); its next fetch takes it again "
         "from the admin's proof")
     return 0
@@ -15975,7 +16009,7 @@ def leave_exit(args, iface):
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json",
-                      ".lock.json", ".up-lock")
+                      ".lock.json", ".up-lock", ".lock-forgotten.json")
 
 
 def cmd_uninstall(args):
