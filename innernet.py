@@ -14742,6 +14742,21 @@ def _lock_key(args, iface):
     return 0
 
 
+def refuse_pending_invitations(peers, iface):
+    """`lock init` signs no invitation that is not redeemed yet: its record
+    would name the invitation's own WireGuard key, with no expiry, which
+    whoever holds the file (the host that wrote it) could use for good,
+    and under lock it could no longer be redeemed anyway."""
+    pending = [p.name for p in peers if not p.is_redeemed]
+    if pending:
+        raise InnernetError(
+            f"{len(pending)} invitation(s) not redeemed yet: " + ", ".join(pending[:10])
+            + (", ..." if len(pending) > 10 else "") + ": an invitation made before the lock "
+            "cannot be redeemed under it, and signing its key would let whoever holds the file "
+            "in for good", hint=f"delete them ('innernet delete-peer {iface} --name NAME'), "
+            "lock the network, then invite those peers again (the invitations carry the lock)")
+
+
 def _lock_init(args, iface):
     """Lock a running network: this host's key trusted, every peer, CIDR and
     association signed (one batch), each peer sent this admin's proof of the
@@ -14758,6 +14773,7 @@ def _lock_init(args, iface):
         raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
+    refuse_pending_invitations(peers, iface)
     unseen = _refuse_repinned(args, iface, peers, cidrs)
     admins = [p.name for p in unseen if p.is_admin]
     told = f"{len(unseen)} peer(s) this host never saw, signed on the server's word" + (

@@ -883,6 +883,20 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
     assert innernet._refuse_repinned(args, "net", shown, n.cidrs) == [evil]
 
 
+def test_lock_init_signs_no_invitation_that_is_not_redeemed_yet():
+    """Outside round 22, V22-4: an invitation pending at `lock init` was
+    signed with its own WireGuard key and no expiry: whoever held the file
+    (the server host wrote it) had a signed seat on every locked client."""
+    n = Net()
+    innernet.refuse_pending_invitations(n.peers, "net")          # all redeemed: fine
+    quinn = Peer(40, "quinn", "10.66.1.40", 3, "inv-key", is_redeemed=False,
+                 invite_expires=2 ** 31)
+    with pytest.raises(InnernetError) as e:
+        innernet.refuse_pending_invitations(n.peers + [quinn], "net")
+    assert e.value.message.startswith("1 invitation(s) not redeemed yet: quinn: ")
+    assert "innernet delete-peer net --name NAME" in e.value.hint
+
+
 def test_an_admins_signature_replaces_a_key_this_host_reached_by_proofs():
     """What the seventh to ninth outside rounds settled: a client keeping a
     key it reached by a peer's proofs against a newly signed one (against a

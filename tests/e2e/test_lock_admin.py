@@ -71,7 +71,11 @@ def w(pyz):
         w.far_if = lab.ifname("far")
         w.far.innernet("install", "--name", w.far_if, "--no-write-hosts",
                        invite(w.srv, w.net, "far", "far", ip="10.66.3.30"))
+        # an invitation not redeemed yet: lock init refuses to sign it (V22-4)
+        invite(w.srv, w.net, "pending", "humans", ip="10.66.1.50")
         w.admin.innernet("fetch", w.iface, "--no-write-hosts")
+        w.pending = w.admin.innernet("lock", "init", w.iface, "--yes", check=False)
+        w.admin.innernet("delete-peer", w.iface, "--name", "pending", "--yes")
         w.init = w.admin.innernet("lock", "init", w.iface, "--yes")
         w.secret = w.init.stdout.split("keep it offline): ")[1].split()[0]
         yield w
@@ -105,6 +109,15 @@ def test_lock_init_signs_a_running_network_of_100_peers_in_one_command(w):
     out = admin(w, "fetch", w.iface, "--no-write-hosts")
     assert "lock refused" not in out.stderr, out.stderr
     assert len(device(w.admin, w.iface)["peers"]) >= MANY + 1
+
+
+def test_lock_init_refuses_while_an_invitation_is_not_redeemed(w):
+    """Outside round 22, V22-4: the pending invitation's own key was signed,
+    with no expiry, for whoever holds the file. lock init names it instead."""
+    out = w.pending
+    assert out.returncode == 1 and out.stderr.count("error:") == 1, out.stderr
+    assert "1 invitation(s) not redeemed yet: pending: " in out.stderr, out.stderr
+    assert "peer:10.66.1.50" not in records(w)
 
 
 def test_every_admin_verb_works_under_lock_and_the_audit_log_names_the_key(w):
