@@ -7928,6 +7928,8 @@ class Store(LockStore):
         for table in ("static_peers", "peer_routes", "admin_provers",
                       "innernet_pins", "admin_proof_stamps"):
             c.execute(f"DELETE FROM {table} WHERE peer_id = ?", (old.id,))
+        # an enrollment is its incarnation's: a new invitation there starts anew
+        c.execute("DELETE FROM lock_enrollments WHERE ip = ?", (old.ip,))
         c.execute("DELETE FROM peers WHERE id = ?", (old.id,))
 
     def rotate_key(self, peer_id, new_key, proofs, now=None):
@@ -8360,15 +8362,18 @@ class Store(LockStore):
         """Delete invitations expired more than ``grace`` s ago (until then they can
         be re-issued, and they are off the device); forget old deletions."""
         with self.lock:
-            gone = [p for p in self.peers() if invitation_expired(p, now - grace)]
+            # Under lock an invitation's record is signed: only an admin's signed
+            # deletion (delete-peer) ends it, or it would stay live and unlisted.
+            gone = [] if self.locked() else [p for p in self.peers()
+                                             if invitation_expired(p, now - grace)]
             stale = self._query("SELECT COUNT(*) FROM deleted_peers WHERE reuse_after < ? "
                                 "AND deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))[0][0]
             old_audit = self._query("SELECT COUNT(*) FROM audit_log WHERE at < ?",
                                     (now - self.audit_keep,))[0][0]
             if gone or stale or old_audit:
                 with self.write() as c, acting_as("sweeper"):
-                    c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?",
-                              (now - grace,))
+                    c.execute("DELETE FROM peers WHERE is_redeemed = 0 AND invite_expires < ?"
+                              " AND ?", (now - grace, bool(gone)))
                     c.execute(_ORPHAN_ROUTES)
                     c.execute("DELETE FROM deleted_peers WHERE reuse_after < ? AND "
                               "deleted_at < ?", (now, now - DELETION_NOTICE_KEEP))

@@ -18,6 +18,8 @@ except ImportError:
 pytestmark = pytest.mark.skipif(not HAVE_NACL,
                                 reason="network lock needs PyNaCl")
 
+import time  # noqa: E402
+
 import innernet  # noqa: E402
 from innernet import (LockChain, Store, lock_genesis, lock_keypair, lock_projection,  # noqa: E402
                       lock_record, sign_batch, verify_state)
@@ -462,6 +464,29 @@ def test_apply_signs_what_the_server_shows_made_already_or_refuses_its_problems_
     err = capsys.readouterr().err
     assert "does not fit the server's view, whose plan found no problem: not signing" in err, err
     assert store.lock_records()[0] == before and not store.associations()
+
+
+def test_under_lock_an_expired_invitation_waits_for_a_signed_deletion(tmp_path, capsys):
+    """Outside round 22, V22-5: the sweeper deleted an expired invitation's row
+    under lock; its signed record stayed live, unlisted, and every later
+    `apply` was refused (the server leaves it out) with no verb to clear it.
+    Under lock the row stays (an admin's delete-peer signs it away), and a
+    deletion takes the address's enrollment along, so a new invitation there
+    is not taken for a joined peer's."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "uma", "--cidr", "h", "--ip", "10.66.1.9",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "uma.toml"), "--yes") == 0
+    keyfile, _ = lock(tmp_path)
+    store = Store(db_path(tmp_path))
+    later = int(time.time()) + 10 * innernet.INVITE_GRACE
+    assert store.sweep_expired(later) == [] and store.peer_by_ip("10.66.1.9").name == "uma"
+    store.lock_enroll("10.66.1.9", {"stale": "enrollment"})
+    assert run(base, "delete-peer", "evil", "--name", "uma", "--yes",
+               "--lock-key", keyfile) == 0
+    assert "10.66.1.9" not in store.lock_enrollments()
+    assert store.lock_records()[0]["peer:10.66.1.9"][0]["deleted"]
+    # (without lock it is swept: test_store.py::test_redeem_once_and_sweep)
 
 
 def test_a_cidr_is_not_deleted_under_lock_while_a_signed_record_names_it(tmp_path, capsys):
