@@ -6962,10 +6962,10 @@ def lock_asked(rec, asked):
 
 
 def approval_asked(peer, routes):
-    """The routes an approve-routes names: ``routes``, or all the peer
-    advertises (approved or waiting) when None."""
+    """The routes an approve-routes names: ``routes`` (an exit route both, as the
+    server takes them), or all the peer advertises (approved or waiting) when None."""
     if routes is not None:
-        return set(routes)
+        return set(routes) | (set(EXIT_ROUTES) if set(routes) & set(EXIT_ROUTES) else set())
     return set(peer.pending_routes) | set(peer.routes) | (
         set(EXIT_ROUTES) if peer.exit_node else set())
 
@@ -7383,7 +7383,7 @@ def _lock_after(method, peers, cidrs, assocs, *a):
     if method == "approve_routes":
         peer, routes, approved = a
         have = set(peer.routes) | (set(EXIT_ROUTES) if peer.exit_node else set())
-        asked = set(peer.pending_routes) | have if routes is None else set(routes)
+        asked = approval_asked(peer, routes)
         have = have | asked if approved else have - asked
         new = replaced(peer, routes=sorted(r for r in have if r not in EXIT_ROUTES),
                                   exit_node=bool(have & set(EXIT_ROUTES)))

@@ -202,6 +202,26 @@ def test_an_unsigned_admin_call_is_refused_with_a_json_reason(tmp_path):
     assert store.audit()[-1].actor.endswith(f"with lock key {innernet.lock_short(public)}")
 
 
+def test_under_lock_either_exit_route_approves_or_revokes_the_exit_node(tmp_path, capsys):
+    """Outside round 22, V22-2: `approve-routes --routes 0.0.0.0/0 --revoke`
+    (the help: 0.0.0.0/0 is the exit node) was a 403 under lock: the admin's
+    host signed ::/0 left approved, where the server takes the pair as one."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "gw", "--cidr", "h", "--ip", "10.66.1.7",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "gw.toml"), "--yes") == 0
+    store = Store(db_path(tmp_path))
+    store.conn.execute("UPDATE peers SET is_redeemed = 1")
+    gw = store.peer_by_name("gw")
+    store.advertise_routes(gw.id, [], True)                   # it offers itself as exit node
+    keyfile, _ = lock(tmp_path)
+    for flags, exit_node in (([], True), (["--revoke"], False)):
+        assert run(base, "approve-routes", "evil", "--name", "gw", "--routes", "0.0.0.0/0",
+                   *flags, "--yes", "--lock-key", keyfile) == 0, capsys.readouterr().err
+        assert store.peer_by_name("gw").exit_node is exit_node
+        assert store.lock_records()[0]["peer:10.66.1.7"][0]["exit"] is exit_node
+
+
 def test_under_lock_no_auto_approve_rule_applies_and_none_is_made(tmp_path, capsys):
     """An auto-approve rule approves routes on the server alone, which no
     locked client would install (no admin signed them): under lock a rule
