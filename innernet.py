@@ -3297,13 +3297,18 @@ def _quarantined_until(pin):
         time.gmtime(pin.deleted_until))
 
 
-def _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals):
+PIN_ERROR_HINT = ("the server may be compromised, or restored from a copy older than the "
+                  "peer's key rotation (the peer then needs a new invitation); if this is "
+                  "expected, delete the data store file and fetch again")
+
+
+def _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals, cut_off):
     """merge_pinned's key changes: {(ip, received key): the pinned peer kept
     in its place}, or the PINNING ERROR."""
     kept = {}
     # Under lock the old key is kept cut off: its holder may be who the peer
     # was deleted for, and the signed record at its address a new peer's.
-    keep = _old_key_narrowed if refusals is None else \
+    keep = _old_key_narrowed if not cut_off else \
         (lambda old, p: replaced(_old_key_narrowed(old, p), is_disabled=True))
     for p, old in pinned_key_changes(heard, received, now):
         if p.ip == own_ip or (p.ip, old.public_key, p.public_key) in rotated:
@@ -3313,11 +3318,8 @@ def _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals):
             continue
         until = _quarantined_until(old)
         if refusals is None:
-            raise InnernetError(
-                f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged to "
-                f"another public key{until}",
-                hint="the server may be compromised; if this is expected, delete "
-                     "the data store file and fetch again")
+            raise InnernetError(f"PINNING ERROR: peer '{p.name}' has IP {p.ip} that belonged "
+                                f"to another public key{until}", hint=PIN_ERROR_HINT)
         kept[(p.ip, p.public_key)] = keep(old, p)
         refusals.append((f"PINNING ERROR: refused peer '{p.name}' ({p.ip}) from the server: "
                          f"its address belonged to another public key{until}", p))
@@ -3325,7 +3327,7 @@ def _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals):
 
 
 def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None, floor=0,
-                 waiting=(), refusals=None):
+                 waiting=(), refusals=None, cut_off=None):
     """Update the client's cached peers with the server's list, as innernet's client does.
 
     Every (IP, key) pair once seen is a pin: a known IP arriving with a
@@ -3342,8 +3344,9 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     the caller's clock (the default, 0, lets no quarantine end); ``floor``:
     the least quarantine, in seconds from when a deletion is first heard of
     (quarantine_end; the client passes MIN_QUARANTINE). ``refusals`` (lock's):
-    a list for (line, received peer) per refused key change, its pin kept (and,
-    as a waiting one's, cut off); else an error.
+    a list for (line, received peer) per refused key change, its pin kept;
+    else an error. ``cut_off`` (lock's; by default with ``refusals``): a
+    pinned key kept, refused or waiting, is kept disabled.
     """
     rotated, waiting = set(rotated), set(waiting)
     announced = {(d.ip, d.public_key): d for d in deleted}
@@ -3352,7 +3355,8 @@ def merge_pinned(stored, received, deleted=(), now=0.0, rotated=(), own_ip=None,
     heard = [replaced(p, deleted_until=quarantine_end(
         p, announced[(p.ip, p.public_key)], now, floor))
         if p.deleted_until is None and (p.ip, p.public_key) in announced else p for p in stored]
-    kept = _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals)
+    kept = _pins_kept(heard, received, now, rotated, waiting, own_ip, refusals,
+                      refusals is not None if cut_off is None else cut_off)
     result = [kept.get((p.ip, p.public_key), p) for p in received]
     result_ips = {p.ip for p in received}       # canonical strings (Peer.from_json)
     for p in stored:
@@ -4823,6 +4827,54 @@ def update_hosts_text(text, tag, lines):
     if new == old:
         return None
     return "\n".join(new) + "\n" if new else ""
+
+
+def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
+                  public_routes=False):
+    """The cached peers as this client wants them on its device.
+
+    Local endpoint overrides win; the server is always reached at the
+    endpoint in our own config, never at one the state names, so a server
+    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
+    server calls them offline) get no persistent keepalive: with one,
+    WireGuard sends each of them a handshake every 5 s for 90 s after it is
+    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
+    them takes three times as long. Once one is back it is heard from (it
+    keeps its keepalive for us), and the next sync gives it one again.
+    Peers' approved routes stay only with ``accept_routes``, and only those in
+    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
+    (``exit_key``) gets the default routes too.
+    """
+    overrides = cfg.peer_endpoint_overrides
+    server_ip = str(cfg.server_ip)
+    out, server = [], None
+    for p in peers:
+        if p.public_key == cfg.server_public_key or p.ip == server_ip:
+            # The server's entry is our config's, whatever the records say
+            # (refuse_misrouted refuses those that contradict it): one that
+            # moved, dropped or disabled it would leave us unable to ask for
+            # the next state; a sync also repairs an entry that drifted.
+            if server is not None or p.public_key != cfg.server_public_key \
+                    or p.ip != server_ip:
+                continue
+            p = server = replaced(p, is_disabled=False, is_static=False)
+        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
+            if accept_routes else []
+        if p.public_key == exit_key:
+            routes += list(EXIT_ROUTES)
+        if routes != p.routes:
+            p = replaced(p, routes=routes)
+        if p.public_key == cfg.server_public_key:
+            p = replaced(p, endpoint=cfg.server_external_endpoint)
+        elif p.ip in overrides:
+            p = replaced(p, endpoint=overrides[p.ip])
+        elif p.public_key in quiet:
+            p = replaced(p, persistent_keepalive_interval=0)
+        out.append(p)
+    if server is None:
+        out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
+                        endpoint=cfg.server_external_endpoint, is_redeemed=True))
+    return out
 
 
 ###############################################################################
@@ -8960,8 +9012,6 @@ class ClientFiles:
     # The admins this host had pinned when a server first showed it a lock:
     # the only ones it takes that lock from (adopters).
     lock_seen = property(lambda self: self.with_suffix(".lock-seen.json"))
-    # What `lock forget` kept of the lock it dropped (forget_lock).
-    lock_forgotten = property(lambda self: self.with_suffix(".lock-forgotten.json"))
     status = property(lambda self: status_file_path(self.data_dir, self.iface))
 
 
@@ -9293,31 +9343,6 @@ def load_server_config(dirs, iface):
             os.chmod(conf, 0o600)
             warn(f"updated permissions for {conf} to 0600")
     return ServerConfig.from_toml(read_text(conf, "server config"), conf)
-
-
-def forget_lock(files, mine):
-    """`lock forget`: drop this host's copy of its lock (``mine``); its next
-    fetch takes one again only from an admin's proof, and installs nothing
-    from the server until then (_Fetch.locked). What it verified (the newest
-    serial and key per subject) is kept aside and taken back if the lock
-    taken again is the same one (its genesis), so a server that got the
-    host to forget cannot replay an older record after."""
-    atomic_write(files.lock_forgotten, json.dumps({
-        "genesis": LockChain(mine["chain"]).genesis, "known": mine.get("known") or {}}), 0o600)
-    os.remove(files.lock)
-    peers, cidrs, etag = load_data_store(files.store)
-    if etag is not None:                  # the next fetch a full one, which shows the lock
-        save_data_store(files.store, peers, cidrs)
-
-
-def forgotten_known(files, chain):
-    """What forget_lock kept, for the same lock (``chain``) taken again."""
-    with contextlib.suppress(InnernetError):
-        kept = load_json_file(files.lock_forgotten, "what 'lock forget' kept")
-        if isinstance(kept, dict) and kept.get("genesis") == chain.genesis \
-                and isinstance(kept.get("known"), dict):
-            return kept["known"]
-    return {}
 
 
 ###############################################################################
@@ -12597,54 +12622,6 @@ class FetchResult:
     pending: list = Factory(list)    # key changes awaiting a proof
 
 
-def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
-                  public_routes=False):
-    """The cached peers as this client wants them on its device.
-
-    Local endpoint overrides win; the server is always reached at the
-    endpoint in our own config, never at one the state names, so a server
-    (or an admin) cannot point clients away from it. Peers in ``quiet`` (the
-    server calls them offline) get no persistent keepalive: with one,
-    WireGuard sends each of them a handshake every 5 s for 90 s after it is
-    set, for nothing (5,000 offline peers: 90,000 handshakes), and adding
-    them takes three times as long. Once one is back it is heard from (it
-    keeps its keepalive for us), and the next sync gives it one again.
-    Peers' approved routes stay only with ``accept_routes``, and only those in
-    PRIVATE_RANGES unless ``public_routes``; the exit node chosen
-    (``exit_key``) gets the default routes too.
-    """
-    overrides = cfg.peer_endpoint_overrides
-    server_ip = str(cfg.server_ip)
-    out, server = [], None
-    for p in peers:
-        if p.public_key == cfg.server_public_key or p.ip == server_ip:
-            # The server's entry is our config's, whatever the records say
-            # (refuse_misrouted refuses those that contradict it): one that
-            # moved, dropped or disabled it would leave us unable to ask for
-            # the next state; a sync also repairs an entry that drifted.
-            if server is not None or p.public_key != cfg.server_public_key \
-                    or p.ip != server_ip:
-                continue
-            p = server = replaced(p, is_disabled=False, is_static=False)
-        routes = [r for r in p.routes if public_routes or route_is_private(r)] \
-            if accept_routes else []
-        if p.public_key == exit_key:
-            routes += list(EXIT_ROUTES)
-        if routes != p.routes:
-            p = replaced(p, routes=routes)
-        if p.public_key == cfg.server_public_key:
-            p = replaced(p, endpoint=cfg.server_external_endpoint)
-        elif p.ip in overrides:
-            p = replaced(p, endpoint=overrides[p.ip])
-        elif p.public_key in quiet:
-            p = replaced(p, persistent_keepalive_interval=0)
-        out.append(p)
-    if server is None:
-        out.append(Peer(id=None, name=SERVER_PEER_NAME, ip=server_ip, cidr_id=0, public_key=cfg.server_public_key,
-                        endpoint=cfg.server_external_endpoint, is_redeemed=True))
-    return out
-
-
 def choose_exit_node(peers, name, own_key, ip=None):
     """(the peer to use as exit node, None) or (None, why not): it must be one
     this client may see (the server sends no other) and its offer approved.
@@ -12870,6 +12847,8 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
     finally:
         _IN_FLIGHT.pop(iface, None)
         f.api.close()
+    if f.pin_error:      # the rest of the state is applied: one peer stops no one's sync
+        raise InnernetError(f.pin_error, hint=PIN_ERROR_HINT)
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
@@ -12970,6 +12949,7 @@ class _Fetch:
         self.lock = None                 # the lock file's new contents, to save
         self.lock_on = False             # this sync verified a lock's records
         self.lock_waits = []             # peers refused under lock until a rotation proof
+        self.pin_error = None            # without lock: the sync's error, once the rest applied
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -13021,26 +13001,7 @@ class _Fetch:
                 warn(f"{self.iface}: {line}")
             if quarantined:     # its end changes no state: ask for all of it until then
                 self.etag = None
-            self.rotated, waiting, failed = verified_rotations(
-                self.api, self.cfg, self.stored_peers, received, self.kept)
-            pinned = [] if self.lock_on else None     # under lock: one line each
-            self.peers = merge_pinned(self.stored_peers, received, deleted, now,
-                                      rotated=self.rotated, own_ip=str(self.cfg.address.ip),
-                                      floor=floor, waiting=[w[1:] for w in waiting + failed],
-                                      refusals=pinned)
-            for line, _ in pinned or ():
-                warn(f"{self.iface}: {line}")
-                self.lock["refused"].append(line)
-            for p, ip, _, _ in failed:
-                warn(f"{self.iface}: PINNING ERROR: peer '{p.name}' ({ip}) has a new key whose "
-                     "proof for this host does not check out (the peer's or the server's "
-                     "forgery): its old key stays, the new one is refused")
-            self.pending = [self.note_waiting(*w) for w in waiting] + [
-                self.note_waiting(*w, said=True) for w in failed] + [
-                dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), lock=True)
-                for p in self.lock_waits] + [    # looked at again too (said: refused)
-                dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), refused=True)
-                for _, p in pinned or ()]        # a problem in `status` at once
+            self.pin(received, deleted, now, floor)
             self.changed = True
         except InnernetError as e:
             if not e.unreachable:
@@ -13060,6 +13021,33 @@ class _Fetch:
             self.unreachable = e
             self.cfg = fail_over(self.files, self.cfg, self.backend, e.refused)
 
+    def pin(self, received, deleted, now, floor):
+        """self.peers: ``received`` merged with our pins (merge_pinned), a key
+        change refused alone -- under lock one line each, else the sync's error
+        once the rest is applied -- and what waits for a proof (self.pending)."""
+        self.rotated, waiting, failed = verified_rotations(
+            self.api, self.cfg, self.stored_peers, received, self.kept)
+        pinned = []
+        self.peers = merge_pinned(self.stored_peers, received, deleted, now,
+                                  rotated=self.rotated, own_ip=str(self.cfg.address.ip),
+                                  floor=floor, waiting=[w[1:] for w in waiting + failed],
+                                  refusals=pinned, cut_off=self.lock_on)
+        for line, _ in pinned if self.lock_on else ():
+            warn(f"{self.iface}: {line}")
+            self.lock["refused"].append(line)
+        if pinned and not self.lock_on:       # asked for whole until it is gone
+            self.pin_error, self.etag = "; ".join(line for line, _ in pinned), None
+        for p, ip, _, _ in failed:
+            warn(f"{self.iface}: PINNING ERROR: peer '{p.name}' ({ip}) has a new key whose "
+                 "proof for this host does not check out (the peer's or the server's "
+                 "forgery): its old key stays, the new one is refused")
+        self.pending = [self.note_waiting(*w) for w in waiting] + [
+            self.note_waiting(*w, said=True) for w in failed] + [
+            dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), lock=True)
+            for p in self.lock_waits] + [    # looked at again too (said: refused)
+            dict(self.note_waiting(p, p.ip, None, p.public_key, said=True), refused=True)
+            for _, p in pinned]              # a problem in `status` at once
+
     def kick_server(self):
         """shake_hands_again, once a sync."""
         if self.kicked or self.backend is None:
@@ -13076,12 +13064,6 @@ class _Fetch:
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
             mine = self.adopt(offered, received)
-            if mine is None and path_exists(self.files.lock_forgotten):
-                raise InnernetError(
-                    f"{self.iface} forgot its network lock ('lock forget') and has not taken it "
-                    "again from an admin's proof: nothing from the server is installed until "
-                    "it does", hint="fetch again once the server is restored; to leave the "
-                    "lock, reinstall this host from a new invitation")
             if mine is None:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
@@ -13105,7 +13087,6 @@ class _Fetch:
                                     self.kept()) == new
         cache = mine.get("cache") if isinstance(mine.get("cache"), dict) else {}
         known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
-        known = known or forgotten_known(self.files, chain)
         own_ip = str(self.cfg.address.ip)
         accepted, refused, known = verify_state(
             chain, offered or {}, received, self.cidrs, own_ip, known,
@@ -13281,8 +13262,6 @@ class _Fetch:
         if self.changed:
             if self.lock is not None:
                 save_client_lock(self.files.lock, self.lock)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.files.lock_forgotten)
             save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
@@ -14719,10 +14698,9 @@ def cmd_delete_association(args):
 # kept here (0600, beside the interface's config), never on the server.
 
 def cmd_lock(args):
-    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable, forget."""
+    """`innernet lock VERB NET`: init, status, key, add, remove, log, disable."""
     return {"init": _lock_init, "status": _lock_status, "key": _lock_key, "add": _lock_add,
-            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable,
-            "forget": _lock_forget}[
+            "remove": _lock_remove, "log": _lock_log, "disable": _lock_disable}[
         args.lock_verb](args, parse_interface(args.interface))
 
 
@@ -14879,8 +14857,7 @@ def _lock_chain(args, iface, own=True, raw=None):
 def _lock_status(args, iface):
     mine = load_client_lock(client_files(args, iface).lock)
     if mine is None:
-        print(f"{iface}: " + ("lock forgotten ('lock forget'); not taken again yet" if path_exists(
-            client_files(args, iface).lock_forgotten) else "not locked"))
+        print(f"{iface}: not locked")
         return 0
     chain = LockChain(mine["chain"])
     print(f"{iface}: " + ("lock disabled" if chain.disabled else "locked")
@@ -14988,34 +14965,6 @@ def _lock_disable(args, iface):
     LockChain(chain.entries + [entry])          # a wrong secret fails here, not on the wire
     _lock_submit_own(net, chain.entries + [entry], None)
     log(f"network {iface}'s lock disabled: clients stop checking signatures at their next sync")
-    return 0
-
-
-def _lock_forget(args, iface):
-    """Drop this host's copy of the lock (one taken wrongly, from a hijacked
-    server): its next fetch takes a lock again only from an admin's proof
-    for this host's key -- which exists only for a host that took the lock
-    so, with the key it has now (``adopted``); any other one is refused."""
-    files = client_files(args, iface)
-    path = files.lock
-    mine = load_client_lock(path)
-    if mine is None:
-        raise InnernetError(f"{iface} has no network lock to forget",
-                            hint=f"'innernet lock status {iface}'")
-    if not LockChain(mine["chain"]).disabled \
-            and mine.get("adopted") != public_key(load_client_config(files).private_key):
-        raise InnernetError(
-            f"{iface} could not take its network lock again: no admin's proof of it exists "
-            "for this host's key (it joined under the lock, made it, or changed its key since "
-            "it took it), so it would install what the server says for good",
-            hint="to start over, reinstall it: an admin's 'innernet reinvite' makes a new "
-                 f"invitation (it carries the lock); 'innernet uninstall {iface}', then "
-                 "'innernet install' it")
-    confirm(args, f"Forget {iface}'s copy of its network lock? Until this host takes it "
-                  "again from an admin's proof, it installs nothing from the server", False)
-    forget_lock(files, mine)
-    log(f"{iface}: network lock forgotten ({path} removed); its next fetch takes it again "
-        "from the admin's proof")
     return 0
 
 
@@ -16030,7 +15979,7 @@ def leave_exit(args, iface):
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json",
-                      ".lock.json", ".up-lock", ".lock-forgotten.json")
+                      ".lock.json", ".up-lock")
 
 
 def cmd_uninstall(args):
@@ -16856,11 +16805,8 @@ def build_parser(server_mode=False, verbs=None):
     p = _verb(sub, "lock", cmd_lock, "client",
               "Network lock: peers accept only what a trusted admin key signed.")
     p.add_argument("lock_verb", metavar="VERB",
-                   choices=("init", "status", "key", "add", "remove", "log", "disable",
-                            "forget"),
-                   help="init, status, key (this host's), add, remove, log, disable, "
-                        "forget (this host's copy; only on a host that took the lock from "
-                        "an admin's proof, with its key of then: it takes it again so)")
+                   choices=("init", "status", "key", "add", "remove", "log", "disable"),
+                   help="init, status, key (this host's), add, remove, log, disable")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("secret", metavar="SECRET", nargs="?",
                    help="disable: the disablement secret (better on stdin or with "
@@ -16871,7 +16817,7 @@ def build_parser(server_mode=False, verbs=None):
     p.add_argument("--key-name", metavar="NAME",
                    help="init/add: a name for the key (init: this admin peer's name)")
     p.add_argument("--yes", action="store_true",
-                   help="init, forget: do not ask for confirmation")
+                   help="init: do not ask for confirmation")
     p = _verb(sub, "rotate-key", cmd_rotate_key, "client",
               "Move this peer to a new key pair, proved to the server and every peer.")
     p.add_argument("interface", metavar="INTERFACE")

@@ -809,39 +809,6 @@ def test_an_admin_host_signs_again_no_record_it_cannot_vouch_for_as_the_newest()
         (["peer:10.66.2.9"], [])
 
 
-def test_lock_forget_only_where_the_host_can_take_the_lock_again(tmp_path, capsys):
-    """Third outside attack, finding 2: only `lock init` leaves admins' proofs,
-    for the peers' keys of then; a host that joined under the lock (or made
-    it, or changed its key since it took it) never takes the lock again once
-    it forgot it. `lock forget` refuses there, in one line, with the remedy."""
-    files = innernet.ClientFiles("n", str(tmp_path / "etc"), str(tmp_path / "lib"))
-    os.makedirs(files.config_dir)
-    os.makedirs(files.data_dir)
-    private = innernet.generate_private_key()
-    cfg = innernet.InterfaceConfig("n", innernet.ipaddress.ip_interface("10.9.0.2/16"),
-                                   private, None, innernet.public_key(lock_keypair()[0]),
-                                   "198.18.0.1:51820", "10.9.0.1:51820")
-    innernet.atomic_write(files.config, cfg.to_toml())
-    argv = ["-c", files.config_dir, "-d", files.data_dir, "lock", "forget", "n", "--yes"]
-    chain = chain_of(lock_keypair())
-    for mine in ({"chain": chain},                                  # joined under the lock
-                 {"chain": chain, "adopted": innernet.public_key(  # its key changed since
-                     innernet.generate_private_key())}):
-        innernet.save_client_lock(files.lock, mine)
-        assert innernet.main(argv) == 1
-        err = capsys.readouterr().err
-        assert err.count("error:") == 1 and "could not take its network lock again" in err \
-            and "reinvite" in err, err
-        assert innernet.load_client_lock(files.lock) == mine
-    innernet.save_client_lock(files.lock, {"chain": chain,
-                                           "adopted": innernet.public_key(private)})
-    innernet.save_data_store(files.store, [], [], "etag-1")
-    assert innernet.main(argv) == 0
-    assert innernet.load_client_lock(files.lock) is None
-    assert innernet.load_data_store(files.store)[2] is None     # the next fetch a full one
-    assert "takes it again" in capsys.readouterr().err
-
-
 def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_took(tmp_path):
     """Sixth outside attack, finding 2: `lock init` compared only keys with
     this host's pins; during init the server swapped two names, made a peer

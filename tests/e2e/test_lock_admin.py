@@ -609,67 +609,6 @@ def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_aga
         admin(w, "lock", "remove", w.iface, "--key", k2)
 
 
-def test_lock_forget_then_the_admins_proof_again(w):
-    """Issue 32: early took the lock from its admin's proof (it joined before
-    it); `lock forget` asks first (--yes without a terminal), drops its copy,
-    and its next fetch takes the lock again from that proof."""
-    path = w.early.path("client", "lib", f"{w.early_if}.lock.json")
-    w.early.innernet("fetch", w.early_if, "--no-write-hosts")
-    assert os.path.exists(path)
-    out = w.early.innernet("lock", "forget", w.early_if, check=False)
-    assert out.returncode != 0 and "missing --yes" in out.stderr and os.path.exists(path)
-    out = w.early.innernet("lock", "forget", w.early_if, "--yes")
-    assert "network lock forgotten" in out.stderr and not os.path.exists(path)
-    out = w.early.innernet("fetch", w.early_if, "--no-write-hosts")
-    assert "network lock taken, proved by admin" in out.stderr, out.stderr
-    assert "locked" in w.early.innernet("lock", "status", w.early_if).stdout
-
-
-def test_a_host_that_forgot_its_lock_takes_no_replay_and_no_unlocked_state_after(w):
-    """Outside round 22, V22-3: a hijacked server makes a locked host print
-    "does not extend ours", whose remedy is `lock forget`. That dropped what
-    the host had verified: the server then replayed a deleted peer's older
-    signed record (taken), or served no lock at all (everything taken).
-    Now the newest serials come back with the same lock taken again, and
-    until a lock is taken again nothing from the server is installed."""
-    ip, subject = "10.66.8.12", "peer:10.66.8.12"               # p2, one of the 100
-    row = _signed_row(w, subject)
-    peer = db_rows(w.db, "SELECT name, ip, cidr_id, public_key FROM peers WHERE ip = ?", (ip,))[0]
-    admin(w, "delete-peer", w.iface, "--name", peer[0], "--yes")
-    fetch_until(w, w.early, w.early_if, lambda e: f"{ip}/32" not in held(w.early, w.early_if),
-                "early to drop the deleted peer")
-    deleted = _signed_row(w, subject)
-    w.early.innernet("lock", "forget", w.early_if, "--yes")
-    # the server serves no lock: the host installs nothing from it
-    chain = db_rows(w.db, "SELECT seq, entry FROM lock_chain")
-    db_write(w, "DELETE FROM lock_chain")
-    try:
-        db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) "
-                 "VALUES (?, ?, ?, ?, 1)", peer)
-        out = []
-
-        def refused():
-            out[:] = [w.early.innernet("fetch", w.early_if, "--no-write-hosts", check=False)]
-            return "forgot its network lock" in out[0].stderr or None
-        wait_for(refused, 30, "early to refuse an unlocked state")
-        assert out[0].returncode == 1 and f"{ip}/32" not in held(w.early, w.early_if)
-        assert "not taken again yet" in w.early.innernet("lock", "status", w.early_if).stdout
-    finally:
-        for rid, entry in chain:
-            db_write(w, "INSERT INTO lock_chain (seq, entry) VALUES (?, ?)", (rid, entry))
-    # the real lock again, with the deleted peer's older signed record replayed
-    _replay(w, subject, row)
-    try:
-        err = fetch_until(w, w.early, w.early_if, lambda e: "network lock taken" in e,
-                          "early to take the lock again")
-        assert f"lock refused peer '{peer[0]}' ({ip})" in err and "older" in err, err
-        assert f"{ip}/32" not in held(w.early, w.early_if)
-        assert not os.path.exists(w.early.path("client", "lib", f"{w.early_if}.lock-forgotten.json"))
-    finally:
-        db_write(w, "DELETE FROM peers WHERE ip = ?", (ip,))
-        _replay(w, subject, deleted)
-
-
 def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
     """Outside probe, finding 5: the database approved a route no admin
     signed; approve-routes of that very route said "approved" and signed
