@@ -491,6 +491,54 @@ def test_two_bring_ups_at_once_take_turns_and_both_succeed(world):
         assert "10.66.1.2" in device_peer_ips(a, ifname) and b
 
 
+def test_a_server_restored_from_before_a_rotation_stops_no_one_elses_sync(world):
+    """An outside review's G13: a peer rotated its key, then the server was
+    restored from a backup made before (README, "Backup and restore"). Every
+    other peer's sync failed on a PINNING ERROR and took nothing at all, so a
+    later disable-peer never reached them. Now that peer alone is refused
+    (its rotated key kept) and the rest is applied; the fetch still fails
+    loudly (exit 1) and `status` says so."""
+    w = world
+    a, b, c = join(w, "a"), join(w, "b"), join(w, "c")
+    aif, bif = w.lab.ifname("a"), w.lab.ifname("b")
+    a_ip, c_ip = "10.66.1.1", "10.66.1.3"
+    for host, ifname in ((a, aif), (b, bif)):        # a knows b: its rotation proves to b
+        host.innernet("fetch", ifname, "--no-write-hosts")
+    before = device_peer_ips(b, bif)[a_ip]["public_key"]
+    backup = w.srv.path("before-rotation.db")
+    src, dst = sqlite3.connect(w.db), sqlite3.connect(backup)
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    _rotate(a, aif)
+    b.innernet("fetch", bif, "--no-write-hosts")
+    rotated = device_peer_ips(b, bif)[a_ip]["public_key"]
+    assert rotated != before
+    assert db_rows(backup, "SELECT public_key FROM peers WHERE name = 'a'") == [(before,)]
+    w.serve.terminate()
+    w.serve.wait(timeout=20)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(w.db + suffix):
+            os.unlink(w.db + suffix)
+    shutil.copy(backup, w.db)
+    w.serve = start_serve(w.srv, w.net)
+    w.srv.server("disable-peer", w.net, "--name", "c", "--yes")
+    out = []
+
+    def refused():
+        out[:] = [b.innernet("fetch", bif, "--no-write-hosts", check=False)]
+        return "PINNING ERROR" in out[0].stderr or None
+    wait_for(refused, 60, "b's fetch from the restored server")
+    r = out[0]
+    assert r.returncode == 1 and r.stderr.count("PINNING ERROR") == 1, r.stderr
+    held = device_peer_ips(b, bif)
+    assert c_ip not in held, r.stderr                      # the rest of the state: applied
+    assert held[a_ip]["public_key"] == rotated            # a's rotated key kept
+    code, (h,) = status(b, bif)
+    assert code == 1 and not h["healthy"], h
+
+
 def test_a_fetch_with_no_cached_peers_looks_for_the_server_at_its_next_endpoint(world):
     """Found by the 60-minute soak (seed 997511, h157): a peer whose data store
     is empty (what an install whose first sync failed leaves) and whose
