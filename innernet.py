@@ -13397,9 +13397,11 @@ def split_dns(api, iface, cfg, suffix=None):
 
 
 def server_capabilities(files, opts):
-    """The server's capabilities ({} for an old or unreachable server). An
-    unreachable one with other endpoints listed is looked for at the next
-    (fail_over) and the error raised, so the caller tries again there."""
+    """The server's capabilities ({} for an old server; None, asked again next
+    round, for an unreachable one -- cached as {}, a device lost and brought
+    back ended the daemon's long polls for good). An unreachable one with other
+    endpoints listed is looked for at the next (fail_over) and the error
+    raised, so the caller tries again there."""
     iface, cfg = files.iface, load_client_config(files)
     api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
                     lacks=server_lacks(files, cfg))
@@ -13413,7 +13415,9 @@ def server_capabilities(files, opts):
         if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
             fail_over(files, current_server(files, cfg), backend, e.refused)
             raise
-        if e.unreachable or e.status in (404, 401):
+        if e.unreachable:
+            return None
+        if e.status in (404, 401):
             return {}
         raise
     finally:
@@ -13703,11 +13707,10 @@ def _daemon(files, opts):
             continue
         try:
             if caps is None:
-                caps = server_capabilities(files, opts)
+                caps = server_capabilities(files, opts)     # None: asked again next round
                 _say_innernet_server(files, state.told)
-                if _positive_int(caps.get("long_poll_seconds")):
-                    debug(f"{iface}: the server offers long polls; changes apply at once")
-            long_poll = 0 if opts.no_long_poll else _positive_int(caps.get("long_poll_seconds"))
+            offered = _positive_int((caps or {}).get("long_poll_seconds"))
+            long_poll = 0 if opts.no_long_poll else offered
             wait = min(opts.interval, long_poll) if long_poll and failing is None else 0
             if due_at is not None:          # paths to look at: the poll ends in time
                 wait = min(wait, max(0, int(due_at - time.monotonic()) + 1))
@@ -13725,7 +13728,7 @@ def _daemon(files, opts):
             sleep = min(opts.interval, PROOF_POLL) if result.pending else sleep  # late proofs
             if failing is not None:
                 log(f"{iface}: in sync with the server again")
-                failing = None
+                failing, sleep = None, 0      # and into a long poll at once
         except Exception as e:      # one network's trouble must not end the others
             if path_exists(files.down_marker):
                 continue            # taken down during the round: idle (above)

@@ -539,6 +539,32 @@ def test_a_server_restored_from_before_a_rotation_stops_no_one_elses_sync(world)
     assert code == 1 and not h["healthy"], h
 
 
+def test_a_daemon_that_brought_its_device_back_still_long_polls(world):
+    """An outside review's G18 (and G1, G3): after its wireguard-go was killed,
+    a daemon asked the server's capabilities before the round that brings
+    the device back, found it unreachable, kept "no long polls" for good, and
+    took every later change only at its --interval. At --interval 600, a
+    change after the device came back reaching it within a minute is one a
+    long poll brought."""
+    w = world
+    a, b, pe = _with_pyz(w, join(w, "a")), join(w, "b"), join(w, "pe")
+    ifname, pe_ip = w.lab.ifname("a"), "10.66.1.3"
+    a.spawn_innernet("daemon.log", "up", ifname, "--daemon", "--interval", "600",
+                     "--no-write-hosts")
+    wait_for(lambda: pe_ip in device_peer_ips(a, ifname), 20, "the daemon's first sync")
+
+    def toggle():
+        for verb, there in (("disable-peer", False), ("enable-peer", True)):
+            w.srv.server(verb, w.net, "--name", "pe", "--yes")
+            wait_for(lambda: (pe_ip in device_peer_ips(a, ifname)) == there, 60,
+                     f"{verb} to reach the daemon by its long poll\n{a.log('daemon.log')}")
+    toggle()                              # the daemon is in its long polls
+    kill_device(a, ifname)
+    wait_for(lambda: pe_ip in device_peer_ips(a, ifname), 60, "the device back")
+    toggle()
+    assert b and pe
+
+
 def test_a_fetch_with_no_cached_peers_looks_for_the_server_at_its_next_endpoint(world):
     """Found by the 60-minute soak (seed 997511, h157): a peer whose data store
     is empty (what an install whose first sync failed leaves) and whose
