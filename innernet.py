@@ -3288,7 +3288,8 @@ def _old_key_narrowed(old, new):
                     routes=[r for r in new.routes if r in old.routes],
                     exit_node=old.exit_node and new.exit_node,
                     is_admin=old.is_admin and new.is_admin,
-                    is_disabled=old.is_disabled or new.is_disabled)
+                    is_disabled=old.is_disabled or new.is_disabled,
+                    is_static=old.is_static)   # static: its address on the server's key
 
 
 def _quarantined_until(pin):
@@ -3553,8 +3554,7 @@ def _misrouting(p, pins, outside, network, own, server):
         if taken is not None:
             return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
     pin = pins.get(p.ip)
-    if p.is_static and pin is not None and pin.public_key == p.public_key \
-            and not pin.is_static:
+    if p.is_static and pin is not None and not pin.is_static:     # whatever its key
         return "a pinned peer cannot turn static (its address would go to the server's key)"
     return None
 
@@ -14728,11 +14728,18 @@ def _lock_key(args, iface):
     return 0
 
 
-def refuse_pending_invitations(peers, iface):
+def refuse_pending_invitations(peers, iface, key_file):
     """`lock init` signs no invitation that is not redeemed yet: its record
     would name the invitation's own WireGuard key, with no expiry, which
     whoever holds the file (the host that wrote it) could use for good,
-    and under lock it could no longer be redeemed anyway."""
+    and under lock it could no longer be redeemed anyway. Nor does it run on
+    a host with a lock key already (outside round 24, X24-5/6)."""
+    if path_exists(key_file):       # made by `lock key` (to be added) or by a lock
+        raise InnernetError(
+            f"this host has a lock key already ({key_file}): a network whose admin made one "
+            "is locked or about to be, and a server showing it unlocked may be hiding that",
+            hint=f"'innernet lock status {iface}'; if the key was made for nothing else (no "
+                 "lock trusts it), delete the file and run lock init again")
     pending = [p.name for p in peers if not p.is_redeemed]
     if pending:
         raise InnernetError(
@@ -14759,7 +14766,7 @@ def _lock_init(args, iface):
         raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
-    refuse_pending_invitations(peers, iface)
+    refuse_pending_invitations(peers, iface, client_files(args, iface).lock_key)
     unseen = _refuse_repinned(args, iface, peers, cidrs)
     admins = [p.name for p in unseen if p.is_admin]
     told = f"{len(unseen)} peer(s) this host never saw, signed on the server's word" + (

@@ -850,18 +850,23 @@ def test_lock_init_signs_no_key_name_admin_flag_or_cidr_unlike_what_this_host_to
     assert innernet._refuse_repinned(args, "net", shown, n.cidrs) == [evil]
 
 
-def test_lock_init_signs_no_invitation_that_is_not_redeemed_yet():
+def test_lock_init_signs_no_invitation_that_is_not_redeemed_yet(tmp_path):
     """Outside round 22, V22-4: an invitation pending at `lock init` was
     signed with its own WireGuard key and no expiry: whoever held the file
     (the server host wrote it) had a signed seat on every locked client."""
     n = Net()
-    innernet.refuse_pending_invitations(n.peers, "net")          # all redeemed: fine
+    key_file = str(tmp_path / "net.lock-key")
+    innernet.refuse_pending_invitations(n.peers, "net", key_file)    # all redeemed: fine
     quinn = Peer(40, "quinn", "10.66.1.40", 3, "inv-key", is_redeemed=False,
                  invite_expires=2 ** 31)
     with pytest.raises(InnernetError) as e:
-        innernet.refuse_pending_invitations(n.peers + [quinn], "net")
+        innernet.refuse_pending_invitations(n.peers + [quinn], "net", key_file)
     assert e.value.message.startswith("1 invitation(s) not redeemed yet: quinn: ")
     assert "innernet delete-peer net --name NAME" in e.value.hint
+    # outside round 24, X24-5/6: nor on a host that has a lock key already
+    open(key_file, "w").close()
+    with pytest.raises(InnernetError, match="this host has a lock key already"):
+        innernet.refuse_pending_invitations(n.peers, "net", key_file)
 
 
 def test_an_admins_signature_replaces_a_key_this_host_reached_by_proofs():

@@ -433,6 +433,18 @@ def test_the_client_refuses_records_that_route_what_is_not_their_own():
     assert "it claims the server's address" in refused[4]
     assert "cannot turn static" in refused[5]
     assert refused[6].startswith("kept peer 'm6'") and "10.80.3.1:51820 is inside" in refused[6]
+    # Outside round 24, X24-1: with another key too (the key change refused
+    # alone, the rest applied, the kept pin must not turn static either)
+    swapped = innernet.replaced(admin, public_key="k-evil", is_static=True)
+    assert "cannot turn static" in innernet.refuse_misrouted([swapped], stored, net, own,
+                                                             server)[1][0]
+    kept = innernet.merge_pinned([admin], [innernet.replaced(admin, public_key="k-evil",
+                                                             is_static=True)], refusals=[])
+    assert kept[0].public_key == admin.public_key and not kept[0].is_static
+    waits = innernet.merge_pinned([admin], [innernet.replaced(admin, public_key="k2",
+                                                              is_static=True)],
+                                  waiting=[(admin.ip, admin.public_key, "k2")])   # X24-4
+    assert waits[0].public_key == admin.public_key and not waits[0].is_static
     # A pin outside the network (a data store older than the check) is covered too.
     old_pin = innernet.replaced(peer(20, "lan", 3), ip="192.168.5.5")
     grab = peer(21, "m7", 3, routes=["192.168.5.0/24"])
