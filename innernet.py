@@ -3554,7 +3554,9 @@ def _misrouting(p, pins, outside, network, own, server):
         if taken is not None:
             return f"route {r} covers {taken.ip}, pinned to peer '{taken.name}'"
     pin = pins.get(p.ip)
-    if p.is_static and pin is not None and not pin.is_static:     # whatever its key
+    # (with another key, merge_pinned keeps the pin, and its own static flag)
+    if p.is_static and pin is not None and pin.public_key == p.public_key \
+            and not pin.is_static:
         return "a pinned peer cannot turn static (its address would go to the server's key)"
     return None
 

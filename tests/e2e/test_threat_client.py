@@ -274,6 +274,11 @@ def test_a_hijacked_server_cannot_swap_or_move_away_a_pinned_key(w):
     """Promise 4: a known address keeps its key, in one step or in two."""
     thief = record(w, "admin", ADMIN_IP)
     refused_whole(w, fetch(w, with_peers(w, change={ADMIN_IP: thief})), ADMIN_IP, w.admin_key)
+    # with the key, the record made static: its address would go to the server's key
+    # (outside round 24, X24-1: the pin was kept, but took the static flag)
+    refused_whole(w, fetch(w, with_peers(w, change={ADMIN_IP: dict(thief, is_static=True)})),
+                  ADMIN_IP, w.admin_key)
+    assert not covering(holders(w), ADMIN_IP) - {w.admin_key}
     # Two steps: the admin moved to a new address, then its old one handed over.
     assert fetch(w, with_peers(w, change={ADMIN_IP: {"ip": "10.66.1.200"}})).returncode == 0
     refused_whole(w, fetch(w, with_peers(w, dict(thief, name="thief"),
