@@ -12849,8 +12849,8 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
     finally:
         _IN_FLIGHT.pop(iface, None)
         f.api.close()
-    if f.pin_error:      # the rest of the state is applied: one peer stops no one's sync
-        raise InnernetError(f.pin_error, hint=PIN_ERROR_HINT)
+    if f.failure:      # the rest of the state is applied: one peer stops no one's sync
+        raise InnernetError(f.failure[0], hint=f.failure[1])
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
@@ -12951,7 +12951,7 @@ class _Fetch:
         self.lock = None                 # the lock file's new contents, to save
         self.lock_on = False             # this sync verified a lock's records
         self.lock_waits = []             # peers refused under lock until a rotation proof
-        self.pin_error = None            # without lock: the sync's error, once the rest applied
+        self.failure = None              # (error, hint) of the sync, once the rest is applied
 
     def find_device(self, allow_bring_up):
         """The interface's backend, bringing the interface up where allowed."""
@@ -13038,7 +13038,7 @@ class _Fetch:
             warn(f"{self.iface}: {line}")
             self.lock["refused"].append(line)
         if pinned and not self.lock_on:       # asked for whole until it is gone
-            self.pin_error, self.etag = "; ".join(line for line, _ in pinned), None
+            self.failure, self.etag = ("; ".join(line for line, _ in pinned), PIN_ERROR_HINT), None
         for p, ip, _, _ in failed:
             warn(f"{self.iface}: PINNING ERROR: peer '{p.name}' ({ip}) has a new key whose "
                  "proof for this host does not check out (the peer's or the server's "
@@ -13070,8 +13070,9 @@ class _Fetch:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
                                   offered.get("chain") if offered else None)
-        if note:
-            warn(f"{self.iface}: {note}")
+        if note:     # the rest verified with ours; the sync fails, asked for whole again
+            self.failure, self.etag = (f"network lock: {note}", "this host keeps its own copy "
+                                       f"('innernet lock status {self.iface}')"), None
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
         if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
             self.lock["signed"] = mine["signed"]

@@ -140,15 +140,15 @@ def peer_of(state, name):
     return next(p for p in state["peers"] if p["name"] == name)
 
 
-def lie(w, host, iface, state):
-    """Tell ``host`` ``state``; its fetch's output."""
+def lie(w, host, iface, state, code=0):
+    """Tell ``host`` ``state``; its fetch's output (its exit status ``code``)."""
     w.hostile.script({"GET /v1/user/state": {"body": state},
                       "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}}})
     before = len(w.hostile.requests())
     out = host.innernet("fetch", iface, "--no-write-hosts", check=False)
     assert ("GET", "/v1/user/state") in [(m, p.split("?")[0])
                                          for m, p in w.hostile.requests()[before:]]
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == code, out.stderr
     return out
 
 
@@ -448,14 +448,15 @@ def test_the_server_alone_cannot_turn_lock_off(w):
     state = copy.deepcopy(w.honest)
     state.pop("lock")
     state["peers"].append(bad)
-    out = lie(w, w.alice, w.alice_if, state)
-    assert "the server sent no lock chain: kept ours" in out.stderr
+    out = lie(w, w.alice, w.alice_if, state, code=1)      # loud (round 24, X24-7)
+    assert "error: network lock: the server sent no lock chain: kept ours" in out.stderr
+    assert w.alice.innernet("status", w.alice_if, check=False).returncode == 1
     assert len(refused(types.SimpleNamespace(err=out.stderr), "mallory2")) == 1
     chain = I.LockChain(w.honest["lock"]["chain"])
     forged = copy.deepcopy(w.honest)
     forged["lock"]["chain"].append(I.lock_disablement(chain, "guessed", 0))
     forged["peers"].append(bad)
-    out = lie(w, w.alice, w.alice_if, forged)
+    out = lie(w, w.alice, w.alice_if, forged, code=1)
     assert "invalid" in out.stderr and "kept ours" in out.stderr
     held = {p["public_key"] for p in device(w.alice, w.alice_if)["peers"]}
     assert bad["public_key"] not in held
@@ -466,7 +467,7 @@ def test_the_server_alone_cannot_turn_lock_off(w):
     private, public = I.lock_keypair()
     own = copy.deepcopy(forged)
     own["lock"]["chain"] = [I.lock_genesis(chain.net, [(public, "evil")], "s", private, 0)]
-    out = lie(w, w.alice, w.alice_if, own)
+    out = lie(w, w.alice, w.alice_if, own, code=1)
     assert "does not extend ours: kept ours (hijacked?)" in out.stderr, out.stderr
     assert bad["public_key"] not in {p["public_key"] for p in device(w.alice, w.alice_if)["peers"]}
     out = w.alice.innernet("lock", "forget", w.alice_if, "--yes", check=False)
