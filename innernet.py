@@ -13224,9 +13224,11 @@ class _Fetch:
                                 exit_key=exit_peer and exit_peer.public_key,
                                 public_routes=public)
         if self.changed and accept and not public:
+            said = {(q.public_key, tuple(q.routes)) for q in self.stored_peers}   # said before
             for p in self.peers:
                 skipped = [r for r in p.routes if not route_is_private(r)]
-                if skipped and p.public_key != self.own_key and not p.is_disabled:
+                if skipped and p.public_key != self.own_key and not p.is_disabled \
+                        and (p.public_key, tuple(p.routes)) not in said:
                     warn(f"{self.iface}: not routing {', '.join(skipped)} of peer {p.name}: "
                          "public ranges need --accept-public-routes")
         # Our own entry keeps all its routes: it forwards for them whatever
@@ -15741,7 +15743,8 @@ def cmd_rotate_key(args):
     new_public = public_key(new_private)
     # A proof for every key that may have pinned us: the server and every
     # peer in the cache, enabled or not.
-    verifiers = {cfg.server_public_key} | {p.public_key for p in peers if p.public_key != own}
+    verifiers = {cfg.server_public_key} | {p.public_key for p in peers   # not our own, nor
+                                           if p.public_key != own and p.ip != ip}  # its old key
     proofs = {v: rotation_proof(cfg.private_key, v, ip, new_public) for v in sorted(verifiers)}
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
     with file_lock(files.config):    # a sync leaves the pending key alone meanwhile

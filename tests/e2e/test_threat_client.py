@@ -251,6 +251,8 @@ def test_public_routes_need_local_consent(w):
     out = fetch(w, with_peers(w, bad))
     assert out.returncode == 0, out.stderr
     assert "not routing 8.8.8.0/24 of peer mallory8" in out.stderr
+    again = fetch(w, with_peers(w, bad))         # said once, not at every sync (review G16)
+    assert again.returncode == 0 and "not routing" not in again.stderr, again.stderr
     held = holders(w)
     assert "8.8.8.0/24" not in held and held["10.66.2.68/32"] == bad["public_key"]
     assert "8.8.8.0/24" not in routed(w)
