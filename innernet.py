@@ -3593,7 +3593,9 @@ def _client_peer(data):
     p = Peer.from_json(data)
     if not is_public_key(p.public_key):
         raise _bad("its public key is not a usable WireGuard key (malformed or of small order)")
-    return p
+    # A deleted peer's quarantine is the client's own, from the deletions it
+    # heard of: one the server put in a record ended a pin (outside round 25, Y25-2).
+    return p if p.deleted_until is None else replaced(p, deleted_until=None)
 
 
 def _record_label(item):
@@ -3615,9 +3617,8 @@ def _endpoint_inside(endpoint, network):
 # Network lock ################################################################
 ###############################################################################
 # Peers accept only what an admin signed (issue 32). Lock keys are Ed25519
-# (PyNaCl's: a pure-Python verify costs 3.6 ms, 48x libsodium's 75 us, so
-# 5,000 peers would take 18 s; lock therefore needs PyNaCl, and says so in one
-# line). They live on admin peers' hosts, never on the server.
+# (PyNaCl's: a pure-Python verify costs 3.6 ms, 48x libsodium's 75 us, 18 s for
+# 5,000 peers: lock needs PyNaCl, and says so). On admins' hosts, never the server's.
 #
 # The lock chain: a genesis naming the trusted keys and the hash of a
 # disablement secret, then key additions and removals, each signed by a key
@@ -4219,9 +4220,10 @@ def lock_unwire(net, lock, state_keys=None):
     [(batch, [(index in its hashes, record number) of each null])]). A peer
     record sent without its "key" takes the key of the state's peer at its
     address (``state_keys`` {ip: key}); a batch's nulls take the hashes of
-    the records in the order they come, batch by batch."""
-    state_keys = state_keys or {}
-    records = []
+    the records in the order they come. Not lists: a TypeError (Y25-4)."""
+    state_keys, records = state_keys or {}, []
+    if not all(isinstance(lock.get(k) or [], list) for k in ("records", "batches")):
+        raise TypeError("the lock's records or batches are not a list")
     for p in lock.get("records") or []:
         back = isinstance(p, dict) and "key" not in p and p.get("t") == "peer" \
             and p.get("ip") in state_keys
@@ -13153,7 +13155,10 @@ class _Fetch:
     def note_waiting(self, p, ip, old, new, said=False):
         """A key change waiting for its proof, as the status file keeps it;
         said once, when it begins (``said``: by a line of its own)."""
-        before = self.prev_pending.get((ip, new))
+        # its time from the first key that waited at the address (a server
+        # sending a fresh one at each sync restarted it: outside round 25, Y25-1)
+        before = self.prev_pending.get((ip, new)) or next(
+            (w for (at, _), w in self.prev_pending.items() if at == ip), None)
         if before is None and not said:
             warn(f"{self.iface}: peer {p.name} ({ip}) has a new key with no proof for us yet "
                  "(it rotated before it knew of us); its old key stays"

@@ -725,3 +725,17 @@ def test_a_key_change_that_waits_keeps_the_old_key_with_no_more_than_either_gran
         got, = innernet.merge_pinned([old], [new], **kw)
         assert (got.public_key, got.name, got.routes, got.exit_node, got.is_admin) == \
             ("old-key", "dave2", ["192.168.5.0/24"], False, False), kw
+
+
+def test_a_wait_for_a_proof_is_timed_from_the_first_key_at_its_address():
+    """Outside round 25, Y25-1: the wait was timed per (address, new key), so a
+    server sending a fresh fake key at each sync kept `status` healthy for
+    ever. It is timed from the first key that waited at the address."""
+    f = object.__new__(innernet._Fetch)
+    f.iface, f.lock_on = "net", True
+    f.prev_pending = {("10.66.1.3", "key-1"): {"since": 100.0}}
+    bob = Peer(11, "bob", "10.66.1.3", 3, "key-2", is_redeemed=True)
+    assert f.note_waiting(bob, bob.ip, "old", "key-2", said=True)["since"] == 100.0
+    other = Peer(12, "carol", "10.66.1.4", 3, "key-3", is_redeemed=True)
+    assert f.note_waiting(other, other.ip, "old", "key-3", said=True)["since"] > 100.0
+

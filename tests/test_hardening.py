@@ -993,3 +993,19 @@ def test_every_place_that_resolves_a_peers_endpoint_judges_it(tmp_path, monkeypa
     assert innernet.traversal_candidates(p, [], resolve=innernet.placed_resolver(net)) == []
     co = make_coordinator(tmp_path)
     assert co.device.network == co.config.interface.network
+
+
+def test_a_server_cannot_end_a_pin_by_sending_its_quarantine():
+    """Outside round 25, Y25-2: the client parsed the server's records as its
+    own data store, so a record with `deleted_until: 1` (a quarantine over)
+    was stored, and at the next sync the pin went: another key took the
+    address with exit 0. A received record never carries a quarantine."""
+    bob = Peer(11, "bob", "10.66.1.3", 3, key(), is_redeemed=True)
+    lie = dict(bob.to_json(), deleted_until=1)
+    received = innernet.parse_state({"peers": [lie], "cidrs": []})[0]
+    assert received[0].deleted_until is None
+    stored = innernet.merge_pinned([bob], received, now=10 ** 10)
+    swapped = innernet.replaced(bob, public_key=key())
+    with pytest.raises(InnernetError, match="PINNING ERROR"):
+        innernet.merge_pinned(stored, [swapped], now=10 ** 10)
+

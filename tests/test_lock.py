@@ -892,13 +892,16 @@ def test_an_admins_signature_replaces_a_key_this_host_reached_by_proofs():
     assert innernet.lock_binding([1, "h", "k2", "k1"], {"key": "k9", "n": 2}) == [None, None]
 
 
-@pytest.mark.parametrize("where", ["batch key", "record type", "record ip"])
+@pytest.mark.parametrize("where", ["batch key", "record type", "record ip", "batches",
+                                   "records"])
 def test_lock_data_of_the_wrong_type_is_one_line_not_a_traceback(where):
     """Seventh outside attack, finding 2: a list where the server should have
     sent a string crashed fetch, install and admin verbs with a TypeError."""
     n = Net()
     lock = copy.deepcopy(n.lock())
-    if where == "batch key":
+    if where in ("batches", "records"):          # outside round 25, Y25-4: a string
+        lock[where] = "x"
+    elif where == "batch key":
         lock["batches"][0]["k"] = ["a", "list"]
     elif where == "record type":
         lock["records"][0]["t"] = {"an": "object"}
@@ -911,7 +914,7 @@ def test_lock_data_of_the_wrong_type_is_one_line_not_a_traceback(where):
         assert e.message.startswith("the server sent malformed lock data") and "\n" not in \
             e.message
     else:
-        assert where != "batch key"             # unhashable where a key should be
+        assert where not in ("batch key", "batches", "records")   # unhashable, not lists
 
 
 def test_this_hosts_own_rotated_key_is_what_its_admin_host_signs_next():

@@ -281,6 +281,9 @@ def test_a_hijacked_server_cannot_swap_or_move_away_a_pinned_key(w):
     refused_whole(w, fetch(w, with_peers(w, change={ADMIN_IP: dict(thief, is_static=True)})),
                   ADMIN_IP, w.admin_key)
     assert not covering(holders(w), ADMIN_IP) - {w.admin_key}
+    # a quarantine of the server's making, then the swap (outside round 25, Y25-2)
+    assert fetch(w, with_peers(w, change={ADMIN_IP: {"deleted_until": 1}})).returncode == 0
+    refused_whole(w, fetch(w, with_peers(w, change={ADMIN_IP: thief})), ADMIN_IP, w.admin_key)
     # Two steps: the admin moved to a new address, then its old one handed over.
     assert fetch(w, with_peers(w, change={ADMIN_IP: {"ip": "10.66.1.200"}})).returncode == 0
     refused_whole(w, fetch(w, with_peers(w, dict(thief, name="thief"),
