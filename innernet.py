@@ -13078,8 +13078,6 @@ class _Fetch:
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
         if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
             self.lock["signed"] = mine["signed"]
-        if isinstance(mine.get("adopted"), str):    # the key an admin's proof was for
-            self.lock["adopted"] = mine["adopted"]
         if chain.disabled:
             return received
         self.lock_on = True
@@ -13139,7 +13137,7 @@ class _Fetch:
             warn(f"{self.iface}: the server says the network is locked, but {why}: not taken")
             return None
         log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
-        return {"chain": genesis.entries, "adopted": public_key(self.cfg.private_key)}
+        return {"chain": genesis.entries}
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
