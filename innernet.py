@@ -787,23 +787,33 @@ def write_status_file(data_dir, iface, status):
     agent read: replaced whole, 0600 like every file of the data directory
     (it holds no secret; an agent reading it runs as root)."""
     path = status_file_path(data_dir, iface)
-    tmp = f"{path}.{posix.getpid()}.tmp"
+    tmp, data = f"{path}.{posix.getpid()}.tmp", (_json_text(status) + "\n").encode()
     try:
-        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
-                        0o600)
-        try:
-            posix.fchmod(fd, 0o600)
-            data = (_json_text(status) + "\n").encode()
-            while data:
-                data = data[posix.write(fd, data):]
-        finally:
-            posix.close(fd)
+        _write_fd(tmp, posix.O_CREAT | posix.O_TRUNC, data)
         posix.replace(tmp, path)
     except OSError:
         try:
             posix.unlink(tmp)
         except OSError:
             pass
+        # A full disk has no block for a new file, and the old one's blocks
+        # are ours: overwritten in place, the sync's error is not lost with it.
+        try:
+            _write_fd(path, 0, data)
+        except OSError:
+            pass
+
+
+def _write_fd(path, flags, data):
+    fd = posix.open(path, posix.O_WRONLY | posix.O_NOFOLLOW | flags, 0o600)
+    try:
+        posix.fchmod(fd, 0o600)
+        size = len(data)
+        while data:
+            data = data[posix.write(fd, data):]
+        posix.ftruncate(fd, size)
+    finally:
+        posix.close(fd)
 
 
 def fast_unchanged(data_dir, run, iface, links, now, snapshot=None):
@@ -908,14 +918,16 @@ def launch(path=None):
     sys.exit(code)
 
 
-def sync_status(iface, now, error, server, by, last_success=None, pending=(), success_by=None):
+def sync_status(iface, now, error, server, by, last_success=None, pending=(), success_by=None,
+                warning=None):
     """The status file's content after a sync (``error``: its message, or None);
-    ``by`` ran this one, ``success_by`` the last successful one."""
+    ``by`` ran this one, ``success_by`` the last successful one; ``warning``:
+    what a sync that succeeded could not do and a peer suffers from."""
     return {"interface": iface, "ok": error is None, "checked_at": now,
             "last_success": now if error is None else last_success,
             "last_error": error, "server": server, "by": by,
             "last_success_by": by if error is None else success_by,
-            "pending_key_changes": list(pending)}
+            "pending_key_changes": list(pending), "warning": warning}
 
 
 ###############################################################################
@@ -5428,6 +5440,21 @@ class UserspaceBackend:
         s.close()
         return True
 
+    def answers(self, ifname, timeout=2.0):
+        """Does the device answer a UAPI get within ``timeout``? (A stopped or
+        hung wireguard-go still takes connections: the kernel queues them.)"""
+        s = self._connect(ifname)
+        if s is None:
+            return False
+        try:
+            s.settimeout(timeout)
+            s.sendall(b"get=1\n\n")
+            return bool(s.recv(1))
+        except OSError:
+            return False
+        finally:
+            s.close()
+
     def _exchange(self, ifname, request):
         s = self._connect(ifname)
         if s is None:
@@ -9291,7 +9318,7 @@ def write_fast_record(files, opts, cfg, etag, links, next_due, by):
               "key": cfg.server_public_key, "links": links_fingerprint(links),
               "link": link_digest(files.iface), "device": device, "by": by,
               "due": "" if next_due is None else f"{time.time() + next_due:.3f}"}
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, InnernetError):    # a full disk: no fast path, no error
         atomic_write(files.fast_record, fast_record(fields, fingerprints), 0o600)
 
 
@@ -9323,7 +9350,7 @@ def record_run(data_dir, this_run, ifaces):
 
 def _write_runs(ddir, runs):
     text = "".join(f"{k}\t{' '.join(v)}\n" for k, v in list(runs.items())[-FAST_RUNS_KEPT:])
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, InnernetError):    # a full disk: the full path next time
         if text:
             atomic_write(os.path.join(ddir, FAST_RUNS), text, 0o600)
         else:
@@ -12624,6 +12651,7 @@ class FetchResult:
     next_due: float | None = None        # s until the paths need another look
     exit_problem: str | None = None      # why the exit node asked for is not in use
     pending: list = Factory(list)    # key changes awaiting a proof
+    proof_problem: str | None = None     # why late rotation proofs were not all sent
 
 
 def choose_exit_node(peers, name, own_key, ip=None):
@@ -12688,19 +12716,21 @@ def send_late_proofs(api, cfg, files):
     """Proofs of our recent rotations, from the kept old keys, for the peers
     the server says still lack one (they joined after our last sync before
     the rotation). Only rotations we made are proved, so a server naming
-    keys of its choosing learns nothing it could use. True when all were sent."""
+    keys of its choosing learns nothing it could use. Returns why some were
+    not sent, if so (the status file keeps it: the peers waiting for them are
+    cut off from us, and a cron host's warning goes nowhere)."""
     kept = load_old_keys(files, time.time())
     if not kept:
-        return True
+        return None
     try:
         wanted = api.call("GET", "/user/rotation-proofs") or []
     except InnernetError as e:
         if e.unreachable:
             raise
         debug(f"the server takes no late rotation proofs: {e.message}")
-        return e.status == 404
+        return None if e.status == 404 else f"late rotation proofs not sent: {e.message}"
     ours = {(public_key(k["private_key"]), k["new_key"]): k["private_key"] for k in kept}
-    ip, done = str(cfg.address.ip), True
+    ip, problem = str(cfg.address.ip), None
     for rec in wanted if isinstance(wanted, list) else []:
         if not isinstance(rec, dict) or not isinstance(rec.get("peers"), list):
             continue
@@ -12717,9 +12747,9 @@ def send_late_proofs(api, cfg, files):
         except InnernetError as e:
             if e.unreachable:
                 raise
-            warn(f"late rotation proofs not taken: {e.message} (sent again at the next sync)")
-            done = False
-    return done
+            problem = f"late rotation proofs not taken: {e.message}"
+            warn(problem + " (sent again at the next sync)")
+    return problem
 
 
 def min_quarantine():
@@ -12782,7 +12812,8 @@ def fetch_interface(files, opts, by="fetch", **kw):
         raise
     cfg = current_server(files, load_client_config(files))
     write_status_file(files.data_dir, iface, sync_status(
-        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending))
+        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending,
+        warning=result.proof_problem))
     return result
 
 
@@ -12831,11 +12862,10 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                                           f.cfg.server_public_key, timeout=HTTP_TIMEOUT + wait,
                                           lacks=server_lacks(files, f.cfg),
                                           proof_key=f.cfg.private_key)   # late proofs
-    proofs_sent = True
     try:
         _receive(f, wait)
         if f.unreachable is None:
-            proofs_sent = send_late_proofs(f.api, f.cfg, files)
+            f.proof_problem = send_late_proofs(f.api, f.cfg, files)
         if not same_peer(files, f.cfg):    # nothing of the old peer's onto the new one's
             raise InnernetError(f"{iface} {STALE_SYNC}")
         with device_lock(iface):     # the daemon's path watch changes it too
@@ -12846,7 +12876,8 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
-        if record and f.unreachable is None and f.etag and proofs_sent and not f.pending:
+        if record and f.unreachable is None and f.etag and not f.proof_problem \
+                and not f.pending:
             write_fast_record(files, opts, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
         _IN_FLIGHT.pop(iface, None)
@@ -12859,7 +12890,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                             f"{len(f.stored_peers)} cached peers)",
                             hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
-                       f.exit_problem, f.pending)
+                       f.exit_problem, f.pending, f.proof_problem)
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
@@ -12948,7 +12979,7 @@ class _Fetch:
         self.brought_up = self.changed = self.waited = self.kicked = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
-        self.exit_state = self.exit_problem = None
+        self.exit_state = self.exit_problem = self.proof_problem = None
         self.pending = []
         self.lock = None                 # the lock file's new contents, to save
         self.lock_on = False             # this sync verified a lock's records
@@ -16036,8 +16067,12 @@ def interface_health(args, iface, now, max_age):
     st = read_status(files)
     if taken_down(files, backend):      # the operator's choice, whatever its last sync
         return dict(_health(iface, st, [], False), taken_down=True)
-    up = existing_backend(backend, iface) is not None
+    device = existing_backend(backend, iface)
+    up = device is not None
     problems = [] if up else ["the interface is not up"]
+    if up and device.name == "userspace" and not device.answers(iface):
+        problems.append("the interface's wireguard-go does not answer (stopped or hung?): "
+                        "it passes no packets; kill it, and the next fetch brings it back")
     link = link_state(iface) if up else None
     if link is not None and not link[0]:
         up = False
@@ -16048,6 +16083,11 @@ def interface_health(args, iface, now, max_age):
         problems.append("no sync recorded (no fetch, up or daemon has run since install)")
     elif st.get("last_error"):
         problems.append(f"the last sync failed: {st['last_error']}")
+    if st.get("warning"):
+        problems.append(str(st["warning"]))
+    if path_exists(files.config + ".rotating"):
+        problems.append("a key rotation did not finish (the server's answer was lost): "
+                        "this host may be off the network until the next fetch settles it")
     if st and not isinstance(last, (int, float)):
         problems.append("no successful sync recorded")
     elif st and now - last > max_age:

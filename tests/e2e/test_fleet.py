@@ -150,6 +150,36 @@ def test_a_late_joiner_waits_for_the_rotation_proof_and_takes_the_new_key(world)
     assert code == 0 and h["pending_key_changes"] == [], h
 
 
+SKEWED = """
+import runpy, sys, time
+real = time.time
+time.time = lambda: real() + 600           # a clock 10 minutes fast (no NTP, a dead RTC)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_late_proofs_the_server_refuses_leave_the_rotating_host_unhealthy(world):
+    """An outside review's G12: a rotating host whose clock is off cannot
+    deliver late proofs; its warning went to cron's /dev/null and `status`
+    said healthy while the late joiner stayed cut off from it."""
+    w = world
+    bob, ci = join(w, "bob"), join(w, "ci")
+    bif = w.lab.ifname("bob")
+    ci.innernet("fetch", w.lab.ifname("ci"), "--no-write-hosts")
+    bob.innernet("rotate-key", bif, "--yes")
+    argv = bob.innernet_argv("fetch", bif, "--no-write-hosts")
+    at = next(i for i, x in enumerate(argv) if x.endswith((".pyz", ".py")))
+    r = bob.exec(["/usr/bin/python3", "-c", SKEWED, *argv[at:]], check=False)
+    assert r.returncode == 0 and "late rotation proofs not taken" in r.stderr, r.stderr
+    code, (h,) = status(bob, bif)
+    assert code == 1 and any("late rotation proofs not taken" in p
+                             for p in h["problems"]), h
+    r = bob.innernet("fetch", bif, "--no-write-hosts")       # the clock put right
+    assert "sent the proof of our key rotation to 1 peer(s)" in r.stderr, r.stderr
+    assert status(bob, bif)[0] == 0
+
+
 def test_a_daemon_late_joiner_follows_without_a_state_change(world):
     w = world
     bob = join(w, "bob")
@@ -397,6 +427,56 @@ def test_status_says_when_syncs_fail_and_the_status_file_says_the_same(world):
     start_serve(w.srv, w.net)
     a.innernet("fetch", ifname, "--no-write-hosts")
     assert status(a, ifname)[0] == 0
+    # a hung wireguard-go (its UAPI socket still takes connections) is no
+    # healthy interface: status asks it (an outside review's G14)
+    pids = wg_pids(a, ifname)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        code, (h,) = status(a, ifname)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert code == 1 and any("does not answer" in p for p in h["problems"]), h
+    assert status(a, ifname)[0] == 0
+
+
+def test_a_sync_that_fails_on_a_full_disk_leaves_its_error_for_status(world):
+    """An outside review's G17: on a full data disk the status file could not
+    be replaced either, so `status` said healthy until --max-age ran out. It
+    is overwritten in place now."""
+    w = world
+    a = join(w, "a")
+    ifname = w.lab.ifname("a")
+    a.innernet("fetch", ifname, "--no-write-hosts")
+    full = os.path.join(w.lab.tmp, "full-disk")
+    os.makedirs(full)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "innernet-test",
+                    full], check=True)
+    try:
+        for name in os.listdir(a.path("client", "lib")):    # (no fast record to free)
+            if not name.endswith(".fetch"):
+                shutil.copy2(a.path("client", "lib", name), os.path.join(full, name))
+        fd = os.open(os.path.join(full, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                for _ in range(1024):
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        join(w, "b")                                      # a change for a to write down
+        argv = [x if x != a.path("client", "lib") else full
+                for x in a.innernet_argv("fetch", ifname, "--no-write-hosts")]
+        r = a.exec(argv, check=False)
+        assert r.returncode == 1 and f"cannot write {full}/{ifname}.json: No space left on " \
+            "device" in r.stderr, r.stderr
+        argv = [x if x != a.path("client", "lib") else full
+                for x in a.innernet_argv("status", ifname, "--json")]
+        r = a.exec(argv, check=False)
+        (h,) = json.loads(r.stdout)
+        assert r.returncode == 1 and "No space left on device" in h["last_error"], h
+    finally:
+        subprocess.run(["umount", full], check=True)
 
 
 # -- item 3: lost WireGuard devices ---------------------------------------------
@@ -858,10 +938,13 @@ def test_a_rotation_whose_answer_was_lost_is_settled_by_the_next_fetch(world):
     ifname = w.lab.ifname("a")
     conf, old, new = _lose_rotation_answer(innernet, a, ifname)
     assert new != old
+    code, (h,) = status(a, ifname)        # off the network until then (review G7)
+    assert code == 1 and any("rotation did not finish" in p for p in h["problems"]), h
     os.unlink(a.path("client", "lib", f"{ifname}.oldkeys.json"))
     r = a.innernet("fetch", ifname, "--no-write-hosts", check=False, timeout=60)
     assert r.returncode == 0 and "it is this peer's key now" in r.stderr, r.stderr
     assert not os.path.exists(conf + ".rotating") and open(conf).read() == new
+    assert status(a, ifname)[0] == 0
     a.innernet("fetch", ifname, "--no-write-hosts")          # in sync, and stays so
     b.innernet("fetch", w.lab.ifname("b"), "--no-write-hosts")
     ip = innernet.InterfaceConfig.from_toml(new, conf).address.ip
