@@ -103,6 +103,7 @@ RELAY_IDLE = 300                # s without a datagram before a relay allocation
 RELAY_ACTIVE = 60               # s since a datagram within which a pair counts as relaying
 RELAY_HOLD = 5.0                # s a handshake waits at the relay for the other side
 FETCH_INTERVAL = 60
+SYSTEMD_UNIT_DIRS = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
 # The daemon's state requests are at least this far apart: a server that
 # answers long polls at once (a broken or hostile one) cannot spin it into a
 # busy loop. A change that ends a long poll is applied at once all the same.
@@ -2726,7 +2727,6 @@ def _lock_table(data, source):
     return {"chain": chain, "key": key}
 
 
-
 def _check_fields(table, allowed, where):
     extra = set(table) - set(allowed)
     if extra:
@@ -3177,6 +3177,19 @@ def rotation_stop(own_private, ip, pinned, chain, kept=None):
     if not steps:
         return cur, None
     return cur, "waits" if all(r.get("proof") is None for r in steps) else "fails"
+
+
+def kept_chain(kept, own):
+    """[(old private key, the key it rotated to)], oldest first, of the kept
+    rotations that end at our key ``own`` (load_old_keys's records)."""
+    chain, at = [], own
+    while len(chain) < len(kept):
+        step = next((k for k in kept if k["new_key"] == at), None)
+        if step is None:
+            break
+        chain.insert(0, (step["private_key"], at))
+        at = public_key(step["private_key"])
+    return chain
 
 
 def relay_rules(peers, cidrs, associations):
@@ -4893,6 +4906,23 @@ def desired_peers(cfg, peers, quiet=(), *, accept_routes=True, exit_key=None,
     return out
 
 
+def choose_exit_node(peers, name, own_key, ip=None):
+    """(the peer to use as exit node, None) or (None, why not): it must be one
+    this client may see (the server sends no other) and its offer approved.
+    Once chosen it is the peer at its address then (``ip``), which is pinned
+    to its key: a server that gives the name to another peer changes nothing."""
+    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
+              and not p.is_disabled), None)
+    if ip and (p is None or p.public_key == own_key):
+        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
+                      "peer; to choose again, run 'up' without --exit-node, then with it")
+    if p is None or p.public_key == own_key:
+        return None, f"no peer named '{name}' is visible to this peer"
+    if not p.exit_node:
+        return None, f"peer '{name}' does not offer an approved exit node"
+    return p, None
+
+
 ###############################################################################
 # Links, routes and rules #####################################################
 ###############################################################################
@@ -6042,8 +6072,9 @@ def _read_hosts(path):
         raise InnernetError(f"hosts file {path} is not UTF-8 text") from None
 
 
-def write_hosts_file(path, tag, lines):
-    """Replace our section of the hosts file; returns True if it changed.
+def write_hosts_file(path, tag, lines, errors=None):
+    """Replace our section of the hosts file; returns True if it changed. A
+    failure is warned about (and its line appended to ``errors``, if given).
 
     The temporary file is made beside the hosts file and renamed over it; where
     rename is impossible (a bind-mounted /etc/hosts) it is rewritten in place.
@@ -6063,7 +6094,10 @@ def write_hosts_file(path, tag, lines):
                 f.write(new)
         return True
     except (InnernetError, OSError) as e:
-        warn(f"could not update hosts file {path}: {getattr(e, 'message', e)}")
+        line = f"could not update hosts file {path}: {getattr(e, 'message', e)}"
+        warn(line)
+        if errors is not None:
+            errors.append(line)
         return False
 
 
@@ -6118,6 +6152,25 @@ def shake_hands_again(backend, iface, cfg):
             return wait_for_handshake(backend, iface, update, cfg.server_ip, since=now,
                                       timeout=KICK_WAIT)
     return False
+
+
+def _shakes_hands(backend, iface, server, cfg, private_key):
+    since = time.time()
+    backend.apply(iface, private_key=private_key)
+    return wait_for_handshake(backend, iface, server, cfg.server_ip, since=since, timeout=5)
+
+
+def device_lock(iface):
+    """The lock around one interface's read-change-write of its device, shared
+    by the daemon's sync and its path watch (threads of one process)."""
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(iface, threading.RLock())
+
+
+_DEVICE_LOCKS: dict[str, threading.RLock] = {}
+
+
+_DEVICE_LOCKS_GUARD = threading.Lock()
 
 
 def server_kick(choice, iface, cfg):
@@ -6304,7 +6357,6 @@ def document_projection(text, source, cidrs, peers, associations, deletions, now
                                            or (p.ip not in db_by_ip and p.ip not in kept)]
     assocs = [Association(id=None, cidr_id_1=ids[a], cidr_id_2=ids[b]) for a, b in tassocs]
     return lock_projection(after, target, assocs)
-
 
 
 def _plan_cidrs(r, doc, cidrs, root):
@@ -6770,7 +6822,6 @@ def _lock_verified(chain, signed):
     return batch, out
 
 
-
 # -- a client's lock file, an invitation's lock ----------------------------------------
 
 def load_client_lock(path):
@@ -6787,40 +6838,21 @@ def save_client_lock(path, data):
     atomic_write(path, json.dumps(data, separators=(",", ":")) + "\n", 0o600)
 
 
-def invitation_lock_chain(invite):
-    """The LockChain an invitation carries, or None."""
-    if not invite.lock:
-        return None
-    try:
-        entries = json.loads(base64.b64decode(invite.lock["chain"], validate=True))
-    except (ValueError, RecursionError):
-        raise InnernetError("the invitation's lock chain is malformed") from None
-    return LockChain(entries)
+def client_lock_guard(path):
+    """Held around each read-change-write of a host's lock file (never
+    across a request): a sync's save and the lock verbs take turns, so none
+    writes back a copy it read before another's change."""
+    return held_lock(path + ".guard", "changing the network lock file")
 
 
-
-def adopters(path, stored, server):
-    """[[ip, key]] of the admin peers this host had pinned when a server first
-    showed it a lock (kept in ``path`` from then on): a peer that joined
-    before the lock takes it only from one of them -- never from the server
-    (``server``: its (ip, key)), nor from an admin that appeared with or after
-    the lock (a hijacked server could have made it)."""
-    data = load_json_file(path, "it holds the admins this host takes a network lock from")
-    if isinstance(data, dict) and isinstance(data.get("admins"), list):
-        return data["admins"]
-    admins = [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
-              and p.ip not in server and p.public_key not in server]
-    atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
-    return admins
-
-
-def begin_client_lock(path, invite):
-    """At install: the lock file from the invitation's chain; [path] or []."""
-    chain = invitation_lock_chain(invite)
-    if chain is None:
-        return []
-    save_client_lock(path, {"chain": chain.entries})
-    return [path]
+def newest_signed(*signed):
+    """{subject: serial} of the records an admin's host signed, the newest of each."""
+    out = {}
+    for d in signed:
+        for s, n in (d if isinstance(d, dict) else {}).items():
+            if isinstance(n, int) and n > out.get(s, -1):
+                out[s] = n
+    return out
 
 
 # -- signing on an admin's host ---------------------------------------------------------
@@ -7380,15 +7412,13 @@ def remember_signed(path, signed):
     """Keep the serials of the records this admin's host signed in its lock
     file (``signed``): it signs over no older one later (refuse_stale)."""
     recs = signed.get("records") if isinstance(signed, dict) else None
-    mine = load_client_lock(path) if recs else None
-    if mine is None:
+    if not recs:
         return
-    done = dict(mine.get("signed") if isinstance(mine.get("signed"), dict) else {})
-    for r in recs:
-        s = record_subject(r)
-        if isinstance(r.get("n"), int) and r["n"] > done.get(s, -1):
-            done[s] = r["n"]
-    save_client_lock(path, dict(mine, signed=done))
+    with client_lock_guard(path):
+        mine = load_client_lock(path)
+        if mine is not None:
+            save_client_lock(path, dict(mine, signed=newest_signed(
+                mine.get("signed"), {record_subject(r): r.get("n") for r in recs})))
 
 
 @server_lock_data
@@ -8743,6 +8773,7 @@ class ApiClient:
         self.buf = b""
         self.used = 0.0
         self.sent = self.received = 0            # bytes on the wire (the benchmarks')
+        self.cut_short = None                    # why interrupt() ended the request
 
     def close(self):
         if self.sock is not None:
@@ -8751,10 +8782,11 @@ class ApiClient:
             self.sock = None
             self.buf = b""
 
-    def interrupt(self):
+    def interrupt(self, why="this host cut the request short"):
         """From another thread: end a request in progress (a long poll through
-        a device that is gone would otherwise wait out its timeout)."""
-        sock = self.sock
+        a device that is gone would otherwise wait out its timeout); ``why``
+        is then the request's error, not "closed by the server"."""
+        sock, self.cut_short = self.sock, why
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -8777,7 +8809,7 @@ class ApiClient:
     def _read_more(self):
         chunk = self.sock.recv(1 << 18)
         if not chunk:
-            raise ConnectionError("connection closed by the server")
+            raise ConnectionError(self.cut_short or "connection closed by the server")
         self.received += len(chunk)
         self.buf += chunk
 
@@ -8858,7 +8890,7 @@ class ApiClient:
         connection broke. A connection not made in time (nothing sent) is
         retried once after ``kick`` (if set) says it is worth it.
         """
-        data = b"" if body is None else json.dumps(body).encode()
+        data, self.cut_short = b"" if body is None else json.dumps(body).encode(), None
         hdrs = {"Host": format_endpoint(self.host, self.port), SERVER_KEY_HEADER: self.server_key,
                 "Accept": "application/json", "Accept-Encoding": "gzip"}
         if body is not None or method in ("POST", "PUT"):
@@ -9269,6 +9301,16 @@ def load_server_state(files):
     return state if isinstance(state, dict) else {}
 
 
+def current_server(files, cfg):
+    """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
+    if len(cfg.endpoints) < 2:
+        return cfg
+    chosen = load_server_state(files).get("endpoint")
+    if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
+        return replaced(cfg, server_external_endpoint=chosen)
+    return cfg
+
+
 def save_server_state(files, endpoint):
     with contextlib.suppress(OSError):
         atomic_write(files.server_state,
@@ -9362,6 +9404,78 @@ def forget_runs(ddir, iface):
     runs = read_runs(ddir)
     if any(iface in v for v in runs.values()):
         _write_runs(ddir, {k: v for k, v in runs.items() if iface not in v})
+
+
+def read_status(files):
+    """The interface's status file as the last sync left it, or {}."""
+    try:
+        with open(files.status) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def failed_status(iface, message, by, prev, now):
+    """The status file after a failed sync: the last success the newest of
+    what the sync read at its start (``prev``) and what is there now (a sync
+    beside it may have succeeded since), and the waits for rotation proofs
+    kept (the next sync asks for the whole state until they come)."""
+    def last(st):
+        t = st.get("last_success")
+        return t if isinstance(t, (int, float)) else None
+    st = now if last(now) is not None and (last(prev) is None or last(now) > last(prev)) \
+        else prev
+    last_by = st.get("last_success_by")
+    if last_by is None and st.get("ok"):    # an older status file
+        last_by = st.get("by")
+    waits = [w for w in prev.get("pending_key_changes") or [] if isinstance(w, dict)]
+    return sync_status(iface, time.time(), message, prev.get("server"), by, last(st),
+                       success_by=last_by, pending=waits)
+
+
+def note_taken_down(files):
+    """The status file says the network is down by the operator's choice, so
+    an agent reading it knows why no sync runs (until the next sync's file)."""
+    st = read_status(files)
+    if not st.get("taken_down"):
+        write_status_file(files.data_dir, files.iface,
+                          dict(st, interface=files.iface, taken_down=True, checked_at=time.time()))
+
+
+def invitation_lock_chain(invite):
+    """The LockChain an invitation carries, or None."""
+    if not invite.lock:
+        return None
+    try:
+        entries = json.loads(base64.b64decode(invite.lock["chain"], validate=True))
+    except (ValueError, RecursionError):
+        raise InnernetError("the invitation's lock chain is malformed") from None
+    return LockChain(entries)
+
+
+def adopters(path, stored, server):
+    """[[ip, key]] of the admin peers this host had pinned when a server first
+    showed it a lock (kept in ``path`` from then on): a peer that joined
+    before the lock takes it only from one of them -- never from the server
+    (``server``: its (ip, key)), nor from an admin that appeared with or after
+    the lock (a hijacked server could have made it)."""
+    data = load_json_file(path, "it holds the admins this host takes a network lock from")
+    if isinstance(data, dict) and isinstance(data.get("admins"), list):
+        return data["admins"]
+    admins = [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
+              and p.ip not in server and p.public_key not in server]
+    atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
+    return admins
+
+
+def begin_client_lock(path, invite):
+    """At install: the lock file from the invitation's chain; [path] or []."""
+    chain = invitation_lock_chain(invite)
+    if chain is None:
+        return []
+    save_client_lock(path, {"chain": chain.entries})
+    return [path]
 
 
 def load_server_config(dirs, iface):
@@ -11570,7 +11684,6 @@ def _lock_enrollment(store, caller, new_key, enrollment):
     store.lock_enroll(caller.ip, enrollment)
 
 
-
 @api_route("POST", "user/rotation", "user", body=True, max_body=MAX_ROTATION_BODY)
 def user_rotate_key(co, req):
     """Ours: move the caller to a new key ({"public_key", "proofs": {peer key: proof}}).
@@ -11809,7 +11922,6 @@ def user_lock_adoption(co, req):
     if admin is None:
         raise InnernetError("no lock adoption proof for this peer", status=404)
     return Response(200, {"admin_ip": admin.ip, "admin_key": admin.public_key, "mac": row[1]})
-
 
 
 @api_route("GET", "admin/audit", "admin")
@@ -12637,8 +12749,10 @@ def next_path_work(memo, unreachable, now):
 ###############################################################################
 # One fetch: ask the server (failing over across its endpoints), settle each
 # peer's path, and apply the diff to the device, the routes and the hosts
-# file. cmd_fetch, the verb cron runs when the fast path above cannot answer,
-# is here too.
+# file; then what runs one sync for a command: its outcome in the status
+# file, a rotation taken back from a server restored from an older copy, the
+# flags remembered per network, and cmd_fetch, the verb cron runs when the
+# fast path above cannot answer.
 
 
 @record_type
@@ -12651,24 +12765,7 @@ class FetchResult:
     next_due: float | None = None        # s until the paths need another look
     exit_problem: str | None = None      # why the exit node asked for is not in use
     pending: list = Factory(list)    # key changes awaiting a proof
-    proof_problem: str | None = None     # why late rotation proofs were not all sent
-
-
-def choose_exit_node(peers, name, own_key, ip=None):
-    """(the peer to use as exit node, None) or (None, why not): it must be one
-    this client may see (the server sends no other) and its offer approved.
-    Once chosen it is the peer at its address then (``ip``), which is pinned
-    to its key: a server that gives the name to another peer changes nothing."""
-    p = next((p for p in peers if (p.ip == ip if ip else p.name == name)
-              and not p.is_disabled), None)
-    if ip and (p is None or p.public_key == own_key):
-        return None, (f"the exit node chosen ('{name}', at {ip}) is not visible to this "
-                      "peer; to choose again, run 'up' without --exit-node, then with it")
-    if p is None or p.public_key == own_key:
-        return None, f"no peer named '{name}' is visible to this peer"
-    if not p.exit_node:
-        return None, f"peer '{name}' does not offer an approved exit node"
-    return p, None
+    warning: str | None = None           # what the sync could not do: late proofs, hosts file
 
 
 def rotation_chain(api, ip):
@@ -12680,7 +12777,6 @@ def rotation_chain(api, ip):
             raise
         chain = []
     return [r for r in chain if isinstance(r, dict)] if isinstance(chain, list) else []
-
 
 
 def verified_rotations(api, cfg, stored, received, kept):
@@ -12777,46 +12873,6 @@ def fetch_state(api, etag, wait):
     return state, resp.get("etag"), waited
 
 
-def read_status(files):
-    """The interface's status file as the last sync left it, or {}."""
-    try:
-        with open(files.status) as f:
-            status = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def fetch_interface(files, opts, by="fetch", **kw):
-    """One sync (sync_interface), its outcome left in the interface's status
-    file (write_status_file), for `innernet status` and monitoring agents."""
-    iface = files.iface
-    prev = read_status(files)
-    try:
-        result = sync_interface(files, opts, prev, by=by, **kw)
-    except Exception as e:
-        if isinstance(e, InnernetError) and e.unreachable and REFUSED_PEER in str(
-                prev.get("last_error")):    # its WireGuard drops us since: not the network
-            e.message += f"; the server's last answer was '{REFUSED_PEER}'"
-            e.hint = ("an admin disabled or deleted this peer on the server (an admin's "
-                      "'innernet list' shows it): enabled again, it syncs; deleted, it "
-                      "needs a new invitation")
-        if path_exists(files.config) and not (isinstance(e, InnernetError)
-                                              and e.message.endswith(STALE_SYNC)):
-            message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
-            last, last_by = prev.get("last_success"), prev.get("last_success_by")
-            if last_by is None and prev.get("ok"):    # an older status file
-                last_by = prev.get("by")
-            write_status_file(files.data_dir, iface, sync_status(
-                iface, time.time(), message, prev.get("server"), by, last, success_by=last_by))
-        raise
-    cfg = current_server(files, load_client_config(files))
-    write_status_file(files.data_dir, iface, sync_status(
-        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending,
-        warning=result.proof_problem))
-    return result
-
-
 STALE_SYNC = "was uninstalled or installed again while this sync waited; nothing applied"
 
 
@@ -12865,7 +12921,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
     try:
         _receive(f, wait)
         if f.unreachable is None:
-            f.proof_problem = send_late_proofs(f.api, f.cfg, files)
+            f.problems += filter(None, [send_late_proofs(f.api, f.cfg, files)])
         if not same_peer(files, f.cfg):    # nothing of the old peer's onto the new one's
             raise InnernetError(f"{iface} {STALE_SYNC}")
         with device_lock(iface):     # the daemon's path watch changes it too
@@ -12876,7 +12932,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
         f.write_files()     # files and our candidates need no lock on the device
         if traverse:
             f.settle(traverse)
-        if record and f.unreachable is None and f.etag and not f.proof_problem \
+        if record and f.unreachable is None and f.etag and not f.problems \
                 and not f.pending:
             write_fast_record(files, opts, f.cfg, f.etag, f.links, f.next_due, by)
     finally:
@@ -12887,10 +12943,11 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
-                            f"{len(f.stored_peers)} cached peers)",
+                            f"{sum(p.deleted_until is None for p in f.stored_peers)} cached "
+                            "peers)",
                             hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
-                       f.exit_problem, f.pending, f.proof_problem)
+                       f.exit_problem, f.pending, "; ".join(f.problems) or None)
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
@@ -12979,9 +13036,11 @@ class _Fetch:
         self.brought_up = self.changed = self.waited = self.kicked = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
-        self.exit_state = self.exit_problem = self.proof_problem = None
+        self.exit_state = self.exit_problem = None
+        self.problems = []               # what this sync could not do (the status file's warning)
         self.pending = []
         self.lock = None                 # the lock file's new contents, to save
+        self.lock_base = None            # the lock file as the sync read it
         self.lock_on = False             # this sync verified a lock's records
         self.lock_waits = []             # peers refused under lock until a rotation proof
         self.failure = None              # (error, hint) of the sync, once the rest is applied
@@ -13095,7 +13154,7 @@ class _Fetch:
         """Under network lock, the records signed by a trusted key that this
         host may see (verify_state); one line for each one refused."""
         path = self.files.lock
-        mine = load_client_lock(path)
+        mine = self.lock_base = load_client_lock(path)
         offered = state.get("lock") if isinstance(state.get("lock"), dict) else None
         if mine is None:
             mine = self.adopt(offered, received)
@@ -13293,19 +13352,39 @@ class _Fetch:
         hosts_path, suffix = self.opts.hosts.resolve()
         if hosts_path:
             write_hosts_file(hosts_path, f"innernet {self.iface}",
-                             hosts_lines(self.peers, self.iface, suffix))
+                             hosts_lines(self.peers, self.iface, suffix), self.problems)
             for p in self.peers if self.changed and suffix == "" else ():
                 if p.name in LOCAL_HOSTNAMES and not p.is_disabled:
                     warn(f"{self.iface}: not writing peer '{p.name}' ({p.ip}) into the "
                          "hosts file: with --host-suffix '' it would shadow a local name")
         if self.changed:
             if self.lock is not None:
-                save_client_lock(self.files.lock, self.lock)
+                self.save_lock()
             save_data_store(self.files.store, self.peers, self.cidrs, self.etag)
         if self.unreachable is None:
             own = next((p for p in self.peers if p.public_key == self.own_key), None)
             report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
+
+    def save_lock(self):
+        """The lock file as this sync leaves it, unless a lock verb of this
+        host changed the chain since the sync read it (its lock data is then
+        stale: kept out, the sync fails and the next verifies again); the
+        records this host signed meanwhile are kept (an outside round's
+        Z26-2, Z26-3: a sync held open by the server wrote back its older
+        copy, trusting a removed key again and forgetting a signed serial)."""
+        path = self.files.lock
+        with client_lock_guard(path):
+            now = load_client_lock(path)
+            if (now or {}).get("chain") != (self.lock_base or {}).get("chain"):
+                self.etag = None
+                self.failure = self.failure or (
+                    "network lock: this host's lock changed while this sync ran (a lock "
+                    "verb): nothing of the sync's lock data kept", "the next sync verifies "
+                    "the state again under the new lock")
+                return
+            signed = newest_signed((now or {}).get("signed"), self.lock.get("signed"))
+            save_client_lock(path, dict(self.lock, signed=signed) if signed else self.lock)
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
@@ -13332,16 +13411,6 @@ def same_peer(files, cfg):
         return load_client_config(files).address == cfg.address
     except InnernetError:
         return False
-
-
-def current_server(files, cfg):
-    """``cfg`` with the server endpoint the last failover chose (of cfg.endpoints)."""
-    if len(cfg.endpoints) < 2:
-        return cfg
-    chosen = load_server_state(files).get("endpoint")
-    if chosen in cfg.endpoints and chosen != cfg.server_external_endpoint:
-        return replaced(cfg, server_external_endpoint=chosen)
-    return cfg
 
 
 def fail_over(files, cfg, backend, refused=False):
@@ -13435,50 +13504,108 @@ def split_dns(api, iface, cfg, suffix=None):
     configure_split_dns(iface, cfg.server_ip, zone)
 
 
-def server_capabilities(files, opts):
-    """The server's capabilities ({} for an old server; None, asked again next
-    round, for an unreachable one -- cached as {}, a device lost and brought
-    back ended the daemon's long polls for good). An unreachable one with other
-    endpoints listed is looked for at the next (fail_over) and the error
-    raised, so the caller tries again there."""
-    iface, cfg = files.iface, load_client_config(files)
-    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                    lacks=server_lacks(files, cfg))
+def fetch_interface(files, opts, by="fetch", **kw):
+    """One sync (sync_interface), its outcome left in the interface's status
+    file (write_status_file), for `innernet status` and monitoring agents."""
+    iface = files.iface
+    prev = read_status(files)
     try:
-        caps = server_caps(api)
-    except InnernetError as e:
-        backend = existing_backend(opts.backend, iface)
-        # Without its device (wireguard-go killed, a reboot) the server is
-        # unreachable from here: the sync that brings the device back comes
-        # first, not a fail-over that needs the device (and would never end).
-        if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
-            fail_over(files, current_server(files, cfg), backend, e.refused)
-            raise
-        if e.unreachable:
-            return None
-        if e.status in (404, 401):
-            return {}
+        result = _sync_reclaiming(files, opts, prev, by, kw)
+    except Exception as e:
+        if isinstance(e, InnernetError) and e.unreachable and REFUSED_PEER in str(
+                prev.get("last_error")):    # its WireGuard drops us since: not the network
+            e.message += f"; the server's last answer was '{REFUSED_PEER}'"
+            e.hint = ("an admin disabled or deleted this peer on the server (an admin's "
+                      "'innernet list' shows it): enabled again, it syncs; deleted, it "
+                      "needs a new invitation")
+        if path_exists(files.config) and not (isinstance(e, InnernetError)
+                                              and e.message.endswith(STALE_SYNC)):
+            message = e.message if isinstance(e, InnernetError) else f"unexpected error: {e!r}"
+            write_status_file(files.data_dir, iface, failed_status(
+                iface, message, by, prev, read_status(files)))
         raise
-    finally:
-        api.close()
-    return caps if isinstance(caps, dict) else {}
+    cfg = current_server(files, load_client_config(files))
+    write_status_file(files.data_dir, iface, sync_status(
+        iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending,
+        warning=result.warning))
+    return result
 
 
-def _positive_int(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+RECLAIM_AFTER = 120          # s without a sync before the server is tried with our old keys
+RECLAIM_EVERY = 1800         # s between two such tries (each a few seconds on an old key)
 
 
-def device_lock(iface):
-    """The lock around one interface's read-change-write of its device, shared
-    by the daemon's sync and its path watch (threads of one process)."""
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(iface, threading.RLock())
+def reclaim_rotation(files, opts, prev):
+    """A server restored from a copy older than our last rotations holds an
+    old key of ours and drops the current one's packets: we would never sync
+    again. After RECLAIM_AFTER s without a sync (and then every RECLAIM_EVERY
+    s), each kept old key is tried, newest first, for a handshake with the
+    server; the one it answers sends the rotations from it again, each step
+    proved by its own old key as at first. The device is on an old key only
+    for those seconds. True when the server took our key back."""
+    now, iface = time.time(), files.iface
+    last, marker = prev.get("last_success"), files.with_suffix(".reclaim")
+    kept = load_old_keys(files, now)
+    if not kept or (isinstance(last, (int, float)) and now - last < RECLAIM_AFTER):
+        return False
+    with contextlib.suppress(OSError):
+        if now - os.stat(marker).st_mtime < RECLAIM_EVERY:
+            return False
+    cfg = current_server(files, load_client_config(files))
+    chain = kept_chain(kept, public_key(cfg.private_key))
+    backend = existing_backend(opts.backend, iface)
+    if not chain or backend is None:
+        return False
+    with contextlib.suppress(OSError, InnernetError):
+        atomic_write(marker, "", 0o600)
+    server = server_peer_update(cfg)
+    with device_lock(iface):
+        try:
+            for i in reversed(range(len(chain))):
+                if _shakes_hands(backend, iface, server, cfg, chain[i][0]):
+                    _rotate_again(files, backend, server, cfg, chain[i:])
+                    log(f"{iface}: the server held an old key of this peer (restored from "
+                        "a copy older than its key rotation?): rotated to our key again")
+                    return True
+            return False
+        finally:
+            backend.apply(iface, private_key=cfg.private_key)
+            trigger_packet(cfg.server_ip)
 
 
-_DEVICE_LOCKS: dict[str, threading.RLock] = {}
+def _rotate_again(files, backend, server, cfg, steps):
+    """Each rotation of ``steps`` to the server again, on the device's key of it."""
+    peers, _, _ = load_data_store(files.store)
+    ip = str(cfg.address.ip)
+    for i, (old, new) in enumerate(steps):
+        if i and not _shakes_hands(backend, files.iface, server, cfg, old):
+            raise InnernetError("no handshake with the server on the rotated key")
+        verifiers = {cfg.server_public_key} | {p.public_key for p in peers
+                                               if p.ip != ip}
+        api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                        lacks=server_lacks(files, cfg))
+        try:
+            api.call("POST", "/user/rotation", {"public_key": new, "proofs": {
+                v: rotation_proof(old, v, ip, new) for v in sorted(verifiers)}})
+        finally:
+            api.close()
 
 
-_DEVICE_LOCKS_GUARD = threading.Lock()
+def _sync_reclaiming(files, opts, prev, by, kw):
+    """sync_interface; once more after reclaim_rotation took our key back."""
+    try:
+        return sync_interface(files, opts, prev, by=by, **kw)
+    except InnernetError as e:
+        if not e.unreachable:
+            raise
+        try:
+            reclaimed = reclaim_rotation(files, opts, prev)
+        except (InnernetError, OSError) as why:       # the sync's own error is the one to say
+            debug(f"taking a rotation back failed: {why}")
+            reclaimed = False
+        if not reclaimed:
+            raise
+    return sync_interface(files, opts, prev, by=by, **kw)
 
 
 ROUTE_FLAGS = ("no_accept_routes", "accept_public_routes", "no_dns")
@@ -13528,6 +13655,7 @@ def cmd_fetch(args):
                 say = debug if args.interface is None else log
                 say(f"{iface}: taken down with 'innernet down {iface}'; not fetched "
                     f"(until 'innernet up {iface}')")
+                note_taken_down(files)
                 continue
             fetch_interface(files, with_remembered_flags(opts, files), record=True,
                             allow_bring_up=True)
@@ -13594,6 +13722,39 @@ class PathWatch:
         return lost
 
 
+def server_capabilities(files, opts):
+    """The server's capabilities ({} for an old server; None, asked again next
+    round, for an unreachable one -- cached as {}, a device lost and brought
+    back ended the daemon's long polls for good). An unreachable one with other
+    endpoints listed is looked for at the next (fail_over) and the error
+    raised, so the caller tries again there."""
+    iface, cfg = files.iface, load_client_config(files)
+    api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
+                    lacks=server_lacks(files, cfg))
+    try:
+        caps = server_caps(api)
+    except InnernetError as e:
+        backend = existing_backend(opts.backend, iface)
+        # Without its device (wireguard-go killed, a reboot) the server is
+        # unreachable from here: the sync that brings the device back comes
+        # first, not a fail-over that needs the device (and would never end).
+        if e.unreachable and len(cfg.endpoints) > 1 and backend is not None:
+            fail_over(files, current_server(files, cfg), backend, e.refused)
+            raise
+        if e.unreachable:
+            return None
+        if e.status in (404, 401):
+            return {}
+        raise
+    finally:
+        api.close()
+    return caps if isinstance(caps, dict) else {}
+
+
+def _positive_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def watch_server(watch, dev, cfg, iface):
     """A server that stopped answering WireGuard (a primary that died) while a
     long poll waits on it: the poll is cut short, so the daemon fails over to
@@ -13607,9 +13768,9 @@ def watch_server(watch, dev, cfg, iface):
         return
     ref = Peer(id=None, name=SERVER_PEER_NAME, ip=str(cfg.server_ip), cidr_id=None, public_key=cfg.server_public_key)
     if watch.check(replaced(dev, peers=[sp]), {sp.public_key: ref}, set()):
-        warn(f"{iface}: no packet from the server for {PathWatch.LOST_AFTER:.0f} s; "
-             "looking for it at its next endpoint")
-        api.interrupt()
+        lost = f"no packet from the server for {PathWatch.LOST_AFTER:.0f} s"
+        warn(f"{iface}: {lost}; looking for it at its next endpoint")
+        api.interrupt(lost)
 
 
 def watch_paths(files, opts, state, every=1.0):
@@ -13626,7 +13787,7 @@ def watch_paths(files, opts, state, every=1.0):
                     # it would wait out its timeout; cut it short, and the sync
                     # that follows brings the device back.
                     with contextlib.suppress(KeyError):
-                        _IN_FLIGHT[iface].interrupt()
+                        _IN_FLIGHT[iface].interrupt("the WireGuard device is gone")
                     continue
                 if state.cfg is None:
                     continue
@@ -13715,6 +13876,7 @@ def _idle_while_down(files, opts, failing):
         if failing != DOWN_IDLE:
             log(f"{iface}: taken down with 'innernet down {iface}'; idle until "
                 f"'innernet up {iface}'")
+            note_taken_down(files)
         time.sleep(max(min(opts.interval, DOWN_POLL), DAEMON_MIN_PERIOD))
         return DOWN_IDLE
     if failing == DOWN_IDLE:
@@ -13954,7 +14116,8 @@ class RemoteNetwork(NetworkLock):
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
         self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
-        self.api.kick = server_kick(arg_or(args, "backend", "auto"), iface, self.config)
+        self.api.kick = server_kick(arg_or(args, "backend", "auto"), iface,   # where the
+                                    current_server(f, self.config))     # last failover went
 
     def _read(self, path, make):
         """The server's list at ``path``, read once between two writes: a verb's
@@ -14789,6 +14952,15 @@ def refuse_pending_invitations(peers, iface, key_file):
             "lock the network, then invite those peers again (the invitations carry the lock)")
 
 
+def save_own_lock(path, entries, signed, fresh=False):
+    """This host's copy of the chain it sent (``fresh``: its first), and the
+    serials of the records it signed (remember_signed)."""
+    with client_lock_guard(path):
+        mine = {} if fresh else load_client_lock(path) or {}
+        save_client_lock(path, dict(mine, chain=entries))
+    remember_signed(path, signed)
+
+
 def _lock_init(args, iface):
     """Lock a running network: this host's key trusted, every peer, CIDR and
     association signed (one batch), each peer sent this admin's proof of the
@@ -14829,8 +15001,7 @@ def _lock_init(args, iface):
                                                             net.config.server_public_key)}
     net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
                                     "records": records}, adoptions)
-    save_client_lock(net.own_lock, {"chain": chain.entries})
-    remember_signed(net.own_lock, {"records": records})
+    save_own_lock(net.own_lock, chain.entries, {"records": records}, fresh=True)
     kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
     counted = ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
                                                        ("assoc", "associations")))
@@ -14949,9 +15120,7 @@ def _lock_submit_own(net, entries, signed):
     """A chain update sent, and kept as this host's own copy at once: its next
     fetch (and its next signing) refuses a server chain that does not extend it."""
     net.lock_submit(entries, signed, {})
-    mine = load_client_lock(net.own_lock) or {}
-    save_client_lock(net.own_lock, dict(mine, chain=entries))
-    remember_signed(net.own_lock, signed)
+    save_own_lock(net.own_lock, entries, signed)
 
 
 def _lock_remove(args, iface):
@@ -15581,9 +15750,20 @@ def cmd_install(args):
         with contextlib.suppress(OSError):
             os.unlink(invite_path)
     log(f"joined network {iface} as {invite.address.ip}")
-    print(f"to stay in sync: systemctl enable --now innernet@{iface}\n"
-          f"  (or: innernet up {iface} --daemon --interval {FETCH_INTERVAL})", file=sys.stderr)
+    print(stay_in_sync_hint(iface), file=sys.stderr)
     return 0
+
+
+def stay_in_sync_hint(iface):
+    """How this host keeps in sync: the .deb's unit where it is installed,
+    else the README's cron line with the program as it was run (a .pyz)."""
+    if any(os.path.exists(f"{d}/innernet@.service") for d in SYSTEMD_UNIT_DIRS):
+        return (f"to stay in sync: systemctl enable --now innernet@{iface}\n"
+                f"  (or: {PROG} up {iface} --daemon --interval {FETCH_INTERVAL})")
+    prog = os.path.abspath(sys.argv[0]) if sys.argv[0].endswith(".pyz") else PROG
+    return (f"to stay in sync, a line in /etc/crontab:\n  * * * * * root {prog} fetch "
+            f">/dev/null 2>&1\n  (or '{prog} up {iface} --daemon' run by a service manager; "
+            "'innernet status' says whether syncs work)")
 
 
 def _refuse_taken_range(args, invite, iface):
@@ -15783,7 +15963,8 @@ def cmd_rotate_key(args):
     confirm(args, f"Move {iface} ({ip}) to a new key pair?", True)
     with file_lock(files.config):    # a sync leaves the pending key alone meanwhile
         said = _post_rotation(files, cfg, new_private, proofs,
-                              kick=server_kick(arg_or(args, "backend", "auto"), iface, cfg))
+                              kick=server_kick(arg_or(args, "backend", "auto"), iface,
+                                               current_server(files, cfg)))
     since = time.time()
     with contextlib.suppress(OSError):   # to prove it later to peers it did not know of
         keep_old_key(files, cfg.private_key, new_public, since)
@@ -15797,7 +15978,8 @@ def cmd_rotate_key(args):
     for p in peers:                 # each peer's new session starts at once, not in 5 s
         if not p.is_disabled and p.public_key != own:
             trigger_packet(p.ip)
-    _say_rotated(iface, cfg, said, verifiers, new_public)
+    _say_rotated(iface, cfg, said, verifiers - {p.public_key for p in peers   # not the
+                                                if p.deleted_until is not None}, new_public)  # deleted
     return 0
 
 
@@ -16029,7 +16211,7 @@ def leave_exit(args, iface):
 
 CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".lock",
                       ".status.json", ".down", ".oldkeys.json", ".flags.json", ".lock-seen.json",
-                      ".lock.json", ".up-lock")
+                      ".lock.json", ".up-lock", ".reclaim", ".lock.json.guard")
 
 
 def cmd_uninstall(args):
@@ -16231,6 +16413,7 @@ def cmd_down(args):
     if installed:           # cron's `fetch` leaves it down until `up`
         ensure_dir(Dirs.from_args(args).data)
         atomic_write(client_files(args, iface).down_marker, "", 0o600)
+        note_taken_down(client_files(args, iface))
     if not bring_down(arg_or(args, "backend", "auto"), iface):
         if not installed:
             raise InnernetError(f"no network named {iface} is installed",

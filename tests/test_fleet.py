@@ -739,3 +739,108 @@ def test_a_wait_for_a_proof_is_timed_from_the_first_key_at_its_address():
     other = Peer(12, "carol", "10.66.1.4", 3, "key-3", is_redeemed=True)
     assert f.note_waiting(other, other.ip, "old", "key-3", said=True)["since"] > 100.0
 
+
+
+def test_a_rotation_is_taken_back_only_along_our_own_kept_steps():
+    """reclaim_rotation sends a restored server the steps kept_chain finds:
+    our kept rotations followed back from our current key, never a step to a
+    key we did not rotate to (a kept record of another chain, or one a lying
+    server might want named)."""
+    a, b, c, x = (generate_private_key() for _ in range(4))
+    rec = [{"private_key": k, "new_key": public_key(n), "until": 0}
+           for k, n in ((a, b), (b, c), (x, a))]       # x -> a -> b -> c
+    rec.append({"private_key": generate_private_key(), "new_key": public_key(x), "until": 0})
+    foreign = {"private_key": generate_private_key(),
+               "new_key": public_key(generate_private_key()), "until": 0}
+    chain = innernet.kept_chain(rec + [foreign], public_key(c))
+    assert [new for _, new in chain][-3:] == [public_key(a), public_key(b), public_key(c)]
+    assert all(public_key(old) != public_key(foreign["private_key"]) for old, _ in chain)
+    assert innernet.kept_chain(rec, public_key(x))[-1] == (rec[3]["private_key"], public_key(x))
+    assert innernet.kept_chain([foreign], public_key(c)) == []
+    loop = [{"private_key": a, "new_key": public_key(b), "until": 0},
+            {"private_key": b, "new_key": public_key(a), "until": 0}]
+    assert len(innernet.kept_chain(loop, public_key(a))) == 2      # bounded, no loop
+
+
+def test_a_failed_sync_keeps_the_waits_for_rotation_proofs(tmp_path, monkeypatch):
+    """Outside round 26, Z26-1: a sync that failed (the server restarting,
+    one refused connection) wrote the status file with no waits; the next
+    sync sent its ETag, got 304 for ever and never asked for the proof again,
+    the peer off the device and `status` healthy. The waits are carried."""
+    args = types.SimpleNamespace(config_dir=str(tmp_path / "etc"), data_dir=str(tmp_path / "d"))
+    files = innernet.client_files(args, "net")
+    os.makedirs(os.path.dirname(files.config))
+    open(files.config, "w").write("")
+    os.makedirs(files.data_dir, exist_ok=True)
+    wait = {"peer": "bob", "ip": "10.66.1.2", "new_key": "k", "since": 1.0}
+    innernet.write_status_file(files.data_dir, "net", innernet.sync_status(
+        "net", 2.0, None, "10.66.0.1:51820", "fetch", pending=[wait]))
+
+    def sync(*a, **kw):
+        raise innernet.InnernetError("cannot reach the innernet server at 10.66.0.1:51820: "
+                                     "Connection refused", unreachable=True)
+    monkeypatch.setattr(innernet, "sync_interface", sync)
+    for _ in range(2):
+        with pytest.raises(innernet.InnernetError):
+            innernet.fetch_interface(files, None)
+        assert innernet.read_status(files)["pending_key_changes"] == [wait]
+
+
+def test_a_request_this_host_cut_short_says_why_not_closed_by_the_server():
+    """Outside review of issue 29 (op29c), H4: a daemon whose path watch cut a
+    long poll short (no packet from the server for 14 s) said "connection
+    closed by the server", pointing the operator at the server."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    api = innernet.ApiClient(f"127.0.0.1:{port}", "k", timeout=30)
+    out = []
+
+    def call():
+        try:
+            api.call("GET", "/user/state?wait=60")
+        except innernet.InnernetError as e:
+            out.append(e)
+    t = threading.Thread(target=call)
+    t.start()
+    listener.settimeout(10)
+    conn, _ = listener.accept()             # the request is sent and waits for its answer
+    try:
+        conn.settimeout(10)
+        conn.recv(1 << 16, socket.MSG_PEEK)
+        api.interrupt("no packet from the server for 14 s")
+        t.join(10)
+    finally:
+        conn.close()
+        listener.close()
+    assert out and out[0].unreachable, out
+    assert "no packet from the server for 14 s" in out[0].message, out[0].message
+    assert "closed by the server" not in out[0].message
+
+
+def test_a_failed_sync_does_not_set_back_a_success_made_beside_it():
+    """Outside review op29c, H6: a sync that failed after another one beside
+    it had succeeded wrote back the last success it read at its start."""
+    prev = innernet.sync_status("net", 10.0, None, "s", "fetch")
+    now = innernet.sync_status("net", 20.0, None, "s", "up")
+    st = innernet.failed_status("net", "timed out", "daemon", prev, now)
+    assert st["last_success"] == 20.0 and st["last_success_by"] == "up" and not st["ok"]
+    st = innernet.failed_status("net", "timed out", "daemon", now, prev)
+    assert st["last_success"] == 20.0 and st["last_success_by"] == "up"
+    st = innernet.failed_status("net", "timed out", "daemon", {}, {})
+    assert st["last_success"] is None and st["last_error"] == "timed out"
+
+
+def test_the_join_hint_names_what_this_host_has_to_stay_in_sync(tmp_path, monkeypatch):
+    """Outside review op29c, H9: `join` from a .pyz named a systemd unit and an
+    `innernet` command the host does not have."""
+    monkeypatch.setattr(innernet, "SYSTEMD_UNIT_DIRS", (str(tmp_path),))
+    monkeypatch.setattr(innernet.sys, "argv", ["./innernet.pyz", "join", "inv.toml"])
+    hint = innernet.stay_in_sync_hint("evilcorp")
+    assert f"* * * * * root {os.path.abspath('innernet.pyz')} fetch >/dev/null 2>&1" in hint
+    assert "systemctl" not in hint
+    (tmp_path / "innernet@.service").write_text("")
+    assert "systemctl enable --now innernet@evilcorp" in innernet.stay_in_sync_hint("evilcorp")

@@ -1,6 +1,7 @@
 """Network lock (issue 32): the pure core -- canonical records, signatures,
 the lock chain, batches, enrollments and the client's verifier."""
 import copy
+import types
 import json
 import os
 
@@ -1071,3 +1072,42 @@ def test_forget_pins_takes_no_count_of_another_shape(answer):
     net = remote_network(request)
     with pytest.raises(InnernetError, match="must be|JSON object"):
         net.forget_pins(Peer(3, "bob", "10.66.1.2", 3, "bob-key"))
+
+
+def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_path):
+    """Outside round 26, Z26-2 and Z26-3: a sync read the host's lock file,
+    the server held it open while the admin ran `lock remove` (or signed a
+    record), and its save wrote the older copy back: the removed key trusted
+    again, the signed serial forgotten. The save now keeps a chain a lock
+    verb changed meanwhile (the sync's lock data dropped, the sync failed and
+    its ETag with it) and the serials signed meanwhile."""
+    a, thief = lock_keypair(), lock_keypair()
+    entries = chain_of(a)
+    entries.append(lock_update(LockChain(entries), "add", thief[1], "thief", a[0], T))
+    path = str(tmp_path / "net.lock.json")
+    innernet.save_client_lock(path, {"chain": entries, "signed": {"peer:10.66.1.2": 5}})
+
+    def sync_read():
+        """What a sync holds once locked() read the file, and will save."""
+        f = types.SimpleNamespace(files=types.SimpleNamespace(lock=path), failure=None,
+                                  etag="e1", lock_base=innernet.load_client_lock(path))
+        f.lock = {"chain": f.lock_base["chain"], "known": {"peer:10.66.1.2": [5, "x"]},
+                  "cache": {}, "refused": [], "signed": f.lock_base["signed"]}
+        return f
+    # a verb signs a newer record of one subject meanwhile: its serial stays
+    f = sync_read()
+    innernet.remember_signed(path, {"records": [{"t": "peer", "ip": "10.66.1.2", "n": 6}]})
+    innernet._Fetch.save_lock(f)
+    kept = innernet.load_client_lock(path)
+    assert kept["signed"] == {"peer:10.66.1.2": 6} and f.failure is None
+    assert kept["known"] == {"peer:10.66.1.2": [5, "x"]}          # the sync's own, kept
+    # `lock remove` of the thief's key meanwhile: the sync's copy is not written back
+    f = sync_read()
+    removed = entries + [lock_update(LockChain(entries), "remove", thief[1], "thief", a[0], T)]
+    with innernet.client_lock_guard(path):
+        innernet.save_client_lock(path, dict(innernet.load_client_lock(path), chain=removed))
+    innernet._Fetch.save_lock(f)
+    kept = innernet.load_client_lock(path)
+    assert kept["chain"] == removed and thief[1] not in LockChain(kept["chain"]).keys
+    assert f.failure and "changed while this sync ran" in f.failure[0] and f.etag is None
+    assert oct(os.stat(path + ".guard").st_mode & 0o777) == "0o600"
