@@ -3324,7 +3324,8 @@ def _quarantined_until(pin):
 
 
 PIN_ERROR_HINT = ("the server may be compromised, or restored from a copy older than the "
-                  "peer's key rotation (the peer then needs a new invitation); if this is "
+                  "peer's key rotation (within 7 days of it the peer takes its key back by "
+                  "itself, in minutes; later, it needs a new invitation); if this is "
                   "expected, delete the data store file and fetch again")
 
 
@@ -11918,6 +11919,10 @@ def admin_post_lock(co, req):
 def user_lock_adoption(co, req):
     """Ours: an admin's proof, for the caller, of the lock's genesis."""
     row = co.store.lock_adoption(req.caller.public_key)
+    for old, _, _ in reversed(co.store.rotations(req.caller.ip) if row is None else []):
+        row = co.store.lock_adoption(old)       # made for a key it rotated away from since
+        if row is not None:
+            break
     admin = co.store.peer_by_ip(row[0]) if row else None
     if admin is None:
         raise InnernetError("no lock adoption proof for this peer", status=404)
@@ -12354,7 +12359,8 @@ def make_api_server(coordinator, address, port, **kw):
 ###############################################################################
 # Each peer's path, settled by the client: direct, NAT-traversed (both sides
 # try each other's candidates at once) or relayed through the server, and
-# tried again for direct now and then.
+# tried again for direct now and then. Last, the path back to a server that
+# holds an old key of ours (restored from a copy older than our rotation).
 
 
 def report_candidates(opts, api, cfg, own, listen_port, force=False, links=None):
@@ -12744,6 +12750,85 @@ def next_path_work(memo, unreachable, now):
     return max(0.0, due - now) + 0.2
 
 
+RECLAIM_AFTER = 120          # s without a sync before the server is tried with our old keys
+RECLAIM_EVERY = 300          # s between two such tries (each a few seconds on an old key)
+RECLAIM_STEP = 5             # s for one rotation sent again, all told
+
+
+def reclaim_rotation(files, opts, prev):
+    """A server restored from a copy older than our last rotations holds an
+    old key of ours and drops the current one's packets: we would never sync
+    again. After RECLAIM_AFTER s without a sync (and then every RECLAIM_EVERY
+    s), each kept old key is tried, newest first, for a handshake with the
+    server; the one it answers sends the rotations from it again, each step
+    proved by its own old key as at first. The device is on an old key only
+    for those seconds. True when the server took our key back."""
+    now, iface = time.time(), files.iface
+    last, marker = prev.get("last_success"), files.with_suffix(".reclaim")
+    kept = load_old_keys(files, now)
+    if not kept or (isinstance(last, (int, float)) and now - last < RECLAIM_AFTER):
+        return False
+    with contextlib.suppress(OSError):
+        if now - os.stat(marker).st_mtime < RECLAIM_EVERY:
+            return False
+    cfg = current_server(files, load_client_config(files))
+    chain = kept_chain(kept, public_key(cfg.private_key))
+    backend = existing_backend(opts.backend, iface)
+    if not chain or backend is None:
+        return False
+    with contextlib.suppress(OSError, InnernetError):
+        atomic_write(marker, "", 0o600)
+    server = server_peer_update(cfg)
+    with device_lock(iface):
+        try:
+            for i in reversed(range(len(chain))):
+                if _shakes_hands(backend, iface, server, cfg, chain[i][0]):
+                    _rotate_again(files, backend, server, cfg, chain[i:])
+                    log(f"{iface}: the server held an old key of this peer (restored from "
+                        "a copy older than its key rotation?): rotated to our key again")
+                    return True
+            return False
+        finally:
+            backend.apply(iface, private_key=cfg.private_key)
+            trigger_packet(cfg.server_ip)
+
+
+def _rotate_again(files, backend, server, cfg, steps):
+    """Each rotation of ``steps`` to the server again, on the device's key of it."""
+    peers, _, _ = load_data_store(files.store)
+    ip = str(cfg.address.ip)
+    for i, (old, new) in enumerate(steps):
+        if i and not _shakes_hands(backend, files.iface, server, cfg, old):
+            raise InnernetError("no handshake with the server on the rotated key")
+        verifiers = {cfg.server_public_key} | {p.public_key for p in peers
+                                               if p.ip != ip}
+        api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key, timeout=5,
+                        lacks=server_lacks(files, cfg))
+        # a whole deadline, not one per read: a server sending a byte every few
+        # seconds would hold the device on an old key (outside round 27, R27-1)
+        timer = threading.Timer(RECLAIM_STEP, api.interrupt, ("no answer in time",))
+        timer.start()
+        try:
+            api.call("POST", "/user/rotation", {"public_key": new, "proofs": {
+                v: rotation_proof(old, v, ip, new) for v in sorted(verifiers)}})
+        finally:
+            timer.cancel()
+            api.close()
+
+
+def own_key_back(files, cfg, backend):
+    """The device on the config's key again, when a run that had put an old
+    key on it for a moment (reclaim_rotation) was killed before it could put
+    it back (outside round 27, R27-1: the host cut off from every peer for
+    good). Not while a rotation is unsettled (settle_rotation's)."""
+    with device_lock(files.iface):
+        on = backend.get(files.iface).public_key
+        if on is not None and on != public_key(cfg.private_key):
+            backend.apply(files.iface, private_key=cfg.private_key)
+            warn(f"{files.iface}: the device was on another key ({short_key(on)}) than the "
+                 "config's; put back")
+
+
 ###############################################################################
 # Fetch #######################################################################
 ###############################################################################
@@ -12924,6 +13009,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
             f.problems += filter(None, [send_late_proofs(f.api, f.cfg, files)])
         if not same_peer(files, f.cfg):    # nothing of the old peer's onto the new one's
             raise InnernetError(f"{iface} {STALE_SYNC}")
+        f.lock_unchanged()
         with device_lock(iface):     # the daemon's path watch changes it too
             f.apply_peers(traverse)
             f.apply_routes()
@@ -12943,8 +13029,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
     if f.unreachable is not None:
         # The cached state is applied (a disabled peer stays out); still say so.
         raise InnernetError(f.unreachable.message + f" (the interface keeps its "
-                            f"{sum(p.deleted_until is None for p in f.stored_peers)} cached "
-                            "peers)",
+                            f"{f.cached_peers()} cached peers)",
                             hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
                        f.exit_problem, f.pending, "; ".join(f.problems) or None)
@@ -12975,6 +13060,7 @@ def settle_rotation(files, cfg, backend):
     proofs). Neither (the server is down): asked again at the next sync.
     -> the config to sync with."""
     if not os.path.exists(files.config + ".rotating"):
+        own_key_back(files, cfg, backend)
         return cfg
     with file_lock(files.config, wait=False) as mine:
         # not while a `rotate-key` waits for its answer (it holds the lock)
@@ -13007,6 +13093,16 @@ def _settle_rotation(files, cfg, backend):
     log(f"{iface}: the server had taken the new key of the interrupted rotation "
         f"({short_key(new_public)}); it is this peer's key now")
     return current_server(files, load_client_config(files))
+
+
+def lock_moved(path):
+    """Has a lock verb of this host changed the chain since the last sync saved
+    the data store? Then its cached state, verified under the old chain, is
+    not to be answered "not modified" (a removed key's records in it)."""
+    with contextlib.suppress(InnernetError):
+        mine = load_client_lock(path)
+        return mine is not None and mine.get("synced") != len(mine.get("chain") or ())
+    return True
 
 
 def _unreachable_hint(f):
@@ -13079,7 +13175,8 @@ class _Fetch:
         try:
             # A key change waiting for its proof is looked at again at every
             # sync: the proof arrives without the state changing.
-            etag = self.stored_etag if self.stored_peers and not self.prev_pending else None
+            etag = self.stored_etag if self.stored_peers and not self.prev_pending \
+                and not lock_moved(self.files.lock) else None
             state, self.etag, self.waited = fetch_state(self.api, etag, wait)
             if self.etag:                 # only innernet.py's server sends one
                 self.api.lacks.forget()
@@ -13165,7 +13262,8 @@ class _Fetch:
         if note:     # the rest verified with ours; the sync fails, asked for whole again
             self.failure, self.etag = (f"network lock: {note}", "this host keeps its own copy "
                                        f"('innernet lock status {self.iface}')"), None
-        self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": []}
+        self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": [],
+                     "synced": len(chain.entries)}
         if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
             self.lock["signed"] = mine["signed"]
         if chain.disabled:
@@ -13209,25 +13307,39 @@ class _Fetch:
             genesis = LockChain(offered["chain"][:1])
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
         except InnernetError as e:
-            warn(f"{self.iface}: the server says the network is locked, but gave no proof an "
-                 f"admin made the lock ({e.message}): not taken")
-            return None
+            return self.not_adopted(f"gave no proof an admin made the lock ({e.message})")
         ip, key = ans.get("admin_ip"), ans.get("admin_key")
         admin = next((p for p in self.stored_peers + list(received) if p.ip == ip
-                      and p.public_key == key and p.is_admin), None)
+                      and p.is_admin), None)
+        # The proof is checked with the admin's key pinned here then, and with
+        # our own kept old keys too: a rotation of either since `lock init`
+        # made it (outside round 27, R27-3) leaves it good.
+        keys = [k for at, k in pinned if at == ip]
         why = "no admin this host knows proved it" if admin is None else \
             "the proof is the server's own" if ip == str(self.cfg.server_ip) \
             or key == self.cfg.server_public_key else \
             f"admin '{admin.name[:40]}' ({ip}), who proved it, was not pinned here before " \
-            "the lock was first seen" if [ip, key] not in pinned else None
-        if why is None and not adoption_valid(self.cfg.private_key, genesis.genesis,
-                                              key, ans.get("mac")):
+            "the lock was first seen" if not keys else None
+        if why is None and not any(adoption_valid(own, genesis.genesis, k, ans.get("mac"))
+                                   for own in [self.cfg.private_key, *self.kept().values()]
+                                   for k in keys):
             why = "the admin's proof is not valid for this host"
         if why:
-            warn(f"{self.iface}: the server says the network is locked, but {why}: not taken")
-            return None
+            return self.not_adopted(why)
         log(f"{self.iface}: network lock taken, proved by admin '{admin.name}' ({admin.ip})")
         return {"chain": genesis.entries}
+
+    def cached_peers(self):
+        """How many peers the cache holds: not this host, nor a deleted one's pin."""
+        return sum(p.deleted_until is None and p.public_key != self.own_key
+                   for p in self.stored_peers)
+
+    def not_adopted(self, why):
+        """None, said in one line and kept as a problem for `status`: a host that
+        does not take a lock its network has is not protected by it."""
+        line = f"the server says the network is locked, but {why}: not taken"
+        warn(f"{self.iface}: {line}")
+        self.problems.append(line)
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -13366,6 +13478,21 @@ class _Fetch:
             report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
 
+    def lock_changed(self):
+        """Did a lock verb of this host change its chain since the sync read it?"""
+        now = load_client_lock(self.files.lock)
+        return (now or {}).get("chain") != (self.lock_base or {}).get("chain")
+
+    def lock_unchanged(self):
+        """Before anything is applied: what this sync verified under a chain a
+        lock verb changed since (a `lock remove` while the server held the
+        sync open) is not applied, cached or saved (outside round 27, R27-2)."""
+        if self.lock is not None and self.lock_changed():
+            self.etag = None
+            raise InnernetError(f"network lock: this host's lock changed while this sync ran "
+                                "(a lock verb): nothing applied", hint="the next sync "
+                                "verifies the state again under the new lock")
+
     def save_lock(self):
         """The lock file as this sync leaves it, unless a lock verb of this
         host changed the chain since the sync read it (its lock data is then
@@ -13376,7 +13503,7 @@ class _Fetch:
         path = self.files.lock
         with client_lock_guard(path):
             now = load_client_lock(path)
-            if (now or {}).get("chain") != (self.lock_base or {}).get("chain"):
+            if self.lock_changed():
                 self.etag = None
                 self.failure = self.failure or (
                     "network lock: this host's lock changed while this sync ran (a lock "
@@ -13528,67 +13655,9 @@ def fetch_interface(files, opts, by="fetch", **kw):
     write_status_file(files.data_dir, iface, sync_status(
         iface, time.time(), None, cfg.server_internal_endpoint, by, pending=result.pending,
         warning=result.warning))
+    with contextlib.suppress(OSError):    # a server restored later is tried at once
+        os.unlink(files.with_suffix(".reclaim"))
     return result
-
-
-RECLAIM_AFTER = 120          # s without a sync before the server is tried with our old keys
-RECLAIM_EVERY = 1800         # s between two such tries (each a few seconds on an old key)
-
-
-def reclaim_rotation(files, opts, prev):
-    """A server restored from a copy older than our last rotations holds an
-    old key of ours and drops the current one's packets: we would never sync
-    again. After RECLAIM_AFTER s without a sync (and then every RECLAIM_EVERY
-    s), each kept old key is tried, newest first, for a handshake with the
-    server; the one it answers sends the rotations from it again, each step
-    proved by its own old key as at first. The device is on an old key only
-    for those seconds. True when the server took our key back."""
-    now, iface = time.time(), files.iface
-    last, marker = prev.get("last_success"), files.with_suffix(".reclaim")
-    kept = load_old_keys(files, now)
-    if not kept or (isinstance(last, (int, float)) and now - last < RECLAIM_AFTER):
-        return False
-    with contextlib.suppress(OSError):
-        if now - os.stat(marker).st_mtime < RECLAIM_EVERY:
-            return False
-    cfg = current_server(files, load_client_config(files))
-    chain = kept_chain(kept, public_key(cfg.private_key))
-    backend = existing_backend(opts.backend, iface)
-    if not chain or backend is None:
-        return False
-    with contextlib.suppress(OSError, InnernetError):
-        atomic_write(marker, "", 0o600)
-    server = server_peer_update(cfg)
-    with device_lock(iface):
-        try:
-            for i in reversed(range(len(chain))):
-                if _shakes_hands(backend, iface, server, cfg, chain[i][0]):
-                    _rotate_again(files, backend, server, cfg, chain[i:])
-                    log(f"{iface}: the server held an old key of this peer (restored from "
-                        "a copy older than its key rotation?): rotated to our key again")
-                    return True
-            return False
-        finally:
-            backend.apply(iface, private_key=cfg.private_key)
-            trigger_packet(cfg.server_ip)
-
-
-def _rotate_again(files, backend, server, cfg, steps):
-    """Each rotation of ``steps`` to the server again, on the device's key of it."""
-    peers, _, _ = load_data_store(files.store)
-    ip = str(cfg.address.ip)
-    for i, (old, new) in enumerate(steps):
-        if i and not _shakes_hands(backend, files.iface, server, cfg, old):
-            raise InnernetError("no handshake with the server on the rotated key")
-        verifiers = {cfg.server_public_key} | {p.public_key for p in peers
-                                               if p.ip != ip}
-        api = ApiClient(cfg.server_internal_endpoint, cfg.server_public_key,
-                        lacks=server_lacks(files, cfg))
-        try:
-            api.call("POST", "/user/rotation", {"public_key": new, "proofs": {
-                v: rotation_proof(old, v, ip, new) for v in sorted(verifiers)}})
-        finally:
-            api.close()
 
 
 def _sync_reclaiming(files, opts, prev, by, kw):
@@ -15750,20 +15819,39 @@ def cmd_install(args):
         with contextlib.suppress(OSError):
             os.unlink(invite_path)
     log(f"joined network {iface} as {invite.address.ip}")
-    print(stay_in_sync_hint(iface), file=sys.stderr)
+    print(stay_in_sync_hint(iface, _join_options(args)), file=sys.stderr)
     return 0
 
 
-def stay_in_sync_hint(iface):
-    """How this host keeps in sync: the .deb's unit where it is installed,
-    else the README's cron line with the program as it was run (a .pyz)."""
-    if any(os.path.exists(f"{d}/innernet@.service") for d in SYSTEMD_UNIT_DIRS):
+def stay_in_sync_hint(iface, options=""):
+    """How this host keeps in sync: the .deb's unit where it is installed
+    (and no ``options`` it would need), else the README's cron line with the
+    program as it was run (a .pyz) and the join's own directories and hosts
+    file (``options``: global ones first, then fetch's)."""
+    glob, _, own = options.partition(" | ")
+    if not options and any(os.path.exists(f"{d}/innernet@.service")
+                           for d in SYSTEMD_UNIT_DIRS):
         return (f"to stay in sync: systemctl enable --now innernet@{iface}\n"
                 f"  (or: {PROG} up {iface} --daemon --interval {FETCH_INTERVAL})")
     prog = os.path.abspath(sys.argv[0]) if sys.argv[0].endswith(".pyz") else PROG
-    return (f"to stay in sync, a line in /etc/crontab:\n  * * * * * root {prog} fetch "
-            f">/dev/null 2>&1\n  (or '{prog} up {iface} --daemon' run by a service manager; "
-            "'innernet status' says whether syncs work)")
+    prog += f" {glob}" if glob else ""
+    own = f" {own}" if own else ""
+    return (f"to stay in sync, a line in /etc/crontab:\n  * * * * * root {prog} fetch{own} "
+            f">/dev/null 2>&1\n  (or '{prog} up {iface} --daemon{own}' run by a service "
+            "manager; 'innernet status' says whether syncs work)")
+
+
+def _join_options(args):
+    """The join's directories and hosts-file options, as the hint's sync needs
+    them: "GLOBAL | OWN" ("" when it gave none)."""
+    import shlex
+    glob = [f"{flag} {shlex.quote(v)}" for flag, v in (
+        ("-c", getattr(args, "config_dir", None)), ("-d", getattr(args, "data_dir", None))) if v]
+    own = ["--no-write-hosts"] if getattr(args, "no_write_hosts", False) else []
+    for flag, name in (("--hosts-path", "hosts_path"), ("--host-suffix", "host_suffix")):
+        if getattr(args, name, None) is not None:
+            own.append(f"{flag} {shlex.quote(getattr(args, name))}")
+    return f"{' '.join(glob)} | {' '.join(own)}" if glob or own else ""
 
 
 def _refuse_taken_range(args, invite, iface):

@@ -1092,7 +1092,9 @@ def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_p
         f = types.SimpleNamespace(files=types.SimpleNamespace(lock=path), failure=None,
                                   etag="e1", lock_base=innernet.load_client_lock(path))
         f.lock = {"chain": f.lock_base["chain"], "known": {"peer:10.66.1.2": [5, "x"]},
-                  "cache": {}, "refused": [], "signed": f.lock_base["signed"]}
+                  "cache": {}, "refused": [], "signed": f.lock_base["signed"],
+                  "synced": len(f.lock_base["chain"])}
+        f.lock_changed = lambda: innernet._Fetch.lock_changed(f)
         return f
     # a verb signs a newer record of one subject meanwhile: its serial stays
     f = sync_read()
@@ -1110,4 +1112,52 @@ def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_p
     kept = innernet.load_client_lock(path)
     assert kept["chain"] == removed and thief[1] not in LockChain(kept["chain"]).keys
     assert f.failure and "changed while this sync ran" in f.failure[0] and f.etag is None
+    # ... nor applied (round 27, R27-2): checked before the device is touched
+    with pytest.raises(InnernetError, match="nothing applied"):
+        innernet._Fetch.lock_unchanged(f)
+    # and the cached state verified under the old chain is not answered "not
+    # modified" to the next sync: it asks for the whole state
+    assert innernet.lock_moved(path)
+    innernet.save_client_lock(path, dict(innernet.load_client_lock(path), synced=len(removed)))
+    assert not innernet.lock_moved(path)
     assert oct(os.stat(path + ".guard").st_mode & 0o777) == "0o600"
+
+
+def test_a_lock_adoption_proof_still_counts_after_the_admin_or_the_peer_rotated(tmp_path):
+    """Outside round 27, R27-3: `lock init` makes each adoption proof with the
+    admin's key of the time, for the peer's key of the time. After either
+    one's `rotate-key` (before the peer's next sync) the peer never took the
+    lock, and said nothing in `status`. The proof is now checked with the
+    admin key the peer pinned before it first saw the lock, and with the
+    peer's own kept old keys; a lock not taken is a problem for `status`."""
+    from innernet import generate_private_key as gen, public_key as pub
+    a1, a2, p_old, p_new = gen(), gen(), gen(), gen()
+    lk = lock_keypair()
+    chain = chain_of(lk)
+    genesis = LockChain(chain).genesis
+    mac = innernet.adoption_proof(a1, genesis, pub(p_old))     # at lock init
+    seen = tmp_path / "net.lock-seen.json"
+    seen.write_text(json.dumps({"admins": [["10.66.1.1", pub(a1)]]}))
+    admin = Peer(id=2, name="admin", ip="10.66.1.1", cidr_id=2, public_key=pub(a2),
+                 is_admin=True)
+
+    def fetch(answer, own=p_new, kept=(p_old,)):
+        f = types.SimpleNamespace(
+            iface="net", files=types.SimpleNamespace(lock_seen=str(seen)), problems=[],
+            stored_peers=[admin], kept=lambda: {pub(k): k for k in kept},
+            cfg=types.SimpleNamespace(server_ip="10.66.0.1", server_public_key=pub(gen()),
+                                      private_key=own),
+            api=types.SimpleNamespace(call=lambda *a: answer))
+        f.not_adopted = lambda why: innernet._Fetch.not_adopted(f, why)
+        return innernet._Fetch.adopt(f, {"chain": chain}), f.problems
+    # the admin rotated to a2 and the peer to p_new since: taken all the same
+    taken, problems = fetch({"admin_ip": "10.66.1.1", "admin_key": pub(a2), "mac": mac})
+    assert taken == {"chain": chain} and problems == []
+    # without the kept old key the proof is for no key of ours: not taken, and said
+    taken, problems = fetch({"admin_ip": "10.66.1.1", "admin_key": pub(a2), "mac": mac},
+                            kept=())
+    assert taken is None and "not valid for this host" in problems[0]
+    # a proof made by a key not pinned here before the lock counts for nothing
+    forged = innernet.adoption_proof(a2, genesis, pub(p_new))
+    taken, problems = fetch({"admin_ip": "10.66.1.1", "admin_key": pub(a2), "mac": forged})
+    assert taken is None and problems

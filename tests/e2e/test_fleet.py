@@ -661,6 +661,15 @@ def test_a_server_restored_from_before_a_rotation_stops_no_one_elses_sync_and_ta
     assert r.returncode == 0 and "PINNING ERROR" not in r.stderr, r.stderr
     assert device_peer_ips(b, bif)[a_ip]["public_key"] == rotated
     assert status(a, aif)[0] == 0 and status(b, bif)[0] == 0
+    # a run killed while the device was on an old key (round 27, R27-1): the
+    # next sync puts the config's key back
+    stray = a.path("stray.key")
+    with open(os.open(stray, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(a.exec(["wg", "genkey"]).stdout)
+    a.exec(["wg", "set", aif, "private-key", stray])
+    r = a.innernet("fetch", aif, "--no-write-hosts", check=False, timeout=60)
+    assert r.returncode == 0 and "than the config's; put back" in r.stderr, r.stderr
+    assert a.exec(["wg", "show", aif, "public-key"]).stdout.strip() == rotated
 
 
 def test_a_daemon_that_brought_its_device_back_still_long_polls(world):

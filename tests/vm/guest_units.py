@@ -249,4 +249,19 @@ def test_after_reboot_units_bring_back_server_peers_and_traffic():
     assert "wireguard-go" not in ps
     print(f"after the reboot: server, p1 and p2 back and passing traffic "
           f"{time.monotonic() - t0:.0f} s after the payload started, with no command run")
+    # p1's network uninstalled under its running unit: the daemon exits with
+    # status 3, which the unit does not restart (RestartPreventExitStatus=3):
+    # failed at once, not "activating (auto-restart)" for ever
+    sh(["innernet", "uninstall", NET, "--yes"], ns=P1)
+    unit = f"innernet@{NET}.service"
+
+    def show():
+        out = sh(["systemctl", "show", unit, "-p", "ActiveState", "-p", "SubState",
+                  "-p", "ExecMainStatus"]).stdout
+        return dict(line.split("=", 1) for line in out.split())
+    wait_for(lambda: show()["ActiveState"] in ("failed", "inactive", "activating"), 60,
+             "the daemon to exit")
+    props = show()
+    assert props["ExecMainStatus"] == "3" and props["ActiveState"] in ("failed", "inactive") \
+        and props["SubState"] != "auto-restart", props
 
