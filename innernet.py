@@ -12753,6 +12753,7 @@ def next_path_work(memo, unreachable, now):
 RECLAIM_AFTER = 120          # s without a sync before the server is tried with our old keys
 RECLAIM_EVERY = 300          # s between two such tries (each a few seconds on an old key)
 RECLAIM_STEP = 5             # s for one rotation sent again, all told
+RECLAIM_KEYS = 3             # the newest kept old keys tried (5 s each at most)
 
 
 def reclaim_rotation(files, opts, prev):
@@ -12776,12 +12777,10 @@ def reclaim_rotation(files, opts, prev):
     backend = existing_backend(opts.backend, iface)
     if not chain or backend is None:
         return False
-    with contextlib.suppress(OSError, InnernetError):
-        atomic_write(marker, "", 0o600)
     server = server_peer_update(cfg)
     with device_lock(iface):
-        try:
-            for i in reversed(range(len(chain))):
+        try:      # the newest few (a copy older than those is for a new invitation)
+            for i in reversed(range(max(0, len(chain) - RECLAIM_KEYS), len(chain))):
                 if _shakes_hands(backend, iface, server, cfg, chain[i][0]):
                     _rotate_again(files, backend, server, cfg, chain[i:])
                     log(f"{iface}: the server held an old key of this peer (restored from "
@@ -12791,6 +12790,8 @@ def reclaim_rotation(files, opts, prev):
         finally:
             backend.apply(iface, private_key=cfg.private_key)
             trigger_packet(cfg.server_ip)
+            with contextlib.suppress(OSError, InnernetError):    # the pause from the end
+                atomic_write(marker, "", 0o600)
 
 
 def _rotate_again(files, backend, server, cfg, steps):
@@ -13095,13 +13096,17 @@ def _settle_rotation(files, cfg, backend):
     return current_server(files, load_client_config(files))
 
 
-def lock_moved(path):
+def lock_moved(files):
     """Has a lock verb of this host changed the chain since the last sync saved
     the data store? Then its cached state, verified under the old chain, is
-    not to be answered "not modified" (a removed key's records in it)."""
+    not to be answered "not modified" (a removed key's records in it). Nor is
+    it for a host that has seen a lock and holds none (not taken yet, or its
+    copy lost): it asks for the lock again at every sync (round 28)."""
     with contextlib.suppress(InnernetError):
-        mine = load_client_lock(path)
-        return mine is not None and mine.get("synced") != len(mine.get("chain") or ())
+        mine = load_client_lock(files.lock)
+        if mine is None:
+            return path_exists(files.lock_seen)
+        return mine.get("synced") != len(mine.get("chain") or ())
     return True
 
 
@@ -13176,7 +13181,7 @@ class _Fetch:
             # A key change waiting for its proof is looked at again at every
             # sync: the proof arrives without the state changing.
             etag = self.stored_etag if self.stored_peers and not self.prev_pending \
-                and not lock_moved(self.files.lock) else None
+                and not lock_moved(self.files) else None
             state, self.etag, self.waited = fetch_state(self.api, etag, wait)
             if self.etag:                 # only innernet.py's server sends one
                 self.api.lacks.forget()
@@ -13340,6 +13345,7 @@ class _Fetch:
         line = f"the server says the network is locked, but {why}: not taken"
         warn(f"{self.iface}: {line}")
         self.problems.append(line)
+        self.etag = None      # asked again at every sync, not "not modified" (round 28)
 
     def checked(self, received):
         """The state's records that route only what is their own (refuse_misrouted);
@@ -16355,6 +16361,9 @@ def interface_health(args, iface, now, max_age):
         problems.append(f"the last sync failed: {st['last_error']}")
     if st.get("warning"):
         problems.append(str(st["warning"]))
+    if os.path.isdir(files.data_dir) and not os.access(files.data_dir, os.W_OK):  # EROFS
+        problems.append(f"the data directory {files.data_dir} cannot be written (a read-only "
+                        "file system?): syncs record nothing, and the status above is old")
     if path_exists(files.config + ".rotating"):
         problems.append("a key rotation did not finish (the server's answer was lost): "
                         "this host may be off the network until the next fetch settles it")

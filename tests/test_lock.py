@@ -1117,9 +1117,15 @@ def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_p
         innernet._Fetch.lock_unchanged(f)
     # and the cached state verified under the old chain is not answered "not
     # modified" to the next sync: it asks for the whole state
-    assert innernet.lock_moved(path)
+    files = types.SimpleNamespace(lock=path, lock_seen=str(tmp_path / "net.lock-seen.json"))
+    assert innernet.lock_moved(files)
     innernet.save_client_lock(path, dict(innernet.load_client_lock(path), synced=len(removed)))
-    assert not innernet.lock_moved(path)
+    assert not innernet.lock_moved(files)
+    # a host that has seen a lock and holds none asks for it at every sync (round 28)
+    os.unlink(path)
+    assert not innernet.lock_moved(files)
+    open(files.lock_seen, "w").write('{"admins": []}')
+    assert innernet.lock_moved(files)
     assert oct(os.stat(path + ".guard").st_mode & 0o777) == "0o600"
 
 

@@ -505,6 +505,17 @@ def test_a_sync_that_fails_on_a_full_disk_leaves_its_error_for_status(world):
         assert r.returncode == 1 and "No space left on device" in h["last_error"], h
     finally:
         subprocess.run(["umount", full], check=True)
+    # a read-only data directory: nothing can be written, not even the status
+    # file, whose last word is an older sync's (op29d, J5): status says so
+    lib = a.path("client", "lib")
+    subprocess.run(["mount", "--bind", lib, lib], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", lib, lib], check=True)
+        code, (h,) = status(a, ifname)
+    finally:
+        subprocess.run(["umount", lib], check=True)
+    assert code == 1 and any("cannot be written" in p for p in h["problems"]), h
+    assert status(a, ifname)[0] == 0
 
 
 # -- item 3: lost WireGuard devices ---------------------------------------------

@@ -238,6 +238,13 @@ def test_lock_init_names_the_network_and_what_it_signed_and_a_peer_that_sees_no_
         in out.stderr, out.stderr
     out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")     # now pinned: still not
     assert "network lock taken" not in out.stderr, out.stderr
+    # ... and says so at every sync, in `status` too, not once then "not
+    # modified" (outside rounds 27, R27-3, and 28)
+    for _ in range(2):
+        out = w.far.innernet("fetch", w.far_if, "--no-write-hosts")
+        assert ": not taken" in out.stderr, out.stderr
+        r = w.far.innernet("status", w.far_if, check=False)
+        assert r.returncode == 1 and "not taken" in r.stdout, r.stdout
     assert not os.path.exists(w.far.path("client", "lib", f"{w.far_if}.lock.json"))
 
 
