@@ -1529,6 +1529,17 @@ def write_qr_png(path, text):
     atomic_write(path, buf.getvalue(), 0o600, exclusive=True)
 
 
+def json_dict_or_empty(path):
+    """A JSON object file's contents; {} when it is missing, unreadable or
+    not an object (state a run may do without: the status file, failover)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def load_json_file(path, hint):
     """A JSON file's contents, or None when there is none; unreadable or not
     JSON is an InnernetError with ``hint``."""
@@ -6883,15 +6894,10 @@ def lock_newest(mine):
     """{subject: serial} an admin's host knows as the newest of each subject:
     what its own syncs verified (its lock file's ``known``) and what it
     signed itself (``signed``)."""
-    out = {}
     mine = mine if isinstance(mine, dict) else {}
-    for s, k in (mine.get("known") if isinstance(mine.get("known"), dict) else {}).items():
-        if isinstance(k, list) and k and isinstance(k[0], int):
-            out[s] = k[0]
-    for s, n in (mine.get("signed") if isinstance(mine.get("signed"), dict) else {}).items():
-        if isinstance(n, int) and n > out.get(s, -1):
-            out[s] = n
-    return out
+    known = mine.get("known") if isinstance(mine.get("known"), dict) else {}
+    return newest_signed({s: k[0] for s, k in known.items() if isinstance(k, list) and k},
+                         mine.get("signed"))
 
 
 def lock_named(fields):
@@ -9294,12 +9300,7 @@ def save_exit_state(path, state):
 
 def load_server_state(files):
     """{"endpoint": the one failed over to, "since": when}, or {}."""
-    try:
-        with open(files.server_state) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return json_dict_or_empty(files.server_state)
 
 
 def current_server(files, cfg):
@@ -9409,12 +9410,7 @@ def forget_runs(ddir, iface):
 
 def read_status(files):
     """The interface's status file as the last sync left it, or {}."""
-    try:
-        with open(files.status) as f:
-            status = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
+    return json_dict_or_empty(files.status)
 
 
 def failed_status(iface, message, by, prev, now):
@@ -12778,6 +12774,8 @@ def reclaim_rotation(files, opts, prev):
     if not chain or backend is None:
         return False
     server = server_peer_update(cfg)
+    with contextlib.suppress(OSError, InnernetError):    # a try under way (own_key_back)
+        atomic_write(marker, "", 0o600)
     with device_lock(iface):
         try:      # the newest few (a copy older than those is for a new invitation)
             for i in reversed(range(max(0, len(chain) - RECLAIM_KEYS), len(chain))):
@@ -12821,7 +12819,11 @@ def own_key_back(files, cfg, backend):
     """The device on the config's key again, when a run that had put an old
     key on it for a moment (reclaim_rotation) was killed before it could put
     it back (outside round 27, R27-1: the host cut off from every peer for
-    good). Not while a rotation is unsettled (settle_rotation's)."""
+    good). Not while a rotation is unsettled (settle_rotation's). Looked at
+    only while such a try's marker is left (a sync that succeeds removes it):
+    no device read added to every sync."""
+    if not path_exists(files.with_suffix(".reclaim")):
+        return
     with device_lock(files.iface):
         on = backend.get(files.iface).public_key
         if on is not None and on != public_key(cfg.private_key):
@@ -13094,6 +13096,10 @@ def _settle_rotation(files, cfg, backend):
     log(f"{iface}: the server had taken the new key of the interrupted rotation "
         f"({short_key(new_public)}); it is this peer's key now")
     return current_server(files, load_client_config(files))
+
+
+LOCK_CHANGED = "network lock: this host's lock changed while this sync ran (a lock verb)"
+LOCK_CHANGED_HINT = "the next sync verifies the state again under the new lock"
 
 
 def lock_moved(files):
@@ -13484,20 +13490,18 @@ class _Fetch:
             report_candidates(self.opts, self.api, self.cfg, own, self.dev.listen_port,
                               links=self.links)
 
-    def lock_changed(self):
-        """Did a lock verb of this host change its chain since the sync read it?"""
-        now = load_client_lock(self.files.lock)
+    def lock_changed(self, now):
+        """Did a lock verb of this host change its chain (the lock file ``now``)
+        since the sync read it?"""
         return (now or {}).get("chain") != (self.lock_base or {}).get("chain")
 
     def lock_unchanged(self):
         """Before anything is applied: what this sync verified under a chain a
         lock verb changed since (a `lock remove` while the server held the
         sync open) is not applied, cached or saved (outside round 27, R27-2)."""
-        if self.lock is not None and self.lock_changed():
+        if self.lock is not None and self.lock_changed(load_client_lock(self.files.lock)):
             self.etag = None
-            raise InnernetError(f"network lock: this host's lock changed while this sync ran "
-                                "(a lock verb): nothing applied", hint="the next sync "
-                                "verifies the state again under the new lock")
+            raise InnernetError(f"{LOCK_CHANGED}: nothing applied", hint=LOCK_CHANGED_HINT)
 
     def save_lock(self):
         """The lock file as this sync leaves it, unless a lock verb of this
@@ -13509,12 +13513,10 @@ class _Fetch:
         path = self.files.lock
         with client_lock_guard(path):
             now = load_client_lock(path)
-            if self.lock_changed():
+            if self.lock_changed(now):
                 self.etag = None
-                self.failure = self.failure or (
-                    "network lock: this host's lock changed while this sync ran (a lock "
-                    "verb): nothing of the sync's lock data kept", "the next sync verifies "
-                    "the state again under the new lock")
+                self.failure = self.failure or (f"{LOCK_CHANGED}: nothing of the sync's lock "
+                                                "data kept", LOCK_CHANGED_HINT)
                 return
             signed = newest_signed((now or {}).get("signed"), self.lock.get("signed"))
             save_client_lock(path, dict(self.lock, signed=signed) if signed else self.lock)
@@ -15825,18 +15827,17 @@ def cmd_install(args):
         with contextlib.suppress(OSError):
             os.unlink(invite_path)
     log(f"joined network {iface} as {invite.address.ip}")
-    print(stay_in_sync_hint(iface, _join_options(args)), file=sys.stderr)
+    print(stay_in_sync_hint(iface, *_join_options(args)), file=sys.stderr)
     return 0
 
 
-def stay_in_sync_hint(iface, options=""):
+def stay_in_sync_hint(iface, glob="", own=""):
     """How this host keeps in sync: the .deb's unit where it is installed
-    (and no ``options`` it would need), else the README's cron line with the
-    program as it was run (a .pyz) and the join's own directories and hosts
-    file (``options``: global ones first, then fetch's)."""
-    glob, _, own = options.partition(" | ")
-    if not options and any(os.path.exists(f"{d}/innernet@.service")
-                           for d in SYSTEMD_UNIT_DIRS):
+    (and the join gave no options it would need), else the README's cron
+    line with the program as it was run (a .pyz) and the join's own
+    directories (``glob``, before the verb) and hosts file (``own``)."""
+    if not glob and not own and any(os.path.exists(f"{d}/innernet@.service")
+                                    for d in SYSTEMD_UNIT_DIRS):
         return (f"to stay in sync: systemctl enable --now innernet@{iface}\n"
                 f"  (or: {PROG} up {iface} --daemon --interval {FETCH_INTERVAL})")
     prog = os.path.abspath(sys.argv[0]) if sys.argv[0].endswith(".pyz") else PROG
@@ -15849,7 +15850,7 @@ def stay_in_sync_hint(iface, options=""):
 
 def _join_options(args):
     """The join's directories and hosts-file options, as the hint's sync needs
-    them: "GLOBAL | OWN" ("" when it gave none)."""
+    them: (global options, the verb's own), each a string."""
     import shlex
     glob = [f"{flag} {shlex.quote(v)}" for flag, v in (
         ("-c", getattr(args, "config_dir", None)), ("-d", getattr(args, "data_dir", None))) if v]
@@ -15857,7 +15858,7 @@ def _join_options(args):
     for flag, name in (("--hosts-path", "hosts_path"), ("--host-suffix", "host_suffix")):
         if getattr(args, name, None) is not None:
             own.append(f"{flag} {shlex.quote(getattr(args, name))}")
-    return f"{' '.join(glob)} | {' '.join(own)}" if glob or own else ""
+    return " ".join(glob), " ".join(own)
 
 
 def _refuse_taken_range(args, invite, iface):
@@ -16072,8 +16073,8 @@ def cmd_rotate_key(args):
     for p in peers:                 # each peer's new session starts at once, not in 5 s
         if not p.is_disabled and p.public_key != own:
             trigger_packet(p.ip)
-    _say_rotated(iface, cfg, said, verifiers - {p.public_key for p in peers   # not the
-                                                if p.deleted_until is not None}, new_public)  # deleted
+    deleted = {p.public_key for p in peers if p.deleted_until is not None}
+    _say_rotated(iface, cfg, said, verifiers - deleted, new_public)
     return 0
 
 

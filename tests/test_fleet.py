@@ -848,6 +848,6 @@ def test_the_join_hint_names_what_this_host_has_to_stay_in_sync(tmp_path, monkey
     # (op29d, J1: following the hint wrote the machine's /etc/hosts)
     args = types.SimpleNamespace(config_dir="/srv/a b/etc", hosts_path="/srv/hosts",
                                  no_write_hosts=False, host_suffix=None)
-    hint = innernet.stay_in_sync_hint("evilcorp", innernet._join_options(args))
+    hint = innernet.stay_in_sync_hint("evilcorp", *innernet._join_options(args))
     assert "innernet.pyz -c '/srv/a b/etc' fetch --hosts-path /srv/hosts >/dev/null" in hint
     assert "up evilcorp --daemon --hosts-path /srv/hosts'" in hint and "systemctl" not in hint

@@ -1094,7 +1094,7 @@ def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_p
         f.lock = {"chain": f.lock_base["chain"], "known": {"peer:10.66.1.2": [5, "x"]},
                   "cache": {}, "refused": [], "signed": f.lock_base["signed"],
                   "synced": len(f.lock_base["chain"])}
-        f.lock_changed = lambda: innernet._Fetch.lock_changed(f)
+        f.lock_changed = lambda now: innernet._Fetch.lock_changed(f, now)
         return f
     # a verb signs a newer record of one subject meanwhile: its serial stays
     f = sync_read()

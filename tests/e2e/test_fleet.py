@@ -673,7 +673,8 @@ def test_a_server_restored_from_before_a_rotation_stops_no_one_elses_sync_and_ta
     assert device_peer_ips(b, bif)[a_ip]["public_key"] == rotated
     assert status(a, aif)[0] == 0 and status(b, bif)[0] == 0
     # a run killed while the device was on an old key (round 27, R27-1): the
-    # next sync puts the config's key back
+    # next sync puts the config's key back (the killed try left its marker)
+    open(a.path("client", "lib", f"{aif}.reclaim"), "w").close()
     stray = a.path("stray.key")
     with open(os.open(stray, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(a.exec(["wg", "genkey"]).stdout)
