@@ -6204,12 +6204,6 @@ def server_kick(choice, iface, cfg):
 # invitations, with keys made by whoever applies it. No I/O here.
 
 
-# export writes the network as one TOML document; apply reads one back, checks
-# every line, and turns the difference into a plan. CIDRs are known by their
-# range and peers by their address, so a rename is one change, not a removal
-# and an addition. No secrets in either direction: peers new in a file become
-# invitations, with keys made by whoever applies it.
-
 NETWORK_HEADER = """\
 # innernet.py network as code: review with 'innernet-server apply NET FILE --dry-run',
 # apply with --yes. CIDRs are known by their range and peers by their address.

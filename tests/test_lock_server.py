@@ -651,3 +651,38 @@ def test_an_admin_peer_takes_no_cidr_outside_the_range_it_joined(extra):
     net.config = types.SimpleNamespace(address=innernet.ipaddress.ip_interface("10.66.1.1/16"))
     net.api = types.SimpleNamespace(writes=0, call=lambda *a: [root])
     assert [c.cidr for c in net.cidrs()] == ["10.66.0.0/16"]
+
+
+def test_a_peers_adoption_proof_is_found_under_the_keys_it_rotated_away_from(tmp_path):
+    """Outside round 27, R27-3 (the server's half): `lock init` keeps each
+    adoption proof under the peer's key of the time. A peer that rotated
+    since asks with its new key and gets the proof kept under an earlier
+    one; a peer given a deleted peer's address gets nothing of it (and no
+    proof made for someone else), and a peer without one a 404."""
+    co = make_coordinator(tmp_path)
+    store = co.store
+    admin, user1 = store.peer_by_name("admin"), store.peer_by_name("user1")
+    private, public = lock_keypair()
+    chain = LockChain([lock_genesis("test", [(public, "first")], "s", private, 0)])
+    keys = {p.ip: p.public_key for p in store.peers()}
+    recs = [lock_record("test", 1, f, keys.get(f.get("ip")))
+            for f in lock_projection(store.peers(), store.cidrs(), store.associations()).values()]
+    mac = innernet.base64.b64encode(b"user1's proof".ljust(32, b".")).decode()
+    store.lock_submit(chain.entries, {"batch": sign_batch("test", private, recs), "records": recs},
+                      {user1.public_key: mac}, admin.ip)
+
+    def ask(who="user1"):
+        return call(co, "GET", "/v1/user/lock-adoption", who)
+    assert ask() == (200, {"admin_ip": admin.ip, "admin_key": admin.public_key,
+                           "mac": mac})
+    for _ in range(2):                                     # two rotations later
+        store.rotate_key(user1.id, innernet.public_key(innernet.generate_private_key()), {})
+    assert ask()[1]["mac"] == mac
+    assert ask("user2")[0] == 404                          # never given one
+    # deleted, and its address given to a new peer: that one's own, none
+    store.delete_peer(user1.id, 0)
+    store.add_peer(innernet.Peer(None, "newcomer", user1.ip, user1.cidr_id,
+                                 innernet.public_key(innernet.generate_private_key()),
+                                 is_redeemed=True))
+    status, answer = ask()
+    assert status == 404 and "no lock adoption proof" in answer["error"], answer
