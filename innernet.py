@@ -13855,10 +13855,12 @@ def watch_paths(files, opts, state, every=1.0):
                 backend = existing_backend(opts.backend, iface)
                 if backend is None:
                     # The device is gone (wireguard-go killed): a long poll through
-                    # it would wait out its timeout; cut it short, and the sync
-                    # that follows brings the device back.
+                    # it would wait out its timeout; cut it short, and wake a
+                    # daemon asleep (at its interval, or in a backoff while its
+                    # syncs fail): its next round brings the device back.
                     with contextlib.suppress(KeyError):
                         _IN_FLIGHT[iface].interrupt("the WireGuard device is gone")
+                    state.wake.set()
                     continue
                 if state.cfg is None:
                     continue
@@ -13922,6 +13924,20 @@ class _DaemonState:
     def __init__(self):
         self.told = set()        # interfaces said to have an innernet server
         self.running = True      # until its network is uninstalled (the path watch ends too)
+        self.wake = threading.Event()    # the device is gone: the next round now
+        self.watched = False     # a path watch runs (it sets wake)
+
+    def sleep(self, seconds, opts, iface, failed):
+        """The daemon's sleep between rounds. With a path watch, a lost device
+        ends it (the next round brings it back), and one lost during the
+        round that just ended is not slept on; a device the round that failed
+        could not bring back is tried again at the backoff's pace."""
+        if not self.watched:
+            time.sleep(seconds)
+        elif existing_backend(opts.backend, iface) is not None:
+            self.wake.wait(seconds)
+        else:
+            time.sleep(seconds if failed else min(seconds, DAEMON_MIN_PERIOD))
 
 
 def _daemon_failure(iface, e, failing):
@@ -13961,15 +13977,15 @@ def _daemon(files, opts):
 
     After a failure it retries at 1, 2, 4 ... s (up to the interval); rounds
     are DAEMON_MIN_PERIOD apart at least. Paths are settled after every sync
-    (settle_paths); a long poll is cut short when they need another look,
-    and a second thread watches direct paths. It returns when the network's
-    config is gone (`uninstall`).
-    """
+    (settle_paths); a long poll is cut short when they need another look; a
+    second thread watches direct paths and the device (its loss ends any
+    sleep). It returns when the network's config is gone (`uninstall`)."""
     iface, caps, backoff, state = files.iface, None, 1, _DaemonState()
     dns = not opts.exit_node   # split DNS once (`up --exit-node` did it already)
     failing = None                  # the error of the last round, until one works
     traverse, due_at = "all", None  # every peer at first; then settle_paths's slots
     if not opts.no_nat_traversal:     # (it also watches the device)
+        state.watched = True
         threading.Thread(target=watch_paths, daemon=True, args=(files, opts, state)).start()
     while path_exists(files.config, "config file"):     # `uninstall` ends it
         sleep, started = opts.interval, time.monotonic()
@@ -13977,6 +13993,7 @@ def _daemon(files, opts):
         if failing == DOWN_IDLE:
             caps = None
             continue
+        state.wake.clear()          # a device lost from here on ends this round's sleep
         try:
             if caps is None:
                 caps = server_capabilities(files, opts)     # None: asked again next round
@@ -14012,7 +14029,7 @@ def _daemon(files, opts):
                 backoff = 1       # failing over: each endpoint's try is the pace itself
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
-            time.sleep(sleep)
+            state.sleep(sleep, opts, iface, failing is not None)
     state.running = False
     warn(f"{iface}: no network named {iface} is installed ({files.config} is missing)")
 

@@ -571,6 +571,33 @@ def test_a_daemon_with_a_standby_endpoint_brings_its_lost_device_back(world):
     assert re.match(r"\d{4}-\d\d-\d\dT", a.log("daemon.log"))   # its lines carry the time
 
 
+def test_a_daemon_asleep_or_backing_off_brings_its_lost_device_back_at_once(world):
+    """Operator review op29d, J4: a daemon brought a killed wireguard-go back
+    only at its next round: up to its --interval while it slept (no long
+    polls) or backed off from failing syncs. The path watch now wakes it
+    (both sleeps are the same wait). At --interval 600, a device back within
+    a minute is one the wake brought; the second time with the server down,
+    so that round's sync fails (and its backoff starts) after the device is
+    back."""
+    w = world
+    a, b = _with_pyz(w, join(w, "a")), join(w, "b")
+    ifname, b_ip = w.lab.ifname("a"), "10.66.1.2"
+    a.spawn_innernet("daemon.log", "up", ifname, "--daemon", "--interval", "600",
+                     "--no-long-poll", "--no-write-hosts")
+    wait_for(lambda: b_ip in device_peer_ips(a, ifname), 20, "the daemon's first sync")
+    wait_for(lambda: status(a, ifname)[0] == 0, 20, "the first round's end")
+    for server_up in (True, False):
+        if not server_up:
+            w.serve.send_signal(signal.SIGTERM)
+            w.serve.wait(timeout=10)
+        kill_device(a, ifname)                           # asleep for 600 s
+        wait_for(lambda: b_ip in device_peer_ips(a, ifname), 60,
+                 f"the device back while the daemon slept\n{a.log('daemon.log')}")
+    wait_for(lambda: "retrying" in a.log("daemon.log"), 60, "the failed sync said")
+    start_serve(w.srv, w.net)
+    assert b
+
+
 def test_an_uninstall_ends_the_daemon_and_its_unit_does_not_restart_it(world):
     """An outside review's F10: `uninstall` under a running `up --daemon` left
     it retrying (and systemd restarting it) for ever. It now stops with exit
