@@ -156,6 +156,7 @@ ROTATIONS_MAX = 64              # late clients); older ones OLD_KEY_KEEP s, at m
 OLD_KEY_KEEP = 7 * 86400        # s a rotated-away private key is kept, for late proofs
 PROOF_POLL = 5                  # s between syncs of a daemon waiting for a late proof
 STATUS_MAX_AGE = 300            # s since the last good sync after which `status` is unhealthy
+STATUS_FUTURE = 300             # s a status file may be stamped ahead (skew) before it is a problem
 MAX_ROTATION_BODY = 8 << 20     # a rotation carries a proof for every peer
 
 SERVER_KEY_HEADER = "X-Innernet-Server-Key"
@@ -16383,6 +16384,10 @@ def interface_health(args, iface, now, max_age):
         problems.append("no successful sync recorded")
     elif st and now - last > max_age:
         problems.append(f"no successful sync for {rough_duration(now - last)}")
+    elif st and last - now > STATUS_FUTURE:      # its age would read as none at all
+        problems.append(f"the last successful sync is stamped {rough_duration(last - now)} "
+                        "ahead of this host's clock (set back since?): how long ago it was "
+                        "is not known; the next sync stamps it again")
     pending = [w for w in st.get("pending_key_changes") or [] if isinstance(w, dict)]
     for w in pending:
         since = w.get("since") if isinstance(w.get("since"), (int, float)) else now

@@ -7,6 +7,7 @@ import re
 import types
 import json
 import os
+import time
 
 import pytest
 
@@ -851,3 +852,26 @@ def test_the_join_hint_names_what_this_host_has_to_stay_in_sync(tmp_path, monkey
     hint = innernet.stay_in_sync_hint("evilcorp", *innernet._join_options(args))
     assert "innernet.pyz -c '/srv/a b/etc' fetch --hosts-path /srv/hosts >/dev/null" in hint
     assert "up evilcorp --daemon --hosts-path /srv/hosts'" in hint and "systemctl" not in hint
+
+
+def test_a_status_file_stamped_ahead_of_the_clock_is_a_problem(tmp_path, monkeypatch, capsys):
+    """Operator review op29d, J6: a host whose clock was set back read a
+    status file stamped an hour ahead as "healthy" (its age below zero),
+    whatever happened since. A stamp more than STATUS_FUTURE ahead is now a
+    problem; a few seconds of skew are not."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "net.conf").write_text("")
+    (tmp_path / "lib").mkdir()
+    monkeypatch.setattr(innernet, "existing_backend", lambda choice, iface: types.SimpleNamespace(
+        name="kernel", answers=lambda iface: True))
+    monkeypatch.setattr(innernet, "link_state", lambda iface: (True,))
+    monkeypatch.setattr(innernet, "load_client_config", lambda files: None)
+    argv = ["-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "status", "net", "--json"]
+    for ahead, healthy in ((10, True), (3600, False)):
+        stamp = time.time() + ahead
+        monkeypatch.setattr(innernet, "read_status", lambda files: {
+            "ok": True, "last_success": stamp, "checked_at": stamp, "last_error": None})
+        assert innernet.main(argv) == (0 if healthy else 1)
+        (h,) = json.loads(capsys.readouterr().out)
+        assert h["healthy"] is healthy, h
+        assert healthy or "ahead of this host's clock" in h["problems"][0]
