@@ -9365,7 +9365,10 @@ def synced_files(files, opts):
     """(path, secret) of every file a sync of ``files.iface`` reads or writes:
     a change to any of them sends the next run down the full sync."""
     found = [(files.config, True), (files.store, True), (files.paths_memo, True),
-             (files.exit_state, True), (files.server_state, True), (files.flags, True)]
+             (files.exit_state, True), (files.server_state, True), (files.flags, True),
+             # the lock copy and the admins pinned when one was seen: a copy lost,
+             # or a lock verb, is a full sync's (outside round 29, T29-2)
+             (files.lock, False), (files.lock_seen, False)]
     hosts_path, _ = opts.hosts.resolve()
     if hosts_path:
         found.append((hosts_path, False))
@@ -12849,6 +12852,7 @@ class FetchResult:
     exit_problem: str | None = None      # why the exit node asked for is not in use
     pending: list = Factory(list)    # key changes awaiting a proof
     warning: str | None = None           # what the sync could not do: late proofs, hosts file
+    polled: bool = False     # its request was a long poll (sent with an ETag the server may hold)
 
 
 def rotation_chain(api, ip):
@@ -13030,7 +13034,7 @@ def sync_interface(files, opts, prev, *, by="fetch", allow_bring_up=False, wait=
                             f"{f.cached_peers()} cached peers)",
                             hint=_unreachable_hint(f), unreachable=True)
     return FetchResult(f.changes, f.brought_up, f.changed, f.waited, f.missed, f.next_due,
-                       f.exit_problem, f.pending, "; ".join(f.problems) or None)
+                       f.exit_problem, f.pending, "; ".join(f.problems) or None, f.polled)
 
 
 _IN_FLIGHT: dict = {}     # interface -> the ApiClient of its sync in progress (the daemon's)
@@ -13135,7 +13139,7 @@ class _Fetch:
         self.own_key = public_key(cfg.private_key)
         self.kept = kept_own_keys(files)     # our old keys: proofs made for them count
         self.api = self.backend = self.dev = self.unreachable = self.asked = None
-        self.brought_up = self.changed = self.waited = self.kicked = False
+        self.brought_up = self.changed = self.waited = self.kicked = self.polled = False
         self.rotated, self.changes, self.desired, self.links = [], [], [], {}
         self.missed, self.next_due = set(), None
         self.exit_state = self.exit_problem = None
@@ -13156,12 +13160,16 @@ class _Fetch:
             if not allow_bring_up:
                 raise InnernetError(f"interface {iface} is not up",
                                     hint=f"run 'innernet up {iface}' instead")
-            if path_exists(self.files.down_marker):      # `up` took the marker away
-                raise InnernetError(f"interface {iface} is not up (taken down with "
-                                    f"'innernet down {iface}')",
-                                    hint=f"run 'innernet up {iface}' to bring it back")
             ensure_dir(self.files.data_dir)
+            # `down` and `uninstall` hold it too: neither is undone by a
+            # bring-up under way (outside round 29, T29-1)
             with held_lock(self.files.up_lock, f"bringing {iface} up"):
+                if path_exists(self.files.down_marker):      # `up` took the marker away
+                    raise InnernetError(f"interface {iface} is not up (taken down with "
+                                        f"'innernet down {iface}')",
+                                        hint=f"run 'innernet up {iface}' to bring it back")
+                if not path_exists(self.files.config):
+                    raise InnernetError(f"{iface} {STALE_SYNC}")
                 self.backend = existing_backend(choice, iface)   # another run did
                 if self.backend is None:
                     self.backend = bring_up(
@@ -13184,6 +13192,7 @@ class _Fetch:
             etag = self.stored_etag if self.stored_peers and not self.prev_pending \
                 and not lock_moved(self.files) else None
             state, self.etag, self.waited = fetch_state(self.api, etag, wait)
+            self.polled = bool(etag and wait)       # a long poll (only with an ETag)
             if self.etag:                 # only innernet.py's server sends one
                 self.api.lacks.forget()
             if state is None:
@@ -13306,6 +13315,9 @@ class _Fetch:
         peer it pinned before the server first showed it a lock (adopters),
         never the server's own; else None (and a line)."""
         if not offered or not isinstance(offered.get("chain"), list) or not offered["chain"]:
+            if path_exists(self.files.lock_seen):      # never so from an honest server
+                self.not_adopted("", "this host has seen a network lock and holds no copy of "
+                                     "it, and the server shows none (hiding it?): not taken")
             return None
         pinned = adopters(self.files.lock_seen, self.stored_peers,
                           (str(self.cfg.server_ip), self.cfg.server_public_key))
@@ -13340,10 +13352,10 @@ class _Fetch:
         return sum(p.deleted_until is None and p.public_key != self.own_key
                    for p in self.stored_peers)
 
-    def not_adopted(self, why):
+    def not_adopted(self, why, line=None):
         """None, said in one line and kept as a problem for `status`: a host that
         does not take a lock its network has is not protected by it."""
-        line = f"the server says the network is locked, but {why}: not taken"
+        line = line or f"the server says the network is locked, but {why}: not taken"
         warn(f"{self.iface}: {line}")
         self.problems.append(line)
         self.etag = None      # asked again at every sync, not "not modified" (round 28)
@@ -13515,6 +13527,13 @@ class _Fetch:
                 return
             signed = newest_signed((now or {}).get("signed"), self.lock.get("signed"))
             save_client_lock(path, dict(self.lock, signed=signed) if signed else self.lock)
+        if self.lock_on and not path_exists(self.files.lock_seen):
+            # A host that joined under lock has seen one too: its copy lost,
+            # every sync asks for the whole state (lock_moved), not a 304 that
+            # would leave it unlocked and healthy (outside round 29, T29-2);
+            # the admins it verified under lock are the ones it may take it from.
+            adopters(self.files.lock_seen, self.peers,
+                     (str(self.cfg.server_ip), self.cfg.server_public_key))
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""
@@ -14011,8 +14030,8 @@ def _daemon(files, opts):
             if not opts.no_nat_traversal:
                 state.cfg = load_client_config(files)
                 state.peers = load_data_store(files.store)[0]
-            if wait and (result.changed or result.waited):
-                sleep = 0                   # the wait happened on the server
+            if wait and result.polled and (result.changed or result.waited):
+                sleep = 0                   # the wait happened on the server (T29-3: polled)
             elif due_at is not None:
                 sleep = min(sleep, max(0.0, due_at - time.monotonic()))
             sleep = min(opts.interval, PROOF_POLL) if result.pending else sleep  # late proofs
@@ -16321,6 +16340,15 @@ CLIENT_STATE_FILES = (".paths.json", ".exit.json", ".server.json", ".fetch", ".l
                       ".lock.json", ".up-lock", ".reclaim", ".lock.json.guard")
 
 
+def turn_of_bring_up(files):
+    """The up-lock a bring-up holds (_Fetch.find_device), for `down` and
+    `uninstall` while they take the device away: a bring-up under way ends
+    first, and one after them finds the marker, or no config."""
+    if not os.path.isdir(files.data_dir):
+        return contextlib.nullcontext()
+    return held_lock(files.up_lock, f"taking {files.iface} down")
+
+
 def cmd_uninstall(args):
     iface = parse_interface(args.interface)
     files = client_files(args, iface)
@@ -16331,12 +16359,13 @@ def cmd_uninstall(args):
     require_removable((cfg_path, store_path))
     with contextlib.suppress(InnernetError, OSError):
         leave_exit(args, iface)
-    with contextlib.suppress(InnernetError):
-        bring_down(arg_or(args, "backend", "auto"), iface)
-    for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
-                 *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    with turn_of_bring_up(files):
+        with contextlib.suppress(InnernetError):
+            bring_down(arg_or(args, "backend", "auto"), iface)
+        for path in (cfg_path, cfg_path + ".rotating", store_path, files.lacks_memo,
+                     *[files.with_suffix(ext) for ext in CLIENT_STATE_FILES]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     forget_runs(Dirs.from_args(args).data, iface)
     hosts_path, _ = HostsOptions.from_args(args).resolve()
     if hosts_path and os.path.exists(hosts_path):
@@ -16523,12 +16552,16 @@ def cmd_up(args):
 def cmd_down(args):
     iface = parse_interface(args.interface)
     leave_exit(args, iface)
-    installed = path_exists(client_files(args, iface).config)
-    if installed:           # cron's `fetch` leaves it down until `up`
+    files = client_files(args, iface)
+    installed = path_exists(files.config)
+    if installed:
         ensure_dir(Dirs.from_args(args).data)
-        atomic_write(client_files(args, iface).down_marker, "", 0o600)
-        note_taken_down(client_files(args, iface))
-    if not bring_down(arg_or(args, "backend", "auto"), iface):
+    with turn_of_bring_up(files):
+        if installed:           # cron's `fetch` leaves it down until `up`
+            atomic_write(files.down_marker, "", 0o600)
+            note_taken_down(files)
+        brought_down = bring_down(arg_or(args, "backend", "auto"), iface)
+    if not brought_down:
         if not installed:
             raise InnernetError(f"no network named {iface} is installed",
                                 hint="'innernet show' lists the installed networks")

@@ -610,6 +610,39 @@ def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers
     assert len(gaps) == 30 and min(gaps) >= innernet.DAEMON_MIN_PERIOD, gaps
 
 
+@pytest.mark.parametrize("polled", [False, True])
+def test_a_state_asked_for_whole_is_no_long_poll_and_the_daemon_keeps_its_interval(
+        monkeypatch, polled, tmp_path):
+    """Outside round 29, T29-3 and T29-4: a sync that can send no ETag (a
+    host that has seen a lock and holds no copy; a quarantined address for
+    a week) sends no ?wait= either, and the server's answer, at once, was
+    taken for a long poll that had ended with a change: the daemon asked
+    for the whole state every second. Such a round is no long poll: the
+    daemon waits its interval. A change a long poll brought still makes
+    the next poll start at once."""
+    clock, starts = FakeClock(), []
+
+    class Stop(BaseException):
+        pass
+
+    def fetch(files, opts, **kw):
+        starts.append(clock.now)
+        if len(starts) > 5:
+            raise Stop()
+        return innernet.FetchResult([], False, True, False, polled=polled)
+    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
+    monkeypatch.setattr(innernet, "fetch_interface", fetch)
+    monkeypatch.setattr(innernet, "server_capabilities",
+                        lambda files, opts: {"long_poll_seconds": 60})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
+    opts = innernet.FetchOptions(interval=600, no_nat_traversal=True)
+    with pytest.raises(Stop):
+        innernet._daemon(installed(tmp_path), opts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps == ([innernet.DAEMON_MIN_PERIOD] * 5 if polled else [600] * 5), gaps
+
+
 # -- 19.13: a direct path lost later is noticed in seconds ------------------------------------
 
 def test_path_watch_pokes_quiet_peers_and_calls_silent_ones_lost(monkeypatch):

@@ -1090,7 +1090,7 @@ def test_a_sync_in_flight_writes_back_no_lock_copy_older_than_a_lock_verbs(tmp_p
     def sync_read():
         """What a sync holds once locked() read the file, and will save."""
         f = types.SimpleNamespace(files=types.SimpleNamespace(lock=path), failure=None,
-                                  etag="e1", lock_base=innernet.load_client_lock(path))
+                                  etag="e1", lock_on=False, lock_base=innernet.load_client_lock(path))
         f.lock = {"chain": f.lock_base["chain"], "known": {"peer:10.66.1.2": [5, "x"]},
                   "cache": {}, "refused": [], "signed": f.lock_base["signed"],
                   "synced": len(f.lock_base["chain"])}

@@ -620,6 +620,45 @@ def test_an_uninstall_ends_the_daemon_and_its_unit_does_not_restart_it(world):
     assert r.returncode == 3 and "innernet: error: no network left to sync" in r.stderr, r.stderr
 
 
+def test_a_down_or_uninstall_while_the_daemon_brings_its_device_back_is_not_undone(world):
+    """Outside round 29, T29-1: `down` (or `uninstall`) run while the daemon
+    was bringing a lost device back found no device ("already down") and
+    returned; the bring-up then finished: a device up, synced, for a network
+    taken down (or gone, its private key on a wireguard-go nobody owns).
+    Both now take turns with a bring-up. A wireguard-go that starts slowly
+    (a wrapper, once its gate file is there) holds the window open."""
+    w = world
+    a = _with_pyz(w, join(w, "a"))
+    ifname = w.lab.ifname("a")
+    gate, started, wrapper = a.path("slow.gate"), a.path("slow.started"), a.path("slow-wg.sh")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\nif [ -e {gate} ]; then touch {started}; sleep 3; fi\n'
+                f'exec wireguard-go "$@"\n')
+    os.chmod(wrapper, 0o755)
+
+    def gone():
+        return a.exec(["ip", "link", "show", ifname], check=False).returncode != 0
+    for verb in ("down", "uninstall"):
+        daemon = a.spawn(["env", f"WG_USERSPACE_IMPLEMENTATION={wrapper}"] + a.innernet_argv(
+            "up", ifname, "--daemon", "--interval", "600", "--no-write-hosts"), f"{verb}.log")
+        wait_for(lambda: status(a, ifname)[0] == 0, 30, "the daemon's first sync")
+        open(gate, "w").close()
+        kill_device(a, ifname)
+        wait_for(lambda: os.path.exists(started), 30, "the daemon's bring-up")
+        a.innernet(verb, ifname, *(["--yes"] if verb == "uninstall" else []))
+        if verb == "down":
+            wait_for(lambda: "idle until" in a.log("down.log"), 30, "the daemon idle")
+            assert gone() and wg_pids(a, ifname) == [], a.log("down.log")
+            a.innernet("up", ifname, "--no-write-hosts")     # for the next round
+            daemon.terminate()
+            daemon.wait(timeout=20)
+            os.unlink(gate)
+            os.unlink(started)
+        else:
+            assert daemon.wait(timeout=60) == 3, a.log("uninstall.log")
+            assert gone() and wg_pids(a, ifname) == [], a.log("uninstall.log")
+
+
 def test_two_bring_ups_at_once_take_turns_and_both_succeed(world):
     """An outside review's F7: `up` and cron's `fetch` after a reboot, at the
     same moment: the loser failed with wireguard-go's banner. They take turns

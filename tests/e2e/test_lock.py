@@ -599,3 +599,53 @@ def test_a_client_without_lock_takes_no_fake_lock_from_the_server_or_a_new_admin
     finally:
         forget_pins(w)
         both(w, lambda s: s)
+
+
+def test_a_lock_copy_lost_ends_the_fast_path_so_a_304_cannot_hide_it(w):
+    """Outside round 29, T29-2: alice's lock copy lost (a host restored
+    without it), cron's fast path, which did not look at the lock files,
+    kept answering from the server's 304 and wrote "healthy": the host
+    unlocked, unsaid, for as long as the state did not change. The lock
+    files are now among what the fast path finds unchanged or leaves to the
+    full sync, which asks for the whole state (no ETag): a server's 304 to
+    that is an error, and `status` says so."""
+    lock_path = w.alice.path("client", "lib", f"{w.alice_if}.lock.json")
+    record = w.alice.path("client", "lib", f"{w.alice_if}.fetch")
+    argv = ("fetch", w.alice_if, "--no-write-hosts", "--no-nat-traversal")   # no path work due
+    w.hostile.script({"GET /v1/user/state": {"body": w.honest},
+                      "GET /v1/user/capabilities": {"body": {"dns": f"{w.net}.wg"}}})
+    w.alice.innernet(*argv)
+    kept = open(lock_path).read()
+    try:
+        w.hostile.script({"GET /v1/user/state": {"status": 304}})     # "unchanged", always
+        before = os.stat(record).st_ino
+        assert w.alice.innernet(*argv).returncode == 0
+        assert os.stat(record).st_ino == before                       # the fast path took it
+        os.unlink(lock_path)
+        out = w.alice.innernet(*argv, check=False)
+        assert out.returncode == 1 and "304" in out.stderr, out.stderr
+        r = w.alice.innernet("status", w.alice_if, check=False)
+        assert r.returncode == 1 and "NOT HEALTHY" in r.stdout, r.stdout
+    finally:
+        with open(lock_path, "w") as f:
+            f.write(kept)
+        os.chmod(lock_path, 0o600)
+        both(w, lambda s: s)
+
+
+def test_a_host_that_has_seen_a_lock_is_not_healthy_when_the_server_shows_none(w):
+    """Outside round 29, T29-5: zed saw the lock (it keeps the admins it
+    would take it from) and holds no copy; a hijacked server that then
+    shows no lock at all had zed take the state as an unlocked network's,
+    `status` healthy. An honest server never drops its chain (`lock
+    disable` extends it): zed now says so, and `status` keeps it a problem.
+    (zed still applies the state, as it trusts the server until it takes
+    a lock: README, Backup and restore.)"""
+    assert os.path.exists(w.zed.path("client", "lib", f"{w.zed_if}.lock-seen.json"))
+    state = copy.deepcopy(w.honest_zed)
+    state.pop("lock", None)
+    for _ in range(2):                       # the second: the same state again
+        out = lie(w, w.zed, w.zed_if, state)
+        assert "holds no copy of it, and the server shows none" in out.stderr, out.stderr
+        r = w.zed.innernet("status", w.zed_if, check=False)
+        assert r.returncode == 1 and "the server shows none" in r.stdout, r.stdout
