@@ -216,7 +216,7 @@ import _socket
 import binascii
 import posix
 
-FAST_FORMAT = "innernet-fetch 2"
+FAST_FORMAT = "innernet-fetch 3"   # a new one when a record must list more: old ones unread
 FAST_RUNS = "fast-runs"     # in the data directory: {command line: interfaces} of recorded syncs
 FAST_RUNS_KEPT = 8
 FAST_TIMEOUT = 3        # s for the 304; a slower server is left to the full sync
@@ -9340,6 +9340,20 @@ def keep_old_key(files, private_key, new_key, now):
     atomic_write(files.old_keys, json.dumps({"keys": keys}) + "\n", 0o600)
 
 
+def lock_moved(files):
+    """Has a lock verb of this host changed the chain since the last sync saved
+    the data store? Then its cached state, verified under the old chain, is
+    not to be answered "not modified" (a removed key's records in it). Nor is
+    it for a host that has seen a lock and holds none (not taken yet, or its
+    copy lost): it asks for the lock again at every sync (round 28)."""
+    with contextlib.suppress(InnernetError):
+        mine = load_client_lock(files.lock)
+        if mine is None:
+            return path_exists(files.lock_seen)
+        return mine.get("synced") != len(mine.get("chain") or ())
+    return True
+
+
 def write_fast_record(files, opts, cfg, etag, links, next_due, by):
     """What the fast path (fast_fetch) of the next run of this command line
     must find unchanged; taken after every write of this sync. Nothing is
@@ -9351,7 +9365,9 @@ def write_fast_record(files, opts, cfg, etag, links, next_due, by):
         return
     fingerprints = [(path, file_fingerprint(path, secret))
                     for path, secret in synced_files(files, opts)]
-    if any(fp is None or "\n" in path for path, fp in fingerprints):
+    # (then) a lock verb since this sync saved: no record under the old ETag
+    # with the new lock copy's fingerprint (outside round 30, U30-4)
+    if any(fp is None or "\n" in path for path, fp in fingerprints) or lock_moved(files):
         return
     fields = {"run": this_run, "etag": etag, "endpoint": cfg.server_internal_endpoint,
               "key": cfg.server_public_key, "links": links_fingerprint(links),
@@ -9367,8 +9383,9 @@ def synced_files(files, opts):
     found = [(files.config, True), (files.store, True), (files.paths_memo, True),
              (files.exit_state, True), (files.server_state, True), (files.flags, True),
              # the lock copy and the admins pinned when one was seen: a copy lost,
-             # or a lock verb, is a full sync's (outside round 29, T29-2)
-             (files.lock, False), (files.lock_seen, False)]
+             # or a lock verb, is a full sync's (outside round 29, T29-2); and
+             # `down`'s marker, which only the full program's `up` takes away
+             (files.lock, False), (files.lock_seen, False), (files.down_marker, False)]
     hosts_path, _ = opts.hosts.resolve()
     if hosts_path:
         found.append((hosts_path, False))
@@ -9462,6 +9479,34 @@ def adopters(path, stored, server):
               and p.ip not in server and p.public_key not in server]
     atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
     return admins
+
+
+def note_lock_seen(path, stored, server, reached):
+    """<iface>.lock-seen.json as a locked sync leaves it: the admins (adopters,
+    written once) and how far the chain had got, [entries, head hash], which
+    a lock taken again after the copy is lost must reach: a hijacked server
+    cannot roll it back past a `lock remove` (outside round 30, U30-2)."""
+    admins = adopters(path, stored, server)
+    before = lock_seen_reached(path)
+    if before is None or before[0] < reached[0]:
+        atomic_write(path, json.dumps({"admins": admins, "reached": reached}) + "\n", 0o600)
+
+
+def lock_seen_reached(path):
+    """[entries, head hash] of the longest chain a locked sync verified here, or None."""
+    data = load_json_file(path, "it holds the admins this host takes a network lock from")
+    reached = data.get("reached") if isinstance(data, dict) else None
+    ok = isinstance(reached, list) and len(reached) == 2 and isinstance(reached[0], int) \
+        and reached[0] > 0 and isinstance(reached[1], str)
+    return reached if ok else None
+
+
+def lock_reaches(entries, reached):
+    """Does the chain ``entries`` contain the one ``reached`` names (or is none named)?"""
+    if reached is None:
+        return True
+    n, head = reached
+    return len(entries) >= n and LockChain(entries[:n]).head == head
 
 
 def begin_client_lock(path, invite):
@@ -13101,20 +13146,6 @@ LOCK_CHANGED = "network lock: this host's lock changed while this sync ran (a lo
 LOCK_CHANGED_HINT = "the next sync verifies the state again under the new lock"
 
 
-def lock_moved(files):
-    """Has a lock verb of this host changed the chain since the last sync saved
-    the data store? Then its cached state, verified under the old chain, is
-    not to be answered "not modified" (a removed key's records in it). Nor is
-    it for a host that has seen a lock and holds none (not taken yet, or its
-    copy lost): it asks for the lock again at every sync (round 28)."""
-    with contextlib.suppress(InnernetError):
-        mine = load_client_lock(files.lock)
-        if mine is None:
-            return path_exists(files.lock_seen)
-        return mine.get("synced") != len(mine.get("chain") or ())
-    return True
-
-
 def _unreachable_hint(f):
     """Why the server may not answer: with no WireGuard handshake with it for
     the whole window, this peer may be disabled or deleted there (the server
@@ -13279,6 +13310,7 @@ class _Fetch:
                                        f"('innernet lock status {self.iface}')"), None
         self.lock = {"chain": chain.entries, "known": {}, "cache": {}, "refused": [],
                      "synced": len(chain.entries)}
+        self.lock_reached = [len(chain.entries), chain.head]
         if isinstance(mine.get("signed"), dict):   # an admin host's (remember_signed)
             self.lock["signed"] = mine["signed"]
         if chain.disabled:
@@ -13323,6 +13355,9 @@ class _Fetch:
                           (str(self.cfg.server_ip), self.cfg.server_public_key))
         try:
             genesis = LockChain(offered["chain"][:1])
+            if not lock_reaches(offered["chain"], lock_seen_reached(self.files.lock_seen)):
+                return self.not_adopted("its chain is older than the one this host had seen "
+                                        "(rolled back?)")
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
         except InnernetError as e:
             return self.not_adopted(f"gave no proof an admin made the lock ({e.message})")
@@ -13527,13 +13562,14 @@ class _Fetch:
                 return
             signed = newest_signed((now or {}).get("signed"), self.lock.get("signed"))
             save_client_lock(path, dict(self.lock, signed=signed) if signed else self.lock)
-        if self.lock_on and not path_exists(self.files.lock_seen):
+        if self.lock_on:
             # A host that joined under lock has seen one too: its copy lost,
             # every sync asks for the whole state (lock_moved), not a 304 that
             # would leave it unlocked and healthy (outside round 29, T29-2);
             # the admins it verified under lock are the ones it may take it from.
-            adopters(self.files.lock_seen, self.peers,
-                     (str(self.cfg.server_ip), self.cfg.server_public_key))
+            note_lock_seen(self.files.lock_seen, self.peers,
+                           (str(self.cfg.server_ip), self.cfg.server_public_key),
+                           self.lock_reached)
 
     def settle(self, traverse):
         """Each peer's path: direct, NAT-traversed or relayed (settle_paths)."""

@@ -1,9 +1,11 @@
 """The fast path of an unchanged fetch: its command line, digests and record,
 and the module build_zipapp.py makes of it (the end-to-end proof that it
 answers, and steps aside when anything changed, is tests/e2e/test_fast_fetch.py)."""
+import contextlib
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -118,7 +120,10 @@ def test_the_record_round_trips_and_damage_is_no_record(tmp_path):
     path = tmp_path / "n.fetch"
     path.write_text(innernet.fast_record(fields, files))
     assert innernet.read_fast_record(str(path)) == (fields, files)
-    for text in ("", "innernet-fetch 1\netag x\n", "garbage", "\0\0"):
+    # a record of an older format (round 30, U30-1: one from before the lock
+    # files were listed in it) is no record
+    old = innernet.fast_record(fields, files).replace(innernet.FAST_FORMAT, "innernet-fetch 2")
+    for text in ("", "innernet-fetch 1\netag x\n", "garbage", "\0\0", old):
         path.write_text(text)
         assert innernet.read_fast_record(str(path)) is None
     path.write_bytes(b"\xff\xfe")
@@ -259,3 +264,24 @@ def test_kernel_device_attributes_and_endpoints_are_read_without_pyroute2():
 def test_no_kernel_device_is_none_for_the_full_sync():
     assert innernet.kernel_dump("innernet-none0") is None
     assert innernet.device_state_digest("innernet-none0", 0) is None
+
+
+def test_no_record_is_left_under_a_lock_a_verb_moved_during_the_sync(tmp_path, monkeypatch):
+    """Outside round 30, U30-4: a `lock add`/`remove` between the sync's save
+    of its lock copy and its fast record left a record with the sync's old
+    ETag and the new copy's fingerprint: the next cron runs, answered 304,
+    never verified the state under the new chain. A sync whose lock moved
+    since it saved (lock_moved) leaves no record; the previous one, with the
+    copy as it was, sends the next run to the full sync."""
+    files = innernet.ClientFiles("net", str(tmp_path), str(tmp_path))
+    monkeypatch.setattr(innernet, "device_state_digest", lambda iface, now: "1:0:0:0")
+    opts = innernet.FetchOptions(invocation="run", hosts=innernet.HostsOptions(write=False))
+    cfg = types.SimpleNamespace(server_internal_endpoint="10.66.0.1:51820",
+                                server_public_key="k" * 43 + "=")
+    chain = [{"payload": {"t": "genesis"}}, {"payload": {"t": "add"}}]
+    for synced, written in ((2, True), (1, False)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(files.fast_record)
+        innernet.save_client_lock(files.lock, {"chain": chain, "synced": synced})
+        innernet.write_fast_record(files, opts, cfg, '"e1"', [], None, "fetch")
+        assert os.path.exists(files.fast_record) is written

@@ -1167,3 +1167,44 @@ def test_a_lock_adoption_proof_still_counts_after_the_admin_or_the_peer_rotated(
     forged = innernet.adoption_proof(a2, genesis, pub(p_new))
     taken, problems = fetch({"admin_ip": "10.66.1.1", "admin_key": pub(a2), "mac": forged})
     assert taken is None and problems
+
+
+def test_a_lost_copy_takes_the_lock_again_only_as_far_as_this_host_had_seen_it(tmp_path):
+    """Outside round 30, U30-2: a host restored without its lock copy took
+    the lock again from an admin's proof, which binds only the genesis: a
+    hijacked server showed it the chain from before a `lock remove` of a
+    stolen key, trusted again. lock-seen now keeps how far the chain had got
+    (note_lock_seen, at every locked sync), and a chain that does not reach
+    it is not taken: a status problem."""
+    from innernet import generate_private_key as gen, public_key as pub
+    a1, own = gen(), gen()
+    lk, stolen = lock_keypair(), lock_keypair()
+    old = chain_of(lk)
+    old.append(lock_update(LockChain(old), "add", stolen[1], "stolen", lk[0], T))
+    new = old + [lock_update(LockChain(old), "remove", stolen[1], "stolen", lk[0], T)]
+    mac = innernet.adoption_proof(a1, LockChain(old).genesis, pub(own))
+    seen = str(tmp_path / "net.lock-seen.json")
+    admin = Peer(id=2, name="admin", ip="10.66.1.1", cidr_id=2, public_key=pub(a1),
+                 is_admin=True)
+    server = ("10.66.0.1", pub(gen()))
+    innernet.note_lock_seen(seen, [admin], server, [2, LockChain(old).head])
+    innernet.note_lock_seen(seen, [admin], server, [3, LockChain(new).head])
+    innernet.note_lock_seen(seen, [admin], server, [2, LockChain(old).head])   # never back
+    assert innernet.lock_seen_reached(seen) == [3, LockChain(new).head]
+    assert json.load(open(seen))["admins"] == [["10.66.1.1", pub(a1)]]
+    assert oct(os.stat(seen).st_mode & 0o777) == "0o600"
+
+    def fetch(chain):
+        f = types.SimpleNamespace(
+            iface="net", files=types.SimpleNamespace(lock_seen=seen), problems=[],
+            stored_peers=[admin], kept=lambda: {},
+            cfg=types.SimpleNamespace(server_ip=server[0], server_public_key=server[1],
+                                      private_key=own),
+            api=types.SimpleNamespace(call=lambda *a: {
+                "admin_ip": "10.66.1.1", "admin_key": pub(a1), "mac": mac}))
+        f.not_adopted = lambda why, line=None: innernet._Fetch.not_adopted(f, why, line)
+        return innernet._Fetch.adopt(f, {"chain": chain}), f.problems
+    taken, problems = fetch(old)                        # rolled back past the removal
+    assert taken is None and "older than the one this host had seen" in problems[0]
+    taken, problems = fetch(new)
+    assert taken == {"chain": new[:1]} and problems == []

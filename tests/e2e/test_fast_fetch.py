@@ -237,3 +237,24 @@ def test_the_timer_units_command_line_takes_the_fast_path(world, tmp_path):
     finally:
         for d in made:
             os.rmdir(d)
+
+
+def test_an_up_after_an_interrupted_down_takes_its_marker_away(world):
+    """Outside round 30, U30-3: a repeated `up NET` was answered by the fast
+    path, and only the full program's `up` takes away the marker `down`
+    leaves (one interrupted between its marker and the device: killed,
+    Ctrl-C): `up` said nothing was wrong and the daemon (the unit) stayed
+    idle, "taken down". The marker is among what the fast path looks at."""
+    alice, ifname = world.hosts["alice"], world.lab.ifname("alice")
+    argv = ("up", ifname, "--no-write-hosts", "--no-nat-traversal")    # no path work due
+    alice.innernet(*argv)
+    alice.innernet(*argv)
+    before = record(alice, ifname)
+    alice.innernet(*argv)
+    assert record(alice, ifname) == before                  # `up` takes the fast path too
+    marker = alice.path("client", "lib", f"{ifname}.down")
+    with open(marker, "w"):
+        pass
+    os.chmod(marker, 0o600)
+    alice.innernet(*argv)
+    assert not os.path.exists(marker)
