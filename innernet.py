@@ -203,11 +203,12 @@ SO_RCVBUFFORCE = 33             # asm-generic/socket.h: SO_RCVBUF past rmem_max 
 # The last complete sync (fetch_interface) leaves `<data dir>/<iface>.fetch`:
 # the ETag, where the server is, and fingerprints of everything the sync
 # read -- the options, the config, data store and paths memo (stat), the hosts
-# file, this host's addresses (the NAT candidates), and the device (see
-# device_digest) -- plus when the paths need their next look. The fast path
-# takes over only if all of them still hold and the server says 304; anything
-# else (an option it does not know, -v, a changed file, an unreachable server)
-# goes to the full sync, which also repairs what it finds. A device is read
+# file, the lock files, `down`'s marker, this host's addresses (the NAT
+# candidates), and the device (see device_digest) -- plus when the paths need
+# their next look. The fast path takes over only if all of them still hold
+# and the server says 304; anything else (an option it does not know, -v, a
+# changed file, an unreachable server) goes to the full sync, which also
+# repairs what it finds. A device is read
 # over UAPI (wireguard-go) or generic netlink (the kernel's), without pyroute2.
 # (The archive's copy starts with `import sys, time`, which this module has
 # imported at the top. It uses posix, not os: importing os costs 160 kB.)
