@@ -14012,6 +14012,18 @@ def _daemon_failure(iface, e, failing):
     return message
 
 
+def _retry_pace(files, e, backoff, interval):
+    """(sleep, next backoff) after a failed round: 1, 2, 4 ... s up to the
+    interval; failing over, each endpoint's try is the pace itself. A config
+    gone meanwhile (`uninstall`) is the loop's to see, not an error here."""
+    sleep, backoff = min(backoff, interval), min(backoff * 2, interval)
+    with contextlib.suppress(InnernetError):
+        if isinstance(e, InnernetError) and e.unreachable and \
+                len(load_client_config(files).endpoints) > 1:
+            backoff = 1
+    return sleep, backoff
+
+
 def _idle_while_down(files, opts, failing):
     """The daemon's round while `innernet down` holds (its marker): a short
     sleep, said once; DOWN_IDLE, or ``failing`` as it was (None once `up`)."""
@@ -14080,10 +14092,7 @@ def _daemon(files, opts):
                 continue            # taken down during the round: idle (above)
             failing = _daemon_failure(iface, e, failing)
             caps = None
-            sleep, backoff = min(backoff, opts.interval), min(backoff * 2, opts.interval)
-            if isinstance(e, InnernetError) and e.unreachable and \
-                    len(load_client_config(files).endpoints) > 1:
-                backoff = 1       # failing over: each endpoint's try is the pace itself
+            sleep, backoff = _retry_pace(files, e, backoff, opts.interval)
         sleep = max(sleep, DAEMON_MIN_PERIOD - (time.monotonic() - started))
         if sleep > 0:
             state.sleep(sleep, opts, iface, failing is not None)
