@@ -9467,39 +9467,56 @@ def invitation_lock_chain(invite):
     return LockChain(entries)
 
 
+LOCK_SEEN_HINT = "it holds the admins this host takes a network lock from"
+
+
+def read_lock_seen(path):
+    """(admins or None, reached or None) of <iface>.lock-seen.json: the admins
+    pinned when a lock was first seen, and [entries, head hash] of the
+    longest chain a locked sync verified here."""
+    data = load_json_file(path, LOCK_SEEN_HINT)
+    data = data if isinstance(data, dict) else {}
+    admins = data["admins"] if isinstance(data.get("admins"), list) else None
+    reached = data.get("reached")
+    ok = isinstance(reached, list) and len(reached) == 2 and isinstance(reached[0], int) \
+        and reached[0] > 0 and isinstance(reached[1], str)
+    return admins, (reached if ok else None)
+
+
+def _write_lock_seen(path, admins, reached):
+    atomic_write(path, json.dumps({"admins": admins, **({"reached": reached} if reached else {})})
+                 + "\n", 0o600)
+
+
 def adopters(path, stored, server):
     """[[ip, key]] of the admin peers this host had pinned when a server first
     showed it a lock (kept in ``path`` from then on): a peer that joined
     before the lock takes it only from one of them -- never from the server
     (``server``: its (ip, key)), nor from an admin that appeared with or after
     the lock (a hijacked server could have made it)."""
-    data = load_json_file(path, "it holds the admins this host takes a network lock from")
-    if isinstance(data, dict) and isinstance(data.get("admins"), list):
-        return data["admins"]
-    admins = [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
-              and p.ip not in server and p.public_key not in server]
-    atomic_write(path, json.dumps({"admins": admins}) + "\n", 0o600)
+    admins, reached = read_lock_seen(path)
+    if admins is None:
+        admins = _first_admins(stored, server)
+        _write_lock_seen(path, admins, reached)
     return admins
+
+
+def _first_admins(stored, server):
+    return [[p.ip, p.public_key] for p in stored if p.is_admin and p.deleted_until is None
+            and p.ip not in server and p.public_key not in server]
 
 
 def note_lock_seen(path, stored, server, reached):
     """<iface>.lock-seen.json as a locked sync leaves it: the admins (adopters,
     written once) and how far the chain had got, [entries, head hash], which
     a lock taken again after the copy is lost must reach: a hijacked server
-    cannot roll it back past a `lock remove` (outside round 30, U30-2)."""
-    admins = adopters(path, stored, server)
-    before = lock_seen_reached(path)
-    if before is None or before[0] < reached[0]:
-        atomic_write(path, json.dumps({"admins": admins, "reached": reached}) + "\n", 0o600)
-
-
-def lock_seen_reached(path):
-    """[entries, head hash] of the longest chain a locked sync verified here, or None."""
-    data = load_json_file(path, "it holds the admins this host takes a network lock from")
-    reached = data.get("reached") if isinstance(data, dict) else None
-    ok = isinstance(reached, list) and len(reached) == 2 and isinstance(reached[0], int) \
-        and reached[0] > 0 and isinstance(reached[1], str)
-    return reached if ok else None
+    cannot roll it back past a `lock remove` (outside round 30, U30-2). One
+    read; a write only when either is new."""
+    admins, before = read_lock_seen(path)
+    grown = before is None or before[0] < reached[0]
+    if admins is None or grown:
+        _write_lock_seen(path, _first_admins(stored, server) if admins is None else admins,
+                         reached if grown else before)
 
 
 def lock_reaches(entries, reached):
@@ -13356,7 +13373,7 @@ class _Fetch:
                           (str(self.cfg.server_ip), self.cfg.server_public_key))
         try:
             genesis = LockChain(offered["chain"][:1])
-            if not lock_reaches(offered["chain"], lock_seen_reached(self.files.lock_seen)):
+            if not lock_reaches(offered["chain"], read_lock_seen(self.files.lock_seen)[1]):
                 return self.not_adopted("its chain is older than the one this host had seen "
                                         "(rolled back?)")
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")

@@ -574,6 +574,20 @@ class FakeClock:
         self.now += seconds
 
 
+def daemon_on_clock(monkeypatch, tmp_path, clock, fetch, stop, interval):
+    """_daemon with long polls offered, ``fetch`` for its rounds, under
+    ``clock``, until ``fetch`` raises ``stop``."""
+    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
+    monkeypatch.setattr(innernet, "fetch_interface", fetch)
+    monkeypatch.setattr(innernet, "server_capabilities",
+                        lambda files, opts: {"long_poll_seconds": 60})
+    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
+    with pytest.raises(stop):
+        innernet._daemon(installed(tmp_path), innernet.FetchOptions(interval=interval,
+                                                                    no_nat_traversal=True))
+
+
 @pytest.mark.parametrize("answer", ["changed", "failure", "pending proof", "paths due"])
 def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers(
         monkeypatch, answer, tmp_path):
@@ -594,18 +608,11 @@ def test_a_daemons_state_requests_are_a_second_apart_whatever_the_server_answers
         if answer == "failure":
             raise InnernetError("the server answered 500")
         return innernet.FetchResult([], False, True, True, next_due=0.0 if answer == "paths due"
-                                    else None, pending=[1] if answer == "pending proof" else [])
-    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
-    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
-    monkeypatch.setattr(innernet, "fetch_interface", fetch)
-    monkeypatch.setattr(innernet, "server_capabilities",
-                        lambda files, opts: {"long_poll_seconds": 60})
-    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
+                                    else None, pending=[1] if answer == "pending proof" else [],
+                                    polled=True)
     monkeypatch.setattr(innernet, "load_client_config",
                         lambda files: types.SimpleNamespace(endpoints=["a"]))
-    opts = innernet.FetchOptions(interval=60, no_nat_traversal=True)
-    with pytest.raises(Stop):
-        innernet._daemon(installed(tmp_path), opts)
+    daemon_on_clock(monkeypatch, tmp_path, clock, fetch, Stop, interval=60)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert len(gaps) == 30 and min(gaps) >= innernet.DAEMON_MIN_PERIOD, gaps
 
@@ -630,15 +637,7 @@ def test_a_state_asked_for_whole_is_no_long_poll_and_the_daemon_keeps_its_interv
         if len(starts) > 5:
             raise Stop()
         return innernet.FetchResult([], False, True, False, polled=polled)
-    monkeypatch.setattr(innernet.time, "monotonic", clock.monotonic)
-    monkeypatch.setattr(innernet.time, "sleep", clock.sleep)
-    monkeypatch.setattr(innernet, "fetch_interface", fetch)
-    monkeypatch.setattr(innernet, "server_capabilities",
-                        lambda files, opts: {"long_poll_seconds": 60})
-    monkeypatch.setattr(innernet, "_say_innernet_server", lambda files, told: None)
-    opts = innernet.FetchOptions(interval=600, no_nat_traversal=True)
-    with pytest.raises(Stop):
-        innernet._daemon(installed(tmp_path), opts)
+    daemon_on_clock(monkeypatch, tmp_path, clock, fetch, Stop, interval=600)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert gaps == ([innernet.DAEMON_MIN_PERIOD] * 5 if polled else [600] * 5), gaps
 
