@@ -1712,6 +1712,19 @@ def normalize_endpoint(text):
     return format_endpoint(*parse_endpoint(text))
 
 
+def server_endpoints_after(current, given, whole):
+    """The server's endpoints (where invitations point, in order) after
+    ``set-endpoint`` names ``given``: a ``whole`` list (a comma in the
+    argument) replaces them; one endpoint already listed moves to the front (a
+    standby taking over); a new one takes the first place and the others stay
+    (a server that moved)."""
+    given = list(dict.fromkeys(given))
+    if whole:
+        return given
+    rest = current if given[0] in current else current[1:]
+    return given + [e for e in rest if e != given[0]]
+
+
 def endpoint_is_unspecified(text):
     host, _ = parse_endpoint(text)
     return host in ("0.0.0.0", "::")
@@ -7609,11 +7622,15 @@ CREATE TABLE IF NOT EXISTS admin_provers (
 CREATE TABLE IF NOT EXISTS admin_proof_stamps (
   peer_id  INTEGER PRIMARY KEY,
   stamp    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_endpoints (
+  position  INTEGER PRIMARY KEY,
+  endpoint  TEXT NOT NULL
 )
 """
 EXTRA_TABLES = ("deleted_peers", "key_rotations", "static_peers", "peer_routes",
                 "route_approvers", "audit_log", "admin_provers", "innernet_pins",
-                "admin_proof_stamps") + LOCK_TABLES
+                "admin_proof_stamps", "server_endpoints") + LOCK_TABLES
 
 MIGRATIONS = {   # user_version below the key -> SQL that brings it there
     1: "ALTER TABLE peers ADD COLUMN invite_expires INTEGER",
@@ -8181,15 +8198,27 @@ class Store(LockStore):
                                     admin=contents.is_admin, disabled=contents.is_disabled)
             return old
 
-    def set_server_endpoint(self, endpoint):
-        """The network's external endpoint (the server's own peer), where new
-        invitations point: the CLI's on a standby that took over, never the API's."""
+    def server_endpoints(self):
+        """Where new invitations point: the server's own peer's endpoint (what
+        innernet's invitations carry), then the others ``set-endpoint`` named
+        (a standby; our table, replicated with the rest)."""
+        server = next(p for p in self.peers() if self._is_server_peer(p))
+        first = [server.endpoint] if server.endpoint else []
+        return first + [e for (e,) in self._query(
+            "SELECT endpoint FROM server_endpoints ORDER BY position") if e not in first]
+
+    def set_server_endpoints(self, endpoints):
+        """The network's endpoints, first the external one (the server's own
+        peer): the CLI's on a standby that took over, never the API's."""
         with self.write() as c:
-            old = next(p for p in self.peers() if self._is_server_peer(p))
-            c.execute("UPDATE peers SET endpoint = ? WHERE id = ?", (endpoint, old.id))
-            self._audit(c, "set-endpoint", f"peer {old.name}", {"endpoint": old.endpoint},
-                        {"endpoint": endpoint})
-            return old
+            before = self.server_endpoints()
+            server = next(p for p in self.peers() if self._is_server_peer(p))
+            c.execute("UPDATE peers SET endpoint = ? WHERE id = ?", (endpoints[0], server.id))
+            c.execute("DELETE FROM server_endpoints")
+            c.executemany("INSERT INTO server_endpoints (position, endpoint) VALUES (?, ?)",
+                          enumerate(endpoints[1:]))
+            self._audit(c, "set-endpoint", f"peer {server.name}", {"endpoints": before},
+                        {"endpoints": endpoints})
 
     def _audit_peer_change(self, c, old, **new):
         """One row for an admin's change of a peer, named by what changed."""
@@ -14266,7 +14295,7 @@ class LocalNetwork(NetworkLock):
         return self.iface
 
     def server_endpoints(self):
-        return []
+        return self.store.server_endpoints()
 
     def require(self, feature):
         """The server's own database has every feature."""
@@ -15477,6 +15506,7 @@ def server_status(args, iface, now=None):
     try:
         peers, cidrs = store.peers(), store.cidrs()
         provers = {p.name for p in peers if p.is_admin and store.proves_admin(p.id)}
+        endpoints = store.server_endpoints()
     finally:
         store.close()
     backend = existing_backend(arg_or(args, "backend", "auto"), iface)
@@ -15504,6 +15534,7 @@ def server_status(args, iface, now=None):
             "static": sum(p.is_static for p in peers),
             "admins": sorted(p.name for p in peers if p.is_admin and p.cidr_id != INFRA_CIDR_ID),
             "admins_proving": sorted(provers),
+            "endpoints": endpoints,
             "pending_invitations": sum(not invitation_expired(p, now) for p in invites),
             "expired_invitations": sum(invitation_expired(p, now) for p in invites),
             "relayed_pairs": serving["relayed_pairs"] if serving else None,
@@ -15549,6 +15580,9 @@ def rollback_report(store, now):
             "ERROR) until their data store is deleted; serving with innernet.py again "
             "brings them back"))
     rows = store.extra_rows()
+    if rows["server_endpoints"]:
+        out.append(("standby endpoints", ", ".join(store.server_endpoints()[1:]) + " -- "
+                    "innernet-server's invitations carry only its own endpoint"))
     if rows["key_rotations"]:
         out.append(("key rotations", f"{rows['key_rotations']} proofs no longer served -- "
                     "our clients that have not synced since a rotation refuse the new key"))
@@ -15595,7 +15629,8 @@ def cmd_server_status(args):
     print(f"peers: {st['peers']} ({st['online']} online, {st['offline']} offline by their "
           f"last handshake), {st['disabled']} disabled, {st['static']} static")
     print(f"invitations: {st['pending_invitations']} pending, "
-          f"{st['expired_invitations']} expired")
+          f"{st['expired_invitations']} expired; new ones point at "
+          f"{', '.join(st['endpoints']) or 'nowhere'}")
     unproved = [n for n in st["admins"] if n not in st["admins_proving"]]
     print(f"admins: {len(st['admins'])}, {len(st['admins_proving'])} proving their calls"
           + (f"; not (any local user of their hosts is them): {', '.join(unproved)}"
@@ -15633,18 +15668,23 @@ def cmd_server_admin_proof(args):
 
 
 def cmd_server_set_endpoint(args):
-    """Where new invitations point: a standby that took over sets its own."""
+    """Where new invitations point: the primary names its standby once, and a
+    standby that took over puts itself first."""
     iface = parse_interface(args.interface)
     load_server_config(server_dirs(args), iface)
-    endpoint = args.endpoint
-    parse_endpoint(endpoint)
+    given = [normalize_endpoint(e.strip()) for e in args.endpoint.split(",") if e.strip()]
+    if not given:
+        raise InnernetError("no endpoint given", hint="use HOST:PORT[,HOST:PORT...]")
     store = Store(server_paths(args, iface)[1])
-    server = next(p for p in store.peers() if p.id == 1 or p.name == SERVER_PEER_NAME)
-    confirm(args, f"Point new invitations of {iface} at {endpoint} (now {server.endpoint})?",
-            True)
-    store.set_server_endpoint(endpoint)
-    log(f"new invitations of {iface} point at {endpoint}; peers already in keep the "
-        "endpoints in their config ('innernet override-server-endpoints' changes them)")
+    before = store.server_endpoints()
+    after = server_endpoints_after(before, given, "," in args.endpoint)
+    confirm(args, f"Point new invitations of {iface} at {', '.join(after)} (now "
+                  f"{', '.join(before) or 'nowhere'})?", True)
+    store.set_server_endpoints(after)
+    log(f"new invitations of {iface} point at {', '.join(after)}"
+        + (" in that order" if len(after) > 1 else "")
+        + "; peers already in keep the endpoints in their config ('innernet "
+          "override-server-endpoints' changes them)")
     return 0
 
 
@@ -17130,10 +17170,11 @@ def _add_server_verbs(sub):
                         "endpoint have none)")
     _add_serve_verb(sub)
     p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
-              "Set the network's external endpoint, where new invitations point (a standby "
-              "that took over sets its own).")
+              "Set where new invitations point: the network's external endpoint, then any "
+              "standby (a list replaces them; one already listed moves to the front, as a "
+              "standby that took over does; 'HOST:PORT,' names it alone).")
     p.add_argument("interface", metavar="INTERFACE")
-    p.add_argument("endpoint", metavar="HOST:PORT")
+    p.add_argument("endpoint", metavar="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "restore", cmd_server_restore, "server",
               "On a standby: restore the database from a Litestream replica (the server "

@@ -14,6 +14,7 @@ import pytest
 import innernet
 from innernet import (InnernetError, Peer, generate_private_key, merge_pinned, public_key,
                       rotation_stop, rotation_proof)
+from helpers import cli_network
 from lab import unit_command
 
 
@@ -875,3 +876,51 @@ def test_a_status_file_stamped_ahead_of_the_clock_is_a_problem(tmp_path, monkeyp
         (h,) = json.loads(capsys.readouterr().out)
         assert h["healthy"] is healthy, h
         assert healthy or "ahead of this host's clock" in h["problems"][0]
+
+
+# -- item 7: invitations made on a standby (G9) -------------------------------
+
+def test_set_endpoint_keeps_the_standby_and_a_standby_taking_over_moves_to_the_front():
+    def after(current, text):
+        return innernet.server_endpoints_after(current, [e for e in text.split(",") if e],
+                                               "," in text)
+
+    assert after(["p:1"], "p:1,s:1") == ["p:1", "s:1"]          # the primary names both
+    assert after(["p:1", "s:1"], "s:1") == ["s:1", "p:1"]        # the standby takes over
+    assert after(["s:1", "p:1"], "p:1") == ["p:1", "s:1"]        # and gives it back
+    assert after(["p:1", "s:1"], "n:1") == ["n:1", "s:1"]        # the server moved
+    assert after(["p:1", "s:1"], "n:1,") == ["n:1"]              # a list replaces all
+    assert after(["p:1", "s:1"], "n:1,n:1") == ["n:1"]
+    assert after([], "p:1") == ["p:1"]
+
+
+def test_invitations_made_on_the_server_carry_every_endpoint_after_a_takeover(tmp_path, capsys):
+    """The list is in the database, so a standby restored from the replica has
+    it: what its server CLI invites can fail back to the primary."""
+    base = cli_network(tmp_path, capsys)
+    conf = innernet.InterfaceConfig.from_toml
+
+    def invite(name):
+        path = tmp_path / f"{name}.toml"
+        assert innernet.main(base + ["add-peer", "evil", "--name", name, "--cidr", "h",
+                                     "--auto-ip", "--admin", "false", "--invite-expires",
+                                     "1h", "--save-config", str(path), "--yes"]) == 0
+        return conf(path.read_text(), str(path)).endpoints
+
+    assert innernet.main(base + ["set-endpoint", "evil", "1.2.3.4:51820,5.6.7.8:51820",
+                                 "--yes"]) == 0
+    assert invite("before") == ["1.2.3.4:51820", "5.6.7.8:51820"]
+    assert innernet.main(base + ["set-endpoint", "evil", "5.6.7.8:51820", "--yes"]) == 0
+    assert "point at 5.6.7.8:51820, 1.2.3.4:51820 in that order" in capsys.readouterr().err
+    assert invite("after") == ["5.6.7.8:51820", "1.2.3.4:51820"]
+    assert innernet.main(base + ["reinvite", "evil", "--name", "before", "--invite-expires",
+                                 "1h", "--save-config", str(tmp_path / "re.toml"),
+                                 "--yes"]) == 0
+    assert conf((tmp_path / "re.toml").read_text(), "re").endpoints == \
+        ["5.6.7.8:51820", "1.2.3.4:51820"]
+    capsys.readouterr()
+    assert innernet.main(base + ["status", "evil"]) == 0
+    assert "new ones point at 5.6.7.8:51820, 1.2.3.4:51820" in capsys.readouterr().out
+    assert innernet.main(base + ["set-endpoint", "evil", "1.2.3.4", "--yes"]) == 1
+    assert "invalid endpoint" in capsys.readouterr().err
+    assert invite("still") == ["5.6.7.8:51820", "1.2.3.4:51820"]      # nothing half-written
