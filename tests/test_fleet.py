@@ -924,3 +924,7 @@ def test_invitations_made_on_the_server_carry_every_endpoint_after_a_takeover(tm
     assert innernet.main(base + ["set-endpoint", "evil", "1.2.3.4", "--yes"]) == 1
     assert "invalid endpoint" in capsys.readouterr().err
     assert invite("still") == ["5.6.7.8:51820", "1.2.3.4:51820"]      # nothing half-written
+    store = innernet.Store(str(tmp_path / "lib" / "evil.db"))
+    assert dict(innernet.rollback_report(store, 0))["standby endpoints"].startswith(
+        "1.2.3.4:51820 -- ")                          # innernet-server's carry only its own
+    store.close()
