@@ -14,23 +14,24 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies  18 HTTP wire
-   2 Constants                          19 API client
-   3 Fast path of an unchanged fetch    20 Interface files
-   4 Errors and output                  21 Prompts
-   5 Files and formats                  22 Relays
-   6 Names and addresses                23 DNS and metrics
-   7 Keys and WireGuard messages        24 Server state
-   8 Records                            25 API routes
-   9 Access rules                       26 HTTP server
-  10 Network lock                       27 Paths
-  11 Device plans                       28 Fetch
-  12 Links, routes and rules            29 Daemon
-  13 WireGuard devices                  30 Admin verbs
-  14 Network as code                    31 Lock verbs
-  15 Lock signing and storage           32 Server verbs
-  16 Database schema                    33 Client verbs
-  17 Store                              34 Command line
+   1 Imports and optional dependencies  19 API client
+   2 Constants                          20 Interface files
+   3 Fast path of an unchanged fetch    21 Prompts
+   4 Errors and output                  22 Relays
+   5 Files and formats                  23 DNS and metrics
+   6 Names and addresses                24 Server state
+   7 Keys and WireGuard messages        25 Replication
+   8 Records                            26 API routes
+   9 Access rules                       27 HTTP server
+  10 Network lock                       28 Paths
+  11 Device plans                       29 Fetch
+  12 Links, routes and rules            30 Daemon
+  13 WireGuard devices                  31 Admin verbs
+  14 Network as code                    32 Lock verbs
+  15 Lock signing and storage           33 Server verbs
+  16 Database schema                    34 Client verbs
+  17 Store                              35 Command line
+  18 HTTP wire
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -1715,14 +1716,10 @@ def normalize_endpoint(text):
 def server_endpoints_after(current, given, whole):
     """The server's endpoints (where invitations point, in order) after
     ``set-endpoint`` names ``given``: a ``whole`` list (a comma in the
-    argument) replaces them; one endpoint already listed moves to the front (a
-    standby taking over); a new one takes the first place and the others stay
-    (a server that moved)."""
+    argument) replaces them; one endpoint goes to the front and the others
+    stay (a standby taking over keeps the primary its peers fail back to)."""
     given = list(dict.fromkeys(given))
-    if whole:
-        return given
-    rest = current if given[0] in current else current[1:]
-    return given + [e for e in rest if e != given[0]]
+    return given if whole else given + [e for e in current if e != given[0]]
 
 
 def endpoint_is_unspecified(text):
@@ -6845,6 +6842,28 @@ def _lock_verified(chain, signed):
 
 # -- a client's lock file, an invitation's lock ----------------------------------------
 
+def lock_reaches(entries, reached):
+    """Does the chain ``entries`` contain the one ``reached`` names (or is none named)?"""
+    if reached is None:
+        return True
+    n, head = reached
+    return len(entries) >= n and LockChain(entries[:n]).head == head
+
+
+LOCK_ROLLED_BACK = "is older than the one this host had seen (rolled back?)"
+
+
+def refuse_rolled_back(entries, reached, what):
+    """Fail when the chain ``entries`` does not reach ``reached``, the longest
+    this host verified (<iface>.lock-seen.json): a hijacked server, or a lock
+    copy put back from a backup, would have it trust a removed key again
+    (outside rounds 30 and 31, U30-2, V31-1)."""
+    if entries and not lock_reaches(entries, reached):
+        raise InnernetError(f"network lock: {what} {LOCK_ROLLED_BACK}: nothing taken from it",
+                            hint="'innernet lock log' shows this host's copy; the server "
+                                 "may be hijacked")
+
+
 def load_client_lock(path):
     """The lock file's contents, or None when this interface has no lock."""
     data = load_json_file(path, "it holds this interface's network lock; restore it")
@@ -7202,7 +7221,8 @@ class NetworkLock:
         ``enroll``: a dict to fill with its enrollments {ip: enrollment};
         ``own``: a live lock needs this admin host's own copy (remote_lock_info)."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock, enroll, own, raw)
+            return remote_lock_info(self.api, self.own_lock, self.lock_reached(), enroll,
+                                    own, raw)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
         if enroll is not None:
@@ -7438,7 +7458,7 @@ def remember_signed(path, signed):
 
 
 @server_lock_data
-def remote_lock_info(api, own_lock, enroll=None, own=True, raw=None):
+def remote_lock_info(api, own_lock, reached, enroll=None, own=True, raw=None):
     """The server's lock chain and records, through the admin API; its chain
     must extend this host's own copy (a hijacked server cannot make an admin
     sign for an older or another chain, nor turn lock off for it), and, when
@@ -7465,6 +7485,7 @@ def remote_lock_info(api, own_lock, enroll=None, own=True, raw=None):
             raise InnernetError("the server's lock chain does not extend this host's copy",
                                 hint="the server may be hijacked: 'innernet lock status' "
                                      "shows this host's chain")
+    refuse_rolled_back(entries, reached, "the server's chain")
     records = got.get("records") if isinstance(got.get("records"), dict) else {}
     if entries and not LockChain(entries).disabled:
         records = verified_lock_records(LockChain(entries), records, got.get("batches"))
@@ -9548,12 +9569,16 @@ def note_lock_seen(path, stored, server, reached):
                          reached if grown else before)
 
 
-def lock_reaches(entries, reached):
-    """Does the chain ``entries`` contain the one ``reached`` names (or is none named)?"""
-    if reached is None:
-        return True
-    n, head = reached
-    return len(entries) >= n and LockChain(entries[:n]).head == head
+def refuse_lock_hidden(files, name):
+    """``lock init`` on a host that has seen the network locked and holds no
+    copy: the server shows no lock only when it hides it (outside round 31,
+    V31-3), and a new genesis would sign what it made meanwhile."""
+    if path_exists(files.lock_seen):
+        raise InnernetError(f"this host has seen network {name} locked and holds no copy of "
+                            "its lock, and the server shows none (hiding it?): not locking "
+                            "it anew", hint=f"'innernet fetch {files.iface}' takes the lock "
+                            "again with an admin's proof; if the server's database was "
+                            f"restored from before the lock, move {files.lock_seen} aside")
 
 
 def begin_client_lock(path, invite):
@@ -11467,12 +11492,18 @@ class Coordinator:
         return resp
 
 
+###############################################################################
+# Replication #################################################################
+###############################################################################
 # serve supervises Litestream as a child rather than leaving it to a unit of its
 # own: the replica then starts and stops with the server it protects, its config
 # is generated from the one database path serve knows, and a crash of either is
 # seen (Litestream is restarted with a bounded backoff). WAL mode is what
 # Litestream reads; the schema is untouched, and innernet-server opens a WAL
 # database as any other.
+
+LITESTREAM_ERROR_SHOWN = 600    # seconds an error stays in status and between log lines
+
 
 def litestream_binary():
     found = os.environ.get("INNERNET_LITESTREAM") or which("litestream")
@@ -11519,13 +11550,33 @@ class Replicator:
             self.stale = old != json.loads(text)["dbs"][0]["replicas"][0]["url"]
         atomic_write(self.config, text, 0o600)
         self.url, self.proc, self.stop = url, None, threading.Event()
+        self.failed = None                  # (time, what) of its last ERROR line
 
-    def describe(self):
-        """What `innernet-server status` says: where to, and whether it runs."""
-        proc = self.proc
+    def describe(self, now=None):
+        """What `innernet-server status` says: where to, whether it runs, and
+        its last error if it is recent (it retries for ever, quietly)."""
+        proc, failed = self.proc, self.failed
         url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.url)     # no password
-        return {"url": url, "litestream": f"running (pid {proc.pid})"
-                if proc is not None and proc.poll() is None else "not running (restarting)"}
+        out = {"url": url, "litestream": f"running (pid {proc.pid})"
+               if proc is not None and proc.poll() is None else "not running (restarting)"}
+        if failed and (now or time.time()) - failed[0] < LITESTREAM_ERROR_SHOWN:
+            out["error"] = {"at": int(failed[0]), "what": failed[1]}
+        return out
+
+    def noticed(self, line, said):
+        """One line of its log: an ERROR kept for status, and said in serve's
+        log at once and then every LITESTREAM_ERROR_SHOWN while they go on (the
+        replica falls behind unseen otherwise: operator round 31, W31-2).
+        Returns when it was last said."""
+        if "level=ERROR" not in line:
+            return said
+        m = re.search(r'error="([^"]*)"', line)
+        self.failed = (time.time(), (m.group(1) if m else line)[:200])
+        if time.monotonic() - said >= LITESTREAM_ERROR_SHOWN:
+            warn(f"litestream: replication to {self.describe()['url']} is failing: "
+                 f"{self.failed[1]} (it retries; 'innernet-server status' shows the last error)")
+            return time.monotonic()
+        return said
 
     def stop_leftover(self):
         """A litestream an earlier serve left on this database (its pidfile names
@@ -11565,9 +11616,10 @@ class Replicator:
         while not self.stop.is_set():
             started = time.monotonic()
             self._start()
-            last, said = "", False
+            last, said, told = "", False, -LITESTREAM_ERROR_SHOWN
             for line in self.proc.stderr:     # until it exits; only the last line is kept
                 last = line.decode(errors="replace").strip() or last
+                told = self.noticed(last, told)
                 if not said and "LTX file is missing" in last:    # it retries for ever
                     said = warn("litestream: the replica lacks transactions Litestream's "
                                 "local state no longer has (its storage lost?): it holds a "
@@ -13352,6 +13404,8 @@ class _Fetch:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
                                   offered.get("chain") if offered else None)
+        refuse_rolled_back(chain.entries, read_lock_seen(self.files.lock_seen)[1],
+                           "the chain it would verify under")
         if note:     # the rest verified with ours; the sync fails, asked for whole again
             self.failure, self.etag = (f"network lock: {note}", "this host keeps its own copy "
                                        f"('innernet lock status {self.iface}')"), None
@@ -13403,8 +13457,7 @@ class _Fetch:
         try:
             genesis = LockChain(offered["chain"][:1])
             if not lock_reaches(offered["chain"], read_lock_seen(self.files.lock_seen)[1]):
-                return self.not_adopted("its chain is older than the one this host had seen "
-                                        "(rolled back?)")
+                return self.not_adopted(f"its chain {LOCK_ROLLED_BACK}")
             ans = _require_object(self.api.call("GET", "/user/lock-adoption"), "adoption")
         except InnernetError as e:
             return self.not_adopted(f"gave no proof an admin made the lock ({e.message})")
@@ -14310,12 +14363,12 @@ class RemoteNetwork(NetworkLock):
     """An admin peer's view: the server's admin API over the tunnel."""
 
     def __init__(self, args, iface):
-        self.iface = iface
-        self.config = load_client_config(client_files(args, iface))
-        self.lacks = server_lacks(client_files(args, iface), self.config)
+        self.iface, self.config = iface, load_client_config(f := client_files(args, iface))
+        self.lacks = server_lacks(f, self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
-        self.lock_key_file, self.own_lock = (f := client_files(args, iface)).lock_key, f.lock
+        self.lock_key_file, self.own_lock = f.lock_key, f.lock
+        self.lock_reached = lambda: read_lock_seen(f.lock_seen)[1]
         self.api.kick = server_kick(arg_or(args, "backend", "auto"), iface,   # where the
                                     current_server(f, self.config))     # last failover went
 
@@ -15154,9 +15207,15 @@ def refuse_pending_invitations(peers, iface, key_file):
 
 def save_own_lock(path, entries, signed, fresh=False):
     """This host's copy of the chain it sent (``fresh``: its first), and the
-    serials of the records it signed (remember_signed)."""
+    serials of the records it signed (remember_signed); never over a copy it
+    does not extend: two lock verbs at once, both taken, which only a
+    hijacked server does (outside round 31, V31-2)."""
     with client_lock_guard(path):
         mine = {} if fresh else load_client_lock(path) or {}
+        if mine.get("chain") and LockChain(mine["chain"]).extended_by(entries) is None:
+            raise InnernetError("the server took this lock change, but another lock verb "
+                                "changed this host's copy meanwhile: kept it (hijacked?)",
+                                hint="'innernet lock log' shows this host's chain")
         save_client_lock(path, dict(mine, chain=entries))
     remember_signed(path, signed)
 
@@ -15176,6 +15235,7 @@ def _lock_init(args, iface):
                                 hint=f"'innernet lock log {iface}' shows the chain")
         raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
+    refuse_lock_hidden(client_files(args, iface), name)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
     refuse_pending_invitations(peers, iface, client_files(args, iface).lock_key)
     unseen = _refuse_repinned(args, iface, peers, cidrs)
@@ -15642,6 +15702,10 @@ def cmd_server_status(args):
         rep = st["replication"]
         print("replication: " + (f"to {rep['url']}, litestream {rep['litestream']}"
                                  if isinstance(rep, dict) else "off (no --replicate)"))
+        failed = rep.get("error") if isinstance(rep, dict) else None
+        if isinstance(failed, dict):
+            print(f"  FAILING: last error {max(0, int(time.time()) - failed.get('at', 0))} s "
+                  f"ago: {failed.get('what')}")
     print(f"database: {human_bytes(st['database_bytes'])} ({st['database']})")
     return 0
 
@@ -17171,8 +17235,8 @@ def _add_server_verbs(sub):
     _add_serve_verb(sub)
     p = _verb(sub, "set-endpoint", cmd_server_set_endpoint, "server",
               "Set where new invitations point: the network's external endpoint, then any "
-              "standby (a list replaces them; one already listed moves to the front, as a "
-              "standby that took over does; 'HOST:PORT,' names it alone).")
+              "standby (a list replaces them; one endpoint goes to the front and the others "
+              "stay, as for a standby that took over; 'HOST:PORT,' names it alone).")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("endpoint", metavar="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -17472,6 +17536,8 @@ def _main(argv, server_mode):
     argv = sys.argv[1:] if argv is None else list(argv)
     if server_mode is None:     # a symlink or command named innernet-server
         server_mode = os.path.basename(sys.argv[0] or "").startswith(SERVER_PROG)
+    if not server_mode and argv[:1] == ["server"]:     # the same, its options after it too
+        server_mode, argv = True, argv[1:]
     parser = build_parser(server_mode, _named_verbs(argv))
     prog = SERVER_PROG if server_mode else PROG
     wrong = _misplaced_option(parser, prog, argv, server_mode)

@@ -608,9 +608,30 @@ def test_allocated_relay_pairs_are_not_counted_as_relaying():
 
 def test_server_status_names_replication_without_its_password():
     r = innernet.Replicator.__new__(innernet.Replicator)
-    r.url, r.proc = "sftp://user:secret@host/path", None
+    r.url, r.proc, r.failed = "sftp://user:secret@host/path", None, None
     assert r.describe() == {"url": "sftp://user:***@host/path",
                             "litestream": "not running (restarting)"}
+
+
+def test_a_replica_litestream_cannot_write_is_said_in_the_log_and_in_status(capsys):
+    """Operator round 31, W31-2: Litestream retries for ever and only logs;
+    its errors were dropped, status said "running", and the loss showed at
+    failover. Its ERROR lines are now said (once, then every 10 minutes while
+    they go on) and the last one stays in status for 10 minutes."""
+    r = innernet.Replicator.__new__(innernet.Replicator)
+    r.url, r.proc, r.failed = "file:///proc/nope/x", None, None
+    line = ('time=2026-12-07T21:51:27.723Z level=ERROR msg="monitor error" system=store '
+            'db=t.db replica=file error="write ltx file: mkdir /proc/nope: no such file or '
+            'directory" consecutive_errors=1 backoff=1s')
+    told = r.noticed("time=... level=INFO msg=\"snapshot complete\"", -1e9)
+    assert told == -1e9 and r.failed is None
+    told = r.noticed(line, told)
+    told = r.noticed(line, told)
+    err = capsys.readouterr().err
+    assert err.count("is failing: write ltx file: mkdir /proc/nope") == 1, err
+    said = r.describe()["error"]
+    assert said["what"] == "write ltx file: mkdir /proc/nope: no such file or directory"
+    assert "error" not in r.describe(now=said["at"] + innernet.LITESTREAM_ERROR_SHOWN + 1)
 
 
 def test_restore_without_the_config_hints_to_copy_the_primarys(tmp_path, capsys):
@@ -888,7 +909,8 @@ def test_set_endpoint_keeps_the_standby_and_a_standby_taking_over_moves_to_the_f
     assert after(["p:1"], "p:1,s:1") == ["p:1", "s:1"]          # the primary names both
     assert after(["p:1", "s:1"], "s:1") == ["s:1", "p:1"]        # the standby takes over
     assert after(["s:1", "p:1"], "p:1") == ["p:1", "s:1"]        # and gives it back
-    assert after(["p:1", "s:1"], "n:1") == ["n:1", "s:1"]        # the server moved
+    assert after(["p:1", "s:1"], "n:1") == ["n:1", "p:1", "s:1"]
+    assert after(["p:1"], "s:1") == ["s:1", "p:1"]               # a standby never named
     assert after(["p:1", "s:1"], "n:1,") == ["n:1"]              # a list replaces all
     assert after(["p:1", "s:1"], "n:1,n:1") == ["n:1"]
     assert after([], "p:1") == ["p:1"]
@@ -928,3 +950,26 @@ def test_invitations_made_on_the_server_carry_every_endpoint_after_a_takeover(tm
     assert dict(innernet.rollback_report(store, 0))["standby endpoints"].startswith(
         "1.2.3.4:51820 -- ")                          # innernet-server's carry only its own
     store.close()
+
+
+def test_the_server_role_word_takes_the_global_options_after_it_too(tmp_path, capsys):
+    """`innernet.pyz server` is innernet-server: `-c`/`-d` may follow it (op round 31, W31-4)."""
+    argv = ["server", "-c", str(tmp_path / "etc"), "-d", str(tmp_path / "lib"), "new",
+            "--network-name", "evil", "--network-cidr", "10.66.0.0/16", "--external-endpoint",
+            "198.18.0.1:51820", "--listen-port", "51820", "--yes"]
+    assert innernet.main(argv) == 0
+    assert (tmp_path / "lib" / "evil.db").exists() and (tmp_path / "etc" / "evil.conf").exists()
+
+
+def test_server_status_says_replication_is_failing(tmp_path, capsys):
+    base = cli_network(tmp_path, capsys)
+    at = int(time.time()) - 12
+    with open(tmp_path / "lib" / "evil.status.json", "w") as f:     # as a running serve writes it
+        json.dump({"pid": os.getpid(), "dns": None, "relayed_pairs": 0,
+                   "relay_pairs_allocated": 0, "replication": {
+                       "url": "file:///proc/nope/x", "litestream": "running (pid 1)",
+                       "error": {"at": at, "what": "write ltx file: mkdir /proc/nope"}}}, f)
+    assert innernet.main(base + ["status", "evil"]) == 0
+    out = capsys.readouterr().out
+    assert "replication: to file:///proc/nope/x, litestream running (pid 1)" in out
+    assert "  FAILING: last error 1" in out and "s ago: write ltx file: mkdir /proc/nope" in out

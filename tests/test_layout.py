@@ -40,6 +40,7 @@ TIERS = {
     "Relays": "server",
     "DNS and metrics": "server",
     "Server state": "server",
+    "Replication": "server",
     "API routes": "server",
     "HTTP server": "server",
     "Paths": "client",

@@ -1208,3 +1208,44 @@ def test_a_lost_copy_takes_the_lock_again_only_as_far_as_this_host_had_seen_it(t
     assert taken is None and "older than the one this host had seen" in problems[0]
     taken, problems = fetch(new)
     assert taken == {"chain": new[:1]} and problems == []
+
+
+def test_an_admin_signs_under_no_chain_older_than_the_one_its_host_had_seen(tmp_path):
+    """Outside round 31, V31-1b: an admin's lock copy put back from an older
+    backup, and a hijacked server showing the chain from before a `lock
+    remove` of a stolen key: the chain extends the copy, so the admin's next
+    verb (another `lock remove`) signed the stolen key's records again under
+    a trusted key, for every host. Its verbs now refuse a chain that does not
+    reach the one its host had verified (lock-seen's "reached")."""
+    lk, stolen = lock_keypair(), lock_keypair()
+    old = chain_of(lk)
+    old.append(lock_update(LockChain(old), "add", stolen[1], "stolen", lk[0], T))
+    new = old + [lock_update(LockChain(old), "remove", stolen[1], "stolen", lk[0], T)]
+    own = str(tmp_path / "net.lock.json")
+    innernet.save_client_lock(own, {"chain": old})               # the restored copy
+    api = types.SimpleNamespace(call=lambda method, path: {"chain": old, "records": {}})
+    with pytest.raises(InnernetError, match="older than the one this host had seen"):
+        innernet.remote_lock_info(api, own, [3, LockChain(new).head])
+    assert innernet.remote_lock_info(api, own, [2, LockChain(old).head])[0] == old
+    api = types.SimpleNamespace(call=lambda method, path: {"chain": new, "records": {}})
+    assert innernet.remote_lock_info(api, own, [3, LockChain(new).head])[0] == new
+
+
+def test_a_lock_verb_never_saves_a_chain_over_a_copy_it_does_not_extend(tmp_path):
+    """Outside round 31, V31-2: `lock add` and `lock remove` at once, both
+    taken by a hijacked server; the later answer wrote its fork (still
+    trusting the removed key) over the copy the other had saved."""
+    a, b, c = lock_keypair(), lock_keypair(), lock_keypair()
+    base = chain_of(a)
+    base.append(lock_update(LockChain(base), "add", b[1], "b", a[0], T))
+    removed = base + [lock_update(LockChain(base), "remove", b[1], "b", a[0], T)]
+    added = base + [lock_update(LockChain(base), "add", c[1], "c", a[0], T)]
+    path = str(tmp_path / "net.lock.json")
+    innernet.save_client_lock(path, {"chain": base})
+    innernet.save_own_lock(path, removed, None)
+    with pytest.raises(InnernetError, match="another lock verb changed this host's copy"):
+        innernet.save_own_lock(path, added, None)
+    assert innernet.load_client_lock(path)["chain"] == removed
+    longer = removed + [lock_update(LockChain(removed), "add", c[1], "c", a[0], T)]
+    innernet.save_own_lock(path, longer, None)
+    assert innernet.load_client_lock(path)["chain"] == longer

@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 import types
 
 import pytest
@@ -649,3 +650,54 @@ def test_a_host_that_has_seen_a_lock_is_not_healthy_when_the_server_shows_none(w
         assert "holds no copy of it, and the server shows none" in out.stderr, out.stderr
         r = w.zed.innernet("status", w.zed_if, check=False)
         assert r.returncode == 1 and "the server shows none" in r.stdout, r.stdout
+
+
+def _lib(host, iface, ext):
+    return host.path("client", "lib", f"{iface}{ext}")
+
+
+def test_a_host_takes_no_chain_older_than_the_one_it_had_seen_even_with_its_copy(w):
+    """Outside round 31, V31-1: alice's lock copy put back from a backup older
+    than what she had verified (README, Backup and restore), and a hijacked
+    server showing the chain as it was then (before a `lock remove` of a
+    stolen key): it extends the copy, so she verified under it, trusting the
+    removed key again, healthy. Her syncs now verify under no chain that
+    does not reach the one her lock-seen file says she had verified."""
+    I = _innernet()
+    seen = _lib(w.alice, w.alice_if, ".lock-seen.json")
+    kept = open(seen).read()
+    chain = I.load_client_lock(_lib(w.alice, w.alice_if, ".lock.json"))["chain"]
+    trusted = I.read_lock_key(w.admin.path("client", "etc", f"{w.admin_if}.lock-key"), True)
+    later = chain + [I.lock_update(I.LockChain(chain), "add", I.lock_keypair()[1], "later",
+                                   trusted, int(time.time()))]
+    with open(seen, "w") as f:            # she had verified one entry more than her copy
+        json.dump(dict(json.loads(kept), reached=[len(later), I.LockChain(later).head]), f)
+    try:
+        out = lie(w, w.alice, w.alice_if, copy.deepcopy(w.honest), code=1)
+        assert "older than the one this host had seen (rolled back?)" in out.stderr, out.stderr
+        r = w.alice.innernet("status", w.alice_if, check=False)
+        assert r.returncode == 1 and "rolled back?" in r.stdout, r.stdout
+    finally:
+        with open(seen, "w") as f:
+            f.write(kept)
+        both(w, lambda s: s)
+
+
+def test_lock_init_is_refused_on_a_host_that_has_seen_the_lock_the_server_hides(w):
+    """Outside round 31, V31-3: an admin's host that lost its lock copy, and a
+    hijacked server showing no lock at all: `lock init` made a new genesis
+    and signed the server's whole network (peers it had made with removed
+    keys among them). A host that has seen the lock now refuses."""
+    own = _lib(w.admin, w.admin_if, ".lock.json")
+    assert os.path.exists(_lib(w.admin, w.admin_if, ".lock-seen.json"))
+    os.rename(own, own + ".away")
+    w.hostile.script({"GET /v1/admin/lock": {"body": {}},      # innernet.py's, unlocked
+                      "GET /v1/user/capabilities": {"body": {"routes": True}}})
+    before = len(w.hostile.requests())
+    try:
+        out = w.admin.innernet("lock", "init", w.admin_if, "--yes", check=False)
+        assert out.returncode == 1 and "the server shows none (hiding it?)" in out.stderr, \
+            out.stderr
+        assert not [r for r in w.hostile.requests()[before:] if r[0] != "GET"]
+    finally:
+        os.rename(own + ".away", own)
