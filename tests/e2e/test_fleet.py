@@ -1209,7 +1209,7 @@ def test_accept_public_routes_is_remembered_by_a_plain_fetch_and_up(world):
 
 def readme_failover_lines():
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"then, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
+    block = re.search(r"[Tt]hen, on the standby:\n\n```sh\n(.*?)\n```", text, re.S)
     return [line.split("#")[0].strip() for line in block.group(1).splitlines()]
 
 
