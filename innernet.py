@@ -15686,6 +15686,9 @@ def cmd_server_status(args):
     print(f"network: {st['network']} ({st['cidr']}), innernet.py {st['version']}")
     print("serve: " + (f"running (pid {st['pid']})" if st["serving"] else "not running")
           + ("" if st["interface_up"] else "; the interface is down"))
+    if st["interface_up"] and not st["serving"]:      # operator round 31, W31-1
+        print(f"  its WireGuard device is up, answering for the server's key: before a "
+              f"standby serves, 'ip link del {iface}'")
     print(f"peers: {st['peers']} ({st['online']} online, {st['offline']} offline by their "
           f"last handshake), {st['disabled']} disabled, {st['static']} static")
     print(f"invitations: {st['pending_invitations']} pending, "
@@ -16332,7 +16335,8 @@ def cmd_override_server_endpoints(args):
     """Where this peer looks for the server (a standby too), the first first."""
     iface = parse_interface(args.interface)
     cfg = load_client_config(client_files(args, iface))
-    eps = [normalize_endpoint(e) for e in args.endpoints]
+    eps = list(dict.fromkeys(normalize_endpoint(e.strip()) for arg in args.endpoints
+                             for e in arg.split(",") if e.strip()))     # set-endpoint's form too
     if not eps:
         print("\n".join(cfg.endpoints))
         return 0
@@ -17405,7 +17409,7 @@ def build_parser(server_mode=False, verbs=None):
               "answer, the next is tried.")
     p.add_argument("interface", metavar="INTERFACE")
     p.add_argument("endpoints", metavar="HOST:PORT", nargs="*",
-                   help="the primary first (none: print the list)")
+                   help="the primary first, apart or with commas (none: print the list)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = _verb(sub, "override-peer-endpoint", cmd_override_peer_endpoint, "client",
               "Reach one peer at an endpoint of your choice (local only).")

@@ -973,3 +973,31 @@ def test_server_status_says_replication_is_failing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "replication: to file:///proc/nope/x, litestream running (pid 1)" in out
     assert "  FAILING: last error 1" in out and "s ago: write ltx file: mkdir /proc/nope" in out
+
+
+def test_override_server_endpoints_takes_set_endpoints_comma_form_too(tmp_path, capsys):
+    """Operator round 31, W31-5: the server's list is 'A,B', the client's was 'A B' only."""
+    base = cli_network(tmp_path, capsys)
+    conf = tmp_path / "client" / "evil.conf"
+    conf.parent.mkdir()
+    assert innernet.main(base + ["add-peer", "evil", "--name", "c", "--cidr", "h", "--auto-ip",
+                                 "--admin", "false", "--invite-expires", "1h",
+                                 "--save-config", str(conf), "--yes"]) == 0
+    argv = ["-c", str(tmp_path / "client"), "-d", str(tmp_path / "clib"),
+            "override-server-endpoints", "evil"]
+    assert innernet.main(argv + ["198.18.0.1:51820,198.18.0.2:51820", "198.18.0.3:51820",
+                                 "--yes"]) == 0
+    assert innernet.InterfaceConfig.from_toml(conf.read_text(), "c").endpoints == \
+        ["198.18.0.1:51820", "198.18.0.2:51820", "198.18.0.3:51820"]
+
+
+def test_server_status_says_a_device_left_up_without_serve(tmp_path, monkeypatch, capsys):
+    """Operator round 31, W31-1: a stopped serve leaves its device answering
+    for the server's key (so that a restart keeps the tunnels); beside a
+    standby that pulls peers back and forth. status says so."""
+    base = cli_network(tmp_path, capsys)
+    monkeypatch.setattr(innernet, "existing_backend", lambda choice, iface: types.SimpleNamespace(
+        get=lambda iface: types.SimpleNamespace(peers=[])))
+    assert innernet.main(base + ["status", "evil"]) == 0
+    out = capsys.readouterr().out
+    assert "serve: not running\n" in out and "before a standby serves, 'ip link del evil'" in out
