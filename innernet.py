@@ -16011,8 +16011,9 @@ def cmd_install(args):
                 redeemed = False
                 raise InnernetError(f"{lost.message} while redeeming the invitation, and "
                                     "the server does not answer this host's new key",
-                                    hint="try again; if the server says it was already "
-                                         "redeemed, " + REDEEMED_ELSEWHERE)
+                                    hint="try again (an invitation that expired meanwhile "
+                                         "is cut off so: ask for a new one); if the server "
+                                         "says it was already redeemed, " + REDEEMED_ELSEWHERE)
         redeemed = True
     except BaseException:
         if backend is not None:
