@@ -7221,8 +7221,7 @@ class NetworkLock:
         ``enroll``: a dict to fill with its enrollments {ip: enrollment};
         ``own``: a live lock needs this admin host's own copy (remote_lock_info)."""
         if self.api is not None:
-            return remote_lock_info(self.api, self.own_lock, self.lock_reached(), enroll,
-                                    own, raw)
+            return remote_lock_info(self.lock_fetch, self.own_lock, enroll, own, raw)
         chain = self.store.lock_chain()
         recs, _ = self.store.lock_records()
         if enroll is not None:
@@ -7458,18 +7457,14 @@ def remember_signed(path, signed):
 
 
 @server_lock_data
-def remote_lock_info(api, own_lock, reached, enroll=None, own=True, raw=None):
-    """The server's lock chain and records, through the admin API; its chain
-    must extend this host's own copy (a hijacked server cannot make an admin
-    sign for an older or another chain, nor turn lock off for it), and, when
-    ``own``, a live lock needs that copy (else the chain is the server's word).
-    ``raw``: a dict to fill with the server's answer (its batches)."""
-    try:
-        got = _require_object(api.call("GET", "/admin/lock"), "lock")
-    except InnernetError as e:
-        if getattr(e, "lacking", None) is None:
-            raise
-        got = {}
+def remote_lock_info(fetch, own_lock, enroll=None, own=True, raw=None):
+    """The server's lock chain and records, through the admin API (``fetch``:
+    its answer, and how far this host had seen the chain -- server_lock_answer);
+    its chain must extend this host's own copy (a hijacked server cannot make
+    an admin sign for an older or another chain, nor turn lock off for it),
+    and, when ``own``, a live lock needs that copy (else the chain is the
+    server's word). ``raw``: a dict to fill with the server's answer (its batches)."""
+    got, reached = fetch()
     if raw is not None:
         raw.update(got)
     entries = got.get("chain") or []
@@ -9564,21 +9559,45 @@ def note_lock_seen(path, stored, server, reached):
     read; a write only when either is new."""
     admins, before = read_lock_seen(path)
     grown = before is None or before[0] < reached[0]
-    if admins is None or grown:
-        _write_lock_seen(path, _first_admins(stored, server) if admins is None else admins,
+    first = admins is None and stored is not None      # None: a lock verb's (save_own_lock)
+    if first or grown:
+        _write_lock_seen(path, _first_admins(stored, server) if first else admins,
                          reached if grown else before)
 
 
-def refuse_lock_hidden(files, name):
-    """``lock init`` on a host that has seen the network locked and holds no
-    copy: the server shows no lock only when it hides it (outside round 31,
-    V31-3), and a new genesis would sign what it made meanwhile."""
-    if path_exists(files.lock_seen):
-        raise InnernetError(f"this host has seen network {name} locked and holds no copy of "
-                            "its lock, and the server shows none (hiding it?): not locking "
-                            "it anew", hint=f"'innernet fetch {files.iface}' takes the lock "
-                            "again with an admin's proof; if the server's database was "
+def server_lock_answer(api, files, resend=True):
+    """(the server's GET /admin/lock, lock-seen's "reached") for an admin verb
+    (remote_lock_info), after two looks at this host's own lock files. A host
+    that has seen the lock and holds no copy, shown none, changes nothing:
+    only a server hiding it shows none (outside rounds 31 and 32, V31-3,
+    X32-3; a new genesis would sign what it made meanwhile). A chain that ends
+    before this host's copy (a server restored from a backup) is sent the rest
+    again, once: the server takes an extension of its own (X32-1)."""
+    try:
+        got = _require_object(api.call("GET", "/admin/lock"), "lock")
+    except InnernetError as e:
+        if getattr(e, "lacking", None) is None:
+            raise
+        got = {}
+    entries = got.get("chain") if isinstance(got.get("chain"), list) else []
+    mine = load_client_lock(files.lock)
+    if mine is None and not entries and path_exists(files.lock_seen):
+        raise InnernetError(f"this host has seen network {files.iface} locked and holds no "
+                            "copy of its lock, and the server shows none (hiding it?): "
+                            "nothing changed", hint=f"'innernet fetch {files.iface}' takes the "
+                            "lock again with an admin's proof; if the server's database was "
                             f"restored from before the lock, move {files.lock_seen} aside")
+    ahead = None
+    with contextlib.suppress(InnernetError, TypeError, KeyError, AttributeError):
+        if entries and LockChain(entries).extended_by(mine["chain"]) is not None:
+            ahead = len(mine["chain"]) - len(entries)
+    if resend and ahead:
+        warn(f"{files.iface}: the server's lock chain lacks the last {ahead} entries of this "
+             "host's copy (its database restored from a backup?): sending them again")
+        api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": None,
+                                         "adoptions": {}})
+        return server_lock_answer(api, files, resend=False)
+    return got, read_lock_seen(files.lock_seen)[1]
 
 
 def begin_client_lock(path, invite):
@@ -13404,6 +13423,10 @@ class _Fetch:
                 return received
         chain, note = adopt_chain(LockChain(mine["chain"]),
                                   offered.get("chain") if offered else None)
+        with contextlib.suppress(InnernetError, TypeError, KeyError):
+            if note and LockChain(offered["chain"]).extended_by(chain.entries) is not None:
+                note = ("the server's lock chain ends before ours (its database restored from "
+                        "a backup?): kept ours; an admin's lock verb sends it the rest")
         refuse_rolled_back(chain.entries, read_lock_seen(self.files.lock_seen)[1],
                            "the chain it would verify under")
         if note:     # the rest verified with ours; the sync fails, asked for whole again
@@ -14367,8 +14390,8 @@ class RemoteNetwork(NetworkLock):
         self.lacks = server_lacks(f, self.config)
         self.api = ApiClient(self.config.server_internal_endpoint, self.config.server_public_key,
                              proof_key=self.config.private_key, lacks=self.lacks)
-        self.lock_key_file, self.own_lock = f.lock_key, f.lock
-        self.lock_reached = lambda: read_lock_seen(f.lock_seen)[1]
+        self.files, self.lock_key_file, self.own_lock = f, f.lock_key, f.lock
+        self.lock_fetch = lambda: server_lock_answer(self.api, f)
         self.api.kick = server_kick(arg_or(args, "backend", "auto"), iface,   # where the
                                     current_server(f, self.config))     # last failover went
 
@@ -15205,11 +15228,13 @@ def refuse_pending_invitations(peers, iface, key_file):
             "lock the network, then invite those peers again (the invitations carry the lock)")
 
 
-def save_own_lock(path, entries, signed, fresh=False):
+def save_own_lock(files, entries, signed, fresh=False):
     """This host's copy of the chain it sent (``fresh``: its first), and the
     serials of the records it signed (remember_signed); never over a copy it
     does not extend: two lock verbs at once, both taken, which only a
-    hijacked server does (outside round 31, V31-2)."""
+    hijacked server does (outside round 31, V31-2). Lock-seen notes how far
+    the chain got, so no copy from before it is taken back (X32-2)."""
+    path = files.lock
     with client_lock_guard(path):
         mine = {} if fresh else load_client_lock(path) or {}
         if mine.get("chain") and LockChain(mine["chain"]).extended_by(entries) is None:
@@ -15217,6 +15242,7 @@ def save_own_lock(path, entries, signed, fresh=False):
                                 "changed this host's copy meanwhile: kept it (hijacked?)",
                                 hint="'innernet lock log' shows this host's chain")
         save_client_lock(path, dict(mine, chain=entries))
+        note_lock_seen(files.lock_seen, None, None, [len(entries), LockChain(entries).head])
     remember_signed(path, signed)
 
 
@@ -15235,7 +15261,6 @@ def _lock_init(args, iface):
                                 hint=f"'innernet lock log {iface}' shows the chain")
         raise InnernetError(f"network {name} is locked already",
                             hint=f"'innernet lock status {iface}'")
-    refuse_lock_hidden(client_files(args, iface), name)
     peers, cidrs, assocs = net.peers(), net.cidrs(), net.associations()
     refuse_pending_invitations(peers, iface, client_files(args, iface).lock_key)
     unseen = _refuse_repinned(args, iface, peers, cidrs)
@@ -15261,7 +15286,7 @@ def _lock_init(args, iface):
                                                             net.config.server_public_key)}
     net.lock_submit(chain.entries, {"batch": sign_batch(chain.net, private, records),
                                     "records": records}, adoptions)
-    save_own_lock(net.own_lock, chain.entries, {"records": records}, fresh=True)
+    save_own_lock(net.files, chain.entries, {"records": records}, fresh=True)
     kinds = {k: sum(r["t"] == k for r in records) for k in ("peer", "cidr", "assoc")}
     counted = ", ".join(f"{kinds[k]} {w}" for k, w in (("peer", "peers"), ("cidr", "CIDRs"),
                                                        ("assoc", "associations")))
@@ -15380,7 +15405,7 @@ def _lock_submit_own(net, entries, signed):
     """A chain update sent, and kept as this host's own copy at once: its next
     fetch (and its next signing) refuses a server chain that does not extend it."""
     net.lock_submit(entries, signed, {})
-    save_own_lock(net.own_lock, entries, signed)
+    save_own_lock(net.files, entries, signed)
 
 
 def _lock_remove(args, iface):

@@ -1223,12 +1223,14 @@ def test_an_admin_signs_under_no_chain_older_than_the_one_its_host_had_seen(tmp_
     new = old + [lock_update(LockChain(old), "remove", stolen[1], "stolen", lk[0], T)]
     own = str(tmp_path / "net.lock.json")
     innernet.save_client_lock(own, {"chain": old})               # the restored copy
-    api = types.SimpleNamespace(call=lambda method, path: {"chain": old, "records": {}})
+
+    def info(chain, reached):
+        answer = {"chain": chain, "records": {}}
+        return innernet.remote_lock_info(lambda: (answer, reached), own)[0]
     with pytest.raises(InnernetError, match="older than the one this host had seen"):
-        innernet.remote_lock_info(api, own, [3, LockChain(new).head])
-    assert innernet.remote_lock_info(api, own, [2, LockChain(old).head])[0] == old
-    api = types.SimpleNamespace(call=lambda method, path: {"chain": new, "records": {}})
-    assert innernet.remote_lock_info(api, own, [3, LockChain(new).head])[0] == new
+        info(old, [3, LockChain(new).head])
+    assert info(old, [2, LockChain(old).head]) == old
+    assert info(new, [3, LockChain(new).head]) == new
 
 
 def test_a_lock_verb_never_saves_a_chain_over_a_copy_it_does_not_extend(tmp_path):
@@ -1241,11 +1243,52 @@ def test_a_lock_verb_never_saves_a_chain_over_a_copy_it_does_not_extend(tmp_path
     removed = base + [lock_update(LockChain(base), "remove", b[1], "b", a[0], T)]
     added = base + [lock_update(LockChain(base), "add", c[1], "c", a[0], T)]
     path = str(tmp_path / "net.lock.json")
+    files = types.SimpleNamespace(lock=path, lock_seen=str(tmp_path / "net.lock-seen.json"))
     innernet.save_client_lock(path, {"chain": base})
-    innernet.save_own_lock(path, removed, None)
+    innernet.save_own_lock(files, removed, None)
     with pytest.raises(InnernetError, match="another lock verb changed this host's copy"):
-        innernet.save_own_lock(path, added, None)
+        innernet.save_own_lock(files, added, None)
     assert innernet.load_client_lock(path)["chain"] == removed
     longer = removed + [lock_update(LockChain(removed), "add", c[1], "c", a[0], T)]
-    innernet.save_own_lock(path, longer, None)
+    innernet.save_own_lock(files, longer, None)
     assert innernet.load_client_lock(path)["chain"] == longer
+    # outside round 32, X32-2: how far this host's own verbs took the chain is
+    # in lock-seen, so a copy put back from before them is refused as rolled back
+    assert innernet.read_lock_seen(files.lock_seen) == (None, [4, LockChain(longer).head])
+
+
+def test_an_admin_verb_sends_a_restored_server_the_chain_it_lost_and_changes_nothing_hidden(
+        tmp_path, capsys):
+    """Outside round 32. X32-1: a server database restored from before the
+    last lock change left every admin verb refused ("does not extend this
+    host's copy") with no way back; the admin's host now sends the server the
+    entries it lacks (it takes an extension of its own chain), once. X32-3: an
+    admin host that has seen the lock and lost its copy, shown no lock at
+    all, ran every verb but `lock init` unsigned; none runs now."""
+    a, b = lock_keypair(), lock_keypair()
+    base = chain_of(a)
+    longer = base + [lock_update(LockChain(base), "add", b[1], "b", a[0], T)]
+    files = types.SimpleNamespace(iface="net", lock=str(tmp_path / "net.lock.json"),
+                                  lock_seen=str(tmp_path / "net.lock-seen.json"))
+    innernet.save_client_lock(files.lock, {"chain": longer})
+    server = {"chain": base}
+    sent = []
+
+    def call(method, path, body=None):
+        if method == "POST":
+            sent.append(body["chain"])
+            server["chain"] = body["chain"]
+        return dict(server)
+    api = types.SimpleNamespace(call=call)
+    got, _ = innernet.server_lock_answer(api, files)
+    assert sent == [longer] and got["chain"] == longer
+    assert "lacks the last 1 entries of this host's copy" in capsys.readouterr().err
+    assert innernet.server_lock_answer(api, files)[0]["chain"] == longer and len(sent) == 1
+    server["chain"] = base                     # a server that keeps losing it: sent once a verb
+    innernet.server_lock_answer(types.SimpleNamespace(
+        call=lambda m, p, body=None: sent.append(m) or {"chain": base}), files)
+    assert sent[1:] == ["GET", "POST", "GET"]
+    os.unlink(files.lock)                      # X32-3
+    innernet.note_lock_seen(files.lock_seen, None, None, [2, LockChain(longer).head])
+    with pytest.raises(InnernetError, match=r"the server shows none \(hiding it\?\)"):
+        innernet.server_lock_answer(types.SimpleNamespace(call=lambda *a: {}), files)

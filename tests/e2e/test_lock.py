@@ -691,13 +691,31 @@ def test_lock_init_is_refused_on_a_host_that_has_seen_the_lock_the_server_hides(
     own = _lib(w.admin, w.admin_if, ".lock.json")
     assert os.path.exists(_lib(w.admin, w.admin_if, ".lock-seen.json"))
     os.rename(own, own + ".away")
+    I = _innernet()
+    store = I.Store(w.db)
+    try:
+        listed = {f"GET /v1/admin/{what}": {"body": [x.to_json() for x in rows]}
+                  for what, rows in (("cidrs", store.cidrs()), ("peers", store.peers()),
+                                     ("associations", store.associations()))}
+        listed["GET /v1/admin/deleted-peers"] = {"body": []}
+    finally:
+        store.close()
     w.hostile.script({"GET /v1/admin/lock": {"body": {}},      # innernet.py's, unlocked
-                      "GET /v1/user/capabilities": {"body": {"routes": True}}})
+                      "GET /v1/user/capabilities": {"body": {"routes": True}}, **listed})
     before = len(w.hostile.requests())
     try:
         out = w.admin.innernet("lock", "init", w.admin_if, "--yes", check=False)
         assert out.returncode == 1 and "the server shows none (hiding it?)" in out.stderr, \
             out.stderr
+        # nor any other admin verb (outside round 32, X32-3: add-peer made an
+        # invitation with no lock, whose peer joined unlocked)
+        path = w.admin.path("hidden.toml")
+        out = w.admin.innernet("add-peer", w.admin_if, "--name", "hidden", "--cidr", "humans",
+                               "--auto-ip", "--admin", "false", "--invite-expires", "1h",
+                               "--save-config", path, "--yes", check=False)
+        assert out.returncode == 1 and "the server shows none (hiding it?)" in out.stderr, \
+            out.stderr
+        assert not os.path.exists(path)
         assert not [r for r in w.hostile.requests()[before:] if r[0] != "GET"]
     finally:
         os.rename(own + ".away", own)
