@@ -13426,7 +13426,7 @@ class _Fetch:
         with contextlib.suppress(InnernetError, TypeError, KeyError):
             if note and LockChain(offered["chain"]).extended_by(chain.entries) is not None:
                 note = ("the server's lock chain ends before ours (its database restored from "
-                        "a backup?): kept ours; an admin's lock verb sends it the rest")
+                        "a backup?): kept ours; 'innernet lock log' on an admin's host sends it")
         refuse_rolled_back(chain.entries, read_lock_seen(self.files.lock_seen)[1],
                            "the chain it would verify under")
         if note:     # the rest verified with ours; the sync fails, asked for whole again
