@@ -9513,6 +9513,7 @@ def invitation_lock_chain(invite):
 
 
 LOCK_SEEN_HINT = "it holds the admins this host takes a network lock from"
+LOCK_RESEND_KEEP = 4     # lock verbs whose signed records a host keeps to send again
 
 
 def read_lock_seen(path):
@@ -9596,6 +9597,14 @@ def server_lock_answer(api, files, resend=True):
              "host's copy (its database restored from a backup?): sending them again")
         api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": None,
                                          "adoptions": {}})
+        for at, batch in mine.get("resend") or []:    # what those entries' verbs signed
+            if isinstance(at, int) and at > len(entries):
+                try:
+                    api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": batch,
+                                                     "adoptions": {}})
+                except InnernetError as e:        # the server holds newer records: kept
+                    warn(f"{files.iface}: the records signed with lock entry {at} were not "
+                         f"taken again: {e.message}")
         return server_lock_answer(api, files, resend=False)
     return got, read_lock_seen(files.lock_seen)[1]
 
@@ -12072,6 +12081,20 @@ def admin_post_lock(co, req):
     return Response(200, {"head": chain.head})
 
 
+@api_route("POST", "user/lock-chain", "user", body=True, max_body=MAX_ROTATION_BODY)
+def user_post_lock_chain(co, req):
+    """Ours: a locked peer's copy of the chain, sent when the server's ends
+    before it (a database restored from a backup: outside round 33, Y33-4).
+    Only an extension of the server's own chain is taken, each entry signed
+    by a key the chain trusts: nothing a peer could not have been shown."""
+    entries = _get(_require_object(req.body, "lock chain"), "chain", list)
+    if co.store.lock_chain() is None:
+        raise InnernetError("the network is not locked", status=409)
+    chain = co.store.lock_submit(entries, None, {}, req.caller.ip)
+    log(f"lock chain now at {chain.head[:12]}, sent again by {current_actor()}")
+    return Response(200, {"head": chain.head})
+
+
 @api_route("GET", "user/lock-adoption", "user")
 def user_lock_adoption(co, req):
     """Ours: an admin's proof, for the caller, of the lock's genesis."""
@@ -13426,7 +13449,9 @@ class _Fetch:
         with contextlib.suppress(InnernetError, TypeError, KeyError):
             if note and LockChain(offered["chain"]).extended_by(chain.entries) is not None:
                 note = ("the server's lock chain ends before ours (its database restored from "
-                        "a backup?): kept ours; 'innernet lock log' on an admin's host sends it")
+                        "a backup?): kept ours")
+                self.api.call("POST", "/user/lock-chain", {"chain": chain.entries})
+                note += ", and sent it"
         refuse_rolled_back(chain.entries, read_lock_seen(self.files.lock_seen)[1],
                            "the chain it would verify under")
         if note:     # the rest verified with ours; the sync fails, asked for whole again
@@ -13684,7 +13709,9 @@ class _Fetch:
                                                 "data kept", LOCK_CHANGED_HINT)
                 return
             signed = newest_signed((now or {}).get("signed"), self.lock.get("signed"))
-            save_client_lock(path, dict(self.lock, signed=signed) if signed else self.lock)
+            keep = {k: v for k, v in (now or {}).items() if k == "resend"}     # a verb's
+            save_client_lock(path, dict(self.lock, **keep, **({"signed": signed} if signed
+                                                               else {})))
         if self.lock_on:
             # A host that joined under lock has seen one too: its copy lost,
             # every sync asks for the whole state (lock_moved), not a 304 that
@@ -15241,7 +15268,13 @@ def save_own_lock(files, entries, signed, fresh=False):
             raise InnernetError("the server took this lock change, but another lock verb "
                                 "changed this host's copy meanwhile: kept it (hijacked?)",
                                 hint="'innernet lock log' shows this host's chain")
-        save_client_lock(path, dict(mine, chain=entries))
+        keep = dict(mine, chain=entries)
+        if not fresh and isinstance(signed, dict) and signed.get("records"):
+            # what `lock remove` signed again goes with its entry, if a server
+            # restored from before it is sent that entry again (Y33-1)
+            keep["resend"] = (mine.get("resend") or [])[-(LOCK_RESEND_KEEP - 1):] + \
+                [[len(entries), signed]]
+        save_client_lock(path, keep)
         note_lock_seen(files.lock_seen, None, None, [len(entries), LockChain(entries).head])
     remember_signed(path, signed)
 

@@ -1270,24 +1270,31 @@ def test_an_admin_verb_sends_a_restored_server_the_chain_it_lost_and_changes_not
     longer = base + [lock_update(LockChain(base), "add", b[1], "b", a[0], T)]
     files = types.SimpleNamespace(iface="net", lock=str(tmp_path / "net.lock.json"),
                                   lock_seen=str(tmp_path / "net.lock-seen.json"))
-    innernet.save_client_lock(files.lock, {"chain": longer})
+    batch = {"batch": {"k": a[1]}, "records": [{"t": "peer"}]}     # what the verb signed
+    innernet.save_client_lock(files.lock, {"chain": longer, "resend": [[1, {"old": 1}],
+                                                                        [2, batch]]})
     server = {"chain": base}
-    sent = []
+    sent, signed = [], []
 
     def call(method, path, body=None):
         if method == "POST":
             sent.append(body["chain"])
+            signed.append(body["signed"])
             server["chain"] = body["chain"]
         return dict(server)
     api = types.SimpleNamespace(call=call)
     got, _ = innernet.server_lock_answer(api, files)
-    assert sent == [longer] and got["chain"] == longer
+    assert got["chain"] == longer
+    # the chain, then what the lost entry's verb signed (Y33-1); not what the
+    # server's own entries' verbs signed
+    assert sent == [longer, longer] and signed == [None, batch]
+    sent[:] = [longer]
     assert "lacks the last 1 entries of this host's copy" in capsys.readouterr().err
     assert innernet.server_lock_answer(api, files)[0]["chain"] == longer and len(sent) == 1
     server["chain"] = base                     # a server that keeps losing it: sent once a verb
     innernet.server_lock_answer(types.SimpleNamespace(
         call=lambda m, p, body=None: sent.append(m) or {"chain": base}), files)
-    assert sent[1:] == ["GET", "POST", "GET"]
+    assert sent[1:] == ["GET", "POST", "POST", "GET"]
     os.unlink(files.lock)                      # X32-3
     innernet.note_lock_seen(files.lock_seen, None, None, [2, LockChain(longer).head])
     with pytest.raises(InnernetError, match=r"the server shows none \(hiding it\?\)"):

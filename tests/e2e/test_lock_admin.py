@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.skipif(not HAVE_NACL,
                                                     reason="network lock needs PyNaCl")]
 
 ADMIN_IP, ALICE_IP = "10.66.1.1", "10.66.1.2"
+LOCK_TABLES = ("lock_chain", "lock_batches", "lock_records")
 MANY = 100
 
 
@@ -81,6 +82,16 @@ def w(pyz):
         yield w
     finally:
         lab.close()
+
+
+def db_write(w, sql, args=()):
+    """One write to the server's database behind serve's back (a restore, a hijacker)."""
+    conn = sqlite3.connect(w.db, timeout=15)
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
 
 
 def admin(w, *args, check=True):
@@ -540,12 +551,29 @@ def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
     fetch_until(w, w.admin, w.iface, lambda e: I.load_client_lock(w.admin.path(
         "client", "lib", f"{w.iface}.lock.json"))["known"].get(E, [0])[0] == rec["n"],
         "adm3's record verified here")
+    backup = {t: db_rows(w.db, f"SELECT * FROM {t}") for t in LOCK_TABLES}
     out = admin(w, "lock", "remove", w.iface, "--key", k3)
     assert "1 records signed again" in out.stderr, out.stderr
-    assert records(w)[E] == rec                       # the same record, serial and all
-    signer = db_rows(w.db, "SELECT b.signer FROM lock_records r JOIN lock_batches b "
-                     "ON b.id = r.batch_id WHERE r.subject = ?", (E,))[0][0]
-    assert signer != k3
+
+    def signer():
+        return db_rows(w.db, "SELECT b.signer FROM lock_records r JOIN lock_batches b "
+                       "ON b.id = r.batch_id WHERE r.subject = ?", (E,))[0][0]
+    assert records(w)[E] == rec and signer() != k3    # the same record, serial and all
+    out = admin(w, "fetch", w.iface, "--no-write-hosts")
+    assert "'early'" not in out.stderr, out.stderr
+    # The server's lock restored from a backup made just before the removal
+    # (outside round 33, Y33-1): the chain entry alone, sent again, left the
+    # record signed by the removed key only, refused everywhere. The records
+    # the removal signed again go with it.
+    for t, rows in backup.items():
+        db_write(w, f"DELETE FROM {t}")
+        for row in rows:
+            db_write(w, f"INSERT INTO {t} VALUES ({', '.join('?' * len(row))})", row)
+    assert signer() == k3
+    out = admin(w, "lock", "log", w.iface)
+    assert "sending them again" in out.stderr and "not taken again" not in out.stderr, \
+        out.stderr
+    assert records(w)[E] == rec and signer() != k3
     out = admin(w, "fetch", w.iface, "--no-write-hosts")
     assert "'early'" not in out.stderr, out.stderr
 
@@ -801,23 +829,28 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
             for a in p["allowed_ips"]}[f"{ALICE_IP}/32"] == new_key
     second_private, second = I.lock_keypair()
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
-    # the admin's host keeps its own update: its status says so at once, and a
-    # server serving the chain from before it is refused by its lock verbs (and
-    # by its fetch, adopt_chain: test_lock.py::test_a_client_takes_only_a_chain_that_extends_its_own)
+    # the admin's host keeps its own update: its status says so at once; a
+    # server serving the chain from before it (its database restored from a
+    # backup) is sent the entry again by the next admin verb (outside round
+    # 32, X32-1); one serving another chain is refused (its fetch too,
+    # adopt_chain: test_lock.py::test_a_client_takes_only_a_chain_that_extends_its_own)
     n = len(db_rows(w.db, "SELECT seq FROM lock_chain"))
     assert f"({n} entries)" in admin(w, "lock", "status", w.iface).stdout
     seq, entry = db_rows(w.db, "SELECT seq, entry FROM lock_chain ORDER BY seq DESC")[0]
-    conn = sqlite3.connect(w.db, timeout=15)
-    with conn:
-        conn.execute("DELETE FROM lock_chain WHERE seq = ?", (seq,))
-    try:
-        out = admin(w, "lock", "log", w.iface, check=False)
-        assert out.returncode != 0 and "does not extend this host's copy" in out.stderr
-        assert f"({n} entries)" in admin(w, "lock", "status", w.iface).stdout
-    finally:
-        with conn:
-            conn.execute("INSERT INTO lock_chain (seq, entry) VALUES (?, ?)", (seq, entry))
-        conn.close()
+
+    def healed():
+        return [e for (e,) in db_rows(w.db, "SELECT entry FROM lock_chain ORDER BY seq")][-1] \
+            == entry and len(db_rows(w.db, "SELECT seq FROM lock_chain")) == n
+    alice.innernet("fetch", aif, "--no-write-hosts")          # she has seen the entry too
+    db_write(w, "DELETE FROM lock_chain WHERE seq = ?", (seq,))
+    out = alice.innernet("fetch", aif, "--no-write-hosts", check=False)     # any locked host
+    assert out.returncode == 1 and "ends before ours (its database restored from a backup?): " \
+        "kept ours, and sent it" in out.stderr, out.stderr
+    assert healed()
+    db_write(w, "DELETE FROM lock_chain WHERE seq = ?", (seq,))
+    out = admin(w, "lock", "log", w.iface)                                 # or an admin verb
+    assert "lacks the last 1 entries of this host's copy" in out.stderr, out.stderr
+    assert healed()
     log = admin(w, "lock", "log", w.iface).stdout
     assert "add" in log and I.lock_short(second) in log
     admin(w, "lock", "remove", w.iface, "--key", second)
