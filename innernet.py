@@ -7731,7 +7731,8 @@ class Store(LockStore):
         self.path = path
         if not create and not path_exists(path, "database"):
             raise InnernetError(f"no database file found at {path}",
-                                hint="create the network with 'innernet-server new'")
+                                hint="on a standby or after a loss, 'innernet-server restore' "
+                                     "it (a new network, 'innernet-server new', has a new key)")
         if create:
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -11598,8 +11599,8 @@ class Replicator:
         Returns when it was last said."""
         if "level=ERROR" not in line:
             return said
-        m = re.search(r'error="([^"]*)"', line)
-        self.failed = (time.time(), (m.group(1) if m else line)[:200])
+        m = re.search(r'error="((?:[^"\\]|\\.)*)"', line)     # logfmt: \" inside
+        self.failed = (time.time(), (m.group(1).replace('\\"', '"') if m else line)[:200])
         if time.monotonic() - said >= LITESTREAM_ERROR_SHOWN:
             warn(f"litestream: replication to {self.describe()['url']} is failing: "
                  f"{self.failed[1]} (it retries; 'innernet-server status' shows the last error)")

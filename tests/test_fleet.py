@@ -631,6 +631,10 @@ def test_a_replica_litestream_cannot_write_is_said_in_the_log_and_in_status(caps
     assert err.count("is failing: write ltx file: mkdir /proc/nope") == 1, err
     said = r.describe()["error"]
     assert said["what"] == "write ltx file: mkdir /proc/nope: no such file or directory"
+    r.noticed('time=... level=ERROR msg="monitor error" error="cannot determine L1 max ltx '
+              'file for \\"t.db\\": open /x/y: not a directory" consecutive_errors=2', told)
+    assert r.describe()["error"]["what"] == \
+        'cannot determine L1 max ltx file for "t.db": open /x/y: not a directory'  # round 33
     assert "error" not in r.describe(now=said["at"] + innernet.LITESTREAM_ERROR_SHOWN + 1)
 
 
