@@ -12082,20 +12082,6 @@ def admin_post_lock(co, req):
     return Response(200, {"head": chain.head})
 
 
-@api_route("POST", "user/lock-chain", "user", body=True, max_body=MAX_ROTATION_BODY)
-def user_post_lock_chain(co, req):
-    """Ours: a locked peer's copy of the chain, sent when the server's ends
-    before it (a database restored from a backup: outside round 33, Y33-4).
-    Only an extension of the server's own chain is taken, each entry signed
-    by a key the chain trusts: nothing a peer could not have been shown."""
-    entries = _get(_require_object(req.body, "lock chain"), "chain", list)
-    if co.store.lock_chain() is None:
-        raise InnernetError("the network is not locked", status=409)
-    chain = co.store.lock_submit(entries, None, {}, req.caller.ip)
-    log(f"lock chain now at {chain.head[:12]}, sent again by {current_actor()}")
-    return Response(200, {"head": chain.head})
-
-
 @api_route("GET", "user/lock-adoption", "user")
 def user_lock_adoption(co, req):
     """Ours: an admin's proof, for the caller, of the lock's genesis."""
@@ -13450,9 +13436,7 @@ class _Fetch:
         with contextlib.suppress(InnernetError, TypeError, KeyError):
             if note and LockChain(offered["chain"]).extended_by(chain.entries) is not None:
                 note = ("the server's lock chain ends before ours (its database restored from "
-                        "a backup?): kept ours")
-                self.api.call("POST", "/user/lock-chain", {"chain": chain.entries})
-                note += ", and sent it"
+                        "a backup?): kept ours; 'innernet lock log' on an admin's host sends it")
         refuse_rolled_back(chain.entries, read_lock_seen(self.files.lock_seen)[1],
                            "the chain it would verify under")
         if note:     # the rest verified with ours; the sync fails, asked for whole again

@@ -687,35 +687,3 @@ def test_a_peers_adoption_proof_is_found_under_the_keys_it_rotated_away_from(tmp
     status, answer = ask()
     assert status == 404 and "no lock adoption proof" in answer["error"], answer
 
-
-def test_a_peer_sends_a_restored_server_only_an_extension_of_its_chain(tmp_path):
-    """Outside round 33, Y33-4: after the server's database was restored from
-    a backup, only admin verbs sent it the chain entries it lost, and a lock
-    verb on an admin host that had missed one forked the chain. Any locked
-    peer's sync now sends them (POST /v1/user/lock-chain): the server takes
-    an extension of its own chain, signed all along, and nothing else."""
-    co = make_coordinator(tmp_path)
-    store = co.store
-    private, public = lock_keypair()
-    second, second_public = lock_keypair()
-    chain = LockChain([lock_genesis("test", [(public, "first")], "s", private, 0)])
-    keys = {p.ip: p.public_key for p in store.peers()}
-    recs = [lock_record("test", 1, f, keys.get(f.get("ip")))
-            for f in lock_projection(store.peers(), store.cidrs(), store.associations()).values()]
-    status, answer = call(co, "POST", "/v1/user/lock-chain", "user1",
-                          body={"chain": chain.entries})
-    assert status == 409 and "not locked" in answer["error"]     # no genesis from a peer
-    store.lock_submit(chain.entries, {"batch": sign_batch("test", private, recs), "records": recs},
-                      {}, "10.80.0.1")
-    added = chain.entries + [innernet.lock_update(chain, "add", second_public, "second",
-                                                  private, 0)]
-    forged = chain.entries + [innernet.lock_update(chain, "add", second_public, "second",
-                                                   second, 0)]    # signed by an untrusted key
-    other = LockChain([lock_genesis("test", [(second_public, "x")], "s", second, 0)]).entries
-    for body in (forged, other):
-        status, answer = call(co, "POST", "/v1/user/lock-chain", "user1", body={"chain": body})
-        assert 400 <= status < 500 and "error" in answer, (status, answer)
-        assert len(store.lock_chain().entries) == 1
-    status, answer = call(co, "POST", "/v1/user/lock-chain", "user1", body={"chain": added})
-    assert status == 200 and store.lock_chain().entries == added
-    assert second_public in store.lock_chain().keys
