@@ -3790,13 +3790,12 @@ def lock_sign(private, payload):
 
 
 def lock_verify(public, payload, sig):
-    """Does ``sig`` (base64) sign ``payload`` under ``public``? Never raises
-    for a bad key or signature, only for a missing PyNaCl."""
+    """Does ``sig`` (base64) sign ``payload`` under ``public``? Raises only without PyNaCl."""
     signing, exc = _nacl_signing()
     try:
-        vk = signing.VerifyKey(_b64(public, 32, "lock key"))
-        vk.verify(LOCK_LABEL + lock_canonical(payload), _b64(sig, 64, "signature"))
-        return True
+        vk, raw = signing.VerifyKey(_b64(public, 32, "lock key")), _b64(sig, 64, "signature")
+        vk.verify(LOCK_LABEL + lock_canonical(payload), raw)
+        return base64.b64encode(raw).decode() == sig    # one encoding: hashes cover it (Q34-2)
     except (InnernetError, exc.BadSignatureError, ValueError, TypeError):
         return False
 
@@ -3864,8 +3863,9 @@ class LockChain:
 
     def _append(self, n, e):
         bad = lambda why: InnernetError(f"lock chain entry {n}: {why}", status=400)   # noqa: E731
-        if not isinstance(e, dict) or not isinstance(e.get("payload"), dict):
-            raise bad("not an object with a payload")
+        if not isinstance(e, dict) or not isinstance(e.get("payload"), dict) \
+                or set(e) != {"payload", "signer", "sig"}:       # its hash covers it all (Q34-2)
+            raise bad("not an object with a payload, a signer and a signature only")
         p = e["payload"]
         t = p.get("t")
         if p.get("v") != LOCK_VERSION:

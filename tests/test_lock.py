@@ -1299,3 +1299,25 @@ def test_an_admin_verb_sends_a_restored_server_the_chain_it_lost_and_changes_not
     innernet.note_lock_seen(files.lock_seen, None, None, [2, LockChain(longer).head])
     with pytest.raises(InnernetError, match=r"the server shows none \(hiding it\?\)"):
         innernet.server_lock_answer(types.SimpleNamespace(call=lambda *a: {}), files)
+
+
+def test_a_chain_entry_has_one_encoding_so_no_copy_of_it_forks_the_chain():
+    """Outside round 34, Q34-2: an entry's hash covers its encoding, and a
+    copy with an extra field beside the signed payload, or its signature in
+    another base64 form of the same 64 bytes, verified: taken first by a
+    server, it forked the chain for every host holding the original. Such a
+    copy is refused now."""
+    import base64
+    a, b = lock_keypair(), lock_keypair()
+    base = chain_of(a)
+    entry = lock_update(LockChain(base), "add", b[1], "b", a[0], T)
+    assert LockChain(base + [entry]).keys
+    raw = base64.b64decode(entry["sig"])
+    abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    sig = entry["sig"]                   # 64 bytes: "xy==", y's low 4 bits are padding
+    other = sig[:-3] + abc[abc.index(sig[-3]) ^ 1] + "=="
+    assert base64.b64decode(other) == raw and other != entry["sig"]    # same bytes
+    for copy_ in (dict(entry, extra="x" * 10), dict(entry, sig=other)):
+        with pytest.raises(InnernetError, match="lock chain entry 1"):
+            LockChain(base + [copy_])
+    assert not lock_verify(a[1], entry["payload"], other)
