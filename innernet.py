@@ -1713,6 +1713,12 @@ def normalize_endpoint(text):
     return format_endpoint(*parse_endpoint(text))
 
 
+def endpoint_list(*texts):
+    """'HOST:PORT,HOST:PORT' (one text or several) -> [normalized endpoint]."""
+    return [normalize_endpoint(e.strip()) for text in texts for e in text.split(",")
+            if e.strip()]
+
+
 def server_endpoints_after(current, given, whole):
     """The server's endpoints (where invitations point, in order) after
     ``set-endpoint`` names ``given``: a ``whole`` list (a comma in the
@@ -14853,8 +14859,7 @@ def _server_endpoints_flag(args):
     """--server-endpoints (add-peer, reinvite): the list, or None (not given)."""
     if not getattr(args, "server_endpoints", None):
         return None
-    return [normalize_endpoint(e.strip()) for e in args.server_endpoints.split(",")
-            if e.strip()]
+    return endpoint_list(args.server_endpoints)
 
 
 def cmd_reinvite(args):
@@ -15782,7 +15787,7 @@ def cmd_server_set_endpoint(args):
     standby that took over puts itself first."""
     iface = parse_interface(args.interface)
     load_server_config(server_dirs(args), iface)
-    given = [normalize_endpoint(e.strip()) for e in args.endpoint.split(",") if e.strip()]
+    given = endpoint_list(args.endpoint)
     if not given:
         raise InnernetError("no endpoint given", hint="use HOST:PORT[,HOST:PORT...]")
     store = Store(server_paths(args, iface)[1])
@@ -16379,8 +16384,7 @@ def cmd_override_server_endpoints(args):
     """Where this peer looks for the server (a standby too), the first first."""
     iface = parse_interface(args.interface)
     cfg = load_client_config(client_files(args, iface))
-    eps = list(dict.fromkeys(normalize_endpoint(e.strip()) for arg in args.endpoints
-                             for e in arg.split(",") if e.strip()))     # set-endpoint's form too
+    eps = list(dict.fromkeys(endpoint_list(*args.endpoints)))     # set-endpoint's form too
     if not eps:
         print("\n".join(cfg.endpoints))
         return 0

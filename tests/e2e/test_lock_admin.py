@@ -84,16 +84,6 @@ def w(pyz):
         lab.close()
 
 
-def db_write(w, sql, args=()):
-    """One write to the server's database behind serve's back (a restore, a hijacker)."""
-    conn = sqlite3.connect(w.db, timeout=15)
-    try:
-        with conn:
-            conn.execute(sql, args)
-    finally:
-        conn.close()
-
-
 def admin(w, *args, check=True):
     return w.admin.innernet(*args, check=check)
 
