@@ -14,24 +14,24 @@ One module, three roles:
 
 Sections (``grep -n '^# .*####' innernet.py``); each uses only those above it:
 
-   1 Imports and optional dependencies  19 API client
-   2 Constants                          20 Interface files
-   3 Fast path of an unchanged fetch    21 Prompts
-   4 Errors and output                  22 Relays
-   5 Files and formats                  23 DNS and metrics
-   6 Names and addresses                24 Server state
-   7 Keys and WireGuard messages        25 Replication
-   8 Records                            26 API routes
-   9 Access rules                       27 HTTP server
-  10 Network lock                       28 Paths
-  11 Device plans                       29 Fetch
-  12 Links, routes and rules            30 Daemon
-  13 WireGuard devices                  31 Admin verbs
-  14 Network as code                    32 Lock verbs
-  15 Lock signing and storage           33 Server verbs
-  16 Database schema                    34 Client verbs
-  17 Store                              35 Command line
-  18 HTTP wire
+   1 Imports and optional dependencies 19 HTTP wire
+   2 Constants                         20 API client
+   3 Fast path of an unchanged fetch   21 Interface files
+   4 Errors and output                 22 Prompts
+   5 Files and formats                 23 Relays
+   6 Names and addresses               24 DNS and metrics
+   7 Keys and WireGuard messages       25 Server state
+   8 Records                           26 Replication
+   9 Access rules                      27 API routes
+  10 Network lock                      28 HTTP server
+  11 Lock verification                 29 Paths
+  12 Device plans                      30 Fetch
+  13 Links, routes and rules           31 Daemon
+  14 WireGuard devices                 32 Admin verbs
+  15 Network as code                   33 Lock verbs
+  16 Lock signing and storage          34 Server verbs
+  17 Database schema                   35 Client verbs
+  18 Store                             36 Command line
 
 Sections 2 and 3 also run alone, as the zipapp's innernet_fast module.
 
@@ -3895,6 +3895,11 @@ class LockChain:
             if p.get("net") != self.net or p.get("prev") != self.head:
                 raise bad("does not follow the entry before it")
             if t == "disable":
+                # Unsigned, so nothing but these fields: one encoding, as for the rest (R35-1).
+                if e["signer"] is not None or e["sig"] is not None \
+                        or set(p) != {"v", "t", "net", "prev", "secret", "at"} \
+                        or type(p["at"]) is not int:
+                    raise bad("a disablement with fields beyond its secret and time")
                 if not isinstance(p.get("secret"), str) or len(p["secret"]) > 200 \
                         or not equal_secrets(lock_secret_hash(p["secret"]), self.disable_hash):
                     raise bad("the disablement secret is wrong")
@@ -4179,6 +4184,17 @@ def lock_divergence(now, rec):
     return None
 
 
+def lock_withdrawn(s, now, rec, changes):
+    """Is a peer's signed record ``rec`` one its peer narrowed since, by itself
+    (fewer routes, no exit node: lock_divergence), the server holding ``now``?
+    Signed again unchanged -- a `lock remove`, the records signed with a key an
+    admin's host took, a resend after a restore -- the server keeps it: clients
+    install the peer as the server shows it, within what was signed (outside
+    round 35, R35-6, R35-7). Not so for a subject the change itself changes."""
+    return s not in changes and rec["t"] == "peer" and not rec["deleted"] \
+        and not now["deleted"] and lock_divergence(now, rec) is None
+
+
 def lock_record(net, serial, fields, key=None):
     """A payload for ``fields`` (lock_projection's), with a fresh salt."""
     p = {"v": LOCK_VERSION, "net": net, "n": serial, "r": lock_salt(), **fields}
@@ -4267,7 +4283,11 @@ def adoption_valid(own_private, genesis_hash, admin_public, mac):
     return equal_secrets(expect, mac)
 
 
-# -- the client's verifier ---------------------------------------------------------
+###############################################################################
+# Lock verification ###########################################################
+###############################################################################
+# A locked client's verifier: what of a server's state it installs, each
+# peer by a record a trusted key signed (Network lock's chain and records).
 
 def lock_unwire(net, lock, state_keys=None):
     """A state's lock section as its admins signed it (lock_wire_section
@@ -4558,6 +4578,9 @@ def lock_binding(old, rec):
     return [old[2], under] if under is not None and under == rec.get("key") else [None, None]
 
 
+LOCK_OWN_UNSIGNED = "this host's own record is not signed, so it cannot tell what it may see"
+
+
 def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
     """(reason to refuse or None, the key accepted) for one state peer;
     ``bound``: the key this host holds for its address under this record."""
@@ -4574,7 +4597,7 @@ def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
     if what:
         return f"its {what} differs from its signed record", None
     if view is None:
-        return "this host's own record is not signed, so it cannot tell what it may see", None
+        return LOCK_OWN_UNSIGNED, None
     if rec["cidr"] not in view:
         return f"its CIDR {rec['cidr']} is not one this host may see", None
     base, key = bound or rec["key"], peer.public_key
@@ -6798,7 +6821,8 @@ class LockStore:
             want = after.get(s) or changes.get(s)
             if want is None and s in stored and stored[s]["deleted"]:
                 want = lock_fields(stored[s])        # a deleted subject's record, signed again
-            if want is None or lock_fields(rec) != want:
+            if want is None or lock_fields(rec) != want and not lock_withdrawn(s, want, rec,
+                                                                             changes):
                 raise InnernetError(f"the signed record of {lock_subject_text(s)} does not "
                                     "match the network after the change", status=400)
             if rec["n"] <= current.get(s, -1) and rec != stored[s]:   # same: a new batch
@@ -9573,6 +9597,42 @@ def note_lock_seen(path, stored, server, reached):
                          reached if grown else before)
 
 
+def lock_resend_due(mine, got):
+    """[(entry, {"batch", "records"})]: of this host's kept batches (``mine``'s
+    "resend", save_own_lock), the records a server (its GET /admin/lock
+    ``got``) holds as they are, same serial, but signed by no batch its chain
+    still trusts -- a server restored from before a `lock remove`, whichever
+    admin host sent it the chain first (outside round 35, R35-2). Each batch
+    cut to those records (its signature covers each by its hash): one the
+    restore lost, or holds in another version, would sink the rest, as the
+    server takes a record only as its database holds it (R35-5)."""
+    try:
+        chain = LockChain(got.get("chain"))
+    except (InnernetError, TypeError):
+        return []
+    held = got.get("records") if isinstance(got.get("records"), dict) else {}
+    if chain.disabled or not held:
+        return []
+    still = verified_lock_records(chain, held, got.get("batches"))
+    out = []
+    for at, signed in (mine or {}).get("resend") or []:
+        if not isinstance(at, int) or at > len(chain.entries) or not isinstance(signed, dict) \
+                or (signed.get("batch") or {}).get("k") not in chain.keys:    # removed since
+            continue
+        due = [r for r in signed.get("records") or [] if isinstance(r, dict)
+               and _held_unsigned(r, held, still)]
+        if due:
+            out.append((at, {"batch": signed.get("batch"), "records": due}))
+    return out
+
+
+def _held_unsigned(r, held, still):
+    with contextlib.suppress(InnernetError, TypeError, KeyError, AttributeError):
+        s = record_subject(r)
+        return (held.get(s) or {}).get("n") == r["n"] != (still.get(s) or {}).get("n")
+    return False
+
+
 def server_lock_answer(api, files, resend=True):
     """(the server's GET /admin/lock, lock-seen's "reached") for an admin verb
     (remote_lock_info), after two looks at this host's own lock files. A host
@@ -9580,7 +9640,9 @@ def server_lock_answer(api, files, resend=True):
     only a server hiding it shows none (outside rounds 31 and 32, V31-3,
     X32-3; a new genesis would sign what it made meanwhile). A chain that ends
     before this host's copy (a server restored from a backup) is sent the rest
-    again, once: the server takes an extension of its own (X32-1)."""
+    again, once: the server takes an extension of its own (X32-1); then what
+    this host's last lock verbs signed, where the server lost its signature
+    (lock_resend_due)."""
     try:
         got = _require_object(api.call("GET", "/admin/lock"), "lock")
     except InnernetError as e:
@@ -9599,19 +9661,23 @@ def server_lock_answer(api, files, resend=True):
     with contextlib.suppress(InnernetError, TypeError, KeyError, AttributeError):
         if entries and LockChain(entries).extended_by(mine["chain"]) is not None:
             ahead = len(mine["chain"]) - len(entries)
-    if resend and ahead:
+    if resend is True and ahead:
         warn(f"{files.iface}: the server's lock chain lacks the last {ahead} entries of this "
              "host's copy (its database restored from a backup?): sending them again")
         api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": None,
                                          "adoptions": {}})
-        for at, batch in mine.get("resend") or []:    # what those entries' verbs signed
-            if isinstance(at, int) and at > len(entries):
-                try:
-                    api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": batch,
-                                                     "adoptions": {}})
-                except InnernetError as e:        # the server holds newer records: kept
-                    warn(f"{files.iface}: the records signed with lock entry {at} were not "
-                         f"taken again: {e.message}")
+        return server_lock_answer(api, files, resend="records")
+    due = lock_resend_due(mine, got) if resend else []
+    for at, batch in due:                         # what those entries' verbs signed
+        try:
+            api.call("POST", "/admin/lock", {"chain": entries, "signed": batch,
+                                             "adoptions": {}})
+            warn(f"{files.iface}: the server had lost the signature of {len(batch['records'])}"
+                 f" record(s) signed with lock entry {at}: sent again")
+        except InnernetError as e:        # the server holds newer records: kept
+            warn(f"{files.iface}: the records signed with lock entry {at} were not "
+                 f"taken again: {e.message}")
+    if due:
         return server_lock_answer(api, files, resend=False)
     return got, read_lock_seen(files.lock_seen)[1]
 
@@ -13474,6 +13540,9 @@ class _Fetch:
             own_key=self.own_key)
         lines = [lock_refusal(p, why) for p, why in refused]
         self.lock_waits = [p for p, why in refused if why.endswith(LOCK_NO_PROOF)]
+        if any(why == LOCK_OWN_UNSIGNED for _, why in refused):   # it sees no one (R35-4)
+            self.problems.append(f"network lock: {LOCK_OWN_UNSIGNED}: every peer but the "
+                                 f"server refused ('innernet show {self.iface}' says why)")
         for line in lines:
             warn(f"{self.iface}: {line}")
         sigs = {b.get("s") for b in (offered or {}).get("batches") or [] if isinstance(b, dict)}

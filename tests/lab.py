@@ -556,6 +556,17 @@ def db_rows(db, sql, args=()):
         conn.close()
 
 
+def db_write(db, sql, args=()):
+    """One write to a server's database beside serve, as a hijacker (or a test
+    planting a state) makes it."""
+    conn = sqlite3.connect(db, timeout=15)
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
 def peer_ip(db, name):
     """The address of the peer called ``name`` in a server's database, or None."""
     found = db_rows(db, "SELECT ip FROM peers WHERE name = ?", (name,))

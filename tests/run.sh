@@ -14,12 +14,12 @@ if [ "$#" != 0 ] || [ "$(id -u)" != 0 ]; then
   exec "$PY" -m pytest tests "$@"
 fi
 # The whole suite as root: two pytest runs side by side. The end-to-end tests
-# mostly wait (handshakes, timers, the VM lane's guest), about a third of two
-# cores busy over their 23 minutes; the unit tests keep one core busy for 4-5
-# minutes. One after the other, the suite took 27.5 minutes (2026-12-07); side
-# by side the unit tests' time goes into the end-to-end run's waits. The unit
-# run's output follows the end-to-end run's; the exit status is the first
-# failing run's.
+# mostly wait (handshakes, timers, the VM lane's guest): one after the other,
+# the suite took 27.5 minutes in CI with 14 of its 55 core-minutes busy
+# (2026-12-07), the unit tests 4.5 of them, on one core, at the end. Side by
+# side (2026-12-08): 24 minutes, the unit tests' 5.5 inside the end-to-end
+# run's 23.8. The unit run's output follows the end-to-end run's; the exit
+# status is the first failing run's.
 UNIT_LOG=$(mktemp /tmp/innernet-unit-tests.XXXXXX)
 "$PY" -m pytest tests --ignore=tests/e2e > "$UNIT_LOG" 2>&1 &
 UNIT=$!

@@ -26,6 +26,7 @@ TIERS = {
     "Records": "base",
     "Access rules": "base",
     "Network lock": "base",
+    "Lock verification": "base",
     "Device plans": "base",
     "Links, routes and rules": "base",
     "WireGuard devices": "base",

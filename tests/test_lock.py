@@ -1257,6 +1257,33 @@ def test_a_lock_verb_never_saves_a_chain_over_a_copy_it_does_not_extend(tmp_path
     assert innernet.read_lock_seen(files.lock_seen) == (None, [4, LockChain(longer).head])
 
 
+class RestoredServer:
+    """GET/POST /admin/lock of a server restored from a backup, as far as
+    server_lock_answer sees it: its chain, its records and their batches. A
+    POST extends the chain (an extension of its own only) and keeps signed
+    records it holds at the same serial (what the database holds); one it
+    does not hold sinks the request, as the real server's check does."""
+
+    def __init__(self, chain, records, batches):
+        self.chain, self.records, self.batches, self.calls = chain, records, batches, []
+
+    def call(self, method, path, body=None):
+        self.calls.append(method)
+        if method == "POST":
+            if LockChain(self.chain).extended_by(body["chain"]) is None:
+                raise InnernetError("409 not an extension")
+            self.chain = body["chain"]
+            signed = body["signed"]
+            if signed:
+                for r in signed["records"]:
+                    s = innernet.record_subject(r)
+                    if (self.records.get(s) or {}).get("n") != r["n"]:
+                        raise InnernetError(f"400 the signed record of {s} does not match")
+                self.records.update({innernet.record_subject(r): r for r in signed["records"]})
+                self.batches.append(signed["batch"])
+        return {"chain": self.chain, "records": dict(self.records), "batches": list(self.batches)}
+
+
 def test_an_admin_verb_sends_a_restored_server_the_chain_it_lost_and_changes_nothing_hidden(
         tmp_path, capsys):
     """Outside round 32. X32-1: a server database restored from before the
@@ -1264,37 +1291,55 @@ def test_an_admin_verb_sends_a_restored_server_the_chain_it_lost_and_changes_not
     host's copy") with no way back; the admin's host now sends the server the
     entries it lacks (it takes an extension of its own chain), once. X32-3: an
     admin host that has seen the lock and lost its copy, shown no lock at
-    all, ran every verb but `lock init` unsigned; none runs now."""
+    all, ran every verb but `lock init` unsigned; none runs now. Round 35:
+    what a lost `lock remove` signed again is sent too when another admin's
+    host sent the chain first (R35-2), and only the records the server holds:
+    one signed after the backup no longer sinks the rest (R35-5)."""
     a, b = lock_keypair(), lock_keypair()
-    base = chain_of(a)
-    longer = base + [lock_update(LockChain(base), "add", b[1], "b", a[0], T)]
+    base = chain_of(a, b)
+    longer = base + [lock_update(LockChain(base), "remove", a[1], "k0", b[0], T)]
+    old = [peer_payload(NET, 5, ip=f"10.0.0.{i}", key=f"key{i}", name=f"p{i}", cidr="10.0.0.0/24")
+           for i in (2, 3)]
+    late = peer_payload(NET, 7, ip="10.0.0.4", key="key4", name="p4", cidr="10.0.0.0/24")
+    again = old + [late]             # the removed key's newest, signed again by the remover
+    kept = {"batch": sign_batch(NET, b[0], again), "records": again}
     files = types.SimpleNamespace(iface="net", lock=str(tmp_path / "net.lock.json"),
                                   lock_seen=str(tmp_path / "net.lock-seen.json"))
-    batch = {"batch": {"k": a[1]}, "records": [{"t": "peer"}]}     # what the verb signed
     innernet.save_client_lock(files.lock, {"chain": longer, "resend": [[1, {"old": 1}],
-                                                                        [2, batch]]})
-    server = {"chain": base}
-    sent, signed = [], []
+                                                                        [2, kept]]})
 
-    def call(method, path, body=None):
-        if method == "POST":
-            sent.append(body["chain"])
-            signed.append(body["signed"])
-            server["chain"] = body["chain"]
-        return dict(server)
-    api = types.SimpleNamespace(call=call)
-    got, _ = innernet.server_lock_answer(api, files)
-    assert got["chain"] == longer
-    # the chain, then what the lost entry's verb signed (Y33-1); not what the
-    # server's own entries' verbs signed
-    assert sent == [longer, longer] and signed == [None, batch]
-    sent[:] = [longer]
-    assert "lacks the last 1 entries of this host's copy" in capsys.readouterr().err
-    assert innernet.server_lock_answer(api, files)[0]["chain"] == longer and len(sent) == 1
-    server["chain"] = base                     # a server that keeps losing it: sent once a verb
+    def restored():      # the backup: a's batch of the two old records, no `lock remove`
+        return RestoredServer(base, {innernet.record_subject(r): r for r in old},
+                              [sign_batch(NET, a[0], old)])
+
+    def verified(server):
+        return innernet.verified_lock_records(LockChain(server.chain), server.records,
+                                              server.batches)
+    server = restored()
+    got, _ = innernet.server_lock_answer(server, files)
+    assert got["chain"] == longer and server.chain == longer
+    assert sorted(verified(server)) == ["peer:10.0.0.2", "peer:10.0.0.3"]
+    assert server.calls == ["GET", "POST", "GET", "POST", "GET"]
+    err = capsys.readouterr().err
+    assert "lacks the last 1 entries of this host's copy" in err
+    assert "had lost the signature of 2 record(s) signed with lock entry 2: sent again" in err
+    server.calls.clear()                  # all there: one look, nothing sent
+    assert innernet.server_lock_answer(server, files)[0]["chain"] == longer
+    assert server.calls == ["GET"]
+    server = restored()                   # R35-2: another admin's host sent the chain first
+    server.chain = longer
+    innernet.server_lock_answer(server, files)
+    assert sorted(verified(server)) == ["peer:10.0.0.2", "peer:10.0.0.3"]
+    assert server.calls == ["GET", "POST", "GET"]
+    server = restored()                   # the remover's key removed since: nothing sent
+    server.chain = longer + [lock_update(LockChain(longer), "add", a[1], "k0", b[0], T)]
+    server.chain.append(lock_update(LockChain(server.chain), "remove", b[1], "k1", a[0], T))
+    innernet.server_lock_answer(server, files)
+    assert server.calls == ["GET"]
+    calls = []                            # a server that keeps losing it: sent once a verb
     innernet.server_lock_answer(types.SimpleNamespace(
-        call=lambda m, p, body=None: sent.append(m) or {"chain": base}), files)
-    assert sent[1:] == ["GET", "POST", "POST", "GET"]
+        call=lambda m, p, body=None: calls.append(m) or {"chain": base}), files)
+    assert calls == ["GET", "POST", "GET"]
     os.unlink(files.lock)                      # X32-3
     innernet.note_lock_seen(files.lock_seen, None, None, [2, LockChain(longer).head])
     with pytest.raises(InnernetError, match=r"the server shows none \(hiding it\?\)"):
@@ -1321,3 +1366,21 @@ def test_a_chain_entry_has_one_encoding_so_no_copy_of_it_forks_the_chain():
         with pytest.raises(InnernetError, match="lock chain entry 1"):
             LockChain(base + [copy_])
     assert not lock_verify(a[1], entry["payload"], other)
+
+
+def test_a_disablement_has_one_encoding_too():
+    """Outside round 35, R35-1: a disablement is not signed, and a copy with a
+    signer, a signature, another field or a time that is no integer verified
+    beside the original, so two hosts could end on two disabled chains that
+    refuse each other. Such copies are refused; the disablement itself is taken."""
+    a = lock_keypair()
+    base = chain_of(a)
+    entry = lock_disablement(LockChain(base), "s3cret", T)
+    assert LockChain(base + [entry]).disabled
+    for copy_ in (dict(entry, signer=a[1]), dict(entry, sig="AAAA"),
+                  dict(entry, payload=dict(entry["payload"], note="x")),
+                  dict(entry, payload=dict(entry["payload"], at=float(T))),
+                  dict(entry, payload=dict(entry["payload"], at=True)),
+                  dict(entry, payload={k: v for k, v in entry["payload"].items() if k != "at"})):
+        with pytest.raises(InnernetError, match="lock chain entry 1: a disablement with fields"):
+            LockChain(base + [copy_])

@@ -687,3 +687,53 @@ def test_a_peers_adoption_proof_is_found_under_the_keys_it_rotated_away_from(tmp
     status, answer = ask()
     assert status == 404 and "no lock adoption proof" in answer["error"], answer
 
+
+
+def test_a_record_signed_again_as_it_is_is_kept_after_its_peer_withdrew_a_route(
+        tmp_path, capsys):
+    """Outside round 35, R35-6 and R35-7: a peer that withdrew a route an admin
+    had approved (a user route: any local user of its host can) left its
+    signed record naming the route, and the server refused the record signed
+    again as it is -- by a `lock remove` of the key that signed it, by every
+    admin verb that signs again the record of a peer whose rotated key the
+    admin's host took, by the resend after a restore -- "does not match the
+    network after the change". It is kept now: the server holds fewer routes
+    than signed, which clients install. A record the server holds otherwise
+    (a name), or a change signing the peer itself, must still match."""
+    base = cli_network(tmp_path, capsys)
+    assert run(base, "add-peer", "evil", "--name", "bob", "--cidr", "h", "--ip", "10.66.1.2",
+               "--admin", "false", "--invite-expires", "1d", "--save-config",
+               str(tmp_path / "b.toml"), "--yes") == 0
+    store = Store(db_path(tmp_path))
+    with store.conn:
+        store.conn.execute("UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = 'bob'",
+                           (innernet.public_key(innernet.generate_private_key()),))
+        store.conn.execute("INSERT INTO peer_routes (peer_id, route, approved) SELECT id, "
+                           "'192.168.60.0/24', 1 FROM peers WHERE name = 'bob'")
+    (a_priv, a_pub), (b_priv, b_pub) = lock_keypair(), lock_keypair()
+    chain = LockChain([lock_genesis("evil", [(a_pub, "a"), (b_pub, "b")], "s", a_priv, 0)])
+    keys = {p.ip: p.public_key for p in store.peers()}
+    recs = [lock_record("evil", 1, f, keys.get(f.get("ip")))
+            for f in lock_projection(store.peers(), store.cidrs(), store.associations()).values()]
+    assert any(r.get("routes") == ["192.168.60.0/24"] for r in recs)
+    store.lock_submit(chain.entries, {"batch": sign_batch("evil", b_priv, recs), "records": recs},
+                      {}, "10.66.0.1")
+    with store.conn:                      # bob withdraws it (POST /v1/user/routes)
+        store.conn.execute("DELETE FROM peer_routes")
+    removal = chain.entries + [innernet.lock_update(chain, "remove", b_pub, "b", a_priv, 0)]
+    again = {"batch": sign_batch("evil", a_priv, recs), "records": recs}
+    renamed = [dict(r, name="robert") if r.get("name") == "bob" else r for r in recs]
+    with pytest.raises(innernet.InnernetError, match="does not match the network after"):
+        store.lock_submit(removal, {"batch": sign_batch("evil", a_priv, renamed),
+                                    "records": renamed}, {}, "10.66.0.1")
+    assert len(store.lock_chain().entries) == 1          # nothing half-written
+    store.lock_submit(removal, again, {}, "10.66.0.1")
+    still = innernet.verified_lock_records(store.lock_chain(), *store.lock_listing())
+    assert still["peer:10.66.1.2"]["routes"] == ["192.168.60.0/24"]
+    bob = store.peer_by_name("bob")       # a change of the peer itself: as it leaves it, exactly
+    moved = dict(lock_projection([bob], store.cidrs(), [])["peer:10.66.1.2"], name="robert")
+    rec = lock_record("evil", 2, dict(moved, routes=["192.168.60.0/24"]), bob.public_key)
+    with pytest.raises(innernet.InnernetError, match="would change without a record signed"):
+        store._lock_keep(store.conn, store.lock_chain(), {
+            "batch": sign_batch("evil", a_priv, [rec]), "records": [rec]},
+            {"peer:10.66.1.2": moved}, {"peer:10.66.1.2": moved})

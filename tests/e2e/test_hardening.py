@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from lab import (ROOT, Lab, device, device_peer_ips, invite, start_network, start_serve,
+from lab import (ROOT, Lab, db_write, device, device_peer_ips, invite, start_network, start_serve,
                  wait_for)
 
 from .conftest import BARE, network_world
@@ -71,15 +71,6 @@ def rows(w, sql, args=()):
     conn = sqlite3.connect(w.db)
     try:
         return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
-
-
-def write_db(w, sql, args=()):
-    conn = sqlite3.connect(w.db, timeout=15)
-    try:
-        with conn:
-            conn.execute(sql, args)
     finally:
         conn.close()
 
@@ -226,13 +217,13 @@ def test_moving_a_pinned_peer_away_does_not_free_its_address(world):
         proc = alice.innernet("fetch", a_if, "--no-write-hosts", check=False)
         return proc if "PINNING" in proc.stderr else None
 
-    write_db(world, "UPDATE peers SET ip = '10.66.1.150' WHERE name = 'bob'")
+    db_write(world.db, "UPDATE peers SET ip = '10.66.1.150' WHERE name = 'bob'")
     try:
         wait_for(lambda: fetched_and_routes("10.66.1.150"), 20, "alice to follow the move")
         sys.path.insert(0, ROOT)
         import innernet
         mallory = innernet.public_key(innernet.generate_private_key())
-        write_db(world, "INSERT INTO peers (name, ip, cidr_id, public_key, is_admin, is_disabled,"
+        db_write(world.db, "INSERT INTO peers (name, ip, cidr_id, public_key, is_admin, is_disabled,"
                         " is_redeemed, candidates) VALUES ('mallory', ?, 3, ?, 0, 0, 1, '[]')",
                  (bob_ip, mallory))
         out = wait_for(refused, 20, "the refusal")
@@ -242,8 +233,8 @@ def test_moving_a_pinned_peer_away_does_not_free_its_address(world):
         assert not any(f"{bob_ip}/32" in p["allowed_ips"] and p["public_key"] != bob_key
                        for p in peers)
     finally:
-        write_db(world, "DELETE FROM peers WHERE name = 'mallory'")
-        write_db(world, "UPDATE peers SET ip = ? WHERE name = 'bob'", (bob_ip,))
+        db_write(world.db, "DELETE FROM peers WHERE name = 'mallory'")
+        db_write(world.db, "UPDATE peers SET ip = ? WHERE name = 'bob'", (bob_ip,))
     wait_for(lambda: fetched_and_routes(bob_ip), 20, "bob back where he was")
 
 

@@ -441,6 +441,24 @@ def test_an_unsigned_route_on_a_clients_own_record_turns_no_forwarding_on_under_
     both(w, lambda s: s)
 
 
+def test_a_host_whose_own_record_the_server_leaves_out_is_unhealthy_under_lock(w):
+    """Outside round 35, R35-4: a host whose own record verifies under no
+    trusted key refuses every peer (it cannot tell what it may see), and
+    `status` called it healthy, exit 0. It is a problem there now, exit 1."""
+    def drop(state):
+        lock = full_form(state)["lock"]
+        lock["records"] = [r for r in lock["records"]
+                           if not (r.get("t") == "peer" and r.get("ip") == ALICE_IP)]
+        return state
+    line = refused(types.SimpleNamespace(err=lie(w, w.alice, w.alice_if,
+                                                 drop(copy.deepcopy(w.honest))).stderr), "bob")
+    assert len(line) == 1 and "own record is not signed" in line[0]
+    st = w.alice.innernet("status", w.alice_if, check=False)
+    assert st.returncode == 1 and "own record is not signed" in st.stdout, st.stdout
+    lie(w, w.alice, w.alice_if, copy.deepcopy(w.honest))       # the truth again
+    assert w.alice.innernet("status", w.alice_if, check=False).returncode == 0
+
+
 def test_the_server_alone_cannot_turn_lock_off(w):
     """A state without lock, or with a disablement whose secret is wrong: alice
     keeps her chain and refuses the new peer all the same; `show` says why."""

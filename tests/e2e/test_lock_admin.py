@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from lab import ROOT, Lab, db_rows, device, invite, start_network, wait_for
+from lab import ROOT, Lab, db_rows, db_write, device, invite, start_network, wait_for
 
 try:
     import nacl.signing  # noqa: F401
@@ -272,16 +272,6 @@ def held(host, iface):
     return {a: p["public_key"] for p in device(host, iface)["peers"] for a in p["allowed_ips"]}
 
 
-def db_write(w, sql, args=()):
-    """One write to the server's database, as a hijacker makes it."""
-    conn = sqlite3.connect(w.db, timeout=15)
-    try:
-        with conn:
-            conn.execute(sql, args)
-    finally:
-        conn.close()
-
-
 def fetch_until(w, host, iface, done, what):
     """Fetch until ``done(stderr)`` (serve notices a database written beside
     it at its next poll): the last fetch's stderr."""
@@ -311,18 +301,18 @@ def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
         w.early, w.early_if), "the signed static peer")
     assert "lock refused" not in err, err
     assert held(w.early, w.early_if)["10.66.1.70/32"] == server_key       # through the server
-    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+    db_write(w.db, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
              "'sneakyphone', '10.66.1.71', id, ?, 1 FROM cidrs WHERE name = 'humans'",
              (I.public_key(I.generate_private_key()),))
-    db_write(w, "INSERT INTO static_peers (peer_id) SELECT id FROM peers "
+    db_write(w.db, "INSERT INTO static_peers (peer_id) SELECT id FROM peers "
              "WHERE name = 'sneakyphone'")
     err = fetch_until(w, w.early, w.early_if, lambda e: "'sneakyphone'" in e, "the refusal")
     assert "lock refused peer 'sneakyphone' (10.66.1.71) from the server: no record signed" \
         in err, err
     assert "10.66.1.71/32" not in held(w.early, w.early_if)
-    db_write(w, "DELETE FROM static_peers WHERE peer_id IN "
+    db_write(w.db, "DELETE FROM static_peers WHERE peer_id IN "
              "(SELECT id FROM peers WHERE name = 'sneakyphone')")
-    db_write(w, "DELETE FROM peers WHERE name = 'sneakyphone'")
+    db_write(w.db, "DELETE FROM peers WHERE name = 'sneakyphone'")
     # a route approved, then revoked: signed away; the database approving it
     # again is not installed (the record signed says otherwise)
     w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "--yes")
@@ -335,7 +325,7 @@ def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
     assert records(w)["peer:10.66.1.30"]["routes"] == []
     fetch_until(w, w.admin, w.iface, lambda e: "192.168.81.0/24" not in held(w.admin, w.iface),
                 "the revoked route gone")
-    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.81.0/24'")
+    db_write(w.db, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.81.0/24'")
     err = fetch_until(w, w.admin, w.iface, lambda e: "'early'" in e, "the refusal")
     line = [ln for ln in err.splitlines() if "lock refused peer 'early'" in ln]
     assert len(line) == 1 and "192.168.81.0/24 not signed" in line[0], err
@@ -348,14 +338,14 @@ def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
     assert out.returncode != 0 and out.stderr.count("error:") == 1
     assert "auto-approve rule would approve routes no admin signed" in out.stderr, out.stderr
     assert not db_rows(w.db, "SELECT id FROM route_approvers")
-    db_write(w, "INSERT INTO route_approvers (route, cidr_id) SELECT '192.168.0.0/16', id "
+    db_write(w.db, "INSERT INTO route_approvers (route, cidr_id) SELECT '192.168.0.0/16', id "
              "FROM cidrs WHERE name = 'humans'")
     w.early.innernet("advertise-routes", w.early_if, "192.168.81.0/24", "192.168.82.0/24",
                      "192.168.83.0/24", "--yes")
     listed = admin(w, "list-routes", w.iface).stdout
     assert "192.168.82.0/24 waiting for approval" in listed, listed
     assert "(not applied: the network is locked)" in listed, listed
-    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.82.0/24'")
+    db_write(w.db, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.82.0/24'")
     err = fetch_until(w, w.admin, w.iface, lambda e: "192.168.82.0/24 not signed" in e,
                       "the refusal")
     assert not {"192.168.81.0/24", "192.168.82.0/24"} & set(held(w.admin, w.iface))
@@ -365,8 +355,8 @@ def test_a_static_peer_a_revoked_route_and_auto_approve_rules_under_lock(w):
     assert out.returncode != 0 and "differs from its signed record (routes not as signed)" \
         in out.stderr, out.stderr
     assert records(w)["peer:10.66.1.30"]["routes"] == []
-    db_write(w, "DELETE FROM route_approvers")
-    db_write(w, "DELETE FROM peer_routes")
+    db_write(w.db, "DELETE FROM route_approvers")
+    db_write(w.db, "DELETE FROM peer_routes")
 
 
 def test_an_admin_host_signs_nothing_for_a_name_the_server_moved(w):
@@ -420,9 +410,9 @@ def _signed_row(w, subject):
 def _plant(w, subject, payload, signer, sig, hashes):
     """A signed record written into the server's database as the subject's
     current one, with its batch (payload and hashes as stored: JSON text)."""
-    db_write(w, "INSERT OR IGNORE INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
+    db_write(w.db, "INSERT OR IGNORE INTO lock_batches (signer, sig, hashes) VALUES (?, ?, ?)",
              (signer, sig, hashes))
-    db_write(w, "INSERT OR REPLACE INTO lock_records (subject, payload, batch_id) SELECT ?, ?, "
+    db_write(w.db, "INSERT OR REPLACE INTO lock_records (subject, payload, batch_id) SELECT ?, ?, "
              "id FROM lock_batches WHERE sig = ?", (subject, payload, sig))
 
 
@@ -460,21 +450,21 @@ def test_an_admin_host_signs_over_no_older_record_the_server_replays(w):
           "--revoke", "--yes")
     revoked = _signed_row(w, S)
     _replay(w, S, approved)
-    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.91.0/24'")
+    db_write(w.db, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.91.0/24'")
     _stale(admin(w, "rename-peer", w.iface, "--name", "early", "--new-name", "early2", "--yes",
                  check=False), "peer 10.66.1.30")
     assert records(w)[S]["routes"] == ["192.168.91.0/24"] and records(w)[S]["name"] == "early"
     _replay(w, S, revoked)
-    db_write(w, "DELETE FROM peer_routes")
+    db_write(w.db, "DELETE FROM peer_routes")
     # a name changed, the older one put back
     admin(w, "rename-peer", w.iface, "--name", "early", "--new-name", "early2", "--yes")
     renamed = _signed_row(w, S)
     _replay(w, S, revoked)
-    db_write(w, "UPDATE peers SET name = 'early' WHERE ip = '10.66.1.30'")
+    db_write(w.db, "UPDATE peers SET name = 'early' WHERE ip = '10.66.1.30'")
     _stale(admin(w, "disable-peer", w.iface, "--name", "early", "--yes", check=False),
            "peer 10.66.1.30")
     _replay(w, S, renamed)
-    db_write(w, "UPDATE peers SET name = 'early2' WHERE ip = '10.66.1.30'")
+    db_write(w.db, "UPDATE peers SET name = 'early2' WHERE ip = '10.66.1.30'")
     admin(w, "rename-peer", w.iface, "--name", "early2", "--new-name", "early", "--yes")
     # a deleted peer brought back, through `lock remove` signing records again
     G = "peer:10.66.1.81"
@@ -486,14 +476,14 @@ def test_an_admin_host_signs_over_no_older_record_the_server_replays(w):
     tomb = _signed_row(w, G)
     assert json.loads(tomb[0])["deleted"]
     _replay(w, G, alive)
-    db_write(w, f"INSERT INTO peers VALUES ({', '.join('?' * len(ghost[0]))})", ghost[0])
+    db_write(w.db, f"INSERT INTO peers VALUES ({', '.join('?' * len(ghost[0]))})", ghost[0])
     second = I.lock_keypair()[1]
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
     out = admin(w, "lock", "remove", w.iface, "--key", second)
     assert "0 records signed again" in out.stderr, out.stderr   # second signed none
     assert records(w)[G] == json.loads(alive[0])        # nothing signed over it
     _replay(w, G, tomb)
-    db_write(w, "DELETE FROM peers WHERE name = 'ghost'")
+    db_write(w.db, "DELETE FROM peers WHERE name = 'ghost'")
 
 
 def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_for(w):
@@ -511,7 +501,7 @@ def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_fo
     alive = I.peer_payload(w.net, 10 ** 12, ip="10.66.1.82", key=wg, name="pf",
                            cidr="10.66.1.0/24")
     _plant_signed(w, G, alive, I.sign_batch(w.net, k2_private, [alive]))
-    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+    db_write(w.db, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
              "'pf', '10.66.1.82', id, ?, 1 FROM cidrs WHERE name = 'humans'", (wg,))
     try:
         out = admin(w, "lock", "remove", w.iface, "--key", k2)
@@ -521,8 +511,8 @@ def test_lock_remove_signs_again_no_record_of_the_removed_key_it_cannot_vouch_fo
         assert records(w)[G] == alive                   # not made newest again
         assert I.lock_short(k2) not in admin(w, "lock", "status", w.iface).stdout
     finally:
-        db_write(w, "DELETE FROM peers WHERE ip = '10.66.1.82'")
-        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (G,))
+        db_write(w.db, "DELETE FROM peers WHERE ip = '10.66.1.82'")
+        db_write(w.db, "DELETE FROM lock_records WHERE subject = ?", (G,))
 
 
 def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
@@ -554,16 +544,20 @@ def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
     # The server's lock restored from a backup made just before the removal
     # (outside round 33, Y33-1): the chain entry alone, sent again, left the
     # record signed by the removed key only, refused everywhere. The records
-    # the removal signed again go with it.
-    for t, rows in backup.items():
-        db_write(w, f"DELETE FROM {t}")
-        for row in rows:
-            db_write(w, f"INSERT INTO {t} VALUES ({', '.join('?' * len(row))})", row)
-    assert signer() == k3
-    out = admin(w, "lock", "log", w.iface)
-    assert "sending them again" in out.stderr and "not taken again" not in out.stderr, \
-        out.stderr
-    assert records(w)[E] == rec and signer() != k3
+    # the removal signed again go with it -- also when another admin's host
+    # sent the chain first, so that this one found it whole (round 35, R35-2).
+    def restore(tables):
+        for t in tables:
+            db_write(w.db, f"DELETE FROM {t}")
+            for row in backup[t]:
+                db_write(w.db, f"INSERT INTO {t} VALUES ({', '.join('?' * len(row))})", row)
+    for tables, said in ((set(LOCK_TABLES) - {"lock_chain"}, "had lost the signature of 1 "
+                          "record(s)"), (LOCK_TABLES, "sending them again")):
+        restore(tables)
+        assert signer() == k3
+        out = admin(w, "lock", "log", w.iface)
+        assert said in out.stderr and "not taken again" not in out.stderr, out.stderr
+        assert records(w)[E] == rec and signer() != k3
     out = admin(w, "fetch", w.iface, "--no-write-hosts")
     assert "'early'" not in out.stderr, out.stderr
 
@@ -575,7 +569,7 @@ def test_a_joined_peer_the_server_shows_as_an_unused_invitation_keeps_its_addres
     over it and cut it off everywhere. Its signed record names its key, not
     an invitation's: the admin's host refuses both, and nothing is signed."""
     before = records(w)
-    db_write(w, "UPDATE peers SET is_redeemed = 0, invite_expires = 1 WHERE name = 'early'")
+    db_write(w.db, "UPDATE peers SET is_redeemed = 0, invite_expires = 1 WHERE name = 'early'")
     try:
         out = []
 
@@ -588,7 +582,7 @@ def test_a_joined_peer_the_server_shows_as_an_unused_invitation_keeps_its_addres
         assert "a new invitation would take peer 10.66.1.30, but its signed record is a " \
                "joined peer's: not signing it" in out[0].stderr, out[0].stderr
         assert out[0].stderr.count("error:") == 1
-        db_write(w, "UPDATE peers SET invite_expires = 4102444800 WHERE name = 'early'")
+        db_write(w.db, "UPDATE peers SET invite_expires = 4102444800 WHERE name = 'early'")
         wait_for(lambda: "a new invitation would take peer 10.66.1.30" in admin(
             w, "reinvite", w.iface, "--name", "early", "--invite-expires", "1h",
             "--save-config", w.admin.path("early2.toml"), "--yes", check=False).stderr
@@ -596,7 +590,7 @@ def test_a_joined_peer_the_server_shows_as_an_unused_invitation_keeps_its_addres
         assert records(w) == before
         assert not os.path.exists(w.admin.path("jack.toml"))
     finally:
-        db_write(w, "UPDATE peers SET is_redeemed = 1, invite_expires = NULL "
+        db_write(w.db, "UPDATE peers SET is_redeemed = 1, invite_expires = NULL "
                  "WHERE name = 'early'")
 
 
@@ -618,9 +612,9 @@ def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_aga
     alive = I.peer_payload(w.net, 10 ** 12, ip=ip, key=I.lock_auth(auth, expires), name="pf",
                            cidr="10.66.3.0/24")
     _plant_signed(w, P, alive, I.sign_batch(w.net, k2_private, [alive]))
-    db_write(w, "INSERT INTO lock_enrollments (ip, enrollment) VALUES (?, ?)",
+    db_write(w.db, "INSERT INTO lock_enrollments (ip, enrollment) VALUES (?, ?)",
              (ip, json.dumps(I.sign_enrollment(w.net, ip, wg, auth_private))))
-    db_write(w, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
+    db_write(w.db, "INSERT INTO peers (name, ip, cidr_id, public_key, is_redeemed) SELECT "
              "'pf', ?, id, ?, 1 FROM cidrs WHERE name = 'far'", (ip, wg))
     try:
         admin(w, "add-cidr", w.iface, "--name", "scratch", "--cidr", "10.66.5.0/24",
@@ -628,9 +622,9 @@ def test_an_unrelated_change_signs_no_peer_another_admin_deleted_out_of_view_aga
         assert records(w)[P] == alive                   # not signed again, not made newest
         admin(w, "delete-cidr", w.iface, "--name", "scratch", "--yes")
     finally:
-        db_write(w, "DELETE FROM peers WHERE ip = ?", (ip,))
-        db_write(w, "DELETE FROM lock_enrollments WHERE ip = ?", (ip,))
-        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (P,))
+        db_write(w.db, "DELETE FROM peers WHERE ip = ?", (ip,))
+        db_write(w.db, "DELETE FROM lock_enrollments WHERE ip = ?", (ip,))
+        db_write(w.db, "DELETE FROM lock_records WHERE subject = ?", (P,))
         admin(w, "lock", "remove", w.iface, "--key", k2)
 
 
@@ -640,7 +634,7 @@ def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
     nothing, so no locked client installed it. It signs it now."""
     S = "peer:10.66.1.30"
     w.early.innernet("advertise-routes", w.early_if, "192.168.92.0/24", "--yes")
-    db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.92.0/24'")
+    db_write(w.db, "UPDATE peer_routes SET approved = 1 WHERE route = '192.168.92.0/24'")
     assert records(w)[S]["routes"] == []
     # --yes without --routes would sign whatever the server says early advertises
     out = admin(w, "approve-routes", w.iface, "--name", "early", "--yes", check=False)
@@ -655,7 +649,7 @@ def test_approve_routes_signs_a_route_the_server_had_approved_alone(w):
     assert "lock refused peer 'early'" not in err, err
     admin(w, "approve-routes", w.iface, "--name", "early", "--routes", "192.168.92.0/24",
           "--revoke", "--yes")
-    db_write(w, "DELETE FROM peer_routes")
+    db_write(w.db, "DELETE FROM peer_routes")
 
 
 def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_record(w):
@@ -675,15 +669,15 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
               "--yes")
     try:
         _replay(w, S, unapproved)                         # T1: shown revoked already
-        db_write(w, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
+        db_write(w.db, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
         _stale(admin(w, *revoke, check=False), "peer 10.66.1.30")
-        db_write(w, "DELETE FROM lock_records WHERE subject = ?", (S,))
+        db_write(w.db, "DELETE FROM lock_records WHERE subject = ?", (S,))
         out = admin(w, *revoke, check=False)
         assert out.returncode != 0 and "the server's peer 10.66.1.30 differs from its signed " \
             "record (the server leaves its signed record out)" in out.stderr, out.stderr
     finally:
         _replay(w, S, approved)
-        db_write(w, "UPDATE peer_routes SET approved = 1 WHERE route = ?", (route,))
+        db_write(w.db, "UPDATE peer_routes SET approved = 1 WHERE route = ?", (route,))
     admin(w, *revoke)                                   # signed: the route revoked
     assert route not in records(w)[S]["routes"]
     admin(w, "disable-peer", w.iface, "--name", "early", "--yes")          # T2
@@ -692,17 +686,17 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
     enabled = _signed_row(w, S)
     try:
         _replay(w, S, disabled)
-        db_write(w, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
+        db_write(w.db, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
         _stale(admin(w, "disable-peer", w.iface, "--name", "early", "--yes", check=False),
                "peer 10.66.1.30")
     finally:
         _replay(w, S, enabled)
-        db_write(w, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
+        db_write(w.db, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
     assert not records(w)[S]["disabled"]
     # T3: the association of humans and many hidden; the export leaves it out
     row = db_rows(w.db, "SELECT a.* FROM associations a JOIN cidrs x ON x.id = a.cidr_id_2 "
                         "WHERE x.name = 'many' OR a.cidr_id_1 = x.id")[0]
-    db_write(w, "DELETE FROM associations WHERE id = ?", (row[0],))
+    db_write(w.db, "DELETE FROM associations WHERE id = ?", (row[0],))
     try:
         path = w.admin.path("hidden.toml")
         open(path, "w").write(admin(w, "export", w.iface).stdout)
@@ -712,7 +706,7 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
             in out.stderr, out.stderr
         assert "applied" not in out.stderr
     finally:
-        db_write(w, f"INSERT INTO associations VALUES ({', '.join('?' * len(row))})", row)
+        db_write(w.db, f"INSERT INTO associations VALUES ({', '.join('?' * len(row))})", row)
     assert not records(w)["assoc:10.66.1.0/24|10.66.8.0/22"]["deleted"]
     # Twentieth round, U1: apply's change is worked out on the signed records,
     # not on the server's view showing the file's change made already.
@@ -721,16 +715,16 @@ def test_a_change_the_server_shows_made_already_is_checked_against_the_newest_re
     def apply_export():
         open(path, "w").write(admin(w, "export", w.iface).stdout)
         return admin(w, "apply", w.iface, path, "--yes", check=False)
-    db_write(w, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
+    db_write(w.db, "UPDATE peers SET is_disabled = 1 WHERE ip = '10.66.1.30'")
     try:
         out = apply_export()                              # "disabled" by the server alone
         assert out.returncode != 0 and "the server's peer 10.66.1.30 differs from its signed " \
             "record (disabled flag not as signed)" in out.stderr, out.stderr
     finally:
-        db_write(w, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
+        db_write(w.db, "UPDATE peers SET is_disabled = 0 WHERE ip = '10.66.1.30'")
     admin(w, "approve-routes", w.iface, "--name", "early", "--routes", route, "--yes")
     approved = _signed_row(w, S)
-    db_write(w, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
+    db_write(w.db, "UPDATE peer_routes SET approved = 0 WHERE route = ?", (route,))
     out = apply_export()                          # shown revoked already: the revocation signed
     assert out.returncode == 0, out.stderr
     assert route not in records(w)[S]["routes"]
@@ -766,7 +760,7 @@ def test_a_deleted_peers_key_kept_by_its_pin_is_cut_off_not_given_the_new_peers_
     nina.innernet("install", "--name", w.lab.ifname("nina"), "--no-write-hosts", path)
     row = db_rows(w.db, "SELECT name, ip, public_key, cidr_id, deleted_at, reuse_after "
                   "FROM deleted_peers WHERE ip = ?", (ip,))[0]
-    db_write(w, "DELETE FROM deleted_peers WHERE ip = ?", (ip,))        # the hijacker
+    db_write(w.db, "DELETE FROM deleted_peers WHERE ip = ?", (ip,))        # the hijacker
     err = fetch_until(w, w.early, w.early_if, lambda e: "refused peer 'nina'" in e,
                       "early to refuse nina's key")
     assert f"PINNING ERROR: refused peer 'nina' ({ip})" in err, err
@@ -776,7 +770,7 @@ def test_a_deleted_peers_key_kept_by_its_pin_is_cut_off_not_given_the_new_peers_
     assert f"the server sent peer nina ({ip}) with a key this host refused" in st.stdout
     # the deletion shown again (an honest server): the pin goes once its
     # quarantine is over (here at once: INNERNET_MIN_QUARANTINE), nina comes
-    db_write(w, "INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
+    db_write(w.db, "INSERT INTO deleted_peers (name, ip, public_key, cidr_id, deleted_at, "
              "reuse_after) VALUES (?, ?, ?, ?, ?, ?)", row)
     nina_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'nina'")[0][0]
     out = []
@@ -831,7 +825,7 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     def healed():
         return [e for (e,) in db_rows(w.db, "SELECT entry FROM lock_chain ORDER BY seq")][-1] \
             == entry and len(db_rows(w.db, "SELECT seq FROM lock_chain")) == n
-    db_write(w, "DELETE FROM lock_chain WHERE seq = ?", (seq,))
+    db_write(w.db, "DELETE FROM lock_chain WHERE seq = ?", (seq,))
     out = admin(w, "fetch", w.iface, "--no-write-hosts", check=False)
     assert out.returncode == 1 and "ends before ours (its database restored from a backup?): " \
         "kept ours; 'innernet lock log' on an admin's host sends it" in out.stderr, out.stderr
