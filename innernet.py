@@ -4184,14 +4184,16 @@ def lock_divergence(now, rec):
     return None
 
 
-def lock_withdrawn(s, now, rec, changes):
-    """Is a peer's signed record ``rec`` one its peer narrowed since, by itself
-    (fewer routes, no exit node: lock_divergence), the server holding ``now``?
-    Signed again unchanged -- a `lock remove`, the records signed with a key an
-    admin's host took, a resend after a restore -- the server keeps it: clients
-    install the peer as the server shows it, within what was signed (outside
-    round 35, R35-6, R35-7). Not so for a subject the change itself changes."""
-    return s not in changes and rec["t"] == "peer" and not rec["deleted"] \
+def lock_withdrawn(s, now, rec, changes, held):
+    """Is a peer's signed record ``rec`` the very one the server holds
+    (``held``), signed again as it is -- a `lock remove`, a resend after a
+    restore -- whose peer narrowed it since by itself (fewer routes, no exit
+    node: lock_divergence), the server holding ``now``? The server keeps it:
+    clients install the peer as the server shows it, within what was signed
+    (outside round 35, R35-6). Not so for a subject the change itself
+    changes, nor for a new record (a new serial is signed as the server holds
+    it: LockSigner.planned)."""
+    return s not in changes and rec == held and rec["t"] == "peer" and not rec["deleted"] \
         and not now["deleted"] and lock_divergence(now, rec) is None
 
 
@@ -6821,8 +6823,8 @@ class LockStore:
             want = after.get(s) or changes.get(s)
             if want is None and s in stored and stored[s]["deleted"]:
                 want = lock_fields(stored[s])        # a deleted subject's record, signed again
-            if want is None or lock_fields(rec) != want and not lock_withdrawn(s, want, rec,
-                                                                             changes):
+            if want is None or lock_fields(rec) != want and not lock_withdrawn(
+                    s, want, rec, changes, stored.get(s)):
                 raise InnernetError(f"the signed record of {lock_subject_text(s)} does not "
                                     "match the network after the change", status=400)
             if rec["n"] <= current.get(s, -1) and rec != stored[s]:   # same: a new batch
@@ -7176,7 +7178,7 @@ class LockSigner:
         self.bound = dict(bound or {})   # {subject: key this host took} (lock_known_keys)
         self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
 
-    def signed(self, changes, keys=None):
+    def signed(self, changes, keys=None, now=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
         {subject: key} for peers whose key is not their current record's. A
         peer's record whose enrolled or rotated key this host took is signed
@@ -7184,7 +7186,7 @@ class LockSigner:
         signed that very record (``newest``), not an older one the server
         presents (signed anew, it would be newest again)."""
         now_ms, out = int(time.time() * 1000), []
-        for s, (fields, key) in self.planned(changes, keys).items():
+        for s, (fields, key) in self.planned(changes, keys, now).items():
             cur = self.records.get(s) or {}
             out.append(lock_record(self.chain.net, lock_serial(cur.get("n"), now_ms), fields,
                                    key))
@@ -7200,15 +7202,19 @@ class LockSigner:
         return fields["t"] == "peer" and not fields["deleted"] and \
             (self.records.get(s) or {"deleted": True})["deleted"]
 
-    def planned(self, changes, keys=None):
+    def planned(self, changes, keys=None, now=None):
         """{subject: (fields, key)} that signed() signs for ``changes``: them,
-        and the records signed again with a key this host took."""
-        keys, changes, out = keys or {}, dict(changes), {}
+        and the records signed again with a key this host took -- as the
+        server holds them (``now``, its projection) where its peer only
+        withdrew routes since (lock_divergence), which are then signed no
+        more (outside round 35, R35-7)."""
+        keys, changes, out, now = keys or {}, dict(changes), {}, now or {}
         for s in self.bound:
             rec = self.records.get(s)
             if s not in changes and s not in keys and rec is not None \
                     and self.newest.get(s) == rec.get("n"):
-                changes[s] = lock_fields(rec)
+                narrowed = s in now and lock_divergence(now[s], rec) is None
+                changes[s] = now[s] if narrowed else lock_fields(rec)
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             key = keys.get(s) or self.bound.get(s) or (self.records.get(s) or {}).get("key")
@@ -7329,7 +7335,7 @@ class NetworkLock:
                 raise unlike_signed_error(s, why)
         if preview:
             return changes
-        return signer.signed(changes, keys) if changes else None
+        return signer.signed(changes, keys, before) if changes else None
 
     def lock_check(self, peer):
         """Under lock, refuse a peer the server shows otherwise than signed, or
@@ -7421,12 +7427,13 @@ class NetworkLock:
                                     "by name and address: not signing",
                                     hint="the server may be hijacked: a new peer's record "
                                          "names only the key of an invitation made here")
-            return changes and lock_change_lines(signer.planned(changes, new), signer.records)
+            return changes and lock_change_lines(signer.planned(changes, new, before),
+                                                 signer.records)
         if changes != getattr(self, "lock_previewed", changes):
             raise InnernetError("the server's view of the network changed between the plan and "
                                 "the apply: not signing what the plan did not show",
                                 hint="run apply again and read the plan")
-        return signer.signed(changes, keys) if changes else None
+        return signer.signed(changes, keys, before) if changes else None
 
     def lock_submit(self, entries, signed, adoptions):
         """A `lock` verb's request: the chain extended (or begun), records, proofs."""

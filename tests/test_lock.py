@@ -302,6 +302,29 @@ def test_an_admins_next_signing_names_the_rotated_key_its_own_sync_took():
     assert "bob" not in acc
 
 
+def test_a_rotated_peers_record_signed_again_drops_the_routes_it_withdrew():
+    """Outside round 35, R35-7: the record of a peer whose rotated key an
+    admin's host took is signed again at that host's next change; it named
+    a route the peer had withdrawn since, and the server refused every change
+    of that admin. It is signed as the server holds it now where that is
+    only fewer routes (the route is then signed no more), and as signed
+    where the server holds more (a route it approved by itself stays out)."""
+    n = Net()
+    bob = "peer:10.66.1.3"
+    recs = {innernet.record_subject(p): p for p in n.records}
+    recs[bob] = dict(recs[bob], routes=["192.168.5.0/24"])
+    carol = recs["peer:10.66.2.4"]
+    change = {"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")}
+    for now_routes, signed_routes in ((["192.168.5.0/24", "10.9.9.0/24"], ["192.168.5.0/24"]),
+                                      ([], [])):
+        now = {bob: dict(innernet.lock_fields(recs[bob]), routes=now_routes)}
+        signer = innernet.LockSigner(n.chain, recs, n.admin[0], {bob: "bob-key-2"},
+                                     {bob: recs[bob]["n"]})
+        out = signer.signed(change, now=now)
+        again = {innernet.record_subject(r): r for r in out["records"]}
+        assert again[bob]["key"] == "bob-key-2" and again[bob]["routes"] == signed_routes
+
+
 def test_widening_the_tree_or_the_associations_without_a_signature_is_refused():
     n = Net()
     # the server moves 'others' under 'humans' and adds an association, unsigned

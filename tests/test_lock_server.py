@@ -691,15 +691,16 @@ def test_a_peers_adoption_proof_is_found_under_the_keys_it_rotated_away_from(tmp
 
 def test_a_record_signed_again_as_it_is_is_kept_after_its_peer_withdrew_a_route(
         tmp_path, capsys):
-    """Outside round 35, R35-6 and R35-7: a peer that withdrew a route an admin
-    had approved (a user route: any local user of its host can) left its
-    signed record naming the route, and the server refused the record signed
-    again as it is -- by a `lock remove` of the key that signed it, by every
-    admin verb that signs again the record of a peer whose rotated key the
-    admin's host took, by the resend after a restore -- "does not match the
-    network after the change". It is kept now: the server holds fewer routes
-    than signed, which clients install. A record the server holds otherwise
-    (a name), or a change signing the peer itself, must still match."""
+    """Outside round 35, R35-6: a peer that withdrew a route an admin had
+    approved (a user route: any local user of its host can) left its signed
+    record naming the route, and the server refused the record signed again
+    as it is -- by a `lock remove` of the key that signed it, by the resend
+    after a restore -- "does not match the network after the change", so the
+    key stayed trusted. The very record it holds, signed again, is kept now:
+    the server holds fewer routes than signed, which clients install. A new
+    record naming the route (a new serial: R35-7's signing of a rotated key
+    drops it, LockSigner.planned), one the server holds otherwise (a name),
+    or a change signing the peer itself must still match."""
     base = cli_network(tmp_path, capsys)
     assert run(base, "add-peer", "evil", "--name", "bob", "--cidr", "h", "--ip", "10.66.1.2",
                "--admin", "false", "--invite-expires", "1d", "--save-config",
@@ -727,6 +728,10 @@ def test_a_record_signed_again_as_it_is_is_kept_after_its_peer_withdrew_a_route(
         store.lock_submit(removal, {"batch": sign_batch("evil", a_priv, renamed),
                                     "records": renamed}, {}, "10.66.0.1")
     assert len(store.lock_chain().entries) == 1          # nothing half-written
+    newer = [dict(r, n=2) if r.get("name") == "bob" else r for r in recs]
+    with pytest.raises(innernet.InnernetError, match="does not match the network after"):
+        store.lock_submit(removal, {"batch": sign_batch("evil", a_priv, newer),
+                                    "records": newer}, {}, "10.66.0.1")
     store.lock_submit(removal, again, {}, "10.66.0.1")
     still = innernet.verified_lock_records(store.lock_chain(), *store.lock_listing())
     assert still["peer:10.66.1.2"]["routes"] == ["192.168.60.0/24"]

@@ -811,6 +811,18 @@ def test_a_peer_joins_under_lock_and_lock_add_remove_log_status_disable(w):
     assert "lock refused" not in out.stderr, out.stderr
     assert {a: p["public_key"] for p in device(w.admin, w.iface)["peers"]
             for a in p["allowed_ips"]}[f"{ALICE_IP}/32"] == new_key
+    # alice then withdraws the route: the admin host's next changes sign her
+    # record again with her new key, without the route (outside round 35,
+    # R35-7: every signing change of that host was refused, "does not match")
+    alice.innernet("advertise-routes", aif, "--clear", "--yes")
+    admin(w, "fetch", w.iface, "--no-write-hosts")
+    admin(w, "add-cidr", w.iface, "--name", "r35", "--cidr", "10.66.35.0/24", "--parent", w.net,
+          "--yes")
+    admin(w, "delete-cidr", w.iface, "--name", "r35", "--yes")
+    assert records(w)[f"peer:{ALICE_IP}"]["routes"] == [] and \
+        records(w)[f"peer:{ALICE_IP}"]["key"] == new_key
+    out = alice.innernet("fetch", aif, "--no-write-hosts")
+    assert "lock refused" not in out.stderr, out.stderr
     second_private, second = I.lock_keypair()
     admin(w, "lock", "add", w.iface, "--key", second, "--key-name", "second")
     # the admin's host keeps its own update: its status says so at once; a
