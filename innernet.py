@@ -9640,16 +9640,16 @@ def _held_unsigned(r, held, still):
     return False
 
 
-def server_lock_answer(api, files, resend=True):
+def server_lock_answer(api, files, chain=True, records=True):
     """(the server's GET /admin/lock, lock-seen's "reached") for an admin verb
     (remote_lock_info), after two looks at this host's own lock files. A host
     that has seen the lock and holds no copy, shown none, changes nothing:
     only a server hiding it shows none (outside rounds 31 and 32, V31-3,
     X32-3; a new genesis would sign what it made meanwhile). A chain that ends
     before this host's copy (a server restored from a backup) is sent the rest
-    again, once: the server takes an extension of its own (X32-1); then what
-    this host's last lock verbs signed, where the server lost its signature
-    (lock_resend_due)."""
+    again, once: the server takes an extension of its own (X32-1); then, once,
+    what this host's last lock verbs signed, where the server lost its
+    signature (lock_resend_due). ``chain``, ``records``: whether to send them."""
     try:
         got = _require_object(api.call("GET", "/admin/lock"), "lock")
     except InnernetError as e:
@@ -9668,13 +9668,13 @@ def server_lock_answer(api, files, resend=True):
     with contextlib.suppress(InnernetError, TypeError, KeyError, AttributeError):
         if entries and LockChain(entries).extended_by(mine["chain"]) is not None:
             ahead = len(mine["chain"]) - len(entries)
-    if resend is True and ahead:
+    if chain and ahead:
         warn(f"{files.iface}: the server's lock chain lacks the last {ahead} entries of this "
              "host's copy (its database restored from a backup?): sending them again")
         api.call("POST", "/admin/lock", {"chain": mine["chain"], "signed": None,
                                          "adoptions": {}})
-        return server_lock_answer(api, files, resend="records")
-    due = lock_resend_due(mine, got) if resend else []
+        return server_lock_answer(api, files, chain=False, records=records)
+    due = lock_resend_due(mine, got) if records else []
     for at, batch in due:                         # what those entries' verbs signed
         try:
             api.call("POST", "/admin/lock", {"chain": entries, "signed": batch,
@@ -9685,7 +9685,7 @@ def server_lock_answer(api, files, resend=True):
             warn(f"{files.iface}: the records signed with lock entry {at} were not "
                  f"taken again: {e.message}")
     if due:
-        return server_lock_answer(api, files, resend=False)
+        return server_lock_answer(api, files, chain=False, records=False)
     return got, read_lock_seen(files.lock_seen)[1]
 
 
