@@ -16,14 +16,13 @@ interpreter, which has PyNaCl (lock needs it).
 import copy
 import json
 import os
-import sqlite3
 import sys
 import time
 import types
 
 import pytest
 
-from lab import ROOT, Lab, db_rows, device, invite, start_network, wait_for
+from lab import ROOT, Lab, db_rows, db_write, device, invite, start_network, wait_for
 
 from .hostile import honest_state, take_over
 
@@ -71,14 +70,14 @@ def w(pyz):
         for name, (cidr, ip) in PAPER.items():
             invite(w.srv, w.net, name, cidr, ip=ip)
             w.keys[name] = I.public_key(I.generate_private_key())
-            db_exec(w.db, "UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = ?",
+            db_write(w.db, "UPDATE peers SET is_redeemed = 1, public_key = ? WHERE name = ?",
                     (w.keys[name], name))
         w.admin.innernet("fetch", w.admin_if, "--no-write-hosts")
         out = w.admin.innernet("lock", "init", w.admin_if, "--yes")
         w.secret = out.stdout.split("keep it offline): ")[1].split()[0]
         w.lock_init_err = out.stderr
         zed_key = db_rows(w.db, "SELECT public_key FROM peers WHERE name = 'zed'")[0][0]
-        db_exec(w.db, "DELETE FROM lock_adoptions WHERE peer_key = ?", (zed_key,))
+        db_write(w.db, "DELETE FROM lock_adoptions WHERE peer_key = ?", (zed_key,))
         path = w.admin.path("alice.toml")
         w.admin.innernet("add-peer", w.admin_if, "--name", "alice", "--cidr", "humans",
                          "--ip", ALICE_IP, "--admin", "false", "--save-config", path,
@@ -116,16 +115,6 @@ def w(pyz):
         yield w
     finally:
         lab.close()
-
-
-def db_exec(db, sql, args=()):
-    """One write to the server's database, as its hijacker (or a test) makes it."""
-    conn = sqlite3.connect(db, timeout=15)
-    try:
-        with conn:
-            conn.execute(sql, args)
-    finally:
-        conn.close()
 
 
 def _apply(w, edit):
