@@ -3928,7 +3928,12 @@ class LockChain:
             return None
         other = LockChain(received)
         if other.hashes[:len(self.hashes)] != self.hashes:
-            return None
+            # Another disablement of the same chain (its own time): once the
+            # secret is out anyone can make one, and a lock disabled is off,
+            # whichever it was: ours stands (outside round 36, S36-5).
+            same = self.disabled and other.disabled and \
+                other.hashes[:-1] == self.hashes[:-1]
+            return self if same else None
         return other
 
     def describe(self, n):
@@ -4480,6 +4485,42 @@ def lock_routes(rec, peer):
     return kept, exit_node, ", ".join(extra) or None
 
 
+# Why a host sees no one under lock: it cannot tell what it may see (verify_state).
+LOCK_OWN_UNSIGNED = "this host's own record is not signed, so it cannot tell what it may see"
+LOCK_OWN_CIDR_UNSIGNED = "this host's own CIDR has no signed record it may take (older than " \
+    "one this host has seen, or none), so it cannot tell what it may see"
+
+
+def lock_route_owners(use):
+    """{route: address} of the peer whose signed record naming it is the
+    newest: a range signed for two peers (one withdrew it, an admin approved
+    it for another since; the withdrawal is not signed) goes to the one an
+    admin signed it for last, never to the one the server picks (outside
+    round 36, S36-1)."""
+    owners = {}
+    for p in use.values():
+        if p["t"] == "peer" and not p["deleted"]:
+            for r in p["routes"]:
+                if r not in owners or owners[r][0] < p["n"]:
+                    owners[r] = (p["n"], p["ip"])
+    return {r: ip for r, (_, ip) in owners.items()}
+
+
+def lock_installed(rec, peer, owners):
+    """(``peer`` as installed under its signed record ``rec``, [what was cut]):
+    its routes and exit node as far as signed (lock_routes), and no range
+    another peer's newer record names (``owners``, lock_route_owners)."""
+    routes, exit_node, unsigned = lock_routes(rec, peer)
+    cut = [f"{unsigned} not signed: the peer is installed without"] if unsigned else []
+    taken = [r for r in routes if owners.get(r, peer.ip) != peer.ip]
+    if taken:
+        cut.append(f"{', '.join(taken)} signed later for another peer: the peer is installed "
+                   "without")
+    if cut:
+        peer = replaced(peer, routes=[r for r in routes if r not in taken], exit_node=exit_node)
+    return peer, cut
+
+
 def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cache=None,
                  skip=(), now=None, own_signed=None, own_name=None, own_key=None):
     """What a locked client may install of a server's state.
@@ -4510,8 +4551,10 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
     use = {s: p for s, (p, h) in use.items()}
     own = use.get(f"peer:{own_ip}")
-    view = lock_view(use, own["cidr"]) if own and not own["deleted"] else None
-    ranges = {c.id: c.cidr for c in cidrs}
+    view = lock_view(use, own["cidr"]) if own and not own["deleted"] else LOCK_OWN_UNSIGNED
+    if not isinstance(view, str) and own["cidr"] not in view:
+        view = LOCK_OWN_CIDR_UNSIGNED
+    ranges, owners = {c.id: c.cidr for c in cidrs}, lock_route_owners(use)
     enroll = lock.get("enroll") if isinstance(lock.get("enroll"), dict) else {}
     accepted, refused = [], []
     for peer in peers:
@@ -4531,10 +4574,8 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
             refused.append((peer, reason))
             continue
         rec = use[s]
-        routes, exit_node, unsigned = lock_routes(rec, peer)
-        if unsigned:
-            refused.append((peer, f"{unsigned} not signed: the peer is installed without"))
-            peer = replaced(peer, routes=routes, exit_node=exit_node)
+        peer, cut = lock_installed(rec, peer, owners)
+        refused += [(peer, why) for why in cut]
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
     if own_key is not None and own is not None and not own["deleted"]:   # an admin signs it
@@ -4580,9 +4621,6 @@ def lock_binding(old, rec):
     return [old[2], under] if under is not None and under == rec.get("key") else [None, None]
 
 
-LOCK_OWN_UNSIGNED = "this host's own record is not signed, so it cannot tell what it may see"
-
-
 def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
     """(reason to refuse or None, the key accepted) for one state peer;
     ``bound``: the key this host holds for its address under this record."""
@@ -4598,8 +4636,8 @@ def _judge(net, peer, use, replayed, view, ranges, enrolling, bound, rotated):
     what = _peer_mismatch(rec, peer, ranges.get(peer.cidr_id))
     if what:
         return f"its {what} differs from its signed record", None
-    if view is None:
-        return LOCK_OWN_UNSIGNED, None
+    if isinstance(view, str):       # LOCK_OWN_UNSIGNED, LOCK_OWN_CIDR_UNSIGNED
+        return view, None
     if rec["cidr"] not in view:
         return f"its CIDR {rec['cidr']} is not one this host may see", None
     base, key = bound or rec["key"], peer.public_key
@@ -13547,9 +13585,11 @@ class _Fetch:
             own_key=self.own_key)
         lines = [lock_refusal(p, why) for p, why in refused]
         self.lock_waits = [p for p, why in refused if why.endswith(LOCK_NO_PROOF)]
-        if any(why == LOCK_OWN_UNSIGNED for _, why in refused):   # it sees no one (R35-4)
-            self.problems.append(f"network lock: {LOCK_OWN_UNSIGNED}: every peer but the "
-                                 f"server refused ('innernet show {self.iface}' says why)")
+        blind = {why for _, why in refused} & {LOCK_OWN_UNSIGNED, LOCK_OWN_CIDR_UNSIGNED}
+        if blind:          # it sees no one (R35-4, S36-2): said at every sync (S36-6)
+            self.problems.append(f"network lock: {blind.pop()}: every peer but the server "
+                                 f"refused ('innernet show {self.iface}' says why)")
+            self.etag = None
         for line in lines:
             warn(f"{self.iface}: {line}")
         sigs = {b.get("s") for b in (offered or {}).get("batches") or [] if isinstance(b, dict)}
@@ -15532,8 +15572,10 @@ def _lock_remove(args, iface):
     if left:
         warn(f"{len(left)} record(s) the removed key signed last are not signed again, as "
              "this host does not know them as the newest: " + ", ".join(
-                 lock_subject_text(s) for s in left) + "; clients refuse them until an admin "
-             "whose host verified them changes each")
+                 lock_subject_text(s) for s in left) + "; clients refuse them. No admin "
+             "peer's host signs over them; change or delete each on the server with "
+             "'innernet-server ... --lock-key FILE' (a trusted lock key's file), and run "
+             "'innernet fetch' before a 'lock remove' next time")
     return 0
 
 

@@ -173,6 +173,30 @@ def test_an_honest_state_is_accepted_and_unassociated_cidrs_are_not_seen():
     assert set(acc) == {"alice", "bob", "carol"} and not ref
 
 
+def test_a_range_signed_for_two_peers_goes_to_the_one_signed_last():
+    """Outside round 36, S36-1: bob withdrew a LAN an admin had approved for
+    him (the withdrawal is not signed, so his record still names it), and an
+    admin approved the same range for dave since; a hijacked server approving
+    it for bob again in its database took it from dave on every client.
+    The range goes to the peer whose record naming it is the newest."""
+    n = Net()
+    lan = "192.168.41.0/24"
+    bob = n.set("bob", routes=[lan])
+    n.records.append(n.payload(bob))                 # approved for bob, signed
+    dave = n.add_peer("dave", "10.66.1.5", 3, "dave-key", routes=[lan])   # later, for dave
+    n.sign(payloads=n.records[-2:])
+    n.set("dave", routes=[])                         # the server gives it back to bob
+    acc, ref, _ = n.verify()
+    assert acc["bob"].routes == [] and lan in ref["bob"] and "signed later for another" \
+        in ref["bob"] and acc["dave"].routes == []
+    n.set("dave", routes=[lan])                      # both: dave's, signed last
+    acc, ref, _ = n.verify()
+    assert acc["dave"].routes == [lan] and acc["bob"].routes == []
+    n.set("bob", routes=[])                          # the honest view
+    acc, ref, _ = n.verify()
+    assert acc["dave"].routes == [lan] and "bob" not in ref and "dave" not in ref
+
+
 def test_a_record_no_trusted_key_signed_is_refused():
     n = Net()
     n.add_peer("mallory", "10.66.1.66", 3, "mallory-key")       # the server's own
@@ -1407,3 +1431,13 @@ def test_a_disablement_has_one_encoding_too():
                   dict(entry, payload={k: v for k, v in entry["payload"].items() if k != "at"})):
         with pytest.raises(InnernetError, match="lock chain entry 1: a disablement with fields"):
             LockChain(base + [copy_])
+    # Outside round 36, S36-5: the secret is out once used, and a disablement
+    # at another time is another entry; a host holding one takes the other's
+    # chain as its own (nothing is verified after a disablement), not as a fork.
+    ours = LockChain(base + [entry])
+    other = base + [lock_disablement(LockChain(base), "s3cret", T + 1)]
+    assert ours.extended_by(other) is ours and adopt_chain(ours, other) == (ours, None)
+    assert LockChain(base).extended_by(other).disabled
+    b = lock_keypair()
+    longer = base + [lock_update(LockChain(base), "add", b[1], "b", a[0], T)]
+    assert ours.extended_by(longer + [lock_disablement(LockChain(longer), "s3cret", T)]) is None

@@ -562,6 +562,31 @@ def test_lock_remove_signs_the_removed_keys_records_again_as_they_are(w):
     assert "'early'" not in out.stderr, out.stderr
 
 
+def test_a_host_that_sees_no_one_under_lock_stays_unhealthy_until_it_does(w):
+    """Outside rounds 35 and 36, R35-4 and S36-6: a host whose own record the
+    server holds signed by no trusted key (left out here; a restore from
+    before it was signed does the same) refuses every peer but the server;
+    `status` said healthy, then, after R35-4's fix, unhealthy for one sync
+    only: the next asked "unchanged?", was told so, and cleared the problem.
+    It stays until the record is back."""
+    S = "peer:10.66.1.30"
+    row = db_rows(w.db, "SELECT subject, payload, batch_id FROM lock_records WHERE subject = ?",
+                  (S,))[0]
+    db_write(w.db, "DELETE FROM lock_records WHERE subject = ?", (S,))
+    try:
+        for _ in range(2):
+            wait_for(lambda: "own record is not signed" in w.early.innernet(
+                "fetch", w.early_if, "--no-write-hosts").stderr or None, 30, "the refusal")
+            st = w.early.innernet("status", w.early_if, check=False)
+            assert st.returncode == 1 and "own record is not signed" in st.stdout, st.stdout
+    finally:
+        db_write(w.db, "INSERT INTO lock_records (subject, payload, batch_id) VALUES (?, ?, ?)",
+                 row)
+    wait_for(lambda: w.early.innernet("fetch", w.early_if, "--no-write-hosts").returncode == 0
+             and w.early.innernet("status", w.early_if, check=False).returncode == 0 or None,
+             30, "early healthy again")
+
+
 def test_a_joined_peer_the_server_shows_as_an_unused_invitation_keeps_its_address(w):
     """Fifth outside attack, findings 1 and 2: the server marks a joined
     peer as an invitation never redeemed (expired, or not): an admin's
