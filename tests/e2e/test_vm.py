@@ -113,6 +113,20 @@ def test_end_to_end_tests_pass_on_kernel_devices(guest):
           f"{len(res['skipped'])} skipped: {res['skipped']}")
 
 
+def test_more_end_to_end_tests_pass_on_kernel_devices(guest):
+    """lane.MORE, after the reboot: two runs, side by side, of more of tests/e2e."""
+    runs = lane.more_runs()
+    if not runs:
+        pytest.skip("INNERNET_VM_MORE names none")
+    passed = skipped = 0
+    for part in ("more1", "more2")[:len(runs)]:
+        rc, res, detail = outcome(guest, part)
+        assert rc == "0" and res["passed"] and not res["failed"], detail
+        passed, skipped = passed + len(res["passed"]), skipped + len(res["skipped"])
+    print(f"more of tests/e2e on kernel WireGuard in the guest: {passed} passed, "
+          f"{skipped} skipped")
+
+
 def test_units_bring_everything_back_after_a_real_reboot(guest):
     rc, res, detail = outcome(guest, "units1")
     assert rc == "0" and res["passed"] and not res["failed"], detail
