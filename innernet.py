@@ -4491,15 +4491,25 @@ LOCK_OWN_CIDR_UNSIGNED = "this host's own CIDR has no signed record it may take 
     "one this host has seen, or none), so it cannot tell what it may see"
 
 
-def lock_route_owners(use):
+def own_view(use, own):
+    """The CIDRs a host whose signed record is ``own`` may see (lock_view),
+    or why it cannot tell: LOCK_OWN_UNSIGNED, LOCK_OWN_CIDR_UNSIGNED."""
+    if own is None or own["deleted"]:
+        return LOCK_OWN_UNSIGNED
+    view = lock_view(use, own["cidr"])
+    return view if own["cidr"] in view else LOCK_OWN_CIDR_UNSIGNED
+
+
+def lock_route_owners(use, view):
     """{route: address} of the peer whose signed record naming it is the
-    newest: a range signed for two peers (one withdrew it, an admin approved
-    it for another since; the withdrawal is not signed) goes to the one an
-    admin signed it for last, never to the one the server picks (outside
-    round 36, S36-1)."""
+    newest, among those in CIDRs this host may see (``view``): a range signed
+    for two peers (one withdrew it, an admin approved it for another since;
+    the withdrawal is not signed) goes to the one an admin signed it for
+    last, never to the one the server picks (outside round 36, S36-1). Two
+    sites out of each other's view may have the same LAN."""
     owners = {}
     for p in use.values():
-        if p["t"] == "peer" and not p["deleted"]:
+        if p["t"] == "peer" and not p["deleted"] and p["cidr"] in view:
             for r in p["routes"]:
                 if r not in owners or owners[r][0] < p["n"]:
                     owners[r] = (p["n"], p["ip"])
@@ -4551,10 +4561,9 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
         new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
     use = {s: p for s, (p, h) in use.items()}
     own = use.get(f"peer:{own_ip}")
-    view = lock_view(use, own["cidr"]) if own and not own["deleted"] else LOCK_OWN_UNSIGNED
-    if not isinstance(view, str) and own["cidr"] not in view:
-        view = LOCK_OWN_CIDR_UNSIGNED
-    ranges, owners = {c.id: c.cidr for c in cidrs}, lock_route_owners(use)
+    view = own_view(use, own)
+    ranges = {c.id: c.cidr for c in cidrs}
+    owners = lock_route_owners(use, () if isinstance(view, str) else view)
     enroll = lock.get("enroll") if isinstance(lock.get("enroll"), dict) else {}
     accepted, refused = [], []
     for peer in peers:

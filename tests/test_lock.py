@@ -195,6 +195,13 @@ def test_a_range_signed_for_two_peers_goes_to_the_one_signed_last():
     n.set("bob", routes=[])                          # the honest view
     acc, ref, _ = n.verify()
     assert acc["dave"].routes == [lan] and "bob" not in ref and "dave" not in ref
+    # the same LAN behind a site this host may not see (carol's, in others)
+    # takes nothing from the one it sees
+    carol = n.set("carol", routes=[lan])
+    n.records.append(n.payload(carol))
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert acc["dave"].routes == [lan] and "dave" not in ref and "carol" not in acc
 
 
 def test_a_record_no_trusted_key_signed_is_refused():
