@@ -4500,29 +4500,102 @@ def own_view(use, own):
     return view if own["cidr"] in view else LOCK_OWN_CIDR_UNSIGNED
 
 
-def lock_route_owners(use, view):
-    """{route: address} of the peer whose signed record naming it is the
-    newest, among those in CIDRs this host may see (``view``): a range signed
-    for two peers (one withdrew it, an admin approved it for another since;
-    the withdrawal is not signed) goes to the one an admin signed it for
-    last, never to the one the server picks (outside round 36, S36-1). Two
-    sites out of each other's view may have the same LAN."""
-    owners = {}
+def lock_route_claims(use, view, known):
+    """[(network, serial, address)]: the ranges the signed records of peers in
+    CIDRs this host may see (``view``) name, with their serials; and those a
+    record this host verified before named (``known``'s fifth field), where
+    the server now leaves that record out: hidden, its ranges stay its own
+    (outside round 37, T37-2). Two sites out of each other's view may have
+    the same LAN."""
+    claims = []
     for p in use.values():
         if p["t"] == "peer" and not p["deleted"] and p["cidr"] in view:
-            for r in p["routes"]:
-                if r not in owners or owners[r][0] < p["n"]:
-                    owners[r] = (p["n"], p["ip"])
-    return {r: ip for r, (_, ip) in owners.items()}
+            claims += [(r, p["n"], p["ip"]) for r in p["routes"]]
+    for s, k in known.items():
+        if s not in use and s.startswith("peer:") and len(k) > 4 and isinstance(k[4], list):
+            claims += [(r, k[0], s[5:]) for r in k[4]]
+    out = []
+    for r, n, ip in claims:
+        with contextlib.suppress(ValueError, TypeError):
+            out.append((ipaddress.ip_network(r), n, ip))
+    return out
 
 
-def lock_installed(rec, peer, owners):
+def lock_route_taken(route, serial, ip, claims):
+    """Does ``route`` of the peer at ``ip`` (its record's ``serial``) fall
+    inside a range another peer's newer record names (lock_route_claims)? A
+    range signed for two peers (one withdrew it, an admin approved it, or a
+    range around it, for another since; a withdrawal is not signed) goes to
+    the one an admin signed it for last, never to the one a server picks
+    (outside rounds 36 and 37, S36-1, T37-1); a newer, narrower approval
+    inside an older one takes its part by routing's longest prefix."""
+    try:
+        net = ipaddress.ip_network(route)
+    except ValueError:
+        return True
+    return any(at != ip and n > serial and net.version == other.version
+               and net.subnet_of(other) for other, n, at in claims)
+
+
+def lock_route_conflict(s, fields, records, asked=()):
+    """The routes of peer ``s``'s ``fields`` (not ones an approve-routes asks
+    for: ``asked``) inside a range another peer's signed record, newer than
+    this peer's (``records``), names: signed anew at a newer serial they
+    would take it back (outside round 37, T37-3, T37-4); [] if none."""
+    if not fields or fields["t"] != "peer" or fields["deleted"]:
+        return []
+    claims = lock_route_claims(records, _EVERY_CIDR, {})
+    cur = (records.get(s) or {}).get("n", -1)
+    return [r for r in fields["routes"]
+            if r not in asked and lock_route_taken(r, cur, fields["ip"], claims)]
+
+
+def lock_asked(rec, asked):
+    """A signed peer record as an admin's approve-routes (or --revoke) of
+    ``asked`` (routes, EXIT_ROUTES for the exit node) takes it: the server
+    holding those approved already is what the admin asks for, not a
+    divergence; any other field or route the server changed still is."""
+    asked = set(asked)
+    return dict(rec, routes=sorted(set(rec["routes"]) | (asked - set(EXIT_ROUTES))),
+                exit=bool(rec["exit"] or asked & set(EXIT_ROUTES)))
+
+
+def approval_asked(peer, routes):
+    """The routes an approve-routes names: ``routes`` (an exit route both, as the
+    server takes them), or all the peer advertises (approved or waiting) when None."""
+    if routes is not None:
+        return set(routes) | (set(EXIT_ROUTES) if set(routes) & set(EXIT_ROUTES) else set())
+    return set(peer.pending_routes) | set(peer.routes) | (
+        set(EXIT_ROUTES) if peer.exit_node else set())
+
+
+def refuse_route_taken(s, fields, records, asked=()):
+    """An admin's host signs no peer record that takes back another peer's
+    newer range (lock_route_conflict)."""
+    taken = lock_route_conflict(s, fields, records, asked)
+    if taken:
+        raise InnernetError(
+            f"{lock_subject_text(s)} names {', '.join(taken)}, signed later for another peer: "
+            "signing it anew would take that back (the server may be hijacked)",
+            hint="revoke it from this peer first: innernet approve-routes NET --name "
+                 f"{fields['name']} --routes {','.join(taken)} --revoke")
+
+
+class _Everything:
+    def __contains__(self, item):
+        return True
+
+
+_EVERY_CIDR = _Everything()      # an admin's host weighs every signed range
+
+
+def lock_installed(rec, peer, claims):
     """(``peer`` as installed under its signed record ``rec``, [what was cut]):
     its routes and exit node as far as signed (lock_routes), and no range
-    another peer's newer record names (``owners``, lock_route_owners)."""
+    another peer's newer record names (lock_route_taken)."""
     routes, exit_node, unsigned = lock_routes(rec, peer)
     cut = [f"{unsigned} not signed: the peer is installed without"] if unsigned else []
-    taken = [r for r in routes if owners.get(r, peer.ip) != peer.ip]
+    taken = [r for r in routes if lock_route_taken(r, rec["n"], peer.ip, claims)]
     if taken:
         cut.append(f"{', '.join(taken)} signed later for another peer: the peer is installed "
                    "without")
@@ -4558,12 +4631,13 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
     replayed.update({s: r for s, r in why.items() if s not in signed and s not in replayed})
     new_known = dict(known)
     for s, (p, h) in use.items():
-        new_known[s] = [p["n"], h, *lock_binding(known.get(s), p)]
+        new_known[s] = [p["n"], h, *lock_binding(known.get(s), p),
+                        p["routes"] if p["t"] == "peer" and not p["deleted"] else []]
     use = {s: p for s, (p, h) in use.items()}
     own = use.get(f"peer:{own_ip}")
     view = own_view(use, own)
     ranges = {c.id: c.cidr for c in cidrs}
-    owners = lock_route_owners(use, () if isinstance(view, str) else view)
+    claims = lock_route_claims(use, () if isinstance(view, str) else view, known)
     enroll = lock.get("enroll") if isinstance(lock.get("enroll"), dict) else {}
     accepted, refused = [], []
     for peer in peers:
@@ -4583,7 +4657,7 @@ def verify_state(chain, lock, peers, cidrs, own_ip, known, *, rotated=None, cach
             refused.append((peer, reason))
             continue
         rec = use[s]
-        peer, cut = lock_installed(rec, peer, owners)
+        peer, cut = lock_installed(rec, peer, claims)
         refused += [(peer, why) for why in cut]
         accepted.append(peer)
         new_known[s][2:4] = [key, rec["key"]]
@@ -7180,25 +7254,6 @@ def refuse_stale(records, newest, subjects):
                      "shows what this host installs and refuses")
 
 
-def lock_asked(rec, asked):
-    """A signed peer record as an admin's approve-routes (or --revoke) of
-    ``asked`` (routes, EXIT_ROUTES for the exit node) takes it: the server
-    holding those approved already is what the admin asks for, not a
-    divergence; any other field or route the server changed still is."""
-    asked = set(asked)
-    return dict(rec, routes=sorted(set(rec["routes"]) | (asked - set(EXIT_ROUTES))),
-                exit=bool(rec["exit"] or asked & set(EXIT_ROUTES)))
-
-
-def approval_asked(peer, routes):
-    """The routes an approve-routes names: ``routes`` (an exit route both, as the
-    server takes them), or all the peer advertises (approved or waiting) when None."""
-    if routes is not None:
-        return set(routes) | (set(EXIT_ROUTES) if set(routes) & set(EXIT_ROUTES) else set())
-    return set(peer.pending_routes) | set(peer.routes) | (
-        set(EXIT_ROUTES) if peer.exit_node else set())
-
-
 def lock_removal(records, still, newest):
     """(subjects to sign again, subjects left) of a `lock remove`: the
     server's verified records (``records``) whose newest signature is the
@@ -7261,7 +7316,9 @@ class LockSigner:
             if s not in changes and s not in keys and rec is not None \
                     and self.newest.get(s) == rec.get("n"):
                 narrowed = s in now and lock_divergence(now[s], rec) is None
-                changes[s] = now[s] if narrowed else lock_fields(rec)
+                fields = now[s] if narrowed else lock_fields(rec)
+                if not lock_route_conflict(s, fields, self.records):     # later, else
+                    changes[s] = fields
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
             key = keys.get(s) or self.bound.get(s) or (self.records.get(s) or {}).get("key")
@@ -7369,6 +7426,8 @@ class NetworkLock:
                     "signing it", hint="the server may be hijacked ('innernet fetch' shows "
                     "what this host refuses); an invitation made before the lock: delete-peer, "
                     "then add-peer")
+        for s in sorted(changes):
+            refuse_route_taken(s, changes[s], signer.records, asked.get(s, ()))
         named = {n for f in changes.values() for n in lock_named(f)}
         for s in sorted(set(changes) | named):
             rec = signer.records.get(s)

@@ -195,6 +195,27 @@ def test_a_range_signed_for_two_peers_goes_to_the_one_signed_last():
     n.set("bob", routes=[])                          # the honest view
     acc, ref, _ = n.verify()
     assert acc["dave"].routes == [lan] and "bob" not in ref and "dave" not in ref
+    # outside round 37, T37-2: the server hides dave's record (and dave):
+    # this host remembers what it verified, and bob still gets none of it
+    _, _, known = n.verify()
+    hidden = dict(n.lock(), records=[r for r in n.records if r.get("ip") != "10.66.1.5"])
+    n.set("bob", routes=[lan])
+    acc, ref, _ = n.verify(known=known, lock=hidden,
+                           peers=[p for p in n.peers if p.name != "dave"])
+    assert acc["bob"].routes == [] and "signed later for another" in ref["bob"]
+    n.set("bob", routes=[])
+    # T37-1: a part of dave's newer range, signed for bob before, is cut too;
+    # a newer, narrower approval inside an older one is not
+    eve = n.add_peer("eve", "10.66.1.6", 3, "eve-key", routes=["192.168.41.0/25"], sign=False)
+    n.records.insert(0, n.payload(eve))
+    n.records[0]["n"] = 1
+    n.sign(payloads=n.records[:1])
+    acc, ref, _ = n.verify()
+    assert acc["eve"].routes == [] and "192.168.41.0/25 signed later" in ref["eve"]
+    frank = n.add_peer("frank", "10.66.1.7", 3, "frank-key", routes=["192.168.41.128/25"])
+    n.sign(payloads=n.records[-1:])
+    acc, ref, _ = n.verify()
+    assert acc["frank"].routes == ["192.168.41.128/25"] and acc["dave"].routes == [lan]
     # the same LAN behind a site this host may not see (carol's, in others)
     # takes nothing from the one it sees
     carol = n.set("carol", routes=[lan])
@@ -202,6 +223,33 @@ def test_a_range_signed_for_two_peers_goes_to_the_one_signed_last():
     n.sign(payloads=n.records[-1:])
     acc, ref, _ = n.verify()
     assert acc["dave"].routes == [lan] and "dave" not in ref and "carol" not in acc
+
+
+def test_an_admins_host_signs_no_range_back_to_a_peer_it_was_signed_away_from():
+    """Outside round 37, T37-3 and T37-4: a hijacked server shows bob's
+    withdrawn range approved again after an admin approved it for dave; an
+    admin's rename of bob, or any change after bob's rotation, signed bob's
+    record anew with it, newer than dave's, and every client moved it to bob.
+    The admin's host refuses the rename (naming the way out) and leaves the
+    rotation's re-signing for later; an approve-routes that asks for it, does."""
+    n = Net()
+    lan = "192.168.41.0/24"
+    bob = n.set("bob", routes=[lan])
+    n.records.append(n.payload(bob))
+    n.add_peer("dave", "10.66.1.5", 3, "dave-key", routes=[lan])
+    recs = {innernet.record_subject(p): p for p in n.records}
+    B = "peer:10.66.1.3"
+    renamed = dict(innernet.lock_fields(recs[B]), name="robert")
+    assert innernet.lock_route_conflict(B, renamed, recs) == [lan]
+    assert innernet.lock_route_conflict(B, renamed, recs, {lan}) == []
+    with pytest.raises(InnernetError, match=r"names 192.168.41.0/24, signed later for another "
+                                            r"peer") as e:
+        innernet.refuse_route_taken(B, renamed, recs)
+    assert "--routes 192.168.41.0/24 --revoke" in e.value.hint
+    signer = innernet.LockSigner(n.chain, recs, n.admin[0], {B: "bob-key-2"}, {B: recs[B]["n"]})
+    carol = recs["peer:10.66.2.4"]
+    out = signer.signed({"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")})
+    assert [r["ip"] for r in out["records"]] == ["10.66.2.4"]
 
 
 def test_a_record_no_trusted_key_signed_is_refused():
@@ -937,7 +985,7 @@ def test_an_admins_signature_replaces_a_key_this_host_reached_by_proofs():
     n.set("bob", public_key="bob-key-2")
     real = {("10.66.1.3", "bob-key", "bob-key-2")}
     _, _, known = n.verify(rotated=lambda ip, a, b: (ip, a, b) in real)
-    assert known["peer:10.66.1.3"][2:] == ["bob-key-2", "bob-key"]
+    assert known["peer:10.66.1.3"][2:4] == ["bob-key-2", "bob-key"]
     erin = n.set("bob", public_key="erin-key", name="erin")     # a new peer there
     n.records.append(n.payload(erin))
     n.sign(payloads=n.records[-1:])
@@ -981,7 +1029,7 @@ def test_this_hosts_own_rotated_key_is_what_its_admin_host_signs_next():
     me = next(p for p in n.peers if p.ip == "10.66.1.2")
     _, _, known = verify_state(n.chain, n.lock(), n.peers, n.cidrs, "10.66.1.2", {},
                                own_key="rotated-key")
-    assert known["peer:10.66.1.2"][2:] == ["rotated-key", me.public_key]
+    assert known["peer:10.66.1.2"][2:4] == ["rotated-key", me.public_key]
     records = {innernet.record_subject(p): p for p in n.records}
     assert innernet.lock_known_keys(records, known)["peer:10.66.1.2"] == "rotated-key"
 
