@@ -4537,14 +4537,17 @@ def lock_route_taken(route, serial, ip, claims):
                and net.subnet_of(other) for other, n, at in claims)
 
 
-def lock_route_conflict(s, fields, records, asked=()):
+def lock_route_conflict(s, fields, records, asked=(), known=None, batch=None):
     """The routes of peer ``s``'s ``fields`` (not ones an approve-routes asks
     for: ``asked``) inside a range another peer's signed record, newer than
-    this peer's (``records``), names: signed anew at a newer serial they
-    would take it back (outside round 37, T37-3, T37-4); [] if none."""
+    this peer's (``records``; ``known``: what this host verified, for a
+    record the server leaves out; ``batch``: {subject: fields} signed with
+    it, newest of all), names: signed anew at a newer serial they would take
+    it back (outside rounds 37 and 38, T37-3, T37-4, U38-1, U38-2); []."""
     if not fields or fields["t"] != "peer" or fields["deleted"]:
         return []
-    claims = lock_route_claims(records, _EVERY_CIDR, {})
+    claims = lock_route_claims(dict(records, **{k: dict(f, n=float("inf")) for k, f in (
+        batch or {}).items() if k != s and f["t"] == "peer"}), _EVERY_CIDR, known or {})
     cur = (records.get(s) or {}).get("n", -1)
     return [r for r in fields["routes"]
             if r not in asked and lock_route_taken(r, cur, fields["ip"], claims)]
@@ -4569,10 +4572,10 @@ def approval_asked(peer, routes):
         set(EXIT_ROUTES) if peer.exit_node else set())
 
 
-def refuse_route_taken(s, fields, records, asked=()):
+def refuse_route_taken(s, fields, records, asked=(), known=None):
     """An admin's host signs no peer record that takes back another peer's
     newer range (lock_route_conflict)."""
-    taken = lock_route_conflict(s, fields, records, asked)
+    taken = lock_route_conflict(s, fields, records, asked, known)
     if taken:
         raise InnernetError(
             f"{lock_subject_text(s)} names {', '.join(taken)}, signed later for another peer: "
@@ -7279,6 +7282,7 @@ class LockSigner:
         self.claimed = frozenset(claimed)   # subjects the server shows an enrollment of
         self.bound = dict(bound or {})   # {subject: key this host took} (lock_known_keys)
         self.newest = dict(newest or {})  # {subject: serial} this host knows (lock_newest)
+        self.known = {}          # the host's lock file's "known": ranges of records it verified
 
     def signed(self, changes, keys=None, now=None):
         """{"batch", "records"} for ``changes`` ({subject: fields}); ``keys``:
@@ -7317,7 +7321,8 @@ class LockSigner:
                     and self.newest.get(s) == rec.get("n"):
                 narrowed = s in now and lock_divergence(now[s], rec) is None
                 fields = now[s] if narrowed else lock_fields(rec)
-                if not lock_route_conflict(s, fields, self.records):     # later, else
+                if not lock_route_conflict(s, fields, self.records, (), self.known,
+                                           changes):                      # later, else
                     changes[s] = fields
         refuse_stale(self.records, self.newest, changes)
         for s, fields in sorted(changes.items()):
@@ -7397,6 +7402,7 @@ class NetworkLock:
                 self._signer = LockSigner(chain, records, private, lock_known_keys(
                     records, (own or {}).get("known")), lock_newest(own),
                     [f"peer:{ip}" for ip in enroll])
+                self._signer.known = (own or {}).get("known") or {}
         return self._signer
 
     def lock_signed(self, before, after, *, keys=None, force=(), asked=None, preview=False):
@@ -7427,7 +7433,7 @@ class NetworkLock:
                     "what this host refuses); an invitation made before the lock: delete-peer, "
                     "then add-peer")
         for s in sorted(changes):
-            refuse_route_taken(s, changes[s], signer.records, asked.get(s, ()))
+            refuse_route_taken(s, changes[s], signer.records, asked.get(s, ()), signer.known)
         named = {n for f in changes.values() for n in lock_named(f)}
         for s in sorted(set(changes) | named):
             rec = signer.records.get(s)

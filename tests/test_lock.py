@@ -250,6 +250,22 @@ def test_an_admins_host_signs_no_range_back_to_a_peer_it_was_signed_away_from():
     carol = recs["peer:10.66.2.4"]
     out = signer.signed({"peer:10.66.2.4": dict(innernet.lock_fields(carol), name="caroline")})
     assert [r["ip"] for r in out["records"]] == ["10.66.2.4"]
+    # outside round 38, U38-1: the server leaves dave's record out of what
+    # the admin's host gets; the host remembers it (its lock file's "known")
+    D = "peer:10.66.1.5"
+    known = {D: [recs[D]["n"], "h", None, None, [lan]]}
+    hidden = {k: v for k, v in recs.items() if k != D}
+    assert innernet.lock_route_conflict(B, renamed, hidden) == []
+    with pytest.raises(InnernetError, match="signed later for another peer"):
+        innernet.refuse_route_taken(B, renamed, hidden, (), known)
+    # U38-2: an approval for dave in the very batch keeps bob's waiting
+    # re-signing (the same serial) out of it
+    old = {k: v for k, v in recs.items() if k != D}
+    old[B] = dict(old[B], n=1)
+    signer = innernet.LockSigner(n.chain, old, n.admin[0], {B: "bob-key-2"}, {B: 1})
+    dave = dict(innernet.lock_fields(recs[D]))
+    out = signer.signed({D: dave}, {D: "dave-key"})
+    assert [r["ip"] for r in out["records"]] == ["10.66.1.5"]
 
 
 def test_a_record_no_trusted_key_signed_is_refused():

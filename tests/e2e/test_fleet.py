@@ -42,8 +42,11 @@ def kill_device(host, ifname):
     assert pids, f"no wireguard-go for {ifname}"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: host.exec(["ip", "link", "show", ifname], check=False).returncode != 0,
-             10, f"{ifname} to go")
+
+    def gone():      # or back already: a daemon brings it back at once (missed so in ci71)
+        return host.exec(["ip", "link", "show", ifname], check=False).returncode != 0 \
+            or bool(set(wg_pids(host, ifname)) - set(pids))
+    wait_for(gone, 10, f"{ifname} to go")
 
 
 def reboot(host, ifname):
