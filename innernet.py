@@ -4501,7 +4501,7 @@ def own_view(use, own):
 
 
 def lock_route_claims(use, view, known):
-    """[(network, serial, address)]: the ranges the signed records of peers in
+    """{network: [(serial, address)]}: the ranges the signed records of peers in
     CIDRs this host may see (``view``) name, with their serials; and those a
     record this host verified before named (``known``'s fifth field), where
     the server now leaves that record out: hidden, its ranges stay its own
@@ -4514,10 +4514,10 @@ def lock_route_claims(use, view, known):
     for s, k in known.items():
         if s not in use and s.startswith("peer:") and len(k) > 4 and isinstance(k[4], list):
             claims += [(r, k[0], s[5:]) for r in k[4]]
-    out = []
+    out = {}            # by network: a route's supernets are looked up, not every claim
     for r, n, ip in claims:
         with contextlib.suppress(ValueError, TypeError):
-            out.append((ipaddress.ip_network(r), n, ip))
+            out.setdefault(ipaddress.ip_network(r), []).append((n, ip))
     return out
 
 
@@ -4533,8 +4533,8 @@ def lock_route_taken(route, serial, ip, claims):
         net = ipaddress.ip_network(route)
     except ValueError:
         return True
-    return any(at != ip and n > serial and net.version == other.version
-               and net.subnet_of(other) for other, n, at in claims)
+    around = (net.supernet(new_prefix=p) for p in range(net.prefixlen, -1, -1))
+    return any(at != ip and n > serial for other in around for n, at in claims.get(other, ()))
 
 
 def lock_route_conflict(s, fields, records, asked=(), known=None, batch=None):
